@@ -1,0 +1,133 @@
+//! Agent configuration (TOML). Unknown keys are errors, so a typo never silently falls back to
+//! a default.
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::types::MacAddr;
+
+/// Default bpffs directory for atoll's pins.
+pub const DEFAULT_BPFFS_ROOT: &str = "/sys/fs/bpf/atoll";
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct AgentConfig {
+    pub dataplane: DataplaneConfig,
+}
+
+/// Dataplane sizing and identity.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct DataplaneConfig {
+    /// Directory on a bpffs under which atoll pins programs, maps and links.
+    pub bpffs_root: PathBuf,
+    /// Capacity of the endpoint map (endpoints on this host). Fixed when the maps are first
+    /// created; changing it later needs a migration.
+    pub max_endpoints: u32,
+    /// Capacity of the route map (addresses reachable in all clouds on this host).
+    pub max_routes: u32,
+    /// The MAC address guests see for their gateway.
+    pub gateway_mac: MacAddr,
+}
+
+impl Default for AgentConfig {
+    fn default() -> Self {
+        AgentConfig {
+            dataplane: DataplaneConfig::default(),
+        }
+    }
+}
+
+impl Default for DataplaneConfig {
+    fn default() -> Self {
+        DataplaneConfig {
+            bpffs_root: PathBuf::from(DEFAULT_BPFFS_ROOT),
+            max_endpoints: 65536,
+            max_routes: 65536,
+            gateway_mac: MacAddr([0x02, 0xa7, 0x00, 0x00, 0x00, 0x01]),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("reading config {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("parsing config {path}: {source}")]
+    Parse {
+        path: PathBuf,
+        source: toml::de::Error,
+    },
+    #[error("config {path}: {message}")]
+    Invalid { path: PathBuf, message: String },
+}
+
+impl AgentConfig {
+    /// Reads and validates a config file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.into(),
+            source,
+        })?;
+        Self::parse(&text, path)
+    }
+
+    /// Parses and validates config text; `path` is only used in messages.
+    pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        let cfg: AgentConfig = toml::from_str(text).map_err(|source| ConfigError::Parse {
+            path: path.into(),
+            source,
+        })?;
+        let invalid = |message: &str| ConfigError::Invalid {
+            path: path.into(),
+            message: message.into(),
+        };
+        let d = &cfg.dataplane;
+        if d.max_endpoints == 0 || d.max_routes == 0 {
+            return Err(invalid(
+                "dataplane.max_endpoints and dataplane.max_routes must be > 0",
+            ));
+        }
+        if !d.gateway_mac.is_valid_unicast() {
+            return Err(invalid(
+                "dataplane.gateway_mac must be a unicast, non-zero MAC",
+            ));
+        }
+        if !d.bpffs_root.is_absolute() {
+            return Err(invalid("dataplane.bpffs_root must be an absolute path"));
+        }
+        Ok(cfg)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_and_overrides() {
+        let p = Path::new("t.toml");
+        assert_eq!(AgentConfig::parse("", p).unwrap(), AgentConfig::default());
+        let c = AgentConfig::parse("[dataplane]\nmax_endpoints = 10\n", p).unwrap();
+        assert_eq!(c.dataplane.max_endpoints, 10);
+    }
+
+    #[test]
+    fn rejects_unknown_keys_and_bad_values() {
+        let p = Path::new("t.toml");
+        let e = AgentConfig::parse("[dataplane]\nmax_endpoint = 10\n", p).unwrap_err();
+        assert!(e.to_string().contains("max_endpoint"), "{e}");
+        assert!(AgentConfig::parse("[dataplan]\n", p).is_err());
+        assert!(AgentConfig::parse("[dataplane]\nmax_routes = 0\n", p).is_err());
+        assert!(
+            AgentConfig::parse("[dataplane]\ngateway_mac = \"ff:ff:ff:ff:ff:ff\"\n", p).is_err()
+        );
+        assert!(AgentConfig::parse("[dataplane]\ngateway_mac = \"nope\"\n", p).is_err());
+        assert!(AgentConfig::parse("[dataplane]\nbpffs_root = \"rel\"\n", p).is_err());
+        assert!(AgentConfig::parse("[dataplane]\nmax_routes = -1\n", p).is_err());
+    }
+}

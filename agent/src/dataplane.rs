@@ -1,0 +1,528 @@
+//! The pinned eBPF dataplane: load once, then always work from bpffs pins.
+//!
+//! Pin layout under `<bpffs_root>/v<LAYOUT_VERSION>/`:
+//!
+//! | path | what |
+//! |---|---|
+//! | `maps/ENDPOINTS`, `maps/ROUTES`, `maps/DROPS` | the maps (see docs/design.md) |
+//! | `progs/from_vm`, `progs/to_vm` | the loaded programs |
+//! | `links/<ifindex>-in`, `links/<ifindex>-out` | the TCX links of each endpoint device |
+//!
+//! Decisions:
+//! - bpffs refuses names containing '.', so pin names use '-' only.
+//! - The object declares its maps unpinned; the agent pins them. Tests and benchmarks load
+//!   private copies of the same object without touching the host's pins.
+//! - First creation happens in a temporary directory that is renamed into place, so a crash
+//!   half-way never leaves a partial layout that a later start would trust.
+//! - After creation (and on every later start) everything is opened from the pins: one code
+//!   path, and a restarted agent continues with the very maps and programs in the kernel.
+//! - Links are pinned and their fds closed at once: the kernel keeps them attached, the agent
+//!   holds no per-endpoint file descriptors, and the dataplane works while the agent is down.
+//! - The version in the directory name is the map layout version: an agent never opens maps of
+//!   another layout (migration is an explicit step).
+
+use std::{
+    io,
+    path::{Path, PathBuf},
+};
+
+use atoll_dataplane_common::{DropReason, EndpointInfo, NextHop, RouteKey, LAYOUT_VERSION};
+use aya::{
+    maps::{HashMap, Map, MapData, MapError, PerCpuArray},
+    programs::{
+        links::FdLink, tc::TcAttachOptions, LinkOrder, ProgramError, SchedClassifier, TcAttachType,
+    },
+    EbpfError, EbpfLoader,
+};
+
+use crate::config::DataplaneConfig;
+
+/// The compiled eBPF object, built by this crate's build script from `dataplane-ebpf/`.
+pub static OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/atoll-dataplane.o"));
+
+/// Map names in the object.
+pub const MAP_ENDPOINTS: &str = "ENDPOINTS";
+pub const MAP_ROUTES: &str = "ROUTES";
+pub const MAP_DROPS: &str = "DROPS";
+/// Program names in the object.
+pub const PROG_FROM_VM: &str = "from_vm";
+pub const PROG_TO_VM: &str = "to_vm";
+
+const BPF_FS_MAGIC: i64 = 0xcafe4a11;
+const BPF_NOEXIST: u64 = 1;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DataplaneError {
+    #[error("{path} is not on a bpffs; mount one with `mount -t bpf bpf /sys/fs/bpf`")]
+    BpffsNotMounted { path: PathBuf },
+    #[error("missing capability: {operation} needs CAP_BPF and CAP_NET_ADMIN (run as root)")]
+    MissingCapability {
+        operation: String,
+        source: io::Error,
+    },
+    #[error("creating pin directory {path}: {source}")]
+    CreatePinDir { path: PathBuf, source: io::Error },
+    #[error("loading the eBPF object: {source}")]
+    LoadObject { source: EbpfError },
+    #[error("loading program {program} into the kernel: {source}")]
+    LoadProgram {
+        program: &'static str,
+        source: ProgramError,
+    },
+    #[error("pinning {path}: {source}")]
+    Pin { path: PathBuf, source: io::Error },
+    #[error("opening pinned map {path}: {source}")]
+    OpenMap { path: PathBuf, source: MapError },
+    #[error("opening pinned program {path}: {source}")]
+    OpenProgram { path: PathBuf, source: ProgramError },
+    #[error("kernel feature missing: {feature} ({source})")]
+    KernelFeatureMissing {
+        feature: &'static str,
+        source: ProgramError,
+    },
+    #[error("attaching {program} to {device}: {source}")]
+    Attach {
+        program: &'static str,
+        device: String,
+        source: ProgramError,
+    },
+    #[error("taking the TCX link of {program} on {device}: {source}")]
+    AttachLink {
+        program: &'static str,
+        device: String,
+        source: aya::programs::links::LinkError,
+    },
+    #[error("map {map} is full ({capacity} entries); raise dataplane.{setting}")]
+    MapFull {
+        map: &'static str,
+        capacity: u32,
+        setting: &'static str,
+    },
+    #[error("{what} already exists in map {map}")]
+    EntryExists { map: &'static str, what: String },
+    #[error("updating map {map}: {source}")]
+    UpdateMap { map: &'static str, source: MapError },
+    #[error("reading map {map}: {source}")]
+    ReadMap { map: &'static str, source: MapError },
+    #[error("removing {path}: {source}")]
+    Unpin { path: PathBuf, source: io::Error },
+}
+
+/// The dataplane as pinned in the kernel.
+pub struct Dataplane {
+    dir: PathBuf,
+    endpoints: HashMap<MapData, u32, EndpointInfo>,
+    routes: HashMap<MapData, RouteKey, NextHop>,
+    drops: PerCpuArray<MapData, u64>,
+    from_vm: SchedClassifier,
+    to_vm: SchedClassifier,
+    max_endpoints: u32,
+    max_routes: u32,
+}
+
+impl Dataplane {
+    /// Opens the pinned dataplane under `cfg.bpffs_root`, creating and pinning it first if this
+    /// host has none of the current layout.
+    pub fn open(cfg: &DataplaneConfig) -> Result<Self, DataplaneError> {
+        check_bpffs(&cfg.bpffs_root)?;
+        let dir = layout_dir(&cfg.bpffs_root);
+        if !dir.join("progs").join(PROG_TO_VM).exists() {
+            create_pins(cfg, &dir)?;
+        }
+        let open_map = |name: &str| -> Result<Map, DataplaneError> {
+            let path = dir.join("maps").join(name);
+            let map = MapData::from_pin(&path)
+                .and_then(Map::from_map_data)
+                .map_err(|source| DataplaneError::OpenMap {
+                    path: path.clone(),
+                    source,
+                })?;
+            Ok(map)
+        };
+        let typed = |name: &str, e: MapError| DataplaneError::OpenMap {
+            path: dir.join("maps").join(name),
+            source: e,
+        };
+        let endpoints: HashMap<MapData, u32, EndpointInfo> =
+            HashMap::try_from(open_map(MAP_ENDPOINTS)?).map_err(|e| typed(MAP_ENDPOINTS, e))?;
+        let routes: HashMap<MapData, RouteKey, NextHop> =
+            HashMap::try_from(open_map(MAP_ROUTES)?).map_err(|e| typed(MAP_ROUTES, e))?;
+        let drops: PerCpuArray<MapData, u64> =
+            PerCpuArray::try_from(open_map(MAP_DROPS)?).map_err(|e| typed(MAP_DROPS, e))?;
+        let capacity = |name: &str, default: u32| {
+            aya::maps::MapInfo::from_pin(dir.join("maps").join(name))
+                .map(|i| i.max_entries())
+                .unwrap_or(default)
+        };
+        let max_endpoints = capacity(MAP_ENDPOINTS, cfg.max_endpoints);
+        let max_routes = capacity(MAP_ROUTES, cfg.max_routes);
+        let open_prog = |name: &str| {
+            let path = dir.join("progs").join(name);
+            SchedClassifier::from_pin(&path)
+                .map_err(|source| DataplaneError::OpenProgram { path, source })
+        };
+        Ok(Dataplane {
+            from_vm: open_prog(PROG_FROM_VM)?,
+            to_vm: open_prog(PROG_TO_VM)?,
+            dir,
+            endpoints,
+            routes,
+            drops,
+            max_endpoints,
+            max_routes,
+        })
+    }
+
+    /// The versioned pin directory in use.
+    pub fn pin_dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Attaches `from_vm` (ingress) and `to_vm` (egress) to a device with TCX and pins both
+    /// links. Stale pins of an earlier device with the same ifindex are replaced.
+    pub fn attach(&mut self, ifname: &str, ifindex: u32) -> Result<(), DataplaneError> {
+        let links = self.dir.join("links");
+        for (prog, name, kind, suffix) in [
+            (&mut self.from_vm, PROG_FROM_VM, TcAttachType::Ingress, "in"),
+            (&mut self.to_vm, PROG_TO_VM, TcAttachType::Egress, "out"),
+        ] {
+            let path = links.join(format!("{ifindex}-{suffix}"));
+            remove_pin(&path)?;
+            let id = prog
+                .attach_with_options(
+                    ifname,
+                    kind,
+                    TcAttachOptions::TcxOrder(LinkOrder::default()),
+                )
+                .map_err(|source| attach_error(name, ifname, source))?;
+            let link = prog
+                .take_link(id)
+                .map_err(|source| DataplaneError::Attach {
+                    program: name,
+                    device: ifname.into(),
+                    source,
+                })?;
+            let fd_link = FdLink::try_from(link).map_err(|source| DataplaneError::AttachLink {
+                program: name,
+                device: ifname.into(),
+                source,
+            })?;
+            fd_link.pin(&path).map_err(|e| DataplaneError::Pin {
+                path: path.clone(),
+                source: io::Error::other(e.to_string()),
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Removes the link pins of `ifindex`, which detaches the programs (no fd holds them).
+    pub fn detach(&mut self, ifindex: u32) -> Result<(), DataplaneError> {
+        for suffix in ["in", "out"] {
+            remove_pin(&self.dir.join("links").join(format!("{ifindex}-{suffix}")))?;
+        }
+        Ok(())
+    }
+
+    /// ifindexes that have pinned links.
+    pub fn attached(&self) -> Result<Vec<u32>, DataplaneError> {
+        let dir = self.dir.join("links");
+        let entries = std::fs::read_dir(&dir).map_err(|source| DataplaneError::CreatePinDir {
+            path: dir.clone(),
+            source,
+        })?;
+        let mut out: Vec<u32> = entries
+            .filter_map(|e| e.ok())
+            .filter_map(|e| e.file_name().to_str()?.strip_suffix("-in")?.parse().ok())
+            .collect();
+        out.sort_unstable();
+        Ok(out)
+    }
+
+    /// Adds an endpoint identity. Fails if the ifindex already has one.
+    pub fn insert_endpoint(
+        &mut self,
+        ifindex: u32,
+        info: EndpointInfo,
+    ) -> Result<(), DataplaneError> {
+        self.endpoints
+            .insert(ifindex, info, BPF_NOEXIST)
+            .map_err(|e| {
+                insert_error(
+                    e,
+                    MAP_ENDPOINTS,
+                    format!("endpoint ifindex {ifindex}"),
+                    self.max_endpoints,
+                    "max_endpoints",
+                )
+            })
+    }
+
+    /// Adds a route. Fails if the (cloud, address) pair is already routed.
+    pub fn insert_route(&mut self, key: RouteKey, hop: NextHop) -> Result<(), DataplaneError> {
+        self.routes.insert(key, hop, BPF_NOEXIST).map_err(|e| {
+            let ip = std::net::Ipv4Addr::from(atoll_dataplane_common::ipv4_from_map(key.ipv4));
+            insert_error(
+                e,
+                MAP_ROUTES,
+                format!("route {ip} in cloud {}", key.cloud),
+                self.max_routes,
+                "max_routes",
+            )
+        })
+    }
+
+    /// Removes an endpoint identity; absent entries are not an error.
+    pub fn remove_endpoint(&mut self, ifindex: u32) -> Result<(), DataplaneError> {
+        ignore_missing(self.endpoints.remove(&ifindex), MAP_ENDPOINTS)
+    }
+
+    /// Removes a route; absent entries are not an error.
+    pub fn remove_route(&mut self, key: RouteKey) -> Result<(), DataplaneError> {
+        ignore_missing(self.routes.remove(&key), MAP_ROUTES)
+    }
+
+    pub fn endpoint(&self, ifindex: u32) -> Result<Option<EndpointInfo>, DataplaneError> {
+        match self.endpoints.get(&ifindex, 0) {
+            Ok(v) => Ok(Some(v)),
+            Err(MapError::KeyNotFound) => Ok(None),
+            Err(source) => Err(DataplaneError::ReadMap {
+                map: MAP_ENDPOINTS,
+                source,
+            }),
+        }
+    }
+
+    pub fn endpoints(&self) -> Result<Vec<(u32, EndpointInfo)>, DataplaneError> {
+        self.endpoints
+            .iter()
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|source| DataplaneError::ReadMap {
+                map: MAP_ENDPOINTS,
+                source,
+            })
+    }
+
+    pub fn routes(&self) -> Result<Vec<(RouteKey, NextHop)>, DataplaneError> {
+        self.routes
+            .iter()
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|source| DataplaneError::ReadMap {
+                map: MAP_ROUTES,
+                source,
+            })
+    }
+
+    /// Drop counters summed over CPUs, for every reason (zeros included).
+    pub fn drop_counters(&self) -> Result<Vec<(DropReason, u64)>, DataplaneError> {
+        read_drop_counters(&self.drops)
+    }
+
+    /// Removes every pin of this layout: all links detach, and maps and programs are freed once
+    /// nothing else holds them.
+    pub fn destroy(self) -> Result<(), DataplaneError> {
+        let dir = self.dir.clone();
+        drop(self);
+        std::fs::remove_dir_all(&dir).map_err(|source| DataplaneError::Unpin { path: dir, source })
+    }
+}
+
+/// Sums a per-CPU drop counter array (shared by the pinned dataplane and private test loads).
+pub fn read_drop_counters(
+    drops: &PerCpuArray<MapData, u64>,
+) -> Result<Vec<(DropReason, u64)>, DataplaneError> {
+    DropReason::ALL
+        .iter()
+        .map(|r| {
+            let per_cpu = drops
+                .get(&(*r as u32), 0)
+                .map_err(|source| DataplaneError::ReadMap {
+                    map: MAP_DROPS,
+                    source,
+                })?;
+            Ok((*r, per_cpu.iter().sum()))
+        })
+        .collect()
+}
+
+/// `<root>/v<LAYOUT_VERSION>`.
+pub fn layout_dir(root: &Path) -> PathBuf {
+    root.join(format!("v{LAYOUT_VERSION}"))
+}
+
+fn check_bpffs(root: &Path) -> Result<(), DataplaneError> {
+    // The root may not exist yet: check the closest existing ancestor.
+    let mut probe = root;
+    while !probe.exists() {
+        match probe.parent() {
+            Some(p) => probe = p,
+            None => break,
+        }
+    }
+    let c = std::ffi::CString::new(probe.as_os_str().as_encoded_bytes())
+        .map_err(|_| DataplaneError::BpffsNotMounted { path: root.into() })?;
+    // SAFETY: statfs writes into the zeroed struct we own; `c` is a valid NUL-terminated path.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    let rc = unsafe { libc::statfs(c.as_ptr(), &mut st) };
+    if rc != 0 || st.f_type as i64 != BPF_FS_MAGIC {
+        return Err(DataplaneError::BpffsNotMounted { path: probe.into() });
+    }
+    Ok(())
+}
+
+fn create_pins(cfg: &DataplaneConfig, dir: &Path) -> Result<(), DataplaneError> {
+    let tmp = dir.with_file_name(format!(
+        "{}-tmp-{}",
+        dir.file_name().and_then(|n| n.to_str()).unwrap_or("v"),
+        std::process::id()
+    ));
+    let result = (|| {
+        for sub in ["maps", "progs", "links"] {
+            let p = tmp.join(sub);
+            std::fs::create_dir_all(&p)
+                .map_err(|source| DataplaneError::CreatePinDir { path: p, source })?;
+        }
+        let mut ebpf = EbpfLoader::new()
+            .map_max_entries(MAP_ENDPOINTS, cfg.max_endpoints)
+            .map_max_entries(MAP_ROUTES, cfg.max_routes)
+            .load(OBJECT)
+            .map_err(|source| match permission_error(&source) {
+                Some(e) => DataplaneError::MissingCapability {
+                    operation: "loading eBPF maps".into(),
+                    source: e,
+                },
+                None => DataplaneError::LoadObject { source },
+            })?;
+        for name in [MAP_ENDPOINTS, MAP_ROUTES, MAP_DROPS] {
+            let path = tmp.join("maps").join(name);
+            let map = ebpf.map(name).ok_or_else(|| DataplaneError::OpenMap {
+                path: path.clone(),
+                source: MapError::InvalidName { name: name.into() },
+            })?;
+            map.pin(&path).map_err(|e| DataplaneError::Pin {
+                path: path.clone(),
+                source: io::Error::other(e.to_string()),
+            })?;
+        }
+        for name in [PROG_FROM_VM, PROG_TO_VM] {
+            let path = tmp.join("progs").join(name);
+            let prog: &mut SchedClassifier = ebpf
+                .program_mut(name)
+                .ok_or(DataplaneError::LoadProgram {
+                    program: static_name(name),
+                    source: ProgramError::NotLoaded,
+                })?
+                .try_into()
+                .map_err(|source| DataplaneError::LoadProgram {
+                    program: static_name(name),
+                    source,
+                })?;
+            prog.load().map_err(|source| DataplaneError::LoadProgram {
+                program: static_name(name),
+                source,
+            })?;
+            prog.pin(&path).map_err(|e| DataplaneError::Pin {
+                path: path.clone(),
+                source: io::Error::other(e.to_string()),
+            })?;
+        }
+        std::fs::rename(&tmp, dir).map_err(|source| DataplaneError::Pin {
+            path: dir.into(),
+            source,
+        })
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_dir_all(&tmp);
+    }
+    result
+}
+
+fn static_name(name: &str) -> &'static str {
+    if name == PROG_FROM_VM {
+        PROG_FROM_VM
+    } else {
+        PROG_TO_VM
+    }
+}
+
+fn permission_error(e: &EbpfError) -> Option<io::Error> {
+    let text = e.to_string();
+    if text.contains("Operation not permitted") || text.contains("os error 1)") {
+        Some(io::Error::from_raw_os_error(libc::EPERM))
+    } else {
+        None
+    }
+}
+
+fn attach_error(program: &'static str, device: &str, source: ProgramError) -> DataplaneError {
+    let errno = match &source {
+        ProgramError::SyscallError(e) => e.io_error.raw_os_error(),
+        _ => None,
+    };
+    match errno {
+        Some(libc::EPERM) => DataplaneError::MissingCapability {
+            operation: format!("attaching {program} to {device}"),
+            source: io::Error::from_raw_os_error(libc::EPERM),
+        },
+        // Kernels before 6.6 do not know BPF_TCX_INGRESS/EGRESS.
+        Some(libc::EINVAL) | Some(libc::EOPNOTSUPP) if !tcx_supported() => {
+            DataplaneError::KernelFeatureMissing {
+                feature: "TCX (Linux >= 6.6)",
+                source,
+            }
+        }
+        _ => DataplaneError::Attach {
+            program,
+            device: device.into(),
+            source,
+        },
+    }
+}
+
+fn tcx_supported() -> bool {
+    aya::util::KernelVersion::current()
+        .map(|v| v >= aya::util::KernelVersion::new(6, 6, 0))
+        .unwrap_or(false)
+}
+
+fn insert_error(
+    e: MapError,
+    map: &'static str,
+    what: String,
+    capacity: u32,
+    setting: &'static str,
+) -> DataplaneError {
+    if let MapError::SyscallError(s) = &e {
+        match s.io_error.raw_os_error() {
+            Some(libc::EEXIST) => return DataplaneError::EntryExists { map, what },
+            Some(libc::E2BIG) | Some(libc::ENOMEM) => {
+                return DataplaneError::MapFull {
+                    map,
+                    capacity,
+                    setting,
+                }
+            }
+            _ => {}
+        }
+    }
+    DataplaneError::UpdateMap { map, source: e }
+}
+
+fn ignore_missing(r: Result<(), MapError>, map: &'static str) -> Result<(), DataplaneError> {
+    match r {
+        Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+        Err(MapError::SyscallError(s)) if s.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+        Err(source) => Err(DataplaneError::UpdateMap { map, source }),
+    }
+}
+
+fn remove_pin(path: &Path) -> Result<(), DataplaneError> {
+    match std::fs::remove_file(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(source) => Err(DataplaneError::Unpin {
+            path: path.into(),
+            source,
+        }),
+    }
+}

@@ -1,0 +1,315 @@
+//! Endpoint devices: persistent taps (tun ioctl) and veth pairs with the peer in a guest
+//! network namespace (rtnetlink).
+//!
+//! Decisions:
+//! - Taps are created persistent with `IFF_TAP | IFF_NO_PI` and no vnet header; the VMM opens
+//!   them later with its own flags (the kernel lets the opener choose the vnet header). The
+//!   agent keeps no fd open.
+//! - IPv6 is disabled on the host side of every endpoint device before it goes up, so the host
+//!   stack never emits router solicitations or MLD reports towards guests.
+//! - Names are validated here (1 to 15 bytes, no '/', ':' or whitespace) so bad input gets a
+//!   clear error instead of an ioctl failure.
+
+use std::{
+    ffi::CString,
+    io,
+    os::fd::{AsRawFd, FromRawFd, OwnedFd},
+    path::{Path, PathBuf},
+};
+
+use futures::TryStreamExt;
+use netlink_packet_route::link::{InfoData, InfoKind, InfoVeth};
+use rtnetlink::{LinkMessageBuilder, LinkUnspec, LinkVeth};
+
+use crate::types::MacAddr;
+
+const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
+const TUNSETPERSIST: libc::c_ulong = 0x4004_54cb;
+const TUNSETOWNER: libc::c_ulong = 0x4004_54cc;
+const IFF_TAP: libc::c_short = 0x0002;
+const IFF_NO_PI: libc::c_short = 0x1000;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DeviceError {
+    #[error("invalid device name {0:?}: 1-15 bytes, no '/', ':' or whitespace")]
+    InvalidName(String),
+    #[error("device {0} already exists")]
+    Exists(String),
+    #[error("device {0} does not exist")]
+    NotFound(String),
+    #[error("opening /dev/net/tun: {0} (is the tun module loaded?)")]
+    OpenTun(#[source] io::Error),
+    #[error("creating tap {name}: {source}")]
+    CreateTap { name: String, source: io::Error },
+    #[error("opening network namespace {path}: {source}")]
+    OpenNetns { path: PathBuf, source: io::Error },
+    #[error("creating veth {name}: {source}")]
+    CreateVeth {
+        name: String,
+        source: rtnetlink::Error,
+    },
+    #[error("setting {name} up: {source}")]
+    SetUp {
+        name: String,
+        source: rtnetlink::Error,
+    },
+    #[error("deleting {name}: {source}")]
+    Delete {
+        name: String,
+        source: rtnetlink::Error,
+    },
+    #[error("disabling IPv6 on {name}: {source}")]
+    DisableIpv6 { name: String, source: io::Error },
+    #[error("opening a netlink socket: {0}")]
+    Netlink(#[source] io::Error),
+    #[error("missing capability: {0} needs CAP_NET_ADMIN (run as root)")]
+    MissingCapability(String),
+}
+
+/// Creates, configures and deletes endpoint devices.
+pub struct Devices {
+    handle: rtnetlink::Handle,
+}
+
+impl Devices {
+    /// Opens a netlink connection; must be called inside a tokio runtime.
+    pub fn new() -> Result<Self, DeviceError> {
+        let (conn, handle, _) = rtnetlink::new_connection().map_err(DeviceError::Netlink)?;
+        tokio::spawn(conn);
+        Ok(Devices { handle })
+    }
+
+    /// Creates a persistent tap owned by `owner_uid` (or root) and returns its ifindex.
+    pub fn create_tap(&self, name: &str, owner_uid: Option<u32>) -> Result<u32, DeviceError> {
+        validate_name(name)?;
+        if ifindex(name).is_some() {
+            return Err(DeviceError::Exists(name.into()));
+        }
+        let err = |source: io::Error| match source.raw_os_error() {
+            Some(libc::EPERM) => DeviceError::MissingCapability(format!("creating tap {name}")),
+            Some(libc::EBUSY) | Some(libc::EEXIST) => DeviceError::Exists(name.into()),
+            _ => DeviceError::CreateTap {
+                name: name.into(),
+                source,
+            },
+        };
+        // SAFETY: the path is a valid NUL-terminated string; the returned fd is checked.
+        let raw = unsafe { libc::open(c"/dev/net/tun".as_ptr(), libc::O_RDWR | libc::O_CLOEXEC) };
+        if raw < 0 {
+            return Err(DeviceError::OpenTun(io::Error::last_os_error()));
+        }
+        // SAFETY: `raw` is a fresh fd we own.
+        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        let mut req = IfReq::new(name, IFF_TAP | IFF_NO_PI);
+        // SAFETY: TUNSETIFF reads and writes an ifreq that we own for the call's duration.
+        if unsafe { libc::ioctl(fd.as_raw_fd(), TUNSETIFF, &mut req) } < 0 {
+            return Err(err(io::Error::last_os_error()));
+        }
+        if let Some(uid) = owner_uid {
+            // SAFETY: TUNSETOWNER takes an integer argument.
+            if unsafe { libc::ioctl(fd.as_raw_fd(), TUNSETOWNER, uid as libc::c_ulong) } < 0 {
+                return Err(err(io::Error::last_os_error()));
+            }
+        }
+        // SAFETY: TUNSETPERSIST takes an integer argument.
+        if unsafe { libc::ioctl(fd.as_raw_fd(), TUNSETPERSIST, 1 as libc::c_ulong) } < 0 {
+            return Err(err(io::Error::last_os_error()));
+        }
+        drop(fd);
+        let idx = ifindex(name).ok_or_else(|| DeviceError::NotFound(name.into()))?;
+        disable_ipv6(name)?;
+        Ok(idx)
+    }
+
+    /// Creates a veth pair `name` (host side) / `peer` (moved into the namespace at
+    /// `peer_netns`, with MAC `peer_mac`) and returns the host side's ifindex.
+    pub async fn create_veth(
+        &self,
+        name: &str,
+        peer: &str,
+        peer_mac: MacAddr,
+        peer_netns: &Path,
+    ) -> Result<u32, DeviceError> {
+        validate_name(name)?;
+        validate_name(peer)?;
+        if ifindex(name).is_some() {
+            return Err(DeviceError::Exists(name.into()));
+        }
+        let ns = std::fs::File::open(peer_netns).map_err(|source| DeviceError::OpenNetns {
+            path: peer_netns.into(),
+            source,
+        })?;
+        let peer_msg = LinkMessageBuilder::<LinkUnspec>::new()
+            .name(peer.to_string())
+            .address(peer_mac.0.to_vec())
+            .setns_by_fd(ns.as_raw_fd())
+            .build();
+        let msg = LinkMessageBuilder::<LinkVeth>::new_with_info_kind(InfoKind::Veth)
+            .name(name.to_string())
+            .set_info_data(InfoData::Veth(InfoVeth::Peer(peer_msg)))
+            .build();
+        self.handle
+            .link()
+            .add(msg)
+            .execute()
+            .await
+            .map_err(|source| match errno(&source) {
+                Some(libc::EEXIST) => DeviceError::Exists(name.into()),
+                Some(libc::EPERM) => {
+                    DeviceError::MissingCapability(format!("creating veth {name}"))
+                }
+                _ => DeviceError::CreateVeth {
+                    name: name.into(),
+                    source,
+                },
+            })?;
+        drop(ns);
+        let idx = ifindex(name).ok_or_else(|| DeviceError::NotFound(name.into()))?;
+        disable_ipv6(name)?;
+        Ok(idx)
+    }
+
+    /// Sets a device administratively up.
+    pub async fn set_up(&self, name: &str, ifindex: u32) -> Result<(), DeviceError> {
+        let msg = LinkUnspec::new_with_index(ifindex).up().build();
+        self.handle
+            .link()
+            .set(msg)
+            .execute()
+            .await
+            .map_err(|source| DeviceError::SetUp {
+                name: name.into(),
+                source,
+            })
+    }
+
+    /// Deletes a device (for a veth, both ends). A device that is already gone is not an error.
+    pub async fn delete(&self, name: &str, ifindex: u32) -> Result<(), DeviceError> {
+        match self.handle.link().del(ifindex).execute().await {
+            Ok(()) => Ok(()),
+            Err(e) if errno(&e) == Some(libc::ENODEV) => Ok(()),
+            Err(source) => Err(DeviceError::Delete {
+                name: name.into(),
+                source,
+            }),
+        }
+    }
+
+    /// Names of all host devices whose name starts with `prefix`.
+    pub async fn names_with_prefix(&self, prefix: &str) -> Result<Vec<(String, u32)>, DeviceError> {
+        let mut out = Vec::new();
+        let mut links = self.handle.link().get().execute();
+        while let Some(msg) = links
+            .try_next()
+            .await
+            .map_err(|source| DeviceError::Delete {
+                name: prefix.into(),
+                source,
+            })?
+        {
+            for attr in &msg.attributes {
+                if let netlink_packet_route::link::LinkAttribute::IfName(n) = attr {
+                    if n.starts_with(prefix) {
+                        out.push((n.clone(), msg.header.index));
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// ifindex of a host device, if it exists.
+pub fn ifindex(name: &str) -> Option<u32> {
+    let c = CString::new(name).ok()?;
+    // SAFETY: `c` is a valid NUL-terminated string.
+    let idx = unsafe { libc::if_nametoindex(c.as_ptr()) };
+    (idx != 0).then_some(idx)
+}
+
+/// Name of a host device by ifindex, if it exists.
+pub fn ifname(ifindex: u32) -> Option<String> {
+    let mut buf = [0 as libc::c_char; libc::IF_NAMESIZE];
+    // SAFETY: `buf` has IF_NAMESIZE bytes as if_indextoname requires.
+    let p = unsafe { libc::if_indextoname(ifindex, buf.as_mut_ptr()) };
+    if p.is_null() {
+        return None;
+    }
+    // SAFETY: on success the buffer holds a NUL-terminated name.
+    Some(
+        unsafe { std::ffi::CStr::from_ptr(buf.as_ptr()) }
+            .to_string_lossy()
+            .into_owned(),
+    )
+}
+
+pub fn validate_name(name: &str) -> Result<(), DeviceError> {
+    let ok = !name.is_empty()
+        && name.len() < libc::IF_NAMESIZE
+        && name != "."
+        && name != ".."
+        && !name
+            .bytes()
+            .any(|b| b == b'/' || b == b':' || b.is_ascii_whitespace() || b == 0);
+    if ok {
+        Ok(())
+    } else {
+        Err(DeviceError::InvalidName(name.into()))
+    }
+}
+
+fn disable_ipv6(name: &str) -> Result<(), DeviceError> {
+    let path = format!("/proc/sys/net/ipv6/conf/{name}/disable_ipv6");
+    match std::fs::write(&path, "1") {
+        Ok(()) => Ok(()),
+        // IPv6 compiled out or disabled at boot: nothing to disable.
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(source) => Err(DeviceError::DisableIpv6 {
+            name: name.into(),
+            source,
+        }),
+    }
+}
+
+fn errno(e: &rtnetlink::Error) -> Option<i32> {
+    match e {
+        rtnetlink::Error::NetlinkError(m) => Some(-m.raw_code()),
+        _ => None,
+    }
+}
+
+#[repr(C)]
+struct IfReq {
+    name: [libc::c_char; libc::IF_NAMESIZE],
+    flags: libc::c_short,
+    _pad: [u8; 22],
+}
+
+impl IfReq {
+    fn new(name: &str, flags: libc::c_short) -> Self {
+        let mut r = IfReq {
+            name: [0; libc::IF_NAMESIZE],
+            flags,
+            _pad: [0; 22],
+        };
+        for (d, s) in r.name.iter_mut().zip(name.bytes()) {
+            *d = s as libc::c_char;
+        }
+        r
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_validated() {
+        for ok in ["atl0", "a", "atl-123456789ab"] {
+            validate_name(ok).unwrap();
+        }
+        for bad in ["", "atl-123456789abc", "a/b", "a:b", "a b", ".", ".."] {
+            assert!(validate_name(bad).is_err(), "{bad}");
+        }
+    }
+}

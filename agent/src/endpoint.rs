@@ -1,0 +1,349 @@
+//! Endpoints: a device plus its dataplane entries, created and deleted as one unit.
+//!
+//! Creation order (each step is undone if a later one fails):
+//! 1. the device, administratively down;
+//! 2. its `ENDPOINTS` entry, then its `ROUTES` entry (the identity exists before any frame can
+//!    be seen, so no frame from the new device is ever judged without it);
+//! 3. the TCX links, pinned;
+//! 4. the device goes up.
+//!
+//! Deletion removes the route first (no new traffic is steered to the endpoint), then the
+//! device, its link pins and its identity.
+
+use std::{net::Ipv4Addr, path::PathBuf};
+
+use atoll_dataplane_common::{ipv4_from_map, ipv4_to_map, EndpointInfo, NextHop, RouteKey};
+
+use crate::{
+    config::DataplaneConfig,
+    dataplane::{Dataplane, DataplaneError},
+    device::{self, DeviceError, Devices},
+    types::{CloudId, MacAddr},
+};
+
+/// What kind of device backs an endpoint.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DeviceSpec {
+    /// A persistent tap for a VMM, optionally owned by a non-root uid.
+    Tap { owner_uid: Option<u32> },
+    /// A veth pair; the peer (the guest's interface) is created in the namespace at `netns`.
+    Veth { peer_name: String, netns: PathBuf },
+}
+
+/// An endpoint to create.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EndpointSpec {
+    /// Host-side device name.
+    pub name: String,
+    pub cloud: CloudId,
+    /// The guest's address.
+    pub ipv4: Ipv4Addr,
+    /// The guest's MAC (for a veth, set on the peer).
+    pub mac: MacAddr,
+    /// The cloud's gateway address as the guest sees it.
+    pub gateway: Ipv4Addr,
+    pub device: DeviceSpec,
+}
+
+/// An existing endpoint.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Endpoint {
+    pub name: Option<String>,
+    pub ifindex: u32,
+    pub cloud: CloudId,
+    pub ipv4: Ipv4Addr,
+    pub mac: MacAddr,
+    pub gateway: Ipv4Addr,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum EndpointError {
+    #[error("invalid endpoint {name}: {message}")]
+    InvalidSpec { name: String, message: String },
+    #[error("creating device for endpoint: {0}")]
+    CreateDevice(#[source] DeviceError),
+    #[error("programming the dataplane for endpoint {name}: {source}")]
+    Program {
+        name: String,
+        source: DataplaneError,
+    },
+    #[error("bringing endpoint {name} up: {source}")]
+    Activate { name: String, source: DeviceError },
+    #[error("endpoint {0} not found")]
+    NotFound(String),
+    #[error("deleting device of endpoint {name}: {source}")]
+    DeleteDevice { name: String, source: DeviceError },
+    #[error("removing endpoint {name} from the dataplane: {source}")]
+    Unprogram {
+        name: String,
+        source: DataplaneError,
+    },
+    #[error("opening the dataplane: {0}")]
+    OpenDataplane(#[source] DataplaneError),
+    #[error("opening netlink: {0}")]
+    OpenNetlink(#[source] DeviceError),
+}
+
+/// The endpoints of this host: dataplane and devices.
+pub struct Host {
+    dataplane: Dataplane,
+    devices: Devices,
+    gateway_mac: MacAddr,
+}
+
+impl Host {
+    /// Opens (or first creates) the pinned dataplane and a netlink connection. Must be called
+    /// inside a tokio runtime.
+    pub fn open(cfg: &DataplaneConfig) -> Result<Self, EndpointError> {
+        let dataplane = Dataplane::open(cfg).map_err(EndpointError::OpenDataplane)?;
+        let devices = Devices::new().map_err(EndpointError::OpenNetlink)?;
+        Ok(Host {
+            dataplane,
+            devices,
+            gateway_mac: cfg.gateway_mac,
+        })
+    }
+
+    pub fn dataplane(&self) -> &Dataplane {
+        &self.dataplane
+    }
+
+    pub fn dataplane_mut(&mut self) -> &mut Dataplane {
+        &mut self.dataplane
+    }
+
+    pub fn gateway_mac(&self) -> MacAddr {
+        self.gateway_mac
+    }
+
+    /// Creates an endpoint: device, identity, route, programs; rolls back on failure.
+    pub async fn create_endpoint(
+        &mut self,
+        spec: &EndpointSpec,
+    ) -> Result<Endpoint, EndpointError> {
+        validate(spec)?;
+        let name = spec.name.clone();
+        let ifindex = match &spec.device {
+            DeviceSpec::Tap { owner_uid } => self.devices.create_tap(&name, *owner_uid),
+            DeviceSpec::Veth { peer_name, netns } => {
+                self.devices
+                    .create_veth(&name, peer_name, spec.mac, netns)
+                    .await
+            }
+        }
+        .map_err(EndpointError::CreateDevice)?;
+        let info = EndpointInfo {
+            cloud: spec.cloud.get(),
+            ipv4: ipv4_to_map(spec.ipv4.octets()),
+            gateway_ipv4: ipv4_to_map(spec.gateway.octets()),
+            mac: spec.mac.0,
+            gateway_mac: self.gateway_mac.0,
+            flags: 0,
+        };
+        let key = RouteKey {
+            cloud: info.cloud,
+            ipv4: info.ipv4,
+        };
+        let program = |dp: &mut Dataplane| -> Result<(), DataplaneError> {
+            dp.insert_endpoint(ifindex, info)?;
+            dp.insert_route(
+                key,
+                NextHop {
+                    ifindex,
+                    mac: info.mac,
+                    flags: 0,
+                },
+            )?;
+            dp.attach(&name, ifindex)
+        };
+        if let Err(source) = program(&mut self.dataplane) {
+            self.rollback(&name, ifindex, key, &source).await;
+            return Err(EndpointError::Program { name, source });
+        }
+        if let Err(source) = self.devices.set_up(&name, ifindex).await {
+            let _ = self.dataplane.remove_route(key);
+            let _ = self.dataplane.detach(ifindex);
+            let _ = self.devices.delete(&name, ifindex).await;
+            let _ = self.dataplane.remove_endpoint(ifindex);
+            return Err(EndpointError::Activate { name, source });
+        }
+        Ok(Endpoint {
+            name: Some(name),
+            ifindex,
+            cloud: spec.cloud,
+            ipv4: spec.ipv4,
+            mac: spec.mac,
+            gateway: spec.gateway,
+        })
+    }
+
+    async fn rollback(&mut self, name: &str, ifindex: u32, key: RouteKey, cause: &DataplaneError) {
+        // Only remove the route if this call inserted it: a duplicate route belongs to another
+        // endpoint.
+        if !matches!(cause, DataplaneError::EntryExists { map: "ROUTES", .. }) {
+            let _ = self.dataplane.remove_route(key);
+        }
+        let _ = self.dataplane.detach(ifindex);
+        let _ = self.devices.delete(name, ifindex).await;
+        if !matches!(
+            cause,
+            DataplaneError::EntryExists {
+                map: "ENDPOINTS",
+                ..
+            }
+        ) {
+            let _ = self.dataplane.remove_endpoint(ifindex);
+        }
+    }
+
+    /// Deletes the endpoint whose host device is `name`.
+    pub async fn delete_endpoint(&mut self, name: &str) -> Result<(), EndpointError> {
+        let ifindex = device::ifindex(name).ok_or_else(|| EndpointError::NotFound(name.into()))?;
+        let info = self
+            .dataplane
+            .endpoint(ifindex)
+            .map_err(|source| EndpointError::Unprogram {
+                name: name.into(),
+                source,
+            })?
+            .ok_or_else(|| EndpointError::NotFound(name.into()))?;
+        self.delete_by_index(name, ifindex, &info).await
+    }
+
+    async fn delete_by_index(
+        &mut self,
+        name: &str,
+        ifindex: u32,
+        info: &EndpointInfo,
+    ) -> Result<(), EndpointError> {
+        let unprogram = |source| EndpointError::Unprogram {
+            name: name.into(),
+            source,
+        };
+        let key = RouteKey {
+            cloud: info.cloud,
+            ipv4: info.ipv4,
+        };
+        // Only remove the route if it still points at this endpoint.
+        if self
+            .dataplane
+            .routes()
+            .map_err(unprogram)?
+            .iter()
+            .any(|(k, h)| *k == key && h.ifindex == ifindex)
+        {
+            self.dataplane.remove_route(key).map_err(unprogram)?;
+        }
+        self.devices
+            .delete(name, ifindex)
+            .await
+            .map_err(|source| EndpointError::DeleteDevice {
+                name: name.into(),
+                source,
+            })?;
+        self.dataplane.detach(ifindex).map_err(unprogram)?;
+        self.dataplane.remove_endpoint(ifindex).map_err(unprogram)
+    }
+
+    /// All endpoints in the dataplane, with their device names when the device exists.
+    pub fn endpoints(&self) -> Result<Vec<Endpoint>, EndpointError> {
+        let mut out: Vec<Endpoint> = self
+            .dataplane
+            .endpoints()
+            .map_err(|source| EndpointError::Unprogram {
+                name: "*".into(),
+                source,
+            })?
+            .into_iter()
+            .filter_map(|(ifindex, i)| {
+                Some(Endpoint {
+                    name: device::ifname(ifindex),
+                    ifindex,
+                    cloud: CloudId::new(i.cloud)?,
+                    ipv4: Ipv4Addr::from(ipv4_from_map(i.ipv4)),
+                    mac: MacAddr(i.mac),
+                    gateway: Ipv4Addr::from(ipv4_from_map(i.gateway_ipv4)),
+                })
+            })
+            .collect();
+        out.sort_by_key(|e| e.ifindex);
+        Ok(out)
+    }
+
+    /// Removes dataplane state of endpoints whose device disappeared while the agent was down
+    /// (e.g. a VMM deleted its tap). Returns how many were removed.
+    pub fn reconcile(&mut self) -> Result<usize, EndpointError> {
+        let err = |source| EndpointError::Unprogram {
+            name: "*".into(),
+            source,
+        };
+        let mut removed = 0;
+        let routes = self.dataplane.routes().map_err(err)?;
+        for (ifindex, _) in self.dataplane.endpoints().map_err(err)? {
+            if device::ifname(ifindex).is_none() {
+                for (k, h) in &routes {
+                    if h.ifindex == ifindex {
+                        self.dataplane.remove_route(*k).map_err(err)?;
+                    }
+                }
+                self.dataplane.detach(ifindex).map_err(err)?;
+                self.dataplane.remove_endpoint(ifindex).map_err(err)?;
+                removed += 1;
+            }
+        }
+        for ifindex in self.dataplane.attached().map_err(err)? {
+            if device::ifname(ifindex).is_none() {
+                self.dataplane.detach(ifindex).map_err(err)?;
+            }
+        }
+        Ok(removed)
+    }
+
+    /// Deletes every endpoint and device of this dataplane, then all its pins.
+    pub async fn destroy(mut self) -> Result<(), EndpointError> {
+        for ep in self.endpoints()? {
+            let info =
+                self.dataplane
+                    .endpoint(ep.ifindex)
+                    .map_err(|source| EndpointError::Unprogram {
+                        name: "*".into(),
+                        source,
+                    })?;
+            if let (Some(name), Some(info)) = (ep.name, info) {
+                self.delete_by_index(&name, ep.ifindex, &info).await?;
+            }
+        }
+        self.dataplane
+            .destroy()
+            .map_err(|source| EndpointError::Unprogram {
+                name: "*".into(),
+                source,
+            })
+    }
+}
+
+fn validate(spec: &EndpointSpec) -> Result<(), EndpointError> {
+    let invalid = |message: &str| EndpointError::InvalidSpec {
+        name: spec.name.clone(),
+        message: message.into(),
+    };
+    device::validate_name(&spec.name).map_err(|e| invalid(&e.to_string()))?;
+    if !spec.mac.is_valid_unicast() {
+        return Err(invalid("guest MAC must be unicast and non-zero"));
+    }
+    let usable = |a: Ipv4Addr| {
+        !(a.is_unspecified() || a.is_broadcast() || a.is_multicast() || a.is_loopback())
+    };
+    if !usable(spec.ipv4) || !usable(spec.gateway) {
+        return Err(invalid(
+            "guest and gateway addresses must be unicast, non-loopback IPv4",
+        ));
+    }
+    if spec.ipv4 == spec.gateway {
+        return Err(invalid("guest address equals the gateway address"));
+    }
+    if let DeviceSpec::Veth { peer_name, .. } = &spec.device {
+        device::validate_name(peer_name).map_err(|e| invalid(&e.to_string()))?;
+    }
+    Ok(())
+}

@@ -1,0 +1,22 @@
+//! The atoll agent: the per-host daemon that owns the eBPF dataplane and the endpoint devices.
+//!
+//! - [`dataplane`] loads the eBPF object once, pins its programs and maps under a versioned
+//!   bpffs directory, and afterwards always works from those pins, so the dataplane keeps
+//!   forwarding while the agent is down and a restarted agent resumes exactly where it was.
+//! - [`device`] creates and deletes endpoint devices: persistent taps (tun ioctl) ready for a
+//!   VMM to open, and veth pairs whose peer lives in a guest network namespace (rtnetlink).
+//! - [`endpoint`] ties the two together: an endpoint is a device plus its map entries, created
+//!   and deleted as one unit with rollback.
+//! - [`config`] is the agent's TOML configuration (unknown keys rejected).
+//! - [`testbed`] holds the RAII helpers that the demo and the tests use to build guests in
+//!   network namespaces and clean them up.
+
+pub mod config;
+pub mod dataplane;
+pub mod demo;
+pub mod device;
+pub mod endpoint;
+pub mod testbed;
+pub mod types;
+
+pub use atoll_dataplane_common as common;

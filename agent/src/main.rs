@@ -1,0 +1,201 @@
+//! `atoll-agent`: the per-host daemon and its operator commands.
+
+use std::{net::Ipv4Addr, path::PathBuf};
+
+use anyhow::{Context, Result};
+use atoll_agent::{
+    config::AgentConfig,
+    dataplane::layout_dir,
+    endpoint::{DeviceSpec, EndpointSpec, Host},
+    types::{CloudId, MacAddr},
+};
+use clap::{Parser, Subcommand};
+
+/// atoll's per-host agent.
+#[derive(Parser)]
+#[command(version, about)]
+struct Cli {
+    /// Configuration file (TOML). Defaults apply when absent.
+    #[arg(long, global = true)]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Load (or resume) the pinned dataplane and run until SIGTERM/SIGINT. The dataplane keeps
+    /// running after the agent exits.
+    Run,
+    /// Show endpoints and drop counters of the pinned dataplane.
+    Status,
+    /// Two clouds with overlapping addresses on this host: isolation verdicts and counters.
+    Demo,
+    /// Manage endpoints by hand (the control plane does this in production).
+    #[command(subcommand)]
+    Endpoint(EndpointCmd),
+    /// Remove every endpoint device, link and pin of atoll's dataplane.
+    Cleanup,
+}
+
+#[derive(Subcommand)]
+enum EndpointCmd {
+    /// Create an endpoint: a persistent tap (default) or a veth into a namespace.
+    Add {
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        cloud: u32,
+        #[arg(long)]
+        ip: Ipv4Addr,
+        #[arg(long)]
+        mac: MacAddr,
+        #[arg(long)]
+        gateway: Ipv4Addr,
+        /// Create a veth whose peer (named by --peer) goes into this namespace file.
+        #[arg(long, requires = "peer")]
+        netns: Option<PathBuf>,
+        #[arg(long)]
+        peer: Option<String>,
+        /// Owner uid of the tap (for an unprivileged VMM).
+        #[arg(long, conflicts_with = "netns")]
+        owner: Option<u32>,
+    },
+    /// Delete an endpoint by its host device name.
+    Del { name: String },
+}
+
+fn main() {
+    if let Err(e) = real_main() {
+        // Every error's message already names its cause, so print the top one only.
+        eprintln!("atoll-agent: {e}");
+        std::process::exit(1);
+    }
+}
+
+fn real_main() -> Result<()> {
+    let cli = Cli::parse();
+    let cfg = match &cli.config {
+        Some(p) => AgentConfig::load(p)?,
+        None => AgentConfig::default(),
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        match cli.command {
+            Cmd::Run => run(&cfg).await,
+            Cmd::Status => status(&cfg),
+            Cmd::Demo => Ok(atoll_agent::demo::run().await?),
+            Cmd::Endpoint(e) => endpoint(&cfg, e).await,
+            Cmd::Cleanup => {
+                if !layout_dir(&cfg.dataplane.bpffs_root).exists() {
+                    println!(
+                        "nothing pinned under {}",
+                        cfg.dataplane.bpffs_root.display()
+                    );
+                    return Ok(());
+                }
+                Host::open(&cfg.dataplane)?.destroy().await?;
+                let _ = std::fs::remove_dir(&cfg.dataplane.bpffs_root);
+                println!(
+                    "removed all endpoints and pins under {}",
+                    cfg.dataplane.bpffs_root.display()
+                );
+                Ok(())
+            }
+        }
+    })
+}
+
+async fn run(cfg: &AgentConfig) -> Result<()> {
+    let mut host = Host::open(&cfg.dataplane)?;
+    let stale = host.reconcile()?;
+    let eps = host.endpoints()?;
+    println!(
+        "atoll-agent: dataplane at {} with {} endpoints ({} stale removed)",
+        host.dataplane().pin_dir().display(),
+        eps.len(),
+        stale
+    );
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {},
+        _ = term.recv() => {},
+    }
+    println!("atoll-agent: stopping; the dataplane stays pinned and keeps forwarding");
+    Ok(())
+}
+
+fn status(cfg: &AgentConfig) -> Result<()> {
+    if !layout_dir(&cfg.dataplane.bpffs_root).exists() {
+        println!(
+            "no dataplane pinned under {}",
+            cfg.dataplane.bpffs_root.display()
+        );
+        return Ok(());
+    }
+    let rt_host = Host::open(&cfg.dataplane)?;
+    println!(
+        "{:<16} {:>7} {:>6} {:<15} {:<17} {}",
+        "DEVICE", "IFINDEX", "CLOUD", "IPV4", "MAC", "GATEWAY"
+    );
+    for e in rt_host.endpoints()? {
+        println!(
+            "{:<16} {:>7} {:>6} {:<15} {:<17} {}",
+            e.name.as_deref().unwrap_or("(gone)"),
+            e.ifindex,
+            e.cloud,
+            e.ipv4,
+            e.mac,
+            e.gateway
+        );
+    }
+    println!("\ndrops:");
+    for (r, n) in rt_host.dataplane().drop_counters()? {
+        println!("  {:<28} {n}", r.name());
+    }
+    Ok(())
+}
+
+async fn endpoint(cfg: &AgentConfig, cmd: EndpointCmd) -> Result<()> {
+    let mut host = Host::open(&cfg.dataplane)?;
+    match cmd {
+        EndpointCmd::Add {
+            name,
+            cloud,
+            ip,
+            mac,
+            gateway,
+            netns,
+            peer,
+            owner,
+        } => {
+            let cloud = CloudId::new(cloud).context("--cloud must be non-zero")?;
+            let device = match (netns, peer) {
+                (Some(netns), Some(peer_name)) => DeviceSpec::Veth { peer_name, netns },
+                _ => DeviceSpec::Tap { owner_uid: owner },
+            };
+            let ep = host
+                .create_endpoint(&EndpointSpec {
+                    name,
+                    cloud,
+                    ipv4: ip,
+                    mac,
+                    gateway,
+                    device,
+                })
+                .await?;
+            println!(
+                "created {} (ifindex {})",
+                ep.name.unwrap_or_default(),
+                ep.ifindex
+            );
+        }
+        EndpointCmd::Del { name } => {
+            host.delete_endpoint(&name).await?;
+            println!("deleted {name}");
+        }
+    }
+    Ok(())
+}

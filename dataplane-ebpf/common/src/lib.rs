@@ -1,0 +1,243 @@
+//! Types shared by the eBPF dataplane and userspace, defined exactly once.
+//!
+//! Every type that crosses the kernel/userspace boundary lives here, is `#[repr(C)]`, and is
+//! padding-free: its size equals the sum of its fields' sizes (checked by the `const` assertions
+//! at the bottom), so the bytes the agent writes into a map are exactly the bytes the program
+//! reads, with no uninitialised padding.
+//!
+//! Design decisions recorded here:
+//! - IPv4 addresses are stored as `u32` holding the four address octets in network byte order,
+//!   i.e. `u32::from_ne_bytes(addr.octets())`. The program compares them against packet bytes
+//!   without any byte swapping. Use [`ipv4_to_map`] / [`ipv4_from_map`] in userspace.
+//! - Clouds are identified by a dense `u32` [`EndpointInfo::cloud`] chosen by the control plane.
+//!   Cloud 0 is reserved and never valid, so a zeroed entry can never match a real cloud.
+//! - [`LAYOUT_VERSION`] names the layout of every map below. The agent pins maps under a directory
+//!   that carries this version, so a program can never silently misread a map written by another
+//!   layout; a layout change bumps the version (migration is the agent's job).
+#![cfg_attr(not(test), no_std)]
+
+/// Version of the map layouts defined in this crate. Bump on any change to a map's key, value,
+/// or meaning.
+pub const LAYOUT_VERSION: u32 = 1;
+
+/// Identity of one endpoint (a VM's tap or a guest veth), keyed by the host-side ifindex in the
+/// `ENDPOINTS` map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EndpointInfo {
+    /// The cloud (tenant) this endpoint belongs to; never 0.
+    pub cloud: u32,
+    /// The guest's IPv4 address (network byte order, see module docs).
+    pub ipv4: u32,
+    /// The cloud's gateway IPv4 address as the guest sees it (network byte order).
+    pub gateway_ipv4: u32,
+    /// The guest's MAC address: the only source MAC accepted from it.
+    pub mac: [u8; 6],
+    /// The gateway MAC the guest talks to; source MAC of every frame delivered to the guest.
+    pub gateway_mac: [u8; 6],
+    /// Reserved for endpoint flags; must be 0 for layout version 1.
+    pub flags: u32,
+}
+
+/// Key of the `ROUTES` map: an address inside one cloud. Because the cloud is part of the key,
+/// clouds may use overlapping address ranges and an address of another cloud can never be found.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct RouteKey {
+    pub cloud: u32,
+    /// Destination IPv4 address (network byte order).
+    pub ipv4: u32,
+}
+
+/// Value of the `ROUTES` map: where a packet to [`RouteKey`] is delivered.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NextHop {
+    /// Host-side ifindex of the destination endpoint's device.
+    pub ifindex: u32,
+    /// Destination guest MAC, written as the frame's destination MAC.
+    pub mac: [u8; 6],
+    /// Reserved; must be 0 for layout version 1.
+    pub flags: u16,
+}
+
+/// Why the dataplane dropped a frame. The number of each reason is part of the map layout and is
+/// never reused for another meaning: retire a reason by leaving its number unused.
+///
+/// The table is documented with the verdict for each case in `docs/design.md`.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum DropReason {
+    /// The device the frame arrived on has no `ENDPOINTS` entry (being created or deleted).
+    UnknownEndpoint = 1,
+    /// Shorter than an Ethernet header.
+    TruncatedEthernet = 2,
+    /// Source MAC is not the endpoint's MAC.
+    SpoofedSourceMac = 3,
+    /// 802.1Q / 802.1ad tagged frame: guests get no VLANs.
+    VlanTagged = 4,
+    /// IPv6 is not routed yet (see docs/design.md).
+    Ipv6NotSupported = 5,
+    /// Any ethertype other than IPv4, ARP, IPv6 and VLAN tags.
+    NonIpEthertype = 6,
+    /// ARP shorter than an Ethernet/IPv4 ARP packet, or not Ethernet/IPv4 ARP.
+    ArpMalformed = 7,
+    /// ARP sender MAC or sender IP is not the endpoint's.
+    ArpSpoofed = 8,
+    /// ARP request for an address that is neither the gateway nor in the endpoint's cloud.
+    ArpUnknownTarget = 9,
+    /// ARP that is not a request (replies, gratuitous announcements): nothing to learn.
+    ArpNotRequest = 10,
+    /// Shorter than the IPv4 header it announces, or than `total_length`.
+    Ipv4Truncated = 11,
+    /// Version is not 4, IHL < 5, or `total_length` smaller than the header.
+    Ipv4Malformed = 12,
+    /// IPv4 header carries options (IHL > 5).
+    Ipv4Options = 13,
+    /// Source IPv4 is not the endpoint's address.
+    SpoofedSourceIp = 14,
+    /// TTL was 0 or 1; no ICMP time exceeded is generated.
+    TtlExceeded = 15,
+    /// Destination MAC is broadcast or multicast (IPv4 frames).
+    GroupDestinationMac = 16,
+    /// Destination IPv4 is limited broadcast or multicast.
+    GroupDestinationIp = 17,
+    /// Unicast destination MAC is not the gateway's: there is no shared L2.
+    NotToGatewayMac = 18,
+    /// Destination is not an address of the sender's cloud (this covers every other cloud).
+    NoRouteInCloud = 19,
+    /// To the gateway address, but not a service the gateway answers.
+    GatewayServiceUnavailable = 20,
+    /// ICMP echo to the gateway that is truncated, fragmented, or not an echo request.
+    GatewayIcmpMalformed = 21,
+    /// To the guest (egress): frame not produced by the dataplane (wrong MACs), e.g. from the host stack.
+    ToVmForeignFrame = 22,
+    /// To the guest (egress): IPv4 destination is not the endpoint's address.
+    ToVmWrongDestination = 23,
+    /// To the guest (egress): ethertype other than IPv4 or ARP, or truncated.
+    ToVmNotAllowed = 24,
+}
+
+impl DropReason {
+    /// Every reason, in numeric order.
+    pub const ALL: [DropReason; 24] = [
+        DropReason::UnknownEndpoint,
+        DropReason::TruncatedEthernet,
+        DropReason::SpoofedSourceMac,
+        DropReason::VlanTagged,
+        DropReason::Ipv6NotSupported,
+        DropReason::NonIpEthertype,
+        DropReason::ArpMalformed,
+        DropReason::ArpSpoofed,
+        DropReason::ArpUnknownTarget,
+        DropReason::ArpNotRequest,
+        DropReason::Ipv4Truncated,
+        DropReason::Ipv4Malformed,
+        DropReason::Ipv4Options,
+        DropReason::SpoofedSourceIp,
+        DropReason::TtlExceeded,
+        DropReason::GroupDestinationMac,
+        DropReason::GroupDestinationIp,
+        DropReason::NotToGatewayMac,
+        DropReason::NoRouteInCloud,
+        DropReason::GatewayServiceUnavailable,
+        DropReason::GatewayIcmpMalformed,
+        DropReason::ToVmForeignFrame,
+        DropReason::ToVmWrongDestination,
+        DropReason::ToVmNotAllowed,
+    ];
+
+    /// Size of the drop counter array: one slot per number, slot 0 unused.
+    pub const SLOTS: u32 = 25;
+
+    /// Stable snake_case name, used in metrics labels and CLI output.
+    pub const fn name(self) -> &'static str {
+        match self {
+            DropReason::UnknownEndpoint => "unknown_endpoint",
+            DropReason::TruncatedEthernet => "truncated_ethernet",
+            DropReason::SpoofedSourceMac => "spoofed_source_mac",
+            DropReason::VlanTagged => "vlan_tagged",
+            DropReason::Ipv6NotSupported => "ipv6_not_supported",
+            DropReason::NonIpEthertype => "non_ip_ethertype",
+            DropReason::ArpMalformed => "arp_malformed",
+            DropReason::ArpSpoofed => "arp_spoofed",
+            DropReason::ArpUnknownTarget => "arp_unknown_target",
+            DropReason::ArpNotRequest => "arp_not_request",
+            DropReason::Ipv4Truncated => "ipv4_truncated",
+            DropReason::Ipv4Malformed => "ipv4_malformed",
+            DropReason::Ipv4Options => "ipv4_options",
+            DropReason::SpoofedSourceIp => "spoofed_source_ip",
+            DropReason::TtlExceeded => "ttl_exceeded",
+            DropReason::GroupDestinationMac => "group_destination_mac",
+            DropReason::GroupDestinationIp => "group_destination_ip",
+            DropReason::NotToGatewayMac => "not_to_gateway_mac",
+            DropReason::NoRouteInCloud => "no_route_in_cloud",
+            DropReason::GatewayServiceUnavailable => "gateway_service_unavailable",
+            DropReason::GatewayIcmpMalformed => "gateway_icmp_malformed",
+            DropReason::ToVmForeignFrame => "to_vm_foreign_frame",
+            DropReason::ToVmWrongDestination => "to_vm_wrong_destination",
+            DropReason::ToVmNotAllowed => "to_vm_not_allowed",
+        }
+    }
+
+    /// The reason with number `n`, if any.
+    pub const fn from_u32(n: u32) -> Option<DropReason> {
+        if n == 0 || n as usize > Self::ALL.len() {
+            return None;
+        }
+        Some(Self::ALL[n as usize - 1])
+    }
+}
+
+/// Encodes an IPv4 address for a map (see module docs).
+pub const fn ipv4_to_map(octets: [u8; 4]) -> u32 {
+    u32::from_ne_bytes(octets)
+}
+
+/// Decodes an IPv4 address read from a map.
+pub const fn ipv4_from_map(v: u32) -> [u8; 4] {
+    v.to_ne_bytes()
+}
+
+// Padding-free layouts: a size mismatch here means the compiler inserted padding.
+const _: () = assert!(core::mem::size_of::<EndpointInfo>() == 4 + 4 + 4 + 6 + 6 + 4);
+const _: () = assert!(core::mem::size_of::<RouteKey>() == 4 + 4);
+const _: () = assert!(core::mem::size_of::<NextHop>() == 4 + 6 + 2);
+const _: () = assert!(DropReason::ALL.len() as u32 + 1 == DropReason::SLOTS);
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: all three are #[repr(C)], contain only integers and byte arrays, and have no
+    // padding (asserted above), so every bit pattern is valid and no byte is uninitialised.
+    unsafe impl aya::Pod for super::EndpointInfo {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::RouteKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::NextHop {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reasons_are_numbered_densely_and_round_trip() {
+        for (i, r) in DropReason::ALL.iter().enumerate() {
+            assert_eq!(*r as u32, i as u32 + 1, "{r:?} out of order");
+            assert_eq!(DropReason::from_u32(*r as u32), Some(*r));
+        }
+        assert_eq!(DropReason::from_u32(0), None);
+        assert_eq!(DropReason::from_u32(DropReason::SLOTS), None);
+    }
+
+    #[test]
+    fn reason_names_are_unique() {
+        for a in DropReason::ALL {
+            for b in DropReason::ALL {
+                if a != b {
+                    assert_ne!(a.name(), b.name());
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,48 @@
+//! The gateway address itself: answers ICMP echo (so `ping <gateway>` works as guests expect);
+//! every other packet to the gateway is dropped as a service not (yet) offered. Host services
+//! such as DNS attach here later.
+
+use atoll_dataplane_common::{DropReason, EndpointInfo};
+
+use crate::{
+    packet::{self, EthHdr, IcmpEcho, Ipv4Hdr, Packet, IPPROTO_ICMP},
+    Verdict,
+};
+
+const ICMP_ECHO_REQUEST: u8 = 8;
+const ICMP_ECHO_REPLY: u8 = 0;
+
+#[inline(always)]
+pub fn answer(
+    pkt: &Packet,
+    eth: *mut EthHdr,
+    ip: *mut Ipv4Hdr,
+    ep: &EndpointInfo,
+    ifindex: u32,
+) -> Verdict {
+    // SAFETY: `ip` was bounds-checked by the caller.
+    let (protocol, fragment) = unsafe { ((*ip).protocol, (*ip).is_fragment()) };
+    if protocol != IPPROTO_ICMP {
+        return Verdict::Drop(DropReason::GatewayServiceUnavailable);
+    }
+    let Some(icmp) = pkt.ptr::<IcmpEcho>(EthHdr::LEN + Ipv4Hdr::LEN) else {
+        return Verdict::Drop(DropReason::GatewayIcmpMalformed);
+    };
+    // SAFETY: bounds-checked by `Packet::ptr`.
+    let icmp = unsafe { &mut *icmp };
+    if fragment || icmp.icmp_type != ICMP_ECHO_REQUEST || icmp.code != 0 {
+        return Verdict::Drop(DropReason::GatewayIcmpMalformed);
+    }
+    icmp.icmp_type = ICMP_ECHO_REPLY;
+    // The type/code word drops by 0x0800, so the checksum grows by 0x0800 (wire order).
+    icmp.check = packet::csum_add_be(icmp.check, u16::from_ne_bytes([0x08, 0x00]));
+    // SAFETY: `eth` and `ip` are bounds-checked pointers into this frame. Swapping source and
+    // destination addresses leaves the IPv4 header checksum unchanged.
+    unsafe {
+        let h = &mut *ip;
+        core::mem::swap(&mut h.saddr, &mut h.daddr);
+        (*eth).dst = ep.mac;
+        (*eth).src = ep.gateway_mac;
+    }
+    Verdict::Redirect(ifindex)
+}

@@ -1,0 +1,165 @@
+//! Packet access: header layouts, bounds-checked pointers and checksum arithmetic.
+//!
+//! All header structs are `#[repr(C, packed)]`-free plain byte layouts read through
+//! bounds-checked raw pointers; multi-byte fields are kept as byte arrays or read unaligned so
+//! nothing depends on the alignment of the frame in memory.
+
+use aya_ebpf::programs::TcContext;
+
+pub const ETH_P_IP: u16 = 0x0800;
+pub const ETH_P_ARP: u16 = 0x0806;
+pub const ETH_P_IPV6: u16 = 0x86DD;
+pub const ETH_P_8021Q: u16 = 0x8100;
+pub const ETH_P_8021AD: u16 = 0x88A8;
+pub const IPPROTO_ICMP: u8 = 1;
+
+/// Bytes the programs may read past the start of the frame: Ethernet + IPv4 without options +
+/// an ICMP echo header, or Ethernet + ARP. Pulled into the linear area when needed.
+const MAX_HEADER_BYTES: u32 = 14 + 20 + 8;
+
+#[repr(C)]
+pub struct EthHdr {
+    pub dst: [u8; 6],
+    pub src: [u8; 6],
+    /// Network byte order.
+    pub ether_type: u16,
+}
+
+impl EthHdr {
+    pub const LEN: usize = 14;
+}
+
+#[repr(C)]
+pub struct Ipv4Hdr {
+    pub version_ihl: u8,
+    pub tos: u8,
+    pub total_len: [u8; 2],
+    pub id: [u8; 2],
+    pub frag_off: [u8; 2],
+    pub ttl: u8,
+    pub protocol: u8,
+    /// Kept in wire order; see [`csum_add_be`].
+    pub check: u16,
+    pub saddr: [u8; 4],
+    pub daddr: [u8; 4],
+}
+
+impl Ipv4Hdr {
+    pub const LEN: usize = 20;
+
+    /// Source address in map encoding (see `atoll_dataplane_common::ipv4_to_map`).
+    #[inline(always)]
+    pub fn saddr(&self) -> u32 {
+        u32::from_ne_bytes(self.saddr)
+    }
+
+    #[inline(always)]
+    pub fn daddr(&self) -> u32 {
+        u32::from_ne_bytes(self.daddr)
+    }
+
+    #[inline(always)]
+    pub fn total_len(&self) -> u16 {
+        u16::from_be_bytes(self.total_len)
+    }
+
+    /// True for any fragment: more-fragments set or a non-zero offset.
+    #[inline(always)]
+    pub fn is_fragment(&self) -> bool {
+        u16::from_be_bytes(self.frag_off) & 0x3FFF != 0
+    }
+}
+
+#[repr(C)]
+pub struct ArpEthIpv4 {
+    pub htype: [u8; 2],
+    pub ptype: [u8; 2],
+    pub hlen: u8,
+    pub plen: u8,
+    pub op: [u8; 2],
+    pub sha: [u8; 6],
+    pub spa: [u8; 4],
+    pub tha: [u8; 6],
+    pub tpa: [u8; 4],
+}
+
+#[repr(C)]
+pub struct IcmpEcho {
+    pub icmp_type: u8,
+    pub code: u8,
+    pub check: u16,
+    pub id: [u8; 2],
+    pub seq: [u8; 2],
+}
+
+/// The frame as the program sees it, with its linear bounds.
+pub struct Packet {
+    start: usize,
+    end: usize,
+    pub len: u32,
+}
+
+impl Packet {
+    /// Makes sure the headers the programs read are in the linear area, then captures bounds.
+    #[inline(always)]
+    pub fn new(ctx: &TcContext) -> Self {
+        let len = ctx.len();
+        let want = if len < MAX_HEADER_BYTES {
+            len
+        } else {
+            MAX_HEADER_BYTES
+        };
+        if ctx.data_end() - ctx.data() < want as usize {
+            // Failure leaves the frame as it was; the bounds checks below then report truncation.
+            let _ = ctx.pull_data(want);
+        }
+        Packet {
+            start: ctx.data(),
+            end: ctx.data_end(),
+            len,
+        }
+    }
+
+    /// A pointer to a `T` at `offset`, or `None` if the frame is too short.
+    #[inline(always)]
+    pub fn ptr<T>(&self, offset: usize) -> Option<*mut T> {
+        let at = self.start + offset;
+        if at + core::mem::size_of::<T>() > self.end {
+            return None;
+        }
+        Some(at as *mut T)
+    }
+}
+
+/// ifindex of the device the program runs on.
+#[inline(always)]
+pub fn ifindex(ctx: &TcContext) -> u32 {
+    // SAFETY: `ctx.skb.skb` is the kernel-provided context pointer, valid for the whole run.
+    unsafe { (*ctx.skb.skb).ifindex }
+}
+
+/// Compares two MAC addresses without calling `memcmp` (unavailable in BPF).
+#[inline(always)]
+pub fn mac_eq(a: &[u8; 6], b: &[u8; 6]) -> bool {
+    (a[0] ^ b[0]) | (a[1] ^ b[1]) | (a[2] ^ b[2]) | (a[3] ^ b[3]) | (a[4] ^ b[4]) | (a[5] ^ b[5])
+        == 0
+}
+
+#[inline(always)]
+pub fn is_group_mac(mac: &[u8; 6]) -> bool {
+    mac[0] & 1 == 1
+}
+
+#[inline(always)]
+pub fn is_broadcast_mac(mac: &[u8; 6]) -> bool {
+    mac[0] & mac[1] & mac[2] & mac[3] & mac[4] & mac[5] == 0xFF
+}
+
+/// Adds `delta` (a 16-bit value in wire order, as read natively from the packet) to an Internet
+/// checksum in wire order, with end-around carry (RFC 1624 incremental update, as the kernel's
+/// `ip_decrease_ttl`). Subtracting `x` from the checksummed data equals adding `x` here.
+#[inline(always)]
+pub fn csum_add_be(check: u16, delta: u16) -> u16 {
+    let sum = check as u32 + delta as u32;
+    (sum + (sum >> 16)) as u16
+}

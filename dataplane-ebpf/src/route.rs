@@ -1,0 +1,81 @@
+//! In-cloud IPv4 forwarding: `(cloud, destination)` → next hop, MAC rewrite, TTL decrement,
+//! redirect.
+
+use atoll_dataplane_common::{DropReason, EndpointInfo, NextHop, RouteKey};
+use aya_ebpf::{macros::map, maps::HashMap};
+
+use crate::{
+    gateway,
+    packet::{self, EthHdr, Ipv4Hdr, Packet},
+    Verdict,
+};
+
+/// `(cloud, IPv4)` → destination endpoint. The cloud in the key is always the *sender's*
+/// cloud (taken from its device), which is what isolates clouds.
+#[map]
+pub static ROUTES: HashMap<RouteKey, NextHop> = HashMap::with_max_entries(65536, 0);
+
+#[inline(always)]
+pub fn lookup(cloud: u32, ipv4: u32) -> Option<NextHop> {
+    // SAFETY: copied out at once; entries are never rewritten in place (see endpoint::lookup).
+    unsafe { ROUTES.get(&RouteKey { cloud, ipv4 }).copied() }
+}
+
+#[inline(always)]
+pub fn forward_ipv4(pkt: &Packet, eth: *mut EthHdr, ep: &EndpointInfo, ifindex: u32) -> Verdict {
+    // SAFETY: `eth` was bounds-checked by the caller.
+    let dst_mac = unsafe { (*eth).dst };
+    if packet::is_group_mac(&dst_mac) {
+        return Verdict::Drop(DropReason::GroupDestinationMac);
+    }
+    if !packet::mac_eq(&dst_mac, &ep.gateway_mac) {
+        return Verdict::Drop(DropReason::NotToGatewayMac);
+    }
+    let Some(ip) = pkt.ptr::<Ipv4Hdr>(EthHdr::LEN) else {
+        return Verdict::Drop(DropReason::Ipv4Truncated);
+    };
+    // SAFETY: `ip` was bounds-checked by `Packet::ptr`; all reads below stay inside it.
+    let (version_ihl, total_len, saddr, daddr, ttl) = unsafe {
+        let h = &*ip;
+        (h.version_ihl, h.total_len(), h.saddr(), h.daddr(), h.ttl)
+    };
+    if version_ihl >> 4 != 4 || version_ihl & 0x0F < 5 {
+        return Verdict::Drop(DropReason::Ipv4Malformed);
+    }
+    if version_ihl & 0x0F != 5 {
+        return Verdict::Drop(DropReason::Ipv4Options);
+    }
+    if (total_len as usize) < Ipv4Hdr::LEN {
+        return Verdict::Drop(DropReason::Ipv4Malformed);
+    }
+    if EthHdr::LEN + total_len as usize > pkt.len as usize {
+        return Verdict::Drop(DropReason::Ipv4Truncated);
+    }
+    if saddr != ep.ipv4 {
+        return Verdict::Drop(DropReason::SpoofedSourceIp);
+    }
+    let first_octet = daddr.to_ne_bytes()[0];
+    if daddr == u32::MAX || first_octet & 0xF0 == 0xE0 {
+        return Verdict::Drop(DropReason::GroupDestinationIp);
+    }
+    if daddr == ep.gateway_ipv4 {
+        return gateway::answer(pkt, eth, ip, ep, ifindex);
+    }
+    if ttl <= 1 {
+        return Verdict::Drop(DropReason::TtlExceeded);
+    }
+    let Some(hop) = lookup(ep.cloud, daddr) else {
+        return Verdict::Drop(DropReason::NoRouteInCloud);
+    };
+    // SAFETY: `eth` and `ip` are bounds-checked pointers into this frame; the program may write
+    // to the frame (TC direct packet access unclones the skb first).
+    unsafe {
+        (*eth).src = ep.gateway_mac;
+        (*eth).dst = hop.mac;
+        (*ip).ttl = ttl - 1;
+        // TTL is the high byte of its 16-bit word: the word drops by 0x0100, so the checksum
+        // grows by 0x0100 in wire order.
+        (*ip).check = packet::csum_add_be((*ip).check, u16::from_ne_bytes([0x01, 0x00]));
+    }
+    Verdict::Redirect(hop.ifindex)
+}
