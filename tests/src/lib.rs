@@ -1,1 +1,2 @@
-//! End-to-end tests live in `tests/`.
+//! atoll's end-to-end tests (in `tests/tests/`) and benchmarks (`src/bin/bench.rs`, run by
+//! `cargo xtask bench`).
