@@ -28,6 +28,8 @@ fn main() {
     if let Ok(prebuilt) = env::var("ATOLL_BPF_OBJECT") {
         std::fs::copy(&prebuilt, &dest)
             .unwrap_or_else(|e| panic!("copying ATOLL_BPF_OBJECT={prebuilt}: {e}"));
+        // The baseline object is only used by benchmarks; an empty file makes them fail loudly.
+        std::fs::write(out_dir.join("atoll-baseline.o"), b"").expect("writing OUT_DIR");
         return;
     }
 
@@ -70,6 +72,9 @@ fn main() {
     if !status.success() {
         panic!("building the eBPF dataplane failed ({status}); is `cargo xtask setup` done?");
     }
-    let built = target_dir.join("bpfel-unknown-none/release/atoll-dataplane");
-    std::fs::copy(&built, &dest).unwrap_or_else(|e| panic!("copying {}: {e}", built.display()));
+    for (bin, file) in [("atoll-dataplane", "atoll-dataplane.o"), ("atoll-baseline", "atoll-baseline.o")] {
+        let built = target_dir.join("bpfel-unknown-none/release").join(bin);
+        let dest = out_dir.join(file);
+        std::fs::copy(&built, &dest).unwrap_or_else(|e| panic!("copying {}: {e}", built.display()));
+    }
 }

@@ -41,6 +41,10 @@ use crate::config::DataplaneConfig;
 pub static OBJECT: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/atoll-dataplane.o"));
 
+/// Empty XDP and TC programs (`empty_xdp`, `empty_tc`) that benchmarks use as their baseline.
+pub static BASELINE_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/atoll-baseline.o"));
+
 /// Map names in the object.
 pub const MAP_ENDPOINTS: &str = "ENDPOINTS";
 pub const MAP_ROUTES: &str = "ROUTES";
@@ -328,8 +332,8 @@ impl Dataplane {
 }
 
 /// Sums a per-CPU drop counter array (shared by the pinned dataplane and private test loads).
-pub fn read_drop_counters(
-    drops: &PerCpuArray<MapData, u64>,
+pub fn read_drop_counters<T: std::borrow::Borrow<MapData>>(
+    drops: &PerCpuArray<T, u64>,
 ) -> Result<Vec<(DropReason, u64)>, DataplaneError> {
     DropReason::ALL
         .iter()

@@ -1,1 +1,205 @@
-fn main() {}
+//! `cargo xtask`: atoll's developer and operator entry points.
+//!
+//! - `setup`: installs what a fresh Debian 12 host lacks (apt packages, bpf-linker built against
+//!   LLVM 22) and mounts bpffs. Idempotent: checks first, so it is quick when all is present.
+//! - `build`: release build of every crate (the agent's build script compiles the eBPF object).
+//! - `demo`: setup + build + `atoll-agent demo` (the README's first command).
+//! - `test`: setup, formatting and clippy (`-D warnings`) on every crate, the whole test suite
+//!   as root, a smoke run of the benchmarks and the demo (the README's second command; CI).
+//! - `bench`: full benchmarks, written to docs/benchmarks.md.
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(about = "atoll build, test and setup tasks")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install the toolchain and system packages atoll needs (Debian 12).
+    Setup,
+    /// Build all crates in release mode.
+    Build,
+    /// Set up, build, and run the two-cloud isolation demo.
+    Demo,
+    /// Set up, lint, and run every test (needs root).
+    Test,
+    /// Run the benchmarks and write docs/benchmarks.md (needs root).
+    Bench,
+}
+
+/// Debian packages: the eBPF toolchain (Debian's rustc ships `core` for bpfel), LLVM 22 for
+/// bpf-linker, and the network tools the tests and demo use.
+const APT_PACKAGES: &[&str] = &[
+    "rustc-web",
+    "cargo-web",
+    "libstd-rust-web-dev-bpf",
+    "llvm-22-dev",
+    "libpolly-22-dev",
+    "libzstd-dev",
+    "zlib1g-dev",
+    "libxml2-dev",
+    "pkg-config",
+    "bpftool",
+    "iproute2",
+    "iputils-ping",
+];
+const BPF_LINKER_VERSION: &str = "0.13.0";
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    let root = workspace_root();
+    std::env::set_current_dir(&root)?;
+    match cli.cmd {
+        Cmd::Setup => setup(),
+        Cmd::Build => build(),
+        Cmd::Demo => {
+            setup()?;
+            build()?;
+            run(Command::new("target/release/atoll-agent").arg("demo"))
+        }
+        Cmd::Test => test(),
+        Cmd::Bench => {
+            setup()?;
+            require_root("benchmarks")?;
+            run(cargo().args(["build", "--release", "-p", "atoll-tests", "--bin", "bench"]))?;
+            run(Command::new("target/release/bench").args(["--out", "docs/benchmarks.md"]))
+        }
+    }
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask/ is in the workspace").to_path_buf()
+}
+
+fn cargo() -> Command {
+    Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+}
+
+fn run(cmd: &mut Command) -> Result<()> {
+    eprintln!("xtask: {cmd:?}");
+    let status = cmd.status().with_context(|| format!("starting {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed with {status}");
+    }
+    Ok(())
+}
+
+fn succeeds(cmd: &mut Command) -> bool {
+    cmd.stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false)
+}
+
+fn require_root(what: &str) -> Result<()> {
+    let uid = Command::new("id").arg("-u").output().context("running id -u")?;
+    if String::from_utf8_lossy(&uid.stdout).trim() != "0" {
+        bail!("{what} need root (CAP_BPF, CAP_NET_ADMIN, network namespaces): run as root");
+    }
+    Ok(())
+}
+
+fn setup() -> Result<()> {
+    require_root("setup, tests and benchmarks")?;
+    let missing: Vec<&str> = APT_PACKAGES
+        .iter()
+        .copied()
+        .filter(|p| {
+            let out = Command::new("dpkg-query").args(["-W", "-f=${Status}", p]).output();
+            !matches!(out, Ok(o) if String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
+        })
+        .collect();
+    if missing.is_empty() {
+        eprintln!("xtask setup: apt packages present");
+    } else {
+        eprintln!("xtask setup: installing {}", missing.join(" "));
+        run(Command::new("apt-get").args(["update", "-q"]))?;
+        run(Command::new("apt-get")
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .args(["install", "-y", "-q", "--no-install-recommends"])
+            .args(&missing))?;
+    }
+    let linker_ok = Command::new("bpf-linker")
+        .arg("--version")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).contains(BPF_LINKER_VERSION))
+        .unwrap_or(false);
+    if linker_ok {
+        eprintln!("xtask setup: bpf-linker {BPF_LINKER_VERSION} present");
+    } else {
+        // Both variables are needed: otherwise the build script finds the system's LLVM 14.
+        run(cargo()
+            .env("LLVM_SYS_221_PREFIX", "/usr/lib/llvm-22")
+            .env("LLVM_PREFIX", "/usr/lib/llvm-22")
+            .args(["install", "bpf-linker", "--version", BPF_LINKER_VERSION, "--locked"])
+            .args(["--no-default-features", "--features", "llvm-22"]))?;
+    }
+    let mounts = std::fs::read_to_string("/proc/mounts").unwrap_or_default();
+    if !mounts.lines().any(|l| l.split_whitespace().nth(1) == Some("/sys/fs/bpf")) {
+        run(Command::new("mount").args(["-t", "bpf", "bpf", "/sys/fs/bpf"]))?;
+    }
+    for module in ["tun", "veth"] {
+        // Built in on some kernels, modules on others; modprobe failing is fine if present.
+        let _ = succeeds(Command::new("modprobe").arg(module));
+    }
+    if !Path::new("/dev/net/tun").exists() {
+        bail!("/dev/net/tun is missing: the kernel lacks tun/tap support");
+    }
+    Ok(())
+}
+
+fn build() -> Result<()> {
+    run(cargo().args(["build", "--release", "--workspace"]))
+}
+
+fn test() -> Result<()> {
+    setup()?;
+    run(cargo().args(["fmt", "--all", "--check"]))?;
+    // The eBPF crate compiles for the host too, so clippy covers it with the rest.
+    run(cargo().args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]))?;
+    run(cargo().args(["build", "--release", "-p", "atoll-agent", "-p", "atoll-tests", "--bins"]))?;
+    run(cargo().args(["test", "--workspace", "--", "--test-threads=2"]))?;
+    run(Command::new("target/release/bench").arg("--smoke"))?;
+    run(Command::new("target/release/atoll-agent").arg("demo"))?;
+    leftovers()
+}
+
+/// Fails if anything with atoll's test prefix survived the tests.
+fn leftovers() -> Result<()> {
+    let mut left = Vec::new();
+    let links = Command::new("ip").args(["-o", "link", "show"]).output()?;
+    for line in String::from_utf8_lossy(&links.stdout).lines() {
+        if let Some(name) = line.split(": ").nth(1) {
+            if name.starts_with("atl") {
+                left.push(format!("link {}", name.split('@').next().unwrap_or(name)));
+            }
+        }
+    }
+    let ns = Command::new("ip").args(["netns", "list"]).output()?;
+    for line in String::from_utf8_lossy(&ns.stdout).lines() {
+        if line.starts_with("atl") {
+            left.push(format!("netns {line}"));
+        }
+    }
+    for e in std::fs::read_dir("/sys/fs/bpf").into_iter().flatten().flatten() {
+        if e.file_name().to_string_lossy().starts_with("atl") {
+            left.push(format!("pin {}", e.path().display()));
+        }
+    }
+    if !left.is_empty() {
+        bail!("tests left behind: {}", left.join(", "));
+    }
+    eprintln!("xtask test: nothing left behind");
+    Ok(())
+}
