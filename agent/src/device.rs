@@ -48,6 +48,8 @@ pub enum DeviceError {
         name: String,
         source: rtnetlink::Error,
     },
+    #[error("renaming {name} to {new}: {source}")]
+    Rename { name: String, new: String, source: rtnetlink::Error },
     #[error("setting {name} up: {source}")]
     SetUp {
         name: String,
@@ -82,7 +84,7 @@ impl Devices {
     /// Creates a persistent tap owned by `owner_uid` (or root) and returns its ifindex.
     pub fn create_tap(&self, name: &str, owner_uid: Option<u32>) -> Result<u32, DeviceError> {
         validate_name(name)?;
-        if ifindex(name).is_some() {
+        if ifindex_of(name).is_some() {
             return Err(DeviceError::Exists(name.into()));
         }
         let err = |source: io::Error| match source.raw_os_error() {
@@ -93,32 +95,43 @@ impl Devices {
                 source,
             },
         };
-        // SAFETY: the path is a valid NUL-terminated string; the returned fd is checked.
-        let raw = unsafe { libc::open(c"/dev/net/tun".as_ptr(), libc::O_RDWR | libc::O_CLOEXEC) };
-        if raw < 0 {
-            return Err(DeviceError::OpenTun(io::Error::last_os_error()));
-        }
-        // SAFETY: `raw` is a fresh fd we own.
-        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-        let mut req = IfReq::new(name, IFF_TAP | IFF_NO_PI);
-        // SAFETY: TUNSETIFF reads and writes an ifreq that we own for the call's duration.
-        if unsafe { libc::ioctl(fd.as_raw_fd(), TUNSETIFF, &mut req) } < 0 {
-            return Err(err(io::Error::last_os_error()));
-        }
+        let fd = open_tap(name).map_err(|e| match e {
+            TapOpenError::Tun(e) => DeviceError::OpenTun(e),
+            TapOpenError::SetIff(e) => err(e),
+        })?;
         if let Some(uid) = owner_uid {
-            // SAFETY: TUNSETOWNER takes an integer argument.
-            if unsafe { libc::ioctl(fd.as_raw_fd(), TUNSETOWNER, uid as libc::c_ulong) } < 0 {
-                return Err(err(io::Error::last_os_error()));
-            }
+            set_tap_owner(&fd, uid).map_err(err)?;
         }
         // SAFETY: TUNSETPERSIST takes an integer argument.
         if unsafe { libc::ioctl(fd.as_raw_fd(), TUNSETPERSIST, 1 as libc::c_ulong) } < 0 {
             return Err(err(io::Error::last_os_error()));
         }
         drop(fd);
-        let idx = ifindex(name).ok_or_else(|| DeviceError::NotFound(name.into()))?;
+        let idx = ifindex_of(name).ok_or_else(|| DeviceError::NotFound(name.into()))?;
         disable_ipv6(name)?;
         Ok(idx)
+    }
+
+    /// Renames a device (it must be down) and, for a tap, optionally sets its owner.
+    pub async fn rename_tap(&self, old: &str, ifindex: u32, new: &str, owner_uid: Option<u32>) -> Result<(), DeviceError> {
+        validate_name(new)?;
+        if ifindex_of(new).is_some() {
+            return Err(DeviceError::Exists(new.into()));
+        }
+        let msg = LinkUnspec::new_with_index(ifindex).name(new.to_string()).build();
+        self.handle.link().set(msg).execute().await.map_err(|source| match errno(&source) {
+            Some(libc::EEXIST) => DeviceError::Exists(new.into()),
+            _ => DeviceError::Rename { name: old.into(), new: new.into(), source },
+        })?;
+        if let Some(uid) = owner_uid {
+            let err = |source| DeviceError::CreateTap { name: new.into(), source };
+            let fd = open_tap(new).map_err(|e| match e {
+                TapOpenError::Tun(e) => DeviceError::OpenTun(e),
+                TapOpenError::SetIff(e) => err(e),
+            })?;
+            set_tap_owner(&fd, uid).map_err(err)?;
+        }
+        Ok(())
     }
 
     /// Creates a veth pair `name` (host side) / `peer` (moved into the namespace at
@@ -132,7 +145,7 @@ impl Devices {
     ) -> Result<u32, DeviceError> {
         validate_name(name)?;
         validate_name(peer)?;
-        if ifindex(name).is_some() {
+        if ifindex_of(name).is_some() {
             return Err(DeviceError::Exists(name.into()));
         }
         let ns = std::fs::File::open(peer_netns).map_err(|source| DeviceError::OpenNetns {
@@ -164,7 +177,7 @@ impl Devices {
                 },
             })?;
         drop(ns);
-        let idx = ifindex(name).ok_or_else(|| DeviceError::NotFound(name.into()))?;
+        let idx = ifindex_of(name).ok_or_else(|| DeviceError::NotFound(name.into()))?;
         disable_ipv6(name)?;
         Ok(idx)
     }
@@ -221,6 +234,10 @@ impl Devices {
 
 /// ifindex of a host device, if it exists.
 pub fn ifindex(name: &str) -> Option<u32> {
+    ifindex_of(name)
+}
+
+fn ifindex_of(name: &str) -> Option<u32> {
     let c = CString::new(name).ok()?;
     // SAFETY: `c` is a valid NUL-terminated string.
     let idx = unsafe { libc::if_nametoindex(c.as_ptr()) };
@@ -276,6 +293,36 @@ fn errno(e: &rtnetlink::Error) -> Option<i32> {
         rtnetlink::Error::NetlinkError(m) => Some(-m.raw_code()),
         _ => None,
     }
+}
+
+enum TapOpenError {
+    Tun(io::Error),
+    SetIff(io::Error),
+}
+
+/// Opens (creating if needed) the tap `name` without a vnet header; returns the queue fd.
+fn open_tap(name: &str) -> Result<OwnedFd, TapOpenError> {
+    // SAFETY: the path is a valid NUL-terminated string; the returned fd is checked.
+    let raw = unsafe { libc::open(c"/dev/net/tun".as_ptr(), libc::O_RDWR | libc::O_CLOEXEC) };
+    if raw < 0 {
+        return Err(TapOpenError::Tun(io::Error::last_os_error()));
+    }
+    // SAFETY: `raw` is a fresh fd we own.
+    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+    let mut req = IfReq::new(name, IFF_TAP | IFF_NO_PI);
+    // SAFETY: TUNSETIFF reads and writes an ifreq that we own for the call's duration.
+    if unsafe { libc::ioctl(fd.as_raw_fd(), TUNSETIFF, &mut req) } < 0 {
+        return Err(TapOpenError::SetIff(io::Error::last_os_error()));
+    }
+    Ok(fd)
+}
+
+fn set_tap_owner(fd: &OwnedFd, uid: u32) -> io::Result<()> {
+    // SAFETY: TUNSETOWNER takes an integer argument.
+    if unsafe { libc::ioctl(fd.as_raw_fd(), TUNSETOWNER, uid as libc::c_ulong) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 #[repr(C)]

@@ -19,9 +19,12 @@
 //!   so `skb->ifindex` is 1: the endpoint under test lives at `ENDPOINTS[1]`.
 //! - `bpf_redirect` only records its target, which the test run does not expose: a redirect is
 //!   checked through the return value 7 and the rewritten frame.
-//! - The kernel refuses skb test input shorter than an Ethernet header (`ETH_HLEN`, 14 bytes)
-//!   with `EINVAL` before the program runs, so `TruncatedEthernet` cannot be reached by a test
-//!   run (see `frames_shorter_than_ethernet_are_refused_by_the_kernel`).
+//! - The kernel refuses, with `EINVAL` and before the program runs, skb test input shorter than
+//!   an Ethernet header (14 bytes) and, for the IPv4 / IPv6 ethertypes, shorter than Ethernet +
+//!   the fixed network header (34 / 54 bytes). So `TruncatedEthernet`, and `Ipv4Truncated` for
+//!   frames without a complete IPv4 header, cannot be reached by a test run; the tests assert
+//!   the refusal instead (see
+//!   `test_run_refuses_frames_shorter_than_their_link_and_network_headers`).
 //!
 //! The tests need root (CAP_BPF, CAP_NET_ADMIN); they fail, never skip, without it.
 
@@ -670,10 +673,11 @@ fn id_with_header_checksum(p: &Ipv4, want: u16) -> u16 {
 #[test]
 fn ttl_decrement_checksum_edge_case_matches_full_recompute() {
     // Header checksum 0xFEFF before forwarding: after the TTL decrement the other header words
-    // sum to 0xFFFF, whose complement is 0x0000. RFC 1624 (eqn. 3) and the kernel's
-    // ip_decrease_ttl() produce 0x0000; a plain end-around-carry add produces 0xFFFF (-0). Both
-    // verify at a receiver, so this is cosmetic, but the program claims to do what
-    // ip_decrease_ttl() does.
+    // sum to 0xFFFF (-0), so the correct checksum is its complement 0x0000. Adding 0x0100 with
+    // end-around carry (RFC 1624 eqn. 2) yields 0xFFFF here instead; RFC 1624 section 3 shows
+    // this very case, and the kernel's ip_decrease_ttl() maps the result to 0x0000 (its comment:
+    // "The function in 2.2 was invalid, producing wrong result for check=0xFEFF"). A receiver
+    // that sums the header accepts both; one that recomputes and compares rejects 0xFFFF.
     let dp = Dataplane::new();
     let mut p = guest_packet(PEER_IP, L4::Icmp);
     p.id = id_with_header_checksum(&p, 0xFEFF);
@@ -1605,9 +1609,9 @@ fn echo_reply_checksum_is_valid_across_carries() {
 
 #[test]
 fn echo_reply_checksum_edge_case_matches_full_recompute() {
-    // Request checksum 0xF7FF: after type 8 -> 0 the reply's data sums to 0xFFFF, whose
-    // complement is 0x0000. A plain end-around-carry add writes 0xFFFF (-0) instead; it
-    // verifies, but differs from what any full computation (and RFC 1624 eqn. 3) gives.
+    // Request checksum 0xF7FF: after type 8 -> 0 the reply's other words sum to 0xFFFF (-0),
+    // so the correct checksum is 0x0000. Adding 0x0800 with end-around carry yields 0xFFFF
+    // instead (the RFC 1624 section 3 case; see the TTL edge-case test above).
     let dp = Dataplane::new();
     let id = (0..=u16::MAX)
         .find(|id| icmp_echo_request(*id, 3, b"abc")[2..4] == [0xF7, 0xFF])
@@ -1733,9 +1737,9 @@ fn to_vm_passes_ipv4_for_the_guest() {
     // to_vm does not police the IPv4 layer beyond the destination address.
     let mut odd = guest_packet(GUEST_IP, L4::Icmp);
     odd.src = [192, 0, 2, 1];
-    odd.ttl = 0;
+    odd.ttl = 1;
     odd.frag_off = 0x2000;
-    dp.expect_pass(Prog::ToVm, &to_guest(&odd), "TTL 0 fragment from anywhere");
+    dp.expect_pass(Prog::ToVm, &to_guest(&odd), "TTL 1 fragment from anywhere");
 }
 
 #[test]

@@ -8,10 +8,10 @@ use aya_ebpf::{macros::map, maps::HashMap};
 #[map]
 pub static ENDPOINTS: HashMap<u32, EndpointInfo> = HashMap::with_max_entries(65536, 0);
 
+/// The endpoint's identity, read in place (no copy to the stack).
 #[inline(always)]
-pub fn lookup(ifindex: u32) -> Option<EndpointInfo> {
-    // SAFETY: the value is copied out immediately; a concurrent agent update can at worst make
-    // this copy a mix of old and new fields of the same endpoint, which the agent avoids by
-    // never rewriting a live entry in place (delete, then create).
-    unsafe { ENDPOINTS.get(&ifindex).copied() }
+pub fn lookup(ifindex: u32) -> Option<&'static EndpointInfo> {
+    // SAFETY: the value stays valid for the whole program run (RCU); the agent never rewrites a
+    // live entry in place (delete, then create), so the fields read are never half-updated.
+    unsafe { ENDPOINTS.get(&ifindex) }
 }

@@ -17,6 +17,7 @@ pub fn answer(
     pkt: &Packet,
     eth: *mut EthHdr,
     ip: *mut Ipv4Hdr,
+    total_len: u16,
     ep: &EndpointInfo,
     ifindex: u32,
 ) -> Verdict {
@@ -30,7 +31,10 @@ pub fn answer(
     };
     // SAFETY: bounds-checked by `Packet::ptr`.
     let icmp = unsafe { &mut *icmp };
-    if fragment || icmp.icmp_type != ICMP_ECHO_REQUEST || icmp.code != 0 {
+    // The echo header must lie inside the IPv4 packet, not just inside the frame (Ethernet
+    // padding after a short packet is not ICMP).
+    let short = (total_len as usize) < Ipv4Hdr::LEN + core::mem::size_of::<IcmpEcho>();
+    if fragment || short || icmp.icmp_type != ICMP_ECHO_REQUEST || icmp.code != 0 {
         return Verdict::Drop(DropReason::GatewayIcmpMalformed);
     }
     icmp.icmp_type = ICMP_ECHO_REPLY;

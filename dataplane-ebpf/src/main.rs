@@ -91,8 +91,8 @@ fn try_from_vm(ctx: &TcContext) -> Verdict {
         return Verdict::Drop(DropReason::SpoofedSourceMac);
     }
     match u16::from_be(ether_type) {
-        ETH_P_IP => route::forward_ipv4(&pkt, eth, &ep, ifindex),
-        ETH_P_ARP => arp::answer(&pkt, eth, &ep, ifindex),
+        ETH_P_IP => route::forward_ipv4(&pkt, eth, ep, ifindex),
+        ETH_P_ARP => arp::answer(&pkt, eth, ep, ifindex),
         ETH_P_IPV6 => Verdict::Drop(DropReason::Ipv6NotSupported),
         packet::ETH_P_8021Q | packet::ETH_P_8021AD => Verdict::Drop(DropReason::VlanTagged),
         _ => Verdict::Drop(DropReason::NonIpEthertype),

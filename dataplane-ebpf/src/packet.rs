@@ -156,10 +156,11 @@ pub fn is_broadcast_mac(mac: &[u8; 6]) -> bool {
 }
 
 /// Adds `delta` (a 16-bit value in wire order, as read natively from the packet) to an Internet
-/// checksum in wire order, with end-around carry (RFC 1624 incremental update, as the kernel's
-/// `ip_decrease_ttl`). Subtracting `x` from the checksummed data equals adding `x` here.
+/// checksum in wire order, with end-around carry, exactly as the kernel's `ip_decrease_ttl`:
+/// a sum of 0xFFFF becomes 0 (RFC 1624 section 3; e.g. 0xFEFF + 0x0100 must give 0x0000, not
+/// 0xFFFF). Subtracting `x` from the checksummed data equals adding `x` here.
 #[inline(always)]
 pub fn csum_add_be(check: u16, delta: u16) -> u16 {
     let sum = check as u32 + delta as u32;
-    (sum + (sum >> 16)) as u16
+    (sum + (sum >= 0xFFFF) as u32) as u16
 }

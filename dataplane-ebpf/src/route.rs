@@ -16,9 +16,10 @@ use crate::{
 pub static ROUTES: HashMap<RouteKey, NextHop> = HashMap::with_max_entries(65536, 0);
 
 #[inline(always)]
-pub fn lookup(cloud: u32, ipv4: u32) -> Option<NextHop> {
-    // SAFETY: copied out at once; entries are never rewritten in place (see endpoint::lookup).
-    unsafe { ROUTES.get(&RouteKey { cloud, ipv4 }).copied() }
+pub fn lookup(cloud: u32, ipv4: u32) -> Option<&'static NextHop> {
+    // SAFETY: valid for the program run; entries are never rewritten in place (see
+    // endpoint::lookup).
+    unsafe { ROUTES.get(&RouteKey { cloud, ipv4 }) }
 }
 
 #[inline(always)]
@@ -59,7 +60,7 @@ pub fn forward_ipv4(pkt: &Packet, eth: *mut EthHdr, ep: &EndpointInfo, ifindex: 
         return Verdict::Drop(DropReason::GroupDestinationIp);
     }
     if daddr == ep.gateway_ipv4 {
-        return gateway::answer(pkt, eth, ip, ep, ifindex);
+        return gateway::answer(pkt, eth, ip, total_len, ep, ifindex);
     }
     if ttl <= 1 {
         return Verdict::Drop(DropReason::TtlExceeded);
