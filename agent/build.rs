@@ -72,7 +72,10 @@ fn main() {
     if !status.success() {
         panic!("building the eBPF dataplane failed ({status}); is `cargo xtask setup` done?");
     }
-    for (bin, file) in [("atoll-dataplane", "atoll-dataplane.o"), ("atoll-baseline", "atoll-baseline.o")] {
+    for (bin, file) in [
+        ("atoll-dataplane", "atoll-dataplane.o"),
+        ("atoll-baseline", "atoll-baseline.o"),
+    ] {
         let built = target_dir.join("bpfel-unknown-none/release").join(bin);
         let dest = out_dir.join(file);
         std::fs::copy(&built, &dest).unwrap_or_else(|e| panic!("copying {}: {e}", built.display()));

@@ -10,7 +10,7 @@ use crate::types::MacAddr;
 /// Default bpffs directory for atoll's pins.
 pub const DEFAULT_BPFFS_ROOT: &str = "/sys/fs/bpf/atoll";
 
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct AgentConfig {
     pub dataplane: DataplaneConfig,
@@ -29,14 +29,9 @@ pub struct DataplaneConfig {
     pub max_routes: u32,
     /// The MAC address guests see for their gateway.
     pub gateway_mac: MacAddr,
-}
-
-impl Default for AgentConfig {
-    fn default() -> Self {
-        AgentConfig {
-            dataplane: DataplaneConfig::default(),
-        }
-    }
+    /// Spare taps kept created and attached, so a tap endpoint is created without waiting for
+    /// the kernel's RCU grace periods (see `endpoint` module docs). 0 disables the pool.
+    pub tap_pool: u32,
 }
 
 impl Default for DataplaneConfig {
@@ -46,6 +41,7 @@ impl Default for DataplaneConfig {
             max_endpoints: 65536,
             max_routes: 65536,
             gateway_mac: MacAddr([0x02, 0xa7, 0x00, 0x00, 0x00, 0x01]),
+            tap_pool: 8,
         }
     }
 }

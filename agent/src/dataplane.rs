@@ -68,34 +68,40 @@ pub enum DataplaneError {
     #[error("creating pin directory {path}: {source}")]
     CreatePinDir { path: PathBuf, source: io::Error },
     #[error("loading the eBPF object: {source}")]
-    LoadObject { source: EbpfError },
+    LoadObject { source: Box<EbpfError> },
     #[error("loading program {program} into the kernel: {source}")]
     LoadProgram {
         program: &'static str,
-        source: ProgramError,
+        source: Box<ProgramError>,
     },
     #[error("pinning {path}: {source}")]
     Pin { path: PathBuf, source: io::Error },
     #[error("opening pinned map {path}: {source}")]
-    OpenMap { path: PathBuf, source: MapError },
+    OpenMap {
+        path: PathBuf,
+        source: Box<MapError>,
+    },
     #[error("opening pinned program {path}: {source}")]
-    OpenProgram { path: PathBuf, source: ProgramError },
+    OpenProgram {
+        path: PathBuf,
+        source: Box<ProgramError>,
+    },
     #[error("kernel feature missing: {feature} ({source})")]
     KernelFeatureMissing {
         feature: &'static str,
-        source: ProgramError,
+        source: Box<ProgramError>,
     },
     #[error("attaching {program} to {device}: {source}")]
     Attach {
         program: &'static str,
         device: String,
-        source: ProgramError,
+        source: Box<ProgramError>,
     },
     #[error("taking the TCX link of {program} on {device}: {source}")]
     AttachLink {
         program: &'static str,
         device: String,
-        source: aya::programs::links::LinkError,
+        source: Box<aya::programs::links::LinkError>,
     },
     #[error("map {map} is full ({capacity} entries); raise dataplane.{setting}")]
     MapFull {
@@ -106,9 +112,15 @@ pub enum DataplaneError {
     #[error("{what} already exists in map {map}")]
     EntryExists { map: &'static str, what: String },
     #[error("updating map {map}: {source}")]
-    UpdateMap { map: &'static str, source: MapError },
+    UpdateMap {
+        map: &'static str,
+        source: Box<MapError>,
+    },
     #[error("reading map {map}: {source}")]
-    ReadMap { map: &'static str, source: MapError },
+    ReadMap {
+        map: &'static str,
+        source: Box<MapError>,
+    },
     #[error("removing {path}: {source}")]
     Unpin { path: PathBuf, source: io::Error },
 }
@@ -140,13 +152,13 @@ impl Dataplane {
                 .and_then(Map::from_map_data)
                 .map_err(|source| DataplaneError::OpenMap {
                     path: path.clone(),
-                    source,
+                    source: Box::new(source),
                 })?;
             Ok(map)
         };
         let typed = |name: &str, e: MapError| DataplaneError::OpenMap {
             path: dir.join("maps").join(name),
-            source: e,
+            source: Box::new(e),
         };
         let endpoints: HashMap<MapData, u32, EndpointInfo> =
             HashMap::try_from(open_map(MAP_ENDPOINTS)?).map_err(|e| typed(MAP_ENDPOINTS, e))?;
@@ -163,8 +175,10 @@ impl Dataplane {
         let max_routes = capacity(MAP_ROUTES, cfg.max_routes);
         let open_prog = |name: &str| {
             let path = dir.join("progs").join(name);
-            SchedClassifier::from_pin(&path)
-                .map_err(|source| DataplaneError::OpenProgram { path, source })
+            SchedClassifier::from_pin(&path).map_err(|source| DataplaneError::OpenProgram {
+                path,
+                source: Box::new(source),
+            })
         };
         Ok(Dataplane {
             from_vm: open_prog(PROG_FROM_VM)?,
@@ -205,12 +219,12 @@ impl Dataplane {
                 .map_err(|source| DataplaneError::Attach {
                     program: name,
                     device: ifname.into(),
-                    source,
+                    source: Box::new(source),
                 })?;
             let fd_link = FdLink::try_from(link).map_err(|source| DataplaneError::AttachLink {
                 program: name,
                 device: ifname.into(),
-                source,
+                source: Box::new(source),
             })?;
             fd_link.pin(&path).map_err(|e| DataplaneError::Pin {
                 path: path.clone(),
@@ -292,7 +306,7 @@ impl Dataplane {
             Err(MapError::KeyNotFound) => Ok(None),
             Err(source) => Err(DataplaneError::ReadMap {
                 map: MAP_ENDPOINTS,
-                source,
+                source: Box::new(source),
             }),
         }
     }
@@ -303,7 +317,7 @@ impl Dataplane {
             .collect::<Result<Vec<_>, _>>()
             .map_err(|source| DataplaneError::ReadMap {
                 map: MAP_ENDPOINTS,
-                source,
+                source: Box::new(source),
             })
     }
 
@@ -313,7 +327,7 @@ impl Dataplane {
             .collect::<Result<Vec<_>, _>>()
             .map_err(|source| DataplaneError::ReadMap {
                 map: MAP_ROUTES,
-                source,
+                source: Box::new(source),
             })
     }
 
@@ -342,7 +356,7 @@ pub fn read_drop_counters<T: std::borrow::Borrow<MapData>>(
                 .get(&(*r as u32), 0)
                 .map_err(|source| DataplaneError::ReadMap {
                     map: MAP_DROPS,
-                    source,
+                    source: Box::new(source),
                 })?;
             Ok((*r, per_cpu.iter().sum()))
         })
@@ -395,13 +409,15 @@ fn create_pins(cfg: &DataplaneConfig, dir: &Path) -> Result<(), DataplaneError> 
                     operation: "loading eBPF maps".into(),
                     source: e,
                 },
-                None => DataplaneError::LoadObject { source },
+                None => DataplaneError::LoadObject {
+                    source: Box::new(source),
+                },
             })?;
         for name in [MAP_ENDPOINTS, MAP_ROUTES, MAP_DROPS] {
             let path = tmp.join("maps").join(name);
             let map = ebpf.map(name).ok_or_else(|| DataplaneError::OpenMap {
                 path: path.clone(),
-                source: MapError::InvalidName { name: name.into() },
+                source: Box::new(MapError::InvalidName { name: name.into() }),
             })?;
             map.pin(&path).map_err(|e| DataplaneError::Pin {
                 path: path.clone(),
@@ -414,16 +430,16 @@ fn create_pins(cfg: &DataplaneConfig, dir: &Path) -> Result<(), DataplaneError> 
                 .program_mut(name)
                 .ok_or(DataplaneError::LoadProgram {
                     program: static_name(name),
-                    source: ProgramError::NotLoaded,
+                    source: Box::new(ProgramError::NotLoaded),
                 })?
                 .try_into()
                 .map_err(|source| DataplaneError::LoadProgram {
                     program: static_name(name),
-                    source,
+                    source: Box::new(source),
                 })?;
             prog.load().map_err(|source| DataplaneError::LoadProgram {
                 program: static_name(name),
-                source,
+                source: Box::new(source),
             })?;
             prog.pin(&path).map_err(|e| DataplaneError::Pin {
                 path: path.clone(),
@@ -472,13 +488,13 @@ fn attach_error(program: &'static str, device: &str, source: ProgramError) -> Da
         Some(libc::EINVAL) | Some(libc::EOPNOTSUPP) if !tcx_supported() => {
             DataplaneError::KernelFeatureMissing {
                 feature: "TCX (Linux >= 6.6)",
-                source,
+                source: Box::new(source),
             }
         }
         _ => DataplaneError::Attach {
             program,
             device: device.into(),
-            source,
+            source: Box::new(source),
         },
     }
 }
@@ -509,14 +525,20 @@ fn insert_error(
             _ => {}
         }
     }
-    DataplaneError::UpdateMap { map, source: e }
+    DataplaneError::UpdateMap {
+        map,
+        source: Box::new(e),
+    }
 }
 
 fn ignore_missing(r: Result<(), MapError>, map: &'static str) -> Result<(), DataplaneError> {
     match r {
         Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
         Err(MapError::SyscallError(s)) if s.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
-        Err(source) => Err(DataplaneError::UpdateMap { map, source }),
+        Err(source) => Err(DataplaneError::UpdateMap {
+            map,
+            source: Box::new(source),
+        }),
     }
 }
 

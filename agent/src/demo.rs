@@ -105,7 +105,7 @@ async fn scenario(host: &mut Host) -> Result<(), DemoError> {
         (1, "10.0.0.5", "a2 -> 10.0.0.5 (nobody)", false),
     ];
     let mut wrong = Vec::new();
-    println!("  {:<50} {:<9} {}", "ping", "expected", "result");
+    println!("  {:<50} {:<9} result", "ping", "expected");
     for (from, dst, what, expect) in checks {
         let ok = guests[from]
             .ns
@@ -141,7 +141,7 @@ async fn scenario(host: &mut Host) -> Result<(), DemoError> {
     for (reason, n) in host
         .dataplane()
         .drop_counters()
-        .map_err(|e| EndpointError::OpenDataplane(e))?
+        .map_err(EndpointError::OpenDataplane)?
     {
         if n > 0 {
             println!("    {:<28} {n}", reason.name());

@@ -46,19 +46,23 @@ pub enum DeviceError {
     #[error("creating veth {name}: {source}")]
     CreateVeth {
         name: String,
-        source: rtnetlink::Error,
+        source: Box<rtnetlink::Error>,
     },
     #[error("renaming {name} to {new}: {source}")]
-    Rename { name: String, new: String, source: rtnetlink::Error },
+    Rename {
+        name: String,
+        new: String,
+        source: Box<rtnetlink::Error>,
+    },
     #[error("setting {name} up: {source}")]
     SetUp {
         name: String,
-        source: rtnetlink::Error,
+        source: Box<rtnetlink::Error>,
     },
     #[error("deleting {name}: {source}")]
     Delete {
         name: String,
-        source: rtnetlink::Error,
+        source: Box<rtnetlink::Error>,
     },
     #[error("disabling IPv6 on {name}: {source}")]
     DisableIpv6 { name: String, source: io::Error },
@@ -113,18 +117,38 @@ impl Devices {
     }
 
     /// Renames a device (it must be down) and, for a tap, optionally sets its owner.
-    pub async fn rename_tap(&self, old: &str, ifindex: u32, new: &str, owner_uid: Option<u32>) -> Result<(), DeviceError> {
+    pub async fn rename_tap(
+        &self,
+        old: &str,
+        ifindex: u32,
+        new: &str,
+        owner_uid: Option<u32>,
+    ) -> Result<(), DeviceError> {
         validate_name(new)?;
         if ifindex_of(new).is_some() {
             return Err(DeviceError::Exists(new.into()));
         }
-        let msg = LinkUnspec::new_with_index(ifindex).name(new.to_string()).build();
-        self.handle.link().set(msg).execute().await.map_err(|source| match errno(&source) {
-            Some(libc::EEXIST) => DeviceError::Exists(new.into()),
-            _ => DeviceError::Rename { name: old.into(), new: new.into(), source },
-        })?;
+        let msg = LinkUnspec::new_with_index(ifindex)
+            .name(new.to_string())
+            .build();
+        self.handle
+            .link()
+            .set(msg)
+            .execute()
+            .await
+            .map_err(|source| match errno(&source) {
+                Some(libc::EEXIST) => DeviceError::Exists(new.into()),
+                _ => DeviceError::Rename {
+                    name: old.into(),
+                    new: new.into(),
+                    source: Box::new(source),
+                },
+            })?;
         if let Some(uid) = owner_uid {
-            let err = |source| DeviceError::CreateTap { name: new.into(), source };
+            let err = |source| DeviceError::CreateTap {
+                name: new.into(),
+                source,
+            };
             let fd = open_tap(new).map_err(|e| match e {
                 TapOpenError::Tun(e) => DeviceError::OpenTun(e),
                 TapOpenError::SetIff(e) => err(e),
@@ -173,7 +197,7 @@ impl Devices {
                 }
                 _ => DeviceError::CreateVeth {
                     name: name.into(),
-                    source,
+                    source: Box::new(source),
                 },
             })?;
         drop(ns);
@@ -192,7 +216,7 @@ impl Devices {
             .await
             .map_err(|source| DeviceError::SetUp {
                 name: name.into(),
-                source,
+                source: Box::new(source),
             })
     }
 
@@ -203,7 +227,7 @@ impl Devices {
             Err(e) if errno(&e) == Some(libc::ENODEV) => Ok(()),
             Err(source) => Err(DeviceError::Delete {
                 name: name.into(),
-                source,
+                source: Box::new(source),
             }),
         }
     }
@@ -217,7 +241,7 @@ impl Devices {
             .await
             .map_err(|source| DeviceError::Delete {
                 name: prefix.into(),
-                source,
+                source: Box::new(source),
             })?
         {
             for attr in &msg.attributes {

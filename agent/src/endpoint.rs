@@ -9,6 +9,15 @@
 //!
 //! Deletion removes the route first (no new traffic is steered to the endpoint), then the
 //! device, its link pins and its identity.
+//!
+//! **Tap pool.** Attaching a TCX program waits for an RCU grace period in the kernel (each
+//! attach commits with `synchronize_rcu`), which costs 10-20 ms on a loaded or nested host and
+//! dominates a cold tap endpoint. So the host keeps a pool of spare taps, created and attached
+//! ahead of time ([`Host::refill_pool`]); a tap endpoint claims one by renaming it, writing its
+//! map entries and setting it up, which takes well under a millisecond. A spare tap is a device
+//! with pinned links and no `ENDPOINTS` entry, so every frame on it is dropped as
+//! `unknown_endpoint` (it is down anyway), and the pool is rediscovered from the pins after a
+//! restart with no other state.
 
 use std::{net::Ipv4Addr, path::PathBuf};
 
@@ -89,7 +98,12 @@ pub struct Host {
     dataplane: Dataplane,
     devices: Devices,
     gateway_mac: MacAddr,
+    pool: Vec<(String, u32)>,
+    pool_target: u32,
 }
+
+/// Name prefix of spare taps.
+pub const POOL_PREFIX: &str = "atlq";
 
 impl Host {
     /// Opens (or first creates) the pinned dataplane and a netlink connection. Must be called
@@ -97,11 +111,78 @@ impl Host {
     pub fn open(cfg: &DataplaneConfig) -> Result<Self, EndpointError> {
         let dataplane = Dataplane::open(cfg).map_err(EndpointError::OpenDataplane)?;
         let devices = Devices::new().map_err(EndpointError::OpenNetlink)?;
-        Ok(Host {
+        let mut host = Host {
             dataplane,
             devices,
             gateway_mac: cfg.gateway_mac,
-        })
+            pool: Vec::new(),
+            pool_target: cfg.tap_pool,
+        };
+        host.pool = host.find_pool()?;
+        Ok(host)
+    }
+
+    /// Spare taps already pinned in this dataplane (see module docs).
+    fn find_pool(&self) -> Result<Vec<(String, u32)>, EndpointError> {
+        let err = |source| EndpointError::Unprogram {
+            name: "*".into(),
+            source,
+        };
+        let mut pool = Vec::new();
+        for ifindex in self.dataplane.attached().map_err(err)? {
+            if self.dataplane.endpoint(ifindex).map_err(err)?.is_none() {
+                if let Some(name) = device::ifname(ifindex).filter(|n| n.starts_with(POOL_PREFIX)) {
+                    pool.push((name, ifindex));
+                }
+            }
+        }
+        Ok(pool)
+    }
+
+    /// Spare taps ready to be claimed.
+    pub fn pool_len(&self) -> usize {
+        self.pool.len()
+    }
+
+    /// Creates spare taps until the pool holds `dataplane.tap_pool` of them. Slow (two RCU
+    /// grace periods per tap); the agent calls it off the request path.
+    pub async fn refill_pool(&mut self) -> Result<(), EndpointError> {
+        while self.pool.len() < self.pool_target as usize {
+            let name = pool_name();
+            let ifindex = self
+                .devices
+                .create_tap(&name, None)
+                .map_err(EndpointError::CreateDevice)?;
+            if let Err(source) = self.dataplane.attach(&name, ifindex) {
+                let _ = self.dataplane.detach(ifindex);
+                let _ = self.devices.delete(&name, ifindex).await;
+                return Err(EndpointError::Program { name, source });
+            }
+            self.pool.push((name, ifindex));
+        }
+        Ok(())
+    }
+
+    /// Takes a spare tap and gives it the endpoint's name (and owner); `None` if the pool is
+    /// empty. A spare that fails to be renamed is deleted, not reused.
+    async fn claim_tap(
+        &mut self,
+        name: &str,
+        owner_uid: Option<u32>,
+    ) -> Result<Option<u32>, EndpointError> {
+        let Some((spare, ifindex)) = self.pool.pop() else {
+            return Ok(None);
+        };
+        if let Err(e) = self
+            .devices
+            .rename_tap(&spare, ifindex, name, owner_uid)
+            .await
+        {
+            let _ = self.dataplane.detach(ifindex);
+            let _ = self.devices.delete(&spare, ifindex).await;
+            return Err(EndpointError::CreateDevice(e));
+        }
+        Ok(Some(ifindex))
     }
 
     pub fn dataplane(&self) -> &Dataplane {
@@ -123,15 +204,27 @@ impl Host {
     ) -> Result<Endpoint, EndpointError> {
         validate(spec)?;
         let name = spec.name.clone();
-        let ifindex = match &spec.device {
-            DeviceSpec::Tap { owner_uid } => self.devices.create_tap(&name, *owner_uid),
-            DeviceSpec::Veth { peer_name, netns } => {
-                self.devices
-                    .create_veth(&name, peer_name, spec.mac, netns)
-                    .await
-            }
+        if device::ifindex(&name).is_some() {
+            return Err(EndpointError::CreateDevice(DeviceError::Exists(name)));
         }
-        .map_err(EndpointError::CreateDevice)?;
+        let mut attached = false;
+        let ifindex = match &spec.device {
+            DeviceSpec::Tap { owner_uid } => match self.claim_tap(&name, *owner_uid).await? {
+                Some(ifindex) => {
+                    attached = true;
+                    ifindex
+                }
+                None => self
+                    .devices
+                    .create_tap(&name, *owner_uid)
+                    .map_err(EndpointError::CreateDevice)?,
+            },
+            DeviceSpec::Veth { peer_name, netns } => self
+                .devices
+                .create_veth(&name, peer_name, spec.mac, netns)
+                .await
+                .map_err(EndpointError::CreateDevice)?,
+        };
         let info = EndpointInfo {
             cloud: spec.cloud.get(),
             ipv4: ipv4_to_map(spec.ipv4.octets()),
@@ -154,7 +247,11 @@ impl Host {
                     flags: 0,
                 },
             )?;
-            dp.attach(&name, ifindex)
+            if attached {
+                Ok(())
+            } else {
+                dp.attach(&name, ifindex)
+            }
         };
         if let Err(source) = program(&mut self.dataplane) {
             self.rollback(&name, ifindex, key, &source).await;
@@ -313,6 +410,15 @@ impl Host {
                 self.delete_by_index(&name, ep.ifindex, &info).await?;
             }
         }
+        for (name, ifindex) in std::mem::take(&mut self.pool) {
+            self.devices
+                .delete(&name, ifindex)
+                .await
+                .map_err(|source| EndpointError::DeleteDevice {
+                    name: name.clone(),
+                    source,
+                })?;
+        }
         self.dataplane
             .destroy()
             .map_err(|source| EndpointError::Unprogram {
@@ -320,6 +426,18 @@ impl Host {
                 source,
             })
     }
+}
+
+fn pool_name() -> String {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static N: AtomicU32 = AtomicU32::new(0);
+    let n = N.fetch_add(1, Ordering::Relaxed);
+    // pid and counter in hex: at most 4 + 8 + ... kept under 15 bytes by wrapping the pid.
+    format!(
+        "{POOL_PREFIX}{:05x}{:06x}",
+        std::process::id() & 0xfffff,
+        n & 0xffffff
+    )
 }
 
 fn validate(spec: &EndpointSpec) -> Result<(), EndpointError> {

@@ -111,12 +111,14 @@ fn real_main() -> Result<()> {
 async fn run(cfg: &AgentConfig) -> Result<()> {
     let mut host = Host::open(&cfg.dataplane)?;
     let stale = host.reconcile()?;
+    host.refill_pool().await?;
     let eps = host.endpoints()?;
     println!(
-        "atoll-agent: dataplane at {} with {} endpoints ({} stale removed)",
+        "atoll-agent: dataplane at {} with {} endpoints ({} stale removed), {} spare taps",
         host.dataplane().pin_dir().display(),
         eps.len(),
-        stale
+        stale,
+        host.pool_len()
     );
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
@@ -135,12 +137,12 @@ fn status(cfg: &AgentConfig) -> Result<()> {
         );
         return Ok(());
     }
-    let rt_host = Host::open(&cfg.dataplane)?;
+    let host = Host::open(&cfg.dataplane)?;
     println!(
-        "{:<16} {:>7} {:>6} {:<15} {:<17} {}",
-        "DEVICE", "IFINDEX", "CLOUD", "IPV4", "MAC", "GATEWAY"
+        "{:<16} {:>7} {:>6} {:<15} {:<17} GATEWAY",
+        "DEVICE", "IFINDEX", "CLOUD", "IPV4", "MAC"
     );
-    for e in rt_host.endpoints()? {
+    for e in host.endpoints()? {
         println!(
             "{:<16} {:>7} {:>6} {:<15} {:<17} {}",
             e.name.as_deref().unwrap_or("(gone)"),
@@ -152,7 +154,7 @@ fn status(cfg: &AgentConfig) -> Result<()> {
         );
     }
     println!("\ndrops:");
-    for (r, n) in rt_host.dataplane().drop_counters()? {
+    for (r, n) in host.dataplane().drop_counters()? {
         println!("  {:<28} {n}", r.name());
     }
     Ok(())

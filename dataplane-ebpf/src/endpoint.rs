@@ -13,5 +13,5 @@ pub static ENDPOINTS: HashMap<u32, EndpointInfo> = HashMap::with_max_entries(655
 pub fn lookup(ifindex: u32) -> Option<&'static EndpointInfo> {
     // SAFETY: the value stays valid for the whole program run (RCU); the agent never rewrites a
     // live entry in place (delete, then create), so the fields read are never half-updated.
-    unsafe { ENDPOINTS.get(&ifindex) }
+    unsafe { ENDPOINTS.get(ifindex) }
 }

@@ -61,6 +61,8 @@ pub fn to_vm(ctx: TcContext) -> i32 {
     apply(try_to_vm(&ctx))
 }
 
+// The TC_ACT_* constants are generated per target and are not `i32` on every one of them.
+#[allow(clippy::unnecessary_cast)]
 #[inline(always)]
 fn apply(v: Verdict) -> i32 {
     match v {

@@ -19,7 +19,7 @@ pub static ROUTES: HashMap<RouteKey, NextHop> = HashMap::with_max_entries(65536,
 pub fn lookup(cloud: u32, ipv4: u32) -> Option<&'static NextHop> {
     // SAFETY: valid for the program run; entries are never rewritten in place (see
     // endpoint::lookup).
-    unsafe { ROUTES.get(&RouteKey { cloud, ipv4 }) }
+    unsafe { ROUTES.get(RouteKey { cloud, ipv4 }) }
 }
 
 #[inline(always)]

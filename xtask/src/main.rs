@@ -78,7 +78,10 @@ fn main() -> Result<()> {
 }
 
 fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask/ is in the workspace").to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask/ is in the workspace")
+        .to_path_buf()
 }
 
 fn cargo() -> Command {
@@ -103,7 +106,10 @@ fn succeeds(cmd: &mut Command) -> bool {
 }
 
 fn require_root(what: &str) -> Result<()> {
-    let uid = Command::new("id").arg("-u").output().context("running id -u")?;
+    let uid = Command::new("id")
+        .arg("-u")
+        .output()
+        .context("running id -u")?;
     if String::from_utf8_lossy(&uid.stdout).trim() != "0" {
         bail!("{what} need root (CAP_BPF, CAP_NET_ADMIN, network namespaces): run as root");
     }
@@ -142,11 +148,20 @@ fn setup() -> Result<()> {
         run(cargo()
             .env("LLVM_SYS_221_PREFIX", "/usr/lib/llvm-22")
             .env("LLVM_PREFIX", "/usr/lib/llvm-22")
-            .args(["install", "bpf-linker", "--version", BPF_LINKER_VERSION, "--locked"])
+            .args([
+                "install",
+                "bpf-linker",
+                "--version",
+                BPF_LINKER_VERSION,
+                "--locked",
+            ])
             .args(["--no-default-features", "--features", "llvm-22"]))?;
     }
     let mounts = std::fs::read_to_string("/proc/mounts").unwrap_or_default();
-    if !mounts.lines().any(|l| l.split_whitespace().nth(1) == Some("/sys/fs/bpf")) {
+    if !mounts
+        .lines()
+        .any(|l| l.split_whitespace().nth(1) == Some("/sys/fs/bpf"))
+    {
         run(Command::new("mount").args(["-t", "bpf", "bpf", "/sys/fs/bpf"]))?;
     }
     for module in ["tun", "veth"] {
@@ -167,8 +182,23 @@ fn test() -> Result<()> {
     setup()?;
     run(cargo().args(["fmt", "--all", "--check"]))?;
     // The eBPF crate compiles for the host too, so clippy covers it with the rest.
-    run(cargo().args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]))?;
-    run(cargo().args(["build", "--release", "-p", "atoll-agent", "-p", "atoll-tests", "--bins"]))?;
+    run(cargo().args([
+        "clippy",
+        "--workspace",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
+    run(cargo().args([
+        "build",
+        "--release",
+        "-p",
+        "atoll-agent",
+        "-p",
+        "atoll-tests",
+        "--bins",
+    ]))?;
     run(cargo().args(["test", "--workspace", "--", "--test-threads=2"]))?;
     run(Command::new("target/release/bench").arg("--smoke"))?;
     run(Command::new("target/release/atoll-agent").arg("demo"))?;
@@ -192,7 +222,11 @@ fn leftovers() -> Result<()> {
             left.push(format!("netns {line}"));
         }
     }
-    for e in std::fs::read_dir("/sys/fs/bpf").into_iter().flatten().flatten() {
+    for e in std::fs::read_dir("/sys/fs/bpf")
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
         if e.file_name().to_string_lossy().starts_with("atl") {
             left.push(format!("pin {}", e.path().display()));
         }
