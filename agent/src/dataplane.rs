@@ -466,12 +466,22 @@ fn static_name(name: &str) -> &'static str {
 }
 
 fn permission_error(e: &EbpfError) -> Option<io::Error> {
-    let text = e.to_string();
-    if text.contains("Operation not permitted") || text.contains("os error 1)") {
-        Some(io::Error::from_raw_os_error(libc::EPERM))
-    } else {
-        None
+    // aya wraps the syscall's io::Error a few levels deep; EPERM anywhere means no CAP_BPF.
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = cur {
+        if let Some(io) = err.downcast_ref::<io::Error>() {
+            if io.raw_os_error() == Some(libc::EPERM) {
+                return Some(io::Error::from_raw_os_error(libc::EPERM));
+            }
+        }
+        if let Some(sys) = err.downcast_ref::<aya::sys::SyscallError>() {
+            if sys.io_error.raw_os_error() == Some(libc::EPERM) {
+                return Some(io::Error::from_raw_os_error(libc::EPERM));
+            }
+        }
+        cur = err.source();
     }
+    None
 }
 
 fn attach_error(program: &'static str, device: &str, source: ProgramError) -> DataplaneError {

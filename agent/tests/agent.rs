@@ -1,0 +1,252 @@
+//! Agent behaviour against the real kernel: typed errors (bpffs missing, map full, device
+//! exists, invalid input, missing capability), rollback leaving nothing behind, resuming from
+//! pins, and the warm tap pool surviving a restart. Needs root; fails loudly otherwise.
+
+use std::{net::Ipv4Addr, process::Command};
+
+use atoll_agent::{
+    config::DataplaneConfig,
+    dataplane::{Dataplane, DataplaneError},
+    device::{self, DeviceError},
+    endpoint::{DeviceSpec, EndpointError, EndpointSpec, Host},
+    testbed::{unique_name, PinRoot},
+    types::{CloudId, MacAddr},
+};
+
+fn require_root() {
+    // SAFETY: geteuid has no preconditions.
+    assert_eq!(
+        unsafe { libc::geteuid() },
+        0,
+        "these tests need root (CAP_BPF, CAP_NET_ADMIN)"
+    );
+}
+
+fn cfg(pins: &PinRoot, max_endpoints: u32, tap_pool: u32) -> DataplaneConfig {
+    DataplaneConfig {
+        bpffs_root: pins.path().into(),
+        max_endpoints,
+        max_routes: max_endpoints,
+        tap_pool,
+        ..DataplaneConfig::default()
+    }
+}
+
+fn tap(name: &str, cloud: u32, last_octet: u8) -> EndpointSpec {
+    EndpointSpec {
+        name: name.into(),
+        cloud: CloudId::new(cloud).expect("non-zero"),
+        ipv4: Ipv4Addr::new(10, 0, 0, last_octet),
+        mac: MacAddr::local(u32::from(last_octet) + (cloud << 8)),
+        gateway: Ipv4Addr::new(10, 0, 0, 1),
+        device: DeviceSpec::Tap { owner_uid: None },
+    }
+}
+
+#[test]
+fn open_outside_bpffs_is_a_clear_error() {
+    require_root();
+    let dir = std::env::temp_dir().join(unique_name("nb"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let err = Dataplane::open(&DataplaneConfig {
+        bpffs_root: dir.join("atoll"),
+        ..Default::default()
+    })
+    .err()
+    .expect("must fail outside bpffs");
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(
+        matches!(err, DataplaneError::BpffsNotMounted { .. }),
+        "{err}"
+    );
+    assert!(
+        err.to_string().contains("mount -t bpf"),
+        "message names the fix: {err}"
+    );
+}
+
+#[tokio::test]
+async fn full_map_rolls_back_and_names_the_setting() {
+    require_root();
+    let pins = PinRoot::new("mf");
+    let mut host = Host::open(&cfg(&pins, 2, 0)).unwrap();
+    let names: Vec<String> = (0..3).map(|_| unique_name("mf")).collect();
+    host.create_endpoint(&tap(&names[0], 1, 2)).await.unwrap();
+    host.create_endpoint(&tap(&names[1], 1, 3)).await.unwrap();
+    let err = host
+        .create_endpoint(&tap(&names[2], 1, 4))
+        .await
+        .unwrap_err();
+    match &err {
+        EndpointError::Program { source, .. } => {
+            assert!(
+                matches!(
+                    source,
+                    DataplaneError::MapFull {
+                        map: "ENDPOINTS",
+                        capacity: 2,
+                        ..
+                    }
+                ),
+                "{source}"
+            )
+        }
+        other => panic!("expected a map-full error, got {other}"),
+    }
+    assert!(err.to_string().contains("max_endpoints"), "{err}");
+    assert_eq!(
+        device::ifindex(&names[2]),
+        None,
+        "the failed endpoint's tap must be removed"
+    );
+    assert_eq!(host.endpoints().unwrap().len(), 2);
+    host.destroy().await.unwrap();
+    for n in &names {
+        assert_eq!(device::ifindex(n), None, "{n} left behind");
+    }
+    assert!(!pins.path().join("v1").exists(), "pins left behind");
+}
+
+#[tokio::test]
+async fn duplicate_device_and_invalid_specs_are_typed_errors() {
+    require_root();
+    let pins = PinRoot::new("dv");
+    let mut host = Host::open(&cfg(&pins, 16, 0)).unwrap();
+    let name = unique_name("dv");
+    host.create_endpoint(&tap(&name, 1, 2)).await.unwrap();
+    let err = host.create_endpoint(&tap(&name, 2, 2)).await.unwrap_err();
+    assert!(
+        matches!(err, EndpointError::CreateDevice(DeviceError::Exists(_))),
+        "{err}"
+    );
+
+    let mut bad = tap(&unique_name("dv"), 1, 9);
+    bad.mac = "01:00:5e:00:00:01".parse().unwrap();
+    let mut same_as_gw = tap(&unique_name("dv"), 1, 9);
+    same_as_gw.ipv4 = same_as_gw.gateway;
+    let mut long_name = tap("atl-name-too-long-for-linux", 1, 9);
+    long_name.name = "atl-name-too-long-for-linux".into();
+    let mut broadcast = tap(&unique_name("dv"), 1, 9);
+    broadcast.ipv4 = Ipv4Addr::BROADCAST;
+    for spec in [bad, same_as_gw, long_name, broadcast] {
+        let err = host.create_endpoint(&spec).await.unwrap_err();
+        assert!(
+            matches!(err, EndpointError::InvalidSpec { .. }),
+            "{}: {err}",
+            spec.name
+        );
+        assert_eq!(device::ifindex(&spec.name), None);
+    }
+    assert_eq!(host.endpoints().unwrap().len(), 1);
+    host.destroy().await.unwrap();
+    assert_eq!(device::ifindex(&name), None);
+}
+
+#[tokio::test]
+async fn resumes_from_pins_and_reuses_the_pool() {
+    require_root();
+    let pins = PinRoot::new("rp");
+    let c = cfg(&pins, 16, 2);
+    let name = unique_name("rp");
+    {
+        let mut host = Host::open(&c).unwrap();
+        host.refill_pool().await.unwrap();
+        assert_eq!(host.pool_len(), 2);
+        host.create_endpoint(&tap(&name, 3, 2)).await.unwrap();
+        assert_eq!(host.pool_len(), 1, "the endpoint claimed a spare tap");
+    }
+    // A new agent finds the endpoint, its identity and the remaining spare in the pins.
+    let mut host = Host::open(&c).unwrap();
+    assert_eq!(host.pool_len(), 1);
+    let eps = host.endpoints().unwrap();
+    assert_eq!(eps.len(), 1);
+    assert_eq!(eps[0].name.as_deref(), Some(name.as_str()));
+    assert_eq!(eps[0].cloud.get(), 3);
+    assert_eq!(
+        host.dataplane().attached().unwrap().len(),
+        2,
+        "endpoint + spare keep their links"
+    );
+    // A device removed behind the agent's back is reconciled away.
+    let ifindex = eps[0].ifindex;
+    assert!(Command::new("ip")
+        .args(["link", "del", &name])
+        .status()
+        .unwrap()
+        .success());
+    assert_eq!(host.reconcile().unwrap(), 1);
+    assert!(host.endpoints().unwrap().is_empty());
+    assert!(!host.dataplane().attached().unwrap().contains(&ifindex));
+    host.destroy().await.unwrap();
+    let left = Command::new("ip")
+        .args(["-o", "link", "show"])
+        .output()
+        .unwrap();
+    let left = String::from_utf8_lossy(&left.stdout);
+    let ours = format!(
+        "{}{:05x}",
+        atoll_agent::endpoint::POOL_PREFIX,
+        std::process::id() & 0xfffff
+    );
+    assert!(!left.contains(&ours), "spare taps left behind: {left}");
+}
+
+#[test]
+fn unprivileged_agent_reports_missing_capability() {
+    require_root();
+    let pins = PinRoot::new("np");
+    let config = std::env::temp_dir().join(format!("{}.toml", unique_name("np")));
+    std::fs::write(
+        &config,
+        format!("[dataplane]\nbpffs_root = \"{}\"\n", pins.path().display()),
+    )
+    .unwrap();
+    let out = Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "--inh-caps=-all",
+            "--bounding-set=-all",
+        ])
+        .arg(env!("CARGO_BIN_EXE_atoll-agent"))
+        .arg("--config")
+        .arg(&config)
+        .args([
+            "endpoint",
+            "add",
+            "--name",
+            "atlnopriv0",
+            "--cloud",
+            "1",
+            "--ip",
+            "10.0.0.2",
+        ])
+        .args(["--mac", "02:a7:00:00:00:02", "--gateway", "10.0.0.1"])
+        .output()
+        .expect("setpriv (util-linux) must be installed");
+    let _ = std::fs::remove_file(&config);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "stderr: {stderr}");
+    assert!(stderr.contains("missing capability"), "stderr: {stderr}");
+    assert_eq!(device::ifindex("atlnopriv0"), None);
+}
+
+#[test]
+fn bad_config_file_is_rejected_with_the_key() {
+    let config = std::env::temp_dir().join(format!("{}.toml", unique_name("bc")));
+    std::fs::write(&config, "[dataplane]\nmax_endpionts = 5\n").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_atoll-agent"))
+        .arg("--config")
+        .arg(&config)
+        .arg("status")
+        .output()
+        .unwrap();
+    let _ = std::fs::remove_file(&config);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "stderr: {stderr}");
+    assert!(
+        stderr.contains("max_endpionts"),
+        "stderr names the bad key: {stderr}"
+    );
+}
