@@ -300,6 +300,17 @@ impl Dataplane {
         ignore_missing(self.routes.remove(&key), MAP_ROUTES)
     }
 
+    pub fn route(&self, key: RouteKey) -> Result<Option<NextHop>, DataplaneError> {
+        match self.routes.get(&key, 0) {
+            Ok(v) => Ok(Some(v)),
+            Err(MapError::KeyNotFound) => Ok(None),
+            Err(source) => Err(DataplaneError::ReadMap {
+                map: MAP_ROUTES,
+                source: Box::new(source),
+            }),
+        }
+    }
+
     pub fn endpoint(&self, ifindex: u32) -> Result<Option<EndpointInfo>, DataplaneError> {
         match self.endpoints.get(&ifindex, 0) {
             Ok(v) => Ok(Some(v)),

@@ -207,6 +207,28 @@ impl Host {
         if device::ifindex(&name).is_some() {
             return Err(EndpointError::CreateDevice(DeviceError::Exists(name)));
         }
+        // Checked up front so a duplicate does not consume a spare tap; the insert below still
+        // refuses duplicates atomically.
+        let route_key = RouteKey {
+            cloud: spec.cloud.get(),
+            ipv4: ipv4_to_map(spec.ipv4.octets()),
+        };
+        let taken = self
+            .dataplane
+            .route(route_key)
+            .map_err(|source| EndpointError::Program {
+                name: name.clone(),
+                source,
+            })?;
+        if taken.is_some() {
+            return Err(EndpointError::Program {
+                name,
+                source: DataplaneError::EntryExists {
+                    map: "ROUTES",
+                    what: format!("route {} in cloud {}", spec.ipv4, spec.cloud),
+                },
+            });
+        }
         let mut attached = false;
         let ifindex = match &spec.device {
             DeviceSpec::Tap { owner_uid } => match self.claim_tap(&name, *owner_uid).await? {
@@ -432,12 +454,13 @@ fn pool_name() -> String {
     use std::sync::atomic::{AtomicU32, Ordering};
     static N: AtomicU32 = AtomicU32::new(0);
     let n = N.fetch_add(1, Ordering::Relaxed);
-    // pid and counter in hex: at most 4 + 8 + ... kept under 15 bytes by wrapping the pid.
-    format!(
-        "{POOL_PREFIX}{:05x}{:06x}",
-        std::process::id() & 0xfffff,
-        n & 0xffffff
-    )
+    // 4 + 6 + 5 = 15 bytes: the full pid (pid_max is at most 2^22) and a per-process counter.
+    format!("{}{:05x}", pool_process_prefix(), n & 0xfffff)
+}
+
+/// The prefix of the spare taps this process creates.
+pub fn pool_process_prefix() -> String {
+    format!("{POOL_PREFIX}{:06x}", std::process::id())
 }
 
 fn validate(spec: &EndpointSpec) -> Result<(), EndpointError> {

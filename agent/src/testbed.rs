@@ -13,13 +13,19 @@ use std::{
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
 
-/// A unique name `atl<tag><pid36><n>` of at most 15 bytes, for devices, namespaces and pins.
+/// A unique name `atl<tag><pid36, 5 digits><n36>` of at most 15 bytes, for devices, namespaces
+/// and pins. The pid has a fixed width (base 36, 5 digits cover pid_max 2^22), so no two
+/// processes can produce the same name.
 pub fn unique_name(tag: &str) -> String {
     let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-    let pid = std::process::id();
-    let name = format!("atl{tag}{}{}", radix36(pid), radix36(n));
+    let name = format!("{}{}", unique_prefix(tag), radix36(n));
     assert!(name.len() < 16, "name {name} too long: shorten the tag");
     name
+}
+
+/// The prefix shared by every name `unique_name(tag)` returns in this process.
+pub fn unique_prefix(tag: &str) -> String {
+    format!("atl{tag}{:0>5}", radix36(std::process::id()))
 }
 
 fn radix36(mut v: u32) -> String {
