@@ -324,10 +324,32 @@ enum TapOpenError {
     SetIff(io::Error),
 }
 
+/// Opens a queue of the existing tap `name` as a VMM does (no packet info, no vnet header),
+/// optionally non-blocking. Reading it receives what the dataplane delivers to the guest;
+/// writing it is the guest sending. Used by VMM drivers and by tests acting as guests.
+pub fn open_tap_queue(name: &str, nonblocking: bool) -> Result<OwnedFd, DeviceError> {
+    validate_name(name)?;
+    if ifindex_of(name).is_none() {
+        return Err(DeviceError::NotFound(name.into()));
+    }
+    open_tap_with(name, nonblocking).map_err(|e| match e {
+        TapOpenError::Tun(e) => DeviceError::OpenTun(e),
+        TapOpenError::SetIff(source) => DeviceError::CreateTap {
+            name: name.into(),
+            source,
+        },
+    })
+}
+
 /// Opens (creating if needed) the tap `name` without a vnet header; returns the queue fd.
 fn open_tap(name: &str) -> Result<OwnedFd, TapOpenError> {
+    open_tap_with(name, false)
+}
+
+fn open_tap_with(name: &str, nonblocking: bool) -> Result<OwnedFd, TapOpenError> {
+    let flags = libc::O_RDWR | libc::O_CLOEXEC | if nonblocking { libc::O_NONBLOCK } else { 0 };
     // SAFETY: the path is a valid NUL-terminated string; the returned fd is checked.
-    let raw = unsafe { libc::open(c"/dev/net/tun".as_ptr(), libc::O_RDWR | libc::O_CLOEXEC) };
+    let raw = unsafe { libc::open(c"/dev/net/tun".as_ptr(), flags) };
     if raw < 0 {
         return Err(TapOpenError::Tun(io::Error::last_os_error()));
     }

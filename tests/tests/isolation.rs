@@ -1119,17 +1119,6 @@ fn assert_silent(sinks: &[Sink<'_>], what: &str) {
 // ---------------------------------------------------------------------------------------------
 // Tap guests (the test is the guest)
 
-const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
-const IFF_TAP: libc::c_short = 0x0002;
-const IFF_NO_PI: libc::c_short = 0x1000;
-
-#[repr(C)]
-struct IfReq {
-    name: [libc::c_char; libc::IF_NAMESIZE],
-    flags: libc::c_short,
-    _pad: [u8; 22],
-}
-
 /// The test acting as the guest of a tap endpoint.
 struct TapGuest {
     label: String,
@@ -1144,31 +1133,8 @@ struct TapGuest {
 impl TapGuest {
     /// Attaches to the agent's persistent tap, as a VMM would (non-blocking fd).
     fn attach(label: &str, name: &str, mac: Mac, ip: Ipv4Addr, gw_mac: Mac) -> Self {
-        // SAFETY: a valid NUL-terminated path; the result is checked.
-        let raw = unsafe {
-            libc::open(
-                c"/dev/net/tun".as_ptr(),
-                libc::O_RDWR | libc::O_CLOEXEC | libc::O_NONBLOCK,
-            )
-        };
-        assert!(
-            raw >= 0,
-            "opening /dev/net/tun: {}",
-            io::Error::last_os_error()
-        );
-        // SAFETY: `raw` is a fresh fd that nothing else owns.
-        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-        let mut req = IfReq {
-            name: [0; libc::IF_NAMESIZE],
-            flags: IFF_TAP | IFF_NO_PI,
-            _pad: [0; 22],
-        };
-        for (d, s) in req.name.iter_mut().zip(name.bytes()) {
-            *d = s as libc::c_char;
-        }
-        // SAFETY: TUNSETIFF reads and writes an ifreq we own for the duration of the call.
-        let rc = unsafe { libc::ioctl(fd.as_raw_fd(), TUNSETIFF, &mut req) };
-        assert!(rc >= 0, "TUNSETIFF {name}: {}", io::Error::last_os_error());
+        let fd = atoll_agent::device::open_tap_queue(name, true)
+            .unwrap_or_else(|e| panic!("attaching to tap {name}: {e}"));
         TapGuest {
             label: label.into(),
             name: name.into(),

@@ -8,8 +8,9 @@
 //!    test_run re-runs a program on the same buffer, and `from_vm` rewrites it (MACs, TTL). So
 //!    the measured endpoint, its gateway and its peer share one MAC (the rewrite then leaves the
 //!    MACs as they were: same instructions, same branches), the frame starts with TTL 255, and
-//!    every program, the baselines included, runs in calls of 250 repeats (4,000 calls = 1M
+//!    every TC program, the empty one included, runs in calls of 250 repeats (4,000 calls = 1M
 //!    packets), averaging the kernel's own per-run time, which excludes syscall and skb setup.
+//!    XDP programs run as one call of 1M repeats (see [`measure`]).
 //! 2. Time to create one tap endpoint, p50/p99 over 1,000: cold (tap, map entries, two TCX
 //!    links pinned, up) and from the warm pool (rename a pre-attached spare tap, map entries,
 //!    up; the pool is refilled outside the timed region, as the agent does off the request path).
@@ -216,13 +217,13 @@ fn baselines(repeats: u32) -> Result<(f64, f64, f64)> {
         .context("empty_xdp")?
         .try_into()?;
     xdp.load()?;
-    let x = measure(xdp, frame, repeats, 2)?;
+    let x = measure(xdp, frame, repeats, 2, repeats)?;
     let tc: &mut SchedClassifier = ebpf
         .program_mut("empty_tc")
         .context("empty_tc")?
         .try_into()?;
     tc.load()?;
-    let t = measure(tc, frame, repeats, 0)?;
+    let t = measure(tc, frame, repeats, 0, CHUNK)?;
     {
         let mut keys: HashMap<_, u32, u32> =
             HashMap::try_from(ebpf.map_mut("CAL_KEYS").context("CAL_KEYS")?)?;
@@ -233,13 +234,17 @@ fn baselines(repeats: u32) -> Result<(f64, f64, f64)> {
         .context("lookup_count_xdp")?
         .try_into()?;
     cal.load()?;
-    let c = measure(cal, frame, repeats, 2)?;
+    let c = measure(cal, frame, repeats, 2, repeats)?;
     Ok((x, t, c))
 }
 
 /// Median over 3 rounds of the mean kernel-measured ns per run; each round runs `packets`
-/// times in calls of [`CHUNK`] repeats on a fresh copy of `frame`. Fails if the program's
+/// times in calls of `chunk` repeats on a fresh copy of `frame`. Fails if the program's
 /// verdict is not `expect` (the verdict of the last repeat of each call).
+///
+/// XDP programs are run as one call (`chunk` = `packets`): with repeat > 1 the kernel installs
+/// the program in the XDP dispatcher for the call and removes it afterwards, an RCU grace
+/// period each time, so many short calls would take minutes.
 fn measure<
     P: TestRun<Opts<'static> = TestRunOptions<'static>, Result = aya::programs::TestRunResult>,
 >(
@@ -247,8 +252,9 @@ fn measure<
     frame: &'static [u8],
     packets: u32,
     expect: u32,
+    chunk: u32,
 ) -> Result<f64> {
-    let calls = packets.div_ceil(CHUNK);
+    let calls = packets.div_ceil(chunk);
     let mut rounds = Vec::new();
     for _ in 0..3 {
         let mut total = 0u128;
@@ -342,11 +348,11 @@ fn isolation_path(n: u32, repeats: u32) -> Result<(f64, f64)> {
         .context("from_vm")?
         .try_into()?;
     from.load()?;
-    let f = measure(from, forward, repeats, 7)
+    let f = measure(from, forward, repeats, 7, CHUNK)
         .with_context(|| format!("from_vm, drops {:?}", drops(&ebpf)))?;
     let to: &mut SchedClassifier = ebpf.program_mut(PROG_TO_VM).context("to_vm")?.try_into()?;
     to.load()?;
-    let t = measure(to, deliver, repeats, 0)
+    let t = measure(to, deliver, repeats, 0, CHUNK)
         .with_context(|| format!("to_vm, drops {:?}", drops(&ebpf)))?;
     Ok((f, t))
 }
