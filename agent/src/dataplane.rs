@@ -26,9 +26,11 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use atoll_dataplane_common::{DropReason, EndpointInfo, NextHop, RouteKey, LAYOUT_VERSION};
+use atoll_dataplane_common::{
+    DropReason, EndpointInfo, EndpointSlot, NextHop, RouteKey, ENDPOINT_CACHE_MASK, LAYOUT_VERSION,
+};
 use aya::{
-    maps::{HashMap, Map, MapData, MapError, PerCpuArray},
+    maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray},
     programs::{
         links::FdLink, tc::TcAttachOptions, LinkOrder, ProgramError, SchedClassifier, TcAttachType,
     },
@@ -47,6 +49,7 @@ pub static BASELINE_OBJECT: &[u8] =
 
 /// Map names in the object.
 pub const MAP_ENDPOINTS: &str = "ENDPOINTS";
+pub const MAP_ENDPOINT_CACHE: &str = "ENDPOINT_CACHE";
 pub const MAP_ROUTES: &str = "ROUTES";
 pub const MAP_DROPS: &str = "DROPS";
 /// Program names in the object.
@@ -129,6 +132,7 @@ pub enum DataplaneError {
 pub struct Dataplane {
     dir: PathBuf,
     endpoints: HashMap<MapData, u32, EndpointInfo>,
+    cache: Array<MapData, EndpointSlot>,
     routes: HashMap<MapData, RouteKey, NextHop>,
     drops: PerCpuArray<MapData, u64>,
     from_vm: SchedClassifier,
@@ -162,6 +166,8 @@ impl Dataplane {
         };
         let endpoints: HashMap<MapData, u32, EndpointInfo> =
             HashMap::try_from(open_map(MAP_ENDPOINTS)?).map_err(|e| typed(MAP_ENDPOINTS, e))?;
+        let cache: Array<MapData, EndpointSlot> = Array::try_from(open_map(MAP_ENDPOINT_CACHE)?)
+            .map_err(|e| typed(MAP_ENDPOINT_CACHE, e))?;
         let routes: HashMap<MapData, RouteKey, NextHop> =
             HashMap::try_from(open_map(MAP_ROUTES)?).map_err(|e| typed(MAP_ROUTES, e))?;
         let drops: PerCpuArray<MapData, u64> =
@@ -185,6 +191,7 @@ impl Dataplane {
             to_vm: open_prog(PROG_TO_VM)?,
             dir,
             endpoints,
+            cache,
             routes,
             drops,
             max_endpoints,
@@ -273,7 +280,56 @@ impl Dataplane {
                     self.max_endpoints,
                     "max_endpoints",
                 )
+            })?;
+        self.place_in_cache(ifindex, info)
+    }
+
+    /// Puts the identity in its direct-mapped cache slot unless another live endpoint holds it
+    /// (that one keeps the slot; this endpoint is then served by the hash).
+    fn place_in_cache(&mut self, ifindex: u32, info: EndpointInfo) -> Result<(), DataplaneError> {
+        let slot = ifindex & ENDPOINT_CACHE_MASK;
+        let current = self
+            .cache
+            .get(&slot, 0)
+            .map_err(|source| DataplaneError::ReadMap {
+                map: MAP_ENDPOINT_CACHE,
+                source: Box::new(source),
+            })?;
+        let held = current.ifindex != 0
+            && current.ifindex != ifindex
+            && self.endpoint_in_hash(current.ifindex)?;
+        if held {
+            return Ok(());
+        }
+        self.cache
+            .set(slot, EndpointSlot { ifindex, info }, 0)
+            .map_err(|source| DataplaneError::UpdateMap {
+                map: MAP_ENDPOINT_CACHE,
+                source: Box::new(source),
             })
+    }
+
+    /// The identity cached for `ifindex`, if its cache slot holds it.
+    pub fn cached_endpoint(&self, ifindex: u32) -> Result<Option<EndpointInfo>, DataplaneError> {
+        let slot = self
+            .cache
+            .get(&(ifindex & ENDPOINT_CACHE_MASK), 0)
+            .map_err(|source| DataplaneError::ReadMap {
+                map: MAP_ENDPOINT_CACHE,
+                source: Box::new(source),
+            })?;
+        Ok((slot.ifindex == ifindex).then_some(slot.info))
+    }
+
+    fn endpoint_in_hash(&self, ifindex: u32) -> Result<bool, DataplaneError> {
+        match self.endpoints.get(&ifindex, 0) {
+            Ok(_) => Ok(true),
+            Err(MapError::KeyNotFound) => Ok(false),
+            Err(source) => Err(DataplaneError::ReadMap {
+                map: MAP_ENDPOINTS,
+                source: Box::new(source),
+            }),
+        }
     }
 
     /// Adds a route. Fails if the (cloud, address) pair is already routed.
@@ -292,6 +348,33 @@ impl Dataplane {
 
     /// Removes an endpoint identity; absent entries are not an error.
     pub fn remove_endpoint(&mut self, ifindex: u32) -> Result<(), DataplaneError> {
+        let slot = ifindex & ENDPOINT_CACHE_MASK;
+        let current = self
+            .cache
+            .get(&slot, 0)
+            .map_err(|source| DataplaneError::ReadMap {
+                map: MAP_ENDPOINT_CACHE,
+                source: Box::new(source),
+            })?;
+        if current.ifindex == ifindex {
+            let empty = EndpointSlot {
+                ifindex: 0,
+                info: EndpointInfo {
+                    cloud: 0,
+                    ipv4: 0,
+                    gateway_ipv4: 0,
+                    mac: [0; 6],
+                    gateway_mac: [0; 6],
+                    flags: 0,
+                },
+            };
+            self.cache
+                .set(slot, empty, 0)
+                .map_err(|source| DataplaneError::UpdateMap {
+                    map: MAP_ENDPOINT_CACHE,
+                    source: Box::new(source),
+                })?;
+        }
         ignore_missing(self.endpoints.remove(&ifindex), MAP_ENDPOINTS)
     }
 
@@ -424,7 +507,7 @@ fn create_pins(cfg: &DataplaneConfig, dir: &Path) -> Result<(), DataplaneError> 
                     source: Box::new(source),
                 },
             })?;
-        for name in [MAP_ENDPOINTS, MAP_ROUTES, MAP_DROPS] {
+        for name in [MAP_ENDPOINTS, MAP_ENDPOINT_CACHE, MAP_ROUTES, MAP_DROPS] {
             let path = tmp.join("maps").join(name);
             let map = ebpf.map(name).ok_or_else(|| DataplaneError::OpenMap {
                 path: path.clone(),

@@ -108,6 +108,34 @@ async fn full_map_rolls_back_and_names_the_setting() {
 }
 
 #[tokio::test]
+async fn identity_is_cached_on_create_and_cleared_on_delete() {
+    require_root();
+    let pins = PinRoot::new("ch");
+    let mut host = Host::open(&cfg(&pins, 16, 0)).unwrap();
+    let name = unique_name("ch");
+    let ep = host.create_endpoint(&tap(&name, 5, 2)).await.unwrap();
+    let cached = host
+        .dataplane()
+        .cached_endpoint(ep.ifindex)
+        .unwrap()
+        .expect("cached on create");
+    assert_eq!(
+        Some(cached),
+        host.dataplane().endpoint(ep.ifindex).unwrap(),
+        "cache equals hash"
+    );
+    assert_eq!(cached.cloud, 5);
+    host.delete_endpoint(&name).await.unwrap();
+    assert_eq!(
+        host.dataplane().cached_endpoint(ep.ifindex).unwrap(),
+        None,
+        "slot cleared"
+    );
+    assert_eq!(host.dataplane().endpoint(ep.ifindex).unwrap(), None);
+    host.destroy().await.unwrap();
+}
+
+#[tokio::test]
 async fn duplicate_device_and_invalid_specs_are_typed_errors() {
     require_root();
     let pins = PinRoot::new("dv");

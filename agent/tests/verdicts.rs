@@ -31,11 +31,15 @@
 use std::collections::BTreeMap;
 
 use atoll_agent::dataplane::{
-    read_drop_counters, MAP_DROPS, MAP_ENDPOINTS, MAP_ROUTES, OBJECT, PROG_FROM_VM, PROG_TO_VM,
+    read_drop_counters, MAP_DROPS, MAP_ENDPOINTS, MAP_ENDPOINT_CACHE, MAP_ROUTES, OBJECT,
+    PROG_FROM_VM, PROG_TO_VM,
 };
-use atoll_dataplane_common::{ipv4_to_map, DropReason, EndpointInfo, NextHop, RouteKey};
+use atoll_dataplane_common::{
+    ipv4_to_map, DropReason, EndpointInfo, EndpointSlot, NextHop, RouteKey, ENDPOINT_CACHE_MASK,
+    ENDPOINT_CACHE_SLOTS,
+};
 use aya::{
-    maps::{HashMap, MapData, PerCpuArray},
+    maps::{Array, HashMap, MapData, PerCpuArray},
     programs::{ProgramError, SchedClassifier, TestRun, TestRunOptions},
     sys::SyscallError,
     Ebpf, EbpfLoader,
@@ -391,6 +395,7 @@ fn verdict_name(ret: u32) -> &'static str {
 struct Dataplane {
     ebpf: Ebpf,
     endpoints: HashMap<MapData, u32, EndpointInfo>,
+    cache: Array<MapData, EndpointSlot>,
     routes: HashMap<MapData, RouteKey, NextHop>,
     drops: PerCpuArray<MapData, u64>,
 }
@@ -429,11 +434,13 @@ impl Dataplane {
                 .unwrap_or_else(|| panic!("map {name} missing from the object"))
         };
         let endpoints = HashMap::try_from(take(MAP_ENDPOINTS)).expect("ENDPOINTS type");
+        let cache = Array::try_from(take(MAP_ENDPOINT_CACHE)).expect("ENDPOINT_CACHE type");
         let routes = HashMap::try_from(take(MAP_ROUTES)).expect("ROUTES type");
         let drops = PerCpuArray::try_from(take(MAP_DROPS)).expect("DROPS type");
         Dataplane {
             ebpf,
             endpoints,
+            cache,
             routes,
             drops,
         }
@@ -459,6 +466,21 @@ impl Dataplane {
         self.endpoints
             .insert(ifindex, info, 0)
             .expect("writing ENDPOINTS");
+    }
+
+    /// Writes a slot of the direct-mapped endpoint cache (as the agent does on create).
+    fn set_cache_slot(&mut self, ifindex_in_slot: u32, info: EndpointInfo) {
+        let slot = ifindex_in_slot & ENDPOINT_CACHE_MASK;
+        self.cache
+            .set(
+                slot,
+                EndpointSlot {
+                    ifindex: ifindex_in_slot,
+                    info,
+                },
+                0,
+            )
+            .expect("writing ENDPOINT_CACHE");
     }
 
     fn remove_endpoint(&mut self, ifindex: u32) {
@@ -1879,4 +1901,65 @@ fn to_vm_truncated_ipv4_is_refused_by_the_kernel() {
     let mut empty = guest_packet(GUEST_IP, L4::Icmp);
     empty.payload.clear();
     dp.expect_pass(Prog::ToVm, &to_guest(&empty), "header-only packet");
+}
+
+// ---------------------------------------------------------------------------------------------
+// The direct-mapped endpoint cache in front of ENDPOINTS.
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn identity_in_the_cache_slot_is_used_without_the_hash() {
+    let mut dp = Dataplane::empty();
+    dp.set_cache_slot(TEST_IFINDEX, endpoint(CLOUD));
+    dp.add_route(CLOUD, PEER_IP, PEER_IFINDEX, PEER_MAC);
+    let input = from_guest(&guest_echo(PEER_IP, b"cache"));
+    let out = dp.expect_redirect(&input, "echo to the peer, identity only in the cache");
+    assert_forwarded(&input, &out, PEER_MAC, "cache hit");
+    // The same slot's identity also serves to_vm.
+    dp.expect_pass(
+        Prog::ToVm,
+        &to_guest(&guest_packet_from_peer()),
+        "delivery with identity only in the cache",
+    );
+}
+
+#[test]
+fn cache_slot_of_another_ifindex_falls_back_to_the_hash() {
+    let mut dp = Dataplane::empty();
+    // Slot 1 belongs to ifindex 65537 in cloud 8; ifindex 1 (cloud 7) lives in the hash only.
+    dp.set_cache_slot(TEST_IFINDEX + ENDPOINT_CACHE_SLOTS, endpoint(OTHER_CLOUD));
+    dp.set_endpoint(TEST_IFINDEX, endpoint(CLOUD));
+    dp.add_route(CLOUD, PEER_IP, PEER_IFINDEX, PEER_MAC);
+    dp.add_route(OTHER_CLOUD, PEER_IP, OTHER_PEER_IFINDEX, OTHER_PEER_MAC);
+    let input = from_guest(&guest_echo(PEER_IP, b"fallback"));
+    let out = dp.expect_redirect(&input, "echo with a colliding cache slot");
+    assert_forwarded(
+        &input,
+        &out,
+        PEER_MAC,
+        "must use cloud 7 from the hash, not the slot",
+    );
+}
+
+#[test]
+fn empty_cache_slot_and_no_hash_entry_is_unknown() {
+    let mut dp = Dataplane::empty();
+    dp.set_cache_slot(TEST_IFINDEX + ENDPOINT_CACHE_SLOTS, endpoint(CLOUD));
+    dp.add_route(CLOUD, PEER_IP, PEER_IFINDEX, PEER_MAC);
+    dp.expect_drop(
+        Prog::FromVm,
+        &from_guest(&guest_echo(PEER_IP, b"x")),
+        DropReason::UnknownEndpoint,
+        "slot held by another ifindex, no hash entry",
+    );
+}
+
+/// An IPv4 echo from the in-cloud peer to the guest, as `to_vm` sees it.
+fn guest_packet_from_peer() -> Ipv4 {
+    Ipv4::new(
+        PEER_IP,
+        GUEST_IP,
+        IPPROTO_ICMP,
+        icmp_echo_request(7, 1, b"peer"),
+    )
 }

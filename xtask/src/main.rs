@@ -199,10 +199,54 @@ fn test() -> Result<()> {
         "atoll-tests",
         "--bins",
     ]))?;
-    run(cargo().args(["test", "--workspace", "--", "--test-threads=2"]))?;
+    let (passed, failed) =
+        run_counting_tests(cargo().args(["test", "--workspace", "--", "--test-threads=2"]))?;
     run(Command::new("target/release/bench").arg("--smoke"))?;
     run(Command::new("target/release/atoll-agent").arg("demo"))?;
-    leftovers()
+    leftovers()?;
+    // One plain closing line for whoever reads the log last (CI counts it).
+    println!("atoll: {passed} passed, {failed} failed");
+    Ok(())
+}
+
+/// Runs `cargo test`, echoing its output, and sums the `test result:` lines of every test
+/// binary. Fails if cargo fails or if no test ran at all.
+fn run_counting_tests(cmd: &mut Command) -> Result<(u64, u64)> {
+    use std::io::{BufRead, BufReader};
+    eprintln!("xtask: {cmd:?}");
+    let mut child = cmd
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .with_context(|| format!("starting {cmd:?}"))?;
+    let stdout = child.stdout.take().context("cargo test stdout")?;
+    let (mut passed, mut failed) = (0u64, 0u64);
+    for line in BufReader::new(stdout).lines() {
+        let line = line?;
+        println!("{line}");
+        if let Some(rest) = line.strip_prefix("test result: ") {
+            let count = |word: &str| {
+                rest.split(';')
+                    .find_map(|part| {
+                        part.trim()
+                            .trim_start_matches("ok. ")
+                            .trim_start_matches("FAILED. ")
+                            .strip_suffix(word)
+                    })
+                    .and_then(|n| n.trim().parse::<u64>().ok())
+                    .unwrap_or(0)
+            };
+            passed += count(" passed");
+            failed += count(" failed");
+        }
+    }
+    let status = child.wait()?;
+    if !status.success() {
+        bail!("{cmd:?} failed with {status} ({passed} passed, {failed} failed)");
+    }
+    if passed == 0 {
+        bail!("cargo test ran no test");
+    }
+    Ok((passed, failed))
 }
 
 /// Fails if anything with atoll's test prefix survived the tests.

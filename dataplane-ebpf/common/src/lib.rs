@@ -39,6 +39,22 @@ pub struct EndpointInfo {
     pub flags: u32,
 }
 
+/// One slot of the direct-mapped `ENDPOINT_CACHE` array, indexed by
+/// `ifindex & ENDPOINT_CACHE_MASK`. The slot is valid for `ifindex` only if its `ifindex` field
+/// equals it; otherwise the programs fall back to the `ENDPOINTS` hash. `ifindex` 0 marks an
+/// empty slot (no device has ifindex 0).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EndpointSlot {
+    pub ifindex: u32,
+    pub info: EndpointInfo,
+}
+
+/// Number of `ENDPOINT_CACHE` slots (a power of two).
+pub const ENDPOINT_CACHE_SLOTS: u32 = 1 << 16;
+/// Mask applied to an ifindex to find its cache slot.
+pub const ENDPOINT_CACHE_MASK: u32 = ENDPOINT_CACHE_SLOTS - 1;
+
 /// Key of the `ROUTES` map: an address inside one cloud. Because the cloud is part of the key,
 /// clouds may use overlapping address ranges and an address of another cloud can never be found.
 #[repr(C)]
@@ -201,15 +217,19 @@ pub const fn ipv4_from_map(v: u32) -> [u8; 4] {
 
 // Padding-free layouts: a size mismatch here means the compiler inserted padding.
 const _: () = assert!(core::mem::size_of::<EndpointInfo>() == 4 + 4 + 4 + 6 + 6 + 4);
+const _: () = assert!(core::mem::size_of::<EndpointSlot>() == 4 + 28);
+const _: () = assert!(ENDPOINT_CACHE_SLOTS.is_power_of_two());
 const _: () = assert!(core::mem::size_of::<RouteKey>() == 4 + 4);
 const _: () = assert!(core::mem::size_of::<NextHop>() == 4 + 6 + 2);
 const _: () = assert!(DropReason::ALL.len() as u32 + 1 == DropReason::SLOTS);
 
 #[cfg(feature = "user")]
 mod pod {
-    // SAFETY: all three are #[repr(C)], contain only integers and byte arrays, and have no
+    // SAFETY: all four are #[repr(C)], contain only integers and byte arrays, and have no
     // padding (asserted above), so every bit pattern is valid and no byte is uninitialised.
     unsafe impl aya::Pod for super::EndpointInfo {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::EndpointSlot {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::RouteKey {}
     // SAFETY: as above.

@@ -25,14 +25,19 @@ use std::{
 use anyhow::{bail, Context, Result};
 use atoll_agent::{
     config::DataplaneConfig,
-    dataplane::{BASELINE_OBJECT, MAP_ENDPOINTS, MAP_ROUTES, OBJECT, PROG_FROM_VM, PROG_TO_VM},
+    dataplane::{
+        BASELINE_OBJECT, MAP_ENDPOINTS, MAP_ENDPOINT_CACHE, MAP_ROUTES, OBJECT, PROG_FROM_VM,
+        PROG_TO_VM,
+    },
     endpoint::{DeviceSpec, EndpointSpec, Host},
     testbed::{run, unique_name, PinRoot},
     types::{CloudId, MacAddr},
 };
-use atoll_dataplane_common::{ipv4_to_map, EndpointInfo, NextHop, RouteKey};
+use atoll_dataplane_common::{
+    ipv4_to_map, EndpointInfo, EndpointSlot, NextHop, RouteKey, ENDPOINT_CACHE_MASK,
+};
 use aya::{
-    maps::HashMap,
+    maps::{Array, HashMap},
     programs::{SchedClassifier, TestRun, TestRunOptions, Xdp},
     Ebpf, EbpfLoader,
 };
@@ -307,6 +312,7 @@ fn isolation_path(n: u32, repeats: u32) -> Result<(f64, f64)> {
         .map_max_entries(MAP_ROUTES, cap)
         .load(OBJECT)
         .context("loading the dataplane object")?;
+    let mut inserted = Vec::with_capacity(n as usize);
     {
         let mut eps: HashMap<_, u32, EndpointInfo> =
             HashMap::try_from(ebpf.map_mut(MAP_ENDPOINTS).context("ENDPOINTS")?)?;
@@ -318,10 +324,26 @@ fn isolation_path(n: u32, repeats: u32) -> Result<(f64, f64)> {
             gateway_mac: GW,
             flags: 0,
         };
-        eps.insert(1, ep(1, Ipv4Addr::new(10, 0, 0, 2), GUEST), 0)?;
+        inserted.push((1, ep(1, Ipv4Addr::new(10, 0, 0, 2), GUEST)));
         for i in 1..n {
             let ip = Ipv4Addr::from(0x0a00_0000 + 16 + i);
-            eps.insert(1000 + i, ep(2 + i % 4096, ip, MacAddr::local(i).0), 0)?;
+            inserted.push((1000 + i, ep(2 + i % 4096, ip, MacAddr::local(i).0)));
+        }
+        for (ifindex, info) in &inserted {
+            eps.insert(*ifindex, *info, 0)?;
+        }
+    }
+    {
+        // As the agent does: the first endpoint of each cache slot gets it (the measured one
+        // first), later ones are served by the hash.
+        let mut cache: Array<_, EndpointSlot> =
+            Array::try_from(ebpf.map_mut(MAP_ENDPOINT_CACHE).context("ENDPOINT_CACHE")?)?;
+        let mut taken = std::collections::HashSet::new();
+        for (ifindex, info) in inserted {
+            let slot = ifindex & ENDPOINT_CACHE_MASK;
+            if taken.insert(slot) {
+                cache.set(slot, EndpointSlot { ifindex, info }, 0)?;
+            }
         }
     }
     {
