@@ -27,10 +27,11 @@ use std::{
 };
 
 use atoll_dataplane_common::{
-    DropReason, EndpointInfo, EndpointSlot, NextHop, RouteKey, ENDPOINT_CACHE_MASK, LAYOUT_VERSION,
+    DropReason, EndpointCounters, EndpointInfo, EndpointSlot, NextHop, RouteKey,
+    ENDPOINT_CACHE_MASK, LAYOUT_VERSION,
 };
 use aya::{
-    maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray},
+    maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray, PerCpuValues},
     programs::{
         links::FdLink, tc::TcAttachOptions, LinkOrder, ProgramError, SchedClassifier, TcAttachType,
     },
@@ -52,6 +53,7 @@ pub const MAP_ENDPOINTS: &str = "ENDPOINTS";
 pub const MAP_ENDPOINT_CACHE: &str = "ENDPOINT_CACHE";
 pub const MAP_ROUTES: &str = "ROUTES";
 pub const MAP_DROPS: &str = "DROPS";
+pub const MAP_COUNTERS: &str = "COUNTERS";
 /// Program names in the object.
 pub const PROG_FROM_VM: &str = "from_vm";
 pub const PROG_TO_VM: &str = "to_vm";
@@ -135,6 +137,7 @@ pub struct Dataplane {
     cache: Array<MapData, EndpointSlot>,
     routes: HashMap<MapData, RouteKey, NextHop>,
     drops: PerCpuArray<MapData, u64>,
+    counters: PerCpuArray<MapData, EndpointCounters>,
     from_vm: SchedClassifier,
     to_vm: SchedClassifier,
     max_endpoints: u32,
@@ -170,6 +173,8 @@ impl Dataplane {
             .map_err(|e| typed(MAP_ENDPOINT_CACHE, e))?;
         let routes: HashMap<MapData, RouteKey, NextHop> =
             HashMap::try_from(open_map(MAP_ROUTES)?).map_err(|e| typed(MAP_ROUTES, e))?;
+        let counters: PerCpuArray<MapData, EndpointCounters> =
+            PerCpuArray::try_from(open_map(MAP_COUNTERS)?).map_err(|e| typed(MAP_COUNTERS, e))?;
         let drops: PerCpuArray<MapData, u64> =
             PerCpuArray::try_from(open_map(MAP_DROPS)?).map_err(|e| typed(MAP_DROPS, e))?;
         let capacity = |name: &str, default: u32| {
@@ -194,6 +199,7 @@ impl Dataplane {
             cache,
             routes,
             drops,
+            counters,
             max_endpoints,
             max_routes,
         })
@@ -365,7 +371,7 @@ impl Dataplane {
                     gateway_ipv4: 0,
                     mac: [0; 6],
                     gateway_mac: [0; 6],
-                    flags: 0,
+                    slot: 0,
                 },
             };
             self.cache
@@ -425,6 +431,44 @@ impl Dataplane {
             })
     }
 
+    /// Capacity of the endpoint map, which is also the number of counter slots.
+    pub fn max_endpoints(&self) -> u32 {
+        self.max_endpoints
+    }
+
+    /// The counters of `slot`, summed over CPUs.
+    pub fn counters(&self, slot: u32) -> Result<EndpointCounters, DataplaneError> {
+        let per_cpu = self
+            .counters
+            .get(&slot, 0)
+            .map_err(|source| DataplaneError::ReadMap {
+                map: MAP_COUNTERS,
+                source: Box::new(source),
+            })?;
+        Ok(sum_counters(per_cpu.iter()))
+    }
+
+    /// Zeroes `slot` on every CPU (before the slot is given to a new endpoint).
+    pub fn reset_counters(&mut self, slot: u32) -> Result<(), DataplaneError> {
+        let update = |source| DataplaneError::UpdateMap {
+            map: MAP_COUNTERS,
+            source: Box::new(source),
+        };
+        let cpus = aya::util::nr_cpus().map_err(|(_, e)| {
+            update(MapError::SyscallError(aya::sys::SyscallError {
+                call: "nr_cpus",
+                io_error: e,
+            }))
+        })?;
+        let zeros = PerCpuValues::try_from(vec![EndpointCounters::ZERO; cpus]).map_err(|e| {
+            update(MapError::SyscallError(aya::sys::SyscallError {
+                call: "per-cpu values",
+                io_error: e,
+            }))
+        })?;
+        self.counters.set(slot, zeros, 0).map_err(update)
+    }
+
     /// Drop counters summed over CPUs, for every reason (zeros included).
     pub fn drop_counters(&self) -> Result<Vec<(DropReason, u64)>, DataplaneError> {
         read_drop_counters(&self.drops)
@@ -455,6 +499,23 @@ pub fn read_drop_counters<T: std::borrow::Borrow<MapData>>(
             Ok((*r, per_cpu.iter().sum()))
         })
         .collect()
+}
+
+/// Sums per-CPU counter values.
+pub fn sum_counters<'a>(per_cpu: impl Iterator<Item = &'a EndpointCounters>) -> EndpointCounters {
+    let mut total = EndpointCounters::ZERO;
+    for c in per_cpu {
+        for (td, cd) in total.traffic.iter_mut().zip(c.traffic.iter()) {
+            for (t, x) in td.iter_mut().zip(cd.iter()) {
+                t.packets += x.packets;
+                t.bytes += x.bytes;
+            }
+        }
+        for (t, x) in total.drops.iter_mut().zip(c.drops.iter()) {
+            *t += x;
+        }
+    }
+    total
 }
 
 /// `<root>/v<LAYOUT_VERSION>`.
@@ -497,6 +558,7 @@ fn create_pins(cfg: &DataplaneConfig, dir: &Path) -> Result<(), DataplaneError> 
         let mut ebpf = EbpfLoader::new()
             .map_max_entries(MAP_ENDPOINTS, cfg.max_endpoints)
             .map_max_entries(MAP_ROUTES, cfg.max_routes)
+            .map_max_entries(MAP_COUNTERS, cfg.max_endpoints)
             .load(OBJECT)
             .map_err(|source| match permission_error(&source) {
                 Some(e) => DataplaneError::MissingCapability {
@@ -507,7 +569,13 @@ fn create_pins(cfg: &DataplaneConfig, dir: &Path) -> Result<(), DataplaneError> 
                     source: Box::new(source),
                 },
             })?;
-        for name in [MAP_ENDPOINTS, MAP_ENDPOINT_CACHE, MAP_ROUTES, MAP_DROPS] {
+        for name in [
+            MAP_ENDPOINTS,
+            MAP_ENDPOINT_CACHE,
+            MAP_ROUTES,
+            MAP_DROPS,
+            MAP_COUNTERS,
+        ] {
             let path = tmp.join("maps").join(name);
             let map = ebpf.map(name).ok_or_else(|| DataplaneError::OpenMap {
                 path: path.clone(),

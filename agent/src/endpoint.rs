@@ -59,6 +59,8 @@ pub struct EndpointSpec {
 pub struct Endpoint {
     pub name: Option<String>,
     pub ifindex: u32,
+    /// Index of the endpoint's counters.
+    pub slot: u32,
     pub cloud: CloudId,
     pub ipv4: Ipv4Addr,
     pub mac: MacAddr,
@@ -100,6 +102,8 @@ pub struct Host {
     gateway_mac: MacAddr,
     pool: Vec<(String, u32)>,
     pool_target: u32,
+    /// Counter slots not held by any endpoint, lowest last (popped first).
+    free_slots: Vec<u32>,
 }
 
 /// Name prefix of spare taps.
@@ -117,8 +121,10 @@ impl Host {
             gateway_mac: cfg.gateway_mac,
             pool: Vec::new(),
             pool_target: cfg.tap_pool,
+            free_slots: Vec::new(),
         };
         host.pool = host.find_pool()?;
+        host.free_slots = host.find_free_slots()?;
         Ok(host)
     }
 
@@ -137,6 +143,23 @@ impl Host {
             }
         }
         Ok(pool)
+    }
+
+    /// Counter slots not used by an endpoint in the pinned maps (rebuilt on every start, so the
+    /// maps stay the only state).
+    fn find_free_slots(&self) -> Result<Vec<u32>, EndpointError> {
+        let err = |source| EndpointError::Unprogram {
+            name: "*".into(),
+            source,
+        };
+        let max = self.dataplane.max_endpoints();
+        let mut used = vec![false; max as usize];
+        for (_, info) in self.dataplane.endpoints().map_err(err)? {
+            if let Some(u) = used.get_mut(info.slot as usize) {
+                *u = true;
+            }
+        }
+        Ok((0..max).rev().filter(|s| !used[*s as usize]).collect())
     }
 
     /// Spare taps ready to be claimed.
@@ -203,6 +226,35 @@ impl Host {
         spec: &EndpointSpec,
     ) -> Result<Endpoint, EndpointError> {
         validate(spec)?;
+        let slot = self
+            .free_slots
+            .pop()
+            .ok_or_else(|| EndpointError::Program {
+                name: spec.name.clone(),
+                source: DataplaneError::MapFull {
+                    map: "COUNTERS",
+                    capacity: self.dataplane.max_endpoints(),
+                    setting: "max_endpoints",
+                },
+            })?;
+        let result = match self.dataplane.reset_counters(slot) {
+            Ok(()) => self.create_with_slot(spec, slot).await,
+            Err(source) => Err(EndpointError::Program {
+                name: spec.name.clone(),
+                source,
+            }),
+        };
+        if result.is_err() {
+            self.free_slots.push(slot);
+        }
+        result
+    }
+
+    async fn create_with_slot(
+        &mut self,
+        spec: &EndpointSpec,
+        slot: u32,
+    ) -> Result<Endpoint, EndpointError> {
         let name = spec.name.clone();
         if device::ifindex(&name).is_some() {
             return Err(EndpointError::CreateDevice(DeviceError::Exists(name)));
@@ -253,7 +305,7 @@ impl Host {
             gateway_ipv4: ipv4_to_map(spec.gateway.octets()),
             mac: spec.mac.0,
             gateway_mac: self.gateway_mac.0,
-            flags: 0,
+            slot,
         };
         let key = RouteKey {
             cloud: info.cloud,
@@ -265,6 +317,7 @@ impl Host {
                 key,
                 NextHop {
                     ifindex,
+                    slot,
                     mac: info.mac,
                     flags: 0,
                 },
@@ -289,6 +342,7 @@ impl Host {
         Ok(Endpoint {
             name: Some(name),
             ifindex,
+            slot,
             cloud: spec.cloud,
             ipv4: spec.ipv4,
             mac: spec.mac,
@@ -344,13 +398,8 @@ impl Host {
             ipv4: info.ipv4,
         };
         // Only remove the route if it still points at this endpoint.
-        if self
-            .dataplane
-            .routes()
-            .map_err(unprogram)?
-            .iter()
-            .any(|(k, h)| *k == key && h.ifindex == ifindex)
-        {
+        let ours = self.dataplane.route(key).map_err(unprogram)?;
+        if ours.is_some_and(|h| h.ifindex == ifindex) {
             self.dataplane.remove_route(key).map_err(unprogram)?;
         }
         self.devices
@@ -361,7 +410,9 @@ impl Host {
                 source,
             })?;
         self.dataplane.detach(ifindex).map_err(unprogram)?;
-        self.dataplane.remove_endpoint(ifindex).map_err(unprogram)
+        self.dataplane.remove_endpoint(ifindex).map_err(unprogram)?;
+        self.free_slots.push(info.slot);
+        Ok(())
     }
 
     /// All endpoints in the dataplane, with their device names when the device exists.
@@ -378,6 +429,7 @@ impl Host {
                 Some(Endpoint {
                     name: device::ifname(ifindex),
                     ifindex,
+                    slot: i.slot,
                     cloud: CloudId::new(i.cloud)?,
                     ipv4: Ipv4Addr::from(ipv4_from_map(i.ipv4)),
                     mac: MacAddr(i.mac),
@@ -398,7 +450,7 @@ impl Host {
         };
         let mut removed = 0;
         let routes = self.dataplane.routes().map_err(err)?;
-        for (ifindex, _) in self.dataplane.endpoints().map_err(err)? {
+        for (ifindex, info) in self.dataplane.endpoints().map_err(err)? {
             if device::ifname(ifindex).is_none() {
                 for (k, h) in &routes {
                     if h.ifindex == ifindex {
@@ -407,6 +459,7 @@ impl Host {
                 }
                 self.dataplane.detach(ifindex).map_err(err)?;
                 self.dataplane.remove_endpoint(ifindex).map_err(err)?;
+                self.free_slots.push(info.slot);
                 removed += 1;
             }
         }

@@ -82,9 +82,11 @@ async fn full_map_rolls_back_and_names_the_setting() {
             assert!(
                 matches!(
                     source,
+                    // The counter slots run out together with the endpoint map (both are
+                    // sized by max_endpoints) and are checked first, before any device exists.
                     DataplaneError::MapFull {
-                        map: "ENDPOINTS",
                         capacity: 2,
+                        setting: "max_endpoints",
                         ..
                     }
                 ),

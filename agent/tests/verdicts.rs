@@ -31,12 +31,12 @@
 use std::collections::BTreeMap;
 
 use atoll_agent::dataplane::{
-    read_drop_counters, MAP_DROPS, MAP_ENDPOINTS, MAP_ENDPOINT_CACHE, MAP_ROUTES, OBJECT,
-    PROG_FROM_VM, PROG_TO_VM,
+    read_drop_counters, sum_counters, MAP_COUNTERS, MAP_DROPS, MAP_ENDPOINTS, MAP_ENDPOINT_CACHE,
+    MAP_ROUTES, OBJECT, PROG_FROM_VM, PROG_TO_VM,
 };
 use atoll_dataplane_common::{
-    ipv4_to_map, DropReason, EndpointInfo, EndpointSlot, NextHop, RouteKey, ENDPOINT_CACHE_MASK,
-    ENDPOINT_CACHE_SLOTS,
+    ipv4_to_map, Direction, DropReason, EndpointCounters, EndpointInfo, EndpointSlot, NextHop,
+    RouteKey, TrafficClass, ENDPOINT_CACHE_MASK, ENDPOINT_CACHE_SLOTS,
 };
 use aya::{
     maps::{Array, HashMap, MapData, PerCpuArray},
@@ -62,6 +62,8 @@ const GUEST_MAC: Mac = [0x02, 0xa7, 0, 0, 0, 0x02];
 const GW_MAC: Mac = [0x02, 0xa7, 0, 0, 0, 0x01];
 const GUEST_IP: Ip4 = [10, 0, 0, 2];
 const GW_IP: Ip4 = [10, 0, 0, 1];
+/// Counter slot of the guest endpoint.
+const GUEST_SLOT: u32 = 0;
 
 /// In cloud 7 *and* in cloud 8 (overlapping), with different next hops.
 const PEER_IP: Ip4 = [10, 0, 0, 3];
@@ -104,7 +106,7 @@ fn endpoint(cloud: u32) -> EndpointInfo {
         gateway_ipv4: ipv4_to_map(GW_IP),
         mac: GUEST_MAC,
         gateway_mac: GW_MAC,
-        flags: 0,
+        slot: GUEST_SLOT,
     }
 }
 
@@ -398,6 +400,7 @@ struct Dataplane {
     cache: Array<MapData, EndpointSlot>,
     routes: HashMap<MapData, RouteKey, NextHop>,
     drops: PerCpuArray<MapData, u64>,
+    counters: PerCpuArray<MapData, EndpointCounters>,
 }
 
 fn assert_root() {
@@ -413,11 +416,18 @@ fn assert_root() {
 impl Dataplane {
     /// Loaded, with empty `ENDPOINTS` and `ROUTES`.
     fn empty() -> Self {
+        Self::empty_with_metering(true)
+    }
+
+    /// As `empty`, with metering compiled out at load (`METERING` = 0) when `metering` is false.
+    fn empty_with_metering(metering: bool) -> Self {
         assert_root();
         // Small maps: every test (one per thread) holds its own copy.
         let mut ebpf = EbpfLoader::new()
+            .override_global("METERING", &u32::from(metering), true)
             .map_max_entries(MAP_ENDPOINTS, 64)
             .map_max_entries(MAP_ROUTES, 64)
+            .map_max_entries(MAP_COUNTERS, 64)
             .load(OBJECT)
             .expect("loading the embedded eBPF object");
         for name in [PROG_FROM_VM, PROG_TO_VM] {
@@ -437,12 +447,14 @@ impl Dataplane {
         let cache = Array::try_from(take(MAP_ENDPOINT_CACHE)).expect("ENDPOINT_CACHE type");
         let routes = HashMap::try_from(take(MAP_ROUTES)).expect("ROUTES type");
         let drops = PerCpuArray::try_from(take(MAP_DROPS)).expect("DROPS type");
+        let counters = PerCpuArray::try_from(take(MAP_COUNTERS)).expect("COUNTERS type");
         Dataplane {
             ebpf,
             endpoints,
             cache,
             routes,
             drops,
+            counters,
         }
     }
 
@@ -494,12 +506,20 @@ impl Dataplane {
             cloud,
             ipv4: ipv4_to_map(ip),
         };
+        // Next hops use their ifindex as counter slot (all below the test map size).
         let hop = NextHop {
             ifindex,
+            slot: ifindex,
             mac,
             flags: 0,
         };
         self.routes.insert(key, hop, 0).expect("writing ROUTES");
+    }
+
+    /// The metering counters of `slot`, summed over CPUs.
+    fn metered(&self, slot: u32) -> EndpointCounters {
+        let per_cpu = self.counters.get(&slot, 0).expect("reading COUNTERS");
+        sum_counters(per_cpu.iter())
     }
 
     fn counters(&self) -> Vec<(DropReason, u64)> {
@@ -1786,7 +1806,7 @@ fn to_vm_passes_what_from_vm_produces() {
             gateway_ipv4: ipv4_to_map(GW_IP),
             mac: PEER_MAC,
             gateway_mac: GW_MAC,
-            flags: 0,
+            slot: PEER_IFINDEX,
         },
     );
     dp.expect_pass(
@@ -1962,4 +1982,130 @@ fn guest_packet_from_peer() -> Ipv4 {
         IPPROTO_ICMP,
         icmp_echo_request(7, 1, b"peer"),
     )
+}
+
+// ---------------------------------------------------------------------------------------------
+// Metering.
+// ---------------------------------------------------------------------------------------------
+
+fn traffic(c: &EndpointCounters, dir: Direction, class: TrafficClass) -> (u64, u64) {
+    let t = c.traffic[dir as usize][class as usize];
+    (t.packets, t.bytes)
+}
+
+#[test]
+fn forwarding_is_metered_on_both_endpoints() {
+    let dp = Dataplane::new();
+    let sizes = [60usize, 98, 1514];
+    let mut total = 0u64;
+    for (i, size) in sizes.iter().enumerate() {
+        let pad = size - (ETH_LEN + IPV4_LEN + ICMP_ECHO_LEN);
+        let frame = from_guest(&guest_echo(PEER_IP, &vec![i as u8; pad]));
+        assert_eq!(frame.len(), *size);
+        dp.expect_redirect(&frame, "metered echo");
+        total += *size as u64;
+    }
+    let n = sizes.len() as u64;
+    let src = dp.metered(GUEST_SLOT);
+    let dst = dp.metered(PEER_IFINDEX);
+    assert_eq!(
+        traffic(&src, Direction::FromGuest, TrafficClass::IntraCloud),
+        (n, total)
+    );
+    assert_eq!(
+        traffic(&dst, Direction::ToGuest, TrafficClass::IntraCloud),
+        (n, total)
+    );
+    // Nothing else moved on either side.
+    assert_eq!(
+        traffic(&src, Direction::ToGuest, TrafficClass::IntraCloud),
+        (0, 0)
+    );
+    assert_eq!(
+        traffic(&dst, Direction::FromGuest, TrafficClass::IntraCloud),
+        (0, 0)
+    );
+    for class in [
+        TrafficClass::Exposure,
+        TrafficClass::Host,
+        TrafficClass::External,
+    ] {
+        for dir in Direction::ALL {
+            assert_eq!(traffic(&src, dir, class), (0, 0), "{dir:?} {class:?}");
+            assert_eq!(traffic(&dst, dir, class), (0, 0), "{dir:?} {class:?}");
+        }
+    }
+    assert!(src.drops.iter().all(|d| *d == 0));
+}
+
+#[test]
+fn gateway_answers_are_metered_as_host_traffic() {
+    let dp = Dataplane::new();
+    let arp = guest_arp_request(GW_IP);
+    dp.expect_redirect(&arp, "ARP for the gateway");
+    let echo = from_guest(&guest_echo(GW_IP, b"ping the gateway"));
+    dp.expect_redirect(&echo, "echo to the gateway");
+    let bytes = (arp.len() + echo.len()) as u64;
+    let c = dp.metered(GUEST_SLOT);
+    assert_eq!(
+        traffic(&c, Direction::FromGuest, TrafficClass::Host),
+        (2, bytes)
+    );
+    assert_eq!(
+        traffic(&c, Direction::ToGuest, TrafficClass::Host),
+        (2, bytes)
+    );
+    assert_eq!(
+        traffic(&c, Direction::FromGuest, TrafficClass::IntraCloud),
+        (0, 0)
+    );
+}
+
+#[test]
+fn drops_are_metered_per_endpoint_and_reason() {
+    let dp = Dataplane::new();
+    let mut spoofed = guest_echo(PEER_IP, b"x");
+    spoofed.src = [10, 0, 0, 99];
+    for _ in 0..3 {
+        dp.expect_drop(
+            Prog::FromVm,
+            &from_guest(&spoofed),
+            DropReason::SpoofedSourceIp,
+            "spoof",
+        );
+    }
+    dp.expect_drop(
+        Prog::FromVm,
+        &from_guest(&guest_echo(OTHER_ONLY_IP, b"x")),
+        DropReason::NoRouteInCloud,
+        "other cloud",
+    );
+    let c = dp.metered(GUEST_SLOT);
+    for reason in DropReason::ALL {
+        let want = match reason {
+            DropReason::SpoofedSourceIp => 3,
+            DropReason::NoRouteInCloud => 1,
+            _ => 0,
+        };
+        assert_eq!(c.drops[reason as usize], want, "{reason:?}");
+    }
+    // Dropped frames are not traffic.
+    for dir in Direction::ALL {
+        for class in TrafficClass::ALL {
+            assert_eq!(traffic(&c, dir, class), (0, 0));
+        }
+    }
+}
+
+#[test]
+fn metering_can_be_disabled_at_load() {
+    let mut dp = Dataplane::empty_with_metering(false);
+    dp.set_endpoint(TEST_IFINDEX, endpoint(CLOUD));
+    dp.add_route(CLOUD, PEER_IP, PEER_IFINDEX, PEER_MAC);
+    dp.expect_redirect(
+        &from_guest(&guest_echo(PEER_IP, b"x")),
+        "forward, unmetered",
+    );
+    assert_eq!(dp.metered(GUEST_SLOT), EndpointCounters::ZERO);
+    assert_eq!(dp.metered(PEER_IFINDEX), EndpointCounters::ZERO);
 }

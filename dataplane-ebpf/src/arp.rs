@@ -5,9 +5,10 @@
 //! treat its whole subnet as on-link). Nothing else is answered, and no ARP frame is ever
 //! forwarded to another endpoint: there is no broadcast domain.
 
-use atoll_dataplane_common::{DropReason, EndpointInfo};
+use atoll_dataplane_common::{Direction, DropReason, EndpointInfo, TrafficClass};
 
 use crate::{
+    metering,
     packet::{self, ArpEthIpv4, EthHdr, Packet},
     route, Verdict,
 };
@@ -60,5 +61,8 @@ pub fn answer(pkt: &Packet, eth: *mut EthHdr, ep: &EndpointInfo, ifindex: u32) -
         (*eth).dst = ep.mac;
         (*eth).src = ep.gateway_mac;
     }
+    // Request and answer are both traffic with the host's services.
+    metering::traffic(ep.slot, Direction::FromGuest, TrafficClass::Host, pkt.len);
+    metering::traffic(ep.slot, Direction::ToGuest, TrafficClass::Host, pkt.len);
     Verdict::Redirect(ifindex)
 }

@@ -2,9 +2,10 @@
 //! every other packet to the gateway is dropped as a service not (yet) offered. Host services
 //! such as DNS attach here later.
 
-use atoll_dataplane_common::{DropReason, EndpointInfo};
+use atoll_dataplane_common::{Direction, DropReason, EndpointInfo, TrafficClass};
 
 use crate::{
+    metering,
     packet::{self, EthHdr, IcmpEcho, Ipv4Hdr, Packet, IPPROTO_ICMP},
     Verdict,
 };
@@ -48,5 +49,8 @@ pub fn answer(
         (*eth).dst = ep.mac;
         (*eth).src = ep.gateway_mac;
     }
+    // Request and answer are both traffic with the host's services.
+    metering::traffic(ep.slot, Direction::FromGuest, TrafficClass::Host, pkt.len);
+    metering::traffic(ep.slot, Direction::ToGuest, TrafficClass::Host, pkt.len);
     Verdict::Redirect(ifindex)
 }

@@ -18,7 +18,8 @@
 //!   cannot be looked up, so overlapping ranges are safe and cross-cloud traffic has no path.
 //! - Every packet costs O(1): one hash lookup for the endpoint, one for the route.
 //! - Thin entry points named by direction call `try_*` functions returning a [`Verdict`]; drops
-//!   are counted per reason in [`drop`].
+//!   are counted per reason in [`drop`] (host-wide) and per endpoint in [`metering`], which also
+//!   counts every forwarded or answered frame per direction and traffic class.
 #![cfg_attr(target_arch = "bpf", no_std, no_main)]
 #![cfg_attr(not(target_arch = "bpf"), allow(dead_code, unused_imports))]
 
@@ -26,10 +27,11 @@ mod arp;
 mod drop;
 mod endpoint;
 mod gateway;
+mod metering;
 mod packet;
 mod route;
 
-use atoll_dataplane_common::DropReason;
+use atoll_dataplane_common::{DropReason, EndpointInfo};
 use aya_ebpf::{
     bindings::{TC_ACT_OK, TC_ACT_SHOT},
     helpers::bpf_redirect,
@@ -52,19 +54,21 @@ pub enum Verdict {
 /// Ingress of an endpoint device: frames the guest sends.
 #[classifier]
 pub fn from_vm(ctx: TcContext) -> i32 {
-    apply(try_from_vm(&ctx))
+    let ep = endpoint::lookup(packet::ifindex(&ctx));
+    apply(try_from_vm(&ctx, ep), ep)
 }
 
 /// Egress of an endpoint device: frames about to reach the guest.
 #[classifier]
 pub fn to_vm(ctx: TcContext) -> i32 {
-    apply(try_to_vm(&ctx))
+    let ep = endpoint::lookup(packet::ifindex(&ctx));
+    apply(try_to_vm(&ctx, ep), ep)
 }
 
 // The TC_ACT_* constants are generated per target and are not `i32` on every one of them.
 #[allow(clippy::unnecessary_cast)]
 #[inline(always)]
-fn apply(v: Verdict) -> i32 {
+fn apply(v: Verdict, ep: Option<&EndpointInfo>) -> i32 {
     match v {
         Verdict::Pass => TC_ACT_OK as i32,
         // SAFETY: bpf_redirect only records the target in per-CPU state; any ifindex is safe,
@@ -72,15 +76,18 @@ fn apply(v: Verdict) -> i32 {
         Verdict::Redirect(ifindex) => unsafe { bpf_redirect(ifindex, 0) as i32 },
         Verdict::Drop(reason) => {
             drop::count(reason);
+            if let Some(ep) = ep {
+                metering::dropped(ep.slot, reason);
+            }
             TC_ACT_SHOT as i32
         }
     }
 }
 
 #[inline(always)]
-fn try_from_vm(ctx: &TcContext) -> Verdict {
+fn try_from_vm(ctx: &TcContext, ep: Option<&EndpointInfo>) -> Verdict {
     let ifindex = packet::ifindex(ctx);
-    let Some(ep) = endpoint::lookup(ifindex) else {
+    let Some(ep) = ep else {
         return Verdict::Drop(DropReason::UnknownEndpoint);
     };
     let pkt = Packet::new(ctx);
@@ -102,8 +109,8 @@ fn try_from_vm(ctx: &TcContext) -> Verdict {
 }
 
 #[inline(always)]
-fn try_to_vm(ctx: &TcContext) -> Verdict {
-    let Some(ep) = endpoint::lookup(packet::ifindex(ctx)) else {
+fn try_to_vm(ctx: &TcContext, ep: Option<&EndpointInfo>) -> Verdict {
+    let Some(ep) = ep else {
         return Verdict::Drop(DropReason::UnknownEndpoint);
     };
     let pkt = Packet::new(ctx);

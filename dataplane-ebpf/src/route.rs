@@ -1,11 +1,13 @@
 //! In-cloud IPv4 forwarding: `(cloud, destination)` → next hop, MAC rewrite, TTL decrement,
 //! redirect.
 
-use atoll_dataplane_common::{DropReason, EndpointInfo, NextHop, RouteKey};
+use atoll_dataplane_common::{
+    Direction, DropReason, EndpointInfo, NextHop, RouteKey, TrafficClass,
+};
 use aya_ebpf::{macros::map, maps::HashMap};
 
 use crate::{
-    gateway,
+    gateway, metering,
     packet::{self, EthHdr, Ipv4Hdr, Packet},
     Verdict,
 };
@@ -68,6 +70,18 @@ pub fn forward_ipv4(pkt: &Packet, eth: *mut EthHdr, ep: &EndpointInfo, ifindex: 
     let Some(hop) = lookup(ep.cloud, daddr) else {
         return Verdict::Drop(DropReason::NoRouteInCloud);
     };
+    metering::traffic(
+        ep.slot,
+        Direction::FromGuest,
+        TrafficClass::IntraCloud,
+        pkt.len,
+    );
+    metering::traffic(
+        hop.slot,
+        Direction::ToGuest,
+        TrafficClass::IntraCloud,
+        pkt.len,
+    );
     // SAFETY: `eth` and `ip` are bounds-checked pointers into this frame; the program may write
     // to the frame (TC direct packet access unclones the skb first).
     unsafe {

@@ -18,7 +18,7 @@
 
 /// Version of the map layouts defined in this crate. Bump on any change to a map's key, value,
 /// or meaning.
-pub const LAYOUT_VERSION: u32 = 1;
+pub const LAYOUT_VERSION: u32 = 2;
 
 /// Identity of one endpoint (a VM's tap or a guest veth), keyed by the host-side ifindex in the
 /// `ENDPOINTS` map.
@@ -35,8 +35,8 @@ pub struct EndpointInfo {
     pub mac: [u8; 6],
     /// The gateway MAC the guest talks to; source MAC of every frame delivered to the guest.
     pub gateway_mac: [u8; 6],
-    /// Reserved for endpoint flags; must be 0 for layout version 1.
-    pub flags: u32,
+    /// Dense index of this endpoint's counters in `COUNTERS` (below `max_endpoints`).
+    pub slot: u32,
 }
 
 /// One slot of the direct-mapped `ENDPOINT_CACHE` array, indexed by
@@ -71,10 +71,96 @@ pub struct RouteKey {
 pub struct NextHop {
     /// Host-side ifindex of the destination endpoint's device.
     pub ifindex: u32,
+    /// The destination endpoint's counter slot (its traffic "to guest" is counted there).
+    pub slot: u32,
     /// Destination guest MAC, written as the frame's destination MAC.
     pub mac: [u8; 6],
-    /// Reserved; must be 0 for layout version 1.
+    /// Reserved; must be 0.
     pub flags: u16,
+}
+
+/// Which way a frame crosses the endpoint, from its guest's point of view.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Direction {
+    FromGuest = 0,
+    ToGuest = 1,
+}
+
+impl Direction {
+    pub const COUNT: usize = 2;
+    pub const ALL: [Direction; 2] = [Direction::FromGuest, Direction::ToGuest];
+
+    pub const fn name(self) -> &'static str {
+        match self {
+            Direction::FromGuest => "from_guest",
+            Direction::ToGuest => "to_guest",
+        }
+    }
+}
+
+/// What a metered frame was, for billing. Numbers are part of the map layout.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum TrafficClass {
+    /// Between endpoints of the same cloud.
+    IntraCloud = 0,
+    /// Through a cross-cloud exposure (consumer or provider side).
+    Exposure = 1,
+    /// With the host's services: the gateway (ARP, ICMP echo), DNS.
+    Host = 2,
+    /// With the outside world.
+    External = 3,
+}
+
+impl TrafficClass {
+    pub const COUNT: usize = 4;
+    pub const ALL: [TrafficClass; 4] = [
+        TrafficClass::IntraCloud,
+        TrafficClass::Exposure,
+        TrafficClass::Host,
+        TrafficClass::External,
+    ];
+
+    pub const fn name(self) -> &'static str {
+        match self {
+            TrafficClass::IntraCloud => "intra_cloud",
+            TrafficClass::Exposure => "exposure",
+            TrafficClass::Host => "host",
+            TrafficClass::External => "external",
+        }
+    }
+}
+
+/// Packets and bytes (Ethernet frame length as the host sees it, without FCS).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TrafficCounter {
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+/// One endpoint's counters on one CPU: the value of the per-CPU `COUNTERS` array at the
+/// endpoint's slot. Userspace sums the CPUs. Counters only ever grow while the slot belongs to
+/// an endpoint; the agent zeroes a slot before giving it to a new endpoint.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EndpointCounters {
+    /// Indexed by `[Direction][TrafficClass]`.
+    pub traffic: [[TrafficCounter; TrafficClass::COUNT]; Direction::COUNT],
+    /// Frames from (or, for `to_vm` reasons, to) this endpoint dropped, by reason number
+    /// (index 0 unused).
+    pub drops: [u64; DropReason::SLOTS as usize],
+}
+
+impl EndpointCounters {
+    pub const ZERO: EndpointCounters = EndpointCounters {
+        traffic: [[TrafficCounter {
+            packets: 0,
+            bytes: 0,
+        }; TrafficClass::COUNT]; Direction::COUNT],
+        drops: [0; DropReason::SLOTS as usize],
+    };
 }
 
 /// Why the dataplane dropped a frame. The number of each reason is part of the map layout and is
@@ -220,12 +306,17 @@ const _: () = assert!(core::mem::size_of::<EndpointInfo>() == 4 + 4 + 4 + 6 + 6 
 const _: () = assert!(core::mem::size_of::<EndpointSlot>() == 4 + 28);
 const _: () = assert!(ENDPOINT_CACHE_SLOTS.is_power_of_two());
 const _: () = assert!(core::mem::size_of::<RouteKey>() == 4 + 4);
-const _: () = assert!(core::mem::size_of::<NextHop>() == 4 + 6 + 2);
+const _: () = assert!(core::mem::size_of::<NextHop>() == 4 + 4 + 6 + 2);
+const _: () = assert!(core::mem::size_of::<TrafficCounter>() == 16);
+const _: () = assert!(
+    core::mem::size_of::<EndpointCounters>()
+        == 16 * TrafficClass::COUNT * Direction::COUNT + 8 * DropReason::SLOTS as usize
+);
 const _: () = assert!(DropReason::ALL.len() as u32 + 1 == DropReason::SLOTS);
 
 #[cfg(feature = "user")]
 mod pod {
-    // SAFETY: all four are #[repr(C)], contain only integers and byte arrays, and have no
+    // SAFETY: all of these are #[repr(C)], contain only integers and byte arrays, and have no
     // padding (asserted above), so every bit pattern is valid and no byte is uninitialised.
     unsafe impl aya::Pod for super::EndpointInfo {}
     // SAFETY: as above.
@@ -234,6 +325,10 @@ mod pod {
     unsafe impl aya::Pod for super::RouteKey {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::NextHop {}
+    // SAFETY: as above: u64 counters in arrays, no padding (asserted).
+    unsafe impl aya::Pod for super::TrafficCounter {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::EndpointCounters {}
 }
 
 #[cfg(test)]

@@ -26,8 +26,8 @@ use anyhow::{bail, Context, Result};
 use atoll_agent::{
     config::DataplaneConfig,
     dataplane::{
-        BASELINE_OBJECT, MAP_ENDPOINTS, MAP_ENDPOINT_CACHE, MAP_ROUTES, OBJECT, PROG_FROM_VM,
-        PROG_TO_VM,
+        BASELINE_OBJECT, MAP_COUNTERS, MAP_ENDPOINTS, MAP_ENDPOINT_CACHE, MAP_ROUTES, OBJECT,
+        PROG_FROM_VM, PROG_TO_VM,
     },
     endpoint::{DeviceSpec, EndpointSpec, Host},
     testbed::{run, unique_name, PinRoot},
@@ -310,24 +310,26 @@ fn isolation_path(n: u32, repeats: u32) -> Result<(f64, f64)> {
     let mut ebpf = EbpfLoader::new()
         .map_max_entries(MAP_ENDPOINTS, cap)
         .map_max_entries(MAP_ROUTES, cap)
+        .map_max_entries(MAP_COUNTERS, cap)
         .load(OBJECT)
         .context("loading the dataplane object")?;
     let mut inserted = Vec::with_capacity(n as usize);
     {
         let mut eps: HashMap<_, u32, EndpointInfo> =
             HashMap::try_from(ebpf.map_mut(MAP_ENDPOINTS).context("ENDPOINTS")?)?;
-        let ep = |cloud: u32, ip: Ipv4Addr, mac: [u8; 6]| EndpointInfo {
+        // Counter slots: the measured endpoint 0, its peer n, the others i.
+        let ep = |cloud: u32, ip: Ipv4Addr, mac: [u8; 6], slot: u32| EndpointInfo {
             cloud,
             ipv4: ipv4_to_map(ip.octets()),
             gateway_ipv4: ipv4_to_map([10, 0, 0, 1]),
             mac,
             gateway_mac: GW,
-            flags: 0,
+            slot,
         };
-        inserted.push((1, ep(1, Ipv4Addr::new(10, 0, 0, 2), GUEST)));
+        inserted.push((1, ep(1, Ipv4Addr::new(10, 0, 0, 2), GUEST, 0)));
         for i in 1..n {
             let ip = Ipv4Addr::from(0x0a00_0000 + 16 + i);
-            inserted.push((1000 + i, ep(2 + i % 4096, ip, MacAddr::local(i).0)));
+            inserted.push((1000 + i, ep(2 + i % 4096, ip, MacAddr::local(i).0, i)));
         }
         for (ifindex, info) in &inserted {
             eps.insert(*ifindex, *info, 0)?;
@@ -356,6 +358,7 @@ fn isolation_path(n: u32, repeats: u32) -> Result<(f64, f64)> {
             },
             NextHop {
                 ifindex: 2,
+                slot: n,
                 mac: PEER,
                 flags: 0,
             },
@@ -370,6 +373,7 @@ fn isolation_path(n: u32, repeats: u32) -> Result<(f64, f64)> {
                 },
                 NextHop {
                     ifindex: 1000 + i,
+                    slot: i,
                     mac: MacAddr::local(i).0,
                     flags: 0,
                 },
