@@ -79,10 +79,33 @@ fn main() -> Result<()> {
     println!("empty XDP {xdp_ns:.1} ns/pkt, empty TC {tc_ns:.1} ns/pkt, XDP lookup+count {cal_ns:.1} ns/pkt");
     let mut rows = Vec::new();
     for &n in sizes {
-        let (from, to) = isolation_path(n, repeats)?;
+        let (from, to) = isolation_path(n, repeats, true)?;
         println!("{n:>9} endpoints: from_vm {from:.1} ns/pkt, to_vm {to:.1} ns/pkt");
         rows.push((n, from, to));
     }
+    // Metering's cost: the same path with the counting compiled out at load (METERING = 0).
+    let mut metering_rows = Vec::new();
+    for &n in sizes.iter().filter(|n| **n <= 100_000) {
+        let (off, _) = isolation_path(n, repeats, false)?;
+        let on = rows
+            .iter()
+            .find(|r| r.0 == n)
+            .map(|r| r.1)
+            .unwrap_or(f64::NAN);
+        println!(
+            "{n:>9} endpoints: from_vm without metering {off:.1} ns/pkt, metering adds {:.1} ns",
+            on - off
+        );
+        metering_rows.push((n, on, off));
+    }
+    let memory = map_memory()?;
+    println!(
+        "kernel memory per endpoint: {:.0} B shared + {:.0} B per CPU of counters",
+        memory.shared_per_endpoint, memory.per_cpu_per_endpoint
+    );
+    let collect_n = if args.smoke { 1_000 } else { 100_000 };
+    let collect = collect_counters(collect_n)?;
+    println!("collecting {collect_n} endpoints' counters: {collect:?}");
     let mut creation = Vec::new();
     for pooled in [true, false] {
         let c = endpoint_creation(creates, pooled)?;
@@ -181,6 +204,27 @@ fn main() -> Result<()> {
             ms(c.delete_p50)
         )?;
     }
+    writeln!(report, "\n## Metering (issue 3)\n")?;
+    writeln!(report, "Cost: the same object loaded with the read-only global `METERING` = 0 (the verifier removes the counting code) against the default, in the same run.\n")?;
+    writeln!(
+        report,
+        "| endpoints | `from_vm` with metering | without | metering adds | in calibration units |"
+    )?;
+    writeln!(report, "|---:|---:|---:|---:|---:|")?;
+    for (n, on, off) in &metering_rows {
+        writeln!(
+            report,
+            "| {n} | {on:.1} ns | {off:.1} ns | {:.1} ns | {:.2} |",
+            on - off,
+            (on - off) / unit
+        )?;
+    }
+    writeln!(
+        report,
+        "\nTarget: ≤ 8 ns on the reference machine (≤ 0.73 calibration units).\n"
+    )?;
+    writeln!(report, "Kernel memory per endpoint (from each map's `memlock` in /proc/self/fdinfo, maps of 65,536 entries, preallocated): **{:.0} B** in `ENDPOINTS`, `ENDPOINT_CACHE` and `ROUTES` (one route per endpoint), plus **{:.0} B per CPU** of counters in `COUNTERS` ({:.0} B on this {cpus}-CPU machine). Target: ≤ 512 B plus per-CPU counters.\n", memory.shared_per_endpoint, memory.per_cpu_per_endpoint, memory.per_cpu_per_endpoint * cpus as f64)?;
+    writeln!(report, "Collecting the counters of {collect_n} endpoints (iterate `ENDPOINTS`, read every slot of `COUNTERS` and sum the CPUs): **{:.0} ms**.", collect.as_secs_f64() * 1e3)?;
     writeln!(report, "\n## Against the targets\n")?;
     writeln!(report, "| target | measured | |")?;
     writeln!(report, "|---|---|---|")?;
@@ -305,12 +349,13 @@ fn measure<
 
 /// Loads a private copy of the dataplane with `n` endpoints and `n` routes, the measured
 /// endpoint on ifindex 1 (test_run's device is loopback) in cloud 1.
-fn isolation_path(n: u32, repeats: u32) -> Result<(f64, f64)> {
+fn isolation_path(n: u32, repeats: u32, metering: bool) -> Result<(f64, f64)> {
     let cap = n + 16;
     let mut ebpf = EbpfLoader::new()
         .map_max_entries(MAP_ENDPOINTS, cap)
         .map_max_entries(MAP_ROUTES, cap)
         .map_max_entries(MAP_COUNTERS, cap)
+        .override_global("METERING", &u32::from(metering), true)
         .load(OBJECT)
         .context("loading the dataplane object")?;
     let mut inserted = Vec::with_capacity(n as usize);
@@ -418,6 +463,86 @@ fn drops(ebpf: &Ebpf) -> Result<Vec<(&'static str, u64)>> {
         .filter(|(_, n)| *n > 0)
         .map(|(r, n)| (r.name(), n))
         .collect())
+}
+
+struct Memory {
+    shared_per_endpoint: f64,
+    per_cpu_per_endpoint: f64,
+}
+
+/// `memlock` of a map as the kernel accounts it (/proc/self/fdinfo).
+fn memlock(ebpf: &Ebpf, name: &str) -> Result<u64> {
+    use std::os::fd::{AsFd, AsRawFd};
+    let data = match ebpf.map(name).with_context(|| format!("map {name}"))? {
+        aya::maps::Map::HashMap(d) | aya::maps::Map::Array(d) | aya::maps::Map::PerCpuArray(d) => d,
+        _ => bail!("unexpected map type for {name}"),
+    };
+    let fd = data.fd().as_fd().as_raw_fd();
+    let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}"))?;
+    info.lines()
+        .find_map(|l| l.strip_prefix("memlock:"))
+        .and_then(|v| v.trim().parse().ok())
+        .with_context(|| format!("no memlock for {name}"))
+}
+
+fn map_memory() -> Result<Memory> {
+    const N: u32 = 65_536;
+    let ebpf = EbpfLoader::new()
+        .map_max_entries(MAP_ENDPOINTS, N)
+        .map_max_entries(MAP_ROUTES, N)
+        .map_max_entries(MAP_COUNTERS, N)
+        .load(OBJECT)
+        .context("loading the dataplane object")?;
+    let shared = memlock(&ebpf, MAP_ENDPOINTS)?
+        + memlock(&ebpf, MAP_ENDPOINT_CACHE)?
+        + memlock(&ebpf, MAP_ROUTES)?;
+    let cpus = aya::util::nr_cpus().map_err(|(_, e)| e)? as f64;
+    let counters = memlock(&ebpf, MAP_COUNTERS)? as f64;
+    Ok(Memory {
+        shared_per_endpoint: shared as f64 / N as f64,
+        per_cpu_per_endpoint: counters / cpus / N as f64,
+    })
+}
+
+/// Time to read every endpoint's counters as an exporter does.
+fn collect_counters(n: u32) -> Result<Duration> {
+    let mut ebpf = EbpfLoader::new()
+        .map_max_entries(MAP_ENDPOINTS, n + 16)
+        .map_max_entries(MAP_COUNTERS, n + 16)
+        .load(OBJECT)
+        .context("loading the dataplane object")?;
+    {
+        let mut eps: HashMap<_, u32, EndpointInfo> =
+            HashMap::try_from(ebpf.map_mut(MAP_ENDPOINTS).context("ENDPOINTS")?)?;
+        for i in 0..n {
+            let info = EndpointInfo {
+                cloud: 1 + i / 16,
+                ipv4: ipv4_to_map(Ipv4Addr::from(0x0a00_0000 + i).octets()),
+                gateway_ipv4: ipv4_to_map([10, 0, 0, 1]),
+                mac: MacAddr::local(i).0,
+                gateway_mac: GW,
+                slot: i,
+            };
+            eps.insert(1000 + i, info, 0)?;
+        }
+    }
+    let eps: HashMap<_, u32, EndpointInfo> =
+        HashMap::try_from(ebpf.map(MAP_ENDPOINTS).context("ENDPOINTS")?)?;
+    let counters: aya::maps::PerCpuArray<_, atoll_dataplane_common::EndpointCounters> =
+        aya::maps::PerCpuArray::try_from(ebpf.map(MAP_COUNTERS).context("COUNTERS")?)?;
+    let t = Instant::now();
+    let mut total = 0u64;
+    for entry in eps.iter() {
+        let (_, info) = entry?;
+        let per_cpu = counters.get(&info.slot, 0)?;
+        let sum = atoll_agent::dataplane::sum_counters(per_cpu.iter());
+        total += sum.traffic[0][0].packets;
+    }
+    let elapsed = t.elapsed();
+    if total != 0 {
+        bail!("fresh counters are not zero");
+    }
+    Ok(elapsed)
 }
 
 struct Creation {
