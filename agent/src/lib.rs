@@ -18,5 +18,6 @@ pub mod device;
 pub mod endpoint;
 pub mod testbed;
 pub mod types;
+pub mod usage;
 
 pub use atoll_dataplane_common as common;

@@ -1,0 +1,707 @@
+//! Usage records: what each endpoint sent and received per interval, as CloudEvents 1.0 JSON
+//! lines, written to a durable journal first and then delivered at least once to sinks.
+//!
+//! Decisions:
+//! - **The kernel counters are the source of truth** and only grow while an endpoint exists
+//!   (they live in pinned maps, so an agent restart or kill -9 loses no increment). A record
+//!   carries both its window's `usage` and the endpoint's `cumulative` counters; the next record
+//!   is the difference between the kernel's cumulative counters and the last *journaled*
+//!   cumulative ones. So a crash before a record is journaled loses nothing (the next record
+//!   covers the gap) and a record that was journaled is never computed again (no double count).
+//! - **Deterministic ids.** An endpoint incarnation is `<boot id>-<ifindex>` (ifindexes are not
+//!   reused within a boot; pinned maps do not survive a reboot); a record's id is
+//!   `<incarnation>-<seq>`. Ids are only ever delivered after the record is in the journal, so
+//!   an id always names the same content; consumers deduplicate by id.
+//! - **Journal.** One append-only file of JSON lines, fsync'd after every batch. A torn last
+//!   line (crash mid-write) is cut off on open; a failed write (e.g. disk full) is rolled back
+//!   to the previous length, reported, and retried next interval with the counters still in the
+//!   kernel, so nothing is lost.
+//! - **Delivery.** Each sink has a cursor (byte offset into the journal) persisted atomically
+//!   after the sink acknowledged a batch. A crash between acknowledgement and cursor update
+//!   re-delivers that batch: at least once, never zero times.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    fs::{File, OpenOptions},
+    io::{self, BufRead, BufReader, Read, Seek, SeekFrom, Write},
+    path::{Path, PathBuf},
+    time::{SystemTime, UNIX_EPOCH},
+};
+
+use atoll_dataplane_common::{Direction, DropReason, EndpointCounters, TrafficClass};
+use serde::{Deserialize, Serialize};
+
+/// CloudEvents `type` of usage records.
+pub const EVENT_TYPE: &str = "dev.atoll.usage.v1";
+/// Journal file name inside the journal directory.
+pub const JOURNAL_FILE: &str = "usage.jsonl";
+
+#[derive(Debug, thiserror::Error)]
+pub enum UsageError {
+    #[error("opening usage journal {path}: {source}")]
+    OpenJournal { path: PathBuf, source: io::Error },
+    #[error("reading usage journal {path} at line {line}: {source}")]
+    ReadJournal {
+        path: PathBuf,
+        line: usize,
+        source: io::Error,
+    },
+    #[error("usage journal {path} line {line} is not a usage record: {source}")]
+    ParseJournal {
+        path: PathBuf,
+        line: usize,
+        source: serde_json::Error,
+    },
+    #[error("writing usage journal {path} (records kept in the kernel counters, retried next interval): {source}")]
+    AppendJournal { path: PathBuf, source: io::Error },
+    #[error("reading cursor {path}: {source}")]
+    ReadCursor { path: PathBuf, source: io::Error },
+    #[error("writing cursor {path}: {source}")]
+    WriteCursor { path: PathBuf, source: io::Error },
+    #[error("delivering to sink {sink}: {source}")]
+    Deliver { sink: String, source: io::Error },
+    #[error("encoding a usage record: {0}")]
+    Encode(#[source] serde_json::Error),
+}
+
+/// A CloudEvents 1.0 envelope around [`UsageData`] (structured mode, JSON).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct UsageEvent {
+    pub specversion: String,
+    pub id: String,
+    pub source: String,
+    #[serde(rename = "type")]
+    pub ty: String,
+    /// `<cloud>/<endpoint>`.
+    pub subject: String,
+    /// End of the window, RFC 3339 UTC.
+    pub time: String,
+    pub datacontenttype: String,
+    pub data: UsageData,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct UsageData {
+    pub cloud: u32,
+    /// Host device name of the endpoint.
+    pub endpoint: String,
+    pub incarnation: String,
+    /// 1 for the first record of an incarnation, then +1.
+    pub seq: u64,
+    pub start_unix_ms: u64,
+    pub end_unix_ms: u64,
+    /// True for the last record of an endpoint, written before it is deleted.
+    #[serde(rename = "final")]
+    pub is_final: bool,
+    /// What happened in this window.
+    pub usage: Counters,
+    /// Everything since the endpoint was created (the baseline for the next record).
+    pub cumulative: Counters,
+}
+
+/// Packets and bytes per direction and class, and drops per reason (non-zero only).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Counters {
+    pub traffic: Vec<Traffic>,
+    pub drops: BTreeMap<String, u64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Traffic {
+    pub direction: String,
+    pub class: String,
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+impl Counters {
+    /// All direction × class pairs (zeros included, so every record has the same shape) and
+    /// the non-zero drops.
+    pub fn from_kernel(c: &EndpointCounters) -> Self {
+        let mut traffic = Vec::with_capacity(Direction::COUNT * TrafficClass::COUNT);
+        for d in Direction::ALL {
+            for k in TrafficClass::ALL {
+                let t = c.traffic[d as usize][k as usize];
+                traffic.push(Traffic {
+                    direction: d.name().into(),
+                    class: k.name().into(),
+                    packets: t.packets,
+                    bytes: t.bytes,
+                });
+            }
+        }
+        let drops = DropReason::ALL
+            .iter()
+            .filter(|r| c.drops[**r as usize] > 0)
+            .map(|r| (r.name().to_string(), c.drops[*r as usize]))
+            .collect();
+        Counters { traffic, drops }
+    }
+
+    /// `self - baseline`, field by field. If any field went down, the counters were reset
+    /// (which the agent never does to a live endpoint) and `self` is returned whole.
+    pub fn since(&self, baseline: &Counters) -> Counters {
+        let base_t: HashMap<(&str, &str), &Traffic> = baseline
+            .traffic
+            .iter()
+            .map(|t| ((t.direction.as_str(), t.class.as_str()), t))
+            .collect();
+        let mut out = self.clone();
+        for t in out.traffic.iter_mut() {
+            if let Some(b) = base_t.get(&(t.direction.as_str(), t.class.as_str())) {
+                if t.packets < b.packets || t.bytes < b.bytes {
+                    return self.clone();
+                }
+                t.packets -= b.packets;
+                t.bytes -= b.bytes;
+            }
+        }
+        for (reason, n) in out.drops.iter_mut() {
+            let b = baseline.drops.get(reason).copied().unwrap_or(0);
+            if *n < b {
+                return self.clone();
+            }
+            *n -= b;
+        }
+        if baseline.drops.keys().any(|k| !self.drops.contains_key(k)) {
+            return self.clone();
+        }
+        out.drops.retain(|_, n| *n > 0);
+        out
+    }
+
+    /// Bytes of one direction and class.
+    pub fn bytes(&self, direction: &str, class: &str) -> u64 {
+        self.traffic
+            .iter()
+            .filter(|t| t.direction == direction && t.class == class)
+            .map(|t| t.bytes)
+            .sum()
+    }
+}
+
+/// One endpoint's state as collected from the dataplane.
+#[derive(Debug, Clone)]
+pub struct Snapshot {
+    pub incarnation: String,
+    pub cloud: u32,
+    pub endpoint: String,
+    pub counters: EndpointCounters,
+}
+
+/// The last journaled record of an incarnation.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Baseline {
+    pub seq: u64,
+    pub end_unix_ms: u64,
+    pub cumulative: Counters,
+    pub is_final: bool,
+}
+
+/// The durable journal of usage records.
+pub struct Journal {
+    path: PathBuf,
+    file: File,
+    len: u64,
+    baselines: HashMap<String, Baseline>,
+}
+
+impl Journal {
+    /// Opens (creating) `<dir>/usage.jsonl`, cuts off a torn last line, and rebuilds the
+    /// baseline of every incarnation from the records.
+    pub fn open(dir: &Path) -> Result<Self, UsageError> {
+        let path = dir.join(JOURNAL_FILE);
+        let open_err = |source| UsageError::OpenJournal {
+            path: path.clone(),
+            source,
+        };
+        std::fs::create_dir_all(dir).map_err(open_err)?;
+        let mut file = OpenOptions::new()
+            .create(true)
+            .read(true)
+            .append(true)
+            .open(&path)
+            .map_err(open_err)?;
+        let mut baselines = HashMap::new();
+        let mut good_len = 0u64;
+        {
+            file.seek(SeekFrom::Start(0)).map_err(open_err)?;
+            let mut reader = BufReader::new(&file);
+            let mut line = String::new();
+            let mut n = 0;
+            loop {
+                line.clear();
+                let read =
+                    reader
+                        .read_line(&mut line)
+                        .map_err(|source| UsageError::ReadJournal {
+                            path: path.clone(),
+                            line: n + 1,
+                            source,
+                        })?;
+                if read == 0 || !line.ends_with('\n') {
+                    break; // end, or a torn line from a crash mid-write
+                }
+                n += 1;
+                let ev: UsageEvent = serde_json::from_str(line.trim_end()).map_err(|source| {
+                    UsageError::ParseJournal {
+                        path: path.clone(),
+                        line: n,
+                        source,
+                    }
+                })?;
+                baselines.insert(
+                    ev.data.incarnation.clone(),
+                    Baseline {
+                        seq: ev.data.seq,
+                        end_unix_ms: ev.data.end_unix_ms,
+                        cumulative: ev.data.cumulative,
+                        is_final: ev.data.is_final,
+                    },
+                );
+                good_len += read as u64;
+            }
+        }
+        let len = file.metadata().map_err(open_err)?.len();
+        if len != good_len {
+            file.set_len(good_len).map_err(open_err)?;
+            file.sync_data().map_err(open_err)?;
+        }
+        Ok(Journal {
+            path,
+            file,
+            len: good_len,
+            baselines,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn baseline(&self, incarnation: &str) -> Option<&Baseline> {
+        self.baselines.get(incarnation)
+    }
+
+    /// Appends records and fsyncs. On failure the file is cut back to its previous length and
+    /// no baseline moves, so the same usage is recomputed next time.
+    pub fn append(&mut self, events: &[UsageEvent]) -> Result<(), UsageError> {
+        if events.is_empty() {
+            return Ok(());
+        }
+        let mut buf = Vec::new();
+        for ev in events {
+            serde_json::to_writer(&mut buf, ev).map_err(UsageError::Encode)?;
+            buf.push(b'\n');
+        }
+        let result = self
+            .file
+            .write_all(&buf)
+            .and_then(|()| self.file.sync_data());
+        if let Err(source) = result {
+            let _ = self.file.set_len(self.len);
+            let _ = self.file.sync_data();
+            return Err(UsageError::AppendJournal {
+                path: self.path.clone(),
+                source,
+            });
+        }
+        self.len += buf.len() as u64;
+        for ev in events {
+            self.baselines.insert(
+                ev.data.incarnation.clone(),
+                Baseline {
+                    seq: ev.data.seq,
+                    end_unix_ms: ev.data.end_unix_ms,
+                    cumulative: ev.data.cumulative.clone(),
+                    is_final: ev.data.is_final,
+                },
+            );
+        }
+        Ok(())
+    }
+}
+
+/// Builds the next record of every snapshot against the journal's baselines. `window_start_ms`
+/// is used for an incarnation's first record (the previous collection time).
+pub fn build_records(
+    journal: &Journal,
+    snapshots: &[Snapshot],
+    source: &str,
+    window_start_ms: u64,
+    now_ms: u64,
+    is_final: bool,
+) -> Vec<UsageEvent> {
+    let empty = Counters::from_kernel(&EndpointCounters::ZERO);
+    snapshots
+        .iter()
+        .filter(|s| !journal.baseline(&s.incarnation).is_some_and(|b| b.is_final))
+        .map(|s| {
+            let cumulative = Counters::from_kernel(&s.counters);
+            let base = journal.baseline(&s.incarnation);
+            let usage = cumulative.since(base.map(|b| &b.cumulative).unwrap_or(&empty));
+            let seq = base.map(|b| b.seq).unwrap_or(0) + 1;
+            let start = base
+                .map(|b| b.end_unix_ms)
+                .unwrap_or(window_start_ms)
+                .min(now_ms);
+            UsageEvent {
+                specversion: "1.0".into(),
+                id: format!("{}-{seq}", s.incarnation),
+                source: source.into(),
+                ty: EVENT_TYPE.into(),
+                subject: format!("{}/{}", s.cloud, s.endpoint),
+                time: rfc3339_ms(now_ms),
+                datacontenttype: "application/json".into(),
+                data: UsageData {
+                    cloud: s.cloud,
+                    endpoint: s.endpoint.clone(),
+                    incarnation: s.incarnation.clone(),
+                    seq,
+                    start_unix_ms: start,
+                    end_unix_ms: now_ms,
+                    is_final,
+                    usage,
+                    cumulative,
+                },
+            }
+        })
+        .collect()
+}
+
+/// `<boot id>-<ifindex>`: names one endpoint from creation to deletion.
+pub fn incarnation(boot_id: &str, ifindex: u32) -> String {
+    format!("{boot_id}-{ifindex}")
+}
+
+/// This boot's id (hex, no dashes).
+pub fn boot_id() -> Result<String, io::Error> {
+    let raw = std::fs::read_to_string("/proc/sys/kernel/random/boot_id")?;
+    Ok(raw.trim().replace('-', ""))
+}
+
+pub fn now_unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Formats milliseconds since the epoch as RFC 3339 UTC with milliseconds.
+pub fn rfc3339_ms(ms: u64) -> String {
+    let secs = ms / 1000;
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60,
+        ms % 1000
+    )
+}
+
+/// Where records go after the journal.
+pub trait Sink {
+    /// Stable name, used for the cursor file.
+    fn name(&self) -> &str;
+    /// Delivers complete JSON lines (each ending in '\n'); returns once they are durable at the
+    /// sink. An error leaves the cursor where it was.
+    fn deliver(&mut self, lines: &[u8]) -> Result<(), io::Error>;
+}
+
+/// Appends records to a JSON-lines file and fsyncs it.
+pub struct FileSink {
+    name: String,
+    path: PathBuf,
+}
+
+impl FileSink {
+    pub fn new(path: PathBuf) -> Self {
+        FileSink {
+            name: "file".into(),
+            path,
+        }
+    }
+}
+
+impl Sink for FileSink {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn deliver(&mut self, lines: &[u8]) -> Result<(), io::Error> {
+        let mut f = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.path)?;
+        f.write_all(lines)?;
+        f.sync_data()
+    }
+}
+
+/// Delivers everything in the journal past the sink's cursor, in batches of at most
+/// `max_batch` bytes (whole lines), advancing the cursor after each acknowledged batch.
+/// Returns the number of records delivered.
+pub fn deliver_pending(
+    journal: &Path,
+    cursor_dir: &Path,
+    sink: &mut dyn Sink,
+    max_batch: usize,
+) -> Result<usize, UsageError> {
+    let cursor_path = cursor_dir.join(format!("{}.cursor", sink.name()));
+    let mut offset = read_cursor(&cursor_path)?;
+    let mut file = File::open(journal).map_err(|source| UsageError::OpenJournal {
+        path: journal.into(),
+        source,
+    })?;
+    let len = file
+        .metadata()
+        .map_err(|source| UsageError::OpenJournal {
+            path: journal.into(),
+            source,
+        })?
+        .len();
+    if offset > len {
+        // The journal was replaced; start over (at least once).
+        offset = 0;
+    }
+    let mut delivered = 0;
+    while offset < len {
+        file.seek(SeekFrom::Start(offset))
+            .map_err(|source| UsageError::OpenJournal {
+                path: journal.into(),
+                source,
+            })?;
+        let mut chunk = vec![0u8; max_batch.min((len - offset) as usize)];
+        file.read_exact(&mut chunk)
+            .map_err(|source| UsageError::OpenJournal {
+                path: journal.into(),
+                source,
+            })?;
+        let Some(end) = chunk.iter().rposition(|b| *b == b'\n') else {
+            // A single line longer than the batch: send it alone.
+            let mut line = Vec::new();
+            file.seek(SeekFrom::Start(offset))
+                .map_err(|source| UsageError::OpenJournal {
+                    path: journal.into(),
+                    source,
+                })?;
+            BufReader::new(&file)
+                .read_until(b'\n', &mut line)
+                .map_err(|source| UsageError::OpenJournal {
+                    path: journal.into(),
+                    source,
+                })?;
+            if !line.ends_with(b"\n") {
+                break;
+            }
+            chunk = line;
+            sink.deliver(&chunk).map_err(|source| UsageError::Deliver {
+                sink: sink.name().into(),
+                source,
+            })?;
+            offset += chunk.len() as u64;
+            delivered += 1;
+            write_cursor(&cursor_path, offset)?;
+            continue;
+        };
+        let batch = &chunk[..=end];
+        sink.deliver(batch).map_err(|source| UsageError::Deliver {
+            sink: sink.name().into(),
+            source,
+        })?;
+        offset += batch.len() as u64;
+        delivered += batch.iter().filter(|b| **b == b'\n').count();
+        write_cursor(&cursor_path, offset)?;
+    }
+    Ok(delivered)
+}
+
+fn read_cursor(path: &Path) -> Result<u64, UsageError> {
+    match std::fs::read_to_string(path) {
+        Ok(s) => s.trim().parse().map_err(|e| UsageError::ReadCursor {
+            path: path.into(),
+            source: io::Error::new(io::ErrorKind::InvalidData, e),
+        }),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(0),
+        Err(source) => Err(UsageError::ReadCursor {
+            path: path.into(),
+            source,
+        }),
+    }
+}
+
+/// Writes the cursor atomically (temporary file, fsync, rename).
+fn write_cursor(path: &Path, offset: u64) -> Result<(), UsageError> {
+    let err = |source| UsageError::WriteCursor {
+        path: path.into(),
+        source,
+    };
+    let tmp = path.with_extension("cursor-tmp");
+    let mut f = File::create(&tmp).map_err(err)?;
+    f.write_all(offset.to_string().as_bytes()).map_err(err)?;
+    f.sync_data().map_err(err)?;
+    std::fs::rename(&tmp, path).map_err(err)?;
+    if let Some(dir) = path.parent() {
+        if let Ok(d) = File::open(dir) {
+            let _ = d.sync_all();
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn counters(packets: u64, bytes: u64, drops: u64) -> EndpointCounters {
+        let mut c = EndpointCounters::ZERO;
+        c.traffic[Direction::FromGuest as usize][TrafficClass::IntraCloud as usize].packets =
+            packets;
+        c.traffic[Direction::FromGuest as usize][TrafficClass::IntraCloud as usize].bytes = bytes;
+        c.drops[DropReason::SpoofedSourceIp as usize] = drops;
+        c
+    }
+
+    fn snap(inc: &str, c: EndpointCounters) -> Snapshot {
+        Snapshot {
+            incarnation: inc.into(),
+            cloud: 3,
+            endpoint: "tap0".into(),
+            counters: c,
+        }
+    }
+
+    fn tmpdir(tag: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(crate::testbed::unique_name(tag));
+        let _ = std::fs::remove_dir_all(&d);
+        d
+    }
+
+    #[test]
+    fn rfc3339_matches_known_instants() {
+        assert_eq!(rfc3339_ms(0), "1970-01-01T00:00:00.000Z");
+        assert_eq!(rfc3339_ms(951_782_400_123), "2000-02-29T00:00:00.123Z");
+        assert_eq!(rfc3339_ms(1_795_478_400_000), "2026-11-24T00:00:00.000Z");
+    }
+
+    #[test]
+    fn records_are_deltas_against_the_journal_and_ids_are_sequential() {
+        let dir = tmpdir("uj");
+        let mut j = Journal::open(&dir).unwrap();
+        let r1 = build_records(
+            &j,
+            &[snap("b-7", counters(10, 1000, 1))],
+            "atoll/test",
+            0,
+            1000,
+            false,
+        );
+        assert_eq!(r1[0].id, "b-7-1");
+        assert_eq!(r1[0].data.usage.bytes("from_guest", "intra_cloud"), 1000);
+        j.append(&r1).unwrap();
+        let r2 = build_records(
+            &j,
+            &[snap("b-7", counters(15, 1600, 1))],
+            "atoll/test",
+            0,
+            2000,
+            false,
+        );
+        assert_eq!(r2[0].id, "b-7-2");
+        assert_eq!(r2[0].data.start_unix_ms, 1000);
+        assert_eq!(r2[0].data.usage.bytes("from_guest", "intra_cloud"), 600);
+        assert!(r2[0].data.usage.drops.is_empty(), "no new drops");
+        // Not journaled yet: a restart recomputes the same id with everything since record 1.
+        let j2 = Journal::open(&dir).unwrap();
+        let again = build_records(
+            &j2,
+            &[snap("b-7", counters(20, 2000, 2))],
+            "atoll/test",
+            0,
+            3000,
+            false,
+        );
+        assert_eq!(again[0].id, "b-7-2");
+        assert_eq!(again[0].data.usage.bytes("from_guest", "intra_cloud"), 1000);
+        assert_eq!(again[0].data.usage.drops.get("spoofed_source_ip"), Some(&1));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn torn_last_line_is_cut_and_final_records_end_an_incarnation() {
+        let dir = tmpdir("ut");
+        let mut j = Journal::open(&dir).unwrap();
+        let r = build_records(&j, &[snap("b-1", counters(1, 60, 0))], "s", 0, 10, true);
+        j.append(&r).unwrap();
+        let good = std::fs::metadata(j.path()).unwrap().len();
+        let mut f = OpenOptions::new().append(true).open(j.path()).unwrap();
+        f.write_all(b"{\"specversion\":\"1.0\",\"id\":\"b-1-2\"")
+            .unwrap();
+        drop(f);
+        let j = Journal::open(&dir).unwrap();
+        assert_eq!(std::fs::metadata(j.path()).unwrap().len(), good);
+        assert!(j.baseline("b-1").unwrap().is_final);
+        assert!(
+            build_records(&j, &[snap("b-1", counters(1, 60, 0))], "s", 0, 20, false).is_empty()
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn delivery_resumes_from_the_cursor_and_retries_failures() {
+        struct Flaky {
+            fail: bool,
+            got: Vec<u8>,
+        }
+        impl Sink for Flaky {
+            fn name(&self) -> &str {
+                "flaky"
+            }
+            fn deliver(&mut self, lines: &[u8]) -> Result<(), io::Error> {
+                if self.fail {
+                    return Err(io::Error::other("sink down"));
+                }
+                self.got.extend_from_slice(lines);
+                Ok(())
+            }
+        }
+        let dir = tmpdir("ud");
+        let mut j = Journal::open(&dir).unwrap();
+        for t in 1..=5u64 {
+            let r = build_records(
+                &j,
+                &[snap("b-2", counters(t, t * 100, 0))],
+                "s",
+                0,
+                t,
+                false,
+            );
+            j.append(&r).unwrap();
+        }
+        let mut sink = Flaky {
+            fail: true,
+            got: Vec::new(),
+        };
+        assert!(deliver_pending(j.path(), &dir, &mut sink, 300).is_err());
+        sink.fail = false;
+        assert_eq!(deliver_pending(j.path(), &dir, &mut sink, 300).unwrap(), 5);
+        assert_eq!(
+            deliver_pending(j.path(), &dir, &mut sink, 300).unwrap(),
+            0,
+            "nothing twice"
+        );
+        assert_eq!(sink.got, std::fs::read(j.path()).unwrap());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
