@@ -28,6 +28,7 @@ use crate::{
     dataplane::{Dataplane, DataplaneError},
     device::{self, DeviceError, Devices},
     types::{CloudId, MacAddr},
+    usage::{Recorder, Snapshot, UsageError},
 };
 
 /// What kind of device backs an endpoint.
@@ -91,6 +92,8 @@ pub enum EndpointError {
     },
     #[error("opening the dataplane: {0}")]
     OpenDataplane(#[source] DataplaneError),
+    #[error("recording usage: {0}")]
+    Usage(#[source] UsageError),
     #[error("opening netlink: {0}")]
     OpenNetlink(#[source] DeviceError),
 }
@@ -104,6 +107,8 @@ pub struct Host {
     pool_target: u32,
     /// Counter slots not held by any endpoint, lowest last (popped first).
     free_slots: Vec<u32>,
+    /// Where usage records go; `None` disables them (tests, tools).
+    usage: Option<Recorder>,
 }
 
 /// Name prefix of spare taps.
@@ -122,6 +127,7 @@ impl Host {
             pool: Vec::new(),
             pool_target: cfg.tap_pool,
             free_slots: Vec::new(),
+            usage: None,
         };
         host.pool = host.find_pool()?;
         host.free_slots = host.find_free_slots()?;
@@ -410,9 +416,91 @@ impl Host {
                 source,
             })?;
         self.dataplane.detach(ifindex).map_err(unprogram)?;
+        // The device is gone, so its counters are final: journal them before the identity and
+        // the slot are released. If that fails the endpoint stays (without device) and a later
+        // delete or reconcile retries, so nothing is lost.
+        self.record_final(ifindex, info, Some(name))?;
         self.dataplane.remove_endpoint(ifindex).map_err(unprogram)?;
         self.free_slots.push(info.slot);
         Ok(())
+    }
+
+    /// Records usage from now on into `recorder` (see [`crate::usage`]).
+    pub fn set_usage(&mut self, recorder: Recorder) {
+        self.usage = Some(recorder);
+    }
+
+    pub fn usage(&self) -> Option<&Recorder> {
+        self.usage.as_ref()
+    }
+
+    fn snapshot(
+        &self,
+        recorder: &Recorder,
+        ifindex: u32,
+        info: &EndpointInfo,
+        name: Option<&str>,
+    ) -> Result<Snapshot, EndpointError> {
+        let incarnation = recorder.incarnation(ifindex);
+        let endpoint = name
+            .map(str::to_string)
+            .or_else(|| device::ifname(ifindex))
+            .or_else(|| recorder.last_name(&incarnation).map(str::to_string))
+            .unwrap_or_else(|| format!("ifindex-{ifindex}"));
+        let counters =
+            self.dataplane
+                .counters(info.slot)
+                .map_err(|source| EndpointError::Unprogram {
+                    name: endpoint.clone(),
+                    source,
+                })?;
+        Ok(Snapshot {
+            incarnation,
+            cloud: info.cloud,
+            endpoint,
+            counters,
+        })
+    }
+
+    fn record_final(
+        &mut self,
+        ifindex: u32,
+        info: &EndpointInfo,
+        name: Option<&str>,
+    ) -> Result<(), EndpointError> {
+        let Some(recorder) = self.usage.as_ref() else {
+            return Ok(());
+        };
+        let snap = self.snapshot(recorder, ifindex, info, name)?;
+        self.usage
+            .as_mut()
+            .expect("checked above")
+            .record(&[snap], true)
+            .map_err(EndpointError::Usage)?;
+        Ok(())
+    }
+
+    /// Journals one usage record per endpoint (the periodic collection). Returns how many.
+    pub fn collect_usage(&mut self) -> Result<usize, EndpointError> {
+        let Some(recorder) = self.usage.as_ref() else {
+            return Ok(0);
+        };
+        let mut snaps = Vec::new();
+        for (ifindex, info) in
+            self.dataplane
+                .endpoints()
+                .map_err(|source| EndpointError::Unprogram {
+                    name: "*".into(),
+                    source,
+                })?
+        {
+            snaps.push(self.snapshot(recorder, ifindex, &info, None)?);
+        }
+        self.usage
+            .as_mut()
+            .expect("checked above")
+            .record(&snaps, false)
+            .map_err(EndpointError::Usage)
     }
 
     /// All endpoints in the dataplane, with their device names when the device exists.
@@ -458,6 +546,7 @@ impl Host {
                     }
                 }
                 self.dataplane.detach(ifindex).map_err(err)?;
+                self.record_final(ifindex, &info, None)?;
                 self.dataplane.remove_endpoint(ifindex).map_err(err)?;
                 self.free_slots.push(info.slot);
                 removed += 1;

@@ -192,6 +192,7 @@ pub struct Snapshot {
 /// The last journaled record of an incarnation.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Baseline {
+    pub endpoint: String,
     pub seq: u64,
     pub end_unix_ms: u64,
     pub cumulative: Counters,
@@ -253,6 +254,7 @@ impl Journal {
                 baselines.insert(
                     ev.data.incarnation.clone(),
                     Baseline {
+                        endpoint: ev.data.endpoint,
                         seq: ev.data.seq,
                         end_unix_ms: ev.data.end_unix_ms,
                         cumulative: ev.data.cumulative,
@@ -311,6 +313,7 @@ impl Journal {
             self.baselines.insert(
                 ev.data.incarnation.clone(),
                 Baseline {
+                    endpoint: ev.data.endpoint.clone(),
                     seq: ev.data.seq,
                     end_unix_ms: ev.data.end_unix_ms,
                     cumulative: ev.data.cumulative.clone(),
@@ -367,6 +370,65 @@ pub fn build_records(
             }
         })
         .collect()
+}
+
+/// Turns snapshots into journaled records: the journal, this host's CloudEvents `source`, the
+/// boot id for incarnations, and the time of the last collection (start of the next window).
+pub struct Recorder {
+    journal: Journal,
+    source: String,
+    boot_id: String,
+    last_tick_ms: u64,
+}
+
+impl Recorder {
+    /// Opens the journal in `dir`; `source` is the CloudEvents source (e.g. `atoll/agent/<host>`).
+    pub fn open(dir: &Path, source: &str) -> Result<Self, UsageError> {
+        let journal = Journal::open(dir)?;
+        let boot_id = boot_id().map_err(|source| UsageError::OpenJournal {
+            path: "/proc/sys/kernel/random/boot_id".into(),
+            source,
+        })?;
+        Ok(Recorder {
+            journal,
+            source: source.into(),
+            boot_id,
+            last_tick_ms: now_unix_ms(),
+        })
+    }
+
+    pub fn journal(&self) -> &Journal {
+        &self.journal
+    }
+
+    pub fn incarnation(&self, ifindex: u32) -> String {
+        incarnation(&self.boot_id, ifindex)
+    }
+
+    /// The endpoint name of an incarnation's last record, if any.
+    pub fn last_name(&self, incarnation: &str) -> Option<&str> {
+        self.journal
+            .baseline(incarnation)
+            .map(|b| b.endpoint.as_str())
+    }
+
+    /// Builds and journals one record per snapshot; returns how many were written.
+    pub fn record(&mut self, snapshots: &[Snapshot], is_final: bool) -> Result<usize, UsageError> {
+        let now = now_unix_ms().max(self.last_tick_ms);
+        let events = build_records(
+            &self.journal,
+            snapshots,
+            &self.source,
+            self.last_tick_ms,
+            now,
+            is_final,
+        );
+        self.journal.append(&events)?;
+        if !is_final {
+            self.last_tick_ms = now;
+        }
+        Ok(events.len())
+    }
 }
 
 /// `<boot id>-<ifindex>`: names one endpoint from creation to deletion.
@@ -580,6 +642,37 @@ mod tests {
             endpoint: "tap0".into(),
             counters: c,
         }
+    }
+
+    #[test]
+    fn recorder_resumes_after_restart_without_double_counting() {
+        let dir = tmpdir("ur");
+        let mut r = Recorder::open(&dir, "atoll/test").unwrap();
+        let inc = r.incarnation(12);
+        assert_eq!(
+            r.record(&[snap(&inc, counters(4, 400, 0))], false).unwrap(),
+            1
+        );
+        drop(r);
+        let mut r = Recorder::open(&dir, "atoll/test").unwrap();
+        assert_eq!(r.last_name(&inc), Some("tap0"));
+        r.record(&[snap(&inc, counters(6, 700, 0))], true).unwrap();
+        let text = std::fs::read_to_string(r.journal().path()).unwrap();
+        let events: Vec<UsageEvent> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        let total: u64 = events
+            .iter()
+            .map(|e| e.data.usage.bytes("from_guest", "intra_cloud"))
+            .sum();
+        assert_eq!(
+            total, 700,
+            "records sum to the kernel's cumulative counters"
+        );
+        assert_eq!(events[1].id, format!("{inc}-2"));
+        assert!(events[1].data.is_final);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     fn tmpdir(tag: &str) -> PathBuf {

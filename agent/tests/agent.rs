@@ -280,3 +280,125 @@ fn bad_config_file_is_rejected_with_the_key() {
         "stderr names the bad key: {stderr}"
     );
 }
+
+/// An ICMP echo request frame of exactly `size` bytes from `src` to `dst` via the gateway MAC.
+fn echo_frame(
+    src_mac: MacAddr,
+    gw_mac: MacAddr,
+    src: Ipv4Addr,
+    dst: Ipv4Addr,
+    size: usize,
+) -> Vec<u8> {
+    fn csum(data: &[u8]) -> u16 {
+        let mut sum: u32 = data
+            .chunks(2)
+            .map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)])))
+            .sum();
+        while sum > 0xffff {
+            sum = (sum & 0xffff) + (sum >> 16);
+        }
+        !(sum as u16)
+    }
+    let mut f = vec![0u8; size];
+    f[0..6].copy_from_slice(&gw_mac.0);
+    f[6..12].copy_from_slice(&src_mac.0);
+    f[12..14].copy_from_slice(&0x0800u16.to_be_bytes());
+    let ip_len = (size - 14) as u16;
+    f[14] = 0x45;
+    f[16..18].copy_from_slice(&ip_len.to_be_bytes());
+    f[22] = 64;
+    f[23] = 1;
+    f[26..30].copy_from_slice(&src.octets());
+    f[30..34].copy_from_slice(&dst.octets());
+    let c = csum(&f[14..34]);
+    f[24..26].copy_from_slice(&c.to_be_bytes());
+    f[34] = 8;
+    let c = csum(&f[34..]);
+    f[36..38].copy_from_slice(&c.to_be_bytes());
+    f
+}
+
+fn read_frame(fd: &std::os::fd::OwnedFd) -> Option<Vec<u8>> {
+    use std::os::fd::AsRawFd;
+    let mut pfd = libc::pollfd {
+        fd: fd.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd; bounded timeout.
+    if unsafe { libc::poll(&mut pfd, 1, 2000) } != 1 {
+        return None;
+    }
+    let mut buf = vec![0u8; 2048];
+    // SAFETY: `buf` is valid for `buf.len()` bytes.
+    let n = unsafe { libc::read(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+    (n > 0).then(|| {
+        buf.truncate(n as usize);
+        buf
+    })
+}
+
+#[tokio::test]
+async fn usage_records_sum_exactly_to_the_traffic_including_the_final_flush() {
+    use atoll_agent::usage::{Recorder, UsageEvent};
+    use std::os::fd::AsRawFd;
+    require_root();
+    let pins = PinRoot::new("us");
+    let journal_dir = std::env::temp_dir().join(unique_name("us"));
+    let mut host = Host::open(&cfg(&pins, 16, 0)).unwrap();
+    host.set_usage(Recorder::open(&journal_dir, "atoll/test").unwrap());
+    let (a_name, b_name) = (unique_name("us"), unique_name("us"));
+    let a = host.create_endpoint(&tap(&a_name, 9, 2)).await.unwrap();
+    let b = host.create_endpoint(&tap(&b_name, 9, 3)).await.unwrap();
+    let qa = device::open_tap_queue(&a_name, true).unwrap();
+    let qb = device::open_tap_queue(&b_name, true).unwrap();
+    let gw = host.gateway_mac();
+    let send = |size: usize| {
+        let f = echo_frame(a.mac, gw, a.ipv4, b.ipv4, size);
+        // SAFETY: `f` is a valid buffer.
+        let n = unsafe { libc::write(qa.as_raw_fd(), f.as_ptr().cast(), f.len()) };
+        assert_eq!(n, f.len() as isize);
+        let got = read_frame(&qb).expect("frame delivered to b");
+        assert_eq!(got.len(), size);
+    };
+    let mut sent = 0u64;
+    for size in [60, 200, 1000] {
+        send(size);
+        sent += size as u64;
+    }
+    assert_eq!(host.collect_usage().unwrap(), 2, "one record per endpoint");
+    for size in [90, 1514] {
+        send(size);
+        sent += size as u64;
+    }
+    drop((qa, qb));
+    host.delete_endpoint(&a_name).await.unwrap();
+    host.delete_endpoint(&b_name).await.unwrap();
+    let journal = host.usage().unwrap().journal().path().to_path_buf();
+    let events: Vec<UsageEvent> = std::fs::read_to_string(&journal)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(events.len(), 4, "two periodic, two final");
+    let sum = |ep: &str, dir: &str| -> u64 {
+        events
+            .iter()
+            .filter(|e| e.data.endpoint == ep)
+            .map(|e| e.data.usage.bytes(dir, "intra_cloud"))
+            .sum()
+    };
+    assert_eq!(sum(&a_name, "from_guest"), sent);
+    assert_eq!(sum(&b_name, "to_guest"), sent);
+    assert_eq!(sum(&a_name, "to_guest"), 0);
+    assert!(events.iter().filter(|e| e.data.is_final).count() == 2);
+    let mut ids: Vec<&str> = events.iter().map(|e| e.id.as_str()).collect();
+    ids.sort_unstable();
+    ids.dedup();
+    assert_eq!(ids.len(), 4, "ids are unique");
+    assert!(events
+        .iter()
+        .all(|e| e.specversion == "1.0" && e.ty == "dev.atoll.usage.v1"));
+    host.destroy().await.unwrap();
+    std::fs::remove_dir_all(&journal_dir).unwrap();
+}
