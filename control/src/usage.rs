@@ -1,0 +1,452 @@
+//! `atoll usage`: usage and cost per cloud for a period, from the agent's usage records.
+//!
+//! Decisions:
+//! - Input is what a billing system receives: CloudEvents JSON lines (the agent's file sink, or
+//!   its journal). This module parses them with its own types, so it depends only on the
+//!   published record schema, not on the agent's code.
+//! - Records are deduplicated by CloudEvents `id` (delivery is at least once).
+//! - A record belongs to the period containing its window's end (`[from, to)`); windows are one
+//!   collection interval long, so this is exact at interval boundaries.
+//! - Prices are per GB (10^9 bytes) per direction and traffic class; anything without a price
+//!   costs 0. Costs are computed in micro-units from exact byte counts and rounded once.
+
+use std::{
+    collections::{BTreeMap, HashSet},
+    io::BufRead,
+    path::{Path, PathBuf},
+};
+
+use serde::Deserialize;
+
+#[derive(Debug, thiserror::Error)]
+pub enum UsageError {
+    #[error("reading {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path} line {line}: not a usage record: {source}")]
+    Parse {
+        path: PathBuf,
+        line: usize,
+        source: serde_json::Error,
+    },
+    #[error("reading price file {path}: {source}")]
+    ReadPrices {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("price file {path}: {source}")]
+    ParsePrices {
+        path: PathBuf,
+        source: toml::de::Error,
+    },
+    #[error("price file {path}: {message}")]
+    InvalidPrices { path: PathBuf, message: String },
+    #[error("invalid time {0:?}: expected RFC 3339 UTC like 2026-11-01T00:00:00Z")]
+    Time(String),
+}
+
+#[derive(Debug, Deserialize)]
+struct Event {
+    id: String,
+    #[serde(rename = "type")]
+    ty: String,
+    data: Data,
+}
+
+#[derive(Debug, Deserialize)]
+struct Data {
+    cloud: u32,
+    end_unix_ms: u64,
+    usage: Usage,
+}
+
+#[derive(Debug, Deserialize)]
+struct Usage {
+    traffic: Vec<Traffic>,
+}
+
+#[derive(Debug, Deserialize)]
+struct Traffic {
+    direction: String,
+    class: String,
+    packets: u64,
+    bytes: u64,
+}
+
+/// Prices per GB. Unknown keys are rejected.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Prices {
+    /// ISO 4217 code, e.g. "USD".
+    pub currency: String,
+    #[serde(default)]
+    pub from_guest: ClassPrices,
+    #[serde(default)]
+    pub to_guest: ClassPrices,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ClassPrices {
+    #[serde(default)]
+    pub intra_cloud: f64,
+    #[serde(default)]
+    pub exposure: f64,
+    #[serde(default)]
+    pub host: f64,
+    #[serde(default)]
+    pub external: f64,
+}
+
+impl Prices {
+    pub fn load(path: &Path) -> Result<Self, UsageError> {
+        let text = std::fs::read_to_string(path).map_err(|source| UsageError::ReadPrices {
+            path: path.into(),
+            source,
+        })?;
+        let p: Prices = toml::from_str(&text).map_err(|source| UsageError::ParsePrices {
+            path: path.into(),
+            source,
+        })?;
+        let invalid = |m: &str| UsageError::InvalidPrices {
+            path: path.into(),
+            message: m.into(),
+        };
+        if p.currency.len() != 3 || !p.currency.bytes().all(|b| b.is_ascii_uppercase()) {
+            return Err(invalid(
+                "currency must be a three-letter ISO 4217 code such as \"USD\"",
+            ));
+        }
+        for c in [&p.from_guest, &p.to_guest] {
+            for v in [c.intra_cloud, c.exposure, c.host, c.external] {
+                if !v.is_finite() || v < 0.0 {
+                    return Err(invalid("prices must be finite and not negative"));
+                }
+            }
+        }
+        Ok(p)
+    }
+
+    /// Price per GB of a direction and class; 0 for anything unpriced.
+    pub fn per_gb(&self, direction: &str, class: &str) -> f64 {
+        let c = match direction {
+            "from_guest" => &self.from_guest,
+            "to_guest" => &self.to_guest,
+            _ => return 0.0,
+        };
+        match class {
+            "intra_cloud" => c.intra_cloud,
+            "exposure" => c.exposure,
+            "host" => c.host,
+            "external" => c.external,
+            _ => 0.0,
+        }
+    }
+}
+
+/// One cloud's usage of one direction and class in the period.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Line {
+    pub cloud: u32,
+    pub direction: String,
+    pub class: String,
+    pub packets: u64,
+    pub bytes: u64,
+    pub unit_price: f64,
+    pub cost: f64,
+}
+
+/// The report: lines sorted by cloud, direction, class; plus counts of what was read.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Report {
+    pub from_ms: u64,
+    pub to_ms: u64,
+    pub currency: String,
+    pub lines: Vec<Line>,
+    pub records: usize,
+    pub duplicates: usize,
+}
+
+impl Report {
+    /// Total cost per cloud.
+    pub fn cloud_totals(&self) -> BTreeMap<u32, f64> {
+        let mut t = BTreeMap::new();
+        for l in &self.lines {
+            *t.entry(l.cloud).or_insert(0.0) += l.cost;
+        }
+        t
+    }
+}
+
+/// Reads usage records from JSON-lines files and prices the period `[from_ms, to_ms)`.
+pub fn report(
+    files: &[PathBuf],
+    prices: &Prices,
+    from_ms: u64,
+    to_ms: u64,
+) -> Result<Report, UsageError> {
+    let mut seen = HashSet::new();
+    let mut sums: BTreeMap<(u32, String, String), (u64, u64)> = BTreeMap::new();
+    let (mut records, mut duplicates) = (0, 0);
+    for path in files {
+        let f = std::fs::File::open(path).map_err(|source| UsageError::Read {
+            path: path.clone(),
+            source,
+        })?;
+        for (i, line) in std::io::BufReader::new(f).lines().enumerate() {
+            let line = line.map_err(|source| UsageError::Read {
+                path: path.clone(),
+                source,
+            })?;
+            if line.trim().is_empty() {
+                continue;
+            }
+            let ev: Event = serde_json::from_str(&line).map_err(|source| UsageError::Parse {
+                path: path.clone(),
+                line: i + 1,
+                source,
+            })?;
+            if ev.ty != "dev.atoll.usage.v1" {
+                continue;
+            }
+            if !seen.insert(ev.id) {
+                duplicates += 1;
+                continue;
+            }
+            records += 1;
+            if ev.data.end_unix_ms < from_ms || ev.data.end_unix_ms >= to_ms {
+                continue;
+            }
+            for t in ev.data.usage.traffic {
+                let e = sums
+                    .entry((ev.data.cloud, t.direction, t.class))
+                    .or_insert((0, 0));
+                e.0 += t.packets;
+                e.1 += t.bytes;
+            }
+        }
+    }
+    let lines = sums
+        .into_iter()
+        .filter(|(_, (p, b))| *p > 0 || *b > 0)
+        .map(|((cloud, direction, class), (packets, bytes))| {
+            let unit_price = prices.per_gb(&direction, &class);
+            // Exact bytes times micro-units per GB, rounded once.
+            let micro = (bytes as u128 * (unit_price * 1e6).round() as u128) / 1_000_000_000u128;
+            Line {
+                cloud,
+                direction,
+                class,
+                packets,
+                bytes,
+                unit_price,
+                cost: micro as f64 / 1e6,
+            }
+        })
+        .collect();
+    Ok(Report {
+        from_ms,
+        to_ms,
+        currency: prices.currency.clone(),
+        lines,
+        records,
+        duplicates,
+    })
+}
+
+/// A human-readable table.
+pub fn table(r: &Report) -> String {
+    let mut out = format!(
+        "usage {} .. {} ({} records, {} duplicates ignored)\n{:>6}  {:<10}  {:<11}  {:>12}  {:>16}  {:>10}  {:>12}\n",
+        rfc3339(r.from_ms),
+        rfc3339(r.to_ms),
+        r.records,
+        r.duplicates,
+        "CLOUD",
+        "DIRECTION",
+        "CLASS",
+        "PACKETS",
+        "BYTES",
+        "PER GB",
+        "COST"
+    );
+    for l in &r.lines {
+        out += &format!(
+            "{:>6}  {:<10}  {:<11}  {:>12}  {:>16}  {:>10.4}  {:>12.6}\n",
+            l.cloud, l.direction, l.class, l.packets, l.bytes, l.unit_price, l.cost
+        );
+    }
+    for (cloud, cost) in r.cloud_totals() {
+        out += &format!("{cloud:>6}  total{:>62.6} {}\n", cost, r.currency);
+    }
+    out
+}
+
+/// FinOps FOCUS-style CSV (a subset of FOCUS 1.0 columns; one row per cloud, direction and
+/// class; the cloud is the sub-account).
+pub fn focus_csv(r: &Report) -> String {
+    let mut out = String::from(
+        "BillingPeriodStart,BillingPeriodEnd,ChargePeriodStart,ChargePeriodEnd,ChargeCategory,ChargeDescription,\
+ProviderName,ServiceName,ServiceCategory,SubAccountId,SkuId,ConsumedQuantity,ConsumedUnit,PricingQuantity,\
+PricingUnit,ListUnitPrice,ListCost,BilledCost,EffectiveCost,BillingCurrency\n",
+    );
+    let (from, to) = (rfc3339(r.from_ms), rfc3339(r.to_ms));
+    for l in &r.lines {
+        let gb = l.bytes as f64 / 1e9;
+        out += &format!(
+            "{from},{to},{from},{to},Usage,Network {} {} traffic,atoll,atoll network,Networking,{},network-{}-{},{gb:.9},GB,{gb:.9},GB,{:.6},{:.6},{:.6},{:.6},{}\n",
+            l.direction, l.class, l.cloud, l.direction, l.class, l.unit_price, l.cost, l.cost, l.cost, r.currency
+        );
+    }
+    out
+}
+
+/// Parses `YYYY-MM-DDTHH:MM:SS[.fff]Z` into milliseconds since the epoch.
+pub fn parse_rfc3339(s: &str) -> Result<u64, UsageError> {
+    let err = || UsageError::Time(s.into());
+    let body = s.strip_suffix('Z').ok_or_else(err)?;
+    let (date, time) = body.split_once('T').ok_or_else(err)?;
+    let d: Vec<&str> = date.split('-').collect();
+    let (hms, frac) = time.split_once('.').unwrap_or((time, "0"));
+    let t: Vec<&str> = hms.split(':').collect();
+    if d.len() != 3 || t.len() != 3 || frac.is_empty() || frac.len() > 3 {
+        return Err(err());
+    }
+    let num = |x: &str| x.parse::<i64>().map_err(|_| err());
+    let (y, m, day) = (num(d[0])?, num(d[1])?, num(d[2])?);
+    let (hh, mm, ss) = (num(t[0])?, num(t[1])?, num(t[2])?);
+    let ms = num(&format!("{frac:0<3}"))?;
+    if !(1..=12).contains(&m)
+        || !(1..=31).contains(&day)
+        || hh > 23
+        || mm > 59
+        || ss > 60
+        || y < 1970
+    {
+        return Err(err());
+    }
+    // Days from civil (Howard Hinnant's algorithm).
+    let y2 = if m <= 2 { y - 1 } else { y };
+    let era = y2.div_euclid(400);
+    let yoe = y2 - era * 400;
+    let doy = (153 * (if m > 2 { m - 3 } else { m + 9 }) + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    Ok(((days * 86_400 + hh * 3600 + mm * 60 + ss) * 1000 + ms) as u64)
+}
+
+/// Formats milliseconds since the epoch as RFC 3339 UTC (seconds precision).
+pub fn rfc3339(ms: u64) -> String {
+    let secs = (ms / 1000) as i64;
+    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(id: &str, cloud: u32, end: u64, dir: &str, class: &str, bytes: u64) -> String {
+        format!(
+            r#"{{"specversion":"1.0","id":"{id}","source":"t","type":"dev.atoll.usage.v1","subject":"s","time":"t","datacontenttype":"application/json","data":{{"cloud":{cloud},"endpoint":"e","incarnation":"i","seq":1,"start_unix_ms":0,"end_unix_ms":{end},"final":false,"usage":{{"traffic":[{{"direction":"{dir}","class":"{class}","packets":1,"bytes":{bytes}}}],"drops":{{}}}},"cumulative":{{"traffic":[],"drops":{{}}}}}}}}"#
+        )
+    }
+
+    fn prices() -> Prices {
+        Prices {
+            currency: "USD".into(),
+            from_guest: ClassPrices {
+                external: 0.09,
+                exposure: 0.01,
+                ..Default::default()
+            },
+            to_guest: ClassPrices::default(),
+        }
+    }
+
+    #[test]
+    fn prices_dedups_and_filters_by_period() {
+        let dir = std::env::temp_dir().join(format!("atlusage{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let f = dir.join("u.jsonl");
+        let lines = [
+            record("a-1", 1, 1000, "from_guest", "external", 2_000_000_000),
+            record("a-1", 1, 1000, "from_guest", "external", 2_000_000_000), // duplicate
+            record("a-2", 1, 2000, "from_guest", "exposure", 500_000_000),
+            record("b-1", 2, 1500, "to_guest", "external", 7_000_000_000), // unpriced direction
+            record("c-1", 3, 9000, "from_guest", "external", 1_000_000_000), // outside the period
+        ];
+        std::fs::write(&f, lines.join("\n") + "\n").unwrap();
+        let r = report(&[f], &prices(), 0, 5000).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert_eq!((r.records, r.duplicates), (4, 1));
+        let totals = r.cloud_totals();
+        assert!(
+            (totals[&1] - (2.0 * 0.09 + 0.5 * 0.01)).abs() < 1e-9,
+            "{totals:?}"
+        );
+        assert_eq!(totals[&2], 0.0);
+        assert!(!totals.contains_key(&3));
+        let csv = focus_csv(&r);
+        assert_eq!(csv.lines().count(), 1 + 3);
+        assert!(csv.contains(",1,network-from_guest-external,2.000000000,GB,2.000000000,GB,0.090000,0.180000,0.180000,0.180000,USD"), "{csv}");
+        assert!(table(&r).contains("total"));
+    }
+
+    #[test]
+    fn bad_input_gets_clear_errors() {
+        let dir = std::env::temp_dir().join(format!("atlusagebad{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let f = dir.join("u.jsonl");
+        std::fs::write(&f, "{not json}\n").unwrap();
+        let e = report(&[f.clone()], &prices(), 0, 1).unwrap_err();
+        assert!(e.to_string().contains("line 1"), "{e}");
+        let p = dir.join("p.toml");
+        std::fs::write(&p, "currency = \"USD\"\n[from_guest]\nexternall = 1.0\n").unwrap();
+        assert!(Prices::load(&p)
+            .unwrap_err()
+            .to_string()
+            .contains("externall"));
+        std::fs::write(&p, "currency = \"dollars\"\n").unwrap();
+        assert!(matches!(
+            Prices::load(&p),
+            Err(UsageError::InvalidPrices { .. })
+        ));
+        std::fs::write(&p, "currency = \"EUR\"\n[to_guest]\nhost = -1.0\n").unwrap();
+        assert!(matches!(
+            Prices::load(&p),
+            Err(UsageError::InvalidPrices { .. })
+        ));
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert!(parse_rfc3339("2026-13-01T00:00:00Z").is_err());
+        assert!(parse_rfc3339("yesterday").is_err());
+    }
+
+    #[test]
+    fn rfc3339_round_trips() {
+        for s in [
+            "1970-01-01T00:00:00Z",
+            "2000-02-29T12:34:56Z",
+            "2026-11-24T00:00:00Z",
+        ] {
+            assert_eq!(rfc3339(parse_rfc3339(s).unwrap()), s);
+        }
+        assert_eq!(parse_rfc3339("2026-11-24T00:00:00.5Z").unwrap() % 1000, 500);
+    }
+}
