@@ -415,7 +415,7 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let f = dir.join("u.jsonl");
         std::fs::write(&f, "{not json}\n").unwrap();
-        let e = report(&[f.clone()], &prices(), 0, 1).unwrap_err();
+        let e = report(std::slice::from_ref(&f), &prices(), 0, 1).unwrap_err();
         assert!(e.to_string().contains("line 1"), "{e}");
         let p = dir.join("p.toml");
         std::fs::write(&p, "currency = \"USD\"\n[from_guest]\nexternall = 1.0\n").unwrap();
