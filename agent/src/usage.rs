@@ -511,6 +511,103 @@ impl Sink for FileSink {
     }
 }
 
+/// POSTs batches as a CloudEvents JSON batch (`application/cloudevents-batch+json`) to an
+/// `http://host:port/path` URL; only a 2xx response acknowledges. Plain HTTP: put a local TLS
+/// relay in front for remote collectors.
+pub struct HttpSink {
+    name: String,
+    host: String,
+    addr: String,
+    path: String,
+    timeout: std::time::Duration,
+}
+
+impl HttpSink {
+    /// Parses `http://host[:port][/path]`.
+    pub fn new(url: &str, timeout: std::time::Duration) -> Result<Self, io::Error> {
+        let bad = || {
+            io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("invalid sink URL {url:?}: expected http://host[:port][/path]"),
+            )
+        };
+        let rest = url.strip_prefix("http://").ok_or_else(bad)?;
+        let (authority, path) = match rest.find('/') {
+            Some(i) => (&rest[..i], &rest[i..]),
+            None => (rest, "/"),
+        };
+        if authority.is_empty() || authority.contains('@') || path.contains(char::is_whitespace) {
+            return Err(bad());
+        }
+        let addr = if authority
+            .rsplit_once(':')
+            .is_some_and(|(_, p)| p.parse::<u16>().is_ok())
+        {
+            authority.to_string()
+        } else {
+            format!("{authority}:80")
+        };
+        Ok(HttpSink {
+            name: "http".into(),
+            host: authority.into(),
+            addr,
+            path: path.into(),
+            timeout,
+        })
+    }
+}
+
+impl Sink for HttpSink {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn deliver(&mut self, lines: &[u8]) -> Result<(), io::Error> {
+        use std::net::{TcpStream, ToSocketAddrs};
+        let text = std::str::from_utf8(lines)
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+        let mut body = String::with_capacity(lines.len() + 2);
+        body.push('[');
+        for (i, l) in text.lines().filter(|l| !l.is_empty()).enumerate() {
+            if i > 0 {
+                body.push(',');
+            }
+            body.push_str(l);
+        }
+        body.push(']');
+        let addr = self.addr.to_socket_addrs()?.next().ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::NotFound,
+                format!("{} resolves to nothing", self.addr),
+            )
+        })?;
+        let mut stream = TcpStream::connect_timeout(&addr, self.timeout)?;
+        stream.set_read_timeout(Some(self.timeout))?;
+        stream.set_write_timeout(Some(self.timeout))?;
+        let head = format!(
+            "POST {} HTTP/1.1\r\nHost: {}\r\nContent-Type: application/cloudevents-batch+json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+            self.path,
+            self.host,
+            body.len()
+        );
+        stream.write_all(head.as_bytes())?;
+        stream.write_all(body.as_bytes())?;
+        let mut status = String::new();
+        BufReader::new(&stream).read_line(&mut status)?;
+        let code = status
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse::<u16>().ok());
+        match code {
+            Some(c) if (200..300).contains(&c) => Ok(()),
+            _ => Err(io::Error::other(format!(
+                "sink answered {:?}",
+                status.trim_end()
+            ))),
+        }
+    }
+}
+
 /// Delivers everything in the journal past the sink's cursor, in batches of at most
 /// `max_batch` bytes (whole lines), advancing the cursor after each acknowledged batch.
 /// Returns the number of records delivered.
@@ -641,6 +738,75 @@ mod tests {
             cloud: 3,
             endpoint: "tap0".into(),
             counters: c,
+        }
+    }
+
+    #[test]
+    fn http_sink_posts_a_batch_and_needs_a_2xx() {
+        use std::{io::Read as _, net::TcpListener};
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let server = std::thread::spawn(move || {
+            let mut bodies = Vec::new();
+            for status in ["503 Service Unavailable", "200 OK"] {
+                let (mut s, _) = listener.accept().unwrap();
+                let mut buf = vec![0u8; 65536];
+                let mut got = Vec::new();
+                // Read until the body announced by Content-Length has arrived.
+                loop {
+                    let n = s.read(&mut buf).unwrap();
+                    got.extend_from_slice(&buf[..n]);
+                    let text = String::from_utf8_lossy(&got).to_string();
+                    if let Some((head, body)) = text.split_once("\r\n\r\n") {
+                        let len: usize = head
+                            .lines()
+                            .find_map(|l| l.strip_prefix("Content-Length: "))
+                            .unwrap()
+                            .parse()
+                            .unwrap();
+                        if body.len() >= len {
+                            assert!(head.contains("application/cloudevents-batch+json"));
+                            bodies.push(body.to_string());
+                            break;
+                        }
+                    }
+                    if n == 0 {
+                        break;
+                    }
+                }
+                s.write_all(format!("HTTP/1.1 {status}\r\nContent-Length: 0\r\n\r\n").as_bytes())
+                    .unwrap();
+            }
+            bodies
+        });
+        let mut sink = HttpSink::new(
+            &format!("http://127.0.0.1:{port}/usage"),
+            std::time::Duration::from_secs(2),
+        )
+        .unwrap();
+        let lines = b"{\"id\":\"a\"}\n{\"id\":\"b\"}\n";
+        assert!(
+            sink.deliver(lines).is_err(),
+            "503 is not an acknowledgement"
+        );
+        sink.deliver(lines).unwrap();
+        let bodies = server.join().unwrap();
+        assert_eq!(bodies[1], "[{\"id\":\"a\"},{\"id\":\"b\"}]");
+        // Nobody listening: a clear error, not a hang.
+        let closed = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = closed.local_addr().unwrap().port();
+        drop(closed);
+        let mut sink = HttpSink::new(
+            &format!("http://127.0.0.1:{port}/"),
+            std::time::Duration::from_secs(1),
+        )
+        .unwrap();
+        assert!(sink.deliver(lines).is_err());
+        for bad in ["https://x/", "http://", "ftp://a", "http://u@h/"] {
+            assert!(
+                HttpSink::new(bad, std::time::Duration::from_secs(1)).is_err(),
+                "{bad}"
+            );
         }
     }
 
