@@ -14,6 +14,7 @@ pub const DEFAULT_BPFFS_ROOT: &str = "/sys/fs/bpf/atoll";
 #[serde(deny_unknown_fields, default)]
 pub struct AgentConfig {
     pub dataplane: DataplaneConfig,
+    pub metrics: MetricsConfig,
 }
 
 /// Dataplane sizing and identity.
@@ -42,6 +43,30 @@ impl Default for DataplaneConfig {
             max_routes: 65536,
             gateway_mac: MacAddr([0x02, 0xa7, 0x00, 0x00, 0x00, 0x01]),
             tap_pool: 8,
+        }
+    }
+}
+
+/// Default address of the metrics endpoint (`GET /metrics`): loopback only.
+pub const DEFAULT_METRICS_LISTEN: std::net::SocketAddr = std::net::SocketAddr::V4(
+    std::net::SocketAddrV4::new(std::net::Ipv4Addr::LOCALHOST, 9469),
+);
+
+/// The OpenMetrics / Prometheus endpoint (see the `metrics` module).
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// Serve metrics while `atoll-agent run` runs.
+    pub enabled: bool,
+    /// Address and port to listen on, e.g. `"127.0.0.1:9469"` or `"[::1]:9469"`.
+    pub listen: std::net::SocketAddr,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        MetricsConfig {
+            enabled: true,
+            listen: DEFAULT_METRICS_LISTEN,
         }
     }
 }
@@ -96,6 +121,15 @@ impl AgentConfig {
         if !d.bpffs_root.is_absolute() {
             return Err(invalid("dataplane.bpffs_root must be an absolute path"));
         }
+        let m = &cfg.metrics;
+        if m.listen.port() == 0 {
+            return Err(invalid(
+                "metrics.listen needs a fixed port (0 would pick a random one)",
+            ));
+        }
+        if m.listen.ip().is_multicast() {
+            return Err(invalid("metrics.listen must be a unicast address"));
+        }
         Ok(cfg)
     }
 }
@@ -125,5 +159,41 @@ mod tests {
         assert!(AgentConfig::parse("[dataplane]\ngateway_mac = \"nope\"\n", p).is_err());
         assert!(AgentConfig::parse("[dataplane]\nbpffs_root = \"rel\"\n", p).is_err());
         assert!(AgentConfig::parse("[dataplane]\nmax_routes = -1\n", p).is_err());
+    }
+
+    #[test]
+    fn metrics_defaults_and_overrides() {
+        let p = Path::new("t.toml");
+        let d = AgentConfig::parse("", p).unwrap().metrics;
+        assert!(d.enabled);
+        assert_eq!(d.listen, "127.0.0.1:9469".parse().unwrap());
+        let c = AgentConfig::parse("[metrics]\nlisten = \"[::1]:9100\"\n", p).unwrap();
+        assert_eq!(c.metrics.listen, "[::1]:9100".parse().unwrap());
+        assert!(c.metrics.enabled, "unset keys keep their defaults");
+        let c = AgentConfig::parse("[metrics]\nenabled = false\n", p).unwrap();
+        assert!(!c.metrics.enabled);
+        assert_eq!(c.metrics.listen, DEFAULT_METRICS_LISTEN);
+    }
+
+    #[test]
+    fn metrics_rejects_unknown_keys_and_bad_values() {
+        let p = Path::new("t.toml");
+        let e = AgentConfig::parse("[metrics]\nlisten_addr = \"127.0.0.1:1\"\n", p).unwrap_err();
+        assert!(e.to_string().contains("listen_addr"), "{e}");
+        for bad in [
+            "listen = \"127.0.0.1\"",
+            "listen = \"localhost:9469\"",
+            "listen = \"127.0.0.1:65536\"",
+            "listen = \"::1:9469\"",
+            "listen = 9469",
+            "listen = \"127.0.0.1:0\"",
+            "listen = \"224.0.0.1:9469\"",
+            "enabled = \"yes\"",
+        ] {
+            let text = format!("[metrics]\n{bad}\n");
+            assert!(AgentConfig::parse(&text, p).is_err(), "accepted {bad}");
+        }
+        let e = AgentConfig::parse("[metrics]\nlisten = \"127.0.0.1:0\"\n", p).unwrap_err();
+        assert!(e.to_string().contains("metrics.listen"), "{e}");
     }
 }

@@ -37,6 +37,8 @@ pub enum DeviceError {
     Exists(String),
     #[error("device {0} does not exist")]
     NotFound(String),
+    #[error("device {name} did not come up (operstate {state})")]
+    NotUp { name: String, state: String },
     #[error("opening /dev/net/tun: {0} (is the tun module loaded?)")]
     OpenTun(#[source] io::Error),
     #[error("creating tap {name}: {source}")]
@@ -339,6 +341,30 @@ pub fn open_tap_queue(name: &str, nonblocking: bool) -> Result<OwnedFd, DeviceEr
             source,
         },
     })
+}
+
+/// Waits until `name`'s operational state is "up" (for a tap: a queue is attached and the
+/// kernel has activated it; frames sent to the tap before that are dropped). Bounded by
+/// `timeout`; the kernel offers no wait primitive for this short transition, so it re-reads
+/// sysfs, yielding in between.
+pub fn wait_until_up(name: &str, timeout: std::time::Duration) -> Result<(), DeviceError> {
+    validate_name(name)?;
+    let path = PathBuf::from("/sys/class/net").join(name).join("operstate");
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        let state =
+            std::fs::read_to_string(&path).map_err(|_| DeviceError::NotFound(name.into()))?;
+        if state.trim() == "up" {
+            return Ok(());
+        }
+        if std::time::Instant::now() >= deadline {
+            return Err(DeviceError::NotUp {
+                name: name.into(),
+                state: state.trim().into(),
+            });
+        }
+        std::thread::yield_now();
+    }
 }
 
 /// Opens (creating if needed) the tap `name` without a vnet header; returns the queue fd.

@@ -16,6 +16,7 @@ pub mod dataplane;
 pub mod demo;
 pub mod device;
 pub mod endpoint;
+pub mod metrics;
 pub mod testbed;
 pub mod types;
 pub mod usage;

@@ -120,10 +120,37 @@ async fn run(cfg: &AgentConfig) -> Result<()> {
         stale,
         host.pool_len()
     );
+    // The metrics server reads the pinned maps through its own handle: no lock on `host`.
+    let metrics = if cfg.metrics.enabled {
+        let exporter = atoll_agent::metrics::Exporter::open(&cfg.dataplane)?;
+        let listener = atoll_agent::metrics::bind(cfg.metrics.listen).await?;
+        println!(
+            "atoll-agent: metrics at http://{}{}",
+            listener.local_addr()?,
+            atoll_agent::metrics::PATH
+        );
+        Some(tokio::spawn(atoll_agent::metrics::serve(
+            listener, exporter,
+        )))
+    } else {
+        None
+    };
+    let metrics_stopped = async move {
+        match metrics {
+            Some(task) => match task.await {
+                // main prints only the top error message: each of these names its cause.
+                Ok(Ok(())) => anyhow::anyhow!("the metrics server stopped"),
+                Ok(Err(e)) => anyhow::Error::new(e),
+                Err(e) => anyhow::anyhow!("the metrics server task failed: {e}"),
+            },
+            None => std::future::pending().await,
+        }
+    };
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {},
         _ = term.recv() => {},
+        e = metrics_stopped => return Err(e),
     }
     println!("atoll-agent: stopping; the dataplane stays pinned and keeps forwarding");
     Ok(())

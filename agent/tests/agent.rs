@@ -352,6 +352,10 @@ async fn usage_records_sum_exactly_to_the_traffic_including_the_final_flush() {
     let b = host.create_endpoint(&tap(&b_name, 9, 3)).await.unwrap();
     let qa = device::open_tap_queue(&a_name, true).unwrap();
     let qb = device::open_tap_queue(&b_name, true).unwrap();
+    // Frames sent to a tap before the kernel activates its queue are dropped.
+    for n in [&a_name, &b_name] {
+        device::wait_until_up(n, std::time::Duration::from_secs(2)).unwrap();
+    }
     let gw = host.gateway_mac();
     let send = |size: usize| {
         let f = echo_frame(a.mac, gw, a.ipv4, b.ipv4, size);

@@ -52,17 +52,16 @@
 //! taps, child processes) clean up on failure too, and the test checks afterwards that nothing
 //! with its name prefixes is left.
 
+mod common;
+
 use std::{
     collections::BTreeMap,
-    fs::File,
     io::{self, Read, Write},
-    net::{Ipv4Addr, Shutdown, SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket},
-    os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd},
+    net::{Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream},
+    os::fd::AsRawFd,
     panic::{self, AssertUnwindSafe},
-    path::Path,
-    process::{Child, Command, Stdio},
     thread,
-    time::{Duration, Instant},
+    time::Instant,
 };
 
 use atoll_agent::{
@@ -70,13 +69,16 @@ use atoll_agent::{
     dataplane::{layout_dir, DataplaneError},
     device::{self, DeviceError},
     endpoint::{DeviceSpec, Endpoint, EndpointError, EndpointSpec, Host},
-    testbed::{unique_name, LinkGuard, NetNs, PinRoot},
-    types::{CloudId, MacAddr},
+    testbed::{unique_name, LinkGuard, PinRoot},
+    types::CloudId,
 };
 use atoll_dataplane_common::DropReason;
-use frame::Mac;
+use common::{
+    assert_silent, cloud_id, create_tap, create_veth, frame, guest_mac, in_netns, join, leftovers,
+    pool_links, spawn_in_netns, wait_readable, GuestUdp, PoolGuard, Sink, Sniffer, Tags, TapGuest,
+    VethGuest, ARRIVE, GATEWAY, KERNEL_TTL, TAP_TTL,
+};
 
-const GATEWAY: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 1);
 const TAP_IP: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 2);
 const VETH_IP: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 3);
 /// Exists only in cloud 3 (as a second tap guest there).
@@ -84,18 +86,15 @@ const ONLY_IN_CLOUD3: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 9);
 const TAP_PORT: u16 = 40001;
 const VETH_PORT: u16 = 40002;
 const TCP_PORT: u16 = 40003;
-/// TTL of every IPv4 packet the tap guests write.
-const TAP_TTL: u8 = 64;
-/// Default TTL of the veth guests' kernels.
-const KERNEL_TTL: u8 = 64;
 /// Spare taps in the agent's warm pool.
 const POOL: u32 = 2;
-/// Bound for anything that must arrive.
-const ARRIVE: Duration = Duration::from_secs(2);
-/// Window in which something must *not* arrive (a bounded negative check, not synchronisation).
-const SILENCE: Duration = Duration::from_millis(300);
 /// `testbed::unique_name` tags: taps, veths, namespaces, pin root.
-const TAGS: [&str; 4] = ["it", "iv", "in", "ip"];
+const TAGS: Tags = Tags {
+    tap: "it",
+    veth: "iv",
+    netns: "in",
+    pins: "ip",
+};
 
 /// Drop reasons that guests' or the host's background traffic can trigger on their own
 /// (gratuitous ARP, multicast, IPv6, host-stack frames, devices mid-creation). Their deltas are
@@ -120,7 +119,7 @@ fn clouds_are_isolated_end_to_end() {
     let started = Instant::now();
     let outcome = panic::catch_unwind(AssertUnwindSafe(scenario));
     // Everything the scenario created is dropped by now, also after a panic.
-    let left = leftovers();
+    let left = leftovers(&TAGS);
     match outcome {
         Ok(()) => assert!(left.is_empty(), "left behind after the test: {left:#?}"),
         Err(p) => {
@@ -142,7 +141,7 @@ fn scenario() {
     // Host::open spawns its netlink connection on this runtime; its async calls are driven with
     // `block_on` from this (plain) thread, which does all the blocking packet I/O.
     let _rt_ctx = rt.enter();
-    let pins = PinRoot::new("ip");
+    let pins = PinRoot::new(TAGS.pins);
     let cfg = DataplaneConfig {
         bpffs_root: pins.path().to_path_buf(),
         tap_pool: POOL,
@@ -162,9 +161,9 @@ fn scenario() {
     let gw_mac = host.gateway_mac().0;
     let mut clouds = Vec::new();
     for n in 1..=3 {
-        let (ep, tap) = create_tap(&rt, &mut host, &mut links, n, TAP_IP, gw_mac);
+        let (ep, tap) = create_tap(&rt, &mut host, &mut links, &TAGS, n, TAP_IP, gw_mac);
         created.push(ep);
-        let (ep, veth) = create_veth(&rt, &mut host, &mut links, n, VETH_IP);
+        let (ep, veth) = create_veth(&rt, &mut host, &mut links, &TAGS, n, VETH_IP);
         created.push(ep);
         let udp = GuestUdp::bind(&veth, VETH_PORT);
         let sniffer = Sniffer::open(&veth);
@@ -177,10 +176,10 @@ fn scenario() {
             sniffer,
         });
     }
-    let (ep, extra) = create_tap(&rt, &mut host, &mut links, 3, ONLY_IN_CLOUD3, gw_mac);
+    let (ep, extra) = create_tap(&rt, &mut host, &mut links, &TAGS, 3, ONLY_IN_CLOUD3, gw_mac);
     created.push(ep);
-    let (ep_a, pair_a) = create_veth(&rt, &mut host, &mut links, 4, TAP_IP);
-    let (ep_b, pair_b) = create_veth(&rt, &mut host, &mut links, 4, VETH_IP);
+    let (ep_a, pair_a) = create_veth(&rt, &mut host, &mut links, &TAGS, 4, TAP_IP);
+    let (ep_b, pair_b) = create_veth(&rt, &mut host, &mut links, &TAGS, 4, VETH_IP);
     created.extend([ep_a, ep_b]);
     created.sort_by_key(|e| e.ifindex);
     assert_eq!(
@@ -322,77 +321,6 @@ fn marker(step: &str, cloud: u32) -> Vec<u8> {
         std::process::id()
     )
     .into_bytes()
-}
-
-fn cloud_id(n: u32) -> CloudId {
-    CloudId::new(n).expect("non-zero")
-}
-
-fn guest_mac(cloud: u32, ip: Ipv4Addr) -> MacAddr {
-    MacAddr::local(0x00c1_0000 | cloud << 8 | u32::from(ip.octets()[3]))
-}
-
-fn create_tap(
-    rt: &tokio::runtime::Runtime,
-    host: &mut Host,
-    links: &mut Vec<LinkGuard>,
-    cloud: u32,
-    ip: Ipv4Addr,
-    gw_mac: Mac,
-) -> (Endpoint, TapGuest) {
-    let name = unique_name("it");
-    links.push(LinkGuard(name.clone()));
-    let mac = guest_mac(cloud, ip);
-    let spec = EndpointSpec {
-        name: name.clone(),
-        cloud: cloud_id(cloud),
-        ipv4: ip,
-        mac,
-        gateway: GATEWAY,
-        device: DeviceSpec::Tap { owner_uid: None },
-    };
-    let ep = rt
-        .block_on(host.create_endpoint(&spec))
-        .unwrap_or_else(|e| panic!("creating tap endpoint {name}: {e} ({e:?})"));
-    let tap = TapGuest::attach(&format!("cloud {cloud} tap {ip}"), &name, mac.0, ip, gw_mac);
-    (ep, tap)
-}
-
-fn create_veth(
-    rt: &tokio::runtime::Runtime,
-    host: &mut Host,
-    links: &mut Vec<LinkGuard>,
-    cloud: u32,
-    ip: Ipv4Addr,
-) -> (Endpoint, VethGuest) {
-    let ns = NetNs::new(&unique_name("in")).expect("creating a network namespace");
-    let name = unique_name("iv");
-    links.push(LinkGuard(name.clone()));
-    let mac = guest_mac(cloud, ip);
-    let spec = EndpointSpec {
-        name: name.clone(),
-        cloud: cloud_id(cloud),
-        ipv4: ip,
-        mac,
-        gateway: GATEWAY,
-        device: DeviceSpec::Veth {
-            peer_name: "eth0".into(),
-            netns: ns.path(),
-        },
-    };
-    let ep = rt
-        .block_on(host.create_endpoint(&spec))
-        .unwrap_or_else(|e| panic!("creating veth endpoint {name}: {e} ({e:?})"));
-    ns.configure_guest("eth0", ip, 24, GATEWAY)
-        .expect("configuring the guest");
-    let guest = VethGuest {
-        label: format!("cloud {cloud} veth {ip}"),
-        host: name,
-        ns,
-        mac: mac.0,
-        ip,
-    };
-    (ep, guest)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -678,7 +606,7 @@ fn duplicates(
 
     // An existing (cloud, address): the typed error and no device left behind.
     for (ip, device) in [(VETH_IP, tap()), (TAP_IP, veth("eth9"))] {
-        let name = unique_name(if device == tap() { "it" } else { "iv" });
+        let name = unique_name(if device == tap() { TAGS.tap } else { TAGS.veth });
         links.push(LinkGuard(name.clone()));
         let err = rt
             .block_on(host.create_endpoint(&spec(&name, ip, device)))
@@ -1009,852 +937,4 @@ fn assert_drops(
         "{what}: wrong drop counts: {}",
         wrong.join(", ")
     );
-}
-
-// ---------------------------------------------------------------------------------------------
-// Waiting for things to arrive or not
-
-/// Indexes of the fds that became readable within `timeout`.
-fn wait_readable(fds: &[RawFd], timeout: Duration) -> Vec<usize> {
-    let mut pfds: Vec<libc::pollfd> = fds
-        .iter()
-        .map(|&fd| libc::pollfd {
-            fd,
-            events: libc::POLLIN,
-            revents: 0,
-        })
-        .collect();
-    let ms = timeout.as_micros().div_ceil(1000).min(i32::MAX as u128) as i32;
-    // SAFETY: `pfds` is a valid array of `pfds.len()` pollfd structs.
-    let rc = unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, ms) };
-    if rc < 0 {
-        let e = io::Error::last_os_error();
-        assert_eq!(e.kind(), io::ErrorKind::Interrupted, "poll: {e}");
-        return Vec::new();
-    }
-    (0..pfds.len()).filter(|&i| pfds[i].revents != 0).collect()
-}
-
-fn remaining(deadline: Instant) -> Option<Duration> {
-    deadline
-        .checked_duration_since(Instant::now())
-        .filter(|d| !d.is_zero())
-}
-
-/// Polls `fd` until `take` returns something, or panics after [`ARRIVE`].
-fn wait_for<T>(fd: RawFd, what: &str, mut take: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + ARRIVE;
-    loop {
-        if let Some(v) = take() {
-            return v;
-        }
-        let Some(left) = remaining(deadline) else {
-            panic!("nothing arrived within {ARRIVE:?}: {what}");
-        };
-        wait_readable(&[fd], left);
-    }
-}
-
-/// Something that must receive nothing during a [`SILENCE`] window.
-enum Sink<'a> {
-    /// A tap guest: no frame at all (nothing reaches a tap unless the test caused it).
-    Tap(&'a TapGuest),
-    /// A veth guest's UDP socket: no datagram at all.
-    Udp(&'a GuestUdp),
-    /// A veth guest's packet socket: no incoming frame containing any of these markers.
-    Sniffer(&'a Sniffer, Vec<Vec<u8>>),
-}
-
-impl Sink<'_> {
-    fn fd(&self) -> RawFd {
-        match self {
-            Sink::Tap(t) => t.fd.as_raw_fd(),
-            Sink::Udp(u) => u.sock.as_raw_fd(),
-            Sink::Sniffer(s, _) => s.fd.as_raw_fd(),
-        }
-    }
-
-    /// Reads what is queued; describes the first offending packet.
-    fn offence(&self) -> Option<String> {
-        match self {
-            Sink::Tap(t) => t
-                .try_recv()
-                .map(|f| format!("{} received {}", t.label, frame::describe(&f))),
-            Sink::Udp(u) => u.try_recv().map(|(d, from)| {
-                format!(
-                    "{} received a datagram from {from}: {:?}",
-                    u.label,
-                    String::from_utf8_lossy(&d)
-                )
-            }),
-            Sink::Sniffer(s, markers) => {
-                while let Some(f) = s.try_recv_incoming() {
-                    if markers.iter().any(|m| frame::contains(&f, m)) {
-                        return Some(format!("{} received {}", s.label, frame::describe(&f)));
-                    }
-                }
-                None
-            }
-        }
-    }
-}
-
-/// Asserts that no sink receives anything offending for [`SILENCE`].
-fn assert_silent(sinks: &[Sink<'_>], what: &str) {
-    let deadline = Instant::now() + SILENCE;
-    let fds: Vec<RawFd> = sinks.iter().map(Sink::fd).collect();
-    loop {
-        for s in sinks {
-            if let Some(offence) = s.offence() {
-                panic!("{what}: {offence}");
-            }
-        }
-        let Some(left) = remaining(deadline) else {
-            return;
-        };
-        wait_readable(&fds, left);
-    }
-}
-
-// ---------------------------------------------------------------------------------------------
-// Tap guests (the test is the guest)
-
-/// The test acting as the guest of a tap endpoint.
-struct TapGuest {
-    label: String,
-    /// Host device name.
-    name: String,
-    fd: OwnedFd,
-    mac: Mac,
-    ip: Ipv4Addr,
-    gw_mac: Mac,
-}
-
-impl TapGuest {
-    /// Attaches to the agent's persistent tap, as a VMM would (non-blocking fd).
-    fn attach(label: &str, name: &str, mac: Mac, ip: Ipv4Addr, gw_mac: Mac) -> Self {
-        let fd = atoll_agent::device::open_tap_queue(name, true)
-            .unwrap_or_else(|e| panic!("attaching to tap {name}: {e}"));
-        TapGuest {
-            label: label.into(),
-            name: name.into(),
-            fd,
-            mac,
-            ip,
-            gw_mac,
-        }
-    }
-
-    fn send(&self, frame: &[u8]) {
-        // SAFETY: `frame` is a valid buffer of `frame.len()` bytes.
-        let n = unsafe { libc::write(self.fd.as_raw_fd(), frame.as_ptr().cast(), frame.len()) };
-        assert_eq!(
-            n,
-            frame.len() as isize,
-            "{}: writing a frame: {}",
-            self.label,
-            io::Error::last_os_error()
-        );
-    }
-
-    fn try_recv(&self) -> Option<Vec<u8>> {
-        let mut buf = vec![0u8; 65536];
-        // SAFETY: `buf` is a valid buffer of `buf.len()` bytes.
-        let n = unsafe { libc::read(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
-        if n < 0 {
-            let e = io::Error::last_os_error();
-            assert_eq!(
-                e.kind(),
-                io::ErrorKind::WouldBlock,
-                "{}: read: {e}",
-                self.label
-            );
-            return None;
-        }
-        buf.truncate(n as usize);
-        Some(buf)
-    }
-
-    /// The next frame; panics after [`ARRIVE`].
-    fn recv(&self, what: &str) -> Vec<u8> {
-        wait_for(
-            self.fd.as_raw_fd(),
-            &format!("{}: {what}", self.label),
-            || self.try_recv(),
-        )
-    }
-
-    /// An IPv4 packet from the gateway MAC to this guest, from `src` with TTL `ttl` and a valid
-    /// header checksum; returns the IPv4 packet.
-    fn expect_ipv4(&self, what: &str, src: Ipv4Addr, ttl: u8) -> Vec<u8> {
-        let f = self.recv(what);
-        let ctx = format!(
-            "{} expecting {what}, got {}",
-            self.label,
-            frame::describe(&f)
-        );
-        let eth = frame::parse_eth(&f).unwrap_or_else(|| panic!("{ctx}"));
-        assert_eq!(
-            (eth.dst, eth.src, eth.ethertype),
-            (self.mac, self.gw_mac, frame::ETH_P_IP),
-            "{ctx}: Ethernet header"
-        );
-        let ip = frame::parse_ipv4(eth.payload).unwrap_or_else(|| panic!("{ctx}: not IPv4"));
-        assert_eq!(
-            (ip.src, ip.dst, ip.ttl),
-            (src, self.ip, ttl),
-            "{ctx}: IPv4 header"
-        );
-        assert!(ip.header_checksum_ok, "{ctx}: bad IPv4 header checksum");
-        eth.payload.to_vec()
-    }
-
-    fn expect_arp_reply(&self, target: Ipv4Addr) {
-        let f = self.recv(&format!("ARP reply for {target}"));
-        let ctx = format!(
-            "{} expecting ARP reply for {target}, got {}",
-            self.label,
-            frame::describe(&f)
-        );
-        let eth = frame::parse_eth(&f).unwrap_or_else(|| panic!("{ctx}"));
-        assert_eq!(
-            (eth.dst, eth.src, eth.ethertype),
-            (self.mac, self.gw_mac, frame::ETH_P_ARP),
-            "{ctx}: Ethernet header"
-        );
-        let arp = frame::parse_arp(eth.payload).unwrap_or_else(|| panic!("{ctx}: short ARP"));
-        assert_eq!(
-            arp,
-            frame::Arp {
-                op: 2,
-                sha: self.gw_mac,
-                spa: target,
-                tha: self.mac,
-                tpa: self.ip,
-            },
-            "{ctx}"
-        );
-    }
-
-    fn arp_request(&self, target: Ipv4Addr) -> Vec<u8> {
-        let arp = frame::arp(1, self.mac, self.ip, [0; 6], target);
-        frame::ethernet(frame::BROADCAST, self.mac, frame::ETH_P_ARP, &arp)
-    }
-
-    /// An IPv4 packet in a frame from this guest to the gateway MAC.
-    fn eth_ipv4(&self, packet: &[u8]) -> Vec<u8> {
-        frame::ethernet(self.gw_mac, self.mac, frame::ETH_P_IP, packet)
-    }
-
-    fn udp(&self, dst: Ipv4Addr, sport: u16, dport: u16, payload: &[u8]) -> Vec<u8> {
-        let udp = frame::udp(self.ip, dst, sport, dport, payload);
-        self.eth_ipv4(&frame::ipv4(self.ip, dst, TAP_TTL, frame::PROTO_UDP, &udp))
-    }
-
-    fn icmp(&self, dst: Ipv4Addr, ty: u8, id: u16, seq: u16, payload: &[u8]) -> Vec<u8> {
-        let icmp = frame::icmp(ty, 0, id, seq, payload);
-        self.eth_ipv4(&frame::ipv4(
-            self.ip,
-            dst,
-            TAP_TTL,
-            frame::PROTO_ICMP,
-            &icmp,
-        ))
-    }
-
-    fn icmp_echo(&self, dst: Ipv4Addr, id: u16, seq: u16, payload: &[u8]) -> Vec<u8> {
-        self.icmp(dst, 8, id, seq, payload)
-    }
-}
-
-// ---------------------------------------------------------------------------------------------
-// Veth guests (a real kernel stack in a namespace)
-
-struct VethGuest {
-    label: String,
-    /// Host-side device name.
-    host: String,
-    ns: NetNs,
-    mac: Mac,
-    ip: Ipv4Addr,
-}
-
-impl VethGuest {
-    fn ping(&self, dst: Ipv4Addr) -> bool {
-        self.ns
-            .succeeds(&["ping", "-c", "1", "-W", "1", "-q", &dst.to_string()])
-            .expect("running ping")
-    }
-
-    /// Starts `ping -c1` with a payload pattern; the caller answers it.
-    fn spawn_ping(&self, dst: Ipv4Addr, pattern: &str) -> ChildGuard {
-        let child = Command::new("ip")
-            .args(["netns", "exec", self.ns.name()])
-            .args(["ping", "-c", "1", "-W", "2", "-q", "-p", pattern])
-            .arg(dst.to_string())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawning ping");
-        ChildGuard(Some(child))
-    }
-}
-
-/// A child process that is killed (by its pid) and reaped if the test fails before waiting.
-struct ChildGuard(Option<Child>);
-
-impl ChildGuard {
-    fn expect_success(mut self, what: &str) {
-        let out = self
-            .0
-            .take()
-            .expect("not yet waited")
-            .wait_with_output()
-            .expect("waiting for child");
-        assert!(
-            out.status.success(),
-            "{what}: {}\n{}{}",
-            out.status,
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-}
-
-impl Drop for ChildGuard {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.0.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-/// Runs `f` on a thread that has entered the network namespace `ns`; sockets created there stay
-/// in that namespace.
-fn spawn_in_netns<T: Send + 'static>(
-    ns: &NetNs,
-    f: impl FnOnce() -> T + Send + 'static,
-) -> thread::JoinHandle<T> {
-    let path = ns.path();
-    thread::spawn(move || {
-        let file = File::open(&path).unwrap_or_else(|e| panic!("opening {}: {e}", path.display()));
-        // SAFETY: setns only changes this thread's network namespace; the fd is valid.
-        let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
-        assert_eq!(
-            rc,
-            0,
-            "setns {}: {}",
-            path.display(),
-            io::Error::last_os_error()
-        );
-        f()
-    })
-}
-
-fn in_netns<T: Send + 'static>(ns: &NetNs, f: impl FnOnce() -> T + Send + 'static) -> T {
-    join(spawn_in_netns(ns, f))
-}
-
-fn join<T>(h: thread::JoinHandle<T>) -> T {
-    h.join().unwrap_or_else(|p| panic::resume_unwind(p))
-}
-
-/// A non-blocking UDP socket inside a veth guest.
-struct GuestUdp {
-    label: String,
-    sock: UdpSocket,
-}
-
-impl GuestUdp {
-    fn bind(guest: &VethGuest, port: u16) -> Self {
-        let addr = SocketAddrV4::new(guest.ip, port);
-        let sock = in_netns(&guest.ns, move || UdpSocket::bind(addr))
-            .unwrap_or_else(|e| panic!("binding UDP {addr} in {}: {e}", guest.label));
-        sock.set_nonblocking(true).expect("O_NONBLOCK");
-        GuestUdp {
-            label: format!("{} UDP socket", guest.label),
-            sock,
-        }
-    }
-
-    fn try_recv(&self) -> Option<(Vec<u8>, SocketAddr)> {
-        let mut buf = vec![0u8; 65536];
-        match self.sock.recv_from(&mut buf) {
-            Ok((n, from)) => {
-                buf.truncate(n);
-                Some((buf, from))
-            }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => None,
-            Err(e) => panic!("{}: recv: {e}", self.label),
-        }
-    }
-
-    fn recv(&self, what: &str) -> (Vec<u8>, SocketAddr) {
-        wait_for(
-            self.sock.as_raw_fd(),
-            &format!("{}: {what}", self.label),
-            || self.try_recv(),
-        )
-    }
-}
-
-/// An `AF_PACKET` socket on a veth guest's eth0: sees every frame that reaches the guest.
-struct Sniffer {
-    label: String,
-    fd: OwnedFd,
-}
-
-impl Sniffer {
-    fn open(guest: &VethGuest) -> Self {
-        let fd = in_netns(&guest.ns, || -> io::Result<OwnedFd> {
-            let proto = (libc::ETH_P_ALL as u16).to_be();
-            // SAFETY: plain socket call; the result is checked.
-            let raw = unsafe {
-                libc::socket(
-                    libc::AF_PACKET,
-                    libc::SOCK_RAW | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK,
-                    proto as libc::c_int,
-                )
-            };
-            if raw < 0 {
-                return Err(io::Error::last_os_error());
-            }
-            // SAFETY: `raw` is a fresh fd that nothing else owns.
-            let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-            // SAFETY: a valid NUL-terminated name.
-            let ifindex = unsafe { libc::if_nametoindex(c"eth0".as_ptr()) };
-            if ifindex == 0 {
-                return Err(io::Error::last_os_error());
-            }
-            // SAFETY: sockaddr_ll is plain data; all-zero is a valid value.
-            let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-            sll.sll_family = libc::AF_PACKET as u16;
-            sll.sll_protocol = proto;
-            sll.sll_ifindex = ifindex as i32;
-            // SAFETY: `sll` is a valid sockaddr_ll of the given size.
-            let rc = unsafe {
-                libc::bind(
-                    fd.as_raw_fd(),
-                    (&sll as *const libc::sockaddr_ll).cast(),
-                    std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t,
-                )
-            };
-            if rc < 0 {
-                return Err(io::Error::last_os_error());
-            }
-            Ok(fd)
-        })
-        .unwrap_or_else(|e| panic!("packet socket in {}: {e}", guest.label));
-        Sniffer {
-            label: guest.label.clone(),
-            fd,
-        }
-    }
-
-    /// The next queued frame that arrived at the guest (not one it sent).
-    fn try_recv_incoming(&self) -> Option<Vec<u8>> {
-        let mut buf = vec![0u8; 65536];
-        loop {
-            // SAFETY: sockaddr_ll is plain data; all-zero is a valid value.
-            let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-            let mut len = std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t;
-            // SAFETY: `buf` and `sll` are valid for the sizes passed.
-            let n = unsafe {
-                libc::recvfrom(
-                    self.fd.as_raw_fd(),
-                    buf.as_mut_ptr().cast(),
-                    buf.len(),
-                    libc::MSG_DONTWAIT,
-                    (&mut sll as *mut libc::sockaddr_ll).cast(),
-                    &mut len,
-                )
-            };
-            if n < 0 {
-                let e = io::Error::last_os_error();
-                assert_eq!(
-                    e.kind(),
-                    io::ErrorKind::WouldBlock,
-                    "{}: recv: {e}",
-                    self.label
-                );
-                return None;
-            }
-            if sll.sll_pkttype != libc::PACKET_OUTGOING {
-                buf.truncate(n as usize);
-                return Some(buf);
-            }
-        }
-    }
-
-    /// The next incoming frame containing `marker`; panics after [`ARRIVE`].
-    fn expect_marked(&self, marker: &[u8]) -> Vec<u8> {
-        let what = format!(
-            "{}: frame with {:?}",
-            self.label,
-            String::from_utf8_lossy(marker)
-        );
-        wait_for(self.fd.as_raw_fd(), &what, || loop {
-            let f = self.try_recv_incoming()?;
-            if frame::contains(&f, marker) {
-                return Some(f);
-            }
-        })
-    }
-}
-
-// ---------------------------------------------------------------------------------------------
-// Cleanup check
-
-/// The prefix of every name `unique_name(tag)` gives this process.
-fn prefixes() -> Vec<String> {
-    TAGS.iter()
-        .map(|t| atoll_agent::testbed::unique_prefix(t))
-        .collect()
-}
-
-/// Prefix of the spare taps this process's `Host` creates.
-fn pool_prefix() -> String {
-    atoll_agent::endpoint::pool_process_prefix()
-}
-
-/// Names of all links in the host namespace.
-fn host_links() -> Vec<String> {
-    let out =
-        atoll_agent::testbed::run(Command::new("ip").args(["-o", "link"])).expect("ip -o link");
-    out.lines()
-        // "12: name@if3: <...>" or "12: name: <...>"
-        .filter_map(|l| l.split(':').nth(1))
-        .map(|n| n.trim().split('@').next().unwrap_or("").to_string())
-        .collect()
-}
-
-/// This process's spare taps.
-fn pool_links() -> Vec<String> {
-    let prefix = pool_prefix();
-    host_links()
-        .into_iter()
-        .filter(|n| n.starts_with(&prefix))
-        .collect()
-}
-
-/// Deletes this process's spare taps on drop (they are persistent and carry no testbed name).
-struct PoolGuard;
-
-impl Drop for PoolGuard {
-    fn drop(&mut self) {
-        for name in pool_links() {
-            drop(LinkGuard(name));
-        }
-    }
-}
-
-/// Links, namespaces and pins whose names carry this test's prefixes.
-fn leftovers() -> Vec<String> {
-    let mut prefixes = prefixes();
-    prefixes.push(pool_prefix());
-    let ours = |name: &str| prefixes.iter().any(|p| name.starts_with(p.as_str()));
-    let mut left: Vec<String> = host_links()
-        .into_iter()
-        .filter(|n| ours(n))
-        .map(|n| format!("link {n}"))
-        .collect();
-    let netns = atoll_agent::testbed::run(Command::new("ip").args(["netns", "list"]))
-        .expect("ip netns list");
-    for line in netns.lines() {
-        let name = line.split_whitespace().next().unwrap_or("");
-        if ours(name) {
-            left.push(format!("netns {name}"));
-        }
-    }
-    for entry in std::fs::read_dir(Path::new("/sys/fs/bpf")).expect("listing /sys/fs/bpf") {
-        let name = entry.expect("dir entry").file_name();
-        let name = name.to_string_lossy();
-        if ours(&name) {
-            left.push(format!("pins /sys/fs/bpf/{name}"));
-        }
-    }
-    left
-}
-
-// ---------------------------------------------------------------------------------------------
-// Frames
-
-/// Building and parsing Ethernet, ARP, IPv4, UDP and ICMP, with checksums.
-mod frame {
-    use std::net::Ipv4Addr;
-
-    pub type Mac = [u8; 6];
-
-    pub const ETH_P_IP: u16 = 0x0800;
-    pub const ETH_P_ARP: u16 = 0x0806;
-    pub const PROTO_ICMP: u8 = 1;
-    pub const PROTO_UDP: u8 = 17;
-    pub const BROADCAST: Mac = [0xff; 6];
-
-    /// The Internet checksum (RFC 1071) of `data`.
-    pub fn checksum(data: &[u8]) -> u16 {
-        let mut sum: u32 = data
-            .chunks(2)
-            .map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)])))
-            .sum();
-        while sum >> 16 != 0 {
-            sum = (sum & 0xffff) + (sum >> 16);
-        }
-        !(sum as u16)
-    }
-
-    fn pseudo_header(src: Ipv4Addr, dst: Ipv4Addr, protocol: u8, len: usize) -> Vec<u8> {
-        let mut p = Vec::with_capacity(12);
-        p.extend_from_slice(&src.octets());
-        p.extend_from_slice(&dst.octets());
-        p.extend_from_slice(&[0, protocol]);
-        p.extend_from_slice(&(len as u16).to_be_bytes());
-        p
-    }
-
-    pub fn ethernet(dst: Mac, src: Mac, ethertype: u16, payload: &[u8]) -> Vec<u8> {
-        let mut f = Vec::with_capacity(14 + payload.len());
-        f.extend_from_slice(&dst);
-        f.extend_from_slice(&src);
-        f.extend_from_slice(&ethertype.to_be_bytes());
-        f.extend_from_slice(payload);
-        f
-    }
-
-    pub fn arp(op: u16, sha: Mac, spa: Ipv4Addr, tha: Mac, tpa: Ipv4Addr) -> Vec<u8> {
-        let mut a = vec![0, 1, 0x08, 0x00, 6, 4];
-        a.extend_from_slice(&op.to_be_bytes());
-        a.extend_from_slice(&sha);
-        a.extend_from_slice(&spa.octets());
-        a.extend_from_slice(&tha);
-        a.extend_from_slice(&tpa.octets());
-        a
-    }
-
-    /// An IPv4 packet without options, DF set, with a valid header checksum.
-    pub fn ipv4(src: Ipv4Addr, dst: Ipv4Addr, ttl: u8, protocol: u8, payload: &[u8]) -> Vec<u8> {
-        let total = (20 + payload.len()) as u16;
-        let mut p = vec![0x45, 0];
-        p.extend_from_slice(&total.to_be_bytes());
-        p.extend_from_slice(&[0x12, 0x34, 0x40, 0x00, ttl, protocol, 0, 0]);
-        p.extend_from_slice(&src.octets());
-        p.extend_from_slice(&dst.octets());
-        let c = checksum(&p);
-        p[10..12].copy_from_slice(&c.to_be_bytes());
-        p.extend_from_slice(payload);
-        p
-    }
-
-    pub fn udp(src: Ipv4Addr, dst: Ipv4Addr, sport: u16, dport: u16, payload: &[u8]) -> Vec<u8> {
-        let len = 8 + payload.len();
-        let mut u = Vec::with_capacity(len);
-        u.extend_from_slice(&sport.to_be_bytes());
-        u.extend_from_slice(&dport.to_be_bytes());
-        u.extend_from_slice(&(len as u16).to_be_bytes());
-        u.extend_from_slice(&[0, 0]);
-        u.extend_from_slice(payload);
-        let mut sum = pseudo_header(src, dst, PROTO_UDP, len);
-        sum.extend_from_slice(&u);
-        let c = match checksum(&sum) {
-            0 => 0xffff,
-            c => c,
-        };
-        u[6..8].copy_from_slice(&c.to_be_bytes());
-        u
-    }
-
-    pub fn icmp(ty: u8, code: u8, id: u16, seq: u16, payload: &[u8]) -> Vec<u8> {
-        let mut m = vec![ty, code, 0, 0];
-        m.extend_from_slice(&id.to_be_bytes());
-        m.extend_from_slice(&seq.to_be_bytes());
-        m.extend_from_slice(payload);
-        let c = checksum(&m);
-        m[2..4].copy_from_slice(&c.to_be_bytes());
-        m
-    }
-
-    pub struct Eth<'a> {
-        pub dst: Mac,
-        pub src: Mac,
-        pub ethertype: u16,
-        pub payload: &'a [u8],
-    }
-
-    pub fn parse_eth(f: &[u8]) -> Option<Eth<'_>> {
-        if f.len() < 14 {
-            return None;
-        }
-        Some(Eth {
-            dst: f[0..6].try_into().ok()?,
-            src: f[6..12].try_into().ok()?,
-            ethertype: u16::from_be_bytes([f[12], f[13]]),
-            payload: &f[14..],
-        })
-    }
-
-    #[derive(Debug, PartialEq, Eq)]
-    pub struct Arp {
-        pub op: u16,
-        pub sha: Mac,
-        pub spa: Ipv4Addr,
-        pub tha: Mac,
-        pub tpa: Ipv4Addr,
-    }
-
-    /// Ethernet/IPv4 ARP only.
-    pub fn parse_arp(p: &[u8]) -> Option<Arp> {
-        if p.len() < 28 || p[0..6] != [0, 1, 0x08, 0x00, 6, 4] {
-            return None;
-        }
-        let ip = |o: usize| Ipv4Addr::new(p[o], p[o + 1], p[o + 2], p[o + 3]);
-        Some(Arp {
-            op: u16::from_be_bytes([p[6], p[7]]),
-            sha: p[8..14].try_into().ok()?,
-            spa: ip(14),
-            tha: p[18..24].try_into().ok()?,
-            tpa: ip(24),
-        })
-    }
-
-    pub struct Ipv4<'a> {
-        pub src: Ipv4Addr,
-        pub dst: Ipv4Addr,
-        pub ttl: u8,
-        pub protocol: u8,
-        pub header_checksum_ok: bool,
-        /// Up to `total_length` (Ethernet padding excluded).
-        pub payload: &'a [u8],
-    }
-
-    /// IPv4 without options only.
-    pub fn parse_ipv4(p: &[u8]) -> Option<Ipv4<'_>> {
-        if p.len() < 20 || p[0] != 0x45 {
-            return None;
-        }
-        let total = usize::from(u16::from_be_bytes([p[2], p[3]]));
-        if total < 20 || total > p.len() {
-            return None;
-        }
-        Some(Ipv4 {
-            src: Ipv4Addr::new(p[12], p[13], p[14], p[15]),
-            dst: Ipv4Addr::new(p[16], p[17], p[18], p[19]),
-            ttl: p[8],
-            protocol: p[9],
-            header_checksum_ok: checksum(&p[..20]) == 0,
-            payload: &p[20..total],
-        })
-    }
-
-    pub struct Udp<'a> {
-        pub sport: u16,
-        pub dport: u16,
-        pub checksum: u16,
-        pub checksum_ok: bool,
-        pub payload: &'a [u8],
-    }
-
-    pub fn parse_udp<'a>(ip: &Ipv4<'a>) -> Option<Udp<'a>> {
-        let u = ip.payload;
-        if ip.protocol != PROTO_UDP || u.len() < 8 {
-            return None;
-        }
-        let len = usize::from(u16::from_be_bytes([u[4], u[5]]));
-        if len < 8 || len > u.len() {
-            return None;
-        }
-        let mut sum = pseudo_header(ip.src, ip.dst, PROTO_UDP, len);
-        sum.extend_from_slice(&u[..len]);
-        Some(Udp {
-            sport: u16::from_be_bytes([u[0], u[1]]),
-            dport: u16::from_be_bytes([u[2], u[3]]),
-            checksum: u16::from_be_bytes([u[6], u[7]]),
-            checksum_ok: checksum(&sum) == 0,
-            payload: &u[8..len],
-        })
-    }
-
-    pub struct Icmp<'a> {
-        pub ty: u8,
-        pub code: u8,
-        pub id: u16,
-        pub seq: u16,
-        pub checksum_ok: bool,
-        pub payload: &'a [u8],
-    }
-
-    pub fn parse_icmp<'a>(ip: &Ipv4<'a>) -> Option<Icmp<'a>> {
-        let m = ip.payload;
-        if ip.protocol != PROTO_ICMP || m.len() < 8 {
-            return None;
-        }
-        Some(Icmp {
-            ty: m[0],
-            code: m[1],
-            id: u16::from_be_bytes([m[4], m[5]]),
-            seq: u16::from_be_bytes([m[6], m[7]]),
-            checksum_ok: checksum(m) == 0,
-            payload: &m[8..],
-        })
-    }
-
-    pub fn contains(haystack: &[u8], needle: &[u8]) -> bool {
-        !needle.is_empty() && haystack.windows(needle.len()).any(|w| w == needle)
-    }
-
-    fn mac(m: &Mac) -> String {
-        m.iter()
-            .map(|b| format!("{b:02x}"))
-            .collect::<Vec<_>>()
-            .join(":")
-    }
-
-    /// A one-line summary for failure messages.
-    pub fn describe(f: &[u8]) -> String {
-        let Some(eth) = parse_eth(f) else {
-            return format!("a {}-byte runt", f.len());
-        };
-        let head = format!(
-            "{} -> {} type {:#06x}",
-            mac(&eth.src),
-            mac(&eth.dst),
-            eth.ethertype
-        );
-        if let Some(a) = parse_arp(eth.payload).filter(|_| eth.ethertype == ETH_P_ARP) {
-            return format!("{head} ARP op {} {} asks/tells {}", a.op, a.spa, a.tpa);
-        }
-        match parse_ipv4(eth.payload).filter(|_| eth.ethertype == ETH_P_IP) {
-            Some(ip) => format!(
-                "{head} IPv4 {} -> {} ttl {} proto {} ({} bytes)",
-                ip.src,
-                ip.dst,
-                ip.ttl,
-                ip.protocol,
-                ip.payload.len()
-            ),
-            None => format!("{head} ({} bytes)", f.len()),
-        }
-    }
-
-    #[test]
-    fn checksums_verify_to_zero() {
-        let p = ipv4(
-            Ipv4Addr::new(10, 0, 0, 2),
-            Ipv4Addr::new(10, 0, 0, 3),
-            64,
-            PROTO_UDP,
-            &udp(
-                Ipv4Addr::new(10, 0, 0, 2),
-                Ipv4Addr::new(10, 0, 0, 3),
-                1,
-                2,
-                b"odd",
-            ),
-        );
-        let ip = parse_ipv4(&p).expect("ipv4");
-        assert!(ip.header_checksum_ok);
-        assert!(parse_udp(&ip).expect("udp").checksum_ok);
-        let m = icmp(8, 0, 1, 2, b"xyz");
-        assert_eq!(checksum(&m), 0);
-    }
 }
