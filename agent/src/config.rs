@@ -15,6 +15,51 @@ pub const DEFAULT_BPFFS_ROOT: &str = "/sys/fs/bpf/atoll";
 pub struct AgentConfig {
     pub dataplane: DataplaneConfig,
     pub metrics: MetricsConfig,
+    pub usage: UsageConfig,
+}
+
+/// Usage records (see the `usage` module).
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct UsageConfig {
+    /// Journal usage records while `atoll-agent run` runs and when endpoints are deleted.
+    pub enabled: bool,
+    /// Directory of the durable journal and the sinks' cursors.
+    pub journal_dir: PathBuf,
+    /// Seconds between records of each endpoint (1 to 86400).
+    pub interval_secs: u64,
+    /// CloudEvents `source`; default `atoll/agent/<hostname>`.
+    pub source: Option<String>,
+    /// Append delivered records to this JSON-lines file.
+    pub file_sink: Option<PathBuf>,
+    /// POST delivered records to this `http://host[:port]/path` URL.
+    pub http_sink: Option<String>,
+    /// Timeout of one HTTP delivery, seconds (1 to 300).
+    pub http_timeout_secs: u64,
+}
+
+impl Default for UsageConfig {
+    fn default() -> Self {
+        UsageConfig {
+            enabled: true,
+            journal_dir: PathBuf::from("/var/lib/atoll/usage"),
+            interval_secs: 60,
+            source: None,
+            file_sink: None,
+            http_sink: None,
+            http_timeout_secs: 5,
+        }
+    }
+}
+
+impl UsageConfig {
+    /// The CloudEvents source: configured, or `atoll/agent/<hostname>`.
+    pub fn source(&self) -> String {
+        self.source.clone().unwrap_or_else(|| {
+            let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+            format!("atoll/agent/{}", host.trim())
+        })
+    }
 }
 
 /// Dataplane sizing and identity.
@@ -130,6 +175,25 @@ impl AgentConfig {
         if m.listen.ip().is_multicast() {
             return Err(invalid("metrics.listen must be a unicast address"));
         }
+        let u = &cfg.usage;
+        if !(1..=86_400).contains(&u.interval_secs) {
+            return Err(invalid("usage.interval_secs must be between 1 and 86400"));
+        }
+        if !(1..=300).contains(&u.http_timeout_secs) {
+            return Err(invalid("usage.http_timeout_secs must be between 1 and 300"));
+        }
+        if !u.journal_dir.is_absolute() || u.file_sink.as_ref().is_some_and(|p| !p.is_absolute()) {
+            return Err(invalid(
+                "usage.journal_dir and usage.file_sink must be absolute paths",
+            ));
+        }
+        if let Some(url) = &u.http_sink {
+            crate::usage::HttpSink::new(url, std::time::Duration::from_secs(1))
+                .map_err(|e| invalid(&format!("usage.http_sink: {e}")))?;
+        }
+        if u.source.as_ref().is_some_and(|s| s.trim().is_empty()) {
+            return Err(invalid("usage.source must not be empty"));
+        }
         Ok(cfg)
     }
 }
@@ -144,6 +208,27 @@ mod tests {
         assert_eq!(AgentConfig::parse("", p).unwrap(), AgentConfig::default());
         let c = AgentConfig::parse("[dataplane]\nmax_endpoints = 10\n", p).unwrap();
         assert_eq!(c.dataplane.max_endpoints, 10);
+    }
+
+    #[test]
+    fn usage_section_is_validated() {
+        let p = Path::new("t.toml");
+        let c = AgentConfig::parse(
+            "[usage]\ninterval_secs = 5\nfile_sink = \"/tmp/u.jsonl\"\nhttp_sink = \"http://127.0.0.1:9/u\"\n",
+            p,
+        )
+        .unwrap();
+        assert_eq!(c.usage.interval_secs, 5);
+        for bad in [
+            "[usage]\ninterval_secs = 0\n",
+            "[usage]\nhttp_timeout_secs = 0\n",
+            "[usage]\njournal_dir = \"rel\"\n",
+            "[usage]\nhttp_sink = \"https://x/\"\n",
+            "[usage]\nsource = \" \"\n",
+            "[usage]\nintervall = 3\n",
+        ] {
+            assert!(AgentConfig::parse(bad, p).is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -3,6 +3,7 @@
 use std::{net::Ipv4Addr, path::PathBuf};
 
 use anyhow::{Context, Result};
+use atoll_agent::usage::{deliver_pending, FileSink, HttpSink, Recorder, Sink};
 use atoll_agent::{
     config::AgentConfig,
     dataplane::layout_dir,
@@ -96,7 +97,11 @@ fn real_main() -> Result<()> {
                     );
                     return Ok(());
                 }
-                Host::open(&cfg.dataplane)?.destroy().await?;
+                let mut host = Host::open(&cfg.dataplane)?;
+                if cfg.usage.enabled {
+                    host.set_usage(Recorder::open(&cfg.usage.journal_dir, &cfg.usage.source())?);
+                }
+                host.destroy().await?;
                 let _ = std::fs::remove_dir(&cfg.dataplane.bpffs_root);
                 println!(
                     "removed all endpoints and pins under {}",
@@ -146,14 +151,76 @@ async fn run(cfg: &AgentConfig) -> Result<()> {
             None => std::future::pending().await,
         }
     };
+    if cfg.usage.enabled {
+        host.set_usage(Recorder::open(&cfg.usage.journal_dir, &cfg.usage.source())?);
+        println!(
+            "atoll-agent: usage records every {} s into {}",
+            cfg.usage.interval_secs,
+            cfg.usage.journal_dir.display()
+        );
+    }
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {},
-        _ = term.recv() => {},
-        e = metrics_stopped => return Err(e),
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(cfg.usage.interval_secs));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await; // the first tick is immediate
+    tokio::pin!(metrics_stopped);
+    let mut delivery: Option<tokio::task::JoinHandle<()>> = None;
+    loop {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => break,
+            _ = term.recv() => break,
+            e = &mut metrics_stopped => return Err(e),
+            _ = tick.tick(), if cfg.usage.enabled => {
+                usage_tick(&mut host, &cfg.usage, &mut delivery);
+            }
+        }
+    }
+    if cfg.usage.enabled {
+        usage_tick(&mut host, &cfg.usage, &mut delivery);
+        if let Some(d) = delivery.take() {
+            let _ = d.await;
+        }
     }
     println!("atoll-agent: stopping; the dataplane stays pinned and keeps forwarding");
     Ok(())
+}
+
+/// Journals one record per endpoint, then delivers to the sinks off the async runtime (one
+/// delivery at a time: a slow sink delays delivery, never collection). Failures are reported
+/// and retried next tick; the kernel counters and the journal keep everything meanwhile.
+fn usage_tick(
+    host: &mut Host,
+    cfg: &atoll_agent::config::UsageConfig,
+    delivery: &mut Option<tokio::task::JoinHandle<()>>,
+) {
+    if let Err(e) = host.collect_usage() {
+        eprintln!("atoll-agent: {e}");
+    }
+    if delivery.as_ref().is_some_and(|d| !d.is_finished()) {
+        return;
+    }
+    let Some(journal) = host.usage().map(|r| r.journal().path().to_path_buf()) else {
+        return;
+    };
+    let cfg = cfg.clone();
+    *delivery = Some(tokio::task::spawn_blocking(move || {
+        let dir = cfg.journal_dir.clone();
+        let mut sinks: Vec<Box<dyn Sink + Send>> = Vec::new();
+        if let Some(path) = &cfg.file_sink {
+            sinks.push(Box::new(FileSink::new(path.clone())));
+        }
+        if let Some(url) = &cfg.http_sink {
+            match HttpSink::new(url, std::time::Duration::from_secs(cfg.http_timeout_secs)) {
+                Ok(s) => sinks.push(Box::new(s)),
+                Err(e) => eprintln!("atoll-agent: usage.http_sink: {e}"),
+            }
+        }
+        for sink in sinks.iter_mut() {
+            if let Err(e) = deliver_pending(&journal, &dir, sink.as_mut(), 1 << 20) {
+                eprintln!("atoll-agent: {e}");
+            }
+        }
+    }));
 }
 
 fn status(cfg: &AgentConfig) -> Result<()> {
@@ -222,6 +289,10 @@ async fn endpoint(cfg: &AgentConfig, cmd: EndpointCmd) -> Result<()> {
             );
         }
         EndpointCmd::Del { name } => {
+            // The endpoint's final usage record is written before it goes away.
+            if cfg.usage.enabled {
+                host.set_usage(Recorder::open(&cfg.usage.journal_dir, &cfg.usage.source())?);
+            }
             host.delete_endpoint(&name).await?;
             println!("deleted {name}");
         }

@@ -150,6 +150,32 @@ impl Drop for PinRoot {
     }
 }
 
+/// Deletes every host device whose name starts with a prefix on drop: put one at the top of a
+/// test that names its devices with `unique_name(tag)` (prefix `unique_prefix(tag)`), so a
+/// failing test leaves nothing behind.
+pub struct LinksWithPrefix(pub String);
+
+impl Drop for LinksWithPrefix {
+    fn drop(&mut self) {
+        let Ok(out) = run(Command::new("ip").args(["-o", "link", "show"])) else {
+            return;
+        };
+        for line in out.lines() {
+            // "12: name@if3: <...>" or "12: name: <...>"
+            let Some(name) = line
+                .split(": ")
+                .nth(1)
+                .map(|n| n.split('@').next().unwrap_or(n))
+            else {
+                continue;
+            };
+            if name.starts_with(&self.0) {
+                let _ = run(Command::new("ip").args(["link", "del", name]));
+            }
+        }
+    }
+}
+
 /// A host device deleted on drop (for taps and veths a test creates outside an endpoint).
 pub struct LinkGuard(pub String);
 

@@ -54,6 +54,8 @@ pub enum UsageError {
     },
     #[error("writing usage journal {path} (records kept in the kernel counters, retried next interval): {source}")]
     AppendJournal { path: PathBuf, source: io::Error },
+    #[error("usage journal {path} is in use by another process (a running atoll-agent?); one writer at a time")]
+    Locked { path: PathBuf },
     #[error("reading cursor {path}: {source}")]
     ReadCursor { path: PathBuf, source: io::Error },
     #[error("writing cursor {path}: {source}")]
@@ -375,6 +377,9 @@ pub fn build_records(
 /// Turns snapshots into journaled records: the journal, this host's CloudEvents `source`, the
 /// boot id for incarnations, and the time of the last collection (start of the next window).
 pub struct Recorder {
+    /// Exclusive `flock` on `<dir>/lock`: one writer per journal. The kernel releases it when
+    /// the process dies, also on kill -9.
+    _lock: File,
     journal: Journal,
     source: String,
     boot_id: String,
@@ -384,12 +389,45 @@ pub struct Recorder {
 impl Recorder {
     /// Opens the journal in `dir`; `source` is the CloudEvents source (e.g. `atoll/agent/<host>`).
     pub fn open(dir: &Path, source: &str) -> Result<Self, UsageError> {
+        let lock_path = dir.join("lock");
+        std::fs::create_dir_all(dir).map_err(|source| UsageError::OpenJournal {
+            path: dir.into(),
+            source,
+        })?;
+        let lock = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(|source| UsageError::OpenJournal {
+                path: lock_path.clone(),
+                source,
+            })?;
+        // SAFETY: flock on an fd we own; no memory is involved.
+        if unsafe {
+            libc::flock(
+                std::os::fd::AsRawFd::as_raw_fd(&lock),
+                libc::LOCK_EX | libc::LOCK_NB,
+            )
+        } != 0
+        {
+            let e = io::Error::last_os_error();
+            return Err(if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+                UsageError::Locked { path: dir.into() }
+            } else {
+                UsageError::OpenJournal {
+                    path: lock_path,
+                    source: e,
+                }
+            });
+        }
         let journal = Journal::open(dir)?;
         let boot_id = boot_id().map_err(|source| UsageError::OpenJournal {
             path: "/proc/sys/kernel/random/boot_id".into(),
             source,
         })?;
         Ok(Recorder {
+            _lock: lock,
             journal,
             source: source.into(),
             boot_id,
@@ -818,6 +856,13 @@ mod tests {
         assert_eq!(
             r.record(&[snap(&inc, counters(4, 400, 0))], false).unwrap(),
             1
+        );
+        assert!(
+            matches!(
+                Recorder::open(&dir, "other"),
+                Err(UsageError::Locked { .. })
+            ),
+            "one writer"
         );
         drop(r);
         let mut r = Recorder::open(&dir, "atoll/test").unwrap();

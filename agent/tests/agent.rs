@@ -4,44 +4,17 @@
 
 use std::{net::Ipv4Addr, process::Command};
 
+mod support;
+
+use support::{cfg, echo_frame, read_frame, require_root, tap};
+
 use atoll_agent::{
     config::DataplaneConfig,
     dataplane::{Dataplane, DataplaneError},
     device::{self, DeviceError},
-    endpoint::{DeviceSpec, EndpointError, EndpointSpec, Host},
-    testbed::{unique_name, PinRoot},
-    types::{CloudId, MacAddr},
+    endpoint::{EndpointError, Host},
+    testbed::{unique_name, unique_prefix, LinksWithPrefix, PinRoot},
 };
-
-fn require_root() {
-    // SAFETY: geteuid has no preconditions.
-    assert_eq!(
-        unsafe { libc::geteuid() },
-        0,
-        "these tests need root (CAP_BPF, CAP_NET_ADMIN)"
-    );
-}
-
-fn cfg(pins: &PinRoot, max_endpoints: u32, tap_pool: u32) -> DataplaneConfig {
-    DataplaneConfig {
-        bpffs_root: pins.path().into(),
-        max_endpoints,
-        max_routes: max_endpoints,
-        tap_pool,
-        ..DataplaneConfig::default()
-    }
-}
-
-fn tap(name: &str, cloud: u32, last_octet: u8) -> EndpointSpec {
-    EndpointSpec {
-        name: name.into(),
-        cloud: CloudId::new(cloud).expect("non-zero"),
-        ipv4: Ipv4Addr::new(10, 0, 0, last_octet),
-        mac: MacAddr::local(u32::from(last_octet) + (cloud << 8)),
-        gateway: Ipv4Addr::new(10, 0, 0, 1),
-        device: DeviceSpec::Tap { owner_uid: None },
-    }
-}
 
 #[test]
 fn open_outside_bpffs_is_a_clear_error() {
@@ -69,6 +42,7 @@ fn open_outside_bpffs_is_a_clear_error() {
 async fn full_map_rolls_back_and_names_the_setting() {
     require_root();
     let pins = PinRoot::new("mf");
+    let _links = LinksWithPrefix(unique_prefix("mf"));
     let mut host = Host::open(&cfg(&pins, 2, 0)).unwrap();
     let names: Vec<String> = (0..3).map(|_| unique_name("mf")).collect();
     host.create_endpoint(&tap(&names[0], 1, 2)).await.unwrap();
@@ -113,6 +87,7 @@ async fn full_map_rolls_back_and_names_the_setting() {
 async fn identity_is_cached_on_create_and_cleared_on_delete() {
     require_root();
     let pins = PinRoot::new("ch");
+    let _links = LinksWithPrefix(unique_prefix("ch"));
     let mut host = Host::open(&cfg(&pins, 16, 0)).unwrap();
     let name = unique_name("ch");
     let ep = host.create_endpoint(&tap(&name, 5, 2)).await.unwrap();
@@ -141,6 +116,7 @@ async fn identity_is_cached_on_create_and_cleared_on_delete() {
 async fn duplicate_device_and_invalid_specs_are_typed_errors() {
     require_root();
     let pins = PinRoot::new("dv");
+    let _links = LinksWithPrefix(unique_prefix("dv"));
     let mut host = Host::open(&cfg(&pins, 16, 0)).unwrap();
     let name = unique_name("dv");
     host.create_endpoint(&tap(&name, 1, 2)).await.unwrap();
@@ -176,6 +152,9 @@ async fn duplicate_device_and_invalid_specs_are_typed_errors() {
 async fn resumes_from_pins_and_reuses_the_pool() {
     require_root();
     let pins = PinRoot::new("rp");
+    let _links = LinksWithPrefix(unique_prefix("rp"));
+    // The only test in this binary with a tap pool, so this process's spare taps are its own.
+    let _spares = LinksWithPrefix(atoll_agent::endpoint::pool_process_prefix());
     let c = cfg(&pins, 16, 2);
     let name = unique_name("rp");
     {
@@ -225,6 +204,7 @@ async fn resumes_from_pins_and_reuses_the_pool() {
 fn unprivileged_agent_reports_missing_capability() {
     require_root();
     let pins = PinRoot::new("np");
+    let _links = LinksWithPrefix(unique_prefix("np"));
     let config = std::env::temp_dir().join(format!("{}.toml", unique_name("np")));
     std::fs::write(
         &config,
@@ -281,69 +261,13 @@ fn bad_config_file_is_rejected_with_the_key() {
     );
 }
 
-/// An ICMP echo request frame of exactly `size` bytes from `src` to `dst` via the gateway MAC.
-fn echo_frame(
-    src_mac: MacAddr,
-    gw_mac: MacAddr,
-    src: Ipv4Addr,
-    dst: Ipv4Addr,
-    size: usize,
-) -> Vec<u8> {
-    fn csum(data: &[u8]) -> u16 {
-        let mut sum: u32 = data
-            .chunks(2)
-            .map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)])))
-            .sum();
-        while sum > 0xffff {
-            sum = (sum & 0xffff) + (sum >> 16);
-        }
-        !(sum as u16)
-    }
-    let mut f = vec![0u8; size];
-    f[0..6].copy_from_slice(&gw_mac.0);
-    f[6..12].copy_from_slice(&src_mac.0);
-    f[12..14].copy_from_slice(&0x0800u16.to_be_bytes());
-    let ip_len = (size - 14) as u16;
-    f[14] = 0x45;
-    f[16..18].copy_from_slice(&ip_len.to_be_bytes());
-    f[22] = 64;
-    f[23] = 1;
-    f[26..30].copy_from_slice(&src.octets());
-    f[30..34].copy_from_slice(&dst.octets());
-    let c = csum(&f[14..34]);
-    f[24..26].copy_from_slice(&c.to_be_bytes());
-    f[34] = 8;
-    let c = csum(&f[34..]);
-    f[36..38].copy_from_slice(&c.to_be_bytes());
-    f
-}
-
-fn read_frame(fd: &std::os::fd::OwnedFd) -> Option<Vec<u8>> {
-    use std::os::fd::AsRawFd;
-    let mut pfd = libc::pollfd {
-        fd: fd.as_raw_fd(),
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    // SAFETY: one valid pollfd; bounded timeout.
-    if unsafe { libc::poll(&mut pfd, 1, 2000) } != 1 {
-        return None;
-    }
-    let mut buf = vec![0u8; 2048];
-    // SAFETY: `buf` is valid for `buf.len()` bytes.
-    let n = unsafe { libc::read(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
-    (n > 0).then(|| {
-        buf.truncate(n as usize);
-        buf
-    })
-}
-
 #[tokio::test]
 async fn usage_records_sum_exactly_to_the_traffic_including_the_final_flush() {
     use atoll_agent::usage::{Recorder, UsageEvent};
     use std::os::fd::AsRawFd;
     require_root();
     let pins = PinRoot::new("us");
+    let _links = LinksWithPrefix(unique_prefix("us"));
     let journal_dir = std::env::temp_dir().join(unique_name("us"));
     let mut host = Host::open(&cfg(&pins, 16, 0)).unwrap();
     host.set_usage(Recorder::open(&journal_dir, "atoll/test").unwrap());

@@ -30,7 +30,7 @@ use atoll_agent::{
         PROG_FROM_VM, PROG_TO_VM,
     },
     endpoint::{DeviceSpec, EndpointSpec, Host},
-    testbed::{run, unique_name, PinRoot},
+    testbed::{run, unique_name, LinksWithPrefix, PinRoot},
     types::{CloudId, MacAddr},
 };
 use atoll_dataplane_common::{
@@ -552,34 +552,13 @@ struct Creation {
     delete_p50: Duration,
 }
 
-/// Deletes every link with the bench's prefix, also when the bench fails half-way.
-struct PrefixGuard(String);
-
-impl Drop for PrefixGuard {
-    fn drop(&mut self) {
-        if let Ok(out) = run(std::process::Command::new("ip").args(["-o", "link", "show"])) {
-            for line in out.lines() {
-                if let Some(name) = line
-                    .split(": ")
-                    .nth(1)
-                    .map(|n| n.split('@').next().unwrap_or(n))
-                {
-                    if name.starts_with(&self.0) {
-                        let _ = run(std::process::Command::new("ip").args(["link", "del", name]));
-                    }
-                }
-            }
-        }
-    }
-}
-
 fn endpoint_creation(count: u32, pooled: bool) -> Result<Creation> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
     let pins = PinRoot::new("bp");
     let prefix = unique_name("b");
-    let _guard = PrefixGuard(prefix.clone());
+    let _guard = LinksWithPrefix(prefix.clone());
     rt.block_on(async {
         let cfg = DataplaneConfig {
             bpffs_root: pins.path().into(),
