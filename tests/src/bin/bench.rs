@@ -77,27 +77,44 @@ fn main() -> Result<()> {
     let mut report = String::new();
     let (xdp_ns, tc_ns, cal_ns) = baselines(repeats)?;
     println!("empty XDP {xdp_ns:.1} ns/pkt, empty TC {tc_ns:.1} ns/pkt, XDP lookup+count {cal_ns:.1} ns/pkt");
-    let mut rows = Vec::new();
+    // All dataplanes are loaded first and measured in interleaved rounds, so drift of this
+    // (virtual) machine affects every size alike; each figure is the median of the rounds.
+    let mut planes = Vec::new();
     for &n in sizes {
-        let (from, to) = isolation_path(n, repeats, true)?;
+        planes.push((n, true, isolation_plane(n, true)?));
+        if n <= 100_000 {
+            planes.push((n, false, isolation_plane(n, false)?));
+        }
+    }
+    const ROUNDS: usize = 5;
+    let mut samples: Vec<(Vec<f64>, Vec<f64>)> = vec![(Vec::new(), Vec::new()); planes.len()];
+    for _ in 0..ROUNDS {
+        for (i, (_, _, ebpf)) in planes.iter().enumerate() {
+            let (f, t) = measure_plane(ebpf, repeats)?;
+            samples[i].0.push(f);
+            samples[i].1.push(t);
+        }
+    }
+    let figure = |n: u32, metering: bool| -> (f64, f64) {
+        let i = planes
+            .iter()
+            .position(|p| p.0 == n && p.1 == metering)
+            .expect("measured");
+        (median(samples[i].0.clone()), median(samples[i].1.clone()))
+    };
+    let mut rows = Vec::new();
+    let mut metering_rows = Vec::new();
+    for &n in sizes {
+        let (from, to) = figure(n, true);
         println!("{n:>9} endpoints: from_vm {from:.1} ns/pkt, to_vm {to:.1} ns/pkt");
         rows.push((n, from, to));
+        if n <= 100_000 {
+            let (off, _) = figure(n, false);
+            println!("{n:>9} endpoints: from_vm without metering {off:.1} ns/pkt, metering adds {:.1} ns", from - off);
+            metering_rows.push((n, from, off));
+        }
     }
-    // Metering's cost: the same path with the counting compiled out at load (METERING = 0).
-    let mut metering_rows = Vec::new();
-    for &n in sizes.iter().filter(|n| **n <= 100_000) {
-        let (off, _) = isolation_path(n, repeats, false)?;
-        let on = rows
-            .iter()
-            .find(|r| r.0 == n)
-            .map(|r| r.1)
-            .unwrap_or(f64::NAN);
-        println!(
-            "{n:>9} endpoints: from_vm without metering {off:.1} ns/pkt, metering adds {:.1} ns",
-            on - off
-        );
-        metering_rows.push((n, on, off));
-    }
+    drop(planes);
     let memory = map_memory()?;
     println!(
         "kernel memory per endpoint: {:.0} B shared + {:.0} B per CPU of counters",
@@ -150,7 +167,7 @@ fn main() -> Result<()> {
         "Reproduce with `cargo xtask bench` (as root). Written by `tests/src/bin/bench.rs`.\n"
     )?;
     writeln!(report, "Machine: {cpu}, {cpus} CPUs, kernel {kernel}. Absolute numbers on this nested VM are noisy; compare within one run.\n")?;
-    writeln!(report, "## Per-packet cost (BPF_PROG_TEST_RUN, 64-byte frame, {repeats} packets per figure, calls of 250 repeats, median of 3 rounds)\n")?;
+    writeln!(report, "## Per-packet cost (BPF_PROG_TEST_RUN, 64-byte frame, {repeats} packets per round, calls of 250 repeats, median of 5 interleaved rounds)\n")?;
     writeln!(report, "Baselines in the same run: empty XDP program **{xdp_ns:.1} ns**, empty TC program **{tc_ns:.1} ns**; calibration: XDP with one hash lookup + per-CPU counter **{cal_ns:.1} ns** ({:.1} ns over empty XDP).\n", cal_ns - xdp_ns)?;
     writeln!(report, "The targets were set on a machine where the empty XDP program took 5 ns and the calibration program 16 ns (11 ns over empty; ../shared/FACTS.md). The last column expresses the isolation path's cost over the empty TC program in units of this run's calibration delta, which carries across machines.\n")?;
     writeln!(report, "| endpoints and routes in maps | `from_vm` (forward in cloud) | over empty TC | over empty XDP | `to_vm` (deliver) | over empty TC | `from_vm` over empty TC, in calibration units |")?;
@@ -296,13 +313,13 @@ fn baselines(repeats: u32) -> Result<(f64, f64, f64)> {
         .context("empty_xdp")?
         .try_into()?;
     xdp.load()?;
-    let x = measure(xdp, frame, repeats, 2, repeats)?;
+    let x = measure(xdp, frame, repeats, 2, repeats, 3)?;
     let tc: &mut SchedClassifier = ebpf
         .program_mut("empty_tc")
         .context("empty_tc")?
         .try_into()?;
     tc.load()?;
-    let t = measure(tc, frame, repeats, 0, CHUNK)?;
+    let t = measure(tc, frame, repeats, 0, CHUNK, 3)?;
     {
         let mut keys: HashMap<_, u32, u32> =
             HashMap::try_from(ebpf.map_mut("CAL_KEYS").context("CAL_KEYS")?)?;
@@ -313,7 +330,7 @@ fn baselines(repeats: u32) -> Result<(f64, f64, f64)> {
         .context("lookup_count_xdp")?
         .try_into()?;
     cal.load()?;
-    let c = measure(cal, frame, repeats, 2, repeats)?;
+    let c = measure(cal, frame, repeats, 2, repeats, 3)?;
     Ok((x, t, c))
 }
 
@@ -332,10 +349,11 @@ fn measure<
     packets: u32,
     expect: u32,
     chunk: u32,
+    rounds: usize,
 ) -> Result<f64> {
     let calls = packets.div_ceil(chunk);
-    let mut rounds = Vec::new();
-    for _ in 0..3 {
+    let mut samples = Vec::new();
+    for _ in 0..rounds {
         let mut total = 0u128;
         for _ in 0..calls {
             let r = prog.test_run(TestRunOptions {
@@ -348,14 +366,14 @@ fn measure<
             }
             total += r.duration.as_nanos();
         }
-        rounds.push(total as f64 / calls as f64);
+        samples.push(total as f64 / calls as f64);
     }
-    Ok(median(rounds))
+    Ok(median(samples))
 }
 
 /// Loads a private copy of the dataplane with `n` endpoints and `n` routes, the measured
 /// endpoint on ifindex 1 (test_run's device is loopback) in cloud 1.
-fn isolation_path(n: u32, repeats: u32, metering: bool) -> Result<(f64, f64)> {
+fn isolation_plane(n: u32, metering: bool) -> Result<Ebpf> {
     let cap = n + 16;
     let mut ebpf = EbpfLoader::new()
         .map_max_entries(MAP_ENDPOINTS, cap)
@@ -432,6 +450,15 @@ fn isolation_path(n: u32, repeats: u32, metering: bool) -> Result<(f64, f64)> {
             )?;
         }
     }
+    for name in [PROG_FROM_VM, PROG_TO_VM] {
+        let prog: &mut SchedClassifier = ebpf.program_mut(name).context("program")?.try_into()?;
+        prog.load()?;
+    }
+    Ok(ebpf)
+}
+
+/// One measurement round of `from_vm` (forwarding in the cloud) and `to_vm` (delivery).
+fn measure_plane(ebpf: &Ebpf, repeats: u32) -> Result<(f64, f64)> {
     let forward: &'static [u8] = Vec::leak(frame_to(
         GW,
         GUEST,
@@ -444,17 +471,12 @@ fn isolation_path(n: u32, repeats: u32, metering: bool) -> Result<(f64, f64)> {
         Ipv4Addr::new(10, 0, 0, 3),
         Ipv4Addr::new(10, 0, 0, 2),
     ));
-    let from: &mut SchedClassifier = ebpf
-        .program_mut(PROG_FROM_VM)
-        .context("from_vm")?
-        .try_into()?;
-    from.load()?;
-    let f = measure(from, forward, repeats, 7, CHUNK)
-        .with_context(|| format!("from_vm, drops {:?}", drops(&ebpf)))?;
-    let to: &mut SchedClassifier = ebpf.program_mut(PROG_TO_VM).context("to_vm")?.try_into()?;
-    to.load()?;
-    let t = measure(to, deliver, repeats, 0, CHUNK)
-        .with_context(|| format!("to_vm, drops {:?}", drops(&ebpf)))?;
+    let from: &SchedClassifier = ebpf.program(PROG_FROM_VM).context("from_vm")?.try_into()?;
+    let f = measure(from, forward, repeats, 7, CHUNK, 1)
+        .with_context(|| format!("from_vm, drops {:?}", drops(ebpf)))?;
+    let to: &SchedClassifier = ebpf.program(PROG_TO_VM).context("to_vm")?.try_into()?;
+    let t = measure(to, deliver, repeats, 0, CHUNK, 1)
+        .with_context(|| format!("to_vm, drops {:?}", drops(ebpf)))?;
     Ok((f, t))
 }
 
