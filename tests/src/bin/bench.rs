@@ -75,8 +75,7 @@ fn main() -> Result<()> {
     let creates = if args.smoke { 20 } else { 1_000 };
 
     let mut report = String::new();
-    let (xdp_ns, tc_ns, cal_ns) = baselines(repeats)?;
-    println!("empty XDP {xdp_ns:.1} ns/pkt, empty TC {tc_ns:.1} ns/pkt, XDP lookup+count {cal_ns:.1} ns/pkt");
+    let base = baseline_plane()?;
     // All dataplanes are loaded first and measured in interleaved rounds, so drift of this
     // (virtual) machine affects every size alike; each figure is the median of the rounds.
     let mut planes = Vec::new();
@@ -88,13 +87,20 @@ fn main() -> Result<()> {
     }
     const ROUNDS: usize = 5;
     let mut samples: Vec<(Vec<f64>, Vec<f64>)> = vec![(Vec::new(), Vec::new()); planes.len()];
+    let (mut xs, mut ts, mut cs) = (Vec::new(), Vec::new(), Vec::new());
     for _ in 0..ROUNDS {
+        let (x, t, c) = measure_baselines(&base, repeats)?;
+        xs.push(x);
+        ts.push(t);
+        cs.push(c);
         for (i, (_, _, ebpf)) in planes.iter().enumerate() {
             let (f, t) = measure_plane(ebpf, repeats)?;
             samples[i].0.push(f);
             samples[i].1.push(t);
         }
     }
+    let (xdp_ns, tc_ns, cal_ns) = (median(xs), median(ts), median(cs));
+    println!("empty XDP {xdp_ns:.1} ns/pkt, empty TC {tc_ns:.1} ns/pkt, XDP lookup+count {cal_ns:.1} ns/pkt");
     let figure = |n: u32, metering: bool| -> (f64, f64) {
         let i = planes
             .iter()
@@ -300,37 +306,43 @@ fn frame_to(dst_mac: [u8; 6], src_mac: [u8; 6], src: Ipv4Addr, dst: Ipv4Addr) ->
     f
 }
 
-fn baselines(repeats: u32) -> Result<(f64, f64, f64)> {
+/// Loads the baseline object: empty XDP and TC programs and the calibration program.
+fn baseline_plane() -> Result<Ebpf> {
     let mut ebpf = Ebpf::load(BASELINE_OBJECT).context("loading the baseline object")?;
+    {
+        let mut keys: HashMap<_, u32, u32> =
+            HashMap::try_from(ebpf.map_mut("CAL_KEYS").context("CAL_KEYS")?)?;
+        keys.insert(1, 1, 0)?;
+    }
+    for name in ["empty_xdp", "lookup_count_xdp"] {
+        let p: &mut Xdp = ebpf.program_mut(name).context("xdp baseline")?.try_into()?;
+        p.load()?;
+    }
+    let tc: &mut SchedClassifier = ebpf
+        .program_mut("empty_tc")
+        .context("empty_tc")?
+        .try_into()?;
+    tc.load()?;
+    Ok(ebpf)
+}
+
+/// One round of the baselines: (empty XDP, empty TC, calibration XDP) ns per packet.
+fn measure_baselines(ebpf: &Ebpf, repeats: u32) -> Result<(f64, f64, f64)> {
     let frame: &'static [u8] = Vec::leak(frame_to(
         GW,
         GUEST,
         Ipv4Addr::new(10, 0, 0, 2),
         Ipv4Addr::new(10, 0, 0, 3),
     ));
-    let xdp: &mut Xdp = ebpf
-        .program_mut("empty_xdp")
-        .context("empty_xdp")?
-        .try_into()?;
-    xdp.load()?;
-    let x = measure(xdp, frame, repeats, 2, repeats, 3)?;
-    let tc: &mut SchedClassifier = ebpf
-        .program_mut("empty_tc")
-        .context("empty_tc")?
-        .try_into()?;
-    tc.load()?;
-    let t = measure(tc, frame, repeats, 0, CHUNK, 3)?;
-    {
-        let mut keys: HashMap<_, u32, u32> =
-            HashMap::try_from(ebpf.map_mut("CAL_KEYS").context("CAL_KEYS")?)?;
-        keys.insert(1, 1, 0)?;
-    }
-    let cal: &mut Xdp = ebpf
-        .program_mut("lookup_count_xdp")
+    let xdp: &Xdp = ebpf.program("empty_xdp").context("empty_xdp")?.try_into()?;
+    let x = measure(xdp, frame, repeats, 2, repeats, 1)?;
+    let tc: &SchedClassifier = ebpf.program("empty_tc").context("empty_tc")?.try_into()?;
+    let t = measure(tc, frame, repeats, 0, CHUNK, 1)?;
+    let cal: &Xdp = ebpf
+        .program("lookup_count_xdp")
         .context("lookup_count_xdp")?
         .try_into()?;
-    cal.load()?;
-    let c = measure(cal, frame, repeats, 2, repeats, 3)?;
+    let c = measure(cal, frame, repeats, 2, repeats, 1)?;
     Ok((x, t, c))
 }
 
