@@ -81,9 +81,7 @@ fn main() -> Result<()> {
     let mut planes = Vec::new();
     for &n in sizes {
         planes.push((n, true, isolation_plane(n, true)?));
-        if n <= 100_000 {
-            planes.push((n, false, isolation_plane(n, false)?));
-        }
+        planes.push((n, false, isolation_plane(n, false)?));
     }
     const ROUNDS: usize = 5;
     let mut samples: Vec<(Vec<f64>, Vec<f64>)> = vec![(Vec::new(), Vec::new()); planes.len()];
@@ -114,7 +112,7 @@ fn main() -> Result<()> {
         let (from, to) = figure(n, true);
         println!("{n:>9} endpoints: from_vm {from:.1} ns/pkt, to_vm {to:.1} ns/pkt");
         rows.push((n, from, to));
-        if n <= 100_000 {
+        {
             let (off, _) = figure(n, false);
             println!("{n:>9} endpoints: from_vm without metering {off:.1} ns/pkt, metering adds {:.1} ns", from - off);
             metering_rows.push((n, from, off));
@@ -193,10 +191,23 @@ fn main() -> Result<()> {
         .iter()
         .fold((f64::MAX, 0f64), |(lo, hi), r| (lo.min(r.1), hi.max(r.1)));
     let spread = (hi - lo) / lo * 100.0;
-    let worst_units = rows
+    // Issue 2's targets are about the isolation path alone: the load with metering compiled out.
+    let worst_units = metering_rows
         .iter()
-        .map(|r| (r.1 - tc_ns) / unit)
+        .map(|r| (r.2 - tc_ns) / unit)
         .fold(0f64, f64::max);
+    let worst_ns = metering_rows
+        .iter()
+        .map(|r| r.2 - tc_ns)
+        .fold(0f64, f64::max);
+    let (off_lo, off_hi) = metering_rows
+        .iter()
+        .fold((f64::MAX, 0f64), |(lo, hi), r| (lo.min(r.2), hi.max(r.2)));
+    let off_spread = (off_hi - off_lo) / off_lo * 100.0;
+    let metering_units = metering_rows
+        .iter()
+        .map(|r| (r.1 - r.2) / unit)
+        .fold(f64::MIN, f64::max);
     let pooled_p99 = creation
         .iter()
         .find(|(p, _)| *p)
@@ -257,15 +268,21 @@ fn main() -> Result<()> {
     writeln!(report, "\n## Against the targets\n")?;
     writeln!(report, "| target | measured | |")?;
     writeln!(report, "|---|---|---|")?;
-    writeln!(report, "| isolation path ≤ 25 ns over empty (≤ 2.27 calibration units) | {worst_units:.2} units ({:.1} ns over empty TC here) | {} |", rows.iter().map(|r| r.1 - tc_ns).fold(0f64, f64::max), verdict(worst_units <= 25.0 / 11.0))?;
+    writeln!(report, "| issue 2: isolation path ≤ 25 ns over empty (≤ 2.27 calibration units), worst size | {worst_units:.2} units ({worst_ns:.1} ns over empty TC here) | {} |", verdict(worst_units <= 25.0 / 11.0))?;
     writeln!(
         report,
-        "| flat ±10% from 1 to 1M endpoints | {spread:.1}% | {} |",
+        "| issue 2: isolation path flat ±10% from 1 to 1M endpoints | {off_spread:.1}% | {} |",
+        verdict(off_spread <= 10.0)
+    )?;
+    writeln!(report, "| issue 3: metering ≤ 8 ns over the isolation path (≤ 0.73 units), worst size | {metering_units:.2} units | {} |", verdict(metering_units <= 8.0 / 11.0))?;
+    writeln!(
+        report,
+        "| with metering: flat ±10% from 1 to 1M endpoints | {spread:.1}% | {} |",
         verdict(spread <= 10.0)
     )?;
     writeln!(
         report,
-        "| endpoint creation ≤ 5 ms p99 | {pooled_p99:.2} ms with the tap pool | {} |",
+        "| issue 2: endpoint creation ≤ 5 ms p99 | {pooled_p99:.2} ms with the tap pool | {} |",
         verdict(pooled_p99 <= 5.0)
     )?;
     writeln!(report, "\nTarget: ≤ 5 ms p99. A cold create is dominated by the kernel: every TCX attach commits with `synchronize_rcu()`, one RCU grace period each (with `/sys/kernel/rcu_expedited` = 1 a cold create measured about 0.4 ms here; atoll does not change that host-wide setting). The agent therefore keeps `dataplane.tap_pool` spare taps attached ahead of time.")?;
