@@ -21,9 +21,9 @@ const ARP_OP_REPLY: [u8; 2] = [0, 2];
 #[inline(always)]
 pub fn answer(pkt: &Packet, eth: *mut EthHdr, ep: &EndpointInfo, ifindex: u32) -> Verdict {
     // SAFETY: bounds-checked by the caller.
-    let dst_mac = unsafe { (*eth).dst };
-    if !packet::is_broadcast_mac(&dst_mac) && !packet::mac_eq(&dst_mac, &ep.gateway_mac) {
-        return Verdict::Drop(if packet::is_group_mac(&dst_mac) {
+    let dst_mac = unsafe { &(*eth).dst };
+    if !packet::is_broadcast_mac(dst_mac) && !packet::mac_eq(dst_mac, &ep.gateway_mac) {
+        return Verdict::Drop(if packet::is_group_mac(dst_mac) {
             DropReason::GroupDestinationMac
         } else {
             DropReason::NotToGatewayMac
@@ -52,14 +52,14 @@ pub fn answer(pkt: &Packet, eth: *mut EthHdr, ep: &EndpointInfo, ifindex: u32) -
     }
     // Turn the request into the reply in place and send it back out of the same device.
     a.op = ARP_OP_REPLY;
-    a.tha = ep.mac;
-    a.tpa = a.spa;
-    a.sha = ep.gateway_mac;
-    a.spa = tpa.to_ne_bytes();
+    packet::write_mac(&mut a.tha, &ep.mac);
+    packet::write_ipv4(&mut a.tpa, spa.to_ne_bytes());
+    packet::write_mac(&mut a.sha, &ep.gateway_mac);
+    packet::write_ipv4(&mut a.spa, tpa.to_ne_bytes());
     // SAFETY: bounds-checked by the caller.
     unsafe {
-        (*eth).dst = ep.mac;
-        (*eth).src = ep.gateway_mac;
+        packet::write_mac(&mut (*eth).dst, &ep.mac);
+        packet::write_mac(&mut (*eth).src, &ep.gateway_mac);
     }
     // Request and answer are both traffic with the host's services.
     metering::traffic(ep.slot, Direction::FromGuest, TrafficClass::Host, pkt.len);

@@ -45,9 +45,11 @@ pub fn answer(
     // destination addresses leaves the IPv4 header checksum unchanged.
     unsafe {
         let h = &mut *ip;
-        core::mem::swap(&mut h.saddr, &mut h.daddr);
-        (*eth).dst = ep.mac;
-        (*eth).src = ep.gateway_mac;
+        let (saddr, daddr) = (h.saddr(), h.daddr());
+        packet::write_ipv4(&mut h.saddr, daddr.to_ne_bytes());
+        packet::write_ipv4(&mut h.daddr, saddr.to_ne_bytes());
+        packet::write_mac(&mut (*eth).dst, &ep.mac);
+        packet::write_mac(&mut (*eth).src, &ep.gateway_mac);
     }
     // Request and answer are both traffic with the host's services.
     metering::traffic(ep.slot, Direction::FromGuest, TrafficClass::Host, pkt.len);

@@ -95,8 +95,8 @@ fn try_from_vm(ctx: &TcContext, ep: Option<&EndpointInfo>) -> Verdict {
         return Verdict::Drop(DropReason::TruncatedEthernet);
     };
     // SAFETY: `eth` was bounds-checked against the packet by `Packet::ptr`.
-    let (src, ether_type) = unsafe { ((*eth).src, (*eth).ether_type) };
-    if !packet::mac_eq(&src, &ep.mac) {
+    let (src, ether_type) = unsafe { (&(*eth).src, (*eth).ether_type) };
+    if !packet::mac_eq(src, &ep.mac) {
         return Verdict::Drop(DropReason::SpoofedSourceMac);
     }
     match u16::from_be(ether_type) {
@@ -118,8 +118,8 @@ fn try_to_vm(ctx: &TcContext, ep: Option<&EndpointInfo>) -> Verdict {
         return Verdict::Drop(DropReason::TruncatedEthernet);
     };
     // SAFETY: bounds-checked by `Packet::ptr`.
-    let (dst, src, ether_type) = unsafe { ((*eth).dst, (*eth).src, (*eth).ether_type) };
-    if !packet::mac_eq(&dst, &ep.mac) || !packet::mac_eq(&src, &ep.gateway_mac) {
+    let (dst, src, ether_type) = unsafe { (&(*eth).dst, &(*eth).src, (*eth).ether_type) };
+    if !packet::mac_eq(dst, &ep.mac) || !packet::mac_eq(src, &ep.gateway_mac) {
         return Verdict::Drop(DropReason::ToVmForeignFrame);
     }
     match u16::from_be(ether_type) {

@@ -138,6 +138,36 @@ pub fn ifindex(ctx: &TcContext) -> u32 {
     unsafe { (*ctx.skb.skb).ifindex }
 }
 
+/// Copies a MAC address into the frame with six byte stores. A plain `[u8; 6]` assignment
+/// compiles to a call into an out-of-line, byte-looping `memmove` subprogram in BPF, which cost
+/// about a third of the forwarding path; volatile stores cannot be merged back into one.
+#[inline(always)]
+pub fn write_mac(dst: *mut [u8; 6], src: &[u8; 6]) {
+    let d = dst as *mut u8;
+    // SAFETY: `dst` points at six writable bytes of the frame (bounds-checked by the caller).
+    unsafe {
+        core::ptr::write_volatile(d, src[0]);
+        core::ptr::write_volatile(d.add(1), src[1]);
+        core::ptr::write_volatile(d.add(2), src[2]);
+        core::ptr::write_volatile(d.add(3), src[3]);
+        core::ptr::write_volatile(d.add(4), src[4]);
+        core::ptr::write_volatile(d.add(5), src[5]);
+    }
+}
+
+/// Copies four address bytes, as [`write_mac`] (no `memmove` call).
+#[inline(always)]
+pub fn write_ipv4(dst: *mut [u8; 4], src: [u8; 4]) {
+    let d = dst as *mut u8;
+    // SAFETY: `dst` points at four writable bytes of the frame (bounds-checked by the caller).
+    unsafe {
+        core::ptr::write_volatile(d, src[0]);
+        core::ptr::write_volatile(d.add(1), src[1]);
+        core::ptr::write_volatile(d.add(2), src[2]);
+        core::ptr::write_volatile(d.add(3), src[3]);
+    }
+}
+
 /// Compares two MAC addresses without calling `memcmp` (unavailable in BPF).
 #[inline(always)]
 pub fn mac_eq(a: &[u8; 6], b: &[u8; 6]) -> bool {

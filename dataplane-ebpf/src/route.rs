@@ -27,11 +27,11 @@ pub fn lookup(cloud: u32, ipv4: u32) -> Option<&'static NextHop> {
 #[inline(always)]
 pub fn forward_ipv4(pkt: &Packet, eth: *mut EthHdr, ep: &EndpointInfo, ifindex: u32) -> Verdict {
     // SAFETY: `eth` was bounds-checked by the caller.
-    let dst_mac = unsafe { (*eth).dst };
-    if packet::is_group_mac(&dst_mac) {
+    let dst_mac = unsafe { &(*eth).dst };
+    if packet::is_group_mac(dst_mac) {
         return Verdict::Drop(DropReason::GroupDestinationMac);
     }
-    if !packet::mac_eq(&dst_mac, &ep.gateway_mac) {
+    if !packet::mac_eq(dst_mac, &ep.gateway_mac) {
         return Verdict::Drop(DropReason::NotToGatewayMac);
     }
     let Some(ip) = pkt.ptr::<Ipv4Hdr>(EthHdr::LEN) else {
@@ -85,8 +85,8 @@ pub fn forward_ipv4(pkt: &Packet, eth: *mut EthHdr, ep: &EndpointInfo, ifindex: 
     // SAFETY: `eth` and `ip` are bounds-checked pointers into this frame; the program may write
     // to the frame (TC direct packet access unclones the skb first).
     unsafe {
-        (*eth).src = ep.gateway_mac;
-        (*eth).dst = hop.mac;
+        packet::write_mac(&mut (*eth).src, &ep.gateway_mac);
+        packet::write_mac(&mut (*eth).dst, &hop.mac);
         (*ip).ttl = ttl - 1;
         // TTL is the high byte of its 16-bit word: the word drops by 0x0100, so the checksum
         // grows by 0x0100 in wire order.
