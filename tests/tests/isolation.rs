@@ -59,7 +59,6 @@ use std::{
     io::{self, Read, Write},
     net::{Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream},
     os::fd::AsRawFd,
-    panic::{self, AssertUnwindSafe},
     thread,
     time::Instant,
 };
@@ -74,9 +73,9 @@ use atoll_agent::{
 };
 use atoll_dataplane_common::DropReason;
 use common::{
-    assert_silent, cloud_id, create_tap, create_veth, frame, guest_mac, in_netns, join, leftovers,
-    pool_links, spawn_in_netns, wait_readable, GuestUdp, PoolGuard, Sink, Sniffer, Tags, TapGuest,
-    VethGuest, ARRIVE, GATEWAY, KERNEL_TTL, TAP_TTL,
+    assert_silent, cloud_id, create_tap, create_veth, frame, guest_mac, in_netns, join, pool_links,
+    spawn_in_netns, wait_readable, GuestUdp, PoolGuard, Sink, Sniffer, Tags, TapGuest, VethGuest,
+    ARRIVE, GATEWAY, KERNEL_TTL, TAP_TTL,
 };
 
 const TAP_IP: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 2);
@@ -110,26 +109,7 @@ const NOISY: [DropReason; 6] = [
 
 #[test]
 fn clouds_are_isolated_end_to_end() {
-    // SAFETY: geteuid has no preconditions.
-    let euid = unsafe { libc::geteuid() };
-    assert_eq!(
-        euid, 0,
-        "the isolation test needs root (netns, taps, eBPF); run it with sudo"
-    );
-    let started = Instant::now();
-    let outcome = panic::catch_unwind(AssertUnwindSafe(scenario));
-    // Everything the scenario created is dropped by now, also after a panic.
-    let left = leftovers(&TAGS);
-    match outcome {
-        Ok(()) => assert!(left.is_empty(), "left behind after the test: {left:#?}"),
-        Err(p) => {
-            if !left.is_empty() {
-                eprintln!("also left behind after the failure: {left:#?}");
-            }
-            panic::resume_unwind(p)
-        }
-    }
-    println!("isolation: passed in {:.2?}", started.elapsed());
+    common::run_scenario("isolation", &TAGS, scenario);
 }
 
 fn scenario() {

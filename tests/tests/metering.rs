@@ -58,7 +58,6 @@ use std::{
     io::{self, Read, Write},
     net::{Ipv4Addr, SocketAddr, TcpStream},
     os::fd::{AsRawFd, FromRawFd, OwnedFd},
-    panic::{self, AssertUnwindSafe},
     time::Instant,
 };
 
@@ -72,8 +71,8 @@ use atoll_dataplane_common::{
     Direction, DropReason, EndpointCounters, TrafficClass, TrafficCounter,
 };
 use common::{
-    assert_silent, create_tap, create_veth, frame, in_netns, leftovers, wait_for, GuestUdp,
-    PoolGuard, Sink, Tags, TapGuest, VethGuest, ARRIVE, GATEWAY, KERNEL_TTL, TAP_TTL,
+    assert_silent, create_tap, create_veth, frame, in_netns, wait_for, GuestUdp, PoolGuard, Sink,
+    Tags, TapGuest, VethGuest, ARRIVE, GATEWAY, KERNEL_TTL, TAP_TTL,
 };
 
 /// Tap guests A (cloud 1) and C (cloud 2).
@@ -97,26 +96,7 @@ const TAGS: Tags = Tags {
 
 #[test]
 fn metering_is_exact_end_to_end() {
-    // SAFETY: geteuid has no preconditions.
-    let euid = unsafe { libc::geteuid() };
-    assert_eq!(
-        euid, 0,
-        "the metering test needs root (netns, taps, eBPF); run it with sudo"
-    );
-    let started = Instant::now();
-    let outcome = panic::catch_unwind(AssertUnwindSafe(scenario));
-    // Everything the scenario created is dropped by now, also after a panic.
-    let left = leftovers(&TAGS);
-    match outcome {
-        Ok(()) => assert!(left.is_empty(), "left behind after the test: {left:#?}"),
-        Err(p) => {
-            if !left.is_empty() {
-                eprintln!("also left behind after the failure: {left:#?}");
-            }
-            panic::resume_unwind(p)
-        }
-    }
-    println!("metering: passed in {:.2?}", started.elapsed());
+    common::run_scenario("metering", &TAGS, scenario);
 }
 
 /// The guests; the endpoints are in the ledger.

@@ -677,6 +677,31 @@ impl Drop for PoolGuard {
 }
 
 /// Links, namespaces and pins whose names carry this test's prefixes.
+/// Runs an end-to-end scenario as root, then fails if anything it created (names with `tags`'
+/// prefixes, spare taps, pins) is left behind, also when the scenario panicked.
+pub fn run_scenario(name: &str, tags: &Tags, scenario: fn()) {
+    // SAFETY: geteuid has no preconditions.
+    let euid = unsafe { libc::geteuid() };
+    assert_eq!(
+        euid, 0,
+        "the {name} test needs root (netns, taps, eBPF); run it with sudo"
+    );
+    let started = std::time::Instant::now();
+    let outcome = std::panic::catch_unwind(scenario);
+    // Everything the scenario created is dropped by now, also after a panic.
+    let left = leftovers(tags);
+    match outcome {
+        Ok(()) => assert!(left.is_empty(), "left behind after the test: {left:#?}"),
+        Err(p) => {
+            if !left.is_empty() {
+                eprintln!("also left behind after the failure: {left:#?}");
+            }
+            std::panic::resume_unwind(p)
+        }
+    }
+    println!("{name}: passed in {:.2?}", started.elapsed());
+}
+
 pub fn leftovers(tags: &Tags) -> Vec<String> {
     let mut prefixes = prefixes(tags);
     prefixes.push(pool_prefix());
