@@ -293,22 +293,19 @@ impl Dataplane {
     /// Puts the identity in its direct-mapped cache slot unless another live endpoint holds it
     /// (that one keeps the slot; this endpoint is then served by the hash).
     fn place_in_cache(&mut self, ifindex: u32, info: EndpointInfo) -> Result<(), DataplaneError> {
-        let slot = ifindex & ENDPOINT_CACHE_MASK;
-        let current = self
-            .cache
-            .get(&slot, 0)
-            .map_err(|source| DataplaneError::ReadMap {
-                map: MAP_ENDPOINT_CACHE,
-                source: Box::new(source),
-            })?;
+        let current = self.cache_slot(ifindex)?;
         let held = current.ifindex != 0
             && current.ifindex != ifindex
-            && self.endpoint_in_hash(current.ifindex)?;
+            && self.endpoint(current.ifindex)?.is_some();
         if held {
             return Ok(());
         }
         self.cache
-            .set(slot, EndpointSlot { ifindex, info }, 0)
+            .set(
+                ifindex & ENDPOINT_CACHE_MASK,
+                EndpointSlot { ifindex, info },
+                0,
+            )
             .map_err(|source| DataplaneError::UpdateMap {
                 map: MAP_ENDPOINT_CACHE,
                 source: Box::new(source),
@@ -317,25 +314,18 @@ impl Dataplane {
 
     /// The identity cached for `ifindex`, if its cache slot holds it.
     pub fn cached_endpoint(&self, ifindex: u32) -> Result<Option<EndpointInfo>, DataplaneError> {
-        let slot = self
-            .cache
+        let slot = self.cache_slot(ifindex)?;
+        Ok((slot.ifindex == ifindex).then_some(slot.info))
+    }
+
+    /// The cache slot `ifindex` maps to, whoever holds it.
+    fn cache_slot(&self, ifindex: u32) -> Result<EndpointSlot, DataplaneError> {
+        self.cache
             .get(&(ifindex & ENDPOINT_CACHE_MASK), 0)
             .map_err(|source| DataplaneError::ReadMap {
                 map: MAP_ENDPOINT_CACHE,
                 source: Box::new(source),
-            })?;
-        Ok((slot.ifindex == ifindex).then_some(slot.info))
-    }
-
-    fn endpoint_in_hash(&self, ifindex: u32) -> Result<bool, DataplaneError> {
-        match self.endpoints.get(&ifindex, 0) {
-            Ok(_) => Ok(true),
-            Err(MapError::KeyNotFound) => Ok(false),
-            Err(source) => Err(DataplaneError::ReadMap {
-                map: MAP_ENDPOINTS,
-                source: Box::new(source),
-            }),
-        }
+            })
     }
 
     /// Adds a route. Fails if the (cloud, address) pair is already routed.
@@ -355,13 +345,7 @@ impl Dataplane {
     /// Removes an endpoint identity; absent entries are not an error.
     pub fn remove_endpoint(&mut self, ifindex: u32) -> Result<(), DataplaneError> {
         let slot = ifindex & ENDPOINT_CACHE_MASK;
-        let current = self
-            .cache
-            .get(&slot, 0)
-            .map_err(|source| DataplaneError::ReadMap {
-                map: MAP_ENDPOINT_CACHE,
-                source: Box::new(source),
-            })?;
+        let current = self.cache_slot(ifindex)?;
         if current.ifindex == ifindex {
             let empty = EndpointSlot {
                 ifindex: 0,
