@@ -1,7 +1,12 @@
 //! Agent configuration (TOML). Unknown keys are errors, so a typo never silently falls back to
 //! a default.
 
-use std::path::{Path, PathBuf};
+use std::{
+    fmt,
+    net::{Ipv4Addr, SocketAddr},
+    path::{Path, PathBuf},
+    str::FromStr,
+};
 
 use serde::Deserialize;
 
@@ -16,6 +21,141 @@ pub struct AgentConfig {
     pub dataplane: DataplaneConfig,
     pub metrics: MetricsConfig,
     pub usage: UsageConfig,
+    pub dns: DnsConfig,
+}
+
+/// The per-host DNS server guests reach at their gateway address (see the `dns` module).
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct DnsConfig {
+    /// Serve DNS to guests at their gateway address.
+    pub enabled: bool,
+    /// Every cloud's zone lives under this suffix; names under it that are not in the asking
+    /// guest's own zone are answered NXDOMAIN (never forwarded).
+    pub suffix: String,
+    /// Name of atoll's DNS network namespace (`/run/netns/<namespace>`), created if missing.
+    pub namespace: String,
+    /// Host-side name of the veth pair into the DNS namespace.
+    pub device: String,
+    /// Proxy addresses: the endpoint with counter slot `s` asks from the `s`-th address. Exists
+    /// only inside the DNS namespace; needs at least `dataplane.max_endpoints` addresses.
+    pub proxy_network: Ipv4Network,
+    /// The DNS server's address inside the DNS namespace (outside `proxy_network`).
+    pub server_address: Ipv4Addr,
+    /// Upstream resolvers (`ip:port`) for names outside `suffix`, tried in order from the
+    /// host's network namespace; empty: such names are refused.
+    pub forward: Vec<SocketAddr>,
+}
+
+impl Default for DnsConfig {
+    fn default() -> Self {
+        DnsConfig {
+            enabled: true,
+            suffix: "atoll.internal.".into(),
+            namespace: "atoll-dns".into(),
+            device: "atoll-dns".into(),
+            proxy_network: Ipv4Network {
+                addr: Ipv4Addr::new(100, 127, 0, 0),
+                prefix: 16,
+            },
+            server_address: Ipv4Addr::new(100, 126, 0, 53),
+            forward: Vec::new(),
+        }
+    }
+}
+
+impl DnsConfig {
+    /// Checks the `[dns]` table against itself and the dataplane's size; the message names the
+    /// offending key.
+    pub fn validate(&self, dataplane: &DataplaneConfig) -> Result<(), String> {
+        crate::dns::parse_suffix(&self.suffix).map_err(|e| format!("dns.suffix: {e}"))?;
+        crate::dns::netns::validate_name(&self.namespace)
+            .map_err(|e| format!("dns.namespace: {e}"))?;
+        crate::device::validate_name(&self.device).map_err(|e| format!("dns.device: {e}"))?;
+        let net = &self.proxy_network;
+        if net.size() < u64::from(dataplane.max_endpoints) {
+            return Err(format!(
+                "dns.proxy_network {net} has {} addresses but dataplane.max_endpoints is {}: \
+                 use a shorter prefix",
+                net.size(),
+                dataplane.max_endpoints
+            ));
+        }
+        let s = self.server_address;
+        if net.contains(s) {
+            return Err(format!(
+                "dns.server_address {s} must lie outside dns.proxy_network {net}"
+            ));
+        }
+        if s.is_unspecified() || s.is_loopback() || s.is_multicast() || s.is_broadcast() {
+            return Err(format!(
+                "dns.server_address {s} must be a unicast, non-loopback address"
+            ));
+        }
+        for f in &self.forward {
+            if f.port() == 0 || f.ip().is_unspecified() || f.ip().is_multicast() {
+                return Err(format!(
+                    "dns.forward: {f} must be a unicast address with a non-zero port"
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// An IPv4 network `a.b.c.d/prefix` with no host bits set.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ipv4Network {
+    pub addr: Ipv4Addr,
+    pub prefix: u8,
+}
+
+impl Ipv4Network {
+    /// Number of addresses in the network.
+    pub fn size(&self) -> u64 {
+        1u64 << (32 - u32::from(self.prefix))
+    }
+
+    pub fn contains(&self, a: Ipv4Addr) -> bool {
+        u64::from(u32::from(a).wrapping_sub(u32::from(self.addr))) < self.size()
+    }
+}
+
+impl fmt::Display for Ipv4Network {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.addr, self.prefix)
+    }
+}
+
+/// Error parsing an [`Ipv4Network`].
+#[derive(Debug, thiserror::Error)]
+#[error("invalid IPv4 network {0:?}: expected a.b.c.d/prefix (0-32) with no host bits set")]
+pub struct ParseNetworkError(pub String);
+
+impl FromStr for Ipv4Network {
+    type Err = ParseNetworkError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let err = || ParseNetworkError(s.into());
+        let (addr, prefix) = s.split_once('/').ok_or_else(err)?;
+        let addr: Ipv4Addr = addr.parse().map_err(|_| err())?;
+        let prefix: u8 = prefix.parse().map_err(|_| err())?;
+        if prefix > 32 {
+            return Err(err());
+        }
+        let mask = u32::MAX.checked_shl(32 - u32::from(prefix)).unwrap_or(0);
+        if u32::from(addr) & !mask != 0 {
+            return Err(err());
+        }
+        Ok(Ipv4Network { addr, prefix })
+    }
+}
+
+impl<'de> Deserialize<'de> for Ipv4Network {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
 }
 
 /// Usage records (see the `usage` module).
@@ -194,6 +334,7 @@ impl AgentConfig {
         if u.source.as_ref().is_some_and(|s| s.trim().is_empty()) {
             return Err(invalid("usage.source must not be empty"));
         }
+        cfg.dns.validate(&cfg.dataplane).map_err(|m| invalid(&m))?;
         Ok(cfg)
     }
 }
@@ -280,5 +421,67 @@ mod tests {
         }
         let e = AgentConfig::parse("[metrics]\nlisten = \"127.0.0.1:0\"\n", p).unwrap_err();
         assert!(e.to_string().contains("metrics.listen"), "{e}");
+    }
+
+    #[test]
+    fn dns_defaults_and_overrides() {
+        let p = Path::new("t.toml");
+        let d = AgentConfig::parse("", p).unwrap().dns;
+        assert!(d.enabled);
+        assert_eq!(d.suffix, "atoll.internal.");
+        assert_eq!(d.proxy_network.to_string(), "100.127.0.0/16");
+        assert!(d.forward.is_empty());
+        let c = AgentConfig::parse(
+            "[dataplane]\nmax_endpoints = 1000\n[dns]\nsuffix = \"corp.example\"\n\
+             namespace = \"atl-dns-1\"\ndevice = \"atldns1\"\n\
+             proxy_network = \"10.200.0.0/22\"\nserver_address = \"10.201.0.1\"\n\
+             forward = [\"192.0.2.53:53\", \"[2001:db8::1]:5353\"]\n",
+            p,
+        )
+        .unwrap()
+        .dns;
+        assert_eq!(d.server_address, Ipv4Addr::new(100, 126, 0, 53));
+        assert_eq!(c.proxy_network.size(), 1024);
+        assert_eq!(c.forward.len(), 2);
+    }
+
+    #[test]
+    fn dns_rejects_unknown_keys_and_bad_values() {
+        let p = Path::new("t.toml");
+        let e = AgentConfig::parse("[dns]\nforwarders = []\n", p).unwrap_err();
+        assert!(e.to_string().contains("forwarders"), "{e}");
+        for (bad, key) in [
+            ("suffix = \"\"", "dns.suffix"),
+            ("suffix = \".\"", "dns.suffix"),
+            ("suffix = \"a..b\"", "dns.suffix"),
+            ("namespace = \"a/b\"", "dns.namespace"),
+            ("namespace = \"..\"", "dns.namespace"),
+            ("device = \"much-too-long-name\"", "dns.device"),
+            ("proxy_network = \"100.127.0.0/17\"", "dns.proxy_network"),
+            ("proxy_network = \"100.127.0.1/16\"", "proxy_network"),
+            ("proxy_network = \"100.127.0.0/33\"", "proxy_network"),
+            ("server_address = \"100.127.0.53\"", "dns.server_address"),
+            ("server_address = \"127.0.0.1\"", "dns.server_address"),
+            ("forward = [\"192.0.2.1:0\"]", "dns.forward"),
+            ("forward = [\"192.0.2.1\"]", "forward"),
+            ("enabled = 1", "enabled"),
+        ] {
+            let e = AgentConfig::parse(&format!("[dns]\n{bad}\n"), p)
+                .err()
+                .unwrap_or_else(|| panic!("accepted {bad}"));
+            assert!(e.to_string().contains(key), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn ipv4_networks() {
+        let n: Ipv4Network = "10.0.0.0/8".parse().unwrap();
+        assert!(n.contains(Ipv4Addr::new(10, 255, 0, 1)));
+        assert!(!n.contains(Ipv4Addr::new(11, 0, 0, 0)));
+        assert!(!n.contains(Ipv4Addr::new(9, 255, 255, 255)));
+        assert_eq!("0.0.0.0/0".parse::<Ipv4Network>().unwrap().size(), 1 << 32);
+        for bad in ["10.0.0.0", "10.0.0.0/", "10.0.0.1/8", "x/8", "10.0.0.0/-1"] {
+            assert!(bad.parse::<Ipv4Network>().is_err(), "{bad}");
+        }
     }
 }

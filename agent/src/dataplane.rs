@@ -4,9 +4,10 @@
 //!
 //! | path | what |
 //! |---|---|
-//! | `maps/ENDPOINTS`, `maps/ROUTES`, `maps/DROPS` | the maps (see docs/design.md) |
-//! | `progs/from_vm`, `progs/to_vm` | the loaded programs |
+//! | `maps/ENDPOINTS`, `maps/ROUTES`, `maps/DROPS`, ... | the maps (see docs/design.md) |
+//! | `progs/from_vm`, `progs/to_vm`, `progs/from_dns` | the loaded programs |
 //! | `links/<ifindex>-in`, `links/<ifindex>-out` | the TCX links of each endpoint device |
+//! | `links/dns-<ifindex>` | the TCX link of `from_dns` on the host-side DNS device |
 //!
 //! Decisions:
 //! - bpffs refuses names containing '.', so pin names use '-' only.
@@ -27,7 +28,7 @@ use std::{
 };
 
 use atoll_dataplane_common::{
-    DropReason, EndpointCounters, EndpointInfo, EndpointSlot, NextHop, RouteKey,
+    DnsService, DropReason, EndpointCounters, EndpointInfo, EndpointSlot, NextHop, RouteKey,
     ENDPOINT_CACHE_MASK, LAYOUT_VERSION,
 };
 use aya::{
@@ -54,9 +55,26 @@ pub const MAP_ENDPOINT_CACHE: &str = "ENDPOINT_CACHE";
 pub const MAP_ROUTES: &str = "ROUTES";
 pub const MAP_DROPS: &str = "DROPS";
 pub const MAP_COUNTERS: &str = "COUNTERS";
+pub const MAP_DNS_SERVICE: &str = "DNS_SERVICE";
+pub const MAP_SLOT_ENDPOINTS: &str = "SLOT_ENDPOINTS";
 /// Program names in the object.
 pub const PROG_FROM_VM: &str = "from_vm";
 pub const PROG_TO_VM: &str = "to_vm";
+pub const PROG_FROM_DNS: &str = "from_dns";
+/// Every map, in pinning order.
+const MAPS: [&str; 7] = [
+    MAP_ENDPOINTS,
+    MAP_ENDPOINT_CACHE,
+    MAP_ROUTES,
+    MAP_DROPS,
+    MAP_COUNTERS,
+    MAP_DNS_SERVICE,
+    MAP_SLOT_ENDPOINTS,
+];
+/// Every program.
+const PROGS: [&str; 3] = [PROG_FROM_VM, PROG_TO_VM, PROG_FROM_DNS];
+/// Prefix of the pinned TCX link of `from_dns` (`dns-<ifindex>`).
+const DNS_LINK_PREFIX: &str = "dns-";
 
 const BPF_FS_MAGIC: i64 = 0xcafe4a11;
 const BPF_NOEXIST: u64 = 1;
@@ -138,8 +156,11 @@ pub struct Dataplane {
     routes: HashMap<MapData, RouteKey, NextHop>,
     drops: PerCpuArray<MapData, u64>,
     counters: PerCpuArray<MapData, EndpointCounters>,
+    dns_service: Array<MapData, DnsService>,
+    slot_endpoints: Array<MapData, u32>,
     from_vm: SchedClassifier,
     to_vm: SchedClassifier,
+    from_dns: SchedClassifier,
     max_endpoints: u32,
     max_routes: u32,
 }
@@ -150,7 +171,7 @@ impl Dataplane {
     pub fn open(cfg: &DataplaneConfig) -> Result<Self, DataplaneError> {
         check_bpffs(&cfg.bpffs_root)?;
         let dir = layout_dir(&cfg.bpffs_root);
-        if !dir.join("progs").join(PROG_TO_VM).exists() {
+        if !dir.join("progs").join(PROG_FROM_DNS).exists() {
             create_pins(cfg, &dir)?;
         }
         let open_map = |name: &str| -> Result<Map, DataplaneError> {
@@ -177,6 +198,10 @@ impl Dataplane {
             PerCpuArray::try_from(open_map(MAP_COUNTERS)?).map_err(|e| typed(MAP_COUNTERS, e))?;
         let drops: PerCpuArray<MapData, u64> =
             PerCpuArray::try_from(open_map(MAP_DROPS)?).map_err(|e| typed(MAP_DROPS, e))?;
+        let dns_service: Array<MapData, DnsService> =
+            Array::try_from(open_map(MAP_DNS_SERVICE)?).map_err(|e| typed(MAP_DNS_SERVICE, e))?;
+        let slot_endpoints: Array<MapData, u32> = Array::try_from(open_map(MAP_SLOT_ENDPOINTS)?)
+            .map_err(|e| typed(MAP_SLOT_ENDPOINTS, e))?;
         let capacity = |name: &str, default: u32| {
             aya::maps::MapInfo::from_pin(dir.join("maps").join(name))
                 .map(|i| i.max_entries())
@@ -194,12 +219,15 @@ impl Dataplane {
         Ok(Dataplane {
             from_vm: open_prog(PROG_FROM_VM)?,
             to_vm: open_prog(PROG_TO_VM)?,
+            from_dns: open_prog(PROG_FROM_DNS)?,
             dir,
             endpoints,
             cache,
             routes,
             drops,
             counters,
+            dns_service,
+            slot_endpoints,
             max_endpoints,
             max_routes,
         })
@@ -287,7 +315,29 @@ impl Dataplane {
                     "max_endpoints",
                 )
             })?;
-        self.place_in_cache(ifindex, info)
+        self.place_in_cache(ifindex, info)?;
+        // Last: `from_dns` finds the endpoint of a slot only once its identity is complete.
+        self.set_slot_endpoint(info.slot, ifindex)
+    }
+
+    /// Records which endpoint holds a counter slot (0: none), for `from_dns`.
+    fn set_slot_endpoint(&mut self, slot: u32, ifindex: u32) -> Result<(), DataplaneError> {
+        self.slot_endpoints
+            .set(slot, ifindex, 0)
+            .map_err(|source| DataplaneError::UpdateMap {
+                map: MAP_SLOT_ENDPOINTS,
+                source: Box::new(source),
+            })
+    }
+
+    /// The ifindex recorded for a counter slot (0: none).
+    pub fn slot_endpoint(&self, slot: u32) -> Result<u32, DataplaneError> {
+        self.slot_endpoints
+            .get(&slot, 0)
+            .map_err(|source| DataplaneError::ReadMap {
+                map: MAP_SLOT_ENDPOINTS,
+                source: Box::new(source),
+            })
     }
 
     /// Puts the identity in its direct-mapped cache slot unless another live endpoint holds it
@@ -344,6 +394,13 @@ impl Dataplane {
 
     /// Removes an endpoint identity; absent entries are not an error.
     pub fn remove_endpoint(&mut self, ifindex: u32) -> Result<(), DataplaneError> {
+        // First: no DNS reply is steered to this endpoint any more. (A slot the map cannot
+        // hold was never recorded, so a failed read means there is nothing to clear.)
+        if let Some(info) = self.endpoint(ifindex)? {
+            if self.slot_endpoint(info.slot).ok() == Some(ifindex) {
+                self.set_slot_endpoint(info.slot, 0)?;
+            }
+        }
         let slot = ifindex & ENDPOINT_CACHE_MASK;
         let current = self.cache_slot(ifindex)?;
         if current.ifindex == ifindex {
@@ -458,6 +515,97 @@ impl Dataplane {
         read_drop_counters(&self.drops)
     }
 
+    /// The DNS service `from_vm` sends DNS to (`ifindex` 0: none).
+    pub fn dns_service(&self) -> Result<DnsService, DataplaneError> {
+        self.dns_service
+            .get(&0, 0)
+            .map_err(|source| DataplaneError::ReadMap {
+                map: MAP_DNS_SERVICE,
+                source: Box::new(source),
+            })
+    }
+
+    /// Sets (or with [`DnsService::OFF`] clears) where DNS to the gateway goes. The device must
+    /// exist, be up and carry `from_dns` ([`Dataplane::attach_dns`]) before it is set here.
+    pub fn set_dns_service(&mut self, service: DnsService) -> Result<(), DataplaneError> {
+        self.dns_service
+            .set(0, service, 0)
+            .map_err(|source| DataplaneError::UpdateMap {
+                map: MAP_DNS_SERVICE,
+                source: Box::new(source),
+            })
+    }
+
+    /// Attaches `from_dns` to the ingress of the host-side DNS device and pins the link as
+    /// `links/dns-<ifindex>`, unless that pin exists already (the agent restarted and the device
+    /// is the same). Pins of `from_dns` on other (earlier) devices are removed.
+    pub fn attach_dns(&mut self, ifname: &str, ifindex: u32) -> Result<(), DataplaneError> {
+        let links = self.dir.join("links");
+        let path = links.join(format!("{DNS_LINK_PREFIX}{ifindex}"));
+        for stale in self.dns_links()? {
+            if stale != ifindex {
+                remove_pin(&links.join(format!("{DNS_LINK_PREFIX}{stale}")))?;
+            }
+        }
+        if path.exists() {
+            return Ok(());
+        }
+        let id = self
+            .from_dns
+            .attach_with_options(
+                ifname,
+                TcAttachType::Ingress,
+                TcAttachOptions::TcxOrder(LinkOrder::default()),
+            )
+            .map_err(|source| attach_error(PROG_FROM_DNS, ifname, source))?;
+        let link = self
+            .from_dns
+            .take_link(id)
+            .map_err(|source| DataplaneError::Attach {
+                program: PROG_FROM_DNS,
+                device: ifname.into(),
+                source: Box::new(source),
+            })?;
+        let fd_link = FdLink::try_from(link).map_err(|source| DataplaneError::AttachLink {
+            program: PROG_FROM_DNS,
+            device: ifname.into(),
+            source: Box::new(source),
+        })?;
+        fd_link.pin(&path).map_err(|e| DataplaneError::Pin {
+            path: path.clone(),
+            source: io::Error::other(e.to_string()),
+        })?;
+        Ok(())
+    }
+
+    /// Removes every pinned `from_dns` link (detaching it from a device that still exists).
+    pub fn detach_dns(&mut self) -> Result<(), DataplaneError> {
+        let links = self.dir.join("links");
+        for ifindex in self.dns_links()? {
+            remove_pin(&links.join(format!("{DNS_LINK_PREFIX}{ifindex}")))?;
+        }
+        Ok(())
+    }
+
+    /// ifindexes with a pinned `from_dns` link.
+    pub fn dns_links(&self) -> Result<Vec<u32>, DataplaneError> {
+        let dir = self.dir.join("links");
+        let entries = std::fs::read_dir(&dir).map_err(|source| DataplaneError::CreatePinDir {
+            path: dir.clone(),
+            source,
+        })?;
+        Ok(entries
+            .filter_map(|e| e.ok())
+            .filter_map(|e| {
+                e.file_name()
+                    .to_str()?
+                    .strip_prefix(DNS_LINK_PREFIX)?
+                    .parse()
+                    .ok()
+            })
+            .collect())
+    }
+
     /// Removes every pin of this layout: all links detach, and maps and programs are freed once
     /// nothing else holds them.
     pub fn destroy(self) -> Result<(), DataplaneError> {
@@ -543,6 +691,7 @@ fn create_pins(cfg: &DataplaneConfig, dir: &Path) -> Result<(), DataplaneError> 
             .map_max_entries(MAP_ENDPOINTS, cfg.max_endpoints)
             .map_max_entries(MAP_ROUTES, cfg.max_routes)
             .map_max_entries(MAP_COUNTERS, cfg.max_endpoints)
+            .map_max_entries(MAP_SLOT_ENDPOINTS, cfg.max_endpoints)
             .load(OBJECT)
             .map_err(|source| match permission_error(&source) {
                 Some(e) => DataplaneError::MissingCapability {
@@ -553,13 +702,7 @@ fn create_pins(cfg: &DataplaneConfig, dir: &Path) -> Result<(), DataplaneError> 
                     source: Box::new(source),
                 },
             })?;
-        for name in [
-            MAP_ENDPOINTS,
-            MAP_ENDPOINT_CACHE,
-            MAP_ROUTES,
-            MAP_DROPS,
-            MAP_COUNTERS,
-        ] {
+        for name in MAPS {
             let path = tmp.join("maps").join(name);
             let map = ebpf.map(name).ok_or_else(|| DataplaneError::OpenMap {
                 path: path.clone(),
@@ -570,7 +713,7 @@ fn create_pins(cfg: &DataplaneConfig, dir: &Path) -> Result<(), DataplaneError> 
                 source: io::Error::other(e.to_string()),
             })?;
         }
-        for name in [PROG_FROM_VM, PROG_TO_VM] {
+        for name in PROGS {
             let path = tmp.join("progs").join(name);
             let prog: &mut SchedClassifier = ebpf
                 .program_mut(name)
@@ -604,11 +747,10 @@ fn create_pins(cfg: &DataplaneConfig, dir: &Path) -> Result<(), DataplaneError> 
 }
 
 fn static_name(name: &str) -> &'static str {
-    if name == PROG_FROM_VM {
-        PROG_FROM_VM
-    } else {
-        PROG_TO_VM
-    }
+    PROGS
+        .into_iter()
+        .find(|p| *p == name)
+        .unwrap_or(PROG_FROM_VM)
 }
 
 fn permission_error(e: &EbpfError) -> Option<io::Error> {

@@ -19,9 +19,11 @@
 //! `unknown_endpoint` (it is down anyway), and the pool is rediscovered from the pins after a
 //! restart with no other state.
 
-use std::{net::Ipv4Addr, path::PathBuf};
+use std::{collections::VecDeque, net::Ipv4Addr, path::PathBuf};
 
-use atoll_dataplane_common::{ipv4_from_map, ipv4_to_map, EndpointInfo, NextHop, RouteKey};
+use atoll_dataplane_common::{
+    ipv4_from_map, ipv4_to_map, DnsService, EndpointInfo, NextHop, RouteKey,
+};
 
 use crate::{
     config::DataplaneConfig,
@@ -96,6 +98,11 @@ pub enum EndpointError {
     Usage(#[source] UsageError),
     #[error("opening netlink: {0}")]
     OpenNetlink(#[source] DeviceError),
+    #[error("removing the DNS namespace {name}: {source}")]
+    RemoveDnsNamespace {
+        name: String,
+        source: crate::dns::netns::NetnsError,
+    },
 }
 
 /// The endpoints of this host: dataplane and devices.
@@ -105,10 +112,14 @@ pub struct Host {
     gateway_mac: MacAddr,
     pool: Vec<(String, u32)>,
     pool_target: u32,
-    /// Counter slots not held by any endpoint, lowest last (popped first).
-    free_slots: Vec<u32>,
+    /// Counter slots not held by any endpoint: taken from the front, freed slots go to the back,
+    /// so a slot is reused as late as possible (a DNS reply in flight to a deleted endpoint's
+    /// proxy address must not reach a new holder of its slot; see the `dns` module).
+    free_slots: VecDeque<u32>,
     /// Where usage records go; `None` disables them (tests, tools).
     usage: Option<Recorder>,
+    /// The DNS namespace `DnsPlane::ensure` set up for this dataplane, removed by `destroy`.
+    dns_namespace: Option<String>,
 }
 
 /// Name prefix of spare taps.
@@ -126,8 +137,9 @@ impl Host {
             gateway_mac: cfg.gateway_mac,
             pool: Vec::new(),
             pool_target: cfg.tap_pool,
-            free_slots: Vec::new(),
+            free_slots: VecDeque::new(),
             usage: None,
+            dns_namespace: None,
         };
         host.pool = host.find_pool()?;
         host.free_slots = host.find_free_slots()?;
@@ -153,7 +165,7 @@ impl Host {
 
     /// Counter slots not used by an endpoint in the pinned maps (rebuilt on every start, so the
     /// maps stay the only state).
-    fn find_free_slots(&self) -> Result<Vec<u32>, EndpointError> {
+    fn find_free_slots(&self) -> Result<VecDeque<u32>, EndpointError> {
         let err = |source| EndpointError::Unprogram {
             name: "*".into(),
             source,
@@ -165,7 +177,7 @@ impl Host {
                 *u = true;
             }
         }
-        Ok((0..max).rev().filter(|s| !used[*s as usize]).collect())
+        Ok((0..max).filter(|s| !used[*s as usize]).collect())
     }
 
     /// Spare taps ready to be claimed.
@@ -226,6 +238,12 @@ impl Host {
         self.gateway_mac
     }
 
+    /// Records the DNS namespace serving this dataplane (see `dns::DnsPlane::ensure`), so
+    /// [`Host::destroy`] removes it too.
+    pub(crate) fn set_dns_namespace(&mut self, name: Option<String>) {
+        self.dns_namespace = name;
+    }
+
     /// Creates an endpoint: device, identity, route, programs; rolls back on failure.
     pub async fn create_endpoint(
         &mut self,
@@ -234,7 +252,7 @@ impl Host {
         validate(spec)?;
         let slot = self
             .free_slots
-            .pop()
+            .pop_front()
             .ok_or_else(|| EndpointError::Program {
                 name: spec.name.clone(),
                 source: DataplaneError::MapFull {
@@ -251,7 +269,8 @@ impl Host {
             }),
         };
         if result.is_err() {
-            self.free_slots.push(slot);
+            // Never used by a device: it may be the next one again.
+            self.free_slots.push_front(slot);
         }
         result
     }
@@ -421,7 +440,7 @@ impl Host {
         // delete or reconcile retries, so nothing is lost.
         self.record_final(ifindex, info, Some(name))?;
         self.dataplane.remove_endpoint(ifindex).map_err(unprogram)?;
-        self.free_slots.push(info.slot);
+        self.free_slots.push_back(info.slot);
         Ok(())
     }
 
@@ -548,7 +567,7 @@ impl Host {
                 self.dataplane.detach(ifindex).map_err(err)?;
                 self.record_final(ifindex, &info, None)?;
                 self.dataplane.remove_endpoint(ifindex).map_err(err)?;
-                self.free_slots.push(info.slot);
+                self.free_slots.push_back(info.slot);
                 removed += 1;
             }
         }
@@ -583,12 +602,43 @@ impl Host {
                     source,
                 })?;
         }
+        self.destroy_dns().await?;
         self.dataplane
             .destroy()
             .map_err(|source| EndpointError::Unprogram {
                 name: "*".into(),
                 source,
             })
+    }
+}
+
+impl Host {
+    /// Stops DNS in the dataplane, deletes the DNS device pair (found through `DNS_SERVICE` and
+    /// its pinned link) and the DNS namespace this host set up.
+    async fn destroy_dns(&mut self) -> Result<(), EndpointError> {
+        let err = |source| EndpointError::Unprogram {
+            name: "DNS".into(),
+            source,
+        };
+        let service = self.dataplane.dns_service().map_err(err)?;
+        let linked = self.dataplane.dns_links().map_err(err)?;
+        self.dataplane
+            .set_dns_service(DnsService::OFF)
+            .map_err(err)?;
+        if service.ifindex != 0 && linked.contains(&service.ifindex) {
+            if let Some(name) = device::ifname(service.ifindex) {
+                self.devices
+                    .delete(&name, service.ifindex)
+                    .await
+                    .map_err(|source| EndpointError::DeleteDevice { name, source })?;
+            }
+        }
+        self.dataplane.detach_dns().map_err(err)?;
+        if let Some(name) = self.dns_namespace.take() {
+            crate::dns::netns::remove(&name)
+                .map_err(|source| EndpointError::RemoveDnsNamespace { name, source })?;
+        }
+        Ok(())
     }
 }
 

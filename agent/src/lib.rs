@@ -7,6 +7,8 @@
 //!   VMM to open, and veth pairs whose peer lives in a guest network namespace (rtnetlink).
 //! - [`endpoint`] ties the two together: an endpoint is a device plus its map entries, created
 //!   and deleted as one unit with rollback.
+//! - [`dns`] is the per-host DNS server guests reach at their gateway address (split horizon
+//!   by asking endpoint), with its namespace and devices.
 //! - [`config`] is the agent's TOML configuration (unknown keys rejected).
 //! - [`testbed`] holds the RAII helpers that the demo and the tests use to build guests in
 //!   network namespaces and clean them up.
@@ -15,6 +17,7 @@ pub mod config;
 pub mod dataplane;
 pub mod demo;
 pub mod device;
+pub mod dns;
 pub mod endpoint;
 pub mod metrics;
 pub mod testbed;

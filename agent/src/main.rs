@@ -90,6 +90,8 @@ fn real_main() -> Result<()> {
             Cmd::Demo => Ok(atoll_agent::demo::run().await?),
             Cmd::Endpoint(e) => endpoint(&cfg, e).await,
             Cmd::Cleanup => {
+                // The DNS namespace and device pair, whatever state they are in.
+                atoll_agent::dns::DnsPlane::remove(&cfg.dns).await?;
                 if !layout_dir(&cfg.dataplane.bpffs_root).exists() {
                     println!(
                         "nothing pinned under {}",

@@ -1,12 +1,14 @@
-//! The gateway address itself: answers ICMP echo (so `ping <gateway>` works as guests expect);
-//! every other packet to the gateway is dropped as a service not (yet) offered. Host services
-//! such as DNS attach here later.
+//! The gateway address itself: answers ICMP echo (so `ping <gateway>` works as guests expect)
+//! and hands UDP/TCP to [`dns::to_server`] (DNS on port 53); every other packet to the gateway
+//! is dropped as a service not offered.
 
 use atoll_dataplane_common::{Direction, DropReason, EndpointInfo, TrafficClass};
 
+use aya_ebpf::programs::TcContext;
+
 use crate::{
-    metering,
-    packet::{self, EthHdr, IcmpEcho, Ipv4Hdr, Packet, IPPROTO_ICMP},
+    dns, metering,
+    packet::{self, EthHdr, IcmpEcho, Ipv4Hdr, Packet, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP},
     Verdict,
 };
 
@@ -15,6 +17,7 @@ const ICMP_ECHO_REPLY: u8 = 0;
 
 #[inline(always)]
 pub fn answer(
+    ctx: &TcContext,
     pkt: &Packet,
     eth: *mut EthHdr,
     ip: *mut Ipv4Hdr,
@@ -24,6 +27,9 @@ pub fn answer(
 ) -> Verdict {
     // SAFETY: `ip` was bounds-checked by the caller.
     let (protocol, fragment) = unsafe { ((*ip).protocol, (*ip).is_fragment()) };
+    if protocol == IPPROTO_UDP || protocol == IPPROTO_TCP {
+        return dns::to_server(ctx, pkt, eth, ip, total_len, protocol, ep);
+    }
     if protocol != IPPROTO_ICMP {
         return Verdict::Drop(DropReason::GatewayServiceUnavailable);
     }

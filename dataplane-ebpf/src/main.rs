@@ -4,6 +4,10 @@
 //! - [`from_vm`] on ingress sees every frame the guest sends;
 //! - [`to_vm`] on egress sees every frame about to be delivered to the guest.
 //!
+//! One more program, [`from_dns`], sits on the ingress of the host-side DNS device (a veth whose
+//! peer is in atoll's DNS namespace): it turns the DNS server's replies back into answers from
+//! each guest's gateway (see [`dns`]).
+//!
 //! Design decisions:
 //! - **TC (TCX), not XDP, on endpoints.** Guests hand the host frames with partial checksums and
 //!   GSO (veth peers always, VMMs with vnet headers); an XDP redirect drops that metadata and the
@@ -24,6 +28,7 @@
 #![cfg_attr(not(target_arch = "bpf"), allow(dead_code, unused_imports))]
 
 mod arp;
+mod dns;
 mod drop;
 mod endpoint;
 mod gateway;
@@ -65,6 +70,13 @@ pub fn to_vm(ctx: TcContext) -> i32 {
     apply(try_to_vm(&ctx, ep), ep)
 }
 
+/// Ingress of the host-side DNS device: replies of the DNS server, translated back to the
+/// asking guest (see [`dns`]).
+#[classifier]
+pub fn from_dns(ctx: TcContext) -> i32 {
+    apply(dns::try_from_dns(&ctx), None)
+}
+
 // The TC_ACT_* constants are generated per target and are not `i32` on every one of them.
 #[allow(clippy::unnecessary_cast)]
 #[inline(always)]
@@ -100,7 +112,7 @@ fn try_from_vm(ctx: &TcContext, ep: Option<&EndpointInfo>) -> Verdict {
         return Verdict::Drop(DropReason::SpoofedSourceMac);
     }
     match u16::from_be(ether_type) {
-        ETH_P_IP => route::forward_ipv4(&pkt, eth, ep, ifindex),
+        ETH_P_IP => route::forward_ipv4(ctx, &pkt, eth, ep, ifindex),
         ETH_P_ARP => arp::answer(&pkt, eth, ep, ifindex),
         ETH_P_IPV6 => Verdict::Drop(DropReason::Ipv6NotSupported),
         packet::ETH_P_8021Q | packet::ETH_P_8021AD => Verdict::Drop(DropReason::VlanTagged),

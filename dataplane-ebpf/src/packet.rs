@@ -12,6 +12,8 @@ pub const ETH_P_IPV6: u16 = 0x86DD;
 pub const ETH_P_8021Q: u16 = 0x8100;
 pub const ETH_P_8021AD: u16 = 0x88A8;
 pub const IPPROTO_ICMP: u8 = 1;
+pub const IPPROTO_TCP: u8 = 6;
+pub const IPPROTO_UDP: u8 = 17;
 
 /// Bytes the programs may read past the start of the frame: Ethernet + IPv4 without options +
 /// an ICMP echo header, or Ethernet + ARP. Pulled into the linear area when needed.

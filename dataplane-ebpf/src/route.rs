@@ -4,7 +4,7 @@
 use atoll_dataplane_common::{
     Direction, DropReason, EndpointInfo, NextHop, RouteKey, TrafficClass,
 };
-use aya_ebpf::{macros::map, maps::HashMap};
+use aya_ebpf::{macros::map, maps::HashMap, programs::TcContext};
 
 use crate::{
     gateway, metering,
@@ -25,7 +25,13 @@ pub fn lookup(cloud: u32, ipv4: u32) -> Option<&'static NextHop> {
 }
 
 #[inline(always)]
-pub fn forward_ipv4(pkt: &Packet, eth: *mut EthHdr, ep: &EndpointInfo, ifindex: u32) -> Verdict {
+pub fn forward_ipv4(
+    ctx: &TcContext,
+    pkt: &Packet,
+    eth: *mut EthHdr,
+    ep: &EndpointInfo,
+    ifindex: u32,
+) -> Verdict {
     // SAFETY: `eth` was bounds-checked by the caller.
     let dst_mac = unsafe { &(*eth).dst };
     if packet::is_group_mac(dst_mac) {
@@ -62,7 +68,7 @@ pub fn forward_ipv4(pkt: &Packet, eth: *mut EthHdr, ep: &EndpointInfo, ifindex: 
         return Verdict::Drop(DropReason::GroupDestinationIp);
     }
     if daddr == ep.gateway_ipv4 {
-        return gateway::answer(pkt, eth, ip, total_len, ep, ifindex);
+        return gateway::answer(ctx, pkt, eth, ip, total_len, ep, ifindex);
     }
     if ttl <= 1 {
         return Verdict::Drop(DropReason::TtlExceeded);

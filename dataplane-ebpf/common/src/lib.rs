@@ -18,7 +18,7 @@
 
 /// Version of the map layouts defined in this crate. Bump on any change to a map's key, value,
 /// or meaning.
-pub const LAYOUT_VERSION: u32 = 2;
+pub const LAYOUT_VERSION: u32 = 3;
 
 /// Identity of one endpoint (a VM's tap or a guest veth), keyed by the host-side ifindex in the
 /// `ENDPOINTS` map.
@@ -77,6 +77,48 @@ pub struct NextHop {
     pub mac: [u8; 6],
     /// Reserved; must be 0.
     pub flags: u16,
+}
+
+/// The port guests send DNS to (UDP and TCP) at their gateway address, and the port the DNS
+/// server listens on inside atoll's DNS namespace.
+pub const DNS_PORT: u16 = 53;
+
+/// The value of the one-entry `DNS_SERVICE` array: where `from_vm` sends DNS queries a guest
+/// addresses to its gateway, and how `from_dns` maps replies back.
+///
+/// A query from the endpoint with counter slot `s` is translated statelessly to
+/// `proxy(s) → server_ipv4:53`, where `proxy(s) = proxy_base + s` (as 32-bit integers); the
+/// reply to `proxy(s)` is translated back to `gateway → guest`. Proxy addresses and the server
+/// address exist only inside atoll's DNS namespace, so they never collide with guests' or the
+/// host's addresses. `ifindex` 0 means no DNS service: `from_vm` then drops DNS to the gateway as
+/// `gateway_service_unavailable`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DnsService {
+    /// Host-side ifindex of the DNS device (a veth whose peer is in the DNS namespace); 0 = off.
+    pub ifindex: u32,
+    /// The DNS server's address inside the DNS namespace (network byte order).
+    pub server_ipv4: u32,
+    /// Proxy address of slot 0 (network byte order).
+    pub proxy_base: u32,
+    /// Number of proxy addresses: slots at or above it have none.
+    pub proxy_count: u32,
+    /// MAC of the DNS namespace's interface: destination MAC of translated queries.
+    pub server_mac: [u8; 6],
+    /// MAC of the host-side DNS device: source MAC of translated queries.
+    pub device_mac: [u8; 6],
+}
+
+impl DnsService {
+    /// No DNS service (the array's initial, zeroed value).
+    pub const OFF: DnsService = DnsService {
+        ifindex: 0,
+        server_ipv4: 0,
+        proxy_base: 0,
+        proxy_count: 0,
+        server_mac: [0; 6],
+        device_mac: [0; 6],
+    };
 }
 
 /// Which way a frame crosses the endpoint, from its guest's point of view.
@@ -218,11 +260,23 @@ pub enum DropReason {
     ToVmWrongDestination = 23,
     /// To the guest (egress): ethertype other than IPv4 or ARP, or truncated.
     ToVmNotAllowed = 24,
+    /// UDP or TCP to the gateway that is a fragment, or whose transport header is cut short (by
+    /// the frame or by the IPv4 total length): no port to serve it on.
+    GatewayL4Malformed = 25,
+    /// On the DNS device: anything but an unfragmented, option-free IPv4 UDP/TCP packet from the
+    /// DNS server's port 53 to a proxy address (ARP, IPv6, ICMP errors, other addresses).
+    DnsForeignFrame = 26,
+    /// On the DNS device: a reply to the proxy address of a slot that has no endpoint (deleted
+    /// while its query was answered).
+    DnsUnknownSlot = 27,
+    /// A DNS query or reply whose address or checksum rewrite failed in the kernel (no memory to
+    /// make the frame writable).
+    DnsRewriteFailed = 28,
 }
 
 impl DropReason {
     /// Every reason, in numeric order.
-    pub const ALL: [DropReason; 24] = [
+    pub const ALL: [DropReason; 28] = [
         DropReason::UnknownEndpoint,
         DropReason::TruncatedEthernet,
         DropReason::SpoofedSourceMac,
@@ -247,10 +301,14 @@ impl DropReason {
         DropReason::ToVmForeignFrame,
         DropReason::ToVmWrongDestination,
         DropReason::ToVmNotAllowed,
+        DropReason::GatewayL4Malformed,
+        DropReason::DnsForeignFrame,
+        DropReason::DnsUnknownSlot,
+        DropReason::DnsRewriteFailed,
     ];
 
     /// Size of the drop counter array: one slot per number, slot 0 unused.
-    pub const SLOTS: u32 = 25;
+    pub const SLOTS: u32 = 29;
 
     /// Stable snake_case name, used in metrics labels and CLI output.
     pub const fn name(self) -> &'static str {
@@ -279,6 +337,10 @@ impl DropReason {
             DropReason::ToVmForeignFrame => "to_vm_foreign_frame",
             DropReason::ToVmWrongDestination => "to_vm_wrong_destination",
             DropReason::ToVmNotAllowed => "to_vm_not_allowed",
+            DropReason::GatewayL4Malformed => "gateway_l4_malformed",
+            DropReason::DnsForeignFrame => "dns_foreign_frame",
+            DropReason::DnsUnknownSlot => "dns_unknown_slot",
+            DropReason::DnsRewriteFailed => "dns_rewrite_failed",
         }
     }
 
@@ -307,6 +369,7 @@ const _: () = assert!(core::mem::size_of::<EndpointSlot>() == 4 + 28);
 const _: () = assert!(ENDPOINT_CACHE_SLOTS.is_power_of_two());
 const _: () = assert!(core::mem::size_of::<RouteKey>() == 4 + 4);
 const _: () = assert!(core::mem::size_of::<NextHop>() == 4 + 4 + 6 + 2);
+const _: () = assert!(core::mem::size_of::<DnsService>() == 4 * 4 + 6 + 6);
 const _: () = assert!(core::mem::size_of::<TrafficCounter>() == 16);
 const _: () = assert!(
     core::mem::size_of::<EndpointCounters>()
@@ -325,6 +388,8 @@ mod pod {
     unsafe impl aya::Pod for super::RouteKey {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::NextHop {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::DnsService {}
     // SAFETY: as above: u64 counters in arrays, no padding (asserted).
     unsafe impl aya::Pod for super::TrafficCounter {}
     // SAFETY: as above.
