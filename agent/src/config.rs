@@ -21,7 +21,57 @@ pub struct AgentConfig {
     pub dataplane: DataplaneConfig,
     pub metrics: MetricsConfig,
     pub usage: UsageConfig,
+    pub control: ControlLinkConfig,
     pub dns: DnsConfig,
+}
+
+/// `[control]`: where this host's desired state comes from.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ControlLinkConfig {
+    /// `embedded`: run the control plane in this process (single host, the default);
+    /// `remote`: follow the control plane at `url`; `off`: endpoints are managed by hand.
+    pub mode: String,
+    /// This host's name in the control plane (a DNS label); default: the hostname.
+    pub host: Option<String>,
+    /// `remote`: the control plane's API URL.
+    pub url: String,
+    /// `remote`: file with the operator token.
+    pub token_file: PathBuf,
+    /// Prefix of VM device names (1 to 10 bytes; a counter of up to 5 follows).
+    pub tap_prefix: String,
+    /// Directory of volume files (`<dir>/<cloud>/<volume>.raw|.qcow2`).
+    pub volumes_dir: PathBuf,
+    /// `embedded`: the control plane's settings (the keys of `atoll serve --config`).
+    pub embedded: atoll_control::config::ControlConfig,
+}
+
+impl Default for ControlLinkConfig {
+    fn default() -> Self {
+        ControlLinkConfig {
+            mode: "embedded".into(),
+            host: None,
+            url: "http://127.0.0.1:7480".into(),
+            token_file: PathBuf::from("/etc/atoll/operator.token"),
+            tap_prefix: "atv".into(),
+            volumes_dir: PathBuf::from("/var/lib/atoll/volumes"),
+            embedded: atoll_control::config::ControlConfig::default(),
+        }
+    }
+}
+
+impl ControlLinkConfig {
+    /// This host's name: configured, or the hostname's first label.
+    pub fn host_name(&self) -> String {
+        self.host.clone().unwrap_or_else(|| {
+            let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+            host.trim()
+                .split('.')
+                .next()
+                .unwrap_or("host")
+                .to_ascii_lowercase()
+        })
+    }
 }
 
 /// The per-host DNS server guests reach at their gateway address (see the `dns` module).
@@ -333,6 +383,49 @@ impl AgentConfig {
         }
         if u.source.as_ref().is_some_and(|s| s.trim().is_empty()) {
             return Err(invalid("usage.source must not be empty"));
+        }
+        let c = &cfg.control;
+        if !matches!(c.mode.as_str(), "embedded" | "remote" | "off") {
+            return Err(invalid(&format!(
+                "control.mode {:?}: use \"embedded\", \"remote\" or \"off\"",
+                c.mode
+            )));
+        }
+        if c.mode != "off" {
+            atoll_control::model::validate_label("control.host", &c.host_name())
+                .map_err(|e| invalid(&format!("control.host: {}", e.message)))?;
+        }
+        if c.tap_prefix.is_empty()
+            || c.tap_prefix.len() > 10
+            || !c
+                .tap_prefix
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+        {
+            return Err(invalid("control.tap_prefix must be 1 to 10 of a-z, 0-9"));
+        }
+        if c.tap_prefix.starts_with(crate::endpoint::POOL_PREFIX) {
+            return Err(invalid(
+                "control.tap_prefix must not start with the tap pool's prefix atlq",
+            ));
+        }
+        if !c.volumes_dir.is_absolute() {
+            return Err(invalid("control.volumes_dir must be an absolute path"));
+        }
+        if c.mode == "remote" {
+            atoll_control::client::Client::new(&c.url, "x")
+                .map_err(|e| invalid(&format!("control.url: {e}")))?;
+        }
+        if c.mode == "embedded" {
+            c.embedded
+                .validate()
+                .map_err(|e| invalid(&format!("control.embedded.{e}")))?;
+            let norm = |s: &str| s.trim_end_matches('.').to_ascii_lowercase();
+            if cfg.dns.enabled && norm(&c.embedded.clouds.dns_suffix) != norm(&cfg.dns.suffix) {
+                return Err(invalid(
+                    "control.embedded.clouds.dns_suffix must equal dns.suffix (the zones the control plane names are the ones the DNS server answers)",
+                ));
+            }
         }
         cfg.dns.validate(&cfg.dataplane).map_err(|m| invalid(&m))?;
         Ok(cfg)

@@ -204,6 +204,19 @@ impl Host {
         Ok(())
     }
 
+    /// Creates one spare tap if the pool is below its target; `true` if it did. Lets a busy
+    /// agent refill the pool a tap at a time between other work.
+    pub async fn refill_one(&mut self) -> Result<bool, EndpointError> {
+        if self.pool.len() >= self.pool_target as usize {
+            return Ok(false);
+        }
+        let target = self.pool_target;
+        self.pool_target = self.pool.len() as u32 + 1;
+        let result = self.refill_pool().await;
+        self.pool_target = target;
+        result.map(|()| true)
+    }
+
     /// Takes a spare tap and gives it the endpoint's name (and owner); `None` if the pool is
     /// empty. A spare that fails to be renamed is deleted, not reused.
     async fn claim_tap(

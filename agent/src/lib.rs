@@ -14,6 +14,7 @@
 //!   network namespaces and clean them up.
 
 pub mod config;
+pub mod converge;
 pub mod dataplane;
 pub mod demo;
 pub mod device;

@@ -3,6 +3,10 @@
 use std::{net::Ipv4Addr, path::PathBuf};
 
 use anyhow::{Context, Result};
+use std::sync::Arc;
+
+use atoll_agent::converge::{ConvergeConfig, ConvergeError, Converger, DnsSink, Source};
+use atoll_agent::dns::{DnsPlane, DnsServer, DnsView, ForwardPolicy};
 use atoll_agent::usage::{deliver_pending, FileSink, HttpSink, Recorder, Sink};
 use atoll_agent::{
     config::AgentConfig,
@@ -10,6 +14,7 @@ use atoll_agent::{
     endpoint::{DeviceSpec, EndpointSpec, Host},
     types::{CloudId, MacAddr},
 };
+use atoll_control::{api, client::Client, model::SyncDelta};
 use clap::{Parser, Subcommand};
 
 /// atoll's per-host agent.
@@ -80,7 +85,9 @@ fn real_main() -> Result<()> {
         Some(p) => AgentConfig::load(p)?,
         None => AgentConfig::default(),
     };
-    let rt = tokio::runtime::Builder::new_current_thread()
+    // Two workers: the embedded control plane's API is served beside the agent's own loop.
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
         .enable_all()
         .build()?;
     rt.block_on(async move {
@@ -161,6 +168,11 @@ async fn run(cfg: &AgentConfig) -> Result<()> {
             cfg.usage.journal_dir.display()
         );
     }
+    let (mut converger, dns_server) = start_control(cfg, &mut host).await?;
+    let sync_wait = std::time::Duration::from_secs(30);
+    let mut next_sync = next_delta(converger.as_ref(), sync_wait);
+    let mut refill = tokio::time::interval(std::time::Duration::from_millis(100));
+    refill.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut tick = tokio::time::interval(std::time::Duration::from_secs(cfg.usage.interval_secs));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -175,6 +187,28 @@ async fn run(cfg: &AgentConfig) -> Result<()> {
             _ = tick.tick(), if cfg.usage.enabled => {
                 usage_tick(&mut host, &cfg.usage, &mut delivery);
             }
+            delta = &mut next_sync => {
+                if let Some(c) = converger.as_mut() {
+                    match delta {
+                        Ok(delta) => {
+                            if let Err(e) = c.apply(&mut host, delta).await {
+                                eprintln!("atoll-agent: {e}");
+                            }
+                        }
+                        Err(e) => {
+                            // The control plane is unreachable or restarting: retry shortly.
+                            eprintln!("atoll-agent: {e}; retrying in 1 s");
+                            tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                        }
+                    }
+                }
+                next_sync = next_delta(converger.as_ref(), sync_wait);
+            }
+            _ = refill.tick() => {
+                if let Err(e) = host.refill_one().await {
+                    eprintln!("atoll-agent: refilling the tap pool: {e}");
+                }
+            }
         }
     }
     if cfg.usage.enabled {
@@ -183,8 +217,84 @@ async fn run(cfg: &AgentConfig) -> Result<()> {
             let _ = d.await;
         }
     }
+    if let Some(server) = dns_server {
+        if let Err(e) = server.shutdown().await {
+            eprintln!("atoll-agent: stopping the DNS server: {e}");
+        }
+    }
     println!("atoll-agent: stopping; the dataplane stays pinned and keeps forwarding");
     Ok(())
+}
+
+/// Starts the link to the control plane per `[control]`: the embedded control plane (store,
+/// core and API server) or a client of a remote one; registers this host.
+async fn start_control(
+    cfg: &AgentConfig,
+    host: &mut Host,
+) -> Result<(Option<Converger>, Option<atoll_agent::dns::DnsServer>)> {
+    let c = &cfg.control;
+    let source = match c.mode.as_str() {
+        "off" => return Ok((None, None)),
+        "remote" => {
+            let token = std::fs::read_to_string(&c.token_file).with_context(|| {
+                format!("reading control.token_file {}", c.token_file.display())
+            })?;
+            Source::Remote(Client::new(&c.url, &token)?)
+        }
+        _ => {
+            let core = c.embedded.start().await?;
+            let listener = tokio::net::TcpListener::bind(c.embedded.listen)
+                .await
+                .with_context(|| {
+                    format!("listening on control.embedded.listen {}", c.embedded.listen)
+                })?;
+            println!(
+                "atoll-agent: control plane API at http://{} (store: {})",
+                listener.local_addr()?,
+                c.embedded.store.backend
+            );
+            let api_core = core.clone();
+            tokio::spawn(async move {
+                if let Err(e) = api::serve(api_core, listener, std::future::pending()).await {
+                    eprintln!("atoll-agent: control plane API stopped: {e}");
+                }
+            });
+            Source::Local(core)
+        }
+    };
+    // The guests' DNS server at their gateway address, fed by the converger.
+    let (dns, server): (Option<Arc<dyn DnsSink>>, _) = if cfg.dns.enabled {
+        let plane = DnsPlane::ensure(host, &cfg.dns).await?;
+        let view = DnsView::new(ForwardPolicy::from_upstreams(&cfg.dns.forward));
+        let server = DnsServer::start(&plane, view.clone())?;
+        println!("atoll-agent: DNS for guests at their gateway (split horizon per endpoint)");
+        (Some(Arc::new(view)), Some(server))
+    } else {
+        (None, None)
+    };
+    let name = c.host_name();
+    source.register(&name).await?;
+    println!(
+        "atoll-agent: converging host {name} ({} control plane)",
+        c.mode
+    );
+    let conv = ConvergeConfig {
+        host: name,
+        tap_prefix: c.tap_prefix.clone(),
+        volumes_dir: c.volumes_dir.clone(),
+    };
+    Ok((Some(Converger::new(conv, source, dns)), server))
+}
+
+/// The next sync of `converger`, or never when there is no control plane.
+fn next_delta(
+    converger: Option<&Converger>,
+    wait: std::time::Duration,
+) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<SyncDelta, ConvergeError>> + Send>> {
+    match converger {
+        Some(c) => Box::pin(c.next_delta(wait)),
+        None => Box::pin(std::future::pending()),
+    }
 }
 
 /// Journals one record per endpoint, then delivers to the sinks off the async runtime (one

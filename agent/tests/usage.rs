@@ -143,7 +143,8 @@ async fn kill_9_during_traffic_and_export_loses_nothing_and_duplicates_nothing()
         format!(
             "[dataplane]\nbpffs_root = \"{}\"\ntap_pool = 0\n[metrics]\nenabled = false\n\
              [usage]\njournal_dir = \"{}\"\ninterval_secs = 1\nfile_sink = \"{}\"\n\
-             http_sink = \"http://127.0.0.1:{port}/usage\"\nhttp_timeout_secs = 2\n",
+             http_sink = \"http://127.0.0.1:{port}/usage\"\nhttp_timeout_secs = 2\n\
+             [control]\nmode = \"off\"\n",
             pins.path().display(),
             journal_dir.display(),
             file_sink.display()

@@ -1,4 +1,11 @@
-//! atoll's control plane. Today: usage pricing and reports ([`usage`]); the API for clouds,
-//! VMs, volumes, DNS and exposures is tracked as its own issue.
+//! atoll's control plane: the API ([`api`]) over the core ([`core`]) over the store
+//! ([`store`]), the resource model ([`model`]), the control plane's config ([`config`]), an
+//! HTTP client for the CLI and remote agents ([`client`]), and usage pricing ([`usage`]).
 
+pub mod api;
+pub mod client;
+pub mod config;
+pub mod core;
+pub mod model;
+pub mod store;
 pub mod usage;

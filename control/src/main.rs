@@ -1,24 +1,77 @@
-//! `atoll`: the control plane CLI.
+//! `atoll`: the control plane server (`atoll serve`) and its CLI.
 //!
-//! Today it prices usage records (`atoll usage`); the control plane API (clouds, VMs, volumes,
-//! DNS, tokens, exposures) is tracked as its own issue.
+//! Every resource command speaks the HTTP API (`--url`, `ATOLL_URL`) with a bearer token
+//! (`--token`, `ATOLL_TOKEN`, or the operator token file) and prints the JSON reply, so scripts
+//! and agents can use it as well as people. `atoll usage` prices usage records offline.
 
 use std::path::PathBuf;
 
-use anyhow::Result;
-use atoll_control::usage::{focus_csv, parse_rfc3339, report, table, Prices};
-use clap::{Parser, Subcommand, ValueEnum};
+use anyhow::{Context, Result};
+use atoll_control::{
+    api,
+    client::Client,
+    config::ControlConfig,
+    model::*,
+    usage::{focus_csv, parse_rfc3339, report, table, Prices},
+};
+use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
+use hyper::Method;
 
-/// atoll control plane CLI.
+/// atoll control plane and CLI.
 #[derive(Parser)]
 #[command(version, about)]
 struct Cli {
+    /// API base URL.
+    #[arg(
+        long,
+        global = true,
+        env = "ATOLL_URL",
+        default_value = "http://127.0.0.1:7480"
+    )]
+    url: String,
+    /// Bearer token (a cloud's token or the operator's).
+    #[arg(long, global = true, env = "ATOLL_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// File to read the token from when no token is given.
+    #[arg(long, global = true, default_value = "/etc/atoll/operator.token")]
+    token_file: PathBuf,
     #[command(subcommand)]
     command: Cmd,
 }
 
 #[derive(Subcommand)]
 enum Cmd {
+    /// Run the control plane API server.
+    Serve {
+        /// Config file (TOML); built-in defaults if omitted.
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// Clouds: create (returns its token), list, get, delete.
+    #[command(subcommand)]
+    Cloud(CloudCmd),
+    /// VMs of a cloud.
+    #[command(subcommand)]
+    Vm(VmCmd),
+    /// Volumes of a cloud.
+    #[command(subcommand)]
+    Volume(VolumeCmd),
+    /// DNS record sets of a cloud.
+    #[command(subcommand)]
+    Dns(DnsCmd),
+    /// Services a cloud exposes to other clouds, and their grants.
+    #[command(subcommand)]
+    Exposure(ExposureCmd),
+    /// Exposures granted to a cloud.
+    #[command(subcommand)]
+    Import(ImportCmd),
+    /// Registered hosts (operator).
+    #[command(subcommand)]
+    Host(HostCmd),
+    /// Print the OpenAPI document.
+    Openapi,
+    /// Print shell completions.
+    Completions { shell: clap_complete::Shell },
     /// Usage and cost per cloud for a period, from usage record files (CloudEvents JSON lines).
     Usage {
         /// Usage record files (the agent's file sink or journal); duplicates are ignored.
@@ -38,6 +91,194 @@ enum Cmd {
     },
 }
 
+#[derive(Subcommand)]
+enum CloudCmd {
+    Create {
+        #[arg(long)]
+        name: Option<String>,
+        /// Private range, e.g. 10.0.0.0/16.
+        #[arg(long)]
+        cidr: Option<String>,
+        /// Quotas as JSON, e.g. '{"vms":4,"vcpus":8}'.
+        #[arg(long)]
+        quotas: Option<String>,
+    },
+    List {
+        #[arg(long)]
+        after: Option<String>,
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+    },
+    Get {
+        cloud: String,
+    },
+    Delete {
+        cloud: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum VmCmd {
+    Create {
+        cloud: String,
+        name: String,
+        #[arg(long, default_value_t = 1)]
+        vcpus: u32,
+        #[arg(long, default_value_t = 128)]
+        memory_mib: u64,
+        #[arg(long)]
+        kernel: Option<String>,
+        #[arg(long)]
+        image: Option<String>,
+        /// A volume to attach (repeatable).
+        #[arg(long = "volume")]
+        volumes: Vec<String>,
+    },
+    List {
+        cloud: String,
+    },
+    Get {
+        cloud: String,
+        name: String,
+    },
+    Delete {
+        cloud: String,
+        name: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum VolumeCmd {
+    Create {
+        cloud: String,
+        name: String,
+        #[arg(long)]
+        size_gib: u64,
+        #[arg(long, value_enum, default_value = "raw")]
+        format: CliFormat,
+    },
+    List {
+        cloud: String,
+    },
+    Get {
+        cloud: String,
+        name: String,
+    },
+    Delete {
+        cloud: String,
+        name: String,
+    },
+    Attach {
+        cloud: String,
+        name: String,
+        vm: String,
+    },
+    Detach {
+        cloud: String,
+        name: String,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum CliFormat {
+    Raw,
+    Qcow2,
+}
+
+#[derive(Subcommand)]
+enum DnsCmd {
+    List {
+        cloud: String,
+    },
+    /// Create or replace a record set.
+    Set {
+        cloud: String,
+        name: String,
+        /// A, AAAA, CNAME or TXT.
+        rtype: String,
+        #[arg(required = true)]
+        values: Vec<String>,
+        #[arg(long, default_value_t = 60)]
+        ttl: u32,
+    },
+    Delete {
+        cloud: String,
+        name: String,
+        rtype: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum ExposureCmd {
+    Create {
+        cloud: String,
+        name: String,
+        #[arg(long, value_enum)]
+        protocol: CliProtocol,
+        #[arg(long)]
+        port: u16,
+        /// Backend `vm:port` (repeatable).
+        #[arg(long = "backend", required = true)]
+        backends: Vec<String>,
+        #[arg(long)]
+        require_acceptance: bool,
+    },
+    List {
+        cloud: String,
+    },
+    Get {
+        cloud: String,
+        name: String,
+    },
+    Delete {
+        cloud: String,
+        name: String,
+    },
+    /// Grant an exposure to a consumer cloud.
+    Grant {
+        cloud: String,
+        name: String,
+        consumer: String,
+    },
+    Grants {
+        cloud: String,
+        name: String,
+    },
+    Revoke {
+        cloud: String,
+        name: String,
+        consumer: String,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum CliProtocol {
+    Tcp,
+    Udp,
+}
+
+#[derive(Subcommand)]
+enum ImportCmd {
+    List {
+        cloud: String,
+    },
+    Accept {
+        cloud: String,
+        provider: String,
+        exposure: String,
+    },
+    Delete {
+        cloud: String,
+        provider: String,
+        exposure: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum HostCmd {
+    List,
+}
+
 #[derive(Clone, Copy, ValueEnum)]
 enum Format {
     Table,
@@ -46,14 +287,41 @@ enum Format {
 }
 
 fn main() {
-    if let Err(e) = run() {
-        eprintln!("atoll: {e}");
-        std::process::exit(1);
-    }
+    let code = match run() {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("atoll: {e:#}");
+            1
+        }
+    };
+    std::process::exit(code);
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")
 }
 
 fn run() -> Result<()> {
-    match Cli::parse().command {
+    let cli = Cli::parse();
+    match cli.command {
+        Cmd::Serve { config } => {
+            let cfg = match config {
+                Some(p) => ControlConfig::load(&p)?,
+                None => ControlConfig::default(),
+            };
+            runtime()?.block_on(serve(cfg))
+        }
+        Cmd::Openapi => {
+            println!("{}", serde_json::to_string_pretty(&api::openapi())?);
+            Ok(())
+        }
+        Cmd::Completions { shell } => {
+            clap_complete::generate(shell, &mut Cli::command(), "atoll", &mut std::io::stdout());
+            Ok(())
+        }
         Cmd::Usage {
             files,
             prices,
@@ -72,5 +340,261 @@ fn run() -> Result<()> {
             );
             Ok(())
         }
+        cmd => {
+            let token = match cli.token {
+                Some(t) => t,
+                None => std::fs::read_to_string(&cli.token_file).with_context(|| {
+                    format!(
+                        "no --token or ATOLL_TOKEN, and reading {}",
+                        cli.token_file.display()
+                    )
+                })?,
+            };
+            let client = Client::new(&cli.url, &token)?;
+            let value = runtime()?.block_on(resource(&client, cmd))?;
+            if !value.is_null() {
+                println!("{}", serde_json::to_string_pretty(&value)?);
+            }
+            Ok(())
+        }
     }
+}
+
+async fn serve(cfg: ControlConfig) -> Result<()> {
+    let core = cfg.start().await?;
+    let listener = tokio::net::TcpListener::bind(cfg.listen)
+        .await
+        .with_context(|| format!("listening on {}", cfg.listen))?;
+    eprintln!(
+        "atoll: control plane API on http://{}",
+        listener.local_addr()?
+    );
+    let shutdown = async {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("SIGTERM handler");
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+    };
+    api::serve(core, listener, shutdown).await?;
+    Ok(())
+}
+
+type Json = serde_json::Value;
+
+async fn resource(c: &Client, cmd: Cmd) -> Result<Json> {
+    let none: Option<&Json> = None;
+    let get = |path: String| async move { c.call::<Json, Json>(Method::GET, &path, None).await };
+    let del = |path: String| async move { c.call::<Json, Json>(Method::DELETE, &path, None).await };
+    Ok(match cmd {
+        Cmd::Cloud(CloudCmd::Create { name, cidr, quotas }) => {
+            let mut body = serde_json::json!({});
+            if let Some(n) = name {
+                body["name"] = n.into();
+            }
+            if let Some(c) = cidr {
+                body["cidr"] = c.into();
+            }
+            if let Some(q) = quotas {
+                body["quotas"] = serde_json::from_str(&q).context("--quotas is not JSON")?;
+            }
+            c.call(Method::POST, "/v1/clouds", Some(&body)).await?
+        }
+        Cmd::Cloud(CloudCmd::List { after, limit }) => {
+            let after = after.map(|a| format!("&after={a}")).unwrap_or_default();
+            get(format!("/v1/clouds?limit={limit}{after}")).await?
+        }
+        Cmd::Cloud(CloudCmd::Get { cloud }) => get(format!("/v1/clouds/{cloud}")).await?,
+        Cmd::Cloud(CloudCmd::Delete { cloud }) => del(format!("/v1/clouds/{cloud}")).await?,
+        Cmd::Vm(VmCmd::Create {
+            cloud,
+            name,
+            vcpus,
+            memory_mib,
+            kernel,
+            image,
+            volumes,
+        }) => {
+            let body = CreateVm {
+                name,
+                vcpus,
+                memory_mib,
+                kernel,
+                image,
+                volumes,
+            };
+            c.call(
+                Method::POST,
+                &format!("/v1/clouds/{cloud}/vms"),
+                Some(&body),
+            )
+            .await?
+        }
+        Cmd::Vm(VmCmd::List { cloud }) => get(format!("/v1/clouds/{cloud}/vms")).await?,
+        Cmd::Vm(VmCmd::Get { cloud, name }) => {
+            get(format!("/v1/clouds/{cloud}/vms/{name}")).await?
+        }
+        Cmd::Vm(VmCmd::Delete { cloud, name }) => {
+            del(format!("/v1/clouds/{cloud}/vms/{name}")).await?
+        }
+        Cmd::Volume(VolumeCmd::Create {
+            cloud,
+            name,
+            size_gib,
+            format,
+        }) => {
+            let body = CreateVolume {
+                name,
+                size_gib,
+                format: match format {
+                    CliFormat::Raw => VolumeFormat::Raw,
+                    CliFormat::Qcow2 => VolumeFormat::Qcow2,
+                },
+            };
+            c.call(
+                Method::POST,
+                &format!("/v1/clouds/{cloud}/volumes"),
+                Some(&body),
+            )
+            .await?
+        }
+        Cmd::Volume(VolumeCmd::List { cloud }) => {
+            get(format!("/v1/clouds/{cloud}/volumes")).await?
+        }
+        Cmd::Volume(VolumeCmd::Get { cloud, name }) => {
+            get(format!("/v1/clouds/{cloud}/volumes/{name}")).await?
+        }
+        Cmd::Volume(VolumeCmd::Delete { cloud, name }) => {
+            del(format!("/v1/clouds/{cloud}/volumes/{name}")).await?
+        }
+        Cmd::Volume(VolumeCmd::Attach { cloud, name, vm }) => {
+            c.call(
+                Method::POST,
+                &format!("/v1/clouds/{cloud}/volumes/{name}/attach"),
+                Some(&AttachVolume { vm }),
+            )
+            .await?
+        }
+        Cmd::Volume(VolumeCmd::Detach { cloud, name }) => {
+            c.call(
+                Method::POST,
+                &format!("/v1/clouds/{cloud}/volumes/{name}/detach"),
+                none,
+            )
+            .await?
+        }
+        Cmd::Dns(DnsCmd::List { cloud }) => get(format!("/v1/clouds/{cloud}/dns")).await?,
+        Cmd::Dns(DnsCmd::Set {
+            cloud,
+            name,
+            rtype,
+            values,
+            ttl,
+        }) => {
+            c.call(
+                Method::PUT,
+                &format!("/v1/clouds/{cloud}/dns/{name}/{rtype}"),
+                Some(&PutRecordSet { ttl, values }),
+            )
+            .await?
+        }
+        Cmd::Dns(DnsCmd::Delete { cloud, name, rtype }) => {
+            del(format!("/v1/clouds/{cloud}/dns/{name}/{rtype}")).await?
+        }
+        Cmd::Exposure(ExposureCmd::Create {
+            cloud,
+            name,
+            protocol,
+            port,
+            backends,
+            require_acceptance,
+        }) => {
+            let backends = backends
+                .iter()
+                .map(|b| {
+                    let (vm, port) = b.split_once(':').context("--backend must be vm:port")?;
+                    Ok(Backend {
+                        vm: vm.to_string(),
+                        port: port.parse().context("--backend port")?,
+                    })
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let body = CreateExposure {
+                name,
+                protocol: match protocol {
+                    CliProtocol::Tcp => Protocol::Tcp,
+                    CliProtocol::Udp => Protocol::Udp,
+                },
+                port,
+                backends,
+                require_acceptance,
+            };
+            c.call(
+                Method::POST,
+                &format!("/v1/clouds/{cloud}/exposures"),
+                Some(&body),
+            )
+            .await?
+        }
+        Cmd::Exposure(ExposureCmd::List { cloud }) => {
+            get(format!("/v1/clouds/{cloud}/exposures")).await?
+        }
+        Cmd::Exposure(ExposureCmd::Get { cloud, name }) => {
+            get(format!("/v1/clouds/{cloud}/exposures/{name}")).await?
+        }
+        Cmd::Exposure(ExposureCmd::Delete { cloud, name }) => {
+            del(format!("/v1/clouds/{cloud}/exposures/{name}")).await?
+        }
+        Cmd::Exposure(ExposureCmd::Grant {
+            cloud,
+            name,
+            consumer,
+        }) => {
+            let body = serde_json::json!({ "consumer": consumer });
+            c.call(
+                Method::POST,
+                &format!("/v1/clouds/{cloud}/exposures/{name}/grants"),
+                Some(&body),
+            )
+            .await?
+        }
+        Cmd::Exposure(ExposureCmd::Grants { cloud, name }) => {
+            get(format!("/v1/clouds/{cloud}/exposures/{name}/grants")).await?
+        }
+        Cmd::Exposure(ExposureCmd::Revoke {
+            cloud,
+            name,
+            consumer,
+        }) => {
+            del(format!(
+                "/v1/clouds/{cloud}/exposures/{name}/grants/{consumer}"
+            ))
+            .await?
+        }
+        Cmd::Import(ImportCmd::List { cloud }) => {
+            get(format!("/v1/clouds/{cloud}/imports")).await?
+        }
+        Cmd::Import(ImportCmd::Accept {
+            cloud,
+            provider,
+            exposure,
+        }) => {
+            c.call(
+                Method::POST,
+                &format!("/v1/clouds/{cloud}/imports/{provider}/{exposure}/accept"),
+                none,
+            )
+            .await?
+        }
+        Cmd::Import(ImportCmd::Delete {
+            cloud,
+            provider,
+            exposure,
+        }) => del(format!("/v1/clouds/{cloud}/imports/{provider}/{exposure}")).await?,
+        Cmd::Host(HostCmd::List) => get("/v1/hosts".into()).await?,
+        Cmd::Serve { .. } | Cmd::Openapi | Cmd::Completions { .. } | Cmd::Usage { .. } => {
+            unreachable!("handled before connecting")
+        }
+    })
 }

@@ -52,6 +52,8 @@ const APT_PACKAGES: &[&str] = &[
     "bpftool",
     "iproute2",
     "iputils-ping",
+    // The multi-host store backend; the tests start it on loopback in a namespace.
+    "etcd-server",
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 

@@ -1,0 +1,585 @@
+//! Converging this host to the control plane's desired state.
+//!
+//! The agent long-polls the control plane for changes of its host's state after the last
+//! revision it applied ([`Source::sync`]), applies them — VM endpoints (tap, identity, route),
+//! volume files, DNS zones — and reports each VM's status back.
+//!
+//! Decisions:
+//! - **Changes, not polls.** A sync returns only what changed after a revision; a new agent,
+//!   one that restarted, or one that fell behind the control plane's event window gets the full
+//!   state (`full`), and then removes whatever it has that is not in it. So a restart needs no
+//!   local state beyond the pinned dataplane: endpoints are matched to VMs by their
+//!   `(cloud, address)` identity in the maps, not by device name.
+//! - **Embedded or remote.** With the control plane in the same process (the single-host
+//!   default) the source calls the core directly; otherwise it speaks the HTTP API with the
+//!   operator token. Both return the same [`SyncDelta`]s.
+//! - **Applying never blocks on a long poll**: [`Source::sync`] borrows nothing of the host, so
+//!   the agent's loop selects between it, usage ticks and signals, and applies a delta with
+//!   the host borrowed only while applying.
+//! - **Volumes are sparse files** `<volumes_dir>/<cloud>/<name>.raw|.qcow2`, created once and
+//!   never truncated or recreated (an existing file keeps its data); qcow2 images are made by
+//!   `qemu-img`. A removed volume's file is deleted; so is its cloud's directory once empty.
+//! - Device names are `<tap_prefix><n>` with a host-local counter, skipping names in use.
+
+use std::{
+    collections::{HashMap, HashSet},
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Duration,
+};
+
+use atoll_control::{
+    client::{Client, ClientError},
+    core::{Command, Core, CoreError, Principal},
+    model::{
+        CloudId as ApiCloudId, Placement, StatusReport, SyncDelta, VmReport, VmState, VmStatus,
+        VolumeFormat, VolumePlacement, Zone,
+    },
+};
+use hyper::Method;
+
+use crate::{
+    endpoint::{DeviceSpec, EndpointError, EndpointSpec, Host},
+    types::{CloudId, MacAddr},
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConvergeError {
+    #[error("syncing with the embedded control plane: {0}")]
+    SyncLocal(#[source] CoreError),
+    #[error("syncing with the control plane: {0}")]
+    SyncRemote(#[source] ClientError),
+    #[error("registering host {host}: {source}")]
+    Register {
+        host: String,
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    #[error("reporting status: {0}")]
+    Report(#[source] Box<dyn std::error::Error + Send + Sync>),
+    #[error("listing endpoints: {0}")]
+    ListEndpoints(#[source] EndpointError),
+}
+
+/// Where the desired state comes from.
+#[derive(Clone)]
+pub enum Source {
+    /// The control plane in this process.
+    Local(Arc<Core>),
+    /// A control plane elsewhere, through its API with the operator token.
+    Remote(Client),
+}
+
+impl Source {
+    /// Registers `host` (idempotent).
+    pub async fn register(&self, host: &str) -> Result<(), ConvergeError> {
+        let err = |source: Box<dyn std::error::Error + Send + Sync>| ConvergeError::Register {
+            host: host.to_string(),
+            source,
+        };
+        match self {
+            Source::Local(core) => core
+                .execute(Principal::Operator, Command::RegisterHost(host.to_string()))
+                .await
+                .map(drop)
+                .map_err(|e| err(Box::new(e))),
+            Source::Remote(c) => c
+                .call::<(), serde_json::Value>(Method::PUT, &format!("/v1/hosts/{host}"), None)
+                .await
+                .map(drop)
+                .map_err(|e| err(Box::new(e))),
+        }
+    }
+
+    /// Changes after `after`, waiting up to `wait` for some.
+    pub async fn sync(
+        &self,
+        host: &str,
+        after: u64,
+        wait: Duration,
+    ) -> Result<SyncDelta, ConvergeError> {
+        match self {
+            Source::Local(core) => core
+                .sync(Principal::Operator, host, after, wait)
+                .await
+                .map_err(ConvergeError::SyncLocal),
+            Source::Remote(c) => c
+                .call_waiting::<(), SyncDelta>(
+                    Method::GET,
+                    &format!(
+                        "/v1/hosts/{host}/sync?after={after}&wait_ms={}",
+                        wait.as_millis()
+                    ),
+                    None,
+                    wait,
+                )
+                .await
+                .map_err(ConvergeError::SyncRemote),
+        }
+    }
+
+    pub async fn report(&self, host: &str, report: StatusReport) -> Result<(), ConvergeError> {
+        match self {
+            Source::Local(core) => core
+                .execute(
+                    Principal::Operator,
+                    Command::ReportStatus(host.to_string(), report),
+                )
+                .await
+                .map(drop)
+                .map_err(|e| ConvergeError::Report(Box::new(e))),
+            Source::Remote(c) => c
+                .call::<_, serde_json::Value>(
+                    Method::POST,
+                    &format!("/v1/hosts/{host}/status"),
+                    Some(&report),
+                )
+                .await
+                .map(drop)
+                .map_err(|e| ConvergeError::Report(Box::new(e))),
+        }
+    }
+}
+
+/// What the converger tells the host's DNS server.
+pub trait DnsSink: Send + Sync {
+    /// The endpoint with counter slot `slot` belongs to `cloud`.
+    fn set_endpoint(&self, slot: u32, cloud: CloudId);
+    fn remove_endpoint(&self, slot: u32);
+    fn set_zone(&self, cloud: CloudId, zone: &Zone);
+    fn remove_zone(&self, cloud: CloudId);
+}
+
+/// Settings of the converger.
+#[derive(Debug, Clone)]
+pub struct ConvergeConfig {
+    /// This host's name in the control plane.
+    pub host: String,
+    /// Prefix of VM device names (at most 10 bytes).
+    pub tap_prefix: String,
+    pub volumes_dir: PathBuf,
+}
+
+/// A VM endpoint this host has applied.
+#[derive(Debug, Clone)]
+struct Applied {
+    device: String,
+    ipv4: Ipv4Addr,
+    slot: u32,
+}
+
+/// Applies deltas to a [`Host`] and reports the result.
+pub struct Converger {
+    cfg: ConvergeConfig,
+    source: Source,
+    dns: Option<Arc<dyn DnsSink>>,
+    revision: u64,
+    vms: HashMap<(u32, String), Applied>,
+    next_name: u64,
+}
+
+/// What one applied delta did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct ApplyStats {
+    pub created: usize,
+    pub deleted: usize,
+    pub failed: usize,
+}
+
+fn api_cloud(c: ApiCloudId) -> Option<CloudId> {
+    CloudId::new(c.0)
+}
+
+fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+impl Converger {
+    pub fn new(cfg: ConvergeConfig, source: Source, dns: Option<Arc<dyn DnsSink>>) -> Self {
+        Converger {
+            cfg,
+            source,
+            dns,
+            revision: 0,
+            vms: HashMap::new(),
+            next_name: 0,
+        }
+    }
+
+    pub fn source(&self) -> &Source {
+        &self.source
+    }
+
+    pub fn host(&self) -> &str {
+        &self.cfg.host
+    }
+
+    /// The revision applied last (0 before the first sync).
+    pub fn revision(&self) -> u64 {
+        self.revision
+    }
+
+    /// A future for the next delta; borrows nothing of `self`.
+    pub fn next_delta(
+        &self,
+        wait: Duration,
+    ) -> impl std::future::Future<Output = Result<SyncDelta, ConvergeError>> + Send + 'static {
+        let source = self.source.clone();
+        let host = self.cfg.host.clone();
+        let after = self.revision;
+        async move { source.sync(&host, after, wait).await }
+    }
+
+    fn device_name(&mut self) -> String {
+        loop {
+            self.next_name += 1;
+            let name = format!("{}{}", self.cfg.tap_prefix, radix36(self.next_name));
+            if crate::device::ifindex(&name).is_none() {
+                return name;
+            }
+        }
+    }
+
+    /// Applies `delta` to `host` and reports the VMs' status; returns what changed.
+    pub async fn apply(
+        &mut self,
+        host: &mut Host,
+        delta: SyncDelta,
+    ) -> Result<ApplyStats, ConvergeError> {
+        let mut out = ApplyStats::default();
+        let mut reports = Vec::new();
+        if delta.full {
+            self.adopt(host)?;
+            // Endpoints adopted after a restart are known by address until named here.
+            for p in &delta.vms {
+                if let Some(a) = self.vms.remove(&(p.cloud.0, format!("@{}", p.ipv4))) {
+                    self.vms.insert((p.cloud.0, p.vm.clone()), a);
+                }
+            }
+            let want: HashSet<(u32, String)> = delta
+                .vms
+                .iter()
+                .map(|p| (p.cloud.0, p.vm.clone()))
+                .collect();
+            let stale: Vec<(u32, String)> = self
+                .vms
+                .keys()
+                .filter(|k| !want.contains(*k))
+                .cloned()
+                .collect();
+            for key in stale {
+                self.delete_vm(host, &key).await;
+                out.deleted += 1;
+            }
+            let want_vols: HashSet<(String, String)> = delta
+                .volumes
+                .iter()
+                .map(|v| (v.cloud.to_string(), v.name.clone()))
+                .collect();
+            self.remove_stale_volumes(&want_vols);
+        }
+        for r in &delta.removed_vms {
+            if self.vms.contains_key(&(r.cloud.0, r.vm.clone())) {
+                self.delete_vm(host, &(r.cloud.0, r.vm.clone())).await;
+                out.deleted += 1;
+            }
+        }
+        for r in &delta.removed_volumes {
+            self.remove_volume(&r.cloud.to_string(), &r.name);
+        }
+        for v in &delta.volumes {
+            if let Err(e) = self.create_volume(v) {
+                eprintln!("atoll-agent: volume {}/{}: {e}", v.cloud, v.name);
+            }
+        }
+        for p in &delta.vms {
+            let status = match self.ensure_vm(host, p).await {
+                Ok((device, created)) => {
+                    out.created += usize::from(created);
+                    VmStatus {
+                        state: VmState::NetworkReady,
+                        device: Some(device),
+                        message: None,
+                        updated_at: now(),
+                    }
+                }
+                Err(message) => {
+                    out.failed += 1;
+                    VmStatus {
+                        state: VmState::Failed,
+                        device: None,
+                        message: Some(message),
+                        updated_at: now(),
+                    }
+                }
+            };
+            reports.push(VmReport {
+                cloud: p.cloud,
+                vm: p.vm.clone(),
+                status,
+            });
+        }
+        if let Some(dns) = &self.dns {
+            for c in &delta.removed_zones {
+                if let Some(c) = api_cloud(*c) {
+                    dns.remove_zone(c);
+                }
+            }
+            for z in &delta.zones {
+                if let Some(c) = api_cloud(z.cloud) {
+                    dns.set_zone(c, z);
+                }
+            }
+        }
+        self.revision = delta.revision;
+        if !reports.is_empty() {
+            self.source
+                .report(&self.cfg.host, StatusReport { vms: reports })
+                .await?;
+        }
+        Ok(out)
+    }
+
+    /// Rebuilds the VM table from the dataplane: endpoints whose device has our prefix are
+    /// VMs, known by `(cloud, address)`; the placements of the full state name them.
+    fn adopt(&mut self, host: &Host) -> Result<(), ConvergeError> {
+        if !self.vms.is_empty() {
+            return Ok(());
+        }
+        for e in host.endpoints().map_err(ConvergeError::ListEndpoints)? {
+            let Some(name) = e.name.filter(|n| n.starts_with(&self.cfg.tap_prefix)) else {
+                continue;
+            };
+            // The VM's name is not in the dataplane; use a placeholder keyed by address until
+            // the full state names it (see `ensure_vm`).
+            self.vms.insert(
+                (e.cloud.get(), format!("@{}", e.ipv4)),
+                Applied {
+                    device: name,
+                    ipv4: e.ipv4,
+                    slot: e.slot,
+                },
+            );
+            if let Some(dns) = &self.dns {
+                dns.set_endpoint(e.slot, e.cloud);
+            }
+        }
+        Ok(())
+    }
+
+    async fn ensure_vm(
+        &mut self,
+        host: &mut Host,
+        p: &Placement,
+    ) -> Result<(String, bool), String> {
+        let cloud = api_cloud(p.cloud).ok_or("cloud id 0")?;
+        let mac: MacAddr = p.mac.parse().map_err(|e| format!("{e}"))?;
+        let key = (p.cloud.0, p.vm.clone());
+        if let Some(a) = self.vms.get(&key) {
+            if a.ipv4 == p.ipv4 {
+                return Ok((a.device.clone(), false));
+            }
+            // Same VM name, new address (deleted and recreated meanwhile): replace it.
+            self.delete_vm(host, &key).await;
+        }
+        let name = self.device_name();
+        let spec = EndpointSpec {
+            name: name.clone(),
+            cloud,
+            ipv4: p.ipv4,
+            mac,
+            gateway: p.gateway,
+            device: DeviceSpec::Tap { owner_uid: None },
+        };
+        let ep = host
+            .create_endpoint(&spec)
+            .await
+            .map_err(|e| e.to_string())?;
+        if let Some(dns) = &self.dns {
+            dns.set_endpoint(ep.slot, cloud);
+        }
+        self.vms.insert(
+            key,
+            Applied {
+                device: name.clone(),
+                ipv4: p.ipv4,
+                slot: ep.slot,
+            },
+        );
+        Ok((name, true))
+    }
+
+    async fn delete_vm(&mut self, host: &mut Host, key: &(u32, String)) {
+        let Some(a) = self.vms.remove(key) else {
+            return;
+        };
+        if let Some(dns) = &self.dns {
+            dns.remove_endpoint(a.slot);
+        }
+        match host.delete_endpoint(&a.device).await {
+            Ok(()) | Err(EndpointError::NotFound(_)) => {}
+            Err(e) => eprintln!("atoll-agent: deleting VM {}/{}: {e}", key.0, key.1),
+        }
+    }
+
+    fn volume_path(&self, cloud: &str, name: &str, format: VolumeFormat) -> PathBuf {
+        let ext = match format {
+            VolumeFormat::Raw => "raw",
+            VolumeFormat::Qcow2 => "qcow2",
+        };
+        self.cfg
+            .volumes_dir
+            .join(cloud)
+            .join(format!("{name}.{ext}"))
+    }
+
+    fn create_volume(&self, v: &VolumePlacement) -> std::io::Result<()> {
+        let path = self.volume_path(&v.cloud.to_string(), &v.name, v.format);
+        if path.exists() {
+            return Ok(());
+        }
+        let dir = path.parent().expect("volume paths have a directory");
+        std::fs::create_dir_all(dir)?;
+        let bytes = v.size_gib << 30;
+        match v.format {
+            VolumeFormat::Raw => {
+                // Written to a temporary name and renamed, so a crash never leaves a short file
+                // under the volume's name.
+                let tmp = dir.join(format!(".{}.tmp", v.name));
+                let f = std::fs::File::create(&tmp)?;
+                f.set_len(bytes)?;
+                f.sync_all()?;
+                std::fs::rename(&tmp, &path)
+            }
+            VolumeFormat::Qcow2 => {
+                let tmp = dir.join(format!(".{}.qcow2.tmp", v.name));
+                let out = std::process::Command::new("qemu-img")
+                    .args(["create", "-q", "-f", "qcow2"])
+                    .arg(&tmp)
+                    .arg(bytes.to_string())
+                    .output()?;
+                if !out.status.success() {
+                    let _ = std::fs::remove_file(&tmp);
+                    return Err(std::io::Error::other(format!(
+                        "qemu-img create failed: {}",
+                        String::from_utf8_lossy(&out.stderr).trim()
+                    )));
+                }
+                std::fs::rename(&tmp, &path)
+            }
+        }
+    }
+
+    fn remove_volume(&self, cloud: &str, name: &str) {
+        for f in [VolumeFormat::Raw, VolumeFormat::Qcow2] {
+            let p = self.volume_path(cloud, name, f);
+            if let Err(e) = std::fs::remove_file(&p) {
+                if e.kind() != std::io::ErrorKind::NotFound {
+                    eprintln!("atoll-agent: removing volume {}: {e}", p.display());
+                }
+            }
+        }
+        // Only succeeds when empty.
+        let _ = std::fs::remove_dir(self.cfg.volumes_dir.join(cloud));
+    }
+
+    fn remove_stale_volumes(&self, want: &HashSet<(String, String)>) {
+        let Ok(clouds) = std::fs::read_dir(&self.cfg.volumes_dir) else {
+            return;
+        };
+        for c in clouds.flatten() {
+            let cloud = c.file_name().to_string_lossy().into_owned();
+            if cloud.parse::<ApiCloudId>().is_err() {
+                continue; // not ours
+            }
+            let Ok(files) = std::fs::read_dir(c.path()) else {
+                continue;
+            };
+            for f in files.flatten() {
+                let file = f.file_name().to_string_lossy().into_owned();
+                let Some((name, _)) = file.rsplit_once('.') else {
+                    continue;
+                };
+                if !want.contains(&(cloud.clone(), name.to_string())) {
+                    self.remove_volume(&cloud, name);
+                }
+            }
+        }
+    }
+
+    /// The volume directory (for tests and tools).
+    pub fn volumes_dir(&self) -> &Path {
+        &self.cfg.volumes_dir
+    }
+}
+
+fn radix36(mut v: u64) -> String {
+    let digits = b"0123456789abcdefghijklmnopqrstuvwxyz";
+    let mut out = Vec::new();
+    loop {
+        out.push(digits[(v % 36) as usize]);
+        v /= 36;
+        if v == 0 {
+            break;
+        }
+    }
+    out.reverse();
+    String::from_utf8(out).expect("ascii")
+}
+
+/// The host's DNS server view follows the converger: endpoints by slot, zones by cloud.
+impl DnsSink for crate::dns::DnsView {
+    fn set_endpoint(&self, slot: u32, cloud: CloudId) {
+        crate::dns::DnsView::set_endpoint(self, slot, cloud);
+    }
+
+    fn remove_endpoint(&self, slot: u32) {
+        crate::dns::DnsView::remove_endpoint(self, slot);
+    }
+
+    fn set_zone(&self, cloud: CloudId, zone: &Zone) {
+        use crate::dns::{Record, RecordData};
+        use atoll_control::model::RecordType;
+        let mut records = Vec::new();
+        for r in &zone.records {
+            for v in &r.values {
+                let data = match r.rtype {
+                    RecordType::A => v.parse().map(RecordData::A).ok(),
+                    RecordType::Aaaa => v.parse().map(RecordData::Aaaa).ok(),
+                    RecordType::Cname => Some(RecordData::Cname(v.clone())),
+                    // A TXT record set's values are one record's character strings.
+                    RecordType::Txt => None,
+                };
+                if let Some(data) = data {
+                    records.push(Record {
+                        name: r.fqdn.clone(),
+                        ttl: r.ttl,
+                        data,
+                    });
+                }
+            }
+            if r.rtype == RecordType::Txt {
+                records.push(Record {
+                    name: r.fqdn.clone(),
+                    ttl: r.ttl,
+                    data: RecordData::Txt(r.values.clone()),
+                });
+            }
+        }
+        let z = crate::dns::Zone {
+            apex: zone.apex.clone(),
+            records,
+        };
+        // The control plane validated every record; a refusal here keeps the previous zone.
+        if let Err(e) = crate::dns::DnsView::set_zone(self, cloud, z) {
+            eprintln!("atoll-agent: DNS zone of cloud {cloud}: {e}");
+        }
+    }
+
+    fn remove_zone(&self, cloud: CloudId) {
+        crate::dns::DnsView::remove_zone(self, cloud);
+    }
+}

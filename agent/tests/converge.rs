@@ -1,0 +1,391 @@
+//! A host converging to the control plane: VMs created through the core become live endpoints
+//! (real taps, real maps), volumes become sparse files, deletes and cloud deletion remove
+//! everything, and a restarted agent adopts what it has instead of recreating it. Also the
+//! whole agent binary with its embedded control plane, driven over HTTP. Needs root.
+
+use std::{net::Ipv4Addr, path::Path, process::Command, sync::Arc, time::Duration};
+
+mod support;
+
+use atoll_agent::{
+    converge::{ConvergeConfig, Converger, Source},
+    endpoint::Host,
+    testbed::{unique_name, unique_prefix, LinksWithPrefix, PinRoot},
+};
+use atoll_control::{
+    client::Client,
+    config::{ControlConfig, StoreConfig},
+    core::{Command as Cmd, Core, Principal, Reply},
+    model::*,
+};
+use hyper::Method;
+use serde_json::{json, Value};
+use support::{cfg, require_root};
+
+async fn control(dir: &Path) -> Arc<Core> {
+    let cfg = ControlConfig {
+        operator_token_file: dir.join("operator.token"),
+        store: StoreConfig {
+            path: dir.join("control.db"),
+            ..StoreConfig::default()
+        },
+        ..ControlConfig::default()
+    };
+    cfg.start().await.expect("control plane")
+}
+
+async fn exec(core: &Core, cmd: Cmd) -> Reply {
+    core.execute(Principal::Operator, cmd)
+        .await
+        .expect("command")
+}
+
+fn vm(name: &str) -> CreateVm {
+    CreateVm {
+        name: name.into(),
+        vcpus: 1,
+        memory_mib: 64,
+        kernel: None,
+        image: None,
+        volumes: vec![],
+    }
+}
+
+/// Syncs and applies until the host has applied everything the store holds now.
+async fn step(c: &mut Converger, host: &mut Host) -> atoll_agent::converge::ApplyStats {
+    let Source::Local(core) = c.source().clone() else {
+        unreachable!()
+    };
+    let target = core.store().revision().await.unwrap();
+    let mut total = atoll_agent::converge::ApplyStats::default();
+    loop {
+        let delta = c.next_delta(Duration::from_secs(5)).await.expect("sync");
+        let s = c.apply(host, delta).await.expect("apply");
+        total.created += s.created;
+        total.deleted += s.deleted;
+        total.failed += s.failed;
+        if c.revision() >= target {
+            return total;
+        }
+    }
+}
+
+fn sparse_size(p: &Path) -> (u64, u64) {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+    (m.len(), m.blocks() * 512)
+}
+
+#[tokio::test]
+async fn vms_volumes_and_clouds_converge_onto_the_host() {
+    require_root();
+    let dir = tempfile::tempdir().unwrap();
+    let pins = PinRoot::new("cv");
+    let prefix = unique_prefix("v");
+    let _links = LinksWithPrefix(prefix.clone());
+    let core = control(dir.path()).await;
+    let conv_cfg = ConvergeConfig {
+        host: "h1".into(),
+        tap_prefix: prefix.clone(),
+        volumes_dir: dir.path().join("volumes"),
+    };
+    let source = Source::Local(core.clone());
+    source.register("h1").await.unwrap();
+    let mut host = Host::open(&cfg(&pins, 64, 2)).unwrap();
+    let mut conv = Converger::new(conv_cfg.clone(), source.clone(), None);
+    assert_eq!(step(&mut conv, &mut host).await.created, 0, "nothing yet");
+
+    let Reply::CreatedCloud(a) = exec(&core, Cmd::CreateCloud(CreateCloud::default())).await else {
+        panic!()
+    };
+    let Reply::CreatedCloud(b) = exec(&core, Cmd::CreateCloud(CreateCloud::default())).await else {
+        panic!()
+    };
+    let (a, b) = (a.cloud.id, b.cloud.id);
+    exec(&core, Cmd::CreateVm(a, vm("web"))).await;
+    exec(&core, Cmd::CreateVm(a, vm("db"))).await;
+    exec(&core, Cmd::CreateVm(b, vm("web"))).await;
+    let raw = CreateVolume {
+        name: "data".into(),
+        size_gib: 2,
+        format: VolumeFormat::Raw,
+    };
+    let qcow = CreateVolume {
+        name: "img".into(),
+        size_gib: 1,
+        format: VolumeFormat::Qcow2,
+    };
+    exec(&core, Cmd::CreateVolume(a, raw)).await;
+    exec(&core, Cmd::CreateVolume(a, qcow)).await;
+
+    let stats = step(&mut conv, &mut host).await;
+    assert_eq!((stats.created, stats.failed), (3, 0), "{stats:?}");
+    let eps = host.endpoints().unwrap();
+    let mut idents: Vec<(u32, Ipv4Addr)> = eps.iter().map(|e| (e.cloud.get(), e.ipv4)).collect();
+    idents.sort();
+    let mut want = vec![
+        (a.0, Ipv4Addr::new(10, 0, 0, 2)),
+        (a.0, Ipv4Addr::new(10, 0, 0, 3)),
+        (b.0, Ipv4Addr::new(10, 0, 0, 2)),
+    ];
+    want.sort();
+    assert_eq!(
+        idents, want,
+        "overlapping addresses in two clouds, each live"
+    );
+    for e in &eps {
+        assert!(e.name.as_deref().unwrap().starts_with(&prefix));
+        assert_eq!(e.gateway, Ipv4Addr::new(10, 0, 0, 1));
+        assert_eq!(e.mac.to_string(), guest_mac(e.ipv4));
+    }
+    // The host reported them; the API shows them ready, with their device.
+    let Reply::Vm(web) = exec(&core, Cmd::GetVm(a, "web".into())).await else {
+        panic!()
+    };
+    let status = web.status.unwrap();
+    assert_eq!(status.state, VmState::NetworkReady);
+    assert!(eps.iter().any(|e| e.name == status.device));
+    // Volumes: sparse files of the right size; qcow2 with its magic.
+    let vdir = dir.path().join("volumes").join(a.to_string());
+    let (len, used) = sparse_size(&vdir.join("data.raw"));
+    assert_eq!(len, 2 << 30);
+    assert!(
+        used < 1 << 20,
+        "raw volume is sparse ({used} bytes allocated)"
+    );
+    let head = std::fs::read(vdir.join("img.qcow2")).unwrap();
+    assert_eq!(&head[..4], b"QFI\xfb", "qcow2 magic");
+
+    // A restarted agent (no local state) adopts the endpoints: nothing is recreated or lost.
+    drop(conv);
+    drop(host);
+    let mut host = Host::open(&cfg(&pins, 64, 2)).unwrap();
+    let mut conv = Converger::new(conv_cfg.clone(), source.clone(), None);
+    let stats = step(&mut conv, &mut host).await;
+    assert_eq!((stats.created, stats.deleted), (0, 0), "{stats:?}");
+    assert_eq!(host.endpoints().unwrap().len(), 3);
+
+    // Delete one VM: its endpoint goes with the next delta.
+    exec(&core, Cmd::DeleteVm(a, "db".into())).await;
+    let stats = step(&mut conv, &mut host).await;
+    assert_eq!(stats.deleted, 1);
+    assert_eq!(host.endpoints().unwrap().len(), 2);
+
+    // Delete cloud A: its endpoint and volume files go; B is untouched.
+    exec(&core, Cmd::DeleteCloud(a)).await;
+    let stats = step(&mut conv, &mut host).await;
+    assert_eq!(stats.deleted, 1);
+    let eps = host.endpoints().unwrap();
+    assert_eq!(eps.len(), 1);
+    assert_eq!(eps[0].cloud.get(), b.0);
+    assert!(!vdir.exists(), "cloud A's volume directory is gone");
+
+    exec(&core, Cmd::DeleteCloud(b)).await;
+    step(&mut conv, &mut host).await;
+    assert!(host.endpoints().unwrap().is_empty());
+    host.destroy().await.unwrap();
+}
+
+/// The agent binary with its embedded control plane (the single-host default): a VM created
+/// over HTTP is live on the host, and deleting its cloud removes it.
+#[tokio::test]
+async fn agent_with_embedded_control_plane_serves_the_api() {
+    require_root();
+    let dir = tempfile::tempdir().unwrap();
+    let pins = PinRoot::new("ce");
+    let prefix = unique_prefix("e");
+    let _links = LinksWithPrefix(prefix.clone());
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let dns = unique_name("d");
+    let token_file = dir.path().join("op.token");
+    let config = dir.path().join("agent.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[dataplane]\nbpffs_root = \"{}\"\ntap_pool = 1\n[metrics]\nenabled = false\n\
+             [usage]\nenabled = false\n[dns]\nnamespace = \"{dns}\"\ndevice = \"{dns}\"\n\
+             [control]\nhost = \"solo\"\ntap_prefix = \"{prefix}\"\nvolumes_dir = \"{}\"\n\
+             [control.embedded]\nlisten = \"127.0.0.1:{port}\"\noperator_token_file = \"{}\"\n\
+             [control.embedded.store]\npath = \"{}\"\n",
+            pins.path().display(),
+            dir.path().join("volumes").display(),
+            token_file.display(),
+            dir.path().join("control.db").display(),
+        ),
+    )
+    .unwrap();
+    let mut agent = Command::new(env!("CARGO_BIN_EXE_atoll-agent"))
+        .arg("--config")
+        .arg(&config)
+        .arg("run")
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    struct Kill<'a>(&'a mut std::process::Child);
+    impl Drop for Kill<'_> {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    // Wait for the API line on stdout (the agent prints it once it listens).
+    let stdout = agent.stdout.take().unwrap();
+    let _guard = Kill(&mut agent);
+    let lines = std::io::BufRead::lines(std::io::BufReader::new(stdout));
+    let mut reader = lines.map_while(Result::ok);
+    assert!(
+        reader
+            .by_ref()
+            .any(|l| l.contains("DNS for guests at their gateway")),
+        "agent did not start its DNS server"
+    );
+    assert!(
+        reader.by_ref().any(|l| l.contains("converging host solo")),
+        "agent did not start its control plane"
+    );
+    std::thread::spawn(move || reader.for_each(drop));
+    let token = std::fs::read_to_string(&token_file).unwrap();
+    let op = Client::new(&format!("http://127.0.0.1:{port}"), &token).unwrap();
+    let hosts: Vec<HostInfo> = op
+        .call(Method::GET, "/v1/hosts", None::<&Value>)
+        .await
+        .unwrap();
+    assert_eq!(
+        hosts.iter().map(|h| h.name.as_str()).collect::<Vec<_>>(),
+        ["solo"]
+    );
+    let created: CreatedCloud = op
+        .call(Method::POST, "/v1/clouds", Some(&json!({"name": "e2e"})))
+        .await
+        .unwrap();
+    let cc = Client::new(&format!("http://127.0.0.1:{port}"), &created.token).unwrap();
+    let id = created.cloud.id;
+    let _: Vm = cc
+        .call(
+            Method::POST,
+            &format!("/v1/clouds/{id}/vms"),
+            Some(&json!({"name": "a1"})),
+        )
+        .await
+        .unwrap();
+    // The agent reports the VM ready once its endpoint is live; observe it via the API.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let device = loop {
+        let v: Vm = cc
+            .call(
+                Method::GET,
+                &format!("/v1/clouds/{id}/vms/a1"),
+                None::<&Value>,
+            )
+            .await
+            .unwrap();
+        let st = v.status.unwrap();
+        match st.state {
+            VmState::NetworkReady => break st.device.unwrap(),
+            VmState::Failed => panic!("VM failed: {:?}", st.message),
+            VmState::Pending => {}
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "VM never became ready"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(device.starts_with(&prefix));
+    assert!(
+        atoll_agent::device::ifindex(&device).is_some(),
+        "tap {device} exists"
+    );
+    let _: Value = cc
+        .call(Method::DELETE, &format!("/v1/clouds/{id}"), None::<&Value>)
+        .await
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while atoll_agent::device::ifindex(&device).is_some() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "tap {device} not removed"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    drop(_guard);
+    // Leave nothing: the pinned dataplane (and its spare taps) go with cleanup.
+    let out = Command::new(env!("CARGO_BIN_EXE_atoll-agent"))
+        .arg("--config")
+        .arg(&config)
+        .arg("cleanup")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let _ = unique_name("e");
+}
+
+/// An agent apart from its control plane (`mode = "remote"`): the same convergence over the
+/// HTTP API, long-polling `/v1/hosts/<host>/sync` with the operator token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn remote_agent_converges_over_http() {
+    require_root();
+    let dir = tempfile::tempdir().unwrap();
+    let pins = PinRoot::new("cr");
+    let prefix = unique_prefix("r");
+    let _links = LinksWithPrefix(prefix.clone());
+    let core = control(dir.path()).await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(atoll_control::api::serve(
+        core.clone(),
+        listener,
+        std::future::pending(),
+    ));
+    let token = std::fs::read_to_string(dir.path().join("operator.token")).unwrap();
+    let source = Source::Remote(Client::new(&url, &token).unwrap());
+    source.register("remote1").await.unwrap();
+    let mut host = Host::open(&cfg(&pins, 16, 0)).unwrap();
+    let mut conv = Converger::new(
+        ConvergeConfig {
+            host: "remote1".into(),
+            tap_prefix: prefix.clone(),
+            volumes_dir: dir.path().join("volumes"),
+        },
+        source,
+        None,
+    );
+    let first = conv.next_delta(Duration::from_secs(5)).await.unwrap();
+    assert!(first.full);
+    conv.apply(&mut host, first).await.unwrap();
+    // A long poll in flight is woken by the VM create.
+    let poll = conv.next_delta(Duration::from_secs(20));
+    let Reply::CreatedCloud(c) = exec(&core, Cmd::CreateCloud(CreateCloud::default())).await else {
+        panic!()
+    };
+    exec(&core, Cmd::CreateVm(c.cloud.id, vm("r1"))).await;
+    let mut delta = poll.await.unwrap();
+    while delta.vms.is_empty() {
+        conv.apply(&mut host, delta).await.unwrap();
+        delta = conv.next_delta(Duration::from_secs(20)).await.unwrap();
+    }
+    let stats = conv.apply(&mut host, delta).await.unwrap();
+    assert_eq!(stats.created, 1);
+    let eps = host.endpoints().unwrap();
+    assert_eq!(eps.len(), 1);
+    assert_eq!(
+        (eps[0].cloud.get(), eps[0].ipv4),
+        (c.cloud.id.0, Ipv4Addr::new(10, 0, 0, 2))
+    );
+    let Reply::Vm(v) = exec(&core, Cmd::GetVm(c.cloud.id, "r1".into())).await else {
+        panic!()
+    };
+    assert_eq!(
+        v.status.unwrap().state,
+        VmState::NetworkReady,
+        "reported over HTTP"
+    );
+    host.destroy().await.unwrap();
+}

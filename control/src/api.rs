@@ -1,0 +1,989 @@
+//! The versioned HTTP/JSON API (`/v1`): parses requests into [`Command`]s for the [`Core`] and
+//! renders its replies.
+//!
+//! Decisions:
+//! - **One route table** ([`ROUTES`]) drives both the router's documentation and the OpenAPI 3
+//!   document (`/openapi.json`, checked in as `docs/openapi.json` and compared by a test), with
+//!   the schemas derived from the model types, so the document cannot drift from the code.
+//! - **Every error is JSON** ([`ErrorBody`]) with a stable `code` and, for bad input, the
+//!   offending `field`: syntax errors and type errors name their path (`quotas.vcpus`), unknown
+//!   fields are rejected, bodies over the limit get 413, unknown routes 404, wrong methods 405.
+//! - Bearer tokens in `Authorization`; see [`Core::authenticate`].
+
+use std::{collections::HashMap, sync::Arc, time::Duration};
+
+use axum::{
+    body::{Body, Bytes},
+    extract::{Path, Query, Request, State},
+    http::{header, HeaderMap, Method, StatusCode},
+    response::{IntoResponse, Response},
+    routing::{get, post},
+    Router,
+};
+use http_body_util::BodyExt;
+use serde::de::DeserializeOwned;
+
+use crate::{
+    core::{Command, Core, CoreError, Principal, Reply},
+    model::*,
+};
+
+/// Largest accepted request body.
+pub const MAX_BODY_BYTES: usize = 1 << 20;
+/// Longest a host sync may wait for changes.
+pub const MAX_SYNC_WAIT: Duration = Duration::from_secs(60);
+
+/// An API error: status plus JSON body.
+#[derive(Debug)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub body: ErrorBody,
+}
+
+impl ApiError {
+    pub fn new(
+        status: StatusCode,
+        code: &str,
+        message: impl Into<String>,
+        field: Option<String>,
+    ) -> Self {
+        ApiError {
+            status,
+            body: ErrorBody {
+                error: ErrorDetail {
+                    code: code.to_string(),
+                    message: message.into(),
+                    field,
+                },
+            },
+        }
+    }
+
+    fn field(field: impl Into<String>, message: impl Into<String>) -> Self {
+        let field = field.into();
+        let message = message.into();
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_field",
+            format!("{field}: {message}"),
+            Some(field),
+        )
+    }
+}
+
+impl From<CoreError> for ApiError {
+    fn from(e: CoreError) -> Self {
+        let msg = e.to_string();
+        match e {
+            CoreError::Unauthenticated => {
+                ApiError::new(StatusCode::UNAUTHORIZED, "unauthenticated", msg, None)
+            }
+            CoreError::Forbidden(_) => ApiError::new(StatusCode::FORBIDDEN, "forbidden", msg, None),
+            CoreError::Invalid(f) => ApiError::field(f.field, f.message),
+            CoreError::NotFound(_) => ApiError::new(StatusCode::NOT_FOUND, "not_found", msg, None),
+            CoreError::Conflict { code, .. } => {
+                ApiError::new(StatusCode::CONFLICT, code, msg, None)
+            }
+            CoreError::QuotaExceeded { field, .. } => ApiError::new(
+                StatusCode::CONFLICT,
+                "quota_exceeded",
+                msg,
+                Some(format!("quotas.{field}")),
+            ),
+            CoreError::NoHost => {
+                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "no_host", msg, None)
+            }
+            CoreError::Contention(_) => {
+                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "contention", msg, None)
+            }
+            CoreError::Store(_) | CoreError::CorruptRecord { .. } | CoreError::Random(_) => {
+                ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", msg, None)
+            }
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        json_response(self.status, &self.body)
+    }
+}
+
+fn json_response<T: serde::Serialize>(status: StatusCode, v: &T) -> Response {
+    let body = serde_json::to_vec(v).expect("API types serialize");
+    (status, [(header::CONTENT_TYPE, "application/json")], body).into_response()
+}
+
+type ApiResult = Result<Response, ApiError>;
+
+/// Parses a JSON body strictly, naming the failing field.
+pub fn parse_body<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    if bytes.is_empty() {
+        return Err(ApiError::field("body", "a JSON body is required"));
+    }
+    // serde would also accept a struct as a positional array; bodies are objects only.
+    if bytes.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+        return Err(ApiError::field("body", "must be a JSON object"));
+    }
+    let de = &mut serde_json::Deserializer::from_slice(bytes);
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        let mut field = if path == "." {
+            "body".to_string()
+        } else {
+            path
+        };
+        let msg = inner.to_string();
+        // serde names an unknown or missing field in the message only; put it in the path.
+        for marker in ["unknown field `", "missing field `"] {
+            if let Some(rest) = msg.split(marker).nth(1) {
+                if let Some(name) = rest.split('`').next().filter(|n| !field.ends_with(n)) {
+                    field = if field == "body" {
+                        name.to_string()
+                    } else {
+                        format!("{field}.{name}")
+                    };
+                }
+            }
+        }
+        ApiError::field(field, msg)
+    })
+}
+
+/// The caller's principal from `Authorization: Bearer <token>`.
+async fn principal(core: &Core, headers: &HeaderMap) -> Result<Principal, ApiError> {
+    let token = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .ok_or(CoreError::Unauthenticated)?;
+    Ok(core.authenticate(token.trim()).await?)
+}
+
+fn cloud_param(p: &HashMap<String, String>, name: &str) -> Result<CloudId, ApiError> {
+    let raw = p.get(name).map(String::as_str).unwrap_or_default();
+    raw.parse::<CloudId>()
+        .map_err(|e| ApiError::field(name, e.message))
+}
+
+fn name_param(p: &HashMap<String, String>, name: &str) -> Result<String, ApiError> {
+    let raw = p.get(name).cloned().unwrap_or_default();
+    if name == "name" {
+        // DNS record names may be dotted or `@`; validated by the core.
+        return Ok(raw);
+    }
+    validate_label(name, &raw).map_err(|e| ApiError::field(e.field, e.message))?;
+    Ok(raw)
+}
+
+fn record_type(p: &HashMap<String, String>) -> Result<RecordType, ApiError> {
+    let raw = p.get("type").map(String::as_str).unwrap_or_default();
+    match raw.to_ascii_uppercase().as_str() {
+        "A" => Ok(RecordType::A),
+        "AAAA" => Ok(RecordType::Aaaa),
+        "CNAME" => Ok(RecordType::Cname),
+        "TXT" => Ok(RecordType::Txt),
+        _ => Err(ApiError::field(
+            "type",
+            format!("{raw:?} is not one of A, AAAA, CNAME, TXT"),
+        )),
+    }
+}
+
+/// Who may call a route, checked before the request is parsed so that a foreign or missing
+/// token never learns anything from validation errors.
+#[derive(Clone, Copy)]
+enum Access {
+    /// The operator, or the token of the cloud in the path.
+    Cloud,
+    Operator,
+    /// Any valid token (the core narrows what it returns).
+    Any,
+}
+
+async fn run(
+    core: &Core,
+    headers: &HeaderMap,
+    access: Access,
+    params: &HashMap<String, String>,
+    cmd: impl FnOnce() -> Result<Command, ApiError>,
+    created: bool,
+) -> ApiResult {
+    let p = principal(core, headers).await?;
+    match (access, p) {
+        (_, Principal::Operator) | (Access::Any, _) => {}
+        (Access::Operator, Principal::Cloud(_)) => {
+            return Err(CoreError::Forbidden("use operator routes".into()).into())
+        }
+        (Access::Cloud, Principal::Cloud(own)) => {
+            if cloud_param(params, "cloud")? != own {
+                return Err(CoreError::Forbidden("access another cloud".into()).into());
+            }
+        }
+    }
+    let reply = core.execute(p, cmd()?).await?;
+    let status = if created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    Ok(match reply {
+        Reply::CreatedCloud(c) => json_response(status, &*c),
+        Reply::Cloud(c) => json_response(status, &*c),
+        Reply::Clouds(v) => json_response(status, &v),
+        Reply::Vm(v) => json_response(status, &*v),
+        Reply::Vms(v) => json_response(status, &v),
+        Reply::Volume(v) => json_response(status, &v),
+        Reply::Volumes(v) => json_response(status, &v),
+        Reply::RecordSet(v) => json_response(status, &v),
+        Reply::RecordSets(v) => json_response(status, &v),
+        Reply::Exposure(v) => json_response(status, &v),
+        Reply::Exposures(v) => json_response(status, &v),
+        Reply::Grant(v) => json_response(status, &v),
+        Reply::Grants(v) => json_response(status, &v),
+        Reply::Host(v) => json_response(status, &v),
+        Reply::Hosts(v) => json_response(status, &v),
+        Reply::Done => StatusCode::NO_CONTENT.into_response(),
+    })
+}
+
+type P = Path<HashMap<String, String>>;
+type S = State<Arc<Core>>;
+type Q = Query<HashMap<String, String>>;
+
+/// A handler for a route with path parameters `p` (and a body `b` when `$body`), building its
+/// command with `$cmd`.
+macro_rules! handler {
+    ($name:ident, $access:expr, $created:expr, |$p:ident| $cmd:expr) => {
+        async fn $name(State(core): S, headers: HeaderMap, Path($p): P) -> ApiResult {
+            run(&core, &headers, $access, &$p, || Ok($cmd), $created).await
+        }
+    };
+    ($name:ident, $access:expr, $created:expr, |$p:ident, $b:ident| $cmd:expr) => {
+        async fn $name(State(core): S, headers: HeaderMap, Path($p): P, $b: Bytes) -> ApiResult {
+            run(&core, &headers, $access, &$p, || Ok($cmd), $created).await
+        }
+    };
+}
+
+const C: Access = Access::Cloud;
+
+async fn create_cloud(State(core): S, headers: HeaderMap, body: Bytes) -> ApiResult {
+    let cmd = || Ok(Command::CreateCloud(parse_body(&body)?));
+    run(
+        &core,
+        &headers,
+        Access::Operator,
+        &HashMap::new(),
+        cmd,
+        true,
+    )
+    .await
+}
+
+async fn list_clouds(State(core): S, headers: HeaderMap, Query(q): Q) -> ApiResult {
+    let cmd = || {
+        let mut after = None;
+        let mut limit = 100;
+        for (k, v) in &q {
+            match k.as_str() {
+                "after" => {
+                    after = Some(
+                        v.parse::<CloudId>()
+                            .map_err(|e| ApiError::field("after", e.message))?,
+                    )
+                }
+                "limit" => {
+                    limit = v
+                        .parse::<usize>()
+                        .ok()
+                        .filter(|l| (1..=1000).contains(l))
+                        .ok_or_else(|| ApiError::field("limit", "must be 1 to 1000"))?
+                }
+                other => return Err(ApiError::field(other, "unknown query parameter")),
+            }
+        }
+        Ok(Command::ListClouds { after, limit })
+    };
+    run(&core, &headers, Access::Any, &HashMap::new(), cmd, false).await
+}
+
+handler!(get_cloud, C, false, |p| Command::GetCloud(cloud_param(
+    &p, "cloud"
+)?));
+handler!(delete_cloud, C, false, |p| Command::DeleteCloud(
+    cloud_param(&p, "cloud")?
+));
+handler!(create_vm, C, true, |p, b| Command::CreateVm(
+    cloud_param(&p, "cloud")?,
+    parse_body(&b)?
+));
+handler!(list_vms, C, false, |p| Command::ListVms(cloud_param(
+    &p, "cloud"
+)?));
+handler!(get_vm, C, false, |p| Command::GetVm(
+    cloud_param(&p, "cloud")?,
+    name_param(&p, "vm")?
+));
+handler!(delete_vm, C, false, |p| Command::DeleteVm(
+    cloud_param(&p, "cloud")?,
+    name_param(&p, "vm")?
+));
+handler!(create_volume, C, true, |p, b| Command::CreateVolume(
+    cloud_param(&p, "cloud")?,
+    parse_body(&b)?
+));
+handler!(list_volumes, C, false, |p| Command::ListVolumes(
+    cloud_param(&p, "cloud")?
+));
+handler!(get_volume, C, false, |p| Command::GetVolume(
+    cloud_param(&p, "cloud")?,
+    name_param(&p, "volume")?
+));
+handler!(delete_volume, C, false, |p| Command::DeleteVolume(
+    cloud_param(&p, "cloud")?,
+    name_param(&p, "volume")?
+));
+handler!(attach_volume, C, false, |p, b| Command::AttachVolume(
+    cloud_param(&p, "cloud")?,
+    name_param(&p, "volume")?,
+    parse_body(&b)?
+));
+handler!(detach_volume, C, false, |p| Command::DetachVolume(
+    cloud_param(&p, "cloud")?,
+    name_param(&p, "volume")?
+));
+handler!(list_records, C, false, |p| Command::ListRecordSets(
+    cloud_param(&p, "cloud")?
+));
+handler!(put_record, C, false, |p, b| Command::PutRecordSet(
+    cloud_param(&p, "cloud")?,
+    name_param(&p, "name")?,
+    record_type(&p)?,
+    parse_body(&b)?
+));
+handler!(delete_record, C, false, |p| Command::DeleteRecordSet(
+    cloud_param(&p, "cloud")?,
+    name_param(&p, "name")?,
+    record_type(&p)?
+));
+handler!(create_exposure, C, true, |p, b| Command::CreateExposure(
+    cloud_param(&p, "cloud")?,
+    parse_body(&b)?
+));
+handler!(list_exposures, C, false, |p| Command::ListExposures(
+    cloud_param(&p, "cloud")?
+));
+handler!(get_exposure, C, false, |p| Command::GetExposure(
+    cloud_param(&p, "cloud")?,
+    name_param(&p, "exposure")?
+));
+handler!(delete_exposure, C, false, |p| Command::DeleteExposure(
+    cloud_param(&p, "cloud")?,
+    name_param(&p, "exposure")?
+));
+handler!(create_grant, C, true, |p, b| Command::CreateGrant(
+    cloud_param(&p, "cloud")?,
+    name_param(&p, "exposure")?,
+    parse_body(&b)?
+));
+handler!(list_grants, C, false, |p| Command::ListGrants(
+    cloud_param(&p, "cloud")?,
+    name_param(&p, "exposure")?
+));
+handler!(revoke_grant, C, false, |p| Command::RevokeGrant(
+    cloud_param(&p, "cloud")?,
+    name_param(&p, "exposure")?,
+    cloud_param(&p, "consumer")?
+));
+handler!(list_imports, C, false, |p| Command::ListImports(
+    cloud_param(&p, "cloud")?
+));
+handler!(accept_import, C, false, |p| Command::AcceptImport(
+    cloud_param(&p, "cloud")?,
+    cloud_param(&p, "provider")?,
+    name_param(&p, "exposure")?
+));
+handler!(delete_import, C, false, |p| Command::DeleteImport(
+    cloud_param(&p, "cloud")?,
+    cloud_param(&p, "provider")?,
+    name_param(&p, "exposure")?
+));
+handler!(register_host, Access::Operator, false, |p| {
+    Command::RegisterHost(name_param(&p, "host")?)
+});
+handler!(report_status, Access::Operator, false, |p, b| {
+    Command::ReportStatus(name_param(&p, "host")?, parse_body(&b)?)
+});
+
+async fn list_hosts(State(core): S, headers: HeaderMap) -> ApiResult {
+    run(
+        &core,
+        &headers,
+        Access::Operator,
+        &HashMap::new(),
+        || Ok(Command::ListHosts),
+        false,
+    )
+    .await
+}
+
+async fn sync(
+    State(core): S,
+    headers: HeaderMap,
+    Path(p): P,
+    Query(q): Query<HashMap<String, String>>,
+) -> ApiResult {
+    let principal = principal(&core, &headers).await?;
+    let host = name_param(&p, "host")?;
+    let mut after = 0;
+    let mut wait = Duration::from_secs(30);
+    for (k, v) in &q {
+        match k.as_str() {
+            "after" => {
+                after = v
+                    .parse()
+                    .map_err(|_| ApiError::field("after", "must be a revision (integer)"))?
+            }
+            "wait_ms" => {
+                let ms: u64 = v
+                    .parse()
+                    .map_err(|_| ApiError::field("wait_ms", "must be milliseconds"))?;
+                wait = Duration::from_millis(ms).min(MAX_SYNC_WAIT);
+            }
+            other => return Err(ApiError::field(other, "unknown query parameter")),
+        }
+    }
+    let delta = core.sync(principal, &host, after, wait).await?;
+    Ok(json_response(StatusCode::OK, &delta))
+}
+
+async fn openapi_json() -> Response {
+    json_response(StatusCode::OK, &openapi())
+}
+
+async fn not_found() -> ApiError {
+    ApiError::new(StatusCode::NOT_FOUND, "no_route", "no such route", None)
+}
+
+async fn limit_body(req: Request, next: axum::middleware::Next) -> Response {
+    let (parts, body) = req.into_parts();
+    let limited = http_body_util::Limited::new(body, MAX_BODY_BYTES);
+    match limited.collect().await {
+        Ok(c) => {
+            next.run(Request::from_parts(parts, Body::from(c.to_bytes())))
+                .await
+        }
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "body_too_large",
+            format!("request bodies are limited to {MAX_BODY_BYTES} bytes"),
+            Some("body".into()),
+        )
+        .into_response(),
+        Err(e) => ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "bad_body",
+            format!("reading the body: {e}"),
+            Some("body".into()),
+        )
+        .into_response(),
+    }
+}
+
+/// One documented route.
+pub struct RouteDoc {
+    pub method: &'static str,
+    pub path: &'static str,
+    pub summary: &'static str,
+    pub body: Option<&'static str>,
+    pub status: u16,
+    /// Schema of the success response; `[X]` is an array of `X`.
+    pub response: Option<&'static str>,
+    /// `false` for routes that need no token.
+    pub auth: bool,
+}
+
+macro_rules! r {
+    ($m:literal, $p:literal, $s:literal, $b:expr, $st:literal, $r:expr) => {
+        RouteDoc {
+            method: $m,
+            path: $p,
+            summary: $s,
+            body: $b,
+            status: $st,
+            response: $r,
+            auth: true,
+        }
+    };
+}
+
+/// Every route of the API, as documented in the OpenAPI document.
+pub const ROUTES: &[RouteDoc] = &[
+    r!(
+        "post",
+        "/v1/clouds",
+        "Create a cloud (operator); returns its cloud-scoped token once",
+        Some("CreateCloud"),
+        201,
+        Some("CreatedCloud")
+    ),
+    r!(
+        "get",
+        "/v1/clouds",
+        "List clouds (operator: all, by `after`/`limit`; cloud token: its own)",
+        None,
+        200,
+        Some("[Cloud]")
+    ),
+    r!(
+        "get",
+        "/v1/clouds/{cloud}",
+        "Get a cloud",
+        None,
+        200,
+        Some("Cloud")
+    ),
+    r!(
+        "delete",
+        "/v1/clouds/{cloud}",
+        "Delete a cloud and everything in it, on every host",
+        None,
+        204,
+        None
+    ),
+    r!(
+        "post",
+        "/v1/clouds/{cloud}/vms",
+        "Create a VM: address, placement, DNS name",
+        Some("CreateVm"),
+        201,
+        Some("Vm")
+    ),
+    r!(
+        "get",
+        "/v1/clouds/{cloud}/vms",
+        "List VMs with their status",
+        None,
+        200,
+        Some("[Vm]")
+    ),
+    r!(
+        "get",
+        "/v1/clouds/{cloud}/vms/{vm}",
+        "Get a VM with its status",
+        None,
+        200,
+        Some("Vm")
+    ),
+    r!(
+        "delete",
+        "/v1/clouds/{cloud}/vms/{vm}",
+        "Delete a VM (its volumes are detached, not deleted)",
+        None,
+        204,
+        None
+    ),
+    r!(
+        "post",
+        "/v1/clouds/{cloud}/volumes",
+        "Create a sparse volume",
+        Some("CreateVolume"),
+        201,
+        Some("Volume")
+    ),
+    r!(
+        "get",
+        "/v1/clouds/{cloud}/volumes",
+        "List volumes",
+        None,
+        200,
+        Some("[Volume]")
+    ),
+    r!(
+        "get",
+        "/v1/clouds/{cloud}/volumes/{volume}",
+        "Get a volume",
+        None,
+        200,
+        Some("Volume")
+    ),
+    r!(
+        "delete",
+        "/v1/clouds/{cloud}/volumes/{volume}",
+        "Delete a detached volume",
+        None,
+        204,
+        None
+    ),
+    r!(
+        "post",
+        "/v1/clouds/{cloud}/volumes/{volume}/attach",
+        "Attach a volume to a VM on its host",
+        Some("AttachVolume"),
+        200,
+        Some("Volume")
+    ),
+    r!(
+        "post",
+        "/v1/clouds/{cloud}/volumes/{volume}/detach",
+        "Detach a volume",
+        None,
+        200,
+        Some("Volume")
+    ),
+    r!(
+        "get",
+        "/v1/clouds/{cloud}/dns",
+        "List record sets, including the automatic ones",
+        None,
+        200,
+        Some("[RecordSet]")
+    ),
+    r!(
+        "put",
+        "/v1/clouds/{cloud}/dns/{name}/{type}",
+        "Create or replace a record set (A, AAAA, CNAME, TXT)",
+        Some("PutRecordSet"),
+        200,
+        Some("RecordSet")
+    ),
+    r!(
+        "delete",
+        "/v1/clouds/{cloud}/dns/{name}/{type}",
+        "Delete a record set",
+        None,
+        204,
+        None
+    ),
+    r!(
+        "post",
+        "/v1/clouds/{cloud}/exposures",
+        "Expose a service of this cloud",
+        Some("CreateExposure"),
+        201,
+        Some("Exposure")
+    ),
+    r!(
+        "get",
+        "/v1/clouds/{cloud}/exposures",
+        "List exposures",
+        None,
+        200,
+        Some("[Exposure]")
+    ),
+    r!(
+        "get",
+        "/v1/clouds/{cloud}/exposures/{exposure}",
+        "Get an exposure",
+        None,
+        200,
+        Some("Exposure")
+    ),
+    r!(
+        "delete",
+        "/v1/clouds/{cloud}/exposures/{exposure}",
+        "Delete an exposure and its grants",
+        None,
+        204,
+        None
+    ),
+    r!(
+        "post",
+        "/v1/clouds/{cloud}/exposures/{exposure}/grants",
+        "Grant an exposure to another cloud (allocates its VIP)",
+        Some("CreateGrant"),
+        201,
+        Some("Grant")
+    ),
+    r!(
+        "get",
+        "/v1/clouds/{cloud}/exposures/{exposure}/grants",
+        "List an exposure's grants",
+        None,
+        200,
+        Some("[Grant]")
+    ),
+    r!(
+        "delete",
+        "/v1/clouds/{cloud}/exposures/{exposure}/grants/{consumer}",
+        "Revoke a grant",
+        None,
+        204,
+        None
+    ),
+    r!(
+        "get",
+        "/v1/clouds/{cloud}/imports",
+        "List exposures granted to this cloud",
+        None,
+        200,
+        Some("[Grant]")
+    ),
+    r!(
+        "post",
+        "/v1/clouds/{cloud}/imports/{provider}/{exposure}/accept",
+        "Accept an offered grant",
+        None,
+        200,
+        Some("Grant")
+    ),
+    r!(
+        "delete",
+        "/v1/clouds/{cloud}/imports/{provider}/{exposure}",
+        "Give up a grant",
+        None,
+        204,
+        None
+    ),
+    r!(
+        "get",
+        "/v1/hosts",
+        "List registered hosts (operator)",
+        None,
+        200,
+        Some("[HostInfo]")
+    ),
+    r!(
+        "put",
+        "/v1/hosts/{host}",
+        "Register a host (operator)",
+        None,
+        200,
+        Some("HostInfo")
+    ),
+    r!(
+        "get",
+        "/v1/hosts/{host}/sync",
+        "Long-poll a host's desired-state changes after `after` (up to `wait_ms`)",
+        None,
+        200,
+        Some("SyncDelta")
+    ),
+    r!(
+        "post",
+        "/v1/hosts/{host}/status",
+        "Report what a host applied",
+        Some("StatusReport"),
+        204,
+        None
+    ),
+    RouteDoc {
+        method: "get",
+        path: "/openapi.json",
+        summary: "This document",
+        body: None,
+        status: 200,
+        response: None,
+        auth: false,
+    },
+];
+
+/// The API router.
+pub fn router(core: Arc<Core>) -> Router {
+    Router::new()
+        .route("/openapi.json", get(openapi_json))
+        .route("/v1/clouds", post(create_cloud).get(list_clouds))
+        .route("/v1/clouds/{cloud}", get(get_cloud).delete(delete_cloud))
+        .route("/v1/clouds/{cloud}/vms", post(create_vm).get(list_vms))
+        .route("/v1/clouds/{cloud}/vms/{vm}", get(get_vm).delete(delete_vm))
+        .route(
+            "/v1/clouds/{cloud}/volumes",
+            post(create_volume).get(list_volumes),
+        )
+        .route(
+            "/v1/clouds/{cloud}/volumes/{volume}",
+            get(get_volume).delete(delete_volume),
+        )
+        .route(
+            "/v1/clouds/{cloud}/volumes/{volume}/attach",
+            post(attach_volume),
+        )
+        .route(
+            "/v1/clouds/{cloud}/volumes/{volume}/detach",
+            post(detach_volume),
+        )
+        .route("/v1/clouds/{cloud}/dns", get(list_records))
+        .route(
+            "/v1/clouds/{cloud}/dns/{name}/{type}",
+            axum::routing::put(put_record).delete(delete_record),
+        )
+        .route(
+            "/v1/clouds/{cloud}/exposures",
+            post(create_exposure).get(list_exposures),
+        )
+        .route(
+            "/v1/clouds/{cloud}/exposures/{exposure}",
+            get(get_exposure).delete(delete_exposure),
+        )
+        .route(
+            "/v1/clouds/{cloud}/exposures/{exposure}/grants",
+            post(create_grant).get(list_grants),
+        )
+        .route(
+            "/v1/clouds/{cloud}/exposures/{exposure}/grants/{consumer}",
+            axum::routing::delete(revoke_grant),
+        )
+        .route("/v1/clouds/{cloud}/imports", get(list_imports))
+        .route(
+            "/v1/clouds/{cloud}/imports/{provider}/{exposure}/accept",
+            post(accept_import),
+        )
+        .route(
+            "/v1/clouds/{cloud}/imports/{provider}/{exposure}",
+            axum::routing::delete(delete_import),
+        )
+        .route("/v1/hosts", get(list_hosts))
+        .route("/v1/hosts/{host}", axum::routing::put(register_host))
+        .route("/v1/hosts/{host}/sync", get(sync))
+        .route("/v1/hosts/{host}/status", post(report_status))
+        .fallback(not_found)
+        .method_not_allowed_fallback(|m: Method| async move {
+            ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                format!("{m} is not allowed on this route"),
+                None,
+            )
+        })
+        .layer(axum::middleware::from_fn(limit_body))
+        .with_state(core)
+}
+
+#[derive(utoipa::OpenApi)]
+#[openapi(components(schemas(
+    CreateCloud,
+    Cloud,
+    CreatedCloud,
+    Quotas,
+    Usage,
+    CreateVm,
+    Vm,
+    VmStatus,
+    VmState,
+    CreateVolume,
+    Volume,
+    VolumeFormat,
+    AttachVolume,
+    PutRecordSet,
+    RecordSet,
+    RecordType,
+    CreateExposure,
+    Exposure,
+    Backend,
+    Protocol,
+    CreateGrant,
+    Grant,
+    GrantState,
+    HostInfo,
+    SyncDelta,
+    Placement,
+    VolumePlacement,
+    Zone,
+    ZoneRecord,
+    VmRef,
+    VolumeRef,
+    StatusReport,
+    VmReport,
+    ErrorBody,
+    ErrorDetail,
+    CloudId
+)))]
+struct Schemas;
+
+fn schema_ref(name: &str) -> serde_json::Value {
+    match name.strip_prefix('[').and_then(|n| n.strip_suffix(']')) {
+        Some(inner) => {
+            serde_json::json!({"type": "array", "items": {"$ref": format!("#/components/schemas/{inner}")}})
+        }
+        None => serde_json::json!({"$ref": format!("#/components/schemas/{name}")}),
+    }
+}
+
+/// The OpenAPI 3 document of this API.
+pub fn openapi() -> serde_json::Value {
+    use utoipa::OpenApi;
+    let components =
+        serde_json::to_value(Schemas::openapi().components).expect("schemas serialize");
+    let mut paths = serde_json::Map::new();
+    let error = serde_json::json!({
+        "description": "Error",
+        "content": {"application/json": {"schema": schema_ref("ErrorBody")}}
+    });
+    for r in ROUTES {
+        let mut op = serde_json::Map::new();
+        op.insert("summary".into(), r.summary.into());
+        op.insert(
+            "operationId".into(),
+            format!("{}{}", r.method, r.path.replace(['/', '{', '}', '.'], "_")).into(),
+        );
+        let params: Vec<serde_json::Value> = r
+            .path
+            .split('/')
+            .filter_map(|s| s.strip_prefix('{').and_then(|s| s.strip_suffix('}')))
+            .map(|n| serde_json::json!({"name": n, "in": "path", "required": true, "schema": {"type": "string"}}))
+            .chain(match r.path {
+                "/v1/clouds" if r.method == "get" => vec![
+                    serde_json::json!({"name": "after", "in": "query", "schema": {"type": "string"}}),
+                    serde_json::json!({"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 1000}}),
+                ],
+                "/v1/hosts/{host}/sync" => vec![
+                    serde_json::json!({"name": "after", "in": "query", "schema": {"type": "integer"}}),
+                    serde_json::json!({"name": "wait_ms", "in": "query", "schema": {"type": "integer"}}),
+                ],
+                _ => vec![],
+            })
+            .collect();
+        if !params.is_empty() {
+            op.insert("parameters".into(), params.into());
+        }
+        if let Some(b) = r.body {
+            op.insert(
+                "requestBody".into(),
+                serde_json::json!({"required": true, "content": {"application/json": {"schema": schema_ref(b)}}}),
+            );
+        }
+        let mut responses = serde_json::Map::new();
+        let ok = match r.response {
+            Some(s) => {
+                serde_json::json!({"description": "OK", "content": {"application/json": {"schema": schema_ref(s)}}})
+            }
+            None => serde_json::json!({"description": "OK"}),
+        };
+        responses.insert(r.status.to_string(), ok);
+        if r.auth {
+            responses.insert("default".into(), error.clone());
+            op.insert("security".into(), serde_json::json!([{"bearer": []}]));
+        }
+        op.insert("responses".into(), responses.into());
+        let entry = paths
+            .entry(r.path.to_string())
+            .or_insert_with(|| serde_json::json!({}));
+        entry[r.method] = op.into();
+    }
+    let mut components = components;
+    components["securitySchemes"] =
+        serde_json::json!({"bearer": {"type": "http", "scheme": "bearer"}});
+    serde_json::json!({
+        "openapi": "3.1.0",
+        "info": {
+            "title": "atoll control plane",
+            "version": "v1",
+            "description": "Clouds, VMs, volumes, DNS, exposures and grants. Errors are JSON `ErrorBody`s naming the offending field."
+        },
+        "paths": paths,
+        "components": components,
+    })
+}
+
+/// Serves the API on `listener` until `shutdown` resolves.
+pub async fn serve(
+    core: Arc<Core>,
+    listener: tokio::net::TcpListener,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(listener, router(core))
+        .with_graceful_shutdown(shutdown)
+        .await
+}

@@ -1,0 +1,158 @@
+//! A small HTTP client of the API, used by the CLI and by agents whose control plane runs
+//! elsewhere. Errors keep the server's JSON error body.
+
+use std::time::Duration;
+
+use http_body_util::{BodyExt, Full};
+use hyper::{body::Bytes, Method, Request, StatusCode};
+use hyper_util::{
+    client::legacy::{connect::HttpConnector, Client as HyperClient},
+    rt::TokioExecutor,
+};
+use serde::{de::DeserializeOwned, Serialize};
+
+use crate::model::ErrorBody;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("invalid API URL {0:?}: expected http://host:port")]
+    InvalidUrl(String),
+    #[error("request to {url} failed: {source}")]
+    Request {
+        url: String,
+        source: hyper_util::client::legacy::Error,
+    },
+    #[error("reading the response from {url}: {source}")]
+    ReadResponse { url: String, source: hyper::Error },
+    #[error("{url} timed out after {timeout:?}")]
+    Timeout { url: String, timeout: Duration },
+    #[error("{status}: {}{}", body.error.message, body.error.field.as_ref().map(|f| format!(" (field {f})")).unwrap_or_default())]
+    Api { status: StatusCode, body: ErrorBody },
+    #[error("{status} from {url}: {text}")]
+    UnexpectedResponse {
+        url: String,
+        status: StatusCode,
+        text: String,
+    },
+}
+
+/// A client of one control plane, with one bearer token.
+#[derive(Clone)]
+pub struct Client {
+    base: String,
+    token: String,
+    http: HyperClient<HttpConnector, Full<Bytes>>,
+    timeout: Duration,
+}
+
+impl Client {
+    pub fn new(base: &str, token: &str) -> Result<Self, ClientError> {
+        let base = base.trim_end_matches('/').to_string();
+        if !base.starts_with("http://") || base.parse::<hyper::Uri>().is_err() {
+            return Err(ClientError::InvalidUrl(base));
+        }
+        Ok(Client {
+            base,
+            token: token.trim().to_string(),
+            http: HyperClient::builder(TokioExecutor::new()).build_http(),
+            timeout: Duration::from_secs(30),
+        })
+    }
+
+    /// Sets the timeout of one request (long polls add their own wait to it).
+    pub fn with_timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    /// Sends a request; `body` is JSON-encoded. Returns the raw status and body.
+    pub async fn send<B: Serialize>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&B>,
+        extra_wait: Duration,
+    ) -> Result<(StatusCode, Bytes), ClientError> {
+        let url = format!("{}{}", self.base, path);
+        let payload = match body {
+            Some(b) => Bytes::from(serde_json::to_vec(b).expect("request types serialize")),
+            None => Bytes::new(),
+        };
+        let req = Request::builder()
+            .method(method)
+            .uri(&url)
+            .header("authorization", format!("Bearer {}", self.token))
+            .header("content-type", "application/json")
+            .body(Full::new(payload))
+            .map_err(|_| ClientError::InvalidUrl(url.clone()))?;
+        let timeout = self.timeout + extra_wait;
+        let work = async {
+            let resp = self
+                .http
+                .request(req)
+                .await
+                .map_err(|source| ClientError::Request {
+                    url: url.clone(),
+                    source,
+                })?;
+            let status = resp.status();
+            let bytes = resp
+                .into_body()
+                .collect()
+                .await
+                .map_err(|source| ClientError::ReadResponse {
+                    url: url.clone(),
+                    source,
+                })?
+                .to_bytes();
+            Ok((status, bytes))
+        };
+        tokio::time::timeout(timeout, work)
+            .await
+            .map_err(|_| ClientError::Timeout {
+                url: url.clone(),
+                timeout,
+            })?
+    }
+
+    /// Sends a request and decodes a JSON reply (`()` for 204).
+    pub async fn call<B: Serialize, R: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&B>,
+    ) -> Result<R, ClientError> {
+        self.call_waiting(method, path, body, Duration::ZERO).await
+    }
+
+    pub async fn call_waiting<B: Serialize, R: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&B>,
+        extra_wait: Duration,
+    ) -> Result<R, ClientError> {
+        let url = format!("{}{}", self.base, path);
+        let (status, bytes) = self.send(method, path, body, extra_wait).await?;
+        if status.is_success() {
+            let bytes = if status == StatusCode::NO_CONTENT || bytes.is_empty() {
+                Bytes::from_static(b"null")
+            } else {
+                bytes
+            };
+            return serde_json::from_slice(&bytes).map_err(|e| ClientError::UnexpectedResponse {
+                url,
+                status,
+                text: format!("undecodable body: {e}"),
+            });
+        }
+        match serde_json::from_slice::<ErrorBody>(&bytes) {
+            Ok(body) => Err(ClientError::Api { status, body }),
+            Err(_) => Err(ClientError::UnexpectedResponse {
+                url,
+                status,
+                text: String::from_utf8_lossy(&bytes).into_owned(),
+            }),
+        }
+    }
+}

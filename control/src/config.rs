@@ -1,0 +1,250 @@
+//! The control plane's configuration (TOML). Unknown keys are errors.
+//!
+//! The same table is read by `atoll serve` (a control plane on its own) and, as `[control]`'s
+//! settings, by `atoll-agent run` when the control plane runs inside the agent (the single-host
+//! default).
+
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    sync::Arc,
+};
+
+use serde::Deserialize;
+
+use crate::{
+    core::{new_operator_token, token_hash, Core, CoreConfig, CoreError},
+    model::{validate_label, Ipv4Net, Quotas},
+    store::{
+        etcd::EtcdStore,
+        sqlite::{SqliteOptions, SqliteStore},
+        Store, StoreError,
+    },
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("reading {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {source}")]
+    Parse {
+        path: PathBuf,
+        source: Box<toml::de::Error>,
+    },
+    #[error("{key}: {message}")]
+    Invalid { key: &'static str, message: String },
+    #[error("operator token file {path}: {source}")]
+    OperatorToken {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("opening the store: {0}")]
+    OpenStore(#[source] StoreError),
+    #[error("starting the control plane: {0}")]
+    StartCore(#[source] CoreError),
+}
+
+/// `[store]`: where the control plane keeps its state.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreConfig {
+    /// `sqlite` (embedded, the default) or `etcd` (several hosts).
+    pub backend: String,
+    /// SQLite database file.
+    pub path: PathBuf,
+    /// fsync every commit (survives power loss, slower); by default a commit survives a crash
+    /// of the process but not of the machine.
+    pub synchronous_full: bool,
+    /// Store events kept for watchers (SQLite).
+    pub history: u64,
+    /// etcd client URLs, tried in order.
+    pub etcd_endpoints: Vec<String>,
+    /// Prefix of every key in etcd.
+    pub etcd_prefix: String,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig {
+            backend: "sqlite".into(),
+            path: PathBuf::from("/var/lib/atoll/control.db"),
+            synchronous_full: false,
+            history: 100_000,
+            etcd_endpoints: vec!["http://127.0.0.1:2379".into()],
+            etcd_prefix: "/atoll/".into(),
+        }
+    }
+}
+
+/// `[clouds]`: defaults and limits of clouds.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct CloudsConfig {
+    /// Range of a cloud created without one.
+    pub default_cidr: String,
+    pub default_quotas: Quotas,
+    /// Suffix of every cloud's zone: `<vm>.<cloud>.<suffix>`.
+    pub dns_suffix: String,
+    pub max_exposures_per_cloud: u32,
+    pub max_grants_per_exposure: u32,
+}
+
+impl Default for CloudsConfig {
+    fn default() -> Self {
+        CloudsConfig {
+            default_cidr: "10.0.0.0/16".into(),
+            default_quotas: Quotas::default(),
+            dns_suffix: "atoll.internal".into(),
+            max_exposures_per_cloud: 1_000,
+            max_grants_per_exposure: 10_000,
+        }
+    }
+}
+
+/// The control plane's whole configuration.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ControlConfig {
+    /// Address the API listens on.
+    pub listen: SocketAddr,
+    /// File holding the operator token (created with a new random token, mode 0600, if
+    /// missing). The store only ever sees its hash.
+    pub operator_token_file: PathBuf,
+    pub store: StoreConfig,
+    pub clouds: CloudsConfig,
+}
+
+impl Default for ControlConfig {
+    fn default() -> Self {
+        ControlConfig {
+            listen: "127.0.0.1:7480".parse().expect("valid address"),
+            operator_token_file: PathBuf::from("/etc/atoll/operator.token"),
+            store: StoreConfig::default(),
+            clouds: CloudsConfig::default(),
+        }
+    }
+}
+
+impl ControlConfig {
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.into(),
+            source,
+        })?;
+        let cfg: ControlConfig = toml::from_str(&text).map_err(|source| ConfigError::Parse {
+            path: path.into(),
+            source: Box::new(source),
+        })?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |key, message: String| Err(ConfigError::Invalid { key, message });
+        if !matches!(self.store.backend.as_str(), "sqlite" | "etcd") {
+            return invalid(
+                "store.backend",
+                format!("{:?}: use \"sqlite\" or \"etcd\"", self.store.backend),
+            );
+        }
+        if self.store.backend == "etcd" && self.store.etcd_endpoints.is_empty() {
+            return invalid("store.etcd_endpoints", "needs at least one URL".into());
+        }
+        if let Err(e) = self.clouds.default_cidr.parse::<Ipv4Net>() {
+            return invalid("clouds.default_cidr", e);
+        }
+        for label in self.clouds.dns_suffix.trim_end_matches('.').split('.') {
+            if validate_label("dns_suffix", label).is_err() {
+                return invalid(
+                    "clouds.dns_suffix",
+                    format!("{:?} is not a domain name", self.clouds.dns_suffix),
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads the operator token, creating the file with a new token if it does not exist.
+    pub fn operator_token(&self) -> Result<String, ConfigError> {
+        let path = &self.operator_token_file;
+        let err = |source| ConfigError::OperatorToken {
+            path: path.clone(),
+            source,
+        };
+        match std::fs::read_to_string(path) {
+            Ok(t) => Ok(t.trim().to_string()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                use std::{io::Write, os::unix::fs::OpenOptionsExt};
+                if let Some(dir) = path.parent() {
+                    std::fs::create_dir_all(dir).map_err(err)?;
+                }
+                let token =
+                    new_operator_token().map_err(|e| err(std::io::Error::other(e.to_string())))?;
+                let mut f = std::fs::OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .mode(0o600)
+                    .open(path)
+                    .map_err(err)?;
+                f.write_all(format!("{token}\n").as_bytes()).map_err(err)?;
+                f.sync_all().map_err(err)?;
+                Ok(token)
+            }
+            Err(e) => Err(err(e)),
+        }
+    }
+
+    /// Opens the configured store.
+    pub async fn open_store(&self) -> Result<Store, ConfigError> {
+        match self.store.backend.as_str() {
+            "etcd" => Ok(Store::Etcd(
+                EtcdStore::connect(
+                    self.store.etcd_endpoints.clone(),
+                    self.store.etcd_prefix.clone(),
+                )
+                .await
+                .map_err(ConfigError::OpenStore)?,
+            )),
+            _ => {
+                if let Some(dir) = self.store.path.parent() {
+                    std::fs::create_dir_all(dir).map_err(|source| ConfigError::Read {
+                        path: dir.into(),
+                        source,
+                    })?;
+                }
+                let opts = SqliteOptions {
+                    synchronous_full: self.store.synchronous_full,
+                    history: self.store.history,
+                };
+                Ok(Store::Sqlite(
+                    SqliteStore::open(&self.store.path, opts).map_err(ConfigError::OpenStore)?,
+                ))
+            }
+        }
+    }
+
+    /// Opens the store and starts the core.
+    pub async fn start(&self) -> Result<Arc<Core>, ConfigError> {
+        let token = self.operator_token()?;
+        let store = self.open_store().await?;
+        let cfg = CoreConfig {
+            default_cidr: self.clouds.default_cidr.parse().map_err(|message| {
+                ConfigError::Invalid {
+                    key: "clouds.default_cidr",
+                    message,
+                }
+            })?,
+            default_quotas: self.clouds.default_quotas,
+            dns_suffix: self.clouds.dns_suffix.trim_end_matches('.').to_string(),
+            max_exposures_per_cloud: self.clouds.max_exposures_per_cloud,
+            max_grants_per_exposure: self.clouds.max_grants_per_exposure,
+            operator_token_sha256: token_hash(&token),
+        };
+        Core::start(store, cfg)
+            .await
+            .map_err(ConfigError::StartCore)
+    }
+}

@@ -1,0 +1,1751 @@
+//! The control plane's core: typed commands in, typed replies out, state in the [`Store`].
+//!
+//! The HTTP layer ([`crate::api`]) parses requests into a [`Command`] and never touches the
+//! store; the core never sees HTTP types.
+//!
+//! Decisions:
+//! - **Every create is one store transaction.** A VM's record, its address (IPAM entry), its
+//!   host placement, its volumes' attachment and the cloud's quota usage are written together,
+//!   guarded by compares (`Absent` for new keys, `ModRevision` on the cloud record). A failed
+//!   create leaves nothing; a lost race is retried from fresh reads. DNS needs no extra write:
+//!   zones are derived from the VMs and record sets when served.
+//! - **Quota usage lives in the cloud record**, so the compare on the cloud's revision makes the
+//!   check-and-update atomic per cloud without locks (and across control planes on etcd).
+//! - **IPAM** keeps one key per allocated address (`c/<cloud>/ip/<addr>`); the lowest free
+//!   address is allocated and the `Absent` compare makes a double allocation impossible.
+//!   Network and broadcast addresses are never allocated; the first host address is the
+//!   gateway. Addresses are released in the transaction that deletes their owner.
+//! - **Placement**: a VM goes to the registered host with the fewest VMs, or to the host of its
+//!   volumes. Its placement record (`h/<host>/vms/<cloud>/<vm>`) is what the host applies.
+//! - **Agents converge by changes**: [`Core::sync`] long-polls for the store events relevant to
+//!   one host (its placements, and the zones of clouds it has VMs of) after a revision and
+//!   returns them as a [`SyncDelta`]; a host that is too far behind, or new, gets the full state.
+//!   Events come from one store watch ([`Feed`]), kept in a bounded in-memory ring.
+//! - **Authorization** happens before any store read: a cloud token only ever names its own
+//!   cloud, so a request for another cloud is refused (403) without looking at it; the operator
+//!   token administers everything. Tokens are 256-bit random secrets, stored as SHA-256 hashes
+//!   (a slow hash adds nothing for secrets of that entropy).
+
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque},
+    net::Ipv4Addr,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use base64::Engine;
+use sha2::{Digest, Sha256};
+use tokio::sync::watch;
+
+use crate::{
+    model::*,
+    store::{Compare, EventKind, Op, Store, StoreError, Txn, TxnOutcome},
+};
+
+/// How often a create is retried after losing a compare to a concurrent writer.
+const MAX_RETRIES: usize = 32;
+/// Store events kept for agents that are behind; older ones get the full state.
+const FEED_CAPACITY: usize = 65_536;
+
+#[derive(Debug, thiserror::Error)]
+pub enum CoreError {
+    #[error("missing or malformed bearer token")]
+    Unauthenticated,
+    #[error("this token may not {0}")]
+    Forbidden(String),
+    #[error("{0}")]
+    Invalid(#[from] FieldError),
+    #[error("{0} not found")]
+    NotFound(String),
+    #[error("{message}")]
+    Conflict { code: &'static str, message: String },
+    #[error("quota exceeded: {field} would be {wanted}, limit {limit}")]
+    QuotaExceeded {
+        field: &'static str,
+        wanted: u64,
+        limit: u64,
+    },
+    #[error("no host is registered to place this on")]
+    NoHost,
+    #[error("too much contention on {0}; retry")]
+    Contention(String),
+    #[error("store: {0}")]
+    Store(#[from] StoreError),
+    #[error("stored record {key} is corrupt: {source}")]
+    CorruptRecord {
+        key: String,
+        source: serde_json::Error,
+    },
+    #[error("generating a random token: {0}")]
+    Random(String),
+}
+
+/// Who is calling.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Principal {
+    Operator,
+    Cloud(CloudId),
+}
+
+/// Settings of the core (from the control plane's config).
+#[derive(Debug, Clone)]
+pub struct CoreConfig {
+    pub default_cidr: Ipv4Net,
+    pub default_quotas: Quotas,
+    /// DNS suffix of all zones, e.g. `atoll.internal`.
+    pub dns_suffix: String,
+    pub max_exposures_per_cloud: u32,
+    pub max_grants_per_exposure: u32,
+    /// SHA-256 (hex) of the operator token.
+    pub operator_token_sha256: String,
+}
+
+/// A request to the core.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Command {
+    CreateCloud(CreateCloud),
+    ListClouds {
+        after: Option<CloudId>,
+        limit: usize,
+    },
+    GetCloud(CloudId),
+    DeleteCloud(CloudId),
+    CreateVm(CloudId, CreateVm),
+    ListVms(CloudId),
+    GetVm(CloudId, String),
+    DeleteVm(CloudId, String),
+    CreateVolume(CloudId, CreateVolume),
+    ListVolumes(CloudId),
+    GetVolume(CloudId, String),
+    DeleteVolume(CloudId, String),
+    AttachVolume(CloudId, String, AttachVolume),
+    DetachVolume(CloudId, String),
+    PutRecordSet(CloudId, String, RecordType, PutRecordSet),
+    ListRecordSets(CloudId),
+    DeleteRecordSet(CloudId, String, RecordType),
+    CreateExposure(CloudId, CreateExposure),
+    ListExposures(CloudId),
+    GetExposure(CloudId, String),
+    DeleteExposure(CloudId, String),
+    CreateGrant(CloudId, String, CreateGrant),
+    ListGrants(CloudId, String),
+    RevokeGrant(CloudId, String, CloudId),
+    ListImports(CloudId),
+    AcceptImport(CloudId, CloudId, String),
+    DeleteImport(CloudId, CloudId, String),
+    RegisterHost(String),
+    ListHosts,
+    ReportStatus(String, StatusReport),
+}
+
+/// The core's answer to a [`Command`].
+#[derive(Debug, Clone, PartialEq)]
+pub enum Reply {
+    CreatedCloud(Box<CreatedCloud>),
+    Cloud(Box<Cloud>),
+    Clouds(Vec<Cloud>),
+    Vm(Box<Vm>),
+    Vms(Vec<Vm>),
+    Volume(Volume),
+    Volumes(Vec<Volume>),
+    RecordSet(RecordSet),
+    RecordSets(Vec<RecordSet>),
+    Exposure(Exposure),
+    Exposures(Vec<Exposure>),
+    Grant(Grant),
+    Grants(Vec<Grant>),
+    Host(HostInfo),
+    Hosts(Vec<HostInfo>),
+    /// Created-or-replaced/deleted with nothing to return.
+    Done,
+}
+
+mod keys {
+    use super::CloudId;
+
+    pub fn cloud(c: CloudId) -> String {
+        format!("clouds/{c}")
+    }
+    pub fn inside(c: CloudId) -> String {
+        format!("c/{c}/")
+    }
+    pub fn vms(c: CloudId) -> String {
+        format!("c/{c}/vms/")
+    }
+    pub fn vm(c: CloudId, vm: &str) -> String {
+        format!("c/{c}/vms/{vm}")
+    }
+    pub fn vm_status(c: CloudId, vm: &str) -> String {
+        format!("c/{c}/vmstatus/{vm}")
+    }
+    pub fn vm_statuses(c: CloudId) -> String {
+        format!("c/{c}/vmstatus/")
+    }
+    pub fn ips(c: CloudId) -> String {
+        format!("c/{c}/ip/")
+    }
+    pub fn ip(c: CloudId, ip: std::net::Ipv4Addr) -> String {
+        format!("c/{c}/ip/{ip}")
+    }
+    pub fn volumes(c: CloudId) -> String {
+        format!("c/{c}/volumes/")
+    }
+    pub fn volume(c: CloudId, v: &str) -> String {
+        format!("c/{c}/volumes/{v}")
+    }
+    pub fn records(c: CloudId) -> String {
+        format!("c/{c}/dns/")
+    }
+    pub fn record(c: CloudId, name: &str, t: &str) -> String {
+        format!("c/{c}/dns/{name}/{t}")
+    }
+    pub fn exposures(c: CloudId) -> String {
+        format!("c/{c}/exposures/")
+    }
+    pub fn exposure(c: CloudId, e: &str) -> String {
+        format!("c/{c}/exposures/{e}")
+    }
+    pub fn grants(c: CloudId, e: &str) -> String {
+        format!("c/{c}/grants/{e}/")
+    }
+    pub fn all_grants(c: CloudId) -> String {
+        format!("c/{c}/grants/")
+    }
+    pub fn grant(c: CloudId, e: &str, consumer: CloudId) -> String {
+        format!("c/{c}/grants/{e}/{consumer}")
+    }
+    pub fn imports(c: CloudId) -> String {
+        format!("c/{c}/imports/")
+    }
+    pub fn import(consumer: CloudId, provider: CloudId, e: &str) -> String {
+        format!("c/{consumer}/imports/{provider}/{e}")
+    }
+    pub fn hosts() -> &'static str {
+        "hosts/"
+    }
+    pub fn host(h: &str) -> String {
+        format!("hosts/{h}")
+    }
+    pub fn host_all(h: &str) -> String {
+        format!("h/{h}/")
+    }
+    pub fn placement(h: &str, c: CloudId, vm: &str) -> String {
+        format!("h/{h}/vms/{c}/{vm}")
+    }
+    pub fn placements_of(h: &str, c: CloudId) -> String {
+        format!("h/{h}/vms/{c}/")
+    }
+    pub fn volume_placement(h: &str, c: CloudId, v: &str) -> String {
+        format!("h/{h}/volumes/{c}/{v}")
+    }
+    pub fn volume_placements_of(h: &str, c: CloudId) -> String {
+        format!("h/{h}/volumes/{c}/")
+    }
+}
+
+/// One store change kept for agents.
+struct FeedEvent {
+    revision: u64,
+    key: String,
+    /// The new value of a put under `h/`; `None` for deletes and for keys whose value agents
+    /// do not need.
+    value: Option<Vec<u8>>,
+    deleted: bool,
+}
+
+#[derive(Default)]
+struct FeedState {
+    ring: VecDeque<FeedEvent>,
+    /// Every event after this revision is in `ring`.
+    complete_after: u64,
+    /// Per host: per cloud, the placement keys (VMs and volumes) it holds.
+    placements: HashMap<String, HashMap<CloudId, HashSet<String>>>,
+    hosts: BTreeSet<String>,
+}
+
+/// The store watch that feeds host syncs (see the module docs).
+struct Feed {
+    state: Mutex<FeedState>,
+    latest: watch::Sender<u64>,
+}
+
+/// Parses `h/<host>/<vms|volumes>/<cloud>/<name>`.
+fn parse_placement_key(key: &str) -> Option<(&str, bool, CloudId, &str)> {
+    let rest = key.strip_prefix("h/")?;
+    let (host, rest) = rest.split_once('/')?;
+    let (kind, rest) = rest.split_once('/')?;
+    let (cloud, name) = rest.split_once('/')?;
+    let vm = match kind {
+        "vms" => true,
+        "volumes" => false,
+        _ => return None,
+    };
+    Some((host, vm, cloud.parse().ok()?, name))
+}
+
+/// The cloud whose zone a key belongs to, if a change of it changes the zone.
+fn zone_cloud(key: &str) -> Option<CloudId> {
+    if let Some(c) = key.strip_prefix("clouds/") {
+        return c.parse().ok();
+    }
+    let rest = key.strip_prefix("c/")?;
+    let (cloud, rest) = rest.split_once('/')?;
+    let (kind, _) = rest.split_once('/')?;
+    matches!(kind, "vms" | "dns" | "imports")
+        .then(|| cloud.parse().ok())
+        .flatten()
+}
+
+impl FeedState {
+    fn apply(&mut self, key: &str, deleted: bool) {
+        if let Some((host, _, cloud, _)) = parse_placement_key(key) {
+            let clouds = self.placements.entry(host.to_string()).or_default();
+            if deleted {
+                if let Some(set) = clouds.get_mut(&cloud) {
+                    set.remove(key);
+                    if set.is_empty() {
+                        clouds.remove(&cloud);
+                    }
+                }
+            } else {
+                clouds.entry(cloud).or_default().insert(key.to_string());
+            }
+        } else if let Some(h) = key.strip_prefix("hosts/") {
+            if deleted {
+                self.hosts.remove(h);
+            } else {
+                self.hosts.insert(h.to_string());
+            }
+        }
+    }
+
+    fn load(&self, host: &str) -> usize {
+        self.placements
+            .get(host)
+            .map(|c| c.values().map(|s| s.len()).sum())
+            .unwrap_or(0)
+    }
+}
+
+/// The control plane's core. Cheap to share (`Arc`).
+pub struct Core {
+    store: Store,
+    cfg: CoreConfig,
+    feed: Arc<Feed>,
+}
+
+fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// SHA-256 of a token, lowercase hex.
+pub fn token_hash(token: &str) -> String {
+    let digest = Sha256::digest(token.as_bytes());
+    digest.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn ct_eq(a: &str, b: &str) -> bool {
+    a.len() == b.len()
+        && a.bytes()
+            .zip(b.bytes())
+            .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+            == 0
+}
+
+fn random_bytes<const N: usize>() -> Result<[u8; N], CoreError> {
+    let mut buf = [0u8; N];
+    getrandom::fill(&mut buf).map_err(|e| CoreError::Random(e.to_string()))?;
+    Ok(buf)
+}
+
+/// A new random operator token.
+pub fn new_operator_token() -> Result<String, CoreError> {
+    let secret = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(random_bytes::<32>()?);
+    Ok(format!("atl_op_{secret}"))
+}
+
+fn decode<T: serde::de::DeserializeOwned>(key: &str, value: &[u8]) -> Result<T, CoreError> {
+    serde_json::from_slice(value).map_err(|source| CoreError::CorruptRecord {
+        key: key.to_string(),
+        source,
+    })
+}
+
+fn encode<T: serde::Serialize>(v: &T) -> Vec<u8> {
+    serde_json::to_vec(v).expect("model types serialize")
+}
+
+fn put<T: serde::Serialize>(key: String, v: &T) -> Op {
+    Op::Put {
+        key,
+        value: encode(v),
+    }
+}
+
+fn conflict(code: &'static str, message: impl Into<String>) -> CoreError {
+    CoreError::Conflict {
+        code,
+        message: message.into(),
+    }
+}
+
+fn check_quota(field: &'static str, wanted: u64, limit: u64) -> Result<(), CoreError> {
+    if wanted > limit {
+        Err(CoreError::QuotaExceeded {
+            field,
+            wanted,
+            limit,
+        })
+    } else {
+        Ok(())
+    }
+}
+
+impl Core {
+    /// Starts the core on `store`: loads host placements and starts the store watch that feeds
+    /// [`Core::sync`].
+    pub async fn start(store: Store, cfg: CoreConfig) -> Result<Arc<Core>, CoreError> {
+        let revision = store.revision().await?;
+        let mut state = FeedState {
+            complete_after: revision,
+            ..FeedState::default()
+        };
+        let mut after: Option<String> = None;
+        loop {
+            let page = store.range("h/", after.as_deref(), 10_000).await?;
+            let Some(last) = page.last() else { break };
+            after = Some(last.key.clone());
+            for kv in &page {
+                state.apply(&kv.key, false);
+            }
+        }
+        for kv in store.range(keys::hosts(), None, 0).await? {
+            state.apply(&kv.key, false);
+        }
+        let (latest, _) = watch::channel(revision);
+        let feed = Arc::new(Feed {
+            state: Mutex::new(state),
+            latest,
+        });
+        let mut stream = store.watch("", revision).await?;
+        let f = feed.clone();
+        tokio::spawn(async move {
+            loop {
+                match stream.next().await {
+                    Ok(batch) => {
+                        let mut st = f.state.lock().expect("feed lock");
+                        for ev in batch.events {
+                            let deleted = matches!(ev.kind, EventKind::Delete);
+                            st.apply(&ev.kv.key, deleted);
+                            let keep_value = !deleted && ev.kv.key.starts_with("h/");
+                            st.ring.push_back(FeedEvent {
+                                revision: batch.revision,
+                                value: keep_value.then_some(ev.kv.value),
+                                key: ev.kv.key,
+                                deleted,
+                            });
+                        }
+                        while st.ring.len() > FEED_CAPACITY {
+                            if let Some(old) = st.ring.pop_front() {
+                                st.complete_after = old.revision;
+                            }
+                        }
+                        drop(st);
+                        f.latest.send_replace(batch.revision);
+                    }
+                    Err(e) => {
+                        eprintln!(
+                            "atoll control: store watch ended: {e}; agents fall back to full syncs"
+                        );
+                        let mut st = f.state.lock().expect("feed lock");
+                        st.complete_after = u64::MAX;
+                        drop(st);
+                        f.latest.send_replace(u64::MAX);
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(Arc::new(Core { store, cfg, feed }))
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    pub fn config(&self) -> &CoreConfig {
+        &self.cfg
+    }
+
+    /// Resolves a bearer token to its principal.
+    pub async fn authenticate(&self, token: &str) -> Result<Principal, CoreError> {
+        if token.starts_with("atl_op_") {
+            return if ct_eq(&token_hash(token), &self.cfg.operator_token_sha256) {
+                Ok(Principal::Operator)
+            } else {
+                Err(CoreError::Unauthenticated)
+            };
+        }
+        let cloud: CloudId = token
+            .strip_prefix("atl_")
+            .and_then(|t| t.split_once('_'))
+            .and_then(|(c, _)| c.parse().ok())
+            .ok_or(CoreError::Unauthenticated)?;
+        let Some(kv) = self.store.get(&keys::cloud(cloud)).await? else {
+            return Err(CoreError::Unauthenticated);
+        };
+        let c: Cloud = decode(&kv.key, &kv.value)?;
+        if ct_eq(&token_hash(token), &c.token_sha256) {
+            Ok(Principal::Cloud(cloud))
+        } else {
+            Err(CoreError::Unauthenticated)
+        }
+    }
+
+    fn authorize(&self, p: Principal, cmd: &Command) -> Result<(), CoreError> {
+        use Command::*;
+        let operator_only = |what: &str| match p {
+            Principal::Operator => Ok(()),
+            Principal::Cloud(_) => Err(CoreError::Forbidden(what.to_string())),
+        };
+        let cloud = match cmd {
+            CreateCloud(_) => return operator_only("create clouds"),
+            ListClouds { .. } => return Ok(()),
+            RegisterHost(_) | ListHosts | ReportStatus(..) => return operator_only("manage hosts"),
+            GetCloud(c)
+            | DeleteCloud(c)
+            | CreateVm(c, _)
+            | ListVms(c)
+            | GetVm(c, _)
+            | DeleteVm(c, _)
+            | CreateVolume(c, _)
+            | ListVolumes(c)
+            | GetVolume(c, _)
+            | DeleteVolume(c, _)
+            | AttachVolume(c, ..)
+            | DetachVolume(c, _)
+            | PutRecordSet(c, ..)
+            | ListRecordSets(c)
+            | DeleteRecordSet(c, ..)
+            | CreateExposure(c, _)
+            | ListExposures(c)
+            | GetExposure(c, _)
+            | DeleteExposure(c, _)
+            | CreateGrant(c, ..)
+            | ListGrants(c, _)
+            | RevokeGrant(c, ..)
+            | ListImports(c)
+            | AcceptImport(c, ..)
+            | DeleteImport(c, ..) => *c,
+        };
+        match p {
+            Principal::Operator => Ok(()),
+            Principal::Cloud(own) if own == cloud => Ok(()),
+            Principal::Cloud(_) => Err(CoreError::Forbidden(format!("access cloud {cloud}"))),
+        }
+    }
+
+    /// Executes one command for `principal`.
+    pub async fn execute(&self, principal: Principal, cmd: Command) -> Result<Reply, CoreError> {
+        self.authorize(principal, &cmd)?;
+        use Command::*;
+        match cmd {
+            CreateCloud(req) => self.create_cloud(req).await,
+            ListClouds { after, limit } => match principal {
+                Principal::Operator => self.list_clouds(after, limit).await,
+                Principal::Cloud(c) => Ok(Reply::Clouds(vec![self.cloud(c).await?.1])),
+            },
+            GetCloud(c) => Ok(Reply::Cloud(Box::new(self.cloud(c).await?.1))),
+            DeleteCloud(c) => self.delete_cloud(c).await,
+            CreateVm(c, req) => self.create_vm(c, req).await,
+            ListVms(c) => self.list_vms(c).await,
+            GetVm(c, name) => Ok(Reply::Vm(Box::new(self.vm_with_status(c, &name).await?))),
+            DeleteVm(c, name) => self.delete_vm(c, &name).await,
+            CreateVolume(c, req) => self.create_volume(c, req).await,
+            ListVolumes(c) => Ok(Reply::Volumes(
+                self.list::<Volume>(&keys::volumes(c)).await?,
+            )),
+            GetVolume(c, name) => Ok(Reply::Volume(self.volume(c, &name).await?.1)),
+            DeleteVolume(c, name) => self.delete_volume(c, &name).await,
+            AttachVolume(c, name, req) => self.attach_volume(c, &name, Some(req.vm)).await,
+            DetachVolume(c, name) => self.attach_volume(c, &name, None).await,
+            PutRecordSet(c, name, t, req) => self.put_record_set(c, name, t, req).await,
+            ListRecordSets(c) => self.list_record_sets(c).await,
+            DeleteRecordSet(c, name, t) => self.delete_record_set(c, &name, t).await,
+            CreateExposure(c, req) => self.create_exposure(c, req).await,
+            ListExposures(c) => Ok(Reply::Exposures(self.list(&keys::exposures(c)).await?)),
+            GetExposure(c, name) => Ok(Reply::Exposure(self.exposure(c, &name).await?.1)),
+            DeleteExposure(c, name) => self.delete_exposure(c, &name).await,
+            CreateGrant(c, exp, req) => self.create_grant(c, &exp, req.consumer).await,
+            ListGrants(c, exp) => {
+                self.exposure(c, &exp).await?;
+                Ok(Reply::Grants(self.list(&keys::grants(c, &exp)).await?))
+            }
+            RevokeGrant(c, exp, consumer) => self.revoke_grant(c, &exp, consumer).await,
+            ListImports(c) => Ok(Reply::Grants(self.list(&keys::imports(c)).await?)),
+            AcceptImport(c, provider, exp) => self.accept_import(c, provider, &exp).await,
+            DeleteImport(c, provider, exp) => self.revoke_grant(provider, &exp, c).await,
+            RegisterHost(name) => self.register_host(name).await,
+            ListHosts => Ok(Reply::Hosts(self.list(keys::hosts()).await?)),
+            ReportStatus(host, report) => self.report_status(&host, report).await,
+        }
+    }
+
+    async fn commit(&self, txn: Txn) -> Result<Option<u64>, CoreError> {
+        Ok(match self.store.txn(txn).await? {
+            TxnOutcome::Committed { revision } => Some(revision),
+            TxnOutcome::Failed { .. } => None,
+        })
+    }
+
+    async fn list<T: serde::de::DeserializeOwned>(
+        &self,
+        prefix: &str,
+    ) -> Result<Vec<T>, CoreError> {
+        let mut out = Vec::new();
+        let mut after: Option<String> = None;
+        loop {
+            let page = self.store.range(prefix, after.as_deref(), 1000).await?;
+            let Some(last) = page.last() else { break };
+            after = Some(last.key.clone());
+            let full = page.len() == 1000;
+            for kv in page {
+                out.push(decode(&kv.key, &kv.value)?);
+            }
+            if !full {
+                break;
+            }
+        }
+        Ok(out)
+    }
+
+    async fn read<T: serde::de::DeserializeOwned>(
+        &self,
+        key: &str,
+        what: impl FnOnce() -> String,
+    ) -> Result<(u64, T), CoreError> {
+        let kv = self
+            .store
+            .get(key)
+            .await?
+            .ok_or_else(|| CoreError::NotFound(what()))?;
+        Ok((kv.mod_revision, decode(key, &kv.value)?))
+    }
+
+    async fn cloud(&self, c: CloudId) -> Result<(u64, Cloud), CoreError> {
+        let (rev, mut cloud): (u64, Cloud) =
+            self.read(&keys::cloud(c), || format!("cloud {c}")).await?;
+        cloud.token_sha256.clear();
+        Ok((rev, cloud))
+    }
+
+    /// The cloud record including its token hash (to write it back).
+    async fn cloud_record(&self, c: CloudId) -> Result<(u64, Cloud), CoreError> {
+        self.read(&keys::cloud(c), || format!("cloud {c}")).await
+    }
+
+    // ----- clouds -----
+
+    async fn create_cloud(&self, req: CreateCloud) -> Result<Reply, CoreError> {
+        if let Some(name) = &req.name {
+            validate_label("name", name)?;
+        }
+        let cidr = req.cidr.unwrap_or(self.cfg.default_cidr);
+        if !(8..=28).contains(&cidr.len) {
+            return Err(FieldError::new("cidr", "prefix length must be 8 to 28").into());
+        }
+        let quotas = req.quotas.unwrap_or(self.cfg.default_quotas);
+        validate_quotas(&quotas)?;
+        for _ in 0..MAX_RETRIES {
+            let raw = u32::from_le_bytes(random_bytes::<4>()?);
+            if raw == 0 {
+                continue;
+            }
+            let id = CloudId(raw);
+            let secret =
+                base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(random_bytes::<32>()?);
+            let token = format!("atl_{id}_{secret}");
+            let name = req.name.clone().unwrap_or_else(|| id.to_string());
+            let gateway = Ipv4Addr::from(cidr.network() + 1);
+            let cloud = Cloud {
+                id,
+                zone: format!("{name}.{}.", self.cfg.dns_suffix),
+                name,
+                cidr,
+                gateway,
+                quotas,
+                usage: Usage::default(),
+                created_at: now(),
+                token_sha256: token_hash(&token),
+            };
+            let txn = Txn {
+                compares: vec![Compare::Absent(keys::cloud(id))],
+                success: vec![
+                    put(keys::cloud(id), &cloud),
+                    Op::Put {
+                        key: keys::ip(id, gateway),
+                        value: b"\"gateway\"".to_vec(),
+                    },
+                ],
+            };
+            if self.commit(txn).await?.is_some() {
+                let mut cloud = cloud;
+                cloud.token_sha256.clear();
+                return Ok(Reply::CreatedCloud(Box::new(CreatedCloud { cloud, token })));
+            }
+        }
+        Err(CoreError::Contention("cloud ids".into()))
+    }
+
+    async fn list_clouds(&self, after: Option<CloudId>, limit: usize) -> Result<Reply, CoreError> {
+        let start = after.map(keys::cloud);
+        let limit = limit.clamp(1, 1000);
+        let page = self.store.range("clouds/", start.as_deref(), limit).await?;
+        let mut out = Vec::with_capacity(page.len());
+        for kv in page {
+            let mut c: Cloud = decode(&kv.key, &kv.value)?;
+            c.token_sha256.clear();
+            out.push(c);
+        }
+        Ok(Reply::Clouds(out))
+    }
+
+    async fn delete_cloud(&self, c: CloudId) -> Result<Reply, CoreError> {
+        for _ in 0..MAX_RETRIES {
+            let (rev, _) = self.cloud(c).await?;
+            let vms: Vec<Vm> = self.list(&keys::vms(c)).await?;
+            let volumes: Vec<Volume> = self.list(&keys::volumes(c)).await?;
+            let exports: Vec<Grant> = self.list(&keys::all_grants(c)).await?;
+            let imports: Vec<Grant> = self.list(&keys::imports(c)).await?;
+            let mut ops = vec![
+                Op::Delete {
+                    key: keys::cloud(c),
+                },
+                Op::DeletePrefix {
+                    prefix: keys::inside(c),
+                },
+            ];
+            let hosts: BTreeSet<&str> = vms.iter().map(|v| v.host.as_str()).collect();
+            for h in &hosts {
+                ops.push(Op::DeletePrefix {
+                    prefix: keys::placements_of(h, c),
+                });
+            }
+            let vhosts: BTreeSet<&str> = volumes.iter().map(|v| v.host.as_str()).collect();
+            for h in vhosts {
+                ops.push(Op::DeletePrefix {
+                    prefix: keys::volume_placements_of(h, c),
+                });
+            }
+            // Grants this cloud gave: the consumers' imports and VIPs go too.
+            for g in &exports {
+                ops.push(Op::Delete {
+                    key: keys::import(g.consumer, c, &g.exposure),
+                });
+                ops.push(Op::Delete {
+                    key: keys::ip(g.consumer, g.vip),
+                });
+            }
+            // Grants this cloud received: the providers' grant records go too.
+            for g in &imports {
+                ops.push(Op::Delete {
+                    key: keys::grant(g.provider, &g.exposure, c),
+                });
+            }
+            let txn = Txn {
+                compares: vec![Compare::ModRevision(keys::cloud(c), rev)],
+                success: ops,
+            };
+            if self.commit(txn).await?.is_some() {
+                return Ok(Reply::Done);
+            }
+        }
+        Err(CoreError::Contention(format!("cloud {c}")))
+    }
+
+    // ----- VMs -----
+
+    async fn allocate_ip(&self, cloud: &Cloud) -> Result<Ipv4Addr, CoreError> {
+        let used: HashSet<Ipv4Addr> = self
+            .store
+            .range(&keys::ips(cloud.id), None, 0)
+            .await?
+            .iter()
+            .filter_map(|kv| kv.key.rsplit('/').next()?.parse().ok())
+            .collect();
+        let net = cloud.cidr.network();
+        let last = net + (cloud.cidr.size() as u32 - 1);
+        (net + 1..last)
+            .map(Ipv4Addr::from)
+            .find(|ip| !used.contains(ip))
+            .ok_or_else(|| CoreError::QuotaExceeded {
+                field: "addresses",
+                wanted: cloud.cidr.size(),
+                limit: cloud.cidr.size() - 2,
+            })
+    }
+
+    fn pick_host(&self) -> Result<String, CoreError> {
+        let st = self.feed.state.lock().expect("feed lock");
+        st.hosts
+            .iter()
+            .min_by_key(|h| st.load(h))
+            .cloned()
+            .ok_or(CoreError::NoHost)
+    }
+
+    async fn create_vm(&self, c: CloudId, req: CreateVm) -> Result<Reply, CoreError> {
+        validate_label("name", &req.name)?;
+        if !(1..=64).contains(&req.vcpus) {
+            return Err(FieldError::new("vcpus", "must be 1 to 64").into());
+        }
+        if !(16..=1 << 20).contains(&req.memory_mib) {
+            return Err(FieldError::new("memory_mib", "must be 16 to 1048576").into());
+        }
+        for (field, v) in [("kernel", &req.kernel), ("image", &req.image)] {
+            if let Some(v) = v {
+                validate_label(field, v)?;
+            }
+        }
+        let mut seen = HashSet::new();
+        for (i, v) in req.volumes.iter().enumerate() {
+            validate_label(&format!("volumes[{i}]"), v)?;
+            if !seen.insert(v) {
+                return Err(FieldError::new(format!("volumes[{i}]"), "listed twice").into());
+            }
+        }
+        for _ in 0..MAX_RETRIES {
+            let (rev, mut cloud) = self.cloud_record(c).await?;
+            if self.store.get(&keys::vm(c, &req.name)).await?.is_some() {
+                return Err(conflict(
+                    "exists",
+                    format!("VM {} exists in cloud {c}", req.name),
+                ));
+            }
+            let u = cloud.usage;
+            check_quota("vms", u.vms as u64 + 1, cloud.quotas.vms as u64)?;
+            check_quota(
+                "vcpus",
+                (u.vcpus + req.vcpus) as u64,
+                cloud.quotas.vcpus as u64,
+            )?;
+            check_quota(
+                "memory_mib",
+                u.memory_mib + req.memory_mib,
+                cloud.quotas.memory_mib,
+            )?;
+            let mut compares = vec![
+                Compare::ModRevision(keys::cloud(c), rev),
+                Compare::Absent(keys::vm(c, &req.name)),
+            ];
+            let mut ops = Vec::new();
+            let mut host = None;
+            for (i, name) in req.volumes.iter().enumerate() {
+                let (vrev, mut vol) = self.volume(c, name).await?;
+                if let Some(vm) = &vol.attached_to {
+                    return Err(conflict(
+                        "attached",
+                        format!("volumes[{i}]: {name} is attached to VM {vm}"),
+                    ));
+                }
+                if host.get_or_insert_with(|| vol.host.clone()) != &vol.host {
+                    return Err(conflict(
+                        "hosts_differ",
+                        "the volumes are on different hosts",
+                    ));
+                }
+                vol.attached_to = Some(req.name.clone());
+                compares.push(Compare::ModRevision(keys::volume(c, name), vrev));
+                ops.push(put(keys::volume(c, name), &vol));
+            }
+            let host = match host {
+                Some(h) => h,
+                None => self.pick_host()?,
+            };
+            let ip = self.allocate_ip(&cloud).await?;
+            compares.push(Compare::Absent(keys::ip(c, ip)));
+            cloud.usage.vms += 1;
+            cloud.usage.vcpus += req.vcpus;
+            cloud.usage.memory_mib += req.memory_mib;
+            let vm = Vm {
+                cloud: c,
+                name: req.name.clone(),
+                vcpus: req.vcpus,
+                memory_mib: req.memory_mib,
+                kernel: req.kernel.clone(),
+                image: req.image.clone(),
+                volumes: req.volumes.clone(),
+                ipv4: ip,
+                fqdn: format!("{}.{}", req.name, cloud.zone),
+                host: host.clone(),
+                created_at: now(),
+                status: None,
+            };
+            let placement = Placement {
+                cloud: c,
+                vm: vm.name.clone(),
+                ipv4: ip,
+                gateway: cloud.gateway,
+                mac: guest_mac(ip),
+                vcpus: vm.vcpus,
+                memory_mib: vm.memory_mib,
+                volumes: vm.volumes.clone(),
+            };
+            ops.push(put(keys::cloud(c), &cloud));
+            ops.push(put(keys::vm(c, &vm.name), &vm));
+            ops.push(put(keys::ip(c, ip), &format!("vm:{}", vm.name)));
+            ops.push(put(keys::placement(&host, c, &vm.name), &placement));
+            if self
+                .commit(Txn {
+                    compares,
+                    success: ops,
+                })
+                .await?
+                .is_some()
+            {
+                let mut vm = vm;
+                vm.status = Some(VmStatus {
+                    state: VmState::Pending,
+                    device: None,
+                    message: None,
+                    updated_at: vm.created_at,
+                });
+                return Ok(Reply::Vm(Box::new(vm)));
+            }
+        }
+        Err(CoreError::Contention(format!("cloud {c}")))
+    }
+
+    async fn vm(&self, c: CloudId, name: &str) -> Result<(u64, Vm), CoreError> {
+        self.read(&keys::vm(c, name), || format!("VM {name} in cloud {c}"))
+            .await
+    }
+
+    async fn vm_with_status(&self, c: CloudId, name: &str) -> Result<Vm, CoreError> {
+        let (_, mut vm) = self.vm(c, name).await?;
+        vm.status = match self.store.get(&keys::vm_status(c, name)).await? {
+            Some(kv) => Some(decode(&kv.key, &kv.value)?),
+            None => Some(pending(vm.created_at)),
+        };
+        Ok(vm)
+    }
+
+    async fn list_vms(&self, c: CloudId) -> Result<Reply, CoreError> {
+        self.cloud(c).await?;
+        let mut vms: Vec<Vm> = self.list(&keys::vms(c)).await?;
+        let statuses = self.store.range(&keys::vm_statuses(c), None, 0).await?;
+        let mut by_name = HashMap::new();
+        for kv in statuses {
+            let name = kv.key.rsplit('/').next().unwrap_or_default().to_string();
+            by_name.insert(name, decode::<VmStatus>(&kv.key, &kv.value)?);
+        }
+        for vm in &mut vms {
+            vm.status = Some(
+                by_name
+                    .remove(&vm.name)
+                    .unwrap_or_else(|| pending(vm.created_at)),
+            );
+        }
+        Ok(Reply::Vms(vms))
+    }
+
+    async fn delete_vm(&self, c: CloudId, name: &str) -> Result<Reply, CoreError> {
+        for _ in 0..MAX_RETRIES {
+            let (rev, mut cloud) = self.cloud_record(c).await?;
+            let (vrev, vm) = self.vm(c, name).await?;
+            let mut compares = vec![
+                Compare::ModRevision(keys::cloud(c), rev),
+                Compare::ModRevision(keys::vm(c, name), vrev),
+            ];
+            cloud.usage.vms = cloud.usage.vms.saturating_sub(1);
+            cloud.usage.vcpus = cloud.usage.vcpus.saturating_sub(vm.vcpus);
+            cloud.usage.memory_mib = cloud.usage.memory_mib.saturating_sub(vm.memory_mib);
+            let mut ops = vec![
+                put(keys::cloud(c), &cloud),
+                Op::Delete {
+                    key: keys::vm(c, name),
+                },
+                Op::Delete {
+                    key: keys::vm_status(c, name),
+                },
+                Op::Delete {
+                    key: keys::ip(c, vm.ipv4),
+                },
+                Op::Delete {
+                    key: keys::placement(&vm.host, c, name),
+                },
+            ];
+            for v in &vm.volumes {
+                if let Ok((volrev, mut vol)) = self.volume(c, v).await {
+                    vol.attached_to = None;
+                    compares.push(Compare::ModRevision(keys::volume(c, v), volrev));
+                    ops.push(put(keys::volume(c, v), &vol));
+                }
+            }
+            if self
+                .commit(Txn {
+                    compares,
+                    success: ops,
+                })
+                .await?
+                .is_some()
+            {
+                return Ok(Reply::Done);
+            }
+        }
+        Err(CoreError::Contention(format!("VM {name}")))
+    }
+
+    // ----- volumes -----
+
+    async fn volume(&self, c: CloudId, name: &str) -> Result<(u64, Volume), CoreError> {
+        self.read(&keys::volume(c, name), || {
+            format!("volume {name} in cloud {c}")
+        })
+        .await
+    }
+
+    async fn create_volume(&self, c: CloudId, req: CreateVolume) -> Result<Reply, CoreError> {
+        validate_label("name", &req.name)?;
+        if !(1..=65_536).contains(&req.size_gib) {
+            return Err(FieldError::new("size_gib", "must be 1 to 65536").into());
+        }
+        for _ in 0..MAX_RETRIES {
+            let (rev, mut cloud) = self.cloud_record(c).await?;
+            if self.store.get(&keys::volume(c, &req.name)).await?.is_some() {
+                return Err(conflict(
+                    "exists",
+                    format!("volume {} exists in cloud {c}", req.name),
+                ));
+            }
+            let wanted = cloud.usage.volume_gib + req.size_gib;
+            check_quota("volume_gib", wanted, cloud.quotas.volume_gib)?;
+            cloud.usage.volume_gib = wanted;
+            let host = self.pick_host()?;
+            let vol = Volume {
+                cloud: c,
+                name: req.name.clone(),
+                size_gib: req.size_gib,
+                format: req.format,
+                host: host.clone(),
+                attached_to: None,
+                created_at: now(),
+            };
+            let placement = VolumePlacement {
+                cloud: c,
+                name: req.name.clone(),
+                size_gib: req.size_gib,
+                format: req.format,
+            };
+            let txn = Txn {
+                compares: vec![
+                    Compare::ModRevision(keys::cloud(c), rev),
+                    Compare::Absent(keys::volume(c, &req.name)),
+                ],
+                success: vec![
+                    put(keys::cloud(c), &cloud),
+                    put(keys::volume(c, &req.name), &vol),
+                    put(keys::volume_placement(&host, c, &req.name), &placement),
+                ],
+            };
+            if self.commit(txn).await?.is_some() {
+                return Ok(Reply::Volume(vol));
+            }
+        }
+        Err(CoreError::Contention(format!("cloud {c}")))
+    }
+
+    async fn delete_volume(&self, c: CloudId, name: &str) -> Result<Reply, CoreError> {
+        for _ in 0..MAX_RETRIES {
+            let (rev, mut cloud) = self.cloud_record(c).await?;
+            let (vrev, vol) = self.volume(c, name).await?;
+            if let Some(vm) = &vol.attached_to {
+                return Err(conflict(
+                    "attached",
+                    format!("volume {name} is attached to VM {vm}; detach it first"),
+                ));
+            }
+            cloud.usage.volume_gib = cloud.usage.volume_gib.saturating_sub(vol.size_gib);
+            let txn = Txn {
+                compares: vec![
+                    Compare::ModRevision(keys::cloud(c), rev),
+                    Compare::ModRevision(keys::volume(c, name), vrev),
+                ],
+                success: vec![
+                    put(keys::cloud(c), &cloud),
+                    Op::Delete {
+                        key: keys::volume(c, name),
+                    },
+                    Op::Delete {
+                        key: keys::volume_placement(&vol.host, c, name),
+                    },
+                ],
+            };
+            if self.commit(txn).await?.is_some() {
+                return Ok(Reply::Done);
+            }
+        }
+        Err(CoreError::Contention(format!("volume {name}")))
+    }
+
+    async fn attach_volume(
+        &self,
+        c: CloudId,
+        name: &str,
+        to: Option<String>,
+    ) -> Result<Reply, CoreError> {
+        if let Some(vm) = &to {
+            validate_label("vm", vm)?;
+        }
+        for _ in 0..MAX_RETRIES {
+            let (vrev, mut vol) = self.volume(c, name).await?;
+            let target = match (&to, &vol.attached_to) {
+                (Some(_), Some(cur)) => {
+                    return Err(conflict(
+                        "attached",
+                        format!("volume {name} is attached to VM {cur}"),
+                    ))
+                }
+                (None, None) => {
+                    return Err(conflict(
+                        "not_attached",
+                        format!("volume {name} is not attached"),
+                    ))
+                }
+                (Some(vm), None) => vm.clone(),
+                (None, Some(cur)) => cur.clone(),
+            };
+            let (mrev, mut vm) = self.vm(c, &target).await?;
+            if vm.host != vol.host {
+                return Err(conflict(
+                    "hosts_differ",
+                    format!(
+                        "volume {name} is on host {} but VM {target} is on {}",
+                        vol.host, vm.host
+                    ),
+                ));
+            }
+            if to.is_some() {
+                vol.attached_to = Some(target.clone());
+                vm.volumes.push(name.to_string());
+            } else {
+                vol.attached_to = None;
+                vm.volumes.retain(|v| v != name);
+            }
+            let (_, cloud) = self.cloud(c).await?;
+            let placement = Placement {
+                cloud: c,
+                vm: vm.name.clone(),
+                ipv4: vm.ipv4,
+                gateway: cloud.gateway,
+                mac: guest_mac(vm.ipv4),
+                vcpus: vm.vcpus,
+                memory_mib: vm.memory_mib,
+                volumes: vm.volumes.clone(),
+            };
+            let txn = Txn {
+                compares: vec![
+                    Compare::ModRevision(keys::volume(c, name), vrev),
+                    Compare::ModRevision(keys::vm(c, &target), mrev),
+                ],
+                success: vec![
+                    put(keys::volume(c, name), &vol),
+                    put(keys::vm(c, &target), &vm),
+                    put(keys::placement(&vm.host, c, &target), &placement),
+                ],
+            };
+            if self.commit(txn).await?.is_some() {
+                return Ok(Reply::Volume(vol));
+            }
+        }
+        Err(CoreError::Contention(format!("volume {name}")))
+    }
+
+    // ----- DNS -----
+
+    async fn put_record_set(
+        &self,
+        c: CloudId,
+        name: String,
+        rtype: RecordType,
+        req: PutRecordSet,
+    ) -> Result<Reply, CoreError> {
+        validate_record_set(&name, rtype, &req)?;
+        let (_, cloud) = self.cloud(c).await?;
+        if !name.contains('.') && self.store.get(&keys::vm(c, &name)).await?.is_some() {
+            return Err(conflict(
+                "reserved",
+                format!("{name} is VM {name}'s automatic name"),
+            ));
+        }
+        // CNAME excludes every other type at the same name.
+        let at_name = self
+            .store
+            .range(&format!("{}{name}/", keys::records(c)), None, 0)
+            .await?;
+        let others: Vec<&str> = at_name
+            .iter()
+            .filter_map(|kv| kv.key.rsplit('/').next())
+            .filter(|t| *t != rtype.as_str())
+            .collect();
+        if (rtype == RecordType::Cname && !others.is_empty())
+            || (rtype != RecordType::Cname && others.contains(&"CNAME"))
+        {
+            return Err(conflict(
+                "cname_conflict",
+                format!("{name} cannot hold a CNAME and other records"),
+            ));
+        }
+        let rs = RecordSet {
+            name: name.clone(),
+            rtype,
+            ttl: req.ttl,
+            values: req.values,
+            automatic: false,
+        };
+        let _ = cloud;
+        let txn = Txn {
+            compares: vec![Compare::Present(keys::cloud(c))],
+            success: vec![put(keys::record(c, &name, rtype.as_str()), &rs)],
+        };
+        match self.commit(txn).await? {
+            Some(_) => Ok(Reply::RecordSet(rs)),
+            None => Err(CoreError::NotFound(format!("cloud {c}"))),
+        }
+    }
+
+    async fn list_record_sets(&self, c: CloudId) -> Result<Reply, CoreError> {
+        let (_, cloud) = self.cloud(c).await?;
+        let mut out: Vec<RecordSet> = self.list(&keys::records(c)).await?;
+        for vm in self.list::<Vm>(&keys::vms(c)).await? {
+            out.push(RecordSet {
+                name: vm.name,
+                rtype: RecordType::A,
+                ttl: 30,
+                values: vec![vm.ipv4.to_string()],
+                automatic: true,
+            });
+        }
+        for g in self.list::<Grant>(&keys::imports(c)).await? {
+            if g.state == GrantState::Active {
+                out.push(RecordSet {
+                    name: g
+                        .fqdn
+                        .strip_suffix(&format!(".{}", cloud.zone))
+                        .unwrap_or(&g.fqdn)
+                        .to_string(),
+                    rtype: RecordType::A,
+                    ttl: 30,
+                    values: vec![g.vip.to_string()],
+                    automatic: true,
+                });
+            }
+        }
+        Ok(Reply::RecordSets(out))
+    }
+
+    async fn delete_record_set(
+        &self,
+        c: CloudId,
+        name: &str,
+        rtype: RecordType,
+    ) -> Result<Reply, CoreError> {
+        let key = keys::record(c, name, rtype.as_str());
+        let txn = Txn {
+            compares: vec![Compare::Present(key.clone())],
+            success: vec![Op::Delete { key }],
+        };
+        match self.commit(txn).await? {
+            Some(_) => Ok(Reply::Done),
+            None => Err(CoreError::NotFound(format!(
+                "record set {name} {} in cloud {c}",
+                rtype.as_str()
+            ))),
+        }
+    }
+
+    /// The zone of a cloud as hosts serve it: VMs' names, record sets, active imports.
+    pub async fn zone(&self, c: CloudId) -> Result<Option<Zone>, CoreError> {
+        let Ok((_, cloud)) = self.cloud(c).await else {
+            return Ok(None);
+        };
+        let mut records = Vec::new();
+        let Reply::RecordSets(sets) = self.list_record_sets(c).await? else {
+            unreachable!("list_record_sets returns RecordSets")
+        };
+        for rs in sets {
+            let fqdn = if rs.name == "@" {
+                cloud.zone.clone()
+            } else if rs.automatic && rs.name.ends_with('.') {
+                rs.name.clone()
+            } else {
+                format!("{}.{}", rs.name, cloud.zone)
+            };
+            records.push(ZoneRecord {
+                fqdn,
+                rtype: rs.rtype,
+                ttl: rs.ttl,
+                values: rs.values,
+            });
+        }
+        Ok(Some(Zone {
+            cloud: c,
+            apex: cloud.zone,
+            records,
+        }))
+    }
+
+    // ----- exposures and grants -----
+
+    async fn exposure(&self, c: CloudId, name: &str) -> Result<(u64, Exposure), CoreError> {
+        self.read(&keys::exposure(c, name), || {
+            format!("exposure {name} of cloud {c}")
+        })
+        .await
+    }
+
+    async fn create_exposure(&self, c: CloudId, req: CreateExposure) -> Result<Reply, CoreError> {
+        validate_label("name", &req.name)?;
+        if req.port == 0 {
+            return Err(FieldError::new("port", "must be 1 to 65535").into());
+        }
+        if req.backends.is_empty() || req.backends.len() > 64 {
+            return Err(FieldError::new("backends", "must hold 1 to 64 backends").into());
+        }
+        for (i, b) in req.backends.iter().enumerate() {
+            validate_label(&format!("backends[{i}].vm"), &b.vm)?;
+            if b.port == 0 {
+                return Err(
+                    FieldError::new(format!("backends[{i}].port"), "must be 1 to 65535").into(),
+                );
+            }
+            if self.store.get(&keys::vm(c, &b.vm)).await?.is_none() {
+                return Err(FieldError::new(
+                    format!("backends[{i}].vm"),
+                    format!("no VM {} in this cloud", b.vm),
+                )
+                .into());
+            }
+        }
+        self.cloud(c).await?;
+        let count = self.store.count(&keys::exposures(c)).await?;
+        check_quota(
+            "exposures",
+            count + 1,
+            self.cfg.max_exposures_per_cloud as u64,
+        )?;
+        let exp = Exposure {
+            cloud: c,
+            name: req.name.clone(),
+            protocol: req.protocol,
+            port: req.port,
+            backends: req.backends,
+            require_acceptance: req.require_acceptance,
+            created_at: now(),
+        };
+        let txn = Txn {
+            compares: vec![
+                Compare::Present(keys::cloud(c)),
+                Compare::Absent(keys::exposure(c, &req.name)),
+            ],
+            success: vec![put(keys::exposure(c, &req.name), &exp)],
+        };
+        match self.store.txn(txn).await? {
+            TxnOutcome::Committed { .. } => Ok(Reply::Exposure(exp)),
+            TxnOutcome::Failed { failed_compare: 0 } => {
+                Err(CoreError::NotFound(format!("cloud {c}")))
+            }
+            TxnOutcome::Failed { .. } => {
+                Err(conflict("exists", format!("exposure {} exists", req.name)))
+            }
+        }
+    }
+
+    async fn delete_exposure(&self, c: CloudId, name: &str) -> Result<Reply, CoreError> {
+        let (rev, _) = self.exposure(c, name).await?;
+        let grants: Vec<Grant> = self.list(&keys::grants(c, name)).await?;
+        let mut ops = vec![
+            Op::Delete {
+                key: keys::exposure(c, name),
+            },
+            Op::DeletePrefix {
+                prefix: keys::grants(c, name),
+            },
+        ];
+        for g in &grants {
+            ops.push(Op::Delete {
+                key: keys::import(g.consumer, c, name),
+            });
+            ops.push(Op::Delete {
+                key: keys::ip(g.consumer, g.vip),
+            });
+        }
+        let txn = Txn {
+            compares: vec![Compare::ModRevision(keys::exposure(c, name), rev)],
+            success: ops,
+        };
+        match self.commit(txn).await? {
+            Some(_) => Ok(Reply::Done),
+            None => Err(CoreError::Contention(format!("exposure {name}"))),
+        }
+    }
+
+    async fn create_grant(
+        &self,
+        c: CloudId,
+        exp_name: &str,
+        consumer: CloudId,
+    ) -> Result<Reply, CoreError> {
+        if consumer == c {
+            return Err(FieldError::new("consumer", "a cloud cannot grant to itself").into());
+        }
+        let (erev, exp) = self.exposure(c, exp_name).await?;
+        let (_, provider) = self.cloud(c).await?;
+        let count = self.store.count(&keys::grants(c, exp_name)).await?;
+        check_quota("grants", count + 1, self.cfg.max_grants_per_exposure as u64)?;
+        for _ in 0..MAX_RETRIES {
+            let (crev, ccloud) = match self.cloud(consumer).await {
+                Ok(v) => v,
+                Err(CoreError::NotFound(_)) => {
+                    return Err(FieldError::new("consumer", format!("no cloud {consumer}")).into())
+                }
+                Err(e) => return Err(e),
+            };
+            let vip = self.allocate_ip(&ccloud).await?;
+            let grant = Grant {
+                provider: c,
+                exposure: exp_name.to_string(),
+                consumer,
+                state: if exp.require_acceptance {
+                    GrantState::Offered
+                } else {
+                    GrantState::Active
+                },
+                vip,
+                fqdn: format!("{}.{}.svc.{}", exp.name, provider.name, ccloud.zone),
+                created_at: now(),
+            };
+            let txn = Txn {
+                compares: vec![
+                    Compare::ModRevision(keys::exposure(c, exp_name), erev),
+                    Compare::ModRevision(keys::cloud(consumer), crev),
+                    Compare::Absent(keys::grant(c, exp_name, consumer)),
+                    Compare::Absent(keys::ip(consumer, vip)),
+                ],
+                success: vec![
+                    put(keys::grant(c, exp_name, consumer), &grant),
+                    put(keys::import(consumer, c, exp_name), &grant),
+                    put(keys::ip(consumer, vip), &format!("vip:{c}/{exp_name}")),
+                ],
+            };
+            match self.store.txn(txn).await? {
+                TxnOutcome::Committed { .. } => return Ok(Reply::Grant(grant)),
+                TxnOutcome::Failed { failed_compare: 0 } => {
+                    return Err(CoreError::Contention(format!("exposure {exp_name}")))
+                }
+                TxnOutcome::Failed { failed_compare: 2 } => {
+                    return Err(conflict(
+                        "exists",
+                        format!("exposure {exp_name} is already granted to {consumer}"),
+                    ))
+                }
+                TxnOutcome::Failed { .. } => continue,
+            }
+        }
+        Err(CoreError::Contention(format!("cloud {consumer}")))
+    }
+
+    async fn revoke_grant(
+        &self,
+        provider: CloudId,
+        exp: &str,
+        consumer: CloudId,
+    ) -> Result<Reply, CoreError> {
+        let (rev, g): (u64, Grant) = self
+            .read(&keys::grant(provider, exp, consumer), || {
+                format!("grant of {provider}/{exp} to {consumer}")
+            })
+            .await?;
+        let txn = Txn {
+            compares: vec![Compare::ModRevision(
+                keys::grant(provider, exp, consumer),
+                rev,
+            )],
+            success: vec![
+                Op::Delete {
+                    key: keys::grant(provider, exp, consumer),
+                },
+                Op::Delete {
+                    key: keys::import(consumer, provider, exp),
+                },
+                Op::Delete {
+                    key: keys::ip(consumer, g.vip),
+                },
+            ],
+        };
+        match self.commit(txn).await? {
+            Some(_) => Ok(Reply::Done),
+            None => Err(CoreError::Contention(format!("grant {provider}/{exp}"))),
+        }
+    }
+
+    async fn accept_import(
+        &self,
+        consumer: CloudId,
+        provider: CloudId,
+        exp: &str,
+    ) -> Result<Reply, CoreError> {
+        let (rev, mut g): (u64, Grant) = self
+            .read(&keys::grant(provider, exp, consumer), || {
+                format!("grant of {provider}/{exp} to {consumer}")
+            })
+            .await?;
+        g.state = GrantState::Active;
+        let txn = Txn {
+            compares: vec![Compare::ModRevision(
+                keys::grant(provider, exp, consumer),
+                rev,
+            )],
+            success: vec![
+                put(keys::grant(provider, exp, consumer), &g),
+                put(keys::import(consumer, provider, exp), &g),
+            ],
+        };
+        match self.commit(txn).await? {
+            Some(_) => Ok(Reply::Grant(g)),
+            None => Err(CoreError::Contention(format!("grant {provider}/{exp}"))),
+        }
+    }
+
+    // ----- hosts -----
+
+    async fn register_host(&self, name: String) -> Result<Reply, CoreError> {
+        validate_label("name", &name)?;
+        let info = match self.store.get(&keys::host(&name)).await? {
+            Some(kv) => decode(&kv.key, &kv.value)?,
+            None => {
+                let info = HostInfo {
+                    name: name.clone(),
+                    registered_at: now(),
+                };
+                self.store
+                    .txn(Txn {
+                        compares: vec![Compare::Absent(keys::host(&name))],
+                        success: vec![put(keys::host(&name), &info)],
+                    })
+                    .await?;
+                info
+            }
+        };
+        // Scheduling reads the feed's host set; make the registration visible to it at once.
+        self.feed
+            .state
+            .lock()
+            .expect("feed lock")
+            .hosts
+            .insert(name);
+        Ok(Reply::Host(info))
+    }
+
+    async fn report_status(&self, host: &str, report: StatusReport) -> Result<Reply, CoreError> {
+        validate_label("host", host)?;
+        for (i, r) in report.vms.iter().enumerate() {
+            // Only VMs placed on this host: a host cannot write another's status.
+            let key = keys::placement(host, r.cloud, &r.vm);
+            let txn = Txn {
+                compares: vec![Compare::Present(key)],
+                success: vec![put(keys::vm_status(r.cloud, &r.vm), &r.status)],
+            };
+            if self.commit(txn).await?.is_none() {
+                // The VM was deleted or moved meanwhile; its status no longer matters.
+                let _ = i;
+            }
+        }
+        Ok(Reply::Done)
+    }
+
+    /// Changes of `host`'s desired state after revision `after` (0: everything), waiting up to
+    /// `wait` for some to happen. Only the operator (or the in-process agent) may call it.
+    pub async fn sync(
+        &self,
+        principal: Principal,
+        host: &str,
+        after: u64,
+        wait: Duration,
+    ) -> Result<SyncDelta, CoreError> {
+        if principal != Principal::Operator {
+            return Err(CoreError::Forbidden("read host state".into()));
+        }
+        validate_label("host", host)?;
+        let deadline = tokio::time::Instant::now() + wait;
+        let mut rx = self.feed.latest.subscribe();
+        let mut after = after;
+        loop {
+            let latest = *rx.borrow_and_update();
+            let events = {
+                let st = self.feed.state.lock().expect("feed lock");
+                if after == 0 || after < st.complete_after || latest == u64::MAX {
+                    None
+                } else {
+                    let relevant: Vec<(String, Option<Vec<u8>>, bool)> = if latest > after {
+                        let prefix = keys::host_all(host);
+                        let clouds = st.placements.get(host);
+                        st.ring
+                            .iter()
+                            .filter(|e| e.revision > after)
+                            .filter(|e| {
+                                e.key.starts_with(&prefix)
+                                    || zone_cloud(&e.key)
+                                        .is_some_and(|c| clouds.is_some_and(|m| m.contains_key(&c)))
+                            })
+                            .map(|e| (e.key.clone(), e.value.clone(), e.deleted))
+                            .collect()
+                    } else {
+                        Vec::new()
+                    };
+                    Some(relevant)
+                }
+            };
+            let Some(events) = events else {
+                return self.snapshot(host).await;
+            };
+            if !events.is_empty() {
+                return self.delta(host, latest, events).await;
+            }
+            after = after.max(latest);
+            tokio::select! {
+                r = rx.changed() => {
+                    if r.is_err() {
+                        return Ok(SyncDelta { revision: after, ..SyncDelta::default() });
+                    }
+                }
+                _ = tokio::time::sleep_until(deadline) => {
+                    return Ok(SyncDelta { revision: after, ..SyncDelta::default() });
+                }
+            }
+        }
+    }
+
+    async fn delta(
+        &self,
+        host: &str,
+        revision: u64,
+        events: Vec<(String, Option<Vec<u8>>, bool)>,
+    ) -> Result<SyncDelta, CoreError> {
+        let mut vms: BTreeMap<(CloudId, String), Option<Placement>> = BTreeMap::new();
+        let mut volumes: BTreeMap<(CloudId, String), Option<VolumePlacement>> = BTreeMap::new();
+        let mut touched: BTreeSet<CloudId> = BTreeSet::new();
+        for (key, value, deleted) in events {
+            if let Some((h, is_vm, cloud, name)) = parse_placement_key(&key) {
+                if h != host {
+                    continue;
+                }
+                touched.insert(cloud);
+                let id = (cloud, name.to_string());
+                if is_vm {
+                    let v = match (&value, deleted) {
+                        (Some(v), false) => Some(decode(&key, v)?),
+                        _ => None,
+                    };
+                    vms.insert(id, v);
+                } else {
+                    let v = match (&value, deleted) {
+                        (Some(v), false) => Some(decode(&key, v)?),
+                        _ => None,
+                    };
+                    volumes.insert(id, v);
+                }
+            } else if let Some(c) = zone_cloud(&key) {
+                touched.insert(c);
+            }
+        }
+        let mut d = SyncDelta {
+            revision,
+            ..SyncDelta::default()
+        };
+        for ((cloud, vm), p) in vms {
+            match p {
+                Some(p) => d.vms.push(p),
+                None => d.removed_vms.push(VmRef { cloud, vm }),
+            }
+        }
+        for ((cloud, name), p) in volumes {
+            match p {
+                Some(p) => d.volumes.push(p),
+                None => d.removed_volumes.push(VolumeRef { cloud, name }),
+            }
+        }
+        let present: HashSet<CloudId> = {
+            let st = self.feed.state.lock().expect("feed lock");
+            st.placements
+                .get(host)
+                .map(|m| m.keys().copied().collect())
+                .unwrap_or_default()
+        };
+        for c in touched {
+            match present.contains(&c) {
+                true => match self.zone(c).await? {
+                    Some(z) => d.zones.push(z),
+                    None => d.removed_zones.push(c),
+                },
+                false => d.removed_zones.push(c),
+            }
+        }
+        Ok(d)
+    }
+
+    async fn snapshot(&self, host: &str) -> Result<SyncDelta, CoreError> {
+        let revision = self.store.revision().await?;
+        let mut d = SyncDelta {
+            revision,
+            full: true,
+            ..SyncDelta::default()
+        };
+        let mut clouds = BTreeSet::new();
+        for kv in self.store.range(&keys::host_all(host), None, 0).await? {
+            let Some((_, is_vm, cloud, _)) = parse_placement_key(&kv.key) else {
+                continue;
+            };
+            clouds.insert(cloud);
+            if is_vm {
+                d.vms.push(decode(&kv.key, &kv.value)?);
+            } else {
+                d.volumes.push(decode(&kv.key, &kv.value)?);
+            }
+        }
+        for c in clouds {
+            if let Some(z) = self.zone(c).await? {
+                d.zones.push(z);
+            }
+        }
+        Ok(d)
+    }
+}
+
+fn pending(at: u64) -> VmStatus {
+    VmStatus {
+        state: VmState::Pending,
+        device: None,
+        message: None,
+        updated_at: at,
+    }
+}
+
+fn validate_quotas(q: &Quotas) -> Result<(), FieldError> {
+    let checks: [(&str, u64, u64); 5] = [
+        ("quotas.vms", q.vms as u64, 100_000),
+        ("quotas.vcpus", q.vcpus as u64, 1_000_000),
+        ("quotas.memory_mib", q.memory_mib, 1 << 34),
+        ("quotas.volume_gib", q.volume_gib, 1 << 24),
+        ("quotas.bandwidth_mbps", q.bandwidth_mbps as u64, 1_000_000),
+    ];
+    for (field, v, max) in checks {
+        if v > max {
+            return Err(FieldError::new(field, format!("at most {max}")));
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,716 @@
+//! The API's resources: what clients send, what the store keeps, what agents receive.
+//!
+//! Decisions:
+//! - **Ids.** A cloud's id is a random non-zero 32-bit number (the dataplane's cloud id), shown
+//!   as `c` + 8 hex digits. Random ids need no shared counter, so concurrent creates (and
+//!   several control planes on etcd) never contend on one key; a collision is detected by the
+//!   create's `Absent` compare and retried. Everything inside a cloud is named by the client
+//!   (a DNS label), unique within the cloud.
+//! - **Strict input.** Every request body rejects unknown fields; validation errors name the
+//!   field (`quotas.vcpus`, `records[0]`), and the API returns them as 4xx JSON.
+//! - Stored records are the same types as the API's, serialized as JSON, so there is one
+//!   definition of each resource.
+
+use std::{
+    fmt,
+    net::{Ipv4Addr, Ipv6Addr},
+    str::FromStr,
+};
+
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+/// A field-level validation error: which field, and what is wrong with it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {message}")]
+pub struct FieldError {
+    pub field: String,
+    pub message: String,
+}
+
+impl FieldError {
+    pub fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
+        FieldError {
+            field: field.into(),
+            message: message.into(),
+        }
+    }
+}
+
+/// A cloud id: non-zero, shown as `c` + 8 lowercase hex digits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct CloudId(pub u32);
+
+impl fmt::Display for CloudId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "c{:08x}", self.0)
+    }
+}
+
+impl FromStr for CloudId {
+    type Err = FieldError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = || {
+            FieldError::new(
+                "cloud",
+                format!("{s:?} is not a cloud id (c + 8 hex digits)"),
+            )
+        };
+        let hex = s.strip_prefix('c').ok_or_else(bad)?;
+        if hex.len() != 8
+            || !hex
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        {
+            return Err(bad());
+        }
+        match u32::from_str_radix(hex, 16) {
+            Ok(0) | Err(_) => Err(bad()),
+            Ok(v) => Ok(CloudId(v)),
+        }
+    }
+}
+
+impl Serialize for CloudId {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for CloudId {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse()
+            .map_err(|e: FieldError| serde::de::Error::custom(e.message))
+    }
+}
+
+impl utoipa::PartialSchema for CloudId {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        utoipa::openapi::ObjectBuilder::new()
+            .schema_type(utoipa::openapi::schema::Type::String)
+            .pattern(Some("^c[0-9a-f]{8}$"))
+            .examples([serde_json::json!("c1f2e3d4a")])
+            .into()
+    }
+}
+
+impl ToSchema for CloudId {}
+
+/// Checks a DNS label used as a resource name: 1-63 of `a-z0-9-`, not starting or ending with
+/// `-`.
+pub fn validate_label(field: &str, s: &str) -> Result<(), FieldError> {
+    let ok = !s.is_empty()
+        && s.len() <= 63
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !s.starts_with('-')
+        && !s.ends_with('-');
+    if ok {
+        Ok(())
+    } else {
+        Err(FieldError::new(
+            field,
+            format!("{s:?} is not a name: use 1-63 of a-z, 0-9 and '-', not starting or ending with '-'"),
+        ))
+    }
+}
+
+/// An IPv4 prefix such as `10.0.0.0/16`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Ipv4Net {
+    pub addr: Ipv4Addr,
+    pub len: u8,
+}
+
+impl Ipv4Net {
+    pub fn mask(&self) -> u32 {
+        if self.len == 0 {
+            0
+        } else {
+            u32::MAX << (32 - self.len)
+        }
+    }
+
+    pub fn network(&self) -> u32 {
+        u32::from(self.addr) & self.mask()
+    }
+
+    /// Number of addresses in the prefix.
+    pub fn size(&self) -> u64 {
+        1u64 << (32 - self.len)
+    }
+
+    pub fn contains(&self, ip: Ipv4Addr) -> bool {
+        u32::from(ip) & self.mask() == self.network()
+    }
+}
+
+impl fmt::Display for Ipv4Net {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.addr, self.len)
+    }
+}
+
+impl FromStr for Ipv4Net {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (a, l) = s
+            .split_once('/')
+            .ok_or_else(|| format!("{s:?} is not an IPv4 prefix like 10.0.0.0/16"))?;
+        let addr: Ipv4Addr = a
+            .parse()
+            .map_err(|_| format!("{a:?} is not an IPv4 address"))?;
+        let len: u8 = l
+            .parse()
+            .ok()
+            .filter(|l| *l <= 32)
+            .ok_or_else(|| format!("{l:?} is not a prefix length (0-32)"))?;
+        let net = Ipv4Net { addr, len };
+        if u32::from(addr) != net.network() {
+            return Err(format!(
+                "{s:?} has host bits set (network is {}/{len})",
+                Ipv4Addr::from(net.network())
+            ));
+        }
+        Ok(net)
+    }
+}
+
+impl Serialize for Ipv4Net {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for Ipv4Net {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d)?
+            .parse()
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+impl utoipa::PartialSchema for Ipv4Net {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        utoipa::openapi::ObjectBuilder::new()
+            .schema_type(utoipa::openapi::schema::Type::String)
+            .examples([serde_json::json!("10.0.0.0/16")])
+            .into()
+    }
+}
+
+impl ToSchema for Ipv4Net {}
+
+/// Limits of one cloud. Every create that would exceed one is refused with 409 `quota_exceeded`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields, default)]
+pub struct Quotas {
+    pub vms: u32,
+    pub vcpus: u32,
+    pub memory_mib: u64,
+    pub volume_gib: u64,
+    /// Egress bandwidth per VM, Mbit/s (recorded; enforced by the dataplane in a later issue).
+    pub bandwidth_mbps: u32,
+}
+
+impl Default for Quotas {
+    fn default() -> Self {
+        Quotas {
+            vms: 16,
+            vcpus: 32,
+            memory_mib: 64 * 1024,
+            volume_gib: 1024,
+            bandwidth_mbps: 1000,
+        }
+    }
+}
+
+/// What a cloud currently uses of its quotas.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Usage {
+    pub vms: u32,
+    pub vcpus: u32,
+    pub memory_mib: u64,
+    pub volume_gib: u64,
+}
+
+/// `POST /v1/clouds`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateCloud {
+    /// DNS label of the cloud's zone (`<vm>.<name>.<suffix>`); default: the cloud id.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// The cloud's private range; default from the control plane's config (10.0.0.0/16).
+    /// Ranges of different clouds may overlap.
+    #[serde(default)]
+    #[schema(value_type = Option<String>, example = "10.0.0.0/16")]
+    pub cidr: Option<Ipv4Net>,
+    #[serde(default)]
+    pub quotas: Option<Quotas>,
+}
+
+/// A cloud as stored and returned.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Cloud {
+    pub id: CloudId,
+    pub name: String,
+    #[schema(value_type = String, example = "10.0.0.0/16")]
+    pub cidr: Ipv4Net,
+    /// The gateway address guests use (first address of the range); also their DNS server.
+    #[schema(value_type = String)]
+    pub gateway: Ipv4Addr,
+    pub quotas: Quotas,
+    pub usage: Usage,
+    /// DNS zone apex, e.g. `prod.atoll.internal.`.
+    pub zone: String,
+    /// Seconds since the Unix epoch.
+    pub created_at: u64,
+    /// SHA-256 of the cloud's token, hex. Never returned by the API.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    #[schema(ignore)]
+    pub token_sha256: String,
+}
+
+/// `POST /v1/clouds` response: the cloud and its token, shown only this once.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreatedCloud {
+    pub cloud: Cloud,
+    /// Bearer token scoped to this cloud. Store it: it cannot be read again.
+    pub token: String,
+}
+
+/// `POST /v1/clouds/{cloud}/vms`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateVm {
+    pub name: String,
+    #[serde(default = "default_vcpus")]
+    pub vcpus: u32,
+    #[serde(default = "default_memory")]
+    pub memory_mib: u64,
+    /// Guest kernel image name (resolved by the host's VM driver).
+    #[serde(default)]
+    pub kernel: Option<String>,
+    /// Root image name.
+    #[serde(default)]
+    pub image: Option<String>,
+    /// Names of volumes of this cloud to attach.
+    #[serde(default)]
+    pub volumes: Vec<String>,
+}
+
+fn default_vcpus() -> u32 {
+    1
+}
+
+fn default_memory() -> u64 {
+    128
+}
+
+/// Lifecycle state of a VM as reported by its host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum VmState {
+    /// Accepted; its host has not applied it yet.
+    Pending,
+    /// Its network identity is live on its host (tap, maps, DNS).
+    NetworkReady,
+    /// Its host failed to apply it; see `message`.
+    Failed,
+}
+
+/// A VM as stored and returned.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Vm {
+    pub cloud: CloudId,
+    pub name: String,
+    pub vcpus: u32,
+    pub memory_mib: u64,
+    pub kernel: Option<String>,
+    pub image: Option<String>,
+    pub volumes: Vec<String>,
+    #[schema(value_type = String)]
+    pub ipv4: Ipv4Addr,
+    /// `<name>.<cloud zone>`.
+    pub fqdn: String,
+    pub host: String,
+    pub created_at: u64,
+    /// Filled in from the host's reports when returned by the API.
+    #[serde(default)]
+    pub status: Option<VmStatus>,
+}
+
+/// What a host reports about a VM.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct VmStatus {
+    pub state: VmState,
+    /// Host device (tap) name.
+    #[serde(default)]
+    pub device: Option<String>,
+    #[serde(default)]
+    pub message: Option<String>,
+    /// Seconds since the Unix epoch.
+    pub updated_at: u64,
+}
+
+/// Volume image format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum VolumeFormat {
+    #[default]
+    Raw,
+    Qcow2,
+}
+
+/// `POST /v1/clouds/{cloud}/volumes`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateVolume {
+    pub name: String,
+    pub size_gib: u64,
+    #[serde(default)]
+    pub format: VolumeFormat,
+}
+
+/// A volume: a sparse file under the cloud's directory on its host.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Volume {
+    pub cloud: CloudId,
+    pub name: String,
+    pub size_gib: u64,
+    pub format: VolumeFormat,
+    pub host: String,
+    /// The VM it is attached to.
+    pub attached_to: Option<String>,
+    pub created_at: u64,
+}
+
+/// `POST /v1/clouds/{cloud}/volumes/{volume}/attach`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AttachVolume {
+    pub vm: String,
+}
+
+/// DNS record type of user records.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, ToSchema,
+)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum RecordType {
+    A,
+    Aaaa,
+    Cname,
+    Txt,
+}
+
+impl RecordType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RecordType::A => "A",
+            RecordType::Aaaa => "AAAA",
+            RecordType::Cname => "CNAME",
+            RecordType::Txt => "TXT",
+        }
+    }
+}
+
+/// `PUT /v1/clouds/{cloud}/dns/{name}/{type}`: a record set, replacing any existing one.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PutRecordSet {
+    #[serde(default = "default_ttl")]
+    pub ttl: u32,
+    /// Values in their text form: addresses, a target name, or TXT strings.
+    pub values: Vec<String>,
+}
+
+fn default_ttl() -> u32 {
+    60
+}
+
+/// A DNS record set of a cloud.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RecordSet {
+    /// Relative name within the cloud's zone (`www`, `db.internal`, `@` for the apex).
+    pub name: String,
+    #[serde(rename = "type")]
+    pub rtype: RecordType,
+    pub ttl: u32,
+    pub values: Vec<String>,
+    /// True for the records atoll maintains for VMs (read-only).
+    #[serde(default)]
+    pub automatic: bool,
+}
+
+/// Validates a record set's relative name and values.
+pub fn validate_record_set(
+    name: &str,
+    rtype: RecordType,
+    rs: &PutRecordSet,
+) -> Result<(), FieldError> {
+    if name != "@" {
+        if name.len() > 190 {
+            return Err(FieldError::new("name", "longer than 190 characters"));
+        }
+        for label in name.split('.') {
+            validate_label("name", label)?;
+        }
+    }
+    if rs.ttl == 0 || rs.ttl > 86_400 {
+        return Err(FieldError::new("ttl", "must be 1 to 86400 seconds"));
+    }
+    if rs.values.is_empty() || rs.values.len() > 64 {
+        return Err(FieldError::new("values", "must hold 1 to 64 values"));
+    }
+    for (i, v) in rs.values.iter().enumerate() {
+        let field = format!("values[{i}]");
+        match rtype {
+            RecordType::A => {
+                v.parse::<Ipv4Addr>().map_err(|_| {
+                    FieldError::new(&field, format!("{v:?} is not an IPv4 address"))
+                })?;
+            }
+            RecordType::Aaaa => {
+                v.parse::<Ipv6Addr>().map_err(|_| {
+                    FieldError::new(&field, format!("{v:?} is not an IPv6 address"))
+                })?;
+            }
+            RecordType::Cname => {
+                if rs.values.len() != 1 {
+                    return Err(FieldError::new("values", "a CNAME has exactly one value"));
+                }
+                let name = v.strip_suffix('.').unwrap_or(v);
+                if name.is_empty()
+                    || name.len() > 253
+                    || name.split('.').any(|l| validate_label(&field, l).is_err())
+                {
+                    return Err(FieldError::new(
+                        &field,
+                        format!("{v:?} is not a domain name"),
+                    ));
+                }
+            }
+            RecordType::Txt => {
+                if v.len() > 255 {
+                    return Err(FieldError::new(&field, "a TXT string is at most 255 bytes"));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Transport protocol of an exposure.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    Tcp,
+    Udp,
+}
+
+/// One backend of an exposure.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Backend {
+    pub vm: String,
+    pub port: u16,
+}
+
+/// `POST /v1/clouds/{cloud}/exposures`: a service this cloud offers to others.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateExposure {
+    pub name: String,
+    pub protocol: Protocol,
+    /// The port consumers connect to on their VIP.
+    pub port: u16,
+    pub backends: Vec<Backend>,
+    /// Grants must be accepted by the consumer before traffic flows.
+    #[serde(default)]
+    pub require_acceptance: bool,
+}
+
+/// An exposure as stored and returned.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Exposure {
+    pub cloud: CloudId,
+    pub name: String,
+    pub protocol: Protocol,
+    pub port: u16,
+    pub backends: Vec<Backend>,
+    pub require_acceptance: bool,
+    pub created_at: u64,
+}
+
+/// `POST /v1/clouds/{cloud}/exposures/{exposure}/grants`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateGrant {
+    pub consumer: CloudId,
+}
+
+/// State of a grant.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum GrantState {
+    /// Waiting for the consumer to accept.
+    Offered,
+    Active,
+}
+
+/// A grant of an exposure to a consumer cloud, seen by both.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Grant {
+    pub provider: CloudId,
+    pub exposure: String,
+    pub consumer: CloudId,
+    pub state: GrantState,
+    /// The address the consumer reaches the exposure at, in the consumer's range.
+    #[schema(value_type = String)]
+    pub vip: Ipv4Addr,
+    /// The name the consumer resolves: `<exposure>.<provider name>.svc.<consumer zone>`.
+    pub fqdn: String,
+    pub created_at: u64,
+}
+
+/// A host (agent) registration.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct HostInfo {
+    pub name: String,
+    /// Seconds since the Unix epoch.
+    pub registered_at: u64,
+}
+
+/// A VM's network identity as its host applies it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Placement {
+    pub cloud: CloudId,
+    pub vm: String,
+    #[schema(value_type = String)]
+    pub ipv4: Ipv4Addr,
+    #[schema(value_type = String)]
+    pub gateway: Ipv4Addr,
+    /// The guest's MAC, `02:a8:` + its IPv4 address.
+    pub mac: String,
+    pub vcpus: u32,
+    pub memory_mib: u64,
+    pub volumes: Vec<String>,
+}
+
+/// A volume its host must hold.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct VolumePlacement {
+    pub cloud: CloudId,
+    pub name: String,
+    pub size_gib: u64,
+    pub format: VolumeFormat,
+}
+
+/// One record of a cloud's zone as agents serve it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ZoneRecord {
+    /// Fully qualified, with the trailing dot.
+    pub fqdn: String,
+    #[serde(rename = "type")]
+    pub rtype: RecordType,
+    pub ttl: u32,
+    pub values: Vec<String>,
+}
+
+/// A cloud's whole zone.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Zone {
+    pub cloud: CloudId,
+    pub apex: String,
+    pub records: Vec<ZoneRecord>,
+}
+
+/// Changes of a host's desired state since a revision (`GET /v1/hosts/{host}/sync`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SyncDelta {
+    /// Pass as `after` in the next request.
+    pub revision: u64,
+    /// The delta is the whole state: anything the host has that is not in it must go.
+    pub full: bool,
+    pub vms: Vec<Placement>,
+    /// `(cloud, vm)` pairs removed from this host.
+    pub removed_vms: Vec<VmRef>,
+    pub volumes: Vec<VolumePlacement>,
+    pub removed_volumes: Vec<VolumeRef>,
+    pub zones: Vec<Zone>,
+    pub removed_zones: Vec<CloudId>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct VmRef {
+    pub cloud: CloudId,
+    pub vm: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct VolumeRef {
+    pub cloud: CloudId,
+    pub name: String,
+}
+
+/// `POST /v1/hosts/{host}/status`: what the host applied.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct StatusReport {
+    pub vms: Vec<VmReport>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct VmReport {
+    pub cloud: CloudId,
+    pub vm: String,
+    pub status: VmStatus,
+}
+
+/// The JSON body of every error response.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ErrorBody {
+    pub error: ErrorDetail,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ErrorDetail {
+    /// Stable machine-readable code, e.g. `invalid_field`, `not_found`, `quota_exceeded`.
+    pub code: String,
+    pub message: String,
+    /// The offending request field, when there is one (`quotas.vcpus`, `values[1]`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub field: Option<String>,
+}
+
+/// The MAC atoll gives a guest: `02:a8:` + its IPv4 address (unique within a cloud, and guests
+/// never share an L2 segment).
+pub fn guest_mac(ip: Ipv4Addr) -> String {
+    let o = ip.octets();
+    format!("02:a8:{:02x}:{:02x}:{:02x}:{:02x}", o[0], o[1], o[2], o[3])
+}

@@ -1,0 +1,853 @@
+//! The HTTP API end to end on the embedded store: authorization of every route, resources and
+//! their invariants (IPAM, quotas, atomic creates, cascade delete), bad input, the OpenAPI
+//! document, and host syncs.
+
+use std::{collections::HashSet, net::Ipv4Addr, sync::Arc, time::Duration};
+
+use atoll_control::{
+    api::{self, ROUTES},
+    client::{Client, ClientError},
+    config::{ControlConfig, StoreConfig},
+    core::{Core, Principal},
+    model::*,
+};
+use hyper::{Method, StatusCode};
+use serde_json::{json, Value};
+
+struct Api {
+    url: String,
+    op_token: String,
+    op: Client,
+    core: Arc<Core>,
+    _dir: tempfile::TempDir,
+    _stop: tokio::sync::oneshot::Sender<()>,
+}
+
+async fn start() -> Api {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cfg = ControlConfig {
+        operator_token_file: dir.path().join("operator.token"),
+        store: StoreConfig {
+            path: dir.path().join("control.db"),
+            ..StoreConfig::default()
+        },
+        ..ControlConfig::default()
+    };
+    let core = cfg.start().await.expect("start control plane");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(api::serve(core.clone(), listener, async {
+        let _ = rx.await;
+    }));
+    let op = Client::new(&url, &cfg.operator_token().unwrap()).unwrap();
+    op.call::<Value, Value>(Method::PUT, "/v1/hosts/host-a", None)
+        .await
+        .expect("register host");
+    Api {
+        url,
+        op_token: cfg.operator_token().unwrap(),
+        op,
+        core,
+        _dir: dir,
+        _stop: tx,
+    }
+}
+
+impl Api {
+    fn as_token(&self, token: &str) -> Client {
+        Client::new(&self.url, token).unwrap()
+    }
+
+    async fn cloud(&self, body: Value) -> (CreatedCloud, Client) {
+        let c: CreatedCloud = self
+            .op
+            .call(Method::POST, "/v1/clouds", Some(&body))
+            .await
+            .expect("create cloud");
+        let client = self.as_token(&c.token);
+        (c, client)
+    }
+}
+
+async fn raw(c: &Client, method: Method, path: &str, body: Option<&Value>) -> (StatusCode, Value) {
+    let (status, bytes) = c
+        .send(method, path, body, Duration::ZERO)
+        .await
+        .expect("request");
+    let v = if bytes.is_empty() {
+        Value::Null
+    } else {
+        serde_json::from_slice(&bytes)
+            .unwrap_or_else(|_| panic!("non-JSON body from {path}: {bytes:?}"))
+    };
+    (status, v)
+}
+
+fn api_err(e: ClientError) -> (StatusCode, ErrorBody) {
+    match e {
+        ClientError::Api { status, body } => (status, body),
+        other => panic!("expected an API error, got {other}"),
+    }
+}
+
+/// Fills a route's path parameters: clouds with `cloud`, names with `x`.
+fn fill(path: &str, cloud: CloudId, other: CloudId) -> String {
+    path.replace("{cloud}", &cloud.to_string())
+        .replace("{provider}", &other.to_string())
+        .replace("{consumer}", &other.to_string())
+        .replace("{type}", "A")
+        .replace(['{', '}'], "")
+}
+
+fn method(m: &str) -> Method {
+    m.to_uppercase().parse().unwrap()
+}
+
+#[tokio::test]
+async fn every_route_refuses_other_clouds_tokens_and_missing_tokens() {
+    let api = start().await;
+    let (a, a_client) = api.cloud(json!({"name": "alpha"})).await;
+    let (b, _b_client) = api.cloud(json!({"name": "beta"})).await;
+    let anonymous = api.as_token("");
+    let forged = api.as_token(&format!("atl_{}_not-the-secret", b.cloud.id));
+    let body = json!({});
+    let mut checked = 0;
+    for r in ROUTES.iter().filter(|r| r.auth) {
+        let path = fill(r.path, b.cloud.id, a.cloud.id);
+        let send_body = r.body.map(|_| &body);
+        // No token, and a token with a made-up secret: 401.
+        for c in [&anonymous, &forged] {
+            let (status, v) = raw(c, method(r.method), &path, send_body).await;
+            assert_eq!(status, StatusCode::UNAUTHORIZED, "{} {path}: {v}", r.method);
+            assert_eq!(v["error"]["code"], "unauthenticated");
+        }
+        // Cloud A's token on cloud B's resources (and on operator routes): 403, never data.
+        let (status, v) = raw(&a_client, method(r.method), &path, send_body).await;
+        let own_listing = r.method == "get" && r.path == "/v1/clouds";
+        if own_listing {
+            assert_eq!(status, StatusCode::OK);
+            let ids: Vec<&str> = v
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|c| c["id"].as_str().unwrap())
+                .collect();
+            assert_eq!(
+                ids,
+                vec![a.cloud.id.to_string()],
+                "a cloud token lists only its cloud"
+            );
+        } else {
+            assert_eq!(
+                status,
+                StatusCode::FORBIDDEN,
+                "{} {path} with cloud A's token: {v}",
+                r.method
+            );
+            assert_eq!(v["error"]["code"], "forbidden");
+        }
+        checked += 1;
+    }
+    assert!(checked >= 30, "only {checked} routes checked");
+    // Cloud B is untouched.
+    let (status, v) = raw(
+        &api.op,
+        Method::GET,
+        &format!("/v1/clouds/{}", b.cloud.id),
+        None,
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    assert!(
+        v.get("token_sha256").is_none(),
+        "token hashes are never returned"
+    );
+}
+
+#[tokio::test]
+async fn cloud_lifecycle_ipam_quotas_dns_and_cascade_delete() {
+    let api = start().await;
+    let (a, ac) = api
+        .cloud(json!({"name": "prod", "quotas": {"vms": 3, "vcpus": 8}}))
+        .await;
+    let (b, bc) = api.cloud(json!({"name": "other"})).await;
+    assert_eq!(a.cloud.cidr.to_string(), "10.0.0.0/16");
+    assert_eq!(a.cloud.gateway, Ipv4Addr::new(10, 0, 0, 1));
+    assert_eq!(a.cloud.zone, "prod.atoll.internal.");
+    assert!(a.token.starts_with(&format!("atl_{}_", a.cloud.id)));
+
+    let vm = |name: &str| json!({"name": name, "vcpus": 2, "memory_mib": 256});
+    let v1: Vm = ac
+        .call(
+            Method::POST,
+            &format!("/v1/clouds/{}/vms", a.cloud.id),
+            Some(&vm("web")),
+        )
+        .await
+        .unwrap();
+    let v2: Vm = ac
+        .call(
+            Method::POST,
+            &format!("/v1/clouds/{}/vms", a.cloud.id),
+            Some(&vm("db")),
+        )
+        .await
+        .unwrap();
+    assert_eq!(v1.ipv4, Ipv4Addr::new(10, 0, 0, 2));
+    assert_eq!(v2.ipv4, Ipv4Addr::new(10, 0, 0, 3));
+    assert_eq!(v1.fqdn, "web.prod.atoll.internal.");
+    assert_eq!(v1.host, "host-a");
+    assert_eq!(v1.status.as_ref().unwrap().state, VmState::Pending);
+    // Overlapping ranges: cloud B gets the same first address.
+    let vb: Vm = bc
+        .call(
+            Method::POST,
+            &format!("/v1/clouds/{}/vms", b.cloud.id),
+            Some(&vm("web")),
+        )
+        .await
+        .unwrap();
+    assert_eq!(vb.ipv4, Ipv4Addr::new(10, 0, 0, 2));
+    // Same name twice: 409.
+    let e = ac
+        .call::<Value, Value>(
+            Method::POST,
+            &format!("/v1/clouds/{}/vms", a.cloud.id),
+            Some(&vm("web")),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(api_err(e).0, StatusCode::CONFLICT);
+    // vCPU quota (8): 2 + 2 + 6 > 8.
+    let big = json!({"name": "big", "vcpus": 6});
+    let (status, body) = api_err(
+        ac.call::<Value, Value>(
+            Method::POST,
+            &format!("/v1/clouds/{}/vms", a.cloud.id),
+            Some(&big),
+        )
+        .await
+        .unwrap_err(),
+    );
+    assert_eq!(status, StatusCode::CONFLICT);
+    assert_eq!(body.error.code, "quota_exceeded");
+    assert_eq!(body.error.field.as_deref(), Some("quotas.vcpus"));
+
+    // Delete releases the address; the next VM reuses the lowest free one.
+    let _: Value = ac
+        .call(
+            Method::DELETE,
+            &format!("/v1/clouds/{}/vms/web", a.cloud.id),
+            None::<&Value>,
+        )
+        .await
+        .unwrap();
+    let v3: Vm = ac
+        .call(
+            Method::POST,
+            &format!("/v1/clouds/{}/vms", a.cloud.id),
+            Some(&vm("cache")),
+        )
+        .await
+        .unwrap();
+    assert_eq!(v3.ipv4, Ipv4Addr::new(10, 0, 0, 2));
+
+    // Volumes: quota, attach to a VM, refuse delete while attached.
+    let vol: Volume = ac
+        .call(
+            Method::POST,
+            &format!("/v1/clouds/{}/volumes", a.cloud.id),
+            Some(&json!({"name": "data", "size_gib": 10, "format": "qcow2"})),
+        )
+        .await
+        .unwrap();
+    assert_eq!(vol.format, VolumeFormat::Qcow2);
+    let _: Volume = ac
+        .call(
+            Method::POST,
+            &format!("/v1/clouds/{}/volumes/data/attach", a.cloud.id),
+            Some(&json!({"vm": "db"})),
+        )
+        .await
+        .unwrap();
+    let (status, _) = api_err(
+        ac.call::<Value, Value>(
+            Method::DELETE,
+            &format!("/v1/clouds/{}/volumes/data", a.cloud.id),
+            None,
+        )
+        .await
+        .unwrap_err(),
+    );
+    assert_eq!(status, StatusCode::CONFLICT);
+    let db: Vm = ac
+        .call(
+            Method::GET,
+            &format!("/v1/clouds/{}/vms/db", a.cloud.id),
+            None::<&Value>,
+        )
+        .await
+        .unwrap();
+    assert_eq!(db.volumes, vec!["data".to_string()]);
+    let huge = json!({"name": "huge", "size_gib": 5000});
+    let (status, body) = api_err(
+        ac.call::<Value, Value>(
+            Method::POST,
+            &format!("/v1/clouds/{}/volumes", a.cloud.id),
+            Some(&huge),
+        )
+        .await
+        .unwrap_err(),
+    );
+    assert_eq!(
+        (status, body.error.field.as_deref()),
+        (StatusCode::CONFLICT, Some("quotas.volume_gib"))
+    );
+
+    // DNS: user records beside the automatic ones.
+    let _: RecordSet = ac
+        .call(
+            Method::PUT,
+            &format!("/v1/clouds/{}/dns/www/CNAME", a.cloud.id),
+            Some(&json!({"values": ["db.prod.atoll.internal."]})),
+        )
+        .await
+        .unwrap();
+    let _: RecordSet = ac
+        .call(
+            Method::PUT,
+            &format!("/v1/clouds/{}/dns/@/TXT", a.cloud.id),
+            Some(&json!({"values": ["hello"], "ttl": 300})),
+        )
+        .await
+        .unwrap();
+    let (status, _) = api_err(
+        ac.call::<Value, Value>(
+            Method::PUT,
+            &format!("/v1/clouds/{}/dns/www/A", a.cloud.id),
+            Some(&json!({"values": ["10.0.0.9"]})),
+        )
+        .await
+        .unwrap_err(),
+    );
+    assert_eq!(status, StatusCode::CONFLICT, "CNAME excludes other types");
+    let zone = api.core.zone(a.cloud.id).await.unwrap().unwrap();
+    let names: HashSet<(String, RecordType)> = zone
+        .records
+        .iter()
+        .map(|r| (r.fqdn.clone(), r.rtype))
+        .collect();
+    for want in [
+        ("db.prod.atoll.internal.", RecordType::A),
+        ("cache.prod.atoll.internal.", RecordType::A),
+        ("www.prod.atoll.internal.", RecordType::Cname),
+        ("prod.atoll.internal.", RecordType::Txt),
+    ] {
+        assert!(
+            names.contains(&(want.0.to_string(), want.1)),
+            "{want:?} missing from {names:?}"
+        );
+    }
+
+    // Exposure granted to B: B gets a VIP in its own range and a name in its own zone.
+    let _: Exposure = ac
+        .call(
+            Method::POST,
+            &format!("/v1/clouds/{}/exposures", a.cloud.id),
+            Some(&json!({"name": "pg", "protocol": "tcp", "port": 5432, "backends": [{"vm": "db", "port": 5432}]})),
+        )
+        .await
+        .unwrap();
+    let g: Grant = ac
+        .call(
+            Method::POST,
+            &format!("/v1/clouds/{}/exposures/pg/grants", a.cloud.id),
+            Some(&json!({"consumer": b.cloud.id})),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        g.vip,
+        Ipv4Addr::new(10, 0, 0, 3),
+        "lowest free address of B"
+    );
+    assert_eq!(g.fqdn, "pg.prod.svc.other.atoll.internal.");
+    let imports: Vec<Grant> = bc
+        .call(
+            Method::GET,
+            &format!("/v1/clouds/{}/imports", b.cloud.id),
+            None::<&Value>,
+        )
+        .await
+        .unwrap();
+    assert_eq!(imports, vec![g.clone()]);
+    let bzone = api.core.zone(b.cloud.id).await.unwrap().unwrap();
+    assert!(bzone
+        .records
+        .iter()
+        .any(|r| r.fqdn == g.fqdn && r.values == vec!["10.0.0.3".to_string()]));
+
+    // Deleting cloud A removes everything of A, and A's grant from B, and nothing of B's own.
+    let _: Value = ac
+        .call(
+            Method::DELETE,
+            &format!("/v1/clouds/{}", a.cloud.id),
+            None::<&Value>,
+        )
+        .await
+        .unwrap();
+    let all = api.core.store().range("", None, 0).await.unwrap();
+    let a_id = a.cloud.id.to_string();
+    let left: Vec<&str> = all
+        .iter()
+        .map(|kv| kv.key.as_str())
+        .filter(|k| k.contains(&a_id))
+        .collect();
+    assert!(left.is_empty(), "left behind: {left:?}");
+    let imports: Vec<Grant> = bc
+        .call(
+            Method::GET,
+            &format!("/v1/clouds/{}/imports", b.cloud.id),
+            None::<&Value>,
+        )
+        .await
+        .unwrap();
+    assert!(imports.is_empty());
+    let vms: Vec<Vm> = bc
+        .call(
+            Method::GET,
+            &format!("/v1/clouds/{}/vms", b.cloud.id),
+            None::<&Value>,
+        )
+        .await
+        .unwrap();
+    assert_eq!(vms.len(), 1);
+    // A's token is dead.
+    let (status, _) = raw(
+        &ac,
+        Method::GET,
+        &format!("/v1/clouds/{}", a.cloud.id),
+        None,
+    )
+    .await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    // The grant's VIP went back to B's pool.
+    let vb2: Vm = bc
+        .call(
+            Method::POST,
+            &format!("/v1/clouds/{}/vms", b.cloud.id),
+            Some(&vm("two")),
+        )
+        .await
+        .unwrap();
+    assert_eq!(vb2.ipv4, Ipv4Addr::new(10, 0, 0, 3));
+}
+
+#[tokio::test]
+async fn concurrent_creates_respect_quota_and_never_share_an_address() {
+    let api = start().await;
+    let (a, ac) = api.cloud(json!({"quotas": {"vms": 7}})).await;
+    let mut tasks = Vec::new();
+    for i in 0..20 {
+        let c = ac.clone();
+        let path = format!("/v1/clouds/{}/vms", a.cloud.id);
+        tasks.push(tokio::spawn(async move {
+            c.call::<Value, Vm>(
+                Method::POST,
+                &path,
+                Some(&json!({"name": format!("vm{i}")})),
+            )
+            .await
+        }));
+    }
+    let mut ips = HashSet::new();
+    let mut refused = 0;
+    for t in tasks {
+        match t.await.unwrap() {
+            Ok(vm) => assert!(ips.insert(vm.ipv4), "address {} given twice", vm.ipv4),
+            Err(e) => {
+                let (status, body) = api_err(e);
+                assert_eq!(
+                    (status, body.error.code.as_str()),
+                    (StatusCode::CONFLICT, "quota_exceeded")
+                );
+                refused += 1;
+            }
+        }
+    }
+    assert_eq!((ips.len(), refused), (7, 13));
+    let cloud: Cloud = ac
+        .call(
+            Method::GET,
+            &format!("/v1/clouds/{}", a.cloud.id),
+            None::<&Value>,
+        )
+        .await
+        .unwrap();
+    assert_eq!(cloud.usage.vms, 7);
+}
+
+#[tokio::test]
+async fn bad_input_gets_4xx_json_naming_the_field() {
+    let api = start().await;
+    let (a, ac) = api.cloud(json!({})).await;
+    let vms = format!("/v1/clouds/{}/vms", a.cloud.id);
+    let cases: Vec<(Method, String, Vec<u8>, StatusCode, &str)> = vec![
+        (
+            Method::POST,
+            vms.clone(),
+            b"{\"name\": ".to_vec(),
+            StatusCode::BAD_REQUEST,
+            "name",
+        ),
+        (
+            Method::POST,
+            vms.clone(),
+            b"[1,2]".to_vec(),
+            StatusCode::BAD_REQUEST,
+            "body",
+        ),
+        (
+            Method::POST,
+            vms.clone(),
+            b"".to_vec(),
+            StatusCode::BAD_REQUEST,
+            "body",
+        ),
+        (
+            Method::POST,
+            vms.clone(),
+            br#"{"name":"x","vcpu":2}"#.to_vec(),
+            StatusCode::BAD_REQUEST,
+            "vcpu",
+        ),
+        (
+            Method::POST,
+            vms.clone(),
+            br#"{"vcpus":2}"#.to_vec(),
+            StatusCode::BAD_REQUEST,
+            "name",
+        ),
+        (
+            Method::POST,
+            vms.clone(),
+            br#"{"name":"x","vcpus":"two"}"#.to_vec(),
+            StatusCode::BAD_REQUEST,
+            "vcpus",
+        ),
+        (
+            Method::POST,
+            vms.clone(),
+            br#"{"name":"x","vcpus":0}"#.to_vec(),
+            StatusCode::BAD_REQUEST,
+            "vcpus",
+        ),
+        (
+            Method::POST,
+            vms.clone(),
+            br#"{"name":"Not_A_Label"}"#.to_vec(),
+            StatusCode::BAD_REQUEST,
+            "name",
+        ),
+        (
+            Method::POST,
+            vms.clone(),
+            br#"{"name":"x","volumes":["a","a"]}"#.to_vec(),
+            StatusCode::BAD_REQUEST,
+            "volumes[1]",
+        ),
+        (
+            Method::POST,
+            "/v1/clouds".into(),
+            br#"{"quotas":{"vcpus":-1}}"#.to_vec(),
+            StatusCode::BAD_REQUEST,
+            "quotas.vcpus",
+        ),
+        (
+            Method::POST,
+            "/v1/clouds".into(),
+            br#"{"quotas":{"cpus":1}}"#.to_vec(),
+            StatusCode::BAD_REQUEST,
+            "quotas.cpus",
+        ),
+        (
+            Method::POST,
+            "/v1/clouds".into(),
+            br#"{"cidr":"10.0.0.1/16"}"#.to_vec(),
+            StatusCode::BAD_REQUEST,
+            "cidr",
+        ),
+        (
+            Method::POST,
+            "/v1/clouds".into(),
+            br#"{"cidr":"10.0.0.0/30"}"#.to_vec(),
+            StatusCode::BAD_REQUEST,
+            "cidr",
+        ),
+        (
+            Method::GET,
+            "/v1/clouds/notacloud".into(),
+            vec![],
+            StatusCode::BAD_REQUEST,
+            "cloud",
+        ),
+        (
+            Method::GET,
+            "/v1/clouds?limit=0".into(),
+            vec![],
+            StatusCode::BAD_REQUEST,
+            "limit",
+        ),
+        (
+            Method::GET,
+            "/v1/clouds?bogus=1".into(),
+            vec![],
+            StatusCode::BAD_REQUEST,
+            "bogus",
+        ),
+        (
+            Method::PUT,
+            format!("/v1/clouds/{}/dns/www/A", a.cloud.id),
+            br#"{"values":["10.0.0.300"]}"#.to_vec(),
+            StatusCode::BAD_REQUEST,
+            "values[0]",
+        ),
+        (
+            Method::PUT,
+            format!("/v1/clouds/{}/dns/www/MX", a.cloud.id),
+            br#"{"values":["x"]}"#.to_vec(),
+            StatusCode::BAD_REQUEST,
+            "type",
+        ),
+        (
+            Method::POST,
+            format!("/v1/clouds/{}/exposures", a.cloud.id),
+            br#"{"name":"s","protocol":"sctp","port":1,"backends":[]}"#.to_vec(),
+            StatusCode::BAD_REQUEST,
+            "protocol",
+        ),
+        (
+            Method::POST,
+            format!("/v1/clouds/{}/exposures", a.cloud.id),
+            br#"{"name":"s","protocol":"tcp","port":80,"backends":[{"vm":"ghost","port":80}]}"#
+                .to_vec(),
+            StatusCode::BAD_REQUEST,
+            "backends[0].vm",
+        ),
+        (
+            Method::POST,
+            format!("/v1/clouds/{}/volumes", a.cloud.id),
+            br#"{"name":"v","size_gib":0}"#.to_vec(),
+            StatusCode::BAD_REQUEST,
+            "size_gib",
+        ),
+        (
+            Method::POST,
+            vms.clone(),
+            vec![b' '; (1 << 20) + 1],
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "body",
+        ),
+    ];
+    for (m, path, body, want_status, want_field) in cases {
+        let own = format!("/v1/clouds/{}", a.cloud.id);
+        let token = if path.starts_with(&own) {
+            &a.token
+        } else {
+            &api.op_token
+        };
+        let (status, bytes) = send_raw(&api.url, token, m.clone(), &path, body).await;
+        let v: ErrorBody = serde_json::from_slice(&bytes)
+            .unwrap_or_else(|e| panic!("{m} {path}: not an error body ({e}): {bytes:?}"));
+        assert_eq!(status, want_status, "{m} {path}: {v:?}");
+        assert_eq!(
+            v.error.field.as_deref(),
+            Some(want_field),
+            "{m} {path}: {v:?}"
+        );
+    }
+    // Nothing half-made: the cloud has no VMs, exposures or volumes after all that.
+    let vms_now: Vec<Vm> = ac.call(Method::GET, &vms, None::<&Value>).await.unwrap();
+    assert!(vms_now.is_empty());
+    let cloud: Cloud = ac
+        .call(
+            Method::GET,
+            &format!("/v1/clouds/{}", a.cloud.id),
+            None::<&Value>,
+        )
+        .await
+        .unwrap();
+    assert_eq!(cloud.usage, Usage::default());
+    // Unknown routes and methods are JSON errors too.
+    let (status, v) = raw(&ac, Method::GET, "/v2/clouds", None).await;
+    assert_eq!(
+        (status, v["error"]["code"].as_str()),
+        (StatusCode::NOT_FOUND, Some("no_route"))
+    );
+    let (status, v) = raw(&ac, Method::PATCH, &vms, None).await;
+    assert_eq!(
+        (status, v["error"]["code"].as_str()),
+        (StatusCode::METHOD_NOT_ALLOWED, Some("method_not_allowed"))
+    );
+}
+
+async fn send_raw(
+    url: &str,
+    token: &str,
+    m: Method,
+    path: &str,
+    body: Vec<u8>,
+) -> (StatusCode, Vec<u8>) {
+    use http_body_util::{BodyExt, Full};
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http::<Full<hyper::body::Bytes>>();
+    let req = hyper::Request::builder()
+        .method(m)
+        .uri(format!("{url}{path}"))
+        .header("authorization", format!("Bearer {token}"))
+        .body(Full::new(hyper::body::Bytes::from(body)))
+        .unwrap();
+    let resp = client.request(req).await.expect("request");
+    let status = resp.status();
+    (
+        status,
+        resp.into_body()
+            .collect()
+            .await
+            .unwrap()
+            .to_bytes()
+            .to_vec(),
+    )
+}
+
+#[tokio::test]
+async fn openapi_document_is_served_and_checked_in() {
+    let api = start().await;
+    let (status, served) = raw(&api.as_token(""), Method::GET, "/openapi.json", None).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(served, api::openapi());
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/openapi.json");
+    let checked_in: Value =
+        serde_json::from_str(&std::fs::read_to_string(path).expect("docs/openapi.json"))
+            .expect("docs/openapi.json is JSON");
+    assert!(
+        checked_in == served,
+        "docs/openapi.json is stale: regenerate it with `cargo run -p atoll-control -- openapi > docs/openapi.json`"
+    );
+    // Every documented route exists (a request reaches a handler, not the 404/405 fallbacks).
+    let empty = json!({});
+    for r in ROUTES {
+        let path = fill(r.path, CloudId(1), CloudId(2));
+        let (status, v) = raw(&api.op, method(r.method), &path, r.body.map(|_| &empty)).await;
+        assert!(
+            !matches!(
+                v["error"]["code"].as_str(),
+                Some("no_route" | "method_not_allowed")
+            ),
+            "{} {path}: {status} {v}",
+            r.method
+        );
+    }
+}
+
+#[tokio::test]
+async fn host_sync_sends_changes_then_waits() {
+    let api = start().await;
+    let (a, ac) = api.cloud(json!({"name": "s"})).await;
+    let full = api
+        .core
+        .sync(Principal::Operator, "host-a", 0, Duration::ZERO)
+        .await
+        .unwrap();
+    assert!(full.full && full.vms.is_empty());
+    // Nothing changes: the long poll times out with no changes.
+    let idle = api
+        .core
+        .sync(
+            Principal::Operator,
+            "host-a",
+            full.revision,
+            Duration::from_millis(50),
+        )
+        .await
+        .unwrap();
+    assert!(!idle.full && idle.vms.is_empty() && idle.zones.is_empty());
+    // A VM created while the host waits wakes it with the placement and the zone.
+    let core = api.core.clone();
+    let rev = idle.revision;
+    let waiter = tokio::spawn(async move {
+        core.sync(Principal::Operator, "host-a", rev, Duration::from_secs(20))
+            .await
+    });
+    let vm: Vm = ac
+        .call(
+            Method::POST,
+            &format!("/v1/clouds/{}/vms", a.cloud.id),
+            Some(&json!({"name": "w"})),
+        )
+        .await
+        .unwrap();
+    let d = waiter.await.unwrap().unwrap();
+    assert_eq!(d.vms.len(), 1);
+    assert_eq!(
+        (d.vms[0].ipv4, d.vms[0].gateway, d.vms[0].mac.as_str()),
+        (vm.ipv4, Ipv4Addr::new(10, 0, 0, 1), "02:a8:0a:00:00:02")
+    );
+    assert_eq!(d.zones.len(), 1);
+    assert!(d.zones[0]
+        .records
+        .iter()
+        .any(|r| r.fqdn == "w.s.atoll.internal."));
+    // A status report shows up on the VM.
+    let report = json!({"vms": [{"cloud": a.cloud.id, "vm": "w", "status": {"state": "network_ready", "device": "atvx", "updated_at": 1}}]});
+    let _: Value = api
+        .op
+        .call(Method::POST, "/v1/hosts/host-a/status", Some(&report))
+        .await
+        .unwrap();
+    let got: Vm = ac
+        .call(
+            Method::GET,
+            &format!("/v1/clouds/{}/vms/w", a.cloud.id),
+            None::<&Value>,
+        )
+        .await
+        .unwrap();
+    assert_eq!(got.status.unwrap().state, VmState::NetworkReady);
+    // The remote form of the long poll, and removal of the cloud.
+    let _: Value = ac
+        .call(
+            Method::DELETE,
+            &format!("/v1/clouds/{}", a.cloud.id),
+            None::<&Value>,
+        )
+        .await
+        .unwrap();
+    let d2: SyncDelta = api
+        .op
+        .call(
+            Method::GET,
+            &format!("/v1/hosts/host-a/sync?after={}&wait_ms=5000", d.revision),
+            None::<&Value>,
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        d2.removed_vms,
+        vec![VmRef {
+            cloud: a.cloud.id,
+            vm: "w".into()
+        }]
+    );
+    assert_eq!(d2.removed_zones, vec![a.cloud.id]);
+    // Cloud tokens cannot read host state.
+    let (status, _) = raw(&ac, Method::GET, "/v1/hosts/host-a/sync", None).await;
+    assert_eq!(
+        status,
+        StatusCode::UNAUTHORIZED,
+        "the cloud is gone, so is its token"
+    );
+}

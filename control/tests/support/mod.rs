@@ -1,0 +1,306 @@
+//! Test backends for the store suite: a fresh SQLite store in a temporary directory, or a fresh
+//! etcd in a network namespace of its own (so parallel tests can all use 127.0.0.1:2379 and
+//! nothing on the host is touched). Every case runs on a dedicated thread with its own tokio
+//! runtime; for etcd that thread first enters the namespace, so every socket its runtime opens
+//! (worker and blocking threads are created by it and inherit the namespace) is in there.
+
+use std::{
+    fs::File,
+    future::Future,
+    os::{fd::AsRawFd, unix::process::CommandExt},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::{
+        atomic::{AtomicU32, Ordering},
+        Mutex,
+    },
+    time::{Duration, Instant},
+};
+
+use atoll_control::store::{
+    etcd::EtcdStore,
+    sqlite::{SqliteOptions, SqliteStore},
+    Store, Watch, WatchBatch,
+};
+
+/// History kept by the SQLite stores of the suite: small, so compaction is reachable.
+pub const SQLITE_HISTORY: u64 = 16;
+pub const ETCD_ENDPOINT: &str = "http://127.0.0.1:2379";
+/// Namespace of the etcd store under test.
+pub const ETCD_PREFIX: &str = "/atoll-test/";
+
+pub enum Backend {
+    Sqlite,
+    Etcd(EtcdStore),
+}
+
+/// What a case gets: the store under test and its backend.
+pub struct Env {
+    pub store: Store,
+    pub backend: Backend,
+}
+
+impl Env {
+    /// Makes the history up to the current revision unavailable to watches: compacts etcd; the
+    /// SQLite stores keep only [`SQLITE_HISTORY`] revisions, so the case writes more than that
+    /// before calling this.
+    pub async fn compact(&self) {
+        if let Backend::Etcd(etcd) = &self.backend {
+            let revision = self.store.revision().await.expect("revision");
+            etcd.compact(revision).await.expect("etcd compaction");
+        }
+    }
+}
+
+/// The next batch of `watch`, failing the test after 10 s.
+pub async fn next_batch(watch: &mut Watch) -> WatchBatch {
+    tokio::time::timeout(Duration::from_secs(10), watch.next())
+        .await
+        .expect("no watch batch within 10 s")
+        .expect("watch")
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("tokio runtime")
+}
+
+/// Runs `case` against a fresh SQLite store.
+pub fn run_sqlite<F, Fut>(case: F)
+where
+    F: FnOnce(Env) -> Fut,
+    Fut: Future<Output = ()>,
+{
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = SqliteStore::open(
+        dir.path().join("store.db"),
+        SqliteOptions {
+            synchronous_full: false,
+            history: SQLITE_HISTORY,
+        },
+    )
+    .expect("open sqlite store");
+    runtime().block_on(case(Env {
+        store: store.into(),
+        backend: Backend::Sqlite,
+    }));
+}
+
+/// Runs `case` against a fresh etcd in a network namespace of its own.
+pub fn run_etcd<F, Fut>(case: F)
+where
+    F: FnOnce(Env) -> Fut + Send,
+    Fut: Future<Output = ()>,
+{
+    let server = EtcdServer::start();
+    let result = std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                enter_netns(&server.netns);
+                runtime().block_on(async {
+                    let etcd = server.connect_when_ready(ETCD_PREFIX).await;
+                    case(Env {
+                        store: etcd.clone().into(),
+                        backend: Backend::Etcd(etcd),
+                    })
+                    .await;
+                });
+            })
+            .join()
+    });
+    drop(server);
+    if let Err(panic) = result {
+        std::panic::resume_unwind(panic);
+    }
+}
+
+pub fn require_root(what: &str) {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let euid = unsafe { libc::geteuid() };
+    assert_eq!(
+        euid, 0,
+        "{what} needs root (network namespaces); run the tests as root like CI does"
+    );
+}
+
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+/// `atl` + tag + this process's pid in base 36 + a counter: unique on the host while the test
+/// runs, short enough for a device or namespace name.
+pub fn unique_name(tag: &str) -> String {
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    let name = format!("atl{tag}{:0>5}{}", radix36(std::process::id()), radix36(n));
+    assert!(name.len() < 16, "name {name} too long: shorten the tag");
+    name
+}
+
+fn radix36(mut v: u32) -> String {
+    let digits = b"0123456789abcdefghijklmnopqrstuvwxyz";
+    let mut out = Vec::new();
+    loop {
+        out.push(digits[(v % 36) as usize]);
+        v /= 36;
+        if v == 0 {
+            break;
+        }
+    }
+    out.reverse();
+    String::from_utf8(out).expect("ascii")
+}
+
+fn run(cmd: &mut Command) {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed ({}): {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Moves the calling thread into network namespace `name` (threads it creates later inherit
+/// it).
+pub fn enter_netns(name: &str) {
+    let path = format!("/run/netns/{name}");
+    let ns = File::open(&path).unwrap_or_else(|e| panic!("opening {path}: {e}"));
+    // SAFETY: `ns` is an open namespace file for the duration of the call; setns changes only
+    // the calling thread's network namespace.
+    let rc = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
+    assert_eq!(rc, 0, "setns({path}): {}", std::io::Error::last_os_error());
+}
+
+fn find_in_path(program: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|dir| dir.join(program))
+            .find(|p| p.is_file())
+    })
+}
+
+/// One etcd member in network namespace `netns`, listening on 127.0.0.1:2379 there. Dropping it
+/// kills etcd and deletes the namespace and the data directory, also when the test panics.
+pub struct EtcdServer {
+    pub netns: String,
+    child: Mutex<Option<Child>>,
+    log: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl EtcdServer {
+    pub fn start() -> EtcdServer {
+        require_root("the etcd store tests");
+        let etcd = find_in_path("etcd")
+            .expect("etcd is not installed (Debian: apt-get install etcd-server)");
+        // Data in tmpfs when there is one: etcd fsyncs every write.
+        let dir = tempfile::Builder::new()
+            .prefix("atoll-etcd-")
+            .tempdir_in("/dev/shm")
+            .or_else(|_| tempfile::Builder::new().prefix("atoll-etcd-").tempdir())
+            .expect("tempdir");
+        let netns = unique_name("st");
+        run(Command::new("ip").args(["netns", "add", &netns]));
+        let mut server = EtcdServer {
+            netns,
+            child: Mutex::new(None),
+            log: dir.path().join("etcd.log"),
+            _dir: dir,
+        };
+        run(Command::new("ip").args(["-n", &server.netns, "link", "set", "lo", "up"]));
+        let log = File::create(&server.log).expect("etcd log file");
+        let data = server._dir.path().join("data");
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &server.netns])
+            .arg(&etcd)
+            .args(["--name", "atoll-test", "--data-dir"])
+            .arg(&data)
+            .args([
+                "--listen-client-urls",
+                ETCD_ENDPOINT,
+                "--advertise-client-urls",
+                ETCD_ENDPOINT,
+                "--listen-peer-urls",
+                "http://127.0.0.1:2380",
+                "--initial-advertise-peer-urls",
+                "http://127.0.0.1:2380",
+                "--initial-cluster",
+                "atoll-test=http://127.0.0.1:2380",
+                "--logger",
+                "zap",
+                "--log-level",
+                "warn",
+            ])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log fd"))
+            .stderr(log);
+        // SAFETY: prctl is async-signal-safe and touches no memory of the parent; it makes the
+        // kernel kill etcd (`ip netns exec` execs it) if the test thread dies without running
+        // the guard.
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = cmd.spawn().expect("spawning ip netns exec etcd");
+        *server.child.get_mut().expect("lock") = Some(child);
+        server
+    }
+
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Connects once etcd serves requests (polling, bounded by 30 s); fails with etcd's log if
+    /// it exits or never gets ready.
+    pub async fn connect_when_ready(&self, prefix: &str) -> EtcdStore {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            match EtcdStore::connect(vec![ETCD_ENDPOINT.into()], prefix.into()).await {
+                Ok(store) => return store,
+                Err(e) => {
+                    let exited = self
+                        .child
+                        .lock()
+                        .expect("lock")
+                        .as_mut()
+                        .and_then(|c| c.try_wait().ok().flatten());
+                    if let Some(status) = exited {
+                        panic!("etcd exited ({status}) before serving: {}", self.log_text());
+                    }
+                    if Instant::now() > deadline {
+                        panic!("etcd not ready after 30 s ({e}): {}", self.log_text());
+                    }
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+        }
+    }
+}
+
+impl Drop for EtcdServer {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.get_mut().ok().and_then(Option::take) {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.netns])
+            .output();
+    }
+}
+
+/// The path of this test binary, to re-run one of its (ignored) helper tests as a child.
+pub fn this_test_binary() -> PathBuf {
+    std::env::current_exe().expect("current_exe")
+}
+
+pub fn lock_path(db: &Path) -> PathBuf {
+    let mut p = db.as_os_str().to_owned();
+    p.push(".lock");
+    PathBuf::from(p)
+}

@@ -1,0 +1,258 @@
+//! Control plane benchmarks (issue 4), on the embedded SQLite store in a temporary directory:
+//!
+//! 1. **Cloud creates over HTTP**: `POST /v1/clouds` from 16 concurrent keep-alive clients
+//!    against the API served in this process; p50/p99 of each request and clouds per second.
+//!    A create is acknowledged only once its transaction is committed (WAL, crash-safe).
+//! 2. **To a live dataplane**: a cloud, then a VM in it, through the API; the time until the
+//!    host's converger has created the VM's endpoint (tap, maps) and reported it ready, seen
+//!    through a store watch on the status key (an event, no polling). Sequential, with the
+//!    converger running as it does in the agent (tap pool refilled between changes).
+//! 3. **Memory per cloud**: resident memory of this process before and after creating N
+//!    clouds through the core (64 concurrent), divided by N; and the database size per cloud.
+
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result};
+use atoll_agent::{
+    config::DataplaneConfig,
+    converge::{ConvergeConfig, Converger, Source},
+    endpoint::Host,
+    testbed::{unique_prefix, LinksWithPrefix, PinRoot},
+};
+use atoll_control::{
+    api,
+    client::Client,
+    config::{ControlConfig, StoreConfig},
+    core::{Command, Core, Principal, Reply},
+    model::{CreateCloud, CreatedCloud, Vm},
+};
+use hyper::Method;
+use serde_json::{json, Value};
+
+pub struct ControlBench {
+    pub creates: usize,
+    pub create_p50: Duration,
+    pub create_p99: Duration,
+    pub clouds_per_sec: f64,
+    pub live: usize,
+    pub live_p50: Duration,
+    pub live_p99: Duration,
+    pub vm_live_p50: Duration,
+    pub vm_live_p99: Duration,
+    pub memory_clouds: usize,
+    pub rss_per_cloud: f64,
+    pub db_per_cloud: f64,
+}
+
+fn pct(v: &mut [Duration], p: f64) -> Duration {
+    v.sort();
+    v[((v.len() as f64 - 1.0) * p).round() as usize]
+}
+
+fn rss_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        })
+        .unwrap_or(0)
+        * 1024
+}
+
+async fn start(dir: &std::path::Path) -> Result<(Arc<Core>, String, String)> {
+    let cfg = ControlConfig {
+        operator_token_file: dir.join("operator.token"),
+        store: StoreConfig {
+            path: dir.join("control.db"),
+            ..StoreConfig::default()
+        },
+        ..ControlConfig::default()
+    };
+    let core = cfg.start().await?;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let url = format!("http://{}", listener.local_addr()?);
+    tokio::spawn(api::serve(core.clone(), listener, std::future::pending()));
+    Ok((core, url, cfg.operator_token()?))
+}
+
+pub fn run(smoke: bool) -> Result<ControlBench> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    rt.block_on(run_async(smoke))
+}
+
+async fn run_async(smoke: bool) -> Result<ControlBench> {
+    let (creates, live_n, memory_n) = if smoke {
+        (400, 10, 2_000)
+    } else {
+        (20_000, 300, 1_000_000)
+    };
+    let dir = tempfile::tempdir()?;
+    let (core, url, op_token) = start(dir.path()).await?;
+    let op = Client::new(&url, &op_token)?;
+
+    // 1. Cloud creates over HTTP, 16 concurrent clients.
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for w in 0..16 {
+        let op = op.clone();
+        let n = creates / 16 + usize::from(w < creates % 16);
+        tasks.push(tokio::spawn(async move {
+            let mut lat = Vec::with_capacity(n);
+            for _ in 0..n {
+                let t = Instant::now();
+                let _: CreatedCloud = op
+                    .call(Method::POST, "/v1/clouds", Some(&json!({})))
+                    .await?;
+                lat.push(t.elapsed());
+            }
+            anyhow::Ok(lat)
+        }));
+    }
+    let mut lat = Vec::new();
+    for t in tasks {
+        lat.extend(t.await??);
+    }
+    let clouds_per_sec = creates as f64 / started.elapsed().as_secs_f64();
+    let create_p50 = pct(&mut lat, 0.5);
+    let create_p99 = pct(&mut lat, 0.99);
+
+    // 2. Cloud + VM to a live endpoint on this host.
+    let pins = PinRoot::new("bc");
+    let prefix = unique_prefix("c");
+    let _links = LinksWithPrefix(prefix.clone());
+    let mut host = Host::open(&DataplaneConfig {
+        bpffs_root: pins.path().into(),
+        tap_pool: 16,
+        ..DataplaneConfig::default()
+    })?;
+    host.refill_pool().await?;
+    let source = Source::Local(core.clone());
+    source.register("bench").await?;
+    let mut conv = Converger::new(
+        ConvergeConfig {
+            host: "bench".into(),
+            tap_prefix: prefix.clone(),
+            volumes_dir: dir.path().join("volumes"),
+        },
+        source,
+        None,
+    );
+    let (stop_tx, mut stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let agent = tokio::spawn(async move {
+        let mut refill = tokio::time::interval(Duration::from_millis(50));
+        loop {
+            tokio::select! {
+                _ = &mut stop_rx => break,
+                d = conv.next_delta(Duration::from_secs(30)) => {
+                    let d = d?;
+                    conv.apply(&mut host, d).await?;
+                }
+                _ = refill.tick() => { host.refill_one().await?; }
+            }
+        }
+        host.destroy().await?;
+        anyhow::Ok(())
+    });
+    let mut live = Vec::new();
+    let mut vm_live = Vec::new();
+    let rev = core.store().revision().await?;
+    let mut watch = core.store().watch("c/", rev).await?;
+    for _ in 0..live_n {
+        let t = Instant::now();
+        let c: CreatedCloud = op
+            .call(Method::POST, "/v1/clouds", Some(&json!({})))
+            .await?;
+        let cc = Client::new(&url, &c.token)?;
+        let tv = Instant::now();
+        let _: Vm = cc
+            .call(
+                Method::POST,
+                &format!("/v1/clouds/{}/vms", c.cloud.id),
+                Some(&json!({"name": "vm"})),
+            )
+            .await?;
+        let status_key = format!("c/{}/vmstatus/vm", c.cloud.id);
+        'wait: loop {
+            let batch = tokio::time::timeout(Duration::from_secs(10), watch.next())
+                .await
+                .context("VM not live within 10 s")??;
+            for ev in batch.events {
+                if ev.kv.key == status_key {
+                    let v: Value = serde_json::from_slice(&ev.kv.value)?;
+                    anyhow::ensure!(v["state"] == "network_ready", "VM failed: {v}");
+                    break 'wait;
+                }
+            }
+        }
+        live.push(t.elapsed());
+        vm_live.push(tv.elapsed());
+    }
+    let _ = stop_tx.send(());
+    agent.await??;
+    let live_p50 = pct(&mut live, 0.5);
+    let live_p99 = pct(&mut live, 0.99);
+    let vm_live_p50 = pct(&mut vm_live, 0.5);
+    let vm_live_p99 = pct(&mut vm_live, 0.99);
+
+    // 3. Memory per cloud, through the core.
+    let rss0 = rss_bytes();
+    let db = dir.path().join("control.db");
+    let size = |p: &std::path::Path| {
+        ["", "-wal"]
+            .iter()
+            .map(|s| {
+                std::fs::metadata(format!("{}{s}", p.display()))
+                    .map(|m| m.len())
+                    .unwrap_or(0)
+            })
+            .sum::<u64>()
+    };
+    let db0 = size(&db);
+    let mut tasks = Vec::new();
+    for w in 0..64 {
+        let core = core.clone();
+        let n = memory_n / 64 + usize::from(w < memory_n % 64);
+        tasks.push(tokio::spawn(async move {
+            for _ in 0..n {
+                match core
+                    .execute(
+                        Principal::Operator,
+                        Command::CreateCloud(CreateCloud::default()),
+                    )
+                    .await?
+                {
+                    Reply::CreatedCloud(_) => {}
+                    other => anyhow::bail!("unexpected reply {other:?}"),
+                }
+            }
+            anyhow::Ok(())
+        }));
+    }
+    for t in tasks {
+        t.await??;
+    }
+    let rss1 = rss_bytes();
+    let db1 = size(&db);
+    Ok(ControlBench {
+        creates,
+        create_p50,
+        create_p99,
+        clouds_per_sec,
+        live: live_n,
+        live_p50,
+        live_p99,
+        vm_live_p50,
+        vm_live_p99,
+        memory_clouds: memory_n,
+        rss_per_cloud: rss1.saturating_sub(rss0) as f64 / memory_n as f64,
+        db_per_cloud: db1.saturating_sub(db0) as f64 / memory_n as f64,
+    })
+}
