@@ -30,9 +30,10 @@
 //!   is not truncated while the store is open (no `journal_size_limit`): truncating it on a
 //!   filesystem mounted with `discard` stalled a commit for ~100 ms here; it is reused from its
 //!   start after every complete checkpoint instead, and deleted on close.
-//!   Measured on this 2-core VM (ext4 on a ~230 MB/s virtual disk), against SQLite's own
-//!   checkpoint every 500/1000 pages: about 1.6-2x the throughput and a p99 of 2-16 ms instead
-//!   of 8-20 ms at 5,000 creates/s (see `sqlite_throughput` in `control/tests/store.rs`).
+//!   Measured on this 2-core VM (ext4 on a ~230 MB/s virtual disk, runs interleaved), against
+//!   SQLite's own checkpoint every 500 pages: 1.5-1.9x the throughput (64 in flight), and at
+//!   5,000 creates/s a p99 of 1-3 ms in most runs instead of 8-20 ms (both with occasional
+//!   20-150 ms filesystem stalls; see `sqlite_throughput` in `control/tests/store.rs`).
 //! - **Reads** run on a small pool of read connections ([`READERS`]) on tokio's blocking pool;
 //!   WAL lets them run concurrently with the writer and each statement sees a committed
 //!   snapshot that includes every acknowledged transaction.
