@@ -528,11 +528,23 @@ mod tests {
             "[dataplane]\nmax_endpoints = 1000\n[dns]\nsuffix = \"corp.example\"\n\
              namespace = \"atl-dns-1\"\ndevice = \"atldns1\"\n\
              proxy_network = \"10.200.0.0/22\"\nserver_address = \"10.201.0.1\"\n\
-             forward = [\"192.0.2.53:53\", \"[2001:db8::1]:5353\"]\n",
+             forward = [\"192.0.2.53:53\", \"[2001:db8::1]:5353\"]\n\
+             [control.embedded.clouds]\ndns_suffix = \"corp.example\"\n",
             p,
         )
         .unwrap()
         .dns;
+        // The embedded control plane must name the zones the DNS server answers for.
+        let e = AgentConfig::parse("[dns]\nsuffix = \"corp.example\"\n", p).unwrap_err();
+        assert!(
+            e.to_string().contains("dns_suffix must equal dns.suffix"),
+            "{e}"
+        );
+        assert!(AgentConfig::parse(
+            "[dns]\nsuffix = \"corp.example\"\n[control]\nmode = \"off\"\n",
+            p
+        )
+        .is_ok());
         assert_eq!(d.server_address, Ipv4Addr::new(100, 126, 0, 53));
         assert_eq!(c.proxy_network.size(), 1024);
         assert_eq!(c.forward.len(), 2);
