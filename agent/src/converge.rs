@@ -41,7 +41,7 @@ use hyper::Method;
 
 use crate::{
     endpoint::{DeviceSpec, EndpointError, EndpointSpec, Host},
-    types::{CloudId, MacAddr},
+    types::{radix36, CloudId, MacAddr},
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -514,20 +514,6 @@ impl Converger {
     pub fn volumes_dir(&self) -> &Path {
         &self.cfg.volumes_dir
     }
-}
-
-fn radix36(mut v: u64) -> String {
-    let digits = b"0123456789abcdefghijklmnopqrstuvwxyz";
-    let mut out = Vec::new();
-    loop {
-        out.push(digits[(v % 36) as usize]);
-        v /= 36;
-        if v == 0 {
-            break;
-        }
-    }
-    out.reverse();
-    String::from_utf8(out).expect("ascii")
 }
 
 /// The host's DNS server view follows the converger: endpoints by slot, zones by cloud.

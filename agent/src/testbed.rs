@@ -11,6 +11,8 @@ use std::{
     sync::atomic::{AtomicU32, Ordering},
 };
 
+use crate::types::radix36;
+
 static COUNTER: AtomicU32 = AtomicU32::new(0);
 
 /// A unique name `atl<tag><pid36, 5 digits><n36>` of at most 15 bytes, for devices, namespaces
@@ -18,28 +20,14 @@ static COUNTER: AtomicU32 = AtomicU32::new(0);
 /// processes can produce the same name.
 pub fn unique_name(tag: &str) -> String {
     let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-    let name = format!("{}{}", unique_prefix(tag), radix36(n));
+    let name = format!("{}{}", unique_prefix(tag), radix36(u64::from(n)));
     assert!(name.len() < 16, "name {name} too long: shorten the tag");
     name
 }
 
 /// The prefix shared by every name `unique_name(tag)` returns in this process.
 pub fn unique_prefix(tag: &str) -> String {
-    format!("atl{tag}{:0>5}", radix36(std::process::id()))
-}
-
-fn radix36(mut v: u32) -> String {
-    let digits = b"0123456789abcdefghijklmnopqrstuvwxyz";
-    let mut out = Vec::new();
-    loop {
-        out.push(digits[(v % 36) as usize]);
-        v /= 36;
-        if v == 0 {
-            break;
-        }
-    }
-    out.reverse();
-    String::from_utf8(out).expect("ascii")
+    format!("atl{tag}{:0>5}", radix36(u64::from(std::process::id())))
 }
 
 /// Runs a command and returns its stdout, or an error carrying its stderr.

@@ -68,6 +68,21 @@ impl<'de> serde::Deserialize<'de> for MacAddr {
     }
 }
 
+/// `v` in base 36 (`0-9a-z`): short unique suffixes for device, namespace and pin names.
+pub fn radix36(mut v: u64) -> String {
+    let digits = b"0123456789abcdefghijklmnopqrstuvwxyz";
+    let mut out = Vec::new();
+    loop {
+        out.push(digits[(v % 36) as usize]);
+        v /= 36;
+        if v == 0 {
+            break;
+        }
+    }
+    out.reverse();
+    String::from_utf8(out).expect("ascii")
+}
+
 /// A cloud (tenant) id as the dataplane sees it. Never 0.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct CloudId(u32);

@@ -884,16 +884,7 @@ impl Core {
                 created_at: now(),
                 status: None,
             };
-            let placement = Placement {
-                cloud: c,
-                vm: vm.name.clone(),
-                ipv4: ip,
-                gateway: cloud.gateway,
-                mac: guest_mac(ip),
-                vcpus: vm.vcpus,
-                memory_mib: vm.memory_mib,
-                volumes: vm.volumes.clone(),
-            };
+            let placement = placement(&vm, cloud.gateway);
             ops.push(put(keys::cloud(c), &cloud));
             ops.push(put(keys::vm(c, &vm.name), &vm));
             ops.push(put(keys::ip(c, ip), &format!("vm:{}", vm.name)));
@@ -1136,16 +1127,7 @@ impl Core {
                 vm.volumes.retain(|v| v != name);
             }
             let (_, cloud) = self.cloud(c).await?;
-            let placement = Placement {
-                cloud: c,
-                vm: vm.name.clone(),
-                ipv4: vm.ipv4,
-                gateway: cloud.gateway,
-                mac: guest_mac(vm.ipv4),
-                vcpus: vm.vcpus,
-                memory_mib: vm.memory_mib,
-                volumes: vm.volumes.clone(),
-            };
+            let placement = placement(&vm, cloud.gateway);
             let txn = Txn {
                 compares: vec![
                     Compare::ModRevision(keys::volume(c, name), vrev),
@@ -1722,6 +1704,20 @@ impl Core {
             }
         }
         Ok(d)
+    }
+}
+
+/// What a VM's host applies for it.
+fn placement(vm: &Vm, gateway: Ipv4Addr) -> Placement {
+    Placement {
+        cloud: vm.cloud,
+        vm: vm.name.clone(),
+        ipv4: vm.ipv4,
+        gateway,
+        mac: guest_mac(vm.ipv4),
+        vcpus: vm.vcpus,
+        memory_mib: vm.memory_mib,
+        volumes: vm.volumes.clone(),
     }
 }
 
