@@ -248,29 +248,7 @@ impl Dataplane {
         ] {
             let path = links.join(format!("{ifindex}-{suffix}"));
             remove_pin(&path)?;
-            let id = prog
-                .attach_with_options(
-                    ifname,
-                    kind,
-                    TcAttachOptions::TcxOrder(LinkOrder::default()),
-                )
-                .map_err(|source| attach_error(name, ifname, source))?;
-            let link = prog
-                .take_link(id)
-                .map_err(|source| DataplaneError::Attach {
-                    program: name,
-                    device: ifname.into(),
-                    source: Box::new(source),
-                })?;
-            let fd_link = FdLink::try_from(link).map_err(|source| DataplaneError::AttachLink {
-                program: name,
-                device: ifname.into(),
-                source: Box::new(source),
-            })?;
-            fd_link.pin(&path).map_err(|e| DataplaneError::Pin {
-                path: path.clone(),
-                source: io::Error::other(e.to_string()),
-            })?;
+            attach_pinned(prog, name, ifname, kind, &path)?;
         }
         Ok(())
     }
@@ -550,32 +528,13 @@ impl Dataplane {
         if path.exists() {
             return Ok(());
         }
-        let id = self
-            .from_dns
-            .attach_with_options(
-                ifname,
-                TcAttachType::Ingress,
-                TcAttachOptions::TcxOrder(LinkOrder::default()),
-            )
-            .map_err(|source| attach_error(PROG_FROM_DNS, ifname, source))?;
-        let link = self
-            .from_dns
-            .take_link(id)
-            .map_err(|source| DataplaneError::Attach {
-                program: PROG_FROM_DNS,
-                device: ifname.into(),
-                source: Box::new(source),
-            })?;
-        let fd_link = FdLink::try_from(link).map_err(|source| DataplaneError::AttachLink {
-            program: PROG_FROM_DNS,
-            device: ifname.into(),
-            source: Box::new(source),
-        })?;
-        fd_link.pin(&path).map_err(|e| DataplaneError::Pin {
-            path: path.clone(),
-            source: io::Error::other(e.to_string()),
-        })?;
-        Ok(())
+        attach_pinned(
+            &mut self.from_dns,
+            PROG_FROM_DNS,
+            ifname,
+            TcAttachType::Ingress,
+            &path,
+        )
     }
 
     /// Removes every pinned `from_dns` link (detaching it from a device that still exists).
@@ -770,6 +729,40 @@ fn permission_error(e: &EbpfError) -> Option<io::Error> {
         cur = err.source();
     }
     None
+}
+
+/// Attaches `prog` to `ifname` with TCX and pins the link at `path`.
+fn attach_pinned(
+    prog: &mut SchedClassifier,
+    name: &'static str,
+    ifname: &str,
+    kind: TcAttachType,
+    path: &Path,
+) -> Result<(), DataplaneError> {
+    let id = prog
+        .attach_with_options(
+            ifname,
+            kind,
+            TcAttachOptions::TcxOrder(LinkOrder::default()),
+        )
+        .map_err(|source| attach_error(name, ifname, source))?;
+    let link = prog
+        .take_link(id)
+        .map_err(|source| DataplaneError::Attach {
+            program: name,
+            device: ifname.into(),
+            source: Box::new(source),
+        })?;
+    let fd_link = FdLink::try_from(link).map_err(|source| DataplaneError::AttachLink {
+        program: name,
+        device: ifname.into(),
+        source: Box::new(source),
+    })?;
+    fd_link.pin(path).map_err(|e| DataplaneError::Pin {
+        path: path.to_path_buf(),
+        source: io::Error::other(e.to_string()),
+    })?;
+    Ok(())
 }
 
 fn attach_error(program: &'static str, device: &str, source: ProgramError) -> DataplaneError {

@@ -1156,7 +1156,7 @@ impl Core {
         req: PutRecordSet,
     ) -> Result<Reply, CoreError> {
         validate_record_set(&name, rtype, &req)?;
-        let (_, cloud) = self.cloud(c).await?;
+        self.cloud(c).await?;
         if !name.contains('.') && self.store.get(&keys::vm(c, &name)).await?.is_some() {
             return Err(conflict(
                 "reserved",
@@ -1188,7 +1188,6 @@ impl Core {
             values: req.values,
             automatic: false,
         };
-        let _ = cloud;
         let txn = Txn {
             compares: vec![Compare::Present(keys::cloud(c))],
             success: vec![put(keys::record(c, &name, rtype.as_str()), &rs)],
@@ -1534,17 +1533,15 @@ impl Core {
 
     async fn report_status(&self, host: &str, report: StatusReport) -> Result<Reply, CoreError> {
         validate_label("host", host)?;
-        for (i, r) in report.vms.iter().enumerate() {
-            // Only VMs placed on this host: a host cannot write another's status.
+        for r in &report.vms {
+            // Only VMs placed on this host: a host cannot write another's status. A VM deleted
+            // or moved meanwhile fails the compare; its status no longer matters.
             let key = keys::placement(host, r.cloud, &r.vm);
             let txn = Txn {
                 compares: vec![Compare::Present(key)],
                 success: vec![put(keys::vm_status(r.cloud, &r.vm), &r.status)],
             };
-            if self.commit(txn).await?.is_none() {
-                // The VM was deleted or moved meanwhile; its status no longer matters.
-                let _ = i;
-            }
+            self.commit(txn).await?;
         }
         Ok(Reply::Done)
     }
