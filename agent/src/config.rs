@@ -268,6 +268,11 @@ pub struct DataplaneConfig {
     /// Spare taps kept created and attached, so a tap endpoint is created without waiting for
     /// the kernel's RCU grace periods (see `endpoint` module docs). 0 disables the pool.
     pub tap_pool: u32,
+    /// Expedite the kernel's RCU grace periods (`/sys/kernel/rcu_expedited`) while the agent
+    /// attaches, detaches or deletes endpoint devices, and restore the setting afterwards (see
+    /// the `expedite` module): a cold tap endpoint takes about 0.5 ms instead of two normal
+    /// grace periods.
+    pub expedite_rcu: bool,
 }
 
 impl Default for DataplaneConfig {
@@ -278,6 +283,7 @@ impl Default for DataplaneConfig {
             max_routes: 65536,
             gateway_mac: MacAddr([0x02, 0xa7, 0x00, 0x00, 0x00, 0x01]),
             tap_pool: 8,
+            expedite_rcu: true,
         }
     }
 }

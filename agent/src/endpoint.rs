@@ -19,7 +19,12 @@
 //! `unknown_endpoint` (it is down anyway), and the pool is rediscovered from the pins after a
 //! restart with no other state.
 
-use std::{collections::VecDeque, net::Ipv4Addr, path::PathBuf};
+use std::{
+    collections::VecDeque,
+    net::Ipv4Addr,
+    path::PathBuf,
+    time::{Duration, Instant},
+};
 
 use atoll_dataplane_common::{
     ipv4_from_map, ipv4_to_map, DnsService, EndpointInfo, NextHop, RouteKey,
@@ -29,6 +34,7 @@ use crate::{
     config::DataplaneConfig,
     dataplane::{Dataplane, DataplaneError},
     device::{self, DeviceError, Devices},
+    expedite::Expedite,
     types::{CloudId, MacAddr},
     usage::{Recorder, Snapshot, UsageError},
 };
@@ -112,6 +118,8 @@ pub struct Host {
     gateway_mac: MacAddr,
     pool: Vec<(String, u32)>,
     pool_target: u32,
+    /// Held around TCX link and device changes (see the `expedite` module).
+    expedite: Expedite,
     /// Counter slots not held by any endpoint: taken from the front, freed slots go to the back,
     /// so a slot is reused as late as possible (a DNS reply in flight to a deleted endpoint's
     /// proxy address must not reach a new holder of its slot; see the `dns` module).
@@ -137,6 +145,7 @@ impl Host {
             gateway_mac: cfg.gateway_mac,
             pool: Vec::new(),
             pool_target: cfg.tap_pool,
+            expedite: Expedite::host(cfg.expedite_rcu),
             free_slots: VecDeque::new(),
             usage: None,
             dns_namespace: None,
@@ -185,10 +194,30 @@ impl Host {
         self.pool.len()
     }
 
-    /// Creates spare taps until the pool holds `dataplane.tap_pool` of them. Slow (two RCU
-    /// grace periods per tap); the agent calls it off the request path.
+    /// Creates spare taps until the pool holds `dataplane.tap_pool` of them. Each takes two TCX
+    /// attaches (see module docs); the agent calls it off the request path.
     pub async fn refill_pool(&mut self) -> Result<(), EndpointError> {
+        self.refill_for(None).await.map(|_| ())
+    }
+
+    /// Creates spare taps until the pool is full or `budget` has passed (at least one tap if
+    /// the pool is short), so a busy agent refills between other work without delaying it for
+    /// long. Returns how many it created.
+    pub async fn refill_some(&mut self, budget: Duration) -> Result<usize, EndpointError> {
+        self.refill_for(Some(budget)).await
+    }
+
+    async fn refill_for(&mut self, budget: Option<Duration>) -> Result<usize, EndpointError> {
+        if self.pool.len() >= self.pool_target as usize {
+            return Ok(0);
+        }
+        let started = Instant::now();
+        let _expedited = self.expedite.hold();
+        let mut created = 0;
         while self.pool.len() < self.pool_target as usize {
+            if created > 0 && budget.is_some_and(|b| started.elapsed() >= b) {
+                break;
+            }
             let name = pool_name();
             let ifindex = self
                 .devices
@@ -200,21 +229,9 @@ impl Host {
                 return Err(EndpointError::Program { name, source });
             }
             self.pool.push((name, ifindex));
+            created += 1;
         }
-        Ok(())
-    }
-
-    /// Creates one spare tap if the pool is below its target; `true` if it did. Lets a busy
-    /// agent refill the pool a tap at a time between other work.
-    pub async fn refill_one(&mut self) -> Result<bool, EndpointError> {
-        if self.pool.len() >= self.pool_target as usize {
-            return Ok(false);
-        }
-        let target = self.pool_target;
-        self.pool_target = self.pool.len() as u32 + 1;
-        let result = self.refill_pool().await;
-        self.pool_target = target;
-        result.map(|()| true)
+        Ok(created)
     }
 
     /// Takes a spare tap and gives it the endpoint's name (and owner); `None` if the pool is
@@ -320,6 +337,9 @@ impl Host {
             });
         }
         let mut attached = false;
+        // Only a cold device (no spare, or a veth) attaches links here.
+        let _expedited = (self.pool.is_empty() || !matches!(spec.device, DeviceSpec::Tap { .. }))
+            .then(|| self.expedite.hold());
         let ifindex = match &spec.device {
             DeviceSpec::Tap { owner_uid } => match self.claim_tap(&name, *owner_uid).await? {
                 Some(ifindex) => {
@@ -431,6 +451,7 @@ impl Host {
             name: name.into(),
             source,
         };
+        let _expedited = self.expedite.hold();
         let key = RouteKey {
             cloud: info.cloud,
             ipv4: info.ipv4,
@@ -569,6 +590,7 @@ impl Host {
             source,
         };
         let mut removed = 0;
+        let _expedited = self.expedite.hold();
         let routes = self.dataplane.routes().map_err(err)?;
         for (ifindex, info) in self.dataplane.endpoints().map_err(err)? {
             if device::ifname(ifindex).is_none() {
@@ -594,6 +616,8 @@ impl Host {
 
     /// Deletes every endpoint and device of this dataplane, then all its pins.
     pub async fn destroy(mut self) -> Result<(), EndpointError> {
+        let expedite = self.expedite.clone();
+        let _expedited = expedite.hold();
         for ep in self.endpoints()? {
             let info =
                 self.dataplane

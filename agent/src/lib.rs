@@ -20,6 +20,7 @@ pub mod demo;
 pub mod device;
 pub mod dns;
 pub mod endpoint;
+pub mod expedite;
 pub mod metrics;
 pub mod testbed;
 pub mod types;

@@ -171,7 +171,9 @@ async fn run(cfg: &AgentConfig) -> Result<()> {
     let (mut converger, dns_server) = start_control(cfg, &mut host).await?;
     let sync_wait = std::time::Duration::from_secs(30);
     let mut next_sync = next_delta(converger.as_ref(), sync_wait);
-    let mut refill = tokio::time::interval(std::time::Duration::from_millis(100));
+    // Spare taps are refilled in short batches (5 ms of work at most) between changes, so a
+    // refill never delays a VM create by more than that.
+    let mut refill = tokio::time::interval(std::time::Duration::from_millis(20));
     refill.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut tick = tokio::time::interval(std::time::Duration::from_secs(cfg.usage.interval_secs));
@@ -205,7 +207,7 @@ async fn run(cfg: &AgentConfig) -> Result<()> {
                 next_sync = next_delta(converger.as_ref(), sync_wait);
             }
             _ = refill.tick() => {
-                if let Err(e) = host.refill_one().await {
+                if let Err(e) = host.refill_some(std::time::Duration::from_millis(5)).await {
                     eprintln!("atoll-agent: refilling the tap pool: {e}");
                 }
             }

@@ -907,6 +907,72 @@ fn sqlite_throughput() {
     });
 }
 
+/// Sustained writes with reads always in flight (as under the API): the WAL must stay bounded
+/// by [`WAL_LIMIT_FRAMES`] (SQLite alone never restarts it while readers pin it; it grew to
+/// 1.5 GB over 120k cloud creates before the writer restarted it itself).
+#[test]
+fn sqlite_wal_stays_bounded_under_reads() {
+    use atoll_control::store::sqlite::WAL_LIMIT_FRAMES;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("store.db");
+    let store: Store = SqliteStore::open(&path, SqliteOptions::default())
+        .unwrap()
+        .into();
+    // Each value fills a page of its own, so the writes make at least 3x the limit in frames.
+    let value = vec![b'w'; 4000];
+    let writes = u64::from(WAL_LIMIT_FRAMES) * 3;
+    let rt = sqlite_runtime();
+    let wal = dir.path().join("store.db-wal");
+    let max_wal = rt.block_on(async {
+        commit(&store, vec![put("r/0", b"x")]).await;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let mut readers = Vec::new();
+        for _ in 0..4 {
+            let (store, stop) = (store.clone(), stop.clone());
+            readers.push(tokio::spawn(async move {
+                let mut reads = 0u64;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    store.get("r/0").await.unwrap().expect("written");
+                    reads += 1;
+                }
+                reads
+            }));
+        }
+        let mut max_wal = 0u64;
+        let mut tasks = Vec::new();
+        for t in 0..16u64 {
+            let (store, value) = (store.clone(), value.clone());
+            tasks.push(tokio::spawn(async move {
+                for i in (t..writes).step_by(16) {
+                    commit(&store, vec![put(&format!("w/{i:08}"), &value)]).await;
+                }
+            }));
+        }
+        for task in tasks {
+            while !task.is_finished() {
+                max_wal = max_wal.max(std::fs::metadata(&wal).map(|m| m.len()).unwrap_or(0));
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            task.await.unwrap();
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        for r in readers {
+            assert!(
+                r.await.unwrap() > 0,
+                "the readers must have run during the writes"
+            );
+        }
+        max_wal.max(std::fs::metadata(&wal).map(|m| m.len()).unwrap_or(0))
+    });
+    // A frame is a 4 KiB page plus a 24-byte header; allow a batch of writes past the limit.
+    let bound = (u64::from(WAL_LIMIT_FRAMES) + 4096) * (4096 + 24);
+    println!("sqlite: {writes} page-sized writes under reads: WAL at most {max_wal} B");
+    assert!(
+        max_wal <= bound,
+        "WAL reached {max_wal} B, bound {bound} B ({WAL_LIMIT_FRAMES} frames + one batch)"
+    );
+}
+
 // ---- etcd only ----
 
 #[test]

@@ -147,7 +147,7 @@ async fn run_async(smoke: bool) -> Result<ControlBench> {
     );
     let (stop_tx, mut stop_rx) = tokio::sync::oneshot::channel::<()>();
     let agent = tokio::spawn(async move {
-        let mut refill = tokio::time::interval(Duration::from_millis(50));
+        let mut refill = tokio::time::interval(Duration::from_millis(20));
         loop {
             tokio::select! {
                 _ = &mut stop_rx => break,
@@ -155,7 +155,7 @@ async fn run_async(smoke: bool) -> Result<ControlBench> {
                     let d = d?;
                     conv.apply(&mut host, d).await?;
                 }
-                _ = refill.tick() => { host.refill_one().await?; }
+                _ = refill.tick() => { host.refill_some(Duration::from_millis(5)).await?; }
             }
         }
         host.destroy().await?;
