@@ -13,6 +13,8 @@ use std::{
 
 use crate::types::radix36;
 
+pub mod frame;
+
 static COUNTER: AtomicU32 = AtomicU32::new(0);
 
 /// A unique name `atl<tag><pid36, 5 digits><n36>` of at most 15 bytes, for devices, namespaces

@@ -1,7 +1,8 @@
 //! A host converging to the control plane: VMs created through the core become live endpoints
 //! (real taps, real maps), volumes become sparse files, deletes and cloud deletion remove
 //! everything, and a restarted agent adopts what it has instead of recreating it. Also the
-//! whole agent binary with its embedded control plane, driven over HTTP. Needs root.
+//! whole agent binary with its embedded control plane, driven over HTTP, with a guest on an
+//! API-created VM's tap resolving names through the host's DNS server. Needs root.
 
 use std::{net::Ipv4Addr, path::Path, process::Command, sync::Arc, time::Duration};
 
@@ -10,13 +11,20 @@ mod support;
 use atoll_agent::{
     converge::{ConvergeConfig, Converger, Source},
     endpoint::Host,
-    testbed::{unique_name, unique_prefix, LinksWithPrefix, PinRoot},
+    testbed::{
+        frame::{self, Udp},
+        unique_name, unique_prefix, LinksWithPrefix, PinRoot,
+    },
 };
 use atoll_control::{
     client::Client,
     config::{ControlConfig, StoreConfig},
     core::{Command as Cmd, Core, Principal, Reply},
     model::*,
+};
+use hickory_proto::{
+    op::{Message, MessageType, Query, ResponseCode},
+    rr::{Name, RData, RecordType},
 };
 use hyper::Method;
 use serde_json::{json, Value};
@@ -224,16 +232,36 @@ async fn agent_with_embedded_control_plane_serves_the_api() {
         .stdout(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    struct Kill<'a>(&'a mut std::process::Child);
-    impl Drop for Kill<'_> {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
+    // Kills the agent and runs `atoll-agent cleanup` on drop, so a failing test leaves nothing
+    // either (the pinned dataplane, its spare taps and the DNS namespace outlive the agent).
+    struct Agent<'a> {
+        child: &'a mut std::process::Child,
+        config: &'a Path,
+    }
+    impl Agent<'_> {
+        fn cleanup(&mut self) -> std::process::Output {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+            Command::new(env!("CARGO_BIN_EXE_atoll-agent"))
+                .arg("--config")
+                .arg(self.config)
+                .arg("cleanup")
+                .output()
+                .expect("running atoll-agent cleanup")
         }
     }
-    // Wait for the API line on stdout (the agent prints it once it listens).
+    impl Drop for Agent<'_> {
+        fn drop(&mut self) {
+            if std::thread::panicking() {
+                let _ = self.cleanup();
+            }
+        }
+    }
     let stdout = agent.stdout.take().unwrap();
-    let _guard = Kill(&mut agent);
+    let mut guard = Agent {
+        child: &mut agent,
+        config: &config,
+    };
     let lines = std::io::BufRead::lines(std::io::BufReader::new(stdout));
     let mut reader = lines.map_while(Result::ok);
     assert!(
@@ -257,13 +285,38 @@ async fn agent_with_embedded_control_plane_serves_the_api() {
         hosts.iter().map(|h| h.name.as_str()).collect::<Vec<_>>(),
         ["solo"]
     );
+    // Another cloud with a VM of its own (same address range): its name must not resolve
+    // from the first cloud.
+    let other: CreatedCloud = op
+        .call(Method::POST, "/v1/clouds", Some(&json!({"name": "other"})))
+        .await
+        .unwrap();
+    let oc = Client::new(&format!("http://127.0.0.1:{port}"), &other.token).unwrap();
+    let other_vm: Vm = oc
+        .call(
+            Method::POST,
+            &format!("/v1/clouds/{}/vms", other.cloud.id),
+            Some(&json!({"name": "b1"})),
+        )
+        .await
+        .unwrap();
     let created: CreatedCloud = op
         .call(Method::POST, "/v1/clouds", Some(&json!({"name": "e2e"})))
         .await
         .unwrap();
     let cc = Client::new(&format!("http://127.0.0.1:{port}"), &created.token).unwrap();
     let id = created.cloud.id;
-    let _: Vm = cc
+    // A user record, committed before the VM: once the VM is reported ready, the host has
+    // applied every earlier change, this record included.
+    let _: Value = cc
+        .call(
+            Method::PUT,
+            &format!("/v1/clouds/{id}/dns/api/A"),
+            Some(&json!({"values": ["10.0.7.7"]})),
+        )
+        .await
+        .unwrap();
+    let vm: Vm = cc
         .call(
             Method::POST,
             &format!("/v1/clouds/{id}/vms"),
@@ -299,6 +352,30 @@ async fn agent_with_embedded_control_plane_serves_the_api() {
         atoll_agent::device::ifindex(&device).is_some(),
         "tap {device} exists"
     );
+    // Play the VM on its tap, as its VMM would, and ask the gateway.
+    let guest = Guest::attach(&device, &vm, created.cloud.gateway);
+    let zone = vm.fqdn.strip_prefix("a1.").expect("fqdn is <vm>.<zone>");
+    let (rcode, a) = guest.ask(&vm.fqdn);
+    assert_eq!((rcode, a), (ResponseCode::NoError, vec![vm.ipv4]), "own VM");
+    let (rcode, a) = guest.ask(&format!("api.{zone}"));
+    assert_eq!(
+        (rcode, a),
+        (ResponseCode::NoError, vec![Ipv4Addr::new(10, 0, 7, 7)]),
+        "user record"
+    );
+    let (rcode, a) = guest.ask(&other_vm.fqdn);
+    assert_eq!(
+        (rcode, a),
+        (ResponseCode::NXDomain, vec![]),
+        "another cloud's VM"
+    );
+    let (rcode, _) = guest.ask(&format!("nope.{zone}"));
+    assert_eq!(
+        rcode,
+        ResponseCode::NXDomain,
+        "unknown name in the own zone"
+    );
+    drop(guest);
     let _: Value = cc
         .call(Method::DELETE, &format!("/v1/clouds/{id}"), None::<&Value>)
         .await
@@ -311,14 +388,8 @@ async fn agent_with_embedded_control_plane_serves_the_api() {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    drop(_guard);
     // Leave nothing: the pinned dataplane (and its spare taps) go with cleanup.
-    let out = Command::new(env!("CARGO_BIN_EXE_atoll-agent"))
-        .arg("--config")
-        .arg(&config)
-        .arg("cleanup")
-        .output()
-        .unwrap();
+    let out = guard.cleanup();
     assert!(
         out.status.success(),
         "{}",
@@ -388,4 +459,76 @@ async fn remote_agent_converges_over_http() {
         "reported over HTTP"
     );
     host.destroy().await.unwrap();
+}
+
+/// A test playing an API-created VM on its tap: raw UDP DNS queries to the gateway.
+struct Guest {
+    fd: std::os::fd::OwnedFd,
+    addr: Udp,
+    next_id: std::cell::Cell<u16>,
+}
+
+impl Guest {
+    fn attach(device: &str, vm: &Vm, gateway: Ipv4Addr) -> Self {
+        let fd = atoll_agent::device::open_tap_queue(device, true).expect("attaching to the tap");
+        atoll_agent::device::wait_until_up(device, Duration::from_secs(3)).expect("tap up");
+        let o = vm.ipv4.octets();
+        Guest {
+            fd,
+            addr: Udp {
+                // The MAC the control plane assigns (`guest_mac`) and the agent's default
+                // gateway MAC.
+                src_mac: [0x02, 0xa8, o[0], o[1], o[2], o[3]],
+                dst_mac: atoll_agent::config::DataplaneConfig::default()
+                    .gateway_mac
+                    .0,
+                src: vm.ipv4,
+                dst: gateway,
+                sport: 40053,
+                dport: 53,
+            },
+            next_id: std::cell::Cell::new(1),
+        }
+    }
+
+    /// Asks `name` A; returns the response code and the A records.
+    fn ask(&self, name: &str) -> (ResponseCode, Vec<Ipv4Addr>) {
+        let mut q = Message::query();
+        let id = self.next_id.replace(self.next_id.get() + 1);
+        q.metadata.id = id;
+        q.metadata.recursion_desired = true;
+        q.add_query(Query::query(
+            Name::from_ascii(name).expect("a DNS name"),
+            RecordType::A,
+        ));
+        frame::write_frame(&self.fd, &self.addr.frame(&q.to_vec().expect("encoding")));
+        let answer = frame::read_frame(&self.fd, Duration::from_secs(3))
+            .unwrap_or_else(|| panic!("no answer to {name} on the tap"));
+        let parsed = frame::parse_udp(&answer).unwrap_or_else(|e| panic!("answer frame: {e}"));
+        assert_eq!(
+            (
+                parsed.addr.src,
+                parsed.addr.sport,
+                parsed.addr.dst,
+                parsed.addr.dport
+            ),
+            (self.addr.dst, 53, self.addr.src, self.addr.sport),
+            "the answer comes from the gateway to the asker"
+        );
+        assert!(parsed.ip_checksum_ok && parsed.udp_checksum_ok, "checksums");
+        let msg = Message::from_vec(parsed.payload).expect("a DNS message");
+        assert_eq!(
+            (msg.metadata.id, msg.metadata.message_type),
+            (id, MessageType::Response)
+        );
+        let a = msg
+            .answers
+            .iter()
+            .filter_map(|r| match &r.data {
+                RData::A(a) => Some(a.0),
+                _ => None,
+            })
+            .collect();
+        (msg.metadata.response_code, a)
+    }
 }

@@ -32,7 +32,7 @@ mod support;
 
 use std::{
     net::{IpAddr, Ipv4Addr, SocketAddr},
-    os::fd::{AsRawFd, OwnedFd},
+    os::fd::OwnedFd,
     path::Path,
     process::Command,
     sync::{
@@ -46,7 +46,10 @@ use atoll_agent::{
     config::{DnsConfig, Ipv4Network},
     dns::{netns, DnsPlane, DnsServer, DnsView, ForwardPolicy, Record, RecordData, Zone},
     endpoint::{DeviceSpec, Endpoint, EndpointSpec, Host},
-    testbed::{run, unique_name, unique_prefix, LinksWithPrefix, NetNs, PinRoot},
+    testbed::{
+        frame::{self, Udp},
+        run, unique_name, unique_prefix, LinksWithPrefix, NetNs, PinRoot,
+    },
     types::{CloudId, MacAddr},
 };
 use atoll_dataplane_common::{Direction, DropReason, TrafficClass};
@@ -501,17 +504,23 @@ fn tap_query(host: &Host, ep: &Endpoint, fd: &OwnedFd) {
         RecordType::A,
     ));
     let dns = q.to_vec().expect("encoding the query");
-    let frame = frame::query(ep, host.gateway_mac().0, &dns);
-    // SAFETY: `frame` is valid for its length.
-    let n = unsafe { libc::write(fd.as_raw_fd(), frame.as_ptr().cast(), frame.len()) };
-    assert_eq!(n, frame.len() as isize, "writing the query frame");
-    let answer = read_frame(fd).expect("an answer frame on the tap");
+    let frame = Udp {
+        src_mac: ep.mac.0,
+        dst_mac: host.gateway_mac().0,
+        src: ep.ipv4,
+        dst: GATEWAY,
+        sport: TAP_PORT,
+        dport: 53,
+    }
+    .frame(&dns);
+    frame::write_frame(fd, &frame);
+    let answer = frame::read_frame(fd, ARRIVE).expect("an answer frame on the tap");
     let parsed =
-        frame::parse_answer(&answer).unwrap_or_else(|e| panic!("answer frame: {e}: {answer:02x?}"));
-    assert_eq!(parsed.dst_mac, ep.mac.0);
-    assert_eq!(parsed.src_mac, host.gateway_mac().0);
-    assert_eq!((parsed.src, parsed.dst), (GATEWAY, TAP_IP));
-    assert_eq!((parsed.sport, parsed.dport), (53, TAP_PORT));
+        frame::parse_udp(&answer).unwrap_or_else(|e| panic!("answer frame: {e}: {answer:02x?}"));
+    assert_eq!(parsed.addr.dst_mac, ep.mac.0);
+    assert_eq!(parsed.addr.src_mac, host.gateway_mac().0);
+    assert_eq!((parsed.addr.src, parsed.addr.dst), (GATEWAY, TAP_IP));
+    assert_eq!((parsed.addr.sport, parsed.addr.dport), (53, TAP_PORT));
     assert!(parsed.ip_checksum_ok, "IPv4 header checksum");
     assert!(
         parsed.udp_checksum != 0 && parsed.udp_checksum_ok,
@@ -544,119 +553,6 @@ fn tap_query(host: &Host, ep: &Endpoint, fd: &OwnedFd) {
         (before[1].0 + 1, before[1].1 + answer.len() as u64),
         "to guest"
     );
-}
-
-fn read_frame(fd: &OwnedFd) -> Option<Vec<u8>> {
-    let mut pfd = libc::pollfd {
-        fd: fd.as_raw_fd(),
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    // SAFETY: one valid pollfd, bounded timeout.
-    if unsafe { libc::poll(&mut pfd, 1, ARRIVE.as_millis() as i32) } != 1 {
-        return None;
-    }
-    let mut buf = vec![0u8; 65536];
-    // SAFETY: `buf` is valid for its length.
-    let n = unsafe { libc::read(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
-    (n > 0).then(|| {
-        buf.truncate(n as usize);
-        buf
-    })
-}
-
-mod frame {
-    use super::*;
-
-    fn checksum(data: &[u8]) -> u16 {
-        let mut sum: u32 = data
-            .chunks(2)
-            .map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)])))
-            .sum();
-        while sum >> 16 != 0 {
-            sum = (sum & 0xffff) + (sum >> 16);
-        }
-        !(sum as u16)
-    }
-
-    fn pseudo(src: Ipv4Addr, dst: Ipv4Addr, udp: &[u8]) -> Vec<u8> {
-        let mut p = src.octets().to_vec();
-        p.extend_from_slice(&dst.octets());
-        p.extend_from_slice(&[0, 17]);
-        p.extend_from_slice(&(udp.len() as u16).to_be_bytes());
-        p.extend_from_slice(udp);
-        p
-    }
-
-    /// A UDP DNS query from the tap guest to its gateway, with both checksums.
-    pub fn query(ep: &Endpoint, gateway_mac: [u8; 6], dns: &[u8]) -> Vec<u8> {
-        let mut udp = TAP_PORT.to_be_bytes().to_vec();
-        udp.extend_from_slice(&53u16.to_be_bytes());
-        udp.extend_from_slice(&((8 + dns.len()) as u16).to_be_bytes());
-        udp.extend_from_slice(&[0, 0]);
-        udp.extend_from_slice(dns);
-        let c = checksum(&pseudo(ep.ipv4, GATEWAY, &udp));
-        udp[6..8].copy_from_slice(&if c == 0 { 0xffff } else { c }.to_be_bytes());
-        let mut ip = vec![0x45, 0];
-        ip.extend_from_slice(&((20 + udp.len()) as u16).to_be_bytes());
-        ip.extend_from_slice(&[0x12, 0x34, 0x40, 0, 64, 17, 0, 0]);
-        ip.extend_from_slice(&ep.ipv4.octets());
-        ip.extend_from_slice(&GATEWAY.octets());
-        let c = checksum(&ip);
-        ip[10..12].copy_from_slice(&c.to_be_bytes());
-        ip.extend_from_slice(&udp);
-        let mut f = gateway_mac.to_vec();
-        f.extend_from_slice(&ep.mac.0);
-        f.extend_from_slice(&0x0800u16.to_be_bytes());
-        f.extend_from_slice(&ip);
-        f
-    }
-
-    pub struct Answer<'a> {
-        pub dst_mac: [u8; 6],
-        pub src_mac: [u8; 6],
-        pub src: Ipv4Addr,
-        pub dst: Ipv4Addr,
-        pub sport: u16,
-        pub dport: u16,
-        pub ip_checksum_ok: bool,
-        pub udp_checksum: u16,
-        pub udp_checksum_ok: bool,
-        pub payload: &'a [u8],
-    }
-
-    pub fn parse_answer(f: &[u8]) -> Result<Answer<'_>, &'static str> {
-        if f.len() < 42 || f[12..14] != [0x08, 0x00] {
-            return Err("not IPv4");
-        }
-        let ip = &f[14..];
-        if ip[0] != 0x45 || ip[9] != 17 {
-            return Err("not option-free IPv4 UDP");
-        }
-        let total = usize::from(u16::from_be_bytes([ip[2], ip[3]]));
-        if total > ip.len() || total < 28 {
-            return Err("bad total length");
-        }
-        let src = Ipv4Addr::new(ip[12], ip[13], ip[14], ip[15]);
-        let dst = Ipv4Addr::new(ip[16], ip[17], ip[18], ip[19]);
-        let udp = &ip[20..total];
-        let len = usize::from(u16::from_be_bytes([udp[4], udp[5]]));
-        if len < 8 || len > udp.len() {
-            return Err("bad UDP length");
-        }
-        Ok(Answer {
-            dst_mac: f[0..6].try_into().unwrap(),
-            src_mac: f[6..12].try_into().unwrap(),
-            src,
-            dst,
-            sport: u16::from_be_bytes([udp[0], udp[1]]),
-            dport: u16::from_be_bytes([udp[2], udp[3]]),
-            ip_checksum_ok: checksum(&ip[..20]) == 0,
-            udp_checksum: u16::from_be_bytes([udp[6], udp[7]]),
-            udp_checksum_ok: checksum(&pseudo(src, dst, &udp[..len])) == 0,
-            payload: &udp[8..len],
-        })
-    }
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -1,0 +1,168 @@
+//! Raw Ethernet/IPv4/UDP frames for tests that play a VM on a tap: build a frame with correct
+//! checksums, parse one back and check its checksums, read one from a tap with a timeout.
+//! Test code only; the dataplane never uses it.
+
+use std::{
+    net::Ipv4Addr,
+    os::fd::{AsRawFd, OwnedFd},
+    time::Duration,
+};
+
+/// The Internet checksum (RFC 1071) of `data`: 0 when `data` includes a correct checksum.
+pub fn checksum(data: &[u8]) -> u16 {
+    let mut sum: u32 = data
+        .chunks(2)
+        .map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)])))
+        .sum();
+    while sum >> 16 != 0 {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+fn pseudo(src: Ipv4Addr, dst: Ipv4Addr, udp: &[u8]) -> Vec<u8> {
+    let mut p = src.octets().to_vec();
+    p.extend_from_slice(&dst.octets());
+    p.extend_from_slice(&[0, 17]);
+    p.extend_from_slice(&(udp.len() as u16).to_be_bytes());
+    p.extend_from_slice(udp);
+    p
+}
+
+/// One UDP datagram's addressing.
+#[derive(Debug, Clone, Copy)]
+pub struct Udp {
+    pub src_mac: [u8; 6],
+    pub dst_mac: [u8; 6],
+    pub src: Ipv4Addr,
+    pub dst: Ipv4Addr,
+    pub sport: u16,
+    pub dport: u16,
+}
+
+impl Udp {
+    /// An Ethernet frame carrying `payload`, with IPv4 header and UDP checksums set.
+    pub fn frame(&self, payload: &[u8]) -> Vec<u8> {
+        let mut udp = self.sport.to_be_bytes().to_vec();
+        udp.extend_from_slice(&self.dport.to_be_bytes());
+        udp.extend_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
+        udp.extend_from_slice(&[0, 0]);
+        udp.extend_from_slice(payload);
+        let c = checksum(&pseudo(self.src, self.dst, &udp));
+        udp[6..8].copy_from_slice(&if c == 0 { 0xffff } else { c }.to_be_bytes());
+        let mut ip = vec![0x45, 0];
+        ip.extend_from_slice(&((20 + udp.len()) as u16).to_be_bytes());
+        ip.extend_from_slice(&[0x12, 0x34, 0x40, 0, 64, 17, 0, 0]);
+        ip.extend_from_slice(&self.src.octets());
+        ip.extend_from_slice(&self.dst.octets());
+        let c = checksum(&ip);
+        ip[10..12].copy_from_slice(&c.to_be_bytes());
+        ip.extend_from_slice(&udp);
+        let mut f = self.dst_mac.to_vec();
+        f.extend_from_slice(&self.src_mac);
+        f.extend_from_slice(&0x0800u16.to_be_bytes());
+        f.extend_from_slice(&ip);
+        f
+    }
+}
+
+/// A parsed UDP frame and whether its checksums verify.
+pub struct Parsed<'a> {
+    pub addr: Udp,
+    pub ip_checksum_ok: bool,
+    pub udp_checksum: u16,
+    pub udp_checksum_ok: bool,
+    pub payload: &'a [u8],
+}
+
+/// Parses an Ethernet frame carrying option-free IPv4 UDP.
+pub fn parse_udp(f: &[u8]) -> Result<Parsed<'_>, &'static str> {
+    if f.len() < 42 || f[12..14] != [0x08, 0x00] {
+        return Err("not IPv4");
+    }
+    let ip = &f[14..];
+    if ip[0] != 0x45 || ip[9] != 17 {
+        return Err("not option-free IPv4 UDP");
+    }
+    let total = usize::from(u16::from_be_bytes([ip[2], ip[3]]));
+    if total > ip.len() || total < 28 {
+        return Err("bad total length");
+    }
+    let src = Ipv4Addr::new(ip[12], ip[13], ip[14], ip[15]);
+    let dst = Ipv4Addr::new(ip[16], ip[17], ip[18], ip[19]);
+    let udp = &ip[20..total];
+    let len = usize::from(u16::from_be_bytes([udp[4], udp[5]]));
+    if len < 8 || len > udp.len() {
+        return Err("bad UDP length");
+    }
+    Ok(Parsed {
+        addr: Udp {
+            dst_mac: f[0..6].try_into().expect("6 bytes"),
+            src_mac: f[6..12].try_into().expect("6 bytes"),
+            src,
+            dst,
+            sport: u16::from_be_bytes([udp[0], udp[1]]),
+            dport: u16::from_be_bytes([udp[2], udp[3]]),
+        },
+        ip_checksum_ok: checksum(&ip[..20]) == 0,
+        udp_checksum: u16::from_be_bytes([udp[6], udp[7]]),
+        udp_checksum_ok: checksum(&pseudo(src, dst, &udp[..len])) == 0,
+        payload: &udp[8..len],
+    })
+}
+
+/// Writes one frame to a tap queue; panics (test code) if the kernel takes less.
+pub fn write_frame(fd: &OwnedFd, frame: &[u8]) {
+    // SAFETY: `frame` is valid for its length and `fd` is an open tap queue.
+    let n = unsafe { libc::write(fd.as_raw_fd(), frame.as_ptr().cast(), frame.len()) };
+    assert_eq!(n, frame.len() as isize, "writing a frame to the tap");
+}
+
+/// The next frame on a tap queue, or `None` if none arrives within `timeout`.
+pub fn read_frame(fd: &OwnedFd, timeout: Duration) -> Option<Vec<u8>> {
+    let mut pfd = libc::pollfd {
+        fd: fd.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    let ms = i32::try_from(timeout.as_millis()).unwrap_or(i32::MAX);
+    // SAFETY: one valid pollfd, bounded timeout.
+    if unsafe { libc::poll(&mut pfd, 1, ms) } != 1 {
+        return None;
+    }
+    let mut buf = vec![0u8; 65536];
+    // SAFETY: `buf` is valid for its length.
+    let n = unsafe { libc::read(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+    (n > 0).then(|| {
+        buf.truncate(n as usize);
+        buf
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn built_frames_parse_back_with_valid_checksums() {
+        let addr = Udp {
+            src_mac: [2, 0, 0, 0, 0, 1],
+            dst_mac: [2, 0, 0, 0, 0, 2],
+            src: Ipv4Addr::new(10, 0, 0, 2),
+            dst: Ipv4Addr::new(10, 0, 0, 1),
+            sport: 40000,
+            dport: 53,
+        };
+        let f = addr.frame(b"odd");
+        let p = parse_udp(&f).unwrap();
+        assert!(p.ip_checksum_ok && p.udp_checksum_ok);
+        assert_eq!(
+            (p.addr.src, p.addr.dport, p.payload),
+            (addr.src, 53, &b"odd"[..])
+        );
+        let mut bad = f.clone();
+        bad[f.len() - 1] ^= 1;
+        assert!(!parse_udp(&bad).unwrap().udp_checksum_ok);
+        assert!(parse_udp(&f[..30]).is_err());
+    }
+}
