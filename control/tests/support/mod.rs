@@ -1,8 +1,18 @@
-//! Test backends for the store suite: a fresh SQLite store in a temporary directory, or a fresh
-//! etcd in a network namespace of its own (so parallel tests can all use 127.0.0.1:2379 and
-//! nothing on the host is touched). Every case runs on a dedicated thread with its own tokio
-//! runtime; for etcd that thread first enters the namespace, so every socket its runtime opens
-//! (worker and blocking threads are created by it and inherit the namespace) is in there.
+//! Test backends for the store suite (`store.rs`) and the API suite (`api.rs`): a fresh SQLite
+//! store in a temporary directory, or a fresh etcd in a network namespace of its own (so
+//! parallel tests can all use 127.0.0.1:2379 and nothing on the host is touched). Every etcd
+//! case runs on a dedicated thread with its own tokio runtime ([`block_on_in_netns`]); that
+//! thread first enters the namespace, so every socket its runtime opens (worker and blocking
+//! threads are created by it and inherit the namespace) is in there: the store's connections to
+//! etcd, and for the API suite also the API server's listener on 127.0.0.1 and the test's
+//! clients. No traffic leaves the namespace's loopback.
+//!
+//! etcd runs with its defaults, like a stock install: notably `--max-txn-ops` stays 128, so a
+//! transaction the core would send that a default etcd refuses fails here too.
+//!
+//! Each test binary that includes this module uses only part of it, hence `allow(dead_code)`.
+
+#![allow(dead_code)]
 
 use std::{
     fs::File,
@@ -60,7 +70,8 @@ pub async fn next_batch(watch: &mut Watch) -> WatchBatch {
         .expect("watch")
 }
 
-fn runtime() -> tokio::runtime::Runtime {
+/// The runtime every case runs on: multi-threaded, so a case's concurrent requests really race.
+pub fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -96,22 +107,33 @@ where
     Fut: Future<Output = ()>,
 {
     let server = EtcdServer::start();
+    block_on_in_netns(&server.netns, || async {
+        let etcd = server.connect_when_ready(ETCD_PREFIX).await;
+        case(Env {
+            store: etcd.clone().into(),
+            backend: Backend::Etcd(etcd),
+        })
+        .await;
+    });
+}
+
+/// Runs the future `make` returns to completion on a new thread that first enters network
+/// namespace `netns`, on a [`runtime`] of its own built there (so all of its sockets are in the
+/// namespace). The runtime, and every task still on it, is dropped before this returns; a panic
+/// of the case is propagated (the caller's guards, e.g. an [`EtcdServer`], still clean up).
+pub fn block_on_in_netns<F, Fut>(netns: &str, make: F)
+where
+    F: FnOnce() -> Fut + Send,
+    Fut: Future<Output = ()>,
+{
     let result = std::thread::scope(|scope| {
         scope
             .spawn(|| {
-                enter_netns(&server.netns);
-                runtime().block_on(async {
-                    let etcd = server.connect_when_ready(ETCD_PREFIX).await;
-                    case(Env {
-                        store: etcd.clone().into(),
-                        backend: Backend::Etcd(etcd),
-                    })
-                    .await;
-                });
+                enter_netns(netns);
+                runtime().block_on(make());
             })
             .join()
     });
-    drop(server);
     if let Err(panic) = result {
         std::panic::resume_unwind(panic);
     }
@@ -191,7 +213,7 @@ pub struct EtcdServer {
 
 impl EtcdServer {
     pub fn start() -> EtcdServer {
-        require_root("the etcd store tests");
+        require_root("an etcd test");
         let etcd = find_in_path("etcd")
             .expect("etcd is not installed (Debian: apt-get install etcd-server)");
         // Data in tmpfs when there is one: etcd fsyncs every write.
