@@ -263,6 +263,11 @@ pub struct DataplaneConfig {
     pub max_endpoints: u32,
     /// Capacity of the route map (addresses reachable in all clouds on this host).
     pub max_routes: u32,
+    /// Capacity of the VIP map: exposure grants whose consumer has endpoints on this host.
+    pub max_vips: u32,
+    /// Capacity of each connection-tracking map of exposure flows (LRU: the least recently
+    /// used flow is evicted when full).
+    pub max_flows: u32,
     /// The MAC address guests see for their gateway.
     pub gateway_mac: MacAddr,
     /// Spare taps kept created and attached, so a tap endpoint is created without waiting for
@@ -281,6 +286,8 @@ impl Default for DataplaneConfig {
             bpffs_root: PathBuf::from(DEFAULT_BPFFS_ROOT),
             max_endpoints: 65536,
             max_routes: 65536,
+            max_vips: 65536,
+            max_flows: 262_144,
             gateway_mac: MacAddr([0x02, 0xa7, 0x00, 0x00, 0x00, 0x01]),
             tap_pool: 8,
             expedite_rcu: true,
@@ -349,9 +356,9 @@ impl AgentConfig {
             message: message.into(),
         };
         let d = &cfg.dataplane;
-        if d.max_endpoints == 0 || d.max_routes == 0 {
+        if d.max_endpoints == 0 || d.max_routes == 0 || d.max_vips == 0 || d.max_flows == 0 {
             return Err(invalid(
-                "dataplane.max_endpoints and dataplane.max_routes must be > 0",
+                "dataplane.max_endpoints, max_routes, max_vips and max_flows must be > 0",
             ));
         }
         if !d.gateway_mac.is_valid_unicast() {
@@ -478,6 +485,8 @@ mod tests {
         assert!(e.to_string().contains("max_endpoint"), "{e}");
         assert!(AgentConfig::parse("[dataplan]\n", p).is_err());
         assert!(AgentConfig::parse("[dataplane]\nmax_routes = 0\n", p).is_err());
+        assert!(AgentConfig::parse("[dataplane]\nmax_flows = 0\n", p).is_err());
+        assert!(AgentConfig::parse("[dataplane]\nmax_vips = 0\n", p).is_err());
         assert!(
             AgentConfig::parse("[dataplane]\ngateway_mac = \"ff:ff:ff:ff:ff:ff\"\n", p).is_err()
         );

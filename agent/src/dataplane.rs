@@ -28,8 +28,8 @@ use std::{
 };
 
 use atoll_dataplane_common::{
-    DnsService, DropReason, EndpointCounters, EndpointInfo, EndpointSlot, NextHop, RouteKey,
-    ENDPOINT_CACHE_MASK, LAYOUT_VERSION,
+    DnsService, DropReason, EndpointCounters, EndpointInfo, EndpointSlot, FlowIn, FlowKey, FlowOut,
+    NextHop, RouteKey, VipService, ENDPOINT_CACHE_MASK, LAYOUT_VERSION,
 };
 use aya::{
     maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray, PerCpuValues},
@@ -40,6 +40,8 @@ use aya::{
 };
 
 use crate::config::DataplaneConfig;
+
+mod exposure;
 
 /// The compiled eBPF object, built by this crate's build script from `dataplane-ebpf/`.
 pub static OBJECT: &[u8] =
@@ -57,12 +59,15 @@ pub const MAP_DROPS: &str = "DROPS";
 pub const MAP_COUNTERS: &str = "COUNTERS";
 pub const MAP_DNS_SERVICE: &str = "DNS_SERVICE";
 pub const MAP_SLOT_ENDPOINTS: &str = "SLOT_ENDPOINTS";
+pub const MAP_VIPS: &str = "VIPS";
+pub const MAP_FLOWS_OUT: &str = "FLOWS_OUT";
+pub const MAP_FLOWS_IN: &str = "FLOWS_IN";
 /// Program names in the object.
 pub const PROG_FROM_VM: &str = "from_vm";
 pub const PROG_TO_VM: &str = "to_vm";
 pub const PROG_FROM_DNS: &str = "from_dns";
 /// Every map, in pinning order.
-const MAPS: [&str; 7] = [
+const MAPS: [&str; 10] = [
     MAP_ENDPOINTS,
     MAP_ENDPOINT_CACHE,
     MAP_ROUTES,
@@ -70,6 +75,9 @@ const MAPS: [&str; 7] = [
     MAP_COUNTERS,
     MAP_DNS_SERVICE,
     MAP_SLOT_ENDPOINTS,
+    MAP_VIPS,
+    MAP_FLOWS_OUT,
+    MAP_FLOWS_IN,
 ];
 /// Every program.
 const PROGS: [&str; 3] = [PROG_FROM_VM, PROG_TO_VM, PROG_FROM_DNS];
@@ -158,11 +166,15 @@ pub struct Dataplane {
     counters: PerCpuArray<MapData, EndpointCounters>,
     dns_service: Array<MapData, DnsService>,
     slot_endpoints: Array<MapData, u32>,
+    vips: HashMap<MapData, RouteKey, VipService>,
+    flows_out: HashMap<MapData, FlowKey, FlowOut>,
+    flows_in: HashMap<MapData, FlowKey, FlowIn>,
     from_vm: SchedClassifier,
     to_vm: SchedClassifier,
     from_dns: SchedClassifier,
     max_endpoints: u32,
     max_routes: u32,
+    max_vips: u32,
 }
 
 impl Dataplane {
@@ -202,6 +214,12 @@ impl Dataplane {
             Array::try_from(open_map(MAP_DNS_SERVICE)?).map_err(|e| typed(MAP_DNS_SERVICE, e))?;
         let slot_endpoints: Array<MapData, u32> = Array::try_from(open_map(MAP_SLOT_ENDPOINTS)?)
             .map_err(|e| typed(MAP_SLOT_ENDPOINTS, e))?;
+        let vips: HashMap<MapData, RouteKey, VipService> =
+            HashMap::try_from(open_map(MAP_VIPS)?).map_err(|e| typed(MAP_VIPS, e))?;
+        let flows_out: HashMap<MapData, FlowKey, FlowOut> =
+            HashMap::try_from(open_map(MAP_FLOWS_OUT)?).map_err(|e| typed(MAP_FLOWS_OUT, e))?;
+        let flows_in: HashMap<MapData, FlowKey, FlowIn> =
+            HashMap::try_from(open_map(MAP_FLOWS_IN)?).map_err(|e| typed(MAP_FLOWS_IN, e))?;
         let capacity = |name: &str, default: u32| {
             aya::maps::MapInfo::from_pin(dir.join("maps").join(name))
                 .map(|i| i.max_entries())
@@ -209,6 +227,7 @@ impl Dataplane {
         };
         let max_endpoints = capacity(MAP_ENDPOINTS, cfg.max_endpoints);
         let max_routes = capacity(MAP_ROUTES, cfg.max_routes);
+        let max_vips = capacity(MAP_VIPS, cfg.max_vips);
         let open_prog = |name: &str| {
             let path = dir.join("progs").join(name);
             SchedClassifier::from_pin(&path).map_err(|source| DataplaneError::OpenProgram {
@@ -228,8 +247,12 @@ impl Dataplane {
             counters,
             dns_service,
             slot_endpoints,
+            vips,
+            flows_out,
+            flows_in,
             max_endpoints,
             max_routes,
+            max_vips,
         })
     }
 
@@ -651,6 +674,9 @@ fn create_pins(cfg: &DataplaneConfig, dir: &Path) -> Result<(), DataplaneError> 
             .map_max_entries(MAP_ROUTES, cfg.max_routes)
             .map_max_entries(MAP_COUNTERS, cfg.max_endpoints)
             .map_max_entries(MAP_SLOT_ENDPOINTS, cfg.max_endpoints)
+            .map_max_entries(MAP_VIPS, cfg.max_vips)
+            .map_max_entries(MAP_FLOWS_OUT, cfg.max_flows)
+            .map_max_entries(MAP_FLOWS_IN, cfg.max_flows)
             .load(OBJECT)
             .map_err(|source| match permission_error(&source) {
                 Some(e) => DataplaneError::MissingCapability {

@@ -30,6 +30,10 @@ use atoll_dataplane_common::{
     ipv4_from_map, ipv4_to_map, DnsService, EndpointInfo, NextHop, RouteKey,
 };
 
+mod exposure;
+
+pub use exposure::{ServiceSpec, PROTOCOL_TCP, PROTOCOL_UDP};
+
 use crate::{
     config::DataplaneConfig,
     dataplane::{Dataplane, DataplaneError},
@@ -128,6 +132,9 @@ pub struct Host {
     usage: Option<Recorder>,
     /// The DNS namespace `DnsPlane::ensure` set up for this dataplane, removed by `destroy`.
     dns_namespace: Option<String>,
+    /// The next exposure grant number (0: not yet derived from the pinned maps; see
+    /// `exposure`).
+    next_grant: u32,
 }
 
 /// Name prefix of spare taps.
@@ -149,6 +156,7 @@ impl Host {
             free_slots: VecDeque::new(),
             usage: None,
             dns_namespace: None,
+            next_grant: 0,
         };
         host.pool = host.find_pool()?;
         host.free_slots = host.find_free_slots()?;

@@ -33,7 +33,6 @@ mod support;
 use std::{
     net::{IpAddr, Ipv4Addr, SocketAddr},
     os::fd::OwnedFd,
-    path::Path,
     process::Command,
     sync::{
         atomic::{AtomicUsize, Ordering},
@@ -98,17 +97,7 @@ const DNS_REASONS: [DropReason; 4] = [
 #[test]
 fn guests_resolve_their_own_cloud_at_the_gateway() {
     support::require_root();
-    let outcome = std::panic::catch_unwind(scenario);
-    let left = leftovers();
-    match outcome {
-        Ok(()) => assert!(left.is_empty(), "left behind after the test: {left:#?}"),
-        Err(p) => {
-            if !left.is_empty() {
-                eprintln!("also left behind after the failure: {left:#?}");
-            }
-            std::panic::resume_unwind(p)
-        }
-    }
+    support::leaves_nothing(&TAGS, scenario);
 }
 
 /// Removes the DNS namespace on drop (the device goes with `LinksWithPrefix`).
@@ -695,45 +684,4 @@ impl RequestHandler for UpstreamHandler {
             .await
             .expect("the upstream's answer is sent")
     }
-}
-
-// ---------------------------------------------------------------------------------------------
-// Leftovers
-
-fn leftovers() -> Vec<String> {
-    let prefixes: Vec<String> = TAGS.iter().map(|t| unique_prefix(t)).collect();
-    let ours = |n: &str| prefixes.iter().any(|p| n.starts_with(p.as_str()));
-    let mut left = Vec::new();
-    let links = run(Command::new("ip").args(["-o", "link"])).expect("ip -o link");
-    for l in links.lines() {
-        if let Some(n) = l
-            .split(':')
-            .nth(1)
-            .map(|n| n.trim().split('@').next().unwrap_or(""))
-        {
-            if ours(n) {
-                left.push(format!("link {n}"));
-            }
-        }
-    }
-    for entry in std::fs::read_dir(Path::new(netns::RUN_DIR))
-        .into_iter()
-        .flatten()
-        .flatten()
-    {
-        let n = entry.file_name().to_string_lossy().into_owned();
-        if ours(&n) {
-            left.push(format!("netns {n}"));
-        }
-    }
-    for entry in std::fs::read_dir("/sys/fs/bpf")
-        .expect("/sys/fs/bpf")
-        .flatten()
-    {
-        let n = entry.file_name().to_string_lossy().into_owned();
-        if ours(&n) {
-            left.push(format!("pins {n}"));
-        }
-    }
-    left
 }

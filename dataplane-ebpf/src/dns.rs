@@ -29,16 +29,13 @@
 use atoll_dataplane_common::{
     Direction, DnsService, DropReason, EndpointInfo, TrafficClass, DNS_PORT,
 };
-use aya_ebpf::{
-    bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},
-    macros::map,
-    maps::Array,
-    programs::TcContext,
-};
+use aya_ebpf::{macros::map, maps::Array, programs::TcContext};
 
 use crate::{
     endpoint, metering,
-    packet::{self, EthHdr, Ipv4Hdr, Packet, ETH_P_IP, IPPROTO_TCP, IPPROTO_UDP},
+    packet::{
+        self, fix_address_checksums, l4_layout, EthHdr, Ipv4Hdr, Packet, Ports, ETH_P_IP, L4_OFFSET,
+    },
     Verdict,
 };
 
@@ -50,32 +47,6 @@ pub static DNS_SERVICE: Array<DnsService> = Array::with_max_entries(1, 0);
 /// `max_endpoints`; written by `Dataplane::insert_endpoint` / `remove_endpoint`.
 #[map]
 pub static SLOT_ENDPOINTS: Array<u32> = Array::with_max_entries(65536, 0);
-
-/// Offset of the IPv4 header checksum in the frame.
-const IPV4_CHECK_OFFSET: usize = EthHdr::LEN + 10;
-/// Offset of the transport header (IPv4 options are never accepted here).
-const L4_OFFSET: usize = EthHdr::LEN + Ipv4Hdr::LEN;
-const UDP_HEADER_LEN: usize = 8;
-const TCP_HEADER_LEN: usize = 20;
-const UDP_CHECK_OFFSET: usize = L4_OFFSET + 6;
-const TCP_CHECK_OFFSET: usize = L4_OFFSET + 16;
-
-/// Source and destination port, the first four bytes of both UDP and TCP headers.
-#[repr(C)]
-struct Ports {
-    src: [u8; 2],
-    dst: [u8; 2],
-}
-
-/// The transport header's minimum length and checksum offset, for UDP and TCP only.
-#[inline(always)]
-fn l4_layout(protocol: u8) -> Option<(usize, usize)> {
-    match protocol {
-        IPPROTO_UDP => Some((UDP_HEADER_LEN, UDP_CHECK_OFFSET)),
-        IPPROTO_TCP => Some((TCP_HEADER_LEN, TCP_CHECK_OFFSET)),
-        _ => None,
-    }
-}
 
 #[inline(always)]
 fn service() -> Option<&'static DnsService> {
@@ -128,7 +99,7 @@ pub fn to_server(
         packet::write_ipv4(&mut (*ip).daddr, svc.server_ipv4.to_ne_bytes());
     }
     // From here on the frame is only touched through helpers (they invalidate packet pointers).
-    let fixed = fix_checksums(
+    let fixed = fix_address_checksums(
         ctx,
         protocol,
         check_offset,
@@ -211,7 +182,7 @@ pub fn try_from_dns(ctx: &TcContext) -> Verdict {
         packet::write_ipv4(&mut (*ip).saddr, ep.gateway_ipv4.to_ne_bytes());
         packet::write_ipv4(&mut (*ip).daddr, ep.ipv4.to_ne_bytes());
     }
-    let fixed = fix_checksums(
+    let fixed = fix_address_checksums(
         ctx,
         protocol,
         check_offset,
@@ -223,31 +194,4 @@ pub fn try_from_dns(ctx: &TcContext) -> Verdict {
     }
     metering::traffic(ep.slot, Direction::ToGuest, TrafficClass::Host, pkt.len);
     Verdict::Redirect(ifindex)
-}
-
-/// Updates the IPv4 header checksum and the UDP/TCP checksum (pseudo header) for source and
-/// destination addresses already rewritten from `.0` to `.1`. False if a helper failed.
-#[inline(always)]
-fn fix_checksums(
-    ctx: &TcContext,
-    protocol: u8,
-    check_offset: usize,
-    src: (u32, u32),
-    dst: (u32, u32),
-) -> bool {
-    let mut l4_flags = BPF_F_PSEUDO_HDR as u64 | 4;
-    if protocol == IPPROTO_UDP {
-        l4_flags |= BPF_F_MARK_MANGLED_0 as u64;
-    }
-    for (from, to) in [src, dst] {
-        let (from, to) = (from as u64, to as u64);
-        if ctx.l3_csum_replace(IPV4_CHECK_OFFSET, from, to, 4).is_err()
-            || ctx
-                .l4_csum_replace(check_offset, from, to, l4_flags)
-                .is_err()
-        {
-            return false;
-        }
-    }
-    true
 }

@@ -31,6 +31,7 @@ mod arp;
 mod dns;
 mod drop;
 mod endpoint;
+mod exposure;
 mod gateway;
 mod metering;
 mod packet;

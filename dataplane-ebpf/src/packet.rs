@@ -4,7 +4,10 @@
 //! bounds-checked raw pointers; multi-byte fields are kept as byte arrays or read unaligned so
 //! nothing depends on the alignment of the frame in memory.
 
-use aya_ebpf::programs::TcContext;
+use aya_ebpf::{
+    bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},
+    programs::TcContext,
+};
 
 pub const ETH_P_IP: u16 = 0x0800;
 pub const ETH_P_ARP: u16 = 0x0806;
@@ -195,4 +198,89 @@ pub fn is_broadcast_mac(mac: &[u8; 6]) -> bool {
 pub fn csum_add_be(check: u16, delta: u16) -> u16 {
     let sum = check as u32 + delta as u32;
     (sum + (sum >= 0xFFFF) as u32) as u16
+}
+
+/// Offset of the IPv4 header checksum in the frame.
+pub const IPV4_CHECK_OFFSET: usize = EthHdr::LEN + 10;
+/// Offset of the transport header (IPv4 options are never accepted on translated paths).
+pub const L4_OFFSET: usize = EthHdr::LEN + Ipv4Hdr::LEN;
+const UDP_HEADER_LEN: usize = 8;
+const TCP_HEADER_LEN: usize = 20;
+const UDP_CHECK_OFFSET: usize = L4_OFFSET + 6;
+const TCP_CHECK_OFFSET: usize = L4_OFFSET + 16;
+
+/// Source and destination port, the first four bytes of both UDP and TCP headers.
+#[repr(C)]
+pub struct Ports {
+    pub src: [u8; 2],
+    pub dst: [u8; 2],
+}
+
+/// The transport header's minimum length and checksum offset, for UDP and TCP only.
+#[inline(always)]
+pub fn l4_layout(protocol: u8) -> Option<(usize, usize)> {
+    match protocol {
+        IPPROTO_UDP => Some((UDP_HEADER_LEN, UDP_CHECK_OFFSET)),
+        IPPROTO_TCP => Some((TCP_HEADER_LEN, TCP_CHECK_OFFSET)),
+        _ => None,
+    }
+}
+
+/// Flags for `bpf_l4_csum_replace` of a `size`-byte field: for UDP, a zero checksum ("none")
+/// stays zero and a computed zero is written as 0xFFFF (`BPF_F_MARK_MANGLED_0`).
+#[inline(always)]
+fn l4_flags(protocol: u8, size: u64) -> u64 {
+    let mut flags = size;
+    if protocol == IPPROTO_UDP {
+        flags |= BPF_F_MARK_MANGLED_0 as u64;
+    }
+    flags
+}
+
+/// Updates the IPv4 header checksum and the UDP/TCP checksum (pseudo header) for source and
+/// destination addresses already rewritten from `.0` to `.1`. False if a helper failed.
+///
+/// The kernel's helpers keep frames with a partial checksum (`CHECKSUM_PARTIAL`) correct: the
+/// checksum field then holds the pseudo-header sum, which `BPF_F_PSEUDO_HDR` adjusts.
+#[inline(always)]
+pub fn fix_address_checksums(
+    ctx: &TcContext,
+    protocol: u8,
+    check_offset: usize,
+    src: (u32, u32),
+    dst: (u32, u32),
+) -> bool {
+    let flags = BPF_F_PSEUDO_HDR as u64 | l4_flags(protocol, 4);
+    for (from, to) in [src, dst] {
+        let (from, to) = (from as u64, to as u64);
+        if ctx.l3_csum_replace(IPV4_CHECK_OFFSET, from, to, 4).is_err()
+            || ctx.l4_csum_replace(check_offset, from, to, flags).is_err()
+        {
+            return false;
+        }
+    }
+    true
+}
+
+/// Updates the UDP/TCP checksum for source and destination ports already rewritten from `.0`
+/// to `.1` (values as read natively from the packet). False if a helper failed.
+#[inline(always)]
+pub fn fix_port_checksums(
+    ctx: &TcContext,
+    protocol: u8,
+    check_offset: usize,
+    src: (u16, u16),
+    dst: (u16, u16),
+) -> bool {
+    let flags = l4_flags(protocol, 2);
+    for (from, to) in [src, dst] {
+        if from != to
+            && ctx
+                .l4_csum_replace(check_offset, from as u64, to as u64, flags)
+                .is_err()
+        {
+            return false;
+        }
+    }
+    true
 }

@@ -2,12 +2,12 @@
 //! redirect.
 
 use atoll_dataplane_common::{
-    Direction, DropReason, EndpointInfo, NextHop, RouteKey, TrafficClass,
+    Direction, DropReason, EndpointInfo, NextHop, RouteKey, TrafficClass, NEXTHOP_ENDPOINT,
 };
 use aya_ebpf::{macros::map, maps::HashMap, programs::TcContext};
 
 use crate::{
-    gateway, metering,
+    exposure, gateway, metering,
     packet::{self, EthHdr, Ipv4Hdr, Packet},
     Verdict,
 };
@@ -76,6 +76,9 @@ pub fn forward_ipv4(
     let Some(hop) = lookup(ep.cloud, daddr) else {
         return Verdict::Drop(DropReason::NoRouteInCloud);
     };
+    if hop.flags != NEXTHOP_ENDPOINT {
+        return exposure::translate(ctx, pkt, eth, ip, total_len, ep, hop.flags);
+    }
     metering::traffic(
         ep.slot,
         Direction::FromGuest,

@@ -1,12 +1,13 @@
 //! Helpers shared by the agent's integration tests.
 #![allow(dead_code)]
 
-use std::net::Ipv4Addr;
+use std::{net::Ipv4Addr, path::Path, process::Command};
 
 use atoll_agent::{
     config::DataplaneConfig,
+    dns::netns,
     endpoint::{DeviceSpec, EndpointSpec},
-    testbed::PinRoot,
+    testbed::{run, unique_prefix, PinRoot},
     types::{CloudId, MacAddr},
 };
 
@@ -95,4 +96,59 @@ pub fn read_frame(fd: &std::os::fd::OwnedFd) -> Option<Vec<u8>> {
         buf.truncate(n as usize);
         buf
     })
+}
+
+/// Runs `scenario`, then checks that no link, namespace or bpffs pin named with one of `tags`
+/// (see `unique_name`) is left, also when the scenario failed (its panic is resumed).
+pub fn leaves_nothing(tags: &[&str], scenario: impl FnOnce() + std::panic::UnwindSafe) {
+    let outcome = std::panic::catch_unwind(scenario);
+    let left = leftovers(tags);
+    match outcome {
+        Ok(()) => assert!(left.is_empty(), "left behind after the test: {left:#?}"),
+        Err(p) => {
+            if !left.is_empty() {
+                eprintln!("also left behind after the failure: {left:#?}");
+            }
+            std::panic::resume_unwind(p)
+        }
+    }
+}
+
+/// Links, namespaces and pins of this process named with one of `tags`.
+pub fn leftovers(tags: &[&str]) -> Vec<String> {
+    let prefixes: Vec<String> = tags.iter().map(|t| unique_prefix(t)).collect();
+    let ours = |n: &str| prefixes.iter().any(|p| n.starts_with(p.as_str()));
+    let mut left = Vec::new();
+    let links = run(Command::new("ip").args(["-o", "link"])).expect("ip -o link");
+    for l in links.lines() {
+        if let Some(n) = l
+            .split(':')
+            .nth(1)
+            .map(|n| n.trim().split('@').next().unwrap_or(""))
+        {
+            if ours(n) {
+                left.push(format!("link {n}"));
+            }
+        }
+    }
+    for entry in std::fs::read_dir(Path::new(netns::RUN_DIR))
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let n = entry.file_name().to_string_lossy().into_owned();
+        if ours(&n) {
+            left.push(format!("netns {n}"));
+        }
+    }
+    for entry in std::fs::read_dir("/sys/fs/bpf")
+        .expect("/sys/fs/bpf")
+        .flatten()
+    {
+        let n = entry.file_name().to_string_lossy().into_owned();
+        if ours(&n) {
+            left.push(format!("pins {n}"));
+        }
+    }
+    left
 }

@@ -18,7 +18,7 @@
 
 /// Version of the map layouts defined in this crate. Bump on any change to a map's key, value,
 /// or meaning.
-pub const LAYOUT_VERSION: u32 = 3;
+pub const LAYOUT_VERSION: u32 = 4;
 
 /// Identity of one endpoint (a VM's tap or a guest veth), keyed by the host-side ifindex in the
 /// `ENDPOINTS` map.
@@ -75,8 +75,100 @@ pub struct NextHop {
     pub slot: u32,
     /// Destination guest MAC, written as the frame's destination MAC.
     pub mac: [u8; 6],
-    /// Reserved; must be 0.
+    /// [`NEXTHOP_ENDPOINT`] for an endpoint; [`NEXTHOP_VIP`] or [`NEXTHOP_NAT_SOURCE`] for an
+    /// exposure address (then `ifindex`, `slot` and `mac` are 0 and the exposure maps decide).
     pub flags: u16,
+}
+
+/// `NextHop::flags`: a local endpoint.
+pub const NEXTHOP_ENDPOINT: u16 = 0;
+/// `NextHop::flags`: a VIP in a consumer cloud; `VIPS` holds its service.
+pub const NEXTHOP_VIP: u16 = 1;
+/// `NextHop::flags`: a provider-side NAT source address (where a consumer's flows appear to
+/// come from); replies to it are found in `FLOWS_IN`.
+pub const NEXTHOP_NAT_SOURCE: u16 = 2;
+
+/// Backends per exposure the dataplane can choose from.
+pub const MAX_BACKENDS: usize = 16;
+
+/// One backend of an exposure: a provider VM's address and port.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Backend {
+    /// Provider-cloud IPv4 (network byte order).
+    pub ipv4: u32,
+    /// Port in network byte order.
+    pub port: u16,
+    pub _pad: u16,
+}
+
+/// Value of `VIPS`, keyed by [`RouteKey`] `(consumer cloud, VIP)`: one grant of an exposure to
+/// the consumer, with the exposure's backends inline (one lookup finds everything the first
+/// packet of a flow needs).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct VipService {
+    /// Non-zero, unique on this host among live grants, never reused for another grant while
+    /// flows of the old one may exist: a flow records it and is cut when it no longer matches
+    /// (revocation takes effect for existing flows).
+    pub grant: u32,
+    /// The provider cloud.
+    pub provider: u32,
+    /// Provider-side source address of this consumer's flows (network byte order).
+    pub nat_ipv4: u32,
+    /// The port consumers connect to on the VIP (network byte order).
+    pub port: u16,
+    /// `IPPROTO_TCP` or `IPPROTO_UDP`.
+    pub protocol: u8,
+    /// Backends in use, `backends[..count]`; 0 means none is available (new flows dropped).
+    pub count: u8,
+    pub backends: [Backend; MAX_BACKENDS],
+}
+
+/// Key of the connection-tracking maps: a flow as seen in one cloud.
+///
+/// `FLOWS_OUT` is keyed by the consumer's view of the first packet `(consumer cloud, consumer
+/// address:port → VIP:port)`; `FLOWS_IN` by the provider's view of a reply
+/// `(provider cloud, backend:port → NAT address:NAT port)`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct FlowKey {
+    pub cloud: u32,
+    pub src_ipv4: u32,
+    pub dst_ipv4: u32,
+    /// Network byte order.
+    pub src_port: u16,
+    /// Network byte order.
+    pub dst_port: u16,
+    pub protocol: u8,
+    pub _pad: [u8; 3],
+}
+
+/// Value of `FLOWS_OUT`: how a consumer's flow is translated.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FlowOut {
+    /// The grant the flow was admitted under (see [`VipService::grant`]).
+    pub grant: u32,
+    pub backend_ipv4: u32,
+    /// Network byte order.
+    pub backend_port: u16,
+    /// The source port on the provider side (network byte order).
+    pub nat_port: u16,
+}
+
+/// Value of `FLOWS_IN`: how a provider's reply is translated back.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FlowIn {
+    pub grant: u32,
+    pub consumer_cloud: u32,
+    pub consumer_ipv4: u32,
+    pub vip: u32,
+    /// Network byte order.
+    pub consumer_port: u16,
+    /// Network byte order.
+    pub vip_port: u16,
 }
 
 /// The port guests send DNS to (UDP and TCP) at their gateway address, and the port the DNS
@@ -272,11 +364,27 @@ pub enum DropReason {
     /// A DNS query or reply whose address or checksum rewrite failed in the kernel (no memory to
     /// make the frame writable).
     DnsRewriteFailed = 28,
+    /// To a VIP with a protocol or port its exposure does not serve, or a VIP whose grant is gone.
+    ExposureNoService = 29,
+    /// A new flow to a VIP whose exposure has no backend, or whose chosen backend is not a live endpoint on this host.
+    ExposureNoBackend = 30,
+    /// A new flow found no free provider-side source port for its NAT address after a few tries.
+    ExposureNatPortsExhausted = 31,
+    /// To a NAT source address with no tracked flow (expired, evicted, or never opened): replies only.
+    ExposureNoFlow = 32,
+    /// A packet of a tracked flow whose grant was revoked or replaced: the flow is cut and forgotten.
+    ExposureRevoked = 33,
+    /// To a VIP or NAT source address: a fragment, a transport header cut short, or neither UDP nor TCP.
+    ExposureL4Malformed = 34,
+    /// ICMP to a VIP or a NAT source address: deliberately not translated (see docs/design.md).
+    ExposureIcmp = 35,
+    /// An exposure translation whose checksum or port rewrite failed in the kernel.
+    ExposureRewriteFailed = 36,
 }
 
 impl DropReason {
     /// Every reason, in numeric order.
-    pub const ALL: [DropReason; 28] = [
+    pub const ALL: [DropReason; 36] = [
         DropReason::UnknownEndpoint,
         DropReason::TruncatedEthernet,
         DropReason::SpoofedSourceMac,
@@ -305,10 +413,18 @@ impl DropReason {
         DropReason::DnsForeignFrame,
         DropReason::DnsUnknownSlot,
         DropReason::DnsRewriteFailed,
+        DropReason::ExposureNoService,
+        DropReason::ExposureNoBackend,
+        DropReason::ExposureNatPortsExhausted,
+        DropReason::ExposureNoFlow,
+        DropReason::ExposureRevoked,
+        DropReason::ExposureL4Malformed,
+        DropReason::ExposureIcmp,
+        DropReason::ExposureRewriteFailed,
     ];
 
     /// Size of the drop counter array: one slot per number, slot 0 unused.
-    pub const SLOTS: u32 = 29;
+    pub const SLOTS: u32 = 37;
 
     /// Stable snake_case name, used in metrics labels and CLI output.
     pub const fn name(self) -> &'static str {
@@ -341,6 +457,14 @@ impl DropReason {
             DropReason::DnsForeignFrame => "dns_foreign_frame",
             DropReason::DnsUnknownSlot => "dns_unknown_slot",
             DropReason::DnsRewriteFailed => "dns_rewrite_failed",
+            DropReason::ExposureNoService => "exposure_no_service",
+            DropReason::ExposureNoBackend => "exposure_no_backend",
+            DropReason::ExposureNatPortsExhausted => "exposure_nat_ports_exhausted",
+            DropReason::ExposureNoFlow => "exposure_no_flow",
+            DropReason::ExposureRevoked => "exposure_revoked",
+            DropReason::ExposureL4Malformed => "exposure_l4_malformed",
+            DropReason::ExposureIcmp => "exposure_icmp",
+            DropReason::ExposureRewriteFailed => "exposure_rewrite_failed",
         }
     }
 
@@ -370,6 +494,12 @@ const _: () = assert!(ENDPOINT_CACHE_SLOTS.is_power_of_two());
 const _: () = assert!(core::mem::size_of::<RouteKey>() == 4 + 4);
 const _: () = assert!(core::mem::size_of::<NextHop>() == 4 + 4 + 6 + 2);
 const _: () = assert!(core::mem::size_of::<DnsService>() == 4 * 4 + 6 + 6);
+const _: () = assert!(core::mem::size_of::<Backend>() == 8);
+const _: () = assert!(core::mem::size_of::<VipService>() == 4 * 3 + 2 + 1 + 1 + 8 * MAX_BACKENDS);
+const _: () = assert!(core::mem::size_of::<FlowKey>() == 4 * 3 + 2 + 2 + 1 + 3);
+const _: () = assert!(core::mem::size_of::<FlowOut>() == 4 + 4 + 2 + 2);
+const _: () = assert!(core::mem::size_of::<FlowIn>() == 4 * 4 + 2 + 2);
+const _: () = assert!(MAX_BACKENDS <= u8::MAX as usize);
 const _: () = assert!(core::mem::size_of::<TrafficCounter>() == 16);
 const _: () = assert!(
     core::mem::size_of::<EndpointCounters>()
@@ -390,6 +520,16 @@ mod pod {
     unsafe impl aya::Pod for super::NextHop {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::DnsService {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::Backend {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::VipService {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::FlowKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::FlowOut {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::FlowIn {}
     // SAFETY: as above: u64 counters in arrays, no padding (asserted).
     unsafe impl aya::Pod for super::TrafficCounter {}
     // SAFETY: as above.

@@ -1,0 +1,154 @@
+//! The exposure maps (see `dataplane-ebpf/src/exposure.rs`): `VIPS` with the routes that lead
+//! to it, and the two flow tables.
+//!
+//! Order of writes: a VIP's service is written before its routes and removed after them, so a
+//! packet that finds the route always finds the service (or, while it is being removed, is
+//! dropped as `exposure_no_service`, which is what removal means).
+
+use atoll_dataplane_common::{
+    ipv4_from_map, FlowIn, FlowKey, FlowOut, NextHop, RouteKey, VipService, NEXTHOP_NAT_SOURCE,
+    NEXTHOP_VIP,
+};
+use aya::maps::MapError;
+
+use super::{
+    ignore_missing, insert_error, Dataplane, DataplaneError, MAP_FLOWS_IN, MAP_FLOWS_OUT,
+    MAP_ROUTES, MAP_VIPS,
+};
+
+const BPF_ANY: u64 = 0;
+
+impl Dataplane {
+    /// Installs (or replaces in place) the service of `(consumer, vip)`, its route and the
+    /// provider's NAT source route. Fails if either address is an endpoint's or another
+    /// kind of route.
+    pub fn set_vip(
+        &mut self,
+        consumer: u32,
+        vip: u32,
+        svc: VipService,
+    ) -> Result<(), DataplaneError> {
+        let key = RouteKey {
+            cloud: consumer,
+            ipv4: vip,
+        };
+        let nat = RouteKey {
+            cloud: svc.provider,
+            ipv4: svc.nat_ipv4,
+        };
+        // Refuse before writing anything.
+        for (k, flags) in [(key, NEXTHOP_VIP), (nat, NEXTHOP_NAT_SOURCE)] {
+            if let Some(hop) = self.route(k)? {
+                if hop.flags != flags {
+                    return Err(DataplaneError::EntryExists {
+                        map: MAP_ROUTES,
+                        what: format!(
+                            "route {} in cloud {} (not an exposure address)",
+                            std::net::Ipv4Addr::from(ipv4_from_map(k.ipv4)),
+                            k.cloud
+                        ),
+                    });
+                }
+            }
+        }
+        let max_vips = self.max_vips;
+        self.vips.insert(key, svc, BPF_ANY).map_err(|e| {
+            insert_error(
+                e,
+                MAP_VIPS,
+                format!("VIP in cloud {consumer}"),
+                max_vips,
+                "max_vips",
+            )
+        })?;
+        for (k, flags) in [(key, NEXTHOP_VIP), (nat, NEXTHOP_NAT_SOURCE)] {
+            if self.route(k)?.is_none() {
+                self.insert_route(
+                    k,
+                    NextHop {
+                        ifindex: 0,
+                        slot: 0,
+                        mac: [0; 6],
+                        flags,
+                    },
+                )?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Removes the service of `(consumer, vip)` and its routes; returns what it held. Existing
+    /// flows of it are cut by the programs (their grant no longer matches).
+    pub fn remove_vip(
+        &mut self,
+        consumer: u32,
+        vip: u32,
+    ) -> Result<Option<VipService>, DataplaneError> {
+        let key = RouteKey {
+            cloud: consumer,
+            ipv4: vip,
+        };
+        let Some(svc) = self.vip(consumer, vip)? else {
+            return Ok(None);
+        };
+        let nat = RouteKey {
+            cloud: svc.provider,
+            ipv4: svc.nat_ipv4,
+        };
+        for (k, flags) in [(key, NEXTHOP_VIP), (nat, NEXTHOP_NAT_SOURCE)] {
+            if self.route(k)?.is_some_and(|h| h.flags == flags) {
+                self.remove_route(k)?;
+            }
+        }
+        ignore_missing(self.vips.remove(&key), MAP_VIPS)?;
+        Ok(Some(svc))
+    }
+
+    pub fn vip(&self, consumer: u32, vip: u32) -> Result<Option<VipService>, DataplaneError> {
+        let key = RouteKey {
+            cloud: consumer,
+            ipv4: vip,
+        };
+        match self.vips.get(&key, 0) {
+            Ok(v) => Ok(Some(v)),
+            Err(MapError::KeyNotFound) => Ok(None),
+            Err(source) => Err(DataplaneError::ReadMap {
+                map: MAP_VIPS,
+                source: Box::new(source),
+            }),
+        }
+    }
+
+    /// Every VIP service: `((consumer, VIP), service)`.
+    pub fn vips(&self) -> Result<Vec<(RouteKey, VipService)>, DataplaneError> {
+        self.vips
+            .iter()
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|source| DataplaneError::ReadMap {
+                map: MAP_VIPS,
+                source: Box::new(source),
+            })
+    }
+
+    /// Tracked flows, consumer's view.
+    pub fn flows_out(&self) -> Result<Vec<(FlowKey, FlowOut)>, DataplaneError> {
+        self.flows_out
+            .iter()
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|source| DataplaneError::ReadMap {
+                map: MAP_FLOWS_OUT,
+                source: Box::new(source),
+            })
+    }
+
+    /// Tracked flows, provider's view of their replies.
+    pub fn flows_in(&self) -> Result<Vec<(FlowKey, FlowIn)>, DataplaneError> {
+        self.flows_in
+            .iter()
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|source| DataplaneError::ReadMap {
+                map: MAP_FLOWS_IN,
+                source: Box::new(source),
+            })
+    }
+}

@@ -1,0 +1,352 @@
+//! Cross-cloud exposures end to end in the real kernel: veth guests in their own namespaces,
+//! real TCP and UDP sockets, the real programs. Needs root.
+//!
+//! # Scenario
+//!
+//! Cloud 1 (consumer, guest A 10.0.0.2), cloud 2 (provider, guests B1 10.0.0.2 and B2
+//! 10.0.0.3: the same range as the consumer) and cloud 3 (a stranger, guest C 10.0.0.9).
+//! Cloud 2 exposes TCP 8080 on B1 and B2 to cloud 1 at VIP 10.0.0.200:80 (NAT address
+//! 10.0.0.250 on the provider side) and UDP 5353 on B1 at 10.0.0.201:53 (NAT 10.0.0.251).
+//!
+//! 1. 16 TCP connections from A to the VIP: each lands on a backend, which sees the NAT address
+//!    as its peer (the consumer's identity), data flows both ways, and both backends get flows.
+//! 2. UDP from A to the UDP VIP and back.
+//! 3. Nothing else crosses: C cannot reach the VIP or the backends' real addresses, A cannot
+//!    reach a backend's real address or another port of the VIP, and B1 cannot open a flow to
+//!    the NAT address; each drop is counted under its reason.
+//! 4. Counters: A's exposure traffic equals the sum of B1's and B2's, in both directions.
+//! 5. Revocation: a live TCP flow carries data, the grant is replaced (same VIP, new grant)
+//!    and the flow is cut in both directions (`exposure_revoked`), while a new connection works;
+//!    then the grant is removed and nothing reaches the VIP any more.
+
+mod support;
+
+use std::{
+    io::{ErrorKind, Read, Write},
+    net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket},
+    os::fd::AsRawFd,
+    time::Duration,
+};
+
+use atoll_agent::{
+    dns::netns,
+    endpoint::{DeviceSpec, Endpoint, EndpointSpec, Host, ServiceSpec, PROTOCOL_TCP, PROTOCOL_UDP},
+    testbed::{unique_name, LinksWithPrefix, NetNs, PinRoot},
+    types::{CloudId, MacAddr},
+};
+use atoll_dataplane_common::{Direction, DropReason, TrafficClass};
+
+const TAGS: [&str; 3] = ["xv", "xn", "xp"];
+const GATEWAY: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 1);
+const TCP_VIP: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 200);
+const UDP_VIP: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 201);
+const TCP_NAT: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 250);
+const UDP_NAT: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 251);
+const ARRIVE: Duration = Duration::from_secs(3);
+/// How long a packet that must not arrive is waited for.
+const SILENCE: Duration = Duration::from_millis(400);
+
+#[test]
+fn consumers_reach_granted_services_and_nothing_else_crosses() {
+    support::require_root();
+    support::leaves_nothing(&TAGS, scenario);
+}
+
+struct Guest {
+    ep: Endpoint,
+    ns: NetNs,
+}
+
+fn cloud(n: u32) -> CloudId {
+    CloudId::new(n).expect("non-zero")
+}
+
+fn guest(rt: &tokio::runtime::Runtime, host: &mut Host, c: u32, ip: Ipv4Addr) -> Guest {
+    let ns = NetNs::new(&unique_name("xn")).expect("guest namespace");
+    let name = unique_name("xv");
+    let spec = EndpointSpec {
+        name: name.clone(),
+        cloud: cloud(c),
+        ipv4: ip,
+        mac: MacAddr::local(0x00e0_0000 | c << 8 | u32::from(ip.octets()[3])),
+        gateway: GATEWAY,
+        device: DeviceSpec::Veth {
+            peer_name: "eth0".into(),
+            netns: ns.path(),
+        },
+    };
+    let ep = rt
+        .block_on(host.create_endpoint(&spec))
+        .unwrap_or_else(|e| panic!("creating {name}: {e}"));
+    ns.configure_guest("eth0", ip, 24, GATEWAY)
+        .expect("configuring the guest");
+    Guest { ep, ns }
+}
+
+fn in_ns<T: Send>(g: &Guest, f: impl FnOnce() -> T + Send) -> T {
+    netns::run_in(&g.ns.path(), f).expect("entering the guest namespace")
+}
+
+fn tcp_spec() -> ServiceSpec {
+    ServiceSpec {
+        consumer: cloud(1),
+        vip: TCP_VIP,
+        provider: cloud(2),
+        nat: TCP_NAT,
+        protocol: PROTOCOL_TCP,
+        port: 80,
+        backends: vec![
+            (Ipv4Addr::new(10, 0, 0, 2), 8080),
+            (Ipv4Addr::new(10, 0, 0, 3), 8080),
+        ],
+    }
+}
+
+/// Connects from the guest (sockets keep the namespace they were made in).
+fn connect(g: &Guest, to: SocketAddr, timeout: Duration) -> std::io::Result<TcpStream> {
+    in_ns(g, || TcpStream::connect_timeout(&to, timeout)).inspect(|s| {
+        s.set_read_timeout(Some(ARRIVE)).unwrap();
+    })
+}
+
+/// Accepts the connection that arrived on one of `listeners`; returns its index and stream.
+fn accept_any(listeners: &[&TcpListener]) -> (usize, TcpStream, SocketAddr) {
+    let mut fds: Vec<libc::pollfd> = listeners
+        .iter()
+        .map(|l| libc::pollfd {
+            fd: l.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        })
+        .collect();
+    // SAFETY: `fds` is a valid array of pollfds for its length.
+    let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as _, ARRIVE.as_millis() as i32) };
+    assert!(n > 0, "no connection arrived at any backend");
+    let i = fds
+        .iter()
+        .position(|f| f.revents & libc::POLLIN != 0)
+        .unwrap();
+    let (s, peer) = listeners[i].accept().expect("accept");
+    s.set_read_timeout(Some(ARRIVE)).unwrap();
+    (i, s, peer)
+}
+
+fn exchange(from: &mut TcpStream, to: &mut TcpStream, msg: &[u8]) {
+    from.write_all(msg).expect("sending");
+    let mut buf = vec![0; msg.len()];
+    to.read_exact(&mut buf).expect("receiving");
+    assert_eq!(buf, msg);
+}
+
+/// True if no data arrives on `s` within `SILENCE`: nothing at all, or the connection was
+/// reset (a retransmission admitted as a new flow under a new grant meets no socket at the
+/// backend, which answers with a reset: also a cut).
+fn cut(s: &mut TcpStream) -> bool {
+    s.set_read_timeout(Some(SILENCE)).unwrap();
+    let mut buf = [0u8; 64];
+    let r = s.read(&mut buf);
+    let _ = s.set_read_timeout(Some(ARRIVE));
+    match r {
+        Ok(n) => n == 0,
+        Err(e) => matches!(
+            e.kind(),
+            ErrorKind::WouldBlock | ErrorKind::TimedOut | ErrorKind::ConnectionReset
+        ),
+    }
+}
+
+fn exposure(host: &Host, slot: u32) -> [(u64, u64); 2] {
+    let c = host.dataplane().counters(slot).expect("counters");
+    let t = |d: Direction| {
+        let x = c.traffic[d as usize][TrafficClass::Exposure as usize];
+        (x.packets, x.bytes)
+    };
+    [t(Direction::FromGuest), t(Direction::ToGuest)]
+}
+
+fn drops(host: &Host, slot: u32, r: DropReason) -> u64 {
+    host.dataplane().counters(slot).expect("counters").drops[r as usize]
+}
+
+fn scenario() {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let pins = PinRoot::new("xp");
+    let _links = LinksWithPrefix(atoll_agent::testbed::unique_prefix("xv"));
+    let mut host = rt
+        .block_on(async { Host::open(&support::cfg(&pins, 64, 0)) })
+        .unwrap();
+    let a = guest(&rt, &mut host, 1, Ipv4Addr::new(10, 0, 0, 2));
+    let b1 = guest(&rt, &mut host, 2, Ipv4Addr::new(10, 0, 0, 2));
+    let b2 = guest(&rt, &mut host, 2, Ipv4Addr::new(10, 0, 0, 3));
+    let c = guest(&rt, &mut host, 3, Ipv4Addr::new(10, 0, 0, 9));
+    let tcp_grant = host.apply_service(&tcp_spec()).expect("TCP service");
+    let udp = ServiceSpec {
+        vip: UDP_VIP,
+        nat: UDP_NAT,
+        protocol: PROTOCOL_UDP,
+        port: 53,
+        backends: vec![(Ipv4Addr::new(10, 0, 0, 2), 5353)],
+        ..tcp_spec()
+    };
+    let udp_grant = host.apply_service(&udp).expect("UDP service");
+    assert_ne!(tcp_grant, udp_grant);
+    assert_eq!(
+        host.apply_service(&tcp_spec()).unwrap(),
+        tcp_grant,
+        "an unchanged grant keeps its number"
+    );
+    let l1 = in_ns(&b1, || TcpListener::bind("0.0.0.0:8080")).expect("B1 listens");
+    let l2 = in_ns(&b2, || TcpListener::bind("0.0.0.0:8080")).expect("B2 listens");
+    let vip: SocketAddr = (TCP_VIP, 80).into();
+
+    // 1. TCP through the VIP, spread over both backends.
+    let mut per_backend = [0usize; 2];
+    for i in 0..16u8 {
+        let mut client = connect(&a, vip, ARRIVE).expect("connecting to the VIP");
+        assert_eq!(client.peer_addr().unwrap(), vip);
+        let (which, mut server, peer) = accept_any(&[&l1, &l2]);
+        per_backend[which] += 1;
+        assert_eq!(
+            peer.ip(),
+            std::net::IpAddr::V4(TCP_NAT),
+            "the provider sees the consumer's NAT address"
+        );
+        let backend = [Ipv4Addr::new(10, 0, 0, 2), Ipv4Addr::new(10, 0, 0, 3)][which];
+        assert_eq!(server.local_addr().unwrap(), (backend, 8080).into());
+        exchange(&mut client, &mut server, format!("request {i}").as_bytes());
+        exchange(
+            &mut server,
+            &mut client,
+            format!("answer {i} from {which}").as_bytes(),
+        );
+        // A larger transfer: many segments, with the guests' offloads in play.
+        let big = vec![i; 200_000];
+        let mut received = Vec::new();
+        client.write_all(&big).unwrap();
+        client.shutdown(std::net::Shutdown::Write).unwrap();
+        server
+            .read_to_end(&mut received)
+            .expect("the whole transfer");
+        assert_eq!(received, big);
+    }
+    assert!(
+        per_backend.iter().all(|n| *n > 0),
+        "both backends get flows: {per_backend:?}"
+    );
+
+    // 2. UDP through its VIP and back.
+    let server = in_ns(&b1, || UdpSocket::bind("0.0.0.0:5353")).expect("B1 UDP");
+    server.set_read_timeout(Some(ARRIVE)).unwrap();
+    let client = in_ns(&a, || UdpSocket::bind("0.0.0.0:0")).expect("A UDP");
+    client.set_read_timeout(Some(ARRIVE)).unwrap();
+    client.send_to(b"udp ping", (UDP_VIP, 53)).unwrap();
+    let mut buf = [0u8; 64];
+    let (n, peer) = server.recv_from(&mut buf).expect("UDP at the backend");
+    assert_eq!(
+        (&buf[..n], peer.ip()),
+        (&b"udp ping"[..], std::net::IpAddr::V4(UDP_NAT))
+    );
+    server.send_to(b"udp pong", peer).unwrap();
+    let (n, from) = client.recv_from(&mut buf).expect("UDP answer");
+    assert_eq!((&buf[..n], from), (&b"udp pong"[..], (UDP_VIP, 53).into()));
+
+    // 3. Nothing else crosses.
+    // The guests treat their /24 as on-link, so what has no route is refused at ARP already.
+    let no_route = |g: &Guest| {
+        drops(&host, g.ep.slot, DropReason::NoRouteInCloud)
+            + drops(&host, g.ep.slot, DropReason::ArpUnknownTarget)
+    };
+    let before = no_route(&c);
+    assert!(
+        connect(&c, vip, SILENCE).is_err(),
+        "a stranger reaches the VIP"
+    );
+    assert!(
+        connect(&c, (Ipv4Addr::new(10, 0, 0, 2), 8080).into(), SILENCE).is_err(),
+        "a stranger reaches a backend's real address"
+    );
+    assert!(
+        no_route(&c) >= before + 2,
+        "the stranger's attempts are counted"
+    );
+    let before = no_route(&a);
+    assert!(
+        connect(&a, (Ipv4Addr::new(10, 0, 0, 3), 8080).into(), SILENCE).is_err(),
+        "the consumer reaches a backend's real address"
+    );
+    assert!(no_route(&a) > before);
+    let before = drops(&host, a.ep.slot, DropReason::ExposureNoService);
+    assert!(connect(&a, (TCP_VIP, 81).into(), SILENCE).is_err());
+    assert!(drops(&host, a.ep.slot, DropReason::ExposureNoService) > before);
+    let before = drops(&host, b1.ep.slot, DropReason::ExposureNoFlow);
+    assert!(
+        connect(&b1, (TCP_NAT, 80).into(), SILENCE).is_err(),
+        "the provider opens a flow to the consumer"
+    );
+    assert!(drops(&host, b1.ep.slot, DropReason::ExposureNoFlow) > before);
+
+    // 4. Both sides count the same exposure traffic.
+    let [a_out, a_in] = exposure(&host, a.ep.slot);
+    let [b1_out, b1_in] = exposure(&host, b1.ep.slot);
+    let [b2_out, b2_in] = exposure(&host, b2.ep.slot);
+    assert!(
+        a_out.0 > 16 * 3 && a_in.0 > 16 * 2,
+        "exposure traffic counted"
+    );
+    assert_eq!(
+        a_out,
+        (b1_in.0 + b2_in.0, b1_in.1 + b2_in.1),
+        "consumer → providers"
+    );
+    assert_eq!(
+        a_in,
+        (b1_out.0 + b2_out.0, b1_out.1 + b2_out.1),
+        "providers → consumer"
+    );
+    assert_eq!(exposure(&host, c.ep.slot), [(0, 0), (0, 0)]);
+
+    // 5. Revocation cuts live flows.
+    let mut client = connect(&a, vip, ARRIVE).expect("connecting");
+    let (_, mut server, _) = accept_any(&[&l1, &l2]);
+    exchange(&mut client, &mut server, b"before");
+    host.remove_service(cloud(1), TCP_VIP).unwrap();
+    let regrant = host.apply_service(&tcp_spec()).expect("granted again");
+    assert!(
+        regrant > tcp_grant.max(udp_grant),
+        "a new grant gets a new number"
+    );
+    let revoked = |g: &Guest| drops(&host, g.ep.slot, DropReason::ExposureRevoked);
+    let (a0, b0) = (revoked(&a), revoked(&b1) + revoked(&b2));
+    client.write_all(b"after").unwrap();
+    assert!(
+        cut(&mut server),
+        "the consumer's data crossed a revoked grant"
+    );
+    // The write may already fail if the connection was reset meanwhile.
+    let _ = server.write_all(b"back");
+    assert!(
+        cut(&mut client),
+        "the provider's data crossed a revoked grant"
+    );
+    assert!(revoked(&a) > a0 && revoked(&b1) + revoked(&b2) > b0);
+    let mut fresh = connect(&a, vip, ARRIVE).expect("a new connection under the new grant");
+    let (_, mut fresh_server, _) = accept_any(&[&l1, &l2]);
+    exchange(&mut fresh, &mut fresh_server, b"new grant");
+    exchange(&mut fresh_server, &mut fresh, b"works");
+    host.remove_service(cloud(1), TCP_VIP).unwrap();
+    host.remove_service(cloud(1), UDP_VIP).unwrap();
+    assert!(host.services().unwrap().is_empty());
+    fresh.write_all(b"gone").unwrap();
+    assert!(cut(&mut fresh_server), "data crossed a removed grant");
+    assert!(
+        connect(&a, vip, SILENCE).is_err(),
+        "a removed VIP still answers"
+    );
+
+    drop((client, server, fresh, fresh_server, l1, l2));
+    rt.block_on(host.destroy()).expect("destroying the host");
+    drop((a, b1, b2, c));
+}

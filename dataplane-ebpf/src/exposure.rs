@@ -1,0 +1,424 @@
+//! Cross-cloud exposures: a consumer reaches a provider's service at a VIP in its own range.
+//!
+//! The agent programs, per grant on this host:
+//! - `ROUTES (consumer cloud, VIP)` with [`NEXTHOP_VIP`], and `VIPS (consumer cloud, VIP)` with
+//!   the service: grant number, provider cloud, protocol, port, NAT address and backends;
+//! - `ROUTES (provider cloud, NAT address)` with [`NEXTHOP_NAT_SOURCE`]: the provider-side
+//!   address the consumer's flows come from (one per grant, allocated in the provider's range,
+//!   so the provider sees *which* cloud connects).
+//!
+//! Both are found by the ordinary route lookup in `from_vm` and the flag sends the packet here,
+//! so intra-cloud forwarding pays one branch and nothing else; ARP for a VIP or NAT address is
+//! answered like for any in-cloud peer.
+//!
+//! **Consumer → VIP** ([`from_consumer`]): the first packet of a flow picks a backend by a hash
+//! of the flow (consistent per flow: the choice is recorded) and a provider-side source port
+//! (the consumer's own port if free, else a few hashed alternatives), and records the flow in
+//! two LRU maps: `FLOWS_OUT` (consumer's view, for later packets) and `FLOWS_IN` (provider's
+//! view of the replies). Source becomes `NAT address:NAT port`, destination `backend:port`.
+//!
+//! **Provider → NAT address** ([`from_provider`]): only replies of tracked flows pass: the
+//! source becomes `VIP:port` and the destination the consumer's `address:port`.
+//!
+//! Decisions:
+//! - **Only granted pairs pass.** A VIP exists only in the consumer cloud's route space (keyed
+//!   by cloud, like every route) and a NAT address only in the provider's; a third cloud can
+//!   reach neither, and the backend's real address is never routable from another cloud.
+//! - **Revocation cuts existing flows** without walking the flow maps: every packet, in both
+//!   directions, checks that the grant its flow was admitted under is still the VIP's grant
+//!   (`VipService::grant`, unique per grant on this host). A revoked grant's VIP entry is gone
+//!   or carries another number, so the packet is dropped (`exposure_revoked`) and its flow entry
+//!   deleted. A TCP connection then stalls; the guest's own timeouts end it.
+//! - **Flows expire by LRU eviction**, not by timers: no per-flow state machine in the kernel.
+//!   Both maps have the same capacity (`dataplane.max_flows`). A consumer flow whose
+//!   `FLOWS_OUT` entry was evicted is admitted again as new: same backend (the hash), and its
+//!   own `FLOWS_IN` entry, if still there, is recognised and reused. A reply whose `FLOWS_IN`
+//!   entry was evicted while `FLOWS_OUT` still holds the flow is dropped (`exposure_no_flow`);
+//!   that needs a flow silent in one direction while the maps are full, and is counted.
+//! - **ICMP is not translated** (`exposure_icmp`): echo to a VIP is not a service, and ICMP
+//!   errors would need their embedded headers translated. Within one host every device has the
+//!   same MTU, so no fragmentation-needed error can arise on this path; a TCP or UDP socket
+//!   learns of an unreachable backend by its own timeout or a TCP reset.
+//! - **Fragments are dropped** (`exposure_l4_malformed`): only the first one carries ports.
+//! - Checksums are fixed with the kernel's helpers (see `packet::fix_address_checksums`), so
+//!   frames with partial checksums (veth guests, VMMs with offloads) stay valid; the TTL is
+//!   decremented as on any routed hop.
+//! - Metering: both endpoints count the frame as [`TrafficClass::Exposure`], the sender "from
+//!   guest" and the receiver "to guest".
+
+use atoll_dataplane_common::{
+    Direction, DropReason, EndpointInfo, FlowIn, FlowKey, FlowOut, RouteKey, TrafficClass,
+    VipService, MAX_BACKENDS, NEXTHOP_ENDPOINT, NEXTHOP_NAT_SOURCE, NEXTHOP_VIP,
+};
+use aya_ebpf::{
+    bindings::BPF_F_NO_PREALLOC,
+    macros::map,
+    maps::{HashMap, LruHashMap},
+    programs::TcContext,
+};
+
+use crate::{
+    metering,
+    packet::{
+        self, fix_address_checksums, fix_port_checksums, l4_layout, EthHdr, Ipv4Hdr, Packet, Ports,
+        IPPROTO_ICMP, L4_OFFSET,
+    },
+    route, Verdict,
+};
+
+/// `(consumer cloud, VIP)` → the granted service. Sized by the agent (`dataplane.max_vips`).
+/// Not preallocated: memory is used per grant, and a replaced entry (new backends) is freed
+/// only after an RCU grace period, so the agent may update it in place while programs read it.
+#[map]
+pub static VIPS: HashMap<RouteKey, VipService> =
+    HashMap::with_max_entries(65536, BPF_F_NO_PREALLOC);
+
+/// Consumer's view of a flow → its translation. Sized by the agent (`dataplane.max_flows`).
+#[map]
+pub static FLOWS_OUT: LruHashMap<FlowKey, FlowOut> = LruHashMap::with_max_entries(131072, 0);
+
+/// Provider's view of a reply → the consumer flow it belongs to. Same size as `FLOWS_OUT`.
+#[map]
+pub static FLOWS_IN: LruHashMap<FlowKey, FlowIn> = LruHashMap::with_max_entries(131072, 0);
+
+/// Tries for a free provider-side source port before a new flow is refused.
+const NAT_PORT_TRIES: u32 = 4;
+/// Alternative NAT ports are chosen from `[NAT_PORT_BASE, 65535]`.
+const NAT_PORT_BASE: u32 = 1024;
+const BPF_NOEXIST: u64 = 1;
+const BPF_ANY: u64 = 0;
+
+/// The transport header of a packet to a VIP or NAT address.
+struct L4 {
+    protocol: u8,
+    check_offset: usize,
+    ports: *mut Ports,
+    /// Ports as read natively from the packet (network byte order in memory).
+    src_port: u16,
+    dst_port: u16,
+}
+
+/// From `from_vm` after the route lookup found an exposure address (`hop_flags`). The caller
+/// checked the sender's identity, the IPv4 header, `total_len` and the TTL.
+#[inline(always)]
+pub fn translate(
+    ctx: &TcContext,
+    pkt: &Packet,
+    eth: *mut EthHdr,
+    ip: *mut Ipv4Hdr,
+    total_len: u16,
+    ep: &EndpointInfo,
+    hop_flags: u16,
+) -> Verdict {
+    let l4 = match parse_l4(pkt, ip, total_len) {
+        Ok(l4) => l4,
+        Err(reason) => return Verdict::Drop(reason),
+    };
+    match hop_flags {
+        NEXTHOP_VIP => from_consumer(ctx, pkt, eth, ip, ep, &l4),
+        NEXTHOP_NAT_SOURCE => from_provider(ctx, pkt, eth, ip, ep, &l4),
+        _ => Verdict::Drop(DropReason::NoRouteInCloud),
+    }
+}
+
+#[inline(always)]
+fn parse_l4(pkt: &Packet, ip: *mut Ipv4Hdr, total_len: u16) -> Result<L4, DropReason> {
+    // SAFETY: `ip` was bounds-checked by the caller.
+    let (protocol, fragment) = unsafe { ((*ip).protocol, (*ip).is_fragment()) };
+    if protocol == IPPROTO_ICMP {
+        return Err(DropReason::ExposureIcmp);
+    }
+    let Some((l4_len, check_offset)) = l4_layout(protocol) else {
+        return Err(DropReason::ExposureL4Malformed);
+    };
+    if fragment || (total_len as usize) < Ipv4Hdr::LEN + l4_len {
+        return Err(DropReason::ExposureL4Malformed);
+    }
+    let Some(ports) = pkt.ptr::<Ports>(L4_OFFSET) else {
+        return Err(DropReason::ExposureL4Malformed);
+    };
+    // SAFETY: bounds-checked by `Packet::ptr`.
+    let (src_port, dst_port) = unsafe {
+        (
+            u16::from_ne_bytes((*ports).src),
+            u16::from_ne_bytes((*ports).dst),
+        )
+    };
+    Ok(L4 {
+        protocol,
+        check_offset,
+        ports,
+        src_port,
+        dst_port,
+    })
+}
+
+/// A well-mixed 32-bit hash (the "lowbias32" finaliser).
+#[inline(always)]
+fn mix(mut h: u32) -> u32 {
+    h ^= h >> 16;
+    h = h.wrapping_mul(0x7feb_352d);
+    h ^= h >> 15;
+    h = h.wrapping_mul(0x846c_a68b);
+    h ^ (h >> 16)
+}
+
+#[inline(always)]
+fn flow_hash(key: &FlowKey) -> u32 {
+    let ports = ((key.src_port as u32) << 16) | key.dst_port as u32;
+    mix(key.cloud ^ mix(key.src_ipv4 ^ mix(key.dst_ipv4 ^ mix(ports ^ key.protocol as u32))))
+}
+
+#[inline(always)]
+fn from_consumer(
+    ctx: &TcContext,
+    pkt: &Packet,
+    eth: *mut EthHdr,
+    ip: *mut Ipv4Hdr,
+    ep: &EndpointInfo,
+    l4: &L4,
+) -> Verdict {
+    // SAFETY: `ip` was bounds-checked by the caller.
+    let vip = unsafe { (*ip).daddr() };
+    // SAFETY: entries are replaced whole by the agent, never written in place.
+    let Some(svc) = (unsafe {
+        VIPS.get(RouteKey {
+            cloud: ep.cloud,
+            ipv4: vip,
+        })
+    }) else {
+        return Verdict::Drop(DropReason::ExposureNoService);
+    };
+    if svc.protocol != l4.protocol || svc.port != l4.dst_port {
+        return Verdict::Drop(DropReason::ExposureNoService);
+    }
+    let key = FlowKey {
+        cloud: ep.cloud,
+        src_ipv4: ep.ipv4,
+        dst_ipv4: vip,
+        src_port: l4.src_port,
+        dst_port: l4.dst_port,
+        protocol: l4.protocol,
+        _pad: [0; 3],
+    };
+    // SAFETY: the value is copied out at once.
+    let flow = match unsafe { FLOWS_OUT.get(key) }.copied() {
+        Some(f) if f.grant == svc.grant => f,
+        Some(_) => {
+            let _ = FLOWS_OUT.remove(key);
+            return Verdict::Drop(DropReason::ExposureRevoked);
+        }
+        None => match open_flow(&key, svc) {
+            Ok(f) => f,
+            Err(reason) => return Verdict::Drop(reason),
+        },
+    };
+    let Some(hop) = route::lookup(svc.provider, flow.backend_ipv4) else {
+        return Verdict::Drop(DropReason::ExposureNoBackend);
+    };
+    if hop.flags != NEXTHOP_ENDPOINT {
+        return Verdict::Drop(DropReason::ExposureNoBackend);
+    }
+    let (ifindex, slot, mac) = (hop.ifindex, hop.slot, hop.mac);
+    let rewritten = rewrite(
+        ctx,
+        eth,
+        ip,
+        l4,
+        Rewrite {
+            gateway_mac: &ep.gateway_mac,
+            dst_mac: &mac,
+            src: (ep.ipv4, svc.nat_ipv4),
+            dst: (vip, flow.backend_ipv4),
+            src_port: flow.nat_port,
+            dst_port: flow.backend_port,
+        },
+    );
+    if !rewritten {
+        return Verdict::Drop(DropReason::ExposureRewriteFailed);
+    }
+    metering::traffic(
+        ep.slot,
+        Direction::FromGuest,
+        TrafficClass::Exposure,
+        pkt.len,
+    );
+    metering::traffic(slot, Direction::ToGuest, TrafficClass::Exposure, pkt.len);
+    Verdict::Redirect(ifindex)
+}
+
+/// Admits the first packet of a consumer flow: backend by flow hash, NAT port, both flow
+/// entries.
+#[inline(always)]
+fn open_flow(key: &FlowKey, svc: &VipService) -> Result<FlowOut, DropReason> {
+    let count = svc.count as u32;
+    if count == 0 {
+        return Err(DropReason::ExposureNoBackend);
+    }
+    let hash = flow_hash(key);
+    let index = (hash % count) as usize;
+    if index >= MAX_BACKENDS {
+        return Err(DropReason::ExposureNoBackend);
+    }
+    let Some(backend) = svc.backends.get(index) else {
+        return Err(DropReason::ExposureNoBackend);
+    };
+    let back = FlowIn {
+        grant: svc.grant,
+        consumer_cloud: key.cloud,
+        consumer_ipv4: key.src_ipv4,
+        vip: key.dst_ipv4,
+        consumer_port: key.src_port,
+        vip_port: key.dst_port,
+    };
+    let mut reply = FlowKey {
+        cloud: svc.provider,
+        src_ipv4: backend.ipv4,
+        dst_ipv4: svc.nat_ipv4,
+        src_port: backend.port,
+        dst_port: key.src_port,
+        protocol: key.protocol,
+        _pad: [0; 3],
+    };
+    let mut found = false;
+    for attempt in 0..NAT_PORT_TRIES {
+        if attempt > 0 {
+            let alt = NAT_PORT_BASE + mix(hash ^ attempt) % (65536 - NAT_PORT_BASE);
+            reply.dst_port = (alt as u16).to_be();
+        }
+        if FLOWS_IN.insert(reply, back, BPF_NOEXIST).is_ok() {
+            found = true;
+            break;
+        }
+        // Taken: by this very flow (its `FLOWS_OUT` entry was evicted) it can be reused.
+        // SAFETY: the value is only compared.
+        if unsafe { FLOWS_IN.get(reply) }.is_some_and(|f| *f == back) {
+            found = true;
+            break;
+        }
+    }
+    if !found {
+        return Err(DropReason::ExposureNatPortsExhausted);
+    }
+    let flow = FlowOut {
+        grant: svc.grant,
+        backend_ipv4: backend.ipv4,
+        backend_port: backend.port,
+        nat_port: reply.dst_port,
+    };
+    if FLOWS_OUT.insert(key, flow, BPF_ANY).is_err() {
+        let _ = FLOWS_IN.remove(reply);
+        return Err(DropReason::ExposureNatPortsExhausted);
+    }
+    Ok(flow)
+}
+
+#[inline(always)]
+fn from_provider(
+    ctx: &TcContext,
+    pkt: &Packet,
+    eth: *mut EthHdr,
+    ip: *mut Ipv4Hdr,
+    ep: &EndpointInfo,
+    l4: &L4,
+) -> Verdict {
+    // SAFETY: `ip` was bounds-checked by the caller.
+    let nat = unsafe { (*ip).daddr() };
+    let key = FlowKey {
+        cloud: ep.cloud,
+        src_ipv4: ep.ipv4,
+        dst_ipv4: nat,
+        src_port: l4.src_port,
+        dst_port: l4.dst_port,
+        protocol: l4.protocol,
+        _pad: [0; 3],
+    };
+    // SAFETY: the value is copied out at once.
+    let Some(flow) = (unsafe { FLOWS_IN.get(key) }).copied() else {
+        return Verdict::Drop(DropReason::ExposureNoFlow);
+    };
+    // The grant must still be the VIP's (revocation cuts existing flows).
+    // SAFETY: only read.
+    let granted = unsafe {
+        VIPS.get(RouteKey {
+            cloud: flow.consumer_cloud,
+            ipv4: flow.vip,
+        })
+    }
+    .is_some_and(|svc| svc.grant == flow.grant && svc.provider == ep.cloud);
+    if !granted {
+        let _ = FLOWS_IN.remove(key);
+        return Verdict::Drop(DropReason::ExposureRevoked);
+    }
+    let Some(hop) = route::lookup(flow.consumer_cloud, flow.consumer_ipv4) else {
+        return Verdict::Drop(DropReason::ExposureNoFlow);
+    };
+    if hop.flags != NEXTHOP_ENDPOINT {
+        return Verdict::Drop(DropReason::ExposureNoFlow);
+    }
+    let (ifindex, slot, mac) = (hop.ifindex, hop.slot, hop.mac);
+    let rewritten = rewrite(
+        ctx,
+        eth,
+        ip,
+        l4,
+        Rewrite {
+            gateway_mac: &ep.gateway_mac,
+            dst_mac: &mac,
+            src: (ep.ipv4, flow.vip),
+            dst: (nat, flow.consumer_ipv4),
+            src_port: flow.vip_port,
+            dst_port: flow.consumer_port,
+        },
+    );
+    if !rewritten {
+        return Verdict::Drop(DropReason::ExposureRewriteFailed);
+    }
+    metering::traffic(
+        ep.slot,
+        Direction::FromGuest,
+        TrafficClass::Exposure,
+        pkt.len,
+    );
+    metering::traffic(slot, Direction::ToGuest, TrafficClass::Exposure, pkt.len);
+    Verdict::Redirect(ifindex)
+}
+
+/// The new addressing of a translated frame; addresses as `(old, new)`.
+struct Rewrite<'a> {
+    gateway_mac: &'a [u8; 6],
+    dst_mac: &'a [u8; 6],
+    src: (u32, u32),
+    dst: (u32, u32),
+    src_port: u16,
+    dst_port: u16,
+}
+
+/// Writes MACs, TTL, addresses and ports, then fixes the checksums with the kernel's helpers.
+#[inline(always)]
+fn rewrite(ctx: &TcContext, eth: *mut EthHdr, ip: *mut Ipv4Hdr, l4: &L4, w: Rewrite) -> bool {
+    // SAFETY: `eth`, `ip` and `l4.ports` are bounds-checked pointers into this frame and no
+    // helper has run since they were derived (helpers below invalidate them; none is used
+    // after).
+    unsafe {
+        packet::write_mac(&mut (*eth).src, w.gateway_mac);
+        packet::write_mac(&mut (*eth).dst, w.dst_mac);
+        let h = &mut *ip;
+        h.ttl -= 1;
+        // TTL is the high byte of its 16-bit word: see route.rs.
+        h.check = packet::csum_add_be(h.check, u16::from_ne_bytes([0x01, 0x00]));
+        packet::write_ipv4(&mut h.saddr, w.src.1.to_ne_bytes());
+        packet::write_ipv4(&mut h.daddr, w.dst.1.to_ne_bytes());
+        let p = &mut *l4.ports;
+        p.src = w.src_port.to_ne_bytes();
+        p.dst = w.dst_port.to_ne_bytes();
+    }
+    fix_address_checksums(ctx, l4.protocol, l4.check_offset, w.src, w.dst)
+        && fix_port_checksums(
+            ctx,
+            l4.protocol,
+            l4.check_offset,
+            (l4.src_port, w.src_port),
+            (l4.dst_port, w.dst_port),
+        )
+}
