@@ -26,6 +26,7 @@ use serde::de::DeserializeOwned;
 use crate::{
     core::{Command, Core, CoreError, Principal, Reply},
     model::*,
+    store::StoreError,
 };
 
 /// Largest accepted request body.
@@ -96,6 +97,18 @@ impl From<CoreError> for ApiError {
             CoreError::Contention(_) => {
                 ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "contention", msg, None)
             }
+            CoreError::TxnTooLarge { .. } => {
+                ApiError::new(StatusCode::CONFLICT, "txn_too_large", msg, None)
+            }
+            // Not planned for by the core (a bug or a misconfiguration): still say which limit.
+            CoreError::Store(
+                StoreError::TxnTooLarge { .. } | StoreError::EtcdTooManyOps { .. },
+            ) => ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "store_txn_limit",
+                msg,
+                None,
+            ),
             CoreError::Store(_) | CoreError::CorruptRecord { .. } | CoreError::Random(_) => {
                 ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", msg, None)
             }

@@ -13,10 +13,10 @@ use std::{
 use serde::Deserialize;
 
 use crate::{
-    core::{new_operator_token, token_hash, Core, CoreConfig, CoreError},
+    core::{new_operator_token, token_hash, Core, CoreConfig, CoreError, MIN_STORE_TXN_OPS},
     model::{validate_label, Ipv4Net, Quotas},
     store::{
-        etcd::EtcdStore,
+        etcd::{EtcdStore, DEFAULT_MAX_TXN_OPS},
         sqlite::{SqliteOptions, SqliteStore},
         Store, StoreError,
     },
@@ -64,6 +64,11 @@ pub struct StoreConfig {
     pub etcd_endpoints: Vec<String>,
     /// Prefix of every key in etcd.
     pub etcd_prefix: String,
+    /// The etcd cluster's `--max-txn-ops` (etcd's default is 128): the most compares or
+    /// operations one transaction may hold. The control plane plans its transactions within it
+    /// (a delete revokes many grants in several transactions); it must not be higher than
+    /// etcd's setting. At least 16.
+    pub etcd_max_txn_ops: usize,
 }
 
 impl Default for StoreConfig {
@@ -75,6 +80,7 @@ impl Default for StoreConfig {
             history: 100_000,
             etcd_endpoints: vec!["http://127.0.0.1:2379".into()],
             etcd_prefix: "/atoll/".into(),
+            etcd_max_txn_ops: DEFAULT_MAX_TXN_OPS,
         }
     }
 }
@@ -153,6 +159,16 @@ impl ControlConfig {
         if self.store.backend == "etcd" && self.store.etcd_endpoints.is_empty() {
             return invalid("store.etcd_endpoints", "needs at least one URL".into());
         }
+        if self.store.etcd_max_txn_ops < MIN_STORE_TXN_OPS {
+            return invalid(
+                "store.etcd_max_txn_ops",
+                format!(
+                    "{} is too small: the control plane's largest fixed-size transaction needs \
+                     {MIN_STORE_TXN_OPS}",
+                    self.store.etcd_max_txn_ops
+                ),
+            );
+        }
         if let Err(e) = self.clouds.default_cidr.parse::<Ipv4Net>() {
             return invalid("clouds.default_cidr", e);
         }
@@ -206,7 +222,8 @@ impl ControlConfig {
                     self.store.etcd_prefix.clone(),
                 )
                 .await
-                .map_err(ConfigError::OpenStore)?,
+                .map_err(ConfigError::OpenStore)?
+                .with_max_txn_ops(self.store.etcd_max_txn_ops),
             )),
             _ => {
                 if let Some(dir) = self.store.path.parent() {
@@ -246,5 +263,45 @@ impl ControlConfig {
         Core::start(store, cfg)
             .await
             .map_err(ConfigError::StartCore)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<ControlConfig, String> {
+        let cfg: ControlConfig = toml::from_str(text).map_err(|e| e.to_string())?;
+        cfg.validate().map_err(|e| e.to_string())?;
+        Ok(cfg)
+    }
+
+    #[test]
+    fn etcd_max_txn_ops_defaults_to_etcds_default_and_is_validated() {
+        let cfg = parse("").unwrap();
+        assert_eq!(cfg.store.etcd_max_txn_ops, 128);
+        let cfg = parse("[store]\nbackend = \"etcd\"\netcd_max_txn_ops = 1024\n").unwrap();
+        assert_eq!(cfg.store.etcd_max_txn_ops, 1024);
+        assert_eq!(
+            parse("[store]\netcd_max_txn_ops = 16\n")
+                .unwrap()
+                .store
+                .etcd_max_txn_ops,
+            MIN_STORE_TXN_OPS
+        );
+        let e = parse("[store]\netcd_max_txn_ops = 15\n").unwrap_err();
+        assert!(
+            e.starts_with("store.etcd_max_txn_ops: 15 is too small"),
+            "{e}"
+        );
+        for bad in [
+            "[store]\netcd_max_txn_ops = -1\n",
+            "[store]\netcd_max_txn_ops = \"128\"\n",
+            "[store]\netcd_max_txn_op = 128\n",
+            "etcd_max_txn_ops = 128\n",
+        ] {
+            let e = parse(bad).unwrap_err();
+            assert!(!e.contains("too small"), "{bad:?} parsed: {e}");
+        }
     }
 }

@@ -21,6 +21,28 @@
 //!   one host (its placements, and the zones of clouds it has VMs of) after a revision and
 //!   returns them as a [`SyncDelta`]; a host that is too far behind, or new, gets the full state.
 //!   Events come from one store watch ([`Feed`]), kept in a bounded in-memory ring.
+//! - **Deletes that reach into other clouds are planned within the store's transaction
+//!   limit.** Deleting a cloud or an exposure also revokes the grants it gave (the consumers'
+//!   imports and VIP addresses) and, for a cloud, the grants it received (the providers' grant
+//!   records), so its transaction grows with the grants, while etcd bounds a transaction
+//!   ([`Store::max_txn_ops`]: `store.etcd_max_txn_ops`, etcd's `--max-txn-ops`, 128 by default;
+//!   a cloud with an exposure granted to 70 clouds could not be deleted). When everything fits,
+//!   the delete is one transaction. When it does not, the core first revokes those grants in
+//!   transactions of at most the limit (each one exactly what revoking the grants does, which
+//!   the delete implies anyway), then re-reads and deletes the resource's own keys in one final
+//!   transaction, still guarded by the resource's revision; grants that appeared meanwhile are
+//!   revoked the same way first (a lost race is retried from fresh reads, bounded). Atomicity is
+//!   thus kept for the resource's own state, not across clouds: a delete that fails after some
+//!   revocations (a store error, too much contention) leaves those grants revoked and the
+//!   resource in place, which is acceptable because the caller asked for them to go; retrying
+//!   the delete finishes it. Every revocation is guarded by the revision of the grant (or of
+//!   the consumer's copy of it) as it was read, so a VIP address that a consumer released and
+//!   reused meanwhile is never freed. What cannot be removed ahead without breaking the resource (a cloud's placements on
+//!   more hosts than the limit holds) is refused before anything is revoked, with
+//!   [`CoreError::TxnTooLarge`] naming the limit and the setting.
+//! - **Every other transaction has a fixed size**, at most 13 compares or ops (a VM delete with
+//!   [`MAX_VOLUMES_PER_VM`] volumes), within [`MIN_STORE_TXN_OPS`], the smallest limit the
+//!   configuration accepts.
 //! - **Authorization** happens before any store read: a cloud token only ever names its own
 //!   cloud, so a request for another cloud is refused (403) without looking at it; the operator
 //!   token administers everything. Tokens are 256-bit random secrets, stored as SHA-256 hashes
@@ -46,6 +68,13 @@ use crate::{
 const MAX_RETRIES: usize = 32;
 /// Store events kept for agents that are behind; older ones get the full state.
 const FEED_CAPACITY: usize = 65_536;
+/// The most volumes one VM may hold, so that VM transactions have a bounded size.
+pub const MAX_VOLUMES_PER_VM: usize = 8;
+/// The smallest store transaction limit the core works with: its largest fixed-size
+/// transactions fit (a VM create with [`MAX_VOLUMES_PER_VM`] volumes: 12 ops and 11 compares;
+/// a VM delete: 13 ops).
+pub const MIN_STORE_TXN_OPS: usize = 16;
+const _: () = assert!(MAX_VOLUMES_PER_VM + 5 <= MIN_STORE_TXN_OPS);
 
 #[derive(Debug, thiserror::Error)]
 pub enum CoreError {
@@ -69,6 +98,16 @@ pub enum CoreError {
     NoHost,
     #[error("too much contention on {0}; retry")]
     Contention(String),
+    #[error(
+        "{what} needs one store transaction of {size} operations, over the store's limit of \
+         {limit} (store.etcd_max_txn_ops, which must match etcd's --max-txn-ops): {hint}"
+    )]
+    TxnTooLarge {
+        what: String,
+        size: usize,
+        limit: usize,
+        hint: String,
+    },
     #[error("store: {0}")]
     Store(#[from] StoreError),
     #[error("stored record {key} is corrupt: {source}")]
@@ -385,6 +424,40 @@ fn put<T: serde::Serialize>(key: String, v: &T) -> Op {
     }
 }
 
+/// Revoking one grant: the provider's grant record, the consumer's import and the consumer's
+/// VIP address go, guarded by the revision of the record (grant or import, which are always
+/// written together) it was read from.
+struct Revocation {
+    guard: Compare,
+    ops: [Op; 3],
+}
+
+impl Revocation {
+    fn new(
+        provider: CloudId,
+        exposure: &str,
+        consumer: CloudId,
+        vip: Ipv4Addr,
+        read_key: &str,
+        read_revision: u64,
+    ) -> Self {
+        Revocation {
+            guard: Compare::ModRevision(read_key.to_string(), read_revision),
+            ops: [
+                Op::Delete {
+                    key: keys::grant(provider, exposure, consumer),
+                },
+                Op::Delete {
+                    key: keys::import(consumer, provider, exposure),
+                },
+                Op::Delete {
+                    key: keys::ip(consumer, vip),
+                },
+            ],
+        }
+    }
+}
+
 fn conflict(code: &'static str, message: impl Into<String>) -> CoreError {
     CoreError::Conflict {
         code,
@@ -605,6 +678,19 @@ impl Core {
         &self,
         prefix: &str,
     ) -> Result<Vec<T>, CoreError> {
+        Ok(self
+            .list_kv(prefix)
+            .await?
+            .into_iter()
+            .map(|(_, _, v)| v)
+            .collect())
+    }
+
+    /// Every record under `prefix` with its key and `mod_revision`.
+    async fn list_kv<T: serde::de::DeserializeOwned>(
+        &self,
+        prefix: &str,
+    ) -> Result<Vec<(String, u64, T)>, CoreError> {
         let mut out = Vec::new();
         let mut after: Option<String> = None;
         loop {
@@ -613,13 +699,60 @@ impl Core {
             after = Some(last.key.clone());
             let full = page.len() == 1000;
             for kv in page {
-                out.push(decode(&kv.key, &kv.value)?);
+                let v = decode(&kv.key, &kv.value)?;
+                out.push((kv.key, kv.mod_revision, v));
             }
             if !full {
                 break;
             }
         }
         Ok(out)
+    }
+
+    /// Commits a delete that revokes grants (see the module docs): `own` deletes the resource's
+    /// own keys (all of them under `own_prefix` but a few) guarded by its revision. With the
+    /// `revocations` in one transaction if that fits the store's limit; else the revocations
+    /// are committed first, in transactions of at most the limit, and nothing of `own` is.
+    /// `Ok(true)` if the delete is committed; `Ok(false)` if the caller must re-read and call
+    /// again (a compare failed, or the revocations went ahead). `too_large` makes the error for
+    /// an `own` over the limit, returned before anything is revoked.
+    async fn commit_delete(
+        &self,
+        own: Txn,
+        own_prefix: &str,
+        revocations: Vec<Revocation>,
+        too_large: impl FnOnce(usize, usize) -> CoreError,
+    ) -> Result<bool, CoreError> {
+        let mut whole = own.clone();
+        for r in &revocations {
+            whole.compares.push(r.guard.clone());
+            whole.success.extend(
+                r.ops
+                    .iter()
+                    .filter(|op| !matches!(op, Op::Delete { key } if key.starts_with(own_prefix)))
+                    .cloned(),
+            );
+        }
+        let limit = match self.store.max_txn_ops() {
+            Some(limit) if whole.size() > limit => limit,
+            _ => return Ok(self.commit(whole).await?.is_some()),
+        };
+        if own.size() > limit {
+            return Err(too_large(own.size(), limit));
+        }
+        let mut chunk = Txn::default();
+        for r in revocations {
+            if chunk.compares.len() + 1 > limit || chunk.success.len() + r.ops.len() > limit {
+                // A chunk whose guard fails is left for the re-read; the others go ahead.
+                self.commit(std::mem::take(&mut chunk)).await?;
+            }
+            chunk.compares.push(r.guard);
+            chunk.success.extend(r.ops);
+        }
+        if !chunk.success.is_empty() {
+            self.commit(chunk).await?;
+        }
+        Ok(false)
     }
 
     async fn read<T: serde::de::DeserializeOwned>(
@@ -718,8 +851,8 @@ impl Core {
             let (rev, _) = self.cloud(c).await?;
             let vms: Vec<Vm> = self.list(&keys::vms(c)).await?;
             let volumes: Vec<Volume> = self.list(&keys::volumes(c)).await?;
-            let exports: Vec<Grant> = self.list(&keys::all_grants(c)).await?;
-            let imports: Vec<Grant> = self.list(&keys::imports(c)).await?;
+            let exports: Vec<(String, u64, Grant)> = self.list_kv(&keys::all_grants(c)).await?;
+            let imports: Vec<(String, u64, Grant)> = self.list_kv(&keys::imports(c)).await?;
             let mut ops = vec![
                 Op::Delete {
                     key: keys::cloud(c),
@@ -735,31 +868,53 @@ impl Core {
                 });
             }
             let vhosts: BTreeSet<&str> = volumes.iter().map(|v| v.host.as_str()).collect();
-            for h in vhosts {
+            for h in &vhosts {
                 ops.push(Op::DeletePrefix {
                     prefix: keys::volume_placements_of(h, c),
                 });
             }
-            // Grants this cloud gave: the consumers' imports and VIPs go too.
-            for g in &exports {
-                ops.push(Op::Delete {
-                    key: keys::import(g.consumer, c, &g.exposure),
-                });
-                ops.push(Op::Delete {
-                    key: keys::ip(g.consumer, g.vip),
-                });
-            }
-            // Grants this cloud received: the providers' grant records go too.
-            for g in &imports {
-                ops.push(Op::Delete {
-                    key: keys::grant(g.provider, &g.exposure, c),
-                });
-            }
-            let txn = Txn {
+            let own = Txn {
                 compares: vec![Compare::ModRevision(keys::cloud(c), rev)],
                 success: ops,
             };
-            if self.commit(txn).await?.is_some() {
+            // Grants this cloud gave (the consumers' imports and VIPs go too) and grants it
+            // received (the providers' grant records go too).
+            let mut revocations = Vec::with_capacity(exports.len() + imports.len());
+            for (key, grev, g) in &exports {
+                revocations.push(Revocation::new(
+                    c,
+                    &g.exposure,
+                    g.consumer,
+                    g.vip,
+                    key,
+                    *grev,
+                ));
+            }
+            for (key, grev, g) in &imports {
+                revocations.push(Revocation::new(
+                    g.provider,
+                    &g.exposure,
+                    c,
+                    g.vip,
+                    key,
+                    *grev,
+                ));
+            }
+            let placements = hosts.len() + vhosts.len();
+            let too_large = |size, limit| CoreError::TxnTooLarge {
+                what: format!("deleting cloud {c}"),
+                size,
+                limit,
+                hint: format!(
+                    "removing its VM and volume placements takes {placements} of them (one per \
+                     host and kind); delete some of its VMs and volumes first, or raise both \
+                     limits"
+                ),
+            };
+            if self
+                .commit_delete(own, &keys::inside(c), revocations, too_large)
+                .await?
+            {
                 return Ok(Reply::Done);
             }
         }
@@ -809,6 +964,13 @@ impl Core {
             if let Some(v) = v {
                 validate_label(field, v)?;
             }
+        }
+        if req.volumes.len() > MAX_VOLUMES_PER_VM {
+            return Err(FieldError::new(
+                "volumes",
+                format!("a VM holds at most {MAX_VOLUMES_PER_VM} volumes"),
+            )
+            .into());
         }
         let mut seen = HashSet::new();
         for (i, v) in req.volumes.iter().enumerate() {
@@ -1120,6 +1282,15 @@ impl Core {
                 ));
             }
             if to.is_some() {
+                if vm.volumes.len() >= MAX_VOLUMES_PER_VM {
+                    return Err(conflict(
+                        "too_many_volumes",
+                        format!(
+                            "VM {target} holds {} volumes, the most a VM may hold",
+                            vm.volumes.len()
+                        ),
+                    ));
+                }
                 vol.attached_to = Some(target.clone());
                 vm.volumes.push(name.to_string());
             } else {
@@ -1346,32 +1517,39 @@ impl Core {
     }
 
     async fn delete_exposure(&self, c: CloudId, name: &str) -> Result<Reply, CoreError> {
-        let (rev, _) = self.exposure(c, name).await?;
-        let grants: Vec<Grant> = self.list(&keys::grants(c, name)).await?;
-        let mut ops = vec![
-            Op::Delete {
-                key: keys::exposure(c, name),
-            },
-            Op::DeletePrefix {
-                prefix: keys::grants(c, name),
-            },
-        ];
-        for g in &grants {
-            ops.push(Op::Delete {
-                key: keys::import(g.consumer, c, name),
-            });
-            ops.push(Op::Delete {
-                key: keys::ip(g.consumer, g.vip),
-            });
+        for _ in 0..MAX_RETRIES {
+            let (rev, _) = self.exposure(c, name).await?;
+            let grants: Vec<(String, u64, Grant)> = self.list_kv(&keys::grants(c, name)).await?;
+            let own = Txn {
+                compares: vec![Compare::ModRevision(keys::exposure(c, name), rev)],
+                success: vec![
+                    Op::Delete {
+                        key: keys::exposure(c, name),
+                    },
+                    Op::DeletePrefix {
+                        prefix: keys::grants(c, name),
+                    },
+                ],
+            };
+            // The consumers' imports and VIPs go too.
+            let revocations = grants
+                .iter()
+                .map(|(key, grev, g)| Revocation::new(c, name, g.consumer, g.vip, key, *grev))
+                .collect();
+            let too_large = |size, limit| CoreError::TxnTooLarge {
+                what: format!("deleting exposure {name}"),
+                size,
+                limit,
+                hint: "raise both limits".into(),
+            };
+            if self
+                .commit_delete(own, &keys::grants(c, name), revocations, too_large)
+                .await?
+            {
+                return Ok(Reply::Done);
+            }
         }
-        let txn = Txn {
-            compares: vec![Compare::ModRevision(keys::exposure(c, name), rev)],
-            success: ops,
-        };
-        match self.commit(txn).await? {
-            Some(_) => Ok(Reply::Done),
-            None => Err(CoreError::Contention(format!("exposure {name}"))),
-        }
+        Err(CoreError::Contention(format!("exposure {name}")))
     }
 
     async fn create_grant(

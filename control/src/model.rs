@@ -301,7 +301,7 @@ pub struct CreateVm {
     /// Root image name.
     #[serde(default)]
     pub image: Option<String>,
-    /// Names of volumes of this cloud to attach.
+    /// Names of volumes of this cloud to attach (at most 8).
     #[serde(default)]
     pub volumes: Vec<String>,
 }

@@ -1,5 +1,6 @@
 //! The HTTP API end to end, on both store backends: authorization of every route, resources and
-//! their invariants (IPAM, quotas, atomic creates, cascade delete), bad input, and host syncs.
+//! their invariants (IPAM, quotas, atomic creates, cascade delete, deletes within the store's
+//! transaction limit), bad input, and host syncs.
 //! Every case is written once against [`Api`] and runs as `sqlite::<case>` (the embedded store
 //! in a temporary directory) and as `etcd::<case>` (a fresh etcd in a network namespace of its
 //! own, see `support/mod.rs`; needs root and `etcd`, and fails rather than skips without them).
@@ -22,6 +23,7 @@ use atoll_control::{
     store::Store,
 };
 use hyper::{Method, StatusCode};
+use serde::de::DeserializeOwned;
 use serde_json::{json, Value};
 
 macro_rules! api_suite {
@@ -41,6 +43,8 @@ api_suite!(
     concurrent_creates_respect_quota_and_never_share_an_address,
     bad_input_gets_4xx_json_naming_the_field,
     host_sync_sends_changes_then_waits,
+    deletes_revoke_more_grants_than_one_store_txn_holds,
+    deleting_a_cloud_on_too_many_hosts_is_refused_before_revoking,
 );
 
 /// The store the control plane under test is configured with.
@@ -626,6 +630,13 @@ async fn bad_input_gets_4xx_json_naming_the_field(api: Api) {
         ),
         (
             Method::POST,
+            vms.clone(),
+            br#"{"name":"x","volumes":["a","b","c","d","e","f","g","h","i"]}"#.to_vec(),
+            StatusCode::BAD_REQUEST,
+            "volumes",
+        ),
+        (
+            Method::POST,
             "/v1/clouds".into(),
             br#"{"quotas":{"vcpus":-1}}"#.to_vec(),
             StatusCode::BAD_REQUEST,
@@ -757,6 +768,39 @@ async fn bad_input_gets_4xx_json_naming_the_field(api: Api) {
         (status, v["error"]["code"].as_str()),
         (StatusCode::METHOD_NOT_ALLOWED, Some("method_not_allowed"))
     );
+    // A VM holds at most 8 volumes, also by attaching.
+    let names: Vec<String> = (0..9).map(|i| format!("d{i}")).collect();
+    for name in &names {
+        let _: Volume = ok(
+            &ac,
+            Method::POST,
+            &format!("/v1/clouds/{}/volumes", a.cloud.id),
+            Some(json!({"name": name, "size_gib": 1})),
+        )
+        .await;
+    }
+    let vm: Vm = ok(
+        &ac,
+        Method::POST,
+        &vms,
+        Some(json!({"name": "full", "volumes": names[..8]})),
+    )
+    .await;
+    assert_eq!(vm.volumes.len(), 8);
+    let (status, v) = raw(
+        &ac,
+        Method::POST,
+        &format!("/v1/clouds/{}/volumes/d8/attach", a.cloud.id),
+        Some(&json!({"vm": "full"})),
+    )
+    .await;
+    assert_eq!(
+        (status, v["error"]["code"].as_str()),
+        (StatusCode::CONFLICT, Some("too_many_volumes")),
+        "{v}"
+    );
+    // Deleting it (8 volumes to detach) fits every store's limit.
+    let _: Value = ok(&ac, Method::DELETE, &format!("{vms}/full"), None).await;
 }
 
 async fn send_raw(
@@ -918,4 +962,293 @@ async fn host_sync_sends_changes_then_waits(api: Api) {
         StatusCode::UNAUTHORIZED,
         "the cloud is gone, so is its token"
     );
+}
+
+/// `method path` with `body` as `c`; panics with the error unless it succeeds.
+async fn ok<T: DeserializeOwned>(c: &Client, method: Method, path: &str, body: Option<Value>) -> T {
+    c.call(method.clone(), path, body.as_ref())
+        .await
+        .unwrap_or_else(|e| panic!("{method} {path}: {e}"))
+}
+
+/// Every stored key or value that mentions `cloud`.
+async fn mentions(api: &Api, cloud: CloudId) -> Vec<String> {
+    let id = cloud.to_string();
+    api.core
+        .store()
+        .range("", None, 0)
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|kv| kv.key.contains(&id) || String::from_utf8_lossy(&kv.value).contains(&id))
+        .map(|kv| format!("{} = {}", kv.key, String::from_utf8_lossy(&kv.value)))
+        .collect()
+}
+
+/// Consumers of the provider in the wide-grant case: deleting the provider's exposure revokes
+/// this many grants (2 store ops each in one transaction: 142 ops), deleting the provider twice
+/// as many (212 ops), over a default etcd's 128.
+const CONSUMERS: usize = 70;
+
+async fn deletes_revoke_more_grants_than_one_store_txn_holds(api: Api) {
+    let (p, pc) = api.cloud(json!({"name": "provider"})).await;
+    let pid = p.cloud.id;
+    let _: Vm = ok(
+        &pc,
+        Method::POST,
+        &format!("/v1/clouds/{pid}/vms"),
+        Some(json!({"name": "db"})),
+    )
+    .await;
+    for (name, acceptance) in [("a", true), ("b", false)] {
+        let _: Exposure = ok(
+            &pc,
+            Method::POST,
+            &format!("/v1/clouds/{pid}/exposures"),
+            Some(json!({"name": name, "protocol": "tcp", "port": 5432, "require_acceptance": acceptance, "backends": [{"vm": "db", "port": 5432}]})),
+        )
+        .await;
+    }
+    // Every consumer gets exposures a (half of them accept it) and b, and grants the provider
+    // an exposure of its own.
+    let mut consumers = Vec::new();
+    for i in 0..CONSUMERS {
+        let (c, cc) = api.cloud(json!({"name": format!("c{i}")})).await;
+        let cid = c.cloud.id;
+        let mut granted = Vec::new();
+        for exposure in ["a", "b"] {
+            let g: Grant = ok(
+                &pc,
+                Method::POST,
+                &format!("/v1/clouds/{pid}/exposures/{exposure}/grants"),
+                Some(json!({"consumer": cid})),
+            )
+            .await;
+            granted.push(g);
+        }
+        let (ga, gb) = (granted[0].clone(), granted[1].clone());
+        assert_eq!(
+            (ga.state, gb.state),
+            (GrantState::Offered, GrantState::Active)
+        );
+        if i % 2 == 0 {
+            let accepted: Grant = ok(
+                &cc,
+                Method::POST,
+                &format!("/v1/clouds/{cid}/imports/{pid}/a/accept"),
+                None,
+            )
+            .await;
+            assert_eq!(accepted.state, GrantState::Active);
+        }
+        let _: Vm = ok(
+            &cc,
+            Method::POST,
+            &format!("/v1/clouds/{cid}/vms"),
+            Some(json!({"name": "svc"})),
+        )
+        .await;
+        let _: Exposure = ok(
+            &cc,
+            Method::POST,
+            &format!("/v1/clouds/{cid}/exposures"),
+            Some(json!({"name": "s", "protocol": "udp", "port": 53, "backends": [{"vm": "svc", "port": 53}]})),
+        )
+        .await;
+        let _: Grant = ok(
+            &cc,
+            Method::POST,
+            &format!("/v1/clouds/{cid}/exposures/s/grants"),
+            Some(json!({"consumer": pid})),
+        )
+        .await;
+        consumers.push((cid, cc, ga, gb));
+    }
+    let received: Vec<Grant> =
+        ok(&pc, Method::GET, &format!("/v1/clouds/{pid}/imports"), None).await;
+    assert_eq!(received.len(), CONSUMERS);
+
+    // Deleting exposure a revokes its grants: the consumers keep only b.
+    let _: Value = ok(
+        &pc,
+        Method::DELETE,
+        &format!("/v1/clouds/{pid}/exposures/a"),
+        None,
+    )
+    .await;
+    let (status, _) = raw(
+        &pc,
+        Method::GET,
+        &format!("/v1/clouds/{pid}/exposures/a/grants"),
+        None,
+    )
+    .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    for (cid, cc, ga, gb) in &consumers {
+        let imports: Vec<Grant> =
+            ok(cc, Method::GET, &format!("/v1/clouds/{cid}/imports"), None).await;
+        assert_eq!(imports, vec![gb.clone()], "imports of {cid}");
+        let vip = format!("c/{cid}/ip/{}", ga.vip);
+        assert!(
+            api.core.store().get(&vip).await.unwrap().is_none(),
+            "{vip} is still allocated"
+        );
+    }
+
+    // Deleting the provider revokes the grants of b and the grants it received; nothing of it
+    // is left anywhere, and the consumers keep their own things.
+    let _: Value = ok(&pc, Method::DELETE, &format!("/v1/clouds/{pid}"), None).await;
+    let left = mentions(&api, pid).await;
+    assert!(left.is_empty(), "left behind: {left:?}");
+    for (cid, cc, _, _) in &consumers {
+        let imports: Vec<Grant> =
+            ok(cc, Method::GET, &format!("/v1/clouds/{cid}/imports"), None).await;
+        assert!(imports.is_empty(), "imports of {cid}: {imports:?}");
+        let grants: Vec<Grant> = ok(
+            cc,
+            Method::GET,
+            &format!("/v1/clouds/{cid}/exposures/s/grants"),
+            None,
+        )
+        .await;
+        assert!(grants.is_empty(), "grants of {cid}'s exposure: {grants:?}");
+        let vms: Vec<Vm> = ok(cc, Method::GET, &format!("/v1/clouds/{cid}/vms"), None).await;
+        assert_eq!(vms.len(), 1);
+    }
+    // Both VIPs went back to the consumer's pool.
+    let (cid, cc, ga, gb) = &consumers[0];
+    for (name, vip) in [("n1", ga.vip), ("n2", gb.vip)] {
+        let vm: Vm = ok(
+            cc,
+            Method::POST,
+            &format!("/v1/clouds/{cid}/vms"),
+            Some(json!({"name": name})),
+        )
+        .await;
+        assert_eq!(vm.ipv4, vip, "{name} gets the lowest free address");
+    }
+}
+
+/// Hosts the cloud of the too-many-hosts case is placed on: removing its placements and its own
+/// keys takes 127 + 2 store ops, one over a default etcd's 128.
+const PLACEMENT_HOSTS: usize = 127;
+
+async fn deleting_a_cloud_on_too_many_hosts_is_refused_before_revoking(api: Api) {
+    let limit = api.core.store().max_txn_ops();
+    for i in 1..PLACEMENT_HOSTS {
+        let _: HostInfo = ok(&api.op, Method::PUT, &format!("/v1/hosts/h{i}"), None).await;
+    }
+    let (w, wc) = api
+        .cloud(
+            json!({"name": "wide", "quotas": {"vms": 1000, "vcpus": 1000, "memory_mib": 1 << 20}}),
+        )
+        .await;
+    let wid = w.cloud.id;
+    // One VM per host. A VM goes to the host with the fewest placements as the control plane
+    // has seen them so far (through its store watch), so a few may share a host: keep creating
+    // until every host has one.
+    let mut vms: Vec<Vm> = Vec::new();
+    while vms.iter().map(|v| &v.host).collect::<HashSet<_>>().len() < PLACEMENT_HOSTS {
+        assert!(
+            vms.len() < 3 * PLACEMENT_HOSTS,
+            "VMs do not spread over the hosts"
+        );
+        vms.push(
+            ok(
+                &wc,
+                Method::POST,
+                &format!("/v1/clouds/{wid}/vms"),
+                Some(json!({"name": format!("v{}", vms.len())})),
+            )
+            .await,
+        );
+    }
+    // A grant the cloud gives and one it receives.
+    let (b, bc) = api.cloud(json!({"name": "peer"})).await;
+    let bid = b.cloud.id;
+    let _: Exposure = ok(
+        &wc,
+        Method::POST,
+        &format!("/v1/clouds/{wid}/exposures"),
+        Some(json!({"name": "web", "protocol": "tcp", "port": 80, "backends": [{"vm": "v0", "port": 80}]})),
+    )
+    .await;
+    let given: Grant = ok(
+        &wc,
+        Method::POST,
+        &format!("/v1/clouds/{wid}/exposures/web/grants"),
+        Some(json!({"consumer": bid})),
+    )
+    .await;
+    let _: Vm = ok(
+        &bc,
+        Method::POST,
+        &format!("/v1/clouds/{bid}/vms"),
+        Some(json!({"name": "svc"})),
+    )
+    .await;
+    let _: Exposure = ok(
+        &bc,
+        Method::POST,
+        &format!("/v1/clouds/{bid}/exposures"),
+        Some(json!({"name": "s", "protocol": "tcp", "port": 1, "backends": [{"vm": "svc", "port": 1}]})),
+    )
+    .await;
+    let received: Grant = ok(
+        &bc,
+        Method::POST,
+        &format!("/v1/clouds/{bid}/exposures/s/grants"),
+        Some(json!({"consumer": wid})),
+    )
+    .await;
+
+    let (status, v) = raw(&wc, Method::DELETE, &format!("/v1/clouds/{wid}"), None).await;
+    match limit {
+        None => assert!(status.is_success(), "SQLite has no limit: {status} {v}"),
+        Some(128) => {
+            assert_eq!(
+                (status, v["error"]["code"].as_str()),
+                (StatusCode::CONFLICT, Some("txn_too_large")),
+                "{v}"
+            );
+            let message = v["error"]["message"].as_str().unwrap();
+            for want in ["129 operations", "limit of 128", "store.etcd_max_txn_ops"] {
+                assert!(message.contains(want), "{want:?} not in {message:?}");
+            }
+            // Refused before anything was revoked.
+            let imports: Vec<Grant> =
+                ok(&bc, Method::GET, &format!("/v1/clouds/{bid}/imports"), None).await;
+            assert_eq!(imports, vec![given.clone()]);
+            let imports: Vec<Grant> =
+                ok(&wc, Method::GET, &format!("/v1/clouds/{wid}/imports"), None).await;
+            assert_eq!(imports, vec![received.clone()]);
+            // Emptying one host brings the cloud's own keys to exactly 128 ops: the grants are
+            // revoked ahead and the rest is one transaction.
+            let last = vms.last().unwrap().host.clone();
+            for vm in vms.iter().filter(|v| v.host == last) {
+                let _: Value = ok(
+                    &wc,
+                    Method::DELETE,
+                    &format!("/v1/clouds/{wid}/vms/{}", vm.name),
+                    None,
+                )
+                .await;
+            }
+            let _: Value = ok(&wc, Method::DELETE, &format!("/v1/clouds/{wid}"), None).await;
+        }
+        Some(other) => panic!("the etcd case runs with etcd's default limit, not {other}"),
+    }
+    let left = mentions(&api, wid).await;
+    assert!(left.is_empty(), "left behind: {left:?}");
+    let imports: Vec<Grant> =
+        ok(&bc, Method::GET, &format!("/v1/clouds/{bid}/imports"), None).await;
+    assert!(imports.is_empty());
+    let grants: Vec<Grant> = ok(
+        &bc,
+        Method::GET,
+        &format!("/v1/clouds/{bid}/exposures/s/grants"),
+        None,
+    )
+    .await;
+    assert!(grants.is_empty());
 }

@@ -1,7 +1,8 @@
 //! The store suite: every case is written once against `Store` and runs against both backends
 //! (`sqlite::<case>` on a fresh SQLite file, `etcd::<case>` on a fresh etcd in its own network
 //! namespace; the etcd cases need root). Backend-specific tests follow the suite: SQLite's lock,
-//! reopen, corrupt rows, kill -9 safety and a throughput report; etcd's endpoint failover.
+//! reopen, corrupt rows, kill -9 safety and a throughput report; etcd's endpoint failover and
+//! its own refusal of a transaction over its `--max-txn-ops`.
 //!
 //! Revisions are checked relative to the revision before a case's first write: a new etcd is at
 //! revision 1 before any write, a new SQLite store at 0.
@@ -42,6 +43,7 @@ store_suite!(
     watch_on_compacted_revision,
     concurrent_txns_race,
     invalid_txns_are_rejected,
+    txns_up_to_the_limit_commit_and_bigger_ones_are_refused,
 );
 
 fn put(key: &str, value: &[u8]) -> Op {
@@ -527,6 +529,56 @@ async fn invalid_txns_are_rejected(env: Env) {
     assert_eq!(s.count("i/").await.unwrap(), 0);
 }
 
+/// etcd runs with its default `--max-txn-ops` (128) and the store is told the same; a
+/// transaction of exactly that size commits, so the store counts the way etcd does.
+async fn txns_up_to_the_limit_commit_and_bigger_ones_are_refused(env: Env) {
+    let s = &env.store;
+    let limit = s.max_txn_ops();
+    match env.backend {
+        Backend::Sqlite => assert_eq!(limit, None),
+        Backend::Etcd(_) => assert_eq!(limit, Some(128)),
+    }
+    let key = |i: usize| format!("l/{i:03}");
+    commit(s, (0..128).map(|i| put(&key(i), b"1")).collect()).await;
+    assert_eq!(s.count("l/").await.unwrap(), 128);
+    let out = s
+        .txn(Txn {
+            compares: (0..128).map(|i| Compare::Present(key(i))).collect(),
+            success: vec![put("l/x", b"1")],
+        })
+        .await
+        .unwrap();
+    assert!(matches!(out, TxnOutcome::Committed { .. }), "{out:?}");
+    // One more compare, or one more op.
+    let over = [
+        Txn {
+            compares: (0..129).map(|i| Compare::Absent(key(i + 1000))).collect(),
+            success: vec![put("l/y", b"1")],
+        },
+        Txn {
+            compares: vec![],
+            success: (0..129).map(|i| put(&key(i + 1000), b"2")).collect(),
+        },
+    ];
+    for txn in over {
+        assert_eq!(txn.size(), 129);
+        let before = s.revision().await.unwrap();
+        match (limit, s.txn(txn).await) {
+            (None, Ok(TxnOutcome::Committed { .. })) => {}
+            (
+                Some(128),
+                Err(StoreError::TxnTooLarge {
+                    size: 129,
+                    limit: 128,
+                }),
+            ) => {
+                assert_eq!(s.revision().await.unwrap(), before, "nothing was sent");
+            }
+            (limit, other) => panic!("limit {limit:?}: {other:?}"),
+        }
+    }
+}
+
 // ---- SQLite only ----
 
 fn sqlite_runtime() -> tokio::runtime::Runtime {
@@ -974,6 +1026,40 @@ fn sqlite_wal_stays_bounded_under_reads() {
 }
 
 // ---- etcd only ----
+
+#[test]
+fn etcd_refusing_a_txn_names_both_limits() {
+    support::run_etcd(|env: Env| async move {
+        let Backend::Etcd(etcd) = env.backend else {
+            unreachable!()
+        };
+        // Configured above the cluster's (default) limit: etcd itself refuses.
+        let store: Store = etcd.with_max_txn_ops(200).into();
+        assert_eq!(store.max_txn_ops(), Some(200));
+        let ops = (0..129).map(|i| put(&format!("m/{i:03}"), b"1")).collect();
+        match store
+            .txn(Txn {
+                compares: vec![],
+                success: ops,
+            })
+            .await
+        {
+            Err(
+                e @ StoreError::EtcdTooManyOps {
+                    size: 129,
+                    limit: 200,
+                },
+            ) => {
+                let message = e.to_string();
+                for want in ["--max-txn-ops", "store.etcd_max_txn_ops"] {
+                    assert!(message.contains(want), "{want:?} not in {message:?}");
+                }
+            }
+            other => panic!("expected EtcdTooManyOps, got {other:?}"),
+        }
+        assert_eq!(store.count("m/").await.unwrap(), 0);
+    });
+}
 
 #[test]
 fn etcd_fails_over_to_the_next_endpoint() {

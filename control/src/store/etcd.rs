@@ -26,6 +26,10 @@
 //!   transaction may have been applied.
 //! - JSON int64 fields arrive as strings and zero values are omitted; every field is decoded
 //!   leniently (string or number, missing = 0), and bad base64 or non-UTF-8 keys are errors.
+//! - **Transaction size.** The store refuses a transaction over its `max_txn_ops` before
+//!   sending it (see [`super::Store::txn`]); it must be etcd's `--max-txn-ops` (default
+//!   [`DEFAULT_MAX_TXN_OPS`]). etcd's own refusal ("too many operations in txn request", when
+//!   its limit is lower) is [`StoreError::EtcdTooManyOps`].
 //! - etcd's own history must be compacted by the operator (`--auto-compaction-retention`) or
 //!   through [`EtcdStore::compact`].
 
@@ -54,6 +58,10 @@ use serde_json::{json, Value};
 use super::{Compare, Event, EventKind, KeyValue, Op, StoreError, Txn, TxnOutcome, WatchBatch};
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// etcd's default `--max-txn-ops`.
+pub const DEFAULT_MAX_TXN_OPS: usize = 128;
+/// What etcd's gateway answers (400) for a transaction over its `--max-txn-ops`.
+const TOO_MANY_OPS: &str = "too many operations in txn request";
 /// Longest etcd error body kept in [`StoreError::EtcdResponse`].
 const MAX_ERROR_BODY: usize = 2000;
 
@@ -61,6 +69,8 @@ const MAX_ERROR_BODY: usize = 2000;
 #[derive(Clone)]
 pub struct EtcdStore {
     inner: Arc<EtcdInner>,
+    /// The cluster's `--max-txn-ops`, as configured.
+    max_txn_ops: usize,
 }
 
 struct EtcdInner {
@@ -74,7 +84,9 @@ struct EtcdInner {
 }
 
 impl EtcdStore {
-    /// Checks the endpoints (`http://host:port`) and that one of them answers.
+    /// Checks the endpoints (`http://host:port`) and that one of them answers. The store assumes
+    /// etcd's default `--max-txn-ops` ([`DEFAULT_MAX_TXN_OPS`]) unless told otherwise
+    /// ([`EtcdStore::with_max_txn_ops`]).
     pub async fn connect(endpoints: Vec<String>, prefix: String) -> Result<Self, StoreError> {
         if endpoints.is_empty() {
             return Err(StoreError::NoEndpoints);
@@ -115,9 +127,21 @@ impl EtcdStore {
                 prefix,
                 preferred: AtomicUsize::new(0),
             }),
+            max_txn_ops: DEFAULT_MAX_TXN_OPS,
         };
         store.revision().await?;
         Ok(store)
+    }
+
+    /// The same store, for a cluster whose `--max-txn-ops` is `limit`.
+    pub fn with_max_txn_ops(mut self, limit: usize) -> Self {
+        self.max_txn_ops = limit;
+        self
+    }
+
+    /// The largest transaction (compares, or ops) this store sends.
+    pub fn max_txn_ops(&self) -> usize {
+        self.max_txn_ops
     }
 
     pub async fn get(&self, key: &str) -> Result<Option<KeyValue>, StoreError> {
@@ -193,12 +217,21 @@ impl EtcdStore {
             .iter()
             .map(|c| json!({ "request_range": { "key": B64.encode(self.full_key(compare_key(c))) } }))
             .collect();
-        let response: TxnResponse = self
+        let response: TxnResponse = match self
             .post(
                 "/v3/kv/txn",
                 &json!({ "compare": compares, "success": success, "failure": failure }),
             )
-            .await?;
+            .await
+        {
+            Err(StoreError::EtcdResponse { body, .. }) if body.contains(TOO_MANY_OPS) => {
+                return Err(StoreError::EtcdTooManyOps {
+                    size: txn.size(),
+                    limit: self.max_txn_ops,
+                })
+            }
+            other => other?,
+        };
         if response.succeeded {
             return Ok(TxnOutcome::Committed {
                 revision: response.header.revision,

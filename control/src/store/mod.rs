@@ -22,6 +22,13 @@
 //!   `Put`/`Delete` inside a `DeletePrefix` of the same transaction, is
 //!   [`StoreError::InvalidTxn`]); two deletes of overlapping ranges are allowed. So the order of
 //!   ops inside a transaction never matters.
+//! - **Transaction size.** etcd refuses a transaction whose compares, success ops or failure
+//!   ops number more than its `--max-txn-ops` (default 128). [`Txn::size`] counts the way etcd
+//!   does; the etcd store is told the cluster's limit (`store.etcd_max_txn_ops`), reports it
+//!   through [`Store::max_txn_ops`] and refuses a bigger transaction itself, before sending it
+//!   ([`StoreError::TxnTooLarge`]), so callers can plan around the limit instead of discovering
+//!   it. SQLite has no limit (`None`). If etcd's own limit is lower than the configured one,
+//!   etcd's refusal is [`StoreError::EtcdTooManyOps`], naming both settings.
 //! - **Watch batches** hold every event of one revision (one transaction) that matches the
 //!   prefix, in op order; revisions without a matching event are skipped. A `Delete` event's
 //!   `kv` has an empty value, `create_revision` 0 and `mod_revision` = the revision of the
@@ -83,6 +90,14 @@ pub enum Op {
 pub struct Txn {
     pub compares: Vec<Compare>,
     pub success: Vec<Op>,
+}
+
+impl Txn {
+    /// The size etcd's `--max-txn-ops` limits: the longest of the compare, success and failure
+    /// lists (the etcd backend's failure branch holds one read per compare).
+    pub fn size(&self) -> usize {
+        self.compares.len().max(self.success.len())
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -151,6 +166,16 @@ pub enum StoreError {
     ReadTask(#[source] tokio::task::JoinError),
     #[error("invalid transaction: {0}")]
     InvalidTxn(String),
+    #[error(
+        "a transaction of {size} operations is over the store's limit of {limit} \
+         (store.etcd_max_txn_ops, etcd's --max-txn-ops)"
+    )]
+    TxnTooLarge { size: usize, limit: usize },
+    #[error(
+        "etcd refused a transaction of {size} operations as too many although \
+         store.etcd_max_txn_ops is {limit}: etcd's --max-txn-ops is lower; set both to the same value"
+    )]
+    EtcdTooManyOps { size: usize, limit: usize },
     #[error("no etcd endpoint given")]
     NoEndpoints,
     #[error("invalid etcd endpoint {endpoint:?}: {reason}")]
@@ -238,9 +263,26 @@ impl Store {
         }
     }
 
-    /// Applies `txn.success` atomically if every compare holds.
+    /// The largest [`Txn::size`] the store accepts; `None` if there is no limit (SQLite).
+    pub fn max_txn_ops(&self) -> Option<usize> {
+        match self {
+            Store::Sqlite(_) => None,
+            Store::Etcd(s) => Some(s.max_txn_ops()),
+        }
+    }
+
+    /// Applies `txn.success` atomically if every compare holds. A transaction bigger than
+    /// [`Store::max_txn_ops`] is [`StoreError::TxnTooLarge`] and is not sent.
     pub async fn txn(&self, txn: Txn) -> Result<TxnOutcome, StoreError> {
         validate_txn(&txn)?;
+        if let Some(limit) = self.max_txn_ops() {
+            if txn.size() > limit {
+                return Err(StoreError::TxnTooLarge {
+                    size: txn.size(),
+                    limit,
+                });
+            }
+        }
         match self {
             Store::Sqlite(s) => s.txn(txn).await,
             Store::Etcd(s) => s.txn(txn).await,
