@@ -20,6 +20,11 @@
 //!   never truncated or recreated (an existing file keeps its data); qcow2 images are made by
 //!   `qemu-img`. A removed volume's file is deleted; so is its cloud's directory once empty.
 //! - Device names are `<tap_prefix><n>` with a host-local counter, skipping names in use.
+//! - **Exposure services** come per provider cloud as its complete set of active grants
+//!   ([`ProviderServices`]); the host installs each (VIP, NAT address, backends) and removes
+//!   the provider's services that are not in the set. A full state removes the services of
+//!   providers it does not list. A service that cannot be applied is logged and retried with
+//!   the next change of its provider; it never blocks the rest of the delta.
 
 use std::{
     collections::{HashMap, HashSet},
@@ -33,19 +38,23 @@ use atoll_control::{
     client::{Client, ClientError},
     core::{Command, Core, CoreError, Principal},
     model::{
-        CloudId as ApiCloudId, Placement, StatusReport, SyncDelta, VmReport, VmState, VmStatus,
-        VolumeFormat, VolumePlacement, Zone,
+        CloudId as ApiCloudId, Placement, Protocol, ProviderServices, StatusReport, SyncDelta,
+        VmReport, VmState, VmStatus, VolumeFormat, VolumePlacement, Zone,
     },
 };
 use hyper::Method;
 
 use crate::{
-    endpoint::{DeviceSpec, EndpointError, EndpointSpec, Host},
+    endpoint::{
+        DeviceSpec, EndpointError, EndpointSpec, Host, ServiceSpec, PROTOCOL_TCP, PROTOCOL_UDP,
+    },
     types::{radix36, CloudId, MacAddr},
 };
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConvergeError {
+    #[error("listing the exposure services in the dataplane: {0}")]
+    ListServices(#[source] EndpointError),
     #[error("syncing with the embedded control plane: {0}")]
     SyncLocal(#[source] CoreError),
     #[error("syncing with the control plane: {0}")]
@@ -334,6 +343,20 @@ impl Converger {
                 }
             }
         }
+        if delta.full {
+            let listed: HashSet<u32> = delta.services.iter().map(|p| p.provider.0).collect();
+            let installed = host.services().map_err(ConvergeError::ListServices)?;
+            for (_, s) in installed {
+                if !listed.contains(&s.provider.get()) {
+                    if let Err(e) = host.remove_service(s.consumer, s.vip) {
+                        eprintln!("atoll-agent: {e}");
+                    }
+                }
+            }
+        }
+        for p in &delta.services {
+            apply_services(host, p)?;
+        }
         self.revision = delta.revision;
         if !reports.is_empty() {
             self.source
@@ -568,4 +591,41 @@ impl DnsSink for crate::dns::DnsView {
     fn remove_zone(&self, cloud: CloudId) {
         crate::dns::DnsView::remove_zone(self, cloud);
     }
+}
+
+/// Makes the provider's installed services exactly `p.services`.
+fn apply_services(host: &mut Host, p: &ProviderServices) -> Result<(), ConvergeError> {
+    let Some(provider) = api_cloud(p.provider) else {
+        return Ok(());
+    };
+    let mut keep: HashSet<(u32, Ipv4Addr)> = HashSet::new();
+    for s in &p.services {
+        let Some(consumer) = api_cloud(s.consumer) else {
+            continue;
+        };
+        let spec = ServiceSpec {
+            consumer,
+            vip: s.vip,
+            provider,
+            nat: s.nat_ipv4,
+            protocol: match s.protocol {
+                Protocol::Tcp => PROTOCOL_TCP,
+                Protocol::Udp => PROTOCOL_UDP,
+            },
+            port: s.port,
+            backends: s.backends.iter().map(|b| (b.ipv4, b.port)).collect(),
+        };
+        keep.insert((consumer.get(), s.vip));
+        if let Err(e) = host.apply_service(&spec) {
+            eprintln!("atoll-agent: {e}");
+        }
+    }
+    for (_, s) in host.services().map_err(ConvergeError::ListServices)? {
+        if s.provider == provider && !keep.contains(&(s.consumer.get(), s.vip)) {
+            if let Err(e) = host.remove_service(s.consumer, s.vip) {
+                eprintln!("atoll-agent: {e}");
+            }
+        }
+    }
+    Ok(())
 }

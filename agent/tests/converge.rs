@@ -10,7 +10,7 @@ mod support;
 
 use atoll_agent::{
     converge::{ConvergeConfig, Converger, Source},
-    endpoint::Host,
+    endpoint::{Host, ServiceSpec, PROTOCOL_TCP},
     testbed::{
         frame::{self, Udp},
         unique_name, unique_prefix, LinksWithPrefix, PinRoot,
@@ -531,4 +531,139 @@ impl Guest {
             .collect();
         (msg.metadata.response_code, a)
     }
+}
+
+/// Grants become exposure services on the host of the provider's VMs: VIP, NAT address and
+/// backends from the control plane; an offered grant waits for acceptance; deleting a backend
+/// VM, revoking a grant and deleting the provider take effect; a restarted agent's full sync
+/// removes services the control plane no longer has.
+#[tokio::test]
+async fn exposures_converge_onto_the_host() {
+    require_root();
+    let dir = tempfile::tempdir().unwrap();
+    let pins = PinRoot::new("cx");
+    let prefix = unique_prefix("x");
+    let _links = LinksWithPrefix(prefix.clone());
+    let core = control(dir.path()).await;
+    let source = Source::Local(core.clone());
+    source.register("h1").await.unwrap();
+    let conv_cfg = ConvergeConfig {
+        host: "h1".into(),
+        tap_prefix: prefix.clone(),
+        volumes_dir: dir.path().join("volumes"),
+    };
+    let mut host = Host::open(&cfg(&pins, 64, 0)).unwrap();
+    let mut conv = Converger::new(conv_cfg.clone(), source.clone(), None);
+    let cloud = |r: Reply| match r {
+        Reply::CreatedCloud(c) => c.cloud.id,
+        other => panic!("{other:?}"),
+    };
+    let p = cloud(exec(&core, Cmd::CreateCloud(CreateCloud::default())).await);
+    let c1 = cloud(exec(&core, Cmd::CreateCloud(CreateCloud::default())).await);
+    let c2 = cloud(exec(&core, Cmd::CreateCloud(CreateCloud::default())).await);
+    let ip = |r: Reply| match r {
+        Reply::Vm(v) => v.ipv4,
+        other => panic!("{other:?}"),
+    };
+    let b1 = ip(exec(&core, Cmd::CreateVm(p, vm("b1"))).await);
+    let b2 = ip(exec(&core, Cmd::CreateVm(p, vm("b2"))).await);
+    exec(&core, Cmd::CreateVm(c1, vm("app"))).await;
+    let exposure = |name: &str, require_acceptance| CreateExposure {
+        name: name.into(),
+        protocol: Protocol::Tcp,
+        port: 80,
+        backends: vec![
+            Backend {
+                vm: "b1".into(),
+                port: 8080,
+            },
+            Backend {
+                vm: "b2".into(),
+                port: 8080,
+            },
+        ],
+        require_acceptance,
+    };
+    exec(&core, Cmd::CreateExposure(p, exposure("web", false))).await;
+    exec(&core, Cmd::CreateExposure(p, exposure("admin", true))).await;
+    let grant = |r: Reply| match r {
+        Reply::Grant(g) => g,
+        other => panic!("{other:?}"),
+    };
+    let g1 = grant(
+        exec(
+            &core,
+            Cmd::CreateGrant(p, "web".into(), CreateGrant { consumer: c1 }),
+        )
+        .await,
+    );
+    let offered = grant(
+        exec(
+            &core,
+            Cmd::CreateGrant(p, "admin".into(), CreateGrant { consumer: c2 }),
+        )
+        .await,
+    );
+    assert_ne!(g1.nat_ipv4, offered.nat_ipv4);
+    assert!(
+        ![b1, b2].contains(&g1.nat_ipv4),
+        "NAT address is the provider's own"
+    );
+    step(&mut conv, &mut host).await;
+    let installed = |host: &Host| -> Vec<ServiceSpec> {
+        host.services()
+            .unwrap()
+            .into_iter()
+            .map(|(_, s)| s)
+            .collect()
+    };
+    let want = ServiceSpec {
+        consumer: atoll_agent::types::CloudId::new(c1.0).unwrap(),
+        vip: g1.vip,
+        provider: atoll_agent::types::CloudId::new(p.0).unwrap(),
+        nat: g1.nat_ipv4,
+        protocol: PROTOCOL_TCP,
+        port: 80,
+        backends: vec![(b1, 8080), (b2, 8080)],
+    };
+    assert_eq!(
+        installed(&host),
+        vec![want.clone()],
+        "only the active grant"
+    );
+
+    // Accepting the offered grant installs it.
+    exec(&core, Cmd::AcceptImport(c2, p, "admin".into())).await;
+    step(&mut conv, &mut host).await;
+    assert_eq!(installed(&host).len(), 2);
+
+    // A deleted backend VM leaves the backends.
+    exec(&core, Cmd::DeleteVm(p, "b2".into())).await;
+    step(&mut conv, &mut host).await;
+    let now = installed(&host);
+    let web = now
+        .iter()
+        .find(|s| s.vip == g1.vip)
+        .expect("web still granted");
+    assert_eq!(web.backends, vec![(b1, 8080)]);
+
+    // Revoking removes the service; a restarted agent (full state) agrees.
+    exec(&core, Cmd::RevokeGrant(p, "web".into(), c1)).await;
+    step(&mut conv, &mut host).await;
+    assert_eq!(installed(&host).len(), 1);
+    assert!(installed(&host).iter().all(|s| s.vip != g1.vip));
+    drop(conv);
+    let mut conv = Converger::new(conv_cfg, source.clone(), None);
+    step(&mut conv, &mut host).await;
+    assert_eq!(
+        installed(&host).len(),
+        1,
+        "a full sync keeps the live grant"
+    );
+
+    // Deleting the provider removes everything of it.
+    exec(&core, Cmd::DeleteCloud(p)).await;
+    step(&mut conv, &mut host).await;
+    assert!(installed(&host).is_empty());
+    host.destroy().await.unwrap();
 }

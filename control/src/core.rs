@@ -335,6 +335,20 @@ fn zone_cloud(key: &str) -> Option<CloudId> {
         .flatten()
 }
 
+/// The provider cloud whose services (active grants, resolved) a key's change may change:
+/// its exposures, its grants, its VMs (backends' addresses) and the cloud itself.
+fn service_cloud(key: &str) -> Option<CloudId> {
+    if let Some(c) = key.strip_prefix("clouds/") {
+        return c.parse().ok();
+    }
+    let rest = key.strip_prefix("c/")?;
+    let (cloud, rest) = rest.split_once('/')?;
+    let (kind, _) = rest.split_once('/')?;
+    matches!(kind, "vms" | "exposures" | "grants")
+        .then(|| cloud.parse().ok())
+        .flatten()
+}
+
 impl FeedState {
     fn apply(&mut self, key: &str, deleted: bool) {
         if let Some((host, _, cloud, _)) = parse_placement_key(key) {
@@ -424,34 +438,30 @@ fn put<T: serde::Serialize>(key: String, v: &T) -> Op {
     }
 }
 
-/// Revoking one grant: the provider's grant record, the consumer's import and the consumer's
-/// VIP address go, guarded by the revision of the record (grant or import, which are always
-/// written together) it was read from.
+/// Revoking one grant: the provider's grant record, the consumer's import, the consumer's VIP
+/// address and the provider's NAT address go, guarded by the revision of the record (grant or
+/// import, which are always written together) it was read from.
 struct Revocation {
     guard: Compare,
-    ops: [Op; 3],
+    ops: [Op; 4],
 }
 
 impl Revocation {
-    fn new(
-        provider: CloudId,
-        exposure: &str,
-        consumer: CloudId,
-        vip: Ipv4Addr,
-        read_key: &str,
-        read_revision: u64,
-    ) -> Self {
+    fn new(g: &Grant, read_key: &str, read_revision: u64) -> Self {
         Revocation {
             guard: Compare::ModRevision(read_key.to_string(), read_revision),
             ops: [
                 Op::Delete {
-                    key: keys::grant(provider, exposure, consumer),
+                    key: keys::grant(g.provider, &g.exposure, g.consumer),
                 },
                 Op::Delete {
-                    key: keys::import(consumer, provider, exposure),
+                    key: keys::import(g.consumer, g.provider, &g.exposure),
                 },
                 Op::Delete {
-                    key: keys::ip(consumer, vip),
+                    key: keys::ip(g.consumer, g.vip),
+                },
+                Op::Delete {
+                    key: keys::ip(g.provider, g.nat_ipv4),
                 },
             ],
         }
@@ -881,24 +891,10 @@ impl Core {
             // received (the providers' grant records go too).
             let mut revocations = Vec::with_capacity(exports.len() + imports.len());
             for (key, grev, g) in &exports {
-                revocations.push(Revocation::new(
-                    c,
-                    &g.exposure,
-                    g.consumer,
-                    g.vip,
-                    key,
-                    *grev,
-                ));
+                revocations.push(Revocation::new(g, key, *grev));
             }
             for (key, grev, g) in &imports {
-                revocations.push(Revocation::new(
-                    g.provider,
-                    &g.exposure,
-                    c,
-                    g.vip,
-                    key,
-                    *grev,
-                ));
+                revocations.push(Revocation::new(g, key, *grev));
             }
             let placements = hosts.len() + vhosts.len();
             let too_large = |size, limit| CoreError::TxnTooLarge {
@@ -1534,7 +1530,7 @@ impl Core {
             // The consumers' imports and VIPs go too.
             let revocations = grants
                 .iter()
-                .map(|(key, grev, g)| Revocation::new(c, name, g.consumer, g.vip, key, *grev))
+                .map(|(key, grev, g)| Revocation::new(g, key, *grev))
                 .collect();
             let too_large = |size, limit| CoreError::TxnTooLarge {
                 what: format!("deleting exposure {name}"),
@@ -1574,6 +1570,7 @@ impl Core {
                 Err(e) => return Err(e),
             };
             let vip = self.allocate_ip(&ccloud).await?;
+            let nat_ipv4 = self.allocate_ip(&provider).await?;
             let grant = Grant {
                 provider: c,
                 exposure: exp_name.to_string(),
@@ -1585,6 +1582,7 @@ impl Core {
                 },
                 vip,
                 fqdn: format!("{}.{}.svc.{}", exp.name, provider.name, ccloud.zone),
+                nat_ipv4,
                 created_at: now(),
             };
             let txn = Txn {
@@ -1593,11 +1591,13 @@ impl Core {
                     Compare::ModRevision(keys::cloud(consumer), crev),
                     Compare::Absent(keys::grant(c, exp_name, consumer)),
                     Compare::Absent(keys::ip(consumer, vip)),
+                    Compare::Absent(keys::ip(c, nat_ipv4)),
                 ],
                 success: vec![
                     put(keys::grant(c, exp_name, consumer), &grant),
                     put(keys::import(consumer, c, exp_name), &grant),
                     put(keys::ip(consumer, vip), &format!("vip:{c}/{exp_name}")),
+                    put(keys::ip(c, nat_ipv4), &format!("nat:{consumer}/{exp_name}")),
                 ],
             };
             match self.store.txn(txn).await? {
@@ -1628,22 +1628,10 @@ impl Core {
                 format!("grant of {provider}/{exp} to {consumer}")
             })
             .await?;
+        let r = Revocation::new(&g, &keys::grant(provider, exp, consumer), rev);
         let txn = Txn {
-            compares: vec![Compare::ModRevision(
-                keys::grant(provider, exp, consumer),
-                rev,
-            )],
-            success: vec![
-                Op::Delete {
-                    key: keys::grant(provider, exp, consumer),
-                },
-                Op::Delete {
-                    key: keys::import(consumer, provider, exp),
-                },
-                Op::Delete {
-                    key: keys::ip(consumer, g.vip),
-                },
-            ],
+            compares: vec![r.guard],
+            success: r.ops.into(),
         };
         match self.commit(txn).await? {
             Some(_) => Ok(Reply::Done),
@@ -1754,9 +1742,10 @@ impl Core {
                             .iter()
                             .filter(|e| e.revision > after)
                             .filter(|e| {
+                                let here = |c: CloudId| clouds.is_some_and(|m| m.contains_key(&c));
                                 e.key.starts_with(&prefix)
-                                    || zone_cloud(&e.key)
-                                        .is_some_and(|c| clouds.is_some_and(|m| m.contains_key(&c)))
+                                    || zone_cloud(&e.key).is_some_and(here)
+                                    || service_cloud(&e.key).is_some_and(here)
                             })
                             .map(|e| (e.key.clone(), e.value.clone(), e.deleted))
                             .collect()
@@ -1795,7 +1784,11 @@ impl Core {
         let mut vms: BTreeMap<(CloudId, String), Option<Placement>> = BTreeMap::new();
         let mut volumes: BTreeMap<(CloudId, String), Option<VolumePlacement>> = BTreeMap::new();
         let mut touched: BTreeSet<CloudId> = BTreeSet::new();
+        let mut providers: BTreeSet<CloudId> = BTreeSet::new();
         for (key, value, deleted) in events {
+            if let Some(p) = service_cloud(&key) {
+                providers.insert(p);
+            }
             if let Some((h, is_vm, cloud, name)) = parse_placement_key(&key) {
                 if h != host {
                     continue;
@@ -1851,7 +1844,61 @@ impl Core {
                 false => d.removed_zones.push(c),
             }
         }
+        // A placement change can also make a provider appear on or leave this host.
+        providers.extend(d.vms.iter().map(|p| p.cloud));
+        providers.extend(d.removed_vms.iter().map(|r| r.cloud));
+        for p in providers {
+            let services = match present.contains(&p) {
+                true => self.services_of(p).await?,
+                false => Vec::new(),
+            };
+            d.services.push(ProviderServices {
+                provider: p,
+                services,
+            });
+        }
         Ok(d)
+    }
+
+    /// The active grants of provider `p`, resolved for a host's dataplane. Hosts apply the
+    /// services of the providers that have VMs on them: a backend is reached on its own host,
+    /// where the NAT happens (see docs/design.md, "Exposures").
+    async fn services_of(&self, p: CloudId) -> Result<Vec<Service>, CoreError> {
+        let exposures: Vec<Exposure> = self.list(&keys::exposures(p)).await?;
+        if exposures.is_empty() {
+            return Ok(Vec::new());
+        }
+        let vms: HashMap<String, Ipv4Addr> = self
+            .list::<Vm>(&keys::vms(p))
+            .await?
+            .into_iter()
+            .map(|v| (v.name, v.ipv4))
+            .collect();
+        let mut out = Vec::new();
+        for e in exposures {
+            let backends: Vec<ServiceBackend> = e
+                .backends
+                .iter()
+                .filter_map(|b| {
+                    vms.get(&b.vm).map(|ip| ServiceBackend {
+                        ipv4: *ip,
+                        port: b.port,
+                    })
+                })
+                .collect();
+            let grants: Vec<Grant> = self.list(&keys::grants(p, &e.name)).await?;
+            for g in grants.into_iter().filter(|g| g.state == GrantState::Active) {
+                out.push(Service {
+                    consumer: g.consumer,
+                    vip: g.vip,
+                    nat_ipv4: g.nat_ipv4,
+                    protocol: e.protocol,
+                    port: e.port,
+                    backends: backends.clone(),
+                });
+            }
+        }
+        Ok(out)
     }
 
     async fn snapshot(&self, host: &str) -> Result<SyncDelta, CoreError> {
@@ -1876,6 +1923,13 @@ impl Core {
         for c in clouds {
             if let Some(z) = self.zone(c).await? {
                 d.zones.push(z);
+            }
+            let services = self.services_of(c).await?;
+            if !services.is_empty() {
+                d.services.push(ProviderServices {
+                    provider: c,
+                    services,
+                });
             }
         }
         Ok(d)

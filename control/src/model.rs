@@ -584,6 +584,10 @@ pub struct Grant {
     pub vip: Ipv4Addr,
     /// The name the consumer resolves: `<exposure>.<provider name>.svc.<consumer zone>`.
     pub fqdn: String,
+    /// Where the consumer's flows come from, as the provider's VMs see them: an address in
+    /// the provider's range, one per grant, so the provider can tell consumers apart.
+    #[schema(value_type = String)]
+    pub nat_ipv4: Ipv4Addr,
     pub created_at: u64,
 }
 
@@ -659,6 +663,42 @@ pub struct SyncDelta {
     pub removed_volumes: Vec<VolumeRef>,
     pub zones: Vec<Zone>,
     pub removed_zones: Vec<CloudId>,
+    /// For each provider cloud listed, the complete set of its active grants this host
+    /// applies (empty: none any more). Providers not listed are unchanged, unless `full`.
+    #[serde(default)]
+    pub services: Vec<ProviderServices>,
+}
+
+/// The active grants of one provider cloud, as a host's dataplane applies them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ProviderServices {
+    pub provider: CloudId,
+    pub services: Vec<Service>,
+}
+
+/// One active grant, resolved: the consumer's VIP, the provider's NAT address and the
+/// backends' addresses.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Service {
+    pub consumer: CloudId,
+    #[schema(value_type = String)]
+    pub vip: Ipv4Addr,
+    #[schema(value_type = String)]
+    pub nat_ipv4: Ipv4Addr,
+    pub protocol: Protocol,
+    pub port: u16,
+    /// Backends whose VM exists, in the exposure's order.
+    pub backends: Vec<ServiceBackend>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceBackend {
+    #[schema(value_type = String)]
+    pub ipv4: Ipv4Addr,
+    pub port: u16,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
