@@ -30,8 +30,10 @@
 
 mod support;
 
+use support::dns::{addresses, rcode_of, Transport};
+
 use std::{
-    net::{IpAddr, Ipv4Addr, SocketAddr},
+    net::{Ipv4Addr, SocketAddr},
     os::fd::OwnedFd,
     process::Command,
     sync::{
@@ -56,12 +58,7 @@ use hickory_proto::{
     op::{Message, MessageType, OpCode, Query, ResponseCode},
     rr::{rdata::A, Name, RData, Record as RR, RecordType},
 };
-use hickory_resolver::{
-    config::{NameServerConfig, ResolveHosts, ResolverConfig, ResolverOpts},
-    lookup::Lookup,
-    net::{runtime::TokioRuntimeProvider, DnsError, NetError},
-    Resolver,
-};
+use hickory_resolver::{lookup::Lookup, net::NetError};
 use hickory_server::{
     net::runtime::Time,
     server::{Request, RequestHandler, ResponseHandler, ResponseInfo},
@@ -80,10 +77,9 @@ const INJECTED: Ipv4Addr = Ipv4Addr::new(6, 6, 6, 6);
 const TAP_PORT: u16 = 40053;
 const ARRIVE: Duration = Duration::from_secs(3);
 
-#[derive(Clone, Copy, Debug)]
-enum Transport {
-    Udp,
-    Tcp,
+/// Resolves from the guest namespace at the gateway, one transport, one attempt.
+fn resolve(ns: &NetNs, t: Transport, name: &str, ty: RecordType) -> Result<Lookup, NetError> {
+    support::dns::resolve(ns, GATEWAY, ARRIVE, t, name, ty)
 }
 
 /// The DNS reasons: none of them may move in this test.
@@ -432,53 +428,6 @@ fn tap_guest(rt: &tokio::runtime::Runtime, host: &mut Host) -> (Endpoint, OwnedF
     let fd = atoll_agent::device::open_tap_queue(&name, true).expect("attaching to the tap");
     atoll_agent::device::wait_until_up(&name, ARRIVE).expect("tap up");
     (ep, fd)
-}
-
-/// Resolves `name` from inside the guest namespace `ns` with hickory-resolver, nameserver = the
-/// guest's gateway, over one transport only (no cache, one attempt).
-fn resolve(ns: &NetNs, t: Transport, name: &str, ty: RecordType) -> Result<Lookup, NetError> {
-    let name = name.to_string();
-    netns::run_in(&ns.path(), move || {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("current-thread runtime");
-        rt.block_on(async move {
-            let server = match t {
-                Transport::Udp => NameServerConfig::udp(IpAddr::V4(GATEWAY)),
-                Transport::Tcp => NameServerConfig::tcp(IpAddr::V4(GATEWAY)),
-            };
-            let config = ResolverConfig::from_parts(None, vec![], vec![server]);
-            let mut opts = ResolverOpts::default();
-            opts.attempts = 1;
-            opts.timeout = ARRIVE;
-            opts.cache_size = 0;
-            opts.use_hosts_file = ResolveHosts::Never;
-            let resolver = Resolver::builder_with_config(config, TokioRuntimeProvider::default())
-                .with_options(opts)
-                .build()?;
-            resolver.lookup(name.as_str(), ty).await
-        })
-    })
-    .expect("entering the guest namespace")
-}
-
-fn addresses(l: &Lookup) -> Vec<Ipv4Addr> {
-    l.answers()
-        .iter()
-        .filter_map(|r| match &r.data {
-            RData::A(a) => Some(a.0),
-            _ => None,
-        })
-        .collect()
-}
-
-fn rcode_of(r: &Result<Lookup, NetError>) -> Option<ResponseCode> {
-    match r {
-        Err(NetError::Dns(DnsError::NoRecordsFound(n))) => Some(n.response_code),
-        Err(NetError::Dns(DnsError::ResponseCode(c))) => Some(*c),
-        _ => None,
-    }
 }
 
 // ---------------------------------------------------------------------------------------------

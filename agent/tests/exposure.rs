@@ -10,7 +10,9 @@
 //!
 //! 1. 16 TCP connections from A to the VIP: each lands on a backend, which sees the NAT address
 //!    as its peer (the consumer's identity), data flows both ways, and both backends get flows.
-//! 2. UDP from A to the UDP VIP and back.
+//! 2. UDP from A to the UDP VIP and back, and TCP to the VIP found by its DNS name: A asks its
+//!    gateway (the host's DNS server) for `web.prov.svc.one.atoll.internal.` with
+//!    hickory-resolver and connects to the answer; C gets NXDOMAIN for the same name.
 //! 3. Nothing else crosses: C cannot reach the VIP or the backends' real addresses, A cannot
 //!    reach a backend's real address or another port of the VIP, and B1 cannot open a flow to
 //!    the NAT address; each drop is counted under its reason.
@@ -29,14 +31,16 @@ use std::{
 };
 
 use atoll_agent::{
-    dns::netns,
+    config::{DnsConfig, Ipv4Network},
+    dns::{netns, DnsPlane, DnsServer, DnsView, ForwardPolicy, Record, RecordData, Zone},
     endpoint::{DeviceSpec, Endpoint, EndpointSpec, Host, ServiceSpec, PROTOCOL_TCP, PROTOCOL_UDP},
     testbed::{unique_name, LinksWithPrefix, NetNs, PinRoot},
     types::{CloudId, MacAddr},
 };
 use atoll_dataplane_common::{Direction, DropReason, TrafficClass};
 
-const TAGS: [&str; 3] = ["xv", "xn", "xp"];
+const TAGS: [&str; 4] = ["xv", "xn", "xp", "xd"];
+const SERVICE_NAME: &str = "web.prov.svc.one.atoll.internal.";
 const GATEWAY: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 1);
 const TCP_VIP: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 200);
 const UDP_VIP: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 201);
@@ -169,15 +173,34 @@ fn drops(host: &Host, slot: u32, r: DropReason) -> u64 {
 }
 
 fn scenario() {
-    let rt = tokio::runtime::Builder::new_current_thread()
+    // Multi-threaded: the DNS server answers while the test thread waits for a resolver.
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
         .enable_all()
         .build()
         .unwrap();
     let pins = PinRoot::new("xp");
     let _links = LinksWithPrefix(atoll_agent::testbed::unique_prefix("xv"));
+    let _dns_links = LinksWithPrefix(atoll_agent::testbed::unique_prefix("xd"));
     let mut host = rt
         .block_on(async { Host::open(&support::cfg(&pins, 64, 0)) })
         .unwrap();
+    let dns_cfg = DnsConfig {
+        namespace: unique_name("xd"),
+        device: unique_name("xd"),
+        proxy_network: "100.127.0.0/26".parse::<Ipv4Network>().expect("network"),
+        ..DnsConfig::default()
+    };
+    struct NamespaceGuard(String);
+    impl Drop for NamespaceGuard {
+        fn drop(&mut self) {
+            let _ = netns::remove(&self.0);
+        }
+    }
+    let _dns_ns = NamespaceGuard(dns_cfg.namespace.clone());
+    let plane = rt
+        .block_on(DnsPlane::ensure(&mut host, &dns_cfg))
+        .expect("DNS plane");
     let a = guest(&rt, &mut host, 1, Ipv4Addr::new(10, 0, 0, 2));
     let b1 = guest(&rt, &mut host, 2, Ipv4Addr::new(10, 0, 0, 2));
     let b2 = guest(&rt, &mut host, 2, Ipv4Addr::new(10, 0, 0, 3));
@@ -252,6 +275,51 @@ fn scenario() {
     server.send_to(b"udp pong", peer).unwrap();
     let (n, from) = client.recv_from(&mut buf).expect("UDP answer");
     assert_eq!((&buf[..n], from), (&b"udp pong"[..], (UDP_VIP, 53).into()));
+
+    // ... and TCP to the VIP by its DNS name, in the consumer's horizon only.
+    let view = DnsView::new(ForwardPolicy::Refuse);
+    for g in [&a, &b1, &b2, &c] {
+        view.set_endpoint(g.ep.slot, g.ep.cloud);
+    }
+    view.set_zone(
+        cloud(1),
+        Zone {
+            apex: "one.atoll.internal.".into(),
+            records: vec![Record {
+                name: SERVICE_NAME.into(),
+                ttl: 30,
+                data: RecordData::A(TCP_VIP),
+            }],
+        },
+    )
+    .expect("consumer zone");
+    let dns_server = {
+        let _entered = rt.enter();
+        DnsServer::start(&plane, view).expect("DNS server")
+    };
+    let ask = |g: &Guest| {
+        support::dns::resolve(
+            &g.ns,
+            GATEWAY,
+            ARRIVE,
+            support::dns::Transport::Udp,
+            SERVICE_NAME,
+            hickory_proto::rr::RecordType::A,
+        )
+    };
+    let found = support::dns::addresses(&ask(&a).expect("the consumer resolves the service"));
+    assert_eq!(found, vec![TCP_VIP]);
+    let mut by_name = connect(&a, (found[0], 80).into(), ARRIVE).expect("connecting by name");
+    let (_, mut server_by_name, _) = accept_any(&[&l1, &l2]);
+    exchange(&mut by_name, &mut server_by_name, b"by name");
+    drop((by_name, server_by_name));
+    assert_eq!(
+        support::dns::rcode_of(&ask(&c)),
+        Some(hickory_proto::op::ResponseCode::NXDomain),
+        "a stranger does not see the consumer's service name"
+    );
+    rt.block_on(dns_server.shutdown())
+        .expect("stopping the DNS server");
 
     // 3. Nothing else crosses.
     // The guests treat their /24 as on-link, so what has no route is refused at ARP already.

@@ -152,3 +152,86 @@ pub fn leftovers(tags: &[&str]) -> Vec<String> {
     }
     left
 }
+
+// ---------------------------------------------------------------------------------------------
+// DNS from a guest: hickory-resolver inside the guest's namespace, asking its gateway.
+
+pub mod dns {
+    use std::{
+        net::{IpAddr, Ipv4Addr},
+        time::Duration,
+    };
+
+    use atoll_agent::{dns::netns, testbed::NetNs};
+    use hickory_proto::{
+        op::ResponseCode,
+        rr::{RData, RecordType},
+    };
+    use hickory_resolver::{
+        config::{NameServerConfig, ResolveHosts, ResolverConfig, ResolverOpts},
+        lookup::Lookup,
+        net::{runtime::TokioRuntimeProvider, DnsError, NetError},
+        Resolver,
+    };
+
+    #[derive(Clone, Copy, Debug)]
+    pub enum Transport {
+        Udp,
+        Tcp,
+    }
+
+    /// Resolves `name` from inside the guest namespace `ns` with hickory-resolver, nameserver = the
+    /// guest's gateway, over one transport only (no cache, one attempt).
+    pub fn resolve(
+        ns: &NetNs,
+        gateway: Ipv4Addr,
+        timeout: Duration,
+        t: Transport,
+        name: &str,
+        ty: RecordType,
+    ) -> Result<Lookup, NetError> {
+        let name = name.to_string();
+        netns::run_in(&ns.path(), move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("current-thread runtime");
+            rt.block_on(async move {
+                let server = match t {
+                    Transport::Udp => NameServerConfig::udp(IpAddr::V4(gateway)),
+                    Transport::Tcp => NameServerConfig::tcp(IpAddr::V4(gateway)),
+                };
+                let config = ResolverConfig::from_parts(None, vec![], vec![server]);
+                let mut opts = ResolverOpts::default();
+                opts.attempts = 1;
+                opts.timeout = timeout;
+                opts.cache_size = 0;
+                opts.use_hosts_file = ResolveHosts::Never;
+                let resolver =
+                    Resolver::builder_with_config(config, TokioRuntimeProvider::default())
+                        .with_options(opts)
+                        .build()?;
+                resolver.lookup(name.as_str(), ty).await
+            })
+        })
+        .expect("entering the guest namespace")
+    }
+
+    pub fn addresses(l: &Lookup) -> Vec<Ipv4Addr> {
+        l.answers()
+            .iter()
+            .filter_map(|r| match &r.data {
+                RData::A(a) => Some(a.0),
+                _ => None,
+            })
+            .collect()
+    }
+
+    pub fn rcode_of(r: &Result<Lookup, NetError>) -> Option<ResponseCode> {
+        match r {
+            Err(NetError::Dns(DnsError::NoRecordsFound(n))) => Some(n.response_code),
+            Err(NetError::Dns(DnsError::ResponseCode(c))) => Some(*c),
+            _ => None,
+        }
+    }
+}
