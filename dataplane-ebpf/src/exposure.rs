@@ -213,38 +213,22 @@ fn from_consumer(
             Err(reason) => return Verdict::Drop(reason),
         },
     };
-    let Some(hop) = route::lookup(svc.provider, flow.backend_ipv4) else {
-        return Verdict::Drop(DropReason::ExposureNoBackend);
-    };
-    if hop.flags != NEXTHOP_ENDPOINT {
-        return Verdict::Drop(DropReason::ExposureNoBackend);
-    }
-    let (ifindex, slot, mac) = (hop.ifindex, hop.slot, hop.mac);
-    let rewritten = rewrite(
+    deliver(
         ctx,
+        pkt,
         eth,
         ip,
+        ep,
         l4,
-        Rewrite {
-            gateway_mac: &ep.gateway_mac,
-            dst_mac: &mac,
+        Translation {
+            to: (svc.provider, flow.backend_ipv4),
+            missing: DropReason::ExposureNoBackend,
             src: (ep.ipv4, svc.nat_ipv4),
             dst: (vip, flow.backend_ipv4),
             src_port: flow.nat_port,
             dst_port: flow.backend_port,
         },
-    );
-    if !rewritten {
-        return Verdict::Drop(DropReason::ExposureRewriteFailed);
-    }
-    metering::traffic(
-        ep.slot,
-        Direction::FromGuest,
-        TrafficClass::Exposure,
-        pkt.len,
-    );
-    metering::traffic(slot, Direction::ToGuest, TrafficClass::Exposure, pkt.len);
-    Verdict::Redirect(ifindex)
+    )
 }
 
 /// Admits the first packet of a consumer flow: backend by flow hash, NAT port, both flow
@@ -350,28 +334,55 @@ fn from_provider(
         let _ = FLOWS_IN.remove(key);
         return Verdict::Drop(DropReason::ExposureRevoked);
     }
-    let Some(hop) = route::lookup(flow.consumer_cloud, flow.consumer_ipv4) else {
-        return Verdict::Drop(DropReason::ExposureNoFlow);
-    };
-    if hop.flags != NEXTHOP_ENDPOINT {
-        return Verdict::Drop(DropReason::ExposureNoFlow);
-    }
-    let (ifindex, slot, mac) = (hop.ifindex, hop.slot, hop.mac);
-    let rewritten = rewrite(
+    deliver(
         ctx,
+        pkt,
         eth,
         ip,
+        ep,
         l4,
-        Rewrite {
-            gateway_mac: &ep.gateway_mac,
-            dst_mac: &mac,
+        Translation {
+            to: (flow.consumer_cloud, flow.consumer_ipv4),
+            missing: DropReason::ExposureNoFlow,
             src: (ep.ipv4, flow.vip),
             dst: (nat, flow.consumer_ipv4),
             src_port: flow.vip_port,
             dst_port: flow.consumer_port,
         },
-    );
-    if !rewritten {
+    )
+}
+
+/// Where a translated frame goes and its new addressing; addresses as `(old, new)`.
+struct Translation {
+    /// The receiving endpoint `(cloud, address)`, found in `ROUTES`.
+    to: (u32, u32),
+    /// Why the frame is dropped if the receiver is not a live endpoint on this host.
+    missing: DropReason,
+    src: (u32, u32),
+    dst: (u32, u32),
+    src_port: u16,
+    dst_port: u16,
+}
+
+/// Rewrites the frame for its receiver, meters it on both endpoints and redirects it.
+#[inline(always)]
+fn deliver(
+    ctx: &TcContext,
+    pkt: &Packet,
+    eth: *mut EthHdr,
+    ip: *mut Ipv4Hdr,
+    ep: &EndpointInfo,
+    l4: &L4,
+    t: Translation,
+) -> Verdict {
+    let Some(hop) = route::lookup(t.to.0, t.to.1) else {
+        return Verdict::Drop(t.missing);
+    };
+    if hop.flags != NEXTHOP_ENDPOINT {
+        return Verdict::Drop(t.missing);
+    }
+    let (ifindex, slot, mac) = (hop.ifindex, hop.slot, hop.mac);
+    if !rewrite(ctx, eth, ip, l4, (&ep.gateway_mac, &mac), &t) {
         return Verdict::Drop(DropReason::ExposureRewriteFailed);
     }
     metering::traffic(
@@ -384,25 +395,22 @@ fn from_provider(
     Verdict::Redirect(ifindex)
 }
 
-/// The new addressing of a translated frame; addresses as `(old, new)`.
-struct Rewrite<'a> {
-    gateway_mac: &'a [u8; 6],
-    dst_mac: &'a [u8; 6],
-    src: (u32, u32),
-    dst: (u32, u32),
-    src_port: u16,
-    dst_port: u16,
-}
-
 /// Writes MACs, TTL, addresses and ports, then fixes the checksums with the kernel's helpers.
 #[inline(always)]
-fn rewrite(ctx: &TcContext, eth: *mut EthHdr, ip: *mut Ipv4Hdr, l4: &L4, w: Rewrite) -> bool {
+fn rewrite(
+    ctx: &TcContext,
+    eth: *mut EthHdr,
+    ip: *mut Ipv4Hdr,
+    l4: &L4,
+    (gateway_mac, dst_mac): (&[u8; 6], &[u8; 6]),
+    w: &Translation,
+) -> bool {
     // SAFETY: `eth`, `ip` and `l4.ports` are bounds-checked pointers into this frame and no
     // helper has run since they were derived (helpers below invalidate them; none is used
     // after).
     unsafe {
-        packet::write_mac(&mut (*eth).src, w.gateway_mac);
-        packet::write_mac(&mut (*eth).dst, w.dst_mac);
+        packet::write_mac(&mut (*eth).src, gateway_mac);
+        packet::write_mac(&mut (*eth).dst, dst_mac);
         let h = &mut *ip;
         h.ttl -= 1;
         // TTL is the high byte of its 16-bit word: see route.rs.
