@@ -105,10 +105,7 @@ impl Drop for NamespaceGuard {
     }
 }
 
-struct Guest {
-    ep: Endpoint,
-    ns: NetNs,
-}
+use support::VethGuest as Guest;
 
 fn cloud(n: u32) -> CloudId {
     CloudId::new(n).expect("non-zero")
@@ -390,26 +387,8 @@ fn fill_view(view: &DnsView, eps: &[&Endpoint]) {
 }
 
 fn veth_guest(rt: &tokio::runtime::Runtime, host: &mut Host, c: u32) -> Guest {
-    let ns = NetNs::new(&unique_name("dn")).expect("guest namespace");
-    let name = unique_name("dv");
     let mac = MacAddr::local(0x00d0_0000 | c << 8 | 2);
-    let spec = EndpointSpec {
-        name: name.clone(),
-        cloud: cloud(c),
-        ipv4: VETH_IP,
-        mac,
-        gateway: GATEWAY,
-        device: DeviceSpec::Veth {
-            peer_name: "eth0".into(),
-            netns: ns.path(),
-        },
-    };
-    let ep = rt
-        .block_on(host.create_endpoint(&spec))
-        .unwrap_or_else(|e| panic!("creating {name}: {e}"));
-    ns.configure_guest("eth0", VETH_IP, 24, GATEWAY)
-        .expect("configuring the guest");
-    Guest { ep, ns }
+    support::veth_guest(rt, host, ("dn", "dv"), c, VETH_IP, mac, GATEWAY)
 }
 
 fn tap_guest(rt: &tokio::runtime::Runtime, host: &mut Host) -> (Endpoint, OwnedFd) {

@@ -33,8 +33,8 @@ use std::{
 use atoll_agent::{
     config::{DnsConfig, Ipv4Network},
     dns::{netns, DnsPlane, DnsServer, DnsView, ForwardPolicy, Record, RecordData, Zone},
-    endpoint::{DeviceSpec, Endpoint, EndpointSpec, Host, ServiceSpec, PROTOCOL_TCP, PROTOCOL_UDP},
-    testbed::{unique_name, LinksWithPrefix, NetNs, PinRoot},
+    endpoint::{Host, ServiceSpec, PROTOCOL_TCP, PROTOCOL_UDP},
+    testbed::{unique_name, LinksWithPrefix, PinRoot},
     types::{CloudId, MacAddr},
 };
 use atoll_dataplane_common::{Direction, DropReason, TrafficClass};
@@ -56,35 +56,15 @@ fn consumers_reach_granted_services_and_nothing_else_crosses() {
     support::leaves_nothing(&TAGS, scenario);
 }
 
-struct Guest {
-    ep: Endpoint,
-    ns: NetNs,
-}
+use support::VethGuest as Guest;
 
 fn cloud(n: u32) -> CloudId {
     CloudId::new(n).expect("non-zero")
 }
 
 fn guest(rt: &tokio::runtime::Runtime, host: &mut Host, c: u32, ip: Ipv4Addr) -> Guest {
-    let ns = NetNs::new(&unique_name("xn")).expect("guest namespace");
-    let name = unique_name("xv");
-    let spec = EndpointSpec {
-        name: name.clone(),
-        cloud: cloud(c),
-        ipv4: ip,
-        mac: MacAddr::local(0x00e0_0000 | c << 8 | u32::from(ip.octets()[3])),
-        gateway: GATEWAY,
-        device: DeviceSpec::Veth {
-            peer_name: "eth0".into(),
-            netns: ns.path(),
-        },
-    };
-    let ep = rt
-        .block_on(host.create_endpoint(&spec))
-        .unwrap_or_else(|e| panic!("creating {name}: {e}"));
-    ns.configure_guest("eth0", ip, 24, GATEWAY)
-        .expect("configuring the guest");
-    Guest { ep, ns }
+    let mac = MacAddr::local(0x00e0_0000 | c << 8 | u32::from(ip.octets()[3]));
+    support::veth_guest(rt, host, ("xn", "xv"), c, ip, mac, GATEWAY)
 }
 
 fn in_ns<T: Send>(g: &Guest, f: impl FnOnce() -> T + Send) -> T {

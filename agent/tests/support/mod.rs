@@ -98,6 +98,45 @@ pub fn read_frame(fd: &std::os::fd::OwnedFd) -> Option<Vec<u8>> {
     })
 }
 
+/// A veth guest: its namespace (named with `ns_tag`) and its endpoint (device named with
+/// `dev_tag`, peer `eth0` at `ip/24` with default route via `gateway`).
+pub struct VethGuest {
+    pub ep: atoll_agent::endpoint::Endpoint,
+    pub ns: atoll_agent::testbed::NetNs,
+}
+
+#[allow(clippy::too_many_arguments)]
+pub fn veth_guest(
+    rt: &tokio::runtime::Runtime,
+    host: &mut atoll_agent::endpoint::Host,
+    (ns_tag, dev_tag): (&str, &str),
+    cloud: u32,
+    ip: Ipv4Addr,
+    mac: MacAddr,
+    gateway: Ipv4Addr,
+) -> VethGuest {
+    use atoll_agent::testbed::{unique_name, NetNs};
+    let ns = NetNs::new(&unique_name(ns_tag)).expect("guest namespace");
+    let name = unique_name(dev_tag);
+    let spec = EndpointSpec {
+        name: name.clone(),
+        cloud: CloudId::new(cloud).expect("non-zero"),
+        ipv4: ip,
+        mac,
+        gateway,
+        device: DeviceSpec::Veth {
+            peer_name: "eth0".into(),
+            netns: ns.path(),
+        },
+    };
+    let ep = rt
+        .block_on(host.create_endpoint(&spec))
+        .unwrap_or_else(|e| panic!("creating {name}: {e}"));
+    ns.configure_guest("eth0", ip, 24, gateway)
+        .expect("configuring the guest");
+    VethGuest { ep, ns }
+}
+
 /// Runs `scenario`, then checks that no link, namespace or bpffs pin named with one of `tags`
 /// (see `unique_name`) is left, also when the scenario failed (its panic is resumed).
 pub fn leaves_nothing(tags: &[&str], scenario: impl FnOnce() + std::panic::UnwindSafe) {
