@@ -322,31 +322,27 @@ fn parse_placement_key(key: &str) -> Option<(&str, bool, CloudId, &str)> {
     Some((host, vm, cloud.parse().ok()?, name))
 }
 
-/// The cloud whose zone a key belongs to, if a change of it changes the zone.
-fn zone_cloud(key: &str) -> Option<CloudId> {
+/// The cloud a key belongs to if it is the cloud's record (`clouds/<c>`) or lies under
+/// `c/<c>/<kind>/` with `kind` one of `kinds`.
+fn cloud_of(key: &str, kinds: &[&str]) -> Option<CloudId> {
     if let Some(c) = key.strip_prefix("clouds/") {
         return c.parse().ok();
     }
     let rest = key.strip_prefix("c/")?;
     let (cloud, rest) = rest.split_once('/')?;
     let (kind, _) = rest.split_once('/')?;
-    matches!(kind, "vms" | "dns" | "imports")
-        .then(|| cloud.parse().ok())
-        .flatten()
+    kinds.contains(&kind).then(|| cloud.parse().ok()).flatten()
+}
+
+/// The cloud whose zone a key belongs to, if a change of it changes the zone.
+fn zone_cloud(key: &str) -> Option<CloudId> {
+    cloud_of(key, &["vms", "dns", "imports"])
 }
 
 /// The provider cloud whose services (active grants, resolved) a key's change may change:
 /// its exposures, its grants, its VMs (backends' addresses) and the cloud itself.
 fn service_cloud(key: &str) -> Option<CloudId> {
-    if let Some(c) = key.strip_prefix("clouds/") {
-        return c.parse().ok();
-    }
-    let rest = key.strip_prefix("c/")?;
-    let (cloud, rest) = rest.split_once('/')?;
-    let (kind, _) = rest.split_once('/')?;
-    matches!(kind, "vms" | "exposures" | "grants")
-        .then(|| cloud.parse().ok())
-        .flatten()
+    cloud_of(key, &["vms", "exposures", "grants"])
 }
 
 impl FeedState {
