@@ -169,6 +169,37 @@ fn flow_hash(key: &FlowKey) -> u32 {
     mix(key.cloud ^ mix(key.src_ipv4 ^ mix(key.dst_ipv4 ^ mix(ports ^ key.protocol as u32))))
 }
 
+/// A flow key, its padding zeroed with volatile byte stores: a `_pad: [0; 3]` literal
+/// compiles to calls into an out-of-line, byte-looping `memset` (at the key and again at
+/// every copy of it, e.g. per NAT port try), as array copies do (see "No `[u8; N]` copies in
+/// eBPF" in docs/design.md).
+#[inline(always)]
+fn flow_key(
+    cloud: u32,
+    src_ipv4: u32,
+    dst_ipv4: u32,
+    src_port: u16,
+    dst_port: u16,
+    protocol: u8,
+) -> FlowKey {
+    let mut key = core::mem::MaybeUninit::<FlowKey>::uninit();
+    let k = key.as_mut_ptr();
+    // SAFETY: every field is written through raw field pointers before `assume_init`.
+    unsafe {
+        core::ptr::addr_of_mut!((*k).cloud).write(cloud);
+        core::ptr::addr_of_mut!((*k).src_ipv4).write(src_ipv4);
+        core::ptr::addr_of_mut!((*k).dst_ipv4).write(dst_ipv4);
+        core::ptr::addr_of_mut!((*k).src_port).write(src_port);
+        core::ptr::addr_of_mut!((*k).dst_port).write(dst_port);
+        core::ptr::addr_of_mut!((*k).protocol).write(protocol);
+        let pad = core::ptr::addr_of_mut!((*k)._pad) as *mut u8;
+        core::ptr::write_volatile(pad, 0);
+        core::ptr::write_volatile(pad.add(1), 0);
+        core::ptr::write_volatile(pad.add(2), 0);
+        key.assume_init()
+    }
+}
+
 #[inline(always)]
 fn from_consumer(
     ctx: &TcContext,
@@ -192,15 +223,14 @@ fn from_consumer(
     if svc.protocol != l4.protocol || svc.port != l4.dst_port {
         return Verdict::Drop(DropReason::ExposureNoService);
     }
-    let key = FlowKey {
-        cloud: ep.cloud,
-        src_ipv4: ep.ipv4,
-        dst_ipv4: vip,
-        src_port: l4.src_port,
-        dst_port: l4.dst_port,
-        protocol: l4.protocol,
-        _pad: [0; 3],
-    };
+    let key = flow_key(
+        ep.cloud,
+        ep.ipv4,
+        vip,
+        l4.src_port,
+        l4.dst_port,
+        l4.protocol,
+    );
     // SAFETY: the value is copied out at once.
     let flow = match unsafe { FLOWS_OUT.get(key) }.copied() {
         Some(f) if f.grant == svc.grant => f,
@@ -255,15 +285,14 @@ fn open_flow(key: &FlowKey, svc: &VipService) -> Result<FlowOut, DropReason> {
         consumer_port: key.src_port,
         vip_port: key.dst_port,
     };
-    let mut reply = FlowKey {
-        cloud: svc.provider,
-        src_ipv4: backend.ipv4,
-        dst_ipv4: svc.nat_ipv4,
-        src_port: backend.port,
-        dst_port: key.src_port,
-        protocol: key.protocol,
-        _pad: [0; 3],
-    };
+    let mut reply = flow_key(
+        svc.provider,
+        backend.ipv4,
+        svc.nat_ipv4,
+        backend.port,
+        key.src_port,
+        key.protocol,
+    );
     let mut found = false;
     for attempt in 0..NAT_PORT_TRIES {
         if attempt > 0 {
@@ -308,15 +337,14 @@ fn from_provider(
 ) -> Verdict {
     // SAFETY: `ip` was bounds-checked by the caller.
     let nat = unsafe { (*ip).daddr() };
-    let key = FlowKey {
-        cloud: ep.cloud,
-        src_ipv4: ep.ipv4,
-        dst_ipv4: nat,
-        src_port: l4.src_port,
-        dst_port: l4.dst_port,
-        protocol: l4.protocol,
-        _pad: [0; 3],
-    };
+    let key = flow_key(
+        ep.cloud,
+        ep.ipv4,
+        nat,
+        l4.src_port,
+        l4.dst_port,
+        l4.protocol,
+    );
     // SAFETY: the value is copied out at once.
     let Some(flow) = (unsafe { FLOWS_IN.get(key) }).copied() else {
         return Verdict::Drop(DropReason::ExposureNoFlow);

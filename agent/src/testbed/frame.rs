@@ -1,6 +1,6 @@
-//! Raw Ethernet/IPv4/UDP frames for tests that play a VM on a tap: build a frame with correct
-//! checksums, parse one back and check its checksums, read one from a tap with a timeout.
-//! Test code only; the dataplane never uses it.
+//! Raw Ethernet/IPv4/UDP and TCP frames for tests that play a VM on a tap or hand the programs
+//! crafted frames: build a frame with correct checksums, parse one back and check its
+//! checksums, read one from a tap with a timeout. Test code only; the dataplane never uses it.
 
 use std::{
     net::Ipv4Addr,
@@ -20,13 +20,56 @@ pub fn checksum(data: &[u8]) -> u16 {
     !(sum as u16)
 }
 
-fn pseudo(src: Ipv4Addr, dst: Ipv4Addr, udp: &[u8]) -> Vec<u8> {
+pub const IPPROTO_TCP: u8 = 6;
+pub const IPPROTO_UDP: u8 = 17;
+
+/// The pseudo header of `protocol` between `src` and `dst`, followed by the segment `l4`: the
+/// bytes a UDP or TCP checksum covers.
+pub fn pseudo(src: Ipv4Addr, dst: Ipv4Addr, protocol: u8, l4: &[u8]) -> Vec<u8> {
     let mut p = src.octets().to_vec();
     p.extend_from_slice(&dst.octets());
-    p.extend_from_slice(&[0, 17]);
-    p.extend_from_slice(&(udp.len() as u16).to_be_bytes());
-    p.extend_from_slice(udp);
+    p.extend_from_slice(&[0, protocol]);
+    p.extend_from_slice(&(l4.len() as u16).to_be_bytes());
+    p.extend_from_slice(l4);
     p
+}
+
+/// An Ethernet frame carrying option-free IPv4 (id 0x1234, DF, TTL 64, header checksum set)
+/// with `l4` as payload.
+fn ipv4_frame(
+    dst_mac: [u8; 6],
+    src_mac: [u8; 6],
+    src: Ipv4Addr,
+    dst: Ipv4Addr,
+    protocol: u8,
+    l4: &[u8],
+) -> Vec<u8> {
+    let mut ip = vec![0x45, 0];
+    ip.extend_from_slice(&((20 + l4.len()) as u16).to_be_bytes());
+    ip.extend_from_slice(&[0x12, 0x34, 0x40, 0, 64, protocol, 0, 0]);
+    ip.extend_from_slice(&src.octets());
+    ip.extend_from_slice(&dst.octets());
+    let c = checksum(&ip);
+    ip[10..12].copy_from_slice(&c.to_be_bytes());
+    ip.extend_from_slice(l4);
+    let mut f = dst_mac.to_vec();
+    f.extend_from_slice(&src_mac);
+    f.extend_from_slice(&0x0800u16.to_be_bytes());
+    f.extend_from_slice(&ip);
+    f
+}
+
+/// Rewrites the TTL of the IPv4 frame `f` and recomputes its header checksum.
+pub fn set_ttl(f: &mut [u8], ttl: u8) {
+    f[22] = ttl;
+    refresh_ipv4_checksum(f);
+}
+
+/// Recomputes the IPv4 header checksum of `f` (option-free IPv4 behind Ethernet) in place.
+pub fn refresh_ipv4_checksum(f: &mut [u8]) {
+    f[24..26].copy_from_slice(&[0, 0]);
+    let c = checksum(&f[14..34]);
+    f[24..26].copy_from_slice(&c.to_be_bytes());
 }
 
 /// One UDP datagram's addressing.
@@ -48,27 +91,145 @@ impl Udp {
         udp.extend_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
         udp.extend_from_slice(&[0, 0]);
         udp.extend_from_slice(payload);
-        let c = checksum(&pseudo(self.src, self.dst, &udp));
+        let c = checksum(&pseudo(self.src, self.dst, IPPROTO_UDP, &udp));
         udp[6..8].copy_from_slice(&if c == 0 { 0xffff } else { c }.to_be_bytes());
-        let mut ip = vec![0x45, 0];
-        ip.extend_from_slice(&((20 + udp.len()) as u16).to_be_bytes());
-        ip.extend_from_slice(&[0x12, 0x34, 0x40, 0, 64, 17, 0, 0]);
-        ip.extend_from_slice(&self.src.octets());
-        ip.extend_from_slice(&self.dst.octets());
-        let c = checksum(&ip);
-        ip[10..12].copy_from_slice(&c.to_be_bytes());
-        ip.extend_from_slice(&udp);
-        let mut f = self.dst_mac.to_vec();
-        f.extend_from_slice(&self.src_mac);
-        f.extend_from_slice(&0x0800u16.to_be_bytes());
-        f.extend_from_slice(&ip);
-        f
+        ipv4_frame(
+            self.dst_mac,
+            self.src_mac,
+            self.src,
+            self.dst,
+            IPPROTO_UDP,
+            &udp,
+        )
     }
+}
+
+/// TCP flag bits (the 14th header byte).
+pub const TCP_FIN: u8 = 0x01;
+pub const TCP_SYN: u8 = 0x02;
+pub const TCP_RST: u8 = 0x04;
+pub const TCP_PSH: u8 = 0x08;
+pub const TCP_ACK: u8 = 0x10;
+
+/// One TCP segment's addressing and the header fields that matter to tests (20-byte header
+/// without options, window 64240, urgent pointer 0).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Tcp {
+    pub src_mac: [u8; 6],
+    pub dst_mac: [u8; 6],
+    pub src: Ipv4Addr,
+    pub dst: Ipv4Addr,
+    pub sport: u16,
+    pub dport: u16,
+    pub seq: u32,
+    pub ack: u32,
+    /// `TCP_SYN | TCP_ACK` etc.
+    pub flags: u8,
+}
+
+impl Tcp {
+    /// A SYN from `sport` to `dport` (sequence number 0x1234_5678, no ACK).
+    pub fn syn(
+        src_mac: [u8; 6],
+        dst_mac: [u8; 6],
+        (src, sport): (Ipv4Addr, u16),
+        (dst, dport): (Ipv4Addr, u16),
+    ) -> Self {
+        Tcp {
+            src_mac,
+            dst_mac,
+            src,
+            dst,
+            sport,
+            dport,
+            seq: 0x1234_5678,
+            ack: 0,
+            flags: TCP_SYN,
+        }
+    }
+
+    /// The TCP segment alone (header and `payload`) with its checksum set.
+    pub fn segment(&self, payload: &[u8]) -> Vec<u8> {
+        let mut s = self.sport.to_be_bytes().to_vec();
+        s.extend_from_slice(&self.dport.to_be_bytes());
+        s.extend_from_slice(&self.seq.to_be_bytes());
+        s.extend_from_slice(&self.ack.to_be_bytes());
+        s.extend_from_slice(&[0x50, self.flags]);
+        s.extend_from_slice(&64240u16.to_be_bytes());
+        s.extend_from_slice(&[0, 0, 0, 0]);
+        s.extend_from_slice(payload);
+        let c = checksum(&pseudo(self.src, self.dst, IPPROTO_TCP, &s));
+        s[16..18].copy_from_slice(&c.to_be_bytes());
+        s
+    }
+
+    /// An Ethernet frame carrying the segment, with IPv4 header and TCP checksums set.
+    pub fn frame(&self, payload: &[u8]) -> Vec<u8> {
+        ipv4_frame(
+            self.dst_mac,
+            self.src_mac,
+            self.src,
+            self.dst,
+            IPPROTO_TCP,
+            &self.segment(payload),
+        )
+    }
+}
+
+/// A parsed TCP frame and whether its checksums verify.
+pub struct ParsedTcp<'a> {
+    pub addr: Tcp,
+    pub ttl: u8,
+    pub ip_checksum_ok: bool,
+    pub tcp_checksum: u16,
+    pub tcp_checksum_ok: bool,
+    pub payload: &'a [u8],
+}
+
+/// Parses an Ethernet frame carrying option-free IPv4 TCP (TCP options are skipped).
+pub fn parse_tcp(f: &[u8]) -> Result<ParsedTcp<'_>, &'static str> {
+    if f.len() < 54 || f[12..14] != [0x08, 0x00] {
+        return Err("not IPv4 with room for TCP");
+    }
+    let ip = &f[14..];
+    if ip[0] != 0x45 || ip[9] != IPPROTO_TCP {
+        return Err("not option-free IPv4 TCP");
+    }
+    let total = usize::from(u16::from_be_bytes([ip[2], ip[3]]));
+    if total > ip.len() || total < 40 {
+        return Err("bad total length");
+    }
+    let src = Ipv4Addr::new(ip[12], ip[13], ip[14], ip[15]);
+    let dst = Ipv4Addr::new(ip[16], ip[17], ip[18], ip[19]);
+    let tcp = &ip[20..total];
+    let header = usize::from(tcp[12] >> 4) * 4;
+    if header < 20 || header > tcp.len() {
+        return Err("bad TCP data offset");
+    }
+    Ok(ParsedTcp {
+        addr: Tcp {
+            dst_mac: f[0..6].try_into().expect("6 bytes"),
+            src_mac: f[6..12].try_into().expect("6 bytes"),
+            src,
+            dst,
+            sport: u16::from_be_bytes([tcp[0], tcp[1]]),
+            dport: u16::from_be_bytes([tcp[2], tcp[3]]),
+            seq: u32::from_be_bytes([tcp[4], tcp[5], tcp[6], tcp[7]]),
+            ack: u32::from_be_bytes([tcp[8], tcp[9], tcp[10], tcp[11]]),
+            flags: tcp[13],
+        },
+        ttl: ip[8],
+        ip_checksum_ok: checksum(&ip[..20]) == 0,
+        tcp_checksum: u16::from_be_bytes([tcp[16], tcp[17]]),
+        tcp_checksum_ok: checksum(&pseudo(src, dst, IPPROTO_TCP, tcp)) == 0,
+        payload: &tcp[header..],
+    })
 }
 
 /// A parsed UDP frame and whether its checksums verify.
 pub struct Parsed<'a> {
     pub addr: Udp,
+    pub ttl: u8,
     pub ip_checksum_ok: bool,
     pub udp_checksum: u16,
     pub udp_checksum_ok: bool,
@@ -81,7 +242,7 @@ pub fn parse_udp(f: &[u8]) -> Result<Parsed<'_>, &'static str> {
         return Err("not IPv4");
     }
     let ip = &f[14..];
-    if ip[0] != 0x45 || ip[9] != 17 {
+    if ip[0] != 0x45 || ip[9] != IPPROTO_UDP {
         return Err("not option-free IPv4 UDP");
     }
     let total = usize::from(u16::from_be_bytes([ip[2], ip[3]]));
@@ -104,9 +265,10 @@ pub fn parse_udp(f: &[u8]) -> Result<Parsed<'_>, &'static str> {
             sport: u16::from_be_bytes([udp[0], udp[1]]),
             dport: u16::from_be_bytes([udp[2], udp[3]]),
         },
+        ttl: ip[8],
         ip_checksum_ok: checksum(&ip[..20]) == 0,
         udp_checksum: u16::from_be_bytes([udp[6], udp[7]]),
-        udp_checksum_ok: checksum(&pseudo(src, dst, &udp[..len])) == 0,
+        udp_checksum_ok: checksum(&pseudo(src, dst, IPPROTO_UDP, &udp[..len])) == 0,
         payload: &udp[8..len],
     })
 }
@@ -164,5 +326,29 @@ mod tests {
         bad[f.len() - 1] ^= 1;
         assert!(!parse_udp(&bad).unwrap().udp_checksum_ok);
         assert!(parse_udp(&f[..30]).is_err());
+    }
+
+    #[test]
+    fn built_tcp_frames_parse_back_with_valid_checksums() {
+        let mut seg = Tcp::syn(
+            [2, 0, 0, 0, 0, 1],
+            [2, 0, 0, 0, 0, 2],
+            (Ipv4Addr::new(10, 0, 0, 2), 40000),
+            (Ipv4Addr::new(10, 0, 0, 3), 80),
+        );
+        seg.flags = TCP_PSH | TCP_ACK;
+        seg.ack = 0xdead_beef;
+        let mut f = seg.frame(b"odd");
+        let p = parse_tcp(&f).unwrap();
+        assert!(p.ip_checksum_ok && p.tcp_checksum_ok);
+        assert_eq!((p.addr, p.ttl, p.payload), (seg, 64, &b"odd"[..]));
+        set_ttl(&mut f, 9);
+        let p = parse_tcp(&f).unwrap();
+        assert!(p.ip_checksum_ok && p.ttl == 9);
+        let mut bad = f.clone();
+        bad[f.len() - 1] ^= 1;
+        assert!(!parse_tcp(&bad).unwrap().tcp_checksum_ok);
+        assert!(parse_tcp(&f[..50]).is_err());
+        assert!(parse_udp(&f).is_err(), "TCP is not UDP");
     }
 }

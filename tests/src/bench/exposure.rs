@@ -1,0 +1,473 @@
+//! Cross-cloud exposure benchmarks.
+//!
+//! 1. **ns/packet of the translated path** with BPF_PROG_TEST_RUN, measured like the isolation
+//!    path (64-byte frame, calls of 250 repeats, the kernel's own per-run time) and in the same
+//!    interleaved rounds as the baselines, next to the intra-cloud forward on the same loaded
+//!    object. test_run re-runs the program on the frame it rewrote, so the plane is built to
+//!    make every repeat a real translation: a ring of 250 UDP VIPs in the consumer's cloud, VIP
+//!    *i* (10.1.0.*i*, port 1000 + *i*) served by one backend at the address and port of VIP
+//!    *i*+1 in the provider's cloud, with the consumer's own address as NAT address. The
+//!    translated frame (NAT address:port → backend) is then a packet of the consumer to VIP
+//!    *i*+1, and one call of 250 repeats walks the whole ring: 250 different flows, each
+//!    translated once (addresses, destination port, both checksums, MACs, TTL).
+//!    - *established*: every call sends the same frame, whose 250 flows were opened before the
+//!      rounds: each repeat finds its flow in `FLOWS_OUT`.
+//!    - *first packet*: every call uses a source port never used before, so each of its 250
+//!      repeats opens a flow (VIPS lookup, flow hash, `FLOWS_IN` insert of the consumer's own
+//!      port — free, so no second try — and `FLOWS_OUT` insert). Measured twice: with flow maps
+//!      large enough for every flow of the run (no eviction), and with maps of the agent's
+//!      default `max_flows` filled beforehand, so every insert takes an LRU eviction path.
+//!
+//!    The NAT address equals the consumer's address and the source port stays, as for a flow
+//!    whose consumer port is free on the provider side: the same helper calls run as for any
+//!    address (the checksum helpers are called for both addresses; a port helper only for a
+//!    port that changes, here the destination). VIPS also holds `grants` other grants (and
+//!    ROUTES their two routes each), so the figures are for a host with that many grants.
+//! 2. **Grants per second and memory per grant**: `Host::apply_service` (the agent's path:
+//!    grant number, `VIPS` entry, VIP route, NAT route) for N grants with distinct consumer
+//!    clouds, VIPs and NAT addresses, on a pinned dataplane sized for them. Kernel memory:
+//!    `VIPS` is not preallocated, and the kernel's `memlock` figure for such a hash map
+//!    (/proc/self/fdinfo) counts its live elements, so its growth over N grants is the
+//!    per-grant cost the kernel accounts; `/proc/meminfo` Slab growth over the same inserts is
+//!    reported as a cross-check (system-wide, so noisier, but it includes the allocator's
+//!    rounding to its size classes). `ROUTES` is preallocated at `max_routes`: a grant's two
+//!    routes cost two slots of its fixed memory (memlock / max_entries each).
+
+use std::{
+    net::Ipv4Addr,
+    os::fd::{AsFd, AsRawFd},
+    path::Path,
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context, Result};
+use atoll_agent::{
+    config::DataplaneConfig,
+    dataplane::{
+        MAP_COUNTERS, MAP_ENDPOINTS, MAP_ENDPOINT_CACHE, MAP_FLOWS_IN, MAP_FLOWS_OUT, MAP_ROUTES,
+        MAP_VIPS, OBJECT, PROG_FROM_VM,
+    },
+    endpoint::{Host, ServiceSpec, PROTOCOL_UDP},
+    testbed::{frame, PinRoot},
+    types::CloudId,
+};
+use atoll_dataplane_common::{
+    ipv4_to_map, Backend, EndpointInfo, EndpointSlot, FlowKey, FlowOut, NextHop, RouteKey,
+    VipService, ENDPOINT_CACHE_MASK, MAX_BACKENDS, NEXTHOP_NAT_SOURCE, NEXTHOP_VIP,
+};
+use aya::{
+    maps::{Array, HashMap, MapData},
+    programs::{SchedClassifier, TestRun, TestRunOptions},
+    Ebpf, EbpfLoader,
+};
+
+use crate::{frame_to, median, CHUNK, GUEST, GW, PEER};
+
+/// VIPs in the ring: one call of `CHUNK` repeats visits each once.
+pub const RING: u32 = CHUNK;
+const CONSUMER: u32 = 1;
+const PROVIDER: u32 = 2;
+const CONSUMER_IP: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 2);
+/// Source port of the established flows.
+const ESTABLISHED_PORT: u16 = 1999;
+/// The agent's default `max_flows`.
+pub const DEFAULT_MAX_FLOWS: u32 = 262_144;
+
+fn map_ip(ip: Ipv4Addr) -> u32 {
+    ipv4_to_map(ip.octets())
+}
+
+fn ring_vip(i: u32) -> (Ipv4Addr, u16) {
+    let i = i % RING;
+    (Ipv4Addr::from(0x0a01_0000 + i), 1000 + i as u16)
+}
+
+/// A loaded dataplane for the exposure path (module docs) and the source ports it used.
+pub struct Plane {
+    ebpf: Ebpf,
+    /// The intra-cloud frame (to 10.0.0.3), for the comparison on the same object.
+    forward: &'static [u8],
+    next_port: u16,
+    /// Flows opened so far (first-packet calls and the warm-up).
+    pub opened: u64,
+    pub flows: u32,
+}
+
+impl Plane {
+    /// `grants` other grants in the maps, flow maps of `flows` entries. With `fill`, first
+    /// packets are sent until the flow maps have evicted (the LRU is full).
+    pub fn new(grants: u32, flows: u32, fill: bool) -> Result<Self> {
+        let vips = grants + RING + 16;
+        let routes = 2 * grants + 2 * RING + 16;
+        let mut ebpf = EbpfLoader::new()
+            .map_max_entries(MAP_ENDPOINTS, 16)
+            .map_max_entries(MAP_COUNTERS, 16)
+            .map_max_entries(MAP_ROUTES, routes)
+            .map_max_entries(MAP_VIPS, vips)
+            .map_max_entries(MAP_FLOWS_OUT, flows)
+            .map_max_entries(MAP_FLOWS_IN, flows)
+            .load(OBJECT)
+            .context("loading the dataplane object")?;
+        let consumer = EndpointInfo {
+            cloud: CONSUMER,
+            ipv4: map_ip(CONSUMER_IP),
+            gateway_ipv4: ipv4_to_map([10, 0, 0, 1]),
+            mac: GUEST,
+            gateway_mac: GW,
+            slot: 0,
+        };
+        {
+            let mut eps: HashMap<_, u32, EndpointInfo> =
+                HashMap::try_from(ebpf.map_mut(MAP_ENDPOINTS).context("ENDPOINTS")?)?;
+            eps.insert(1, consumer, 0)?;
+        }
+        {
+            let mut cache: Array<_, EndpointSlot> =
+                Array::try_from(ebpf.map_mut(MAP_ENDPOINT_CACHE).context("ENDPOINT_CACHE")?)?;
+            cache.set(
+                1 & ENDPOINT_CACHE_MASK,
+                EndpointSlot {
+                    ifindex: 1,
+                    info: consumer,
+                },
+                0,
+            )?;
+        }
+        let hop = |slot: u32, flags: u16| NextHop {
+            ifindex: if flags == 0 { 2 + slot } else { 0 },
+            slot: if flags == 0 { slot } else { 0 },
+            mac: if flags == 0 { PEER } else { [0; 6] },
+            flags,
+        };
+        let key = |cloud: u32, ip: Ipv4Addr| RouteKey {
+            cloud,
+            ipv4: map_ip(ip),
+        };
+        {
+            let mut routes: HashMap<_, RouteKey, NextHop> =
+                HashMap::try_from(ebpf.map_mut(MAP_ROUTES).context("ROUTES")?)?;
+            // The intra-cloud peer, as in the isolation planes.
+            routes.insert(key(CONSUMER, Ipv4Addr::new(10, 0, 0, 3)), hop(1, 0), 0)?;
+            routes.insert(key(PROVIDER, CONSUMER_IP), hop(0, NEXTHOP_NAT_SOURCE), 0)?;
+            for i in 0..RING {
+                let (vip, _) = ring_vip(i);
+                routes.insert(key(CONSUMER, vip), hop(0, NEXTHOP_VIP), 0)?;
+                // The backend at VIP i+1's address lives in the provider's cloud.
+                routes.insert(key(PROVIDER, vip), hop(2, 0), 0)?;
+            }
+            for j in 0..grants {
+                let (cloud, vip, nat) = filler(j);
+                routes.insert(key(cloud, vip), hop(0, NEXTHOP_VIP), 0)?;
+                routes.insert(key(PROVIDER, nat), hop(0, NEXTHOP_NAT_SOURCE), 0)?;
+            }
+        }
+        {
+            let mut table: HashMap<_, RouteKey, VipService> =
+                HashMap::try_from(ebpf.map_mut(MAP_VIPS).context("VIPS")?)?;
+            for i in 0..RING {
+                let (vip, port) = ring_vip(i);
+                let next = ring_vip(i + 1);
+                let svc = service(1 + i, CONSUMER_IP, port, &[next]);
+                table.insert(key(CONSUMER, vip), svc, 0)?;
+            }
+            for j in 0..grants {
+                let (cloud, vip, nat) = filler(j);
+                let backends = [
+                    (Ipv4Addr::new(10, 0, 0, 2), 8080),
+                    (Ipv4Addr::new(10, 0, 0, 3), 8080),
+                ];
+                table.insert(
+                    key(cloud, vip),
+                    service(RING + 1 + j, nat, 80, &backends),
+                    0,
+                )?;
+            }
+        }
+        {
+            let prog: &mut SchedClassifier = ebpf
+                .program_mut(PROG_FROM_VM)
+                .context("from_vm")?
+                .try_into()?;
+            prog.load()?;
+        }
+        let mut plane = Plane {
+            ebpf,
+            forward: Vec::leak(frame_to(GW, GUEST, CONSUMER_IP, Ipv4Addr::new(10, 0, 0, 3))),
+            next_port: ESTABLISHED_PORT + 1,
+            opened: 0,
+            flows,
+        };
+        // Open the established flows.
+        plane.run(1, |_| ESTABLISHED_PORT)?;
+        plane.opened += u64::from(RING);
+        if fill {
+            // Enough first packets that the LRU maps must have evicted (module docs).
+            let calls = (flows + flows / 4).div_ceil(RING);
+            plane.first_packets(calls)?;
+        }
+        Ok(plane)
+    }
+
+    fn prog(&self) -> Result<&SchedClassifier> {
+        Ok(self
+            .ebpf
+            .program(PROG_FROM_VM)
+            .context("from_vm")?
+            .try_into()?)
+    }
+
+    /// Runs `calls` calls of `CHUNK` repeats, the frame of call `c` from source port
+    /// `port(c)`; returns the mean kernel time per packet. Every call must end in a redirect.
+    fn run(&self, calls: u32, mut port: impl FnMut(u32) -> u16) -> Result<f64> {
+        let prog = self.prog()?;
+        let mut total = 0u128;
+        for c in 0..calls {
+            let f = ring_frame(port(c));
+            let r = prog.test_run(TestRunOptions {
+                data_in: Some(&f),
+                repeat: CHUNK,
+                ..Default::default()
+            })?;
+            if r.return_value != 7 {
+                bail!(
+                    "exposure path: verdict {} instead of a redirect, drops {:?}",
+                    r.return_value,
+                    crate::drops(&self.ebpf)
+                );
+            }
+            total += r.duration.as_nanos();
+        }
+        Ok(total as f64 / f64::from(calls.max(1)))
+    }
+
+    /// Mean ns per packet over `calls` calls in which every packet opens a new flow.
+    pub fn first_packets(&mut self, calls: u32) -> Result<f64> {
+        let start = self.next_port;
+        if u32::from(start) + calls > u32::from(u16::MAX) {
+            bail!("out of fresh source ports");
+        }
+        self.next_port += calls as u16;
+        self.opened += u64::from(calls) * u64::from(RING);
+        self.run(calls, |c| start + c as u16)
+    }
+
+    /// Mean ns per packet over `calls` calls of established flows.
+    pub fn established(&self, calls: u32) -> Result<f64> {
+        self.run(calls, |_| ESTABLISHED_PORT)
+    }
+
+    /// The intra-cloud forward on this plane: ns per packet, `calls` calls.
+    pub fn intra_cloud(&self, calls: u32) -> Result<f64> {
+        crate::measure(self.prog()?, self.forward, calls * CHUNK, 7, CHUNK, 1)
+    }
+
+    /// Fails if any packet was dropped, or (for maps with room) if the flows in `FLOWS_OUT`
+    /// are not exactly the flows opened: every first packet did open one.
+    pub fn check(&self, expect_all_flows: bool) -> Result<()> {
+        let drops = crate::drops(&self.ebpf)?;
+        if !drops.is_empty() {
+            bail!("exposure plane dropped packets: {drops:?}");
+        }
+        if expect_all_flows {
+            let map: HashMap<_, FlowKey, FlowOut> =
+                HashMap::try_from(self.ebpf.map(MAP_FLOWS_OUT).context("FLOWS_OUT")?)?;
+            let n = map.keys().count() as u64;
+            if n != self.opened {
+                bail!("FLOWS_OUT holds {n} flows, {} were opened", self.opened);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The consumer's 64-byte UDP frame from `sport` to the first VIP of the ring, TTL 255.
+fn ring_frame(sport: u16) -> Vec<u8> {
+    let (vip, port) = ring_vip(0);
+    let mut f = frame::Udp {
+        src_mac: GUEST,
+        dst_mac: GW,
+        src: CONSUMER_IP,
+        dst: vip,
+        sport,
+        dport: port,
+    }
+    .frame(&[0x5a; 22]);
+    frame::set_ttl(&mut f, 255);
+    debug_assert_eq!(f.len(), 64);
+    f
+}
+
+/// Grant `j` of the filler: its consumer cloud, VIP and NAT address.
+fn filler(j: u32) -> (u32, Ipv4Addr, Ipv4Addr) {
+    (
+        1000 + j,
+        Ipv4Addr::from(0x0a02_0000 + j),
+        Ipv4Addr::from(0x6440_0000 + j),
+    )
+}
+
+fn service(grant: u32, nat: Ipv4Addr, port: u16, backends: &[(Ipv4Addr, u16)]) -> VipService {
+    let mut svc = VipService {
+        grant,
+        provider: PROVIDER,
+        nat_ipv4: map_ip(nat),
+        port: port.to_be(),
+        protocol: PROTOCOL_UDP,
+        count: backends.len() as u8,
+        backends: [Backend::default(); MAX_BACKENDS],
+    };
+    for (b, (ip, p)) in svc.backends.iter_mut().zip(backends) {
+        *b = Backend {
+            ipv4: map_ip(*ip),
+            port: p.to_be(),
+            _pad: 0,
+        };
+    }
+    svc
+}
+
+/// One round of the exposure figures: (intra-cloud, established, first packet with room,
+/// first packet with full maps) ns per packet.
+pub fn measure_round(
+    roomy: &mut Plane,
+    full: &mut Plane,
+    repeats: u32,
+    first: u32,
+) -> Result<[f64; 4]> {
+    let calls = repeats.div_ceil(CHUNK);
+    let first_calls = first.div_ceil(CHUNK);
+    Ok([
+        roomy.intra_cloud(calls)?,
+        roomy.established(calls)?,
+        roomy.first_packets(first_calls)?,
+        full.first_packets(first_calls)?,
+    ])
+}
+
+pub struct Grants {
+    pub grants: u32,
+    pub total: Duration,
+    pub p50: Duration,
+    pub p99: Duration,
+    /// `VIPS` memlock growth per grant (its element).
+    pub vips_memlock: f64,
+    /// `VIPS` memlock of the empty map per slot of `max_vips` (hash buckets, fixed).
+    pub vips_slot: f64,
+    /// /proc/meminfo Slab growth per grant (may be negative: system-wide).
+    pub slab: f64,
+    /// One preallocated `ROUTES` slot (a grant takes two).
+    pub route_slot: f64,
+    /// One preallocated flow entry in `FLOWS_OUT` plus one in `FLOWS_IN`.
+    pub flow_pair: f64,
+    pub max_flows: u32,
+}
+
+impl Grants {
+    pub fn per_second(&self) -> f64 {
+        f64::from(self.grants) / self.total.as_secs_f64()
+    }
+
+    /// Kernel memory of a grant: its `VIPS` element, its share of the `VIPS` buckets and two
+    /// preallocated route slots.
+    pub fn per_grant(&self) -> f64 {
+        self.vips_memlock + self.vips_slot + 2.0 * self.route_slot
+    }
+}
+
+fn fdinfo_memlock(path: &Path) -> Result<u64> {
+    let data = MapData::from_pin(path).with_context(|| format!("opening {}", path.display()))?;
+    let fd = data.fd().as_fd().as_raw_fd();
+    let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}"))?;
+    info.lines()
+        .find_map(|l| l.strip_prefix("memlock:"))
+        .and_then(|v| v.trim().parse().ok())
+        .with_context(|| format!("no memlock for {}", path.display()))
+}
+
+fn slab_bytes() -> Result<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo")?;
+    info.lines()
+        .find_map(|l| l.strip_prefix("Slab:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map(|kb| kb * 1024)
+        .context("no Slab in /proc/meminfo")
+}
+
+/// `n` grants through `Host::apply_service` on a fresh pinned dataplane (module docs).
+pub fn grants(n: u32) -> Result<Grants> {
+    let pins = PinRoot::new("bg");
+    let cfg = DataplaneConfig {
+        bpffs_root: pins.path().into(),
+        max_endpoints: 64,
+        max_routes: 2 * n + 64,
+        max_vips: n + 64,
+        max_flows: DEFAULT_MAX_FLOWS,
+        tap_pool: 0,
+        ..DataplaneConfig::default()
+    };
+    // The host's netlink connection (unused here) registers with a runtime.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let _entered = rt.enter();
+    let mut host = Host::open(&cfg)?;
+    let maps = host.dataplane().pin_dir().join("maps");
+    let specs: Vec<ServiceSpec> = (0..n)
+        .map(|i| ServiceSpec {
+            consumer: CloudId::new(1 + i).expect("non-zero"),
+            vip: Ipv4Addr::from(0x0a80_0000 + i),
+            provider: CloudId::new(2_000_000 + i % 1000).expect("non-zero"),
+            nat: Ipv4Addr::from(0x6440_0000 + i),
+            protocol: PROTOCOL_UDP,
+            port: 53,
+            backends: vec![
+                (Ipv4Addr::new(10, 0, 0, 2), 5353),
+                (Ipv4Addr::new(10, 0, 0, 3), 5353),
+            ],
+        })
+        .collect();
+    let vips_before = fdinfo_memlock(&maps.join(MAP_VIPS))?;
+    let slab_before = slab_bytes()?;
+    let mut each = Vec::with_capacity(n as usize);
+    let start = Instant::now();
+    for spec in &specs {
+        let t = Instant::now();
+        host.apply_service(spec)?;
+        each.push(t.elapsed());
+    }
+    let total = start.elapsed();
+    let slab_after = slab_bytes()?;
+    let vips_after = fdinfo_memlock(&maps.join(MAP_VIPS))?;
+    let installed = host.dataplane().vips()?.len();
+    if installed != n as usize {
+        bail!("{installed} VIPs installed, {n} granted");
+    }
+    let routes = fdinfo_memlock(&maps.join(MAP_ROUTES))?;
+    let flows =
+        fdinfo_memlock(&maps.join(MAP_FLOWS_OUT))? + fdinfo_memlock(&maps.join(MAP_FLOWS_IN))?;
+    drop(host);
+    drop(pins);
+    each.sort();
+    let pct = |p: f64| each[((each.len() as f64 - 1.0) * p).round() as usize];
+    Ok(Grants {
+        grants: n,
+        total,
+        p50: pct(0.5),
+        p99: pct(0.99),
+        vips_memlock: vips_after.saturating_sub(vips_before) as f64 / f64::from(n),
+        vips_slot: vips_before as f64 / f64::from(cfg.max_vips),
+        slab: (slab_after as f64 - slab_before as f64) / f64::from(n),
+        route_slot: routes as f64 / f64::from(cfg.max_routes),
+        flow_pair: flows as f64 / f64::from(cfg.max_flows),
+        max_flows: cfg.max_flows,
+    })
+}
+
+/// Median of each figure over the rounds.
+pub fn medians(rounds: &[[f64; 4]]) -> [f64; 4] {
+    let mut out = [0.0; 4];
+    for (i, o) in out.iter_mut().enumerate() {
+        *o = median(rounds.iter().map(|r| r[i]).collect());
+    }
+    out
+}
