@@ -188,20 +188,7 @@ pub struct ParsedTcp<'a> {
 
 /// Parses an Ethernet frame carrying option-free IPv4 TCP (TCP options are skipped).
 pub fn parse_tcp(f: &[u8]) -> Result<ParsedTcp<'_>, &'static str> {
-    if f.len() < 54 || f[12..14] != [0x08, 0x00] {
-        return Err("not IPv4 with room for TCP");
-    }
-    let ip = &f[14..];
-    if ip[0] != 0x45 || ip[9] != IPPROTO_TCP {
-        return Err("not option-free IPv4 TCP");
-    }
-    let total = usize::from(u16::from_be_bytes([ip[2], ip[3]]));
-    if total > ip.len() || total < 40 {
-        return Err("bad total length");
-    }
-    let src = Ipv4Addr::new(ip[12], ip[13], ip[14], ip[15]);
-    let dst = Ipv4Addr::new(ip[16], ip[17], ip[18], ip[19]);
-    let tcp = &ip[20..total];
+    let (ip, src, dst, tcp) = ipv4_transport(f, IPPROTO_TCP, 20)?;
     let header = usize::from(tcp[12] >> 4) * 4;
     if header < 20 || header > tcp.len() {
         return Err("bad TCP data offset");
@@ -226,6 +213,30 @@ pub fn parse_tcp(f: &[u8]) -> Result<ParsedTcp<'_>, &'static str> {
     })
 }
 
+/// The IPv4 header, addresses and transport bytes (up to the IPv4 total length) of an
+/// Ethernet frame carrying option-free IPv4 with `protocol` and at least `l4_min` bytes of it.
+#[allow(clippy::type_complexity)]
+fn ipv4_transport(
+    f: &[u8],
+    protocol: u8,
+    l4_min: usize,
+) -> Result<(&[u8], Ipv4Addr, Ipv4Addr, &[u8]), &'static str> {
+    if f.len() < 14 + 20 + l4_min || f[12..14] != [0x08, 0x00] {
+        return Err("not IPv4 with room for the transport header");
+    }
+    let ip = &f[14..];
+    if ip[0] != 0x45 || ip[9] != protocol {
+        return Err("not option-free IPv4 of the expected protocol");
+    }
+    let total = usize::from(u16::from_be_bytes([ip[2], ip[3]]));
+    if total > ip.len() || total < 20 + l4_min {
+        return Err("bad total length");
+    }
+    let src = Ipv4Addr::new(ip[12], ip[13], ip[14], ip[15]);
+    let dst = Ipv4Addr::new(ip[16], ip[17], ip[18], ip[19]);
+    Ok((ip, src, dst, &ip[20..total]))
+}
+
 /// A parsed UDP frame and whether its checksums verify.
 pub struct Parsed<'a> {
     pub addr: Udp,
@@ -238,20 +249,7 @@ pub struct Parsed<'a> {
 
 /// Parses an Ethernet frame carrying option-free IPv4 UDP.
 pub fn parse_udp(f: &[u8]) -> Result<Parsed<'_>, &'static str> {
-    if f.len() < 42 || f[12..14] != [0x08, 0x00] {
-        return Err("not IPv4");
-    }
-    let ip = &f[14..];
-    if ip[0] != 0x45 || ip[9] != IPPROTO_UDP {
-        return Err("not option-free IPv4 UDP");
-    }
-    let total = usize::from(u16::from_be_bytes([ip[2], ip[3]]));
-    if total > ip.len() || total < 28 {
-        return Err("bad total length");
-    }
-    let src = Ipv4Addr::new(ip[12], ip[13], ip[14], ip[15]);
-    let dst = Ipv4Addr::new(ip[16], ip[17], ip[18], ip[19]);
-    let udp = &ip[20..total];
+    let (ip, src, dst, udp) = ipv4_transport(f, IPPROTO_UDP, 8)?;
     let len = usize::from(u16::from_be_bytes([udp[4], udp[5]]));
     if len < 8 || len > udp.len() {
         return Err("bad UDP length");
