@@ -8,6 +8,10 @@
 //! - **Every error is JSON** ([`ErrorBody`]) with a stable `code` and, for bad input, the
 //!   offending `field`: syntax errors and type errors name their path (`quotas.vcpus`), unknown
 //!   fields are rejected, bodies over the limit get 413, unknown routes 404, wrong methods 405.
+//! - **Actions without input** are `POST`s with no documented body. A VM's `start` and `stop`
+//!   accept no body or an empty JSON object (`{}`) and refuse anything else like every other
+//!   body (unknown fields by name), so a client cannot believe an option was honoured (`detach`
+//!   and `accept` predate this and ignore a body).
 //! - Bearer tokens in `Authorization`; see [`Core::authenticate`].
 
 use std::{collections::HashMap, sync::Arc, time::Duration};
@@ -142,7 +146,8 @@ pub fn parse_body<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
     serde_path_to_error::deserialize(de).map_err(|e| {
         let path = e.path().to_string();
         let inner = e.into_inner();
-        let mut field = if path == "." {
+        // `?`: serde_path_to_error could not tell the field (a truncated object, `{`).
+        let mut field = if path == "." || path == "?" {
             "body".to_string()
         } else {
             path
@@ -162,6 +167,17 @@ pub fn parse_body<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
         }
         ApiError::field(field, msg)
     })
+}
+
+/// The body of a route that takes none: empty, or an empty JSON object.
+fn parse_no_body(bytes: &[u8]) -> Result<(), ApiError> {
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Empty {}
+    if bytes.iter().all(u8::is_ascii_whitespace) {
+        return Ok(());
+    }
+    parse_body::<Empty>(bytes).map(|_| ())
 }
 
 /// The caller's principal from `Authorization: Bearer <token>`.
@@ -247,6 +263,7 @@ async fn run(
         Reply::Clouds(v) => json_response(status, &v),
         Reply::Vm(v) => json_response(status, &*v),
         Reply::Vms(v) => json_response(status, &v),
+        Reply::Console(v) => json_response(status, &v),
         Reply::Volume(v) => json_response(status, &v),
         Reply::Volumes(v) => json_response(status, &v),
         Reply::RecordSet(v) => json_response(status, &v),
@@ -340,6 +357,20 @@ handler!(get_vm, C, false, |p| Command::GetVm(
     name_param(&p, "vm")?
 ));
 handler!(delete_vm, C, false, |p| Command::DeleteVm(
+    cloud_param(&p, "cloud")?,
+    name_param(&p, "vm")?
+));
+handler!(start_vm, C, false, |p, b| {
+    let cmd = Command::StartVm(cloud_param(&p, "cloud")?, name_param(&p, "vm")?);
+    parse_no_body(&b)?;
+    cmd
+});
+handler!(stop_vm, C, false, |p, b| {
+    let cmd = Command::StopVm(cloud_param(&p, "cloud")?, name_param(&p, "vm")?);
+    parse_no_body(&b)?;
+    cmd
+});
+handler!(get_console, C, false, |p| Command::GetConsole(
     cloud_param(&p, "cloud")?,
     name_param(&p, "vm")?
 ));
@@ -600,6 +631,31 @@ pub const ROUTES: &[RouteDoc] = &[
     ),
     r!(
         "post",
+        "/v1/clouds/{cloud}/vms/{vm}/start",
+        "Start a VM: its power becomes `running` (no body, or `{}`; a no-op if it is running)",
+        None,
+        200,
+        Some("Vm")
+    ),
+    r!(
+        "post",
+        "/v1/clouds/{cloud}/vms/{vm}/stop",
+        "Stop a VM: its power becomes `stopped`; its address, name and volumes stay (no body, \
+         or `{}`; a no-op if it is stopped)",
+        None,
+        200,
+        Some("Vm")
+    ),
+    r!(
+        "get",
+        "/v1/clouds/{cloud}/vms/{vm}/console",
+        "The tail of a VM's serial console as its host last reported it (at most 16 KiB)",
+        None,
+        200,
+        Some("Console")
+    ),
+    r!(
+        "post",
         "/v1/clouds/{cloud}/volumes",
         "Create a sparse volume",
         Some("CreateVolume"),
@@ -801,6 +857,9 @@ pub fn router(core: Arc<Core>) -> Router {
         .route("/v1/clouds/{cloud}", get(get_cloud).delete(delete_cloud))
         .route("/v1/clouds/{cloud}/vms", post(create_vm).get(list_vms))
         .route("/v1/clouds/{cloud}/vms/{vm}", get(get_vm).delete(delete_vm))
+        .route("/v1/clouds/{cloud}/vms/{vm}/start", post(start_vm))
+        .route("/v1/clouds/{cloud}/vms/{vm}/stop", post(stop_vm))
+        .route("/v1/clouds/{cloud}/vms/{vm}/console", get(get_console))
         .route(
             "/v1/clouds/{cloud}/volumes",
             post(create_volume).get(list_volumes),
@@ -873,8 +932,10 @@ pub fn router(core: Arc<Core>) -> Router {
     Usage,
     CreateVm,
     Vm,
+    Power,
     VmStatus,
     VmState,
+    Console,
     CreateVolume,
     Volume,
     VolumeFormat,

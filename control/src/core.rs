@@ -40,9 +40,20 @@
 //!   reused meanwhile is never freed. What cannot be removed ahead without breaking the resource (a cloud's placements on
 //!   more hosts than the limit holds) is refused before anything is revoked, with
 //!   [`CoreError::TxnTooLarge`] naming the limit and the setting.
-//! - **Every other transaction has a fixed size**, at most 13 compares or ops (a VM delete with
+//! - **Every other transaction has a fixed size**, at most 14 compares or ops (a VM delete with
 //!   [`MAX_VOLUMES_PER_VM`] volumes), within [`MIN_STORE_TXN_OPS`], the smallest limit the
 //!   configuration accepts.
+//! - **Power is desired state, status is reported state.** `start`/`stop` set the VM's `power`
+//!   and rewrite its placement in one transaction guarded by the VM's revision; the host sees
+//!   the placement change in its sync like any other and reports the state it reaches
+//!   (`booting`, `running`, `stopped`, ...). Asking for the power a VM already has is a no-op.
+//! - **Console tails are pushed by hosts in their status reports**, only when they changed,
+//!   capped at [`CONSOLE_TAIL_BYTES`] (16 KiB; a longer tail is cut to its last bytes on a
+//!   character boundary, not refused), and stored beside the status key
+//!   (`c/<cloud>/vmconsole/<vm>`, in the report's transaction, guarded by the placement like
+//!   the status) and outside the host feed. Reasons: pushing works for remote hosts that accept
+//!   no inbound connections, and the store holds a bounded amount per VM. `GET .../console`
+//!   reads the stored tail; a VM whose host has reported none has an empty one.
 //! - **Authorization** happens before any store read: a cloud token only ever names its own
 //!   cloud, so a request for another cloud is refused (403) without looking at it; the operator
 //!   token administers everything. Tokens are 256-bit random secrets, stored as SHA-256 hashes
@@ -72,9 +83,10 @@ const FEED_CAPACITY: usize = 65_536;
 pub const MAX_VOLUMES_PER_VM: usize = 8;
 /// The smallest store transaction limit the core works with: its largest fixed-size
 /// transactions fit (a VM create with [`MAX_VOLUMES_PER_VM`] volumes: 12 ops and 11 compares;
-/// a VM delete: 13 ops).
+/// a VM delete: 14 ops, its volumes' puts and the cloud, VM, status, console, address and
+/// placement keys).
 pub const MIN_STORE_TXN_OPS: usize = 16;
-const _: () = assert!(MAX_VOLUMES_PER_VM + 5 <= MIN_STORE_TXN_OPS);
+const _: () = assert!(MAX_VOLUMES_PER_VM + 6 <= MIN_STORE_TXN_OPS);
 
 #[derive(Debug, thiserror::Error)]
 pub enum CoreError {
@@ -153,6 +165,12 @@ pub enum Command {
     ListVms(CloudId),
     GetVm(CloudId, String),
     DeleteVm(CloudId, String),
+    /// Set the VM's power to running (a no-op if it is).
+    StartVm(CloudId, String),
+    /// Set the VM's power to stopped (a no-op if it is).
+    StopVm(CloudId, String),
+    /// The tail of the VM's console as its host last reported it.
+    GetConsole(CloudId, String),
     CreateVolume(CloudId, CreateVolume),
     ListVolumes(CloudId),
     GetVolume(CloudId, String),
@@ -185,6 +203,7 @@ pub enum Reply {
     Clouds(Vec<Cloud>),
     Vm(Box<Vm>),
     Vms(Vec<Vm>),
+    Console(Console),
     Volume(Volume),
     Volumes(Vec<Volume>),
     RecordSet(RecordSet),
@@ -219,6 +238,11 @@ mod keys {
     }
     pub fn vm_statuses(c: CloudId) -> String {
         format!("c/{c}/vmstatus/")
+    }
+    /// The tail of a VM's console. Like the status key, not a kind that [`super::zone_cloud`]
+    /// or [`super::service_cloud`] name, so its changes never reach host syncs.
+    pub fn vm_console(c: CloudId, vm: &str) -> String {
+        format!("c/{c}/vmconsole/{vm}")
     }
     pub fn ips(c: CloudId) -> String {
         format!("c/{c}/ip/")
@@ -600,6 +624,9 @@ impl Core {
             | ListVms(c)
             | GetVm(c, _)
             | DeleteVm(c, _)
+            | StartVm(c, _)
+            | StopVm(c, _)
+            | GetConsole(c, _)
             | CreateVolume(c, _)
             | ListVolumes(c)
             | GetVolume(c, _)
@@ -643,6 +670,9 @@ impl Core {
             ListVms(c) => self.list_vms(c).await,
             GetVm(c, name) => Ok(Reply::Vm(Box::new(self.vm_with_status(c, &name).await?))),
             DeleteVm(c, name) => self.delete_vm(c, &name).await,
+            StartVm(c, name) => self.set_power(c, &name, Power::Running).await,
+            StopVm(c, name) => self.set_power(c, &name, Power::Stopped).await,
+            GetConsole(c, name) => self.console(c, &name).await,
             CreateVolume(c, req) => self.create_volume(c, req).await,
             ListVolumes(c) => Ok(Reply::Volumes(
                 self.list::<Volume>(&keys::volumes(c)).await?,
@@ -957,6 +987,18 @@ impl Core {
                 validate_label(field, v)?;
             }
         }
+        if let Some(u) = &req.user_data {
+            if u.len() > MAX_USER_DATA_BYTES {
+                return Err(FieldError::new(
+                    "user_data",
+                    format!(
+                        "{} bytes, at most {MAX_USER_DATA_BYTES} are accepted",
+                        u.len()
+                    ),
+                )
+                .into());
+            }
+        }
         if req.volumes.len() > MAX_VOLUMES_PER_VM {
             return Err(FieldError::new(
                 "volumes",
@@ -1036,9 +1078,15 @@ impl Core {
                 fqdn: format!("{}.{}", req.name, cloud.zone),
                 host: host.clone(),
                 created_at: now(),
+                power: if req.start {
+                    Power::Running
+                } else {
+                    Power::Stopped
+                },
+                user_data: req.user_data.clone(),
                 status: None,
             };
-            let placement = placement(&vm, cloud.gateway);
+            let placement = placement(&vm, &cloud);
             ops.push(put(keys::cloud(c), &cloud));
             ops.push(put(keys::vm(c, &vm.name), &vm));
             ops.push(put(keys::ip(c, ip), &format!("vm:{}", vm.name)));
@@ -1052,12 +1100,7 @@ impl Core {
                 .is_some()
             {
                 let mut vm = vm;
-                vm.status = Some(VmStatus {
-                    state: VmState::Pending,
-                    device: None,
-                    message: None,
-                    updated_at: vm.created_at,
-                });
+                vm.status = Some(pending(vm.created_at));
                 return Ok(Reply::Vm(Box::new(vm)));
             }
         }
@@ -1070,12 +1113,54 @@ impl Core {
     }
 
     async fn vm_with_status(&self, c: CloudId, name: &str) -> Result<Vm, CoreError> {
-        let (_, mut vm) = self.vm(c, name).await?;
-        vm.status = match self.store.get(&keys::vm_status(c, name)).await? {
+        let (_, vm) = self.vm(c, name).await?;
+        self.with_status(vm).await
+    }
+
+    /// `vm` with its last reported status (pending if none).
+    async fn with_status(&self, mut vm: Vm) -> Result<Vm, CoreError> {
+        vm.status = match self.store.get(&keys::vm_status(vm.cloud, &vm.name)).await? {
             Some(kv) => Some(decode(&kv.key, &kv.value)?),
             None => Some(pending(vm.created_at)),
         };
         Ok(vm)
+    }
+
+    /// Start or stop: the VM's power and its placement, guarded by the VM's revision.
+    async fn set_power(&self, c: CloudId, name: &str, power: Power) -> Result<Reply, CoreError> {
+        for _ in 0..MAX_RETRIES {
+            let (vrev, mut vm) = self.vm(c, name).await?;
+            if vm.power == power {
+                return Ok(Reply::Vm(Box::new(self.with_status(vm).await?)));
+            }
+            vm.power = power;
+            let (_, cloud) = self.cloud(c).await?;
+            let placement = placement(&vm, &cloud);
+            let txn = Txn {
+                compares: vec![Compare::ModRevision(keys::vm(c, name), vrev)],
+                success: vec![
+                    put(keys::vm(c, name), &vm),
+                    put(keys::placement(&vm.host, c, name), &placement),
+                ],
+            };
+            if self.commit(txn).await?.is_some() {
+                return Ok(Reply::Vm(Box::new(self.with_status(vm).await?)));
+            }
+        }
+        Err(CoreError::Contention(format!("VM {name}")))
+    }
+
+    async fn console(&self, c: CloudId, name: &str) -> Result<Reply, CoreError> {
+        self.vm(c, name).await?;
+        Ok(Reply::Console(
+            match self.store.get(&keys::vm_console(c, name)).await? {
+                Some(kv) => decode(&kv.key, &kv.value)?,
+                None => Console {
+                    text: String::new(),
+                    updated_at: 0,
+                },
+            },
+        ))
     }
 
     async fn list_vms(&self, c: CloudId) -> Result<Reply, CoreError> {
@@ -1115,6 +1200,9 @@ impl Core {
                 },
                 Op::Delete {
                     key: keys::vm_status(c, name),
+                },
+                Op::Delete {
+                    key: keys::vm_console(c, name),
                 },
                 Op::Delete {
                     key: keys::ip(c, vm.ipv4),
@@ -1290,7 +1378,7 @@ impl Core {
                 vm.volumes.retain(|v| v != name);
             }
             let (_, cloud) = self.cloud(c).await?;
-            let placement = placement(&vm, cloud.gateway);
+            let placement = placement(&vm, &cloud);
             let txn = Txn {
                 compares: vec![
                     Compare::ModRevision(keys::volume(c, name), vrev),
@@ -1699,9 +1787,17 @@ impl Core {
             // Only VMs placed on this host: a host cannot write another's status. A VM deleted
             // or moved meanwhile fails the compare; its status no longer matters.
             let key = keys::placement(host, r.cloud, &r.vm);
+            let mut success = vec![put(keys::vm_status(r.cloud, &r.vm), &r.status)];
+            if let Some(text) = &r.console {
+                let console = Console {
+                    text: console_tail(text).to_string(),
+                    updated_at: now(),
+                };
+                success.push(put(keys::vm_console(r.cloud, &r.vm), &console));
+            }
             let txn = Txn {
                 compares: vec![Compare::Present(key)],
-                success: vec![put(keys::vm_status(r.cloud, &r.vm), &r.status)],
+                success,
             };
             self.commit(txn).await?;
         }
@@ -1933,17 +2029,32 @@ impl Core {
 }
 
 /// What a VM's host applies for it.
-fn placement(vm: &Vm, gateway: Ipv4Addr) -> Placement {
+fn placement(vm: &Vm, cloud: &Cloud) -> Placement {
     Placement {
         cloud: vm.cloud,
         vm: vm.name.clone(),
         ipv4: vm.ipv4,
-        gateway,
+        gateway: cloud.gateway,
         mac: guest_mac(vm.ipv4),
         vcpus: vm.vcpus,
         memory_mib: vm.memory_mib,
         volumes: vm.volumes.clone(),
+        fqdn: vm.fqdn.clone(),
+        zone: cloud.zone.clone(),
+        power: vm.power,
+        kernel: vm.kernel.clone(),
+        image: vm.image.clone(),
+        user_data: vm.user_data.clone(),
     }
+}
+
+/// The last [`CONSOLE_TAIL_BYTES`] bytes of `text` at most, starting on a character boundary.
+fn console_tail(text: &str) -> &str {
+    let mut start = text.len().saturating_sub(CONSOLE_TAIL_BYTES);
+    while !text.is_char_boundary(start) {
+        start += 1;
+    }
+    &text[start..]
 }
 
 fn pending(at: u64) -> VmStatus {
@@ -1952,6 +2063,9 @@ fn pending(at: u64) -> VmStatus {
         device: None,
         message: None,
         updated_at: at,
+        restarts: 0,
+        boot_ms: None,
+        accel: None,
     }
 }
 
@@ -1969,4 +2083,22 @@ fn validate_quotas(q: &Quotas) -> Result<(), FieldError> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn console_tail_keeps_the_last_bytes_on_a_char_boundary() {
+        assert_eq!(console_tail("short"), "short");
+        let exact = "x".repeat(CONSOLE_TAIL_BYTES);
+        assert_eq!(console_tail(&exact), exact);
+        // "é" is two bytes: the cut at len - CONSOLE_TAIL_BYTES falls inside one of them.
+        let long = format!("{}{}", "é".repeat(CONSOLE_TAIL_BYTES / 2), "x");
+        let tail = console_tail(&long);
+        assert_eq!(tail.len(), CONSOLE_TAIL_BYTES - 1);
+        assert!(tail.starts_with('é') && tail.ends_with('x'));
+        assert!(long.ends_with(tail));
+    }
 }

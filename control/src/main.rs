@@ -3,8 +3,12 @@
 //! Every resource command speaks the HTTP API (`--url`, `ATOLL_URL`) with a bearer token
 //! (`--token`, `ATOLL_TOKEN`, or the operator token file) and prints the JSON reply, so scripts
 //! and agents can use it as well as people. `atoll usage` prices usage records offline.
+//! `atoll vm console` is the exception: it prints the console text itself, so it can be piped.
 
-use std::path::PathBuf;
+use std::{
+    io::{Read, Write},
+    path::{Path, PathBuf},
+};
 
 use anyhow::{Context, Result};
 use atoll_control::{
@@ -133,15 +137,38 @@ enum VmCmd {
         /// A volume to attach (repeatable).
         #[arg(long = "volume")]
         volumes: Vec<String>,
+        /// A script the guest runs as root once its network and volumes are up (`-`: stdin;
+        /// at most 64 KiB of UTF-8).
+        #[arg(long)]
+        user_data_file: Option<PathBuf>,
+        /// Create the VM stopped (start it with `atoll vm start`).
+        #[arg(long)]
+        stopped: bool,
     },
     List {
         cloud: String,
     },
+    /// A VM with its status.
     Get {
         cloud: String,
         name: String,
     },
     Delete {
+        cloud: String,
+        name: String,
+    },
+    /// Boot a stopped VM (a no-op if it runs).
+    Start {
+        cloud: String,
+        name: String,
+    },
+    /// Shut a VM down; its address, name and volumes stay (a no-op if it is stopped).
+    Stop {
+        cloud: String,
+        name: String,
+    },
+    /// Print the tail of a VM's serial console (the text itself, not JSON).
+    Console {
         cloud: String,
         name: String,
     },
@@ -351,9 +378,15 @@ fn run() -> Result<()> {
                 })?,
             };
             let client = Client::new(&cli.url, &token)?;
-            let value = runtime()?.block_on(resource(&client, cmd))?;
-            if !value.is_null() {
-                println!("{}", serde_json::to_string_pretty(&value)?);
+            match runtime()?.block_on(resource(&client, cmd))? {
+                Output::Json(value) if value.is_null() => {}
+                Output::Json(value) => println!("{}", serde_json::to_string_pretty(&value)?),
+                Output::Text(text) => {
+                    let mut out = std::io::stdout().lock();
+                    out.write_all(text.as_bytes())
+                        .and_then(|()| out.flush())
+                        .context("writing to stdout")?;
+                }
             }
             Ok(())
         }
@@ -383,11 +416,40 @@ async fn serve(cfg: ControlConfig) -> Result<()> {
 
 type Json = serde_json::Value;
 
-async fn resource(c: &Client, cmd: Cmd) -> Result<Json> {
+/// What a resource command prints.
+enum Output {
+    /// Pretty-printed; nothing for `null` (204).
+    Json(Json),
+    /// Written as is.
+    Text(String),
+}
+
+/// The user data in `path` (`-`: stdin), checked against the API's limit before sending.
+fn read_user_data(path: &Path) -> Result<String> {
+    let mut text = String::new();
+    if path == Path::new("-") {
+        std::io::stdin()
+            .read_to_string(&mut text)
+            .context("--user-data-file: reading stdin (UTF-8)")?;
+    } else {
+        text = std::fs::read_to_string(path)
+            .with_context(|| format!("--user-data-file: reading {} (UTF-8)", path.display()))?;
+    }
+    if text.len() > MAX_USER_DATA_BYTES {
+        anyhow::bail!(
+            "--user-data-file: {} bytes, the API accepts at most {MAX_USER_DATA_BYTES}",
+            text.len()
+        );
+    }
+    Ok(text)
+}
+
+async fn resource(c: &Client, cmd: Cmd) -> Result<Output> {
     let none: Option<&Json> = None;
     let get = |path: String| async move { c.call::<Json, Json>(Method::GET, &path, None).await };
     let del = |path: String| async move { c.call::<Json, Json>(Method::DELETE, &path, None).await };
-    Ok(match cmd {
+    let post = |path: String| async move { c.call::<Json, Json>(Method::POST, &path, None).await };
+    Ok(Output::Json(match cmd {
         Cmd::Cloud(CloudCmd::Create { name, cidr, quotas }) => {
             let mut body = serde_json::json!({});
             if let Some(n) = name {
@@ -415,6 +477,8 @@ async fn resource(c: &Client, cmd: Cmd) -> Result<Json> {
             kernel,
             image,
             volumes,
+            user_data_file,
+            stopped,
         }) => {
             let body = CreateVm {
                 name,
@@ -423,6 +487,8 @@ async fn resource(c: &Client, cmd: Cmd) -> Result<Json> {
                 kernel,
                 image,
                 volumes,
+                user_data: user_data_file.as_deref().map(read_user_data).transpose()?,
+                start: !stopped,
             };
             c.call(
                 Method::POST,
@@ -437,6 +503,22 @@ async fn resource(c: &Client, cmd: Cmd) -> Result<Json> {
         }
         Cmd::Vm(VmCmd::Delete { cloud, name }) => {
             del(format!("/v1/clouds/{cloud}/vms/{name}")).await?
+        }
+        Cmd::Vm(VmCmd::Start { cloud, name }) => {
+            post(format!("/v1/clouds/{cloud}/vms/{name}/start")).await?
+        }
+        Cmd::Vm(VmCmd::Stop { cloud, name }) => {
+            post(format!("/v1/clouds/{cloud}/vms/{name}/stop")).await?
+        }
+        Cmd::Vm(VmCmd::Console { cloud, name }) => {
+            let console: Console = c
+                .call(
+                    Method::GET,
+                    &format!("/v1/clouds/{cloud}/vms/{name}/console"),
+                    none,
+                )
+                .await?;
+            return Ok(Output::Text(console.text));
         }
         Cmd::Volume(VolumeCmd::Create {
             cloud,
@@ -596,5 +678,5 @@ async fn resource(c: &Client, cmd: Cmd) -> Result<Json> {
         Cmd::Serve { .. } | Cmd::Openapi | Cmd::Completions { .. } | Cmd::Usage { .. } => {
             unreachable!("handled before connecting")
         }
-    })
+    }))
 }

@@ -304,6 +304,16 @@ pub struct CreateVm {
     /// Names of volumes of this cloud to attach (at most 8).
     #[serde(default)]
     pub volumes: Vec<String>,
+    /// A script the guest runs as root once its network and volumes are up (at most 64 KiB).
+    #[serde(default)]
+    pub user_data: Option<String>,
+    /// Boot the VM once it is placed (default); `false` creates it stopped.
+    #[serde(default = "default_true")]
+    pub start: bool,
+}
+
+fn default_true() -> bool {
+    true
 }
 
 fn default_vcpus() -> u32 {
@@ -314,15 +324,36 @@ fn default_memory() -> u64 {
     128
 }
 
+/// What the VM's owner asked for: the VM running or stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Power {
+    #[default]
+    Running,
+    Stopped,
+}
+
 /// Lifecycle state of a VM as reported by its host.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum VmState {
     /// Accepted; its host has not applied it yet.
     Pending,
-    /// Its network identity is live on its host (tap, maps, DNS).
+    /// Its network identity is live on its host (tap, maps, DNS); no VMM runs for it (the host
+    /// runs no VM driver, or the VM is not started).
     NetworkReady,
-    /// Its host failed to apply it; see `message`.
+    /// Its VMM runs; the guest has not reported its network up yet.
+    Booting,
+    /// The guest reported its network and volumes up.
+    Running,
+    /// Asked to stop; the guest is shutting down.
+    Stopping,
+    /// Stopped on request; its network identity and volumes stay.
+    Stopped,
+    /// Its VMM exited without being asked to; the host restarts it (see `restarts`) until the
+    /// restart budget is spent, then reports `failed`.
+    Crashed,
+    /// Its host failed to apply it or gave up restarting it; see `message`.
     Failed,
 }
 
@@ -343,6 +374,11 @@ pub struct Vm {
     pub fqdn: String,
     pub host: String,
     pub created_at: u64,
+    /// Running or stopped, as last asked (`start`/`stop`).
+    #[serde(default)]
+    pub power: Power,
+    #[serde(default)]
+    pub user_data: Option<String>,
     /// Filled in from the host's reports when returned by the API.
     #[serde(default)]
     pub status: Option<VmStatus>,
@@ -360,7 +396,33 @@ pub struct VmStatus {
     pub message: Option<String>,
     /// Seconds since the Unix epoch.
     pub updated_at: u64,
+    /// Unrequested VMM exits the host restarted it after, in the current restart window.
+    #[serde(default)]
+    pub restarts: u32,
+    /// Milliseconds from the VMM's start to the guest reporting its network up (last boot).
+    #[serde(default)]
+    pub boot_ms: Option<u64>,
+    /// `kvm` or `tcg`: how the VMM runs the guest.
+    #[serde(default)]
+    pub accel: Option<String>,
 }
+
+/// `GET /v1/clouds/{cloud}/vms/{vm}/console`: the tail of the VM's serial console as its host
+/// last reported it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Console {
+    /// The last bytes of the console (at most `CONSOLE_TAIL_BYTES`), lossily UTF-8.
+    pub text: String,
+    /// Seconds since the Unix epoch.
+    pub updated_at: u64,
+}
+
+/// The most a host reports of a VM's console.
+pub const CONSOLE_TAIL_BYTES: usize = 16 * 1024;
+
+/// The largest `user_data` accepted.
+pub const MAX_USER_DATA_BYTES: usize = 64 * 1024;
 
 /// Volume image format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, ToSchema)]
@@ -615,6 +677,17 @@ pub struct Placement {
     pub vcpus: u32,
     pub memory_mib: u64,
     pub volumes: Vec<String>,
+    /// The VM's fully qualified name (`<vm>.<zone>`, trailing dot).
+    pub fqdn: String,
+    /// The cloud's zone apex (trailing dot): the guest's DNS search domain.
+    pub zone: String,
+    pub power: Power,
+    #[serde(default)]
+    pub kernel: Option<String>,
+    #[serde(default)]
+    pub image: Option<String>,
+    #[serde(default)]
+    pub user_data: Option<String>,
 }
 
 /// A volume its host must hold.
@@ -728,6 +801,10 @@ pub struct VmReport {
     pub cloud: CloudId,
     pub vm: String,
     pub status: VmStatus,
+    /// The tail of the console (at most `CONSOLE_TAIL_BYTES`), when it changed since the last
+    /// report of this VM.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub console: Option<String>,
 }
 
 /// The JSON body of every error response.

@@ -1,6 +1,7 @@
 //! The HTTP API end to end, on both store backends: authorization of every route, resources and
 //! their invariants (IPAM, quotas, atomic creates, cascade delete, deletes within the store's
-//! transaction limit), bad input, and host syncs.
+//! transaction limit), bad input, host syncs, and the VM lifecycle (power, user data, reported
+//! states, console tails).
 //! Every case is written once against [`Api`] and runs as `sqlite::<case>` (the embedded store
 //! in a temporary directory) and as `etcd::<case>` (a fresh etcd in a network namespace of its
 //! own, see `support/mod.rs`; needs root and `etcd`, and fails rather than skips without them).
@@ -45,6 +46,7 @@ api_suite!(
     host_sync_sends_changes_then_waits,
     deletes_revoke_more_grants_than_one_store_txn_holds,
     deleting_a_cloud_on_too_many_hosts_is_refused_before_revoking,
+    vm_lifecycle_power_user_data_states_and_console,
 );
 
 /// The store the control plane under test is configured with.
@@ -226,7 +228,7 @@ async fn every_route_refuses_other_clouds_tokens_and_missing_tokens(api: Api) {
         }
         checked += 1;
     }
-    assert!(checked >= 30, "only {checked} routes checked");
+    assert!(checked >= 34, "only {checked} routes checked");
     // Cloud B is untouched.
     let (status, v) = raw(
         &api.op,
@@ -726,6 +728,74 @@ async fn bad_input_gets_4xx_json_naming_the_field(api: Api) {
             vec![b' '; (1 << 20) + 1],
             StatusCode::PAYLOAD_TOO_LARGE,
             "body",
+        ),
+        (
+            Method::POST,
+            vms.clone(),
+            serde_json::to_vec(&json!({"name": "x", "user_data": "a".repeat(MAX_USER_DATA_BYTES + 1)}))
+                .unwrap(),
+            StatusCode::BAD_REQUEST,
+            "user_data",
+        ),
+        (
+            Method::POST,
+            vms.clone(),
+            br#"{"name":"x","start":"no"}"#.to_vec(),
+            StatusCode::BAD_REQUEST,
+            "start",
+        ),
+        (
+            Method::POST,
+            vms.clone(),
+            br#"{"name":"x","power":"stopped"}"#.to_vec(),
+            StatusCode::BAD_REQUEST,
+            "power",
+        ),
+        // Start and stop take no body or `{}`, nothing else.
+        (
+            Method::POST,
+            format!("{vms}/x/start"),
+            br#"{"force":true}"#.to_vec(),
+            StatusCode::BAD_REQUEST,
+            "force",
+        ),
+        (
+            Method::POST,
+            format!("{vms}/x/stop"),
+            b"[]".to_vec(),
+            StatusCode::BAD_REQUEST,
+            "body",
+        ),
+        (
+            Method::POST,
+            format!("{vms}/x/stop"),
+            b"{".to_vec(),
+            StatusCode::BAD_REQUEST,
+            "body",
+        ),
+        (
+            Method::GET,
+            format!("{vms}/Bad_Name/console"),
+            vec![],
+            StatusCode::BAD_REQUEST,
+            "vm",
+        ),
+        // Status reports are as strict as the rest.
+        (
+            Method::POST,
+            "/v1/hosts/host-a/status".into(),
+            serde_json::to_vec(&json!({"vms": [{"cloud": a.cloud.id, "vm": "x", "status": {"state": "running", "updated_at": 1}, "consol": "x"}]}))
+                .unwrap(),
+            StatusCode::BAD_REQUEST,
+            "vms[0].consol",
+        ),
+        (
+            Method::POST,
+            "/v1/hosts/host-a/status".into(),
+            serde_json::to_vec(&json!({"vms": [{"cloud": a.cloud.id, "vm": "x", "status": {"state": "rebooting", "updated_at": 1}}]}))
+                .unwrap(),
+            StatusCode::BAD_REQUEST,
+            "vms[0].status.state",
         ),
     ];
     for (m, path, body, want_status, want_field) in cases {
@@ -1251,4 +1321,339 @@ async fn deleting_a_cloud_on_too_many_hosts_is_refused_before_revoking(api: Api)
     )
     .await;
     assert!(grants.is_empty());
+}
+
+/// The latest placement of every VM `host` syncs after revision `after`, followed until `done`
+/// holds for them (syncs may return the changes in several deltas), and the revision reached.
+async fn sync_until(
+    api: &Api,
+    host: &str,
+    mut after: u64,
+    done: impl Fn(&std::collections::HashMap<String, Placement>) -> bool,
+) -> (std::collections::HashMap<String, Placement>, u64) {
+    let mut seen = std::collections::HashMap::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while !done(&seen) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{host} never synced the expected placements; it has {seen:#?}"
+        );
+        let d = api
+            .core
+            .sync(Principal::Operator, host, after, Duration::from_secs(5))
+            .await
+            .expect("sync");
+        for p in d.vms {
+            seen.insert(p.vm.clone(), p);
+        }
+        after = d.revision;
+    }
+    (seen, after)
+}
+
+/// Reports `status` (and `console`) of VM `vm` of `cloud` as `host`.
+async fn report(
+    api: &Api,
+    host: &str,
+    cloud: CloudId,
+    vm: &str,
+    status: &VmStatus,
+    console: Option<&str>,
+) {
+    let body = StatusReport {
+        vms: vec![VmReport {
+            cloud,
+            vm: vm.into(),
+            status: status.clone(),
+            console: console.map(String::from),
+        }],
+    };
+    let body = serde_json::to_value(&body).unwrap();
+    let () = ok(
+        &api.op,
+        Method::POST,
+        &format!("/v1/hosts/{host}/status"),
+        Some(body),
+    )
+    .await;
+}
+
+fn status(state: VmState) -> VmStatus {
+    VmStatus {
+        state,
+        device: Some("atv0".into()),
+        message: None,
+        updated_at: 1_700_000_000,
+        restarts: 0,
+        boot_ms: None,
+        accel: None,
+    }
+}
+
+async fn vm_lifecycle_power_user_data_states_and_console(api: Api) {
+    let (a, ac) = api.cloud(json!({"name": "life"})).await;
+    let id = a.cloud.id;
+    let vms = format!("/v1/clouds/{id}/vms");
+    let start = api
+        .core
+        .sync(Principal::Operator, "host-a", 0, Duration::ZERO)
+        .await
+        .unwrap()
+        .revision;
+
+    // Created with user data (started by default), and created stopped: the placements the
+    // host syncs carry both, with what the guest needs to configure itself.
+    let script = "#!/bin/sh\necho héllo > /run/hello\n";
+    let web: Vm = ok(
+        &ac,
+        Method::POST,
+        &vms,
+        Some(json!({"name": "web", "user_data": script, "image": "default"})),
+    )
+    .await;
+    assert_eq!(
+        (web.power, web.user_data.as_deref()),
+        (Power::Running, Some(script))
+    );
+    let idle: Vm = ok(
+        &ac,
+        Method::POST,
+        &vms,
+        Some(json!({"name": "idle", "start": false})),
+    )
+    .await;
+    assert_eq!(
+        (idle.power, idle.user_data.as_deref()),
+        (Power::Stopped, None)
+    );
+    let (seen, rev) = sync_until(&api, "host-a", start, |s| s.len() == 2).await;
+    let (pw, pi) = (&seen["web"], &seen["idle"]);
+    assert_eq!(
+        (pw.power, pw.user_data.as_deref(), pw.image.as_deref()),
+        (Power::Running, Some(script), Some("default"))
+    );
+    assert_eq!(
+        (pw.fqdn.as_str(), pw.zone.as_str()),
+        ("web.life.atoll.internal.", "life.atoll.internal.")
+    );
+    assert_eq!((pi.power, pi.user_data.as_deref()), (Power::Stopped, None));
+
+    // User data up to the limit (in bytes, not characters) is taken, one byte more is not, and
+    // the refused VM does not exist.
+    let most = "é".repeat(MAX_USER_DATA_BYTES / 2);
+    let big: Vm = ok(
+        &ac,
+        Method::POST,
+        &vms,
+        Some(json!({"name": "big", "user_data": most})),
+    )
+    .await;
+    assert_eq!(big.user_data.map(|u| u.len()), Some(MAX_USER_DATA_BYTES));
+    let (status_code, v) = raw(
+        &ac,
+        Method::POST,
+        &vms,
+        Some(&json!({"name": "bigger", "user_data": format!("{most}x")})),
+    )
+    .await;
+    assert_eq!(
+        (status_code, v["error"]["field"].as_str()),
+        (StatusCode::BAD_REQUEST, Some("user_data")),
+        "{v}"
+    );
+    let (status_code, _) = raw(&ac, Method::GET, &format!("{vms}/bigger"), None).await;
+    assert_eq!(status_code, StatusCode::NOT_FOUND);
+    let _: Value = ok(&ac, Method::DELETE, &format!("{vms}/big"), None).await;
+
+    // Stop, then start: the power changes in the VM and in the placement the host syncs.
+    let stopped: Vm = ok(&ac, Method::POST, &format!("{vms}/web/stop"), None).await;
+    assert_eq!(stopped.power, Power::Stopped);
+    assert_eq!(stopped.status.map(|s| s.state), Some(VmState::Pending));
+    let (seen, rev) = sync_until(&api, "host-a", rev, |s| {
+        s.get("web").is_some_and(|p| p.power == Power::Stopped)
+    })
+    .await;
+    assert_eq!(
+        seen["web"].user_data.as_deref(),
+        Some(script),
+        "a changed placement is sent whole"
+    );
+    let started: Vm = ok(&ac, Method::POST, &format!("{vms}/idle/start"), None).await;
+    assert_eq!(started.power, Power::Running);
+    let (_, rev) = sync_until(&api, "host-a", rev, |s| {
+        s.get("idle").is_some_and(|p| p.power == Power::Running)
+    })
+    .await;
+    let got: Vm = ok(&ac, Method::GET, &format!("{vms}/idle"), None).await;
+    assert_eq!(got.power, Power::Running);
+    // Asking again is a success that writes nothing (an empty JSON object as the body too).
+    let before = api.core.store().revision().await.unwrap();
+    let again: Vm = ok(&ac, Method::POST, &format!("{vms}/idle/start"), None).await;
+    assert_eq!(again.power, Power::Running);
+    let again: Vm = ok(
+        &ac,
+        Method::POST,
+        &format!("{vms}/web/stop"),
+        Some(json!({})),
+    )
+    .await;
+    assert_eq!(again.power, Power::Stopped);
+    assert_eq!(api.core.store().revision().await.unwrap(), before);
+
+    // A VM that does not exist: 404 for start, stop and console.
+    for (m, what) in [
+        (Method::POST, "start"),
+        (Method::POST, "stop"),
+        (Method::GET, "console"),
+    ] {
+        let (status_code, v) = raw(&ac, m, &format!("{vms}/ghost/{what}"), None).await;
+        assert_eq!(
+            (status_code, v["error"]["code"].as_str()),
+            (StatusCode::NOT_FOUND, Some("not_found")),
+            "{what}: {v}"
+        );
+    }
+
+    // No console reported yet: an empty one.
+    let console: Console = ok(&ac, Method::GET, &format!("{vms}/web/console"), None).await;
+    assert_eq!(
+        console,
+        Console {
+            text: String::new(),
+            updated_at: 0
+        }
+    );
+
+    // The states a VM driver reports round-trip, with restarts, boot time and accelerator; the
+    // console comes with the status and stays until a report brings a new one.
+    let booting = VmStatus {
+        accel: Some("kvm".into()),
+        ..status(VmState::Booting)
+    };
+    report(
+        &api,
+        "host-a",
+        id,
+        "web",
+        &booting,
+        Some("SeaBIOS\nLinux 6.1\n"),
+    )
+    .await;
+    let got: Vm = ok(&ac, Method::GET, &format!("{vms}/web"), None).await;
+    assert_eq!(got.status.as_ref(), Some(&booting));
+    let console: Console = ok(&ac, Method::GET, &format!("{vms}/web/console"), None).await;
+    assert_eq!(console.text, "SeaBIOS\nLinux 6.1\n");
+    assert!(console.updated_at > 0);
+    for st in [
+        VmStatus {
+            boot_ms: Some(420),
+            accel: Some("kvm".into()),
+            ..status(VmState::Running)
+        },
+        VmStatus {
+            restarts: 2,
+            message: Some("qemu exited with status 1".into()),
+            accel: Some("tcg".into()),
+            ..status(VmState::Crashed)
+        },
+        status(VmState::Stopping),
+        status(VmState::Stopped),
+    ] {
+        report(&api, "host-a", id, "web", &st, None).await;
+        let got: Vm = ok(&ac, Method::GET, &format!("{vms}/web"), None).await;
+        assert_eq!(got.status.as_ref(), Some(&st));
+        let listed: Vec<Vm> = ok(&ac, Method::GET, &vms, None).await;
+        let listed = listed.into_iter().find(|v| v.name == "web").unwrap();
+        assert_eq!(listed.status.as_ref(), Some(&st));
+    }
+    let console: Console = ok(&ac, Method::GET, &format!("{vms}/web/console"), None).await;
+    assert_eq!(
+        console.text, "SeaBIOS\nLinux 6.1\n",
+        "kept when not reported"
+    );
+    // Start and stop return the VM with its reported status.
+    let restarted: Vm = ok(&ac, Method::POST, &format!("{vms}/web/start"), None).await;
+    assert_eq!(restarted.status.map(|s| s.state), Some(VmState::Stopped));
+    let (_, rev) = sync_until(&api, "host-a", rev, |s| {
+        s.get("web").is_some_and(|p| p.power == Power::Running)
+    })
+    .await;
+
+    // A console over the limit is cut to its last CONSOLE_TAIL_BYTES bytes, not refused; the
+    // cut falls inside a two-byte character, which is dropped whole.
+    let long = format!("{}{}", "é".repeat(CONSOLE_TAIL_BYTES / 2 + 10), "$");
+    assert!(!long.is_char_boundary(long.len() - CONSOLE_TAIL_BYTES));
+    report(
+        &api,
+        "host-a",
+        id,
+        "web",
+        &status(VmState::Running),
+        Some(&long),
+    )
+    .await;
+    let console: Console = ok(&ac, Method::GET, &format!("{vms}/web/console"), None).await;
+    assert_eq!(console.text.len(), CONSOLE_TAIL_BYTES - 1);
+    assert!(console.text.starts_with('é') && long.ends_with(&console.text));
+
+    // Statuses and consoles are not the hosts' business: none of that reached the host feed.
+    let idle_sync = api
+        .core
+        .sync(
+            Principal::Operator,
+            "host-a",
+            rev,
+            Duration::from_millis(300),
+        )
+        .await
+        .unwrap();
+    assert!(
+        !idle_sync.full
+            && idle_sync.vms.is_empty()
+            && idle_sync.zones.is_empty()
+            && idle_sync.services.is_empty(),
+        "{idle_sync:?}"
+    );
+
+    // Another host cannot write the status or console of a VM placed on host-a.
+    let _: HostInfo = ok(&api.op, Method::PUT, "/v1/hosts/host-b", None).await;
+    report(
+        &api,
+        "host-b",
+        id,
+        "web",
+        &status(VmState::Failed),
+        Some("forged"),
+    )
+    .await;
+    let console: Console = ok(&ac, Method::GET, &format!("{vms}/web/console"), None).await;
+    assert_eq!(console.text.len(), CONSOLE_TAIL_BYTES - 1);
+    let got: Vm = ok(&ac, Method::GET, &format!("{vms}/web"), None).await;
+    assert_eq!(got.status.map(|s| s.state), Some(VmState::Running));
+
+    // Deleting a VM removes its status and console; deleting the cloud removes the others'.
+    let _: Value = ok(&ac, Method::DELETE, &format!("{vms}/web"), None).await;
+    for key in [
+        format!("c/{id}/vmstatus/web"),
+        format!("c/{id}/vmconsole/web"),
+    ] {
+        assert!(
+            api.core.store().get(&key).await.unwrap().is_none(),
+            "{key} left behind"
+        );
+    }
+    report(
+        &api,
+        "host-a",
+        id,
+        "idle",
+        &status(VmState::Running),
+        Some("login: "),
+    )
+    .await;
+    let console: Console = ok(&ac, Method::GET, &format!("{vms}/idle/console"), None).await;
+    assert_eq!(console.text, "login: ");
+    let _: Value = ok(&ac, Method::DELETE, &format!("/v1/clouds/{id}"), None).await;
+    let left = mentions(&api, id).await;
+    assert!(left.is_empty(), "left behind: {left:?}");
 }

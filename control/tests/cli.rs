@@ -1,12 +1,16 @@
 //! The `atoll` CLI against a real API server: resource commands print JSON, errors exit non-zero
-//! with the server's message, completions are generated.
+//! with the server's message, completions are generated; `vm console` prints the text itself.
 
-use std::process::{Command, Output};
+use std::{
+    io::Write,
+    process::{Command, Output, Stdio},
+};
 
 use atoll_control::{
     api,
     config::{ControlConfig, StoreConfig},
     core::{Command as Cmd, Principal},
+    model::{StatusReport, VmReport, VmState, VmStatus, MAX_USER_DATA_BYTES},
 };
 use serde_json::Value;
 
@@ -17,6 +21,26 @@ fn atoll(url: &str, token: &str, args: &[&str]) -> Output {
         .args(args)
         .output()
         .expect("run atoll")
+}
+
+/// `atoll` with `input` on its stdin.
+fn atoll_stdin(url: &str, token: &str, args: &[&str], input: &[u8]) -> Output {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_atoll"))
+        .args(["--url", url])
+        .env("ATOLL_TOKEN", token)
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run atoll");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(input)
+        .expect("write stdin");
+    child.wait_with_output().expect("wait for atoll")
 }
 
 fn json(out: &Output) -> Value {
@@ -45,8 +69,9 @@ async fn cli_drives_the_api() {
         .unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(api::serve(core, listener, std::future::pending()));
+    tokio::spawn(api::serve(core.clone(), listener, std::future::pending()));
     let op = cfg.operator_token().unwrap();
+    let rt = tokio::runtime::Handle::current();
 
     let url2 = url.clone();
     let op2 = op.clone();
@@ -82,6 +107,96 @@ async fn cli_drives_the_api() {
         ));
         let recs = json(&atoll(&url, &token, &["dns", "list", &id]));
         assert_eq!(recs.as_array().unwrap().len(), 2, "{recs}");
+        // Lifecycle: user data from a file or stdin, created stopped, started, stopped.
+        let script = dir.path().join("user-data.sh");
+        std::fs::write(&script, "#!/bin/sh\necho hi\n").unwrap();
+        let script = script.to_str().unwrap();
+        let app = json(&atoll(
+            &url,
+            &token,
+            &[
+                "vm",
+                "create",
+                &id,
+                "app",
+                "--user-data-file",
+                script,
+                "--stopped",
+            ],
+        ));
+        assert_eq!(
+            (&app["power"], &app["user_data"]),
+            (
+                &Value::from("stopped"),
+                &Value::from("#!/bin/sh\necho hi\n")
+            )
+        );
+        let piped = json(&atoll_stdin(
+            &url,
+            &token,
+            &["vm", "create", &id, "piped", "--user-data-file", "-"],
+            "echo piped\n".as_bytes(),
+        ));
+        assert_eq!(
+            (&piped["power"], &piped["user_data"]),
+            (&Value::from("running"), &Value::from("echo piped\n"))
+        );
+        let started = json(&atoll(&url, &token, &["vm", "start", &id, "app"]));
+        assert_eq!(started["power"], "running");
+        let stopped = json(&atoll(&url, &token, &["vm", "stop", &id, "app"]));
+        assert_eq!(stopped["power"], "stopped");
+        let got = json(&atoll(&url, &token, &["vm", "get", &id, "app"]));
+        assert_eq!(
+            (&got["power"], &got["status"]["state"]),
+            (&Value::from("stopped"), &Value::from("pending"))
+        );
+        // Too much user data is refused before sending; a missing file is named.
+        let big = dir.path().join("big.sh");
+        std::fs::write(&big, vec![b'#'; MAX_USER_DATA_BYTES + 1]).unwrap();
+        for file in [big.to_str().unwrap(), "/nonexistent/user-data"] {
+            let out = atoll(
+                &url,
+                &token,
+                &["vm", "create", &id, "nope", "--user-data-file", file],
+            );
+            assert_eq!(out.status.code(), Some(1));
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert!(err.contains("--user-data-file"), "{err}");
+        }
+        // The console is printed as it is (no JSON, no added newline): empty until reported.
+        let empty = atoll(&url, &token, &["vm", "console", &id, "app"]);
+        assert!(
+            empty.status.success() && empty.stdout.is_empty(),
+            "{empty:?}"
+        );
+        let tail = "boot ok\nλ \"quoted\"\n$ ";
+        let report = StatusReport {
+            vms: vec![VmReport {
+                cloud: id.parse().unwrap(),
+                vm: "app".into(),
+                status: VmStatus {
+                    state: VmState::Running,
+                    device: None,
+                    message: None,
+                    updated_at: 1,
+                    restarts: 0,
+                    boot_ms: Some(300),
+                    accel: Some("kvm".into()),
+                },
+                console: Some(tail.into()),
+            }],
+        };
+        rt.block_on(core.execute(Principal::Operator, Cmd::ReportStatus("h".into(), report)))
+            .unwrap();
+        let console = atoll(&url, &token, &["vm", "console", &id, "app"]);
+        assert!(console.status.success(), "{console:?}");
+        assert_eq!(String::from_utf8(console.stdout).unwrap(), tail);
+        let missing = atoll(&url, &token, &["vm", "console", &id, "ghost"]);
+        assert_eq!(missing.status.code(), Some(1));
+        assert!(String::from_utf8_lossy(&missing.stderr).contains("404"));
+        assert!(atoll(&url, &token, &["vm", "delete", &id, "piped"])
+            .status
+            .success());
         // Errors: the server's message, naming the field, and exit status 1.
         let bad = atoll(&url, &token, &["vm", "create", &id, "Bad_Name"]);
         assert_eq!(bad.status.code(), Some(1));
