@@ -1266,9 +1266,11 @@ fn services_without_a_live_backend_drop_new_flows() {
                 DropReason::ExposureNoBackend,
                 &format!("{p:?}: backend {nowhere} has no endpoint"),
             );
-            // The flow may have been recorded (the backend can come back); drop it so the
-            // next case starts afresh.
-            let _ = plane.flows_out.remove(&consumer_key(p, 40000));
+            assert!(
+                !plane.flows_out().contains_key(&Key(consumer_key(p, 40000))),
+                "{p:?}: no flow to backend {nowhere}"
+            );
+            assert_eq!(plane.flows_in().len(), flows_in, "no NAT port taken");
         }
         // An established flow whose backend endpoint goes away, then comes back.
         plane.set_vip(p.vip(), p.service(p.grant(), &[B2]));

@@ -277,6 +277,12 @@ fn open_flow(key: &FlowKey, svc: &VipService) -> Result<FlowOut, DropReason> {
     let Some(backend) = svc.backends.get(index) else {
         return Err(DropReason::ExposureNoBackend);
     };
+    // A backend with no live endpoint here gets no flow entries, so it holds no NAT port
+    // (an established flow whose backend goes away is dropped in `deliver` instead and
+    // resumes when the backend returns).
+    if route::lookup(svc.provider, backend.ipv4).is_none_or(|h| h.flags != NEXTHOP_ENDPOINT) {
+        return Err(DropReason::ExposureNoBackend);
+    }
     let back = FlowIn {
         grant: svc.grant,
         consumer_cloud: key.cloud,
