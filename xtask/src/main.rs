@@ -4,9 +4,11 @@
 //!   LLVM 22) and mounts bpffs. Idempotent: checks first, so it is quick when all is present.
 //! - `build`: release build of every crate (the agent's build script compiles the eBPF object).
 //! - `demo`: setup + build + `atoll-agent demo` (the README's first command).
-//! - `test`: setup, formatting and clippy (`-D warnings`) on every crate, the whole test suite
-//!   as root, a smoke run of the benchmarks and the demo (the README's second command; CI).
+//! - `test`: setup, the guest image, formatting and clippy (`-D warnings`) on every crate, the
+//!   whole test suite as root, a smoke run of the benchmarks and the demo (the README's second command; CI).
 //! - `bench`: full benchmarks, written to docs/benchmarks.md.
+//! - `image`: QEMU 7.2, the guest kernel and initramfs under /var/lib/atoll (docs/vm.md, "Guest
+//!   image"). Cached: a rerun with unchanged inputs only probe-boots the result.
 
 use std::{
     path::{Path, PathBuf},
@@ -15,6 +17,8 @@ use std::{
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
+
+mod image;
 
 #[derive(Parser)]
 #[command(about = "atoll build, test and setup tasks")]
@@ -35,6 +39,8 @@ enum Cmd {
     Test,
     /// Run the benchmarks and write docs/benchmarks.md (needs root).
     Bench,
+    /// Build QEMU 7.2, the guest kernel and initramfs for microVMs (cached; needs root).
+    Image,
 }
 
 /// Debian packages: the eBPF toolchain (Debian's rustc ships `core` for bpfel), LLVM 22 for
@@ -75,6 +81,10 @@ fn main() -> Result<()> {
             require_root("benchmarks")?;
             run(cargo().args(["build", "--release", "-p", "atoll-tests", "--bin", "bench"]))?;
             run(Command::new("target/release/bench").args(["--out", "docs/benchmarks.md"]))
+        }
+        Cmd::Image => {
+            require_root("the guest image")?;
+            image::image(&root)
         }
     }
 }
@@ -120,24 +130,7 @@ fn require_root(what: &str) -> Result<()> {
 
 fn setup() -> Result<()> {
     require_root("setup, tests and benchmarks")?;
-    let missing: Vec<&str> = APT_PACKAGES
-        .iter()
-        .copied()
-        .filter(|p| {
-            let out = Command::new("dpkg-query").args(["-W", "-f=${Status}", p]).output();
-            !matches!(out, Ok(o) if String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
-        })
-        .collect();
-    if missing.is_empty() {
-        eprintln!("xtask setup: apt packages present");
-    } else {
-        eprintln!("xtask setup: installing {}", missing.join(" "));
-        run(Command::new("apt-get").args(["update", "-q"]))?;
-        run(Command::new("apt-get")
-            .env("DEBIAN_FRONTEND", "noninteractive")
-            .args(["install", "-y", "-q", "--no-install-recommends"])
-            .args(&missing))?;
-    }
+    apt_install(APT_PACKAGES)?;
     let linker_ok = Command::new("bpf-linker")
         .arg("--version")
         .output()
@@ -176,12 +169,38 @@ fn setup() -> Result<()> {
     Ok(())
 }
 
+/// Installs the Debian packages of `packages` that are not installed yet.
+fn apt_install(packages: &[&str]) -> Result<()> {
+    let missing: Vec<&str> = packages
+        .iter()
+        .copied()
+        .filter(|p| {
+            let out = Command::new("dpkg-query").args(["-W", "-f=${Status}", p]).output();
+            !matches!(out, Ok(o) if String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
+        })
+        .collect();
+    if missing.is_empty() {
+        eprintln!("xtask: apt packages present ({} checked)", packages.len());
+    } else {
+        eprintln!("xtask: installing {}", missing.join(" "));
+        run(Command::new("apt-get").args(["update", "-q"]))?;
+        run(Command::new("apt-get")
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            // Waits for another apt or dpkg (a concurrent CI run) instead of failing.
+            .args(["-o", "DPkg::Lock::Timeout=600"])
+            .args(["install", "-y", "-q", "--no-install-recommends"])
+            .args(&missing))?;
+    }
+    Ok(())
+}
+
 fn build() -> Result<()> {
     run(cargo().args(["build", "--release", "--workspace"]))
 }
 
 fn test() -> Result<()> {
     setup()?;
+    image::image(&workspace_root())?;
     run(cargo().args(["fmt", "--all", "--check"]))?;
     // The eBPF crate compiles for the host too, so clippy covers it with the rest.
     run(cargo().args([
