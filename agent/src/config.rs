@@ -23,6 +23,59 @@ pub struct AgentConfig {
     pub usage: UsageConfig,
     pub control: ControlLinkConfig,
     pub dns: DnsConfig,
+    pub vm: VmConfig,
+}
+
+/// `[vm]`: how this host runs the VMs placed on it (see the `vm` module and docs/vm.md).
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct VmConfig {
+    /// `qemu`: boot every placed VM as a QEMU microvm; `none`: give VMs their network
+    /// identity only (tap, maps, DNS) and leave the tap to another VMM.
+    pub driver: String,
+    /// Root of the QEMU tree `cargo xtask image` unpacks (`usr/bin/qemu-system-x86_64`, its
+    /// libraries and firmware); `/` for a system-wide QEMU 7.2.
+    pub qemu_root: PathBuf,
+    /// Guest images: `<images_dir>/<image>/vmlinux` and `initramfs.cpio.gz`.
+    pub images_dir: PathBuf,
+    /// Image of VMs that name none.
+    pub default_image: String,
+    /// `auto` (KVM when a probe boot under KVM succeeds, else TCG), `kvm` or `tcg`.
+    pub accel: String,
+    /// Per-VM runtime files (config drive, sockets, pid).
+    pub run_dir: PathBuf,
+    /// Per-VM console logs.
+    pub state_dir: PathBuf,
+    /// Each VM's VMM runs as uid and gid `uid_base + <endpoint slot>` (no passwd entry needed).
+    pub uid_base: u32,
+    /// Unrequested VMM exits restarted within `restart_window_secs`; one more marks the VM
+    /// `failed`.
+    pub max_restarts: u32,
+    pub restart_window_secs: u64,
+    /// How long a stop waits for the guest to power off before the VMM is killed.
+    pub stop_timeout_secs: u64,
+    /// Bytes of console log kept per VM (the current file and one rotated file, each at most
+    /// half of this).
+    pub console_max_bytes: u64,
+}
+
+impl Default for VmConfig {
+    fn default() -> Self {
+        VmConfig {
+            driver: "qemu".into(),
+            qemu_root: PathBuf::from("/var/lib/atoll/vmm/qemu-7.2"),
+            images_dir: PathBuf::from("/var/lib/atoll/images"),
+            default_image: "default".into(),
+            accel: "auto".into(),
+            run_dir: PathBuf::from("/run/atoll/vms"),
+            state_dir: PathBuf::from("/var/lib/atoll/vms"),
+            uid_base: 2_000_000_000,
+            max_restarts: 3,
+            restart_window_secs: 600,
+            stop_timeout_secs: 10,
+            console_max_bytes: 1 << 20,
+        }
+    }
 }
 
 /// `[control]`: where this host's desired state comes from.
@@ -441,7 +494,57 @@ impl AgentConfig {
             }
         }
         cfg.dns.validate(&cfg.dataplane).map_err(|m| invalid(&m))?;
+        cfg.vm.validate(&cfg.dataplane).map_err(|m| invalid(&m))?;
         Ok(cfg)
+    }
+}
+
+impl VmConfig {
+    pub fn validate(&self, dataplane: &DataplaneConfig) -> Result<(), String> {
+        if !matches!(self.driver.as_str(), "qemu" | "none") {
+            return Err(format!(
+                "vm.driver {:?}: use \"qemu\" or \"none\"",
+                self.driver
+            ));
+        }
+        if !matches!(self.accel.as_str(), "auto" | "kvm" | "tcg") {
+            return Err(format!(
+                "vm.accel {:?}: use \"auto\", \"kvm\" or \"tcg\"",
+                self.accel
+            ));
+        }
+        for (key, p) in [
+            ("vm.qemu_root", &self.qemu_root),
+            ("vm.images_dir", &self.images_dir),
+            ("vm.run_dir", &self.run_dir),
+            ("vm.state_dir", &self.state_dir),
+        ] {
+            if !p.is_absolute() {
+                return Err(format!("{key} must be an absolute path"));
+            }
+        }
+        atoll_control::model::validate_label("vm.default_image", &self.default_image)
+            .map_err(|e| format!("vm.default_image: {}", e.message))?;
+        // Every slot's uid must be a valid, unprivileged id (and not -1, "no change").
+        let top = u64::from(self.uid_base) + u64::from(dataplane.max_endpoints);
+        if self.uid_base < 65_536 || top >= u64::from(u32::MAX) {
+            return Err(format!(
+                "vm.uid_base {} with dataplane.max_endpoints {}: the per-VM ids must lie in 65536..{}",
+                self.uid_base,
+                dataplane.max_endpoints,
+                u32::MAX
+            ));
+        }
+        if self.stop_timeout_secs == 0 || self.stop_timeout_secs > 600 {
+            return Err("vm.stop_timeout_secs must be 1 to 600".into());
+        }
+        if self.restart_window_secs == 0 {
+            return Err("vm.restart_window_secs must be > 0".into());
+        }
+        if self.console_max_bytes < 64 * 1024 {
+            return Err("vm.console_max_bytes must be at least 65536".into());
+        }
+        Ok(())
     }
 }
 

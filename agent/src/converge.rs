@@ -20,6 +20,14 @@
 //!   never truncated or recreated (an existing file keeps its data); qcow2 images are made by
 //!   `qemu-img`. A removed volume's file is deleted; so is its cloud's directory once empty.
 //! - Device names are `<tap_prefix><n>` with a host-local counter, skipping names in use.
+//! - **VMs** (with a [`VmManager`], i.e. `vm.driver = "qemu"`): a placement whose power is
+//!   `running` gets its VMM started once its endpoint and volumes exist, `stopped` gets it
+//!   stopped; supervisor events ([`Converger::vm_event`]) and console changes
+//!   ([`Converger::report_consoles`]) are reported as they happen. A placement changed while
+//!   its VM runs (a volume attached, say) applies at the VM's next start. A VM whose
+//!   supervisor gave up (`failed`) is not started again by later deltas; a stop and a start
+//!   of the VM are what retry it. Without a manager a VM is its network identity only
+//!   (`network_ready`), for hosts whose taps another VMM opens.
 //! - **Exposure services** come per provider cloud as its complete set of active grants
 //!   ([`ProviderServices`]); the host installs each (VIP, NAT address, backends) and removes
 //!   the provider's services that are not in the set. A full state removes the services of
@@ -38,8 +46,8 @@ use atoll_control::{
     client::{Client, ClientError},
     core::{Command, Core, CoreError, Principal},
     model::{
-        CloudId as ApiCloudId, Placement, Protocol, ProviderServices, StatusReport, SyncDelta,
-        VmReport, VmState, VmStatus, VolumeFormat, VolumePlacement, Zone,
+        CloudId as ApiCloudId, Placement, Power, Protocol, ProviderServices, StatusReport,
+        SyncDelta, VmReport, VmState, VmStatus, VolumeFormat, VolumePlacement, Zone,
     },
 };
 use hyper::Method;
@@ -49,6 +57,7 @@ use crate::{
         DeviceSpec, EndpointError, EndpointSpec, Host, ServiceSpec, PROTOCOL_TCP, PROTOCOL_UDP,
     },
     types::{radix36, CloudId, MacAddr},
+    vm::{VmEvent, VmKey, VmManager, VmSpec},
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -185,6 +194,10 @@ pub struct Converger {
     revision: u64,
     vms: HashMap<(u32, String), Applied>,
     next_name: u64,
+    vmm: Option<VmManager>,
+    /// The status last reported of each VM with a VMM.
+    statuses: HashMap<VmKey, VmStatus>,
+    default_image: String,
 }
 
 /// What one applied delta did.
@@ -193,6 +206,18 @@ pub struct ApplyStats {
     pub created: usize,
     pub deleted: usize,
     pub failed: usize,
+}
+
+fn status(state: VmState, device: Option<String>, message: Option<String>) -> VmStatus {
+    VmStatus {
+        state,
+        device,
+        message,
+        updated_at: now(),
+        restarts: 0,
+        boot_ms: None,
+        accel: None,
+    }
 }
 
 fn api_cloud(c: ApiCloudId) -> Option<CloudId> {
@@ -215,7 +240,94 @@ impl Converger {
             revision: 0,
             vms: HashMap::new(),
             next_name: 0,
+            vmm: None,
+            statuses: HashMap::new(),
+            default_image: String::new(),
         }
+    }
+
+    /// Runs the placed VMs with `vmm`, booting `default_image` for VMs that name none.
+    pub fn with_vms(mut self, vmm: VmManager, default_image: &str) -> Self {
+        self.vmm = Some(vmm);
+        self.default_image = default_image.to_string();
+        self
+    }
+
+    /// Kills every VMM this converger runs (tests and benchmarks: the agent itself leaves VMs
+    /// running when it stops).
+    pub async fn kill_vms(&mut self) {
+        if let Some(v) = self.vmm.as_mut() {
+            v.kill_all().await;
+        }
+    }
+
+    /// Records a supervisor's event and reports it (with the console's tail if it changed).
+    pub async fn vm_event(&mut self, ev: VmEvent) -> Result<(), ConvergeError> {
+        if !self.vms.contains_key(&ev.key) {
+            return Ok(()); // deleted meanwhile
+        }
+        let prev = self.statuses.get(&ev.key);
+        let status = VmStatus {
+            state: ev.state,
+            device: self.vms.get(&ev.key).map(|a| a.device.clone()),
+            message: ev.message,
+            updated_at: now(),
+            restarts: ev.restarts,
+            // A boot time stays known until the next boot measures one.
+            boot_ms: ev.boot_ms.or_else(|| {
+                prev.and_then(|p| p.boot_ms)
+                    .filter(|_| ev.state != VmState::Booting)
+            }),
+            accel: ev.accel.map(str::to_string),
+        };
+        self.statuses.insert(ev.key.clone(), status);
+        self.report_keys(&[ev.key]).await
+    }
+
+    /// Reports the VMs whose console printed something since the last report.
+    pub async fn report_consoles(&mut self) -> Result<(), ConvergeError> {
+        self.report_keys(&[]).await
+    }
+
+    /// Reports `keys` (their last status) and every changed console.
+    async fn report_keys(&mut self, keys: &[VmKey]) -> Result<(), ConvergeError> {
+        let mut consoles: HashMap<VmKey, String> = match self.vmm.as_mut() {
+            Some(m) => m.console_changes().into_iter().collect(),
+            None => HashMap::new(),
+        };
+        let mut reports = Vec::new();
+        for k in keys {
+            if let Some(st) = self.statuses.get(k) {
+                reports.push(VmReport {
+                    cloud: ApiCloudId(k.0),
+                    vm: k.1.clone(),
+                    status: st.clone(),
+                    console: consoles.remove(k),
+                });
+            }
+        }
+        for (k, text) in consoles {
+            if let Some(st) = self.statuses.get(&k) {
+                reports.push(VmReport {
+                    cloud: ApiCloudId(k.0),
+                    vm: k.1.clone(),
+                    status: st.clone(),
+                    console: Some(text),
+                });
+            }
+        }
+        // At most 32 consoles of 16 KiB per request: far below the API's 1 MiB body limit.
+        for chunk in reports.chunks(32) {
+            self.source
+                .report(
+                    &self.cfg.host,
+                    StatusReport {
+                        vms: chunk.to_vec(),
+                    },
+                )
+                .await?;
+        }
+        Ok(())
     }
 
     pub fn source(&self) -> &Source {
@@ -308,27 +420,20 @@ impl Converger {
             let status = match self.ensure_vm(host, p).await {
                 Ok((device, created)) => {
                     out.created += usize::from(created);
-                    VmStatus {
-                        state: VmState::NetworkReady,
-                        device: Some(device),
-                        message: None,
-                        updated_at: now(),
-                    }
+                    let state = VmState::NetworkReady;
+                    self.power(p, &device)
+                        .unwrap_or_else(|| status(state, Some(device), None))
                 }
                 Err(message) => {
                     out.failed += 1;
-                    VmStatus {
-                        state: VmState::Failed,
-                        device: None,
-                        message: Some(message),
-                        updated_at: now(),
-                    }
+                    status(VmState::Failed, None, Some(message))
                 }
             };
             reports.push(VmReport {
                 cloud: p.cloud,
                 vm: p.vm.clone(),
                 status,
+                console: None,
             });
         }
         if let Some(dns) = &self.dns {
@@ -364,6 +469,88 @@ impl Converger {
                 .await?;
         }
         Ok(out)
+    }
+
+    /// Starts or stops the VM of placement `p` (endpoint `device` live) per its power; the
+    /// status to report, or `None` without a VM manager.
+    fn power(&mut self, p: &Placement, device: &str) -> Option<VmStatus> {
+        let key: VmKey = (p.cloud.0, p.vm.clone());
+        let slot = self.vms.get(&key)?.slot;
+        let spec = VmSpec {
+            key: key.clone(),
+            fqdn: p.fqdn.clone(),
+            zone: p.zone.clone(),
+            ipv4: p.ipv4,
+            gateway: p.gateway,
+            mac: p.mac.parse().ok()?,
+            vcpus: p.vcpus,
+            memory_mib: p.memory_mib,
+            tap: device.to_string(),
+            slot,
+            volumes: p
+                .volumes
+                .iter()
+                .map(|name| {
+                    let (path, format) = self.volume_file(&p.cloud.to_string(), name);
+                    (name.clone(), path, format)
+                })
+                .collect(),
+            image: p
+                .image
+                .clone()
+                .unwrap_or_else(|| self.default_image.clone()),
+            kernel: p.kernel.clone(),
+            user_data: p.user_data.clone(),
+        };
+        let vmm = self.vmm.as_mut()?;
+        let last = self.statuses.get(&key).cloned();
+        let active = vmm.is_active(&key);
+        let st = match p.power {
+            Power::Running if active => {
+                last.unwrap_or_else(|| status(VmState::Booting, None, None))
+            }
+            // A VM its supervisor gave up on stays failed until stopped and started again.
+            Power::Running if last.as_ref().is_some_and(|s| s.state == VmState::Failed) => {
+                last.expect("checked")
+            }
+            Power::Running => {
+                vmm.start(spec);
+                status(VmState::Booting, None, None)
+            }
+            Power::Stopped if active => {
+                vmm.stop(&key);
+                VmStatus {
+                    state: VmState::Stopping,
+                    updated_at: now(),
+                    ..last.unwrap_or_else(|| status(VmState::Stopping, None, None))
+                }
+            }
+            Power::Stopped => VmStatus {
+                state: VmState::Stopped,
+                message: None,
+                updated_at: now(),
+                ..last.unwrap_or_else(|| status(VmState::Stopped, None, None))
+            },
+        };
+        let st = VmStatus {
+            device: Some(device.to_string()),
+            ..st
+        };
+        self.statuses.insert(key, st.clone());
+        Some(st)
+    }
+
+    /// A volume's file on this host and its format (raw unless a qcow2 file exists).
+    fn volume_file(&self, cloud: &str, name: &str) -> (PathBuf, VolumeFormat) {
+        let qcow2 = self.volume_path(cloud, name, VolumeFormat::Qcow2);
+        if qcow2.exists() {
+            (qcow2, VolumeFormat::Qcow2)
+        } else {
+            (
+                self.volume_path(cloud, name, VolumeFormat::Raw),
+                VolumeFormat::Raw,
+            )
+        }
     }
 
     /// Rebuilds the VM table from the dataplane: endpoints whose device has our prefix are
@@ -439,6 +626,11 @@ impl Converger {
         let Some(a) = self.vms.remove(key) else {
             return;
         };
+        // The VMM goes first: it holds the tap and the volumes.
+        if let Some(vmm) = self.vmm.as_mut() {
+            vmm.kill(key).await;
+        }
+        self.statuses.remove(key);
         if let Some(dns) = &self.dns {
             dns.remove_endpoint(a.slot);
         }

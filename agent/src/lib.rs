@@ -25,5 +25,6 @@ pub mod metrics;
 pub mod testbed;
 pub mod types;
 pub mod usage;
+pub mod vm;
 
 pub use atoll_dataplane_common as common;

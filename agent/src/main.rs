@@ -97,6 +97,11 @@ fn real_main() -> Result<()> {
             Cmd::Demo => Ok(atoll_agent::demo::run().await?),
             Cmd::Endpoint(e) => endpoint(&cfg, e).await,
             Cmd::Cleanup => {
+                // VMMs first: they hold taps and volumes.
+                let killed = atoll_agent::vm::kill_recorded(&cfg.vm.run_dir).await;
+                if killed > 0 {
+                    println!("killed {killed} VMM processes");
+                }
                 // The DNS namespace and device pair, whatever state they are in.
                 atoll_agent::dns::DnsPlane::remove(&cfg.dns).await?;
                 if !layout_dir(&cfg.dataplane.bpffs_root).exists() {
@@ -168,7 +173,10 @@ async fn run(cfg: &AgentConfig) -> Result<()> {
             cfg.usage.journal_dir.display()
         );
     }
-    let (mut converger, dns_server) = start_control(cfg, &mut host).await?;
+    let (mut converger, dns_server, mut vm_events) = start_control(cfg, &mut host).await?;
+    // Consoles are reported at most every 2 s, and only when they changed.
+    let mut consoles = tokio::time::interval(std::time::Duration::from_secs(2));
+    consoles.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let sync_wait = std::time::Duration::from_secs(30);
     let mut next_sync = next_delta(converger.as_ref(), sync_wait);
     // Spare taps are refilled in short batches (5 ms of work at most) between changes, so a
@@ -206,6 +214,20 @@ async fn run(cfg: &AgentConfig) -> Result<()> {
                 }
                 next_sync = next_delta(converger.as_ref(), sync_wait);
             }
+            Some(ev) = recv_vm_event(&mut vm_events) => {
+                if let Some(c) = converger.as_mut() {
+                    if let Err(e) = c.vm_event(ev).await {
+                        eprintln!("atoll-agent: {e}");
+                    }
+                }
+            }
+            _ = consoles.tick(), if vm_events.is_some() => {
+                if let Some(c) = converger.as_mut() {
+                    if let Err(e) = c.report_consoles().await {
+                        eprintln!("atoll-agent: {e}");
+                    }
+                }
+            }
             _ = refill.tick() => {
                 if let Err(e) = host.refill_some(std::time::Duration::from_millis(5)).await {
                     eprintln!("atoll-agent: refilling the tap pool: {e}");
@@ -224,19 +246,34 @@ async fn run(cfg: &AgentConfig) -> Result<()> {
             eprintln!("atoll-agent: stopping the DNS server: {e}");
         }
     }
-    println!("atoll-agent: stopping; the dataplane stays pinned and keeps forwarding");
+    println!(
+        "atoll-agent: stopping; the dataplane stays pinned and keeps forwarding, VMs keep running"
+    );
     Ok(())
 }
 
 /// Starts the link to the control plane per `[control]`: the embedded control plane (store,
 /// core and API server) or a client of a remote one; registers this host.
+type VmEvents = tokio::sync::mpsc::UnboundedReceiver<atoll_agent::vm::VmEvent>;
+
+async fn recv_vm_event(rx: &mut Option<VmEvents>) -> Option<atoll_agent::vm::VmEvent> {
+    match rx {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
 async fn start_control(
     cfg: &AgentConfig,
     host: &mut Host,
-) -> Result<(Option<Converger>, Option<atoll_agent::dns::DnsServer>)> {
+) -> Result<(
+    Option<Converger>,
+    Option<atoll_agent::dns::DnsServer>,
+    Option<VmEvents>,
+)> {
     let c = &cfg.control;
     let source = match c.mode.as_str() {
-        "off" => return Ok((None, None)),
+        "off" => return Ok((None, None, None)),
         "remote" => {
             let token = std::fs::read_to_string(&c.token_file).with_context(|| {
                 format!("reading control.token_file {}", c.token_file.display())
@@ -285,7 +322,19 @@ async fn start_control(
         tap_prefix: c.tap_prefix.clone(),
         volumes_dir: c.volumes_dir.clone(),
     };
-    Ok((Some(Converger::new(conv, source, dns)), server))
+    let mut converger = Converger::new(conv, source, dns);
+    let mut events = None;
+    if cfg.vm.driver == "qemu" {
+        let (vmm, rx) = atoll_agent::vm::VmManager::new(cfg.vm.clone());
+        converger = converger.with_vms(vmm, &cfg.vm.default_image);
+        events = Some(rx);
+        println!(
+            "atoll-agent: VMs run under QEMU from {} (images in {})",
+            cfg.vm.qemu_root.display(),
+            cfg.vm.images_dir.display()
+        );
+    }
+    Ok((Some(converger), server, events))
 }
 
 /// The next sync of `converger`, or never when there is no control plane.

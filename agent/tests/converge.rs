@@ -4,7 +4,7 @@
 //! whole agent binary with its embedded control plane, driven over HTTP, with a guest on an
 //! API-created VM's tap resolving names through the host's DNS server. Needs root.
 
-use std::{net::Ipv4Addr, path::Path, process::Command, sync::Arc, time::Duration};
+use std::{net::Ipv4Addr, path::Path, sync::Arc, time::Duration};
 
 mod support;
 
@@ -13,7 +13,7 @@ use atoll_agent::{
     endpoint::{Host, ServiceSpec, PROTOCOL_TCP},
     testbed::{
         frame::{self, Udp},
-        unique_name, unique_prefix, LinksWithPrefix, PinRoot,
+        unique_prefix, LinksWithPrefix, PinRoot,
     },
 };
 use atoll_control::{
@@ -56,6 +56,8 @@ fn vm(name: &str) -> CreateVm {
         kernel: None,
         image: None,
         volumes: vec![],
+        user_data: None,
+        start: true,
     }
 }
 
@@ -199,84 +201,10 @@ async fn vms_volumes_and_clouds_converge_onto_the_host() {
 #[tokio::test]
 async fn agent_with_embedded_control_plane_serves_the_api() {
     require_root();
-    let dir = tempfile::tempdir().unwrap();
-    let pins = PinRoot::new("ce");
-    let prefix = unique_prefix("e");
-    let _links = LinksWithPrefix(prefix.clone());
-    let port = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap().port()
-    };
-    let dns = unique_name("d");
-    let token_file = dir.path().join("op.token");
-    let config = dir.path().join("agent.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[dataplane]\nbpffs_root = \"{}\"\ntap_pool = 1\n[metrics]\nenabled = false\n\
-             [usage]\nenabled = false\n[dns]\nnamespace = \"{dns}\"\ndevice = \"{dns}\"\n\
-             [control]\nhost = \"solo\"\ntap_prefix = \"{prefix}\"\nvolumes_dir = \"{}\"\n\
-             [control.embedded]\nlisten = \"127.0.0.1:{port}\"\noperator_token_file = \"{}\"\n\
-             [control.embedded.store]\npath = \"{}\"\n",
-            pins.path().display(),
-            dir.path().join("volumes").display(),
-            token_file.display(),
-            dir.path().join("control.db").display(),
-        ),
-    )
-    .unwrap();
-    let mut agent = Command::new(env!("CARGO_BIN_EXE_atoll-agent"))
-        .arg("--config")
-        .arg(&config)
-        .arg("run")
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    // Kills the agent and runs `atoll-agent cleanup` on drop, so a failing test leaves nothing
-    // either (the pinned dataplane, its spare taps and the DNS namespace outlive the agent).
-    struct Agent<'a> {
-        child: &'a mut std::process::Child,
-        config: &'a Path,
-    }
-    impl Agent<'_> {
-        fn cleanup(&mut self) -> std::process::Output {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-            Command::new(env!("CARGO_BIN_EXE_atoll-agent"))
-                .arg("--config")
-                .arg(self.config)
-                .arg("cleanup")
-                .output()
-                .expect("running atoll-agent cleanup")
-        }
-    }
-    impl Drop for Agent<'_> {
-        fn drop(&mut self) {
-            if std::thread::panicking() {
-                let _ = self.cleanup();
-            }
-        }
-    }
-    let stdout = agent.stdout.take().unwrap();
-    let mut guard = Agent {
-        child: &mut agent,
-        config: &config,
-    };
-    let lines = std::io::BufRead::lines(std::io::BufReader::new(stdout));
-    let mut reader = lines.map_while(Result::ok);
-    assert!(
-        reader
-            .by_ref()
-            .any(|l| l.contains("DNS for guests at their gateway")),
-        "agent did not start its DNS server"
-    );
-    assert!(
-        reader.by_ref().any(|l| l.contains("converging host solo")),
-        "agent did not start its control plane"
-    );
-    std::thread::spawn(move || reader.for_each(drop));
-    let token = std::fs::read_to_string(&token_file).unwrap();
-    let op = Client::new(&format!("http://127.0.0.1:{port}"), &token).unwrap();
+    let mut guard = support::EmbeddedAgent::start("ce", "");
+    let prefix = guard.prefix.clone();
+    let port = guard.url.rsplit(':').next().unwrap().to_string();
+    let op = guard.client(&guard.token);
     let hosts: Vec<HostInfo> = op
         .call(Method::GET, "/v1/hosts", None::<&Value>)
         .await
@@ -340,6 +268,7 @@ async fn agent_with_embedded_control_plane_serves_the_api() {
             VmState::NetworkReady => break st.device.unwrap(),
             VmState::Failed => panic!("VM failed: {:?}", st.message),
             VmState::Pending => {}
+            other => panic!("unexpected state {other:?} without a VMM"),
         }
         assert!(
             std::time::Instant::now() < deadline,
@@ -395,7 +324,6 @@ async fn agent_with_embedded_control_plane_serves_the_api() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let _ = unique_name("e");
 }
 
 /// An agent apart from its control plane (`mode = "remote"`): the same convergence over the

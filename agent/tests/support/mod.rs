@@ -274,3 +274,118 @@ pub mod dns {
         }
     }
 }
+
+/// `atoll-agent run` with its embedded control plane (the single-host default) on a private
+/// bpffs root, tap prefix, DNS namespace, port and state directory. Killed and cleaned up
+/// (`atoll-agent cleanup`: VMMs, devices, pins, DNS namespace) on drop, so a failing test
+/// leaves nothing either.
+pub struct EmbeddedAgent {
+    pub dir: tempfile::TempDir,
+    pub config: std::path::PathBuf,
+    pub url: String,
+    pub token: String,
+    pub prefix: String,
+    child: std::process::Child,
+    cleaned: bool,
+    _pins: PinRoot,
+    _links: atoll_agent::testbed::LinksWithPrefix,
+}
+
+impl EmbeddedAgent {
+    /// Starts the agent with `extra` appended to its config (e.g. a `[vm]` section; the
+    /// default here is `driver = "none"`), and waits until it converges.
+    pub fn start(tag: &str, extra: &str) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let pins = PinRoot::new(tag);
+        let prefix = unique_prefix(tag);
+        let links = atoll_agent::testbed::LinksWithPrefix(prefix.clone());
+        let port = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap().port()
+        };
+        let dns = atoll_agent::testbed::unique_name(tag);
+        let token_file = dir.path().join("op.token");
+        let config = dir.path().join("agent.toml");
+        let vm = if extra.contains("[vm]") {
+            String::new()
+        } else {
+            "[vm]\ndriver = \"none\"\n".to_string()
+        };
+        std::fs::write(
+            &config,
+            format!(
+                "[dataplane]\nbpffs_root = \"{}\"\ntap_pool = 1\n[metrics]\nenabled = false\n\
+                 [usage]\nenabled = false\n[dns]\nnamespace = \"{dns}\"\ndevice = \"{dns}\"\n\
+                 [control]\nhost = \"solo\"\ntap_prefix = \"{prefix}\"\nvolumes_dir = \"{}\"\n\
+                 [control.embedded]\nlisten = \"127.0.0.1:{port}\"\noperator_token_file = \"{}\"\n\
+                 [control.embedded.store]\npath = \"{}\"\n{vm}{extra}",
+                pins.path().display(),
+                dir.path().join("volumes").display(),
+                token_file.display(),
+                dir.path().join("control.db").display(),
+            ),
+        )
+        .unwrap();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_atoll-agent"))
+            .arg("--config")
+            .arg(&config)
+            .arg("run")
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let mut agent = EmbeddedAgent {
+            url: format!("http://127.0.0.1:{port}"),
+            token: String::new(),
+            dir,
+            config,
+            prefix,
+            child,
+            cleaned: false,
+            _pins: pins,
+            _links: links,
+        };
+        let mut lines =
+            std::io::BufRead::lines(std::io::BufReader::new(stdout)).map_while(Result::ok);
+        for want in ["DNS for guests at their gateway", "converging host solo"] {
+            assert!(
+                lines.by_ref().any(|l| l.contains(want)),
+                "the agent did not print {want:?}"
+            );
+        }
+        std::thread::spawn(move || lines.for_each(drop));
+        agent.token = std::fs::read_to_string(&token_file).unwrap();
+        agent
+    }
+
+    /// The agent's bpffs root (its dataplane's pins).
+    pub fn pins_path(&self) -> &Path {
+        self._pins.path()
+    }
+
+    /// A client of the API with `token` (the operator's: [`EmbeddedAgent::token`]).
+    pub fn client(&self, token: &str) -> atoll_control::client::Client {
+        atoll_control::client::Client::new(&self.url, token).unwrap()
+    }
+
+    /// Kills the agent and runs `atoll-agent cleanup`; returns cleanup's output.
+    pub fn cleanup(&mut self) -> std::process::Output {
+        self.cleaned = true;
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        Command::new(env!("CARGO_BIN_EXE_atoll-agent"))
+            .arg("--config")
+            .arg(&self.config)
+            .arg("cleanup")
+            .output()
+            .expect("running atoll-agent cleanup")
+    }
+}
+
+impl Drop for EmbeddedAgent {
+    fn drop(&mut self) {
+        if !self.cleaned {
+            let _ = self.cleanup();
+        }
+    }
+}

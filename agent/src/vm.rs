@@ -1,0 +1,1008 @@
+//! Running the VMs placed on this host: one supervisor task per VM drives its VMM through
+//! boot, ready, stop, crash and restart, and tells the converger each change as a [`VmEvent`].
+//!
+//! Decisions (the host/guest contract is in docs/vm.md):
+//! - **A driver interface, one driver.** [`Driver`] is what the supervisor needs of a VMM:
+//!   the command line for a VM and the accelerator it will use. Only QEMU's `microvm` is
+//!   implemented (and tested); Firecracker or Cloud Hypervisor drivers would implement the
+//!   same trait with their own command line or API socket.
+//! - **Least privilege.** Each VMM runs as uid and gid `vm.uid_base + <endpoint slot>` with no
+//!   supplementary groups, no capabilities (a uid change from root drops them all),
+//!   `no_new_privs`, its own session, a 077 umask and QEMU's seccomp sandbox. It inherits
+//!   only its tap queue, its config drive and its volumes as file descriptors; its runtime
+//!   directory is the only place it can write by path.
+//! - **Supervised, not restarted forever.** An exit nobody asked for is reported `crashed`
+//!   and restarted after a backoff (1 s, doubling to 30 s) while fewer than `vm.max_restarts`
+//!   happened within `vm.restart_window_secs`; one more makes the VM `failed`, with QEMU's
+//!   last error line as the message, and it stays down until it is stopped and started again.
+//! - **Graceful stop, bounded.** A stop writes `atoll-poweroff` to the guest's console; the
+//!   guest syncs and unmounts its volumes and resets, which ends QEMU (`-no-reboot`). After
+//!   `vm.stop_timeout_secs` the VMM is killed. A delete kills at once: the VM is going away.
+//! - **VMMs outlive the agent.** They run in their own session and are watched through a
+//!   pidfd, so a restarted agent adopts a VMM it finds alive in the VM's runtime directory
+//!   (pid and start time recorded there) instead of starting a second one on the same tap
+//!   and volumes; QEMU reconnects its console to the new agent's socket by itself. Console
+//!   output while no agent listens is lost.
+//! - **Ready is the guest's word.** The VM is `running` when its console prints
+//!   `atoll-guest: ready` (network and volumes up); `boot_ms` is measured from the VMM's
+//!   start to that line.
+
+pub mod console;
+pub mod drive;
+pub mod qemu;
+
+use std::{
+    collections::HashMap,
+    net::Ipv4Addr,
+    os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd},
+    os::unix::fs::PermissionsExt,
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use atoll_control::model::{VmState, VolumeFormat, CONSOLE_TAIL_BYTES};
+use tokio::{
+    io::{unix::AsyncFd, AsyncReadExt, AsyncWriteExt},
+    net::{UnixListener, UnixStream},
+    sync::{mpsc, watch},
+};
+
+use crate::{config::VmConfig, types::MacAddr};
+use console::Console;
+use drive::GuestConfig;
+use qemu::{Accel, QemuInstall};
+
+/// A VM on this host: `(cloud id, VM name)`.
+pub type VmKey = (u32, String);
+
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    #[error("guest image {image}: {path} is missing (run `cargo xtask image`)")]
+    ImageMissing { image: String, path: PathBuf },
+    #[error("VMM {path} is missing (run `cargo xtask image`, or set vm.qemu_root)")]
+    VmmMissing { path: PathBuf },
+    #[error("preparing {path}: {source}")]
+    Prepare {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("opening volume {path}: {source}")]
+    OpenVolume {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("opening tap {tap}: {source}")]
+    OpenTap {
+        tap: String,
+        source: crate::device::DeviceError,
+    },
+    #[error("starting the VMM: {0}")]
+    Spawn(#[source] std::io::Error),
+    #[error("the VMM did not connect its console within {0:?}: {1}")]
+    ConsoleTimeout(Duration, String),
+    #[error("the VMM exited while starting: {0}")]
+    ExitedEarly(String),
+    #[error("KVM requested (vm.accel = \"kvm\") but unusable: {0}")]
+    KvmUnusable(String),
+    #[error("watching the VMM process: {0}")]
+    Pidfd(#[source] std::io::Error),
+}
+
+/// What a VM is made of, as the converger hands it over.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmSpec {
+    pub key: VmKey,
+    pub fqdn: String,
+    pub zone: String,
+    pub ipv4: Ipv4Addr,
+    pub gateway: Ipv4Addr,
+    pub mac: MacAddr,
+    pub vcpus: u32,
+    pub memory_mib: u64,
+    /// The VM's endpoint device and its counter slot (which also names its uid).
+    pub tap: String,
+    pub slot: u32,
+    /// `(volume name, file, format)`, in attach order.
+    pub volumes: Vec<(String, PathBuf, VolumeFormat)>,
+    pub image: String,
+    pub kernel: Option<String>,
+    pub user_data: Option<String>,
+}
+
+/// A change of a VM's state, from its supervisor.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmEvent {
+    pub key: VmKey,
+    pub state: VmState,
+    pub message: Option<String>,
+    pub restarts: u32,
+    pub boot_ms: Option<u64>,
+    pub accel: Option<&'static str>,
+}
+
+/// A disk the VMM inherits as a file descriptor.
+#[derive(Debug, Clone)]
+pub struct Disk {
+    /// The fd number the VMM inherits it at, opened read-write unless `read_only`.
+    pub fd: i32,
+    /// A read-only fd of the same file for a writable disk: QEMU opens an image both ways
+    /// and takes from the fd set the fd whose access mode matches.
+    pub ro_fd: Option<i32>,
+    pub format: VolumeFormat,
+    pub serial: String,
+    pub read_only: bool,
+}
+
+/// One boot of a VM, in terms any VMM understands; a [`Driver`] turns it into its command.
+#[derive(Debug, Clone)]
+pub struct VmPlan {
+    pub name: String,
+    pub accel: Accel,
+    pub vcpus: u32,
+    pub memory_mib: u64,
+    pub kernel: PathBuf,
+    pub initrd: PathBuf,
+    pub mac: String,
+    /// Inherited fd of the tap queue.
+    pub tap_fd: i32,
+    pub disks: Vec<Disk>,
+    /// The agent's listening console socket (the VMM connects to it).
+    pub console_socket: PathBuf,
+    /// The operator shell socket the VMM listens on (the guest's `hvc0`).
+    pub shell_socket: PathBuf,
+}
+
+/// How to run a VMM process.
+#[derive(Debug, Clone)]
+pub struct VmmCommand {
+    pub program: PathBuf,
+    pub args: Vec<std::ffi::OsString>,
+    pub env: Vec<(std::ffi::OsString, std::ffi::OsString)>,
+}
+
+/// What the supervisor needs of a VMM.
+pub trait Driver: Send + Sync + 'static {
+    /// The process that runs `plan`.
+    fn command(&self, plan: &VmPlan) -> VmmCommand;
+    /// How guests run here (probing once if needed).
+    fn accel(&self, kernel: &Path, initrd: &Path) -> Result<Accel, VmError>;
+    /// Whether the VMM binary is installed.
+    fn check(&self) -> Result<(), VmError>;
+}
+
+/// The QEMU `microvm` driver.
+pub struct Qemu {
+    install: QemuInstall,
+    accel: String,
+    probe_cache: PathBuf,
+    probed: Mutex<Option<Result<Accel, String>>>,
+}
+
+impl Qemu {
+    pub fn new(cfg: &VmConfig) -> Self {
+        Qemu {
+            install: QemuInstall {
+                root: cfg.qemu_root.clone(),
+            },
+            accel: cfg.accel.clone(),
+            probe_cache: cfg.run_dir.join("kvm-probe"),
+            probed: Mutex::new(None),
+        }
+    }
+}
+
+impl Driver for Qemu {
+    fn command(&self, plan: &VmPlan) -> VmmCommand {
+        VmmCommand {
+            program: self.install.binary(),
+            args: self.install.args(plan),
+            env: self.install.env(),
+        }
+    }
+
+    fn check(&self) -> Result<(), VmError> {
+        let path = self.install.binary();
+        if path.is_file() {
+            Ok(())
+        } else {
+            Err(VmError::VmmMissing { path })
+        }
+    }
+
+    fn accel(&self, kernel: &Path, initrd: &Path) -> Result<Accel, VmError> {
+        match self.accel.as_str() {
+            "tcg" => return Ok(Accel::Tcg),
+            "kvm" => {}
+            _ if !Path::new("/dev/kvm").exists() => return Ok(Accel::Tcg),
+            _ => {}
+        }
+        let mut probed = self.probed.lock().expect("probe lock");
+        if probed.is_none() {
+            *probed = Some(cached_probe(&self.probe_cache, || {
+                qemu::probe_kvm(&self.install, kernel, initrd, Duration::from_secs(10))
+            }));
+            if let Some(Err(why)) = probed.as_ref() {
+                eprintln!("atoll-agent: VMs run under TCG: {why}");
+            }
+        }
+        match (probed.as_ref().expect("set"), self.accel.as_str()) {
+            (Ok(a), _) => Ok(*a),
+            (Err(why), "kvm") => Err(VmError::KvmUnusable(why.clone())),
+            (Err(_), _) => Ok(Accel::Tcg),
+        }
+    }
+}
+
+/// The KVM probe's verdict, cached per boot of the host in `path` (a probe boots a guest).
+fn cached_probe(path: &Path, probe: impl FnOnce() -> Result<(), String>) -> Result<Accel, String> {
+    let boot_id = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap_or_default();
+    let boot_id = boot_id.trim();
+    if let Ok(text) = std::fs::read_to_string(path) {
+        let mut lines = text.lines();
+        if lines.next() == Some(boot_id) {
+            return match lines.next() {
+                Some("kvm") => Ok(Accel::Kvm),
+                other => Err(other
+                    .unwrap_or("tcg")
+                    .trim_start_matches("tcg ")
+                    .to_string()),
+            };
+        }
+    }
+    let verdict = probe();
+    let line = match &verdict {
+        Ok(()) => "kvm".to_string(),
+        Err(why) => format!("tcg {why}"),
+    };
+    if let Some(dir) = path.parent() {
+        let _ = std::fs::create_dir_all(dir);
+    }
+    let _ = std::fs::write(path, format!("{boot_id}\n{line}\n"));
+    verdict.map(|()| Accel::Kvm)
+}
+
+/// How a supervisor is asked to end its VM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum StopMode {
+    Run,
+    Graceful,
+    Kill,
+}
+
+struct Handle {
+    spec: VmSpec,
+    stop: watch::Sender<StopMode>,
+    task: tokio::task::JoinHandle<()>,
+    console: Arc<Mutex<Option<Console>>>,
+}
+
+struct Ctx {
+    cfg: VmConfig,
+    driver: Arc<dyn Driver>,
+    events: mpsc::UnboundedSender<VmEvent>,
+}
+
+/// The VMs this host runs.
+pub struct VmManager {
+    ctx: Arc<Ctx>,
+    vms: HashMap<VmKey, Handle>,
+}
+
+impl VmManager {
+    /// A manager with the QEMU driver; its events arrive on the returned receiver.
+    pub fn new(cfg: VmConfig) -> (Self, mpsc::UnboundedReceiver<VmEvent>) {
+        let driver: Arc<dyn Driver> = Arc::new(Qemu::new(&cfg));
+        Self::with_driver(cfg, driver)
+    }
+
+    pub fn with_driver(
+        cfg: VmConfig,
+        driver: Arc<dyn Driver>,
+    ) -> (Self, mpsc::UnboundedReceiver<VmEvent>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        (
+            VmManager {
+                ctx: Arc::new(Ctx {
+                    cfg,
+                    driver,
+                    events: tx,
+                }),
+                vms: HashMap::new(),
+            },
+            rx,
+        )
+    }
+
+    /// Whether a supervisor runs for `key` (booting, running, stopping or restarting).
+    pub fn is_active(&self, key: &VmKey) -> bool {
+        self.vms.get(key).is_some_and(|h| !h.task.is_finished())
+    }
+
+    /// The spec the VM runs with, if active.
+    pub fn running_spec(&self, key: &VmKey) -> Option<&VmSpec> {
+        self.vms
+            .get(key)
+            .filter(|h| !h.task.is_finished())
+            .map(|h| &h.spec)
+    }
+
+    /// Starts supervising `spec` (booting it, or adopting its VMM if one is alive). A VM that
+    /// is already active keeps running as it is: a changed spec applies at its next start.
+    pub fn start(&mut self, spec: VmSpec) {
+        if self.is_active(&spec.key) {
+            return;
+        }
+        let (stop, stop_rx) = watch::channel(StopMode::Run);
+        let console = Arc::new(Mutex::new(None));
+        let task = tokio::spawn(supervise(
+            self.ctx.clone(),
+            spec.clone(),
+            stop_rx,
+            console.clone(),
+        ));
+        self.vms.insert(
+            spec.key.clone(),
+            Handle {
+                spec,
+                stop,
+                task,
+                console,
+            },
+        );
+    }
+
+    /// Asks the VM to power off (killed after `vm.stop_timeout_secs`); its supervisor reports
+    /// `stopped` when it is down. Returns at once.
+    pub fn stop(&mut self, key: &VmKey) {
+        if let Some(h) = self.vms.get(key) {
+            h.stop.send_if_modified(|m| {
+                let was = *m;
+                if was == StopMode::Run {
+                    *m = StopMode::Graceful;
+                }
+                was == StopMode::Run
+            });
+        }
+    }
+
+    /// Kills the VM's VMM and waits for its supervisor to end (a delete).
+    pub async fn kill(&mut self, key: &VmKey) {
+        if let Some(h) = self.vms.remove(key) {
+            let _ = h.stop.send(StopMode::Kill);
+            let _ = h.task.await;
+        }
+    }
+
+    /// Consoles that printed something since the last call: `(key, tail)`.
+    pub fn console_changes(&mut self) -> Vec<(VmKey, String)> {
+        let mut out = Vec::new();
+        self.vms.retain(|key, h| {
+            if let Some(c) = h.console.lock().expect("console lock").as_mut() {
+                if let Some(t) = c.take_changed_tail() {
+                    out.push((key.clone(), t));
+                }
+            }
+            // Ended supervisors (stopped, failed) are forgotten once their console is read.
+            !h.task.is_finished()
+        });
+        out
+    }
+
+    /// Kills every VMM (`atoll-agent cleanup`); running VMs are otherwise left running when
+    /// the agent stops.
+    pub async fn kill_all(&mut self) {
+        let keys: Vec<VmKey> = self.vms.keys().cloned().collect();
+        for k in keys {
+            self.kill(&k).await;
+        }
+    }
+}
+
+/// Kills every VMM recorded under `run_dir` (still alive with its recorded start time) and
+/// removes the runtime directories; returns how many were killed (`atoll-agent cleanup`).
+pub async fn kill_recorded(run_dir: &Path) -> usize {
+    let mut killed = 0;
+    for e in std::fs::read_dir(run_dir).into_iter().flatten().flatten() {
+        let dir = e.path();
+        if !dir.is_dir() {
+            continue;
+        }
+        if let Some(pid) = recorded_pid(&dir.join("vmm.pid")) {
+            if let Ok(fd) = pidfd_open(pid) {
+                if pidfd_signal(fd.get_ref(), libc::SIGKILL).is_ok() {
+                    let _ = fd.readable().await;
+                    killed += 1;
+                }
+            }
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    killed
+}
+
+/// The VM's runtime directory: by endpoint slot, which is unique on the host and short enough
+/// for socket paths.
+fn run_dir(cfg: &VmConfig, slot: u32) -> PathBuf {
+    cfg.run_dir.join(format!("s{slot}"))
+}
+
+fn state_dir(cfg: &VmConfig, key: &VmKey) -> PathBuf {
+    cfg.state_dir.join(key.0.to_string()).join(&key.1)
+}
+
+/// The identity line a runtime directory records, so a VMM found there after a restart is
+/// adopted only by the same VM.
+fn identity(spec: &VmSpec) -> String {
+    format!("{} {} {} {}\n", spec.key.0, spec.key.1, spec.ipv4, spec.tap)
+}
+
+/// One running VMM.
+struct Vmm {
+    pidfd: AsyncFd<OwnedFd>,
+    /// Our child (exit status available), or an adopted process.
+    child: Option<std::process::Child>,
+    console: Option<UnixStream>,
+    listener: UnixListener,
+    started: Instant,
+    adopted: bool,
+}
+
+enum Ended {
+    Requested,
+    Killed,
+    Unexpected(String),
+}
+
+async fn supervise(
+    ctx: Arc<Ctx>,
+    spec: VmSpec,
+    mut stop: watch::Receiver<StopMode>,
+    console: Arc<Mutex<Option<Console>>>,
+) {
+    let key = spec.key.clone();
+    let send = |state: VmState, message: Option<String>, restarts: u32, boot_ms, accel| {
+        let _ = ctx.events.send(VmEvent {
+            key: key.clone(),
+            state,
+            message,
+            restarts,
+            boot_ms,
+            accel,
+        });
+    };
+    let sdir = state_dir(&ctx.cfg, &key);
+    match Console::open(
+        &sdir.join("console.log"),
+        ctx.cfg.console_max_bytes,
+        CONSOLE_TAIL_BYTES,
+    ) {
+        Ok(c) => *console.lock().expect("console lock") = Some(c),
+        Err(e) => eprintln!("atoll-agent: console log of VM {}/{}: {e}", key.0, key.1),
+    }
+    let mut crashes: Vec<Instant> = Vec::new();
+    loop {
+        let restarts = crashes.len() as u32;
+        let accel = match launch_accel(&ctx, &spec).await {
+            Ok(a) => a,
+            Err(e) => return send(VmState::Failed, Some(e.to_string()), restarts, None, None),
+        };
+        send(VmState::Booting, None, restarts, None, Some(accel.as_str()));
+        let vmm = match launch(&ctx, &spec, accel).await {
+            Ok(v) => v,
+            Err(e) => {
+                return send(
+                    VmState::Failed,
+                    Some(e.to_string()),
+                    restarts,
+                    None,
+                    Some(accel.as_str()),
+                )
+            }
+        };
+        if vmm.adopted {
+            send(VmState::Running, None, restarts, None, Some(accel.as_str()));
+        }
+        let on_line = |status: GuestStatus| match status {
+            GuestStatus::Ready(boot_ms) => send(
+                VmState::Running,
+                None,
+                restarts,
+                Some(boot_ms),
+                Some(accel.as_str()),
+            ),
+            // The VMM keeps running, so its console and shell stay there to look into.
+            GuestStatus::Failed(why) => send(
+                VmState::Failed,
+                Some(format!("guest: {why}")),
+                restarts,
+                None,
+                Some(accel.as_str()),
+            ),
+        };
+        let ended = run(&ctx, &spec, vmm, &mut stop, &console, on_line).await;
+        let _ = std::fs::remove_file(run_dir(&ctx.cfg, spec.slot).join("vmm.pid"));
+        match ended {
+            Ended::Requested => {
+                return send(VmState::Stopped, None, restarts, None, Some(accel.as_str()))
+            }
+            Ended::Killed => return,
+            Ended::Unexpected(why) => {
+                let window = Duration::from_secs(ctx.cfg.restart_window_secs);
+                crashes.retain(|t| t.elapsed() < window);
+                if crashes.len() as u32 >= ctx.cfg.max_restarts {
+                    return send(
+                        VmState::Failed,
+                        Some(format!(
+                            "{why}; not restarted: {} restarts within {} s",
+                            crashes.len(),
+                            ctx.cfg.restart_window_secs
+                        )),
+                        crashes.len() as u32,
+                        None,
+                        Some(accel.as_str()),
+                    );
+                }
+                crashes.push(Instant::now());
+                let n = crashes.len() as u32;
+                send(VmState::Crashed, Some(why), n, None, Some(accel.as_str()));
+                let backoff =
+                    Duration::from_millis(1000u64 << (n - 1).min(5)).min(Duration::from_secs(30));
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
+                    r = stop.wait_for(|m| *m != StopMode::Run) => {
+                        if matches!(r.map(|m| *m), Ok(StopMode::Graceful)) {
+                            send(VmState::Stopped, None, n, None, Some(accel.as_str()));
+                        }
+                        return;
+                    }
+                }
+            }
+        }
+    }
+}
+
+async fn launch_accel(ctx: &Arc<Ctx>, spec: &VmSpec) -> Result<Accel, VmError> {
+    ctx.driver.check()?;
+    let (kernel, initrd) = image_files(&ctx.cfg, spec)?;
+    let driver = ctx.driver.clone();
+    tokio::task::spawn_blocking(move || driver.accel(&kernel, &initrd))
+        .await
+        .unwrap_or(Ok(Accel::Tcg))
+}
+
+fn image_files(cfg: &VmConfig, spec: &VmSpec) -> Result<(PathBuf, PathBuf), VmError> {
+    let dir = cfg.images_dir.join(&spec.image);
+    let kernel = dir.join(spec.kernel.as_deref().unwrap_or("vmlinux"));
+    let initrd = dir.join("initramfs.cpio.gz");
+    for p in [&kernel, &initrd] {
+        if !p.is_file() {
+            return Err(VmError::ImageMissing {
+                image: spec.image.clone(),
+                path: p.clone(),
+            });
+        }
+    }
+    Ok((kernel, initrd))
+}
+
+fn prepare<T>(path: &Path, r: std::io::Result<T>) -> Result<T, VmError> {
+    r.map_err(|source| VmError::Prepare {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+/// Starts (or adopts) the VMM of `spec` and waits for its console to connect.
+async fn launch(ctx: &Arc<Ctx>, spec: &VmSpec, accel: Accel) -> Result<Vmm, VmError> {
+    let cfg = &ctx.cfg;
+    let uid = cfg.uid_base + spec.slot;
+    let dir = run_dir(cfg, spec.slot);
+    prepare(&dir, std::fs::create_dir_all(&dir))?;
+    prepare(&dir, std::os::unix::fs::chown(&dir, Some(uid), Some(uid)))?;
+    prepare(
+        &dir,
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)),
+    )?;
+    let console_path = dir.join("console.sock");
+    let _ = std::fs::remove_file(&console_path);
+    let listener = prepare(&console_path, UnixListener::bind(&console_path))?;
+    prepare(
+        &console_path,
+        std::os::unix::fs::chown(&console_path, Some(uid), Some(uid)),
+    )?;
+    let pid_path = dir.join("vmm.pid");
+    if let Some(pid) = alive_vmm(&dir, spec) {
+        let pidfd = pidfd_open(pid).map_err(VmError::Pidfd)?;
+        return Ok(Vmm {
+            pidfd,
+            child: None,
+            console: None,
+            listener,
+            started: Instant::now(),
+            adopted: true,
+        });
+    }
+    // A VMM left from another VM in this slot (its delete did not finish) must go first.
+    if let Some(pid) = recorded_pid(&pid_path) {
+        if let Ok(fd) = pidfd_open(pid) {
+            let _ = pidfd_signal(fd.get_ref(), libc::SIGKILL);
+            let _ = fd.readable().await;
+        }
+    }
+    prepare(&dir, std::fs::write(dir.join("identity"), identity(spec)))?;
+
+    let (kernel, initrd) = image_files(cfg, spec)?;
+    let guest = GuestConfig {
+        hostname: spec.key.1.clone(),
+        fqdn: spec.fqdn.clone(),
+        ipv4: spec.ipv4,
+        gateway: spec.gateway,
+        nameserver: spec.gateway,
+        search: spec.zone.clone(),
+        volumes: spec
+            .volumes
+            .iter()
+            .enumerate()
+            .map(|(i, (name, _, _))| (format!("atoll-v{i}"), name.clone()))
+            .collect(),
+        user_data: spec.user_data.clone(),
+    };
+    let drive_path = dir.join("config.tar");
+    prepare(&drive_path, std::fs::write(&drive_path, guest.archive()))?;
+    let drive = prepare(&drive_path, std::fs::File::open(&drive_path))?;
+    let mut files: Vec<OwnedFd> = vec![drive.into()];
+    for (_, path, _) in &spec.volumes {
+        for write in [true, false] {
+            let f = std::fs::OpenOptions::new()
+                .read(true)
+                .write(write)
+                .open(path)
+                .map_err(|source| VmError::OpenVolume {
+                    path: path.clone(),
+                    source,
+                })?;
+            files.push(f.into());
+        }
+    }
+    let tap =
+        crate::device::open_tap_queue(&spec.tap, false).map_err(|source| VmError::OpenTap {
+            tap: spec.tap.clone(),
+            source,
+        })?;
+    files.push(tap);
+    // Inherited at 3, 4, ...: the config drive, each volume read-write and read-only, then
+    // the tap.
+    let fd_at = |i: usize| 3 + i as i32;
+    let mut disks = vec![Disk {
+        fd: fd_at(0),
+        ro_fd: None,
+        format: VolumeFormat::Raw,
+        serial: "atoll-config".into(),
+        read_only: true,
+    }];
+    for (i, (_, _, format)) in spec.volumes.iter().enumerate() {
+        disks.push(Disk {
+            fd: fd_at(1 + 2 * i),
+            ro_fd: Some(fd_at(2 + 2 * i)),
+            format: *format,
+            serial: format!("atoll-v{i}"),
+            read_only: false,
+        });
+    }
+    let vm = VmPlan {
+        name: format!("atoll-{}-{}", spec.key.0, spec.key.1),
+        accel,
+        vcpus: spec.vcpus,
+        memory_mib: spec.memory_mib,
+        kernel,
+        initrd,
+        mac: spec.mac.to_string(),
+        tap_fd: fd_at(files.len() - 1),
+        disks,
+        console_socket: console_path.clone(),
+        shell_socket: dir.join("shell.sock"),
+    };
+    let sdir = state_dir(cfg, &spec.key);
+    prepare(&sdir, std::fs::create_dir_all(&sdir))?;
+    let log_path = sdir.join("vmm.log");
+    let log = prepare(&log_path, std::fs::File::create(&log_path))?;
+    let mut groups = Vec::new();
+    if accel == Accel::Kvm {
+        if let Ok(m) = std::fs::metadata("/dev/kvm") {
+            use std::os::unix::fs::MetadataExt;
+            groups.push(m.gid());
+        }
+    }
+    let cmd = ctx.driver.command(&vm);
+    let child =
+        spawn_unprivileged(&cmd, &files, uid, &groups, &dir, log).map_err(VmError::Spawn)?;
+    drop(files);
+    let pid = child.id() as i32;
+    let pidfd = pidfd_open(pid).map_err(VmError::Pidfd)?;
+    let start_time = proc_start_time(pid).unwrap_or(0);
+    prepare(
+        &pid_path,
+        std::fs::write(&pid_path, format!("{pid} {start_time}\n")),
+    )?;
+    let mut vmm = Vmm {
+        pidfd,
+        child: Some(child),
+        console: None,
+        listener,
+        started: Instant::now(),
+        adopted: false,
+    };
+    // QEMU connects its console before the guest runs.
+    let timeout = Duration::from_secs(10);
+    tokio::select! {
+        r = tokio::time::timeout(timeout, vmm.listener.accept()) => match r {
+            Ok(Ok((s, _))) => vmm.console = Some(s),
+            Ok(Err(e)) => return Err(VmError::Prepare { path: console_path, source: e }),
+            Err(_) => {
+                kill_vmm(&mut vmm).await;
+                return Err(VmError::ConsoleTimeout(timeout, last_line(&log_path)));
+            }
+        },
+        _ = vmm.pidfd.readable() => {
+            reap(&mut vmm);
+            return Err(VmError::ExitedEarly(last_line(&log_path)));
+        }
+    }
+    Ok(vmm)
+}
+
+/// Drives a started VMM until it ends: console to the log and the tail, the ready line,
+/// reconnects of an adopted VMM's console, and stop requests.
+async fn run(
+    ctx: &Arc<Ctx>,
+    spec: &VmSpec,
+    mut vmm: Vmm,
+    stop: &mut watch::Receiver<StopMode>,
+    console: &Arc<Mutex<Option<Console>>>,
+    on_line: impl Fn(GuestStatus),
+) -> Ended {
+    let mut buf = vec![0u8; 16 * 1024];
+    let mut deadline: Option<tokio::time::Instant> = None;
+    let mut requested = None;
+    let log_path = state_dir(&ctx.cfg, &spec.key).join("vmm.log");
+    loop {
+        let mode = *stop.borrow_and_update();
+        if mode != StopMode::Run && requested.is_none() {
+            requested = Some(mode);
+            match mode {
+                StopMode::Kill => {
+                    kill_vmm(&mut vmm).await;
+                    return Ended::Killed;
+                }
+                _ => {
+                    if let Some(c) = vmm.console.as_mut() {
+                        let _ = c.write_all(b"\natoll-poweroff\n").await;
+                    }
+                    deadline = Some(
+                        tokio::time::Instant::now()
+                            + Duration::from_secs(ctx.cfg.stop_timeout_secs),
+                    );
+                }
+            }
+        }
+        let far = tokio::time::Instant::now() + Duration::from_secs(86_400);
+        tokio::select! {
+            _ = vmm.pidfd.readable() => {
+                let status = reap(&mut vmm);
+                // Drain what the guest printed last.
+                let started = vmm.started;
+                if let Some(c) = vmm.console.as_mut() {
+                    while let Ok(Ok(n)) = tokio::time::timeout(Duration::from_millis(50), c.read(&mut buf)).await {
+                        if n == 0 { break; }
+                        feed(console, &buf[..n], started, &on_line);
+                    }
+                }
+                return match requested {
+                    Some(_) => Ended::Requested,
+                    None => Ended::Unexpected(match status {
+                        Some(s) => format!("the VMM exited ({s}): {}", last_line(&log_path)),
+                        None => "the VMM exited".into(),
+                    }),
+                };
+            }
+            r = read_console(vmm.console.as_mut(), &mut buf) => match r {
+                Ok(0) | Err(_) => vmm.console = None,
+                Ok(n) => feed(console, &buf[..n], vmm.started, &on_line),
+            },
+            a = vmm.listener.accept(), if vmm.console.is_none() => {
+                if let Ok((s, _)) = a {
+                    vmm.console = Some(s);
+                    if requested == Some(StopMode::Graceful) {
+                        if let Some(c) = vmm.console.as_mut() {
+                            let _ = c.write_all(b"\natoll-poweroff\n").await;
+                        }
+                    }
+                }
+            }
+            _ = stop.changed(), if requested.is_none() => {}
+            _ = tokio::time::sleep_until(deadline.unwrap_or(far)), if deadline.is_some() => {
+                kill_vmm(&mut vmm).await;
+                return Ended::Requested;
+            }
+        }
+    }
+}
+
+async fn read_console(c: Option<&mut UnixStream>, buf: &mut [u8]) -> std::io::Result<usize> {
+    match c {
+        Some(c) => c.read(buf).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// A status line of the guest's init.
+enum GuestStatus {
+    /// Network and volumes up, this many milliseconds after the VMM started.
+    Ready(u64),
+    Failed(String),
+}
+
+fn feed(
+    console: &Arc<Mutex<Option<Console>>>,
+    bytes: &[u8],
+    started: Instant,
+    on_line: &impl Fn(GuestStatus),
+) {
+    let lines = match console.lock().expect("console lock").as_mut() {
+        Some(c) => c.push(bytes),
+        None => Vec::new(),
+    };
+    for l in lines {
+        if l == console::READY_LINE {
+            on_line(GuestStatus::Ready(started.elapsed().as_millis() as u64));
+        } else if let Some(why) = l.strip_prefix(console::FAILED_PREFIX) {
+            on_line(GuestStatus::Failed(
+                String::from_utf8_lossy(why).into_owned(),
+            ));
+        }
+    }
+}
+
+async fn kill_vmm(vmm: &mut Vmm) {
+    let _ = pidfd_signal(vmm.pidfd.get_ref(), libc::SIGKILL);
+    let _ = vmm.pidfd.readable().await;
+    reap(vmm);
+}
+
+/// Collects our child's exit status (an adopted process is reaped by its own parent).
+fn reap(vmm: &mut Vmm) -> Option<std::process::ExitStatus> {
+    vmm.child.as_mut().and_then(|c| c.wait().ok())
+}
+
+fn last_line(path: &Path) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    text.lines()
+        .rev()
+        .find(|l| !l.trim().is_empty())
+        .unwrap_or("no output")
+        .chars()
+        .take(300)
+        .collect()
+}
+
+fn recorded_pid(pid_path: &Path) -> Option<i32> {
+    let text = std::fs::read_to_string(pid_path).ok()?;
+    let mut it = text.split_whitespace();
+    let pid: i32 = it.next()?.parse().ok()?;
+    let start: u64 = it.next()?.parse().ok()?;
+    // The pid is ours only if the process still has the start time we recorded.
+    (pid > 0 && proc_start_time(pid) == Some(start)).then_some(pid)
+}
+
+/// The pid of a live VMM recorded in `dir` for this same VM, if any.
+fn alive_vmm(dir: &Path, spec: &VmSpec) -> Option<i32> {
+    let id = std::fs::read_to_string(dir.join("identity")).ok()?;
+    if id != identity(spec) {
+        return None;
+    }
+    recorded_pid(&dir.join("vmm.pid"))
+}
+
+/// Field 22 of `/proc/<pid>/stat`: the process's start time in clock ticks since boot.
+fn proc_start_time(pid: i32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may hold spaces and parentheses: skip past its last ')'.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    rest.split_whitespace().nth(19)?.parse().ok()
+}
+
+fn pidfd_open(pid: i32) -> std::io::Result<AsyncFd<OwnedFd>> {
+    // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1; no memory is passed.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: the syscall returned a fresh fd that nothing else owns.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd as RawFd) };
+    // SAFETY: the OwnedFd moves into the AsyncFd, which therefore owns the same open fd for
+    // its whole lifetime.
+    unsafe { AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE) }
+        .map_err(|e| e.into_parts().1)
+}
+
+fn pidfd_signal(fd: &OwnedFd, sig: i32) -> std::io::Result<()> {
+    // SAFETY: signals the process the pidfd refers to (never a reused pid); info is null.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_pidfd_send_signal,
+            fd.as_raw_fd(),
+            sig,
+            std::ptr::null::<libc::siginfo_t>(),
+            0,
+        )
+    };
+    if r < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Spawns `program` as `uid`/`uid` with `groups` only, no capabilities and `no_new_privs`, in
+/// its own session, inheriting `files` at fds 3, 4, … and nothing else (every other fd of the
+/// agent is close-on-exec).
+fn spawn_unprivileged(
+    vmm: &VmmCommand,
+    files: &[OwnedFd],
+    uid: u32,
+    groups: &[u32],
+    cwd: &Path,
+    stderr: std::fs::File,
+) -> std::io::Result<std::process::Child> {
+    use std::os::unix::process::CommandExt;
+    // Move the sources above every target first, so no dup2 below clobbers a source.
+    let base = 3 + files.len() as i32 + 64;
+    let mut high = Vec::with_capacity(files.len());
+    for f in files {
+        // SAFETY: F_DUPFD_CLOEXEC on a valid fd returns a new fd (closed on exec) or -1.
+        let fd = unsafe { libc::fcntl(f.as_raw_fd(), libc::F_DUPFD_CLOEXEC, base) };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: a fresh fd owned by nothing else.
+        high.push(unsafe { OwnedFd::from_raw_fd(fd) });
+    }
+    let srcs: Vec<RawFd> = high.iter().map(|f| f.as_raw_fd()).collect();
+    let groups: Vec<libc::gid_t> = groups.to_vec();
+    let mut cmd = std::process::Command::new(&vmm.program);
+    cmd.env_clear()
+        .envs(vmm.env.iter().map(|(k, v)| (k, v)))
+        .args(&vmm.args)
+        .current_dir(cwd)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(stderr);
+    // SAFETY: the closure runs in the forked child before exec and only makes
+    // async-signal-safe system calls on memory prepared before the fork (`srcs`, `groups`);
+    // it allocates nothing.
+    unsafe {
+        cmd.pre_exec(move || {
+            let check = |r: libc::c_int| {
+                if r < 0 {
+                    Err(std::io::Error::last_os_error())
+                } else {
+                    Ok(())
+                }
+            };
+            check(libc::setsid())?;
+            for (i, &src) in srcs.iter().enumerate() {
+                // dup2 clears close-on-exec on the target.
+                check(libc::dup2(src, 3 + i as i32))?;
+            }
+            check(libc::setgroups(groups.len(), groups.as_ptr()))?;
+            check(libc::setresgid(uid, uid, uid))?;
+            check(libc::setresuid(uid, uid, uid))?;
+            check(libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0))?;
+            libc::umask(0o077);
+            Ok(())
+        });
+    }
+    let child = cmd.spawn();
+    drop(high);
+    child
+}

@@ -1,0 +1,497 @@
+//! Real microVMs, end to end: the agent binary with its embedded control plane boots VMs
+//! created through the API as QEMU microvms on their taps (TCG here: this host's KVM cannot
+//! run stock guests), with their volumes and their cloud's DNS. Commands run inside the
+//! guests over their control shell (`hvc0`, a unix socket on the host).
+//!
+//! Two VMs in cloud A and one in cloud B: A1 reaches A2 by name (ping, TCP), B reaches
+//! neither (addresses and names), A1 reaches a service B exposes and grants to A through its
+//! VIP and its name, a volume written in A1 survives a stop and start, a killed VMM is
+//! reported crashed and restarted, each VMM runs unprivileged, and the kernel's counters match
+//! the traffic on both sides. Needs root and `cargo xtask image`.
+
+use std::{
+    io::{Read, Write},
+    os::unix::net::UnixStream,
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+mod support;
+
+use atoll_agent::{
+    common::{Direction, TrafficClass, TrafficCounter},
+    config::DataplaneConfig,
+    metrics::Exporter,
+};
+use atoll_control::{client::Client, model::*};
+use hyper::Method;
+use serde_json::{json, Value};
+use support::{require_root, EmbeddedAgent};
+
+const IMAGE: &str = "/var/lib/atoll/images/default";
+const QEMU: &str = "/var/lib/atoll/vmm/qemu-7.2/usr/bin/qemu-system-x86_64";
+
+/// The guest's control shell: one command at a time, its output and exit status.
+struct Shell {
+    sock: UnixStream,
+    n: u32,
+    name: String,
+}
+
+impl Shell {
+    fn connect(path: &Path, name: &str) -> Shell {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let sock = loop {
+            match UnixStream::connect(path) {
+                Ok(s) => break s,
+                Err(e) => {
+                    assert!(Instant::now() < deadline, "{name}: shell {path:?}: {e}");
+                    // The socket appears when QEMU starts; there is no event to wait on.
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+            }
+        };
+        let mut sh = Shell {
+            sock,
+            n: 0,
+            name: name.into(),
+        };
+        // The first command also proves the shell answers.
+        sh.run("stty -echo 2>/dev/null; true", Duration::from_secs(30));
+        sh
+    }
+
+    /// Runs `cmd` in the guest; returns its exit status and output.
+    fn run(&mut self, cmd: &str, timeout: Duration) -> (i32, String) {
+        self.n += 1;
+        let n = self.n;
+        let line = format!("echo __B{n}; {{ {cmd} ; }} 2>&1; echo __E{n}:$?\n");
+        self.sock.write_all(line.as_bytes()).unwrap();
+        let deadline = Instant::now() + timeout;
+        let mut got = Vec::new();
+        let mut buf = [0u8; 4096];
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            assert!(
+                !left.is_zero(),
+                "{}: `{cmd}` did not finish in {timeout:?}; got {:?}",
+                self.name,
+                String::from_utf8_lossy(&got)
+            );
+            self.sock.set_read_timeout(Some(left)).unwrap();
+            match self.sock.read(&mut buf) {
+                Ok(0) => panic!("{}: shell closed", self.name),
+                Ok(k) => got.extend_from_slice(&buf[..k]),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                Err(e) if e.kind() == std::io::ErrorKind::TimedOut => continue,
+                Err(e) => panic!("{}: shell: {e}", self.name),
+            }
+            let text = String::from_utf8_lossy(&got).replace('\r', "");
+            // Only lines that end in the markers count (after the shell's prompt); an echo of
+            // the command line would hold them unexpanded and followed by more.
+            let lines: Vec<&str> = text.lines().collect();
+            let begin = format!("__B{n}");
+            let Some(b) = lines.iter().position(|l| l.ends_with(&begin)) else {
+                continue;
+            };
+            let end = format!("__E{n}:");
+            let rc_of = |l: &str| {
+                l.rsplit_once(&end)
+                    .and_then(|(_, rc)| rc.parse::<i32>().ok())
+            };
+            if let Some(e) = lines[b + 1..].iter().position(|l| rc_of(l).is_some()) {
+                let rc = rc_of(lines[b + 1 + e]).unwrap();
+                let out = lines[b + 1..b + 1 + e].join("\n");
+                return (rc, out);
+            }
+        }
+    }
+
+    fn ok(&mut self, cmd: &str) -> String {
+        let (rc, out) = self.run(cmd, Duration::from_secs(60));
+        assert_eq!(rc, 0, "{}: `{cmd}` failed: {out}", self.name);
+        out
+    }
+}
+
+/// The shell socket of VM `vm` of cloud `cloud`: its runtime directory records its identity.
+fn shell_path(run_dir: &Path, cloud: CloudId, vm: &str) -> PathBuf {
+    for e in std::fs::read_dir(run_dir).unwrap().flatten() {
+        let id = std::fs::read_to_string(e.path().join("identity")).unwrap_or_default();
+        let mut f = id.split_whitespace();
+        if f.next() == Some(&cloud.0.to_string()) && f.next() == Some(vm) {
+            return e.path().join("shell.sock");
+        }
+    }
+    panic!("no runtime directory for {cloud}/{vm} under {run_dir:?}");
+}
+
+async fn get_vm(c: &Client, cloud: CloudId, vm: &str) -> Vm {
+    c.call(
+        Method::GET,
+        &format!("/v1/clouds/{cloud}/vms/{vm}"),
+        None::<&Value>,
+    )
+    .await
+    .unwrap()
+}
+
+/// Polls the API until the VM's status satisfies `want` (the API has no watch on VMs).
+async fn wait_state(c: &Client, cloud: CloudId, vm: &str, want: VmState) -> VmStatus {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let v = get_vm(c, cloud, vm).await;
+        let st = v.status.expect("status");
+        if st.state == want {
+            return st;
+        }
+        assert!(
+            st.state != VmState::Failed,
+            "{vm} failed: {:?}\nconsole:\n{}",
+            st.message,
+            console(c, cloud, vm).await
+        );
+        assert!(
+            Instant::now() < deadline,
+            "{vm} not {want:?} within 120 s: {st:?}\nconsole:\n{}",
+            console(c, cloud, vm).await
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn console(c: &Client, cloud: CloudId, vm: &str) -> String {
+    let r: Result<Console, _> = c
+        .call(
+            Method::GET,
+            &format!("/v1/clouds/{cloud}/vms/{vm}/console"),
+            None::<&Value>,
+        )
+        .await;
+    r.map(|c| c.text).unwrap_or_else(|e| format!("({e})"))
+}
+
+fn counter(
+    exporter: &Exporter,
+    device: &str,
+    dir: Direction,
+    class: TrafficClass,
+) -> TrafficCounter {
+    let snap = exporter.snapshot().unwrap();
+    let ep = snap
+        .endpoints
+        .iter()
+        .find(|e| e.name.as_deref() == Some(device))
+        .unwrap_or_else(|| panic!("no endpoint {device}"));
+    ep.counters.traffic[dir as usize][class as usize]
+}
+
+/// Fields of `/proc/<pid>/status`.
+fn proc_status(pid: u32, key: &str) -> String {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    s.lines()
+        .find_map(|l| l.strip_prefix(&format!("{key}:")))
+        .unwrap_or_else(|| panic!("no {key} in /proc/{pid}/status"))
+        .trim()
+        .to_string()
+}
+
+fn vmm_pid(run_dir: &Path, cloud: CloudId, vm: &str) -> u32 {
+    let dir = shell_path(run_dir, cloud, vm);
+    let pid = std::fs::read_to_string(dir.with_file_name("vmm.pid")).unwrap();
+    pid.split_whitespace().next().unwrap().parse().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn microvms_boot_resolve_isolate_expose_persist_and_meter() {
+    require_root();
+    for p in [
+        format!("{IMAGE}/vmlinux"),
+        format!("{IMAGE}/initramfs.cpio.gz"),
+        QEMU.into(),
+    ] {
+        assert!(
+            Path::new(&p).exists(),
+            "{p} is missing: run `cargo xtask image` (cargo xtask test does)"
+        );
+    }
+    let vmdir = tempfile::tempdir().unwrap();
+    let run_dir = vmdir.path().join("run");
+    let agent = EmbeddedAgent::start(
+        "mv",
+        &format!(
+            "[vm]\ndriver = \"qemu\"\nrun_dir = \"{}\"\nstate_dir = \"{}\"\nstop_timeout_secs = 20\n",
+            run_dir.display(),
+            vmdir.path().join("state").display()
+        ),
+    );
+    let op = agent.client(&agent.token);
+    let a: CreatedCloud = op
+        .call(Method::POST, "/v1/clouds", Some(&json!({"name": "alpha"})))
+        .await
+        .unwrap();
+    // B's range is apart from A's, so B trying A's addresses is a cross-cloud attempt, not a
+    // packet to a B address that happens to be the same.
+    let b: CreatedCloud = op
+        .call(
+            Method::POST,
+            "/v1/clouds",
+            Some(&json!({"name": "beta", "cidr": "10.1.0.0/16"})),
+        )
+        .await
+        .unwrap();
+    let (ac, bc) = (agent.client(&a.token), agent.client(&b.token));
+    let (aid, bid) = (a.cloud.id, b.cloud.id);
+    let _: Value = ac
+        .call(
+            Method::POST,
+            &format!("/v1/clouds/{aid}/volumes"),
+            Some(&json!({"name": "data", "size_gib": 1})),
+        )
+        .await
+        .unwrap();
+    let echo = "while true; do nc -l -p 7000 -e cat; done &";
+    let web = "while true; do echo hello-from-b1 | nc -l -p 8080; done &";
+    let create = |c: &Client, cloud: CloudId, body: Value| {
+        let c = c.clone();
+        async move {
+            let v: Vm = c
+                .call(
+                    Method::POST,
+                    &format!("/v1/clouds/{cloud}/vms"),
+                    Some(&body),
+                )
+                .await
+                .unwrap();
+            v
+        }
+    };
+    let a1 = create(
+        &ac,
+        aid,
+        json!({"name": "a1", "memory_mib": 64, "volumes": ["data"]}),
+    )
+    .await;
+    let a2 = create(
+        &ac,
+        aid,
+        json!({"name": "a2", "memory_mib": 64, "user_data": echo}),
+    )
+    .await;
+    let b1 = create(
+        &bc,
+        bid,
+        json!({"name": "b1", "memory_mib": 64, "user_data": web}),
+    )
+    .await;
+    let mut boot = Vec::new();
+    for (c, cloud, vm) in [(&ac, aid, "a1"), (&ac, aid, "a2"), (&bc, bid, "b1")] {
+        let st = wait_state(c, cloud, vm, VmState::Running).await;
+        assert_eq!(st.accel.as_deref(), Some("tcg"), "{vm}: {st:?}");
+        boot.push(st.boot_ms.expect("boot time measured"));
+    }
+    eprintln!("boot to ready (ms): {boot:?}");
+
+    // Each VMM runs as its own unprivileged uid, with no capabilities, no_new_privs and seccomp.
+    let pids: Vec<u32> = [(aid, "a1"), (aid, "a2"), (bid, "b1")]
+        .iter()
+        .map(|(c, v)| vmm_pid(&run_dir, *c, v))
+        .collect();
+    let mut uids = Vec::new();
+    for &pid in &pids {
+        let uid = proc_status(pid, "Uid");
+        let first: u32 = uid.split_whitespace().next().unwrap().parse().unwrap();
+        assert!(first >= 2_000_000_000, "VMM {pid} runs as {uid}");
+        assert!(
+            uid.split_whitespace().all(|u| u == first.to_string()),
+            "{uid}"
+        );
+        assert_eq!(proc_status(pid, "CapEff"), "0000000000000000");
+        assert_eq!(proc_status(pid, "CapPrm"), "0000000000000000");
+        assert_eq!(proc_status(pid, "NoNewPrivs"), "1");
+        assert_eq!(proc_status(pid, "Seccomp"), "2");
+        assert_eq!(proc_status(pid, "Groups"), "");
+        uids.push(first);
+    }
+    uids.sort();
+    uids.dedup();
+    assert_eq!(uids.len(), 3, "one uid per VM");
+
+    let mut sa1 = Shell::connect(&shell_path(&run_dir, aid, "a1"), "a1");
+    let mut sb1 = Shell::connect(&shell_path(&run_dir, bid, "b1"), "b1");
+    // The guest configured itself from the config drive.
+    assert_eq!(sa1.ok("hostname"), "a1");
+    assert!(sa1
+        .ok("ip -4 addr show dev eth0")
+        .contains(&format!("{}/32", a1.ipv4)));
+    assert!(sa1
+        .ok("cat /etc/resolv.conf")
+        .contains(&format!("nameserver {}", a.cloud.gateway)));
+
+    // A1 reaches A2 by name: DNS, ping and a TCP exchange.
+    let looked = sa1.ok("nslookup a2");
+    assert!(looked.contains(&a2.ipv4.to_string()), "{looked}");
+    sa1.ok("ping -c 2 -W 2 a2");
+    let out = sa1.ok("echo over-tcp | nc -w 3 a2 7000");
+    assert!(out.contains("over-tcp"), "{out}");
+
+    // Exactly measured intra-cloud traffic: 10 echo requests of 100 data bytes each way.
+    let exporter = Exporter::open(&DataplaneConfig {
+        bpffs_root: agent.pins_path().to_path_buf(),
+        ..DataplaneConfig::default()
+    })
+    .unwrap();
+    let a1_dev = get_vm(&ac, aid, "a1").await.status.unwrap().device.unwrap();
+    let a2_dev = get_vm(&ac, aid, "a2").await.status.unwrap().device.unwrap();
+    let b1_dev = get_vm(&bc, bid, "b1").await.status.unwrap().device.unwrap();
+    let intra = TrafficClass::IntraCloud;
+    let before = (
+        counter(&exporter, &a1_dev, Direction::FromGuest, intra),
+        counter(&exporter, &a2_dev, Direction::ToGuest, intra),
+    );
+    sa1.ok(&format!("ping -c 10 -i 0.2 -s 100 -W 2 {}", a2.ipv4));
+    let after = (
+        counter(&exporter, &a1_dev, Direction::FromGuest, intra),
+        counter(&exporter, &a2_dev, Direction::ToGuest, intra),
+    );
+    // 14 Ethernet + 20 IPv4 + 8 ICMP + 100 bytes per frame.
+    for (b, a) in [(before.0, after.0), (before.1, after.1)] {
+        assert_eq!(a.packets - b.packets, 10, "{b:?} -> {a:?}");
+        assert_eq!(a.bytes - b.bytes, 10 * 142, "{b:?} -> {a:?}");
+    }
+
+    // B reaches neither A VM: not their addresses, not their names.
+    for ip in [a1.ipv4, a2.ipv4] {
+        let (rc, out) = sb1.run(&format!("ping -c 1 -W 1 {ip}"), Duration::from_secs(20));
+        assert_ne!(rc, 0, "b1 reached {ip}: {out}");
+    }
+    let (rc, out) = sb1.run(
+        &format!("echo x | nc -w 2 {} 7000", a2.ipv4),
+        Duration::from_secs(20),
+    );
+    assert!(rc != 0 || !out.contains('x'), "b1 reached a2:7000: {out}");
+    let (rc, out) = sb1.run(&format!("nslookup {}", a2.fqdn), Duration::from_secs(20));
+    assert!(
+        rc != 0 && !out.contains(&a2.ipv4.to_string()),
+        "b1 resolved a2: {out}"
+    );
+
+    // B exposes its web service and grants it to A: A1 reaches it by VIP and by name.
+    let _: Value = bc
+        .call(
+            Method::POST,
+            &format!("/v1/clouds/{bid}/exposures"),
+            Some(&json!({"name": "web", "protocol": "tcp", "port": 80,
+                         "backends": [{"vm": "b1", "port": 8080}]})),
+        )
+        .await
+        .unwrap();
+    let grant: Grant = bc
+        .call(
+            Method::POST,
+            &format!("/v1/clouds/{bid}/exposures/web/grants"),
+            Some(&json!({"consumer": aid.to_string()})),
+        )
+        .await
+        .unwrap();
+    let exp = TrafficClass::Exposure;
+    let before = (
+        counter(&exporter, &a1_dev, Direction::FromGuest, exp),
+        counter(&exporter, &b1_dev, Direction::ToGuest, exp),
+    );
+    // The grant reaches the host through the next sync; the first try may race it.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (_, out) = sa1.run(
+            &format!("nc -w 3 {} 80 </dev/null", grant.vip),
+            Duration::from_secs(20),
+        );
+        if out.contains("hello-from-b1") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "a1 never reached the VIP: {out}");
+    }
+    let name = grant.fqdn.trim_end_matches('.');
+    let out = sa1.ok(&format!("nc -w 3 {name} 80 </dev/null"));
+    assert!(out.contains("hello-from-b1"), "by name {name}: {out}");
+    // The provider's side metered what the consumer's sent, frame for frame.
+    let after = (
+        counter(&exporter, &a1_dev, Direction::FromGuest, exp),
+        counter(&exporter, &b1_dev, Direction::ToGuest, exp),
+    );
+    let sent = after.0.packets - before.0.packets;
+    assert!(sent >= 6, "two TCP connections at least: {sent}");
+    assert_eq!(
+        sent,
+        after.1.packets - before.1.packets,
+        "{before:?} {after:?}"
+    );
+    assert_eq!(
+        after.0.bytes - before.0.bytes,
+        after.1.bytes - before.1.bytes
+    );
+    // B's real address stays unreachable from A: only the VIP crosses.
+    let (rc, out) = sa1.run(
+        &format!("ping -c 1 -W 1 {}", b1.ipv4),
+        Duration::from_secs(20),
+    );
+    assert_ne!(rc, 0, "a1 reached b1's real address: {out}");
+
+    // The volume: written, the VM stopped and started, still there.
+    sa1.ok("echo persisted-across-restart > /mnt/data/marker && sync");
+    drop(sa1);
+    let _: Vm = ac
+        .call(
+            Method::POST,
+            &format!("/v1/clouds/{aid}/vms/a1/stop"),
+            None::<&Value>,
+        )
+        .await
+        .unwrap();
+    wait_state(&ac, aid, "a1", VmState::Stopped).await;
+    assert!(console(&ac, aid, "a1")
+        .await
+        .contains("atoll-guest: poweroff"));
+    let _: Vm = ac
+        .call(
+            Method::POST,
+            &format!("/v1/clouds/{aid}/vms/a1/start"),
+            None::<&Value>,
+        )
+        .await
+        .unwrap();
+    wait_state(&ac, aid, "a1", VmState::Running).await;
+    let mut sa1 = Shell::connect(&shell_path(&run_dir, aid, "a1"), "a1");
+    assert_eq!(sa1.ok("cat /mnt/data/marker"), "persisted-across-restart");
+
+    // A VMM killed behind the agent's back is reported and restarted.
+    let pid = vmm_pid(&run_dir, bid, "b1");
+    // SAFETY: kill(2) on a pid with a signal number; no memory is passed.
+    assert_eq!(unsafe { libc::kill(pid as i32, libc::SIGKILL) }, 0);
+    // The crash is visible for the restart backoff (1 s) at least.
+    let st = wait_state(&bc, bid, "b1", VmState::Crashed).await;
+    assert_eq!(st.restarts, 1, "{st:?}");
+    assert!(st.message.is_some_and(|m| m.contains("exited")));
+    let st = wait_state(&bc, bid, "b1", VmState::Running).await;
+    assert_eq!(st.restarts, 1, "{st:?}");
+    let b1_restarted = vmm_pid(&run_dir, bid, "b1");
+    assert_ne!(b1_restarted, pid);
+
+    // Deleting the clouds stops their VMMs.
+    for (c, id) in [(&ac, aid), (&bc, bid)] {
+        let _: Value = c
+            .call(Method::DELETE, &format!("/v1/clouds/{id}"), None::<&Value>)
+            .await
+            .unwrap();
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let a1_restarted = vmm_pid(&run_dir, aid, "a1");
+    for &pid in [a1_restarted, pids[1], b1_restarted].iter() {
+        while std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .is_ok_and(|s| !s.contains("State:\tZ"))
+        {
+            assert!(Instant::now() < deadline, "VMM {pid} outlived its cloud");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}

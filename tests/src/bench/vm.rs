@@ -1,0 +1,258 @@
+//! MicroVM benchmarks (issue 6): API call to guest network-ready, and host memory per VM.
+//!
+//! An embedded control plane (SQLite in a temporary directory) and a converger with the QEMU
+//! driver, as the agent runs them, on this host's real dataplane. Each VM is created through
+//! the API (`POST /v1/clouds/{c}/vms`) and timed until its host reports it `running`, which
+//! it does when the guest's console prints `atoll-guest: ready` (network and volumes up); the
+//! status key is watched in the store (an event, no polling).
+//!
+//! - **Total**: API call → `running` reported.
+//! - **Guest boot**: the VMM's start → the ready line (`boot_ms`, measured by the supervisor):
+//!   QEMU, firmware, kernel and init, under TCG on this host (its KVM cannot run the guest).
+//! - **atoll's own part**: total − guest boot: the API, the store, the sync to the host, the
+//!   endpoint (tap, maps), the config drive, the VMM's privilege drop and spawn, and the
+//!   report.
+//! - **Memory**: proportional set size (`Pss` of `/proc/<pid>/smaps_rollup`) of each VMM
+//!   process once its guest is ready, averaged over the VMs of the concurrent round.
+
+use std::{
+    path::Path,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result};
+use atoll_agent::{
+    config::{DataplaneConfig, VmConfig},
+    converge::{ConvergeConfig, Converger, Source},
+    endpoint::Host,
+    testbed::{unique_prefix, LinksWithPrefix, PinRoot},
+    vm::VmManager,
+};
+use atoll_control::{
+    api,
+    client::Client,
+    config::{ControlConfig, StoreConfig},
+    core::Core,
+    model::{CreatedCloud, Vm},
+};
+use hyper::Method;
+use serde_json::{json, Value};
+
+/// One VM's timings, in milliseconds.
+#[derive(Debug, Clone, Copy)]
+pub struct Boot {
+    pub total_ms: f64,
+    pub guest_ms: f64,
+}
+
+impl Boot {
+    pub fn own_ms(&self) -> f64 {
+        (self.total_ms - self.guest_ms).max(0.0)
+    }
+}
+
+pub struct VmBench {
+    pub accel: String,
+    pub sequential: Vec<Boot>,
+    pub concurrent: Vec<Boot>,
+    pub pss_per_vm: f64,
+    pub memory_mib: u64,
+}
+
+/// The `p`-quantile of `v` (sorted copy).
+pub fn quantile(v: &[f64], p: f64) -> f64 {
+    let mut v = v.to_vec();
+    v.sort_by(f64::total_cmp);
+    v[((v.len() as f64 - 1.0) * p).round() as usize]
+}
+
+pub fn run(smoke: bool) -> Result<VmBench> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    rt.block_on(run_async(smoke))
+}
+
+async fn start_control(dir: &Path) -> Result<(Arc<Core>, String, String)> {
+    let cfg = ControlConfig {
+        operator_token_file: dir.join("operator.token"),
+        store: StoreConfig {
+            path: dir.join("control.db"),
+            ..StoreConfig::default()
+        },
+        ..ControlConfig::default()
+    };
+    let core = cfg.start().await?;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let url = format!("http://{}", listener.local_addr()?);
+    tokio::spawn(api::serve(core.clone(), listener, std::future::pending()));
+    Ok((core, url, cfg.operator_token()?))
+}
+
+fn pss_bytes(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Pss:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        })
+        .unwrap_or(0)
+        * 1024
+}
+
+/// PIDs of the VMMs recorded under `run_dir`.
+fn vmm_pids(run_dir: &Path) -> Vec<u32> {
+    std::fs::read_dir(run_dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| std::fs::read_to_string(e.path().join("vmm.pid")).ok())
+        .filter_map(|s| s.split_whitespace().next()?.parse().ok())
+        .collect()
+}
+
+async fn run_async(smoke: bool) -> Result<VmBench> {
+    let (sequential_n, concurrent_n) = if smoke { (1, 2) } else { (10, 8) };
+    let memory_mib = 64;
+    let dir = tempfile::tempdir()?;
+    let (core, url, op_token) = start_control(dir.path()).await?;
+    let op = Client::new(&url, &op_token)?;
+    let pins = PinRoot::new("bv");
+    let prefix = unique_prefix("v");
+    let _links = LinksWithPrefix(prefix.clone());
+    let mut host = Host::open(&DataplaneConfig {
+        bpffs_root: pins.path().into(),
+        tap_pool: 16,
+        ..DataplaneConfig::default()
+    })?;
+    host.refill_pool().await?;
+    let source = Source::Local(core.clone());
+    source.register("bench").await?;
+    let vm_cfg = VmConfig {
+        run_dir: dir.path().join("run"),
+        state_dir: dir.path().join("state"),
+        ..VmConfig::default()
+    };
+    let run_dir = vm_cfg.run_dir.clone();
+    let (vmm, mut events) = VmManager::new(vm_cfg.clone());
+    let mut conv = Converger::new(
+        ConvergeConfig {
+            host: "bench".into(),
+            tap_prefix: prefix.clone(),
+            volumes_dir: dir.path().join("volumes"),
+        },
+        source,
+        None,
+    )
+    .with_vms(vmm, &vm_cfg.default_image);
+    let (stop_tx, mut stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let agent = tokio::spawn(async move {
+        let mut refill = tokio::time::interval(Duration::from_millis(20));
+        loop {
+            tokio::select! {
+                _ = &mut stop_rx => break,
+                d = conv.next_delta(Duration::from_secs(30)) => {
+                    let d = d?;
+                    conv.apply(&mut host, d).await?;
+                }
+                Some(ev) = events.recv() => conv.vm_event(ev).await?,
+                _ = refill.tick() => { host.refill_some(Duration::from_millis(5)).await?; }
+            }
+        }
+        conv.kill_vms().await;
+        host.destroy().await?;
+        anyhow::Ok(())
+    });
+
+    // Creates `n` VMs at once, each in a cloud of its own, and times each to `running`.
+    let round = |n: usize| {
+        let op = op.clone();
+        let url = url.clone();
+        let core = core.clone();
+        let run_dir = run_dir.clone();
+        async move {
+            let rev = core.store().revision().await?;
+            let mut watch = core.store().watch("c/", rev).await?;
+            let mut clouds = Vec::new();
+            for _ in 0..n {
+                let c: CreatedCloud = op
+                    .call(Method::POST, "/v1/clouds", Some(&json!({})))
+                    .await?;
+                clouds.push(c);
+            }
+            let mut started = std::collections::HashMap::new();
+            let mut calls = Vec::new();
+            for c in &clouds {
+                let cc = Client::new(&url, &c.token)?;
+                let id = c.cloud.id;
+                started.insert(format!("c/{id}/vmstatus/vm"), Instant::now());
+                calls.push(tokio::spawn(async move {
+                    let _: Vm = cc
+                        .call(
+                            Method::POST,
+                            &format!("/v1/clouds/{id}/vms"),
+                            Some(&json!({"name": "vm", "memory_mib": memory_mib})),
+                        )
+                        .await?;
+                    anyhow::Ok(())
+                }));
+            }
+            for c in calls {
+                c.await??;
+            }
+            let mut boots = Vec::new();
+            let mut accel = String::new();
+            while boots.len() < n {
+                let batch = tokio::time::timeout(Duration::from_secs(120), watch.next())
+                    .await
+                    .context("VMs not running within 120 s")??;
+                for ev in batch.events {
+                    let Some(t) = started.get(&ev.kv.key) else {
+                        continue;
+                    };
+                    let v: Value = serde_json::from_slice(&ev.kv.value)?;
+                    anyhow::ensure!(v["state"] != "failed", "VM failed: {v}");
+                    if v["state"] == "running" {
+                        boots.push(Boot {
+                            total_ms: t.elapsed().as_secs_f64() * 1e3,
+                            guest_ms: v["boot_ms"].as_f64().unwrap_or(0.0),
+                        });
+                        accel = v["accel"].as_str().unwrap_or("").to_string();
+                        started.remove(&ev.kv.key);
+                    }
+                }
+            }
+            let pss: u64 = vmm_pids(&run_dir).iter().map(|&p| pss_bytes(p)).sum();
+            for c in &clouds {
+                let _: Value = op
+                    .call(
+                        Method::DELETE,
+                        &format!("/v1/clouds/{}", c.cloud.id),
+                        None::<&Value>,
+                    )
+                    .await?;
+            }
+            anyhow::Ok((boots, accel, pss))
+        }
+    };
+    let mut sequential = Vec::new();
+    let mut accel = String::new();
+    for _ in 0..sequential_n {
+        let (b, a, _) = round(1).await?;
+        sequential.extend(b);
+        accel = a;
+    }
+    let (concurrent, _, pss) = round(concurrent_n).await?;
+    let _ = stop_tx.send(());
+    agent.await??;
+    Ok(VmBench {
+        accel,
+        sequential,
+        concurrent,
+        pss_per_vm: pss as f64 / concurrent_n as f64,
+        memory_mib,
+    })
+}
