@@ -326,14 +326,7 @@ impl EmbeddedAgent {
             ),
         )
         .unwrap();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_atoll-agent"))
-            .arg("--config")
-            .arg(&config)
-            .arg("run")
-            .stdout(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
-        let stdout = child.stdout.take().unwrap();
+        let child = spawn_agent(&config);
         let mut agent = EmbeddedAgent {
             url: format!("http://127.0.0.1:{port}"),
             token: String::new(),
@@ -345,6 +338,13 @@ impl EmbeddedAgent {
             _pins: pins,
             _links: links,
         };
+        agent.wait_converging();
+        agent.token = std::fs::read_to_string(&token_file).unwrap();
+        agent
+    }
+
+    fn wait_converging(&mut self) {
+        let stdout = self.child.stdout.take().unwrap();
         let mut lines =
             std::io::BufRead::lines(std::io::BufReader::new(stdout)).map_while(Result::ok);
         for want in ["DNS for guests at their gateway", "converging host solo"] {
@@ -354,8 +354,15 @@ impl EmbeddedAgent {
             );
         }
         std::thread::spawn(move || lines.for_each(drop));
-        agent.token = std::fs::read_to_string(&token_file).unwrap();
-        agent
+    }
+
+    /// Kills the agent with SIGKILL (nothing of it runs on) and starts it again on the same
+    /// config, pins and state; waits until it converges.
+    pub fn restart_after_kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        self.child = spawn_agent(&self.config);
+        self.wait_converging();
     }
 
     /// The agent's bpffs root (its dataplane's pins).
@@ -380,6 +387,16 @@ impl EmbeddedAgent {
             .output()
             .expect("running atoll-agent cleanup")
     }
+}
+
+fn spawn_agent(config: &Path) -> std::process::Child {
+    Command::new(env!("CARGO_BIN_EXE_atoll-agent"))
+        .arg("--config")
+        .arg(config)
+        .arg("run")
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap()
 }
 
 impl Drop for EmbeddedAgent {
