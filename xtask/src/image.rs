@@ -67,8 +67,9 @@ const CMDLINE: &str = "console=ttyS0 reboot=t panic=-1 quiet";
 
 /// Builds (or finds cached) QEMU, the kernel and the initramfs, then probe-boots them.
 pub fn image(root: &Path) -> Result<()> {
-    apt_install(IMAGE_APT_PACKAGES)?;
     fs::create_dir_all(BUILD_DIR)?;
+    let _lock = BuildLock::acquire()?;
+    apt_install(IMAGE_APT_PACKAGES)?;
     fs::create_dir_all(IMAGE_DIR)?;
     let qemu = qemu()?;
     let vmlinux = kernel(root)?;
@@ -81,6 +82,44 @@ pub fn image(root: &Path) -> Result<()> {
     println!("kernel:    {}", vmlinux.display());
     println!("initramfs: {}", initramfs.display());
     Ok(())
+}
+
+/// Serializes `cargo xtask image` on one host: a developer's run and a CI run share
+/// /var/lib/atoll and the build tree, and two kernel builds in one tree break each other.
+/// The lock is util-linux `flock` on `<BUILD_DIR>/.lock`, held by a child process until our
+/// end of its stdin pipe closes, so it is released even if xtask dies.
+struct BuildLock(std::process::Child);
+
+impl BuildLock {
+    fn acquire() -> Result<BuildLock> {
+        use std::io::BufRead;
+        let path = Path::new(BUILD_DIR).join(".lock");
+        if !crate::succeeds(Command::new("flock").arg("-n").arg(&path).arg("true")) {
+            eprintln!(
+                "xtask image: waiting for another `cargo xtask image` ({} is locked)",
+                path.display()
+            );
+        }
+        let mut child = Command::new("flock")
+            .arg(&path)
+            .args(["-c", "echo locked && exec cat >/dev/null"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .context("starting flock")?;
+        let mut line = String::new();
+        let stdout = child.stdout.take().context("flock stdout")?;
+        std::io::BufReader::new(stdout).read_line(&mut line)?;
+        ensure!(line.trim() == "locked", "flock {} failed", path.display());
+        Ok(BuildLock(child))
+    }
+}
+
+impl Drop for BuildLock {
+    fn drop(&mut self) {
+        drop(self.0.stdin.take());
+        let _ = self.0.wait();
+    }
 }
 
 /// How to run the unpacked QEMU.

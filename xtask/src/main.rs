@@ -83,7 +83,7 @@ fn main() -> Result<()> {
             run(Command::new("target/release/bench").args(["--out", "docs/benchmarks.md"]))
         }
         Cmd::Image => {
-            require_root("the guest image")?;
+            require_root("guest image builds")?;
             image::image(&root)
         }
     }
