@@ -552,6 +552,17 @@ impl VmConfig {
 mod tests {
     use super::*;
 
+    /// The commented default config `cargo xtask install` ships is valid, and is the defaults.
+    #[test]
+    fn shipped_config_parses_to_the_defaults() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/agent.toml");
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert_eq!(
+            AgentConfig::parse(&text, &path).unwrap(),
+            AgentConfig::default()
+        );
+    }
+
     #[test]
     fn defaults_and_overrides() {
         let p = Path::new("t.toml");

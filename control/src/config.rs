@@ -276,6 +276,16 @@ mod tests {
         Ok(cfg)
     }
 
+    /// The config `cargo xtask install` ships for atoll-control.service is valid.
+    #[test]
+    fn shipped_config_parses() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/control.toml");
+        let cfg = parse(&std::fs::read_to_string(path).unwrap()).unwrap();
+        assert_eq!(cfg.listen.port(), 7480);
+        assert!(cfg.operator_token_file.starts_with("/var/lib/atoll-control"));
+        assert!(cfg.store.path.starts_with("/var/lib/atoll-control"));
+    }
+
     #[test]
     fn etcd_max_txn_ops_defaults_to_etcds_default_and_is_validated() {
         let cfg = parse("").unwrap();

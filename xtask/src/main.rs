@@ -9,6 +9,7 @@
 //! - `bench`: full benchmarks, written to docs/benchmarks.md.
 //! - `image`: QEMU 7.2, the guest kernel and initramfs under /var/lib/atoll (docs/vm.md, "Guest
 //!   image"). Cached: a rerun with unchanged inputs only probe-boots the result.
+//! - `install` / `uninstall`: binaries, systemd units and default configs (see `install`).
 
 use std::{
     path::{Path, PathBuf},
@@ -19,6 +20,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 
 mod image;
+mod install;
 
 #[derive(Parser)]
 #[command(about = "atoll build, test and setup tasks")]
@@ -41,6 +43,20 @@ enum Cmd {
     Bench,
     /// Build QEMU 7.2, the guest kernel and initramfs for microVMs (cached; needs root).
     Image,
+    /// Build release binaries and install them with the systemd units and default configs.
+    Install {
+        /// Install under this directory instead of `/` (packaging).
+        #[arg(long, default_value = "/")]
+        root: PathBuf,
+        /// Install the binaries already in target/release.
+        #[arg(long)]
+        no_build: bool,
+    },
+    /// Remove what `install` wrote (edited configs and state are kept and listed).
+    Uninstall {
+        #[arg(long, default_value = "/")]
+        root: PathBuf,
+    },
 }
 
 /// Debian packages: the eBPF toolchain (Debian's rustc ships `core` for bpfel), LLVM 22 for
@@ -60,6 +76,8 @@ const APT_PACKAGES: &[&str] = &[
     "iputils-ping",
     // The multi-host store backend; the tests start it on loopback in a namespace.
     "etcd-server",
+    // systemd-analyze verifies the installed units (systemd need not run as PID 1).
+    "systemd",
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
@@ -86,6 +104,20 @@ fn main() -> Result<()> {
             require_root("guest image builds")?;
             image::image(&root)
         }
+        Cmd::Install { root: to, no_build } => {
+            if !no_build {
+                run(cargo().args([
+                    "build",
+                    "--release",
+                    "-p",
+                    "atoll-agent",
+                    "-p",
+                    "atoll-control",
+                ]))?;
+            }
+            install::install(&root, &to)
+        }
+        Cmd::Uninstall { root: from } => install::uninstall(&root, &from).map(drop),
     }
 }
 
