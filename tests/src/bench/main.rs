@@ -58,6 +58,9 @@ struct Args {
     /// Only the control plane benchmarks, printed (no report).
     #[arg(long)]
     control_only: bool,
+    /// Only the microVM benchmarks: printed, and their section of the report replaced.
+    #[arg(long)]
+    vm_only: bool,
     /// Where to write the markdown report (full runs).
     #[arg(long, default_value = "docs/benchmarks.md")]
     out: PathBuf,
@@ -75,6 +78,17 @@ fn main() -> Result<()> {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
         bail!("the benchmarks load eBPF programs and create taps: run as root");
+    }
+    if args.vm_only {
+        let vb = vm::run(args.smoke)?;
+        println!("{}", vm::summary(&vb));
+        if !args.smoke {
+            let old = std::fs::read_to_string(&args.out).unwrap_or_default();
+            std::fs::write(&args.out, vm::splice(&old, &vm::section(&vb)))
+                .with_context(|| format!("writing {}", args.out.display()))?;
+            println!("wrote the MicroVMs section of {}", args.out.display());
+        }
+        return Ok(());
     }
     if args.control_only {
         let cp = control::run(args.smoke)?;
@@ -206,38 +220,7 @@ fn main() -> Result<()> {
         cp.creates, cp.create_p50, cp.create_p99, cp.clouds_per_sec, cp.live_p50, cp.live_p99, cp.vm_live_p50, cp.vm_live_p99, cp.memory_clouds, cp.rss_per_cloud, cp.db_per_cloud
     );
     let vb = vm::run(args.smoke)?;
-    let col = |v: &[vm::Boot], f: fn(&vm::Boot) -> f64| v.iter().map(f).collect::<Vec<f64>>();
-    let vm_row = |label: &str, v: &[vm::Boot]| {
-        let (t, g, o) = (
-            col(v, |b| b.total_ms),
-            col(v, |b| b.guest_ms),
-            col(v, vm::Boot::own_ms),
-        );
-        format!(
-            "| {label} | {:.0} ms | {:.0} ms | {:.0} ms | {:.0} ms | {:.1} ms | {:.1} ms |",
-            vm::quantile(&t, 0.5),
-            vm::quantile(&t, 0.99),
-            vm::quantile(&g, 0.5),
-            vm::quantile(&g, 0.99),
-            vm::quantile(&o, 0.5),
-            vm::quantile(&o, 0.99)
-        )
-    };
-    let vm_seq = vm_row(
-        &format!("one VM at a time ({})", vb.sequential.len()),
-        &vb.sequential,
-    );
-    let vm_par = vm_row(
-        &format!("{} VMs at once", vb.concurrent.len()),
-        &vb.concurrent,
-    );
-    println!(
-        "microVMs ({}; first VM with the KVM probe {:.0} ms): API call to guest network-ready, p50/p99 total | guest boot | atoll's own:\n{vm_seq}\n{vm_par}\nhost memory per VM ({} MiB guest): {:.1} MiB PSS",
-        vb.accel,
-        vb.first_vm_ms,
-        vb.memory_mib,
-        vb.pss_per_vm / (1 << 20) as f64
-    );
+    println!("{}", vm::summary(&vb));
     if args.smoke {
         return Ok(());
     }
@@ -458,14 +441,7 @@ fn main() -> Result<()> {
         cp.rss_per_cloud,
         verdict(cp.rss_per_cloud <= 2048.0)
     )?;
-    writeln!(report, "\n## MicroVMs (issue 6)\n")?;
-    writeln!(report, "QEMU 7.2 `microvm` under **{}** (this host's `/dev/kvm` is a nested PVM that cannot run the guest; the agent probes it and falls back), guest kernel and initramfs from `cargo xtask image`, {} MiB guests, embedded control plane and the agent's converger with the QEMU driver on this host's dataplane. Each VM in a cloud of its own, created through the API and timed until its host reports it `running` (the guest printed `atoll-guest: ready`: network and volumes up), seen through a store watch. *Guest boot* is the supervisor's `boot_ms`, from the VMM's start to that line; *atoll's own* is the rest: API, store, sync, endpoint, config drive, privilege drop and spawn, report. Method: `tests/src/bench/vm.rs`.\n", vb.accel, vb.memory_mib)?;
-    writeln!(report, "| API call → guest network-ready | total p50 | total p99 | guest boot p50 | guest boot p99 | atoll's own p50 | atoll's own p99 |")?;
-    writeln!(report, "|---|---:|---:|---:|---:|---:|---:|")?;
-    writeln!(report, "{vm_seq}")?;
-    writeln!(report, "{vm_par}")?;
-    writeln!(report, "\nThe first VM after a host boot also pays the KVM probe (a probe boot under KVM, which fails here and is then cached for the boot): **{:.0} ms** API call to ready, not in the rows above.\n", vb.first_vm_ms)?;
-    writeln!(report, "Host memory per VM: **{:.1} MiB** proportional set size of its VMM process with a {} MiB guest booted to ready (the agent keeps a 16 KiB console tail per VM besides).\n", vb.pss_per_vm / (1 << 20) as f64, vb.memory_mib)?;
+    report.push_str(&vm::section(&vb));
     std::fs::write(&args.out, report).with_context(|| format!("writing {}", args.out.display()))?;
     println!("wrote {}", args.out.display());
     Ok(())
