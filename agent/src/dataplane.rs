@@ -8,6 +8,8 @@
 //! | `progs/from_vm`, `progs/to_vm`, `progs/from_dns` | the loaded programs |
 //! | `links/<ifindex>-in`, `links/<ifindex>-out` | the TCX links of each endpoint device |
 //! | `links/dns-<ifindex>` | the TCX link of `from_dns` on the host-side DNS device |
+//! | `build-<id>` | an empty directory: the build of the pinned programs ([`build_id`]) |
+//! | `carry/COUNTERS-v<N>`, `carry/DROPS-v<N>` | counters of layout N, frozen by a migration |
 //!
 //! Decisions:
 //! - bpffs refuses names containing '.', so pin names use '-' only.
@@ -20,7 +22,19 @@
 //! - Links are pinned and their fds closed at once: the kernel keeps them attached, the agent
 //!   holds no per-endpoint file descriptors, and the dataplane works while the agent is down.
 //! - The version in the directory name is the map layout version: an agent never opens maps of
-//!   another layout (migration is an explicit step).
+//!   another layout. [`prepare`] (what `atoll-agent run` and `atoll-agent migrate` do first)
+//!   migrates the pins of the previous layout into the current one (see `layout`), and
+//!   [`Dataplane::open`] refuses while pins of another layout exist, naming that command.
+//! - Every open checks each pinned map's type, key and value size, flags and capacity against
+//!   what this build expects (aya reuses a pinned map without looking at it), so a map of another
+//!   shape is a clear error, never a silent misread.
+//! - `build-<id>` beside the pins names the build of the eBPF object whose programs are pinned
+//!   ([`build_id`], a hash of the embedded object). [`prepare`] upgrades the programs of another
+//!   build in place: loads the new object against the pinned maps, swaps the program of every
+//!   pinned TCX link with one `BPF_LINK_UPDATE` each, re-pins the programs, then the marker
+//!   (see `upgrade`). No frame meets a device without a program at any point.
+//! - `carry/` holds counter maps of an older layout frozen by a migration: their values are added
+//!   to the current counters, so no increment is lost (see `carry`).
 
 use std::{
     io,
@@ -41,7 +55,13 @@ use aya::{
 
 use crate::config::DataplaneConfig;
 
+mod carry;
 mod exposure;
+mod layout;
+mod upgrade;
+
+pub use layout::{layout_versions, map_usage, unapplied_sizes, MapUsage};
+pub use upgrade::{build_id, pinned_builds, prepare, Prepared, BUILD_MARKER_PREFIX};
 
 /// The compiled eBPF object, built by this crate's build script from `dataplane-ebpf/`.
 pub static OBJECT: &[u8] =
@@ -89,7 +109,10 @@ const BPF_NOEXIST: u64 = 1;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DataplaneError {
-    #[error("{path} is not on a bpffs; mount one with `mount -t bpf bpf /sys/fs/bpf`")]
+    #[error(
+        "{path} is not on a bpffs: set dataplane.bpffs_root to a directory under a mounted \
+         bpffs (default /sys/fs/bpf/atoll; mount it with `mount -t bpf bpf /sys/fs/bpf`)"
+    )]
     BpffsNotMounted { path: PathBuf },
     #[error("missing capability: {operation} needs CAP_BPF and CAP_NET_ADMIN (run as root)")]
     MissingCapability {
@@ -154,6 +177,69 @@ pub enum DataplaneError {
     },
     #[error("removing {path}: {source}")]
     Unpin { path: PathBuf, source: io::Error },
+    #[error("reading {path}: {source}")]
+    ReadPinDir { path: PathBuf, source: io::Error },
+    #[error("renaming {from} to {to}: {source}")]
+    Rename {
+        from: PathBuf,
+        to: PathBuf,
+        source: io::Error,
+    },
+    #[error(
+        "pinned map {path} does not match this build (layout v{LAYOUT_VERSION}): {problem}; \
+         pins of another shape under the same layout version are a bug (the layout changed \
+         without a LAYOUT_VERSION bump) or were made by another program: drain the host and \
+         recreate the dataplane (`atoll-agent cleanup`, then `atoll-agent run`)"
+    )]
+    MapMismatch { path: PathBuf, problem: String },
+    #[error(
+        "pinned map {path} has {pinned} entries, but the dataplane's other maps sized by \
+         dataplane.{setting} hold {expected}: the pins are inconsistent; drain the host and \
+         recreate the dataplane (`atoll-agent cleanup`, then `atoll-agent run`)"
+    )]
+    MapCapacity {
+        path: PathBuf,
+        pinned: u32,
+        expected: u32,
+        setting: &'static str,
+    },
+    #[error(
+        "pins of map layout v{found} exist under {root}: run `atoll-agent migrate` (or \
+         `atoll-agent run`, which migrates on start) to move them to layout v{LAYOUT_VERSION}"
+    )]
+    MigrationPending { root: PathBuf, found: u32 },
+    #[error(
+        "pins of map layout v{found} exist under {root}, and this agent migrates only from \
+         v{supported} to v{LAYOUT_VERSION}: drain the host (move its VMs away), remove them with \
+         `rm -r {root}/v{found}` (this detaches their programs) and delete their devices, or \
+         migrate with an agent release in between"
+    )]
+    MigrationUnsupported {
+        root: PathBuf,
+        found: u32,
+        supported: u32,
+    },
+    #[error(
+        "pins of map layout v{found} under {root} are newer than this agent (layout \
+         v{LAYOUT_VERSION}): install the newer agent again; downgrading across a layout change \
+         is not supported"
+    )]
+    NewerLayout { root: PathBuf, found: u32 },
+    #[error(
+        "{new} and {old} hold different dataplanes (their ENDPOINTS maps differ), so the \
+         migration from {old} cannot be resumed: drain the host and remove one of them"
+    )]
+    MigrationDiverged { old: PathBuf, new: PathBuf },
+    #[error("opening pinned link {path}: {source}")]
+    OpenLink {
+        path: PathBuf,
+        source: Box<aya::programs::links::LinkError>,
+    },
+    #[error("replacing the program of link {path} (BPF_LINK_UPDATE): {source}")]
+    UpdateLink {
+        path: PathBuf,
+        source: Box<ProgramError>,
+    },
 }
 
 /// The dataplane as pinned in the kernel.
@@ -175,17 +261,26 @@ pub struct Dataplane {
     max_endpoints: u32,
     max_routes: u32,
     max_vips: u32,
+    /// Counters of an older layout frozen by a migration, added to the current ones.
+    carry: carry::Carry,
 }
 
 impl Dataplane {
     /// Opens the pinned dataplane under `cfg.bpffs_root`, creating and pinning it first if this
     /// host has none of the current layout.
+    ///
+    /// Refuses while pins of another layout version exist (see [`prepare`]), and checks every
+    /// pinned map against what this build expects.
     pub fn open(cfg: &DataplaneConfig) -> Result<Self, DataplaneError> {
         check_bpffs(&cfg.bpffs_root)?;
+        layout::refuse_other_layouts(&cfg.bpffs_root)?;
         let dir = layout_dir(&cfg.bpffs_root);
         if !dir.join("progs").join(PROG_FROM_DNS).exists() {
             create_pins(cfg, &dir)?;
         }
+        // Map sizes are the pinned ones (fixed at creation); see `layout::pinned_sizes`.
+        layout::check_maps(&dir.join("maps"), cfg)?;
+        let carry = carry::Carry::open(&dir.join(carry::DIR))?;
         let open_map = |name: &str| -> Result<Map, DataplaneError> {
             let path = dir.join("maps").join(name);
             let map = MapData::from_pin(&path)
@@ -253,6 +348,7 @@ impl Dataplane {
             max_endpoints,
             max_routes,
             max_vips,
+            carry,
         })
     }
 
@@ -487,7 +583,9 @@ impl Dataplane {
                 map: MAP_COUNTERS,
                 source: Box::new(source),
             })?;
-        Ok(sum_counters(per_cpu.iter()))
+        let mut total = sum_counters(per_cpu.iter());
+        self.carry.add_counters(slot, &mut total)?;
+        Ok(total)
     }
 
     /// Zeroes `slot` on every CPU (before the slot is given to a new endpoint).
@@ -508,12 +606,15 @@ impl Dataplane {
                 io_error: e,
             }))
         })?;
-        self.counters.set(slot, zeros, 0).map_err(update)
+        self.counters.set(slot, zeros, 0).map_err(update)?;
+        self.carry.reset(slot, cpus)
     }
 
     /// Drop counters summed over CPUs, for every reason (zeros included).
     pub fn drop_counters(&self) -> Result<Vec<(DropReason, u64)>, DataplaneError> {
-        read_drop_counters(&self.drops)
+        let mut drops = read_drop_counters(&self.drops)?;
+        self.carry.add_drops(&mut drops)?;
+        Ok(drops)
     }
 
     /// The DNS service `from_vm` sends DNS to (`ifindex` 0: none).
@@ -637,7 +738,8 @@ pub fn layout_dir(root: &Path) -> PathBuf {
     root.join(format!("v{LAYOUT_VERSION}"))
 }
 
-fn check_bpffs(root: &Path) -> Result<(), DataplaneError> {
+/// Checks that `root` (or its closest existing ancestor) is on a bpffs.
+pub fn check_bpffs(root: &Path) -> Result<(), DataplaneError> {
     // The root may not exist yet: check the closest existing ancestor.
     let mut probe = root;
     while !probe.exists() {
@@ -658,77 +760,140 @@ fn check_bpffs(root: &Path) -> Result<(), DataplaneError> {
 }
 
 fn create_pins(cfg: &DataplaneConfig, dir: &Path) -> Result<(), DataplaneError> {
-    let tmp = dir.with_file_name(format!(
-        "{}-tmp-{}",
-        dir.file_name().and_then(|n| n.to_str()).unwrap_or("v"),
-        std::process::id()
-    ));
+    let tmp = tmp_dir(dir);
     let result = (|| {
-        for sub in ["maps", "progs", "links"] {
-            let p = tmp.join(sub);
-            std::fs::create_dir_all(&p)
-                .map_err(|source| DataplaneError::CreatePinDir { path: p, source })?;
-        }
-        let mut ebpf = EbpfLoader::new()
-            .map_max_entries(MAP_ENDPOINTS, cfg.max_endpoints)
-            .map_max_entries(MAP_ROUTES, cfg.max_routes)
-            .map_max_entries(MAP_COUNTERS, cfg.max_endpoints)
-            .map_max_entries(MAP_SLOT_ENDPOINTS, cfg.max_endpoints)
-            .map_max_entries(MAP_VIPS, cfg.max_vips)
-            .map_max_entries(MAP_FLOWS_OUT, cfg.max_flows)
-            .map_max_entries(MAP_FLOWS_IN, cfg.max_flows)
-            .load(OBJECT)
-            .map_err(|source| match permission_error(&source) {
-                Some(e) => DataplaneError::MissingCapability {
-                    operation: "loading eBPF maps".into(),
-                    source: e,
-                },
-                None => DataplaneError::LoadObject {
-                    source: Box::new(source),
-                },
-            })?;
-        for name in MAPS {
-            let path = tmp.join("maps").join(name);
-            let map = ebpf.map(name).ok_or_else(|| DataplaneError::OpenMap {
-                path: path.clone(),
-                source: Box::new(MapError::InvalidName { name: name.into() }),
-            })?;
-            map.pin(&path).map_err(|e| DataplaneError::Pin {
-                path: path.clone(),
-                source: io::Error::other(e.to_string()),
-            })?;
-        }
-        for name in PROGS {
-            let path = tmp.join("progs").join(name);
-            let prog: &mut SchedClassifier = ebpf
-                .program_mut(name)
-                .ok_or(DataplaneError::LoadProgram {
-                    program: static_name(name),
-                    source: Box::new(ProgramError::NotLoaded),
-                })?
-                .try_into()
-                .map_err(|source| DataplaneError::LoadProgram {
-                    program: static_name(name),
-                    source: Box::new(source),
-                })?;
-            prog.load().map_err(|source| DataplaneError::LoadProgram {
-                program: static_name(name),
-                source: Box::new(source),
-            })?;
-            prog.pin(&path).map_err(|e| DataplaneError::Pin {
-                path: path.clone(),
-                source: io::Error::other(e.to_string()),
-            })?;
-        }
-        std::fs::rename(&tmp, dir).map_err(|source| DataplaneError::Pin {
-            path: dir.into(),
-            source,
-        })
+        create_layout_dirs(&tmp)?;
+        // aya creates each map and pins it at its path (none exists yet).
+        let mut ebpf = load_object(cfg, &tmp.join("maps"))?;
+        pin_programs(&mut ebpf, &tmp.join("progs"), "")?;
+        upgrade::mark_build(&tmp)?;
+        rename(&tmp, dir)
     })();
     if result.is_err() {
         let _ = std::fs::remove_dir_all(&tmp);
+        // Another process created the layout meanwhile: use that one.
+        if dir.join("progs").join(PROG_FROM_DNS).exists() {
+            return Ok(());
+        }
     }
     result
+}
+
+/// `<dir>-tmp-<pid>`: where a layout is built before it is renamed into place.
+fn tmp_dir(dir: &Path) -> PathBuf {
+    dir.with_file_name(format!(
+        "{}-tmp-{}",
+        dir.file_name().and_then(|n| n.to_str()).unwrap_or("v"),
+        std::process::id()
+    ))
+}
+
+fn create_layout_dirs(dir: &Path) -> Result<(), DataplaneError> {
+    for sub in ["maps", "progs", "links", carry::DIR] {
+        let p = dir.join(sub);
+        std::fs::create_dir_all(&p)
+            .map_err(|source| DataplaneError::CreatePinDir { path: p, source })?;
+    }
+    Ok(())
+}
+
+/// Loads the embedded object with private, unpinned maps (the configurable ones sized
+/// `entries`) and verifies its programs; nothing is pinned or attached (`atoll-agent doctor`).
+pub fn load_unpinned(entries: u32) -> Result<aya::Ebpf, DataplaneError> {
+    let cfg = DataplaneConfig {
+        max_endpoints: entries,
+        max_routes: entries,
+        max_vips: entries,
+        max_flows: entries,
+        ..DataplaneConfig::default()
+    };
+    load_object_with(&cfg, None)
+}
+
+/// Loads the object with every map pinned under `maps` (aya opens a map pinned there and
+/// creates and pins a missing one) and loads (verifies) its programs, unpinned.
+fn load_object(cfg: &DataplaneConfig, maps: &Path) -> Result<aya::Ebpf, DataplaneError> {
+    load_object_with(cfg, Some(maps))
+}
+
+fn load_object_with(
+    cfg: &DataplaneConfig,
+    maps: Option<&Path>,
+) -> Result<aya::Ebpf, DataplaneError> {
+    let mut loader = EbpfLoader::new();
+    loader
+        .map_max_entries(MAP_ENDPOINTS, cfg.max_endpoints)
+        .map_max_entries(MAP_ROUTES, cfg.max_routes)
+        .map_max_entries(MAP_COUNTERS, cfg.max_endpoints)
+        .map_max_entries(MAP_SLOT_ENDPOINTS, cfg.max_endpoints)
+        .map_max_entries(MAP_VIPS, cfg.max_vips)
+        .map_max_entries(MAP_FLOWS_OUT, cfg.max_flows)
+        .map_max_entries(MAP_FLOWS_IN, cfg.max_flows);
+    if let Some(maps) = maps {
+        for name in MAPS {
+            loader.map_pin_path(name, maps.join(name));
+        }
+    }
+    let mut ebpf = loader
+        .load(OBJECT)
+        .map_err(|source| match permission_error(&source) {
+            Some(e) => DataplaneError::MissingCapability {
+                operation: "loading eBPF maps".into(),
+                source: e,
+            },
+            None => DataplaneError::LoadObject {
+                source: Box::new(source),
+            },
+        })?;
+    for name in PROGS {
+        program_mut(&mut ebpf, name)?
+            .load()
+            .map_err(|source| DataplaneError::LoadProgram {
+                program: static_name(name),
+                source: Box::new(source),
+            })?;
+    }
+    Ok(ebpf)
+}
+
+fn program_mut<'a>(
+    ebpf: &'a mut aya::Ebpf,
+    name: &str,
+) -> Result<&'a mut SchedClassifier, DataplaneError> {
+    ebpf.program_mut(name)
+        .ok_or(DataplaneError::LoadProgram {
+            program: static_name(name),
+            source: Box::new(ProgramError::NotLoaded),
+        })?
+        .try_into()
+        .map_err(|source| DataplaneError::LoadProgram {
+            program: static_name(name),
+            source: Box::new(source),
+        })
+}
+
+/// Pins every loaded program as `<progs>/<name><suffix>`.
+fn pin_programs(ebpf: &mut aya::Ebpf, progs: &Path, suffix: &str) -> Result<(), DataplaneError> {
+    for name in PROGS {
+        let path = progs.join(format!("{name}{suffix}"));
+        remove_pin(&path)?;
+        program_mut(ebpf, name)?
+            .pin(&path)
+            .map_err(|e| DataplaneError::Pin {
+                path: path.clone(),
+                source: io::Error::other(e.to_string()),
+            })?;
+    }
+    Ok(())
+}
+
+/// Renames a pin or pin directory (atomic on bpffs; replaces a pin at `to`).
+fn rename(from: &Path, to: &Path) -> Result<(), DataplaneError> {
+    std::fs::rename(from, to).map_err(|source| DataplaneError::Rename {
+        from: from.into(),
+        to: to.into(),
+        source,
+    })
 }
 
 fn static_name(name: &str) -> &'static str {

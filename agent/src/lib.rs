@@ -10,6 +10,7 @@
 //! - [`dns`] is the per-host DNS server guests reach at their gateway address (split horizon
 //!   by asking endpoint), with its namespace and devices.
 //! - [`config`] is the agent's TOML configuration (unknown keys rejected).
+//! - [`doctor`] checks a host for everything atoll needs (`atoll-agent doctor`).
 //! - [`testbed`] holds the RAII helpers that the demo and the tests use to build guests in
 //!   network namespaces and clean them up.
 
@@ -19,6 +20,7 @@ pub mod dataplane;
 pub mod demo;
 pub mod device;
 pub mod dns;
+pub mod doctor;
 pub mod endpoint;
 pub mod expedite;
 pub mod metrics;

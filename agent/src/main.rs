@@ -10,7 +10,6 @@ use atoll_agent::dns::{DnsPlane, DnsServer, DnsView, ForwardPolicy};
 use atoll_agent::usage::{deliver_pending, FileSink, HttpSink, Recorder, Sink};
 use atoll_agent::{
     config::AgentConfig,
-    dataplane::layout_dir,
     endpoint::{DeviceSpec, EndpointSpec, Host},
     types::{CloudId, MacAddr},
 };
@@ -42,6 +41,12 @@ enum Cmd {
     Endpoint(EndpointCmd),
     /// Remove every endpoint device, link and pin of atoll's dataplane.
     Cleanup,
+    /// Bring the pins to this agent without starting it: migrate pins of the previous map
+    /// layout and upgrade programs of another build in place (what `run` does first), hitless.
+    Migrate,
+    /// Check this host for what atoll needs (kernel, bpffs, privileges, TCX, tun, netns, KVM,
+    /// VMM, guest image, map capacity); exits 1 if a required check fails.
+    Doctor,
 }
 
 #[derive(Subcommand)]
@@ -71,11 +76,18 @@ enum EndpointCmd {
     Del { name: String },
 }
 
+/// Exit status of a configuration error (clap's usage errors exit with 2 too); every other
+/// failure exits with 1 (see docs/operations.md).
+const EXIT_CONFIG: i32 = 2;
+
 fn main() {
     if let Err(e) = real_main() {
         // Every error's message already names its cause, so print the top one only.
         eprintln!("atoll-agent: {e}");
-        std::process::exit(1);
+        let config = e
+            .downcast_ref::<atoll_agent::config::ConfigError>()
+            .is_some();
+        std::process::exit(if config { EXIT_CONFIG } else { 1 });
     }
 }
 
@@ -95,6 +107,20 @@ fn real_main() -> Result<()> {
             Cmd::Run => run(&cfg).await,
             Cmd::Status => status(&cfg),
             Cmd::Demo => Ok(atoll_agent::demo::run().await?),
+            Cmd::Migrate => {
+                let prepared = atoll_agent::dataplane::prepare(&cfg.dataplane)?;
+                println!("atoll-agent: {prepared}");
+                Ok(())
+            }
+            Cmd::Doctor => {
+                let report = atoll_agent::doctor::run(&cfg).await;
+                print!("{report}");
+                std::io::Write::flush(&mut std::io::stdout())?;
+                if !report.passed() {
+                    std::process::exit(1);
+                }
+                Ok(())
+            }
             Cmd::Endpoint(e) => endpoint(&cfg, e).await,
             Cmd::Cleanup => {
                 // VMMs first: they hold taps and volumes.
@@ -104,7 +130,7 @@ fn real_main() -> Result<()> {
                 }
                 // The DNS namespace and device pair, whatever state they are in.
                 atoll_agent::dns::DnsPlane::remove(&cfg.dns).await?;
-                if !layout_dir(&cfg.dataplane.bpffs_root).exists() {
+                if nothing_pinned(&cfg.dataplane.bpffs_root)? {
                     println!(
                         "nothing pinned under {}",
                         cfg.dataplane.bpffs_root.display()
@@ -128,6 +154,18 @@ fn real_main() -> Result<()> {
 }
 
 async fn run(cfg: &AgentConfig) -> Result<()> {
+    // Migrations and program upgrades happen here, before anything opens the dataplane.
+    let prepared = atoll_agent::dataplane::prepare(&cfg.dataplane)?;
+    println!("atoll-agent: pins: {prepared}");
+    for (setting, want, have) in
+        atoll_agent::dataplane::unapplied_sizes(&cfg.dataplane.bpffs_root, &cfg.dataplane)
+    {
+        eprintln!(
+            "atoll-agent: warning: dataplane.{setting} = {want} is not applied: the pinned maps \
+             hold {have} entries (sizes are fixed when the dataplane is created; to resize, \
+             drain the host, `atoll-agent cleanup`, then `atoll-agent run`)"
+        );
+    }
     let mut host = Host::open(&cfg.dataplane)?;
     let stale = host.reconcile()?;
     host.refill_pool().await?;
@@ -386,8 +424,14 @@ fn usage_tick(
     }));
 }
 
+/// No layout of any version is pinned under `root` (pins of another version are not "nothing":
+/// opening the dataplane then explains what to do with them).
+fn nothing_pinned(root: &std::path::Path) -> Result<bool> {
+    Ok(atoll_agent::dataplane::layout_versions(root)?.is_empty())
+}
+
 fn status(cfg: &AgentConfig) -> Result<()> {
-    if !layout_dir(&cfg.dataplane.bpffs_root).exists() {
+    if nothing_pinned(&cfg.dataplane.bpffs_root)? {
         println!(
             "no dataplane pinned under {}",
             cfg.dataplane.bpffs_root.display()

@@ -254,7 +254,8 @@ fn bad_config_file_is_rejected_with_the_key() {
         .unwrap();
     let _ = std::fs::remove_file(&config);
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "stderr: {stderr}");
+    // 2: a configuration error (docs/operations.md).
+    assert_eq!(out.status.code(), Some(2), "stderr: {stderr}");
     assert!(
         stderr.contains("max_endpionts"),
         "stderr names the bad key: {stderr}"

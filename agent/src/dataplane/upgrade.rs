@@ -1,0 +1,383 @@
+//! Hitless program upgrades: a new build of the eBPF object takes over the pinned maps and
+//! every pinned TCX link without a device ever being without a program.
+//!
+//! Decisions:
+//! - **Which build is pinned** is recorded as an empty directory `build-<id>` in the layout
+//!   directory, `<id>` being [`build_id`] (FNV-1a 64 of the embedded object's bytes: an
+//!   identity, not a security check). A directory is what bpffs holds besides pins, and it lives
+//!   and dies with the pins (a reboot clears both). Program tags would need the new programs
+//!   loaded (verified) on every start just to compare.
+//! - **Order of an upgrade:** check the pinned maps against this build (every start does);
+//!   load the new object against them (`EbpfLoader::map_pin_path` for every map: aya reuses
+//!   a pinned map), which verifies the programs; pin them beside the old ones (`<name>-new`);
+//!   give every pinned link its new program with `BPF_LINK_UPDATE` (aya's
+//!   `SchedClassifier::attach_to_link`), which swaps the program atomically under the link,
+//!   keeping its place among TCX programs; rename the new program pins over the old ones;
+//!   last, replace the marker. A crash anywhere leaves the old marker, so the next start
+//!   repeats the (idempotent) upgrade.
+//! - **A link whose device is gone** (`ENOLINK`) is left to `Host::reconcile`, which removes it.
+//! - Both builds share the maps during the upgrade, which is sound because they share the
+//!   layout version (a layout change goes through a migration, see `layout`).
+
+use std::path::{Path, PathBuf};
+
+use aya::programs::{
+    links::{FdLink, PinnedLink},
+    tc::SchedClassifierLink,
+    ProgramError, SchedClassifier,
+};
+
+use super::{
+    check_bpffs, create_pins, layout, layout_dir, load_object, pin_programs, rename,
+    DataplaneError, OBJECT, PROGS, PROG_FROM_DNS, PROG_FROM_VM, PROG_TO_VM,
+};
+use crate::config::DataplaneConfig;
+use atoll_dataplane_common::LAYOUT_VERSION;
+
+/// Name prefix of the build marker directory.
+pub const BUILD_MARKER_PREFIX: &str = "build-";
+
+/// The identity of the embedded eBPF object: 16 hex digits of its FNV-1a 64 hash.
+pub fn build_id() -> String {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in OBJECT {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    format!("{h:016x}")
+}
+
+/// Build ids recorded in the layout directory `dir` (normally one).
+pub fn pinned_builds(dir: &Path) -> Result<Vec<String>, DataplaneError> {
+    Ok(layout::read_dir(dir)?
+        .iter()
+        .filter_map(|p| {
+            layout::file_name(p)
+                .strip_prefix(BUILD_MARKER_PREFIX)
+                .map(str::to_string)
+        })
+        .collect())
+}
+
+/// Records this build as the pinned one in `dir`, removing other markers.
+pub(super) fn mark_build(dir: &Path) -> Result<(), DataplaneError> {
+    let id = build_id();
+    let marker = dir.join(format!("{BUILD_MARKER_PREFIX}{id}"));
+    std::fs::create_dir_all(&marker).map_err(|source| DataplaneError::CreatePinDir {
+        path: marker.clone(),
+        source,
+    })?;
+    for other in pinned_builds(dir)? {
+        if other != id {
+            let path = dir.join(format!("{BUILD_MARKER_PREFIX}{other}"));
+            std::fs::remove_dir(&path).map_err(|source| DataplaneError::Unpin { path, source })?;
+        }
+    }
+    Ok(())
+}
+
+/// The three programs, opened from pins.
+pub(super) struct Programs {
+    from_vm: SchedClassifier,
+    to_vm: SchedClassifier,
+    from_dns: SchedClassifier,
+}
+
+impl Programs {
+    /// Opens `<progs>/<name><suffix>` for every program.
+    pub(super) fn open(progs: &Path, suffix: &str) -> Result<Self, DataplaneError> {
+        let open = |name: &str| {
+            let path = progs.join(format!("{name}{suffix}"));
+            SchedClassifier::from_pin(&path).map_err(|source| DataplaneError::OpenProgram {
+                path,
+                source: Box::new(source),
+            })
+        };
+        Ok(Programs {
+            from_vm: open(PROG_FROM_VM)?,
+            to_vm: open(PROG_TO_VM)?,
+            from_dns: open(PROG_FROM_DNS)?,
+        })
+    }
+
+    /// The program a link pin of this name carries (see [`program_of_link`]).
+    fn for_link(&mut self, pin: &str) -> Option<&mut SchedClassifier> {
+        match program_of_link(pin)? {
+            PROG_FROM_VM => Some(&mut self.from_vm),
+            PROG_TO_VM => Some(&mut self.to_vm),
+            _ => Some(&mut self.from_dns),
+        }
+    }
+}
+
+/// The program of a link pin: `<ifindex>-in` → `from_vm`, `<ifindex>-out` → `to_vm`,
+/// `dns-<ifindex>` → `from_dns`.
+fn program_of_link(pin: &str) -> Option<&'static str> {
+    if pin.starts_with(super::DNS_LINK_PREFIX) {
+        Some(PROG_FROM_DNS)
+    } else if pin.ends_with("-in") {
+        Some(PROG_FROM_VM)
+    } else if pin.ends_with("-out") {
+        Some(PROG_TO_VM)
+    } else {
+        None
+    }
+}
+
+/// Links switched by [`switch_links`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(super) struct Switched {
+    pub switched: usize,
+    /// Links whose device is gone (left to reconcile, or removed with their directory).
+    pub stale: usize,
+}
+
+/// Gives every link pinned in `links` its program from `programs` with `BPF_LINK_UPDATE`, and
+/// moves the pin into `move_to` if given (a migration).
+pub(super) fn switch_links(
+    programs: &mut Programs,
+    links: &Path,
+    move_to: Option<&Path>,
+) -> Result<Switched, DataplaneError> {
+    let mut out = Switched::default();
+    for path in layout::read_dir(links)? {
+        let name = layout::file_name(&path);
+        let Some(prog) = programs.for_link(&name) else {
+            continue;
+        };
+        if update_link(prog, &path)? {
+            out.switched += 1;
+        } else {
+            out.stale += 1;
+            continue;
+        }
+        if let Some(dir) = move_to {
+            let target = dir.join(&name);
+            if target.exists() {
+                // Already moved once (a resumed migration re-attached it): the old pin goes with
+                // the old directory.
+                continue;
+            }
+            rename(&path, &target)?;
+        }
+    }
+    Ok(out)
+}
+
+/// Replaces the program of the TCX link pinned at `path` with `prog`, atomically. Returns
+/// false if the link's device is gone.
+fn update_link(prog: &mut SchedClassifier, path: &Path) -> Result<bool, DataplaneError> {
+    let open = |source| DataplaneError::OpenLink {
+        path: path.into(),
+        source: Box::new(source),
+    };
+    let pinned = PinnedLink::from_pin(path).map_err(open)?;
+    let link = SchedClassifierLink::try_from(FdLink::from(pinned)).map_err(open)?;
+    match prog.attach_to_link(link) {
+        Ok(id) => {
+            // Only the fd is closed: the pin keeps the link (and now the new program) attached.
+            drop(prog.take_link(id));
+            Ok(true)
+        }
+        Err(ProgramError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOLINK) => {
+            Ok(false)
+        }
+        Err(source) => Err(DataplaneError::UpdateLink {
+            path: path.into(),
+            source: Box::new(source),
+        }),
+    }
+}
+
+/// What [`prepare`] found and did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Prepared {
+    /// The dataplane was created (nothing was pinned).
+    pub created: bool,
+    /// Pins of this layout version were migrated into the current one.
+    pub migrated_from: Option<u32>,
+    /// Counter maps frozen under `carry/` by the migration.
+    pub carried: Vec<String>,
+    /// The programs were upgraded from these builds (empty: none recorded).
+    pub upgraded_from: Option<Vec<String>>,
+    /// Links given new programs (migration and upgrade).
+    pub links_switched: usize,
+    /// Links whose device is gone.
+    pub stale_links: usize,
+}
+
+impl std::fmt::Display for Prepared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let build = build_id();
+        if self.created {
+            return write!(f, "created layout v{LAYOUT_VERSION}, build {build}");
+        }
+        if let Some(v) = self.migrated_from {
+            write!(f, "migrated layout v{v} to v{LAYOUT_VERSION}")?;
+            if !self.carried.is_empty() {
+                write!(f, " (frozen counters carried: {})", self.carried.join(", "))?;
+            }
+            write!(f, ", ")?;
+        }
+        match &self.upgraded_from {
+            Some(old) if self.migrated_from.is_none() => write!(
+                f,
+                "upgraded programs from build {} to {build}, ",
+                if old.is_empty() {
+                    "(unrecorded)".to_string()
+                } else {
+                    old.join("+")
+                }
+            )?,
+            _ if self.migrated_from.is_none() => {
+                return write!(f, "layout v{LAYOUT_VERSION}, build {build} (current)")
+            }
+            _ => write!(f, "build {build}, ")?,
+        }
+        write!(
+            f,
+            "{} links switched atomically ({} stale)",
+            self.links_switched, self.stale_links
+        )
+    }
+}
+
+/// Brings the pins under `cfg.bpffs_root` to this agent: migrates the previous layout's pins
+/// (see `layout`), creates the dataplane if nothing is pinned, and upgrades pinned programs
+/// of another build in place. Traffic keeps flowing throughout. `atoll-agent run` calls it
+/// before opening the dataplane; nothing else should run agent commands meanwhile.
+pub fn prepare(cfg: &DataplaneConfig) -> Result<Prepared, DataplaneError> {
+    let root = &cfg.bpffs_root;
+    check_bpffs(root)?;
+    remove_stale_tmp(root)?;
+    let mut out = Prepared::default();
+    for v in layout::layout_versions(root)? {
+        if v > LAYOUT_VERSION {
+            return Err(DataplaneError::NewerLayout {
+                root: root.clone(),
+                found: v,
+            });
+        }
+        if v < LAYOUT_VERSION {
+            let m = layout::migrate(cfg, root, v)?;
+            out.migrated_from = Some(v);
+            out.carried = m.carried;
+            out.links_switched += m.links;
+            out.stale_links += m.stale_links;
+        }
+    }
+    let dir = layout_dir(root);
+    if !dir.join("progs").join(PROG_FROM_DNS).exists() {
+        create_pins(cfg, &dir)?;
+        out.created = out.migrated_from.is_none();
+        return Ok(out);
+    }
+    layout::check_maps(&dir.join("maps"), cfg)?;
+    let builds = pinned_builds(&dir)?;
+    if builds != [build_id()] {
+        let s = upgrade(cfg, &dir)?;
+        out.upgraded_from = Some(builds.into_iter().filter(|b| *b != build_id()).collect());
+        out.links_switched += s.switched;
+        out.stale_links += s.stale;
+    }
+    Ok(out)
+}
+
+/// Replaces the pinned programs of `dir` with this build's (see module docs).
+fn upgrade(cfg: &DataplaneConfig, dir: &Path) -> Result<Switched, DataplaneError> {
+    let maps = dir.join("maps");
+    let progs = dir.join("progs");
+    let sizes = layout::pinned_sizes(&maps, cfg);
+    {
+        let mut ebpf = load_object(&sizes, &maps)?;
+        pin_programs(&mut ebpf, &progs, "-new")?;
+    }
+    let mut programs = Programs::open(&progs, "-new")?;
+    let switched = switch_links(&mut programs, &dir.join("links"), None)?;
+    for name in PROGS {
+        rename(&progs.join(format!("{name}-new")), &progs.join(name))?;
+    }
+    mark_build(dir)?;
+    Ok(switched)
+}
+
+/// Removes `v<N>-tmp-<pid>` directories of processes that are gone (a crash while creating or
+/// migrating a layout; nothing outside them refers to their pins).
+fn remove_stale_tmp(root: &Path) -> Result<(), DataplaneError> {
+    for path in layout::read_dir(root)? {
+        let name = layout::file_name(&path);
+        let Some(pid) = name
+            .split_once("-tmp-")
+            .and_then(|(_, pid)| pid.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        // SAFETY: kill with signal 0 only checks whether the process exists.
+        let alive = unsafe { libc::kill(pid, 0) } == 0
+            || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM);
+        if !alive {
+            remove_tree(&path)?;
+        }
+    }
+    Ok(())
+}
+
+fn remove_tree(path: &PathBuf) -> Result<(), DataplaneError> {
+    match std::fs::remove_dir_all(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(source) => Err(DataplaneError::Unpin {
+            path: path.clone(),
+            source,
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn build_id_is_stable_hex() {
+        let id = build_id();
+        assert_eq!(id.len(), 16);
+        assert!(id.chars().all(|c| c.is_ascii_hexdigit()));
+        assert_eq!(id, build_id());
+    }
+
+    #[test]
+    fn link_pins_name_their_program() {
+        assert_eq!(program_of_link("12-in"), Some(PROG_FROM_VM));
+        assert_eq!(program_of_link("12-out"), Some(PROG_TO_VM));
+        assert_eq!(program_of_link("dns-7"), Some(PROG_FROM_DNS));
+        assert_eq!(program_of_link("stray"), None);
+    }
+
+    #[test]
+    fn prepared_says_what_happened() {
+        let p = Prepared {
+            upgraded_from: Some(vec!["00000000deadbeef".into()]),
+            links_switched: 4,
+            ..Prepared::default()
+        };
+        let s = p.to_string();
+        assert!(
+            s.contains("upgraded programs from build 00000000deadbeef"),
+            "{s}"
+        );
+        assert!(s.contains("4 links switched atomically"), "{s}");
+        let m = Prepared {
+            migrated_from: Some(3),
+            carried: vec!["COUNTERS".into()],
+            links_switched: 2,
+            ..Prepared::default()
+        };
+        let s = m.to_string();
+        assert!(
+            s.contains(&format!("migrated layout v3 to v{LAYOUT_VERSION}")),
+            "{s}"
+        );
+        assert!(s.contains("COUNTERS"), "{s}");
+        assert!(Prepared::default().to_string().contains("(current)"));
+    }
+}

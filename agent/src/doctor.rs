@@ -1,0 +1,732 @@
+//! `atoll-agent doctor`: checks a host for everything atoll needs, one line per check, each
+//! failure with a concrete fix.
+//!
+//! Decisions:
+//! - **Tried, not inferred.** Where a feature can be tried cheaply it is: atoll's own programs
+//!   are loaded (the verifier of this kernel accepts them), `from_vm` is attached with TCX to
+//!   a throwaway tap and detached, an empty XDP program likewise, `/dev/net/tun` is opened, a
+//!   network namespace is created and removed, and QEMU is run with `--version`. Everything
+//!   made is named `atldr<pid>…` and removed before the check returns; nothing is pinned.
+//! - **Required vs advisory.** A failed check that stops the agent or its VMs from working
+//!   is `FAIL` and makes the exit status 1; what only degrades (no kernel BTF, no XDP, KVM
+//!   unusable so VMs use TCG, a map filling up, pins waiting for an upgrade) is `warn`. VMM
+//!   and image checks are required only with `vm.driver = "qemu"`.
+//! - **KVM**: the agent's per-boot probe verdict (`<vm.run_dir>/kvm-probe`) is reported when
+//!   present; otherwise, with QEMU and the image installed, the probe boot runs here (a few
+//!   seconds); without them only whether `/dev/kvm` opens is reported.
+//! - **Read-only on the dataplane.** Capacity and pin checks open pinned maps by path and never
+//!   create, migrate or upgrade anything.
+
+use std::{
+    fmt,
+    path::{Path, PathBuf},
+    process::Command,
+    time::Duration,
+};
+
+use aya::programs::{tc::TcAttachOptions, LinkOrder, SchedClassifier, TcAttachType, Xdp, XdpMode};
+
+use crate::{
+    config::AgentConfig,
+    dataplane::{self, DataplaneError},
+    device::Devices,
+    testbed::unique_name,
+    vm::qemu::{self, QemuInstall},
+};
+use atoll_dataplane_common::LAYOUT_VERSION;
+
+/// Outcome of one check.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Status {
+    Ok,
+    /// Works, degraded or soon to need attention; does not fail the doctor.
+    Warn,
+    /// A required check failed.
+    Fail,
+    /// Not applicable with this configuration.
+    Skip,
+}
+
+impl Status {
+    fn label(self) -> &'static str {
+        match self {
+            Status::Ok => "ok",
+            Status::Warn => "warn",
+            Status::Fail => "FAIL",
+            Status::Skip => "skip",
+        }
+    }
+}
+
+/// One check's line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Check {
+    pub name: &'static str,
+    pub status: Status,
+    pub detail: String,
+    /// What to do about a `Fail` or `Warn`.
+    pub fix: Option<String>,
+}
+
+impl Check {
+    fn ok(name: &'static str, detail: impl Into<String>) -> Self {
+        Check {
+            name,
+            status: Status::Ok,
+            detail: detail.into(),
+            fix: None,
+        }
+    }
+
+    fn skip(name: &'static str, detail: impl Into<String>) -> Self {
+        Check {
+            status: Status::Skip,
+            ..Check::ok(name, detail)
+        }
+    }
+
+    fn fail(name: &'static str, detail: impl Into<String>, fix: impl Into<String>) -> Self {
+        Check {
+            name,
+            status: Status::Fail,
+            detail: detail.into(),
+            fix: Some(fix.into()),
+        }
+    }
+
+    fn warn(name: &'static str, detail: impl Into<String>, fix: impl Into<String>) -> Self {
+        Check {
+            status: Status::Warn,
+            ..Check::fail(name, detail, fix)
+        }
+    }
+}
+
+impl fmt::Display for Check {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{:<5} {:<10} {}",
+            self.status.label(),
+            self.name,
+            self.detail
+        )?;
+        if let Some(fix) = &self.fix {
+            write!(f, "; fix: {fix}")?;
+        }
+        Ok(())
+    }
+}
+
+/// Every check's outcome, in order.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Report {
+    pub checks: Vec<Check>,
+}
+
+impl Report {
+    /// Whether every required check passed.
+    pub fn passed(&self) -> bool {
+        self.checks.iter().all(|c| c.status != Status::Fail)
+    }
+}
+
+impl fmt::Display for Report {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for c in &self.checks {
+            writeln!(f, "{c}")?;
+        }
+        let failed = self
+            .checks
+            .iter()
+            .filter(|c| c.status == Status::Fail)
+            .count();
+        if failed == 0 {
+            writeln!(f, "all required checks passed")
+        } else {
+            writeln!(f, "{failed} required checks failed")
+        }
+    }
+}
+
+/// Runs every check with the paths of `cfg`. Must be called inside a tokio runtime.
+pub async fn run(cfg: &AgentConfig) -> Report {
+    let mut checks = vec![
+        kernel(),
+        btf(),
+        privileges(),
+        bpffs(),
+        bpffs_root(&cfg.dataplane.bpffs_root),
+        pins(&cfg.dataplane.bpffs_root),
+    ];
+    checks.extend(programs_and_hooks().await);
+    checks.push(tun());
+    checks.push(netns());
+    checks.push(kvm(cfg).await);
+    checks.push(vmm(cfg));
+    checks.push(image(cfg));
+    checks.extend(capacity(&cfg.dataplane));
+    Report { checks }
+}
+
+fn kernel() -> Check {
+    const NAME: &str = "kernel";
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default();
+    match aya::util::KernelVersion::current() {
+        Ok(v) if v >= aya::util::KernelVersion::new(6, 6, 0) => {
+            Check::ok(NAME, format!("Linux {release} (TCX needs >= 6.6)"))
+        }
+        Ok(_) => Check::fail(
+            NAME,
+            format!("Linux {release} is older than 6.6, which TCX (bpf_link on tc) needs"),
+            "boot a kernel >= 6.6 (Debian 12: the bookworm-backports kernel)",
+        ),
+        Err(e) => Check::fail(
+            NAME,
+            format!("cannot read the kernel version: {e}"),
+            "run on Linux >= 6.6",
+        ),
+    }
+}
+
+fn btf() -> Check {
+    const NAME: &str = "btf";
+    let path = Path::new("/sys/kernel/btf/vmlinux");
+    if path.exists() {
+        Check::ok(NAME, format!("{} present", path.display()))
+    } else {
+        Check::warn(
+            NAME,
+            format!(
+                "{} missing: atoll's programs load without kernel BTF, but bpftool and \
+                 tracing lose kernel types",
+                path.display()
+            ),
+            "boot a kernel built with CONFIG_DEBUG_INFO_BTF=y",
+        )
+    }
+}
+
+/// Effective capabilities atoll needs: CAP_NET_ADMIN (12), CAP_SYS_ADMIN (21, namespaces and
+/// mounts), CAP_BPF (39).
+fn privileges() -> Check {
+    const NAME: &str = "privileges";
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let eff = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|h| u64::from_str_radix(h.trim(), 16).ok())
+        .unwrap_or(0);
+    let missing: Vec<&str> = [
+        (12, "CAP_NET_ADMIN"),
+        (21, "CAP_SYS_ADMIN"),
+        (39, "CAP_BPF"),
+    ]
+    .iter()
+    .filter(|(bit, _)| eff & (1 << bit) == 0)
+    .map(|(_, name)| *name)
+    .collect();
+    // SAFETY: geteuid has no preconditions.
+    let uid = unsafe { libc::geteuid() };
+    if missing.is_empty() {
+        Check::ok(
+            NAME,
+            format!("uid {uid} with CAP_BPF, CAP_NET_ADMIN, CAP_SYS_ADMIN"),
+        )
+    } else {
+        Check::fail(
+            NAME,
+            format!("uid {uid} lacks {}", missing.join(", ")),
+            "run atoll-agent as root (sudo, or a systemd unit without User=)",
+        )
+    }
+}
+
+fn bpffs() -> Check {
+    const NAME: &str = "bpffs";
+    match dataplane::check_bpffs(Path::new("/sys/fs/bpf")) {
+        Ok(()) => Check::ok(NAME, "/sys/fs/bpf is a bpffs"),
+        Err(_) => Check::fail(
+            NAME,
+            "no bpffs mounted at /sys/fs/bpf",
+            "mount -t bpf bpf /sys/fs/bpf (and in /etc/fstab: \
+             bpf /sys/fs/bpf bpf defaults 0 0)",
+        ),
+    }
+}
+
+fn bpffs_root(root: &Path) -> Check {
+    const NAME: &str = "bpffs_root";
+    match dataplane::check_bpffs(root) {
+        Ok(()) => Check::ok(
+            NAME,
+            format!("dataplane.bpffs_root {} is on a bpffs", root.display()),
+        ),
+        Err(e) => Check::fail(
+            NAME,
+            format!("dataplane.bpffs_root {}: {e}", root.display()),
+            "set dataplane.bpffs_root to a directory under /sys/fs/bpf, e.g. /sys/fs/bpf/atoll",
+        ),
+    }
+}
+
+/// The pinned layout and build, if any.
+fn pins(root: &Path) -> Check {
+    const NAME: &str = "pins";
+    let versions = match dataplane::layout_versions(root) {
+        Ok(v) => v,
+        Err(e) => return Check::fail(NAME, e.to_string(), "check the permissions of bpffs_root"),
+    };
+    if let Some(v) = versions.iter().find(|v| **v > LAYOUT_VERSION) {
+        return Check::fail(
+            NAME,
+            format!("pins of layout v{v} are newer than this agent (v{LAYOUT_VERSION})"),
+            "install the newer agent again (downgrades across a layout change are not supported)",
+        );
+    }
+    if let Some(v) = versions.iter().find(|v| **v < LAYOUT_VERSION) {
+        return Check::warn(
+            NAME,
+            format!("pins of layout v{v} under {}", root.display()),
+            "`atoll-agent migrate` (or `atoll-agent run`) migrates them hitlessly",
+        );
+    }
+    if versions.is_empty() {
+        return Check::ok(NAME, format!("nothing pinned under {} yet", root.display()));
+    }
+    let dir = dataplane::layout_dir(root);
+    let builds = dataplane::pinned_builds(&dir).unwrap_or_default();
+    let this = dataplane::build_id();
+    if builds == [this.clone()] {
+        Check::ok(
+            NAME,
+            format!("layout v{LAYOUT_VERSION}, programs of this build ({this})"),
+        )
+    } else {
+        Check::warn(
+            NAME,
+            format!(
+                "layout v{LAYOUT_VERSION}, programs of build {} (this build is {this})",
+                if builds.is_empty() {
+                    "(unrecorded)".into()
+                } else {
+                    builds.join("+")
+                }
+            ),
+            "`atoll-agent run` (or `atoll-agent migrate`) upgrades them in place without \
+             dropping packets",
+        )
+    }
+}
+
+/// Loads atoll's programs, then attaches `from_vm` with TCX and an empty program with XDP to a
+/// throwaway tap.
+async fn programs_and_hooks() -> Vec<Check> {
+    let mut ebpf = match dataplane::load_unpinned(16) {
+        Ok(e) => e,
+        Err(e) => {
+            let fix = match &e {
+                DataplaneError::MissingCapability { .. } => "run as root",
+                _ => {
+                    "use a kernel >= 6.6 with CONFIG_BPF_SYSCALL, CONFIG_NET_CLS_BPF and \
+                     CONFIG_BPF_JIT"
+                }
+            };
+            return vec![
+                Check::fail("programs", e.to_string(), fix),
+                Check::skip("tcx", "not tried: the programs did not load"),
+                Check::skip("xdp", "not tried: the programs did not load"),
+            ];
+        }
+    };
+    let mut out = vec![Check::ok(
+        "programs",
+        "from_vm, to_vm and from_dns pass this kernel's verifier",
+    )];
+    let devices = match Devices::new() {
+        Ok(d) => d,
+        Err(e) => {
+            out.push(Check::fail("tcx", format!("netlink: {e}"), "run as root"));
+            return out;
+        }
+    };
+    let name = unique_name("dr");
+    let ifindex = match devices.create_tap(&name, None) {
+        Ok(i) => i,
+        Err(e) => {
+            out.push(Check::fail(
+                "tcx",
+                format!("creating a throwaway tap: {e}"),
+                "modprobe tun; run as root",
+            ));
+            out.push(Check::skip("xdp", "not tried: no test device"));
+            return out;
+        }
+    };
+    out.push(tcx(&mut ebpf, &name));
+    out.push(xdp(&name));
+    drop(ebpf);
+    if let Err(e) = devices.delete(&name, ifindex).await {
+        out.push(Check::fail(
+            "cleanup",
+            format!("deleting the throwaway tap {name}: {e}"),
+            format!("ip link del {name}"),
+        ));
+    }
+    out
+}
+
+fn tcx(ebpf: &mut aya::Ebpf, device: &str) -> Check {
+    const NAME: &str = "tcx";
+    let prog: Result<&mut SchedClassifier, String> = ebpf
+        .program_mut(dataplane::PROG_FROM_VM)
+        .ok_or_else(|| "from_vm missing from the object".to_string())
+        .and_then(|p| {
+            p.try_into()
+                .map_err(|e: aya::programs::ProgramError| e.to_string())
+        });
+    let attached = prog.and_then(|p| {
+        let id = p
+            .attach_with_options(
+                device,
+                TcAttachType::Ingress,
+                TcAttachOptions::TcxOrder(LinkOrder::default()),
+            )
+            .map_err(|e| e.to_string())?;
+        p.detach(id).map_err(|e| e.to_string())
+    });
+    match attached {
+        Ok(()) => Check::ok(
+            NAME,
+            format!("from_vm attached with TCX to {device} and detached"),
+        ),
+        Err(e) => Check::fail(
+            NAME,
+            format!("attaching from_vm with TCX to a test tap: {e}"),
+            "use a kernel >= 6.6 (TCX) and run as root",
+        ),
+    }
+}
+
+/// XDP is not on atoll's path today (see docs/design.md, "TCX on endpoints, not XDP"), so a
+/// failure is advisory.
+fn xdp(device: &str) -> Check {
+    const NAME: &str = "xdp";
+    if dataplane::BASELINE_OBJECT.is_empty() {
+        return Check::skip(NAME, "this build has no baseline XDP program to try");
+    }
+    let tried = (|| -> Result<(), String> {
+        let mut ebpf = aya::Ebpf::load(dataplane::BASELINE_OBJECT).map_err(|e| e.to_string())?;
+        let prog: &mut Xdp = ebpf
+            .program_mut("empty_xdp")
+            .ok_or("empty_xdp missing")?
+            .try_into()
+            .map_err(|e: aya::programs::ProgramError| e.to_string())?;
+        prog.load().map_err(|e| e.to_string())?;
+        let id = prog
+            .attach(device, XdpMode::default())
+            .map_err(|e| e.to_string())?;
+        prog.detach(id).map_err(|e| e.to_string())
+    })();
+    match tried {
+        Ok(()) => Check::ok(
+            NAME,
+            format!("an empty XDP program attached to {device} and detached"),
+        ),
+        Err(e) => Check::warn(
+            NAME,
+            format!("XDP attach failed ({e}); atoll does not use XDP today"),
+            "none needed",
+        ),
+    }
+}
+
+fn tun() -> Check {
+    const NAME: &str = "tun";
+    match std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/net/tun")
+    {
+        Ok(_) => Check::ok(NAME, "/dev/net/tun opens"),
+        Err(e) => Check::fail(
+            NAME,
+            format!("/dev/net/tun: {e}"),
+            "modprobe tun (and in a container: pass --device /dev/net/tun)",
+        ),
+    }
+}
+
+fn netns() -> Check {
+    const NAME: &str = "netns";
+    let name = unique_name("dr");
+    let made = crate::dns::netns::ensure(&name);
+    let removed = crate::dns::netns::remove(&name);
+    match (made, removed) {
+        (Ok(_), Ok(())) => Check::ok(NAME, "a network namespace was created and removed"),
+        (Err(e), _) | (Ok(_), Err(e)) => Check::fail(
+            NAME,
+            format!("network namespace {name}: {e}"),
+            "run as root with CAP_SYS_ADMIN on a kernel with CONFIG_NET_NS; /run must be writable",
+        ),
+    }
+}
+
+fn install(cfg: &AgentConfig) -> QemuInstall {
+    QemuInstall {
+        root: cfg.vm.qemu_root.clone(),
+    }
+}
+
+fn image_files(cfg: &AgentConfig) -> (PathBuf, PathBuf) {
+    let dir = cfg.vm.images_dir.join(&cfg.vm.default_image);
+    (dir.join("vmlinux"), dir.join("initramfs.cpio.gz"))
+}
+
+async fn kvm(cfg: &AgentConfig) -> Check {
+    const NAME: &str = "kvm";
+    let strict = cfg.vm.accel == "kvm";
+    // `why` is shown after the consequence, so the line reads the same for every cause.
+    let unusable = |lead: &str, why: Option<String>| {
+        let why = why.map(|w| format!(" ({w})")).unwrap_or_default();
+        if strict {
+            Check::fail(
+                NAME,
+                format!("{lead}: vm.accel = \"kvm\" makes every VM fail{why}"),
+                "set vm.accel = \"auto\" (TCG fallback) or fix KVM",
+            )
+        } else {
+            Check::warn(
+                NAME,
+                format!("{lead}: VMs will use TCG{why}"),
+                "enable hardware virtualization (or nested KVM) for faster VMs",
+            )
+        }
+    };
+    const CANNOT_RUN: &str = "KVM present but cannot run guests";
+    if cfg.vm.driver == "none" || cfg.vm.accel == "tcg" {
+        return Check::skip(
+            NAME,
+            format!(
+                "vm.driver = {:?}, vm.accel = {:?}",
+                cfg.vm.driver, cfg.vm.accel
+            ),
+        );
+    }
+    if !Path::new("/dev/kvm").exists() {
+        return unusable("no /dev/kvm", None);
+    }
+    if let Err(e) = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+    {
+        return unusable(
+            "KVM present but /dev/kvm does not open",
+            Some(e.to_string()),
+        );
+    }
+    if let Some(verdict) = cached_probe(&cfg.vm.run_dir.join("kvm-probe")) {
+        return match verdict {
+            Ok(()) => Check::ok(NAME, "KVM runs guests (the agent's probe, this boot)"),
+            Err(why) => unusable(CANNOT_RUN, Some(why)),
+        };
+    }
+    let (kernel, initrd) = image_files(cfg);
+    let qemu = install(cfg);
+    if !(qemu.binary().is_file() && kernel.is_file() && initrd.is_file()) {
+        return Check::ok(
+            NAME,
+            "/dev/kvm opens (probe boot not tried: VMM or guest image missing)",
+        );
+    }
+    let probed = tokio::task::spawn_blocking(move || {
+        qemu::probe_kvm(&qemu, &kernel, &initrd, Duration::from_secs(10))
+    })
+    .await
+    .unwrap_or_else(|e| Err(format!("probe task: {e}")));
+    match probed {
+        Ok(()) => Check::ok(NAME, "KVM runs guests (probe boot)"),
+        Err(why) => unusable(CANNOT_RUN, Some(why)),
+    }
+}
+
+/// The agent's KVM probe verdict for this boot, if it recorded one (`<boot id>\nkvm` or
+/// `<boot id>\ntcg <why>`).
+fn cached_probe(path: &Path) -> Option<Result<(), String>> {
+    let boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").ok()?;
+    let text = std::fs::read_to_string(path).ok()?;
+    let mut lines = text.lines();
+    if lines.next()? != boot.trim() {
+        return None;
+    }
+    match lines.next()? {
+        "kvm" => Some(Ok(())),
+        other => Some(Err(other.trim_start_matches("tcg ").to_string())),
+    }
+}
+
+fn vmm(cfg: &AgentConfig) -> Check {
+    const NAME: &str = "vmm";
+    if cfg.vm.driver != "qemu" {
+        return Check::skip(NAME, format!("vm.driver = {:?}", cfg.vm.driver));
+    }
+    let qemu = install(cfg);
+    let fix = format!(
+        "cargo xtask image (unpacks QEMU 7.2 into {}), or set vm.qemu_root",
+        cfg.vm.qemu_root.display()
+    );
+    let out = Command::new(qemu.binary())
+        .env_clear()
+        .envs(qemu.env())
+        .arg("--version")
+        .output();
+    match out {
+        Ok(o) if o.status.success() => {
+            let version = String::from_utf8_lossy(&o.stdout);
+            Check::ok(
+                NAME,
+                version.lines().next().unwrap_or("QEMU").trim().to_string(),
+            )
+        }
+        Ok(o) => Check::fail(
+            NAME,
+            format!(
+                "{} --version failed ({}): {}",
+                qemu.binary().display(),
+                o.status,
+                String::from_utf8_lossy(&o.stderr).trim()
+            ),
+            fix,
+        ),
+        Err(e) => Check::fail(NAME, format!("{}: {e}", qemu.binary().display()), fix),
+    }
+}
+
+fn image(cfg: &AgentConfig) -> Check {
+    const NAME: &str = "image";
+    if cfg.vm.driver != "qemu" {
+        return Check::skip(NAME, format!("vm.driver = {:?}", cfg.vm.driver));
+    }
+    let (kernel, initrd) = image_files(cfg);
+    let missing: Vec<String> = [&kernel, &initrd]
+        .iter()
+        .filter(|p| !p.is_file())
+        .map(|p| p.display().to_string())
+        .collect();
+    if missing.is_empty() {
+        Check::ok(
+            NAME,
+            format!(
+                "guest image {:?}: vmlinux and initramfs.cpio.gz present",
+                cfg.vm.default_image
+            ),
+        )
+    } else {
+        Check::fail(
+            NAME,
+            format!("missing {}", missing.join(", ")),
+            format!(
+                "cargo xtask image (builds it into {}), or set vm.images_dir / vm.default_image",
+                cfg.vm.images_dir.display()
+            ),
+        )
+    }
+}
+
+/// Share of entries used in the pinned endpoint, route and VIP maps (above 90% warns), and
+/// size settings the pinned maps do not have.
+fn capacity(cfg: &crate::config::DataplaneConfig) -> Vec<Check> {
+    const NAME: &str = "capacity";
+    let root = &cfg.bpffs_root;
+    let mut out: Vec<Check> = dataplane::unapplied_sizes(root, cfg)
+        .into_iter()
+        .map(|(setting, want, have)| {
+            Check::warn(
+                NAME,
+                format!("dataplane.{setting} = {want} is not applied: the pinned maps hold {have}"),
+                "sizes are fixed when the dataplane is created: drain the host, \
+                 `atoll-agent cleanup`, then `atoll-agent run`",
+            )
+        })
+        .collect();
+    out.extend(usage(root));
+    out
+}
+
+fn usage(root: &Path) -> Vec<Check> {
+    const NAME: &str = "capacity";
+    match dataplane::map_usage(root) {
+        Ok(None) => vec![Check::skip(NAME, "no dataplane pinned")],
+        Err(e) => vec![Check::warn(
+            NAME,
+            format!("reading the pinned maps: {e}"),
+            "atoll-agent status",
+        )],
+        Ok(Some(usage)) => usage
+            .into_iter()
+            .map(|u| {
+                let pct = u64::from(u.used) * 100 / u64::from(u.max_entries.max(1));
+                let detail = format!("{} {} of {} entries ({pct}%)", u.map, u.used, u.max_entries);
+                if pct > 90 {
+                    Check::warn(
+                        NAME,
+                        detail,
+                        format!(
+                            "map sizes are fixed when the dataplane is created: move endpoints \
+                             to another host, or raise dataplane.{} and recreate the dataplane \
+                             (drain, `atoll-agent cleanup`, `atoll-agent run`)",
+                            u.setting
+                        ),
+                    )
+                } else {
+                    Check::ok(NAME, detail)
+                }
+            })
+            .collect(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lines_carry_status_and_fix() {
+        let c = Check::fail(
+            "bpffs",
+            "no bpffs mounted at /sys/fs/bpf",
+            "mount -t bpf bpf /sys/fs/bpf",
+        );
+        assert_eq!(
+            c.to_string(),
+            "FAIL  bpffs      no bpffs mounted at /sys/fs/bpf; fix: mount -t bpf bpf /sys/fs/bpf"
+        );
+        let report = Report {
+            checks: vec![Check::ok("tun", "/dev/net/tun opens"), c],
+        };
+        assert!(!report.passed());
+        assert!(report.to_string().ends_with("1 required checks failed\n"));
+        let warn_only = Report {
+            checks: vec![Check::warn("kvm", "no /dev/kvm", "enable it")],
+        };
+        assert!(warn_only.passed(), "warnings do not fail the doctor");
+    }
+
+    #[test]
+    fn probe_cache_is_per_boot() {
+        let dir = std::env::temp_dir().join(unique_name("dq"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("kvm-probe");
+        let boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap();
+        std::fs::write(&path, format!("{}\ntcg KVM internal error\n", boot.trim())).unwrap();
+        assert_eq!(cached_probe(&path), Some(Err("KVM internal error".into())));
+        std::fs::write(&path, format!("{}\nkvm\n", boot.trim())).unwrap();
+        assert_eq!(cached_probe(&path), Some(Ok(())));
+        std::fs::write(&path, "another-boot\nkvm\n").unwrap();
+        assert_eq!(cached_probe(&path), None);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
