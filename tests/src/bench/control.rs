@@ -64,7 +64,9 @@ fn rss_bytes() -> u64 {
         * 1024
 }
 
-async fn start(dir: &std::path::Path) -> Result<(Arc<Core>, String, String)> {
+/// An embedded control plane on SQLite in `dir`, its API on loopback: (core, URL, operator
+/// token). Shared with the VM benchmark.
+pub async fn start(dir: &std::path::Path) -> Result<(Arc<Core>, String, String)> {
     let cfg = ControlConfig {
         operator_token_file: dir.join("operator.token"),
         store: StoreConfig {

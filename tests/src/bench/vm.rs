@@ -17,7 +17,6 @@
 
 use std::{
     path::Path,
-    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -30,10 +29,7 @@ use atoll_agent::{
     vm::VmManager,
 };
 use atoll_control::{
-    api,
     client::Client,
-    config::{ControlConfig, StoreConfig},
-    core::Core,
     model::{CreatedCloud, Vm},
 };
 use hyper::Method;
@@ -77,22 +73,6 @@ pub fn run(smoke: bool) -> Result<VmBench> {
     rt.block_on(run_async(smoke))
 }
 
-async fn start_control(dir: &Path) -> Result<(Arc<Core>, String, String)> {
-    let cfg = ControlConfig {
-        operator_token_file: dir.join("operator.token"),
-        store: StoreConfig {
-            path: dir.join("control.db"),
-            ..StoreConfig::default()
-        },
-        ..ControlConfig::default()
-    };
-    let core = cfg.start().await?;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let url = format!("http://{}", listener.local_addr()?);
-    tokio::spawn(api::serve(core.clone(), listener, std::future::pending()));
-    Ok((core, url, cfg.operator_token()?))
-}
-
 fn pss_bytes(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
         .ok()
@@ -120,7 +100,7 @@ async fn run_async(smoke: bool) -> Result<VmBench> {
     let (sequential_n, concurrent_n) = if smoke { (1, 2) } else { (10, 8) };
     let memory_mib = 64;
     let dir = tempfile::tempdir()?;
-    let (core, url, op_token) = start_control(dir.path()).await?;
+    let (core, url, op_token) = crate::control::start(dir.path()).await?;
     let op = Client::new(&url, &op_token)?;
     let pins = PinRoot::new("bv");
     let prefix = unique_prefix("v");
