@@ -282,7 +282,9 @@ mod tests {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/control.toml");
         let cfg = parse(&std::fs::read_to_string(path).unwrap()).unwrap();
         assert_eq!(cfg.listen.port(), 7480);
-        assert!(cfg.operator_token_file.starts_with("/var/lib/atoll-control"));
+        assert!(cfg
+            .operator_token_file
+            .starts_with("/var/lib/atoll-control"));
         assert!(cfg.store.path.starts_with("/var/lib/atoll-control"));
     }
 
