@@ -76,6 +76,8 @@ const APT_PACKAGES: &[&str] = &[
     "iputils-ping",
     // The multi-host store backend; the tests start it on loopback in a namespace.
     "etcd-server",
+    // The benchmarks' baseline: taps on a Linux bridge isolated by nftables.
+    "nftables",
     // systemd-analyze verifies the installed units (systemd need not run as PID 1).
     "systemd",
 ];

@@ -20,6 +20,8 @@
 
 mod control;
 mod exposure;
+mod forward;
+mod plot;
 mod vm;
 
 use std::{
@@ -61,6 +63,10 @@ struct Args {
     /// Only the microVM benchmarks: printed, and their section of the report replaced.
     #[arg(long)]
     vm_only: bool,
+    /// Only the forwarding comparison with the bridge + nftables baseline: printed, its
+    /// section of the report and its plots replaced.
+    #[arg(long)]
+    forward_only: bool,
     /// Where to write the markdown report (full runs).
     #[arg(long, default_value = "docs/benchmarks.md")]
     out: PathBuf,
@@ -84,9 +90,27 @@ fn main() -> Result<()> {
         println!("{}", vm::summary(&vb));
         if !args.smoke {
             let old = std::fs::read_to_string(&args.out).unwrap_or_default();
-            std::fs::write(&args.out, vm::splice(&old, &vm::section(&vb)))
+            std::fs::write(&args.out, splice(&old, vm::HEADING, &vm::section(&vb)))
                 .with_context(|| format!("writing {}", args.out.display()))?;
             println!("wrote the MicroVMs section of {}", args.out.display());
+        }
+        return Ok(());
+    }
+    if args.forward_only {
+        let repeats: u32 = if args.smoke { 10_000 } else { 1_000_000 };
+        let sizes: &[u32] = if args.smoke {
+            &[1, 1_000]
+        } else {
+            &[1, 1_000, 100_000, 1_000_000]
+        };
+        let atoll_ns = atoll_per_packet(sizes, repeats)?;
+        let fw = forward::run(forward::Plan::new(args.smoke))?;
+        let section = forward_report(&fw, &atoll_ns, &args.out, !args.smoke)?;
+        if !args.smoke {
+            let old = std::fs::read_to_string(&args.out).unwrap_or_default();
+            std::fs::write(&args.out, splice(&old, forward::HEADING, &section))
+                .with_context(|| format!("writing {}", args.out.display()))?;
+            println!("wrote the forwarding section of {}", args.out.display());
         }
         return Ok(());
     }
@@ -219,6 +243,9 @@ fn main() -> Result<()> {
         "control plane: {} cloud creates over HTTP p50 {:?} p99 {:?}, {:.0} clouds/s; cloud+VM to live endpoint p50 {:?} p99 {:?} (VM call to live p50 {:?} p99 {:?}); {} clouds: {:.0} B RSS and {:.0} B of database per cloud",
         cp.creates, cp.create_p50, cp.create_p99, cp.clouds_per_sec, cp.live_p50, cp.live_p99, cp.vm_live_p50, cp.vm_live_p99, cp.memory_clouds, cp.rss_per_cloud, cp.db_per_cloud
     );
+    let atoll_ns: Vec<(u32, f64)> = rows.iter().map(|r| (r.0, r.1 + r.2)).collect();
+    let fw = forward::run(forward::Plan::new(args.smoke))?;
+    let forward_section = forward_report(&fw, &atoll_ns, &args.out, !args.smoke)?;
     let vb = vm::run(args.smoke)?;
     println!("{}", vm::summary(&vb));
     if args.smoke {
@@ -441,10 +468,68 @@ fn main() -> Result<()> {
         cp.rss_per_cloud,
         verdict(cp.rss_per_cloud <= 2048.0)
     )?;
+    report.push_str(&forward_section);
     report.push_str(&vm::section(&vb));
     std::fs::write(&args.out, report).with_context(|| format!("writing {}", args.out.display()))?;
     println!("wrote {}", args.out.display());
     Ok(())
+}
+
+/// Renders the forwarding plots (written next to the report, in `bench/`, when `write`) and
+/// returns the report's forwarding section.
+fn forward_report(
+    fw: &forward::Results,
+    atoll_ns: &[(u32, f64)],
+    out: &std::path::Path,
+    write: bool,
+) -> Result<String> {
+    let dir = out
+        .parent()
+        .unwrap_or(std::path::Path::new("."))
+        .join("bench");
+    let mut plots = Vec::new();
+    for (file, chart) in forward::charts(fw, atoll_ns) {
+        let svg = plot::render(&chart).with_context(|| format!("plotting {file}"))?;
+        if write {
+            std::fs::create_dir_all(&dir)?;
+            std::fs::write(dir.join(file), svg)
+                .with_context(|| format!("writing {}", dir.join(file).display()))?;
+        }
+        plots.push(format!("bench/{file}"));
+    }
+    Ok(forward::section(fw, atoll_ns, &plots))
+}
+
+/// atoll's per-packet cost at each size: `from_vm` + `to_vm` ns (median of 3 rounds), for
+/// `--forward-only`; the full run takes the same figures from its per-packet section.
+fn atoll_per_packet(sizes: &[u32], repeats: u32) -> Result<Vec<(u32, f64)>> {
+    let mut out = Vec::new();
+    for &n in sizes {
+        let ebpf = isolation_plane(n, true)?;
+        let mut ns = Vec::new();
+        for _ in 0..3 {
+            let (f, t) = measure_plane(&ebpf, repeats)?;
+            ns.push(f + t);
+        }
+        out.push((n, median(ns)));
+    }
+    Ok(out)
+}
+
+/// `report` with the section under `heading` replaced by `section` (or `section` appended).
+fn splice(report: &str, heading: &str, section: &str) -> String {
+    let Some(start) = report.find(&format!("\n{heading}\n")) else {
+        return format!(
+            "{}{section}",
+            report.trim_end_matches('\n').to_string() + "\n"
+        );
+    };
+    let rest = &report[start + 1..];
+    let end = rest
+        .find("\n## ")
+        .map(|i| start + 1 + i)
+        .unwrap_or(report.len());
+    format!("{}{section}{}", &report[..start], &report[end..])
 }
 
 fn ms(d: Duration) -> f64 {
@@ -851,4 +936,23 @@ fn endpoint_creation(count: u32, mode: Creating) -> Result<Creation> {
             delete_p50: pct(&deletes, 0.5),
         })
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn splice_replaces_only_its_section() {
+        let h = "## X";
+        let s = format!("\n{h}\n\nnew\n");
+        let old = format!("# B\n\n## A\n\na\n\n{h}\n\nold\n### sub\n\n## C\n\nc\n");
+        assert_eq!(
+            splice(&old, h, &s),
+            format!("# B\n\n## A\n\na\n{s}\n## C\n\nc\n")
+        );
+        let tail = format!("# B\n\n{h}\n\nold\n");
+        assert_eq!(splice(&tail, h, &s), format!("# B\n{s}"));
+        assert_eq!(splice("# B\n\n", h, &s), format!("# B\n{s}"));
+    }
 }

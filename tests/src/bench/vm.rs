@@ -308,37 +308,3 @@ pub fn section(vb: &VmBench) -> String {
         pss = pss_mib(vb),
     )
 }
-
-/// `report` with its MicroVMs section replaced by `section` (or `section` appended).
-pub fn splice(report: &str, section: &str) -> String {
-    let Some(start) = report.find(&format!("\n{HEADING}\n")) else {
-        return format!(
-            "{}{section}",
-            report.trim_end_matches('\n').to_string() + "\n"
-        );
-    };
-    let rest = &report[start + 1..];
-    let end = rest
-        .find("\n## ")
-        .map(|i| start + 1 + i)
-        .unwrap_or(report.len());
-    format!("{}{section}{}", &report[..start], &report[end..])
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn splice_replaces_only_its_section() {
-        let s = format!("\n{HEADING}\n\nnew\n");
-        let old = format!("# B\n\n## A\n\na\n\n{HEADING}\n\nold\n\n## C\n\nc\n");
-        assert_eq!(
-            splice(&old, &s),
-            format!("# B\n\n## A\n\na\n{s}\n## C\n\nc\n")
-        );
-        let tail = format!("# B\n\n{HEADING}\n\nold\n");
-        assert_eq!(splice(&tail, &s), format!("# B\n{s}"));
-        assert_eq!(splice("# B\n\n", &s), format!("# B\n{s}"));
-    }
-}
