@@ -269,7 +269,7 @@ fn main() -> Result<()> {
     writeln!(report, "# Benchmarks\n")?;
     writeln!(
         report,
-        "Reproduce with `cargo xtask bench` (as root). Written by `tests/src/bin/bench.rs`.\n"
+        "Reproduce with `cargo xtask bench` (as root). Written by `tests/src/bench/main.rs`.\n"
     )?;
     writeln!(report, "Machine: {cpu}, {cpus} CPUs, kernel {kernel}. Absolute numbers on this nested VM are noisy; compare within one run.\n")?;
     writeln!(report, "## Per-packet cost (BPF_PROG_TEST_RUN, 64-byte frame, {repeats} packets per round, calls of 250 repeats, median of 5 interleaved rounds)\n")?;
@@ -430,7 +430,7 @@ fn main() -> Result<()> {
     )?;
     writeln!(report, "| grants on one host | {} installed through the agent's path on one dataplane; the per-packet figures above were taken with {grants_n} grants in the maps |", grants.grants)?;
     writeln!(report, "\n## Control plane (issue 4)\n")?;
-    writeln!(report, "Embedded SQLite store (WAL; a commit survives a crash of the process), API over HTTP/1.1 on loopback in the same process, converger applying to this host's real dataplane. Method: `tests/src/bin/bench/control.rs`.\n")?;
+    writeln!(report, "Embedded SQLite store (WAL; a commit survives a crash of the process), API over HTTP/1.1 on loopback in the same process, converger applying to this host's real dataplane. Method: `tests/src/bench/control.rs`.\n")?;
     writeln!(report, "| measurement | p50 | p99 | rate |")?;
     writeln!(report, "|---|---:|---:|---:|")?;
     writeln!(report, "| `POST /v1/clouds`, {} creates from 16 concurrent clients | {:.2} ms | {:.2} ms | {:.0} clouds/s |", cp.creates, ms(cp.create_p50), ms(cp.create_p99), cp.clouds_per_sec)?;
