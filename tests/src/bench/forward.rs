@@ -66,7 +66,7 @@ use atoll_agent::{
     config::DataplaneConfig,
     device::{open_tap_queue, wait_until_up},
     endpoint::{pool_process_prefix, DeviceSpec, EndpointSpec, Host},
-    testbed::{unique_name, LinksWithPrefix, NetNs, PinRoot},
+    testbed::{frame::refresh_ipv4_checksum, unique_name, LinksWithPrefix, NetNs, PinRoot},
     types::{CloudId, MacAddr},
 };
 
@@ -280,15 +280,8 @@ fn frame_to_port(
         ip[9] = 17;
         ip[12..16].copy_from_slice(&sip.octets());
         ip[16..20].copy_from_slice(&dip.octets());
-        let mut sum = 0u32;
-        for c in ip.chunks(2) {
-            sum += u32::from(u16::from_be_bytes([c[0], c[1]]));
-        }
-        while sum > 0xffff {
-            sum = (sum & 0xffff) + (sum >> 16);
-        }
-        ip[10..12].copy_from_slice(&(!(sum as u16)).to_be_bytes());
     }
+    refresh_ipv4_checksum(&mut f);
     let udp = &mut f[34..42];
     udp[0..2].copy_from_slice(&40_000u16.to_be_bytes());
     udp[2..4].copy_from_slice(&port.to_be_bytes());
@@ -1210,14 +1203,7 @@ mod tests {
         assert_eq!(f.len(), 64);
         assert!(is_ours(&f, 64));
         assert!(!is_ours(&f[..63], 64));
-        let mut sum = 0u32;
-        for c in f[14..34].chunks(2) {
-            sum += u32::from(u16::from_be_bytes([c[0], c[1]]));
-        }
-        while sum > 0xffff {
-            sum = (sum & 0xffff) + (sum >> 16);
-        }
-        assert_eq!(sum, 0xffff);
+        assert_eq!(atoll_agent::testbed::frame::checksum(&f[14..34]), 0);
         assert_eq!(
             frame(1500, MacAddr::local(1), MacAddr::local(2), A_IP, B_IP).len(),
             1500
