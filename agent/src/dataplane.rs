@@ -380,7 +380,8 @@ impl Dataplane {
         Ok(())
     }
 
-    /// ifindexes that have pinned links.
+    /// ifindexes that have pinned links (either or both: a process killed between the two
+    /// pins of [`Dataplane::attach`] or [`Dataplane::detach`] leaves one).
     pub fn attached(&self) -> Result<Vec<u32>, DataplaneError> {
         let dir = self.dir.join("links");
         let entries = std::fs::read_dir(&dir).map_err(|source| DataplaneError::CreatePinDir {
@@ -389,10 +390,26 @@ impl Dataplane {
         })?;
         let mut out: Vec<u32> = entries
             .filter_map(|e| e.ok())
-            .filter_map(|e| e.file_name().to_str()?.strip_suffix("-in")?.parse().ok())
+            .filter_map(|e| {
+                let name = e.file_name();
+                let name = name.to_str()?;
+                name.strip_suffix("-in")
+                    .or_else(|| name.strip_suffix("-out"))?
+                    .parse()
+                    .ok()
+            })
             .collect();
         out.sort_unstable();
+        out.dedup();
         Ok(out)
+    }
+
+    /// Whether both of `ifindex`'s links (`from_vm` and `to_vm`) are pinned.
+    pub fn fully_attached(&self, ifindex: u32) -> bool {
+        let links = self.dir.join("links");
+        ["in", "out"]
+            .iter()
+            .all(|suffix| links.join(format!("{ifindex}-{suffix}")).exists())
     }
 
     /// Adds an endpoint identity. Fails if the ifindex already has one.

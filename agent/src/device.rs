@@ -66,6 +66,8 @@ pub enum DeviceError {
         name: String,
         source: Box<rtnetlink::Error>,
     },
+    #[error("deleting tap {name}: {source}")]
+    DeleteTap { name: String, source: io::Error },
     #[error("disabling IPv6 on {name}: {source}")]
     DisableIpv6 { name: String, source: io::Error },
     #[error("opening a netlink socket: {0}")]
@@ -89,18 +91,24 @@ impl Devices {
 
     /// Creates a persistent tap owned by `owner_uid` (or root) and returns its ifindex.
     pub fn create_tap(&self, name: &str, owner_uid: Option<u32>) -> Result<u32, DeviceError> {
+        let (ifindex, held) = self.create_tap_held(name, owner_uid)?;
+        held.persist()?;
+        Ok(ifindex)
+    }
+
+    /// Creates a tap that exists only while the returned [`HeldTap`] lives: until
+    /// [`HeldTap::persist`], a crash (or a drop) removes it with its links, so no half-made
+    /// device outlives a process killed in the middle of setting it up.
+    pub fn create_tap_held(
+        &self,
+        name: &str,
+        owner_uid: Option<u32>,
+    ) -> Result<(u32, HeldTap), DeviceError> {
         validate_name(name)?;
         if ifindex_of(name).is_some() {
             return Err(DeviceError::Exists(name.into()));
         }
-        let err = |source: io::Error| match source.raw_os_error() {
-            Some(libc::EPERM) => DeviceError::MissingCapability(format!("creating tap {name}")),
-            Some(libc::EBUSY) | Some(libc::EEXIST) => DeviceError::Exists(name.into()),
-            _ => DeviceError::CreateTap {
-                name: name.into(),
-                source,
-            },
-        };
+        let err = |source: io::Error| tap_error(name, source);
         let fd = open_tap(name).map_err(|e| match e {
             TapOpenError::Tun(e) => DeviceError::OpenTun(e),
             TapOpenError::SetIff(e) => err(e),
@@ -108,14 +116,15 @@ impl Devices {
         if let Some(uid) = owner_uid {
             set_tap_owner(&fd, uid).map_err(err)?;
         }
-        // SAFETY: TUNSETPERSIST takes an integer argument.
-        if unsafe { libc::ioctl(fd.as_raw_fd(), TUNSETPERSIST, 1 as libc::c_ulong) } < 0 {
-            return Err(err(io::Error::last_os_error()));
-        }
-        drop(fd);
         let idx = ifindex_of(name).ok_or_else(|| DeviceError::NotFound(name.into()))?;
         disable_ipv6(name)?;
-        Ok(idx)
+        Ok((
+            idx,
+            HeldTap {
+                fd,
+                name: name.into(),
+            },
+        ))
     }
 
     /// Renames a device (it must be down) and, for a tap, optionally sets its owner.
@@ -298,6 +307,69 @@ pub fn validate_name(name: &str) -> Result<(), DeviceError> {
         Ok(())
     } else {
         Err(DeviceError::InvalidName(name.into()))
+    }
+}
+
+/// A tap that is not yet persistent (see [`Devices::create_tap_held`]): the kernel deletes it
+/// when this, its only queue, is closed.
+pub struct HeldTap {
+    fd: OwnedFd,
+    name: String,
+}
+
+impl HeldTap {
+    /// Makes the tap persistent and lets go of it: it now outlives this process.
+    pub fn persist(self) -> Result<(), DeviceError> {
+        // SAFETY: TUNSETPERSIST takes an integer argument.
+        if unsafe { libc::ioctl(self.fd.as_raw_fd(), TUNSETPERSIST, 1 as libc::c_ulong) } < 0 {
+            return Err(tap_error(&self.name, io::Error::last_os_error()));
+        }
+        Ok(())
+    }
+}
+
+/// Whether `name` is a tun/tap device.
+pub fn is_tap(name: &str) -> bool {
+    validate_name(name).is_ok()
+        && PathBuf::from("/sys/class/net")
+            .join(name)
+            .join("tun_flags")
+            .exists()
+}
+
+/// Deletes the persistent tap `name` without netlink (so from synchronous code): attaches a
+/// queue, clears the persist flag and closes the queue, upon which the kernel unregisters the
+/// device. A tap that no longer exists is not an error.
+pub fn delete_tap_now(name: &str) -> Result<(), DeviceError> {
+    validate_name(name)?;
+    if ifindex_of(name).is_none() {
+        return Ok(());
+    }
+    let err = |source| DeviceError::DeleteTap {
+        name: name.into(),
+        source,
+    };
+    let fd = match open_tap(name) {
+        Ok(fd) => fd,
+        Err(TapOpenError::Tun(e)) => return Err(DeviceError::OpenTun(e)),
+        Err(TapOpenError::SetIff(e)) => return Err(err(e)),
+    };
+    // SAFETY: TUNSETPERSIST takes an integer argument.
+    if unsafe { libc::ioctl(fd.as_raw_fd(), TUNSETPERSIST, 0 as libc::c_ulong) } < 0 {
+        return Err(err(io::Error::last_os_error()));
+    }
+    drop(fd);
+    Ok(())
+}
+
+fn tap_error(name: &str, source: io::Error) -> DeviceError {
+    match source.raw_os_error() {
+        Some(libc::EPERM) => DeviceError::MissingCapability(format!("creating tap {name}")),
+        Some(libc::EBUSY) | Some(libc::EEXIST) => DeviceError::Exists(name.into()),
+        _ => DeviceError::CreateTap {
+            name: name.into(),
+            source,
+        },
     }
 }
 

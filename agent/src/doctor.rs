@@ -11,9 +11,10 @@
 //!   is `FAIL` and makes the exit status 1; what only degrades (no kernel BTF, no XDP, KVM
 //!   unusable so VMs use TCG, a map filling up, pins waiting for an upgrade) is `warn`. VMM
 //!   and image checks are required only with `vm.driver = "qemu"`.
-//! - **KVM**: the agent's per-boot probe verdict (`<vm.run_dir>/kvm-probe`) is reported when
-//!   present; otherwise, with QEMU and the image installed, the probe boot runs here (a few
-//!   seconds); without them only whether `/dev/kvm` opens is reported.
+//! - **KVM**: the per-boot probe verdict (`<vm.run_dir>/kvm-probe`) is reported when present;
+//!   otherwise, with QEMU and the image installed, the probe boot runs here (a few seconds) and
+//!   its verdict is recorded there for the agent; without them only whether `/dev/kvm` opens
+//!   is reported.
 //! - **Read-only on the dataplane.** Capacity and pin checks open pinned maps by path and never
 //!   create, migrate or upgrade anything.
 
@@ -528,9 +529,10 @@ async fn kvm(cfg: &AgentConfig) -> Check {
             Some(e.to_string()),
         );
     }
-    if let Some(verdict) = cached_probe(&cfg.vm.run_dir.join("kvm-probe")) {
+    let cache = cfg.vm.run_dir.join("kvm-probe");
+    if let Some(verdict) = crate::vm::recorded_probe(&cache) {
         return match verdict {
-            Ok(()) => Check::ok(NAME, "KVM runs guests (the agent's probe, this boot)"),
+            Ok(()) => Check::ok(NAME, "KVM runs guests (probe recorded this boot)"),
             Err(why) => unusable(CANNOT_RUN, Some(why)),
         };
     }
@@ -547,24 +549,11 @@ async fn kvm(cfg: &AgentConfig) -> Check {
     })
     .await
     .unwrap_or_else(|e| Err(format!("probe task: {e}")));
+    // The agent reads the verdict instead of booting a probe guest itself.
+    crate::vm::record_probe(&cache, &probed);
     match probed {
         Ok(()) => Check::ok(NAME, "KVM runs guests (probe boot)"),
         Err(why) => unusable(CANNOT_RUN, Some(why)),
-    }
-}
-
-/// The agent's KVM probe verdict for this boot, if it recorded one (`<boot id>\nkvm` or
-/// `<boot id>\ntcg <why>`).
-fn cached_probe(path: &Path) -> Option<Result<(), String>> {
-    let boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").ok()?;
-    let text = std::fs::read_to_string(path).ok()?;
-    let mut lines = text.lines();
-    if lines.next()? != boot.trim() {
-        return None;
-    }
-    match lines.next()? {
-        "kvm" => Some(Ok(())),
-        other => Some(Err(other.trim_start_matches("tcg ").to_string())),
     }
 }
 
@@ -713,20 +702,5 @@ mod tests {
             checks: vec![Check::warn("kvm", "no /dev/kvm", "enable it")],
         };
         assert!(warn_only.passed(), "warnings do not fail the doctor");
-    }
-
-    #[test]
-    fn probe_cache_is_per_boot() {
-        let dir = std::env::temp_dir().join(unique_name("dq"));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("kvm-probe");
-        let boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap();
-        std::fs::write(&path, format!("{}\ntcg KVM internal error\n", boot.trim())).unwrap();
-        assert_eq!(cached_probe(&path), Some(Err("KVM internal error".into())));
-        std::fs::write(&path, format!("{}\nkvm\n", boot.trim())).unwrap();
-        assert_eq!(cached_probe(&path), Some(Ok(())));
-        std::fs::write(&path, "another-boot\nkvm\n").unwrap();
-        assert_eq!(cached_probe(&path), None);
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

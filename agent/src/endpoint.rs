@@ -171,7 +171,9 @@ impl Host {
         };
         let mut pool = Vec::new();
         for ifindex in self.dataplane.attached().map_err(err)? {
-            if self.dataplane.endpoint(ifindex).map_err(err)?.is_none() {
+            if self.dataplane.endpoint(ifindex).map_err(err)?.is_none()
+                && self.dataplane.fully_attached(ifindex)
+            {
                 if let Some(name) = device::ifname(ifindex).filter(|n| n.starts_with(POOL_PREFIX)) {
                     pool.push((name, ifindex));
                 }
@@ -227,14 +229,20 @@ impl Host {
                 break;
             }
             let name = pool_name();
-            let ifindex = self
+            // Held (not persistent) until both links are pinned: a crash in between leaves
+            // no device, only link pins of a vanished ifindex, which `reconcile` removes.
+            let (ifindex, held) = self
                 .devices
-                .create_tap(&name, None)
+                .create_tap_held(&name, None)
                 .map_err(EndpointError::CreateDevice)?;
             if let Err(source) = self.dataplane.attach(&name, ifindex) {
                 let _ = self.dataplane.detach(ifindex);
-                let _ = self.devices.delete(&name, ifindex).await;
+                drop(held);
                 return Err(EndpointError::Program { name, source });
+            }
+            if let Err(e) = held.persist() {
+                let _ = self.dataplane.detach(ifindex);
+                return Err(EndpointError::CreateDevice(e));
             }
             self.pool.push((name, ifindex));
             created += 1;
@@ -348,16 +356,23 @@ impl Host {
         // Only a cold device (no spare, or a veth) attaches links here.
         let _expedited = (self.pool.is_empty() || !matches!(spec.device, DeviceSpec::Tap { .. }))
             .then(|| self.expedite.hold());
+        // A cold tap is held (not persistent) until it is programmed, so a crash in between
+        // leaves no device behind (see `reconcile` for the other half-made states).
+        let mut held = None;
         let ifindex = match &spec.device {
             DeviceSpec::Tap { owner_uid } => match self.claim_tap(&name, *owner_uid).await? {
                 Some(ifindex) => {
                     attached = true;
                     ifindex
                 }
-                None => self
-                    .devices
-                    .create_tap(&name, *owner_uid)
-                    .map_err(EndpointError::CreateDevice)?,
+                None => {
+                    let (ifindex, tap) = self
+                        .devices
+                        .create_tap_held(&name, *owner_uid)
+                        .map_err(EndpointError::CreateDevice)?;
+                    held = Some(tap);
+                    ifindex
+                }
             },
             DeviceSpec::Veth { peer_name, netns } => self
                 .devices
@@ -395,8 +410,15 @@ impl Host {
             }
         };
         if let Err(source) = program(&mut self.dataplane) {
+            drop(held);
             self.rollback(&name, ifindex, key, &source).await;
             return Err(EndpointError::Program { name, source });
+        }
+        if let Err(e) = held.map_or(Ok(()), device::HeldTap::persist) {
+            let _ = self.dataplane.remove_route(key);
+            let _ = self.dataplane.detach(ifindex);
+            let _ = self.dataplane.remove_endpoint(ifindex);
+            return Err(EndpointError::CreateDevice(e));
         }
         if let Err(source) = self.devices.set_up(&name, ifindex).await {
             let _ = self.dataplane.remove_route(key);
@@ -591,7 +613,8 @@ impl Host {
     }
 
     /// Removes dataplane state of endpoints whose device disappeared while the agent was down
-    /// (e.g. a VMM deleted its tap). Returns how many were removed.
+    /// (e.g. a VMM deleted its tap), and devices a crash left half-made. Returns how many were
+    /// removed.
     pub fn reconcile(&mut self) -> Result<usize, EndpointError> {
         let err = |source| EndpointError::Unprogram {
             name: "*".into(),
@@ -615,8 +638,27 @@ impl Host {
             }
         }
         for ifindex in self.dataplane.attached().map_err(err)? {
-            if device::ifname(ifindex).is_none() {
+            let Some(name) = device::ifname(ifindex) else {
                 self.dataplane.detach(ifindex).map_err(err)?;
+                continue;
+            };
+            // A device with this dataplane's links and no identity is a spare (both links, a
+            // pool name) or was left half-made by a crash: a spare killed between its two
+            // attaches, or one claimed (renamed) but not yet programmed. Nothing can use the
+            // latter; it goes. (The agent is the only writer of its pins.) Only taps are
+            // made that way; anything else merely loses the links.
+            let spare = self.pool.iter().any(|(_, i)| *i == ifindex);
+            if !spare && self.dataplane.endpoint(ifindex).map_err(err)?.is_none() {
+                self.dataplane.detach(ifindex).map_err(err)?;
+                if device::is_tap(&name) {
+                    device::delete_tap_now(&name).map_err(|source| {
+                        EndpointError::DeleteDevice {
+                            name: name.clone(),
+                            source,
+                        }
+                    })?;
+                }
+                removed += 1;
             }
         }
         Ok(removed)

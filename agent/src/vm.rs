@@ -236,30 +236,44 @@ impl Driver for Qemu {
 
 /// The KVM probe's verdict, cached per boot of the host in `path` (a probe boots a guest).
 fn cached_probe(path: &Path, probe: impl FnOnce() -> Result<(), String>) -> Result<Accel, String> {
-    let boot_id = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap_or_default();
-    let boot_id = boot_id.trim();
-    if let Ok(text) = std::fs::read_to_string(path) {
-        let mut lines = text.lines();
-        if lines.next() == Some(boot_id) {
-            return match lines.next() {
-                Some("kvm") => Ok(Accel::Kvm),
-                other => Err(other
-                    .unwrap_or("tcg")
-                    .trim_start_matches("tcg ")
-                    .to_string()),
-            };
-        }
+    let verdict = recorded_probe(path).unwrap_or_else(|| {
+        let verdict = probe();
+        record_probe(path, &verdict);
+        verdict
+    });
+    verdict.map(|()| Accel::Kvm)
+}
+
+/// The KVM probe verdict recorded in `path` for this boot of the host (`<boot id>\nkvm` or
+/// `<boot id>\ntcg <why>`), if one was: by the agent or by `atoll-agent doctor`.
+pub fn recorded_probe(path: &Path) -> Option<Result<(), String>> {
+    let boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").ok()?;
+    let text = std::fs::read_to_string(path).ok()?;
+    let mut lines = text.lines();
+    if lines.next()? != boot.trim() {
+        return None;
     }
-    let verdict = probe();
-    let line = match &verdict {
+    match lines.next()? {
+        "kvm" => Some(Ok(())),
+        other => Some(Err(other.trim_start_matches("tcg ").to_string())),
+    }
+}
+
+/// Records a KVM probe verdict for this boot in `path`. Best effort: without the record the
+/// next reader only probes again.
+pub fn record_probe(path: &Path, verdict: &Result<(), String>) {
+    let Ok(boot) = std::fs::read_to_string("/proc/sys/kernel/random/boot_id") else {
+        return;
+    };
+    let line = match verdict {
         Ok(()) => "kvm".to_string(),
-        Err(why) => format!("tcg {why}"),
+        // One line: the reason is whatever the probe said.
+        Err(why) => format!("tcg {}", why.replace('\n', " ")),
     };
     if let Some(dir) = path.parent() {
         let _ = std::fs::create_dir_all(dir);
     }
-    let _ = std::fs::write(path, format!("{boot_id}\n{line}\n"));
-    verdict.map(|()| Accel::Kvm)
+    let _ = std::fs::write(path, format!("{}\n{line}\n", boot.trim()));
 }
 
 /// How a supervisor is asked to end its VM.
@@ -1005,4 +1019,35 @@ fn spawn_unprivileged(
     let child = cmd.spawn();
     drop(high);
     child
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testbed::unique_name;
+
+    #[test]
+    fn probe_verdicts_are_recorded_per_boot() {
+        let dir = std::env::temp_dir().join(unique_name("dq"));
+        let path = dir.join("run").join("kvm-probe");
+        assert_eq!(recorded_probe(&path), None);
+        record_probe(&path, &Err("KVM internal error\nat rip 0".into()));
+        assert_eq!(
+            recorded_probe(&path),
+            Some(Err("KVM internal error at rip 0".into()))
+        );
+        // A recorded verdict is used instead of probing.
+        assert_eq!(
+            cached_probe(&path, || panic!("must not probe")),
+            Err("KVM internal error at rip 0".into())
+        );
+        record_probe(&path, &Ok(()));
+        assert_eq!(recorded_probe(&path), Some(Ok(())));
+        // Another boot's verdict is not used: the probe runs and its verdict is recorded.
+        std::fs::write(&path, "another-boot\nkvm\n").unwrap();
+        assert_eq!(recorded_probe(&path), None);
+        assert_eq!(cached_probe(&path, || Err("no".into())), Err("no".into()));
+        assert_eq!(recorded_probe(&path), Some(Err("no".into())));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

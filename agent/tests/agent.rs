@@ -192,12 +192,70 @@ async fn resumes_from_pins_and_reuses_the_pool() {
         .output()
         .unwrap();
     let left = String::from_utf8_lossy(&left.stdout);
-    let ours = format!(
-        "{}{:05x}",
-        atoll_agent::endpoint::POOL_PREFIX,
-        std::process::id() & 0xfffff
-    );
+    let ours = atoll_agent::endpoint::pool_process_prefix();
     assert!(!left.contains(&ours), "spare taps left behind: {left}");
+}
+
+/// What a kill -9 can leave half-made, each built for real: a spare tap with only its
+/// `from_vm` link pinned (killed between the two attaches), a tap claimed (renamed) but not yet
+/// programmed, and a held tap never made persistent. A restarted agent keeps the complete
+/// spare and removes the rest; the held tap never outlives its holder.
+#[tokio::test]
+async fn half_made_taps_are_removed_on_restart() {
+    require_root();
+    let pins = PinRoot::new("hm");
+    let _links = LinksWithPrefix(unique_prefix("hm"));
+    // Spare-like names no process can own: a pid is at most 0x400000.
+    let spare_prefix = format!("{}ffffff", atoll_agent::endpoint::POOL_PREFIX);
+    let _spares = LinksWithPrefix(spare_prefix.clone());
+    let c = cfg(&pins, 16, 0);
+    let devices = device::Devices::new().unwrap();
+    let (one_link, claimed, complete) = (
+        format!("{spare_prefix}00001"),
+        unique_name("hm"),
+        format!("{spare_prefix}00002"),
+    );
+    let (one_link_ix, complete_ix) = {
+        let mut host = Host::open(&c).unwrap();
+        let mut ix = Vec::new();
+        for name in [&one_link, &claimed, &complete] {
+            let i = devices.create_tap(name, None).unwrap();
+            host.dataplane_mut().attach(name, i).unwrap();
+            ix.push(i);
+        }
+        let out_pin = host
+            .dataplane()
+            .pin_dir()
+            .join("links")
+            .join(format!("{}-out", ix[0]));
+        std::fs::remove_file(&out_pin).unwrap();
+
+        let held = unique_name("hm");
+        let (held_ix, tap) = devices.create_tap_held(&held, None).unwrap();
+        assert_eq!(device::ifindex(&held), Some(held_ix));
+        drop(tap);
+        assert_eq!(
+            device::ifindex(&held),
+            None,
+            "a held tap dies with its holder"
+        );
+        (ix[0], ix[2])
+    };
+    let mut host = Host::open(&c).unwrap();
+    assert_eq!(host.pool_len(), 1, "only the complete spare is one");
+    assert_eq!(host.reconcile().unwrap(), 2);
+    assert_eq!(device::ifindex(&one_link), None);
+    assert_eq!(device::ifindex(&claimed), None);
+    assert_eq!(device::ifindex(&complete), Some(complete_ix));
+    assert_eq!(host.dataplane().attached().unwrap(), vec![complete_ix]);
+    assert!(!host.dataplane().fully_attached(one_link_ix));
+    assert_eq!(
+        host.reconcile().unwrap(),
+        0,
+        "reconciling again finds nothing"
+    );
+    host.destroy().await.unwrap();
+    assert_eq!(device::ifindex(&complete), None);
 }
 
 #[test]
