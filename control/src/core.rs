@@ -40,6 +40,13 @@
 //!   reused meanwhile is never freed. What cannot be removed ahead without breaking the resource (a cloud's placements on
 //!   more hosts than the limit holds) is refused before anything is revoked, with
 //!   [`CoreError::TxnTooLarge`] naming the limit and the setting.
+//! - **A grant writes both cloud records back** (unchanged) and compares them. A grant spans
+//!   two clouds, and a cloud delete is guarded only by its own record's revision: without the
+//!   write, a grant committed between a delete's reads and its transaction left its other half
+//!   (the consumer's import and VIP address, or the provider's grant and NAT address) behind for
+//!   good. With it the delete's compare fails and it re-reads, revoking the new grant too; a
+//!   grant that loses to the delete re-reads and finds the cloud gone. The cost is that grants
+//!   contend on their clouds' records like VM creates do (retried, bounded).
 //! - **Every other transaction has a fixed size**, at most 14 compares or ops (a VM delete with
 //!   [`MAX_VOLUMES_PER_VM`] volumes), within [`MIN_STORE_TXN_OPS`], the smallest limit the
 //!   configuration accepts.
@@ -1641,12 +1648,16 @@ impl Core {
         if consumer == c {
             return Err(FieldError::new("consumer", "a cloud cannot grant to itself").into());
         }
-        let (erev, exp) = self.exposure(c, exp_name).await?;
-        let (_, provider) = self.cloud(c).await?;
         let count = self.store.count(&keys::grants(c, exp_name)).await?;
         check_quota("grants", count + 1, self.cfg.max_grants_per_exposure as u64)?;
         for _ in 0..MAX_RETRIES {
-            let (crev, ccloud) = match self.cloud(consumer).await {
+            // Re-read every round: an exposure (or provider) deleted meanwhile is a 404.
+            let (erev, exp) = self.exposure(c, exp_name).await?;
+            // Both cloud records are written back unchanged: a cloud delete that read its
+            // grants before this one commits then fails its compare on the cloud record and
+            // re-reads, so it revokes this grant too instead of leaving its halves behind.
+            let (prev, provider) = self.cloud_record(c).await?;
+            let (crev, ccloud) = match self.cloud_record(consumer).await {
                 Ok(v) => v,
                 Err(CoreError::NotFound(_)) => {
                     return Err(FieldError::new("consumer", format!("no cloud {consumer}")).into())
@@ -1676,19 +1687,19 @@ impl Core {
                     Compare::Absent(keys::grant(c, exp_name, consumer)),
                     Compare::Absent(keys::ip(consumer, vip)),
                     Compare::Absent(keys::ip(c, nat_ipv4)),
+                    Compare::ModRevision(keys::cloud(c), prev),
                 ],
                 success: vec![
                     put(keys::grant(c, exp_name, consumer), &grant),
                     put(keys::import(consumer, c, exp_name), &grant),
                     put(keys::ip(consumer, vip), &format!("vip:{c}/{exp_name}")),
                     put(keys::ip(c, nat_ipv4), &format!("nat:{consumer}/{exp_name}")),
+                    put(keys::cloud(c), &provider),
+                    put(keys::cloud(consumer), &ccloud),
                 ],
             };
             match self.store.txn(txn).await? {
                 TxnOutcome::Committed { .. } => return Ok(Reply::Grant(grant)),
-                TxnOutcome::Failed { failed_compare: 0 } => {
-                    return Err(CoreError::Contention(format!("exposure {exp_name}")))
-                }
                 TxnOutcome::Failed { failed_compare: 2 } => {
                     return Err(conflict(
                         "exists",

@@ -47,6 +47,7 @@ api_suite!(
     deletes_revoke_more_grants_than_one_store_txn_holds,
     deleting_a_cloud_on_too_many_hosts_is_refused_before_revoking,
     vm_lifecycle_power_user_data_states_and_console,
+    grants_racing_cloud_deletes_leave_nothing_behind,
 );
 
 /// The store the control plane under test is configured with.
@@ -1202,6 +1203,119 @@ async fn deletes_revoke_more_grants_than_one_store_txn_holds(api: Api) {
 /// Hosts the cloud of the too-many-hosts case is placed on: removing its placements and its own
 /// keys takes 127 + 2 store ops, one over a default etcd's 128.
 const PLACEMENT_HOSTS: usize = 127;
+
+/// Rounds of the grant/delete race; each races one provider delete and one consumer delete
+/// against grants in flight.
+const RACE_ROUNDS: usize = 12;
+
+/// A grant created while its provider or its consumer is being deleted either fails or is
+/// revoked by the delete: no record of a deleted cloud survives (a grant in the provider, an
+/// import or VIP address in the consumer, a NAT address in the provider).
+async fn grants_racing_cloud_deletes_leave_nothing_behind(api: Api) {
+    let mut granted = 0;
+    for round in 0..RACE_ROUNDS {
+        let (p, pc) = api.cloud(json!({"name": format!("p{round}")})).await;
+        let pid = p.cloud.id;
+        let _: Vm = ok(
+            &pc,
+            Method::POST,
+            &format!("/v1/clouds/{pid}/vms"),
+            Some(json!({"name": "db"})),
+        )
+        .await;
+        let _: Exposure = ok(
+            &pc,
+            Method::POST,
+            &format!("/v1/clouds/{pid}/exposures"),
+            Some(json!({"name": "svc", "protocol": "tcp", "port": 5432, "backends": [{"vm": "db", "port": 5432}]})),
+        )
+        .await;
+        let mut consumers = Vec::new();
+        for i in 0..4 {
+            let (c, cc) = api.cloud(json!({"name": format!("c{round}x{i}")})).await;
+            consumers.push((c.cloud.id, cc));
+        }
+        // The provider stays; consumer 0 is deleted while grants to it are in flight.
+        let (victim, victim_client) = consumers[0].clone();
+        let mut tasks = Vec::new();
+        for (cid, _) in &consumers {
+            let (pc, cid) = (pc.clone(), *cid);
+            tasks.push(tokio::spawn(async move {
+                pc.call::<Value, Grant>(
+                    Method::POST,
+                    &format!("/v1/clouds/{pid}/exposures/svc/grants"),
+                    Some(&json!({"consumer": cid})),
+                )
+                .await
+                .is_ok()
+            }));
+        }
+        let deleted = tokio::spawn(async move {
+            victim_client
+                .call::<Value, Value>(
+                    Method::DELETE,
+                    &format!("/v1/clouds/{victim}"),
+                    None::<&Value>,
+                )
+                .await
+        });
+        for t in tasks {
+            granted += usize::from(t.await.unwrap());
+        }
+        deleted.await.unwrap().expect("delete the consumer");
+        let left = mentions(&api, victim).await;
+        assert!(
+            left.is_empty(),
+            "round {round}: consumer {victim} left {left:?}"
+        );
+
+        // Now the provider is deleted while it grants to the remaining consumers afresh.
+        let mut tasks = Vec::new();
+        for (cid, _) in &consumers[1..] {
+            let (pc, cid) = (pc.clone(), *cid);
+            tasks.push(tokio::spawn(async move {
+                let path = format!("/v1/clouds/{pid}/exposures/svc/grants/{cid}");
+                let _ = pc
+                    .call::<Value, Value>(Method::DELETE, &path, None::<&Value>)
+                    .await;
+                pc.call::<Value, Grant>(
+                    Method::POST,
+                    &format!("/v1/clouds/{pid}/exposures/svc/grants"),
+                    Some(&json!({"consumer": cid})),
+                )
+                .await
+                .is_ok()
+            }));
+        }
+        let deleted = {
+            let pc = pc.clone();
+            tokio::spawn(async move {
+                pc.call::<Value, Value>(
+                    Method::DELETE,
+                    &format!("/v1/clouds/{pid}"),
+                    None::<&Value>,
+                )
+                .await
+            })
+        };
+        for t in tasks {
+            granted += usize::from(t.await.unwrap());
+        }
+        deleted.await.unwrap().expect("delete the provider");
+        let left = mentions(&api, pid).await;
+        assert!(
+            left.is_empty(),
+            "round {round}: provider {pid} left {left:?}"
+        );
+        for (cid, cc) in &consumers[1..] {
+            let path = format!("/v1/clouds/{cid}");
+            let _ = cc
+                .call::<Value, Value>(Method::DELETE, &path, None::<&Value>)
+                .await;
+        }
+    }
+    assert!(granted > 0, "some grants must have been made");
+}
 
 async fn deleting_a_cloud_on_too_many_hosts_is_refused_before_revoking(api: Api) {
     let limit = api.core.store().max_txn_ops();
