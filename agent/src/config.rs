@@ -89,7 +89,8 @@ pub struct ControlLinkConfig {
     pub host: Option<String>,
     /// `remote`: the control plane's API URL.
     pub url: String,
-    /// `remote`: file with the operator token.
+    /// `remote`: file with this host's token (`atoll host token <host>`: it reaches only this
+    /// host's sync, status and registration) or, less safely, the operator token.
     pub token_file: PathBuf,
     /// Prefix of VM device names (1 to 10 bytes; a counter of up to 5 follows).
     pub tap_prefix: String,
@@ -105,7 +106,7 @@ impl Default for ControlLinkConfig {
             mode: "embedded".into(),
             host: None,
             url: "http://127.0.0.1:7480".into(),
-            token_file: PathBuf::from("/etc/atoll/operator.token"),
+            token_file: PathBuf::from("/etc/atoll/host.token"),
             tap_prefix: "atv".into(),
             volumes_dir: PathBuf::from("/var/lib/atoll/volumes"),
             embedded: atoll_control::config::ControlConfig::default(),

@@ -12,7 +12,8 @@
 //!   `(cloud, address)` identity in the maps, not by device name.
 //! - **Embedded or remote.** With the control plane in the same process (the single-host
 //!   default) the source calls the core directly; otherwise it speaks the HTTP API with the
-//!   operator token. Both return the same [`SyncDelta`]s.
+//!   host's token (`atoll host token`; the operator token works too). Both return the same
+//!   [`SyncDelta`]s.
 //! - **Applying never blocks on a long poll**: [`Source::sync`] borrows nothing of the host, so
 //!   the agent's loop selects between it, usage ticks and signals, and applies a delta with
 //!   the host borrowed only while applying.
@@ -84,7 +85,7 @@ pub enum ConvergeError {
 pub enum Source {
     /// The control plane in this process.
     Local(Arc<Core>),
-    /// A control plane elsewhere, through its API with the operator token.
+    /// A control plane elsewhere, through its API with the host's token (or the operator's).
     Remote(Client),
 }
 

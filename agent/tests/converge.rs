@@ -327,7 +327,8 @@ async fn agent_with_embedded_control_plane_serves_the_api() {
 }
 
 /// An agent apart from its control plane (`mode = "remote"`): the same convergence over the
-/// HTTP API, long-polling `/v1/hosts/<host>/sync` with the operator token.
+/// HTTP API, long-polling `/v1/hosts/<host>/sync` with its host's token (which reaches
+/// nothing but that host's routes).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn remote_agent_converges_over_http() {
     require_root();
@@ -343,8 +344,10 @@ async fn remote_agent_converges_over_http() {
         listener,
         std::future::pending(),
     ));
-    let token = std::fs::read_to_string(dir.path().join("operator.token")).unwrap();
-    let source = Source::Remote(Client::new(&url, &token).unwrap());
+    let Reply::HostToken(issued) = exec(&core, Cmd::IssueHostToken("remote1".into())).await else {
+        panic!()
+    };
+    let source = Source::Remote(Client::new(&url, &issued.token).unwrap());
     source.register("remote1").await.unwrap();
     let mut host = Host::open(&cfg(&pins, 16, 0)).unwrap();
     let mut conv = Converger::new(

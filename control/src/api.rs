@@ -227,6 +227,8 @@ enum Access {
     /// The operator, or the token of the cloud in the path.
     Cloud,
     Operator,
+    /// The operator, or the token of the host in the path (an agent).
+    Host,
     /// Any valid token (the core narrows what it returns).
     Any,
 }
@@ -240,14 +242,22 @@ async fn run(
     created: bool,
 ) -> ApiResult {
     let p = principal(core, headers).await?;
-    match (access, p) {
+    match (access, &p) {
         (_, Principal::Operator) | (Access::Any, _) => {}
-        (Access::Operator, Principal::Cloud(_)) => {
+        (Access::Operator, _) | (Access::Host, Principal::Cloud(_)) => {
             return Err(CoreError::Forbidden("use operator routes".into()).into())
         }
         (Access::Cloud, Principal::Cloud(own)) => {
-            if cloud_param(params, "cloud")? != own {
+            if cloud_param(params, "cloud")? != *own {
                 return Err(CoreError::Forbidden("access another cloud".into()).into());
+            }
+        }
+        (Access::Cloud, Principal::Host(_)) => {
+            return Err(CoreError::Forbidden("a host token reaches only its host".into()).into())
+        }
+        (Access::Host, Principal::Host(own)) => {
+            if name_param(params, "host")? != *own {
+                return Err(CoreError::Forbidden("act as another host".into()).into());
             }
         }
     }
@@ -273,6 +283,7 @@ async fn run(
         Reply::Grant(v) => json_response(status, &v),
         Reply::Grants(v) => json_response(status, &v),
         Reply::Host(v) => json_response(status, &v),
+        Reply::HostToken(v) => json_response(status, &*v),
         Reply::Hosts(v) => json_response(status, &v),
         Reply::Done => StatusCode::NO_CONTENT.into_response(),
     })
@@ -454,10 +465,13 @@ handler!(delete_import, C, false, |p| Command::DeleteImport(
     cloud_param(&p, "provider")?,
     name_param(&p, "exposure")?
 ));
-handler!(register_host, Access::Operator, false, |p| {
+handler!(register_host, Access::Host, false, |p| {
     Command::RegisterHost(name_param(&p, "host")?)
 });
-handler!(report_status, Access::Operator, false, |p, b| {
+handler!(issue_host_token, Access::Operator, true, |p| {
+    Command::IssueHostToken(name_param(&p, "host")?)
+});
+handler!(report_status, Access::Host, false, |p, b| {
     Command::ReportStatus(name_param(&p, "host")?, parse_body(&b)?)
 });
 
@@ -481,6 +495,8 @@ async fn sync(
 ) -> ApiResult {
     let principal = principal(&core, &headers).await?;
     let host = name_param(&p, "host")?;
+    // Authorization before the query is parsed (see `Access`).
+    crate::core::authorize_host(&principal, &host)?;
     let mut after = 0;
     let mut wait = Duration::from_secs(30);
     for (k, v) in &q {
@@ -817,15 +833,23 @@ pub const ROUTES: &[RouteDoc] = &[
     r!(
         "put",
         "/v1/hosts/{host}",
-        "Register a host (operator)",
+        "Register a host (operator, or the host's own token)",
         None,
         200,
         Some("HostInfo")
     ),
     r!(
+        "post",
+        "/v1/hosts/{host}/token",
+        "Issue the host's token (operator; registers the host, replaces an earlier token); returned once",
+        None,
+        201,
+        Some("HostToken")
+    ),
+    r!(
         "get",
         "/v1/hosts/{host}/sync",
-        "Long-poll a host's desired-state changes after `after` (up to `wait_ms`)",
+        "Long-poll a host's desired-state changes after `after` (up to `wait_ms`; operator, or the host's own token)",
         None,
         200,
         Some("SyncDelta")
@@ -833,7 +857,7 @@ pub const ROUTES: &[RouteDoc] = &[
     r!(
         "post",
         "/v1/hosts/{host}/status",
-        "Report what a host applied",
+        "Report what a host applied (operator, or the host's own token)",
         Some("StatusReport"),
         204,
         None
@@ -910,6 +934,7 @@ pub fn router(core: Arc<Core>) -> Router {
         .route("/v1/hosts/{host}", axum::routing::put(register_host))
         .route("/v1/hosts/{host}/sync", get(sync))
         .route("/v1/hosts/{host}/status", post(report_status))
+        .route("/v1/hosts/{host}/token", post(issue_host_token))
         .fallback(not_found)
         .method_not_allowed_fallback(|m: Method| async move {
             ApiError::new(
@@ -951,6 +976,7 @@ pub fn router(core: Arc<Core>) -> Router {
     Grant,
     GrantState,
     HostInfo,
+    HostToken,
     SyncDelta,
     ProviderServices,
     Service,

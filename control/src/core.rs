@@ -139,10 +139,12 @@ pub enum CoreError {
 }
 
 /// Who is calling.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Principal {
     Operator,
     Cloud(CloudId),
+    /// An agent with its host's token: its own host's sync, status and registration only.
+    Host(String),
 }
 
 /// Settings of the core (from the control plane's config).
@@ -198,6 +200,7 @@ pub enum Command {
     AcceptImport(CloudId, CloudId, String),
     DeleteImport(CloudId, CloudId, String),
     RegisterHost(String),
+    IssueHostToken(String),
     ListHosts,
     ReportStatus(String, StatusReport),
 }
@@ -220,6 +223,7 @@ pub enum Reply {
     Grant(Grant),
     Grants(Vec<Grant>),
     Host(HostInfo),
+    HostToken(Box<HostToken>),
     Hosts(Vec<HostInfo>),
     /// Created-or-replaced/deleted with nothing to return.
     Done,
@@ -435,6 +439,16 @@ fn ct_eq(a: &str, b: &str) -> bool {
             == 0
 }
 
+/// The operator, or the host itself.
+pub fn authorize_host(p: &Principal, host: &str) -> Result<(), CoreError> {
+    match p {
+        Principal::Operator => Ok(()),
+        Principal::Host(own) if own == host => Ok(()),
+        Principal::Host(_) => Err(CoreError::Forbidden(format!("act as host {host}"))),
+        Principal::Cloud(_) => Err(CoreError::Forbidden("manage hosts".into())),
+    }
+}
+
 fn random_bytes<const N: usize>() -> Result<[u8; N], CoreError> {
     let mut buf = [0u8; N];
     getrandom::fill(&mut buf).map_err(|e| CoreError::Random(e.to_string()))?;
@@ -599,6 +613,23 @@ impl Core {
                 Err(CoreError::Unauthenticated)
             };
         }
+        if let Some(rest) = token.strip_prefix("atl_host_") {
+            // Host names are labels (no '_'), so the first '_' ends the name.
+            let name = rest
+                .split_once('_')
+                .map(|(n, _)| n)
+                .filter(|n| validate_label("host", n).is_ok())
+                .ok_or(CoreError::Unauthenticated)?;
+            let Some(kv) = self.store.get(&keys::host(name)).await? else {
+                return Err(CoreError::Unauthenticated);
+            };
+            let h: HostInfo = decode(&kv.key, &kv.value)?;
+            return if !h.token_sha256.is_empty() && ct_eq(&token_hash(token), &h.token_sha256) {
+                Ok(Principal::Host(name.to_string()))
+            } else {
+                Err(CoreError::Unauthenticated)
+            };
+        }
         let cloud: CloudId = token
             .strip_prefix("atl_")
             .and_then(|t| t.split_once('_'))
@@ -615,16 +646,22 @@ impl Core {
         }
     }
 
-    fn authorize(&self, p: Principal, cmd: &Command) -> Result<(), CoreError> {
+    fn authorize(&self, p: &Principal, cmd: &Command) -> Result<(), CoreError> {
         use Command::*;
         let operator_only = |what: &str| match p {
             Principal::Operator => Ok(()),
-            Principal::Cloud(_) => Err(CoreError::Forbidden(what.to_string())),
+            _ => Err(CoreError::Forbidden(what.to_string())),
         };
         let cloud = match cmd {
             CreateCloud(_) => return operator_only("create clouds"),
-            ListClouds { .. } => return Ok(()),
-            RegisterHost(_) | ListHosts | ReportStatus(..) => return operator_only("manage hosts"),
+            ListClouds { .. } => {
+                return match p {
+                    Principal::Host(_) => Err(CoreError::Forbidden("list clouds".into())),
+                    _ => Ok(()),
+                }
+            }
+            RegisterHost(h) | ReportStatus(h, _) => return authorize_host(p, h),
+            IssueHostToken(_) | ListHosts => return operator_only("manage hosts"),
             GetCloud(c)
             | DeleteCloud(c)
             | CreateVm(c, _)
@@ -656,20 +693,21 @@ impl Core {
         };
         match p {
             Principal::Operator => Ok(()),
-            Principal::Cloud(own) if own == cloud => Ok(()),
-            Principal::Cloud(_) => Err(CoreError::Forbidden(format!("access cloud {cloud}"))),
+            Principal::Cloud(own) if *own == cloud => Ok(()),
+            _ => Err(CoreError::Forbidden(format!("access cloud {cloud}"))),
         }
     }
 
     /// Executes one command for `principal`.
     pub async fn execute(&self, principal: Principal, cmd: Command) -> Result<Reply, CoreError> {
-        self.authorize(principal, &cmd)?;
+        self.authorize(&principal, &cmd)?;
         use Command::*;
         match cmd {
             CreateCloud(req) => self.create_cloud(req).await,
             ListClouds { after, limit } => match principal {
                 Principal::Operator => self.list_clouds(after, limit).await,
                 Principal::Cloud(c) => Ok(Reply::Clouds(vec![self.cloud(c).await?.1])),
+                Principal::Host(_) => Err(CoreError::Forbidden("list clouds".into())),
             },
             GetCloud(c) => Ok(Reply::Cloud(Box::new(self.cloud(c).await?.1))),
             DeleteCloud(c) => self.delete_cloud(c).await,
@@ -705,7 +743,17 @@ impl Core {
             AcceptImport(c, provider, exp) => self.accept_import(c, provider, &exp).await,
             DeleteImport(c, provider, exp) => self.revoke_grant(provider, &exp, c).await,
             RegisterHost(name) => self.register_host(name).await,
-            ListHosts => Ok(Reply::Hosts(self.list(keys::hosts()).await?)),
+            IssueHostToken(name) => self.issue_host_token(name).await,
+            ListHosts => Ok(Reply::Hosts(
+                self.list::<HostInfo>(keys::hosts())
+                    .await?
+                    .into_iter()
+                    .map(|mut h| {
+                        h.token_sha256.clear();
+                        h
+                    })
+                    .collect(),
+            )),
             ReportStatus(host, report) => self.report_status(&host, report).await,
         }
     }
@@ -1766,12 +1814,13 @@ impl Core {
 
     async fn register_host(&self, name: String) -> Result<Reply, CoreError> {
         validate_label("name", &name)?;
-        let info = match self.store.get(&keys::host(&name)).await? {
+        let mut info: HostInfo = match self.store.get(&keys::host(&name)).await? {
             Some(kv) => decode(&kv.key, &kv.value)?,
             None => {
                 let info = HostInfo {
                     name: name.clone(),
                     registered_at: now(),
+                    token_sha256: String::new(),
                 };
                 self.store
                     .txn(Txn {
@@ -1789,7 +1838,48 @@ impl Core {
             .expect("feed lock")
             .hosts
             .insert(name);
+        info.token_sha256.clear();
         Ok(Reply::Host(info))
+    }
+
+    /// Registers `name` if needed and gives it a new token, which replaces any earlier one
+    /// (rotation: the old token stops working at once).
+    async fn issue_host_token(&self, name: String) -> Result<Reply, CoreError> {
+        validate_label("name", &name)?;
+        let secret = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(random_bytes::<32>()?);
+        let token = format!("atl_host_{name}_{secret}");
+        for _ in 0..MAX_RETRIES {
+            let (compare, mut info) = match self.store.get(&keys::host(&name)).await? {
+                Some(kv) => (
+                    Compare::ModRevision(kv.key.clone(), kv.mod_revision),
+                    decode::<HostInfo>(&kv.key, &kv.value)?,
+                ),
+                None => (
+                    Compare::Absent(keys::host(&name)),
+                    HostInfo {
+                        name: name.clone(),
+                        registered_at: now(),
+                        token_sha256: String::new(),
+                    },
+                ),
+            };
+            info.token_sha256 = token_hash(&token);
+            let txn = Txn {
+                compares: vec![compare],
+                success: vec![put(keys::host(&name), &info)],
+            };
+            if self.commit(txn).await?.is_some() {
+                self.feed
+                    .state
+                    .lock()
+                    .expect("feed lock")
+                    .hosts
+                    .insert(name);
+                info.token_sha256.clear();
+                return Ok(Reply::HostToken(Box::new(HostToken { host: info, token })));
+            }
+        }
+        Err(CoreError::Contention(format!("host {name}")))
     }
 
     async fn report_status(&self, host: &str, report: StatusReport) -> Result<Reply, CoreError> {
@@ -1824,9 +1914,7 @@ impl Core {
         after: u64,
         wait: Duration,
     ) -> Result<SyncDelta, CoreError> {
-        if principal != Principal::Operator {
-            return Err(CoreError::Forbidden("read host state".into()));
-        }
+        authorize_host(&principal, host)?;
         validate_label("host", host)?;
         let deadline = tokio::time::Instant::now() + wait;
         let mut rx = self.feed.latest.subscribe();

@@ -303,7 +303,11 @@ enum ImportCmd {
 
 #[derive(Subcommand)]
 enum HostCmd {
+    /// List registered hosts.
     List,
+    /// Issue a host's token, registering the host (operator). It replaces any earlier token
+    /// and is printed once: put it in that agent's `control.token_file`.
+    Token { name: String },
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -675,6 +679,7 @@ async fn resource(c: &Client, cmd: Cmd) -> Result<Output> {
             exposure,
         }) => del(format!("/v1/clouds/{cloud}/imports/{provider}/{exposure}")).await?,
         Cmd::Host(HostCmd::List) => get("/v1/hosts".into()).await?,
+        Cmd::Host(HostCmd::Token { name }) => post(format!("/v1/hosts/{name}/token")).await?,
         Cmd::Serve { .. } | Cmd::Openapi | Cmd::Completions { .. } | Cmd::Usage { .. } => {
             unreachable!("handled before connecting")
         }

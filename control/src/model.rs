@@ -660,6 +660,20 @@ pub struct HostInfo {
     pub name: String,
     /// Seconds since the Unix epoch.
     pub registered_at: u64,
+    /// SHA-256 of the host's token, hex (empty: none issued). Never returned by the API.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    #[schema(ignore)]
+    pub token_sha256: String,
+}
+
+/// `POST /v1/hosts/{host}/token` response: the host and its new token, shown only this once.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct HostToken {
+    pub host: HostInfo,
+    /// Bearer token scoped to this host's sync and status routes (the agent's
+    /// `control.token_file`). Store it: it cannot be read again. A new one replaces it.
+    pub token: String,
 }
 
 /// A VM's network identity as its host applies it.

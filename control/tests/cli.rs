@@ -92,6 +92,13 @@ async fn cli_drives_the_api() {
         let id = created["cloud"]["id"].as_str().unwrap().to_string();
         let token = created["token"].as_str().unwrap().to_string();
         assert_eq!(created["cloud"]["gateway"], "192.168.0.1");
+        // A host token, as an operator issues it for an agent: it lists nothing but works for
+        // its host's routes (the API suite covers the rest).
+        let host = json(&atoll(&url, &op, &["host", "token", "h"]));
+        let host_token = host["token"].as_str().unwrap();
+        assert!(host_token.starts_with("atl_host_h_"), "{host}");
+        let refused = atoll(&url, host_token, &["host", "list"]);
+        assert!(!refused.status.success(), "a host token lists no hosts");
         let vm = json(&atoll(
             &url,
             &token,
