@@ -110,6 +110,21 @@ impl Default for CloudsConfig {
     }
 }
 
+/// Host liveness (see `core`: hosts heartbeat through their syncs).
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct HostsConfig {
+    /// A host not heard from (sync, registration) for this long is not live: no new VM or
+    /// volume is placed on it. At least [`crate::core::MIN_HOST_TIMEOUT_SECS`].
+    pub timeout_secs: u64,
+}
+
+impl Default for HostsConfig {
+    fn default() -> Self {
+        HostsConfig { timeout_secs: 120 }
+    }
+}
+
 /// The control plane's whole configuration.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
@@ -121,6 +136,7 @@ pub struct ControlConfig {
     pub operator_token_file: PathBuf,
     pub store: StoreConfig,
     pub clouds: CloudsConfig,
+    pub hosts: HostsConfig,
 }
 
 impl Default for ControlConfig {
@@ -130,6 +146,7 @@ impl Default for ControlConfig {
             operator_token_file: PathBuf::from("/etc/atoll/operator.token"),
             store: StoreConfig::default(),
             clouds: CloudsConfig::default(),
+            hosts: HostsConfig::default(),
         }
     }
 }
@@ -166,6 +183,17 @@ impl ControlConfig {
                     "{} is too small: the control plane's largest fixed-size transaction needs \
                      {MIN_STORE_TXN_OPS}",
                     self.store.etcd_max_txn_ops
+                ),
+            );
+        }
+        if self.hosts.timeout_secs < crate::core::MIN_HOST_TIMEOUT_SECS {
+            return invalid(
+                "hosts.timeout_secs",
+                format!(
+                    "{} is too small: a healthy host may be silent for up to {} s (its longest \
+                     sync wait plus the heartbeat interval)",
+                    self.hosts.timeout_secs,
+                    crate::core::MIN_HOST_TIMEOUT_SECS
                 ),
             );
         }
@@ -259,6 +287,7 @@ impl ControlConfig {
             max_exposures_per_cloud: self.clouds.max_exposures_per_cloud,
             max_grants_per_exposure: self.clouds.max_grants_per_exposure,
             operator_token_sha256: token_hash(&token),
+            host_timeout_secs: self.hosts.timeout_secs,
         };
         Core::start(store, cfg)
             .await
@@ -286,6 +315,20 @@ mod tests {
             .operator_token_file
             .starts_with("/var/lib/atoll-control"));
         assert!(cfg.store.path.starts_with("/var/lib/atoll-control"));
+    }
+
+    #[test]
+    fn host_timeout_has_a_floor() {
+        assert_eq!(parse("").unwrap().hosts.timeout_secs, 120);
+        let floor = crate::core::MIN_HOST_TIMEOUT_SECS;
+        let cfg = parse(&format!("[hosts]\ntimeout_secs = {floor}\n")).unwrap();
+        assert_eq!(cfg.hosts.timeout_secs, floor);
+        let e = parse(&format!("[hosts]\ntimeout_secs = {}\n", floor - 1)).unwrap_err();
+        assert!(e.starts_with("hosts.timeout_secs: "), "{e}");
+        assert!(
+            parse("[hosts]\ntimeout = 100\n").is_err(),
+            "unknown keys are refused"
+        );
     }
 
     #[test]

@@ -15,7 +15,10 @@
 //!   address is allocated and the `Absent` compare makes a double allocation impossible.
 //!   Network and broadcast addresses are never allocated; the first host address is the
 //!   gateway. Addresses are released in the transaction that deletes their owner.
-//! - **Placement**: a VM goes to the registered host with the fewest VMs, or to the host of its
+//! - **Host liveness**: a host's syncs are its heartbeat (its record's `last_seen`, rewritten at
+//!   most every [`HEARTBEAT_SECS`]); only hosts heard from within `hosts.timeout_secs` are
+//!   placed on. Placed VMs never move by themselves (docs/design.md, Host liveness).
+//! - **Placement**: a VM goes to the live host with the fewest VMs, or to the host of its
 //!   volumes. Its placement record (`h/<host>/vms/<cloud>/<vm>`) is what the host applies.
 //! - **Agents converge by changes**: [`Core::sync`] long-polls for the store events relevant to
 //!   one host (its placements, and the zones of clouds it has VMs of) after a revision and
@@ -113,7 +116,7 @@ pub enum CoreError {
         wanted: u64,
         limit: u64,
     },
-    #[error("no host is registered to place this on")]
+    #[error("no live host to place this on (registered hosts have not synced within hosts.timeout_secs)")]
     NoHost,
     #[error("too much contention on {0}; retry")]
     Contention(String),
@@ -158,7 +161,17 @@ pub struct CoreConfig {
     pub max_grants_per_exposure: u32,
     /// SHA-256 (hex) of the operator token.
     pub operator_token_sha256: String,
+    /// A host silent for longer is not live (`hosts.timeout_secs`).
+    pub host_timeout_secs: u64,
 }
+
+/// A syncing host's `last_seen` is rewritten once it is this old (one store write per host
+/// per interval, however often it syncs).
+pub const HEARTBEAT_SECS: u64 = 20;
+
+/// The smallest `hosts.timeout_secs`: a healthy host syncs at least every
+/// [`crate::api::MAX_SYNC_WAIT`], and its heartbeat may be [`HEARTBEAT_SECS`] stale.
+pub const MIN_HOST_TIMEOUT_SECS: u64 = 60 + HEARTBEAT_SECS + 10;
 
 /// A request to the core.
 #[derive(Debug, Clone, PartialEq)]
@@ -334,7 +347,8 @@ struct FeedState {
     complete_after: u64,
     /// Per host: per cloud, the placement keys (VMs and volumes) it holds.
     placements: HashMap<String, HashMap<CloudId, HashSet<String>>>,
-    hosts: BTreeSet<String>,
+    /// Registered hosts and when each was last heard from (their records' `last_seen`).
+    hosts: BTreeMap<String, u64>,
 }
 
 /// The store watch that feeds host syncs (see the module docs).
@@ -381,7 +395,7 @@ fn service_cloud(key: &str) -> Option<CloudId> {
 }
 
 impl FeedState {
-    fn apply(&mut self, key: &str, deleted: bool) {
+    fn apply(&mut self, key: &str, value: &[u8], deleted: bool) {
         if let Some((host, _, cloud, _)) = parse_placement_key(key) {
             let clouds = self.placements.entry(host.to_string()).or_default();
             if deleted {
@@ -398,7 +412,11 @@ impl FeedState {
             if deleted {
                 self.hosts.remove(h);
             } else {
-                self.hosts.insert(h.to_string());
+                // The record is the truth (heartbeats are written to it).
+                let seen = serde_json::from_slice::<HostInfo>(value)
+                    .map(|i| i.last_seen.max(i.registered_at))
+                    .unwrap_or(0);
+                self.hosts.insert(h.to_string(), seen);
             }
         }
     }
@@ -543,11 +561,11 @@ impl Core {
             let Some(last) = page.last() else { break };
             after = Some(last.key.clone());
             for kv in &page {
-                state.apply(&kv.key, false);
+                state.apply(&kv.key, &kv.value, false);
             }
         }
         for kv in store.range(keys::hosts(), None, 0).await? {
-            state.apply(&kv.key, false);
+            state.apply(&kv.key, &kv.value, false);
         }
         let (latest, _) = watch::channel(revision);
         let feed = Arc::new(Feed {
@@ -563,7 +581,7 @@ impl Core {
                         let mut st = f.state.lock().expect("feed lock");
                         for ev in batch.events {
                             let deleted = matches!(ev.kind, EventKind::Delete);
-                            st.apply(&ev.kv.key, deleted);
+                            st.apply(&ev.kv.key, &ev.kv.value, deleted);
                             let keep_value = !deleted && ev.kv.key.starts_with("h/");
                             st.ring.push_back(FeedEvent {
                                 revision: batch.revision,
@@ -744,16 +762,12 @@ impl Core {
             DeleteImport(c, provider, exp) => self.revoke_grant(provider, &exp, c).await,
             RegisterHost(name) => self.register_host(name).await,
             IssueHostToken(name) => self.issue_host_token(name).await,
-            ListHosts => Ok(Reply::Hosts(
-                self.list::<HostInfo>(keys::hosts())
-                    .await?
-                    .into_iter()
-                    .map(|mut h| {
-                        h.token_sha256.clear();
-                        h
-                    })
-                    .collect(),
-            )),
+            ListHosts => {
+                let hosts = self.list::<HostInfo>(keys::hosts()).await?;
+                Ok(Reply::Hosts(
+                    hosts.into_iter().map(|h| self.host_view(h)).collect(),
+                ))
+            }
             ReportStatus(host, report) => self.report_status(&host, report).await,
         }
     }
@@ -1022,8 +1036,11 @@ impl Core {
 
     fn pick_host(&self) -> Result<String, CoreError> {
         let st = self.feed.state.lock().expect("feed lock");
+        let now = now();
         st.hosts
             .iter()
+            .filter(|(_, seen)| now.saturating_sub(**seen) <= self.cfg.host_timeout_secs)
+            .map(|(h, _)| h)
             .min_by_key(|h| st.load(h))
             .cloned()
             .ok_or(CoreError::NoHost)
@@ -1814,13 +1831,15 @@ impl Core {
 
     async fn register_host(&self, name: String) -> Result<Reply, CoreError> {
         validate_label("name", &name)?;
-        let mut info: HostInfo = match self.store.get(&keys::host(&name)).await? {
+        let info: HostInfo = match self.store.get(&keys::host(&name)).await? {
             Some(kv) => decode(&kv.key, &kv.value)?,
             None => {
                 let info = HostInfo {
                     name: name.clone(),
                     registered_at: now(),
                     token_sha256: String::new(),
+                    last_seen: now(),
+                    live: false,
                 };
                 self.store
                     .txn(Txn {
@@ -1837,9 +1856,63 @@ impl Core {
             .lock()
             .expect("feed lock")
             .hosts
-            .insert(name);
-        info.token_sha256.clear();
-        Ok(Reply::Host(info))
+            .entry(name.clone())
+            .or_insert(info.last_seen.max(info.registered_at));
+        // A registration is a sign of life, too.
+        self.heartbeat(&name).await?;
+        Ok(Reply::Host(self.host_view(info)))
+    }
+
+    /// A host record as the API shows it: no token hash, liveness computed.
+    fn host_view(&self, mut h: HostInfo) -> HostInfo {
+        h.token_sha256.clear();
+        h.last_seen = h.last_seen.max(h.registered_at);
+        h.live = now().saturating_sub(h.last_seen) <= self.cfg.host_timeout_secs;
+        h
+    }
+
+    /// Records that `host` was heard from, at most once per [`HEARTBEAT_SECS`] (store writes
+    /// stay at one per host per interval). Never creates a host record, and never overwrites a
+    /// concurrent change of it (a token rotation): a lost compare is left to the next sync.
+    async fn heartbeat(&self, host: &str) -> Result<(), CoreError> {
+        let now = now();
+        let seen = self
+            .feed
+            .state
+            .lock()
+            .expect("feed lock")
+            .hosts
+            .get(host)
+            .copied();
+        if seen.is_none_or(|s| now < s + HEARTBEAT_SECS) {
+            return Ok(());
+        }
+        let Some(kv) = self.store.get(&keys::host(host)).await? else {
+            return Ok(());
+        };
+        let mut info: HostInfo = decode(&kv.key, &kv.value)?;
+        if now < info.last_seen + HEARTBEAT_SECS {
+            return Ok(());
+        }
+        info.last_seen = now;
+        info.live = false;
+        let txn = Txn {
+            compares: vec![Compare::ModRevision(kv.key.clone(), kv.mod_revision)],
+            success: vec![put(kv.key, &info)],
+        };
+        if self.commit(txn).await?.is_some() {
+            if let Some(s) = self
+                .feed
+                .state
+                .lock()
+                .expect("feed lock")
+                .hosts
+                .get_mut(host)
+            {
+                *s = (*s).max(now);
+            }
+        }
+        Ok(())
     }
 
     /// Registers `name` if needed and gives it a new token, which replaces any earlier one
@@ -1860,6 +1933,8 @@ impl Core {
                         name: name.clone(),
                         registered_at: now(),
                         token_sha256: String::new(),
+                        last_seen: now(),
+                        live: false,
                     },
                 ),
             };
@@ -1874,9 +1949,10 @@ impl Core {
                     .lock()
                     .expect("feed lock")
                     .hosts
-                    .insert(name);
-                info.token_sha256.clear();
-                return Ok(Reply::HostToken(Box::new(HostToken { host: info, token })));
+                    .entry(name.clone())
+                    .or_insert(info.last_seen.max(info.registered_at));
+                let host = self.host_view(info);
+                return Ok(Reply::HostToken(Box::new(HostToken { host, token })));
             }
         }
         Err(CoreError::Contention(format!("host {name}")))
@@ -1916,6 +1992,8 @@ impl Core {
     ) -> Result<SyncDelta, CoreError> {
         authorize_host(&principal, host)?;
         validate_label("host", host)?;
+        // Every sync is a sign of life (see `heartbeat` for the write rate).
+        self.heartbeat(host).await?;
         let deadline = tokio::time::Instant::now() + wait;
         let mut rx = self.feed.latest.subscribe();
         let mut after = after;

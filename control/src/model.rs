@@ -664,6 +664,14 @@ pub struct HostInfo {
     #[serde(default, skip_serializing_if = "String::is_empty")]
     #[schema(ignore)]
     pub token_sha256: String,
+    /// When the host was last heard from (registration or sync), seconds since the Unix
+    /// epoch; kept to within the heartbeat interval.
+    #[serde(default)]
+    pub last_seen: u64,
+    /// Heard from within `hosts.timeout_secs`: new VMs and volumes are placed only on live
+    /// hosts. Computed when read (what a record in the store says is ignored).
+    #[serde(default)]
+    pub live: bool,
 }
 
 /// `POST /v1/hosts/{host}/token` response: the host and its new token, shown only this once.

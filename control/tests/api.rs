@@ -49,6 +49,7 @@ api_suite!(
     vm_lifecycle_power_user_data_states_and_console,
     grants_racing_cloud_deletes_leave_nothing_behind,
     host_tokens_reach_only_their_host,
+    silent_hosts_get_no_new_placements,
 );
 
 /// The store the control plane under test is configured with.
@@ -1280,6 +1281,108 @@ async fn host_tokens_reach_only_their_host(api: Api) {
         .map(|h| h["name"].as_str().unwrap())
         .collect();
     assert!(names.contains(&"h1") && names.contains(&"h2"), "{names:?}");
+}
+
+/// Hosts heartbeat through their syncs. One silent for longer than `hosts.timeout_secs` is
+/// shown as not live and gets no new VM; with no live host a create is a 503 `no_host`; a sync
+/// brings it back.
+async fn silent_hosts_get_no_new_placements(api: Api) {
+    let (c, cc) = api.cloud(json!({"name": "live"})).await;
+    let id = c.cloud.id;
+    let hosts = || async {
+        let v: Vec<HostInfo> = ok(&api.op, Method::GET, "/v1/hosts", None).await;
+        v.into_iter()
+            .map(|h| (h.name.clone(), h))
+            .collect::<std::collections::BTreeMap<_, _>>()
+    };
+    let mut now = hosts().await;
+    // Hosts other cases of this store registered may be there too; ours is "quiet".
+    let _: HostInfo = ok(&api.op, Method::PUT, "/v1/hosts/quiet", None).await;
+    now.extend(hosts().await);
+    assert!(now["quiet"].live, "a registration is a sign of life");
+    for (name, h) in &now {
+        if name != "quiet" {
+            silence(&api, h).await;
+        }
+    }
+    let vm: Vm = ok(
+        &cc,
+        Method::POST,
+        &format!("/v1/clouds/{id}/vms"),
+        Some(json!({"name": "a"})),
+    )
+    .await;
+    assert_eq!(vm.host, "quiet");
+    // "quiet" goes silent: its record says it was last seen long ago.
+    silence(&api, &hosts().await["quiet"]).await;
+    let shown = hosts().await;
+    assert!(!shown["quiet"].live, "{:?}", shown["quiet"]);
+    let (status, v) = raw(
+        &cc,
+        Method::POST,
+        &format!("/v1/clouds/{id}/vms"),
+        Some(&json!({"name": "b"})),
+    )
+    .await;
+    assert_eq!(
+        (status, v["error"]["code"].as_str()),
+        (StatusCode::SERVICE_UNAVAILABLE, Some("no_host")),
+        "{v}"
+    );
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("hosts.timeout_secs"),
+        "{v}"
+    );
+    // A sync is a heartbeat: the host is live and placed on again.
+    let _: SyncDelta = ok(&api.op, Method::GET, "/v1/hosts/quiet/sync?wait_ms=0", None).await;
+    wait_for_host(&api, "quiet", true).await;
+    let vm: Vm = ok(
+        &cc,
+        Method::POST,
+        &format!("/v1/clouds/{id}/vms"),
+        Some(json!({"name": "b"})),
+    )
+    .await;
+    assert_eq!(vm.host, "quiet");
+}
+
+/// Rewrites a host's record as last seen an hour ago (what a host that stopped syncing has),
+/// and waits until the control plane's feed has it.
+async fn silence(api: &Api, h: &HostInfo) {
+    let key = format!("hosts/{}", h.name);
+    let kv = api.core.store().get(&key).await.unwrap().unwrap();
+    let mut record: Value = serde_json::from_slice(&kv.value).unwrap();
+    let old = h.registered_at.min(h.last_seen).saturating_sub(3600);
+    record["registered_at"] = old.into();
+    record["last_seen"] = old.into();
+    api.core
+        .store()
+        .txn(atoll_control::store::Txn {
+            compares: vec![],
+            success: vec![atoll_control::store::Op::Put {
+                key,
+                value: serde_json::to_vec(&record).unwrap(),
+            }],
+        })
+        .await
+        .unwrap();
+    wait_for_host(api, &h.name, false).await;
+}
+
+/// The feed applies store changes from its watch, which the API does not expose: poll the
+/// host list, bounded.
+async fn wait_for_host(api: &Api, name: &str, live: bool) {
+    for _ in 0..500 {
+        let v: Vec<HostInfo> = ok(&api.op, Method::GET, "/v1/hosts", None).await;
+        if v.iter().any(|h| h.name == name && h.live == live) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("host {name} never became live = {live}");
 }
 
 /// Rounds of the grant/delete race; each races one provider delete and one consumer delete
