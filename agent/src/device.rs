@@ -68,6 +68,8 @@ pub enum DeviceError {
     },
     #[error("deleting tap {name}: {source}")]
     DeleteTap { name: String, source: io::Error },
+    #[error("setting {name} up (ioctl): {source}")]
+    SetUpNow { name: String, source: io::Error },
     #[error("disabling IPv6 on {name}: {source}")]
     DisableIpv6 { name: String, source: io::Error },
     #[error("opening a netlink socket: {0}")]
@@ -326,6 +328,43 @@ impl HeldTap {
         }
         Ok(())
     }
+}
+
+/// Whether `name` is administratively up (`IFF_UP` in its sysfs flags); `false` if it does
+/// not exist.
+pub fn is_up(name: &str) -> bool {
+    validate_name(name).is_ok()
+        && std::fs::read_to_string(PathBuf::from("/sys/class/net").join(name).join("flags"))
+            .ok()
+            .and_then(|f| u32::from_str_radix(f.trim().trim_start_matches("0x"), 16).ok())
+            .is_some_and(|f| f & libc::IFF_UP as u32 != 0)
+}
+
+/// Sets `name` administratively up without netlink (so from synchronous code).
+pub fn set_up_now(name: &str) -> Result<(), DeviceError> {
+    validate_name(name)?;
+    let err = |source| DeviceError::SetUpNow {
+        name: name.into(),
+        source,
+    };
+    // SAFETY: socket() takes constant arguments; the result is checked.
+    let raw = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if raw < 0 {
+        return Err(err(io::Error::last_os_error()));
+    }
+    // SAFETY: `raw` is a fresh fd we own.
+    let sock = unsafe { OwnedFd::from_raw_fd(raw) };
+    let mut req = IfReq::new(name, 0);
+    // SAFETY: SIOCGIFFLAGS reads and writes an ifreq that we own for the call's duration.
+    if unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFFLAGS, &mut req) } < 0 {
+        return Err(err(io::Error::last_os_error()));
+    }
+    req.flags |= libc::IFF_UP as libc::c_short;
+    // SAFETY: SIOCSIFFLAGS reads an ifreq that we own for the call's duration.
+    if unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFFLAGS, &req) } < 0 {
+        return Err(err(io::Error::last_os_error()));
+    }
+    Ok(())
 }
 
 /// Whether `name` is a tun/tap device.

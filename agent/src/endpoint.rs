@@ -613,8 +613,9 @@ impl Host {
     }
 
     /// Removes dataplane state of endpoints whose device disappeared while the agent was down
-    /// (e.g. a VMM deleted its tap), and devices a crash left half-made. Returns how many were
-    /// removed.
+    /// (e.g. a VMM deleted its tap) and devices a crash left half-made, and finishes endpoints
+    /// a crash left without their route or down. Returns how many things it removed or
+    /// repaired.
     pub fn reconcile(&mut self) -> Result<usize, EndpointError> {
         let err = |source| EndpointError::Unprogram {
             name: "*".into(),
@@ -624,18 +625,48 @@ impl Host {
         let _expedited = self.expedite.hold();
         let routes = self.dataplane.routes().map_err(err)?;
         for (ifindex, info) in self.dataplane.endpoints().map_err(err)? {
-            if device::ifname(ifindex).is_none() {
-                for (k, h) in &routes {
-                    if h.ifindex == ifindex {
-                        self.dataplane.remove_route(*k).map_err(err)?;
-                    }
+            if let Some(name) = device::ifname(ifindex) {
+                // Created up to its identity, then the agent died: the links, the route and the
+                // link-up steps are repeated (what `create_endpoint` would have done next).
+                if !self.dataplane.fully_attached(ifindex) {
+                    self.dataplane.attach(&name, ifindex).map_err(|source| {
+                        EndpointError::Program {
+                            name: name.clone(),
+                            source,
+                        }
+                    })?;
+                    removed += 1;
                 }
-                self.dataplane.detach(ifindex).map_err(err)?;
-                self.record_final(ifindex, &info, None)?;
-                self.dataplane.remove_endpoint(ifindex).map_err(err)?;
-                self.free_slots.push_back(info.slot);
-                removed += 1;
+                let key = RouteKey {
+                    cloud: info.cloud,
+                    ipv4: info.ipv4,
+                };
+                if !routes.iter().any(|(k, _)| *k == key) {
+                    let hop = NextHop {
+                        ifindex,
+                        slot: info.slot,
+                        mac: info.mac,
+                        flags: 0,
+                    };
+                    self.dataplane.insert_route(key, hop).map_err(err)?;
+                    removed += 1;
+                }
+                if !device::is_up(&name) {
+                    device::set_up_now(&name).map_err(EndpointError::CreateDevice)?;
+                    removed += 1;
+                }
+                continue;
             }
+            for (k, h) in &routes {
+                if h.ifindex == ifindex {
+                    self.dataplane.remove_route(*k).map_err(err)?;
+                }
+            }
+            self.dataplane.detach(ifindex).map_err(err)?;
+            self.record_final(ifindex, &info, None)?;
+            self.dataplane.remove_endpoint(ifindex).map_err(err)?;
+            self.free_slots.push_back(info.slot);
+            removed += 1;
         }
         for ifindex in self.dataplane.attached().map_err(err)? {
             let Some(name) = device::ifname(ifindex) else {

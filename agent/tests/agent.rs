@@ -215,6 +215,7 @@ async fn half_made_taps_are_removed_on_restart() {
         unique_name("hm"),
         format!("{spare_prefix}00002"),
     );
+    let (no_route, no_link, down) = (unique_name("hm"), unique_name("hm"), unique_name("hm"));
     let (one_link_ix, complete_ix) = {
         let mut host = Host::open(&c).unwrap();
         let mut ix = Vec::new();
@@ -231,24 +232,63 @@ async fn half_made_taps_are_removed_on_restart() {
         std::fs::remove_file(&out_pin).unwrap();
 
         let held = unique_name("hm");
-        let (held_ix, tap) = devices.create_tap_held(&held, None).unwrap();
+        let (held_ix, held_tap) = devices.create_tap_held(&held, None).unwrap();
         assert_eq!(device::ifindex(&held), Some(held_ix));
-        drop(tap);
+        drop(held_tap);
         assert_eq!(
             device::ifindex(&held),
             None,
             "a held tap dies with its holder"
         );
+
+        let ep = host.create_endpoint(&tap(&no_route, 7, 2)).await.unwrap();
+        let key = host
+            .dataplane()
+            .routes()
+            .unwrap()
+            .into_iter()
+            .find(|(_, h)| h.ifindex == ep.ifindex)
+            .unwrap()
+            .0;
+        host.dataplane_mut().remove_route(key).unwrap();
+        let ep = host.create_endpoint(&tap(&no_link, 7, 3)).await.unwrap();
+        let out_pin = host
+            .dataplane()
+            .pin_dir()
+            .join("links")
+            .join(format!("{}-out", ep.ifindex));
+        std::fs::remove_file(&out_pin).unwrap();
+        host.create_endpoint(&tap(&down, 7, 4)).await.unwrap();
+        assert!(device::is_up(&down));
+        assert!(Command::new("ip")
+            .args(["link", "set", &down, "down"])
+            .status()
+            .unwrap()
+            .success());
+        assert!(!device::is_up(&down));
         (ix[0], ix[2])
     };
     let mut host = Host::open(&c).unwrap();
     assert_eq!(host.pool_len(), 1, "only the complete spare is one");
-    assert_eq!(host.reconcile().unwrap(), 2);
+    assert_eq!(host.reconcile().unwrap(), 5, "2 removed, 3 finished");
     assert_eq!(device::ifindex(&one_link), None);
     assert_eq!(device::ifindex(&claimed), None);
     assert_eq!(device::ifindex(&complete), Some(complete_ix));
-    assert_eq!(host.dataplane().attached().unwrap(), vec![complete_ix]);
     assert!(!host.dataplane().fully_attached(one_link_ix));
+    let routes = host.dataplane().routes().unwrap();
+    for name in [&no_route, &no_link, &down] {
+        let ifindex = device::ifindex(name).unwrap();
+        assert!(device::is_up(name), "{name} is up");
+        assert!(
+            host.dataplane().fully_attached(ifindex),
+            "{name} has both links"
+        );
+        assert!(
+            routes.iter().any(|(_, h)| h.ifindex == ifindex),
+            "{name} has its route"
+        );
+    }
+    assert_eq!(host.endpoints().unwrap().len(), 3);
     assert_eq!(
         host.reconcile().unwrap(),
         0,
