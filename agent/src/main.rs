@@ -171,7 +171,7 @@ async fn run(cfg: &AgentConfig) -> Result<()> {
     host.refill_pool().await?;
     let eps = host.endpoints()?;
     println!(
-        "atoll-agent: dataplane at {} with {} endpoints ({} stale or half-made removed or finished), {} spare taps",
+        "atoll-agent: dataplane at {} with {} endpoints ({} stale removed or repaired), {} spare taps",
         host.dataplane().pin_dir().display(),
         eps.len(),
         stale,

@@ -448,7 +448,7 @@ fn flowing(ab: &Progress, ba: &Progress) {
 fn resumed(agent: &Agent, config: &Path, guests: &[VethGuest; 2]) {
     let line = agent.line("atoll-agent: dataplane at");
     assert!(
-        line.contains("with 2 endpoints (0 stale removed)"),
+        line.contains("with 2 endpoints (0 stale removed or repaired)"),
         "{line}"
     );
     let listed = status(config);
