@@ -1039,11 +1039,29 @@ impl Core {
         let now = now();
         st.hosts
             .iter()
-            .filter(|(_, seen)| now.saturating_sub(**seen) <= self.cfg.host_timeout_secs)
+            .filter(|(_, seen)| self.live_at(**seen, now))
             .map(|(h, _)| h)
             .min_by_key(|h| st.load(h))
             .cloned()
             .ok_or(CoreError::NoHost)
+    }
+
+    /// Whether a host last heard from at `seen` is live at `now`.
+    fn live_at(&self, seen: u64, now: u64) -> bool {
+        now.saturating_sub(seen) <= self.cfg.host_timeout_secs
+    }
+
+    /// Whether `host` is registered and live.
+    fn host_live(&self, host: &str) -> bool {
+        let seen = self
+            .feed
+            .state
+            .lock()
+            .expect("feed lock")
+            .hosts
+            .get(host)
+            .copied();
+        seen.is_some_and(|s| self.live_at(s, now()))
     }
 
     async fn create_vm(&self, c: CloudId, req: CreateVm) -> Result<Reply, CoreError> {
@@ -1157,6 +1175,7 @@ impl Core {
                 },
                 user_data: req.user_data.clone(),
                 status: None,
+                host_live: false,
             };
             let placement = placement(&vm, &cloud);
             ops.push(put(keys::cloud(c), &cloud));
@@ -1173,6 +1192,7 @@ impl Core {
             {
                 let mut vm = vm;
                 vm.status = Some(pending(vm.created_at));
+                vm.host_live = self.host_live(&vm.host);
                 return Ok(Reply::Vm(Box::new(vm)));
             }
         }
@@ -1195,6 +1215,7 @@ impl Core {
             Some(kv) => Some(decode(&kv.key, &kv.value)?),
             None => Some(pending(vm.created_at)),
         };
+        vm.host_live = self.host_live(&vm.host);
         Ok(vm)
     }
 
@@ -1250,6 +1271,7 @@ impl Core {
                     .remove(&vm.name)
                     .unwrap_or_else(|| pending(vm.created_at)),
             );
+            vm.host_live = self.host_live(&vm.host);
         }
         Ok(Reply::Vms(vms))
     }
@@ -1867,7 +1889,7 @@ impl Core {
     fn host_view(&self, mut h: HostInfo) -> HostInfo {
         h.token_sha256.clear();
         h.last_seen = h.last_seen.max(h.registered_at);
-        h.live = now().saturating_sub(h.last_seen) <= self.cfg.host_timeout_secs;
+        h.live = self.live_at(h.last_seen, now());
         h
     }
 

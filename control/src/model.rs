@@ -382,6 +382,10 @@ pub struct Vm {
     /// Filled in from the host's reports when returned by the API.
     #[serde(default)]
     pub status: Option<VmStatus>,
+    /// Whether the VM's host is live (see `HostInfo::live`). When it is not, `status` is the
+    /// last the host reported and may no longer hold. Computed when read.
+    #[serde(default)]
+    pub host_live: bool,
 }
 
 /// What a host reports about a VM.

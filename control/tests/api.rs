@@ -1317,6 +1317,11 @@ async fn silent_hosts_get_no_new_placements(api: Api) {
     silence(&api, &hosts().await["quiet"]).await;
     let shown = hosts().await;
     assert!(!shown["quiet"].live, "{:?}", shown["quiet"]);
+    let a: Vm = ok(&cc, Method::GET, &format!("/v1/clouds/{id}/vms/a"), None).await;
+    assert!(
+        !a.host_live,
+        "a VM shows that its host's reports may be stale"
+    );
     let (status, v) = raw(
         &cc,
         Method::POST,
@@ -1347,6 +1352,9 @@ async fn silent_hosts_get_no_new_placements(api: Api) {
     )
     .await;
     assert_eq!(vm.host, "quiet");
+    assert!(vm.host_live);
+    let listed: Vec<Vm> = ok(&cc, Method::GET, &format!("/v1/clouds/{id}/vms"), None).await;
+    assert!(listed.iter().all(|v| v.host_live), "{listed:?}");
 }
 
 /// Rewrites a host's record as last seen an hour ago (what a host that stopped syncing has),
