@@ -186,6 +186,41 @@ fn counter(
     ep.counters.traffic[dir as usize][class as usize]
 }
 
+/// What `from` sent and `to` received in `class`, once the traffic between them has stopped:
+/// the two counters are read from one snapshot, which itself reads endpoints one after the
+/// other, so a frame still in flight (a TCP teardown after `nc` exits, slow under TCG) could
+/// land between the two reads. No event says a guest's stack is done sending, so this polls
+/// for two equal snapshots 200 ms apart, bounded.
+fn paired(
+    exporter: &Exporter,
+    from: &str,
+    to: &str,
+    class: TrafficClass,
+) -> (TrafficCounter, TrafficCounter) {
+    let read = || {
+        let snap = exporter.snapshot().unwrap();
+        let of = |device: &str, dir: Direction| {
+            snap.endpoints
+                .iter()
+                .find(|e| e.name.as_deref() == Some(device))
+                .unwrap_or_else(|| panic!("no endpoint {device}"))
+                .counters
+                .traffic[dir as usize][class as usize]
+        };
+        (of(from, Direction::FromGuest), of(to, Direction::ToGuest))
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut last = read();
+    loop {
+        std::thread::sleep(Duration::from_millis(200));
+        let now = read();
+        if now == last || Instant::now() >= deadline {
+            return now;
+        }
+        last = now;
+    }
+}
+
 /// Fields of `/proc/<pid>/status`.
 fn proc_status(pid: u32, key: &str) -> String {
     let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
@@ -196,9 +231,58 @@ fn proc_status(pid: u32, key: &str) -> String {
         .to_string()
 }
 
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}
+
 fn vmm_pid(run_dir: &Path, cloud: CloudId, vm: &str) -> u32 {
     let dir = shell_path(run_dir, cloud, vm);
-    let pid = std::fs::read_to_string(dir.with_file_name("vmm.pid")).unwrap();
+    let pid = std::fs::read_to_string(dir.with_file_name("vmm.pid")).unwrap_or_else(|e| {
+        let listing: Vec<String> = std::fs::read_dir(run_dir)
+            .unwrap()
+            .flatten()
+            .map(|e| {
+                let files: Vec<String> = std::fs::read_dir(e.path())
+                    .map(|d| {
+                        d.flatten()
+                            .map(|f| f.file_name().to_string_lossy().into_owned())
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                let id = std::fs::read_to_string(e.path().join("identity")).unwrap_or_default();
+                format!("{}: {:?} {files:?}", e.path().display(), id.trim())
+            })
+            .collect();
+        let mut logs = String::new();
+        let state = run_dir.parent().unwrap().join("state");
+        for d in walk(&state) {
+            if d.to_string_lossy().contains(vm) {
+                let text = std::fs::read_to_string(&d).unwrap_or_default();
+                let tail: String = text
+                    .chars()
+                    .rev()
+                    .take(1500)
+                    .collect::<Vec<_>>()
+                    .into_iter()
+                    .rev()
+                    .collect();
+                logs.push_str(&format!("\n--- {}:\n{tail}", d.display()));
+            }
+        }
+        panic!(
+            "no vmm.pid for {cloud}/{vm} beside {}: {e}; run dir: {listing:#?}{logs}",
+            dir.display()
+        )
+    });
     pid.split_whitespace().next().unwrap().parse().unwrap()
 }
 
@@ -406,10 +490,7 @@ async fn microvms_boot_resolve_isolate_expose_persist_and_meter() {
         .await
         .unwrap();
     let exp = TrafficClass::Exposure;
-    let before = (
-        counter(&exporter, &a1_dev, Direction::FromGuest, exp),
-        counter(&exporter, &b1_dev, Direction::ToGuest, exp),
-    );
+    let before = paired(&exporter, &a1_dev, &b1_dev, exp);
     // The grant reaches the host through the next sync; the first try may race it.
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
@@ -426,10 +507,7 @@ async fn microvms_boot_resolve_isolate_expose_persist_and_meter() {
     let out = sa1.ok(&format!("nc -w 3 {name} 80 </dev/null"));
     assert!(out.contains("hello-from-b1"), "by name {name}: {out}");
     // The provider's side metered what the consumer's sent, frame for frame.
-    let after = (
-        counter(&exporter, &a1_dev, Direction::FromGuest, exp),
-        counter(&exporter, &b1_dev, Direction::ToGuest, exp),
-    );
+    let after = paired(&exporter, &a1_dev, &b1_dev, exp);
     let sent = after.0.packets - before.0.packets;
     assert!(sent >= 6, "two TCP connections at least: {sent}");
     assert_eq!(
@@ -543,7 +621,9 @@ async fn microvms_boot_resolve_isolate_expose_persist_and_meter() {
     let b1_restarted = vmm_pid(&run_dir, bid, "b1");
     assert_ne!(b1_restarted, pid);
 
-    // Deleting the clouds stops their VMMs.
+    // Deleting the clouds stops their VMMs (and their supervisors remove the pid files, so
+    // they are read before).
+    let a1_restarted = vmm_pid(&run_dir, aid, "a1");
     for (c, id) in [(&ac, aid), (&bc, bid)] {
         let _: Value = c
             .call(Method::DELETE, &format!("/v1/clouds/{id}"), None::<&Value>)
@@ -551,7 +631,6 @@ async fn microvms_boot_resolve_isolate_expose_persist_and_meter() {
             .unwrap();
     }
     let deadline = Instant::now() + Duration::from_secs(30);
-    let a1_restarted = vmm_pid(&run_dir, aid, "a1");
     for &pid in [a1_restarted, pids[1], b1_restarted].iter() {
         while std::fs::read_to_string(format!("/proc/{pid}/status"))
             .is_ok_and(|s| !s.contains("State:\tZ"))
