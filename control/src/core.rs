@@ -579,9 +579,17 @@ impl Core {
                 match stream.next().await {
                     Ok(batch) => {
                         let mut st = f.state.lock().expect("feed lock");
+                        let mut kept = false;
                         for ev in batch.events {
                             let deleted = matches!(ev.kind, EventKind::Delete);
                             st.apply(&ev.kv.key, &ev.kv.value, deleted);
+                            // Host records (registrations, heartbeats) matter to scheduling
+                            // only, never to a host's sync: they neither fill the ring nor
+                            // wake the long polls.
+                            if ev.kv.key.starts_with(keys::hosts()) {
+                                continue;
+                            }
+                            kept = true;
                             let keep_value = !deleted && ev.kv.key.starts_with("h/");
                             st.ring.push_back(FeedEvent {
                                 revision: batch.revision,
@@ -596,7 +604,9 @@ impl Core {
                             }
                         }
                         drop(st);
-                        f.latest.send_replace(batch.revision);
+                        if kept {
+                            f.latest.send_replace(batch.revision);
+                        }
                     }
                     Err(e) => {
                         eprintln!(
