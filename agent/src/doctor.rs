@@ -15,6 +15,9 @@
 //!   otherwise, with QEMU and the image installed, the probe boot runs here (a few seconds) and
 //!   its verdict is recorded there for the agent; without them only whether `/dev/kvm` opens
 //!   is reported.
+//! - **Control link** (`control.mode = "remote"`): the token file must exist and hold this
+//!   host's token, and a real sync with it must succeed (a sync is also the host's heartbeat,
+//!   the one write the doctor causes). The operator token, or a file others can read, warns.
 //! - **Read-only on the dataplane.** Capacity and pin checks open pinned maps by path and never
 //!   create, migrate or upgrade anything.
 
@@ -34,7 +37,9 @@ use crate::{
     testbed::unique_name,
     vm::qemu::{self, QemuInstall},
 };
+use atoll_control::client::{Client, ClientError};
 use atoll_dataplane_common::LAYOUT_VERSION;
+use hyper::{Method, StatusCode};
 
 /// Outcome of one check.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -167,7 +172,109 @@ pub async fn run(cfg: &AgentConfig) -> Report {
     checks.push(vmm(cfg));
     checks.push(image(cfg));
     checks.extend(capacity(&cfg.dataplane));
+    checks.push(control(cfg).await);
     Report { checks }
+}
+
+/// The control plane link: for `remote`, the token file (present, private, a token for this
+/// host) and a real sync with it.
+pub async fn control(cfg: &AgentConfig) -> Check {
+    const NAME: &str = "control";
+    let c = &cfg.control;
+    match c.mode.as_str() {
+        "remote" => {}
+        "off" => return Check::skip(NAME, "control.mode = \"off\""),
+        _ => {
+            return Check::ok(
+                NAME,
+                format!("embedded control plane (API at {})", c.embedded.listen),
+            )
+        }
+    }
+    let host = c.host_name();
+    let path = &c.token_file;
+    let issue = format!(
+        "on the control plane: atoll host token {host} | jq -r .token > {} (mode 0600)",
+        path.display()
+    );
+    let token = match std::fs::read_to_string(path) {
+        Ok(t) => t.trim().to_string(),
+        Err(e) => {
+            return Check::fail(
+                NAME,
+                format!("control.token_file {}: {e}", path.display()),
+                issue,
+            )
+        }
+    };
+    if let Some(rest) = token.strip_prefix("atl_host_") {
+        let owner = rest.split_once('_').map_or("", |(n, _)| n);
+        if owner != host {
+            return Check::fail(
+                NAME,
+                format!(
+                    "{} holds the token of host {owner:?}, not of {host:?}",
+                    path.display()
+                ),
+                issue,
+            );
+        }
+    }
+    let client = match Client::new(&c.url, &token) {
+        Ok(cl) => cl.with_timeout(Duration::from_secs(5)),
+        Err(e) => return Check::fail(NAME, e.to_string(), "set control.url to http://host:port"),
+    };
+    let sync = format!("/v1/hosts/{host}/sync?wait_ms=0");
+    match client
+        .call::<(), serde_json::Value>(Method::GET, &sync, None)
+        .await
+    {
+        Ok(_) => {}
+        Err(ClientError::Api { status, body }) => {
+            return Check::fail(
+                NAME,
+                format!(
+                    "{} refused this host's token: {status} {}",
+                    c.url, body.error.message
+                ),
+                if status == StatusCode::UNAUTHORIZED {
+                    format!("the token was replaced or never issued; {issue}")
+                } else {
+                    issue
+                },
+            )
+        }
+        Err(e) => {
+            return Check::fail(
+                NAME,
+                format!("cannot sync with {}: {e}", c.url),
+                "check control.url and that atoll-control runs and is reachable from here",
+            )
+        }
+    }
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(path).map_or(0, |m| m.permissions().mode() & 0o777);
+    if mode & 0o077 != 0 {
+        return Check::warn(
+            NAME,
+            format!("{} is readable by others (mode {mode:o})", path.display()),
+            format!("chmod 600 {}", path.display()),
+        );
+    }
+    if token.starts_with("atl_op_") {
+        return Check::warn(
+            NAME,
+            format!(
+                "{} holds the operator token: this host can act on every cloud",
+                path.display()
+            ),
+            format!("give it its own token: {issue}"),
+        );
+    }
+    Check::ok(
+        NAME,
+        format!("host {host} syncs with {} using its own token", c.url),
+    )
 }
 
 fn kernel() -> Check {

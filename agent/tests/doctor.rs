@@ -262,3 +262,111 @@ fn run_outside_bpffs_is_a_clear_error() {
     );
     assert!(!root.exists(), "nothing was created outside bpffs");
 }
+
+/// The doctor's control check for a remote agent, against a real control plane on loopback:
+/// its own token passes; another host's, a replaced one, a missing file and an unreachable
+/// control plane fail with a fix; the operator token and a world-readable file warn.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn doctor_checks_the_remote_control_link() {
+    use atoll_agent::{
+        config::AgentConfig,
+        doctor::{control, Status},
+    };
+    use atoll_control::{
+        config::{ControlConfig, StoreConfig},
+        core::{Command as Cmd, Principal, Reply},
+    };
+    use std::os::unix::fs::PermissionsExt;
+
+    let dir = tempfile::tempdir().unwrap();
+    let ccfg = ControlConfig {
+        operator_token_file: dir.path().join("operator.token"),
+        store: StoreConfig {
+            path: dir.path().join("control.db"),
+            ..StoreConfig::default()
+        },
+        ..ControlConfig::default()
+    };
+    let core = ccfg.start().await.unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(atoll_control::api::serve(
+        core.clone(),
+        listener,
+        std::future::pending(),
+    ));
+    let issue = |host: &str| {
+        let core = core.clone();
+        let host = host.to_string();
+        async move {
+            match core
+                .execute(Principal::Operator, Cmd::IssueHostToken(host))
+                .await
+                .unwrap()
+            {
+                Reply::HostToken(t) => t.token,
+                _ => panic!("no token"),
+            }
+        }
+    };
+    let token_file = dir.path().join("host.token");
+    let mut cfg = AgentConfig::default();
+    cfg.control.mode = "remote".into();
+    cfg.control.url = url.clone();
+    cfg.control.host = Some("dh1".into());
+    cfg.control.token_file = token_file.clone();
+    let put = |text: &str, mode: u32| {
+        std::fs::write(&token_file, text).unwrap();
+        std::fs::set_permissions(&token_file, std::fs::Permissions::from_mode(mode)).unwrap();
+    };
+
+    let missing = control(&cfg).await;
+    assert_eq!(missing.status, Status::Fail, "{missing}");
+    assert!(
+        missing.to_string().contains("atoll host token dh1"),
+        "{missing}"
+    );
+
+    let first = issue("dh1").await;
+    put(&first, 0o600);
+    let good = control(&cfg).await;
+    assert_eq!(good.status, Status::Ok, "{good}");
+
+    put(&first, 0o644);
+    let readable = control(&cfg).await;
+    assert_eq!(readable.status, Status::Warn, "{readable}");
+    assert!(readable.to_string().contains("chmod 600"), "{readable}");
+
+    let other = issue("dh2").await;
+    put(&other, 0o600);
+    let wrong = control(&cfg).await;
+    assert_eq!(wrong.status, Status::Fail, "{wrong}");
+    assert!(wrong.to_string().contains("\"dh2\""), "{wrong}");
+
+    let _rotated = issue("dh1").await;
+    put(&first, 0o600);
+    let replaced = control(&cfg).await;
+    assert_eq!(replaced.status, Status::Fail, "{replaced}");
+    assert!(replaced.to_string().contains("replaced"), "{replaced}");
+
+    put(&ccfg.operator_token().unwrap(), 0o600);
+    let operator = control(&cfg).await;
+    assert_eq!(operator.status, Status::Warn, "{operator}");
+    assert!(
+        operator.to_string().contains("operator token"),
+        "{operator}"
+    );
+
+    // A port nothing listens on any more.
+    let closed = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    };
+    cfg.control.url = format!("http://{closed}");
+    let unreachable = control(&cfg).await;
+    assert_eq!(unreachable.status, Status::Fail, "{unreachable}");
+    assert!(
+        unreachable.to_string().contains("cannot sync"),
+        "{unreachable}"
+    );
+}
