@@ -86,7 +86,66 @@ pub enum Source {
     /// The control plane in this process.
     Local(Arc<Core>),
     /// A control plane elsewhere, through its API with the host's token (or the operator's).
-    Remote(Client),
+    Remote(Remote),
+}
+
+/// The API client of a remote source, and the file its token came from: a request refused
+/// as unauthenticated re-reads the file and, if the token in it changed (the operator rotated
+/// it), retries once with the new one, so a rotation needs no agent restart.
+#[derive(Clone)]
+pub struct Remote {
+    client: Arc<std::sync::Mutex<Client>>,
+    token_file: Option<std::path::PathBuf>,
+}
+
+impl Remote {
+    pub fn new(client: Client, token_file: Option<std::path::PathBuf>) -> Self {
+        Remote {
+            client: Arc::new(std::sync::Mutex::new(client)),
+            token_file,
+        }
+    }
+
+    fn client(&self) -> Client {
+        self.client.lock().expect("client lock").clone()
+    }
+
+    /// Runs `f` with the client, again with a re-read token if the first was refused.
+    async fn with_client<T, F, Fut>(&self, f: F) -> Result<T, ClientError>
+    where
+        F: Fn(Client) -> Fut,
+        Fut: std::future::Future<Output = Result<T, ClientError>>,
+    {
+        let client = self.client();
+        match f(client.clone()).await {
+            Err(ClientError::Api { status, .. })
+                if status == hyper::StatusCode::UNAUTHORIZED && self.reload(&client) =>
+            {
+                f(self.client()).await
+            }
+            r => r,
+        }
+    }
+
+    /// Re-reads the token file; whether it held a token other than `used`'s.
+    fn reload(&self, used: &Client) -> bool {
+        let Some(path) = &self.token_file else {
+            return false;
+        };
+        let Ok(token) = std::fs::read_to_string(path) else {
+            return false;
+        };
+        if token.trim() == used.token() {
+            return false;
+        }
+        let fresh = used.with_token(&token);
+        eprintln!(
+            "atoll-agent: the control plane refused the token; using the new one in {}",
+            path.display()
+        );
+        *self.client.lock().expect("client lock") = fresh;
+        true
+    }
 }
 
 impl Source {
@@ -102,11 +161,19 @@ impl Source {
                 .await
                 .map(drop)
                 .map_err(|e| err(Box::new(e))),
-            Source::Remote(c) => c
-                .call::<(), serde_json::Value>(Method::PUT, &format!("/v1/hosts/{host}"), None)
+            Source::Remote(r) => {
+                let path = format!("/v1/hosts/{host}");
+                r.with_client(|c| {
+                    let path = path.clone();
+                    async move {
+                        c.call::<(), serde_json::Value>(Method::PUT, &path, None)
+                            .await
+                    }
+                })
                 .await
                 .map(drop)
-                .map_err(|e| err(Box::new(e))),
+                .map_err(|e| err(Box::new(e)))
+            }
         }
     }
 
@@ -122,18 +189,21 @@ impl Source {
                 .sync(Principal::Operator, host, after, wait)
                 .await
                 .map_err(ConvergeError::SyncLocal),
-            Source::Remote(c) => c
-                .call_waiting::<(), SyncDelta>(
-                    Method::GET,
-                    &format!(
-                        "/v1/hosts/{host}/sync?after={after}&wait_ms={}",
-                        wait.as_millis()
-                    ),
-                    None,
-                    wait,
-                )
+            Source::Remote(r) => {
+                let path = format!(
+                    "/v1/hosts/{host}/sync?after={after}&wait_ms={}",
+                    wait.as_millis()
+                );
+                r.with_client(|c| {
+                    let path = path.clone();
+                    async move {
+                        c.call_waiting::<(), SyncDelta>(Method::GET, &path, None, wait)
+                            .await
+                    }
+                })
                 .await
-                .map_err(ConvergeError::SyncRemote),
+                .map_err(ConvergeError::SyncRemote)
+            }
         }
     }
 
@@ -147,15 +217,20 @@ impl Source {
                 .await
                 .map(drop)
                 .map_err(|e| ConvergeError::Report(Box::new(e))),
-            Source::Remote(c) => c
-                .call::<_, serde_json::Value>(
-                    Method::POST,
-                    &format!("/v1/hosts/{host}/status"),
-                    Some(&report),
-                )
+            Source::Remote(r) => {
+                let path = format!("/v1/hosts/{host}/status");
+                let report = &report;
+                r.with_client(|c| {
+                    let path = path.clone();
+                    async move {
+                        c.call::<_, serde_json::Value>(Method::POST, &path, Some(report))
+                            .await
+                    }
+                })
                 .await
                 .map(drop)
-                .map_err(|e| ConvergeError::Report(Box::new(e))),
+                .map_err(|e| ConvergeError::Report(Box::new(e)))
+            }
         }
     }
 }

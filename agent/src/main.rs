@@ -5,7 +5,7 @@ use std::{net::Ipv4Addr, path::PathBuf};
 use anyhow::{Context, Result};
 use std::sync::Arc;
 
-use atoll_agent::converge::{ConvergeConfig, ConvergeError, Converger, DnsSink, Source};
+use atoll_agent::converge::{ConvergeConfig, ConvergeError, Converger, DnsSink, Remote, Source};
 use atoll_agent::dns::{DnsPlane, DnsServer, DnsView, ForwardPolicy};
 use atoll_agent::usage::{deliver_pending, FileSink, HttpSink, Recorder, Sink};
 use atoll_agent::{
@@ -316,7 +316,10 @@ async fn start_control(
             let token = std::fs::read_to_string(&c.token_file).with_context(|| {
                 format!("reading control.token_file {}", c.token_file.display())
             })?;
-            Source::Remote(Client::new(&c.url, &token)?)
+            Source::Remote(Remote::new(
+                Client::new(&c.url, &token)?,
+                Some(c.token_file.clone()),
+            ))
         }
         _ => {
             let core = c.embedded.start().await?;

@@ -9,7 +9,7 @@ use std::{net::Ipv4Addr, path::Path, sync::Arc, time::Duration};
 mod support;
 
 use atoll_agent::{
-    converge::{ConvergeConfig, Converger, Source},
+    converge::{ConvergeConfig, Converger, Remote, Source},
     endpoint::{Host, ServiceSpec, PROTOCOL_TCP},
     testbed::{
         frame::{self, Udp},
@@ -347,7 +347,12 @@ async fn remote_agent_converges_over_http() {
     let Reply::HostToken(issued) = exec(&core, Cmd::IssueHostToken("remote1".into())).await else {
         panic!()
     };
-    let source = Source::Remote(Client::new(&url, &issued.token).unwrap());
+    let token_file = dir.path().join("host.token");
+    std::fs::write(&token_file, &issued.token).unwrap();
+    let source = Source::Remote(Remote::new(
+        Client::new(&url, &issued.token).unwrap(),
+        Some(token_file.clone()),
+    ));
     source.register("remote1").await.unwrap();
     let mut host = Host::open(&cfg(&pins, 16, 0)).unwrap();
     let mut conv = Converger::new(
@@ -389,6 +394,19 @@ async fn remote_agent_converges_over_http() {
         VmState::NetworkReady,
         "reported over HTTP"
     );
+    // The operator rotates the host's token and writes the new one to the agent's file: the
+    // next sync is refused with the old one, and the agent carries on with the new one.
+    let Reply::HostToken(rotated) = exec(&core, Cmd::IssueHostToken("remote1".into())).await else {
+        panic!()
+    };
+    std::fs::write(&token_file, &rotated.token).unwrap();
+    exec(&core, Cmd::CreateVm(c.cloud.id, vm("r2"))).await;
+    let mut delta = conv.next_delta(Duration::from_secs(20)).await.unwrap();
+    while delta.vms.is_empty() {
+        conv.apply(&mut host, delta).await.unwrap();
+        delta = conv.next_delta(Duration::from_secs(20)).await.unwrap();
+    }
+    assert_eq!(conv.apply(&mut host, delta).await.unwrap().created, 1);
     host.destroy().await.unwrap();
 }
 

@@ -59,6 +59,19 @@ impl Client {
         })
     }
 
+    /// The bearer token this client sends.
+    pub fn token(&self) -> &str {
+        &self.token
+    }
+
+    /// The same client with another token.
+    pub fn with_token(&self, token: &str) -> Self {
+        Client {
+            token: token.trim().to_string(),
+            ..self.clone()
+        }
+    }
+
     /// Sets the timeout of one request (long polls add their own wait to it).
     pub fn with_timeout(mut self, timeout: Duration) -> Self {
         self.timeout = timeout;
