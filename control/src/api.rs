@@ -471,6 +471,12 @@ handler!(register_host, Access::Host, false, |p| {
 handler!(issue_host_token, Access::Operator, true, |p| {
     Command::IssueHostToken(name_param(&p, "host")?)
 });
+handler!(cordon_host, Access::Operator, false, |p| {
+    Command::CordonHost(name_param(&p, "host")?, true)
+});
+handler!(uncordon_host, Access::Operator, false, |p| {
+    Command::CordonHost(name_param(&p, "host")?, false)
+});
 handler!(report_status, Access::Host, false, |p, b| {
     Command::ReportStatus(name_param(&p, "host")?, parse_body(&b)?)
 });
@@ -847,6 +853,22 @@ pub const ROUTES: &[RouteDoc] = &[
         Some("HostToken")
     ),
     r!(
+        "post",
+        "/v1/hosts/{host}/cordon",
+        "Place no new VMs or volumes on the host (operator); what runs there stays",
+        None,
+        200,
+        Some("HostInfo")
+    ),
+    r!(
+        "post",
+        "/v1/hosts/{host}/uncordon",
+        "Place on the host again (operator)",
+        None,
+        200,
+        Some("HostInfo")
+    ),
+    r!(
         "get",
         "/v1/hosts/{host}/sync",
         "Long-poll a host's desired-state changes after `after` (up to `wait_ms`; operator, or the host's own token)",
@@ -935,6 +957,8 @@ pub fn router(core: Arc<Core>) -> Router {
         .route("/v1/hosts/{host}/sync", get(sync))
         .route("/v1/hosts/{host}/status", post(report_status))
         .route("/v1/hosts/{host}/token", post(issue_host_token))
+        .route("/v1/hosts/{host}/cordon", post(cordon_host))
+        .route("/v1/hosts/{host}/uncordon", post(uncordon_host))
         .fallback(not_found)
         .method_not_allowed_fallback(|m: Method| async move {
             ApiError::new(

@@ -116,7 +116,7 @@ pub enum CoreError {
         wanted: u64,
         limit: u64,
     },
-    #[error("no live host to place this on (registered hosts have not synced within hosts.timeout_secs)")]
+    #[error("no live host to place this on (registered hosts are cordoned or have not synced within hosts.timeout_secs)")]
     NoHost,
     #[error("too much contention on {0}; retry")]
     Contention(String),
@@ -214,6 +214,8 @@ pub enum Command {
     DeleteImport(CloudId, CloudId, String),
     RegisterHost(String),
     IssueHostToken(String),
+    /// Cordons (`true`) or uncordons a host.
+    CordonHost(String, bool),
     ListHosts,
     ReportStatus(String, StatusReport),
 }
@@ -349,6 +351,8 @@ struct FeedState {
     placements: HashMap<String, HashMap<CloudId, HashSet<String>>>,
     /// Registered hosts and when each was last heard from (their records' `last_seen`).
     hosts: BTreeMap<String, u64>,
+    /// Hosts the operator cordoned.
+    cordoned: HashSet<String>,
 }
 
 /// The store watch that feeds host syncs (see the module docs).
@@ -411,12 +415,19 @@ impl FeedState {
         } else if let Some(h) = key.strip_prefix("hosts/") {
             if deleted {
                 self.hosts.remove(h);
+                self.cordoned.remove(h);
             } else {
                 // The record is the truth (heartbeats are written to it).
-                let seen = serde_json::from_slice::<HostInfo>(value)
-                    .map(|i| i.last_seen.max(i.registered_at))
-                    .unwrap_or(0);
+                let info = serde_json::from_slice::<HostInfo>(value).ok();
+                let seen = info
+                    .as_ref()
+                    .map_or(0, |i| i.last_seen.max(i.registered_at));
                 self.hosts.insert(h.to_string(), seen);
+                if info.is_some_and(|i| i.cordoned) {
+                    self.cordoned.insert(h.to_string());
+                } else {
+                    self.cordoned.remove(h);
+                }
             }
         }
     }
@@ -689,7 +700,7 @@ impl Core {
                 }
             }
             RegisterHost(h) | ReportStatus(h, _) => return authorize_host(p, h),
-            IssueHostToken(_) | ListHosts => return operator_only("manage hosts"),
+            IssueHostToken(_) | CordonHost(..) | ListHosts => return operator_only("manage hosts"),
             GetCloud(c)
             | DeleteCloud(c)
             | CreateVm(c, _)
@@ -772,6 +783,7 @@ impl Core {
             DeleteImport(c, provider, exp) => self.revoke_grant(provider, &exp, c).await,
             RegisterHost(name) => self.register_host(name).await,
             IssueHostToken(name) => self.issue_host_token(name).await,
+            CordonHost(name, cordoned) => self.cordon_host(name, cordoned).await,
             ListHosts => {
                 let hosts = self.list::<HostInfo>(keys::hosts()).await?;
                 Ok(Reply::Hosts(
@@ -1049,7 +1061,7 @@ impl Core {
         let now = now();
         st.hosts
             .iter()
-            .filter(|(_, seen)| self.live_at(**seen, now))
+            .filter(|(h, seen)| self.live_at(**seen, now) && !st.cordoned.contains(*h))
             .map(|(h, _)| h)
             .min_by_key(|h| st.load(h))
             .cloned()
@@ -1872,6 +1884,7 @@ impl Core {
                     token_sha256: String::new(),
                     last_seen: now(),
                     live: false,
+                    cordoned: false,
                 };
                 self.store
                     .txn(Txn {
@@ -1893,6 +1906,34 @@ impl Core {
         // A registration is a sign of life, too.
         self.heartbeat(&name).await?;
         Ok(Reply::Host(self.host_view(info)))
+    }
+
+    /// Sets whether `name` takes new placements (it must be registered).
+    async fn cordon_host(&self, name: String, cordoned: bool) -> Result<Reply, CoreError> {
+        validate_label("host", &name)?;
+        for _ in 0..MAX_RETRIES {
+            let (rev, mut info): (u64, HostInfo) = self
+                .read(&keys::host(&name), || format!("host {name}"))
+                .await?;
+            info.cordoned = cordoned;
+            info.live = false;
+            let txn = Txn {
+                compares: vec![Compare::ModRevision(keys::host(&name), rev)],
+                success: vec![put(keys::host(&name), &info)],
+            };
+            if self.commit(txn).await?.is_some() {
+                // Scheduling reads the feed; make the change visible to it at once.
+                let mut st = self.feed.state.lock().expect("feed lock");
+                if cordoned {
+                    st.cordoned.insert(name.clone());
+                } else {
+                    st.cordoned.remove(&name);
+                }
+                drop(st);
+                return Ok(Reply::Host(self.host_view(info)));
+            }
+        }
+        Err(CoreError::Contention(format!("host {name}")))
     }
 
     /// A host record as the API shows it: no token hash, liveness computed.
@@ -1967,6 +2008,7 @@ impl Core {
                         token_sha256: String::new(),
                         last_seen: now(),
                         live: false,
+                        cordoned: false,
                     },
                 ),
             };

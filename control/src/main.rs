@@ -308,6 +308,10 @@ enum HostCmd {
     /// Issue a host's token, registering the host (operator). It replaces any earlier token
     /// and is printed once: put it in that agent's `control.token_file`.
     Token { name: String },
+    /// Place no new VMs or volumes on a host (operator); what runs there stays.
+    Cordon { name: String },
+    /// Place on a host again (operator).
+    Uncordon { name: String },
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -680,6 +684,8 @@ async fn resource(c: &Client, cmd: Cmd) -> Result<Output> {
         }) => del(format!("/v1/clouds/{cloud}/imports/{provider}/{exposure}")).await?,
         Cmd::Host(HostCmd::List) => get("/v1/hosts".into()).await?,
         Cmd::Host(HostCmd::Token { name }) => post(format!("/v1/hosts/{name}/token")).await?,
+        Cmd::Host(HostCmd::Cordon { name }) => post(format!("/v1/hosts/{name}/cordon")).await?,
+        Cmd::Host(HostCmd::Uncordon { name }) => post(format!("/v1/hosts/{name}/uncordon")).await?,
         Cmd::Serve { .. } | Cmd::Openapi | Cmd::Completions { .. } | Cmd::Usage { .. } => {
             unreachable!("handled before connecting")
         }

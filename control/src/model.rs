@@ -676,6 +676,10 @@ pub struct HostInfo {
     /// hosts. Computed when read (what a record in the store says is ignored).
     #[serde(default)]
     pub live: bool,
+    /// Set by the operator (`cordon`): no new VMs or volumes are placed on the host; what runs
+    /// there stays. `uncordon` clears it.
+    #[serde(default)]
+    pub cordoned: bool,
 }
 
 /// `POST /v1/hosts/{host}/token` response: the host and its new token, shown only this once.

@@ -50,6 +50,7 @@ api_suite!(
     grants_racing_cloud_deletes_leave_nothing_behind,
     host_tokens_reach_only_their_host,
     silent_hosts_get_no_new_placements,
+    cordoned_hosts_get_no_new_placements,
 );
 
 /// The store the control plane under test is configured with.
@@ -1355,6 +1356,85 @@ async fn silent_hosts_get_no_new_placements(api: Api) {
     assert!(vm.host_live);
     let listed: Vec<Vm> = ok(&cc, Method::GET, &format!("/v1/clouds/{id}/vms"), None).await;
     assert!(listed.iter().all(|v| v.host_live), "{listed:?}");
+}
+
+/// A cordoned host gets no new VM or volume (with no other host, a create is a 503
+/// `no_host`), keeps its cordon through its heartbeats, and takes placements again once
+/// uncordoned. Only the operator cordons.
+async fn cordoned_hosts_get_no_new_placements(api: Api) {
+    let (c, cc) = api.cloud(json!({"name": "cordon"})).await;
+    let id = c.cloud.id;
+    let _: HostInfo = ok(&api.op, Method::PUT, "/v1/hosts/busy", None).await;
+    let others: Vec<HostInfo> = ok(&api.op, Method::GET, "/v1/hosts", None).await;
+    for h in others.iter().filter(|h| h.name != "busy") {
+        silence(&api, h).await;
+    }
+    let vm: Vm = ok(
+        &cc,
+        Method::POST,
+        &format!("/v1/clouds/{id}/vms"),
+        Some(json!({"name": "a"})),
+    )
+    .await;
+    assert_eq!(vm.host, "busy");
+    let (status, v) = raw(&cc, Method::POST, "/v1/hosts/busy/cordon", None).await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{v}");
+    let h: HostInfo = ok(&api.op, Method::POST, "/v1/hosts/busy/cordon", None).await;
+    assert!(h.cordoned && h.live, "{h:?}");
+    let (status, v) = raw(
+        &cc,
+        Method::POST,
+        &format!("/v1/clouds/{id}/vms"),
+        Some(&json!({"name": "b"})),
+    )
+    .await;
+    assert_eq!(
+        (status, v["error"]["code"].as_str()),
+        (StatusCode::SERVICE_UNAVAILABLE, Some("no_host")),
+        "{v}"
+    );
+    let (status, v) = raw(
+        &cc,
+        Method::POST,
+        &format!("/v1/clouds/{id}/volumes"),
+        Some(&json!({"name": "d", "size_gib": 1})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{v}");
+    // A heartbeat rewrites the record: the cordon stays.
+    let stale: Vec<HostInfo> = ok(&api.op, Method::GET, "/v1/hosts", None).await;
+    silence(&api, stale.iter().find(|h| h.name == "busy").unwrap()).await;
+    let _: SyncDelta = ok(&api.op, Method::GET, "/v1/hosts/busy/sync?wait_ms=0", None).await;
+    wait_for_host(&api, "busy", true).await;
+    let (status, _) = raw(
+        &cc,
+        Method::POST,
+        &format!("/v1/clouds/{id}/vms"),
+        Some(&json!({"name": "b"})),
+    )
+    .await;
+    assert_eq!(
+        status,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "still cordoned after a heartbeat"
+    );
+    let listed: Vec<HostInfo> = ok(&api.op, Method::GET, "/v1/hosts", None).await;
+    assert!(
+        listed.iter().any(|h| h.name == "busy" && h.cordoned),
+        "{listed:?}"
+    );
+    let h: HostInfo = ok(&api.op, Method::POST, "/v1/hosts/busy/uncordon", None).await;
+    assert!(!h.cordoned);
+    let vm: Vm = ok(
+        &cc,
+        Method::POST,
+        &format!("/v1/clouds/{id}/vms"),
+        Some(json!({"name": "b"})),
+    )
+    .await;
+    assert_eq!(vm.host, "busy");
+    let (status, v) = raw(&api.op, Method::POST, "/v1/hosts/nosuch/cordon", None).await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "{v}");
 }
 
 /// Rewrites a host's record as last seen an hour ago (what a host that stopped syncing has),
