@@ -18,8 +18,9 @@
 //! - **Host liveness**: a host's syncs are its heartbeat (its record's `last_seen`, rewritten at
 //!   most every [`HEARTBEAT_SECS`]); only hosts heard from within `hosts.timeout_secs` are
 //!   placed on. Placed VMs never move by themselves (docs/design.md, Host liveness).
-//! - **Placement**: a VM goes to the live host with the fewest VMs, or to the host of its
-//!   volumes. Its placement record (`h/<host>/vms/<cloud>/<vm>`) is what the host applies.
+//! - **Placement**: a VM goes to the host of its volumes, else to the live host already holding
+//!   most of its cloud (traffic between hosts is not carried yet, so a cloud stays together),
+//!   else to the live host with the fewest VMs. Its placement record (`h/<host>/vms/<cloud>/<vm>`) is what the host applies.
 //! - **Agents converge by changes**: [`Core::sync`] long-polls for the store events relevant to
 //!   one host (its placements, and the zones of clouds it has VMs of) after a revision and
 //!   returns them as a [`SyncDelta`]; a host that is too far behind, or new, gets the full state.
@@ -1056,16 +1057,42 @@ impl Core {
             })
     }
 
-    fn pick_host(&self) -> Result<String, CoreError> {
+    /// The host for a new VM or volume of cloud `c`: the live, uncordoned host holding most of
+    /// the cloud's placements, so its VMs reach each other (traffic between hosts is not
+    /// carried yet); for a cloud with none there, the live, uncordoned host with the fewest
+    /// placements.
+    fn pick_host(&self, c: CloudId) -> Result<String, CoreError> {
         let st = self.feed.state.lock().expect("feed lock");
         let now = now();
-        st.hosts
+        let usable = |h: &String| {
+            st.hosts.get(h).is_some_and(|seen| self.live_at(*seen, now)) && !st.cordoned.contains(h)
+        };
+        let home = st
+            .placements
             .iter()
-            .filter(|(h, seen)| self.live_at(**seen, now) && !st.cordoned.contains(*h))
-            .map(|(h, _)| h)
+            .filter_map(|(h, clouds)| clouds.get(&c).map(|keys| (h, keys.len())))
+            .filter(|(h, _)| usable(h))
+            .max_by_key(|(h, n)| (*n, std::cmp::Reverse(*h)))
+            .map(|(h, _)| h.clone());
+        if let Some(h) = home {
+            return Ok(h);
+        }
+        st.hosts
+            .keys()
+            .filter(|h| usable(h))
             .min_by_key(|h| st.load(h))
             .cloned()
             .ok_or(CoreError::NoHost)
+    }
+
+    /// Makes a committed placement visible to [`Core::pick_host`] at once, before the store
+    /// watch delivers it, so the next create of the same cloud finds its host.
+    fn placed(&self, key: &str) {
+        self.feed
+            .state
+            .lock()
+            .expect("feed lock")
+            .apply(key, b"", false);
     }
 
     /// Whether a host last heard from at `seen` is live at `now`.
@@ -1171,7 +1198,7 @@ impl Core {
             }
             let host = match host {
                 Some(h) => h,
-                None => self.pick_host()?,
+                None => self.pick_host(c)?,
             };
             let ip = self.allocate_ip(&cloud).await?;
             compares.push(Compare::Absent(keys::ip(c, ip)));
@@ -1212,6 +1239,7 @@ impl Core {
                 .await?
                 .is_some()
             {
+                self.placed(&keys::placement(&host, c, &vm.name));
                 let mut vm = vm;
                 vm.status = Some(pending(vm.created_at));
                 vm.host_live = self.host_live(&vm.host);
@@ -1373,7 +1401,7 @@ impl Core {
             let wanted = cloud.usage.volume_gib + req.size_gib;
             check_quota("volume_gib", wanted, cloud.quotas.volume_gib)?;
             cloud.usage.volume_gib = wanted;
-            let host = self.pick_host()?;
+            let host = self.pick_host(c)?;
             let vol = Volume {
                 cloud: c,
                 name: req.name.clone(),
@@ -1401,6 +1429,7 @@ impl Core {
                 ],
             };
             if self.commit(txn).await?.is_some() {
+                self.placed(&keys::volume_placement(&host, c, &req.name));
                 return Ok(Reply::Volume(vol));
             }
         }

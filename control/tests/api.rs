@@ -51,6 +51,7 @@ api_suite!(
     host_tokens_reach_only_their_host,
     silent_hosts_get_no_new_placements,
     cordoned_hosts_get_no_new_placements,
+    a_cloud_stays_on_one_host,
 );
 
 /// The store the control plane under test is configured with.
@@ -1437,6 +1438,62 @@ async fn cordoned_hosts_get_no_new_placements(api: Api) {
     assert_eq!(status, StatusCode::NOT_FOUND, "{v}");
 }
 
+/// Until traffic between hosts is carried, a cloud's VMs and volumes go where the cloud
+/// already is, and a new cloud goes to the least loaded host.
+async fn a_cloud_stays_on_one_host(api: Api) {
+    for h in ["ha", "hb", "hc"] {
+        let _: HostInfo = ok(&api.op, Method::PUT, &format!("/v1/hosts/{h}"), None).await;
+    }
+    let (x, xc) = api.cloud(json!({"name": "x"})).await;
+    let xid = x.cloud.id;
+    let mut hosts = HashSet::new();
+    for i in 0..6 {
+        let vm: Vm = ok(
+            &xc,
+            Method::POST,
+            &format!("/v1/clouds/{xid}/vms"),
+            Some(json!({"name": format!("v{i}")})),
+        )
+        .await;
+        hosts.insert(vm.host);
+    }
+    let vol: Volume = ok(
+        &xc,
+        Method::POST,
+        &format!("/v1/clouds/{xid}/volumes"),
+        Some(json!({"name": "d", "size_gib": 1})),
+    )
+    .await;
+    hosts.insert(vol.host);
+    assert_eq!(hosts.len(), 1, "cloud x is on one host: {hosts:?}");
+    let home = hosts.into_iter().next().unwrap();
+    let (y, yc) = api.cloud(json!({"name": "y"})).await;
+    let vm: Vm = ok(
+        &yc,
+        Method::POST,
+        &format!("/v1/clouds/{}/vms", y.cloud.id),
+        Some(json!({"name": "w"})),
+    )
+    .await;
+    assert_ne!(vm.host, home, "a new cloud goes to a less loaded host");
+    // Its home cordoned, the cloud grows elsewhere rather than not at all.
+    let _: HostInfo = ok(
+        &api.op,
+        Method::POST,
+        &format!("/v1/hosts/{home}/cordon"),
+        None,
+    )
+    .await;
+    let vm: Vm = ok(
+        &xc,
+        Method::POST,
+        &format!("/v1/clouds/{xid}/vms"),
+        Some(json!({"name": "later"})),
+    )
+    .await;
+    assert_ne!(vm.host, home);
+}
+
 /// Rewrites a host's record as last seen an hour ago (what a host that stopped syncing has),
 /// and waits until the control plane's feed has it.
 async fn silence(api: &Api, h: &HostInfo) {
@@ -1597,24 +1654,31 @@ async fn deleting_a_cloud_on_too_many_hosts_is_refused_before_revoking(api: Api)
         )
         .await;
     let wid = w.cloud.id;
-    // One VM per host. A VM goes to the host with the fewest placements as the control plane
-    // has seen them so far (through its store watch), so a few may share a host: keep creating
-    // until every host has one.
+    // One VM per host. A cloud's VMs stay on its host while that host takes placements, so
+    // each host is cordoned once it holds one (and all are uncordoned after).
     let mut vms: Vec<Vm> = Vec::new();
-    while vms.iter().map(|v| &v.host).collect::<HashSet<_>>().len() < PLACEMENT_HOSTS {
-        assert!(
-            vms.len() < 3 * PLACEMENT_HOSTS,
-            "VMs do not spread over the hosts"
-        );
-        vms.push(
-            ok(
-                &wc,
-                Method::POST,
-                &format!("/v1/clouds/{wid}/vms"),
-                Some(json!({"name": format!("v{}", vms.len())})),
-            )
-            .await,
-        );
+    for i in 0..PLACEMENT_HOSTS {
+        let vm: Vm = ok(
+            &wc,
+            Method::POST,
+            &format!("/v1/clouds/{wid}/vms"),
+            Some(json!({"name": format!("v{i}")})),
+        )
+        .await;
+        let path = format!("/v1/hosts/{}/cordon", vm.host);
+        let _: HostInfo = ok(&api.op, Method::POST, &path, None).await;
+        vms.push(vm);
+    }
+    let hosts: HashSet<&String> = vms.iter().map(|v| &v.host).collect();
+    assert_eq!(hosts.len(), PLACEMENT_HOSTS, "one VM per host");
+    for h in hosts {
+        let _: HostInfo = ok(
+            &api.op,
+            Method::POST,
+            &format!("/v1/hosts/{h}/uncordon"),
+            None,
+        )
+        .await;
     }
     // A grant the cloud gives and one it receives.
     let (b, bc) = api.cloud(json!({"name": "peer"})).await;
