@@ -242,6 +242,15 @@ pub enum DataplaneError {
     },
 }
 
+/// An endpoint device's two TCX hooks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Hook {
+    /// Ingress: what the guest sends.
+    FromVm,
+    /// Egress: what is delivered to the guest.
+    ToVm,
+}
+
 /// The dataplane as pinned in the kernel.
 pub struct Dataplane {
     dir: PathBuf,
@@ -360,16 +369,49 @@ impl Dataplane {
     /// Attaches `from_vm` (ingress) and `to_vm` (egress) to a device with TCX and pins both
     /// links. Stale pins of an earlier device with the same ifindex are replaced.
     pub fn attach(&mut self, ifname: &str, ifindex: u32) -> Result<(), DataplaneError> {
-        let links = self.dir.join("links");
-        for (prog, name, kind, suffix) in [
-            (&mut self.from_vm, PROG_FROM_VM, TcAttachType::Ingress, "in"),
-            (&mut self.to_vm, PROG_TO_VM, TcAttachType::Egress, "out"),
-        ] {
-            let path = links.join(format!("{ifindex}-{suffix}"));
-            remove_pin(&path)?;
-            attach_pinned(prog, name, ifname, kind, &path)?;
+        for hook in [Hook::FromVm, Hook::ToVm] {
+            remove_pin(&self.link_pin(ifindex, hook))?;
+            self.attach_hook(ifname, ifindex, hook)?;
         }
         Ok(())
+    }
+
+    /// Attaches and pins the hooks of a live device whose pins are missing (a crash between
+    /// the two attaches), leaving a pinned link alone: unpinning a link releases it from a
+    /// kernel work queue, later, so detaching and attaching the same program again could fail
+    /// with `EEXIST`. Returns how many it attached.
+    pub fn attach_missing(&mut self, ifname: &str, ifindex: u32) -> Result<usize, DataplaneError> {
+        let mut attached = 0;
+        for hook in [Hook::FromVm, Hook::ToVm] {
+            if !self.link_pin(ifindex, hook).exists() {
+                self.attach_hook(ifname, ifindex, hook)?;
+                attached += 1;
+            }
+        }
+        Ok(attached)
+    }
+
+    /// Attaches one hook with TCX and pins its link (the pin must not exist).
+    pub fn attach_hook(
+        &mut self,
+        ifname: &str,
+        ifindex: u32,
+        hook: Hook,
+    ) -> Result<(), DataplaneError> {
+        let path = self.link_pin(ifindex, hook);
+        let (prog, name, kind) = match hook {
+            Hook::FromVm => (&mut self.from_vm, PROG_FROM_VM, TcAttachType::Ingress),
+            Hook::ToVm => (&mut self.to_vm, PROG_TO_VM, TcAttachType::Egress),
+        };
+        attach_pinned(prog, name, ifname, kind, &path)
+    }
+
+    fn link_pin(&self, ifindex: u32, hook: Hook) -> PathBuf {
+        let suffix = match hook {
+            Hook::FromVm => "in",
+            Hook::ToVm => "out",
+        };
+        self.dir.join("links").join(format!("{ifindex}-{suffix}"))
     }
 
     /// Removes the link pins of `ifindex`, which detaches the programs (no fd holds them).
@@ -406,10 +448,9 @@ impl Dataplane {
 
     /// Whether both of `ifindex`'s links (`from_vm` and `to_vm`) are pinned.
     pub fn fully_attached(&self, ifindex: u32) -> bool {
-        let links = self.dir.join("links");
-        ["in", "out"]
+        [Hook::FromVm, Hook::ToVm]
             .iter()
-            .all(|suffix| links.join(format!("{ifindex}-{suffix}")).exists())
+            .all(|h| self.link_pin(ifindex, *h).exists())
     }
 
     /// Adds an endpoint identity. Fails if the ifindex already has one.

@@ -628,15 +628,14 @@ impl Host {
             if let Some(name) = device::ifname(ifindex) {
                 // Created up to its identity, then the agent died: the links, the route and the
                 // link-up steps are repeated (what `create_endpoint` would have done next).
-                if !self.dataplane.fully_attached(ifindex) {
-                    self.dataplane.attach(&name, ifindex).map_err(|source| {
-                        EndpointError::Program {
-                            name: name.clone(),
-                            source,
-                        }
+                let attached = self
+                    .dataplane
+                    .attach_missing(&name, ifindex)
+                    .map_err(|source| EndpointError::Program {
+                        name: name.clone(),
+                        source,
                     })?;
-                    removed += 1;
-                }
+                removed += attached.min(1);
                 let key = RouteKey {
                     cloud: info.cloud,
                     ipv4: info.ipv4,

@@ -4,13 +4,15 @@
 
 use std::{net::Ipv4Addr, process::Command};
 
+use atoll_dataplane_common::{ipv4_to_map, EndpointInfo, NextHop, RouteKey};
+
 mod support;
 
 use support::{cfg, echo_frame, read_frame, require_root, tap};
 
 use atoll_agent::{
     config::DataplaneConfig,
-    dataplane::{Dataplane, DataplaneError},
+    dataplane::{Dataplane, DataplaneError, Hook},
     device::{self, DeviceError},
     endpoint::{EndpointError, Host},
     testbed::{unique_name, unique_prefix, LinksWithPrefix, PinRoot},
@@ -251,13 +253,32 @@ async fn half_made_taps_are_removed_on_restart() {
             .unwrap()
             .0;
         host.dataplane_mut().remove_route(key).unwrap();
-        let ep = host.create_endpoint(&tap(&no_link, 7, 3)).await.unwrap();
-        let out_pin = host
-            .dataplane()
-            .pin_dir()
-            .join("links")
-            .join(format!("{}-out", ep.ifindex));
-        std::fs::remove_file(&out_pin).unwrap();
+        // Identity and route written, `from_vm` attached, then the agent died: built step by
+        // step as `create_endpoint` goes (unpinning a live link instead would release it
+        // later, from a kernel work queue, which is not what a crash leaves).
+        let i = devices.create_tap(&no_link, None).unwrap();
+        let info = EndpointInfo {
+            cloud: 7,
+            ipv4: ipv4_to_map([10, 0, 0, 3]),
+            gateway_ipv4: ipv4_to_map([10, 0, 0, 1]),
+            mac: [2, 0, 0, 0, 0, 3],
+            gateway_mac: DataplaneConfig::default().gateway_mac.0,
+            slot: 15,
+        };
+        let dp = host.dataplane_mut();
+        dp.insert_endpoint(i, info).unwrap();
+        let key = RouteKey {
+            cloud: 7,
+            ipv4: info.ipv4,
+        };
+        let hop = NextHop {
+            ifindex: i,
+            slot: 15,
+            mac: info.mac,
+            flags: 0,
+        };
+        dp.insert_route(key, hop).unwrap();
+        dp.attach_hook(&no_link, i, Hook::FromVm).unwrap();
         host.create_endpoint(&tap(&down, 7, 4)).await.unwrap();
         assert!(device::is_up(&down));
         assert!(Command::new("ip")
@@ -270,7 +291,9 @@ async fn half_made_taps_are_removed_on_restart() {
     };
     let mut host = Host::open(&c).unwrap();
     assert_eq!(host.pool_len(), 1, "only the complete spare is one");
-    assert_eq!(host.reconcile().unwrap(), 5, "2 removed, 3 finished");
+    // Removed: the one-link spare and the claimed tap. Finished: a route, a link and a
+    // link-up (of the endpoint that also lacked its link), another link-up.
+    assert_eq!(host.reconcile().unwrap(), 6);
     assert_eq!(device::ifindex(&one_link), None);
     assert_eq!(device::ifindex(&claimed), None);
     assert_eq!(device::ifindex(&complete), Some(complete_ix));
