@@ -469,6 +469,18 @@ fn ct_eq(a: &str, b: &str) -> bool {
             == 0
 }
 
+/// The record of a host registered now.
+fn new_host(name: &str) -> HostInfo {
+    HostInfo {
+        name: name.to_string(),
+        registered_at: now(),
+        token_sha256: String::new(),
+        last_seen: now(),
+        live: false,
+        cordoned: false,
+    }
+}
+
 /// The operator, or the host itself.
 pub fn authorize_host(p: &Principal, host: &str) -> Result<(), CoreError> {
     match p {
@@ -1102,15 +1114,20 @@ impl Core {
 
     /// Whether `host` is registered and live.
     fn host_live(&self, host: &str) -> bool {
-        let seen = self
-            .feed
-            .state
-            .lock()
-            .expect("feed lock")
-            .hosts
-            .get(host)
-            .copied();
-        seen.is_some_and(|s| self.live_at(s, now()))
+        self.last_seen(host).is_some_and(|s| self.live_at(s, now()))
+    }
+
+    /// When the scheduler last knew `host` to be alive; `None` if it is not registered.
+    fn last_seen(&self, host: &str) -> Option<u64> {
+        let st = self.feed.state.lock().expect("feed lock");
+        st.hosts.get(host).copied()
+    }
+
+    /// Makes a committed host record visible to scheduling at once, the way the store watch
+    /// applies it when it arrives.
+    fn host_recorded(&self, info: &HostInfo) {
+        let mut st = self.feed.state.lock().expect("feed lock");
+        st.apply(&keys::host(&info.name), &encode(info), false);
     }
 
     async fn create_vm(&self, c: CloudId, req: CreateVm) -> Result<Reply, CoreError> {
@@ -1907,14 +1924,7 @@ impl Core {
         let info: HostInfo = match self.store.get(&keys::host(&name)).await? {
             Some(kv) => decode(&kv.key, &kv.value)?,
             None => {
-                let info = HostInfo {
-                    name: name.clone(),
-                    registered_at: now(),
-                    token_sha256: String::new(),
-                    last_seen: now(),
-                    live: false,
-                    cordoned: false,
-                };
+                let info = new_host(&name);
                 self.store
                     .txn(Txn {
                         compares: vec![Compare::Absent(keys::host(&name))],
@@ -1924,14 +1934,7 @@ impl Core {
                 info
             }
         };
-        // Scheduling reads the feed's host set; make the registration visible to it at once.
-        self.feed
-            .state
-            .lock()
-            .expect("feed lock")
-            .hosts
-            .entry(name.clone())
-            .or_insert(info.last_seen.max(info.registered_at));
+        self.host_recorded(&info);
         // A registration is a sign of life, too.
         self.heartbeat(&name).await?;
         Ok(Reply::Host(self.host_view(info)))
@@ -1951,14 +1954,7 @@ impl Core {
                 success: vec![put(keys::host(&name), &info)],
             };
             if self.commit(txn).await?.is_some() {
-                // Scheduling reads the feed; make the change visible to it at once.
-                let mut st = self.feed.state.lock().expect("feed lock");
-                if cordoned {
-                    st.cordoned.insert(name.clone());
-                } else {
-                    st.cordoned.remove(&name);
-                }
-                drop(st);
+                self.host_recorded(&info);
                 return Ok(Reply::Host(self.host_view(info)));
             }
         }
@@ -1978,15 +1974,10 @@ impl Core {
     /// concurrent change of it (a token rotation): a lost compare is left to the next sync.
     async fn heartbeat(&self, host: &str) -> Result<(), CoreError> {
         let now = now();
-        let seen = self
-            .feed
-            .state
-            .lock()
-            .expect("feed lock")
-            .hosts
-            .get(host)
-            .copied();
-        if seen.is_none_or(|s| now < s + HEARTBEAT_SECS) {
+        if self
+            .last_seen(host)
+            .is_none_or(|s| now < s + HEARTBEAT_SECS)
+        {
             return Ok(());
         }
         let Some(kv) = self.store.get(&keys::host(host)).await? else {
@@ -2003,16 +1994,7 @@ impl Core {
             success: vec![put(kv.key, &info)],
         };
         if self.commit(txn).await?.is_some() {
-            if let Some(s) = self
-                .feed
-                .state
-                .lock()
-                .expect("feed lock")
-                .hosts
-                .get_mut(host)
-            {
-                *s = (*s).max(now);
-            }
+            self.host_recorded(&info);
         }
         Ok(())
     }
@@ -2029,17 +2011,7 @@ impl Core {
                     Compare::ModRevision(kv.key.clone(), kv.mod_revision),
                     decode::<HostInfo>(&kv.key, &kv.value)?,
                 ),
-                None => (
-                    Compare::Absent(keys::host(&name)),
-                    HostInfo {
-                        name: name.clone(),
-                        registered_at: now(),
-                        token_sha256: String::new(),
-                        last_seen: now(),
-                        live: false,
-                        cordoned: false,
-                    },
-                ),
+                None => (Compare::Absent(keys::host(&name)), new_host(&name)),
             };
             info.token_sha256 = token_hash(&token);
             let txn = Txn {
@@ -2047,13 +2019,7 @@ impl Core {
                 success: vec![put(keys::host(&name), &info)],
             };
             if self.commit(txn).await?.is_some() {
-                self.feed
-                    .state
-                    .lock()
-                    .expect("feed lock")
-                    .hosts
-                    .entry(name.clone())
-                    .or_insert(info.last_seen.max(info.registered_at));
+                self.host_recorded(&info);
                 let host = self.host_view(info);
                 return Ok(Reply::HostToken(Box::new(HostToken { host, token })));
             }
