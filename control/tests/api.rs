@@ -1534,6 +1534,55 @@ async fn wait_for_host(api: &Api, name: &str, live: bool) {
 /// against grants in flight.
 const RACE_ROUNDS: usize = 12;
 
+/// Grants `provider`'s exposure `svc` to `consumer` in a task (revoking an earlier grant
+/// first if `regrant`); whether the grant was made.
+fn grant_task(
+    pc: &Client,
+    provider: CloudId,
+    consumer: CloudId,
+    regrant: bool,
+) -> tokio::task::JoinHandle<bool> {
+    let pc = pc.clone();
+    tokio::spawn(async move {
+        let grants = format!("/v1/clouds/{provider}/exposures/svc/grants");
+        if regrant {
+            let path = format!("{grants}/{consumer}");
+            let _ = pc
+                .call::<Value, Value>(Method::DELETE, &path, None::<&Value>)
+                .await;
+        }
+        pc.call::<Value, Grant>(Method::POST, &grants, Some(&json!({"consumer": consumer})))
+            .await
+            .is_ok()
+    })
+}
+
+/// Deletes `cloud` while `grants` run; how many of them made a grant.
+async fn race_delete(
+    client: &Client,
+    cloud: CloudId,
+    grants: Vec<tokio::task::JoinHandle<bool>>,
+) -> usize {
+    let c = client.clone();
+    let deleted = tokio::spawn(async move {
+        c.call::<Value, Value>(
+            Method::DELETE,
+            &format!("/v1/clouds/{cloud}"),
+            None::<&Value>,
+        )
+        .await
+    });
+    let mut granted = 0;
+    for t in grants {
+        granted += usize::from(t.await.unwrap());
+    }
+    deleted
+        .await
+        .unwrap()
+        .unwrap_or_else(|e| panic!("delete {cloud}: {e}"));
+    granted
+}
+
 /// A grant created while its provider or its consumer is being deleted either fails or is
 /// revoked by the delete: no record of a deleted cloud survives (a grant in the provider, an
 /// import or VIP address in the consumer, a NAT address in the provider).
@@ -1562,72 +1611,22 @@ async fn grants_racing_cloud_deletes_leave_nothing_behind(api: Api) {
             consumers.push((c.cloud.id, cc));
         }
         // The provider stays; consumer 0 is deleted while grants to it are in flight.
-        let (victim, victim_client) = consumers[0].clone();
-        let mut tasks = Vec::new();
-        for (cid, _) in &consumers {
-            let (pc, cid) = (pc.clone(), *cid);
-            tasks.push(tokio::spawn(async move {
-                pc.call::<Value, Grant>(
-                    Method::POST,
-                    &format!("/v1/clouds/{pid}/exposures/svc/grants"),
-                    Some(&json!({"consumer": cid})),
-                )
-                .await
-                .is_ok()
-            }));
-        }
-        let deleted = tokio::spawn(async move {
-            victim_client
-                .call::<Value, Value>(
-                    Method::DELETE,
-                    &format!("/v1/clouds/{victim}"),
-                    None::<&Value>,
-                )
-                .await
-        });
-        for t in tasks {
-            granted += usize::from(t.await.unwrap());
-        }
-        deleted.await.unwrap().expect("delete the consumer");
-        let left = mentions(&api, victim).await;
+        let (victim, victim_client) = &consumers[0];
+        let grants = consumers
+            .iter()
+            .map(|(cid, _)| grant_task(&pc, pid, *cid, false));
+        granted += race_delete(victim_client, *victim, grants.collect()).await;
+        let left = mentions(&api, *victim).await;
         assert!(
             left.is_empty(),
             "round {round}: consumer {victim} left {left:?}"
         );
 
         // Now the provider is deleted while it grants to the remaining consumers afresh.
-        let mut tasks = Vec::new();
-        for (cid, _) in &consumers[1..] {
-            let (pc, cid) = (pc.clone(), *cid);
-            tasks.push(tokio::spawn(async move {
-                let path = format!("/v1/clouds/{pid}/exposures/svc/grants/{cid}");
-                let _ = pc
-                    .call::<Value, Value>(Method::DELETE, &path, None::<&Value>)
-                    .await;
-                pc.call::<Value, Grant>(
-                    Method::POST,
-                    &format!("/v1/clouds/{pid}/exposures/svc/grants"),
-                    Some(&json!({"consumer": cid})),
-                )
-                .await
-                .is_ok()
-            }));
-        }
-        let deleted = {
-            let pc = pc.clone();
-            tokio::spawn(async move {
-                pc.call::<Value, Value>(
-                    Method::DELETE,
-                    &format!("/v1/clouds/{pid}"),
-                    None::<&Value>,
-                )
-                .await
-            })
-        };
-        for t in tasks {
-            granted += usize::from(t.await.unwrap());
-        }
-        deleted.await.unwrap().expect("delete the provider");
+        let grants = consumers[1..]
+            .iter()
+            .map(|(cid, _)| grant_task(&pc, pid, *cid, true));
+        granted += race_delete(&pc, pid, grants.collect()).await;
         let left = mentions(&api, pid).await;
         assert!(
             left.is_empty(),
