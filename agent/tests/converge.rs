@@ -4,7 +4,7 @@
 //! whole agent binary with its embedded control plane, driven over HTTP, with a guest on an
 //! API-created VM's tap resolving names through the host's DNS server. Needs root.
 
-use std::{net::Ipv4Addr, path::Path, sync::Arc, time::Duration};
+use std::{net::Ipv4Addr, path::Path, time::Duration};
 
 mod support;
 
@@ -18,7 +18,6 @@ use atoll_agent::{
 };
 use atoll_control::{
     client::Client,
-    config::{ControlConfig, StoreConfig},
     core::{Command as Cmd, Core, Principal, Reply},
     model::*,
 };
@@ -28,19 +27,7 @@ use hickory_proto::{
 };
 use hyper::Method;
 use serde_json::{json, Value};
-use support::{cfg, require_root};
-
-async fn control(dir: &Path) -> Arc<Core> {
-    let cfg = ControlConfig {
-        operator_token_file: dir.join("operator.token"),
-        store: StoreConfig {
-            path: dir.join("control.db"),
-            ..StoreConfig::default()
-        },
-        ..ControlConfig::default()
-    };
-    cfg.start().await.expect("control plane")
-}
+use support::{cfg, control_plane, require_root, serve_api};
 
 async fn exec(core: &Core, cmd: Cmd) -> Reply {
     core.execute(Principal::Operator, cmd)
@@ -93,7 +80,7 @@ async fn vms_volumes_and_clouds_converge_onto_the_host() {
     let pins = PinRoot::new("cv");
     let prefix = unique_prefix("v");
     let _links = LinksWithPrefix(prefix.clone());
-    let core = control(dir.path()).await;
+    let core = control_plane(dir.path()).await;
     let conv_cfg = ConvergeConfig {
         host: "h1".into(),
         tap_prefix: prefix.clone(),
@@ -336,14 +323,8 @@ async fn remote_agent_converges_over_http() {
     let pins = PinRoot::new("cr");
     let prefix = unique_prefix("r");
     let _links = LinksWithPrefix(prefix.clone());
-    let core = control(dir.path()).await;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(atoll_control::api::serve(
-        core.clone(),
-        listener,
-        std::future::pending(),
-    ));
+    let core = control_plane(dir.path()).await;
+    let url = serve_api(core.clone()).await;
     let Reply::HostToken(issued) = exec(&core, Cmd::IssueHostToken("remote1".into())).await else {
         panic!()
     };
@@ -493,7 +474,7 @@ async fn exposures_converge_onto_the_host() {
     let pins = PinRoot::new("cx");
     let prefix = unique_prefix("x");
     let _links = LinksWithPrefix(prefix.clone());
-    let core = control(dir.path()).await;
+    let core = control_plane(dir.path()).await;
     let source = Source::Local(core.clone());
     source.register("h1").await.unwrap();
     let conv_cfg = ConvergeConfig {

@@ -272,29 +272,12 @@ async fn doctor_checks_the_remote_control_link() {
         config::AgentConfig,
         doctor::{control, Status},
     };
-    use atoll_control::{
-        config::{ControlConfig, StoreConfig},
-        core::{Command as Cmd, Principal, Reply},
-    };
+    use atoll_control::core::{Command as Cmd, Principal, Reply};
     use std::os::unix::fs::PermissionsExt;
 
     let dir = tempfile::tempdir().unwrap();
-    let ccfg = ControlConfig {
-        operator_token_file: dir.path().join("operator.token"),
-        store: StoreConfig {
-            path: dir.path().join("control.db"),
-            ..StoreConfig::default()
-        },
-        ..ControlConfig::default()
-    };
-    let core = ccfg.start().await.unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(atoll_control::api::serve(
-        core.clone(),
-        listener,
-        std::future::pending(),
-    ));
+    let core = support::control_plane(dir.path()).await;
+    let url = support::serve_api(core.clone()).await;
     let issue = |host: &str| {
         let core = core.clone();
         let host = host.to_string();
@@ -349,7 +332,10 @@ async fn doctor_checks_the_remote_control_link() {
     assert_eq!(replaced.status, Status::Fail, "{replaced}");
     assert!(replaced.to_string().contains("replaced"), "{replaced}");
 
-    put(&ccfg.operator_token().unwrap(), 0o600);
+    put(
+        &std::fs::read_to_string(dir.path().join("operator.token")).unwrap(),
+        0o600,
+    );
     let operator = control(&cfg).await;
     assert_eq!(operator.status, Status::Warn, "{operator}");
     assert!(

@@ -1,7 +1,7 @@
 //! Helpers shared by the agent's integration tests.
 #![allow(dead_code)]
 
-use std::{net::Ipv4Addr, path::Path, process::Command};
+use std::{net::Ipv4Addr, path::Path, process::Command, sync::Arc};
 
 use atoll_agent::{
     config::DataplaneConfig,
@@ -10,6 +10,32 @@ use atoll_agent::{
     testbed::{run, unique_prefix, PinRoot},
     types::{CloudId, MacAddr},
 };
+
+/// A control plane on a fresh SQLite store in `dir` (its operator token in
+/// `dir/operator.token`).
+pub async fn control_plane(dir: &Path) -> Arc<atoll_control::core::Core> {
+    let cfg = atoll_control::config::ControlConfig {
+        operator_token_file: dir.join("operator.token"),
+        store: atoll_control::config::StoreConfig {
+            path: dir.join("control.db"),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    cfg.start().await.expect("control plane")
+}
+
+/// Serves `core`'s API on a fresh loopback port until the test ends; its URL.
+pub async fn serve_api(core: Arc<atoll_control::core::Core>) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(atoll_control::api::serve(
+        core,
+        listener,
+        std::future::pending(),
+    ));
+    url
+}
 
 pub fn require_root() {
     // SAFETY: geteuid has no preconditions.
