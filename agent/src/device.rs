@@ -334,7 +334,7 @@ impl HeldTap {
 /// not exist.
 pub fn is_up(name: &str) -> bool {
     validate_name(name).is_ok()
-        && std::fs::read_to_string(PathBuf::from("/sys/class/net").join(name).join("flags"))
+        && std::fs::read_to_string(sysfs(name, "flags"))
             .ok()
             .and_then(|f| u32::from_str_radix(f.trim().trim_start_matches("0x"), 16).ok())
             .is_some_and(|f| f & libc::IFF_UP as u32 != 0)
@@ -369,11 +369,12 @@ pub fn set_up_now(name: &str) -> Result<(), DeviceError> {
 
 /// Whether `name` is a tun/tap device.
 pub fn is_tap(name: &str) -> bool {
-    validate_name(name).is_ok()
-        && PathBuf::from("/sys/class/net")
-            .join(name)
-            .join("tun_flags")
-            .exists()
+    validate_name(name).is_ok() && sysfs(name, "tun_flags").exists()
+}
+
+/// A device attribute's file under `/sys/class/net` (the name must be valid).
+fn sysfs(name: &str, attribute: &str) -> PathBuf {
+    PathBuf::from("/sys/class/net").join(name).join(attribute)
 }
 
 /// Deletes the persistent tap `name` without netlink (so from synchronous code): attaches a
@@ -460,7 +461,7 @@ pub fn open_tap_queue(name: &str, nonblocking: bool) -> Result<OwnedFd, DeviceEr
 /// sysfs, yielding in between.
 pub fn wait_until_up(name: &str, timeout: std::time::Duration) -> Result<(), DeviceError> {
     validate_name(name)?;
-    let path = PathBuf::from("/sys/class/net").join(name).join("operstate");
+    let path = sysfs(name, "operstate");
     let deadline = std::time::Instant::now() + timeout;
     loop {
         let state =

@@ -414,18 +414,23 @@ impl Host {
             self.rollback(&name, ifindex, key, &source).await;
             return Err(EndpointError::Program { name, source });
         }
-        if let Err(e) = held.map_or(Ok(()), device::HeldTap::persist) {
-            let _ = self.dataplane.remove_route(key);
-            let _ = self.dataplane.detach(ifindex);
-            let _ = self.dataplane.remove_endpoint(ifindex);
-            return Err(EndpointError::CreateDevice(e));
-        }
-        if let Err(source) = self.devices.set_up(&name, ifindex).await {
+        // A tap that fails to persist is gone with its held queue; the delete below then
+        // finds nothing, which is not an error.
+        let activated = match held.map_or(Ok(()), device::HeldTap::persist) {
+            Err(e) => Err(EndpointError::CreateDevice(e)),
+            Ok(()) => self.devices.set_up(&name, ifindex).await.map_err(|source| {
+                EndpointError::Activate {
+                    name: name.clone(),
+                    source,
+                }
+            }),
+        };
+        if let Err(e) = activated {
             let _ = self.dataplane.remove_route(key);
             let _ = self.dataplane.detach(ifindex);
             let _ = self.devices.delete(&name, ifindex).await;
             let _ = self.dataplane.remove_endpoint(ifindex);
-            return Err(EndpointError::Activate { name, source });
+            return Err(e);
         }
         Ok(Endpoint {
             name: Some(name),
