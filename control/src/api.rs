@@ -244,7 +244,7 @@ async fn run(
     let p = principal(core, headers).await?;
     match (access, &p) {
         (_, Principal::Operator) | (Access::Any, _) => {}
-        (Access::Operator, _) | (Access::Host, Principal::Cloud(_)) => {
+        (Access::Operator, _) => {
             return Err(CoreError::Forbidden("use operator routes".into()).into())
         }
         (Access::Cloud, Principal::Cloud(own)) => {
@@ -255,11 +255,7 @@ async fn run(
         (Access::Cloud, Principal::Host(_)) => {
             return Err(CoreError::Forbidden("a host token reaches only its host".into()).into())
         }
-        (Access::Host, Principal::Host(own)) => {
-            if name_param(params, "host")? != *own {
-                return Err(CoreError::Forbidden("act as another host".into()).into());
-            }
-        }
+        (Access::Host, _) => crate::core::authorize_host(&p, &name_param(params, "host")?)?,
     }
     let reply = core.execute(p, cmd()?).await?;
     let status = if created {
