@@ -189,15 +189,14 @@ fn counter(
 /// What `from` sent and `to` received in `class`, once the traffic between them has stopped:
 /// the two counters are read from one snapshot, which itself reads endpoints one after the
 /// other, so a frame still in flight (a TCP teardown after `nc` exits, slow under TCG) could
-/// land between the two reads. No event says a guest's stack is done sending, so this polls
-/// for two equal snapshots 200 ms apart, bounded.
+/// land between the two reads.
 fn paired(
     exporter: &Exporter,
     from: &str,
     to: &str,
     class: TrafficClass,
 ) -> (TrafficCounter, TrafficCounter) {
-    let read = || {
+    support::settled(|| {
         let snap = exporter.snapshot().unwrap();
         let of = |device: &str, dir: Direction| {
             snap.endpoints
@@ -208,17 +207,7 @@ fn paired(
                 .traffic[dir as usize][class as usize]
         };
         (of(from, Direction::FromGuest), of(to, Direction::ToGuest))
-    };
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let mut last = read();
-    loop {
-        std::thread::sleep(Duration::from_millis(200));
-        let now = read();
-        if now == last || Instant::now() >= deadline {
-            return now;
-        }
-        last = now;
-    }
+    })
 }
 
 /// Fields of `/proc/<pid>/status`.

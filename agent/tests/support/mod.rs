@@ -37,6 +37,22 @@ pub async fn serve_api(core: Arc<atoll_control::core::Core>) -> String {
     url
 }
 
+/// `read()` once it has stopped changing: two equal reads 200 ms apart, or the last read
+/// after 10 s. For counters of traffic that ends without an event to wait for (a guest
+/// kernel's TCP teardown after the exchange that caused it has returned).
+pub fn settled<T: PartialEq>(read: impl Fn() -> T) -> T {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let mut last = read();
+    loop {
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        let now = read();
+        if now == last || std::time::Instant::now() >= deadline {
+            return now;
+        }
+        last = now;
+    }
+}
+
 pub fn require_root() {
     // SAFETY: geteuid has no preconditions.
     assert_eq!(
