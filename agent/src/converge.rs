@@ -733,20 +733,22 @@ impl Converger {
             return Ok(());
         }
         let dir = path.parent().expect("volume paths have a directory");
-        std::fs::create_dir_all(dir)?;
+        atoll_control::private::create_dir_all(dir, 0o700)?;
         let bytes = v.size_gib << 30;
         match v.format {
             VolumeFormat::Raw => {
                 // Written to a temporary name and renamed, so a crash never leaves a short file
                 // under the volume's name.
                 let tmp = dir.join(format!(".{}.tmp", v.name));
-                let f = std::fs::File::create(&tmp)?;
+                let f = atoll_control::private::create_file(&tmp)?;
                 f.set_len(bytes)?;
                 f.sync_all()?;
                 std::fs::rename(&tmp, &path)
             }
             VolumeFormat::Qcow2 => {
                 let tmp = dir.join(format!(".{}.qcow2.tmp", v.name));
+                // Created private first: qemu-img truncates it and keeps its mode.
+                atoll_control::private::create_file(&tmp)?;
                 let out = std::process::Command::new("qemu-img")
                     .args(["create", "-q", "-f", "qcow2"])
                     .arg(&tmp)

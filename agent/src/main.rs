@@ -124,7 +124,7 @@ fn real_main() -> Result<()> {
             Cmd::Endpoint(e) => endpoint(&cfg, e).await,
             Cmd::Cleanup => {
                 // VMMs first: they hold taps and volumes.
-                let killed = atoll_agent::vm::kill_recorded(&cfg.vm.run_dir).await;
+                let killed = atoll_agent::vm::kill_recorded(&cfg.vm).await;
                 if killed > 0 {
                     println!("killed {killed} VMM processes");
                 }

@@ -22,7 +22,7 @@
 
 use std::{
     collections::{BTreeMap, HashMap},
-    fs::{File, OpenOptions},
+    fs::File,
     io::{self, BufRead, BufReader, Read, Seek, SeekFrom, Write},
     path::{Path, PathBuf},
     time::{SystemTime, UNIX_EPOCH},
@@ -218,8 +218,8 @@ impl Journal {
             path: path.clone(),
             source,
         };
-        std::fs::create_dir_all(dir).map_err(open_err)?;
-        let mut file = OpenOptions::new()
+        atoll_control::private::create_dir_all(dir, 0o700).map_err(open_err)?;
+        let mut file = atoll_control::private::file_options()
             .create(true)
             .read(true)
             .append(true)
@@ -390,11 +390,13 @@ impl Recorder {
     /// Opens the journal in `dir`; `source` is the CloudEvents source (e.g. `atoll/agent/<host>`).
     pub fn open(dir: &Path, source: &str) -> Result<Self, UsageError> {
         let lock_path = dir.join("lock");
-        std::fs::create_dir_all(dir).map_err(|source| UsageError::OpenJournal {
-            path: dir.into(),
-            source,
+        atoll_control::private::create_dir_all(dir, 0o700).map_err(|source| {
+            UsageError::OpenJournal {
+                path: dir.into(),
+                source,
+            }
         })?;
-        let lock = OpenOptions::new()
+        let lock = atoll_control::private::file_options()
             .create(true)
             .truncate(false)
             .write(true)
@@ -540,7 +542,10 @@ impl Sink for FileSink {
     }
 
     fn deliver(&mut self, lines: &[u8]) -> Result<(), io::Error> {
-        let mut f = OpenOptions::new()
+        if let Some(dir) = self.path.parent() {
+            atoll_control::private::create_dir_all(dir, 0o700)?;
+        }
+        let mut f = atoll_control::private::file_options()
             .create(true)
             .append(true)
             .open(&self.path)?;
@@ -745,7 +750,7 @@ fn write_cursor(path: &Path, offset: u64) -> Result<(), UsageError> {
         source,
     };
     let tmp = path.with_extension("cursor-tmp");
-    let mut f = File::create(&tmp).map_err(err)?;
+    let mut f = atoll_control::private::create_file(&tmp).map_err(err)?;
     f.write_all(offset.to_string().as_bytes()).map_err(err)?;
     f.sync_data().map_err(err)?;
     std::fs::rename(&tmp, path).map_err(err)?;
@@ -949,7 +954,10 @@ mod tests {
         let r = build_records(&j, &[snap("b-1", counters(1, 60, 0))], "s", 0, 10, true);
         j.append(&r).unwrap();
         let good = std::fs::metadata(j.path()).unwrap().len();
-        let mut f = OpenOptions::new().append(true).open(j.path()).unwrap();
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(j.path())
+            .unwrap();
         f.write_all(b"{\"specversion\":\"1.0\",\"id\":\"b-1-2\"")
             .unwrap();
         drop(f);

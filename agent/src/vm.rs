@@ -7,10 +7,11 @@
 //!   implemented (and tested); Firecracker or Cloud Hypervisor drivers would implement the
 //!   same trait with their own command line or API socket.
 //! - **Least privilege.** Each VMM runs as uid and gid `vm.uid_base + <endpoint slot>` with no
-//!   supplementary groups, no capabilities (a uid change from root drops them all),
-//!   `no_new_privs`, its own session, a 077 umask and QEMU's seccomp sandbox. It inherits
-//!   only its tap queue, its config drive and its volumes as file descriptors; its runtime
-//!   directory is the only place it can write by path.
+//!   supplementary groups (under KVM, `/dev/kvm`'s group only), no capabilities (a uid change
+//!   from root drops them all), `no_new_privs`, its own session, a 077 umask and QEMU's
+//!   seccomp sandbox. It inherits only its tap queue, its config drive and its volumes as file
+//!   descriptors; its own directory `s<slot>/vmm/` is the only place it can write by path, and
+//!   the agent resolves no path there ([`jail`]).
 //! - **Supervised, not restarted forever.** An exit nobody asked for is reported `crashed`
 //!   and restarted after a backoff (1 s, doubling to 30 s) while fewer than `vm.max_restarts`
 //!   happened within `vm.restart_window_secs`; one more makes the VM `failed`, with QEMU's
@@ -19,9 +20,9 @@
 //!   guest syncs and unmounts its volumes and resets, which ends QEMU (`-no-reboot`). After
 //!   `vm.stop_timeout_secs` the VMM is killed. A delete kills at once: the VM is going away.
 //! - **VMMs outlive the agent.** They run in their own session and are watched through a
-//!   pidfd, so a restarted agent adopts a VMM it finds alive in the VM's runtime directory
-//!   (pid and start time recorded there) instead of starting a second one on the same tap
-//!   and volumes; QEMU reconnects its console to the new agent's socket by itself. Console
+//!   pidfd, so a restarted agent adopts a VMM recorded in the VM's runtime directory (pid and
+//!   start time, in a record only root writes) once the live process checks out as this VM's
+//!   VMM ([`jail::verify`]), instead of starting a second one on the same tap and volumes; QEMU reconnects its console to the new agent's socket by itself. Console
 //!   output while no agent listens is lost.
 //! - **Ready is the guest's word.** The VM is `running` when its console prints
 //!   `atoll-guest: ready` (network and volumes up); `boot_ms` is measured from the VMM's
@@ -29,13 +30,13 @@
 
 pub mod console;
 pub mod drive;
+pub mod jail;
 pub mod qemu;
 
 use std::{
     collections::HashMap,
     net::Ipv4Addr,
     os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd},
-    os::unix::fs::PermissionsExt,
     path::{Path, PathBuf},
     sync::{Arc, Mutex},
     time::{Duration, Instant},
@@ -169,6 +170,9 @@ pub trait Driver: Send + Sync + 'static {
     fn accel(&self, kernel: &Path, initrd: &Path) -> Result<Accel, VmError>;
     /// Whether the VMM binary is installed.
     fn check(&self) -> Result<(), VmError>;
+    /// The executable every VMM of this driver runs: a process found after an agent restart
+    /// is taken for a VMM only if it executes this file.
+    fn program(&self) -> PathBuf;
 }
 
 /// The QEMU `microvm` driver.
@@ -199,6 +203,10 @@ impl Driver for Qemu {
             args: self.install.args(plan),
             env: self.install.env(),
         }
+    }
+
+    fn program(&self) -> PathBuf {
+        self.install.binary()
     }
 
     fn check(&self) -> Result<(), VmError> {
@@ -271,9 +279,13 @@ pub fn record_probe(path: &Path, verdict: &Result<(), String>) {
         Err(why) => format!("tcg {}", why.replace('\n', " ")),
     };
     if let Some(dir) = path.parent() {
-        let _ = std::fs::create_dir_all(dir);
+        // The VMMs' runtime root when this is `<vm.run_dir>/kvm-probe`: they must traverse it.
+        let _ = atoll_control::private::create_dir_all(dir, 0o711);
     }
-    let _ = std::fs::write(path, format!("{}\n{line}\n", boot.trim()));
+    if let Ok(mut f) = atoll_control::private::create_file(path) {
+        use std::io::Write;
+        let _ = write!(f, "{}\n{line}\n", boot.trim());
+    }
 }
 
 /// How a supervisor is asked to end its VM.
@@ -403,6 +415,14 @@ impl VmManager {
         out
     }
 
+    /// Stops supervising every VM and leaves its VMM running, as an agent that exits does; a
+    /// new manager adopts them.
+    pub fn detach(self) {
+        for h in self.vms.into_values() {
+            h.task.abort();
+        }
+    }
+
     /// Kills every VMM (`atoll-agent cleanup`); running VMs are otherwise left running when
     /// the agent stops.
     pub async fn kill_all(&mut self) {
@@ -413,26 +433,65 @@ impl VmManager {
     }
 }
 
-/// Kills every VMM recorded under `run_dir` (still alive with its recorded start time) and
-/// removes the runtime directories; returns how many were killed (`atoll-agent cleanup`).
-pub async fn kill_recorded(run_dir: &Path) -> usize {
+/// Kills every VMM recorded under `cfg.run_dir` (a live process of the slot's uid running the
+/// driver's program, started when recorded) and removes the runtime directories; returns how
+/// many were killed (`atoll-agent cleanup`).
+pub async fn kill_recorded(cfg: &VmConfig) -> usize {
+    let program = Qemu::new(cfg).program();
     let mut killed = 0;
-    for e in std::fs::read_dir(run_dir).into_iter().flatten().flatten() {
-        let dir = e.path();
-        if !dir.is_dir() {
+    for e in std::fs::read_dir(&cfg.run_dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let Some(slot) = e
+            .file_name()
+            .to_str()
+            .and_then(|n| n.strip_prefix('s'))
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
             continue;
-        }
-        if let Some(pid) = recorded_pid(&dir.join("vmm.pid")) {
-            if let Ok(fd) = pidfd_open(pid) {
-                if pidfd_signal(fd.get_ref(), libc::SIGKILL).is_ok() {
-                    let _ = fd.readable().await;
-                    killed += 1;
-                }
+        };
+        let uid = cfg.uid_base.saturating_add(slot);
+        let Ok(dir) = jail::SlotDir::open(&cfg.run_dir, slot, uid) else {
+            continue;
+        };
+        if let Some(fd) = recorded_vmm(&dir, uid, &program, None) {
+            if jail::pidfd_signal(fd.get_ref(), libc::SIGKILL).is_ok() {
+                let _ = fd.readable().await;
+                killed += 1;
             }
         }
-        let _ = std::fs::remove_dir_all(&dir);
+        let _ = std::fs::remove_dir_all(dir.path());
     }
     killed
+}
+
+/// A pidfd of the VMM recorded in `dir`, if the live process checks out as one of this slot's
+/// (and, with `name`, as this VM's); a refused record is logged.
+fn recorded_vmm(
+    dir: &jail::SlotDir,
+    uid: u32,
+    program: &Path,
+    name: Option<&str>,
+) -> Option<AsyncFd<OwnedFd>> {
+    let (pid, start) = dir.recorded_pid()?;
+    let want = jail::Expected {
+        uid,
+        program,
+        name,
+        start,
+    };
+    match jail::verify(pid, &want) {
+        Ok(fd) => Some(fd),
+        Err(why) => {
+            eprintln!(
+                "atoll-agent: refusing pid {pid} recorded in {}: {why}",
+                dir.path().display()
+            );
+            None
+        }
+    }
 }
 
 /// The VM's runtime directory: by endpoint slot, which is unique on the host and short enough
@@ -451,6 +510,11 @@ fn identity(spec: &VmSpec) -> String {
     format!("{} {} {} {}\n", spec.key.0, spec.key.1, spec.ipv4, spec.tap)
 }
 
+/// The name a VM's VMM carries on its command line (QEMU's `-name`).
+fn vmm_name(spec: &VmSpec) -> String {
+    format!("atoll-{}-{}", spec.key.0, spec.key.1)
+}
+
 /// One running VMM.
 struct Vmm {
     pidfd: AsyncFd<OwnedFd>,
@@ -460,6 +524,8 @@ struct Vmm {
     listener: UnixListener,
     started: Instant,
     adopted: bool,
+    /// Its runtime directory, held open.
+    dir: jail::SlotDir,
 }
 
 enum Ended {
@@ -502,7 +568,7 @@ async fn supervise(
             Err(e) => return send(VmState::Failed, Some(e.to_string()), restarts, None, None),
         };
         send(VmState::Booting, None, restarts, None, Some(accel.as_str()));
-        let vmm = match launch(&ctx, &spec, accel).await {
+        let mut vmm = match launch(&ctx, &spec, accel).await {
             Ok(v) => v,
             Err(e) => {
                 return send(
@@ -534,8 +600,8 @@ async fn supervise(
                 Some(accel.as_str()),
             ),
         };
-        let ended = run(&ctx, &spec, vmm, &mut stop, &console, on_line).await;
-        let _ = std::fs::remove_file(run_dir(&ctx.cfg, spec.slot).join("vmm.pid"));
+        let ended = run(&ctx, &spec, &mut vmm, &mut stop, &console, on_line).await;
+        let _ = vmm.dir.remove(jail::PID);
         match ended {
             Ended::Requested => {
                 return send(VmState::Stopped, None, restarts, None, Some(accel.as_str()))
@@ -611,40 +677,43 @@ fn prepare<T>(path: &Path, r: std::io::Result<T>) -> Result<T, VmError> {
 async fn launch(ctx: &Arc<Ctx>, spec: &VmSpec, accel: Accel) -> Result<Vmm, VmError> {
     let cfg = &ctx.cfg;
     let uid = cfg.uid_base + spec.slot;
-    let dir = run_dir(cfg, spec.slot);
-    prepare(&dir, std::fs::create_dir_all(&dir))?;
-    prepare(&dir, std::os::unix::fs::chown(&dir, Some(uid), Some(uid)))?;
-    prepare(
-        &dir,
-        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)),
-    )?;
-    let console_path = dir.join("console.sock");
-    let _ = std::fs::remove_file(&console_path);
-    let listener = prepare(&console_path, UnixListener::bind(&console_path))?;
-    prepare(
-        &console_path,
-        std::os::unix::fs::chown(&console_path, Some(uid), Some(uid)),
-    )?;
-    let pid_path = dir.join("vmm.pid");
-    if let Some(pid) = alive_vmm(&dir, spec) {
-        let pidfd = pidfd_open(pid).map_err(VmError::Pidfd)?;
-        return Ok(Vmm {
-            pidfd,
-            child: None,
-            console: None,
-            listener,
-            started: Instant::now(),
-            adopted: true,
-        });
+    let dir_path = run_dir(cfg, spec.slot);
+    let dir = prepare(&dir_path, jail::SlotDir::open(&cfg.run_dir, spec.slot, uid))?;
+    if dir.migrated {
+        eprintln!(
+            "atoll-agent: VM {}/{}: took {} over from its VMM's uid (older layout); its records are checked against the live process",
+            spec.key.0,
+            spec.key.1,
+            dir_path.display()
+        );
     }
-    // A VMM left from another VM in this slot (its delete did not finish) must go first.
-    if let Some(pid) = recorded_pid(&pid_path) {
-        if let Ok(fd) = pidfd_open(pid) {
-            let _ = pidfd_signal(fd.get_ref(), libc::SIGKILL);
-            let _ = fd.readable().await;
+    let console_path = dir_path.join(jail::CONSOLE_SOCKET);
+    let listener = prepare(&console_path, dir.bind_console(uid))?;
+    let program = ctx.driver.program();
+    let name = vmm_name(spec);
+    if dir.read(jail::IDENTITY).as_deref() == Some(identity(spec).as_str()) {
+        if let Some(pidfd) = recorded_vmm(&dir, uid, &program, Some(&name)) {
+            return Ok(Vmm {
+                pidfd,
+                child: None,
+                console: None,
+                listener,
+                started: Instant::now(),
+                adopted: true,
+                dir,
+            });
         }
+    } else if let Some(fd) = recorded_vmm(&dir, uid, &program, None) {
+        // A VMM left from another VM in this slot (its delete did not finish) must go first.
+        let _ = jail::pidfd_signal(fd.get_ref(), libc::SIGKILL);
+        let _ = fd.readable().await;
     }
-    prepare(&dir, std::fs::write(dir.join("identity"), identity(spec)))?;
+    prepare(&dir_path, dir.remove(jail::PID))?;
+    prepare(
+        &dir_path,
+        dir.write(jail::IDENTITY, identity(spec).as_bytes()),
+    )?;
+    let vmm_dir = prepare(&dir_path, dir.reset_vmm_dir(uid))?;
 
     let (kernel, initrd) = image_files(cfg, spec)?;
     let guest = GuestConfig {
@@ -662,9 +731,9 @@ async fn launch(ctx: &Arc<Ctx>, spec: &VmSpec, accel: Accel) -> Result<Vmm, VmEr
             .collect(),
         user_data: spec.user_data.clone(),
     };
-    let drive_path = dir.join("config.tar");
-    prepare(&drive_path, std::fs::write(&drive_path, guest.archive()))?;
-    let drive = prepare(&drive_path, std::fs::File::open(&drive_path))?;
+    let drive_path = dir_path.join(jail::CONFIG_DRIVE);
+    prepare(&drive_path, dir.write(jail::CONFIG_DRIVE, &guest.archive()))?;
+    let drive = prepare(&drive_path, dir.open_read(jail::CONFIG_DRIVE))?;
     let mut files: Vec<OwnedFd> = vec![drive.into()];
     for (_, path, _) in &spec.volumes {
         for write in [true, false] {
@@ -705,7 +774,7 @@ async fn launch(ctx: &Arc<Ctx>, spec: &VmSpec, accel: Accel) -> Result<Vmm, VmEr
         });
     }
     let vm = VmPlan {
-        name: format!("atoll-{}-{}", spec.key.0, spec.key.1),
+        name,
         accel,
         vcpus: spec.vcpus,
         memory_mib: spec.memory_mib,
@@ -715,12 +784,12 @@ async fn launch(ctx: &Arc<Ctx>, spec: &VmSpec, accel: Accel) -> Result<Vmm, VmEr
         tap_fd: fd_at(files.len() - 1),
         disks,
         console_socket: console_path.clone(),
-        shell_socket: dir.join("shell.sock"),
+        shell_socket: vmm_dir.join("shell.sock"),
     };
     let sdir = state_dir(cfg, &spec.key);
-    prepare(&sdir, std::fs::create_dir_all(&sdir))?;
+    prepare(&sdir, atoll_control::private::create_dir_all(&sdir, 0o700))?;
     let log_path = sdir.join("vmm.log");
-    let log = prepare(&log_path, std::fs::File::create(&log_path))?;
+    let log = prepare(&log_path, atoll_control::private::create_file(&log_path))?;
     let mut groups = Vec::new();
     if accel == Accel::Kvm {
         if let Ok(m) = std::fs::metadata("/dev/kvm") {
@@ -730,14 +799,14 @@ async fn launch(ctx: &Arc<Ctx>, spec: &VmSpec, accel: Accel) -> Result<Vmm, VmEr
     }
     let cmd = ctx.driver.command(&vm);
     let child =
-        spawn_unprivileged(&cmd, &files, uid, &groups, &dir, log).map_err(VmError::Spawn)?;
+        spawn_unprivileged(&cmd, &files, uid, &groups, &vmm_dir, log).map_err(VmError::Spawn)?;
     drop(files);
     let pid = child.id() as i32;
-    let pidfd = pidfd_open(pid).map_err(VmError::Pidfd)?;
-    let start_time = proc_start_time(pid).unwrap_or(0);
+    let pidfd = jail::pidfd_open(pid).map_err(VmError::Pidfd)?;
+    let start_time = jail::proc_start_time(pid).unwrap_or(0);
     prepare(
-        &pid_path,
-        std::fs::write(&pid_path, format!("{pid} {start_time}\n")),
+        &dir_path.join(jail::PID),
+        dir.write(jail::PID, format!("{pid} {start_time}\n").as_bytes()),
     )?;
     let mut vmm = Vmm {
         pidfd,
@@ -746,6 +815,7 @@ async fn launch(ctx: &Arc<Ctx>, spec: &VmSpec, accel: Accel) -> Result<Vmm, VmEr
         listener,
         started: Instant::now(),
         adopted: false,
+        dir,
     };
     // QEMU connects its console before the guest runs.
     let timeout = Duration::from_secs(10);
@@ -771,7 +841,7 @@ async fn launch(ctx: &Arc<Ctx>, spec: &VmSpec, accel: Accel) -> Result<Vmm, VmEr
 async fn run(
     ctx: &Arc<Ctx>,
     spec: &VmSpec,
-    mut vmm: Vmm,
+    vmm: &mut Vmm,
     stop: &mut watch::Receiver<StopMode>,
     console: &Arc<Mutex<Option<Console>>>,
     on_line: impl Fn(GuestStatus),
@@ -786,7 +856,7 @@ async fn run(
             requested = Some(mode);
             match mode {
                 StopMode::Kill => {
-                    kill_vmm(&mut vmm).await;
+                    kill_vmm(vmm).await;
                     return Ended::Killed;
                 }
                 _ => {
@@ -803,7 +873,7 @@ async fn run(
         let far = tokio::time::Instant::now() + Duration::from_secs(86_400);
         tokio::select! {
             _ = vmm.pidfd.readable() => {
-                let status = reap(&mut vmm);
+                let status = reap(vmm);
                 // Drain what the guest printed last.
                 let started = vmm.started;
                 if let Some(c) = vmm.console.as_mut() {
@@ -836,7 +906,7 @@ async fn run(
             }
             _ = stop.changed(), if requested.is_none() => {}
             _ = tokio::time::sleep_until(deadline.unwrap_or(far)), if deadline.is_some() => {
-                kill_vmm(&mut vmm).await;
+                kill_vmm(vmm).await;
                 return Ended::Requested;
             }
         }
@@ -879,7 +949,7 @@ fn feed(
 }
 
 async fn kill_vmm(vmm: &mut Vmm) {
-    let _ = pidfd_signal(vmm.pidfd.get_ref(), libc::SIGKILL);
+    let _ = jail::pidfd_signal(vmm.pidfd.get_ref(), libc::SIGKILL);
     let _ = vmm.pidfd.readable().await;
     reap(vmm);
 }
@@ -898,63 +968,6 @@ fn last_line(path: &Path) -> String {
         .chars()
         .take(300)
         .collect()
-}
-
-fn recorded_pid(pid_path: &Path) -> Option<i32> {
-    let text = std::fs::read_to_string(pid_path).ok()?;
-    let mut it = text.split_whitespace();
-    let pid: i32 = it.next()?.parse().ok()?;
-    let start: u64 = it.next()?.parse().ok()?;
-    // The pid is ours only if the process still has the start time we recorded.
-    (pid > 0 && proc_start_time(pid) == Some(start)).then_some(pid)
-}
-
-/// The pid of a live VMM recorded in `dir` for this same VM, if any.
-fn alive_vmm(dir: &Path, spec: &VmSpec) -> Option<i32> {
-    let id = std::fs::read_to_string(dir.join("identity")).ok()?;
-    if id != identity(spec) {
-        return None;
-    }
-    recorded_pid(&dir.join("vmm.pid"))
-}
-
-/// Field 22 of `/proc/<pid>/stat`: the process's start time in clock ticks since boot.
-fn proc_start_time(pid: i32) -> Option<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The command name (field 2) may hold spaces and parentheses: skip past its last ')'.
-    let rest = &stat[stat.rfind(')')? + 1..];
-    rest.split_whitespace().nth(19)?.parse().ok()
-}
-
-fn pidfd_open(pid: i32) -> std::io::Result<AsyncFd<OwnedFd>> {
-    // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1; no memory is passed.
-    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: the syscall returned a fresh fd that nothing else owns.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd as RawFd) };
-    // SAFETY: the OwnedFd moves into the AsyncFd, which therefore owns the same open fd for
-    // its whole lifetime.
-    unsafe { AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE) }
-        .map_err(|e| e.into_parts().1)
-}
-
-fn pidfd_signal(fd: &OwnedFd, sig: i32) -> std::io::Result<()> {
-    // SAFETY: signals the process the pidfd refers to (never a reused pid); info is null.
-    let r = unsafe {
-        libc::syscall(
-            libc::SYS_pidfd_send_signal,
-            fd.as_raw_fd(),
-            sig,
-            std::ptr::null::<libc::siginfo_t>(),
-            0,
-        )
-    };
-    if r < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(())
 }
 
 /// Spawns `program` as `uid`/`uid` with `groups` only, no capabilities and `no_new_privs`, in

@@ -114,16 +114,21 @@ impl Shell {
     }
 }
 
-/// The shell socket of VM `vm` of cloud `cloud`: its runtime directory records its identity.
-fn shell_path(run_dir: &Path, cloud: CloudId, vm: &str) -> PathBuf {
+/// The runtime directory of VM `vm` of cloud `cloud`: it records the VM's identity.
+fn vm_dir(run_dir: &Path, cloud: CloudId, vm: &str) -> PathBuf {
     for e in std::fs::read_dir(run_dir).unwrap().flatten() {
         let id = std::fs::read_to_string(e.path().join("identity")).unwrap_or_default();
         let mut f = id.split_whitespace();
         if f.next() == Some(&cloud.0.to_string()) && f.next() == Some(vm) {
-            return e.path().join("shell.sock");
+            return e.path();
         }
     }
     panic!("no runtime directory for {cloud}/{vm} under {run_dir:?}");
+}
+
+/// The operator shell socket QEMU listens on, in the VMM's own directory.
+fn shell_path(run_dir: &Path, cloud: CloudId, vm: &str) -> PathBuf {
+    vm_dir(run_dir, cloud, vm).join("vmm/shell.sock")
 }
 
 async fn get_vm(c: &Client, cloud: CloudId, vm: &str) -> Vm {
@@ -221,21 +226,32 @@ fn proc_status(pid: u32, key: &str) -> String {
 }
 
 fn walk(dir: &Path) -> Vec<PathBuf> {
+    tree(dir).into_iter().filter(|p| !p.is_dir()).collect()
+}
+
+/// Everything under `dir`, directories included (links are not followed).
+fn tree(dir: &Path) -> Vec<PathBuf> {
     let mut out = Vec::new();
     for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
         let p = e.path();
-        if p.is_dir() {
-            out.extend(walk(&p));
-        } else {
-            out.push(p);
+        if e.file_type().is_ok_and(|t| t.is_dir()) {
+            out.extend(tree(&p));
         }
+        out.push(p);
     }
     out
 }
 
+/// `(uid, gid, permission bits)` of `p` itself (a link is not followed).
+fn owner_mode(p: &Path) -> (u32, u32, u32) {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::symlink_metadata(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+    (m.uid(), m.gid(), m.mode() & 0o7777)
+}
+
 fn vmm_pid(run_dir: &Path, cloud: CloudId, vm: &str) -> u32 {
-    let dir = shell_path(run_dir, cloud, vm);
-    let pid = std::fs::read_to_string(dir.with_file_name("vmm.pid")).unwrap_or_else(|e| {
+    let dir = vm_dir(run_dir, cloud, vm);
+    let pid = std::fs::read_to_string(dir.join("vmm.pid")).unwrap_or_else(|e| {
         let listing: Vec<String> = std::fs::read_dir(run_dir)
             .unwrap()
             .flatten()
@@ -293,9 +309,12 @@ async fn microvms_boot_resolve_isolate_expose_persist_and_meter() {
     let mut agent = EmbeddedAgent::start(
         "mv",
         &format!(
-            "[vm]\ndriver = \"qemu\"\nrun_dir = \"{}\"\nstate_dir = \"{}\"\nstop_timeout_secs = 20\n",
+            "[vm]\ndriver = \"qemu\"\nrun_dir = \"{}\"\nstate_dir = \"{}\"\nstop_timeout_secs = 20\n\
+             [usage]\njournal_dir = \"{}\"\ninterval_secs = 1\nfile_sink = \"{}\"\n",
             run_dir.display(),
-            vmdir.path().join("state").display()
+            vmdir.path().join("state").display(),
+            vmdir.path().join("usage").display(),
+            vmdir.path().join("records.jsonl").display(),
         ),
     );
     let op = agent.client(&agent.token);
@@ -394,12 +413,64 @@ async fn microvms_boot_resolve_isolate_expose_persist_and_meter() {
         assert_eq!(proc_status(pid, "CapPrm"), "0000000000000000");
         assert_eq!(proc_status(pid, "NoNewPrivs"), "1");
         assert_eq!(proc_status(pid, "Seccomp"), "2");
-        assert_eq!(proc_status(pid, "Groups"), "");
+        // Under KVM a VMM also holds /dev/kvm's group, and nothing else.
+        let groups = match accel {
+            Some("kvm") => {
+                use std::os::unix::fs::MetadataExt;
+                std::fs::metadata("/dev/kvm").unwrap().gid().to_string()
+            }
+            _ => String::new(),
+        };
+        assert_eq!(proc_status(pid, "Groups"), groups);
         uids.push(first);
     }
     uids.sort();
     uids.dedup();
     assert_eq!(uids.len(), 3, "one uid per VM");
+
+    // The jail: each VMM can write only its own `vmm/`; everything the agent keeps for a VM is
+    // root's. And the agent, started under umask 000, created nothing others can read or write.
+    for (c, v) in [(aid, "a1"), (aid, "a2"), (bid, "b1")] {
+        let dir = vm_dir(&run_dir, c, v);
+        let pid = vmm_pid(&run_dir, c, v);
+        let uid: u32 = proc_status(pid, "Uid")
+            .split_whitespace()
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert_eq!(owner_mode(&dir), (0, uid, 0o710), "{}", dir.display());
+        assert_eq!(owner_mode(&dir.join("vmm")), (uid, uid, 0o700));
+        assert_eq!(owner_mode(&dir.join("console.sock")), (0, uid, 0o660));
+        for record in ["identity", "vmm.pid", "config.tar"] {
+            assert_eq!(owner_mode(&dir.join(record)), (0, 0, 0o600), "{record}");
+        }
+    }
+    assert_eq!(owner_mode(&run_dir).2, 0o711);
+    let journal = vmdir.path().join("usage");
+    let sink = vmdir.path().join("records.jsonl");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !sink.exists() {
+        assert!(Instant::now() < deadline, "no usage delivered to {sink:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut checked = 0;
+    for top in [
+        vmdir.path().join("state"),
+        journal,
+        sink,
+        agent.dir.path().join("volumes"),
+        agent.dir.path().join("control.db"),
+        agent.dir.path().join("control.db-wal"),
+        agent.dir.path().join("op.token"),
+    ] {
+        for p in std::iter::once(top.clone()).chain(tree(&top)) {
+            let mode = owner_mode(&p).2;
+            assert_eq!(mode & 0o077, 0, "{} has mode {mode:o}", p.display());
+            checked += 1;
+        }
+    }
+    assert!(checked > 10, "only {checked} paths checked");
 
     let mut sa1 = Shell::connect(&shell_path(&run_dir, aid, "a1"), "a1");
     let mut sb1 = Shell::connect(&shell_path(&run_dir, bid, "b1"), "b1");

@@ -221,16 +221,15 @@ impl ControlConfig {
         match std::fs::read_to_string(path) {
             Ok(t) => Ok(t.trim().to_string()),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                use std::{io::Write, os::unix::fs::OpenOptionsExt};
+                use std::io::Write;
                 if let Some(dir) = path.parent() {
-                    std::fs::create_dir_all(dir).map_err(err)?;
+                    crate::private::create_dir_all(dir, 0o700).map_err(err)?;
                 }
                 let token =
                     new_operator_token().map_err(|e| err(std::io::Error::other(e.to_string())))?;
-                let mut f = std::fs::OpenOptions::new()
+                let mut f = crate::private::file_options()
                     .write(true)
                     .create_new(true)
-                    .mode(0o600)
                     .open(path)
                     .map_err(err)?;
                 f.write_all(format!("{token}\n").as_bytes()).map_err(err)?;
@@ -255,9 +254,11 @@ impl ControlConfig {
             )),
             _ => {
                 if let Some(dir) = self.store.path.parent() {
-                    std::fs::create_dir_all(dir).map_err(|source| ConfigError::Read {
-                        path: dir.into(),
-                        source,
+                    crate::private::create_dir_all(dir, 0o700).map_err(|source| {
+                        ConfigError::Read {
+                            path: dir.into(),
+                            source,
+                        }
                     })?;
                 }
                 let opts = SqliteOptions {

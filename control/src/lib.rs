@@ -7,5 +7,6 @@ pub mod client;
 pub mod config;
 pub mod core;
 pub mod model;
+pub mod private;
 pub mod store;
 pub mod usage;

@@ -78,6 +78,8 @@ const APT_PACKAGES: &[&str] = &[
     "etcd-server",
     // The benchmarks' baseline: taps on a Linux bridge isolated by nftables.
     "nftables",
+    // The hostile VMM of the jail test (agent/tests/vm_jail.rs) is a Python script.
+    "python3",
     // systemd-analyze verifies the installed units (systemd need not run as PID 1).
     "systemd",
 ];

@@ -63,9 +63,11 @@ pub fn pinned_builds(dir: &Path) -> Result<Vec<String>, DataplaneError> {
 pub(super) fn mark_build(dir: &Path) -> Result<(), DataplaneError> {
     let id = build_id();
     let marker = dir.join(format!("{BUILD_MARKER_PREFIX}{id}"));
-    std::fs::create_dir_all(&marker).map_err(|source| DataplaneError::CreatePinDir {
-        path: marker.clone(),
-        source,
+    atoll_control::private::create_dir_all(&marker, 0o700).map_err(|source| {
+        DataplaneError::CreatePinDir {
+            path: marker.clone(),
+            source,
+        }
     })?;
     for other in pinned_builds(dir)? {
         if other != id {

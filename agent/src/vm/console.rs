@@ -7,7 +7,7 @@
 
 use std::{
     collections::VecDeque,
-    fs::{File, OpenOptions},
+    fs::File,
     io::Write,
     path::{Path, PathBuf},
 };
@@ -36,9 +36,12 @@ impl Console {
     /// `max_bytes` on disk and `tail_max` bytes in memory.
     pub fn open(path: &Path, max_bytes: u64, tail_max: usize) -> std::io::Result<Self> {
         if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir)?;
+            atoll_control::private::create_dir_all(dir, 0o700)?;
         }
-        let file = OpenOptions::new().create(true).append(true).open(path)?;
+        let file = atoll_control::private::file_options()
+            .create(true)
+            .append(true)
+            .open(path)?;
         let written = file.metadata()?.len();
         Ok(Console {
             path: path.to_path_buf(),
@@ -84,7 +87,7 @@ impl Console {
             self.file = None;
             let old = self.path.with_extension("log.1");
             let _ = std::fs::rename(&self.path, old);
-            self.file = OpenOptions::new()
+            self.file = atoll_control::private::file_options()
                 .create(true)
                 .append(true)
                 .open(&self.path)

@@ -353,11 +353,16 @@ impl EmbeddedAgent {
         } else {
             "[vm]\ndriver = \"none\"\n".to_string()
         };
+        let usage = if extra.contains("[usage]") {
+            ""
+        } else {
+            "[usage]\nenabled = false\n"
+        };
         std::fs::write(
             &config,
             format!(
                 "[dataplane]\nbpffs_root = \"{}\"\ntap_pool = 1\n[metrics]\nenabled = false\n\
-                 [usage]\nenabled = false\n[dns]\nnamespace = \"{dns}\"\ndevice = \"{dns}\"\n\
+                 {usage}[dns]\nnamespace = \"{dns}\"\ndevice = \"{dns}\"\n\
                  [control]\nhost = \"solo\"\ntap_prefix = \"{prefix}\"\nvolumes_dir = \"{}\"\n\
                  [control.embedded]\nlisten = \"127.0.0.1:{port}\"\noperator_token_file = \"{}\"\n\
                  [control.embedded.store]\npath = \"{}\"\n{vm}{extra}",
@@ -431,14 +436,23 @@ impl EmbeddedAgent {
     }
 }
 
+/// Starts `atoll-agent run` under umask 000, so every file it creates must get its private
+/// mode from the agent itself (checked by the microVM test's walk of its directories).
 fn spawn_agent(config: &Path) -> std::process::Child {
-    Command::new(env!("CARGO_BIN_EXE_atoll-agent"))
-        .arg("--config")
+    use std::os::unix::process::CommandExt;
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_atoll-agent"));
+    cmd.arg("--config")
         .arg(config)
         .arg("run")
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap()
+        .stdout(std::process::Stdio::piped());
+    // SAFETY: umask is async-signal-safe and touches no memory.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::umask(0);
+            Ok(())
+        });
+    }
+    cmd.spawn().unwrap()
 }
 
 impl Drop for EmbeddedAgent {

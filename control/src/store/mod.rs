@@ -138,6 +138,11 @@ pub enum StoreError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("creating store database {path}: {source}")]
+    CreateDatabase {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("store {path} is in use by another process (lock {lock} is held)")]
     Locked { path: PathBuf, lock: PathBuf },
     #[error("opening store database {path}: {source}")]

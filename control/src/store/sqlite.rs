@@ -60,7 +60,7 @@
 use std::{
     collections::VecDeque,
     ffi::OsString,
-    fs::{File, OpenOptions},
+    fs::File,
     os::fd::AsRawFd,
     path::{Path, PathBuf},
     sync::{Arc, Mutex, PoisonError},
@@ -157,6 +157,18 @@ impl SqliteStore {
     pub fn open(path: impl AsRef<Path>, options: SqliteOptions) -> Result<Self, StoreError> {
         let path = path.as_ref().to_path_buf();
         let lock = lock(&path)?;
+        // Created private before SQLite opens it: SQLite gives its WAL and shared-memory files
+        // the database file's mode, so the whole store is private whatever the umask.
+        crate::private::file_options()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .map_err(|source| StoreError::CreateDatabase {
+                path: path.clone(),
+                source,
+            })?;
         let conn = Connection::open(&path).map_err(|source| StoreError::OpenDatabase {
             path: path.clone(),
             source,
@@ -460,7 +472,7 @@ fn lock(path: &Path) -> Result<File, StoreError> {
     let mut lock_path = OsString::from(path.as_os_str());
     lock_path.push(".lock");
     let lock_path = PathBuf::from(lock_path);
-    let file = OpenOptions::new()
+    let file = crate::private::file_options()
         .read(true)
         .write(true)
         .create(true)
