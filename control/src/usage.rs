@@ -9,6 +9,10 @@
 //!   collection interval long, so this is exact at interval boundaries.
 //! - Prices are per GB (10^9 bytes) per direction and traffic class; anything without a price
 //!   costs 0. Costs are computed in micro-units from exact byte counts and rounded once.
+//! - Input is untrusted: sums are checked (a total past `u64` is an error naming the cloud,
+//!   direction and class, never a wrapped number), and every CSV field is quoted per RFC 4180
+//!   when it holds a comma, quote or line break; a field that starts with `=`, `+`, `-`, `@`,
+//!   tab or CR is prefixed with `'` so a spreadsheet never evaluates it (CSV injection).
 
 use std::{
     collections::{BTreeMap, HashSet},
@@ -45,6 +49,13 @@ pub enum UsageError {
     InvalidPrices { path: PathBuf, message: String },
     #[error("invalid time {0:?}: expected RFC 3339 UTC like 2026-11-01T00:00:00Z")]
     Time(String),
+    #[error("summing usage of cloud {cloud} {direction}/{class}: {what} overflows")]
+    Overflow {
+        cloud: u32,
+        direction: String,
+        class: String,
+        what: &'static str,
+    },
 }
 
 #[derive(Debug, Deserialize)]
@@ -220,11 +231,19 @@ pub fn report(
                 continue;
             }
             for t in ev.data.usage.traffic {
+                let overflow = |what| UsageError::Overflow {
+                    cloud: ev.data.cloud,
+                    direction: t.direction.clone(),
+                    class: t.class.clone(),
+                    what,
+                };
                 let e = sums
-                    .entry((ev.data.cloud, t.direction, t.class))
+                    .entry((ev.data.cloud, t.direction.clone(), t.class.clone()))
                     .or_insert((0, 0));
-                e.0 += t.packets;
-                e.1 += t.bytes;
+                e.0 =
+                    e.0.checked_add(t.packets)
+                        .ok_or_else(|| overflow("packets"))?;
+                e.1 = e.1.checked_add(t.bytes).ok_or_else(|| overflow("bytes"))?;
             }
         }
     }
@@ -233,9 +252,18 @@ pub fn report(
         .filter(|(_, (p, b))| *p > 0 || *b > 0)
         .map(|((cloud, direction, class), (packets, bytes))| {
             let unit_price = prices.per_gb(&direction, &class);
-            // Exact bytes times micro-units per GB, rounded once.
-            let micro = (bytes as u128 * (unit_price * 1e6).round() as u128) / 1_000_000_000u128;
-            Line {
+            // Exact bytes times micro-units per GB, rounded once. Prices are validated finite
+            // and non-negative, so the cast saturates at worst; the product is checked.
+            let micro = (bytes as u128)
+                .checked_mul((unit_price * 1e6).round() as u128)
+                .ok_or_else(|| UsageError::Overflow {
+                    cloud,
+                    direction: direction.clone(),
+                    class: class.clone(),
+                    what: "cost",
+                })?
+                / 1_000_000_000u128;
+            Ok(Line {
                 cloud,
                 direction,
                 class,
@@ -243,9 +271,9 @@ pub fn report(
                 bytes,
                 unit_price,
                 cost: micro as f64 / 1e6,
-            }
+            })
         })
-        .collect();
+        .collect::<Result<_, UsageError>>()?;
     Ok(Report {
         from_ms,
         to_ms,
@@ -295,12 +323,48 @@ PricingUnit,ListUnitPrice,ListCost,BilledCost,EffectiveCost,BillingCurrency\n",
     let (from, to) = (rfc3339(r.from_ms), rfc3339(r.to_ms));
     for l in &r.lines {
         let gb = l.bytes as f64 / 1e9;
-        out += &format!(
-            "{from},{to},{from},{to},Usage,Network {} {} traffic,atoll,atoll network,Networking,{},network-{}-{},{gb:.9},GB,{gb:.9},GB,{:.6},{:.6},{:.6},{:.6},{}\n",
-            l.direction, l.class, l.cloud, l.direction, l.class, l.unit_price, l.cost, l.cost, l.cost, r.currency
-        );
+        let fields = [
+            from.clone(),
+            to.clone(),
+            from.clone(),
+            to.clone(),
+            "Usage".into(),
+            format!("Network {} {} traffic", l.direction, l.class),
+            "atoll".into(),
+            "atoll network".into(),
+            "Networking".into(),
+            l.cloud.to_string(),
+            format!("network-{}-{}", l.direction, l.class),
+            format!("{gb:.9}"),
+            "GB".into(),
+            format!("{gb:.9}"),
+            "GB".into(),
+            format!("{:.6}", l.unit_price),
+            format!("{:.6}", l.cost),
+            format!("{:.6}", l.cost),
+            format!("{:.6}", l.cost),
+            r.currency.clone(),
+        ];
+        let row: Vec<String> = fields.iter().map(|f| csv_field(f)).collect();
+        out += &row.join(",");
+        out.push('\n');
     }
     out
+}
+
+/// One CSV field: quoted (RFC 4180) when it holds a separator, quote or line break, and never
+/// read as a formula by a spreadsheet.
+fn csv_field(f: &str) -> String {
+    let f = if f.starts_with(['=', '+', '-', '@', '\t', '\r']) {
+        format!("'{f}")
+    } else {
+        f.to_string()
+    };
+    if f.contains([',', '"', '\n', '\r']) {
+        format!("\"{}\"", f.replace('"', "\"\""))
+    } else {
+        f
+    }
 }
 
 /// Parses `YYYY-MM-DDTHH:MM:SS[.fff]Z` into milliseconds since the epoch.
@@ -436,6 +500,54 @@ mod tests {
         std::fs::remove_dir_all(&dir).unwrap();
         assert!(parse_rfc3339("2026-13-01T00:00:00Z").is_err());
         assert!(parse_rfc3339("yesterday").is_err());
+    }
+
+    #[test]
+    fn sums_are_checked_and_csv_fields_escaped() {
+        let dir = std::env::temp_dir().join(format!("atl-usage-ovf-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let f = dir.join("r.jsonl");
+        let big = u64::MAX - 1;
+        std::fs::write(
+            &f,
+            [
+                record("a", 1, 2000, "from_guest", "external", big),
+                record("b", 1, 2001, "from_guest", "external", 2),
+            ]
+            .join("\n")
+                + "\n",
+        )
+        .unwrap();
+        let err = report(&[f.clone()], &prices(), 0, u64::MAX).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                UsageError::Overflow {
+                    cloud: 1,
+                    what: "bytes",
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        // A class carrying separators, quotes, a line break and a formula stays one field.
+        let hostile = "x,\\\"=cmd|' /C calc'!A0\\n";
+        std::fs::write(&f, record("c", 1, 2000, "from_guest", hostile, 5) + "\n").unwrap();
+        let r = report(&[f], &prices(), 0, u64::MAX).unwrap();
+        let csv = focus_csv(&r);
+        // One quoted field, its quotes doubled and its line break kept inside the quotes.
+        assert!(
+            csv.contains(",Usage,\"Network from_guest x,\"\"=cmd|' /C calc'!A0\n traffic\",atoll,"),
+            "{csv}"
+        );
+        assert!(
+            csv.contains(",\"network-from_guest-x,\"\"=cmd|' /C calc'!A0\n\","),
+            "{csv}"
+        );
+        assert_eq!(csv_field("=1+1"), "'=1+1");
+        assert_eq!(csv_field("-5"), "'-5");
+        assert_eq!(csv_field("a\"b"), "\"a\"\"b\"");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
