@@ -518,7 +518,7 @@ mod tests {
                 + "\n",
         )
         .unwrap();
-        let err = report(&[f.clone()], &prices(), 0, u64::MAX).unwrap_err();
+        let err = report(std::slice::from_ref(&f), &prices(), 0, u64::MAX).unwrap_err();
         assert!(
             matches!(
                 err,
