@@ -280,6 +280,16 @@ pub struct UsageConfig {
     pub http_sink: Option<String>,
     /// Timeout of one HTTP delivery, seconds (1 to 300).
     pub http_timeout_secs: u64,
+    /// The journal is written in segments of this many bytes (at least 64 KiB); a segment is
+    /// deleted once every sink has it and it is behind the baselines' checkpoint.
+    pub journal_segment_bytes: u64,
+    /// Periodic records pause while the journal holds this many bytes (at least two segments);
+    /// the kernel counters keep the usage meanwhile. See docs/operations.md for the bound.
+    pub journal_max_bytes: u64,
+    /// The file sink is rotated (`<file>.1` … `<file>.<keep>`) once it holds this many bytes.
+    pub file_sink_max_bytes: u64,
+    /// Rotated file sink files kept (1 to 100).
+    pub file_sink_keep: u32,
 }
 
 impl Default for UsageConfig {
@@ -292,11 +302,23 @@ impl Default for UsageConfig {
             file_sink: None,
             http_sink: None,
             http_timeout_secs: 5,
+            journal_segment_bytes: 16 << 20,
+            journal_max_bytes: 1 << 30,
+            file_sink_max_bytes: 256 << 20,
+            file_sink_keep: 3,
         }
     }
 }
 
 impl UsageConfig {
+    /// The journal's size limits.
+    pub fn limits(&self) -> crate::usage::JournalLimits {
+        crate::usage::JournalLimits {
+            segment_bytes: self.journal_segment_bytes,
+            max_bytes: self.journal_max_bytes,
+        }
+    }
+
     /// The CloudEvents source: configured, or `atoll/agent/<hostname>`.
     pub fn source(&self) -> String {
         self.source.clone().unwrap_or_else(|| {
@@ -450,6 +472,21 @@ impl AgentConfig {
         }
         if u.source.as_ref().is_some_and(|s| s.trim().is_empty()) {
             return Err(invalid("usage.source must not be empty"));
+        }
+        if u.journal_segment_bytes < 64 << 10 {
+            return Err(invalid(
+                "usage.journal_segment_bytes must be at least 65536",
+            ));
+        }
+        if u.journal_max_bytes < u.journal_segment_bytes.saturating_mul(2) {
+            return Err(invalid(
+                "usage.journal_max_bytes must be at least twice usage.journal_segment_bytes",
+            ));
+        }
+        if u.file_sink_max_bytes < 64 << 10 || !(1..=100).contains(&u.file_sink_keep) {
+            return Err(invalid(
+                "usage.file_sink_max_bytes must be at least 65536 and usage.file_sink_keep between 1 and 100",
+            ));
         }
         let c = &cfg.control;
         if !matches!(c.mode.as_str(), "embedded" | "remote" | "off") {

@@ -23,11 +23,12 @@ use std::{
     collections::VecDeque,
     net::Ipv4Addr,
     path::PathBuf,
+    sync::{Arc, Mutex, MutexGuard},
     time::{Duration, Instant},
 };
 
 use atoll_dataplane_common::{
-    ipv4_from_map, ipv4_to_map, DnsService, EndpointInfo, NextHop, RouteKey,
+    ipv4_from_map, ipv4_to_map, DnsService, EndpointCounters, EndpointInfo, NextHop, RouteKey,
 };
 
 mod exposure;
@@ -128,8 +129,9 @@ pub struct Host {
     /// so a slot is reused as late as possible (a DNS reply in flight to a deleted endpoint's
     /// proxy address must not reach a new holder of its slot; see the `dns` module).
     free_slots: VecDeque<u32>,
-    /// Where usage records go; `None` disables them (tests, tools).
-    usage: Option<Recorder>,
+    /// Where usage records go; `None` disables them (tests, tools). Shared with the
+    /// [`UsageCollector`] that journals the periodic records off the agent's event loop.
+    usage: Option<Arc<Mutex<Recorder>>>,
     /// The DNS namespace `DnsPlane::ensure` set up for this dataplane, removed by `destroy`.
     dns_namespace: Option<String>,
     /// The next exposure grant number (0: not yet derived from the pinned maps; see
@@ -515,39 +517,29 @@ impl Host {
 
     /// Records usage from now on into `recorder` (see [`crate::usage`]).
     pub fn set_usage(&mut self, recorder: Recorder) {
-        self.usage = Some(recorder);
+        self.usage = Some(Arc::new(Mutex::new(recorder)));
     }
 
-    pub fn usage(&self) -> Option<&Recorder> {
-        self.usage.as_ref()
+    /// The usage recorder, locked.
+    pub fn usage(&self) -> Option<MutexGuard<'_, Recorder>> {
+        self.usage.as_ref().map(|r| lock(r))
     }
 
-    fn snapshot(
+    /// A collector of the periodic usage records that runs on its own handle of the pinned
+    /// dataplane (see [`UsageCollector`]).
+    pub fn usage_collector(
         &self,
-        recorder: &Recorder,
-        ifindex: u32,
-        info: &EndpointInfo,
-        name: Option<&str>,
-    ) -> Result<Snapshot, EndpointError> {
-        let incarnation = recorder.incarnation(ifindex);
-        let endpoint = name
-            .map(str::to_string)
-            .or_else(|| device::ifname(ifindex))
-            .or_else(|| recorder.last_name(&incarnation).map(str::to_string))
-            .unwrap_or_else(|| format!("ifindex-{ifindex}"));
-        let counters =
-            self.dataplane
-                .counters(info.slot)
-                .map_err(|source| EndpointError::Unprogram {
-                    name: endpoint.clone(),
-                    source,
-                })?;
-        Ok(Snapshot {
-            incarnation,
-            cloud: info.cloud,
-            endpoint,
-            counters,
-        })
+        cfg: &DataplaneConfig,
+    ) -> Option<Result<UsageCollector, EndpointError>> {
+        let recorder = self.usage.clone()?;
+        Some(
+            Dataplane::open(cfg)
+                .map_err(EndpointError::OpenDataplane)
+                .map(|dataplane| UsageCollector {
+                    dataplane,
+                    recorder,
+                }),
+        )
     }
 
     fn record_final(
@@ -559,36 +551,22 @@ impl Host {
         let Some(recorder) = self.usage.as_ref() else {
             return Ok(());
         };
-        let snap = self.snapshot(recorder, ifindex, info, name)?;
-        self.usage
-            .as_mut()
-            .expect("checked above")
+        let counters = read_counters(&self.dataplane, ifindex, info, name)?;
+        let mut recorder = lock(recorder);
+        let snap = snapshot(&recorder, ifindex, info, name.map(str::to_string), counters);
+        recorder
             .record(&[snap], true)
             .map_err(EndpointError::Usage)?;
         Ok(())
     }
 
-    /// Journals one usage record per endpoint (the periodic collection). Returns how many.
+    /// Journals one usage record per endpoint (the periodic collection) on this thread.
+    /// Returns how many.
     pub fn collect_usage(&mut self) -> Result<usize, EndpointError> {
         let Some(recorder) = self.usage.as_ref() else {
             return Ok(0);
         };
-        let mut snaps = Vec::new();
-        for (ifindex, info) in
-            self.dataplane
-                .endpoints()
-                .map_err(|source| EndpointError::Unprogram {
-                    name: "*".into(),
-                    source,
-                })?
-        {
-            snaps.push(self.snapshot(recorder, ifindex, &info, None)?);
-        }
-        self.usage
-            .as_mut()
-            .expect("checked above")
-            .record(&snaps, false)
-            .map_err(EndpointError::Usage)
+        collect(&self.dataplane, recorder)
     }
 
     /// All endpoints in the dataplane, with their device names when the device exists.
@@ -801,4 +779,91 @@ fn validate(spec: &EndpointSpec) -> Result<(), EndpointError> {
         device::validate_name(peer_name).map_err(|e| invalid(&e.to_string()))?;
     }
     Ok(())
+}
+
+/// Journals the periodic usage records from its own handle of the pinned dataplane, so a
+/// collection (a counter read per endpoint, then JSON and an fsync) runs on a blocking thread
+/// and never on the agent's event loop: with 100k endpoints it takes long, and sync, VM events
+/// and DNS go on meanwhile. The recorder is locked only to build and append the records; an
+/// endpoint deleted meanwhile journals its final record under the same lock, and a periodic
+/// record never follows a final one (see [`crate::usage::build_records`]).
+pub struct UsageCollector {
+    dataplane: Dataplane,
+    recorder: Arc<Mutex<Recorder>>,
+}
+
+impl UsageCollector {
+    /// One collection; returns how many records were journaled.
+    pub fn collect(&self) -> Result<usize, EndpointError> {
+        collect(&self.dataplane, &self.recorder)
+    }
+
+    /// The journal's directory.
+    pub fn journal_dir(&self) -> PathBuf {
+        lock(&self.recorder).journal().dir().to_path_buf()
+    }
+}
+
+/// A poisoned lock only means another thread panicked while journaling; the journal on disk
+/// is consistent (appends are cut back on failure), so the recorder is used as it is.
+fn lock(r: &Mutex<Recorder>) -> MutexGuard<'_, Recorder> {
+    r.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn read_counters(
+    dataplane: &Dataplane,
+    ifindex: u32,
+    info: &EndpointInfo,
+    name: Option<&str>,
+) -> Result<EndpointCounters, EndpointError> {
+    dataplane
+        .counters(info.slot)
+        .map_err(|source| EndpointError::Unprogram {
+            name: name
+                .map(str::to_string)
+                .unwrap_or_else(|| format!("ifindex-{ifindex}")),
+            source,
+        })
+}
+
+fn snapshot(
+    recorder: &Recorder,
+    ifindex: u32,
+    info: &EndpointInfo,
+    name: Option<String>,
+    counters: EndpointCounters,
+) -> Snapshot {
+    let incarnation = recorder.incarnation(ifindex);
+    let endpoint = name
+        .or_else(|| recorder.last_name(&incarnation).map(str::to_string))
+        .unwrap_or_else(|| format!("ifindex-{ifindex}"));
+    Snapshot {
+        incarnation,
+        cloud: info.cloud,
+        endpoint,
+        counters,
+    }
+}
+
+/// Reads every endpoint's counters (without the recorder's lock), then journals one record
+/// each.
+fn collect(dataplane: &Dataplane, recorder: &Mutex<Recorder>) -> Result<usize, EndpointError> {
+    let endpoints = dataplane
+        .endpoints()
+        .map_err(|source| EndpointError::Unprogram {
+            name: "*".into(),
+            source,
+        })?;
+    let mut read = Vec::with_capacity(endpoints.len());
+    for (ifindex, info) in endpoints {
+        let name = device::ifname(ifindex);
+        let counters = read_counters(dataplane, ifindex, &info, name.as_deref())?;
+        read.push((ifindex, info, name, counters));
+    }
+    let mut recorder = lock(recorder);
+    let snaps: Vec<Snapshot> = read
+        .into_iter()
+        .map(|(ifindex, info, name, counters)| snapshot(&recorder, ifindex, &info, name, counters))
+        .collect();
+    recorder.record(&snaps, false).map_err(EndpointError::Usage)
 }

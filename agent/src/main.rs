@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use atoll_agent::converge::{ConvergeConfig, ConvergeError, Converger, DnsSink, Remote, Source};
 use atoll_agent::dns::{DnsPlane, DnsServer, DnsView, ForwardPolicy};
-use atoll_agent::usage::{deliver_pending, FileSink, HttpSink, Recorder, Sink};
+use atoll_agent::usage::{compact, deliver_pending, FileSink, HttpSink, Recorder, Sink};
 use atoll_agent::{
     config::AgentConfig,
     endpoint::{DeviceSpec, EndpointSpec, Host},
@@ -139,7 +139,11 @@ fn real_main() -> Result<()> {
                 }
                 let mut host = Host::open(&cfg.dataplane)?;
                 if cfg.usage.enabled {
-                    host.set_usage(Recorder::open(&cfg.usage.journal_dir, &cfg.usage.source())?);
+                    host.set_usage(Recorder::open_with(
+                        &cfg.usage.journal_dir,
+                        &cfg.usage.source(),
+                        cfg.usage.limits(),
+                    )?);
                 }
                 host.destroy().await?;
                 let _ = std::fs::remove_dir(&cfg.dataplane.bpffs_root);
@@ -179,7 +183,10 @@ async fn run(cfg: &AgentConfig) -> Result<()> {
     );
     // The metrics server reads the pinned maps through its own handle: no lock on `host`.
     let metrics = if cfg.metrics.enabled {
-        let exporter = atoll_agent::metrics::Exporter::open(&cfg.dataplane)?;
+        let mut exporter = atoll_agent::metrics::Exporter::open(&cfg.dataplane)?;
+        if cfg.usage.enabled {
+            exporter = exporter.with_usage_journal(cfg.usage.journal_dir.clone());
+        }
         let listener = atoll_agent::metrics::bind(cfg.metrics.listen).await?;
         println!(
             "atoll-agent: metrics at http://{}{}",
@@ -204,7 +211,11 @@ async fn run(cfg: &AgentConfig) -> Result<()> {
         }
     };
     if cfg.usage.enabled {
-        host.set_usage(Recorder::open(&cfg.usage.journal_dir, &cfg.usage.source())?);
+        host.set_usage(Recorder::open_with(
+            &cfg.usage.journal_dir,
+            &cfg.usage.source(),
+            cfg.usage.limits(),
+        )?);
         println!(
             "atoll-agent: usage records every {} s into {}",
             cfg.usage.interval_secs,
@@ -226,14 +237,23 @@ async fn run(cfg: &AgentConfig) -> Result<()> {
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tick.tick().await; // the first tick is immediate
     tokio::pin!(metrics_stopped);
-    let mut delivery: Option<tokio::task::JoinHandle<()>> = None;
+    let mut usage = match host.usage_collector(&cfg.dataplane) {
+        Some(c) => Some(UsageWork {
+            collector: Arc::new(c?),
+            collecting: None,
+            delivering: None,
+        }),
+        None => None,
+    };
     loop {
         tokio::select! {
             _ = tokio::signal::ctrl_c() => break,
             _ = term.recv() => break,
             e = &mut metrics_stopped => return Err(e),
             _ = tick.tick(), if cfg.usage.enabled => {
-                usage_tick(&mut host, &cfg.usage, &mut delivery);
+                if let Some(u) = usage.as_mut() {
+                    u.tick(&cfg.usage);
+                }
             }
             delta = &mut next_sync => {
                 if let Some(c) = converger.as_mut() {
@@ -274,9 +294,11 @@ async fn run(cfg: &AgentConfig) -> Result<()> {
         }
     }
     if cfg.usage.enabled {
-        usage_tick(&mut host, &cfg.usage, &mut delivery);
-        if let Some(d) = delivery.take() {
-            let _ = d.await;
+        if let Some(u) = usage.as_mut() {
+            // The last records before stopping: wait for what runs, then one more round.
+            u.finish().await;
+            u.tick(&cfg.usage);
+            u.finish().await;
         }
     }
     if let Some(server) = dns_server {
@@ -389,42 +411,72 @@ fn next_delta(
     }
 }
 
-/// Journals one record per endpoint, then delivers to the sinks off the async runtime (one
-/// delivery at a time: a slow sink delays delivery, never collection). Failures are reported
-/// and retried next tick; the kernel counters and the journal keep everything meanwhile.
-fn usage_tick(
-    host: &mut Host,
-    cfg: &atoll_agent::config::UsageConfig,
-    delivery: &mut Option<tokio::task::JoinHandle<()>>,
-) {
-    if let Err(e) = host.collect_usage() {
+/// The usage work of one tick, off the async runtime: a collection (one record per endpoint,
+/// on the collector's own dataplane handle) and, independently, a delivery to the sinks
+/// followed by a compaction of the journal. Each is skipped while its previous run is still
+/// going, so a slow sink delays delivery, never collection, and neither delays the event loop.
+/// Failures are reported and retried next tick; the kernel counters and the journal keep
+/// everything meanwhile.
+struct UsageWork {
+    collector: Arc<atoll_agent::endpoint::UsageCollector>,
+    collecting: Option<tokio::task::JoinHandle<()>>,
+    delivering: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl UsageWork {
+    fn tick(&mut self, cfg: &atoll_agent::config::UsageConfig) {
+        if self.collecting.as_ref().is_none_or(|d| d.is_finished()) {
+            let collector = self.collector.clone();
+            self.collecting = Some(tokio::task::spawn_blocking(move || {
+                if let Err(e) = collector.collect() {
+                    eprintln!("atoll-agent: {e}");
+                }
+            }));
+        }
+        if self.delivering.as_ref().is_some_and(|d| !d.is_finished()) {
+            return;
+        }
+        let cfg = cfg.clone();
+        self.delivering = Some(tokio::task::spawn_blocking(move || deliver(&cfg)));
+    }
+
+    /// Waits for the running work (at shutdown).
+    async fn finish(&mut self) {
+        for t in [self.collecting.take(), self.delivering.take()]
+            .into_iter()
+            .flatten()
+        {
+            let _ = t.await;
+        }
+    }
+}
+
+/// Delivers the journal to every configured sink, then deletes the segments all of them have.
+fn deliver(cfg: &atoll_agent::config::UsageConfig) {
+    let dir = cfg.journal_dir.clone();
+    let mut sinks: Vec<Box<dyn Sink + Send>> = Vec::new();
+    if let Some(path) = &cfg.file_sink {
+        sinks.push(Box::new(FileSink::new(
+            path.clone(),
+            cfg.file_sink_max_bytes,
+            cfg.file_sink_keep,
+        )));
+    }
+    if let Some(url) = &cfg.http_sink {
+        match HttpSink::new(url, std::time::Duration::from_secs(cfg.http_timeout_secs)) {
+            Ok(s) => sinks.push(Box::new(s)),
+            Err(e) => eprintln!("atoll-agent: usage.http_sink: {e}"),
+        }
+    }
+    for sink in sinks.iter_mut() {
+        if let Err(e) = deliver_pending(&dir, sink.as_mut(), 1 << 20) {
+            eprintln!("atoll-agent: {e}");
+        }
+    }
+    let names: Vec<&str> = sinks.iter().map(|s| s.name()).collect();
+    if let Err(e) = compact(&dir, &names, cfg.limits()) {
         eprintln!("atoll-agent: {e}");
     }
-    if delivery.as_ref().is_some_and(|d| !d.is_finished()) {
-        return;
-    }
-    let Some(journal) = host.usage().map(|r| r.journal().path().to_path_buf()) else {
-        return;
-    };
-    let cfg = cfg.clone();
-    *delivery = Some(tokio::task::spawn_blocking(move || {
-        let dir = cfg.journal_dir.clone();
-        let mut sinks: Vec<Box<dyn Sink + Send>> = Vec::new();
-        if let Some(path) = &cfg.file_sink {
-            sinks.push(Box::new(FileSink::new(path.clone())));
-        }
-        if let Some(url) = &cfg.http_sink {
-            match HttpSink::new(url, std::time::Duration::from_secs(cfg.http_timeout_secs)) {
-                Ok(s) => sinks.push(Box::new(s)),
-                Err(e) => eprintln!("atoll-agent: usage.http_sink: {e}"),
-            }
-        }
-        for sink in sinks.iter_mut() {
-            if let Err(e) = deliver_pending(&journal, &dir, sink.as_mut(), 1 << 20) {
-                eprintln!("atoll-agent: {e}");
-            }
-        }
-    }));
 }
 
 /// No layout of any version is pinned under `root` (pins of another version are not "nothing":
@@ -501,7 +553,11 @@ async fn endpoint(cfg: &AgentConfig, cmd: EndpointCmd) -> Result<()> {
         EndpointCmd::Del { name } => {
             // The endpoint's final usage record is written before it goes away.
             if cfg.usage.enabled {
-                host.set_usage(Recorder::open(&cfg.usage.journal_dir, &cfg.usage.source())?);
+                host.set_usage(Recorder::open_with(
+                    &cfg.usage.journal_dir,
+                    &cfg.usage.source(),
+                    cfg.usage.limits(),
+                )?);
             }
             host.delete_endpoint(&name).await?;
             println!("deleted {name}");

@@ -12,6 +12,8 @@
 //! | `atoll_endpoints` | gauge | `cloud` |
 //! | `atoll_cloud_packets_total` | counter | `cloud`, `direction`, `class` |
 //! | `atoll_cloud_bytes_total` | counter | `cloud`, `direction`, `class` |
+//! | `atoll_usage_quarantined_records_total` | counter | (none; with usage records on) |
+//! | `atoll_usage_journal_bytes` | gauge | (none; with usage records on) |
 //!
 //! `direction` is `from_guest` / `to_guest`, `class` one of `intra_cloud`, `exposure`, `host`,
 //! `external`, and `reason` a [`DropReason`] name: the names come from the shared crate, so the
@@ -209,11 +211,23 @@ pub struct Snapshot {
     pub endpoints: Vec<EndpointSample>,
     /// Host-wide drops for every reason (including frames of no endpoint).
     pub drops: Vec<(DropReason, u64)>,
+    /// The usage journal, when usage records are on.
+    pub usage: Option<UsageJournal>,
+}
+
+/// What the metrics show of the usage journal.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UsageJournal {
+    /// Records ever set aside as unreadable (lines of its quarantine file).
+    pub quarantined: u64,
+    /// Bytes its segments hold.
+    pub bytes: u64,
 }
 
 /// Reads the pinned dataplane's counters.
 pub struct Exporter {
     dataplane: Dataplane,
+    usage_dir: Option<std::path::PathBuf>,
 }
 
 impl Exporter {
@@ -222,7 +236,14 @@ impl Exporter {
     pub fn open(cfg: &DataplaneConfig) -> Result<Self, MetricsError> {
         Ok(Exporter {
             dataplane: Dataplane::open(cfg).map_err(MetricsError::OpenDataplane)?,
+            usage_dir: None,
         })
+    }
+
+    /// Also exports the state of the usage journal in `dir`.
+    pub fn with_usage_journal(mut self, dir: std::path::PathBuf) -> Self {
+        self.usage_dir = Some(dir);
+        self
     }
 
     /// Reads every endpoint's counters and the host-wide drops.
@@ -264,7 +285,15 @@ impl Exporter {
             .dataplane
             .drop_counters()
             .map_err(MetricsError::ReadDrops)?;
-        Ok(Snapshot { endpoints, drops })
+        let usage = self.usage_dir.as_deref().map(|dir| UsageJournal {
+            quarantined: crate::usage::quarantined(dir),
+            bytes: crate::usage::journal_bytes(dir),
+        });
+        Ok(Snapshot {
+            endpoints,
+            drops,
+            usage,
+        })
     }
 
     /// A full exposition in `format`.
@@ -537,6 +566,25 @@ pub fn render(snapshot: &Snapshot, format: Format) -> String {
             }
         }
     }
+    if let Some(u) = snapshot.usage {
+        w.family(
+            "atoll_usage_quarantined_records",
+            Kind::Counter,
+            "Usage journal lines set aside as unreadable (kept in the journal's quarantine.jsonl).",
+        );
+        w.sample(
+            "atoll_usage_quarantined_records",
+            Kind::Counter,
+            &[],
+            u.quarantined,
+        );
+        w.family(
+            "atoll_usage_journal_bytes",
+            Kind::Gauge,
+            "Bytes held by the usage journal's segments (bounded by usage.journal_max_bytes).",
+        );
+        w.sample("atoll_usage_journal_bytes", Kind::Gauge, &[], u.bytes);
+    }
     w.finish()
 }
 
@@ -699,6 +747,7 @@ mod tests {
                 .iter()
                 .map(|r| (*r, *r as u64 * 3))
                 .collect(),
+            usage: None,
         }
     }
 
@@ -839,12 +888,23 @@ mod tests {
 
     #[test]
     fn no_endpoints_still_has_all_families() {
-        let snap = Snapshot {
+        let mut snap = Snapshot {
             endpoints: Vec::new(),
             drops: Vec::new(),
+            usage: None,
         };
         let s = render(&snap, Format::OpenMetrics);
         assert_eq!(s.lines().filter(|l| l.starts_with("# TYPE")).count(), 7);
+        snap.usage = Some(UsageJournal {
+            quarantined: 2,
+            bytes: 300,
+        });
+        let s = render(&snap, Format::OpenMetrics);
+        assert!(
+            s.contains("\natoll_usage_quarantined_records_total 2\n"),
+            "{s}"
+        );
+        assert!(s.contains("\natoll_usage_journal_bytes 300\n"), "{s}");
         assert_eq!(
             s.lines()
                 .filter(|l| l.starts_with("atoll_drops_total{"))

@@ -21,7 +21,7 @@
 //!   re-delivers that batch: at least once, never zero times.
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, HashMap, HashSet},
     fs::File,
     io::{self, BufRead, BufReader, Read, Seek, SeekFrom, Write},
     path::{Path, PathBuf},
@@ -54,6 +54,14 @@ pub enum UsageError {
     },
     #[error("writing usage journal {path} (records kept in the kernel counters, retried next interval): {source}")]
     AppendJournal { path: PathBuf, source: io::Error },
+    #[error("setting aside unreadable line {line} of usage journal {path}: {source}")]
+    Quarantine {
+        path: PathBuf,
+        line: usize,
+        source: io::Error,
+    },
+    #[error("usage journal {path} holds {bytes} bytes, at its limit usage.journal_max_bytes = {max} (the sinks are behind); usage stays in the kernel counters and is journaled once delivery frees space")]
+    JournalFull { path: PathBuf, bytes: u64, max: u64 },
     #[error("usage journal {path} is in use by another process (a running atoll-agent?); one writer at a time")]
     Locked { path: PathBuf },
     #[error("reading cursor {path}: {source}")]
@@ -192,7 +200,7 @@ pub struct Snapshot {
 }
 
 /// The last journaled record of an incarnation.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Baseline {
     pub endpoint: String,
     pub seq: u64,
@@ -201,86 +209,220 @@ pub struct Baseline {
     pub is_final: bool,
 }
 
-/// The durable journal of usage records.
+impl Baseline {
+    fn of(ev: &UsageEvent) -> Self {
+        Baseline {
+            endpoint: ev.data.endpoint.clone(),
+            seq: ev.data.seq,
+            end_unix_ms: ev.data.end_unix_ms,
+            cumulative: ev.data.cumulative.clone(),
+            is_final: ev.data.is_final,
+        }
+    }
+}
+
+/// How large the journal may grow (`[usage]` in the agent's config).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct JournalLimits {
+    /// A segment is closed (and a new one begun) once it holds this many bytes.
+    pub segment_bytes: u64,
+    /// Periodic records are not journaled while the segments hold this many bytes (the
+    /// kernel counters keep the usage until delivery frees space); final records always are.
+    pub max_bytes: u64,
+}
+
+impl Default for JournalLimits {
+    fn default() -> Self {
+        JournalLimits {
+            segment_bytes: 16 << 20,
+            max_bytes: 1 << 30,
+        }
+    }
+}
+
+/// The baselines as of the start of segment `segment`: replaying the segments from there on
+/// rebuilds the journal's state, so the segments before it are needed only for delivery.
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct Checkpoint {
+    segment: u64,
+    baselines: BTreeMap<String, Baseline>,
+}
+
+/// The file of segment `n`: `usage.jsonl` is segment 0 (the single file of earlier
+/// versions), then `usage-<n>.jsonl`.
+pub fn segment_path(dir: &Path, n: u64) -> PathBuf {
+    if n == 0 {
+        dir.join(JOURNAL_FILE)
+    } else {
+        dir.join(format!("usage-{n}.jsonl"))
+    }
+}
+
+/// The journal's segments in `dir`, oldest first.
+pub fn segments(dir: &Path) -> Vec<(u64, PathBuf)> {
+    let mut out: Vec<(u64, PathBuf)> = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name();
+            let name = name.to_str()?;
+            let n = if name == JOURNAL_FILE {
+                0
+            } else {
+                name.strip_prefix("usage-")?
+                    .strip_suffix(".jsonl")?
+                    .parse()
+                    .ok()?
+            };
+            Some((n, e.path()))
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+/// Bytes the journal's segments hold in `dir`.
+pub fn journal_bytes(dir: &Path) -> u64 {
+    segments(dir)
+        .iter()
+        .filter_map(|(_, p)| std::fs::metadata(p).ok())
+        .map(|m| m.len())
+        .sum()
+}
+
+/// Every record in the journal in `dir`, oldest first (set-aside lines skipped).
+pub fn read_journal(dir: &Path) -> io::Result<Vec<UsageEvent>> {
+    let mut out = Vec::new();
+    for (_, path) in segments(dir) {
+        for line in std::fs::read_to_string(path)?.lines() {
+            if !line.trim().is_empty() {
+                out.push(
+                    serde_json::from_str(line)
+                        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?,
+                );
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// File of the records set aside because they could not be read.
+pub const QUARANTINE_FILE: &str = "quarantine.jsonl";
+const CHECKPOINT_FILE: &str = "checkpoint.json";
+
+/// How many records were ever set aside in `dir` (lines of its quarantine file).
+pub fn quarantined(dir: &Path) -> u64 {
+    std::fs::read(dir.join(QUARANTINE_FILE))
+        .map(|b| b.iter().filter(|&&c| c == b'\n').count() as u64)
+        .unwrap_or(0)
+}
+
+/// The durable journal of usage records: numbered segment files, a checkpoint of the
+/// baselines at the start of the newest ones, and the sinks' cursors.
 pub struct Journal {
-    path: PathBuf,
+    dir: PathBuf,
+    segment: u64,
     file: File,
     len: u64,
     baselines: HashMap<String, Baseline>,
+    limits: JournalLimits,
+    quarantined: u64,
 }
 
 impl Journal {
-    /// Opens (creating) `<dir>/usage.jsonl`, cuts off a torn last line, and rebuilds the
-    /// baseline of every incarnation from the records.
+    /// Opens (creating) the journal in `dir` with the default limits.
     pub fn open(dir: &Path) -> Result<Self, UsageError> {
-        let path = dir.join(JOURNAL_FILE);
-        let open_err = |source| UsageError::OpenJournal {
-            path: path.clone(),
-            source,
+        Self::open_with(dir, JournalLimits::default())
+    }
+
+    /// Opens (creating) the journal in `dir`: loads the checkpoint, replays the segments from
+    /// it on, cuts off a torn last line, and sets aside every other line that is not a usage
+    /// record (see [`Journal::quarantined_now`]).
+    pub fn open_with(dir: &Path, limits: JournalLimits) -> Result<Self, UsageError> {
+        let open_err = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| UsageError::OpenJournal { path, source }
         };
-        atoll_control::private::create_dir_all(dir, 0o700).map_err(open_err)?;
-        let mut file = atoll_control::private::file_options()
-            .create(true)
-            .read(true)
-            .append(true)
-            .open(&path)
-            .map_err(open_err)?;
-        let mut baselines = HashMap::new();
-        let mut good_len = 0u64;
-        {
-            file.seek(SeekFrom::Start(0)).map_err(open_err)?;
-            let mut reader = BufReader::new(&file);
-            let mut line = String::new();
-            let mut n = 0;
-            loop {
-                line.clear();
-                let read =
-                    reader
-                        .read_line(&mut line)
-                        .map_err(|source| UsageError::ReadJournal {
-                            path: path.clone(),
-                            line: n + 1,
-                            source,
-                        })?;
-                if read == 0 || !line.ends_with('\n') {
-                    break; // end, or a torn line from a crash mid-write
-                }
-                n += 1;
-                let ev: UsageEvent = serde_json::from_str(line.trim_end()).map_err(|source| {
-                    UsageError::ParseJournal {
-                        path: path.clone(),
-                        line: n,
-                        source,
-                    }
-                })?;
-                baselines.insert(
-                    ev.data.incarnation.clone(),
-                    Baseline {
-                        endpoint: ev.data.endpoint,
-                        seq: ev.data.seq,
-                        end_unix_ms: ev.data.end_unix_ms,
-                        cumulative: ev.data.cumulative,
-                        is_final: ev.data.is_final,
-                    },
-                );
-                good_len += read as u64;
+        atoll_control::private::create_dir_all(dir, 0o700).map_err(open_err(dir))?;
+        let cp_path = dir.join(CHECKPOINT_FILE);
+        let checkpoint: Checkpoint = match std::fs::read(&cp_path) {
+            Ok(bytes) => {
+                serde_json::from_slice(&bytes).map_err(|source| UsageError::ParseJournal {
+                    path: cp_path.clone(),
+                    line: 1,
+                    source,
+                })?
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Checkpoint::default(),
+            Err(source) => {
+                return Err(UsageError::OpenJournal {
+                    path: cp_path,
+                    source,
+                })
+            }
+        };
+        let mut baselines: HashMap<String, Baseline> = checkpoint.baselines.into_iter().collect();
+        let mut replay: Vec<(u64, PathBuf)> = segments(dir)
+            .into_iter()
+            .filter(|(n, _)| *n >= checkpoint.segment)
+            .collect();
+        if replay.is_empty() {
+            replay.push((checkpoint.segment, segment_path(dir, checkpoint.segment)));
+        }
+        let mut quarantined = 0;
+        let last = replay.len() - 1;
+        let mut current = None;
+        for (i, (n, path)) in replay.into_iter().enumerate() {
+            let mut file = atoll_control::private::file_options()
+                .create(true)
+                .read(true)
+                .write(true)
+                .open(&path)
+                .map_err(open_err(&path))?;
+            let (good_len, set_aside) =
+                replay_segment(dir, &path, &mut file, i == last, &mut baselines)?;
+            quarantined += set_aside;
+            if i == last {
+                current = Some((n, path, file, good_len));
             }
         }
-        let len = file.metadata().map_err(open_err)?.len();
-        if len != good_len {
-            file.set_len(good_len).map_err(open_err)?;
-            file.sync_data().map_err(open_err)?;
+        let (segment, path, mut file, len) = current.expect("at least one segment");
+        file.seek(SeekFrom::Start(len)).map_err(open_err(&path))?;
+        if quarantined > 0 {
+            eprintln!(
+                "atoll-agent: usage journal {}: set aside {quarantined} unreadable records in {}",
+                dir.display(),
+                dir.join(QUARANTINE_FILE).display()
+            );
         }
         Ok(Journal {
-            path,
+            dir: dir.to_path_buf(),
+            segment,
             file,
-            len: good_len,
+            len,
             baselines,
+            limits,
+            quarantined,
         })
     }
 
-    pub fn path(&self) -> &Path {
-        &self.path
+    /// The segment records are appended to now.
+    pub fn path(&self) -> PathBuf {
+        segment_path(&self.dir, self.segment)
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn limits(&self) -> JournalLimits {
+        self.limits
+    }
+
+    /// Unreadable records this open set aside.
+    pub fn quarantined_now(&self) -> u64 {
+        self.quarantined
     }
 
     pub fn baseline(&self, incarnation: &str) -> Option<&Baseline> {
@@ -304,26 +446,211 @@ impl Journal {
             .and_then(|()| self.file.sync_data());
         if let Err(source) = result {
             let _ = self.file.set_len(self.len);
+            let _ = self.file.seek(SeekFrom::Start(self.len));
             let _ = self.file.sync_data();
             return Err(UsageError::AppendJournal {
-                path: self.path.clone(),
+                path: self.path(),
                 source,
             });
         }
         self.len += buf.len() as u64;
         for ev in events {
-            self.baselines.insert(
-                ev.data.incarnation.clone(),
-                Baseline {
-                    endpoint: ev.data.endpoint.clone(),
-                    seq: ev.data.seq,
-                    end_unix_ms: ev.data.end_unix_ms,
-                    cumulative: ev.data.cumulative.clone(),
-                    is_final: ev.data.is_final,
-                },
-            );
+            self.baselines
+                .insert(ev.data.incarnation.clone(), Baseline::of(ev));
         }
         Ok(())
+    }
+
+    /// Begins a new segment once the current one is full: first a checkpoint of the baselines
+    /// of `live` incarnations (any other incarnation is gone for good: ifindexes are not reused
+    /// within a boot), then the new, empty segment. A crash between the two leaves a
+    /// checkpoint whose segment [`Journal::open`] creates.
+    pub fn rotate_if_full(&mut self, live: &HashSet<String>) -> Result<bool, UsageError> {
+        if self.len < self.limits.segment_bytes {
+            return Ok(false);
+        }
+        let next = self.segment + 1;
+        self.baselines.retain(|inc, _| live.contains(inc));
+        let checkpoint = Checkpoint {
+            segment: next,
+            baselines: self
+                .baselines
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+        };
+        let bytes = serde_json::to_vec(&checkpoint).map_err(UsageError::Encode)?;
+        let cp_path = self.dir.join(CHECKPOINT_FILE);
+        write_atomic(&cp_path, &bytes).map_err(|source| UsageError::AppendJournal {
+            path: cp_path,
+            source,
+        })?;
+        let path = segment_path(&self.dir, next);
+        let file = atoll_control::private::file_options()
+            .create(true)
+            .read(true)
+            .write(true)
+            .open(&path)
+            .map_err(|source| UsageError::OpenJournal {
+                path: path.clone(),
+                source,
+            })?;
+        sync_dir(&self.dir);
+        self.file = file;
+        self.segment = next;
+        self.len = 0;
+        Ok(true)
+    }
+}
+
+/// Replays one segment into `baselines`; returns its readable length and how many lines were
+/// set aside. A torn last line of the newest segment (a crash mid-write) is cut off; any other
+/// line that is not a usage record is copied to the quarantine file and blanked in place
+/// (spaces, same length), so no byte offset (cursor) moves and nothing delivered is lost.
+fn replay_segment(
+    dir: &Path,
+    path: &Path,
+    file: &mut File,
+    newest: bool,
+    baselines: &mut HashMap<String, Baseline>,
+) -> Result<(u64, u64), UsageError> {
+    let read_err = |line: usize| {
+        let path = path.to_path_buf();
+        move |source| UsageError::ReadJournal { path, line, source }
+    };
+    let mut bytes = Vec::new();
+    file.seek(SeekFrom::Start(0)).map_err(read_err(0))?;
+    file.read_to_end(&mut bytes).map_err(read_err(0))?;
+    let mut offset = 0usize;
+    let mut set_aside = 0;
+    let mut n = 0;
+    while offset < bytes.len() {
+        n += 1;
+        let end = bytes[offset..].iter().position(|&b| b == b'\n');
+        let Some(end) = end.map(|e| offset + e) else {
+            if newest {
+                // A torn last line: cut off.
+                file.set_len(offset as u64).map_err(read_err(n))?;
+                file.sync_data().map_err(read_err(n))?;
+                return Ok((offset as u64, set_aside));
+            }
+            // An older segment never ends torn unless damaged: set the rest aside, keeping
+            // the length (the last byte becomes the line's end).
+            quarantine(dir, path, file, offset, bytes.len(), n)?;
+            return Ok((bytes.len() as u64, set_aside + 1));
+        };
+        let line = &bytes[offset..end];
+        if !line.iter().all(|&b| b == b' ') {
+            match serde_json::from_slice::<UsageEvent>(line) {
+                Ok(ev) => {
+                    baselines.insert(ev.data.incarnation.clone(), Baseline::of(&ev));
+                }
+                Err(_) => {
+                    quarantine(dir, path, file, offset, end + 1, n)?;
+                    set_aside += 1;
+                }
+            }
+        }
+        offset = end + 1;
+    }
+    Ok((bytes.len() as u64, set_aside))
+}
+
+/// Copies bytes `[start, end)` of a segment to the quarantine file (durably) and then blanks
+/// them in place with spaces, the last byte a newline.
+fn quarantine(
+    dir: &Path,
+    path: &Path,
+    file: &mut File,
+    start: usize,
+    end: usize,
+    line: usize,
+) -> Result<(), UsageError> {
+    let err = |source| UsageError::Quarantine {
+        path: path.to_path_buf(),
+        line,
+        source,
+    };
+    let mut raw = vec![0u8; end - start];
+    file.seek(SeekFrom::Start(start as u64)).map_err(err)?;
+    file.read_exact(&mut raw).map_err(err)?;
+    if raw.last() != Some(&b'\n') {
+        raw.push(b'\n');
+    }
+    let mut q = atoll_control::private::file_options()
+        .create(true)
+        .append(true)
+        .open(dir.join(QUARANTINE_FILE))
+        .map_err(err)?;
+    q.write_all(&raw)
+        .and_then(|()| q.sync_data())
+        .map_err(err)?;
+    let mut blank = vec![b' '; end - start];
+    if let Some(last) = blank.last_mut() {
+        *last = b'\n';
+    }
+    file.seek(SeekFrom::Start(start as u64)).map_err(err)?;
+    file.write_all(&blank)
+        .and_then(|()| file.sync_data())
+        .map_err(err)?;
+    eprintln!(
+        "atoll-agent: usage journal {} line {line} is not a usage record: set aside",
+        path.display()
+    );
+    Ok(())
+}
+
+/// Deletes the segments no one needs any more: behind the checkpoint (not needed to rebuild
+/// baselines) and behind every sink's cursor (delivered everywhere). Without sinks the journal
+/// is its own record, kept up to `limits.max_bytes` (oldest segments behind the checkpoint
+/// go first). Returns how many segments were deleted.
+pub fn compact(dir: &Path, sinks: &[&str], limits: JournalLimits) -> Result<usize, UsageError> {
+    let kept_from = match std::fs::read(dir.join(CHECKPOINT_FILE)) {
+        Ok(b) => serde_json::from_slice::<Checkpoint>(&b)
+            .map(|c| c.segment)
+            .unwrap_or(0),
+        Err(_) => 0,
+    };
+    let mut delivered_to = u64::MAX;
+    for name in sinks {
+        delivered_to = delivered_to.min(read_cursor(&cursor_path(dir, name))?.0);
+    }
+    let all = segments(dir);
+    let mut total: u64 = all
+        .iter()
+        .filter_map(|(_, p)| std::fs::metadata(p).ok())
+        .map(|m| m.len())
+        .sum();
+    let mut removed = 0;
+    for (n, path) in all {
+        if n >= kept_from {
+            break;
+        }
+        let delete = if sinks.is_empty() {
+            total > limits.max_bytes
+        } else {
+            n < delivered_to
+        };
+        if !delete {
+            break;
+        }
+        let len = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+        std::fs::remove_file(&path).map_err(|source| UsageError::OpenJournal {
+            path: path.clone(),
+            source,
+        })?;
+        total = total.saturating_sub(len);
+        removed += 1;
+    }
+    if removed > 0 {
+        sync_dir(dir);
+    }
+    Ok(removed)
+}
+
+fn sync_dir(dir: &Path) {
+    if let Ok(d) = File::open(dir) {
+        let _ = d.sync_all();
     }
 }
 
@@ -387,8 +714,14 @@ pub struct Recorder {
 }
 
 impl Recorder {
-    /// Opens the journal in `dir`; `source` is the CloudEvents source (e.g. `atoll/agent/<host>`).
+    /// Opens the journal in `dir` with the default limits; `source` is the CloudEvents source
+    /// (e.g. `atoll/agent/<host>`).
     pub fn open(dir: &Path, source: &str) -> Result<Self, UsageError> {
+        Self::open_with(dir, source, JournalLimits::default())
+    }
+
+    /// Opens the journal in `dir` with `limits`.
+    pub fn open_with(dir: &Path, source: &str, limits: JournalLimits) -> Result<Self, UsageError> {
         let lock_path = dir.join("lock");
         atoll_control::private::create_dir_all(dir, 0o700).map_err(|source| {
             UsageError::OpenJournal {
@@ -423,7 +756,7 @@ impl Recorder {
                 }
             });
         }
-        let journal = Journal::open(dir)?;
+        let journal = Journal::open_with(dir, limits)?;
         let boot_id = boot_id().map_err(|source| UsageError::OpenJournal {
             path: "/proc/sys/kernel/random/boot_id".into(),
             source,
@@ -452,8 +785,21 @@ impl Recorder {
             .map(|b| b.endpoint.as_str())
     }
 
-    /// Builds and journals one record per snapshot; returns how many were written.
+    /// Builds and journals one record per snapshot; returns how many were written. A periodic
+    /// collection (`is_final` false) holds every live endpoint: it is refused while the journal
+    /// is at `max_bytes` (the kernel counters keep the usage), and it may begin a new segment.
     pub fn record(&mut self, snapshots: &[Snapshot], is_final: bool) -> Result<usize, UsageError> {
+        if !is_final {
+            let bytes = journal_bytes(self.journal.dir());
+            let max = self.journal.limits().max_bytes;
+            if bytes >= max {
+                return Err(UsageError::JournalFull {
+                    path: self.journal.dir().to_path_buf(),
+                    bytes,
+                    max,
+                });
+            }
+        }
         let now = now_unix_ms().max(self.last_tick_ms);
         let events = build_records(
             &self.journal,
@@ -466,6 +812,8 @@ impl Recorder {
         self.journal.append(&events)?;
         if !is_final {
             self.last_tick_ms = now;
+            let live: HashSet<String> = snapshots.iter().map(|s| s.incarnation.clone()).collect();
+            self.journal.rotate_if_full(&live)?;
         }
         Ok(events.len())
     }
@@ -521,18 +869,45 @@ pub trait Sink {
     fn deliver(&mut self, lines: &[u8]) -> Result<(), io::Error>;
 }
 
-/// Appends records to a JSON-lines file and fsyncs it.
+/// Appends records to a JSON-lines file and fsyncs it; once the file holds `max_bytes` it is
+/// rotated to `<file>.1` (older ones shift up to `<file>.<keep>`, the oldest dropped), so a
+/// reader of the sink has `keep + 1` files of history and the disk holds at most about
+/// `(keep + 1) * max_bytes`.
 pub struct FileSink {
     name: String,
     path: PathBuf,
+    max_bytes: u64,
+    keep: u32,
 }
 
 impl FileSink {
-    pub fn new(path: PathBuf) -> Self {
+    pub fn new(path: PathBuf, max_bytes: u64, keep: u32) -> Self {
         FileSink {
             name: "file".into(),
             path,
+            max_bytes,
+            keep: keep.max(1),
         }
+    }
+
+    fn rotated(&self, n: u32) -> PathBuf {
+        let mut p = self.path.as_os_str().to_owned();
+        p.push(format!(".{n}"));
+        PathBuf::from(p)
+    }
+
+    fn rotate(&self) -> io::Result<()> {
+        for n in (1..self.keep).rev() {
+            match std::fs::rename(self.rotated(n), self.rotated(n + 1)) {
+                Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+                _ => {}
+            }
+        }
+        std::fs::rename(&self.path, self.rotated(1))?;
+        if let Some(dir) = self.path.parent() {
+            sync_dir(dir);
+        }
+        Ok(())
     }
 }
 
@@ -544,6 +919,10 @@ impl Sink for FileSink {
     fn deliver(&mut self, lines: &[u8]) -> Result<(), io::Error> {
         if let Some(dir) = self.path.parent() {
             atoll_control::private::create_dir_all(dir, 0o700)?;
+        }
+        let len = std::fs::metadata(&self.path).map(|m| m.len()).unwrap_or(0);
+        if len > 0 && len + lines.len() as u64 > self.max_bytes {
+            self.rotate()?;
         }
         let mut f = atoll_control::private::file_options()
             .create(true)
@@ -651,91 +1030,118 @@ impl Sink for HttpSink {
     }
 }
 
-/// Delivers everything in the journal past the sink's cursor, in batches of at most
-/// `max_batch` bytes (whole lines), advancing the cursor after each acknowledged batch.
-/// Returns the number of records delivered.
+/// Delivers everything in the journal in `dir` past the sink's cursor, segment by segment,
+/// in batches of at most `max_batch` bytes (whole lines), advancing the cursor after each
+/// acknowledged batch. Lines set aside (blank) are skipped. A cursor behind the oldest segment
+/// (a sink added after older segments were deleted) starts there. Returns the number of
+/// records delivered.
 pub fn deliver_pending(
-    journal: &Path,
-    cursor_dir: &Path,
+    dir: &Path,
     sink: &mut dyn Sink,
     max_batch: usize,
 ) -> Result<usize, UsageError> {
-    let cursor_path = cursor_dir.join(format!("{}.cursor", sink.name()));
-    let mut offset = read_cursor(&cursor_path)?;
-    let mut file = File::open(journal).map_err(|source| UsageError::OpenJournal {
-        path: journal.into(),
-        source,
-    })?;
-    let len = file
-        .metadata()
-        .map_err(|source| UsageError::OpenJournal {
-            path: journal.into(),
-            source,
-        })?
-        .len();
-    if offset > len {
-        // The journal was replaced; start over (at least once).
-        offset = 0;
-    }
+    let cpath = cursor_path(dir, sink.name());
+    let (mut seg, mut offset) = read_cursor(&cpath)?;
+    let segs = segments(dir);
     let mut delivered = 0;
-    while offset < len {
-        file.seek(SeekFrom::Start(offset))
-            .map_err(|source| UsageError::OpenJournal {
-                path: journal.into(),
-                source,
-            })?;
-        let mut chunk = vec![0u8; max_batch.min((len - offset) as usize)];
-        file.read_exact(&mut chunk)
-            .map_err(|source| UsageError::OpenJournal {
-                path: journal.into(),
-                source,
-            })?;
-        let Some(end) = chunk.iter().rposition(|b| *b == b'\n') else {
-            // A single line longer than the batch: send it alone.
-            let mut line = Vec::new();
-            file.seek(SeekFrom::Start(offset))
-                .map_err(|source| UsageError::OpenJournal {
-                    path: journal.into(),
-                    source,
-                })?;
-            BufReader::new(&file)
-                .read_until(b'\n', &mut line)
-                .map_err(|source| UsageError::OpenJournal {
-                    path: journal.into(),
-                    source,
-                })?;
-            if !line.ends_with(b"\n") {
-                break;
-            }
-            chunk = line;
-            sink.deliver(&chunk).map_err(|source| UsageError::Deliver {
-                sink: sink.name().into(),
-                source,
-            })?;
-            offset += chunk.len() as u64;
-            delivered += 1;
-            write_cursor(&cursor_path, offset)?;
+    for (i, (n, path)) in segs.iter().enumerate() {
+        if *n < seg {
             continue;
-        };
-        let batch = &chunk[..=end];
-        sink.deliver(batch).map_err(|source| UsageError::Deliver {
-            sink: sink.name().into(),
-            source,
-        })?;
-        offset += batch.len() as u64;
-        delivered += batch.iter().filter(|b| **b == b'\n').count();
-        write_cursor(&cursor_path, offset)?;
+        }
+        if *n > seg {
+            (seg, offset) = (*n, 0);
+        }
+        delivered += deliver_segment(path, &cpath, seg, &mut offset, sink, max_batch)?;
+        // A segment older than the newest is closed (only the newest grows): move past it.
+        if let Some((next, _)) = segs.get(i + 1) {
+            (seg, offset) = (*next, 0);
+            write_cursor(&cpath, seg, offset)?;
+        }
     }
     Ok(delivered)
 }
 
-fn read_cursor(path: &Path) -> Result<u64, UsageError> {
+/// Delivers segment `seg` at `path` from `offset` to its current end.
+fn deliver_segment(
+    path: &Path,
+    cpath: &Path,
+    seg: u64,
+    offset: &mut u64,
+    sink: &mut dyn Sink,
+    max_batch: usize,
+) -> Result<usize, UsageError> {
+    let err = |source| UsageError::OpenJournal {
+        path: path.into(),
+        source,
+    };
+    let mut file = File::open(path).map_err(err)?;
+    let len = file.metadata().map_err(err)?.len();
+    if *offset > len {
+        // The segment was replaced; start over (at least once).
+        *offset = 0;
+    }
+    let mut delivered = 0;
+    while *offset < len {
+        file.seek(SeekFrom::Start(*offset)).map_err(err)?;
+        let mut chunk = vec![0u8; max_batch.min((len - *offset) as usize)];
+        file.read_exact(&mut chunk).map_err(err)?;
+        let batch = match chunk.iter().rposition(|b| *b == b'\n') {
+            Some(end) => {
+                chunk.truncate(end + 1);
+                chunk
+            }
+            None => {
+                // A single line longer than the batch: send it alone.
+                let mut line = Vec::new();
+                file.seek(SeekFrom::Start(*offset)).map_err(err)?;
+                BufReader::new(&file)
+                    .read_until(b'\n', &mut line)
+                    .map_err(err)?;
+                if !line.ends_with(b"\n") {
+                    break;
+                }
+                line
+            }
+        };
+        let records: Vec<u8> = batch
+            .split_inclusive(|&b| b == b'\n')
+            .filter(|l| !l.iter().all(|&b| b == b' ' || b == b'\n'))
+            .flatten()
+            .copied()
+            .collect();
+        if !records.is_empty() {
+            sink.deliver(&records)
+                .map_err(|source| UsageError::Deliver {
+                    sink: sink.name().into(),
+                    source,
+                })?;
+        }
+        *offset += batch.len() as u64;
+        delivered += records.iter().filter(|b| **b == b'\n').count();
+        write_cursor(cpath, seg, *offset)?;
+    }
+    Ok(delivered)
+}
+
+fn cursor_path(dir: &Path, sink: &str) -> PathBuf {
+    dir.join(format!("{sink}.cursor"))
+}
+
+/// A sink's cursor: `(segment, byte offset)`; a bare offset (earlier versions) is in segment 0.
+fn read_cursor(path: &Path) -> Result<(u64, u64), UsageError> {
+    let bad = |e: std::num::ParseIntError| UsageError::ReadCursor {
+        path: path.into(),
+        source: io::Error::new(io::ErrorKind::InvalidData, e),
+    };
     match std::fs::read_to_string(path) {
-        Ok(s) => s.trim().parse().map_err(|e| UsageError::ReadCursor {
-            path: path.into(),
-            source: io::Error::new(io::ErrorKind::InvalidData, e),
-        }),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(0),
+        Ok(s) => match s.split_once(' ') {
+            Some((seg, off)) => Ok((
+                seg.trim().parse().map_err(bad)?,
+                off.trim().parse().map_err(bad)?,
+            )),
+            None => Ok((0, s.trim().parse().map_err(bad)?)),
+        },
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok((0, 0)),
         Err(source) => Err(UsageError::ReadCursor {
             path: path.into(),
             source,
@@ -743,21 +1149,28 @@ fn read_cursor(path: &Path) -> Result<u64, UsageError> {
     }
 }
 
-/// Writes the cursor atomically (temporary file, fsync, rename).
-fn write_cursor(path: &Path, offset: u64) -> Result<(), UsageError> {
-    let err = |source| UsageError::WriteCursor {
-        path: path.into(),
-        source,
-    };
-    let tmp = path.with_extension("cursor-tmp");
-    let mut f = atoll_control::private::create_file(&tmp).map_err(err)?;
-    f.write_all(offset.to_string().as_bytes()).map_err(err)?;
-    f.sync_data().map_err(err)?;
-    std::fs::rename(&tmp, path).map_err(err)?;
-    if let Some(dir) = path.parent() {
-        if let Ok(d) = File::open(dir) {
-            let _ = d.sync_all();
+/// Writes the cursor atomically.
+fn write_cursor(path: &Path, segment: u64, offset: u64) -> Result<(), UsageError> {
+    write_atomic(path, format!("{segment} {offset}").as_bytes()).map_err(|source| {
+        UsageError::WriteCursor {
+            path: path.into(),
+            source,
         }
+    })
+}
+
+/// Replaces `path` atomically (a private temporary file, fsync, rename, fsync of the
+/// directory).
+fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
+    let mut f = atoll_control::private::create_file(&tmp)?;
+    f.write_all(bytes)?;
+    f.sync_data()?;
+    std::fs::rename(&tmp, path)?;
+    if let Some(dir) = path.parent() {
+        sync_dir(dir);
     }
     Ok(())
 }
@@ -1005,15 +1418,223 @@ mod tests {
             fail: true,
             got: Vec::new(),
         };
-        assert!(deliver_pending(j.path(), &dir, &mut sink, 300).is_err());
+        assert!(deliver_pending(&dir, &mut sink, 300).is_err());
         sink.fail = false;
-        assert_eq!(deliver_pending(j.path(), &dir, &mut sink, 300).unwrap(), 5);
+        assert_eq!(deliver_pending(&dir, &mut sink, 300).unwrap(), 5);
         assert_eq!(
-            deliver_pending(j.path(), &dir, &mut sink, 300).unwrap(),
+            deliver_pending(&dir, &mut sink, 300).unwrap(),
             0,
             "nothing twice"
         );
         assert_eq!(sink.got, std::fs::read(j.path()).unwrap());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A sink that keeps what it got.
+    struct Keep {
+        got: Vec<u8>,
+    }
+
+    impl Sink for Keep {
+        fn name(&self) -> &str {
+            "keep"
+        }
+        fn deliver(&mut self, lines: &[u8]) -> Result<(), io::Error> {
+            self.got.extend_from_slice(lines);
+            Ok(())
+        }
+    }
+
+    fn ids(bytes: &[u8]) -> Vec<String> {
+        std::str::from_utf8(bytes)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str::<UsageEvent>(l).unwrap().id)
+            .collect()
+    }
+
+    #[test]
+    fn segments_rotate_compact_behind_the_cursors_and_rebuild_from_the_checkpoint() {
+        let dir = tmpdir("us");
+        let limits = JournalLimits {
+            segment_bytes: 3000,
+            max_bytes: 1 << 20,
+        };
+        let mut r = Recorder::open_with(&dir, "s", limits).unwrap();
+        let (a, gone) = (r.incarnation(1), r.incarnation(2));
+        let mut sink = Keep { got: Vec::new() };
+        let mut total = 0;
+        for t in 1..=40u64 {
+            let mut snaps = vec![snap(&a, counters(t, t * 100, 0))];
+            if t <= 3 {
+                snaps.push(snap(&gone, counters(t, t, 0)));
+            }
+            total += r.record(&snaps, false).unwrap();
+            if t % 7 == 0 {
+                deliver_pending(&dir, &mut sink, 1000).unwrap();
+                compact(&dir, &["keep"], limits).unwrap();
+            }
+        }
+        deliver_pending(&dir, &mut sink, 1000).unwrap();
+        compact(&dir, &["keep"], limits).unwrap();
+        let segs = segments(&dir);
+        assert!(segs.len() <= 2, "delivered segments are deleted: {segs:?}");
+        assert!(segs[0].0 >= 5, "rotated: {segs:?}");
+        // Every record delivered exactly once, in order.
+        let got = ids(&sink.got);
+        assert_eq!(got.len(), total);
+        let want: Vec<String> = (1..=40).map(|n| format!("{a}-{n}")).collect();
+        assert_eq!(
+            got.iter()
+                .filter(|i| i.starts_with(&a))
+                .cloned()
+                .collect::<Vec<_>>(),
+            want
+        );
+        drop(r);
+        // Reopened from the checkpoint and the segments after it: the next record continues.
+        let mut r = Recorder::open_with(&dir, "s", limits).unwrap();
+        assert_eq!(
+            r.journal().baseline(&gone),
+            None,
+            "a gone incarnation is dropped"
+        );
+        r.record(&[snap(&a, counters(41, 4150, 0))], false).unwrap();
+        deliver_pending(&dir, &mut sink, 1000).unwrap();
+        let last: UsageEvent = serde_json::from_str(
+            std::str::from_utf8(&sink.got)
+                .unwrap()
+                .lines()
+                .last()
+                .unwrap(),
+        )
+        .unwrap();
+        assert_eq!(last.id, format!("{a}-41"));
+        assert_eq!(last.data.usage.bytes("from_guest", "intra_cloud"), 150);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_full_journal_pauses_periodic_records_and_loses_nothing() {
+        let dir = tmpdir("uf");
+        let limits = JournalLimits {
+            segment_bytes: 2000,
+            max_bytes: 4000,
+        };
+        let mut r = Recorder::open_with(&dir, "s", limits).unwrap();
+        let a = r.incarnation(1);
+        let mut t = 0;
+        let err = loop {
+            t += 1;
+            match r.record(&[snap(&a, counters(t, t * 10, 0))], false) {
+                Ok(_) => assert!(t < 100, "never full"),
+                Err(e) => break e,
+            }
+        };
+        assert!(matches!(err, UsageError::JournalFull { .. }), "{err}");
+        assert!(journal_bytes(&dir) < limits.max_bytes + limits.segment_bytes);
+        // A final record is still journaled.
+        let b = r.incarnation(2);
+        assert_eq!(r.record(&[snap(&b, counters(1, 5, 0))], true).unwrap(), 1);
+        // Delivery frees space; the next record covers the paused window.
+        let mut sink = Keep { got: Vec::new() };
+        deliver_pending(&dir, &mut sink, 1 << 20).unwrap();
+        compact(&dir, &["keep"], limits).unwrap();
+        r.record(&[snap(&a, counters(t, t * 10, 0))], false)
+            .unwrap();
+        deliver_pending(&dir, &mut sink, 1 << 20).unwrap();
+        let sum: u64 = std::str::from_utf8(&sink.got)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str::<UsageEvent>(l).unwrap())
+            .filter(|e| e.data.incarnation == a)
+            .map(|e| e.data.usage.bytes("from_guest", "intra_cloud"))
+            .sum();
+        assert_eq!(sum, t * 10, "records sum to the kernel's counters");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_corrupt_record_is_set_aside_and_nothing_delivered_is_lost() {
+        let dir = tmpdir("uq");
+        let mut j = Journal::open(&dir).unwrap();
+        for t in 1..=3u64 {
+            let r = build_records(&j, &[snap("b-3", counters(t, t * 10, 0))], "s", 0, t, false);
+            j.append(&r).unwrap();
+        }
+        let mut sink = Keep { got: Vec::new() };
+        deliver_pending(&dir, &mut sink, 1 << 20).unwrap();
+        let delivered = sink.got.clone();
+        // Damage the second record in the middle of the journal, then write more.
+        let mut bytes = std::fs::read(j.path()).unwrap();
+        let second = bytes.iter().position(|&b| b == b'\n').unwrap() + 1;
+        bytes[second + 5] = b'#';
+        bytes[second + 9] = 0xff;
+        std::fs::write(j.path(), &bytes).unwrap();
+        drop(j);
+        let mut j = Journal::open(&dir).unwrap();
+        assert_eq!(j.quarantined_now(), 1);
+        assert_eq!(quarantined(&dir), 1);
+        let q = std::fs::read(dir.join(QUARANTINE_FILE)).unwrap();
+        assert_eq!(
+            q.len(),
+            bytes[second..].iter().position(|&b| b == b'\n').unwrap() + 1
+        );
+        assert_eq!(
+            std::fs::metadata(j.path()).unwrap().len(),
+            bytes.len() as u64
+        );
+        assert_eq!(
+            j.baseline("b-3").unwrap().seq,
+            3,
+            "the other records still count"
+        );
+        let r = build_records(&j, &[snap("b-3", counters(4, 40, 0))], "s", 0, 4, false);
+        j.append(&r).unwrap();
+        deliver_pending(&dir, &mut sink, 1 << 20).unwrap();
+        assert!(
+            sink.got.starts_with(&delivered),
+            "what was delivered stays delivered"
+        );
+        assert_eq!(ids(&sink.got[delivered.len()..]), vec!["b-3-4".to_string()]);
+        // A second open finds nothing more to set aside.
+        drop(j);
+        assert_eq!(Journal::open(&dir).unwrap().quarantined_now(), 0);
+        assert_eq!(quarantined(&dir), 1);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn cursors_of_earlier_versions_and_the_file_sink_rotate() {
+        let dir = tmpdir("uc");
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("file.cursor"), "42").unwrap();
+        assert_eq!(read_cursor(&dir.join("file.cursor")).unwrap(), (0, 42));
+        write_cursor(&dir.join("file.cursor"), 3, 7).unwrap();
+        assert_eq!(read_cursor(&dir.join("file.cursor")).unwrap(), (3, 7));
+        let path = dir.join("records.jsonl");
+        let mut f = FileSink::new(path.clone(), 100, 2);
+        for i in 0..10 {
+            f.deliver(format!("{{\"n\":{i:040}}}\n").as_bytes())
+                .unwrap();
+        }
+        let mut files: Vec<String> = std::fs::read_dir(&dir)
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with("records"))
+            .collect();
+        files.sort();
+        assert_eq!(
+            files,
+            ["records.jsonl", "records.jsonl.1", "records.jsonl.2"]
+        );
+        for n in &files {
+            assert!(std::fs::metadata(dir.join(n)).unwrap().len() <= 100, "{n}");
+        }
+        assert!(std::fs::read_to_string(&path)
+            .unwrap()
+            .contains(&format!("{:040}", 9)));
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -273,8 +273,8 @@ async fn kill_9_during_traffic_and_export_loses_nothing_and_duplicates_nothing()
     }
 
     // Both sinks: flush what the agent had not delivered yet, then compare as sets.
-    let mut file = FileSink::new(file_sink.clone());
-    deliver_pending(&journal, &journal_dir, &mut file, 1 << 20).unwrap();
+    let mut file = FileSink::new(file_sink.clone(), 1 << 30, 1);
+    deliver_pending(&journal_dir, &mut file, 1 << 20).unwrap();
     let delivered: HashSet<String> = events(&file_sink).into_iter().map(|e| e.id).collect();
     assert_eq!(
         delivered, ids,
@@ -285,7 +285,7 @@ async fn kill_9_during_traffic_and_export_loses_nothing_and_duplicates_nothing()
         Duration::from_secs(2),
     )
     .unwrap();
-    deliver_pending(&journal, &journal_dir, &mut http_sink, 1 << 20).unwrap();
+    deliver_pending(&journal_dir, &mut http_sink, 1 << 20).unwrap();
     stop_collector.store(true, Ordering::Relaxed);
     http.join().unwrap();
     let mut http_ids = HashSet::new();
