@@ -20,6 +20,12 @@
 //! - **Isolation by construction.** The forwarding table is keyed by `(cloud, address)`, and the
 //!   cloud comes from the *ingress device*, never from the packet. An address of another cloud
 //!   cannot be looked up, so overlapping ranges are safe and cross-cloud traffic has no path.
+//! - **Tags the kernel hid are tags.** Before TC runs, the kernel moves the outer VLAN tag of a
+//!   frame a guest writes into the skb's metadata, so the frame `from_vm` reads looks
+//!   untagged, and a redirect or answer would get the tag back on egress. `from_vm` checks the
+//!   metadata (`packet::vlan_tag_in_metadata`) before the ethertype. Tagged frames too short
+//!   for the kernel to untag (14 to 19 bytes) are freed before TC and cannot be seen here
+//!   (docs/design.md, "What a tap delivers to TC").
 //! - Every packet costs O(1): one hash lookup for the endpoint, one for the route.
 //! - Thin entry points named by direction call `try_*` functions returning a [`Verdict`]; drops
 //!   are counted per reason in [`drop`] (host-wide) and per endpoint in [`metering`], which also
@@ -111,6 +117,13 @@ fn try_from_vm(ctx: &TcContext, ep: Option<&EndpointInfo>) -> Verdict {
     let (src, ether_type) = unsafe { (&(*eth).src, (*eth).ether_type) };
     if !packet::mac_eq(src, &ep.mac) {
         return Verdict::Drop(DropReason::SpoofedSourceMac);
+    }
+    // A tag the kernel already moved into the skb's metadata: the header below shows the
+    // inner ethertype, and forwarding would put the tag back on the wire (see
+    // `packet::vlan_tag_in_metadata`). A second (QinQ) tag stays in the header and is caught
+    // by the ethertype match.
+    if packet::vlan_tag_in_metadata(ctx) {
+        return Verdict::Drop(DropReason::VlanTagged);
     }
     match u16::from_be(ether_type) {
         ETH_P_IP => route::forward_ipv4(ctx, &pkt, eth, ep, ifindex),

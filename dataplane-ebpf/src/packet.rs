@@ -143,6 +143,20 @@ pub fn ifindex(ctx: &TcContext) -> u32 {
     unsafe { (*ctx.skb.skb).ifindex }
 }
 
+/// True if the skb carries a VLAN tag in its metadata (`__sk_buff.vlan_present`, i.e.
+/// `skb->vlan_all != 0`, also for a priority tag with VID 0). On ingress the kernel moves the
+/// outer 802.1Q / 802.1ad tag of a frame a guest writes out of the frame and into this
+/// metadata (`skb_vlan_untag` in `__netif_receive_skb_core`) before TC runs, so the frame the
+/// program sees carries the inner ethertype; on a redirect to a device's egress the kernel
+/// writes the tag back into the frame. Only this field tells a tagged frame from an untagged
+/// one.
+#[inline(always)]
+pub fn vlan_tag_in_metadata(ctx: &TcContext) -> bool {
+    // SAFETY: `ctx.skb.skb` is the kernel-provided context pointer, valid for the whole run;
+    // the verifier rewrites this load into a read of the skb's VLAN metadata.
+    unsafe { (*ctx.skb.skb).vlan_present != 0 }
+}
+
 /// Copies a MAC address into the frame with six byte stores. A plain `[u8; 6]` assignment
 /// compiles to a call into an out-of-line, byte-looping `memmove` subprogram in BPF, which cost
 /// about a third of the forwarding path; volatile stores cannot be merged back into one.

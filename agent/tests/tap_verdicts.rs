@@ -1,0 +1,428 @@
+//! Verdicts as a real tap gives them: the test plays the VMs, writing raw frames into each tap's
+//! queue fd as a VMM does (`device::open_tap_queue`) and reading what the dataplane delivers
+//! from the other taps' fds. Needs root.
+//!
+//! `BPF_PROG_TEST_RUN` (`verdicts.rs`, `exposure_verdicts.rs`) hands the programs a frame
+//! exactly as built, so it cannot show what the kernel does to a frame between the tap and
+//! TC: it moves the outer VLAN tag of a frame a guest writes into the skb's metadata
+//! (`skb_vlan_untag`, before TC runs) and frees a tagged frame too short for that without
+//! running any program. These tests hold the verdicts for what a guest can actually write.
+//!
+//! # Topology
+//!
+//! Cloud 1 (consumer): A 10.0.0.2 and its sibling S 10.0.0.3. Cloud 2 (provider): B 10.0.0.2
+//! (the consumer's address: clouds overlap), the only backend of cloud 1's VIP
+//! 10.0.0.200:80/TCP → B:8080, NAT address 10.0.0.250. One backend makes the reply-side keys
+//! of A's and S's flows collide whenever their NAT ports do.
+//!
+//! # Ordering instead of waiting
+//!
+//! A frame written into a tap is run through `from_vm` (and, when redirected, into the target
+//! tap's queue) within the `write` syscall: tun hands it to `netif_receive_skb` in the
+//! writer's context. So after a batch of frames that must vanish, one ordinary *marker* frame
+//! whose delivery is expected is written; the first frame the receiving tap then yields must
+//! be the marker's, and the counters read after the writes are final. No test waits for an
+//! absence.
+
+mod support;
+
+use std::{net::Ipv4Addr, os::fd::OwnedFd, time::Duration};
+
+use atoll_agent::{
+    device,
+    endpoint::{Endpoint, Host, ServiceSpec, PROTOCOL_TCP},
+    testbed::{
+        frame::{self, Tcp, TCP_ACK, TCP_PSH},
+        unique_name, unique_prefix, LinksWithPrefix, PinRoot,
+    },
+    types::{CloudId, MacAddr},
+};
+use atoll_dataplane_common::{Direction, DropReason, EndpointCounters, TrafficClass};
+
+const CONSUMER: u32 = 1;
+const PROVIDER: u32 = 2;
+const GATEWAY: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 1);
+const VIP: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 200);
+const NAT: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 250);
+const VIP_PORT: u16 = 80;
+const BACKEND_PORT: u16 = 8080;
+/// How long a frame that must arrive is waited for.
+const ARRIVE: Duration = Duration::from_secs(3);
+const ETH_P_8021Q: u16 = 0x8100;
+const ETH_P_8021AD: u16 = 0x88a8;
+
+/// One guest: its endpoint and the tap queue the test writes and reads as its VMM.
+struct Vm {
+    ep: Endpoint,
+    q: OwnedFd,
+}
+
+impl Vm {
+    fn mac(&self) -> [u8; 6] {
+        self.ep.mac.0
+    }
+
+    fn write(&self, f: &[u8]) {
+        frame::write_frame(&self.q, f);
+    }
+
+    /// The next frame the dataplane delivered to this guest.
+    fn next(&self, what: &str) -> Vec<u8> {
+        frame::read_frame(&self.q, ARRIVE)
+            .unwrap_or_else(|| panic!("{what}: nothing arrived at {}", self.ep.ipv4))
+    }
+}
+
+/// A private pinned dataplane with A, S and B on taps and the VIP installed.
+struct Bed {
+    host: Host,
+    a: Vm,
+    s: Vm,
+    b: Vm,
+    gw: [u8; 6],
+    rt: tokio::runtime::Runtime,
+    _links: LinksWithPrefix,
+    _pins: PinRoot,
+}
+
+impl Bed {
+    /// Devices and pins are named with `tag` (one per test: tests run in parallel, and each
+    /// checks that nothing named with its tag is left).
+    fn new(tag: &str) -> Self {
+        let pins = PinRoot::new(tag);
+        let links = LinksWithPrefix(unique_prefix(tag));
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let mut host = {
+            let _entered = rt.enter();
+            Host::open(&support::cfg(&pins, 16, 0)).expect("opening a private dataplane")
+        };
+        let mut vm = |cloud: u32, octet: u8| {
+            let name = unique_name(tag);
+            let ep = rt
+                .block_on(host.create_endpoint(&support::tap(&name, cloud, octet)))
+                .unwrap_or_else(|e| panic!("creating {name}: {e}"));
+            let q = device::open_tap_queue(&name, true).expect("opening the tap as a VMM");
+            // Frames sent to a tap before the kernel activates its queue are dropped.
+            device::wait_until_up(&name, ARRIVE).expect("tap up");
+            Vm { ep, q }
+        };
+        let (a, s, b) = (vm(CONSUMER, 2), vm(CONSUMER, 3), vm(PROVIDER, 2));
+        host.apply_service(&ServiceSpec {
+            consumer: CloudId::new(CONSUMER).unwrap(),
+            vip: VIP,
+            provider: CloudId::new(PROVIDER).unwrap(),
+            nat: NAT,
+            protocol: PROTOCOL_TCP,
+            port: VIP_PORT,
+            backends: vec![(b.ep.ipv4, BACKEND_PORT)],
+        })
+        .expect("installing the VIP");
+        let gw = host.gateway_mac().0;
+        Bed {
+            host,
+            a,
+            s,
+            b,
+            gw,
+            rt,
+            _links: links,
+            _pins: pins,
+        }
+    }
+
+    fn counters(&self, vm: &Vm) -> EndpointCounters {
+        self.host
+            .dataplane()
+            .counters(vm.ep.slot)
+            .expect("endpoint counters")
+    }
+
+    fn host_drops(&self) -> Vec<(DropReason, u64)> {
+        self.host.dataplane().drop_counters().expect("DROPS")
+    }
+
+    // Frames a guest writes.
+
+    fn arp_request(&self, from: &Vm, target: Ipv4Addr) -> Vec<u8> {
+        let mut f = vec![0xff; 6];
+        f.extend_from_slice(&from.mac());
+        f.extend_from_slice(&0x0806u16.to_be_bytes());
+        f.extend_from_slice(&[0, 1, 0x08, 0, 6, 4, 0, 1]);
+        f.extend_from_slice(&from.mac());
+        f.extend_from_slice(&from.ep.ipv4.octets());
+        f.extend_from_slice(&[0; 6]);
+        f.extend_from_slice(&target.octets());
+        f
+    }
+
+    fn echo(&self, from: &Vm, to: Ipv4Addr) -> Vec<u8> {
+        support::echo_frame(from.ep.mac, MacAddr(self.gw), from.ep.ipv4, to, 98)
+    }
+
+    fn to_vip(&self, from: &Vm, sport: u16, payload: &[u8]) -> Vec<u8> {
+        let mut t = Tcp::syn(from.mac(), self.gw, (from.ep.ipv4, sport), (VIP, VIP_PORT));
+        if !payload.is_empty() {
+            t.flags = TCP_PSH | TCP_ACK;
+        }
+        t.frame(payload)
+    }
+}
+
+/// `f` with a tag `(tpid, tci)` inserted after the MAC addresses.
+fn tagged(f: &[u8], tpid: u16, tci: u16) -> Vec<u8> {
+    let mut t = f[..12].to_vec();
+    t.extend_from_slice(&tpid.to_be_bytes());
+    t.extend_from_slice(&tci.to_be_bytes());
+    t.extend_from_slice(&f[12..]);
+    t
+}
+
+/// Every tagging a guest may try: one 802.1Q tag, one 802.1ad tag (VID 0: a priority tag
+/// still fills the metadata), and QinQ (802.1ad outside, 802.1Q inside).
+fn taggings(f: &[u8]) -> Vec<(&'static str, Vec<u8>)> {
+    vec![
+        ("802.1Q", tagged(f, ETH_P_8021Q, 5)),
+        ("802.1ad", tagged(f, ETH_P_8021AD, 0)),
+        (
+            "QinQ",
+            tagged(&tagged(f, ETH_P_8021Q, 7), ETH_P_8021AD, 100),
+        ),
+    ]
+}
+
+fn sum_drops(c: &EndpointCounters) -> u64 {
+    c.drops.iter().sum()
+}
+
+fn traffic(c: &EndpointCounters) -> [[(u64, u64); TrafficClass::COUNT]; Direction::COUNT] {
+    c.traffic.map(|d| d.map(|t| (t.packets, t.bytes)))
+}
+
+/// The host-wide drops that moved between two reads.
+fn moved(before: &[(DropReason, u64)], after: &[(DropReason, u64)]) -> Vec<(DropReason, u64)> {
+    after
+        .iter()
+        .zip(before)
+        .filter(|(a, b)| a.1 != b.1)
+        .map(|(a, b)| (a.0, a.1 - b.1))
+        .collect()
+}
+
+fn tap_rx_packets(vm: &Vm) -> u64 {
+    let name = vm.ep.name.as_deref().expect("a named endpoint");
+    std::fs::read_to_string(format!("/sys/class/net/{name}/statistics/rx_packets"))
+        .expect("rx_packets")
+        .trim()
+        .parse()
+        .expect("a number")
+}
+
+/// The traffic counters of `c` minus those of `base`.
+fn traffic_delta(
+    c: &EndpointCounters,
+    base: &EndpointCounters,
+) -> [[(u64, u64); TrafficClass::COUNT]; Direction::COUNT] {
+    let (now, was) = (traffic(c), traffic(base));
+    std::array::from_fn(|d| {
+        std::array::from_fn(|t| (now[d][t].0 - was[d][t].0, now[d][t].1 - was[d][t].1))
+    })
+}
+
+fn times(
+    n: u64,
+    t: [[(u64, u64); TrafficClass::COUNT]; Direction::COUNT],
+) -> [[(u64, u64); TrafficClass::COUNT]; Direction::COUNT] {
+    t.map(|d| d.map(|(p, b)| (n * p, n * b)))
+}
+
+/// Counters of the whole bed: host-wide drops and each guest's counters.
+struct Snapshot {
+    drops: Vec<(DropReason, u64)>,
+    a: EndpointCounters,
+    s: EndpointCounters,
+    b: EndpointCounters,
+}
+
+impl Bed {
+    fn snapshot(&self) -> Snapshot {
+        Snapshot {
+            drops: self.host_drops(),
+            a: self.counters(&self.a),
+            s: self.counters(&self.s),
+            b: self.counters(&self.b),
+        }
+    }
+
+    fn destroy(self) {
+        let Bed { host, rt, .. } = self;
+        rt.block_on(host.destroy())
+            .expect("destroying the dataplane");
+    }
+}
+
+/// What a guest asks for, with the guest that must answer or receive it.
+fn requests(bed: &Bed) -> [(&'static str, Vec<u8>, &Vm); 4] {
+    let a = &bed.a;
+    [
+        ("ARP for the gateway", bed.arp_request(a, GATEWAY), a),
+        ("echo to the gateway", bed.echo(a, GATEWAY), a),
+        (
+            "IPv4 to a peer of the cloud",
+            bed.echo(a, bed.s.ep.ipv4),
+            &bed.s,
+        ),
+        ("TCP to the VIP", bed.to_vip(a, 40000, b""), &bed.b),
+    ]
+}
+
+/// Writes `marker` from A and checks that the first frame `to` then yields is the marker's
+/// (same length and ethertype as `marker`: an answered or forwarded tagged frame would carry
+/// its tag again, 4 or 8 bytes longer), so nothing written before it reached `to`.
+fn marker_first(from: &Vm, marker: &[u8], to: &Vm, what: &str) {
+    from.write(marker);
+    let got = to.next(what);
+    assert_eq!(
+        (got.len(), &got[12..14]),
+        (marker.len(), &marker[12..14]),
+        "{what}: the first frame to arrive must be the untagged marker's, so the frame written \
+         before it was not delivered; got {got:02x?}"
+    );
+}
+
+#[test]
+fn tagged_frames_from_a_tap_are_dropped_as_vlan_tagged() {
+    support::require_root();
+    support::leaves_nothing(&["tv"], || {
+        let bed = Bed::new("tv");
+        let a = &bed.a;
+        let requests = requests(&bed);
+        // Untagged, each is answered or delivered (so the silence below means something).
+        let start = bed.snapshot();
+        for (what, f, to) in &requests {
+            a.write(f);
+            to.next(what);
+        }
+        let before = bed.snapshot();
+        let rx = tap_rx_packets(a);
+        let mut written = 0u64;
+        for (what, f, to) in &requests {
+            for (tagging, t) in taggings(f) {
+                a.write(&t);
+                written += 1;
+                marker_first(a, f, to, &format!("{what}, {tagging}"));
+            }
+        }
+        let after = bed.snapshot();
+        assert_eq!(
+            rx + 2 * written,
+            tap_rx_packets(a),
+            "the tap took every frame"
+        );
+        assert_eq!(
+            moved(&before.drops, &after.drops),
+            vec![(DropReason::VlanTagged, written)],
+            "host-wide: exactly one vlan_tagged drop per tagged frame, nothing else"
+        );
+        let vlan = DropReason::VlanTagged as usize;
+        assert_eq!(
+            after.a.drops[vlan] - before.a.drops[vlan],
+            written,
+            "A's vlan_tagged"
+        );
+        assert_eq!(
+            sum_drops(&after.a) - sum_drops(&before.a),
+            written,
+            "no other drop of A's"
+        );
+        // Only the markers were metered: three copies of the untagged round.
+        for (who, s0, s1, s2) in [
+            ("A", &start.a, &before.a, &after.a),
+            ("S", &start.s, &before.s, &after.s),
+            ("B", &start.b, &before.b, &after.b),
+        ] {
+            assert_eq!(
+                traffic_delta(s2, s1),
+                times(3, traffic_delta(s1, s0)),
+                "{who}'s traffic: the markers only"
+            );
+        }
+        assert_eq!(
+            sum_drops(&after.s),
+            sum_drops(&before.s),
+            "S dropped nothing"
+        );
+        assert_eq!(
+            sum_drops(&after.b),
+            sum_drops(&before.b),
+            "B dropped nothing"
+        );
+        bed.destroy();
+    });
+}
+
+/// A tap refuses a write shorter than an Ethernet header; a tagged frame of 14 to 19 bytes
+/// is taken (the tap's `rx_packets` counts it) and freed by the kernel's `skb_vlan_untag`
+/// before any TC program runs, because it cannot pull the tag and the inner ethertype (6
+/// bytes behind the MAC addresses and TPID): nothing is delivered and no dataplane counter
+/// moves. From 20 bytes on the tag is moved into the metadata and the frame is a
+/// `vlan_tagged` drop however little follows it.
+#[test]
+fn short_tagged_frames_are_counted_where_tc_sees_them() {
+    use std::os::fd::AsRawFd;
+    support::require_root();
+    support::leaves_nothing(&["tw"], || {
+        let bed = Bed::new("tw");
+        let a = &bed.a;
+        let marker = bed.echo(a, bed.s.ep.ipv4);
+        let full = tagged(&marker, ETH_P_8021Q, 5);
+        for len in [12usize, 13] {
+            // SAFETY: `full` is valid for `len` bytes.
+            let n = unsafe { libc::write(a.q.as_raw_fd(), full.as_ptr().cast(), len) };
+            let err = std::io::Error::last_os_error();
+            assert_eq!(
+                (n, err.raw_os_error()),
+                (-1, Some(libc::EINVAL)),
+                "a {len}-byte write is refused by the tap"
+            );
+        }
+        for tpid in [ETH_P_8021Q, ETH_P_8021AD] {
+            let full = tagged(&marker, tpid, 5);
+            let before = bed.snapshot();
+            let rx = tap_rx_packets(a);
+            for len in 14..=19 {
+                a.write(&full[..len]);
+            }
+            marker_first(a, &marker, &bed.s, &format!("{tpid:#x}, 14 to 19 bytes"));
+            let after = bed.snapshot();
+            assert_eq!(
+                rx + 7,
+                tap_rx_packets(a),
+                "{tpid:#x}: the tap took all six and the marker"
+            );
+            assert_eq!(
+                moved(&before.drops, &after.drops),
+                vec![],
+                "{tpid:#x}: no program saw the 14- to 19-byte frames"
+            );
+            assert_eq!(sum_drops(&after.a), sum_drops(&before.a));
+
+            let before = after;
+            for len in 20..=23 {
+                a.write(&full[..len]);
+            }
+            marker_first(a, &marker, &bed.s, &format!("{tpid:#x}, 20 to 23 bytes"));
+            let after = bed.snapshot();
+            assert_eq!(
+                moved(&before.drops, &after.drops),
+                vec![(DropReason::VlanTagged, 4)],
+                "{tpid:#x}: from 20 bytes on, every tagged frame is vlan_tagged"
+            );
+            let vlan = DropReason::VlanTagged as usize;
+            assert_eq!(after.a.drops[vlan] - before.a.drops[vlan], 4);
+        }
+        bed.destroy();
+    });
+}
