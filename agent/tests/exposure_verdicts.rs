@@ -1525,6 +1525,94 @@ fn a_taken_nat_port_is_replaced_by_a_hashed_one() {
     }
 }
 
+/// A sibling of A in the consumer cloud (not in the standard topology: its route is added by
+/// the test that needs it).
+const S: Guest = Guest {
+    cloud: CONSUMER,
+    ip: Ipv4Addr::new(10, 0, 0, 3),
+    mac: [0x02, 0xa7, 0x01, 0, 0, 0x03],
+    slot: 2,
+};
+
+/// Issue 15 item 9, in a test run (the real-tap version is `tap_verdicts.rs`,
+/// `a_sibling_never_takes_over_the_nat_port_of_a_live_flow`): A's reply-side entry is evicted
+/// while its `FLOWS_OUT` entry lives; the sibling S opens a flow from the same port to the only
+/// backend and takes the free NAT port; A's next packet finds its port held by S, so its flow
+/// is opened again on the next candidate port, and the backend's replies to each port reach
+/// only their own guest.
+#[test]
+fn a_flow_whose_nat_port_was_taken_moves_to_another_one() {
+    let mut plane = Plane::new();
+    plane
+        .host
+        .dataplane_mut()
+        .insert_route(
+            RouteKey {
+                cloud: S.cloud,
+                ipv4: map_ip(S.ip),
+            },
+            S.hop(),
+        )
+        .expect("S's route");
+    for p in BOTH {
+        plane.set_vip(p.vip(), p.service(p.grant(), &[B1]));
+        let sport = 46000;
+        let what = format!("{p:?}");
+        plane.send_as(A);
+        let out = plane.expect_redirect(&to_vip(p, sport, b"q"), &what);
+        assert_eq!(out, translated_to_backend(p, B1, sport, b"q"));
+        plane
+            .flows_in
+            .remove(&reply_key(p, B1, sport))
+            .expect("A's FLOWS_IN entry");
+
+        plane.send_as(S);
+        let from_s = l4_frame(p, (S.mac, GW_MAC), (S.ip, sport), (p.vip(), p.port()), b"s");
+        let out = plane.expect_redirect(&from_s, &format!("{what}: S opens"));
+        assert_eq!(seen(p, &out).src, (p.nat(), sport), "S takes the free port");
+
+        plane.send_as(A);
+        let moved_to = nat_port_candidates(&consumer_key(p, sport))[1];
+        let out = plane.expect_redirect(&to_vip(p, sport, b"q"), &format!("{what}: A again"));
+        assert_eq!(
+            out,
+            translated_to_backend(p, B1, moved_to, b"q"),
+            "{what}: A's flow moves to its next candidate port, not S's"
+        );
+        assert_eq!(
+            plane.flows_out().get(&Key(consumer_key(p, sport))),
+            Some(&flow_out(p.grant(), (B1.ip, p.backend_port()), moved_to))
+        );
+        // Every flow's reply half sends replies back to that flow.
+        for (k, f) in plane.flows_out() {
+            if k.0.protocol != p.number() {
+                continue;
+            }
+            let back = plane
+                .flows_in()
+                .get(&Key(reply_key(p, B1, u16::from_be(f.nat_port))))
+                .copied()
+                .expect("a reply half");
+            assert_eq!(
+                (back.consumer_ipv4, back.consumer_port),
+                (k.0.src_ipv4, k.0.src_port),
+                "{what}: the NAT port of {k:?} is held by another flow"
+            );
+        }
+
+        plane.send_as(B1);
+        let out = plane.expect_redirect(&to_nat(p, B1, moved_to, b"r"), &what);
+        assert_eq!(out, translated_to_consumer(p, sport, b"r"), "{what}: to A");
+        let out = plane.expect_redirect(&to_nat(p, B1, sport, b"r"), &what);
+        let at = seen(p, &out);
+        assert_eq!(
+            (at.macs.1, at.dst),
+            (S.mac, (S.ip, sport)),
+            "{what}: the reply to S's port reaches S"
+        );
+    }
+}
+
 #[test]
 fn all_nat_ports_taken_refuses_the_flow() {
     let mut plane = Plane::new();

@@ -29,6 +29,7 @@ mod support;
 use std::{net::Ipv4Addr, os::fd::OwnedFd, time::Duration};
 
 use atoll_agent::{
+    dataplane::MAP_FLOWS_IN,
     device,
     endpoint::{Endpoint, Host, ServiceSpec, PROTOCOL_TCP},
     testbed::{
@@ -37,7 +38,10 @@ use atoll_agent::{
     },
     types::{CloudId, MacAddr},
 };
-use atoll_dataplane_common::{Direction, DropReason, EndpointCounters, TrafficClass};
+use atoll_dataplane_common::{
+    ipv4_to_map, Direction, DropReason, EndpointCounters, FlowIn, FlowKey, TrafficClass,
+};
+use aya::maps::{HashMap, MapData};
 
 const CONSUMER: u32 = 1;
 const PROVIDER: u32 = 2;
@@ -144,6 +148,20 @@ impl Bed {
         self.host.dataplane().drop_counters().expect("DROPS")
     }
 
+    /// A second handle on the pinned `FLOWS_IN`, for what only LRU eviction does.
+    fn flows_in(&self) -> HashMap<MapData, FlowKey, FlowIn> {
+        let path = self
+            .host
+            .dataplane()
+            .pin_dir()
+            .join("maps")
+            .join(MAP_FLOWS_IN);
+        MapData::from_pin(&path)
+            .and_then(aya::maps::Map::from_map_data)
+            .and_then(HashMap::try_from)
+            .unwrap_or_else(|e| panic!("opening {}: {e}", path.display()))
+    }
+
     // Frames a guest writes.
 
     fn arp_request(&self, from: &Vm, target: Ipv4Addr) -> Vec<u8> {
@@ -168,6 +186,25 @@ impl Bed {
             t.flags = TCP_PSH | TCP_ACK;
         }
         t.frame(payload)
+    }
+
+    /// B's answer to a segment it received (addresses and ports swapped), carrying `payload`.
+    fn answer(&self, got: &[u8], payload: &[u8]) -> Vec<u8> {
+        let seg = frame::parse_tcp(got)
+            .expect("a TCP segment at the backend")
+            .addr;
+        Tcp {
+            src_mac: self.b.mac(),
+            dst_mac: self.gw,
+            src: seg.dst,
+            dst: seg.src,
+            sport: seg.dport,
+            dport: seg.sport,
+            seq: 7,
+            ack: 0,
+            flags: TCP_PSH | TCP_ACK,
+        }
+        .frame(payload)
     }
 }
 
@@ -423,6 +460,108 @@ fn short_tagged_frames_are_counted_where_tc_sees_them() {
             let vlan = DropReason::VlanTagged as usize;
             assert_eq!(after.a.drops[vlan] - before.a.drops[vlan], 4);
         }
+        bed.destroy();
+    });
+}
+
+/// The NAT port of a segment the backend received (it must come from the NAT address).
+fn nat_port_of(got: &[u8], what: &str) -> u16 {
+    let seg = frame::parse_tcp(got).unwrap_or_else(|e| panic!("{what}: {e}"));
+    assert_eq!(seg.addr.src, NAT, "{what}: from the NAT address");
+    seg.addr.sport
+}
+
+/// Checks that `got` is the backend's answer `payload`, translated back to `sport` of `vm`.
+fn answered(vm: &Vm, got: &[u8], sport: u16, payload: &[u8], what: &str) {
+    let seg = frame::parse_tcp(got).unwrap_or_else(|e| panic!("{what}: {e}"));
+    assert_eq!(
+        (
+            seg.addr.src,
+            seg.addr.sport,
+            seg.addr.dst,
+            seg.addr.dport,
+            seg.payload
+        ),
+        (VIP, VIP_PORT, vm.ep.ipv4, sport, payload),
+        "{what}: {}",
+        String::from_utf8_lossy(seg.payload)
+    );
+}
+
+/// The provider's key of B's replies to `nat_port` (as `FLOWS_IN` holds it).
+fn reply_key(b: &Vm, nat_port: u16) -> FlowKey {
+    FlowKey {
+        cloud: PROVIDER,
+        src_ipv4: ipv4_to_map(b.ep.ipv4.octets()),
+        dst_ipv4: ipv4_to_map(NAT.octets()),
+        src_port: BACKEND_PORT.to_be(),
+        dst_port: nat_port.to_be(),
+        protocol: PROTOCOL_TCP,
+        _pad: [0; 3],
+    }
+}
+
+/// Issue 15 item 9: A's flow to the VIP loses its reply-side `FLOWS_IN` entry (deleted by key
+/// here, which is what LRU eviction does; a guest can force evictions by filling the flow
+/// tables) while its `FLOWS_OUT` entry lives on, and its sibling S opens a flow from the same
+/// source port to the same (only) backend. Whichever of A and S sends first, the two flows
+/// must reach the backend from different NAT ports, and the backend's answer to each reaches
+/// only the guest that sent it: S never receives what B sends A.
+#[test]
+fn a_sibling_never_takes_over_the_nat_port_of_a_live_flow() {
+    support::require_root();
+    support::leaves_nothing(&["tx"], || {
+        let bed = Bed::new("tx");
+        let (a, s, b) = (&bed.a, &bed.s, &bed.b);
+        let mut flows_in = bed.flows_in();
+        for (sport, sibling_first) in [(40001u16, true), (40002, false)] {
+            let what = format!(
+                "source port {sport}, {} first",
+                if sibling_first { "S" } else { "A" }
+            );
+            a.write(&bed.to_vip(a, sport, b""));
+            let syn = b.next(&format!("{what}: A's SYN"));
+            let port = nat_port_of(&syn, &what);
+            b.write(&bed.answer(&syn, b"welcome A"));
+            answered(a, &a.next(&what), sport, b"welcome A", &what);
+
+            flows_in
+                .remove(&reply_key(b, port))
+                .expect("A's FLOWS_IN entry");
+
+            let sibling_opens = || {
+                s.write(&bed.to_vip(s, sport, b""));
+                b.next(&format!("{what}: S's SYN"))
+            };
+            let a_sends = || {
+                a.write(&bed.to_vip(a, sport, b"more from A"));
+                b.next(&format!("{what}: A's data"))
+            };
+            let (from_a, from_s) = if sibling_first {
+                let from_s = sibling_opens();
+                (a_sends(), from_s)
+            } else {
+                let from_a = a_sends();
+                (from_a, sibling_opens())
+            };
+            let (port_a, port_s) = (nat_port_of(&from_a, &what), nat_port_of(&from_s, &what));
+            assert_ne!(
+                port_a, port_s,
+                "{what}: two live flows to one backend share NAT port {port_a}"
+            );
+            b.write(&bed.answer(&from_a, b"for A"));
+            b.write(&bed.answer(&from_s, b"for S"));
+            answered(a, &a.next(&what), sport, b"for A", &format!("{what}: at A"));
+            answered(s, &s.next(&what), sport, b"for S", &format!("{what}: at S"));
+            // And nothing more reached S (the marker is the next frame it gets).
+            marker_first(
+                a,
+                &bed.echo(a, s.ep.ipv4),
+                s,
+                &format!("{what}: after the answers"),
+            );
+        }
+        drop(flows_in);
         bed.destroy();
     });
 }

@@ -35,6 +35,21 @@
 //!   own `FLOWS_IN` entry, if still there, is recognised and reused. A reply whose `FLOWS_IN`
 //!   entry was evicted while `FLOWS_OUT` still holds the flow is dropped (`exposure_no_flow`);
 //!   that needs a flow silent in one direction while the maps are full, and is counted.
+//! - **A NAT port has one holder: the flow its `FLOWS_IN` entry names.** The `FLOWS_IN` entry
+//!   is the port's reservation, taken only with `BPF_NOEXIST`, and every consumer packet of a
+//!   known flow checks that it still exists and names this flow ([`holds_nat_port`]; the
+//!   lookup also marks it used, so a flow active in either direction keeps both entries).
+//!   Otherwise the flow is dead, whatever `FLOWS_OUT` says: its reply half was evicted, and a
+//!   sibling guest of the same consumer cloud may have opened a flow from the same source port
+//!   to the same backend and taken the port (a guest can force evictions by filling the flow
+//!   tables). Keeping on sending from that port would make the backend's replies to this flow
+//!   reach the sibling, so the flow is opened again ([`open_flow`] with its old entry): same
+//!   backend, its old port if still free (an idle TCP connection survives an eviction), else
+//!   the next candidate. Rejected: checking only at admission whether a port is in use by
+//!   *any* flow, which needs a reverse index of `FLOWS_OUT` by port (a third map to keep
+//!   consistent under LRU eviction) and still leaves a stale `FLOWS_OUT` entry sending from a
+//!   port it no longer holds. Replies the backend sends on the old connection after the port
+//!   changed hands reach the new holder, as with any NAT that reuses a port.
 //! - **ICMP is not translated** (`exposure_icmp`): echo to a VIP is not a service, and ICMP
 //!   errors would need their embedded headers translated. Within one host every device has the
 //!   same MTU, so no fragmentation-needed error can arise on this path; a TCP or UDP socket
@@ -233,12 +248,14 @@ fn from_consumer(
     );
     // SAFETY: the value is copied out at once.
     let flow = match unsafe { FLOWS_OUT.get(key) }.copied() {
-        Some(f) if f.grant == svc.grant => f,
-        Some(_) => {
+        Some(f) if f.grant != svc.grant => {
             let _ = FLOWS_OUT.remove(key);
             return Verdict::Drop(DropReason::ExposureRevoked);
         }
-        None => match open_flow(&key, svc) {
+        Some(f) if holds_nat_port(&key, svc, &f) => f,
+        // The reply half was evicted, or its NAT port now belongs to another flow: this flow
+        // is dead and is opened again (see "A NAT port has one holder" in the module docs).
+        previous => match open_flow(&key, svc, previous) {
             Ok(f) => f,
             Err(reason) => return Verdict::Drop(reason),
         },
@@ -261,28 +278,24 @@ fn from_consumer(
     )
 }
 
-/// Admits the first packet of a consumer flow: backend by flow hash, NAT port, both flow
-/// entries.
+/// The provider-side half of a consumer flow: `FLOWS_IN`'s key for the backend's replies to
+/// the flow's NAT port, and the value that sends them back to the consumer.
 #[inline(always)]
-fn open_flow(key: &FlowKey, svc: &VipService) -> Result<FlowOut, DropReason> {
-    let count = svc.count as u32;
-    if count == 0 {
-        return Err(DropReason::ExposureNoBackend);
-    }
-    let hash = flow_hash(key);
-    let index = (hash % count) as usize;
-    if index >= MAX_BACKENDS {
-        return Err(DropReason::ExposureNoBackend);
-    }
-    let Some(backend) = svc.backends.get(index) else {
-        return Err(DropReason::ExposureNoBackend);
-    };
-    // A backend with no live endpoint here gets no flow entries, so it holds no NAT port
-    // (an established flow whose backend goes away is dropped in `deliver` instead and
-    // resumes when the backend returns).
-    if route::lookup(svc.provider, backend.ipv4).is_none_or(|h| h.flags != NEXTHOP_ENDPOINT) {
-        return Err(DropReason::ExposureNoBackend);
-    }
+fn reply_half(
+    key: &FlowKey,
+    svc: &VipService,
+    backend_ipv4: u32,
+    backend_port: u16,
+    nat_port: u16,
+) -> (FlowKey, FlowIn) {
+    let reply = flow_key(
+        svc.provider,
+        backend_ipv4,
+        svc.nat_ipv4,
+        backend_port,
+        nat_port,
+        key.protocol,
+    );
     let back = FlowIn {
         grant: svc.grant,
         consumer_cloud: key.cloud,
@@ -291,20 +304,66 @@ fn open_flow(key: &FlowKey, svc: &VipService) -> Result<FlowOut, DropReason> {
         consumer_port: key.src_port,
         vip_port: key.dst_port,
     };
-    let mut reply = flow_key(
-        svc.provider,
-        backend.ipv4,
-        svc.nat_ipv4,
-        backend.port,
-        key.src_port,
-        key.protocol,
+    (reply, back)
+}
+
+/// True if the flow `key` → `flow` still holds its NAT port: its `FLOWS_IN` entry exists and
+/// sends replies back to this very flow. The lookup also marks the entry used, so a flow
+/// active in either direction keeps both halves in the LRU maps.
+#[inline(always)]
+fn holds_nat_port(key: &FlowKey, svc: &VipService, flow: &FlowOut) -> bool {
+    let (reply, back) = reply_half(
+        key,
+        svc,
+        flow.backend_ipv4,
+        flow.backend_port,
+        flow.nat_port,
     );
+    // SAFETY: the value is only compared.
+    unsafe { FLOWS_IN.get(reply) }.is_some_and(|f| *f == back)
+}
+
+/// Admits a consumer flow: a new one (`previous` is `None`: backend by flow hash), or one whose
+/// NAT port was lost (`previous`: it keeps its backend and, if still free, its NAT port).
+/// Writes both flow entries.
+#[inline(always)]
+fn open_flow(
+    key: &FlowKey,
+    svc: &VipService,
+    previous: Option<FlowOut>,
+) -> Result<FlowOut, DropReason> {
+    let hash = flow_hash(key);
+    let (backend_ipv4, backend_port, first_port) = match previous {
+        Some(f) => (f.backend_ipv4, f.backend_port, f.nat_port),
+        None => {
+            let count = svc.count as u32;
+            if count == 0 {
+                return Err(DropReason::ExposureNoBackend);
+            }
+            let index = (hash % count) as usize;
+            if index >= MAX_BACKENDS {
+                return Err(DropReason::ExposureNoBackend);
+            }
+            let Some(backend) = svc.backends.get(index) else {
+                return Err(DropReason::ExposureNoBackend);
+            };
+            (backend.ipv4, backend.port, key.src_port)
+        }
+    };
+    // A backend with no live endpoint here gets no flow entries, so it holds no NAT port
+    // (an established flow whose backend goes away is dropped in `deliver` instead and
+    // resumes when the backend returns).
+    if route::lookup(svc.provider, backend_ipv4).is_none_or(|h| h.flags != NEXTHOP_ENDPOINT) {
+        return Err(DropReason::ExposureNoBackend);
+    }
+    let (mut reply, back) = reply_half(key, svc, backend_ipv4, backend_port, first_port);
     let mut found = false;
     for attempt in 0..NAT_PORT_TRIES {
         if attempt > 0 {
             let alt = NAT_PORT_BASE + mix(hash ^ attempt) % (65536 - NAT_PORT_BASE);
             reply.dst_port = (alt as u16).to_be();
         }
+        // Only a port no entry holds is taken (`BPF_NOEXIST` is atomic against other CPUs).
         if FLOWS_IN.insert(reply, back, BPF_NOEXIST).is_ok() {
             found = true;
             break;
@@ -321,8 +380,8 @@ fn open_flow(key: &FlowKey, svc: &VipService) -> Result<FlowOut, DropReason> {
     }
     let flow = FlowOut {
         grant: svc.grant,
-        backend_ipv4: backend.ipv4,
-        backend_port: backend.port,
+        backend_ipv4,
+        backend_port,
         nat_port: reply.dst_port,
     };
     if FLOWS_OUT.insert(key, flow, BPF_ANY).is_err() {
