@@ -9,7 +9,7 @@
 //!   offending `field`: syntax errors and type errors name their path (`quotas.vcpus`), unknown
 //!   fields are rejected, bodies over the limit get 413, unknown routes 404, wrong methods 405.
 //! - **Actions without input** are `POST`s with no documented body. A VM's `start` and `stop`
-//!   accept no body or an empty JSON object (`{}`) and refuse anything else like every other
+//!   and a cloud's token rotation accept no body or an empty JSON object (`{}`) and refuse anything else like every other
 //!   body (unknown fields by name), so a client cannot believe an option was honoured (`detach`
 //!   and `accept` predate this and ignore a body).
 //! - Bearer tokens in `Authorization`; see [`Core::authenticate`].
@@ -265,6 +265,7 @@ async fn run(
     };
     Ok(match reply {
         Reply::CreatedCloud(c) => json_response(status, &*c),
+        Reply::CloudToken(c) => json_response(status, &*c),
         Reply::Cloud(c) => json_response(status, &*c),
         Reply::Clouds(v) => json_response(status, &v),
         Reply::Vm(v) => json_response(status, &*v),
@@ -352,6 +353,11 @@ handler!(get_cloud, C, false, |p| Command::GetCloud(cloud_param(
 handler!(delete_cloud, C, false, |p| Command::DeleteCloud(
     cloud_param(&p, "cloud")?
 ));
+handler!(rotate_cloud_token, C, true, |p, b| {
+    let cmd = Command::RotateCloudToken(cloud_param(&p, "cloud")?);
+    parse_no_body(&b)?;
+    cmd
+});
 handler!(create_vm, C, true, |p, b| Command::CreateVm(
     cloud_param(&p, "cloud")?,
     parse_body(&b)?
@@ -614,6 +620,15 @@ pub const ROUTES: &[RouteDoc] = &[
         None,
         204,
         None
+    ),
+    r!(
+        "post",
+        "/v1/clouds/{cloud}/token",
+        "Issue the cloud a new token (the cloud or the operator; no body, or `{}`); the old one \
+         stops working at once. Returned once",
+        None,
+        201,
+        Some("CloudToken")
     ),
     r!(
         "post",
@@ -897,6 +912,7 @@ pub fn router(core: Arc<Core>) -> Router {
         .route("/openapi.json", get(openapi_json))
         .route("/v1/clouds", post(create_cloud).get(list_clouds))
         .route("/v1/clouds/{cloud}", get(get_cloud).delete(delete_cloud))
+        .route("/v1/clouds/{cloud}/token", post(rotate_cloud_token))
         .route("/v1/clouds/{cloud}/vms", post(create_vm).get(list_vms))
         .route("/v1/clouds/{cloud}/vms/{vm}", get(get_vm).delete(delete_vm))
         .route("/v1/clouds/{cloud}/vms/{vm}/start", post(start_vm))
@@ -973,6 +989,7 @@ pub fn router(core: Arc<Core>) -> Router {
     CreateCloud,
     Cloud,
     CreatedCloud,
+    CloudToken,
     Quotas,
     Usage,
     CreateVm,

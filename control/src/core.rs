@@ -184,6 +184,8 @@ pub enum Command {
     },
     GetCloud(CloudId),
     DeleteCloud(CloudId),
+    /// Give the cloud a new token; the old one stops working at once.
+    RotateCloudToken(CloudId),
     CreateVm(CloudId, CreateVm),
     ListVms(CloudId),
     GetVm(CloudId, String),
@@ -225,6 +227,7 @@ pub enum Command {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Reply {
     CreatedCloud(Box<CreatedCloud>),
+    CloudToken(Box<CloudToken>),
     Cloud(Box<Cloud>),
     Clouds(Vec<Cloud>),
     Vm(Box<Vm>),
@@ -497,6 +500,12 @@ fn random_bytes<const N: usize>() -> Result<[u8; N], CoreError> {
     Ok(buf)
 }
 
+/// A new random token of cloud `c`: `atl_<cloud>_<256-bit secret>`.
+fn new_cloud_token(c: CloudId) -> Result<String, CoreError> {
+    let secret = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(random_bytes::<32>()?);
+    Ok(format!("atl_{c}_{secret}"))
+}
+
 /// A new random operator token.
 pub fn new_operator_token() -> Result<String, CoreError> {
     let secret = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(random_bytes::<32>()?);
@@ -716,6 +725,7 @@ impl Core {
             IssueHostToken(_) | CordonHost(..) | ListHosts => return operator_only("manage hosts"),
             GetCloud(c)
             | DeleteCloud(c)
+            | RotateCloudToken(c)
             | CreateVm(c, _)
             | ListVms(c)
             | GetVm(c, _)
@@ -763,6 +773,7 @@ impl Core {
             },
             GetCloud(c) => Ok(Reply::Cloud(Box::new(self.cloud(c).await?.1))),
             DeleteCloud(c) => self.delete_cloud(c).await,
+            RotateCloudToken(c) => self.rotate_cloud_token(c).await,
             CreateVm(c, req) => self.create_vm(c, req).await,
             ListVms(c) => self.list_vms(c).await,
             GetVm(c, name) => Ok(Reply::Vm(Box::new(self.vm_with_status(c, &name).await?))),
@@ -938,9 +949,7 @@ impl Core {
                 continue;
             }
             let id = CloudId(raw);
-            let secret =
-                base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(random_bytes::<32>()?);
-            let token = format!("atl_{id}_{secret}");
+            let token = new_cloud_token(id)?;
             let name = req.name.clone().unwrap_or_else(|| id.to_string());
             let gateway = Ipv4Addr::from(cidr.network() + 1);
             let cloud = Cloud {
@@ -971,6 +980,27 @@ impl Core {
             }
         }
         Err(CoreError::Contention("cloud ids".into()))
+    }
+
+    /// Gives cloud `c` a new token, which replaces its hash in the cloud record (guarded by the
+    /// record's revision, retried on a lost race). Every request authenticates against the
+    /// stored hash (nothing caches it), so the old token stops working at once, on every
+    /// control plane sharing the store.
+    async fn rotate_cloud_token(&self, c: CloudId) -> Result<Reply, CoreError> {
+        let token = new_cloud_token(c)?;
+        for _ in 0..MAX_RETRIES {
+            let (rev, mut cloud) = self.cloud_record(c).await?;
+            cloud.token_sha256 = token_hash(&token);
+            let txn = Txn {
+                compares: vec![Compare::ModRevision(keys::cloud(c), rev)],
+                success: vec![put(keys::cloud(c), &cloud)],
+            };
+            if self.commit(txn).await?.is_some() {
+                cloud.token_sha256.clear();
+                return Ok(Reply::CloudToken(Box::new(CloudToken { cloud, token })));
+            }
+        }
+        Err(CoreError::Contention(format!("cloud {c}")))
     }
 
     async fn list_clouds(&self, after: Option<CloudId>, limit: usize) -> Result<Reply, CoreError> {

@@ -51,7 +51,7 @@ enum Cmd {
         #[arg(long)]
         config: Option<PathBuf>,
     },
-    /// Clouds: create (returns its token), list, get, delete.
+    /// Clouds: create (returns its token), list, get, delete, token (rotates it).
     #[command(subcommand)]
     Cloud(CloudCmd),
     /// VMs of a cloud.
@@ -117,6 +117,11 @@ enum CloudCmd {
         cloud: String,
     },
     Delete {
+        cloud: String,
+    },
+    /// Issue the cloud a new token (the cloud's own token or the operator's). The old token
+    /// stops working at once; the new one is printed once.
+    Token {
         cloud: String,
     },
 }
@@ -477,6 +482,7 @@ async fn resource(c: &Client, cmd: Cmd) -> Result<Output> {
         }
         Cmd::Cloud(CloudCmd::Get { cloud }) => get(format!("/v1/clouds/{cloud}")).await?,
         Cmd::Cloud(CloudCmd::Delete { cloud }) => del(format!("/v1/clouds/{cloud}")).await?,
+        Cmd::Cloud(CloudCmd::Token { cloud }) => post(format!("/v1/clouds/{cloud}/token")).await?,
         Cmd::Vm(VmCmd::Create {
             cloud,
             name,

@@ -286,6 +286,17 @@ pub struct CreatedCloud {
     pub token: String,
 }
 
+/// `POST /v1/clouds/{cloud}/token` response: the cloud and its new token, shown only this once.
+/// The token it replaces stops working at once.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CloudToken {
+    pub cloud: Cloud,
+    /// Bearer token scoped to this cloud. Store it: it cannot be read again. A new one
+    /// replaces it.
+    pub token: String,
+}
+
 /// `POST /v1/clouds/{cloud}/vms`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]

@@ -52,6 +52,7 @@ api_suite!(
     silent_hosts_get_no_new_placements,
     cordoned_hosts_get_no_new_placements,
     a_cloud_stays_on_one_host,
+    cloud_tokens_rotate_and_the_old_one_stops_at_once,
 );
 
 /// The store the control plane under test is configured with.
@@ -247,7 +248,7 @@ async fn every_route_refuses_other_clouds_tokens_and_missing_tokens(api: Api) {
         }
         checked += 1;
     }
-    assert!(checked >= 34, "only {checked} routes checked");
+    assert!(checked >= 35, "only {checked} routes checked");
     // Cloud B is untouched.
     let (status, v) = raw(
         &api.op,
@@ -1283,6 +1284,119 @@ async fn host_tokens_reach_only_their_host(api: Api) {
         .map(|h| h["name"].as_str().unwrap())
         .collect();
     assert!(names.contains(&"h1") && names.contains(&"h2"), "{names:?}");
+}
+
+/// A second control plane on the case's store (a fresh etcd connection for etcd, the same
+/// SQLite store otherwise), serving on another loopback port until the sender is dropped.
+async fn second_plane(api: &Api) -> (String, tokio::sync::oneshot::Sender<()>) {
+    let store = match api.core.store() {
+        Store::Etcd(_) => Store::Etcd(
+            atoll_control::store::etcd::EtcdStore::connect(
+                vec![support::ETCD_ENDPOINT.into()],
+                support::ETCD_PREFIX.into(),
+            )
+            .await
+            .expect("second etcd connection"),
+        ),
+        other => other.clone(),
+    };
+    let core = Core::start(store, api.core.config().clone())
+        .await
+        .expect("second control plane");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(api::serve(core, listener, async {
+        let _ = rx.await;
+    }));
+    (url, tx)
+}
+
+/// A cloud's token rotates (`POST /v1/clouds/{cloud}/token`, by the cloud itself or the
+/// operator): the reply carries a new token once, the old one is refused at once, also by a
+/// second control plane on the same store that had just accepted it; another cloud cannot
+/// rotate it, and the route takes no body but `{}`.
+async fn cloud_tokens_rotate_and_the_old_one_stops_at_once(api: Api) {
+    let (a, ac) = api.cloud(json!({"name": "rot"})).await;
+    let (_, bc) = api.cloud(json!({"name": "other"})).await;
+    let id = a.cloud.id;
+    let get = format!("/v1/clouds/{id}");
+    let rotate = format!("/v1/clouds/{id}/token");
+    let (url2, _stop2) = second_plane(&api).await;
+    let on_second = |token: &str| Client::new(&url2, token).unwrap();
+    let _: Cloud = ok(&on_second(&a.token), Method::GET, &get, None).await;
+
+    // The cloud rotates its own token.
+    let (status, v) = raw(&ac, Method::POST, &rotate, None).await;
+    assert_eq!(status, StatusCode::CREATED, "{v}");
+    let first: CloudToken = serde_json::from_value(v.clone()).expect("a CloudToken");
+    assert!(
+        first.token.starts_with(&format!("atl_{id}_")) && first.token != a.token,
+        "{v}"
+    );
+    assert_eq!(first.cloud.id, id);
+    assert!(
+        v["cloud"].get("token_sha256").is_none(),
+        "hashes are never returned: {v}"
+    );
+    for url in [&api.url, &url2] {
+        let (status, v) = raw(
+            &Client::new(url, &a.token).unwrap(),
+            Method::GET,
+            &get,
+            None,
+        )
+        .await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED, "old token at {url}: {v}");
+        let _: Cloud = ok(
+            &Client::new(url, &first.token).unwrap(),
+            Method::GET,
+            &get,
+            None,
+        )
+        .await;
+    }
+    // The operator rotates it too; `{}` is accepted, any other body is refused by name.
+    let second: CloudToken = ok(&api.op, Method::POST, &rotate, Some(json!({}))).await;
+    assert_ne!(second.token, first.token);
+    for url in [&api.url, &url2] {
+        let (status, _) = raw(
+            &Client::new(url, &first.token).unwrap(),
+            Method::GET,
+            &get,
+            None,
+        )
+        .await;
+        assert_eq!(
+            status,
+            StatusCode::UNAUTHORIZED,
+            "first rotated token at {url}"
+        );
+    }
+    let c2 = api.as_token(&second.token);
+    let (status, v) = raw(&c2, Method::POST, &rotate, Some(&json!({"keep_old": true}))).await;
+    assert_eq!(
+        (status, v["error"]["field"].as_str()),
+        (StatusCode::BAD_REQUEST, Some("keep_old")),
+        "{v}"
+    );
+    // Another cloud cannot rotate it; the current token still works after all that.
+    let (status, v) = raw(&bc, Method::POST, &rotate, None).await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{v}");
+    let vm: Vm = ok(
+        &c2,
+        Method::POST,
+        &format!("{get}/vms"),
+        Some(json!({"name": "w"})),
+    )
+    .await;
+    assert_eq!(vm.cloud, id);
+    // A deleted cloud has no token to rotate.
+    let _: Value = ok(&api.op, Method::DELETE, &get, None).await;
+    let (status, v) = raw(&api.op, Method::POST, &rotate, None).await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "{v}");
 }
 
 /// Hosts heartbeat through their syncs. One silent for longer than `hosts.timeout_secs` is

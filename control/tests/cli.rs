@@ -90,8 +90,23 @@ async fn cli_drives_the_api() {
             ],
         ));
         let id = created["cloud"]["id"].as_str().unwrap().to_string();
-        let token = created["token"].as_str().unwrap().to_string();
+        let first_token = created["token"].as_str().unwrap().to_string();
         assert_eq!(created["cloud"]["gateway"], "192.168.0.1");
+        // The cloud rotates its token: the new one is printed, the old one is refused.
+        let rotated = json(&atoll(&url, &first_token, &["cloud", "token", &id]));
+        assert_eq!(
+            rotated["cloud"]["id"].as_str(),
+            Some(id.as_str()),
+            "{rotated}"
+        );
+        let token = rotated["token"].as_str().unwrap().to_string();
+        assert!(token.starts_with(&format!("atl_{id}_")) && token != first_token);
+        let old = atoll(&url, &first_token, &["cloud", "get", &id]);
+        assert_eq!(old.status.code(), Some(1));
+        assert!(
+            String::from_utf8_lossy(&old.stderr).contains("401"),
+            "{old:?}"
+        );
         // A host token, as an operator issues it for an agent: it lists nothing but works for
         // its host's routes (the API suite covers the rest).
         let host = json(&atoll(&url, &op, &["host", "token", "h"]));
