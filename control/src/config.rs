@@ -13,7 +13,10 @@ use std::{
 use serde::Deserialize;
 
 use crate::{
-    core::{new_operator_token, token_hash, Core, CoreConfig, CoreError, MIN_STORE_TXN_OPS},
+    core::{
+        new_operator_token, token_hash, Core, CoreConfig, CoreError, MAX_DNS_SUFFIX_LEN,
+        MIN_STORE_TXN_OPS,
+    },
     model::{validate_label, Ipv4Net, Quotas},
     store::{
         etcd::{EtcdStore, DEFAULT_MAX_TXN_OPS},
@@ -200,7 +203,20 @@ impl ControlConfig {
         if let Err(e) = self.clouds.default_cidr.parse::<Ipv4Net>() {
             return invalid("clouds.default_cidr", e);
         }
-        for label in self.clouds.dns_suffix.trim_end_matches('.').split('.') {
+        let suffix = self.clouds.dns_suffix.trim_end_matches('.');
+        if suffix.len() > MAX_DNS_SUFFIX_LEN {
+            return invalid(
+                "clouds.dns_suffix",
+                format!(
+                    "{} characters; at most {MAX_DNS_SUFFIX_LEN}, so that every name atoll \
+                     derives (<exposure>.<provider>.svc.<cloud>.<suffix>) fits DNS's {} \
+                     characters",
+                    suffix.len(),
+                    crate::core::MAX_DNS_NAME_LEN
+                ),
+            );
+        }
+        for label in suffix.split('.') {
             if validate_label("dns_suffix", label).is_err() {
                 return invalid(
                     "clouds.dns_suffix",
@@ -316,6 +332,21 @@ mod tests {
             .operator_token_file
             .starts_with("/var/lib/atoll-control"));
         assert!(cfg.store.path.starts_with("/var/lib/atoll-control"));
+    }
+
+    /// A suffix so long that the names atoll derives under it would not fit DNS is refused.
+    #[test]
+    fn dns_suffix_leaves_room_for_every_derived_name() {
+        let label = |n: usize| "a".repeat(n);
+        let fits = format!("{}.{}", label(28), label(28));
+        assert_eq!(fits.len(), MAX_DNS_SUFFIX_LEN);
+        let cfg = parse(&format!("[clouds]\ndns_suffix = \"{fits}.\"\n")).unwrap();
+        assert_eq!(cfg.clouds.dns_suffix, format!("{fits}."));
+        let e = parse(&format!("[clouds]\ndns_suffix = \"{fits}a\"\n")).unwrap_err();
+        assert!(
+            e.starts_with("clouds.dns_suffix: 58 characters; at most 57"),
+            "{e}"
+        );
     }
 
     #[test]

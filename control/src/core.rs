@@ -65,6 +65,14 @@
 //!   the status) and outside the host feed. Reasons: pushing works for remote hosts that accept
 //!   no inbound connections, and the store holds a bounded amount per VM. `GET .../console`
 //!   reads the stored tail; a VM whose host has reported none has an empty one.
+//! - **What hosts cannot hold is refused at the request**, never accepted and then silently
+//!   not installed: an exposure holds at most [`MAX_BACKENDS`] backends (the dataplane's
+//!   constant, not a copy of it); a record set's name with its zone fits DNS's
+//!   [`MAX_DNS_NAME_LEN`], and so does every name atoll derives (`clouds.dns_suffix` is at
+//!   most [`MAX_DNS_SUFFIX_LEN`]); a VM cannot take a name that holds a CNAME, nor a record set
+//!   a VM's name (both guarded by compares in the writing transaction). A host's DNS server
+//!   refuses a zone it cannot hold as a whole, and with it every later change of the zone.
+//!   Limits a host sets for itself (`dataplane.max_vips`, `max_endpoints`) are not known here.
 //! - **Authorization** happens before any store read: a cloud token only ever names its own
 //!   cloud, so a request for another cloud is refused (403) without looking at it; the operator
 //!   token administers everything. Tokens are 256-bit random secrets, stored as SHA-256 hashes
@@ -92,8 +100,19 @@ const MAX_RETRIES: usize = 32;
 const FEED_CAPACITY: usize = 65_536;
 /// The most volumes one VM may hold, so that VM transactions have a bounded size.
 pub const MAX_VOLUMES_PER_VM: usize = 8;
+/// Backends per exposure: what the dataplane's `VIPS` entry holds (defined once, in
+/// `atoll-dataplane-common`).
+pub use atoll_dataplane_common::MAX_BACKENDS;
+/// The longest DNS name in text form, without the final dot (255 bytes on the wire): hosts'
+/// DNS servers refuse a zone with a longer name.
+pub const MAX_DNS_NAME_LEN: usize = 253;
+/// The longest `clouds.dns_suffix`: the longest name atoll derives itself, a grant's
+/// `<exposure>.<provider>.svc.<consumer>.<suffix>` with three 63-character labels, fits
+/// [`MAX_DNS_NAME_LEN`].
+pub const MAX_DNS_SUFFIX_LEN: usize = MAX_DNS_NAME_LEN - (3 * 63 + ".svc...".len());
+const _: () = assert!(MAX_DNS_SUFFIX_LEN == 57);
 /// The smallest store transaction limit the core works with: its largest fixed-size
-/// transactions fit (a VM create with [`MAX_VOLUMES_PER_VM`] volumes: 12 ops and 11 compares;
+/// transactions fit (a VM create with [`MAX_VOLUMES_PER_VM`] volumes: 12 ops and 12 compares;
 /// a VM delete: 14 ops, its volumes' puts and the cloud, VM, status, console, address and
 /// placement keys).
 pub const MIN_STORE_TXN_OPS: usize = 16;
@@ -1207,6 +1226,18 @@ impl Core {
                     format!("VM {} exists in cloud {c}", req.name),
                 ));
             }
+            // A CNAME excludes every other record at its name, so the zone could not hold the
+            // VM's automatic A record beside it (hosts would refuse the whole zone).
+            let cname = keys::record(c, &req.name, RecordType::Cname.as_str());
+            if self.store.get(&cname).await?.is_some() {
+                return Err(conflict(
+                    "cname_conflict",
+                    format!(
+                        "{} holds a CNAME record set, which excludes the VM's automatic A record",
+                        req.name
+                    ),
+                ));
+            }
             let u = cloud.usage;
             check_quota("vms", u.vms as u64 + 1, cloud.quotas.vms as u64)?;
             check_quota(
@@ -1222,6 +1253,7 @@ impl Core {
             let mut compares = vec![
                 Compare::ModRevision(keys::cloud(c), rev),
                 Compare::Absent(keys::vm(c, &req.name)),
+                Compare::Absent(cname),
             ];
             let mut ops = Vec::new();
             let mut host = None;
@@ -1599,7 +1631,25 @@ impl Core {
         req: PutRecordSet,
     ) -> Result<Reply, CoreError> {
         validate_record_set(&name, rtype, &req)?;
-        self.cloud(c).await?;
+        let (_, cloud) = self.cloud(c).await?;
+        // Hosts' DNS servers refuse a zone with a name over DNS's 253 characters, and with it
+        // every later change of the zone: the name must fit with the zone's apex.
+        let fqdn_len = if name == "@" {
+            cloud.zone.len() - 1
+        } else {
+            name.len() + 1 + cloud.zone.len() - 1
+        };
+        if fqdn_len > MAX_DNS_NAME_LEN {
+            return Err(FieldError::new(
+                "name",
+                format!(
+                    "{name}.{} is {fqdn_len} characters; a DNS name holds at most \
+                     {MAX_DNS_NAME_LEN}",
+                    cloud.zone.trim_end_matches('.')
+                ),
+            )
+            .into());
+        }
         if !name.contains('.') && self.store.get(&keys::vm(c, &name)).await?.is_some() {
             return Err(conflict(
                 "reserved",
@@ -1631,13 +1681,24 @@ impl Core {
             values: req.values,
             automatic: false,
         };
+        let mut compares = vec![Compare::Present(keys::cloud(c))];
+        if !name.contains('.') {
+            // A VM created meanwhile under this name (see above).
+            compares.push(Compare::Absent(keys::vm(c, &name)));
+        }
         let txn = Txn {
-            compares: vec![Compare::Present(keys::cloud(c))],
+            compares,
             success: vec![put(keys::record(c, &name, rtype.as_str()), &rs)],
         };
-        match self.commit(txn).await? {
-            Some(_) => Ok(Reply::RecordSet(rs)),
-            None => Err(CoreError::NotFound(format!("cloud {c}"))),
+        match self.store.txn(txn).await? {
+            TxnOutcome::Committed { .. } => Ok(Reply::RecordSet(rs)),
+            TxnOutcome::Failed { failed_compare: 0 } => {
+                Err(CoreError::NotFound(format!("cloud {c}")))
+            }
+            TxnOutcome::Failed { .. } => Err(conflict(
+                "reserved",
+                format!("{name} is VM {name}'s automatic name"),
+            )),
         }
     }
 
@@ -1736,8 +1797,16 @@ impl Core {
         if req.port == 0 {
             return Err(FieldError::new("port", "must be 1 to 65535").into());
         }
-        if req.backends.is_empty() || req.backends.len() > 64 {
-            return Err(FieldError::new("backends", "must hold 1 to 64 backends").into());
+        if req.backends.is_empty() || req.backends.len() > MAX_BACKENDS {
+            return Err(FieldError::new(
+                "backends",
+                format!(
+                    "{} backends: must hold 1 to {MAX_BACKENDS} (what the dataplane holds per \
+                     exposure)",
+                    req.backends.len()
+                ),
+            )
+            .into());
         }
         for (i, b) in req.backends.iter().enumerate() {
             validate_label(&format!("backends[{i}].vm"), &b.vm)?;

@@ -613,6 +613,7 @@ pub struct CreateExposure {
     pub protocol: Protocol,
     /// The port consumers connect to on their VIP.
     pub port: u16,
+    /// 1 to 16 backends (what the dataplane holds per exposure).
     pub backends: Vec<Backend>,
     /// Grants must be accepted by the consumer before traffic flows.
     #[serde(default)]

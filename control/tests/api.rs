@@ -53,6 +53,7 @@ api_suite!(
     cordoned_hosts_get_no_new_placements,
     a_cloud_stays_on_one_host,
     cloud_tokens_rotate_and_the_old_one_stops_at_once,
+    what_hosts_cannot_hold_is_refused_at_the_request,
 );
 
 /// The store the control plane under test is configured with.
@@ -1397,6 +1398,140 @@ async fn cloud_tokens_rotate_and_the_old_one_stops_at_once(api: Api) {
     let _: Value = ok(&api.op, Method::DELETE, &get, None).await;
     let (status, v) = raw(&api.op, Method::POST, &rotate, None).await;
     assert_eq!(status, StatusCode::NOT_FOUND, "{v}");
+}
+
+/// A dotted name of `len` characters (labels of at most 50).
+fn dotted_name(len: usize) -> String {
+    let mut name = String::new();
+    while len - name.len() > 51 {
+        name.push_str(&"n".repeat(50));
+        name.push('.');
+    }
+    name.push_str(&"n".repeat(len - name.len()));
+    name
+}
+
+/// What the dataplane or a host's DNS server cannot hold is refused with a 4xx naming the
+/// field, and nothing is stored: an exposure with more backends than a `VIPS` entry holds
+/// (`MAX_BACKENDS`, 16: it used to be accepted and never installed), a record set whose name
+/// with the zone is over DNS's 253 characters, and a VM under a name that holds a CNAME (both
+/// would make hosts refuse the cloud's whole zone, and every later change of it).
+async fn what_hosts_cannot_hold_is_refused_at_the_request(api: Api) {
+    let (a, ac) = api.cloud(json!({"name": "l".repeat(63)})).await;
+    let base = format!("/v1/clouds/{}", a.cloud.id);
+    let _: Vm = ok(
+        &ac,
+        Method::POST,
+        &format!("{base}/vms"),
+        Some(json!({"name": "b"})),
+    )
+    .await;
+
+    // Backends: MAX_BACKENDS fit, one more is refused.
+    let max = atoll_control::core::MAX_BACKENDS;
+    assert_eq!(max, 16, "the dataplane's limit, as this test documents it");
+    let exposure = |name: &str, n: usize| {
+        let backends: Vec<Value> = (1..=n).map(|p| json!({"vm": "b", "port": p})).collect();
+        json!({"name": name, "protocol": "tcp", "port": 80, "backends": backends})
+    };
+    let exposures = format!("{base}/exposures");
+    let (status, v) = raw(
+        &ac,
+        Method::POST,
+        &exposures,
+        Some(&exposure("wide", max + 1)),
+    )
+    .await;
+    assert_eq!(
+        (status, v["error"]["field"].as_str()),
+        (StatusCode::BAD_REQUEST, Some("backends")),
+        "{v}"
+    );
+    let msg = v["error"]["message"].as_str().unwrap();
+    assert!(
+        msg.contains("17 backends") && msg.contains("1 to 16"),
+        "{msg}"
+    );
+    let (status, _) = raw(&ac, Method::GET, &format!("{exposures}/wide"), None).await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "nothing stored");
+    let full: Exposure = ok(&ac, Method::POST, &exposures, Some(exposure("full", max))).await;
+    assert_eq!(full.backends.len(), max);
+
+    // Record names: with the zone (63-character cloud name) at most 253 characters.
+    let apex = a.cloud.zone.trim_end_matches('.');
+    let room = 253 - apex.len() - 1;
+    assert!(
+        room < 190,
+        "the per-name limit alone would accept what DNS cannot hold"
+    );
+    let record = |name: &str| format!("{base}/dns/{name}/TXT");
+    let body = json!({"values": ["x"]});
+    let fits: RecordSet = ok(
+        &ac,
+        Method::PUT,
+        &record(&dotted_name(room)),
+        Some(body.clone()),
+    )
+    .await;
+    assert_eq!(fits.name.len(), room);
+    let long = dotted_name(room + 1);
+    let (status, v) = raw(&ac, Method::PUT, &record(&long), Some(&body)).await;
+    assert_eq!(
+        (status, v["error"]["field"].as_str()),
+        (StatusCode::BAD_REQUEST, Some("name")),
+        "{v}"
+    );
+    let msg = v["error"]["message"].as_str().unwrap();
+    assert!(
+        msg.contains("254 characters") && msg.contains("at most 253"),
+        "{msg}"
+    );
+
+    // A CNAME's name cannot become a VM's (nor a VM's name a record's, as before).
+    let target = json!({"values": [format!("b.{}", a.cloud.zone)]});
+    let _: RecordSet = ok(
+        &ac,
+        Method::PUT,
+        &format!("{base}/dns/alias/CNAME"),
+        Some(target),
+    )
+    .await;
+    let (status, v) = raw(
+        &ac,
+        Method::POST,
+        &format!("{base}/vms"),
+        Some(&json!({"name": "alias"})),
+    )
+    .await;
+    assert_eq!(
+        (status, v["error"]["code"].as_str()),
+        (StatusCode::CONFLICT, Some("cname_conflict")),
+        "{v}"
+    );
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("alias holds a CNAME"),
+        "{v}"
+    );
+    let (status, v) = raw(&ac, Method::PUT, &format!("{base}/dns/b/TXT"), Some(&body)).await;
+    assert_eq!(
+        (status, v["error"]["code"].as_str()),
+        (StatusCode::CONFLICT, Some("reserved"))
+    );
+    let vms: Vec<Vm> = ok(&ac, Method::GET, &format!("{base}/vms"), None).await;
+    assert_eq!(
+        vms.iter().map(|v| v.name.as_str()).collect::<Vec<_>>(),
+        ["b"]
+    );
+    let zone = api.core.zone(a.cloud.id).await.unwrap().unwrap();
+    assert!(
+        zone.records
+            .iter()
+            .all(|r| r.fqdn.trim_end_matches('.').len() <= 253),
+        "every name a host gets fits DNS"
+    );
 }
 
 /// Hosts heartbeat through their syncs. One silent for longer than `hosts.timeout_secs` is
