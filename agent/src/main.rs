@@ -356,8 +356,11 @@ async fn start_control(
                 c.embedded.store.backend
             );
             let api_core = core.clone();
+            let limits = c.embedded.api.limits();
             tokio::spawn(async move {
-                if let Err(e) = api::serve(api_core, listener, std::future::pending()).await {
+                let serving =
+                    api::serve_with_limits(api_core, listener, limits, std::future::pending());
+                if let Err(e) = serving.await {
                     eprintln!("atoll-agent: control plane API stopped: {e}");
                 }
             });

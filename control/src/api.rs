@@ -12,13 +12,26 @@
 //!   and a cloud's token rotation accept no body or an empty JSON object (`{}`) and refuse anything else like every other
 //!   body (unknown fields by name), so a client cannot believe an option was honoured (`detach`
 //!   and `accept` predate this and ignore a body).
-//! - Bearer tokens in `Authorization`; see [`Core::authenticate`].
+//! - Bearer tokens in `Authorization`; see [`Core::authenticate`]. **The body is read only
+//!   after authentication and authorization** (in [`run`], not in a layer before routing):
+//!   a caller without a valid token for the route gets its 401 or 403 without the server
+//!   reading a byte of the body, however large or slow; a body announced over the limit is
+//!   refused (413) before it is read, and one that does not arrive within the request timeout
+//!   gets 408.
+//! - **A 500 carries an error id, never internals.** Store errors name keys, SQL and etcd URLs;
+//!   they go to stderr as `atoll control: error <id>: <error>` and the caller gets the code,
+//!   a generic message and the same `id`, which an operator finds in the log.
+//! - Serving (timeouts, connection cap) is [`server`]'s.
+
+mod server;
+
+pub use server::Limits;
 
 use std::{collections::HashMap, sync::Arc, time::Duration};
 
 use axum::{
     body::{Body, Bytes},
-    extract::{Path, Query, Request, State},
+    extract::{Path, Query, State},
     http::{header, HeaderMap, Method, StatusCode},
     response::{IntoResponse, Response},
     routing::{get, post},
@@ -59,9 +72,25 @@ impl ApiError {
                     code: code.to_string(),
                     message: message.into(),
                     field,
+                    id: None,
                 },
             },
         }
+    }
+
+    /// A 500: `err` goes to stderr under a new error id; the caller gets `code`, a message
+    /// that names no internals, and the id.
+    fn internal(code: &str, message: &str, err: &dyn std::fmt::Display) -> Self {
+        let id = error_id();
+        eprintln!("atoll control: error {id}: {err}");
+        let mut e = ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            code,
+            format!("{message} (error id {id}; the control plane's log has the details)"),
+            None,
+        );
+        e.body.error.id = Some(id);
+        e
     }
 
     fn field(field: impl Into<String>, message: impl Into<String>) -> Self {
@@ -107,14 +136,14 @@ impl From<CoreError> for ApiError {
             // Not planned for by the core (a bug or a misconfiguration): still say which limit.
             CoreError::Store(
                 StoreError::TxnTooLarge { .. } | StoreError::EtcdTooManyOps { .. },
-            ) => ApiError::new(
-                StatusCode::INTERNAL_SERVER_ERROR,
+            ) => ApiError::internal(
                 "store_txn_limit",
-                msg,
-                None,
+                "a store transaction is over the store's limit (store.etcd_max_txn_ops and \
+                 etcd's --max-txn-ops)",
+                &msg,
             ),
             CoreError::Store(_) | CoreError::CorruptRecord { .. } | CoreError::Random(_) => {
-                ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", msg, None)
+                ApiError::internal("internal", "internal error", &msg)
             }
         }
     }
@@ -180,6 +209,66 @@ fn parse_no_body(bytes: &[u8]) -> Result<(), ApiError> {
     parse_body::<Empty>(bytes).map(|_| ())
 }
 
+/// A new error id: 16 hex digits, random (a counter would tell callers how many errors others
+/// had).
+fn error_id() -> String {
+    let mut b = [0u8; 8];
+    if getrandom::fill(&mut b).is_err() {
+        // No randomness: still an id to match the log line by.
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0);
+        b = t.to_be_bytes();
+    }
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// What handlers share: the core and the request timeout.
+struct Ctx {
+    core: Arc<Core>,
+    request_timeout: Duration,
+}
+
+/// Reads a request's body (after authorization, see the module docs).
+async fn read_body(headers: &HeaderMap, body: Body, timeout: Duration) -> Result<Bytes, ApiError> {
+    let too_large = || {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "body_too_large",
+            format!("request bodies are limited to {MAX_BODY_BYTES} bytes"),
+            Some("body".into()),
+        )
+    };
+    let announced = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if announced.is_some_and(|n| n > MAX_BODY_BYTES as u64) {
+        return Err(too_large());
+    }
+    let limited = http_body_util::Limited::new(body, MAX_BODY_BYTES);
+    match tokio::time::timeout(timeout, limited.collect()).await {
+        Ok(Ok(c)) => Ok(c.to_bytes()),
+        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => Err(too_large()),
+        Ok(Err(e)) => Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "bad_body",
+            format!("reading the body: {e}"),
+            Some("body".into()),
+        )),
+        Err(_) => Err(ApiError::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "request_timeout",
+            format!(
+                "the body did not arrive within {} s (api.request_timeout_secs)",
+                timeout.as_secs_f64()
+            ),
+            Some("body".into()),
+        )),
+    }
+}
+
 /// The caller's principal from `Authorization: Bearer <token>`.
 async fn principal(core: &Core, headers: &HeaderMap) -> Result<Principal, ApiError> {
     let token = headers
@@ -233,14 +322,18 @@ enum Access {
     Any,
 }
 
+/// Authenticates and authorizes the request, then reads `body` (if the route takes one), then
+/// builds the command with `cmd` and executes it.
 async fn run(
-    core: &Core,
+    ctx: &Ctx,
     headers: &HeaderMap,
     access: Access,
     params: &HashMap<String, String>,
-    cmd: impl FnOnce() -> Result<Command, ApiError>,
+    body: Option<Body>,
+    cmd: impl FnOnce(Bytes) -> Result<Command, ApiError>,
     created: bool,
 ) -> ApiResult {
+    let core = &ctx.core;
     let p = principal(core, headers).await?;
     match (access, &p) {
         (_, Principal::Operator) | (Access::Any, _) => {}
@@ -257,7 +350,11 @@ async fn run(
         }
         (Access::Host, _) => crate::core::authorize_host(&p, &name_param(params, "host")?)?,
     }
-    let reply = core.execute(p, cmd()?).await?;
+    let bytes = match body {
+        Some(body) => read_body(headers, body, ctx.request_timeout).await?,
+        None => Bytes::new(),
+    };
+    let reply = core.execute(p, cmd(bytes)?).await?;
     let status = if created {
         StatusCode::CREATED
     } else {
@@ -287,41 +384,51 @@ async fn run(
 }
 
 type P = Path<HashMap<String, String>>;
-type S = State<Arc<Core>>;
+type S = State<Arc<Ctx>>;
 type Q = Query<HashMap<String, String>>;
 
 /// A handler for a route with path parameters `p` (and a body `b` when `$body`), building its
 /// command with `$cmd`.
 macro_rules! handler {
     ($name:ident, $access:expr, $created:expr, |$p:ident| $cmd:expr) => {
-        async fn $name(State(core): S, headers: HeaderMap, Path($p): P) -> ApiResult {
-            run(&core, &headers, $access, &$p, || Ok($cmd), $created).await
+        async fn $name(State(ctx): S, headers: HeaderMap, Path($p): P) -> ApiResult {
+            run(&ctx, &headers, $access, &$p, None, |_| Ok($cmd), $created).await
         }
     };
     ($name:ident, $access:expr, $created:expr, |$p:ident, $b:ident| $cmd:expr) => {
-        async fn $name(State(core): S, headers: HeaderMap, Path($p): P, $b: Bytes) -> ApiResult {
-            run(&core, &headers, $access, &$p, || Ok($cmd), $created).await
+        async fn $name(State(ctx): S, headers: HeaderMap, Path($p): P, body: Body) -> ApiResult {
+            run(
+                &ctx,
+                &headers,
+                $access,
+                &$p,
+                Some(body),
+                |$b| Ok($cmd),
+                $created,
+            )
+            .await
         }
     };
 }
 
 const C: Access = Access::Cloud;
 
-async fn create_cloud(State(core): S, headers: HeaderMap, body: Bytes) -> ApiResult {
-    let cmd = || Ok(Command::CreateCloud(parse_body(&body)?));
+async fn create_cloud(State(ctx): S, headers: HeaderMap, body: Body) -> ApiResult {
+    let cmd = |b: Bytes| Ok(Command::CreateCloud(parse_body(&b)?));
     run(
-        &core,
+        &ctx,
         &headers,
         Access::Operator,
         &HashMap::new(),
+        Some(body),
         cmd,
         true,
     )
     .await
 }
 
-async fn list_clouds(State(core): S, headers: HeaderMap, Query(q): Q) -> ApiResult {
-    let cmd = || {
+async fn list_clouds(State(ctx): S, headers: HeaderMap, Query(q): Q) -> ApiResult {
+    let cmd = |_| {
         let mut after = None;
         let mut limit = 100;
         for (k, v) in &q {
@@ -344,7 +451,16 @@ async fn list_clouds(State(core): S, headers: HeaderMap, Query(q): Q) -> ApiResu
         }
         Ok(Command::ListClouds { after, limit })
     };
-    run(&core, &headers, Access::Any, &HashMap::new(), cmd, false).await
+    run(
+        &ctx,
+        &headers,
+        Access::Any,
+        &HashMap::new(),
+        None,
+        cmd,
+        false,
+    )
+    .await
 }
 
 handler!(get_cloud, C, false, |p| Command::GetCloud(cloud_param(
@@ -483,25 +599,27 @@ handler!(report_status, Access::Host, false, |p, b| {
     Command::ReportStatus(name_param(&p, "host")?, parse_body(&b)?)
 });
 
-async fn list_hosts(State(core): S, headers: HeaderMap) -> ApiResult {
+async fn list_hosts(State(ctx): S, headers: HeaderMap) -> ApiResult {
     run(
-        &core,
+        &ctx,
         &headers,
         Access::Operator,
         &HashMap::new(),
-        || Ok(Command::ListHosts),
+        None,
+        |_| Ok(Command::ListHosts),
         false,
     )
     .await
 }
 
 async fn sync(
-    State(core): S,
+    State(ctx): S,
     headers: HeaderMap,
     Path(p): P,
     Query(q): Query<HashMap<String, String>>,
 ) -> ApiResult {
-    let principal = principal(&core, &headers).await?;
+    let core = &ctx.core;
+    let principal = principal(core, &headers).await?;
     let host = name_param(&p, "host")?;
     // Authorization before the query is parsed (see `Access`).
     crate::core::authorize_host(&principal, &host)?;
@@ -533,31 +651,6 @@ async fn openapi_json() -> Response {
 
 async fn not_found() -> ApiError {
     ApiError::new(StatusCode::NOT_FOUND, "no_route", "no such route", None)
-}
-
-async fn limit_body(req: Request, next: axum::middleware::Next) -> Response {
-    let (parts, body) = req.into_parts();
-    let limited = http_body_util::Limited::new(body, MAX_BODY_BYTES);
-    match limited.collect().await {
-        Ok(c) => {
-            next.run(Request::from_parts(parts, Body::from(c.to_bytes())))
-                .await
-        }
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => ApiError::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "body_too_large",
-            format!("request bodies are limited to {MAX_BODY_BYTES} bytes"),
-            Some("body".into()),
-        )
-        .into_response(),
-        Err(e) => ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "bad_body",
-            format!("reading the body: {e}"),
-            Some("body".into()),
-        )
-        .into_response(),
-    }
 }
 
 /// One documented route.
@@ -906,8 +999,8 @@ pub const ROUTES: &[RouteDoc] = &[
     },
 ];
 
-/// The API router.
-pub fn router(core: Arc<Core>) -> Router {
+/// The API router; bodies must arrive within `request_timeout` once a handler reads them.
+pub fn router(core: Arc<Core>, request_timeout: Duration) -> Router {
     Router::new()
         .route("/openapi.json", get(openapi_json))
         .route("/v1/clouds", post(create_cloud).get(list_clouds))
@@ -980,8 +1073,10 @@ pub fn router(core: Arc<Core>) -> Router {
                 None,
             )
         })
-        .layer(axum::middleware::from_fn(limit_body))
-        .with_state(core)
+        .with_state(Arc::new(Ctx {
+            core,
+            request_timeout,
+        }))
 }
 
 #[derive(utoipa::OpenApi)]
@@ -1117,13 +1212,22 @@ pub fn openapi() -> serde_json::Value {
     })
 }
 
-/// Serves the API on `listener` until `shutdown` resolves.
+/// Serves the API on `listener` with the default [`Limits`] until `shutdown` resolves.
 pub async fn serve(
     core: Arc<Core>,
     listener: tokio::net::TcpListener,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(core))
-        .with_graceful_shutdown(shutdown)
-        .await
+    serve_with_limits(core, listener, Limits::default(), shutdown).await
+}
+
+/// Serves the API on `listener` within `limits` until `shutdown` resolves.
+pub async fn serve_with_limits(
+    core: Arc<Core>,
+    listener: tokio::net::TcpListener,
+    limits: Limits,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let router = router(core, limits.request_timeout);
+    server::serve(router, listener, limits, shutdown).await
 }

@@ -54,7 +54,12 @@ impl Client {
         Ok(Client {
             base,
             token: token.trim().to_string(),
-            http: HyperClient::builder(TokioExecutor::new()).build_http(),
+            // Pooled connections are dropped before the server's header-read timeout (15 s by
+            // default) would close them under a request being sent.
+            http: HyperClient::builder(TokioExecutor::new())
+                .pool_timer(hyper_util::rt::TokioTimer::new())
+                .pool_idle_timeout(Duration::from_secs(10))
+                .build_http(),
             timeout: Duration::from_secs(30),
         })
     }

@@ -8,6 +8,7 @@ use std::{
     net::SocketAddr,
     path::{Path, PathBuf},
     sync::Arc,
+    time::Duration,
 };
 
 use serde::Deserialize;
@@ -113,6 +114,50 @@ impl Default for CloudsConfig {
     }
 }
 
+/// `[api]`: the API server's limits (see `api::server`): timeouts and the connection cap
+/// that keep it serving ordinary clients while others hold connections open or trickle bytes.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ApiConfig {
+    /// A request's headers must be complete this long after the server starts waiting for
+    /// them (a new connection, or the previous response sent); also closes idle keep-alive
+    /// connections. At least 1.
+    pub header_read_timeout_secs: u64,
+    /// A request's body must be complete this long after the handler starts reading it (after
+    /// authorization), else 408. At least 1.
+    pub request_timeout_secs: u64,
+    /// A connection that moves no byte for this long while no request is being handled is
+    /// closed (a client that stopped reading its response). At least 1.
+    pub idle_timeout_secs: u64,
+    /// Connections open at once; further clients wait in the listen backlog until one closes.
+    /// At least 1.
+    pub max_connections: usize,
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        let d = crate::api::Limits::default();
+        ApiConfig {
+            header_read_timeout_secs: d.header_read_timeout.as_secs(),
+            request_timeout_secs: d.request_timeout.as_secs(),
+            idle_timeout_secs: d.idle_timeout.as_secs(),
+            max_connections: d.max_connections,
+        }
+    }
+}
+
+impl ApiConfig {
+    /// The server's limits.
+    pub fn limits(&self) -> crate::api::Limits {
+        crate::api::Limits {
+            header_read_timeout: Duration::from_secs(self.header_read_timeout_secs),
+            request_timeout: Duration::from_secs(self.request_timeout_secs),
+            idle_timeout: Duration::from_secs(self.idle_timeout_secs),
+            max_connections: self.max_connections,
+        }
+    }
+}
+
 /// Host liveness (see `core`: hosts heartbeat through their syncs).
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
@@ -134,6 +179,7 @@ impl Default for HostsConfig {
 pub struct ControlConfig {
     /// Address the API listens on.
     pub listen: SocketAddr,
+    pub api: ApiConfig,
     /// File holding the operator token (created with a new random token, mode 0600, if
     /// missing). The store only ever sees its hash.
     pub operator_token_file: PathBuf,
@@ -146,6 +192,7 @@ impl Default for ControlConfig {
     fn default() -> Self {
         ControlConfig {
             listen: "127.0.0.1:7480".parse().expect("valid address"),
+            api: ApiConfig::default(),
             operator_token_file: PathBuf::from("/etc/atoll/operator.token"),
             store: StoreConfig::default(),
             clouds: CloudsConfig::default(),
@@ -188,6 +235,19 @@ impl ControlConfig {
                     self.store.etcd_max_txn_ops
                 ),
             );
+        }
+        for (key, v) in [
+            (
+                "api.header_read_timeout_secs",
+                self.api.header_read_timeout_secs,
+            ),
+            ("api.request_timeout_secs", self.api.request_timeout_secs),
+            ("api.idle_timeout_secs", self.api.idle_timeout_secs),
+            ("api.max_connections", self.api.max_connections as u64),
+        ] {
+            if v == 0 {
+                return invalid(key, "must be at least 1".into());
+            }
         }
         if self.hosts.timeout_secs < crate::core::MIN_HOST_TIMEOUT_SECS {
             return invalid(
@@ -346,6 +406,40 @@ mod tests {
         assert!(
             e.starts_with("clouds.dns_suffix: 58 characters; at most 57"),
             "{e}"
+        );
+    }
+
+    #[test]
+    fn api_limits_default_and_are_validated() {
+        let cfg = parse("").unwrap();
+        assert_eq!(cfg.api.limits(), crate::api::Limits::default());
+        let cfg = parse(
+            "[api]\nheader_read_timeout_secs = 2\nrequest_timeout_secs = 3\n\
+             idle_timeout_secs = 4\nmax_connections = 5\n",
+        )
+        .unwrap();
+        let l = cfg.api.limits();
+        assert_eq!(
+            (
+                l.header_read_timeout,
+                l.request_timeout,
+                l.idle_timeout,
+                l.max_connections
+            ),
+            (
+                Duration::from_secs(2),
+                Duration::from_secs(3),
+                Duration::from_secs(4),
+                5
+            )
+        );
+        let e = parse("[api]\nmax_connections = 0\n").unwrap_err();
+        assert_eq!(e, "api.max_connections: must be at least 1");
+        let e = parse("[api]\nheader_read_timeout_secs = 0\n").unwrap_err();
+        assert!(e.starts_with("api.header_read_timeout_secs"), "{e}");
+        assert!(
+            parse("[api]\nheader_timeout_secs = 1\n").is_err(),
+            "unknown keys are refused"
         );
     }
 

@@ -423,7 +423,7 @@ async fn serve(cfg: ControlConfig) -> Result<()> {
             _ = term.recv() => {}
         }
     };
-    api::serve(core, listener, shutdown).await?;
+    api::serve_with_limits(core, listener, cfg.api.limits(), shutdown).await?;
     Ok(())
 }
 

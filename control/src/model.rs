@@ -865,6 +865,9 @@ pub struct ErrorDetail {
     /// The offending request field, when there is one (`quotas.vcpus`, `values[1]`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub field: Option<String>,
+    /// On a 500: the id under which the control plane logged what went wrong.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
 }
 
 /// The MAC atoll gives a guest: `02:a8:` + its IPv4 address (unique within a cloud, and guests

@@ -273,6 +273,15 @@ impl EtcdServer {
         server
     }
 
+    /// Kills etcd now (the namespace and data stay until the guard drops): the store's
+    /// requests fail from here on.
+    pub fn kill(&self) {
+        if let Some(child) = self.child.lock().expect("lock").as_mut() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
     fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
