@@ -89,6 +89,11 @@ pub struct ControlLinkConfig {
     pub host: Option<String>,
     /// `remote`: the control plane's API URL.
     pub url: String,
+    /// `remote`: the CA certificate that signs the control plane's certificate (its
+    /// generated `ca.pem`, or the operator's CA).
+    pub ca_file: Option<PathBuf>,
+    /// `remote`: instead, the SHA-256 fingerprint of the control plane's certificate or CA.
+    pub ca_fingerprint: Option<String>,
     /// `remote`: file with this host's token (`atoll host token <host>`: it reaches only this
     /// host's sync, status and registration) or, less safely, the operator token.
     pub token_file: PathBuf,
@@ -105,7 +110,9 @@ impl Default for ControlLinkConfig {
         ControlLinkConfig {
             mode: "embedded".into(),
             host: None,
-            url: "http://127.0.0.1:7480".into(),
+            url: "https://127.0.0.1:7480".into(),
+            ca_file: None,
+            ca_fingerprint: None,
             token_file: PathBuf::from("/etc/atoll/host.token"),
             tap_prefix: "atv".into(),
             volumes_dir: PathBuf::from("/var/lib/atoll/volumes"),
@@ -115,6 +122,35 @@ impl Default for ControlLinkConfig {
 }
 
 impl ControlLinkConfig {
+    /// How a remote agent trusts the control plane (`None`: plain `http://`, loopback only).
+    pub fn client_tls(&self) -> Option<atoll_control::tls::ClientTls> {
+        use atoll_control::tls::{ClientTls, Trust};
+        let (trust, setting) = match (&self.ca_fingerprint, &self.ca_file) {
+            (Some(fp), _) => (
+                Trust::Fingerprint(fp.clone()),
+                format!("control.ca_fingerprint = {fp}"),
+            ),
+            (None, Some(f)) => (
+                Trust::CaFile(f.clone()),
+                format!("control.ca_file = {}", f.display()),
+            ),
+            (None, None) => return None,
+        };
+        Some(ClientTls {
+            trust,
+            setting,
+            identity: None,
+        })
+    }
+
+    /// A client of the remote control plane with `token`.
+    pub fn client(
+        &self,
+        token: &str,
+    ) -> Result<atoll_control::client::Client, atoll_control::client::ClientError> {
+        atoll_control::client::Client::with_tls(&self.url, token, self.client_tls().as_ref())
+    }
+
     /// This host's name: configured, or the hostname's first label.
     pub fn host_name(&self) -> String {
         self.host.clone().unwrap_or_else(|| {
@@ -517,7 +553,7 @@ impl AgentConfig {
             return Err(invalid("control.volumes_dir must be an absolute path"));
         }
         if c.mode == "remote" {
-            atoll_control::client::Client::new(&c.url, "x")
+            c.client("x")
                 .map_err(|e| invalid(&format!("control.url: {e}")))?;
         }
         if c.mode == "embedded" {

@@ -37,7 +37,7 @@ use crate::{
     testbed::unique_name,
     vm::qemu::{self, QemuInstall},
 };
-use atoll_control::client::{Client, ClientError};
+use atoll_control::client::ClientError;
 use atoll_dataplane_common::LAYOUT_VERSION;
 use hyper::{Method, StatusCode};
 
@@ -220,9 +220,13 @@ pub async fn control(cfg: &AgentConfig) -> Check {
             );
         }
     }
-    let client = match Client::new(&c.url, &token) {
+    let client = match c.client(&token) {
         Ok(cl) => cl.with_timeout(Duration::from_secs(5)),
-        Err(e) => return Check::fail(NAME, e.to_string(), "set control.url to http://host:port"),
+        Err(e) => return Check::fail(
+            NAME,
+            e.to_string(),
+            "set control.url to https://host:port and control.ca_file or control.ca_fingerprint",
+        ),
     };
     let sync = format!("/v1/hosts/{host}/sync?wait_ms=0");
     match client

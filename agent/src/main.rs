@@ -13,7 +13,7 @@ use atoll_agent::{
     endpoint::{DeviceSpec, EndpointSpec, Host},
     types::{CloudId, MacAddr},
 };
-use atoll_control::{api, client::Client, model::SyncDelta};
+use atoll_control::{api, model::SyncDelta};
 use clap::{Parser, Subcommand};
 
 /// atoll's per-host agent.
@@ -338,28 +338,31 @@ async fn start_control(
             let token = std::fs::read_to_string(&c.token_file).with_context(|| {
                 format!("reading control.token_file {}", c.token_file.display())
             })?;
-            Source::Remote(Remote::new(
-                Client::new(&c.url, &token)?,
-                Some(c.token_file.clone()),
-            ))
+            Source::Remote(Remote::new(c.client(&token)?, Some(c.token_file.clone())))
         }
         _ => {
+            let tls = c
+                .embedded
+                .server_tls()
+                .map_err(|e| anyhow::anyhow!("control.embedded.{e}"))?;
             let core = c.embedded.start().await?;
             let listener = tokio::net::TcpListener::bind(c.embedded.listen)
                 .await
                 .with_context(|| {
                     format!("listening on control.embedded.listen {}", c.embedded.listen)
                 })?;
+            let (scheme, about) = atoll_control::config::ControlConfig::describe_tls(&tls);
             println!(
-                "atoll-agent: control plane API at http://{} (store: {})",
+                "atoll-agent: control plane API at {scheme}://{} (store: {}){about}",
                 listener.local_addr()?,
                 c.embedded.store.backend
             );
             let api_core = core.clone();
             let limits = c.embedded.api.limits();
+            let tls = tls.map(|t| t.config);
             tokio::spawn(async move {
                 let serving =
-                    api::serve_with_limits(api_core, listener, limits, std::future::pending());
+                    api::serve_tls(api_core, listener, limits, tls, std::future::pending());
                 if let Err(e) = serving.await {
                     eprintln!("atoll-agent: control plane API stopped: {e}");
                 }

@@ -17,7 +17,6 @@ use atoll_agent::{
     },
 };
 use atoll_control::{
-    client::Client,
     core::{Command as Cmd, Core, Principal, Reply},
     model::*,
 };
@@ -190,7 +189,6 @@ async fn agent_with_embedded_control_plane_serves_the_api() {
     require_root();
     let mut guard = support::EmbeddedAgent::start("ce", "");
     let prefix = guard.prefix.clone();
-    let port = guard.url.rsplit(':').next().unwrap().to_string();
     let op = guard.client(&guard.token);
     let hosts: Vec<HostInfo> = op
         .call(Method::GET, "/v1/hosts", None::<&Value>)
@@ -206,7 +204,7 @@ async fn agent_with_embedded_control_plane_serves_the_api() {
         .call(Method::POST, "/v1/clouds", Some(&json!({"name": "other"})))
         .await
         .unwrap();
-    let oc = Client::new(&format!("http://127.0.0.1:{port}"), &other.token).unwrap();
+    let oc = guard.client(&other.token);
     let other_vm: Vm = oc
         .call(
             Method::POST,
@@ -219,7 +217,7 @@ async fn agent_with_embedded_control_plane_serves_the_api() {
         .call(Method::POST, "/v1/clouds", Some(&json!({"name": "e2e"})))
         .await
         .unwrap();
-    let cc = Client::new(&format!("http://127.0.0.1:{port}"), &created.token).unwrap();
+    let cc = guard.client(&created.token);
     let id = created.cloud.id;
     // A user record, committed before the VM: once the VM is reported ready, the host has
     // applied every earlier change, this record included.
@@ -314,24 +312,66 @@ async fn agent_with_embedded_control_plane_serves_the_api() {
 }
 
 /// An agent apart from its control plane (`mode = "remote"`): the same convergence over the
-/// HTTP API, long-polling `/v1/hosts/<host>/sync` with its host's token (which reaches
-/// nothing but that host's routes).
+/// HTTPS API (the control plane's generated CA in `control.ca_file`), long-polling
+/// `/v1/hosts/<host>/sync` with its host's token (which reaches nothing but that host's
+/// routes). Trusting another CA, or pinning another fingerprint, is refused with an error
+/// naming the setting.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn remote_agent_converges_over_http() {
+async fn remote_agent_converges_over_https() {
     require_root();
     let dir = tempfile::tempdir().unwrap();
     let pins = PinRoot::new("cr");
     let prefix = unique_prefix("r");
     let _links = LinksWithPrefix(prefix.clone());
     let core = control_plane(dir.path()).await;
-    let url = serve_api(core.clone()).await;
+    let api = serve_api(core.clone()).await;
     let Reply::HostToken(issued) = exec(&core, Cmd::IssueHostToken("remote1".into())).await else {
         panic!()
     };
     let token_file = dir.path().join("host.token");
     std::fs::write(&token_file, &issued.token).unwrap();
+    // The agent's own configuration builds its client.
+    let mut link = atoll_agent::config::ControlLinkConfig {
+        mode: "remote".into(),
+        url: api.url.clone(),
+        ca_file: Some(api.ca_file.clone()),
+        ..Default::default()
+    };
+    // Wrong trust first: another CA, another fingerprint, and no trust at all.
+    let other = atoll_control::tls::Ca::new("not the control plane's").unwrap();
+    let other_file = dir.path().join("other-ca.pem");
+    std::fs::write(&other_file, other.cert_pem()).unwrap();
+    for (ca_file, fingerprint, setting) in [
+        (Some(other_file.clone()), None, "control.ca_file"),
+        (None, Some(other.fingerprint()), "control.ca_fingerprint"),
+    ] {
+        let wrong = atoll_agent::config::ControlLinkConfig {
+            ca_file,
+            ca_fingerprint: fingerprint,
+            ..link.clone()
+        };
+        let err = Source::Remote(Remote::new(wrong.client(&issued.token).unwrap(), None))
+            .register("remote1")
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(setting) && err.contains("TLS"), "{err}");
+    }
+    let untrusting = atoll_agent::config::ControlLinkConfig {
+        ca_file: None,
+        ..link.clone()
+    };
+    let err = untrusting.client(&issued.token).err().unwrap().to_string();
+    assert!(err.contains("control.ca_file"), "{err}");
+    // Pinning the generated CA's fingerprint works as well as its file.
+    link.ca_fingerprint = Some(api.ca_fingerprint.clone());
+    Source::Remote(Remote::new(link.client(&issued.token).unwrap(), None))
+        .register("remote1")
+        .await
+        .expect("a pinned fingerprint is trusted");
+    link.ca_fingerprint = None;
     let source = Source::Remote(Remote::new(
-        Client::new(&url, &issued.token).unwrap(),
+        link.client(&issued.token).unwrap(),
         Some(token_file.clone()),
     ));
     source.register("remote1").await.unwrap();

@@ -277,7 +277,7 @@ async fn doctor_checks_the_remote_control_link() {
 
     let dir = tempfile::tempdir().unwrap();
     let core = support::control_plane(dir.path()).await;
-    let url = support::serve_api(core.clone()).await;
+    let api = support::serve_api(core.clone()).await;
     let issue = |host: &str| {
         let core = core.clone();
         let host = host.to_string();
@@ -295,7 +295,8 @@ async fn doctor_checks_the_remote_control_link() {
     let token_file = dir.path().join("host.token");
     let mut cfg = AgentConfig::default();
     cfg.control.mode = "remote".into();
-    cfg.control.url = url.clone();
+    cfg.control.url = api.url.clone();
+    cfg.control.ca_file = Some(api.ca_file.clone());
     cfg.control.host = Some("dh1".into());
     cfg.control.token_file = token_file.clone();
     let put = |text: &str, mode: u32| {

@@ -1228,6 +1228,18 @@ pub async fn serve_with_limits(
     limits: Limits,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    serve_tls(core, listener, limits, None, shutdown).await
+}
+
+/// Serves the API on `listener` within `limits`, over TLS with `tls` (plain HTTP without),
+/// until `shutdown` resolves.
+pub async fn serve_tls(
+    core: Arc<Core>,
+    listener: tokio::net::TcpListener,
+    limits: Limits,
+    tls: Option<Arc<rustls::ServerConfig>>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
     let router = router(core, limits.request_timeout);
-    server::serve(router, listener, limits, shutdown).await
+    server::serve(router, listener, limits, tls, shutdown).await
 }

@@ -1,22 +1,41 @@
 //! A small HTTP client of the API, used by the CLI and by agents whose control plane runs
 //! elsewhere. Errors keep the server's JSON error body.
+//!
+//! `https://` URLs need a [`ClientTls`] (a CA file or a pinned fingerprint, see
+//! [`crate::tls`]); a failed verification names the setting that chose the trust.
 
 use std::time::Duration;
 
 use http_body_util::{BodyExt, Full};
 use hyper::{body::Bytes, Method, Request, StatusCode};
+use hyper_rustls::HttpsConnector;
 use hyper_util::{
     client::legacy::{connect::HttpConnector, Client as HyperClient},
     rt::TokioExecutor,
 };
 use serde::{de::DeserializeOwned, Serialize};
 
-use crate::model::ErrorBody;
+use crate::{
+    model::ErrorBody,
+    tls::{ClientTls, TlsError},
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
-    #[error("invalid API URL {0:?}: expected http://host:port")]
+    #[error("invalid API URL {0:?}: expected https://host:port (or http:// on loopback)")]
     InvalidUrl(String),
+    #[error("{url}: plain http:// only to a loopback address (a token must not cross a network in clear text); use https://")]
+    PlainHttp { url: String },
+    #[error("{url} is https: give the server's CA file or fingerprint (--ca-file / --ca-fingerprint, ATOLL_CA_FILE / ATOLL_CA_FINGERPRINT, or control.ca_file / control.ca_fingerprint)")]
+    NoTrust { url: String },
+    #[error("TLS settings for {url}: {source}")]
+    TlsConfig { url: String, source: TlsError },
+    #[error("TLS with {url} failed: {cause}; the server is verified against {setting}")]
+    Tls {
+        url: String,
+        cause: String,
+        setting: String,
+    },
     #[error("request to {url} failed: {source}")]
     Request {
         url: String,
@@ -41,25 +60,50 @@ pub enum ClientError {
 pub struct Client {
     base: String,
     token: String,
-    http: HyperClient<HttpConnector, Full<Bytes>>,
+    http: HyperClient<HttpsConnector<HttpConnector>, Full<Bytes>>,
+    /// The setting that chose the server's trust (for errors).
+    trust_setting: Option<String>,
     timeout: Duration,
 }
 
 impl Client {
+    /// A client of a plain `http://` control plane (loopback only, see [`crate::tls`]).
     pub fn new(base: &str, token: &str) -> Result<Self, ClientError> {
+        Self::with_tls(base, token, None)
+    }
+
+    /// A client of `base`, which must be `https://` when `tls` is given; an `https://` URL
+    /// without `tls` is refused.
+    pub fn with_tls(base: &str, token: &str, tls: Option<&ClientTls>) -> Result<Self, ClientError> {
         let base = base.trim_end_matches('/').to_string();
-        if !base.starts_with("http://") || base.parse::<hyper::Uri>().is_err() {
+        let https = base.starts_with("https://");
+        let Ok(uri) = base.parse::<hyper::Uri>() else {
+            return Err(ClientError::InvalidUrl(base));
+        };
+        if !(https || base.starts_with("http://")) {
             return Err(ClientError::InvalidUrl(base));
         }
+        if !https && !uri.host().is_some_and(is_loopback) {
+            return Err(ClientError::PlainHttp { url: base });
+        }
+        let config = match (https, tls) {
+            (true, None) => return Err(ClientError::NoTrust { url: base }),
+            (true, Some(t)) => Some(t.config().map_err(|source| ClientError::TlsConfig {
+                url: base.clone(),
+                source,
+            })?),
+            (false, _) => None,
+        };
         Ok(Client {
-            base,
-            token: token.trim().to_string(),
             // Pooled connections are dropped before the server's header-read timeout (15 s by
             // default) would close them under a request being sent.
             http: HyperClient::builder(TokioExecutor::new())
                 .pool_timer(hyper_util::rt::TokioTimer::new())
                 .pool_idle_timeout(Duration::from_secs(10))
-                .build_http(),
+                .build(crate::tls::connector(HttpConnector::new(), config)),
+            trust_setting: tls.filter(|_| https).map(|t| t.setting.clone()),
+            base,
+            token: token.trim().to_string(),
             timeout: Duration::from_secs(30),
         })
     }
@@ -105,14 +149,19 @@ impl Client {
             .map_err(|_| ClientError::InvalidUrl(url.clone()))?;
         let timeout = self.timeout + extra_wait;
         let work = async {
-            let resp = self
-                .http
-                .request(req)
-                .await
-                .map_err(|source| ClientError::Request {
-                    url: url.clone(),
-                    source,
-                })?;
+            let resp = self.http.request(req).await.map_err(|source| {
+                match (crate::tls::tls_cause(&source), &self.trust_setting) {
+                    (Some(cause), Some(setting)) => ClientError::Tls {
+                        url: url.clone(),
+                        cause,
+                        setting: setting.clone(),
+                    },
+                    _ => ClientError::Request {
+                        url: url.clone(),
+                        source,
+                    },
+                }
+            })?;
             let status = resp.status();
             let bytes = resp
                 .into_body()
@@ -173,4 +222,13 @@ impl Client {
             }),
         }
     }
+}
+
+/// Whether a URL's host is this machine (`localhost`, 127.0.0.0/8, ::1).
+pub fn is_loopback(host: &str) -> bool {
+    host.eq_ignore_ascii_case("localhost")
+        || host
+            .trim_matches(['[', ']'])
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
 }

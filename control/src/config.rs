@@ -73,6 +73,24 @@ pub struct StoreConfig {
     /// (a delete revokes many grants in several transactions); it must not be higher than
     /// etcd's setting. At least 16.
     pub etcd_max_txn_ops: usize,
+    /// CA certificate(s) that sign the etcd servers' certificates (needed for `https://`
+    /// endpoints).
+    pub etcd_ca_file: Option<PathBuf>,
+    /// This control plane's client certificate and key, for etcd's `--client-cert-auth`.
+    pub etcd_cert_file: Option<PathBuf>,
+    pub etcd_key_file: Option<PathBuf>,
+}
+
+impl StoreConfig {
+    /// TLS towards etcd, when a CA is configured.
+    pub fn etcd_tls(&self) -> Option<crate::tls::ClientTls> {
+        let ca = self.etcd_ca_file.clone()?;
+        Some(crate::tls::ClientTls {
+            setting: format!("store.etcd_ca_file = {}", ca.display()),
+            trust: crate::tls::Trust::CaFile(ca),
+            identity: self.etcd_cert_file.clone().zip(self.etcd_key_file.clone()),
+        })
+    }
 }
 
 impl Default for StoreConfig {
@@ -85,6 +103,9 @@ impl Default for StoreConfig {
             etcd_endpoints: vec!["http://127.0.0.1:2379".into()],
             etcd_prefix: "/atoll/".into(),
             etcd_max_txn_ops: DEFAULT_MAX_TXN_OPS,
+            etcd_ca_file: None,
+            etcd_cert_file: None,
+            etcd_key_file: None,
         }
     }
 }
@@ -173,6 +194,52 @@ impl Default for HostsConfig {
     }
 }
 
+/// Whether the API speaks TLS.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum TlsMode {
+    /// HTTPS (the default).
+    On,
+    /// Plain HTTP: only with a loopback listen address.
+    Off,
+}
+
+/// `[tls]`: the API's HTTPS (see [`crate::tls`]).
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsConfig {
+    pub mode: TlsMode,
+    /// Certificate chain (PEM) and key of the API; both or neither. Without them a CA and a
+    /// server certificate are generated in `dir` on first start.
+    pub cert_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
+    /// Where the generated identity lives (`ca.pem` is what clients trust).
+    pub dir: PathBuf,
+    /// Names and addresses the generated certificate carries besides `localhost`, 127.0.0.1,
+    /// ::1, the host name and the listen address (those clients use to reach the API).
+    pub names: Vec<String>,
+}
+
+impl Default for TlsConfig {
+    fn default() -> Self {
+        TlsConfig {
+            mode: TlsMode::On,
+            cert_file: None,
+            key_file: None,
+            dir: PathBuf::from("/var/lib/atoll/tls"),
+            names: Vec::new(),
+        }
+    }
+}
+
+/// The API's TLS as started: the configuration, and for a generated identity its CA.
+#[derive(Debug)]
+pub struct ServerTls {
+    pub config: Arc<rustls::ServerConfig>,
+    /// The generated CA's file and fingerprint, and whether it was made on this start.
+    pub generated: Option<(PathBuf, String, bool)>,
+}
+
 /// The control plane's whole configuration.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
@@ -186,6 +253,7 @@ pub struct ControlConfig {
     pub store: StoreConfig,
     pub clouds: CloudsConfig,
     pub hosts: HostsConfig,
+    pub tls: TlsConfig,
 }
 
 impl Default for ControlConfig {
@@ -197,6 +265,7 @@ impl Default for ControlConfig {
             store: StoreConfig::default(),
             clouds: CloudsConfig::default(),
             hosts: HostsConfig::default(),
+            tls: TlsConfig::default(),
         }
     }
 }
@@ -221,6 +290,33 @@ impl ControlConfig {
             return invalid(
                 "store.backend",
                 format!("{:?}: use \"sqlite\" or \"etcd\"", self.store.backend),
+            );
+        }
+        if self.tls.mode == TlsMode::Off && !self.listen.ip().is_loopback() {
+            return invalid(
+                "tls.mode",
+                format!(
+                    "\"off\" needs a loopback listen address, not {}: tokens must not cross a network in clear text",
+                    self.listen
+                ),
+            );
+        }
+        if self.tls.cert_file.is_some() != self.tls.key_file.is_some() {
+            return invalid(
+                "tls.cert_file",
+                "set tls.cert_file and tls.key_file together".into(),
+            );
+        }
+        if self.store.etcd_cert_file.is_some() != self.store.etcd_key_file.is_some() {
+            return invalid(
+                "store.etcd_cert_file",
+                "set store.etcd_cert_file and store.etcd_key_file together".into(),
+            );
+        }
+        if self.store.etcd_cert_file.is_some() && self.store.etcd_ca_file.is_none() {
+            return invalid(
+                "store.etcd_ca_file",
+                "a client certificate needs the cluster's CA (store.etcd_ca_file)".into(),
             );
         }
         if self.store.backend == "etcd" && self.store.etcd_endpoints.is_empty() {
@@ -287,6 +383,69 @@ impl ControlConfig {
         Ok(())
     }
 
+    /// The API's TLS, or `None` for plain HTTP (`tls.mode = "off"`, loopback only). Without
+    /// configured files the generated identity in `tls.dir` is used, made on first start.
+    pub fn server_tls(&self) -> Result<Option<ServerTls>, ConfigError> {
+        if self.tls.mode == TlsMode::Off {
+            return Ok(None);
+        }
+        let tls_err = |key, e: crate::tls::TlsError| ConfigError::Invalid {
+            key,
+            message: e.to_string(),
+        };
+        let (cert, key, generated) = match (&self.tls.cert_file, &self.tls.key_file) {
+            (Some(c), Some(k)) => (c.clone(), k.clone(), None),
+            _ => {
+                let mut names = vec![
+                    "localhost".to_string(),
+                    "127.0.0.1".to_string(),
+                    "::1".to_string(),
+                ];
+                if let Ok(h) = std::fs::read_to_string("/proc/sys/kernel/hostname") {
+                    let h = h.trim();
+                    if !h.is_empty() {
+                        names.push(h.to_string());
+                    }
+                }
+                if !self.listen.ip().is_unspecified() {
+                    names.push(self.listen.ip().to_string());
+                }
+                names.extend(self.tls.names.iter().cloned());
+                names.dedup();
+                let (paths, fp, created) = crate::tls::ensure_generated(&self.tls.dir, &names)
+                    .map_err(|e| tls_err("tls.dir", e))?;
+                (
+                    paths.cert_file,
+                    paths.key_file,
+                    Some((paths.ca_file, fp, created)),
+                )
+            }
+        };
+        let config =
+            crate::tls::server_config(&cert, &key).map_err(|e| tls_err("tls.cert_file", e))?;
+        Ok(Some(ServerTls { config, generated }))
+    }
+
+    /// The API's TLS as a line for the log: the URL scheme, and for a generated identity the CA
+    /// file and fingerprint clients pin.
+    pub fn describe_tls(tls: &Option<ServerTls>) -> (&'static str, String) {
+        match tls {
+            None => ("http", " (plain HTTP: tls.mode = \"off\", loopback only)".into()),
+            Some(ServerTls {
+                generated: Some((ca, fp, created)),
+                ..
+            }) => (
+                "https",
+                format!(
+                    " ({} CA {}, SHA-256 fingerprint {fp}: clients use --ca-file or --ca-fingerprint)",
+                    if *created { "generated a new" } else { "generated" },
+                    ca.display()
+                ),
+            ),
+            Some(_) => ("https", " (certificate from tls.cert_file)".into()),
+        }
+    }
+
     /// Reads the operator token, creating the file with a new token if it does not exist.
     pub fn operator_token(&self) -> Result<String, ConfigError> {
         let path = &self.operator_token_file;
@@ -320,9 +479,10 @@ impl ControlConfig {
     pub async fn open_store(&self) -> Result<Store, ConfigError> {
         match self.store.backend.as_str() {
             "etcd" => Ok(Store::Etcd(
-                EtcdStore::connect(
+                EtcdStore::connect_with(
                     self.store.etcd_endpoints.clone(),
                     self.store.etcd_prefix.clone(),
+                    self.store.etcd_tls().as_ref(),
                 )
                 .await
                 .map_err(ConfigError::OpenStore)?

@@ -9,4 +9,5 @@ pub mod core;
 pub mod model;
 pub mod private;
 pub mod store;
+pub mod tls;
 pub mod usage;

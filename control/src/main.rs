@@ -16,6 +16,7 @@ use atoll_control::{
     client::Client,
     config::ControlConfig,
     model::*,
+    tls::{ClientTls, Trust},
     usage::{focus_csv, parse_rfc3339, report, table, Prices},
 };
 use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
@@ -30,9 +31,17 @@ struct Cli {
         long,
         global = true,
         env = "ATOLL_URL",
-        default_value = "http://127.0.0.1:7480"
+        default_value = "https://127.0.0.1:7480"
     )]
     url: String,
+    /// CA certificate the API's certificate must be signed by (default: the CA a control
+    /// plane on this host generated, /var/lib/atoll/tls/ca.pem, when present).
+    #[arg(long, global = true, env = "ATOLL_CA_FILE")]
+    ca_file: Option<PathBuf>,
+    /// SHA-256 fingerprint of the API's certificate or of its CA (the control plane prints
+    /// its CA's on first start).
+    #[arg(long, global = true, env = "ATOLL_CA_FINGERPRINT")]
+    ca_fingerprint: Option<String>,
     /// Bearer token (a cloud's token or the operator's).
     #[arg(long, global = true, env = "ATOLL_TOKEN", hide_env_values = true)]
     token: Option<String>,
@@ -346,6 +355,7 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
 
 fn run() -> Result<()> {
     let cli = Cli::parse();
+    let tls = client_tls(&cli);
     match cli.command {
         Cmd::Serve { config } => {
             let cfg = match config {
@@ -390,7 +400,7 @@ fn run() -> Result<()> {
                     )
                 })?,
             };
-            let client = Client::new(&cli.url, &token)?;
+            let client = Client::with_tls(&cli.url, &token, tls.as_ref())?;
             match runtime()?.block_on(resource(&client, cmd))? {
                 Output::Json(value) if value.is_null() => {}
                 Output::Json(value) => println!("{}", serde_json::to_string_pretty(&value)?),
@@ -406,13 +416,48 @@ fn run() -> Result<()> {
     }
 }
 
+/// The CLI's trust in the API: a pinned fingerprint, a CA file, or the CA a control plane on
+/// this host generated.
+fn client_tls(cli: &Cli) -> Option<ClientTls> {
+    let (trust, setting) = if let Some(fp) = &cli.ca_fingerprint {
+        (
+            Trust::Fingerprint(fp.clone()),
+            format!("--ca-fingerprint (ATOLL_CA_FINGERPRINT) {fp}"),
+        )
+    } else if let Some(file) = &cli.ca_file {
+        (
+            Trust::CaFile(file.clone()),
+            format!("--ca-file (ATOLL_CA_FILE) {}", file.display()),
+        )
+    } else {
+        let local = PathBuf::from(DEFAULT_CA_FILE);
+        if !local.exists() {
+            return None;
+        }
+        (
+            Trust::CaFile(local),
+            format!("the local control plane's CA {DEFAULT_CA_FILE} (set --ca-file or --ca-fingerprint)"),
+        )
+    };
+    Some(ClientTls {
+        trust,
+        setting,
+        identity: None,
+    })
+}
+
+/// Where a control plane with default settings keeps its generated CA.
+const DEFAULT_CA_FILE: &str = "/var/lib/atoll/tls/ca.pem";
+
 async fn serve(cfg: ControlConfig) -> Result<()> {
+    let tls = cfg.server_tls()?;
     let core = cfg.start().await?;
     let listener = tokio::net::TcpListener::bind(cfg.listen)
         .await
         .with_context(|| format!("listening on {}", cfg.listen))?;
+    let (scheme, about) = ControlConfig::describe_tls(&tls);
     eprintln!(
-        "atoll: control plane API on http://{}",
+        "atoll: control plane API on {scheme}://{}{about}",
         listener.local_addr()?
     );
     let shutdown = async {
@@ -423,7 +468,14 @@ async fn serve(cfg: ControlConfig) -> Result<()> {
             _ = term.recv() => {}
         }
     };
-    api::serve_with_limits(core, listener, cfg.api.limits(), shutdown).await?;
+    api::serve_tls(
+        core,
+        listener,
+        cfg.api.limits(),
+        tls.map(|t| t.config),
+        shutdown,
+    )
+    .await?;
     Ok(())
 }
 

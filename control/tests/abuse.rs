@@ -385,7 +385,7 @@ fn a_500_carries_an_error_id_and_internals_go_to_the_log() {
     std::fs::write(
         &config,
         format!(
-            "listen = \"127.0.0.1:7480\"\noperator_token_file = {:?}\n[store]\nbackend = \"etcd\"\netcd_endpoints = [\"{}\"]\netcd_prefix = \"{}\"\n",
+            "listen = \"127.0.0.1:7480\"\noperator_token_file = {:?}\n[store]\nbackend = \"etcd\"\netcd_endpoints = [\"{}\"]\netcd_prefix = \"{}\"\n[tls]\nmode = \"off\"\n",
             token_file, support::ETCD_ENDPOINT, support::ETCD_PREFIX
         ),
     )

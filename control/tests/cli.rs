@@ -249,3 +249,65 @@ async fn cli_drives_the_api() {
     .await
     .unwrap();
 }
+
+/// The CLI over HTTPS: it verifies the API against `--ca-file` or `--ca-fingerprint`, refuses
+/// another CA or fingerprint with an error naming the flag, and never sends a token in clear
+/// text off the machine.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_verifies_the_api_over_tls() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = ControlConfig {
+        operator_token_file: dir.path().join("op.token"),
+        store: StoreConfig {
+            path: dir.path().join("control.db"),
+            ..StoreConfig::default()
+        },
+        ..ControlConfig::default()
+    };
+    let core = cfg.start().await.unwrap();
+    let (paths, fingerprint, _) =
+        atoll_control::tls::ensure_generated(&dir.path().join("tls"), &["127.0.0.1".to_string()])
+            .unwrap();
+    let tls = atoll_control::tls::server_config(&paths.cert_file, &paths.key_file).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("https://{}", listener.local_addr().unwrap());
+    tokio::spawn(api::serve_tls(
+        core,
+        listener,
+        api::Limits::default(),
+        Some(tls),
+        std::future::pending(),
+    ));
+    let op = cfg.operator_token().unwrap();
+    let other = atoll_control::tls::Ca::new("not the API's").unwrap();
+    let other_file = dir.path().join("other.pem");
+    std::fs::write(&other_file, other.cert_pem()).unwrap();
+    let ca = paths.ca_file.display().to_string();
+    let other_ca = other_file.display().to_string();
+    tokio::task::spawn_blocking(move || {
+        let run = |extra: &[&str]| {
+            let mut args = extra.to_vec();
+            args.extend(["cloud", "list"]);
+            atoll(&url, &op, &args)
+        };
+        json(&run(&["--ca-file", &ca]));
+        json(&run(&["--ca-fingerprint", &fingerprint]));
+        for (flag, value) in [
+            ("--ca-file", other_ca.as_str()),
+            ("--ca-fingerprint", other.fingerprint().as_str()),
+        ] {
+            let out = run(&[flag, value]);
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(1), "{err}");
+            assert!(err.contains("TLS") && err.contains(flag), "{err}");
+        }
+        // Plain http to another machine is refused before any connection is made
+        // (192.0.2.1 is TEST-NET-1: nothing is sent anywhere).
+        let out = atoll("http://192.0.2.1:7480", &op, &["cloud", "list"]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{err}");
+        assert!(err.contains("loopback"), "{err}");
+    })
+    .await
+    .unwrap();
+}

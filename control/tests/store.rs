@@ -1093,3 +1093,99 @@ fn etcd_fails_over_to_the_next_endpoint() {
         }
     });
 }
+
+/// etcd with `--client-cert-auth` and certificates of the test's own CA: the control plane
+/// (as configured: `store.etcd_ca_file`, `etcd_cert_file`, `etcd_key_file`) reads and writes;
+/// without a client certificate, or trusting another CA, it is refused with an error naming
+/// the settings.
+#[test]
+fn etcd_over_tls_needs_the_clusters_ca_and_a_client_certificate() {
+    use atoll_control::{
+        config::ControlConfig,
+        tls::{Ca, ClientTls, Trust},
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let (server, files) = support::EtcdServer::start_tls(dir.path());
+    let full = ClientTls {
+        trust: Trust::CaFile(files.ca_file.clone()),
+        setting: "store.etcd_ca_file".into(),
+        identity: Some((files.client_cert.clone(), files.client_key.clone())),
+    };
+    support::block_on_in_netns(&server.netns, || async {
+        let store: Store = server
+            .connect_when_ready_with(support::ETCD_TLS_ENDPOINT, "tls/", Some(&full))
+            .await
+            .into();
+        store
+            .txn(Txn {
+                compares: vec![],
+                success: vec![Op::Put {
+                    key: "k".into(),
+                    value: b"v".to_vec(),
+                }],
+            })
+            .await
+            .expect("a write over TLS");
+        assert_eq!(store.get("k").await.unwrap().unwrap().value, b"v");
+
+        // The same through the control plane's configuration.
+        let mut cfg = ControlConfig::default();
+        cfg.store.backend = "etcd".into();
+        cfg.store.etcd_endpoints = vec![support::ETCD_TLS_ENDPOINT.into()];
+        cfg.store.etcd_prefix = "tls/".into();
+        cfg.store.etcd_ca_file = Some(files.ca_file.clone());
+        cfg.store.etcd_cert_file = Some(files.client_cert.clone());
+        cfg.store.etcd_key_file = Some(files.client_key.clone());
+        cfg.validate().unwrap();
+        let store = cfg.open_store().await.expect("store from config");
+        assert_eq!(store.get("k").await.unwrap().unwrap().value, b"v");
+
+        // No client certificate: etcd refuses the handshake.
+        let no_cert = ClientTls {
+            identity: None,
+            ..full.clone()
+        };
+        let err = EtcdStore::connect_with(
+            vec![support::ETCD_TLS_ENDPOINT.into()],
+            "tls/".into(),
+            Some(&no_cert),
+        )
+        .await
+        .err()
+        .expect("refused without a client certificate");
+        assert!(
+            matches!(err, StoreError::EtcdTls { .. }),
+            "expected a TLS error, got {err}"
+        );
+        assert!(err.to_string().contains("store.etcd_cert_file"), "{err}");
+
+        // Another CA: the client refuses etcd's certificate.
+        let other = Ca::new("not etcd's CA").unwrap();
+        let other_file = dir.path().join("other.pem");
+        std::fs::write(&other_file, other.cert_pem()).unwrap();
+        let wrong = ClientTls {
+            trust: Trust::CaFile(other_file),
+            ..full.clone()
+        };
+        let err = EtcdStore::connect_with(
+            vec![support::ETCD_TLS_ENDPOINT.into()],
+            "tls/".into(),
+            Some(&wrong),
+        )
+        .await
+        .err()
+        .expect("refused with another CA");
+        assert!(
+            matches!(err, StoreError::EtcdTls { .. })
+                && err.to_string().contains("store.etcd_ca_file"),
+            "{err}"
+        );
+
+        // Plain http to a TLS-only etcd gets nowhere either.
+        assert!(
+            EtcdStore::connect(vec!["http://127.0.0.1:2379".into()], "tls/".into())
+                .await
+                .is_err()
+        );
+    });
+}

@@ -25,16 +25,53 @@ pub async fn control_plane(dir: &Path) -> Arc<atoll_control::core::Core> {
     cfg.start().await.expect("control plane")
 }
 
-/// Serves `core`'s API on a fresh loopback port until the test ends; its URL.
-pub async fn serve_api(core: Arc<atoll_control::core::Core>) -> String {
+/// An API served over HTTPS by [`serve_api`], with the CA its certificate was generated
+/// with (as a control plane does on its first start).
+pub struct ServedApi {
+    pub url: String,
+    pub ca_file: std::path::PathBuf,
+    pub ca_fingerprint: String,
+    _dir: tempfile::TempDir,
+}
+
+impl ServedApi {
+    /// How a client trusts this API: its CA file, under the agent's setting name.
+    pub fn trust(&self) -> atoll_control::tls::ClientTls {
+        atoll_control::tls::ClientTls {
+            trust: atoll_control::tls::Trust::CaFile(self.ca_file.clone()),
+            setting: format!("control.ca_file = {}", self.ca_file.display()),
+            identity: None,
+        }
+    }
+
+    /// A client of this API with `token`.
+    pub fn client(&self, token: &str) -> atoll_control::client::Client {
+        atoll_control::client::Client::with_tls(&self.url, token, Some(&self.trust())).unwrap()
+    }
+}
+
+/// Serves `core`'s API over HTTPS (a generated CA and certificate) on a fresh loopback port
+/// until the test ends.
+pub async fn serve_api(core: Arc<atoll_control::core::Core>) -> ServedApi {
+    let dir = tempfile::tempdir().unwrap();
+    let (paths, ca_fingerprint, _) =
+        atoll_control::tls::ensure_generated(dir.path(), &["127.0.0.1".to_string()]).unwrap();
+    let tls = atoll_control::tls::server_config(&paths.cert_file, &paths.key_file).unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(atoll_control::api::serve(
+    let url = format!("https://{}", listener.local_addr().unwrap());
+    tokio::spawn(atoll_control::api::serve_tls(
         core,
         listener,
+        atoll_control::api::Limits::default(),
+        Some(tls),
         std::future::pending(),
     ));
-    url
+    ServedApi {
+        url,
+        ca_file: paths.ca_file,
+        ca_fingerprint,
+        _dir: dir,
+    }
 }
 
 /// `read()` once it has stopped changing: two equal reads 200 ms apart, or the last read
@@ -365,17 +402,18 @@ impl EmbeddedAgent {
                  {usage}[dns]\nnamespace = \"{dns}\"\ndevice = \"{dns}\"\n\
                  [control]\nhost = \"solo\"\ntap_prefix = \"{prefix}\"\nvolumes_dir = \"{}\"\n\
                  [control.embedded]\nlisten = \"127.0.0.1:{port}\"\noperator_token_file = \"{}\"\n\
-                 [control.embedded.store]\npath = \"{}\"\n{vm}{extra}",
+                 [control.embedded.store]\npath = \"{}\"\n[control.embedded.tls]\ndir = \"{}\"\n{vm}{extra}",
                 pins.path().display(),
                 dir.path().join("volumes").display(),
                 token_file.display(),
                 dir.path().join("control.db").display(),
+                dir.path().join("tls").display(),
             ),
         )
         .unwrap();
         let child = spawn_agent(&config);
         let mut agent = EmbeddedAgent {
-            url: format!("http://127.0.0.1:{port}"),
+            url: format!("https://127.0.0.1:{port}"),
             token: String::new(),
             dir,
             config,
@@ -417,9 +455,16 @@ impl EmbeddedAgent {
         self._pins.path()
     }
 
-    /// A client of the API with `token` (the operator's: [`EmbeddedAgent::token`]).
+    /// A client of the API with `token` (the operator's: [`EmbeddedAgent::token`]), over
+    /// HTTPS trusting the CA the agent's control plane generated on its first start.
     pub fn client(&self, token: &str) -> atoll_control::client::Client {
-        atoll_control::client::Client::new(&self.url, token).unwrap()
+        let ca = self.dir.path().join("tls/ca.pem");
+        let tls = atoll_control::tls::ClientTls {
+            trust: atoll_control::tls::Trust::CaFile(ca.clone()),
+            setting: format!("--ca-file {}", ca.display()),
+            identity: None,
+        };
+        atoll_control::client::Client::with_tls(&self.url, token, Some(&tls)).unwrap()
     }
 
     /// Kills the agent and runs `atoll-agent cleanup`; returns cleanup's output.

@@ -20,6 +20,10 @@
 //!   accept until it closes; with none free the server stops accepting, so further clients
 //!   wait in the kernel's listen backlog (and get in as the timeouts above free permits)
 //!   rather than being refused.
+//! - **TLS** (when configured, see [`crate::tls`]): the handshake runs in the connection's
+//!   own task, never in the accept loop, and must finish within the header-read timeout, so a
+//!   client that opens a connection and never completes a handshake holds a permit no longer
+//!   than one that never sends headers.
 //! - **Graceful shutdown**: when `shutdown` resolves the listener closes, every connection
 //!   finishes its request in flight, and the function returns once all are closed.
 
@@ -71,8 +75,10 @@ pub async fn serve(
     router: Router,
     listener: TcpListener,
     limits: Limits,
+    tls: Option<Arc<rustls::ServerConfig>>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
     let permits = Arc::new(Semaphore::new(limits.max_connections));
     let (stop, stopped) = watch::channel(false);
     tokio::pin!(shutdown);
@@ -94,13 +100,23 @@ pub async fn serve(
             },
             () = &mut shutdown => break,
         };
-        tokio::spawn(connection(
-            stream,
-            router.clone(),
-            limits,
-            stopped.clone(),
-            permit,
-        ));
+        let (router, stopped) = (router.clone(), stopped.clone());
+        match acceptor.clone() {
+            None => {
+                tokio::spawn(connection(stream, router, limits, stopped, permit));
+            }
+            Some(acceptor) => {
+                tokio::spawn(async move {
+                    let _ = stream.set_nodelay(true);
+                    let handshake =
+                        tokio::time::timeout(limits.header_read_timeout, acceptor.accept(stream));
+                    // A failed or slow handshake ends the connection; rustls has sent its alert.
+                    if let Ok(Ok(tls)) = handshake.await {
+                        connection(tls, router, limits, stopped, permit).await;
+                    }
+                });
+            }
+        }
     }
     drop(listener);
     stop.send_replace(true);
@@ -146,14 +162,14 @@ impl Drop for Busy {
     }
 }
 
-async fn connection(
-    stream: TcpStream,
+async fn connection<S: Stream>(
+    stream: S,
     router: Router,
     limits: Limits,
     mut stop: watch::Receiver<bool>,
     _permit: OwnedSemaphorePermit,
 ) {
-    let _ = stream.set_nodelay(true);
+    stream.nodelay();
     let activity = Arc::new(Activity {
         start: Instant::now(),
         last: AtomicU64::new(0),
@@ -207,13 +223,29 @@ async fn connection(
     }
 }
 
+/// What a connection is served over: TCP, or TLS on TCP.
+trait Stream: AsyncRead + AsyncWrite + Unpin + Send + 'static {
+    fn nodelay(&self);
+}
+
+impl Stream for TcpStream {
+    fn nodelay(&self) {
+        let _ = self.set_nodelay(true);
+    }
+}
+
+impl Stream for tokio_rustls::server::TlsStream<TcpStream> {
+    // Set on the TCP stream before the handshake.
+    fn nodelay(&self) {}
+}
+
 /// A stream that records in its [`Activity`] when a byte moved.
-struct Tracked {
-    inner: TcpStream,
+struct Tracked<S> {
+    inner: S,
     activity: Arc<Activity>,
 }
 
-impl AsyncRead for Tracked {
+impl<S: Stream> AsyncRead for Tracked<S> {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -229,7 +261,7 @@ impl AsyncRead for Tracked {
     }
 }
 
-impl AsyncWrite for Tracked {
+impl<S: Stream> AsyncWrite for Tracked<S> {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,

@@ -21,6 +21,8 @@
 //!   revision) so `watch()` itself returns `Compacted`; etcd then reports the compaction
 //!   revision on the stream. A stream that ends is `WatchClosed`: the caller re-watches from its
 //!   last revision, which picks a live endpoint.
+//! - **TLS.** `https://` endpoints need a [`ClientTls`] (the cluster's CA and, for
+//!   `--client-cert-auth`, this client's certificate); `http://` ones are for a loopback etcd.
 //! - **Endpoints** are tried in order, starting with the last one that answered, when
 //!   connecting fails (including a 2 s connect timeout); any other error is returned, since a
 //!   transaction may have been applied.
@@ -56,6 +58,8 @@ use serde::{de::DeserializeOwned, Deserialize, Deserializer};
 use serde_json::{json, Value};
 
 use super::{Compare, Event, EventKind, KeyValue, Op, StoreError, Txn, TxnOutcome, WatchBatch};
+use crate::tls::ClientTls;
+use hyper_rustls::HttpsConnector;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// etcd's default `--max-txn-ops`.
@@ -74,7 +78,7 @@ pub struct EtcdStore {
 }
 
 struct EtcdInner {
-    client: Client<HttpConnector, Full<Bytes>>,
+    client: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
     /// Base URLs without a trailing slash.
     endpoints: Vec<String>,
     /// Namespace prepended to every key.
@@ -83,11 +87,28 @@ struct EtcdInner {
     preferred: AtomicUsize,
 }
 
+/// A failed request; a TLS failure says what TLS said and which settings verify the server.
+fn request_error(url: String, source: hyper_util::client::legacy::Error) -> StoreError {
+    match crate::tls::tls_cause(&source) {
+        Some(cause) => StoreError::EtcdTls { url, cause },
+        None => StoreError::EtcdRequest { url, source },
+    }
+}
+
 impl EtcdStore {
     /// Checks the endpoints (`http://host:port`) and that one of them answers. The store assumes
     /// etcd's default `--max-txn-ops` ([`DEFAULT_MAX_TXN_OPS`]) unless told otherwise
     /// ([`EtcdStore::with_max_txn_ops`]).
     pub async fn connect(endpoints: Vec<String>, prefix: String) -> Result<Self, StoreError> {
+        Self::connect_with(endpoints, prefix, None).await
+    }
+
+    /// [`EtcdStore::connect`] with TLS for `https://` endpoints.
+    pub async fn connect_with(
+        endpoints: Vec<String>,
+        prefix: String,
+        tls: Option<&ClientTls>,
+    ) -> Result<Self, StoreError> {
         if endpoints.is_empty() {
             return Err(StoreError::NoEndpoints);
         }
@@ -105,21 +126,35 @@ impl EtcdStore {
                 endpoint: endpoint.clone(),
                 reason: reason.to_owned(),
             };
-            if uri.scheme_str() != Some("http") {
-                return Err(invalid("only http:// endpoints are supported"));
+            match (uri.scheme_str(), tls) {
+                (Some("http"), _) | (Some("https"), Some(_)) => {}
+                (Some("https"), None) => {
+                    return Err(invalid(
+                        "https:// needs store.etcd_ca_file (and for client certificate authentication store.etcd_cert_file and store.etcd_key_file)",
+                    ))
+                }
+                _ => return Err(invalid("only http:// and https:// endpoints are supported")),
             }
             if uri.authority().is_none() {
                 return Err(invalid("no host"));
             }
             if !matches!(uri.path(), "" | "/") || uri.query().is_some() {
-                return Err(invalid("expected http://host:port without a path"));
+                return Err(invalid("expected https://host:port without a path"));
             }
             bases.push(endpoint.trim_end_matches('/').to_owned());
         }
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(CONNECT_TIMEOUT));
-        let client = Client::builder(TokioExecutor::new()).build(connector);
+        let config = match tls {
+            Some(t) => Some(t.config().map_err(|e| StoreError::InvalidEndpoint {
+                endpoint: bases.join(","),
+                reason: e.to_string(),
+            })?),
+            None => None,
+        };
+        let client =
+            Client::builder(TokioExecutor::new()).build(crate::tls::connector(connector, config));
         let store = EtcdStore {
             inner: Arc::new(EtcdInner {
                 client,
@@ -461,9 +496,9 @@ impl EtcdStore {
                     return Ok((url, response));
                 }
                 Err(source) if source.is_connect() => {
-                    last_error = Some(StoreError::EtcdRequest { url, source });
+                    last_error = Some(request_error(url, source));
                 }
-                Err(source) => return Err(StoreError::EtcdRequest { url, source }),
+                Err(source) => return Err(request_error(url, source)),
             }
         }
         Err(last_error.unwrap_or(StoreError::NoEndpoints))

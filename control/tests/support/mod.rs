@@ -211,8 +211,67 @@ pub struct EtcdServer {
     _dir: tempfile::TempDir,
 }
 
+/// The files of an etcd that speaks TLS and wants client certificates, made by a CA of the
+/// test's (see [`EtcdServer::start_tls`]).
+pub struct EtcdTls {
+    pub ca_file: PathBuf,
+    pub client_cert: PathBuf,
+    pub client_key: PathBuf,
+    pub ca_fingerprint: String,
+}
+
+/// The TLS endpoint of [`EtcdServer::start_tls`].
+pub const ETCD_TLS_ENDPOINT: &str = "https://127.0.0.1:2379";
+
 impl EtcdServer {
     pub fn start() -> EtcdServer {
+        Self::start_with(ETCD_ENDPOINT, &[])
+    }
+
+    /// An etcd serving `https://127.0.0.1:2379` with `--client-cert-auth`: its server and
+    /// client certificates come from a new CA whose files are written to `dir`.
+    pub fn start_tls(dir: &Path) -> (EtcdServer, EtcdTls) {
+        use atoll_control::tls::Ca;
+        let ca = Ca::new("atoll test etcd CA").expect("CA");
+        // Usable as a client certificate too: etcd's HTTP gateway dials its own gRPC server
+        // with it under --client-cert-auth.
+        let server = ca
+            .issue(
+                "etcd",
+                &["127.0.0.1".to_string(), "localhost".to_string()],
+                true,
+                true,
+            )
+            .expect("server certificate");
+        let client = ca
+            .issue("atoll control plane", &[], false, true)
+            .expect("client certificate");
+        let write = |name: &str, text: &str| {
+            let p = dir.join(name);
+            std::fs::write(&p, text).expect("writing a certificate");
+            p
+        };
+        let tls = EtcdTls {
+            ca_file: write("ca.pem", &ca.cert_pem()),
+            client_cert: write("client.pem", &client.cert_pem),
+            client_key: write("client.key", &client.key_pem),
+            ca_fingerprint: ca.fingerprint(),
+        };
+        let cert = write("server.pem", &server.cert_pem);
+        let key = write("server.key", &server.key_pem);
+        let args: Vec<String> = vec![
+            "--cert-file".into(),
+            cert.display().to_string(),
+            "--key-file".into(),
+            key.display().to_string(),
+            "--client-cert-auth".into(),
+            "--trusted-ca-file".into(),
+            tls.ca_file.display().to_string(),
+        ];
+        (Self::start_with(ETCD_TLS_ENDPOINT, &args), tls)
+    }
+
+    fn start_with(endpoint: &str, extra: &[String]) -> EtcdServer {
         require_root("an etcd test");
         let etcd = find_in_path("etcd")
             .expect("etcd is not installed (Debian: apt-get install etcd-server)");
@@ -240,9 +299,9 @@ impl EtcdServer {
             .arg(&data)
             .args([
                 "--listen-client-urls",
-                ETCD_ENDPOINT,
+                endpoint,
                 "--advertise-client-urls",
-                ETCD_ENDPOINT,
+                endpoint,
                 "--listen-peer-urls",
                 "http://127.0.0.1:2380",
                 "--initial-advertise-peer-urls",
@@ -254,6 +313,7 @@ impl EtcdServer {
                 "--log-level",
                 "warn",
             ])
+            .args(extra)
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log fd"))
             .stderr(log);
@@ -289,9 +349,20 @@ impl EtcdServer {
     /// Connects once etcd serves requests (polling, bounded by 30 s); fails with etcd's log if
     /// it exits or never gets ready.
     pub async fn connect_when_ready(&self, prefix: &str) -> EtcdStore {
+        self.connect_when_ready_with(ETCD_ENDPOINT, prefix, None)
+            .await
+    }
+
+    /// [`EtcdServer::connect_when_ready`] at `endpoint` with `tls`.
+    pub async fn connect_when_ready_with(
+        &self,
+        endpoint: &str,
+        prefix: &str,
+        tls: Option<&atoll_control::tls::ClientTls>,
+    ) -> EtcdStore {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            match EtcdStore::connect(vec![ETCD_ENDPOINT.into()], prefix.into()).await {
+            match EtcdStore::connect_with(vec![endpoint.into()], prefix.into(), tls).await {
                 Ok(store) => return store,
                 Err(e) => {
                     let exited = self
