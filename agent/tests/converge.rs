@@ -183,12 +183,19 @@ async fn vms_volumes_and_clouds_converge_onto_the_host() {
 }
 
 /// The agent binary with its embedded control plane (the single-host default): a VM created
-/// over HTTP is live on the host, and deleting its cloud removes it.
+/// over HTTP is live on the host, and deleting its cloud removes it. All of it happens while
+/// 50 idle and 50 slowloris connections are held open against the agent's API: the agent that
+/// embeds the API keeps serving and converging.
 #[tokio::test]
 async fn agent_with_embedded_control_plane_serves_the_api() {
     require_root();
     let mut guard = support::EmbeddedAgent::start("ce", "");
     let prefix = guard.prefix.clone();
+    let _abuse = support::HeldConnections::open(
+        guard.url.trim_start_matches("https://").parse().unwrap(),
+        50,
+        50,
+    );
     let op = guard.client(&guard.token);
     let hosts: Vec<HostInfo> = op
         .call(Method::GET, "/v1/hosts", None::<&Value>)

@@ -507,3 +507,55 @@ impl Drop for EmbeddedAgent {
         }
     }
 }
+
+/// Connections held open against a TLS server until dropped: `idle` that send nothing, and
+/// `slow` that start a TLS handshake record and then send one byte of it every 100 ms
+/// (slowloris). Bounded in number and time (the test's).
+pub struct HeldConnections {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    writer: Option<std::thread::JoinHandle<()>>,
+    _idle: Vec<std::net::TcpStream>,
+}
+
+impl HeldConnections {
+    pub fn open(addr: std::net::SocketAddr, idle: usize, slow: usize) -> Self {
+        let connect = || std::net::TcpStream::connect(addr).expect("connecting to the API");
+        let idle: Vec<_> = (0..idle).map(|_| connect()).collect();
+        let mut slow: Vec<_> = (0..slow)
+            .map(|_| {
+                let mut s = connect();
+                // A handshake record of 512 bytes, announced and never finished.
+                let _ = std::io::Write::write_all(&mut s, &[0x16, 0x03, 0x01, 0x02, 0x00]);
+                s
+            })
+            .collect();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        let writer = std::thread::spawn(move || {
+            // At most 10 minutes of trickling; the server may close a connection any time.
+            for _ in 0..6000 {
+                if flag.load(std::sync::atomic::Ordering::Relaxed) {
+                    return;
+                }
+                for s in slow.iter_mut() {
+                    let _ = std::io::Write::write_all(s, &[0]);
+                }
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
+        });
+        HeldConnections {
+            stop,
+            writer: Some(writer),
+            _idle: idle,
+        }
+    }
+}
+
+impl Drop for HeldConnections {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(w) = self.writer.take() {
+            let _ = w.join();
+        }
+    }
+}
