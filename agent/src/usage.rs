@@ -374,12 +374,7 @@ impl Journal {
         let last = replay.len() - 1;
         let mut current = None;
         for (i, (n, path)) in replay.into_iter().enumerate() {
-            let mut file = atoll_control::private::file_options()
-                .create(true)
-                .read(true)
-                .write(true)
-                .open(&path)
-                .map_err(open_err(&path))?;
+            let mut file = open_segment(&path)?;
             let (good_len, set_aside) =
                 replay_segment(dir, &path, &mut file, i == last, &mut baselines)?;
             quarantined += set_aside;
@@ -485,22 +480,27 @@ impl Journal {
             path: cp_path,
             source,
         })?;
-        let path = segment_path(&self.dir, next);
-        let file = atoll_control::private::file_options()
-            .create(true)
-            .read(true)
-            .write(true)
-            .open(&path)
-            .map_err(|source| UsageError::OpenJournal {
-                path: path.clone(),
-                source,
-            })?;
+        let file = open_segment(&segment_path(&self.dir, next))?;
         sync_dir(&self.dir);
         self.file = file;
         self.segment = next;
         self.len = 0;
         Ok(true)
     }
+}
+
+/// Opens (creating, private) a segment for reading and writing.
+fn open_segment(path: &Path) -> Result<File, UsageError> {
+    atoll_control::private::file_options()
+        .create(true)
+        .read(true)
+        .write(true)
+        .truncate(false)
+        .open(path)
+        .map_err(|source| UsageError::OpenJournal {
+            path: path.into(),
+            source,
+        })
 }
 
 /// Replays one segment into `baselines`; returns its readable length and how many lines were

@@ -43,6 +43,18 @@ fn atoll_stdin(url: &str, token: &str, args: &[&str], input: &[u8]) -> Output {
     child.wait_with_output().expect("wait for atoll")
 }
 
+/// A control plane's settings with its token and store in `dir`.
+fn control_config(dir: &std::path::Path) -> ControlConfig {
+    ControlConfig {
+        operator_token_file: dir.join("operator.token"),
+        store: StoreConfig {
+            path: dir.join("control.db"),
+            ..StoreConfig::default()
+        },
+        ..ControlConfig::default()
+    }
+}
+
 fn json(out: &Output) -> Value {
     assert!(
         out.status.success(),
@@ -55,14 +67,7 @@ fn json(out: &Output) -> Value {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cli_drives_the_api() {
     let dir = tempfile::tempdir().unwrap();
-    let cfg = ControlConfig {
-        operator_token_file: dir.path().join("operator.token"),
-        store: StoreConfig {
-            path: dir.path().join("control.db"),
-            ..StoreConfig::default()
-        },
-        ..ControlConfig::default()
-    };
+    let cfg = control_config(dir.path());
     let core = cfg.start().await.unwrap();
     core.execute(Principal::Operator, Cmd::RegisterHost("h".into()))
         .await
@@ -256,14 +261,7 @@ async fn cli_drives_the_api() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cli_verifies_the_api_over_tls() {
     let dir = tempfile::tempdir().unwrap();
-    let cfg = ControlConfig {
-        operator_token_file: dir.path().join("op.token"),
-        store: StoreConfig {
-            path: dir.path().join("control.db"),
-            ..StoreConfig::default()
-        },
-        ..ControlConfig::default()
-    };
+    let cfg = control_config(dir.path());
     let core = cfg.start().await.unwrap();
     let (paths, fingerprint, _) =
         atoll_control::tls::ensure_generated(&dir.path().join("tls"), &["127.0.0.1".to_string()])
