@@ -100,12 +100,11 @@ const MAX_RETRIES: usize = 32;
 const FEED_CAPACITY: usize = 65_536;
 /// The most volumes one VM may hold, so that VM transactions have a bounded size.
 pub const MAX_VOLUMES_PER_VM: usize = 8;
+/// Defined with the other naming rules in [`crate::model`], which hosts check again.
+pub use crate::model::MAX_DNS_NAME_LEN;
 /// Backends per exposure: what the dataplane's `VIPS` entry holds (defined once, in
 /// `atoll-dataplane-common`).
 pub use atoll_dataplane_common::MAX_BACKENDS;
-/// The longest DNS name in text form, without the final dot (255 bytes on the wire): hosts'
-/// DNS servers refuse a zone with a longer name.
-pub const MAX_DNS_NAME_LEN: usize = 253;
 /// The longest `clouds.dns_suffix`: the longest name atoll derives itself, a grant's
 /// `<exposure>.<provider>.svc.<consumer>.<suffix>` with three 63-character labels, fits
 /// [`MAX_DNS_NAME_LEN`].
@@ -973,7 +972,7 @@ impl Core {
             let gateway = Ipv4Addr::from(cidr.network() + 1);
             let cloud = Cloud {
                 id,
-                zone: format!("{name}.{}.", self.cfg.dns_suffix),
+                zone: zone_apex(&name, &self.cfg.dns_suffix),
                 name,
                 cidr,
                 gateway,
@@ -1632,23 +1631,10 @@ impl Core {
     ) -> Result<Reply, CoreError> {
         validate_record_set(&name, rtype, &req)?;
         let (_, cloud) = self.cloud(c).await?;
-        // Hosts' DNS servers refuse a zone with a name over DNS's 253 characters, and with it
-        // every later change of the zone: the name must fit with the zone's apex.
-        let fqdn_len = if name == "@" {
-            cloud.zone.len() - 1
-        } else {
-            name.len() + 1 + cloud.zone.len() - 1
-        };
-        if fqdn_len > MAX_DNS_NAME_LEN {
-            return Err(FieldError::new(
-                "name",
-                format!(
-                    "{name}.{} is {fqdn_len} characters; a DNS name holds at most \
-                     {MAX_DNS_NAME_LEN}",
-                    cloud.zone.trim_end_matches('.')
-                ),
-            )
-            .into());
+        // Hosts' DNS servers refuse a record with a name over DNS's 253 characters: the name
+        // must fit with the zone's apex.
+        if name != "@" {
+            validate_domain_name("name", &format!("{name}.{}", cloud.zone))?;
         }
         if !name.contains('.') && self.store.get(&keys::vm(c, &name)).await?.is_some() {
             return Err(conflict(

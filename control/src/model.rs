@@ -10,6 +10,11 @@
 //!   field (`quotas.vcpus`, `records[0]`), and the API returns them as 4xx JSON.
 //! - Stored records are the same types as the API's, serialized as JSON, so there is one
 //!   definition of each resource.
+//! - **One set of naming rules, applied on both sides.** The functions the API validates
+//!   names with ([`validate_label`], [`validate_domain_name`], [`validate_zone_apex`],
+//!   [`validate_record_set`]) also make up the checks a host runs on what its sync delivers
+//!   (`Placement::validate` and its siblings), so a compromised control plane or store
+//!   cannot hand a host a name the API would have refused.
 
 use std::{
     fmt,
@@ -115,6 +120,56 @@ pub fn validate_label(field: &str, s: &str) -> Result<(), FieldError> {
             format!("{s:?} is not a name: use 1-63 of a-z, 0-9 and '-', not starting or ending with '-'"),
         ))
     }
+}
+
+/// The longest DNS name in text form, without the final dot (255 bytes on the wire): hosts'
+/// DNS servers refuse a zone with a longer name.
+pub const MAX_DNS_NAME_LEN: usize = 253;
+
+/// Checks a domain name (a trailing dot is optional): labels as [`validate_label`], at most
+/// [`MAX_DNS_NAME_LEN`] characters.
+pub fn validate_domain_name(field: &str, s: &str) -> Result<(), FieldError> {
+    let name = s.strip_suffix('.').unwrap_or(s);
+    if name.is_empty() || name.split('.').any(|l| validate_label(field, l).is_err()) {
+        return Err(FieldError::new(
+            field,
+            format!("{s:?} is not a domain name"),
+        ));
+    }
+    if name.len() > MAX_DNS_NAME_LEN {
+        return Err(FieldError::new(
+            field,
+            format!(
+                "{name} is {} characters; a DNS name holds at most {MAX_DNS_NAME_LEN}",
+                name.len()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// A cloud's zone apex: `<cloud name>.<suffix>.` (the suffix with or without its final dot).
+pub fn zone_apex(cloud_name: &str, suffix: &str) -> String {
+    format!("{cloud_name}.{}.", suffix.trim_end_matches('.'))
+}
+
+/// Checks that `apex` is a zone apex [`zone_apex`] makes under `suffix`: one label (a cloud's
+/// name) directly under it, with the final dot. Anything else would put a cloud's names
+/// outside the suffix, or over another cloud's.
+pub fn validate_zone_apex(field: &str, apex: &str, suffix: &str) -> Result<(), FieldError> {
+    let suffix = suffix.trim_end_matches('.').to_ascii_lowercase();
+    let label = apex
+        .strip_suffix('.')
+        .and_then(|a| a.strip_suffix(suffix.as_str()))
+        .and_then(|a| a.strip_suffix('.'))
+        .ok_or_else(|| {
+            FieldError::new(
+                field,
+                format!("{apex:?} is not a zone directly under {suffix}."),
+            )
+        })?;
+    validate_label(field, label)?;
+    validate_domain_name(field, apex)
 }
 
 /// An IPv4 prefix such as `10.0.0.0/16`.
@@ -568,16 +623,7 @@ pub fn validate_record_set(
                 if rs.values.len() != 1 {
                     return Err(FieldError::new("values", "a CNAME has exactly one value"));
                 }
-                let name = v.strip_suffix('.').unwrap_or(v);
-                if name.is_empty()
-                    || name.len() > 253
-                    || name.split('.').any(|l| validate_label(&field, l).is_err())
-                {
-                    return Err(FieldError::new(
-                        &field,
-                        format!("{v:?} is not a domain name"),
-                    ));
-                }
+                validate_domain_name(&field, v)?;
             }
             RecordType::Txt => {
                 if v.len() > 255 {
@@ -784,6 +830,103 @@ pub struct SyncDelta {
     pub services: Vec<ProviderServices>,
 }
 
+// What a host checks again of what it receives (see the module's decisions): it never builds
+// a path, a config drive or a DNS owner from a name the API would have refused.
+
+impl Placement {
+    /// Checks every name a host builds something from: the VM's (runtime and state
+    /// directories, the VMM's name), its volumes' (files, mount points in the guest), its
+    /// kernel's and image's (files under the host's images directory), its zone (under
+    /// `dns_suffix` when the host knows it) and its fqdn (`<vm>.<zone>`), and its MAC (the
+    /// guest MAC of its address).
+    pub fn validate(&self, dns_suffix: Option<&str>) -> Result<(), FieldError> {
+        validate_label("vm", &self.vm)?;
+        for (i, v) in self.volumes.iter().enumerate() {
+            validate_label(&format!("volumes[{i}]"), v)?;
+        }
+        for (field, v) in [("kernel", &self.kernel), ("image", &self.image)] {
+            if let Some(v) = v {
+                validate_label(field, v)?;
+            }
+        }
+        match dns_suffix {
+            Some(suffix) => validate_zone_apex("zone", &self.zone, suffix)?,
+            None => validate_domain_name("zone", &self.zone)?,
+        }
+        if !self.zone.ends_with('.') {
+            return Err(FieldError::new("zone", "must end with '.'"));
+        }
+        if self.fqdn != format!("{}.{}", self.vm, self.zone) {
+            return Err(FieldError::new(
+                "fqdn",
+                format!("{:?} is not {}.{}", self.fqdn, self.vm, self.zone),
+            ));
+        }
+        if self.mac != guest_mac(self.ipv4) {
+            return Err(FieldError::new(
+                "mac",
+                format!("{:?} is not the guest MAC of {}", self.mac, self.ipv4),
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl VolumePlacement {
+    /// Checks the volume's name (its file's name on the host).
+    pub fn validate(&self) -> Result<(), FieldError> {
+        validate_label("name", &self.name)
+    }
+}
+
+impl VolumeRef {
+    /// Checks the volume's name (its file's name on the host).
+    pub fn validate(&self) -> Result<(), FieldError> {
+        validate_label("name", &self.name)
+    }
+}
+
+impl VmRef {
+    pub fn validate(&self) -> Result<(), FieldError> {
+        validate_label("vm", &self.vm)
+    }
+}
+
+impl Zone {
+    /// Checks the apex: directly under `dns_suffix` when the host knows it, else a domain
+    /// name. Its records are checked one by one ([`ZoneRecord::validate`]).
+    pub fn validate_apex(&self, dns_suffix: Option<&str>) -> Result<(), FieldError> {
+        match dns_suffix {
+            Some(suffix) => validate_zone_apex("apex", &self.apex, suffix),
+            None if self.apex.ends_with('.') => validate_domain_name("apex", &self.apex),
+            None => Err(FieldError::new("apex", "must end with '.'")),
+        }
+    }
+}
+
+impl ZoneRecord {
+    /// Checks a record of the zone at `apex` as a record set of the cloud is checked
+    /// ([`validate_record_set`]), its owner at or under the apex, within DNS's length.
+    pub fn validate(&self, apex: &str) -> Result<(), FieldError> {
+        let name = if self.fqdn == apex {
+            "@"
+        } else {
+            self.fqdn
+                .strip_suffix(apex)
+                .and_then(|n| n.strip_suffix('.'))
+                .ok_or_else(|| {
+                    FieldError::new("fqdn", format!("{:?} is not under {apex}", self.fqdn))
+                })?
+        };
+        validate_domain_name("fqdn", &self.fqdn)?;
+        let set = PutRecordSet {
+            ttl: self.ttl,
+            values: self.values.clone(),
+        };
+        validate_record_set(name, self.rtype, &set)
+    }
+}
+
 /// The active grants of one provider cloud, as a host's dataplane applies them.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
@@ -875,4 +1018,80 @@ pub struct ErrorDetail {
 pub fn guest_mac(ip: Ipv4Addr) -> String {
     let o = ip.octets();
     format!("02:a8:{:02x}:{:02x}:{:02x}:{:02x}", o[0], o[1], o[2], o[3])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hosts_check_names_with_the_api_rules() {
+        let suffix = "atoll.internal.";
+        assert!(validate_zone_apex("apex", "prod.atoll.internal.", suffix).is_ok());
+        assert_eq!(zone_apex("prod", "atoll.internal"), "prod.atoll.internal.");
+        for bad in [
+            "atoll.internal.",
+            "a.b.atoll.internal.",
+            "prod.atoll.internal",
+            "evil.example.",
+            "-x.atoll.internal.",
+            "prodatoll.internal.",
+        ] {
+            assert!(validate_zone_apex("apex", bad, suffix).is_err(), "{bad}");
+        }
+        let ipv4 = Ipv4Addr::new(10, 0, 0, 2);
+        let p = Placement {
+            cloud: CloudId(1),
+            vm: "web".into(),
+            ipv4,
+            gateway: Ipv4Addr::new(10, 0, 0, 1),
+            mac: guest_mac(ipv4),
+            vcpus: 1,
+            memory_mib: 64,
+            volumes: vec!["data".into()],
+            fqdn: "web.prod.atoll.internal.".into(),
+            zone: "prod.atoll.internal.".into(),
+            power: Power::Running,
+            kernel: Some("vmlinux".into()),
+            image: None,
+            user_data: None,
+        };
+        assert_eq!(p.validate(Some(suffix)), Ok(()));
+        assert_eq!(p.validate(None), Ok(()));
+        let field = |f: &dyn Fn(&mut Placement)| {
+            let mut q = p.clone();
+            f(&mut q);
+            q.validate(Some(suffix)).unwrap_err().field
+        };
+        assert_eq!(field(&|q| q.vm = "../x".into()), "vm");
+        assert_eq!(
+            field(&|q| q.kernel = Some("../../etc/shadow".into())),
+            "kernel"
+        );
+        assert_eq!(field(&|q| q.image = Some("..".into())), "image");
+        assert_eq!(field(&|q| q.volumes = vec!["a\0".into()]), "volumes[0]");
+        assert_eq!(
+            field(&|q| q.fqdn = "other.prod.atoll.internal.".into()),
+            "fqdn"
+        );
+        assert_eq!(field(&|q| q.mac = "02:a8:0a:00:00:09".into()), "mac");
+        let rec = |fqdn: &str| ZoneRecord {
+            fqdn: fqdn.into(),
+            rtype: RecordType::A,
+            ttl: 30,
+            values: vec!["10.0.0.2".into()],
+        };
+        let apex = "prod.atoll.internal.";
+        assert!(rec("web.prod.atoll.internal.").validate(apex).is_ok());
+        assert!(rec("prod.atoll.internal.").validate(apex).is_ok());
+        assert!(rec("a.b.svc.prod.atoll.internal.").validate(apex).is_ok());
+        for bad in [
+            "x.evil.example.",
+            "xprod.atoll.internal.",
+            "under_score.prod.atoll.internal.",
+            "a..prod.atoll.internal.",
+        ] {
+            assert!(rec(bad).validate(apex).is_err(), "{bad}");
+        }
+    }
 }
