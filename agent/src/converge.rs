@@ -21,6 +21,16 @@
 //!   never truncated or recreated (an existing file keeps its data); qcow2 images are made by
 //!   `qemu-img`. A removed volume's file is deleted; so is its cloud's directory once empty.
 //! - Device names are `<tap_prefix><n>` with a host-local counter, skipping names in use.
+//! - **Names are checked where a delta arrives** ([`Converger::apply`] screens it first), with
+//!   the control plane's own rules (`Placement::validate` and its siblings in
+//!   `atoll_control::model`, built from the functions the API validates requests with), so
+//!   a compromised control plane or store cannot make this root process build a path
+//!   (volumes, VM state and runtime directories, images and kernels), a config drive or a DNS
+//!   owner from a name the API would have refused: no `/`, `..`, NUL or overlong names, zones
+//!   only directly under `dns.suffix`. One place, before anything is built, rather than at
+//!   each use, so no later path can forget it. A refused VM is reported `failed` with the
+//!   reason and otherwise left as it was; a refused volume, removal or zone is logged and
+//!   skipped; a zone loses only its refused records. The rest of the delta applies.
 //! - **VMs** (with a [`VmManager`], i.e. `vm.driver = "qemu"`): a placement whose power is
 //!   `running` gets its VMM started once its endpoint and volumes exist, `stopped` gets it
 //!   stopped; supervisor events ([`Converger::vm_event`]) and console changes
@@ -47,8 +57,8 @@ use atoll_control::{
     client::{Client, ClientError},
     core::{Command, Core, CoreError, Principal},
     model::{
-        CloudId as ApiCloudId, Placement, Power, Protocol, ProviderServices, StatusReport,
-        SyncDelta, VmReport, VmState, VmStatus, VolumeFormat, VolumePlacement, Zone,
+        CloudId as ApiCloudId, FieldError, Placement, Power, Protocol, ProviderServices,
+        StatusReport, SyncDelta, VmReport, VmState, VmStatus, VolumeFormat, VolumePlacement, Zone,
     },
 };
 use hyper::Method;
@@ -78,6 +88,12 @@ pub enum ConvergeError {
     Report(#[source] Box<dyn std::error::Error + Send + Sync>),
     #[error("listing endpoints: {0}")]
     ListEndpoints(#[source] EndpointError),
+    #[error("refusing {what} from the control plane: {source}")]
+    RefuseName { what: String, source: FieldError },
+}
+
+fn refuse(what: String, source: FieldError) -> ConvergeError {
+    ConvergeError::RefuseName { what, source }
 }
 
 /// Where the desired state comes from.
@@ -274,6 +290,9 @@ pub struct Converger {
     /// The status last reported of each VM with a VMM.
     statuses: HashMap<VmKey, VmStatus>,
     default_image: String,
+    /// The DNS suffix every zone must sit directly under (`dns.suffix`), when this host
+    /// serves DNS.
+    dns_suffix: Option<String>,
 }
 
 /// What one applied delta did.
@@ -319,7 +338,15 @@ impl Converger {
             vmm: None,
             statuses: HashMap::new(),
             default_image: String::new(),
+            dns_suffix: None,
         }
+    }
+
+    /// Refuses zones (and placements whose zone is) not directly under `suffix`: the
+    /// host's `dns.suffix`, the only names its DNS server answers for.
+    pub fn with_dns_suffix(mut self, suffix: &str) -> Self {
+        self.dns_suffix = Some(suffix.to_string());
+        self
     }
 
     /// Runs the placed VMs with `vmm`, booting `default_image` for VMs that name none.
@@ -440,14 +467,84 @@ impl Converger {
         }
     }
 
-    /// Applies `delta` to `host` and reports the VMs' status; returns what changed.
+    /// Takes every item out of `delta` that names something the control plane could not
+    /// have accepted ([`Placement::validate`] and its siblings, the control plane's own
+    /// rules), each with a log line; a zone loses only its bad records, unless its apex is
+    /// bad. Returns the refused placements with why, to be reported `failed`.
+    fn screen(&self, delta: &mut SyncDelta) -> Vec<(Placement, ConvergeError)> {
+        let suffix = self.dns_suffix.as_deref();
+        let logged = |e: ConvergeError| {
+            eprintln!("atoll-agent: {e}");
+            e
+        };
+        let mut refused = Vec::new();
+        for p in std::mem::take(&mut delta.vms) {
+            match p.validate(suffix) {
+                Ok(()) => delta.vms.push(p),
+                Err(e) => {
+                    let e = logged(refuse(format!("VM {}/{:?}", p.cloud, p.vm), e));
+                    refused.push((p, e));
+                }
+            }
+        }
+        delta.removed_vms.retain(|r| {
+            r.validate()
+                .map_err(|e| {
+                    logged(refuse(
+                        format!("the removal of VM {}/{:?}", r.cloud, r.vm),
+                        e,
+                    ))
+                })
+                .is_ok()
+        });
+        delta.volumes.retain(|v| {
+            v.validate()
+                .map_err(|e| logged(refuse(format!("volume {}/{:?}", v.cloud, v.name), e)))
+                .is_ok()
+        });
+        delta.removed_volumes.retain(|v| {
+            v.validate()
+                .map_err(|e| {
+                    logged(refuse(
+                        format!("the removal of volume {}/{:?}", v.cloud, v.name),
+                        e,
+                    ))
+                })
+                .is_ok()
+        });
+        delta.zones.retain_mut(|z| {
+            if let Err(e) = z.validate_apex(suffix) {
+                logged(refuse(format!("the zone of cloud {}", z.cloud), e));
+                return false;
+            }
+            let (cloud, apex) = (z.cloud, z.apex.clone());
+            z.records.retain(|r| {
+                r.validate(&apex)
+                    .map_err(|e| {
+                        logged(refuse(
+                            format!("record {:?} {} of cloud {cloud}", r.fqdn, r.rtype.as_str()),
+                            e,
+                        ))
+                    })
+                    .is_ok()
+            });
+            true
+        });
+        refused
+    }
+
+    /// Applies `delta` to `host` and reports the VMs' status; returns what changed. Names
+    /// are checked first ([`Converger::screen`]): a refused VM is reported `failed` with the
+    /// reason and left as it was (not created, started, changed or removed); other refused
+    /// items are logged and skipped; the rest applies.
     pub async fn apply(
         &mut self,
         host: &mut Host,
-        delta: SyncDelta,
+        mut delta: SyncDelta,
     ) -> Result<ApplyStats, ConvergeError> {
         let mut out = ApplyStats::default();
         let mut reports = Vec::new();
+        let refused = self.screen(&mut delta);
         if delta.full {
             self.adopt(host)?;
             // Endpoints adopted after a restart are known by address until named here.
@@ -456,9 +553,11 @@ impl Converger {
                     self.vms.insert((p.cloud.0, p.vm.clone()), a);
                 }
             }
+            // A refused placement still names a VM the host keeps as it is.
             let want: HashSet<(u32, String)> = delta
                 .vms
                 .iter()
+                .chain(refused.iter().map(|(p, _)| p))
                 .map(|p| (p.cloud.0, p.vm.clone()))
                 .collect();
             let stale: Vec<(u32, String)> = self
@@ -543,6 +642,27 @@ impl Converger {
             self.source
                 .report(&self.cfg.host, StatusReport { vms: reports })
                 .await?;
+        }
+        // Apart, so that a control plane choking on a name it sent cannot lose the reports of
+        // the rest.
+        let refused: Vec<VmReport> = refused
+            .into_iter()
+            .map(|(p, e)| VmReport {
+                cloud: p.cloud,
+                vm: p.vm,
+                status: status(VmState::Failed, None, Some(e.to_string())),
+                console: None,
+            })
+            .collect();
+        out.failed += refused.len();
+        if !refused.is_empty() {
+            if let Err(e) = self
+                .source
+                .report(&self.cfg.host, StatusReport { vms: refused })
+                .await
+            {
+                eprintln!("atoll-agent: reporting refused VMs: {e}");
+            }
         }
         Ok(out)
     }
@@ -852,7 +972,7 @@ impl DnsSink for crate::dns::DnsView {
             apex: zone.apex.clone(),
             records,
         };
-        // The control plane validated every record; a refusal here keeps the previous zone.
+        // The converger checked every name (`screen`); a refusal here keeps the previous zone.
         if let Err(e) = crate::dns::DnsView::set_zone(self, cloud, z) {
             eprintln!("atoll-agent: DNS zone of cloud {cloud}: {e}");
         }

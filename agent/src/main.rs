@@ -392,6 +392,9 @@ async fn start_control(
         volumes_dir: c.volumes_dir.clone(),
     };
     let mut converger = Converger::new(conv, source, dns);
+    if cfg.dns.enabled {
+        converger = converger.with_dns_suffix(&cfg.dns.suffix);
+    }
     let mut events = None;
     if cfg.vm.driver == "qemu" {
         let (vmm, rx) = atoll_agent::vm::VmManager::new(cfg.vm.clone());

@@ -4,17 +4,23 @@
 //! whole agent binary with its embedded control plane, driven over HTTP, with a guest on an
 //! API-created VM's tap resolving names through the host's DNS server. Needs root.
 
-use std::{net::Ipv4Addr, path::Path, time::Duration};
+use std::{
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+    time::Duration,
+};
 
 mod support;
 
 use atoll_agent::{
+    config::VmConfig,
     converge::{ConvergeConfig, Converger, Remote, Source},
     endpoint::{Host, ServiceSpec, PROTOCOL_TCP},
     testbed::{
         frame::{self, Udp},
         unique_prefix, LinksWithPrefix, PinRoot,
     },
+    vm::{qemu::Accel, Driver, VmError, VmManager, VmPlan, VmmCommand},
 };
 use atoll_control::{
     core::{Command as Cmd, Core, Principal, Reply},
@@ -643,4 +649,416 @@ async fn exposures_converge_onto_the_host() {
     step(&mut conv, &mut host).await;
     assert!(installed(&host).is_empty());
     host.destroy().await.unwrap();
+}
+
+/// What the converger hands the host's DNS server: each cloud's last zone.
+#[derive(Default)]
+struct ZoneLog(std::sync::Mutex<Vec<(u32, Zone)>>);
+
+impl atoll_agent::converge::DnsSink for ZoneLog {
+    fn set_endpoint(&self, _slot: u32, _cloud: atoll_agent::types::CloudId) {}
+    fn remove_endpoint(&self, _slot: u32) {}
+    fn set_zone(&self, cloud: atoll_agent::types::CloudId, zone: &Zone) {
+        self.0.lock().unwrap().push((cloud.get(), zone.clone()));
+    }
+    fn remove_zone(&self, _cloud: atoll_agent::types::CloudId) {}
+}
+
+/// A VM driver that runs nothing: it records the kernel and initramfs each boot would read,
+/// and fails the boot.
+#[derive(Default)]
+struct BootLog(std::sync::Mutex<Vec<(PathBuf, PathBuf)>>);
+
+impl Driver for BootLog {
+    fn command(&self, _plan: &VmPlan) -> VmmCommand {
+        unreachable!("no boot gets past accel")
+    }
+    fn accel(&self, kernel: &Path, initrd: &Path) -> Result<Accel, VmError> {
+        self.0
+            .lock()
+            .unwrap()
+            .push((kernel.to_path_buf(), initrd.to_path_buf()));
+        Err(VmError::KvmUnusable("no VMM in this test".into()))
+    }
+    fn check(&self) -> Result<(), VmError> {
+        Ok(())
+    }
+    fn program(&self) -> PathBuf {
+        "/nonexistent/atoll-test-vmm".into()
+    }
+}
+
+/// Every file and directory under `root` (relative, with the contents of files up to 64 KiB and
+/// the size of others), except the top-level entries in `skip`.
+fn tree(root: &Path, skip: &[&str]) -> Vec<(PathBuf, Option<Vec<u8>>)> {
+    fn walk(root: &Path, dir: &Path, out: &mut Vec<(PathBuf, Option<Vec<u8>>)>) {
+        for e in std::fs::read_dir(dir).unwrap().flatten() {
+            let path = e.path();
+            let rel = path.strip_prefix(root).unwrap().to_path_buf();
+            if e.file_type().unwrap().is_dir() {
+                out.push((rel, None));
+                walk(root, &path, out);
+            } else {
+                let len = e.metadata().unwrap().len();
+                let content = if len <= 64 << 10 {
+                    std::fs::read(&path).unwrap()
+                } else {
+                    format!("{len} bytes").into_bytes()
+                };
+                out.push((rel, Some(content)));
+            }
+        }
+    }
+    let mut out = Vec::new();
+    walk(root, root, &mut out);
+    out.retain(|(p, _)| {
+        let top = p.components().next().unwrap().as_os_str();
+        !skip.iter().any(|s| top == *s)
+    });
+    out.sort();
+    out
+}
+
+/// A compromised control plane (its store written directly) sends a remote agent hostile
+/// names next to valid ones: VMs named `../../canary/vm`, `a/b`, with a NUL, overlong; a
+/// kernel `../../etc/shadow`, an image `..`, a volume `../../canary/victim` in a VM's list, a
+/// zone outside the suffix; volumes `../../canary/vol`, `..` and ``; the removal of a volume
+/// `../../canary/victim`; a cloud's zone moved to `evil.example.`, records outside their zone
+/// and with a bad label. Nothing is created, read or removed outside the configured
+/// directories (the canaries beside them are untouched, no boot reads a file outside
+/// `images_dir`), no device exists for a refused VM, every refused VM is reported `failed`
+/// with the field at fault, refused records and zones never reach the DNS server, and the
+/// valid VMs, volume and records converge (docs/design.md, "Trust boundaries").
+#[tokio::test]
+async fn hostile_names_from_the_control_plane_are_refused_one_by_one() {
+    require_root();
+    let root = tempfile::tempdir().unwrap();
+    let root = root.path();
+    let cp = root.join("cp");
+    std::fs::create_dir(&cp).unwrap();
+    let pins = PinRoot::new("cn");
+    let prefix = unique_prefix("n");
+    let _links = LinksWithPrefix(prefix.clone());
+    let core = control_plane(&cp).await;
+    let url = serve_api(core.clone()).await;
+    let Reply::HostToken(issued) = exec(&core, Cmd::IssueHostToken("h1".into())).await else {
+        panic!()
+    };
+    let source = Source::Remote(Remote::new(Client::new(&url, &issued.token).unwrap(), None));
+    source.register("h1").await.unwrap();
+
+    // The host's directories, and canaries where hostile names lead out of them.
+    let vm_cfg = VmConfig {
+        images_dir: root.join("images"),
+        state_dir: root.join("state"),
+        run_dir: root.join("run"),
+        ..VmConfig::default()
+    };
+    let image = vm_cfg.images_dir.join("default");
+    std::fs::create_dir_all(&image).unwrap();
+    std::fs::write(image.join("vmlinux"), "kernel").unwrap();
+    std::fs::write(image.join("initramfs.cpio.gz"), "initramfs").unwrap();
+    std::fs::create_dir_all(root.join("canary")).unwrap();
+    std::fs::write(root.join("canary/victim.raw"), "victim").unwrap();
+    std::fs::create_dir_all(root.join("etc")).unwrap();
+    std::fs::write(root.join("etc/shadow"), "secret").unwrap();
+    std::fs::write(root.join("vmlinux"), "not an image").unwrap();
+    std::fs::write(root.join("initramfs.cpio.gz"), "not an image").unwrap();
+    let configured = ["cp", "images", "state", "run", "volumes"];
+    let canaries = tree(root, &configured);
+
+    // Valid: cloud prod with VM web (volume data, record www), cloud other with VM ok.
+    let created = |r: Reply| match r {
+        Reply::CreatedCloud(c) => c.cloud,
+        other => panic!("{other:?}"),
+    };
+    let named = |n: &str| CreateCloud {
+        name: Some(n.into()),
+        ..CreateCloud::default()
+    };
+    let a = created(exec(&core, Cmd::CreateCloud(named("prod"))).await).id;
+    let b = created(exec(&core, Cmd::CreateCloud(named("other"))).await).id;
+    let data = CreateVolume {
+        name: "data".into(),
+        size_gib: 1,
+        format: VolumeFormat::Raw,
+    };
+    exec(&core, Cmd::CreateVolume(a, data)).await;
+    exec(
+        &core,
+        Cmd::CreateVm(
+            a,
+            CreateVm {
+                volumes: vec!["data".into()],
+                ..vm("web")
+            },
+        ),
+    )
+    .await;
+    exec(&core, Cmd::CreateVm(b, vm("ok"))).await;
+    let www = PutRecordSet {
+        ttl: 60,
+        values: vec!["web.prod.atoll.internal.".into()],
+    };
+    exec(
+        &core,
+        Cmd::PutRecordSet(
+            a,
+            "www".into(),
+            atoll_control::model::RecordType::Cname,
+            www,
+        ),
+    )
+    .await;
+
+    // The compromised store.
+    let store = core.store();
+    let put = |key: String, value: Vec<u8>| async move {
+        let txn = atoll_control::store::Txn {
+            compares: vec![],
+            success: vec![atoll_control::store::Op::Put { key, value }],
+        };
+        store.txn(txn).await.unwrap();
+    };
+    let web: Placement = serde_json::from_slice(
+        &store
+            .get(&format!("h/h1/vms/{a}/web"))
+            .await
+            .unwrap()
+            .unwrap()
+            .value,
+    )
+    .unwrap();
+    let hostile = |name: &str, octet: u8, change: &dyn Fn(&mut Placement)| {
+        let ipv4 = Ipv4Addr::new(10, 0, 0, octet);
+        let mut p = Placement {
+            vm: name.into(),
+            ipv4,
+            mac: guest_mac(ipv4),
+            fqdn: format!("{name}.{}", web.zone),
+            volumes: vec![],
+            ..web.clone()
+        };
+        change(&mut p);
+        p
+    };
+    let long = "x".repeat(300);
+    let vms = [
+        (hostile("../../canary/vm", 50, &|_| ()), "vm"),
+        (hostile("a/b", 51, &|_| ()), "vm"),
+        (hostile("nul\0x", 52, &|_| ()), "vm"),
+        (hostile(&long, 53, &|_| ()), "vm"),
+        (
+            hostile("k", 54, &|p| p.kernel = Some("../../etc/shadow".into())),
+            "kernel",
+        ),
+        (hostile("i", 55, &|p| p.image = Some("..".into())), "image"),
+        (
+            hostile("v", 56, &|p| p.volumes = vec!["../../canary/victim".into()]),
+            "volumes[0]",
+        ),
+        (
+            hostile("z", 57, &|p| {
+                p.zone = "evil.example.".into();
+                p.fqdn = "z.evil.example.".into();
+            }),
+            "zone",
+        ),
+    ];
+    for (p, _) in &vms {
+        put(
+            format!("h/h1/vms/{a}/{}", p.vm),
+            serde_json::to_vec(p).unwrap(),
+        )
+        .await;
+    }
+    for name in ["../../canary/vol", "..", ""] {
+        let v = VolumePlacement {
+            cloud: a,
+            name: name.into(),
+            size_gib: 1,
+            format: VolumeFormat::Raw,
+        };
+        put(
+            format!("h/h1/volumes/{a}/{name}"),
+            serde_json::to_vec(&v).unwrap(),
+        )
+        .await;
+    }
+    for (key, name) in [("evil", "x.evil.example."), ("bad", "under_score")] {
+        let rs = RecordSet {
+            name: name.into(),
+            rtype: atoll_control::model::RecordType::A,
+            ttl: 30,
+            values: vec!["10.0.9.9".into()],
+            automatic: name.ends_with('.'),
+        };
+        put(
+            format!("c/{a}/dns/{key}/A"),
+            serde_json::to_vec(&rs).unwrap(),
+        )
+        .await;
+    }
+    let mut other: Cloud = serde_json::from_slice(
+        &store
+            .get(&format!("clouds/{b}"))
+            .await
+            .unwrap()
+            .unwrap()
+            .value,
+    )
+    .unwrap();
+    other.zone = "evil.example.".into();
+    put(format!("clouds/{b}"), serde_json::to_vec(&other).unwrap()).await;
+
+    // The agent, remote, with a VM driver and a DNS server.
+    let zones = std::sync::Arc::new(ZoneLog::default());
+    let boots = std::sync::Arc::new(BootLog::default());
+    let (vmm, mut events) = VmManager::with_driver(vm_cfg.clone(), boots.clone());
+    let mut host = Host::open(&cfg(&pins, 32, 0)).unwrap();
+    let mut conv = Converger::new(
+        ConvergeConfig {
+            host: "h1".into(),
+            tap_prefix: prefix.clone(),
+            volumes_dir: root.join("volumes"),
+        },
+        source,
+        Some(zones.clone()),
+    )
+    .with_vms(vmm, "default")
+    .with_dns_suffix("atoll.internal.");
+    let stats = sync_all(&mut conv, &mut host, &core).await;
+    assert_eq!((stats.created, stats.failed), (2, vms.len()), "{stats:?}");
+
+    // The valid VMs converge: endpoints, reported booting, their boots read the image.
+    let mut eps: Vec<(u32, Ipv4Addr)> = host
+        .endpoints()
+        .unwrap()
+        .iter()
+        .map(|e| (e.cloud.get(), e.ipv4))
+        .collect();
+    eps.sort();
+    let mut want = vec![(a.0, web.ipv4), (b.0, Ipv4Addr::new(10, 0, 0, 2))];
+    want.sort();
+    assert_eq!(eps, want, "devices only for the valid VMs");
+    for (c, name) in [(a, "web"), (b, "ok")] {
+        let Reply::Vm(v) = exec(&core, Cmd::GetVm(c, name.into())).await else {
+            panic!()
+        };
+        assert_eq!(v.status.unwrap().state, VmState::Booting, "{name}");
+    }
+    let mut booted = Vec::new();
+    for _ in 0..2 {
+        let ev = tokio::time::timeout(Duration::from_secs(10), events.recv())
+            .await
+            .expect("a supervisor's event")
+            .unwrap();
+        assert_eq!(ev.state, VmState::Failed, "{ev:?}");
+        booted.push(ev.key);
+    }
+    booted.sort();
+    let mut want = vec![(a.0, "web".to_string()), (b.0, "ok".to_string())];
+    want.sort();
+    assert_eq!(booted, want, "supervisors only for the valid VMs");
+    assert!(events.try_recv().is_err(), "no other VM was started");
+    for (kernel, initrd) in boots.0.lock().unwrap().iter() {
+        assert_eq!(
+            (kernel, initrd),
+            (&image.join("vmlinux"), &image.join("initramfs.cpio.gz"))
+        );
+    }
+    // The refused VMs are reported failed, naming the field at fault.
+    for (p, field) in &vms {
+        let kv = store
+            .get(&format!("c/{a}/vmstatus/{}", p.vm))
+            .await
+            .unwrap()
+            .unwrap_or_else(|| panic!("{:?} reported", p.vm));
+        let st: VmStatus = serde_json::from_slice(&kv.value).unwrap();
+        assert_eq!(st.state, VmState::Failed, "{:?}", p.vm);
+        let msg = st.message.unwrap();
+        assert!(
+            msg.contains(&format!("from the control plane: {field}: ")),
+            "{:?}: {msg}",
+            p.vm
+        );
+    }
+    // Volumes: the valid one only, in its cloud's directory.
+    assert_eq!(
+        tree(&root.join("volumes"), &[]),
+        vec![
+            (PathBuf::from(a.to_string()), None),
+            (
+                PathBuf::from(format!("{a}/data.raw")),
+                Some(format!("{} bytes", 1u64 << 30).into_bytes())
+            ),
+        ]
+    );
+    // VM state: the valid VMs' directories only.
+    let state: Vec<PathBuf> = tree(&vm_cfg.state_dir, &[])
+        .into_iter()
+        .filter(|(p, _)| p.components().count() == 2)
+        .map(|(p, _)| p)
+        .collect();
+    let mut want = vec![
+        PathBuf::from(format!("{}/web", a.0)),
+        PathBuf::from(format!("{}/ok", b.0)),
+    ];
+    want.sort();
+    assert_eq!(state, want);
+    // DNS: cloud prod's zone without the refused records; cloud other's zone (moved out of
+    // the suffix) never.
+    {
+        let zones = zones.0.lock().unwrap();
+        assert!(zones.iter().all(|(c, _)| *c == a.0), "{zones:?}");
+        let (_, zone) = zones.last().expect("prod's zone");
+        let mut names: Vec<&str> = zone.records.iter().map(|r| r.fqdn.as_str()).collect();
+        names.sort();
+        assert_eq!(
+            names,
+            ["web.prod.atoll.internal.", "www.prod.atoll.internal."]
+        );
+    }
+
+    // A removal naming a file outside the volumes directory removes nothing.
+    let key = format!("h/h1/volumes/{a}/../../canary/victim");
+    let v = VolumePlacement {
+        cloud: a,
+        name: "../../canary/victim".into(),
+        size_gib: 1,
+        format: VolumeFormat::Raw,
+    };
+    put(key.clone(), serde_json::to_vec(&v).unwrap()).await;
+    let txn = atoll_control::store::Txn {
+        compares: vec![],
+        success: vec![atoll_control::store::Op::Delete { key }],
+    };
+    store.txn(txn).await.unwrap();
+    sync_all(&mut conv, &mut host, &core).await;
+    assert!(root.join(format!("volumes/{a}/data.raw")).exists());
+    assert_eq!(
+        tree(root, &configured),
+        canaries,
+        "nothing outside the configured directories changed"
+    );
+    conv.kill_vms().await;
+    host.destroy().await.unwrap();
+}
+
+/// Syncs and applies until the host has applied everything `core`'s store holds now.
+async fn sync_all(
+    c: &mut Converger,
+    host: &mut Host,
+    core: &Core,
+) -> atoll_agent::converge::ApplyStats {
+    let target = core.store().revision().await.unwrap();
+    let mut total = atoll_agent::converge::ApplyStats::default();
+    while c.revision() < target {
+        let delta = c.next_delta(Duration::from_secs(5)).await.expect("sync");
+        let s = c.apply(host, delta).await.expect("apply");
+        total.created += s.created;
+        total.deleted += s.deleted;
+        total.failed += s.failed;
+    }
+    total
 }
