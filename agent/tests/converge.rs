@@ -740,11 +740,11 @@ async fn hostile_names_from_the_control_plane_are_refused_one_by_one() {
     let prefix = unique_prefix("n");
     let _links = LinksWithPrefix(prefix.clone());
     let core = control_plane(&cp).await;
-    let url = serve_api(core.clone()).await;
+    let api = serve_api(core.clone()).await;
     let Reply::HostToken(issued) = exec(&core, Cmd::IssueHostToken("h1".into())).await else {
         panic!()
     };
-    let source = Source::Remote(Remote::new(Client::new(&url, &issued.token).unwrap(), None));
+    let source = Source::Remote(Remote::new(api.client(&issued.token), None));
     source.register("h1").await.unwrap();
 
     // The host's directories, and canaries where hostile names lead out of them.
