@@ -9,9 +9,9 @@
 //!   offending `field`: syntax errors and type errors name their path (`quotas.vcpus`), unknown
 //!   fields are rejected, bodies over the limit get 413, unknown routes 404, wrong methods 405.
 //! - **Actions without input** are `POST`s with no documented body. A VM's `start` and `stop`
-//!   and a cloud's token rotation accept no body or an empty JSON object (`{}`) and refuse anything else like every other
+//!   a cloud's token rotation and accepting an offer accept no body or an empty JSON object (`{}`) and refuse anything else like every other
 //!   body (unknown fields by name), so a client cannot believe an option was honoured (`detach`
-//!   and `accept` predate this and ignore a body).
+//!   predates this and ignores a body).
 //! - Bearer tokens in `Authorization`; see [`Core::authenticate`]. **The body is read only
 //!   after authentication and authorization** (in [`run`], not in a layer before routing):
 //!   a caller without a valid token for the route gets its 401 or 403 without the server
@@ -124,6 +124,9 @@ impl From<CoreError> for ApiError {
                 msg,
                 Some(format!("quotas.{field}")),
             ),
+            CoreError::OfferRefused(_) => {
+                ApiError::new(StatusCode::CONFLICT, "offer_refused", msg, None)
+            }
             CoreError::NoHost => {
                 ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "no_host", msg, None)
             }
@@ -376,6 +379,10 @@ async fn run(
         Reply::Exposures(v) => json_response(status, &v),
         Reply::Grant(v) => json_response(status, &v),
         Reply::Grants(v) => json_response(status, &v),
+        // Not a grant yet: 202 whatever the consumer (see `Core`'s "Grants are offers").
+        Reply::Offer(v) => json_response(StatusCode::ACCEPTED, &v),
+        Reply::Offers(v) => json_response(status, &v),
+        Reply::OfferPolicy(v) => json_response(status, &v),
         Reply::Host(v) => json_response(status, &v),
         Reply::HostToken(v) => json_response(status, &*v),
         Reply::Hosts(v) => json_response(status, &v),
@@ -570,13 +577,35 @@ handler!(revoke_grant, C, false, |p| Command::RevokeGrant(
     name_param(&p, "exposure")?,
     cloud_param(&p, "consumer")?
 ));
+handler!(list_exposure_offers, C, false, |p| {
+    Command::ListExposureOffers(cloud_param(&p, "cloud")?, name_param(&p, "exposure")?)
+});
 handler!(list_imports, C, false, |p| Command::ListImports(
     cloud_param(&p, "cloud")?
 ));
-handler!(accept_import, C, false, |p| Command::AcceptImport(
+handler!(list_offers, C, false, |p| Command::ListOffers(cloud_param(
+    &p, "cloud"
+)?));
+handler!(accept_offer, C, false, |p, b| {
+    let cmd = Command::AcceptOffer(
+        cloud_param(&p, "cloud")?,
+        cloud_param(&p, "provider")?,
+        name_param(&p, "exposure")?,
+    );
+    parse_no_body(&b)?;
+    cmd
+});
+handler!(decline_offer, C, false, |p| Command::DeclineOffer(
     cloud_param(&p, "cloud")?,
     cloud_param(&p, "provider")?,
     name_param(&p, "exposure")?
+));
+handler!(get_offer_policy, C, false, |p| Command::GetOfferPolicy(
+    cloud_param(&p, "cloud")?
+));
+handler!(put_offer_policy, C, false, |p, b| Command::PutOfferPolicy(
+    cloud_param(&p, "cloud")?,
+    parse_body(&b)?
 ));
 handler!(delete_import, C, false, |p| Command::DeleteImport(
     cloud_param(&p, "cloud")?,
@@ -887,10 +916,11 @@ pub const ROUTES: &[RouteDoc] = &[
     r!(
         "post",
         "/v1/clouds/{cloud}/exposures/{exposure}/grants",
-        "Grant an exposure to another cloud (allocates its VIP)",
+        "Offer an exposure to another cloud: a grant once the consumer accepts (or at once if its \
+         offer policy lists this cloud). The same reply whether the consumer exists",
         Some("CreateGrant"),
-        201,
-        Some("Grant")
+        202,
+        Some("Offer")
     ),
     r!(
         "get",
@@ -903,10 +933,18 @@ pub const ROUTES: &[RouteDoc] = &[
     r!(
         "delete",
         "/v1/clouds/{cloud}/exposures/{exposure}/grants/{consumer}",
-        "Revoke a grant",
+        "Revoke a grant, or withdraw a pending offer",
         None,
         204,
         None
+    ),
+    r!(
+        "get",
+        "/v1/clouds/{cloud}/exposures/{exposure}/offers",
+        "List an exposure's pending offers",
+        None,
+        200,
+        Some("[Offer]")
     ),
     r!(
         "get",
@@ -917,20 +955,53 @@ pub const ROUTES: &[RouteDoc] = &[
         Some("[Grant]")
     ),
     r!(
-        "post",
-        "/v1/clouds/{cloud}/imports/{provider}/{exposure}/accept",
-        "Accept an offered grant",
-        None,
-        200,
-        Some("Grant")
-    ),
-    r!(
         "delete",
         "/v1/clouds/{cloud}/imports/{provider}/{exposure}",
         "Give up a grant",
         None,
         204,
         None
+    ),
+    r!(
+        "get",
+        "/v1/clouds/{cloud}/offers",
+        "List the offers made to this cloud and pending",
+        None,
+        200,
+        Some("[Offer]")
+    ),
+    r!(
+        "post",
+        "/v1/clouds/{cloud}/offers/{provider}/{exposure}/accept",
+        "Accept an offer: it becomes a grant, with a VIP and a name in this cloud (no body, or \
+         `{}`)",
+        None,
+        200,
+        Some("Grant")
+    ),
+    r!(
+        "delete",
+        "/v1/clouds/{cloud}/offers/{provider}/{exposure}",
+        "Decline an offer",
+        None,
+        204,
+        None
+    ),
+    r!(
+        "get",
+        "/v1/clouds/{cloud}/offer-policy",
+        "The providers whose offers this cloud accepts without being asked",
+        None,
+        200,
+        Some("OfferPolicy")
+    ),
+    r!(
+        "put",
+        "/v1/clouds/{cloud}/offer-policy",
+        "Set the providers whose offers this cloud accepts without being asked (later offers)",
+        Some("OfferPolicy"),
+        200,
+        Some("OfferPolicy")
     ),
     r!(
         "get",
@@ -1048,14 +1119,27 @@ pub fn router(core: Arc<Core>, request_timeout: Duration) -> Router {
             "/v1/clouds/{cloud}/exposures/{exposure}/grants/{consumer}",
             axum::routing::delete(revoke_grant),
         )
-        .route("/v1/clouds/{cloud}/imports", get(list_imports))
         .route(
-            "/v1/clouds/{cloud}/imports/{provider}/{exposure}/accept",
-            post(accept_import),
+            "/v1/clouds/{cloud}/exposures/{exposure}/offers",
+            get(list_exposure_offers),
         )
+        .route("/v1/clouds/{cloud}/imports", get(list_imports))
         .route(
             "/v1/clouds/{cloud}/imports/{provider}/{exposure}",
             axum::routing::delete(delete_import),
+        )
+        .route("/v1/clouds/{cloud}/offers", get(list_offers))
+        .route(
+            "/v1/clouds/{cloud}/offers/{provider}/{exposure}/accept",
+            post(accept_offer),
+        )
+        .route(
+            "/v1/clouds/{cloud}/offers/{provider}/{exposure}",
+            axum::routing::delete(decline_offer),
+        )
+        .route(
+            "/v1/clouds/{cloud}/offer-policy",
+            get(get_offer_policy).put(put_offer_policy),
         )
         .route("/v1/hosts", get(list_hosts))
         .route("/v1/hosts/{host}", axum::routing::put(register_host))
@@ -1107,6 +1191,9 @@ pub fn router(core: Arc<Core>, request_timeout: Duration) -> Router {
     CreateGrant,
     Grant,
     GrantState,
+    Offer,
+    OfferState,
+    OfferPolicy,
     HostInfo,
     HostToken,
     SyncDelta,

@@ -120,7 +120,13 @@ pub struct CloudsConfig {
     /// Suffix of every cloud's zone: `<vm>.<cloud>.<suffix>`.
     pub dns_suffix: String,
     pub max_exposures_per_cloud: u32,
+    /// Grants and pending offers of one exposure.
     pub max_grants_per_exposure: u32,
+    /// Pending offers to one cloud id, from all providers; more are refused (`offer_refused`).
+    pub max_pending_offers_per_cloud: u32,
+    /// Pending offers to one cloud id from one provider, so that one provider cannot fill a
+    /// consumer's offers alone.
+    pub max_pending_offers_per_provider: u32,
 }
 
 impl Default for CloudsConfig {
@@ -131,6 +137,8 @@ impl Default for CloudsConfig {
             dns_suffix: "atoll.internal".into(),
             max_exposures_per_cloud: 1_000,
             max_grants_per_exposure: 10_000,
+            max_pending_offers_per_cloud: 64,
+            max_pending_offers_per_provider: 16,
         }
     }
 }
@@ -523,6 +531,8 @@ impl ControlConfig {
             dns_suffix: self.clouds.dns_suffix.trim_end_matches('.').to_string(),
             max_exposures_per_cloud: self.clouds.max_exposures_per_cloud,
             max_grants_per_exposure: self.clouds.max_grants_per_exposure,
+            max_pending_offers_per_cloud: self.clouds.max_pending_offers_per_cloud,
+            max_pending_offers_per_provider: self.clouds.max_pending_offers_per_provider,
             operator_token_sha256: token_hash(&token),
             host_timeout_secs: self.hosts.timeout_secs,
         };

@@ -158,6 +158,13 @@ pub enum CoreError {
     },
     #[error("generating a random token: {0}")]
     Random(String),
+    /// An offer over the consumer's bounds of pending offers. Worded the same whether the
+    /// consumer exists or not, and without saying which bound was reached.
+    #[error(
+        "offer refused: too many offers to cloud {0} are pending; withdraw some of yours, or \
+         ask the consumer to accept or decline them"
+    )]
+    OfferRefused(CloudId),
 }
 
 /// Who is calling.
@@ -178,6 +185,12 @@ pub struct CoreConfig {
     pub dns_suffix: String,
     pub max_exposures_per_cloud: u32,
     pub max_grants_per_exposure: u32,
+    /// Pending offers one consumer cloud id holds, from all providers
+    /// (`clouds.max_pending_offers_per_cloud`).
+    pub max_pending_offers_per_cloud: u32,
+    /// Pending offers one consumer cloud id holds from one provider
+    /// (`clouds.max_pending_offers_per_provider`).
+    pub max_pending_offers_per_provider: u32,
     /// SHA-256 (hex) of the operator token.
     pub operator_token_sha256: String,
     /// A host silent for longer is not live (`hosts.timeout_secs`).
@@ -227,12 +240,23 @@ pub enum Command {
     ListExposures(CloudId),
     GetExposure(CloudId, String),
     DeleteExposure(CloudId, String),
+    /// Offer an exposure to a consumer (accepted at once if the consumer's policy lists the
+    /// provider).
     CreateGrant(CloudId, String, CreateGrant),
     ListGrants(CloudId, String),
+    /// Revoke a grant, or withdraw a pending offer.
     RevokeGrant(CloudId, String, CloudId),
+    /// The provider's pending offers of an exposure.
+    ListExposureOffers(CloudId, String),
     ListImports(CloudId),
-    AcceptImport(CloudId, CloudId, String),
     DeleteImport(CloudId, CloudId, String),
+    /// The pending offers a cloud received.
+    ListOffers(CloudId),
+    /// `(consumer, provider, exposure)`: make the offer an active grant.
+    AcceptOffer(CloudId, CloudId, String),
+    DeclineOffer(CloudId, CloudId, String),
+    GetOfferPolicy(CloudId),
+    PutOfferPolicy(CloudId, OfferPolicy),
     RegisterHost(String),
     IssueHostToken(String),
     /// Cordons (`true`) or uncordons a host.
@@ -259,6 +283,10 @@ pub enum Reply {
     Exposures(Vec<Exposure>),
     Grant(Grant),
     Grants(Vec<Grant>),
+    /// Rendered as 202 Accepted: an offer is not a grant yet.
+    Offer(Offer),
+    Offers(Vec<Offer>),
+    OfferPolicy(OfferPolicy),
     Host(HostInfo),
     HostToken(Box<HostToken>),
     Hosts(Vec<HostInfo>),
@@ -330,6 +358,31 @@ mod keys {
     }
     pub fn import(consumer: CloudId, provider: CloudId, e: &str) -> String {
         format!("c/{consumer}/imports/{provider}/{e}")
+    }
+    /// The provider's record of a pending offer.
+    pub fn offer(c: CloudId, e: &str, consumer: CloudId) -> String {
+        format!("c/{c}/offers/{e}/{consumer}")
+    }
+    pub fn offers(c: CloudId, e: &str) -> String {
+        format!("c/{c}/offers/{e}/")
+    }
+    pub fn all_offers(c: CloudId) -> String {
+        format!("c/{c}/offers/")
+    }
+    /// The consumer's copy of a pending offer: outside the consumer's own keys (`c/<cloud>/`),
+    /// so that an offer writes nothing into a cloud, and the same whether the cloud exists.
+    pub fn inbox_entry(consumer: CloudId, provider: CloudId, e: &str) -> String {
+        format!("offers/{consumer}/{provider}/{e}")
+    }
+    pub fn inbox(consumer: CloudId) -> String {
+        format!("offers/{consumer}/")
+    }
+    pub fn inbox_from(consumer: CloudId, provider: CloudId) -> String {
+        format!("offers/{consumer}/{provider}/")
+    }
+    /// The cloud's [`super::OfferPolicy`]; no trailing kind, so no zone or service depends on it.
+    pub fn offer_policy(c: CloudId) -> String {
+        format!("c/{c}/offerpolicy")
     }
     pub fn hosts() -> &'static str {
         "hosts/"
@@ -553,14 +606,14 @@ fn put<T: serde::Serialize>(key: String, v: &T) -> Op {
 /// import, which are always written together) it was read from.
 struct Revocation {
     guard: Compare,
-    ops: [Op; 4],
+    ops: Vec<Op>,
 }
 
 impl Revocation {
     fn new(g: &Grant, read_key: &str, read_revision: u64) -> Self {
         Revocation {
             guard: Compare::ModRevision(read_key.to_string(), read_revision),
-            ops: [
+            ops: vec![
                 Op::Delete {
                     key: keys::grant(g.provider, &g.exposure, g.consumer),
                 },
@@ -574,6 +627,33 @@ impl Revocation {
                     key: keys::ip(g.provider, g.nat_ipv4),
                 },
             ],
+        }
+    }
+
+    /// Withdrawing (or declining) a pending offer: the provider's record and the consumer's
+    /// copy, which are always written together, guarded by the one read.
+    fn offer(o: &Offer, read_key: &str, read_revision: u64) -> Self {
+        Revocation {
+            guard: Compare::ModRevision(read_key.to_string(), read_revision),
+            ops: vec![
+                Op::Delete {
+                    key: keys::offer(o.provider, &o.exposure, o.consumer),
+                },
+                Op::Delete {
+                    key: keys::inbox_entry(o.consumer, o.provider, &o.exposure),
+                },
+            ],
+        }
+    }
+
+    /// A deleted consumer's copy of an offer it received. The provider's record stays
+    /// pending, as an offer to a cloud that never existed does: the provider learns nothing.
+    fn received_offer(o: &Offer, read_key: &str, read_revision: u64) -> Self {
+        Revocation {
+            guard: Compare::ModRevision(read_key.to_string(), read_revision),
+            ops: vec![Op::Delete {
+                key: keys::inbox_entry(o.consumer, o.provider, &o.exposure),
+            }],
         }
     }
 }
@@ -767,9 +847,14 @@ impl Core {
             | CreateGrant(c, ..)
             | ListGrants(c, _)
             | RevokeGrant(c, ..)
+            | ListExposureOffers(c, _)
             | ListImports(c)
-            | AcceptImport(c, ..)
-            | DeleteImport(c, ..) => *c,
+            | DeleteImport(c, ..)
+            | ListOffers(c)
+            | AcceptOffer(c, ..)
+            | DeclineOffer(c, ..)
+            | GetOfferPolicy(c)
+            | PutOfferPolicy(c, _) => *c,
         };
         match p {
             Principal::Operator => Ok(()),
@@ -814,15 +899,29 @@ impl Core {
             ListExposures(c) => Ok(Reply::Exposures(self.list(&keys::exposures(c)).await?)),
             GetExposure(c, name) => Ok(Reply::Exposure(self.exposure(c, &name).await?.1)),
             DeleteExposure(c, name) => self.delete_exposure(c, &name).await,
-            CreateGrant(c, exp, req) => self.create_grant(c, &exp, req.consumer).await,
+            CreateGrant(c, exp, req) => self.create_offer(c, &exp, req.consumer).await,
             ListGrants(c, exp) => {
                 self.exposure(c, &exp).await?;
                 Ok(Reply::Grants(self.list(&keys::grants(c, &exp)).await?))
             }
             RevokeGrant(c, exp, consumer) => self.revoke_grant(c, &exp, consumer).await,
+            ListExposureOffers(c, exp) => {
+                self.exposure(c, &exp).await?;
+                Ok(Reply::Offers(self.list(&keys::offers(c, &exp)).await?))
+            }
             ListImports(c) => Ok(Reply::Grants(self.list(&keys::imports(c)).await?)),
-            AcceptImport(c, provider, exp) => self.accept_import(c, provider, &exp).await,
             DeleteImport(c, provider, exp) => self.revoke_grant(provider, &exp, c).await,
+            ListOffers(c) => {
+                self.cloud(c).await?;
+                Ok(Reply::Offers(self.list(&keys::inbox(c)).await?))
+            }
+            AcceptOffer(c, provider, exp) => self.accept_offer(c, provider, &exp).await,
+            DeclineOffer(c, provider, exp) => self.decline_offer(c, provider, &exp).await,
+            GetOfferPolicy(c) => {
+                self.cloud(c).await?;
+                Ok(Reply::OfferPolicy(self.offer_policy(c).await?))
+            }
+            PutOfferPolicy(c, policy) => self.put_offer_policy(c, policy).await,
             RegisterHost(name) => self.register_host(name).await,
             IssueHostToken(name) => self.issue_host_token(name).await,
             CordonHost(name, cordoned) => self.cordon_host(name, cordoned).await,
@@ -1041,6 +1140,8 @@ impl Core {
             let volumes: Vec<Volume> = self.list(&keys::volumes(c)).await?;
             let exports: Vec<(String, u64, Grant)> = self.list_kv(&keys::all_grants(c)).await?;
             let imports: Vec<(String, u64, Grant)> = self.list_kv(&keys::imports(c)).await?;
+            let offered: Vec<(String, u64, Offer)> = self.list_kv(&keys::all_offers(c)).await?;
+            let received: Vec<(String, u64, Offer)> = self.list_kv(&keys::inbox(c)).await?;
             let mut ops = vec![
                 Op::Delete {
                     key: keys::cloud(c),
@@ -1073,6 +1174,14 @@ impl Core {
             }
             for (key, grev, g) in &imports {
                 revocations.push(Revocation::new(g, key, *grev));
+            }
+            // Offers it made (the consumers' copies go too) and its copies of offers it
+            // received (the providers' records stay pending: see `Revocation::received_offer`).
+            for (key, orev, o) in &offered {
+                revocations.push(Revocation::offer(o, key, *orev));
+            }
+            for (key, orev, o) in &received {
+                revocations.push(Revocation::received_offer(o, key, *orev));
             }
             let placements = hosts.len() + vhosts.len();
             let too_large = |size, limit| CoreError::TxnTooLarge {
@@ -1822,7 +1931,7 @@ impl Core {
             protocol: req.protocol,
             port: req.port,
             backends: req.backends,
-            require_acceptance: req.require_acceptance,
+            require_acceptance: false,
             created_at: now(),
         };
         let txn = Txn {
@@ -1847,6 +1956,7 @@ impl Core {
         for _ in 0..MAX_RETRIES {
             let (rev, _) = self.exposure(c, name).await?;
             let grants: Vec<(String, u64, Grant)> = self.list_kv(&keys::grants(c, name)).await?;
+            let offers: Vec<(String, u64, Offer)> = self.list_kv(&keys::offers(c, name)).await?;
             let own = Txn {
                 compares: vec![Compare::ModRevision(keys::exposure(c, name), rev)],
                 success: vec![
@@ -1858,10 +1968,15 @@ impl Core {
                     },
                 ],
             };
-            // The consumers' imports and VIPs go too.
+            // The consumers' imports and VIPs go too, and its pending offers.
             let revocations = grants
                 .iter()
                 .map(|(key, grev, g)| Revocation::new(g, key, *grev))
+                .chain(
+                    offers
+                        .iter()
+                        .map(|(key, orev, o)| Revocation::offer(o, key, *orev)),
+                )
                 .collect();
             let too_large = |size, limit| CoreError::TxnTooLarge {
                 what: format!("deleting exposure {name}"),
@@ -1879,7 +1994,10 @@ impl Core {
         Err(CoreError::Contention(format!("exposure {name}")))
     }
 
-    async fn create_grant(
+    /// Offers exposure `exp_name` of `c` to `consumer` (see the module docs, "Grants are
+    /// offers"). Never reads the consumer's cloud record: the reply, and every error, is the
+    /// same whether `consumer` exists, unless the consumer's policy lists `c`.
+    async fn create_offer(
         &self,
         c: CloudId,
         exp_name: &str,
@@ -1888,20 +2006,129 @@ impl Core {
         if consumer == c {
             return Err(FieldError::new("consumer", "a cloud cannot grant to itself").into());
         }
-        let count = self.store.count(&keys::grants(c, exp_name)).await?;
+        // Offers count as grants of the exposure: a provider's records stay bounded however
+        // many cloud ids it offers to.
+        let (_, exp) = self.exposure(c, exp_name).await?;
+        let count = self.store.count(&keys::grants(c, exp_name)).await?
+            + self.store.count(&keys::offers(c, exp_name)).await?;
         check_quota("grants", count + 1, self.cfg.max_grants_per_exposure as u64)?;
+        if self.offer_policy(consumer).await?.accept_from.contains(&c) {
+            if let Some(g) = self.activate(c, exp_name, consumer, None).await? {
+                return Ok(Reply::Offer(Offer {
+                    provider: c,
+                    exposure: g.exposure,
+                    consumer,
+                    protocol: exp.protocol,
+                    port: exp.port,
+                    state: OfferState::Accepted,
+                    created_at: g.created_at,
+                }));
+            }
+            // The consumer was deleted meanwhile: an offer like to any unknown id.
+        }
+        // What the provider knows already (its own records) is told before any bound.
+        if self
+            .store
+            .get(&keys::grant(c, exp_name, consumer))
+            .await?
+            .is_some()
+        {
+            return Err(conflict(
+                "exists",
+                format!("exposure {exp_name} is already granted to {consumer}"),
+            ));
+        }
+        if self
+            .store
+            .get(&keys::offer(c, exp_name, consumer))
+            .await?
+            .is_some()
+        {
+            return Err(conflict(
+                "exists",
+                format!("exposure {exp_name} is already offered to {consumer}"),
+            ));
+        }
+        // The consumer's bounds, counted on its inbox, which exists alike for unknown ids.
+        let pending = self.store.count(&keys::inbox(consumer)).await?;
+        let from_here = self.store.count(&keys::inbox_from(consumer, c)).await?;
+        if pending >= self.cfg.max_pending_offers_per_cloud as u64
+            || from_here >= self.cfg.max_pending_offers_per_provider as u64
+        {
+            return Err(CoreError::OfferRefused(consumer));
+        }
+        for _ in 0..MAX_RETRIES {
+            let (erev, exp) = self.exposure(c, exp_name).await?;
+            // The provider's records are written back unchanged, so that a delete of the
+            // exposure or of the provider that read its offers before this one commits fails
+            // its compare and re-reads (as grants do, see the module docs).
+            let (prev, provider) = self.cloud_record(c).await?;
+            let offer = Offer {
+                provider: c,
+                exposure: exp_name.to_string(),
+                consumer,
+                protocol: exp.protocol,
+                port: exp.port,
+                state: OfferState::Pending,
+                created_at: now(),
+            };
+            let txn = Txn {
+                compares: vec![
+                    Compare::Absent(keys::grant(c, exp_name, consumer)),
+                    Compare::Absent(keys::offer(c, exp_name, consumer)),
+                    Compare::ModRevision(keys::exposure(c, exp_name), erev),
+                    Compare::ModRevision(keys::cloud(c), prev),
+                ],
+                success: vec![
+                    put(keys::offer(c, exp_name, consumer), &offer),
+                    put(keys::inbox_entry(consumer, c, exp_name), &offer),
+                    put(keys::exposure(c, exp_name), &exp),
+                    put(keys::cloud(c), &provider),
+                ],
+            };
+            match self.store.txn(txn).await? {
+                TxnOutcome::Committed { .. } => return Ok(Reply::Offer(offer)),
+                TxnOutcome::Failed { failed_compare: 0 } => {
+                    return Err(conflict(
+                        "exists",
+                        format!("exposure {exp_name} is already granted to {consumer}"),
+                    ))
+                }
+                TxnOutcome::Failed { failed_compare: 1 } => {
+                    return Err(conflict(
+                        "exists",
+                        format!("exposure {exp_name} is already offered to {consumer}"),
+                    ))
+                }
+                TxnOutcome::Failed { .. } => continue,
+            }
+        }
+        Err(CoreError::Contention(format!("exposure {exp_name}")))
+    }
+
+    /// Makes exposure `exp_name` of `provider` an active grant to `consumer`: the VIP from the
+    /// consumer's range, the NAT address from the provider's, the grant and the consumer's
+    /// import. With `offer` (its key and revision as read), the pending offer it accepts goes
+    /// in the same transaction. `None` if the consumer does not exist.
+    async fn activate(
+        &self,
+        provider_id: CloudId,
+        exp_name: &str,
+        consumer: CloudId,
+        offer: Option<(&Offer, String, u64)>,
+    ) -> Result<Option<Grant>, CoreError> {
+        let c = provider_id;
         for _ in 0..MAX_RETRIES {
             // Re-read every round: an exposure (or provider) deleted meanwhile is a 404.
             let (erev, exp) = self.exposure(c, exp_name).await?;
-            // Both cloud records are written back unchanged: a cloud delete that read its
-            // grants before this one commits then fails its compare on the cloud record and
-            // re-reads, so it revokes this grant too instead of leaving its halves behind.
+            // Both cloud records and the exposure are written back unchanged: a delete of
+            // either cloud or of the exposure that read its grants before this one commits
+            // then fails its compare and re-reads, so it revokes this grant too instead of
+            // leaving its halves behind.
             let (prev, provider) = self.cloud_record(c).await?;
             let (crev, ccloud) = match self.cloud_record(consumer).await {
                 Ok(v) => v,
-                Err(CoreError::NotFound(_)) => {
-                    return Err(FieldError::new("consumer", format!("no cloud {consumer}")).into())
-                }
+                Err(CoreError::NotFound(_)) => return Ok(None),
                 Err(e) => return Err(e),
             };
             let vip = self.allocate_ip(&ccloud).await?;
@@ -1910,17 +2137,15 @@ impl Core {
                 provider: c,
                 exposure: exp_name.to_string(),
                 consumer,
-                state: if exp.require_acceptance {
-                    GrantState::Offered
-                } else {
-                    GrantState::Active
-                },
+                state: GrantState::Active,
                 vip,
-                fqdn: format!("{}.{}.svc.{}", exp.name, provider.name, ccloud.zone),
+                // The provider's id, not its name: names of clouds are not unique, ids are,
+                // and (id, exposure) is the grant's key, so no two grants share a name.
+                fqdn: format!("{}.{c}.svc.{}", exp.name, ccloud.zone),
                 nat_ipv4,
                 created_at: now(),
             };
-            let txn = Txn {
+            let mut txn = Txn {
                 compares: vec![
                     Compare::ModRevision(keys::exposure(c, exp_name), erev),
                     Compare::ModRevision(keys::cloud(consumer), crev),
@@ -1936,15 +2161,37 @@ impl Core {
                     put(keys::ip(c, nat_ipv4), &format!("nat:{consumer}/{exp_name}")),
                     put(keys::cloud(c), &provider),
                     put(keys::cloud(consumer), &ccloud),
+                    put(keys::exposure(c, exp_name), &exp),
                 ],
             };
+            match &offer {
+                Some((o, key, rev)) => {
+                    let r = Revocation::offer(o, key, *rev);
+                    txn.compares.push(r.guard);
+                    txn.success.extend(r.ops);
+                }
+                None => txn
+                    .compares
+                    .push(Compare::Absent(keys::offer(c, exp_name, consumer))),
+            }
             match self.store.txn(txn).await? {
-                TxnOutcome::Committed { .. } => return Ok(Reply::Grant(grant)),
+                TxnOutcome::Committed { .. } => return Ok(Some(grant)),
                 TxnOutcome::Failed { failed_compare: 2 } => {
                     return Err(conflict(
                         "exists",
                         format!("exposure {exp_name} is already granted to {consumer}"),
                     ))
+                }
+                TxnOutcome::Failed { failed_compare: 6 } => {
+                    return Err(match offer {
+                        Some(_) => CoreError::NotFound(format!(
+                            "offer of {provider_id}/{exp_name} to {consumer}"
+                        )),
+                        None => conflict(
+                            "exists",
+                            format!("exposure {exp_name} is already offered to {consumer}"),
+                        ),
+                    })
                 }
                 TxnOutcome::Failed { .. } => continue,
             }
@@ -1952,21 +2199,50 @@ impl Core {
         Err(CoreError::Contention(format!("cloud {consumer}")))
     }
 
-    async fn revoke_grant(
+    /// The consumer accepts a pending offer: it becomes an active grant.
+    async fn accept_offer(
         &self,
+        consumer: CloudId,
         provider: CloudId,
         exp: &str,
-        consumer: CloudId,
     ) -> Result<Reply, CoreError> {
-        let (rev, g): (u64, Grant) = self
-            .read(&keys::grant(provider, exp, consumer), || {
-                format!("grant of {provider}/{exp} to {consumer}")
-            })
+        let key = keys::offer(provider, exp, consumer);
+        let (rev, o): (u64, Offer) = self
+            .read(&key, || format!("offer of {provider}/{exp} to {consumer}"))
             .await?;
-        let r = Revocation::new(&g, &keys::grant(provider, exp, consumer), rev);
+        match self
+            .activate(provider, exp, consumer, Some((&o, key, rev)))
+            .await?
+        {
+            Some(g) => Ok(Reply::Grant(g)),
+            None => Err(CoreError::NotFound(format!("cloud {consumer}"))),
+        }
+    }
+
+    /// The consumer declines a pending offer: both records go.
+    async fn decline_offer(
+        &self,
+        consumer: CloudId,
+        provider: CloudId,
+        exp: &str,
+    ) -> Result<Reply, CoreError> {
+        let key = keys::inbox_entry(consumer, provider, exp);
+        let (rev, o): (u64, Offer) = self
+            .read(&key, || format!("offer of {provider}/{exp} to {consumer}"))
+            .await?;
+        self.commit_revocation(Revocation::offer(&o, &key, rev), provider, exp)
+            .await
+    }
+
+    async fn commit_revocation(
+        &self,
+        r: Revocation,
+        provider: CloudId,
+        exp: &str,
+    ) -> Result<Reply, CoreError> {
         let txn = Txn {
             compares: vec![r.guard],
-            success: r.ops.into(),
+            success: r.ops,
         };
         match self.commit(txn).await? {
             Some(_) => Ok(Reply::Done),
@@ -1974,31 +2250,57 @@ impl Core {
         }
     }
 
-    async fn accept_import(
+    /// Revokes an active grant, or withdraws a pending offer.
+    async fn revoke_grant(
         &self,
-        consumer: CloudId,
         provider: CloudId,
         exp: &str,
+        consumer: CloudId,
     ) -> Result<Reply, CoreError> {
-        let (rev, mut g): (u64, Grant) = self
-            .read(&keys::grant(provider, exp, consumer), || {
-                format!("grant of {provider}/{exp} to {consumer}")
-            })
+        let gkey = keys::grant(provider, exp, consumer);
+        if let Some(kv) = self.store.get(&gkey).await? {
+            let g: Grant = decode(&kv.key, &kv.value)?;
+            let r = Revocation::new(&g, &gkey, kv.mod_revision);
+            return self.commit_revocation(r, provider, exp).await;
+        }
+        let okey = keys::offer(provider, exp, consumer);
+        let (rev, o): (u64, Offer) = self
+            .read(&okey, || format!("grant of {provider}/{exp} to {consumer}"))
             .await?;
-        g.state = GrantState::Active;
+        self.commit_revocation(Revocation::offer(&o, &okey, rev), provider, exp)
+            .await
+    }
+
+    /// A cloud's offer policy (empty if never set, or if the cloud does not exist).
+    async fn offer_policy(&self, c: CloudId) -> Result<OfferPolicy, CoreError> {
+        match self.store.get(&keys::offer_policy(c)).await? {
+            Some(kv) => decode(&kv.key, &kv.value),
+            None => Ok(OfferPolicy::default()),
+        }
+    }
+
+    async fn put_offer_policy(&self, c: CloudId, req: OfferPolicy) -> Result<Reply, CoreError> {
+        if req.accept_from.len() > MAX_ACCEPT_FROM {
+            return Err(FieldError::new(
+                "accept_from",
+                format!(
+                    "{} providers; at most {MAX_ACCEPT_FROM}",
+                    req.accept_from.len()
+                ),
+            )
+            .into());
+        }
+        let mut accept_from = req.accept_from;
+        accept_from.sort();
+        accept_from.dedup();
+        let policy = OfferPolicy { accept_from };
         let txn = Txn {
-            compares: vec![Compare::ModRevision(
-                keys::grant(provider, exp, consumer),
-                rev,
-            )],
-            success: vec![
-                put(keys::grant(provider, exp, consumer), &g),
-                put(keys::import(consumer, provider, exp), &g),
-            ],
+            compares: vec![Compare::Present(keys::cloud(c))],
+            success: vec![put(keys::offer_policy(c), &policy)],
         };
         match self.commit(txn).await? {
-            Some(_) => Ok(Reply::Grant(g)),
-            None => Err(CoreError::Contention(format!("grant {provider}/{exp}"))),
+            Some(_) => Ok(Reply::OfferPolicy(policy)),
+            None => Err(CoreError::NotFound(format!("cloud {c}"))),
         }
     }
 

@@ -75,9 +75,13 @@ enum Cmd {
     /// Services a cloud exposes to other clouds, and their grants.
     #[command(subcommand)]
     Exposure(ExposureCmd),
-    /// Exposures granted to a cloud.
+    /// Exposures granted to a cloud (accepted offers).
     #[command(subcommand)]
     Import(ImportCmd),
+    /// Offers of exposures made to a cloud: list, accept, decline, and the providers whose
+    /// offers it accepts without being asked.
+    #[command(subcommand)]
+    Offer(OfferCmd),
     /// Registered hosts (operator).
     #[command(subcommand)]
     Host(HostCmd),
@@ -261,8 +265,6 @@ enum ExposureCmd {
         /// Backend `vm:port` (repeatable).
         #[arg(long = "backend", required = true)]
         backends: Vec<String>,
-        #[arg(long)]
-        require_acceptance: bool,
     },
     List {
         cloud: String,
@@ -275,16 +277,24 @@ enum ExposureCmd {
         cloud: String,
         name: String,
     },
-    /// Grant an exposure to a consumer cloud.
+    /// Offer an exposure to a consumer cloud; it becomes a grant when the consumer accepts
+    /// (at once if the consumer's offer policy lists this cloud).
     Grant {
         cloud: String,
         name: String,
         consumer: String,
     },
+    /// Active grants of an exposure.
     Grants {
         cloud: String,
         name: String,
     },
+    /// Pending offers of an exposure.
+    Offers {
+        cloud: String,
+        name: String,
+    },
+    /// Revoke a grant, or withdraw a pending offer.
     Revoke {
         cloud: String,
         name: String,
@@ -303,15 +313,37 @@ enum ImportCmd {
     List {
         cloud: String,
     },
+    /// Give up a grant.
+    Delete {
+        cloud: String,
+        provider: String,
+        exposure: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum OfferCmd {
+    /// Pending offers made to the cloud.
+    List { cloud: String },
+    /// Accept an offer: a VIP and a name in the cloud, the grant active.
     Accept {
         cloud: String,
         provider: String,
         exposure: String,
     },
-    Delete {
+    /// Decline an offer.
+    Decline {
         cloud: String,
         provider: String,
         exposure: String,
+    },
+    /// Show the providers whose offers the cloud accepts without being asked.
+    Policy { cloud: String },
+    /// Set the providers whose later offers the cloud accepts without being asked (none:
+    /// every offer waits for `offer accept`).
+    AcceptFrom {
+        cloud: String,
+        providers: Vec<String>,
     },
 }
 
@@ -656,7 +688,6 @@ async fn resource(c: &Client, cmd: Cmd) -> Result<Output> {
             protocol,
             port,
             backends,
-            require_acceptance,
         }) => {
             let backends = backends
                 .iter()
@@ -676,7 +707,6 @@ async fn resource(c: &Client, cmd: Cmd) -> Result<Output> {
                 },
                 port,
                 backends,
-                require_acceptance,
             };
             c.call(
                 Method::POST,
@@ -710,6 +740,9 @@ async fn resource(c: &Client, cmd: Cmd) -> Result<Output> {
         Cmd::Exposure(ExposureCmd::Grants { cloud, name }) => {
             get(format!("/v1/clouds/{cloud}/exposures/{name}/grants")).await?
         }
+        Cmd::Exposure(ExposureCmd::Offers { cloud, name }) => {
+            get(format!("/v1/clouds/{cloud}/exposures/{name}/offers")).await?
+        }
         Cmd::Exposure(ExposureCmd::Revoke {
             cloud,
             name,
@@ -723,23 +756,38 @@ async fn resource(c: &Client, cmd: Cmd) -> Result<Output> {
         Cmd::Import(ImportCmd::List { cloud }) => {
             get(format!("/v1/clouds/{cloud}/imports")).await?
         }
-        Cmd::Import(ImportCmd::Accept {
-            cloud,
-            provider,
-            exposure,
-        }) => {
-            c.call(
-                Method::POST,
-                &format!("/v1/clouds/{cloud}/imports/{provider}/{exposure}/accept"),
-                none,
-            )
-            .await?
-        }
         Cmd::Import(ImportCmd::Delete {
             cloud,
             provider,
             exposure,
         }) => del(format!("/v1/clouds/{cloud}/imports/{provider}/{exposure}")).await?,
+        Cmd::Offer(OfferCmd::List { cloud }) => get(format!("/v1/clouds/{cloud}/offers")).await?,
+        Cmd::Offer(OfferCmd::Accept {
+            cloud,
+            provider,
+            exposure,
+        }) => {
+            post(format!(
+                "/v1/clouds/{cloud}/offers/{provider}/{exposure}/accept"
+            ))
+            .await?
+        }
+        Cmd::Offer(OfferCmd::Decline {
+            cloud,
+            provider,
+            exposure,
+        }) => del(format!("/v1/clouds/{cloud}/offers/{provider}/{exposure}")).await?,
+        Cmd::Offer(OfferCmd::Policy { cloud }) => {
+            get(format!("/v1/clouds/{cloud}/offer-policy")).await?
+        }
+        Cmd::Offer(OfferCmd::AcceptFrom { cloud, providers }) => {
+            c.call(
+                Method::PUT,
+                &format!("/v1/clouds/{cloud}/offer-policy"),
+                Some(&serde_json::json!({ "accept_from": providers })),
+            )
+            .await?
+        }
         Cmd::Host(HostCmd::List) => get("/v1/hosts".into()).await?,
         Cmd::Host(HostCmd::Token { name }) => post(format!("/v1/hosts/{name}/token")).await?,
         Cmd::Host(HostCmd::Cordon { name }) => post(format!("/v1/hosts/{name}/cordon")).await?,

@@ -593,6 +593,13 @@ pub fn validate_record_set(
     rs: &PutRecordSet,
 ) -> Result<(), FieldError> {
     if name != "@" {
+        if name.ends_with(".svc") {
+            return Err(FieldError::new(
+                "name",
+                "names under `svc` are reserved for the services granted to this cloud \
+                 (<exposure>.<provider>.svc)",
+            ));
+        }
         if name.len() > 190 {
             return Err(FieldError::new("name", "longer than 190 characters"));
         }
@@ -661,9 +668,6 @@ pub struct CreateExposure {
     pub port: u16,
     /// 1 to 16 backends (what the dataplane holds per exposure).
     pub backends: Vec<Backend>,
-    /// Grants must be accepted by the consumer before traffic flows.
-    #[serde(default)]
-    pub require_acceptance: bool,
 }
 
 /// An exposure as stored and returned.
@@ -675,11 +679,16 @@ pub struct Exposure {
     pub protocol: Protocol,
     pub port: u16,
     pub backends: Vec<Backend>,
+    /// Records written before every grant became an offer carry it; it is read and ignored
+    /// (every grant now needs the consumer's consent).
+    #[serde(default, skip_serializing)]
+    #[schema(ignore)]
     pub require_acceptance: bool,
     pub created_at: u64,
 }
 
-/// `POST /v1/clouds/{cloud}/exposures/{exposure}/grants`.
+/// `POST /v1/clouds/{cloud}/exposures/{exposure}/grants`: offer the exposure to a consumer
+/// cloud. The reply is an [`Offer`], the same for a cloud id that exists and one that does not.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateGrant {
@@ -690,10 +699,52 @@ pub struct CreateGrant {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum GrantState {
-    /// Waiting for the consumer to accept.
+    /// Only in records written before grants became offers (an exposure with
+    /// `require_acceptance`): never applied by hosts; revoke it and offer again.
     Offered,
     Active,
 }
+
+/// Where an offer stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum OfferState {
+    /// Waiting for the consumer: nothing exists in the consumer (no VIP, no name, nothing on
+    /// its hosts). An offer to a cloud id that does not exist stays pending until withdrawn.
+    Pending,
+    /// The consumer lists the provider in its `accept_from`: the grant is active (see the
+    /// consumer's imports and the provider's grants).
+    Accepted,
+}
+
+/// An exposure offered to a consumer cloud, until the consumer accepts or declines it or the
+/// provider withdraws it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Offer {
+    pub provider: CloudId,
+    pub exposure: String,
+    pub consumer: CloudId,
+    pub protocol: Protocol,
+    pub port: u16,
+    pub state: OfferState,
+    /// Seconds since the Unix epoch.
+    pub created_at: u64,
+}
+
+/// `GET`/`PUT /v1/clouds/{cloud}/offer-policy`: which providers' offers the cloud accepts
+/// without being asked.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct OfferPolicy {
+    /// Provider clouds whose offers become active grants at once (at most
+    /// [`MAX_ACCEPT_FROM`]). Applies to offers made after it is set.
+    #[serde(default)]
+    pub accept_from: Vec<CloudId>,
+}
+
+/// The most providers an [`OfferPolicy`] lists.
+pub const MAX_ACCEPT_FROM: usize = 256;
 
 /// A grant of an exposure to a consumer cloud, seen by both.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
@@ -706,7 +757,8 @@ pub struct Grant {
     /// The address the consumer reaches the exposure at, in the consumer's range.
     #[schema(value_type = String)]
     pub vip: Ipv4Addr,
-    /// The name the consumer resolves: `<exposure>.<provider name>.svc.<consumer zone>`.
+    /// The name the consumer resolves: `<exposure>.<provider cloud id>.svc.<consumer zone>`,
+    /// unique in the consumer's zone (provider names need not be unique).
     pub fqdn: String,
     /// Where the consumer's flows come from, as the provider's VMs see them: an address in
     /// the provider's range, one per grant, so the provider can tell consumers apart.

@@ -54,6 +54,9 @@ api_suite!(
     a_cloud_stays_on_one_host,
     cloud_tokens_rotate_and_the_old_one_stops_at_once,
     what_hosts_cannot_hold_is_refused_at_the_request,
+    offers_change_nothing_in_the_consumer_until_it_accepts,
+    offers_to_unknown_clouds_look_like_offers_to_existing_ones_and_are_bounded,
+    offer_policy_and_same_named_providers_get_distinct_names,
 );
 
 /// The store the control plane under test is configured with.
@@ -448,7 +451,8 @@ async fn cloud_lifecycle_ipam_quotas_dns_and_cascade_delete(api: Api) {
         );
     }
 
-    // Exposure granted to B: B gets a VIP in its own range and a name in its own zone.
+    // Exposure offered to B and accepted: B gets a VIP in its own range and a name in its own
+    // zone.
     let _: Exposure = ac
         .call(
             Method::POST,
@@ -457,7 +461,7 @@ async fn cloud_lifecycle_ipam_quotas_dns_and_cascade_delete(api: Api) {
         )
         .await
         .unwrap();
-    let g: Grant = ac
+    let _: Offer = ac
         .call(
             Method::POST,
             &format!("/v1/clouds/{}/exposures/pg/grants", a.cloud.id),
@@ -465,12 +469,22 @@ async fn cloud_lifecycle_ipam_quotas_dns_and_cascade_delete(api: Api) {
         )
         .await
         .unwrap();
+    let g: Grant = ok(
+        &bc,
+        Method::POST,
+        &format!("/v1/clouds/{}/offers/{}/pg/accept", b.cloud.id, a.cloud.id),
+        None,
+    )
+    .await;
     assert_eq!(
         g.vip,
         Ipv4Addr::new(10, 0, 0, 3),
         "lowest free address of B"
     );
-    assert_eq!(g.fqdn, "pg.prod.svc.other.atoll.internal.");
+    assert_eq!(
+        g.fqdn,
+        format!("pg.{}.svc.other.atoll.internal.", a.cloud.id)
+    );
     let imports: Vec<Grant> = bc
         .call(
             Method::GET,
@@ -1091,47 +1105,48 @@ async fn deletes_revoke_more_grants_than_one_store_txn_holds(api: Api) {
         Some(json!({"name": "db"})),
     )
     .await;
-    for (name, acceptance) in [("a", true), ("b", false)] {
+    for name in ["a", "b"] {
         let _: Exposure = ok(
             &pc,
             Method::POST,
             &format!("/v1/clouds/{pid}/exposures"),
-            Some(json!({"name": name, "protocol": "tcp", "port": 5432, "require_acceptance": acceptance, "backends": [{"vm": "db", "port": 5432}]})),
+            Some(json!({"name": name, "protocol": "tcp", "port": 5432, "backends": [{"vm": "db", "port": 5432}]})),
         )
         .await;
     }
-    // Every consumer gets exposures a (half of them accept it) and b, and grants the provider
-    // an exposure of its own.
+    // Every consumer is offered exposures a (half of them accept it, the other half leave it
+    // pending) and b (accepted), and grants the provider an exposure of its own.
     let mut consumers = Vec::new();
     for i in 0..CONSUMERS {
         let (c, cc) = api.cloud(json!({"name": format!("c{i}")})).await;
         let cid = c.cloud.id;
         let mut granted = Vec::new();
         for exposure in ["a", "b"] {
-            let g: Grant = ok(
+            let o: Offer = ok(
                 &pc,
                 Method::POST,
                 &format!("/v1/clouds/{pid}/exposures/{exposure}/grants"),
                 Some(json!({"consumer": cid})),
             )
             .await;
-            granted.push(g);
+            assert_eq!(o.state, OfferState::Pending);
         }
-        let (ga, gb) = (granted[0].clone(), granted[1].clone());
-        assert_eq!(
-            (ga.state, gb.state),
-            (GrantState::Offered, GrantState::Active)
-        );
-        if i % 2 == 0 {
-            let accepted: Grant = ok(
+        for exposure in ["a", "b"] {
+            if exposure == "a" && i % 2 == 1 {
+                continue;
+            }
+            let g: Grant = ok(
                 &cc,
                 Method::POST,
-                &format!("/v1/clouds/{cid}/imports/{pid}/a/accept"),
+                &format!("/v1/clouds/{cid}/offers/{pid}/{exposure}/accept"),
                 None,
             )
             .await;
-            assert_eq!(accepted.state, GrantState::Active);
+            assert_eq!(g.state, GrantState::Active);
+            granted.push(g);
         }
+        let gb = granted.pop().unwrap();
+        let ga = granted.pop();
         let _: Vm = ok(
             &cc,
             Method::POST,
@@ -1146,11 +1161,18 @@ async fn deletes_revoke_more_grants_than_one_store_txn_holds(api: Api) {
             Some(json!({"name": "s", "protocol": "udp", "port": 53, "backends": [{"vm": "svc", "port": 53}]})),
         )
         .await;
-        let _: Grant = ok(
+        let _: Offer = ok(
             &cc,
             Method::POST,
             &format!("/v1/clouds/{cid}/exposures/s/grants"),
             Some(json!({"consumer": pid})),
+        )
+        .await;
+        let _: Grant = ok(
+            &pc,
+            Method::POST,
+            &format!("/v1/clouds/{pid}/offers/{cid}/s/accept"),
+            None,
         )
         .await;
         consumers.push((cid, cc, ga, gb));
@@ -1159,7 +1181,8 @@ async fn deletes_revoke_more_grants_than_one_store_txn_holds(api: Api) {
         ok(&pc, Method::GET, &format!("/v1/clouds/{pid}/imports"), None).await;
     assert_eq!(received.len(), CONSUMERS);
 
-    // Deleting exposure a revokes its grants: the consumers keep only b.
+    // Deleting exposure a revokes its grants and withdraws its offers: the consumers keep only
+    // b.
     let _: Value = ok(
         &pc,
         Method::DELETE,
@@ -1179,11 +1202,16 @@ async fn deletes_revoke_more_grants_than_one_store_txn_holds(api: Api) {
         let imports: Vec<Grant> =
             ok(cc, Method::GET, &format!("/v1/clouds/{cid}/imports"), None).await;
         assert_eq!(imports, vec![gb.clone()], "imports of {cid}");
-        let vip = format!("c/{cid}/ip/{}", ga.vip);
-        assert!(
-            api.core.store().get(&vip).await.unwrap().is_none(),
-            "{vip} is still allocated"
-        );
+        let offers: Vec<Offer> =
+            ok(cc, Method::GET, &format!("/v1/clouds/{cid}/offers"), None).await;
+        assert!(offers.is_empty(), "offers to {cid}: {offers:?}");
+        if let Some(ga) = ga {
+            let vip = format!("c/{cid}/ip/{}", ga.vip);
+            assert!(
+                api.core.store().get(&vip).await.unwrap().is_none(),
+                "{vip} is still allocated"
+            );
+        }
     }
 
     // Deleting the provider revokes the grants of b and the grants it received; nothing of it
@@ -1208,7 +1236,7 @@ async fn deletes_revoke_more_grants_than_one_store_txn_holds(api: Api) {
     }
     // Both VIPs went back to the consumer's pool.
     let (cid, cc, ga, gb) = &consumers[0];
-    for (name, vip) in [("n1", ga.vip), ("n2", gb.vip)] {
+    for (name, vip) in [("n1", ga.as_ref().unwrap().vip), ("n2", gb.vip)] {
         let vm: Vm = ok(
             cc,
             Method::POST,
@@ -1784,7 +1812,8 @@ async fn wait_for_host(api: &Api, name: &str, live: bool) {
 const RACE_ROUNDS: usize = 12;
 
 /// Grants `provider`'s exposure `svc` to `consumer` in a task (revoking an earlier grant
-/// first if `regrant`); whether the grant was made.
+/// first if `regrant`); whether the grant was made. The consumers list the provider in their
+/// offer policy, so an offer is a grant at once.
 fn grant_task(
     pc: &Client,
     provider: CloudId,
@@ -1800,9 +1829,9 @@ fn grant_task(
                 .call::<Value, Value>(Method::DELETE, &path, None::<&Value>)
                 .await;
         }
-        pc.call::<Value, Grant>(Method::POST, &grants, Some(&json!({"consumer": consumer})))
+        pc.call::<Value, Offer>(Method::POST, &grants, Some(&json!({"consumer": consumer})))
             .await
-            .is_ok()
+            .is_ok_and(|o| o.state == OfferState::Accepted)
     })
 }
 
@@ -1857,7 +1886,15 @@ async fn grants_racing_cloud_deletes_leave_nothing_behind(api: Api) {
         let mut consumers = Vec::new();
         for i in 0..4 {
             let (c, cc) = api.cloud(json!({"name": format!("c{round}x{i}")})).await;
-            consumers.push((c.cloud.id, cc));
+            let cid = c.cloud.id;
+            let _: OfferPolicy = ok(
+                &cc,
+                Method::PUT,
+                &format!("/v1/clouds/{cid}/offer-policy"),
+                Some(json!({"accept_from": [pid]})),
+            )
+            .await;
+            consumers.push((cid, cc));
         }
         // The provider stays; consumer 0 is deleted while grants to it are in flight.
         let (victim, victim_client) = &consumers[0];
@@ -1865,7 +1902,14 @@ async fn grants_racing_cloud_deletes_leave_nothing_behind(api: Api) {
             .iter()
             .map(|(cid, _)| grant_task(&pc, pid, *cid, false));
         granted += race_delete(victim_client, *victim, grants.collect()).await;
-        let left = mentions(&api, *victim).await;
+        // An offer that found the consumer gone is pending, as one to an id that never
+        // existed: the provider's record and the id's offer list hold it, nothing else.
+        let pending = [format!("offers/{victim}/"), format!("c/{pid}/offers/")];
+        let left: Vec<String> = mentions(&api, *victim)
+            .await
+            .into_iter()
+            .filter(|kv| !pending.iter().any(|p| kv.starts_with(p.as_str())))
+            .collect();
         assert!(
             left.is_empty(),
             "round {round}: consumer {victim} left {left:?}"
@@ -1876,7 +1920,12 @@ async fn grants_racing_cloud_deletes_leave_nothing_behind(api: Api) {
             .iter()
             .map(|(cid, _)| grant_task(&pc, pid, *cid, true));
         granted += race_delete(&pc, pid, grants.collect()).await;
-        let left = mentions(&api, pid).await;
+        // The consumers' offer policies are theirs: they still name the provider.
+        let left: Vec<String> = mentions(&api, pid)
+            .await
+            .into_iter()
+            .filter(|kv| !kv.contains("/offerpolicy = "))
+            .collect();
         assert!(
             left.is_empty(),
             "round {round}: provider {pid} left {left:?}"
@@ -1938,11 +1987,18 @@ async fn deleting_a_cloud_on_too_many_hosts_is_refused_before_revoking(api: Api)
         Some(json!({"name": "web", "protocol": "tcp", "port": 80, "backends": [{"vm": "v0", "port": 80}]})),
     )
     .await;
-    let given: Grant = ok(
+    let _: Offer = ok(
         &wc,
         Method::POST,
         &format!("/v1/clouds/{wid}/exposures/web/grants"),
         Some(json!({"consumer": bid})),
+    )
+    .await;
+    let given: Grant = ok(
+        &bc,
+        Method::POST,
+        &format!("/v1/clouds/{bid}/offers/{wid}/web/accept"),
+        None,
     )
     .await;
     let _: Vm = ok(
@@ -1959,11 +2015,18 @@ async fn deleting_a_cloud_on_too_many_hosts_is_refused_before_revoking(api: Api)
         Some(json!({"name": "s", "protocol": "tcp", "port": 1, "backends": [{"vm": "svc", "port": 1}]})),
     )
     .await;
-    let received: Grant = ok(
+    let _: Offer = ok(
         &bc,
         Method::POST,
         &format!("/v1/clouds/{bid}/exposures/s/grants"),
         Some(json!({"consumer": wid})),
+    )
+    .await;
+    let received: Grant = ok(
+        &wc,
+        Method::POST,
+        &format!("/v1/clouds/{wid}/offers/{bid}/s/accept"),
+        None,
     )
     .await;
 
@@ -2351,4 +2414,492 @@ async fn vm_lifecycle_power_user_data_states_and_console(api: Api) {
     let _: Value = ok(&ac, Method::DELETE, &format!("/v1/clouds/{id}"), None).await;
     let left = mentions(&api, id).await;
     assert!(left.is_empty(), "left behind: {left:?}");
+}
+
+/// Every delta `host-a` syncs after revision `after` until it has seen the store's revision
+/// `target` (a commit's events reach syncs through the store watch), and the revision reached.
+async fn sync_through(api: &Api, mut after: u64, target: u64) -> (Vec<SyncDelta>, u64) {
+    let mut deltas = Vec::new();
+    while after < target {
+        let d = api
+            .core
+            .sync(Principal::Operator, "host-a", after, Duration::from_secs(5))
+            .await
+            .expect("sync");
+        after = d.revision;
+        deltas.push(d);
+    }
+    (deltas, after)
+}
+
+/// Every stored key under the consumer's own prefix and its IPAM, with its value.
+async fn cloud_keys(api: &Api, cloud: CloudId) -> Vec<(String, Vec<u8>)> {
+    let mut out: Vec<(String, Vec<u8>)> = Vec::new();
+    for prefix in [format!("c/{cloud}/"), format!("clouds/{cloud}")] {
+        for kv in api.core.store().range(&prefix, None, 0).await.unwrap() {
+            out.push((kv.key, kv.value));
+        }
+    }
+    out
+}
+
+/// An offer writes nothing into the consumer (no key under its prefix or its record: no VIP,
+/// no import, no name in its zone) and sends its hosts nothing, until the consumer accepts;
+/// then the grant is active, with a VIP in the consumer's range and a name in its zone.
+/// Declined and withdrawn offers leave nothing; a revoked grant gives its VIP back.
+async fn offers_change_nothing_in_the_consumer_until_it_accepts(api: Api) {
+    let (p, pc) = api.cloud(json!({"name": "prod"})).await;
+    let (c, cc) = api.cloud(json!({"name": "beta"})).await;
+    let (pid, cid) = (p.cloud.id, c.cloud.id);
+    let _: Vm = ok(
+        &pc,
+        Method::POST,
+        &format!("/v1/clouds/{pid}/vms"),
+        Some(json!({"name": "web"})),
+    )
+    .await;
+    let _: Vm = ok(
+        &cc,
+        Method::POST,
+        &format!("/v1/clouds/{cid}/vms"),
+        Some(json!({"name": "app"})),
+    )
+    .await;
+    for name in ["web", "admin"] {
+        let _: Exposure = ok(
+            &pc,
+            Method::POST,
+            &format!("/v1/clouds/{pid}/exposures"),
+            Some(json!({"name": name, "protocol": "tcp", "port": 80, "backends": [{"vm": "web", "port": 8080}]})),
+        )
+        .await;
+    }
+    let grants = |e: &str| format!("/v1/clouds/{pid}/exposures/{e}/grants");
+    let base = api
+        .core
+        .sync(Principal::Operator, "host-a", 0, Duration::ZERO)
+        .await
+        .unwrap();
+    let before = cloud_keys(&api, cid).await;
+
+    let (status, offer) = raw(
+        &pc,
+        Method::POST,
+        &grants("web"),
+        Some(&json!({"consumer": cid})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{offer}");
+    assert_eq!(offer["state"], "pending", "{offer}");
+    // Nothing in the consumer: not a key of its own, so no VIP, import or name.
+    assert_eq!(
+        cloud_keys(&api, cid).await,
+        before,
+        "the offer wrote into the consumer"
+    );
+    let zone = api.core.zone(cid).await.unwrap().unwrap();
+    assert!(
+        zone.records.iter().all(|r| !r.fqdn.contains(".svc.")),
+        "{zone:?}"
+    );
+    let imports: Vec<Value> =
+        ok(&cc, Method::GET, &format!("/v1/clouds/{cid}/imports"), None).await;
+    assert!(imports.is_empty(), "{imports:?}");
+    let given: Vec<Value> = ok(&pc, Method::GET, &grants("web"), None).await;
+    assert!(given.is_empty(), "an offer is not a grant: {given:?}");
+    // Its hosts get nothing for it: no zone of the consumer, no service to it.
+    let target = api.core.store().revision().await.unwrap();
+    let (deltas, rev) = sync_through(&api, base.revision, target).await;
+    for d in &deltas {
+        assert!(d.zones.iter().all(|z| z.cloud != cid), "{d:?}");
+        assert!(d.services.iter().all(|s| s.services.is_empty()), "{d:?}");
+    }
+    // Both sides see the offer.
+    let pending: Vec<Offer> = ok(
+        &pc,
+        Method::GET,
+        &format!("/v1/clouds/{pid}/exposures/web/offers"),
+        None,
+    )
+    .await;
+    let inbox: Vec<Offer> = ok(&cc, Method::GET, &format!("/v1/clouds/{cid}/offers"), None).await;
+    assert_eq!(pending, inbox);
+    assert_eq!(
+        (
+            inbox.len(),
+            inbox[0].provider,
+            inbox[0].exposure.as_str(),
+            inbox[0].state,
+            inbox[0].port
+        ),
+        (1, pid, "web", OfferState::Pending, 80)
+    );
+
+    // Accepted: an active grant, a VIP in the consumer's range, a name in its zone, on its host.
+    let g: Grant = ok(
+        &cc,
+        Method::POST,
+        &format!("/v1/clouds/{cid}/offers/{pid}/web/accept"),
+        None,
+    )
+    .await;
+    assert_eq!(g.state, GrantState::Active);
+    assert_eq!(
+        g.vip,
+        Ipv4Addr::new(10, 0, 0, 3),
+        "lowest free address of the consumer"
+    );
+    assert_eq!(g.fqdn, format!("web.{pid}.svc.beta.atoll.internal."));
+    let imports: Vec<Grant> =
+        ok(&cc, Method::GET, &format!("/v1/clouds/{cid}/imports"), None).await;
+    assert_eq!(imports, vec![g.clone()]);
+    let inbox: Vec<Offer> = ok(&cc, Method::GET, &format!("/v1/clouds/{cid}/offers"), None).await;
+    assert!(inbox.is_empty(), "{inbox:?}");
+    let pending: Vec<Offer> = ok(
+        &pc,
+        Method::GET,
+        &format!("/v1/clouds/{pid}/exposures/web/offers"),
+        None,
+    )
+    .await;
+    assert!(pending.is_empty(), "{pending:?}");
+    let target = api.core.store().revision().await.unwrap();
+    let (deltas, _) = sync_through(&api, rev, target).await;
+    assert!(deltas.iter().any(|d| d.zones.iter().any(|z| z.cloud == cid
+        && z.records
+            .iter()
+            .any(|r| r.fqdn == g.fqdn && r.values == vec![g.vip.to_string()]))));
+    assert!(deltas
+        .iter()
+        .any(|d| d.services.iter().any(|s| s.provider == pid
+            && s.services
+                .iter()
+                .any(|s| s.consumer == cid && s.vip == g.vip))));
+
+    // Declined, and withdrawn: nothing is left of either, in the consumer nothing changed.
+    let before = cloud_keys(&api, cid).await;
+    for withdraw in [false, true] {
+        let (status, _) = raw(
+            &pc,
+            Method::POST,
+            &grants("admin"),
+            Some(&json!({"consumer": cid})),
+        )
+        .await;
+        assert_eq!(status, StatusCode::ACCEPTED);
+        let (status, v) = if withdraw {
+            raw(
+                &pc,
+                Method::DELETE,
+                &format!("{}/{cid}", grants("admin")),
+                None,
+            )
+            .await
+        } else {
+            raw(
+                &cc,
+                Method::DELETE,
+                &format!("/v1/clouds/{cid}/offers/{pid}/admin"),
+                None,
+            )
+            .await
+        };
+        assert_eq!(status, StatusCode::NO_CONTENT, "{v}");
+        let inbox: Vec<Offer> =
+            ok(&cc, Method::GET, &format!("/v1/clouds/{cid}/offers"), None).await;
+        assert!(inbox.is_empty(), "{inbox:?}");
+        let pending: Vec<Offer> = ok(
+            &pc,
+            Method::GET,
+            &format!("/v1/clouds/{pid}/exposures/admin/offers"),
+            None,
+        )
+        .await;
+        assert!(pending.is_empty(), "{pending:?}");
+        let (status, _) = raw(
+            &cc,
+            Method::POST,
+            &format!("/v1/clouds/{cid}/offers/{pid}/admin/accept"),
+            None,
+        )
+        .await;
+        assert_eq!(
+            status,
+            StatusCode::NOT_FOUND,
+            "a declined or withdrawn offer cannot be accepted"
+        );
+    }
+    assert_eq!(cloud_keys(&api, cid).await, before);
+
+    // Revoked: the grant, its name and its VIP go.
+    let (status, _) = raw(
+        &pc,
+        Method::DELETE,
+        &format!("{}/{cid}", grants("web")),
+        None,
+    )
+    .await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    let imports: Vec<Grant> =
+        ok(&cc, Method::GET, &format!("/v1/clouds/{cid}/imports"), None).await;
+    assert!(imports.is_empty());
+    let vip = format!("c/{cid}/ip/{}", g.vip);
+    assert!(
+        api.core.store().get(&vip).await.unwrap().is_none(),
+        "{vip} is still allocated"
+    );
+}
+
+/// A cloud id that does not exist gets offers like one that does: the same status and body
+/// (but for the consumer's id and the time), the same conflicts, and the same refusal once its
+/// pending offers are at a bound (per provider, then per consumer). Offers to an unknown id
+/// write nothing but the provider's record and the id's bounded offer list.
+async fn offers_to_unknown_clouds_look_like_offers_to_existing_ones_and_are_bounded(api: Api) {
+    let (_c, _cc) = api.cloud(json!({"name": "real"})).await;
+    let real = _c.cloud.id;
+    // Another id, which no cloud has (random ids: checked).
+    let unknown = CloudId(real.0 ^ 0x5a5a_5a5a);
+    let (status, _) = raw(&api.op, Method::GET, &format!("/v1/clouds/{unknown}"), None).await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "{unknown} exists");
+    let per_provider = 16;
+    let per_cloud = 64;
+    // Providers, each with per_provider + 1 exposures.
+    let mut providers = Vec::new();
+    for i in 0..per_cloud / per_provider + 1 {
+        let (p, pc) = api.cloud(json!({"name": format!("p{i}")})).await;
+        let pid = p.cloud.id;
+        let _: Vm = ok(
+            &pc,
+            Method::POST,
+            &format!("/v1/clouds/{pid}/vms"),
+            Some(json!({"name": "b"})),
+        )
+        .await;
+        for e in 0..=per_provider {
+            let _: Exposure = ok(
+                &pc,
+                Method::POST,
+                &format!("/v1/clouds/{pid}/exposures"),
+                Some(json!({"name": format!("e{e}"), "protocol": "udp", "port": 53, "backends": [{"vm": "b", "port": 53}]})),
+            )
+            .await;
+        }
+        providers.push((pid, pc));
+    }
+    // What one offer gets, with the consumer's id and the time taken out.
+    let offer = |pc: Client, pid: CloudId, e: usize, to: CloudId| async move {
+        let path = format!("/v1/clouds/{pid}/exposures/e{e}/grants");
+        let (status, mut v) = raw(&pc, Method::POST, &path, Some(&json!({"consumer": to}))).await;
+        let text = v.to_string().replace(&to.to_string(), "CONSUMER");
+        v = serde_json::from_str(&text).unwrap();
+        if let Some(o) = v.as_object_mut() {
+            o.remove("created_at");
+        }
+        (status, v)
+    };
+    let before = cloud_keys(&api, real).await;
+    let (p0, pc0) = providers[0].clone();
+    // The first offers, the same offer again, and an offer over the provider's bound.
+    for e in 0..per_provider {
+        let a = offer(pc0.clone(), p0, e, real).await;
+        let b = offer(pc0.clone(), p0, e, unknown).await;
+        assert_eq!(a.0, StatusCode::ACCEPTED, "{}", a.1);
+        assert_eq!(a, b, "offer e{e}");
+    }
+    let a = offer(pc0.clone(), p0, 0, real).await;
+    assert_eq!(
+        (a.0, a.1["error"]["code"].as_str()),
+        (StatusCode::CONFLICT, Some("exists")),
+        "{}",
+        a.1
+    );
+    assert_eq!(a, offer(pc0.clone(), p0, 0, unknown).await);
+    let a = offer(pc0.clone(), p0, per_provider, real).await;
+    assert_eq!(
+        (a.0, a.1["error"]["code"].as_str()),
+        (StatusCode::CONFLICT, Some("offer_refused")),
+        "{}",
+        a.1
+    );
+    assert_eq!(a, offer(pc0.clone(), p0, per_provider, unknown).await);
+    // Other providers fill the consumer's bound; then every provider is refused alike.
+    for (pid, pc) in &providers[1..per_cloud / per_provider] {
+        for e in 0..per_provider {
+            for to in [real, unknown] {
+                let (status, v) = offer(pc.clone(), *pid, e, to).await;
+                assert_eq!(status, StatusCode::ACCEPTED, "{v}");
+            }
+        }
+    }
+    let (plast, pclast) = providers.last().unwrap().clone();
+    let a = offer(pclast.clone(), plast, 0, real).await;
+    assert_eq!(
+        (a.0, a.1["error"]["code"].as_str()),
+        (StatusCode::CONFLICT, Some("offer_refused")),
+        "{}",
+        a.1
+    );
+    assert_eq!(a, offer(pclast.clone(), plast, 0, unknown).await);
+    // Nothing was written into the real consumer; the unknown id holds only its bounded list.
+    assert_eq!(cloud_keys(&api, real).await, before);
+    let inbox = api
+        .core
+        .store()
+        .range(&format!("offers/{unknown}/"), None, 0)
+        .await
+        .unwrap();
+    assert_eq!(inbox.len(), per_cloud);
+    let inbox: Vec<Offer> = ok(
+        &_cc,
+        Method::GET,
+        &format!("/v1/clouds/{real}/offers"),
+        None,
+    )
+    .await;
+    assert_eq!(inbox.len(), per_cloud);
+    // Withdrawing them empties both lists.
+    for (pid, pc) in &providers[..per_cloud / per_provider] {
+        for e in 0..per_provider {
+            for to in [real, unknown] {
+                let _: Value = ok(
+                    pc,
+                    Method::DELETE,
+                    &format!("/v1/clouds/{pid}/exposures/e{e}/grants/{to}"),
+                    None,
+                )
+                .await;
+            }
+        }
+    }
+    for to in [real, unknown] {
+        let left = api
+            .core
+            .store()
+            .range(&format!("offers/{to}/"), None, 0)
+            .await
+            .unwrap();
+        assert!(left.is_empty(), "{} offers to {to} left", left.len());
+    }
+    let left: Vec<String> = mentions(&api, unknown).await;
+    assert!(left.is_empty(), "{left:?}");
+}
+
+/// A consumer's offer policy makes its listed providers' offers grants at once; others wait
+/// for acceptance. Two providers both named `prod` exposing `web` give the consumer two
+/// distinct names (the provider's id is in the name), and nobody can make a record set there.
+async fn offer_policy_and_same_named_providers_get_distinct_names(api: Api) {
+    let (c, cc) = api.cloud(json!({"name": "beta"})).await;
+    let cid = c.cloud.id;
+    let mut providers = Vec::new();
+    for _ in 0..2 {
+        let (p, pc) = api.cloud(json!({"name": "prod"})).await;
+        let pid = p.cloud.id;
+        let _: Vm = ok(
+            &pc,
+            Method::POST,
+            &format!("/v1/clouds/{pid}/vms"),
+            Some(json!({"name": "web"})),
+        )
+        .await;
+        let _: Exposure = ok(
+            &pc,
+            Method::POST,
+            &format!("/v1/clouds/{pid}/exposures"),
+            Some(json!({"name": "web", "protocol": "tcp", "port": 80, "backends": [{"vm": "web", "port": 80}]})),
+        )
+        .await;
+        providers.push((pid, pc));
+    }
+    let (p1, pc1) = providers[0].clone();
+    let (p2, pc2) = providers[1].clone();
+    let policy_path = format!("/v1/clouds/{cid}/offer-policy");
+    let empty: Value = ok(&cc, Method::GET, &policy_path, None).await;
+    assert_eq!(empty, json!({"accept_from": []}));
+    let set: Value = ok(
+        &cc,
+        Method::PUT,
+        &policy_path,
+        Some(json!({"accept_from": [p1, p1]})),
+    )
+    .await;
+    assert_eq!(set, json!({"accept_from": [p1]}));
+    let got: Value = ok(&cc, Method::GET, &policy_path, None).await;
+    assert_eq!(got, set);
+    let (status, v) = raw(
+        &cc,
+        Method::PUT,
+        &policy_path,
+        Some(&json!({"accept_from": ["nope"]})),
+    )
+    .await;
+    assert_eq!(
+        (status, v["error"]["field"].as_str()),
+        (StatusCode::BAD_REQUEST, Some("accept_from[0]")),
+        "{v}"
+    );
+
+    // The listed provider's offer is a grant at once; the other's waits.
+    let path = |p: CloudId| format!("/v1/clouds/{p}/exposures/web/grants");
+    let (status, o1) = raw(
+        &pc1,
+        Method::POST,
+        &path(p1),
+        Some(&json!({"consumer": cid})),
+    )
+    .await;
+    assert_eq!(
+        (status, o1["state"].as_str()),
+        (StatusCode::ACCEPTED, Some("accepted")),
+        "{o1}"
+    );
+    let (status, o2) = raw(
+        &pc2,
+        Method::POST,
+        &path(p2),
+        Some(&json!({"consumer": cid})),
+    )
+    .await;
+    assert_eq!(
+        (status, o2["state"].as_str()),
+        (StatusCode::ACCEPTED, Some("pending")),
+        "{o2}"
+    );
+    let imports: Vec<Grant> =
+        ok(&cc, Method::GET, &format!("/v1/clouds/{cid}/imports"), None).await;
+    assert_eq!(imports.len(), 1);
+    let g1 = imports[0].clone();
+    assert_eq!((g1.provider, g1.state), (p1, GrantState::Active));
+    let given: Vec<Grant> = ok(&pc1, Method::GET, &path(p1), None).await;
+    assert_eq!(given, vec![g1.clone()]);
+    let g2: Grant = ok(
+        &cc,
+        Method::POST,
+        &format!("/v1/clouds/{cid}/offers/{p2}/web/accept"),
+        None,
+    )
+    .await;
+
+    // Two names, one per provider, each with its own VIP.
+    assert_eq!(g1.fqdn, format!("web.{p1}.svc.beta.atoll.internal."));
+    assert_eq!(g2.fqdn, format!("web.{p2}.svc.beta.atoll.internal."));
+    assert_ne!(g1.vip, g2.vip);
+    let zone = api.core.zone(cid).await.unwrap().unwrap();
+    for g in [&g1, &g2] {
+        let records: Vec<&ZoneRecord> = zone.records.iter().filter(|r| r.fqdn == g.fqdn).collect();
+        assert_eq!(records.len(), 1, "{zone:?}");
+        assert_eq!(records[0].values, vec![g.vip.to_string()]);
+    }
+    // The consumer cannot shadow them with a record set of its own.
+    let (status, v) = raw(
+        &cc,
+        Method::PUT,
+        &format!("/v1/clouds/{cid}/dns/web.{p2}.svc/A"),
+        Some(&json!({"values": ["10.0.0.99"]})),
+    )
+    .await;
+    assert_eq!(
+        (status, v["error"]["field"].as_str()),
+        (StatusCode::BAD_REQUEST, Some("name")),
+        "{v}"
+    );
 }
