@@ -551,7 +551,7 @@ async fn exposures_converge_onto_the_host() {
     let b1 = ip(exec(&core, Cmd::CreateVm(p, vm("b1"))).await);
     let b2 = ip(exec(&core, Cmd::CreateVm(p, vm("b2"))).await);
     exec(&core, Cmd::CreateVm(c1, vm("app"))).await;
-    let exposure = |name: &str, require_acceptance| CreateExposure {
+    let exposure = |name: &str| CreateExposure {
         name: name.into(),
         protocol: Protocol::Tcp,
         port: 80,
@@ -565,29 +565,38 @@ async fn exposures_converge_onto_the_host() {
                 port: 8080,
             },
         ],
-        require_acceptance,
     };
-    exec(&core, Cmd::CreateExposure(p, exposure("web", false))).await;
-    exec(&core, Cmd::CreateExposure(p, exposure("admin", true))).await;
+    exec(&core, Cmd::CreateExposure(p, exposure("web"))).await;
+    exec(&core, Cmd::CreateExposure(p, exposure("admin"))).await;
     let grant = |r: Reply| match r {
         Reply::Grant(g) => g,
         other => panic!("{other:?}"),
     };
-    let g1 = grant(
-        exec(
-            &core,
-            Cmd::CreateGrant(p, "web".into(), CreateGrant { consumer: c1 }),
-        )
-        .await,
-    );
-    let offered = grant(
-        exec(
-            &core,
-            Cmd::CreateGrant(p, "admin".into(), CreateGrant { consumer: c2 }),
-        )
-        .await,
-    );
-    assert_ne!(g1.nat_ipv4, offered.nat_ipv4);
+    // c1 accepts p's offers without being asked; c2 is asked.
+    exec(
+        &core,
+        Cmd::PutOfferPolicy(
+            c1,
+            OfferPolicy {
+                accept_from: vec![p],
+            },
+        ),
+    )
+    .await;
+    exec(
+        &core,
+        Cmd::CreateGrant(p, "web".into(), CreateGrant { consumer: c1 }),
+    )
+    .await;
+    exec(
+        &core,
+        Cmd::CreateGrant(p, "admin".into(), CreateGrant { consumer: c2 }),
+    )
+    .await;
+    let g1 = match exec(&core, Cmd::ListImports(c1)).await {
+        Reply::Grants(g) => g.into_iter().next().expect("c1's grant is active"),
+        other => panic!("{other:?}"),
+    };
     assert!(
         ![b1, b2].contains(&g1.nat_ipv4),
         "NAT address is the provider's own"
@@ -612,11 +621,12 @@ async fn exposures_converge_onto_the_host() {
     assert_eq!(
         installed(&host),
         vec![want.clone()],
-        "only the active grant"
+        "only the active grant, not the pending offer"
     );
 
-    // Accepting the offered grant installs it.
-    exec(&core, Cmd::AcceptImport(c2, p, "admin".into())).await;
+    // Accepting the offer installs it.
+    let accepted = grant(exec(&core, Cmd::AcceptOffer(c2, p, "admin".into())).await);
+    assert_ne!(g1.nat_ipv4, accepted.nat_ipv4);
     step(&mut conv, &mut host).await;
     assert_eq!(installed(&host).len(), 2);
 

@@ -11,7 +11,8 @@
 //! 1. 16 TCP connections from A to the VIP: each lands on a backend, which sees the NAT address
 //!    as its peer (the consumer's identity), data flows both ways, and both backends get flows.
 //! 2. UDP from A to the UDP VIP and back, and TCP to the VIP found by its DNS name: A asks its
-//!    gateway (the host's DNS server) for `web.prov.svc.one.atoll.internal.` with
+//!    gateway (the host's DNS server) for `web.c00000002.svc.one.atoll.internal.` (the name
+//!    the control plane gives a grant: exposure, provider's id, `svc`, consumer's zone) with
 //!    hickory-resolver and connects to the answer; C gets NXDOMAIN for the same name.
 //! 3. Nothing else crosses: C cannot reach the VIP or the backends' real addresses, A cannot
 //!    reach a backend's real address or another port of the VIP, and B1 cannot open a flow to
@@ -40,7 +41,7 @@ use atoll_agent::{
 use atoll_dataplane_common::{Direction, DropReason, TrafficClass};
 
 const TAGS: [&str; 4] = ["xv", "xn", "xp", "xd"];
-const SERVICE_NAME: &str = "web.prov.svc.one.atoll.internal.";
+const SERVICE_NAME: &str = "web.c00000002.svc.one.atoll.internal.";
 const GATEWAY: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 1);
 const TCP_VIP: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 200);
 const UDP_VIP: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 201);

@@ -531,7 +531,7 @@ async fn microvms_boot_resolve_isolate_expose_persist_and_meter() {
         "b1 resolved a2: {out}"
     );
 
-    // B exposes its web service and grants it to A: A1 reaches it by VIP and by name.
+    // B exposes its web service and offers it to A, A accepts: A1 reaches it by VIP and by name.
     let _: Value = bc
         .call(
             Method::POST,
@@ -541,11 +541,20 @@ async fn microvms_boot_resolve_isolate_expose_persist_and_meter() {
         )
         .await
         .unwrap();
-    let grant: Grant = bc
+    let _: Offer = bc
         .call(
             Method::POST,
             &format!("/v1/clouds/{bid}/exposures/web/grants"),
             Some(&json!({"consumer": aid.to_string()})),
+        )
+        .await
+        .unwrap();
+    // A consents: its VIP and name exist from here on.
+    let grant: Grant = ac
+        .call(
+            Method::POST,
+            &format!("/v1/clouds/{aid}/offers/{bid}/web/accept"),
+            None::<&Value>,
         )
         .await
         .unwrap();
