@@ -51,6 +51,20 @@
 //!   good. With it the delete's compare fails and it re-reads, revoking the new grant too; a
 //!   grant that loses to the delete re-reads and finds the cloud gone. The cost is that grants
 //!   contend on their clouds' records like VM creates do (retried, bounded).
+//! - **Grants are offers until the consumer consents.** Creating a grant writes an [`Offer`]:
+//!   the provider's record and the consumer's copy under `offers/<consumer>/`, outside the
+//!   consumer's own keys, and never reads the consumer's cloud record, so nothing is allocated
+//!   in or visible to the consumer (no VIP, import, name or host sync) and the reply and errors
+//!   are the same for a cloud id that does not exist. Accepting (or an [`OfferPolicy`] listing
+//!   the provider) activates it: the grant's transaction deletes the offer, guarded by its
+//!   revision. Pending offers per consumer id are bounded per provider and in all
+//!   ([`CoreError::OfferRefused`], one wording for both), and count as grants of their
+//!   exposure, so a provider's records stay bounded whatever ids it offers to. A deleted
+//!   consumer's copies go; the providers' records stay pending, like offers to an unknown id,
+//!   so a provider never learns of the delete. Offers and grants write the exposure record
+//!   back (unchanged) as well as the cloud records, so an exposure delete that read them
+//!   before re-reads instead of leaving an offer's or grant's other half behind. A grant's
+//!   name carries the provider's id, unique where provider names are not.
 //! - **Every other transaction has a fixed size**, at most 14 compares or ops (a VM delete with
 //!   [`MAX_VOLUMES_PER_VM`] volumes), within [`MIN_STORE_TXN_OPS`], the smallest limit the
 //!   configuration accepts.
