@@ -592,14 +592,24 @@ pub fn validate_record_set(
     rtype: RecordType,
     rs: &PutRecordSet,
 ) -> Result<(), FieldError> {
+    if name.ends_with(".svc") {
+        return Err(FieldError::new(
+            "name",
+            "names under `svc` are reserved for the services granted to this cloud \
+             (<exposure>.<provider>.svc)",
+        ));
+    }
+    validate_record_set_shape(name, rtype, rs)
+}
+
+/// [`validate_record_set`] without the names reserved for the control plane's own records
+/// (a grant's `<exposure>.<provider>.svc`): what a host checks of every record it serves.
+pub fn validate_record_set_shape(
+    name: &str,
+    rtype: RecordType,
+    rs: &PutRecordSet,
+) -> Result<(), FieldError> {
     if name != "@" {
-        if name.ends_with(".svc") {
-            return Err(FieldError::new(
-                "name",
-                "names under `svc` are reserved for the services granted to this cloud \
-                 (<exposure>.<provider>.svc)",
-            ));
-        }
         if name.len() > 190 {
             return Err(FieldError::new("name", "longer than 190 characters"));
         }
@@ -975,7 +985,7 @@ impl ZoneRecord {
             ttl: self.ttl,
             values: self.values.clone(),
         };
-        validate_record_set(name, self.rtype, &set)
+        validate_record_set_shape(name, self.rtype, &set)
     }
 }
 
