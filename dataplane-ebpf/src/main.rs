@@ -8,6 +8,10 @@
 //! peer is in atoll's DNS namespace): it turns the DNS server's replies back into answers from
 //! each guest's gateway (see [`dns`]).
 //!
+//! One program per host, [`kfree_skb`], runs on the kernel's `kfree_skb` tracepoint (when it
+//! frees a dropped skb, never on the forwarding path): it counts the frames a guest writes
+//! that the kernel frees before any TC program runs (see [`freed`]).
+//!
 //! Design decisions:
 //! - **TC (TCX), not XDP, on endpoints.** Guests hand the host frames with partial checksums and
 //!   GSO (veth peers always, VMMs with vnet headers); an XDP redirect drops that metadata and the
@@ -24,8 +28,9 @@
 //!   frame a guest writes into the skb's metadata, so the frame `from_vm` reads looks
 //!   untagged, and a redirect or answer would get the tag back on egress. `from_vm` checks the
 //!   metadata (`packet::vlan_tag_in_metadata`) before the ethertype. Tagged frames too short
-//!   for the kernel to untag (14 to 19 bytes) are freed before TC and cannot be seen here
-//!   (docs/design.md, "What a tap delivers to TC").
+//!   for the kernel to untag (14 to 19 bytes) are freed before TC and cannot be seen here;
+//!   [`kfree_skb`] counts them where the kernel frees them (docs/design.md, "What a tap
+//!   delivers to TC").
 //! - Every packet costs O(1): one hash lookup for the endpoint, one for the route.
 //! - Thin entry points named by direction call `try_*` functions returning a [`Verdict`]; drops
 //!   are counted per reason in [`drop`] (host-wide) and per endpoint in [`metering`], which also
@@ -38,6 +43,7 @@ mod dns;
 mod drop;
 mod endpoint;
 mod exposure;
+mod freed;
 mod gateway;
 mod metering;
 mod packet;
@@ -47,8 +53,8 @@ use atoll_dataplane_common::{DropReason, EndpointInfo};
 use aya_ebpf::{
     bindings::{TC_ACT_OK, TC_ACT_SHOT},
     helpers::bpf_redirect,
-    macros::classifier,
-    programs::TcContext,
+    macros::{btf_tracepoint, classifier},
+    programs::{BtfTracePointContext, TcContext},
 };
 
 use crate::packet::{EthHdr, Ipv4Hdr, Packet, ETH_P_ARP, ETH_P_IP, ETH_P_IPV6};
@@ -84,6 +90,16 @@ pub fn from_dns(ctx: TcContext) -> i32 {
     apply(dns::try_from_dns(&ctx), None)
 }
 
+/// The kernel freed a dropped skb (`tp_btf/kfree_skb`): counts a guest's tagged frame that
+/// was too short for the kernel to untag, as `from_vm` counts a drop (see [`freed`]).
+#[btf_tracepoint(function = "kfree_skb")]
+pub fn kfree_skb(ctx: BtfTracePointContext) -> i32 {
+    if let Some(ep) = freed::try_kfree_skb(&ctx) {
+        count_drop(DropReason::VlanTagged, Some(ep));
+    }
+    0
+}
+
 // The TC_ACT_* constants are generated per target and are not `i32` on every one of them.
 #[allow(clippy::unnecessary_cast)]
 #[inline(always)]
@@ -94,12 +110,18 @@ fn apply(v: Verdict, ep: Option<&EndpointInfo>) -> i32 {
         // an invalid one makes the kernel drop the frame.
         Verdict::Redirect(ifindex) => unsafe { bpf_redirect(ifindex, 0) as i32 },
         Verdict::Drop(reason) => {
-            drop::count(reason);
-            if let Some(ep) = ep {
-                metering::dropped(ep.slot, reason);
-            }
+            count_drop(reason, ep);
             TC_ACT_SHOT as i32
         }
+    }
+}
+
+/// Counts a drop host-wide and, with a known endpoint, in its counters.
+#[inline(always)]
+fn count_drop(reason: DropReason, ep: Option<&EndpointInfo>) {
+    drop::count(reason);
+    if let Some(ep) = ep {
+        metering::dropped(ep.slot, reason);
     }
 }
 

@@ -213,6 +213,38 @@ impl DnsService {
     };
 }
 
+/// What the `kfree_skb` program needs to know of the running kernel and of the agent, set by
+/// the agent in the program's read-only global when it loads the object (never a map: it is
+/// part of the loaded program, so a program and its values are replaced together).
+///
+/// aya 0.14 emits no CO-RE relocations for Rust, so the program cannot name kernel structure
+/// fields; the agent reads their byte offsets from the running kernel's BTF
+/// (`/sys/kernel/btf/vmlinux`) and the program reads the fields with `bpf_probe_read_kernel`.
+/// All zero (never set): the program counts nothing.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KfreeSkbConfig {
+    /// `sk_buff.dev` (a pointer).
+    pub skb_dev: u32,
+    /// `sk_buff.len` (`u32`).
+    pub skb_len: u32,
+    /// `sk_buff.protocol` (`__be16`).
+    pub skb_protocol: u32,
+    /// `sk_buff.vlan_all` (`u32`, 0: no VLAN tag in the metadata).
+    pub skb_vlan_all: u32,
+    /// `net_device.ifindex` (`int`).
+    pub dev_ifindex: u32,
+    /// `net_device.nd_net.net` (a pointer).
+    pub dev_net: u32,
+    /// `net.ns.inum` (`unsigned int`): the network namespace's inode number.
+    pub net_inum: u32,
+    /// The value of `SKB_DROP_REASON_NOT_SPECIFIED` (what a plain `kfree_skb` passes).
+    pub reason_not_specified: u32,
+    /// The inode number of the agent's network namespace, where its endpoint devices live
+    /// (ifindexes are per namespace).
+    pub netns_inum: u32,
+}
+
 /// Which way a frame crosses the endpoint, from its guest's point of view.
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -506,6 +538,7 @@ const _: () = assert!(
         == 16 * TrafficClass::COUNT * Direction::COUNT + 8 * DropReason::SLOTS as usize
 );
 const _: () = assert!(DropReason::ALL.len() as u32 + 1 == DropReason::SLOTS);
+const _: () = assert!(core::mem::size_of::<KfreeSkbConfig>() == 4 * 9);
 
 #[cfg(feature = "user")]
 mod pod {
@@ -530,6 +563,8 @@ mod pod {
     unsafe impl aya::Pod for super::FlowOut {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::FlowIn {}
+    // SAFETY: as above: u32s only, no padding (asserted).
+    unsafe impl aya::Pod for super::KfreeSkbConfig {}
     // SAFETY: as above: u64 counters in arrays, no padding (asserted).
     unsafe impl aya::Pod for super::TrafficCounter {}
     // SAFETY: as above.
