@@ -5,9 +5,10 @@
 //! | path | what |
 //! |---|---|
 //! | `maps/ENDPOINTS`, `maps/ROUTES`, `maps/DROPS`, ... | the maps (see docs/design.md) |
-//! | `progs/from_vm`, `progs/to_vm`, `progs/from_dns` | the loaded programs |
+//! | `progs/from_vm`, `progs/to_vm`, `progs/from_dns`, `progs/kfree_skb` | the loaded programs |
 //! | `links/<ifindex>-in`, `links/<ifindex>-out` | the TCX links of each endpoint device |
 //! | `links/dns-<ifindex>` | the TCX link of `from_dns` on the host-side DNS device |
+//! | `links/kfree-skb` | the link of `kfree_skb` on the kernel's `kfree_skb` tracepoint (one per layout) |
 //! | `build-<id>` | an empty directory: the build of the pinned programs ([`build_id`]) |
 //! | `carry/COUNTERS-v<N>`, `carry/DROPS-v<N>` | counters of layout N, frozen by a migration |
 //!
@@ -33,6 +34,14 @@
 //!   build in place: loads the new object against the pinned maps, swaps the program of every
 //!   pinned TCX link with one `BPF_LINK_UPDATE` each, re-pins the programs, then the marker
 //!   (see `upgrade`). No frame meets a device without a program at any point.
+//! - `kfree_skb` (a BTF tracepoint program, see `dataplane-ebpf/src/freed.rs`) is loaded with
+//!   the other programs, given the kernel's field offsets read from its BTF (`kernel`), and
+//!   attached once per layout when the layout is created; its link is pinned like the TCX
+//!   links. Tracing links cannot have their program replaced (`BPF_LINK_UPDATE` is for TCX,
+//!   XDP, cgroup and a few others), so an upgrade attaches the new program first and then
+//!   renames its link pin over the old one and closes the old link, which detaches the old
+//!   program before the upgrade goes on: no frame goes uncounted; one freed in the
+//!   microseconds both are attached is counted twice.
 //! - `carry/` holds counter maps of an older layout frozen by a migration: their values are added
 //!   to the current counters, so no increment is lost (see `carry`).
 
@@ -48,15 +57,17 @@ use atoll_dataplane_common::{
 use aya::{
     maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray, PerCpuValues},
     programs::{
-        links::FdLink, tc::TcAttachOptions, LinkOrder, ProgramError, SchedClassifier, TcAttachType,
+        links::FdLink, tc::TcAttachOptions, BtfTracePoint, LinkOrder, ProgramError,
+        SchedClassifier, TcAttachType,
     },
-    EbpfError, EbpfLoader,
+    Btf, EbpfError, EbpfLoader,
 };
 
 use crate::config::DataplaneConfig;
 
 mod carry;
 mod exposure;
+mod kernel;
 mod layout;
 mod upgrade;
 
@@ -86,6 +97,12 @@ pub const MAP_FLOWS_IN: &str = "FLOWS_IN";
 pub const PROG_FROM_VM: &str = "from_vm";
 pub const PROG_TO_VM: &str = "to_vm";
 pub const PROG_FROM_DNS: &str = "from_dns";
+/// The program on the kernel's `kfree_skb` tracepoint (and the tracepoint's name).
+pub const PROG_KFREE_SKB: &str = "kfree_skb";
+/// The pin of `kfree_skb`'s link in `links/`.
+pub const KFREE_SKB_LINK: &str = "kfree-skb";
+/// The read-only global holding `kfree_skb`'s `KfreeSkbConfig`.
+const KFREE_SKB_CONFIG: &str = "KFREE_SKB_CONFIG";
 /// Every map, in pinning order.
 const MAPS: [&str; 10] = [
     MAP_ENDPOINTS,
@@ -99,8 +116,10 @@ const MAPS: [&str; 10] = [
     MAP_FLOWS_OUT,
     MAP_FLOWS_IN,
 ];
-/// Every program.
+/// Every TCX program.
 const PROGS: [&str; 3] = [PROG_FROM_VM, PROG_TO_VM, PROG_FROM_DNS];
+/// Every program pinned under `progs/`.
+const PINNED_PROGS: [&str; 4] = [PROG_FROM_VM, PROG_TO_VM, PROG_FROM_DNS, PROG_KFREE_SKB];
 /// Prefix of the pinned TCX link of `from_dns` (`dns-<ifindex>`).
 const DNS_LINK_PREFIX: &str = "dns-";
 
@@ -235,6 +254,12 @@ pub enum DataplaneError {
         path: PathBuf,
         source: Box<aya::programs::links::LinkError>,
     },
+    #[error(
+        "reading the kernel's BTF ({btf}) for the kfree_skb program: {problem}; atoll needs a \
+         kernel built with CONFIG_DEBUG_INFO_BTF",
+        btf = kernel::VMLINUX_BTF
+    )]
+    KernelBtf { problem: String },
     #[error("replacing the program of link {path} (BPF_LINK_UPDATE): {source}")]
     UpdateLink {
         path: PathBuf,
@@ -824,6 +849,7 @@ fn create_pins(cfg: &DataplaneConfig, dir: &Path) -> Result<(), DataplaneError> 
         // aya creates each map and pins it at its path (none exists yet).
         let mut ebpf = load_object(cfg, &tmp.join("maps"))?;
         pin_programs(&mut ebpf, &tmp.join("progs"), "")?;
+        attach_kfree_skb(&mut ebpf, &tmp.join("links"))?;
         upgrade::mark_build(&tmp)?;
         rename(&tmp, dir)
     })();
@@ -887,6 +913,8 @@ fn load_object_with(
         .map_max_entries(MAP_VIPS, cfg.max_vips)
         .map_max_entries(MAP_FLOWS_OUT, cfg.max_flows)
         .map_max_entries(MAP_FLOWS_IN, cfg.max_flows);
+    let kfree_skb = kernel::kfree_skb_config()?;
+    loader.override_global(KFREE_SKB_CONFIG, &kfree_skb, true);
     if let Some(maps) = maps {
         for name in MAPS {
             loader.map_pin_path(name, maps.join(name));
@@ -911,7 +939,56 @@ fn load_object_with(
                 source: Box::new(source),
             })?;
     }
+    let btf = Btf::from_sys_fs().map_err(|e| DataplaneError::KernelBtf {
+        problem: e.to_string(),
+    })?;
+    tracepoint_mut(&mut ebpf)?
+        .load(PROG_KFREE_SKB, &btf)
+        .map_err(|source| DataplaneError::LoadProgram {
+            program: PROG_KFREE_SKB,
+            source: Box::new(source),
+        })?;
     Ok(ebpf)
+}
+
+fn tracepoint_mut(ebpf: &mut aya::Ebpf) -> Result<&mut BtfTracePoint, DataplaneError> {
+    let err = |source| DataplaneError::LoadProgram {
+        program: PROG_KFREE_SKB,
+        source: Box::new(source),
+    };
+    ebpf.program_mut(PROG_KFREE_SKB)
+        .ok_or(err(ProgramError::NotLoaded))?
+        .try_into()
+        .map_err(err)
+}
+
+/// Attaches the loaded `kfree_skb` to its tracepoint and pins the link as
+/// `<links>/kfree-skb`, replacing a pinned one (an upgrade) only once the new link is attached
+/// (the rename over the old pin detaches the old program).
+fn attach_kfree_skb(ebpf: &mut aya::Ebpf, links: &Path) -> Result<(), DataplaneError> {
+    let prog = tracepoint_mut(ebpf)?;
+    let attach = |source| DataplaneError::Attach {
+        program: PROG_KFREE_SKB,
+        device: "the kfree_skb tracepoint".into(),
+        source: Box::new(source),
+    };
+    let id = prog.attach().map_err(attach)?;
+    let link = FdLink::from(prog.take_link(id).map_err(attach)?);
+    let new = links.join(format!("{KFREE_SKB_LINK}-new"));
+    // A pin left by an upgrade that crashed here: its link goes, the old one still counts.
+    remove_pin(&new)?;
+    link.pin(&new).map_err(|e| DataplaneError::Pin {
+        path: new.clone(),
+        source: io::Error::other(e.to_string()),
+    })?;
+    let current = links.join(KFREE_SKB_LINK);
+    // Held across the rename: the pin's reference then is not the last, and closing this fd
+    // releases the old link at once (the last reference of a pin is put from a kernel work
+    // queue, later), so the old program has stopped when this returns.
+    let old = aya::programs::links::PinnedLink::from_pin(&current).ok();
+    rename(&new, &current)?;
+    drop(old);
+    Ok(())
 }
 
 fn program_mut<'a>(
@@ -942,7 +1019,14 @@ fn pin_programs(ebpf: &mut aya::Ebpf, progs: &Path, suffix: &str) -> Result<(), 
                 source: io::Error::other(e.to_string()),
             })?;
     }
-    Ok(())
+    let path = progs.join(format!("{PROG_KFREE_SKB}{suffix}"));
+    remove_pin(&path)?;
+    tracepoint_mut(ebpf)?
+        .pin(&path)
+        .map_err(|e| DataplaneError::Pin {
+            path: path.clone(),
+            source: io::Error::other(e.to_string()),
+        })
 }
 
 /// Renames a pin or pin directory (atomic on bpffs; replaces a pin at `to`).
@@ -955,7 +1039,7 @@ fn rename(from: &Path, to: &Path) -> Result<(), DataplaneError> {
 }
 
 fn static_name(name: &str) -> &'static str {
-    PROGS
+    PINNED_PROGS
         .into_iter()
         .find(|p| *p == name)
         .unwrap_or(PROG_FROM_VM)

@@ -309,11 +309,11 @@ fn btf() -> Check {
     if path.exists() {
         Check::ok(NAME, format!("{} present", path.display()))
     } else {
-        Check::warn(
+        Check::fail(
             NAME,
             format!(
-                "{} missing: atoll's programs load without kernel BTF, but bpftool and \
-                 tracing lose kernel types",
+                "{} missing: kfree_skb (which counts the frames the kernel frees before TC) \
+                 attaches to a BTF tracepoint and reads kernel structures by their BTF offsets",
                 path.display()
             ),
             "boot a kernel built with CONFIG_DEBUG_INFO_BTF=y",
@@ -455,7 +455,7 @@ async fn programs_and_hooks() -> Vec<Check> {
     };
     let mut out = vec![Check::ok(
         "programs",
-        "from_vm, to_vm and from_dns pass this kernel's verifier",
+        "from_vm, to_vm, from_dns and kfree_skb pass this kernel's verifier",
     )];
     let devices = match Devices::new() {
         Ok(d) => d,

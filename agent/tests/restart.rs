@@ -518,8 +518,8 @@ fn link_programs(layout: &Path) -> Vec<(String, u32)> {
     out
 }
 
-fn pinned_program_ids(layout: &Path) -> [u32; 3] {
-    ["from_vm", "to_vm", "from_dns"].map(|p| {
+fn pinned_program_ids(layout: &Path) -> [u32; 4] {
+    ["from_vm", "to_vm", "from_dns", "kfree_skb"].map(|p| {
         aya::programs::ProgramInfo::from_pin(layout.join("progs").join(p))
             .unwrap()
             .id()
@@ -528,9 +528,11 @@ fn pinned_program_ids(layout: &Path) -> [u32; 3] {
 
 /// Every link runs the pinned program of its kind.
 fn links_run_pinned_programs(layout: &Path) {
-    let [from_vm, to_vm, _] = pinned_program_ids(layout);
+    let [from_vm, to_vm, _, kfree_skb] = pinned_program_ids(layout);
     for (name, prog) in link_programs(layout) {
-        let want = if name.ends_with("-in") {
+        let want = if name == dataplane::KFREE_SKB_LINK {
+            kfree_skb
+        } else if name.ends_with("-in") {
             from_vm
         } else {
             to_vm
@@ -553,8 +555,8 @@ fn program_upgrade_swaps_every_link_without_loss() {
             let layout = dataplane::layout_dir(&root);
             let old_links = link_programs(&layout);
             let old_progs = pinned_program_ids(&layout);
-            // 2 endpoints and 2 spare taps, two links each.
-            assert_eq!(old_links.len(), 8, "{old_links:?}");
+            // 2 endpoints and 2 spare taps, two links each, and kfree_skb's.
+            assert_eq!(old_links.len(), 9, "{old_links:?}");
             // Pretend the pinned programs came from another build.
             let marker = |id: &str| layout.join(format!("{}{id}", dataplane::BUILD_MARKER_PREFIX));
             std::fs::rename(marker(&dataplane::build_id()), marker("00000000deadbeef")).unwrap();
@@ -576,7 +578,7 @@ fn program_upgrade_swaps_every_link_without_loss() {
             assert_eq!(
                 new_links.iter().map(|l| &l.0).collect::<Vec<_>>(),
                 old_links.iter().map(|l| &l.0).collect::<Vec<_>>(),
-                "the same links (updated, not recreated)"
+                "the same link pins (TCX links updated in place, kfree_skb's replaced)"
             );
             links_run_pinned_programs(&layout);
             assert_eq!(
@@ -651,7 +653,7 @@ fn layout_migration_keeps_traffic_and_counters() {
                 endpoints_map,
                 "identities stay in the very same kernel map"
             );
-            assert_eq!(link_programs(&current).len(), 8);
+            assert_eq!(link_programs(&current).len(), 9);
             links_run_pinned_programs(&current);
             resumed(&second, config, guests);
             flowing(ab, ba);

@@ -39,9 +39,10 @@ use atoll_dataplane_common::{
 use aya::maps::{MapData, MapInfo, MapType};
 
 use super::{
-    carry, create_layout_dirs, layout_dir, load_object, pin_programs, rename, tmp_dir, upgrade,
-    DataplaneError, MAPS, MAP_COUNTERS, MAP_DNS_SERVICE, MAP_DROPS, MAP_ENDPOINTS,
-    MAP_ENDPOINT_CACHE, MAP_FLOWS_IN, MAP_FLOWS_OUT, MAP_ROUTES, MAP_SLOT_ENDPOINTS, MAP_VIPS,
+    attach_kfree_skb, carry, create_layout_dirs, layout_dir, load_object, pin_programs, rename,
+    tmp_dir, upgrade, DataplaneError, MAPS, MAP_COUNTERS, MAP_DNS_SERVICE, MAP_DROPS,
+    MAP_ENDPOINTS, MAP_ENDPOINT_CACHE, MAP_FLOWS_IN, MAP_FLOWS_OUT, MAP_ROUTES, MAP_SLOT_ENDPOINTS,
+    MAP_VIPS,
 };
 use crate::config::DataplaneConfig;
 
@@ -465,6 +466,7 @@ fn build_new_layout(
         }
         let mut ebpf = load_object(cfg, &tmp.join("maps"))?;
         pin_programs(&mut ebpf, &tmp.join("progs"), "")?;
+        attach_kfree_skb(&mut ebpf, &tmp.join("links"))?;
         upgrade::mark_build(&tmp)?;
         rename(&tmp, new)?;
         Ok(carried)

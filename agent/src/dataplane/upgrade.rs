@@ -12,8 +12,10 @@
 //!   a pinned map), which verifies the programs; pin them beside the old ones (`<name>-new`);
 //!   give every pinned link its new program with `BPF_LINK_UPDATE` (aya's
 //!   `SchedClassifier::attach_to_link`), which swaps the program atomically under the link,
-//!   keeping its place among TCX programs; rename the new program pins over the old ones;
-//!   last, replace the marker. A crash anywhere leaves the old marker, so the next start
+//!   keeping its place among TCX programs; attach the new `kfree_skb` beside the old one and
+//!   rename its link pin over the old link's (tracing links take no `BPF_LINK_UPDATE`; the
+//!   rename detaches the old program, so a frame freed in between is counted twice, never
+//!   missed); rename the new program pins over the old ones; last, replace the marker. A crash anywhere leaves the old marker, so the next start
 //!   repeats the (idempotent) upgrade.
 //! - **A link whose device is gone** (`ENOLINK`) is left to `Host::reconcile`, which removes it.
 //! - Both builds share the maps during the upgrade, which is sound because they share the
@@ -28,8 +30,8 @@ use aya::programs::{
 };
 
 use super::{
-    check_bpffs, create_pins, layout, layout_dir, load_object, pin_programs, rename,
-    DataplaneError, OBJECT, PROGS, PROG_FROM_DNS, PROG_FROM_VM, PROG_TO_VM,
+    attach_kfree_skb, check_bpffs, create_pins, layout, layout_dir, load_object, pin_programs,
+    rename, DataplaneError, OBJECT, PINNED_PROGS, PROG_FROM_DNS, PROG_FROM_VM, PROG_TO_VM,
 };
 use crate::config::DataplaneConfig;
 use atoll_dataplane_common::LAYOUT_VERSION;
@@ -290,13 +292,13 @@ fn upgrade(cfg: &DataplaneConfig, dir: &Path) -> Result<Switched, DataplaneError
     let maps = dir.join("maps");
     let progs = dir.join("progs");
     let sizes = layout::pinned_sizes(&maps, cfg);
-    {
-        let mut ebpf = load_object(&sizes, &maps)?;
-        pin_programs(&mut ebpf, &progs, "-new")?;
-    }
+    let mut ebpf = load_object(&sizes, &maps)?;
+    pin_programs(&mut ebpf, &progs, "-new")?;
     let mut programs = Programs::open(&progs, "-new")?;
     let switched = switch_links(&mut programs, &dir.join("links"), None)?;
-    for name in PROGS {
+    // Not updatable in place: attached beside the old link, whose pin it then replaces.
+    attach_kfree_skb(&mut ebpf, &dir.join("links"))?;
+    for name in PINNED_PROGS {
         rename(&progs.join(format!("{name}-new")), &progs.join(name))?;
     }
     mark_build(dir)?;
@@ -353,6 +355,8 @@ mod tests {
         assert_eq!(program_of_link("12-out"), Some(PROG_TO_VM));
         assert_eq!(program_of_link("dns-7"), Some(PROG_FROM_DNS));
         assert_eq!(program_of_link("stray"), None);
+        // Not a TCX link: an upgrade replaces it (`attach_kfree_skb`), `switch_links` skips it.
+        assert_eq!(program_of_link(super::super::KFREE_SKB_LINK), None);
     }
 
     #[test]
