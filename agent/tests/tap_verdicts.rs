@@ -6,7 +6,8 @@
 //! exactly as built, so it cannot show what the kernel does to a frame between the tap and
 //! TC: it moves the outer VLAN tag of a frame a guest writes into the skb's metadata
 //! (`skb_vlan_untag`, before TC runs) and frees a tagged frame too short for that without
-//! running any program. These tests hold the verdicts for what a guest can actually write.
+//! running any TC program (`kfree_skb` counts it there). These tests hold the verdicts for what
+//! a guest can actually write.
 //!
 //! # Topology
 //!
@@ -29,7 +30,7 @@ mod support;
 use std::{net::Ipv4Addr, os::fd::OwnedFd, time::Duration};
 
 use atoll_agent::{
-    dataplane::MAP_FLOWS_IN,
+    dataplane::{self, MAP_FLOWS_IN},
     device,
     endpoint::{Endpoint, Host, ServiceSpec, PROTOCOL_TCP},
     testbed::{
@@ -400,14 +401,22 @@ fn tagged_frames_from_a_tap_are_dropped_as_vlan_tagged() {
     });
 }
 
-/// A tap refuses a write shorter than an Ethernet header; a tagged frame of 14 to 19 bytes
-/// is taken (the tap's `rx_packets` counts it) and freed by the kernel's `skb_vlan_untag`
-/// before any TC program runs, because it cannot pull the tag and the inner ethertype (6
-/// bytes behind the MAC addresses and TPID): nothing is delivered and no dataplane counter
-/// moves. From 20 bytes on the tag is moved into the metadata and the frame is a
-/// `vlan_tagged` drop however little follows it.
+/// The traffic one marker meters on each guest.
+struct Marker {
+    a: [[(u64, u64); TrafficClass::COUNT]; Direction::COUNT],
+    s: [[(u64, u64); TrafficClass::COUNT]; Direction::COUNT],
+    b: [[(u64, u64); TrafficClass::COUNT]; Direction::COUNT],
+}
+
+/// A tap refuses a write shorter than an Ethernet header. A tagged frame of 14 to 19 bytes is
+/// taken (the tap's `rx_packets` counts it) and freed by the kernel's `skb_vlan_untag` before
+/// any TC program runs, because it cannot pull the tag and the inner ethertype (6 bytes behind
+/// the MAC addresses and TPID); `kfree_skb` counts it there as `vlan_tagged`, for the endpoint
+/// and host-wide. From 20 bytes on the tag is moved into the metadata and `from_vm` drops the
+/// frame as `vlan_tagged` however little follows it. Either way exactly one `vlan_tagged` per
+/// frame, nothing else moves, nothing is delivered.
 #[test]
-fn short_tagged_frames_are_counted_where_tc_sees_them() {
+fn short_tagged_frames_are_counted_as_vlan_tagged() {
     use std::os::fd::AsRawFd;
     support::require_root();
     support::leaves_nothing(&["tw"], || {
@@ -425,40 +434,131 @@ fn short_tagged_frames_are_counted_where_tc_sees_them() {
                 "a {len}-byte write is refused by the tap"
             );
         }
+        // What the marker alone meters.
+        let start = bed.snapshot();
+        marker_first(a, &marker, &bed.s, "the marker alone");
+        let end = bed.snapshot();
+        let alone = Marker {
+            a: traffic_delta(&end.a, &start.a),
+            s: traffic_delta(&end.s, &start.s),
+            b: traffic_delta(&end.b, &start.b),
+        };
+        assert_eq!(
+            moved(&start.drops, &end.drops),
+            vec![],
+            "the marker is not dropped"
+        );
+        let vlan = DropReason::VlanTagged as usize;
         for tpid in [ETH_P_8021Q, ETH_P_8021AD] {
             let full = tagged(&marker, tpid, 5);
+            for (lens, what) in [(14..=19, "freed before TC"), (20..=23, "seen by from_vm")] {
+                let n = lens.clone().count() as u64;
+                let before = bed.snapshot();
+                let rx = tap_rx_packets(a);
+                for len in lens {
+                    a.write(&full[..len]);
+                }
+                // The frames are freed (and counted) within the writes; the marker proves
+                // nothing of them reached S.
+                marker_first(a, &marker, &bed.s, &format!("{tpid:#x}, {what}"));
+                let after = bed.snapshot();
+                assert_eq!(
+                    rx + n + 1,
+                    tap_rx_packets(a),
+                    "{tpid:#x}, {what}: the tap took every frame and the marker"
+                );
+                assert_eq!(
+                    moved(&before.drops, &after.drops),
+                    vec![(DropReason::VlanTagged, n)],
+                    "{tpid:#x}, {what}: host-wide, one vlan_tagged per frame and nothing else"
+                );
+                assert_eq!(
+                    after.a.drops[vlan] - before.a.drops[vlan],
+                    n,
+                    "{tpid:#x}, {what}: A's vlan_tagged"
+                );
+                assert_eq!(
+                    sum_drops(&after.a) - sum_drops(&before.a),
+                    n,
+                    "{tpid:#x}, {what}: no other drop of A's"
+                );
+                for (who, b, c) in [("S", &before.s, &after.s), ("B", &before.b, &after.b)] {
+                    assert_eq!(
+                        sum_drops(c),
+                        sum_drops(b),
+                        "{tpid:#x}, {what}: {who} dropped"
+                    );
+                }
+                for (who, b, c, m) in [
+                    ("A", &before.a, &after.a, &alone.a),
+                    ("S", &before.s, &after.s, &alone.s),
+                    ("B", &before.b, &after.b, &alone.b),
+                ] {
+                    assert_eq!(
+                        traffic_delta(c, b),
+                        *m,
+                        "{tpid:#x}, {what}: {who}'s traffic is the marker's only"
+                    );
+                }
+            }
+        }
+        bed.destroy();
+    });
+}
+
+/// The program the link pinned at `path` runs.
+fn link_program(path: &std::path::Path) -> u32 {
+    let link = aya::programs::links::PinnedLink::from_pin(path).expect("the pinned link");
+    aya::programs::links::FdLink::from(link)
+        .info()
+        .expect("link info")
+        .program_id()
+}
+
+/// A program upgrade cannot swap `kfree_skb`'s program under its link (tracing links take no
+/// `BPF_LINK_UPDATE`): it attaches the new program and replaces the old link. Once the
+/// upgrade has returned, each short tagged frame is counted once: by the new program, not
+/// also by the old one.
+#[test]
+fn short_tagged_frames_are_counted_once_after_an_upgrade() {
+    support::require_root();
+    support::leaves_nothing(&["tu"], || {
+        let bed = Bed::new("tu");
+        let a = &bed.a;
+        let dir = bed.host.dataplane().pin_dir().to_path_buf();
+        let link = dir.join("links").join(dataplane::KFREE_SKB_LINK);
+        let old_program = link_program(&link);
+        // Pretend the pinned programs came from another build.
+        let marker = |id: &str| dir.join(format!("{}{id}", dataplane::BUILD_MARKER_PREFIX));
+        std::fs::rename(marker(&dataplane::build_id()), marker("00000000deadbeef"))
+            .expect("renaming the build marker");
+        let prepared =
+            dataplane::prepare(&support::cfg(&bed._pins, 16, 0)).expect("upgrading the programs");
+        assert!(prepared.upgraded_from.is_some(), "{prepared}");
+        assert_ne!(
+            link_program(&link),
+            old_program,
+            "the tracepoint's link runs the new program"
+        );
+        let echo = bed.echo(a, bed.s.ep.ipv4);
+        for tpid in [ETH_P_8021Q, ETH_P_8021AD] {
+            let full = tagged(&echo, tpid, 5);
             let before = bed.snapshot();
-            let rx = tap_rx_packets(a);
             for len in 14..=19 {
                 a.write(&full[..len]);
             }
-            marker_first(a, &marker, &bed.s, &format!("{tpid:#x}, 14 to 19 bytes"));
-            let after = bed.snapshot();
-            assert_eq!(
-                rx + 7,
-                tap_rx_packets(a),
-                "{tpid:#x}: the tap took all six and the marker"
-            );
-            assert_eq!(
-                moved(&before.drops, &after.drops),
-                vec![],
-                "{tpid:#x}: no program saw the 14- to 19-byte frames"
-            );
-            assert_eq!(sum_drops(&after.a), sum_drops(&before.a));
-
-            let before = after;
-            for len in 20..=23 {
-                a.write(&full[..len]);
-            }
-            marker_first(a, &marker, &bed.s, &format!("{tpid:#x}, 20 to 23 bytes"));
+            marker_first(a, &echo, &bed.s, &format!("{tpid:#x} after the upgrade"));
             let after = bed.snapshot();
             assert_eq!(
                 moved(&before.drops, &after.drops),
-                vec![(DropReason::VlanTagged, 4)],
-                "{tpid:#x}: from 20 bytes on, every tagged frame is vlan_tagged"
+                vec![(DropReason::VlanTagged, 6)],
+                "{tpid:#x}: counted once each, host-wide"
             );
-            let vlan = DropReason::VlanTagged as usize;
-            assert_eq!(after.a.drops[vlan] - before.a.drops[vlan], 4);
+            assert_eq!(
+                sum_drops(&after.a) - sum_drops(&before.a),
+                6,
+                "{tpid:#x}: counted once each for A"
+            );
         }
         bed.destroy();
     });
