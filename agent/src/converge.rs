@@ -58,7 +58,8 @@ use atoll_control::{
     core::{Command, Core, CoreError, Principal},
     model::{
         CloudId as ApiCloudId, FieldError, Placement, Power, Protocol, ProviderServices,
-        StatusReport, SyncDelta, VmReport, VmState, VmStatus, VolumeFormat, VolumePlacement, Zone,
+        ServiceReport, StatusReport, SyncDelta, VmReport, VmState, VmStatus, VolumeFormat,
+        VolumePlacement, Zone,
     },
 };
 use hyper::Method;
@@ -293,6 +294,9 @@ pub struct Converger {
     /// The DNS suffix every zone must sit directly under (`dns.suffix`), when this host
     /// serves DNS.
     dns_suffix: Option<String>,
+    /// Exposure services this host failed to install, as last reported:
+    /// `(provider, consumer, vip)` → the error.
+    reported_failures: HashMap<(u32, u32, Ipv4Addr), String>,
 }
 
 /// What one applied delta did.
@@ -339,6 +343,7 @@ impl Converger {
             statuses: HashMap::new(),
             default_image: String::new(),
             dns_suffix: None,
+            reported_failures: HashMap::new(),
         }
     }
 
@@ -426,6 +431,7 @@ impl Converger {
                     &self.cfg.host,
                     StatusReport {
                         vms: chunk.to_vec(),
+                        services: Vec::new(),
                     },
                 )
                 .await?;
@@ -634,13 +640,35 @@ impl Converger {
                 }
             }
         }
+        let mut services = Vec::new();
         for p in &delta.services {
-            apply_services(host, p)?;
+            // Report what changed since the last report: a new or different failure, or an
+            // install after a failure. Services no longer sent are forgotten.
+            let mut sent = HashSet::new();
+            for r in apply_services(host, p)? {
+                let key = (r.provider.0, r.consumer.0, r.vip);
+                sent.insert(key);
+                if self.reported_failures.get(&key) != r.error.as_ref() {
+                    match &r.error {
+                        Some(e) => self.reported_failures.insert(key, e.clone()),
+                        None => self.reported_failures.remove(&key),
+                    };
+                    services.push(r);
+                }
+            }
+            self.reported_failures
+                .retain(|k, _| k.0 != p.provider.0 || sent.contains(k));
         }
         self.revision = delta.revision;
-        if !reports.is_empty() {
+        if !reports.is_empty() || !services.is_empty() {
             self.source
-                .report(&self.cfg.host, StatusReport { vms: reports })
+                .report(
+                    &self.cfg.host,
+                    StatusReport {
+                        vms: reports,
+                        services,
+                    },
+                )
                 .await?;
         }
         // Apart, so that a control plane choking on a name it sent cannot lose the reports of
@@ -658,7 +686,13 @@ impl Converger {
         if !refused.is_empty() {
             if let Err(e) = self
                 .source
-                .report(&self.cfg.host, StatusReport { vms: refused })
+                .report(
+                    &self.cfg.host,
+                    StatusReport {
+                        vms: refused,
+                        services: Vec::new(),
+                    },
+                )
                 .await
             {
                 eprintln!("atoll-agent: reporting refused VMs: {e}");
@@ -983,12 +1017,29 @@ impl DnsSink for crate::dns::DnsView {
     }
 }
 
-/// Makes the provider's installed services exactly `p.services`.
-fn apply_services(host: &mut Host, p: &ProviderServices) -> Result<(), ConvergeError> {
+/// Makes the provider's installed services exactly `p.services`; returns each service's
+/// outcome (an error is the host's reason, reported to the control plane). Services no longer
+/// sent are removed first, so a full `VIPS` map makes room for the ones that replace them.
+fn apply_services(
+    host: &mut Host,
+    p: &ProviderServices,
+) -> Result<Vec<ServiceReport>, ConvergeError> {
+    let mut outcomes = Vec::new();
     let Some(provider) = api_cloud(p.provider) else {
-        return Ok(());
+        return Ok(outcomes);
     };
-    let mut keep: HashSet<(u32, Ipv4Addr)> = HashSet::new();
+    let keep: HashSet<(u32, Ipv4Addr)> = p
+        .services
+        .iter()
+        .filter_map(|s| api_cloud(s.consumer).map(|c| (c.get(), s.vip)))
+        .collect();
+    for (_, s) in host.services().map_err(ConvergeError::ListServices)? {
+        if s.provider == provider && !keep.contains(&(s.consumer.get(), s.vip)) {
+            if let Err(e) = host.remove_service(s.consumer, s.vip) {
+                eprintln!("atoll-agent: {e}");
+            }
+        }
+    }
     for s in &p.services {
         let Some(consumer) = api_cloud(s.consumer) else {
             continue;
@@ -1005,17 +1056,16 @@ fn apply_services(host: &mut Host, p: &ProviderServices) -> Result<(), ConvergeE
             port: s.port,
             backends: s.backends.iter().map(|b| (b.ipv4, b.port)).collect(),
         };
-        keep.insert((consumer.get(), s.vip));
-        if let Err(e) = host.apply_service(&spec) {
+        let result = host.apply_service(&spec);
+        if let Err(e) = &result {
             eprintln!("atoll-agent: {e}");
         }
+        outcomes.push(ServiceReport {
+            provider: p.provider,
+            consumer: s.consumer,
+            vip: s.vip,
+            error: result.err().map(|e| e.to_string()),
+        });
     }
-    for (_, s) in host.services().map_err(ConvergeError::ListServices)? {
-        if s.provider == provider && !keep.contains(&(s.consumer.get(), s.vip)) {
-            if let Err(e) = host.remove_service(s.consumer, s.vip) {
-                eprintln!("atoll-agent: {e}");
-            }
-        }
-    }
-    Ok(())
+    Ok(outcomes)
 }

@@ -535,7 +535,12 @@ async fn exposures_converge_onto_the_host() {
         tap_prefix: prefix.clone(),
         volumes_dir: dir.path().join("volumes"),
     };
-    let mut host = Host::open(&cfg(&pins, 64, 0)).unwrap();
+    // Room for one grant's VIP: the second one a host cannot install shows as failed.
+    let mut host = Host::open(&atoll_agent::config::DataplaneConfig {
+        max_vips: 1,
+        ..cfg(&pins, 64, 0)
+    })
+    .unwrap();
     let mut conv = Converger::new(conv_cfg.clone(), source.clone(), None);
     let cloud = |r: Reply| match r {
         Reply::CreatedCloud(c) => c.cloud.id,
@@ -624,11 +629,28 @@ async fn exposures_converge_onto_the_host() {
         "only the active grant, not the pending offer"
     );
 
-    // Accepting the offer installs it.
+    // Accepting the offer installs it, where the host has room: not here (one VIP), and the
+    // API shows the grant failed with the host's reason.
     let accepted = grant(exec(&core, Cmd::AcceptOffer(c2, p, "admin".into())).await);
     assert_ne!(g1.nat_ipv4, accepted.nat_ipv4);
     step(&mut conv, &mut host).await;
-    assert_eq!(installed(&host).len(), 2);
+    assert_eq!(installed(&host).len(), 1);
+    let admin = || async {
+        match exec(&core, Cmd::ListGrants(p, "admin".into())).await {
+            Reply::Grants(g) => g.into_iter().next().unwrap(),
+            other => panic!("{other:?}"),
+        }
+    };
+    let failed = admin().await;
+    assert_eq!(failed.state, GrantState::Failed, "{failed:?}");
+    assert!(
+        failed
+            .reason
+            .as_deref()
+            .unwrap_or("")
+            .starts_with("host h1: "),
+        "{failed:?}"
+    );
 
     // A deleted backend VM leaves the backends.
     exec(&core, Cmd::DeleteVm(p, "b2".into())).await;
@@ -640,11 +662,13 @@ async fn exposures_converge_onto_the_host() {
         .expect("web still granted");
     assert_eq!(web.backends, vec![(b1, 8080)]);
 
-    // Revoking removes the service; a restarted agent (full state) agrees.
+    // Revoking removes the service, which makes room for the failed one: installed and
+    // reported, it is active; a restarted agent (full state) agrees.
     exec(&core, Cmd::RevokeGrant(p, "web".into(), c1)).await;
     step(&mut conv, &mut host).await;
     assert_eq!(installed(&host).len(), 1);
-    assert!(installed(&host).iter().all(|s| s.vip != g1.vip));
+    assert!(installed(&host).iter().all(|s| s.vip == accepted.vip));
+    assert_eq!(admin().await.state, GrantState::Active);
     drop(conv);
     let mut conv = Converger::new(conv_cfg, source.clone(), None);
     step(&mut conv, &mut host).await;

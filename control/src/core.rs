@@ -367,6 +367,18 @@ mod keys {
     pub fn grant(c: CloudId, e: &str, consumer: CloudId) -> String {
         format!("c/{c}/grants/{e}/{consumer}")
     }
+    /// A host's failure to install the grant `(provider, consumer, vip)`: under the provider,
+    /// so deleting the provider removes it, and of no kind that reaches host syncs.
+    pub fn service_failure(
+        provider: CloudId,
+        consumer: CloudId,
+        vip: std::net::Ipv4Addr,
+    ) -> String {
+        format!("c/{provider}/svcstatus/{consumer}/{vip}")
+    }
+    pub fn service_failures(provider: CloudId) -> String {
+        format!("c/{provider}/svcstatus/")
+    }
     pub fn imports(c: CloudId) -> String {
         format!("c/{c}/imports/")
     }
@@ -916,14 +928,18 @@ impl Core {
             CreateGrant(c, exp, req) => self.create_offer(c, &exp, req.consumer).await,
             ListGrants(c, exp) => {
                 self.exposure(c, &exp).await?;
-                Ok(Reply::Grants(self.list(&keys::grants(c, &exp)).await?))
+                let grants = self.list(&keys::grants(c, &exp)).await?;
+                Ok(Reply::Grants(self.effective(grants).await?))
             }
             RevokeGrant(c, exp, consumer) => self.revoke_grant(c, &exp, consumer).await,
             ListExposureOffers(c, exp) => {
                 self.exposure(c, &exp).await?;
                 Ok(Reply::Offers(self.list(&keys::offers(c, &exp)).await?))
             }
-            ListImports(c) => Ok(Reply::Grants(self.list(&keys::imports(c)).await?)),
+            ListImports(c) => {
+                let grants = self.list(&keys::imports(c)).await?;
+                Ok(Reply::Grants(self.effective(grants).await?))
+            }
             DeleteImport(c, provider, exp) => self.revoke_grant(provider, &exp, c).await,
             ListOffers(c) => {
                 self.cloud(c).await?;
@@ -954,6 +970,58 @@ impl Core {
             TxnOutcome::Committed { revision } => Some(revision),
             TxnOutcome::Failed { .. } => None,
         })
+    }
+
+    /// Grants as they stand: an active grant that a host failed to install is `failed` with
+    /// the host's error, and one whose provider and consumer run on different hosts is
+    /// `unreachable` (traffic between hosts is not carried yet); see [`GrantState`].
+    async fn effective(&self, mut grants: Vec<Grant>) -> Result<Vec<Grant>, CoreError> {
+        let mut failures: HashMap<CloudId, HashMap<String, ServiceFailure>> = HashMap::new();
+        for g in &grants {
+            if g.state == GrantState::Active && !failures.contains_key(&g.provider) {
+                let found = self
+                    .list_kv::<ServiceFailure>(&keys::service_failures(g.provider))
+                    .await?
+                    .into_iter()
+                    .map(|(k, _, f)| (k, f))
+                    .collect();
+                failures.insert(g.provider, found);
+            }
+        }
+        let st = self.feed.state.lock().expect("feed lock");
+        let hosts_of = |c: CloudId| -> BTreeSet<&String> {
+            st.placements
+                .iter()
+                .filter(|(_, clouds)| clouds.contains_key(&c))
+                .map(|(h, _)| h)
+                .collect()
+        };
+        for g in grants.iter_mut().filter(|g| g.state == GrantState::Active) {
+            let key = keys::service_failure(g.provider, g.consumer, g.vip);
+            // A failure reported for an earlier grant with the same VIP does not count.
+            if let Some(f) = failures
+                .get(&g.provider)
+                .and_then(|m| m.get(&key))
+                .filter(|f| f.at >= g.created_at)
+            {
+                g.state = GrantState::Failed;
+                g.reason = Some(format!("host {}: {}", f.host, f.message));
+                continue;
+            }
+            let (p, c) = (hosts_of(g.provider), hosts_of(g.consumer));
+            if !p.is_empty() && !c.is_empty() && p.is_disjoint(&c) {
+                let names = |s: &BTreeSet<&String>| {
+                    s.iter().map(|h| h.as_str()).collect::<Vec<_>>().join(", ")
+                };
+                g.state = GrantState::Unreachable;
+                g.reason = Some(format!(
+                    "the provider's VMs run on host {}, the consumer's on host {}: traffic between hosts is not carried yet",
+                    names(&p),
+                    names(&c)
+                ));
+            }
+        }
+        Ok(grants)
     }
 
     async fn list<T: serde::de::DeserializeOwned>(
@@ -2148,6 +2216,7 @@ impl Core {
             let vip = self.allocate_ip(&ccloud).await?;
             let nat_ipv4 = self.allocate_ip(&provider).await?;
             let grant = Grant {
+                reason: None,
                 provider: c,
                 exposure: exp_name.to_string(),
                 consumer,
@@ -2228,7 +2297,9 @@ impl Core {
             .activate(provider, exp, consumer, Some((&o, key, rev)))
             .await?
         {
-            Some(g) => Ok(Reply::Grant(g)),
+            Some(g) => Ok(Reply::Grant(
+                self.effective(vec![g]).await?.pop().expect("one grant"),
+            )),
             None => Err(CoreError::NotFound(format!("cloud {consumer}"))),
         }
     }
@@ -2447,6 +2518,44 @@ impl Core {
                 success,
             };
             self.commit(txn).await?;
+        }
+        for s in &report.services {
+            // Only of clouds this host runs: a host cannot mark another's grant failed.
+            let runs = |c: CloudId| {
+                let st = self.feed.state.lock().expect("feed lock");
+                st.placements.get(host).is_some_and(|m| m.contains_key(&c))
+            };
+            if !runs(s.provider) && !runs(s.consumer) {
+                continue;
+            }
+            let key = keys::service_failure(s.provider, s.consumer, s.vip);
+            match &s.error {
+                Some(message) => {
+                    let failure = ServiceFailure {
+                        host: host.to_string(),
+                        message: message.chars().take(512).collect(),
+                        at: now(),
+                    };
+                    self.commit(Txn {
+                        compares: vec![],
+                        success: vec![put(key, &failure)],
+                    })
+                    .await?;
+                }
+                None => {
+                    // Installed here now: clear this host's failure, not another host's.
+                    if let Some(kv) = self.store.get(&key).await? {
+                        let f: ServiceFailure = decode(&key, &kv.value)?;
+                        if f.host == host {
+                            self.commit(Txn {
+                                compares: vec![Compare::ModRevision(key.clone(), kv.mod_revision)],
+                                success: vec![Op::Delete { key }],
+                            })
+                            .await?;
+                        }
+                    }
+                }
+            }
         }
         Ok(Reply::Done)
     }

@@ -712,7 +712,15 @@ pub enum GrantState {
     /// Only in records written before grants became offers (an exposure with
     /// `require_acceptance`): never applied by hosts; revoke it and offer again.
     Offered,
+    /// Consented to, installed on the hosts that need it, and able to carry traffic.
     Active,
+    /// Consented to, but no packet can pass: the provider's VMs and the consumer's run on
+    /// different hosts, and traffic between hosts is not carried yet. Shown in replies, never
+    /// stored; `reason` says which hosts.
+    Unreachable,
+    /// A host failed to install it; `reason` carries the host's error. Shown in replies, never
+    /// stored.
+    Failed,
 }
 
 /// Where an offer stands.
@@ -775,6 +783,20 @@ pub struct Grant {
     #[schema(value_type = String)]
     pub nat_ipv4: Ipv4Addr,
     pub created_at: u64,
+    /// Why the grant is not `active` (`unreachable`, `failed`); computed for each reply.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+/// A host's failure to install one exposure service (a grant), as the control plane keeps it
+/// until the host reports it installed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceFailure {
+    pub host: String,
+    pub message: String,
+    /// Seconds since the Unix epoch.
+    pub at: u64,
 }
 
 /// A host (agent) registration.
@@ -1040,6 +1062,22 @@ pub struct VolumeRef {
 #[serde(deny_unknown_fields)]
 pub struct StatusReport {
     pub vms: Vec<VmReport>,
+    /// Exposure services whose installation changed: failed, or installed after a failure.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub services: Vec<ServiceReport>,
+}
+
+/// A host's word on one exposure service (a grant, named by its provider, consumer and VIP).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceReport {
+    pub provider: CloudId,
+    pub consumer: CloudId,
+    #[schema(value_type = String)]
+    pub vip: Ipv4Addr,
+    /// Why the host could not install it; `None`: installed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]

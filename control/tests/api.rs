@@ -57,6 +57,7 @@ api_suite!(
     offers_change_nothing_in_the_consumer_until_it_accepts,
     offers_to_unknown_clouds_look_like_offers_to_existing_ones_and_are_bounded,
     offer_policy_and_same_named_providers_get_distinct_names,
+    grants_are_active_only_where_they_carry_traffic,
 );
 
 /// The store the control plane under test is configured with.
@@ -2119,6 +2120,7 @@ async fn report(
     console: Option<&str>,
 ) {
     let body = StatusReport {
+        services: Vec::new(),
         vms: vec![VmReport {
             cloud,
             vm: vm.into(),
@@ -2902,4 +2904,141 @@ async fn offer_policy_and_same_named_providers_get_distinct_names(api: Api) {
         (StatusCode::BAD_REQUEST, Some("name")),
         "{v}"
     );
+}
+
+/// A VM of cloud `c` named `name`; its host.
+async fn vm_on(c: &Client, cloud: CloudId, name: &str) -> String {
+    let vm: Vm = ok(
+        c,
+        Method::POST,
+        &format!("/v1/clouds/{cloud}/vms"),
+        Some(json!({"name": name})),
+    )
+    .await;
+    vm.host
+}
+
+/// A grant is `active` only while it can carry traffic: `unreachable` (with the hosts) while
+/// its provider and consumer run on different hosts, `failed` (with the host's reason) while a
+/// host that runs one of them reports it could not install it, and `active` again once that
+/// host reports it installed. A host that runs neither cannot mark it failed.
+async fn grants_are_active_only_where_they_carry_traffic(api: Api) {
+    for h in ["host-b", "host-z"] {
+        let _: HostInfo = ok(&api.op, Method::PUT, &format!("/v1/hosts/{h}"), None).await;
+    }
+    let cordon = |h: String, on: bool| {
+        let op = api.op.clone();
+        async move {
+            let verb = if on { "cordon" } else { "uncordon" };
+            let _: HostInfo = ok(&op, Method::POST, &format!("/v1/hosts/{h}/{verb}"), None).await;
+        }
+    };
+    let (p, pc) = api.cloud(json!({"name": "prov"})).await;
+    let pid = p.cloud.id;
+    let home = vm_on(&pc, pid, "web").await;
+    let _: Exposure = ok(
+        &pc,
+        Method::POST,
+        &format!("/v1/clouds/{pid}/exposures"),
+        Some(json!({"name": "web", "protocol": "tcp", "port": 80, "backends": [{"vm": "web", "port": 80}]})),
+    )
+    .await;
+    // A consumer elsewhere: every host but one cordoned while it gets its VM.
+    let others: Vec<String> = ["host-a", "host-b", "host-z"]
+        .iter()
+        .map(|h| h.to_string())
+        .filter(|h| *h != home)
+        .collect();
+    let away = others[0].clone();
+    let spare = others[1].clone();
+    let (far, farc) = api.cloud(json!({"name": "far"})).await;
+    let (near, nearc) = api.cloud(json!({"name": "near"})).await;
+    for (cloud, client, host) in [(&far, &farc, &away), (&near, &nearc, &home)] {
+        for h in ["host-a", "host-b", "host-z"] {
+            if h != host {
+                cordon(h.to_string(), true).await;
+            }
+        }
+        assert_eq!(&vm_on(client, cloud.cloud.id, "app").await, host);
+        for h in ["host-a", "host-b", "host-z"] {
+            cordon(h.to_string(), false).await;
+        }
+        let _: Value = ok(
+            client,
+            Method::PUT,
+            &format!("/v1/clouds/{}/offer-policy", cloud.cloud.id),
+            Some(json!({"accept_from": [pid]})),
+        )
+        .await;
+        let _: Value = ok(
+            &pc,
+            Method::POST,
+            &format!("/v1/clouds/{pid}/exposures/web/grants"),
+            Some(json!({"consumer": cloud.cloud.id})),
+        )
+        .await;
+    }
+    let grants = || async {
+        let g: Vec<Grant> = ok(
+            &pc,
+            Method::GET,
+            &format!("/v1/clouds/{pid}/exposures/web/grants"),
+            None,
+        )
+        .await;
+        let of = |c: CloudId| g.iter().find(|g| g.consumer == c).cloned().unwrap();
+        (of(far.cloud.id), of(near.cloud.id))
+    };
+    let (f, n) = grants().await;
+    assert_eq!(f.state, GrantState::Unreachable, "{f:?}");
+    let why = f.reason.clone().unwrap();
+    assert!(why.contains(&home) && why.contains(&away), "{why}");
+    assert_eq!(
+        (n.state, n.reason.clone()),
+        (GrantState::Active, None),
+        "{n:?}"
+    );
+    // The consumer sees its import the same way.
+    let imports: Vec<Grant> = ok(
+        &farc,
+        Method::GET,
+        &format!("/v1/clouds/{}/imports", far.cloud.id),
+        None,
+    )
+    .await;
+    assert_eq!(imports[0].state, GrantState::Unreachable);
+
+    let service = |error: Option<&str>| json!({"vms": [], "services": [{"provider": pid, "consumer": near.cloud.id, "vip": n.vip.to_string(), "error": error}]});
+    // A host running neither cloud cannot mark the grant failed.
+    let () = ok(
+        &api.op,
+        Method::POST,
+        &format!("/v1/hosts/{spare}/status"),
+        Some(service(Some("made up"))),
+    )
+    .await;
+    assert_eq!(grants().await.1.state, GrantState::Active);
+    // The provider's host failed to install it: failed, with its reason.
+    let () = ok(
+        &api.op,
+        Method::POST,
+        &format!("/v1/hosts/{home}/status"),
+        Some(service(Some("VIPS is full (dataplane.max_vips = 1)"))),
+    )
+    .await;
+    let (_, n2) = grants().await;
+    assert_eq!(n2.state, GrantState::Failed, "{n2:?}");
+    assert_eq!(
+        n2.reason.as_deref(),
+        Some(format!("host {home}: VIPS is full (dataplane.max_vips = 1)").as_str())
+    );
+    // Installed after all: active again.
+    let () = ok(
+        &api.op,
+        Method::POST,
+        &format!("/v1/hosts/{home}/status"),
+        Some(json!({"vms": [], "services": [{"provider": pid, "consumer": near.cloud.id, "vip": n.vip.to_string()}]})),
+    )
+    .await;
+    assert_eq!(grants().await.1.state, GrantState::Active);
 }

@@ -198,6 +198,7 @@ async fn cli_drives_the_api() {
         );
         let tail = "boot ok\nλ \"quoted\"\n$ ";
         let report = StatusReport {
+            services: Vec::new(),
             vms: vec![VmReport {
                 cloud: id.parse().unwrap(),
                 vm: "app".into(),
