@@ -79,9 +79,35 @@ pub struct StoreConfig {
     /// This control plane's client certificate and key, for etcd's `--client-cert-auth`.
     pub etcd_cert_file: Option<PathBuf>,
     pub etcd_key_file: Option<PathBuf>,
+    /// etcd's own authentication, when the cluster has it enabled: the user, and a file
+    /// holding its password (keep it 0600; the password is never in this file).
+    pub etcd_user: Option<String>,
+    pub etcd_password_file: Option<PathBuf>,
 }
 
 impl StoreConfig {
+    /// etcd's authentication, with the password read from its file.
+    pub fn etcd_auth(&self) -> Result<Option<crate::store::etcd::EtcdAuth>, ConfigError> {
+        let Some(user) = &self.etcd_user else {
+            return Ok(None);
+        };
+        let path = self
+            .etcd_password_file
+            .as_ref()
+            .ok_or(ConfigError::Invalid {
+                key: "store.etcd_password_file",
+                message: "store.etcd_user needs its password in store.etcd_password_file".into(),
+            })?;
+        let password = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.clone(),
+            source,
+        })?;
+        Ok(Some(crate::store::etcd::EtcdAuth {
+            user: user.clone(),
+            password: password.trim_end_matches(['\n', '\r']).to_string(),
+        }))
+    }
+
     /// TLS towards etcd, when a CA is configured.
     pub fn etcd_tls(&self) -> Option<crate::tls::ClientTls> {
         let ca = self.etcd_ca_file.clone()?;
@@ -106,6 +132,8 @@ impl Default for StoreConfig {
             etcd_ca_file: None,
             etcd_cert_file: None,
             etcd_key_file: None,
+            etcd_user: None,
+            etcd_password_file: None,
         }
     }
 }
@@ -491,6 +519,7 @@ impl ControlConfig {
                     self.store.etcd_endpoints.clone(),
                     self.store.etcd_prefix.clone(),
                     self.store.etcd_tls().as_ref(),
+                    self.store.etcd_auth()?,
                 )
                 .await
                 .map_err(ConfigError::OpenStore)?

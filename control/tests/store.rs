@@ -1149,6 +1149,7 @@ fn etcd_over_tls_needs_the_clusters_ca_and_a_client_certificate() {
             vec![support::ETCD_TLS_ENDPOINT.into()],
             "tls/".into(),
             Some(&no_cert),
+            None,
         )
         .await
         .err()
@@ -1171,6 +1172,7 @@ fn etcd_over_tls_needs_the_clusters_ca_and_a_client_certificate() {
             vec![support::ETCD_TLS_ENDPOINT.into()],
             "tls/".into(),
             Some(&wrong),
+            None,
         )
         .await
         .err()
@@ -1187,5 +1189,122 @@ fn etcd_over_tls_needs_the_clusters_ca_and_a_client_certificate() {
                 .await
                 .is_err()
         );
+    });
+}
+
+/// POSTs `body` to etcd's gateway at `path` (with `token` as `Authorization`); the JSON reply.
+async fn etcd_admin(path: &str, body: serde_json::Value, token: Option<&str>) -> serde_json::Value {
+    use http_body_util::{BodyExt, Full};
+    use hyper_util::{client::legacy::Client, rt::TokioExecutor};
+    let client: Client<_, Full<hyper::body::Bytes>> =
+        Client::builder(TokioExecutor::new()).build_http();
+    let mut req = hyper::Request::post(format!("{}{path}", support::ETCD_ENDPOINT));
+    if let Some(t) = token {
+        req = req.header("authorization", t);
+    }
+    let resp = client
+        .request(req.body(Full::new(body.to_string().into())).unwrap())
+        .await
+        .unwrap();
+    let status = resp.status();
+    let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+    assert!(
+        status.is_success(),
+        "{path}: {status} {}",
+        String::from_utf8_lossy(&bytes)
+    );
+    serde_json::from_slice(&bytes).unwrap()
+}
+
+/// etcd with its own authentication on: the control plane signs in as the configured user
+/// (`store.etcd_user`, password from `store.etcd_password_file`), signs in again when its
+/// token is revoked, and a wrong password is refused naming the settings.
+#[test]
+fn etcd_auth_signs_in_as_the_configured_user() {
+    use atoll_control::{config::ControlConfig, store::etcd::EtcdAuth};
+    let server = support::EtcdServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    support::block_on_in_netns(&server.netns, || async {
+        server.connect_when_ready("a/").await;
+        etcd_admin(
+            "/v3/auth/role/add",
+            serde_json::json!({"name": "root"}),
+            None,
+        )
+        .await;
+        etcd_admin(
+            "/v3/auth/user/add",
+            serde_json::json!({"name": "root", "password": "s3cret"}),
+            None,
+        )
+        .await;
+        etcd_admin(
+            "/v3/auth/user/grant",
+            serde_json::json!({"user": "root", "role": "root"}),
+            None,
+        )
+        .await;
+        etcd_admin("/v3/auth/enable", serde_json::json!({}), None).await;
+        let auth = |password: &str| EtcdAuth {
+            user: "root".into(),
+            password: password.into(),
+        };
+        let endpoints = || vec![support::ETCD_ENDPOINT.to_string()];
+        let store: Store =
+            EtcdStore::connect_with(endpoints(), "a/".into(), None, Some(auth("s3cret")))
+                .await
+                .expect("signed in")
+                .into();
+        let put = Txn {
+            compares: vec![],
+            success: vec![Op::Put {
+                key: "k".into(),
+                value: b"v".to_vec(),
+            }],
+        };
+        store.txn(put.clone()).await.expect("a write as root");
+        // Without a user, and with a wrong password: refused.
+        assert!(EtcdStore::connect(endpoints(), "a/".into()).await.is_err());
+        let err = EtcdStore::connect_with(endpoints(), "a/".into(), None, Some(auth("wrong")))
+            .await
+            .err()
+            .expect("a wrong password is refused");
+        assert!(
+            matches!(err, StoreError::EtcdAuth { .. })
+                && err.to_string().contains("store.etcd_password_file"),
+            "{err}"
+        );
+        // Auth switched off and on revokes every token: the store signs in again by itself.
+        let token = etcd_admin(
+            "/v3/auth/authenticate",
+            serde_json::json!({"name": "root", "password": "s3cret"}),
+            None,
+        )
+        .await["token"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        etcd_admin("/v3/auth/disable", serde_json::json!({}), Some(&token)).await;
+        etcd_admin("/v3/auth/enable", serde_json::json!({}), None).await;
+        assert_eq!(
+            store
+                .get("k")
+                .await
+                .expect("signed in again")
+                .unwrap()
+                .value,
+            b"v"
+        );
+        // The same through the configuration, with the password in a file.
+        let password_file = dir.path().join("etcd.password");
+        std::fs::write(&password_file, "s3cret\n").unwrap();
+        let mut cfg = ControlConfig::default();
+        cfg.store.backend = "etcd".into();
+        cfg.store.etcd_endpoints = endpoints();
+        cfg.store.etcd_prefix = "a/".into();
+        cfg.store.etcd_user = Some("root".into());
+        cfg.store.etcd_password_file = Some(password_file);
+        let store = cfg.open_store().await.expect("store from config");
+        assert_eq!(store.get("k").await.unwrap().unwrap().value, b"v");
     });
 }

@@ -23,6 +23,11 @@
 //!   last revision, which picks a live endpoint.
 //! - **TLS.** `https://` endpoints need a [`ClientTls`] (the cluster's CA and, for
 //!   `--client-cert-auth`, this client's certificate); `http://` ones are for a loopback etcd.
+//! - **etcd auth** (when the cluster has it enabled): a user name and password
+//!   ([`EtcdAuth`]) get a token from `/v3/auth/authenticate`, sent as `Authorization` on every
+//!   request; a request refused as unauthenticated (401: the token expired or auth was
+//!   re-enabled) authenticates again once and is sent again. The client certificate cannot
+//!   stand for the user here: etcd's HTTP gateway reaches etcd with its own certificate.
 //! - **Endpoints** are tried in order, starting with the last one that answered, when
 //!   connecting fails (including a 2 s connect timeout); any other error is returned, since a
 //!   transaction may have been applied.
@@ -85,6 +90,24 @@ struct EtcdInner {
     prefix: String,
     /// Index of the endpoint that answered last.
     preferred: AtomicUsize,
+    auth: Option<EtcdAuth>,
+    /// The current auth token, when `auth` is set.
+    token: std::sync::Mutex<Option<String>>,
+}
+
+/// A user of etcd's own authentication.
+#[derive(Clone)]
+pub struct EtcdAuth {
+    pub user: String,
+    pub password: String,
+}
+
+impl std::fmt::Debug for EtcdAuth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EtcdAuth")
+            .field("user", &self.user)
+            .finish_non_exhaustive()
+    }
 }
 
 /// A failed request; a TLS failure says what TLS said and which settings verify the server.
@@ -100,14 +123,15 @@ impl EtcdStore {
     /// etcd's default `--max-txn-ops` ([`DEFAULT_MAX_TXN_OPS`]) unless told otherwise
     /// ([`EtcdStore::with_max_txn_ops`]).
     pub async fn connect(endpoints: Vec<String>, prefix: String) -> Result<Self, StoreError> {
-        Self::connect_with(endpoints, prefix, None).await
+        Self::connect_with(endpoints, prefix, None, None).await
     }
 
-    /// [`EtcdStore::connect`] with TLS for `https://` endpoints.
+    /// [`EtcdStore::connect`] with TLS for `https://` endpoints and etcd's own authentication.
     pub async fn connect_with(
         endpoints: Vec<String>,
         prefix: String,
         tls: Option<&ClientTls>,
+        auth: Option<EtcdAuth>,
     ) -> Result<Self, StoreError> {
         if endpoints.is_empty() {
             return Err(StoreError::NoEndpoints);
@@ -161,6 +185,8 @@ impl EtcdStore {
                 endpoints: bases,
                 prefix,
                 preferred: AtomicUsize::new(0),
+                auth,
+                token: std::sync::Mutex::new(None),
             }),
             max_txn_ops: DEFAULT_MAX_TXN_OPS,
         };
@@ -468,11 +494,74 @@ impl EtcdStore {
         })
     }
 
-    /// POSTs `body` to `path` on the first endpoint that accepts a connection.
+    /// POSTs `body` to `path` (authenticated when etcd auth is configured, see the module
+    /// docs).
     async fn send(
         &self,
         path: &str,
         body: &Value,
+    ) -> Result<(String, Response<Incoming>), StoreError> {
+        if self.inner.auth.is_none() {
+            return self.send_once(path, body, None).await;
+        }
+        let token = self.auth_token(false).await?;
+        let (url, response) = self.send_once(path, body, Some(&token)).await?;
+        if response.status() != hyper::StatusCode::UNAUTHORIZED {
+            return Ok((url, response));
+        }
+        let token = self.auth_token(true).await?;
+        self.send_once(path, body, Some(&token)).await
+    }
+
+    /// The auth token: the current one, or (with `renew`, or none yet) a new one.
+    async fn auth_token(&self, renew: bool) -> Result<String, StoreError> {
+        if !renew {
+            if let Some(t) = self.inner.token.lock().expect("token lock").clone() {
+                return Ok(t);
+            }
+        }
+        let Some(auth) = &self.inner.auth else {
+            return Ok(String::new());
+        };
+        let (url, response) = self
+            .send_once(
+                "/v3/auth/authenticate",
+                &json!({ "name": auth.user, "password": auth.password }),
+                None,
+            )
+            .await?;
+        let response = check_status(&url, response)
+            .await
+            .map_err(|e| StoreError::EtcdAuth {
+                user: auth.user.clone(),
+                reason: e.to_string(),
+            })?;
+        let bytes = response
+            .into_body()
+            .collect()
+            .await
+            .map_err(|source| StoreError::EtcdBody {
+                url: url.clone(),
+                source,
+            })?
+            .to_bytes();
+        #[derive(Deserialize)]
+        struct Authenticated {
+            token: String,
+        }
+        let token = serde_json::from_slice::<Authenticated>(&bytes)
+            .map_err(|source| StoreError::EtcdJson { url, source })?
+            .token;
+        *self.inner.token.lock().expect("token lock") = Some(token.clone());
+        Ok(token)
+    }
+
+    /// POSTs `body` to `path` on the first endpoint that accepts a connection.
+    async fn send_once(
+        &self,
+        path: &str,
+        body: &Value,
+        token: Option<&str>,
     ) -> Result<(String, Response<Incoming>), StoreError> {
         let body = Bytes::from(body.to_string());
         let endpoints = &self.inner.endpoints;
@@ -481,13 +570,18 @@ impl EtcdStore {
         for i in 0..endpoints.len() {
             let index = (first + i) % endpoints.len();
             let url = format!("{}{path}", endpoints[index]);
-            let request = Request::post(url.as_str())
-                .header(hyper::header::CONTENT_TYPE, "application/json")
-                .body(Full::new(body.clone()))
-                .map_err(|e| StoreError::InvalidEndpoint {
-                    endpoint: endpoints[index].clone(),
-                    reason: e.to_string(),
-                })?;
+            let mut request =
+                Request::post(url.as_str()).header(hyper::header::CONTENT_TYPE, "application/json");
+            if let Some(t) = token {
+                request = request.header(hyper::header::AUTHORIZATION, t);
+            }
+            let request =
+                request
+                    .body(Full::new(body.clone()))
+                    .map_err(|e| StoreError::InvalidEndpoint {
+                        endpoint: endpoints[index].clone(),
+                        reason: e.to_string(),
+                    })?;
             match self.inner.client.request(request).await {
                 Ok(response) => {
                     if index != first {

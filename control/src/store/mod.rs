@@ -185,6 +185,8 @@ pub enum StoreError {
     NoEndpoints,
     #[error("invalid etcd endpoint {endpoint:?}: {reason}")]
     InvalidEndpoint { endpoint: String, reason: String },
+    #[error("etcd authentication as user {user:?} failed (store.etcd_user, store.etcd_password_file): {reason}")]
+    EtcdAuth { user: String, reason: String },
     #[error("TLS with etcd at {url} failed: {cause} (settings store.etcd_ca_file, store.etcd_cert_file, store.etcd_key_file)")]
     EtcdTls { url: String, cause: String },
     #[error("etcd request to {url}: {source}")]

@@ -362,7 +362,7 @@ impl EtcdServer {
     ) -> EtcdStore {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            match EtcdStore::connect_with(vec![endpoint.into()], prefix.into(), tls).await {
+            match EtcdStore::connect_with(vec![endpoint.into()], prefix.into(), tls, None).await {
                 Ok(store) => return store,
                 Err(e) => {
                     let exited = self
