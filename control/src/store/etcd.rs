@@ -536,22 +536,11 @@ impl EtcdStore {
                 user: auth.user.clone(),
                 reason: e.to_string(),
             })?;
-        let bytes = response
-            .into_body()
-            .collect()
-            .await
-            .map_err(|source| StoreError::EtcdBody {
-                url: url.clone(),
-                source,
-            })?
-            .to_bytes();
         #[derive(Deserialize)]
         struct Authenticated {
             token: String,
         }
-        let token = serde_json::from_slice::<Authenticated>(&bytes)
-            .map_err(|source| StoreError::EtcdJson { url, source })?
-            .token;
+        let token = read_json::<Authenticated>(url, response).await?.token;
         *self.inner.token.lock().expect("token lock") = Some(token.clone());
         Ok(token)
     }
@@ -601,17 +590,25 @@ impl EtcdStore {
     async fn post<T: DeserializeOwned>(&self, path: &str, body: &Value) -> Result<T, StoreError> {
         let (url, response) = self.send(path, body).await?;
         let response = check_status(&url, response).await?;
-        let bytes = response
-            .into_body()
-            .collect()
-            .await
-            .map_err(|source| StoreError::EtcdBody {
-                url: url.clone(),
-                source,
-            })?
-            .to_bytes();
-        serde_json::from_slice(&bytes).map_err(|source| StoreError::EtcdJson { url, source })
+        read_json(url, response).await
     }
+}
+
+/// A successful response's JSON body.
+async fn read_json<T: DeserializeOwned>(
+    url: String,
+    response: Response<Incoming>,
+) -> Result<T, StoreError> {
+    let bytes = response
+        .into_body()
+        .collect()
+        .await
+        .map_err(|source| StoreError::EtcdBody {
+            url: url.clone(),
+            source,
+        })?
+        .to_bytes();
+    serde_json::from_slice(&bytes).map_err(|source| StoreError::EtcdJson { url, source })
 }
 
 /// Returns the response if it is a success, else its body as [`StoreError::EtcdResponse`].
