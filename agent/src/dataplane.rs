@@ -1176,3 +1176,68 @@ fn remove_pin(path: &Path) -> Result<(), DataplaneError> {
         }),
     }
 }
+
+/// docs/design.md cannot drift from the code: its maps table names exactly the maps the agent
+/// pins, which are exactly the eBPF object's, and its drop-reason table is the shared
+/// `DropReason` table, numbers and names in order. Root-free: the object is only parsed.
+#[cfg(test)]
+mod design_doc {
+    use super::*;
+
+    fn section<'a>(doc: &'a str, heading: &str) -> &'a str {
+        let start = doc
+            .find(&format!("\n{heading}\n"))
+            .unwrap_or_else(|| panic!("docs/design.md has no {heading:?}"));
+        let rest = &doc[start + heading.len() + 2..];
+        &rest[..rest.find("\n## ").unwrap_or(rest.len())]
+    }
+
+    /// The first cell of every table row of `text` whose first cell is code (`` `X` ``).
+    fn first_code_cells(text: &str) -> Vec<String> {
+        text.lines()
+            .filter_map(|l| l.strip_prefix("| `"))
+            .filter_map(|l| l.split_once('`').map(|(name, _)| name.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn design_doc_tables_match_the_code() {
+        let doc =
+            std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/design.md"))
+                .expect("docs/design.md");
+        let mut documented = first_code_cells(section(&doc, "## Maps"));
+        documented.sort();
+        let mut pinned: Vec<String> = MAPS.iter().map(|m| m.to_string()).collect();
+        pinned.sort();
+        assert_eq!(documented, pinned, "docs/design.md's maps table");
+        let object = aya_obj::Object::parse(OBJECT).expect("the eBPF object parses");
+        let mut in_object: Vec<String> = object
+            .maps
+            .keys()
+            .filter(|m| !m.starts_with('.'))
+            .cloned()
+            .collect();
+        in_object.sort();
+        assert_eq!(in_object, pinned, "the eBPF object's maps");
+        let mut programs: Vec<&str> = object.programs.keys().map(String::as_str).collect();
+        programs.sort();
+        let mut known = PINNED_PROGS.to_vec();
+        known.sort();
+        assert_eq!(programs, known, "the eBPF object's programs");
+
+        let rows: Vec<(u32, String)> = section(&doc, "## Drop reasons")
+            .lines()
+            .filter_map(|l| {
+                let mut cells = l.strip_prefix('|')?.split('|').map(str::trim);
+                let n = cells.next()?.parse().ok()?;
+                let name = cells.next()?.trim_matches('`').to_string();
+                Some((n, name))
+            })
+            .collect();
+        let code: Vec<(u32, String)> = atoll_dataplane_common::DropReason::ALL
+            .iter()
+            .map(|r| (*r as u32, r.name().to_string()))
+            .collect();
+        assert_eq!(rows, code, "docs/design.md's drop-reason table");
+    }
+}
