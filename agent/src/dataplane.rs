@@ -1224,6 +1224,18 @@ mod design_doc {
         let mut known = PINNED_PROGS.to_vec();
         known.sort();
         assert_eq!(programs, known, "the eBPF object's programs");
+        // The license the object declares to the kernel is the eBPF crates' Cargo license.
+        assert_eq!(object.license.to_str().unwrap(), "Dual MIT/GPL");
+        for manifest in [
+            concat!(env!("CARGO_MANIFEST_DIR"), "/../dataplane-ebpf/Cargo.toml"),
+            concat!(env!("CARGO_MANIFEST_DIR"), "/../dataplane-ebpf/common/Cargo.toml"),
+        ] {
+            let text = std::fs::read_to_string(manifest).unwrap();
+            assert!(
+                text.lines().any(|l| l == "license = \"MIT OR GPL-2.0-only\""),
+                "{manifest}: the license must be the object's (Dual MIT/GPL)"
+            );
+        }
 
         let rows: Vec<(u32, String)> = section(&doc, "## Drop reasons")
             .lines()
