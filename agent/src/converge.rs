@@ -106,6 +106,12 @@ pub enum Source {
     Remote(Remote),
 }
 
+impl std::fmt::Debug for Source {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Source").finish_non_exhaustive()
+    }
+}
+
 /// The API client of a remote source, and the file its token came from: a request refused
 /// as unauthenticated re-reads the file and, if the token in it changed (the operator rotated
 /// it), retries once with the new one, so a rotation needs no agent restart.
@@ -113,6 +119,12 @@ pub enum Source {
 pub struct Remote {
     client: Arc<std::sync::Mutex<Client>>,
     token_file: Option<std::path::PathBuf>,
+}
+
+impl std::fmt::Debug for Remote {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Remote").finish_non_exhaustive()
+    }
 }
 
 impl Remote {
@@ -297,6 +309,12 @@ pub struct Converger {
     /// Exposure services this host failed to install, as last reported:
     /// `(provider, consumer, vip)` → the error.
     reported_failures: HashMap<(u32, u32, Ipv4Addr), String>,
+}
+
+impl std::fmt::Debug for Converger {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Converger").finish_non_exhaustive()
+    }
 }
 
 /// What one applied delta did.

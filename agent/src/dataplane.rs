@@ -299,6 +299,12 @@ pub struct Dataplane {
     carry: carry::Carry,
 }
 
+impl std::fmt::Debug for Dataplane {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Dataplane").finish_non_exhaustive()
+    }
+}
+
 impl Dataplane {
     /// Opens the pinned dataplane under `cfg.bpffs_root`, creating and pinning it first if this
     /// host has none of the current layout.
@@ -833,8 +839,9 @@ pub fn check_bpffs(root: &Path) -> Result<(), DataplaneError> {
     }
     let c = std::ffi::CString::new(probe.as_os_str().as_encoded_bytes())
         .map_err(|_| DataplaneError::BpffsNotMounted { path: root.into() })?;
-    // SAFETY: statfs writes into the zeroed struct we own; `c` is a valid NUL-terminated path.
+    // SAFETY: an all-zero `statfs` is a valid value of this plain C struct.
     let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: statfs writes into the struct we own; `c` is a valid NUL-terminated path.
     let rc = unsafe { libc::statfs(c.as_ptr(), &mut st) };
     if rc != 0 || st.f_type as i64 != BPF_FS_MAGIC {
         return Err(DataplaneError::BpffsNotMounted { path: probe.into() });
@@ -1228,11 +1235,15 @@ mod design_doc {
         assert_eq!(object.license.to_str().unwrap(), "Dual MIT/GPL");
         for manifest in [
             concat!(env!("CARGO_MANIFEST_DIR"), "/../dataplane-ebpf/Cargo.toml"),
-            concat!(env!("CARGO_MANIFEST_DIR"), "/../dataplane-ebpf/common/Cargo.toml"),
+            concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/../dataplane-ebpf/common/Cargo.toml"
+            ),
         ] {
             let text = std::fs::read_to_string(manifest).unwrap();
             assert!(
-                text.lines().any(|l| l == "license = \"MIT OR GPL-2.0-only\""),
+                text.lines()
+                    .any(|l| l == "license = \"MIT OR GPL-2.0-only\""),
                 "{manifest}: the license must be the object's (Dual MIT/GPL)"
             );
         }

@@ -83,6 +83,12 @@ pub struct Devices {
     handle: rtnetlink::Handle,
 }
 
+impl std::fmt::Debug for Devices {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Devices").finish_non_exhaustive()
+    }
+}
+
 impl Devices {
     /// Opens a netlink connection; must be called inside a tokio runtime.
     pub fn new() -> Result<Self, DeviceError> {
@@ -317,6 +323,12 @@ pub fn validate_name(name: &str) -> Result<(), DeviceError> {
 pub struct HeldTap {
     fd: OwnedFd,
     name: String,
+}
+
+impl std::fmt::Debug for HeldTap {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HeldTap").finish_non_exhaustive()
+    }
 }
 
 impl HeldTap {

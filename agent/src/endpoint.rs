@@ -139,6 +139,12 @@ pub struct Host {
     next_grant: u32,
 }
 
+impl std::fmt::Debug for Host {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Host").finish_non_exhaustive()
+    }
+}
+
 /// Name prefix of spare taps.
 pub const POOL_PREFIX: &str = "atlq";
 
@@ -790,6 +796,12 @@ fn validate(spec: &EndpointSpec) -> Result<(), EndpointError> {
 pub struct UsageCollector {
     dataplane: Dataplane,
     recorder: Arc<Mutex<Recorder>>,
+}
+
+impl std::fmt::Debug for UsageCollector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UsageCollector").finish_non_exhaustive()
+    }
 }
 
 impl UsageCollector {

@@ -72,6 +72,12 @@ pub struct ExpediteGuard {
     owner: Option<Expedite>,
 }
 
+impl std::fmt::Debug for ExpediteGuard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ExpediteGuard").finish_non_exhaustive()
+    }
+}
+
 impl Drop for ExpediteGuard {
     fn drop(&mut self) {
         if let Some(owner) = self.owner.take() {

@@ -230,6 +230,12 @@ pub struct Exporter {
     usage_dir: Option<std::path::PathBuf>,
 }
 
+impl std::fmt::Debug for Exporter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Exporter").finish_non_exhaustive()
+    }
+}
+
 impl Exporter {
     /// Opens its own handle on the pinned dataplane (creating the pins if absent, like the
     /// agent).

@@ -51,6 +51,12 @@ pub struct NetNs {
     name: String,
 }
 
+impl std::fmt::Debug for NetNs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NetNs").finish_non_exhaustive()
+    }
+}
+
 impl NetNs {
     /// Creates a namespace with loopback up and IPv6 disabled (so guests emit no router
     /// solicitations or MLD reports that would show up as drops).
@@ -122,6 +128,12 @@ pub struct PinRoot {
     path: PathBuf,
 }
 
+impl std::fmt::Debug for PinRoot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PinRoot").finish_non_exhaustive()
+    }
+}
+
 impl PinRoot {
     pub fn new(tag: &str) -> Self {
         PinRoot {
@@ -144,6 +156,12 @@ impl Drop for PinRoot {
 /// test that names its devices with `unique_name(tag)` (prefix `unique_prefix(tag)`), so a
 /// failing test leaves nothing behind.
 pub struct LinksWithPrefix(pub String);
+
+impl std::fmt::Debug for LinksWithPrefix {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LinksWithPrefix").finish_non_exhaustive()
+    }
+}
 
 impl Drop for LinksWithPrefix {
     fn drop(&mut self) {
@@ -168,6 +186,12 @@ impl Drop for LinksWithPrefix {
 
 /// A host device deleted on drop (for taps and veths a test creates outside an endpoint).
 pub struct LinkGuard(pub String);
+
+impl std::fmt::Debug for LinkGuard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LinkGuard").finish_non_exhaustive()
+    }
+}
 
 impl Drop for LinkGuard {
     fn drop(&mut self) {

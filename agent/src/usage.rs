@@ -330,6 +330,12 @@ pub struct Journal {
     quarantined: u64,
 }
 
+impl std::fmt::Debug for Journal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Journal").finish_non_exhaustive()
+    }
+}
+
 impl Journal {
     /// Opens (creating) the journal in `dir` with the default limits.
     pub fn open(dir: &Path) -> Result<Self, UsageError> {
@@ -713,6 +719,12 @@ pub struct Recorder {
     last_tick_ms: u64,
 }
 
+impl std::fmt::Debug for Recorder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Recorder").finish_non_exhaustive()
+    }
+}
+
 impl Recorder {
     /// Opens the journal in `dir` with the default limits; `source` is the CloudEvents source
     /// (e.g. `atoll/agent/<host>`).
@@ -880,6 +892,12 @@ pub struct FileSink {
     keep: u32,
 }
 
+impl std::fmt::Debug for FileSink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FileSink").finish_non_exhaustive()
+    }
+}
+
 impl FileSink {
     pub fn new(path: PathBuf, max_bytes: u64, keep: u32) -> Self {
         FileSink {
@@ -942,6 +960,12 @@ pub struct HttpSink {
     addr: String,
     path: String,
     timeout: std::time::Duration,
+}
+
+impl std::fmt::Debug for HttpSink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HttpSink").finish_non_exhaustive()
+    }
 }
 
 impl HttpSink {

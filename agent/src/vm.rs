@@ -183,6 +183,12 @@ pub struct Qemu {
     probed: Mutex<Option<Result<Accel, String>>>,
 }
 
+impl std::fmt::Debug for Qemu {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Qemu").finish_non_exhaustive()
+    }
+}
+
 impl Qemu {
     pub fn new(cfg: &VmConfig) -> Self {
         Qemu {
@@ -313,6 +319,12 @@ struct Ctx {
 pub struct VmManager {
     ctx: Arc<Ctx>,
     vms: HashMap<VmKey, Handle>,
+}
+
+impl std::fmt::Debug for VmManager {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VmManager").finish_non_exhaustive()
+    }
 }
 
 impl VmManager {

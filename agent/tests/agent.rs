@@ -27,8 +27,7 @@ fn open_outside_bpffs_is_a_clear_error() {
         bpffs_root: dir.join("atoll"),
         ..Default::default()
     })
-    .err()
-    .expect("must fail outside bpffs");
+    .expect_err("must fail outside bpffs");
     let _ = std::fs::remove_dir_all(&dir);
     assert!(
         matches!(err, DataplaneError::BpffsNotMounted { .. }),

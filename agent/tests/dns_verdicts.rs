@@ -290,9 +290,9 @@ impl Dataplane {
     /// The guest at ifindex 1 (slot 300, recorded in `SLOT_ENDPOINTS`) and the DNS service on.
     fn new() -> Self {
         // SAFETY: geteuid has no preconditions.
+        let euid = unsafe { libc::geteuid() };
         assert_eq!(
-            unsafe { libc::geteuid() },
-            0,
+            euid, 0,
             "the DNS verdict tests load eBPF programs and need root (CAP_BPF)"
         );
         let mut ebpf = EbpfLoader::new()

@@ -851,7 +851,7 @@ async fn pinned_maps_of_another_shape_or_size_are_refused() {
     // Maps sized by one setting must agree.
     let slots = dataplane::layout_dir(pins.path()).join("maps/SLOT_ENDPOINTS");
     drop(create_map(&slots, BPF_MAP_TYPE_ARRAY, 4, 4, 8));
-    let err = Dataplane::open(&c).err().expect("must refuse");
+    let err = Dataplane::open(&c).expect_err("must refuse");
     assert!(
         matches!(
             err,
@@ -869,7 +869,7 @@ async fn pinned_maps_of_another_shape_or_size_are_refused() {
     // A value size this build does not expect (aya would reuse the pin without looking).
     let routes = dataplane::layout_dir(pins.path()).join("maps/ROUTES");
     drop(create_map(&routes, BPF_MAP_TYPE_HASH, 8, 12, 16));
-    let err = Dataplane::open(&c).err().expect("must refuse");
+    let err = Dataplane::open(&c).expect_err("must refuse");
     assert!(matches!(err, DataplaneError::MapMismatch { .. }), "{err}");
     assert!(
         err.to_string()
@@ -883,7 +883,7 @@ async fn pinned_maps_of_another_shape_or_size_are_refused() {
     Dataplane::open(&c).unwrap();
     let drops = dataplane::layout_dir(pins.path()).join("maps/DROPS");
     drop(create_map(&drops, BPF_MAP_TYPE_PERCPU_ARRAY, 4, 8, 29));
-    let err = Dataplane::open(&c).err().expect("must refuse");
+    let err = Dataplane::open(&c).expect_err("must refuse");
     assert!(
         err.to_string().contains("max_entries is 29, expected 37"),
         "{err}"
@@ -900,7 +900,7 @@ fn older_unsupported_and_newer_layouts_are_refused() {
         let pins = PinRoot::new("ol");
         std::fs::create_dir_all(pins.path().join(format!("v{version}"))).unwrap();
         let c = cfg(&pins, 16, 0);
-        let open = Dataplane::open(&c).err().expect("open refuses");
+        let open = Dataplane::open(&c).expect_err("open refuses");
         assert!(open.to_string().contains(expect), "{open}");
         let prepare = dataplane::prepare(&c).expect_err("prepare refuses");
         assert!(prepare.to_string().contains(expect), "{prepare}");

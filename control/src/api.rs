@@ -683,6 +683,7 @@ async fn not_found() -> ApiError {
 }
 
 /// One documented route.
+#[derive(Debug)]
 pub struct RouteDoc {
     pub method: &'static str,
     pub path: &'static str,

@@ -66,6 +66,16 @@ pub struct Client {
     timeout: Duration,
 }
 
+impl std::fmt::Debug for Client {
+    // Never the token.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client")
+            .field("base", &self.base)
+            .field("timeout", &self.timeout)
+            .finish_non_exhaustive()
+    }
+}
+
 impl Client {
     /// A client of a plain `http://` control plane (loopback only, see [`crate::tls`]).
     pub fn new(base: &str, token: &str) -> Result<Self, ClientError> {

@@ -1256,8 +1256,7 @@ fn etcd_auth_signs_in_as_the_configured_user() {
         assert!(EtcdStore::connect(endpoints(), "a/".into()).await.is_err());
         let err = EtcdStore::connect_with(endpoints(), "a/".into(), None, Some(auth("wrong")))
             .await
-            .err()
-            .expect("a wrong password is refused");
+            .expect_err("a wrong password is refused");
         assert!(
             matches!(err, StoreError::EtcdAuth { .. })
                 && err.to_string().contains("store.etcd_password_file"),

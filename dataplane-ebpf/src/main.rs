@@ -60,6 +60,8 @@ use aya_ebpf::{
 use crate::packet::{EthHdr, Ipv4Hdr, Packet, ETH_P_ARP, ETH_P_IP, ETH_P_IPV6};
 
 /// What to do with a frame. Every path through the programs ends in exactly one verdict.
+// No `Debug`: formatting code has no place in a kernel program.
+#[allow(missing_debug_implementations)]
 pub enum Verdict {
     /// Let the kernel continue with the frame unchanged.
     Pass,

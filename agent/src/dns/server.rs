@@ -83,6 +83,12 @@ pub struct DnsServer {
     tcp: SocketAddr,
 }
 
+impl std::fmt::Debug for DnsServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DnsServer").finish_non_exhaustive()
+    }
+}
+
 impl DnsServer {
     /// Opens the server's sockets in the DNS namespace of `plane` and serves `view` on the
     /// current tokio runtime.

@@ -287,6 +287,12 @@ pub struct DnsView {
     inner: Arc<Inner>,
 }
 
+impl std::fmt::Debug for DnsView {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DnsView").finish_non_exhaustive()
+    }
+}
+
 struct Inner {
     forward: ForwardPolicy,
     serial: AtomicU32,

@@ -186,6 +186,12 @@ pub struct ParsedTcp<'a> {
     pub payload: &'a [u8],
 }
 
+impl<'a> std::fmt::Debug for ParsedTcp<'a> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ParsedTcp").finish_non_exhaustive()
+    }
+}
+
 /// Parses an Ethernet frame carrying option-free IPv4 TCP (TCP options are skipped).
 pub fn parse_tcp(f: &[u8]) -> Result<ParsedTcp<'_>, &'static str> {
     let (ip, src, dst, tcp) = ipv4_transport(f, IPPROTO_TCP, 20)?;
@@ -245,6 +251,12 @@ pub struct Parsed<'a> {
     pub udp_checksum: u16,
     pub udp_checksum_ok: bool,
     pub payload: &'a [u8],
+}
+
+impl<'a> std::fmt::Debug for Parsed<'a> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Parsed").finish_non_exhaustive()
+    }
 }
 
 /// Parses an Ethernet frame carrying option-free IPv4 UDP.

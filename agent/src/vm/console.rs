@@ -31,6 +31,12 @@ pub struct Console {
     line: Vec<u8>,
 }
 
+impl std::fmt::Debug for Console {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Console").finish_non_exhaustive()
+    }
+}
+
 impl Console {
     /// Appends to the log at `path` (created with its directory), keeping at most
     /// `max_bytes` on disk and `tail_max` bytes in memory.

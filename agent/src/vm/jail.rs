@@ -116,6 +116,12 @@ pub struct SlotDir {
     pub migrated: bool,
 }
 
+impl std::fmt::Debug for SlotDir {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SlotDir").finish_non_exhaustive()
+    }
+}
+
 impl SlotDir {
     /// Opens (creating if needed) `<run_dir>/s<slot>` and makes it root's with the VM's `gid`,
     /// mode 0710, before anything in it is looked at.

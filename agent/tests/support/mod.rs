@@ -92,11 +92,8 @@ pub fn settled<T: PartialEq>(read: impl Fn() -> T) -> T {
 
 pub fn require_root() {
     // SAFETY: geteuid has no preconditions.
-    assert_eq!(
-        unsafe { libc::geteuid() },
-        0,
-        "these tests need root (CAP_BPF, CAP_NET_ADMIN)"
-    );
+    let euid = unsafe { libc::geteuid() };
+    assert_eq!(euid, 0, "these tests need root (CAP_BPF, CAP_NET_ADMIN)");
 }
 
 pub fn cfg(pins: &PinRoot, max_endpoints: u32, tap_pool: u32) -> DataplaneConfig {

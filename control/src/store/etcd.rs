@@ -82,6 +82,16 @@ pub struct EtcdStore {
     max_txn_ops: usize,
 }
 
+impl std::fmt::Debug for EtcdStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EtcdStore")
+            .field("endpoints", &self.inner.endpoints)
+            .field("prefix", &self.inner.prefix)
+            .field("max_txn_ops", &self.max_txn_ops)
+            .finish_non_exhaustive()
+    }
+}
+
 struct EtcdInner {
     client: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
     /// Base URLs without a trailing slash.
@@ -672,6 +682,15 @@ pub struct EtcdWatch {
     pending: VecDeque<WatchBatch>,
     /// Revision of the last batch returned (or the revision the watch started after).
     after: u64,
+}
+
+impl std::fmt::Debug for EtcdWatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EtcdWatch")
+            .field("url", &self.url)
+            .field("after", &self.after)
+            .finish_non_exhaustive()
+    }
 }
 
 impl EtcdWatch {

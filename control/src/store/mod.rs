@@ -223,7 +223,7 @@ pub enum StoreError {
 }
 
 /// A store handle; cheap to clone (every backend keeps its state behind an `Arc`).
-#[derive(Clone)]
+#[derive(Clone, Debug)]
 pub enum Store {
     Sqlite(sqlite::SqliteStore),
     Etcd(etcd::EtcdStore),
@@ -317,6 +317,7 @@ impl Store {
 }
 
 /// A stream of [`WatchBatch`]es from [`Store::watch`].
+#[derive(Debug)]
 pub enum Watch {
     Sqlite(sqlite::SqliteWatch),
     Etcd(etcd::EtcdWatch),

@@ -121,6 +121,12 @@ pub struct SqliteStore {
     inner: Arc<Inner>,
 }
 
+impl std::fmt::Debug for SqliteStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SqliteStore").finish_non_exhaustive()
+    }
+}
+
 struct Inner {
     path: PathBuf,
     queue: mpsc::Sender<WriteRequest>,
@@ -423,6 +429,12 @@ pub struct SqliteWatch {
     after: u64,
     revision: watch::Receiver<u64>,
     pending: VecDeque<WatchBatch>,
+}
+
+impl std::fmt::Debug for SqliteWatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SqliteWatch").finish_non_exhaustive()
+    }
 }
 
 impl SqliteWatch {
