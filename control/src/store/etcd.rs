@@ -121,11 +121,28 @@ impl std::fmt::Debug for EtcdAuth {
 }
 
 /// A failed request; a TLS failure says what TLS said and which settings verify the server.
+/// Over `https://`, a connection the server closes before any response is taken for TLS's too:
+/// under TLS 1.3 a server that refuses the client's certificate does so after the client's
+/// side of the handshake is done, and its alert may lose the race with the close.
 fn request_error(url: String, source: hyper_util::client::legacy::Error) -> StoreError {
-    match crate::tls::tls_cause(&source) {
-        Some(cause) => StoreError::EtcdTls { url, cause },
-        None => StoreError::EtcdRequest { url, source },
+    if let Some(cause) = crate::tls::tls_cause(&source) {
+        return StoreError::EtcdTls { url, cause };
     }
+    let closed = std::iter::successors(
+        Some(&source as &(dyn std::error::Error + 'static)),
+        |e| e.source(),
+    )
+    .filter_map(|e| e.downcast_ref::<hyper::Error>())
+    .any(|e| e.is_canceled() || e.is_closed() || e.is_incomplete_message());
+    if closed && url.starts_with("https://") {
+        return StoreError::EtcdTls {
+            url,
+            cause: "the server closed the connection during or right after the handshake \
+                    (does it want a client certificate it did not get?)"
+                .into(),
+        };
+    }
+    StoreError::EtcdRequest { url, source }
 }
 
 impl EtcdStore {
