@@ -128,10 +128,9 @@ fn request_error(url: String, source: hyper_util::client::legacy::Error) -> Stor
     if let Some(cause) = crate::tls::tls_cause(&source) {
         return StoreError::EtcdTls { url, cause };
     }
-    let closed = std::iter::successors(
-        Some(&source as &(dyn std::error::Error + 'static)),
-        |e| e.source(),
-    )
+    let closed = std::iter::successors(Some(&source as &(dyn std::error::Error + 'static)), |e| {
+        e.source()
+    })
     .filter_map(|e| e.downcast_ref::<hyper::Error>())
     .any(|e| e.is_canceled() || e.is_closed() || e.is_incomplete_message());
     if closed && url.starts_with("https://") {
