@@ -620,20 +620,25 @@ impl EtcdStore {
     }
 }
 
+/// A response's whole body.
+async fn body_bytes(url: &str, response: Response<Incoming>) -> Result<Bytes, StoreError> {
+    Ok(response
+        .into_body()
+        .collect()
+        .await
+        .map_err(|source| StoreError::EtcdBody {
+            url: url.to_owned(),
+            source,
+        })?
+        .to_bytes())
+}
+
 /// A successful response's JSON body.
 async fn read_json<T: DeserializeOwned>(
     url: String,
     response: Response<Incoming>,
 ) -> Result<T, StoreError> {
-    let bytes = response
-        .into_body()
-        .collect()
-        .await
-        .map_err(|source| StoreError::EtcdBody {
-            url: url.clone(),
-            source,
-        })?
-        .to_bytes();
+    let bytes = body_bytes(&url, response).await?;
     serde_json::from_slice(&bytes).map_err(|source| StoreError::EtcdJson { url, source })
 }
 
@@ -646,15 +651,7 @@ async fn check_status(
     if status.is_success() {
         return Ok(response);
     }
-    let bytes = response
-        .into_body()
-        .collect()
-        .await
-        .map_err(|source| StoreError::EtcdBody {
-            url: url.to_owned(),
-            source,
-        })?
-        .to_bytes();
+    let bytes = body_bytes(url, response).await?;
     let mut body = String::from_utf8_lossy(&bytes).into_owned();
     if body.len() > MAX_ERROR_BODY {
         let mut cut = MAX_ERROR_BODY;
