@@ -4,8 +4,9 @@
 //!   LLVM 22) and mounts bpffs. Idempotent: checks first, so it is quick when all is present.
 //! - `build`: release build of every crate (the agent's build script compiles the eBPF object).
 //! - `demo`: setup + build + `atoll-agent demo` (the README's first command).
-//! - `test`: setup, the guest image, formatting and clippy (`-D warnings`) on every crate, the
-//!   whole test suite as root, a smoke run of the benchmarks and the demo (the README's second command; CI).
+//! - `test`: setup, the guest image, formatting and clippy (`-D warnings`) on every crate (the
+//!   eBPF crate also for its bpfel target), the whole test suite as root, a smoke run of the
+//!   benchmarks and the demo (the README's second command; CI).
 //! - `bench`: full benchmarks, written to docs/benchmarks.md.
 //! - `image`: QEMU 7.2, the guest kernel and initramfs under /var/lib/atoll (docs/vm.md, "Guest
 //!   image"). Cached: a rerun with unchanged inputs only probe-boots the result.
@@ -64,6 +65,9 @@ enum Cmd {
 const APT_PACKAGES: &[&str] = &[
     "rustc-web",
     "cargo-web",
+    // Clippy for Debian's rustc: the only clippy that can check the bpfel target (it needs the
+    // same compiler as the prebuilt `core`).
+    "rust-web-clippy",
     "libstd-rust-web-dev-bpf",
     "llvm-22-dev",
     "libpolly-22-dev",
@@ -230,6 +234,29 @@ fn apt_install(packages: &[&str]) -> Result<()> {
     Ok(())
 }
 
+/// Clippy on the eBPF crate as the kernel gets it: Debian's toolchain for `bpfel-unknown-none`,
+/// with the flags of `agent/build.rs`. `cargo-clippy` is called by its path: through `cargo`,
+/// the subcommand would resolve to rustup's clippy, whose compiler cannot read Debian's
+/// prebuilt `core`. Its own target directory keeps the checks from invalidating the build's.
+fn clippy_bpf() -> Result<()> {
+    let home = std::env::var("HOME").unwrap_or_else(|_| "/root".into());
+    let cargo_home = std::env::var("CARGO_HOME").unwrap_or_else(|_| format!("{home}/.cargo"));
+    let root = workspace_root();
+    run(Command::new("/usr/bin/cargo-clippy")
+        .env_clear()
+        .env("PATH", format!("{cargo_home}/bin:/usr/bin:/bin"))
+        .env("HOME", &home)
+        .env("CARGO_HOME", &cargo_home)
+        .env("RUSTC", "/usr/bin/rustc")
+        .env("RUSTC_BOOTSTRAP", "1")
+        .env("RUSTFLAGS", "--cfg=bpf_target_arch=\"x86_64\"")
+        .current_dir(root.join("dataplane-ebpf"))
+        .args(["clippy", "--release", "--target", "bpfel-unknown-none"])
+        .arg("--target-dir")
+        .arg(root.join("target/bpf-clippy"))
+        .args(["--", "-D", "warnings"]))
+}
+
 fn build() -> Result<()> {
     run(cargo().args(["build", "--release", "--workspace"]))
 }
@@ -238,7 +265,8 @@ fn test() -> Result<()> {
     setup()?;
     image::image(&workspace_root())?;
     run(cargo().args(["fmt", "--all", "--check"]))?;
-    // The eBPF crate compiles for the host too, so clippy covers it with the rest.
+    // The eBPF crate compiles for the host too, so clippy covers it with the rest; the kernel
+    // build (`cfg(target_arch = "bpf")` code, the program entry points) is checked on its own.
     run(cargo().args([
         "clippy",
         "--workspace",
@@ -247,6 +275,7 @@ fn test() -> Result<()> {
         "-D",
         "warnings",
     ]))?;
+    clippy_bpf()?;
     run(cargo().args([
         "build",
         "--release",
