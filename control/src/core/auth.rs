@@ -1,0 +1,150 @@
+//! Who a request comes from and what it may do: bearer tokens (256-bit secrets, stored as
+//! SHA-256 hashes and compared in constant time) resolve to a [`Principal`], and
+//! [`Core::authorize`] decides per command before any store read: a cloud token only ever
+//! names its own cloud, a host token its own host, and the operator token administers everything.
+
+use super::*;
+
+/// SHA-256 of a token, lowercase hex.
+pub fn token_hash(token: &str) -> String {
+    let digest = Sha256::digest(token.as_bytes());
+    digest.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+pub(super) fn ct_eq(a: &str, b: &str) -> bool {
+    a.len() == b.len()
+        && a.bytes()
+            .zip(b.bytes())
+            .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+            == 0
+}
+
+/// The operator, or the host itself.
+pub fn authorize_host(p: &Principal, host: &str) -> Result<(), CoreError> {
+    match p {
+        Principal::Operator => Ok(()),
+        Principal::Host(own) if own == host => Ok(()),
+        Principal::Host(_) => Err(CoreError::Forbidden(format!("act as host {host}"))),
+        Principal::Cloud(_) => Err(CoreError::Forbidden("manage hosts".into())),
+    }
+}
+
+/// A new random token of cloud `c`: `atl_<cloud>_<256-bit secret>`.
+pub(super) fn new_cloud_token(c: CloudId) -> Result<String, CoreError> {
+    let secret = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(random_bytes::<32>()?);
+    Ok(format!("atl_{c}_{secret}"))
+}
+
+/// A new random operator token.
+pub fn new_operator_token() -> Result<String, CoreError> {
+    let secret = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(random_bytes::<32>()?);
+    Ok(format!("atl_op_{secret}"))
+}
+
+pub(super) fn random_bytes<const N: usize>() -> Result<[u8; N], CoreError> {
+    let mut buf = [0u8; N];
+    getrandom::fill(&mut buf).map_err(|e| CoreError::Random(e.to_string()))?;
+    Ok(buf)
+}
+
+impl Core {
+    /// Resolves a bearer token to its principal.
+    pub async fn authenticate(&self, token: &str) -> Result<Principal, CoreError> {
+        if token.starts_with("atl_op_") {
+            return if ct_eq(&token_hash(token), &self.cfg.operator_token_sha256) {
+                Ok(Principal::Operator)
+            } else {
+                Err(CoreError::Unauthenticated)
+            };
+        }
+        if let Some(rest) = token.strip_prefix("atl_host_") {
+            // Host names are labels (no '_'), so the first '_' ends the name.
+            let name = rest
+                .split_once('_')
+                .map(|(n, _)| n)
+                .filter(|n| validate_label("host", n).is_ok())
+                .ok_or(CoreError::Unauthenticated)?;
+            let Some(kv) = self.store.get(&keys::host(name)).await? else {
+                return Err(CoreError::Unauthenticated);
+            };
+            let h: HostInfo = decode(&kv.key, &kv.value)?;
+            return if !h.token_sha256.is_empty() && ct_eq(&token_hash(token), &h.token_sha256) {
+                Ok(Principal::Host(name.to_string()))
+            } else {
+                Err(CoreError::Unauthenticated)
+            };
+        }
+        let cloud: CloudId = token
+            .strip_prefix("atl_")
+            .and_then(|t| t.split_once('_'))
+            .and_then(|(c, _)| c.parse().ok())
+            .ok_or(CoreError::Unauthenticated)?;
+        let Some(kv) = self.store.get(&keys::cloud(cloud)).await? else {
+            return Err(CoreError::Unauthenticated);
+        };
+        let c: Cloud = decode(&kv.key, &kv.value)?;
+        if ct_eq(&token_hash(token), &c.token_sha256) {
+            Ok(Principal::Cloud(cloud))
+        } else {
+            Err(CoreError::Unauthenticated)
+        }
+    }
+
+    pub(super) fn authorize(&self, p: &Principal, cmd: &Command) -> Result<(), CoreError> {
+        use Command::*;
+        let operator_only = |what: &str| match p {
+            Principal::Operator => Ok(()),
+            _ => Err(CoreError::Forbidden(what.to_string())),
+        };
+        let cloud = match cmd {
+            CreateCloud(_) => return operator_only("create clouds"),
+            ListClouds { .. } => {
+                return match p {
+                    Principal::Host(_) => Err(CoreError::Forbidden("list clouds".into())),
+                    _ => Ok(()),
+                }
+            }
+            RegisterHost(h) | ReportStatus(h, _) => return authorize_host(p, h),
+            IssueHostToken(_) | CordonHost(..) | ListHosts => return operator_only("manage hosts"),
+            GetCloud(c)
+            | DeleteCloud(c)
+            | RotateCloudToken(c)
+            | CreateVm(c, _)
+            | ListVms(c)
+            | GetVm(c, _)
+            | DeleteVm(c, _)
+            | StartVm(c, _)
+            | StopVm(c, _)
+            | GetConsole(c, _)
+            | CreateVolume(c, _)
+            | ListVolumes(c)
+            | GetVolume(c, _)
+            | DeleteVolume(c, _)
+            | AttachVolume(c, ..)
+            | DetachVolume(c, _)
+            | PutRecordSet(c, ..)
+            | ListRecordSets(c)
+            | DeleteRecordSet(c, ..)
+            | CreateExposure(c, _)
+            | ListExposures(c)
+            | GetExposure(c, _)
+            | DeleteExposure(c, _)
+            | CreateGrant(c, ..)
+            | ListGrants(c, _)
+            | RevokeGrant(c, ..)
+            | ListExposureOffers(c, _)
+            | ListImports(c)
+            | DeleteImport(c, ..)
+            | ListOffers(c)
+            | AcceptOffer(c, ..)
+            | DeclineOffer(c, ..)
+            | GetOfferPolicy(c)
+            | PutOfferPolicy(c, _) => *c,
+        };
+        match p {
+            Principal::Operator => Ok(()),
+            Principal::Cloud(own) if *own == cloud => Ok(()),
+            _ => Err(CoreError::Forbidden(format!("access cloud {cloud}"))),
+        }
+    }
+}

@@ -1,0 +1,196 @@
+//! Clouds: create (a random id, its gateway address and its record in one transaction),
+//! token rotation, listing, and delete, which revokes the grants and offers the cloud gave
+//! and received within the store's transaction limit (see the module docs of [`super`]).
+
+use super::*;
+
+pub(super) fn validate_quotas(q: &Quotas) -> Result<(), FieldError> {
+    let checks: [(&str, u64, u64); 5] = [
+        ("quotas.vms", q.vms as u64, 100_000),
+        ("quotas.vcpus", q.vcpus as u64, 1_000_000),
+        ("quotas.memory_mib", q.memory_mib, 1 << 34),
+        ("quotas.volume_gib", q.volume_gib, 1 << 24),
+        ("quotas.bandwidth_mbps", q.bandwidth_mbps as u64, 1_000_000),
+    ];
+    for (field, v, max) in checks {
+        if v > max {
+            return Err(FieldError::new(field, format!("at most {max}")));
+        }
+    }
+    Ok(())
+}
+
+impl Core {
+    pub(super) async fn cloud(&self, c: CloudId) -> Result<(u64, Cloud), CoreError> {
+        let (rev, mut cloud): (u64, Cloud) =
+            self.read(&keys::cloud(c), || format!("cloud {c}")).await?;
+        cloud.token_sha256.clear();
+        Ok((rev, cloud))
+    }
+
+    /// The cloud record including its token hash (to write it back).
+    pub(super) async fn cloud_record(&self, c: CloudId) -> Result<(u64, Cloud), CoreError> {
+        self.read(&keys::cloud(c), || format!("cloud {c}")).await
+    }
+
+    pub(super) async fn create_cloud(&self, req: CreateCloud) -> Result<Reply, CoreError> {
+        if let Some(name) = &req.name {
+            validate_label("name", name)?;
+        }
+        let cidr = req.cidr.unwrap_or(self.cfg.default_cidr);
+        if !(8..=28).contains(&cidr.len) {
+            return Err(FieldError::new("cidr", "prefix length must be 8 to 28").into());
+        }
+        let quotas = req.quotas.unwrap_or(self.cfg.default_quotas);
+        validate_quotas(&quotas)?;
+        optimistic!("cloud ids".into(), async {
+            let raw = u32::from_le_bytes(random_bytes::<4>()?);
+            if raw == 0 {
+                return retry();
+            }
+            let id = CloudId(raw);
+            let token = new_cloud_token(id)?;
+            let name = req.name.clone().unwrap_or_else(|| id.to_string());
+            let gateway = Ipv4Addr::from(cidr.network() + 1);
+            let cloud = Cloud {
+                id,
+                zone: zone_apex(&name, &self.cfg.dns_suffix),
+                name,
+                cidr,
+                gateway,
+                quotas,
+                usage: Usage::default(),
+                created_at: now(),
+                token_sha256: token_hash(&token),
+            };
+            let txn = Txn {
+                compares: vec![Compare::Absent(keys::cloud(id))],
+                success: vec![
+                    put(keys::cloud(id), &cloud),
+                    Op::Put {
+                        key: keys::ip(id, gateway),
+                        value: b"\"gateway\"".to_vec(),
+                    },
+                ],
+            };
+            if self.commit(txn).await?.is_some() {
+                let mut cloud = cloud;
+                cloud.token_sha256.clear();
+                return done(Reply::CreatedCloud(Box::new(CreatedCloud { cloud, token })));
+            }
+            retry()
+        })
+    }
+
+    /// Gives cloud `c` a new token, which replaces its hash in the cloud record (guarded by the
+    /// record's revision, retried on a lost race). Every request authenticates against the
+    /// stored hash (nothing caches it), so the old token stops working at once, on every
+    /// control plane sharing the store.
+    pub(super) async fn rotate_cloud_token(&self, c: CloudId) -> Result<Reply, CoreError> {
+        let token = new_cloud_token(c)?;
+        optimistic!(format!("cloud {c}"), async {
+            let (rev, mut cloud) = self.cloud_record(c).await?;
+            cloud.token_sha256 = token_hash(&token);
+            let txn = Txn {
+                compares: vec![Compare::ModRevision(keys::cloud(c), rev)],
+                success: vec![put(keys::cloud(c), &cloud)],
+            };
+            if self.commit(txn).await?.is_some() {
+                cloud.token_sha256.clear();
+                return done(Reply::CloudToken(Box::new(CloudToken {
+                    cloud,
+                    token: token.clone(),
+                })));
+            }
+            retry()
+        })
+    }
+
+    pub(super) async fn list_clouds(
+        &self,
+        after: Option<CloudId>,
+        limit: usize,
+    ) -> Result<Reply, CoreError> {
+        let start = after.map(keys::cloud);
+        let limit = limit.clamp(1, 1000);
+        let page = self.store.range("clouds/", start.as_deref(), limit).await?;
+        let mut out = Vec::with_capacity(page.len());
+        for kv in page {
+            let mut c: Cloud = decode(&kv.key, &kv.value)?;
+            c.token_sha256.clear();
+            out.push(c);
+        }
+        Ok(Reply::Clouds(out))
+    }
+
+    pub(super) async fn delete_cloud(&self, c: CloudId) -> Result<Reply, CoreError> {
+        optimistic!(format!("cloud {c}"), async {
+            let (rev, _) = self.cloud(c).await?;
+            let vms: Vec<Vm> = self.list(&keys::vms(c)).await?;
+            let volumes: Vec<Volume> = self.list(&keys::volumes(c)).await?;
+            let exports: Vec<(String, u64, Grant)> = self.list_kv(&keys::all_grants(c)).await?;
+            let imports: Vec<(String, u64, Grant)> = self.list_kv(&keys::imports(c)).await?;
+            let offered: Vec<(String, u64, Offer)> = self.list_kv(&keys::all_offers(c)).await?;
+            let received: Vec<(String, u64, Offer)> = self.list_kv(&keys::inbox(c)).await?;
+            let mut ops = vec![
+                Op::Delete {
+                    key: keys::cloud(c),
+                },
+                Op::DeletePrefix {
+                    prefix: keys::inside(c),
+                },
+            ];
+            let hosts: BTreeSet<&str> = vms.iter().map(|v| v.host.as_str()).collect();
+            for h in &hosts {
+                ops.push(Op::DeletePrefix {
+                    prefix: keys::placements_of(h, c),
+                });
+            }
+            let vhosts: BTreeSet<&str> = volumes.iter().map(|v| v.host.as_str()).collect();
+            for h in &vhosts {
+                ops.push(Op::DeletePrefix {
+                    prefix: keys::volume_placements_of(h, c),
+                });
+            }
+            let own = Txn {
+                compares: vec![Compare::ModRevision(keys::cloud(c), rev)],
+                success: ops,
+            };
+            // Grants this cloud gave (the consumers' imports and VIPs go too) and grants it
+            // received (the providers' grant records go too).
+            let mut revocations = Vec::with_capacity(exports.len() + imports.len());
+            for (key, grev, g) in &exports {
+                revocations.push(Revocation::new(g, key, *grev));
+            }
+            for (key, grev, g) in &imports {
+                revocations.push(Revocation::new(g, key, *grev));
+            }
+            // Offers it made (the consumers' copies go too) and its copies of offers it
+            // received (the providers' records stay pending: see `Revocation::received_offer`).
+            for (key, orev, o) in &offered {
+                revocations.push(Revocation::offer(o, key, *orev));
+            }
+            for (key, orev, o) in &received {
+                revocations.push(Revocation::received_offer(o, key, *orev));
+            }
+            let placements = hosts.len() + vhosts.len();
+            let too_large = |size, limit| CoreError::TxnTooLarge {
+                what: format!("deleting cloud {c}"),
+                size,
+                limit,
+                hint: format!(
+                    "removing its VM and volume placements takes {placements} of them (one per \
+                         host and kind); delete some of its VMs and volumes first, or raise both \
+                         limits"
+                ),
+            };
+            if self
+                .commit_delete(own, &keys::inside(c), revocations, too_large)
+                .await?
+            {
+                return done(Reply::Done);
+            }
+            retry()
+        })
+    }
+}

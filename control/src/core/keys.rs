@@ -1,0 +1,123 @@
+//! The store's key layout: every key the core reads or writes is built here, so the layout
+//! is written once. `clouds/<id>` holds a cloud's record; everything a cloud owns is under
+//! `c/<id>/`; what a host applies is under `h/<host>/`; offers to a consumer are under
+//! `offers/<consumer>/`, outside the consumer's own keys.
+
+use super::CloudId;
+
+pub fn cloud(c: CloudId) -> String {
+    format!("clouds/{c}")
+}
+pub fn inside(c: CloudId) -> String {
+    format!("c/{c}/")
+}
+pub fn vms(c: CloudId) -> String {
+    format!("c/{c}/vms/")
+}
+pub fn vm(c: CloudId, vm: &str) -> String {
+    format!("c/{c}/vms/{vm}")
+}
+pub fn vm_status(c: CloudId, vm: &str) -> String {
+    format!("c/{c}/vmstatus/{vm}")
+}
+pub fn vm_statuses(c: CloudId) -> String {
+    format!("c/{c}/vmstatus/")
+}
+/// The tail of a VM's console. Like the status key, not a kind that [`super::zone_cloud`]
+/// or [`super::service_cloud`] name, so its changes never reach host syncs.
+pub fn vm_console(c: CloudId, vm: &str) -> String {
+    format!("c/{c}/vmconsole/{vm}")
+}
+pub fn ips(c: CloudId) -> String {
+    format!("c/{c}/ip/")
+}
+pub fn ip(c: CloudId, ip: std::net::Ipv4Addr) -> String {
+    format!("c/{c}/ip/{ip}")
+}
+pub fn volumes(c: CloudId) -> String {
+    format!("c/{c}/volumes/")
+}
+pub fn volume(c: CloudId, v: &str) -> String {
+    format!("c/{c}/volumes/{v}")
+}
+pub fn records(c: CloudId) -> String {
+    format!("c/{c}/dns/")
+}
+pub fn record(c: CloudId, name: &str, t: &str) -> String {
+    format!("c/{c}/dns/{name}/{t}")
+}
+pub fn exposures(c: CloudId) -> String {
+    format!("c/{c}/exposures/")
+}
+pub fn exposure(c: CloudId, e: &str) -> String {
+    format!("c/{c}/exposures/{e}")
+}
+pub fn grants(c: CloudId, e: &str) -> String {
+    format!("c/{c}/grants/{e}/")
+}
+pub fn all_grants(c: CloudId) -> String {
+    format!("c/{c}/grants/")
+}
+pub fn grant(c: CloudId, e: &str, consumer: CloudId) -> String {
+    format!("c/{c}/grants/{e}/{consumer}")
+}
+/// A host's failure to install the grant `(provider, consumer, vip)`: under the provider,
+/// so deleting the provider removes it, and of no kind that reaches host syncs.
+pub fn service_failure(provider: CloudId, consumer: CloudId, vip: std::net::Ipv4Addr) -> String {
+    format!("c/{provider}/svcstatus/{consumer}/{vip}")
+}
+pub fn service_failures(provider: CloudId) -> String {
+    format!("c/{provider}/svcstatus/")
+}
+pub fn imports(c: CloudId) -> String {
+    format!("c/{c}/imports/")
+}
+pub fn import(consumer: CloudId, provider: CloudId, e: &str) -> String {
+    format!("c/{consumer}/imports/{provider}/{e}")
+}
+/// The provider's record of a pending offer.
+pub fn offer(c: CloudId, e: &str, consumer: CloudId) -> String {
+    format!("c/{c}/offers/{e}/{consumer}")
+}
+pub fn offers(c: CloudId, e: &str) -> String {
+    format!("c/{c}/offers/{e}/")
+}
+pub fn all_offers(c: CloudId) -> String {
+    format!("c/{c}/offers/")
+}
+/// The consumer's copy of a pending offer: outside the consumer's own keys (`c/<cloud>/`),
+/// so that an offer writes nothing into a cloud, and the same whether the cloud exists.
+pub fn inbox_entry(consumer: CloudId, provider: CloudId, e: &str) -> String {
+    format!("offers/{consumer}/{provider}/{e}")
+}
+pub fn inbox(consumer: CloudId) -> String {
+    format!("offers/{consumer}/")
+}
+pub fn inbox_from(consumer: CloudId, provider: CloudId) -> String {
+    format!("offers/{consumer}/{provider}/")
+}
+/// The cloud's [`super::OfferPolicy`]; no trailing kind, so no zone or service depends on it.
+pub fn offer_policy(c: CloudId) -> String {
+    format!("c/{c}/offerpolicy")
+}
+pub fn hosts() -> &'static str {
+    "hosts/"
+}
+pub fn host(h: &str) -> String {
+    format!("hosts/{h}")
+}
+pub fn host_all(h: &str) -> String {
+    format!("h/{h}/")
+}
+pub fn placement(h: &str, c: CloudId, vm: &str) -> String {
+    format!("h/{h}/vms/{c}/{vm}")
+}
+pub fn placements_of(h: &str, c: CloudId) -> String {
+    format!("h/{h}/vms/{c}/")
+}
+pub fn volume_placement(h: &str, c: CloudId, v: &str) -> String {
+    format!("h/{h}/volumes/{c}/{v}")
+}
+pub fn volume_placements_of(h: &str, c: CloudId) -> String {
+    format!("h/{h}/volumes/{c}/")
+}

@@ -1,0 +1,68 @@
+//! Placement and liveness: which host a VM goes to (its volumes' host, else the live host
+//! holding most of its cloud, else the least loaded live host), read from the feed's
+//! in-memory view, never from the store.
+
+use super::*;
+
+impl Core {
+    /// The host for a new VM or volume of cloud `c`: the live, uncordoned host holding most of
+    /// the cloud's placements, so its VMs reach each other (traffic between hosts is not
+    /// carried yet); for a cloud with none there, the live, uncordoned host with the fewest
+    /// placements.
+    pub(super) fn pick_host(&self, c: CloudId) -> Result<String, CoreError> {
+        let st = self.feed.state.lock().expect("feed lock");
+        let now = now();
+        let usable = |h: &String| {
+            st.hosts.get(h).is_some_and(|seen| self.live_at(*seen, now)) && !st.cordoned.contains(h)
+        };
+        let home = st
+            .placements
+            .iter()
+            .filter_map(|(h, clouds)| clouds.get(&c).map(|keys| (h, keys.len())))
+            .filter(|(h, _)| usable(h))
+            .max_by_key(|(h, n)| (*n, std::cmp::Reverse(*h)))
+            .map(|(h, _)| h.clone());
+        if let Some(h) = home {
+            return Ok(h);
+        }
+        st.hosts
+            .keys()
+            .filter(|h| usable(h))
+            .min_by_key(|h| st.load(h))
+            .cloned()
+            .ok_or(CoreError::NoHost)
+    }
+
+    /// Makes a committed placement visible to [`Core::pick_host`] at once, before the store
+    /// watch delivers it, so the next create of the same cloud finds its host.
+    pub(super) fn placed(&self, key: &str) {
+        self.feed
+            .state
+            .lock()
+            .expect("feed lock")
+            .apply(key, b"", false);
+    }
+
+    /// Whether a host last heard from at `seen` is live at `now`.
+    pub(super) fn live_at(&self, seen: u64, now: u64) -> bool {
+        now.saturating_sub(seen) <= self.cfg.host_timeout_secs
+    }
+
+    /// Whether `host` is registered and live.
+    pub(super) fn host_live(&self, host: &str) -> bool {
+        self.last_seen(host).is_some_and(|s| self.live_at(s, now()))
+    }
+
+    /// When the scheduler last knew `host` to be alive; `None` if it is not registered.
+    pub(super) fn last_seen(&self, host: &str) -> Option<u64> {
+        let st = self.feed.state.lock().expect("feed lock");
+        st.hosts.get(host).copied()
+    }
+
+    /// Makes a committed host record visible to scheduling at once, the way the store watch
+    /// applies it when it arrives.
+    pub(super) fn host_recorded(&self, info: &HostInfo) {
+        let mut st = self.feed.state.lock().expect("feed lock");
+        st.apply(&keys::host(&info.name), &encode(info), false);
+    }
+}
