@@ -186,7 +186,12 @@ impl Source {
         };
         match self {
             Source::Local(core) => core
-                .execute(Principal::Operator, Command::RegisterHost(host.to_string()))
+                .execute(
+                    Principal::Operator,
+                    Command::RegisterHost {
+                        host: host.to_string(),
+                    },
+                )
                 .await
                 .map(drop)
                 .map_err(|e| err(Box::new(e))),
@@ -241,7 +246,10 @@ impl Source {
             Source::Local(core) => core
                 .execute(
                     Principal::Operator,
-                    Command::ReportStatus(host.to_string(), report),
+                    Command::ReportStatus {
+                        host: host.to_string(),
+                        report,
+                    },
                 )
                 .await
                 .map(drop)

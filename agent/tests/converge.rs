@@ -97,16 +97,51 @@ async fn vms_volumes_and_clouds_converge_onto_the_host() {
     let mut conv = Converger::new(conv_cfg.clone(), source.clone(), None);
     assert_eq!(step(&mut conv, &mut host).await.created, 0, "nothing yet");
 
-    let Reply::CreatedCloud(a) = exec(&core, Cmd::CreateCloud(CreateCloud::default())).await else {
+    let Reply::CreatedCloud(a) = exec(
+        &core,
+        Cmd::CreateCloud {
+            spec: CreateCloud::default(),
+        },
+    )
+    .await
+    else {
         panic!()
     };
-    let Reply::CreatedCloud(b) = exec(&core, Cmd::CreateCloud(CreateCloud::default())).await else {
+    let Reply::CreatedCloud(b) = exec(
+        &core,
+        Cmd::CreateCloud {
+            spec: CreateCloud::default(),
+        },
+    )
+    .await
+    else {
         panic!()
     };
     let (a, b) = (a.cloud.id, b.cloud.id);
-    exec(&core, Cmd::CreateVm(a, vm("web"))).await;
-    exec(&core, Cmd::CreateVm(a, vm("db"))).await;
-    exec(&core, Cmd::CreateVm(b, vm("web"))).await;
+    exec(
+        &core,
+        Cmd::CreateVm {
+            cloud: a,
+            spec: vm("web"),
+        },
+    )
+    .await;
+    exec(
+        &core,
+        Cmd::CreateVm {
+            cloud: a,
+            spec: vm("db"),
+        },
+    )
+    .await;
+    exec(
+        &core,
+        Cmd::CreateVm {
+            cloud: b,
+            spec: vm("web"),
+        },
+    )
+    .await;
     let raw = CreateVolume {
         name: "data".into(),
         size_gib: 2,
@@ -117,8 +152,22 @@ async fn vms_volumes_and_clouds_converge_onto_the_host() {
         size_gib: 1,
         format: VolumeFormat::Qcow2,
     };
-    exec(&core, Cmd::CreateVolume(a, raw)).await;
-    exec(&core, Cmd::CreateVolume(a, qcow)).await;
+    exec(
+        &core,
+        Cmd::CreateVolume {
+            cloud: a,
+            spec: raw,
+        },
+    )
+    .await;
+    exec(
+        &core,
+        Cmd::CreateVolume {
+            cloud: a,
+            spec: qcow,
+        },
+    )
+    .await;
 
     let stats = step(&mut conv, &mut host).await;
     assert_eq!((stats.created, stats.failed), (3, 0), "{stats:?}");
@@ -141,7 +190,15 @@ async fn vms_volumes_and_clouds_converge_onto_the_host() {
         assert_eq!(e.mac.to_string(), guest_mac(e.ipv4));
     }
     // The host reported them; the API shows them ready, with their device.
-    let Reply::Vm(web) = exec(&core, Cmd::GetVm(a, "web".into())).await else {
+    let Reply::Vm(web) = exec(
+        &core,
+        Cmd::GetVm {
+            cloud: a,
+            vm: "web".into(),
+        },
+    )
+    .await
+    else {
         panic!()
     };
     let status = web.status.unwrap();
@@ -168,13 +225,20 @@ async fn vms_volumes_and_clouds_converge_onto_the_host() {
     assert_eq!(host.endpoints().unwrap().len(), 3);
 
     // Delete one VM: its endpoint goes with the next delta.
-    exec(&core, Cmd::DeleteVm(a, "db".into())).await;
+    exec(
+        &core,
+        Cmd::DeleteVm {
+            cloud: a,
+            vm: "db".into(),
+        },
+    )
+    .await;
     let stats = step(&mut conv, &mut host).await;
     assert_eq!(stats.deleted, 1);
     assert_eq!(host.endpoints().unwrap().len(), 2);
 
     // Delete cloud A: its endpoint and volume files go; B is untouched.
-    exec(&core, Cmd::DeleteCloud(a)).await;
+    exec(&core, Cmd::DeleteCloud { cloud: a }).await;
     let stats = step(&mut conv, &mut host).await;
     assert_eq!(stats.deleted, 1);
     let eps = host.endpoints().unwrap();
@@ -182,7 +246,7 @@ async fn vms_volumes_and_clouds_converge_onto_the_host() {
     assert_eq!(eps[0].cloud.get(), b.0);
     assert!(!vdir.exists(), "cloud A's volume directory is gone");
 
-    exec(&core, Cmd::DeleteCloud(b)).await;
+    exec(&core, Cmd::DeleteCloud { cloud: b }).await;
     step(&mut conv, &mut host).await;
     assert!(host.endpoints().unwrap().is_empty());
     host.destroy().await.unwrap();
@@ -338,7 +402,14 @@ async fn remote_agent_converges_over_https() {
     let _links = LinksWithPrefix(prefix.clone());
     let core = control_plane(dir.path()).await;
     let api = serve_api(core.clone()).await;
-    let Reply::HostToken(issued) = exec(&core, Cmd::IssueHostToken("remote1".into())).await else {
+    let Reply::HostToken(issued) = exec(
+        &core,
+        Cmd::IssueHostToken {
+            host: "remote1".into(),
+        },
+    )
+    .await
+    else {
         panic!()
     };
     let token_file = dir.path().join("host.token");
@@ -403,10 +474,24 @@ async fn remote_agent_converges_over_https() {
     conv.apply(&mut host, first).await.unwrap();
     // A long poll in flight is woken by the VM create.
     let poll = conv.next_delta(Duration::from_secs(20));
-    let Reply::CreatedCloud(c) = exec(&core, Cmd::CreateCloud(CreateCloud::default())).await else {
+    let Reply::CreatedCloud(c) = exec(
+        &core,
+        Cmd::CreateCloud {
+            spec: CreateCloud::default(),
+        },
+    )
+    .await
+    else {
         panic!()
     };
-    exec(&core, Cmd::CreateVm(c.cloud.id, vm("r1"))).await;
+    exec(
+        &core,
+        Cmd::CreateVm {
+            cloud: c.cloud.id,
+            spec: vm("r1"),
+        },
+    )
+    .await;
     let mut delta = poll.await.unwrap();
     while delta.vms.is_empty() {
         conv.apply(&mut host, delta).await.unwrap();
@@ -420,7 +505,15 @@ async fn remote_agent_converges_over_https() {
         (eps[0].cloud.get(), eps[0].ipv4),
         (c.cloud.id.0, Ipv4Addr::new(10, 0, 0, 2))
     );
-    let Reply::Vm(v) = exec(&core, Cmd::GetVm(c.cloud.id, "r1".into())).await else {
+    let Reply::Vm(v) = exec(
+        &core,
+        Cmd::GetVm {
+            cloud: c.cloud.id,
+            vm: "r1".into(),
+        },
+    )
+    .await
+    else {
         panic!()
     };
     assert_eq!(
@@ -430,11 +523,25 @@ async fn remote_agent_converges_over_https() {
     );
     // The operator rotates the host's token and writes the new one to the agent's file: the
     // next sync is refused with the old one, and the agent carries on with the new one.
-    let Reply::HostToken(rotated) = exec(&core, Cmd::IssueHostToken("remote1".into())).await else {
+    let Reply::HostToken(rotated) = exec(
+        &core,
+        Cmd::IssueHostToken {
+            host: "remote1".into(),
+        },
+    )
+    .await
+    else {
         panic!()
     };
     std::fs::write(&token_file, &rotated.token).unwrap();
-    exec(&core, Cmd::CreateVm(c.cloud.id, vm("r2"))).await;
+    exec(
+        &core,
+        Cmd::CreateVm {
+            cloud: c.cloud.id,
+            spec: vm("r2"),
+        },
+    )
+    .await;
     let mut delta = conv.next_delta(Duration::from_secs(20)).await.unwrap();
     while delta.vms.is_empty() {
         conv.apply(&mut host, delta).await.unwrap();
@@ -546,16 +653,61 @@ async fn exposures_converge_onto_the_host() {
         Reply::CreatedCloud(c) => c.cloud.id,
         other => panic!("{other:?}"),
     };
-    let p = cloud(exec(&core, Cmd::CreateCloud(CreateCloud::default())).await);
-    let c1 = cloud(exec(&core, Cmd::CreateCloud(CreateCloud::default())).await);
-    let c2 = cloud(exec(&core, Cmd::CreateCloud(CreateCloud::default())).await);
+    let p = cloud(
+        exec(
+            &core,
+            Cmd::CreateCloud {
+                spec: CreateCloud::default(),
+            },
+        )
+        .await,
+    );
+    let c1 = cloud(
+        exec(
+            &core,
+            Cmd::CreateCloud {
+                spec: CreateCloud::default(),
+            },
+        )
+        .await,
+    );
+    let c2 = cloud(
+        exec(
+            &core,
+            Cmd::CreateCloud {
+                spec: CreateCloud::default(),
+            },
+        )
+        .await,
+    );
     let ip = |r: Reply| match r {
         Reply::Vm(v) => v.ipv4,
         other => panic!("{other:?}"),
     };
-    let b1 = ip(exec(&core, Cmd::CreateVm(p, vm("b1"))).await);
-    let b2 = ip(exec(&core, Cmd::CreateVm(p, vm("b2"))).await);
-    exec(&core, Cmd::CreateVm(c1, vm("app"))).await;
+    let b1 = ip(exec(
+        &core,
+        Cmd::CreateVm {
+            cloud: p,
+            spec: vm("b1"),
+        },
+    )
+    .await);
+    let b2 = ip(exec(
+        &core,
+        Cmd::CreateVm {
+            cloud: p,
+            spec: vm("b2"),
+        },
+    )
+    .await);
+    exec(
+        &core,
+        Cmd::CreateVm {
+            cloud: c1,
+            spec: vm("app"),
+        },
+    )
+    .await;
     let exposure = |name: &str| CreateExposure {
         name: name.into(),
         protocol: Protocol::Tcp,
@@ -571,8 +723,22 @@ async fn exposures_converge_onto_the_host() {
             },
         ],
     };
-    exec(&core, Cmd::CreateExposure(p, exposure("web"))).await;
-    exec(&core, Cmd::CreateExposure(p, exposure("admin"))).await;
+    exec(
+        &core,
+        Cmd::CreateExposure {
+            cloud: p,
+            spec: exposure("web"),
+        },
+    )
+    .await;
+    exec(
+        &core,
+        Cmd::CreateExposure {
+            cloud: p,
+            spec: exposure("admin"),
+        },
+    )
+    .await;
     let grant = |r: Reply| match r {
         Reply::Grant(g) => g,
         other => panic!("{other:?}"),
@@ -580,25 +746,33 @@ async fn exposures_converge_onto_the_host() {
     // c1 accepts p's offers without being asked; c2 is asked.
     exec(
         &core,
-        Cmd::PutOfferPolicy(
-            c1,
-            OfferPolicy {
+        Cmd::PutOfferPolicy {
+            cloud: c1,
+            policy: OfferPolicy {
                 accept_from: vec![p],
             },
-        ),
+        },
     )
     .await;
     exec(
         &core,
-        Cmd::CreateGrant(p, "web".into(), CreateGrant { consumer: c1 }),
+        Cmd::CreateGrant {
+            cloud: p,
+            exposure: "web".into(),
+            spec: CreateGrant { consumer: c1 },
+        },
     )
     .await;
     exec(
         &core,
-        Cmd::CreateGrant(p, "admin".into(), CreateGrant { consumer: c2 }),
+        Cmd::CreateGrant {
+            cloud: p,
+            exposure: "admin".into(),
+            spec: CreateGrant { consumer: c2 },
+        },
     )
     .await;
-    let g1 = match exec(&core, Cmd::ListImports(c1)).await {
+    let g1 = match exec(&core, Cmd::ListImports { cloud: c1 }).await {
         Reply::Grants(g) => g.into_iter().next().expect("c1's grant is active"),
         other => panic!("{other:?}"),
     };
@@ -631,12 +805,30 @@ async fn exposures_converge_onto_the_host() {
 
     // Accepting the offer installs it, where the host has room: not here (one VIP), and the
     // API shows the grant failed with the host's reason.
-    let accepted = grant(exec(&core, Cmd::AcceptOffer(c2, p, "admin".into())).await);
+    let accepted = grant(
+        exec(
+            &core,
+            Cmd::AcceptOffer {
+                cloud: c2,
+                provider: p,
+                exposure: "admin".into(),
+            },
+        )
+        .await,
+    );
     assert_ne!(g1.nat_ipv4, accepted.nat_ipv4);
     step(&mut conv, &mut host).await;
     assert_eq!(installed(&host).len(), 1);
     let admin = || async {
-        match exec(&core, Cmd::ListGrants(p, "admin".into())).await {
+        match exec(
+            &core,
+            Cmd::ListGrants {
+                cloud: p,
+                exposure: "admin".into(),
+            },
+        )
+        .await
+        {
             Reply::Grants(g) => g.into_iter().next().unwrap(),
             other => panic!("{other:?}"),
         }
@@ -653,7 +845,14 @@ async fn exposures_converge_onto_the_host() {
     );
 
     // A deleted backend VM leaves the backends.
-    exec(&core, Cmd::DeleteVm(p, "b2".into())).await;
+    exec(
+        &core,
+        Cmd::DeleteVm {
+            cloud: p,
+            vm: "b2".into(),
+        },
+    )
+    .await;
     step(&mut conv, &mut host).await;
     let now = installed(&host);
     let web = now
@@ -664,7 +863,15 @@ async fn exposures_converge_onto_the_host() {
 
     // Revoking removes the service, which makes room for the failed one: installed and
     // reported, it is active; a restarted agent (full state) agrees.
-    exec(&core, Cmd::RevokeGrant(p, "web".into(), c1)).await;
+    exec(
+        &core,
+        Cmd::RevokeGrant {
+            cloud: p,
+            exposure: "web".into(),
+            consumer: c1,
+        },
+    )
+    .await;
     step(&mut conv, &mut host).await;
     assert_eq!(installed(&host).len(), 1);
     assert!(installed(&host).iter().all(|s| s.vip == accepted.vip));
@@ -679,7 +886,7 @@ async fn exposures_converge_onto_the_host() {
     );
 
     // Deleting the provider removes everything of it.
-    exec(&core, Cmd::DeleteCloud(p)).await;
+    exec(&core, Cmd::DeleteCloud { cloud: p }).await;
     step(&mut conv, &mut host).await;
     assert!(installed(&host).is_empty());
     host.destroy().await.unwrap();
@@ -775,7 +982,8 @@ async fn hostile_names_from_the_control_plane_are_refused_one_by_one() {
     let _links = LinksWithPrefix(prefix.clone());
     let core = control_plane(&cp).await;
     let api = serve_api(core.clone()).await;
-    let Reply::HostToken(issued) = exec(&core, Cmd::IssueHostToken("h1".into())).await else {
+    let Reply::HostToken(issued) = exec(&core, Cmd::IssueHostToken { host: "h1".into() }).await
+    else {
         panic!()
     };
     let source = Source::Remote(Remote::new(api.client(&issued.token), None));
@@ -810,38 +1018,70 @@ async fn hostile_names_from_the_control_plane_are_refused_one_by_one() {
         name: Some(n.into()),
         ..CreateCloud::default()
     };
-    let a = created(exec(&core, Cmd::CreateCloud(named("prod"))).await).id;
-    let b = created(exec(&core, Cmd::CreateCloud(named("other"))).await).id;
+    let a = created(
+        exec(
+            &core,
+            Cmd::CreateCloud {
+                spec: named("prod"),
+            },
+        )
+        .await,
+    )
+    .id;
+    let b = created(
+        exec(
+            &core,
+            Cmd::CreateCloud {
+                spec: named("other"),
+            },
+        )
+        .await,
+    )
+    .id;
     let data = CreateVolume {
         name: "data".into(),
         size_gib: 1,
         format: VolumeFormat::Raw,
     };
-    exec(&core, Cmd::CreateVolume(a, data)).await;
     exec(
         &core,
-        Cmd::CreateVm(
-            a,
-            CreateVm {
+        Cmd::CreateVolume {
+            cloud: a,
+            spec: data,
+        },
+    )
+    .await;
+    exec(
+        &core,
+        Cmd::CreateVm {
+            cloud: a,
+            spec: CreateVm {
                 volumes: vec!["data".into()],
                 ..vm("web")
             },
-        ),
+        },
     )
     .await;
-    exec(&core, Cmd::CreateVm(b, vm("ok"))).await;
+    exec(
+        &core,
+        Cmd::CreateVm {
+            cloud: b,
+            spec: vm("ok"),
+        },
+    )
+    .await;
     let www = PutRecordSet {
         ttl: 60,
         values: vec!["web.prod.atoll.internal.".into()],
     };
     exec(
         &core,
-        Cmd::PutRecordSet(
-            a,
-            "www".into(),
-            atoll_control::model::RecordType::Cname,
-            www,
-        ),
+        Cmd::PutRecordSet {
+            cloud: a,
+            name: "www".into(),
+            rtype: atoll_control::model::RecordType::Cname,
+            spec: www,
+        },
     )
     .await;
 
@@ -976,7 +1216,15 @@ async fn hostile_names_from_the_control_plane_are_refused_one_by_one() {
     want.sort();
     assert_eq!(eps, want, "devices only for the valid VMs");
     for (c, name) in [(a, "web"), (b, "ok")] {
-        let Reply::Vm(v) = exec(&core, Cmd::GetVm(c, name.into())).await else {
+        let Reply::Vm(v) = exec(
+            &core,
+            Cmd::GetVm {
+                cloud: c,
+                vm: name.into(),
+            },
+        )
+        .await
+        else {
             panic!()
         };
         assert_eq!(v.status.unwrap().state, VmState::Booting, "{name}");

@@ -283,7 +283,7 @@ async fn doctor_checks_the_remote_control_link() {
         let host = host.to_string();
         async move {
             match core
-                .execute(Principal::Operator, Cmd::IssueHostToken(host))
+                .execute(Principal::Operator, Cmd::IssueHostToken { host })
                 .await
                 .unwrap()
             {

@@ -421,7 +421,11 @@ macro_rules! handler {
 const C: Access = Access::Cloud;
 
 async fn create_cloud(State(ctx): S, headers: HeaderMap, body: Body) -> ApiResult {
-    let cmd = |b: Bytes| Ok(Command::CreateCloud(parse_body(&b)?));
+    let cmd = |b: Bytes| {
+        Ok(Command::CreateCloud {
+            spec: parse_body(&b)?,
+        })
+    };
     run(
         &ctx,
         &headers,
@@ -470,162 +474,186 @@ async fn list_clouds(State(ctx): S, headers: HeaderMap, Query(q): Q) -> ApiResul
     .await
 }
 
-handler!(get_cloud, C, false, |p| Command::GetCloud(cloud_param(
-    &p, "cloud"
-)?));
-handler!(delete_cloud, C, false, |p| Command::DeleteCloud(
-    cloud_param(&p, "cloud")?
-));
+handler!(get_cloud, C, false, |p| Command::GetCloud {
+    cloud: cloud_param(&p, "cloud")?
+});
+handler!(delete_cloud, C, false, |p| Command::DeleteCloud {
+    cloud: cloud_param(&p, "cloud")?
+});
 handler!(rotate_cloud_token, C, true, |p, b| {
-    let cmd = Command::RotateCloudToken(cloud_param(&p, "cloud")?);
+    let cmd = Command::RotateCloudToken {
+        cloud: cloud_param(&p, "cloud")?,
+    };
     parse_no_body(&b)?;
     cmd
 });
-handler!(create_vm, C, true, |p, b| Command::CreateVm(
-    cloud_param(&p, "cloud")?,
-    parse_body(&b)?
-));
-handler!(list_vms, C, false, |p| Command::ListVms(cloud_param(
-    &p, "cloud"
-)?));
-handler!(get_vm, C, false, |p| Command::GetVm(
-    cloud_param(&p, "cloud")?,
-    name_param(&p, "vm")?
-));
-handler!(delete_vm, C, false, |p| Command::DeleteVm(
-    cloud_param(&p, "cloud")?,
-    name_param(&p, "vm")?
-));
+handler!(create_vm, C, true, |p, b| Command::CreateVm {
+    cloud: cloud_param(&p, "cloud")?,
+    spec: parse_body(&b)?
+});
+handler!(list_vms, C, false, |p| Command::ListVms {
+    cloud: cloud_param(&p, "cloud")?
+});
+handler!(get_vm, C, false, |p| Command::GetVm {
+    cloud: cloud_param(&p, "cloud")?,
+    vm: name_param(&p, "vm")?
+});
+handler!(delete_vm, C, false, |p| Command::DeleteVm {
+    cloud: cloud_param(&p, "cloud")?,
+    vm: name_param(&p, "vm")?
+});
 handler!(start_vm, C, false, |p, b| {
-    let cmd = Command::StartVm(cloud_param(&p, "cloud")?, name_param(&p, "vm")?);
+    let cmd = Command::StartVm {
+        cloud: cloud_param(&p, "cloud")?,
+        vm: name_param(&p, "vm")?,
+    };
     parse_no_body(&b)?;
     cmd
 });
 handler!(stop_vm, C, false, |p, b| {
-    let cmd = Command::StopVm(cloud_param(&p, "cloud")?, name_param(&p, "vm")?);
+    let cmd = Command::StopVm {
+        cloud: cloud_param(&p, "cloud")?,
+        vm: name_param(&p, "vm")?,
+    };
     parse_no_body(&b)?;
     cmd
 });
-handler!(get_console, C, false, |p| Command::GetConsole(
-    cloud_param(&p, "cloud")?,
-    name_param(&p, "vm")?
-));
-handler!(create_volume, C, true, |p, b| Command::CreateVolume(
-    cloud_param(&p, "cloud")?,
-    parse_body(&b)?
-));
-handler!(list_volumes, C, false, |p| Command::ListVolumes(
-    cloud_param(&p, "cloud")?
-));
-handler!(get_volume, C, false, |p| Command::GetVolume(
-    cloud_param(&p, "cloud")?,
-    name_param(&p, "volume")?
-));
-handler!(delete_volume, C, false, |p| Command::DeleteVolume(
-    cloud_param(&p, "cloud")?,
-    name_param(&p, "volume")?
-));
-handler!(attach_volume, C, false, |p, b| Command::AttachVolume(
-    cloud_param(&p, "cloud")?,
-    name_param(&p, "volume")?,
-    parse_body(&b)?
-));
-handler!(detach_volume, C, false, |p| Command::DetachVolume(
-    cloud_param(&p, "cloud")?,
-    name_param(&p, "volume")?
-));
-handler!(list_records, C, false, |p| Command::ListRecordSets(
-    cloud_param(&p, "cloud")?
-));
-handler!(put_record, C, false, |p, b| Command::PutRecordSet(
-    cloud_param(&p, "cloud")?,
-    name_param(&p, "name")?,
-    record_type(&p)?,
-    parse_body(&b)?
-));
-handler!(delete_record, C, false, |p| Command::DeleteRecordSet(
-    cloud_param(&p, "cloud")?,
-    name_param(&p, "name")?,
-    record_type(&p)?
-));
-handler!(create_exposure, C, true, |p, b| Command::CreateExposure(
-    cloud_param(&p, "cloud")?,
-    parse_body(&b)?
-));
-handler!(list_exposures, C, false, |p| Command::ListExposures(
-    cloud_param(&p, "cloud")?
-));
-handler!(get_exposure, C, false, |p| Command::GetExposure(
-    cloud_param(&p, "cloud")?,
-    name_param(&p, "exposure")?
-));
-handler!(delete_exposure, C, false, |p| Command::DeleteExposure(
-    cloud_param(&p, "cloud")?,
-    name_param(&p, "exposure")?
-));
-handler!(create_grant, C, true, |p, b| Command::CreateGrant(
-    cloud_param(&p, "cloud")?,
-    name_param(&p, "exposure")?,
-    parse_body(&b)?
-));
-handler!(list_grants, C, false, |p| Command::ListGrants(
-    cloud_param(&p, "cloud")?,
-    name_param(&p, "exposure")?
-));
-handler!(revoke_grant, C, false, |p| Command::RevokeGrant(
-    cloud_param(&p, "cloud")?,
-    name_param(&p, "exposure")?,
-    cloud_param(&p, "consumer")?
-));
+handler!(get_console, C, false, |p| Command::GetConsole {
+    cloud: cloud_param(&p, "cloud")?,
+    vm: name_param(&p, "vm")?
+});
+handler!(create_volume, C, true, |p, b| Command::CreateVolume {
+    cloud: cloud_param(&p, "cloud")?,
+    spec: parse_body(&b)?
+});
+handler!(list_volumes, C, false, |p| Command::ListVolumes {
+    cloud: cloud_param(&p, "cloud")?
+});
+handler!(get_volume, C, false, |p| Command::GetVolume {
+    cloud: cloud_param(&p, "cloud")?,
+    volume: name_param(&p, "volume")?
+});
+handler!(delete_volume, C, false, |p| Command::DeleteVolume {
+    cloud: cloud_param(&p, "cloud")?,
+    volume: name_param(&p, "volume")?
+});
+handler!(attach_volume, C, false, |p, b| Command::AttachVolume {
+    cloud: cloud_param(&p, "cloud")?,
+    volume: name_param(&p, "volume")?,
+    spec: parse_body(&b)?
+});
+handler!(detach_volume, C, false, |p| Command::DetachVolume {
+    cloud: cloud_param(&p, "cloud")?,
+    volume: name_param(&p, "volume")?
+});
+handler!(list_records, C, false, |p| Command::ListRecordSets {
+    cloud: cloud_param(&p, "cloud")?
+});
+handler!(put_record, C, false, |p, b| Command::PutRecordSet {
+    cloud: cloud_param(&p, "cloud")?,
+    name: name_param(&p, "name")?,
+    rtype: record_type(&p)?,
+    spec: parse_body(&b)?
+});
+handler!(delete_record, C, false, |p| Command::DeleteRecordSet {
+    cloud: cloud_param(&p, "cloud")?,
+    name: name_param(&p, "name")?,
+    rtype: record_type(&p)?
+});
+handler!(create_exposure, C, true, |p, b| Command::CreateExposure {
+    cloud: cloud_param(&p, "cloud")?,
+    spec: parse_body(&b)?
+});
+handler!(list_exposures, C, false, |p| Command::ListExposures {
+    cloud: cloud_param(&p, "cloud")?
+});
+handler!(get_exposure, C, false, |p| Command::GetExposure {
+    cloud: cloud_param(&p, "cloud")?,
+    exposure: name_param(&p, "exposure")?
+});
+handler!(delete_exposure, C, false, |p| Command::DeleteExposure {
+    cloud: cloud_param(&p, "cloud")?,
+    exposure: name_param(&p, "exposure")?
+});
+handler!(create_grant, C, true, |p, b| Command::CreateGrant {
+    cloud: cloud_param(&p, "cloud")?,
+    exposure: name_param(&p, "exposure")?,
+    spec: parse_body(&b)?
+});
+handler!(list_grants, C, false, |p| Command::ListGrants {
+    cloud: cloud_param(&p, "cloud")?,
+    exposure: name_param(&p, "exposure")?
+});
+handler!(revoke_grant, C, false, |p| Command::RevokeGrant {
+    cloud: cloud_param(&p, "cloud")?,
+    exposure: name_param(&p, "exposure")?,
+    consumer: cloud_param(&p, "consumer")?
+});
 handler!(list_exposure_offers, C, false, |p| {
-    Command::ListExposureOffers(cloud_param(&p, "cloud")?, name_param(&p, "exposure")?)
+    Command::ListExposureOffers {
+        cloud: cloud_param(&p, "cloud")?,
+        exposure: name_param(&p, "exposure")?,
+    }
 });
-handler!(list_imports, C, false, |p| Command::ListImports(
-    cloud_param(&p, "cloud")?
-));
-handler!(list_offers, C, false, |p| Command::ListOffers(cloud_param(
-    &p, "cloud"
-)?));
+handler!(list_imports, C, false, |p| Command::ListImports {
+    cloud: cloud_param(&p, "cloud")?
+});
+handler!(list_offers, C, false, |p| Command::ListOffers {
+    cloud: cloud_param(&p, "cloud")?
+});
 handler!(accept_offer, C, false, |p, b| {
-    let cmd = Command::AcceptOffer(
-        cloud_param(&p, "cloud")?,
-        cloud_param(&p, "provider")?,
-        name_param(&p, "exposure")?,
-    );
+    let cmd = Command::AcceptOffer {
+        cloud: cloud_param(&p, "cloud")?,
+        provider: cloud_param(&p, "provider")?,
+        exposure: name_param(&p, "exposure")?,
+    };
     parse_no_body(&b)?;
     cmd
 });
-handler!(decline_offer, C, false, |p| Command::DeclineOffer(
-    cloud_param(&p, "cloud")?,
-    cloud_param(&p, "provider")?,
-    name_param(&p, "exposure")?
-));
-handler!(get_offer_policy, C, false, |p| Command::GetOfferPolicy(
-    cloud_param(&p, "cloud")?
-));
-handler!(put_offer_policy, C, false, |p, b| Command::PutOfferPolicy(
-    cloud_param(&p, "cloud")?,
-    parse_body(&b)?
-));
-handler!(delete_import, C, false, |p| Command::DeleteImport(
-    cloud_param(&p, "cloud")?,
-    cloud_param(&p, "provider")?,
-    name_param(&p, "exposure")?
-));
+handler!(decline_offer, C, false, |p| Command::DeclineOffer {
+    cloud: cloud_param(&p, "cloud")?,
+    provider: cloud_param(&p, "provider")?,
+    exposure: name_param(&p, "exposure")?
+});
+handler!(get_offer_policy, C, false, |p| Command::GetOfferPolicy {
+    cloud: cloud_param(&p, "cloud")?
+});
+handler!(put_offer_policy, C, false, |p, b| Command::PutOfferPolicy {
+    cloud: cloud_param(&p, "cloud")?,
+    policy: parse_body(&b)?
+});
+handler!(delete_import, C, false, |p| Command::DeleteImport {
+    cloud: cloud_param(&p, "cloud")?,
+    provider: cloud_param(&p, "provider")?,
+    exposure: name_param(&p, "exposure")?
+});
 handler!(register_host, Access::Host, false, |p| {
-    Command::RegisterHost(name_param(&p, "host")?)
+    Command::RegisterHost {
+        host: name_param(&p, "host")?,
+    }
 });
 handler!(issue_host_token, Access::Operator, true, |p| {
-    Command::IssueHostToken(name_param(&p, "host")?)
+    Command::IssueHostToken {
+        host: name_param(&p, "host")?,
+    }
 });
 handler!(cordon_host, Access::Operator, false, |p| {
-    Command::CordonHost(name_param(&p, "host")?, true)
+    Command::CordonHost {
+        host: name_param(&p, "host")?,
+        cordoned: true,
+    }
 });
 handler!(uncordon_host, Access::Operator, false, |p| {
-    Command::CordonHost(name_param(&p, "host")?, false)
+    Command::CordonHost {
+        host: name_param(&p, "host")?,
+        cordoned: false,
+    }
 });
 handler!(report_status, Access::Host, false, |p, b| {
-    Command::ReportStatus(name_param(&p, "host")?, parse_body(&b)?)
+    Command::ReportStatus {
+        host: name_param(&p, "host")?,
+        report: parse_body(&b)?,
+    }
 });
 
 async fn list_hosts(State(ctx): S, headers: HeaderMap) -> ApiResult {

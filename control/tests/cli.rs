@@ -69,7 +69,7 @@ async fn cli_drives_the_api() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = control_config(dir.path());
     let core = cfg.start().await.unwrap();
-    core.execute(Principal::Operator, Cmd::RegisterHost("h".into()))
+    core.execute(Principal::Operator, Cmd::RegisterHost { host: "h".into() })
         .await
         .unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -214,8 +214,14 @@ async fn cli_drives_the_api() {
                 console: Some(tail.into()),
             }],
         };
-        rt.block_on(core.execute(Principal::Operator, Cmd::ReportStatus("h".into(), report)))
-            .unwrap();
+        rt.block_on(core.execute(
+            Principal::Operator,
+            Cmd::ReportStatus {
+                host: "h".into(),
+                report,
+            },
+        ))
+        .unwrap();
         let console = atoll(&url, &token, &["vm", "console", &id, "app"]);
         assert!(console.status.success(), "{console:?}");
         assert_eq!(String::from_utf8(console.stdout).unwrap(), tail);

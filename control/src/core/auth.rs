@@ -91,60 +91,15 @@ impl Core {
     }
 
     pub(super) fn authorize(&self, p: &Principal, cmd: &Command) -> Result<(), CoreError> {
-        use Command::*;
-        let operator_only = |what: &str| match p {
-            Principal::Operator => Ok(()),
-            _ => Err(CoreError::Forbidden(what.to_string())),
-        };
-        let cloud = match cmd {
-            CreateCloud(_) => return operator_only("create clouds"),
-            ListClouds { .. } => {
-                return match p {
-                    Principal::Host(_) => Err(CoreError::Forbidden("list clouds".into())),
-                    _ => Ok(()),
-                }
+        match (cmd.issuer(), p) {
+            (_, Principal::Operator) => Ok(()),
+            (Issuer::Operator, _) | (Issuer::AnyCloud, Principal::Host(_)) => {
+                Err(CoreError::Forbidden(cmd.refusal().into()))
             }
-            RegisterHost(h) | ReportStatus(h, _) => return authorize_host(p, h),
-            IssueHostToken(_) | CordonHost(..) | ListHosts => return operator_only("manage hosts"),
-            GetCloud(c)
-            | DeleteCloud(c)
-            | RotateCloudToken(c)
-            | CreateVm(c, _)
-            | ListVms(c)
-            | GetVm(c, _)
-            | DeleteVm(c, _)
-            | StartVm(c, _)
-            | StopVm(c, _)
-            | GetConsole(c, _)
-            | CreateVolume(c, _)
-            | ListVolumes(c)
-            | GetVolume(c, _)
-            | DeleteVolume(c, _)
-            | AttachVolume(c, ..)
-            | DetachVolume(c, _)
-            | PutRecordSet(c, ..)
-            | ListRecordSets(c)
-            | DeleteRecordSet(c, ..)
-            | CreateExposure(c, _)
-            | ListExposures(c)
-            | GetExposure(c, _)
-            | DeleteExposure(c, _)
-            | CreateGrant(c, ..)
-            | ListGrants(c, _)
-            | RevokeGrant(c, ..)
-            | ListExposureOffers(c, _)
-            | ListImports(c)
-            | DeleteImport(c, ..)
-            | ListOffers(c)
-            | AcceptOffer(c, ..)
-            | DeclineOffer(c, ..)
-            | GetOfferPolicy(c)
-            | PutOfferPolicy(c, _) => *c,
-        };
-        match p {
-            Principal::Operator => Ok(()),
-            Principal::Cloud(own) if *own == cloud => Ok(()),
-            _ => Err(CoreError::Forbidden(format!("access cloud {cloud}"))),
+            (Issuer::AnyCloud, Principal::Cloud(_)) => Ok(()),
+            (Issuer::Host(host), _) => authorize_host(p, host),
+            (Issuer::Cloud(own), Principal::Cloud(c)) if *c == own => Ok(()),
+            (Issuer::Cloud(cloud), _) => Err(CoreError::Forbidden(format!("access cloud {cloud}"))),
         }
     }
 }

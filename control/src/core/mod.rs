@@ -244,64 +244,205 @@ pub const HEARTBEAT_SECS: u64 = 20;
 /// [`crate::api::MAX_SYNC_WAIT`], and its heartbeat may be [`HEARTBEAT_SECS`] stale.
 pub const MIN_HOST_TIMEOUT_SECS: u64 = 60 + HEARTBEAT_SECS + 10;
 
-/// A request to the core.
+/// A request to the core. Each variant's doc line ends with who may issue it, which is
+/// what [`Command::issuer`] returns and [`Core::authorize`](auth) enforces.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Command {
-    CreateCloud(CreateCloud),
+    /// Create a cloud and its token. Operator.
+    CreateCloud { spec: CreateCloud },
+    /// List clouds: all of them (paged by `after`, `limit`) for the operator, its own for a
+    /// cloud. Operator or any cloud.
     ListClouds {
         after: Option<CloudId>,
         limit: usize,
     },
-    GetCloud(CloudId),
-    DeleteCloud(CloudId),
-    /// Give the cloud a new token; the old one stops working at once.
-    RotateCloudToken(CloudId),
-    CreateVm(CloudId, CreateVm),
-    ListVms(CloudId),
-    GetVm(CloudId, String),
-    DeleteVm(CloudId, String),
-    /// Set the VM's power to running (a no-op if it is).
-    StartVm(CloudId, String),
-    /// Set the VM's power to stopped (a no-op if it is).
-    StopVm(CloudId, String),
-    /// The tail of the VM's console as its host last reported it.
-    GetConsole(CloudId, String),
-    CreateVolume(CloudId, CreateVolume),
-    ListVolumes(CloudId),
-    GetVolume(CloudId, String),
-    DeleteVolume(CloudId, String),
-    AttachVolume(CloudId, String, AttachVolume),
-    DetachVolume(CloudId, String),
-    PutRecordSet(CloudId, String, RecordType, PutRecordSet),
-    ListRecordSets(CloudId),
-    DeleteRecordSet(CloudId, String, RecordType),
-    CreateExposure(CloudId, CreateExposure),
-    ListExposures(CloudId),
-    GetExposure(CloudId, String),
-    DeleteExposure(CloudId, String),
+    /// Get a cloud. The cloud or the operator.
+    GetCloud { cloud: CloudId },
+    /// Delete a cloud and everything in it. The cloud or the operator.
+    DeleteCloud { cloud: CloudId },
+    /// Give the cloud a new token; the old one stops working at once. The cloud or the
+    /// operator.
+    RotateCloudToken { cloud: CloudId },
+    /// Create a VM (address, placement, DNS name). The cloud or the operator.
+    CreateVm { cloud: CloudId, spec: CreateVm },
+    /// List a cloud's VMs with their status. The cloud or the operator.
+    ListVms { cloud: CloudId },
+    /// Get a VM with its status. The cloud or the operator.
+    GetVm { cloud: CloudId, vm: String },
+    /// Delete a VM, releasing its address and detaching its volumes. The cloud or the operator.
+    DeleteVm { cloud: CloudId, vm: String },
+    /// Set the VM's power to running (a no-op if it is). The cloud or the operator.
+    StartVm { cloud: CloudId, vm: String },
+    /// Set the VM's power to stopped (a no-op if it is). The cloud or the operator.
+    StopVm { cloud: CloudId, vm: String },
+    /// The tail of the VM's console as its host last reported it. The cloud or the operator.
+    GetConsole { cloud: CloudId, vm: String },
+    /// Create a volume. The cloud or the operator.
+    CreateVolume { cloud: CloudId, spec: CreateVolume },
+    /// List a cloud's volumes. The cloud or the operator.
+    ListVolumes { cloud: CloudId },
+    /// Get a volume. The cloud or the operator.
+    GetVolume { cloud: CloudId, volume: String },
+    /// Delete a detached volume. The cloud or the operator.
+    DeleteVolume { cloud: CloudId, volume: String },
+    /// Attach a volume to a VM. The cloud or the operator.
+    AttachVolume {
+        cloud: CloudId,
+        volume: String,
+        spec: AttachVolume,
+    },
+    /// Detach a volume. The cloud or the operator.
+    DetachVolume { cloud: CloudId, volume: String },
+    /// Create or replace a record set. The cloud or the operator.
+    PutRecordSet {
+        cloud: CloudId,
+        name: String,
+        rtype: RecordType,
+        spec: PutRecordSet,
+    },
+    /// List a cloud's record sets. The cloud or the operator.
+    ListRecordSets { cloud: CloudId },
+    /// Delete a record set. The cloud or the operator.
+    DeleteRecordSet {
+        cloud: CloudId,
+        name: String,
+        rtype: RecordType,
+    },
+    /// Create an exposure of some of the cloud's VMs. The cloud (the provider) or the operator.
+    CreateExposure {
+        cloud: CloudId,
+        spec: CreateExposure,
+    },
+    /// List a cloud's exposures. The cloud or the operator.
+    ListExposures { cloud: CloudId },
+    /// Get an exposure. The cloud or the operator.
+    GetExposure { cloud: CloudId, exposure: String },
+    /// Delete an exposure, revoking its grants and offers. The cloud or the operator.
+    DeleteExposure { cloud: CloudId, exposure: String },
     /// Offer an exposure to a consumer (accepted at once if the consumer's policy lists the
-    /// provider).
-    CreateGrant(CloudId, String, CreateGrant),
-    ListGrants(CloudId, String),
-    /// Revoke a grant, or withdraw a pending offer.
-    RevokeGrant(CloudId, String, CloudId),
-    /// The provider's pending offers of an exposure.
-    ListExposureOffers(CloudId, String),
-    ListImports(CloudId),
-    DeleteImport(CloudId, CloudId, String),
-    /// The pending offers a cloud received.
-    ListOffers(CloudId),
-    /// `(consumer, provider, exposure)`: make the offer an active grant.
-    AcceptOffer(CloudId, CloudId, String),
-    DeclineOffer(CloudId, CloudId, String),
-    GetOfferPolicy(CloudId),
-    PutOfferPolicy(CloudId, OfferPolicy),
-    RegisterHost(String),
-    IssueHostToken(String),
-    /// Cordons (`true`) or uncordons a host.
-    CordonHost(String, bool),
+    /// provider). The providing cloud or the operator.
+    CreateGrant {
+        cloud: CloudId,
+        exposure: String,
+        spec: CreateGrant,
+    },
+    /// List an exposure's grants as they stand. The providing cloud or the operator.
+    ListGrants { cloud: CloudId, exposure: String },
+    /// Revoke a grant, or withdraw a pending offer. The providing cloud or the operator.
+    RevokeGrant {
+        cloud: CloudId,
+        exposure: String,
+        consumer: CloudId,
+    },
+    /// The provider's pending offers of an exposure. The providing cloud or the operator.
+    ListExposureOffers { cloud: CloudId, exposure: String },
+    /// The grants a cloud received. The consuming cloud or the operator.
+    ListImports { cloud: CloudId },
+    /// Give up a grant received. The consuming cloud or the operator.
+    DeleteImport {
+        cloud: CloudId,
+        provider: CloudId,
+        exposure: String,
+    },
+    /// The pending offers a cloud received. The consuming cloud or the operator.
+    ListOffers { cloud: CloudId },
+    /// Make an offer received an active grant. The consuming cloud or the operator.
+    AcceptOffer {
+        cloud: CloudId,
+        provider: CloudId,
+        exposure: String,
+    },
+    /// Decline an offer received. The consuming cloud or the operator.
+    DeclineOffer {
+        cloud: CloudId,
+        provider: CloudId,
+        exposure: String,
+    },
+    /// Which providers' offers the cloud accepts at once. The cloud or the operator.
+    GetOfferPolicy { cloud: CloudId },
+    /// Replace the cloud's offer policy. The cloud or the operator.
+    PutOfferPolicy { cloud: CloudId, policy: OfferPolicy },
+    /// Register a host (idempotent). The host itself or the operator.
+    RegisterHost { host: String },
+    /// Issue a host a new token. Operator.
+    IssueHostToken { host: String },
+    /// Cordon (`true`) or uncordon a host. Operator.
+    CordonHost { host: String, cordoned: bool },
+    /// List hosts with their load and liveness. Operator.
     ListHosts,
-    ReportStatus(String, StatusReport),
+    /// A host's report of the state it reached. The host itself or the operator.
+    ReportStatus { host: String, report: StatusReport },
+}
+
+/// Who may issue a [`Command`]; the operator may issue every command.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Issuer<'a> {
+    /// The operator only.
+    Operator,
+    /// The operator or a cloud (each cloud sees only its own; never a host).
+    AnyCloud,
+    /// The operator or the token of this cloud.
+    Cloud(CloudId),
+    /// The operator or the token of this host.
+    Host(&'a str),
+}
+
+impl Command {
+    /// Who may issue this command (the table the variants' doc lines state).
+    pub fn issuer(&self) -> Issuer<'_> {
+        use Command::*;
+        match self {
+            CreateCloud { .. } | IssueHostToken { .. } | CordonHost { .. } | ListHosts => {
+                Issuer::Operator
+            }
+            ListClouds { .. } => Issuer::AnyCloud,
+            RegisterHost { host } | ReportStatus { host, .. } => Issuer::Host(host),
+            GetCloud { cloud }
+            | DeleteCloud { cloud }
+            | RotateCloudToken { cloud }
+            | CreateVm { cloud, .. }
+            | ListVms { cloud }
+            | GetVm { cloud, .. }
+            | DeleteVm { cloud, .. }
+            | StartVm { cloud, .. }
+            | StopVm { cloud, .. }
+            | GetConsole { cloud, .. }
+            | CreateVolume { cloud, .. }
+            | ListVolumes { cloud }
+            | GetVolume { cloud, .. }
+            | DeleteVolume { cloud, .. }
+            | AttachVolume { cloud, .. }
+            | DetachVolume { cloud, .. }
+            | PutRecordSet { cloud, .. }
+            | ListRecordSets { cloud }
+            | DeleteRecordSet { cloud, .. }
+            | CreateExposure { cloud, .. }
+            | ListExposures { cloud }
+            | GetExposure { cloud, .. }
+            | DeleteExposure { cloud, .. }
+            | CreateGrant { cloud, .. }
+            | ListGrants { cloud, .. }
+            | RevokeGrant { cloud, .. }
+            | ListExposureOffers { cloud, .. }
+            | ListImports { cloud }
+            | DeleteImport { cloud, .. }
+            | ListOffers { cloud }
+            | AcceptOffer { cloud, .. }
+            | DeclineOffer { cloud, .. }
+            | GetOfferPolicy { cloud }
+            | PutOfferPolicy { cloud, .. } => Issuer::Cloud(*cloud),
+        }
+    }
+
+    /// What the command does, for refusals ("may not <what>").
+    fn refusal(&self) -> &'static str {
+        use Command::*;
+        match self {
+            CreateCloud { .. } => "create clouds",
+            ListClouds { .. } => "list clouds",
+            _ => "manage hosts",
+        }
+    }
 }
 
 /// The core's answer to a [`Command`].
@@ -524,74 +665,144 @@ impl Core {
         self.authorize(&principal, &cmd)?;
         use Command::*;
         match cmd {
-            CreateCloud(req) => self.create_cloud(req).await,
+            CreateCloud { spec: req } => self.create_cloud(req).await,
             ListClouds { after, limit } => match principal {
                 Principal::Operator => self.list_clouds(after, limit).await,
                 Principal::Cloud(c) => Ok(Reply::Clouds(vec![self.cloud(c).await?.1])),
                 Principal::Host(_) => Err(CoreError::Forbidden("list clouds".into())),
             },
-            GetCloud(c) => Ok(Reply::Cloud(Box::new(self.cloud(c).await?.1))),
-            DeleteCloud(c) => self.delete_cloud(c).await,
-            RotateCloudToken(c) => self.rotate_cloud_token(c).await,
-            CreateVm(c, req) => self.create_vm(c, req).await,
-            ListVms(c) => self.list_vms(c).await,
-            GetVm(c, name) => Ok(Reply::Vm(Box::new(self.vm_with_status(c, &name).await?))),
-            DeleteVm(c, name) => self.delete_vm(c, &name).await,
-            StartVm(c, name) => self.set_power(c, &name, Power::Running).await,
-            StopVm(c, name) => self.set_power(c, &name, Power::Stopped).await,
-            GetConsole(c, name) => self.console(c, &name).await,
-            CreateVolume(c, req) => self.create_volume(c, req).await,
-            ListVolumes(c) => Ok(Reply::Volumes(
+            GetCloud { cloud: c } => Ok(Reply::Cloud(Box::new(self.cloud(c).await?.1))),
+            DeleteCloud { cloud: c } => self.delete_cloud(c).await,
+            RotateCloudToken { cloud: c } => self.rotate_cloud_token(c).await,
+            CreateVm {
+                cloud: c,
+                spec: req,
+            } => self.create_vm(c, req).await,
+            ListVms { cloud: c } => self.list_vms(c).await,
+            GetVm { cloud: c, vm: name } => {
+                Ok(Reply::Vm(Box::new(self.vm_with_status(c, &name).await?)))
+            }
+            DeleteVm { cloud: c, vm: name } => self.delete_vm(c, &name).await,
+            StartVm { cloud: c, vm: name } => self.set_power(c, &name, Power::Running).await,
+            StopVm { cloud: c, vm: name } => self.set_power(c, &name, Power::Stopped).await,
+            GetConsole { cloud: c, vm: name } => self.console(c, &name).await,
+            CreateVolume {
+                cloud: c,
+                spec: req,
+            } => self.create_volume(c, req).await,
+            ListVolumes { cloud: c } => Ok(Reply::Volumes(
                 self.list::<Volume>(&keys::volumes(c)).await?,
             )),
-            GetVolume(c, name) => Ok(Reply::Volume(self.volume(c, &name).await?.1)),
-            DeleteVolume(c, name) => self.delete_volume(c, &name).await,
-            AttachVolume(c, name, req) => self.attach_volume(c, &name, Some(req.vm)).await,
-            DetachVolume(c, name) => self.attach_volume(c, &name, None).await,
-            PutRecordSet(c, name, t, req) => self.put_record_set(c, name, t, req).await,
-            ListRecordSets(c) => self.list_record_sets(c).await,
-            DeleteRecordSet(c, name, t) => self.delete_record_set(c, &name, t).await,
-            CreateExposure(c, req) => self.create_exposure(c, req).await,
-            ListExposures(c) => Ok(Reply::Exposures(self.list(&keys::exposures(c)).await?)),
-            GetExposure(c, name) => Ok(Reply::Exposure(self.exposure(c, &name).await?.1)),
-            DeleteExposure(c, name) => self.delete_exposure(c, &name).await,
-            CreateGrant(c, exp, req) => self.create_offer(c, &exp, req.consumer).await,
-            ListGrants(c, exp) => {
+            GetVolume {
+                cloud: c,
+                volume: name,
+            } => Ok(Reply::Volume(self.volume(c, &name).await?.1)),
+            DeleteVolume {
+                cloud: c,
+                volume: name,
+            } => self.delete_volume(c, &name).await,
+            AttachVolume {
+                cloud: c,
+                volume: name,
+                spec: req,
+            } => self.attach_volume(c, &name, Some(req.vm)).await,
+            DetachVolume {
+                cloud: c,
+                volume: name,
+            } => self.attach_volume(c, &name, None).await,
+            PutRecordSet {
+                cloud: c,
+                name,
+                rtype: t,
+                spec: req,
+            } => self.put_record_set(c, name, t, req).await,
+            ListRecordSets { cloud: c } => self.list_record_sets(c).await,
+            DeleteRecordSet {
+                cloud: c,
+                name,
+                rtype: t,
+            } => self.delete_record_set(c, &name, t).await,
+            CreateExposure {
+                cloud: c,
+                spec: req,
+            } => self.create_exposure(c, req).await,
+            ListExposures { cloud: c } => {
+                Ok(Reply::Exposures(self.list(&keys::exposures(c)).await?))
+            }
+            GetExposure {
+                cloud: c,
+                exposure: name,
+            } => Ok(Reply::Exposure(self.exposure(c, &name).await?.1)),
+            DeleteExposure {
+                cloud: c,
+                exposure: name,
+            } => self.delete_exposure(c, &name).await,
+            CreateGrant {
+                cloud: c,
+                exposure: exp,
+                spec: req,
+            } => self.create_offer(c, &exp, req.consumer).await,
+            ListGrants {
+                cloud: c,
+                exposure: exp,
+            } => {
                 self.exposure(c, &exp).await?;
                 let grants = self.list(&keys::grants(c, &exp)).await?;
                 Ok(Reply::Grants(self.effective(grants).await?))
             }
-            RevokeGrant(c, exp, consumer) => self.revoke_grant(c, &exp, consumer).await,
-            ListExposureOffers(c, exp) => {
+            RevokeGrant {
+                cloud: c,
+                exposure: exp,
+                consumer,
+            } => self.revoke_grant(c, &exp, consumer).await,
+            ListExposureOffers {
+                cloud: c,
+                exposure: exp,
+            } => {
                 self.exposure(c, &exp).await?;
                 Ok(Reply::Offers(self.list(&keys::offers(c, &exp)).await?))
             }
-            ListImports(c) => {
+            ListImports { cloud: c } => {
                 let grants = self.list(&keys::imports(c)).await?;
                 Ok(Reply::Grants(self.effective(grants).await?))
             }
-            DeleteImport(c, provider, exp) => self.revoke_grant(provider, &exp, c).await,
-            ListOffers(c) => {
+            DeleteImport {
+                cloud: c,
+                provider,
+                exposure: exp,
+            } => self.revoke_grant(provider, &exp, c).await,
+            ListOffers { cloud: c } => {
                 self.cloud(c).await?;
                 Ok(Reply::Offers(self.list(&keys::inbox(c)).await?))
             }
-            AcceptOffer(c, provider, exp) => self.accept_offer(c, provider, &exp).await,
-            DeclineOffer(c, provider, exp) => self.decline_offer(c, provider, &exp).await,
-            GetOfferPolicy(c) => {
+            AcceptOffer {
+                cloud: c,
+                provider,
+                exposure: exp,
+            } => self.accept_offer(c, provider, &exp).await,
+            DeclineOffer {
+                cloud: c,
+                provider,
+                exposure: exp,
+            } => self.decline_offer(c, provider, &exp).await,
+            GetOfferPolicy { cloud: c } => {
                 self.cloud(c).await?;
                 Ok(Reply::OfferPolicy(self.offer_policy(c).await?))
             }
-            PutOfferPolicy(c, policy) => self.put_offer_policy(c, policy).await,
-            RegisterHost(name) => self.register_host(name).await,
-            IssueHostToken(name) => self.issue_host_token(name).await,
-            CordonHost(name, cordoned) => self.cordon_host(name, cordoned).await,
+            PutOfferPolicy { cloud: c, policy } => self.put_offer_policy(c, policy).await,
+            RegisterHost { host: name } => self.register_host(name).await,
+            IssueHostToken { host: name } => self.issue_host_token(name).await,
+            CordonHost {
+                host: name,
+                cordoned,
+            } => self.cordon_host(name, cordoned).await,
             ListHosts => {
                 let hosts = self.list::<HostInfo>(keys::hosts()).await?;
                 Ok(Reply::Hosts(
                     hosts.into_iter().map(|h| self.host_view(h)).collect(),
                 ))
             }
-            ReportStatus(host, report) => self.report_status(&host, report).await,
+            ReportStatus { host, report } => self.report_status(&host, report).await,
         }
     }
 

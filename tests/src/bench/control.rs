@@ -227,7 +227,9 @@ async fn run_async(smoke: bool) -> Result<ControlBench> {
                 match core
                     .execute(
                         Principal::Operator,
-                        Command::CreateCloud(CreateCloud::default()),
+                        Command::CreateCloud {
+                            spec: CreateCloud::default(),
+                        },
                     )
                     .await?
                 {
