@@ -168,8 +168,8 @@ impl Remote {
             return false;
         }
         let fresh = used.with_token(&token);
-        eprintln!(
-            "atoll-agent: the control plane refused the token; using the new one in {}",
+        tracing::warn!(
+            "the control plane refused the token; using the new one in {}",
             path.display()
         );
         *self.client.lock().expect("client lock") = fresh;
@@ -506,7 +506,7 @@ impl Converger {
     fn screen(&self, delta: &mut SyncDelta) -> Vec<(Placement, ConvergeError)> {
         let suffix = self.dns_suffix.as_deref();
         let logged = |e: ConvergeError| {
-            eprintln!("atoll-agent: {e}");
+            tracing::warn!("refused: {e}");
             e
         };
         let mut refused = Vec::new();
@@ -620,7 +620,7 @@ impl Converger {
         }
         for v in &delta.volumes {
             if let Err(e) = self.create_volume(v) {
-                eprintln!("atoll-agent: volume {}/{}: {e}", v.cloud, v.name);
+                tracing::error!(cloud = %v.cloud, volume = %v.name, "creating volume {}/{}: {e}", v.cloud, v.name);
             }
         }
         for p in &delta.vms {
@@ -661,7 +661,7 @@ impl Converger {
             for (_, s) in installed {
                 if !listed.contains(&s.provider.get()) {
                     if let Err(e) = host.remove_service(s.consumer, s.vip) {
-                        eprintln!("atoll-agent: {e}");
+                        tracing::error!(consumer = %s.consumer, vip = %s.vip, "{e}");
                     }
                 }
             }
@@ -721,7 +721,7 @@ impl Converger {
                 )
                 .await
             {
-                eprintln!("atoll-agent: reporting refused VMs: {e}");
+                tracing::warn!("reporting refused VMs: {e}");
             }
         }
         Ok(out)
@@ -892,7 +892,9 @@ impl Converger {
         }
         match host.delete_endpoint(&a.device).await {
             Ok(()) | Err(EndpointError::NotFound(_)) => {}
-            Err(e) => eprintln!("atoll-agent: deleting VM {}/{}: {e}", key.0, key.1),
+            Err(e) => {
+                tracing::error!(cloud = %key.0, vm = %key.1, endpoint = %a.device, "deleting VM {}/{}: {e}", key.0, key.1)
+            }
         }
     }
 
@@ -951,7 +953,7 @@ impl Converger {
             let p = self.volume_path(cloud, name, f);
             if let Err(e) = std::fs::remove_file(&p) {
                 if e.kind() != std::io::ErrorKind::NotFound {
-                    eprintln!("atoll-agent: removing volume {}: {e}", p.display());
+                    tracing::error!(cloud, volume = name, "removing volume {}: {e}", p.display());
                 }
             }
         }
@@ -1034,7 +1036,7 @@ impl DnsSink for crate::dns::DnsView {
         };
         // The converger checked every name (`screen`); a refusal here keeps the previous zone.
         if let Err(e) = crate::dns::DnsView::set_zone(self, cloud, z) {
-            eprintln!("atoll-agent: DNS zone of cloud {cloud}: {e}");
+            tracing::error!(cloud = %cloud, "DNS zone of cloud {cloud}: {e}");
         }
     }
 
@@ -1062,7 +1064,7 @@ fn apply_services(
     for (_, s) in host.services().map_err(ConvergeError::ListServices)? {
         if s.provider == provider && !keep.contains(&(s.consumer.get(), s.vip)) {
             if let Err(e) = host.remove_service(s.consumer, s.vip) {
-                eprintln!("atoll-agent: {e}");
+                tracing::error!(consumer = %s.consumer, vip = %s.vip, "{e}");
             }
         }
     }
@@ -1084,7 +1086,7 @@ fn apply_services(
         };
         let result = host.apply_service(&spec);
         if let Err(e) = &result {
-            eprintln!("atoll-agent: {e}");
+            tracing::error!(provider = %p.provider, "{e}");
         }
         outcomes.push(ServiceReport {
             provider: p.provider,

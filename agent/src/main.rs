@@ -81,6 +81,7 @@ enum EndpointCmd {
 const EXIT_CONFIG: i32 = 2;
 
 fn main() {
+    atoll_control::logging::init();
     if let Err(e) = real_main() {
         // Every error's message already names its cause, so print the top one only.
         eprintln!("atoll-agent: {e}");
@@ -160,12 +161,12 @@ fn real_main() -> Result<()> {
 async fn run(cfg: &AgentConfig) -> Result<()> {
     // Migrations and program upgrades happen here, before anything opens the dataplane.
     let prepared = atoll_agent::dataplane::prepare(&cfg.dataplane)?;
-    println!("atoll-agent: pins: {prepared}");
+    tracing::info!("pins: {prepared}");
     for (setting, want, have) in
         atoll_agent::dataplane::unapplied_sizes(&cfg.dataplane.bpffs_root, &cfg.dataplane)
     {
-        eprintln!(
-            "atoll-agent: warning: dataplane.{setting} = {want} is not applied: the pinned maps \
+        tracing::warn!(
+            "dataplane.{setting} = {want} is not applied: the pinned maps \
              hold {have} entries (sizes are fixed when the dataplane is created; to resize, \
              drain the host, `atoll-agent cleanup`, then `atoll-agent run`)"
         );
@@ -174,8 +175,8 @@ async fn run(cfg: &AgentConfig) -> Result<()> {
     let stale = host.reconcile()?;
     host.refill_pool().await?;
     let eps = host.endpoints()?;
-    println!(
-        "atoll-agent: dataplane at {} with {} endpoints ({} stale removed or repaired), {} spare taps",
+    tracing::info!(
+        "dataplane at {} with {} endpoints ({} stale removed or repaired), {} spare taps",
         host.dataplane().pin_dir().display(),
         eps.len(),
         stale,
@@ -188,8 +189,8 @@ async fn run(cfg: &AgentConfig) -> Result<()> {
             exporter = exporter.with_usage_journal(cfg.usage.journal_dir.clone());
         }
         let listener = atoll_agent::metrics::bind(cfg.metrics.listen).await?;
-        println!(
-            "atoll-agent: metrics at http://{}{}",
+        tracing::info!(
+            "metrics at http://{}{}",
             listener.local_addr()?,
             atoll_agent::metrics::PATH
         );
@@ -216,8 +217,8 @@ async fn run(cfg: &AgentConfig) -> Result<()> {
             &cfg.usage.source(),
             cfg.usage.limits(),
         )?);
-        println!(
-            "atoll-agent: usage records every {} s into {}",
+        tracing::info!(
+            "usage records every {} s into {}",
             cfg.usage.interval_secs,
             cfg.usage.journal_dir.display()
         );
@@ -260,12 +261,12 @@ async fn run(cfg: &AgentConfig) -> Result<()> {
                     match delta {
                         Ok(delta) => {
                             if let Err(e) = c.apply(&mut host, delta).await {
-                                eprintln!("atoll-agent: {e}");
+                                tracing::error!("{e}");
                             }
                         }
                         Err(e) => {
                             // The control plane is unreachable or restarting: retry shortly.
-                            eprintln!("atoll-agent: {e}; retrying in 1 s");
+                            tracing::warn!("{e}; retrying in 1 s");
                             tokio::time::sleep(std::time::Duration::from_secs(1)).await;
                         }
                     }
@@ -275,20 +276,20 @@ async fn run(cfg: &AgentConfig) -> Result<()> {
             Some(ev) = recv_vm_event(&mut vm_events) => {
                 if let Some(c) = converger.as_mut() {
                     if let Err(e) = c.vm_event(ev).await {
-                        eprintln!("atoll-agent: {e}");
+                        tracing::error!("{e}");
                     }
                 }
             }
             _ = consoles.tick(), if vm_events.is_some() => {
                 if let Some(c) = converger.as_mut() {
                     if let Err(e) = c.report_consoles().await {
-                        eprintln!("atoll-agent: {e}");
+                        tracing::error!("{e}");
                     }
                 }
             }
             _ = refill.tick() => {
                 if let Err(e) = host.refill_some(std::time::Duration::from_millis(5)).await {
-                    eprintln!("atoll-agent: refilling the tap pool: {e}");
+                    tracing::error!("refilling the tap pool: {e}");
                 }
             }
         }
@@ -303,12 +304,10 @@ async fn run(cfg: &AgentConfig) -> Result<()> {
     }
     if let Some(server) = dns_server {
         if let Err(e) = server.shutdown().await {
-            eprintln!("atoll-agent: stopping the DNS server: {e}");
+            tracing::error!("stopping the DNS server: {e}");
         }
     }
-    println!(
-        "atoll-agent: stopping; the dataplane stays pinned and keeps forwarding, VMs keep running"
-    );
+    tracing::info!("stopping; the dataplane stays pinned and keeps forwarding, VMs keep running");
     Ok(())
 }
 
@@ -352,8 +351,8 @@ async fn start_control(
                     format!("listening on control.embedded.listen {}", c.embedded.listen)
                 })?;
             let (scheme, about) = atoll_control::config::ControlConfig::describe_tls(&tls);
-            println!(
-                "atoll-agent: control plane API at {scheme}://{} (store: {}){about}",
+            tracing::info!(
+                "control plane API at {scheme}://{} (store: {}){about}",
                 listener.local_addr()?,
                 c.embedded.store.backend
             );
@@ -364,7 +363,7 @@ async fn start_control(
                 let serving =
                     api::serve_tls(api_core, listener, limits, tls, std::future::pending());
                 if let Err(e) = serving.await {
-                    eprintln!("atoll-agent: control plane API stopped: {e}");
+                    tracing::error!("control plane API stopped: {e}");
                 }
             });
             Source::Local(core)
@@ -375,17 +374,14 @@ async fn start_control(
         let plane = DnsPlane::ensure(host, &cfg.dns).await?;
         let view = DnsView::new(ForwardPolicy::from_upstreams(&cfg.dns.forward));
         let server = DnsServer::start(&plane, view.clone())?;
-        println!("atoll-agent: DNS for guests at their gateway (split horizon per endpoint)");
+        tracing::info!("DNS for guests at their gateway (split horizon per endpoint)");
         (Some(Arc::new(view)), Some(server))
     } else {
         (None, None)
     };
     let name = c.host_name();
     source.register(&name).await?;
-    println!(
-        "atoll-agent: converging host {name} ({} control plane)",
-        c.mode
-    );
+    tracing::info!(host = %name, "converging host {name} ({} control plane)", c.mode);
     let conv = ConvergeConfig {
         host: name,
         tap_prefix: c.tap_prefix.clone(),
@@ -400,8 +396,8 @@ async fn start_control(
         let (vmm, rx) = atoll_agent::vm::VmManager::new(cfg.vm.clone());
         converger = converger.with_vms(vmm, &cfg.vm.default_image);
         events = Some(rx);
-        println!(
-            "atoll-agent: VMs run under QEMU from {} (images in {})",
+        tracing::info!(
+            "VMs run under QEMU from {} (images in {})",
             cfg.vm.qemu_root.display(),
             cfg.vm.images_dir.display()
         );
@@ -438,7 +434,7 @@ impl UsageWork {
             let collector = self.collector.clone();
             self.collecting = Some(tokio::task::spawn_blocking(move || {
                 if let Err(e) = collector.collect() {
-                    eprintln!("atoll-agent: {e}");
+                    tracing::error!("{e}");
                 }
             }));
         }
@@ -474,17 +470,17 @@ fn deliver(cfg: &atoll_agent::config::UsageConfig) {
     if let Some(url) = &cfg.http_sink {
         match HttpSink::new(url, std::time::Duration::from_secs(cfg.http_timeout_secs)) {
             Ok(s) => sinks.push(Box::new(s)),
-            Err(e) => eprintln!("atoll-agent: usage.http_sink: {e}"),
+            Err(e) => tracing::error!("usage.http_sink: {e}"),
         }
     }
     for sink in sinks.iter_mut() {
         if let Err(e) = deliver_pending(&dir, sink.as_mut(), 1 << 20) {
-            eprintln!("atoll-agent: {e}");
+            tracing::error!("{e}");
         }
     }
     let names: Vec<&str> = sinks.iter().map(|s| s.name()).collect();
     if let Err(e) = compact(&dir, &names, cfg.limits()) {
-        eprintln!("atoll-agent: {e}");
+        tracing::error!("{e}");
     }
 }
 

@@ -425,7 +425,7 @@ async fn handle(
             r
         }
         Err(e) => {
-            eprintln!("atoll-agent: metrics: {e}");
+            tracing::error!("metrics: {e}");
             plain(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 &format!("collecting metrics failed: {e}\n"),

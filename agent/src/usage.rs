@@ -391,8 +391,8 @@ impl Journal {
         let (segment, path, mut file, len) = current.expect("at least one segment");
         file.seek(SeekFrom::Start(len)).map_err(open_err(&path))?;
         if quarantined > 0 {
-            eprintln!(
-                "atoll-agent: usage journal {}: set aside {quarantined} unreadable records in {}",
+            tracing::warn!(
+                "usage journal {}: set aside {quarantined} unreadable records in {}",
                 dir.display(),
                 dir.join(QUARANTINE_FILE).display()
             );
@@ -599,8 +599,8 @@ fn quarantine(
     file.write_all(&blank)
         .and_then(|()| file.sync_data())
         .map_err(err)?;
-    eprintln!(
-        "atoll-agent: usage journal {} line {line} is not a usage record: set aside",
+    tracing::warn!(
+        "usage journal {} line {line} is not a usage record: set aside",
         path.display()
     );
     Ok(())

@@ -237,7 +237,7 @@ impl Driver for Qemu {
                 qemu::probe_kvm(&self.install, kernel, initrd, Duration::from_secs(10))
             }));
             if let Some(Err(why)) = probed.as_ref() {
-                eprintln!("atoll-agent: VMs run under TCG: {why}");
+                tracing::warn!("VMs run under TCG: {why}");
             }
         }
         match (probed.as_ref().expect("set"), self.accel.as_str()) {
@@ -497,8 +497,9 @@ fn recorded_vmm(
     match jail::verify(pid, &want) {
         Ok(fd) => Some(fd),
         Err(why) => {
-            eprintln!(
-                "atoll-agent: refusing pid {pid} recorded in {}: {why}",
+            tracing::warn!(
+                pid,
+                "refusing pid {pid} recorded in {}: {why}",
                 dir.path().display()
             );
             None
@@ -570,7 +571,9 @@ async fn supervise(
         CONSOLE_TAIL_BYTES,
     ) {
         Ok(c) => *console.lock().expect("console lock") = Some(c),
-        Err(e) => eprintln!("atoll-agent: console log of VM {}/{}: {e}", key.0, key.1),
+        Err(e) => {
+            tracing::error!(cloud = %key.0, vm = %key.1, "console log of VM {}/{}: {e}", key.0, key.1)
+        }
     }
     let mut crashes: Vec<Instant> = Vec::new();
     loop {
@@ -692,8 +695,10 @@ async fn launch(ctx: &Arc<Ctx>, spec: &VmSpec, accel: Accel) -> Result<Vmm, VmEr
     let dir_path = run_dir(cfg, spec.slot);
     let dir = prepare(&dir_path, jail::SlotDir::open(&cfg.run_dir, spec.slot, uid))?;
     if dir.migrated {
-        eprintln!(
-            "atoll-agent: VM {}/{}: took {} over from its VMM's uid (older layout); its records are checked against the live process",
+        tracing::info!(
+            cloud = %spec.key.0,
+            vm = %spec.key.1,
+            "VM {}/{}: took {} over from its VMM's uid (older layout); its records are checked against the live process",
             spec.key.0,
             spec.key.1,
             dir_path.display()

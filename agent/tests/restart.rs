@@ -51,7 +51,7 @@ const MAX_ENDPOINTS: u32 = 64;
 /// `atoll-agent run` on `config`; killed on drop.
 struct Agent {
     child: Child,
-    /// stdout lines up to and including the "dataplane at" line.
+    /// Log lines (stderr) up to and including the "dataplane at" line.
     startup: Vec<String>,
 }
 
@@ -61,14 +61,14 @@ impl Agent {
             .arg("--config")
             .arg(config)
             .arg("run")
-            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
             .spawn()
             .expect("spawning atoll-agent run");
-        let stdout = child.stdout.take().expect("piped");
+        let stderr = child.stderr.take().expect("piped");
         let (tx, rx) = mpsc::channel();
         std::thread::spawn(move || {
             for line in
-                std::io::BufRead::lines(std::io::BufReader::new(stdout)).map_while(Result::ok)
+                std::io::BufRead::lines(std::io::BufReader::new(stderr)).map_while(Result::ok)
             {
                 if tx.send(line).is_err() {
                     return;
@@ -83,7 +83,7 @@ impl Agent {
             let line = rx
                 .recv_timeout(BOUND)
                 .unwrap_or_else(|_| panic!("the agent did not start: {:?}", agent.startup));
-            let ready = line.contains("atoll-agent: dataplane at");
+            let ready = line.contains("dataplane at");
             agent.startup.push(line);
             if ready {
                 break;
@@ -94,10 +94,11 @@ impl Agent {
         agent
     }
 
+    /// The first startup event whose message starts with `prefix`, from the prefix on.
     fn line(&self, prefix: &str) -> &str {
         self.startup
             .iter()
-            .find(|l| l.starts_with(prefix))
+            .find_map(|l| l.find(prefix).map(|i| &l[i..]))
             .unwrap_or_else(|| panic!("no {prefix:?} line in {:?}", self.startup))
     }
 
@@ -446,7 +447,7 @@ fn flowing(ab: &Progress, ba: &Progress) {
 
 /// The restarted agent found the same endpoints, same devices, nothing stale.
 fn resumed(agent: &Agent, config: &Path, guests: &[VethGuest; 2]) {
-    let line = agent.line("atoll-agent: dataplane at");
+    let line = agent.line("dataplane at");
     assert!(
         line.contains("with 2 endpoints (0 stale removed or repaired)"),
         "{line}"
@@ -475,7 +476,7 @@ fn restarts_lose_no_packet_and_no_count() {
         with_steady_flows("rs", |config, guests, ab, ba| {
             let first = Agent::start(config);
             pools.push(first.pool_guard());
-            assert!(first.line("atoll-agent: pins:").contains("(current)"));
+            assert!(first.line("pins:").contains("(current)"));
             flowing(ab, ba);
             let st = first.stop(libc::SIGTERM);
             assert!(st.success(), "SIGTERM: the agent exits cleanly ({st})");
@@ -492,7 +493,7 @@ fn restarts_lose_no_packet_and_no_count() {
             let third = Agent::start(config);
             pools.push(third.pool_guard());
             resumed(&third, config, guests);
-            assert!(third.line("atoll-agent: pins:").contains("(current)"));
+            assert!(third.line("pins:").contains("(current)"));
             flowing(ab, ba);
             third.stop(libc::SIGTERM);
         });
@@ -564,7 +565,7 @@ fn program_upgrade_swaps_every_link_without_loss() {
 
             let second = Agent::start(config);
             pools.push(second.pool_guard());
-            let pins = second.line("atoll-agent: pins:");
+            let pins = second.line("pins:");
             assert!(
                 pins.contains("upgraded programs from build 00000000deadbeef")
                     && pins.contains("8 links switched atomically (0 stale)"),
@@ -592,7 +593,7 @@ fn program_upgrade_swaps_every_link_without_loss() {
             // The next start finds the current build: nothing to do.
             let third = Agent::start(config);
             pools.push(third.pool_guard());
-            assert!(third.line("atoll-agent: pins:").contains("(current)"));
+            assert!(third.line("pins:").contains("(current)"));
             flowing(ab, ba);
             third.stop(libc::SIGTERM);
         });
@@ -639,7 +640,7 @@ fn layout_migration_keeps_traffic_and_counters() {
 
             let second = Agent::start(config);
             pools.push(second.pool_guard());
-            let pins = second.line("atoll-agent: pins:");
+            let pins = second.line("pins:");
             assert!(
                 pins.contains(&format!(
                     "migrated layout v{} to v{LAYOUT_VERSION}",

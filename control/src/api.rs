@@ -19,7 +19,7 @@
 //!   refused (413) before it is read, and one that does not arrive within the request timeout
 //!   gets 408.
 //! - **A 500 carries an error id, never internals.** Store errors name keys, SQL and etcd URLs;
-//!   they go to stderr as `atoll control: error <id>: <error>` and the caller gets the code,
+//!   they are logged as an error event `error <id>: <error>` (field `error_id`) and the caller gets the code,
 //!   a generic message and the same `id`, which an operator finds in the log.
 //! - Serving (timeouts, connection cap) is [`server`]'s.
 
@@ -78,11 +78,11 @@ impl ApiError {
         }
     }
 
-    /// A 500: `err` goes to stderr under a new error id; the caller gets `code`, a message
+    /// A 500: `err` is logged (an error event) under a new error id; the caller gets `code`, a message
     /// that names no internals, and the id.
     fn internal(code: &str, message: &str, err: &dyn std::fmt::Display) -> Self {
         let id = error_id();
-        eprintln!("atoll control: error {id}: {err}");
+        tracing::error!(error_id = %id, "error {id}: {err}");
         let mut e = ApiError::new(
             StatusCode::INTERNAL_SERVER_ERROR,
             code,

@@ -6,6 +6,7 @@ pub mod api;
 pub mod client;
 pub mod config;
 pub mod core;
+pub mod logging;
 pub mod model;
 pub mod private;
 pub mod store;

@@ -368,6 +368,7 @@ enum Format {
 }
 
 fn main() {
+    atoll_control::logging::init();
     let code = match run() {
         Ok(()) => 0,
         Err(e) => {
@@ -488,8 +489,8 @@ async fn serve(cfg: ControlConfig) -> Result<()> {
         .await
         .with_context(|| format!("listening on {}", cfg.listen))?;
     let (scheme, about) = ControlConfig::describe_tls(&tls);
-    eprintln!(
-        "atoll: control plane API on {scheme}://{}{about}",
+    tracing::info!(
+        "control plane API on {scheme}://{}{about}",
         listener.local_addr()?
     );
     let shutdown = async {

@@ -426,9 +426,9 @@ impl EmbeddedAgent {
     }
 
     fn wait_converging(&mut self) {
-        let stdout = self.child.stdout.take().unwrap();
+        let stderr = self.child.stderr.take().unwrap();
         let mut lines =
-            std::io::BufRead::lines(std::io::BufReader::new(stdout)).map_while(Result::ok);
+            std::io::BufRead::lines(std::io::BufReader::new(stderr)).map_while(Result::ok);
         for want in ["DNS for guests at their gateway", "converging host solo"] {
             assert!(
                 lines.by_ref().any(|l| l.contains(want)),
@@ -486,7 +486,7 @@ fn spawn_agent(config: &Path) -> std::process::Child {
     cmd.arg("--config")
         .arg(config)
         .arg("run")
-        .stdout(std::process::Stdio::piped());
+        .stderr(std::process::Stdio::piped());
     // SAFETY: umask is async-signal-safe and touches no memory.
     unsafe {
         cmd.pre_exec(|| {

@@ -93,7 +93,7 @@ pub async fn serve(
                 Err(e) => {
                     // Out of file descriptors, or a connection reset before it was accepted:
                     // the next accept may work; do not spin meanwhile.
-                    eprintln!("atoll control: accepting an API connection: {e}");
+                    tracing::warn!("accepting an API connection: {e}");
                     tokio::time::sleep(Duration::from_millis(100)).await;
                     continue;
                 }

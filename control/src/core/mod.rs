@@ -637,9 +637,7 @@ impl Core {
                         }
                     }
                     Err(e) => {
-                        eprintln!(
-                            "atoll control: store watch ended: {e}; agents fall back to full syncs"
-                        );
+                        tracing::error!("store watch ended: {e}; agents fall back to full syncs");
                         let mut st = f.state.lock().expect("feed lock");
                         st.complete_after = u64::MAX;
                         drop(st);
