@@ -1,5 +1,14 @@
 //! Agent configuration (TOML). Unknown keys are errors, so a typo never silently falls back to
 //! a default.
+//!
+//! Decisions:
+//! - **Settings are types.** A setting of a few words is an enum ([`ControlMode`],
+//!   [`VmDriver`], [`AccelSetting`]); a name the kernel or a protocol constrains is a newtype
+//!   checked when the file is read ([`DeviceName`], [`NetnsName`], [`DnsSuffix`],
+//!   [`SinkUrl`]), so code past parsing never re-checks a string, and an error names the key.
+//! - **This module is a leaf.** It depends on no other module of the agent but `types`: the
+//!   rules it needs (interface and namespace names, the tap pool's prefix) are defined here and
+//!   the domain modules use them from here, never the other way round.
 
 use std::{
     fmt,
@@ -11,6 +20,212 @@ use std::{
 use serde::Deserialize;
 
 use crate::types::MacAddr;
+
+/// Declares a setting that takes one of a few words: the enum, its TOML spelling (serde,
+/// snake_case, so an unknown word is refused naming the key and the accepted words), and
+/// `Display` in the same spelling for messages.
+macro_rules! choice {
+    ($(#[$m:meta])* $name:ident { $($(#[$vm:meta])* $variant:ident = $word:literal),+ $(,)? }) => {
+        $(#[$m])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+        pub enum $name {
+            $($(#[$vm])* #[serde(rename = $word)] $variant),+
+        }
+        impl $name {
+            /// The setting's TOML spelling.
+            pub fn as_str(self) -> &'static str {
+                match self {
+                    $($name::$variant => $word),+
+                }
+            }
+        }
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+    };
+}
+
+choice! {
+    /// `control.mode`: where this host's desired state comes from.
+    ControlMode {
+        /// Run the control plane in this process (single host, the default).
+        Embedded = "embedded",
+        /// Follow the control plane at `control.url`.
+        Remote = "remote",
+        /// No control plane: endpoints are managed by hand.
+        Off = "off",
+    }
+}
+
+choice! {
+    /// `vm.driver`: what runs the VMs placed on this host.
+    VmDriver {
+        /// Boot every placed VM as a QEMU microvm.
+        Qemu = "qemu",
+        /// Give VMs their network identity only (tap, maps, DNS); another VMM uses the tap.
+        None = "none",
+    }
+}
+
+choice! {
+    /// `vm.accel`: the accelerator VMs run under.
+    AccelSetting {
+        /// KVM when a probe boot under KVM succeeds, else TCG.
+        Auto = "auto",
+        /// KVM or nothing: a VM fails if KVM cannot run it.
+        Kvm = "kvm",
+        /// Software emulation.
+        Tcg = "tcg",
+    }
+}
+
+/// Prefix of the tap pool's spare devices (see the `endpoint` module); VM device names must
+/// not start with it.
+pub const POOL_PREFIX: &str = "atlq";
+
+/// Declares a newtype over `String` whose values pass `$check` (which returns the reason a
+/// value is refused), read from TOML through that check, and used as a `&str`.
+macro_rules! checked_name {
+    ($(#[$m:meta])* $name:ident, $check:path) => {
+        $(#[$m])*
+        #[derive(Debug, Clone, PartialEq, Eq, Hash, Deserialize)]
+        #[serde(try_from = "String")]
+        pub struct $name(String);
+        impl $name {
+            /// `value` if it is valid, else why not.
+            pub fn new(value: &str) -> Result<Self, String> {
+                $check(value).map(|()| $name(value.to_string()))
+            }
+            pub fn as_str(&self) -> &str {
+                &self.0
+            }
+        }
+        impl TryFrom<String> for $name {
+            type Error = String;
+            fn try_from(value: String) -> Result<Self, String> {
+                $check(&value).map(|()| $name(value))
+            }
+        }
+        impl std::ops::Deref for $name {
+            type Target = str;
+            fn deref(&self) -> &str {
+                &self.0
+            }
+        }
+        impl AsRef<str> for $name {
+            fn as_ref(&self) -> &str {
+                &self.0
+            }
+        }
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(&self.0)
+            }
+        }
+    };
+}
+
+/// The kernel's rules for an interface name: 1 to 15 bytes (`IFNAMSIZ` with its NUL), not `.`
+/// or `..`, no `/`, `:`, whitespace or NUL.
+pub fn check_device_name(name: &str) -> Result<(), String> {
+    let ok = !name.is_empty()
+        && name.len() < libc::IF_NAMESIZE
+        && name != "."
+        && name != ".."
+        && !name
+            .bytes()
+            .any(|b| b == b'/' || b == b':' || b.is_ascii_whitespace() || b == 0);
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "invalid device name {name:?}: 1-15 bytes, no '/', ':' or whitespace"
+        ))
+    }
+}
+
+/// A network namespace name as `ip netns` keeps it (`/run/netns/<name>`): 1 to 64 of
+/// `[A-Za-z0-9_.-]`, not `.` or `..`.
+pub fn check_netns_name(name: &str) -> Result<(), String> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name != "."
+        && name != ".."
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b));
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "invalid network namespace name {name:?}: 1-64 of [A-Za-z0-9_.-], not \".\" or \"..\""
+        ))
+    }
+}
+
+/// A DNS suffix: a domain name (not the root), read as a fully qualified name.
+fn check_dns_suffix(suffix: &str) -> Result<(), String> {
+    let name = hickory_proto::rr::Name::from_ascii(suffix)
+        .map_err(|e| format!("invalid DNS suffix {suffix:?}: {e}"))?;
+    if suffix.is_empty() || name.is_root() {
+        return Err(format!(
+            "invalid DNS suffix {suffix:?}: a domain name, not the root"
+        ));
+    }
+    Ok(())
+}
+
+/// A usage sink URL: `http://host[:port][/path]` (no credentials, no whitespace).
+fn check_sink_url(url: &str) -> Result<(), String> {
+    SinkUrl::split(url).map(drop)
+}
+
+checked_name!(
+    /// A network interface name (see [`check_device_name`]).
+    DeviceName,
+    check_device_name
+);
+checked_name!(
+    /// A network namespace name (see [`check_netns_name`]).
+    NetnsName,
+    check_netns_name
+);
+checked_name!(
+    /// A DNS suffix, e.g. `atoll.internal.` (see the `dns` module).
+    DnsSuffix,
+    check_dns_suffix
+);
+checked_name!(
+    /// Where the usage HTTP sink posts: `http://host[:port][/path]`.
+    SinkUrl,
+    check_sink_url
+);
+
+impl SinkUrl {
+    /// `(host, address to connect to, path)` of `url`: the port defaults to 80, the path to `/`.
+    pub fn split(url: &str) -> Result<(String, String, String), String> {
+        let bad = || format!("invalid sink URL {url:?}: expected http://host[:port][/path]");
+        let rest = url.strip_prefix("http://").ok_or_else(bad)?;
+        let (authority, path) = match rest.find('/') {
+            Some(i) => (&rest[..i], &rest[i..]),
+            None => (rest, "/"),
+        };
+        if authority.is_empty() || authority.contains('@') || path.contains(char::is_whitespace) {
+            return Err(bad());
+        }
+        let addr = if authority
+            .rsplit_once(':')
+            .is_some_and(|(_, p)| p.parse::<u16>().is_ok())
+        {
+            authority.to_string()
+        } else {
+            format!("{authority}:80")
+        };
+        Ok((authority.into(), addr, path.into()))
+    }
+}
 
 /// Default bpffs directory for atoll's pins.
 pub const DEFAULT_BPFFS_ROOT: &str = "/sys/fs/bpf/atoll";
@@ -32,7 +247,7 @@ pub struct AgentConfig {
 pub struct VmConfig {
     /// `qemu`: boot every placed VM as a QEMU microvm; `none`: give VMs their network
     /// identity only (tap, maps, DNS) and leave the tap to another VMM.
-    pub driver: String,
+    pub driver: VmDriver,
     /// Root of the QEMU tree `cargo xtask image` unpacks (`usr/bin/qemu-system-x86_64`, its
     /// libraries and firmware); `/` for a system-wide QEMU 7.2.
     pub qemu_root: PathBuf,
@@ -41,7 +256,7 @@ pub struct VmConfig {
     /// Image of VMs that name none.
     pub default_image: String,
     /// `auto` (KVM when a probe boot under KVM succeeds, else TCG), `kvm` or `tcg`.
-    pub accel: String,
+    pub accel: AccelSetting,
     /// Per-VM runtime files (config drive, sockets, pid).
     pub run_dir: PathBuf,
     /// Per-VM console logs.
@@ -62,11 +277,11 @@ pub struct VmConfig {
 impl Default for VmConfig {
     fn default() -> Self {
         VmConfig {
-            driver: "qemu".into(),
+            driver: VmDriver::Qemu,
             qemu_root: PathBuf::from("/var/lib/atoll/vmm/qemu-7.2"),
             images_dir: PathBuf::from("/var/lib/atoll/images"),
             default_image: "default".into(),
-            accel: "auto".into(),
+            accel: AccelSetting::Auto,
             run_dir: PathBuf::from("/run/atoll/vms"),
             state_dir: PathBuf::from("/var/lib/atoll/vms"),
             uid_base: 2_000_000_000,
@@ -84,7 +299,7 @@ impl Default for VmConfig {
 pub struct ControlLinkConfig {
     /// `embedded`: run the control plane in this process (single host, the default);
     /// `remote`: follow the control plane at `url`; `off`: endpoints are managed by hand.
-    pub mode: String,
+    pub mode: ControlMode,
     /// This host's name in the control plane (a DNS label); default: the hostname.
     pub host: Option<String>,
     /// `remote`: the control plane's API URL.
@@ -108,7 +323,7 @@ pub struct ControlLinkConfig {
 impl Default for ControlLinkConfig {
     fn default() -> Self {
         ControlLinkConfig {
-            mode: "embedded".into(),
+            mode: ControlMode::Embedded,
             host: None,
             url: "https://127.0.0.1:7480".into(),
             ca_file: None,
@@ -172,11 +387,11 @@ pub struct DnsConfig {
     pub enabled: bool,
     /// Every cloud's zone lives under this suffix; names under it that are not in the asking
     /// guest's own zone are answered NXDOMAIN (never forwarded).
-    pub suffix: String,
+    pub suffix: DnsSuffix,
     /// Name of atoll's DNS network namespace (`/run/netns/<namespace>`), created if missing.
-    pub namespace: String,
+    pub namespace: NetnsName,
     /// Host-side name of the veth pair into the DNS namespace.
-    pub device: String,
+    pub device: DeviceName,
     /// Proxy addresses: the endpoint with counter slot `s` asks from the `s`-th address. Exists
     /// only inside the DNS namespace; needs at least `dataplane.max_endpoints` addresses.
     pub proxy_network: Ipv4Network,
@@ -191,9 +406,9 @@ impl Default for DnsConfig {
     fn default() -> Self {
         DnsConfig {
             enabled: true,
-            suffix: "atoll.internal.".into(),
-            namespace: "atoll-dns".into(),
-            device: "atoll-dns".into(),
+            suffix: DnsSuffix("atoll.internal.".into()),
+            namespace: NetnsName("atoll-dns".into()),
+            device: DeviceName("atoll-dns".into()),
             proxy_network: Ipv4Network {
                 addr: Ipv4Addr::new(100, 127, 0, 0),
                 prefix: 16,
@@ -208,10 +423,6 @@ impl DnsConfig {
     /// Checks the `[dns]` table against itself and the dataplane's size; the message names the
     /// offending key.
     pub fn validate(&self, dataplane: &DataplaneConfig) -> Result<(), String> {
-        crate::dns::parse_suffix(&self.suffix).map_err(|e| format!("dns.suffix: {e}"))?;
-        crate::dns::netns::validate_name(&self.namespace)
-            .map_err(|e| format!("dns.namespace: {e}"))?;
-        crate::device::validate_name(&self.device).map_err(|e| format!("dns.device: {e}"))?;
         let net = &self.proxy_network;
         if net.size() < u64::from(dataplane.max_endpoints) {
             return Err(format!(
@@ -313,7 +524,7 @@ pub struct UsageConfig {
     /// Append delivered records to this JSON-lines file.
     pub file_sink: Option<PathBuf>,
     /// POST delivered records to this `http://host[:port]/path` URL.
-    pub http_sink: Option<String>,
+    pub http_sink: Option<SinkUrl>,
     /// Timeout of one HTTP delivery, seconds (1 to 300).
     pub http_timeout_secs: u64,
     /// The journal is written in segments of this many bytes (at least 64 KiB); a segment is
@@ -347,14 +558,6 @@ impl Default for UsageConfig {
 }
 
 impl UsageConfig {
-    /// The journal's size limits.
-    pub fn limits(&self) -> crate::usage::JournalLimits {
-        crate::usage::JournalLimits {
-            segment_bytes: self.journal_segment_bytes,
-            max_bytes: self.journal_max_bytes,
-        }
-    }
-
     /// The CloudEvents source: configured, or `atoll/agent/<hostname>`.
     pub fn source(&self) -> String {
         self.source.clone().unwrap_or_else(|| {
@@ -438,10 +641,12 @@ pub enum ConfigError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("parsing config {path}: {source}")]
+    /// `key` is the setting's path (`dns.suffix`), empty when the error is not about one.
+    #[error("parsing config {path}: {}{source}", if key.is_empty() { String::new() } else { format!("{key}: ") })]
     Parse {
         path: PathBuf,
-        source: toml::de::Error,
+        key: String,
+        source: Box<toml::de::Error>,
     },
     #[error("config {path}: {message}")]
     Invalid { path: PathBuf, message: String },
@@ -459,10 +664,15 @@ impl AgentConfig {
 
     /// Parses and validates config text; `path` is only used in messages.
     pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
-        let cfg: AgentConfig = toml::from_str(text).map_err(|source| ConfigError::Parse {
-            path: path.into(),
-            source,
-        })?;
+        let cfg: AgentConfig = serde_path_to_error::deserialize(toml::Deserializer::new(text))
+            .map_err(|e| {
+                let key = e.path().to_string();
+                ConfigError::Parse {
+                    path: path.into(),
+                    key: if key == "." { String::new() } else { key },
+                    source: Box::new(e.into_inner()),
+                }
+            })?;
         let invalid = |message: &str| ConfigError::Invalid {
             path: path.into(),
             message: message.into(),
@@ -502,10 +712,6 @@ impl AgentConfig {
                 "usage.journal_dir and usage.file_sink must be absolute paths",
             ));
         }
-        if let Some(url) = &u.http_sink {
-            crate::usage::HttpSink::new(url, std::time::Duration::from_secs(1))
-                .map_err(|e| invalid(&format!("usage.http_sink: {e}")))?;
-        }
         if u.source.as_ref().is_some_and(|s| s.trim().is_empty()) {
             return Err(invalid("usage.source must not be empty"));
         }
@@ -525,13 +731,7 @@ impl AgentConfig {
             ));
         }
         let c = &cfg.control;
-        if !matches!(c.mode.as_str(), "embedded" | "remote" | "off") {
-            return Err(invalid(&format!(
-                "control.mode {:?}: use \"embedded\", \"remote\" or \"off\"",
-                c.mode
-            )));
-        }
-        if c.mode != "off" {
+        if c.mode != ControlMode::Off {
             atoll_control::model::validate_label("control.host", &c.host_name())
                 .map_err(|e| invalid(&format!("control.host: {}", e.message)))?;
         }
@@ -544,7 +744,7 @@ impl AgentConfig {
         {
             return Err(invalid("control.tap_prefix must be 1 to 10 of a-z, 0-9"));
         }
-        if c.tap_prefix.starts_with(crate::endpoint::POOL_PREFIX) {
+        if c.tap_prefix.starts_with(POOL_PREFIX) {
             return Err(invalid(
                 "control.tap_prefix must not start with the tap pool's prefix atlq",
             ));
@@ -552,11 +752,11 @@ impl AgentConfig {
         if !c.volumes_dir.is_absolute() {
             return Err(invalid("control.volumes_dir must be an absolute path"));
         }
-        if c.mode == "remote" {
+        if c.mode == ControlMode::Remote {
             c.client("x")
                 .map_err(|e| invalid(&format!("control.url: {e}")))?;
         }
-        if c.mode == "embedded" {
+        if c.mode == ControlMode::Embedded {
             c.embedded
                 .validate()
                 .map_err(|e| invalid(&format!("control.embedded.{e}")))?;
@@ -575,18 +775,6 @@ impl AgentConfig {
 
 impl VmConfig {
     pub fn validate(&self, dataplane: &DataplaneConfig) -> Result<(), String> {
-        if !matches!(self.driver.as_str(), "qemu" | "none") {
-            return Err(format!(
-                "vm.driver {:?}: use \"qemu\" or \"none\"",
-                self.driver
-            ));
-        }
-        if !matches!(self.accel.as_str(), "auto" | "kvm" | "tcg") {
-            return Err(format!(
-                "vm.accel {:?}: use \"auto\", \"kvm\" or \"tcg\"",
-                self.accel
-            ));
-        }
         for (key, p) in [
             ("vm.qemu_root", &self.qemu_root),
             ("vm.images_dir", &self.images_dir),
@@ -627,6 +815,40 @@ mod tests {
     use super::*;
 
     /// The commented default config `cargo xtask install` ships is valid, and is the defaults.
+    #[test]
+    fn settings_of_a_few_words_are_enums_naming_the_key_and_the_words() {
+        let p = Path::new("/etc/atoll/agent.toml");
+        let c = AgentConfig::parse(
+            "[control]\nmode = \"off\"\n[vm]\ndriver = \"none\"\naccel = \"tcg\"\n",
+            p,
+        )
+        .unwrap();
+        assert_eq!(
+            (c.control.mode, c.vm.driver, c.vm.accel),
+            (ControlMode::Off, VmDriver::None, AccelSetting::Tcg)
+        );
+        assert_eq!(c.vm.accel.to_string(), "tcg");
+        for (text, key, words) in [
+            (
+                "[control]\nmode = \"local\"\n",
+                "mode",
+                "`embedded`, `remote`, `off`",
+            ),
+            (
+                "[vm]\ndriver = \"firecracker\"\n",
+                "driver",
+                "`qemu` or `none`",
+            ),
+            ("[vm]\naccel = \"hvf\"\n", "accel", "`auto`, `kvm`, `tcg`"),
+        ] {
+            let e = AgentConfig::parse(text, p).unwrap_err().to_string();
+            assert!(
+                e.contains(key) && e.contains(words) && e.contains("agent.toml"),
+                "{e}"
+            );
+        }
+    }
+
     #[test]
     fn shipped_config_parses_to_the_defaults() {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/agent.toml");
@@ -724,7 +946,7 @@ mod tests {
         let p = Path::new("t.toml");
         let d = AgentConfig::parse("", p).unwrap().dns;
         assert!(d.enabled);
-        assert_eq!(d.suffix, "atoll.internal.");
+        assert_eq!(d.suffix.as_str(), "atoll.internal.");
         assert_eq!(d.proxy_network.to_string(), "100.127.0.0/16");
         assert!(d.forward.is_empty());
         let c = AgentConfig::parse(

@@ -304,18 +304,7 @@ pub fn ifname(ifindex: u32) -> Option<String> {
 }
 
 pub fn validate_name(name: &str) -> Result<(), DeviceError> {
-    let ok = !name.is_empty()
-        && name.len() < libc::IF_NAMESIZE
-        && name != "."
-        && name != ".."
-        && !name
-            .bytes()
-            .any(|b| b == b'/' || b == b':' || b.is_ascii_whitespace() || b == 0);
-    if ok {
-        Ok(())
-    } else {
-        Err(DeviceError::InvalidName(name.into()))
-    }
+    crate::config::check_device_name(name).map_err(|_| DeviceError::InvalidName(name.into()))
 }
 
 /// A tap that is not yet persistent (see [`Devices::create_tap_held`]): the kernel deletes it

@@ -31,7 +31,7 @@ use std::{
 use aya::programs::{tc::TcAttachOptions, LinkOrder, SchedClassifier, TcAttachType, Xdp, XdpMode};
 
 use crate::{
-    config::AgentConfig,
+    config::{AccelSetting, AgentConfig, ControlMode, VmDriver},
     dataplane::{self, DataplaneError},
     device::Devices,
     testbed::unique_name,
@@ -181,10 +181,10 @@ pub async fn run(cfg: &AgentConfig) -> Report {
 pub async fn control(cfg: &AgentConfig) -> Check {
     const NAME: &str = "control";
     let c = &cfg.control;
-    match c.mode.as_str() {
-        "remote" => {}
-        "off" => return Check::skip(NAME, "control.mode = \"off\""),
-        _ => {
+    match c.mode {
+        ControlMode::Remote => {}
+        ControlMode::Off => return Check::skip(NAME, "control.mode = \"off\""),
+        ControlMode::Embedded => {
             return Check::ok(
                 NAME,
                 format!("embedded control plane (API at {})", c.embedded.listen),
@@ -599,7 +599,7 @@ fn image_files(cfg: &AgentConfig) -> (PathBuf, PathBuf) {
 
 async fn kvm(cfg: &AgentConfig) -> Check {
     const NAME: &str = "kvm";
-    let strict = cfg.vm.accel == "kvm";
+    let strict = cfg.vm.accel == AccelSetting::Kvm;
     // `why` is shown after the consequence, so the line reads the same for every cause.
     let unusable = |lead: &str, why: Option<String>| {
         let why = why.map(|w| format!(" ({w})")).unwrap_or_default();
@@ -618,11 +618,11 @@ async fn kvm(cfg: &AgentConfig) -> Check {
         }
     };
     const CANNOT_RUN: &str = "KVM present but cannot run guests";
-    if cfg.vm.driver == "none" || cfg.vm.accel == "tcg" {
+    if cfg.vm.driver == VmDriver::None || cfg.vm.accel == AccelSetting::Tcg {
         return Check::skip(
             NAME,
             format!(
-                "vm.driver = {:?}, vm.accel = {:?}",
+                "vm.driver = \"{}\", vm.accel = \"{}\"",
                 cfg.vm.driver, cfg.vm.accel
             ),
         );
@@ -670,8 +670,8 @@ async fn kvm(cfg: &AgentConfig) -> Check {
 
 fn vmm(cfg: &AgentConfig) -> Check {
     const NAME: &str = "vmm";
-    if cfg.vm.driver != "qemu" {
-        return Check::skip(NAME, format!("vm.driver = {:?}", cfg.vm.driver));
+    if cfg.vm.driver != VmDriver::Qemu {
+        return Check::skip(NAME, format!("vm.driver = \"{}\"", cfg.vm.driver));
     }
     let qemu = install(cfg);
     let fix = format!(
@@ -707,8 +707,8 @@ fn vmm(cfg: &AgentConfig) -> Check {
 
 fn image(cfg: &AgentConfig) -> Check {
     const NAME: &str = "image";
-    if cfg.vm.driver != "qemu" {
-        return Check::skip(NAME, format!("vm.driver = {:?}", cfg.vm.driver));
+    if cfg.vm.driver != VmDriver::Qemu {
+        return Check::skip(NAME, format!("vm.driver = \"{}\"", cfg.vm.driver));
     }
     let (kernel, initrd) = image_files(cfg);
     let missing: Vec<String> = [&kernel, &initrd]

@@ -146,7 +146,7 @@ impl std::fmt::Debug for Host {
 }
 
 /// Name prefix of spare taps.
-pub const POOL_PREFIX: &str = "atlq";
+pub use crate::config::POOL_PREFIX;
 
 impl Host {
     /// Opens (or first creates) the pinned dataplane and a netlink connection. Must be called

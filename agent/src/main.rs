@@ -9,7 +9,7 @@ use atoll_agent::converge::{ConvergeConfig, ConvergeError, Converger, DnsSink, R
 use atoll_agent::dns::{DnsPlane, DnsServer, DnsView, ForwardPolicy};
 use atoll_agent::usage::{compact, deliver_pending, FileSink, HttpSink, Recorder, Sink};
 use atoll_agent::{
-    config::AgentConfig,
+    config::{AgentConfig, ControlMode, VmDriver},
     endpoint::{DeviceSpec, EndpointSpec, Host},
     types::{CloudId, MacAddr},
 };
@@ -331,15 +331,15 @@ async fn start_control(
     Option<VmEvents>,
 )> {
     let c = &cfg.control;
-    let source = match c.mode.as_str() {
-        "off" => return Ok((None, None, None)),
-        "remote" => {
+    let source = match c.mode {
+        ControlMode::Off => return Ok((None, None, None)),
+        ControlMode::Remote => {
             let token = std::fs::read_to_string(&c.token_file).with_context(|| {
                 format!("reading control.token_file {}", c.token_file.display())
             })?;
             Source::Remote(Remote::new(c.client(&token)?, Some(c.token_file.clone())))
         }
-        _ => {
+        ControlMode::Embedded => {
             let tls = c
                 .embedded
                 .server_tls()
@@ -392,7 +392,7 @@ async fn start_control(
         converger = converger.with_dns_suffix(&cfg.dns.suffix);
     }
     let mut events = None;
-    if cfg.vm.driver == "qemu" {
+    if cfg.vm.driver == VmDriver::Qemu {
         let (vmm, rx) = atoll_agent::vm::VmManager::new(cfg.vm.clone());
         converger = converger.with_vms(vmm, &cfg.vm.default_image);
         events = Some(rx);

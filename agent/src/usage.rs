@@ -968,36 +968,26 @@ impl std::fmt::Debug for HttpSink {
     }
 }
 
-impl HttpSink {
-    /// Parses `http://host[:port][/path]`.
-    pub fn new(url: &str, timeout: std::time::Duration) -> Result<Self, io::Error> {
-        let bad = || {
-            io::Error::new(
-                io::ErrorKind::InvalidInput,
-                format!("invalid sink URL {url:?}: expected http://host[:port][/path]"),
-            )
-        };
-        let rest = url.strip_prefix("http://").ok_or_else(bad)?;
-        let (authority, path) = match rest.find('/') {
-            Some(i) => (&rest[..i], &rest[i..]),
-            None => (rest, "/"),
-        };
-        if authority.is_empty() || authority.contains('@') || path.contains(char::is_whitespace) {
-            return Err(bad());
+impl crate::config::UsageConfig {
+    /// The journal's size limits.
+    pub fn limits(&self) -> JournalLimits {
+        JournalLimits {
+            segment_bytes: self.journal_segment_bytes,
+            max_bytes: self.journal_max_bytes,
         }
-        let addr = if authority
-            .rsplit_once(':')
-            .is_some_and(|(_, p)| p.parse::<u16>().is_ok())
-        {
-            authority.to_string()
-        } else {
-            format!("{authority}:80")
-        };
+    }
+}
+
+impl HttpSink {
+    /// Parses `http://host[:port][/path]` (see [`SinkUrl`](crate::config::SinkUrl)).
+    pub fn new(url: &str, timeout: std::time::Duration) -> Result<Self, io::Error> {
+        let (host, addr, path) = crate::config::SinkUrl::split(url)
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
         Ok(HttpSink {
             name: "http".into(),
-            host: authority.into(),
+            host,
             addr,
-            path: path.into(),
+            path,
             timeout,
         })
     }

@@ -49,7 +49,10 @@ use tokio::{
     sync::{mpsc, watch},
 };
 
-use crate::{config::VmConfig, types::MacAddr};
+use crate::{
+    config::{AccelSetting, VmConfig},
+    types::MacAddr,
+};
 use console::Console;
 use drive::GuestConfig;
 use qemu::{Accel, QemuInstall};
@@ -178,7 +181,7 @@ pub trait Driver: Send + Sync + 'static {
 /// The QEMU `microvm` driver.
 pub struct Qemu {
     install: QemuInstall,
-    accel: String,
+    accel: AccelSetting,
     probe_cache: PathBuf,
     probed: Mutex<Option<Result<Accel, String>>>,
 }
@@ -195,7 +198,7 @@ impl Qemu {
             install: QemuInstall {
                 root: cfg.qemu_root.clone(),
             },
-            accel: cfg.accel.clone(),
+            accel: cfg.accel,
             probe_cache: cfg.run_dir.join("kvm-probe"),
             probed: Mutex::new(None),
         }
@@ -225,9 +228,9 @@ impl Driver for Qemu {
     }
 
     fn accel(&self, kernel: &Path, initrd: &Path) -> Result<Accel, VmError> {
-        match self.accel.as_str() {
-            "tcg" => return Ok(Accel::Tcg),
-            "kvm" => {}
+        match self.accel {
+            AccelSetting::Tcg => return Ok(Accel::Tcg),
+            AccelSetting::Kvm => {}
             _ if !Path::new("/dev/kvm").exists() => return Ok(Accel::Tcg),
             _ => {}
         }
@@ -240,9 +243,9 @@ impl Driver for Qemu {
                 tracing::warn!("VMs run under TCG: {why}");
             }
         }
-        match (probed.as_ref().expect("set"), self.accel.as_str()) {
+        match (probed.as_ref().expect("set"), self.accel) {
             (Ok(a), _) => Ok(*a),
-            (Err(why), "kvm") => Err(VmError::KvmUnusable(why.clone())),
+            (Err(why), AccelSetting::Kvm) => Err(VmError::KvmUnusable(why.clone())),
             (Err(_), _) => Ok(Accel::Tcg),
         }
     }

@@ -416,7 +416,7 @@ async fn remote_agent_converges_over_https() {
     std::fs::write(&token_file, &issued.token).unwrap();
     // The agent's own configuration builds its client.
     let mut link = atoll_agent::config::ControlLinkConfig {
-        mode: "remote".into(),
+        mode: atoll_agent::config::ControlMode::Remote,
         url: api.url.clone(),
         ca_file: Some(api.ca_file.clone()),
         ..Default::default()

@@ -127,12 +127,12 @@ fn scenario() {
         Host::open(&support::cfg(&pins, 64, 0)).expect("opening the dataplane")
     };
     let dns_cfg = DnsConfig {
-        namespace: unique_name("dd"),
-        device: unique_name("dd"),
+        namespace: atoll_agent::config::NetnsName::new(&unique_name("dd")).unwrap(),
+        device: atoll_agent::config::DeviceName::new(&unique_name("dd")).unwrap(),
         proxy_network: "100.127.0.0/26".parse::<Ipv4Network>().expect("network"),
         ..DnsConfig::default()
     };
-    let _dns_ns = NamespaceGuard(dns_cfg.namespace.clone());
+    let _dns_ns = NamespaceGuard(dns_cfg.namespace.to_string());
 
     // 1. The plane, twice.
     let plane = rt

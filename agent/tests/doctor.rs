@@ -294,7 +294,7 @@ async fn doctor_checks_the_remote_control_link() {
     };
     let token_file = dir.path().join("host.token");
     let mut cfg = AgentConfig::default();
-    cfg.control.mode = "remote".into();
+    cfg.control.mode = atoll_agent::config::ControlMode::Remote;
     cfg.control.url = api.url.clone();
     cfg.control.ca_file = Some(api.ca_file.clone());
     cfg.control.host = Some("dh1".into());

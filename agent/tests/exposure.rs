@@ -167,8 +167,8 @@ fn scenario() {
         .block_on(async { Host::open(&support::cfg(&pins, 64, 0)) })
         .unwrap();
     let dns_cfg = DnsConfig {
-        namespace: unique_name("xd"),
-        device: unique_name("xd"),
+        namespace: atoll_agent::config::NetnsName::new(&unique_name("xd")).unwrap(),
+        device: atoll_agent::config::DeviceName::new(&unique_name("xd")).unwrap(),
         proxy_network: "100.127.0.0/26".parse::<Ipv4Network>().expect("network"),
         ..DnsConfig::default()
     };
@@ -178,7 +178,7 @@ fn scenario() {
             let _ = netns::remove(&self.0);
         }
     }
-    let _dns_ns = NamespaceGuard(dns_cfg.namespace.clone());
+    let _dns_ns = NamespaceGuard(dns_cfg.namespace.to_string());
     let plane = rt
         .block_on(DnsPlane::ensure(&mut host, &dns_cfg))
         .expect("DNS plane");

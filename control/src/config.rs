@@ -51,12 +51,31 @@ pub enum ConfigError {
     StartCore(#[source] CoreError),
 }
 
+/// `store.backend`.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum StoreBackend {
+    /// SQLite, embedded (the default; one control plane).
+    Sqlite,
+    /// etcd (several control planes and hosts).
+    Etcd,
+}
+
+impl std::fmt::Display for StoreBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            StoreBackend::Sqlite => "sqlite",
+            StoreBackend::Etcd => "etcd",
+        })
+    }
+}
+
 /// `[store]`: where the control plane keeps its state.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct StoreConfig {
     /// `sqlite` (embedded, the default) or `etcd` (several hosts).
-    pub backend: String,
+    pub backend: StoreBackend,
     /// SQLite database file.
     pub path: PathBuf,
     /// fsync every commit (survives power loss, slower); by default a commit survives a crash
@@ -122,7 +141,7 @@ impl StoreConfig {
 impl Default for StoreConfig {
     fn default() -> Self {
         StoreConfig {
-            backend: "sqlite".into(),
+            backend: StoreBackend::Sqlite,
             path: PathBuf::from("/var/lib/atoll/control.db"),
             synchronous_full: false,
             history: 100_000,
@@ -322,12 +341,6 @@ impl ControlConfig {
 
     pub fn validate(&self) -> Result<(), ConfigError> {
         let invalid = |key, message: String| Err(ConfigError::Invalid { key, message });
-        if !matches!(self.store.backend.as_str(), "sqlite" | "etcd") {
-            return invalid(
-                "store.backend",
-                format!("{:?}: use \"sqlite\" or \"etcd\"", self.store.backend),
-            );
-        }
         if self.tls.mode == TlsMode::Off && !self.listen.ip().is_loopback() {
             return invalid(
                 "tls.mode",
@@ -355,7 +368,7 @@ impl ControlConfig {
                 "a client certificate needs the cluster's CA (store.etcd_ca_file)".into(),
             );
         }
-        if self.store.backend == "etcd" && self.store.etcd_endpoints.is_empty() {
+        if self.store.backend == StoreBackend::Etcd && self.store.etcd_endpoints.is_empty() {
             return invalid("store.etcd_endpoints", "needs at least one URL".into());
         }
         if self.store.etcd_max_txn_ops < MIN_STORE_TXN_OPS {
@@ -513,8 +526,8 @@ impl ControlConfig {
 
     /// Opens the configured store.
     pub async fn open_store(&self) -> Result<Store, ConfigError> {
-        match self.store.backend.as_str() {
-            "etcd" => Ok(Store::Etcd(
+        match self.store.backend {
+            StoreBackend::Etcd => Ok(Store::Etcd(
                 EtcdStore::connect_with(
                     self.store.etcd_endpoints.clone(),
                     self.store.etcd_prefix.clone(),
@@ -525,7 +538,7 @@ impl ControlConfig {
                 .map_err(ConfigError::OpenStore)?
                 .with_max_txn_ops(self.store.etcd_max_txn_ops),
             )),
-            _ => {
+            StoreBackend::Sqlite => {
                 if let Some(dir) = self.store.path.parent() {
                     crate::private::create_dir_all(dir, 0o700).map_err(|source| {
                         ConfigError::Read {
@@ -639,6 +652,19 @@ mod tests {
         assert!(
             parse("[api]\nheader_timeout_secs = 1\n").is_err(),
             "unknown keys are refused"
+        );
+    }
+
+    #[test]
+    fn the_store_backend_is_one_of_its_words() {
+        assert_eq!(parse("").unwrap().store.backend, StoreBackend::Sqlite);
+        let cfg =
+            parse("[store]\nbackend = \"etcd\"\netcd_endpoints = [\"http://127.0.0.1:2379\"]\n");
+        assert_eq!(cfg.unwrap().store.backend, StoreBackend::Etcd);
+        let e = parse("[store]\nbackend = \"mysql\"\n").unwrap_err();
+        assert!(
+            e.contains("backend") && e.contains("mysql") && e.contains("`sqlite` or `etcd`"),
+            "{e}"
         );
     }
 

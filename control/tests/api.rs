@@ -106,7 +106,7 @@ async fn start(backend: Backend) -> Api {
             ..StoreConfig::default()
         },
         Backend::Etcd => StoreConfig {
-            backend: "etcd".into(),
+            backend: atoll_control::config::StoreBackend::Etcd,
             etcd_endpoints: vec![support::ETCD_ENDPOINT.into()],
             etcd_prefix: support::ETCD_PREFIX.into(),
             ..StoreConfig::default()

@@ -1130,7 +1130,7 @@ fn etcd_over_tls_needs_the_clusters_ca_and_a_client_certificate() {
 
         // The same through the control plane's configuration.
         let mut cfg = ControlConfig::default();
-        cfg.store.backend = "etcd".into();
+        cfg.store.backend = atoll_control::config::StoreBackend::Etcd;
         cfg.store.etcd_endpoints = vec![support::ETCD_TLS_ENDPOINT.into()];
         cfg.store.etcd_prefix = "tls/".into();
         cfg.store.etcd_ca_file = Some(files.ca_file.clone());
@@ -1287,7 +1287,7 @@ fn etcd_auth_signs_in_as_the_configured_user() {
         let password_file = dir.path().join("etcd.password");
         std::fs::write(&password_file, "s3cret\n").unwrap();
         let mut cfg = ControlConfig::default();
-        cfg.store.backend = "etcd".into();
+        cfg.store.backend = atoll_control::config::StoreBackend::Etcd;
         cfg.store.etcd_endpoints = endpoints();
         cfg.store.etcd_prefix = "a/".into();
         cfg.store.etcd_user = Some("root".into());

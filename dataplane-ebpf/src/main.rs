@@ -150,7 +150,14 @@ fn try_from_vm(ctx: &TcContext, ep: Option<&EndpointInfo>) -> Verdict {
         return Verdict::Drop(DropReason::VlanTagged);
     }
     match u16::from_be(ether_type) {
-        ETH_P_IP => route::forward_ipv4(ctx, &pkt, eth, ep, ifindex),
+        ETH_P_IP => match route::forward_ipv4(ctx, &pkt, eth, ep, ifindex) {
+            route::Forward::Done(v) => v,
+            route::Forward::Service {
+                ip,
+                total_len,
+                flags,
+            } => exposure::translate(ctx, &pkt, eth, ip, total_len, ep, flags),
+        },
         ETH_P_ARP => arp::answer(&pkt, eth, ep, ifindex),
         ETH_P_IPV6 => Verdict::Drop(DropReason::Ipv6NotSupported),
         packet::ETH_P_8021Q | packet::ETH_P_8021AD => Verdict::Drop(DropReason::VlanTagged),

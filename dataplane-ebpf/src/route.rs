@@ -1,5 +1,10 @@
 //! In-cloud IPv4 forwarding: `(cloud, destination)` → next hop, MAC rewrite, TTL decrement,
 //! redirect.
+//!
+//! A next hop that is not an endpoint (a granted service's VIP, a NAT source) is handed back to
+//! the program's entry as [`Forward::Service`], which passes it to the `exposure` module:
+//! `exposure` looks routes up here, so `route` must not call into `exposure` (no import
+//! circle between features).
 
 use atoll_dataplane_common::{
     Direction, DropReason, EndpointInfo, NextHop, RouteKey, TrafficClass, NEXTHOP_ENDPOINT,
@@ -7,7 +12,7 @@ use atoll_dataplane_common::{
 use aya_ebpf::{macros::map, maps::HashMap, programs::TcContext};
 
 use crate::{
-    exposure, gateway, metering,
+    gateway, metering,
     packet::{self, EthHdr, Ipv4Hdr, Packet},
     Verdict,
 };
@@ -24,6 +29,25 @@ pub fn lookup(cloud: u32, ipv4: u32) -> Option<&'static NextHop> {
     unsafe { ROUTES.get(RouteKey { cloud, ipv4 }) }
 }
 
+/// What [`forward_ipv4`] decided.
+pub enum Forward {
+    /// Forwarded, answered or dropped here.
+    Done(Verdict),
+    /// The destination is a service (`NextHop::flags`): translation is `exposure`'s.
+    Service {
+        ip: *mut Ipv4Hdr,
+        total_len: u16,
+        flags: u16,
+    },
+}
+
+impl From<Verdict> for Forward {
+    #[inline(always)]
+    fn from(v: Verdict) -> Self {
+        Forward::Done(v)
+    }
+}
+
 #[inline(always)]
 pub fn forward_ipv4(
     ctx: &TcContext,
@@ -31,17 +55,17 @@ pub fn forward_ipv4(
     eth: *mut EthHdr,
     ep: &EndpointInfo,
     ifindex: u32,
-) -> Verdict {
+) -> Forward {
     // SAFETY: `eth` was bounds-checked by the caller.
     let dst_mac = unsafe { &(*eth).dst };
     if packet::is_group_mac(dst_mac) {
-        return Verdict::Drop(DropReason::GroupDestinationMac);
+        return Verdict::Drop(DropReason::GroupDestinationMac).into();
     }
     if !packet::mac_eq(dst_mac, &ep.gateway_mac) {
-        return Verdict::Drop(DropReason::NotToGatewayMac);
+        return Verdict::Drop(DropReason::NotToGatewayMac).into();
     }
     let Some(ip) = pkt.ptr::<Ipv4Hdr>(EthHdr::LEN) else {
-        return Verdict::Drop(DropReason::Ipv4Truncated);
+        return Verdict::Drop(DropReason::Ipv4Truncated).into();
     };
     // SAFETY: `ip` was bounds-checked by `Packet::ptr`; all reads below stay inside it.
     let (version_ihl, total_len, saddr, daddr, ttl) = unsafe {
@@ -49,35 +73,39 @@ pub fn forward_ipv4(
         (h.version_ihl, h.total_len(), h.saddr(), h.daddr(), h.ttl)
     };
     if version_ihl >> 4 != 4 || version_ihl & 0x0F < 5 {
-        return Verdict::Drop(DropReason::Ipv4Malformed);
+        return Verdict::Drop(DropReason::Ipv4Malformed).into();
     }
     if version_ihl & 0x0F != 5 {
-        return Verdict::Drop(DropReason::Ipv4Options);
+        return Verdict::Drop(DropReason::Ipv4Options).into();
     }
     if (total_len as usize) < Ipv4Hdr::LEN {
-        return Verdict::Drop(DropReason::Ipv4Malformed);
+        return Verdict::Drop(DropReason::Ipv4Malformed).into();
     }
     if EthHdr::LEN + total_len as usize > pkt.len as usize {
-        return Verdict::Drop(DropReason::Ipv4Truncated);
+        return Verdict::Drop(DropReason::Ipv4Truncated).into();
     }
     if saddr != ep.ipv4 {
-        return Verdict::Drop(DropReason::SpoofedSourceIp);
+        return Verdict::Drop(DropReason::SpoofedSourceIp).into();
     }
     let first_octet = daddr.to_ne_bytes()[0];
     if daddr == u32::MAX || first_octet & 0xF0 == 0xE0 {
-        return Verdict::Drop(DropReason::GroupDestinationIp);
+        return Verdict::Drop(DropReason::GroupDestinationIp).into();
     }
     if daddr == ep.gateway_ipv4 {
-        return gateway::answer(ctx, pkt, eth, ip, total_len, ep, ifindex);
+        return gateway::answer(ctx, pkt, eth, ip, total_len, ep, ifindex).into();
     }
     if ttl <= 1 {
-        return Verdict::Drop(DropReason::TtlExceeded);
+        return Verdict::Drop(DropReason::TtlExceeded).into();
     }
     let Some(hop) = lookup(ep.cloud, daddr) else {
-        return Verdict::Drop(DropReason::NoRouteInCloud);
+        return Verdict::Drop(DropReason::NoRouteInCloud).into();
     };
     if hop.flags != NEXTHOP_ENDPOINT {
-        return exposure::translate(ctx, pkt, eth, ip, total_len, ep, hop.flags);
+        return Forward::Service {
+            ip,
+            total_len,
+            flags: hop.flags,
+        };
     }
     metering::traffic(
         ep.slot,
@@ -101,5 +129,5 @@ pub fn forward_ipv4(
         // grows by 0x0100 in wire order.
         (*ip).check = packet::csum_add_be((*ip).check, u16::from_ne_bytes([0x01, 0x00]));
     }
-    Verdict::Redirect(hop.ifindex)
+    Forward::Done(Verdict::Redirect(hop.ifindex))
 }

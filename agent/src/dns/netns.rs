@@ -49,18 +49,7 @@ pub enum NetnsError {
 
 /// Checks a namespace name (a file name under [`RUN_DIR`]).
 pub fn validate_name(name: &str) -> Result<(), NetnsError> {
-    let ok = !name.is_empty()
-        && name.len() <= 64
-        && name != "."
-        && name != ".."
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b));
-    if ok {
-        Ok(())
-    } else {
-        Err(NetnsError::InvalidName(name.into()))
-    }
+    crate::config::check_netns_name(name).map_err(|_| NetnsError::InvalidName(name.into()))
 }
 
 /// `/run/netns/<name>`.

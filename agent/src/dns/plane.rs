@@ -180,7 +180,7 @@ impl DnsPlane {
         dp.attach_dns(&cfg.device, ifindex)
             .map_err(PlaneError::Program)?;
         dp.set_dns_service(service).map_err(PlaneError::Program)?;
-        host.set_dns_namespace(Some(cfg.namespace.clone()));
+        host.set_dns_namespace(Some(cfg.namespace.to_string()));
         Ok(DnsPlane {
             cfg: cfg.clone(),
             netns: ns,
@@ -212,7 +212,7 @@ impl DnsPlane {
     /// What the server needs to map client addresses to slots.
     pub fn settings(&self) -> Settings {
         Settings {
-            suffix: self.cfg.suffix.clone(),
+            suffix: self.cfg.suffix.to_string(),
             proxy_base: self.cfg.proxy_network.addr,
             proxy_count: self.service.proxy_count,
         }
