@@ -69,6 +69,7 @@ mod carry;
 mod exposure;
 mod kernel;
 mod layout;
+pub mod maps;
 mod upgrade;
 
 pub use layout::{layout_versions, map_usage, unapplied_sizes, MapUsage};
@@ -82,17 +83,11 @@ pub static OBJECT: &[u8] =
 pub static BASELINE_OBJECT: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/atoll-baseline.o"));
 
-/// Map names in the object.
-pub const MAP_ENDPOINTS: &str = "ENDPOINTS";
-pub const MAP_ENDPOINT_CACHE: &str = "ENDPOINT_CACHE";
-pub const MAP_ROUTES: &str = "ROUTES";
-pub const MAP_DROPS: &str = "DROPS";
-pub const MAP_COUNTERS: &str = "COUNTERS";
-pub const MAP_DNS_SERVICE: &str = "DNS_SERVICE";
-pub const MAP_SLOT_ENDPOINTS: &str = "SLOT_ENDPOINTS";
-pub const MAP_VIPS: &str = "VIPS";
-pub const MAP_FLOWS_OUT: &str = "FLOWS_OUT";
-pub const MAP_FLOWS_IN: &str = "FLOWS_IN";
+/// Map names in the object (the registry, [`maps::REGISTRY`], says the rest).
+pub use maps::{
+    MAP_COUNTERS, MAP_DNS_SERVICE, MAP_DROPS, MAP_ENDPOINTS, MAP_ENDPOINT_CACHE, MAP_FLOWS_IN,
+    MAP_FLOWS_OUT, MAP_ROUTES, MAP_SLOT_ENDPOINTS, MAP_VIPS,
+};
 /// Program names in the object.
 pub const PROG_FROM_VM: &str = "from_vm";
 pub const PROG_TO_VM: &str = "to_vm";
@@ -103,19 +98,6 @@ pub const PROG_KFREE_SKB: &str = "kfree_skb";
 pub const KFREE_SKB_LINK: &str = "kfree-skb";
 /// The read-only global holding `kfree_skb`'s `KfreeSkbConfig`.
 const KFREE_SKB_CONFIG: &str = "KFREE_SKB_CONFIG";
-/// Every map, in pinning order.
-const MAPS: [&str; 10] = [
-    MAP_ENDPOINTS,
-    MAP_ENDPOINT_CACHE,
-    MAP_ROUTES,
-    MAP_DROPS,
-    MAP_COUNTERS,
-    MAP_DNS_SERVICE,
-    MAP_SLOT_ENDPOINTS,
-    MAP_VIPS,
-    MAP_FLOWS_OUT,
-    MAP_FLOWS_IN,
-];
 /// Every TCX program.
 const PROGS: [&str; 3] = [PROG_FROM_VM, PROG_TO_VM, PROG_FROM_DNS];
 /// Every program pinned under `progs/`.
@@ -229,7 +211,7 @@ pub enum DataplaneError {
     MigrationPending { root: PathBuf, found: u32 },
     #[error(
         "pins of map layout v{found} exist under {root}, and this agent migrates only from \
-         v{supported} to v{LAYOUT_VERSION}: drain the host (move its VMs away), remove them with \
+         v{supported} (or later) to v{LAYOUT_VERSION}: drain the host (move its VMs away), remove them with \
          `rm -r {root}/v{found}` (this detaches their programs) and delete their devices, or \
          migrate with an agent release in between"
     )]
@@ -912,19 +894,16 @@ fn load_object_with(
     maps: Option<&Path>,
 ) -> Result<aya::Ebpf, DataplaneError> {
     let mut loader = EbpfLoader::new();
-    loader
-        .map_max_entries(MAP_ENDPOINTS, cfg.max_endpoints)
-        .map_max_entries(MAP_ROUTES, cfg.max_routes)
-        .map_max_entries(MAP_COUNTERS, cfg.max_endpoints)
-        .map_max_entries(MAP_SLOT_ENDPOINTS, cfg.max_endpoints)
-        .map_max_entries(MAP_VIPS, cfg.max_vips)
-        .map_max_entries(MAP_FLOWS_OUT, cfg.max_flows)
-        .map_max_entries(MAP_FLOWS_IN, cfg.max_flows);
+    for m in &maps::REGISTRY {
+        if let maps::Capacity::Config(setting) = m.capacity {
+            loader.map_max_entries(m.name, setting.get(cfg));
+        }
+    }
     let kfree_skb = kernel::kfree_skb_config()?;
     loader.override_global(KFREE_SKB_CONFIG, &kfree_skb, true);
-    if let Some(maps) = maps {
-        for name in MAPS {
-            loader.map_pin_path(name, maps.join(name));
+    if let Some(dir) = maps {
+        for m in &maps::REGISTRY {
+            loader.map_pin_path(m.name, dir.join(m.name));
         }
     }
     let mut ebpf = loader
@@ -1214,7 +1193,7 @@ mod design_doc {
                 .expect("docs/design.md");
         let mut documented = first_code_cells(section(&doc, "## Maps"));
         documented.sort();
-        let mut pinned: Vec<String> = MAPS.iter().map(|m| m.to_string()).collect();
+        let mut pinned: Vec<String> = maps::REGISTRY.iter().map(|m| m.name.to_string()).collect();
         pinned.sort();
         assert_eq!(documented, pinned, "docs/design.md's maps table");
         let object = aya_obj::Object::parse(OBJECT).expect("the eBPF object parses");
@@ -1262,5 +1241,58 @@ mod design_doc {
             .map(|r| (*r as u32, r.name().to_string()))
             .collect();
         assert_eq!(rows, code, "docs/design.md's drop-reason table");
+    }
+
+    /// The map registry is the object's maps: kind, key and value sizes, flags and, where the
+    /// object fixes it, capacity (maps sized by a setting are resized by the loader).
+    #[test]
+    fn the_objects_maps_are_the_registrys() {
+        let object = aya_obj::Object::parse(OBJECT).expect("the eBPF object parses");
+        for m in &maps::REGISTRY {
+            let o = object
+                .maps
+                .get(m.name)
+                .unwrap_or_else(|| panic!("{} is not in the object", m.name));
+            assert_eq!(o.map_type(), m.kind as u32, "{}: kind {:?}", m.name, m.kind);
+            assert_eq!(o.key_size(), m.key_size, "{}: key size", m.name);
+            assert_eq!(o.value_size(), m.value_size, "{}: value size", m.name);
+            assert_eq!(o.map_flags(), m.flags, "{}: flags", m.name);
+            if let maps::Capacity::Fixed(n) = m.capacity {
+                assert_eq!(o.max_entries(), n, "{}: max_entries", m.name);
+            }
+        }
+    }
+
+    /// A new drop reason or traffic class changes no map: the counters are sized by the room
+    /// they keep (`DROP_SLOTS`, `TRAFFIC_CLASS_SLOTS`), never by the reasons and classes in use,
+    /// and the reasons and classes in use fit that room with space left. So the registry's
+    /// shapes, which the shape checks and migrations compare pins with, are the same whatever
+    /// `DropReason::ALL` and `TrafficClass::ALL` hold.
+    #[test]
+    fn a_new_drop_reason_or_traffic_class_needs_no_layout_change() {
+        use atoll_dataplane_common::{
+            Direction, DropReason, TrafficClass, TrafficCounter, DROP_SLOTS, TRAFFIC_CLASS_SLOTS,
+        };
+        let counters = maps::find(MAP_COUNTERS).unwrap();
+        assert_eq!(
+            counters.value_size as usize,
+            Direction::COUNT * TRAFFIC_CLASS_SLOTS * std::mem::size_of::<TrafficCounter>()
+                + DROP_SLOTS as usize * 8
+        );
+        assert_eq!(
+            maps::find(MAP_DROPS).unwrap().capacity,
+            maps::Capacity::Fixed(DROP_SLOTS)
+        );
+        const _: () = assert!(DropReason::SLOTS < DROP_SLOTS, "room for another reason");
+        const _: () = assert!(
+            TrafficClass::COUNT < TRAFFIC_CLASS_SLOTS,
+            "room for a class"
+        );
+        // The highest number a new reason would take is counted on both sides.
+        let next = DropReason::SLOTS as usize;
+        let mut c = atoll_dataplane_common::EndpointCounters::ZERO;
+        c.drops[next] += 1;
+        c.traffic[Direction::ToGuest as usize][TrafficClass::COUNT].packets += 1;
+        assert_eq!(c.drops.iter().sum::<u64>(), 1);
     }
 }

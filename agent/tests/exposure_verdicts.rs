@@ -540,7 +540,7 @@ impl Plane {
             .expect("removing route");
     }
 
-    fn sender_drops(&self) -> [u64; DropReason::SLOTS as usize] {
+    fn sender_drops(&self) -> [u64; atoll_dataplane_common::DROP_SLOTS as usize] {
         self.dp()
             .counters(self.sender.slot)
             .expect("counters")

@@ -236,7 +236,9 @@ fn sum_drops(c: &EndpointCounters) -> u64 {
 }
 
 fn traffic(c: &EndpointCounters) -> [[(u64, u64); TrafficClass::COUNT]; Direction::COUNT] {
-    c.traffic.map(|d| d.map(|t| (t.packets, t.bytes)))
+    // The classes in use (the counters keep room for more, always zero).
+    c.traffic
+        .map(|d| std::array::from_fn(|k| (d[k].packets, d[k].bytes)))
 }
 
 /// The host-wide drops that moved between two reads.

@@ -1,12 +1,12 @@
 //! Drop accounting: one per-CPU counter per [`DropReason`], lock-free.
 
-use atoll_dataplane_common::DropReason;
+use atoll_dataplane_common::{DropReason, DROP_SLOTS};
 use aya_ebpf::{macros::map, maps::PerCpuArray};
 
 /// Drops per reason, indexed by the reason's number (slot 0 unused). Per-CPU `u64`s: userspace
 /// sums the CPUs.
 #[map]
-pub static DROPS: PerCpuArray<u64> = PerCpuArray::with_max_entries(DropReason::SLOTS, 0);
+pub static DROPS: PerCpuArray<u64> = PerCpuArray::with_max_entries(DROP_SLOTS, 0);
 
 #[inline(always)]
 pub fn count(reason: DropReason) {

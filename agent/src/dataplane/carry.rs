@@ -9,27 +9,88 @@
 //!   still counted), and every read adds it in: [`super::Dataplane::counters`] and
 //!   [`super::Dataplane::drop_counters`] see old + new, so usage records and metrics continue
 //!   without a gap or a jump.
-//! - **Only appended words.** A counter layout may only append words (new drop reasons are new
-//!   numbers, never reused), so an old value is read as words and added word by word; anything
-//!   else cannot be carried and the migration refuses it.
+//! - **Old layouts by table.** Each older counter layout the agent carries is one row of
+//!   [`OLDER_COUNTERS`] (its version and words); an old value is read as words and added word
+//!   by word, the traffic words (then 4 classes per direction) to their class and direction,
+//!   the drop words to their reason (numbers are never reused). Anything else cannot be carried
+//!   and the migration refuses it. Since layout 5 the counters keep room for new classes and
+//!   reasons, so a new one needs no row here.
 //! - **A reused slot starts at zero**: [`Carry::reset`] clears its carried value too.
 
 use std::path::Path;
 
-use atoll_dataplane_common::{DropReason, EndpointCounters};
+use atoll_dataplane_common::{DropReason, EndpointCounters, DROP_SLOTS};
 use aya::maps::{Map, MapData, MapInfo, MapType, PerCpuArray, PerCpuValues};
 
-use super::{layout, DataplaneError, MAP_COUNTERS, MAP_DROPS};
+use super::{
+    layout,
+    maps::{MAP_COUNTERS, MAP_DROPS},
+    DataplaneError,
+};
 use crate::config::DataplaneConfig;
 
 /// Directory of carried maps inside a layout directory.
 pub(super) const DIR: &str = "carry";
 
-/// Words of layout v3's `EndpointCounters`: 16 traffic words, 29 drop slots.
-const V3_COUNTER_WORDS: usize = 45;
+/// The `EndpointCounters` of older layouts that migrations carry: (layout, words). Each was
+/// 16 traffic words then its drop slots: v3 had 29, v4 37.
+const OLDER_COUNTERS: [(u32, usize); 2] = [(3, 45), (4, 53)];
 
-/// Words of the traffic part of `EndpointCounters` (`[direction][class]` × packets, bytes).
+/// Words of the traffic part of the older `EndpointCounters` (`[direction][class]` × packets,
+/// bytes, with 4 classes per direction).
 const TRAFFIC_WORDS: usize = 16;
+
+/// A carried `COUNTERS` map of one older layout, typed by its value's words.
+enum OldCounters {
+    V3(PerCpuArray<MapData, [u64; 45]>),
+    V4(PerCpuArray<MapData, [u64; 53]>),
+}
+
+impl OldCounters {
+    fn open(version: u32, map: Map) -> Result<Self, aya::maps::MapError> {
+        Ok(match version {
+            3 => OldCounters::V3(PerCpuArray::try_from(map)?),
+            _ => OldCounters::V4(PerCpuArray::try_from(map)?),
+        })
+    }
+
+    fn add(&self, slot: u32, total: &mut EndpointCounters) -> Result<(), aya::maps::MapError> {
+        match self {
+            OldCounters::V3(m) => m.get(&slot, 0)?.iter().for_each(|w| add_words(total, w)),
+            OldCounters::V4(m) => m.get(&slot, 0)?.iter().for_each(|w| add_words(total, w)),
+        }
+        Ok(())
+    }
+
+    fn reset(&mut self, slot: u32, cpus: usize) -> Result<(), aya::maps::MapError> {
+        let values = |e| {
+            aya::maps::MapError::SyscallError(aya::sys::SyscallError {
+                call: "per-cpu values",
+                io_error: e,
+            })
+        };
+        match self {
+            OldCounters::V3(m) => m.set(
+                slot,
+                PerCpuValues::try_from(vec![[0u64; 45]; cpus]).map_err(values)?,
+                0,
+            ),
+            OldCounters::V4(m) => m.set(
+                slot,
+                PerCpuValues::try_from(vec![[0u64; 53]; cpus]).map_err(values)?,
+                0,
+            ),
+        }
+    }
+}
+
+/// The layout of a carried counter map's pin name (`COUNTERS-v<N>`), if this build carries it.
+fn older_counters(name: &str) -> Option<u32> {
+    OLDER_COUNTERS
+        .iter()
+        .map(|(v, _)| *v)
+        .find(|v| name == pin_name(MAP_COUNTERS, *v))
+}
 
 /// Pin name of map `map` of layout `from` under [`DIR`].
 pub(super) fn pin_name(map: &str, from: u32) -> String {
@@ -47,10 +108,12 @@ pub(super) fn check_carryable(
     let ok = match name {
         MAP_COUNTERS => {
             per_cpu
-                && info.value_size() as usize == V3_COUNTER_WORDS * 8
+                && OLDER_COUNTERS
+                    .iter()
+                    .any(|(_, words)| info.value_size() as usize == words * 8)
                 && info.max_entries() == cfg.max_endpoints
         }
-        MAP_DROPS => per_cpu && info.value_size() == 8 && info.max_entries() <= DropReason::SLOTS,
+        MAP_DROPS => per_cpu && info.value_size() == 8 && info.max_entries() <= DROP_SLOTS,
         _ => false,
     };
     if ok {
@@ -71,7 +134,7 @@ pub(super) fn check_carryable(
 /// The carried maps of one layout directory.
 #[derive(Default)]
 pub(super) struct Carry {
-    counters: Vec<PerCpuArray<MapData, [u64; V3_COUNTER_WORDS]>>,
+    counters: Vec<OldCounters>,
     drops: Vec<(PerCpuArray<MapData, u64>, u32)>,
 }
 
@@ -90,10 +153,10 @@ impl Carry {
                     .and_then(Map::from_map_data)
                     .map_err(open_err)
             };
-            if name == pin_name(MAP_COUNTERS, 3) {
+            if let Some(version) = older_counters(&name) {
                 carry
                     .counters
-                    .push(PerCpuArray::try_from(map()?).map_err(open_err)?);
+                    .push(OldCounters::open(version, map()?).map_err(open_err)?);
             } else if name.starts_with(&format!("{MAP_DROPS}-v")) {
                 let len = MapInfo::from_pin(&path).map_err(open_err)?.max_entries();
                 carry
@@ -116,10 +179,7 @@ impl Carry {
         total: &mut EndpointCounters,
     ) -> Result<(), DataplaneError> {
         for map in &self.counters {
-            let per_cpu = map.get(&slot, 0).map_err(read_err(MAP_COUNTERS))?;
-            for words in per_cpu.iter() {
-                add_words(total, words);
-            }
+            map.add(slot, total).map_err(read_err(MAP_COUNTERS))?;
         }
         Ok(())
     }
@@ -141,19 +201,7 @@ impl Carry {
     /// Zeroes the carried counters of `slot` (it goes to a new endpoint).
     pub(super) fn reset(&mut self, slot: u32, cpus: usize) -> Result<(), DataplaneError> {
         for map in &mut self.counters {
-            let zeros =
-                PerCpuValues::try_from(vec![[0u64; V3_COUNTER_WORDS]; cpus]).map_err(|e| {
-                    DataplaneError::UpdateMap {
-                        map: MAP_COUNTERS,
-                        source: Box::new(aya::maps::MapError::SyscallError(
-                            aya::sys::SyscallError {
-                                call: "per-cpu values",
-                                io_error: e,
-                            },
-                        )),
-                    }
-                })?;
-            map.set(slot, zeros, 0)
+            map.reset(slot, cpus)
                 .map_err(|source| DataplaneError::UpdateMap {
                     map: MAP_COUNTERS,
                     source: Box::new(source),
@@ -193,17 +241,21 @@ mod tests {
     use atoll_dataplane_common::{Direction, TrafficClass};
 
     #[test]
-    fn traffic_words_match_the_counter_layout() {
-        assert_eq!(
-            std::mem::size_of::<EndpointCounters>(),
-            (TRAFFIC_WORDS + DropReason::SLOTS as usize) * 8,
-            "EndpointCounters is traffic words followed by drop slots"
-        );
+    fn older_layouts_are_traffic_words_then_drop_slots() {
+        for ((version, words), slots) in OLDER_COUNTERS.iter().zip([29, 37]) {
+            assert_eq!(*words, TRAFFIC_WORDS + slots, "v{version}");
+            assert!(slots <= DROP_SLOTS as usize && slots <= DropReason::SLOTS as usize);
+            assert_eq!(
+                older_counters(&format!("COUNTERS-v{version}")),
+                Some(*version)
+            );
+        }
+        assert_eq!(older_counters("COUNTERS-v5"), None);
     }
 
     #[test]
     fn old_words_add_field_by_field() {
-        let mut words = [0u64; V3_COUNTER_WORDS];
+        let mut words = [0u64; 45];
         // [to_guest][host] bytes: direction 1, class 2, second word.
         words[8 + 2 * 2 + 1] = 7;
         // [from_guest][intra_cloud] packets.

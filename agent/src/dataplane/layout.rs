@@ -12,11 +12,12 @@
 //!   is reported ([`unapplied_sizes`]: `run` warns, the doctor too), not an error, so
 //!   changing a size in the config never takes a running host's agent down.
 //! - **Migration reuses kernel maps.** A layout version names the meaning of every map, so a
-//!   migration is a per-version table ([`steps_from`]) saying, for each map of the current
-//!   layout, whether the old map means the same (`Keep`: the very same kernel map is pinned
-//!   into the new layout, so no entry is copied and none can be missed while traffic flows:
-//!   identities, routes, the endpoint cache, DNS service and slots), holds counters whose new
-//!   layout only appends words (`Carry`: reused if its shape is unchanged, else frozen under
+//!   migration is a table ([`MIGRATIONS`], one row per layout change, composed by
+//!   [`steps_from`] from the pinned version on) saying, for each map of the current layout,
+//!   whether the old map means the same (`Keep`: the very same kernel map is pinned into the
+//!   new layout, so no entry is copied and none can be missed while traffic flows:
+//!   identities, routes, the endpoint cache, DNS service and slots), holds counters whose every
+//!   old word keeps its meaning (`Carry`: reused if its shape is unchanged, else frozen under
 //!   `carry/` and added to the new counters, see the `carry` module), or is new (`New`:
 //!   created empty). Copying entries would race with the programs that keep writing counters
 //!   and flow tables; reusing or freezing the old map loses nothing.
@@ -27,167 +28,30 @@
 //!   removed (freeing the old programs and the maps nothing references any more). A crash at
 //!   any point is resumed by the next start: the new layout exists and shares `ENDPOINTS`
 //!   with the old one, so only the remaining links are switched.
-//! - **Only from the previous version.** Older pins are refused with the manual path (drain,
-//!   remove); downgrades across a layout change are refused.
+//! - **From the versions the table reaches** ([`OLDEST_MIGRATED`] on). Older pins are refused
+//!   with the manual path (drain, remove); downgrades across a layout change are refused.
 
 use std::path::{Path, PathBuf};
 
-use atoll_dataplane_common::{
-    DnsService, DropReason, EndpointCounters, EndpointInfo, EndpointSlot, FlowIn, FlowKey, FlowOut,
-    NextHop, RouteKey, VipService, ENDPOINT_CACHE_SLOTS, LAYOUT_VERSION,
-};
-use aya::maps::{MapData, MapInfo, MapType};
+use atoll_dataplane_common::{EndpointInfo, NextHop, RouteKey, VipService, LAYOUT_VERSION};
+use aya::maps::{MapData, MapInfo};
 
 use super::{
-    attach_kfree_skb, carry, create_layout_dirs, layout_dir, load_object, pin_programs, rename,
-    tmp_dir, upgrade, DataplaneError, MAPS, MAP_COUNTERS, MAP_DNS_SERVICE, MAP_DROPS,
-    MAP_ENDPOINTS, MAP_ENDPOINT_CACHE, MAP_FLOWS_IN, MAP_FLOWS_OUT, MAP_ROUTES, MAP_SLOT_ENDPOINTS,
-    MAP_VIPS,
+    attach_kfree_skb, carry, create_layout_dirs, layout_dir, load_object,
+    maps::{self, Capacity, MapSpec, SizeSetting, MAP_ENDPOINTS, MAP_ROUTES, MAP_VIPS},
+    pin_programs, rename, tmp_dir, upgrade, DataplaneError,
 };
 use crate::config::DataplaneConfig;
 
-/// `BPF_F_NO_PREALLOC`.
-const NO_PREALLOC: u32 = 1;
-
-/// How many entries a map has.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum Capacity {
-    /// Fixed by the object.
-    Fixed(u32),
-    /// From `dataplane.<setting>`.
-    Config(&'static str),
-}
-
-/// What a pinned map must look like for this build.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub(super) struct Shape {
-    pub kind: MapType,
-    pub key_size: u32,
-    pub value_size: u32,
-    pub flags: u32,
-    pub capacity: Capacity,
-}
-
-const fn size<T>() -> u32 {
-    std::mem::size_of::<T>() as u32
-}
-
-/// The shape of map `name` in this build (the `#[repr(C)]` types shared with the programs).
-pub(super) fn expected(name: &str) -> Option<Shape> {
-    let shape = |kind, key_size, value_size, flags, capacity| Shape {
-        kind,
-        key_size,
-        value_size,
-        flags,
-        capacity,
-    };
-    Some(match name {
-        MAP_ENDPOINTS => shape(
-            MapType::Hash,
-            size::<u32>(),
-            size::<EndpointInfo>(),
-            0,
-            Capacity::Config("max_endpoints"),
-        ),
-        MAP_ENDPOINT_CACHE => shape(
-            MapType::Array,
-            size::<u32>(),
-            size::<EndpointSlot>(),
-            0,
-            Capacity::Fixed(ENDPOINT_CACHE_SLOTS),
-        ),
-        MAP_ROUTES => shape(
-            MapType::Hash,
-            size::<RouteKey>(),
-            size::<NextHop>(),
-            0,
-            Capacity::Config("max_routes"),
-        ),
-        MAP_DROPS => shape(
-            MapType::PerCpuArray,
-            size::<u32>(),
-            size::<u64>(),
-            0,
-            Capacity::Fixed(DropReason::SLOTS),
-        ),
-        MAP_COUNTERS => shape(
-            MapType::PerCpuArray,
-            size::<u32>(),
-            size::<EndpointCounters>(),
-            0,
-            Capacity::Config("max_endpoints"),
-        ),
-        MAP_DNS_SERVICE => shape(
-            MapType::Array,
-            size::<u32>(),
-            size::<DnsService>(),
-            0,
-            Capacity::Fixed(1),
-        ),
-        MAP_SLOT_ENDPOINTS => shape(
-            MapType::Array,
-            size::<u32>(),
-            size::<u32>(),
-            0,
-            Capacity::Config("max_endpoints"),
-        ),
-        MAP_VIPS => shape(
-            MapType::Hash,
-            size::<RouteKey>(),
-            size::<VipService>(),
-            NO_PREALLOC,
-            Capacity::Config("max_vips"),
-        ),
-        MAP_FLOWS_OUT => shape(
-            MapType::LruHash,
-            size::<FlowKey>(),
-            size::<FlowOut>(),
-            0,
-            Capacity::Config("max_flows"),
-        ),
-        MAP_FLOWS_IN => shape(
-            MapType::LruHash,
-            size::<FlowKey>(),
-            size::<FlowIn>(),
-            0,
-            Capacity::Config("max_flows"),
-        ),
-        _ => return None,
-    })
-}
-
-fn configured(cfg: &DataplaneConfig, setting: &str) -> u32 {
-    match setting {
-        "max_endpoints" => cfg.max_endpoints,
-        "max_routes" => cfg.max_routes,
-        "max_vips" => cfg.max_vips,
-        _ => cfg.max_flows,
-    }
-}
-
-/// Each size setting and the map whose capacity defines it in a pinned dataplane.
-const SIZED_BY: [(&str, &str); 4] = [
-    ("max_endpoints", MAP_ENDPOINTS),
-    ("max_routes", MAP_ROUTES),
-    ("max_vips", MAP_VIPS),
-    ("max_flows", MAP_FLOWS_OUT),
-];
-
 /// The sizes of the dataplane pinned under `maps`: each setting from the capacity of the map
-/// that defines it where that map is pinned, else from `cfg`. Sizes are fixed when a dataplane
-/// is created, so a changed setting applies to the next one created (see
-/// [`unapplied_sizes`]).
+/// that defines it ([`maps::size_map`]) where that map is pinned, else from `cfg`. Sizes are
+/// fixed when a dataplane is created, so a changed setting applies to the next one created
+/// (see [`unapplied_sizes`]).
 pub(super) fn pinned_sizes(maps: &Path, cfg: &DataplaneConfig) -> DataplaneConfig {
     let mut sizes = cfg.clone();
-    for (setting, map) in SIZED_BY {
-        if let Ok(info) = MapInfo::from_pin(maps.join(map)) {
-            let n = info.max_entries();
-            match setting {
-                "max_endpoints" => sizes.max_endpoints = n,
-                "max_routes" => sizes.max_routes = n,
-                "max_vips" => sizes.max_vips = n,
-                _ => sizes.max_flows = n,
-            }
+    for setting in SizeSetting::ALL {
+        if let Ok(info) = MapInfo::from_pin(maps.join(maps::size_map(setting))) {
+            setting.set(&mut sizes, info.max_entries());
         }
     }
     sizes
@@ -197,15 +61,9 @@ pub(super) fn pinned_sizes(maps: &Path, cfg: &DataplaneConfig) -> DataplaneConfi
 /// configured, pinned).
 pub fn unapplied_sizes(root: &Path, cfg: &DataplaneConfig) -> Vec<(&'static str, u32, u32)> {
     let sizes = pinned_sizes(&layout_dir(root).join("maps"), cfg);
-    SIZED_BY
+    SizeSetting::ALL
         .iter()
-        .map(|(setting, _)| {
-            (
-                *setting,
-                configured(cfg, setting),
-                configured(&sizes, setting),
-            )
-        })
+        .map(|s| (s.name(), s.get(cfg), s.get(&sizes)))
         .filter(|(_, want, have)| want != have)
         .collect()
 }
@@ -225,24 +83,24 @@ pub(super) fn check_map(
     sizes: &DataplaneConfig,
 ) -> Result<MapInfo, DataplaneError> {
     let info = map_info(path)?;
-    let want = expected(name).ok_or_else(|| DataplaneError::MapMismatch {
+    let want = maps::find(name).ok_or_else(|| DataplaneError::MapMismatch {
         path: path.into(),
         problem: "this build has no such map".into(),
     })?;
-    if let Some(problem) = shape_problem(&info, &want) {
+    if let Some(problem) = shape_problem(&info, want) {
         return Err(DataplaneError::MapMismatch {
             path: path.into(),
             problem,
         });
     }
     if let Capacity::Config(setting) = want.capacity {
-        let expected = configured(sizes, setting);
+        let expected = setting.get(sizes);
         if info.max_entries() != expected {
             return Err(DataplaneError::MapCapacity {
                 path: path.into(),
                 pinned: info.max_entries(),
                 expected,
-                setting,
+                setting: setting.name(),
             });
         }
     }
@@ -250,7 +108,7 @@ pub(super) fn check_map(
 }
 
 /// Why `info` does not have the shape `want` (capacities from the config are checked apart).
-pub(super) fn shape_problem(info: &MapInfo, want: &Shape) -> Option<String> {
+pub(super) fn shape_problem(info: &MapInfo, want: &MapSpec) -> Option<String> {
     let kind = info.map_type().ok();
     if kind != Some(want.kind) {
         return Some(format!("type is {kind:?}, expected {:?}", want.kind));
@@ -292,8 +150,8 @@ pub(super) fn check_maps(
     cfg: &DataplaneConfig,
 ) -> Result<DataplaneConfig, DataplaneError> {
     let sizes = pinned_sizes(maps, cfg);
-    for name in MAPS {
-        check_map(&maps.join(name), name, &sizes)?;
+    for m in &maps::REGISTRY {
+        check_map(&maps.join(m.name), m.name, &sizes)?;
     }
     Ok(sizes)
 }
@@ -341,7 +199,7 @@ fn unsupported(root: &Path, found: u32) -> DataplaneError {
     DataplaneError::MigrationUnsupported {
         root: root.into(),
         found,
-        supported: LAYOUT_VERSION - 1,
+        supported: OLDEST_MIGRATED,
     }
 }
 
@@ -350,33 +208,76 @@ fn unsupported(root: &Path, found: u32) -> DataplaneError {
 pub(super) enum Step {
     /// Same meaning and shape: the old kernel map becomes the new layout's.
     Keep,
-    /// Counters whose new layout appends words: reused if the shape is unchanged, else frozen
-    /// under `carry/` (see the `carry` module) and a new map created.
+    /// Counters whose new layout keeps the meaning of every old word: reused if the shape is
+    /// unchanged, else frozen under `carry/` (see the `carry` module) and a new map created.
     Carry,
     /// New in this layout: created empty.
     New,
 }
 
-/// The migration into the current layout from `version`, map by map.
-pub(super) fn steps_from(version: u32) -> Option<[(&'static str, Step); 10]> {
-    match version {
-        // v3 → v4 (exposures): `NextHop`'s reserved `u16` (always 0) became `flags`, where 0
-        // is `NEXTHOP_ENDPOINT`, so v3 routes mean the same; drop reasons 29-36 were appended
-        // (`EndpointCounters.drops` and `DROPS` grew); `VIPS` and the flow tables are new.
-        3 => Some([
-            (MAP_ENDPOINTS, Step::Keep),
-            (MAP_ENDPOINT_CACHE, Step::Keep),
-            (MAP_ROUTES, Step::Keep),
-            (MAP_DROPS, Step::Carry),
-            (MAP_COUNTERS, Step::Carry),
-            (MAP_DNS_SERVICE, Step::Keep),
-            (MAP_SLOT_ENDPOINTS, Step::Keep),
-            (MAP_VIPS, Step::New),
-            (MAP_FLOWS_OUT, Step::New),
-            (MAP_FLOWS_IN, Step::New),
-        ]),
-        _ => None,
+/// One layout change: what each map of layout `to` does with the map of layout `to - 1`. A
+/// map missing from a row is kept (`Step::Keep`).
+struct Migration {
+    to: u32,
+    steps: &'static [(&'static str, Step)],
+}
+
+/// Every layout change the agent migrates, oldest first; the next one is one more row (and,
+/// for counters, one more entry in `carry::OLDER_COUNTERS`).
+const MIGRATIONS: &[Migration] = &[
+    // v4, exposures: `NextHop`'s reserved `u16` (always 0) became `flags`, where 0 is
+    // `NEXTHOP_ENDPOINT`, so v3 routes mean the same; drop reasons 29-36 were appended;
+    // `VIPS` and the flow tables are new.
+    Migration {
+        to: 4,
+        steps: &[
+            (maps::MAP_DROPS, Step::Carry),
+            (maps::MAP_COUNTERS, Step::Carry),
+            (maps::MAP_VIPS, Step::New),
+            (maps::MAP_FLOWS_OUT, Step::New),
+            (maps::MAP_FLOWS_IN, Step::New),
+        ],
+    },
+    // v5, counter headroom: `EndpointCounters` holds 8 traffic classes per direction and 64
+    // drop numbers, `DROPS` 64, so new classes and reasons need no layout change.
+    Migration {
+        to: 5,
+        steps: &[
+            (maps::MAP_DROPS, Step::Carry),
+            (maps::MAP_COUNTERS, Step::Carry),
+        ],
+    },
+];
+
+/// The oldest layout [`MIGRATIONS`] reach the current one from.
+const OLDEST_MIGRATED: u32 = 3;
+
+/// The migration into the current layout from `version`, map by map: the rows from `version`
+/// on, composed (a map new in any of them is new; else carried if any carries it; else kept).
+pub(super) fn steps_from(version: u32) -> Option<Vec<(&'static str, Step)>> {
+    if !(OLDEST_MIGRATED..LAYOUT_VERSION).contains(&version) {
+        return None;
     }
+    let rows: Vec<&Migration> = MIGRATIONS.iter().filter(|m| m.to > version).collect();
+    Some(
+        maps::REGISTRY
+            .iter()
+            .map(|m| {
+                let steps = rows.iter().filter_map(|r| {
+                    r.steps
+                        .iter()
+                        .find(|(name, _)| *name == m.name)
+                        .map(|(_, s)| *s)
+                });
+                let step = steps.fold(Step::Keep, |acc, s| match (acc, s) {
+                    (Step::New, _) | (_, Step::New) => Step::New,
+                    (Step::Carry, _) | (_, Step::Carry) => Step::Carry,
+                    _ => Step::Keep,
+                });
+                (m.name, step)
+            })
+            .collect(),
+    )
 }
 
 /// What a migration did.

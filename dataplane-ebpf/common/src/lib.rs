@@ -18,7 +18,16 @@
 
 /// Version of the map layouts defined in this crate. Bump on any change to a map's key, value,
 /// or meaning.
-pub const LAYOUT_VERSION: u32 = 4;
+pub const LAYOUT_VERSION: u32 = 5;
+
+/// Traffic classes the counters have room for: [`TrafficClass::COUNT`] are used. A new class
+/// takes a free one, so adding it changes no map layout.
+pub const TRAFFIC_CLASS_SLOTS: usize = 8;
+
+/// Drop reason numbers the counters have room for (`EndpointCounters::drops` and `DROPS`):
+/// [`DropReason::SLOTS`] are used (number 0 never is). A new reason takes the next free number,
+/// so adding it changes no map layout; past 64 reasons the room grows with a layout version.
+pub const DROP_SLOTS: u32 = 64;
 
 /// Identity of one endpoint (a VM's tap or a guest veth), keyed by the host-side ifindex in the
 /// `ENDPOINTS` map.
@@ -309,14 +318,18 @@ pub struct TrafficCounter {
 /// One endpoint's counters on one CPU: the value of the per-CPU `COUNTERS` array at the
 /// endpoint's slot. Userspace sums the CPUs. Counters only ever grow while the slot belongs to
 /// an endpoint; the agent zeroes a slot before giving it to a new endpoint.
+///
+/// Sized by [`TRAFFIC_CLASS_SLOTS`] and [`DROP_SLOTS`], not by the classes and reasons in use,
+/// so that a new traffic class or drop reason needs no layout change (the unused words stay 0).
+/// The cost is memory: 768 bytes per endpoint per CPU where the used words take 424.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct EndpointCounters {
     /// Indexed by `[Direction][TrafficClass]`.
-    pub traffic: [[TrafficCounter; TrafficClass::COUNT]; Direction::COUNT],
+    pub traffic: [[TrafficCounter; TRAFFIC_CLASS_SLOTS]; Direction::COUNT],
     /// Frames from (or, for `to_vm` reasons, to) this endpoint dropped, by reason number
     /// (index 0 unused).
-    pub drops: [u64; DropReason::SLOTS as usize],
+    pub drops: [u64; DROP_SLOTS as usize],
 }
 
 impl EndpointCounters {
@@ -324,8 +337,8 @@ impl EndpointCounters {
         traffic: [[TrafficCounter {
             packets: 0,
             bytes: 0,
-        }; TrafficClass::COUNT]; Direction::COUNT],
-        drops: [0; DropReason::SLOTS as usize],
+        }; TRAFFIC_CLASS_SLOTS]; Direction::COUNT],
+        drops: [0; DROP_SLOTS as usize],
     };
 }
 
@@ -535,8 +548,11 @@ const _: () = assert!(MAX_BACKENDS <= u8::MAX as usize);
 const _: () = assert!(core::mem::size_of::<TrafficCounter>() == 16);
 const _: () = assert!(
     core::mem::size_of::<EndpointCounters>()
-        == 16 * TrafficClass::COUNT * Direction::COUNT + 8 * DropReason::SLOTS as usize
+        == 16 * TRAFFIC_CLASS_SLOTS * Direction::COUNT + 8 * DROP_SLOTS as usize
 );
+// The room the layout keeps: a class or reason beyond it needs a layout version.
+const _: () = assert!(TrafficClass::COUNT <= TRAFFIC_CLASS_SLOTS);
+const _: () = assert!(DropReason::SLOTS <= DROP_SLOTS);
 const _: () = assert!(DropReason::ALL.len() as u32 + 1 == DropReason::SLOTS);
 const _: () = assert!(core::mem::size_of::<KfreeSkbConfig>() == 4 * 9);
 

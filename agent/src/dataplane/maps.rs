@@ -1,0 +1,264 @@
+//! The map registry: every map of the eBPF object, once, with what the agent knows of it.
+//!
+//! Each [`MapSpec`] names the map, the feature module of `dataplane-ebpf/src/` that owns it,
+//! its kind, key and value sizes (from the `#[repr(C)]` types in `atoll-dataplane-common`), its
+//! flags and its capacity: fixed by the object, or sized by a `dataplane.*` setting
+//! ([`SizeSetting`]). Everything the agent does with maps by name comes from [`REGISTRY`]:
+//! pinning (every map, in registry order), the loader's sizes, the shape checks of every open,
+//! the sizes a pinned dataplane has, and the migrations' tables (`layout`). A root-free test
+//! checks that the compiled object's maps are exactly these, with these kinds, sizes and fixed
+//! capacities (`dataplane::design_doc`).
+//!
+//! Decisions:
+//! - **A leaf.** This module depends on the shared types only, so every other module of the
+//!   dataplane may use it without an import circle.
+//! - **The first map sized by a setting defines it** in a pinned dataplane ([`size_map`]):
+//!   sizes are fixed when a dataplane is created, and the other maps sized by the same setting
+//!   must agree with it.
+
+use atoll_dataplane_common::{
+    DnsService, EndpointCounters, EndpointInfo, EndpointSlot, FlowIn, FlowKey, FlowOut, NextHop,
+    RouteKey, VipService, DROP_SLOTS, ENDPOINT_CACHE_SLOTS,
+};
+use aya::maps::MapType;
+
+use crate::config::DataplaneConfig;
+
+pub const MAP_ENDPOINTS: &str = "ENDPOINTS";
+pub const MAP_ENDPOINT_CACHE: &str = "ENDPOINT_CACHE";
+pub const MAP_ROUTES: &str = "ROUTES";
+pub const MAP_DROPS: &str = "DROPS";
+pub const MAP_COUNTERS: &str = "COUNTERS";
+pub const MAP_DNS_SERVICE: &str = "DNS_SERVICE";
+pub const MAP_SLOT_ENDPOINTS: &str = "SLOT_ENDPOINTS";
+pub const MAP_VIPS: &str = "VIPS";
+pub const MAP_FLOWS_OUT: &str = "FLOWS_OUT";
+pub const MAP_FLOWS_IN: &str = "FLOWS_IN";
+
+/// `BPF_F_NO_PREALLOC`.
+pub const NO_PREALLOC: u32 = 1;
+
+/// A `dataplane.*` setting that sizes maps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SizeSetting {
+    MaxEndpoints,
+    MaxRoutes,
+    MaxVips,
+    MaxFlows,
+}
+
+impl SizeSetting {
+    pub const ALL: [SizeSetting; 4] = [
+        SizeSetting::MaxEndpoints,
+        SizeSetting::MaxRoutes,
+        SizeSetting::MaxVips,
+        SizeSetting::MaxFlows,
+    ];
+
+    /// The setting's key under `[dataplane]`.
+    pub const fn name(self) -> &'static str {
+        match self {
+            SizeSetting::MaxEndpoints => "max_endpoints",
+            SizeSetting::MaxRoutes => "max_routes",
+            SizeSetting::MaxVips => "max_vips",
+            SizeSetting::MaxFlows => "max_flows",
+        }
+    }
+
+    /// Its value in `cfg`.
+    pub fn get(self, cfg: &DataplaneConfig) -> u32 {
+        match self {
+            SizeSetting::MaxEndpoints => cfg.max_endpoints,
+            SizeSetting::MaxRoutes => cfg.max_routes,
+            SizeSetting::MaxVips => cfg.max_vips,
+            SizeSetting::MaxFlows => cfg.max_flows,
+        }
+    }
+
+    /// Sets it in `cfg`.
+    pub fn set(self, cfg: &mut DataplaneConfig, n: u32) {
+        match self {
+            SizeSetting::MaxEndpoints => cfg.max_endpoints = n,
+            SizeSetting::MaxRoutes => cfg.max_routes = n,
+            SizeSetting::MaxVips => cfg.max_vips = n,
+            SizeSetting::MaxFlows => cfg.max_flows = n,
+        }
+    }
+}
+
+/// How many entries a map has.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Capacity {
+    /// Fixed by the object.
+    Fixed(u32),
+    /// From a `dataplane.*` setting.
+    Config(SizeSetting),
+}
+
+/// One map of the object.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct MapSpec {
+    pub name: &'static str,
+    /// The module of `dataplane-ebpf/src/` that declares it.
+    pub owner: &'static str,
+    pub kind: MapType,
+    pub key_size: u32,
+    pub value_size: u32,
+    pub flags: u32,
+    pub capacity: Capacity,
+}
+
+const fn size<T>() -> u32 {
+    std::mem::size_of::<T>() as u32
+}
+
+const fn spec(
+    name: &'static str,
+    owner: &'static str,
+    kind: MapType,
+    key_size: u32,
+    value_size: u32,
+    flags: u32,
+    capacity: Capacity,
+) -> MapSpec {
+    MapSpec {
+        name,
+        owner,
+        kind,
+        key_size,
+        value_size,
+        flags,
+        capacity,
+    }
+}
+
+use Capacity::{Config, Fixed};
+use SizeSetting::*;
+
+/// Every map of the object, in pinning order.
+pub const REGISTRY: [MapSpec; 10] = [
+    spec(
+        MAP_ENDPOINTS,
+        "endpoint",
+        MapType::Hash,
+        size::<u32>(),
+        size::<EndpointInfo>(),
+        0,
+        Config(MaxEndpoints),
+    ),
+    spec(
+        MAP_ENDPOINT_CACHE,
+        "endpoint",
+        MapType::Array,
+        size::<u32>(),
+        size::<EndpointSlot>(),
+        0,
+        Fixed(ENDPOINT_CACHE_SLOTS),
+    ),
+    spec(
+        MAP_ROUTES,
+        "route",
+        MapType::Hash,
+        size::<RouteKey>(),
+        size::<NextHop>(),
+        0,
+        Config(MaxRoutes),
+    ),
+    spec(
+        MAP_DROPS,
+        "drop",
+        MapType::PerCpuArray,
+        size::<u32>(),
+        size::<u64>(),
+        0,
+        Fixed(DROP_SLOTS),
+    ),
+    spec(
+        MAP_COUNTERS,
+        "metering",
+        MapType::PerCpuArray,
+        size::<u32>(),
+        size::<EndpointCounters>(),
+        0,
+        Config(MaxEndpoints),
+    ),
+    spec(
+        MAP_DNS_SERVICE,
+        "dns",
+        MapType::Array,
+        size::<u32>(),
+        size::<DnsService>(),
+        0,
+        Fixed(1),
+    ),
+    spec(
+        MAP_SLOT_ENDPOINTS,
+        "dns",
+        MapType::Array,
+        size::<u32>(),
+        size::<u32>(),
+        0,
+        Config(MaxEndpoints),
+    ),
+    spec(
+        MAP_VIPS,
+        "exposure",
+        MapType::Hash,
+        size::<RouteKey>(),
+        size::<VipService>(),
+        NO_PREALLOC,
+        Config(MaxVips),
+    ),
+    spec(
+        MAP_FLOWS_OUT,
+        "exposure",
+        MapType::LruHash,
+        size::<FlowKey>(),
+        size::<FlowOut>(),
+        0,
+        Config(MaxFlows),
+    ),
+    spec(
+        MAP_FLOWS_IN,
+        "exposure",
+        MapType::LruHash,
+        size::<FlowKey>(),
+        size::<FlowIn>(),
+        0,
+        Config(MaxFlows),
+    ),
+];
+
+/// The map named `name`, if the object has one.
+pub fn find(name: &str) -> Option<&'static MapSpec> {
+    REGISTRY.iter().find(|m| m.name == name)
+}
+
+/// The map whose capacity defines `setting` in a pinned dataplane: the first sized by it.
+pub fn size_map(setting: SizeSetting) -> &'static str {
+    REGISTRY
+        .iter()
+        .find(|m| m.capacity == Config(setting))
+        .map(|m| m.name)
+        .expect("every setting sizes a map")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_unique_and_every_setting_sizes_a_map() {
+        let mut names: Vec<_> = REGISTRY.iter().map(|m| m.name).collect();
+        names.sort_unstable();
+        names.dedup();
+        assert_eq!(names.len(), REGISTRY.len());
+        assert_eq!(size_map(MaxEndpoints), MAP_ENDPOINTS);
+        assert_eq!(size_map(MaxFlows), MAP_FLOWS_OUT);
+        for s in SizeSetting::ALL {
+            let mut cfg = DataplaneConfig::default();
+            s.set(&mut cfg, 12_345);
+            assert_eq!(s.get(&cfg), 12_345, "{}", s.name());
+        }
+    }
+}
