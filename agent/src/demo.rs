@@ -9,7 +9,7 @@ use std::net::Ipv4Addr;
 use crate::{
     config::DataplaneConfig,
     endpoint::{DeviceSpec, EndpointError, EndpointSpec, Host},
-    testbed::{unique_name, NetNs, PinRoot},
+    scratch::{unique_name, NetNs, PinRoot},
     types::{CloudId, MacAddr},
 };
 

@@ -34,7 +34,7 @@ use crate::{
     config::{AccelSetting, AgentConfig, ControlMode, VmDriver},
     dataplane::{self, DataplaneError},
     device::Devices,
-    testbed::unique_name,
+    scratch::unique_name,
     vm::qemu::{self, QemuInstall},
 };
 use atoll_control::client::ClientError;

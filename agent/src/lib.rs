@@ -11,8 +11,8 @@
 //!   by asking endpoint), with its namespace and devices.
 //! - [`config`] is the agent's TOML configuration (unknown keys rejected).
 //! - [`doctor`] checks a host for everything atoll needs (`atoll-agent doctor`).
-//! - [`testbed`] holds the RAII helpers that the demo and the tests use to build guests in
-//!   network namespaces and clean them up.
+//! - [`scratch`] holds the uniquely named, self-removing namespaces and pin directories of the
+//!   demo and the doctor's probes (the tests' helpers are the `atoll-testbed` crate's).
 
 pub mod config;
 pub mod converge;
@@ -24,7 +24,7 @@ pub mod doctor;
 pub mod endpoint;
 pub mod expedite;
 pub mod metrics;
-pub mod testbed;
+pub mod scratch;
 pub mod types;
 pub mod usage;
 pub mod vm;

@@ -1319,7 +1319,7 @@ mod tests {
     }
 
     fn tmpdir(tag: &str) -> PathBuf {
-        let d = std::env::temp_dir().join(crate::testbed::unique_name(tag));
+        let d = std::env::temp_dir().join(crate::scratch::unique_name(tag));
         let _ = std::fs::remove_dir_all(&d);
         d
     }

@@ -1057,7 +1057,7 @@ fn spawn_unprivileged(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testbed::unique_name;
+    use crate::scratch::unique_name;
 
     #[test]
     fn probe_verdicts_are_recorded_per_boot() {

@@ -15,8 +15,8 @@ use atoll_agent::{
     dataplane::{Dataplane, DataplaneError, Hook},
     device::{self, DeviceError},
     endpoint::{EndpointError, Host},
-    testbed::{unique_name, unique_prefix, LinksWithPrefix, PinRoot},
 };
+use atoll_testbed::{unique_name, unique_prefix, LinksWithPrefix, PinRoot};
 
 #[test]
 fn open_outside_bpffs_is_a_clear_error() {

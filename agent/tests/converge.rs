@@ -16,15 +16,15 @@ use atoll_agent::{
     config::VmConfig,
     converge::{ConvergeConfig, Converger, Remote, Source},
     endpoint::{Host, ServiceSpec, PROTOCOL_TCP},
-    testbed::{
-        frame::{self, Udp},
-        unique_prefix, LinksWithPrefix, PinRoot,
-    },
     vm::{qemu::Accel, Driver, VmError, VmManager, VmPlan, VmmCommand},
 };
 use atoll_control::{
     core::{Command as Cmd, Core, Principal, Reply},
     model::*,
+};
+use atoll_testbed::{
+    frame::{self, Udp},
+    unique_prefix, LinksWithPrefix, PinRoot,
 };
 use hickory_proto::{
     op::{Message, MessageType, Query, ResponseCode},

@@ -47,13 +47,13 @@ use atoll_agent::{
     config::{DnsConfig, Ipv4Network},
     dns::{netns, DnsPlane, DnsServer, DnsView, ForwardPolicy, Record, RecordData, Zone},
     endpoint::{DeviceSpec, Endpoint, EndpointSpec, Host},
-    testbed::{
-        frame::{self, Udp},
-        run, unique_name, unique_prefix, LinksWithPrefix, NetNs, PinRoot,
-    },
     types::{CloudId, MacAddr},
 };
 use atoll_dataplane_common::{Direction, DropReason, TrafficClass};
+use atoll_testbed::{
+    frame::{self, Udp},
+    run, unique_name, unique_prefix, LinksWithPrefix, NetNs, PinRoot,
+};
 use hickory_proto::{
     op::{Message, MessageType, OpCode, Query, ResponseCode},
     rr::{rdata::A, Name, RData, Record as RR, RecordType},

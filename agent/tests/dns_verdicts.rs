@@ -289,12 +289,7 @@ fn service() -> DnsService {
 impl Dataplane {
     /// The guest at ifindex 1 (slot 300, recorded in `SLOT_ENDPOINTS`) and the DNS service on.
     fn new() -> Self {
-        // SAFETY: geteuid has no preconditions.
-        let euid = unsafe { libc::geteuid() };
-        assert_eq!(
-            euid, 0,
-            "the DNS verdict tests load eBPF programs and need root (CAP_BPF)"
-        );
+        atoll_testbed::require_root("the DNS verdict tests");
         let mut ebpf = EbpfLoader::new()
             .map_max_entries(MAP_ENDPOINTS, 64)
             .map_max_entries(MAP_ROUTES, 64)

@@ -8,12 +8,8 @@ use std::{
 
 mod support;
 
-use atoll_agent::{
-    config::DataplaneConfig,
-    endpoint::Host,
-    testbed::{unique_name, unique_prefix, LinksWithPrefix, PinRoot},
-    types::radix36,
-};
+use atoll_agent::{config::DataplaneConfig, endpoint::Host, types::radix36};
+use atoll_testbed::{unique_name, unique_prefix, LinksWithPrefix, PinRoot};
 use support::{require_root, tap};
 
 fn agent(config: &Path, args: &[&str]) -> (Output, String, String) {

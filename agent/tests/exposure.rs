@@ -35,10 +35,10 @@ use atoll_agent::{
     config::{DnsConfig, Ipv4Network},
     dns::{netns, DnsPlane, DnsServer, DnsView, ForwardPolicy, Record, RecordData, Zone},
     endpoint::{Host, ServiceSpec, PROTOCOL_TCP, PROTOCOL_UDP},
-    testbed::{unique_name, LinksWithPrefix, PinRoot},
     types::{CloudId, MacAddr},
 };
 use atoll_dataplane_common::{Direction, DropReason, TrafficClass};
+use atoll_testbed::{unique_name, LinksWithPrefix, PinRoot};
 
 const TAGS: [&str; 4] = ["xv", "xn", "xp", "xd"];
 const SERVICE_NAME: &str = "web.c00000002.svc.one.atoll.internal.";
@@ -161,8 +161,8 @@ fn scenario() {
         .build()
         .unwrap();
     let pins = PinRoot::new("xp");
-    let _links = LinksWithPrefix(atoll_agent::testbed::unique_prefix("xv"));
-    let _dns_links = LinksWithPrefix(atoll_agent::testbed::unique_prefix("xd"));
+    let _links = LinksWithPrefix(atoll_testbed::unique_prefix("xv"));
+    let _dns_links = LinksWithPrefix(atoll_testbed::unique_prefix("xd"));
     let mut host = rt
         .block_on(async { Host::open(&support::cfg(&pins, 64, 0)) })
         .unwrap();

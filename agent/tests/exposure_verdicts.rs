@@ -14,7 +14,7 @@
 //! - the verdict (`TC_ACT_SHOT` = 2, `TC_ACT_REDIRECT` = 7) and that exactly the expected drop
 //!   reason moved by one, host-wide (`DROPS`) and in the sender's own counters, or none moved;
 //! - for translations, the whole output frame byte for byte against an independently built
-//!   frame (`atoll_agent::testbed::frame`: addresses, ports, MACs, TTL - 1, IPv4 header and
+//!   frame (`atoll_testbed::frame`: addresses, ports, MACs, TTL - 1, IPv4 header and
 //!   UDP/TCP checksums computed from scratch), and that it parses with valid checksums;
 //! - the flow entries and the `exposure` traffic counters of both endpoints.
 //!
@@ -26,9 +26,9 @@
 //! make one `CHECKSUM_PARTIAL`; frames with partial checksums (veth guests) are covered by the
 //! end-to-end test `exposure.rs` with real TCP and UDP sockets.
 //!
-//! The backend choice and the alternative NAT ports are predicted with a copy of the kernel's
-//! hash ([`mix`], [`flow_hash`], mirroring `dataplane-ebpf/src/exposure.rs`); the tests assert
-//! the predictions, so a change on one side only fails loudly.
+//! The backend choice and the alternative NAT ports are predicted with the very hash the
+//! programs run (`flow_hash`, `nat_port_candidate` in `atoll-dataplane-common`); the tests
+//! assert the predictions against what the loaded programs do.
 //!
 //! The tests need root (CAP_BPF, CAP_NET_ADMIN); they fail, never skip, without it.
 
@@ -40,15 +40,16 @@ use atoll_agent::{
     config::DataplaneConfig,
     dataplane::{Dataplane, MAP_FLOWS_IN, MAP_FLOWS_OUT, PROG_FROM_VM, PROG_TO_VM},
     endpoint::{Host, ServiceSpec, PROTOCOL_TCP, PROTOCOL_UDP},
-    testbed::{
-        frame::{self, Tcp, Udp, TCP_ACK, TCP_PSH},
-        PinRoot,
-    },
     types::CloudId,
 };
 use atoll_dataplane_common::{
-    ipv4_to_map, Backend, Direction, DropReason, EndpointInfo, FlowIn, FlowKey, FlowOut, NextHop,
-    RouteKey, TrafficClass, VipService, MAX_BACKENDS, NEXTHOP_ENDPOINT, NEXTHOP_VIP,
+    flow_hash, ipv4_to_map, nat_port_candidate, Backend, Direction, DropReason, EndpointInfo,
+    FlowIn, FlowKey, FlowOut, NextHop, RouteKey, TrafficClass, VipService, MAX_BACKENDS,
+    NAT_PORT_TRIES, NEXTHOP_ENDPOINT, NEXTHOP_VIP,
+};
+use atoll_testbed::{
+    frame::{self, Tcp, Udp, TCP_ACK, TCP_PSH},
+    PinRoot,
 };
 use aya::{
     maps::{HashMap, MapData},
@@ -350,32 +351,15 @@ fn set_total_len(ip: &mut [u8], len: usize) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// The kernel's hash, mirrored.
+// The programs' choices, predicted with the shared code they run (`atoll-dataplane-common`).
 // ---------------------------------------------------------------------------------------------
 
-/// Mirrors `mix` in `dataplane-ebpf/src/exposure.rs` (the "lowbias32" finaliser).
-fn mix(mut h: u32) -> u32 {
-    h ^= h >> 16;
-    h = h.wrapping_mul(0x7feb_352d);
-    h ^= h >> 15;
-    h = h.wrapping_mul(0x846c_a68b);
-    h ^ (h >> 16)
-}
-
-/// Mirrors `flow_hash` over the consumer's `FlowKey` (fields as the program reads them:
-/// addresses and ports in network byte order in memory).
-fn flow_hash(key: &FlowKey) -> u32 {
-    let ports = (u32::from(key.src_port) << 16) | u32::from(key.dst_port);
-    mix(key.cloud ^ mix(key.src_ipv4 ^ mix(key.dst_ipv4 ^ mix(ports ^ u32::from(key.protocol)))))
-}
-
-/// Mirrors `NAT_PORT_TRIES` and the alternatives of `open_flow`: the consumer's own port, then
-/// `1024 + mix(hash ^ attempt) % (65536 - 1024)`.
-fn nat_port_candidates(key: &FlowKey) -> [u16; 4] {
+/// The NAT ports `open_flow` tries, in order: the consumer's own port, then the alternatives.
+fn nat_port_candidates(key: &FlowKey) -> [u16; NAT_PORT_TRIES as usize] {
     let hash = flow_hash(key);
-    let mut c = [u16::from_be(key.src_port); 4];
+    let mut c = [u16::from_be(key.src_port); NAT_PORT_TRIES as usize];
     for (attempt, port) in c.iter_mut().enumerate().skip(1) {
-        *port = (1024 + mix(hash ^ attempt as u32) % (65536 - 1024)) as u16;
+        *port = nat_port_candidate(hash, attempt as u32);
     }
     c
 }

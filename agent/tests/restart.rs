@@ -25,9 +25,9 @@ use atoll_agent::{
     config::DataplaneConfig,
     dataplane::{self, Dataplane, DataplaneError},
     endpoint::{Host, POOL_PREFIX},
-    testbed::{unique_name, unique_prefix, LinksWithPrefix, PinRoot},
     types::MacAddr,
 };
+use atoll_testbed::{unique_name, unique_prefix, LinksWithPrefix, PinRoot};
 use support::{
     cfg, echo_frame, leaves_nothing, read_frame, require_root, tap, veth_guest, VethGuest,
 };

@@ -33,14 +33,14 @@ use atoll_agent::{
     dataplane::{self, MAP_FLOWS_IN},
     device,
     endpoint::{Endpoint, Host, ServiceSpec, PROTOCOL_TCP},
-    testbed::{
-        frame::{self, Tcp, TCP_ACK, TCP_PSH},
-        unique_name, unique_prefix, LinksWithPrefix, PinRoot,
-    },
     types::{CloudId, MacAddr},
 };
 use atoll_dataplane_common::{
     ipv4_to_map, Direction, DropReason, EndpointCounters, FlowIn, FlowKey, TrafficClass,
+};
+use atoll_testbed::{
+    frame::{self, Tcp, TCP_ACK, TCP_PSH},
+    unique_name, unique_prefix, LinksWithPrefix, PinRoot,
 };
 use aya::maps::{HashMap, MapData};
 

@@ -26,9 +26,9 @@ use std::{
 use atoll_agent::{
     device,
     endpoint::{EndpointError, Host},
-    testbed::{run, unique_name, unique_prefix, LinksWithPrefix, PinRoot},
     usage::{deliver_pending, FileSink, Recorder, UsageError, UsageEvent},
 };
+use atoll_testbed::{run, unique_name, unique_prefix, LinksWithPrefix, PinRoot};
 use support::{cfg, echo_frame, read_frame, require_root, tap};
 
 fn events(path: &Path) -> Vec<UsageEvent> {

@@ -404,13 +404,7 @@ struct Dataplane {
 }
 
 fn assert_root() {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    let euid = unsafe { libc::geteuid() };
-    assert_eq!(
-        euid, 0,
-        "the verdict tests load eBPF programs and need root (CAP_BPF, CAP_NET_ADMIN); \
-         run them as root, e.g. `sudo -E cargo test -p atoll-agent --test verdicts`"
-    );
+    atoll_testbed::require_root("the verdict tests");
 }
 
 impl Dataplane {

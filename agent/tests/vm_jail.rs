@@ -21,11 +21,11 @@ use std::{
 use atoll_agent::{
     config::VmConfig,
     device::{delete_tap_now, Devices},
-    testbed::unique_name,
     types::MacAddr,
     vm::{qemu::Accel, Driver, VmError, VmEvent, VmManager, VmPlan, VmSpec, VmmCommand},
 };
 use atoll_control::model::VmState;
+use atoll_testbed::unique_name;
 use support::require_root;
 use tokio::sync::mpsc;
 

@@ -1252,6 +1252,45 @@ fn schema_ref(name: &str) -> serde_json::Value {
     }
 }
 
+/// A DNS label as `validate_label` accepts it: 1-63 of a-z, 0-9 and '-', not starting or
+/// ending with '-'.
+const LABEL_PATTERN: &str = "^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$";
+
+/// What the server accepts for path parameter `name` (the parsers `cloud_param`, `name_param`
+/// and `record_type` enforce these), so that clients and fuzzers reading the document build
+/// valid paths.
+fn path_param_schema(name: &str) -> serde_json::Value {
+    match name {
+        "cloud" | "consumer" | "provider" => serde_json::json!({
+            "type": "string",
+            "description": "A cloud id: `c` and 8 lowercase hex digits, not all zero.",
+            "pattern": "^c[0-9a-f]{8}$",
+            "minLength": 9,
+            "maxLength": 9,
+        }),
+        "name" => serde_json::json!({
+            "type": "string",
+            "description": "A record set's name relative to the cloud's zone: `@` (the apex) or \
+                            dot-separated DNS labels; with the zone it fits 253 characters.",
+            "pattern": "^(@|[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?(\\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*)$",
+            "minLength": 1,
+            "maxLength": 253,
+        }),
+        "type" => serde_json::json!({
+            "type": "string",
+            "description": "A record type (case-insensitive).",
+            "enum": ["A", "AAAA", "CNAME", "TXT"],
+        }),
+        _ => serde_json::json!({
+            "type": "string",
+            "description": "A name: a DNS label.",
+            "pattern": LABEL_PATTERN,
+            "minLength": 1,
+            "maxLength": 63,
+        }),
+    }
+}
+
 /// The OpenAPI 3 document of this API.
 pub fn openapi() -> serde_json::Value {
     use utoipa::OpenApi;
@@ -1273,7 +1312,7 @@ pub fn openapi() -> serde_json::Value {
             .path
             .split('/')
             .filter_map(|s| s.strip_prefix('{').and_then(|s| s.strip_suffix('}')))
-            .map(|n| serde_json::json!({"name": n, "in": "path", "required": true, "schema": {"type": "string"}}))
+            .map(|n| serde_json::json!({"name": n, "in": "path", "required": true, "schema": path_param_schema(n)}))
             .chain(match r.path {
                 "/v1/clouds" if r.method == "get" => vec![
                     serde_json::json!({"name": "after", "in": "query", "schema": {"type": "string"}}),
@@ -1358,4 +1397,47 @@ pub async fn serve_tls(
 ) -> std::io::Result<()> {
     let router = router(core, limits.request_timeout);
     server::serve(router, listener, limits, tls, shutdown).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every path parameter the document states carries what the server enforces (a pattern
+    /// or an enumeration), and sample values that the parsers accept fit its bounds.
+    #[test]
+    fn path_parameters_state_what_the_server_enforces() {
+        let doc = openapi();
+        let mut seen = std::collections::BTreeSet::new();
+        for (_, item) in doc["paths"].as_object().unwrap() {
+            for (_, op) in item.as_object().unwrap() {
+                for p in op["parameters"].as_array().into_iter().flatten() {
+                    if p["in"] != "path" {
+                        continue;
+                    }
+                    let schema = &p["schema"];
+                    assert!(
+                        schema.get("pattern").is_some() || schema.get("enum").is_some(),
+                        "{p}"
+                    );
+                    seen.insert(p["name"].as_str().unwrap().to_string());
+                }
+            }
+        }
+        assert!(seen.contains("cloud") && seen.contains("vm") && seen.contains("type"));
+        let params = |k: &str, v: &str| HashMap::from([(k.to_string(), v.to_string())]);
+        let cloud = "c0000002a";
+        assert!(cloud_param(&params("cloud", cloud), "cloud").is_ok());
+        assert_eq!(
+            cloud.len() as u64,
+            path_param_schema("cloud")["maxLength"].as_u64().unwrap()
+        );
+        let label = "a".repeat(63);
+        assert!(name_param(&params("vm", &label), "vm").is_ok());
+        assert!(name_param(&params("vm", &format!("{label}a")), "vm").is_err());
+        assert_eq!(path_param_schema("vm")["maxLength"], 63);
+        for t in path_param_schema("type")["enum"].as_array().unwrap() {
+            assert!(record_type(&params("type", t.as_str().unwrap())).is_ok());
+        }
+    }
 }

@@ -62,8 +62,9 @@
 //!   guest" and the receiver "to guest".
 
 use atoll_dataplane_common::{
-    Direction, DropReason, EndpointInfo, FlowIn, FlowKey, FlowOut, RouteKey, TrafficClass,
-    VipService, MAX_BACKENDS, NEXTHOP_ENDPOINT, NEXTHOP_NAT_SOURCE, NEXTHOP_VIP,
+    flow_hash, nat_port_candidate, Direction, DropReason, EndpointInfo, FlowIn, FlowKey, FlowOut,
+    RouteKey, TrafficClass, VipService, MAX_BACKENDS, NAT_PORT_TRIES, NEXTHOP_ENDPOINT,
+    NEXTHOP_NAT_SOURCE, NEXTHOP_VIP,
 };
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
@@ -96,10 +97,6 @@ pub static FLOWS_OUT: LruHashMap<FlowKey, FlowOut> = LruHashMap::with_max_entrie
 #[map]
 pub static FLOWS_IN: LruHashMap<FlowKey, FlowIn> = LruHashMap::with_max_entries(131072, 0);
 
-/// Tries for a free provider-side source port before a new flow is refused.
-const NAT_PORT_TRIES: u32 = 4;
-/// Alternative NAT ports are chosen from `[NAT_PORT_BASE, 65535]`.
-const NAT_PORT_BASE: u32 = 1024;
 const BPF_NOEXIST: u64 = 1;
 const BPF_ANY: u64 = 0;
 
@@ -166,22 +163,6 @@ fn parse_l4(pkt: &Packet, ip: *mut Ipv4Hdr, total_len: u16) -> Result<L4, DropRe
         src_port,
         dst_port,
     })
-}
-
-/// A well-mixed 32-bit hash (the "lowbias32" finaliser).
-#[inline(always)]
-fn mix(mut h: u32) -> u32 {
-    h ^= h >> 16;
-    h = h.wrapping_mul(0x7feb_352d);
-    h ^= h >> 15;
-    h = h.wrapping_mul(0x846c_a68b);
-    h ^ (h >> 16)
-}
-
-#[inline(always)]
-fn flow_hash(key: &FlowKey) -> u32 {
-    let ports = ((key.src_port as u32) << 16) | key.dst_port as u32;
-    mix(key.cloud ^ mix(key.src_ipv4 ^ mix(key.dst_ipv4 ^ mix(ports ^ key.protocol as u32))))
 }
 
 /// A flow key, its padding zeroed with volatile byte stores: a `_pad: [0; 3]` literal
@@ -360,8 +341,7 @@ fn open_flow(
     let mut found = false;
     for attempt in 0..NAT_PORT_TRIES {
         if attempt > 0 {
-            let alt = NAT_PORT_BASE + mix(hash ^ attempt) % (65536 - NAT_PORT_BASE);
-            reply.dst_port = (alt as u16).to_be();
+            reply.dst_port = nat_port_candidate(hash, attempt).to_be();
         }
         // Only a port no entry holds is taken (`BPF_NOEXIST` is atomic against other CPUs).
         if FLOWS_IN.insert(reply, back, BPF_NOEXIST).is_ok() {

@@ -68,10 +68,10 @@ use atoll_agent::{
     dataplane::{layout_dir, DataplaneError},
     device::{self, DeviceError},
     endpoint::{DeviceSpec, Endpoint, EndpointError, EndpointSpec, Host},
-    testbed::{unique_name, LinkGuard, PinRoot},
     types::CloudId,
 };
 use atoll_dataplane_common::DropReason;
+use atoll_testbed::{unique_name, LinkGuard, PinRoot};
 use common::{
     assert_silent, cloud_id, create_tap, create_veth, frame, guest_mac, in_netns, join, pool_links,
     spawn_in_netns, wait_readable, GuestUdp, PoolGuard, Sink, Sniffer, Tags, TapGuest, VethGuest,

@@ -65,11 +65,11 @@ use atoll_agent::{
     config::DataplaneConfig,
     endpoint::{Endpoint, Host},
     metrics::{self, Exporter},
-    testbed::{LinkGuard, PinRoot},
 };
 use atoll_dataplane_common::{
     Direction, DropReason, EndpointCounters, TrafficClass, TrafficCounter,
 };
+use atoll_testbed::{LinkGuard, PinRoot};
 use common::{
     assert_silent, create_tap, create_veth, frame, in_netns, wait_for, GuestUdp, PoolGuard, Sink,
     Tags, TapGuest, VethGuest, ARRIVE, GATEWAY, KERNEL_TTL, TAP_TTL,

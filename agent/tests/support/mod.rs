@@ -7,9 +7,9 @@ use atoll_agent::{
     config::DataplaneConfig,
     dns::netns,
     endpoint::{DeviceSpec, EndpointSpec},
-    testbed::{run, unique_prefix, PinRoot},
     types::{CloudId, MacAddr},
 };
+use atoll_testbed::{run, unique_prefix, PinRoot};
 
 /// A control plane on a fresh SQLite store in `dir` (its operator token in
 /// `dir/operator.token`).
@@ -91,9 +91,7 @@ pub fn settled<T: PartialEq>(read: impl Fn() -> T) -> T {
 }
 
 pub fn require_root() {
-    // SAFETY: geteuid has no preconditions.
-    let euid = unsafe { libc::geteuid() };
-    assert_eq!(euid, 0, "these tests need root (CAP_BPF, CAP_NET_ADMIN)");
+    atoll_testbed::require_root("this test");
 }
 
 pub fn cfg(pins: &PinRoot, max_endpoints: u32, tap_pool: u32) -> DataplaneConfig {
@@ -178,7 +176,7 @@ pub fn read_frame(fd: &std::os::fd::OwnedFd) -> Option<Vec<u8>> {
 /// `dev_tag`, peer `eth0` at `ip/24` with default route via `gateway`).
 pub struct VethGuest {
     pub ep: atoll_agent::endpoint::Endpoint,
-    pub ns: atoll_agent::testbed::NetNs,
+    pub ns: atoll_testbed::NetNs,
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -191,7 +189,7 @@ pub fn veth_guest(
     mac: MacAddr,
     gateway: Ipv4Addr,
 ) -> VethGuest {
-    use atoll_agent::testbed::{unique_name, NetNs};
+    use atoll_testbed::{unique_name, NetNs};
     let ns = NetNs::new(&unique_name(ns_tag)).expect("guest namespace");
     let name = unique_name(dev_tag);
     let spec = EndpointSpec {
@@ -277,7 +275,8 @@ pub mod dns {
         time::Duration,
     };
 
-    use atoll_agent::{dns::netns, testbed::NetNs};
+    use atoll_agent::dns::netns;
+    use atoll_testbed::NetNs;
     use hickory_proto::{
         op::ResponseCode,
         rr::{RData, RecordType},
@@ -364,7 +363,7 @@ pub struct EmbeddedAgent {
     child: std::process::Child,
     cleaned: bool,
     _pins: PinRoot,
-    _links: atoll_agent::testbed::LinksWithPrefix,
+    _links: atoll_testbed::LinksWithPrefix,
 }
 
 impl EmbeddedAgent {
@@ -374,12 +373,12 @@ impl EmbeddedAgent {
         let dir = tempfile::tempdir().unwrap();
         let pins = PinRoot::new(tag);
         let prefix = unique_prefix(tag);
-        let links = atoll_agent::testbed::LinksWithPrefix(prefix.clone());
+        let links = atoll_testbed::LinksWithPrefix(prefix.clone());
         let port = {
             let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
             l.local_addr().unwrap().port()
         };
-        let dns = atoll_agent::testbed::unique_name(tag);
+        let dns = atoll_testbed::unique_name(tag);
         let token_file = dir.path().join("op.token");
         let config = dir.path().join("agent.toml");
         let vm = if extra.contains("[vm]") {

@@ -522,6 +522,39 @@ impl DropReason {
     }
 }
 
+/// A well-mixed 32-bit hash (the "lowbias32" finaliser). Shared so that tests predict the
+/// programs' choices (backends, NAT ports) with the very code the programs run.
+#[inline(always)]
+pub const fn mix(mut h: u32) -> u32 {
+    h ^= h >> 16;
+    h = h.wrapping_mul(0x7feb_352d);
+    h ^= h >> 15;
+    h = h.wrapping_mul(0x846c_a68b);
+    h ^ (h >> 16)
+}
+
+/// The hash of a flow: picks its backend (`hash % backends`) and its alternative NAT ports
+/// ([`nat_port_candidate`]). Fields as the program reads them (addresses and ports in network
+/// byte order in memory).
+#[inline(always)]
+pub const fn flow_hash(key: &FlowKey) -> u32 {
+    let ports = ((key.src_port as u32) << 16) | key.dst_port as u32;
+    mix(key.cloud ^ mix(key.src_ipv4 ^ mix(key.dst_ipv4 ^ mix(ports ^ key.protocol as u32))))
+}
+
+/// Tries for a free provider-side source (NAT) port before a new flow is refused: the
+/// consumer's own port first, then alternatives.
+pub const NAT_PORT_TRIES: u32 = 4;
+/// Alternative NAT ports are chosen from `[NAT_PORT_BASE, 65535]`.
+pub const NAT_PORT_BASE: u32 = 1024;
+
+/// The alternative NAT port of try `attempt` (1 to `NAT_PORT_TRIES - 1`) for a flow of `hash`,
+/// in host byte order.
+#[inline(always)]
+pub const fn nat_port_candidate(hash: u32, attempt: u32) -> u16 {
+    (NAT_PORT_BASE + mix(hash ^ attempt) % (65536 - NAT_PORT_BASE)) as u16
+}
+
 /// Encodes an IPv4 address for a map (see module docs).
 pub const fn ipv4_to_map(octets: [u8; 4]) -> u32 {
     u32::from_ne_bytes(octets)

@@ -20,7 +20,6 @@ use atoll_agent::{
     config::DataplaneConfig,
     converge::{ConvergeConfig, Converger, Source},
     endpoint::Host,
-    testbed::{unique_prefix, LinksWithPrefix, PinRoot},
 };
 use atoll_control::{
     api,
@@ -29,6 +28,7 @@ use atoll_control::{
     core::{Command, Core, Principal, Reply},
     model::{CreateCloud, CreatedCloud, Vm},
 };
+use atoll_testbed::{unique_prefix, LinksWithPrefix, PinRoot};
 use hyper::Method;
 use serde_json::{json, Value};
 

@@ -48,13 +48,13 @@ use atoll_agent::{
         MAP_VIPS, OBJECT, PROG_FROM_VM,
     },
     endpoint::{Host, ServiceSpec, PROTOCOL_UDP},
-    testbed::{frame, PinRoot},
     types::CloudId,
 };
 use atoll_dataplane_common::{
     ipv4_to_map, Backend, EndpointInfo, EndpointSlot, FlowKey, FlowOut, NextHop, RouteKey,
     VipService, ENDPOINT_CACHE_MASK, MAX_BACKENDS, NEXTHOP_NAT_SOURCE, NEXTHOP_VIP,
 };
+use atoll_testbed::{frame, PinRoot};
 use aya::{
     maps::{Array, HashMap, MapData},
     programs::{SchedClassifier, TestRun, TestRunOptions},

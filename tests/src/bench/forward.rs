@@ -66,9 +66,9 @@ use atoll_agent::{
     config::DataplaneConfig,
     device::{open_tap_queue, wait_until_up},
     endpoint::{pool_process_prefix, DeviceSpec, EndpointSpec, Host},
-    testbed::{frame::refresh_ipv4_checksum, unique_name, LinksWithPrefix, NetNs, PinRoot},
     types::{CloudId, MacAddr},
 };
+use atoll_testbed::{frame::refresh_ipv4_checksum, unique_name, LinksWithPrefix, NetNs, PinRoot};
 
 use super::median;
 use crate::plot::{Chart, Series};
@@ -1203,7 +1203,7 @@ mod tests {
         assert_eq!(f.len(), 64);
         assert!(is_ours(&f, 64));
         assert!(!is_ours(&f[..63], 64));
-        assert_eq!(atoll_agent::testbed::frame::checksum(&f[14..34]), 0);
+        assert_eq!(atoll_testbed::frame::checksum(&f[14..34]), 0);
         assert_eq!(
             frame(1500, MacAddr::local(1), MacAddr::local(2), A_IP, B_IP).len(),
             1500

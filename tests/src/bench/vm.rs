@@ -25,13 +25,13 @@ use atoll_agent::{
     config::{DataplaneConfig, VmConfig},
     converge::{ConvergeConfig, Converger, Source},
     endpoint::Host,
-    testbed::{unique_prefix, LinksWithPrefix, PinRoot},
     vm::VmManager,
 };
 use atoll_control::{
     client::Client,
     model::{CreatedCloud, Vm},
 };
+use atoll_testbed::{unique_prefix, LinksWithPrefix, PinRoot};
 use hyper::Method;
 use serde_json::{json, Value};
 

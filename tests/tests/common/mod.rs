@@ -19,9 +19,9 @@ use std::{
 
 use atoll_agent::{
     endpoint::{DeviceSpec, Endpoint, EndpointSpec, Host},
-    testbed::{unique_name, LinkGuard, NetNs},
     types::{CloudId, MacAddr},
 };
+use atoll_testbed::{unique_name, LinkGuard, NetNs};
 use frame::Mac;
 
 /// Every cloud's gateway address in the tests.
@@ -636,7 +636,7 @@ impl Sniffer {
 pub fn prefixes(tags: &Tags) -> Vec<String> {
     tags.all()
         .iter()
-        .map(|t| atoll_agent::testbed::unique_prefix(t))
+        .map(|t| atoll_testbed::unique_prefix(t))
         .collect()
 }
 
@@ -647,8 +647,7 @@ pub fn pool_prefix() -> String {
 
 /// Names of all links in the host namespace.
 pub fn host_links() -> Vec<String> {
-    let out =
-        atoll_agent::testbed::run(Command::new("ip").args(["-o", "link"])).expect("ip -o link");
+    let out = atoll_testbed::run(Command::new("ip").args(["-o", "link"])).expect("ip -o link");
     out.lines()
         // "12: name@if3: <...>" or "12: name: <...>"
         .filter_map(|l| l.split(':').nth(1))
@@ -680,12 +679,7 @@ impl Drop for PoolGuard {
 /// Runs an end-to-end scenario as root, then fails if anything it created (names with `tags`'
 /// prefixes, spare taps, pins) is left behind, also when the scenario panicked.
 pub fn run_scenario(name: &str, tags: &Tags, scenario: fn()) {
-    // SAFETY: geteuid has no preconditions.
-    let euid = unsafe { libc::geteuid() };
-    assert_eq!(
-        euid, 0,
-        "the {name} test needs root (netns, taps, eBPF); run it with sudo"
-    );
+    atoll_testbed::require_root(&format!("the {name} test"));
     let started = std::time::Instant::now();
     let outcome = std::panic::catch_unwind(scenario);
     // Everything the scenario created is dropped by now, also after a panic.
@@ -711,8 +705,8 @@ pub fn leftovers(tags: &Tags) -> Vec<String> {
         .filter(|n| ours(n))
         .map(|n| format!("link {n}"))
         .collect();
-    let netns = atoll_agent::testbed::run(Command::new("ip").args(["netns", "list"]))
-        .expect("ip netns list");
+    let netns =
+        atoll_testbed::run(Command::new("ip").args(["netns", "list"])).expect("ip netns list");
     for line in netns.lines() {
         let name = line.split_whitespace().next().unwrap_or("");
         if ours(name) {
@@ -733,280 +727,4 @@ pub fn leftovers(tags: &Tags) -> Vec<String> {
 // Frames
 
 /// Building and parsing Ethernet, ARP, IPv4, UDP and ICMP, with checksums.
-pub mod frame {
-    use std::net::Ipv4Addr;
-
-    pub type Mac = [u8; 6];
-
-    pub const ETH_P_IP: u16 = 0x0800;
-    pub const ETH_P_ARP: u16 = 0x0806;
-    pub const PROTO_ICMP: u8 = 1;
-    pub const PROTO_UDP: u8 = 17;
-    pub const BROADCAST: Mac = [0xff; 6];
-
-    /// The Internet checksum (RFC 1071) of `data`.
-    pub fn checksum(data: &[u8]) -> u16 {
-        let mut sum: u32 = data
-            .chunks(2)
-            .map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)])))
-            .sum();
-        while sum >> 16 != 0 {
-            sum = (sum & 0xffff) + (sum >> 16);
-        }
-        !(sum as u16)
-    }
-
-    fn pseudo_header(src: Ipv4Addr, dst: Ipv4Addr, protocol: u8, len: usize) -> Vec<u8> {
-        let mut p = Vec::with_capacity(12);
-        p.extend_from_slice(&src.octets());
-        p.extend_from_slice(&dst.octets());
-        p.extend_from_slice(&[0, protocol]);
-        p.extend_from_slice(&(len as u16).to_be_bytes());
-        p
-    }
-
-    pub fn ethernet(dst: Mac, src: Mac, ethertype: u16, payload: &[u8]) -> Vec<u8> {
-        let mut f = Vec::with_capacity(14 + payload.len());
-        f.extend_from_slice(&dst);
-        f.extend_from_slice(&src);
-        f.extend_from_slice(&ethertype.to_be_bytes());
-        f.extend_from_slice(payload);
-        f
-    }
-
-    pub fn arp(op: u16, sha: Mac, spa: Ipv4Addr, tha: Mac, tpa: Ipv4Addr) -> Vec<u8> {
-        let mut a = vec![0, 1, 0x08, 0x00, 6, 4];
-        a.extend_from_slice(&op.to_be_bytes());
-        a.extend_from_slice(&sha);
-        a.extend_from_slice(&spa.octets());
-        a.extend_from_slice(&tha);
-        a.extend_from_slice(&tpa.octets());
-        a
-    }
-
-    /// An IPv4 packet without options, DF set, with a valid header checksum.
-    pub fn ipv4(src: Ipv4Addr, dst: Ipv4Addr, ttl: u8, protocol: u8, payload: &[u8]) -> Vec<u8> {
-        let total = (20 + payload.len()) as u16;
-        let mut p = vec![0x45, 0];
-        p.extend_from_slice(&total.to_be_bytes());
-        p.extend_from_slice(&[0x12, 0x34, 0x40, 0x00, ttl, protocol, 0, 0]);
-        p.extend_from_slice(&src.octets());
-        p.extend_from_slice(&dst.octets());
-        let c = checksum(&p);
-        p[10..12].copy_from_slice(&c.to_be_bytes());
-        p.extend_from_slice(payload);
-        p
-    }
-
-    pub fn udp(src: Ipv4Addr, dst: Ipv4Addr, sport: u16, dport: u16, payload: &[u8]) -> Vec<u8> {
-        let len = 8 + payload.len();
-        let mut u = Vec::with_capacity(len);
-        u.extend_from_slice(&sport.to_be_bytes());
-        u.extend_from_slice(&dport.to_be_bytes());
-        u.extend_from_slice(&(len as u16).to_be_bytes());
-        u.extend_from_slice(&[0, 0]);
-        u.extend_from_slice(payload);
-        let mut sum = pseudo_header(src, dst, PROTO_UDP, len);
-        sum.extend_from_slice(&u);
-        let c = match checksum(&sum) {
-            0 => 0xffff,
-            c => c,
-        };
-        u[6..8].copy_from_slice(&c.to_be_bytes());
-        u
-    }
-
-    pub fn icmp(ty: u8, code: u8, id: u16, seq: u16, payload: &[u8]) -> Vec<u8> {
-        let mut m = vec![ty, code, 0, 0];
-        m.extend_from_slice(&id.to_be_bytes());
-        m.extend_from_slice(&seq.to_be_bytes());
-        m.extend_from_slice(payload);
-        let c = checksum(&m);
-        m[2..4].copy_from_slice(&c.to_be_bytes());
-        m
-    }
-
-    pub struct Eth<'a> {
-        pub dst: Mac,
-        pub src: Mac,
-        pub ethertype: u16,
-        pub payload: &'a [u8],
-    }
-
-    pub fn parse_eth(f: &[u8]) -> Option<Eth<'_>> {
-        if f.len() < 14 {
-            return None;
-        }
-        Some(Eth {
-            dst: f[0..6].try_into().ok()?,
-            src: f[6..12].try_into().ok()?,
-            ethertype: u16::from_be_bytes([f[12], f[13]]),
-            payload: &f[14..],
-        })
-    }
-
-    #[derive(Debug, PartialEq, Eq)]
-    pub struct Arp {
-        pub op: u16,
-        pub sha: Mac,
-        pub spa: Ipv4Addr,
-        pub tha: Mac,
-        pub tpa: Ipv4Addr,
-    }
-
-    /// Ethernet/IPv4 ARP only.
-    pub fn parse_arp(p: &[u8]) -> Option<Arp> {
-        if p.len() < 28 || p[0..6] != [0, 1, 0x08, 0x00, 6, 4] {
-            return None;
-        }
-        let ip = |o: usize| Ipv4Addr::new(p[o], p[o + 1], p[o + 2], p[o + 3]);
-        Some(Arp {
-            op: u16::from_be_bytes([p[6], p[7]]),
-            sha: p[8..14].try_into().ok()?,
-            spa: ip(14),
-            tha: p[18..24].try_into().ok()?,
-            tpa: ip(24),
-        })
-    }
-
-    pub struct Ipv4<'a> {
-        pub src: Ipv4Addr,
-        pub dst: Ipv4Addr,
-        pub ttl: u8,
-        pub protocol: u8,
-        pub header_checksum_ok: bool,
-        /// Up to `total_length` (Ethernet padding excluded).
-        pub payload: &'a [u8],
-    }
-
-    /// IPv4 without options only.
-    pub fn parse_ipv4(p: &[u8]) -> Option<Ipv4<'_>> {
-        if p.len() < 20 || p[0] != 0x45 {
-            return None;
-        }
-        let total = usize::from(u16::from_be_bytes([p[2], p[3]]));
-        if total < 20 || total > p.len() {
-            return None;
-        }
-        Some(Ipv4 {
-            src: Ipv4Addr::new(p[12], p[13], p[14], p[15]),
-            dst: Ipv4Addr::new(p[16], p[17], p[18], p[19]),
-            ttl: p[8],
-            protocol: p[9],
-            header_checksum_ok: checksum(&p[..20]) == 0,
-            payload: &p[20..total],
-        })
-    }
-
-    pub struct Udp<'a> {
-        pub sport: u16,
-        pub dport: u16,
-        pub checksum: u16,
-        pub checksum_ok: bool,
-        pub payload: &'a [u8],
-    }
-
-    pub fn parse_udp<'a>(ip: &Ipv4<'a>) -> Option<Udp<'a>> {
-        let u = ip.payload;
-        if ip.protocol != PROTO_UDP || u.len() < 8 {
-            return None;
-        }
-        let len = usize::from(u16::from_be_bytes([u[4], u[5]]));
-        if len < 8 || len > u.len() {
-            return None;
-        }
-        let mut sum = pseudo_header(ip.src, ip.dst, PROTO_UDP, len);
-        sum.extend_from_slice(&u[..len]);
-        Some(Udp {
-            sport: u16::from_be_bytes([u[0], u[1]]),
-            dport: u16::from_be_bytes([u[2], u[3]]),
-            checksum: u16::from_be_bytes([u[6], u[7]]),
-            checksum_ok: checksum(&sum) == 0,
-            payload: &u[8..len],
-        })
-    }
-
-    pub struct Icmp<'a> {
-        pub ty: u8,
-        pub code: u8,
-        pub id: u16,
-        pub seq: u16,
-        pub checksum_ok: bool,
-        pub payload: &'a [u8],
-    }
-
-    pub fn parse_icmp<'a>(ip: &Ipv4<'a>) -> Option<Icmp<'a>> {
-        let m = ip.payload;
-        if ip.protocol != PROTO_ICMP || m.len() < 8 {
-            return None;
-        }
-        Some(Icmp {
-            ty: m[0],
-            code: m[1],
-            id: u16::from_be_bytes([m[4], m[5]]),
-            seq: u16::from_be_bytes([m[6], m[7]]),
-            checksum_ok: checksum(m) == 0,
-            payload: &m[8..],
-        })
-    }
-
-    pub fn contains(haystack: &[u8], needle: &[u8]) -> bool {
-        !needle.is_empty() && haystack.windows(needle.len()).any(|w| w == needle)
-    }
-
-    fn mac(m: &Mac) -> String {
-        m.iter()
-            .map(|b| format!("{b:02x}"))
-            .collect::<Vec<_>>()
-            .join(":")
-    }
-
-    /// A one-line summary for failure messages.
-    pub fn describe(f: &[u8]) -> String {
-        let Some(eth) = parse_eth(f) else {
-            return format!("a {}-byte runt", f.len());
-        };
-        let head = format!(
-            "{} -> {} type {:#06x}",
-            mac(&eth.src),
-            mac(&eth.dst),
-            eth.ethertype
-        );
-        if let Some(a) = parse_arp(eth.payload).filter(|_| eth.ethertype == ETH_P_ARP) {
-            return format!("{head} ARP op {} {} asks/tells {}", a.op, a.spa, a.tpa);
-        }
-        match parse_ipv4(eth.payload).filter(|_| eth.ethertype == ETH_P_IP) {
-            Some(ip) => format!(
-                "{head} IPv4 {} -> {} ttl {} proto {} ({} bytes)",
-                ip.src,
-                ip.dst,
-                ip.ttl,
-                ip.protocol,
-                ip.payload.len()
-            ),
-            None => format!("{head} ({} bytes)", f.len()),
-        }
-    }
-
-    #[test]
-    fn checksums_verify_to_zero() {
-        let p = ipv4(
-            Ipv4Addr::new(10, 0, 0, 2),
-            Ipv4Addr::new(10, 0, 0, 3),
-            64,
-            PROTO_UDP,
-            &udp(
-                Ipv4Addr::new(10, 0, 0, 2),
-                Ipv4Addr::new(10, 0, 0, 3),
-                1,
-                2,
-                b"odd",
-            ),
-        );
-        let ip = parse_ipv4(&p).expect("ipv4");
-        assert!(ip.header_checksum_ok);
-        assert!(parse_udp(&ip).expect("udp").checksum_ok);
-        let m = icmp(8, 0, 1, 2, b"xyz");
-        assert_eq!(checksum(&m), 0);
-    }
-}
+pub use atoll_testbed::frame::layers as frame;

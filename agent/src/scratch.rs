@@ -1,7 +1,10 @@
-//! RAII helpers for guests in network namespaces, used by the demo and by the tests.
+//! Short-lived kernel objects with unique names: network namespaces and bpffs pin directories
+//! that the demo and the doctor's probes create and remove again on drop, also on an error
+//! or a panic.
 //!
-//! Everything created here carries the `atl` prefix plus the process id and a counter, and is
-//! removed again on drop, also when a test fails or panics.
+//! Everything created here carries the `atl` prefix plus the process id and a counter. The
+//! tests use these through the `atoll-testbed` crate, which adds what only tests need (frame
+//! builders, device guards, the root check); no test code lives in this library.
 
 use std::{
     io,
@@ -12,8 +15,6 @@ use std::{
 };
 
 use crate::types::radix36;
-
-pub mod frame;
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
 
@@ -149,53 +150,6 @@ impl PinRoot {
 impl Drop for PinRoot {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.path);
-    }
-}
-
-/// Deletes every host device whose name starts with a prefix on drop: put one at the top of a
-/// test that names its devices with `unique_name(tag)` (prefix `unique_prefix(tag)`), so a
-/// failing test leaves nothing behind.
-pub struct LinksWithPrefix(pub String);
-
-impl std::fmt::Debug for LinksWithPrefix {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("LinksWithPrefix").finish_non_exhaustive()
-    }
-}
-
-impl Drop for LinksWithPrefix {
-    fn drop(&mut self) {
-        let Ok(out) = run(Command::new("ip").args(["-o", "link", "show"])) else {
-            return;
-        };
-        for line in out.lines() {
-            // "12: name@if3: <...>" or "12: name: <...>"
-            let Some(name) = line
-                .split(": ")
-                .nth(1)
-                .map(|n| n.split('@').next().unwrap_or(n))
-            else {
-                continue;
-            };
-            if name.starts_with(&self.0) {
-                let _ = run(Command::new("ip").args(["link", "del", name]));
-            }
-        }
-    }
-}
-
-/// A host device deleted on drop (for taps and veths a test creates outside an endpoint).
-pub struct LinkGuard(pub String);
-
-impl std::fmt::Debug for LinkGuard {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("LinkGuard").finish_non_exhaustive()
-    }
-}
-
-impl Drop for LinkGuard {
-    fn drop(&mut self) {
-        let _ = run(Command::new("ip").args(["link", "del", &self.0]));
     }
 }
 

@@ -2,6 +2,8 @@
 //! crafted frames: build a frame with correct checksums, parse one back and check its
 //! checksums, read one from a tap with a timeout. Test code only; the dataplane never uses it.
 
+pub mod layers;
+
 use std::{
     net::Ipv4Addr,
     os::fd::{AsRawFd, OwnedFd},
