@@ -77,20 +77,7 @@ const IPV4_LEN: usize = 20;
 // Checksums and frames.
 // ---------------------------------------------------------------------------------------------
 
-fn ones_sum(data: &[u8]) -> u32 {
-    let mut sum: u32 = data
-        .chunks(2)
-        .map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)])))
-        .sum();
-    while sum > 0xFFFF {
-        sum = (sum & 0xFFFF) + (sum >> 16);
-    }
-    sum
-}
-
-fn checksum(data: &[u8]) -> u16 {
-    !(ones_sum(data) as u16)
-}
+use atoll_testbed::frame::checksum;
 
 fn pseudo(src: Ip4, dst: Ip4, protocol: u8, l4: &[u8]) -> Vec<u8> {
     let mut v = Vec::new();

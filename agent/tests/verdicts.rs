@@ -114,27 +114,11 @@ fn endpoint(cloud: u32) -> EndpointInfo {
 // Checksums.
 // ---------------------------------------------------------------------------------------------
 
-/// One's complement sum of big-endian 16-bit words (odd length padded with a zero byte), folded.
-fn ones_sum(data: &[u8]) -> u16 {
-    let mut sum: u32 = 0;
-    for chunk in data.chunks(2) {
-        let word = u16::from_be_bytes([chunk[0], *chunk.get(1).unwrap_or(&0)]);
-        sum += u32::from(word);
-    }
-    while sum > 0xFFFF {
-        sum = (sum & 0xFFFF) + (sum >> 16);
-    }
-    sum as u16
-}
-
-/// The Internet checksum of `data` (whose checksum field must be zero), as stored big-endian.
-fn checksum(data: &[u8]) -> u16 {
-    !ones_sum(data)
-}
+use atoll_testbed::frame::checksum;
 
 /// True if `data`, checksum field included, sums to all ones (what a receiver checks).
 fn checksum_verifies(data: &[u8]) -> bool {
-    ones_sum(data) == 0xFFFF
+    checksum(data) == 0
 }
 
 /// Recomputes the checksum at byte `at` (2 bytes) of `data` from scratch.

@@ -123,16 +123,7 @@ pub fn echo_frame(
     dst: Ipv4Addr,
     size: usize,
 ) -> Vec<u8> {
-    fn csum(data: &[u8]) -> u16 {
-        let mut sum: u32 = data
-            .chunks(2)
-            .map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)])))
-            .sum();
-        while sum > 0xffff {
-            sum = (sum & 0xffff) + (sum >> 16);
-        }
-        !(sum as u16)
-    }
+    use atoll_testbed::frame::checksum as csum;
     let mut f = vec![0u8; size];
     f[0..6].copy_from_slice(&gw_mac.0);
     f[6..12].copy_from_slice(&src_mac.0);
