@@ -293,6 +293,15 @@ impl Default for VmConfig {
     }
 }
 
+/// `[control.embedded]`: the embedded control plane's config, with the `embedded` feature
+/// (the only place the agent's library names `atoll-control`).
+#[cfg(feature = "embedded")]
+pub type EmbeddedConfig = atoll_control::config::ControlConfig;
+/// `[control.embedded]` in an agent built without the `embedded` feature: refused unless
+/// empty (see [`AgentConfig::validate`]).
+#[cfg(not(feature = "embedded"))]
+pub type EmbeddedConfig = toml::Table;
+
 /// `[control]`: where this host's desired state comes from.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
@@ -317,7 +326,7 @@ pub struct ControlLinkConfig {
     /// Directory of volume files (`<dir>/<cloud>/<volume>.raw|.qcow2`).
     pub volumes_dir: PathBuf,
     /// `embedded`: the control plane's settings (the keys of `atoll serve --config`).
-    pub embedded: atoll_control::config::ControlConfig,
+    pub embedded: EmbeddedConfig,
 }
 
 impl Default for ControlLinkConfig {
@@ -331,15 +340,15 @@ impl Default for ControlLinkConfig {
             token_file: PathBuf::from("/etc/atoll/host.token"),
             tap_prefix: "atv".into(),
             volumes_dir: PathBuf::from("/var/lib/atoll/volumes"),
-            embedded: atoll_control::config::ControlConfig::default(),
+            embedded: EmbeddedConfig::default(),
         }
     }
 }
 
 impl ControlLinkConfig {
     /// How a remote agent trusts the control plane (`None`: plain `http://`, loopback only).
-    pub fn client_tls(&self) -> Option<atoll_control::tls::ClientTls> {
-        use atoll_control::tls::{ClientTls, Trust};
+    pub fn client_tls(&self) -> Option<atoll_api::tls::ClientTls> {
+        use atoll_api::tls::{ClientTls, Trust};
         let (trust, setting) = match (&self.ca_fingerprint, &self.ca_file) {
             (Some(fp), _) => (
                 Trust::Fingerprint(fp.clone()),
@@ -362,8 +371,8 @@ impl ControlLinkConfig {
     pub fn client(
         &self,
         token: &str,
-    ) -> Result<atoll_control::client::Client, atoll_control::client::ClientError> {
-        atoll_control::client::Client::with_tls(&self.url, token, self.client_tls().as_ref())
+    ) -> Result<atoll_api::client::Client, atoll_api::client::ClientError> {
+        atoll_api::client::Client::with_tls(&self.url, token, self.client_tls().as_ref())
     }
 
     /// This host's name: configured, or the hostname's first label.
@@ -732,7 +741,7 @@ impl AgentConfig {
         }
         let c = &cfg.control;
         if c.mode != ControlMode::Off {
-            atoll_control::model::validate_label("control.host", &c.host_name())
+            atoll_api::model::validate_label("control.host", &c.host_name())
                 .map_err(|e| invalid(&format!("control.host: {}", e.message)))?;
         }
         if c.tap_prefix.is_empty()
@@ -756,6 +765,13 @@ impl AgentConfig {
             c.client("x")
                 .map_err(|e| invalid(&format!("control.url: {e}")))?;
         }
+        #[cfg(not(feature = "embedded"))]
+        if c.mode == ControlMode::Embedded || !c.embedded.is_empty() {
+            return Err(invalid(
+                "control.mode = \"embedded\": this agent was built without the embedded control plane (feature `embedded`); set control.mode = \"remote\" or \"off\"",
+            ));
+        }
+        #[cfg(feature = "embedded")]
         if c.mode == ControlMode::Embedded {
             c.embedded
                 .validate()
@@ -785,7 +801,7 @@ impl VmConfig {
                 return Err(format!("{key} must be an absolute path"));
             }
         }
-        atoll_control::model::validate_label("vm.default_image", &self.default_image)
+        atoll_api::model::validate_label("vm.default_image", &self.default_image)
             .map_err(|e| format!("vm.default_image: {}", e.message))?;
         // Every slot's uid must be a valid, unprivileged id (and not -1, "no change").
         let top = u64::from(self.uid_base) + u64::from(dataplane.max_endpoints);
@@ -942,6 +958,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg(feature = "embedded")]
     fn dns_defaults_and_overrides() {
         let p = Path::new("t.toml");
         let d = AgentConfig::parse("", p).unwrap().dns;

@@ -23,7 +23,7 @@
 //! - Device names are `<tap_prefix><n>` with a host-local counter, skipping names in use.
 //! - **Names are checked where a delta arrives** ([`Converger::apply`] screens it first), with
 //!   the control plane's own rules (`Placement::validate` and its siblings in
-//!   `atoll_control::model`, built from the functions the API validates requests with), so
+//!   `atoll_api::model`, built from the functions the API validates requests with), so
 //!   a compromised control plane or store cannot make this root process build a path
 //!   (volumes, VM state and runtime directories, images and kernels), a config drive or a DNS
 //!   owner from a name the API would have refused: no `/`, `..`, NUL or overlong names, zones
@@ -53,16 +53,15 @@ use std::{
     time::Duration,
 };
 
-use atoll_control::{
+use atoll_api::{
     client::{Client, ClientError},
-    core::{Command, Core, CoreError, Principal},
     model::{
         CloudId as ApiCloudId, FieldError, Placement, Power, Protocol, ProviderServices,
         ServiceReport, StatusReport, SyncDelta, VmReport, VmState, VmStatus, VolumeFormat,
         VolumePlacement, Zone,
     },
 };
-use hyper::Method;
+use atoll_api::{Command, ControlPlane, ControlPlaneError, Reply};
 
 use crate::{
     endpoint::{
@@ -76,17 +75,20 @@ use crate::{
 pub enum ConvergeError {
     #[error("listing the exposure services in the dataplane: {0}")]
     ListServices(#[source] EndpointError),
-    #[error("syncing with the embedded control plane: {0}")]
-    SyncLocal(#[source] CoreError),
     #[error("syncing with the control plane: {0}")]
-    SyncRemote(#[source] ClientError),
+    Sync(#[source] ControlPlaneError),
     #[error("registering host {host}: {source}")]
     Register {
         host: String,
-        source: Box<dyn std::error::Error + Send + Sync>,
+        source: ControlPlaneError,
     },
     #[error("reporting status: {0}")]
-    Report(#[source] Box<dyn std::error::Error + Send + Sync>),
+    Report(#[source] ControlPlaneError),
+    #[error("the control plane answered {command} with {reply}")]
+    UnexpectedReply {
+        command: &'static str,
+        reply: String,
+    },
     #[error("listing endpoints: {0}")]
     ListEndpoints(#[source] EndpointError),
     #[error("refusing {what} from the control plane: {source}")]
@@ -97,20 +99,10 @@ fn refuse(what: String, source: FieldError) -> ConvergeError {
     ConvergeError::RefuseName { what, source }
 }
 
-/// Where the desired state comes from.
-#[derive(Clone)]
-pub enum Source {
-    /// The control plane in this process.
-    Local(Arc<Core>),
-    /// A control plane elsewhere, through its API with the host's token (or the operator's).
-    Remote(Remote),
-}
-
-impl std::fmt::Debug for Source {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Source").finish_non_exhaustive()
-    }
-}
+/// Where the desired state comes from: the control plane in this process
+/// (`atoll_control::core::Embedded`) or one elsewhere, through its API ([`Remote`]).
+#[derive(Clone, Debug)]
+pub struct Source(pub Arc<dyn ControlPlane>);
 
 /// The API client of a remote source, and the file its token came from: a request refused
 /// as unauthenticated re-reads the file and, if the token in it changed (the operator rotated
@@ -177,38 +169,34 @@ impl Remote {
     }
 }
 
+#[async_trait::async_trait]
+impl ControlPlane for Remote {
+    async fn execute(&self, cmd: Command) -> Result<Reply, ControlPlaneError> {
+        let cmd = &cmd;
+        Ok(self
+            .with_client(|c| async move { c.execute(cmd).await })
+            .await?)
+    }
+}
+
 impl Source {
+    pub fn new(control_plane: impl ControlPlane + 'static) -> Self {
+        Source(Arc::new(control_plane))
+    }
+
     /// Registers `host` (idempotent).
     pub async fn register(&self, host: &str) -> Result<(), ConvergeError> {
-        let err = |source: Box<dyn std::error::Error + Send + Sync>| ConvergeError::Register {
+        let cmd = Command::RegisterHost {
             host: host.to_string(),
-            source,
         };
-        match self {
-            Source::Local(core) => core
-                .execute(
-                    Principal::Operator,
-                    Command::RegisterHost {
-                        host: host.to_string(),
-                    },
-                )
-                .await
-                .map(drop)
-                .map_err(|e| err(Box::new(e))),
-            Source::Remote(r) => {
-                let path = format!("/v1/hosts/{host}");
-                r.with_client(|c| {
-                    let path = path.clone();
-                    async move {
-                        c.call::<(), serde_json::Value>(Method::PUT, &path, None)
-                            .await
-                    }
-                })
-                .await
-                .map(drop)
-                .map_err(|e| err(Box::new(e)))
-            }
-        }
+        self.0
+            .execute(cmd)
+            .await
+            .map(drop)
+            .map_err(|source| ConvergeError::Register {
+                host: host.to_string(),
+                source,
+            })
     }
 
     /// Changes after `after`, waiting up to `wait` for some.
@@ -218,57 +206,30 @@ impl Source {
         after: u64,
         wait: Duration,
     ) -> Result<SyncDelta, ConvergeError> {
-        match self {
-            Source::Local(core) => core
-                .sync(Principal::Operator, host, after, wait)
-                .await
-                .map_err(ConvergeError::SyncLocal),
-            Source::Remote(r) => {
-                let path = format!(
-                    "/v1/hosts/{host}/sync?after={after}&wait_ms={}",
-                    wait.as_millis()
-                );
-                r.with_client(|c| {
-                    let path = path.clone();
-                    async move {
-                        c.call_waiting::<(), SyncDelta>(Method::GET, &path, None, wait)
-                            .await
-                    }
-                })
-                .await
-                .map_err(ConvergeError::SyncRemote)
-            }
+        let cmd = Command::Sync {
+            host: host.to_string(),
+            after,
+            wait_ms: wait.as_millis().try_into().unwrap_or(u64::MAX),
+        };
+        match self.0.execute(cmd).await.map_err(ConvergeError::Sync)? {
+            Reply::Sync(delta) => Ok(*delta),
+            other => Err(ConvergeError::UnexpectedReply {
+                command: "a sync",
+                reply: format!("{other:?}"),
+            }),
         }
     }
 
     pub async fn report(&self, host: &str, report: StatusReport) -> Result<(), ConvergeError> {
-        match self {
-            Source::Local(core) => core
-                .execute(
-                    Principal::Operator,
-                    Command::ReportStatus {
-                        host: host.to_string(),
-                        report,
-                    },
-                )
-                .await
-                .map(drop)
-                .map_err(|e| ConvergeError::Report(Box::new(e))),
-            Source::Remote(r) => {
-                let path = format!("/v1/hosts/{host}/status");
-                let report = &report;
-                r.with_client(|c| {
-                    let path = path.clone();
-                    async move {
-                        c.call::<_, serde_json::Value>(Method::POST, &path, Some(report))
-                            .await
-                    }
-                })
-                .await
-                .map(drop)
-                .map_err(|e| ConvergeError::Report(Box::new(e)))
-            }
-        }
+        let cmd = Command::ReportStatus {
+            host: host.to_string(),
+            report,
+        };
+        self.0
+            .execute(cmd)
+            .await
+            .map(drop)
+            .map_err(ConvergeError::Report)
     }
 }
 
@@ -915,14 +876,14 @@ impl Converger {
             return Ok(());
         }
         let dir = path.parent().expect("volume paths have a directory");
-        atoll_control::private::create_dir_all(dir, 0o700)?;
+        atoll_api::private::create_dir_all(dir, 0o700)?;
         let bytes = v.size_gib << 30;
         match v.format {
             VolumeFormat::Raw => {
                 // Written to a temporary name and renamed, so a crash never leaves a short file
                 // under the volume's name.
                 let tmp = dir.join(format!(".{}.tmp", v.name));
-                let f = atoll_control::private::create_file(&tmp)?;
+                let f = atoll_api::private::create_file(&tmp)?;
                 f.set_len(bytes)?;
                 f.sync_all()?;
                 std::fs::rename(&tmp, &path)
@@ -930,7 +891,7 @@ impl Converger {
             VolumeFormat::Qcow2 => {
                 let tmp = dir.join(format!(".{}.qcow2.tmp", v.name));
                 // Created private first: qemu-img truncates it and keeps its mode.
-                atoll_control::private::create_file(&tmp)?;
+                atoll_api::private::create_file(&tmp)?;
                 let out = std::process::Command::new("qemu-img")
                     .args(["create", "-q", "-f", "qcow2"])
                     .arg(&tmp)
@@ -1003,7 +964,7 @@ impl DnsSink for crate::dns::DnsView {
 
     fn set_zone(&self, cloud: CloudId, zone: &Zone) {
         use crate::dns::{Record, RecordData};
-        use atoll_control::model::RecordType;
+        use atoll_api::model::RecordType;
         let mut records = Vec::new();
         for r in &zone.records {
             for v in &r.values {

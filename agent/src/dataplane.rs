@@ -864,7 +864,7 @@ fn tmp_dir(dir: &Path) -> PathBuf {
 fn create_layout_dirs(dir: &Path) -> Result<(), DataplaneError> {
     for sub in ["maps", "progs", "links", carry::DIR] {
         let p = dir.join(sub);
-        atoll_control::private::create_dir_all(&p, 0o700)
+        atoll_api::private::create_dir_all(&p, 0o700)
             .map_err(|source| DataplaneError::CreatePinDir { path: p, source })?;
     }
     Ok(())

@@ -37,9 +37,9 @@ use crate::{
     scratch::unique_name,
     vm::qemu::{self, QemuInstall},
 };
-use atoll_control::client::ClientError;
+use atoll_api::client::ClientError;
 use atoll_dataplane_common::LAYOUT_VERSION;
-use hyper::{Method, StatusCode};
+use hyper::StatusCode;
 
 /// Outcome of one check.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -184,10 +184,19 @@ pub async fn control(cfg: &AgentConfig) -> Check {
     match c.mode {
         ControlMode::Remote => {}
         ControlMode::Off => return Check::skip(NAME, "control.mode = \"off\""),
+        #[cfg(feature = "embedded")]
         ControlMode::Embedded => {
             return Check::ok(
                 NAME,
                 format!("embedded control plane (API at {})", c.embedded.listen),
+            )
+        }
+        #[cfg(not(feature = "embedded"))]
+        ControlMode::Embedded => {
+            return Check::fail(
+                NAME,
+                "control.mode = \"embedded\", but this agent was built without it",
+                "set control.mode = \"remote\", or build the agent with the `embedded` feature",
             )
         }
     }
@@ -228,11 +237,12 @@ pub async fn control(cfg: &AgentConfig) -> Check {
             "set control.url to https://host:port and control.ca_file or control.ca_fingerprint",
         ),
     };
-    let sync = format!("/v1/hosts/{host}/sync?wait_ms=0");
-    match client
-        .call::<(), serde_json::Value>(Method::GET, &sync, None)
-        .await
-    {
+    let sync = atoll_api::Command::Sync {
+        host: host.clone(),
+        after: 0,
+        wait_ms: 0,
+    };
+    match client.execute(&sync).await {
         Ok(_) => {}
         Err(ClientError::Api { status, body }) => {
             return Check::fail(

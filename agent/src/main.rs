@@ -13,7 +13,9 @@ use atoll_agent::{
     endpoint::{DeviceSpec, EndpointSpec, Host},
     types::{CloudId, MacAddr},
 };
-use atoll_control::{api, model::SyncDelta};
+use atoll_api::model::SyncDelta;
+#[cfg(feature = "embedded")]
+use atoll_control::api;
 use clap::{Parser, Subcommand};
 
 /// atoll's per-host agent.
@@ -81,7 +83,7 @@ enum EndpointCmd {
 const EXIT_CONFIG: i32 = 2;
 
 fn main() {
-    atoll_control::logging::init();
+    atoll_api::logging::init();
     if let Err(e) = real_main() {
         // Every error's message already names its cause, so print the top one only.
         eprintln!("atoll-agent: {e}");
@@ -311,6 +313,43 @@ async fn run(cfg: &AgentConfig) -> Result<()> {
     Ok(())
 }
 
+/// Starts the embedded control plane (store, core, API server) as this agent's source.
+#[cfg(feature = "embedded")]
+async fn embedded(c: &atoll_agent::config::ControlLinkConfig) -> Result<Source> {
+    let tls = c
+        .embedded
+        .server_tls()
+        .map_err(|e| anyhow::anyhow!("control.embedded.{e}"))?;
+    let core = c.embedded.start().await?;
+    let listener = tokio::net::TcpListener::bind(c.embedded.listen)
+        .await
+        .with_context(|| format!("listening on control.embedded.listen {}", c.embedded.listen))?;
+    let (scheme, about) = atoll_control::config::ControlConfig::describe_tls(&tls);
+    tracing::info!(
+        "control plane API at {scheme}://{} (store: {}){about}",
+        listener.local_addr()?,
+        c.embedded.store.backend
+    );
+    let api_core = core.clone();
+    let limits = c.embedded.api.limits();
+    let tls = tls.map(|t| t.config);
+    tokio::spawn(async move {
+        let serving = api::serve_tls(api_core, listener, limits, tls, std::future::pending());
+        if let Err(e) = serving.await {
+            tracing::error!("control plane API stopped: {e}");
+        }
+    });
+    Ok(Source(Arc::new(atoll_control::core::Embedded(core))))
+}
+
+/// Refused by the config's validation already; kept for a config built in code.
+#[cfg(not(feature = "embedded"))]
+async fn embedded(_: &atoll_agent::config::ControlLinkConfig) -> Result<Source> {
+    anyhow::bail!(
+        "control.mode = \"embedded\": this agent was built without the embedded control plane"
+    )
+}
+
 /// Starts the link to the control plane per `[control]`: the embedded control plane (store,
 /// core and API server) or a client of a remote one; registers this host.
 type VmEvents = tokio::sync::mpsc::UnboundedReceiver<atoll_agent::vm::VmEvent>;
@@ -337,37 +376,12 @@ async fn start_control(
             let token = std::fs::read_to_string(&c.token_file).with_context(|| {
                 format!("reading control.token_file {}", c.token_file.display())
             })?;
-            Source::Remote(Remote::new(c.client(&token)?, Some(c.token_file.clone())))
+            Source(Arc::new(Remote::new(
+                c.client(&token)?,
+                Some(c.token_file.clone()),
+            )))
         }
-        ControlMode::Embedded => {
-            let tls = c
-                .embedded
-                .server_tls()
-                .map_err(|e| anyhow::anyhow!("control.embedded.{e}"))?;
-            let core = c.embedded.start().await?;
-            let listener = tokio::net::TcpListener::bind(c.embedded.listen)
-                .await
-                .with_context(|| {
-                    format!("listening on control.embedded.listen {}", c.embedded.listen)
-                })?;
-            let (scheme, about) = atoll_control::config::ControlConfig::describe_tls(&tls);
-            tracing::info!(
-                "control plane API at {scheme}://{} (store: {}){about}",
-                listener.local_addr()?,
-                c.embedded.store.backend
-            );
-            let api_core = core.clone();
-            let limits = c.embedded.api.limits();
-            let tls = tls.map(|t| t.config);
-            tokio::spawn(async move {
-                let serving =
-                    api::serve_tls(api_core, listener, limits, tls, std::future::pending());
-                if let Err(e) = serving.await {
-                    tracing::error!("control plane API stopped: {e}");
-                }
-            });
-            Source::Local(core)
-        }
+        ControlMode::Embedded => embedded(c).await?,
     };
     // The guests' DNS server at their gateway address, fed by the converger.
     let (dns, server): (Option<Arc<dyn DnsSink>>, _) = if cfg.dns.enabled {

@@ -350,7 +350,7 @@ impl Journal {
             let path = path.to_path_buf();
             move |source| UsageError::OpenJournal { path, source }
         };
-        atoll_control::private::create_dir_all(dir, 0o700).map_err(open_err(dir))?;
+        atoll_api::private::create_dir_all(dir, 0o700).map_err(open_err(dir))?;
         let cp_path = dir.join(CHECKPOINT_FILE);
         let checkpoint: Checkpoint = match std::fs::read(&cp_path) {
             Ok(bytes) => {
@@ -497,7 +497,7 @@ impl Journal {
 
 /// Opens (creating, private) a segment for reading and writing.
 fn open_segment(path: &Path) -> Result<File, UsageError> {
-    atoll_control::private::file_options()
+    atoll_api::private::file_options()
         .create(true)
         .read(true)
         .write(true)
@@ -583,7 +583,7 @@ fn quarantine(
     if raw.last() != Some(&b'\n') {
         raw.push(b'\n');
     }
-    let mut q = atoll_control::private::file_options()
+    let mut q = atoll_api::private::file_options()
         .create(true)
         .append(true)
         .open(dir.join(QUARANTINE_FILE))
@@ -735,13 +735,13 @@ impl Recorder {
     /// Opens the journal in `dir` with `limits`.
     pub fn open_with(dir: &Path, source: &str, limits: JournalLimits) -> Result<Self, UsageError> {
         let lock_path = dir.join("lock");
-        atoll_control::private::create_dir_all(dir, 0o700).map_err(|source| {
+        atoll_api::private::create_dir_all(dir, 0o700).map_err(|source| {
             UsageError::OpenJournal {
                 path: dir.into(),
                 source,
             }
         })?;
-        let lock = atoll_control::private::file_options()
+        let lock = atoll_api::private::file_options()
             .create(true)
             .truncate(false)
             .write(true)
@@ -936,13 +936,13 @@ impl Sink for FileSink {
 
     fn deliver(&mut self, lines: &[u8]) -> Result<(), io::Error> {
         if let Some(dir) = self.path.parent() {
-            atoll_control::private::create_dir_all(dir, 0o700)?;
+            atoll_api::private::create_dir_all(dir, 0o700)?;
         }
         let len = std::fs::metadata(&self.path).map(|m| m.len()).unwrap_or(0);
         if len > 0 && len + lines.len() as u64 > self.max_bytes {
             self.rotate()?;
         }
-        let mut f = atoll_control::private::file_options()
+        let mut f = atoll_api::private::file_options()
             .create(true)
             .append(true)
             .open(&self.path)?;
@@ -1179,7 +1179,7 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
     let mut tmp = path.as_os_str().to_owned();
     tmp.push(".tmp");
     let tmp = PathBuf::from(tmp);
-    let mut f = atoll_control::private::create_file(&tmp)?;
+    let mut f = atoll_api::private::create_file(&tmp)?;
     f.write_all(bytes)?;
     f.sync_data()?;
     std::fs::rename(&tmp, path)?;

@@ -42,7 +42,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use atoll_control::model::{VmState, VolumeFormat, CONSOLE_TAIL_BYTES};
+use atoll_api::model::{VmState, VolumeFormat, CONSOLE_TAIL_BYTES};
 use tokio::{
     io::{unix::AsyncFd, AsyncReadExt, AsyncWriteExt},
     net::{UnixListener, UnixStream},
@@ -289,9 +289,9 @@ pub fn record_probe(path: &Path, verdict: &Result<(), String>) {
     };
     if let Some(dir) = path.parent() {
         // The VMMs' runtime root when this is `<vm.run_dir>/kvm-probe`: they must traverse it.
-        let _ = atoll_control::private::create_dir_all(dir, 0o711);
+        let _ = atoll_api::private::create_dir_all(dir, 0o711);
     }
-    if let Ok(mut f) = atoll_control::private::create_file(path) {
+    if let Ok(mut f) = atoll_api::private::create_file(path) {
         use std::io::Write;
         let _ = write!(f, "{}\n{line}\n", boot.trim());
     }
@@ -807,9 +807,9 @@ async fn launch(ctx: &Arc<Ctx>, spec: &VmSpec, accel: Accel) -> Result<Vmm, VmEr
         shell_socket: vmm_dir.join("shell.sock"),
     };
     let sdir = state_dir(cfg, &spec.key);
-    prepare(&sdir, atoll_control::private::create_dir_all(&sdir, 0o700))?;
+    prepare(&sdir, atoll_api::private::create_dir_all(&sdir, 0o700))?;
     let log_path = sdir.join("vmm.log");
-    let log = prepare(&log_path, atoll_control::private::create_file(&log_path))?;
+    let log = prepare(&log_path, atoll_api::private::create_file(&log_path))?;
     let mut groups = Vec::new();
     if accel == Accel::Kvm {
         if let Ok(m) = std::fs::metadata("/dev/kvm") {

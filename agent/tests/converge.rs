@@ -4,6 +4,7 @@
 //! whole agent binary with its embedded control plane, driven over HTTP, with a guest on an
 //! API-created VM's tap resolving names through the host's DNS server. Needs root.
 
+use atoll_api::routes;
 use std::{
     net::Ipv4Addr,
     path::{Path, PathBuf},
@@ -19,7 +20,7 @@ use atoll_agent::{
     vm::{qemu::Accel, Driver, VmError, VmManager, VmPlan, VmmCommand},
 };
 use atoll_control::{
-    core::{Command as Cmd, Core, Principal, Reply},
+    core::{Command as Cmd, Core, Embedded, Principal, Reply},
     model::*,
 };
 use atoll_testbed::{
@@ -54,10 +55,11 @@ fn vm(name: &str) -> CreateVm {
 }
 
 /// Syncs and applies until the host has applied everything the store holds now.
-async fn step(c: &mut Converger, host: &mut Host) -> atoll_agent::converge::ApplyStats {
-    let Source::Local(core) = c.source().clone() else {
-        unreachable!()
-    };
+async fn step(
+    core: &Core,
+    c: &mut Converger,
+    host: &mut Host,
+) -> atoll_agent::converge::ApplyStats {
     let target = core.store().revision().await.unwrap();
     let mut total = atoll_agent::converge::ApplyStats::default();
     loop {
@@ -91,11 +93,15 @@ async fn vms_volumes_and_clouds_converge_onto_the_host() {
         tap_prefix: prefix.clone(),
         volumes_dir: dir.path().join("volumes"),
     };
-    let source = Source::Local(core.clone());
+    let source = Source::new(Embedded(core.clone()));
     source.register("h1").await.unwrap();
     let mut host = Host::open(&cfg(&pins, 64, 2)).unwrap();
     let mut conv = Converger::new(conv_cfg.clone(), source.clone(), None);
-    assert_eq!(step(&mut conv, &mut host).await.created, 0, "nothing yet");
+    assert_eq!(
+        step(&core, &mut conv, &mut host).await.created,
+        0,
+        "nothing yet"
+    );
 
     let Reply::CreatedCloud(a) = exec(
         &core,
@@ -169,7 +175,7 @@ async fn vms_volumes_and_clouds_converge_onto_the_host() {
     )
     .await;
 
-    let stats = step(&mut conv, &mut host).await;
+    let stats = step(&core, &mut conv, &mut host).await;
     assert_eq!((stats.created, stats.failed), (3, 0), "{stats:?}");
     let eps = host.endpoints().unwrap();
     let mut idents: Vec<(u32, Ipv4Addr)> = eps.iter().map(|e| (e.cloud.get(), e.ipv4)).collect();
@@ -220,7 +226,7 @@ async fn vms_volumes_and_clouds_converge_onto_the_host() {
     drop(host);
     let mut host = Host::open(&cfg(&pins, 64, 2)).unwrap();
     let mut conv = Converger::new(conv_cfg.clone(), source.clone(), None);
-    let stats = step(&mut conv, &mut host).await;
+    let stats = step(&core, &mut conv, &mut host).await;
     assert_eq!((stats.created, stats.deleted), (0, 0), "{stats:?}");
     assert_eq!(host.endpoints().unwrap().len(), 3);
 
@@ -233,13 +239,13 @@ async fn vms_volumes_and_clouds_converge_onto_the_host() {
         },
     )
     .await;
-    let stats = step(&mut conv, &mut host).await;
+    let stats = step(&core, &mut conv, &mut host).await;
     assert_eq!(stats.deleted, 1);
     assert_eq!(host.endpoints().unwrap().len(), 2);
 
     // Delete cloud A: its endpoint and volume files go; B is untouched.
     exec(&core, Cmd::DeleteCloud { cloud: a }).await;
-    let stats = step(&mut conv, &mut host).await;
+    let stats = step(&core, &mut conv, &mut host).await;
     assert_eq!(stats.deleted, 1);
     let eps = host.endpoints().unwrap();
     assert_eq!(eps.len(), 1);
@@ -247,7 +253,7 @@ async fn vms_volumes_and_clouds_converge_onto_the_host() {
     assert!(!vdir.exists(), "cloud A's volume directory is gone");
 
     exec(&core, Cmd::DeleteCloud { cloud: b }).await;
-    step(&mut conv, &mut host).await;
+    step(&core, &mut conv, &mut host).await;
     assert!(host.endpoints().unwrap().is_empty());
     host.destroy().await.unwrap();
 }
@@ -268,7 +274,7 @@ async fn agent_with_embedded_control_plane_serves_the_api() {
     );
     let op = guard.client(&guard.token);
     let hosts: Vec<HostInfo> = op
-        .call(Method::GET, "/v1/hosts", None::<&Value>)
+        .call(Method::GET, routes::LIST_HOSTS.path, None::<&Value>)
         .await
         .unwrap();
     assert_eq!(
@@ -278,20 +284,28 @@ async fn agent_with_embedded_control_plane_serves_the_api() {
     // Another cloud with a VM of its own (same address range): its name must not resolve
     // from the first cloud.
     let other: CreatedCloud = op
-        .call(Method::POST, "/v1/clouds", Some(&json!({"name": "other"})))
+        .call(
+            Method::POST,
+            routes::CREATE_CLOUD.path,
+            Some(&json!({"name": "other"})),
+        )
         .await
         .unwrap();
     let oc = guard.client(&other.token);
     let other_vm: Vm = oc
         .call(
             Method::POST,
-            &format!("/v1/clouds/{}/vms", other.cloud.id),
+            &routes::CREATE_VM.at(&[&other.cloud.id]),
             Some(&json!({"name": "b1"})),
         )
         .await
         .unwrap();
     let created: CreatedCloud = op
-        .call(Method::POST, "/v1/clouds", Some(&json!({"name": "e2e"})))
+        .call(
+            Method::POST,
+            routes::CREATE_CLOUD.path,
+            Some(&json!({"name": "e2e"})),
+        )
         .await
         .unwrap();
     let cc = guard.client(&created.token);
@@ -301,7 +315,7 @@ async fn agent_with_embedded_control_plane_serves_the_api() {
     let _: Value = cc
         .call(
             Method::PUT,
-            &format!("/v1/clouds/{id}/dns/api/A"),
+            &routes::PUT_RECORD_SET.at(&[&id, &"api", &"A"]),
             Some(&json!({"values": ["10.0.7.7"]})),
         )
         .await
@@ -309,7 +323,7 @@ async fn agent_with_embedded_control_plane_serves_the_api() {
     let vm: Vm = cc
         .call(
             Method::POST,
-            &format!("/v1/clouds/{id}/vms"),
+            &routes::CREATE_VM.at(&[&id]),
             Some(&json!({"name": "a1"})),
         )
         .await
@@ -320,7 +334,7 @@ async fn agent_with_embedded_control_plane_serves_the_api() {
         let v: Vm = cc
             .call(
                 Method::GET,
-                &format!("/v1/clouds/{id}/vms/a1"),
+                &routes::GET_VM.at(&[&id, &"a1"]),
                 None::<&Value>,
             )
             .await
@@ -368,7 +382,11 @@ async fn agent_with_embedded_control_plane_serves_the_api() {
     );
     drop(guest);
     let _: Value = cc
-        .call(Method::DELETE, &format!("/v1/clouds/{id}"), None::<&Value>)
+        .call(
+            Method::DELETE,
+            &routes::DELETE_CLOUD.at(&[&id]),
+            None::<&Value>,
+        )
         .await
         .unwrap();
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
@@ -434,7 +452,7 @@ async fn remote_agent_converges_over_https() {
             ca_fingerprint: fingerprint,
             ..link.clone()
         };
-        let err = Source::Remote(Remote::new(wrong.client(&issued.token).unwrap(), None))
+        let err = Source::new(Remote::new(wrong.client(&issued.token).unwrap(), None))
             .register("remote1")
             .await
             .unwrap_err()
@@ -449,12 +467,12 @@ async fn remote_agent_converges_over_https() {
     assert!(err.contains("control.ca_file"), "{err}");
     // Pinning the generated CA's fingerprint works as well as its file.
     link.ca_fingerprint = Some(api.ca_fingerprint.clone());
-    Source::Remote(Remote::new(link.client(&issued.token).unwrap(), None))
+    Source::new(Remote::new(link.client(&issued.token).unwrap(), None))
         .register("remote1")
         .await
         .expect("a pinned fingerprint is trusted");
     link.ca_fingerprint = None;
-    let source = Source::Remote(Remote::new(
+    let source = Source::new(Remote::new(
         link.client(&issued.token).unwrap(),
         Some(token_file.clone()),
     ));
@@ -635,7 +653,7 @@ async fn exposures_converge_onto_the_host() {
     let prefix = unique_prefix("x");
     let _links = LinksWithPrefix(prefix.clone());
     let core = control_plane(dir.path()).await;
-    let source = Source::Local(core.clone());
+    let source = Source::new(Embedded(core.clone()));
     source.register("h1").await.unwrap();
     let conv_cfg = ConvergeConfig {
         host: "h1".into(),
@@ -780,7 +798,7 @@ async fn exposures_converge_onto_the_host() {
         ![b1, b2].contains(&g1.nat_ipv4),
         "NAT address is the provider's own"
     );
-    step(&mut conv, &mut host).await;
+    step(&core, &mut conv, &mut host).await;
     let installed = |host: &Host| -> Vec<ServiceSpec> {
         host.services()
             .unwrap()
@@ -817,7 +835,7 @@ async fn exposures_converge_onto_the_host() {
         .await,
     );
     assert_ne!(g1.nat_ipv4, accepted.nat_ipv4);
-    step(&mut conv, &mut host).await;
+    step(&core, &mut conv, &mut host).await;
     assert_eq!(installed(&host).len(), 1);
     let admin = || async {
         match exec(
@@ -853,7 +871,7 @@ async fn exposures_converge_onto_the_host() {
         },
     )
     .await;
-    step(&mut conv, &mut host).await;
+    step(&core, &mut conv, &mut host).await;
     let now = installed(&host);
     let web = now
         .iter()
@@ -872,13 +890,13 @@ async fn exposures_converge_onto_the_host() {
         },
     )
     .await;
-    step(&mut conv, &mut host).await;
+    step(&core, &mut conv, &mut host).await;
     assert_eq!(installed(&host).len(), 1);
     assert!(installed(&host).iter().all(|s| s.vip == accepted.vip));
     assert_eq!(admin().await.state, GrantState::Active);
     drop(conv);
     let mut conv = Converger::new(conv_cfg, source.clone(), None);
-    step(&mut conv, &mut host).await;
+    step(&core, &mut conv, &mut host).await;
     assert_eq!(
         installed(&host).len(),
         1,
@@ -887,7 +905,7 @@ async fn exposures_converge_onto_the_host() {
 
     // Deleting the provider removes everything of it.
     exec(&core, Cmd::DeleteCloud { cloud: p }).await;
-    step(&mut conv, &mut host).await;
+    step(&core, &mut conv, &mut host).await;
     assert!(installed(&host).is_empty());
     host.destroy().await.unwrap();
 }
@@ -986,7 +1004,7 @@ async fn hostile_names_from_the_control_plane_are_refused_one_by_one() {
     else {
         panic!()
     };
-    let source = Source::Remote(Remote::new(api.client(&issued.token), None));
+    let source = Source::new(Remote::new(api.client(&issued.token), None));
     source.register("h1").await.unwrap();
 
     // The host's directories, and canaries where hostile names lead out of them.

@@ -9,6 +9,7 @@
 //! reported crashed and restarted, each VMM runs unprivileged, and the kernel's counters match
 //! the traffic on both sides. Needs root and `cargo xtask image`.
 
+use atoll_api::routes;
 use std::{
     io::{Read, Write},
     os::unix::net::UnixStream,
@@ -134,7 +135,7 @@ fn shell_path(run_dir: &Path, cloud: CloudId, vm: &str) -> PathBuf {
 async fn get_vm(c: &Client, cloud: CloudId, vm: &str) -> Vm {
     c.call(
         Method::GET,
-        &format!("/v1/clouds/{cloud}/vms/{vm}"),
+        &routes::GET_VM.at(&[&cloud, &vm]),
         None::<&Value>,
     )
     .await
@@ -169,7 +170,7 @@ async fn console(c: &Client, cloud: CloudId, vm: &str) -> String {
     let r: Result<Console, _> = c
         .call(
             Method::GET,
-            &format!("/v1/clouds/{cloud}/vms/{vm}/console"),
+            &routes::GET_CONSOLE.at(&[&cloud, &vm]),
             None::<&Value>,
         )
         .await;
@@ -319,7 +320,11 @@ async fn microvms_boot_resolve_isolate_expose_persist_and_meter() {
     );
     let op = agent.client(&agent.token);
     let a: CreatedCloud = op
-        .call(Method::POST, "/v1/clouds", Some(&json!({"name": "alpha"})))
+        .call(
+            Method::POST,
+            routes::CREATE_CLOUD.path,
+            Some(&json!({"name": "alpha"})),
+        )
         .await
         .unwrap();
     // B's range is apart from A's, so B trying A's addresses is a cross-cloud attempt, not a
@@ -327,7 +332,7 @@ async fn microvms_boot_resolve_isolate_expose_persist_and_meter() {
     let b: CreatedCloud = op
         .call(
             Method::POST,
-            "/v1/clouds",
+            routes::CREATE_CLOUD.path,
             Some(&json!({"name": "beta", "cidr": "10.1.0.0/16"})),
         )
         .await
@@ -337,7 +342,7 @@ async fn microvms_boot_resolve_isolate_expose_persist_and_meter() {
     let _: Value = ac
         .call(
             Method::POST,
-            &format!("/v1/clouds/{aid}/volumes"),
+            &routes::CREATE_VOLUME.at(&[&aid]),
             Some(&json!({"name": "data", "size_gib": 1})),
         )
         .await
@@ -350,11 +355,7 @@ async fn microvms_boot_resolve_isolate_expose_persist_and_meter() {
         let c = c.clone();
         async move {
             let v: Vm = c
-                .call(
-                    Method::POST,
-                    &format!("/v1/clouds/{cloud}/vms"),
-                    Some(&body),
-                )
+                .call(Method::POST, &routes::CREATE_VM.at(&[&cloud]), Some(&body))
                 .await
                 .unwrap();
             v
@@ -535,7 +536,7 @@ async fn microvms_boot_resolve_isolate_expose_persist_and_meter() {
     let _: Value = bc
         .call(
             Method::POST,
-            &format!("/v1/clouds/{bid}/exposures"),
+            &routes::CREATE_EXPOSURE.at(&[&bid]),
             Some(&json!({"name": "web", "protocol": "tcp", "port": 80,
                          "backends": [{"vm": "b1", "port": 8080}]})),
         )
@@ -544,7 +545,7 @@ async fn microvms_boot_resolve_isolate_expose_persist_and_meter() {
     let _: Offer = bc
         .call(
             Method::POST,
-            &format!("/v1/clouds/{bid}/exposures/web/grants"),
+            &routes::CREATE_GRANT.at(&[&bid, &"web"]),
             Some(&json!({"consumer": aid.to_string()})),
         )
         .await
@@ -553,7 +554,7 @@ async fn microvms_boot_resolve_isolate_expose_persist_and_meter() {
     let grant: Grant = ac
         .call(
             Method::POST,
-            &format!("/v1/clouds/{aid}/offers/{bid}/web/accept"),
+            &routes::ACCEPT_OFFER.at(&[&aid, &bid, &"web"]),
             None::<&Value>,
         )
         .await
@@ -601,7 +602,7 @@ async fn microvms_boot_resolve_isolate_expose_persist_and_meter() {
     let _: Vm = ac
         .call(
             Method::POST,
-            &format!("/v1/clouds/{aid}/vms/a1/stop"),
+            &routes::STOP_VM.at(&[&aid, &"a1"]),
             None::<&Value>,
         )
         .await
@@ -613,7 +614,7 @@ async fn microvms_boot_resolve_isolate_expose_persist_and_meter() {
     let _: Vm = ac
         .call(
             Method::POST,
-            &format!("/v1/clouds/{aid}/vms/a1/start"),
+            &routes::START_VM.at(&[&aid, &"a1"]),
             None::<&Value>,
         )
         .await
@@ -695,7 +696,11 @@ async fn microvms_boot_resolve_isolate_expose_persist_and_meter() {
     let a1_restarted = vmm_pid(&run_dir, aid, "a1");
     for (c, id) in [(&ac, aid), (&bc, bid)] {
         let _: Value = c
-            .call(Method::DELETE, &format!("/v1/clouds/{id}"), None::<&Value>)
+            .call(
+                Method::DELETE,
+                &routes::DELETE_CLOUD.at(&[&id]),
+                None::<&Value>,
+            )
             .await
             .unwrap();
     }

@@ -1,14 +1,12 @@
-//! atoll's control plane: the API ([`api`]) over the core ([`core`]) over the store
-//! ([`store`]), the resource model ([`model`]), the control plane's config ([`config`]), an
-//! HTTP client for the CLI and remote agents ([`client`]), and usage pricing ([`usage`]).
+//! atoll's control plane: the API server ([`api`]) over the core ([`core`]) over the store
+//! ([`store`]), the control plane's config ([`config`]) and usage pricing ([`usage`]). The
+//! contract (the model, the commands, the route table and the typed client) is the
+//! `atoll-api` crate, re-exported here under its old module names.
 
 pub mod api;
-pub mod client;
 pub mod config;
 pub mod core;
-pub mod logging;
-pub mod model;
-pub mod private;
 pub mod store;
-pub mod tls;
 pub mod usage;
+
+pub use atoll_api::{client, logging, model, private, routes, tls};

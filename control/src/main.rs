@@ -15,12 +15,12 @@ use atoll_control::{
     api,
     client::Client,
     config::ControlConfig,
+    core::Command,
     model::*,
     tls::{ClientTls, Trust},
     usage::{focus_csv, parse_rfc3339, report, table, Prices},
 };
 use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
-use hyper::Method;
 
 /// atoll control plane and CLI.
 #[derive(Parser)]
@@ -122,27 +122,27 @@ enum CloudCmd {
     },
     List {
         #[arg(long)]
-        after: Option<String>,
+        after: Option<CloudId>,
         #[arg(long, default_value_t = 100)]
         limit: usize,
     },
     Get {
-        cloud: String,
+        cloud: CloudId,
     },
     Delete {
-        cloud: String,
+        cloud: CloudId,
     },
     /// Issue the cloud a new token (the cloud's own token or the operator's). The old token
     /// stops working at once; the new one is printed once.
     Token {
-        cloud: String,
+        cloud: CloudId,
     },
 }
 
 #[derive(Subcommand)]
 enum VmCmd {
     Create {
-        cloud: String,
+        cloud: CloudId,
         name: String,
         #[arg(long, default_value_t = 1)]
         vcpus: u32,
@@ -164,30 +164,30 @@ enum VmCmd {
         stopped: bool,
     },
     List {
-        cloud: String,
+        cloud: CloudId,
     },
     /// A VM with its status.
     Get {
-        cloud: String,
+        cloud: CloudId,
         name: String,
     },
     Delete {
-        cloud: String,
+        cloud: CloudId,
         name: String,
     },
     /// Boot a stopped VM (a no-op if it runs).
     Start {
-        cloud: String,
+        cloud: CloudId,
         name: String,
     },
     /// Shut a VM down; its address, name and volumes stay (a no-op if it is stopped).
     Stop {
-        cloud: String,
+        cloud: CloudId,
         name: String,
     },
     /// Print the tail of a VM's serial console (the text itself, not JSON).
     Console {
-        cloud: String,
+        cloud: CloudId,
         name: String,
     },
 }
@@ -195,7 +195,7 @@ enum VmCmd {
 #[derive(Subcommand)]
 enum VolumeCmd {
     Create {
-        cloud: String,
+        cloud: CloudId,
         name: String,
         #[arg(long)]
         size_gib: u64,
@@ -203,23 +203,23 @@ enum VolumeCmd {
         format: CliFormat,
     },
     List {
-        cloud: String,
+        cloud: CloudId,
     },
     Get {
-        cloud: String,
+        cloud: CloudId,
         name: String,
     },
     Delete {
-        cloud: String,
+        cloud: CloudId,
         name: String,
     },
     Attach {
-        cloud: String,
+        cloud: CloudId,
         name: String,
         vm: String,
     },
     Detach {
-        cloud: String,
+        cloud: CloudId,
         name: String,
     },
 }
@@ -233,30 +233,32 @@ enum CliFormat {
 #[derive(Subcommand)]
 enum DnsCmd {
     List {
-        cloud: String,
+        cloud: CloudId,
     },
     /// Create or replace a record set.
     Set {
-        cloud: String,
+        cloud: CloudId,
         name: String,
         /// A, AAAA, CNAME or TXT.
-        rtype: String,
+        #[arg(value_parser = parse_rtype)]
+        rtype: RecordType,
         #[arg(required = true)]
         values: Vec<String>,
         #[arg(long, default_value_t = 60)]
         ttl: u32,
     },
     Delete {
-        cloud: String,
+        cloud: CloudId,
         name: String,
-        rtype: String,
+        #[arg(value_parser = parse_rtype)]
+        rtype: RecordType,
     },
 }
 
 #[derive(Subcommand)]
 enum ExposureCmd {
     Create {
-        cloud: String,
+        cloud: CloudId,
         name: String,
         #[arg(long, value_enum)]
         protocol: CliProtocol,
@@ -267,38 +269,38 @@ enum ExposureCmd {
         backends: Vec<String>,
     },
     List {
-        cloud: String,
+        cloud: CloudId,
     },
     Get {
-        cloud: String,
+        cloud: CloudId,
         name: String,
     },
     Delete {
-        cloud: String,
+        cloud: CloudId,
         name: String,
     },
     /// Offer an exposure to a consumer cloud; it becomes a grant when the consumer accepts
     /// (at once if the consumer's offer policy lists this cloud).
     Grant {
-        cloud: String,
+        cloud: CloudId,
         name: String,
-        consumer: String,
+        consumer: CloudId,
     },
     /// Active grants of an exposure.
     Grants {
-        cloud: String,
+        cloud: CloudId,
         name: String,
     },
     /// Pending offers of an exposure.
     Offers {
-        cloud: String,
+        cloud: CloudId,
         name: String,
     },
     /// Revoke a grant, or withdraw a pending offer.
     Revoke {
-        cloud: String,
+        cloud: CloudId,
         name: String,
-        consumer: String,
+        consumer: CloudId,
     },
 }
 
@@ -311,12 +313,12 @@ enum CliProtocol {
 #[derive(Subcommand)]
 enum ImportCmd {
     List {
-        cloud: String,
+        cloud: CloudId,
     },
     /// Give up a grant.
     Delete {
-        cloud: String,
-        provider: String,
+        cloud: CloudId,
+        provider: CloudId,
         exposure: String,
     },
 }
@@ -324,26 +326,26 @@ enum ImportCmd {
 #[derive(Subcommand)]
 enum OfferCmd {
     /// Pending offers made to the cloud.
-    List { cloud: String },
+    List { cloud: CloudId },
     /// Accept an offer: a VIP and a name in the cloud, the grant active.
     Accept {
-        cloud: String,
-        provider: String,
+        cloud: CloudId,
+        provider: CloudId,
         exposure: String,
     },
     /// Decline an offer.
     Decline {
-        cloud: String,
-        provider: String,
+        cloud: CloudId,
+        provider: CloudId,
         exposure: String,
     },
     /// Show the providers whose offers the cloud accepts without being asked.
-    Policy { cloud: String },
+    Policy { cloud: CloudId },
     /// Set the providers whose later offers the cloud accepts without being asked (none:
     /// every offer waits for `offer accept`).
     AcceptFrom {
-        cloud: String,
-        providers: Vec<String>,
+        cloud: CloudId,
+        providers: Vec<CloudId>,
     },
 }
 
@@ -398,7 +400,7 @@ fn run() -> Result<()> {
             runtime()?.block_on(serve(cfg))
         }
         Cmd::Openapi => {
-            println!("{}", serde_json::to_string_pretty(&api::openapi())?);
+            println!("{}", serde_json::to_string_pretty(&atoll_api::openapi())?);
             Ok(())
         }
         Cmd::Completions { shell } => {
@@ -542,12 +544,9 @@ fn read_user_data(path: &Path) -> Result<String> {
     Ok(text)
 }
 
+/// The API command a CLI command stands for, sent along the route table by the typed client.
 async fn resource(c: &Client, cmd: Cmd) -> Result<Output> {
-    let none: Option<&Json> = None;
-    let get = |path: String| async move { c.call::<Json, Json>(Method::GET, &path, None).await };
-    let del = |path: String| async move { c.call::<Json, Json>(Method::DELETE, &path, None).await };
-    let post = |path: String| async move { c.call::<Json, Json>(Method::POST, &path, None).await };
-    Ok(Output::Json(match cmd {
+    let cmd = match cmd {
         Cmd::Cloud(CloudCmd::Create { name, cidr, quotas }) => {
             let mut body = serde_json::json!({});
             if let Some(n) = name {
@@ -559,15 +558,14 @@ async fn resource(c: &Client, cmd: Cmd) -> Result<Output> {
             if let Some(q) = quotas {
                 body["quotas"] = serde_json::from_str(&q).context("--quotas is not JSON")?;
             }
-            c.call(Method::POST, "/v1/clouds", Some(&body)).await?
+            Command::CreateCloud {
+                spec: serde_json::from_value(body).context("--cidr or --quotas")?,
+            }
         }
-        Cmd::Cloud(CloudCmd::List { after, limit }) => {
-            let after = after.map(|a| format!("&after={a}")).unwrap_or_default();
-            get(format!("/v1/clouds?limit={limit}{after}")).await?
-        }
-        Cmd::Cloud(CloudCmd::Get { cloud }) => get(format!("/v1/clouds/{cloud}")).await?,
-        Cmd::Cloud(CloudCmd::Delete { cloud }) => del(format!("/v1/clouds/{cloud}")).await?,
-        Cmd::Cloud(CloudCmd::Token { cloud }) => post(format!("/v1/clouds/{cloud}/token")).await?,
+        Cmd::Cloud(CloudCmd::List { after, limit }) => Command::ListClouds { after, limit },
+        Cmd::Cloud(CloudCmd::Get { cloud }) => Command::GetCloud { cloud },
+        Cmd::Cloud(CloudCmd::Delete { cloud }) => Command::DeleteCloud { cloud },
+        Cmd::Cloud(CloudCmd::Token { cloud }) => Command::RotateCloudToken { cloud },
         Cmd::Vm(VmCmd::Create {
             cloud,
             name,
@@ -578,8 +576,9 @@ async fn resource(c: &Client, cmd: Cmd) -> Result<Output> {
             volumes,
             user_data_file,
             stopped,
-        }) => {
-            let body = CreateVm {
+        }) => Command::CreateVm {
+            cloud,
+            spec: CreateVm {
                 name,
                 vcpus,
                 memory_mib,
@@ -588,35 +587,15 @@ async fn resource(c: &Client, cmd: Cmd) -> Result<Output> {
                 volumes,
                 user_data: user_data_file.as_deref().map(read_user_data).transpose()?,
                 start: !stopped,
-            };
-            c.call(
-                Method::POST,
-                &format!("/v1/clouds/{cloud}/vms"),
-                Some(&body),
-            )
-            .await?
-        }
-        Cmd::Vm(VmCmd::List { cloud }) => get(format!("/v1/clouds/{cloud}/vms")).await?,
-        Cmd::Vm(VmCmd::Get { cloud, name }) => {
-            get(format!("/v1/clouds/{cloud}/vms/{name}")).await?
-        }
-        Cmd::Vm(VmCmd::Delete { cloud, name }) => {
-            del(format!("/v1/clouds/{cloud}/vms/{name}")).await?
-        }
-        Cmd::Vm(VmCmd::Start { cloud, name }) => {
-            post(format!("/v1/clouds/{cloud}/vms/{name}/start")).await?
-        }
-        Cmd::Vm(VmCmd::Stop { cloud, name }) => {
-            post(format!("/v1/clouds/{cloud}/vms/{name}/stop")).await?
-        }
+            },
+        },
+        Cmd::Vm(VmCmd::List { cloud }) => Command::ListVms { cloud },
+        Cmd::Vm(VmCmd::Get { cloud, name }) => Command::GetVm { cloud, vm: name },
+        Cmd::Vm(VmCmd::Delete { cloud, name }) => Command::DeleteVm { cloud, vm: name },
+        Cmd::Vm(VmCmd::Start { cloud, name }) => Command::StartVm { cloud, vm: name },
+        Cmd::Vm(VmCmd::Stop { cloud, name }) => Command::StopVm { cloud, vm: name },
         Cmd::Vm(VmCmd::Console { cloud, name }) => {
-            let console: Console = c
-                .call(
-                    Method::GET,
-                    &format!("/v1/clouds/{cloud}/vms/{name}/console"),
-                    none,
-                )
-                .await?;
+            let console: Console = c.run(&Command::GetConsole { cloud, vm: name }).await?;
             return Ok(Output::Text(console.text));
         }
         Cmd::Volume(VolumeCmd::Create {
@@ -624,64 +603,50 @@ async fn resource(c: &Client, cmd: Cmd) -> Result<Output> {
             name,
             size_gib,
             format,
-        }) => {
-            let body = CreateVolume {
+        }) => Command::CreateVolume {
+            cloud,
+            spec: CreateVolume {
                 name,
                 size_gib,
                 format: match format {
                     CliFormat::Raw => VolumeFormat::Raw,
                     CliFormat::Qcow2 => VolumeFormat::Qcow2,
                 },
-            };
-            c.call(
-                Method::POST,
-                &format!("/v1/clouds/{cloud}/volumes"),
-                Some(&body),
-            )
-            .await?
-        }
-        Cmd::Volume(VolumeCmd::List { cloud }) => {
-            get(format!("/v1/clouds/{cloud}/volumes")).await?
-        }
-        Cmd::Volume(VolumeCmd::Get { cloud, name }) => {
-            get(format!("/v1/clouds/{cloud}/volumes/{name}")).await?
-        }
-        Cmd::Volume(VolumeCmd::Delete { cloud, name }) => {
-            del(format!("/v1/clouds/{cloud}/volumes/{name}")).await?
-        }
-        Cmd::Volume(VolumeCmd::Attach { cloud, name, vm }) => {
-            c.call(
-                Method::POST,
-                &format!("/v1/clouds/{cloud}/volumes/{name}/attach"),
-                Some(&AttachVolume { vm }),
-            )
-            .await?
-        }
-        Cmd::Volume(VolumeCmd::Detach { cloud, name }) => {
-            c.call(
-                Method::POST,
-                &format!("/v1/clouds/{cloud}/volumes/{name}/detach"),
-                none,
-            )
-            .await?
-        }
-        Cmd::Dns(DnsCmd::List { cloud }) => get(format!("/v1/clouds/{cloud}/dns")).await?,
+            },
+        },
+        Cmd::Volume(VolumeCmd::List { cloud }) => Command::ListVolumes { cloud },
+        Cmd::Volume(VolumeCmd::Get { cloud, name }) => Command::GetVolume {
+            cloud,
+            volume: name,
+        },
+        Cmd::Volume(VolumeCmd::Delete { cloud, name }) => Command::DeleteVolume {
+            cloud,
+            volume: name,
+        },
+        Cmd::Volume(VolumeCmd::Attach { cloud, name, vm }) => Command::AttachVolume {
+            cloud,
+            volume: name,
+            spec: AttachVolume { vm },
+        },
+        Cmd::Volume(VolumeCmd::Detach { cloud, name }) => Command::DetachVolume {
+            cloud,
+            volume: name,
+        },
+        Cmd::Dns(DnsCmd::List { cloud }) => Command::ListRecordSets { cloud },
         Cmd::Dns(DnsCmd::Set {
             cloud,
             name,
             rtype,
             values,
             ttl,
-        }) => {
-            c.call(
-                Method::PUT,
-                &format!("/v1/clouds/{cloud}/dns/{name}/{rtype}"),
-                Some(&PutRecordSet { ttl, values }),
-            )
-            .await?
-        }
+        }) => Command::PutRecordSet {
+            cloud,
+            name,
+            rtype,
+            spec: PutRecordSet { ttl, values },
+        },
         Cmd::Dns(DnsCmd::Delete { cloud, name, rtype }) => {
-            del(format!("/v1/clouds/{cloud}/dns/{name}/{rtype}")).await?
+            Command::DeleteRecordSet { cloud, name, rtype }
         }
         Cmd::Exposure(ExposureCmd::Create {
             cloud,
@@ -700,101 +665,113 @@ async fn resource(c: &Client, cmd: Cmd) -> Result<Output> {
                     })
                 })
                 .collect::<Result<Vec<_>>>()?;
-            let body = CreateExposure {
-                name,
-                protocol: match protocol {
-                    CliProtocol::Tcp => Protocol::Tcp,
-                    CliProtocol::Udp => Protocol::Udp,
+            Command::CreateExposure {
+                cloud,
+                spec: CreateExposure {
+                    name,
+                    protocol: match protocol {
+                        CliProtocol::Tcp => Protocol::Tcp,
+                        CliProtocol::Udp => Protocol::Udp,
+                    },
+                    port,
+                    backends,
                 },
-                port,
-                backends,
-            };
-            c.call(
-                Method::POST,
-                &format!("/v1/clouds/{cloud}/exposures"),
-                Some(&body),
-            )
-            .await?
+            }
         }
-        Cmd::Exposure(ExposureCmd::List { cloud }) => {
-            get(format!("/v1/clouds/{cloud}/exposures")).await?
-        }
-        Cmd::Exposure(ExposureCmd::Get { cloud, name }) => {
-            get(format!("/v1/clouds/{cloud}/exposures/{name}")).await?
-        }
-        Cmd::Exposure(ExposureCmd::Delete { cloud, name }) => {
-            del(format!("/v1/clouds/{cloud}/exposures/{name}")).await?
-        }
+        Cmd::Exposure(ExposureCmd::List { cloud }) => Command::ListExposures { cloud },
+        Cmd::Exposure(ExposureCmd::Get { cloud, name }) => Command::GetExposure {
+            cloud,
+            exposure: name,
+        },
+        Cmd::Exposure(ExposureCmd::Delete { cloud, name }) => Command::DeleteExposure {
+            cloud,
+            exposure: name,
+        },
         Cmd::Exposure(ExposureCmd::Grant {
             cloud,
             name,
             consumer,
-        }) => {
-            let body = serde_json::json!({ "consumer": consumer });
-            c.call(
-                Method::POST,
-                &format!("/v1/clouds/{cloud}/exposures/{name}/grants"),
-                Some(&body),
-            )
-            .await?
-        }
-        Cmd::Exposure(ExposureCmd::Grants { cloud, name }) => {
-            get(format!("/v1/clouds/{cloud}/exposures/{name}/grants")).await?
-        }
-        Cmd::Exposure(ExposureCmd::Offers { cloud, name }) => {
-            get(format!("/v1/clouds/{cloud}/exposures/{name}/offers")).await?
-        }
+        }) => Command::CreateGrant {
+            cloud,
+            exposure: name,
+            spec: CreateGrant { consumer },
+        },
+        Cmd::Exposure(ExposureCmd::Grants { cloud, name }) => Command::ListGrants {
+            cloud,
+            exposure: name,
+        },
+        Cmd::Exposure(ExposureCmd::Offers { cloud, name }) => Command::ListExposureOffers {
+            cloud,
+            exposure: name,
+        },
         Cmd::Exposure(ExposureCmd::Revoke {
             cloud,
             name,
             consumer,
-        }) => {
-            del(format!(
-                "/v1/clouds/{cloud}/exposures/{name}/grants/{consumer}"
-            ))
-            .await?
-        }
-        Cmd::Import(ImportCmd::List { cloud }) => {
-            get(format!("/v1/clouds/{cloud}/imports")).await?
-        }
+        }) => Command::RevokeGrant {
+            cloud,
+            exposure: name,
+            consumer,
+        },
+        Cmd::Import(ImportCmd::List { cloud }) => Command::ListImports { cloud },
         Cmd::Import(ImportCmd::Delete {
             cloud,
             provider,
             exposure,
-        }) => del(format!("/v1/clouds/{cloud}/imports/{provider}/{exposure}")).await?,
-        Cmd::Offer(OfferCmd::List { cloud }) => get(format!("/v1/clouds/{cloud}/offers")).await?,
+        }) => Command::DeleteImport {
+            cloud,
+            provider,
+            exposure,
+        },
+        Cmd::Offer(OfferCmd::List { cloud }) => Command::ListOffers { cloud },
         Cmd::Offer(OfferCmd::Accept {
             cloud,
             provider,
             exposure,
-        }) => {
-            post(format!(
-                "/v1/clouds/{cloud}/offers/{provider}/{exposure}/accept"
-            ))
-            .await?
-        }
+        }) => Command::AcceptOffer {
+            cloud,
+            provider,
+            exposure,
+        },
         Cmd::Offer(OfferCmd::Decline {
             cloud,
             provider,
             exposure,
-        }) => del(format!("/v1/clouds/{cloud}/offers/{provider}/{exposure}")).await?,
-        Cmd::Offer(OfferCmd::Policy { cloud }) => {
-            get(format!("/v1/clouds/{cloud}/offer-policy")).await?
-        }
-        Cmd::Offer(OfferCmd::AcceptFrom { cloud, providers }) => {
-            c.call(
-                Method::PUT,
-                &format!("/v1/clouds/{cloud}/offer-policy"),
-                Some(&serde_json::json!({ "accept_from": providers })),
-            )
-            .await?
-        }
-        Cmd::Host(HostCmd::List) => get("/v1/hosts".into()).await?,
-        Cmd::Host(HostCmd::Token { name }) => post(format!("/v1/hosts/{name}/token")).await?,
-        Cmd::Host(HostCmd::Cordon { name }) => post(format!("/v1/hosts/{name}/cordon")).await?,
-        Cmd::Host(HostCmd::Uncordon { name }) => post(format!("/v1/hosts/{name}/uncordon")).await?,
+        }) => Command::DeclineOffer {
+            cloud,
+            provider,
+            exposure,
+        },
+        Cmd::Offer(OfferCmd::Policy { cloud }) => Command::GetOfferPolicy { cloud },
+        Cmd::Offer(OfferCmd::AcceptFrom { cloud, providers }) => Command::PutOfferPolicy {
+            cloud,
+            policy: OfferPolicy {
+                accept_from: providers,
+            },
+        },
+        Cmd::Host(HostCmd::List) => Command::ListHosts,
+        Cmd::Host(HostCmd::Token { name }) => Command::IssueHostToken { host: name },
+        Cmd::Host(HostCmd::Cordon { name }) => Command::CordonHost {
+            host: name,
+            cordoned: true,
+        },
+        Cmd::Host(HostCmd::Uncordon { name }) => Command::CordonHost {
+            host: name,
+            cordoned: false,
+        },
         Cmd::Serve { .. } | Cmd::Openapi | Cmd::Completions { .. } | Cmd::Usage { .. } => {
             unreachable!("handled before connecting")
         }
+    };
+    let reply = c.execute(&cmd).await?;
+    Ok(Output::Json(match reply.to_json() {
+        Some(json) => serde_json::from_slice(&json)?,
+        None => Json::Null,
     }))
+}
+
+/// A record type, as the API spells it (case-insensitive).
+fn parse_rtype(s: &str) -> Result<RecordType, String> {
+    let params = std::collections::HashMap::from([("type".to_string(), s.to_string())]);
+    atoll_api::routes::record_type(&params).map_err(|e| e.message)
 }

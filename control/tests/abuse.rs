@@ -9,6 +9,7 @@
 
 mod support;
 
+use atoll_api::routes;
 use std::{
     io::{BufRead, BufReader},
     net::SocketAddr,
@@ -124,8 +125,11 @@ async fn idle_and_slowloris_connections_are_closed_and_clients_still_served() {
         started.push(first_rx);
         held.spawn(async move {
             let (mut r, mut w) = s.into_split();
-            let head = b"GET /v1/clouds HTTP/1.1\r\nHost: x\r\nX-Slow: ";
-            let mut bytes = head.iter().copied().chain(std::iter::repeat(b'a'));
+            let head = format!(
+                "GET {} HTTP/1.1\r\nHost: x\r\nX-Slow: ",
+                routes::LIST_CLOUDS.path
+            );
+            let mut bytes = head.into_bytes().into_iter().chain(std::iter::repeat(b'a'));
             let mut first = Some(first_tx);
             let mut tick = tokio::time::interval(Duration::from_millis(100));
             let mut buf = [0u8; 4096];
@@ -155,7 +159,7 @@ async fn idle_and_slowloris_connections_are_closed_and_clients_still_served() {
     // An ordinary client, while all of them are held.
     let clouds: Vec<Cloud> = srv
         .op
-        .call(Method::GET, "/v1/clouds", None::<&Value>)
+        .call(Method::GET, routes::LIST_CLOUDS.path, None::<&Value>)
         .await
         .expect("an ordinary request is served");
     assert!(clouds.is_empty());
@@ -196,7 +200,7 @@ async fn connections_over_the_cap_wait_until_one_is_freed() {
     // A fresh client (no pooled connection), on a new connection past the cap.
     let fresh = Client::new(&srv.url, srv.op.token()).unwrap();
     let _: Vec<Cloud> = fresh
-        .call(Method::GET, "/v1/clouds", None::<&Value>)
+        .call(Method::GET, routes::LIST_CLOUDS.path, None::<&Value>)
         .await
         .expect("served once a connection is freed");
     // The server closed an idle connection before it accepted this client's: its EOF is
@@ -279,12 +283,20 @@ async fn bodies_are_read_only_after_authorization() {
     .await;
     let a: CreatedCloud = srv
         .op
-        .call(Method::POST, "/v1/clouds", Some(&json!({"name": "a"})))
+        .call(
+            Method::POST,
+            routes::CREATE_CLOUD.path,
+            Some(&json!({"name": "a"})),
+        )
         .await
         .unwrap();
     let b: CreatedCloud = srv
         .op
-        .call(Method::POST, "/v1/clouds", Some(&json!({"name": "b"})))
+        .call(
+            Method::POST,
+            routes::CREATE_CLOUD.path,
+            Some(&json!({"name": "b"})),
+        )
         .await
         .unwrap();
     let id = a.cloud.id;
@@ -293,7 +305,8 @@ async fn bodies_are_read_only_after_authorization() {
             .map(|t| format!("Authorization: Bearer {t}\r\n"))
             .unwrap_or_default();
         format!(
-            "POST /v1/clouds/{id}/vms HTTP/1.1\r\nHost: x\r\n{auth}Content-Type: application/json\r\nContent-Length: {len}\r\n\r\n"
+            "POST {} HTTP/1.1\r\nHost: x\r\n{auth}Content-Type: application/json\r\nContent-Length: {len}\r\n\r\n",
+            routes::CREATE_VM.at(&[&id])
         )
     };
     let forged = format!("atl_{id}_not-the-secret");
@@ -339,7 +352,7 @@ async fn bodies_are_read_only_after_authorization() {
     );
     let vms: Vec<Vm> = Client::new(&srv.url, &a.token)
         .unwrap()
-        .call(Method::GET, &format!("/v1/clouds/{id}/vms"), None::<&Value>)
+        .call(Method::GET, &routes::LIST_VMS.at(&[&id]), None::<&Value>)
         .await
         .unwrap();
     assert!(vms.is_empty(), "nothing was created");
@@ -414,7 +427,11 @@ fn a_500_carries_an_error_id_and_internals_go_to_the_log() {
         let op_token = std::fs::read_to_string(&token_file).unwrap();
         let op = Client::new("http://127.0.0.1:7480", &op_token).unwrap();
         let a: CreatedCloud = op
-            .call(Method::POST, "/v1/clouds", Some(&json!({"name": "a"})))
+            .call(
+                Method::POST,
+                routes::CREATE_CLOUD.path,
+                Some(&json!({"name": "a"})),
+            )
             .await
             .expect("create a cloud");
         etcd.kill();
@@ -422,7 +439,7 @@ fn a_500_carries_an_error_id_and_internals_go_to_the_log() {
         let (status, body) = cloud
             .send(
                 Method::GET,
-                &format!("/v1/clouds/{}", a.cloud.id),
+                &routes::GET_CLOUD.at(&[&a.cloud.id]),
                 None::<&Value>,
                 Duration::ZERO,
             )

@@ -13,10 +13,11 @@
 
 mod support;
 
+use atoll_api::routes::{self, ROUTES};
 use std::{collections::HashSet, future::Future, net::Ipv4Addr, sync::Arc, time::Duration};
 
 use atoll_control::{
-    api::{self, ROUTES},
+    api,
     client::{Client, ClientError},
     config::{ControlConfig, StoreConfig},
     core::{Core, Principal},
@@ -133,7 +134,7 @@ async fn start(backend: Backend) -> Api {
         let _ = rx.await;
     }));
     let op = Client::new(&url, &cfg.operator_token().unwrap()).unwrap();
-    op.call::<Value, Value>(Method::PUT, "/v1/hosts/host-a", None)
+    op.call::<Value, Value>(Method::PUT, &routes::REGISTER_HOST.at(&[&"host-a"]), None)
         .await
         .expect("register host");
     Api {
@@ -154,7 +155,7 @@ impl Api {
     async fn cloud(&self, body: Value) -> (CreatedCloud, Client) {
         let c: CreatedCloud = self
             .op
-            .call(Method::POST, "/v1/clouds", Some(&body))
+            .call(Method::POST, routes::CREATE_CLOUD.path, Some(&body))
             .await
             .expect("create cloud");
         let client = self.as_token(&c.token);
@@ -192,10 +193,6 @@ fn fill(path: &str, cloud: CloudId, other: CloudId) -> String {
         .replace(['{', '}'], "")
 }
 
-fn method(m: &str) -> Method {
-    m.to_uppercase().parse().unwrap()
-}
-
 async fn every_route_refuses_other_clouds_tokens_and_missing_tokens(api: Api) {
     let (a, a_client) = api.cloud(json!({"name": "alpha"})).await;
     let (b, _b_client) = api.cloud(json!({"name": "beta"})).await;
@@ -203,17 +200,23 @@ async fn every_route_refuses_other_clouds_tokens_and_missing_tokens(api: Api) {
     let forged = api.as_token(&format!("atl_{}_not-the-secret", b.cloud.id));
     // Another host's token (paths name host "host"), and a host token with a made-up secret.
     let other_host = {
-        let t: HostToken = ok(&api.op, Method::POST, "/v1/hosts/other/token", None).await;
+        let t: HostToken = ok(
+            &api.op,
+            Method::POST,
+            &routes::ISSUE_HOST_TOKEN.at(&[&"other"]),
+            None,
+        )
+        .await;
         api.as_token(&t.token)
     };
     let forged_host = api.as_token("atl_host_other_not-the-secret");
     let body = json!({});
     let mut checked = 0;
-    for r in ROUTES.iter().filter(|r| r.auth) {
+    for r in ROUTES.iter() {
         let path = fill(r.path, b.cloud.id, a.cloud.id);
         let send_body = r.body.map(|_| &body);
         // A host's token reaches no cloud's, operator's or other host's route.
-        let (status, v) = raw(&other_host, method(r.method), &path, send_body).await;
+        let (status, v) = raw(&other_host, r.method.http(), &path, send_body).await;
         assert_eq!(
             status,
             StatusCode::FORBIDDEN,
@@ -222,13 +225,13 @@ async fn every_route_refuses_other_clouds_tokens_and_missing_tokens(api: Api) {
         );
         // No token, and a token with a made-up secret: 401.
         for c in [&anonymous, &forged, &forged_host] {
-            let (status, v) = raw(c, method(r.method), &path, send_body).await;
+            let (status, v) = raw(c, r.method.http(), &path, send_body).await;
             assert_eq!(status, StatusCode::UNAUTHORIZED, "{} {path}: {v}", r.method);
             assert_eq!(v["error"]["code"], "unauthenticated");
         }
         // Cloud A's token on cloud B's resources (and on operator routes): 403, never data.
-        let (status, v) = raw(&a_client, method(r.method), &path, send_body).await;
-        let own_listing = r.method == "get" && r.path == "/v1/clouds";
+        let (status, v) = raw(&a_client, r.method.http(), &path, send_body).await;
+        let own_listing = r.method == routes::Method::GET && r.path == routes::LIST_CLOUDS.path;
         if own_listing {
             assert_eq!(status, StatusCode::OK);
             let ids: Vec<&str> = v
@@ -258,7 +261,7 @@ async fn every_route_refuses_other_clouds_tokens_and_missing_tokens(api: Api) {
     let (status, v) = raw(
         &api.op,
         Method::GET,
-        &format!("/v1/clouds/{}", b.cloud.id),
+        &routes::GET_CLOUD.at(&[&b.cloud.id]),
         None,
     )
     .await;
@@ -283,7 +286,7 @@ async fn cloud_lifecycle_ipam_quotas_dns_and_cascade_delete(api: Api) {
     let v1: Vm = ac
         .call(
             Method::POST,
-            &format!("/v1/clouds/{}/vms", a.cloud.id),
+            &routes::CREATE_VM.at(&[&a.cloud.id]),
             Some(&vm("web")),
         )
         .await
@@ -291,7 +294,7 @@ async fn cloud_lifecycle_ipam_quotas_dns_and_cascade_delete(api: Api) {
     let v2: Vm = ac
         .call(
             Method::POST,
-            &format!("/v1/clouds/{}/vms", a.cloud.id),
+            &routes::CREATE_VM.at(&[&a.cloud.id]),
             Some(&vm("db")),
         )
         .await
@@ -305,7 +308,7 @@ async fn cloud_lifecycle_ipam_quotas_dns_and_cascade_delete(api: Api) {
     let vb: Vm = bc
         .call(
             Method::POST,
-            &format!("/v1/clouds/{}/vms", b.cloud.id),
+            &routes::CREATE_VM.at(&[&b.cloud.id]),
             Some(&vm("web")),
         )
         .await
@@ -315,7 +318,7 @@ async fn cloud_lifecycle_ipam_quotas_dns_and_cascade_delete(api: Api) {
     let e = ac
         .call::<Value, Value>(
             Method::POST,
-            &format!("/v1/clouds/{}/vms", a.cloud.id),
+            &routes::CREATE_VM.at(&[&a.cloud.id]),
             Some(&vm("web")),
         )
         .await
@@ -326,7 +329,7 @@ async fn cloud_lifecycle_ipam_quotas_dns_and_cascade_delete(api: Api) {
     let (status, body) = api_err(
         ac.call::<Value, Value>(
             Method::POST,
-            &format!("/v1/clouds/{}/vms", a.cloud.id),
+            &routes::CREATE_VM.at(&[&a.cloud.id]),
             Some(&big),
         )
         .await
@@ -340,7 +343,7 @@ async fn cloud_lifecycle_ipam_quotas_dns_and_cascade_delete(api: Api) {
     let _: Value = ac
         .call(
             Method::DELETE,
-            &format!("/v1/clouds/{}/vms/web", a.cloud.id),
+            &routes::DELETE_VM.at(&[&a.cloud.id, &"web"]),
             None::<&Value>,
         )
         .await
@@ -348,7 +351,7 @@ async fn cloud_lifecycle_ipam_quotas_dns_and_cascade_delete(api: Api) {
     let v3: Vm = ac
         .call(
             Method::POST,
-            &format!("/v1/clouds/{}/vms", a.cloud.id),
+            &routes::CREATE_VM.at(&[&a.cloud.id]),
             Some(&vm("cache")),
         )
         .await
@@ -359,7 +362,7 @@ async fn cloud_lifecycle_ipam_quotas_dns_and_cascade_delete(api: Api) {
     let vol: Volume = ac
         .call(
             Method::POST,
-            &format!("/v1/clouds/{}/volumes", a.cloud.id),
+            &routes::CREATE_VOLUME.at(&[&a.cloud.id]),
             Some(&json!({"name": "data", "size_gib": 10, "format": "qcow2"})),
         )
         .await
@@ -368,7 +371,7 @@ async fn cloud_lifecycle_ipam_quotas_dns_and_cascade_delete(api: Api) {
     let _: Volume = ac
         .call(
             Method::POST,
-            &format!("/v1/clouds/{}/volumes/data/attach", a.cloud.id),
+            &routes::ATTACH_VOLUME.at(&[&a.cloud.id, &"data"]),
             Some(&json!({"vm": "db"})),
         )
         .await
@@ -376,7 +379,7 @@ async fn cloud_lifecycle_ipam_quotas_dns_and_cascade_delete(api: Api) {
     let (status, _) = api_err(
         ac.call::<Value, Value>(
             Method::DELETE,
-            &format!("/v1/clouds/{}/volumes/data", a.cloud.id),
+            &routes::DELETE_VOLUME.at(&[&a.cloud.id, &"data"]),
             None,
         )
         .await
@@ -386,7 +389,7 @@ async fn cloud_lifecycle_ipam_quotas_dns_and_cascade_delete(api: Api) {
     let db: Vm = ac
         .call(
             Method::GET,
-            &format!("/v1/clouds/{}/vms/db", a.cloud.id),
+            &routes::GET_VM.at(&[&a.cloud.id, &"db"]),
             None::<&Value>,
         )
         .await
@@ -396,7 +399,7 @@ async fn cloud_lifecycle_ipam_quotas_dns_and_cascade_delete(api: Api) {
     let (status, body) = api_err(
         ac.call::<Value, Value>(
             Method::POST,
-            &format!("/v1/clouds/{}/volumes", a.cloud.id),
+            &routes::CREATE_VOLUME.at(&[&a.cloud.id]),
             Some(&huge),
         )
         .await
@@ -411,7 +414,7 @@ async fn cloud_lifecycle_ipam_quotas_dns_and_cascade_delete(api: Api) {
     let _: RecordSet = ac
         .call(
             Method::PUT,
-            &format!("/v1/clouds/{}/dns/www/CNAME", a.cloud.id),
+            &routes::PUT_RECORD_SET.at(&[&a.cloud.id, &"www", &"CNAME"]),
             Some(&json!({"values": ["db.prod.atoll.internal."]})),
         )
         .await
@@ -419,7 +422,7 @@ async fn cloud_lifecycle_ipam_quotas_dns_and_cascade_delete(api: Api) {
     let _: RecordSet = ac
         .call(
             Method::PUT,
-            &format!("/v1/clouds/{}/dns/@/TXT", a.cloud.id),
+            &routes::PUT_RECORD_SET.at(&[&a.cloud.id, &"@", &"TXT"]),
             Some(&json!({"values": ["hello"], "ttl": 300})),
         )
         .await
@@ -427,7 +430,7 @@ async fn cloud_lifecycle_ipam_quotas_dns_and_cascade_delete(api: Api) {
     let (status, _) = api_err(
         ac.call::<Value, Value>(
             Method::PUT,
-            &format!("/v1/clouds/{}/dns/www/A", a.cloud.id),
+            &routes::PUT_RECORD_SET.at(&[&a.cloud.id, &"www", &"A"]),
             Some(&json!({"values": ["10.0.0.9"]})),
         )
         .await
@@ -457,7 +460,7 @@ async fn cloud_lifecycle_ipam_quotas_dns_and_cascade_delete(api: Api) {
     let _: Exposure = ac
         .call(
             Method::POST,
-            &format!("/v1/clouds/{}/exposures", a.cloud.id),
+            &routes::CREATE_EXPOSURE.at(&[&a.cloud.id]),
             Some(&json!({"name": "pg", "protocol": "tcp", "port": 5432, "backends": [{"vm": "db", "port": 5432}]})),
         )
         .await
@@ -465,7 +468,7 @@ async fn cloud_lifecycle_ipam_quotas_dns_and_cascade_delete(api: Api) {
     let _: Offer = ac
         .call(
             Method::POST,
-            &format!("/v1/clouds/{}/exposures/pg/grants", a.cloud.id),
+            &routes::CREATE_GRANT.at(&[&a.cloud.id, &"pg"]),
             Some(&json!({"consumer": b.cloud.id})),
         )
         .await
@@ -473,7 +476,7 @@ async fn cloud_lifecycle_ipam_quotas_dns_and_cascade_delete(api: Api) {
     let g: Grant = ok(
         &bc,
         Method::POST,
-        &format!("/v1/clouds/{}/offers/{}/pg/accept", b.cloud.id, a.cloud.id),
+        &routes::ACCEPT_OFFER.at(&[&b.cloud.id, &a.cloud.id, &"pg"]),
         None,
     )
     .await;
@@ -489,7 +492,7 @@ async fn cloud_lifecycle_ipam_quotas_dns_and_cascade_delete(api: Api) {
     let imports: Vec<Grant> = bc
         .call(
             Method::GET,
-            &format!("/v1/clouds/{}/imports", b.cloud.id),
+            &routes::LIST_IMPORTS.at(&[&b.cloud.id]),
             None::<&Value>,
         )
         .await
@@ -505,7 +508,7 @@ async fn cloud_lifecycle_ipam_quotas_dns_and_cascade_delete(api: Api) {
     let _: Value = ac
         .call(
             Method::DELETE,
-            &format!("/v1/clouds/{}", a.cloud.id),
+            &routes::DELETE_CLOUD.at(&[&a.cloud.id]),
             None::<&Value>,
         )
         .await
@@ -521,7 +524,7 @@ async fn cloud_lifecycle_ipam_quotas_dns_and_cascade_delete(api: Api) {
     let imports: Vec<Grant> = bc
         .call(
             Method::GET,
-            &format!("/v1/clouds/{}/imports", b.cloud.id),
+            &routes::LIST_IMPORTS.at(&[&b.cloud.id]),
             None::<&Value>,
         )
         .await
@@ -530,7 +533,7 @@ async fn cloud_lifecycle_ipam_quotas_dns_and_cascade_delete(api: Api) {
     let vms: Vec<Vm> = bc
         .call(
             Method::GET,
-            &format!("/v1/clouds/{}/vms", b.cloud.id),
+            &routes::LIST_VMS.at(&[&b.cloud.id]),
             None::<&Value>,
         )
         .await
@@ -540,7 +543,7 @@ async fn cloud_lifecycle_ipam_quotas_dns_and_cascade_delete(api: Api) {
     let (status, _) = raw(
         &ac,
         Method::GET,
-        &format!("/v1/clouds/{}", a.cloud.id),
+        &routes::GET_CLOUD.at(&[&a.cloud.id]),
         None,
     )
     .await;
@@ -549,7 +552,7 @@ async fn cloud_lifecycle_ipam_quotas_dns_and_cascade_delete(api: Api) {
     let vb2: Vm = bc
         .call(
             Method::POST,
-            &format!("/v1/clouds/{}/vms", b.cloud.id),
+            &routes::CREATE_VM.at(&[&b.cloud.id]),
             Some(&vm("two")),
         )
         .await
@@ -562,7 +565,7 @@ async fn concurrent_creates_respect_quota_and_never_share_an_address(api: Api) {
     let mut tasks = Vec::new();
     for i in 0..20 {
         let c = ac.clone();
-        let path = format!("/v1/clouds/{}/vms", a.cloud.id);
+        let path = routes::CREATE_VM.at(&[&a.cloud.id]);
         tasks.push(tokio::spawn(async move {
             c.call::<Value, Vm>(
                 Method::POST,
@@ -591,7 +594,7 @@ async fn concurrent_creates_respect_quota_and_never_share_an_address(api: Api) {
     let cloud: Cloud = ac
         .call(
             Method::GET,
-            &format!("/v1/clouds/{}", a.cloud.id),
+            &routes::GET_CLOUD.at(&[&a.cloud.id]),
             None::<&Value>,
         )
         .await
@@ -601,7 +604,7 @@ async fn concurrent_creates_respect_quota_and_never_share_an_address(api: Api) {
 
 async fn bad_input_gets_4xx_json_naming_the_field(api: Api) {
     let (a, ac) = api.cloud(json!({})).await;
-    let vms = format!("/v1/clouds/{}/vms", a.cloud.id);
+    let vms = routes::LIST_VMS.at(&[&a.cloud.id]);
     let cases: Vec<(Method, String, Vec<u8>, StatusCode, &str)> = vec![
         (
             Method::POST,
@@ -675,77 +678,77 @@ async fn bad_input_gets_4xx_json_naming_the_field(api: Api) {
         ),
         (
             Method::POST,
-            "/v1/clouds".into(),
+            routes::CREATE_CLOUD.path.into(),
             br#"{"quotas":{"vcpus":-1}}"#.to_vec(),
             StatusCode::BAD_REQUEST,
             "quotas.vcpus",
         ),
         (
             Method::POST,
-            "/v1/clouds".into(),
+            routes::CREATE_CLOUD.path.into(),
             br#"{"quotas":{"cpus":1}}"#.to_vec(),
             StatusCode::BAD_REQUEST,
             "quotas.cpus",
         ),
         (
             Method::POST,
-            "/v1/clouds".into(),
+            routes::CREATE_CLOUD.path.into(),
             br#"{"cidr":"10.0.0.1/16"}"#.to_vec(),
             StatusCode::BAD_REQUEST,
             "cidr",
         ),
         (
             Method::POST,
-            "/v1/clouds".into(),
+            routes::CREATE_CLOUD.path.into(),
             br#"{"cidr":"10.0.0.0/30"}"#.to_vec(),
             StatusCode::BAD_REQUEST,
             "cidr",
         ),
         (
             Method::GET,
-            "/v1/clouds/notacloud".into(),
+            routes::GET_CLOUD.at(&[&"notacloud"]),
             vec![],
             StatusCode::BAD_REQUEST,
             "cloud",
         ),
         (
             Method::GET,
-            "/v1/clouds?limit=0".into(),
+            format!("{}?limit=0", routes::LIST_CLOUDS.path),
             vec![],
             StatusCode::BAD_REQUEST,
             "limit",
         ),
         (
             Method::GET,
-            "/v1/clouds?bogus=1".into(),
+            format!("{}?bogus=1", routes::LIST_CLOUDS.path),
             vec![],
             StatusCode::BAD_REQUEST,
             "bogus",
         ),
         (
             Method::PUT,
-            format!("/v1/clouds/{}/dns/www/A", a.cloud.id),
+            routes::PUT_RECORD_SET.at(&[&a.cloud.id, &"www", &"A"]),
             br#"{"values":["10.0.0.300"]}"#.to_vec(),
             StatusCode::BAD_REQUEST,
             "values[0]",
         ),
         (
             Method::PUT,
-            format!("/v1/clouds/{}/dns/www/MX", a.cloud.id),
+            routes::PUT_RECORD_SET.at(&[&a.cloud.id, &"www", &"MX"]),
             br#"{"values":["x"]}"#.to_vec(),
             StatusCode::BAD_REQUEST,
             "type",
         ),
         (
             Method::POST,
-            format!("/v1/clouds/{}/exposures", a.cloud.id),
+            routes::CREATE_EXPOSURE.at(&[&a.cloud.id]),
             br#"{"name":"s","protocol":"sctp","port":1,"backends":[]}"#.to_vec(),
             StatusCode::BAD_REQUEST,
             "protocol",
         ),
         (
             Method::POST,
-            format!("/v1/clouds/{}/exposures", a.cloud.id),
+            routes::CREATE_EXPOSURE.at(&[&a.cloud.id]),
             br#"{"name":"s","protocol":"tcp","port":80,"backends":[{"vm":"ghost","port":80}]}"#
                 .to_vec(),
             StatusCode::BAD_REQUEST,
@@ -753,7 +756,7 @@ async fn bad_input_gets_4xx_json_naming_the_field(api: Api) {
         ),
         (
             Method::POST,
-            format!("/v1/clouds/{}/volumes", a.cloud.id),
+            routes::CREATE_VOLUME.at(&[&a.cloud.id]),
             br#"{"name":"v","size_gib":0}"#.to_vec(),
             StatusCode::BAD_REQUEST,
             "size_gib",
@@ -819,7 +822,7 @@ async fn bad_input_gets_4xx_json_naming_the_field(api: Api) {
         // Status reports are as strict as the rest.
         (
             Method::POST,
-            "/v1/hosts/host-a/status".into(),
+            routes::REPORT_STATUS.at(&[&"host-a"]),
             serde_json::to_vec(&json!({"vms": [{"cloud": a.cloud.id, "vm": "x", "status": {"state": "running", "updated_at": 1}, "consol": "x"}]}))
                 .unwrap(),
             StatusCode::BAD_REQUEST,
@@ -827,7 +830,7 @@ async fn bad_input_gets_4xx_json_naming_the_field(api: Api) {
         ),
         (
             Method::POST,
-            "/v1/hosts/host-a/status".into(),
+            routes::REPORT_STATUS.at(&[&"host-a"]),
             serde_json::to_vec(&json!({"vms": [{"cloud": a.cloud.id, "vm": "x", "status": {"state": "rebooting", "updated_at": 1}}]}))
                 .unwrap(),
             StatusCode::BAD_REQUEST,
@@ -835,7 +838,7 @@ async fn bad_input_gets_4xx_json_naming_the_field(api: Api) {
         ),
     ];
     for (m, path, body, want_status, want_field) in cases {
-        let own = format!("/v1/clouds/{}", a.cloud.id);
+        let own = routes::GET_CLOUD.at(&[&a.cloud.id]);
         let token = if path.starts_with(&own) {
             &a.token
         } else {
@@ -857,7 +860,7 @@ async fn bad_input_gets_4xx_json_naming_the_field(api: Api) {
     let cloud: Cloud = ac
         .call(
             Method::GET,
-            &format!("/v1/clouds/{}", a.cloud.id),
+            &routes::GET_CLOUD.at(&[&a.cloud.id]),
             None::<&Value>,
         )
         .await
@@ -880,7 +883,7 @@ async fn bad_input_gets_4xx_json_naming_the_field(api: Api) {
         let _: Volume = ok(
             &ac,
             Method::POST,
-            &format!("/v1/clouds/{}/volumes", a.cloud.id),
+            &routes::CREATE_VOLUME.at(&[&a.cloud.id]),
             Some(json!({"name": name, "size_gib": 1})),
         )
         .await;
@@ -896,7 +899,7 @@ async fn bad_input_gets_4xx_json_naming_the_field(api: Api) {
     let (status, v) = raw(
         &ac,
         Method::POST,
-        &format!("/v1/clouds/{}/volumes/d8/attach", a.cloud.id),
+        &routes::ATTACH_VOLUME.at(&[&a.cloud.id, &"d8"]),
         Some(&json!({"vm": "full"})),
     )
     .await;
@@ -946,9 +949,9 @@ fn openapi_document_is_served_and_checked_in() {
 }
 
 async fn openapi_document_case(api: Api) {
-    let (status, served) = raw(&api.as_token(""), Method::GET, "/openapi.json", None).await;
+    let (status, served) = raw(&api.as_token(""), Method::GET, routes::OPENAPI_PATH, None).await;
     assert_eq!(status, StatusCode::OK);
-    assert_eq!(served, api::openapi());
+    assert_eq!(served, atoll_api::openapi());
     let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/openapi.json");
     let checked_in: Value =
         serde_json::from_str(&std::fs::read_to_string(path).expect("docs/openapi.json"))
@@ -961,7 +964,7 @@ async fn openapi_document_case(api: Api) {
     let empty = json!({});
     for r in ROUTES {
         let path = fill(r.path, CloudId(1), CloudId(2));
-        let (status, v) = raw(&api.op, method(r.method), &path, r.body.map(|_| &empty)).await;
+        let (status, v) = raw(&api.op, r.method.http(), &path, r.body.map(|_| &empty)).await;
         assert!(
             !matches!(
                 v["error"]["code"].as_str(),
@@ -1003,7 +1006,7 @@ async fn host_sync_sends_changes_then_waits(api: Api) {
     let vm: Vm = ac
         .call(
             Method::POST,
-            &format!("/v1/clouds/{}/vms", a.cloud.id),
+            &routes::CREATE_VM.at(&[&a.cloud.id]),
             Some(&json!({"name": "w"})),
         )
         .await
@@ -1023,13 +1026,17 @@ async fn host_sync_sends_changes_then_waits(api: Api) {
     let report = json!({"vms": [{"cloud": a.cloud.id, "vm": "w", "status": {"state": "network_ready", "device": "atvx", "updated_at": 1}}]});
     let _: Value = api
         .op
-        .call(Method::POST, "/v1/hosts/host-a/status", Some(&report))
+        .call(
+            Method::POST,
+            &routes::REPORT_STATUS.at(&[&"host-a"]),
+            Some(&report),
+        )
         .await
         .unwrap();
     let got: Vm = ac
         .call(
             Method::GET,
-            &format!("/v1/clouds/{}/vms/w", a.cloud.id),
+            &routes::GET_VM.at(&[&a.cloud.id, &"w"]),
             None::<&Value>,
         )
         .await
@@ -1039,7 +1046,7 @@ async fn host_sync_sends_changes_then_waits(api: Api) {
     let _: Value = ac
         .call(
             Method::DELETE,
-            &format!("/v1/clouds/{}", a.cloud.id),
+            &routes::DELETE_CLOUD.at(&[&a.cloud.id]),
             None::<&Value>,
         )
         .await
@@ -1048,7 +1055,11 @@ async fn host_sync_sends_changes_then_waits(api: Api) {
         .op
         .call(
             Method::GET,
-            &format!("/v1/hosts/host-a/sync?after={}&wait_ms=5000", d.revision),
+            &format!(
+                "{}?after={}&wait_ms=5000",
+                &routes::SYNC.at(&[&"host-a"]),
+                d.revision
+            ),
             None::<&Value>,
         )
         .await
@@ -1062,7 +1073,7 @@ async fn host_sync_sends_changes_then_waits(api: Api) {
     );
     assert_eq!(d2.removed_zones, vec![a.cloud.id]);
     // Cloud tokens cannot read host state.
-    let (status, _) = raw(&ac, Method::GET, "/v1/hosts/host-a/sync", None).await;
+    let (status, _) = raw(&ac, Method::GET, &routes::SYNC.at(&[&"host-a"]), None).await;
     assert_eq!(
         status,
         StatusCode::UNAUTHORIZED,
@@ -1102,7 +1113,7 @@ async fn deletes_revoke_more_grants_than_one_store_txn_holds(api: Api) {
     let _: Vm = ok(
         &pc,
         Method::POST,
-        &format!("/v1/clouds/{pid}/vms"),
+        &routes::CREATE_VM.at(&[&pid]),
         Some(json!({"name": "db"})),
     )
     .await;
@@ -1110,7 +1121,7 @@ async fn deletes_revoke_more_grants_than_one_store_txn_holds(api: Api) {
         let _: Exposure = ok(
             &pc,
             Method::POST,
-            &format!("/v1/clouds/{pid}/exposures"),
+            &routes::CREATE_EXPOSURE.at(&[&pid]),
             Some(json!({"name": name, "protocol": "tcp", "port": 5432, "backends": [{"vm": "db", "port": 5432}]})),
         )
         .await;
@@ -1126,7 +1137,7 @@ async fn deletes_revoke_more_grants_than_one_store_txn_holds(api: Api) {
             let o: Offer = ok(
                 &pc,
                 Method::POST,
-                &format!("/v1/clouds/{pid}/exposures/{exposure}/grants"),
+                &routes::CREATE_GRANT.at(&[&pid, &exposure]),
                 Some(json!({"consumer": cid})),
             )
             .await;
@@ -1139,7 +1150,7 @@ async fn deletes_revoke_more_grants_than_one_store_txn_holds(api: Api) {
             let g: Grant = ok(
                 &cc,
                 Method::POST,
-                &format!("/v1/clouds/{cid}/offers/{pid}/{exposure}/accept"),
+                &routes::ACCEPT_OFFER.at(&[&cid, &pid, &exposure]),
                 None,
             )
             .await;
@@ -1151,35 +1162,34 @@ async fn deletes_revoke_more_grants_than_one_store_txn_holds(api: Api) {
         let _: Vm = ok(
             &cc,
             Method::POST,
-            &format!("/v1/clouds/{cid}/vms"),
+            &routes::CREATE_VM.at(&[&cid]),
             Some(json!({"name": "svc"})),
         )
         .await;
         let _: Exposure = ok(
             &cc,
             Method::POST,
-            &format!("/v1/clouds/{cid}/exposures"),
+            &routes::CREATE_EXPOSURE.at(&[&cid]),
             Some(json!({"name": "s", "protocol": "udp", "port": 53, "backends": [{"vm": "svc", "port": 53}]})),
         )
         .await;
         let _: Offer = ok(
             &cc,
             Method::POST,
-            &format!("/v1/clouds/{cid}/exposures/s/grants"),
+            &routes::CREATE_GRANT.at(&[&cid, &"s"]),
             Some(json!({"consumer": pid})),
         )
         .await;
         let _: Grant = ok(
             &pc,
             Method::POST,
-            &format!("/v1/clouds/{pid}/offers/{cid}/s/accept"),
+            &routes::ACCEPT_OFFER.at(&[&pid, &cid, &"s"]),
             None,
         )
         .await;
         consumers.push((cid, cc, ga, gb));
     }
-    let received: Vec<Grant> =
-        ok(&pc, Method::GET, &format!("/v1/clouds/{pid}/imports"), None).await;
+    let received: Vec<Grant> = ok(&pc, Method::GET, &routes::LIST_IMPORTS.at(&[&pid]), None).await;
     assert_eq!(received.len(), CONSUMERS);
 
     // Deleting exposure a revokes its grants and withdraws its offers: the consumers keep only
@@ -1187,24 +1197,23 @@ async fn deletes_revoke_more_grants_than_one_store_txn_holds(api: Api) {
     let _: Value = ok(
         &pc,
         Method::DELETE,
-        &format!("/v1/clouds/{pid}/exposures/a"),
+        &routes::DELETE_EXPOSURE.at(&[&pid, &"a"]),
         None,
     )
     .await;
     let (status, _) = raw(
         &pc,
         Method::GET,
-        &format!("/v1/clouds/{pid}/exposures/a/grants"),
+        &routes::LIST_GRANTS.at(&[&pid, &"a"]),
         None,
     )
     .await;
     assert_eq!(status, StatusCode::NOT_FOUND);
     for (cid, cc, ga, gb) in &consumers {
         let imports: Vec<Grant> =
-            ok(cc, Method::GET, &format!("/v1/clouds/{cid}/imports"), None).await;
+            ok(cc, Method::GET, &routes::LIST_IMPORTS.at(&[&cid]), None).await;
         assert_eq!(imports, vec![gb.clone()], "imports of {cid}");
-        let offers: Vec<Offer> =
-            ok(cc, Method::GET, &format!("/v1/clouds/{cid}/offers"), None).await;
+        let offers: Vec<Offer> = ok(cc, Method::GET, &routes::LIST_OFFERS.at(&[&cid]), None).await;
         assert!(offers.is_empty(), "offers to {cid}: {offers:?}");
         if let Some(ga) = ga {
             let vip = format!("c/{cid}/ip/{}", ga.vip);
@@ -1217,22 +1226,22 @@ async fn deletes_revoke_more_grants_than_one_store_txn_holds(api: Api) {
 
     // Deleting the provider revokes the grants of b and the grants it received; nothing of it
     // is left anywhere, and the consumers keep their own things.
-    let _: Value = ok(&pc, Method::DELETE, &format!("/v1/clouds/{pid}"), None).await;
+    let _: Value = ok(&pc, Method::DELETE, &routes::DELETE_CLOUD.at(&[&pid]), None).await;
     let left = mentions(&api, pid).await;
     assert!(left.is_empty(), "left behind: {left:?}");
     for (cid, cc, _, _) in &consumers {
         let imports: Vec<Grant> =
-            ok(cc, Method::GET, &format!("/v1/clouds/{cid}/imports"), None).await;
+            ok(cc, Method::GET, &routes::LIST_IMPORTS.at(&[&cid]), None).await;
         assert!(imports.is_empty(), "imports of {cid}: {imports:?}");
         let grants: Vec<Grant> = ok(
             cc,
             Method::GET,
-            &format!("/v1/clouds/{cid}/exposures/s/grants"),
+            &routes::LIST_GRANTS.at(&[&cid, &"s"]),
             None,
         )
         .await;
         assert!(grants.is_empty(), "grants of {cid}'s exposure: {grants:?}");
-        let vms: Vec<Vm> = ok(cc, Method::GET, &format!("/v1/clouds/{cid}/vms"), None).await;
+        let vms: Vec<Vm> = ok(cc, Method::GET, &routes::LIST_VMS.at(&[&cid]), None).await;
         assert_eq!(vms.len(), 1);
     }
     // Both VIPs went back to the consumer's pool.
@@ -1241,7 +1250,7 @@ async fn deletes_revoke_more_grants_than_one_store_txn_holds(api: Api) {
         let vm: Vm = ok(
             cc,
             Method::POST,
-            &format!("/v1/clouds/{cid}/vms"),
+            &routes::CREATE_VM.at(&[&cid]),
             Some(json!({"name": name})),
         )
         .await;
@@ -1256,52 +1265,91 @@ const PLACEMENT_HOSTS: usize = 127;
 /// A host's token: its own registration, sync and status work; another host's, the host list
 /// and token issuing do not; issuing a new token ends the old one; hashes are never returned.
 async fn host_tokens_reach_only_their_host(api: Api) {
-    let issued: HostToken = ok(&api.op, Method::POST, "/v1/hosts/h1/token", None).await;
+    let issued: HostToken = ok(
+        &api.op,
+        Method::POST,
+        &routes::ISSUE_HOST_TOKEN.at(&[&"h1"]),
+        None,
+    )
+    .await;
     assert!(issued.token.starts_with("atl_host_h1_"), "{}", issued.token);
     assert_eq!(issued.host.name, "h1");
     let h1 = api.as_token(&issued.token);
-    let _: HostInfo = ok(&h1, Method::PUT, "/v1/hosts/h1", None).await;
-    let delta: SyncDelta = ok(&h1, Method::GET, "/v1/hosts/h1/sync?wait_ms=0", None).await;
+    let _: HostInfo = ok(&h1, Method::PUT, &routes::REGISTER_HOST.at(&[&"h1"]), None).await;
+    let delta: SyncDelta = ok(
+        &h1,
+        Method::GET,
+        &format!("{}?wait_ms=0", &routes::SYNC.at(&[&"h1"])),
+        None,
+    )
+    .await;
     assert!(delta.full);
     let (status, v) = raw(
         &h1,
         Method::POST,
-        "/v1/hosts/h1/status",
+        &routes::REPORT_STATUS.at(&[&"h1"]),
         Some(&json!({"vms": []})),
     )
     .await;
     assert_eq!(status, StatusCode::NO_CONTENT, "{v}");
-    let _: HostToken = ok(&api.op, Method::POST, "/v1/hosts/h2/token", None).await;
+    let _: HostToken = ok(
+        &api.op,
+        Method::POST,
+        &routes::ISSUE_HOST_TOKEN.at(&[&"h2"]),
+        None,
+    )
+    .await;
     for (m, path) in [
-        (Method::GET, "/v1/hosts/h2/sync?wait_ms=0"),
-        (Method::PUT, "/v1/hosts/h2"),
-        (Method::GET, "/v1/hosts"),
-        (Method::POST, "/v1/hosts/h1/token"),
-        (Method::GET, "/v1/clouds"),
-        (Method::POST, "/v1/clouds"),
+        (
+            Method::GET,
+            format!("{}?wait_ms=0", &routes::SYNC.at(&[&"h2"])),
+        ),
+        (Method::PUT, routes::REGISTER_HOST.at(&[&"h2"])),
+        (Method::GET, routes::LIST_HOSTS.path.to_string()),
+        (Method::POST, routes::ISSUE_HOST_TOKEN.at(&[&"h1"])),
+        (Method::GET, routes::LIST_CLOUDS.path.to_string()),
+        (Method::POST, routes::CREATE_CLOUD.path.to_string()),
     ] {
         let body = (m == Method::POST).then(|| json!({}));
-        let (status, v) = raw(&h1, m.clone(), path, body.as_ref()).await;
+        let (status, v) = raw(&h1, m.clone(), &path, body.as_ref()).await;
         assert_eq!(status, StatusCode::FORBIDDEN, "{m} {path}: {v}");
     }
     // Reports for another host's VMs are refused by the store compare (tested elsewhere);
     // here a bad host name in a token issue is a 400 naming the field.
-    let (status, v) = raw(&api.op, Method::POST, "/v1/hosts/Bad_Name/token", None).await;
+    let (status, v) = raw(
+        &api.op,
+        Method::POST,
+        &routes::ISSUE_HOST_TOKEN.at(&[&"Bad_Name"]),
+        None,
+    )
+    .await;
     assert_eq!(status, StatusCode::BAD_REQUEST, "{v}");
     // Rotation: the old token stops working at once, the new one works.
-    let rotated: HostToken = ok(&api.op, Method::POST, "/v1/hosts/h1/token", None).await;
+    let rotated: HostToken = ok(
+        &api.op,
+        Method::POST,
+        &routes::ISSUE_HOST_TOKEN.at(&[&"h1"]),
+        None,
+    )
+    .await;
     assert_ne!(rotated.token, issued.token);
     assert_eq!(rotated.host.registered_at, issued.host.registered_at);
-    let (status, v) = raw(&h1, Method::GET, "/v1/hosts/h1/sync?wait_ms=0", None).await;
+    let (status, v) = raw(
+        &h1,
+        Method::GET,
+        &format!("{}?wait_ms=0", &routes::SYNC.at(&[&"h1"])),
+        None,
+    )
+    .await;
     assert_eq!(status, StatusCode::UNAUTHORIZED, "{v}");
     let _: SyncDelta = ok(
         &api.as_token(&rotated.token),
         Method::GET,
-        "/v1/hosts/h1/sync?wait_ms=0",
+        &format!("{}?wait_ms=0", &routes::SYNC.at(&[&"h1"])),
         None,
     )
     .await;
-    let (status, v) = raw(&api.op, Method::GET, "/v1/hosts", None).await;
+    let (status, v) = raw(&api.op, Method::GET, routes::LIST_HOSTS.path, None).await;
     assert_eq!(status, StatusCode::OK);
     assert!(
         !v.to_string().contains("token"),
@@ -1352,8 +1400,8 @@ async fn cloud_tokens_rotate_and_the_old_one_stops_at_once(api: Api) {
     let (a, ac) = api.cloud(json!({"name": "rot"})).await;
     let (_, bc) = api.cloud(json!({"name": "other"})).await;
     let id = a.cloud.id;
-    let get = format!("/v1/clouds/{id}");
-    let rotate = format!("/v1/clouds/{id}/token");
+    let get = routes::GET_CLOUD.at(&[&id]);
+    let rotate = routes::ROTATE_CLOUD_TOKEN.at(&[&id]);
     let (url2, _stop2) = second_plane(&api).await;
     let on_second = |token: &str| Client::new(&url2, token).unwrap();
     let _: Cloud = ok(&on_second(&a.token), Method::GET, &get, None).await;
@@ -1447,7 +1495,7 @@ fn dotted_name(len: usize) -> String {
 /// would make hosts refuse the cloud's whole zone, and every later change of it).
 async fn what_hosts_cannot_hold_is_refused_at_the_request(api: Api) {
     let (a, ac) = api.cloud(json!({"name": "l".repeat(63)})).await;
-    let base = format!("/v1/clouds/{}", a.cloud.id);
+    let base = routes::GET_CLOUD.at(&[&a.cloud.id]);
     let _: Vm = ok(
         &ac,
         Method::POST,
@@ -1570,14 +1618,20 @@ async fn silent_hosts_get_no_new_placements(api: Api) {
     let (c, cc) = api.cloud(json!({"name": "live"})).await;
     let id = c.cloud.id;
     let hosts = || async {
-        let v: Vec<HostInfo> = ok(&api.op, Method::GET, "/v1/hosts", None).await;
+        let v: Vec<HostInfo> = ok(&api.op, Method::GET, routes::LIST_HOSTS.path, None).await;
         v.into_iter()
             .map(|h| (h.name.clone(), h))
             .collect::<std::collections::BTreeMap<_, _>>()
     };
     let mut now = hosts().await;
     // Hosts other cases of this store registered may be there too; ours is "quiet".
-    let _: HostInfo = ok(&api.op, Method::PUT, "/v1/hosts/quiet", None).await;
+    let _: HostInfo = ok(
+        &api.op,
+        Method::PUT,
+        &routes::REGISTER_HOST.at(&[&"quiet"]),
+        None,
+    )
+    .await;
     now.extend(hosts().await);
     assert!(now["quiet"].live, "a registration is a sign of life");
     for (name, h) in &now {
@@ -1588,7 +1642,7 @@ async fn silent_hosts_get_no_new_placements(api: Api) {
     let vm: Vm = ok(
         &cc,
         Method::POST,
-        &format!("/v1/clouds/{id}/vms"),
+        &routes::CREATE_VM.at(&[&id]),
         Some(json!({"name": "a"})),
     )
     .await;
@@ -1597,7 +1651,7 @@ async fn silent_hosts_get_no_new_placements(api: Api) {
     silence(&api, &hosts().await["quiet"]).await;
     let shown = hosts().await;
     assert!(!shown["quiet"].live, "{:?}", shown["quiet"]);
-    let a: Vm = ok(&cc, Method::GET, &format!("/v1/clouds/{id}/vms/a"), None).await;
+    let a: Vm = ok(&cc, Method::GET, &routes::GET_VM.at(&[&id, &"a"]), None).await;
     assert!(
         !a.host_live,
         "a VM shows that its host's reports may be stale"
@@ -1605,7 +1659,7 @@ async fn silent_hosts_get_no_new_placements(api: Api) {
     let (status, v) = raw(
         &cc,
         Method::POST,
-        &format!("/v1/clouds/{id}/vms"),
+        &routes::CREATE_VM.at(&[&id]),
         Some(&json!({"name": "b"})),
     )
     .await;
@@ -1622,18 +1676,24 @@ async fn silent_hosts_get_no_new_placements(api: Api) {
         "{v}"
     );
     // A sync is a heartbeat: the host is live and placed on again.
-    let _: SyncDelta = ok(&api.op, Method::GET, "/v1/hosts/quiet/sync?wait_ms=0", None).await;
+    let _: SyncDelta = ok(
+        &api.op,
+        Method::GET,
+        &format!("{}?wait_ms=0", &routes::SYNC.at(&[&"quiet"])),
+        None,
+    )
+    .await;
     wait_for_host(&api, "quiet", true).await;
     let vm: Vm = ok(
         &cc,
         Method::POST,
-        &format!("/v1/clouds/{id}/vms"),
+        &routes::CREATE_VM.at(&[&id]),
         Some(json!({"name": "b"})),
     )
     .await;
     assert_eq!(vm.host, "quiet");
     assert!(vm.host_live);
-    let listed: Vec<Vm> = ok(&cc, Method::GET, &format!("/v1/clouds/{id}/vms"), None).await;
+    let listed: Vec<Vm> = ok(&cc, Method::GET, &routes::LIST_VMS.at(&[&id]), None).await;
     assert!(listed.iter().all(|v| v.host_live), "{listed:?}");
 }
 
@@ -1643,27 +1703,39 @@ async fn silent_hosts_get_no_new_placements(api: Api) {
 async fn cordoned_hosts_get_no_new_placements(api: Api) {
     let (c, cc) = api.cloud(json!({"name": "cordon"})).await;
     let id = c.cloud.id;
-    let _: HostInfo = ok(&api.op, Method::PUT, "/v1/hosts/busy", None).await;
-    let others: Vec<HostInfo> = ok(&api.op, Method::GET, "/v1/hosts", None).await;
+    let _: HostInfo = ok(
+        &api.op,
+        Method::PUT,
+        &routes::REGISTER_HOST.at(&[&"busy"]),
+        None,
+    )
+    .await;
+    let others: Vec<HostInfo> = ok(&api.op, Method::GET, routes::LIST_HOSTS.path, None).await;
     for h in others.iter().filter(|h| h.name != "busy") {
         silence(&api, h).await;
     }
     let vm: Vm = ok(
         &cc,
         Method::POST,
-        &format!("/v1/clouds/{id}/vms"),
+        &routes::CREATE_VM.at(&[&id]),
         Some(json!({"name": "a"})),
     )
     .await;
     assert_eq!(vm.host, "busy");
-    let (status, v) = raw(&cc, Method::POST, "/v1/hosts/busy/cordon", None).await;
+    let (status, v) = raw(&cc, Method::POST, &routes::CORDON_HOST.at(&[&"busy"]), None).await;
     assert_eq!(status, StatusCode::FORBIDDEN, "{v}");
-    let h: HostInfo = ok(&api.op, Method::POST, "/v1/hosts/busy/cordon", None).await;
+    let h: HostInfo = ok(
+        &api.op,
+        Method::POST,
+        &routes::CORDON_HOST.at(&[&"busy"]),
+        None,
+    )
+    .await;
     assert!(h.cordoned && h.live, "{h:?}");
     let (status, v) = raw(
         &cc,
         Method::POST,
-        &format!("/v1/clouds/{id}/vms"),
+        &routes::CREATE_VM.at(&[&id]),
         Some(&json!({"name": "b"})),
     )
     .await;
@@ -1675,20 +1747,26 @@ async fn cordoned_hosts_get_no_new_placements(api: Api) {
     let (status, v) = raw(
         &cc,
         Method::POST,
-        &format!("/v1/clouds/{id}/volumes"),
+        &routes::CREATE_VOLUME.at(&[&id]),
         Some(&json!({"name": "d", "size_gib": 1})),
     )
     .await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{v}");
     // A heartbeat rewrites the record: the cordon stays.
-    let stale: Vec<HostInfo> = ok(&api.op, Method::GET, "/v1/hosts", None).await;
+    let stale: Vec<HostInfo> = ok(&api.op, Method::GET, routes::LIST_HOSTS.path, None).await;
     silence(&api, stale.iter().find(|h| h.name == "busy").unwrap()).await;
-    let _: SyncDelta = ok(&api.op, Method::GET, "/v1/hosts/busy/sync?wait_ms=0", None).await;
+    let _: SyncDelta = ok(
+        &api.op,
+        Method::GET,
+        &format!("{}?wait_ms=0", &routes::SYNC.at(&[&"busy"])),
+        None,
+    )
+    .await;
     wait_for_host(&api, "busy", true).await;
     let (status, _) = raw(
         &cc,
         Method::POST,
-        &format!("/v1/clouds/{id}/vms"),
+        &routes::CREATE_VM.at(&[&id]),
         Some(&json!({"name": "b"})),
     )
     .await;
@@ -1697,22 +1775,34 @@ async fn cordoned_hosts_get_no_new_placements(api: Api) {
         StatusCode::SERVICE_UNAVAILABLE,
         "still cordoned after a heartbeat"
     );
-    let listed: Vec<HostInfo> = ok(&api.op, Method::GET, "/v1/hosts", None).await;
+    let listed: Vec<HostInfo> = ok(&api.op, Method::GET, routes::LIST_HOSTS.path, None).await;
     assert!(
         listed.iter().any(|h| h.name == "busy" && h.cordoned),
         "{listed:?}"
     );
-    let h: HostInfo = ok(&api.op, Method::POST, "/v1/hosts/busy/uncordon", None).await;
+    let h: HostInfo = ok(
+        &api.op,
+        Method::POST,
+        &routes::UNCORDON_HOST.at(&[&"busy"]),
+        None,
+    )
+    .await;
     assert!(!h.cordoned);
     let vm: Vm = ok(
         &cc,
         Method::POST,
-        &format!("/v1/clouds/{id}/vms"),
+        &routes::CREATE_VM.at(&[&id]),
         Some(json!({"name": "b"})),
     )
     .await;
     assert_eq!(vm.host, "busy");
-    let (status, v) = raw(&api.op, Method::POST, "/v1/hosts/nosuch/cordon", None).await;
+    let (status, v) = raw(
+        &api.op,
+        Method::POST,
+        &routes::CORDON_HOST.at(&[&"nosuch"]),
+        None,
+    )
+    .await;
     assert_eq!(status, StatusCode::NOT_FOUND, "{v}");
 }
 
@@ -1720,7 +1810,7 @@ async fn cordoned_hosts_get_no_new_placements(api: Api) {
 /// already is, and a new cloud goes to the least loaded host.
 async fn a_cloud_stays_on_one_host(api: Api) {
     for h in ["ha", "hb", "hc"] {
-        let _: HostInfo = ok(&api.op, Method::PUT, &format!("/v1/hosts/{h}"), None).await;
+        let _: HostInfo = ok(&api.op, Method::PUT, &routes::REGISTER_HOST.at(&[&h]), None).await;
     }
     let (x, xc) = api.cloud(json!({"name": "x"})).await;
     let xid = x.cloud.id;
@@ -1729,7 +1819,7 @@ async fn a_cloud_stays_on_one_host(api: Api) {
         let vm: Vm = ok(
             &xc,
             Method::POST,
-            &format!("/v1/clouds/{xid}/vms"),
+            &routes::CREATE_VM.at(&[&xid]),
             Some(json!({"name": format!("v{i}")})),
         )
         .await;
@@ -1738,7 +1828,7 @@ async fn a_cloud_stays_on_one_host(api: Api) {
     let vol: Volume = ok(
         &xc,
         Method::POST,
-        &format!("/v1/clouds/{xid}/volumes"),
+        &routes::CREATE_VOLUME.at(&[&xid]),
         Some(json!({"name": "d", "size_gib": 1})),
     )
     .await;
@@ -1749,7 +1839,7 @@ async fn a_cloud_stays_on_one_host(api: Api) {
     let vm: Vm = ok(
         &yc,
         Method::POST,
-        &format!("/v1/clouds/{}/vms", y.cloud.id),
+        &routes::CREATE_VM.at(&[&y.cloud.id]),
         Some(json!({"name": "w"})),
     )
     .await;
@@ -1758,14 +1848,14 @@ async fn a_cloud_stays_on_one_host(api: Api) {
     let _: HostInfo = ok(
         &api.op,
         Method::POST,
-        &format!("/v1/hosts/{home}/cordon"),
+        &routes::CORDON_HOST.at(&[&home]),
         None,
     )
     .await;
     let vm: Vm = ok(
         &xc,
         Method::POST,
-        &format!("/v1/clouds/{xid}/vms"),
+        &routes::CREATE_VM.at(&[&xid]),
         Some(json!({"name": "later"})),
     )
     .await;
@@ -1799,7 +1889,7 @@ async fn silence(api: &Api, h: &HostInfo) {
 /// host list, bounded.
 async fn wait_for_host(api: &Api, name: &str, live: bool) {
     for _ in 0..500 {
-        let v: Vec<HostInfo> = ok(&api.op, Method::GET, "/v1/hosts", None).await;
+        let v: Vec<HostInfo> = ok(&api.op, Method::GET, routes::LIST_HOSTS.path, None).await;
         if v.iter().any(|h| h.name == name && h.live == live) {
             return;
         }
@@ -1823,7 +1913,7 @@ fn grant_task(
 ) -> tokio::task::JoinHandle<bool> {
     let pc = pc.clone();
     tokio::spawn(async move {
-        let grants = format!("/v1/clouds/{provider}/exposures/svc/grants");
+        let grants = routes::CREATE_GRANT.at(&[&provider, &"svc"]);
         if regrant {
             let path = format!("{grants}/{consumer}");
             let _ = pc
@@ -1846,7 +1936,7 @@ async fn race_delete(
     let deleted = tokio::spawn(async move {
         c.call::<Value, Value>(
             Method::DELETE,
-            &format!("/v1/clouds/{cloud}"),
+            &routes::DELETE_CLOUD.at(&[&cloud]),
             None::<&Value>,
         )
         .await
@@ -1873,14 +1963,14 @@ async fn grants_racing_cloud_deletes_leave_nothing_behind(api: Api) {
         let _: Vm = ok(
             &pc,
             Method::POST,
-            &format!("/v1/clouds/{pid}/vms"),
+            &routes::CREATE_VM.at(&[&pid]),
             Some(json!({"name": "db"})),
         )
         .await;
         let _: Exposure = ok(
             &pc,
             Method::POST,
-            &format!("/v1/clouds/{pid}/exposures"),
+            &routes::CREATE_EXPOSURE.at(&[&pid]),
             Some(json!({"name": "svc", "protocol": "tcp", "port": 5432, "backends": [{"vm": "db", "port": 5432}]})),
         )
         .await;
@@ -1891,7 +1981,7 @@ async fn grants_racing_cloud_deletes_leave_nothing_behind(api: Api) {
             let _: OfferPolicy = ok(
                 &cc,
                 Method::PUT,
-                &format!("/v1/clouds/{cid}/offer-policy"),
+                &routes::PUT_OFFER_POLICY.at(&[&cid]),
                 Some(json!({"accept_from": [pid]})),
             )
             .await;
@@ -1932,7 +2022,7 @@ async fn grants_racing_cloud_deletes_leave_nothing_behind(api: Api) {
             "round {round}: provider {pid} left {left:?}"
         );
         for (cid, cc) in &consumers[1..] {
-            let path = format!("/v1/clouds/{cid}");
+            let path = routes::GET_CLOUD.at(&[&cid]);
             let _ = cc
                 .call::<Value, Value>(Method::DELETE, &path, None::<&Value>)
                 .await;
@@ -1944,7 +2034,13 @@ async fn grants_racing_cloud_deletes_leave_nothing_behind(api: Api) {
 async fn deleting_a_cloud_on_too_many_hosts_is_refused_before_revoking(api: Api) {
     let limit = api.core.store().max_txn_ops();
     for i in 1..PLACEMENT_HOSTS {
-        let _: HostInfo = ok(&api.op, Method::PUT, &format!("/v1/hosts/h{i}"), None).await;
+        let _: HostInfo = ok(
+            &api.op,
+            Method::PUT,
+            &routes::REGISTER_HOST.at(&[&format!("h{i}")]),
+            None,
+        )
+        .await;
     }
     let (w, wc) = api
         .cloud(
@@ -1959,11 +2055,11 @@ async fn deleting_a_cloud_on_too_many_hosts_is_refused_before_revoking(api: Api)
         let vm: Vm = ok(
             &wc,
             Method::POST,
-            &format!("/v1/clouds/{wid}/vms"),
+            &routes::CREATE_VM.at(&[&wid]),
             Some(json!({"name": format!("v{i}")})),
         )
         .await;
-        let path = format!("/v1/hosts/{}/cordon", vm.host);
+        let path = routes::CORDON_HOST.at(&[&vm.host]);
         let _: HostInfo = ok(&api.op, Method::POST, &path, None).await;
         vms.push(vm);
     }
@@ -1973,7 +2069,7 @@ async fn deleting_a_cloud_on_too_many_hosts_is_refused_before_revoking(api: Api)
         let _: HostInfo = ok(
             &api.op,
             Method::POST,
-            &format!("/v1/hosts/{h}/uncordon"),
+            &routes::UNCORDON_HOST.at(&[&h]),
             None,
         )
         .await;
@@ -1984,54 +2080,54 @@ async fn deleting_a_cloud_on_too_many_hosts_is_refused_before_revoking(api: Api)
     let _: Exposure = ok(
         &wc,
         Method::POST,
-        &format!("/v1/clouds/{wid}/exposures"),
+        &routes::CREATE_EXPOSURE.at(&[&wid]),
         Some(json!({"name": "web", "protocol": "tcp", "port": 80, "backends": [{"vm": "v0", "port": 80}]})),
     )
     .await;
     let _: Offer = ok(
         &wc,
         Method::POST,
-        &format!("/v1/clouds/{wid}/exposures/web/grants"),
+        &routes::CREATE_GRANT.at(&[&wid, &"web"]),
         Some(json!({"consumer": bid})),
     )
     .await;
     let given: Grant = ok(
         &bc,
         Method::POST,
-        &format!("/v1/clouds/{bid}/offers/{wid}/web/accept"),
+        &routes::ACCEPT_OFFER.at(&[&bid, &wid, &"web"]),
         None,
     )
     .await;
     let _: Vm = ok(
         &bc,
         Method::POST,
-        &format!("/v1/clouds/{bid}/vms"),
+        &routes::CREATE_VM.at(&[&bid]),
         Some(json!({"name": "svc"})),
     )
     .await;
     let _: Exposure = ok(
         &bc,
         Method::POST,
-        &format!("/v1/clouds/{bid}/exposures"),
+        &routes::CREATE_EXPOSURE.at(&[&bid]),
         Some(json!({"name": "s", "protocol": "tcp", "port": 1, "backends": [{"vm": "svc", "port": 1}]})),
     )
     .await;
     let _: Offer = ok(
         &bc,
         Method::POST,
-        &format!("/v1/clouds/{bid}/exposures/s/grants"),
+        &routes::CREATE_GRANT.at(&[&bid, &"s"]),
         Some(json!({"consumer": wid})),
     )
     .await;
     let received: Grant = ok(
         &wc,
         Method::POST,
-        &format!("/v1/clouds/{wid}/offers/{bid}/s/accept"),
+        &routes::ACCEPT_OFFER.at(&[&wid, &bid, &"s"]),
         None,
     )
     .await;
 
-    let (status, v) = raw(&wc, Method::DELETE, &format!("/v1/clouds/{wid}"), None).await;
+    let (status, v) = raw(&wc, Method::DELETE, &routes::DELETE_CLOUD.at(&[&wid]), None).await;
     match limit {
         None => assert!(status.is_success(), "SQLite has no limit: {status} {v}"),
         Some(128) => {
@@ -2046,10 +2142,10 @@ async fn deleting_a_cloud_on_too_many_hosts_is_refused_before_revoking(api: Api)
             }
             // Refused before anything was revoked.
             let imports: Vec<Grant> =
-                ok(&bc, Method::GET, &format!("/v1/clouds/{bid}/imports"), None).await;
+                ok(&bc, Method::GET, &routes::LIST_IMPORTS.at(&[&bid]), None).await;
             assert_eq!(imports, vec![given.clone()]);
             let imports: Vec<Grant> =
-                ok(&wc, Method::GET, &format!("/v1/clouds/{wid}/imports"), None).await;
+                ok(&wc, Method::GET, &routes::LIST_IMPORTS.at(&[&wid]), None).await;
             assert_eq!(imports, vec![received.clone()]);
             // Emptying one host brings the cloud's own keys to exactly 128 ops: the grants are
             // revoked ahead and the rest is one transaction.
@@ -2058,24 +2154,23 @@ async fn deleting_a_cloud_on_too_many_hosts_is_refused_before_revoking(api: Api)
                 let _: Value = ok(
                     &wc,
                     Method::DELETE,
-                    &format!("/v1/clouds/{wid}/vms/{}", vm.name),
+                    &routes::DELETE_VM.at(&[&wid, &vm.name]),
                     None,
                 )
                 .await;
             }
-            let _: Value = ok(&wc, Method::DELETE, &format!("/v1/clouds/{wid}"), None).await;
+            let _: Value = ok(&wc, Method::DELETE, &routes::DELETE_CLOUD.at(&[&wid]), None).await;
         }
         Some(other) => panic!("the etcd case runs with etcd's default limit, not {other}"),
     }
     let left = mentions(&api, wid).await;
     assert!(left.is_empty(), "left behind: {left:?}");
-    let imports: Vec<Grant> =
-        ok(&bc, Method::GET, &format!("/v1/clouds/{bid}/imports"), None).await;
+    let imports: Vec<Grant> = ok(&bc, Method::GET, &routes::LIST_IMPORTS.at(&[&bid]), None).await;
     assert!(imports.is_empty());
     let grants: Vec<Grant> = ok(
         &bc,
         Method::GET,
-        &format!("/v1/clouds/{bid}/exposures/s/grants"),
+        &routes::LIST_GRANTS.at(&[&bid, &"s"]),
         None,
     )
     .await;
@@ -2132,7 +2227,7 @@ async fn report(
     let () = ok(
         &api.op,
         Method::POST,
-        &format!("/v1/hosts/{host}/status"),
+        &routes::REPORT_STATUS.at(&[&host]),
         Some(body),
     )
     .await;
@@ -2153,7 +2248,7 @@ fn status(state: VmState) -> VmStatus {
 async fn vm_lifecycle_power_user_data_states_and_console(api: Api) {
     let (a, ac) = api.cloud(json!({"name": "life"})).await;
     let id = a.cloud.id;
-    let vms = format!("/v1/clouds/{id}/vms");
+    let vms = routes::CREATE_VM.at(&[&id]);
     let start = api
         .core
         .sync(Principal::Operator, "host-a", 0, Duration::ZERO)
@@ -2376,7 +2471,13 @@ async fn vm_lifecycle_power_user_data_states_and_console(api: Api) {
     );
 
     // Another host cannot write the status or console of a VM placed on host-a.
-    let _: HostInfo = ok(&api.op, Method::PUT, "/v1/hosts/host-b", None).await;
+    let _: HostInfo = ok(
+        &api.op,
+        Method::PUT,
+        &routes::REGISTER_HOST.at(&[&"host-b"]),
+        None,
+    )
+    .await;
     report(
         &api,
         "host-b",
@@ -2413,7 +2514,7 @@ async fn vm_lifecycle_power_user_data_states_and_console(api: Api) {
     .await;
     let console: Console = ok(&ac, Method::GET, &format!("{vms}/idle/console"), None).await;
     assert_eq!(console.text, "login: ");
-    let _: Value = ok(&ac, Method::DELETE, &format!("/v1/clouds/{id}"), None).await;
+    let _: Value = ok(&ac, Method::DELETE, &routes::DELETE_CLOUD.at(&[&id]), None).await;
     let left = mentions(&api, id).await;
     assert!(left.is_empty(), "left behind: {left:?}");
 }
@@ -2456,14 +2557,14 @@ async fn offers_change_nothing_in_the_consumer_until_it_accepts(api: Api) {
     let _: Vm = ok(
         &pc,
         Method::POST,
-        &format!("/v1/clouds/{pid}/vms"),
+        &routes::CREATE_VM.at(&[&pid]),
         Some(json!({"name": "web"})),
     )
     .await;
     let _: Vm = ok(
         &cc,
         Method::POST,
-        &format!("/v1/clouds/{cid}/vms"),
+        &routes::CREATE_VM.at(&[&cid]),
         Some(json!({"name": "app"})),
     )
     .await;
@@ -2471,12 +2572,12 @@ async fn offers_change_nothing_in_the_consumer_until_it_accepts(api: Api) {
         let _: Exposure = ok(
             &pc,
             Method::POST,
-            &format!("/v1/clouds/{pid}/exposures"),
+            &routes::CREATE_EXPOSURE.at(&[&pid]),
             Some(json!({"name": name, "protocol": "tcp", "port": 80, "backends": [{"vm": "web", "port": 8080}]})),
         )
         .await;
     }
-    let grants = |e: &str| format!("/v1/clouds/{pid}/exposures/{e}/grants");
+    let grants = |e: &str| routes::CREATE_GRANT.at(&[&pid, &e]);
     let base = api
         .core
         .sync(Principal::Operator, "host-a", 0, Duration::ZERO)
@@ -2504,8 +2605,7 @@ async fn offers_change_nothing_in_the_consumer_until_it_accepts(api: Api) {
         zone.records.iter().all(|r| !r.fqdn.contains(".svc.")),
         "{zone:?}"
     );
-    let imports: Vec<Value> =
-        ok(&cc, Method::GET, &format!("/v1/clouds/{cid}/imports"), None).await;
+    let imports: Vec<Value> = ok(&cc, Method::GET, &routes::LIST_IMPORTS.at(&[&cid]), None).await;
     assert!(imports.is_empty(), "{imports:?}");
     let given: Vec<Value> = ok(&pc, Method::GET, &grants("web"), None).await;
     assert!(given.is_empty(), "an offer is not a grant: {given:?}");
@@ -2520,11 +2620,11 @@ async fn offers_change_nothing_in_the_consumer_until_it_accepts(api: Api) {
     let pending: Vec<Offer> = ok(
         &pc,
         Method::GET,
-        &format!("/v1/clouds/{pid}/exposures/web/offers"),
+        &routes::LIST_EXPOSURE_OFFERS.at(&[&pid, &"web"]),
         None,
     )
     .await;
-    let inbox: Vec<Offer> = ok(&cc, Method::GET, &format!("/v1/clouds/{cid}/offers"), None).await;
+    let inbox: Vec<Offer> = ok(&cc, Method::GET, &routes::LIST_OFFERS.at(&[&cid]), None).await;
     assert_eq!(pending, inbox);
     assert_eq!(
         (
@@ -2541,7 +2641,7 @@ async fn offers_change_nothing_in_the_consumer_until_it_accepts(api: Api) {
     let g: Grant = ok(
         &cc,
         Method::POST,
-        &format!("/v1/clouds/{cid}/offers/{pid}/web/accept"),
+        &routes::ACCEPT_OFFER.at(&[&cid, &pid, &"web"]),
         None,
     )
     .await;
@@ -2552,15 +2652,14 @@ async fn offers_change_nothing_in_the_consumer_until_it_accepts(api: Api) {
         "lowest free address of the consumer"
     );
     assert_eq!(g.fqdn, format!("web.{pid}.svc.beta.atoll.internal."));
-    let imports: Vec<Grant> =
-        ok(&cc, Method::GET, &format!("/v1/clouds/{cid}/imports"), None).await;
+    let imports: Vec<Grant> = ok(&cc, Method::GET, &routes::LIST_IMPORTS.at(&[&cid]), None).await;
     assert_eq!(imports, vec![g.clone()]);
-    let inbox: Vec<Offer> = ok(&cc, Method::GET, &format!("/v1/clouds/{cid}/offers"), None).await;
+    let inbox: Vec<Offer> = ok(&cc, Method::GET, &routes::LIST_OFFERS.at(&[&cid]), None).await;
     assert!(inbox.is_empty(), "{inbox:?}");
     let pending: Vec<Offer> = ok(
         &pc,
         Method::GET,
-        &format!("/v1/clouds/{pid}/exposures/web/offers"),
+        &routes::LIST_EXPOSURE_OFFERS.at(&[&pid, &"web"]),
         None,
     )
     .await;
@@ -2601,19 +2700,18 @@ async fn offers_change_nothing_in_the_consumer_until_it_accepts(api: Api) {
             raw(
                 &cc,
                 Method::DELETE,
-                &format!("/v1/clouds/{cid}/offers/{pid}/admin"),
+                &routes::DECLINE_OFFER.at(&[&cid, &pid, &"admin"]),
                 None,
             )
             .await
         };
         assert_eq!(status, StatusCode::NO_CONTENT, "{v}");
-        let inbox: Vec<Offer> =
-            ok(&cc, Method::GET, &format!("/v1/clouds/{cid}/offers"), None).await;
+        let inbox: Vec<Offer> = ok(&cc, Method::GET, &routes::LIST_OFFERS.at(&[&cid]), None).await;
         assert!(inbox.is_empty(), "{inbox:?}");
         let pending: Vec<Offer> = ok(
             &pc,
             Method::GET,
-            &format!("/v1/clouds/{pid}/exposures/admin/offers"),
+            &routes::LIST_EXPOSURE_OFFERS.at(&[&pid, &"admin"]),
             None,
         )
         .await;
@@ -2621,7 +2719,7 @@ async fn offers_change_nothing_in_the_consumer_until_it_accepts(api: Api) {
         let (status, _) = raw(
             &cc,
             Method::POST,
-            &format!("/v1/clouds/{cid}/offers/{pid}/admin/accept"),
+            &routes::ACCEPT_OFFER.at(&[&cid, &pid, &"admin"]),
             None,
         )
         .await;
@@ -2642,8 +2740,7 @@ async fn offers_change_nothing_in_the_consumer_until_it_accepts(api: Api) {
     )
     .await;
     assert_eq!(status, StatusCode::NO_CONTENT);
-    let imports: Vec<Grant> =
-        ok(&cc, Method::GET, &format!("/v1/clouds/{cid}/imports"), None).await;
+    let imports: Vec<Grant> = ok(&cc, Method::GET, &routes::LIST_IMPORTS.at(&[&cid]), None).await;
     assert!(imports.is_empty());
     let vip = format!("c/{cid}/ip/{}", g.vip);
     assert!(
@@ -2661,7 +2758,13 @@ async fn offers_to_unknown_clouds_look_like_offers_to_existing_ones_and_are_boun
     let real = _c.cloud.id;
     // Another id, which no cloud has (random ids: checked).
     let unknown = CloudId(real.0 ^ 0x5a5a_5a5a);
-    let (status, _) = raw(&api.op, Method::GET, &format!("/v1/clouds/{unknown}"), None).await;
+    let (status, _) = raw(
+        &api.op,
+        Method::GET,
+        &routes::GET_CLOUD.at(&[&unknown]),
+        None,
+    )
+    .await;
     assert_eq!(status, StatusCode::NOT_FOUND, "{unknown} exists");
     let per_provider = 16;
     let per_cloud = 64;
@@ -2673,7 +2776,7 @@ async fn offers_to_unknown_clouds_look_like_offers_to_existing_ones_and_are_boun
         let _: Vm = ok(
             &pc,
             Method::POST,
-            &format!("/v1/clouds/{pid}/vms"),
+            &routes::CREATE_VM.at(&[&pid]),
             Some(json!({"name": "b"})),
         )
         .await;
@@ -2681,7 +2784,7 @@ async fn offers_to_unknown_clouds_look_like_offers_to_existing_ones_and_are_boun
             let _: Exposure = ok(
                 &pc,
                 Method::POST,
-                &format!("/v1/clouds/{pid}/exposures"),
+                &routes::CREATE_EXPOSURE.at(&[&pid]),
                 Some(json!({"name": format!("e{e}"), "protocol": "udp", "port": 53, "backends": [{"vm": "b", "port": 53}]})),
             )
             .await;
@@ -2690,7 +2793,7 @@ async fn offers_to_unknown_clouds_look_like_offers_to_existing_ones_and_are_boun
     }
     // What one offer gets, with the consumer's id and the time taken out.
     let offer = |pc: Client, pid: CloudId, e: usize, to: CloudId| async move {
-        let path = format!("/v1/clouds/{pid}/exposures/e{e}/grants");
+        let path = routes::CREATE_GRANT.at(&[&pid, &format!("e{e}")]);
         let (status, mut v) = raw(&pc, Method::POST, &path, Some(&json!({"consumer": to}))).await;
         let text = v.to_string().replace(&to.to_string(), "CONSUMER");
         v = serde_json::from_str(&text).unwrap();
@@ -2751,13 +2854,7 @@ async fn offers_to_unknown_clouds_look_like_offers_to_existing_ones_and_are_boun
         .await
         .unwrap();
     assert_eq!(inbox.len(), per_cloud);
-    let inbox: Vec<Offer> = ok(
-        &_cc,
-        Method::GET,
-        &format!("/v1/clouds/{real}/offers"),
-        None,
-    )
-    .await;
+    let inbox: Vec<Offer> = ok(&_cc, Method::GET, &routes::LIST_OFFERS.at(&[&real]), None).await;
     assert_eq!(inbox.len(), per_cloud);
     // Withdrawing them empties both lists.
     for (pid, pc) in &providers[..per_cloud / per_provider] {
@@ -2766,7 +2863,7 @@ async fn offers_to_unknown_clouds_look_like_offers_to_existing_ones_and_are_boun
                 let _: Value = ok(
                     pc,
                     Method::DELETE,
-                    &format!("/v1/clouds/{pid}/exposures/e{e}/grants/{to}"),
+                    &routes::REVOKE_GRANT.at(&[&pid, &format!("e{e}"), &to]),
                     None,
                 )
                 .await;
@@ -2799,14 +2896,14 @@ async fn offer_policy_and_same_named_providers_get_distinct_names(api: Api) {
         let _: Vm = ok(
             &pc,
             Method::POST,
-            &format!("/v1/clouds/{pid}/vms"),
+            &routes::CREATE_VM.at(&[&pid]),
             Some(json!({"name": "web"})),
         )
         .await;
         let _: Exposure = ok(
             &pc,
             Method::POST,
-            &format!("/v1/clouds/{pid}/exposures"),
+            &routes::CREATE_EXPOSURE.at(&[&pid]),
             Some(json!({"name": "web", "protocol": "tcp", "port": 80, "backends": [{"vm": "web", "port": 80}]})),
         )
         .await;
@@ -2814,7 +2911,7 @@ async fn offer_policy_and_same_named_providers_get_distinct_names(api: Api) {
     }
     let (p1, pc1) = providers[0].clone();
     let (p2, pc2) = providers[1].clone();
-    let policy_path = format!("/v1/clouds/{cid}/offer-policy");
+    let policy_path = routes::GET_OFFER_POLICY.at(&[&cid]);
     let empty: Value = ok(&cc, Method::GET, &policy_path, None).await;
     assert_eq!(empty, json!({"accept_from": []}));
     let set: Value = ok(
@@ -2841,7 +2938,7 @@ async fn offer_policy_and_same_named_providers_get_distinct_names(api: Api) {
     );
 
     // The listed provider's offer is a grant at once; the other's waits.
-    let path = |p: CloudId| format!("/v1/clouds/{p}/exposures/web/grants");
+    let path = |p: CloudId| routes::CREATE_GRANT.at(&[&p, &"web"]);
     let (status, o1) = raw(
         &pc1,
         Method::POST,
@@ -2866,8 +2963,7 @@ async fn offer_policy_and_same_named_providers_get_distinct_names(api: Api) {
         (StatusCode::ACCEPTED, Some("pending")),
         "{o2}"
     );
-    let imports: Vec<Grant> =
-        ok(&cc, Method::GET, &format!("/v1/clouds/{cid}/imports"), None).await;
+    let imports: Vec<Grant> = ok(&cc, Method::GET, &routes::LIST_IMPORTS.at(&[&cid]), None).await;
     assert_eq!(imports.len(), 1);
     let g1 = imports[0].clone();
     assert_eq!((g1.provider, g1.state), (p1, GrantState::Active));
@@ -2876,7 +2972,7 @@ async fn offer_policy_and_same_named_providers_get_distinct_names(api: Api) {
     let g2: Grant = ok(
         &cc,
         Method::POST,
-        &format!("/v1/clouds/{cid}/offers/{p2}/web/accept"),
+        &routes::ACCEPT_OFFER.at(&[&cid, &p2, &"web"]),
         None,
     )
     .await;
@@ -2895,7 +2991,7 @@ async fn offer_policy_and_same_named_providers_get_distinct_names(api: Api) {
     let (status, v) = raw(
         &cc,
         Method::PUT,
-        &format!("/v1/clouds/{cid}/dns/web.{p2}.svc/A"),
+        &routes::PUT_RECORD_SET.at(&[&cid, &format!("web.{p2}.svc"), &"A"]),
         Some(&json!({"values": ["10.0.0.99"]})),
     )
     .await;
@@ -2911,7 +3007,7 @@ async fn vm_on(c: &Client, cloud: CloudId, name: &str) -> String {
     let vm: Vm = ok(
         c,
         Method::POST,
-        &format!("/v1/clouds/{cloud}/vms"),
+        &routes::CREATE_VM.at(&[&cloud]),
         Some(json!({"name": name})),
     )
     .await;
@@ -2924,13 +3020,17 @@ async fn vm_on(c: &Client, cloud: CloudId, name: &str) -> String {
 /// host reports it installed. A host that runs neither cannot mark it failed.
 async fn grants_are_active_only_where_they_carry_traffic(api: Api) {
     for h in ["host-b", "host-z"] {
-        let _: HostInfo = ok(&api.op, Method::PUT, &format!("/v1/hosts/{h}"), None).await;
+        let _: HostInfo = ok(&api.op, Method::PUT, &routes::REGISTER_HOST.at(&[&h]), None).await;
     }
     let cordon = |h: String, on: bool| {
         let op = api.op.clone();
         async move {
-            let verb = if on { "cordon" } else { "uncordon" };
-            let _: HostInfo = ok(&op, Method::POST, &format!("/v1/hosts/{h}/{verb}"), None).await;
+            let route = if on {
+                &routes::CORDON_HOST
+            } else {
+                &routes::UNCORDON_HOST
+            };
+            let _: HostInfo = ok(&op, Method::POST, &route.at(&[&h]), None).await;
         }
     };
     let (p, pc) = api.cloud(json!({"name": "prov"})).await;
@@ -2939,7 +3039,7 @@ async fn grants_are_active_only_where_they_carry_traffic(api: Api) {
     let _: Exposure = ok(
         &pc,
         Method::POST,
-        &format!("/v1/clouds/{pid}/exposures"),
+        &routes::CREATE_EXPOSURE.at(&[&pid]),
         Some(json!({"name": "web", "protocol": "tcp", "port": 80, "backends": [{"vm": "web", "port": 80}]})),
     )
     .await;
@@ -2966,14 +3066,14 @@ async fn grants_are_active_only_where_they_carry_traffic(api: Api) {
         let _: Value = ok(
             client,
             Method::PUT,
-            &format!("/v1/clouds/{}/offer-policy", cloud.cloud.id),
+            &routes::PUT_OFFER_POLICY.at(&[&cloud.cloud.id]),
             Some(json!({"accept_from": [pid]})),
         )
         .await;
         let _: Value = ok(
             &pc,
             Method::POST,
-            &format!("/v1/clouds/{pid}/exposures/web/grants"),
+            &routes::CREATE_GRANT.at(&[&pid, &"web"]),
             Some(json!({"consumer": cloud.cloud.id})),
         )
         .await;
@@ -2982,7 +3082,7 @@ async fn grants_are_active_only_where_they_carry_traffic(api: Api) {
         let g: Vec<Grant> = ok(
             &pc,
             Method::GET,
-            &format!("/v1/clouds/{pid}/exposures/web/grants"),
+            &routes::LIST_GRANTS.at(&[&pid, &"web"]),
             None,
         )
         .await;
@@ -3002,7 +3102,7 @@ async fn grants_are_active_only_where_they_carry_traffic(api: Api) {
     let imports: Vec<Grant> = ok(
         &farc,
         Method::GET,
-        &format!("/v1/clouds/{}/imports", far.cloud.id),
+        &routes::LIST_IMPORTS.at(&[&far.cloud.id]),
         None,
     )
     .await;
@@ -3013,7 +3113,7 @@ async fn grants_are_active_only_where_they_carry_traffic(api: Api) {
     let () = ok(
         &api.op,
         Method::POST,
-        &format!("/v1/hosts/{spare}/status"),
+        &routes::REPORT_STATUS.at(&[&spare]),
         Some(service(Some("made up"))),
     )
     .await;
@@ -3022,7 +3122,7 @@ async fn grants_are_active_only_where_they_carry_traffic(api: Api) {
     let () = ok(
         &api.op,
         Method::POST,
-        &format!("/v1/hosts/{home}/status"),
+        &routes::REPORT_STATUS.at(&[&home]),
         Some(service(Some("VIPS is full (dataplane.max_vips = 1)"))),
     )
     .await;
@@ -3036,7 +3136,7 @@ async fn grants_are_active_only_where_they_carry_traffic(api: Api) {
     let () = ok(
         &api.op,
         Method::POST,
-        &format!("/v1/hosts/{home}/status"),
+        &routes::REPORT_STATUS.at(&[&home]),
         Some(json!({"vms": [], "services": [{"provider": pid, "consumer": near.cloud.id, "vip": n.vip.to_string()}]})),
     )
     .await;

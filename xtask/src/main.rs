@@ -276,6 +276,19 @@ fn test() -> Result<()> {
         "warnings",
     ]))?;
     clippy_bpf()?;
+    // The agent without its embedded control plane: the library and the remote-only binary
+    // must not need `atoll-control` (see agent/Cargo.toml).
+    run(cargo().args([
+        "clippy",
+        "-p",
+        "atoll-agent",
+        "--no-default-features",
+        "--lib",
+        "--bins",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
     run(cargo().args([
         "build",
         "--release",

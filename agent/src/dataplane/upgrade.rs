@@ -65,7 +65,7 @@ pub fn pinned_builds(dir: &Path) -> Result<Vec<String>, DataplaneError> {
 pub(super) fn mark_build(dir: &Path) -> Result<(), DataplaneError> {
     let id = build_id();
     let marker = dir.join(format!("{BUILD_MARKER_PREFIX}{id}"));
-    atoll_control::private::create_dir_all(&marker, 0o700).map_err(|source| {
+    atoll_api::private::create_dir_all(&marker, 0o700).map_err(|source| {
         DataplaneError::CreatePinDir {
             path: marker.clone(),
             source,

@@ -42,9 +42,9 @@ impl Console {
     /// `max_bytes` on disk and `tail_max` bytes in memory.
     pub fn open(path: &Path, max_bytes: u64, tail_max: usize) -> std::io::Result<Self> {
         if let Some(dir) = path.parent() {
-            atoll_control::private::create_dir_all(dir, 0o700)?;
+            atoll_api::private::create_dir_all(dir, 0o700)?;
         }
-        let file = atoll_control::private::file_options()
+        let file = atoll_api::private::file_options()
             .create(true)
             .append(true)
             .open(path)?;
@@ -93,7 +93,7 @@ impl Console {
             self.file = None;
             let old = self.path.with_extension("log.1");
             let _ = std::fs::rename(&self.path, old);
-            self.file = atoll_control::private::file_options()
+            self.file = atoll_api::private::file_options()
                 .create(true)
                 .append(true)
                 .open(&self.path)

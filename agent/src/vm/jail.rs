@@ -89,7 +89,7 @@ fn fstat(fd: RawFd) -> io::Result<libc::stat> {
 /// existing `dir` mode 0711, and refuses one that is not root's: the VMMs must traverse it and
 /// nothing else.
 pub fn ensure_run_root(dir: &Path) -> io::Result<()> {
-    atoll_control::private::create_dir_all(dir, 0o711)?;
+    atoll_api::private::create_dir_all(dir, 0o711)?;
     let meta = std::fs::symlink_metadata(dir)?;
     use std::os::unix::fs::{MetadataExt, PermissionsExt};
     if !meta.is_dir() || meta.uid() != 0 {

@@ -27,7 +27,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use atoll_control::model::VolumeFormat;
+use atoll_api::model::VolumeFormat;
 
 use super::VmPlan;
 

@@ -110,6 +110,8 @@ use base64::Engine;
 use sha2::{Digest, Sha256};
 use tokio::sync::watch;
 
+pub use atoll_api::{Command, Issuer, Reply};
+
 use crate::{
     model::*,
     store::{Compare, EventKind, Op, Store, StoreError, Txn, TxnOutcome},
@@ -241,238 +243,8 @@ pub struct CoreConfig {
 pub const HEARTBEAT_SECS: u64 = 20;
 
 /// The smallest `hosts.timeout_secs`: a healthy host syncs at least every
-/// [`crate::api::MAX_SYNC_WAIT`], and its heartbeat may be [`HEARTBEAT_SECS`] stale.
+/// [`atoll_api::routes::MAX_SYNC_WAIT_MS`], and its heartbeat may be [`HEARTBEAT_SECS`] stale.
 pub const MIN_HOST_TIMEOUT_SECS: u64 = 60 + HEARTBEAT_SECS + 10;
-
-/// A request to the core. Each variant's doc line ends with who may issue it, which is
-/// what [`Command::issuer`] returns and [`Core::authorize`](auth) enforces.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Command {
-    /// Create a cloud and its token. Operator.
-    CreateCloud { spec: CreateCloud },
-    /// List clouds: all of them (paged by `after`, `limit`) for the operator, its own for a
-    /// cloud. Operator or any cloud.
-    ListClouds {
-        after: Option<CloudId>,
-        limit: usize,
-    },
-    /// Get a cloud. The cloud or the operator.
-    GetCloud { cloud: CloudId },
-    /// Delete a cloud and everything in it. The cloud or the operator.
-    DeleteCloud { cloud: CloudId },
-    /// Give the cloud a new token; the old one stops working at once. The cloud or the
-    /// operator.
-    RotateCloudToken { cloud: CloudId },
-    /// Create a VM (address, placement, DNS name). The cloud or the operator.
-    CreateVm { cloud: CloudId, spec: CreateVm },
-    /// List a cloud's VMs with their status. The cloud or the operator.
-    ListVms { cloud: CloudId },
-    /// Get a VM with its status. The cloud or the operator.
-    GetVm { cloud: CloudId, vm: String },
-    /// Delete a VM, releasing its address and detaching its volumes. The cloud or the operator.
-    DeleteVm { cloud: CloudId, vm: String },
-    /// Set the VM's power to running (a no-op if it is). The cloud or the operator.
-    StartVm { cloud: CloudId, vm: String },
-    /// Set the VM's power to stopped (a no-op if it is). The cloud or the operator.
-    StopVm { cloud: CloudId, vm: String },
-    /// The tail of the VM's console as its host last reported it. The cloud or the operator.
-    GetConsole { cloud: CloudId, vm: String },
-    /// Create a volume. The cloud or the operator.
-    CreateVolume { cloud: CloudId, spec: CreateVolume },
-    /// List a cloud's volumes. The cloud or the operator.
-    ListVolumes { cloud: CloudId },
-    /// Get a volume. The cloud or the operator.
-    GetVolume { cloud: CloudId, volume: String },
-    /// Delete a detached volume. The cloud or the operator.
-    DeleteVolume { cloud: CloudId, volume: String },
-    /// Attach a volume to a VM. The cloud or the operator.
-    AttachVolume {
-        cloud: CloudId,
-        volume: String,
-        spec: AttachVolume,
-    },
-    /// Detach a volume. The cloud or the operator.
-    DetachVolume { cloud: CloudId, volume: String },
-    /// Create or replace a record set. The cloud or the operator.
-    PutRecordSet {
-        cloud: CloudId,
-        name: String,
-        rtype: RecordType,
-        spec: PutRecordSet,
-    },
-    /// List a cloud's record sets. The cloud or the operator.
-    ListRecordSets { cloud: CloudId },
-    /// Delete a record set. The cloud or the operator.
-    DeleteRecordSet {
-        cloud: CloudId,
-        name: String,
-        rtype: RecordType,
-    },
-    /// Create an exposure of some of the cloud's VMs. The cloud (the provider) or the operator.
-    CreateExposure {
-        cloud: CloudId,
-        spec: CreateExposure,
-    },
-    /// List a cloud's exposures. The cloud or the operator.
-    ListExposures { cloud: CloudId },
-    /// Get an exposure. The cloud or the operator.
-    GetExposure { cloud: CloudId, exposure: String },
-    /// Delete an exposure, revoking its grants and offers. The cloud or the operator.
-    DeleteExposure { cloud: CloudId, exposure: String },
-    /// Offer an exposure to a consumer (accepted at once if the consumer's policy lists the
-    /// provider). The providing cloud or the operator.
-    CreateGrant {
-        cloud: CloudId,
-        exposure: String,
-        spec: CreateGrant,
-    },
-    /// List an exposure's grants as they stand. The providing cloud or the operator.
-    ListGrants { cloud: CloudId, exposure: String },
-    /// Revoke a grant, or withdraw a pending offer. The providing cloud or the operator.
-    RevokeGrant {
-        cloud: CloudId,
-        exposure: String,
-        consumer: CloudId,
-    },
-    /// The provider's pending offers of an exposure. The providing cloud or the operator.
-    ListExposureOffers { cloud: CloudId, exposure: String },
-    /// The grants a cloud received. The consuming cloud or the operator.
-    ListImports { cloud: CloudId },
-    /// Give up a grant received. The consuming cloud or the operator.
-    DeleteImport {
-        cloud: CloudId,
-        provider: CloudId,
-        exposure: String,
-    },
-    /// The pending offers a cloud received. The consuming cloud or the operator.
-    ListOffers { cloud: CloudId },
-    /// Make an offer received an active grant. The consuming cloud or the operator.
-    AcceptOffer {
-        cloud: CloudId,
-        provider: CloudId,
-        exposure: String,
-    },
-    /// Decline an offer received. The consuming cloud or the operator.
-    DeclineOffer {
-        cloud: CloudId,
-        provider: CloudId,
-        exposure: String,
-    },
-    /// Which providers' offers the cloud accepts at once. The cloud or the operator.
-    GetOfferPolicy { cloud: CloudId },
-    /// Replace the cloud's offer policy. The cloud or the operator.
-    PutOfferPolicy { cloud: CloudId, policy: OfferPolicy },
-    /// Register a host (idempotent). The host itself or the operator.
-    RegisterHost { host: String },
-    /// Issue a host a new token. Operator.
-    IssueHostToken { host: String },
-    /// Cordon (`true`) or uncordon a host. Operator.
-    CordonHost { host: String, cordoned: bool },
-    /// List hosts with their load and liveness. Operator.
-    ListHosts,
-    /// A host's report of the state it reached. The host itself or the operator.
-    ReportStatus { host: String, report: StatusReport },
-}
-
-/// Who may issue a [`Command`]; the operator may issue every command.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Issuer<'a> {
-    /// The operator only.
-    Operator,
-    /// The operator or a cloud (each cloud sees only its own; never a host).
-    AnyCloud,
-    /// The operator or the token of this cloud.
-    Cloud(CloudId),
-    /// The operator or the token of this host.
-    Host(&'a str),
-}
-
-impl Command {
-    /// Who may issue this command (the table the variants' doc lines state).
-    pub fn issuer(&self) -> Issuer<'_> {
-        use Command::*;
-        match self {
-            CreateCloud { .. } | IssueHostToken { .. } | CordonHost { .. } | ListHosts => {
-                Issuer::Operator
-            }
-            ListClouds { .. } => Issuer::AnyCloud,
-            RegisterHost { host } | ReportStatus { host, .. } => Issuer::Host(host),
-            GetCloud { cloud }
-            | DeleteCloud { cloud }
-            | RotateCloudToken { cloud }
-            | CreateVm { cloud, .. }
-            | ListVms { cloud }
-            | GetVm { cloud, .. }
-            | DeleteVm { cloud, .. }
-            | StartVm { cloud, .. }
-            | StopVm { cloud, .. }
-            | GetConsole { cloud, .. }
-            | CreateVolume { cloud, .. }
-            | ListVolumes { cloud }
-            | GetVolume { cloud, .. }
-            | DeleteVolume { cloud, .. }
-            | AttachVolume { cloud, .. }
-            | DetachVolume { cloud, .. }
-            | PutRecordSet { cloud, .. }
-            | ListRecordSets { cloud }
-            | DeleteRecordSet { cloud, .. }
-            | CreateExposure { cloud, .. }
-            | ListExposures { cloud }
-            | GetExposure { cloud, .. }
-            | DeleteExposure { cloud, .. }
-            | CreateGrant { cloud, .. }
-            | ListGrants { cloud, .. }
-            | RevokeGrant { cloud, .. }
-            | ListExposureOffers { cloud, .. }
-            | ListImports { cloud }
-            | DeleteImport { cloud, .. }
-            | ListOffers { cloud }
-            | AcceptOffer { cloud, .. }
-            | DeclineOffer { cloud, .. }
-            | GetOfferPolicy { cloud }
-            | PutOfferPolicy { cloud, .. } => Issuer::Cloud(*cloud),
-        }
-    }
-
-    /// What the command does, for refusals ("may not <what>").
-    fn refusal(&self) -> &'static str {
-        use Command::*;
-        match self {
-            CreateCloud { .. } => "create clouds",
-            ListClouds { .. } => "list clouds",
-            _ => "manage hosts",
-        }
-    }
-}
-
-/// The core's answer to a [`Command`].
-#[derive(Debug, Clone, PartialEq)]
-pub enum Reply {
-    CreatedCloud(Box<CreatedCloud>),
-    CloudToken(Box<CloudToken>),
-    Cloud(Box<Cloud>),
-    Clouds(Vec<Cloud>),
-    Vm(Box<Vm>),
-    Vms(Vec<Vm>),
-    Console(Console),
-    Volume(Volume),
-    Volumes(Vec<Volume>),
-    RecordSet(RecordSet),
-    RecordSets(Vec<RecordSet>),
-    Exposure(Exposure),
-    Exposures(Vec<Exposure>),
-    Grant(Grant),
-    Grants(Vec<Grant>),
-    /// Rendered as 202 Accepted: an offer is not a grant yet.
-    Offer(Offer),
-    Offers(Vec<Offer>),
-    OfferPolicy(OfferPolicy),
-    Host(HostInfo),
-    HostToken(Box<HostToken>),
-    Hosts(Vec<HostInfo>),
-    /// Created-or-replaced/deleted with nothing to return.
-    Done,
-}
 
 /// The control plane's core. Cheap to share (`Arc`).
 pub struct Core {
@@ -800,6 +572,14 @@ impl Core {
                     hosts.into_iter().map(|h| self.host_view(h)).collect(),
                 ))
             }
+            Sync {
+                host,
+                after,
+                wait_ms,
+            } => Ok(Reply::Sync(Box::new(
+                self.sync(principal, &host, after, Duration::from_millis(wait_ms))
+                    .await?,
+            ))),
             ReportStatus { host, report } => self.report_status(&host, report).await,
         }
     }
@@ -857,5 +637,20 @@ impl Core {
             .await?
             .ok_or_else(|| CoreError::NotFound(what()))?;
         Ok((kv.mod_revision, decode(key, &kv.value)?))
+    }
+}
+
+/// The core as the [`ControlPlane`](atoll_api::ControlPlane) of an agent that runs it in its
+/// own process: commands run with the operator's authority.
+#[derive(Debug, Clone)]
+pub struct Embedded(pub Arc<Core>);
+
+#[async_trait::async_trait]
+impl atoll_api::ControlPlane for Embedded {
+    async fn execute(&self, cmd: Command) -> Result<Reply, atoll_api::ControlPlaneError> {
+        self.0
+            .execute(Principal::Operator, cmd)
+            .await
+            .map_err(|e| atoll_api::ControlPlaneError::Embedded(Box::new(e)))
     }
 }

@@ -10,6 +10,7 @@
 //! 3. **Memory per cloud**: resident memory of this process before and after creating N
 //!    clouds through the core (64 concurrent), divided by N; and the database size per cloud.
 
+use atoll_api::routes;
 use std::{
     sync::Arc,
     time::{Duration, Instant},
@@ -111,7 +112,7 @@ async fn run_async(smoke: bool) -> Result<ControlBench> {
             for _ in 0..n {
                 let t = Instant::now();
                 let _: CreatedCloud = op
-                    .call(Method::POST, "/v1/clouds", Some(&json!({})))
+                    .call(Method::POST, routes::CREATE_CLOUD.path, Some(&json!({})))
                     .await?;
                 lat.push(t.elapsed());
             }
@@ -136,7 +137,7 @@ async fn run_async(smoke: bool) -> Result<ControlBench> {
         ..DataplaneConfig::default()
     })?;
     host.refill_pool().await?;
-    let source = Source::Local(core.clone());
+    let source = Source::new(atoll_control::core::Embedded(core.clone()));
     source.register("bench").await?;
     let mut conv = Converger::new(
         ConvergeConfig {
@@ -170,14 +171,14 @@ async fn run_async(smoke: bool) -> Result<ControlBench> {
     for _ in 0..live_n {
         let t = Instant::now();
         let c: CreatedCloud = op
-            .call(Method::POST, "/v1/clouds", Some(&json!({})))
+            .call(Method::POST, routes::CREATE_CLOUD.path, Some(&json!({})))
             .await?;
         let cc = Client::new(&url, &c.token)?;
         let tv = Instant::now();
         let _: Vm = cc
             .call(
                 Method::POST,
-                &format!("/v1/clouds/{}/vms", c.cloud.id),
+                &routes::CREATE_VM.at(&[&c.cloud.id]),
                 Some(&json!({"name": "vm"})),
             )
             .await?;

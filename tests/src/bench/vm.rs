@@ -15,6 +15,7 @@
 //! - **Memory**: proportional set size (`Pss` of `/proc/<pid>/smaps_rollup`) of each VMM
 //!   process once its guest is ready, averaged over the VMs of the concurrent round.
 
+use atoll_api::routes;
 use std::{
     path::Path,
     time::{Duration, Instant},
@@ -111,7 +112,7 @@ async fn run_async(smoke: bool) -> Result<VmBench> {
         ..DataplaneConfig::default()
     })?;
     host.refill_pool().await?;
-    let source = Source::Local(core.clone());
+    let source = Source::new(atoll_control::core::Embedded(core.clone()));
     source.register("bench").await?;
     let vm_cfg = VmConfig {
         run_dir: dir.path().join("run"),
@@ -161,7 +162,7 @@ async fn run_async(smoke: bool) -> Result<VmBench> {
             let mut clouds = Vec::new();
             for _ in 0..n {
                 let c: CreatedCloud = op
-                    .call(Method::POST, "/v1/clouds", Some(&json!({})))
+                    .call(Method::POST, routes::CREATE_CLOUD.path, Some(&json!({})))
                     .await?;
                 clouds.push(c);
             }
@@ -175,7 +176,7 @@ async fn run_async(smoke: bool) -> Result<VmBench> {
                     let _: Vm = cc
                         .call(
                             Method::POST,
-                            &format!("/v1/clouds/{id}/vms"),
+                            &routes::CREATE_VM.at(&[&id]),
                             Some(&json!({"name": "vm", "memory_mib": memory_mib})),
                         )
                         .await?;
@@ -212,7 +213,7 @@ async fn run_async(smoke: bool) -> Result<VmBench> {
                 let _: Value = op
                     .call(
                         Method::DELETE,
-                        &format!("/v1/clouds/{}", c.cloud.id),
+                        &routes::DELETE_CLOUD.at(&[&c.cloud.id]),
                         None::<&Value>,
                     )
                     .await?;

@@ -1,5 +1,11 @@
-//! A small HTTP client of the API, used by the CLI and by agents whose control plane runs
-//! elsewhere. Errors keep the server's JSON error body.
+//! The typed HTTP client of the API, used by the CLI, by agents whose control plane runs
+//! elsewhere, by the tests and the bench. [`Client::execute`] sends a
+//! [`Command`] along its route in the table ([`crate::routes`]) and decodes the [`Reply`] the
+//! route declares; [`Client::run`] returns the reply's payload as its own type. No endpoint
+//! has a hand-written method here. [`Client::call`] sends raw requests (any method, path and
+//! JSON) for tests that probe what the typed commands cannot express (bad ids, bad bodies,
+//! wrong methods); their paths come from the table too ([`crate::routes::Route::at`]).
+//! Errors keep the server's JSON error body.
 //!
 //! `https://` URLs need a [`ClientTls`] (a CA file or a pinned fingerprint, see
 //! [`crate::tls`]); a failed verification names the setting that chose the trust.
@@ -16,6 +22,7 @@ use hyper_util::{
 use serde::{de::DeserializeOwned, Serialize};
 
 use crate::{
+    command::{Command, Reply},
     model::ErrorBody,
     tls::{ClientTls, TlsError},
 };
@@ -223,14 +230,63 @@ impl Client {
                 text: format!("undecodable body: {e}"),
             });
         }
-        match serde_json::from_slice::<ErrorBody>(&bytes) {
-            Ok(body) => Err(ClientError::Api { status, body }),
-            Err(_) => Err(ClientError::UnexpectedResponse {
+        Err(error_of(url, status, &bytes))
+    }
+}
+
+impl Client {
+    /// Sends `cmd` along its route (the route table's method, path, query and body) and
+    /// decodes the reply the route declares.
+    pub async fn execute(&self, cmd: &Command) -> Result<Reply, ClientError> {
+        let route = cmd.route();
+        let path = cmd.path();
+        let body = cmd.body();
+        let (status, bytes) = self
+            .send(route.method.http(), &path, body.as_ref(), cmd.wait())
+            .await?;
+        let url = format!("{}{}", self.base, path);
+        if status.is_success() {
+            let schema = route.response.filter(|_| status != StatusCode::NO_CONTENT);
+            return Reply::from_json(schema, &bytes).map_err(|e| ClientError::UnexpectedResponse {
                 url,
                 status,
-                text: String::from_utf8_lossy(&bytes).into_owned(),
-            }),
+                text: format!("undecodable body: {e}"),
+            });
         }
+        Err(error_of(url, status, &bytes))
+    }
+
+    /// [`Client::execute`], with the reply's payload as its own type (`Vm`, `Vec<Cloud>`,
+    /// `()` for no content).
+    pub async fn run<T: TryFrom<Reply, Error = Reply>>(
+        &self,
+        cmd: &Command,
+    ) -> Result<T, ClientError> {
+        let reply = self.execute(cmd).await?;
+        T::try_from(reply).map_err(|other| ClientError::UnexpectedResponse {
+            url: format!("{}{}", self.base, cmd.path()),
+            status: StatusCode::from_u16(cmd.route().status).unwrap_or(StatusCode::OK),
+            text: format!("a reply of another kind: {other:?}"),
+        })
+    }
+}
+
+#[async_trait::async_trait]
+impl crate::ControlPlane for Client {
+    async fn execute(&self, cmd: Command) -> Result<Reply, crate::ControlPlaneError> {
+        Ok(Client::execute(self, &cmd).await?)
+    }
+}
+
+/// The error of a failed request: the server's JSON error, or the raw text.
+fn error_of(url: String, status: StatusCode, bytes: &[u8]) -> ClientError {
+    match serde_json::from_slice::<ErrorBody>(bytes) {
+        Ok(body) => ClientError::Api { status, body },
+        Err(_) => ClientError::UnexpectedResponse {
+            url,
+            status,
+            text: String::from_utf8_lossy(bytes).into_owned(),
+        },
     }
 }
 
