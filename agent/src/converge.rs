@@ -56,9 +56,8 @@ use std::{
 use atoll_api::{
     client::{Client, ClientError},
     model::{
-        CloudId as ApiCloudId, FieldError, Placement, Power, Protocol, ProviderServices,
-        ServiceReport, StatusReport, SyncDelta, VmReport, VmState, VmStatus, VolumeFormat,
-        VolumePlacement, Zone,
+        FieldError, Placement, Power, Protocol, ProviderServices, ServiceReport, StatusReport,
+        SyncDelta, VmReport, VmState, VmStatus, VolumeFormat, VolumePlacement, Zone,
     },
 };
 use atoll_api::{Command, ControlPlane, ControlPlaneError, Reply};
@@ -306,10 +305,6 @@ fn status(state: VmState, device: Option<String>, message: Option<String>) -> Vm
     }
 }
 
-fn api_cloud(c: ApiCloudId) -> Option<CloudId> {
-    CloudId::new(c.0)
-}
-
 fn now() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -392,9 +387,9 @@ impl Converger {
         };
         let mut reports = Vec::new();
         for k in keys {
-            if let Some(st) = self.statuses.get(k) {
+            if let (Some(st), Some(cloud)) = (self.statuses.get(k), CloudId::new(k.0)) {
                 reports.push(VmReport {
-                    cloud: ApiCloudId(k.0),
+                    cloud,
                     vm: k.1.clone(),
                     status: st.clone(),
                     console: consoles.remove(k),
@@ -402,9 +397,9 @@ impl Converger {
             }
         }
         for (k, text) in consoles {
-            if let Some(st) = self.statuses.get(&k) {
+            if let (Some(st), Some(cloud)) = (self.statuses.get(&k), CloudId::new(k.0)) {
                 reports.push(VmReport {
-                    cloud: ApiCloudId(k.0),
+                    cloud,
                     vm: k.1.clone(),
                     status: st.clone(),
                     console: Some(text),
@@ -542,8 +537,8 @@ impl Converger {
             self.adopt(host)?;
             // Endpoints adopted after a restart are known by address until named here.
             for p in &delta.vms {
-                if let Some(a) = self.vms.remove(&(p.cloud.0, format!("@{}", p.ipv4))) {
-                    self.vms.insert((p.cloud.0, p.vm.clone()), a);
+                if let Some(a) = self.vms.remove(&(p.cloud.get(), format!("@{}", p.ipv4))) {
+                    self.vms.insert((p.cloud.get(), p.vm.clone()), a);
                 }
             }
             // A refused placement still names a VM the host keeps as it is.
@@ -551,7 +546,7 @@ impl Converger {
                 .vms
                 .iter()
                 .chain(refused.iter().map(|(p, _)| p))
-                .map(|p| (p.cloud.0, p.vm.clone()))
+                .map(|p| (p.cloud.get(), p.vm.clone()))
                 .collect();
             let stale: Vec<(u32, String)> = self
                 .vms
@@ -571,8 +566,8 @@ impl Converger {
             self.remove_stale_volumes(&want_vols);
         }
         for r in &delta.removed_vms {
-            if self.vms.contains_key(&(r.cloud.0, r.vm.clone())) {
-                self.delete_vm(host, &(r.cloud.0, r.vm.clone())).await;
+            if self.vms.contains_key(&(r.cloud.get(), r.vm.clone())) {
+                self.delete_vm(host, &(r.cloud.get(), r.vm.clone())).await;
                 out.deleted += 1;
             }
         }
@@ -606,18 +601,14 @@ impl Converger {
         }
         if let Some(dns) = &self.dns {
             for c in &delta.removed_zones {
-                if let Some(c) = api_cloud(*c) {
-                    dns.remove_zone(c);
-                }
+                dns.remove_zone(*c);
             }
             for z in &delta.zones {
-                if let Some(c) = api_cloud(z.cloud) {
-                    dns.set_zone(c, z);
-                }
+                dns.set_zone(z.cloud, z);
             }
         }
         if delta.full {
-            let listed: HashSet<u32> = delta.services.iter().map(|p| p.provider.0).collect();
+            let listed: HashSet<u32> = delta.services.iter().map(|p| p.provider.get()).collect();
             let installed = host.services().map_err(ConvergeError::ListServices)?;
             for (_, s) in installed {
                 if !listed.contains(&s.provider.get()) {
@@ -633,7 +624,7 @@ impl Converger {
             // install after a failure. Services no longer sent are forgotten.
             let mut sent = HashSet::new();
             for r in apply_services(host, p)? {
-                let key = (r.provider.0, r.consumer.0, r.vip);
+                let key = (r.provider.get(), r.consumer.get(), r.vip);
                 sent.insert(key);
                 if self.reported_failures.get(&key) != r.error.as_ref() {
                     match &r.error {
@@ -644,7 +635,7 @@ impl Converger {
                 }
             }
             self.reported_failures
-                .retain(|k, _| k.0 != p.provider.0 || sent.contains(k));
+                .retain(|k, _| k.0 != p.provider.get() || sent.contains(k));
         }
         self.revision = delta.revision;
         if !reports.is_empty() || !services.is_empty() {
@@ -691,7 +682,7 @@ impl Converger {
     /// Starts or stops the VM of placement `p` (endpoint `device` live) per its power; the
     /// status to report, or `None` without a VM manager.
     fn power(&mut self, p: &Placement, device: &str) -> Option<VmStatus> {
-        let key: VmKey = (p.cloud.0, p.vm.clone());
+        let key: VmKey = (p.cloud.get(), p.vm.clone());
         let slot = self.vms.get(&key)?.slot;
         let spec = VmSpec {
             key: key.clone(),
@@ -802,9 +793,9 @@ impl Converger {
         host: &mut Host,
         p: &Placement,
     ) -> Result<(String, bool), String> {
-        let cloud = api_cloud(p.cloud).ok_or("cloud id 0")?;
+        let cloud = p.cloud;
         let mac: MacAddr = p.mac.parse().map_err(|e| format!("{e}"))?;
-        let key = (p.cloud.0, p.vm.clone());
+        let key = (p.cloud.get(), p.vm.clone());
         if let Some(a) = self.vms.get(&key) {
             if a.ipv4 == p.ipv4 {
                 return Ok((a.device.clone(), false));
@@ -928,7 +919,7 @@ impl Converger {
         };
         for c in clouds.flatten() {
             let cloud = c.file_name().to_string_lossy().into_owned();
-            if cloud.parse::<ApiCloudId>().is_err() {
+            if cloud.parse::<CloudId>().is_err() {
                 continue; // not ours
             }
             let Ok(files) = std::fs::read_dir(c.path()) else {
@@ -1014,13 +1005,11 @@ fn apply_services(
     p: &ProviderServices,
 ) -> Result<Vec<ServiceReport>, ConvergeError> {
     let mut outcomes = Vec::new();
-    let Some(provider) = api_cloud(p.provider) else {
-        return Ok(outcomes);
-    };
+    let provider = p.provider;
     let keep: HashSet<(u32, Ipv4Addr)> = p
         .services
         .iter()
-        .filter_map(|s| api_cloud(s.consumer).map(|c| (c.get(), s.vip)))
+        .map(|s| (s.consumer.get(), s.vip))
         .collect();
     for (_, s) in host.services().map_err(ConvergeError::ListServices)? {
         if s.provider == provider && !keep.contains(&(s.consumer.get(), s.vip)) {
@@ -1030,9 +1019,7 @@ fn apply_services(
         }
     }
     for s in &p.services {
-        let Some(consumer) = api_cloud(s.consumer) else {
-            continue;
-        };
+        let consumer = s.consumer;
         let spec = ServiceSpec {
             consumer,
             vip: s.vip,

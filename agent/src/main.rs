@@ -57,8 +57,9 @@ enum EndpointCmd {
     Add {
         #[arg(long)]
         name: String,
-        #[arg(long)]
-        cloud: u32,
+        /// The cloud: its API id (`c0000002a`) or its number (42); not 0.
+        #[arg(long, value_parser = parse_cloud)]
+        cloud: CloudId,
         #[arg(long)]
         ip: Ipv4Addr,
         #[arg(long)]
@@ -514,12 +515,12 @@ fn status(cfg: &AgentConfig) -> Result<()> {
     }
     let host = Host::open(&cfg.dataplane)?;
     println!(
-        "{:<16} {:>7} {:>6} {:<15} {:<17} GATEWAY",
+        "{:<16} {:>7} {:<9} {:<15} {:<17} GATEWAY",
         "DEVICE", "IFINDEX", "CLOUD", "IPV4", "MAC"
     );
     for e in host.endpoints()? {
         println!(
-            "{:<16} {:>7} {:>6} {:<15} {:<17} {}",
+            "{:<16} {:>7} {:<9} {:<15} {:<17} {}",
             e.name.as_deref().unwrap_or("(gone)"),
             e.ifindex,
             e.cloud,
@@ -548,7 +549,6 @@ async fn endpoint(cfg: &AgentConfig, cmd: EndpointCmd) -> Result<()> {
             peer,
             owner,
         } => {
-            let cloud = CloudId::new(cloud).context("--cloud must be non-zero")?;
             let device = match (netns, peer) {
                 (Some(netns), Some(peer_name)) => DeviceSpec::Veth { peer_name, netns },
                 _ => DeviceSpec::Tap { owner_uid: owner },
@@ -583,4 +583,12 @@ async fn endpoint(cfg: &AgentConfig, cmd: EndpointCmd) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// A cloud on the command line: the API's form (`c0000002a`) or a number, not 0.
+fn parse_cloud(s: &str) -> Result<CloudId, String> {
+    match s.parse::<u32>() {
+        Ok(n) => CloudId::new(n).ok_or_else(|| "0 is not a cloud".to_string()),
+        Err(_) => s.parse::<CloudId>().map_err(|e| e.message),
+    }
 }

@@ -83,30 +83,8 @@ pub fn radix36(mut v: u64) -> String {
     String::from_utf8(out).expect("ascii")
 }
 
-/// A cloud (tenant) id as the dataplane sees it. Never 0.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct CloudId(u32);
-
-impl CloudId {
-    /// `None` for 0, which is reserved.
-    pub const fn new(id: u32) -> Option<Self> {
-        if id == 0 {
-            None
-        } else {
-            Some(CloudId(id))
-        }
-    }
-
-    pub const fn get(self) -> u32 {
-        self.0
-    }
-}
-
-impl fmt::Display for CloudId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}", self.0)
-    }
-}
+/// A cloud (tenant) id: the API's type (`c` + 8 hex digits when shown), never 0.
+pub use atoll_api::model::CloudId;
 
 #[cfg(test)]
 mod tests {

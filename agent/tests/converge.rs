@@ -181,9 +181,9 @@ async fn vms_volumes_and_clouds_converge_onto_the_host() {
     let mut idents: Vec<(u32, Ipv4Addr)> = eps.iter().map(|e| (e.cloud.get(), e.ipv4)).collect();
     idents.sort();
     let mut want = vec![
-        (a.0, Ipv4Addr::new(10, 0, 0, 2)),
-        (a.0, Ipv4Addr::new(10, 0, 0, 3)),
-        (b.0, Ipv4Addr::new(10, 0, 0, 2)),
+        (a.get(), Ipv4Addr::new(10, 0, 0, 2)),
+        (a.get(), Ipv4Addr::new(10, 0, 0, 3)),
+        (b.get(), Ipv4Addr::new(10, 0, 0, 2)),
     ];
     want.sort();
     assert_eq!(
@@ -249,7 +249,7 @@ async fn vms_volumes_and_clouds_converge_onto_the_host() {
     assert_eq!(stats.deleted, 1);
     let eps = host.endpoints().unwrap();
     assert_eq!(eps.len(), 1);
-    assert_eq!(eps[0].cloud.get(), b.0);
+    assert_eq!(eps[0].cloud.get(), b.get());
     assert!(!vdir.exists(), "cloud A's volume directory is gone");
 
     exec(&core, Cmd::DeleteCloud { cloud: b }).await;
@@ -521,7 +521,7 @@ async fn remote_agent_converges_over_https() {
     assert_eq!(eps.len(), 1);
     assert_eq!(
         (eps[0].cloud.get(), eps[0].ipv4),
-        (c.cloud.id.0, Ipv4Addr::new(10, 0, 0, 2))
+        (c.cloud.id.get(), Ipv4Addr::new(10, 0, 0, 2))
     );
     let Reply::Vm(v) = exec(
         &core,
@@ -807,9 +807,9 @@ async fn exposures_converge_onto_the_host() {
             .collect()
     };
     let want = ServiceSpec {
-        consumer: atoll_agent::types::CloudId::new(c1.0).unwrap(),
+        consumer: c1,
         vip: g1.vip,
-        provider: atoll_agent::types::CloudId::new(p.0).unwrap(),
+        provider: p,
         nat: g1.nat_ipv4,
         protocol: PROTOCOL_TCP,
         port: 80,
@@ -1230,7 +1230,7 @@ async fn hostile_names_from_the_control_plane_are_refused_one_by_one() {
         .map(|e| (e.cloud.get(), e.ipv4))
         .collect();
     eps.sort();
-    let mut want = vec![(a.0, web.ipv4), (b.0, Ipv4Addr::new(10, 0, 0, 2))];
+    let mut want = vec![(a.get(), web.ipv4), (b.get(), Ipv4Addr::new(10, 0, 0, 2))];
     want.sort();
     assert_eq!(eps, want, "devices only for the valid VMs");
     for (c, name) in [(a, "web"), (b, "ok")] {
@@ -1257,7 +1257,7 @@ async fn hostile_names_from_the_control_plane_are_refused_one_by_one() {
         booted.push(ev.key);
     }
     booted.sort();
-    let mut want = vec![(a.0, "web".to_string()), (b.0, "ok".to_string())];
+    let mut want = vec![(a.get(), "web".to_string()), (b.get(), "ok".to_string())];
     want.sort();
     assert_eq!(booted, want, "supervisors only for the valid VMs");
     assert!(events.try_recv().is_err(), "no other VM was started");
@@ -1301,8 +1301,8 @@ async fn hostile_names_from_the_control_plane_are_refused_one_by_one() {
         .map(|(p, _)| p)
         .collect();
     let mut want = vec![
-        PathBuf::from(format!("{}/web", a.0)),
-        PathBuf::from(format!("{}/ok", b.0)),
+        PathBuf::from(format!("{}/web", a.get())),
+        PathBuf::from(format!("{}/ok", b.get())),
     ];
     want.sort();
     assert_eq!(state, want);
@@ -1310,7 +1310,7 @@ async fn hostile_names_from_the_control_plane_are_refused_one_by_one() {
     // the suffix) never.
     {
         let zones = zones.0.lock().unwrap();
-        assert!(zones.iter().all(|(c, _)| *c == a.0), "{zones:?}");
+        assert!(zones.iter().all(|(c, _)| *c == a.get()), "{zones:?}");
         let (_, zone) = zones.last().expect("prod's zone");
         let mut names: Vec<&str> = zone.records.iter().map(|r| r.fqdn.as_str()).collect();
         names.sort();

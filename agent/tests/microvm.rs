@@ -120,7 +120,7 @@ fn vm_dir(run_dir: &Path, cloud: CloudId, vm: &str) -> PathBuf {
     for e in std::fs::read_dir(run_dir).unwrap().flatten() {
         let id = std::fs::read_to_string(e.path().join("identity")).unwrap_or_default();
         let mut f = id.split_whitespace();
-        if f.next() == Some(&cloud.0.to_string()) && f.next() == Some(vm) {
+        if f.next() == Some(&cloud.get().to_string()) && f.next() == Some(vm) {
             return e.path();
         }
     }

@@ -42,9 +42,27 @@ impl FieldError {
     }
 }
 
-/// A cloud id: non-zero, shown as `c` + 8 lowercase hex digits.
+/// A cloud id: non-zero, shown as `c` + 8 lowercase hex digits. The same type is the
+/// dataplane's cloud id (the number in every map key), so the API, the agent and the kernel
+/// name a cloud alike; 0 is reserved (it cannot be constructed).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct CloudId(pub u32);
+pub struct CloudId(u32);
+
+impl CloudId {
+    /// `None` for 0, which is reserved.
+    pub const fn new(id: u32) -> Option<Self> {
+        if id == 0 {
+            None
+        } else {
+            Some(CloudId(id))
+        }
+    }
+
+    /// The number (the dataplane's key).
+    pub const fn get(self) -> u32 {
+        self.0
+    }
+}
 
 impl fmt::Display for CloudId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -1141,7 +1159,7 @@ mod tests {
         }
         let ipv4 = Ipv4Addr::new(10, 0, 0, 2);
         let p = Placement {
-            cloud: CloudId(1),
+            cloud: CloudId::new(1).unwrap(),
             vm: "web".into(),
             ipv4,
             gateway: Ipv4Addr::new(10, 0, 0, 1),

@@ -1167,8 +1167,8 @@ mod tests {
     /// One command of every route, with every field set.
     fn samples() -> Vec<Command> {
         use Command::*;
-        let cloud = CloudId(0x2a);
-        let other = CloudId(0x2b);
+        let cloud = CloudId::new(0x2a).unwrap();
+        let other = CloudId::new(0x2b).unwrap();
         let s = |v: &str| v.to_string();
         vec![
             CreateCloud {
@@ -1440,7 +1440,7 @@ mod tests {
     #[test]
     fn paths_fill_in_order_and_keep_missing_parameters() {
         assert_eq!(
-            GET_VM.at(&[&CloudId(1), &"web"]),
+            GET_VM.at(&[&CloudId::new(1).unwrap(), &"web"]),
             "/v1/clouds/c00000001/vms/web"
         );
         assert_eq!(GET_VM.at(&[&"x"]), "/v1/clouds/x/vms/{vm}");

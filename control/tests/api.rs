@@ -963,7 +963,7 @@ async fn openapi_document_case(api: Api) {
     // Every documented route exists (a request reaches a handler, not the 404/405 fallbacks).
     let empty = json!({});
     for r in ROUTES {
-        let path = fill(r.path, CloudId(1), CloudId(2));
+        let path = fill(r.path, CloudId::new(1).unwrap(), CloudId::new(2).unwrap());
         let (status, v) = raw(&api.op, r.method.http(), &path, r.body.map(|_| &empty)).await;
         assert!(
             !matches!(
@@ -2757,7 +2757,7 @@ async fn offers_to_unknown_clouds_look_like_offers_to_existing_ones_and_are_boun
     let (_c, _cc) = api.cloud(json!({"name": "real"})).await;
     let real = _c.cloud.id;
     // Another id, which no cloud has (random ids: checked).
-    let unknown = CloudId(real.0 ^ 0x5a5a_5a5a);
+    let unknown = CloudId::new(real.get() ^ 0x5a5a_5a5a).unwrap();
     let (status, _) = raw(
         &api.op,
         Method::GET,

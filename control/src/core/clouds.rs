@@ -44,11 +44,9 @@ impl Core {
         let quotas = req.quotas.unwrap_or(self.cfg.default_quotas);
         validate_quotas(&quotas)?;
         optimistic!("cloud ids".into(), async {
-            let raw = u32::from_le_bytes(random_bytes::<4>()?);
-            if raw == 0 {
+            let Some(id) = CloudId::new(u32::from_le_bytes(random_bytes::<4>()?)) else {
                 return retry();
-            }
-            let id = CloudId(raw);
+            };
             let token = new_cloud_token(id)?;
             let name = req.name.clone().unwrap_or_else(|| id.to_string());
             let gateway = Ipv4Addr::from(cidr.network() + 1);
