@@ -5,6 +5,7 @@
 //! API-created VM's tap resolving names through the host's DNS server. Needs root.
 
 use atoll_api::routes;
+use atoll_api::Command;
 use std::{
     net::Ipv4Addr,
     path::{Path, PathBuf},
@@ -273,10 +274,7 @@ async fn agent_with_embedded_control_plane_serves_the_api() {
         50,
     );
     let op = guard.client(&guard.token);
-    let hosts: Vec<HostInfo> = op
-        .call(Method::GET, routes::LIST_HOSTS.path, None::<&Value>)
-        .await
-        .unwrap();
+    let hosts: Vec<HostInfo> = op.run(&Command::ListHosts).await.unwrap();
     assert_eq!(
         hosts.iter().map(|h| h.name.as_str()).collect::<Vec<_>>(),
         ["solo"]
@@ -284,28 +282,23 @@ async fn agent_with_embedded_control_plane_serves_the_api() {
     // Another cloud with a VM of its own (same address range): its name must not resolve
     // from the first cloud.
     let other: CreatedCloud = op
-        .call(
-            Method::POST,
-            routes::CREATE_CLOUD.path,
-            Some(&json!({"name": "other"})),
-        )
+        .run(&Command::CreateCloud {
+            spec: serde_json::from_value(json!({"name": "other"})).unwrap(),
+        })
         .await
         .unwrap();
     let oc = guard.client(&other.token);
     let other_vm: Vm = oc
-        .call(
-            Method::POST,
-            &routes::CREATE_VM.at(&[&other.cloud.id]),
-            Some(&json!({"name": "b1"})),
-        )
+        .run(&Command::CreateVm {
+            cloud: other.cloud.id,
+            spec: serde_json::from_value(json!({"name": "b1"})).unwrap(),
+        })
         .await
         .unwrap();
     let created: CreatedCloud = op
-        .call(
-            Method::POST,
-            routes::CREATE_CLOUD.path,
-            Some(&json!({"name": "e2e"})),
-        )
+        .run(&Command::CreateCloud {
+            spec: serde_json::from_value(json!({"name": "e2e"})).unwrap(),
+        })
         .await
         .unwrap();
     let cc = guard.client(&created.token);
@@ -321,22 +314,20 @@ async fn agent_with_embedded_control_plane_serves_the_api() {
         .await
         .unwrap();
     let vm: Vm = cc
-        .call(
-            Method::POST,
-            &routes::CREATE_VM.at(&[&id]),
-            Some(&json!({"name": "a1"})),
-        )
+        .run(&Command::CreateVm {
+            cloud: id,
+            spec: serde_json::from_value(json!({"name": "a1"})).unwrap(),
+        })
         .await
         .unwrap();
     // The agent reports the VM ready once its endpoint is live; observe it via the API.
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     let device = loop {
         let v: Vm = cc
-            .call(
-                Method::GET,
-                &routes::GET_VM.at(&[&id, &"a1"]),
-                None::<&Value>,
-            )
+            .run(&Command::GetVm {
+                cloud: id,
+                vm: "a1".to_string(),
+            })
             .await
             .unwrap();
         let st = v.status.unwrap();
@@ -381,14 +372,7 @@ async fn agent_with_embedded_control_plane_serves_the_api() {
         "unknown name in the own zone"
     );
     drop(guest);
-    let _: Value = cc
-        .call(
-            Method::DELETE,
-            &routes::DELETE_CLOUD.at(&[&id]),
-            None::<&Value>,
-        )
-        .await
-        .unwrap();
+    let _: () = cc.run(&Command::DeleteCloud { cloud: id }).await.unwrap();
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     while atoll_agent::device::ifindex(&device).is_some() {
         assert!(

@@ -32,7 +32,7 @@ use atoll_dataplane_common::{
 };
 use aya::{
     maps::{Array, HashMap, MapData, PerCpuArray},
-    programs::{SchedClassifier, TestRun, TestRunOptions},
+    programs::SchedClassifier,
     Ebpf, EbpfLoader,
 };
 
@@ -66,9 +66,7 @@ const IPPROTO_UDP: u8 = 17;
 const DNS_PORT: u16 = 53;
 const GUEST_PORT: u16 = 40123;
 
-const TC_ACT_SHOT: u32 = 2;
-const TC_ACT_REDIRECT: u32 = 7;
-const TC_ACT_OK: u32 = 0;
+use atoll_testbed::verdict::{Run, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT};
 
 const ETH_LEN: usize = 14;
 const IPV4_LEN: usize = 20;
@@ -236,12 +234,6 @@ impl Prog {
     }
 }
 
-struct Run {
-    ret: u32,
-    out: Vec<u8>,
-    drops: BTreeMap<DropReason, u64>,
-}
-
 struct Dataplane {
     ebpf: Ebpf,
     endpoints: HashMap<MapData, u32, EndpointInfo>,
@@ -332,28 +324,13 @@ impl Dataplane {
             .expect("program")
             .try_into()
             .expect("classifier");
-        let before = read_drop_counters(&self.drops).expect("DROPS");
-        let mut out = vec![0u8; frame.len() + 256];
-        let r = classifier
-            .test_run(TestRunOptions {
-                data_in: Some(frame),
-                data_out: Some(&mut out),
-                repeat: 1,
-                ..Default::default()
-            })
-            .unwrap_or_else(|e| panic!("{what}: test run of {}: {e:?}", prog.name()));
-        let after = read_drop_counters(&self.drops).expect("DROPS");
-        out.truncate(r.data_size_out as usize);
-        Run {
-            ret: r.return_value,
-            out,
-            drops: before
-                .iter()
-                .zip(&after)
-                .filter(|((_, b), (_, a))| a != b)
-                .map(|((r, b), (_, a))| (*r, a - b))
-                .collect(),
-        }
+        atoll_testbed::verdict::run(
+            classifier,
+            prog.name(),
+            frame,
+            || read_drop_counters(&self.drops).expect("DROPS"),
+            what,
+        )
     }
 
     fn expect_drop(&self, prog: Prog, frame: &[u8], reason: DropReason, what: &str) {

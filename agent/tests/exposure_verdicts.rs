@@ -53,7 +53,7 @@ use atoll_testbed::{
 };
 use aya::{
     maps::{HashMap, MapData},
-    programs::{SchedClassifier, TestRun, TestRunOptions},
+    programs::SchedClassifier,
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -61,9 +61,7 @@ use aya::{
 // ---------------------------------------------------------------------------------------------
 
 const TEST_IFINDEX: u32 = 1;
-const TC_ACT_OK: u32 = 0;
-const TC_ACT_SHOT: u32 = 2;
-const TC_ACT_REDIRECT: u32 = 7;
+use atoll_testbed::verdict::{TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT};
 
 const CONSUMER: u32 = 1;
 const PROVIDER: u32 = 2;
@@ -536,29 +534,19 @@ impl Plane {
             Prog::FromVm => &self.from_vm,
             Prog::ToVm => &self.to_vm,
         };
-        let before = self.dp().drop_counters().expect("DROPS");
         let sender_before = self.sender_drops();
-        let mut out = vec![0u8; frame.len() + 256];
-        let r = classifier
-            .test_run(TestRunOptions {
-                data_in: Some(frame),
-                data_out: Some(&mut out),
-                repeat: 1,
-                ..Default::default()
-            })
-            .unwrap_or_else(|e| panic!("{what}: test run of {prog:?}: {e:?}"));
-        out.truncate(r.data_size_out as usize);
-        let after = self.dp().drop_counters().expect("DROPS");
+        let r = atoll_testbed::verdict::run(
+            classifier,
+            &format!("{prog:?}"),
+            frame,
+            || self.dp().drop_counters().expect("DROPS"),
+            what,
+        );
         let sender_after = self.sender_drops();
         Run {
-            ret: r.return_value,
-            out,
-            drops: before
-                .iter()
-                .zip(&after)
-                .filter(|((_, b), (_, a))| a != b)
-                .map(|((r, b), (_, a))| (*r, a - b))
-                .collect(),
+            ret: r.ret,
+            out: r.out,
+            drops: r.drops,
             sender_drops: DropReason::ALL
                 .iter()
                 .map(|r| (*r, sender_after[*r as usize] - sender_before[*r as usize]))

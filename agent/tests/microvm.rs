@@ -9,7 +9,7 @@
 //! reported crashed and restarted, each VMM runs unprivileged, and the kernel's counters match
 //! the traffic on both sides. Needs root and `cargo xtask image`.
 
-use atoll_api::routes;
+use atoll_api::Command;
 use std::{
     io::{Read, Write},
     os::unix::net::UnixStream,
@@ -25,7 +25,6 @@ use atoll_agent::{
     metrics::Exporter,
 };
 use atoll_control::{client::Client, model::*};
-use hyper::Method;
 use serde_json::{json, Value};
 use support::{require_root, EmbeddedAgent};
 
@@ -133,11 +132,10 @@ fn shell_path(run_dir: &Path, cloud: CloudId, vm: &str) -> PathBuf {
 }
 
 async fn get_vm(c: &Client, cloud: CloudId, vm: &str) -> Vm {
-    c.call(
-        Method::GET,
-        &routes::GET_VM.at(&[&cloud, &vm]),
-        None::<&Value>,
-    )
+    c.run(&Command::GetVm {
+        cloud,
+        vm: vm.to_string(),
+    })
     .await
     .unwrap()
 }
@@ -168,11 +166,10 @@ async fn wait_state(c: &Client, cloud: CloudId, vm: &str, want: VmState) -> VmSt
 
 async fn console(c: &Client, cloud: CloudId, vm: &str) -> String {
     let r: Result<Console, _> = c
-        .call(
-            Method::GET,
-            &routes::GET_CONSOLE.at(&[&cloud, &vm]),
-            None::<&Value>,
-        )
+        .run(&Command::GetConsole {
+            cloud,
+            vm: vm.to_string(),
+        })
         .await;
     r.map(|c| c.text).unwrap_or_else(|e| format!("({e})"))
 }
@@ -320,31 +317,26 @@ async fn microvms_boot_resolve_isolate_expose_persist_and_meter() {
     );
     let op = agent.client(&agent.token);
     let a: CreatedCloud = op
-        .call(
-            Method::POST,
-            routes::CREATE_CLOUD.path,
-            Some(&json!({"name": "alpha"})),
-        )
+        .run(&Command::CreateCloud {
+            spec: serde_json::from_value(json!({"name": "alpha"})).unwrap(),
+        })
         .await
         .unwrap();
     // B's range is apart from A's, so B trying A's addresses is a cross-cloud attempt, not a
     // packet to a B address that happens to be the same.
     let b: CreatedCloud = op
-        .call(
-            Method::POST,
-            routes::CREATE_CLOUD.path,
-            Some(&json!({"name": "beta", "cidr": "10.1.0.0/16"})),
-        )
+        .run(&Command::CreateCloud {
+            spec: serde_json::from_value(json!({"name": "beta", "cidr": "10.1.0.0/16"})).unwrap(),
+        })
         .await
         .unwrap();
     let (ac, bc) = (agent.client(&a.token), agent.client(&b.token));
     let (aid, bid) = (a.cloud.id, b.cloud.id);
-    let _: Value = ac
-        .call(
-            Method::POST,
-            &routes::CREATE_VOLUME.at(&[&aid]),
-            Some(&json!({"name": "data", "size_gib": 1})),
-        )
+    let _: Volume = ac
+        .run(&Command::CreateVolume {
+            cloud: aid,
+            spec: serde_json::from_value(json!({"name": "data", "size_gib": 1})).unwrap(),
+        })
         .await
         .unwrap();
     // busybox nc: `-ll -e PROG` is a persistent server, PROG run per connection.
@@ -355,7 +347,10 @@ async fn microvms_boot_resolve_isolate_expose_persist_and_meter() {
         let c = c.clone();
         async move {
             let v: Vm = c
-                .call(Method::POST, &routes::CREATE_VM.at(&[&cloud]), Some(&body))
+                .run(&Command::CreateVm {
+                    cloud,
+                    spec: serde_json::from_value(body.clone()).unwrap(),
+                })
                 .await
                 .unwrap();
             v
@@ -533,30 +528,30 @@ async fn microvms_boot_resolve_isolate_expose_persist_and_meter() {
     );
 
     // B exposes its web service and offers it to A, A accepts: A1 reaches it by VIP and by name.
-    let _: Value = bc
-        .call(
-            Method::POST,
-            &routes::CREATE_EXPOSURE.at(&[&bid]),
-            Some(&json!({"name": "web", "protocol": "tcp", "port": 80,
-                         "backends": [{"vm": "b1", "port": 8080}]})),
-        )
+    let _: Exposure = bc
+        .run(&Command::CreateExposure {
+            cloud: bid,
+            spec: serde_json::from_value(json!({"name": "web", "protocol": "tcp", "port": 80,
+                         "backends": [{"vm": "b1", "port": 8080}]}))
+            .unwrap(),
+        })
         .await
         .unwrap();
     let _: Offer = bc
-        .call(
-            Method::POST,
-            &routes::CREATE_GRANT.at(&[&bid, &"web"]),
-            Some(&json!({"consumer": aid.to_string()})),
-        )
+        .run(&Command::CreateGrant {
+            cloud: bid,
+            exposure: "web".to_string(),
+            spec: serde_json::from_value(json!({"consumer": aid.to_string()})).unwrap(),
+        })
         .await
         .unwrap();
     // A consents: its VIP and name exist from here on.
     let grant: Grant = ac
-        .call(
-            Method::POST,
-            &routes::ACCEPT_OFFER.at(&[&aid, &bid, &"web"]),
-            None::<&Value>,
-        )
+        .run(&Command::AcceptOffer {
+            cloud: aid,
+            provider: bid,
+            exposure: "web".to_string(),
+        })
         .await
         .unwrap();
     let exp = TrafficClass::Exposure;
@@ -600,11 +595,10 @@ async fn microvms_boot_resolve_isolate_expose_persist_and_meter() {
     sa1.ok("echo persisted-across-restart > /mnt/data/marker && sync");
     drop(sa1);
     let _: Vm = ac
-        .call(
-            Method::POST,
-            &routes::STOP_VM.at(&[&aid, &"a1"]),
-            None::<&Value>,
-        )
+        .run(&Command::StopVm {
+            cloud: aid,
+            vm: "a1".to_string(),
+        })
         .await
         .unwrap();
     wait_state(&ac, aid, "a1", VmState::Stopped).await;
@@ -612,11 +606,10 @@ async fn microvms_boot_resolve_isolate_expose_persist_and_meter() {
         .await
         .contains("atoll-guest: poweroff"));
     let _: Vm = ac
-        .call(
-            Method::POST,
-            &routes::START_VM.at(&[&aid, &"a1"]),
-            None::<&Value>,
-        )
+        .run(&Command::StartVm {
+            cloud: aid,
+            vm: "a1".to_string(),
+        })
         .await
         .unwrap();
     wait_state(&ac, aid, "a1", VmState::Running).await;
@@ -695,14 +688,7 @@ async fn microvms_boot_resolve_isolate_expose_persist_and_meter() {
     // they are read before).
     let a1_restarted = vmm_pid(&run_dir, aid, "a1");
     for (c, id) in [(&ac, aid), (&bc, bid)] {
-        let _: Value = c
-            .call(
-                Method::DELETE,
-                &routes::DELETE_CLOUD.at(&[&id]),
-                None::<&Value>,
-            )
-            .await
-            .unwrap();
+        let _: () = c.run(&Command::DeleteCloud { cloud: id }).await.unwrap();
     }
     let deadline = Instant::now() + Duration::from_secs(30);
     for &pid in [a1_restarted, pids[1], b1_restarted].iter() {

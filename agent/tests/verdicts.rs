@@ -40,7 +40,7 @@ use atoll_dataplane_common::{
 };
 use aya::{
     maps::{Array, HashMap, MapData, PerCpuArray},
-    programs::{ProgramError, SchedClassifier, TestRun, TestRunOptions},
+    programs::{ProgramError, SchedClassifier},
     sys::SyscallError,
     Ebpf, EbpfLoader,
 };
@@ -90,9 +90,7 @@ const IPPROTO_ICMP: u8 = 1;
 const IPPROTO_TCP: u8 = 6;
 const IPPROTO_UDP: u8 = 17;
 
-const TC_ACT_OK: u32 = 0;
-const TC_ACT_SHOT: u32 = 2;
-const TC_ACT_REDIRECT: u32 = 7;
+use atoll_testbed::verdict::{try_run, verdict_name, Run, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT};
 
 const ETH_LEN: usize = 14;
 const IPV4_LEN: usize = 20;
@@ -359,24 +357,6 @@ impl Prog {
     }
 }
 
-/// Result of one test run.
-struct Run {
-    ret: u32,
-    /// The frame after the program, `data_size_out` bytes.
-    out: Vec<u8>,
-    /// Drop counters that changed, with how much they grew.
-    drops: BTreeMap<DropReason, u64>,
-}
-
-fn verdict_name(ret: u32) -> &'static str {
-    match ret {
-        TC_ACT_OK => "TC_ACT_OK",
-        TC_ACT_SHOT => "TC_ACT_SHOT",
-        TC_ACT_REDIRECT => "TC_ACT_REDIRECT",
-        _ => "unexpected verdict",
-    }
-}
-
 /// A private copy of the dataplane: both programs loaded, maps held directly.
 struct Dataplane {
     ebpf: Ebpf,
@@ -512,28 +492,7 @@ impl Dataplane {
             .expect("program present")
             .try_into()
             .expect("program is a SchedClassifier");
-        let before = self.counters();
-        let mut out = vec![0u8; frame.len() + 256];
-        let result = classifier.test_run(TestRunOptions {
-            data_in: Some(frame),
-            data_out: Some(&mut out),
-            repeat: 1,
-            ..Default::default()
-        });
-        let after = self.counters();
-        let drops: BTreeMap<DropReason, u64> = before
-            .iter()
-            .zip(&after)
-            .filter(|((_, b), (_, a))| a != b)
-            .map(|((r, b), (_, a))| (*r, a.wrapping_sub(*b)))
-            .collect();
-        let r = result?;
-        out.truncate(r.data_size_out as usize);
-        Ok(Run {
-            ret: r.return_value,
-            out,
-            drops,
-        })
+        try_run(classifier, frame, || self.counters())
     }
 
     fn run(&self, prog: Prog, frame: &[u8], what: &str) -> Run {

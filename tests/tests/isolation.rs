@@ -486,7 +486,7 @@ fn spoofing(world: &World, host: &Host) {
         };
         // The peer's MAC, another cloud's guest MAC, a random local MAC.
         for src_mac in [
-            c.veth.mac,
+            c.veth.mac.0,
             guest_mac(c.n % 3 + 1, TAP_IP).0,
             [0x02, 1, 2, 3, 4, 5],
         ] {
@@ -524,7 +524,7 @@ fn spoofing(world: &World, host: &Host) {
         count(DropReason::ArpSpoofed);
         // Straight to the peer's MAC: there is no shared L2.
         tap.send(&frame::ethernet(
-            c.veth.mac,
+            c.veth.mac.0,
             tap.mac,
             frame::ETH_P_IP,
             &udp(TAP_IP, TAP_TTL),
@@ -654,7 +654,7 @@ fn resume_from_pins(
     let c2 = &world.clouds[1];
     c2.tap.send(&frame::ethernet(
         gw_mac,
-        c2.veth.mac,
+        c2.veth.mac.0,
         frame::ETH_P_IP,
         &frame::ipv4(
             TAP_IP,
@@ -779,7 +779,7 @@ fn udp_tap_to_veth(c: &Cloud, payload: &[u8]) {
     let eth = frame::parse_eth(&seen).expect("Ethernet");
     assert_eq!(
         (eth.dst, eth.src),
-        (c.veth.mac, c.tap.gw_mac),
+        (c.veth.mac.0, c.tap.gw_mac),
         "{}: MACs of a forwarded frame",
         c.veth.label
     );

@@ -5,11 +5,10 @@ use std::{net::Ipv4Addr, path::Path, process::Command, sync::Arc};
 
 use atoll_agent::{
     config::DataplaneConfig,
-    dns::netns,
     endpoint::{DeviceSpec, EndpointSpec},
     types::{CloudId, MacAddr},
 };
-use atoll_testbed::{run, unique_prefix, PinRoot};
+use atoll_testbed::{unique_prefix, PinRoot};
 
 /// A control plane on a fresh SQLite store in `dir` (its operator token in
 /// `dir/operator.token`).
@@ -163,98 +162,33 @@ pub fn read_frame(fd: &std::os::fd::OwnedFd) -> Option<Vec<u8>> {
     })
 }
 
-/// A veth guest: its namespace (named with `ns_tag`) and its endpoint (device named with
-/// `dev_tag`, peer `eth0` at `ip/24` with default route via `gateway`).
-pub struct VethGuest {
-    pub ep: atoll_agent::endpoint::Endpoint,
-    pub ns: atoll_testbed::NetNs,
-}
+pub use atoll_testbed::guest::VethGuest;
 
-#[allow(clippy::too_many_arguments)]
+/// A veth guest of cloud number `cloud` (see [`atoll_testbed::guest::veth_guest`]).
 pub fn veth_guest(
     rt: &tokio::runtime::Runtime,
     host: &mut atoll_agent::endpoint::Host,
-    (ns_tag, dev_tag): (&str, &str),
+    tags: (&str, &str),
     cloud: u32,
     ip: Ipv4Addr,
     mac: MacAddr,
     gateway: Ipv4Addr,
 ) -> VethGuest {
-    use atoll_testbed::{unique_name, NetNs};
-    let ns = NetNs::new(&unique_name(ns_tag)).expect("guest namespace");
-    let name = unique_name(dev_tag);
-    let spec = EndpointSpec {
-        name: name.clone(),
-        cloud: CloudId::new(cloud).expect("non-zero"),
-        ipv4: ip,
-        mac,
-        gateway,
-        device: DeviceSpec::Veth {
-            peer_name: "eth0".into(),
-            netns: ns.path(),
-        },
-    };
-    let ep = rt
-        .block_on(host.create_endpoint(&spec))
-        .unwrap_or_else(|e| panic!("creating {name}: {e}"));
-    ns.configure_guest("eth0", ip, 24, gateway)
-        .expect("configuring the guest");
-    VethGuest { ep, ns }
+    let cloud = CloudId::new(cloud).expect("non-zero");
+    atoll_testbed::guest::veth_guest(rt, host, tags, cloud, ip, mac, gateway)
 }
 
 /// Runs `scenario`, then checks that no link, namespace or bpffs pin named with one of `tags`
 /// (see `unique_name`) is left, also when the scenario failed (its panic is resumed).
 pub fn leaves_nothing(tags: &[&str], scenario: impl FnOnce() + std::panic::UnwindSafe) {
-    let outcome = std::panic::catch_unwind(scenario);
-    let left = leftovers(tags);
-    match outcome {
-        Ok(()) => assert!(left.is_empty(), "left behind after the test: {left:#?}"),
-        Err(p) => {
-            if !left.is_empty() {
-                eprintln!("also left behind after the failure: {left:#?}");
-            }
-            std::panic::resume_unwind(p)
-        }
-    }
+    let prefixes: Vec<String> = tags.iter().map(|t| unique_prefix(t)).collect();
+    atoll_testbed::leaves_nothing(&prefixes, scenario)
 }
 
 /// Links, namespaces and pins of this process named with one of `tags`.
 pub fn leftovers(tags: &[&str]) -> Vec<String> {
     let prefixes: Vec<String> = tags.iter().map(|t| unique_prefix(t)).collect();
-    let ours = |n: &str| prefixes.iter().any(|p| n.starts_with(p.as_str()));
-    let mut left = Vec::new();
-    let links = run(Command::new("ip").args(["-o", "link"])).expect("ip -o link");
-    for l in links.lines() {
-        if let Some(n) = l
-            .split(':')
-            .nth(1)
-            .map(|n| n.trim().split('@').next().unwrap_or(""))
-        {
-            if ours(n) {
-                left.push(format!("link {n}"));
-            }
-        }
-    }
-    for entry in std::fs::read_dir(Path::new(netns::RUN_DIR))
-        .into_iter()
-        .flatten()
-        .flatten()
-    {
-        let n = entry.file_name().to_string_lossy().into_owned();
-        if ours(&n) {
-            left.push(format!("netns {n}"));
-        }
-    }
-    for entry in std::fs::read_dir("/sys/fs/bpf")
-        .expect("/sys/fs/bpf")
-        .flatten()
-    {
-        let n = entry.file_name().to_string_lossy().into_owned();
-        if ours(&n) {
-            left.push(format!("pins {n}"));
-        }
-    }
-    left
+    atoll_testbed::leftovers(&prefixes)
 }
 
 // ---------------------------------------------------------------------------------------------

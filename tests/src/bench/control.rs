@@ -10,7 +10,7 @@
 //! 3. **Memory per cloud**: resident memory of this process before and after creating N
 //!    clouds through the core (64 concurrent), divided by N; and the database size per cloud.
 
-use atoll_api::routes;
+use atoll_api::Command;
 use std::{
     sync::Arc,
     time::{Duration, Instant},
@@ -26,11 +26,10 @@ use atoll_control::{
     api,
     client::Client,
     config::{ControlConfig, StoreConfig},
-    core::{Command, Core, Principal, Reply},
+    core::{Core, Principal, Reply},
     model::{CreateCloud, CreatedCloud, Vm},
 };
 use atoll_testbed::{unique_prefix, LinksWithPrefix, PinRoot};
-use hyper::Method;
 use serde_json::{json, Value};
 
 pub struct ControlBench {
@@ -112,7 +111,9 @@ async fn run_async(smoke: bool) -> Result<ControlBench> {
             for _ in 0..n {
                 let t = Instant::now();
                 let _: CreatedCloud = op
-                    .call(Method::POST, routes::CREATE_CLOUD.path, Some(&json!({})))
+                    .run(&Command::CreateCloud {
+                        spec: serde_json::from_value(json!({})).unwrap(),
+                    })
                     .await?;
                 lat.push(t.elapsed());
             }
@@ -171,16 +172,17 @@ async fn run_async(smoke: bool) -> Result<ControlBench> {
     for _ in 0..live_n {
         let t = Instant::now();
         let c: CreatedCloud = op
-            .call(Method::POST, routes::CREATE_CLOUD.path, Some(&json!({})))
+            .run(&Command::CreateCloud {
+                spec: serde_json::from_value(json!({})).unwrap(),
+            })
             .await?;
         let cc = Client::new(&url, &c.token)?;
         let tv = Instant::now();
         let _: Vm = cc
-            .call(
-                Method::POST,
-                &routes::CREATE_VM.at(&[&c.cloud.id]),
-                Some(&json!({"name": "vm"})),
-            )
+            .run(&Command::CreateVm {
+                cloud: c.cloud.id,
+                spec: serde_json::from_value(json!({"name": "vm"})).unwrap(),
+            })
             .await?;
         let status_key = format!("c/{}/vmstatus/vm", c.cloud.id);
         'wait: loop {

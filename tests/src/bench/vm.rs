@@ -15,7 +15,7 @@
 //! - **Memory**: proportional set size (`Pss` of `/proc/<pid>/smaps_rollup`) of each VMM
 //!   process once its guest is ready, averaged over the VMs of the concurrent round.
 
-use atoll_api::routes;
+use atoll_api::Command;
 use std::{
     path::Path,
     time::{Duration, Instant},
@@ -33,7 +33,6 @@ use atoll_control::{
     model::{CreatedCloud, Vm},
 };
 use atoll_testbed::{unique_prefix, LinksWithPrefix, PinRoot};
-use hyper::Method;
 use serde_json::{json, Value};
 
 /// One VM's timings, in milliseconds.
@@ -162,7 +161,9 @@ async fn run_async(smoke: bool) -> Result<VmBench> {
             let mut clouds = Vec::new();
             for _ in 0..n {
                 let c: CreatedCloud = op
-                    .call(Method::POST, routes::CREATE_CLOUD.path, Some(&json!({})))
+                    .run(&Command::CreateCloud {
+                        spec: serde_json::from_value(json!({})).unwrap(),
+                    })
                     .await?;
                 clouds.push(c);
             }
@@ -174,11 +175,13 @@ async fn run_async(smoke: bool) -> Result<VmBench> {
                 started.insert(format!("c/{id}/vmstatus/vm"), Instant::now());
                 calls.push(tokio::spawn(async move {
                     let _: Vm = cc
-                        .call(
-                            Method::POST,
-                            &routes::CREATE_VM.at(&[&id]),
-                            Some(&json!({"name": "vm", "memory_mib": memory_mib})),
-                        )
+                        .run(&Command::CreateVm {
+                            cloud: id,
+                            spec: serde_json::from_value(
+                                json!({"name": "vm", "memory_mib": memory_mib}),
+                            )
+                            .unwrap(),
+                        })
                         .await?;
                     anyhow::Ok(())
                 }));
@@ -210,13 +213,7 @@ async fn run_async(smoke: bool) -> Result<VmBench> {
             }
             let pss: u64 = vmm_pids(&run_dir).iter().map(|&p| pss_bytes(p)).sum();
             for c in &clouds {
-                let _: Value = op
-                    .call(
-                        Method::DELETE,
-                        &routes::DELETE_CLOUD.at(&[&c.cloud.id]),
-                        None::<&Value>,
-                    )
-                    .await?;
+                let _: () = op.run(&Command::DeleteCloud { cloud: c.cloud.id }).await?;
             }
             anyhow::Ok((boots, accel, pss))
         }

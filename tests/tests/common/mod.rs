@@ -10,10 +10,7 @@ use std::{
     io,
     net::{Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket},
     os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd},
-    panic,
-    path::Path,
-    process::{Child, Command, Stdio},
-    thread,
+    panic, thread,
     time::{Duration, Instant},
 };
 
@@ -21,7 +18,8 @@ use atoll_agent::{
     endpoint::{DeviceSpec, Endpoint, EndpointSpec, Host},
     types::{CloudId, MacAddr},
 };
-use atoll_testbed::{unique_name, LinkGuard, NetNs};
+pub use atoll_testbed::guest::VethGuest;
+use atoll_testbed::{guest::veth_guest, unique_name, LinkGuard, NetNs};
 use frame::Mac;
 
 /// Every cloud's gateway address in the tests.
@@ -96,34 +94,17 @@ pub fn create_veth(
     cloud: u32,
     ip: Ipv4Addr,
 ) -> (Endpoint, VethGuest) {
-    let ns = NetNs::new(&unique_name(tags.netns)).expect("creating a network namespace");
-    let name = unique_name(tags.veth);
-    links.push(LinkGuard(name.clone()));
-    let mac = guest_mac(cloud, ip);
-    let spec = EndpointSpec {
-        name: name.clone(),
-        cloud: cloud_id(cloud),
-        ipv4: ip,
-        mac,
-        gateway: GATEWAY,
-        device: DeviceSpec::Veth {
-            peer_name: "eth0".into(),
-            netns: ns.path(),
-        },
-    };
-    let ep = rt
-        .block_on(host.create_endpoint(&spec))
-        .unwrap_or_else(|e| panic!("creating veth endpoint {name}: {e} ({e:?})"));
-    ns.configure_guest("eth0", ip, 24, GATEWAY)
-        .expect("configuring the guest");
-    let guest = VethGuest {
-        label: format!("cloud {cloud} veth {ip}"),
-        host: name,
-        ns,
-        mac: mac.0,
+    let guest = veth_guest(
+        rt,
+        host,
+        (tags.netns, tags.veth),
+        cloud_id(cloud),
         ip,
-    };
-    (ep, guest)
+        guest_mac(cloud, ip),
+        GATEWAY,
+    );
+    links.push(LinkGuard(guest.host.clone()));
+    (guest.ep.clone(), guest)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -396,66 +377,6 @@ impl TapGuest {
 // ---------------------------------------------------------------------------------------------
 // Veth guests (a real kernel stack in a namespace)
 
-pub struct VethGuest {
-    pub label: String,
-    /// Host-side device name.
-    pub host: String,
-    pub ns: NetNs,
-    pub mac: Mac,
-    pub ip: Ipv4Addr,
-}
-
-impl VethGuest {
-    pub fn ping(&self, dst: Ipv4Addr) -> bool {
-        self.ns
-            .succeeds(&["ping", "-c", "1", "-W", "1", "-q", &dst.to_string()])
-            .expect("running ping")
-    }
-
-    /// Starts `ping -c1` with a payload pattern; the caller answers it.
-    pub fn spawn_ping(&self, dst: Ipv4Addr, pattern: &str) -> ChildGuard {
-        let child = Command::new("ip")
-            .args(["netns", "exec", self.ns.name()])
-            .args(["ping", "-c", "1", "-W", "2", "-q", "-p", pattern])
-            .arg(dst.to_string())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawning ping");
-        ChildGuard(Some(child))
-    }
-}
-
-/// A child process that is killed (by its pid) and reaped if the test fails before waiting.
-pub struct ChildGuard(pub Option<Child>);
-
-impl ChildGuard {
-    pub fn expect_success(mut self, what: &str) {
-        let out = self
-            .0
-            .take()
-            .expect("not yet waited")
-            .wait_with_output()
-            .expect("waiting for child");
-        assert!(
-            out.status.success(),
-            "{what}: {}\n{}{}",
-            out.status,
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-}
-
-impl Drop for ChildGuard {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.0.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
 /// Runs `f` on a thread that has entered the network namespace `ns`; sockets created there stay
 /// in that namespace.
 pub fn spawn_in_netns<T: Send + 'static>(
@@ -645,15 +566,7 @@ pub fn pool_prefix() -> String {
     atoll_agent::endpoint::pool_process_prefix()
 }
 
-/// Names of all links in the host namespace.
-pub fn host_links() -> Vec<String> {
-    let out = atoll_testbed::run(Command::new("ip").args(["-o", "link"])).expect("ip -o link");
-    out.lines()
-        // "12: name@if3: <...>" or "12: name: <...>"
-        .filter_map(|l| l.split(':').nth(1))
-        .map(|n| n.trim().split('@').next().unwrap_or("").to_string())
-        .collect()
-}
+pub use atoll_testbed::host_links;
 
 /// This process's spare taps.
 pub fn pool_links() -> Vec<String> {
@@ -681,46 +594,16 @@ impl Drop for PoolGuard {
 pub fn run_scenario(name: &str, tags: &Tags, scenario: fn()) {
     atoll_testbed::require_root(&format!("the {name} test"));
     let started = std::time::Instant::now();
-    let outcome = std::panic::catch_unwind(scenario);
-    // Everything the scenario created is dropped by now, also after a panic.
-    let left = leftovers(tags);
-    match outcome {
-        Ok(()) => assert!(left.is_empty(), "left behind after the test: {left:#?}"),
-        Err(p) => {
-            if !left.is_empty() {
-                eprintln!("also left behind after the failure: {left:#?}");
-            }
-            std::panic::resume_unwind(p)
-        }
-    }
+    let mut prefixes = prefixes(tags);
+    prefixes.push(pool_prefix());
+    atoll_testbed::leaves_nothing(&prefixes, scenario);
     println!("{name}: passed in {:.2?}", started.elapsed());
 }
 
 pub fn leftovers(tags: &Tags) -> Vec<String> {
     let mut prefixes = prefixes(tags);
     prefixes.push(pool_prefix());
-    let ours = |name: &str| prefixes.iter().any(|p| name.starts_with(p.as_str()));
-    let mut left: Vec<String> = host_links()
-        .into_iter()
-        .filter(|n| ours(n))
-        .map(|n| format!("link {n}"))
-        .collect();
-    let netns =
-        atoll_testbed::run(Command::new("ip").args(["netns", "list"])).expect("ip netns list");
-    for line in netns.lines() {
-        let name = line.split_whitespace().next().unwrap_or("");
-        if ours(name) {
-            left.push(format!("netns {name}"));
-        }
-    }
-    for entry in std::fs::read_dir(Path::new("/sys/fs/bpf")).expect("listing /sys/fs/bpf") {
-        let name = entry.expect("dir entry").file_name();
-        let name = name.to_string_lossy();
-        if ours(&name) {
-            left.push(format!("pins /sys/fs/bpf/{name}"));
-        }
-    }
-    left
+    atoll_testbed::leftovers(&prefixes)
 }
 
 // ---------------------------------------------------------------------------------------------
