@@ -44,6 +44,13 @@
 //!   microseconds both are attached is counted twice.
 //! - `carry/` holds counter maps of an older layout frozen by a migration: their values are added
 //!   to the current counters, so no increment is lost (see `carry`).
+//! - **Modules, each owning one thing, imported only downwards** (no circles): `error` (the
+//!   error type; a leaf), `maps` (the map registry; a leaf), `kernel` (BTF, feature probes and
+//!   what the kernel's refusals mean), `pins` (the layout's directories, loading the object,
+//!   pinning programs, the build marker), `links` (link pins and `BPF_LINK_UPDATE`), `carry`
+//!   (frozen counters), `layout` (shape checks and migrations), `upgrade` (in-place program
+//!   upgrades), and this file's `Dataplane` (endpoints and their maps; `exposure` adds its VIP
+//!   methods).
 
 use std::{
     io,
@@ -52,32 +59,35 @@ use std::{
 
 use atoll_dataplane_common::{
     DnsService, DropReason, EndpointCounters, EndpointInfo, EndpointSlot, FlowIn, FlowKey, FlowOut,
-    NextHop, RouteKey, VipService, ENDPOINT_CACHE_MASK, LAYOUT_VERSION,
+    NextHop, RouteKey, VipService, ENDPOINT_CACHE_MASK,
 };
 use aya::{
     maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray, PerCpuValues},
-    programs::{
-        links::FdLink, tc::TcAttachOptions, BtfTracePoint, LinkOrder, ProgramError,
-        SchedClassifier, TcAttachType,
-    },
-    Btf, EbpfError, EbpfLoader,
+    programs::{links::FdLink, tc::TcAttachOptions, LinkOrder, SchedClassifier, TcAttachType},
 };
 
 use crate::config::DataplaneConfig;
 
 mod carry;
+mod error;
 mod exposure;
 mod kernel;
 mod layout;
+mod links;
 pub mod maps;
+mod pins;
 mod upgrade;
 
+pub use error::DataplaneError;
+use error::*;
+use kernel::attach_error;
 pub use layout::{layout_versions, map_usage, unapplied_sizes, MapUsage};
-pub use upgrade::{build_id, pinned_builds, prepare, Prepared, BUILD_MARKER_PREFIX};
-
-/// The compiled eBPF object, built by this crate's build script from `dataplane-ebpf/`.
-pub static OBJECT: &[u8] =
-    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/atoll-dataplane.o"));
+use pins::*;
+pub use pins::{
+    build_id, check_bpffs, layout_dir, load_unpinned, pinned_builds, BUILD_MARKER_PREFIX,
+    KFREE_SKB_LINK, OBJECT, PROG_FROM_DNS, PROG_FROM_VM, PROG_KFREE_SKB, PROG_TO_VM,
+};
+pub use upgrade::{prepare, Prepared};
 
 /// Empty XDP and TC programs (`empty_xdp`, `empty_tc`) that benchmarks use as their baseline.
 pub static BASELINE_OBJECT: &[u8] =
@@ -88,166 +98,7 @@ pub use maps::{
     MAP_COUNTERS, MAP_DNS_SERVICE, MAP_DROPS, MAP_ENDPOINTS, MAP_ENDPOINT_CACHE, MAP_FLOWS_IN,
     MAP_FLOWS_OUT, MAP_ROUTES, MAP_SLOT_ENDPOINTS, MAP_VIPS,
 };
-/// Program names in the object.
-pub const PROG_FROM_VM: &str = "from_vm";
-pub const PROG_TO_VM: &str = "to_vm";
-pub const PROG_FROM_DNS: &str = "from_dns";
-/// The program on the kernel's `kfree_skb` tracepoint (and the tracepoint's name).
-pub const PROG_KFREE_SKB: &str = "kfree_skb";
-/// The pin of `kfree_skb`'s link in `links/`.
-pub const KFREE_SKB_LINK: &str = "kfree-skb";
-/// The read-only global holding `kfree_skb`'s `KfreeSkbConfig`.
-const KFREE_SKB_CONFIG: &str = "KFREE_SKB_CONFIG";
-/// Every TCX program.
-const PROGS: [&str; 3] = [PROG_FROM_VM, PROG_TO_VM, PROG_FROM_DNS];
-/// Every program pinned under `progs/`.
-const PINNED_PROGS: [&str; 4] = [PROG_FROM_VM, PROG_TO_VM, PROG_FROM_DNS, PROG_KFREE_SKB];
-/// Prefix of the pinned TCX link of `from_dns` (`dns-<ifindex>`).
-const DNS_LINK_PREFIX: &str = "dns-";
-
-const BPF_FS_MAGIC: i64 = 0xcafe4a11;
 const BPF_NOEXIST: u64 = 1;
-
-#[derive(Debug, thiserror::Error)]
-pub enum DataplaneError {
-    #[error(
-        "{path} is not on a bpffs: set dataplane.bpffs_root to a directory under a mounted \
-         bpffs (default /sys/fs/bpf/atoll; mount it with `mount -t bpf bpf /sys/fs/bpf`)"
-    )]
-    BpffsNotMounted { path: PathBuf },
-    #[error("missing capability: {operation} needs CAP_BPF and CAP_NET_ADMIN (run as root)")]
-    MissingCapability {
-        operation: String,
-        source: io::Error,
-    },
-    #[error("creating pin directory {path}: {source}")]
-    CreatePinDir { path: PathBuf, source: io::Error },
-    #[error("loading the eBPF object: {source}")]
-    LoadObject { source: Box<EbpfError> },
-    #[error("loading program {program} into the kernel: {source}")]
-    LoadProgram {
-        program: &'static str,
-        source: Box<ProgramError>,
-    },
-    #[error("pinning {path}: {source}")]
-    Pin { path: PathBuf, source: io::Error },
-    #[error("opening pinned map {path}: {source}")]
-    OpenMap {
-        path: PathBuf,
-        source: Box<MapError>,
-    },
-    #[error("opening pinned program {path}: {source}")]
-    OpenProgram {
-        path: PathBuf,
-        source: Box<ProgramError>,
-    },
-    #[error("kernel feature missing: {feature} ({source})")]
-    KernelFeatureMissing {
-        feature: &'static str,
-        source: Box<ProgramError>,
-    },
-    #[error("attaching {program} to {device}: {source}")]
-    Attach {
-        program: &'static str,
-        device: String,
-        source: Box<ProgramError>,
-    },
-    #[error("taking the TCX link of {program} on {device}: {source}")]
-    AttachLink {
-        program: &'static str,
-        device: String,
-        source: Box<aya::programs::links::LinkError>,
-    },
-    #[error("map {map} is full ({capacity} entries); raise dataplane.{setting}")]
-    MapFull {
-        map: &'static str,
-        capacity: u32,
-        setting: &'static str,
-    },
-    #[error("{what} already exists in map {map}")]
-    EntryExists { map: &'static str, what: String },
-    #[error("updating map {map}: {source}")]
-    UpdateMap {
-        map: &'static str,
-        source: Box<MapError>,
-    },
-    #[error("reading map {map}: {source}")]
-    ReadMap {
-        map: &'static str,
-        source: Box<MapError>,
-    },
-    #[error("removing {path}: {source}")]
-    Unpin { path: PathBuf, source: io::Error },
-    #[error("reading {path}: {source}")]
-    ReadPinDir { path: PathBuf, source: io::Error },
-    #[error("renaming {from} to {to}: {source}")]
-    Rename {
-        from: PathBuf,
-        to: PathBuf,
-        source: io::Error,
-    },
-    #[error(
-        "pinned map {path} does not match this build (layout v{LAYOUT_VERSION}): {problem}; \
-         pins of another shape under the same layout version are a bug (the layout changed \
-         without a LAYOUT_VERSION bump) or were made by another program: drain the host and \
-         recreate the dataplane (`atoll-agent cleanup`, then `atoll-agent run`)"
-    )]
-    MapMismatch { path: PathBuf, problem: String },
-    #[error(
-        "pinned map {path} has {pinned} entries, but the dataplane's other maps sized by \
-         dataplane.{setting} hold {expected}: the pins are inconsistent; drain the host and \
-         recreate the dataplane (`atoll-agent cleanup`, then `atoll-agent run`)"
-    )]
-    MapCapacity {
-        path: PathBuf,
-        pinned: u32,
-        expected: u32,
-        setting: &'static str,
-    },
-    #[error(
-        "pins of map layout v{found} exist under {root}: run `atoll-agent migrate` (or \
-         `atoll-agent run`, which migrates on start) to move them to layout v{LAYOUT_VERSION}"
-    )]
-    MigrationPending { root: PathBuf, found: u32 },
-    #[error(
-        "pins of map layout v{found} exist under {root}, and this agent migrates only from \
-         v{supported} (or later) to v{LAYOUT_VERSION}: drain the host (move its VMs away), remove them with \
-         `rm -r {root}/v{found}` (this detaches their programs) and delete their devices, or \
-         migrate with an agent release in between"
-    )]
-    MigrationUnsupported {
-        root: PathBuf,
-        found: u32,
-        supported: u32,
-    },
-    #[error(
-        "pins of map layout v{found} under {root} are newer than this agent (layout \
-         v{LAYOUT_VERSION}): install the newer agent again; downgrading across a layout change \
-         is not supported"
-    )]
-    NewerLayout { root: PathBuf, found: u32 },
-    #[error(
-        "{new} and {old} hold different dataplanes (their ENDPOINTS maps differ), so the \
-         migration from {old} cannot be resumed: drain the host and remove one of them"
-    )]
-    MigrationDiverged { old: PathBuf, new: PathBuf },
-    #[error("opening pinned link {path}: {source}")]
-    OpenLink {
-        path: PathBuf,
-        source: Box<aya::programs::links::LinkError>,
-    },
-    #[error(
-        "reading the kernel's BTF ({btf}) for the kfree_skb program: {problem}; atoll needs a \
-         kernel built with CONFIG_DEBUG_INFO_BTF",
-        btf = kernel::VMLINUX_BTF
-    )]
-    KernelBtf { problem: String },
-    #[error("replacing the program of link {path} (BPF_LINK_UPDATE): {source}")]
-    UpdateLink {
-        path: PathBuf,
-        source: Box<ProgramError>,
-    },
-}
 
 /// An endpoint device's two TCX hooks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -804,252 +655,6 @@ pub fn sum_counters<'a>(per_cpu: impl Iterator<Item = &'a EndpointCounters>) -> 
     total
 }
 
-/// `<root>/v<LAYOUT_VERSION>`.
-pub fn layout_dir(root: &Path) -> PathBuf {
-    root.join(format!("v{LAYOUT_VERSION}"))
-}
-
-/// Checks that `root` (or its closest existing ancestor) is on a bpffs.
-pub fn check_bpffs(root: &Path) -> Result<(), DataplaneError> {
-    // The root may not exist yet: check the closest existing ancestor.
-    let mut probe = root;
-    while !probe.exists() {
-        match probe.parent() {
-            Some(p) => probe = p,
-            None => break,
-        }
-    }
-    let c = std::ffi::CString::new(probe.as_os_str().as_encoded_bytes())
-        .map_err(|_| DataplaneError::BpffsNotMounted { path: root.into() })?;
-    // SAFETY: an all-zero `statfs` is a valid value of this plain C struct.
-    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
-    // SAFETY: statfs writes into the struct we own; `c` is a valid NUL-terminated path.
-    let rc = unsafe { libc::statfs(c.as_ptr(), &mut st) };
-    if rc != 0 || st.f_type as i64 != BPF_FS_MAGIC {
-        return Err(DataplaneError::BpffsNotMounted { path: probe.into() });
-    }
-    Ok(())
-}
-
-fn create_pins(cfg: &DataplaneConfig, dir: &Path) -> Result<(), DataplaneError> {
-    let tmp = tmp_dir(dir);
-    let result = (|| {
-        create_layout_dirs(&tmp)?;
-        // aya creates each map and pins it at its path (none exists yet).
-        let mut ebpf = load_object(cfg, &tmp.join("maps"))?;
-        pin_programs(&mut ebpf, &tmp.join("progs"), "")?;
-        attach_kfree_skb(&mut ebpf, &tmp.join("links"))?;
-        upgrade::mark_build(&tmp)?;
-        rename(&tmp, dir)
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_dir_all(&tmp);
-        // Another process created the layout meanwhile: use that one.
-        if dir.join("progs").join(PROG_FROM_DNS).exists() {
-            return Ok(());
-        }
-    }
-    result
-}
-
-/// `<dir>-tmp-<pid>`: where a layout is built before it is renamed into place.
-fn tmp_dir(dir: &Path) -> PathBuf {
-    dir.with_file_name(format!(
-        "{}-tmp-{}",
-        dir.file_name().and_then(|n| n.to_str()).unwrap_or("v"),
-        std::process::id()
-    ))
-}
-
-fn create_layout_dirs(dir: &Path) -> Result<(), DataplaneError> {
-    for sub in ["maps", "progs", "links", carry::DIR] {
-        let p = dir.join(sub);
-        atoll_api::private::create_dir_all(&p, 0o700)
-            .map_err(|source| DataplaneError::CreatePinDir { path: p, source })?;
-    }
-    Ok(())
-}
-
-/// Loads the embedded object with private, unpinned maps (the configurable ones sized
-/// `entries`) and verifies its programs; nothing is pinned or attached (`atoll-agent doctor`).
-pub fn load_unpinned(entries: u32) -> Result<aya::Ebpf, DataplaneError> {
-    let cfg = DataplaneConfig {
-        max_endpoints: entries,
-        max_routes: entries,
-        max_vips: entries,
-        max_flows: entries,
-        ..DataplaneConfig::default()
-    };
-    load_object_with(&cfg, None)
-}
-
-/// Loads the object with every map pinned under `maps` (aya opens a map pinned there and
-/// creates and pins a missing one) and loads (verifies) its programs, unpinned.
-fn load_object(cfg: &DataplaneConfig, maps: &Path) -> Result<aya::Ebpf, DataplaneError> {
-    load_object_with(cfg, Some(maps))
-}
-
-fn load_object_with(
-    cfg: &DataplaneConfig,
-    maps: Option<&Path>,
-) -> Result<aya::Ebpf, DataplaneError> {
-    let mut loader = EbpfLoader::new();
-    for m in &maps::REGISTRY {
-        if let maps::Capacity::Config(setting) = m.capacity {
-            loader.map_max_entries(m.name, setting.get(cfg));
-        }
-    }
-    let kfree_skb = kernel::kfree_skb_config()?;
-    loader.override_global(KFREE_SKB_CONFIG, &kfree_skb, true);
-    if let Some(dir) = maps {
-        for m in &maps::REGISTRY {
-            loader.map_pin_path(m.name, dir.join(m.name));
-        }
-    }
-    let mut ebpf = loader
-        .load(OBJECT)
-        .map_err(|source| match permission_error(&source) {
-            Some(e) => DataplaneError::MissingCapability {
-                operation: "loading eBPF maps".into(),
-                source: e,
-            },
-            None => DataplaneError::LoadObject {
-                source: Box::new(source),
-            },
-        })?;
-    for name in PROGS {
-        program_mut(&mut ebpf, name)?
-            .load()
-            .map_err(|source| DataplaneError::LoadProgram {
-                program: static_name(name),
-                source: Box::new(source),
-            })?;
-    }
-    let btf = Btf::from_sys_fs().map_err(|e| DataplaneError::KernelBtf {
-        problem: e.to_string(),
-    })?;
-    tracepoint_mut(&mut ebpf)?
-        .load(PROG_KFREE_SKB, &btf)
-        .map_err(|source| DataplaneError::LoadProgram {
-            program: PROG_KFREE_SKB,
-            source: Box::new(source),
-        })?;
-    Ok(ebpf)
-}
-
-fn tracepoint_mut(ebpf: &mut aya::Ebpf) -> Result<&mut BtfTracePoint, DataplaneError> {
-    let err = |source| DataplaneError::LoadProgram {
-        program: PROG_KFREE_SKB,
-        source: Box::new(source),
-    };
-    ebpf.program_mut(PROG_KFREE_SKB)
-        .ok_or(err(ProgramError::NotLoaded))?
-        .try_into()
-        .map_err(err)
-}
-
-/// Attaches the loaded `kfree_skb` to its tracepoint and pins the link as
-/// `<links>/kfree-skb`, replacing a pinned one (an upgrade) only once the new link is attached
-/// (the rename over the old pin detaches the old program).
-fn attach_kfree_skb(ebpf: &mut aya::Ebpf, links: &Path) -> Result<(), DataplaneError> {
-    let prog = tracepoint_mut(ebpf)?;
-    let attach = |source| DataplaneError::Attach {
-        program: PROG_KFREE_SKB,
-        device: "the kfree_skb tracepoint".into(),
-        source: Box::new(source),
-    };
-    let id = prog.attach().map_err(attach)?;
-    let link = FdLink::from(prog.take_link(id).map_err(attach)?);
-    let new = links.join(format!("{KFREE_SKB_LINK}-new"));
-    // A pin left by an upgrade that crashed here: its link goes, the old one still counts.
-    remove_pin(&new)?;
-    link.pin(&new).map_err(|e| DataplaneError::Pin {
-        path: new.clone(),
-        source: io::Error::other(e.to_string()),
-    })?;
-    let current = links.join(KFREE_SKB_LINK);
-    // Held across the rename: the pin's reference then is not the last, and closing this fd
-    // releases the old link at once (the last reference of a pin is put from a kernel work
-    // queue, later), so the old program has stopped when this returns.
-    let old = aya::programs::links::PinnedLink::from_pin(&current).ok();
-    rename(&new, &current)?;
-    drop(old);
-    Ok(())
-}
-
-fn program_mut<'a>(
-    ebpf: &'a mut aya::Ebpf,
-    name: &str,
-) -> Result<&'a mut SchedClassifier, DataplaneError> {
-    ebpf.program_mut(name)
-        .ok_or(DataplaneError::LoadProgram {
-            program: static_name(name),
-            source: Box::new(ProgramError::NotLoaded),
-        })?
-        .try_into()
-        .map_err(|source| DataplaneError::LoadProgram {
-            program: static_name(name),
-            source: Box::new(source),
-        })
-}
-
-/// Pins every loaded program as `<progs>/<name><suffix>`.
-fn pin_programs(ebpf: &mut aya::Ebpf, progs: &Path, suffix: &str) -> Result<(), DataplaneError> {
-    for name in PROGS {
-        let path = progs.join(format!("{name}{suffix}"));
-        remove_pin(&path)?;
-        program_mut(ebpf, name)?
-            .pin(&path)
-            .map_err(|e| DataplaneError::Pin {
-                path: path.clone(),
-                source: io::Error::other(e.to_string()),
-            })?;
-    }
-    let path = progs.join(format!("{PROG_KFREE_SKB}{suffix}"));
-    remove_pin(&path)?;
-    tracepoint_mut(ebpf)?
-        .pin(&path)
-        .map_err(|e| DataplaneError::Pin {
-            path: path.clone(),
-            source: io::Error::other(e.to_string()),
-        })
-}
-
-/// Renames a pin or pin directory (atomic on bpffs; replaces a pin at `to`).
-fn rename(from: &Path, to: &Path) -> Result<(), DataplaneError> {
-    std::fs::rename(from, to).map_err(|source| DataplaneError::Rename {
-        from: from.into(),
-        to: to.into(),
-        source,
-    })
-}
-
-fn static_name(name: &str) -> &'static str {
-    PINNED_PROGS
-        .into_iter()
-        .find(|p| *p == name)
-        .unwrap_or(PROG_FROM_VM)
-}
-
-fn permission_error(e: &EbpfError) -> Option<io::Error> {
-    // aya wraps the syscall's io::Error a few levels deep; EPERM anywhere means no CAP_BPF.
-    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
-    while let Some(err) = cur {
-        if let Some(io) = err.downcast_ref::<io::Error>() {
-            if io.raw_os_error() == Some(libc::EPERM) {
-                return Some(io::Error::from_raw_os_error(libc::EPERM));
-            }
-        }
-        if let Some(sys) = err.downcast_ref::<aya::sys::SyscallError>() {
-            if sys.io_error.raw_os_error() == Some(libc::EPERM) {
-                return Some(io::Error::from_raw_os_error(libc::EPERM));
-            }
-        }
-        cur = err.source();
-    }
-    None
-}
-
 /// Attaches `prog` to `ifname` with TCX and pins the link at `path`.
 fn attach_pinned(
     prog: &mut SchedClassifier,
@@ -1082,85 +687,6 @@ fn attach_pinned(
         source: io::Error::other(e.to_string()),
     })?;
     Ok(())
-}
-
-fn attach_error(program: &'static str, device: &str, source: ProgramError) -> DataplaneError {
-    let errno = match &source {
-        ProgramError::SyscallError(e) => e.io_error.raw_os_error(),
-        _ => None,
-    };
-    match errno {
-        Some(libc::EPERM) => DataplaneError::MissingCapability {
-            operation: format!("attaching {program} to {device}"),
-            source: io::Error::from_raw_os_error(libc::EPERM),
-        },
-        // Kernels before 6.6 do not know BPF_TCX_INGRESS/EGRESS.
-        Some(libc::EINVAL) | Some(libc::EOPNOTSUPP) if !tcx_supported() => {
-            DataplaneError::KernelFeatureMissing {
-                feature: "TCX (Linux >= 6.6)",
-                source: Box::new(source),
-            }
-        }
-        _ => DataplaneError::Attach {
-            program,
-            device: device.into(),
-            source: Box::new(source),
-        },
-    }
-}
-
-fn tcx_supported() -> bool {
-    aya::util::KernelVersion::current()
-        .map(|v| v >= aya::util::KernelVersion::new(6, 6, 0))
-        .unwrap_or(false)
-}
-
-fn insert_error(
-    e: MapError,
-    map: &'static str,
-    what: String,
-    capacity: u32,
-    setting: &'static str,
-) -> DataplaneError {
-    if let MapError::SyscallError(s) = &e {
-        match s.io_error.raw_os_error() {
-            Some(libc::EEXIST) => return DataplaneError::EntryExists { map, what },
-            Some(libc::E2BIG) | Some(libc::ENOMEM) => {
-                return DataplaneError::MapFull {
-                    map,
-                    capacity,
-                    setting,
-                }
-            }
-            _ => {}
-        }
-    }
-    DataplaneError::UpdateMap {
-        map,
-        source: Box::new(e),
-    }
-}
-
-fn ignore_missing(r: Result<(), MapError>, map: &'static str) -> Result<(), DataplaneError> {
-    match r {
-        Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
-        Err(MapError::SyscallError(s)) if s.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
-        Err(source) => Err(DataplaneError::UpdateMap {
-            map,
-            source: Box::new(source),
-        }),
-    }
-}
-
-fn remove_pin(path: &Path) -> Result<(), DataplaneError> {
-    match std::fs::remove_file(path) {
-        Ok(()) => Ok(()),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-        Err(source) => Err(DataplaneError::Unpin {
-            path: path.into(),
-            source,
-        }),
-    }
 }
 
 /// docs/design.md cannot drift from the code: its maps table names exactly the maps the agent

@@ -23,14 +23,14 @@ use atoll_dataplane_common::{DropReason, EndpointCounters, DROP_SLOTS};
 use aya::maps::{Map, MapData, MapInfo, MapType, PerCpuArray, PerCpuValues};
 
 use super::{
-    layout,
+    error::DataplaneError,
     maps::{MAP_COUNTERS, MAP_DROPS},
-    DataplaneError,
+    pins,
 };
 use crate::config::DataplaneConfig;
 
 /// Directory of carried maps inside a layout directory.
-pub(super) const DIR: &str = "carry";
+pub(super) const DIR: &str = pins::CARRY_DIR;
 
 /// The `EndpointCounters` of older layouts that migrations carry: (layout, words). Each was
 /// 16 traffic words then its drop slots: v3 had 29, v4 37.
@@ -142,8 +142,8 @@ impl Carry {
     /// Opens every map under `dir` (none if it does not exist).
     pub(super) fn open(dir: &Path) -> Result<Self, DataplaneError> {
         let mut carry = Carry::default();
-        for path in layout::read_dir(dir)? {
-            let name = layout::file_name(&path);
+        for path in pins::read_dir(dir)? {
+            let name = pins::file_name(&path);
             let open_err = |source| DataplaneError::OpenMap {
                 path: path.clone(),
                 source: Box::new(source),

@@ -12,8 +12,8 @@ use atoll_dataplane_common::{
 use aya::maps::MapError;
 
 use super::{
-    ignore_missing, insert_error, Dataplane, DataplaneError, MAP_FLOWS_IN, MAP_FLOWS_OUT,
-    MAP_ROUTES, MAP_VIPS,
+    error::{ignore_missing, insert_error, DataplaneError},
+    Dataplane, MAP_FLOWS_IN, MAP_FLOWS_OUT, MAP_ROUTES, MAP_VIPS,
 };
 
 const BPF_ANY: u64 = 0;

@@ -14,11 +14,13 @@
 //!   naming the field.
 //! - Parsed once per process (about 6 MB here): tests and benchmarks create many dataplanes.
 
-use std::{os::unix::fs::MetadataExt, sync::OnceLock};
+use std::{io, os::unix::fs::MetadataExt, sync::OnceLock};
+
+use aya::{programs::ProgramError, EbpfError};
 
 use atoll_dataplane_common::KfreeSkbConfig;
 
-use super::DataplaneError;
+use super::error::DataplaneError;
 
 /// The running kernel's BTF.
 pub const VMLINUX_BTF: &str = "/sys/kernel/btf/vmlinux";
@@ -33,9 +35,13 @@ pub fn kfree_skb_config() -> Result<KfreeSkbConfig, DataplaneError> {
             layout_from(&Btf::parse(&data)?)
         })
         .clone()
-        .map_err(|problem| DataplaneError::KernelBtf { problem })?;
+        .map_err(|problem| DataplaneError::KernelBtf {
+            btf: VMLINUX_BTF,
+            problem,
+        })?;
     config.netns_inum = std::fs::metadata("/proc/self/ns/net")
         .map_err(|e| DataplaneError::KernelBtf {
+            btf: VMLINUX_BTF,
             problem: format!("reading /proc/self/ns/net: {e}"),
         })?
         .ino() as u32;
@@ -270,6 +276,60 @@ impl<'a> Btf<'a> {
             return Err(format!("enum {name} has no {variant}"));
         }
         Err(format!("no enum {name}"))
+    }
+}
+
+pub(super) fn tcx_supported() -> bool {
+    aya::util::KernelVersion::current()
+        .map(|v| v >= aya::util::KernelVersion::new(6, 6, 0))
+        .unwrap_or(false)
+}
+
+pub(super) fn permission_error(e: &EbpfError) -> Option<io::Error> {
+    // aya wraps the syscall's io::Error a few levels deep; EPERM anywhere means no CAP_BPF.
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = cur {
+        if let Some(io) = err.downcast_ref::<io::Error>() {
+            if io.raw_os_error() == Some(libc::EPERM) {
+                return Some(io::Error::from_raw_os_error(libc::EPERM));
+            }
+        }
+        if let Some(sys) = err.downcast_ref::<aya::sys::SyscallError>() {
+            if sys.io_error.raw_os_error() == Some(libc::EPERM) {
+                return Some(io::Error::from_raw_os_error(libc::EPERM));
+            }
+        }
+        cur = err.source();
+    }
+    None
+}
+
+pub(super) fn attach_error(
+    program: &'static str,
+    device: &str,
+    source: ProgramError,
+) -> DataplaneError {
+    let errno = match &source {
+        ProgramError::SyscallError(e) => e.io_error.raw_os_error(),
+        _ => None,
+    };
+    match errno {
+        Some(libc::EPERM) => DataplaneError::MissingCapability {
+            operation: format!("attaching {program} to {device}"),
+            source: io::Error::from_raw_os_error(libc::EPERM),
+        },
+        // Kernels before 6.6 do not know BPF_TCX_INGRESS/EGRESS.
+        Some(libc::EINVAL) | Some(libc::EOPNOTSUPP) if !tcx_supported() => {
+            DataplaneError::KernelFeatureMissing {
+                feature: "TCX (Linux >= 6.6)",
+                source: Box::new(source),
+            }
+        }
+        _ => DataplaneError::Attach {
+            program,
+            device: device.into(),
+            source: Box::new(source),
+        },
     }
 }
 

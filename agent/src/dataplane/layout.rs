@@ -31,15 +31,17 @@
 //! - **From the versions the table reaches** ([`OLDEST_MIGRATED`] on). Older pins are refused
 //!   with the manual path (drain, remove); downgrades across a layout change are refused.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use atoll_dataplane_common::{EndpointInfo, NextHop, RouteKey, VipService, LAYOUT_VERSION};
 use aya::maps::{MapData, MapInfo};
 
 use super::{
-    attach_kfree_skb, carry, create_layout_dirs, layout_dir, load_object,
+    carry,
+    error::DataplaneError,
+    links,
     maps::{self, Capacity, MapSpec, SizeSetting, MAP_ENDPOINTS, MAP_ROUTES, MAP_VIPS},
-    pin_programs, rename, tmp_dir, upgrade, DataplaneError,
+    pins::*,
 };
 use crate::config::DataplaneConfig;
 
@@ -305,9 +307,9 @@ pub(super) fn migrate(
         let sizes = pinned_sizes(&old.join("maps"), cfg);
         report.carried = build_new_layout(&sizes, &old, &new, from, &steps)?;
     }
-    let mut programs = upgrade::Programs::open(&new.join("progs"), "")?;
+    let mut programs = links::Programs::open(&new.join("progs"), "")?;
     let switched =
-        upgrade::switch_links(&mut programs, &old.join("links"), Some(&new.join("links")))?;
+        links::switch_links(&mut programs, &old.join("links"), Some(&new.join("links")))?;
     report.links = switched.switched;
     report.stale_links = switched.stale;
     std::fs::remove_dir_all(&old).map_err(|source| DataplaneError::Unpin { path: old, source })?;
@@ -368,7 +370,7 @@ fn build_new_layout(
         let mut ebpf = load_object(cfg, &tmp.join("maps"))?;
         pin_programs(&mut ebpf, &tmp.join("progs"), "")?;
         attach_kfree_skb(&mut ebpf, &tmp.join("links"))?;
-        upgrade::mark_build(&tmp)?;
+        mark_build(&tmp)?;
         rename(&tmp, new)?;
         Ok(carried)
     })();
@@ -388,24 +390,6 @@ fn repin(from: &Path, to: &Path) -> Result<(), DataplaneError> {
         path: to.into(),
         source: std::io::Error::other(e.to_string()),
     })
-}
-
-/// Entries of a pin directory (none if it does not exist).
-pub(super) fn read_dir(dir: &Path) -> Result<Vec<PathBuf>, DataplaneError> {
-    match std::fs::read_dir(dir) {
-        Ok(entries) => Ok(entries.filter_map(|e| e.ok()).map(|e| e.path()).collect()),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
-        Err(source) => Err(DataplaneError::ReadPinDir {
-            path: dir.into(),
-            source,
-        }),
-    }
-}
-
-pub(super) fn file_name(path: &Path) -> String {
-    path.file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default()
 }
 
 /// How full one pinned map is (for `atoll-agent doctor`).

@@ -23,175 +23,14 @@
 
 use std::path::{Path, PathBuf};
 
-use aya::programs::{
-    links::{FdLink, PinnedLink},
-    tc::SchedClassifierLink,
-    ProgramError, SchedClassifier,
-};
-
 use super::{
-    attach_kfree_skb, check_bpffs, create_pins, layout, layout_dir, load_object, pin_programs,
-    rename, DataplaneError, OBJECT, PINNED_PROGS, PROG_FROM_DNS, PROG_FROM_VM, PROG_TO_VM,
+    error::DataplaneError,
+    layout,
+    links::{switch_links, Programs, Switched},
+    pins::*,
 };
 use crate::config::DataplaneConfig;
 use atoll_dataplane_common::LAYOUT_VERSION;
-
-/// Name prefix of the build marker directory.
-pub const BUILD_MARKER_PREFIX: &str = "build-";
-
-/// The identity of the embedded eBPF object: 16 hex digits of its FNV-1a 64 hash.
-pub fn build_id() -> String {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in OBJECT {
-        h ^= u64::from(*b);
-        h = h.wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    format!("{h:016x}")
-}
-
-/// Build ids recorded in the layout directory `dir` (normally one).
-pub fn pinned_builds(dir: &Path) -> Result<Vec<String>, DataplaneError> {
-    Ok(layout::read_dir(dir)?
-        .iter()
-        .filter_map(|p| {
-            layout::file_name(p)
-                .strip_prefix(BUILD_MARKER_PREFIX)
-                .map(str::to_string)
-        })
-        .collect())
-}
-
-/// Records this build as the pinned one in `dir`, removing other markers.
-pub(super) fn mark_build(dir: &Path) -> Result<(), DataplaneError> {
-    let id = build_id();
-    let marker = dir.join(format!("{BUILD_MARKER_PREFIX}{id}"));
-    atoll_api::private::create_dir_all(&marker, 0o700).map_err(|source| {
-        DataplaneError::CreatePinDir {
-            path: marker.clone(),
-            source,
-        }
-    })?;
-    for other in pinned_builds(dir)? {
-        if other != id {
-            let path = dir.join(format!("{BUILD_MARKER_PREFIX}{other}"));
-            std::fs::remove_dir(&path).map_err(|source| DataplaneError::Unpin { path, source })?;
-        }
-    }
-    Ok(())
-}
-
-/// The three programs, opened from pins.
-pub(super) struct Programs {
-    from_vm: SchedClassifier,
-    to_vm: SchedClassifier,
-    from_dns: SchedClassifier,
-}
-
-impl Programs {
-    /// Opens `<progs>/<name><suffix>` for every program.
-    pub(super) fn open(progs: &Path, suffix: &str) -> Result<Self, DataplaneError> {
-        let open = |name: &str| {
-            let path = progs.join(format!("{name}{suffix}"));
-            SchedClassifier::from_pin(&path).map_err(|source| DataplaneError::OpenProgram {
-                path,
-                source: Box::new(source),
-            })
-        };
-        Ok(Programs {
-            from_vm: open(PROG_FROM_VM)?,
-            to_vm: open(PROG_TO_VM)?,
-            from_dns: open(PROG_FROM_DNS)?,
-        })
-    }
-
-    /// The program a link pin of this name carries (see [`program_of_link`]).
-    fn for_link(&mut self, pin: &str) -> Option<&mut SchedClassifier> {
-        match program_of_link(pin)? {
-            PROG_FROM_VM => Some(&mut self.from_vm),
-            PROG_TO_VM => Some(&mut self.to_vm),
-            _ => Some(&mut self.from_dns),
-        }
-    }
-}
-
-/// The program of a link pin: `<ifindex>-in` → `from_vm`, `<ifindex>-out` → `to_vm`,
-/// `dns-<ifindex>` → `from_dns`.
-fn program_of_link(pin: &str) -> Option<&'static str> {
-    if pin.starts_with(super::DNS_LINK_PREFIX) {
-        Some(PROG_FROM_DNS)
-    } else if pin.ends_with("-in") {
-        Some(PROG_FROM_VM)
-    } else if pin.ends_with("-out") {
-        Some(PROG_TO_VM)
-    } else {
-        None
-    }
-}
-
-/// Links switched by [`switch_links`].
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub(super) struct Switched {
-    pub switched: usize,
-    /// Links whose device is gone (left to reconcile, or removed with their directory).
-    pub stale: usize,
-}
-
-/// Gives every link pinned in `links` its program from `programs` with `BPF_LINK_UPDATE`, and
-/// moves the pin into `move_to` if given (a migration).
-pub(super) fn switch_links(
-    programs: &mut Programs,
-    links: &Path,
-    move_to: Option<&Path>,
-) -> Result<Switched, DataplaneError> {
-    let mut out = Switched::default();
-    for path in layout::read_dir(links)? {
-        let name = layout::file_name(&path);
-        let Some(prog) = programs.for_link(&name) else {
-            continue;
-        };
-        if update_link(prog, &path)? {
-            out.switched += 1;
-        } else {
-            out.stale += 1;
-            continue;
-        }
-        if let Some(dir) = move_to {
-            let target = dir.join(&name);
-            if target.exists() {
-                // Already moved once (a resumed migration re-attached it): the old pin goes with
-                // the old directory.
-                continue;
-            }
-            rename(&path, &target)?;
-        }
-    }
-    Ok(out)
-}
-
-/// Replaces the program of the TCX link pinned at `path` with `prog`, atomically. Returns
-/// false if the link's device is gone.
-fn update_link(prog: &mut SchedClassifier, path: &Path) -> Result<bool, DataplaneError> {
-    let open = |source| DataplaneError::OpenLink {
-        path: path.into(),
-        source: Box::new(source),
-    };
-    let pinned = PinnedLink::from_pin(path).map_err(open)?;
-    let link = SchedClassifierLink::try_from(FdLink::from(pinned)).map_err(open)?;
-    match prog.attach_to_link(link) {
-        Ok(id) => {
-            // Only the fd is closed: the pin keeps the link (and now the new program) attached.
-            drop(prog.take_link(id));
-            Ok(true)
-        }
-        Err(ProgramError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOLINK) => {
-            Ok(false)
-        }
-        Err(source) => Err(DataplaneError::UpdateLink {
-            path: path.into(),
-            source: Box::new(source),
-        }),
-    }
-}
 
 /// What [`prepare`] found and did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -308,8 +147,8 @@ fn upgrade(cfg: &DataplaneConfig, dir: &Path) -> Result<Switched, DataplaneError
 /// Removes `v<N>-tmp-<pid>` directories of processes that are gone (a crash while creating or
 /// migrating a layout; nothing outside them refers to their pins).
 fn remove_stale_tmp(root: &Path) -> Result<(), DataplaneError> {
-    for path in layout::read_dir(root)? {
-        let name = layout::file_name(&path);
+    for path in read_dir(root)? {
+        let name = file_name(&path);
         let Some(pid) = name
             .split_once("-tmp-")
             .and_then(|(_, pid)| pid.parse::<i32>().ok())
@@ -347,16 +186,6 @@ mod tests {
         assert_eq!(id.len(), 16);
         assert!(id.chars().all(|c| c.is_ascii_hexdigit()));
         assert_eq!(id, build_id());
-    }
-
-    #[test]
-    fn link_pins_name_their_program() {
-        assert_eq!(program_of_link("12-in"), Some(PROG_FROM_VM));
-        assert_eq!(program_of_link("12-out"), Some(PROG_TO_VM));
-        assert_eq!(program_of_link("dns-7"), Some(PROG_FROM_DNS));
-        assert_eq!(program_of_link("stray"), None);
-        // Not a TCX link: an upgrade replaces it (`attach_kfree_skb`), `switch_links` skips it.
-        assert_eq!(program_of_link(super::super::KFREE_SKB_LINK), None);
     }
 
     #[test]
