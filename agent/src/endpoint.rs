@@ -18,13 +18,19 @@
 //! with pinned links and no `ENDPOINTS` entry, so every frame on it is dropped as
 //! `unknown_endpoint` (it is down anyway), and the pool is rediscovered from the pins after a
 //! restart with no other state.
+//!
+//! **Who owns what.** [`Host`] composes one owner per kernel object or allocation: the pinned
+//! maps and links are the `Dataplane`'s (`crate::dataplane`), devices are `Devices`'
+//! (`crate::device`), spare taps are the `pool` module's `TapPool`, counter slots the `slots`
+//! module's `Slots`, exposure grant numbers the `exposure` module's `GrantNumbers`, usage
+//! records the `Recorder`'s (`crate::usage`). `Host` sequences them for one endpoint (the
+//! creation order above) and holds nothing else of its own.
 
 use std::{
-    collections::VecDeque,
     net::Ipv4Addr,
     path::PathBuf,
     sync::{Arc, Mutex, MutexGuard},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use atoll_dataplane_common::{
@@ -32,8 +38,13 @@ use atoll_dataplane_common::{
 };
 
 mod exposure;
+mod pool;
+mod slots;
 
 pub use exposure::{ServiceSpec, PROTOCOL_TCP, PROTOCOL_UDP};
+pub use pool::pool_process_prefix;
+use pool::TapPool;
+use slots::Slots;
 
 use crate::{
     config::DataplaneConfig,
@@ -121,22 +132,19 @@ pub struct Host {
     dataplane: Dataplane,
     devices: Devices,
     gateway_mac: MacAddr,
-    pool: Vec<(String, u32)>,
-    pool_target: u32,
+    /// Spare taps (the `pool` module).
+    pool: TapPool,
     /// Held around TCX link and device changes (see the `expedite` module).
     expedite: Expedite,
-    /// Counter slots not held by any endpoint: taken from the front, freed slots go to the back,
-    /// so a slot is reused as late as possible (a DNS reply in flight to a deleted endpoint's
-    /// proxy address must not reach a new holder of its slot; see the `dns` module).
-    free_slots: VecDeque<u32>,
+    /// Counter slots no endpoint holds (the `slots` module).
+    slots: Slots,
     /// Where usage records go; `None` disables them (tests, tools). Shared with the
     /// [`UsageCollector`] that journals the periodic records off the agent's event loop.
     usage: Option<Arc<Mutex<Recorder>>>,
     /// The DNS namespace `DnsPlane::ensure` set up for this dataplane, removed by `destroy`.
     dns_namespace: Option<String>,
-    /// The next exposure grant number (0: not yet derived from the pinned maps; see
-    /// `exposure`).
-    next_grant: u32,
+    /// Exposure grant numbers (the `exposure` module).
+    grants: exposure::GrantNumbers,
 }
 
 impl std::fmt::Debug for Host {
@@ -154,57 +162,22 @@ impl Host {
     pub fn open(cfg: &DataplaneConfig) -> Result<Self, EndpointError> {
         let dataplane = Dataplane::open(cfg).map_err(EndpointError::OpenDataplane)?;
         let devices = Devices::new().map_err(EndpointError::OpenNetlink)?;
-        let mut host = Host {
+        let pool = TapPool::find(&dataplane, cfg.tap_pool)?;
+        let slots = Slots::find(&dataplane).map_err(|source| EndpointError::Unprogram {
+            name: "*".into(),
+            source,
+        })?;
+        Ok(Host {
             dataplane,
             devices,
             gateway_mac: cfg.gateway_mac,
-            pool: Vec::new(),
-            pool_target: cfg.tap_pool,
+            pool,
             expedite: Expedite::host(cfg.expedite_rcu),
-            free_slots: VecDeque::new(),
+            slots,
             usage: None,
             dns_namespace: None,
-            next_grant: 0,
-        };
-        host.pool = host.find_pool()?;
-        host.free_slots = host.find_free_slots()?;
-        Ok(host)
-    }
-
-    /// Spare taps already pinned in this dataplane (see module docs).
-    fn find_pool(&self) -> Result<Vec<(String, u32)>, EndpointError> {
-        let err = |source| EndpointError::Unprogram {
-            name: "*".into(),
-            source,
-        };
-        let mut pool = Vec::new();
-        for ifindex in self.dataplane.attached().map_err(err)? {
-            if self.dataplane.endpoint(ifindex).map_err(err)?.is_none()
-                && self.dataplane.fully_attached(ifindex)
-            {
-                if let Some(name) = device::ifname(ifindex).filter(|n| n.starts_with(POOL_PREFIX)) {
-                    pool.push((name, ifindex));
-                }
-            }
-        }
-        Ok(pool)
-    }
-
-    /// Counter slots not used by an endpoint in the pinned maps (rebuilt on every start, so the
-    /// maps stay the only state).
-    fn find_free_slots(&self) -> Result<VecDeque<u32>, EndpointError> {
-        let err = |source| EndpointError::Unprogram {
-            name: "*".into(),
-            source,
-        };
-        let max = self.dataplane.max_endpoints();
-        let mut used = vec![false; max as usize];
-        for (_, info) in self.dataplane.endpoints().map_err(err)? {
-            if let Some(u) = used.get_mut(info.slot as usize) {
-                *u = true;
-            }
-        }
-        Ok((0..max).filter(|s| !used[*s as usize]).collect())
+            grants: exposure::GrantNumbers::default(),
+        })
     }
 
     /// Spare taps ready to be claimed.
@@ -215,69 +188,24 @@ impl Host {
     /// Creates spare taps until the pool holds `dataplane.tap_pool` of them. Each takes two TCX
     /// attaches (see module docs); the agent calls it off the request path.
     pub async fn refill_pool(&mut self) -> Result<(), EndpointError> {
-        self.refill_for(None).await.map(|_| ())
+        self.pool
+            .refill(&mut self.dataplane, &self.devices, &self.expedite, None)
+            .await
+            .map(|_| ())
     }
 
     /// Creates spare taps until the pool is full or `budget` has passed (at least one tap if
     /// the pool is short), so a busy agent refills between other work without delaying it for
     /// long. Returns how many it created.
     pub async fn refill_some(&mut self, budget: Duration) -> Result<usize, EndpointError> {
-        self.refill_for(Some(budget)).await
-    }
-
-    async fn refill_for(&mut self, budget: Option<Duration>) -> Result<usize, EndpointError> {
-        if self.pool.len() >= self.pool_target as usize {
-            return Ok(0);
-        }
-        let started = Instant::now();
-        let _expedited = self.expedite.hold();
-        let mut created = 0;
-        while self.pool.len() < self.pool_target as usize {
-            if created > 0 && budget.is_some_and(|b| started.elapsed() >= b) {
-                break;
-            }
-            let name = pool_name();
-            // Held (not persistent) until both links are pinned: a crash in between leaves
-            // no device, only link pins of a vanished ifindex, which `reconcile` removes.
-            let (ifindex, held) = self
-                .devices
-                .create_tap_held(&name, None)
-                .map_err(EndpointError::CreateDevice)?;
-            if let Err(source) = self.dataplane.attach(&name, ifindex) {
-                let _ = self.dataplane.detach(ifindex);
-                drop(held);
-                return Err(EndpointError::Program { name, source });
-            }
-            if let Err(e) = held.persist() {
-                let _ = self.dataplane.detach(ifindex);
-                return Err(EndpointError::CreateDevice(e));
-            }
-            self.pool.push((name, ifindex));
-            created += 1;
-        }
-        Ok(created)
-    }
-
-    /// Takes a spare tap and gives it the endpoint's name (and owner); `None` if the pool is
-    /// empty. A spare that fails to be renamed is deleted, not reused.
-    async fn claim_tap(
-        &mut self,
-        name: &str,
-        owner_uid: Option<u32>,
-    ) -> Result<Option<u32>, EndpointError> {
-        let Some((spare, ifindex)) = self.pool.pop() else {
-            return Ok(None);
-        };
-        if let Err(e) = self
-            .devices
-            .rename_tap(&spare, ifindex, name, owner_uid)
+        self.pool
+            .refill(
+                &mut self.dataplane,
+                &self.devices,
+                &self.expedite,
+                Some(budget),
+            )
             .await
-        {
-            let _ = self.dataplane.detach(ifindex);
-            let _ = self.devices.delete(&spare, ifindex).await;
-            return Err(EndpointError::CreateDevice(e));
-        }
-        Ok(Some(ifindex))
     }
 
     pub fn dataplane(&self) -> &Dataplane {
@@ -304,17 +232,14 @@ impl Host {
         spec: &EndpointSpec,
     ) -> Result<Endpoint, EndpointError> {
         validate(spec)?;
-        let slot = self
-            .free_slots
-            .pop_front()
-            .ok_or_else(|| EndpointError::Program {
-                name: spec.name.clone(),
-                source: DataplaneError::MapFull {
-                    map: "COUNTERS",
-                    capacity: self.dataplane.max_endpoints(),
-                    setting: "max_endpoints",
-                },
-            })?;
+        let slot = self.slots.take().ok_or_else(|| EndpointError::Program {
+            name: spec.name.clone(),
+            source: DataplaneError::MapFull {
+                map: "COUNTERS",
+                capacity: self.dataplane.max_endpoints(),
+                setting: "max_endpoints",
+            },
+        })?;
         let result = match self.dataplane.reset_counters(slot) {
             Ok(()) => self.create_with_slot(spec, slot).await,
             Err(source) => Err(EndpointError::Program {
@@ -324,7 +249,7 @@ impl Host {
         };
         if result.is_err() {
             // Never used by a device: it may be the next one again.
-            self.free_slots.push_front(slot);
+            self.slots.untake(slot);
         }
         result
     }
@@ -368,7 +293,11 @@ impl Host {
         // leaves no device behind (see `reconcile` for the other half-made states).
         let mut held = None;
         let ifindex = match &spec.device {
-            DeviceSpec::Tap { owner_uid } => match self.claim_tap(&name, *owner_uid).await? {
+            DeviceSpec::Tap { owner_uid } => match self
+                .pool
+                .claim(&mut self.dataplane, &self.devices, &name, *owner_uid)
+                .await?
+            {
                 Some(ifindex) => {
                     attached = true;
                     ifindex
@@ -517,7 +446,7 @@ impl Host {
         // delete or reconcile retries, so nothing is lost.
         self.record_final(ifindex, info, Some(name))?;
         self.dataplane.remove_endpoint(ifindex).map_err(unprogram)?;
-        self.free_slots.push_back(info.slot);
+        self.slots.release(info.slot);
         Ok(())
     }
 
@@ -653,7 +582,7 @@ impl Host {
             self.dataplane.detach(ifindex).map_err(err)?;
             self.record_final(ifindex, &info, None)?;
             self.dataplane.remove_endpoint(ifindex).map_err(err)?;
-            self.free_slots.push_back(info.slot);
+            self.slots.release(info.slot);
             removed += 1;
         }
         for ifindex in self.dataplane.attached().map_err(err)? {
@@ -666,7 +595,7 @@ impl Host {
             // attaches, or one claimed (renamed) but not yet programmed. Nothing can use the
             // latter; it goes. (The agent is the only writer of its pins.) Only taps are
             // made that way; anything else merely loses the links.
-            let spare = self.pool.iter().any(|(_, i)| *i == ifindex);
+            let spare = self.pool.holds(ifindex);
             if !spare && self.dataplane.endpoint(ifindex).map_err(err)?.is_none() {
                 self.dataplane.detach(ifindex).map_err(err)?;
                 if device::is_tap(&name) {
@@ -699,7 +628,7 @@ impl Host {
                 self.delete_by_index(&name, ep.ifindex, &info).await?;
             }
         }
-        for (name, ifindex) in std::mem::take(&mut self.pool) {
+        for (name, ifindex) in self.pool.drain() {
             self.devices
                 .delete(&name, ifindex)
                 .await
@@ -746,19 +675,6 @@ impl Host {
         }
         Ok(())
     }
-}
-
-fn pool_name() -> String {
-    use std::sync::atomic::{AtomicU32, Ordering};
-    static N: AtomicU32 = AtomicU32::new(0);
-    let n = N.fetch_add(1, Ordering::Relaxed);
-    // 4 + 6 + 5 = 15 bytes: the full pid (pid_max is at most 2^22) and a per-process counter.
-    format!("{}{:05x}", pool_process_prefix(), n & 0xfffff)
-}
-
-/// The prefix of the spare taps this process creates.
-pub fn pool_process_prefix() -> String {
-    format!("{POOL_PREFIX}{:06x}", std::process::id())
 }
 
 fn validate(spec: &EndpointSpec) -> Result<(), EndpointError> {

@@ -168,10 +168,26 @@ impl Host {
     }
 
     fn take_grant_number(&mut self) -> Result<u32, EndpointError> {
-        if self.next_grant == 0 {
-            // First use since open: start above every number in the pinned map.
-            let highest = self
-                .dataplane
+        self.grants.take(&self.dataplane)
+    }
+}
+
+/// Exposure grant numbers (the `grant` of `VipService`, which keys its flows): unique among
+/// the live grants of this dataplane, never 0.
+#[derive(Debug, Default)]
+pub(super) struct GrantNumbers {
+    /// The next number (0: not yet derived from the pinned maps).
+    next: u32,
+}
+
+impl GrantNumbers {
+    /// A new number; the first since open starts above every number in the pinned `VIPS`.
+    pub(super) fn take(
+        &mut self,
+        dataplane: &crate::dataplane::Dataplane,
+    ) -> Result<u32, EndpointError> {
+        if self.next == 0 {
+            let highest = dataplane
                 .vips()
                 .map_err(|source| EndpointError::Unprogram {
                     name: "VIPS".into(),
@@ -181,10 +197,10 @@ impl Host {
                 .map(|(_, s)| s.grant)
                 .max()
                 .unwrap_or(0);
-            self.next_grant = highest.wrapping_add(1).max(1);
+            self.next = highest.wrapping_add(1).max(1);
         }
-        let n = self.next_grant;
-        self.next_grant = n.wrapping_add(1).max(1);
+        let n = self.next;
+        self.next = n.wrapping_add(1).max(1);
         Ok(n)
     }
 }
