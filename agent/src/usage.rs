@@ -28,11 +28,10 @@ use std::{
     time::{SystemTime, UNIX_EPOCH},
 };
 
-use atoll_dataplane_common::{Direction, DropReason, EndpointCounters, TrafficClass};
-use serde::{Deserialize, Serialize};
+use atoll_dataplane_common::EndpointCounters;
 
-/// CloudEvents `type` of usage records.
-pub const EVENT_TYPE: &str = "dev.atoll.usage.v1";
+pub use atoll_api::usage::{Counters, Traffic, UsageData, UsageEvent, EVENT_TYPE};
+use serde::{Deserialize, Serialize};
 /// Journal file name inside the journal directory.
 pub const JOURNAL_FILE: &str = "usage.jsonl";
 
@@ -72,122 +71,6 @@ pub enum UsageError {
     Deliver { sink: String, source: io::Error },
     #[error("encoding a usage record: {0}")]
     Encode(#[source] serde_json::Error),
-}
-
-/// A CloudEvents 1.0 envelope around [`UsageData`] (structured mode, JSON).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct UsageEvent {
-    pub specversion: String,
-    pub id: String,
-    pub source: String,
-    #[serde(rename = "type")]
-    pub ty: String,
-    /// `<cloud>/<endpoint>`.
-    pub subject: String,
-    /// End of the window, RFC 3339 UTC.
-    pub time: String,
-    pub datacontenttype: String,
-    pub data: UsageData,
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct UsageData {
-    pub cloud: u32,
-    /// Host device name of the endpoint.
-    pub endpoint: String,
-    pub incarnation: String,
-    /// 1 for the first record of an incarnation, then +1.
-    pub seq: u64,
-    pub start_unix_ms: u64,
-    pub end_unix_ms: u64,
-    /// True for the last record of an endpoint, written before it is deleted.
-    #[serde(rename = "final")]
-    pub is_final: bool,
-    /// What happened in this window.
-    pub usage: Counters,
-    /// Everything since the endpoint was created (the baseline for the next record).
-    pub cumulative: Counters,
-}
-
-/// Packets and bytes per direction and class, and drops per reason (non-zero only).
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Counters {
-    pub traffic: Vec<Traffic>,
-    pub drops: BTreeMap<String, u64>,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Traffic {
-    pub direction: String,
-    pub class: String,
-    pub packets: u64,
-    pub bytes: u64,
-}
-
-impl Counters {
-    /// All direction × class pairs (zeros included, so every record has the same shape) and
-    /// the non-zero drops.
-    pub fn from_kernel(c: &EndpointCounters) -> Self {
-        let mut traffic = Vec::with_capacity(Direction::COUNT * TrafficClass::COUNT);
-        for d in Direction::ALL {
-            for k in TrafficClass::ALL {
-                let t = c.traffic[d as usize][k as usize];
-                traffic.push(Traffic {
-                    direction: d.name().into(),
-                    class: k.name().into(),
-                    packets: t.packets,
-                    bytes: t.bytes,
-                });
-            }
-        }
-        let drops = DropReason::ALL
-            .iter()
-            .filter(|r| c.drops[**r as usize] > 0)
-            .map(|r| (r.name().to_string(), c.drops[*r as usize]))
-            .collect();
-        Counters { traffic, drops }
-    }
-
-    /// `self - baseline`, field by field. If any field went down, the counters were reset
-    /// (which the agent never does to a live endpoint) and `self` is returned whole.
-    pub fn since(&self, baseline: &Counters) -> Counters {
-        let base_t: HashMap<(&str, &str), &Traffic> = baseline
-            .traffic
-            .iter()
-            .map(|t| ((t.direction.as_str(), t.class.as_str()), t))
-            .collect();
-        let mut out = self.clone();
-        for t in out.traffic.iter_mut() {
-            if let Some(b) = base_t.get(&(t.direction.as_str(), t.class.as_str())) {
-                if t.packets < b.packets || t.bytes < b.bytes {
-                    return self.clone();
-                }
-                t.packets -= b.packets;
-                t.bytes -= b.bytes;
-            }
-        }
-        for (reason, n) in out.drops.iter_mut() {
-            let b = baseline.drops.get(reason).copied().unwrap_or(0);
-            if *n < b {
-                return self.clone();
-            }
-            *n -= b;
-        }
-        if baseline.drops.keys().any(|k| !self.drops.contains_key(k)) {
-            return self.clone();
-        }
-        out.drops.retain(|_, n| *n > 0);
-        out
-    }
-
-    /// Bytes of one direction and class.
-    pub fn bytes(&self, direction: &str, class: &str) -> u64 {
-        self.traffic
-            .iter()
-            .filter(|t| t.direction == direction && t.class == class)
-            .map(|t| t.bytes)
-            .sum()
-    }
 }
 
 /// One endpoint's state as collected from the dataplane.
@@ -1192,6 +1075,7 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use atoll_dataplane_common::{Direction, DropReason, TrafficClass};
 
     fn counters(packets: u64, bytes: u64, drops: u64) -> EndpointCounters {
         let mut c = EndpointCounters::ZERO;

@@ -20,6 +20,7 @@ pub mod openapi;
 pub mod private;
 pub mod routes;
 pub mod tls;
+pub mod usage;
 
 pub use command::{Command, Issuer, Reply};
 pub use openapi::openapi;

@@ -20,6 +20,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
+use atoll_api::usage::{UsageEvent, EVENT_TYPE};
 use serde::Deserialize;
 
 #[derive(Debug, thiserror::Error)]
@@ -56,34 +57,6 @@ pub enum UsageError {
         class: String,
         what: &'static str,
     },
-}
-
-#[derive(Debug, Deserialize)]
-struct Event {
-    id: String,
-    #[serde(rename = "type")]
-    ty: String,
-    data: Data,
-}
-
-#[derive(Debug, Deserialize)]
-struct Data {
-    cloud: u32,
-    end_unix_ms: u64,
-    usage: Usage,
-}
-
-#[derive(Debug, Deserialize)]
-struct Usage {
-    traffic: Vec<Traffic>,
-}
-
-#[derive(Debug, Deserialize)]
-struct Traffic {
-    direction: String,
-    class: String,
-    packets: u64,
-    bytes: u64,
 }
 
 /// Prices per GB. Unknown keys are rejected.
@@ -214,14 +187,17 @@ pub fn report(
             if line.trim().is_empty() {
                 continue;
             }
-            let ev: Event = serde_json::from_str(&line).map_err(|source| UsageError::Parse {
+            let parse = |source| UsageError::Parse {
                 path: path.clone(),
                 line: i + 1,
                 source,
-            })?;
-            if ev.ty != "dev.atoll.usage.v1" {
+            };
+            // Other events may share a sink: skipped by type, before the schema is applied.
+            let raw: serde_json::Value = serde_json::from_str(&line).map_err(parse)?;
+            if raw.get("type").and_then(|t| t.as_str()) != Some(EVENT_TYPE) {
                 continue;
             }
+            let ev: UsageEvent = serde_json::from_value(raw).map_err(parse)?;
             if !seen.insert(ev.id) {
                 duplicates += 1;
                 continue;
