@@ -8,7 +8,8 @@ use atoll_dataplane_common::{ipv4_to_map, EndpointInfo, NextHop, RouteKey};
 
 mod support;
 
-use support::{cfg, echo_frame, read_frame, require_root, tap};
+use atoll_testbed::frame::echo_frame;
+use support::{cfg, read_frame, require_root, tap};
 
 use atoll_agent::{
     config::DataplaneConfig,

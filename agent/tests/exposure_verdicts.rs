@@ -1120,7 +1120,7 @@ fn icmp_to_a_vip_or_a_nat_address_is_not_translated() {
     fn echo(src: Guest, dst: Ipv4Addr) -> Vec<u8> {
         let mac = atoll_agent::types::MacAddr(src.mac);
         let gw = atoll_agent::types::MacAddr(GW_MAC);
-        support::echo_frame(mac, gw, src.ip, dst, 98)
+        atoll_testbed::frame::echo_frame(mac, gw, src.ip, dst, 98)
     }
     for p in BOTH {
         plane.send_as(A);

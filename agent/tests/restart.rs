@@ -27,10 +27,9 @@ use atoll_agent::{
     endpoint::{Host, POOL_PREFIX},
     types::MacAddr,
 };
+use atoll_testbed::frame::echo_frame;
 use atoll_testbed::{unique_name, unique_prefix, LinksWithPrefix, PinRoot};
-use support::{
-    cfg, echo_frame, leaves_nothing, read_frame, require_root, tap, veth_guest, VethGuest,
-};
+use support::{cfg, leaves_nothing, read_frame, require_root, tap, veth_guest, VethGuest};
 
 const CLOUD: u32 = 7;
 const PORT: u16 = 5000;

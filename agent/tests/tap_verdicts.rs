@@ -178,7 +178,7 @@ impl Bed {
     }
 
     fn echo(&self, from: &Vm, to: Ipv4Addr) -> Vec<u8> {
-        support::echo_frame(from.ep.mac, MacAddr(self.gw), from.ep.ipv4, to, 98)
+        atoll_testbed::frame::echo_frame(from.ep.mac, MacAddr(self.gw), from.ep.ipv4, to, 98)
     }
 
     fn to_vip(&self, from: &Vm, sport: u16, payload: &[u8]) -> Vec<u8> {

@@ -28,8 +28,9 @@ use atoll_agent::{
     endpoint::{EndpointError, Host},
     usage::{deliver_pending, FileSink, Recorder, UsageError, UsageEvent},
 };
+use atoll_testbed::frame::echo_frame;
 use atoll_testbed::{run, unique_name, unique_prefix, LinksWithPrefix, PinRoot};
-use support::{cfg, echo_frame, read_frame, require_root, tap};
+use support::{cfg, read_frame, require_root, tap};
 
 fn events(path: &Path) -> Vec<UsageEvent> {
     std::fs::read_to_string(path)

@@ -285,6 +285,34 @@ pub fn parse_udp(f: &[u8]) -> Result<Parsed<'_>, &'static str> {
     })
 }
 
+/// An ICMP echo request frame of exactly `size` bytes from `src` to `dst` via the gateway MAC.
+pub fn echo_frame(
+    src_mac: atoll_agent::types::MacAddr,
+    gw_mac: atoll_agent::types::MacAddr,
+    src: Ipv4Addr,
+    dst: Ipv4Addr,
+    size: usize,
+) -> Vec<u8> {
+    let csum = checksum;
+    let mut f = vec![0u8; size];
+    f[0..6].copy_from_slice(&gw_mac.0);
+    f[6..12].copy_from_slice(&src_mac.0);
+    f[12..14].copy_from_slice(&0x0800u16.to_be_bytes());
+    let ip_len = (size - 14) as u16;
+    f[14] = 0x45;
+    f[16..18].copy_from_slice(&ip_len.to_be_bytes());
+    f[22] = 64;
+    f[23] = 1;
+    f[26..30].copy_from_slice(&src.octets());
+    f[30..34].copy_from_slice(&dst.octets());
+    let c = csum(&f[14..34]);
+    f[24..26].copy_from_slice(&c.to_be_bytes());
+    f[34] = 8;
+    let c = csum(&f[34..]);
+    f[36..38].copy_from_slice(&c.to_be_bytes());
+    f
+}
+
 /// Writes one frame to a tap queue; panics (test code) if the kernel takes less.
 pub fn write_frame(fd: &OwnedFd, frame: &[u8]) {
     // SAFETY: `frame` is valid for its length and `fd` is an open tap queue.

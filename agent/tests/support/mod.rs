@@ -114,52 +114,9 @@ pub fn tap(name: &str, cloud: u32, last_octet: u8) -> EndpointSpec {
     }
 }
 
-/// An ICMP echo request frame of exactly `size` bytes from `src` to `dst` via the gateway MAC.
-pub fn echo_frame(
-    src_mac: MacAddr,
-    gw_mac: MacAddr,
-    src: Ipv4Addr,
-    dst: Ipv4Addr,
-    size: usize,
-) -> Vec<u8> {
-    use atoll_testbed::frame::checksum as csum;
-    let mut f = vec![0u8; size];
-    f[0..6].copy_from_slice(&gw_mac.0);
-    f[6..12].copy_from_slice(&src_mac.0);
-    f[12..14].copy_from_slice(&0x0800u16.to_be_bytes());
-    let ip_len = (size - 14) as u16;
-    f[14] = 0x45;
-    f[16..18].copy_from_slice(&ip_len.to_be_bytes());
-    f[22] = 64;
-    f[23] = 1;
-    f[26..30].copy_from_slice(&src.octets());
-    f[30..34].copy_from_slice(&dst.octets());
-    let c = csum(&f[14..34]);
-    f[24..26].copy_from_slice(&c.to_be_bytes());
-    f[34] = 8;
-    let c = csum(&f[34..]);
-    f[36..38].copy_from_slice(&c.to_be_bytes());
-    f
-}
-
+/// The next frame on a tap queue within 2 s.
 pub fn read_frame(fd: &std::os::fd::OwnedFd) -> Option<Vec<u8>> {
-    use std::os::fd::AsRawFd;
-    let mut pfd = libc::pollfd {
-        fd: fd.as_raw_fd(),
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    // SAFETY: one valid pollfd; bounded timeout.
-    if unsafe { libc::poll(&mut pfd, 1, 2000) } != 1 {
-        return None;
-    }
-    let mut buf = vec![0u8; 2048];
-    // SAFETY: `buf` is valid for `buf.len()` bytes.
-    let n = unsafe { libc::read(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
-    (n > 0).then(|| {
-        buf.truncate(n as usize);
-        buf
-    })
+    atoll_testbed::frame::read_frame(fd, std::time::Duration::from_secs(2))
 }
 
 pub use atoll_testbed::guest::VethGuest;
