@@ -206,18 +206,8 @@ impl Client {
         path: &str,
         body: Option<&B>,
     ) -> Result<R, ClientError> {
-        self.call_waiting(method, path, body, Duration::ZERO).await
-    }
-
-    pub async fn call_waiting<B: Serialize, R: DeserializeOwned>(
-        &self,
-        method: Method,
-        path: &str,
-        body: Option<&B>,
-        extra_wait: Duration,
-    ) -> Result<R, ClientError> {
         let url = format!("{}{}", self.base, path);
-        let (status, bytes) = self.send(method, path, body, extra_wait).await?;
+        let (status, bytes) = self.send(method, path, body, Duration::ZERO).await?;
         if status.is_success() {
             let bytes = if status == StatusCode::NO_CONTENT || bytes.is_empty() {
                 Bytes::from_static(b"null")

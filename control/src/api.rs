@@ -55,8 +55,6 @@ use crate::{
 
 /// Largest accepted request body.
 pub const MAX_BODY_BYTES: usize = 1 << 20;
-/// Longest a host sync may wait for changes.
-pub const MAX_SYNC_WAIT: Duration = Duration::from_millis(routes::MAX_SYNC_WAIT_MS);
 
 /// An API error: status plus JSON body.
 #[derive(Debug)]
