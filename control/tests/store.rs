@@ -29,7 +29,7 @@ macro_rules! store_suite {
             $( #[test] fn $case() { crate::support::run_sqlite(super::$case) } )*
         }
         mod etcd {
-            $( #[test] fn $case() { crate::support::run_etcd(super::$case) } )*
+            $( #[test] #[cfg_attr(not(feature = "root-tests"), ignore = "needs root: etcd runs in a network namespace of its own (cargo xtask test runs it)")] fn $case() { crate::support::run_etcd(super::$case) } )*
         }
     };
 }
@@ -1028,6 +1028,10 @@ fn sqlite_wal_stays_bounded_under_reads() {
 // ---- etcd only ----
 
 #[test]
+#[cfg_attr(
+    not(feature = "root-tests"),
+    ignore = "needs root: etcd runs in a network namespace of its own (cargo xtask test runs it)"
+)]
 fn etcd_refusing_a_txn_names_both_limits() {
     support::run_etcd(|env: Env| async move {
         let Backend::Etcd(etcd) = env.backend else {
@@ -1062,6 +1066,10 @@ fn etcd_refusing_a_txn_names_both_limits() {
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "root-tests"),
+    ignore = "needs root: etcd runs in a network namespace of its own (cargo xtask test runs it)"
+)]
 fn etcd_fails_over_to_the_next_endpoint() {
     support::run_etcd(|env: Env| async move {
         let Backend::Etcd(_) = env.backend else {
@@ -1099,6 +1107,10 @@ fn etcd_fails_over_to_the_next_endpoint() {
 /// without a client certificate, or trusting another CA, it is refused with an error naming
 /// the settings.
 #[test]
+#[cfg_attr(
+    not(feature = "root-tests"),
+    ignore = "needs root: etcd runs in a network namespace of its own (cargo xtask test runs it)"
+)]
 fn etcd_over_tls_needs_the_clusters_ca_and_a_client_certificate() {
     use atoll_control::{
         config::ControlConfig,
@@ -1209,6 +1221,10 @@ async fn etcd_admin(path: &str, body: serde_json::Value, token: Option<&str>) ->
 /// (`store.etcd_user`, password from `store.etcd_password_file`), signs in again when its
 /// token is revoked, and a wrong password is refused naming the settings.
 #[test]
+#[cfg_attr(
+    not(feature = "root-tests"),
+    ignore = "needs root: etcd runs in a network namespace of its own (cargo xtask test runs it)"
+)]
 fn etcd_auth_signs_in_as_the_configured_user() {
     use atoll_control::{config::ControlConfig, store::etcd::EtcdAuth};
     let server = support::EtcdServer::start();

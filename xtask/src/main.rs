@@ -261,6 +261,9 @@ fn build() -> Result<()> {
     run(cargo().args(["build", "--release", "--workspace"]))
 }
 
+/// The features that build the tests needing root (agent/Cargo.toml, control/Cargo.toml).
+const ROOT_TESTS: &str = "atoll-agent/root-tests,atoll-control/root-tests";
+
 fn test() -> Result<()> {
     setup()?;
     image::image(&workspace_root())?;
@@ -271,6 +274,8 @@ fn test() -> Result<()> {
         "clippy",
         "--workspace",
         "--all-targets",
+        "--features",
+        ROOT_TESTS,
         "--",
         "-D",
         "warnings",
@@ -298,8 +303,19 @@ fn test() -> Result<()> {
         "atoll-tests",
         "--bins",
     ]))?;
-    let (passed, failed) =
-        run_counting_tests(cargo().args(["test", "--workspace", "--", "--test-threads=2"]))?;
+    // `root-tests`: the suites that need root and the kernel, left out of a plain `cargo test`.
+    let (passed, failed) = run_counting_tests(cargo().args([
+        "test",
+        "--workspace",
+        "--features",
+        ROOT_TESTS,
+        "--",
+        "--test-threads=2",
+    ]))?;
+    if passed == 0 {
+        bail!("cargo test ran no test");
+    }
+    without_root()?;
     run(Command::new("target/release/bench").arg("--smoke"))?;
     run(Command::new("target/release/atoll-agent").arg("demo"))?;
     leftovers()?;
@@ -309,7 +325,7 @@ fn test() -> Result<()> {
 }
 
 /// Runs `cargo test`, echoing its output, and sums the `test result:` lines of every test
-/// binary. Fails if cargo fails or if no test ran at all.
+/// binary. Fails if the command fails.
 fn run_counting_tests(cmd: &mut Command) -> Result<(u64, u64)> {
     use std::io::{BufRead, BufReader};
     eprintln!("xtask: {cmd:?}");
@@ -342,10 +358,57 @@ fn run_counting_tests(cmd: &mut Command) -> Result<(u64, u64)> {
     if !status.success() {
         bail!("{cmd:?} failed with {status} ({passed} passed, {failed} failed)");
     }
-    if passed == 0 {
-        bail!("cargo test ran no test");
-    }
     Ok((passed, failed))
+}
+
+/// What a plain `cargo test` builds (no `root-tests`), run without capabilities: the default
+/// members' tests must pass without root (README, Tests), so none of them may start needing it
+/// unnoticed.
+fn without_root() -> Result<()> {
+    let out = cargo()
+        .args(["test", "--no-run"])
+        .stderr(std::process::Stdio::piped())
+        .output()
+        .context("cargo test --no-run")?;
+    let log = String::from_utf8_lossy(&out.stderr);
+    if !out.status.success() {
+        bail!("cargo test --no-run failed:\n{log}");
+    }
+    // `  Executable tests/cli.rs (target/debug/deps/cli-0123abcd)`
+    let bins: Vec<PathBuf> = log
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("Executable "))
+        .filter_map(|l| l.rsplit_once(" (")?.1.strip_suffix(')'))
+        .map(|p| workspace_root().join(p))
+        .collect();
+    if bins.is_empty() {
+        bail!("cargo test --no-run named no test binary:\n{log}");
+    }
+    let (mut passed, mut failed) = (0, 0);
+    for bin in &bins {
+        // setpriv (util-linux): the same uid, but an empty bounding set and `noroot`, so the
+        // binary runs without a single capability (no namespaces, no bpf, no raw sockets),
+        // as an unprivileged user would, while still reading the checkout wherever it is.
+        let (p, f) = run_counting_tests(
+            Command::new("setpriv")
+                .args([
+                    "--bounding-set=-all",
+                    "--inh-caps=-all",
+                    "--securebits=+noroot,+noroot_locked",
+                    "--no-new-privs",
+                    "--",
+                ])
+                .arg(bin)
+                .arg("--test-threads=2"),
+        )?;
+        passed += p;
+        failed += f;
+    }
+    if passed == 0 {
+        bail!("no test ran without root");
+    }
+    eprintln!("xtask: without root: {passed} passed, {failed} failed");
+    Ok(())
 }
 
 /// Fails if anything with atoll's test prefix survived the tests.
