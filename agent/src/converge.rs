@@ -20,7 +20,8 @@
 //! - **Volumes are sparse files** `<volumes_dir>/<cloud>/<name>.raw|.qcow2`, created once and
 //!   never truncated or recreated (an existing file keeps its data); qcow2 images are made by
 //!   `qemu-img`. A removed volume's file is deleted; so is its cloud's directory once empty.
-//! - Device names are `<tap_prefix><n>` with a host-local counter, skipping names in use.
+//! - Device names are `<tap_prefix><n>` with a host-local counter, skipping names in use
+//!   (`Host::unused_name`: the device layer knows which names are taken).
 //! - **Names are checked where a delta arrives** ([`Converger::apply`] screens it first), with
 //!   the control plane's own rules (`Placement::validate` and its siblings in
 //!   `atoll_api::model`, built from the functions the API validates requests with), so
@@ -66,7 +67,7 @@ use crate::{
     endpoint::{
         DeviceSpec, EndpointError, EndpointSpec, Host, ServiceSpec, PROTOCOL_TCP, PROTOCOL_UDP,
     },
-    types::{radix36, CloudId, MacAddr},
+    types::{CloudId, MacAddr},
     vm::{VmEvent, VmKey, VmManager, VmSpec},
 };
 
@@ -266,7 +267,6 @@ pub struct Converger {
     dns: Option<Arc<dyn DnsSink>>,
     revision: u64,
     vms: HashMap<(u32, String), Applied>,
-    next_name: u64,
     vmm: Option<VmManager>,
     /// The status last reported of each VM with a VMM.
     statuses: HashMap<VmKey, VmStatus>,
@@ -320,7 +320,6 @@ impl Converger {
             dns,
             revision: 0,
             vms: HashMap::new(),
-            next_name: 0,
             vmm: None,
             statuses: HashMap::new(),
             default_image: String::new(),
@@ -443,16 +442,6 @@ impl Converger {
         let host = self.cfg.host.clone();
         let after = self.revision;
         async move { source.sync(&host, after, wait).await }
-    }
-
-    fn device_name(&mut self) -> String {
-        loop {
-            self.next_name += 1;
-            let name = format!("{}{}", self.cfg.tap_prefix, radix36(self.next_name));
-            if crate::device::ifindex(&name).is_none() {
-                return name;
-            }
-        }
     }
 
     /// Takes every item out of `delta` that names something the control plane could not
@@ -803,7 +792,7 @@ impl Converger {
             // Same VM name, new address (deleted and recreated meanwhile): replace it.
             self.delete_vm(host, &key).await;
         }
-        let name = self.device_name();
+        let name = host.unused_name(&self.cfg.tap_prefix);
         let spec = EndpointSpec {
             name: name.clone(),
             cloud,

@@ -81,6 +81,8 @@ pub enum DeviceError {
 /// Creates, configures and deletes endpoint devices.
 pub struct Devices {
     handle: rtnetlink::Handle,
+    /// The last number [`Devices::unused_name`] handed out.
+    last_name: std::sync::atomic::AtomicU64,
 }
 
 impl std::fmt::Debug for Devices {
@@ -90,11 +92,27 @@ impl std::fmt::Debug for Devices {
 }
 
 impl Devices {
+    /// A device name `<prefix><n>` (n in base 36, counting up for this process) that no device
+    /// on the host has now. The name is not reserved: creating the device is what takes it.
+    pub fn unused_name(&self, prefix: &str) -> String {
+        use std::sync::atomic::Ordering;
+        loop {
+            let n = self.last_name.fetch_add(1, Ordering::Relaxed) + 1;
+            let name = format!("{prefix}{}", crate::types::radix36(n));
+            if ifindex_of(&name).is_none() {
+                return name;
+            }
+        }
+    }
+
     /// Opens a netlink connection; must be called inside a tokio runtime.
     pub fn new() -> Result<Self, DeviceError> {
         let (conn, handle, _) = rtnetlink::new_connection().map_err(DeviceError::Netlink)?;
         tokio::spawn(conn);
-        Ok(Devices { handle })
+        Ok(Devices {
+            handle,
+            last_name: std::sync::atomic::AtomicU64::new(0),
+        })
     }
 
     /// Creates a persistent tap owned by `owner_uid` (or root) and returns its ifindex.

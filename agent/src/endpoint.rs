@@ -24,7 +24,10 @@
 //! (`crate::device`), spare taps are the `pool` module's `TapPool`, counter slots the `slots`
 //! module's `Slots`, exposure grant numbers the `exposure` module's `GrantNumbers`, usage
 //! records the `Recorder`'s (`crate::usage`). `Host` sequences them for one endpoint (the
-//! creation order above) and holds nothing else of its own.
+//! creation order above) and holds nothing else of its own. A placement arrives from the
+//! converger, which decides the endpoint's name ([`Host::unused_name`]) and spec, and flows
+//! down in one pass: `Host` → (`Devices`, `TapPool`, `Slots`, `Dataplane`); none of them
+//! calls back up, and the converger touches no device or map itself.
 
 use std::{
     net::Ipv4Addr,
@@ -224,6 +227,11 @@ impl Host {
     /// [`Host::destroy`] removes it too.
     pub(crate) fn set_dns_namespace(&mut self, name: Option<String>) {
         self.dns_namespace = name;
+    }
+
+    /// A device name with `prefix` that no device has now ([`Devices::unused_name`]).
+    pub fn unused_name(&self, prefix: &str) -> String {
+        self.devices.unused_name(prefix)
     }
 
     /// Creates an endpoint: device, identity, route, programs; rolls back on failure.
