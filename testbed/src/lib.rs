@@ -13,6 +13,7 @@ pub use atoll_agent::scratch::{run, unique_name, unique_prefix, NetNs, PinRoot};
 pub mod frame;
 pub mod guest;
 pub mod verdict;
+pub mod wait;
 
 /// Fails the calling test, loudly, unless it runs as root: tests that create namespaces,
 /// devices, pins or programs need CAP_NET_ADMIN and CAP_BPF, and must never pass by skipping.
@@ -22,7 +23,7 @@ pub fn require_root(what: &str) {
     assert_eq!(
         euid, 0,
         "{what} needs root (network namespaces, devices, bpffs pins, eBPF programs): run the \
-         root tests as root (`cargo xtask test`, or `cargo test --workspace` as root)"
+         root tests as root (`cargo xtask test`; README, Tests)"
     );
 }
 
