@@ -20,10 +20,7 @@ use std::{
     os::{fd::AsRawFd, unix::process::CommandExt},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
-    sync::{
-        atomic::{AtomicU32, Ordering},
-        Mutex,
-    },
+    sync::Mutex,
     time::{Duration, Instant},
 };
 
@@ -139,48 +136,11 @@ where
     }
 }
 
-pub fn require_root(what: &str) {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    let euid = unsafe { libc::geteuid() };
-    assert_eq!(
-        euid, 0,
-        "{what} needs root (network namespaces); run the tests as root like CI does"
-    );
-}
+pub use atoll_testbed::{require_root, unique_name};
 
-static COUNTER: AtomicU32 = AtomicU32::new(0);
-
-/// `atl` + tag + this process's pid in base 36 + a counter: unique on the host while the test
-/// runs, short enough for a device or namespace name.
-pub fn unique_name(tag: &str) -> String {
-    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-    let name = format!("atl{tag}{:0>5}{}", radix36(std::process::id()), radix36(n));
-    assert!(name.len() < 16, "name {name} too long: shorten the tag");
-    name
-}
-
-fn radix36(mut v: u32) -> String {
-    let digits = b"0123456789abcdefghijklmnopqrstuvwxyz";
-    let mut out = Vec::new();
-    loop {
-        out.push(digits[(v % 36) as usize]);
-        v /= 36;
-        if v == 0 {
-            break;
-        }
-    }
-    out.reverse();
-    String::from_utf8(out).expect("ascii")
-}
-
+/// Runs a command that must succeed.
 fn run(cmd: &mut Command) {
-    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed ({}): {}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
+    atoll_testbed::run(cmd).unwrap_or_else(|e| panic!("{e}"));
 }
 
 /// Moves the calling thread into network namespace `name` (threads it creates later inherit
