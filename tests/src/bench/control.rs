@@ -263,3 +263,143 @@ async fn run_async(smoke: bool) -> Result<ControlBench> {
         db_per_cloud: db1.saturating_sub(db0) as f64 / memory_n as f64,
     })
 }
+
+/// The route table's cost, measured in one run: the same cloud creates (16 concurrent
+/// keep-alive clients, the typed client) against the API's router (`api::router`: one generic
+/// handler per route of the table, access check, body read, `routes::parse`, `Reply::to_json`)
+/// and against a hand-written handler for `POST /v1/clouds` alone (bearer token, `Json`
+/// extractor, the same `Core::execute`), as the API was written before the table. Both are
+/// served by `axum::serve` on loopback from the same core and store, in interleaved rounds, so
+/// the store's growth and the machine's drift fall on both alike.
+#[derive(Debug)]
+pub struct RouterAb {
+    pub rounds: usize,
+    pub per_round: usize,
+    /// Median over the rounds of each round's p50 create latency: (table, hand-written).
+    pub p50: (Duration, Duration),
+    /// Median over the rounds of each round's creates per second: (table, hand-written).
+    pub rate: (f64, f64),
+}
+
+async fn direct_create(
+    axum::extract::State(core): axum::extract::State<Arc<Core>>,
+    headers: axum::http::HeaderMap,
+    axum::Json(spec): axum::Json<CreateCloud>,
+) -> axum::response::Response {
+    use axum::{http::StatusCode, response::IntoResponse};
+    let token = headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    let Some(token) = token else {
+        return StatusCode::UNAUTHORIZED.into_response();
+    };
+    match core.authenticate(token.trim()).await {
+        Ok(Principal::Operator) => {}
+        Ok(_) => return StatusCode::FORBIDDEN.into_response(),
+        Err(_) => return StatusCode::UNAUTHORIZED.into_response(),
+    }
+    match core
+        .execute(Principal::Operator, Command::CreateCloud { spec })
+        .await
+    {
+        Ok(Reply::CreatedCloud(c)) => (StatusCode::CREATED, axum::Json(c)).into_response(),
+        Ok(_) | Err(_) => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
+    }
+}
+
+/// One round: `n` creates from 16 clients; (p50, creates per second).
+async fn create_round(op: &Client, n: usize) -> Result<(Duration, f64)> {
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for w in 0..16 {
+        let op = op.clone();
+        let k = n / 16 + usize::from(w < n % 16);
+        tasks.push(tokio::spawn(async move {
+            let mut lat = Vec::with_capacity(k);
+            for _ in 0..k {
+                let t = Instant::now();
+                let _: CreatedCloud = op
+                    .run(&Command::CreateCloud {
+                        spec: CreateCloud::default(),
+                    })
+                    .await?;
+                lat.push(t.elapsed());
+            }
+            anyhow::Ok(lat)
+        }));
+    }
+    let mut lat = Vec::new();
+    for t in tasks {
+        lat.extend(t.await??);
+    }
+    let rate = n as f64 / started.elapsed().as_secs_f64();
+    Ok((pct(&mut lat, 0.5), rate))
+}
+
+pub fn router_ab(smoke: bool) -> Result<RouterAb> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let (rounds, per_round) = if smoke { (2, 100) } else { (7, 5_000) };
+        let dir = tempfile::tempdir()?;
+        let cfg = ControlConfig {
+            operator_token_file: dir.path().join("operator.token"),
+            store: StoreConfig {
+                path: dir.path().join("control.db"),
+                ..StoreConfig::default()
+            },
+            ..ControlConfig::default()
+        };
+        let core = cfg.start().await?;
+        let token = cfg.operator_token()?;
+        let serve = |router: axum::Router| async move {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+            let url = format!("http://{}", listener.local_addr()?);
+            tokio::spawn(async move { axum::serve(listener, router).await });
+            anyhow::Ok(url)
+        };
+        let table = serve(api::router(core.clone(), Duration::from_secs(30))).await?;
+        let direct = serve(
+            axum::Router::new()
+                .route(
+                    atoll_api::routes::CREATE_CLOUD.path,
+                    axum::routing::post(direct_create),
+                )
+                .with_state(core.clone()),
+        )
+        .await?;
+        let (table, direct) = (Client::new(&table, &token)?, Client::new(&direct, &token)?);
+        // Warm-up of both (connections, the store's first pages).
+        create_round(&table, per_round / 5).await?;
+        create_round(&direct, per_round / 5).await?;
+        let (mut t, mut d) = (Vec::new(), Vec::new());
+        for round in 0..rounds {
+            // Alternate which goes first, so neither always meets the fresher store.
+            if round % 2 == 0 {
+                t.push(create_round(&table, per_round).await?);
+                d.push(create_round(&direct, per_round).await?);
+            } else {
+                d.push(create_round(&direct, per_round).await?);
+                t.push(create_round(&table, per_round).await?);
+            }
+        }
+        let median_p50 = |v: &[(Duration, f64)]| {
+            let mut x: Vec<Duration> = v.iter().map(|r| r.0).collect();
+            pct(&mut x, 0.5)
+        };
+        let median_rate = |v: &[(Duration, f64)]| {
+            let mut x: Vec<f64> = v.iter().map(|r| r.1).collect();
+            x.sort_by(f64::total_cmp);
+            x[x.len() / 2]
+        };
+        Ok(RouterAb {
+            rounds,
+            per_round,
+            p50: (median_p50(&t), median_p50(&d)),
+            rate: (median_rate(&t), median_rate(&d)),
+        })
+    })
+}

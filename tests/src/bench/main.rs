@@ -115,6 +115,8 @@ fn main() -> Result<()> {
         return Ok(());
     }
     if args.control_only {
+        let ab = control::router_ab(args.smoke)?;
+        println!("{}", router_ab_line(&ab));
         let cp = control::run(args.smoke)?;
         println!(
             "control plane: {} creates p50 {:?} p99 {:?}, {:.0} clouds/s; cloud+VM live p50 {:?} p99 {:?}; VM live p50 {:?} p99 {:?}; {} clouds: {:.0} B RSS, {:.0} B db per cloud",
@@ -260,6 +262,8 @@ fn main() -> Result<()> {
         );
         creation.push((mode, c));
     }
+    let ab = control::router_ab(args.smoke)?;
+    println!("{}", router_ab_line(&ab));
     let cp = control::run(args.smoke)?;
     println!(
         "control plane: {} cloud creates over HTTP p50 {:?} p99 {:?}, {:.0} clouds/s; cloud+VM to live endpoint p50 {:?} p99 {:?} (VM call to live p50 {:?} p99 {:?}); {} clouds: {:.0} B RSS and {:.0} B of database per cloud",
@@ -498,6 +502,27 @@ fn main() -> Result<()> {
         ms(cp.vm_live_p50),
         ms(cp.vm_live_p99)
     )?;
+    writeln!(report, "\nThe route table's cost, in the same run ({} interleaved rounds of {} creates, 16 clients; medians over the rounds): the API's router (one generic handler per route of the table: access check, body read, `routes::parse`, `Reply::to_json`) against a hand-written handler for `POST /v1/clouds` alone (bearer token, `Json` extractor, the same `Core::execute`), both under `axum::serve` on the same core and store.\n", ab.rounds, ab.per_round)?;
+    writeln!(report, "| server | create p50 | clouds/s |")?;
+    writeln!(report, "|---|---:|---:|")?;
+    writeln!(
+        report,
+        "| route table | {:.3} ms | {:.0} |",
+        ms(ab.p50.0),
+        ab.rate.0
+    )?;
+    writeln!(
+        report,
+        "| hand-written handler | {:.3} ms | {:.0} |",
+        ms(ab.p50.1),
+        ab.rate.1
+    )?;
+    writeln!(
+        report,
+        "| table − hand-written | {:+.1}% | {:+.1}% |",
+        100.0 * (ms(ab.p50.0) / ms(ab.p50.1) - 1.0),
+        100.0 * (ab.rate.0 / ab.rate.1 - 1.0)
+    )?;
     writeln!(report, "\nMemory with {} clouds: **{:.0} B** of resident memory per cloud (the control plane keeps no per-cloud state in memory; SQLite's page cache is bounded), **{:.0} B** of database per cloud on disk.\n", cp.memory_clouds, cp.rss_per_cloud, cp.db_per_cloud)?;
     writeln!(report, "| target | measured | |")?;
     writeln!(report, "|---|---|---|")?;
@@ -587,6 +612,14 @@ fn splice(report: &str, heading: &str, section: &str) -> String {
         .map(|i| start + 1 + i)
         .unwrap_or(report.len());
     format!("{}{section}{}", &report[..start], &report[end..])
+}
+
+/// One line of the route table A/B for the console.
+fn router_ab_line(ab: &control::RouterAb) -> String {
+    format!(
+        "route table vs hand-written handler ({} rounds of {} creates): p50 {:?} vs {:?}, {:.0} vs {:.0} clouds/s",
+        ab.rounds, ab.per_round, ab.p50.0, ab.p50.1, ab.rate.0, ab.rate.1
+    )
 }
 
 fn ms(d: Duration) -> f64 {
