@@ -131,6 +131,14 @@ pub enum Command {
     GetOfferPolicy { cloud: CloudId },
     /// Replace the cloud's offer policy. The cloud or the operator.
     PutOfferPolicy { cloud: CloudId, policy: OfferPolicy },
+    /// What the cloud's VMs may reach outside the cloud. The cloud or the operator.
+    GetEgressPolicy { cloud: CloudId },
+    /// Replace the cloud's egress policy (live flows it no longer allows are cut). The cloud
+    /// or the operator.
+    PutEgressPolicy {
+        cloud: CloudId,
+        policy: EgressPolicy,
+    },
     /// Register a host (idempotent). The host itself or the operator.
     RegisterHost { host: String },
     /// Issue a host a new token. Operator.
@@ -208,7 +216,9 @@ impl Command {
             | AcceptOffer { cloud, .. }
             | DeclineOffer { cloud, .. }
             | GetOfferPolicy { cloud }
-            | PutOfferPolicy { cloud, .. } => Issuer::Cloud(*cloud),
+            | PutOfferPolicy { cloud, .. }
+            | GetEgressPolicy { cloud }
+            | PutEgressPolicy { cloud, .. } => Issuer::Cloud(*cloud),
         }
     }
 
@@ -245,6 +255,7 @@ pub enum Reply {
     Offer(Offer),
     Offers(Vec<Offer>),
     OfferPolicy(OfferPolicy),
+    EgressPolicy(EgressPolicy),
     Host(HostInfo),
     HostToken(Box<HostToken>),
     Hosts(Vec<HostInfo>),
@@ -278,6 +289,7 @@ impl Reply {
             Reply::Offer(v) => j(v),
             Reply::Offers(v) => j(v),
             Reply::OfferPolicy(v) => j(v),
+            Reply::EgressPolicy(v) => j(v),
             Reply::Host(v) => j(v),
             Reply::HostToken(v) => j(&**v),
             Reply::Hosts(v) => j(v),
@@ -313,6 +325,7 @@ impl Reply {
             Some("Offer") => Reply::Offer(d(body)?),
             Some("[Offer]") => Reply::Offers(d(body)?),
             Some("OfferPolicy") => Reply::OfferPolicy(d(body)?),
+            Some("EgressPolicy") => Reply::EgressPolicy(d(body)?),
             Some("HostInfo") => Reply::Host(d(body)?),
             Some("HostToken") => Reply::HostToken(d(body)?),
             Some("[HostInfo]") => Reply::Hosts(d(body)?),
@@ -362,6 +375,7 @@ payload! {
     Offer => Offer;
     Offers => Vec<Offer>;
     OfferPolicy => OfferPolicy;
+    EgressPolicy => EgressPolicy;
     Host => HostInfo;
     HostToken => HostToken, boxed 1;
     Hosts => Vec<HostInfo>;

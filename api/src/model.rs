@@ -782,6 +782,239 @@ pub struct OfferPolicy {
 /// The most providers an [`OfferPolicy`] lists.
 pub const MAX_ACCEPT_FROM: usize = 256;
 
+/// What a cloud's VMs may reach outside the cloud (`GET`/`PUT /v1/clouds/{cloud}/egress`).
+///
+/// Status: stored, validated and served; hosts do not enforce it yet (the egress dataplane,
+/// issue 17, is not built), so today every mode behaves as `deny`, as all clouds did before.
+///
+/// Whatever the policy, some destinations are never reachable: the host's own addresses,
+/// link-local and metadata (169.254.0.0/16), loopback, the underlay and management networks
+/// and the operator's list (the control plane's `egress.always_deny`). Exposures and the cloud's
+/// own addresses are not egress and are not affected.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct EgressPolicy {
+    pub mode: EgressMode,
+    /// In `allowlist` mode, what is reachable (nothing else is); at most
+    /// [`MAX_EGRESS_RULES`]. Must be empty in the other modes.
+    #[serde(default)]
+    pub allow: Vec<EgressRule>,
+    /// Denied in `allow` and `allowlist` mode, before any allow rule: CIDRs only (a domain is
+    /// refused: address lists are never complete, so a deny by name leaks); at most
+    /// [`MAX_EGRESS_RULES`]. Must be empty in `deny` mode.
+    #[serde(default)]
+    pub deny: Vec<EgressRule>,
+}
+
+impl EgressPolicy {
+    /// The policy that lets nothing out.
+    pub fn deny_all() -> Self {
+        EgressPolicy {
+            mode: EgressMode::Deny,
+            allow: Vec::new(),
+            deny: Vec::new(),
+        }
+    }
+
+    /// The same policy with domain names in lower case (DNS names compare without case).
+    pub fn normalized(mut self) -> Self {
+        for r in self.allow.iter_mut().chain(self.deny.iter_mut()) {
+            if let Some(d) = &mut r.domain {
+                *d = d.trim_end_matches('.').to_ascii_lowercase();
+            }
+        }
+        self
+    }
+
+    pub fn validate(&self) -> Result<(), FieldError> {
+        for (list, rules) in [("allow", &self.allow), ("deny", &self.deny)] {
+            if rules.len() > MAX_EGRESS_RULES {
+                return Err(FieldError::new(
+                    list,
+                    format!(
+                        "{} rules; a policy holds at most {MAX_EGRESS_RULES} per list",
+                        rules.len()
+                    ),
+                ));
+            }
+            for (i, r) in rules.iter().enumerate() {
+                r.validate(&format!("{list}[{i}]"))?;
+            }
+        }
+        match self.mode {
+            EgressMode::Deny if !self.allow.is_empty() || !self.deny.is_empty() => {
+                Err(FieldError::new(
+                    if self.allow.is_empty() { "deny" } else { "allow" },
+                    "mode \"deny\" takes no rules: nothing leaves the cloud",
+                ))
+            }
+            EgressMode::Allow if !self.allow.is_empty() => Err(FieldError::new(
+                "allow",
+                "mode \"allow\" takes deny rules only (everything else is allowed); use mode \"allowlist\" to list what is allowed",
+            )),
+            _ => match self.deny.iter().position(|r| r.domain.is_some()) {
+                Some(i) => Err(FieldError::new(
+                    format!("deny[{i}].domain"),
+                    "deny rules take CIDRs only: address lists are never complete, so a deny by name leaks; use mode \"allowlist\" to allow names",
+                )),
+                None => Ok(()),
+            },
+        }
+    }
+}
+
+/// The most rules in each list of an [`EgressPolicy`].
+pub const MAX_EGRESS_RULES: usize = 1024;
+
+/// How a cloud reaches the internet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum EgressMode {
+    /// Nothing leaves the cloud.
+    Deny,
+    /// Everything except the `deny` rules and the always-denied destinations.
+    Allow,
+    /// Only what an `allow` rule names, minus the `deny` rules.
+    Allowlist,
+}
+
+/// One destination of an egress policy: exactly one of `cidr` and `domain`, optionally narrowed
+/// to a protocol and a port range.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct EgressRule {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cidr: Option<Ipv4Net>,
+    /// A name (`api.example.com`) or every name under one (`*.example.com`, not the apex
+    /// itself). Enforced through the cloud's DNS: the addresses an allowed name resolves to
+    /// are reachable for the answer's TTL; a name no rule allows is not resolved.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(
+        pattern = "^(\\*\\.)?([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\\.)*[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$",
+        max_length = 253
+    )]
+    pub domain: Option<String>,
+    /// Only this protocol (default: TCP, UDP and ICMP).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub protocol: Option<Protocol>,
+    /// Only these destination ports (TCP and UDP; a rule with ports never matches ICMP).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ports: Option<PortRange>,
+}
+
+impl EgressRule {
+    fn validate(&self, field: &str) -> Result<(), FieldError> {
+        match (&self.cidr, &self.domain) {
+            (Some(_), Some(_)) | (None, None) => {
+                return Err(FieldError::new(
+                    field,
+                    "a rule names exactly one of cidr and domain",
+                ))
+            }
+            (None, Some(d)) => {
+                let name = d.strip_prefix("*.").unwrap_or(d);
+                validate_domain_name(&format!("{field}.domain"), name)?;
+                if name.contains('*') {
+                    return Err(FieldError::new(
+                        format!("{field}.domain"),
+                        "a wildcard is a leading \"*.\" only",
+                    ));
+                }
+            }
+            (Some(_), None) => {}
+        }
+        if let Some(p) = &self.ports {
+            if p.first == 0 || p.first > p.last {
+                return Err(FieldError::new(
+                    format!("{field}.ports"),
+                    format!(
+                        "{}-{} is not a port range: 1 <= first <= last <= 65535",
+                        p.first, p.last
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The CLI's form of a rule: `<cidr or domain>[:<tcp|udp>][:<port>|<first>-<last>]`, e.g.
+/// `198.18.0.0/15`, `*.pypi.org:tcp:443`, `10.9.0.0/16:udp:5000-5100`. A port needs a protocol.
+impl FromStr for EgressRule {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let mut parts = s.split(':');
+        let dest = parts.next().unwrap_or_default();
+        let (cidr, domain) = if dest.contains('/') {
+            (Some(dest.parse::<Ipv4Net>()?), None)
+        } else if dest.parse::<Ipv4Addr>().is_ok() {
+            (Some(format!("{dest}/32").parse::<Ipv4Net>()?), None)
+        } else {
+            (None, Some(dest.to_string()))
+        };
+        let protocol = match parts.next() {
+            None => None,
+            Some("tcp") => Some(Protocol::Tcp),
+            Some("udp") => Some(Protocol::Udp),
+            Some(p) => return Err(format!("{p:?} is not a protocol (tcp or udp)")),
+        };
+        let ports = match parts.next() {
+            None => None,
+            Some(p) => {
+                let port = |v: &str| {
+                    v.parse::<u16>()
+                        .map_err(|_| format!("{v:?} is not a port (1-65535)"))
+                };
+                let (first, last) = match p.split_once('-') {
+                    Some((a, b)) => (port(a)?, port(b)?),
+                    None => (port(p)?, port(p)?),
+                };
+                Some(PortRange { first, last })
+            }
+        };
+        if parts.next().is_some() {
+            return Err(format!(
+                "{s:?}: a rule is <cidr or domain>[:<tcp|udp>][:<port>|<first>-<last>]"
+            ));
+        }
+        Ok(EgressRule {
+            cidr,
+            domain,
+            protocol,
+            ports,
+        })
+    }
+}
+
+impl fmt::Display for EgressRule {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match (&self.cidr, &self.domain) {
+            (Some(c), _) => write!(f, "{c}")?,
+            (None, Some(d)) => write!(f, "{d}")?,
+            (None, None) => write!(f, "?")?,
+        }
+        if let Some(p) = self.protocol {
+            write!(f, ":{}", if p == Protocol::Tcp { "tcp" } else { "udp" })?;
+        }
+        match self.ports {
+            Some(r) if r.first == r.last => write!(f, ":{}", r.first),
+            Some(r) => write!(f, ":{}-{}", r.first, r.last),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Ports `first` to `last`, both included.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PortRange {
+    #[schema(minimum = 1)]
+    pub first: u16,
+    #[schema(minimum = 1)]
+    pub last: u16,
+}
+
 /// A grant of an exposure to a consumer cloud, seen by both.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]

@@ -126,6 +126,8 @@ pub enum RouteId {
     DeclineOffer,
     GetOfferPolicy,
     PutOfferPolicy,
+    GetEgressPolicy,
+    PutEgressPolicy,
     ListHosts,
     RegisterHost,
     IssueHostToken,
@@ -555,6 +557,25 @@ pub const PUT_OFFER_POLICY: Route = Route::new(
 .summary("Set the providers whose offers this cloud accepts without being asked (later offers)")
 .body("OfferPolicy")
 .reply("OfferPolicy");
+pub const GET_EGRESS_POLICY: Route = Route::new(
+    RouteId::GetEgressPolicy,
+    Method::GET,
+    "/v1/clouds/{cloud}/egress",
+    C,
+    200,
+)
+.summary("What this cloud's VMs may reach outside the cloud")
+.reply("EgressPolicy");
+pub const PUT_EGRESS_POLICY: Route = Route::new(
+    RouteId::PutEgressPolicy,
+    Method::PUT,
+    "/v1/clouds/{cloud}/egress",
+    C,
+    200,
+)
+.summary("Set what this cloud's VMs may reach outside the cloud (live flows it no longer allows are cut)")
+.body("EgressPolicy")
+.reply("EgressPolicy");
 pub const LIST_HOSTS: Route = Route::new(RouteId::ListHosts, Method::GET, "/v1/hosts", O, 200)
     .summary("List registered hosts (operator)")
     .reply("[HostInfo]");
@@ -655,6 +676,8 @@ pub const ROUTES: &[&Route] = &[
     &DECLINE_OFFER,
     &GET_OFFER_POLICY,
     &PUT_OFFER_POLICY,
+    &GET_EGRESS_POLICY,
+    &PUT_EGRESS_POLICY,
     &LIST_HOSTS,
     &REGISTER_HOST,
     &ISSUE_HOST_TOKEN,
@@ -708,6 +731,8 @@ impl Command {
             DeclineOffer { .. } => &DECLINE_OFFER,
             GetOfferPolicy { .. } => &GET_OFFER_POLICY,
             PutOfferPolicy { .. } => &PUT_OFFER_POLICY,
+            GetEgressPolicy { .. } => &GET_EGRESS_POLICY,
+            PutEgressPolicy { .. } => &PUT_EGRESS_POLICY,
             ListHosts => &LIST_HOSTS,
             RegisterHost { .. } => &REGISTER_HOST,
             IssueHostToken { .. } => &ISSUE_HOST_TOKEN,
@@ -738,7 +763,9 @@ impl Command {
             | ListImports { cloud }
             | ListOffers { cloud }
             | GetOfferPolicy { cloud }
-            | PutOfferPolicy { cloud, .. } => vec![cloud.to_string()],
+            | PutOfferPolicy { cloud, .. }
+            | GetEgressPolicy { cloud }
+            | PutEgressPolicy { cloud, .. } => vec![cloud.to_string()],
             GetVm { cloud, vm }
             | DeleteVm { cloud, vm }
             | StartVm { cloud, vm }
@@ -836,6 +863,7 @@ impl Command {
             CreateExposure { spec, .. } => serde_json::to_value(spec),
             CreateGrant { spec, .. } => serde_json::to_value(spec),
             PutOfferPolicy { policy, .. } => serde_json::to_value(policy),
+            PutEgressPolicy { policy, .. } => serde_json::to_value(policy),
             ReportStatus { report, .. } => serde_json::to_value(report),
             _ => return None,
         };
@@ -1026,6 +1054,11 @@ pub fn parse(
         },
         RouteId::GetOfferPolicy => GetOfferPolicy { cloud: cloud()? },
         RouteId::PutOfferPolicy => PutOfferPolicy {
+            cloud: cloud()?,
+            policy: parse_body(body)?,
+        },
+        RouteId::GetEgressPolicy => GetEgressPolicy { cloud: cloud()? },
+        RouteId::PutEgressPolicy => PutEgressPolicy {
             cloud: cloud()?,
             policy: parse_body(body)?,
         },
@@ -1321,6 +1354,28 @@ mod tests {
                 cloud,
                 policy: m::OfferPolicy {
                     accept_from: vec![other],
+                },
+            },
+            GetEgressPolicy { cloud },
+            PutEgressPolicy {
+                cloud,
+                policy: m::EgressPolicy {
+                    mode: m::EgressMode::Allowlist,
+                    allow: vec![m::EgressRule {
+                        cidr: None,
+                        domain: Some(s("*.example.com")),
+                        protocol: Some(m::Protocol::Tcp),
+                        ports: Some(m::PortRange {
+                            first: 443,
+                            last: 443,
+                        }),
+                    }],
+                    deny: vec![m::EgressRule {
+                        cidr: Some("198.18.0.0/24".parse().unwrap()),
+                        domain: None,
+                        protocol: None,
+                        ports: None,
+                    }],
                 },
             },
             ListHosts,

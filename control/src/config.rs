@@ -18,7 +18,7 @@ use crate::{
         new_operator_token, token_hash, Core, CoreConfig, CoreError, MAX_DNS_SUFFIX_LEN,
         MIN_STORE_TXN_OPS,
     },
-    model::{validate_label, Ipv4Net, Quotas},
+    model::{validate_label, EgressMode, Ipv4Net, Quotas},
     store::{
         etcd::{EtcdStore, DEFAULT_MAX_TXN_OPS},
         sqlite::{SqliteOptions, SqliteStore},
@@ -164,6 +164,9 @@ pub struct CloudsConfig {
     /// Range of a cloud created without one.
     pub default_cidr: String,
     pub default_quotas: Quotas,
+    /// The egress mode a new cloud starts with (`deny`, `allow` or `allowlist` with no
+    /// rules); each cloud changes its own through the API.
+    pub default_egress: EgressMode,
     /// Suffix of every cloud's zone: `<vm>.<cloud>.<suffix>`.
     pub dns_suffix: String,
     pub max_exposures_per_cloud: u32,
@@ -181,6 +184,7 @@ impl Default for CloudsConfig {
         CloudsConfig {
             default_cidr: "10.0.0.0/16".into(),
             default_quotas: Quotas::default(),
+            default_egress: EgressMode::Deny,
             dns_suffix: "atoll.internal".into(),
             max_exposures_per_cloud: 1_000,
             max_grants_per_exposure: 10_000,
@@ -570,6 +574,7 @@ impl ControlConfig {
                 }
             })?,
             default_quotas: self.clouds.default_quotas,
+            default_egress: self.clouds.default_egress,
             dns_suffix: self.clouds.dns_suffix.trim_end_matches('.').to_string(),
             max_exposures_per_cloud: self.clouds.max_exposures_per_cloud,
             max_grants_per_exposure: self.clouds.max_grants_per_exposure,
@@ -604,6 +609,19 @@ mod tests {
             .operator_token_file
             .starts_with("/var/lib/atoll-control"));
         assert!(cfg.store.path.starts_with("/var/lib/atoll-control"));
+    }
+
+    /// New clouds' egress mode is a typed setting: `deny` unless configured.
+    #[test]
+    fn default_egress_is_a_mode() {
+        assert_eq!(parse("").unwrap().clouds.default_egress, EgressMode::Deny);
+        let cfg = parse("[clouds]\ndefault_egress = \"allowlist\"\n").unwrap();
+        assert_eq!(cfg.clouds.default_egress, EgressMode::Allowlist);
+        let e = parse("[clouds]\ndefault_egress = \"open\"\n").unwrap_err();
+        assert!(
+            e.contains("default_egress") && e.contains("`deny`, `allow`, `allowlist`"),
+            "{e}"
+        );
     }
 
     /// A suffix so long that the names atoll derives under it would not fit DNS is refused.

@@ -82,6 +82,9 @@ enum Cmd {
     /// offers it accepts without being asked.
     #[command(subcommand)]
     Offer(OfferCmd),
+    /// What a cloud's VMs may reach outside the cloud.
+    #[command(subcommand)]
+    Egress(EgressCmd),
     /// Registered hosts (operator).
     #[command(subcommand)]
     Host(HostCmd),
@@ -347,6 +350,36 @@ enum OfferCmd {
         cloud: CloudId,
         providers: Vec<CloudId>,
     },
+}
+
+#[derive(Subcommand)]
+enum EgressCmd {
+    /// Show the cloud's egress policy.
+    Show { cloud: CloudId },
+    /// Replace the cloud's egress policy; live flows it no longer allows are cut.
+    Set {
+        cloud: CloudId,
+        #[arg(long, value_enum)]
+        mode: CliEgressMode,
+        /// A destination the cloud may reach (allowlist mode; repeat):
+        /// `<cidr|address|domain>[:<tcp|udp>][:<port>|<first>-<last>]`, e.g. `*.pypi.org:tcp:443`.
+        #[arg(long = "allow", value_name = "RULE")]
+        allow: Vec<EgressRule>,
+        /// A destination denied before any allow rule (allow and allowlist mode; repeat):
+        /// CIDRs or addresses only, with optional protocol and ports.
+        #[arg(long = "deny", value_name = "RULE")]
+        deny: Vec<EgressRule>,
+    },
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum CliEgressMode {
+    /// Nothing leaves the cloud.
+    Deny,
+    /// Everything but the deny rules and the always-denied destinations.
+    Allow,
+    /// Only what the allow rules name.
+    Allowlist,
 }
 
 #[derive(Subcommand)]
@@ -743,6 +776,24 @@ async fn resource(c: &Client, cmd: Cmd) -> Result<Output> {
             exposure,
         },
         Cmd::Offer(OfferCmd::Policy { cloud }) => Command::GetOfferPolicy { cloud },
+        Cmd::Egress(EgressCmd::Show { cloud }) => Command::GetEgressPolicy { cloud },
+        Cmd::Egress(EgressCmd::Set {
+            cloud,
+            mode,
+            allow,
+            deny,
+        }) => Command::PutEgressPolicy {
+            cloud,
+            policy: EgressPolicy {
+                mode: match mode {
+                    CliEgressMode::Deny => EgressMode::Deny,
+                    CliEgressMode::Allow => EgressMode::Allow,
+                    CliEgressMode::Allowlist => EgressMode::Allowlist,
+                },
+                allow,
+                deny,
+            },
+        },
         Cmd::Offer(OfferCmd::AcceptFrom { cloud, providers }) => Command::PutOfferPolicy {
             cloud,
             policy: OfferPolicy {

@@ -59,6 +59,7 @@ api_suite!(
     offers_to_unknown_clouds_look_like_offers_to_existing_ones_and_are_bounded,
     offer_policy_and_same_named_providers_get_distinct_names,
     grants_are_active_only_where_they_carry_traffic,
+    egress_policies_start_at_the_default_and_are_checked,
 );
 
 /// The store the control plane under test is configured with.
@@ -3141,4 +3142,155 @@ async fn grants_are_active_only_where_they_carry_traffic(api: Api) {
     )
     .await;
     assert_eq!(grants().await.1.state, GrantState::Active);
+}
+
+/// A new cloud's egress policy is the configured default's mode (here the default, `deny`);
+/// a cloud replaces its own; names are stored in lower case; what the dataplane could not
+/// enforce or a deny by name is refused naming the field; the policy goes with the cloud.
+async fn egress_policies_start_at_the_default_and_are_checked(api: Api) {
+    let (c, cc) = api.cloud(json!({})).await;
+    let cid = c.cloud.id;
+    let path = routes::GET_EGRESS_POLICY.at(&[&cid]);
+    let got: Value = ok(&cc, Method::GET, &path, None).await;
+    assert_eq!(got, json!({"mode": "deny", "allow": [], "deny": []}));
+
+    let set: Value = ok(
+        &cc,
+        Method::PUT,
+        &routes::PUT_EGRESS_POLICY.at(&[&cid]),
+        Some(json!({
+            "mode": "allowlist",
+            "allow": [
+                {"domain": "*.PyPI.org.", "protocol": "tcp", "ports": {"first": 443, "last": 443}},
+                {"cidr": "198.18.0.0/15"}
+            ],
+            "deny": [{"cidr": "198.18.5.0/24"}]
+        })),
+    )
+    .await;
+    assert_eq!(
+        set,
+        json!({
+            "mode": "allowlist",
+            "allow": [
+                {"domain": "*.pypi.org", "protocol": "tcp", "ports": {"first": 443, "last": 443}},
+                {"cidr": "198.18.0.0/15"}
+            ],
+            "deny": [{"cidr": "198.18.5.0/24"}]
+        })
+    );
+    let got: Value = ok(&cc, Method::GET, &path, None).await;
+    assert_eq!(got, set);
+    let typed: EgressPolicy = serde_json::from_value(got).expect("the reply's schema");
+    assert_eq!(typed.allow[0].to_string(), "*.pypi.org:tcp:443");
+
+    let many: Vec<Value> = (0..=MAX_EGRESS_RULES)
+        .map(|i| json!({"cidr": format!("10.{}.{}.0/24", i / 256, i % 256)}))
+        .collect();
+    let bad: Vec<(Value, &str)> = vec![
+        (
+            json!({"mode": "allow", "deny": [{"domain": "evil.example"}]}),
+            "deny[0].domain",
+        ),
+        (
+            json!({"mode": "deny", "allow": [{"cidr": "1.0.0.0/8"}]}),
+            "allow",
+        ),
+        (
+            json!({"mode": "allow", "allow": [{"cidr": "1.0.0.0/8"}]}),
+            "allow",
+        ),
+        (
+            json!({"mode": "allowlist", "allow": [{"cidr": "1.0.0.0/8", "domain": "a.example"}]}),
+            "allow[0]",
+        ),
+        (json!({"mode": "allowlist", "allow": [{}]}), "allow[0]"),
+        (
+            json!({"mode": "allowlist", "allow": [{"domain": "a.*.example"}]}),
+            "allow[0].domain",
+        ),
+        (
+            json!({"mode": "allowlist", "allow": [{"domain": "bad_name.example"}]}),
+            "allow[0].domain",
+        ),
+        (
+            json!({"mode": "allowlist", "allow": [{"cidr": "10.0.0.1/8"}]}),
+            "allow[0].cidr",
+        ),
+        (
+            json!({"mode": "allowlist", "allow": [{"cidr": "1.2.3.0/24", "ports": {"first": 10, "last": 5}}]}),
+            "allow[0].ports",
+        ),
+        (
+            json!({"mode": "allowlist", "allow": [{"cidr": "1.2.3.0/24", "port": 80}]}),
+            "allow[0].port",
+        ),
+        (json!({"mode": "sometimes"}), "mode"),
+        (json!({"mode": "allowlist", "allow": many}), "allow"),
+    ];
+    for (body, field) in bad {
+        let (status, v) = raw(&cc, Method::PUT, &path, Some(&body)).await;
+        assert_eq!(
+            (status, v["error"]["field"].as_str()),
+            (StatusCode::BAD_REQUEST, Some(field)),
+            "{body}: {v}"
+        );
+    }
+    // Nothing refused changed the policy.
+    let got: Value = ok(&cc, Method::GET, &path, None).await;
+    assert_eq!(got, set);
+
+    // The policy goes with its cloud.
+    let _: Value = ok(
+        &api.op,
+        Method::DELETE,
+        &routes::DELETE_CLOUD.at(&[&cid]),
+        None,
+    )
+    .await;
+    let (status, _) = raw(&api.op, Method::GET, &path, None).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert_eq!(mentions(&api, cid).await, Vec::<String>::new());
+
+    // Another default: a control plane configured with `clouds.default_egress = "allow"`.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut cfg = ControlConfig {
+        operator_token_file: dir.path().join("operator.token"),
+        store: StoreConfig {
+            path: dir.path().join("control.db"),
+            ..StoreConfig::default()
+        },
+        ..ControlConfig::default()
+    };
+    cfg.clouds.default_egress = EgressMode::Allow;
+    let core = cfg.start().await.expect("start control plane");
+    let created = core
+        .execute(
+            Principal::Operator,
+            atoll_api::Command::CreateCloud {
+                spec: CreateCloud::default(),
+            },
+        )
+        .await
+        .expect("create cloud");
+    let atoll_api::Reply::CreatedCloud(created) = created else {
+        panic!("{created:?}")
+    };
+    let policy = core
+        .execute(
+            Principal::Operator,
+            atoll_api::Command::GetEgressPolicy {
+                cloud: created.cloud.id,
+            },
+        )
+        .await
+        .expect("egress policy");
+    assert_eq!(
+        policy,
+        atoll_api::Reply::EgressPolicy(EgressPolicy {
+            mode: EgressMode::Allow,
+            allow: vec![],
+            deny: vec![],
+        })
+    );
 }

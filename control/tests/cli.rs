@@ -231,6 +231,57 @@ async fn cli_drives_the_api() {
         assert!(atoll(&url, &token, &["vm", "delete", &id, "piped"])
             .status
             .success());
+        // Egress policies: rules in the CLI's form; a deny by name is refused by the server,
+        // a malformed rule by the CLI, both naming what is wrong.
+        assert_eq!(
+            json(&atoll(&url, &token, &["egress", "show", &id]))["mode"],
+            "deny"
+        );
+        let set = json(&atoll(
+            &url,
+            &token,
+            &[
+                "egress",
+                "set",
+                &id,
+                "--mode",
+                "allowlist",
+                "--allow",
+                "*.PyPI.org:tcp:443",
+                "--allow",
+                "198.18.0.9",
+                "--deny",
+                "198.18.5.0/24:udp:5000-5100",
+            ],
+        ));
+        assert_eq!(
+            set,
+            serde_json::json!({
+                "mode": "allowlist",
+                "allow": [
+                    {"domain": "*.pypi.org", "protocol": "tcp", "ports": {"first": 443, "last": 443}},
+                    {"cidr": "198.18.0.9/32"}
+                ],
+                "deny": [{"cidr": "198.18.5.0/24", "protocol": "udp", "ports": {"first": 5000, "last": 5100}}]
+            })
+        );
+        assert_eq!(json(&atoll(&url, &token, &["egress", "show", &id])), set);
+        let by_name = atoll(
+            &url,
+            &token,
+            &["egress", "set", &id, "--mode", "allow", "--deny", "evil.example"],
+        );
+        assert_eq!(by_name.status.code(), Some(1));
+        let err = String::from_utf8_lossy(&by_name.stderr);
+        assert!(err.contains("400") && err.contains("deny[0].domain"), "{err}");
+        let malformed = atoll(
+            &url,
+            &token,
+            &["egress", "set", &id, "--mode", "allowlist", "--allow", "1.2.3.0/24:sctp"],
+        );
+        assert_eq!(malformed.status.code(), Some(2));
+        let err = String::from_utf8_lossy(&malformed.stderr);
+        assert!(err.contains("--allow") && err.contains("sctp"), "{err}");
         // Errors: the server's message, naming the field, and exit status 1.
         let bad = atoll(&url, &token, &["vm", "create", &id, "Bad_Name"]);
         assert_eq!(bad.status.code(), Some(1));

@@ -65,6 +65,13 @@ impl Core {
                 compares: vec![Compare::Absent(keys::cloud(id))],
                 success: vec![
                     put(keys::cloud(id), &cloud),
+                    put(
+                        keys::egress_policy(id),
+                        &EgressPolicy {
+                            mode: self.cfg.default_egress,
+                            ..EgressPolicy::deny_all()
+                        },
+                    ),
                     Op::Put {
                         key: keys::ip(id, gateway),
                         value: b"\"gateway\"".to_vec(),

@@ -100,6 +100,10 @@ pub fn inbox_from(consumer: CloudId, provider: CloudId) -> String {
 pub fn offer_policy(c: CloudId) -> String {
     format!("c/{c}/offerpolicy")
 }
+/// The cloud's [`super::EgressPolicy`].
+pub fn egress_policy(c: CloudId) -> String {
+    format!("c/{c}/egress")
+}
 pub fn hosts() -> &'static str {
     "hosts/"
 }

@@ -120,6 +120,7 @@ use crate::{
 mod auth;
 mod clouds;
 mod dns;
+mod egress;
 mod exposures;
 mod feed;
 mod hosts;
@@ -222,6 +223,8 @@ pub enum Principal {
 pub struct CoreConfig {
     pub default_cidr: Ipv4Net,
     pub default_quotas: Quotas,
+    /// The egress mode of a new cloud (`clouds.default_egress`).
+    pub default_egress: EgressMode,
     /// DNS suffix of all zones, e.g. `atoll.internal`.
     pub dns_suffix: String,
     pub max_exposures_per_cloud: u32,
@@ -560,6 +563,11 @@ impl Core {
                 Ok(Reply::OfferPolicy(self.offer_policy(c).await?))
             }
             PutOfferPolicy { cloud: c, policy } => self.put_offer_policy(c, policy).await,
+            GetEgressPolicy { cloud: c } => {
+                self.cloud(c).await?;
+                Ok(Reply::EgressPolicy(self.egress_policy(c).await?))
+            }
+            PutEgressPolicy { cloud: c, policy } => self.put_egress_policy(c, policy).await,
             RegisterHost { host: name } => self.register_host(name).await,
             IssueHostToken { host: name } => self.issue_host_token(name).await,
             CordonHost {
