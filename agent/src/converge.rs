@@ -57,8 +57,8 @@ use std::{
 use atoll_api::{
     client::{Client, ClientError},
     model::{
-        FieldError, Placement, Power, Protocol, ProviderServices, ServiceReport, StatusReport,
-        SyncDelta, VmReport, VmState, VmStatus, VolumeFormat, VolumePlacement, Zone,
+        EgressPolicy, FieldError, Placement, Power, Protocol, ProviderServices, ServiceReport,
+        StatusReport, SyncDelta, VmReport, VmState, VmStatus, VolumeFormat, VolumePlacement, Zone,
     },
 };
 use atoll_api::{Command, ControlPlane, ControlPlaneError, Reply};
@@ -274,6 +274,9 @@ pub struct Converger {
     /// The DNS suffix every zone must sit directly under (`dns.suffix`), when this host
     /// serves DNS.
     dns_suffix: Option<String>,
+    /// The egress policies of the clouds with VMs here, as received (issue 17: held, not yet
+    /// enforced; the dataplane has no egress path yet).
+    egress: HashMap<CloudId, EgressPolicy>,
     /// Exposure services this host failed to install, as last reported:
     /// `(provider, consumer, vip)` → the error.
     reported_failures: HashMap<(u32, u32, Ipv4Addr), String>,
@@ -324,6 +327,7 @@ impl Converger {
             statuses: HashMap::new(),
             default_image: String::new(),
             dns_suffix: None,
+            egress: HashMap::new(),
             reported_failures: HashMap::new(),
         }
     }
@@ -507,6 +511,17 @@ impl Converger {
             });
             true
         });
+        delta.egress.retain(|e| {
+            e.policy
+                .validate()
+                .map_err(|err| {
+                    logged(refuse(
+                        format!("the egress policy of cloud {}", e.cloud),
+                        err,
+                    ))
+                })
+                .is_ok()
+        });
         refused
     }
 
@@ -587,6 +602,16 @@ impl Converger {
                 status,
                 console: None,
             });
+        }
+        if delta.full {
+            self.egress.clear();
+        }
+        for c in &delta.removed_egress {
+            self.egress.remove(c);
+        }
+        for e in &delta.egress {
+            tracing::debug!(cloud = %e.cloud, mode = ?e.policy.mode, "egress policy received (not enforced yet)");
+            self.egress.insert(e.cloud, e.policy.clone());
         }
         if let Some(dns) = &self.dns {
             for c in &delta.removed_zones {
@@ -735,6 +760,11 @@ impl Converger {
         };
         self.statuses.insert(key, st.clone());
         Some(st)
+    }
+
+    /// The egress policy this host holds for `cloud`, as received.
+    pub fn egress_policy(&self, cloud: CloudId) -> Option<&EgressPolicy> {
+        self.egress.get(&cloud)
     }
 
     /// A volume's file on this host and its format (raw unless a qcow2 file exists).

@@ -1186,6 +1186,17 @@ async fn hostile_names_from_the_control_plane_are_refused_one_by_one() {
     .unwrap();
     other.zone = "evil.example.".into();
     put(format!("clouds/{b}"), serde_json::to_vec(&other).unwrap()).await;
+    // An egress policy the API would refuse (a deny by name, a bad wildcard).
+    put(
+        format!("c/{b}/egress"),
+        serde_json::to_vec(&serde_json::json!({
+            "mode": "allow",
+            "deny": [{"domain": "evil.example"}],
+            "allow": [{"domain": "a.*.example"}]
+        }))
+        .unwrap(),
+    )
+    .await;
 
     // The agent, remote, with a VM driver and a DNS server.
     let zones = std::sync::Arc::new(ZoneLog::default());
@@ -1251,6 +1262,11 @@ async fn hostile_names_from_the_control_plane_are_refused_one_by_one() {
             (&image.join("vmlinux"), &image.join("initramfs.cpio.gz"))
         );
     }
+    // Egress policies: the valid cloud's held, the hostile one refused.
+    assert_eq!(
+        (conv.egress_policy(a), conv.egress_policy(b)),
+        (Some(&atoll_api::model::EgressPolicy::deny_all()), None)
+    );
     // The refused VMs are reported failed, naming the field at fault.
     for (p, field) in &vms {
         let kv = store

@@ -1163,6 +1163,21 @@ pub struct SyncDelta {
     /// applies (empty: none any more). Providers not listed are unchanged, unless `full`.
     #[serde(default)]
     pub services: Vec<ProviderServices>,
+    /// The egress policies of clouds with VMs on this host that changed, or of clouds that
+    /// came to this host.
+    #[serde(default)]
+    pub egress: Vec<CloudEgress>,
+    /// Clouds whose egress policy this host no longer holds (no VMs of theirs here any more).
+    #[serde(default)]
+    pub removed_egress: Vec<CloudId>,
+}
+
+/// A cloud's egress policy, as its hosts receive it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CloudEgress {
+    pub cloud: CloudId,
+    pub policy: EgressPolicy,
 }
 
 // What a host checks again of what it receives (see the module's decisions): it never builds

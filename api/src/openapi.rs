@@ -45,6 +45,7 @@ use crate::{
     HostInfo,
     HostToken,
     SyncDelta,
+    CloudEgress,
     ProviderServices,
     Service,
     ServiceBackend,

@@ -1023,6 +1023,53 @@ async fn host_sync_sends_changes_then_waits(api: Api) {
         .records
         .iter()
         .any(|r| r.fqdn == "w.s.atoll.internal."));
+    // The cloud came to the host: its egress policy comes with it.
+    assert_eq!(
+        d.egress,
+        vec![CloudEgress {
+            cloud: a.cloud.id,
+            policy: EgressPolicy::deny_all()
+        }]
+    );
+    // A changed policy wakes the host with the policy alone.
+    let core = api.core.clone();
+    let rev = d.revision;
+    let waiter = tokio::spawn(async move {
+        core.sync(Principal::Operator, "host-a", rev, Duration::from_secs(20))
+            .await
+    });
+    let policy: EgressPolicy = ac
+        .call(
+            Method::PUT,
+            &routes::PUT_EGRESS_POLICY.at(&[&a.cloud.id]),
+            Some(&json!({"mode": "allow", "deny": [{"cidr": "198.18.0.0/15"}]})),
+        )
+        .await
+        .unwrap();
+    let pd = waiter.await.unwrap().unwrap();
+    assert_eq!(
+        (pd.vms.len(), pd.zones.len(), &pd.egress[..]),
+        (
+            0,
+            0,
+            &[CloudEgress {
+                cloud: a.cloud.id,
+                policy: policy.clone()
+            }][..]
+        )
+    );
+    let snapshot = api
+        .core
+        .sync(Principal::Operator, "host-a", 0, Duration::ZERO)
+        .await
+        .unwrap();
+    assert_eq!(
+        snapshot.egress,
+        vec![CloudEgress {
+            cloud: a.cloud.id,
+            policy
+        }]
+    );
     // A status report shows up on the VM.
     let report = json!({"vms": [{"cloud": a.cloud.id, "vm": "w", "status": {"state": "network_ready", "device": "atvx", "updated_at": 1}}]});
     let _: Value = api
@@ -1059,7 +1106,7 @@ async fn host_sync_sends_changes_then_waits(api: Api) {
             &format!(
                 "{}?after={}&wait_ms=5000",
                 &routes::SYNC.at(&[&"host-a"]),
-                d.revision
+                pd.revision
             ),
             None::<&Value>,
         )
@@ -1073,6 +1120,7 @@ async fn host_sync_sends_changes_then_waits(api: Api) {
         }]
     );
     assert_eq!(d2.removed_zones, vec![a.cloud.id]);
+    assert_eq!(d2.removed_egress, vec![a.cloud.id]);
     // Cloud tokens cannot read host state.
     let (status, _) = raw(&ac, Method::GET, &routes::SYNC.at(&[&"host-a"]), None).await;
     assert_eq!(

@@ -7,8 +7,9 @@
 //!   policy it always had: `deny`.
 //! - **Names are stored in lower case**, without a final dot: DNS compares names without
 //!   case, and hosts match answers against the stored form.
-//! - Hosts receive the policies of the clouds they run VMs of with their sync, and enforce
-//!   them in the dataplane (design.md, Egress).
+//! - Hosts receive the policies of the clouds they run VMs of with their sync (`c/<id>/egress`
+//!   is a key the feed routes to the hosts of the cloud, see `feed::egress_cloud`); enforcing
+//!   them is the egress dataplane's (not built yet).
 
 use super::*;
 

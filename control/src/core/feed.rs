@@ -64,6 +64,12 @@ pub(super) fn zone_cloud(key: &str) -> Option<CloudId> {
     cloud_of(key, &["vms", "dns", "imports"])
 }
 
+/// The cloud whose egress policy a key is (`c/<c>/egress`).
+pub(super) fn egress_cloud(key: &str) -> Option<CloudId> {
+    let c = key.strip_prefix("c/")?.strip_suffix("/egress")?;
+    c.parse().ok()
+}
+
 /// The provider cloud whose services (active grants, resolved) a key's change may change:
 /// its exposures, its grants, its VMs (backends' addresses) and the cloud itself.
 pub(super) fn service_cloud(key: &str) -> Option<CloudId> {

@@ -133,7 +133,9 @@ mod volumes;
 pub use auth::{authorize_host, new_operator_token, token_hash};
 use auth::{new_cloud_token, random_bytes};
 use exposures::Revocation;
-use feed::{parse_placement_key, service_cloud, zone_cloud, Feed, FeedEvent, FeedState};
+use feed::{
+    egress_cloud, parse_placement_key, service_cloud, zone_cloud, Feed, FeedEvent, FeedState,
+};
 use vms::{console_tail, placement};
 
 /// How often a create is retried after losing a compare to a concurrent writer.

@@ -39,6 +39,7 @@ impl Core {
                                 e.key.starts_with(&prefix)
                                     || zone_cloud(&e.key).is_some_and(here)
                                     || service_cloud(&e.key).is_some_and(here)
+                                    || egress_cloud(&e.key).is_some_and(here)
                             })
                             .map(|e| (e.key.clone(), e.value.clone(), e.deleted))
                             .collect()
@@ -78,7 +79,13 @@ impl Core {
         let mut volumes: BTreeMap<(CloudId, String), Option<VolumePlacement>> = BTreeMap::new();
         let mut touched: BTreeSet<CloudId> = BTreeSet::new();
         let mut providers: BTreeSet<CloudId> = BTreeSet::new();
+        // Clouds whose egress policy this host must receive again: a changed policy, or VMs
+        // of the cloud arriving on or leaving the host.
+        let mut egress: BTreeSet<CloudId> = BTreeSet::new();
         for (key, value, deleted) in events {
+            if let Some(c) = egress_cloud(&key) {
+                egress.insert(c);
+            }
             if let Some(p) = service_cloud(&key) {
                 providers.insert(p);
             }
@@ -87,6 +94,7 @@ impl Core {
                     continue;
                 }
                 touched.insert(cloud);
+                egress.insert(cloud);
                 let id = (cloud, name.to_string());
                 if is_vm {
                     let v = match (&value, deleted) {
@@ -135,6 +143,15 @@ impl Core {
                     None => d.removed_zones.push(c),
                 },
                 false => d.removed_zones.push(c),
+            }
+        }
+        for c in egress {
+            match present.contains(&c) {
+                true => d.egress.push(CloudEgress {
+                    cloud: c,
+                    policy: self.egress_policy(c).await?,
+                }),
+                false => d.removed_egress.push(c),
             }
         }
         // A placement change can also make a provider appear on or leave this host.
@@ -217,6 +234,10 @@ impl Core {
             if let Some(z) = self.zone(c).await? {
                 d.zones.push(z);
             }
+            d.egress.push(CloudEgress {
+                cloud: c,
+                policy: self.egress_policy(c).await?,
+            });
             let services = self.services_of(c).await?;
             if !services.is_empty() {
                 d.services.push(ProviderServices {
