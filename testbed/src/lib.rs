@@ -1,7 +1,8 @@
 //! What atoll's tests and benchmarks build their scenes with, in one place (`publish = false`):
 //! uniquely named network namespaces and bpffs pin directories (from the agent's `scratch`
 //! module, which its demo and doctor use too), guards that delete devices on drop, one frame
-//! builder and parser with checksums ([`frame`]), and the one root check.
+//! builder and parser with checksums ([`frame`]), a test's own internet ([`internet`]), and the one
+//! root check.
 //!
 //! Everything a test creates carries the `atl` prefix plus the process id and a counter, and is
 //! removed on drop, also when the test fails or panics; CI checks that nothing is left behind.
@@ -12,6 +13,7 @@ pub use atoll_agent::scratch::{run, unique_name, unique_prefix, NetNs, PinRoot};
 
 pub mod frame;
 pub mod guest;
+pub mod internet;
 pub mod verdict;
 pub mod wait;
 
