@@ -75,17 +75,11 @@ const IPV4_LEN: usize = 20;
 // Checksums and frames.
 // ---------------------------------------------------------------------------------------------
 
-use atoll_testbed::frame::checksum;
-
-fn pseudo(src: Ip4, dst: Ip4, protocol: u8, l4: &[u8]) -> Vec<u8> {
-    let mut v = Vec::new();
-    v.extend_from_slice(&src);
-    v.extend_from_slice(&dst);
-    v.extend_from_slice(&[0, protocol]);
-    v.extend_from_slice(&(l4.len() as u16).to_be_bytes());
-    v.extend_from_slice(l4);
-    v
-}
+use atoll_testbed::frame::{
+    checksum,
+    layers::{ethernet, udp, Ipv4Packet as Ipv4, TcpHeader},
+    pseudo, TCP_ACK, TCP_PSH,
+};
 
 /// The transport checksum `l4` must carry between `src` and `dst` (UDP: 0 becomes 0xFFFF).
 fn l4_checksum(src: Ip4, dst: Ip4, protocol: u8, l4: &[u8], check_at: usize) -> u16 {
@@ -105,81 +99,21 @@ fn check_offset(protocol: u8) -> usize {
     }
 }
 
-/// A UDP datagram or TCP segment from `sport` to `dport` with a correct checksum.
+/// A UDP datagram or TCP segment (PSH|ACK) from `sport` to `dport` with a correct checksum.
 fn l4(protocol: u8, src: Ip4, dst: Ip4, sport: u16, dport: u16, data: &[u8]) -> Vec<u8> {
-    let mut s = Vec::new();
-    s.extend_from_slice(&sport.to_be_bytes());
-    s.extend_from_slice(&dport.to_be_bytes());
     if protocol == IPPROTO_UDP {
-        s.extend_from_slice(&((8 + data.len()) as u16).to_be_bytes());
-        s.extend_from_slice(&[0, 0]);
+        udp(src, dst, sport, dport, data)
     } else {
-        s.extend_from_slice(&0x0102_0304u32.to_be_bytes()); // seq
-        s.extend_from_slice(&0x0a0b_0c0du32.to_be_bytes()); // ack
-        s.extend_from_slice(&[0x50, 0x18]); // 5 words, PSH|ACK
-        s.extend_from_slice(&64240u16.to_be_bytes());
-        s.extend_from_slice(&[0, 0, 0, 0]); // checksum, urgent pointer
-    }
-    s.extend_from_slice(data);
-    let at = check_offset(protocol);
-    let c = l4_checksum(src, dst, protocol, &s, at);
-    s[at..at + 2].copy_from_slice(&c.to_be_bytes());
-    s
-}
-
-/// An IPv4 header (no options, DF, TTL 64 unless changed) with a valid checksum, plus payload.
-#[derive(Clone)]
-struct Ipv4 {
-    id: u16,
-    frag_off: u16,
-    ttl: u8,
-    protocol: u8,
-    src: Ip4,
-    dst: Ip4,
-    total_len: Option<u16>,
-    version_ihl: u8,
-    payload: Vec<u8>,
-}
-
-impl Ipv4 {
-    fn new(src: Ip4, dst: Ip4, protocol: u8, payload: Vec<u8>) -> Self {
-        Ipv4 {
-            id: 0x1c46,
-            frag_off: 0x4000,
-            ttl: 64,
-            protocol,
-            src,
-            dst,
-            total_len: None,
-            version_ihl: 0x45,
-            payload,
+        TcpHeader {
+            sport,
+            dport,
+            seq: 0x0102_0304,
+            ack: 0x0a0b_0c0d,
+            flags: TCP_PSH | TCP_ACK,
+            options: Vec::new(),
         }
+        .segment(src, dst, data)
     }
-
-    fn bytes(&self) -> Vec<u8> {
-        let total = self
-            .total_len
-            .unwrap_or((IPV4_LEN + self.payload.len()) as u16);
-        let mut h = vec![self.version_ihl, 0];
-        h.extend_from_slice(&total.to_be_bytes());
-        h.extend_from_slice(&self.id.to_be_bytes());
-        h.extend_from_slice(&self.frag_off.to_be_bytes());
-        h.extend_from_slice(&[self.ttl, self.protocol, 0, 0]);
-        h.extend_from_slice(&self.src);
-        h.extend_from_slice(&self.dst);
-        let c = checksum(&h);
-        h[10..12].copy_from_slice(&c.to_be_bytes());
-        h.extend_from_slice(&self.payload);
-        h
-    }
-}
-
-fn ethernet(dst: Mac, src: Mac, ether_type: u16, payload: &[u8]) -> Vec<u8> {
-    let mut f = dst.to_vec();
-    f.extend_from_slice(&src);
-    f.extend_from_slice(&ether_type.to_be_bytes());
-    f.extend_from_slice(payload);
-    f
 }
 
 /// The guest's DNS query to its gateway (payload: a fake DNS message).
@@ -766,8 +700,8 @@ fn foreign_frames_on_the_dns_device_are_dropped() {
         ("to a guest address", udp_from(SERVER_IP, 53, GUEST_IP)),
         ("fragment", with(&|r| r.frag_off = 0x2000)),
         ("later fragment", with(&|r| r.frag_off = 0x0010)),
-        ("IPv4 options", with(&|r| r.version_ihl = 0x46)),
-        ("IPv4 version 5", with(&|r| r.version_ihl = 0x55)),
+        ("IPv4 options", with(&|r| r.ihl = Some(6))),
+        ("IPv4 version 5", with(&|r| r.version = 5)),
         (
             "UDP header beyond the total length",
             with(&|r| r.total_len = Some(27)),

@@ -109,162 +109,30 @@ fn endpoint(cloud: u32) -> EndpointInfo {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Checksums.
+// Frames: the testbed's builders, composed for this topology.
 // ---------------------------------------------------------------------------------------------
 
-use atoll_testbed::frame::checksum;
-
-/// True if `data`, checksum field included, sums to all ones (what a receiver checks).
-fn checksum_verifies(data: &[u8]) -> bool {
-    checksum(data) == 0
-}
-
-/// Recomputes the checksum at byte `at` (2 bytes) of `data` from scratch.
-fn recomputed(data: &[u8], at: usize) -> u16 {
-    let mut copy = data.to_vec();
-    copy[at..at + 2].copy_from_slice(&[0, 0]);
-    checksum(&copy)
-}
-
-fn pseudo_header_sum_input(src: Ip4, dst: Ip4, protocol: u8, l4: &[u8]) -> Vec<u8> {
-    let mut v = Vec::with_capacity(12 + l4.len());
-    v.extend_from_slice(&src);
-    v.extend_from_slice(&dst);
-    v.extend_from_slice(&[0, protocol]);
-    v.extend_from_slice(&(l4.len() as u16).to_be_bytes());
-    v.extend_from_slice(l4);
-    v
-}
-
-// ---------------------------------------------------------------------------------------------
-// Frame builders.
-// ---------------------------------------------------------------------------------------------
-
-fn ethernet(dst: Mac, src: Mac, ether_type: u16, payload: &[u8]) -> Vec<u8> {
-    let mut f = Vec::with_capacity(ETH_LEN + payload.len());
-    f.extend_from_slice(&dst);
-    f.extend_from_slice(&src);
-    f.extend_from_slice(&ether_type.to_be_bytes());
-    f.extend_from_slice(payload);
-    f
-}
-
-/// An IPv4 packet description; [`Ipv4::bytes`] computes the header checksum.
-#[derive(Clone, Debug)]
-struct Ipv4 {
-    version: u8,
-    /// `None`: 5 + options / 4.
-    ihl: Option<u8>,
-    tos: u8,
-    /// `None`: header + options + payload.
-    total_len: Option<u16>,
-    id: u16,
-    frag_off: u16,
-    ttl: u8,
-    protocol: u8,
-    src: Ip4,
-    dst: Ip4,
-    options: Vec<u8>,
-    payload: Vec<u8>,
-}
-
-impl Ipv4 {
-    fn new(src: Ip4, dst: Ip4, protocol: u8, payload: Vec<u8>) -> Self {
-        Ipv4 {
-            version: 4,
-            ihl: None,
-            tos: 0,
-            total_len: None,
-            id: 0x1c46,
-            frag_off: 0x4000, // DF
-            ttl: 64,
-            protocol,
-            src,
-            dst,
-            options: Vec::new(),
-            payload,
-        }
-    }
-
-    fn header(&self) -> Vec<u8> {
-        assert_eq!(self.options.len() % 4, 0, "options must be whole words");
-        let ihl = self.ihl.unwrap_or(5 + (self.options.len() / 4) as u8);
-        let total = self
-            .total_len
-            .unwrap_or((IPV4_LEN + self.options.len() + self.payload.len()) as u16);
-        let mut h = vec![(self.version << 4) | (ihl & 0x0F), self.tos];
-        h.extend_from_slice(&total.to_be_bytes());
-        h.extend_from_slice(&self.id.to_be_bytes());
-        h.extend_from_slice(&self.frag_off.to_be_bytes());
-        h.extend_from_slice(&[self.ttl, self.protocol, 0, 0]);
-        h.extend_from_slice(&self.src);
-        h.extend_from_slice(&self.dst);
-        h.extend_from_slice(&self.options);
-        let c = checksum(&h);
-        h[10..12].copy_from_slice(&c.to_be_bytes());
-        h
-    }
-
-    fn bytes(&self) -> Vec<u8> {
-        let mut b = self.header();
-        b.extend_from_slice(&self.payload);
-        b
-    }
-}
-
-fn icmp(icmp_type: u8, code: u8, id: u16, seq: u16, data: &[u8]) -> Vec<u8> {
-    let mut m = vec![icmp_type, code, 0, 0];
-    m.extend_from_slice(&id.to_be_bytes());
-    m.extend_from_slice(&seq.to_be_bytes());
-    m.extend_from_slice(data);
-    let c = checksum(&m);
-    m[2..4].copy_from_slice(&c.to_be_bytes());
-    m
-}
+use atoll_testbed::frame::{
+    checksum, checksum_verifies,
+    layers::{arp, ethernet, icmp, udp, Ipv4Packet as Ipv4, TcpHeader},
+    recomputed, TCP_SYN,
+};
 
 fn icmp_echo_request(id: u16, seq: u16, data: &[u8]) -> Vec<u8> {
     icmp(8, 0, id, seq, data)
 }
 
-fn udp(src: Ip4, dst: Ip4, sport: u16, dport: u16, data: &[u8]) -> Vec<u8> {
-    let len = (8 + data.len()) as u16;
-    let mut d = Vec::new();
-    d.extend_from_slice(&sport.to_be_bytes());
-    d.extend_from_slice(&dport.to_be_bytes());
-    d.extend_from_slice(&len.to_be_bytes());
-    d.extend_from_slice(&[0, 0]);
-    d.extend_from_slice(data);
-    let c = match checksum(&pseudo_header_sum_input(src, dst, IPPROTO_UDP, &d)) {
-        0 => 0xFFFF,
-        c => c,
-    };
-    d[6..8].copy_from_slice(&c.to_be_bytes());
-    d
-}
-
+/// A SYN with an MSS option (1460).
 fn tcp_syn(src: Ip4, dst: Ip4, sport: u16, dport: u16) -> Vec<u8> {
-    let mut s = Vec::new();
-    s.extend_from_slice(&sport.to_be_bytes());
-    s.extend_from_slice(&dport.to_be_bytes());
-    s.extend_from_slice(&0x1234_5678u32.to_be_bytes()); // seq
-    s.extend_from_slice(&0u32.to_be_bytes()); // ack
-    s.extend_from_slice(&[0x60, 0x02]); // data offset 6 words, SYN
-    s.extend_from_slice(&64240u16.to_be_bytes()); // window
-    s.extend_from_slice(&[0, 0, 0, 0]); // checksum, urgent pointer
-    s.extend_from_slice(&[2, 4, 0x05, 0xb4]); // MSS 1460
-    let c = checksum(&pseudo_header_sum_input(src, dst, IPPROTO_TCP, &s));
-    s[16..18].copy_from_slice(&c.to_be_bytes());
-    s
-}
-
-fn arp(op: u16, sha: Mac, spa: Ip4, tha: Mac, tpa: Ip4) -> Vec<u8> {
-    let mut a = vec![0, 1, 0x08, 0x00, 6, 4];
-    a.extend_from_slice(&op.to_be_bytes());
-    a.extend_from_slice(&sha);
-    a.extend_from_slice(&spa);
-    a.extend_from_slice(&tha);
-    a.extend_from_slice(&tpa);
-    a
+    TcpHeader {
+        sport,
+        dport,
+        seq: 0x1234_5678,
+        ack: 0,
+        flags: TCP_SYN,
+        options: vec![2, 4, 0x05, 0xb4],
+    }
+    .segment(src, dst, &[])
 }
 
 /// The three transport protocols forwarding is checked with.

@@ -27,9 +27,14 @@ pub const IPPROTO_UDP: u8 = 17;
 
 /// The pseudo header of `protocol` between `src` and `dst`, followed by the segment `l4`: the
 /// bytes a UDP or TCP checksum covers.
-pub fn pseudo(src: Ipv4Addr, dst: Ipv4Addr, protocol: u8, l4: &[u8]) -> Vec<u8> {
-    let mut p = src.octets().to_vec();
-    p.extend_from_slice(&dst.octets());
+pub fn pseudo(
+    src: impl Into<Ipv4Addr>,
+    dst: impl Into<Ipv4Addr>,
+    protocol: u8,
+    l4: &[u8],
+) -> Vec<u8> {
+    let mut p = src.into().octets().to_vec();
+    p.extend_from_slice(&dst.into().octets());
     p.extend_from_slice(&[0, protocol]);
     p.extend_from_slice(&(l4.len() as u16).to_be_bytes());
     p.extend_from_slice(l4);
@@ -46,19 +51,24 @@ fn ipv4_frame(
     protocol: u8,
     l4: &[u8],
 ) -> Vec<u8> {
-    let mut ip = vec![0x45, 0];
-    ip.extend_from_slice(&((20 + l4.len()) as u16).to_be_bytes());
-    ip.extend_from_slice(&[0x12, 0x34, 0x40, 0, 64, protocol, 0, 0]);
-    ip.extend_from_slice(&src.octets());
-    ip.extend_from_slice(&dst.octets());
-    let c = checksum(&ip);
-    ip[10..12].copy_from_slice(&c.to_be_bytes());
-    ip.extend_from_slice(l4);
-    let mut f = dst_mac.to_vec();
-    f.extend_from_slice(&src_mac);
-    f.extend_from_slice(&0x0800u16.to_be_bytes());
-    f.extend_from_slice(&ip);
-    f
+    layers::ethernet(
+        dst_mac,
+        src_mac,
+        layers::ETH_P_IP,
+        &layers::ipv4(src, dst, 64, protocol, l4),
+    )
+}
+
+/// True if `data`, its checksum field included, sums to all ones (what a receiver checks).
+pub fn checksum_verifies(data: &[u8]) -> bool {
+    checksum(data) == 0
+}
+
+/// The checksum at byte `at` (2 bytes) of `data`, recomputed from scratch.
+pub fn recomputed(data: &[u8], at: usize) -> u16 {
+    let mut copy = data.to_vec();
+    copy[at..at + 2].copy_from_slice(&[0, 0]);
+    checksum(&copy)
 }
 
 /// Rewrites the TTL of the IPv4 frame `f` and recomputes its header checksum.
@@ -88,20 +98,13 @@ pub struct Udp {
 impl Udp {
     /// An Ethernet frame carrying `payload`, with IPv4 header and UDP checksums set.
     pub fn frame(&self, payload: &[u8]) -> Vec<u8> {
-        let mut udp = self.sport.to_be_bytes().to_vec();
-        udp.extend_from_slice(&self.dport.to_be_bytes());
-        udp.extend_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
-        udp.extend_from_slice(&[0, 0]);
-        udp.extend_from_slice(payload);
-        let c = checksum(&pseudo(self.src, self.dst, IPPROTO_UDP, &udp));
-        udp[6..8].copy_from_slice(&if c == 0 { 0xffff } else { c }.to_be_bytes());
         ipv4_frame(
             self.dst_mac,
             self.src_mac,
             self.src,
             self.dst,
             IPPROTO_UDP,
-            &udp,
+            &layers::udp(self.src, self.dst, self.sport, self.dport, payload),
         )
     }
 }
@@ -152,17 +155,15 @@ impl Tcp {
 
     /// The TCP segment alone (header and `payload`) with its checksum set.
     pub fn segment(&self, payload: &[u8]) -> Vec<u8> {
-        let mut s = self.sport.to_be_bytes().to_vec();
-        s.extend_from_slice(&self.dport.to_be_bytes());
-        s.extend_from_slice(&self.seq.to_be_bytes());
-        s.extend_from_slice(&self.ack.to_be_bytes());
-        s.extend_from_slice(&[0x50, self.flags]);
-        s.extend_from_slice(&64240u16.to_be_bytes());
-        s.extend_from_slice(&[0, 0, 0, 0]);
-        s.extend_from_slice(payload);
-        let c = checksum(&pseudo(self.src, self.dst, IPPROTO_TCP, &s));
-        s[16..18].copy_from_slice(&c.to_be_bytes());
-        s
+        layers::TcpHeader {
+            sport: self.sport,
+            dport: self.dport,
+            seq: self.seq,
+            ack: self.ack,
+            flags: self.flags,
+            options: Vec::new(),
+        }
+        .segment(self.src, self.dst, payload)
     }
 
     /// An Ethernet frame carrying the segment, with IPv4 header and TCP checksums set.

@@ -1,7 +1,8 @@
-//! Frames built and parsed layer by layer (Ethernet, ARP, IPv4, UDP, ICMP) for the
-//! end-to-end suites that play guests on taps: [`ethernet`] around [`ipv4`] around [`udp`],
-//! and `parse_*` back, with [`describe`] for failure messages. Checksums are the parent
-//! module's.
+//! Frames built and parsed layer by layer (Ethernet, ARP, IPv4, UDP, TCP, ICMP) for the
+//! end-to-end suites that play guests on taps and the verdict suites that hand the programs
+//! crafted frames: [`ethernet`] around [`ipv4`] (or an [`Ipv4Packet`] with any header) around
+//! [`udp`], and `parse_*` back, with [`describe`] for failure messages. Checksums are the
+//! parent module's.
 
 use super::checksum;
 
@@ -33,7 +34,14 @@ pub fn ethernet(dst: Mac, src: Mac, ethertype: u16, payload: &[u8]) -> Vec<u8> {
     f
 }
 
-pub fn arp(op: u16, sha: Mac, spa: Ipv4Addr, tha: Mac, tpa: Ipv4Addr) -> Vec<u8> {
+pub fn arp(
+    op: u16,
+    sha: Mac,
+    spa: impl Into<Ipv4Addr>,
+    tha: Mac,
+    tpa: impl Into<Ipv4Addr>,
+) -> Vec<u8> {
+    let (spa, tpa) = (spa.into(), tpa.into());
     let mut a = vec![0, 1, 0x08, 0x00, 6, 4];
     a.extend_from_slice(&op.to_be_bytes());
     a.extend_from_slice(&sha);
@@ -43,21 +51,100 @@ pub fn arp(op: u16, sha: Mac, spa: Ipv4Addr, tha: Mac, tpa: Ipv4Addr) -> Vec<u8>
     a
 }
 
-/// An IPv4 packet without options, DF set, with a valid header checksum.
-pub fn ipv4(src: Ipv4Addr, dst: Ipv4Addr, ttl: u8, protocol: u8, payload: &[u8]) -> Vec<u8> {
-    let total = (20 + payload.len()) as u16;
-    let mut p = vec![0x45, 0];
-    p.extend_from_slice(&total.to_be_bytes());
-    p.extend_from_slice(&[0x12, 0x34, 0x40, 0x00, ttl, protocol, 0, 0]);
-    p.extend_from_slice(&src.octets());
-    p.extend_from_slice(&dst.octets());
-    let c = checksum(&p);
-    p[10..12].copy_from_slice(&c.to_be_bytes());
-    p.extend_from_slice(payload);
-    p
+/// An IPv4 packet without options, DF set, id 0x1234, with a valid header checksum.
+pub fn ipv4(
+    src: impl Into<Ipv4Addr>,
+    dst: impl Into<Ipv4Addr>,
+    ttl: u8,
+    protocol: u8,
+    payload: &[u8],
+) -> Vec<u8> {
+    let (src, dst) = (src.into(), dst.into());
+    Ipv4Packet {
+        id: 0x1234,
+        ttl,
+        ..Ipv4Packet::new(src.octets(), dst.octets(), protocol, payload.to_vec())
+    }
+    .bytes()
 }
 
-pub fn udp(src: Ipv4Addr, dst: Ipv4Addr, sport: u16, dport: u16, payload: &[u8]) -> Vec<u8> {
+/// An IPv4 packet with every header field settable, also to values no sender should use
+/// (verdict tests build malformed packets with it); [`Ipv4Packet::bytes`] computes the header
+/// checksum over whatever the fields say.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Ipv4Packet {
+    pub version: u8,
+    /// `None`: 5 + options / 4.
+    pub ihl: Option<u8>,
+    pub tos: u8,
+    /// `None`: header + options + payload.
+    pub total_len: Option<u16>,
+    pub id: u16,
+    pub frag_off: u16,
+    pub ttl: u8,
+    pub protocol: u8,
+    pub src: [u8; 4],
+    pub dst: [u8; 4],
+    /// Whole 32-bit words.
+    pub options: Vec<u8>,
+    pub payload: Vec<u8>,
+}
+
+impl Ipv4Packet {
+    /// Version 4, no options, id 0x1c46, DF, TTL 64.
+    pub fn new(src: [u8; 4], dst: [u8; 4], protocol: u8, payload: Vec<u8>) -> Self {
+        Ipv4Packet {
+            version: 4,
+            ihl: None,
+            tos: 0,
+            total_len: None,
+            id: 0x1c46,
+            frag_off: 0x4000,
+            ttl: 64,
+            protocol,
+            src,
+            dst,
+            options: Vec::new(),
+            payload,
+        }
+    }
+
+    /// The header (with options) and its checksum.
+    pub fn header(&self) -> Vec<u8> {
+        assert_eq!(self.options.len() % 4, 0, "options must be whole words");
+        let ihl = self.ihl.unwrap_or(5 + (self.options.len() / 4) as u8);
+        let total = self
+            .total_len
+            .unwrap_or((20 + self.options.len() + self.payload.len()) as u16);
+        let mut h = vec![(self.version << 4) | (ihl & 0x0F), self.tos];
+        h.extend_from_slice(&total.to_be_bytes());
+        h.extend_from_slice(&self.id.to_be_bytes());
+        h.extend_from_slice(&self.frag_off.to_be_bytes());
+        h.extend_from_slice(&[self.ttl, self.protocol, 0, 0]);
+        h.extend_from_slice(&self.src);
+        h.extend_from_slice(&self.dst);
+        h.extend_from_slice(&self.options);
+        let c = checksum(&h);
+        h[10..12].copy_from_slice(&c.to_be_bytes());
+        h
+    }
+
+    /// Header and payload.
+    pub fn bytes(&self) -> Vec<u8> {
+        let mut b = self.header();
+        b.extend_from_slice(&self.payload);
+        b
+    }
+}
+
+pub fn udp(
+    src: impl Into<Ipv4Addr>,
+    dst: impl Into<Ipv4Addr>,
+    sport: u16,
+    dport: u16,
+    payload: &[u8],
+) -> Vec<u8> {
+    let (src, dst) = (src.into(), dst.into());
     let len = 8 + payload.len();
     let mut u = Vec::with_capacity(len);
     u.extend_from_slice(&sport.to_be_bytes());
@@ -73,6 +160,45 @@ pub fn udp(src: Ipv4Addr, dst: Ipv4Addr, sport: u16, dport: u16, payload: &[u8])
     };
     u[6..8].copy_from_slice(&c.to_be_bytes());
     u
+}
+
+/// A TCP header's fields (window 64240, urgent pointer 0); [`TcpHeader::segment`] builds the
+/// segment with its checksum.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TcpHeader {
+    pub sport: u16,
+    pub dport: u16,
+    pub seq: u32,
+    pub ack: u32,
+    /// `TCP_SYN | TCP_ACK` etc. (the parent module's constants).
+    pub flags: u8,
+    /// Whole 32-bit words.
+    pub options: Vec<u8>,
+}
+
+impl TcpHeader {
+    /// The segment (header, options, `payload`) from `src` to `dst`, checksum set.
+    pub fn segment(
+        &self,
+        src: impl Into<Ipv4Addr>,
+        dst: impl Into<Ipv4Addr>,
+        payload: &[u8],
+    ) -> Vec<u8> {
+        assert_eq!(self.options.len() % 4, 0, "options must be whole words");
+        let words = 5 + self.options.len() / 4;
+        let mut s = self.sport.to_be_bytes().to_vec();
+        s.extend_from_slice(&self.dport.to_be_bytes());
+        s.extend_from_slice(&self.seq.to_be_bytes());
+        s.extend_from_slice(&self.ack.to_be_bytes());
+        s.extend_from_slice(&[(words as u8) << 4, self.flags]);
+        s.extend_from_slice(&64240u16.to_be_bytes());
+        s.extend_from_slice(&[0, 0, 0, 0]);
+        s.extend_from_slice(&self.options);
+        s.extend_from_slice(payload);
+        let c = checksum(&super::pseudo(src, dst, super::IPPROTO_TCP, &s));
+        s[16..18].copy_from_slice(&c.to_be_bytes());
+        s
+    }
 }
 
 pub fn icmp(ty: u8, code: u8, id: u16, seq: u16, payload: &[u8]) -> Vec<u8> {

@@ -101,30 +101,7 @@ async fn run_async(smoke: bool) -> Result<ControlBench> {
     let op = Client::new(&url, &op_token)?;
 
     // 1. Cloud creates over HTTP, 16 concurrent clients.
-    let started = Instant::now();
-    let mut tasks = Vec::new();
-    for w in 0..16 {
-        let op = op.clone();
-        let n = creates / 16 + usize::from(w < creates % 16);
-        tasks.push(tokio::spawn(async move {
-            let mut lat = Vec::with_capacity(n);
-            for _ in 0..n {
-                let t = Instant::now();
-                let _: CreatedCloud = op
-                    .run(&Command::CreateCloud {
-                        spec: serde_json::from_value(json!({})).unwrap(),
-                    })
-                    .await?;
-                lat.push(t.elapsed());
-            }
-            anyhow::Ok(lat)
-        }));
-    }
-    let mut lat = Vec::new();
-    for t in tasks {
-        lat.extend(t.await??);
-    }
-    let clouds_per_sec = creates as f64 / started.elapsed().as_secs_f64();
+    let (mut lat, clouds_per_sec) = create_clouds(&op, creates).await?;
     let create_p50 = pct(&mut lat, 0.5);
     let create_p99 = pct(&mut lat, 0.99);
 
@@ -308,8 +285,9 @@ async fn direct_create(
     }
 }
 
-/// One round: `n` creates from 16 clients; (p50, creates per second).
-async fn create_round(op: &Client, n: usize) -> Result<(Duration, f64)> {
+/// `n` cloud creates over HTTP from 16 concurrent keep-alive clients: each create's latency
+/// and the creates per second.
+async fn create_clouds(op: &Client, n: usize) -> Result<(Vec<Duration>, f64)> {
     let started = Instant::now();
     let mut tasks = Vec::new();
     for w in 0..16 {
@@ -334,6 +312,12 @@ async fn create_round(op: &Client, n: usize) -> Result<(Duration, f64)> {
         lat.extend(t.await??);
     }
     let rate = n as f64 / started.elapsed().as_secs_f64();
+    Ok((lat, rate))
+}
+
+/// One round of the A/B: (p50, creates per second).
+async fn create_round(op: &Client, n: usize) -> Result<(Duration, f64)> {
+    let (mut lat, rate) = create_clouds(op, n).await?;
     Ok((pct(&mut lat, 0.5), rate))
 }
 
