@@ -239,6 +239,84 @@ pub struct AgentConfig {
     pub control: ControlLinkConfig,
     pub dns: DnsConfig,
     pub vm: VmConfig,
+    pub egress: EgressConfig,
+}
+
+/// `[egress]`: how this host's guests reach the internet (issue 17). The eBPF egress path is
+/// not built yet: today `atoll-agent doctor` checks and reports these settings, nothing more.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct EgressConfig {
+    /// The device towards the internet; unset: the device of the IPv4 default route.
+    pub uplink: Option<DeviceName>,
+    /// Source ports of the egress addresses used for NAT (`"first-last"`, at least 1024 ports,
+    /// none below 1024). The agent reserves them (`net.ipv4.ip_local_reserved_ports`) so no
+    /// socket of the host binds one, and refuses a range that overlaps the host's ephemeral
+    /// ports (`net.ipv4.ip_local_port_range`).
+    pub nat_ports: NatPorts,
+    /// Networks no guest reaches whatever its cloud's policy, besides the built-in ones (see
+    /// the `egress` module).
+    pub never: Vec<Ipv4Network>,
+}
+
+impl Default for EgressConfig {
+    fn default() -> Self {
+        EgressConfig {
+            uplink: None,
+            nat_ports: NatPorts {
+                first: 61000,
+                last: 65535,
+            },
+            never: Vec::new(),
+        }
+    }
+}
+
+/// A range of ports, both ends included, of at least [`NatPorts::MIN_LEN`] ports above 1023.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "String")]
+pub struct NatPorts {
+    pub first: u16,
+    pub last: u16,
+}
+
+impl NatPorts {
+    /// The fewest ports a range may hold: each is one concurrent flow per destination.
+    pub const MIN_LEN: u32 = 1024;
+
+    /// How many ports the range holds.
+    pub fn count(&self) -> u32 {
+        u32::from(self.last) - u32::from(self.first) + 1
+    }
+
+    pub fn overlaps(&self, first: u16, last: u16) -> bool {
+        self.first <= last && first <= self.last
+    }
+}
+
+impl TryFrom<String> for NatPorts {
+    type Error = String;
+
+    fn try_from(s: String) -> Result<Self, String> {
+        let bad = || format!("{s:?} is not a port range like \"61000-65535\"");
+        let (a, b) = s.split_once('-').ok_or_else(bad)?;
+        let first: u16 = a.trim().parse().map_err(|_| bad())?;
+        let last: u16 = b.trim().parse().map_err(|_| bad())?;
+        let r = NatPorts { first, last };
+        if first < 1024 || first > last || r.count() < Self::MIN_LEN {
+            return Err(format!(
+                "{s:?}: NAT ports must be at least {} ports, none below 1024",
+                Self::MIN_LEN
+            ));
+        }
+        Ok(r)
+    }
+}
+
+impl fmt::Display for NatPorts {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}-{}", self.first, self.last)
+    }
 }
 
 /// `[vm]`: how this host runs the VMs placed on it (see the `vm` module and docs/vm.md).

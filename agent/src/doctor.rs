@@ -173,7 +173,51 @@ pub async fn run(cfg: &AgentConfig) -> Report {
     checks.push(image(cfg));
     checks.extend(capacity(&cfg.dataplane));
     checks.push(control(cfg).await);
+    checks.push(egress(&cfg.egress));
     Report { checks }
+}
+
+/// The uplink and the NAT port range (issue 17). Warnings only: no guest reaches the internet
+/// yet, so nothing here is required.
+pub fn egress(cfg: &crate::config::EgressConfig) -> Check {
+    use crate::egress;
+    const NAME: &str = "egress";
+    let uplink = match egress::uplink(cfg) {
+        Ok(u) => u,
+        Err(e) => {
+            return Check::warn(
+                NAME,
+                format!("no uplink: {e}"),
+                "set egress.uplink to the device towards the internet",
+            )
+        }
+    };
+    let addrs: Vec<String> = uplink
+        .addresses
+        .iter()
+        .map(|(a, p)| format!("{a}/{p}"))
+        .collect();
+    let ports = cfg.nat_ports;
+    match egress::ephemeral_ports() {
+        Ok((first, last)) if ports.overlaps(first, last) => Check::warn(
+            NAME,
+            format!(
+                "uplink {} ({}); NAT ports {ports} overlap the ephemeral ports {first}-{last}",
+                uplink.name,
+                addrs.join(", ")
+            ),
+            "set egress.nat_ports outside net.ipv4.ip_local_port_range",
+        ),
+        Ok((first, last)) => Check::ok(
+            NAME,
+            format!(
+                "uplink {} ({}); NAT ports {ports} clear of the ephemeral ports {first}-{last};                  egress policies are not enforced yet",
+                uplink.name,
+                addrs.join(", ")
+            ),
+        ),
+        Err(e) => Check::warn(NAME, e.to_string(), "run the agent on Linux with /proc mounted"),
+    }
 }
 
 /// The control plane link: for `remote`, the token file (present, private, a token for this

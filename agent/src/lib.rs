@@ -21,6 +21,7 @@ pub mod demo;
 pub mod device;
 pub mod dns;
 pub mod doctor;
+pub mod egress;
 pub mod endpoint;
 pub mod expedite;
 pub mod metrics;
