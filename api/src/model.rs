@@ -804,6 +804,9 @@ pub struct EgressPolicy {
     /// [`MAX_EGRESS_RULES`]. Must be empty in `deny` mode.
     #[serde(default)]
     pub deny: Vec<EgressRule>,
+    /// How much the cloud may send out, per host (absent: unlimited).
+    #[serde(default, skip_serializing_if = "EgressLimits::is_unlimited")]
+    pub limits: EgressLimits,
 }
 
 impl EgressPolicy {
@@ -813,6 +816,7 @@ impl EgressPolicy {
             mode: EgressMode::Deny,
             allow: Vec::new(),
             deny: Vec::new(),
+            limits: EgressLimits::default(),
         }
     }
 
@@ -841,6 +845,7 @@ impl EgressPolicy {
                 r.validate(&format!("{list}[{i}]"))?;
             }
         }
+        self.limits.validate()?;
         match self.mode {
             EgressMode::Deny if !self.allow.is_empty() || !self.deny.is_empty() => {
                 Err(FieldError::new(
@@ -861,6 +866,71 @@ impl EgressPolicy {
             },
         }
     }
+}
+
+/// A cloud's egress limits on each host it runs on: a rate (a token bucket in the dataplane)
+/// and a byte budget per period; past the budget, egress is dropped until the next period.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct EgressLimits {
+    /// Bytes per second (IP packets' lengths), at least [`MIN_EGRESS_RATE`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 1000)]
+    pub rate_bytes_per_sec: Option<u64>,
+    /// Bytes the cloud may send out per period, at least 1.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub budget: Option<ByteBudget>,
+}
+
+/// The lowest egress rate: one full-size packet should not take longer than about a second.
+pub const MIN_EGRESS_RATE: u64 = 1000;
+/// The highest egress rate a limit may name (100 Gbit/s).
+pub const MAX_EGRESS_RATE: u64 = 12_500_000_000;
+
+impl EgressLimits {
+    pub fn is_unlimited(&self) -> bool {
+        self.rate_bytes_per_sec.is_none() && self.budget.is_none()
+    }
+
+    fn validate(&self) -> Result<(), FieldError> {
+        if let Some(r) = self.rate_bytes_per_sec {
+            if !(MIN_EGRESS_RATE..=MAX_EGRESS_RATE).contains(&r) {
+                return Err(FieldError::new(
+                    "limits.rate_bytes_per_sec",
+                    format!(
+                        "{r}: a rate is {MIN_EGRESS_RATE} to {MAX_EGRESS_RATE} bytes per second"
+                    ),
+                ));
+            }
+        }
+        if let Some(b) = &self.budget {
+            if b.bytes == 0 {
+                return Err(FieldError::new(
+                    "limits.budget.bytes",
+                    "a budget of 0 bytes is mode \"deny\"",
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `bytes` per `period`, the period starting at its UTC boundary.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ByteBudget {
+    #[schema(minimum = 1)]
+    pub bytes: u64,
+    pub period: BudgetPeriod,
+}
+
+/// A budget's period: an hour, a day or a calendar month, in UTC.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum BudgetPeriod {
+    Hour,
+    Day,
+    Month,
 }
 
 /// The most rules in each list of an [`EgressPolicy`].

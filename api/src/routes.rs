@@ -1376,6 +1376,13 @@ mod tests {
                         protocol: None,
                         ports: None,
                     }],
+                    limits: m::EgressLimits {
+                        rate_bytes_per_sec: Some(1_000_000),
+                        budget: Some(m::ByteBudget {
+                            bytes: 10 << 30,
+                            period: m::BudgetPeriod::Month,
+                        }),
+                    },
                 },
             },
             ListHosts,

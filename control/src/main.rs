@@ -369,7 +369,32 @@ enum EgressCmd {
         /// CIDRs or addresses only, with optional protocol and ports.
         #[arg(long = "deny", value_name = "RULE")]
         deny: Vec<EgressRule>,
+        /// Egress rate limit per host, bytes per second.
+        #[arg(long, value_name = "BYTES_PER_SEC")]
+        rate: Option<u64>,
+        /// Egress byte budget per host and period: `<bytes>/<hour|day|month>`, e.g.
+        /// `10000000000/month`; past it egress stops until the next period.
+        #[arg(long, value_name = "BYTES/PERIOD", value_parser = parse_budget)]
+        budget: Option<ByteBudget>,
     },
+}
+
+/// `<bytes>/<hour|day|month>`.
+fn parse_budget(s: &str) -> Result<ByteBudget, String> {
+    let (bytes, period) = s
+        .split_once('/')
+        .ok_or_else(|| format!("{s:?} is not <bytes>/<hour|day|month>"))?;
+    Ok(ByteBudget {
+        bytes: bytes
+            .parse()
+            .map_err(|_| format!("{bytes:?} is not a number of bytes"))?,
+        period: match period {
+            "hour" => BudgetPeriod::Hour,
+            "day" => BudgetPeriod::Day,
+            "month" => BudgetPeriod::Month,
+            p => return Err(format!("{p:?} is not a period (hour, day or month)")),
+        },
+    })
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -782,6 +807,8 @@ async fn resource(c: &Client, cmd: Cmd) -> Result<Output> {
             mode,
             allow,
             deny,
+            rate,
+            budget,
         }) => Command::PutEgressPolicy {
             cloud,
             policy: EgressPolicy {
@@ -792,6 +819,10 @@ async fn resource(c: &Client, cmd: Cmd) -> Result<Output> {
                 },
                 allow,
                 deny,
+                limits: EgressLimits {
+                    rate_bytes_per_sec: rate,
+                    budget,
+                },
             },
         },
         Cmd::Offer(OfferCmd::AcceptFrom { cloud, providers }) => Command::PutOfferPolicy {

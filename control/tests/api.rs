@@ -3274,6 +3274,18 @@ async fn egress_policies_start_at_the_default_and_are_checked(api: Api) {
             "allow[0].port",
         ),
         (json!({"mode": "sometimes"}), "mode"),
+        (
+            json!({"mode": "allow", "limits": {"rate_bytes_per_sec": 10}}),
+            "limits.rate_bytes_per_sec",
+        ),
+        (
+            json!({"mode": "allow", "limits": {"budget": {"bytes": 0, "period": "day"}}}),
+            "limits.budget.bytes",
+        ),
+        (
+            json!({"mode": "allow", "limits": {"budget": {"bytes": 5, "period": "week"}}}),
+            "limits.budget.period",
+        ),
         (json!({"mode": "allowlist", "allow": many}), "allow"),
     ];
     for (body, field) in bad {
@@ -3287,6 +3299,19 @@ async fn egress_policies_start_at_the_default_and_are_checked(api: Api) {
     // Nothing refused changed the policy.
     let got: Value = ok(&cc, Method::GET, &path, None).await;
     assert_eq!(got, set);
+
+    // Limits: a rate and a budget per period, shown only when set.
+    let limited: Value = ok(
+        &cc,
+        Method::PUT,
+        &path,
+        Some(json!({"mode": "allow", "limits": {"rate_bytes_per_sec": 1000000, "budget": {"bytes": 10000000000u64, "period": "month"}}})),
+    )
+    .await;
+    assert_eq!(
+        limited,
+        json!({"mode": "allow", "allow": [], "deny": [], "limits": {"rate_bytes_per_sec": 1000000, "budget": {"bytes": 10000000000u64, "period": "month"}}})
+    );
 
     // The policy goes with its cloud.
     let _: Value = ok(
@@ -3337,8 +3362,7 @@ async fn egress_policies_start_at_the_default_and_are_checked(api: Api) {
         policy,
         atoll_api::Reply::EgressPolicy(EgressPolicy {
             mode: EgressMode::Allow,
-            allow: vec![],
-            deny: vec![],
+            ..EgressPolicy::deny_all()
         })
     );
 }

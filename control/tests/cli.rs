@@ -252,6 +252,10 @@ async fn cli_drives_the_api() {
                 "198.18.0.9",
                 "--deny",
                 "198.18.5.0/24:udp:5000-5100",
+                "--rate",
+                "1000000",
+                "--budget",
+                "5000000/day",
             ],
         ));
         assert_eq!(
@@ -262,7 +266,8 @@ async fn cli_drives_the_api() {
                     {"domain": "*.pypi.org", "protocol": "tcp", "ports": {"first": 443, "last": 443}},
                     {"cidr": "198.18.0.9/32"}
                 ],
-                "deny": [{"cidr": "198.18.5.0/24", "protocol": "udp", "ports": {"first": 5000, "last": 5100}}]
+                "deny": [{"cidr": "198.18.5.0/24", "protocol": "udp", "ports": {"first": 5000, "last": 5100}}],
+                "limits": {"rate_bytes_per_sec": 1000000, "budget": {"bytes": 5000000, "period": "day"}}
             })
         );
         assert_eq!(json(&atoll(&url, &token, &["egress", "show", &id])), set);
