@@ -139,6 +139,15 @@ pub enum Command {
         cloud: CloudId,
         policy: EgressPolicy,
     },
+    /// The cloud's own egress address. The cloud or the operator.
+    GetEgressAddress { cloud: CloudId },
+    /// Give the cloud an egress address of the pool (replacing the one it had). Operator.
+    AssignEgressAddress {
+        cloud: CloudId,
+        spec: AssignEgressAddress,
+    },
+    /// Take the cloud's egress address back to the pool. Operator.
+    ReleaseEgressAddress { cloud: CloudId },
     /// Register a host (idempotent). The host itself or the operator.
     RegisterHost { host: String },
     /// Issue a host a new token. Operator.
@@ -218,7 +227,9 @@ impl Command {
             | GetOfferPolicy { cloud }
             | PutOfferPolicy { cloud, .. }
             | GetEgressPolicy { cloud }
-            | PutEgressPolicy { cloud, .. } => Issuer::Cloud(*cloud),
+            | PutEgressPolicy { cloud, .. }
+            | GetEgressAddress { cloud } => Issuer::Cloud(*cloud),
+            AssignEgressAddress { .. } | ReleaseEgressAddress { .. } => Issuer::Operator,
         }
     }
 
@@ -256,6 +267,7 @@ pub enum Reply {
     Offers(Vec<Offer>),
     OfferPolicy(OfferPolicy),
     EgressPolicy(EgressPolicy),
+    EgressAddress(EgressAddress),
     Host(HostInfo),
     HostToken(Box<HostToken>),
     Hosts(Vec<HostInfo>),
@@ -290,6 +302,7 @@ impl Reply {
             Reply::Offers(v) => j(v),
             Reply::OfferPolicy(v) => j(v),
             Reply::EgressPolicy(v) => j(v),
+            Reply::EgressAddress(v) => j(v),
             Reply::Host(v) => j(v),
             Reply::HostToken(v) => j(&**v),
             Reply::Hosts(v) => j(v),
@@ -326,6 +339,7 @@ impl Reply {
             Some("[Offer]") => Reply::Offers(d(body)?),
             Some("OfferPolicy") => Reply::OfferPolicy(d(body)?),
             Some("EgressPolicy") => Reply::EgressPolicy(d(body)?),
+            Some("EgressAddress") => Reply::EgressAddress(d(body)?),
             Some("HostInfo") => Reply::Host(d(body)?),
             Some("HostToken") => Reply::HostToken(d(body)?),
             Some("[HostInfo]") => Reply::Hosts(d(body)?),
@@ -376,6 +390,7 @@ payload! {
     Offers => Vec<Offer>;
     OfferPolicy => OfferPolicy;
     EgressPolicy => EgressPolicy;
+    EgressAddress => EgressAddress;
     Host => HostInfo;
     HostToken => HostToken, boxed 1;
     Hosts => Vec<HostInfo>;

@@ -933,6 +933,27 @@ pub enum BudgetPeriod {
     Month,
 }
 
+/// `GET`/`PUT`/`DELETE /v1/clouds/{cloud}/egress/address`: an address of the operator's pool
+/// (`clouds.egress_pool`) that is this cloud's alone, so a third party can allow exactly this
+/// cloud. Its VMs' egress leaves from it instead of their host's address.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct EgressAddress {
+    pub cloud: CloudId,
+    #[schema(value_type = String)]
+    pub address: Ipv4Addr,
+}
+
+/// Body of `PUT /v1/clouds/{cloud}/egress/address` (operator): this address of the pool, or
+/// the first free one.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AssignEgressAddress {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>)]
+    pub address: Option<Ipv4Addr>,
+}
+
 /// The most rules in each list of an [`EgressPolicy`].
 pub const MAX_EGRESS_RULES: usize = 1024;
 
@@ -1248,6 +1269,10 @@ pub struct SyncDelta {
 pub struct CloudEgress {
     pub cloud: CloudId,
     pub policy: EgressPolicy,
+    /// The cloud's own egress address, if the operator gave it one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>)]
+    pub address: Option<Ipv4Addr>,
 }
 
 // What a host checks again of what it receives (see the module's decisions): it never builds

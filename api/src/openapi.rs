@@ -49,6 +49,8 @@ use crate::{
     HostToken,
     SyncDelta,
     CloudEgress,
+    EgressAddress,
+    AssignEgressAddress,
     ProviderServices,
     Service,
     ServiceBackend,

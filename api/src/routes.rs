@@ -128,6 +128,9 @@ pub enum RouteId {
     PutOfferPolicy,
     GetEgressPolicy,
     PutEgressPolicy,
+    GetEgressAddress,
+    AssignEgressAddress,
+    ReleaseEgressAddress,
     ListHosts,
     RegisterHost,
     IssueHostToken,
@@ -576,6 +579,33 @@ pub const PUT_EGRESS_POLICY: Route = Route::new(
 .summary("Set what this cloud's VMs may reach outside the cloud (live flows it no longer allows are cut)")
 .body("EgressPolicy")
 .reply("EgressPolicy");
+pub const GET_EGRESS_ADDRESS: Route = Route::new(
+    RouteId::GetEgressAddress,
+    Method::GET,
+    "/v1/clouds/{cloud}/egress/address",
+    C,
+    200,
+)
+.summary("This cloud's own egress address")
+.reply("EgressAddress");
+pub const ASSIGN_EGRESS_ADDRESS: Route = Route::new(
+    RouteId::AssignEgressAddress,
+    Method::PUT,
+    "/v1/clouds/{cloud}/egress/address",
+    O,
+    200,
+)
+.summary("Give the cloud an egress address of the pool, its alone (operator)")
+.body("AssignEgressAddress")
+.reply("EgressAddress");
+pub const RELEASE_EGRESS_ADDRESS: Route = Route::new(
+    RouteId::ReleaseEgressAddress,
+    Method::DELETE,
+    "/v1/clouds/{cloud}/egress/address",
+    O,
+    204,
+)
+.summary("Take the cloud's egress address back to the pool (operator)");
 pub const LIST_HOSTS: Route = Route::new(RouteId::ListHosts, Method::GET, "/v1/hosts", O, 200)
     .summary("List registered hosts (operator)")
     .reply("[HostInfo]");
@@ -678,6 +708,9 @@ pub const ROUTES: &[&Route] = &[
     &PUT_OFFER_POLICY,
     &GET_EGRESS_POLICY,
     &PUT_EGRESS_POLICY,
+    &GET_EGRESS_ADDRESS,
+    &ASSIGN_EGRESS_ADDRESS,
+    &RELEASE_EGRESS_ADDRESS,
     &LIST_HOSTS,
     &REGISTER_HOST,
     &ISSUE_HOST_TOKEN,
@@ -733,6 +766,9 @@ impl Command {
             PutOfferPolicy { .. } => &PUT_OFFER_POLICY,
             GetEgressPolicy { .. } => &GET_EGRESS_POLICY,
             PutEgressPolicy { .. } => &PUT_EGRESS_POLICY,
+            GetEgressAddress { .. } => &GET_EGRESS_ADDRESS,
+            AssignEgressAddress { .. } => &ASSIGN_EGRESS_ADDRESS,
+            ReleaseEgressAddress { .. } => &RELEASE_EGRESS_ADDRESS,
             ListHosts => &LIST_HOSTS,
             RegisterHost { .. } => &REGISTER_HOST,
             IssueHostToken { .. } => &ISSUE_HOST_TOKEN,
@@ -765,7 +801,10 @@ impl Command {
             | GetOfferPolicy { cloud }
             | PutOfferPolicy { cloud, .. }
             | GetEgressPolicy { cloud }
-            | PutEgressPolicy { cloud, .. } => vec![cloud.to_string()],
+            | PutEgressPolicy { cloud, .. }
+            | GetEgressAddress { cloud }
+            | AssignEgressAddress { cloud, .. }
+            | ReleaseEgressAddress { cloud } => vec![cloud.to_string()],
             GetVm { cloud, vm }
             | DeleteVm { cloud, vm }
             | StartVm { cloud, vm }
@@ -864,6 +903,7 @@ impl Command {
             CreateGrant { spec, .. } => serde_json::to_value(spec),
             PutOfferPolicy { policy, .. } => serde_json::to_value(policy),
             PutEgressPolicy { policy, .. } => serde_json::to_value(policy),
+            AssignEgressAddress { spec, .. } => serde_json::to_value(spec),
             ReportStatus { report, .. } => serde_json::to_value(report),
             _ => return None,
         };
@@ -1058,6 +1098,12 @@ pub fn parse(
             policy: parse_body(body)?,
         },
         RouteId::GetEgressPolicy => GetEgressPolicy { cloud: cloud()? },
+        RouteId::GetEgressAddress => GetEgressAddress { cloud: cloud()? },
+        RouteId::AssignEgressAddress => AssignEgressAddress {
+            cloud: cloud()?,
+            spec: parse_body(body)?,
+        },
+        RouteId::ReleaseEgressAddress => ReleaseEgressAddress { cloud: cloud()? },
         RouteId::PutEgressPolicy => PutEgressPolicy {
             cloud: cloud()?,
             policy: parse_body(body)?,
@@ -1357,6 +1403,14 @@ mod tests {
                 },
             },
             GetEgressPolicy { cloud },
+            GetEgressAddress { cloud },
+            AssignEgressAddress {
+                cloud,
+                spec: m::AssignEgressAddress {
+                    address: Some(std::net::Ipv4Addr::new(203, 0, 113, 7)),
+                },
+            },
+            ReleaseEgressAddress { cloud },
             PutEgressPolicy {
                 cloud,
                 policy: m::EgressPolicy {

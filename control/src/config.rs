@@ -167,6 +167,10 @@ pub struct CloudsConfig {
     /// The egress mode a new cloud starts with (`deny`, `allow` or `allowlist` with no
     /// rules); each cloud changes its own through the API.
     pub default_egress: EgressMode,
+    /// Addresses the operator may give clouds as their own egress address (IPv4 prefixes;
+    /// a prefix's network and broadcast addresses are not given below /31). They must be
+    /// routed to the hosts; see docs/operations.md.
+    pub egress_pool: Vec<Ipv4Net>,
     /// Suffix of every cloud's zone: `<vm>.<cloud>.<suffix>`.
     pub dns_suffix: String,
     pub max_exposures_per_cloud: u32,
@@ -185,6 +189,7 @@ impl Default for CloudsConfig {
             default_cidr: "10.0.0.0/16".into(),
             default_quotas: Quotas::default(),
             default_egress: EgressMode::Deny,
+            egress_pool: Vec::new(),
             dns_suffix: "atoll.internal".into(),
             max_exposures_per_cloud: 1_000,
             max_grants_per_exposure: 10_000,
@@ -575,6 +580,7 @@ impl ControlConfig {
             })?,
             default_quotas: self.clouds.default_quotas,
             default_egress: self.clouds.default_egress,
+            egress_pool: self.clouds.egress_pool.clone(),
             dns_suffix: self.clouds.dns_suffix.trim_end_matches('.').to_string(),
             max_exposures_per_cloud: self.clouds.max_exposures_per_cloud,
             max_grants_per_exposure: self.clouds.max_grants_per_exposure,
@@ -617,6 +623,13 @@ mod tests {
         assert_eq!(parse("").unwrap().clouds.default_egress, EgressMode::Deny);
         let cfg = parse("[clouds]\ndefault_egress = \"allowlist\"\n").unwrap();
         assert_eq!(cfg.clouds.default_egress, EgressMode::Allowlist);
+        let cfg = parse("[clouds]\negress_pool = [\"203.0.113.0/28\"]\n").unwrap();
+        assert_eq!(
+            cfg.clouds.egress_pool,
+            vec!["203.0.113.0/28".parse().unwrap()]
+        );
+        let e = parse("[clouds]\negress_pool = [\"203.0.113.1/28\"]\n").unwrap_err();
+        assert!(e.contains("egress_pool") && e.contains("host bits"), "{e}");
         let e = parse("[clouds]\ndefault_egress = \"open\"\n").unwrap_err();
         assert!(
             e.contains("default_egress") && e.contains("`deny`, `allow`, `allowlist`"),

@@ -377,6 +377,17 @@ enum EgressCmd {
         #[arg(long, value_name = "BYTES/PERIOD", value_parser = parse_budget)]
         budget: Option<ByteBudget>,
     },
+    /// Show the cloud's own egress address.
+    Address { cloud: CloudId },
+    /// Give the cloud an egress address of the pool, its alone (operator).
+    Assign {
+        cloud: CloudId,
+        /// This address of the pool (default: the first free one).
+        #[arg(long)]
+        address: Option<std::net::Ipv4Addr>,
+    },
+    /// Take the cloud's egress address back to the pool (operator).
+    Release { cloud: CloudId },
 }
 
 /// `<bytes>/<hour|day|month>`.
@@ -802,6 +813,12 @@ async fn resource(c: &Client, cmd: Cmd) -> Result<Output> {
         },
         Cmd::Offer(OfferCmd::Policy { cloud }) => Command::GetOfferPolicy { cloud },
         Cmd::Egress(EgressCmd::Show { cloud }) => Command::GetEgressPolicy { cloud },
+        Cmd::Egress(EgressCmd::Address { cloud }) => Command::GetEgressAddress { cloud },
+        Cmd::Egress(EgressCmd::Assign { cloud, address }) => Command::AssignEgressAddress {
+            cloud,
+            spec: AssignEgressAddress { address },
+        },
+        Cmd::Egress(EgressCmd::Release { cloud }) => Command::ReleaseEgressAddress { cloud },
         Cmd::Egress(EgressCmd::Set {
             cloud,
             mode,

@@ -60,6 +60,7 @@ api_suite!(
     offer_policy_and_same_named_providers_get_distinct_names,
     grants_are_active_only_where_they_carry_traffic,
     egress_policies_start_at_the_default_and_are_checked,
+    egress_addresses_are_the_operators_to_give_and_each_clouds_alone,
 );
 
 /// The store the control plane under test is configured with.
@@ -114,11 +115,13 @@ async fn start(backend: Backend) -> Api {
             ..StoreConfig::default()
         },
     };
-    let cfg = ControlConfig {
+    let mut cfg = ControlConfig {
         operator_token_file: dir.path().join("operator.token"),
         store,
         ..ControlConfig::default()
     };
+    // Two addresses to give: 203.0.113.9 and .10.
+    cfg.clouds.egress_pool = vec!["203.0.113.8/30".parse().unwrap()];
     cfg.validate().expect("valid config");
     let core = cfg.start().await.expect("start control plane");
     assert_eq!(
@@ -1028,7 +1031,8 @@ async fn host_sync_sends_changes_then_waits(api: Api) {
         d.egress,
         vec![CloudEgress {
             cloud: a.cloud.id,
-            policy: EgressPolicy::deny_all()
+            policy: EgressPolicy::deny_all(),
+            address: None,
         }]
     );
     // A changed policy wakes the host with the policy alone.
@@ -1054,7 +1058,8 @@ async fn host_sync_sends_changes_then_waits(api: Api) {
             0,
             &[CloudEgress {
                 cloud: a.cloud.id,
-                policy: policy.clone()
+                policy: policy.clone(),
+                address: None,
             }][..]
         )
     );
@@ -1067,7 +1072,8 @@ async fn host_sync_sends_changes_then_waits(api: Api) {
         snapshot.egress,
         vec![CloudEgress {
             cloud: a.cloud.id,
-            policy
+            policy,
+            address: None,
         }]
     );
     // A status report shows up on the VM.
@@ -3365,4 +3371,115 @@ async fn egress_policies_start_at_the_default_and_are_checked(api: Api) {
             ..EgressPolicy::deny_all()
         })
     );
+}
+
+/// Own egress addresses: only the operator gives and takes them, from the pool, one cloud per
+/// address; a cloud reads its own; its hosts receive it with the policy; deleting the cloud
+/// gives it back.
+async fn egress_addresses_are_the_operators_to_give_and_each_clouds_alone(api: Api) {
+    let (a, ac) = api.cloud(json!({"name": "ea"})).await;
+    let (b, bc) = api.cloud(json!({"name": "eb"})).await;
+    let (c, _) = api.cloud(json!({"name": "ec"})).await;
+    let at = |c: CloudId| routes::GET_EGRESS_ADDRESS.at(&[&c]);
+    let (status, _) = raw(&ac, Method::GET, &at(a.cloud.id), None).await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "none given yet");
+    // A cloud cannot give itself one.
+    let (status, v) = raw(&ac, Method::PUT, &at(a.cloud.id), Some(&json!({}))).await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{v}");
+
+    let first: EgressAddress = ok(&api.op, Method::PUT, &at(a.cloud.id), Some(json!({}))).await;
+    assert_eq!(first.address, Ipv4Addr::new(203, 0, 113, 9));
+    // Asking again keeps it.
+    let again: EgressAddress = ok(&api.op, Method::PUT, &at(a.cloud.id), Some(json!({}))).await;
+    assert_eq!(again, first);
+    // Another cloud cannot have it; outside the pool is refused naming the field.
+    let (status, v) = raw(
+        &api.op,
+        Method::PUT,
+        &at(b.cloud.id),
+        Some(&json!({"address": "203.0.113.9"})),
+    )
+    .await;
+    assert_eq!(
+        (status, v["error"]["code"].as_str()),
+        (StatusCode::CONFLICT, Some("egress_address_taken")),
+        "{v}"
+    );
+    let (status, v) = raw(
+        &api.op,
+        Method::PUT,
+        &at(b.cloud.id),
+        Some(&json!({"address": "198.51.100.1"})),
+    )
+    .await;
+    assert_eq!(
+        (status, v["error"]["field"].as_str()),
+        (StatusCode::BAD_REQUEST, Some("address")),
+        "{v}"
+    );
+    let second: EgressAddress = ok(&api.op, Method::PUT, &at(b.cloud.id), Some(json!({}))).await;
+    assert_eq!(second.address, Ipv4Addr::new(203, 0, 113, 10));
+    let (status, v) = raw(&api.op, Method::PUT, &at(c.cloud.id), Some(&json!({}))).await;
+    assert_eq!(
+        (status, v["error"]["code"].as_str()),
+        (StatusCode::CONFLICT, Some("egress_pool_exhausted")),
+        "{v}"
+    );
+    // Each cloud reads its own, not the other's.
+    let mine: EgressAddress = ok(&bc, Method::GET, &at(b.cloud.id), None).await;
+    assert_eq!(mine, second);
+    let (status, _) = raw(&bc, Method::GET, &at(a.cloud.id), None).await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+
+    // The hosts of cloud a receive its address with its policy.
+    let _: Vm = ok(
+        &ac,
+        Method::POST,
+        &routes::CREATE_VM.at(&[&a.cloud.id]),
+        Some(json!({"name": "w"})),
+    )
+    .await;
+    let snapshot = api
+        .core
+        .sync(Principal::Operator, "host-a", 0, Duration::ZERO)
+        .await
+        .unwrap();
+    let got = snapshot
+        .egress
+        .iter()
+        .find(|e| e.cloud == a.cloud.id)
+        .expect("cloud a's egress");
+    assert_eq!(got.address, Some(first.address));
+
+    // Released, or with its cloud deleted, an address is free again.
+    let _: Value = ok(&api.op, Method::DELETE, &at(b.cloud.id), None).await;
+    let (status, _) = raw(&bc, Method::GET, &at(b.cloud.id), None).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    let _: Value = ok(
+        &api.op,
+        Method::DELETE,
+        &routes::DELETE_CLOUD.at(&[&a.cloud.id]),
+        None,
+    )
+    .await;
+    let reused: EgressAddress = ok(
+        &api.op,
+        Method::PUT,
+        &at(c.cloud.id),
+        Some(json!({"address": "203.0.113.9"})),
+    )
+    .await;
+    assert_eq!(reused.address, first.address);
+    let moved: EgressAddress = ok(
+        &api.op,
+        Method::PUT,
+        &at(c.cloud.id),
+        Some(json!({"address": "203.0.113.10"})),
+    )
+    .await;
+    assert_eq!(moved.address, second.address);
+    // Moving freed .9: cloud b can take it.
+    let b_again: EgressAddress = ok(&api.op, Method::PUT, &at(b.cloud.id), Some(json!({}))).await;
+    assert_eq!(b_again.address, first.address);
+    assert_eq!(mentions(&api, a.cloud.id).await, Vec::<String>::new());
 }

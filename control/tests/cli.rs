@@ -287,6 +287,11 @@ async fn cli_drives_the_api() {
         assert_eq!(malformed.status.code(), Some(2));
         let err = String::from_utf8_lossy(&malformed.stderr);
         assert!(err.contains("--allow") && err.contains("sctp"), "{err}");
+        // Own egress addresses are the operator's to give: this control plane has none.
+        let refused = atoll(&url, &op, &["egress", "assign", &id]);
+        assert_eq!(refused.status.code(), Some(1));
+        let err = String::from_utf8_lossy(&refused.stderr);
+        assert!(err.contains("409") && err.contains("clouds.egress_pool"), "{err}");
         // Errors: the server's message, naming the field, and exit status 1.
         let bad = atoll(&url, &token, &["vm", "create", &id, "Bad_Name"]);
         assert_eq!(bad.status.code(), Some(1));

@@ -137,6 +137,7 @@ impl Core {
             let imports: Vec<(String, u64, Grant)> = self.list_kv(&keys::imports(c)).await?;
             let offered: Vec<(String, u64, Offer)> = self.list_kv(&keys::all_offers(c)).await?;
             let received: Vec<(String, u64, Offer)> = self.list_kv(&keys::inbox(c)).await?;
+            let egress_address = self.egress_address(c).await?;
             let mut ops = vec![
                 Op::Delete {
                     key: keys::cloud(c),
@@ -145,6 +146,12 @@ impl Core {
                     prefix: keys::inside(c),
                 },
             ];
+            // Its egress address goes back to the pool (its own key is under the prefix).
+            if let Some((_, a)) = &egress_address {
+                ops.push(Op::Delete {
+                    key: keys::egress_address_holder(a.address),
+                });
+            }
             let hosts: BTreeSet<&str> = vms.iter().map(|v| v.host.as_str()).collect();
             for h in &hosts {
                 ops.push(Op::DeletePrefix {

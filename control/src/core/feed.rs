@@ -66,7 +66,10 @@ pub(super) fn zone_cloud(key: &str) -> Option<CloudId> {
 
 /// The cloud whose egress policy a key is (`c/<c>/egress`).
 pub(super) fn egress_cloud(key: &str) -> Option<CloudId> {
-    let c = key.strip_prefix("c/")?.strip_suffix("/egress")?;
+    let rest = key.strip_prefix("c/")?;
+    let c = rest
+        .strip_suffix("/egress")
+        .or_else(|| rest.strip_suffix("/egressaddr"))?;
     c.parse().ok()
 }
 

@@ -104,6 +104,17 @@ pub fn offer_policy(c: CloudId) -> String {
 pub fn egress_policy(c: CloudId) -> String {
     format!("c/{c}/egress")
 }
+/// The cloud's own [`super::EgressAddress`].
+pub fn egress_address(c: CloudId) -> String {
+    format!("c/{c}/egressaddr")
+}
+/// Which cloud holds pool address `ip` (so no two clouds hold it).
+pub fn egress_address_holder(ip: std::net::Ipv4Addr) -> String {
+    format!("egressaddr/{ip}")
+}
+pub fn egress_address_holders() -> &'static str {
+    "egressaddr/"
+}
 pub fn hosts() -> &'static str {
     "hosts/"
 }

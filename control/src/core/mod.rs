@@ -227,6 +227,9 @@ pub struct CoreConfig {
     pub default_quotas: Quotas,
     /// The egress mode of a new cloud (`clouds.default_egress`).
     pub default_egress: EgressMode,
+    /// Addresses the operator gives clouds as their own egress address
+    /// (`clouds.egress_pool`).
+    pub egress_pool: Vec<Ipv4Net>,
     /// DNS suffix of all zones, e.g. `atoll.internal`.
     pub dns_suffix: String,
     pub max_exposures_per_cloud: u32,
@@ -570,6 +573,15 @@ impl Core {
                 Ok(Reply::EgressPolicy(self.egress_policy(c).await?))
             }
             PutEgressPolicy { cloud: c, policy } => self.put_egress_policy(c, policy).await,
+            GetEgressAddress { cloud: c } => {
+                self.cloud(c).await?;
+                match self.egress_address(c).await? {
+                    Some((_, a)) => Ok(Reply::EgressAddress(a)),
+                    None => Err(CoreError::NotFound(format!("egress address of cloud {c}"))),
+                }
+            }
+            AssignEgressAddress { cloud: c, spec } => self.assign_egress_address(c, spec).await,
+            ReleaseEgressAddress { cloud: c } => self.release_egress_address(c).await,
             RegisterHost { host: name } => self.register_host(name).await,
             IssueHostToken { host: name } => self.issue_host_token(name).await,
             CordonHost {

@@ -147,10 +147,7 @@ impl Core {
         }
         for c in egress {
             match present.contains(&c) {
-                true => d.egress.push(CloudEgress {
-                    cloud: c,
-                    policy: self.egress_policy(c).await?,
-                }),
+                true => d.egress.push(self.cloud_egress(c).await?),
                 false => d.removed_egress.push(c),
             }
         }
@@ -234,10 +231,7 @@ impl Core {
             if let Some(z) = self.zone(c).await? {
                 d.zones.push(z);
             }
-            d.egress.push(CloudEgress {
-                cloud: c,
-                policy: self.egress_policy(c).await?,
-            });
+            d.egress.push(self.cloud_egress(c).await?);
             let services = self.services_of(c).await?;
             if !services.is_empty() {
                 d.services.push(ProviderServices {
