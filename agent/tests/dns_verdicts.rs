@@ -36,7 +36,6 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 
-type Mac = [u8; 6];
 type Ip4 = [u8; 4];
 
 /// The ifindex the test run's skb carries (loopback): the guest's device.
@@ -57,12 +56,6 @@ const PROXY_COUNT: u32 = 1024;
 const SERVER_MAC: Mac = [0x02, 0xa7, 0x53, 0, 0, 0x01];
 const DEVICE_MAC: Mac = [0x02, 0xa7, 0x53, 0, 0, 0x02];
 
-const ETH_P_IP: u16 = 0x0800;
-const ETH_P_ARP: u16 = 0x0806;
-const ETH_P_IPV6: u16 = 0x86DD;
-const IPPROTO_ICMP: u8 = 1;
-const IPPROTO_TCP: u8 = 6;
-const IPPROTO_UDP: u8 = 17;
 const DNS_PORT: u16 = 53;
 const GUEST_PORT: u16 = 40123;
 
@@ -72,36 +65,20 @@ const ETH_LEN: usize = 14;
 const IPV4_LEN: usize = 20;
 
 // ---------------------------------------------------------------------------------------------
-// Checksums and frames.
+// Frames: the testbed's builders, composed for this topology.
 // ---------------------------------------------------------------------------------------------
 
 use atoll_testbed::frame::{
-    checksum,
-    layers::{ethernet, udp, Ipv4Packet as Ipv4, TcpHeader},
-    pseudo, TCP_ACK, TCP_PSH,
+    layers::{
+        ethernet, l4_checksum, l4_checksum_offset, udp, Ipv4Packet as Ipv4, Mac, TcpHeader,
+        ETH_P_ARP, ETH_P_IP, ETH_P_IPV6, PROTO_ICMP, PROTO_TCP, PROTO_UDP,
+    },
+    recomputed, TCP_ACK, TCP_PSH,
 };
-
-/// The transport checksum `l4` must carry between `src` and `dst` (UDP: 0 becomes 0xFFFF).
-fn l4_checksum(src: Ip4, dst: Ip4, protocol: u8, l4: &[u8], check_at: usize) -> u16 {
-    let mut copy = l4.to_vec();
-    copy[check_at..check_at + 2].copy_from_slice(&[0, 0]);
-    match checksum(&pseudo(src, dst, protocol, &copy)) {
-        0 if protocol == IPPROTO_UDP => 0xFFFF,
-        c => c,
-    }
-}
-
-fn check_offset(protocol: u8) -> usize {
-    if protocol == IPPROTO_UDP {
-        6
-    } else {
-        16
-    }
-}
 
 /// A UDP datagram or TCP segment (PSH|ACK) from `sport` to `dport` with a correct checksum.
 fn l4(protocol: u8, src: Ip4, dst: Ip4, sport: u16, dport: u16, data: &[u8]) -> Vec<u8> {
-    if protocol == IPPROTO_UDP {
+    if protocol == PROTO_UDP {
         udp(src, dst, sport, dport, data)
     } else {
         TcpHeader {
@@ -305,19 +282,17 @@ fn assert_translated(input: &[u8], out: &[u8], macs: (Mac, Mac), addrs: (Ip4, Ip
             "{what}: IPv4 header byte {i} (TTL is byte 8)"
         );
     }
-    let mut header = ip_out[..IPV4_LEN].to_vec();
-    header[10..12].copy_from_slice(&[0, 0]);
     assert_eq!(
         ip_out[10..12],
-        checksum(&header).to_be_bytes(),
+        recomputed(&ip_out[..IPV4_LEN], 10).to_be_bytes(),
         "{what}: IPv4 header checksum differs from a full recomputation"
     );
     let total = usize::from(u16::from_be_bytes([ip_out[2], ip_out[3]]));
     let protocol = ip_out[9];
-    let at = check_offset(protocol);
+    let at = l4_checksum_offset(protocol);
     let (seg_in, seg_out) = (&ip_in[IPV4_LEN..total], &ip_out[IPV4_LEN..total]);
     let stored = u16::from_be_bytes([seg_out[at], seg_out[at + 1]]);
-    if protocol == IPPROTO_UDP && seg_in[at..at + 2] == [0, 0] {
+    if protocol == PROTO_UDP && seg_in[at..at + 2] == [0, 0] {
         assert_eq!(
             stored, 0,
             "{what}: a zero UDP checksum (none) must stay zero"
@@ -325,7 +300,7 @@ fn assert_translated(input: &[u8], out: &[u8], macs: (Mac, Mac), addrs: (Ip4, Ip
     } else {
         assert_eq!(
             stored,
-            l4_checksum(addrs.0, addrs.1, protocol, seg_out, at),
+            l4_checksum(addrs.0, addrs.1, protocol, seg_out),
             "{what}: transport checksum differs from a full recomputation"
         );
     }
@@ -352,7 +327,7 @@ fn host_traffic(c: &EndpointCounters, dir: Direction) -> (u64, u64) {
 fn queries_to_the_gateway_go_to_the_server_from_the_proxy_address() {
     let dp = Dataplane::new();
     let mut bytes = 0;
-    for (n, protocol) in [IPPROTO_UDP, IPPROTO_TCP].into_iter().enumerate() {
+    for (n, protocol) in [PROTO_UDP, PROTO_TCP].into_iter().enumerate() {
         let frame = from_guest(&query(protocol));
         let out = dp.expect_redirect(Prog::FromVm, &frame, &format!("query, protocol {protocol}"));
         assert_translated(
@@ -376,7 +351,7 @@ fn queries_to_the_gateway_go_to_the_server_from_the_proxy_address() {
 fn replies_from_the_server_reach_the_guest_from_its_gateway() {
     let dp = Dataplane::new();
     let mut bytes = 0;
-    for (n, protocol) in [IPPROTO_UDP, IPPROTO_TCP].into_iter().enumerate() {
+    for (n, protocol) in [PROTO_UDP, PROTO_TCP].into_iter().enumerate() {
         let frame = from_server(&reply(protocol));
         let out = dp.expect_redirect(
             Prog::FromDns,
@@ -401,7 +376,7 @@ fn replies_from_the_server_reach_the_guest_from_its_gateway() {
 #[test]
 fn a_round_trip_passes_to_vm() {
     let dp = Dataplane::new();
-    for protocol in [IPPROTO_UDP, IPPROTO_TCP] {
+    for protocol in [PROTO_UDP, PROTO_TCP] {
         let query = dp.expect_redirect(Prog::FromVm, &from_guest(&query(protocol)), "query");
         // The server answers by swapping addresses and ports, as a socket does.
         let mut answer = query.clone();
@@ -448,7 +423,7 @@ fn checksums_stay_exact_across_carries() {
     let dp = Dataplane::new();
     // Different IP ids and payload words walk both checksums through all values, including
     // the ones where an incremental update must carry around (0x0000 / 0xFFFF).
-    for protocol in [IPPROTO_UDP, IPPROTO_TCP] {
+    for protocol in [PROTO_UDP, PROTO_TCP] {
         for k in 0..2048u16 {
             let id = k.wrapping_mul(0x9e37);
             let mut q = query(protocol);
@@ -486,7 +461,7 @@ fn checksums_stay_exact_across_carries() {
 #[test]
 fn a_zero_udp_checksum_stays_zero_both_ways() {
     let dp = Dataplane::new();
-    let mut q = query(IPPROTO_UDP);
+    let mut q = query(PROTO_UDP);
     q.payload[6..8].copy_from_slice(&[0, 0]);
     let frame = from_guest(&q);
     let out = dp.expect_redirect(Prog::FromVm, &frame, "query without checksum");
@@ -497,7 +472,7 @@ fn a_zero_udp_checksum_stays_zero_both_ways() {
         (GUEST_PROXY, SERVER_IP),
         "query",
     );
-    let mut r = reply(IPPROTO_UDP);
+    let mut r = reply(PROTO_UDP);
     r.payload[6..8].copy_from_slice(&[0, 0]);
     let frame = from_server(&r);
     let out = dp.expect_redirect(Prog::FromDns, &frame, "reply without checksum");
@@ -513,7 +488,7 @@ fn a_zero_udp_checksum_stays_zero_both_ways() {
 #[test]
 fn ethernet_padding_after_a_short_query_is_kept() {
     let dp = Dataplane::new();
-    let mut frame = from_guest(&query(IPPROTO_UDP));
+    let mut frame = from_guest(&query(PROTO_UDP));
     frame.extend_from_slice(&[0xee; 9]);
     let out = dp.expect_redirect(Prog::FromVm, &frame, "padded query");
     assert_translated(
@@ -532,8 +507,8 @@ fn ethernet_padding_after_a_short_query_is_kept() {
 #[test]
 fn malformed_udp_and_tcp_to_the_gateway() {
     let dp = Dataplane::new();
-    for protocol in [IPPROTO_UDP, IPPROTO_TCP] {
-        let header_len = if protocol == IPPROTO_UDP { 8 } else { 20 };
+    for protocol in [PROTO_UDP, PROTO_TCP] {
+        let header_len = if protocol == PROTO_UDP { 8 } else { 20 };
         // Fragments: first (more-fragments) and later ones.
         for frag_off in [0x2000, 0x0005, 0x2010] {
             let mut q = query(protocol);
@@ -575,7 +550,7 @@ fn malformed_udp_and_tcp_to_the_gateway() {
 #[test]
 fn other_ports_and_a_switched_off_service_are_unavailable() {
     let mut dp = Dataplane::new();
-    for protocol in [IPPROTO_UDP, IPPROTO_TCP] {
+    for protocol in [PROTO_UDP, PROTO_TCP] {
         for port in [0, 52, 54, 853, 5353, 53 << 8] {
             let q = Ipv4::new(
                 GUEST_IP,
@@ -597,12 +572,12 @@ fn other_ports_and_a_switched_off_service_are_unavailable() {
     dp.set_service(small);
     dp.expect_drop(
         Prog::FromVm,
-        &from_guest(&query(IPPROTO_UDP)),
+        &from_guest(&query(PROTO_UDP)),
         DropReason::GatewayServiceUnavailable,
         "slot outside the proxy range",
     );
     dp.set_service(DnsService::OFF);
-    for protocol in [IPPROTO_UDP, IPPROTO_TCP] {
+    for protocol in [PROTO_UDP, PROTO_TCP] {
         dp.expect_drop(
             Prog::FromVm,
             &from_guest(&query(protocol)),
@@ -612,7 +587,7 @@ fn other_ports_and_a_switched_off_service_are_unavailable() {
     }
     dp.expect_drop(
         Prog::FromDns,
-        &from_server(&reply(IPPROTO_UDP)),
+        &from_server(&reply(PROTO_UDP)),
         DropReason::DnsForeignFrame,
         "a reply while DNS is off",
     );
@@ -621,9 +596,9 @@ fn other_ports_and_a_switched_off_service_are_unavailable() {
 #[test]
 fn queries_are_checked_for_spoofing_first() {
     let dp = Dataplane::new();
-    let mut q = query(IPPROTO_UDP);
+    let mut q = query(PROTO_UDP);
     q.src = [10, 0, 0, 9];
-    q.payload = l4(IPPROTO_UDP, q.src, GW_IP, GUEST_PORT, DNS_PORT, b"q");
+    q.payload = l4(PROTO_UDP, q.src, GW_IP, GUEST_PORT, DNS_PORT, b"q");
     dp.expect_drop(
         Prog::FromVm,
         &from_guest(&q),
@@ -634,7 +609,7 @@ fn queries_are_checked_for_spoofing_first() {
         GW_MAC,
         [0x02, 0, 0, 0, 0, 9],
         ETH_P_IP,
-        &query(IPPROTO_UDP).bytes(),
+        &query(PROTO_UDP).bytes(),
     );
     dp.expect_drop(
         Prog::FromVm,
@@ -652,7 +627,7 @@ fn queries_are_checked_for_spoofing_first() {
 fn foreign_frames_on_the_dns_device_are_dropped() {
     let dp = Dataplane::new();
     let with = |f: &dyn Fn(&mut Ipv4)| {
-        let mut r = reply(IPPROTO_UDP);
+        let mut r = reply(PROTO_UDP);
         f(&mut r);
         from_server(&r)
     };
@@ -660,8 +635,8 @@ fn foreign_frames_on_the_dns_device_are_dropped() {
         from_server(&Ipv4::new(
             src,
             dst,
-            IPPROTO_UDP,
-            l4(IPPROTO_UDP, src, dst, sport, GUEST_PORT, b"r"),
+            PROTO_UDP,
+            l4(PROTO_UDP, src, dst, sport, GUEST_PORT, b"r"),
         ))
     };
     let below = [100, 126, 255, 255];
@@ -676,7 +651,7 @@ fn foreign_frames_on_the_dns_device_are_dropped() {
             let p = Ipv4::new(
                 SERVER_IP,
                 GUEST_PROXY,
-                IPPROTO_ICMP,
+                PROTO_ICMP,
                 vec![3, 3, 0, 0, 0, 0, 0, 0],
             );
             from_server(&p)
@@ -711,7 +686,7 @@ fn foreign_frames_on_the_dns_device_are_dropped() {
             with(&|r| r.total_len = Some(200)),
         ),
         ("TCP header beyond the total length", {
-            let mut r = reply(IPPROTO_TCP);
+            let mut r = reply(PROTO_TCP);
             r.total_len = Some(39);
             from_server(&r)
         }),
@@ -719,7 +694,7 @@ fn foreign_frames_on_the_dns_device_are_dropped() {
     for (what, frame) in cases {
         dp.expect_drop(Prog::FromDns, &frame, DropReason::DnsForeignFrame, what);
     }
-    let frame = from_server(&reply(IPPROTO_TCP));
+    let frame = from_server(&reply(PROTO_TCP));
     for len in ETH_LEN + IPV4_LEN..frame.len() {
         dp.expect_drop(
             Prog::FromDns,
@@ -741,8 +716,8 @@ fn replies_for_slots_without_their_endpoint_are_dropped() {
         from_server(&Ipv4::new(
             SERVER_IP,
             proxy,
-            IPPROTO_UDP,
-            l4(IPPROTO_UDP, SERVER_IP, proxy, DNS_PORT, GUEST_PORT, b"r"),
+            PROTO_UDP,
+            l4(PROTO_UDP, SERVER_IP, proxy, DNS_PORT, GUEST_PORT, b"r"),
         ))
     };
     dp.expect_drop(

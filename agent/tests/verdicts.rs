@@ -49,7 +49,6 @@ use aya::{
 // Addresses of the test topology.
 // ---------------------------------------------------------------------------------------------
 
-type Mac = [u8; 6];
 type Ip4 = [u8; 4];
 
 /// The ifindex the test run's skb carries (loopback).
@@ -77,18 +76,7 @@ const OTHER_ONLY_IP: Ip4 = [10, 0, 0, 4];
 const OTHER_ONLY_MAC: Mac = [0x02, 0xa7, 0, 0, 0x08, 0x04];
 const OTHER_ONLY_IFINDEX: u32 = 43;
 
-const BROADCAST_MAC: Mac = [0xff; 6];
 const ZERO_MAC: Mac = [0; 6];
-
-const ETH_P_IP: u16 = 0x0800;
-const ETH_P_ARP: u16 = 0x0806;
-const ETH_P_IPV6: u16 = 0x86DD;
-const ETH_P_8021Q: u16 = 0x8100;
-const ETH_P_8021AD: u16 = 0x88A8;
-
-const IPPROTO_ICMP: u8 = 1;
-const IPPROTO_TCP: u8 = 6;
-const IPPROTO_UDP: u8 = 17;
 
 use atoll_testbed::verdict::{try_run, verdict_name, Run, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT};
 
@@ -113,8 +101,11 @@ fn endpoint(cloud: u32) -> EndpointInfo {
 // ---------------------------------------------------------------------------------------------
 
 use atoll_testbed::frame::{
-    checksum, checksum_verifies,
-    layers::{arp, ethernet, icmp, udp, Ipv4Packet as Ipv4, TcpHeader},
+    checksum_verifies,
+    layers::{
+        arp, ethernet, icmp, udp, Ipv4Packet as Ipv4, Mac, TcpHeader, BROADCAST, ETH_P_8021AD,
+        ETH_P_8021Q, ETH_P_ARP, ETH_P_IP, ETH_P_IPV6, PROTO_ICMP, PROTO_TCP, PROTO_UDP,
+    },
     recomputed, TCP_SYN,
 };
 
@@ -149,14 +140,14 @@ const ALL_L4: [L4; 3] = [L4::Icmp, L4::Udp, L4::Tcp];
 fn guest_packet(dst: Ip4, l4: L4) -> Ipv4 {
     let (protocol, payload) = match l4 {
         L4::Icmp => (
-            IPPROTO_ICMP,
+            PROTO_ICMP,
             icmp_echo_request(0x4242, 1, b"atoll-ping-payload"),
         ),
         L4::Udp => (
-            IPPROTO_UDP,
+            PROTO_UDP,
             udp(GUEST_IP, dst, 40000, 53, b"\x12\x34 some query"),
         ),
-        L4::Tcp => (IPPROTO_TCP, tcp_syn(GUEST_IP, dst, 40001, 443)),
+        L4::Tcp => (PROTO_TCP, tcp_syn(GUEST_IP, dst, 40001, 443)),
     };
     Ipv4::new(GUEST_IP, dst, protocol, payload)
 }
@@ -171,7 +162,7 @@ fn guest_echo(dst: Ip4, data: &[u8]) -> Ipv4 {
     Ipv4::new(
         GUEST_IP,
         dst,
-        IPPROTO_ICMP,
+        PROTO_ICMP,
         icmp_echo_request(0x0b0b, 7, data),
     )
 }
@@ -179,7 +170,7 @@ fn guest_echo(dst: Ip4, data: &[u8]) -> Ipv4 {
 /// A broadcast ARP request from the guest for `tpa`.
 fn guest_arp_request(tpa: Ip4) -> Vec<u8> {
     ethernet(
-        BROADCAST_MAC,
+        BROADCAST,
         GUEST_MAC,
         ETH_P_ARP,
         &arp(1, GUEST_MAC, GUEST_IP, ZERO_MAC, tpa),
@@ -657,7 +648,7 @@ fn wrong_source_mac_is_dropped_before_anything_else() {
     for src in [
         GW_MAC,
         PEER_MAC,
-        BROADCAST_MAC,
+        BROADCAST,
         ZERO_MAC,
         [0x02, 0xa7, 0, 0, 0, 0x12],
         [0x03, 0xa7, 0, 0, 0, 0x02],
@@ -730,7 +721,7 @@ fn arp_with_foreign_sender_is_dropped() {
         ("both foreign", arp(1, PEER_MAC, PEER_IP, ZERO_MAC, GW_IP)),
     ];
     for (name, body) in cases {
-        for dst in [BROADCAST_MAC, GW_MAC] {
+        for dst in [BROADCAST, GW_MAC] {
             dp.expect_drop(
                 Prog::FromVm,
                 &ethernet(dst, GUEST_MAC, ETH_P_ARP, &body),
@@ -872,7 +863,7 @@ fn ethernet_padding_after_the_ipv4_packet_is_forwarded() {
     let p = Ipv4::new(
         GUEST_IP,
         PEER_IP,
-        IPPROTO_UDP,
+        PROTO_UDP,
         udp(GUEST_IP, PEER_IP, 1, 2, &[]),
     );
     let mut frame = from_guest(&p);
@@ -904,7 +895,7 @@ fn gateway_echo_truncated_inside_the_icmp_header() {
     assert_eq!(full.len(), ICMP_ECHO_LEN);
     for keep in 0..ICMP_ECHO_LEN {
         // total_length matches the frame: the IPv4 layer is intact, ICMP is cut short.
-        let p = Ipv4::new(GUEST_IP, GW_IP, IPPROTO_ICMP, full[..keep].to_vec());
+        let p = Ipv4::new(GUEST_IP, GW_IP, PROTO_ICMP, full[..keep].to_vec());
         let frame = from_guest(&p);
         assert_eq!(frame.len(), ETH_LEN + IPV4_LEN + keep);
         dp.expect_drop(
@@ -926,7 +917,7 @@ fn gateway_echo_cut_short_by_total_length_is_malformed_despite_padding() {
     let full = icmp_echo_request(0x0101, 1, b"");
     let mut wrong = Vec::new();
     for keep in 0..ICMP_ECHO_LEN {
-        let mut p = Ipv4::new(GUEST_IP, GW_IP, IPPROTO_ICMP, full.clone());
+        let mut p = Ipv4::new(GUEST_IP, GW_IP, PROTO_ICMP, full.clone());
         p.total_len = Some((IPV4_LEN + keep) as u16);
         let mut frame = from_guest(&p);
         frame.resize(60, 0);
@@ -1134,7 +1125,7 @@ fn non_ipv4_ethertypes() {
         (0x0608, DropReason::NonIpEthertype), // ARP byte-swapped
     ];
     for (ether_type, reason) in cases {
-        for dst in [GW_MAC, BROADCAST_MAC] {
+        for dst in [GW_MAC, BROADCAST] {
             dp.expect_drop(
                 Prog::FromVm,
                 &ethernet(dst, GUEST_MAC, ether_type, &[0u8; 46]),
@@ -1160,7 +1151,7 @@ fn ipv4_to_group_or_foreign_macs() {
     let dp = Dataplane::new();
     let packet = guest_packet(PEER_IP, L4::Udp).bytes();
     let cases = [
-        (BROADCAST_MAC, DropReason::GroupDestinationMac),
+        (BROADCAST, DropReason::GroupDestinationMac),
         ([0x01, 0x00, 0x5e, 0, 0, 1], DropReason::GroupDestinationMac),
         ([0x33, 0x33, 0, 0, 0, 1], DropReason::GroupDestinationMac),
         ([0x03, 0xa7, 0, 0, 0, 0x01], DropReason::GroupDestinationMac), // gateway MAC | group bit
@@ -1252,10 +1243,10 @@ fn arp_request_variants_that_are_answered() {
     assert_eq!(out, expected_arp_reply(GW_IP));
     // Target hardware address set to broadcast (some stacks do).
     let tha_ff = ethernet(
-        BROADCAST_MAC,
+        BROADCAST,
         GUEST_MAC,
         ETH_P_ARP,
-        &arp(1, GUEST_MAC, GUEST_IP, BROADCAST_MAC, PEER_IP),
+        &arp(1, GUEST_MAC, GUEST_IP, BROADCAST, PEER_IP),
     );
     let out = dp.expect_redirect(&tha_ff, "ARP with tha ff:ff..");
     assert_eq!(out, expected_arp_reply(PEER_IP));
@@ -1308,7 +1299,7 @@ fn arp_that_is_not_a_request_is_dropped() {
         ),
         (
             "gratuitous reply",
-            arp(2, GUEST_MAC, GUEST_IP, BROADCAST_MAC, GUEST_IP),
+            arp(2, GUEST_MAC, GUEST_IP, BROADCAST, GUEST_IP),
         ),
         (
             "probe for own IP",
@@ -1322,7 +1313,7 @@ fn arp_that_is_not_a_request_is_dropped() {
     for (name, body) in cases {
         dp.expect_drop(
             Prog::FromVm,
-            &ethernet(BROADCAST_MAC, GUEST_MAC, ETH_P_ARP, &body),
+            &ethernet(BROADCAST, GUEST_MAC, ETH_P_ARP, &body),
             DropReason::ArpNotRequest,
             name,
         );
@@ -1352,7 +1343,7 @@ fn arp_with_wrong_format_is_malformed() {
     for (name, body) in cases {
         dp.expect_drop(
             Prog::FromVm,
-            &ethernet(BROADCAST_MAC, GUEST_MAC, ETH_P_ARP, &body),
+            &ethernet(BROADCAST, GUEST_MAC, ETH_P_ARP, &body),
             DropReason::ArpMalformed,
             name,
         );
@@ -1389,16 +1380,14 @@ fn arp_to_a_mac_other_than_broadcast_or_gateway_is_dropped() {
 
 /// The echo reply the gateway must produce for `request` (a guest's echo request to it).
 fn expected_echo_reply(request: &Ipv4) -> Vec<u8> {
-    let mut reply = request.clone();
-    reply.src = request.dst;
-    reply.dst = request.src;
-    let mut icmp = request.payload.clone();
-    icmp[0] = 0;
-    icmp[2..4].copy_from_slice(&[0, 0]);
-    let c = checksum(&icmp);
-    icmp[2..4].copy_from_slice(&c.to_be_bytes());
-    reply.payload = icmp;
-    ethernet(GUEST_MAC, GW_MAC, ETH_P_IP, &reply.bytes())
+    let m = &request.payload;
+    let word = |at: usize| u16::from_be_bytes([m[at], m[at + 1]]);
+    to_guest(&Ipv4 {
+        src: request.dst,
+        dst: request.src,
+        payload: icmp(0, m[1], word(4), word(6), &m[8..]),
+        ..request.clone()
+    })
 }
 
 #[test]
@@ -1441,7 +1430,7 @@ fn echo_reply_checksum_is_valid_across_carries() {
         let p = Ipv4::new(
             GUEST_IP,
             GW_IP,
-            IPPROTO_ICMP,
+            PROTO_ICMP,
             icmp_echo_request(id, 3, b"abc"),
         );
         if p.payload[2..4] == [0xF7, 0xFF] {
@@ -1466,7 +1455,7 @@ fn echo_reply_checksum_edge_case_matches_full_recompute() {
     let p = Ipv4::new(
         GUEST_IP,
         GW_IP,
-        IPPROTO_ICMP,
+        PROTO_ICMP,
         icmp_echo_request(id, 3, b"abc"),
     );
     let out = dp.expect_redirect(&from_guest(&p), "echo reply edge case");
@@ -1509,7 +1498,7 @@ fn other_traffic_to_the_gateway_is_dropped() {
     for (name, m) in malformed {
         dp.expect_drop(
             Prog::FromVm,
-            &from_guest(&Ipv4::new(GUEST_IP, GW_IP, IPPROTO_ICMP, m)),
+            &from_guest(&Ipv4::new(GUEST_IP, GW_IP, PROTO_ICMP, m)),
             DropReason::GatewayIcmpMalformed,
             &format!("ICMP {name} to gateway"),
         );
@@ -1649,7 +1638,7 @@ fn to_vm_drops_frames_with_foreign_macs() {
     let packet = guest_packet(GUEST_IP, L4::Icmp).bytes();
     let arp_reply = arp(2, GW_MAC, GW_IP, GUEST_MAC, GUEST_IP);
     let macs = [
-        ("dst broadcast", BROADCAST_MAC, GW_MAC),
+        ("dst broadcast", BROADCAST, GW_MAC),
         ("dst multicast", [0x01, 0x00, 0x5e, 0, 0, 1], GW_MAC),
         ("dst peer", PEER_MAC, GW_MAC),
         ("dst gateway", GW_MAC, GW_MAC),
@@ -1784,7 +1773,7 @@ fn guest_packet_from_peer() -> Ipv4 {
     Ipv4::new(
         PEER_IP,
         GUEST_IP,
-        IPPROTO_ICMP,
+        PROTO_ICMP,
         icmp_echo_request(7, 1, b"peer"),
     )
 }

@@ -22,8 +22,8 @@ pub fn checksum(data: &[u8]) -> u16 {
     !(sum as u16)
 }
 
-pub const IPPROTO_TCP: u8 = 6;
-pub const IPPROTO_UDP: u8 = 17;
+pub const IPPROTO_TCP: u8 = layers::PROTO_TCP;
+pub const IPPROTO_UDP: u8 = layers::PROTO_UDP;
 
 /// The pseudo header of `protocol` between `src` and `dst`, followed by the segment `l4`: the
 /// bytes a UDP or TCP checksum covers.

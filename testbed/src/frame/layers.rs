@@ -1,8 +1,8 @@
 //! Frames built and parsed layer by layer (Ethernet, ARP, IPv4, UDP, TCP, ICMP) for the
 //! end-to-end suites that play guests on taps and the verdict suites that hand the programs
 //! crafted frames: [`ethernet`] around [`ipv4`] (or an [`Ipv4Packet`] with any header) around
-//! [`udp`], and `parse_*` back, with [`describe`] for failure messages. Checksums are the
-//! parent module's.
+//! [`udp`], and `parse_*` back, with [`describe`] for failure messages; [`l4_checksum`] is what
+//! a UDP or TCP header must carry. The Internet checksum itself is the parent module's.
 
 use super::checksum;
 
@@ -12,17 +12,41 @@ pub type Mac = [u8; 6];
 
 pub const ETH_P_IP: u16 = 0x0800;
 pub const ETH_P_ARP: u16 = 0x0806;
+pub const ETH_P_IPV6: u16 = 0x86DD;
+/// An 802.1Q VLAN tag.
+pub const ETH_P_8021Q: u16 = 0x8100;
+/// An 802.1ad (QinQ) service tag.
+pub const ETH_P_8021AD: u16 = 0x88A8;
 pub const PROTO_ICMP: u8 = 1;
+pub const PROTO_TCP: u8 = 6;
 pub const PROTO_UDP: u8 = 17;
 pub const BROADCAST: Mac = [0xff; 6];
 
-fn pseudo_header(src: Ipv4Addr, dst: Ipv4Addr, protocol: u8, len: usize) -> Vec<u8> {
-    let mut p = Vec::with_capacity(12);
-    p.extend_from_slice(&src.octets());
-    p.extend_from_slice(&dst.octets());
-    p.extend_from_slice(&[0, protocol]);
-    p.extend_from_slice(&(len as u16).to_be_bytes());
-    p
+/// Where the checksum of a UDP datagram (byte 6) or TCP segment (byte 16) sits.
+pub fn l4_checksum_offset(protocol: u8) -> usize {
+    match protocol {
+        PROTO_UDP => 6,
+        PROTO_TCP => 16,
+        _ => panic!("protocol {protocol} is neither UDP nor TCP"),
+    }
+}
+
+/// The checksum the UDP datagram or TCP segment `l4` must carry from `src` to `dst` (pseudo
+/// header included), computed as if its checksum field were 0, whatever it holds; UDP sends a
+/// computed 0 as 0xFFFF.
+pub fn l4_checksum(
+    src: impl Into<Ipv4Addr>,
+    dst: impl Into<Ipv4Addr>,
+    protocol: u8,
+    l4: &[u8],
+) -> u16 {
+    let at = l4_checksum_offset(protocol);
+    let mut sum = super::pseudo(src, dst, protocol, l4);
+    sum[12 + at..12 + at + 2].copy_from_slice(&[0, 0]);
+    match checksum(&sum) {
+        0 if protocol == PROTO_UDP => 0xFFFF,
+        c => c,
+    }
 }
 
 pub fn ethernet(dst: Mac, src: Mac, ethertype: u16, payload: &[u8]) -> Vec<u8> {
@@ -144,7 +168,6 @@ pub fn udp(
     dport: u16,
     payload: &[u8],
 ) -> Vec<u8> {
-    let (src, dst) = (src.into(), dst.into());
     let len = 8 + payload.len();
     let mut u = Vec::with_capacity(len);
     u.extend_from_slice(&sport.to_be_bytes());
@@ -152,12 +175,7 @@ pub fn udp(
     u.extend_from_slice(&(len as u16).to_be_bytes());
     u.extend_from_slice(&[0, 0]);
     u.extend_from_slice(payload);
-    let mut sum = pseudo_header(src, dst, PROTO_UDP, len);
-    sum.extend_from_slice(&u);
-    let c = match checksum(&sum) {
-        0 => 0xffff,
-        c => c,
-    };
+    let c = l4_checksum(src, dst, PROTO_UDP, &u);
     u[6..8].copy_from_slice(&c.to_be_bytes());
     u
 }
@@ -195,7 +213,7 @@ impl TcpHeader {
         s.extend_from_slice(&[0, 0, 0, 0]);
         s.extend_from_slice(&self.options);
         s.extend_from_slice(payload);
-        let c = checksum(&super::pseudo(src, dst, super::IPPROTO_TCP, &s));
+        let c = l4_checksum(src, dst, PROTO_TCP, &s);
         s[16..18].copy_from_slice(&c.to_be_bytes());
         s
     }
@@ -303,13 +321,11 @@ pub fn parse_udp<'a>(ip: &Ipv4<'a>) -> Option<Udp<'a>> {
     if len < 8 || len > u.len() {
         return None;
     }
-    let mut sum = pseudo_header(ip.src, ip.dst, PROTO_UDP, len);
-    sum.extend_from_slice(&u[..len]);
     Some(Udp {
         sport: u16::from_be_bytes([u[0], u[1]]),
         dport: u16::from_be_bytes([u[2], u[3]]),
         checksum: u16::from_be_bytes([u[6], u[7]]),
-        checksum_ok: checksum(&sum) == 0,
+        checksum_ok: checksum(&super::pseudo(ip.src, ip.dst, PROTO_UDP, &u[..len])) == 0,
         payload: &u[8..len],
     })
 }
@@ -394,7 +410,27 @@ fn checksums_verify_to_zero() {
     );
     let ip = parse_ipv4(&p).expect("ipv4");
     assert!(ip.header_checksum_ok);
-    assert!(parse_udp(&ip).expect("udp").checksum_ok);
+    let u = parse_udp(&ip).expect("udp");
+    assert!(u.checksum_ok);
+    assert_eq!(
+        l4_checksum(ip.src, ip.dst, PROTO_UDP, ip.payload),
+        u.checksum
+    );
+    let tcp = TcpHeader {
+        sport: 1,
+        dport: 2,
+        seq: 3,
+        ack: 4,
+        flags: 0x10,
+        options: Vec::new(),
+    }
+    .segment(ip.src, ip.dst, b"odd");
+    let at = l4_checksum_offset(PROTO_TCP);
+    assert_eq!(
+        l4_checksum(ip.src, ip.dst, PROTO_TCP, &tcp).to_be_bytes(),
+        tcp[at..at + 2]
+    );
+    assert_eq!(checksum(&super::pseudo(ip.src, ip.dst, PROTO_TCP, &tcp)), 0);
     let m = icmp(8, 0, 1, 2, b"xyz");
     assert_eq!(checksum(&m), 0);
 }
