@@ -40,6 +40,8 @@
 //!   supervisor gave up (`failed`) is not started again by later deltas; a stop and a start
 //!   of the VM are what retry it. Without a manager a VM is its network identity only
 //!   (`network_ready`), for hosts whose taps another VMM opens.
+//! - **Egress policies** come per cloud (`SyncDelta.egress`), are re-checked, held, and passed
+//!   to the DNS server ([`DnsSink::set_egress`]), which forwards only the names they allow.
 //! - **Exposure services** come per provider cloud as its complete set of active grants
 //!   ([`ProviderServices`]); the host installs each (VIP, NAT address, backends) and removes
 //!   the provider's services that are not in the set. A full state removes the services of
@@ -240,6 +242,9 @@ pub trait DnsSink: Send + Sync {
     fn remove_endpoint(&self, slot: u32);
     fn set_zone(&self, cloud: CloudId, zone: &Zone);
     fn remove_zone(&self, cloud: CloudId);
+    /// `cloud`'s egress policy (which names its questions may be forwarded for).
+    fn set_egress(&self, _cloud: CloudId, _policy: &EgressPolicy) {}
+    fn remove_egress(&self, _cloud: CloudId) {}
 }
 
 /// Settings of the converger.
@@ -274,8 +279,8 @@ pub struct Converger {
     /// The DNS suffix every zone must sit directly under (`dns.suffix`), when this host
     /// serves DNS.
     dns_suffix: Option<String>,
-    /// The egress policies of the clouds with VMs here, as received (issue 17: held, not yet
-    /// enforced; the dataplane has no egress path yet).
+    /// The egress policies of the clouds with VMs here, as received; the DNS server enforces
+    /// their names (issue 17: the dataplane has no egress path yet).
     egress: HashMap<CloudId, EgressPolicy>,
     /// Exposure services this host failed to install, as last reported:
     /// `(provider, consumer, vip)` → the error.
@@ -604,13 +609,26 @@ impl Converger {
             });
         }
         if delta.full {
-            self.egress.clear();
+            let listed: HashSet<CloudId> = delta.egress.iter().map(|e| e.cloud).collect();
+            let gone: Vec<CloudId> = self
+                .egress
+                .keys()
+                .filter(|c| !listed.contains(c))
+                .copied()
+                .collect();
+            for c in gone {
+                self.forget_egress(c);
+            }
         }
         for c in &delta.removed_egress {
-            self.egress.remove(c);
+            self.forget_egress(*c);
         }
         for e in &delta.egress {
-            tracing::debug!(cloud = %e.cloud, mode = ?e.policy.mode, "egress policy received (not enforced yet)");
+            // The DNS server enforces the names; the dataplane's egress path is not built yet.
+            tracing::debug!(cloud = %e.cloud, mode = ?e.policy.mode, "egress policy received");
+            if let Some(dns) = &self.dns {
+                dns.set_egress(e.cloud, &e.policy);
+            }
             self.egress.insert(e.cloud, e.policy.clone());
         }
         if let Some(dns) = &self.dns {
@@ -760,6 +778,13 @@ impl Converger {
         };
         self.statuses.insert(key, st.clone());
         Some(st)
+    }
+
+    fn forget_egress(&mut self, cloud: CloudId) {
+        self.egress.remove(&cloud);
+        if let Some(dns) = &self.dns {
+            dns.remove_egress(cloud);
+        }
     }
 
     /// The egress policy this host holds for `cloud`, as received.
@@ -966,6 +991,14 @@ impl Converger {
 impl DnsSink for crate::dns::DnsView {
     fn set_endpoint(&self, slot: u32, cloud: CloudId) {
         crate::dns::DnsView::set_endpoint(self, slot, cloud);
+    }
+
+    fn set_egress(&self, cloud: CloudId, policy: &EgressPolicy) {
+        crate::dns::DnsView::set_egress(self, cloud, policy);
+    }
+
+    fn remove_egress(&self, cloud: CloudId) {
+        crate::dns::DnsView::remove_egress(self, cloud);
     }
 
     fn remove_endpoint(&self, slot: u32) {

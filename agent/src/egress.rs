@@ -8,7 +8,7 @@
 //! - **The uplink** is `egress.uplink`, or else the device of the IPv4 default route of the
 //!   agent's network namespace (`/proc/thread-self/net/route`: the namespace of the calling
 //!   thread, so a test or an agent that entered a namespace sees that namespace's routes).
-//! - **Never reachable**, whatever a cloud's policy ([`never`]): every address of the host
+//! - **Never reachable**, whatever a cloud's policy ([`never()`]): every address of the host
 //!   and every network connected to it (so the uplink's LAN, the underlay and any management
 //!   network; the next hop is a route, never a destination), loopback, link-local and metadata
 //!   (169.254.0.0/16), "this network" (0.0.0.0/8), multicast, the reserved 240.0.0.0/4 and

@@ -49,6 +49,7 @@ use atoll_agent::{
     endpoint::{DeviceSpec, Endpoint, EndpointSpec, Host},
     types::{CloudId, MacAddr},
 };
+use atoll_api::model::EgressPolicy;
 use atoll_dataplane_common::{Direction, DropReason, TrafficClass};
 use atoll_testbed::{
     frame::{self, Udp},
@@ -249,7 +250,7 @@ fn scenario() {
     fill_view(&view, &[&g1.ep, &g2.ep, &tap_ep]);
     let server = {
         let _entered = rt.enter();
-        DnsServer::start(&plane, view).expect("starting the forwarding DNS server")
+        DnsServer::start(&plane, view.clone()).expect("starting the forwarding DNS server")
     };
     for t in [Transport::Udp, Transport::Tcp] {
         let asked = upstream.asked();
@@ -288,6 +289,48 @@ fn scenario() {
             Some(ResponseCode::NXDomain),
             "{t:?}: {alias:?}"
         );
+    }
+    // Egress policies decide what is forwarded: cloud 1 may resolve example.com only (and learns
+    // its address), cloud 2 nothing outside its zone; neither refusal reaches the upstream.
+    let allowlist: EgressPolicy = serde_json::from_value(serde_json::json!({
+        "mode": "allowlist", "allow": [{"domain": "example.com", "protocol": "tcp"}]
+    }))
+    .unwrap();
+    view.set_egress(cloud(1), &allowlist);
+    view.set_egress(cloud(2), &EgressPolicy::deny_all());
+    for t in [Transport::Udp, Transport::Tcp] {
+        let asked = upstream.asked();
+        let ext = resolve(&g1.ns, t, "example.com.", RecordType::A)
+            .unwrap_or_else(|e| panic!("example.com allowed for cloud 1 over {t:?}: {e}"));
+        assert_eq!(addresses(&ext), vec![UPSTREAM_ANSWER], "{t:?}");
+        assert_eq!(upstream.asked(), asked + 1, "{t:?}: asked once");
+        let learnt = view.learnt(cloud(1), std::time::Instant::now());
+        assert_eq!(learnt.len(), 1, "{learnt:?}");
+        assert_eq!(learnt[0].0, UPSTREAM_ANSWER);
+        assert!(
+            learnt[0].1 > Duration::from_secs(60) && learnt[0].1 <= Duration::from_secs(120),
+            "the record's TTL (60 s) plus the grace (60 s): {learnt:?}"
+        );
+        for (ns, name) in [
+            (&g1.ns, "alias.example.com."),
+            (&g1.ns, "exfiltrated-secret.example.org."),
+            (&g2.ns, "example.com."),
+        ] {
+            let refused = resolve(ns, t, name, RecordType::A);
+            assert_eq!(
+                rcode_of(&refused),
+                Some(ResponseCode::Refused),
+                "{t:?} {name}: {refused:?}"
+            );
+        }
+        assert_eq!(
+            upstream.asked(),
+            asked + 1,
+            "{t:?}: names a policy does not allow never reach the upstream"
+        );
+        assert!(view.learnt(cloud(2), std::time::Instant::now()).is_empty());
+        let own = resolve(&g2.ns, t, "web.two.atoll.internal.", RecordType::A).expect("own web");
+        assert_eq!(addresses(&own), vec![Ipv4Addr::new(10, 0, 0, 3)]);
     }
     // An agent restart: a new `Host` on the same pins ensures the same plane (reusing the
     // namespace, the devices and the pinned `from_dns` link) and DNS keeps working.

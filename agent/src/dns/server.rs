@@ -30,7 +30,7 @@ use hickory_proto::{
         Edns, Header, HeaderCounts, LowerQuery, Message, MessageType, Metadata, OpCode, Query,
         ResponseCode,
     },
-    rr::{DNSClass, LowerName, Name, Record as RR, RecordType},
+    rr::{DNSClass, LowerName, Name, RData, Record as RR, RecordType},
 };
 use hickory_server::{
     net::{runtime::Time, NetError},
@@ -41,6 +41,7 @@ use hickory_server::{
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::view::{synthetic_soa, CompiledZone, DnsView, ForwardPolicy};
+use crate::types::CloudId;
 
 /// Largest UDP answer the server sends (see module docs).
 pub const MAX_UDP_PAYLOAD: u16 = 1232;
@@ -146,7 +147,8 @@ enum Outcome {
         soa: Option<Box<RR>>,
     },
     Error(ResponseCode),
-    Forward(Vec<SocketAddr>),
+    /// Ask these upstreams, for this cloud (whose policy may learn the answer).
+    Forward(Vec<SocketAddr>, CloudId),
 }
 
 struct Handler {
@@ -186,7 +188,7 @@ impl Handler {
         {
             return (Outcome::Error(ResponseCode::Refused), None);
         }
-        let Some((_cloud, zone)) = self.slot_of(src).and_then(|s| self.view.lookup_slot(s)) else {
+        let Some((cloud, zone)) = self.slot_of(src).and_then(|s| self.view.lookup_slot(s)) else {
             return (Outcome::Error(ResponseCode::Refused), None);
         };
         let apex = zone.as_ref().map(|z| z.apex().clone());
@@ -219,7 +221,16 @@ impl Handler {
         }
         match self.view.forward_policy() {
             ForwardPolicy::Refuse => (Outcome::Error(ResponseCode::Refused), apex),
-            ForwardPolicy::Forward(upstreams) => (Outcome::Forward(upstreams.clone()), apex),
+            // Not allowed by the cloud's egress policy: never asked upstream.
+            ForwardPolicy::Forward(_)
+                if self
+                    .view
+                    .egress_of(cloud)
+                    .is_some_and(|e| !e.allows(&qname.to_string())) =>
+            {
+                (Outcome::Error(ResponseCode::Refused), apex)
+            }
+            ForwardPolicy::Forward(upstreams) => (Outcome::Forward(upstreams.clone(), cloud), apex),
         }
     }
 
@@ -295,11 +306,24 @@ impl RequestHandler for Handler {
                 );
                 send(request, message, response).await
             }
-            Outcome::Forward(upstreams) => match forward(&upstreams, info.query.original()).await {
+            Outcome::Forward(upstreams, cloud) => match forward(&upstreams, info.query.original())
+                .await
+            {
                 None => send_error(request, ResponseCode::ServFail, edns, response).await,
                 Some(upstream) => {
                     let keep = |r: &&RR| !self.protected(&r.name, apex.as_ref());
                     let answers: Vec<&RR> = upstream.answers.iter().filter(keep).collect();
+                    if self.view.egress_of(cloud).is_some_and(|e| e.learns()) {
+                        let addresses: Vec<(Ipv4Addr, u32)> = answers
+                            .iter()
+                            .filter_map(|r| match &r.data {
+                                RData::A(a) => Some((a.0, r.ttl)),
+                                _ => None,
+                            })
+                            .collect();
+                        self.view
+                            .learn(cloud, &addresses, std::time::Instant::now());
+                    }
                     let authorities: Vec<&RR> = upstream.authorities.iter().filter(keep).collect();
                     let additionals: Vec<&RR> = upstream.additionals.iter().filter(keep).collect();
                     let mut metadata = Metadata::response_from_request(&request.metadata);
@@ -458,10 +482,7 @@ async fn exchange_tcp(upstream: SocketAddr, bytes: &[u8], query: &Message) -> io
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{
-        dns::view::{Record, RecordData, Zone},
-        types::CloudId,
-    };
+    use crate::dns::view::{Record, RecordData, Zone};
 
     fn handler(forward: ForwardPolicy) -> Handler {
         let view = DnsView::new(forward);
@@ -510,7 +531,7 @@ mod tests {
         match o {
             Outcome::Authoritative { rcode, answers, .. } => (*rcode, answers.len()),
             Outcome::Error(c) => (*c, 0),
-            Outcome::Forward(_) => panic!("forwarded"),
+            Outcome::Forward(..) => panic!("forwarded"),
         }
     }
 
@@ -584,12 +605,71 @@ mod tests {
         );
     }
 
+    /// With egress policies set, only the names a cloud's policy allows are forwarded; a cloud
+    /// whose policy this host does not know keeps the host's forwarding.
+    #[test]
+    fn egress_policies_decide_what_is_forwarded() {
+        use atoll_api::model::{EgressMode, EgressPolicy};
+        let up: SocketAddr = "192.0.2.53:53".parse().unwrap();
+        let h = handler(ForwardPolicy::Forward(vec![up]));
+        let policy =
+            |json: serde_json::Value| -> EgressPolicy { serde_json::from_value(json).unwrap() };
+        h.view.set_egress(
+            CloudId::new(1).unwrap(),
+            &policy(serde_json::json!({"mode": "allowlist", "allow": [
+                {"domain": "api.example.com"}, {"domain": "*.pypi.org"}, {"cidr": "198.18.0.0/15"}
+            ]})),
+        );
+        h.view.set_egress(
+            CloudId::new(2).unwrap(),
+            &EgressPolicy {
+                mode: EgressMode::Deny,
+                ..EgressPolicy::deny_all()
+            },
+        );
+        let forwarded =
+            |slot, name| matches!(ask(&h, slot, name, RecordType::A), Outcome::Forward(..));
+        for (name, allowed) in [
+            ("api.example.com.", true),
+            ("API.Example.COM.", true),
+            ("files.pypi.org.", true),
+            ("a.b.pypi.org.", true),
+            ("pypi.org.", false),
+            ("evilpypi.org.", false),
+            ("example.com.", false),
+            ("x.api.example.com.", false),
+        ] {
+            assert_eq!(forwarded(0, name), allowed, "cloud 1: {name}");
+        }
+        assert_eq!(
+            rcode(&ask(&h, 0, "example.com.", RecordType::A)),
+            (ResponseCode::Refused, 0)
+        );
+        assert!(!forwarded(5, "api.example.com."), "cloud 2 is deny");
+        assert!(
+            forwarded(6, "anything.example."),
+            "cloud 3: no policy known"
+        );
+        // Own zones are answered whatever the policy.
+        assert_eq!(
+            rcode(&ask(&h, 5, "vm.two.atoll.internal.", RecordType::A)),
+            (ResponseCode::NoError, 1)
+        );
+        h.view.set_egress(
+            CloudId::new(2).unwrap(),
+            &policy(serde_json::json!({"mode": "allow"})),
+        );
+        assert!(forwarded(5, "api.example.com."), "cloud 2 is now allow");
+        h.view.remove_egress(CloudId::new(1).unwrap());
+        assert!(forwarded(0, "example.com."), "cloud 1's policy forgotten");
+    }
+
     #[test]
     fn forwarding_only_outside_the_suffix() {
         let up: SocketAddr = "192.0.2.53:53".parse().unwrap();
         let h = handler(ForwardPolicy::Forward(vec![up]));
         assert!(
-            matches!(ask(&h, 0, "example.com.", RecordType::A), Outcome::Forward(u) if u == vec![up])
+            matches!(ask(&h, 0, "example.com.", RecordType::A), Outcome::Forward(u, _) if u == vec![up])
         );
         assert_eq!(
             rcode(&ask(&h, 0, "vm.two.atoll.internal.", RecordType::A)),

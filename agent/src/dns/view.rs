@@ -15,6 +15,15 @@
 //! - **CNAMEs are chased inside the zone** (at most [`MAX_CNAME_CHAIN`] links, loops stop); a
 //!   target outside the zone ends the chain and the client resolves it itself.
 //! - Names are compared case-insensitively (stored lowercase).
+//! - **Egress through DNS** (issue 17): with a cloud's egress policy set (`set_egress`), a name
+//!   outside the suffix is forwarded upstream only if the policy allows it (`allow`: every
+//!   name; `allowlist`: a name its domain rules name; `deny`: none), and is refused without
+//!   being forwarded otherwise, so a cloud cannot tunnel data out through queries. The A
+//!   records of an allowed name's answer are *learnt* for the cloud ([`DnsView::learn`]) for
+//!   their TTL plus [`EGRESS_GRACE`], at most [`MAX_LEARNT_PER_CLOUD`] addresses per cloud
+//!   (the soonest to expire go first): they are what the egress dataplane will let the
+//!   cloud reach for that name. A cloud whose policy this host does not know (an agent that
+//!   follows no control plane) keeps the host's forwarding as configured.
 
 use std::{
     collections::{HashMap, HashSet},
@@ -34,7 +43,65 @@ use hickory_proto::{
     ProtoError,
 };
 
+use atoll_api::model::{EgressMode, EgressPolicy};
+
 use crate::types::CloudId;
+
+/// How long a learnt address outlives its record's TTL: a client that resolved just before
+/// the TTL ran out still connects, and a long-lived connection is not cut at once.
+pub const EGRESS_GRACE: std::time::Duration = std::time::Duration::from_secs(60);
+/// The most addresses learnt for one cloud (one answer's worth is at most a few dozen).
+pub const MAX_LEARNT_PER_CLOUD: usize = 4096;
+
+/// What a cloud's egress policy says about names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EgressNames {
+    mode: EgressMode,
+    /// `(name, wildcard)`: lower case, no final dot; a wildcard matches names strictly under.
+    domains: Vec<(String, bool)>,
+}
+
+impl EgressNames {
+    pub fn new(policy: &EgressPolicy) -> Self {
+        EgressNames {
+            mode: policy.mode,
+            domains: policy
+                .allow
+                .iter()
+                .filter_map(|r| r.domain.as_deref())
+                .map(|d| {
+                    let d = d.trim_end_matches('.').to_ascii_lowercase();
+                    match d.strip_prefix("*.") {
+                        Some(base) => (base.to_string(), true),
+                        None => (d, false),
+                    }
+                })
+                .collect(),
+        }
+    }
+
+    /// Whether a question for `name` may be forwarded upstream.
+    pub fn allows(&self, name: &str) -> bool {
+        let name = name.trim_end_matches('.').to_ascii_lowercase();
+        match self.mode {
+            EgressMode::Deny => false,
+            EgressMode::Allow => true,
+            EgressMode::Allowlist => self.domains.iter().any(|(d, wildcard)| {
+                if *wildcard {
+                    name.strip_suffix(d.as_str())
+                        .is_some_and(|head| head.ends_with('.') && head.len() > 1)
+                } else {
+                    name == *d
+                }
+            }),
+        }
+    }
+
+    /// Whether answers to this cloud's questions are learnt (only an allowlist needs them).
+    pub fn learns(&self) -> bool {
+        self.mode == EgressMode::Allowlist
+    }
+}
 
 /// TTL of negative answers (and of the synthetic SOA), seconds: short, so a name created by the
 /// control plane is seen quickly by guests that asked before.
@@ -303,6 +370,9 @@ struct Inner {
 struct State {
     endpoints: HashMap<u32, CloudId>,
     zones: HashMap<CloudId, Arc<CompiledZone>>,
+    egress: HashMap<CloudId, Arc<EgressNames>>,
+    /// Per cloud: address → when it stops being reachable by name.
+    learnt: HashMap<CloudId, HashMap<Ipv4Addr, std::time::Instant>>,
 }
 
 impl DnsView {
@@ -338,6 +408,70 @@ impl DnsView {
     /// Drops `cloud`'s zone: its names become NXDOMAIN (they are under the suffix).
     pub fn remove_zone(&self, cloud: CloudId) {
         self.write().zones.remove(&cloud);
+    }
+
+    /// Sets what `cloud`'s egress policy says about names. Addresses learnt under an earlier
+    /// policy are forgotten when the cloud no longer learns (not `allowlist`).
+    pub fn set_egress(&self, cloud: CloudId, policy: &EgressPolicy) {
+        let names = Arc::new(EgressNames::new(policy));
+        let mut state = self.write();
+        if !names.learns() {
+            state.learnt.remove(&cloud);
+        }
+        state.egress.insert(cloud, names);
+    }
+
+    /// Forgets `cloud`'s egress policy and what it learnt.
+    pub fn remove_egress(&self, cloud: CloudId) {
+        let mut state = self.write();
+        state.egress.remove(&cloud);
+        state.learnt.remove(&cloud);
+    }
+
+    /// `cloud`'s egress policy as far as names go, if this host knows it.
+    pub fn egress_of(&self, cloud: CloudId) -> Option<Arc<EgressNames>> {
+        self.read().egress.get(&cloud).cloned()
+    }
+
+    /// Learns `addresses` (with their records' TTLs, seconds) for `cloud`: reachable until the
+    /// TTL plus [`EGRESS_GRACE`] from `now`, a later answer extending it. Drops expired ones,
+    /// then the soonest to expire beyond [`MAX_LEARNT_PER_CLOUD`].
+    pub fn learn(&self, cloud: CloudId, addresses: &[(Ipv4Addr, u32)], now: std::time::Instant) {
+        let mut state = self.write();
+        let learnt = state.learnt.entry(cloud).or_default();
+        for &(ip, ttl) in addresses {
+            let until = now + std::time::Duration::from_secs(u64::from(ttl)) + EGRESS_GRACE;
+            let e = learnt.entry(ip).or_insert(until);
+            *e = (*e).max(until);
+        }
+        learnt.retain(|_, until| *until > now);
+        if learnt.len() > MAX_LEARNT_PER_CLOUD {
+            let mut by_expiry: Vec<(std::time::Instant, Ipv4Addr)> =
+                learnt.iter().map(|(ip, t)| (*t, *ip)).collect();
+            by_expiry.sort();
+            for (_, ip) in &by_expiry[..by_expiry.len() - MAX_LEARNT_PER_CLOUD] {
+                learnt.remove(ip);
+            }
+        }
+    }
+
+    /// The addresses `cloud` may reach by name at `now`, with how long each stays so.
+    pub fn learnt(
+        &self,
+        cloud: CloudId,
+        now: std::time::Instant,
+    ) -> Vec<(Ipv4Addr, std::time::Duration)> {
+        let state = self.read();
+        let mut out: Vec<_> = state
+            .learnt
+            .get(&cloud)
+            .into_iter()
+            .flatten()
+            .filter(|(_, until)| **until > now)
+            .map(|(ip, until)| (*ip, *until - now))
+            .collect();
+        out.sort();
+        out
     }
 
     pub fn forward_policy(&self) -> &ForwardPolicy {
@@ -376,6 +510,59 @@ impl DnsView {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Learnt addresses last their TTL plus the grace, a later answer extends them, expired
+    /// ones go, a cloud keeps at most its bound (the soonest to expire go first), and leaving
+    /// `allowlist` forgets them.
+    #[test]
+    fn learnt_addresses_expire_and_are_bounded() {
+        use std::time::{Duration, Instant};
+        let view = DnsView::new(ForwardPolicy::Refuse);
+        let c = CloudId::new(1).unwrap();
+        let list: EgressPolicy = serde_json::from_value(
+            serde_json::json!({"mode": "allowlist", "allow": [{"domain": "a.example"}]}),
+        )
+        .unwrap();
+        view.set_egress(c, &list);
+        let t0 = Instant::now();
+        let ip = |n: u32| Ipv4Addr::from(0xc612_0000 + n);
+        view.learn(c, &[(ip(1), 30), (ip(2), 300)], t0);
+        assert_eq!(
+            view.learnt(c, t0),
+            vec![
+                (ip(1), Duration::from_secs(30) + EGRESS_GRACE),
+                (ip(2), Duration::from_secs(300) + EGRESS_GRACE)
+            ]
+        );
+        // A later, shorter answer does not shorten; a longer one extends.
+        view.learn(c, &[(ip(2), 1)], t0 + Duration::from_secs(10));
+        view.learn(c, &[(ip(1), 100)], t0 + Duration::from_secs(10));
+        let at = t0 + Duration::from_secs(100);
+        assert_eq!(
+            view.learnt(c, at),
+            vec![
+                (ip(1), Duration::from_secs(10 + 100 - 100) + EGRESS_GRACE),
+                (ip(2), Duration::from_secs(300 - 100) + EGRESS_GRACE)
+            ]
+        );
+        // Past TTL + grace: gone.
+        let late = t0 + Duration::from_secs(10 + 100) + EGRESS_GRACE;
+        assert_eq!(view.learnt(c, late).len(), 1);
+        // The bound: the soonest to expire are dropped.
+        let many: Vec<(Ipv4Addr, u32)> = (0..MAX_LEARNT_PER_CLOUD as u32 + 10)
+            .map(|n| (ip(1000 + n), 1000 + n))
+            .collect();
+        view.learn(c, &many, t0);
+        let kept = view.learnt(c, t0);
+        assert_eq!(kept.len(), MAX_LEARNT_PER_CLOUD);
+        assert!(
+            !kept.iter().any(|(a, _)| *a == ip(1)),
+            "the soonest went first"
+        );
+        // Leaving allowlist forgets them.
+        view.set_egress(c, &EgressPolicy::deny_all());
+        assert!(view.learnt(c, t0).is_empty());
+    }
 
     fn zone() -> Zone {
         let rec = |name: &str, data| Record {
