@@ -40,8 +40,9 @@
 //!   supervisor gave up (`failed`) is not started again by later deltas; a stop and a start
 //!   of the VM are what retry it. Without a manager a VM is its network identity only
 //!   (`network_ready`), for hosts whose taps another VMM opens.
-//! - **Egress policies** come per cloud (`SyncDelta.egress`), are re-checked, held, and passed
-//!   to the DNS server ([`DnsSink::set_egress`]), which forwards only the names they allow.
+//! - **Egress policies** come per cloud (`SyncDelta.egress`), are re-checked (a refused one
+//!   becomes `deny`: egress fails closed), held, and passed to the DNS server
+//!   ([`DnsSink::set_egress`]), which forwards only the names they allow.
 //! - **Exposure services** come per provider cloud as its complete set of active grants
 //!   ([`ProviderServices`]); the host installs each (VIP, NAT address, backends) and removes
 //!   the provider's services that are not in the set. A full state removes the services of
@@ -516,17 +517,17 @@ impl Converger {
             });
             true
         });
-        delta.egress.retain(|e| {
-            e.policy
-                .validate()
-                .map_err(|err| {
-                    logged(refuse(
-                        format!("the egress policy of cloud {}", e.cloud),
-                        err,
-                    ))
-                })
-                .is_ok()
-        });
+        // A refused egress policy fails closed: the cloud gets `deny` rather than keeping an
+        // older policy or the host's forwarding as configured.
+        for e in &mut delta.egress {
+            if let Err(err) = e.policy.validate() {
+                logged(refuse(
+                    format!("the egress policy of cloud {}", e.cloud),
+                    err,
+                ));
+                e.policy = EgressPolicy::deny_all();
+            }
+        }
         refused
     }
 

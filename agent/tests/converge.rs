@@ -1262,10 +1262,28 @@ async fn hostile_names_from_the_control_plane_are_refused_one_by_one() {
             (&image.join("vmlinux"), &image.join("initramfs.cpio.gz"))
         );
     }
-    // Egress policies: the valid cloud's held, the hostile one refused.
+    // Egress policies: the valid cloud's held; the hostile one refused, and the cloud denied
+    // (fails closed).
+    let hostile: atoll_api::model::EgressPolicy = serde_json::from_slice(
+        &store
+            .get(&format!("c/{b}/egress"))
+            .await
+            .unwrap()
+            .unwrap()
+            .value,
+    )
+    .unwrap();
+    assert_eq!(
+        hostile.mode,
+        atoll_api::model::EgressMode::Allow,
+        "the store holds it"
+    );
     assert_eq!(
         (conv.egress_policy(a), conv.egress_policy(b)),
-        (Some(&atoll_api::model::EgressPolicy::deny_all()), None)
+        (
+            Some(&atoll_api::model::EgressPolicy::deny_all()),
+            Some(&atoll_api::model::EgressPolicy::deny_all())
+        )
     );
     // The refused VMs are reported failed, naming the field at fault.
     for (p, field) in &vms {

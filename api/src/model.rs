@@ -1254,8 +1254,9 @@ pub struct SyncDelta {
     /// applies (empty: none any more). Providers not listed are unchanged, unless `full`.
     #[serde(default)]
     pub services: Vec<ProviderServices>,
-    /// The egress policies of clouds with VMs on this host that changed, or of clouds that
-    /// came to this host.
+    /// The egress policies (and own addresses) of clouds with VMs on this host: those that
+    /// changed, and those of clouds whose placements here changed (so a cloud arriving gets
+    /// its policy); applying one again changes nothing.
     #[serde(default)]
     pub egress: Vec<CloudEgress>,
     /// Clouds whose egress policy this host no longer holds (no VMs of theirs here any more).
