@@ -60,8 +60,9 @@ use std::{
 use atoll_api::{
     client::{Client, ClientError},
     model::{
-        EgressPolicy, FieldError, Placement, Power, Protocol, ProviderServices, ServiceReport,
-        StatusReport, SyncDelta, VmReport, VmState, VmStatus, VolumeFormat, VolumePlacement, Zone,
+        DeniedReport, EgressPolicy, FieldError, Placement, Power, Protocol, ProviderServices,
+        ServiceReport, StatusReport, SyncDelta, VmReport, VmState, VmStatus, VolumeFormat,
+        VolumePlacement, Zone,
     },
 };
 use atoll_api::{Command, ControlPlane, ControlPlaneError, Reply};
@@ -246,6 +247,10 @@ pub trait DnsSink: Send + Sync {
     /// `cloud`'s egress policy (which names its questions may be forwarded for).
     fn set_egress(&self, _cloud: CloudId, _policy: &EgressPolicy) {}
     fn remove_egress(&self, _cloud: CloudId) {}
+    /// The complete refusal lists of the clouds whose refusals changed since the last call.
+    fn take_denied(&self) -> Vec<DeniedReport> {
+        Vec::new()
+    }
 }
 
 /// Settings of the converger.
@@ -423,6 +428,7 @@ impl Converger {
                     StatusReport {
                         vms: chunk.to_vec(),
                         services: Vec::new(),
+                        denied: Vec::new(),
                     },
                 )
                 .await?;
@@ -678,6 +684,7 @@ impl Converger {
                     StatusReport {
                         vms: reports,
                         services,
+                        denied: Vec::new(),
                     },
                 )
                 .await?;
@@ -702,6 +709,7 @@ impl Converger {
                     StatusReport {
                         vms: refused,
                         services: Vec::new(),
+                        denied: Vec::new(),
                     },
                 )
                 .await
@@ -779,6 +787,28 @@ impl Converger {
         };
         self.statuses.insert(key, st.clone());
         Some(st)
+    }
+
+    /// Reports what the clouds here were refused since the last report (their complete
+    /// lists), if anything changed.
+    pub async fn report_denied(&mut self) -> Result<(), ConvergeError> {
+        let Some(dns) = &self.dns else {
+            return Ok(());
+        };
+        let denied = dns.take_denied();
+        if denied.is_empty() {
+            return Ok(());
+        }
+        self.source
+            .report(
+                &self.cfg.host,
+                StatusReport {
+                    vms: Vec::new(),
+                    services: Vec::new(),
+                    denied,
+                },
+            )
+            .await
     }
 
     fn forget_egress(&mut self, cloud: CloudId) {
@@ -1000,6 +1030,10 @@ impl DnsSink for crate::dns::DnsView {
 
     fn remove_egress(&self, cloud: CloudId) {
         crate::dns::DnsView::remove_egress(self, cloud);
+    }
+
+    fn take_denied(&self) -> Vec<DeniedReport> {
+        crate::dns::DnsView::take_denied(self)
     }
 
     fn remove_endpoint(&self, slot: u32) {

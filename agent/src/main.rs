@@ -235,6 +235,8 @@ async fn run(cfg: &AgentConfig) -> Result<()> {
     // Spare taps are refilled in short batches (5 ms of work at most) between changes, so a
     // refill never delays a VM create by more than that.
     let mut refill = tokio::time::interval(std::time::Duration::from_millis(20));
+    // What the DNS server refused, reported to the control plane when it changed.
+    let mut denied = tokio::time::interval(std::time::Duration::from_secs(5));
     refill.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut tick = tokio::time::interval(std::time::Duration::from_secs(cfg.usage.interval_secs));
@@ -287,6 +289,13 @@ async fn run(cfg: &AgentConfig) -> Result<()> {
                 if let Some(c) = converger.as_mut() {
                     if let Err(e) = c.report_consoles().await {
                         tracing::error!("{e}");
+                    }
+                }
+            }
+            _ = denied.tick(), if converger.is_some() => {
+                if let Some(c) = converger.as_mut() {
+                    if let Err(e) = c.report_denied().await {
+                        tracing::error!("reporting denied destinations: {e}");
                     }
                 }
             }

@@ -894,9 +894,13 @@ async fn exposures_converge_onto_the_host() {
     host.destroy().await.unwrap();
 }
 
-/// What the converger hands the host's DNS server: each cloud's last zone.
+/// What the converger hands the host's DNS server: each cloud's last zone; and the refusals
+/// the test has it report.
 #[derive(Default)]
-struct ZoneLog(std::sync::Mutex<Vec<(u32, Zone)>>);
+struct ZoneLog(
+    std::sync::Mutex<Vec<(u32, Zone)>>,
+    std::sync::Mutex<Vec<atoll_api::model::DeniedReport>>,
+);
 
 impl atoll_agent::converge::DnsSink for ZoneLog {
     fn set_endpoint(&self, _slot: u32, _cloud: atoll_agent::types::CloudId) {}
@@ -905,6 +909,9 @@ impl atoll_agent::converge::DnsSink for ZoneLog {
         self.0.lock().unwrap().push((cloud.get(), zone.clone()));
     }
     fn remove_zone(&self, _cloud: atoll_agent::types::CloudId) {}
+    fn take_denied(&self) -> Vec<atoll_api::model::DeniedReport> {
+        std::mem::take(&mut *self.1.lock().unwrap())
+    }
 }
 
 /// A VM driver that runs nothing: it records the kernel and initramfs each boot would read,
@@ -1260,6 +1267,37 @@ async fn hostile_names_from_the_control_plane_are_refused_one_by_one() {
         assert_eq!(
             (kernel, initrd),
             (&image.join("vmlinux"), &image.join("initramfs.cpio.gz"))
+        );
+    }
+    // Refusals reach the control plane (over HTTPS, with the host's token), for the clouds
+    // this host runs only; nothing new, nothing sent.
+    {
+        use atoll_api::model::{DeniedDestination, DeniedReport, DenyReason};
+        let entry = DeniedDestination {
+            name: Some("exfil.example".into()),
+            address: None,
+            port: None,
+            protocol: None,
+            reason: DenyReason::NameNotAllowed,
+            count: 3,
+            last_seen: 1,
+            host: String::new(),
+        };
+        *zones.1.lock().unwrap() = vec![DeniedReport {
+            cloud: a,
+            entries: vec![entry.clone()],
+        }];
+        conv.report_denied().await.expect("reporting refusals");
+        conv.report_denied().await.expect("nothing to report");
+        let Reply::Denied(got) = exec(&core, Cmd::ListDenied { cloud: a }).await else {
+            panic!()
+        };
+        assert_eq!(
+            got,
+            vec![DeniedDestination {
+                host: "h1".into(),
+                ..entry
+            }]
         );
     }
     // Egress policies: the valid cloud's held; the hostile one refused, and the cloud denied

@@ -332,6 +332,36 @@ fn scenario() {
         let own = resolve(&g2.ns, t, "web.two.atoll.internal.", RecordType::A).expect("own web");
         assert_eq!(addresses(&own), vec![Ipv4Addr::new(10, 0, 0, 3)]);
     }
+    // What was refused, per cloud, for the control plane: exactly the refused names, each
+    // counted once per question the server got (at least once per transport; the resolver
+    // may ask again after a refusal).
+    let denied: Vec<(u32, Vec<String>)> = view
+        .take_denied()
+        .into_iter()
+        .map(|r| {
+            assert!(r.entries.iter().all(|e| e.count >= 2), "{r:?}");
+            let mut names: Vec<String> = r
+                .entries
+                .into_iter()
+                .map(|e| e.name.unwrap_or_default())
+                .collect();
+            names.sort();
+            (r.cloud.get(), names)
+        })
+        .collect();
+    assert_eq!(
+        denied,
+        vec![
+            (
+                1,
+                vec![
+                    "alias.example.com".to_string(),
+                    "exfiltrated-secret.example.org".to_string()
+                ]
+            ),
+            (2, vec!["example.com".to_string()]),
+        ]
+    );
     // An agent restart: a new `Host` on the same pins ensures the same plane (reusing the
     // namespace, the devices and the pinned `from_dns` link) and DNS keeps working.
     drop(host);

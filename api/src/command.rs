@@ -139,6 +139,8 @@ pub enum Command {
         cloud: CloudId,
         policy: EgressPolicy,
     },
+    /// The cloud's recent denied destinations, from every host. The cloud or the operator.
+    ListDenied { cloud: CloudId },
     /// The cloud's own egress address. The cloud or the operator.
     GetEgressAddress { cloud: CloudId },
     /// Give the cloud an egress address of the pool (replacing the one it had). Operator.
@@ -228,7 +230,8 @@ impl Command {
             | PutOfferPolicy { cloud, .. }
             | GetEgressPolicy { cloud }
             | PutEgressPolicy { cloud, .. }
-            | GetEgressAddress { cloud } => Issuer::Cloud(*cloud),
+            | GetEgressAddress { cloud }
+            | ListDenied { cloud } => Issuer::Cloud(*cloud),
             AssignEgressAddress { .. } | ReleaseEgressAddress { .. } => Issuer::Operator,
         }
     }
@@ -268,6 +271,7 @@ pub enum Reply {
     OfferPolicy(OfferPolicy),
     EgressPolicy(EgressPolicy),
     EgressAddress(EgressAddress),
+    Denied(Vec<DeniedDestination>),
     Host(HostInfo),
     HostToken(Box<HostToken>),
     Hosts(Vec<HostInfo>),
@@ -303,6 +307,7 @@ impl Reply {
             Reply::OfferPolicy(v) => j(v),
             Reply::EgressPolicy(v) => j(v),
             Reply::EgressAddress(v) => j(v),
+            Reply::Denied(v) => j(v),
             Reply::Host(v) => j(v),
             Reply::HostToken(v) => j(&**v),
             Reply::Hosts(v) => j(v),
@@ -340,6 +345,7 @@ impl Reply {
             Some("OfferPolicy") => Reply::OfferPolicy(d(body)?),
             Some("EgressPolicy") => Reply::EgressPolicy(d(body)?),
             Some("EgressAddress") => Reply::EgressAddress(d(body)?),
+            Some("[DeniedDestination]") => Reply::Denied(d(body)?),
             Some("HostInfo") => Reply::Host(d(body)?),
             Some("HostToken") => Reply::HostToken(d(body)?),
             Some("[HostInfo]") => Reply::Hosts(d(body)?),
@@ -391,6 +397,7 @@ payload! {
     OfferPolicy => OfferPolicy;
     EgressPolicy => EgressPolicy;
     EgressAddress => EgressAddress;
+    Denied => Vec<DeniedDestination>;
     Host => HostInfo;
     HostToken => HostToken, boxed 1;
     Hosts => Vec<HostInfo>;

@@ -1427,6 +1427,78 @@ pub struct StatusReport {
     /// Exposure services whose installation changed: failed, or installed after a failure.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub services: Vec<ServiceReport>,
+    /// Each listed cloud's recent denied destinations on this host, complete (it replaces
+    /// what the host reported of the cloud before).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub denied: Vec<DeniedReport>,
+}
+
+/// A host's recent denied destinations of one cloud (at most [`MAX_DENIED_PER_HOST`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DeniedReport {
+    pub cloud: CloudId,
+    pub entries: Vec<DeniedDestination>,
+}
+
+/// The most denied destinations a host keeps and reports per cloud (the least recent go).
+pub const MAX_DENIED_PER_HOST: usize = 64;
+
+/// Something a cloud's VMs tried to reach and were refused, and how often
+/// (`GET /v1/clouds/{cloud}/egress/denied`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DeniedDestination {
+    /// The name asked for, when the refusal was of a name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(max_length = 253)]
+    pub name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>)]
+    pub address: Option<Ipv4Addr>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub protocol: Option<Protocol>,
+    pub reason: DenyReason,
+    pub count: u64,
+    /// Seconds since the Unix epoch.
+    pub last_seen: u64,
+    /// The host that refused it (set by the control plane).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub host: String,
+}
+
+/// Why a destination was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum DenyReason {
+    /// The cloud's egress policy does not allow the name (its DNS question was not
+    /// forwarded).
+    NameNotAllowed,
+}
+
+impl DeniedReport {
+    /// What a control plane accepts from a host: bounded, names DNS-sized.
+    pub fn validate(&self) -> Result<(), FieldError> {
+        if self.entries.len() > MAX_DENIED_PER_HOST {
+            return Err(FieldError::new(
+                "denied.entries",
+                format!("at most {MAX_DENIED_PER_HOST} per cloud"),
+            ));
+        }
+        if self.entries.iter().any(|e| {
+            e.name
+                .as_ref()
+                .is_some_and(|n| n.len() > MAX_DNS_NAME_LEN + 1)
+        }) {
+            return Err(FieldError::new(
+                "denied.entries.name",
+                "longer than a DNS name",
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// A host's word on one exposure service (a grant, named by its provider, consumer and VIP).

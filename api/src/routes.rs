@@ -128,6 +128,7 @@ pub enum RouteId {
     PutOfferPolicy,
     GetEgressPolicy,
     PutEgressPolicy,
+    ListDenied,
     GetEgressAddress,
     AssignEgressAddress,
     ReleaseEgressAddress,
@@ -579,6 +580,15 @@ pub const PUT_EGRESS_POLICY: Route = Route::new(
 .summary("Set what this cloud's VMs may reach outside the cloud (live flows it no longer allows are cut)")
 .body("EgressPolicy")
 .reply("EgressPolicy");
+pub const LIST_DENIED: Route = Route::new(
+    RouteId::ListDenied,
+    Method::GET,
+    "/v1/clouds/{cloud}/egress/denied",
+    C,
+    200,
+)
+.summary("What this cloud's VMs were refused recently, and why, from every host")
+.reply("[DeniedDestination]");
 pub const GET_EGRESS_ADDRESS: Route = Route::new(
     RouteId::GetEgressAddress,
     Method::GET,
@@ -708,6 +718,7 @@ pub const ROUTES: &[&Route] = &[
     &PUT_OFFER_POLICY,
     &GET_EGRESS_POLICY,
     &PUT_EGRESS_POLICY,
+    &LIST_DENIED,
     &GET_EGRESS_ADDRESS,
     &ASSIGN_EGRESS_ADDRESS,
     &RELEASE_EGRESS_ADDRESS,
@@ -767,6 +778,7 @@ impl Command {
             GetEgressPolicy { .. } => &GET_EGRESS_POLICY,
             PutEgressPolicy { .. } => &PUT_EGRESS_POLICY,
             GetEgressAddress { .. } => &GET_EGRESS_ADDRESS,
+            ListDenied { .. } => &LIST_DENIED,
             AssignEgressAddress { .. } => &ASSIGN_EGRESS_ADDRESS,
             ReleaseEgressAddress { .. } => &RELEASE_EGRESS_ADDRESS,
             ListHosts => &LIST_HOSTS,
@@ -803,6 +815,7 @@ impl Command {
             | GetEgressPolicy { cloud }
             | PutEgressPolicy { cloud, .. }
             | GetEgressAddress { cloud }
+            | ListDenied { cloud }
             | AssignEgressAddress { cloud, .. }
             | ReleaseEgressAddress { cloud } => vec![cloud.to_string()],
             GetVm { cloud, vm }
@@ -1099,6 +1112,7 @@ pub fn parse(
         },
         RouteId::GetEgressPolicy => GetEgressPolicy { cloud: cloud()? },
         RouteId::GetEgressAddress => GetEgressAddress { cloud: cloud()? },
+        RouteId::ListDenied => ListDenied { cloud: cloud()? },
         RouteId::AssignEgressAddress => AssignEgressAddress {
             cloud: cloud()?,
             spec: parse_body(body)?,
@@ -1404,6 +1418,7 @@ mod tests {
             },
             GetEgressPolicy { cloud },
             GetEgressAddress { cloud },
+            ListDenied { cloud },
             AssignEgressAddress {
                 cloud,
                 spec: m::AssignEgressAddress {
@@ -1460,6 +1475,7 @@ mod tests {
                 report: m::StatusReport {
                     vms: vec![],
                     services: vec![],
+                    denied: Vec::new(),
                 },
             },
         ]

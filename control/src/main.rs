@@ -377,6 +377,8 @@ enum EgressCmd {
         #[arg(long, value_name = "BYTES/PERIOD", value_parser = parse_budget)]
         budget: Option<ByteBudget>,
     },
+    /// What the cloud's VMs were refused recently, and why, from every host.
+    Denied { cloud: CloudId },
     /// Show the cloud's own egress address.
     Address { cloud: CloudId },
     /// Give the cloud an egress address of the pool, its alone (operator).
@@ -814,6 +816,7 @@ async fn resource(c: &Client, cmd: Cmd) -> Result<Output> {
         Cmd::Offer(OfferCmd::Policy { cloud }) => Command::GetOfferPolicy { cloud },
         Cmd::Egress(EgressCmd::Show { cloud }) => Command::GetEgressPolicy { cloud },
         Cmd::Egress(EgressCmd::Address { cloud }) => Command::GetEgressAddress { cloud },
+        Cmd::Egress(EgressCmd::Denied { cloud }) => Command::ListDenied { cloud },
         Cmd::Egress(EgressCmd::Assign { cloud, address }) => Command::AssignEgressAddress {
             cloud,
             spec: AssignEgressAddress { address },

@@ -61,6 +61,7 @@ api_suite!(
     grants_are_active_only_where_they_carry_traffic,
     egress_policies_start_at_the_default_and_are_checked,
     egress_addresses_are_the_operators_to_give_and_each_clouds_alone,
+    denied_destinations_come_from_the_hosts_running_the_cloud,
 );
 
 /// The store the control plane under test is configured with.
@@ -2277,6 +2278,7 @@ async fn report(
             status: status.clone(),
             console: console.map(String::from),
         }],
+        denied: Vec::new(),
     };
     let body = serde_json::to_value(&body).unwrap();
     let () = ok(
@@ -3482,4 +3484,104 @@ async fn egress_addresses_are_the_operators_to_give_and_each_clouds_alone(api: A
     let b_again: EgressAddress = ok(&api.op, Method::PUT, &at(b.cloud.id), Some(json!({}))).await;
     assert_eq!(b_again.address, first.address);
     assert_eq!(mentions(&api, a.cloud.id).await, Vec::<String>::new());
+}
+
+/// What hosts report their DNS servers refused shows to the cloud, per host and most recent
+/// first; a host's report of a cloud it does not run is ignored, an oversized one refused, and
+/// a later report replaces the host's earlier one.
+async fn denied_destinations_come_from_the_hosts_running_the_cloud(api: Api) {
+    let (a, ac) = api.cloud(json!({"name": "da"})).await;
+    let (b, bc) = api.cloud(json!({"name": "db"})).await;
+    let _: Vm = ok(
+        &ac,
+        Method::POST,
+        &routes::CREATE_VM.at(&[&a.cloud.id]),
+        Some(json!({"name": "w"})),
+    )
+    .await;
+    let entry = |name: &str, count: u64, last_seen: u64| DeniedDestination {
+        name: Some(name.into()),
+        address: None,
+        port: None,
+        protocol: None,
+        reason: DenyReason::NameNotAllowed,
+        count,
+        last_seen,
+        host: String::new(),
+    };
+    let report = |denied: Vec<DeniedReport>| atoll_api::Command::ReportStatus {
+        host: "host-a".into(),
+        report: StatusReport {
+            vms: vec![],
+            services: vec![],
+            denied,
+        },
+    };
+    api.core
+        .execute(
+            Principal::Host("host-a".into()),
+            report(vec![
+                DeniedReport {
+                    cloud: a.cloud.id,
+                    entries: vec![entry("old.example", 3, 100), entry("new.example", 1, 200)],
+                },
+                // host-a runs nothing of cloud b: ignored.
+                DeniedReport {
+                    cloud: b.cloud.id,
+                    entries: vec![entry("forged.example", 1, 300)],
+                },
+            ]),
+        )
+        .await
+        .expect("report");
+    let path = routes::LIST_DENIED.at(&[&a.cloud.id]);
+    let got: Vec<DeniedDestination> = ok(&ac, Method::GET, &path, None).await;
+    let seen: Vec<(Option<&str>, u64, &str)> = got
+        .iter()
+        .map(|d| (d.name.as_deref(), d.count, d.host.as_str()))
+        .collect();
+    assert_eq!(
+        seen,
+        vec![
+            (Some("new.example"), 1, "host-a"),
+            (Some("old.example"), 3, "host-a")
+        ]
+    );
+    let raw_b: Value = ok(
+        &bc,
+        Method::GET,
+        &routes::LIST_DENIED.at(&[&b.cloud.id]),
+        None,
+    )
+    .await;
+    assert_eq!(raw_b, json!([]));
+    // A later report replaces the host's list.
+    api.core
+        .execute(
+            Principal::Host("host-a".into()),
+            report(vec![DeniedReport {
+                cloud: a.cloud.id,
+                entries: vec![entry("new.example", 5, 400)],
+            }]),
+        )
+        .await
+        .unwrap();
+    let got: Vec<DeniedDestination> = ok(&ac, Method::GET, &path, None).await;
+    assert_eq!((got.len(), got[0].count), (1, 5));
+    // Bounded.
+    let too_many = (0..=MAX_DENIED_PER_HOST as u64)
+        .map(|i| entry(&format!("n{i}.example"), 1, i))
+        .collect();
+    let e = api
+        .core
+        .execute(
+            Principal::Host("host-a".into()),
+            report(vec![DeniedReport {
+                cloud: a.cloud.id,
+                entries: too_many,
+            }]),
+        )
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("at most 64"), "{e}");
 }

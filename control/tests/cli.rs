@@ -213,6 +213,7 @@ async fn cli_drives_the_api() {
                 },
                 console: Some(tail.into()),
             }],
+            denied: Vec::new(),
         };
         rt.block_on(core.execute(
             Principal::Operator,
@@ -287,6 +288,10 @@ async fn cli_drives_the_api() {
         assert_eq!(malformed.status.code(), Some(2));
         let err = String::from_utf8_lossy(&malformed.stderr);
         assert!(err.contains("--allow") && err.contains("sctp"), "{err}");
+        assert_eq!(
+            json(&atoll(&url, &token, &["egress", "denied", &id])),
+            serde_json::json!([])
+        );
         // Own egress addresses are the operator's to give: this control plane has none.
         let refused = atoll(&url, &op, &["egress", "assign", &id]);
         assert_eq!(refused.status.code(), Some(1));

@@ -228,6 +228,10 @@ impl Handler {
                     .egress_of(cloud)
                     .is_some_and(|e| !e.allows(&qname.to_string())) =>
             {
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs());
+                self.view.deny(cloud, &qname.to_string(), now);
                 (Outcome::Error(ResponseCode::Refused), apex)
             }
             ForwardPolicy::Forward(upstreams) => (Outcome::Forward(upstreams.clone(), cloud), apex),

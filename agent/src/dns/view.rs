@@ -43,7 +43,9 @@ use hickory_proto::{
     ProtoError,
 };
 
-use atoll_api::model::{EgressMode, EgressPolicy};
+use atoll_api::model::{
+    DeniedDestination, DeniedReport, DenyReason, EgressMode, EgressPolicy, MAX_DENIED_PER_HOST,
+};
 
 use crate::types::CloudId;
 
@@ -373,6 +375,10 @@ struct State {
     egress: HashMap<CloudId, Arc<EgressNames>>,
     /// Per cloud: address → when it stops being reachable by name.
     learnt: HashMap<CloudId, HashMap<Ipv4Addr, std::time::Instant>>,
+    /// Per cloud: names refused by its policy → (count, last seen, Unix seconds).
+    denied: HashMap<CloudId, HashMap<String, (u64, u64)>>,
+    /// Clouds whose refusals changed since [`DnsView::take_denied`].
+    denied_changed: HashSet<CloudId>,
 }
 
 impl DnsView {
@@ -421,11 +427,65 @@ impl DnsView {
         state.egress.insert(cloud, names);
     }
 
-    /// Forgets `cloud`'s egress policy and what it learnt.
+    /// Forgets `cloud`'s egress policy, what it learnt and what it was refused.
     pub fn remove_egress(&self, cloud: CloudId) {
         let mut state = self.write();
         state.egress.remove(&cloud);
         state.learnt.remove(&cloud);
+        state.denied.remove(&cloud);
+        state.denied_changed.remove(&cloud);
+    }
+
+    /// Counts a question of `cloud` for `name` that its policy refused, at `unix_secs`. A
+    /// cloud keeps the [`MAX_DENIED_PER_HOST`] most recent names.
+    pub fn deny(&self, cloud: CloudId, name: &str, unix_secs: u64) {
+        let name = name.trim_end_matches('.').to_ascii_lowercase();
+        let mut state = self.write();
+        let log = state.denied.entry(cloud).or_default();
+        let e = log.entry(name).or_insert((0, 0));
+        e.0 += 1;
+        e.1 = e.1.max(unix_secs);
+        if log.len() > MAX_DENIED_PER_HOST {
+            if let Some(oldest) = log
+                .iter()
+                .min_by_key(|(_, (_, t))| *t)
+                .map(|(n, _)| n.clone())
+            {
+                log.remove(&oldest);
+            }
+        }
+        state.denied_changed.insert(cloud);
+    }
+
+    /// The complete refusal lists of the clouds whose refusals changed since the last call.
+    pub fn take_denied(&self) -> Vec<DeniedReport> {
+        let mut state = self.write();
+        let changed: Vec<CloudId> = state.denied_changed.drain().collect();
+        let mut out: Vec<DeniedReport> = changed
+            .into_iter()
+            .map(|cloud| {
+                let mut entries: Vec<DeniedDestination> = state
+                    .denied
+                    .get(&cloud)
+                    .into_iter()
+                    .flatten()
+                    .map(|(name, (count, last_seen))| DeniedDestination {
+                        name: Some(name.clone()),
+                        address: None,
+                        port: None,
+                        protocol: None,
+                        reason: DenyReason::NameNotAllowed,
+                        count: *count,
+                        last_seen: *last_seen,
+                        host: String::new(),
+                    })
+                    .collect();
+                entries.sort_by(|a, b| b.last_seen.cmp(&a.last_seen).then(a.name.cmp(&b.name)));
+                DeniedReport { cloud, entries }
+            })
+            .collect();
+        out.sort_by_key(|r| r.cloud);
+        out
     }
 
     /// `cloud`'s egress policy as far as names go, if this host knows it.
@@ -510,6 +570,57 @@ impl DnsView {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Refused names are counted per cloud, bounded (the least recent go), and reported once
+    /// per change, complete.
+    #[test]
+    fn refusals_are_counted_bounded_and_taken_once() {
+        let view = DnsView::new(ForwardPolicy::Refuse);
+        let (a, b) = (CloudId::new(1).unwrap(), CloudId::new(2).unwrap());
+        assert!(view.take_denied().is_empty());
+        view.deny(a, "Evil.Example.", 10);
+        view.deny(a, "evil.example", 20);
+        view.deny(a, "other.example", 15);
+        let taken = view.take_denied();
+        assert_eq!(taken.len(), 1);
+        let names: Vec<(Option<&str>, u64, u64)> = taken[0]
+            .entries
+            .iter()
+            .map(|e| (e.name.as_deref(), e.count, e.last_seen))
+            .collect();
+        assert_eq!(
+            (taken[0].cloud, names),
+            (
+                a,
+                vec![
+                    (Some("evil.example"), 2, 20),
+                    (Some("other.example"), 1, 15)
+                ]
+            )
+        );
+        assert!(view.take_denied().is_empty(), "nothing changed since");
+        for i in 0..MAX_DENIED_PER_HOST as u64 + 5 {
+            view.deny(b, &format!("n{i}.example"), 100 + i);
+        }
+        let taken = view.take_denied();
+        assert_eq!(taken[0].entries.len(), MAX_DENIED_PER_HOST);
+        assert!(
+            !taken[0]
+                .entries
+                .iter()
+                .any(|e| e.name.as_deref() == Some("n0.example")),
+            "the least recent went"
+        );
+        view.remove_egress(b);
+        view.deny(a, "evil.example", 30);
+        assert_eq!(
+            view.take_denied()
+                .iter()
+                .map(|r| r.cloud)
+                .collect::<Vec<_>>(),
+            vec![a]
+        );
+    }
 
     /// Learnt addresses last their TTL plus the grace, a later answer extends them, expired
     /// ones go, a cloud keeps at most its bound (the soonest to expire go first), and leaving

@@ -194,6 +194,44 @@ impl Core {
                 }
             }
         }
+        for d in &report.denied {
+            // Only of clouds this host runs, bounded; the host's list replaces its last one.
+            let runs = {
+                let st = self.feed.state.lock().expect("feed lock");
+                st.placements
+                    .get(host)
+                    .is_some_and(|m| m.contains_key(&d.cloud))
+            };
+            if !runs {
+                continue;
+            }
+            d.validate()?;
+            let entries: Vec<DeniedDestination> = d
+                .entries
+                .iter()
+                .map(|e| DeniedDestination {
+                    host: host.to_string(),
+                    ..e.clone()
+                })
+                .collect();
+            self.commit(Txn {
+                compares: vec![Compare::Present(keys::cloud(d.cloud))],
+                success: vec![put(keys::denied(d.cloud, host), &entries)],
+            })
+            .await?;
+        }
         Ok(Reply::Done)
+    }
+
+    /// A cloud's denied destinations from every host, the most recent first.
+    pub(super) async fn list_denied(&self, c: CloudId) -> Result<Reply, CoreError> {
+        self.cloud(c).await?;
+        let mut all: Vec<DeniedDestination> = Vec::new();
+        for kv in self.store.range(&keys::all_denied(c), None, 0).await? {
+            let entries: Vec<DeniedDestination> = decode(&kv.key, &kv.value)?;
+            all.extend(entries);
+        }
+        all.sort_by(|a, b| b.last_seen.cmp(&a.last_seen).then(b.count.cmp(&a.count)));
+        Ok(Reply::Denied(all))
     }
 }

@@ -104,6 +104,13 @@ pub fn offer_policy(c: CloudId) -> String {
 pub fn egress_policy(c: CloudId) -> String {
     format!("c/{c}/egress")
 }
+/// What `host` last reported the cloud was refused (not a kind hosts sync).
+pub fn denied(c: CloudId, host: &str) -> String {
+    format!("c/{c}/denied/{host}")
+}
+pub fn all_denied(c: CloudId) -> String {
+    format!("c/{c}/denied/")
+}
 /// The cloud's own [`super::EgressAddress`].
 pub fn egress_address(c: CloudId) -> String {
     format!("c/{c}/egressaddr")

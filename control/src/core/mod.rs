@@ -573,6 +573,7 @@ impl Core {
                 Ok(Reply::EgressPolicy(self.egress_policy(c).await?))
             }
             PutEgressPolicy { cloud: c, policy } => self.put_egress_policy(c, policy).await,
+            ListDenied { cloud: c } => self.list_denied(c).await,
             GetEgressAddress { cloud: c } => {
                 self.cloud(c).await?;
                 match self.egress_address(c).await? {
