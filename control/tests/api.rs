@@ -981,6 +981,23 @@ async fn openapi_document_case(api: Api) {
     }
 }
 
+/// host-a's sync after `revision`, long-polling (up to 20 s) on a task of its own.
+fn sync_after(
+    api: &Api,
+    revision: u64,
+) -> tokio::task::JoinHandle<Result<SyncDelta, atoll_control::core::CoreError>> {
+    let core = api.core.clone();
+    tokio::spawn(async move {
+        core.sync(
+            Principal::Operator,
+            "host-a",
+            revision,
+            Duration::from_secs(20),
+        )
+        .await
+    })
+}
+
 async fn host_sync_sends_changes_then_waits(api: Api) {
     let (a, ac) = api.cloud(json!({"name": "s"})).await;
     let full = api
@@ -1002,12 +1019,7 @@ async fn host_sync_sends_changes_then_waits(api: Api) {
         .unwrap();
     assert!(!idle.full && idle.vms.is_empty() && idle.zones.is_empty());
     // A VM created while the host waits wakes it with the placement and the zone.
-    let core = api.core.clone();
-    let rev = idle.revision;
-    let waiter = tokio::spawn(async move {
-        core.sync(Principal::Operator, "host-a", rev, Duration::from_secs(20))
-            .await
-    });
+    let waiter = sync_after(&api, idle.revision);
     let vm: Vm = ac
         .call(
             Method::POST,
@@ -1037,12 +1049,7 @@ async fn host_sync_sends_changes_then_waits(api: Api) {
         }]
     );
     // A changed policy wakes the host with the policy alone.
-    let core = api.core.clone();
-    let rev = d.revision;
-    let waiter = tokio::spawn(async move {
-        core.sync(Principal::Operator, "host-a", rev, Duration::from_secs(20))
-            .await
-    });
+    let waiter = sync_after(&api, d.revision);
     let policy: EgressPolicy = ac
         .call(
             Method::PUT,

@@ -98,10 +98,7 @@ impl Core {
                 Compare::Absent(keys::egress_address_holder(address)),
             ];
             let mut success = vec![
-                Op::Put {
-                    key: keys::egress_address_holder(address),
-                    value: serde_json::to_vec(&c).expect("a cloud id serializes"),
-                },
+                put(keys::egress_address_holder(address), &c),
                 put(keys::egress_address(c), &record),
             ];
             match &held {
@@ -122,7 +119,7 @@ impl Core {
                     .store
                     .get(&keys::egress_address_holder(address))
                     .await?
-                    .is_some_and(|kv| kv.value != serde_json::to_vec(&c).expect("serializes"))
+                    .is_some_and(|kv| kv.value != encode(&c))
             {
                 return Err(CoreError::Conflict {
                     code: "egress_address_taken",
