@@ -242,11 +242,14 @@ pub struct AgentConfig {
     pub egress: EgressConfig,
 }
 
-/// `[egress]`: how this host's guests reach the internet (issue 17). The eBPF egress path is
-/// not built yet: today `atoll-agent doctor` checks and reports these settings, nothing more.
+/// `[egress]`: how this host's guests reach the internet (see the `egress` module).
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct EgressConfig {
+    /// Attach to the uplink and let clouds out under their policies. Off by default:
+    /// attaching a program to the host's uplink is the operator's decision; off, no cloud
+    /// reaches anything outside its range, whatever its policy.
+    pub enabled: bool,
     /// The device towards the internet; unset: the device of the IPv4 default route.
     pub uplink: Option<DeviceName>,
     /// Source ports of the egress addresses used for NAT (`"first-last"`, at least 1024 ports,
@@ -262,6 +265,7 @@ pub struct EgressConfig {
 impl Default for EgressConfig {
     fn default() -> Self {
         EgressConfig {
+            enabled: false,
             uplink: None,
             nat_ports: NatPorts {
                 first: 61000,

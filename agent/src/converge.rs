@@ -69,7 +69,8 @@ use atoll_api::{Command, ControlPlane, ControlPlaneError, Reply};
 
 use crate::{
     endpoint::{
-        DeviceSpec, EndpointError, EndpointSpec, Host, ServiceSpec, PROTOCOL_TCP, PROTOCOL_UDP,
+        CloudEgressSpec, DeviceSpec, EndpointError, EndpointSpec, Host, ServiceSpec, PROTOCOL_TCP,
+        PROTOCOL_UDP,
     },
     types::{CloudId, MacAddr},
     vm::{VmEvent, VmKey, VmManager, VmSpec},
@@ -285,8 +286,8 @@ pub struct Converger {
     /// The DNS suffix every zone must sit directly under (`dns.suffix`), when this host
     /// serves DNS.
     dns_suffix: Option<String>,
-    /// The egress policies of the clouds with VMs here, as received; the DNS server enforces
-    /// their names (issue 17: the dataplane has no egress path yet).
+    /// The egress policies of the clouds with VMs here, as received (the dataplane and the DNS
+    /// server enforce them).
     egress: HashMap<CloudId, EgressPolicy>,
     /// Exposure services this host failed to install, as last reported:
     /// `(provider, consumer, vip)` → the error.
@@ -617,22 +618,45 @@ impl Converger {
         }
         if delta.full {
             let listed: HashSet<CloudId> = delta.egress.iter().map(|e| e.cloud).collect();
-            let gone: Vec<CloudId> = self
+            let mut gone: HashSet<CloudId> = self
                 .egress
                 .keys()
                 .filter(|c| !listed.contains(c))
                 .copied()
                 .collect();
+            // What a previous run of the agent left in the dataplane, too.
+            match host.egress_clouds() {
+                Ok(ids) => gone.extend(
+                    ids.into_iter()
+                        .filter_map(CloudId::new)
+                        .filter(|c| !listed.contains(c)),
+                ),
+                Err(e) => tracing::error!("listing the clouds' egress: {e}"),
+            }
             for c in gone {
-                self.forget_egress(c);
+                self.forget_egress(host, c);
             }
         }
         for c in &delta.removed_egress {
-            self.forget_egress(*c);
+            self.forget_egress(host, *c);
         }
         for e in &delta.egress {
-            // The DNS server enforces the names; the dataplane's egress path is not built yet.
             tracing::debug!(cloud = %e.cloud, mode = ?e.policy.mode, "egress policy received");
+            // Rules and entry first, then the DNS server: a name it forwards under the new
+            // policy is learnt into rules that exist.
+            let spec = CloudEgressSpec {
+                policy: e.policy.clone(),
+                cidr: e.cidr,
+                address: e.address,
+            };
+            if let Err(err) = host.set_cloud_egress(e.cloud, &spec) {
+                // Fail closed: what the cloud could reach before must not outlive a policy
+                // this host could not apply.
+                tracing::error!(cloud = %e.cloud, "applying the egress policy: {err}");
+                if let Err(err) = host.remove_cloud_egress(e.cloud) {
+                    tracing::error!(cloud = %e.cloud, "removing the egress of cloud {}: {err}", e.cloud);
+                }
+            }
             if let Some(dns) = &self.dns {
                 dns.set_egress(e.cloud, &e.policy);
             }
@@ -811,8 +835,11 @@ impl Converger {
             .await
     }
 
-    fn forget_egress(&mut self, cloud: CloudId) {
+    fn forget_egress(&mut self, host: &mut Host, cloud: CloudId) {
         self.egress.remove(&cloud);
+        if let Err(e) = host.remove_cloud_egress(cloud) {
+            tracing::error!(cloud = %cloud, "removing the egress of cloud {cloud}: {e}");
+        }
         if let Some(dns) = &self.dns {
             dns.remove_egress(cloud);
         }

@@ -58,17 +58,19 @@ use std::{
 };
 
 use atoll_dataplane_common::{
-    DnsService, DropReason, EndpointCounters, EndpointInfo, EndpointSlot, FlowIn, FlowKey, FlowOut,
-    NextHop, RouteKey, VipService, ENDPOINT_CACHE_MASK,
+    DnsService, DropReason, EgressCloud, EgressHost, EgressIn, EgressOut, EndpointCounters,
+    EndpointInfo, EndpointSlot, FlowIn, FlowKey, FlowOut, NextHop, RouteKey, VipService,
+    ENDPOINT_CACHE_MASK,
 };
 use aya::{
-    maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray, PerCpuValues},
+    maps::{lpm_trie::LpmTrie, Array, HashMap, Map, MapData, MapError, PerCpuArray, PerCpuValues},
     programs::{links::FdLink, tc::TcAttachOptions, LinkOrder, SchedClassifier, TcAttachType},
 };
 
 use crate::config::DataplaneConfig;
 
 mod carry;
+mod egress;
 mod error;
 mod exposure;
 mod kernel;
@@ -78,6 +80,7 @@ pub mod maps;
 mod pins;
 mod upgrade;
 
+pub use egress::{RuleKind, RuleTries};
 pub use error::DataplaneError;
 use error::*;
 use kernel::attach_error;
@@ -85,7 +88,8 @@ pub use layout::{layout_versions, map_usage, unapplied_sizes, MapUsage};
 use pins::*;
 pub use pins::{
     build_id, check_bpffs, layout_dir, load_unpinned, pinned_builds, BUILD_MARKER_PREFIX,
-    KFREE_SKB_LINK, OBJECT, PROG_FROM_DNS, PROG_FROM_VM, PROG_KFREE_SKB, PROG_TO_VM,
+    KFREE_SKB_LINK, OBJECT, PROG_FROM_DNS, PROG_FROM_UPLINK, PROG_FROM_VM, PROG_KFREE_SKB,
+    PROG_TO_VM,
 };
 pub use upgrade::{prepare, Prepared};
 
@@ -95,8 +99,9 @@ pub static BASELINE_OBJECT: &[u8] =
 
 /// Map names in the object (the registry, [`maps::REGISTRY`], says the rest).
 pub use maps::{
-    MAP_COUNTERS, MAP_DNS_SERVICE, MAP_DROPS, MAP_ENDPOINTS, MAP_ENDPOINT_CACHE, MAP_FLOWS_IN,
-    MAP_FLOWS_OUT, MAP_ROUTES, MAP_SLOT_ENDPOINTS, MAP_VIPS,
+    MAP_COUNTERS, MAP_DNS_SERVICE, MAP_DROPS, MAP_EGRESS_ALLOW, MAP_EGRESS_CLOUDS, MAP_EGRESS_DENY,
+    MAP_EGRESS_HOST, MAP_EGRESS_IN, MAP_EGRESS_NEVER, MAP_EGRESS_OUT, MAP_ENDPOINTS,
+    MAP_ENDPOINT_CACHE, MAP_FLOWS_IN, MAP_FLOWS_OUT, MAP_ROUTES, MAP_SLOT_ENDPOINTS, MAP_VIPS,
 };
 const BPF_NOEXIST: u64 = 1;
 
@@ -122,9 +127,15 @@ pub struct Dataplane {
     vips: HashMap<MapData, RouteKey, VipService>,
     flows_out: HashMap<MapData, FlowKey, FlowOut>,
     flows_in: HashMap<MapData, FlowKey, FlowIn>,
+    egress_host: Array<MapData, EgressHost>,
+    egress_clouds: HashMap<MapData, u32, EgressCloud>,
+    egress_never: LpmTrie<MapData, u32, u8>,
+    egress_out: HashMap<MapData, FlowKey, EgressOut>,
+    egress_in: HashMap<MapData, FlowKey, EgressIn>,
     from_vm: SchedClassifier,
     to_vm: SchedClassifier,
     from_dns: SchedClassifier,
+    from_uplink: SchedClassifier,
     max_endpoints: u32,
     max_routes: u32,
     max_vips: u32,
@@ -188,6 +199,18 @@ impl Dataplane {
             HashMap::try_from(open_map(MAP_FLOWS_OUT)?).map_err(|e| typed(MAP_FLOWS_OUT, e))?;
         let flows_in: HashMap<MapData, FlowKey, FlowIn> =
             HashMap::try_from(open_map(MAP_FLOWS_IN)?).map_err(|e| typed(MAP_FLOWS_IN, e))?;
+        let egress_host: Array<MapData, EgressHost> =
+            Array::try_from(open_map(MAP_EGRESS_HOST)?).map_err(|e| typed(MAP_EGRESS_HOST, e))?;
+        let egress_clouds: HashMap<MapData, u32, EgressCloud> =
+            HashMap::try_from(open_map(MAP_EGRESS_CLOUDS)?)
+                .map_err(|e| typed(MAP_EGRESS_CLOUDS, e))?;
+        let egress_never: LpmTrie<MapData, u32, u8> =
+            LpmTrie::try_from(open_map(MAP_EGRESS_NEVER)?)
+                .map_err(|e| typed(MAP_EGRESS_NEVER, e))?;
+        let egress_out: HashMap<MapData, FlowKey, EgressOut> =
+            HashMap::try_from(open_map(MAP_EGRESS_OUT)?).map_err(|e| typed(MAP_EGRESS_OUT, e))?;
+        let egress_in: HashMap<MapData, FlowKey, EgressIn> =
+            HashMap::try_from(open_map(MAP_EGRESS_IN)?).map_err(|e| typed(MAP_EGRESS_IN, e))?;
         let capacity = |name: &str, default: u32| {
             aya::maps::MapInfo::from_pin(dir.join("maps").join(name))
                 .map(|i| i.max_entries())
@@ -207,6 +230,7 @@ impl Dataplane {
             from_vm: open_prog(PROG_FROM_VM)?,
             to_vm: open_prog(PROG_TO_VM)?,
             from_dns: open_prog(PROG_FROM_DNS)?,
+            from_uplink: open_prog(PROG_FROM_UPLINK)?,
             dir,
             endpoints,
             cache,
@@ -218,6 +242,11 @@ impl Dataplane {
             vips,
             flows_out,
             flows_in,
+            egress_host,
+            egress_clouds,
+            egress_never,
+            egress_out,
+            egress_in,
             max_endpoints,
             max_routes,
             max_vips,

@@ -38,7 +38,7 @@ pub mod view;
 
 pub use plane::{DnsPlane, PlaneError};
 pub use server::{DnsServer, ServerError};
-pub use view::{DnsView, ForwardPolicy, Record, RecordData, Zone, ZoneError};
+pub use view::{DnsView, ForwardPolicy, LearnSink, Record, RecordData, Zone, ZoneError};
 
 /// Parses the configured global suffix (`dns.suffix`) into a lowercase FQDN, refusing the root
 /// and malformed names.

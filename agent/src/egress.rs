@@ -1,8 +1,9 @@
 //! The host's side of egress (issue 17): which device leads to the internet, which addresses
 //! are the host's, which destinations no guest may ever reach, and the NAT port range.
 //!
-//! The eBPF egress path (design.md, "Egress policies") is not built yet; what is here is what
-//! it will stand on, and `atoll-agent doctor` reports it today.
+//! [`enable`] programs it into the dataplane (`endpoint::Host::enable_egress`) when
+//! `egress.enabled`; [`rules`] keeps each cloud's policy in the rule tries; the packet path is
+//! `dataplane-ebpf/src/egress.rs`.
 //!
 //! Decisions:
 //! - **The uplink** is `egress.uplink`, or else the device of the IPv4 default route of the
@@ -28,6 +29,8 @@ use std::{
 
 use crate::config::{EgressConfig, Ipv4Network, NatPorts};
 
+pub mod rules;
+
 #[derive(Debug, thiserror::Error)]
 pub enum EgressError {
     #[error("reading {path}: {source}")]
@@ -46,6 +49,10 @@ pub enum EgressError {
     NoDefaultRoute,
     #[error("egress.uplink {0:?}: no such device")]
     NoUplink(String),
+    #[error("the uplink {0} has no IPv4 address to send from")]
+    NoUplinkAddress(String),
+    #[error("programming egress: {0}")]
+    Program(#[source] Box<crate::endpoint::EndpointError>),
     #[error("listing the host's addresses (getifaddrs): {0}")]
     Addresses(#[source] std::io::Error),
     #[error(
@@ -75,6 +82,39 @@ pub struct HostAddress {
     pub device: String,
     pub ipv4: Ipv4Addr,
     pub prefix: u8,
+}
+
+/// What [`enable`] set up.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Enabled {
+    pub uplink: Uplink,
+    /// The host's egress address (the uplink's first address).
+    pub address: Ipv4Addr,
+    pub never: Vec<Ipv4Network>,
+}
+
+/// Turns egress on for `host` per `cfg`: finds the uplink and its address, reserves the NAT
+/// ports (refusing a range that overlaps the ephemeral ports), computes the never-reachable
+/// set and programs all of it (`Host::enable_egress`).
+pub fn enable(
+    host: &mut crate::endpoint::Host,
+    cfg: &EgressConfig,
+) -> Result<Enabled, EgressError> {
+    let uplink = uplink(cfg)?;
+    let address = uplink
+        .addresses
+        .first()
+        .map(|(a, _)| *a)
+        .ok_or_else(|| EgressError::NoUplinkAddress(uplink.name.clone()))?;
+    reserve_nat_ports(cfg.nat_ports)?;
+    let never = never(cfg, &host_addresses()?);
+    host.enable_egress(&uplink, address, cfg.nat_ports, &never)
+        .map_err(|e| EgressError::Program(Box::new(e)))?;
+    Ok(Enabled {
+        uplink,
+        address,
+        never,
+    })
 }
 
 const ROUTES: &str = "/proc/thread-self/net/route";

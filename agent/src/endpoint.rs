@@ -40,10 +40,12 @@ use atoll_dataplane_common::{
     ipv4_from_map, ipv4_to_map, DnsService, EndpointCounters, EndpointInfo, NextHop, RouteKey,
 };
 
+mod egress;
 mod exposure;
 mod pool;
 mod slots;
 
+pub use egress::CloudEgressSpec;
 pub use exposure::{ServiceSpec, PROTOCOL_TCP, PROTOCOL_UDP};
 pub use pool::pool_process_prefix;
 use pool::TapPool;
@@ -148,6 +150,10 @@ pub struct Host {
     dns_namespace: Option<String>,
     /// Exposure grant numbers (the `exposure` module).
     grants: exposure::GrantNumbers,
+    /// The egress rule tries (the `egress` module), shared with the DNS server.
+    egress: std::sync::Arc<crate::egress::rules::EgressTables>,
+    /// Egress generations (the `egress` module).
+    generations: egress::Generations,
 }
 
 impl std::fmt::Debug for Host {
@@ -170,6 +176,10 @@ impl Host {
             name: "*".into(),
             source,
         })?;
+        let egress = dataplane
+            .rule_tries()
+            .and_then(crate::egress::rules::EgressTables::new)
+            .map_err(EndpointError::OpenDataplane)?;
         Ok(Host {
             dataplane,
             devices,
@@ -180,6 +190,8 @@ impl Host {
             usage: None,
             dns_namespace: None,
             grants: exposure::GrantNumbers::default(),
+            egress: std::sync::Arc::new(egress),
+            generations: egress::Generations::default(),
         })
     }
 

@@ -176,6 +176,18 @@ async fn run(cfg: &AgentConfig) -> Result<()> {
     }
     let mut host = Host::open(&cfg.dataplane)?;
     let stale = host.reconcile()?;
+    if cfg.egress.enabled {
+        let e = atoll_agent::egress::enable(&mut host, &cfg.egress)?;
+        tracing::info!(
+            "egress through {} from {} (NAT ports {}, {} never-reachable networks)",
+            e.uplink.name,
+            e.address,
+            cfg.egress.nat_ports,
+            e.never.len()
+        );
+    } else {
+        host.disable_egress()?;
+    }
     host.refill_pool().await?;
     let eps = host.endpoints()?;
     tracing::info!(
@@ -293,6 +305,9 @@ async fn run(cfg: &AgentConfig) -> Result<()> {
                 }
             }
             _ = denied.tick(), if converger.is_some() => {
+                if let Err(e) = host.egress_tables().prune() {
+                    tracing::error!("removing expired egress addresses: {e}");
+                }
                 if let Some(c) = converger.as_mut() {
                     if let Err(e) = c.report_denied().await {
                         tracing::error!("reporting denied destinations: {e}");
@@ -397,6 +412,7 @@ async fn start_control(
     let (dns, server): (Option<Arc<dyn DnsSink>>, _) = if cfg.dns.enabled {
         let plane = DnsPlane::ensure(host, &cfg.dns).await?;
         let view = DnsView::new(ForwardPolicy::from_upstreams(&cfg.dns.forward));
+        view.set_learn_sink(host.egress_tables());
         let server = DnsServer::start(&plane, view.clone())?;
         tracing::info!("DNS for guests at their gateway (split horizon per endpoint)");
         (Some(Arc::new(view)), Some(server))

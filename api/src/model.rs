@@ -1274,6 +1274,11 @@ pub struct CloudEgress {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(value_type = Option<String>)]
     pub address: Option<Ipv4Addr>,
+    /// The cloud's address range: destinations inside it never leave the host as egress. A
+    /// host that is not told (a control plane older than this field) lets nothing of the cloud
+    /// out.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cidr: Option<Ipv4Net>,
 }
 
 // What a host checks again of what it receives (see the module's decisions): it never builds

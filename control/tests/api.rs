@@ -1046,6 +1046,7 @@ async fn host_sync_sends_changes_then_waits(api: Api) {
             cloud: a.cloud.id,
             policy: EgressPolicy::deny_all(),
             address: None,
+            cidr: Some(a.cloud.cidr),
         }]
     );
     // A changed policy wakes the host with the policy alone.
@@ -1068,6 +1069,7 @@ async fn host_sync_sends_changes_then_waits(api: Api) {
                 cloud: a.cloud.id,
                 policy: policy.clone(),
                 address: None,
+                cidr: Some(a.cloud.cidr),
             }][..]
         )
     );
@@ -1082,6 +1084,7 @@ async fn host_sync_sends_changes_then_waits(api: Api) {
             cloud: a.cloud.id,
             policy,
             address: None,
+            cidr: Some(a.cloud.cidr),
         }]
     );
     // A status report shows up on the VM.

@@ -170,7 +170,7 @@ fn parse_l4(pkt: &Packet, ip: *mut Ipv4Hdr, total_len: u16) -> Result<L4, DropRe
 /// every copy of it, e.g. per NAT port try), as array copies do (see "No `[u8; N]` copies in
 /// eBPF" in docs/design.md).
 #[inline(always)]
-fn flow_key(
+pub(crate) fn flow_key(
     cloud: u32,
     src_ipv4: u32,
     dst_ipv4: u32,

@@ -8,6 +8,9 @@
 //! peer is in atoll's DNS namespace): it turns the DNS server's replies back into answers from
 //! each guest's gateway (see [`dns`]).
 //!
+//! One more, [`from_uplink`], sits on the ingress of the host's uplink: replies of the guests'
+//! internet flows, translated back to them (see [`egress`]).
+//!
 //! One program per host, [`kfree_skb`], runs on the kernel's `kfree_skb` tracepoint (when it
 //! frees a dropped skb, never on the forwarding path): it counts the frames a guest writes
 //! that the kernel frees before any TC program runs (see [`freed`]).
@@ -41,6 +44,7 @@
 mod arp;
 mod dns;
 mod drop;
+mod egress;
 mod endpoint;
 mod exposure;
 mod freed;
@@ -52,7 +56,7 @@ mod route;
 use atoll_dataplane_common::{DropReason, EndpointInfo};
 use aya_ebpf::{
     bindings::{TC_ACT_OK, TC_ACT_SHOT},
-    helpers::bpf_redirect,
+    helpers::{bpf_redirect, bpf_redirect_neigh},
     macros::{btf_tracepoint, classifier},
     programs::{BtfTracePointContext, TcContext},
 };
@@ -67,6 +71,9 @@ pub enum Verdict {
     Pass,
     /// Redirect to the egress of this ifindex (another endpoint, or back to the sender).
     Redirect(u32),
+    /// Redirect to the egress of this ifindex, the kernel filling in the MACs from its
+    /// neighbour table (resolving the next hop first if needed): `bpf_redirect_neigh`.
+    RedirectNeigh(u32),
     /// Drop it and count the reason.
     Drop(DropReason),
 }
@@ -92,6 +99,13 @@ pub fn from_dns(ctx: TcContext) -> i32 {
     apply(dns::try_from_dns(&ctx), None)
 }
 
+/// Ingress of the host's uplink: replies of guests' egress flows, translated back to them;
+/// everything else passes untouched (see [`egress`]).
+#[classifier]
+pub fn from_uplink(ctx: TcContext) -> i32 {
+    apply(egress::from_uplink(&ctx), None)
+}
+
 /// The kernel freed a dropped skb (`tp_btf/kfree_skb`): counts a guest's tagged frame that
 /// was too short for the kernel to untag, as `from_vm` counts a drop (see [`freed`]).
 #[btf_tracepoint(function = "kfree_skb")]
@@ -111,6 +125,11 @@ fn apply(v: Verdict, ep: Option<&EndpointInfo>) -> i32 {
         // SAFETY: bpf_redirect only records the target in per-CPU state; any ifindex is safe,
         // an invalid one makes the kernel drop the frame.
         Verdict::Redirect(ifindex) => unsafe { bpf_redirect(ifindex, 0) as i32 },
+        // SAFETY: as above; without parameters the kernel looks the next hop up itself from
+        // the frame's destination address.
+        Verdict::RedirectNeigh(ifindex) => unsafe {
+            bpf_redirect_neigh(ifindex, core::ptr::null_mut(), 0, 0) as i32
+        },
         Verdict::Drop(reason) => {
             count_drop(reason, ep);
             TC_ACT_SHOT as i32
@@ -152,6 +171,9 @@ fn try_from_vm(ctx: &TcContext, ep: Option<&EndpointInfo>) -> Verdict {
     match u16::from_be(ether_type) {
         ETH_P_IP => match route::forward_ipv4(ctx, &pkt, eth, ep, ifindex) {
             route::Forward::Done(v) => v,
+            route::Forward::Outside { ip, total_len } => {
+                egress::from_guest(ctx, &pkt, eth, ip, total_len, ep)
+            }
             route::Forward::Service {
                 ip,
                 total_len,

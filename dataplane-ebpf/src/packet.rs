@@ -108,12 +108,15 @@ impl Packet {
     /// Makes sure the headers the programs read are in the linear area, then captures bounds.
     #[inline(always)]
     pub fn new(ctx: &TcContext) -> Self {
+        Self::with_headers(ctx, MAX_HEADER_BYTES)
+    }
+
+    /// As [`Packet::new`], with the first `bytes` of the frame (or all of a shorter one) in
+    /// the linear area.
+    #[inline(always)]
+    pub fn with_headers(ctx: &TcContext, bytes: u32) -> Self {
         let len = ctx.len();
-        let want = if len < MAX_HEADER_BYTES {
-            len
-        } else {
-            MAX_HEADER_BYTES
-        };
+        let want = if len < bytes { len } else { bytes };
         if ctx.data_end() - ctx.data() < want as usize {
             // Failure leaves the frame as it was; the bounds checks below then report truncation.
             let _ = ctx.pull_data(want);

@@ -1,6 +1,10 @@
 //! In-cloud IPv4 forwarding: `(cloud, destination)` → next hop, MAC rewrite, TTL decrement,
 //! redirect.
 //!
+//! A destination without a route is handed back as [`Forward::Outside`] for the `egress`
+//! module, which drops it as `no_route_in_cloud` unless it is outside the cloud's range and
+//! its policy lets it out.
+//!
 //! A next hop that is not an endpoint (a granted service's VIP, a NAT source) is handed back to
 //! the program's entry as [`Forward::Service`], which passes it to the `exposure` module:
 //! `exposure` looks routes up here, so `route` must not call into `exposure` (no import
@@ -33,6 +37,8 @@ pub fn lookup(cloud: u32, ipv4: u32) -> Option<&'static NextHop> {
 pub enum Forward {
     /// Forwarded, answered or dropped here.
     Done(Verdict),
+    /// No route in the sender's cloud: outside its range, it is `egress`'s to decide.
+    Outside { ip: *mut Ipv4Hdr, total_len: u16 },
     /// The destination is a service (`NextHop::flags`): translation is `exposure`'s.
     Service {
         ip: *mut Ipv4Hdr,
@@ -98,7 +104,7 @@ pub fn forward_ipv4(
         return Verdict::Drop(DropReason::TtlExceeded).into();
     }
     let Some(hop) = lookup(ep.cloud, daddr) else {
-        return Verdict::Drop(DropReason::NoRouteInCloud).into();
+        return Forward::Outside { ip, total_len };
     };
     if hop.flags != NEXTHOP_ENDPOINT {
         return Forward::Service {

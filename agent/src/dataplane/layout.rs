@@ -249,6 +249,20 @@ const MIGRATIONS: &[Migration] = &[
             (maps::MAP_COUNTERS, Step::Carry),
         ],
     },
+    // v6, egress: drop reasons 37-43 took free numbers (no carry needed); the egress maps
+    // are new.
+    Migration {
+        to: 6,
+        steps: &[
+            (maps::MAP_EGRESS_HOST, Step::New),
+            (maps::MAP_EGRESS_CLOUDS, Step::New),
+            (maps::MAP_EGRESS_NEVER, Step::New),
+            (maps::MAP_EGRESS_ALLOW, Step::New),
+            (maps::MAP_EGRESS_DENY, Step::New),
+            (maps::MAP_EGRESS_OUT, Step::New),
+            (maps::MAP_EGRESS_IN, Step::New),
+        ],
+    },
 ];
 
 /// The oldest layout [`MIGRATIONS`] reach the current one from.

@@ -19,11 +19,12 @@ pub(super) struct Switched {
     pub stale: usize,
 }
 
-/// The three programs, opened from pins.
+/// The TCX programs, opened from pins.
 pub(super) struct Programs {
     from_vm: SchedClassifier,
     to_vm: SchedClassifier,
     from_dns: SchedClassifier,
+    from_uplink: SchedClassifier,
 }
 
 impl Programs {
@@ -40,6 +41,7 @@ impl Programs {
             from_vm: open(PROG_FROM_VM)?,
             to_vm: open(PROG_TO_VM)?,
             from_dns: open(PROG_FROM_DNS)?,
+            from_uplink: open(PROG_FROM_UPLINK)?,
         })
     }
 
@@ -48,16 +50,19 @@ impl Programs {
         match program_of_link(pin)? {
             PROG_FROM_VM => Some(&mut self.from_vm),
             PROG_TO_VM => Some(&mut self.to_vm),
+            PROG_FROM_UPLINK => Some(&mut self.from_uplink),
             _ => Some(&mut self.from_dns),
         }
     }
 }
 
 /// The program of a link pin: `<ifindex>-in` → `from_vm`, `<ifindex>-out` → `to_vm`,
-/// `dns-<ifindex>` → `from_dns`.
+/// `dns-<ifindex>` → `from_dns`, `uplink-<ifindex>` → `from_uplink`.
 pub(super) fn program_of_link(pin: &str) -> Option<&'static str> {
     if pin.starts_with(DNS_LINK_PREFIX) {
         Some(PROG_FROM_DNS)
+    } else if pin.starts_with(UPLINK_LINK_PREFIX) {
+        Some(PROG_FROM_UPLINK)
     } else if pin.ends_with("-in") {
         Some(PROG_FROM_VM)
     } else if pin.ends_with("-out") {
@@ -133,6 +138,7 @@ mod tests {
         assert_eq!(program_of_link("12-in"), Some(PROG_FROM_VM));
         assert_eq!(program_of_link("12-out"), Some(PROG_TO_VM));
         assert_eq!(program_of_link("dns-7"), Some(PROG_FROM_DNS));
+        assert_eq!(program_of_link("uplink-3"), Some(PROG_FROM_UPLINK));
         assert_eq!(program_of_link("stray"), None);
         // Not a TCX link: an upgrade replaces it (`attach_kfree_skb`), `switch_links` skips it.
         assert_eq!(program_of_link(super::super::KFREE_SKB_LINK), None);

@@ -17,8 +17,9 @@
 //!   must agree with it.
 
 use atoll_dataplane_common::{
-    DnsService, EndpointCounters, EndpointInfo, EndpointSlot, FlowIn, FlowKey, FlowOut, NextHop,
-    RouteKey, VipService, DROP_SLOTS, ENDPOINT_CACHE_SLOTS,
+    DnsService, EgressCloud, EgressHost, EgressIn, EgressOut, EgressRuleKey, EgressRules,
+    EndpointCounters, EndpointInfo, EndpointSlot, FlowIn, FlowKey, FlowOut, NextHop, RouteKey,
+    VipService, DROP_SLOTS, ENDPOINT_CACHE_SLOTS,
 };
 use aya::maps::MapType;
 
@@ -34,6 +35,19 @@ pub const MAP_SLOT_ENDPOINTS: &str = "SLOT_ENDPOINTS";
 pub const MAP_VIPS: &str = "VIPS";
 pub const MAP_FLOWS_OUT: &str = "FLOWS_OUT";
 pub const MAP_FLOWS_IN: &str = "FLOWS_IN";
+pub const MAP_EGRESS_HOST: &str = "EGRESS_HOST";
+pub const MAP_EGRESS_CLOUDS: &str = "EGRESS_CLOUDS";
+pub const MAP_EGRESS_NEVER: &str = "EGRESS_NEVER";
+pub const MAP_EGRESS_ALLOW: &str = "EGRESS_ALLOW";
+pub const MAP_EGRESS_DENY: &str = "EGRESS_DENY";
+pub const MAP_EGRESS_OUT: &str = "EGRESS_OUT";
+pub const MAP_EGRESS_IN: &str = "EGRESS_IN";
+
+/// Capacity of `EGRESS_NEVER` (prefixes of the always-denied set).
+pub const EGRESS_NEVER_ENTRIES: u32 = 4096;
+/// Capacity of `EGRESS_ALLOW` and `EGRESS_DENY`, each: prefixes of all clouds' rules and
+/// learnt addresses on this host (LPM tries are never preallocated: the capacity is a bound).
+pub const EGRESS_RULE_ENTRIES: u32 = 1 << 20;
 
 /// `BPF_F_NO_PREALLOC`.
 pub const NO_PREALLOC: u32 = 1;
@@ -136,7 +150,7 @@ use Capacity::{Config, Fixed};
 use SizeSetting::*;
 
 /// Every map of the object, in pinning order.
-pub const REGISTRY: [MapSpec; 10] = [
+pub const REGISTRY: [MapSpec; 17] = [
     spec(
         MAP_ENDPOINTS,
         "endpoint",
@@ -224,6 +238,69 @@ pub const REGISTRY: [MapSpec; 10] = [
         MapType::LruHash,
         size::<FlowKey>(),
         size::<FlowIn>(),
+        0,
+        Config(MaxFlows),
+    ),
+    spec(
+        MAP_EGRESS_HOST,
+        "egress",
+        MapType::Array,
+        size::<u32>(),
+        size::<EgressHost>(),
+        0,
+        Fixed(1),
+    ),
+    spec(
+        MAP_EGRESS_CLOUDS,
+        "egress",
+        MapType::Hash,
+        size::<u32>(),
+        size::<EgressCloud>(),
+        0,
+        Config(MaxEndpoints),
+    ),
+    spec(
+        MAP_EGRESS_NEVER,
+        "egress",
+        MapType::LpmTrie,
+        4 + size::<u32>(),
+        size::<u8>(),
+        NO_PREALLOC,
+        Fixed(EGRESS_NEVER_ENTRIES),
+    ),
+    spec(
+        MAP_EGRESS_ALLOW,
+        "egress",
+        MapType::LpmTrie,
+        4 + size::<EgressRuleKey>(),
+        size::<EgressRules>(),
+        NO_PREALLOC,
+        Fixed(EGRESS_RULE_ENTRIES),
+    ),
+    spec(
+        MAP_EGRESS_DENY,
+        "egress",
+        MapType::LpmTrie,
+        4 + size::<EgressRuleKey>(),
+        size::<EgressRules>(),
+        NO_PREALLOC,
+        Fixed(EGRESS_RULE_ENTRIES),
+    ),
+    spec(
+        MAP_EGRESS_OUT,
+        "egress",
+        MapType::LruHash,
+        size::<FlowKey>(),
+        size::<EgressOut>(),
+        0,
+        Config(MaxFlows),
+    ),
+    spec(
+        MAP_EGRESS_IN,
+        "egress",
+        MapType::LruHash,
+        size::<FlowKey>(),
+        size::<EgressIn>(),
         0,
         Config(MaxFlows),
     ),

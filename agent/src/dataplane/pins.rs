@@ -25,6 +25,9 @@ use crate::config::DataplaneConfig;
 /// Prefix of the pinned TCX link of `from_dns` (`dns-<ifindex>`).
 pub(super) const DNS_LINK_PREFIX: &str = "dns-";
 
+/// Prefix of the pinned TCX link of `from_uplink` (`uplink-<ifindex>`).
+pub(super) const UPLINK_LINK_PREFIX: &str = "uplink-";
+
 /// Directory of carried maps inside a layout directory (see `carry`).
 pub(super) const CARRY_DIR: &str = "carry";
 
@@ -39,6 +42,8 @@ pub const PROG_TO_VM: &str = "to_vm";
 
 pub const PROG_FROM_DNS: &str = "from_dns";
 
+pub const PROG_FROM_UPLINK: &str = "from_uplink";
+
 /// The program on the kernel's `kfree_skb` tracepoint (and the tracepoint's name).
 pub const PROG_KFREE_SKB: &str = "kfree_skb";
 
@@ -49,11 +54,16 @@ pub const KFREE_SKB_LINK: &str = "kfree-skb";
 pub(super) const KFREE_SKB_CONFIG: &str = "KFREE_SKB_CONFIG";
 
 /// Every TCX program.
-pub(super) const PROGS: [&str; 3] = [PROG_FROM_VM, PROG_TO_VM, PROG_FROM_DNS];
+pub(super) const PROGS: [&str; 4] = [PROG_FROM_VM, PROG_TO_VM, PROG_FROM_DNS, PROG_FROM_UPLINK];
 
 /// Every program pinned under `progs/`.
-pub(super) const PINNED_PROGS: [&str; 4] =
-    [PROG_FROM_VM, PROG_TO_VM, PROG_FROM_DNS, PROG_KFREE_SKB];
+pub(super) const PINNED_PROGS: [&str; 5] = [
+    PROG_FROM_VM,
+    PROG_TO_VM,
+    PROG_FROM_DNS,
+    PROG_FROM_UPLINK,
+    PROG_KFREE_SKB,
+];
 
 pub(super) const BPF_FS_MAGIC: i64 = 0xcafe4a11;
 

@@ -325,8 +325,12 @@ impl RequestHandler for Handler {
                                 _ => None,
                             })
                             .collect();
-                        self.view
-                            .learn(cloud, &addresses, std::time::Instant::now());
+                        self.view.learn(
+                            cloud,
+                            &info.query.name().to_string(),
+                            &addresses,
+                            std::time::Instant::now(),
+                        );
                     }
                     let authorities: Vec<&RR> = upstream.authorities.iter().filter(keep).collect();
                     let additionals: Vec<&RR> = upstream.additionals.iter().filter(keep).collect();

@@ -59,8 +59,8 @@ pub const MAX_LEARNT_PER_CLOUD: usize = 4096;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EgressNames {
     mode: EgressMode,
-    /// `(name, wildcard)`: lower case, no final dot; a wildcard matches names strictly under.
-    domains: Vec<(String, bool)>,
+    /// `name` or `*.name` (a wildcard matches names strictly under), lower case, no final dot.
+    domains: Vec<String>,
 }
 
 impl EgressNames {
@@ -71,13 +71,7 @@ impl EgressNames {
                 .allow
                 .iter()
                 .filter_map(|r| r.domain.as_deref())
-                .map(|d| {
-                    let d = d.trim_end_matches('.').to_ascii_lowercase();
-                    match d.strip_prefix("*.") {
-                        Some(base) => (base.to_string(), true),
-                        None => (d, false),
-                    }
-                })
+                .map(|d| d.trim_end_matches('.').to_ascii_lowercase())
                 .collect(),
         }
     }
@@ -88,14 +82,10 @@ impl EgressNames {
         match self.mode {
             EgressMode::Deny => false,
             EgressMode::Allow => true,
-            EgressMode::Allowlist => self.domains.iter().any(|(d, wildcard)| {
-                if *wildcard {
-                    name.strip_suffix(d.as_str())
-                        .is_some_and(|head| head.ends_with('.') && head.len() > 1)
-                } else {
-                    name == *d
-                }
-            }),
+            EgressMode::Allowlist => self
+                .domains
+                .iter()
+                .any(|d| crate::egress::rules::domain_matches(d, &name)),
         }
     }
 
@@ -366,6 +356,16 @@ struct Inner {
     forward: ForwardPolicy,
     serial: AtomicU32,
     state: RwLock<State>,
+    /// Where learnt addresses are installed for the dataplane (see [`LearnSink`]).
+    sink: RwLock<Option<Arc<dyn LearnSink>>>,
+}
+
+/// Where the addresses of allowed names' answers go, before the answer reaches the guest:
+/// the dataplane's allow rules (`crate::egress::rules::EgressTables`).
+pub trait LearnSink: Send + Sync {
+    /// `cloud` asked for `name` (allowed) and got `addresses`, each reachable for the
+    /// duration given (its TTL plus [`EGRESS_GRACE`]).
+    fn learnt(&self, cloud: CloudId, name: &str, addresses: &[(Ipv4Addr, std::time::Duration)]);
 }
 
 #[derive(Default)]
@@ -389,6 +389,7 @@ impl DnsView {
                 forward,
                 serial: AtomicU32::new(1),
                 state: RwLock::new(State::default()),
+                sink: RwLock::new(None),
             }),
         }
     }
@@ -493,10 +494,40 @@ impl DnsView {
         self.read().egress.get(&cloud).cloned()
     }
 
-    /// Learns `addresses` (with their records' TTLs, seconds) for `cloud`: reachable until the
-    /// TTL plus [`EGRESS_GRACE`] from `now`, a later answer extending it. Drops expired ones,
-    /// then the soonest to expire beyond [`MAX_LEARNT_PER_CLOUD`].
-    pub fn learn(&self, cloud: CloudId, addresses: &[(Ipv4Addr, u32)], now: std::time::Instant) {
+    /// Installs learnt addresses through `sink` from now on.
+    pub fn set_learn_sink(&self, sink: Arc<dyn LearnSink>) {
+        *self.inner.sink.write().unwrap_or_else(|p| p.into_inner()) = Some(sink);
+    }
+
+    /// Learns `addresses` (with their records' TTLs, seconds), the answer to `name`, for
+    /// `cloud`: reachable until the TTL plus [`EGRESS_GRACE`] from `now`, a later answer
+    /// extending it. Drops expired ones, then the soonest to expire beyond
+    /// [`MAX_LEARNT_PER_CLOUD`]. The learn sink, if any, gets them before this returns.
+    pub fn learn(
+        &self,
+        cloud: CloudId,
+        name: &str,
+        addresses: &[(Ipv4Addr, u32)],
+        now: std::time::Instant,
+    ) {
+        let sink = self
+            .inner
+            .sink
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        if let Some(sink) = sink {
+            let reachable: Vec<(Ipv4Addr, std::time::Duration)> = addresses
+                .iter()
+                .map(|(ip, ttl)| {
+                    (
+                        *ip,
+                        std::time::Duration::from_secs(u64::from(*ttl)) + EGRESS_GRACE,
+                    )
+                })
+                .collect();
+            sink.learnt(cloud, name, &reachable);
+        }
         let mut state = self.write();
         let learnt = state.learnt.entry(cloud).or_default();
         for &(ip, ttl) in addresses {
@@ -637,7 +668,7 @@ mod tests {
         view.set_egress(c, &list);
         let t0 = Instant::now();
         let ip = |n: u32| Ipv4Addr::from(0xc612_0000 + n);
-        view.learn(c, &[(ip(1), 30), (ip(2), 300)], t0);
+        view.learn(c, "x.example", &[(ip(1), 30), (ip(2), 300)], t0);
         assert_eq!(
             view.learnt(c, t0),
             vec![
@@ -646,8 +677,13 @@ mod tests {
             ]
         );
         // A later, shorter answer does not shorten; a longer one extends.
-        view.learn(c, &[(ip(2), 1)], t0 + Duration::from_secs(10));
-        view.learn(c, &[(ip(1), 100)], t0 + Duration::from_secs(10));
+        view.learn(c, "x.example", &[(ip(2), 1)], t0 + Duration::from_secs(10));
+        view.learn(
+            c,
+            "x.example",
+            &[(ip(1), 100)],
+            t0 + Duration::from_secs(10),
+        );
         let at = t0 + Duration::from_secs(100);
         assert_eq!(
             view.learnt(c, at),
@@ -663,7 +699,7 @@ mod tests {
         let many: Vec<(Ipv4Addr, u32)> = (0..MAX_LEARNT_PER_CLOUD as u32 + 10)
             .map(|n| (ip(1000 + n), 1000 + n))
             .collect();
-        view.learn(c, &many, t0);
+        view.learn(c, "x.example", &many, t0);
         let kept = view.learnt(c, t0);
         assert_eq!(kept.len(), MAX_LEARNT_PER_CLOUD);
         assert!(

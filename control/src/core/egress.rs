@@ -45,6 +45,7 @@ impl Core {
             cloud: c,
             policy: self.egress_policy(c).await?,
             address: self.egress_address(c).await?.map(|(_, a)| a.address),
+            cidr: Some(self.cloud(c).await?.1.cidr),
         })
     }
 

@@ -18,7 +18,7 @@
 
 /// Version of the map layouts defined in this crate. Bump on any change to a map's key, value,
 /// or meaning.
-pub const LAYOUT_VERSION: u32 = 5;
+pub const LAYOUT_VERSION: u32 = 6;
 
 /// Traffic classes the counters have room for: [`TrafficClass::COUNT`] are used. A new class
 /// takes a free one, so adding it changes no map layout.
@@ -178,6 +178,131 @@ pub struct FlowIn {
     pub consumer_port: u16,
     /// Network byte order.
     pub vip_port: u16,
+}
+
+/// The value of the one-entry `EGRESS_HOST` array: this host's way out (see
+/// `dataplane-ebpf/src/egress.rs`). All zero (the array's initial value): egress is off, and
+/// every packet leaving its cloud is dropped as `no_route_in_cloud`, as before egress existed.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EgressHost {
+    /// ifindex of the uplink device; 0 = egress off on this host.
+    pub uplink_ifindex: u32,
+    /// The host's egress address, for clouds without their own (network byte order).
+    pub egress_ipv4: u32,
+    /// First NAT port (host byte order): NAT ports are `first .. first + count`.
+    pub nat_port_first: u16,
+    /// Number of NAT ports (at least 1 when egress is on).
+    pub nat_port_count: u16,
+    /// The gateway MAC guests see: source MAC of replies delivered to them.
+    pub gateway_mac: [u8; 6],
+    pub _pad: [u8; 2],
+}
+
+/// `EgressCloud::mode`: nothing leaves the cloud.
+pub const EGRESS_MODE_DENY: u32 = 0;
+/// `EgressCloud::mode`: everything but the always-denied set and the cloud's deny rules.
+pub const EGRESS_MODE_ALLOW: u32 = 1;
+/// `EgressCloud::mode`: only the cloud's allow rules (and the addresses learnt from allowed
+/// names), minus the always-denied set and its deny rules.
+pub const EGRESS_MODE_ALLOWLIST: u32 = 2;
+
+/// Value of `EGRESS_CLOUDS`, keyed by cloud: a cloud's egress on this host. A cloud without an
+/// entry reaches nothing outside its range.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EgressCloud {
+    /// The cloud's address range (network byte order, masked) and its mask: destinations
+    /// inside it never leave the host as egress.
+    pub range_ipv4: u32,
+    pub range_mask: u32,
+    /// The cloud's own egress address; 0 = the host's (`EgressHost::egress_ipv4`).
+    pub egress_ipv4: u32,
+    /// Changes whenever what this cloud may reach changes (its policy, the always-denied set):
+    /// a flow admitted under another generation is checked again, and cut if no longer
+    /// allowed.
+    pub generation: u32,
+    /// `EGRESS_MODE_*`.
+    pub mode: u32,
+}
+
+/// Data of the per-cloud LPM tries `EGRESS_ALLOW` and `EGRESS_DENY`: the cloud's 32 bits come
+/// first and are always matched whole (a prefix length is `32 + address bits`), so one trie
+/// serves every cloud and no cloud's rule can match another cloud's packet.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct EgressRuleKey {
+    pub cloud: u32,
+    /// Network byte order.
+    pub ipv4: u32,
+}
+
+/// One port rule of an [`EgressRules`] entry.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PortRule {
+    /// `CLOCK_BOOTTIME` nanoseconds after which the rule no longer applies (an address learnt
+    /// from a DNS answer: its TTL plus a grace period); 0 = never.
+    pub expires_ns: u64,
+    /// Ports `first..=last` (host byte order); a packet without ports (ICMP) matches only
+    /// `0..=65535`.
+    pub first: u16,
+    pub last: u16,
+    /// `IPPROTO_TCP`, `IPPROTO_UDP`, or 0 for any protocol.
+    pub protocol: u8,
+    pub _pad: [u8; 3],
+}
+
+/// Port rules one prefix of a cloud can carry: the rules of the prefix itself and of every
+/// shorter prefix of the same cloud covering it (the agent merges them, so the longest match
+/// alone decides). More are cut by the agent, failing closed (see `agent/src/egress.rs`).
+pub const RULES_PER_PREFIX: usize = 8;
+
+/// Value of `EGRESS_ALLOW` and `EGRESS_DENY`: the rules that apply to the addresses of one
+/// prefix; a packet matches if any of `rules[..count]` does.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EgressRules {
+    pub rules: [PortRule; RULES_PER_PREFIX],
+    pub count: u32,
+    pub _pad: u32,
+}
+
+/// Value of `EGRESS_OUT`, keyed by the guest's view of a flow `(cloud, guest:port → remote:port)`
+/// ([`FlowKey`]; ICMP echo: the identifier as source port, destination port 0).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EgressOut {
+    /// Source address on the uplink (network byte order).
+    pub egress_ipv4: u32,
+    /// `EgressCloud::generation` the flow was last allowed under.
+    pub generation: u32,
+    /// Source port (ICMP: identifier) on the uplink, network byte order.
+    pub nat_port: u16,
+    pub _pad: u16,
+}
+
+/// Value of `EGRESS_IN`, keyed by the uplink's view of a reply `(0, remote:port → egress
+/// address:NAT port)` ([`FlowKey`] with cloud 0, which no cloud has): the flow it belongs to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EgressIn {
+    pub cloud: u32,
+    pub guest_ipv4: u32,
+    /// Network byte order.
+    pub guest_port: u16,
+    pub _pad: u16,
+}
+
+/// Tries for a free NAT port of a new egress flow before it is refused.
+pub const EGRESS_NAT_PORT_TRIES: u32 = 8;
+
+/// The NAT port of try `attempt` (0 to `EGRESS_NAT_PORT_TRIES - 1`) for a flow of `hash`, in
+/// host byte order, within `first .. first + count` (`count` at least 1).
+#[inline(always)]
+pub const fn egress_nat_port(hash: u32, attempt: u32, first: u16, count: u16) -> u16 {
+    let count = if count == 0 { 1 } else { count as u32 };
+    (first as u32 + mix(hash ^ attempt.wrapping_mul(0x9e37_79b9)) % count) as u16
 }
 
 /// The port guests send DNS to (UDP and TCP) at their gateway address, and the port the DNS
@@ -425,11 +550,31 @@ pub enum DropReason {
     ExposureIcmp = 35,
     /// An exposure translation whose checksum or port rewrite failed in the kernel.
     ExposureRewriteFailed = 36,
+    /// Leaving the cloud to an address of the always-denied set (the host's addresses and
+    /// networks, link-local and metadata, loopback, the operator's list), whatever the policy.
+    EgressNever = 37,
+    /// Leaving the cloud where its egress policy refuses: mode `deny`, a deny rule, or not on
+    /// the allowlist (an address learnt from an allowed name counts until its TTL and grace
+    /// period end).
+    EgressDenied = 38,
+    /// Leaving the cloud as anything but unfragmented TCP, UDP or ICMP echo request with its
+    /// header complete.
+    EgressUnsupported = 39,
+    /// A new egress flow found no free NAT port on its egress address after a few tries.
+    EgressNatPortsExhausted = 40,
+    /// A packet of a tracked egress flow that its cloud's changed policy no longer allows:
+    /// the flow is cut and forgotten.
+    EgressRevoked = 41,
+    /// An egress or reply translation whose checksum or address rewrite failed in the kernel.
+    EgressRewriteFailed = 42,
+    /// On the uplink: a reply of a tracked egress flow whose guest has no endpoint on this
+    /// host any more.
+    UplinkNoEndpoint = 43,
 }
 
 impl DropReason {
     /// Every reason, in numeric order.
-    pub const ALL: [DropReason; 36] = [
+    pub const ALL: [DropReason; 43] = [
         DropReason::UnknownEndpoint,
         DropReason::TruncatedEthernet,
         DropReason::SpoofedSourceMac,
@@ -466,10 +611,17 @@ impl DropReason {
         DropReason::ExposureL4Malformed,
         DropReason::ExposureIcmp,
         DropReason::ExposureRewriteFailed,
+        DropReason::EgressNever,
+        DropReason::EgressDenied,
+        DropReason::EgressUnsupported,
+        DropReason::EgressNatPortsExhausted,
+        DropReason::EgressRevoked,
+        DropReason::EgressRewriteFailed,
+        DropReason::UplinkNoEndpoint,
     ];
 
     /// Size of the drop counter array: one slot per number, slot 0 unused.
-    pub const SLOTS: u32 = 37;
+    pub const SLOTS: u32 = 44;
 
     /// Stable snake_case name, used in metrics labels and CLI output.
     pub const fn name(self) -> &'static str {
@@ -510,6 +662,13 @@ impl DropReason {
             DropReason::ExposureL4Malformed => "exposure_l4_malformed",
             DropReason::ExposureIcmp => "exposure_icmp",
             DropReason::ExposureRewriteFailed => "exposure_rewrite_failed",
+            DropReason::EgressNever => "egress_never",
+            DropReason::EgressDenied => "egress_denied",
+            DropReason::EgressUnsupported => "egress_unsupported",
+            DropReason::EgressNatPortsExhausted => "egress_nat_ports_exhausted",
+            DropReason::EgressRevoked => "egress_revoked",
+            DropReason::EgressRewriteFailed => "egress_rewrite_failed",
+            DropReason::UplinkNoEndpoint => "uplink_no_endpoint",
         }
     }
 
@@ -588,6 +747,13 @@ const _: () = assert!(TrafficClass::COUNT <= TRAFFIC_CLASS_SLOTS);
 const _: () = assert!(DropReason::SLOTS <= DROP_SLOTS);
 const _: () = assert!(DropReason::ALL.len() as u32 + 1 == DropReason::SLOTS);
 const _: () = assert!(core::mem::size_of::<KfreeSkbConfig>() == 4 * 9);
+const _: () = assert!(core::mem::size_of::<EgressHost>() == 4 + 4 + 2 + 2 + 6 + 2);
+const _: () = assert!(core::mem::size_of::<EgressCloud>() == 4 * 5);
+const _: () = assert!(core::mem::size_of::<EgressRuleKey>() == 4 + 4);
+const _: () = assert!(core::mem::size_of::<PortRule>() == 8 + 2 + 2 + 1 + 3);
+const _: () = assert!(core::mem::size_of::<EgressRules>() == 16 * RULES_PER_PREFIX + 4 + 4);
+const _: () = assert!(core::mem::size_of::<EgressOut>() == 4 + 4 + 2 + 2);
+const _: () = assert!(core::mem::size_of::<EgressIn>() == 4 + 4 + 2 + 2);
 
 #[cfg(feature = "user")]
 mod pod {
@@ -614,6 +780,20 @@ mod pod {
     unsafe impl aya::Pod for super::FlowIn {}
     // SAFETY: as above: u32s only, no padding (asserted).
     unsafe impl aya::Pod for super::KfreeSkbConfig {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::EgressHost {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::EgressCloud {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::EgressRuleKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::PortRule {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::EgressRules {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::EgressOut {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::EgressIn {}
     // SAFETY: as above: u64 counters in arrays, no padding (asserted).
     unsafe impl aya::Pod for super::TrafficCounter {}
     // SAFETY: as above.

@@ -1,0 +1,878 @@
+//! Egress: a guest's packets to the world, checked against its cloud's policy and
+//! source-NATed to an egress address on the host's uplink; replies translated back.
+//!
+//! **Out** ([`from_guest`], from `from_vm` when the route lookup misses): a destination inside
+//! the cloud's range stays `no_route_in_cloud` (an address with no endpoint here); a cloud
+//! without an `EGRESS_CLOUDS` entry, or a host whose `EGRESS_HOST` has no uplink, reaches
+//! nothing outside either. Otherwise a tracked flow (`EGRESS_OUT`) is translated at once; a new
+//! one is decided by [`decide`], given a NAT port, recorded in both flow tables and sent.
+//!
+//! **Back** ([`from_uplink`], TC ingress of the uplink): a TCP/UDP packet or ICMP echo reply
+//! whose `(remote, egress address, ports)` is in `EGRESS_IN`, or an ICMP error
+//! (unreachable, fragmentation needed, time exceeded) whose embedded header is, is translated
+//! to its guest and redirected to the guest's device. Everything else passes untouched: the
+//! uplink carries the host's own traffic, and no NAT port is a port of the host's (the agent
+//! reserves the range, see `agent/src/egress.rs`).
+//!
+//! Decisions:
+//! - **Policy order, first match wins** ([`decide`]): the always-denied set (`EGRESS_NEVER`,
+//!   one LPM trie for all clouds), the mode (`deny` refuses here), the cloud's deny rules, and
+//!   in `allowlist` mode its allow rules (CIDR rules and addresses learnt from DNS answers of
+//!   allowed names). Rules are LPM tries keyed `(cloud, address)`: one lookup per trie costs
+//!   the same for one rule or a hundred thousand. The agent merges into each prefix the port
+//!   rules of the shorter prefixes covering it, so the longest match alone decides.
+//! - **Learnt addresses expire in the kernel**: a rule carries `expires_ns`, compared with
+//!   `bpf_ktime_get_boot_ns`, so a new flow to an address whose answer has expired is denied
+//!   without waiting for the agent to delete it. An established flow is not cut when its
+//!   name's TTL ends (only a policy change cuts flows): resolvers cache, and a download must
+//!   not break at a TTL.
+//! - **A changed policy cuts live flows** without walking the flow tables: the agent gives
+//!   the cloud a new `generation` with every change; a flow records the generation it was
+//!   allowed under, and a packet (either direction) of a flow of another generation is decided
+//!   again: allowed, the flow takes the new generation; refused, both entries are deleted and
+//!   the packet dropped (`egress_revoked`). The unchanged case costs one comparison.
+//! - **Connection tracking mirrors the exposure NAT** (see `exposure`): two LRU maps, the
+//!   reply half (`EGRESS_IN`) is the NAT port's reservation taken with `BPF_NOEXIST`, and every
+//!   outgoing packet checks that its flow still holds it. `EGRESS_IN` keys carry cloud 0 (no
+//!   cloud's number), `EGRESS_OUT` keys the guest's cloud, so clouds with the same addresses
+//!   never share an entry. NAT ports come from the host's reserved range
+//!   (`EgressHost::nat_port_first`, `nat_port_count`), hashed per flow with a few tries.
+//! - **Out through the uplink only**, by `bpf_redirect_neigh` to the uplink without next-hop
+//!   parameters: the kernel looks the route up with the uplink as output device and the next
+//!   hop's neighbour entry (resolving it if needed), and writes the MACs. Rejected:
+//!   `bpf_fib_lookup` then `bpf_redirect`, which saves the neighbour output but refuses to
+//!   work unless forwarding is enabled on the device it is given (`IN_DEV_FORWARD`, also
+//!   with `BPF_FIB_LOOKUP_OUTPUT`): forwarding on the uplink would make the host route
+//!   whatever arrives there for addresses not its own (a cloud's pool address included).
+//!   No MTU is checked here: GSO frames are segmented by the uplink.
+//! - **ICMP**: echo requests are translated by identifier (the identifier is the "port");
+//!   errors for tracked flows are translated by their embedded header (its source address and
+//!   port, its header checksum, and the outer ICMP checksum); the embedded transport checksum
+//!   is left as is (the quote is truncated; no receiver checks it). Any other ICMP from a guest
+//!   is dropped (`egress_unsupported`); from the uplink it passes to the host.
+//! - **Fragments** are refused leaving (`egress_unsupported`) and pass untouched arriving
+//!   (TC runs before reassembly): a guest must not rely on fragmented replies.
+//! - The TTL is decremented both ways, as on any routed hop; checksums use the kernel's
+//!   helpers, so frames with partial checksums stay valid. Metering: `external` on the guest's
+//!   endpoint, from guest going out and to guest coming back.
+
+use atoll_dataplane_common::{
+    egress_nat_port, flow_hash, Direction, DropReason, EgressCloud, EgressHost, EgressIn,
+    EgressOut, EgressRuleKey, EgressRules, EndpointInfo, FlowKey, NextHop, TrafficClass,
+    EGRESS_MODE_ALLOW, EGRESS_MODE_ALLOWLIST, EGRESS_NAT_PORT_TRIES, NEXTHOP_ENDPOINT,
+    RULES_PER_PREFIX,
+};
+use aya_ebpf::{
+    helpers::bpf_ktime_get_boot_ns,
+    macros::map,
+    maps::{lpm_trie::Key, Array, HashMap, LpmTrie, LruHashMap},
+    programs::TcContext,
+};
+
+use crate::{
+    exposure::flow_key,
+    metering,
+    packet::{
+        self, EthHdr, Ipv4Hdr, Packet, Ports, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP,
+        IPV4_CHECK_OFFSET, L4_OFFSET,
+    },
+    route, Verdict,
+};
+
+/// This host's uplink, egress address and NAT ports (one entry; zero = egress off).
+#[map]
+pub static EGRESS_HOST: Array<EgressHost> = Array::with_max_entries(1, 0);
+
+/// Cloud → its range, mode, egress address and policy generation. Sized by the agent
+/// (`dataplane.max_endpoints`: a host runs at most that many clouds).
+#[map]
+pub static EGRESS_CLOUDS: HashMap<u32, EgressCloud> = HashMap::with_max_entries(65536, 0);
+
+/// The always-denied set, for every cloud: address prefix → 1.
+#[map]
+pub static EGRESS_NEVER: LpmTrie<u32, u8> = LpmTrie::with_max_entries(4096, 0);
+
+/// `(cloud, prefix)` → the cloud's allow rules for it (CIDR rules and learnt addresses).
+#[map]
+pub static EGRESS_ALLOW: LpmTrie<EgressRuleKey, EgressRules> =
+    LpmTrie::with_max_entries(1 << 20, 0);
+
+/// `(cloud, prefix)` → the cloud's deny rules for it.
+#[map]
+pub static EGRESS_DENY: LpmTrie<EgressRuleKey, EgressRules> = LpmTrie::with_max_entries(1 << 20, 0);
+
+/// Guest's view of a flow → its translation. Sized by the agent (`dataplane.max_flows`).
+#[map]
+pub static EGRESS_OUT: LruHashMap<FlowKey, EgressOut> = LruHashMap::with_max_entries(131072, 0);
+
+/// Uplink's view of a reply → the flow it belongs to. Same size as `EGRESS_OUT`.
+#[map]
+pub static EGRESS_IN: LruHashMap<FlowKey, EgressIn> = LruHashMap::with_max_entries(131072, 0);
+
+const BPF_NOEXIST: u64 = 1;
+const BPF_ANY: u64 = 0;
+const ICMP_ECHO_REPLY: u8 = 0;
+const ICMP_DEST_UNREACH: u8 = 3;
+const ICMP_ECHO_REQUEST: u8 = 8;
+const ICMP_TIME_EXCEEDED: u8 = 11;
+/// Ethernet + IPv4 + ICMP header + the embedded IPv4 header + 8 bytes of its payload.
+pub const ICMP_ERROR_BYTES: u32 = 14 + 20 + 8 + 20 + 8;
+/// Where the embedded IPv4 header of an ICMP error starts.
+const INNER_IP_OFFSET: usize = L4_OFFSET + 8;
+const INNER_L4_OFFSET: usize = INNER_IP_OFFSET + Ipv4Hdr::LEN;
+const ICMP_CHECK_OFFSET: usize = L4_OFFSET + 2;
+
+/// The transport part of a packet: protocol, ports as read natively (ICMP echo: identifier as
+/// source port, destination 0) and where its checksum and ports are.
+struct L4 {
+    protocol: u8,
+    src_port: u16,
+    dst_port: u16,
+    /// The checksum to update for a port change (TCP/UDP: with the pseudo header; ICMP: the
+    /// ICMP checksum, without).
+    check_offset: usize,
+}
+
+#[inline(always)]
+fn host() -> Option<&'static EgressHost> {
+    EGRESS_HOST.get(0).filter(|h| h.uplink_ifindex != 0)
+}
+
+/// From `from_vm` when the route lookup missed. The caller checked the sender's identity, the
+/// IPv4 header (no options), `total_len` and the TTL.
+#[inline(always)]
+pub fn from_guest(
+    ctx: &TcContext,
+    pkt: &Packet,
+    eth: *mut EthHdr,
+    ip: *mut Ipv4Hdr,
+    total_len: u16,
+    ep: &EndpointInfo,
+) -> Verdict {
+    let (Some(host), Some(cloud)) = (host(), cloud(ep.cloud)) else {
+        return Verdict::Drop(DropReason::NoRouteInCloud);
+    };
+    // SAFETY: `ip` was bounds-checked by the caller.
+    let daddr = unsafe { (*ip).daddr() };
+    if daddr & cloud.range_mask == cloud.range_ipv4 {
+        return Verdict::Drop(DropReason::NoRouteInCloud);
+    }
+    let l4 = match guest_l4(pkt, ip, total_len) {
+        Ok(l4) => l4,
+        Err(reason) => return Verdict::Drop(reason),
+    };
+    let key = flow_key(
+        ep.cloud,
+        ep.ipv4,
+        daddr,
+        l4.src_port,
+        l4.dst_port,
+        l4.protocol,
+    );
+    // SAFETY: the value is copied out at once.
+    let flow = match unsafe { EGRESS_OUT.get(key) }.copied() {
+        Some(f) if f.generation != cloud.generation => {
+            if decide(ep.cloud, cloud, daddr, l4.protocol, l4.dst_port).is_err() {
+                forget(&key, &f);
+                return Verdict::Drop(DropReason::EgressRevoked);
+            }
+            renew(&key, f, cloud.generation)
+        }
+        Some(f) if holds_nat_port(&key, &f) => f,
+        previous => {
+            if let Err(reason) = decide(ep.cloud, cloud, daddr, l4.protocol, l4.dst_port) {
+                return Verdict::Drop(reason);
+            }
+            match open_flow(&key, host, cloud, previous) {
+                Ok(f) => f,
+                Err(reason) => return Verdict::Drop(reason),
+            }
+        }
+    };
+    send_out(ctx, pkt, eth, ip, ep, host, &l4, (daddr, &flow))
+}
+
+#[inline(always)]
+fn cloud(cloud: u32) -> Option<&'static EgressCloud> {
+    // SAFETY: entries are replaced whole by the agent, never written in place.
+    unsafe { EGRESS_CLOUDS.get(cloud) }
+}
+
+/// The transport header of a guest's packet leaving: TCP, UDP or ICMP echo request, complete
+/// and unfragmented.
+#[inline(always)]
+fn guest_l4(pkt: &Packet, ip: *mut Ipv4Hdr, total_len: u16) -> Result<L4, DropReason> {
+    // SAFETY: `ip` was bounds-checked by the caller.
+    let (protocol, fragment) = unsafe { ((*ip).protocol, (*ip).is_fragment()) };
+    if fragment {
+        return Err(DropReason::EgressUnsupported);
+    }
+    if protocol == IPPROTO_ICMP {
+        if (total_len as usize) < Ipv4Hdr::LEN + 8 {
+            return Err(DropReason::EgressUnsupported);
+        }
+        let Some(echo) = pkt.ptr::<packet::IcmpEcho>(L4_OFFSET) else {
+            return Err(DropReason::EgressUnsupported);
+        };
+        // SAFETY: bounds-checked by `Packet::ptr`.
+        let (kind, code, id) = unsafe { ((*echo).icmp_type, (*echo).code, (*echo).id) };
+        if kind != ICMP_ECHO_REQUEST || code != 0 {
+            return Err(DropReason::EgressUnsupported);
+        }
+        return Ok(L4 {
+            protocol,
+            src_port: u16::from_ne_bytes(id),
+            dst_port: 0,
+            check_offset: ICMP_CHECK_OFFSET,
+        });
+    }
+    let Some((l4_len, check_offset)) = packet::l4_layout(protocol) else {
+        return Err(DropReason::EgressUnsupported);
+    };
+    if (total_len as usize) < Ipv4Hdr::LEN + l4_len {
+        return Err(DropReason::EgressUnsupported);
+    }
+    let Some(ports) = pkt.ptr::<Ports>(L4_OFFSET) else {
+        return Err(DropReason::EgressUnsupported);
+    };
+    // SAFETY: bounds-checked by `Packet::ptr`.
+    let (src_port, dst_port) = unsafe {
+        (
+            u16::from_ne_bytes((*ports).src),
+            u16::from_ne_bytes((*ports).dst),
+        )
+    };
+    Ok(L4 {
+        protocol,
+        src_port,
+        dst_port,
+        check_offset,
+    })
+}
+
+/// May `cloud` reach `daddr` with `protocol` to `port` (as read natively; 0 for ICMP)?
+/// See "Policy order" in the module docs.
+#[inline(always)]
+fn decide(
+    cloud_id: u32,
+    cloud: &EgressCloud,
+    daddr: u32,
+    protocol: u8,
+    port: u16,
+) -> Result<(), DropReason> {
+    if EGRESS_NEVER.get(Key::new(32, daddr)).is_some() {
+        return Err(DropReason::EgressNever);
+    }
+    let mode = cloud.mode;
+    if mode != EGRESS_MODE_ALLOW && mode != EGRESS_MODE_ALLOWLIST {
+        return Err(DropReason::EgressDenied);
+    }
+    let key = Key::new(
+        64,
+        EgressRuleKey {
+            cloud: cloud_id,
+            ipv4: daddr,
+        },
+    );
+    let port = u16::from_be(port);
+    let now = if mode == EGRESS_MODE_ALLOWLIST {
+        // SAFETY: a helper without arguments.
+        unsafe { bpf_ktime_get_boot_ns() }
+    } else {
+        0
+    };
+    if EGRESS_DENY
+        .get(&key)
+        .is_some_and(|r| matches(r, protocol, port, now))
+    {
+        return Err(DropReason::EgressDenied);
+    }
+    if mode == EGRESS_MODE_ALLOWLIST
+        && !EGRESS_ALLOW
+            .get(&key)
+            .is_some_and(|r| matches(r, protocol, port, now))
+    {
+        return Err(DropReason::EgressDenied);
+    }
+    Ok(())
+}
+
+/// True if any of `rules` covers the packet (deny rules never expire: `now` is then 0).
+#[inline(always)]
+fn matches(rules: &EgressRules, protocol: u8, port: u16, now: u64) -> bool {
+    let count = rules.count as usize;
+    for i in 0..RULES_PER_PREFIX {
+        if i >= count {
+            break;
+        }
+        let r = &rules.rules[i];
+        let live = r.expires_ns == 0 || now < r.expires_ns;
+        let proto = r.protocol == 0 || r.protocol == protocol;
+        let ports = if protocol == IPPROTO_ICMP {
+            r.first == 0 && r.last == u16::MAX
+        } else {
+            r.first <= port && port <= r.last
+        };
+        if live && proto && ports {
+            return true;
+        }
+    }
+    false
+}
+
+/// `EGRESS_IN`'s key for the replies of `key` translated to `egress_ipv4:nat_port`.
+#[inline(always)]
+fn reply_key(key: &FlowKey, egress_ipv4: u32, nat_port: u16) -> FlowKey {
+    if key.protocol == IPPROTO_ICMP {
+        flow_key(0, key.dst_ipv4, egress_ipv4, 0, nat_port, key.protocol)
+    } else {
+        flow_key(
+            0,
+            key.dst_ipv4,
+            egress_ipv4,
+            key.dst_port,
+            nat_port,
+            key.protocol,
+        )
+    }
+}
+
+#[inline(always)]
+fn reply_value(key: &FlowKey) -> EgressIn {
+    EgressIn {
+        cloud: key.cloud,
+        guest_ipv4: key.src_ipv4,
+        guest_port: key.src_port,
+        _pad: 0,
+    }
+}
+
+/// True if the flow still holds its NAT port (its `EGRESS_IN` entry exists and names it; the
+/// lookup also marks it used). See "A NAT port has one holder" in `exposure`.
+#[inline(always)]
+fn holds_nat_port(key: &FlowKey, flow: &EgressOut) -> bool {
+    let reply = reply_key(key, flow.egress_ipv4, flow.nat_port);
+    // SAFETY: the value is only compared.
+    unsafe { EGRESS_IN.get(reply) }.is_some_and(|v| *v == reply_value(key))
+}
+
+/// Records that the flow is allowed under `generation`.
+#[inline(always)]
+fn renew(key: &FlowKey, mut flow: EgressOut, generation: u32) -> EgressOut {
+    flow.generation = generation;
+    let _ = EGRESS_OUT.insert(key, flow, BPF_ANY);
+    flow
+}
+
+/// Deletes both halves of a cut flow.
+#[inline(always)]
+fn forget(key: &FlowKey, flow: &EgressOut) {
+    let reply = reply_key(key, flow.egress_ipv4, flow.nat_port);
+    // SAFETY: the value is only compared.
+    if unsafe { EGRESS_IN.get(reply) }.is_some_and(|v| *v == reply_value(key)) {
+        let _ = EGRESS_IN.remove(reply);
+    }
+    let _ = EGRESS_OUT.remove(key);
+}
+
+/// Admits a flow: a NAT port (its previous one first, if it had one and it is free again)
+/// reserved in `EGRESS_IN`, then its `EGRESS_OUT` entry.
+#[inline(always)]
+fn open_flow(
+    key: &FlowKey,
+    host: &EgressHost,
+    cloud: &EgressCloud,
+    previous: Option<EgressOut>,
+) -> Result<EgressOut, DropReason> {
+    let egress_ipv4 = if cloud.egress_ipv4 != 0 {
+        cloud.egress_ipv4
+    } else {
+        host.egress_ipv4
+    };
+    let hash = flow_hash(key);
+    let back = reply_value(key);
+    let mut nat_port = 0u16;
+    for attempt in 0..EGRESS_NAT_PORT_TRIES {
+        let candidate = match previous {
+            Some(p) if attempt == 0 && p.egress_ipv4 == egress_ipv4 => p.nat_port,
+            _ => egress_nat_port(hash, attempt, host.nat_port_first, host.nat_port_count).to_be(),
+        };
+        let reply = reply_key(key, egress_ipv4, candidate);
+        // Only a port no entry holds is taken (`BPF_NOEXIST` is atomic against other CPUs).
+        if EGRESS_IN.insert(reply, back, BPF_NOEXIST).is_ok() {
+            nat_port = candidate;
+            break;
+        }
+        // Taken: by this very flow (its `EGRESS_OUT` entry was evicted) it can be reused.
+        // SAFETY: the value is only compared.
+        if unsafe { EGRESS_IN.get(reply) }.is_some_and(|v| *v == back) {
+            nat_port = candidate;
+            break;
+        }
+    }
+    if nat_port == 0 {
+        return Err(DropReason::EgressNatPortsExhausted);
+    }
+    let flow = EgressOut {
+        egress_ipv4,
+        generation: cloud.generation,
+        nat_port,
+        _pad: 0,
+    };
+    if EGRESS_OUT.insert(key, flow, BPF_ANY).is_err() {
+        let _ = EGRESS_IN.remove(reply_key(key, egress_ipv4, nat_port));
+        return Err(DropReason::EgressNatPortsExhausted);
+    }
+    Ok(flow)
+}
+
+/// Sends the translated frame out of the uplink: rewrites it, meters it and redirects it
+/// (the kernel routes it and writes its MACs, see "Out through the uplink" in the module docs).
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn send_out(
+    ctx: &TcContext,
+    pkt: &Packet,
+    eth: *mut EthHdr,
+    ip: *mut Ipv4Hdr,
+    ep: &EndpointInfo,
+    host: &EgressHost,
+    l4: &L4,
+    (daddr, flow): (u32, &EgressOut),
+) -> Verdict {
+    let rewritten = rewrite(
+        ctx,
+        eth,
+        ip,
+        None,
+        l4,
+        Rewrite {
+            src: (ep.ipv4, flow.egress_ipv4),
+            dst: (daddr, daddr),
+            src_port: (l4.src_port, flow.nat_port),
+            dst_port: (l4.dst_port, l4.dst_port),
+        },
+    );
+    if !rewritten {
+        return Verdict::Drop(DropReason::EgressRewriteFailed);
+    }
+    metering::traffic(
+        ep.slot,
+        Direction::FromGuest,
+        TrafficClass::External,
+        pkt.len,
+    );
+    Verdict::RedirectNeigh(host.uplink_ifindex)
+}
+
+/// A translation: addresses and ports as `(old, new)`, ports as read natively.
+struct Rewrite {
+    src: (u32, u32),
+    dst: (u32, u32),
+    src_port: (u16, u16),
+    dst_port: (u16, u16),
+}
+
+/// Writes MACs (if known), TTL, addresses and ports, then fixes the checksums.
+#[inline(always)]
+fn rewrite(
+    ctx: &TcContext,
+    eth: *mut EthHdr,
+    ip: *mut Ipv4Hdr,
+    macs: Option<(&[u8; 6], &[u8; 6])>,
+    l4: &L4,
+    w: Rewrite,
+) -> bool {
+    // SAFETY: `eth` and `ip` are bounds-checked pointers into this frame and no helper has
+    // run since they were derived (the helpers below invalidate them; none is used after).
+    unsafe {
+        if let Some((src, dst)) = macs {
+            packet::write_mac(&mut (*eth).src, src);
+            packet::write_mac(&mut (*eth).dst, dst);
+        }
+        let h = &mut *ip;
+        h.ttl -= 1;
+        // TTL is the high byte of its 16-bit word: see route.rs.
+        h.check = packet::csum_add_be(h.check, u16::from_ne_bytes([0x01, 0x00]));
+        packet::write_ipv4(&mut h.saddr, w.src.1.to_ne_bytes());
+        packet::write_ipv4(&mut h.daddr, w.dst.1.to_ne_bytes());
+    }
+    if !write_ports(ctx, l4.protocol, w.src_port, w.dst_port) {
+        return false;
+    }
+    if l4.protocol == IPPROTO_ICMP {
+        // No pseudo header: the addresses are in the IPv4 checksum only, the identifier in
+        // the ICMP checksum.
+        return addresses_l3(ctx, w.src, w.dst)
+            && [w.src_port, w.dst_port].iter().all(|(from, to)| {
+                from == to
+                    || ctx
+                        .l4_csum_replace(l4.check_offset, *from as u64, *to as u64, 2)
+                        .is_ok()
+            });
+    }
+    packet::fix_address_checksums(ctx, l4.protocol, l4.check_offset, w.src, w.dst)
+        && packet::fix_port_checksums(ctx, l4.protocol, l4.check_offset, w.src_port, w.dst_port)
+}
+
+/// Writes the new source and destination port (ports as `(old, new)`). ICMP echo has one
+/// identifier: the source "port" going out (the destination is then 0), the destination
+/// "port" coming back (see [`L4`]).
+#[inline(always)]
+fn write_ports(ctx: &TcContext, protocol: u8, src: (u16, u16), dst: (u16, u16)) -> bool {
+    if protocol == IPPROTO_ICMP {
+        let id = if dst.0 == 0 { src.1 } else { dst.1 };
+        return ctx.store(L4_OFFSET + 4, &id, 0).is_ok();
+    }
+    let (s, d) = (src.1.to_ne_bytes(), dst.1.to_ne_bytes());
+    let ports = u32::from_ne_bytes([s[0], s[1], d[0], d[1]]);
+    ctx.store(L4_OFFSET, &ports, 0).is_ok()
+}
+
+/// The IPv4 header checksum for rewritten addresses.
+#[inline(always)]
+fn addresses_l3(ctx: &TcContext, src: (u32, u32), dst: (u32, u32)) -> bool {
+    for (from, to) in [src, dst] {
+        if from != to
+            && ctx
+                .l3_csum_replace(IPV4_CHECK_OFFSET, from as u64, to as u64, 4)
+                .is_err()
+        {
+            return false;
+        }
+    }
+    true
+}
+
+/// TC ingress of the uplink: replies of tracked flows go back to their guests; everything
+/// else passes (see module docs).
+#[inline(always)]
+pub fn from_uplink(ctx: &TcContext) -> Verdict {
+    let Some(host) = host() else {
+        return Verdict::Pass;
+    };
+    let pkt = Packet::with_headers(ctx, ICMP_ERROR_BYTES);
+    let Some(eth) = pkt.ptr::<EthHdr>(0) else {
+        return Verdict::Pass;
+    };
+    // SAFETY: bounds-checked by `Packet::ptr`.
+    if u16::from_be(unsafe { (*eth).ether_type }) != packet::ETH_P_IP {
+        return Verdict::Pass;
+    }
+    let Some(ip) = pkt.ptr::<Ipv4Hdr>(EthHdr::LEN) else {
+        return Verdict::Pass;
+    };
+    // SAFETY: bounds-checked by `Packet::ptr`.
+    let (version_ihl, total_len, fragment, protocol, saddr, daddr, ttl) = unsafe {
+        let h = &*ip;
+        (
+            h.version_ihl,
+            h.total_len(),
+            h.is_fragment(),
+            h.protocol,
+            h.saddr(),
+            h.daddr(),
+            h.ttl,
+        )
+    };
+    if version_ihl != 0x45
+        || fragment
+        || (total_len as usize) < Ipv4Hdr::LEN + 8
+        || EthHdr::LEN + total_len as usize > pkt.len as usize
+    {
+        return Verdict::Pass;
+    }
+    let Some(ports) = pkt.ptr::<Ports>(L4_OFFSET) else {
+        return Verdict::Pass;
+    };
+    // SAFETY: bounds-checked by `Packet::ptr`.
+    let (first, second) = unsafe {
+        (
+            u16::from_ne_bytes((*ports).src),
+            u16::from_ne_bytes((*ports).dst),
+        )
+    };
+    if protocol == IPPROTO_ICMP {
+        let [kind, code] = first.to_ne_bytes();
+        return match kind {
+            ICMP_ECHO_REPLY if code == 0 => {
+                let Some(echo) = pkt.ptr::<packet::IcmpEcho>(L4_OFFSET) else {
+                    return Verdict::Pass;
+                };
+                // SAFETY: bounds-checked by `Packet::ptr`.
+                let id = u16::from_ne_bytes(unsafe { (*echo).id });
+                let key = flow_key(0, saddr, daddr, 0, id, protocol);
+                let l4 = L4 {
+                    protocol,
+                    src_port: 0,
+                    dst_port: id,
+                    check_offset: ICMP_CHECK_OFFSET,
+                };
+                back_in(ctx, &pkt, eth, ip, host, &l4, &key, ttl, saddr)
+            }
+            ICMP_DEST_UNREACH | ICMP_TIME_EXCEEDED => {
+                icmp_error(ctx, &pkt, eth, ip, host, daddr, ttl)
+            }
+            _ => Verdict::Pass,
+        };
+    }
+    let Some((_, check_offset)) = packet::l4_layout(protocol) else {
+        return Verdict::Pass;
+    };
+    let key = flow_key(0, saddr, daddr, first, second, protocol);
+    let l4 = L4 {
+        protocol,
+        src_port: first,
+        dst_port: second,
+        check_offset,
+    };
+    back_in(ctx, &pkt, eth, ip, host, &l4, &key, ttl, saddr)
+}
+
+/// A tracked flow and the route to its guest's endpoint.
+struct Tracked {
+    flow: EgressIn,
+    hop: &'static NextHop,
+}
+
+/// The tracked flow a packet on the uplink belongs to, if the flow is still allowed and its
+/// guest is here. `Err` drops (the flow is cut or its guest gone); `Ok(None)` is not ours.
+#[inline(always)]
+fn tracked(key: &FlowKey, remote_port: u16) -> Result<Option<Tracked>, DropReason> {
+    // SAFETY: the value is copied out at once.
+    let Some(flow) = (unsafe { EGRESS_IN.get(key) }).copied() else {
+        return Ok(None);
+    };
+    let out_key = if key.protocol == IPPROTO_ICMP {
+        flow_key(
+            flow.cloud,
+            flow.guest_ipv4,
+            key.src_ipv4,
+            flow.guest_port,
+            0,
+            key.protocol,
+        )
+    } else {
+        flow_key(
+            flow.cloud,
+            flow.guest_ipv4,
+            key.src_ipv4,
+            flow.guest_port,
+            remote_port,
+            key.protocol,
+        )
+    };
+    // SAFETY: the value is copied out at once.
+    let Some(out) = (unsafe { EGRESS_OUT.get(out_key) }).copied() else {
+        // The guest's half was evicted: the next packet the guest sends opens the flow again
+        // (and finds its port reserved for it); until then replies still belong to it.
+        return deliverable(flow);
+    };
+    let Some(cloud) = cloud(flow.cloud) else {
+        forget(&out_key, &out);
+        return Err(DropReason::EgressRevoked);
+    };
+    if out.generation != cloud.generation {
+        if decide(flow.cloud, cloud, key.src_ipv4, key.protocol, remote_port).is_err() {
+            forget(&out_key, &out);
+            return Err(DropReason::EgressRevoked);
+        }
+        renew(&out_key, out, cloud.generation);
+    }
+    deliverable(flow)
+}
+
+#[inline(always)]
+fn deliverable(flow: EgressIn) -> Result<Option<Tracked>, DropReason> {
+    match route::lookup(flow.cloud, flow.guest_ipv4) {
+        Some(hop) if hop.flags == NEXTHOP_ENDPOINT => Ok(Some(Tracked { flow, hop })),
+        _ => Err(DropReason::UplinkNoEndpoint),
+    }
+}
+
+/// A reply (TCP, UDP, ICMP echo reply) of a tracked flow, back to its guest.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn back_in(
+    ctx: &TcContext,
+    pkt: &Packet,
+    eth: *mut EthHdr,
+    ip: *mut Ipv4Hdr,
+    host: &EgressHost,
+    l4: &L4,
+    key: &FlowKey,
+    ttl: u8,
+    saddr: u32,
+) -> Verdict {
+    let Tracked { flow, hop } = match tracked(key, l4.src_port) {
+        Ok(Some(t)) => t,
+        Ok(None) => return Verdict::Pass,
+        Err(reason) => return Verdict::Drop(reason),
+    };
+    if ttl <= 1 {
+        return Verdict::Drop(DropReason::TtlExceeded);
+    }
+    let rewritten = rewrite(
+        ctx,
+        eth,
+        ip,
+        Some((&host.gateway_mac, &hop.mac)),
+        l4,
+        Rewrite {
+            src: (saddr, saddr),
+            dst: (key.dst_ipv4, flow.guest_ipv4),
+            src_port: (l4.src_port, l4.src_port),
+            dst_port: (l4.dst_port, flow.guest_port),
+        },
+    );
+    if !rewritten {
+        return Verdict::Drop(DropReason::EgressRewriteFailed);
+    }
+    metering::traffic(
+        hop.slot,
+        Direction::ToGuest,
+        TrafficClass::External,
+        pkt.len,
+    );
+    Verdict::Redirect(hop.ifindex)
+}
+
+/// An ICMP error about a packet a guest sent out: translated by its embedded header (see
+/// module docs). Not about a tracked flow: passes.
+#[inline(always)]
+fn icmp_error(
+    ctx: &TcContext,
+    pkt: &Packet,
+    eth: *mut EthHdr,
+    ip: *mut Ipv4Hdr,
+    host: &EgressHost,
+    daddr: u32,
+    ttl: u8,
+) -> Verdict {
+    let (Some(inner), Some(inner_ports)) = (
+        pkt.ptr::<Ipv4Hdr>(INNER_IP_OFFSET),
+        pkt.ptr::<Ports>(INNER_L4_OFFSET),
+    ) else {
+        return Verdict::Pass;
+    };
+    // SAFETY: bounds-checked by `Packet::ptr`.
+    let (inner_vihl, inner_protocol, inner_src, inner_dst, inner_check, sport, dport) = unsafe {
+        let h = &*inner;
+        (
+            h.version_ihl,
+            h.protocol,
+            h.saddr(),
+            h.daddr(),
+            h.check,
+            u16::from_ne_bytes((*inner_ports).src),
+            u16::from_ne_bytes((*inner_ports).dst),
+        )
+    };
+    // The quoted packet went out from our egress address: it must be the error's destination.
+    if inner_vihl != 0x45 || inner_src != daddr {
+        return Verdict::Pass;
+    }
+    // The quoted packet's reply key: ICMP echo by identifier (the quote's bytes 4-5).
+    let (key, remote_port) = match inner_protocol {
+        IPPROTO_TCP | IPPROTO_UDP => (
+            flow_key(0, inner_dst, inner_src, dport, sport, inner_protocol),
+            dport,
+        ),
+        IPPROTO_ICMP => {
+            let Some(echo) = pkt.ptr::<packet::IcmpEcho>(INNER_L4_OFFSET) else {
+                return Verdict::Pass;
+            };
+            // SAFETY: bounds-checked by `Packet::ptr`.
+            let (kind, id) = unsafe { ((*echo).icmp_type, (*echo).id) };
+            if kind != ICMP_ECHO_REQUEST {
+                return Verdict::Pass;
+            }
+            (
+                flow_key(
+                    0,
+                    inner_dst,
+                    inner_src,
+                    0,
+                    u16::from_ne_bytes(id),
+                    inner_protocol,
+                ),
+                0,
+            )
+        }
+        _ => return Verdict::Pass,
+    };
+    let Tracked { flow, hop } = match tracked(&key, remote_port) {
+        Ok(Some(t)) => t,
+        Ok(None) => return Verdict::Pass,
+        Err(reason) => return Verdict::Drop(reason),
+    };
+    if ttl <= 1 {
+        return Verdict::Drop(DropReason::TtlExceeded);
+    }
+    // The quote: source address and port back to the guest's, its header checksum adjusted;
+    // the ICMP checksum covers all three changes; the outer header's destination and TTL.
+    let guest = flow.guest_ipv4;
+    let new_check = csum_replace4(inner_check, inner_src, guest);
+    let id_offset = if inner_protocol == IPPROTO_ICMP {
+        INNER_L4_OFFSET + 4
+    } else {
+        INNER_L4_OFFSET
+    };
+    let old_port = key.dst_port;
+    // SAFETY: `eth`, `ip` and `inner` are bounds-checked pointers into this frame and no
+    // helper has run since they were derived (the helpers below invalidate them; none is
+    // used after).
+    unsafe {
+        packet::write_mac(&mut (*eth).src, &host.gateway_mac);
+        packet::write_mac(&mut (*eth).dst, &hop.mac);
+        let h = &mut *ip;
+        h.ttl -= 1;
+        h.check = packet::csum_add_be(h.check, u16::from_ne_bytes([0x01, 0x00]));
+        packet::write_ipv4(&mut h.daddr, guest.to_ne_bytes());
+        let i = &mut *inner;
+        packet::write_ipv4(&mut i.saddr, guest.to_ne_bytes());
+        i.check = new_check;
+    }
+    let ok = ctx
+        .store(id_offset, &flow.guest_port.to_ne_bytes(), 0)
+        .is_ok()
+        && ctx
+            .l3_csum_replace(IPV4_CHECK_OFFSET, daddr as u64, guest as u64, 4)
+            .is_ok()
+        && ctx
+            .l4_csum_replace(ICMP_CHECK_OFFSET, inner_src as u64, guest as u64, 4)
+            .is_ok()
+        && ctx
+            .l4_csum_replace(ICMP_CHECK_OFFSET, inner_check as u64, new_check as u64, 2)
+            .is_ok()
+        && ctx
+            .l4_csum_replace(
+                ICMP_CHECK_OFFSET,
+                old_port as u64,
+                flow.guest_port as u64,
+                2,
+            )
+            .is_ok();
+    if !ok {
+        return Verdict::Drop(DropReason::EgressRewriteFailed);
+    }
+    metering::traffic(
+        hop.slot,
+        Direction::ToGuest,
+        TrafficClass::External,
+        pkt.len,
+    );
+    Verdict::Redirect(hop.ifindex)
+}
+
+/// An IPv4 header checksum (wire order, as read natively) after a 32-bit field changed from
+/// `from` to `to` (both as read natively), RFC 1624: `~(~check + ~from + to)`.
+#[inline(always)]
+fn csum_replace4(check: u16, from: u32, to: u32) -> u16 {
+    let mut sum = (!check) as u32;
+    sum += (!from & 0xFFFF) + (!from >> 16);
+    sum += (to & 0xFFFF) + (to >> 16);
+    sum = (sum & 0xFFFF) + (sum >> 16);
+    sum = (sum & 0xFFFF) + (sum >> 16);
+    !(sum as u16)
+}
