@@ -60,9 +60,9 @@ use std::{
 use atoll_api::{
     client::{Client, ClientError},
     model::{
-        DeniedReport, EgressPolicy, FieldError, Placement, Power, Protocol, ProviderServices,
-        ServiceReport, StatusReport, SyncDelta, VmReport, VmState, VmStatus, VolumeFormat,
-        VolumePlacement, Zone,
+        DeniedDestination, DeniedReport, EgressPolicy, FieldError, Placement, Power, Protocol,
+        ProviderServices, ServiceReport, StatusReport, SyncDelta, VmReport, VmState, VmStatus,
+        VolumeFormat, VolumePlacement, Zone,
     },
 };
 use atoll_api::{Command, ControlPlane, ControlPlaneError, Reply};
@@ -248,6 +248,8 @@ pub trait DnsSink: Send + Sync {
     /// `cloud`'s egress policy (which names its questions may be forwarded for).
     fn set_egress(&self, _cloud: CloudId, _policy: &EgressPolicy) {}
     fn remove_egress(&self, _cloud: CloudId) {}
+    /// The destinations the dataplane refused for `cloud`, complete.
+    fn set_refused(&self, _cloud: CloudId, _entries: Vec<DeniedDestination>) {}
     /// The complete refusal lists of the clouds whose refusals changed since the last call.
     fn take_denied(&self) -> Vec<DeniedReport> {
         Vec::new()
@@ -815,6 +817,24 @@ impl Converger {
 
     /// Reports what the clouds here were refused since the last report (their complete
     /// lists), if anything changed.
+    /// Hands the destinations the dataplane refused (`Host::refused_destinations`) to the
+    /// DNS server's denied lists, for the clouds this host holds a policy of.
+    pub fn record_refused(&self, refused: Vec<(CloudId, DeniedDestination)>) {
+        let Some(dns) = &self.dns else {
+            return;
+        };
+        let mut per_cloud: HashMap<CloudId, Vec<DeniedDestination>> =
+            self.egress.keys().map(|c| (*c, Vec::new())).collect();
+        for (cloud, d) in refused {
+            if let Some(list) = per_cloud.get_mut(&cloud) {
+                list.push(d);
+            }
+        }
+        for (cloud, entries) in per_cloud {
+            dns.set_refused(cloud, entries);
+        }
+    }
+
     pub async fn report_denied(&mut self) -> Result<(), ConvergeError> {
         let Some(dns) = &self.dns else {
             return Ok(());
@@ -1057,6 +1077,10 @@ impl DnsSink for crate::dns::DnsView {
 
     fn remove_egress(&self, cloud: CloudId) {
         crate::dns::DnsView::remove_egress(self, cloud);
+    }
+
+    fn set_refused(&self, cloud: CloudId, entries: Vec<DeniedDestination>) {
+        crate::dns::DnsView::set_refused(self, cloud, entries);
     }
 
     fn take_denied(&self) -> Vec<DeniedReport> {

@@ -58,9 +58,9 @@ use std::{
 };
 
 use atoll_dataplane_common::{
-    DnsService, DropReason, EgressCloud, EgressHost, EgressIn, EgressOut, EndpointCounters,
-    EndpointInfo, EndpointSlot, FlowIn, FlowKey, FlowOut, NextHop, RouteKey, VipService,
-    ENDPOINT_CACHE_MASK,
+    DnsService, DropReason, EgressCloud, EgressHost, EgressIn, EgressMeter, EgressOut,
+    EndpointCounters, EndpointInfo, EndpointSlot, FlowIn, FlowKey, FlowOut, NextHop, RefusedCount,
+    RefusedKey, RouteKey, VipService, ENDPOINT_CACHE_MASK,
 };
 use aya::{
     maps::{lpm_trie::LpmTrie, Array, HashMap, Map, MapData, MapError, PerCpuArray, PerCpuValues},
@@ -100,8 +100,9 @@ pub static BASELINE_OBJECT: &[u8] =
 /// Map names in the object (the registry, [`maps::REGISTRY`], says the rest).
 pub use maps::{
     MAP_COUNTERS, MAP_DNS_SERVICE, MAP_DROPS, MAP_EGRESS_ALLOW, MAP_EGRESS_CLOUDS, MAP_EGRESS_DENY,
-    MAP_EGRESS_HOST, MAP_EGRESS_IN, MAP_EGRESS_NEVER, MAP_EGRESS_OUT, MAP_ENDPOINTS,
-    MAP_ENDPOINT_CACHE, MAP_FLOWS_IN, MAP_FLOWS_OUT, MAP_ROUTES, MAP_SLOT_ENDPOINTS, MAP_VIPS,
+    MAP_EGRESS_HOST, MAP_EGRESS_IN, MAP_EGRESS_METERS, MAP_EGRESS_NEVER, MAP_EGRESS_OUT,
+    MAP_EGRESS_REFUSED, MAP_ENDPOINTS, MAP_ENDPOINT_CACHE, MAP_FLOWS_IN, MAP_FLOWS_OUT, MAP_ROUTES,
+    MAP_SLOT_ENDPOINTS, MAP_VIPS,
 };
 const BPF_NOEXIST: u64 = 1;
 
@@ -132,6 +133,8 @@ pub struct Dataplane {
     egress_never: LpmTrie<MapData, u32, u8>,
     egress_out: HashMap<MapData, FlowKey, EgressOut>,
     egress_in: HashMap<MapData, FlowKey, EgressIn>,
+    egress_refused: HashMap<MapData, RefusedKey, RefusedCount>,
+    egress_meters: HashMap<MapData, u32, EgressMeter>,
     from_vm: SchedClassifier,
     to_vm: SchedClassifier,
     from_dns: SchedClassifier,
@@ -211,6 +214,12 @@ impl Dataplane {
             HashMap::try_from(open_map(MAP_EGRESS_OUT)?).map_err(|e| typed(MAP_EGRESS_OUT, e))?;
         let egress_in: HashMap<MapData, FlowKey, EgressIn> =
             HashMap::try_from(open_map(MAP_EGRESS_IN)?).map_err(|e| typed(MAP_EGRESS_IN, e))?;
+        let egress_refused: HashMap<MapData, RefusedKey, RefusedCount> =
+            HashMap::try_from(open_map(MAP_EGRESS_REFUSED)?)
+                .map_err(|e| typed(MAP_EGRESS_REFUSED, e))?;
+        let egress_meters: HashMap<MapData, u32, EgressMeter> =
+            HashMap::try_from(open_map(MAP_EGRESS_METERS)?)
+                .map_err(|e| typed(MAP_EGRESS_METERS, e))?;
         let capacity = |name: &str, default: u32| {
             aya::maps::MapInfo::from_pin(dir.join("maps").join(name))
                 .map(|i| i.max_entries())
@@ -247,6 +256,8 @@ impl Dataplane {
             egress_never,
             egress_out,
             egress_in,
+            egress_refused,
+            egress_meters,
             max_endpoints,
             max_routes,
             max_vips,

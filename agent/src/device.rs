@@ -349,14 +349,108 @@ impl HeldTap {
     }
 }
 
-/// Whether `name` is administratively up (`IFF_UP` in its sysfs flags); `false` if it does
-/// not exist.
+/// Whether `name` is administratively up (`IFF_UP`); `false` if it does not exist.
 pub fn is_up(name: &str) -> bool {
-    validate_name(name).is_ok()
-        && std::fs::read_to_string(sysfs(name, "flags"))
-            .ok()
-            .and_then(|f| u32::from_str_radix(f.trim().trim_start_matches("0x"), 16).ok())
-            .is_some_and(|f| f & libc::IFF_UP as u32 != 0)
+    if validate_name(name).is_err() {
+        return false;
+    }
+    let Ok(sock) = ioctl_socket() else {
+        return false;
+    };
+    let mut req = IfReq::new(name, 0);
+    // SAFETY: SIOCGIFFLAGS reads and writes an ifreq that we own for the call's duration.
+    let rc = unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFFLAGS, &mut req) };
+    rc == 0 && req.flags & libc::IFF_UP as libc::c_short != 0
+}
+
+/// `name`'s flags (`SIOCGIFFLAGS`), `None` if it does not exist.
+fn flags_of(name: &str) -> Option<libc::c_short> {
+    let sock = ioctl_socket().ok()?;
+    let mut req = IfReq::new(name, 0);
+    // SAFETY: SIOCGIFFLAGS reads and writes an ifreq that we own for the call's duration.
+    let rc = unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFFLAGS, &mut req) };
+    (rc == 0).then_some(req.flags)
+}
+
+/// A socket for device ioctls, in the calling thread's network namespace.
+fn ioctl_socket() -> io::Result<OwnedFd> {
+    // SAFETY: socket() takes constant arguments; the result is checked.
+    let raw = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if raw < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `raw` is a fresh fd we own.
+    Ok(unsafe { OwnedFd::from_raw_fd(raw) })
+}
+
+/// The MAC address of `name` (`SIOCGIFHWADDR`). Device attributes are read with ioctls on a
+/// socket, never from `/sys/class/net`: sysfs shows the devices of the namespace it was
+/// mounted in, which is not the agent's when the agent runs in a namespace of its own.
+pub fn mac_of(name: &str) -> io::Result<crate::types::MacAddr> {
+    validate_name(name).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
+    let sock = ioctl_socket()?;
+    #[repr(C)]
+    struct IfReqHw {
+        name: [libc::c_char; libc::IF_NAMESIZE],
+        family: u16,
+        data: [u8; 14],
+        _pad: [u8; 8],
+    }
+    let mut req = IfReqHw {
+        name: [0; libc::IF_NAMESIZE],
+        family: 0,
+        data: [0; 14],
+        _pad: [0; 8],
+    };
+    for (d, s) in req.name.iter_mut().zip(name.bytes()) {
+        *d = s as libc::c_char;
+    }
+    // SAFETY: SIOCGIFHWADDR reads and writes an ifreq (40 bytes) that we own for the call.
+    if unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFHWADDR, &mut req) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let mut mac = [0u8; 6];
+    mac.copy_from_slice(&req.data[..6]);
+    Ok(crate::types::MacAddr(mac))
+}
+
+/// The driver of `name` (`ETHTOOL_GDRVINFO`), e.g. `tun` or `veth`.
+fn driver_of(name: &str) -> io::Result<String> {
+    const SIOCETHTOOL: libc::c_ulong = 0x8946;
+    const ETHTOOL_GDRVINFO: u32 = 0x0000_0003;
+    #[repr(C)]
+    struct DrvInfo {
+        cmd: u32,
+        driver: [u8; 32],
+        rest: [u8; 160],
+    }
+    #[repr(C)]
+    struct IfReqData {
+        name: [libc::c_char; libc::IF_NAMESIZE],
+        data: *mut DrvInfo,
+        _pad: [u8; 16],
+    }
+    let sock = ioctl_socket()?;
+    let mut info = DrvInfo {
+        cmd: ETHTOOL_GDRVINFO,
+        driver: [0; 32],
+        rest: [0; 160],
+    };
+    let mut req = IfReqData {
+        name: [0; libc::IF_NAMESIZE],
+        data: &mut info,
+        _pad: [0; 16],
+    };
+    for (d, s) in req.name.iter_mut().zip(name.bytes()) {
+        *d = s as libc::c_char;
+    }
+    // SAFETY: SIOCETHTOOL with ETHTOOL_GDRVINFO writes at most `ethtool_drvinfo` (196 bytes,
+    // the size of `DrvInfo`) through the pointer in an ifreq we own; both outlive the call.
+    if unsafe { libc::ioctl(sock.as_raw_fd(), SIOCETHTOOL, &mut req) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let end = info.driver.iter().position(|b| *b == 0).unwrap_or(32);
+    Ok(String::from_utf8_lossy(&info.driver[..end]).into_owned())
 }
 
 /// Sets `name` administratively up without netlink (so from synchronous code).
@@ -388,12 +482,7 @@ pub fn set_up_now(name: &str) -> Result<(), DeviceError> {
 
 /// Whether `name` is a tun/tap device.
 pub fn is_tap(name: &str) -> bool {
-    validate_name(name).is_ok() && sysfs(name, "tun_flags").exists()
-}
-
-/// A device attribute's file under `/sys/class/net` (the name must be valid).
-fn sysfs(name: &str, attribute: &str) -> PathBuf {
-    PathBuf::from("/sys/class/net").join(name).join(attribute)
+    validate_name(name).is_ok() && driver_of(name).is_ok_and(|d| d == "tun")
 }
 
 /// Deletes the persistent tap `name` without netlink (so from synchronous code): attaches a
@@ -474,24 +563,22 @@ pub fn open_tap_queue(name: &str, nonblocking: bool) -> Result<OwnedFd, DeviceEr
     })
 }
 
-/// Waits until `name`'s operational state is "up" (for a tap: a queue is attached and the
-/// kernel has activated it; frames sent to the tap before that are dropped). Bounded by
-/// `timeout`; the kernel offers no wait primitive for this short transition, so it re-reads
-/// sysfs, yielding in between.
+/// Waits until `name` is operationally up (`IFF_RUNNING`: for a tap, a queue is attached
+/// and the kernel has activated it; frames sent to the tap before that are dropped). Bounded
+/// by `timeout`; the kernel offers no wait primitive for this short transition, so it reads
+/// the flags again, yielding in between.
 pub fn wait_until_up(name: &str, timeout: std::time::Duration) -> Result<(), DeviceError> {
     validate_name(name)?;
-    let path = sysfs(name, "operstate");
     let deadline = std::time::Instant::now() + timeout;
     loop {
-        let state =
-            std::fs::read_to_string(&path).map_err(|_| DeviceError::NotFound(name.into()))?;
-        if state.trim() == "up" {
+        let flags = flags_of(name).ok_or_else(|| DeviceError::NotFound(name.into()))?;
+        if flags & libc::IFF_RUNNING as libc::c_short != 0 {
             return Ok(());
         }
         if std::time::Instant::now() >= deadline {
             return Err(DeviceError::NotUp {
                 name: name.into(),
-                state: state.trim().into(),
+                state: "not running".into(),
             });
         }
         std::thread::yield_now();

@@ -308,6 +308,17 @@ async fn run(cfg: &AgentConfig) -> Result<()> {
                 if let Err(e) = host.egress_tables().prune() {
                     tracing::error!("removing expired egress addresses: {e}");
                 }
+                if let Err(e) = host.refresh_budget_periods() {
+                    tracing::error!("moving egress budgets to the current period: {e}");
+                }
+                match host.refused_destinations() {
+                    Ok(refused) => {
+                        if let Some(c) = converger.as_ref() {
+                            c.record_refused(refused);
+                        }
+                    }
+                    Err(e) => tracing::error!("reading refused destinations: {e}"),
+                }
                 if let Some(c) = converger.as_mut() {
                     if let Err(e) = c.report_denied().await {
                         tracing::error!("reporting denied destinations: {e}");

@@ -126,7 +126,9 @@ const SERVER: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(198, 19, 0, 10), 7)
 /// Cloud 2's own egress address (from an operator pool the world routes to the host).
 const OWN_ADDRESS: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 5);
 const ARRIVE: Duration = Duration::from_secs(3);
-/// How long a packet that must not arrive is waited for.
+/// How long a packet that must not arrive is waited for. (Each test names what it creates
+/// with tags of its own: the tests of this file run at once, and each checks that nothing
+/// named with its tags is left.)
 const SILENCE: Duration = Duration::from_millis(500);
 
 fn cloud(n: u32) -> CloudId {
@@ -380,4 +382,148 @@ fn internet_scenario(echo: Echo) {
     drop((a, b, d));
     drop(host);
     drop(pins);
+}
+
+/// A host with egress on (inside the calling thread's namespace, the internet's host) and
+/// one veth guest of cloud 1 at 10.0.0.2 under `policy`; names tagged `(pins, netns,
+/// device)`.
+fn one_guest(
+    (pins_tag, ns_tag, dev_tag): (&str, &str, &str),
+    policy: EgressPolicy,
+) -> (tokio::runtime::Runtime, PinRoot, Host, VethGuest) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let pins = PinRoot::new(pins_tag);
+    let mut host = rt
+        .block_on(async { Host::open(&support::cfg(&pins, 64, 0)) })
+        .unwrap();
+    egress::enable(
+        &mut host,
+        &EgressConfig {
+            enabled: true,
+            ..EgressConfig::default()
+        },
+    )
+    .unwrap();
+    host.set_cloud_egress(cloud(1), &spec(policy, None))
+        .unwrap();
+    let mac = MacAddr::local(0x00e2_0102);
+    let g = support::veth_guest(&rt, &mut host, (ns_tag, dev_tag), 1, GUEST_IP, mac, GATEWAY);
+    (rt, pins, host, g)
+}
+
+/// A server behind a 1,280-byte link: the world router's "fragmentation needed" for a guest's
+/// full-size segments is translated back to the guest (by its quoted header), the guest
+/// learns the path MTU, and a large TCP transfer completes both ways.
+#[test]
+fn path_mtu_discovery_works_across_the_nat() {
+    require_root();
+    let tags = ["em", "mn", "mv", "mp", "ef"];
+    let prefixes: Vec<String> = tags.iter().map(|t| unique_prefix(t)).collect();
+    leaves_nothing(&prefixes, || {
+        let net = Internet::build("em").expect("building the internet");
+        let far_ip = Ipv4Addr::new(198, 19, 1, 10);
+        let far = net.add_far_server("ef", far_ip, 1280).unwrap();
+        let echo = Echo::start_in(&far, SocketAddrV4::new(far_ip, 7)).unwrap();
+        in_netns(&net.host, move || {
+            let (rt, pins, host, g) = one_guest(("mp", "mn", "mv"), policy(EgressMode::Allow));
+            let mut s = in_guest(&g, || {
+                TcpStream::connect_timeout(&SocketAddr::V4(SocketAddrV4::new(far_ip, 7)), ARRIVE)
+            })
+            .expect("connecting to the far server");
+            s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            let big: Vec<u8> = (0..1_000_000u32).map(|i| (i * 7) as u8).collect();
+            let mut reader = s.try_clone().unwrap();
+            let expect = big.len();
+            let received = std::thread::spawn(move || {
+                let mut got = vec![0u8; expect];
+                reader.read_exact(&mut got).map(|_| got)
+            });
+            s.write_all(&big).unwrap();
+            let got = received.join().unwrap().expect("the whole echo");
+            assert!(got == big, "the echo is the transfer");
+            let route =
+                g.ns.exec(&["ip", "-4", "route", "get", &far_ip.to_string()])
+                    .unwrap();
+            assert!(
+                route.contains("mtu 1280"),
+                "the guest learnt the path MTU: {route}"
+            );
+            drop((s, g, host, pins, echo, rt));
+        });
+        drop(far);
+    });
+}
+
+/// A byte budget cuts real UDP traffic at its byte count (counted in the kernel and seen at
+/// the server), and a rate limit holds: what reaches the server never exceeds the rate over
+/// the time taken plus the burst.
+#[test]
+fn budgets_and_rates_hold_on_real_traffic() {
+    require_root();
+    let tags = ["eb", "bn", "bv", "bp"];
+    let prefixes: Vec<String> = tags.iter().map(|t| unique_prefix(t)).collect();
+    leaves_nothing(&prefixes, || {
+        let net = Internet::build("eb").expect("building the internet");
+        net.add_server(*SERVER.ip()).unwrap();
+        let echo = Echo::start(&net, SERVER).expect("echo server");
+        let received = echo.received.clone();
+        in_netns(&net.host, move || {
+            let budget: EgressPolicy = serde_json::from_value(serde_json::json!({
+                "mode": "allow",
+                "limits": {"budget": {"bytes": 20_000, "period": "day"}}
+            }))
+            .unwrap();
+            let (rt, pins, mut host, g) = one_guest(("bp", "bn", "bv"), budget);
+            let sock = in_guest(&g, || UdpSocket::bind("0.0.0.0:4000")).unwrap();
+            // 1,042-byte frames (1,000 bytes of payload): 19 fit in 20,000 bytes.
+            let payload = [9u8; 1000];
+            for _ in 0..30 {
+                sock.send_to(&payload, SERVER).unwrap();
+            }
+            let at_server = support::settled(|| *received.lock().unwrap());
+            assert_eq!(
+                at_server,
+                19 * 1000,
+                "the server got exactly the budget's frames"
+            );
+            assert_eq!(host.egress_budget_used(cloud(1)).unwrap(), 19 * 1042);
+            assert_eq!(
+                drops(&host, g.ep.slot, DropReason::EgressBudgetSpent),
+                11,
+                "the rest is refused, counted"
+            );
+
+            // 100,000 B/s: burst 64 KiB. 400 frames sent as fast as the guest can.
+            let rate: EgressPolicy = serde_json::from_value(serde_json::json!({
+                "mode": "allow",
+                "limits": {"rate_bytes_per_sec": 100_000}
+            }))
+            .unwrap();
+            host.set_cloud_egress(cloud(1), &spec(rate, None)).unwrap();
+            let before = *received.lock().unwrap();
+            let start = std::time::Instant::now();
+            for _ in 0..400 {
+                sock.send_to(&payload, SERVER).unwrap();
+            }
+            let elapsed = start.elapsed().as_secs_f64();
+            let at_server = support::settled(|| *received.lock().unwrap()) - before;
+            let frames = at_server / 1000;
+            let allowed = (100_000.0 * elapsed + 65_536.0) / 1042.0 + 1.0;
+            assert!(
+                (frames as f64) <= allowed,
+                "{frames} frames in {elapsed:.3} s: more than the rate allows ({allowed:.1})"
+            );
+            assert!(frames >= 60, "the burst passes: {frames} frames");
+            assert_eq!(
+                drops(&host, g.ep.slot, DropReason::EgressRateLimited),
+                400 - frames,
+                "every other frame is refused, counted"
+            );
+            drop((sock, g, host, pins, rt));
+        });
+        drop(echo);
+    });
 }

@@ -24,7 +24,7 @@ use atoll_agent::{
     endpoint::{CloudEgressSpec, Host},
     types::CloudId,
 };
-use atoll_api::model::{EgressMode, EgressPolicy, EgressRule, Ipv4Net};
+use atoll_api::model::{DenyReason, EgressMode, EgressPolicy, EgressRule, Ipv4Net, Protocol};
 use atoll_dataplane_common::{
     ipv4_to_map, DropReason, EgressHost, EndpointInfo, NextHop, RouteKey, NEXTHOP_ENDPOINT,
 };
@@ -499,6 +499,54 @@ fn every_mode_decides_and_the_always_denied_set_wins() {
             .any(|(_, (ip, _), _)| *ip == expired),
         "pruned"
     );
+
+    // What was refused, for the API's denied list: address, port, protocol, reason, count,
+    // and the name an address was learnt as.
+    let refused = p.host.refused_destinations().unwrap();
+    let find = |ip: [u8; 4], port: Option<u16>| {
+        refused
+            .iter()
+            .filter(|(c, d)| {
+                *c == cloud() && d.address == Some(Ipv4Addr::from(ip)) && d.port == port
+            })
+            .map(|(_, d)| d.clone())
+            .collect::<Vec<_>>()
+    };
+    let deny_mode = find([198, 19, 0, 10], Some(53));
+    assert_eq!(deny_mode.len(), 1, "{refused:?}");
+    assert_eq!(
+        (
+            deny_mode[0].reason,
+            deny_mode[0].protocol,
+            deny_mode[0].count
+        ),
+        (DenyReason::AddressNotAllowed, Some(Protocol::Udp), 1)
+    );
+    let metadata = find([169, 254, 169, 254], Some(53));
+    assert_eq!(metadata[0].reason, DenyReason::AlwaysDenied);
+    assert_eq!(metadata[0].count, 2, "deny and allow mode");
+    let ping = find([198, 19, 3, 1], None);
+    assert_eq!(
+        (ping[0].protocol, ping[0].port),
+        (None, None),
+        "ICMP: {ping:?}"
+    );
+    let named = find([203, 0, 113, 10], Some(8443));
+    assert_eq!(
+        named[0].name.as_deref(),
+        Some("api.example.com"),
+        "{named:?}"
+    );
+    let unix_now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    assert!(
+        refused
+            .iter()
+            .all(|(_, d)| d.last_seen <= unix_now && d.last_seen + 60 > unix_now),
+        "{refused:?}"
+    );
 }
 
 #[test]
@@ -802,4 +850,83 @@ fn the_uplink_passes_whatever_is_not_a_tracked_reply() {
         &from_world(&tcp((SERVER, 443), (EGRESS_IP, 22))),
         "the host's own connection",
     );
+}
+
+fn limited(limits: serde_json::Value) -> CloudEgressSpec {
+    CloudEgressSpec {
+        policy: serde_json::from_value(serde_json::json!({"mode": "allow", "limits": limits}))
+            .unwrap(),
+        ..spec(EgressMode::Allow, &[], &[])
+    }
+}
+
+#[test]
+fn budgets_cut_at_their_byte_count_and_rates_hold() {
+    let mut p = Plane::new();
+    p.enable();
+    // 100-byte frames: Ethernet + IPv4 + UDP + 58 bytes.
+    let frame = udp((GUEST_IP, 4000), (SERVER, 53), &[7u8; 58]);
+    assert_eq!(from_guest(&frame).len(), 100);
+    p.policy(&limited(
+        serde_json::json!({"budget": {"bytes": 10_000, "period": "day"}}),
+    ));
+    for i in 0..100 {
+        p.expect_out(&frame, &format!("within the budget, frame {i}"));
+    }
+    p.expect_drop(&frame, DropReason::EgressBudgetSpent, "the 10,001st byte");
+    p.expect_drop(&frame, DropReason::EgressBudgetSpent, "and after");
+    assert_eq!(p.host.egress_budget_used(cloud()).unwrap(), 10_000);
+    let refused = p.host.refused_destinations().unwrap();
+    assert!(
+        refused
+            .iter()
+            .any(|(_, d)| d.reason == DenyReason::BudgetSpent && d.count == 2),
+        "the API shows it: {refused:?}"
+    );
+    // A larger budget for the same period: the usage so far counts.
+    p.policy(&limited(
+        serde_json::json!({"budget": {"bytes": 10_050, "period": "day"}}),
+    ));
+    p.expect_drop(&frame, DropReason::EgressBudgetSpent, "10,100 > 10,050");
+    p.policy(&limited(
+        serde_json::json!({"budget": {"bytes": 10_100, "period": "day"}}),
+    ));
+    p.expect_out(&frame, "10,100 fits");
+    // The next period starts from 0.
+    let mut entry = p.host.cloud_egress_entry(cloud()).unwrap().unwrap();
+    entry.budget_period += 1;
+    p.host
+        .dataplane_mut()
+        .set_egress_cloud(CLOUD, entry)
+        .unwrap();
+    p.expect_out(&frame, "a new period");
+    assert_eq!(p.host.egress_budget_used(cloud()).unwrap(), 100);
+
+    // A rate of 1,000 B/s with its 64 KiB burst: 1,000-byte frames pass while the bucket
+    // holds (66 or 67 of them, as the clock moves on between runs), then every frame is
+    // refused until time refills it.
+    p.policy(&limited(serde_json::json!({"rate_bytes_per_sec": 1000})));
+    let big = udp((GUEST_IP, 4001), (SERVER, 53), &[1u8; 958]);
+    assert_eq!(from_guest(&big).len(), 1000);
+    let mut passed = 0;
+    let mut limited_drops = 0;
+    for _ in 0..100 {
+        let r = p.run(false, &from_guest(&big), "rate");
+        match r.ret {
+            TC_ACT_REDIRECT if limited_drops == 0 => passed += 1,
+            TC_ACT_SHOT if r.drops == BTreeMap::from([(DropReason::EgressRateLimited, 1)]) => {
+                limited_drops += 1
+            }
+            other => panic!("{other} {:?} after {passed} passed", r.drops),
+        }
+    }
+    assert!((66..=67).contains(&passed), "{passed} passed");
+    assert_eq!(passed + limited_drops, 100);
+    // Not counted as a refused destination (a rate is not a refusal of the destination).
+    assert!(!p
+        .host
+        .refused_destinations()
+        .unwrap()
+        .iter()
+        .any(|(_, d)| d.port == Some(53) && d.reason != DenyReason::BudgetSpent));
 }

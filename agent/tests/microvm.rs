@@ -700,3 +700,120 @@ async fn microvms_boot_resolve_isolate_expose_persist_and_meter() {
         }
     }
 }
+
+/// A real VM reaches the internet by an allowlisted name: the agent runs inside a test's own
+/// internet (`atoll_testbed::internet`) with egress on; the cloud's policy allows one name on
+/// one port; the guest resolves it through its gateway (the agent's DNS server forwards it to
+/// the internet's resolver and installs the answer for the cloud) and talks to the server
+/// there over TCP. A name the policy does not allow never reaches the resolver, and the
+/// server's address on another port stays closed.
+#[test]
+fn a_microvm_resolves_an_allowlisted_name_and_fetches_from_the_internet() {
+    use atoll_testbed::{
+        guest::in_netns,
+        internet::{Echo, Internet, Upstream},
+        leaves_nothing, unique_prefix,
+    };
+    use std::net::{Ipv4Addr, SocketAddrV4};
+    require_root();
+    for p in [format!("{IMAGE}/vmlinux"), QEMU.into()] {
+        assert!(
+            Path::new(&p).exists(),
+            "{p} is missing: run `cargo xtask image` (cargo xtask test does)"
+        );
+    }
+    const WEB: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 10);
+    const RESOLVER: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 53);
+    let prefixes: Vec<String> = ["mi", "me"].iter().map(|t| unique_prefix(t)).collect();
+    leaves_nothing(&prefixes, || {
+        let net = Internet::build("mi").expect("building the internet");
+        net.add_server(WEB).unwrap();
+        net.add_server(RESOLVER).unwrap();
+        let echo = Echo::start(&net, SocketAddrV4::new(WEB, 7)).unwrap();
+        let upstream = Upstream::start(
+            &net,
+            SocketAddrV4::new(RESOLVER, 53),
+            &[("pkg.example", &[WEB], 30), ("evil.example", &[WEB], 30)],
+        )
+        .unwrap();
+        let asked = upstream.asked.clone();
+        in_netns(&net.host, move || {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(vm_egress(asked));
+        });
+        drop((echo, upstream));
+    });
+}
+
+async fn vm_egress(asked: std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
+    let vmdir = tempfile::tempdir().unwrap();
+    let run_dir = vmdir.path().join("run");
+    let mut agent = EmbeddedAgent::start_with_dns(
+        "me",
+        &format!(
+            "[vm]\ndriver = \"qemu\"\nrun_dir = \"{}\"\nstate_dir = \"{}\"\nstop_timeout_secs = 20\n\
+             [egress]\nenabled = true\n",
+            run_dir.display(),
+            vmdir.path().join("state").display(),
+        ),
+        "forward = [\"198.19.0.53:53\"]\n",
+    );
+    let op = agent.client(&agent.token);
+    let a: CreatedCloud = op
+        .run(&Command::CreateCloud {
+            spec: serde_json::from_value(json!({"name": "alpha"})).unwrap(),
+        })
+        .await
+        .unwrap();
+    let (ac, aid) = (agent.client(&a.token), a.cloud.id);
+    let _: EgressPolicy = ac
+        .run(&Command::PutEgressPolicy {
+            cloud: aid,
+            policy: serde_json::from_value(
+                json!({"mode": "allowlist", "allow": [{"domain": "pkg.example", "protocol": "tcp", "ports": {"first": 7, "last": 7}}]}),
+            )
+            .unwrap(),
+        })
+        .await
+        .unwrap();
+    let _: Vm = ac
+        .run(&Command::CreateVm {
+            cloud: aid,
+            spec: serde_json::from_value(json!({"name": "a1", "memory_mib": 64})).unwrap(),
+        })
+        .await
+        .unwrap();
+    wait_state(&ac, aid, "a1", VmState::Running).await;
+    let mut sh = Shell::connect(&shell_path(&run_dir, aid, "a1"), "a1");
+
+    // Over TCP to the allowlisted name's address and port.
+    let out = sh.ok("echo hello-internet | nc -w 3 pkg.example 7");
+    assert!(
+        out.contains("hello-internet"),
+        "the echo came back: {out:?}"
+    );
+    // The same address on another port, and a name the policy does not allow: nothing.
+    let (rc, out) = sh.run("echo no | nc -w 2 198.19.0.10 8", Duration::from_secs(20));
+    assert!(
+        rc != 0 || !out.contains("no"),
+        "port 8 stays closed: {rc} {out:?}"
+    );
+    let (rc, out) = sh.run("nslookup evil.example", Duration::from_secs(20));
+    assert!(
+        rc != 0 && !out.contains("198.19.0.10"),
+        "evil.example is not resolved: {rc} {out:?}"
+    );
+    let asked = asked.lock().unwrap().clone();
+    assert!(asked.iter().any(|n| n == "pkg.example"), "{asked:?}");
+    assert!(
+        !asked.iter().any(|n| n.starts_with("evil.example")),
+        "an unlisted name is never forwarded: {asked:?}"
+    );
+    drop(sh);
+    let out = agent.cleanup();
+    assert!(out.status.success(), "cleanup: {out:?}");
+}

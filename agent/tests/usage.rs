@@ -32,9 +32,15 @@ use atoll_testbed::frame::echo_frame;
 use atoll_testbed::{run, unique_name, unique_prefix, LinksWithPrefix, PinRoot};
 use support::{cfg, read_frame, require_root, tap};
 
+/// The complete records of a journal. It may be read while the agent appends to it: a last
+/// line without its newline is a record being written, not yet one.
 fn events(path: &Path) -> Vec<UsageEvent> {
-    std::fs::read_to_string(path)
-        .unwrap_or_default()
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let complete = match text.rfind('\n') {
+        Some(end) => &text[..end],
+        None => "",
+    };
+    complete
         .lines()
         .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{}: {e}: {l}", path.display())))
         .collect()

@@ -1481,6 +1481,16 @@ pub enum DenyReason {
     /// The cloud's egress policy does not allow the name (its DNS question was not
     /// forwarded).
     NameNotAllowed,
+    /// The cloud's egress policy does not allow the address, protocol or port (mode `deny`,
+    /// a deny rule, not on the allowlist, or a learnt address whose answer expired).
+    AddressNotAllowed,
+    /// A flow the cloud's changed policy no longer allows was cut.
+    FlowRevoked,
+    /// An address no cloud may reach: the host's own, its networks, link-local and
+    /// metadata, loopback, or the operator's list.
+    AlwaysDenied,
+    /// The cloud's egress byte budget for the period on this host is spent.
+    BudgetSpent,
 }
 
 impl DeniedReport {

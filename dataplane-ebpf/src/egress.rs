@@ -58,9 +58,9 @@
 
 use atoll_dataplane_common::{
     egress_nat_port, flow_hash, Direction, DropReason, EgressCloud, EgressHost, EgressIn,
-    EgressOut, EgressRuleKey, EgressRules, EndpointInfo, FlowKey, NextHop, TrafficClass,
-    EGRESS_MODE_ALLOW, EGRESS_MODE_ALLOWLIST, EGRESS_NAT_PORT_TRIES, NEXTHOP_ENDPOINT,
-    RULES_PER_PREFIX,
+    EgressMeter, EgressOut, EgressRuleKey, EgressRules, EndpointInfo, FlowKey, NextHop,
+    RefusedCount, RefusedKey, TrafficClass, EGRESS_MODE_ALLOW, EGRESS_MODE_ALLOWLIST,
+    EGRESS_NAT_PORT_TRIES, NEXTHOP_ENDPOINT, NO_BUDGET, RULES_PER_PREFIX,
 };
 use aya_ebpf::{
     helpers::bpf_ktime_get_boot_ns,
@@ -108,6 +108,18 @@ pub static EGRESS_OUT: LruHashMap<FlowKey, EgressOut> = LruHashMap::with_max_ent
 /// Uplink's view of a reply → the flow it belongs to. Same size as `EGRESS_OUT`.
 #[map]
 pub static EGRESS_IN: LruHashMap<FlowKey, EgressIn> = LruHashMap::with_max_entries(131072, 0);
+
+/// Cloud → the state of its rate limit and budget (programs only; the agent removes a
+/// cloud's entry with its egress). Sized by the agent (`dataplane.max_endpoints`).
+#[map]
+pub static EGRESS_METERS: HashMap<u32, EgressMeter> = HashMap::with_max_entries(65536, 0);
+
+/// Destinations refused by the policy → how often and when last, for the API's denied list
+/// (the agent reads it every few seconds). LRU: a guest hammering many destinations evicts
+/// the oldest, never blocks a new one.
+#[map]
+pub static EGRESS_REFUSED: LruHashMap<RefusedKey, RefusedCount> =
+    LruHashMap::with_max_entries(16384, 0);
 
 const BPF_NOEXIST: u64 = 1;
 const BPF_ANY: u64 = 0;
@@ -174,14 +186,14 @@ pub fn from_guest(
         Some(f) if f.generation != cloud.generation => {
             if decide(ep.cloud, cloud, daddr, l4.protocol, l4.dst_port).is_err() {
                 forget(&key, &f);
-                return Verdict::Drop(DropReason::EgressRevoked);
+                return refuse(ep.cloud, daddr, &l4, DropReason::EgressRevoked);
             }
             renew(&key, f, cloud.generation)
         }
         Some(f) if holds_nat_port(&key, &f) => f,
         previous => {
             if let Err(reason) = decide(ep.cloud, cloud, daddr, l4.protocol, l4.dst_port) {
-                return Verdict::Drop(reason);
+                return refuse(ep.cloud, daddr, &l4, reason);
             }
             match open_flow(&key, host, cloud, previous) {
                 Ok(f) => f,
@@ -189,7 +201,113 @@ pub fn from_guest(
             }
         }
     };
+    if let Err(reason) = within_limits(ep.cloud, cloud, pkt.len) {
+        if reason == DropReason::EgressBudgetSpent {
+            return refuse(ep.cloud, daddr, &l4, reason);
+        }
+        return Verdict::Drop(reason);
+    }
     send_out(ctx, pkt, eth, ip, ep, host, &l4, (daddr, &flow))
+}
+
+/// Charges `bytes` leaving `cloud` to its rate limit and budget, or refuses them.
+///
+/// Rate: a token bucket kept as a virtual clock (`next_ns`: when the bytes sent so far would
+/// have left at the rate): a packet passes if the clock is at most `burst_ns` ahead of now,
+/// and moves it by `bytes / rate`. Budget: bytes of the current period, reset when the agent
+/// moves to the next period. Both are read and written without atomics: two CPUs sending
+/// for one cloud at the same instant may both pass on one token (the rate holds within a
+/// packet per CPU, the budget may be exceeded by as much; see docs/design.md).
+#[inline(always)]
+fn within_limits(cloud_id: u32, cloud: &EgressCloud, bytes: u32) -> Result<(), DropReason> {
+    if cloud.rate_bytes_per_sec == 0 && cloud.budget_bytes == NO_BUDGET {
+        return Ok(());
+    }
+    let meter = match EGRESS_METERS.get_ptr_mut(cloud_id) {
+        Some(m) => m,
+        None => {
+            let _ = EGRESS_METERS.insert(
+                cloud_id,
+                EgressMeter {
+                    next_ns: 0,
+                    used_bytes: 0,
+                    period: cloud.budget_period,
+                },
+                BPF_NOEXIST,
+            );
+            match EGRESS_METERS.get_ptr_mut(cloud_id) {
+                Some(m) => m,
+                // The map is full: a cloud with limits that cannot be metered is held to them
+                // by refusing (fail closed).
+                None => return Err(DropReason::EgressRateLimited),
+            }
+        }
+    };
+    let bytes = bytes as u64;
+    // SAFETY: a value of this map from a successful lookup, valid for the program run; plain
+    // integer loads and stores (see the function docs on concurrency).
+    unsafe {
+        if cloud.budget_bytes != NO_BUDGET {
+            if (*meter).period != cloud.budget_period {
+                (*meter).period = cloud.budget_period;
+                (*meter).used_bytes = 0;
+            }
+            if (*meter).used_bytes + bytes > cloud.budget_bytes {
+                return Err(DropReason::EgressBudgetSpent);
+            }
+        }
+        if let Some(cost_ns) = (bytes * 1_000_000_000).checked_div(cloud.rate_bytes_per_sec) {
+            // SAFETY: a helper without arguments.
+            let now = bpf_ktime_get_boot_ns();
+            let clock = if (*meter).next_ns > now {
+                (*meter).next_ns
+            } else {
+                now
+            };
+            if clock - now > cloud.burst_ns {
+                return Err(DropReason::EgressRateLimited);
+            }
+            (*meter).next_ns = clock + cost_ns;
+        }
+        if cloud.budget_bytes != NO_BUDGET {
+            (*meter).used_bytes += bytes;
+        }
+    }
+    Ok(())
+}
+
+/// Records a refused destination in `EGRESS_REFUSED` and drops the packet. The count is not
+/// atomic: two CPUs refusing the same destination at once may count one (a diagnostic, not a
+/// bill; the drop counters are exact).
+#[inline(always)]
+fn refuse(cloud: u32, daddr: u32, l4: &L4, reason: DropReason) -> Verdict {
+    let key = RefusedKey {
+        cloud,
+        ipv4: daddr,
+        port: l4.dst_port,
+        protocol: l4.protocol,
+        reason: reason as u8,
+    };
+    // SAFETY: a helper without arguments.
+    let now = unsafe { bpf_ktime_get_boot_ns() };
+    match EGRESS_REFUSED.get_ptr_mut(key) {
+        // SAFETY: a value of this map from a successful lookup; plain integer stores.
+        Some(v) => unsafe {
+            (*v).count += 1;
+            (*v).last_ns = now;
+        },
+        None => {
+            let _ = EGRESS_REFUSED.insert(
+                key,
+                RefusedCount {
+                    count: 1,
+                    last_ns: now,
+                },
+                BPF_NOEXIST,
+            );
+        }
+    }
+    Verdict::Drop(reason)
 }
 
 #[inline(always)]

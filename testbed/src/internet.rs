@@ -74,6 +74,33 @@ impl Internet {
         Ok(())
     }
 
+    /// Puts a server address behind a narrower link: a third namespace ("far", returned)
+    /// joined to the world by a veth of `mtu` bytes (198.18.2.1 on the world's end, 198.18.2.2
+    /// on the far end), `ip` on its loopback and routed by the world through it. A packet
+    /// larger than `mtu` with DF set makes the world (a router) send "fragmentation needed"
+    /// back to its source: path MTU discovery across the host's NAT. The far end advertises
+    /// a TCP MSS of 1460 all the same (as a server whose narrow link is further away would),
+    /// so a client's full-size segments meet the narrow link.
+    pub fn add_far_server(&self, tag: &str, ip: Ipv4Addr, mtu: u32) -> io::Result<NetNs> {
+        assert!(
+            ip.octets()[..2] == [198, 19],
+            "servers live in 198.19.0.0/16, inside the test's range"
+        );
+        let far = NetNs::new(&unique_name(tag))?;
+        self.world.sh(&format!(
+            "ip link add far0 mtu {mtu} type veth peer name eth0 mtu {mtu} netns {far} && \
+             ip addr add 198.18.2.1/30 dev far0 && ip link set far0 up && \
+             ip route add {ip}/32 via 198.18.2.2 dev far0",
+            far = far.name()
+        ))?;
+        far.sh(&format!(
+            "ip addr add 198.18.2.2/30 dev eth0 && ip link set eth0 up && \
+             ip link set lo up && ip addr add {ip}/32 dev lo && \
+             ip route add default via 198.18.2.1 dev eth0 advmss 1460"
+        ))?;
+        Ok(far)
+    }
+
     /// Sets the MTU of the world's end of the uplink (for path-MTU tests; the host's end keeps
     /// its own).
     pub fn set_world_mtu(&self, mtu: u32) -> io::Result<()> {
@@ -126,8 +153,14 @@ pub struct Echo {
 
 impl Echo {
     pub fn start(internet: &Internet, addr: SocketAddrV4) -> io::Result<Self> {
-        let udp = bind_in(&internet.world, move || UdpSocket::bind(addr))?;
-        let tcp = bind_in(&internet.world, move || TcpListener::bind(addr))?;
+        Self::start_in(&internet.world, addr)
+    }
+
+    /// An echo server in `ns` (the world, or a server namespace such as
+    /// [`Internet::add_far_server`]'s).
+    pub fn start_in(ns: &NetNs, addr: SocketAddrV4) -> io::Result<Self> {
+        let udp = bind_in(ns, move || UdpSocket::bind(addr))?;
+        let tcp = bind_in(ns, move || TcpListener::bind(addr))?;
         udp.set_read_timeout(Some(POLL))?;
         tcp.set_nonblocking(true)?;
         let stop = Arc::new(AtomicBool::new(false));

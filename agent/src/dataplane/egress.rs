@@ -9,7 +9,8 @@
 use std::path::{Path, PathBuf};
 
 use atoll_dataplane_common::{
-    EgressCloud, EgressHost, EgressIn, EgressOut, EgressRuleKey, EgressRules, FlowKey,
+    EgressCloud, EgressHost, EgressIn, EgressMeter, EgressOut, EgressRuleKey, EgressRules, FlowKey,
+    RefusedCount, RefusedKey,
 };
 use aya::maps::{
     lpm_trie::{Key, LpmTrie},
@@ -21,7 +22,7 @@ use super::{
     error::{ignore_missing, insert_error, DataplaneError},
     pins::{remove_pin, PROG_FROM_UPLINK, UPLINK_LINK_PREFIX},
     Dataplane, MAP_EGRESS_ALLOW, MAP_EGRESS_CLOUDS, MAP_EGRESS_DENY, MAP_EGRESS_HOST,
-    MAP_EGRESS_IN, MAP_EGRESS_NEVER, MAP_EGRESS_OUT,
+    MAP_EGRESS_IN, MAP_EGRESS_METERS, MAP_EGRESS_NEVER, MAP_EGRESS_OUT, MAP_EGRESS_REFUSED,
 };
 
 const BPF_ANY: u64 = 0;
@@ -76,9 +77,23 @@ impl Dataplane {
             })
     }
 
-    /// Removes `cloud`'s egress entry: it reaches nothing outside its range any more.
+    /// Removes `cloud`'s egress entry (it reaches nothing outside its range any more), then
+    /// its meter.
     pub fn remove_egress_cloud(&mut self, cloud: u32) -> Result<(), DataplaneError> {
-        ignore_missing(self.egress_clouds.remove(&cloud), MAP_EGRESS_CLOUDS)
+        ignore_missing(self.egress_clouds.remove(&cloud), MAP_EGRESS_CLOUDS)?;
+        ignore_missing(self.egress_meters.remove(&cloud), MAP_EGRESS_METERS)
+    }
+
+    /// The state of `cloud`'s rate limit and budget, if the programs metered it yet.
+    pub fn egress_meter(&self, cloud: u32) -> Result<Option<EgressMeter>, DataplaneError> {
+        match self.egress_meters.get(&cloud, 0) {
+            Ok(m) => Ok(Some(m)),
+            Err(MapError::KeyNotFound) => Ok(None),
+            Err(source) => Err(DataplaneError::ReadMap {
+                map: MAP_EGRESS_METERS,
+                source: Box::new(source),
+            }),
+        }
     }
 
     /// Every cloud's egress entry.
@@ -166,6 +181,14 @@ impl Dataplane {
             .iter()
             .collect::<Result<Vec<_>, _>>()
             .map_err(read_err(MAP_EGRESS_IN))
+    }
+
+    /// Refused destinations, as the programs recorded them.
+    pub fn egress_refused(&self) -> Result<Vec<(RefusedKey, RefusedCount)>, DataplaneError> {
+        self.egress_refused
+            .iter()
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(read_err(MAP_EGRESS_REFUSED))
     }
 
     /// Attaches `from_uplink` to the ingress of the uplink and pins the link as

@@ -261,6 +261,8 @@ const MIGRATIONS: &[Migration] = &[
             (maps::MAP_EGRESS_DENY, Step::New),
             (maps::MAP_EGRESS_OUT, Step::New),
             (maps::MAP_EGRESS_IN, Step::New),
+            (maps::MAP_EGRESS_REFUSED, Step::New),
+            (maps::MAP_EGRESS_METERS, Step::New),
         ],
     },
 ];

@@ -17,9 +17,9 @@
 //!   must agree with it.
 
 use atoll_dataplane_common::{
-    DnsService, EgressCloud, EgressHost, EgressIn, EgressOut, EgressRuleKey, EgressRules,
-    EndpointCounters, EndpointInfo, EndpointSlot, FlowIn, FlowKey, FlowOut, NextHop, RouteKey,
-    VipService, DROP_SLOTS, ENDPOINT_CACHE_SLOTS,
+    DnsService, EgressCloud, EgressHost, EgressIn, EgressMeter, EgressOut, EgressRuleKey,
+    EgressRules, EndpointCounters, EndpointInfo, EndpointSlot, FlowIn, FlowKey, FlowOut, NextHop,
+    RefusedCount, RefusedKey, RouteKey, VipService, DROP_SLOTS, ENDPOINT_CACHE_SLOTS,
 };
 use aya::maps::MapType;
 
@@ -42,6 +42,11 @@ pub const MAP_EGRESS_ALLOW: &str = "EGRESS_ALLOW";
 pub const MAP_EGRESS_DENY: &str = "EGRESS_DENY";
 pub const MAP_EGRESS_OUT: &str = "EGRESS_OUT";
 pub const MAP_EGRESS_IN: &str = "EGRESS_IN";
+pub const MAP_EGRESS_REFUSED: &str = "EGRESS_REFUSED";
+pub const MAP_EGRESS_METERS: &str = "EGRESS_METERS";
+
+/// Capacity of `EGRESS_REFUSED` (refused destinations of all clouds; LRU).
+pub const EGRESS_REFUSED_ENTRIES: u32 = 16384;
 
 /// Capacity of `EGRESS_NEVER` (prefixes of the always-denied set).
 pub const EGRESS_NEVER_ENTRIES: u32 = 4096;
@@ -150,7 +155,7 @@ use Capacity::{Config, Fixed};
 use SizeSetting::*;
 
 /// Every map of the object, in pinning order.
-pub const REGISTRY: [MapSpec; 17] = [
+pub const REGISTRY: [MapSpec; 19] = [
     spec(
         MAP_ENDPOINTS,
         "endpoint",
@@ -303,6 +308,24 @@ pub const REGISTRY: [MapSpec; 17] = [
         size::<EgressIn>(),
         0,
         Config(MaxFlows),
+    ),
+    spec(
+        MAP_EGRESS_REFUSED,
+        "egress",
+        MapType::LruHash,
+        size::<RefusedKey>(),
+        size::<RefusedCount>(),
+        0,
+        Fixed(EGRESS_REFUSED_ENTRIES),
+    ),
+    spec(
+        MAP_EGRESS_METERS,
+        "egress",
+        MapType::Hash,
+        size::<u32>(),
+        size::<EgressMeter>(),
+        0,
+        Config(MaxEndpoints),
     ),
 ];
 

@@ -308,15 +308,10 @@ fn disable_ipv6_here() {
     }
 }
 
-/// MAC of a host device (sysfs of the host namespace).
+/// MAC of a device of the agent's namespace.
 fn host_mac(name: &str) -> Result<MacAddr, PlaneError> {
-    let path = format!("/sys/class/net/{name}/address");
-    let err = |source| PlaneError::ReadMac {
+    crate::device::mac_of(name).map_err(|source| PlaneError::ReadMac {
         name: name.into(),
         source,
-    };
-    let text = std::fs::read_to_string(&path).map_err(err)?;
-    text.trim()
-        .parse()
-        .map_err(|e: crate::types::ParseMacError| err(io::Error::other(e)))
+    })
 }

@@ -377,6 +377,8 @@ struct State {
     learnt: HashMap<CloudId, HashMap<Ipv4Addr, std::time::Instant>>,
     /// Per cloud: names refused by its policy → (count, last seen, Unix seconds).
     denied: HashMap<CloudId, HashMap<String, (u64, u64)>>,
+    /// Per cloud: destinations the dataplane refused ([`DnsView::set_refused`]).
+    refused: HashMap<CloudId, Vec<DeniedDestination>>,
     /// Clouds whose refusals changed since [`DnsView::take_denied`].
     denied_changed: HashSet<CloudId>,
 }
@@ -434,6 +436,7 @@ impl DnsView {
         state.egress.remove(&cloud);
         state.learnt.remove(&cloud);
         state.denied.remove(&cloud);
+        state.refused.remove(&cloud);
         state.denied_changed.remove(&cloud);
     }
 
@@ -459,6 +462,24 @@ impl DnsView {
     }
 
     /// The complete refusal lists of the clouds whose refusals changed since the last call.
+    /// The destinations the dataplane refused for `cloud` (complete, as the kernel counts
+    /// them); reported with the refused names when they changed.
+    pub fn set_refused(&self, cloud: CloudId, mut entries: Vec<DeniedDestination>) {
+        entries.sort_by(|a, b| {
+            b.last_seen
+                .cmp(&a.last_seen)
+                .then(a.address.cmp(&b.address))
+        });
+        entries.truncate(MAX_DENIED_PER_HOST);
+        let mut state = self.write();
+        let known = state.refused.get(&cloud).map(|e| e == &entries);
+        if known == Some(true) || (known.is_none() && entries.is_empty()) {
+            return;
+        }
+        state.refused.insert(cloud, entries);
+        state.denied_changed.insert(cloud);
+    }
+
     pub fn take_denied(&self) -> Vec<DeniedReport> {
         let mut state = self.write();
         let changed: Vec<CloudId> = state.denied_changed.drain().collect();
@@ -481,7 +502,14 @@ impl DnsView {
                         host: String::new(),
                     })
                     .collect();
-                entries.sort_by(|a, b| b.last_seen.cmp(&a.last_seen).then(a.name.cmp(&b.name)));
+                entries.extend(state.refused.get(&cloud).into_iter().flatten().cloned());
+                entries.sort_by(|a, b| {
+                    b.last_seen
+                        .cmp(&a.last_seen)
+                        .then(a.name.cmp(&b.name))
+                        .then(a.address.cmp(&b.address))
+                });
+                entries.truncate(MAX_DENIED_PER_HOST);
                 DeniedReport { cloud, entries }
             })
             .collect();
@@ -656,6 +684,55 @@ mod tests {
     /// Learnt addresses last their TTL plus the grace, a later answer extends them, expired
     /// ones go, a cloud keeps at most its bound (the soonest to expire go first), and leaving
     /// `allowlist` forgets them.
+    #[test]
+    fn refused_destinations_join_the_refused_names_most_recent_first() {
+        let view = DnsView::new(ForwardPolicy::Refuse);
+        let c = CloudId::new(1).unwrap();
+        view.deny(c, "evil.example.", 100);
+        let packet = |ip: [u8; 4], last_seen: u64| DeniedDestination {
+            name: None,
+            address: Some(Ipv4Addr::from(ip)),
+            port: Some(443),
+            protocol: Some(atoll_api::model::Protocol::Tcp),
+            reason: DenyReason::AddressNotAllowed,
+            count: 3,
+            last_seen,
+            host: String::new(),
+        };
+        view.set_refused(
+            c,
+            vec![packet([192, 0, 2, 1], 50), packet([192, 0, 2, 2], 150)],
+        );
+        let r = view.take_denied();
+        assert_eq!(r.len(), 1);
+        let order: Vec<(Option<&str>, Option<Ipv4Addr>)> = r[0]
+            .entries
+            .iter()
+            .map(|e| (e.name.as_deref(), e.address))
+            .collect();
+        assert_eq!(
+            order,
+            vec![
+                (None, Some(Ipv4Addr::new(192, 0, 2, 2))),
+                (Some("evil.example"), None),
+                (None, Some(Ipv4Addr::new(192, 0, 2, 1))),
+            ]
+        );
+        // The same list again changes nothing; an empty list for a cloud never seen neither.
+        view.set_refused(
+            c,
+            vec![packet([192, 0, 2, 2], 150), packet([192, 0, 2, 1], 50)],
+        );
+        view.set_refused(CloudId::new(2).unwrap(), Vec::new());
+        assert!(view.take_denied().is_empty());
+        // Bounded per cloud.
+        let many = (0..200u8)
+            .map(|i| packet([198, 51, 100, i], u64::from(i)))
+            .collect();
+        view.set_refused(c, many);
+        assert_eq!(view.take_denied()[0].entries.len(), MAX_DENIED_PER_HOST);
+    }
+
     #[test]
     fn learnt_addresses_expire_and_are_bounded() {
         use std::time::{Duration, Instant};

@@ -170,12 +170,18 @@ pub fn boottime_ns() -> u64 {
         .saturating_add(ts.tv_nsec as u64)
 }
 
+/// The most address → name pairs kept per cloud for the denied list.
+const MAX_NAMES: usize = 4096;
+
 /// One cloud as the tries hold it.
 #[derive(Default)]
 struct CloudRules {
     policy: Option<EgressPolicy>,
     /// Learnt `/32`s and their rules (with expiries).
     learnt: HashMap<Ipv4Addr, Vec<PortRule>>,
+    /// The name each learnt address was last the answer to (kept after it expires, for the
+    /// denied list; bounded by [`MAX_NAMES`]).
+    names: HashMap<Ipv4Addr, String>,
     installed: HashMap<RuleKind, BTreeMap<Prefix, EgressRules>>,
 }
 
@@ -273,6 +279,14 @@ impl EgressTables {
         Ok(())
     }
 
+    /// The name `ip` was last learnt as for `cloud`, if any.
+    pub fn name_of(&self, cloud: u32, ip: Ipv4Addr) -> Option<String> {
+        self.lock()
+            .clouds
+            .get(&cloud)
+            .and_then(|c| c.names.get(&ip).cloned())
+    }
+
     /// The policy the tries hold for `cloud`.
     pub fn policy(&self, cloud: u32) -> Option<EgressPolicy> {
         self.lock()
@@ -316,6 +330,13 @@ impl EgressTables {
             return Ok(());
         }
         let now = boottime_ns();
+        if c.names.len() + addresses.len() > MAX_NAMES {
+            c.names.clear();
+        }
+        for (ip, _) in addresses {
+            c.names
+                .insert(*ip, name.trim_end_matches('.').to_ascii_lowercase());
+        }
         for (ip, ttl) in addresses {
             let expires = now.saturating_add(ttl.as_nanos().min(u128::from(u64::MAX)) as u64);
             let rules = c.learnt.entry(*ip).or_default();

@@ -14,9 +14,12 @@
 
 use std::{net::Ipv4Addr, sync::Arc};
 
-use atoll_api::model::{EgressMode, EgressPolicy, Ipv4Net};
+use atoll_api::model::{
+    BudgetPeriod, DeniedDestination, DenyReason, EgressMode, EgressPolicy, Ipv4Net, Protocol,
+};
 use atoll_dataplane_common::{
-    EgressCloud, EgressHost, EGRESS_MODE_ALLOW, EGRESS_MODE_ALLOWLIST, EGRESS_MODE_DENY,
+    DropReason, EgressCloud, EgressHost, EGRESS_MODE_ALLOW, EGRESS_MODE_ALLOWLIST,
+    EGRESS_MODE_DENY, NO_BUDGET,
 };
 
 use super::{EndpointError, Host};
@@ -45,6 +48,43 @@ fn program(name: &str) -> impl Fn(crate::dataplane::DataplaneError) -> EndpointE
 
 fn map_ipv4(a: Ipv4Addr) -> u32 {
     u32::from_ne_bytes(a.octets())
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// The burst a rate allows: 100 ms of it, at least 64 KiB (one GSO frame must be able to
+/// pass), as nanoseconds of the rate. 0 for no rate.
+pub fn burst_ns(rate_bytes_per_sec: u64) -> u64 {
+    if rate_bytes_per_sec == 0 {
+        return 0;
+    }
+    let bytes = (rate_bytes_per_sec / 10).max(64 * 1024);
+    (u128::from(bytes) * 1_000_000_000 / u128::from(rate_bytes_per_sec)) as u64
+}
+
+/// The number of the UTC period `unix_secs` falls in: hours or days since the epoch, or
+/// `year * 12 + month - 1` (civil calendar, H. Hinnant's algorithm).
+pub fn budget_period(period: BudgetPeriod, unix_secs: u64) -> u64 {
+    match period {
+        BudgetPeriod::Hour => unix_secs / 3600,
+        BudgetPeriod::Day => unix_secs / 86_400,
+        BudgetPeriod::Month => {
+            let z = (unix_secs / 86_400) as i64 + 719_468;
+            let era = z.div_euclid(146_097);
+            let doe = z - era * 146_097;
+            let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+            let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+            let mp = (5 * doy + 2) / 153;
+            let month = if mp < 10 { mp + 3 } else { mp - 9 };
+            let year = yoe + era * 400 + i64::from(month <= 2);
+            (year * 12 + month - 1) as u64
+        }
+    }
 }
 
 /// Egress generations (see module docs).
@@ -157,6 +197,8 @@ impl Host {
         self.egress
             .set_policy(id, &spec.policy)
             .map_err(program(&name))?;
+        let limits = &spec.policy.limits;
+        let rate = limits.rate_bytes_per_sec.unwrap_or(0);
         let mut entry = EgressCloud {
             range_ipv4: map_ipv4(Ipv4Addr::from(cidr.network())),
             range_mask: u32::from_ne_bytes(cidr.mask().to_be_bytes()),
@@ -167,6 +209,14 @@ impl Host {
                 EgressMode::Allow => EGRESS_MODE_ALLOW,
                 EgressMode::Allowlist => EGRESS_MODE_ALLOWLIST,
             },
+            _pad: 0,
+            rate_bytes_per_sec: rate,
+            burst_ns: burst_ns(rate),
+            budget_bytes: limits.budget.map(|b| b.bytes).unwrap_or(NO_BUDGET),
+            budget_period: limits
+                .budget
+                .map(|b| budget_period(b.period, unix_now()))
+                .unwrap_or(0),
         };
         let current = self
             .dataplane
@@ -184,6 +234,43 @@ impl Host {
         self.dataplane
             .set_egress_cloud(id, entry)
             .map_err(program(&name))
+    }
+
+    /// Moves every cloud with a budget to the current UTC period (its usage starts again from
+    /// 0); call periodically. Generations are kept: nothing about what a cloud may reach
+    /// changed.
+    pub fn refresh_budget_periods(&mut self) -> Result<(), EndpointError> {
+        let now = unix_now();
+        for (cloud, mut entry) in self
+            .dataplane
+            .egress_clouds()
+            .map_err(program("EGRESS_CLOUDS"))?
+        {
+            let Some(cloud_id) = CloudId::new(cloud) else {
+                continue;
+            };
+            let Some(budget) = self.egress.policy(cloud).and_then(|p| p.limits.budget) else {
+                continue;
+            };
+            let period = budget_period(budget.period, now);
+            if entry.budget_period != period {
+                entry.budget_period = period;
+                self.dataplane
+                    .set_egress_cloud(cloud, entry)
+                    .map_err(program(&format!("egress of cloud {cloud_id}")))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Bytes `cloud` sent out in its current budget period, as the programs counted them.
+    pub fn egress_budget_used(&self, cloud: CloudId) -> Result<u64, EndpointError> {
+        Ok(self
+            .dataplane
+            .egress_meter(cloud.get())
+            .map_err(program("EGRESS_METERS"))?
+            .map(|m| m.used_bytes)
+            .unwrap_or(0))
     }
 
     /// Clouds with egress state on this host (an entry or rules).
@@ -212,6 +299,52 @@ impl Host {
             .map(|(_, e)| e))
     }
 
+    /// The destinations the programs refused, per cloud, as the API reports them (the name
+    /// an address was learnt as, if any; times converted to Unix seconds).
+    pub fn refused_destinations(&self) -> Result<Vec<(CloudId, DeniedDestination)>, EndpointError> {
+        let refused = self
+            .dataplane
+            .egress_refused()
+            .map_err(program("EGRESS_REFUSED"))?;
+        let boot_now = crate::egress::rules::boottime_ns();
+        let unix_now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        Ok(refused
+            .into_iter()
+            .filter_map(|(k, v)| {
+                let cloud = CloudId::new(k.cloud)?;
+                let address = Ipv4Addr::from(k.ipv4.to_ne_bytes());
+                let reason = match DropReason::from_u32(u32::from(k.reason))? {
+                    DropReason::EgressNever => DenyReason::AlwaysDenied,
+                    DropReason::EgressRevoked => DenyReason::FlowRevoked,
+                    DropReason::EgressBudgetSpent => DenyReason::BudgetSpent,
+                    _ => DenyReason::AddressNotAllowed,
+                };
+                let protocol = match k.protocol {
+                    6 => Some(Protocol::Tcp),
+                    17 => Some(Protocol::Udp),
+                    _ => None,
+                };
+                Some((
+                    cloud,
+                    DeniedDestination {
+                        name: self.egress.name_of(k.cloud, address),
+                        address: Some(address),
+                        port: protocol.map(|_| u16::from_be(k.port)),
+                        protocol,
+                        reason,
+                        count: v.count,
+                        last_seen: unix_now
+                            .saturating_sub(boot_now.saturating_sub(v.last_ns) / 1_000_000_000),
+                        host: String::new(),
+                    },
+                ))
+            })
+            .collect())
+    }
+
     /// Removes `cloud`'s egress: nothing of it leaves this host any more.
     pub fn remove_cloud_egress(&mut self, cloud: CloudId) -> Result<(), EndpointError> {
         let name = format!("egress of cloud {cloud}");
@@ -219,5 +352,40 @@ impl Host {
             .remove_egress_cloud(cloud.get())
             .map_err(program(&name))?;
         self.egress.remove(cloud.get()).map_err(program(&name))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn budget_periods_follow_the_utc_calendar() {
+        // 2026-12-05T12:00:00Z and neighbours.
+        let t = 1_796_472_000;
+        assert_eq!(budget_period(BudgetPeriod::Hour, t), t / 3600);
+        assert_eq!(budget_period(BudgetPeriod::Day, t), t / 86_400);
+        let dec_2026 = 2026 * 12 + 11;
+        assert_eq!(budget_period(BudgetPeriod::Month, t), dec_2026);
+        // 2026-12-31T23:59:59Z, then 2027-01-01T00:00:00Z.
+        assert_eq!(budget_period(BudgetPeriod::Month, 1_798_761_599), dec_2026);
+        assert_eq!(
+            budget_period(BudgetPeriod::Month, 1_798_761_600),
+            dec_2026 + 1
+        );
+        // 2024-02-29 (a leap day) is in February.
+        assert_eq!(
+            budget_period(BudgetPeriod::Month, 1_709_164_800),
+            2024 * 12 + 1
+        );
+    }
+
+    #[test]
+    fn bursts_are_100_ms_or_64_kib() {
+        assert_eq!(burst_ns(0), 0);
+        assert_eq!(burst_ns(1_000_000_000), 100_000_000);
+        assert_eq!(burst_ns(1_000_000), 100_000_000);
+        // 64 KiB at 100 kB/s.
+        assert_eq!(burst_ns(100_000), 655_360_000);
     }
 }

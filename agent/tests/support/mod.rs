@@ -252,6 +252,12 @@ impl EmbeddedAgent {
     /// Starts the agent with `extra` appended to its config (e.g. a `[vm]` section; the
     /// default here is `driver = "none"`), and waits until it converges.
     pub fn start(tag: &str, extra: &str) -> Self {
+        Self::start_with_dns(tag, extra, "")
+    }
+
+    /// As [`EmbeddedAgent::start`], with `dns_extra` added to the `[dns]` section (e.g.
+    /// `forward = [...]`).
+    pub fn start_with_dns(tag: &str, extra: &str, dns_extra: &str) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let pins = PinRoot::new(tag);
         let prefix = unique_prefix(tag);
@@ -277,7 +283,7 @@ impl EmbeddedAgent {
             &config,
             format!(
                 "[dataplane]\nbpffs_root = \"{}\"\ntap_pool = 1\n[metrics]\nenabled = false\n\
-                 {usage}[dns]\nnamespace = \"{dns}\"\ndevice = \"{dns}\"\n\
+                 {usage}[dns]\nnamespace = \"{dns}\"\ndevice = \"{dns}\"\n{dns_extra}\
                  [control]\nhost = \"solo\"\ntap_prefix = \"{prefix}\"\nvolumes_dir = \"{}\"\n\
                  [control.embedded]\nlisten = \"127.0.0.1:{port}\"\noperator_token_file = \"{}\"\n\
                  [control.embedded.store]\npath = \"{}\"\n[control.embedded.tls]\ndir = \"{}\"\n{vm}{extra}",
@@ -310,10 +316,17 @@ impl EmbeddedAgent {
         let stderr = self.child.stderr.take().unwrap();
         let mut lines =
             std::io::BufRead::lines(std::io::BufReader::new(stderr)).map_while(Result::ok);
+        let mut seen = Vec::new();
         for want in ["DNS for guests at their gateway", "converging host solo"] {
+            let found = lines.by_ref().any(|l| {
+                let hit = l.contains(want);
+                seen.push(l);
+                hit
+            });
             assert!(
-                lines.by_ref().any(|l| l.contains(want)),
-                "the agent did not print {want:?}"
+                found,
+                "the agent did not print {want:?}; it printed:\n{}",
+                seen.join("\n")
             );
         }
         std::thread::spawn(move || lines.for_each(drop));

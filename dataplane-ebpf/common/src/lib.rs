@@ -224,6 +224,35 @@ pub struct EgressCloud {
     pub generation: u32,
     /// `EGRESS_MODE_*`.
     pub mode: u32,
+    pub _pad: u32,
+    /// Bytes per second leaving the host for this cloud (Ethernet frames as the uplink sends
+    /// them); 0 = no limit.
+    pub rate_bytes_per_sec: u64,
+    /// How far ahead of now the rate's virtual clock may run: the burst, in nanoseconds of
+    /// the rate.
+    pub burst_ns: u64,
+    /// Bytes the cloud may send out in the current period; [`NO_BUDGET`] = no budget.
+    pub budget_bytes: u64,
+    /// The current budget period's number (the agent's UTC hour, day or month); usage counted
+    /// under another number starts again from 0.
+    pub budget_period: u64,
+}
+
+/// `EgressCloud::budget_bytes`: no budget.
+pub const NO_BUDGET: u64 = u64::MAX;
+
+/// Value of `EGRESS_METERS`, keyed by cloud: the state of its rate limit and budget, written
+/// by the programs only.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EgressMeter {
+    /// The rate's virtual clock (`CLOCK_BOOTTIME` ns): when the bytes sent so far would have
+    /// left at the rate.
+    pub next_ns: u64,
+    /// Bytes sent out in `period`.
+    pub used_bytes: u64,
+    /// The budget period `used_bytes` counts.
+    pub period: u64,
 }
 
 /// Data of the per-cloud LPM tries `EGRESS_ALLOW` and `EGRESS_DENY`: the cloud's 32 bits come
@@ -292,6 +321,28 @@ pub struct EgressIn {
     /// Network byte order.
     pub guest_port: u16,
     pub _pad: u16,
+}
+
+/// Key of `EGRESS_REFUSED`: a destination a cloud's guest was refused, and why.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct RefusedKey {
+    pub cloud: u32,
+    /// Network byte order.
+    pub ipv4: u32,
+    /// Destination port as read from the packet (network byte order); 0 for ICMP.
+    pub port: u16,
+    pub protocol: u8,
+    /// The `DropReason` number (`egress_never`, `egress_denied` or `egress_revoked`).
+    pub reason: u8,
+}
+
+/// Value of `EGRESS_REFUSED`: how often, and when last (`CLOCK_BOOTTIME` ns).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RefusedCount {
+    pub count: u64,
+    pub last_ns: u64,
 }
 
 /// Tries for a free NAT port of a new egress flow before it is refused.
@@ -570,11 +621,15 @@ pub enum DropReason {
     /// On the uplink: a reply of a tracked egress flow whose guest has no endpoint on this
     /// host any more.
     UplinkNoEndpoint = 43,
+    /// Leaving the cloud faster than its egress rate limit on this host (token bucket).
+    EgressRateLimited = 44,
+    /// Leaving the cloud after its egress byte budget for the period on this host is spent.
+    EgressBudgetSpent = 45,
 }
 
 impl DropReason {
     /// Every reason, in numeric order.
-    pub const ALL: [DropReason; 43] = [
+    pub const ALL: [DropReason; 45] = [
         DropReason::UnknownEndpoint,
         DropReason::TruncatedEthernet,
         DropReason::SpoofedSourceMac,
@@ -618,10 +673,12 @@ impl DropReason {
         DropReason::EgressRevoked,
         DropReason::EgressRewriteFailed,
         DropReason::UplinkNoEndpoint,
+        DropReason::EgressRateLimited,
+        DropReason::EgressBudgetSpent,
     ];
 
     /// Size of the drop counter array: one slot per number, slot 0 unused.
-    pub const SLOTS: u32 = 44;
+    pub const SLOTS: u32 = 46;
 
     /// Stable snake_case name, used in metrics labels and CLI output.
     pub const fn name(self) -> &'static str {
@@ -669,6 +726,8 @@ impl DropReason {
             DropReason::EgressRevoked => "egress_revoked",
             DropReason::EgressRewriteFailed => "egress_rewrite_failed",
             DropReason::UplinkNoEndpoint => "uplink_no_endpoint",
+            DropReason::EgressRateLimited => "egress_rate_limited",
+            DropReason::EgressBudgetSpent => "egress_budget_spent",
         }
     }
 
@@ -748,12 +807,15 @@ const _: () = assert!(DropReason::SLOTS <= DROP_SLOTS);
 const _: () = assert!(DropReason::ALL.len() as u32 + 1 == DropReason::SLOTS);
 const _: () = assert!(core::mem::size_of::<KfreeSkbConfig>() == 4 * 9);
 const _: () = assert!(core::mem::size_of::<EgressHost>() == 4 + 4 + 2 + 2 + 6 + 2);
-const _: () = assert!(core::mem::size_of::<EgressCloud>() == 4 * 5);
+const _: () = assert!(core::mem::size_of::<EgressCloud>() == 4 * 6 + 8 * 4);
+const _: () = assert!(core::mem::size_of::<EgressMeter>() == 8 * 3);
 const _: () = assert!(core::mem::size_of::<EgressRuleKey>() == 4 + 4);
 const _: () = assert!(core::mem::size_of::<PortRule>() == 8 + 2 + 2 + 1 + 3);
 const _: () = assert!(core::mem::size_of::<EgressRules>() == 16 * RULES_PER_PREFIX + 4 + 4);
 const _: () = assert!(core::mem::size_of::<EgressOut>() == 4 + 4 + 2 + 2);
 const _: () = assert!(core::mem::size_of::<EgressIn>() == 4 + 4 + 2 + 2);
+const _: () = assert!(core::mem::size_of::<RefusedKey>() == 4 + 4 + 2 + 1 + 1);
+const _: () = assert!(core::mem::size_of::<RefusedCount>() == 8 + 8);
 
 #[cfg(feature = "user")]
 mod pod {
@@ -785,6 +847,8 @@ mod pod {
     // SAFETY: as above.
     unsafe impl aya::Pod for super::EgressCloud {}
     // SAFETY: as above.
+    unsafe impl aya::Pod for super::EgressMeter {}
+    // SAFETY: as above.
     unsafe impl aya::Pod for super::EgressRuleKey {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::PortRule {}
@@ -794,6 +858,10 @@ mod pod {
     unsafe impl aya::Pod for super::EgressOut {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::EgressIn {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::RefusedKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::RefusedCount {}
     // SAFETY: as above: u64 counters in arrays, no padding (asserted).
     unsafe impl aya::Pod for super::TrafficCounter {}
     // SAFETY: as above.
