@@ -63,6 +63,7 @@ use atoll_dataplane_common::{
     EGRESS_NAT_PORT_TRIES, NEXTHOP_ENDPOINT, NO_BUDGET, RULES_PER_PREFIX,
 };
 use aya_ebpf::{
+    bindings::BPF_F_PSEUDO_HDR,
     helpers::bpf_ktime_get_boot_ns,
     macros::map,
     maps::{lpm_trie::Key, Array, HashMap, LpmTrie, LruHashMap},
@@ -560,6 +561,7 @@ fn send_out(
 ) -> Verdict {
     let rewritten = rewrite(
         ctx,
+        pkt,
         eth,
         ip,
         None,
@@ -591,18 +593,33 @@ struct Rewrite {
     dst_port: (u16, u16),
 }
 
-/// Writes MACs (if known), TTL, addresses and ports, then fixes the checksums.
+/// Writes MACs (if known), TTL, addresses, ports and the IPv4 header checksum directly, then
+/// updates the transport checksum with the kernel's helper for what changed only: one call
+/// per changed address (`BPF_F_PSEUDO_HDR`, so frames with partial checksums stay valid) and
+/// per changed port. ICMP has no pseudo header: only the identifier's change is a helper call.
 #[inline(always)]
 fn rewrite(
     ctx: &TcContext,
+    pkt: &Packet,
     eth: *mut EthHdr,
     ip: *mut Ipv4Hdr,
     macs: Option<(&[u8; 6], &[u8; 6])>,
     l4: &L4,
     w: Rewrite,
 ) -> bool {
-    // SAFETY: `eth` and `ip` are bounds-checked pointers into this frame and no helper has
-    // run since they were derived (the helpers below invalidate them; none is used after).
+    // The identifier of an ICMP echo, or the ports of TCP/UDP: re-derived here, after the
+    // caller's helpers (none runs between this and the writes below).
+    let ports_at = if l4.protocol == IPPROTO_ICMP {
+        L4_OFFSET + 4
+    } else {
+        L4_OFFSET
+    };
+    let Some(ports) = pkt.ptr::<Ports>(ports_at) else {
+        return false;
+    };
+    // SAFETY: `eth`, `ip` and `ports` are bounds-checked pointers into this frame and no
+    // helper has run since they were derived (the helpers below invalidate them; none is used
+    // after).
     unsafe {
         if let Some((src, dst)) = macs {
             packet::write_mac(&mut (*eth).src, src);
@@ -611,55 +628,50 @@ fn rewrite(
         let h = &mut *ip;
         h.ttl -= 1;
         // TTL is the high byte of its 16-bit word: see route.rs.
-        h.check = packet::csum_add_be(h.check, u16::from_ne_bytes([0x01, 0x00]));
-        packet::write_ipv4(&mut h.saddr, w.src.1.to_ne_bytes());
-        packet::write_ipv4(&mut h.daddr, w.dst.1.to_ne_bytes());
-    }
-    if !write_ports(ctx, l4.protocol, w.src_port, w.dst_port) {
-        return false;
+        let mut check = packet::csum_add_be(h.check, u16::from_ne_bytes([0x01, 0x00]));
+        if w.src.0 != w.src.1 {
+            check = csum_replace4(check, w.src.0, w.src.1);
+            packet::write_ipv4(&mut h.saddr, w.src.1.to_ne_bytes());
+        }
+        if w.dst.0 != w.dst.1 {
+            check = csum_replace4(check, w.dst.0, w.dst.1);
+            packet::write_ipv4(&mut h.daddr, w.dst.1.to_ne_bytes());
+        }
+        h.check = check;
+        let p = &mut *ports;
+        if l4.protocol == IPPROTO_ICMP {
+            // One identifier: the source "port" going out (the destination is then 0), the
+            // destination "port" coming back (see [`L4`]).
+            let id = if w.dst_port.0 == 0 {
+                w.src_port.1
+            } else {
+                w.dst_port.1
+            };
+            p.src = id.to_ne_bytes();
+        } else {
+            p.src = w.src_port.1.to_ne_bytes();
+            p.dst = w.dst_port.1.to_ne_bytes();
+        }
     }
     if l4.protocol == IPPROTO_ICMP {
-        // No pseudo header: the addresses are in the IPv4 checksum only, the identifier in
-        // the ICMP checksum.
-        return addresses_l3(ctx, w.src, w.dst)
-            && [w.src_port, w.dst_port].iter().all(|(from, to)| {
-                from == to
-                    || ctx
-                        .l4_csum_replace(l4.check_offset, *from as u64, *to as u64, 2)
-                        .is_ok()
-            });
+        return [w.src_port, w.dst_port].iter().all(|(from, to)| {
+            from == to
+                || ctx
+                    .l4_csum_replace(l4.check_offset, *from as u64, *to as u64, 2)
+                    .is_ok()
+        });
     }
-    packet::fix_address_checksums(ctx, l4.protocol, l4.check_offset, w.src, w.dst)
-        && packet::fix_port_checksums(ctx, l4.protocol, l4.check_offset, w.src_port, w.dst_port)
-}
-
-/// Writes the new source and destination port (ports as `(old, new)`). ICMP echo has one
-/// identifier: the source "port" going out (the destination is then 0), the destination
-/// "port" coming back (see [`L4`]).
-#[inline(always)]
-fn write_ports(ctx: &TcContext, protocol: u8, src: (u16, u16), dst: (u16, u16)) -> bool {
-    if protocol == IPPROTO_ICMP {
-        let id = if dst.0 == 0 { src.1 } else { dst.1 };
-        return ctx.store(L4_OFFSET + 4, &id, 0).is_ok();
-    }
-    let (s, d) = (src.1.to_ne_bytes(), dst.1.to_ne_bytes());
-    let ports = u32::from_ne_bytes([s[0], s[1], d[0], d[1]]);
-    ctx.store(L4_OFFSET, &ports, 0).is_ok()
-}
-
-/// The IPv4 header checksum for rewritten addresses.
-#[inline(always)]
-fn addresses_l3(ctx: &TcContext, src: (u32, u32), dst: (u32, u32)) -> bool {
-    for (from, to) in [src, dst] {
+    let flags = packet::l4_flags(l4.protocol, 4) | BPF_F_PSEUDO_HDR as u64;
+    for (from, to) in [w.src, w.dst] {
         if from != to
             && ctx
-                .l3_csum_replace(IPV4_CHECK_OFFSET, from as u64, to as u64, 4)
+                .l4_csum_replace(l4.check_offset, from as u64, to as u64, flags)
                 .is_err()
         {
             return false;
         }
     }
-    true
+    packet::fix_port_checksums(ctx, l4.protocol, l4.check_offset, w.src_port, w.dst_port)
 }
 
 /// TC ingress of the uplink: replies of tracked flows go back to their guests; everything
@@ -755,7 +767,11 @@ struct Tracked {
 
 /// The tracked flow a packet on the uplink belongs to, if the flow is still allowed and its
 /// guest is here. `Err` drops (the flow is cut or its guest gone); `Ok(None)` is not ours.
-#[inline(always)]
+///
+/// A function of its own (a BPF-to-BPF call): inlined into both callers, the compiler merged
+/// the "not ours" path with the translation's and copied an undefined register there, which
+/// the verifier refuses (`!read_ok`).
+#[inline(never)]
 fn tracked(key: &FlowKey, remote_port: u16) -> Result<Option<Tracked>, DropReason> {
     // SAFETY: the value is copied out at once.
     let Some(flow) = (unsafe { EGRESS_IN.get(key) }).copied() else {
@@ -832,6 +848,7 @@ fn back_in(
     }
     let rewritten = rewrite(
         ctx,
+        pkt,
         eth,
         ip,
         Some((&host.gateway_mac, &hop.mac)),

@@ -246,7 +246,7 @@ pub fn l4_layout(protocol: u8) -> Option<(usize, usize)> {
 /// Flags for `bpf_l4_csum_replace` of a `size`-byte field: for UDP, a zero checksum ("none")
 /// stays zero and a computed zero is written as 0xFFFF (`BPF_F_MARK_MANGLED_0`).
 #[inline(always)]
-fn l4_flags(protocol: u8, size: u64) -> u64 {
+pub fn l4_flags(protocol: u8, size: u64) -> u64 {
     let mut flags = size;
     if protocol == IPPROTO_UDP {
         flags |= BPF_F_MARK_MANGLED_0 as u64;

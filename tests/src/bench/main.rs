@@ -19,6 +19,7 @@
 //!    grants per second and kernel memory per grant with 100k grants on one host.
 
 mod control;
+mod egress;
 mod exposure;
 mod forward;
 mod plot;
@@ -67,6 +68,9 @@ struct Args {
     /// section of the report and its plots replaced.
     #[arg(long)]
     forward_only: bool,
+    /// Only the egress benchmarks: printed, and their section of the report replaced.
+    #[arg(long)]
+    egress_only: bool,
     /// Where to write the markdown report (full runs).
     #[arg(long, default_value = "docs/benchmarks.md")]
     out: PathBuf,
@@ -93,6 +97,20 @@ fn main() -> Result<()> {
             std::fs::write(&args.out, splice(&old, vm::HEADING, &vm::section(&vb)))
                 .with_context(|| format!("writing {}", args.out.display()))?;
             println!("wrote the MicroVMs section of {}", args.out.display());
+        }
+        return Ok(());
+    }
+    if args.egress_only {
+        let eb = egress::run(args.smoke)?;
+        println!("{}", egress::summary(&eb));
+        if !args.smoke {
+            let old = std::fs::read_to_string(&args.out).unwrap_or_default();
+            std::fs::write(
+                &args.out,
+                splice(&old, egress::HEADING, &egress::section(&eb)),
+            )
+            .with_context(|| format!("writing {}", args.out.display()))?;
+            println!("wrote the egress section of {}", args.out.display());
         }
         return Ok(());
     }
@@ -274,6 +292,8 @@ fn main() -> Result<()> {
     let forward_section = forward_report(&fw, &atoll_ns, &args.out, !args.smoke)?;
     let vb = vm::run(args.smoke)?;
     println!("{}", vm::summary(&vb));
+    let eb = egress::run(args.smoke)?;
+    println!("{}", egress::summary(&eb));
     if args.smoke {
         return Ok(());
     }
@@ -552,6 +572,7 @@ fn main() -> Result<()> {
     )?;
     report.push_str(&forward_section);
     report.push_str(&vm::section(&vb));
+    report.push_str(&egress::section(&eb));
     std::fs::write(&args.out, report).with_context(|| format!("writing {}", args.out.display()))?;
     println!("wrote {}", args.out.display());
     Ok(())
