@@ -363,15 +363,6 @@ pub fn is_up(name: &str) -> bool {
     rc == 0 && req.flags & libc::IFF_UP as libc::c_short != 0
 }
 
-/// `name`'s flags (`SIOCGIFFLAGS`), `None` if it does not exist.
-fn flags_of(name: &str) -> Option<libc::c_short> {
-    let sock = ioctl_socket().ok()?;
-    let mut req = IfReq::new(name, 0);
-    // SAFETY: SIOCGIFFLAGS reads and writes an ifreq that we own for the call's duration.
-    let rc = unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFFLAGS, &mut req) };
-    (rc == 0).then_some(req.flags)
-}
-
 /// A socket for device ioctls, in the calling thread's network namespace.
 fn ioctl_socket() -> io::Result<OwnedFd> {
     // SAFETY: socket() takes constant arguments; the result is checked.
@@ -563,26 +554,92 @@ pub fn open_tap_queue(name: &str, nonblocking: bool) -> Result<OwnedFd, DeviceEr
     })
 }
 
-/// Waits until `name` is operationally up (`IFF_RUNNING`: for a tap, a queue is attached
-/// and the kernel has activated it; frames sent to the tap before that are dropped). Bounded
-/// by `timeout`; the kernel offers no wait primitive for this short transition, so it reads
-/// the flags again, yielding in between.
+/// Waits until `name`'s operational state is "up" (`IF_OPER_UP`: for a tap, a queue is
+/// attached and the kernel's link watch has activated it; frames sent to the tap before that
+/// are dropped; `IFF_RUNNING` is no substitute, it is also set in the "unknown" state before).
+/// Bounded by `timeout`; the kernel offers no wait primitive for this short transition, so
+/// it asks again (`RTM_GETLINK`), yielding in between.
 pub fn wait_until_up(name: &str, timeout: std::time::Duration) -> Result<(), DeviceError> {
     validate_name(name)?;
     let deadline = std::time::Instant::now() + timeout;
     loop {
-        let flags = flags_of(name).ok_or_else(|| DeviceError::NotFound(name.into()))?;
-        if flags & libc::IFF_RUNNING as libc::c_short != 0 {
+        let ifindex = ifindex_of(name).ok_or_else(|| DeviceError::NotFound(name.into()))?;
+        let state = operstate(ifindex).map_err(|_| DeviceError::NotFound(name.into()))?;
+        if state == IF_OPER_UP {
             return Ok(());
         }
         if std::time::Instant::now() >= deadline {
             return Err(DeviceError::NotUp {
                 name: name.into(),
-                state: "not running".into(),
+                state: format!("operstate {state}"),
             });
         }
         std::thread::yield_now();
     }
+}
+
+const IF_OPER_UP: u8 = 6;
+
+/// The operational state (`IFLA_OPERSTATE`) of the device `ifindex`, asked with one
+/// synchronous `RTM_GETLINK` on a netlink socket of the calling thread's namespace.
+fn operstate(ifindex: u32) -> io::Result<u8> {
+    const IFLA_OPERSTATE: u16 = 16;
+    // SAFETY: socket() takes constant arguments; the result is checked.
+    let raw = unsafe {
+        libc::socket(
+            libc::AF_NETLINK,
+            libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+            libc::NETLINK_ROUTE,
+        )
+    };
+    if raw < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `raw` is a fresh fd we own.
+    let sock = unsafe { OwnedFd::from_raw_fd(raw) };
+    // nlmsghdr (16 bytes) + ifinfomsg (16 bytes).
+    let mut req = [0u8; 32];
+    req[0..4].copy_from_slice(&32u32.to_ne_bytes());
+    req[4..6].copy_from_slice(&libc::RTM_GETLINK.to_ne_bytes());
+    req[6..8].copy_from_slice(&(libc::NLM_F_REQUEST as u16).to_ne_bytes());
+    req[8..12].copy_from_slice(&1u32.to_ne_bytes());
+    req[16] = libc::AF_UNSPEC as u8;
+    req[20..24].copy_from_slice(&(ifindex as i32).to_ne_bytes());
+    // SAFETY: `req` is valid for its length; the kernel routes it (pid 0).
+    let sent = unsafe { libc::send(sock.as_raw_fd(), req.as_ptr().cast(), req.len(), 0) };
+    if sent < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let mut buf = vec![0u8; 16384];
+    // SAFETY: `buf` is valid and writable for its length.
+    let n = unsafe { libc::recv(sock.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let msg = &buf[..n as usize];
+    let bad = || io::Error::other("unexpected RTM_GETLINK answer");
+    if msg.len() < 32 {
+        return Err(bad());
+    }
+    let kind = u16::from_ne_bytes([msg[4], msg[5]]);
+    if kind == libc::NLMSG_ERROR as u16 {
+        let errno = i32::from_ne_bytes([msg[16], msg[17], msg[18], msg[19]]);
+        return Err(io::Error::from_raw_os_error(-errno));
+    }
+    let len = (u32::from_ne_bytes([msg[0], msg[1], msg[2], msg[3]]) as usize).min(msg.len());
+    let mut at = 32;
+    while at + 4 <= len {
+        let alen = u16::from_ne_bytes([msg[at], msg[at + 1]]) as usize;
+        let atype = u16::from_ne_bytes([msg[at + 2], msg[at + 3]]) & 0x3fff;
+        if alen < 4 || at + alen > len {
+            break;
+        }
+        if atype == IFLA_OPERSTATE && alen >= 5 {
+            return Ok(msg[at + 4]);
+        }
+        at += (alen + 3) & !3;
+    }
+    Err(bad())
 }
 
 /// Opens (creating if needed) the tap `name` without a vnet header; returns the queue fd.

@@ -480,7 +480,7 @@ pub fn section(b: &EgressBench) -> String {
         (hi - lo) / lo * 100.0
     };
     s.push_str(&format!(
-        "\nTargets (issue 17): an established NAT flow at most 2× the intra-cloud forward: out {:.2}×, back {:.2}× ({}). The first packet's policy cost flat within ±20% from 1 to 100k entries: the spread is {flat:.0}% ({}).\n\nNot measured yet: the comparison with a host routing taps through nftables masquerade with conntrack zones and per-cloud sets at 1 and 1,000 clouds (rates, ratio, NAT connections per second); it is the next step of issue 17.\n",
+        "\nTargets (issue 17): an established NAT flow at most 2× the intra-cloud forward: out {:.2}×, back {:.2}× ({}). Where the established path's time goes: three map lookups more than the forward (the cloud's entry for its generation, the flow, and the check that the flow still holds its NAT port, which keeps one port from serving two flows after an LRU eviction) and two checksum helper calls (one per changed address and port, which frames with partial checksums need). The first packet's policy cost flat within ±20% from 1 to 100k entries: the spread is {flat:.0}% ({}).\n\nNot measured yet: the comparison with a host routing taps through nftables masquerade with conntrack zones and per-cloud sets at 1 and 1,000 clouds (rates, ratio, NAT connections per second); it is the next step of issue 17.\n",
         b.established_out / b.intra_chunk,
         b.established_back / b.intra_chunk,
         if b.established_out / b.intra_chunk <= 2.0 && b.established_back / b.intra_chunk <= 2.0 { "met" } else { "missed" },
