@@ -59,8 +59,9 @@ use std::{
 
 use atoll_dataplane_common::{
     DnsService, DropReason, EgressCloud, EgressHost, EgressIn, EgressMeter, EgressOut,
-    EndpointCounters, EndpointInfo, EndpointSlot, FlowIn, FlowKey, FlowOut, NextHop, RefusedCount,
-    RefusedKey, RouteKey, VipService, ENDPOINT_CACHE_MASK,
+    EndpointCounters, EndpointInfo, EndpointSlot, FlowIn, FlowKey, FlowOut, IngressAllowKey,
+    IngressFlow, IngressKey, IngressTarget, NextHop, RefusedCount, RefusedKey, RouteKey,
+    VipService, ENDPOINT_CACHE_MASK,
 };
 use aya::{
     maps::{lpm_trie::LpmTrie, Array, HashMap, Map, MapData, MapError, PerCpuArray, PerCpuValues},
@@ -73,6 +74,7 @@ mod carry;
 mod egress;
 mod error;
 mod exposure;
+mod ingress;
 mod kernel;
 mod layout;
 mod links;
@@ -101,8 +103,8 @@ pub static BASELINE_OBJECT: &[u8] =
 pub use maps::{
     MAP_COUNTERS, MAP_DNS_SERVICE, MAP_DROPS, MAP_EGRESS_ALLOW, MAP_EGRESS_CLOUDS, MAP_EGRESS_DENY,
     MAP_EGRESS_HOST, MAP_EGRESS_IN, MAP_EGRESS_METERS, MAP_EGRESS_NEVER, MAP_EGRESS_OUT,
-    MAP_EGRESS_REFUSED, MAP_ENDPOINTS, MAP_ENDPOINT_CACHE, MAP_FLOWS_IN, MAP_FLOWS_OUT, MAP_ROUTES,
-    MAP_SLOT_ENDPOINTS, MAP_VIPS,
+    MAP_EGRESS_REFUSED, MAP_ENDPOINTS, MAP_ENDPOINT_CACHE, MAP_FLOWS_IN, MAP_FLOWS_OUT,
+    MAP_INGRESS, MAP_INGRESS_ALLOW, MAP_INGRESS_FLOWS, MAP_ROUTES, MAP_SLOT_ENDPOINTS, MAP_VIPS,
 };
 const BPF_NOEXIST: u64 = 1;
 
@@ -135,6 +137,9 @@ pub struct Dataplane {
     egress_in: HashMap<MapData, FlowKey, EgressIn>,
     egress_refused: HashMap<MapData, RefusedKey, RefusedCount>,
     egress_meters: HashMap<MapData, u32, EgressMeter>,
+    ingress: HashMap<MapData, IngressKey, IngressTarget>,
+    ingress_allow: LpmTrie<MapData, IngressAllowKey, u8>,
+    ingress_flows: HashMap<MapData, FlowKey, IngressFlow>,
     from_vm: SchedClassifier,
     to_vm: SchedClassifier,
     from_dns: SchedClassifier,
@@ -220,6 +225,14 @@ impl Dataplane {
         let egress_meters: HashMap<MapData, u32, EgressMeter> =
             HashMap::try_from(open_map(MAP_EGRESS_METERS)?)
                 .map_err(|e| typed(MAP_EGRESS_METERS, e))?;
+        let ingress: HashMap<MapData, IngressKey, IngressTarget> =
+            HashMap::try_from(open_map(MAP_INGRESS)?).map_err(|e| typed(MAP_INGRESS, e))?;
+        let ingress_allow: LpmTrie<MapData, IngressAllowKey, u8> =
+            LpmTrie::try_from(open_map(MAP_INGRESS_ALLOW)?)
+                .map_err(|e| typed(MAP_INGRESS_ALLOW, e))?;
+        let ingress_flows: HashMap<MapData, FlowKey, IngressFlow> =
+            HashMap::try_from(open_map(MAP_INGRESS_FLOWS)?)
+                .map_err(|e| typed(MAP_INGRESS_FLOWS, e))?;
         let capacity = |name: &str, default: u32| {
             aya::maps::MapInfo::from_pin(dir.join("maps").join(name))
                 .map(|i| i.max_entries())
@@ -258,6 +271,9 @@ impl Dataplane {
             egress_in,
             egress_refused,
             egress_meters,
+            ingress,
+            ingress_allow,
+            ingress_flows,
             max_endpoints,
             max_routes,
             max_vips,

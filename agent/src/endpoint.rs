@@ -45,7 +45,7 @@ mod exposure;
 mod pool;
 mod slots;
 
-pub use egress::CloudEgressSpec;
+pub use egress::{CloudEgressSpec, PublishSpec};
 pub use exposure::{ServiceSpec, PROTOCOL_TCP, PROTOCOL_UDP};
 pub use pool::pool_process_prefix;
 use pool::TapPool;
@@ -152,7 +152,7 @@ pub struct Host {
     grants: exposure::GrantNumbers,
     /// The egress rule tries (the `egress` module), shared with the DNS server.
     egress: std::sync::Arc<crate::egress::rules::EgressTables>,
-    /// Egress generations (the `egress` module).
+    /// Egress generations and publication serials (the `egress` module).
     generations: egress::Generations,
 }
 

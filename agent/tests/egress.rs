@@ -527,3 +527,128 @@ fn budgets_and_rates_hold_on_real_traffic() {
         drop(echo);
     });
 }
+
+/// A TCP connection from `src` (any port) to `dst`, giving up after `timeout` (a blocking
+/// connect bounded by `SO_SNDTIMEO`).
+fn connect_from(src: Ipv4Addr, dst: SocketAddrV4, timeout: Duration) -> std::io::Result<TcpStream> {
+    use std::os::fd::FromRawFd;
+    let sockaddr = |a: SocketAddrV4| libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: a.port().to_be(),
+        sin_addr: libc::in_addr {
+            s_addr: u32::from_ne_bytes(a.ip().octets()),
+        },
+        sin_zero: [0; 8],
+    };
+    // SAFETY: socket() takes constant arguments; the result is checked.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is a fresh socket we own from here on.
+    let stream = unsafe { TcpStream::from_raw_fd(fd) };
+    let tv = libc::timeval {
+        tv_sec: timeout.as_secs() as libc::time_t,
+        tv_usec: timeout.subsec_micros() as libc::suseconds_t,
+    };
+    let local = sockaddr(SocketAddrV4::new(src, 0));
+    let remote = sockaddr(dst);
+    let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+    // SAFETY: plain socket calls on our fd with valid, correctly sized arguments.
+    unsafe {
+        if libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_SNDTIMEO,
+            (&tv as *const libc::timeval).cast(),
+            std::mem::size_of::<libc::timeval>() as libc::socklen_t,
+        ) != 0
+            || libc::bind(fd, (&local as *const libc::sockaddr_in).cast(), len) != 0
+            || libc::connect(fd, (&remote as *const libc::sockaddr_in).cast(), len) != 0
+        {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    stream.set_read_timeout(Some(ARRIVE))?;
+    Ok(stream)
+}
+
+/// A VM port published on the uplink: a client in the internet reaches it (its address seen
+/// by the VM), `allow_from` refuses other sources, the cloud's `deny` policy does not stop
+/// the VM's replies, and unpublishing cuts the live connection.
+#[test]
+fn a_published_port_is_reached_from_the_internet_and_unpublishing_cuts() {
+    use atoll_agent::endpoint::{PublishSpec, PROTOCOL_TCP};
+    use std::net::TcpListener;
+    require_root();
+    let tags = ["ip", "pn", "pv", "pp"];
+    let prefixes: Vec<String> = tags.iter().map(|t| unique_prefix(t)).collect();
+    leaves_nothing(&prefixes, || {
+        let net = Internet::build("ip").expect("building the internet");
+        let client_ip = *SERVER.ip();
+        net.add_server(client_ip).unwrap();
+        net.world
+            .sh(&format!("ip route add 198.18.1.0/24 via {HOST_IP}"))
+            .unwrap();
+        let public = SocketAddrV4::new(Ipv4Addr::new(198, 18, 1, 20), 80);
+        let world = net.world.path();
+        in_netns(&net.host, move || {
+            let (rt, pins, mut host, g) = one_guest(("pp", "pn", "pv"), policy(EgressMode::Deny));
+            let listener = in_guest(&g, || TcpListener::bind("0.0.0.0:8080")).unwrap();
+            host.publish(&PublishSpec {
+                cloud: cloud(1),
+                guest: (GUEST_IP, 8080),
+                protocol: PROTOCOL_TCP,
+                public: (*public.ip(), public.port()),
+                allow_from: vec![Ipv4Net {
+                    addr: Ipv4Addr::new(198, 19, 0, 0),
+                    len: 16,
+                }],
+            })
+            .unwrap();
+            let from_world = |src: Ipv4Addr, timeout: Duration| {
+                netns::run_in(&world, move || connect_from(src, public, timeout))
+                    .expect("entering the world")
+            };
+            let host_drops = |h: &Host, r: DropReason| {
+                h.dataplane()
+                    .drop_counters()
+                    .unwrap()
+                    .into_iter()
+                    .find(|(x, _)| *x == r)
+                    .map(|(_, n)| n)
+                    .unwrap_or(0)
+            };
+            // From the router's address: not in allow_from.
+            assert!(from_world(ROUTER_IP, SILENCE).is_err(), "refused source");
+            assert!(host_drops(&host, DropReason::IngressNotAllowed) >= 1);
+            // From an allowed address: in, both ways, the client's address seen by the VM.
+            let mut client = from_world(client_ip, ARRIVE).expect("allowed source connects");
+            let (mut server, peer) = listener.accept().unwrap();
+            assert_eq!(peer.ip(), std::net::IpAddr::V4(client_ip));
+            server.set_read_timeout(Some(ARRIVE)).unwrap();
+            client.write_all(b"hello vm").unwrap();
+            let mut buf = [0u8; 8];
+            server.read_exact(&mut buf).unwrap();
+            assert_eq!(&buf, b"hello vm");
+            server.write_all(b"hello net").unwrap();
+            let mut buf = [0u8; 9];
+            client.read_exact(&mut buf).unwrap();
+            assert_eq!(
+                &buf, b"hello net",
+                "the VM's reply goes out although its cloud is deny"
+            );
+            assert!(external(&host, g.ep.slot)[1].0 > 0, "metered external");
+
+            // Unpublished: the VM's next packet is cut, the client hears nothing more.
+            host.unpublish((*public.ip(), public.port()), PROTOCOL_TCP)
+                .unwrap();
+            server.write_all(b"late").unwrap();
+            client.set_read_timeout(Some(SILENCE)).unwrap();
+            let mut buf = [0u8; 4];
+            assert!(client.read_exact(&mut buf).is_err(), "cut");
+            assert!(drops(&host, g.ep.slot, DropReason::IngressRevoked) >= 1);
+            drop((client, server, listener, g, host, pins, rt));
+        });
+    });
+}

@@ -930,3 +930,81 @@ fn budgets_cut_at_their_byte_count_and_rates_hold() {
         .iter()
         .any(|(_, d)| d.port == Some(53) && d.reason != DenyReason::BudgetSpent));
 }
+
+#[test]
+fn published_ports_translate_both_ways_and_unpublishing_cuts() {
+    use atoll_agent::endpoint::{PublishSpec, PROTOCOL_TCP};
+    let mut p = Plane::new();
+    p.enable();
+    // The cloud may reach nothing: replies to connections it accepted still go out.
+    p.policy(&spec(EgressMode::Deny, &[], &[]));
+    let public = Ipv4Addr::new(198, 18, 1, 20);
+    let client = Ipv4Addr::new(198, 19, 0, 10);
+    let publish = |p: &mut Plane| {
+        p.host
+            .publish(&PublishSpec {
+                cloud: cloud(),
+                guest: (GUEST_IP, 8080),
+                protocol: PROTOCOL_TCP,
+                public: (public, 80),
+                allow_from: vec![Ipv4Net {
+                    addr: Ipv4Addr::new(198, 19, 0, 0),
+                    len: 16,
+                }],
+            })
+            .unwrap()
+    };
+    let first = publish(&mut p);
+    let syn = from_world(&tcp((client, 5555), (public, 80)));
+    let r = p.run(true, &syn, "a connection to the published port");
+    assert_eq!((r.ret, &r.drops), (TC_ACT_REDIRECT, &BTreeMap::new()));
+    assert_eq!(
+        seen(&r.out),
+        Seen {
+            macs: (GW_MAC, GUEST_MAC),
+            src: (client, 5555),
+            dst: (GUEST_IP, 8080),
+            ttl: 63,
+        }
+    );
+    let r = p.run(
+        true,
+        &from_world(&tcp((Ipv4Addr::new(203, 0, 113, 1), 5555), (public, 80))),
+        "a source allow_from does not list",
+    );
+    assert_eq!(
+        (r.ret, r.drops),
+        (
+            TC_ACT_SHOT,
+            BTreeMap::from([(DropReason::IngressNotAllowed, 1)])
+        )
+    );
+    p.expect_pass(
+        &from_world(&tcp((client, 5555), (public, 81))),
+        "a port not published",
+    );
+    p.expect_pass(
+        &from_world(&udp((client, 5555), (public, 80), b"x")),
+        "another protocol",
+    );
+    // The VM's reply leaves from the public address and port.
+    let reply = tcp((GUEST_IP, 8080), (client, 5555));
+    let out = p.expect_out(&reply, "the reply");
+    assert_eq!((out.src, out.dst), ((public, 80), (client, 5555)));
+    assert_eq!(p.dp().ingress_flows().unwrap().len(), 1);
+    // Published again (a new serial): the old connection is cut at the VM's next packet.
+    let second = publish(&mut p);
+    assert_ne!(first, second);
+    p.expect_drop(&reply, DropReason::IngressRevoked, "published again");
+    // The flow is forgotten: the VM's next packet meets the cloud's policy.
+    p.expect_drop(&reply, DropReason::EgressDenied, "then the policy");
+    // A new connection under the new publication, then unpublished: cut, and the port's
+    // packets pass to the host.
+    let r = p.run(true, &syn, "again");
+    assert_eq!(r.ret, TC_ACT_REDIRECT);
+    p.expect_out(&reply, "the reply");
+    p.host.unpublish((public, 80), PROTOCOL_TCP).unwrap();
+    p.expect_drop(&reply, DropReason::IngressRevoked, "unpublished");
+    p.expect_pass(&syn, "unpublished: the host's");
+    assert!(p.dp().ingress_entries().unwrap().is_empty());
+}

@@ -14,6 +14,11 @@
 //! uplink carries the host's own traffic, and no NAT port is a port of the host's (the agent
 //! reserves the range, see `agent/src/egress.rs`).
 //!
+//! **Public ingress** uses the same translation and the same way out: a TCP or UDP packet
+//! on the uplink that is no flow's reply and is addressed to a published port is DNATed to
+//! its VM ([`to_published`]), and the VM's replies are SNATed back before its cloud's policy
+//! is consulted (see `ingress`, which owns the maps).
+//!
 //! Decisions:
 //! - **Policy order, first match wins** ([`decide`]): the always-denied set (`EGRESS_NEVER`,
 //!   one LPM trie for all clouds), the mode (`deny` refuses here), the cloud's deny rules, and
@@ -58,8 +63,8 @@
 
 use atoll_dataplane_common::{
     egress_nat_port, flow_hash, Direction, DropReason, EgressCloud, EgressHost, EgressIn,
-    EgressMeter, EgressOut, EgressRuleKey, EgressRules, EndpointInfo, FlowKey, NextHop,
-    RefusedCount, RefusedKey, TrafficClass, EGRESS_MODE_ALLOW, EGRESS_MODE_ALLOWLIST,
+    EgressMeter, EgressOut, EgressRuleKey, EgressRules, EndpointInfo, FlowKey, IngressFlow,
+    NextHop, RefusedCount, RefusedKey, TrafficClass, EGRESS_MODE_ALLOW, EGRESS_MODE_ALLOWLIST,
     EGRESS_NAT_PORT_TRIES, NEXTHOP_ENDPOINT, NO_BUDGET, RULES_PER_PREFIX,
 };
 use aya_ebpf::{
@@ -72,7 +77,7 @@ use aya_ebpf::{
 
 use crate::{
     exposure::flow_key,
-    metering,
+    ingress, metering,
     packet::{
         self, EthHdr, Ipv4Hdr, Packet, Ports, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP,
         IPV4_CHECK_OFFSET, L4_OFFSET,
@@ -183,7 +188,27 @@ pub fn from_guest(
         l4.protocol,
     );
     // SAFETY: the value is copied out at once.
-    let flow = match unsafe { EGRESS_OUT.get(key) }.copied() {
+    let out = unsafe { EGRESS_OUT.get(key) }.copied();
+    if out.is_none() && l4.protocol != IPPROTO_ICMP {
+        // A reply to a connection to a published port is not egress (see `ingress`).
+        match ingress::reply(&key) {
+            Ok(Some(f)) => {
+                if let Err(reason) = within_limits(ep.cloud, cloud, pkt.len) {
+                    return Verdict::Drop(reason);
+                }
+                let public = EgressOut {
+                    egress_ipv4: f.public_ipv4,
+                    generation: 0,
+                    nat_port: f.public_port,
+                    _pad: 0,
+                };
+                return send_out(ctx, pkt, eth, ip, ep, host, &l4, (daddr, &public));
+            }
+            Err(reason) => return Verdict::Drop(reason),
+            Ok(None) => {}
+        }
+    }
+    let flow = match out {
         Some(f) if f.generation != cloud.generation => {
             if decide(ep.cloud, cloud, daddr, l4.protocol, l4.dst_port).is_err() {
                 forget(&key, &f);
@@ -840,6 +865,9 @@ fn back_in(
 ) -> Verdict {
     let Tracked { flow, hop } = match tracked(key, l4.src_port) {
         Ok(Some(t)) => t,
+        Ok(None) if l4.protocol != IPPROTO_ICMP => {
+            return to_published(ctx, pkt, eth, ip, host, l4, key, ttl);
+        }
         Ok(None) => return Verdict::Pass,
         Err(reason) => return Verdict::Drop(reason),
     };
@@ -858,6 +886,75 @@ fn back_in(
             dst: (key.dst_ipv4, flow.guest_ipv4),
             src_port: (l4.src_port, l4.src_port),
             dst_port: (l4.dst_port, flow.guest_port),
+        },
+    );
+    if !rewritten {
+        return Verdict::Drop(DropReason::EgressRewriteFailed);
+    }
+    metering::traffic(
+        hop.slot,
+        Direction::ToGuest,
+        TrafficClass::External,
+        pkt.len,
+    );
+    Verdict::Redirect(hop.ifindex)
+}
+
+/// A TCP or UDP packet on the uplink that is no egress flow's reply: translated to the VM
+/// port its address and port are published for (see `ingress`), else passed to the host.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn to_published(
+    ctx: &TcContext,
+    pkt: &Packet,
+    eth: *mut EthHdr,
+    ip: *mut Ipv4Hdr,
+    host: &EgressHost,
+    l4: &L4,
+    key: &FlowKey,
+    ttl: u8,
+) -> Verdict {
+    let (remote, public) = (key.src_ipv4, key.dst_ipv4);
+    let target = match ingress::published(public, l4.dst_port, l4.protocol, remote) {
+        Ok(Some(t)) => t,
+        Ok(None) => return Verdict::Pass,
+        Err(reason) => return Verdict::Drop(reason),
+    };
+    let hop = match route::lookup(target.cloud, target.guest_ipv4) {
+        Some(hop) if hop.flags == NEXTHOP_ENDPOINT => hop,
+        _ => return Verdict::Drop(DropReason::UplinkNoEndpoint),
+    };
+    if ttl <= 1 {
+        return Verdict::Drop(DropReason::TtlExceeded);
+    }
+    ingress::record(
+        &flow_key(
+            target.cloud,
+            target.guest_ipv4,
+            remote,
+            target.guest_port,
+            l4.src_port,
+            l4.protocol,
+        ),
+        IngressFlow {
+            public_ipv4: public,
+            serial: target.serial,
+            public_port: l4.dst_port,
+            _pad: 0,
+        },
+    );
+    let rewritten = rewrite(
+        ctx,
+        pkt,
+        eth,
+        ip,
+        Some((&host.gateway_mac, &hop.mac)),
+        l4,
+        Rewrite {
+            src: (remote, remote),
+            dst: (public, target.guest_ipv4),
+            src_port: (l4.src_port, l4.src_port),
+            dst_port: (l4.dst_port, target.guest_port),
         },
     );
     if !rewritten {

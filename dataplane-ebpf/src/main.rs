@@ -49,6 +49,7 @@ mod endpoint;
 mod exposure;
 mod freed;
 mod gateway;
+mod ingress;
 mod metering;
 mod packet;
 mod route;

@@ -249,8 +249,8 @@ const MIGRATIONS: &[Migration] = &[
             (maps::MAP_COUNTERS, Step::Carry),
         ],
     },
-    // v6, egress: drop reasons 37-43 took free numbers (no carry needed); the egress maps
-    // are new.
+    // v6, egress and public ingress: drop reasons 37-47 took free numbers (no carry needed); the egress maps
+    // and ingress maps are new.
     Migration {
         to: 6,
         steps: &[
@@ -263,6 +263,9 @@ const MIGRATIONS: &[Migration] = &[
             (maps::MAP_EGRESS_IN, Step::New),
             (maps::MAP_EGRESS_REFUSED, Step::New),
             (maps::MAP_EGRESS_METERS, Step::New),
+            (maps::MAP_INGRESS, Step::New),
+            (maps::MAP_INGRESS_ALLOW, Step::New),
+            (maps::MAP_INGRESS_FLOWS, Step::New),
         ],
     },
 ];

@@ -18,8 +18,9 @@
 
 use atoll_dataplane_common::{
     DnsService, EgressCloud, EgressHost, EgressIn, EgressMeter, EgressOut, EgressRuleKey,
-    EgressRules, EndpointCounters, EndpointInfo, EndpointSlot, FlowIn, FlowKey, FlowOut, NextHop,
-    RefusedCount, RefusedKey, RouteKey, VipService, DROP_SLOTS, ENDPOINT_CACHE_SLOTS,
+    EgressRules, EndpointCounters, EndpointInfo, EndpointSlot, FlowIn, FlowKey, FlowOut,
+    IngressAllowKey, IngressFlow, IngressKey, IngressTarget, NextHop, RefusedCount, RefusedKey,
+    RouteKey, VipService, DROP_SLOTS, ENDPOINT_CACHE_SLOTS,
 };
 use aya::maps::MapType;
 
@@ -44,6 +45,13 @@ pub const MAP_EGRESS_OUT: &str = "EGRESS_OUT";
 pub const MAP_EGRESS_IN: &str = "EGRESS_IN";
 pub const MAP_EGRESS_REFUSED: &str = "EGRESS_REFUSED";
 pub const MAP_EGRESS_METERS: &str = "EGRESS_METERS";
+pub const MAP_INGRESS: &str = "INGRESS";
+pub const MAP_INGRESS_ALLOW: &str = "INGRESS_ALLOW";
+pub const MAP_INGRESS_FLOWS: &str = "INGRESS_FLOWS";
+
+/// Capacity of `INGRESS` (published ports on this host) and of `INGRESS_ALLOW` (their
+/// `allow_from` prefixes).
+pub const INGRESS_ENTRIES: u32 = 65536;
 
 /// Capacity of `EGRESS_REFUSED` (refused destinations of all clouds; LRU).
 pub const EGRESS_REFUSED_ENTRIES: u32 = 16384;
@@ -155,7 +163,7 @@ use Capacity::{Config, Fixed};
 use SizeSetting::*;
 
 /// Every map of the object, in pinning order.
-pub const REGISTRY: [MapSpec; 19] = [
+pub const REGISTRY: [MapSpec; 22] = [
     spec(
         MAP_ENDPOINTS,
         "endpoint",
@@ -326,6 +334,33 @@ pub const REGISTRY: [MapSpec; 19] = [
         size::<EgressMeter>(),
         0,
         Config(MaxEndpoints),
+    ),
+    spec(
+        MAP_INGRESS,
+        "ingress",
+        MapType::Hash,
+        size::<IngressKey>(),
+        size::<IngressTarget>(),
+        NO_PREALLOC,
+        Fixed(INGRESS_ENTRIES),
+    ),
+    spec(
+        MAP_INGRESS_ALLOW,
+        "ingress",
+        MapType::LpmTrie,
+        4 + size::<IngressAllowKey>(),
+        size::<u8>(),
+        NO_PREALLOC,
+        Fixed(INGRESS_ENTRIES),
+    ),
+    spec(
+        MAP_INGRESS_FLOWS,
+        "ingress",
+        MapType::LruHash,
+        size::<FlowKey>(),
+        size::<IngressFlow>(),
+        0,
+        Config(MaxFlows),
     ),
 ];
 

@@ -18,8 +18,8 @@ use atoll_api::model::{
     BudgetPeriod, DeniedDestination, DenyReason, EgressMode, EgressPolicy, Ipv4Net, Protocol,
 };
 use atoll_dataplane_common::{
-    DropReason, EgressCloud, EgressHost, EGRESS_MODE_ALLOW, EGRESS_MODE_ALLOWLIST,
-    EGRESS_MODE_DENY, NO_BUDGET,
+    DropReason, EgressCloud, EgressHost, IngressKey, IngressTarget, EGRESS_MODE_ALLOW,
+    EGRESS_MODE_ALLOWLIST, EGRESS_MODE_DENY, NO_BUDGET,
 };
 
 use super::{EndpointError, Host};
@@ -92,6 +92,31 @@ pub fn budget_period(period: BudgetPeriod, unix_secs: u64) -> u64 {
 pub(super) struct Generations {
     /// The next one (0: not yet derived from the pinned map).
     next: u32,
+    /// The next publication serial (0: not yet derived from the pinned `INGRESS`).
+    next_serial: u32,
+}
+
+/// A VM port published on the uplink (public ingress).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PublishSpec {
+    pub cloud: CloudId,
+    /// The VM's address and port.
+    pub guest: (Ipv4Addr, u16),
+    /// `PROTOCOL_TCP` or `PROTOCOL_UDP`.
+    pub protocol: u8,
+    /// The address and port on the uplink (routed to this host by the operator's network).
+    pub public: (Ipv4Addr, u16),
+    /// Sources that may connect; empty: anyone.
+    pub allow_from: Vec<Ipv4Net>,
+}
+
+fn ingress_key(public: (Ipv4Addr, u16), protocol: u8) -> IngressKey {
+    IngressKey {
+        ipv4: map_ipv4(public.0),
+        port: public.1.to_be(),
+        protocol,
+        _pad: 0,
+    }
 }
 
 impl Host {
@@ -271,6 +296,79 @@ impl Host {
             .map_err(program("EGRESS_METERS"))?
             .map(|m| m.used_bytes)
             .unwrap_or(0))
+    }
+
+    /// Publishes a VM port (see `dataplane-ebpf/src/ingress.rs`); returns its serial. Replacing
+    /// a publication at the same address and port gives it a new serial, so connections of
+    /// the old one are cut.
+    pub fn publish(&mut self, spec: &PublishSpec) -> Result<u32, EndpointError> {
+        let name = format!(
+            "published port {}:{} of cloud {}",
+            spec.public.0, spec.public.1, spec.cloud
+        );
+        if spec.protocol != super::PROTOCOL_TCP && spec.protocol != super::PROTOCOL_UDP {
+            return Err(EndpointError::InvalidSpec {
+                name,
+                message: format!("protocol {} is neither TCP nor UDP", spec.protocol),
+            });
+        }
+        if spec.guest.1 == 0 || spec.public.1 == 0 {
+            return Err(EndpointError::InvalidSpec {
+                name,
+                message: "ports must be non-zero".into(),
+            });
+        }
+        let key = ingress_key(spec.public, spec.protocol);
+        let allow: Vec<(Ipv4Addr, u8)> = spec.allow_from.iter().map(|n| (n.addr, n.len)).collect();
+        // Connections of a publication replaced here must be cut: drop the old one first.
+        self.dataplane.remove_ingress(key).map_err(program(&name))?;
+        let serial = self.next_serial()?;
+        self.dataplane
+            .set_ingress(
+                key,
+                IngressTarget {
+                    cloud: spec.cloud.get(),
+                    guest_ipv4: map_ipv4(spec.guest.0),
+                    serial,
+                    guest_port: spec.guest.1.to_be(),
+                    restricted: u8::from(!allow.is_empty()),
+                    _pad: 0,
+                },
+                &allow,
+            )
+            .map_err(program(&name))?;
+        Ok(serial)
+    }
+
+    /// Unpublishes the port at `public`: new connections pass to the host (which does not own
+    /// the address), live ones are cut at the VM's next packet.
+    pub fn unpublish(
+        &mut self,
+        public: (Ipv4Addr, u16),
+        protocol: u8,
+    ) -> Result<(), EndpointError> {
+        let name = format!("published port {}:{}", public.0, public.1);
+        self.dataplane
+            .remove_ingress(ingress_key(public, protocol))
+            .map_err(program(&name))?;
+        Ok(())
+    }
+
+    fn next_serial(&mut self) -> Result<u32, EndpointError> {
+        if self.generations.next_serial == 0 {
+            let highest = self
+                .dataplane
+                .ingress_entries()
+                .map_err(program("INGRESS"))?
+                .iter()
+                .map(|(_, t)| t.serial)
+                .max()
+                .unwrap_or(0);
+            self.generations.next_serial = highest.wrapping_add(1).max(1);
+        }
+        let n = self.generations.next_serial;
+        self.generations.next_serial = n.wrapping_add(1).max(1);
+        Ok(n)
     }
 
     /// Clouds with egress state on this host (an entry or rules).

@@ -323,6 +323,59 @@ pub struct EgressIn {
     pub _pad: u16,
 }
 
+/// Key of `INGRESS`: a published address and port on the uplink.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct IngressKey {
+    /// Network byte order.
+    pub ipv4: u32,
+    /// Network byte order.
+    pub port: u16,
+    /// `IPPROTO_TCP` or `IPPROTO_UDP`.
+    pub protocol: u8,
+    pub _pad: u8,
+}
+
+/// Value of `INGRESS`: the VM port a published address and port lead to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct IngressTarget {
+    pub cloud: u32,
+    /// Network byte order.
+    pub guest_ipv4: u32,
+    /// Unique on this host among live publications, never reused while flows of it may
+    /// exist: flows record it and are cut when it no longer matches (unpublishing cuts them).
+    pub serial: u32,
+    /// Network byte order.
+    pub guest_port: u16,
+    /// 1: only sources in `INGRESS_ALLOW` under `serial` may connect; 0: anyone.
+    pub restricted: u8,
+    pub _pad: u8,
+}
+
+/// Data of the LPM trie `INGRESS_ALLOW`: a publication's serial (always matched whole, a
+/// prefix length is `32 + source bits`) and a source address.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct IngressAllowKey {
+    pub serial: u32,
+    /// Network byte order.
+    pub ipv4: u32,
+}
+
+/// Value of `INGRESS_FLOWS`, keyed by the guest's view of a connection to its published port
+/// `(cloud, guest:port → remote:port)`: where the guest's replies appear to come from.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct IngressFlow {
+    /// Network byte order.
+    pub public_ipv4: u32,
+    pub serial: u32,
+    /// Network byte order.
+    pub public_port: u16,
+    pub _pad: u16,
+}
+
 /// Key of `EGRESS_REFUSED`: a destination a cloud's guest was refused, and why.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -625,11 +678,16 @@ pub enum DropReason {
     EgressRateLimited = 44,
     /// Leaving the cloud after its egress byte budget for the period on this host is spent.
     EgressBudgetSpent = 45,
+    /// On the uplink: to a published port from a source its `allow_from` does not list.
+    IngressNotAllowed = 46,
+    /// A packet of a connection to a published port that was unpublished (or published
+    /// again): the flow is cut and forgotten.
+    IngressRevoked = 47,
 }
 
 impl DropReason {
     /// Every reason, in numeric order.
-    pub const ALL: [DropReason; 45] = [
+    pub const ALL: [DropReason; 47] = [
         DropReason::UnknownEndpoint,
         DropReason::TruncatedEthernet,
         DropReason::SpoofedSourceMac,
@@ -675,10 +733,12 @@ impl DropReason {
         DropReason::UplinkNoEndpoint,
         DropReason::EgressRateLimited,
         DropReason::EgressBudgetSpent,
+        DropReason::IngressNotAllowed,
+        DropReason::IngressRevoked,
     ];
 
     /// Size of the drop counter array: one slot per number, slot 0 unused.
-    pub const SLOTS: u32 = 46;
+    pub const SLOTS: u32 = 48;
 
     /// Stable snake_case name, used in metrics labels and CLI output.
     pub const fn name(self) -> &'static str {
@@ -728,6 +788,8 @@ impl DropReason {
             DropReason::UplinkNoEndpoint => "uplink_no_endpoint",
             DropReason::EgressRateLimited => "egress_rate_limited",
             DropReason::EgressBudgetSpent => "egress_budget_spent",
+            DropReason::IngressNotAllowed => "ingress_not_allowed",
+            DropReason::IngressRevoked => "ingress_revoked",
         }
     }
 
@@ -815,6 +877,10 @@ const _: () = assert!(core::mem::size_of::<EgressRules>() == 16 * RULES_PER_PREF
 const _: () = assert!(core::mem::size_of::<EgressOut>() == 4 + 4 + 2 + 2);
 const _: () = assert!(core::mem::size_of::<EgressIn>() == 4 + 4 + 2 + 2);
 const _: () = assert!(core::mem::size_of::<RefusedKey>() == 4 + 4 + 2 + 1 + 1);
+const _: () = assert!(core::mem::size_of::<IngressKey>() == 4 + 2 + 1 + 1);
+const _: () = assert!(core::mem::size_of::<IngressTarget>() == 4 * 3 + 2 + 1 + 1);
+const _: () = assert!(core::mem::size_of::<IngressAllowKey>() == 4 + 4);
+const _: () = assert!(core::mem::size_of::<IngressFlow>() == 4 + 4 + 2 + 2);
 const _: () = assert!(core::mem::size_of::<RefusedCount>() == 8 + 8);
 
 #[cfg(feature = "user")]
@@ -860,6 +926,14 @@ mod pod {
     unsafe impl aya::Pod for super::EgressIn {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::RefusedKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::IngressKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::IngressTarget {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::IngressAllowKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::IngressFlow {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::RefusedCount {}
     // SAFETY: as above: u64 counters in arrays, no padding (asserted).
