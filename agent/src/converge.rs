@@ -60,17 +60,17 @@ use std::{
 use atoll_api::{
     client::{Client, ClientError},
     model::{
-        DeniedDestination, DeniedReport, EgressPolicy, FieldError, Placement, Power, Protocol,
-        ProviderServices, ServiceReport, StatusReport, SyncDelta, VmReport, VmState, VmStatus,
-        VolumeFormat, VolumePlacement, Zone,
+        CloudPublications, DeniedDestination, DeniedReport, EgressPolicy, FieldError, Ipv4Net,
+        Placement, Power, Protocol, ProviderServices, ServiceReport, StatusReport, SyncDelta,
+        VmReport, VmState, VmStatus, VolumeFormat, VolumePlacement, Zone,
     },
 };
 use atoll_api::{Command, ControlPlane, ControlPlaneError, Reply};
 
 use crate::{
     endpoint::{
-        CloudEgressSpec, DeviceSpec, EndpointError, EndpointSpec, Host, ServiceSpec, PROTOCOL_TCP,
-        PROTOCOL_UDP,
+        CloudEgressSpec, DeviceSpec, EndpointError, EndpointSpec, Host, PublishSpec, ServiceSpec,
+        PROTOCOL_TCP, PROTOCOL_UDP,
     },
     types::{CloudId, MacAddr},
     vm::{VmEvent, VmKey, VmManager, VmSpec},
@@ -664,6 +664,7 @@ impl Converger {
             }
             self.egress.insert(e.cloud, e.policy.clone());
         }
+        apply_publications(host, &delta.published, delta.full);
         if let Some(dns) = &self.dns {
             for c in &delta.removed_zones {
                 dns.remove_zone(*c);
@@ -1138,6 +1139,67 @@ impl DnsSink for crate::dns::DnsView {
 /// Makes the provider's installed services exactly `p.services`; returns each service's
 /// outcome (an error is the host's reason, reported to the control plane). Services no longer
 /// sent are removed first, so a full `VIPS` map makes room for the ones that replace them.
+/// Makes the host's publications those `published` lists for the clouds it lists (all of
+/// them if `full`). An unchanged publication is left alone (its connections go on); a
+/// changed one is published again (its connections are cut, as the change may have narrowed
+/// who may connect).
+fn apply_publications(host: &mut Host, published: &[CloudPublications], full: bool) {
+    let listed: HashSet<CloudId> = published.iter().map(|p| p.cloud).collect();
+    let want: Vec<PublishSpec> = published
+        .iter()
+        .flat_map(|cp| cp.publications.iter())
+        .filter(|p| p.allow_from.len() <= atoll_api::model::MAX_ALLOW_FROM)
+        .map(|p| {
+            let mut allow_from: Vec<Ipv4Net> = p
+                .allow_from
+                .iter()
+                .map(|n| Ipv4Net {
+                    addr: std::net::Ipv4Addr::from(n.network()),
+                    len: n.len,
+                })
+                .collect();
+            allow_from.sort_by_key(|n| (n.addr, n.len));
+            allow_from.dedup();
+            PublishSpec {
+                cloud: p.cloud,
+                guest: (p.ipv4, p.port),
+                protocol: match p.protocol {
+                    Protocol::Tcp => PROTOCOL_TCP,
+                    Protocol::Udp => PROTOCOL_UDP,
+                },
+                public: (p.address, p.port),
+                allow_from,
+            }
+        })
+        .collect();
+    let have = match host.published() {
+        Ok(h) => h,
+        Err(e) => {
+            tracing::error!("listing the published ports: {e}");
+            return;
+        }
+    };
+    for h in &have {
+        let ours = full || listed.contains(&h.cloud);
+        let wanted = want
+            .iter()
+            .any(|w| w.public == h.public && w.protocol == h.protocol);
+        if ours && !wanted {
+            if let Err(e) = host.unpublish(h.public, h.protocol) {
+                tracing::error!(cloud = %h.cloud, "unpublishing {}:{}: {e}", h.public.0, h.public.1);
+            }
+        }
+    }
+    for w in &want {
+        if have.contains(w) {
+            continue;
+        }
+        if let Err(e) = host.publish(w) {
+            tracing::error!(cloud = %w.cloud, "publishing {}:{}: {e}", w.public.0, w.public.1);
+        }
+    }
+}
+
 fn apply_services(
     host: &mut Host,
     p: &ProviderServices,

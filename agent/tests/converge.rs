@@ -222,6 +222,33 @@ async fn vms_volumes_and_clouds_converge_onto_the_host() {
     let head = std::fs::read(vdir.join("img.qcow2")).unwrap();
     assert_eq!(&head[..4], b"QFI\xfb", "qcow2 magic");
 
+    // A published port reaches the VM's host.
+    let Reply::Publication(published) = exec(
+        &core,
+        Cmd::Publish {
+            cloud: b,
+            spec: atoll_api::model::Publish {
+                vm: "web".into(),
+                protocol: atoll_api::model::Protocol::Tcp,
+                port: 80,
+                allow_from: vec!["198.19.0.0/16".parse().unwrap()],
+            },
+        },
+    )
+    .await
+    else {
+        panic!()
+    };
+    step(&core, &mut conv, &mut host).await;
+    let on_host = host.published().unwrap();
+    assert_eq!(on_host.len(), 1, "{on_host:?}");
+    assert_eq!(
+        (on_host[0].cloud, on_host[0].guest, on_host[0].public),
+        (b, (Ipv4Addr::new(10, 0, 0, 2), 80), (published.address, 80))
+    );
+    assert_eq!(on_host[0].allow_from.len(), 1);
+    let serial = host.dataplane().ingress_entries().unwrap()[0].1.serial;
+
     // A restarted agent (no local state) adopts the endpoints: nothing is recreated or lost.
     drop(conv);
     drop(host);
@@ -230,6 +257,22 @@ async fn vms_volumes_and_clouds_converge_onto_the_host() {
     let stats = step(&core, &mut conv, &mut host).await;
     assert_eq!((stats.created, stats.deleted), (0, 0), "{stats:?}");
     assert_eq!(host.endpoints().unwrap().len(), 3);
+    assert_eq!(
+        host.dataplane().ingress_entries().unwrap()[0].1.serial,
+        serial,
+        "an unchanged publication is kept (its connections go on)"
+    );
+    // Unpublished: it goes from the host.
+    exec(
+        &core,
+        Cmd::Unpublish {
+            cloud: b,
+            publication: published.name.clone(),
+        },
+    )
+    .await;
+    step(&core, &mut conv, &mut host).await;
+    assert!(host.published().unwrap().is_empty());
 
     // Delete one VM: its endpoint goes with the next delta.
     exec(

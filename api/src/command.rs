@@ -150,6 +150,13 @@ pub enum Command {
     },
     /// Take the cloud's egress address back to the pool. Operator.
     ReleaseEgressAddress { cloud: CloudId },
+    /// Publish a VM's port on the internet (an address of the pool, the same port). The
+    /// cloud or the operator.
+    Publish { cloud: CloudId, spec: Publish },
+    /// The cloud's publications. The cloud or the operator.
+    ListPublications { cloud: CloudId },
+    /// Unpublish (live connections are cut). The cloud or the operator.
+    Unpublish { cloud: CloudId, publication: String },
     /// Register a host (idempotent). The host itself or the operator.
     RegisterHost { host: String },
     /// Issue a host a new token. Operator.
@@ -231,6 +238,9 @@ impl Command {
             | GetEgressPolicy { cloud }
             | PutEgressPolicy { cloud, .. }
             | GetEgressAddress { cloud }
+            | Publish { cloud, .. }
+            | ListPublications { cloud }
+            | Unpublish { cloud, .. }
             | ListDenied { cloud } => Issuer::Cloud(*cloud),
             AssignEgressAddress { .. } | ReleaseEgressAddress { .. } => Issuer::Operator,
         }
@@ -271,6 +281,8 @@ pub enum Reply {
     OfferPolicy(OfferPolicy),
     EgressPolicy(EgressPolicy),
     EgressAddress(EgressAddress),
+    Publication(Publication),
+    Publications(Vec<Publication>),
     Denied(Vec<DeniedDestination>),
     Host(HostInfo),
     HostToken(Box<HostToken>),
@@ -307,6 +319,8 @@ impl Reply {
             Reply::OfferPolicy(v) => j(v),
             Reply::EgressPolicy(v) => j(v),
             Reply::EgressAddress(v) => j(v),
+            Reply::Publication(v) => j(v),
+            Reply::Publications(v) => j(v),
             Reply::Denied(v) => j(v),
             Reply::Host(v) => j(v),
             Reply::HostToken(v) => j(&**v),
@@ -345,6 +359,8 @@ impl Reply {
             Some("OfferPolicy") => Reply::OfferPolicy(d(body)?),
             Some("EgressPolicy") => Reply::EgressPolicy(d(body)?),
             Some("EgressAddress") => Reply::EgressAddress(d(body)?),
+            Some("Publication") => Reply::Publication(d(body)?),
+            Some("[Publication]") => Reply::Publications(d(body)?),
             Some("[DeniedDestination]") => Reply::Denied(d(body)?),
             Some("HostInfo") => Reply::Host(d(body)?),
             Some("HostToken") => Reply::HostToken(d(body)?),
@@ -397,6 +413,8 @@ payload! {
     OfferPolicy => OfferPolicy;
     EgressPolicy => EgressPolicy;
     EgressAddress => EgressAddress;
+    Publication => Publication;
+    Publications => Vec<Publication>;
     Denied => Vec<DeniedDestination>;
     Host => HostInfo;
     HostToken => HostToken, boxed 1;

@@ -1262,6 +1262,84 @@ pub struct SyncDelta {
     /// Clouds whose egress policy this host no longer holds (no VMs of theirs here any more).
     #[serde(default)]
     pub removed_egress: Vec<CloudId>,
+    /// For each cloud listed, the complete set of its publications of VMs on this host
+    /// (empty: none any more). Clouds not listed are unchanged, unless `full`.
+    #[serde(default)]
+    pub published: Vec<CloudPublications>,
+}
+
+/// `POST /v1/clouds/{cloud}/publications`: publish a VM's TCP or UDP port on the internet, at
+/// an address of the operator's pool (`clouds.ingress_pool`) and the same port number.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Publish {
+    pub vm: String,
+    pub protocol: Protocol,
+    #[schema(minimum = 1)]
+    pub port: u16,
+    /// Sources that may connect; empty: anyone.
+    #[serde(default)]
+    pub allow_from: Vec<Ipv4Net>,
+}
+
+/// The most `allow_from` prefixes of one publication.
+pub const MAX_ALLOW_FROM: usize = 64;
+
+impl Publish {
+    pub fn validate(&self) -> Result<(), FieldError> {
+        validate_label("vm", &self.vm)?;
+        if self.port == 0 {
+            return Err(FieldError::new("port", "must be 1 to 65535"));
+        }
+        if self.allow_from.len() > MAX_ALLOW_FROM {
+            return Err(FieldError::new(
+                "allow_from",
+                format!("at most {MAX_ALLOW_FROM} prefixes"),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The publication's name: `<vm>-<protocol>-<port>`.
+    pub fn name(&self) -> String {
+        publication_name(&self.vm, self.protocol, self.port)
+    }
+}
+
+/// A publication's name, `<vm>-<tcp|udp>-<port>`.
+pub fn publication_name(vm: &str, protocol: Protocol, port: u16) -> String {
+    let p = match protocol {
+        Protocol::Tcp => "tcp",
+        Protocol::Udp => "udp",
+    };
+    format!("{vm}-{p}-{port}")
+}
+
+/// A VM port published on the internet.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Publication {
+    pub cloud: CloudId,
+    /// `<vm>-<protocol>-<port>`: what `DELETE` names.
+    pub name: String,
+    pub vm: String,
+    pub protocol: Protocol,
+    pub port: u16,
+    pub allow_from: Vec<Ipv4Net>,
+    /// Where the internet reaches it: this address, the same port.
+    #[schema(value_type = String)]
+    pub address: Ipv4Addr,
+    /// The VM's address in its cloud.
+    #[schema(value_type = String)]
+    pub ipv4: Ipv4Addr,
+}
+
+/// The complete publications of a cloud whose VMs run on the host receiving it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CloudPublications {
+    pub cloud: CloudId,
+    pub publications: Vec<Publication>,
 }
 
 /// A cloud's egress policy, as its hosts receive it.

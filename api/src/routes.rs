@@ -132,6 +132,9 @@ pub enum RouteId {
     GetEgressAddress,
     AssignEgressAddress,
     ReleaseEgressAddress,
+    Publish,
+    ListPublications,
+    Unpublish,
     ListHosts,
     RegisterHost,
     IssueHostToken,
@@ -616,6 +619,33 @@ pub const RELEASE_EGRESS_ADDRESS: Route = Route::new(
     204,
 )
 .summary("Take the cloud's egress address back to the pool (operator)");
+pub const PUBLISH: Route = Route::new(
+    RouteId::Publish,
+    Method::POST,
+    "/v1/clouds/{cloud}/publications",
+    C,
+    201,
+)
+.summary("Publish a VM's port on the internet, at an address of the pool and the same port")
+.body("Publish")
+.reply("Publication");
+pub const LIST_PUBLICATIONS: Route = Route::new(
+    RouteId::ListPublications,
+    Method::GET,
+    "/v1/clouds/{cloud}/publications",
+    C,
+    200,
+)
+.summary("This cloud's published ports")
+.reply("[Publication]");
+pub const UNPUBLISH: Route = Route::new(
+    RouteId::Unpublish,
+    Method::DELETE,
+    "/v1/clouds/{cloud}/publications/{publication}",
+    C,
+    204,
+)
+.summary("Unpublish a port (live connections are cut)");
 pub const LIST_HOSTS: Route = Route::new(RouteId::ListHosts, Method::GET, "/v1/hosts", O, 200)
     .summary("List registered hosts (operator)")
     .reply("[HostInfo]");
@@ -722,6 +752,9 @@ pub const ROUTES: &[&Route] = &[
     &GET_EGRESS_ADDRESS,
     &ASSIGN_EGRESS_ADDRESS,
     &RELEASE_EGRESS_ADDRESS,
+    &PUBLISH,
+    &LIST_PUBLICATIONS,
+    &UNPUBLISH,
     &LIST_HOSTS,
     &REGISTER_HOST,
     &ISSUE_HOST_TOKEN,
@@ -779,6 +812,9 @@ impl Command {
             PutEgressPolicy { .. } => &PUT_EGRESS_POLICY,
             GetEgressAddress { .. } => &GET_EGRESS_ADDRESS,
             ListDenied { .. } => &LIST_DENIED,
+            Publish { .. } => &PUBLISH,
+            ListPublications { .. } => &LIST_PUBLICATIONS,
+            Unpublish { .. } => &UNPUBLISH,
             AssignEgressAddress { .. } => &ASSIGN_EGRESS_ADDRESS,
             ReleaseEgressAddress { .. } => &RELEASE_EGRESS_ADDRESS,
             ListHosts => &LIST_HOSTS,
@@ -816,8 +852,11 @@ impl Command {
             | PutEgressPolicy { cloud, .. }
             | GetEgressAddress { cloud }
             | ListDenied { cloud }
+            | Publish { cloud, .. }
+            | ListPublications { cloud }
             | AssignEgressAddress { cloud, .. }
             | ReleaseEgressAddress { cloud } => vec![cloud.to_string()],
+            Unpublish { cloud, publication } => vec![cloud.to_string(), publication.clone()],
             GetVm { cloud, vm }
             | DeleteVm { cloud, vm }
             | StartVm { cloud, vm }
@@ -917,6 +956,7 @@ impl Command {
             PutOfferPolicy { policy, .. } => serde_json::to_value(policy),
             PutEgressPolicy { policy, .. } => serde_json::to_value(policy),
             AssignEgressAddress { spec, .. } => serde_json::to_value(spec),
+            Publish { spec, .. } => serde_json::to_value(spec),
             ReportStatus { report, .. } => serde_json::to_value(report),
             _ => return None,
         };
@@ -1113,6 +1153,15 @@ pub fn parse(
         RouteId::GetEgressPolicy => GetEgressPolicy { cloud: cloud()? },
         RouteId::GetEgressAddress => GetEgressAddress { cloud: cloud()? },
         RouteId::ListDenied => ListDenied { cloud: cloud()? },
+        RouteId::Publish => Publish {
+            cloud: cloud()?,
+            spec: parse_body(body)?,
+        },
+        RouteId::ListPublications => ListPublications { cloud: cloud()? },
+        RouteId::Unpublish => Unpublish {
+            cloud: cloud()?,
+            publication: name("publication")?,
+        },
         RouteId::AssignEgressAddress => AssignEgressAddress {
             cloud: cloud()?,
             spec: parse_body(body)?,
@@ -1419,6 +1468,20 @@ mod tests {
             GetEgressPolicy { cloud },
             GetEgressAddress { cloud },
             ListDenied { cloud },
+            Publish {
+                cloud,
+                spec: m::Publish {
+                    vm: s("web"),
+                    protocol: m::Protocol::Tcp,
+                    port: 443,
+                    allow_from: Vec::new(),
+                },
+            },
+            ListPublications { cloud },
+            Unpublish {
+                cloud,
+                publication: s("web-tcp-443"),
+            },
             AssignEgressAddress {
                 cloud,
                 spec: m::AssignEgressAddress {

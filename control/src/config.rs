@@ -171,6 +171,10 @@ pub struct CloudsConfig {
     /// a prefix's network and broadcast addresses are not given below /31). They must be
     /// routed to the hosts; see docs/operations.md.
     pub egress_pool: Vec<Ipv4Net>,
+    /// Addresses where clouds publish VM ports on the internet (`atoll publish`), each port
+    /// number once per address and protocol. They must be routed to the hosts; see
+    /// docs/operations.md.
+    pub ingress_pool: Vec<Ipv4Net>,
     /// Suffix of every cloud's zone: `<vm>.<cloud>.<suffix>`.
     pub dns_suffix: String,
     pub max_exposures_per_cloud: u32,
@@ -190,6 +194,7 @@ impl Default for CloudsConfig {
             default_quotas: Quotas::default(),
             default_egress: EgressMode::Deny,
             egress_pool: Vec::new(),
+            ingress_pool: Vec::new(),
             dns_suffix: "atoll.internal".into(),
             max_exposures_per_cloud: 1_000,
             max_grants_per_exposure: 10_000,
@@ -581,6 +586,7 @@ impl ControlConfig {
             default_quotas: self.clouds.default_quotas,
             default_egress: self.clouds.default_egress,
             egress_pool: self.clouds.egress_pool.clone(),
+            ingress_pool: self.clouds.ingress_pool.clone(),
             dns_suffix: self.clouds.dns_suffix.trim_end_matches('.').to_string(),
             max_exposures_per_cloud: self.clouds.max_exposures_per_cloud,
             max_grants_per_exposure: self.clouds.max_grants_per_exposure,

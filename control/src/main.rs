@@ -85,6 +85,9 @@ enum Cmd {
     /// What a cloud's VMs may reach outside the cloud.
     #[command(subcommand)]
     Egress(EgressCmd),
+    /// VM ports published on the internet (public ingress).
+    #[command(subcommand)]
+    Publication(PublicationCmd),
     /// Registered hosts (operator).
     #[command(subcommand)]
     Host(HostCmd),
@@ -350,6 +353,25 @@ enum OfferCmd {
         cloud: CloudId,
         providers: Vec<CloudId>,
     },
+}
+
+#[derive(Subcommand)]
+enum PublicationCmd {
+    /// Publish a VM's port at an address of the operator's pool, the same port number.
+    Add {
+        cloud: CloudId,
+        vm: String,
+        port: u16,
+        #[arg(long, value_enum, default_value = "tcp")]
+        protocol: CliProtocol,
+        /// A source prefix that may connect (repeat); none: anyone.
+        #[arg(long = "allow-from", value_name = "CIDR")]
+        allow_from: Vec<Ipv4Net>,
+    },
+    /// List the cloud's publications.
+    List { cloud: CloudId },
+    /// Unpublish (`<vm>-<protocol>-<port>`); live connections are cut.
+    Remove { cloud: CloudId, name: String },
 }
 
 #[derive(Subcommand)]
@@ -817,6 +839,29 @@ async fn resource(c: &Client, cmd: Cmd) -> Result<Output> {
         Cmd::Egress(EgressCmd::Show { cloud }) => Command::GetEgressPolicy { cloud },
         Cmd::Egress(EgressCmd::Address { cloud }) => Command::GetEgressAddress { cloud },
         Cmd::Egress(EgressCmd::Denied { cloud }) => Command::ListDenied { cloud },
+        Cmd::Publication(PublicationCmd::Add {
+            cloud,
+            vm,
+            port,
+            protocol,
+            allow_from,
+        }) => Command::Publish {
+            cloud,
+            spec: Publish {
+                vm,
+                protocol: match protocol {
+                    CliProtocol::Tcp => Protocol::Tcp,
+                    CliProtocol::Udp => Protocol::Udp,
+                },
+                port,
+                allow_from,
+            },
+        },
+        Cmd::Publication(PublicationCmd::List { cloud }) => Command::ListPublications { cloud },
+        Cmd::Publication(PublicationCmd::Remove { cloud, name }) => Command::Unpublish {
+            cloud,
+            publication: name,
+        },
         Cmd::Egress(EgressCmd::Assign { cloud, address }) => Command::AssignEgressAddress {
             cloud,
             spec: AssignEgressAddress { address },

@@ -62,6 +62,7 @@ api_suite!(
     egress_policies_start_at_the_default_and_are_checked,
     egress_addresses_are_the_operators_to_give_and_each_clouds_alone,
     denied_destinations_come_from_the_hosts_running_the_cloud,
+    published_ports_take_pool_addresses_and_go_with_their_vm,
 );
 
 /// The store the control plane under test is configured with.
@@ -123,6 +124,8 @@ async fn start(backend: Backend) -> Api {
     };
     // Two addresses to give: 203.0.113.9 and .10.
     cfg.clouds.egress_pool = vec!["203.0.113.8/30".parse().unwrap()];
+    // Two addresses to publish at: 198.51.100.1 and .2.
+    cfg.clouds.ingress_pool = vec!["198.51.100.0/30".parse().unwrap()];
     cfg.validate().expect("valid config");
     let core = cfg.start().await.expect("start control plane");
     assert_eq!(
@@ -3494,6 +3497,163 @@ async fn egress_addresses_are_the_operators_to_give_and_each_clouds_alone(api: A
     let b_again: EgressAddress = ok(&api.op, Method::PUT, &at(b.cloud.id), Some(json!({}))).await;
     assert_eq!(b_again.address, first.address);
     assert_eq!(mentions(&api, a.cloud.id).await, Vec::<String>::new());
+}
+
+/// Publications: the same port on the first pool address where it is free, each address and
+/// port once; only the cloud's VMs; its host receives them; deleting the VM or unpublishing
+/// frees the address and port.
+async fn published_ports_take_pool_addresses_and_go_with_their_vm(api: Api) {
+    let (a, ac) = api.cloud(json!({"name": "pa"})).await;
+    let (b, bc) = api.cloud(json!({"name": "pb"})).await;
+    let (c, cc) = api.cloud(json!({"name": "pc"})).await;
+    for (cloud, client) in [(&a, &ac), (&b, &bc), (&c, &cc)] {
+        let _: Vm = ok(
+            client,
+            Method::POST,
+            &routes::CREATE_VM.at(&[&cloud.cloud.id]),
+            Some(json!({"name": "web"})),
+        )
+        .await;
+    }
+    let publish = |cloud: CloudId| routes::PUBLISH.at(&[&cloud]);
+    let body =
+        json!({"vm": "web", "protocol": "tcp", "port": 443, "allow_from": ["198.18.0.0/15"]});
+    let pa: Publication = ok(&ac, Method::POST, &publish(a.cloud.id), Some(body.clone())).await;
+    assert_eq!(
+        (pa.name.as_str(), pa.address, pa.port, pa.ipv4),
+        (
+            "web-tcp-443",
+            Ipv4Addr::new(198, 51, 100, 1),
+            443,
+            Ipv4Addr::new(10, 0, 0, 2)
+        )
+    );
+    let (status, v) = raw(&ac, Method::POST, &publish(a.cloud.id), Some(&body)).await;
+    assert_eq!(
+        (status, v["error"]["code"].as_str()),
+        (StatusCode::CONFLICT, Some("already_published")),
+        "{v}"
+    );
+    // Another cloud, the same port: the next address; then no address is left for it.
+    let pb: Publication = ok(&bc, Method::POST, &publish(b.cloud.id), Some(body.clone())).await;
+    assert_eq!(pb.address, Ipv4Addr::new(198, 51, 100, 2));
+    let (status, v) = raw(&cc, Method::POST, &publish(c.cloud.id), Some(&body)).await;
+    assert_eq!(
+        (status, v["error"]["code"].as_str()),
+        (StatusCode::CONFLICT, Some("ingress_pool_exhausted")),
+        "{v}"
+    );
+    // UDP 443 is another port.
+    let udp = json!({"vm": "web", "protocol": "udp", "port": 443});
+    let pc: Publication = ok(&cc, Method::POST, &publish(c.cloud.id), Some(udp)).await;
+    assert_eq!(pc.address, Ipv4Addr::new(198, 51, 100, 1));
+    // Bad input and other clouds' VMs.
+    for (bad, field) in [
+        (json!({"vm": "web", "protocol": "tcp", "port": 0}), "port"),
+        (
+            json!({"vm": "Bad Name", "protocol": "tcp", "port": 80}),
+            "vm",
+        ),
+    ] {
+        let (status, v) = raw(&ac, Method::POST, &publish(a.cloud.id), Some(&bad)).await;
+        assert_eq!(
+            (status, v["error"]["field"].as_str()),
+            (StatusCode::BAD_REQUEST, Some(field)),
+            "{v}"
+        );
+    }
+    let (status, _) = raw(
+        &ac,
+        Method::POST,
+        &publish(a.cloud.id),
+        Some(&json!({"vm": "nope", "protocol": "tcp", "port": 80})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    let (status, _) = raw(
+        &bc,
+        Method::GET,
+        &routes::LIST_PUBLICATIONS.at(&[&a.cloud.id]),
+        None,
+    )
+    .await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    let mine: Vec<Publication> = ok(
+        &ac,
+        Method::GET,
+        &routes::LIST_PUBLICATIONS.at(&[&a.cloud.id]),
+        None,
+    )
+    .await;
+    assert_eq!(mine, vec![pa.clone()]);
+
+    // The VM's host receives its cloud's publications.
+    let host = api
+        .core
+        .sync(Principal::Operator, "host-a", 0, Duration::ZERO)
+        .await
+        .unwrap();
+    let got = host
+        .published
+        .iter()
+        .find(|p| p.cloud == a.cloud.id)
+        .expect("cloud a's publications");
+    assert_eq!(got.publications, vec![pa.clone()]);
+
+    // Unpublished: the address and port are free again (cloud c takes .1 for TCP 443).
+    let _: Value = ok(
+        &ac,
+        Method::DELETE,
+        &routes::UNPUBLISH.at(&[&a.cloud.id, &"web-tcp-443"]),
+        None,
+    )
+    .await;
+    let (status, _) = raw(
+        &ac,
+        Method::DELETE,
+        &routes::UNPUBLISH.at(&[&a.cloud.id, &"web-tcp-443"]),
+        None,
+    )
+    .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    let pc2: Publication = ok(&cc, Method::POST, &publish(c.cloud.id), Some(body.clone())).await;
+    assert_eq!(pc2.address, Ipv4Addr::new(198, 51, 100, 1));
+    // Deleting the VM unpublishes its ports: .2 is free for cloud a.
+    let _: Value = ok(
+        &bc,
+        Method::DELETE,
+        &routes::DELETE_VM.at(&[&b.cloud.id, &"web"]),
+        None,
+    )
+    .await;
+    let empty: Vec<Publication> = ok(
+        &bc,
+        Method::GET,
+        &routes::LIST_PUBLICATIONS.at(&[&b.cloud.id]),
+        None,
+    )
+    .await;
+    assert!(empty.is_empty());
+    let pa2: Publication = ok(&ac, Method::POST, &publish(a.cloud.id), Some(body.clone())).await;
+    assert_eq!(pa2.address, Ipv4Addr::new(198, 51, 100, 2));
+    // Deleting the cloud frees its ports too.
+    let _: Value = ok(
+        &api.op,
+        Method::DELETE,
+        &routes::DELETE_CLOUD.at(&[&c.cloud.id]),
+        None,
+    )
+    .await;
+    let (_, bc2) = (b.clone(), bc.clone());
+    let _: Vm = ok(
+        &bc2,
+        Method::POST,
+        &routes::CREATE_VM.at(&[&b.cloud.id]),
+        Some(json!({"name": "web"})),
+    )
+    .await;
+    let pb2: Publication = ok(&bc, Method::POST, &publish(b.cloud.id), Some(body)).await;
+    assert_eq!(pb2.address, Ipv4Addr::new(198, 51, 100, 1));
 }
 
 /// What hosts report their DNS servers refused shows to the cloud, per host and most recent

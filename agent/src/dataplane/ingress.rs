@@ -73,20 +73,36 @@ impl Dataplane {
             return Ok(None);
         };
         ignore_missing(self.ingress.remove(&key), MAP_INGRESS)?;
-        let keys = self
+        for prefix in self.ingress_allowed(target.serial)? {
+            ignore_missing(
+                self.ingress_allow.remove(&allow_key(target.serial, prefix)),
+                MAP_INGRESS_ALLOW,
+            )?;
+        }
+        Ok(Some(target))
+    }
+
+    /// The sources publication `serial` accepts (its `INGRESS_ALLOW` prefixes), sorted.
+    pub fn ingress_allowed(&self, serial: u32) -> Result<Vec<(Ipv4Addr, u8)>, DataplaneError> {
+        let mut out: Vec<(Ipv4Addr, u8)> = self
             .ingress_allow
             .keys()
             .collect::<Result<Vec<_>, _>>()
             .map_err(|source| DataplaneError::ReadMap {
                 map: MAP_INGRESS_ALLOW,
                 source: Box::new(source),
-            })?;
-        for k in keys {
-            if k.data().serial == target.serial {
-                ignore_missing(self.ingress_allow.remove(&k), MAP_INGRESS_ALLOW)?;
-            }
-        }
-        Ok(Some(target))
+            })?
+            .into_iter()
+            .filter(|k| k.data().serial == serial)
+            .map(|k| {
+                (
+                    Ipv4Addr::from(k.data().ipv4.to_ne_bytes()),
+                    k.prefix_len().saturating_sub(32) as u8,
+                )
+            })
+            .collect();
+        out.sort();
+        Ok(out)
     }
 
     pub fn ingress_entry(&self, key: IngressKey) -> Result<Option<IngressTarget>, DataplaneError> {

@@ -354,6 +354,38 @@ impl Host {
         Ok(())
     }
 
+    /// What is published on this host: each publication as it was given.
+    pub fn published(&self) -> Result<Vec<PublishSpec>, EndpointError> {
+        let mut out = Vec::new();
+        for (k, t) in self
+            .dataplane
+            .ingress_entries()
+            .map_err(program("INGRESS"))?
+        {
+            let Some(cloud) = CloudId::new(t.cloud) else {
+                continue;
+            };
+            let allow = self
+                .dataplane
+                .ingress_allowed(t.serial)
+                .map_err(program("INGRESS_ALLOW"))?;
+            out.push(PublishSpec {
+                cloud,
+                guest: (
+                    Ipv4Addr::from(t.guest_ipv4.to_ne_bytes()),
+                    u16::from_be(t.guest_port),
+                ),
+                protocol: k.protocol,
+                public: (Ipv4Addr::from(k.ipv4.to_ne_bytes()), u16::from_be(k.port)),
+                allow_from: allow
+                    .into_iter()
+                    .map(|(addr, len)| Ipv4Net { addr, len })
+                    .collect(),
+            });
+        }
+        Ok(out)
+    }
+
     fn next_serial(&mut self) -> Result<u32, EndpointError> {
         if self.generations.next_serial == 0 {
             let highest = self

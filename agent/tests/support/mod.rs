@@ -13,7 +13,7 @@ use atoll_testbed::{unique_prefix, PinRoot};
 /// A control plane on a fresh SQLite store in `dir` (its operator token in
 /// `dir/operator.token`).
 pub async fn control_plane(dir: &Path) -> Arc<atoll_control::core::Core> {
-    let cfg = atoll_control::config::ControlConfig {
+    let mut cfg = atoll_control::config::ControlConfig {
         operator_token_file: dir.join("operator.token"),
         store: atoll_control::config::StoreConfig {
             path: dir.join("control.db"),
@@ -21,6 +21,8 @@ pub async fn control_plane(dir: &Path) -> Arc<atoll_control::core::Core> {
         },
         ..Default::default()
     };
+    // Where ports are published (nothing is sent to these test addresses).
+    cfg.clouds.ingress_pool = vec!["198.18.1.16/28".parse().expect("prefix")];
     cfg.start().await.expect("control plane")
 }
 

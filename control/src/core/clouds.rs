@@ -138,6 +138,7 @@ impl Core {
             let offered: Vec<(String, u64, Offer)> = self.list_kv(&keys::all_offers(c)).await?;
             let received: Vec<(String, u64, Offer)> = self.list_kv(&keys::inbox(c)).await?;
             let egress_address = self.egress_address(c).await?;
+            let published: Vec<Publication> = self.list(&keys::publications(c)).await?;
             let mut ops = vec![
                 Op::Delete {
                     key: keys::cloud(c),
@@ -146,6 +147,10 @@ impl Core {
                     prefix: keys::inside(c),
                 },
             ];
+            // Its published addresses and ports are free again.
+            for p in &published {
+                ops.extend(super::publications::publication_deletes(p));
+            }
             // Its egress address goes back to the pool (its own key is under the prefix).
             if let Some((_, a)) = &egress_address {
                 ops.push(Op::Delete {

@@ -73,6 +73,11 @@ pub(super) fn egress_cloud(key: &str) -> Option<CloudId> {
     c.parse().ok()
 }
 
+/// The cloud whose publications a key is (`c/<c>/pub/<name>`).
+pub(super) fn published_cloud(key: &str) -> Option<CloudId> {
+    cloud_of(key, &["pub"])
+}
+
 /// The provider cloud whose services (active grants, resolved) a key's change may change:
 /// its exposures, its grants, its VMs (backends' addresses) and the cloud itself.
 pub(super) fn service_cloud(key: &str) -> Option<CloudId> {

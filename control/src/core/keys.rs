@@ -119,6 +119,19 @@ pub fn egress_address(c: CloudId) -> String {
 pub fn egress_address_holder(ip: std::net::Ipv4Addr) -> String {
     format!("egressaddr/{ip}")
 }
+pub fn publications(c: CloudId) -> String {
+    format!("c/{c}/pub/")
+}
+pub fn publication(c: CloudId, name: &str) -> String {
+    format!("c/{c}/pub/{name}")
+}
+/// The holder of a public address, protocol and port: one publication each.
+pub fn published_port(ip: std::net::Ipv4Addr, protocol: &str, port: u16) -> String {
+    format!("pubport/{ip}/{protocol}/{port}")
+}
+pub fn published_ports() -> &'static str {
+    "pubport/"
+}
 pub fn egress_address_holders() -> &'static str {
     "egressaddr/"
 }

@@ -126,6 +126,7 @@ mod feed;
 mod hosts;
 mod keys;
 mod placement;
+mod publications;
 mod sync;
 mod vms;
 mod volumes;
@@ -134,7 +135,8 @@ pub use auth::{authorize_host, new_operator_token, token_hash};
 use auth::{new_cloud_token, random_bytes};
 use exposures::Revocation;
 use feed::{
-    egress_cloud, parse_placement_key, service_cloud, zone_cloud, Feed, FeedEvent, FeedState,
+    egress_cloud, parse_placement_key, published_cloud, service_cloud, zone_cloud, Feed, FeedEvent,
+    FeedState,
 };
 use vms::{console_tail, placement};
 
@@ -230,6 +232,8 @@ pub struct CoreConfig {
     /// Addresses the operator gives clouds as their own egress address
     /// (`clouds.egress_pool`).
     pub egress_pool: Vec<Ipv4Net>,
+    /// Addresses where clouds publish VM ports (`clouds.ingress_pool`).
+    pub ingress_pool: Vec<Ipv4Net>,
     /// DNS suffix of all zones, e.g. `atoll.internal`.
     pub dns_suffix: String,
     pub max_exposures_per_cloud: u32,
@@ -583,6 +587,12 @@ impl Core {
             }
             AssignEgressAddress { cloud: c, spec } => self.assign_egress_address(c, spec).await,
             ReleaseEgressAddress { cloud: c } => self.release_egress_address(c).await,
+            Publish { cloud: c, spec } => self.publish(c, spec).await,
+            ListPublications { cloud: c } => Ok(Reply::Publications(self.publications(c).await?)),
+            Unpublish {
+                cloud: c,
+                publication,
+            } => self.unpublish(c, &publication).await,
             RegisterHost { host: name } => self.register_host(name).await,
             IssueHostToken { host: name } => self.issue_host_token(name).await,
             CordonHost {

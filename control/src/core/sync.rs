@@ -40,6 +40,7 @@ impl Core {
                                     || zone_cloud(&e.key).is_some_and(here)
                                     || service_cloud(&e.key).is_some_and(here)
                                     || egress_cloud(&e.key).is_some_and(here)
+                                    || published_cloud(&e.key).is_some_and(here)
                             })
                             .map(|e| (e.key.clone(), e.value.clone(), e.deleted))
                             .collect()
@@ -82,9 +83,14 @@ impl Core {
         // Clouds whose egress policy this host must receive again: a changed policy, or VMs
         // of the cloud arriving on or leaving the host.
         let mut egress: BTreeSet<CloudId> = BTreeSet::new();
+        // Clouds whose publications on this host may have changed.
+        let mut published: BTreeSet<CloudId> = BTreeSet::new();
         for (key, value, deleted) in events {
             if let Some(c) = egress_cloud(&key) {
                 egress.insert(c);
+            }
+            if let Some(c) = published_cloud(&key) {
+                published.insert(c);
             }
             if let Some(p) = service_cloud(&key) {
                 providers.insert(p);
@@ -95,6 +101,7 @@ impl Core {
                 }
                 touched.insert(cloud);
                 egress.insert(cloud);
+                published.insert(cloud);
                 let id = (cloud, name.to_string());
                 if is_vm {
                     let v = match (&value, deleted) {
@@ -150,6 +157,16 @@ impl Core {
                 true => d.egress.push(self.cloud_egress(c).await?),
                 false => d.removed_egress.push(c),
             }
+        }
+        for c in published {
+            let publications = match present.contains(&c) {
+                true => self.publications_on(c, host).await?,
+                false => Vec::new(),
+            };
+            d.published.push(CloudPublications {
+                cloud: c,
+                publications,
+            });
         }
         // A placement change can also make a provider appear on or leave this host.
         providers.extend(d.vms.iter().map(|p| p.cloud));
@@ -232,6 +249,13 @@ impl Core {
                 d.zones.push(z);
             }
             d.egress.push(self.cloud_egress(c).await?);
+            let publications = self.publications_on(c, host).await?;
+            if !publications.is_empty() {
+                d.published.push(CloudPublications {
+                    cloud: c,
+                    publications,
+                });
+            }
             let services = self.services_of(c).await?;
             if !services.is_empty() {
                 d.services.push(ProviderServices {

@@ -326,6 +326,13 @@ impl Core {
                     key: keys::placement(&vm.host, c, name),
                 },
             ];
+            // Its publications go with it.
+            let published: Vec<(String, u64, Publication)> =
+                self.list_kv(&keys::publications(c)).await?;
+            for (key, prev, p) in published.iter().filter(|(_, _, p)| p.vm == name) {
+                compares.push(Compare::ModRevision(key.clone(), *prev));
+                ops.extend(super::publications::publication_deletes(p));
+            }
             for v in &vm.volumes {
                 if let Ok((volrev, mut vol)) = self.volume(c, v).await {
                     vol.attached_to = None;
