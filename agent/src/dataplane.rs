@@ -650,6 +650,11 @@ impl Dataplane {
 
     /// ifindexes with a pinned `from_dns` link.
     pub fn dns_links(&self) -> Result<Vec<u32>, DataplaneError> {
+        self.links_named(DNS_LINK_PREFIX)
+    }
+
+    /// ifindexes of the link pins named `<prefix><ifindex>`.
+    fn links_named(&self, prefix: &str) -> Result<Vec<u32>, DataplaneError> {
         let dir = self.dir.join("links");
         let entries = std::fs::read_dir(&dir).map_err(|source| DataplaneError::CreatePinDir {
             path: dir.clone(),
@@ -657,13 +662,7 @@ impl Dataplane {
         })?;
         Ok(entries
             .filter_map(|e| e.ok())
-            .filter_map(|e| {
-                e.file_name()
-                    .to_str()?
-                    .strip_prefix(DNS_LINK_PREFIX)?
-                    .parse()
-                    .ok()
-            })
+            .filter_map(|e| e.file_name().to_str()?.strip_prefix(prefix)?.parse().ok())
             .collect())
     }
 

@@ -888,16 +888,7 @@ fn back_in(
             dst_port: (l4.dst_port, flow.guest_port),
         },
     );
-    if !rewritten {
-        return Verdict::Drop(DropReason::EgressRewriteFailed);
-    }
-    metering::traffic(
-        hop.slot,
-        Direction::ToGuest,
-        TrafficClass::External,
-        pkt.len,
-    );
-    Verdict::Redirect(hop.ifindex)
+    to_guest(rewritten, hop, pkt.len)
 }
 
 /// A TCP or UDP packet on the uplink that is no egress flow's reply: translated to the VM
@@ -957,16 +948,7 @@ fn to_published(
             dst_port: (l4.dst_port, target.guest_port),
         },
     );
-    if !rewritten {
-        return Verdict::Drop(DropReason::EgressRewriteFailed);
-    }
-    metering::traffic(
-        hop.slot,
-        Direction::ToGuest,
-        TrafficClass::External,
-        pkt.len,
-    );
-    Verdict::Redirect(hop.ifindex)
+    to_guest(rewritten, hop, pkt.len)
 }
 
 /// An ICMP error about a packet a guest sent out: translated by its embedded header (see
@@ -1085,15 +1067,17 @@ fn icmp_error(
                 2,
             )
             .is_ok();
-    if !ok {
+    to_guest(ok, hop, pkt.len)
+}
+
+/// The end of every translation towards a guest: a failed rewrite drops, else the frame is
+/// metered `external` to the guest and redirected to its device.
+#[inline(always)]
+fn to_guest(rewritten: bool, hop: &NextHop, bytes: u32) -> Verdict {
+    if !rewritten {
         return Verdict::Drop(DropReason::EgressRewriteFailed);
     }
-    metering::traffic(
-        hop.slot,
-        Direction::ToGuest,
-        TrafficClass::External,
-        pkt.len,
-    );
+    metering::traffic(hop.slot, Direction::ToGuest, TrafficClass::External, bytes);
     Verdict::Redirect(hop.ifindex)
 }
 

@@ -225,21 +225,7 @@ impl Dataplane {
 
     /// ifindexes with a pinned `from_uplink` link.
     pub fn uplink_links(&self) -> Result<Vec<u32>, DataplaneError> {
-        let dir = self.dir.join("links");
-        let entries = std::fs::read_dir(&dir).map_err(|source| DataplaneError::CreatePinDir {
-            path: dir.clone(),
-            source,
-        })?;
-        Ok(entries
-            .filter_map(|e| e.ok())
-            .filter_map(|e| {
-                e.file_name()
-                    .to_str()?
-                    .strip_prefix(UPLINK_LINK_PREFIX)?
-                    .parse()
-                    .ok()
-            })
-            .collect())
+        self.links_named(UPLINK_LINK_PREFIX)
     }
 
     /// A handle of its own on the rule tries (see module docs).
