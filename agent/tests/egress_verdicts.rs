@@ -1008,3 +1008,41 @@ fn published_ports_translate_both_ways_and_unpublishing_cuts() {
     p.expect_pass(&syn, "unpublished: the host's");
     assert!(p.dp().ingress_entries().unwrap().is_empty());
 }
+
+#[test]
+fn learnt_addresses_are_bounded_per_cloud() {
+    use atoll_agent::egress::rules::MAX_LEARNT;
+    let mut p = Plane::new();
+    p.enable();
+    p.policy(&spec(
+        EgressMode::Allowlist,
+        &["*.example.com:tcp:443"],
+        &[],
+    ));
+    let tables = p.host.egress_tables();
+    // One answer with more addresses than a cloud keeps, each living a little longer.
+    let answer: Vec<(Ipv4Addr, Duration)> = (0..MAX_LEARNT as u32 + 100)
+        .map(|i| {
+            (
+                Ipv4Addr::from(0xcb00_0000 + i),
+                Duration::from_secs(60) + Duration::from_millis(u64::from(i)),
+            )
+        })
+        .collect();
+    tables.learn(CLOUD, "x.example.com", &answer).unwrap();
+    let installed: Vec<Ipv4Addr> = tables
+        .installed(CLOUD)
+        .into_iter()
+        .map(|(_, (ip, _), _)| ip)
+        .collect();
+    assert_eq!(installed.len(), MAX_LEARNT);
+    // The soonest to expire went: the first 100.
+    assert!(!installed.contains(&answer[99].0));
+    assert!(installed.contains(&answer[100].0));
+    p.expect_drop(
+        &tcp((GUEST_IP, 40000), (answer[0].0, 443)),
+        DropReason::EgressDenied,
+        "dropped from the bound",
+    );
+    p.expect_out(&tcp((GUEST_IP, 40000), (answer[100].0, 443)), "kept");
+}

@@ -170,6 +170,10 @@ pub fn boottime_ns() -> u64 {
         .saturating_add(ts.tv_nsec as u64)
 }
 
+/// The most learnt addresses per cloud (as the DNS view keeps,
+/// `crate::dns::view::MAX_LEARNT_PER_CLOUD`).
+pub const MAX_LEARNT: usize = 4096;
+
 /// The most address → name pairs kept per cloud for the denied list.
 const MAX_NAMES: usize = 4096;
 
@@ -350,7 +354,21 @@ impl EgressTables {
                 );
             }
         }
-        let ips: Vec<Ipv4Addr> = addresses.iter().map(|(ip, _)| *ip).collect();
+        let mut ips: Vec<Ipv4Addr> = addresses.iter().map(|(ip, _)| *ip).collect();
+        // Bounded per cloud: the soonest to expire go first, so a tenant answering its own
+        // allowed names with many addresses cannot fill the trie all clouds share.
+        if c.learnt.len() > MAX_LEARNT {
+            let mut by_expiry: Vec<(u64, Ipv4Addr)> = c
+                .learnt
+                .iter()
+                .map(|(ip, rules)| (rules.iter().map(|r| r.expires_ns).max().unwrap_or(0), *ip))
+                .collect();
+            by_expiry.sort_unstable();
+            for (_, ip) in &by_expiry[..by_expiry.len() - MAX_LEARNT] {
+                c.learnt.remove(ip);
+                ips.push(*ip);
+            }
+        }
         state.sync_prefixes(cloud, RuleKind::Allow, ips.iter().map(|ip| (*ip, 32)))
     }
 
@@ -560,6 +578,12 @@ mod tests {
             },
         );
         assert_eq!(rules[0].expires_ns, 0);
+    }
+
+    #[test]
+    fn learnt_addresses_are_bounded_per_cloud() {
+        // The bound is the DNS view's: what the tries hold never outgrows what it reports.
+        assert_eq!(MAX_LEARNT, crate::dns::view::MAX_LEARNT_PER_CLOUD);
     }
 
     #[test]
