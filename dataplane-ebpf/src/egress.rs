@@ -370,21 +370,10 @@ fn guest_l4(pkt: &Packet, ip: *mut Ipv4Hdr, total_len: u16) -> Result<L4, DropRe
             check_offset: ICMP_CHECK_OFFSET,
         });
     }
-    let Some((l4_len, check_offset)) = packet::l4_layout(protocol) else {
+    let Some((check_offset, _, src_port, dst_port)) =
+        packet::transport_ports(pkt, protocol, total_len)
+    else {
         return Err(DropReason::EgressUnsupported);
-    };
-    if (total_len as usize) < Ipv4Hdr::LEN + l4_len {
-        return Err(DropReason::EgressUnsupported);
-    }
-    let Some(ports) = pkt.ptr::<Ports>(L4_OFFSET) else {
-        return Err(DropReason::EgressUnsupported);
-    };
-    // SAFETY: bounds-checked by `Packet::ptr`.
-    let (src_port, dst_port) = unsafe {
-        (
-            u16::from_ne_bytes((*ports).src),
-            u16::from_ne_bytes((*ports).dst),
-        )
     };
     Ok(L4 {
         protocol,

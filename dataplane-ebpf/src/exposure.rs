@@ -76,8 +76,8 @@ use aya_ebpf::{
 use crate::{
     metering,
     packet::{
-        self, fix_address_checksums, fix_port_checksums, l4_layout, EthHdr, Ipv4Hdr, Packet, Ports,
-        IPPROTO_ICMP, L4_OFFSET,
+        self, fix_address_checksums, fix_port_checksums, EthHdr, Ipv4Hdr, Packet, Ports,
+        IPPROTO_ICMP,
     },
     route, Verdict,
 };
@@ -140,21 +140,13 @@ fn parse_l4(pkt: &Packet, ip: *mut Ipv4Hdr, total_len: u16) -> Result<L4, DropRe
     if protocol == IPPROTO_ICMP {
         return Err(DropReason::ExposureIcmp);
     }
-    let Some((l4_len, check_offset)) = l4_layout(protocol) else {
-        return Err(DropReason::ExposureL4Malformed);
-    };
-    if fragment || (total_len as usize) < Ipv4Hdr::LEN + l4_len {
+    if fragment {
         return Err(DropReason::ExposureL4Malformed);
     }
-    let Some(ports) = pkt.ptr::<Ports>(L4_OFFSET) else {
+    let Some((check_offset, ports, src_port, dst_port)) =
+        packet::transport_ports(pkt, protocol, total_len)
+    else {
         return Err(DropReason::ExposureL4Malformed);
-    };
-    // SAFETY: bounds-checked by `Packet::ptr`.
-    let (src_port, dst_port) = unsafe {
-        (
-            u16::from_ne_bytes((*ports).src),
-            u16::from_ne_bytes((*ports).dst),
-        )
     };
     Ok(L4 {
         protocol,

@@ -243,6 +243,30 @@ pub fn l4_layout(protocol: u8) -> Option<(usize, usize)> {
     }
 }
 
+/// A UDP or TCP packet's transport header, whole in the frame and within the IPv4
+/// `total_len`: its checksum offset, its ports and their values as read natively. `None` for
+/// another protocol or a header cut short (fragments are the caller's to refuse).
+#[inline(always)]
+pub fn transport_ports(
+    pkt: &Packet,
+    protocol: u8,
+    total_len: u16,
+) -> Option<(usize, *mut Ports, u16, u16)> {
+    let (l4_len, check_offset) = l4_layout(protocol)?;
+    if (total_len as usize) < Ipv4Hdr::LEN + l4_len {
+        return None;
+    }
+    let ports = pkt.ptr::<Ports>(L4_OFFSET)?;
+    // SAFETY: bounds-checked by `Packet::ptr`.
+    let (src, dst) = unsafe {
+        (
+            u16::from_ne_bytes((*ports).src),
+            u16::from_ne_bytes((*ports).dst),
+        )
+    };
+    Some((check_offset, ports, src, dst))
+}
+
 /// Flags for `bpf_l4_csum_replace` of a `size`-byte field: for UDP, a zero checksum ("none")
 /// stays zero and a computed zero is written as 0xFFFF (`BPF_F_MARK_MANGLED_0`).
 #[inline(always)]
