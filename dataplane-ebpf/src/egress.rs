@@ -68,7 +68,6 @@ use atoll_dataplane_common::{
     EGRESS_NAT_PORT_TRIES, NEXTHOP_ENDPOINT, NO_BUDGET, RULES_PER_PREFIX,
 };
 use aya_ebpf::{
-    bindings::BPF_F_PSEUDO_HDR,
     helpers::bpf_ktime_get_boot_ns,
     macros::map,
     maps::{lpm_trie::Key, Array, HashMap, LpmTrie, LruHashMap},
@@ -79,7 +78,7 @@ use crate::{
     exposure::flow_key,
     ingress, metering,
     packet::{
-        self, EthHdr, Ipv4Hdr, Packet, Ports, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP,
+        self, EthHdr, Ipv4Hdr, Packet, Ports, Rewrite, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP,
         IPV4_CHECK_OFFSET, L4_OFFSET,
     },
     route, Verdict,
@@ -599,18 +598,7 @@ fn send_out(
     Verdict::RedirectNeigh(host.uplink_ifindex)
 }
 
-/// A translation: addresses and ports as `(old, new)`, ports as read natively.
-struct Rewrite {
-    src: (u32, u32),
-    dst: (u32, u32),
-    src_port: (u16, u16),
-    dst_port: (u16, u16),
-}
-
-/// Writes MACs (if known), TTL, addresses, ports and the IPv4 header checksum directly, then
-/// updates the transport checksum with the kernel's helper for what changed only: one call
-/// per changed address (`BPF_F_PSEUDO_HDR`, so frames with partial checksums stay valid) and
-/// per changed port. ICMP has no pseudo header: only the identifier's change is a helper call.
+/// Writes a translation (see [`packet::rewrite`]) into a TCP, UDP or ICMP echo frame.
 #[inline(always)]
 fn rewrite(
     ctx: &TcContext,
@@ -622,7 +610,7 @@ fn rewrite(
     w: Rewrite,
 ) -> bool {
     // The identifier of an ICMP echo, or the ports of TCP/UDP: re-derived here, after the
-    // caller's helpers (none runs between this and the writes below).
+    // caller's helpers (none runs between this and the writes).
     let ports_at = if l4.protocol == IPPROTO_ICMP {
         L4_OFFSET + 4
     } else {
@@ -632,60 +620,8 @@ fn rewrite(
         return false;
     };
     // SAFETY: `eth`, `ip` and `ports` are bounds-checked pointers into this frame and no
-    // helper has run since they were derived (the helpers below invalidate them; none is used
-    // after).
-    unsafe {
-        if let Some((src, dst)) = macs {
-            packet::write_mac(&mut (*eth).src, src);
-            packet::write_mac(&mut (*eth).dst, dst);
-        }
-        let h = &mut *ip;
-        h.ttl -= 1;
-        // TTL is the high byte of its 16-bit word: see route.rs.
-        let mut check = packet::csum_add_be(h.check, u16::from_ne_bytes([0x01, 0x00]));
-        if w.src.0 != w.src.1 {
-            check = csum_replace4(check, w.src.0, w.src.1);
-            packet::write_ipv4(&mut h.saddr, w.src.1.to_ne_bytes());
-        }
-        if w.dst.0 != w.dst.1 {
-            check = csum_replace4(check, w.dst.0, w.dst.1);
-            packet::write_ipv4(&mut h.daddr, w.dst.1.to_ne_bytes());
-        }
-        h.check = check;
-        let p = &mut *ports;
-        if l4.protocol == IPPROTO_ICMP {
-            // One identifier: the source "port" going out (the destination is then 0), the
-            // destination "port" coming back (see [`L4`]).
-            let id = if w.dst_port.0 == 0 {
-                w.src_port.1
-            } else {
-                w.dst_port.1
-            };
-            p.src = id.to_ne_bytes();
-        } else {
-            p.src = w.src_port.1.to_ne_bytes();
-            p.dst = w.dst_port.1.to_ne_bytes();
-        }
-    }
-    if l4.protocol == IPPROTO_ICMP {
-        return [w.src_port, w.dst_port].iter().all(|(from, to)| {
-            from == to
-                || ctx
-                    .l4_csum_replace(l4.check_offset, *from as u64, *to as u64, 2)
-                    .is_ok()
-        });
-    }
-    let flags = packet::l4_flags(l4.protocol, 4) | BPF_F_PSEUDO_HDR as u64;
-    for (from, to) in [w.src, w.dst] {
-        if from != to
-            && ctx
-                .l4_csum_replace(l4.check_offset, from as u64, to as u64, flags)
-                .is_err()
-        {
-            return false;
-        }
-    }
-    packet::fix_port_checksums(ctx, l4.protocol, l4.check_offset, w.src_port, w.dst_port)
+    // helper has run since they were derived.
+    unsafe { packet::rewrite(ctx, eth, ip, ports, macs, l4.protocol, l4.check_offset, &w) }
 }
 
 /// TC ingress of the uplink: replies of tracked flows go back to their guests; everything
@@ -1015,7 +951,7 @@ fn icmp_error(
     // The quote: source address and port back to the guest's, its header checksum adjusted;
     // the ICMP checksum covers all three changes; the outer header's destination and TTL.
     let guest = flow.guest_ipv4;
-    let new_check = csum_replace4(inner_check, inner_src, guest);
+    let new_check = packet::csum_replace4(inner_check, inner_src, guest);
     let id_offset = if inner_protocol == IPPROTO_ICMP {
         INNER_L4_OFFSET + 4
     } else {
@@ -1068,16 +1004,4 @@ fn to_guest(rewritten: bool, hop: &NextHop, bytes: u32) -> Verdict {
     }
     metering::traffic(hop.slot, Direction::ToGuest, TrafficClass::External, bytes);
     Verdict::Redirect(hop.ifindex)
-}
-
-/// An IPv4 header checksum (wire order, as read natively) after a 32-bit field changed from
-/// `from` to `to` (both as read natively), RFC 1624: `~(~check + ~from + to)`.
-#[inline(always)]
-fn csum_replace4(check: u16, from: u32, to: u32) -> u16 {
-    let mut sum = (!check) as u32;
-    sum += (!from & 0xFFFF) + (!from >> 16);
-    sum += (to & 0xFFFF) + (to >> 16);
-    sum = (sum & 0xFFFF) + (sum >> 16);
-    sum = (sum & 0xFFFF) + (sum >> 16);
-    !(sum as u16)
 }

@@ -55,9 +55,11 @@
 //!   same MTU, so no fragmentation-needed error can arise on this path; a TCP or UDP socket
 //!   learns of an unreachable backend by its own timeout or a TCP reset.
 //! - **Fragments are dropped** (`exposure_l4_malformed`): only the first one carries ports.
-//! - Checksums are fixed with the kernel's helpers (see `packet::fix_address_checksums`), so
-//!   frames with partial checksums (veth guests, VMMs with offloads) stay valid; the TTL is
-//!   decremented as on any routed hop.
+//! - Checksums: the IPv4 header's is computed in the program, the transport's is updated
+//!   with two calls of the kernel's helper with precomputed differences, one for the
+//!   addresses and one for the ports (see `packet::rewrite`), so frames with partial
+//!   checksums (veth guests, VMMs with offloads) stay valid; the TTL is decremented as on any
+//!   routed hop.
 //! - Metering: both endpoints count the frame as [`TrafficClass::Exposure`], the sender "from
 //!   guest" and the receiver "to guest".
 
@@ -75,10 +77,7 @@ use aya_ebpf::{
 
 use crate::{
     metering,
-    packet::{
-        self, fix_address_checksums, fix_port_checksums, EthHdr, Ipv4Hdr, Packet, Ports,
-        IPPROTO_ICMP,
-    },
+    packet::{self, EthHdr, Ipv4Hdr, Packet, Ports, Rewrite, IPPROTO_ICMP},
     route, Verdict,
 };
 
@@ -460,38 +459,34 @@ fn deliver(
     Verdict::Redirect(ifindex)
 }
 
-/// Writes MACs, TTL, addresses and ports, then fixes the checksums with the kernel's helpers.
+/// Writes the translation into the frame (see [`packet::rewrite`]).
 #[inline(always)]
 fn rewrite(
     ctx: &TcContext,
     eth: *mut EthHdr,
     ip: *mut Ipv4Hdr,
     l4: &L4,
-    (gateway_mac, dst_mac): (&[u8; 6], &[u8; 6]),
+    macs: (&[u8; 6], &[u8; 6]),
     w: &Translation,
 ) -> bool {
+    let r = Rewrite {
+        src: w.src,
+        dst: w.dst,
+        src_port: (l4.src_port, w.src_port),
+        dst_port: (l4.dst_port, w.dst_port),
+    };
     // SAFETY: `eth`, `ip` and `l4.ports` are bounds-checked pointers into this frame and no
-    // helper has run since they were derived (helpers below invalidate them; none is used
-    // after).
+    // helper has run since they were derived.
     unsafe {
-        packet::write_mac(&mut (*eth).src, gateway_mac);
-        packet::write_mac(&mut (*eth).dst, dst_mac);
-        let h = &mut *ip;
-        h.ttl -= 1;
-        // TTL is the high byte of its 16-bit word: see route.rs.
-        h.check = packet::csum_add_be(h.check, u16::from_ne_bytes([0x01, 0x00]));
-        packet::write_ipv4(&mut h.saddr, w.src.1.to_ne_bytes());
-        packet::write_ipv4(&mut h.daddr, w.dst.1.to_ne_bytes());
-        let p = &mut *l4.ports;
-        p.src = w.src_port.to_ne_bytes();
-        p.dst = w.dst_port.to_ne_bytes();
-    }
-    fix_address_checksums(ctx, l4.protocol, l4.check_offset, w.src, w.dst)
-        && fix_port_checksums(
+        packet::rewrite(
             ctx,
+            eth,
+            ip,
+            l4.ports,
+            Some(macs),
             l4.protocol,
             l4.check_offset,
-            (l4.src_port, w.src_port),
-            (l4.dst_port, w.dst_port),
+            &r,
         )
+    }
 }
