@@ -259,7 +259,7 @@ fn frame(len: usize, dst: MacAddr, src: MacAddr, sip: Ipv4Addr, dip: Ipv4Addr) -
     frame_to_port(len, dst, src, sip, dip, 9)
 }
 
-fn frame_to_port(
+pub(crate) fn frame_to_port(
     len: usize,
     dst: MacAddr,
     src: MacAddr,
@@ -290,23 +290,23 @@ fn frame_to_port(
     f
 }
 
-fn is_ours(buf: &[u8], len: usize) -> bool {
+pub(crate) fn is_ours(buf: &[u8], len: usize) -> bool {
     buf.len() == len && buf.get(ETH_IP_UDP..ETH_IP_UDP + MAGIC.len()) == Some(&MAGIC[..])
 }
 
 #[derive(Debug, Clone, Copy)]
-struct Pumped {
+pub(crate) struct Pumped {
     sent: u64,
     received: u64,
     elapsed: Duration,
 }
 
 impl Pumped {
-    fn pps(&self) -> f64 {
+    pub(crate) fn pps(&self) -> f64 {
         self.received as f64 / self.elapsed.as_secs_f64()
     }
 
-    fn loss(&self) -> f64 {
+    pub(crate) fn loss(&self) -> f64 {
         if self.sent == 0 {
             return 0.0;
         }
@@ -351,6 +351,19 @@ fn pump(
     duration: Duration,
     count: Option<u64>,
 ) -> Result<Pumped> {
+    pump_with(tx, rx, frame, duration, count, |_, _| {})
+}
+
+/// As [`pump`], `vary(frame, n)` changing the frame before its `n`th write (e.g. a port, so
+/// that every frame is a new flow; bytes the receiver's marker check reads stay as they are).
+pub(crate) fn pump_with(
+    tx: &OwnedFd,
+    rx: &OwnedFd,
+    frame: &[u8],
+    duration: Duration,
+    count: Option<u64>,
+    vary: impl Fn(&mut [u8], u64) + Send + Sync,
+) -> Result<Pumped> {
     let mut buf = vec![0u8; 4096];
     drain(rx, &mut buf, frame.len()).context("draining the receiving tap")?;
     let done = AtomicBool::new(false);
@@ -380,6 +393,7 @@ fn pump(
         });
         let writer = s.spawn(|| -> Result<(u64, Duration)> {
             pin_to_cpu(0);
+            let mut frame = frame.to_vec();
             let started = Instant::now();
             let mut sent = 0u64;
             let mut failed = 0u64;
@@ -388,6 +402,7 @@ fn pump(
                     if count.is_some_and(|c| sent + failed >= c) {
                         break 'outer;
                     }
+                    vary(&mut frame, sent + failed);
                     // SAFETY: `frame` is valid for reads of its length for the call.
                     let r =
                         unsafe { libc::write(tx.as_raw_fd(), frame.as_ptr().cast(), frame.len()) };

@@ -17,11 +17,15 @@
 //! 3. Cross-cloud exposures (see [`exposure`]): ns/packet of the translated path, first packet
 //!    and established, next to the intra-cloud forward, in the same interleaved rounds as 1;
 //!    grants per second and kernel memory per grant with 100k grants on one host.
+//! 4. Egress (see [`egress`]): ns/packet of the SNAT path; and against a host running nftables
+//!    masquerade with conntrack zones and allow sets per cloud, on real taps (see
+//!    [`masquerade`]).
 
 mod control;
 mod egress;
 mod exposure;
 mod forward;
+mod masquerade;
 mod plot;
 mod vm;
 
@@ -103,11 +107,14 @@ fn main() -> Result<()> {
     if args.egress_only {
         let eb = egress::run(args.smoke)?;
         println!("{}", egress::summary(&eb));
+        let mb = masquerade::run(masquerade::Plan::new(args.smoke))?;
+        println!("{}", masquerade::summary(&mb));
         if !args.smoke {
             let old = std::fs::read_to_string(&args.out).unwrap_or_default();
+            let new = splice(&old, egress::HEADING, &egress::section(&eb));
             std::fs::write(
                 &args.out,
-                splice(&old, egress::HEADING, &egress::section(&eb)),
+                splice(&new, masquerade::HEADING, &masquerade::section(&mb)),
             )
             .with_context(|| format!("writing {}", args.out.display()))?;
             println!("wrote the egress section of {}", args.out.display());
@@ -294,6 +301,8 @@ fn main() -> Result<()> {
     println!("{}", vm::summary(&vb));
     let eb = egress::run(args.smoke)?;
     println!("{}", egress::summary(&eb));
+    let mb = masquerade::run(masquerade::Plan::new(args.smoke))?;
+    println!("{}", masquerade::summary(&mb));
     if args.smoke {
         return Ok(());
     }
@@ -573,6 +582,7 @@ fn main() -> Result<()> {
     report.push_str(&forward_section);
     report.push_str(&vm::section(&vb));
     report.push_str(&egress::section(&eb));
+    report.push_str(&masquerade::section(&mb));
     std::fs::write(&args.out, report).with_context(|| format!("writing {}", args.out.display()))?;
     println!("wrote {}", args.out.display());
     Ok(())
