@@ -19,9 +19,9 @@
 //!      default `max_flows` filled beforehand, so every insert takes an LRU eviction path.
 //!
 //!    The NAT address equals the consumer's address and the source port stays, as for a flow
-//!    whose consumer port is free on the provider side: the same helper calls run as for any
-//!    address (the checksum helpers are called for both addresses; a port helper only for a
-//!    port that changes, here the destination). VIPS also holds `grants` other grants (and
+//!    whose consumer port is free on the provider side: the same work runs as for any flow
+//!    (`packet::rewrite`: one checksum helper call for the addresses, here the destination,
+//!    and one for the ports, here the destination port). VIPS also holds `grants` other grants (and
 //!    ROUTES their two routes each), so the figures are for a host with that many grants.
 //! 2. **Grants per second and memory per grant**: `Host::apply_service` (the agent's path:
 //!    grant number, `VIPS` entry, VIP route, NAT route) for N grants with distinct consumer
