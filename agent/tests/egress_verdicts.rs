@@ -278,6 +278,24 @@ impl Plane {
         .expect("EGRESS_NEVER");
     }
 
+    /// The test device's guest (same address and MAC) as the endpoint of `cloud` in `slot`.
+    fn guest_in_cloud(&mut self, cloud: u32, slot: u32) {
+        let dp = self.host.dataplane_mut();
+        dp.remove_endpoint(TEST_IFINDEX).expect("endpoint removed");
+        dp.insert_endpoint(
+            TEST_IFINDEX,
+            EndpointInfo {
+                cloud,
+                ipv4: map_ip(GUEST_IP),
+                gateway_ipv4: map_ip(GW_IP),
+                mac: GUEST_MAC,
+                gateway_mac: GW_MAC,
+                slot,
+            },
+        )
+        .expect("endpoint");
+    }
+
     fn policy(&mut self, spec: &CloudEgressSpec) {
         self.host
             .set_cloud_egress(cloud(), spec)
@@ -729,25 +747,89 @@ fn a_cloud_with_its_own_address_and_clouds_with_the_same_addresses_stay_apart() 
     p.host
         .set_cloud_egress(other, &spec(EgressMode::Allow, &[], &[]))
         .unwrap();
-    let dp = p.host.dataplane_mut();
-    dp.remove_endpoint(TEST_IFINDEX).unwrap();
-    dp.insert_endpoint(
-        TEST_IFINDEX,
-        EndpointInfo {
-            cloud: 2,
-            ipv4: map_ip(GUEST_IP),
-            gateway_ipv4: map_ip(GW_IP),
-            mac: GUEST_MAC,
-            gateway_mac: GW_MAC,
-            slot: 6,
-        },
-    )
-    .unwrap();
+    p.guest_in_cloud(2, 6);
     let out2 = p.expect_out(&udp((GUEST_IP, 4000), (SERVER, 53), b"q"), "cloud 2");
     assert_eq!(out2.src.0, EGRESS_IP);
     let flows = p.dp().egress_flows_in().unwrap();
     let clouds: Vec<u32> = flows.iter().map(|(_, f)| f.cloud).collect();
     assert!(clouds.contains(&1) && clouds.contains(&2), "{flows:?}");
+}
+
+#[test]
+fn a_cloud_cannot_take_the_nat_ports_other_clouds_need_for_a_destination() {
+    let mut p = Plane::new();
+    p.enable();
+    p.policy(&spec(EgressMode::Allow, &[], &[]));
+    // Cloud 1 opens flows to one destination until its NAT ports run out.
+    let mut ports = Vec::new();
+    let mut exhausted = false;
+    for guest_port in 1000..3000u16 {
+        let r = p.run(
+            false,
+            &from_guest(&udp((GUEST_IP, guest_port), (SERVER, 443), b"x")),
+            "a flow of cloud 1",
+        );
+        if r.ret == TC_ACT_SHOT {
+            assert_eq!(
+                r.drops,
+                BTreeMap::from([(DropReason::EgressNatPortsExhausted, 1)])
+            );
+            exhausted = true;
+            break;
+        }
+        assert_eq!((r.ret, &r.drops), (TC_ACT_REDIRECT, &BTreeMap::new()));
+        let out = seen(&r.out);
+        assert_eq!(out.src.0, EGRESS_IP);
+        ports.push(out.src.1);
+    }
+    assert!(exhausted, "2,000 flows to one destination never ran out");
+    // It held ports of one window of at most 1,024 (the largest gap between the offsets of its
+    // ports on the range's circle leaves an arc of at most the window).
+    let mut offsets: Vec<u32> = ports
+        .iter()
+        .map(|p| {
+            assert!(in_nat_range(*p), "{p}");
+            u32::from(p - NAT_FIRST)
+        })
+        .collect();
+    offsets.sort();
+    offsets.dedup();
+    assert_eq!(offsets.len(), ports.len(), "one holder per NAT port");
+    let n = u32::from(NAT_COUNT);
+    let gap = offsets
+        .windows(2)
+        .map(|w| w[1] - w[0])
+        .chain([offsets[0] + n - offsets[offsets.len() - 1]])
+        .max()
+        .unwrap();
+    assert!(
+        n - gap < 1024,
+        "{} ports spread over an arc of {}",
+        ports.len(),
+        n - gap
+    );
+    assert!(
+        ports.len() > 500,
+        "only {} flows before running out",
+        ports.len()
+    );
+    // Another cloud's guest, same address, still reaches that destination: every one of
+    // 100 new flows gets a port.
+    p.host
+        .set_cloud_egress(CloudId::new(2).unwrap(), &spec(EgressMode::Allow, &[], &[]))
+        .unwrap();
+    p.guest_in_cloud(2, 6);
+    for guest_port in 1000..1100u16 {
+        let out = p.expect_out(
+            &udp((GUEST_IP, guest_port), (SERVER, 443), b"x"),
+            "a flow of cloud 2",
+        );
+        assert!(
+            in_nat_range(out.src.1) && !ports.contains(&out.src.1),
+            "{:?}",
+            out.src
+        );
+    }
 }
 
 #[test]

@@ -41,7 +41,9 @@
 //!   outgoing packet checks that its flow still holds it. `EGRESS_IN` keys carry cloud 0 (no
 //!   cloud's number), `EGRESS_OUT` keys the guest's cloud, so clouds with the same addresses
 //!   never share an entry. NAT ports come from the host's reserved range
-//!   (`EgressHost::nat_port_first`, `nat_port_count`), hashed per flow with a few tries.
+//!   (`EgressHost::nat_port_first`, `nat_port_count`), hashed per flow with a few tries; on
+//!   the host's address, which clouds share, inside the cloud's window of the range, so no
+//!   cloud can hold every port to a destination (`EGRESS_NAT_PORTS_PER_CLOUD`).
 //! - **Out through the uplink only**, by `bpf_redirect_neigh` to the uplink without next-hop
 //!   parameters: the kernel looks the route up with the uplink as output device and the next
 //!   hop's neighbour entry (resolving it if needed), and writes the MACs. Rejected:
@@ -65,7 +67,8 @@ use atoll_dataplane_common::{
     egress_nat_port, flow_hash, Direction, DropReason, EgressCloud, EgressHost, EgressIn,
     EgressMeter, EgressOut, EgressRuleKey, EgressRules, EndpointInfo, FlowKey, IngressFlow,
     NextHop, RefusedCount, RefusedKey, TrafficClass, EGRESS_MODE_ALLOW, EGRESS_MODE_ALLOWLIST,
-    EGRESS_NAT_PORT_TRIES, NEXTHOP_ENDPOINT, NO_BUDGET, RULES_PER_PREFIX,
+    EGRESS_NAT_PORTS_PER_CLOUD, EGRESS_NAT_PORT_TRIES, NEXTHOP_ENDPOINT, NO_BUDGET,
+    RULES_PER_PREFIX,
 };
 use aya_ebpf::{
     helpers::bpf_ktime_get_boot_ns,
@@ -516,10 +519,11 @@ fn open_flow(
     cloud: &EgressCloud,
     previous: Option<EgressOut>,
 ) -> Result<EgressOut, DropReason> {
-    let egress_ipv4 = if cloud.egress_ipv4 != 0 {
-        cloud.egress_ipv4
+    // A cloud alone on its own address may use the whole range; on the host's, its window.
+    let (egress_ipv4, window) = if cloud.egress_ipv4 != 0 {
+        (cloud.egress_ipv4, host.nat_port_count as u32)
     } else {
-        host.egress_ipv4
+        (host.egress_ipv4, EGRESS_NAT_PORTS_PER_CLOUD)
     };
     let hash = flow_hash(key);
     let back = reply_value(key);
@@ -527,7 +531,15 @@ fn open_flow(
     for attempt in 0..EGRESS_NAT_PORT_TRIES {
         let candidate = match previous {
             Some(p) if attempt == 0 && p.egress_ipv4 == egress_ipv4 => p.nat_port,
-            _ => egress_nat_port(hash, attempt, host.nat_port_first, host.nat_port_count).to_be(),
+            _ => egress_nat_port(
+                key.cloud,
+                hash,
+                attempt,
+                window,
+                host.nat_port_first,
+                host.nat_port_count,
+            )
+            .to_be(),
         };
         let reply = reply_key(key, egress_ipv4, candidate);
         // Only a port no entry holds is taken (`BPF_NOEXIST` is atomic against other CPUs).

@@ -401,12 +401,41 @@ pub struct RefusedCount {
 /// Tries for a free NAT port of a new egress flow before it is refused.
 pub const EGRESS_NAT_PORT_TRIES: u32 = 8;
 
-/// The NAT port of try `attempt` (0 to `EGRESS_NAT_PORT_TRIES - 1`) for a flow of `hash`, in
-/// host byte order, within `first .. first + count` (`count` at least 1).
+/// NAT ports one cloud's flows may take on an egress address it shares with other clouds (the
+/// host's): a window of the host's range, placed by the cloud's number. Without it, one cloud
+/// opening as many flows to one destination as the range has ports would leave none for any
+/// other cloud's flows to that destination until its entries aged out of the LRU maps. With
+/// it, a cloud fills at most its own window, which overlaps another cloud's by
+/// window² / range on average (about 230 ports with the default range of 4,536), so the other
+/// cloud's 8 tries all land in the full window with odds of about (230 / 1,024)⁸ < 10⁻⁵; two
+/// clouds whose windows happen to lie close together share most ports, as all clouds did
+/// before. The price: at most 1,024 live flows per cloud to one
+/// destination address, port and protocol through the host's address; a cloud that needs
+/// more gets an egress address of its own, where its window is the whole range.
+pub const EGRESS_NAT_PORTS_PER_CLOUD: u32 = 1024;
+
+/// The NAT port of try `attempt` (0 to `EGRESS_NAT_PORT_TRIES - 1`) for a flow of `cloud` with
+/// `hash`, in host byte order: inside the cloud's window of `window` ports (at most `count`;
+/// see [`EGRESS_NAT_PORTS_PER_CLOUD`]) of `first .. first + count` (`count` at least 1),
+/// wrapping at the range's end.
 #[inline(always)]
-pub const fn egress_nat_port(hash: u32, attempt: u32, first: u16, count: u16) -> u16 {
+pub const fn egress_nat_port(
+    cloud: u32,
+    hash: u32,
+    attempt: u32,
+    window: u32,
+    first: u16,
+    count: u16,
+) -> u16 {
     let count = if count == 0 { 1 } else { count as u32 };
-    (first as u32 + mix(hash ^ attempt.wrapping_mul(0x9e37_79b9)) % count) as u16
+    let window = if window == 0 || window > count {
+        count
+    } else {
+        window
+    };
+    let start = mix(cloud) % count;
+    let offset = mix(hash ^ attempt.wrapping_mul(0x9e37_79b9)) % window;
+    (first as u32 + (start + offset) % count) as u16
 }
 
 /// The port guests send DNS to (UDP and TCP) at their gateway address, and the port the DNS
@@ -945,6 +974,53 @@ mod pod {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_clouds_nat_ports_stay_in_its_window_of_the_range() {
+        let (first, count) = (61_000u16, 4_536u16);
+        // Offsets from each cloud's window start, over many flows and every try.
+        for cloud in [1u32, 2, 77, 1 << 20] {
+            let start = mix(cloud) % u32::from(count);
+            let mut seen = std::collections::HashSet::new();
+            for hash in 0..20_000u32 {
+                for attempt in 0..EGRESS_NAT_PORT_TRIES {
+                    let port = egress_nat_port(
+                        cloud,
+                        mix(hash),
+                        attempt,
+                        EGRESS_NAT_PORTS_PER_CLOUD,
+                        first,
+                        count,
+                    );
+                    assert!(
+                        (u32::from(first)..u32::from(first) + u32::from(count))
+                            .contains(&u32::from(port)),
+                        "{port}"
+                    );
+                    let offset =
+                        (u32::from(port - first) + u32::from(count) - start) % u32::from(count);
+                    assert!(
+                        offset < EGRESS_NAT_PORTS_PER_CLOUD,
+                        "cloud {cloud}: {offset}"
+                    );
+                    seen.insert(port);
+                }
+            }
+            assert_eq!(
+                seen.len(),
+                EGRESS_NAT_PORTS_PER_CLOUD as usize,
+                "the whole window"
+            );
+        }
+        // Alone on its own address (window = range), or a range smaller than a window: the
+        // whole range.
+        for (window, count) in [(4_536, 4_536u16), (EGRESS_NAT_PORTS_PER_CLOUD, 100)] {
+            let ports: std::collections::HashSet<u16> = (0..50_000u32)
+                .map(|h| egress_nat_port(3, mix(h), 0, window, first, count))
+                .collect();
+            assert_eq!(ports.len(), count as usize);
+        }
+    }
 
     #[test]
     fn reasons_are_numbered_densely_and_round_trip() {
