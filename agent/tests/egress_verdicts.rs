@@ -26,7 +26,8 @@ use atoll_agent::{
 };
 use atoll_api::model::{DenyReason, EgressMode, EgressPolicy, EgressRule, Ipv4Net, Protocol};
 use atoll_dataplane_common::{
-    ipv4_to_map, DropReason, EgressHost, EndpointInfo, NextHop, RouteKey, NEXTHOP_ENDPOINT,
+    egress_nat_port, flow_hash, ipv4_to_map, DropReason, EgressHost, EgressIn, EndpointInfo,
+    FlowKey, NextHop, RouteKey, CACHE_CREDIT, EGRESS_NAT_PORTS_PER_CLOUD, NEXTHOP_ENDPOINT,
 };
 use atoll_testbed::{
     frame::{
@@ -36,7 +37,10 @@ use atoll_testbed::{
     verdict::{TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT},
     PinRoot,
 };
-use aya::programs::SchedClassifier;
+use aya::{
+    maps::{HashMap, MapData},
+    programs::SchedClassifier,
+};
 
 const TEST_IFINDEX: u32 = 1;
 const UPLINK_IFINDEX: u32 = 4242;
@@ -349,6 +353,47 @@ impl Plane {
         assert_eq!((r.ret, &r.drops), (TC_ACT_OK, &BTreeMap::new()), "{what}");
         assert_eq!(r.out, frame, "{what}: untouched");
     }
+
+    /// `EGRESS_IN`, opened from its pin (the agent only reads it).
+    fn egress_in(&self) -> HashMap<MapData, FlowKey, EgressIn> {
+        let path = self.dp().pin_dir().join("maps").join("EGRESS_IN");
+        let map = MapData::from_pin(&path).expect("EGRESS_IN pin");
+        HashMap::try_from(aya::maps::Map::LruHashMap(map)).expect("EGRESS_IN")
+    }
+}
+
+/// `EGRESS_IN`'s key for the replies from `remote` to `EGRESS_IP:nat_port` (UDP).
+fn reply_key(remote: (Ipv4Addr, u16), nat_port: u16) -> FlowKey {
+    FlowKey {
+        cloud: 0,
+        src_ipv4: map_ip(remote.0),
+        dst_ipv4: map_ip(EGRESS_IP),
+        src_port: remote.1.to_be(),
+        dst_port: nat_port.to_be(),
+        protocol: PROTO_UDP,
+        _pad: [0; 3],
+    }
+}
+
+/// The NAT port the first try gives a UDP flow of `CLOUD`'s guest on the host's address.
+fn first_try(guest_port: u16, remote: (Ipv4Addr, u16)) -> u16 {
+    let key = FlowKey {
+        cloud: CLOUD,
+        src_ipv4: map_ip(GUEST_IP),
+        dst_ipv4: map_ip(remote.0),
+        src_port: guest_port.to_be(),
+        dst_port: remote.1.to_be(),
+        protocol: PROTO_UDP,
+        _pad: [0; 3],
+    };
+    egress_nat_port(
+        CLOUD,
+        flow_hash(&key),
+        0,
+        EGRESS_NAT_PORTS_PER_CLOUD,
+        NAT_FIRST,
+        NAT_COUNT,
+    )
 }
 
 fn in_nat_range(port: u16) -> bool {
@@ -1127,4 +1172,76 @@ fn learnt_addresses_are_bounded_per_cloud() {
         "dropped from the bound",
     );
     p.expect_out(&tcp((GUEST_IP, 40000), (answer[100].0, 443)), "kept");
+}
+
+/// The cached holder check (`EGRESS_HELD`, module docs of `egress.rs`): a flow whose NAT port
+/// was taken by another flow (after its reservation was evicted) notices on its very next
+/// packet and moves to another port; replies then reach each flow's own guest port.
+#[test]
+fn a_port_taken_by_another_flow_is_noticed_on_the_next_packet() {
+    let mut p = Plane::new();
+    p.enable();
+    p.policy(&spec(EgressMode::Allow, &[], &[]));
+    let remote = (SERVER, 443);
+    let a = udp((GUEST_IP, 5000), remote, b"a");
+    let port = p.expect_out(&a, "A opens").src.1;
+    assert_eq!(port, first_try(5000, remote));
+    for _ in 0..3 {
+        assert_eq!(p.expect_out(&a, "A, established").src.1, port);
+    }
+    // A's reservation is evicted, as the LRU would, and B, whose first try is A's port,
+    // takes it.
+    p.egress_in()
+        .remove(&reply_key(remote, port))
+        .expect("A's reservation removed");
+    let b_port = (1..u16::MAX)
+        .find(|&g| g != 5000 && first_try(g, remote) == port)
+        .expect("a guest port whose first try is A's NAT port");
+    let b = udp((GUEST_IP, b_port), remote, b"b");
+    assert_eq!(p.expect_out(&b, "B takes the port").src.1, port);
+    let moved = p.expect_out(&a, "A's next packet").src.1;
+    assert_ne!(moved, port, "A kept sending from B's port");
+    assert!(in_nat_range(moved));
+    assert_eq!(p.expect_out(&b, "B again").src.1, port);
+    assert_eq!(p.expect_out(&a, "A again").src.1, moved);
+    for (nat, guest) in [(port, b_port), (moved, 5000)] {
+        let r = p.run(
+            true,
+            &from_world(&udp(remote, (EGRESS_IP, nat), b"r")),
+            "reply",
+        );
+        assert_eq!((r.ret, &r.drops), (TC_ACT_REDIRECT, &BTreeMap::new()));
+        assert_eq!(seen(&r.out).dst, (GUEST_IP, guest), "reply to port {nat}");
+    }
+}
+
+/// A reservation evicted while nobody takes its port is taken again by the flow within
+/// `CACHE_CREDIT` packets (its cached check runs out), on the same port.
+#[test]
+fn an_evicted_reservation_is_taken_again_within_the_cache_credit() {
+    let mut p = Plane::new();
+    p.enable();
+    p.policy(&spec(EgressMode::Allow, &[], &[]));
+    let remote = (SERVER, 8443);
+    let a = udp((GUEST_IP, 5001), remote, b"a");
+    let port = p.expect_out(&a, "A opens").src.1;
+    let key = reply_key(remote, port);
+    p.egress_in().remove(&key).expect("reservation removed");
+    let mut sent = 0;
+    while p.egress_in().get(&key, 0).is_err() {
+        assert!(
+            sent <= CACHE_CREDIT,
+            "{sent} packets later, the port is still not reserved"
+        );
+        assert_eq!(p.expect_out(&a, "A, reservation gone").src.1, port);
+        sent += 1;
+    }
+    assert!(sent >= 1, "the reservation came back by itself");
+    let r = p.run(
+        true,
+        &from_world(&udp(remote, (EGRESS_IP, port), b"r")),
+        "reply",
+    );
+    assert_eq!((r.ret, &r.drops), (TC_ACT_REDIRECT, &BTreeMap::new()));
+    assert_eq!(seen(&r.out).dst, (GUEST_IP, 5001));
 }

@@ -187,6 +187,36 @@ pub(crate) fn flow_key(
     }
 }
 
+/// True if both keys are the same flow (field by field: an array compare of the padding
+/// would compile to a `memcmp` loop).
+#[inline(always)]
+pub(crate) fn same_key(a: &FlowKey, b: &FlowKey) -> bool {
+    a.cloud == b.cloud
+        && a.src_ipv4 == b.src_ipv4
+        && a.dst_ipv4 == b.dst_ipv4
+        && a.src_port == b.src_port
+        && a.dst_port == b.dst_port
+        && a.protocol == b.protocol
+}
+
+/// Stores `key` at `dst` field by field (a struct copy with the padding array compiles to a
+/// byte-looping `memcpy`).
+///
+/// # Safety
+/// `dst` must be valid for writes (a map value from a successful lookup).
+#[inline(always)]
+pub(crate) unsafe fn write_key(dst: *mut FlowKey, key: &FlowKey) {
+    // SAFETY: the caller guarantees `dst` is writable.
+    unsafe {
+        (*dst).cloud = key.cloud;
+        (*dst).src_ipv4 = key.src_ipv4;
+        (*dst).dst_ipv4 = key.dst_ipv4;
+        (*dst).src_port = key.src_port;
+        (*dst).dst_port = key.dst_port;
+        (*dst).protocol = key.protocol;
+    }
+}
+
 #[inline(always)]
 fn from_consumer(
     ctx: &TcContext,

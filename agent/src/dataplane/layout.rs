@@ -268,6 +268,17 @@ const MIGRATIONS: &[Migration] = &[
             (maps::MAP_INGRESS_FLOWS, Step::New),
         ],
     },
+    // v7, cached established egress flows: `EgressIn` gained the generation its flow was
+    // admitted under (flows reopen on their next packet, on their old port when it is free);
+    // the flow caches are new.
+    Migration {
+        to: 7,
+        steps: &[
+            (maps::MAP_EGRESS_IN, Step::New),
+            (maps::MAP_EGRESS_RECENT, Step::New),
+            (maps::MAP_EGRESS_HELD, Step::New),
+        ],
+    },
 ];
 
 /// The oldest layout [`MIGRATIONS`] reach the current one from.

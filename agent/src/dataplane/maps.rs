@@ -17,10 +17,10 @@
 //!   must agree with it.
 
 use atoll_dataplane_common::{
-    DnsService, EgressCloud, EgressHost, EgressIn, EgressMeter, EgressOut, EgressRuleKey,
-    EgressRules, EndpointCounters, EndpointInfo, EndpointSlot, FlowIn, FlowKey, FlowOut,
-    IngressAllowKey, IngressFlow, IngressKey, IngressTarget, NextHop, RefusedCount, RefusedKey,
-    RouteKey, VipService, DROP_SLOTS, ENDPOINT_CACHE_SLOTS,
+    DnsService, EgressCloud, EgressHeld, EgressHost, EgressIn, EgressMeter, EgressOut,
+    EgressRecent, EgressRuleKey, EgressRules, EndpointCounters, EndpointInfo, EndpointSlot, FlowIn,
+    FlowKey, FlowOut, IngressAllowKey, IngressFlow, IngressKey, IngressTarget, NextHop,
+    RefusedCount, RefusedKey, RouteKey, VipService, CACHE_SLOTS, DROP_SLOTS, ENDPOINT_CACHE_SLOTS,
 };
 use aya::maps::MapType;
 
@@ -43,6 +43,8 @@ pub const MAP_EGRESS_ALLOW: &str = "EGRESS_ALLOW";
 pub const MAP_EGRESS_DENY: &str = "EGRESS_DENY";
 pub const MAP_EGRESS_OUT: &str = "EGRESS_OUT";
 pub const MAP_EGRESS_IN: &str = "EGRESS_IN";
+pub const MAP_EGRESS_RECENT: &str = "EGRESS_RECENT";
+pub const MAP_EGRESS_HELD: &str = "EGRESS_HELD";
 pub const MAP_EGRESS_REFUSED: &str = "EGRESS_REFUSED";
 pub const MAP_EGRESS_METERS: &str = "EGRESS_METERS";
 pub const MAP_INGRESS: &str = "INGRESS";
@@ -163,7 +165,7 @@ use Capacity::{Config, Fixed};
 use SizeSetting::*;
 
 /// Every map of the object, in pinning order.
-pub const REGISTRY: [MapSpec; 22] = [
+pub const REGISTRY: [MapSpec; 24] = [
     spec(
         MAP_ENDPOINTS,
         "endpoint",
@@ -316,6 +318,24 @@ pub const REGISTRY: [MapSpec; 22] = [
         size::<EgressIn>(),
         0,
         Config(MaxFlows),
+    ),
+    spec(
+        MAP_EGRESS_RECENT,
+        "egress",
+        MapType::Array,
+        size::<u32>(),
+        size::<EgressRecent>(),
+        0,
+        Fixed(CACHE_SLOTS),
+    ),
+    spec(
+        MAP_EGRESS_HELD,
+        "egress",
+        MapType::Array,
+        size::<u32>(),
+        size::<EgressHeld>(),
+        0,
+        Fixed(CACHE_SLOTS),
     ),
     spec(
         MAP_EGRESS_REFUSED,

@@ -18,7 +18,7 @@
 
 /// Version of the map layouts defined in this crate. Bump on any change to a map's key, value,
 /// or meaning.
-pub const LAYOUT_VERSION: u32 = 6;
+pub const LAYOUT_VERSION: u32 = 7;
 
 /// Traffic classes the counters have room for: [`TrafficClass::COUNT`] are used. A new class
 /// takes a free one, so adding it changes no map layout.
@@ -318,9 +318,76 @@ pub struct EgressOut {
 pub struct EgressIn {
     pub cloud: u32,
     pub guest_ipv4: u32,
+    /// `EgressCloud::generation` the flow was admitted under: a reply of a flow whose cloud
+    /// still has it needs no look at `EGRESS_OUT` (written once, when the port is reserved).
+    pub generation: u32,
     /// Network byte order.
     pub guest_port: u16,
     pub _pad: u16,
+}
+
+impl EgressIn {
+    /// True if both name the same flow (the generation is when it was admitted, not who).
+    #[inline(always)]
+    pub const fn same_flow(&self, other: &EgressIn) -> bool {
+        self.cloud == other.cloud
+            && self.guest_ipv4 == other.guest_ipv4
+            && self.guest_port == other.guest_port
+    }
+}
+
+/// log2 of the number of slots of each direct-mapped flow cache (`EGRESS_RECENT`,
+/// `EGRESS_HELD`): 65,536 slots of 32 bytes, 2 MiB each.
+pub const CACHE_BITS: u32 = 16;
+/// Number of slots of each flow cache.
+pub const CACHE_SLOTS: u32 = 1 << CACHE_BITS;
+
+/// The slot of a flow key in a flow cache: one multiplication (Fibonacci hashing of the folded
+/// key), not [`flow_hash`]'s chain of four mixes, which cost ~10 ns per packet on the
+/// established path. A slot only decides where the exact key is looked for, so a guest that
+/// steers its flows onto others' slots costs them the flow-table lookup, nothing else.
+#[inline(always)]
+pub const fn cache_slot(key: &FlowKey) -> u32 {
+    let ports = ((key.src_port as u32) << 16) | key.dst_port as u32;
+    let folded = key.src_ipv4
+        ^ key.dst_ipv4.rotate_left(16)
+        ^ ports
+        ^ key.cloud.rotate_left(8)
+        ^ key.protocol as u32;
+    folded.wrapping_mul(0x9e37_79b1) >> (32 - CACHE_BITS)
+}
+
+/// Packets a flow sends on a matching cache slot before the flow table is looked at again
+/// (which also keeps the flow's entry recently used there).
+pub const CACHE_CREDIT: u16 = 32;
+
+/// One slot of `EGRESS_RECENT`, a direct-mapped cache in front of `EGRESS_OUT` (slot
+/// [`cache_slot`] of the guest's flow key): the flow's translation as its `EGRESS_OUT` entry
+/// had it, valid for `credit` more packets. Written by the programs only.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EgressRecent {
+    pub key: FlowKey,
+    pub egress_ipv4: u32,
+    pub generation: u32,
+    /// Network byte order.
+    pub nat_port: u16,
+    pub credit: u16,
+}
+
+/// One slot of `EGRESS_HELD`, a direct-mapped cache in front of the reservation check of
+/// `EGRESS_IN` (slot [`cache_slot`] of the reply key): "the flow `(cloud, guest:port)` holds the
+/// NAT port of `reply`", written by the programs whenever a flow reserves its port or the
+/// check in `EGRESS_IN` confirms it, and valid for `credit` more packets. Programs only.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EgressHeld {
+    pub reply: FlowKey,
+    pub cloud: u32,
+    pub guest_ipv4: u32,
+    /// Network byte order.
+    pub guest_port: u16,
+    pub credit: u16,
 }
 
 /// Key of `INGRESS`: a published address and port on the uplink.
@@ -904,7 +971,9 @@ const _: () = assert!(core::mem::size_of::<EgressRuleKey>() == 4 + 4);
 const _: () = assert!(core::mem::size_of::<PortRule>() == 8 + 2 + 2 + 1 + 3);
 const _: () = assert!(core::mem::size_of::<EgressRules>() == 16 * RULES_PER_PREFIX + 4 + 4);
 const _: () = assert!(core::mem::size_of::<EgressOut>() == 4 + 4 + 2 + 2);
-const _: () = assert!(core::mem::size_of::<EgressIn>() == 4 + 4 + 2 + 2);
+const _: () = assert!(core::mem::size_of::<EgressIn>() == 4 + 4 + 4 + 2 + 2);
+const _: () = assert!(core::mem::size_of::<EgressHeld>() == 20 + 4 + 4 + 2 + 2);
+const _: () = assert!(core::mem::size_of::<EgressRecent>() == 20 + 4 + 4 + 2 + 2);
 const _: () = assert!(core::mem::size_of::<RefusedKey>() == 4 + 4 + 2 + 1 + 1);
 const _: () = assert!(core::mem::size_of::<IngressKey>() == 4 + 2 + 1 + 1);
 const _: () = assert!(core::mem::size_of::<IngressTarget>() == 4 * 3 + 2 + 1 + 1);
@@ -953,6 +1022,10 @@ mod pod {
     unsafe impl aya::Pod for super::EgressOut {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::EgressIn {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::EgressHeld {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::EgressRecent {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::RefusedKey {}
     // SAFETY: as above.

@@ -8,7 +8,9 @@
 //!   The bench writes a ring of 250 established flows into `EGRESS_OUT` and `EGRESS_IN` (what
 //!   the programs would have written, but with the ring's NAT ports: flow *i* from port
 //!   61000 + *i* has NAT port 61000 + *i* + 1, the last the first's port), so every repeat is
-//!   an established flow (`EGRESS_OUT` hit, NAT port still held, no policy decision),
+//!   an established flow (found, with its NAT port held, through its `EGRESS_RECENT` and
+//!   `EGRESS_HELD` slots, and in the flow tables every 32nd time as any established flow; no
+//!   policy decision),
 //!   translated and redirected. The reverse path (`from_uplink`) walks the ring backwards:
 //!   the reply to a flow's NAT port becomes a reply to its guest port, which is the NAT port
 //!   of the flow before it.
@@ -276,6 +278,7 @@ impl Plane {
                 EgressIn {
                     cloud: CLOUD,
                     guest_ipv4: map_ip(GUEST_IP),
+                    generation: 1,
                     guest_port: port(i).to_be(),
                     _pad: 0,
                 },
