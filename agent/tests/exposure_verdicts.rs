@@ -38,14 +38,15 @@ use std::{collections::BTreeMap, net::Ipv4Addr};
 
 use atoll_agent::{
     config::DataplaneConfig,
+    dataplane::DataplaneError,
     dataplane::{Dataplane, MAP_FLOWS_IN, MAP_FLOWS_OUT, PROG_FROM_VM, PROG_TO_VM},
     endpoint::{Host, ServiceSpec, PROTOCOL_TCP, PROTOCOL_UDP},
     types::CloudId,
 };
 use atoll_dataplane_common::{
     flow_hash, ipv4_to_map, nat_port_candidate, Backend, Direction, DropReason, EndpointInfo,
-    FlowIn, FlowKey, FlowOut, NextHop, RouteKey, TrafficClass, VipService, MAX_BACKENDS,
-    NAT_PORT_TRIES, NEXTHOP_ENDPOINT, NEXTHOP_VIP,
+    FlowIn, FlowKey, FlowOut, NextHop, RouteKey, TrafficClass, VipService, CACHE_CREDIT,
+    MAX_BACKENDS, NAT_PORT_TRIES, NEXTHOP_ENDPOINT, NEXTHOP_VIP,
 };
 use atoll_testbed::{
     frame::{self, Tcp, Udp, TCP_ACK, TCP_PSH},
@@ -473,6 +474,12 @@ impl Plane {
         }
         dp.insert_endpoint(TEST_IFINDEX, A.info())
             .expect("endpoint");
+        // The providers' guests on devices of their own, as the agent writes them: an
+        // established flow's cached path checks its backend's device in `ENDPOINT_CACHE`.
+        for g in [B1, B2, C] {
+            dp.insert_endpoint(g.hop().ifindex, g.info())
+                .expect("backend endpoint");
+        }
         let mut plane = Plane {
             host,
             from_vm,
@@ -1297,7 +1304,10 @@ fn a_replaced_grant_cuts_its_flows_in_both_directions() {
     for (p, reply_first) in [(Proto::Udp, false), (Proto::Tcp, true)] {
         plane.send_as(A);
         let sport = 42000;
-        plane.expect_redirect(&to_vip(p, sport, b"q"), "the flow");
+        // Three packets: the flow is cached and its last packet took the cached path.
+        for _ in 0..3 {
+            plane.expect_redirect(&to_vip(p, sport, b"q"), "the flow");
+        }
         let b = predicted_backend(&consumer_key(p, sport), &[B1, B2]);
         plane.send_as(b);
         plane.expect_redirect(&to_nat(p, b, sport, b"r"), "its reply");
@@ -1350,17 +1360,27 @@ fn a_replaced_grant_cuts_its_flows_in_both_directions() {
             Some(&flow_out(new_grant, (b.ip, p.backend_port()), sport))
         );
     }
-    // A service now of another provider (same grant number, defensively): replies from the
-    // old provider's backend are cut too.
+    // A grant number given to another service in place (another provider) is refused: the
+    // programs take a route naming a flow's grant as proof the flow is granted. With a new
+    // number, the old provider's NAT address goes with the old service: its replies are cut.
     let p = Proto::Udp;
     let mut svc = p.service(102, &[B1, B2]);
     svc.provider = 4;
+    let refused = plane
+        .host
+        .dataplane_mut()
+        .set_vip(CONSUMER, map_ip(p.vip()), svc);
+    assert!(
+        matches!(refused, Err(DataplaneError::EntryExists { .. })),
+        "{refused:?}"
+    );
+    svc.grant = 103;
     plane.set_vip(p.vip(), svc);
     let b = predicted_backend(&consumer_key(p, 42000), &[B1, B2]);
     plane.send_as(b);
     plane.expect_drop(
         &to_nat(p, b, 42000, b"r"),
-        DropReason::ExposureRevoked,
+        DropReason::NoRouteInCloud,
         "reply from the old provider",
     );
     // Removed: nothing reaches either address any more.
@@ -1531,8 +1551,12 @@ fn a_flow_whose_nat_port_was_taken_moves_to_another_one() {
         let sport = 46000;
         let what = format!("{p:?}");
         plane.send_as(A);
-        let out = plane.expect_redirect(&to_vip(p, sport, b"q"), &what);
-        assert_eq!(out, translated_to_backend(p, B1, sport, b"q"));
+        // Three packets: the second confirms the hold and caches the flow, the third takes
+        // the cached path (`FLOWS_RECENT`), which must notice the take-over below too.
+        for _ in 0..3 {
+            let out = plane.expect_redirect(&to_vip(p, sport, b"q"), &what);
+            assert_eq!(out, translated_to_backend(p, B1, sport, b"q"));
+        }
         plane
             .flows_in
             .remove(&reply_key(p, B1, sport))
@@ -1761,4 +1785,51 @@ fn malformed_frames_on_the_exposure_paths_are_all_counted() {
         );
     }
     assert!(redirected > 0, "some mutants are still valid: {reasons:?}");
+}
+
+/// The cached path of established flows (`FLOWS_RECENT`, module docs of `exposure.rs`): once
+/// cached, a flow is translated without its flow table entries, for at most `CACHE_CREDIT`
+/// packets, after which it looks them up again (here: admitted again, same backend and port);
+/// and it never outlives its backend's endpoint.
+#[test]
+fn cached_flows_go_back_to_the_tables_within_the_credit_and_never_outlive_their_backend() {
+    let mut plane = Plane::new();
+    let p = Proto::Udp;
+    plane.set_vip(p.vip(), p.service(p.grant(), &[B1]));
+    plane.send_as(A);
+    let sport = 47000;
+    for _ in 0..2 {
+        let out = plane.expect_redirect(&to_vip(p, sport, b"q"), "the flow, cached");
+        assert_eq!(out, translated_to_backend(p, B1, sport, b"q"));
+    }
+    plane
+        .flows_out
+        .remove(&consumer_key(p, sport))
+        .expect("FLOWS_OUT entry");
+    let mut sent = 0;
+    while !plane.flows_out().contains_key(&Key(consumer_key(p, sport))) {
+        assert!(
+            sent <= CACHE_CREDIT,
+            "{sent} packets after its entry went, the flow still runs from the cache"
+        );
+        let out = plane.expect_redirect(&to_vip(p, sport, b"q"), "the flow, entry gone");
+        assert_eq!(out, translated_to_backend(p, B1, sport, b"q"));
+        sent += 1;
+    }
+    assert!(sent > 1, "the cache was never used ({sent} packet)");
+    // The backend's endpoint goes (its device and route): the cached path does not deliver
+    // to the device any more.
+    plane.expect_redirect(&to_vip(p, sport, b"q"), "cached again");
+    let dp = plane.host.dataplane_mut();
+    dp.remove_endpoint(B1.hop().ifindex).expect("B1's endpoint");
+    dp.remove_route(RouteKey {
+        cloud: B1.cloud,
+        ipv4: map_ip(B1.ip),
+    })
+    .expect("B1's route");
+    plane.expect_drop(
+        &to_vip(p, sport, b"q"),
+        DropReason::ExposureNoBackend,
+        "a flow whose backend is gone",
+    );
 }

@@ -46,25 +46,28 @@
 //!   cloud can hold every port to a destination (`EGRESS_NAT_PORTS_PER_CLOUD`).
 //! - **Established flows are cached.** An established packet looked its flow up in
 //!   `EGRESS_OUT` and its reservation up in `EGRESS_IN`; the two LRU lookups were about 40%
-//!   of the path (measured: skipping the reservation's alone took it from ~97 to ~67 ns). Two
-//!   direct-mapped arrays now answer first, each slot chosen by [`cache_slot`] (one
-//!   multiplication of the folded key) and valid for [`CACHE_CREDIT`] packets:
-//!   `EGRESS_RECENT`, the flow's translation by its key, and `EGRESS_HELD`, "flow
-//!   `(cloud, guest:port)` holds the port of this reply key". A slot matches only on every
-//!   field of the key and holder (no hash decides; a guest steering its flows onto others'
-//!   slots only sends them to the tables). A mismatch or spent credit looks the table up and
-//!   fills the slot again. The guarantee of "A NAT port has one holder" (see `exposure`) is
-//!   kept: a flow that takes a port writes that port's `EGRESS_HELD` slot before it sends, so
-//!   the previous holder, whose reservation was evicted, misses on its next packet and opens
-//!   its flow again, as it did when it looked `EGRESS_IN` up. What the credit relaxes: an
-//!   `EGRESS_IN` entry evicted while nobody takes its port is reserved again within 32
-//!   packets instead of at once, and outgoing packets refresh the tables' LRU recency every
-//!   32nd packet (replies still every time). A slot is never trusted for the policy: the
-//!   cached generation is compared with the cloud's on every packet, as the table's was; a
-//!   cut flow's slot is emptied, and an `EGRESS_OUT` entry evicted behind its slot is looked
-//!   for again within 32 packets (reopened on the port it still holds). Two CPUs writing one
-//!   slot at once can leave it torn; a torn slot matches neither flow unless every field
-//!   compared came from one of the writes, and then says what that write said.
+//!   of the path (measured: skipping the reservation's alone took it from ~97 to ~67 ns).
+//!   `EGRESS_RECENT`, a direct-mapped array (slot [`cache_slot`] of the flow key), holds the
+//!   flow's translation, valid for [`CACHE_CREDIT`] packets and only on an exact match of
+//!   every key field (no hash decides: a guest steering its flows onto others' slots only
+//!   sends them to the tables). That the flow still holds its NAT port is proved by a
+//!   version: `EGRESS_HELD[cache_slot(reply key)]` is incremented by every new reservation of
+//!   a port whose reply key falls there, and the slot records the version read *before*
+//!   `EGRESS_IN` confirmed the hold. A flow that takes a port (after the previous holder's
+//!   entry was evicted) increments it after its insert, so the previous holder's next packet
+//!   sees another version and looks `EGRESS_IN` up, as it did on every packet before: "A NAT
+//!   port has one holder" (see `exposure`) holds at once. Unrelated reservations that share
+//!   the slot only send flows to the tables. The increment is not atomic: two CPUs may both
+//!   store the same value, which still differs from every version read before either. A
+//!   flow's own reservation moves the version it would record, so a flow is cached by its
+//!   second packet. What the credit relaxes: an `EGRESS_IN` entry evicted while nobody takes
+//!   its port, or an `EGRESS_OUT` entry evicted, is noticed (and the flow opened again, on the
+//!   same port) within 32 packets instead of at once, and outgoing packets refresh the
+//!   tables' LRU recency every 32nd packet (replies still every time). The policy is never
+//!   cached: the generation is compared with the cloud's on every packet, and a renewed or cut
+//!   flow's slot is emptied. Two CPUs writing one slot at once can leave it torn; a torn slot
+//!   matches a key only if every field compared came from one write, and then says what that
+//!   write said. Measured cost: two more random memory accesses for a flow's first packet.
 //! - **Replies skip `EGRESS_OUT`.** `EGRESS_IN` records the generation its flow was admitted
 //!   under; a reply of a flow whose cloud still has that generation is delivered after one
 //!   flow lookup. Other replies look at `EGRESS_OUT` as before (decide again, cut or renew).
@@ -91,12 +94,11 @@
 //!   endpoint, from guest going out and to guest coming back.
 
 use atoll_dataplane_common::{
-    cache_slot, egress_nat_port, flow_hash, Direction, DropReason, EgressCloud, EgressHeld,
-    EgressHost, EgressIn, EgressMeter, EgressOut, EgressRecent, EgressRuleKey, EgressRules,
-    EndpointInfo, FlowKey, IngressFlow, NextHop, RefusedCount, RefusedKey, TrafficClass,
-    CACHE_CREDIT, CACHE_SLOTS, EGRESS_MODE_ALLOW, EGRESS_MODE_ALLOWLIST,
-    EGRESS_NAT_PORTS_PER_CLOUD, EGRESS_NAT_PORT_TRIES, NEXTHOP_ENDPOINT, NO_BUDGET,
-    RULES_PER_PREFIX,
+    cache_slot, egress_nat_port, flow_hash, Direction, DropReason, EgressCloud, EgressHost,
+    EgressIn, EgressMeter, EgressOut, EgressRecent, EgressRuleKey, EgressRules, EndpointInfo,
+    FlowKey, IngressFlow, NextHop, RefusedCount, RefusedKey, TrafficClass, CACHE_CREDIT,
+    CACHE_SLOTS, EGRESS_MODE_ALLOW, EGRESS_MODE_ALLOWLIST, EGRESS_NAT_PORTS_PER_CLOUD,
+    EGRESS_NAT_PORT_TRIES, NEXTHOP_ENDPOINT, NO_BUDGET, RULES_PER_PREFIX,
 };
 use aya_ebpf::{
     helpers::bpf_ktime_get_boot_ns,
@@ -150,10 +152,10 @@ pub static EGRESS_IN: LruHashMap<FlowKey, EgressIn> = LruHashMap::with_max_entri
 #[map]
 pub static EGRESS_RECENT: Array<EgressRecent> = Array::with_max_entries(CACHE_SLOTS, 0);
 
-/// NAT port reservations recently confirmed, direct-mapped by reply key (see "Established
-/// flows are cached" in the module docs).
+/// Versions of the NAT port reservations, by [`cache_slot`] of their reply keys: incremented
+/// by every new reservation (see "Established flows are cached" in the module docs).
 #[map]
-pub static EGRESS_HELD: Array<EgressHeld> = Array::with_max_entries(CACHE_SLOTS, 0);
+pub static EGRESS_HELD: Array<u32> = Array::with_max_entries(CACHE_SLOTS, 0);
 
 /// Cloud → the state of its rate limit and budget (programs only; the agent removes a
 /// cloud's entry with its egress). Sized by the agent (`dataplane.max_endpoints`).
@@ -227,7 +229,12 @@ pub fn from_guest(
         l4.dst_port,
         l4.protocol,
     );
-    let out = established(&key);
+    let recent = recent_flow(&key);
+    let out = match recent {
+        Some((flow, _)) => Some(flow),
+        // SAFETY: the value is copied out at once.
+        None => unsafe { EGRESS_OUT.get(key) }.copied(),
+    };
     if out.is_none() && l4.protocol != IPPROTO_ICMP {
         // A reply to a connection to a published port is not egress (see `ingress`).
         match ingress::reply(&key) {
@@ -255,7 +262,7 @@ pub fn from_guest(
             }
             renew(&key, f, cloud.generation)
         }
-        Some(f) if holds_nat_port(&key, &f) => f,
+        Some(f) if recent.is_some_and(|(_, held)| held) || holds_nat_port(&key, &f) => f,
         previous => {
             if let Err(reason) = decide(ep.cloud, cloud, daddr, l4.protocol, l4.dst_port) {
                 return refuse(ep.cloud, daddr, &l4, reason);
@@ -492,43 +499,48 @@ fn matches(rules: &EgressRules, protocol: u8, port: u16, now: u64) -> bool {
     false
 }
 
-/// The flow's `EGRESS_OUT` entry: from its `EGRESS_RECENT` slot if that matches exactly and has
-/// credit left, else looked up (which fills the slot again).
+/// The flow's translation from its `EGRESS_RECENT` slot, if that matches the key exactly and
+/// has credit left, and whether the flow still holds its NAT port by the slot (no new
+/// reservation in its reply key's `EGRESS_HELD` slot since the flow was confirmed).
 #[inline(always)]
-fn established(key: &FlowKey) -> Option<EgressOut> {
-    let slot = EGRESS_RECENT.get_ptr_mut(cache_slot(key));
-    if let Some(s) = slot {
-        // SAFETY: a value of an array (never freed); plain loads and one store (see "Established
-        // flows are cached" in the module docs on concurrent writers).
-        unsafe {
-            if (*s).credit > 0 && same_key(&(*s).key, key) {
-                (*s).credit -= 1;
-                return Some(EgressOut {
-                    egress_ipv4: (*s).egress_ipv4,
-                    generation: (*s).generation,
-                    nat_port: (*s).nat_port,
-                    _pad: 0,
-                });
-            }
+fn recent_flow(key: &FlowKey) -> Option<(EgressOut, bool)> {
+    let s = EGRESS_RECENT.get_ptr_mut(cache_slot(key))?;
+    // SAFETY: a value of an array (never freed); plain loads and one store (see "Established
+    // flows are cached" in the module docs on concurrent writers).
+    let (flow, held_slot, held_version) = unsafe {
+        if (*s).credit == 0 || !same_key(&(*s).key, key) {
+            return None;
         }
-    }
-    // SAFETY: the value is copied out at once.
-    let out = unsafe { EGRESS_OUT.get(key) }.copied();
-    if let Some(f) = out {
-        remember_flow(key, &f);
-    }
-    out
+        (*s).credit -= 1;
+        (
+            EgressOut {
+                egress_ipv4: (*s).egress_ipv4,
+                generation: (*s).generation,
+                nat_port: (*s).nat_port,
+                _pad: 0,
+            },
+            (*s).held_slot,
+            (*s).held_version,
+        )
+    };
+    let held = EGRESS_HELD
+        .get(held_slot)
+        .is_some_and(|v| *v == held_version);
+    Some((flow, held))
 }
 
-/// Fills the `EGRESS_RECENT` slot of `key` with its translation.
+/// Fills the `EGRESS_RECENT` slot of `key` with its translation and the reservation version
+/// read at `held` before its hold was confirmed.
 #[inline(always)]
-fn remember_flow(key: &FlowKey, flow: &EgressOut) {
+fn remember_flow(key: &FlowKey, flow: &EgressOut, (held_slot, held_version): (u32, u32)) {
     if let Some(s) = EGRESS_RECENT.get_ptr_mut(cache_slot(key)) {
         // SAFETY: a value of an array (never freed); plain field stores.
         unsafe {
             write_key(core::ptr::addr_of_mut!((*s).key), key);
             (*s).egress_ipv4 = flow.egress_ipv4;
             (*s).generation = flow.generation;
+            (*s).held_slot = held_slot;
+            (*s).held_version = held_version;
             (*s).nat_port = flow.nat_port;
             (*s).credit = CACHE_CREDIT;
         }
@@ -545,6 +557,25 @@ fn forget_flow(key: &FlowKey) {
                 (*s).credit = 0;
             }
         }
+    }
+}
+
+/// The `EGRESS_HELD` slot of `reply` and the version it holds now.
+#[inline(always)]
+fn held_version(reply: &FlowKey) -> (u32, u32) {
+    let slot = cache_slot(reply);
+    (slot, EGRESS_HELD.get(slot).copied().unwrap_or(0))
+}
+
+/// Marks a new reservation of `reply`'s NAT port: the flow that held it before (its entry was
+/// evicted) finds its `EGRESS_RECENT` slot out of date on its next packet.
+#[inline(always)]
+fn reserved(reply: &FlowKey) {
+    if let Some(v) = EGRESS_HELD.get_ptr_mut(cache_slot(reply)) {
+        // SAFETY: a value of an array (never freed). Not atomic: two CPUs reserving ports of
+        // one slot at once may both store the same increment, which still differs from every
+        // version a flow read before either reservation.
+        unsafe { *v = (*v).wrapping_add(1) };
     }
 }
 
@@ -576,54 +607,20 @@ fn reply_value(key: &FlowKey, generation: u32) -> EgressIn {
     }
 }
 
-/// True if the flow still holds its NAT port: its `EGRESS_HELD` slot says so and has credit
-/// left, else its `EGRESS_IN` entry exists and names it (the lookup also marks it used), which
-/// fills the slot again. See "A NAT port has one holder" in `exposure` and "Established flows
-/// are cached" in the module docs.
+/// True if the flow still holds its NAT port: its `EGRESS_IN` entry exists and names it (the
+/// lookup also marks it used). Confirmed, the flow's `EGRESS_RECENT` slot is filled with the
+/// reservation version read before the lookup. See "A NAT port has one holder" in `exposure`
+/// and "Established flows are cached" in the module docs.
 #[inline(always)]
 fn holds_nat_port(key: &FlowKey, flow: &EgressOut) -> bool {
     let reply = reply_key(key, flow.egress_ipv4, flow.nat_port);
-    let slot = EGRESS_HELD.get_ptr_mut(cache_slot(&reply));
-    if let Some(s) = slot {
-        // SAFETY: a value of an array (never freed), read and written with plain loads and
-        // one store; a slot another CPU writes at the same time may read torn, which matches
-        // at most what one of the two writes said (see module docs).
-        unsafe {
-            if (*s).credit > 0
-                && (*s).cloud == key.cloud
-                && (*s).guest_ipv4 == key.src_ipv4
-                && (*s).guest_port == key.src_port
-                && same_key(&(*s).reply, &reply)
-            {
-                (*s).credit -= 1;
-                return true;
-            }
-        }
-    }
+    let version = held_version(&reply);
     // SAFETY: the value is only compared.
     let held = unsafe { EGRESS_IN.get(reply) }.is_some_and(|v| v.same_flow(&reply_value(key, 0)));
     if held {
-        remember_holder(&reply, key);
+        remember_flow(key, flow, version);
     }
     held
-}
-
-/// Fills the `EGRESS_HELD` slot of `reply` (whose NAT port the flow `key` just reserved or
-/// was confirmed to hold): the slot's previous flow, if another, checks `EGRESS_IN` on its
-/// next packet.
-#[inline(always)]
-fn remember_holder(reply: &FlowKey, key: &FlowKey) {
-    if let Some(s) = EGRESS_HELD.get_ptr_mut(cache_slot(reply)) {
-        // SAFETY: a value of an array (never freed); plain field stores (see module docs on
-        // concurrent writers).
-        unsafe {
-            write_key(core::ptr::addr_of_mut!((*s).reply), reply);
-            (*s).cloud = key.cloud;
-            (*s).guest_ipv4 = key.src_ipv4;
-            (*s).guest_port = key.src_port;
-            (*s).credit = CACHE_CREDIT;
-        }
-    }
 }
 
 /// Records that the flow is allowed under `generation` (its `EGRESS_IN` entry keeps the
@@ -632,7 +629,8 @@ fn remember_holder(reply: &FlowKey, key: &FlowKey) {
 fn renew(key: &FlowKey, mut flow: EgressOut, generation: u32) -> EgressOut {
     flow.generation = generation;
     let _ = EGRESS_OUT.insert(key, flow, BPF_ANY);
-    remember_flow(key, &flow);
+    // The next packet confirms the hold and fills the slot with the new generation.
+    forget_flow(key);
     flow
 }
 
@@ -682,6 +680,7 @@ fn open_flow(
         let reply = reply_key(key, egress_ipv4, candidate);
         // Only a port no entry holds is taken (`BPF_NOEXIST` is atomic against other CPUs).
         if EGRESS_IN.insert(reply, back, BPF_NOEXIST).is_ok() {
+            reserved(&reply);
             nat_port = candidate;
             break;
         }
@@ -695,7 +694,6 @@ fn open_flow(
     if nat_port == 0 {
         return Err(DropReason::EgressNatPortsExhausted);
     }
-    remember_holder(&reply_key(key, egress_ipv4, nat_port), key);
     let flow = EgressOut {
         egress_ipv4,
         generation: cloud.generation,
@@ -706,7 +704,8 @@ fn open_flow(
         let _ = EGRESS_IN.remove(reply_key(key, egress_ipv4, nat_port));
         return Err(DropReason::EgressNatPortsExhausted);
     }
-    remember_flow(key, &flow);
+    // Not cached yet: the flow's next packet confirms its hold and fills its slot (its own
+    // reservation moved the version it would have read now).
     Ok(flow)
 }
 

@@ -33,3 +33,13 @@ pub fn lookup(ifindex: u32) -> Option<&'static EndpointInfo> {
     // a half-written identity.
     unsafe { ENDPOINTS.get(ifindex) }
 }
+
+/// The identity of the endpoint on device `ifindex` if `ENDPOINT_CACHE` holds it (no hash
+/// fallback: for callers that have another way when it does not).
+#[inline(always)]
+pub fn cached(ifindex: u32) -> Option<&'static EndpointInfo> {
+    ENDPOINT_CACHE
+        .get(ifindex & ENDPOINT_CACHE_MASK)
+        .filter(|slot| slot.ifindex == ifindex)
+        .map(|slot| &slot.info)
+}

@@ -50,6 +50,20 @@
 //!   consistent under LRU eviction) and still leaves a stale `FLOWS_OUT` entry sending from a
 //!   port it no longer holds. Replies the backend sends on the old connection after the port
 //!   changed hands reach the new holder, as with any NAT that reuses a port.
+//! - **Established flows are cached** (as egress's, see "Established flows are cached" in
+//!   `egress` for the version that proves a flow still holds its NAT port, the credit, and
+//!   torn slots). `FLOWS_RECENT` (slot [`cache_slot`] of the consumer's flow key) holds what
+//!   an established consumer flow needs: grant, provider, NAT address, backend and its
+//!   device, NAT port, and the reservation version (`FLOWS_HELD`). A packet whose slot
+//!   matches exactly, has credit, was admitted under the grant the VIP's route names now
+//!   (routes of exposure addresses carry their grant in `NextHop::ifindex`; the route lookup
+//!   runs for every packet anyway), whose version is current and whose backend device
+//!   `ENDPOINT_CACHE` still says is `(provider, backend)`, is translated without `VIPS`,
+//!   `FLOWS_OUT`, `FLOWS_IN` or the backend's route; anything else takes them and fills the
+//!   slot again. A grant number names one service: the agent never gives a number to another
+//!   service in place (`Dataplane::set_vip` refuses), so a route naming the flow's grant
+//!   proves the grant, as `VIPS` did. Replies (`from_provider`) skip `VIPS` the same way when
+//!   the NAT address's route names the flow's grant (one NAT address per live grant).
 //! - **ICMP is not translated** (`exposure_icmp`): echo to a VIP is not a service, and ICMP
 //!   errors would need their embedded headers translated. Within one host every device has the
 //!   same MTU, so no fragmentation-needed error can arise on this path; a TCP or UDP socket
@@ -64,19 +78,19 @@
 //!   guest" and the receiver "to guest".
 
 use atoll_dataplane_common::{
-    flow_hash, nat_port_candidate, Direction, DropReason, EndpointInfo, FlowIn, FlowKey, FlowOut,
-    RouteKey, TrafficClass, VipService, MAX_BACKENDS, NAT_PORT_TRIES, NEXTHOP_ENDPOINT,
-    NEXTHOP_NAT_SOURCE, NEXTHOP_VIP,
+    cache_slot, flow_hash, nat_port_candidate, Direction, DropReason, EndpointInfo, FlowIn,
+    FlowKey, FlowOut, FlowRecent, RouteKey, TrafficClass, VipService, CACHE_CREDIT, CACHE_SLOTS,
+    MAX_BACKENDS, NAT_PORT_TRIES, NEXTHOP_ENDPOINT, NEXTHOP_NAT_SOURCE, NEXTHOP_VIP,
 };
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
     macros::map,
-    maps::{HashMap, LruHashMap},
+    maps::{Array, HashMap, LruHashMap},
     programs::TcContext,
 };
 
 use crate::{
-    metering,
+    endpoint, metering,
     packet::{self, EthHdr, Ipv4Hdr, Packet, Ports, Rewrite, IPPROTO_ICMP},
     route, Verdict,
 };
@@ -95,6 +109,15 @@ pub static FLOWS_OUT: LruHashMap<FlowKey, FlowOut> = LruHashMap::with_max_entrie
 /// Provider's view of a reply → the consumer flow it belongs to. Same size as `FLOWS_OUT`.
 #[map]
 pub static FLOWS_IN: LruHashMap<FlowKey, FlowIn> = LruHashMap::with_max_entries(131072, 0);
+
+/// What established consumer flows need, by flow key (see "Established flows are cached").
+#[map]
+pub static FLOWS_RECENT: Array<FlowRecent> = Array::with_max_entries(CACHE_SLOTS, 0);
+
+/// Versions of the NAT port reservations, by [`cache_slot`] of their reply keys: incremented
+/// by every new reservation (see "Established flows are cached").
+#[map]
+pub static FLOWS_HELD: Array<u32> = Array::with_max_entries(CACHE_SLOTS, 0);
 
 const BPF_NOEXIST: u64 = 1;
 const BPF_ANY: u64 = 0;
@@ -119,15 +142,15 @@ pub fn translate(
     ip: *mut Ipv4Hdr,
     total_len: u16,
     ep: &EndpointInfo,
-    hop_flags: u16,
+    (hop_flags, route_grant): (u16, u32),
 ) -> Verdict {
     let l4 = match parse_l4(pkt, ip, total_len) {
         Ok(l4) => l4,
         Err(reason) => return Verdict::Drop(reason),
     };
     match hop_flags {
-        NEXTHOP_VIP => from_consumer(ctx, pkt, eth, ip, ep, &l4),
-        NEXTHOP_NAT_SOURCE => from_provider(ctx, pkt, eth, ip, ep, &l4),
+        NEXTHOP_VIP => from_consumer(ctx, pkt, eth, ip, ep, &l4, route_grant),
+        NEXTHOP_NAT_SOURCE => from_provider(ctx, pkt, eth, ip, ep, &l4, route_grant),
         _ => Verdict::Drop(DropReason::NoRouteInCloud),
     }
 }
@@ -225,9 +248,44 @@ fn from_consumer(
     ip: *mut Ipv4Hdr,
     ep: &EndpointInfo,
     l4: &L4,
+    route_grant: u32,
 ) -> Verdict {
     // SAFETY: `ip` was bounds-checked by the caller.
     let vip = unsafe { (*ip).daddr() };
+    let key = flow_key(
+        ep.cloud,
+        ep.ipv4,
+        vip,
+        l4.src_port,
+        l4.dst_port,
+        l4.protocol,
+    );
+    if let Some(c) = recent(&key, route_grant) {
+        if FLOWS_HELD
+            .get(c.held_slot)
+            .is_some_and(|v| *v == c.held_version)
+        {
+            if let Some(info) = endpoint::cached(c.backend_ifindex) {
+                if info.cloud == c.service.provider && info.ipv4 == c.backend_ipv4 {
+                    return deliver_to(
+                        ctx,
+                        pkt,
+                        eth,
+                        ip,
+                        ep,
+                        l4,
+                        (c.backend_ifindex, info.slot, &info.mac),
+                        Translation {
+                            src: (ep.ipv4, c.service.nat_ipv4),
+                            dst: (vip, c.backend_ipv4),
+                            src_port: c.nat_port,
+                            dst_port: c.backend_port,
+                        },
+                    );
+                }
+            }
+        }
+    }
     // SAFETY: entries are replaced whole by the agent, never written in place.
     let Some(svc) = (unsafe {
         VIPS.get(RouteKey {
@@ -240,38 +298,53 @@ fn from_consumer(
     if svc.protocol != l4.protocol || svc.port != l4.dst_port {
         return Verdict::Drop(DropReason::ExposureNoService);
     }
-    let key = flow_key(
-        ep.cloud,
-        ep.ipv4,
-        vip,
-        l4.src_port,
-        l4.dst_port,
-        l4.protocol,
-    );
+    let service = Granted {
+        grant: svc.grant,
+        provider: svc.provider,
+        nat_ipv4: svc.nat_ipv4,
+    };
     // SAFETY: the value is copied out at once.
     let flow = match unsafe { FLOWS_OUT.get(key) }.copied() {
         Some(f) if f.grant != svc.grant => {
+            forget_recent(&key);
             let _ = FLOWS_OUT.remove(key);
             return Verdict::Drop(DropReason::ExposureRevoked);
         }
-        Some(f) if holds_nat_port(&key, svc, &f) => f,
-        // The reply half was evicted, or its NAT port now belongs to another flow: this flow
-        // is dead and is opened again (see "A NAT port has one holder" in the module docs).
-        previous => match open_flow(&key, svc, previous) {
-            Ok(f) => f,
+        Some(f) => match holds_nat_port(&key, &service, &f) {
+            Some(version) => (f, Some(version)),
+            // The reply half was evicted, or its NAT port now belongs to another flow: this
+            // flow is dead and is opened again (see "A NAT port has one holder" in the module
+            // docs).
+            None => match open_flow(&key, svc, &service, Some(f)) {
+                Ok(f) => (f, None),
+                Err(reason) => return Verdict::Drop(reason),
+            },
+        },
+        None => match open_flow(&key, svc, &service, None) {
+            Ok(f) => (f, None),
             Err(reason) => return Verdict::Drop(reason),
         },
     };
-    deliver(
+    let (flow, confirmed) = flow;
+    let hop = match route::lookup(svc.provider, flow.backend_ipv4) {
+        Some(hop) if hop.flags == NEXTHOP_ENDPOINT => hop,
+        _ => return Verdict::Drop(DropReason::ExposureNoBackend),
+    };
+    let (ifindex, slot, mac) = (hop.ifindex, hop.slot, hop.mac);
+    // A flow just opened is cached by its next packet, which confirms its hold (its own
+    // reservation moved the version it would read now).
+    if let Some(version) = confirmed {
+        remember_recent(&key, &service, &flow, ifindex, version);
+    }
+    deliver_to(
         ctx,
         pkt,
         eth,
         ip,
         ep,
         l4,
+        (ifindex, slot, &mac),
         Translation {
-            to: (svc.provider, flow.backend_ipv4),
-            missing: DropReason::ExposureNoBackend,
             src: (ep.ipv4, svc.nat_ipv4),
             dst: (vip, flow.backend_ipv4),
             src_port: flow.nat_port,
@@ -280,26 +353,136 @@ fn from_consumer(
     )
 }
 
+/// What a flow needs of its grant's service.
+#[derive(Clone, Copy)]
+struct Granted {
+    grant: u32,
+    provider: u32,
+    nat_ipv4: u32,
+}
+
+/// An established consumer flow as its `FLOWS_RECENT` slot has it.
+struct Recent {
+    service: Granted,
+    backend_ipv4: u32,
+    backend_ifindex: u32,
+    held_slot: u32,
+    held_version: u32,
+    backend_port: u16,
+    nat_port: u16,
+}
+
+/// The flow's `FLOWS_RECENT` slot if it matches exactly, has credit left and was admitted
+/// under the grant the VIP's route names now (`route_grant`; 0: unknown, no fast path).
+#[inline(always)]
+fn recent(key: &FlowKey, route_grant: u32) -> Option<Recent> {
+    if route_grant == 0 {
+        return None;
+    }
+    let s = FLOWS_RECENT.get_ptr_mut(cache_slot(key))?;
+    // SAFETY: a value of an array (never freed); plain loads and one store (see "Established
+    // flows are cached" in the module docs on concurrent writers).
+    unsafe {
+        if (*s).credit == 0 || (*s).grant != route_grant || !same_key(&(*s).key, key) {
+            return None;
+        }
+        (*s).credit -= 1;
+        Some(Recent {
+            service: Granted {
+                grant: (*s).grant,
+                provider: (*s).provider,
+                nat_ipv4: (*s).nat_ipv4,
+            },
+            backend_ipv4: (*s).backend_ipv4,
+            backend_ifindex: (*s).backend_ifindex,
+            held_slot: (*s).held_slot,
+            held_version: (*s).held_version,
+            backend_port: (*s).backend_port,
+            nat_port: (*s).nat_port,
+        })
+    }
+}
+
+/// Fills the `FLOWS_RECENT` slot of `key`, with the reservation version read before its hold
+/// was confirmed.
+#[inline(always)]
+fn remember_recent(
+    key: &FlowKey,
+    service: &Granted,
+    flow: &FlowOut,
+    backend_ifindex: u32,
+    (held_slot, held_version): (u32, u32),
+) {
+    if let Some(s) = FLOWS_RECENT.get_ptr_mut(cache_slot(key)) {
+        // SAFETY: a value of an array (never freed); plain field stores.
+        unsafe {
+            write_key(core::ptr::addr_of_mut!((*s).key), key);
+            (*s).grant = service.grant;
+            (*s).provider = service.provider;
+            (*s).nat_ipv4 = service.nat_ipv4;
+            (*s).backend_ipv4 = flow.backend_ipv4;
+            (*s).backend_ifindex = backend_ifindex;
+            (*s).held_slot = held_slot;
+            (*s).held_version = held_version;
+            (*s).backend_port = flow.backend_port;
+            (*s).nat_port = flow.nat_port;
+            (*s).credit = CACHE_CREDIT;
+        }
+    }
+}
+
+/// Empties the `FLOWS_RECENT` slot of `key` if it holds `key`.
+#[inline(always)]
+fn forget_recent(key: &FlowKey) {
+    if let Some(s) = FLOWS_RECENT.get_ptr_mut(cache_slot(key)) {
+        // SAFETY: as in `remember_recent`.
+        unsafe {
+            if same_key(&(*s).key, key) {
+                (*s).credit = 0;
+            }
+        }
+    }
+}
+
+/// The `FLOWS_HELD` slot of `reply` and the version it holds now.
+#[inline(always)]
+fn held_version(reply: &FlowKey) -> (u32, u32) {
+    let slot = cache_slot(reply);
+    (slot, FLOWS_HELD.get(slot).copied().unwrap_or(0))
+}
+
+/// Marks a new reservation of `reply`'s NAT port: the flow that held it before (its entry was
+/// evicted) finds its `FLOWS_RECENT` slot out of date on its next packet.
+#[inline(always)]
+fn reserved(reply: &FlowKey) {
+    if let Some(v) = FLOWS_HELD.get_ptr_mut(cache_slot(reply)) {
+        // SAFETY: a value of an array (never freed). Not atomic: two CPUs reserving ports of
+        // one slot at once may both store the same increment, which still differs from every
+        // version a flow read before either reservation.
+        unsafe { *v = (*v).wrapping_add(1) };
+    }
+}
+
 /// The provider-side half of a consumer flow: `FLOWS_IN`'s key for the backend's replies to
 /// the flow's NAT port, and the value that sends them back to the consumer.
 #[inline(always)]
 fn reply_half(
     key: &FlowKey,
-    svc: &VipService,
+    service: &Granted,
     backend_ipv4: u32,
     backend_port: u16,
     nat_port: u16,
 ) -> (FlowKey, FlowIn) {
     let reply = flow_key(
-        svc.provider,
+        service.provider,
         backend_ipv4,
-        svc.nat_ipv4,
+        service.nat_ipv4,
         backend_port,
         nat_port,
         key.protocol,
     );
     let back = FlowIn {
-        grant: svc.grant,
+        grant: service.grant,
         consumer_cloud: key.cloud,
         consumer_ipv4: key.src_ipv4,
         vip: key.dst_ipv4,
@@ -309,20 +492,24 @@ fn reply_half(
     (reply, back)
 }
 
-/// True if the flow `key` → `flow` still holds its NAT port: its `FLOWS_IN` entry exists and
-/// sends replies back to this very flow. The lookup also marks the entry used, so a flow
-/// active in either direction keeps both halves in the LRU maps.
+/// The reservation version of the flow's NAT port (`held_version`, read first) if the flow
+/// `key` → `flow` still holds the port: its `FLOWS_IN` entry exists and sends replies back to
+/// this very flow. The lookup also marks the entry used, so a flow active in either direction
+/// keeps both halves in the LRU maps.
 #[inline(always)]
-fn holds_nat_port(key: &FlowKey, svc: &VipService, flow: &FlowOut) -> bool {
+fn holds_nat_port(key: &FlowKey, service: &Granted, flow: &FlowOut) -> Option<(u32, u32)> {
     let (reply, back) = reply_half(
         key,
-        svc,
+        service,
         flow.backend_ipv4,
         flow.backend_port,
         flow.nat_port,
     );
+    let version = held_version(&reply);
     // SAFETY: the value is only compared.
-    unsafe { FLOWS_IN.get(reply) }.is_some_and(|f| *f == back)
+    unsafe { FLOWS_IN.get(reply) }
+        .is_some_and(|f| *f == back)
+        .then_some(version)
 }
 
 /// Admits a consumer flow: a new one (`previous` is `None`: backend by flow hash), or one whose
@@ -332,6 +519,7 @@ fn holds_nat_port(key: &FlowKey, svc: &VipService, flow: &FlowOut) -> bool {
 fn open_flow(
     key: &FlowKey,
     svc: &VipService,
+    service: &Granted,
     previous: Option<FlowOut>,
 ) -> Result<FlowOut, DropReason> {
     let hash = flow_hash(key);
@@ -353,12 +541,12 @@ fn open_flow(
         }
     };
     // A backend with no live endpoint here gets no flow entries, so it holds no NAT port
-    // (an established flow whose backend goes away is dropped in `deliver` instead and
+    // (an established flow whose backend goes away is dropped in `from_consumer` instead and
     // resumes when the backend returns).
     if route::lookup(svc.provider, backend_ipv4).is_none_or(|h| h.flags != NEXTHOP_ENDPOINT) {
         return Err(DropReason::ExposureNoBackend);
     }
-    let (mut reply, back) = reply_half(key, svc, backend_ipv4, backend_port, first_port);
+    let (mut reply, back) = reply_half(key, service, backend_ipv4, backend_port, first_port);
     let mut found = false;
     for attempt in 0..NAT_PORT_TRIES {
         if attempt > 0 {
@@ -366,6 +554,7 @@ fn open_flow(
         }
         // Only a port no entry holds is taken (`BPF_NOEXIST` is atomic against other CPUs).
         if FLOWS_IN.insert(reply, back, BPF_NOEXIST).is_ok() {
+            reserved(&reply);
             found = true;
             break;
         }
@@ -400,6 +589,7 @@ fn from_provider(
     ip: *mut Ipv4Hdr,
     ep: &EndpointInfo,
     l4: &L4,
+    route_grant: u32,
 ) -> Verdict {
     // SAFETY: `ip` was bounds-checked by the caller.
     let nat = unsafe { (*ip).daddr() };
@@ -415,15 +605,17 @@ fn from_provider(
     let Some(flow) = (unsafe { FLOWS_IN.get(key) }).copied() else {
         return Verdict::Drop(DropReason::ExposureNoFlow);
     };
-    // The grant must still be the VIP's (revocation cuts existing flows).
-    // SAFETY: only read.
-    let granted = unsafe {
-        VIPS.get(RouteKey {
-            cloud: flow.consumer_cloud,
-            ipv4: flow.vip,
-        })
-    }
-    .is_some_and(|svc| svc.grant == flow.grant && svc.provider == ep.cloud);
+    // The grant must still be the VIP's (revocation cuts existing flows): the NAT address's
+    // route names it (one NAT address per live grant), else `VIPS` decides.
+    let granted = (route_grant != 0 && route_grant == flow.grant)
+        // SAFETY: only read.
+        || unsafe {
+            VIPS.get(RouteKey {
+                cloud: flow.consumer_cloud,
+                ipv4: flow.vip,
+            })
+        }
+        .is_some_and(|svc| svc.grant == flow.grant && svc.provider == ep.cloud);
     if !granted {
         let _ = FLOWS_IN.remove(key);
         return Verdict::Drop(DropReason::ExposureRevoked);
@@ -435,9 +627,8 @@ fn from_provider(
         ip,
         ep,
         l4,
+        (flow.consumer_cloud, flow.consumer_ipv4),
         Translation {
-            to: (flow.consumer_cloud, flow.consumer_ipv4),
-            missing: DropReason::ExposureNoFlow,
             src: (ep.ipv4, flow.vip),
             dst: (nat, flow.consumer_ipv4),
             src_port: flow.vip_port,
@@ -446,19 +637,17 @@ fn from_provider(
     )
 }
 
-/// Where a translated frame goes and its new addressing; addresses as `(old, new)`.
+/// A translated frame's new addressing; addresses as `(old, new)`.
 struct Translation {
-    /// The receiving endpoint `(cloud, address)`, found in `ROUTES`.
-    to: (u32, u32),
-    /// Why the frame is dropped if the receiver is not a live endpoint on this host.
-    missing: DropReason,
     src: (u32, u32),
     dst: (u32, u32),
     src_port: u16,
     dst_port: u16,
 }
 
-/// Rewrites the frame for its receiver, meters it on both endpoints and redirects it.
+/// A reply back to its consumer endpoint `to` (`(cloud, address)`, found in `ROUTES`; not a
+/// live endpoint here: `exposure_no_flow`).
+#[allow(clippy::too_many_arguments)]
 #[inline(always)]
 fn deliver(
     ctx: &TcContext,
@@ -467,16 +656,34 @@ fn deliver(
     ip: *mut Ipv4Hdr,
     ep: &EndpointInfo,
     l4: &L4,
+    to: (u32, u32),
     t: Translation,
 ) -> Verdict {
-    let Some(hop) = route::lookup(t.to.0, t.to.1) else {
-        return Verdict::Drop(t.missing);
+    let Some(hop) = route::lookup(to.0, to.1) else {
+        return Verdict::Drop(DropReason::ExposureNoFlow);
     };
     if hop.flags != NEXTHOP_ENDPOINT {
-        return Verdict::Drop(t.missing);
+        return Verdict::Drop(DropReason::ExposureNoFlow);
     }
     let (ifindex, slot, mac) = (hop.ifindex, hop.slot, hop.mac);
-    if !rewrite(ctx, eth, ip, l4, (&ep.gateway_mac, &mac), &t) {
+    deliver_to(ctx, pkt, eth, ip, ep, l4, (ifindex, slot, &mac), t)
+}
+
+/// Rewrites the frame for the endpoint `(ifindex, slot, mac)`, meters it on both endpoints
+/// and redirects it.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn deliver_to(
+    ctx: &TcContext,
+    pkt: &Packet,
+    eth: *mut EthHdr,
+    ip: *mut Ipv4Hdr,
+    ep: &EndpointInfo,
+    l4: &L4,
+    (ifindex, slot, mac): (u32, u32, &[u8; 6]),
+    t: Translation,
+) -> Verdict {
+    if !rewrite(ctx, eth, ip, l4, (&ep.gateway_mac, mac), &t) {
         return Verdict::Drop(DropReason::ExposureRewriteFailed);
     }
     metering::traffic(

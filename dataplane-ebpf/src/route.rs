@@ -44,6 +44,8 @@ pub enum Forward {
         ip: *mut Ipv4Hdr,
         total_len: u16,
         flags: u16,
+        /// The grant the address belongs to (`NextHop::ifindex` of an exposure address).
+        grant: u32,
     },
 }
 
@@ -111,6 +113,7 @@ pub fn forward_ipv4(
             ip,
             total_len,
             flags: hop.flags,
+            grant: hop.ifindex,
         };
     }
     metering::traffic(

@@ -20,8 +20,10 @@ const BPF_ANY: u64 = 0;
 
 impl Dataplane {
     /// Installs (or replaces in place) the service of `(consumer, vip)`, its route and the
-    /// provider's NAT source route. Fails if either address is an endpoint's or another
-    /// kind of route.
+    /// provider's NAT source route, both carrying the grant; a replaced service's NAT route of
+    /// another address goes. Fails if either address is an endpoint's or another kind of
+    /// route, or if the grant number is the current service's but the service (provider, NAT
+    /// address, protocol, port) is not.
     pub fn set_vip(
         &mut self,
         consumer: u32,
@@ -36,7 +38,24 @@ impl Dataplane {
             cloud: svc.provider,
             ipv4: svc.nat_ipv4,
         };
-        // Refuse before writing anything.
+        // Refuse before writing anything. A grant number names one service: the programs
+        // take an exposure address's route naming a flow's grant as proof the flow is still
+        // granted (see `dataplane-ebpf/src/exposure.rs`), so a number is never given to
+        // another service (provider, NAT address, protocol or port) in place.
+        let current = self.vip(consumer, vip)?;
+        if let Some(current) = current {
+            let service = |s: &VipService| (s.provider, s.nat_ipv4, s.port, s.protocol);
+            if current.grant == svc.grant && service(&current) != service(&svc) {
+                return Err(DataplaneError::EntryExists {
+                    map: MAP_VIPS,
+                    what: format!(
+                        "grant {} for another service of VIP {} in cloud {consumer}",
+                        svc.grant,
+                        std::net::Ipv4Addr::from(ipv4_from_map(vip)),
+                    ),
+                });
+            }
+        }
         for (k, flags) in [(key, NEXTHOP_VIP), (nat, NEXTHOP_NAT_SOURCE)] {
             if let Some(hop) = self.route(k)? {
                 if hop.flags != flags {
@@ -61,20 +80,72 @@ impl Dataplane {
                 "max_vips",
             )
         })?;
+        // Both routes carry the grant (`NextHop::ifindex` of an exposure address): an
+        // established flow is checked against it without a look at `VIPS`.
         for (k, flags) in [(key, NEXTHOP_VIP), (nat, NEXTHOP_NAT_SOURCE)] {
-            if self.route(k)?.is_none() {
-                self.insert_route(
-                    k,
-                    NextHop {
-                        ifindex: 0,
-                        slot: 0,
-                        mac: [0; 6],
-                        flags,
-                    },
-                )?;
+            let hop = NextHop {
+                ifindex: svc.grant,
+                slot: 0,
+                mac: [0; 6],
+                flags,
+            };
+            match self.route(k)? {
+                None => self.insert_route(k, hop)?,
+                Some(current) if current != hop => {
+                    self.routes.insert(k, hop, BPF_ANY).map_err(|source| {
+                        DataplaneError::UpdateMap {
+                            map: MAP_ROUTES,
+                            source: Box::new(source),
+                        }
+                    })?
+                }
+                Some(_) => {}
+            }
+        }
+        // The replaced service's NAT address, if it had another, goes with it: its route
+        // names the old grant.
+        if let Some(old) =
+            current.filter(|c| (c.provider, c.nat_ipv4) != (svc.provider, svc.nat_ipv4))
+        {
+            let old_nat = RouteKey {
+                cloud: old.provider,
+                ipv4: old.nat_ipv4,
+            };
+            if self
+                .route(old_nat)?
+                .is_some_and(|h| h.flags == NEXTHOP_NAT_SOURCE && h.ifindex == old.grant)
+            {
+                self.remove_route(old_nat)?;
             }
         }
         Ok(())
+    }
+
+    /// True if both routes of the service `svc` of `(consumer, vip)` exist and carry its
+    /// grant (routes written by layout 6 carry 0: `set_vip` rewrites them).
+    pub fn vip_routes_current(
+        &self,
+        consumer: u32,
+        vip: u32,
+        svc: &VipService,
+    ) -> Result<bool, DataplaneError> {
+        let key = RouteKey {
+            cloud: consumer,
+            ipv4: vip,
+        };
+        let nat = RouteKey {
+            cloud: svc.provider,
+            ipv4: svc.nat_ipv4,
+        };
+        for (k, flags) in [(key, NEXTHOP_VIP), (nat, NEXTHOP_NAT_SOURCE)] {
+            if !self
+                .route(k)?
+                .is_some_and(|h| h.flags == flags && h.ifindex == svc.grant)
+            {
+                return Ok(false);
+            }
+        }
+        Ok(true)
     }
 
     /// Removes the service of `(consumer, vip)` and its routes; returns what it held. Existing

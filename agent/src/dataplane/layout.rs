@@ -268,15 +268,20 @@ const MIGRATIONS: &[Migration] = &[
             (maps::MAP_INGRESS_FLOWS, Step::New),
         ],
     },
-    // v7, cached established egress flows: `EgressIn` gained the generation its flow was
-    // admitted under (flows reopen on their next packet, on their old port when it is free);
-    // the flow caches are new.
+    // v7, cached established flows: `EgressIn` gained the generation its flow was admitted
+    // under (egress flows reopen on their next packet, on their old port when it is free);
+    // the flow caches are new; an exposure address's route carries its grant in
+    // `NextHop::ifindex`, where v6 routes have 0, which means "unknown" (those flows take the
+    // `VIPS` path until the agent rewrites the route, which it does when it applies the
+    // grant), so `ROUTES` is kept.
     Migration {
         to: 7,
         steps: &[
             (maps::MAP_EGRESS_IN, Step::New),
             (maps::MAP_EGRESS_RECENT, Step::New),
             (maps::MAP_EGRESS_HELD, Step::New),
+            (maps::MAP_FLOWS_RECENT, Step::New),
+            (maps::MAP_FLOWS_HELD, Step::New),
         ],
     },
 ];

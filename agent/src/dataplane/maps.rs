@@ -17,9 +17,9 @@
 //!   must agree with it.
 
 use atoll_dataplane_common::{
-    DnsService, EgressCloud, EgressHeld, EgressHost, EgressIn, EgressMeter, EgressOut,
-    EgressRecent, EgressRuleKey, EgressRules, EndpointCounters, EndpointInfo, EndpointSlot, FlowIn,
-    FlowKey, FlowOut, IngressAllowKey, IngressFlow, IngressKey, IngressTarget, NextHop,
+    DnsService, EgressCloud, EgressHost, EgressIn, EgressMeter, EgressOut, EgressRecent,
+    EgressRuleKey, EgressRules, EndpointCounters, EndpointInfo, EndpointSlot, FlowIn, FlowKey,
+    FlowOut, FlowRecent, IngressAllowKey, IngressFlow, IngressKey, IngressTarget, NextHop,
     RefusedCount, RefusedKey, RouteKey, VipService, CACHE_SLOTS, DROP_SLOTS, ENDPOINT_CACHE_SLOTS,
 };
 use aya::maps::MapType;
@@ -36,6 +36,8 @@ pub const MAP_SLOT_ENDPOINTS: &str = "SLOT_ENDPOINTS";
 pub const MAP_VIPS: &str = "VIPS";
 pub const MAP_FLOWS_OUT: &str = "FLOWS_OUT";
 pub const MAP_FLOWS_IN: &str = "FLOWS_IN";
+pub const MAP_FLOWS_RECENT: &str = "FLOWS_RECENT";
+pub const MAP_FLOWS_HELD: &str = "FLOWS_HELD";
 pub const MAP_EGRESS_HOST: &str = "EGRESS_HOST";
 pub const MAP_EGRESS_CLOUDS: &str = "EGRESS_CLOUDS";
 pub const MAP_EGRESS_NEVER: &str = "EGRESS_NEVER";
@@ -165,7 +167,7 @@ use Capacity::{Config, Fixed};
 use SizeSetting::*;
 
 /// Every map of the object, in pinning order.
-pub const REGISTRY: [MapSpec; 24] = [
+pub const REGISTRY: [MapSpec; 26] = [
     spec(
         MAP_ENDPOINTS,
         "endpoint",
@@ -257,6 +259,24 @@ pub const REGISTRY: [MapSpec; 24] = [
         Config(MaxFlows),
     ),
     spec(
+        MAP_FLOWS_RECENT,
+        "exposure",
+        MapType::Array,
+        size::<u32>(),
+        size::<FlowRecent>(),
+        0,
+        Fixed(CACHE_SLOTS),
+    ),
+    spec(
+        MAP_FLOWS_HELD,
+        "exposure",
+        MapType::Array,
+        size::<u32>(),
+        size::<u32>(),
+        0,
+        Fixed(CACHE_SLOTS),
+    ),
+    spec(
         MAP_EGRESS_HOST,
         "egress",
         MapType::Array,
@@ -333,7 +353,7 @@ pub const REGISTRY: [MapSpec; 24] = [
         "egress",
         MapType::Array,
         size::<u32>(),
-        size::<EgressHeld>(),
+        size::<u32>(),
         0,
         Fixed(CACHE_SLOTS),
     ),

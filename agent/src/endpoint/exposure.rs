@@ -99,7 +99,13 @@ impl Host {
                 if (c.provider, c.nat_ipv4, c.port, c.protocol)
                     == (svc.provider, svc.nat_ipv4, svc.port, svc.protocol) =>
             {
-                if c.count == svc.count && c.backends == svc.backends {
+                if c.count == svc.count
+                    && c.backends == svc.backends
+                    && self
+                        .dataplane
+                        .vip_routes_current(consumer, vip, &c)
+                        .map_err(program)?
+                {
                     return Ok(c.grant);
                 }
                 c.grant

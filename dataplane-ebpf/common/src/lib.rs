@@ -85,7 +85,10 @@ pub struct NextHop {
     /// Destination guest MAC, written as the frame's destination MAC.
     pub mac: [u8; 6],
     /// [`NEXTHOP_ENDPOINT`] for an endpoint; [`NEXTHOP_VIP`] or [`NEXTHOP_NAT_SOURCE`] for an
-    /// exposure address (then `ifindex`, `slot` and `mac` are 0 and the exposure maps decide).
+    /// exposure address: then `ifindex` holds the grant the address belongs to
+    /// ([`VipService::grant`], so an established flow is checked against the grant without a
+    /// look at `VIPS`; 0 = unknown, the flow takes the `VIPS` path), `slot` and `mac` are 0
+    /// and the exposure maps decide.
     pub flags: u16,
 }
 
@@ -178,6 +181,35 @@ pub struct FlowIn {
     pub consumer_port: u16,
     /// Network byte order.
     pub vip_port: u16,
+}
+
+/// One slot of `FLOWS_RECENT`, a direct-mapped cache in front of `FLOWS_OUT`, `FLOWS_IN`,
+/// `VIPS` and the backend's route (slot [`cache_slot`] of the consumer's flow key): what an
+/// established consumer flow needs, as the tables had it, valid for `credit` more packets and
+/// while `FLOWS_HELD[held_slot]` is still `held_version` (see [`EgressRecent`]). Written by
+/// the programs only.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FlowRecent {
+    pub key: FlowKey,
+    /// The grant the flow was admitted under; used only while the VIP's route names it.
+    pub grant: u32,
+    pub provider: u32,
+    pub nat_ipv4: u32,
+    pub backend_ipv4: u32,
+    /// The backend endpoint's device, used only while `ENDPOINT_CACHE` says that device is
+    /// `(provider, backend_ipv4)`.
+    pub backend_ifindex: u32,
+    /// [`cache_slot`] of the flow's reply key, and the reservation version read there before
+    /// `FLOWS_IN` confirmed the flow holds its NAT port.
+    pub held_slot: u32,
+    pub held_version: u32,
+    /// Network byte order.
+    pub backend_port: u16,
+    /// Network byte order.
+    pub nat_port: u16,
+    pub credit: u16,
+    pub _pad: u16,
 }
 
 /// The value of the one-entry `EGRESS_HOST` array: this host's way out (see
@@ -337,56 +369,57 @@ impl EgressIn {
 }
 
 /// log2 of the number of slots of each direct-mapped flow cache (`EGRESS_RECENT`,
-/// `EGRESS_HELD`): 65,536 slots of 32 bytes, 2 MiB each.
+/// `FLOWS_RECENT`: 65,536 slots of 40 and 56 bytes, 2.5 and 3.5 MiB) and reservation version
+/// array (`EGRESS_HELD`, `FLOWS_HELD`: 65,536 `u32`, 256 KiB).
 pub const CACHE_BITS: u32 = 16;
 /// Number of slots of each flow cache.
 pub const CACHE_SLOTS: u32 = 1 << CACHE_BITS;
 
-/// The slot of a flow key in a flow cache: one multiplication (Fibonacci hashing of the folded
-/// key), not [`flow_hash`]'s chain of four mixes, which cost ~10 ns per packet on the
-/// established path. A slot only decides where the exact key is looked for, so a guest that
-/// steers its flows onto others' slots costs them the flow-table lookup, nothing else.
+/// The slot of a flow key in a flow cache: the key as two 64-bit words (the addresses; the
+/// ports, cloud and protocol, rotated by 32 bits), combined, multiplied, folded and multiplied
+/// again, so the top bits depend on every bit of the key: two dependent 64-bit
+/// multiplications, not [`flow_hash`]'s chain of four 32-bit mixes, which cost ~10 ns per
+/// packet on the established path. Cheaper cuts failed on real key patterns: fields XORed
+/// before one 32-bit multiplication cancelled out where they vary together (the address and
+/// port of a ring of services: 250 flows in 9 slots), and one multiplication per word without
+/// the fold mixed fields in the high bits too little (250 reply keys in 75 slots); this one
+/// spreads those rings, sequential source ports and random keys as uniformly as chance (unit
+/// test `cache_slots_spread`). A slot only decides where the exact key is looked for, so a
+/// guest that steers its flows onto others' slots costs them the flow-table lookup, nothing
+/// else.
 #[inline(always)]
 pub const fn cache_slot(key: &FlowKey) -> u32 {
-    let ports = ((key.src_port as u32) << 16) | key.dst_port as u32;
-    let folded = key.src_ipv4
-        ^ key.dst_ipv4.rotate_left(16)
-        ^ ports
-        ^ key.cloud.rotate_left(8)
-        ^ key.protocol as u32;
-    folded.wrapping_mul(0x9e37_79b1) >> (32 - CACHE_BITS)
+    let addresses = ((key.src_ipv4 as u64) << 32) | key.dst_ipv4 as u64;
+    let rest = ((key.src_port as u64) << 48)
+        | ((key.dst_port as u64) << 32)
+        | (key.cloud ^ ((key.protocol as u32) << 24)) as u64;
+    let mut h = (addresses ^ rest.rotate_left(32)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    // 28, not 32: a fold by half the word left sequential clouds 4% short of chance.
+    h ^= h >> 28;
+    h = h.wrapping_mul(0xc2b2_ae3d_27d4_eb4f);
+    (h >> (64 - CACHE_BITS)) as u32
 }
 
 /// Packets a flow sends on a matching cache slot before the flow table is looked at again
 /// (which also keeps the flow's entry recently used there).
 pub const CACHE_CREDIT: u16 = 32;
 
-/// One slot of `EGRESS_RECENT`, a direct-mapped cache in front of `EGRESS_OUT` (slot
-/// [`cache_slot`] of the guest's flow key): the flow's translation as its `EGRESS_OUT` entry
-/// had it, valid for `credit` more packets. Written by the programs only.
+/// One slot of `EGRESS_RECENT`, a direct-mapped cache in front of `EGRESS_OUT` and the
+/// reservation check in `EGRESS_IN` (slot [`cache_slot`] of the guest's flow key): the flow's
+/// translation as its `EGRESS_OUT` entry had it, valid for `credit` more packets and while
+/// `EGRESS_HELD[held_slot]`, the version of the NAT port reservations whose reply keys fall
+/// in that slot, is still `held_version` (read before `EGRESS_IN` confirmed the flow holds
+/// its port; every new reservation increments it). Written by the programs only.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct EgressRecent {
     pub key: FlowKey,
     pub egress_ipv4: u32,
     pub generation: u32,
+    pub held_slot: u32,
+    pub held_version: u32,
     /// Network byte order.
     pub nat_port: u16,
-    pub credit: u16,
-}
-
-/// One slot of `EGRESS_HELD`, a direct-mapped cache in front of the reservation check of
-/// `EGRESS_IN` (slot [`cache_slot`] of the reply key): "the flow `(cloud, guest:port)` holds the
-/// NAT port of `reply`", written by the programs whenever a flow reserves its port or the
-/// check in `EGRESS_IN` confirms it, and valid for `credit` more packets. Programs only.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct EgressHeld {
-    pub reply: FlowKey,
-    pub cloud: u32,
-    pub guest_ipv4: u32,
-    /// Network byte order.
-    pub guest_port: u16,
     pub credit: u16,
 }
 
@@ -972,8 +1005,8 @@ const _: () = assert!(core::mem::size_of::<PortRule>() == 8 + 2 + 2 + 1 + 3);
 const _: () = assert!(core::mem::size_of::<EgressRules>() == 16 * RULES_PER_PREFIX + 4 + 4);
 const _: () = assert!(core::mem::size_of::<EgressOut>() == 4 + 4 + 2 + 2);
 const _: () = assert!(core::mem::size_of::<EgressIn>() == 4 + 4 + 4 + 2 + 2);
-const _: () = assert!(core::mem::size_of::<EgressHeld>() == 20 + 4 + 4 + 2 + 2);
-const _: () = assert!(core::mem::size_of::<EgressRecent>() == 20 + 4 + 4 + 2 + 2);
+const _: () = assert!(core::mem::size_of::<EgressRecent>() == 20 + 4 * 4 + 2 + 2);
+const _: () = assert!(core::mem::size_of::<FlowRecent>() == 20 + 4 * 7 + 2 * 4);
 const _: () = assert!(core::mem::size_of::<RefusedKey>() == 4 + 4 + 2 + 1 + 1);
 const _: () = assert!(core::mem::size_of::<IngressKey>() == 4 + 2 + 1 + 1);
 const _: () = assert!(core::mem::size_of::<IngressTarget>() == 4 * 3 + 2 + 1 + 1);
@@ -1023,9 +1056,9 @@ mod pod {
     // SAFETY: as above.
     unsafe impl aya::Pod for super::EgressIn {}
     // SAFETY: as above.
-    unsafe impl aya::Pod for super::EgressHeld {}
-    // SAFETY: as above.
     unsafe impl aya::Pod for super::EgressRecent {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::FlowRecent {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::RefusedKey {}
     // SAFETY: as above.
@@ -1047,6 +1080,91 @@ mod pod {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn key(cloud: u32, src: [u8; 4], dst: [u8; 4], ports: (u16, u16), protocol: u8) -> FlowKey {
+        FlowKey {
+            cloud,
+            src_ipv4: ipv4_to_map(src),
+            dst_ipv4: ipv4_to_map(dst),
+            src_port: ports.0.to_be(),
+            dst_port: ports.1.to_be(),
+            protocol,
+            _pad: [0; 3],
+        }
+    }
+
+    /// Distinct slots of `keys`, and what uniform chance would give (expected distinct values
+    /// of n draws from `CACHE_SLOTS`).
+    fn spread(keys: &[FlowKey]) -> (usize, f64) {
+        let slots: std::collections::HashSet<u32> = keys.iter().map(cache_slot).collect();
+        let (n, m) = (keys.len() as f64, f64::from(CACHE_SLOTS));
+        (slots.len(), m * (1.0 - (1.0 - 1.0 / m).powf(n)))
+    }
+
+    #[test]
+    fn cache_slots_spread() {
+        let ring = |i: u32| [10, 1, 0, (i % 250) as u8];
+        let patterns: Vec<(&str, Vec<FlowKey>)> = vec![
+            // A ring of services: consumer flows, and the replies of their backends.
+            (
+                "ring out",
+                (0..250)
+                    .map(|i| key(1, [10, 0, 0, 2], ring(i), (1999, 1000 + i as u16), 17))
+                    .collect(),
+            ),
+            (
+                "ring replies",
+                (1..251)
+                    .map(|i| {
+                        key(
+                            2,
+                            ring(i),
+                            [10, 0, 0, 2],
+                            (1000 + (i % 250) as u16, 1999),
+                            17,
+                        )
+                    })
+                    .collect(),
+            ),
+            // One guest's connections from sequential source ports to one server.
+            (
+                "source ports",
+                (0..4000)
+                    .map(|i| key(1, [10, 0, 0, 2], [1, 2, 3, 4], (30000 + i as u16, 443), 6))
+                    .collect(),
+            ),
+            // Replies to sequential NAT ports, and the same flow in many clouds.
+            (
+                "NAT ports",
+                (0..4000)
+                    .map(|i| key(0, [1, 2, 3, 4], [198, 18, 0, 2], (443, 61000 + i as u16), 6))
+                    .collect(),
+            ),
+            (
+                "clouds",
+                (1..4001)
+                    .map(|c| key(c, [10, 0, 0, 2], [1, 2, 3, 4], (40000, 443), 6))
+                    .collect(),
+            ),
+            (
+                "guests",
+                (0..4000u32)
+                    .map(|i| {
+                        let [_, _, b, a] = i.to_be_bytes();
+                        key(1, [10, 0, b, a], [1, 2, 3, 4], (40000, 443), 6)
+                    })
+                    .collect(),
+            ),
+        ];
+        for (name, keys) in patterns {
+            let (got, chance) = spread(&keys);
+            assert!(
+                got as f64 >= chance * 0.97,
+                "{name}: {} keys in {got} slots, chance gives {chance:.0}",
+                keys.len()
+            );
+        }
+    }
 
     #[test]
     fn a_clouds_nat_ports_stay_in_its_window_of_the_range() {

@@ -11,7 +11,10 @@
 //!    *i*+1, and one call of 250 repeats walks the whole ring: 250 different flows, each
 //!    translated once (addresses, destination port, both checksums, MACs, TTL).
 //!    - *established*: every call sends the same frame, whose 250 flows were opened before the
-//!      rounds: each repeat finds its flow in `FLOWS_OUT`.
+//!      rounds: each repeat is an established flow, found as the agent's dataplane finds one
+//!      (its `FLOWS_RECENT` slot, and the tables every 32nd time): the plane is programmed as
+//!      the agent programs it, each ring backend an endpoint of its own (device, `ENDPOINTS`
+//!      and `ENDPOINT_CACHE` entries) and each exposure address's route carrying its grant.
 //!    - *first packet*: every call uses a source port never used before, so each of its 250
 //!      repeats opens a flow (VIPS lookup, flow hash, `FLOWS_IN` insert of the consumer's own
 //!      port — free, so no second try — and `FLOWS_OUT` insert). Measured twice: with flow maps
@@ -70,6 +73,8 @@ const PROVIDER: u32 = 2;
 const CONSUMER_IP: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 2);
 /// Source port of the established flows.
 const ESTABLISHED_PORT: u16 = 1999;
+/// Device of the ring's backend *i*: `BACKEND_IFINDEX + i`.
+const BACKEND_IFINDEX: u32 = 100;
 /// The agent's default `max_flows`.
 pub const DEFAULT_MAX_FLOWS: u32 = 262_144;
 
@@ -100,7 +105,7 @@ impl Plane {
         let vips = grants + RING + 16;
         let routes = 2 * grants + 2 * RING + 16;
         let mut ebpf = EbpfLoader::new()
-            .map_max_entries(MAP_ENDPOINTS, 16)
+            .map_max_entries(MAP_ENDPOINTS, RING + 16)
             .map_max_entries(MAP_COUNTERS, 16)
             .map_max_entries(MAP_ROUTES, routes)
             .map_max_entries(MAP_VIPS, vips)
@@ -116,10 +121,23 @@ impl Plane {
             gateway_mac: GW,
             slot: 0,
         };
+        // Each ring backend is an endpoint of its own, as the agent writes one: its device,
+        // its identity in `ENDPOINTS` and its `ENDPOINT_CACHE` slot.
+        let backend = |i: u32| EndpointInfo {
+            cloud: PROVIDER,
+            ipv4: map_ip(ring_vip(i).0),
+            gateway_ipv4: map_ip(Ipv4Addr::new(10, 0, 0, 1)),
+            mac: PEER,
+            gateway_mac: GW,
+            slot: 2,
+        };
         {
             let mut eps: HashMap<_, u32, EndpointInfo> =
                 HashMap::try_from(ebpf.map_mut(MAP_ENDPOINTS).context("ENDPOINTS")?)?;
             eps.insert(1, consumer, 0)?;
+            for i in 0..RING {
+                eps.insert(BACKEND_IFINDEX + i, backend(i), 0)?;
+            }
         }
         {
             let mut cache: Array<_, EndpointSlot> =
@@ -132,12 +150,30 @@ impl Plane {
                 },
                 0,
             )?;
+            for i in 0..RING {
+                let ifindex = BACKEND_IFINDEX + i;
+                cache.set(
+                    ifindex & ENDPOINT_CACHE_MASK,
+                    EndpointSlot {
+                        ifindex,
+                        info: backend(i),
+                    },
+                    0,
+                )?;
+            }
         }
-        let hop = |slot: u32, flags: u16| NextHop {
-            ifindex: if flags == 0 { 2 + slot } else { 0 },
-            slot: if flags == 0 { slot } else { 0 },
-            mac: if flags == 0 { PEER } else { [0; 6] },
+        // An exposure address's route carries its grant, as the agent writes it.
+        let service_hop = |grant: u32, flags: u16| NextHop {
+            ifindex: grant,
+            slot: 0,
+            mac: [0; 6],
             flags,
+        };
+        let endpoint_hop = |ifindex: u32, slot: u32| NextHop {
+            ifindex,
+            slot,
+            mac: PEER,
+            flags: 0,
         };
         let key = |cloud: u32, ip: Ipv4Addr| RouteKey {
             cloud,
@@ -147,18 +183,33 @@ impl Plane {
             let mut routes: HashMap<_, RouteKey, NextHop> =
                 HashMap::try_from(ebpf.map_mut(MAP_ROUTES).context("ROUTES")?)?;
             // The intra-cloud peer, as in the isolation planes.
-            routes.insert(key(CONSUMER, Ipv4Addr::new(10, 0, 0, 3)), hop(1, 0), 0)?;
-            routes.insert(key(PROVIDER, CONSUMER_IP), hop(0, NEXTHOP_NAT_SOURCE), 0)?;
+            routes.insert(
+                key(CONSUMER, Ipv4Addr::new(10, 0, 0, 3)),
+                endpoint_hop(3, 1),
+                0,
+            )?;
+            // The ring's grants share one NAT address (the consumer's own, module docs): its
+            // route names no single grant.
+            routes.insert(
+                key(PROVIDER, CONSUMER_IP),
+                service_hop(0, NEXTHOP_NAT_SOURCE),
+                0,
+            )?;
             for i in 0..RING {
                 let (vip, _) = ring_vip(i);
-                routes.insert(key(CONSUMER, vip), hop(0, NEXTHOP_VIP), 0)?;
+                routes.insert(key(CONSUMER, vip), service_hop(1 + i, NEXTHOP_VIP), 0)?;
                 // The backend at VIP i+1's address lives in the provider's cloud.
-                routes.insert(key(PROVIDER, vip), hop(2, 0), 0)?;
+                routes.insert(key(PROVIDER, vip), endpoint_hop(BACKEND_IFINDEX + i, 2), 0)?;
             }
             for j in 0..grants {
                 let (cloud, vip, nat) = filler(j);
-                routes.insert(key(cloud, vip), hop(0, NEXTHOP_VIP), 0)?;
-                routes.insert(key(PROVIDER, nat), hop(0, NEXTHOP_NAT_SOURCE), 0)?;
+                let grant = RING + 1 + j;
+                routes.insert(key(cloud, vip), service_hop(grant, NEXTHOP_VIP), 0)?;
+                routes.insert(
+                    key(PROVIDER, nat),
+                    service_hop(grant, NEXTHOP_NAT_SOURCE),
+                    0,
+                )?;
             }
         }
         {

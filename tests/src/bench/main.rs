@@ -75,6 +75,9 @@ struct Args {
     /// Only the egress benchmarks: printed, and their section of the report replaced.
     #[arg(long)]
     egress_only: bool,
+    /// Only the exposure per-packet figures, printed (no report; the full run writes them).
+    #[arg(long)]
+    exposure_only: bool,
     /// Where to write the markdown report (full runs).
     #[arg(long, default_value = "docs/benchmarks.md")]
     out: PathBuf,
@@ -119,6 +122,34 @@ fn main() -> Result<()> {
             .with_context(|| format!("writing {}", args.out.display()))?;
             println!("wrote the egress section of {}", args.out.display());
         }
+        return Ok(());
+    }
+    if args.exposure_only {
+        const ROUNDS: usize = 5;
+        let repeats: u32 = if args.smoke { 10_000 } else { 1_000_000 };
+        let grants_n: u32 = if args.smoke { 1_000 } else { 100_000 };
+        let first = (repeats / 10).div_ceil(CHUNK) * CHUNK;
+        let roomy_flows = (exposure::RING + ROUNDS as u32 * first) / 4 * 5 + 1024;
+        let full_flows = if args.smoke {
+            4096
+        } else {
+            exposure::DEFAULT_MAX_FLOWS
+        };
+        let mut roomy = exposure::Plane::new(grants_n, roomy_flows, false)?;
+        let mut full = exposure::Plane::new(grants_n, full_flows, true)?;
+        let mut rounds = Vec::new();
+        for _ in 0..ROUNDS {
+            rounds.push(exposure::measure_round(
+                &mut roomy, &mut full, repeats, first,
+            )?);
+        }
+        roomy.check(true)?;
+        full.check(false)?;
+        let [intra, established, first_ns, first_full] = exposure::medians(&rounds);
+        println!(
+            "exposure ({grants_n} grants in VIPS): intra-cloud {intra:.1} ns/pkt, established {established:.1} ns/pkt ({:.2}x), first packet {first_ns:.1} ns/pkt, first packet with full flow maps {first_full:.1} ns/pkt",
+            established / intra
+        );
         return Ok(());
     }
     if args.forward_only {
