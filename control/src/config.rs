@@ -178,6 +178,9 @@ pub struct CloudsConfig {
     /// Suffix of every cloud's zone: `<vm>.<cloud>.<suffix>`.
     pub dns_suffix: String,
     pub max_exposures_per_cloud: u32,
+    /// Published ports of one cloud (`atoll publish`): one cloud cannot take a popular port
+    /// at every address of `ingress_pool`, nor fill its hosts' `INGRESS` maps.
+    pub max_publications_per_cloud: u32,
     /// Grants and pending offers of one exposure.
     pub max_grants_per_exposure: u32,
     /// Pending offers to one cloud id, from all providers; more are refused (`offer_refused`).
@@ -197,6 +200,7 @@ impl Default for CloudsConfig {
             ingress_pool: Vec::new(),
             dns_suffix: "atoll.internal".into(),
             max_exposures_per_cloud: 1_000,
+            max_publications_per_cloud: 64,
             max_grants_per_exposure: 10_000,
             max_pending_offers_per_cloud: 64,
             max_pending_offers_per_provider: 16,
@@ -589,6 +593,7 @@ impl ControlConfig {
             ingress_pool: self.clouds.ingress_pool.clone(),
             dns_suffix: self.clouds.dns_suffix.trim_end_matches('.').to_string(),
             max_exposures_per_cloud: self.clouds.max_exposures_per_cloud,
+            max_publications_per_cloud: self.clouds.max_publications_per_cloud,
             max_grants_per_exposure: self.clouds.max_grants_per_exposure,
             max_pending_offers_per_cloud: self.clouds.max_pending_offers_per_cloud,
             max_pending_offers_per_provider: self.clouds.max_pending_offers_per_provider,

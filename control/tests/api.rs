@@ -63,6 +63,7 @@ api_suite!(
     egress_addresses_are_the_operators_to_give_and_each_clouds_alone,
     denied_destinations_come_from_the_hosts_running_the_cloud,
     published_ports_take_pool_addresses_and_go_with_their_vm,
+    a_clouds_publications_are_bounded,
 );
 
 /// The store the control plane under test is configured with.
@@ -126,6 +127,7 @@ async fn start(backend: Backend) -> Api {
     cfg.clouds.egress_pool = vec!["203.0.113.8/30".parse().unwrap()];
     // Two addresses to publish at: 198.51.100.1 and .2.
     cfg.clouds.ingress_pool = vec!["198.51.100.0/30".parse().unwrap()];
+    cfg.clouds.max_publications_per_cloud = 3;
     cfg.validate().expect("valid config");
     let core = cfg.start().await.expect("start control plane");
     assert_eq!(
@@ -3754,4 +3756,46 @@ async fn denied_destinations_come_from_the_hosts_running_the_cloud(api: Api) {
         .await
         .unwrap_err();
     assert!(e.to_string().contains("at most 64"), "{e}");
+}
+
+/// A cloud's publications are bounded (`clouds.max_publications_per_cloud`, 3 here): the next
+/// is refused as a quota, and an unpublished port makes room again.
+async fn a_clouds_publications_are_bounded(api: Api) {
+    let (a, ac) = api.cloud(json!({"name": "pq"})).await;
+    let _: Vm = ok(
+        &ac,
+        Method::POST,
+        &routes::CREATE_VM.at(&[&a.cloud.id]),
+        Some(json!({"name": "web"})),
+    )
+    .await;
+    let publish = routes::PUBLISH.at(&[&a.cloud.id]);
+    for port in [80, 443, 8080] {
+        let body = json!({"vm": "web", "protocol": "tcp", "port": port});
+        let _: Publication = ok(&ac, Method::POST, &publish, Some(body)).await;
+    }
+    let fourth = json!({"vm": "web", "protocol": "udp", "port": 443});
+    let (status, v) = raw(&ac, Method::POST, &publish, Some(&fourth)).await;
+    assert_eq!(
+        (
+            status,
+            v["error"]["code"].as_str(),
+            v["error"]["field"].as_str()
+        ),
+        (
+            StatusCode::CONFLICT,
+            Some("quota_exceeded"),
+            Some("quotas.publications")
+        ),
+        "{v}"
+    );
+    let _: Value = ok(
+        &ac,
+        Method::DELETE,
+        &routes::UNPUBLISH.at(&[&a.cloud.id, &"web-tcp-80"]),
+        None,
+    )
+    .await;
+    let p: Publication = ok(&ac, Method::POST, &publish, Some(fourth)).await;
+    assert_eq!((p.name.as_str(), p.port), ("web-udp-443", 443));
 }

@@ -237,6 +237,8 @@ pub struct CoreConfig {
     /// DNS suffix of all zones, e.g. `atoll.internal`.
     pub dns_suffix: String,
     pub max_exposures_per_cloud: u32,
+    /// Published ports of one cloud (`clouds.max_publications_per_cloud`).
+    pub max_publications_per_cloud: u32,
     pub max_grants_per_exposure: u32,
     /// Pending offers one consumer cloud id holds, from all providers
     /// (`clouds.max_pending_offers_per_cloud`).

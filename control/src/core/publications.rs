@@ -8,6 +8,10 @@
 //!   in the transaction that writes the publication), so two clouds never share one.
 //! - A publication is named `<vm>-<protocol>-<port>`: publishing the same port again is a
 //!   conflict, not a second address.
+//! - **Bounded per cloud** (`clouds.max_publications_per_cloud`, 409 `quota_exceeded`,
+//!   field `quotas.publications`): counted before the transaction, as exposures are, so two
+//!   concurrent publishes may both pass at the limit (one over); a cloud cannot take a
+//!   popular port at every pool address, nor fill its hosts' `INGRESS` maps.
 //! - The VM's host receives the publications of its cloud's VMs there with its sync
 //!   (`SyncDelta.published`); deleting the VM or the cloud unpublishes (their holders go in
 //!   the same transaction).
@@ -39,6 +43,13 @@ impl Core {
         }
         let name = req.name();
         let proto = protocol_name(req.protocol);
+        self.cloud(c).await?;
+        let count = self.store.count(&keys::publications(c)).await?;
+        check_quota(
+            "publications",
+            count + 1,
+            self.cfg.max_publications_per_cloud as u64,
+        )?;
         optimistic!(format!("publication {name}"), async {
             self.cloud(c).await?;
             let (_, vm) = self.vm(c, &req.vm).await?;
