@@ -108,7 +108,8 @@ use aya_ebpf::{
 };
 
 use crate::{
-    exposure::{flow_key, same_key, write_key},
+    exposure::flow_key,
+    flowcache::{held_version, reserved, same_key, still_held, write_key},
     ingress, metering,
     packet::{
         self, EthHdr, Ipv4Hdr, Packet, Ports, Rewrite, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP,
@@ -507,7 +508,7 @@ fn recent_flow(key: &FlowKey) -> Option<(EgressOut, bool)> {
     let s = EGRESS_RECENT.get_ptr_mut(cache_slot(key))?;
     // SAFETY: a value of an array (never freed); plain loads and one store (see "Established
     // flows are cached" in the module docs on concurrent writers).
-    let (flow, held_slot, held_version) = unsafe {
+    let (flow, recorded) = unsafe {
         if (*s).credit == 0 || !same_key(&(*s).key, key) {
             return None;
         }
@@ -519,14 +520,10 @@ fn recent_flow(key: &FlowKey) -> Option<(EgressOut, bool)> {
                 nat_port: (*s).nat_port,
                 _pad: 0,
             },
-            (*s).held_slot,
-            (*s).held_version,
+            ((*s).held_slot, (*s).held_version),
         )
     };
-    let held = EGRESS_HELD
-        .get(held_slot)
-        .is_some_and(|v| *v == held_version);
-    Some((flow, held))
+    Some((flow, still_held(&EGRESS_HELD, recorded)))
 }
 
 /// Fills the `EGRESS_RECENT` slot of `key` with its translation and the reservation version
@@ -557,25 +554,6 @@ fn forget_flow(key: &FlowKey) {
                 (*s).credit = 0;
             }
         }
-    }
-}
-
-/// The `EGRESS_HELD` slot of `reply` and the version it holds now.
-#[inline(always)]
-fn held_version(reply: &FlowKey) -> (u32, u32) {
-    let slot = cache_slot(reply);
-    (slot, EGRESS_HELD.get(slot).copied().unwrap_or(0))
-}
-
-/// Marks a new reservation of `reply`'s NAT port: the flow that held it before (its entry was
-/// evicted) finds its `EGRESS_RECENT` slot out of date on its next packet.
-#[inline(always)]
-fn reserved(reply: &FlowKey) {
-    if let Some(v) = EGRESS_HELD.get_ptr_mut(cache_slot(reply)) {
-        // SAFETY: a value of an array (never freed). Not atomic: two CPUs reserving ports of
-        // one slot at once may both store the same increment, which still differs from every
-        // version a flow read before either reservation.
-        unsafe { *v = (*v).wrapping_add(1) };
     }
 }
 
@@ -614,7 +592,7 @@ fn reply_value(key: &FlowKey, generation: u32) -> EgressIn {
 #[inline(always)]
 fn holds_nat_port(key: &FlowKey, flow: &EgressOut) -> bool {
     let reply = reply_key(key, flow.egress_ipv4, flow.nat_port);
-    let version = held_version(&reply);
+    let version = held_version(&EGRESS_HELD, &reply);
     // SAFETY: the value is only compared.
     let held = unsafe { EGRESS_IN.get(reply) }.is_some_and(|v| v.same_flow(&reply_value(key, 0)));
     if held {
@@ -680,7 +658,7 @@ fn open_flow(
         let reply = reply_key(key, egress_ipv4, candidate);
         // Only a port no entry holds is taken (`BPF_NOEXIST` is atomic against other CPUs).
         if EGRESS_IN.insert(reply, back, BPF_NOEXIST).is_ok() {
-            reserved(&reply);
+            reserved(&EGRESS_HELD, &reply);
             nat_port = candidate;
             break;
         }

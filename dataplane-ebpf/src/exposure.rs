@@ -90,7 +90,9 @@ use aya_ebpf::{
 };
 
 use crate::{
-    endpoint, metering,
+    endpoint,
+    flowcache::{held_version, reserved, same_key, still_held, write_key},
+    metering,
     packet::{self, EthHdr, Ipv4Hdr, Packet, Ports, Rewrite, IPPROTO_ICMP},
     route, Verdict,
 };
@@ -210,36 +212,6 @@ pub(crate) fn flow_key(
     }
 }
 
-/// True if both keys are the same flow (field by field: an array compare of the padding
-/// would compile to a `memcmp` loop).
-#[inline(always)]
-pub(crate) fn same_key(a: &FlowKey, b: &FlowKey) -> bool {
-    a.cloud == b.cloud
-        && a.src_ipv4 == b.src_ipv4
-        && a.dst_ipv4 == b.dst_ipv4
-        && a.src_port == b.src_port
-        && a.dst_port == b.dst_port
-        && a.protocol == b.protocol
-}
-
-/// Stores `key` at `dst` field by field (a struct copy with the padding array compiles to a
-/// byte-looping `memcpy`).
-///
-/// # Safety
-/// `dst` must be valid for writes (a map value from a successful lookup).
-#[inline(always)]
-pub(crate) unsafe fn write_key(dst: *mut FlowKey, key: &FlowKey) {
-    // SAFETY: the caller guarantees `dst` is writable.
-    unsafe {
-        (*dst).cloud = key.cloud;
-        (*dst).src_ipv4 = key.src_ipv4;
-        (*dst).dst_ipv4 = key.dst_ipv4;
-        (*dst).src_port = key.src_port;
-        (*dst).dst_port = key.dst_port;
-        (*dst).protocol = key.protocol;
-    }
-}
-
 #[inline(always)]
 fn from_consumer(
     ctx: &TcContext,
@@ -261,10 +233,7 @@ fn from_consumer(
         l4.protocol,
     );
     if let Some(c) = recent(&key, route_grant) {
-        if FLOWS_HELD
-            .get(c.held_slot)
-            .is_some_and(|v| *v == c.held_version)
-        {
+        if still_held(&FLOWS_HELD, (c.held_slot, c.held_version)) {
             if let Some(info) = endpoint::cached(c.backend_ifindex) {
                 if info.cloud == c.service.provider && info.ipv4 == c.backend_ipv4 {
                     return deliver_to(
@@ -275,12 +244,12 @@ fn from_consumer(
                         ep,
                         l4,
                         (c.backend_ifindex, info.slot, &info.mac),
-                        Translation {
-                            src: (ep.ipv4, c.service.nat_ipv4),
-                            dst: (vip, c.backend_ipv4),
-                            src_port: c.nat_port,
-                            dst_port: c.backend_port,
-                        },
+                        Translation::to_backend(
+                            (ep.ipv4, vip),
+                            &c.service,
+                            (c.backend_ipv4, c.backend_port),
+                            c.nat_port,
+                        ),
                     );
                 }
             }
@@ -344,12 +313,12 @@ fn from_consumer(
         ep,
         l4,
         (ifindex, slot, &mac),
-        Translation {
-            src: (ep.ipv4, svc.nat_ipv4),
-            dst: (vip, flow.backend_ipv4),
-            src_port: flow.nat_port,
-            dst_port: flow.backend_port,
-        },
+        Translation::to_backend(
+            (ep.ipv4, vip),
+            &service,
+            (flow.backend_ipv4, flow.backend_port),
+            flow.nat_port,
+        ),
     )
 }
 
@@ -444,25 +413,6 @@ fn forget_recent(key: &FlowKey) {
     }
 }
 
-/// The `FLOWS_HELD` slot of `reply` and the version it holds now.
-#[inline(always)]
-fn held_version(reply: &FlowKey) -> (u32, u32) {
-    let slot = cache_slot(reply);
-    (slot, FLOWS_HELD.get(slot).copied().unwrap_or(0))
-}
-
-/// Marks a new reservation of `reply`'s NAT port: the flow that held it before (its entry was
-/// evicted) finds its `FLOWS_RECENT` slot out of date on its next packet.
-#[inline(always)]
-fn reserved(reply: &FlowKey) {
-    if let Some(v) = FLOWS_HELD.get_ptr_mut(cache_slot(reply)) {
-        // SAFETY: a value of an array (never freed). Not atomic: two CPUs reserving ports of
-        // one slot at once may both store the same increment, which still differs from every
-        // version a flow read before either reservation.
-        unsafe { *v = (*v).wrapping_add(1) };
-    }
-}
-
 /// The provider-side half of a consumer flow: `FLOWS_IN`'s key for the backend's replies to
 /// the flow's NAT port, and the value that sends them back to the consumer.
 #[inline(always)]
@@ -505,7 +455,7 @@ fn holds_nat_port(key: &FlowKey, service: &Granted, flow: &FlowOut) -> Option<(u
         flow.backend_port,
         flow.nat_port,
     );
-    let version = held_version(&reply);
+    let version = held_version(&FLOWS_HELD, &reply);
     // SAFETY: the value is only compared.
     unsafe { FLOWS_IN.get(reply) }
         .is_some_and(|f| *f == back)
@@ -554,7 +504,7 @@ fn open_flow(
         }
         // Only a port no entry holds is taken (`BPF_NOEXIST` is atomic against other CPUs).
         if FLOWS_IN.insert(reply, back, BPF_NOEXIST).is_ok() {
-            reserved(&reply);
+            reserved(&FLOWS_HELD, &reply);
             found = true;
             break;
         }
@@ -643,6 +593,25 @@ struct Translation {
     dst: (u32, u32),
     src_port: u16,
     dst_port: u16,
+}
+
+impl Translation {
+    /// A consumer's packet from `consumer` to `vip`, to its backend `(address, port)`, from
+    /// the service's NAT address and `nat_port`.
+    #[inline(always)]
+    fn to_backend(
+        (consumer, vip): (u32, u32),
+        service: &Granted,
+        (backend_ipv4, backend_port): (u32, u16),
+        nat_port: u16,
+    ) -> Self {
+        Translation {
+            src: (consumer, service.nat_ipv4),
+            dst: (vip, backend_ipv4),
+            src_port: nat_port,
+            dst_port: backend_port,
+        }
+    }
 }
 
 /// A reply back to its consumer endpoint `to` (`(cloud, address)`, found in `ROUTES`; not a

@@ -47,6 +47,7 @@ mod drop;
 mod egress;
 mod endpoint;
 mod exposure;
+mod flowcache;
 mod freed;
 mod gateway;
 mod ingress;

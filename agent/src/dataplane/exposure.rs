@@ -30,14 +30,8 @@ impl Dataplane {
         vip: u32,
         svc: VipService,
     ) -> Result<(), DataplaneError> {
-        let key = RouteKey {
-            cloud: consumer,
-            ipv4: vip,
-        };
-        let nat = RouteKey {
-            cloud: svc.provider,
-            ipv4: svc.nat_ipv4,
-        };
+        let routes = service_routes(consumer, vip, &svc);
+        let key = routes[0].0;
         // Refuse before writing anything. A grant number names one service: the programs
         // take an exposure address's route naming a flow's grant as proof the flow is still
         // granted (see `dataplane-ebpf/src/exposure.rs`), so a number is never given to
@@ -56,7 +50,7 @@ impl Dataplane {
                 });
             }
         }
-        for (k, flags) in [(key, NEXTHOP_VIP), (nat, NEXTHOP_NAT_SOURCE)] {
+        for (k, flags) in routes {
             if let Some(hop) = self.route(k)? {
                 if hop.flags != flags {
                     return Err(DataplaneError::EntryExists {
@@ -82,7 +76,7 @@ impl Dataplane {
         })?;
         // Both routes carry the grant (`NextHop::ifindex` of an exposure address): an
         // established flow is checked against it without a look at `VIPS`.
-        for (k, flags) in [(key, NEXTHOP_VIP), (nat, NEXTHOP_NAT_SOURCE)] {
+        for (k, flags) in routes {
             let hop = NextHop {
                 ifindex: svc.grant,
                 slot: 0,
@@ -107,10 +101,7 @@ impl Dataplane {
         if let Some(old) =
             current.filter(|c| (c.provider, c.nat_ipv4) != (svc.provider, svc.nat_ipv4))
         {
-            let old_nat = RouteKey {
-                cloud: old.provider,
-                ipv4: old.nat_ipv4,
-            };
+            let old_nat = service_routes(consumer, vip, &old)[1].0;
             if self
                 .route(old_nat)?
                 .is_some_and(|h| h.flags == NEXTHOP_NAT_SOURCE && h.ifindex == old.grant)
@@ -129,15 +120,7 @@ impl Dataplane {
         vip: u32,
         svc: &VipService,
     ) -> Result<bool, DataplaneError> {
-        let key = RouteKey {
-            cloud: consumer,
-            ipv4: vip,
-        };
-        let nat = RouteKey {
-            cloud: svc.provider,
-            ipv4: svc.nat_ipv4,
-        };
-        for (k, flags) in [(key, NEXTHOP_VIP), (nat, NEXTHOP_NAT_SOURCE)] {
+        for (k, flags) in service_routes(consumer, vip, svc) {
             if !self
                 .route(k)?
                 .is_some_and(|h| h.flags == flags && h.ifindex == svc.grant)
@@ -155,18 +138,12 @@ impl Dataplane {
         consumer: u32,
         vip: u32,
     ) -> Result<Option<VipService>, DataplaneError> {
-        let key = RouteKey {
-            cloud: consumer,
-            ipv4: vip,
-        };
         let Some(svc) = self.vip(consumer, vip)? else {
             return Ok(None);
         };
-        let nat = RouteKey {
-            cloud: svc.provider,
-            ipv4: svc.nat_ipv4,
-        };
-        for (k, flags) in [(key, NEXTHOP_VIP), (nat, NEXTHOP_NAT_SOURCE)] {
+        let routes = service_routes(consumer, vip, &svc);
+        let key = routes[0].0;
+        for (k, flags) in routes {
             if self.route(k)?.is_some_and(|h| h.flags == flags) {
                 self.remove_route(k)?;
             }
@@ -222,4 +199,25 @@ impl Dataplane {
                 source: Box::new(source),
             })
     }
+}
+
+/// The two routes of the service `svc` of `(consumer, vip)`, with their kinds: the VIP in the
+/// consumer's cloud and the NAT address in the provider's.
+fn service_routes(consumer: u32, vip: u32, svc: &VipService) -> [(RouteKey, u16); 2] {
+    [
+        (
+            RouteKey {
+                cloud: consumer,
+                ipv4: vip,
+            },
+            NEXTHOP_VIP,
+        ),
+        (
+            RouteKey {
+                cloud: svc.provider,
+                ipv4: svc.nat_ipv4,
+            },
+            NEXTHOP_NAT_SOURCE,
+        ),
+    ]
 }

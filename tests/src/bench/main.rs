@@ -127,14 +127,8 @@ fn main() -> Result<()> {
     if args.exposure_only {
         const ROUNDS: usize = 5;
         let repeats: u32 = if args.smoke { 10_000 } else { 1_000_000 };
-        let grants_n: u32 = if args.smoke { 1_000 } else { 100_000 };
-        let first = (repeats / 10).div_ceil(CHUNK) * CHUNK;
-        let roomy_flows = (exposure::RING + ROUNDS as u32 * first) / 4 * 5 + 1024;
-        let full_flows = if args.smoke {
-            4096
-        } else {
-            exposure::DEFAULT_MAX_FLOWS
-        };
+        let (grants_n, first, roomy_flows, full_flows) =
+            exposure_sizes(args.smoke, repeats, ROUNDS);
         let base = baseline_plane()?;
         let mut roomy = exposure::Plane::new(grants_n, roomy_flows, false)?;
         let mut full = exposure::Plane::new(grants_n, full_flows, true)?;
@@ -229,14 +223,7 @@ fn main() -> Result<()> {
     }
     const ROUNDS: usize = 5;
     // Exposure planes: first packets per round (each opens a flow), grants on the host.
-    let grants_n: u32 = if args.smoke { 1_000 } else { 100_000 };
-    let first = (repeats / 10).div_ceil(CHUNK) * CHUNK;
-    let roomy_flows = (exposure::RING + ROUNDS as u32 * first) / 4 * 5 + 1024;
-    let full_flows = if args.smoke {
-        4096
-    } else {
-        exposure::DEFAULT_MAX_FLOWS
-    };
+    let (grants_n, first, roomy_flows, full_flows) = exposure_sizes(args.smoke, repeats, ROUNDS);
     let mut roomy = exposure::Plane::new(grants_n, roomy_flows, false)?;
     let mut full = exposure::Plane::new(grants_n, full_flows, true)?;
     let mut exposure_rounds = Vec::new();
@@ -664,6 +651,20 @@ fn atoll_per_packet(sizes: &[u32], repeats: u32) -> Result<Vec<(u32, f64)>> {
 }
 
 /// `report` with the section under `heading` replaced by `section` (or `section` appended).
+/// The exposure planes' sizes: grants on the host, first packets per round, the roomy flow
+/// maps' capacity (every flow of the run fits) and the full maps' (the agent's default).
+fn exposure_sizes(smoke: bool, repeats: u32, rounds: usize) -> (u32, u32, u32, u32) {
+    let grants_n: u32 = if smoke { 1_000 } else { 100_000 };
+    let first = (repeats / 10).div_ceil(CHUNK) * CHUNK;
+    let roomy_flows = (exposure::RING + rounds as u32 * first) / 4 * 5 + 1024;
+    let full_flows = if smoke {
+        4096
+    } else {
+        exposure::DEFAULT_MAX_FLOWS
+    };
+    (grants_n, first, roomy_flows, full_flows)
+}
+
 /// What the exposure section reports (one run).
 struct ExposureFigures<'a> {
     grants_n: u32,
