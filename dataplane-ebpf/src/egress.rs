@@ -156,7 +156,7 @@ pub static EGRESS_RECENT: Array<EgressRecent> = Array::with_max_entries(CACHE_SL
 /// Versions of the NAT port reservations, by [`cache_slot`] of their reply keys: incremented
 /// by every new reservation (see "Established flows are cached" in the module docs).
 #[map]
-pub static EGRESS_HELD: Array<u32> = Array::with_max_entries(CACHE_SLOTS, 0);
+pub static EGRESS_HELD: Array<u64> = Array::with_max_entries(CACHE_SLOTS, 0);
 
 /// Cloud → the state of its rate limit and budget (programs only; the agent removes a
 /// cloud's entry with its egress). Sized by the agent (`dataplane.max_endpoints`).
@@ -529,7 +529,7 @@ fn recent_flow(key: &FlowKey) -> Option<(EgressOut, bool)> {
 /// Fills the `EGRESS_RECENT` slot of `key` with its translation and the reservation version
 /// read at `held` before its hold was confirmed.
 #[inline(always)]
-fn remember_flow(key: &FlowKey, flow: &EgressOut, (held_slot, held_version): (u32, u32)) {
+fn remember_flow(key: &FlowKey, flow: &EgressOut, (held_slot, held_version): (u32, u64)) {
     if let Some(s) = EGRESS_RECENT.get_ptr_mut(cache_slot(key)) {
         // SAFETY: a value of an array (never freed); plain field stores.
         unsafe {
@@ -876,10 +876,7 @@ fn tracked(key: &FlowKey, remote_port: u16) -> Result<Option<Tracked>, DropReaso
         )
     };
     let Some(cloud) = cloud(flow.cloud) else {
-        let _ = EGRESS_IN.remove(key);
-        forget_flow(&out_key);
-        let _ = EGRESS_OUT.remove(out_key);
-        return Err(DropReason::EgressRevoked);
+        return Err(cut(key, &out_key));
     };
     // Admitted under the cloud's current policy: nothing to decide (the common case).
     if flow.generation == cloud.generation {
@@ -890,10 +887,7 @@ fn tracked(key: &FlowKey, remote_port: u16) -> Result<Option<Tracked>, DropReaso
     let generation = out.map_or(flow.generation, |o| o.generation);
     if generation != cloud.generation {
         if decide(flow.cloud, cloud, key.src_ipv4, key.protocol, remote_port).is_err() {
-            let _ = EGRESS_IN.remove(key);
-            forget_flow(&out_key);
-            let _ = EGRESS_OUT.remove(out_key);
-            return Err(DropReason::EgressRevoked);
+            return Err(cut(key, &out_key));
         }
         // The guest's half, if it was evicted, is opened again by the guest's next packet
         // (which finds its port reserved for it).
@@ -902,6 +896,16 @@ fn tracked(key: &FlowKey, remote_port: u16) -> Result<Option<Tracked>, DropReaso
         }
     }
     deliverable(flow)
+}
+
+/// Cuts the flow of the reply key `key` (whose `EGRESS_IN` entry was just read) and of its
+/// guest's half `out_key`: both entries and the cache slot go.
+#[inline(always)]
+fn cut(key: &FlowKey, out_key: &FlowKey) -> DropReason {
+    let _ = EGRESS_IN.remove(key);
+    forget_flow(out_key);
+    let _ = EGRESS_OUT.remove(out_key);
+    DropReason::EgressRevoked
 }
 
 #[inline(always)]

@@ -119,7 +119,7 @@ pub static FLOWS_RECENT: Array<FlowRecent> = Array::with_max_entries(CACHE_SLOTS
 /// Versions of the NAT port reservations, by [`cache_slot`] of their reply keys: incremented
 /// by every new reservation (see "Established flows are cached").
 #[map]
-pub static FLOWS_HELD: Array<u32> = Array::with_max_entries(CACHE_SLOTS, 0);
+pub static FLOWS_HELD: Array<u64> = Array::with_max_entries(CACHE_SLOTS, 0);
 
 const BPF_NOEXIST: u64 = 1;
 const BPF_ANY: u64 = 0;
@@ -336,7 +336,7 @@ struct Recent {
     backend_ipv4: u32,
     backend_ifindex: u32,
     held_slot: u32,
-    held_version: u32,
+    held_version: u64,
     backend_port: u16,
     nat_port: u16,
 }
@@ -380,7 +380,7 @@ fn remember_recent(
     service: &Granted,
     flow: &FlowOut,
     backend_ifindex: u32,
-    (held_slot, held_version): (u32, u32),
+    (held_slot, held_version): (u32, u64),
 ) {
     if let Some(s) = FLOWS_RECENT.get_ptr_mut(cache_slot(key)) {
         // SAFETY: a value of an array (never freed); plain field stores.
@@ -447,7 +447,7 @@ fn reply_half(
 /// this very flow. The lookup also marks the entry used, so a flow active in either direction
 /// keeps both halves in the LRU maps.
 #[inline(always)]
-fn holds_nat_port(key: &FlowKey, service: &Granted, flow: &FlowOut) -> Option<(u32, u32)> {
+fn holds_nat_port(key: &FlowKey, service: &Granted, flow: &FlowOut) -> Option<(u32, u64)> {
     let (reply, back) = reply_half(
         key,
         service,

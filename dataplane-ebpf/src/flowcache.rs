@@ -37,7 +37,7 @@ pub unsafe fn write_key(dst: *mut FlowKey, key: &FlowKey) {
 
 /// The slot of `reply` in `versions` and the reservation version it holds now.
 #[inline(always)]
-pub fn held_version(versions: &Array<u32>, reply: &FlowKey) -> (u32, u32) {
+pub fn held_version(versions: &Array<u64>, reply: &FlowKey) -> (u32, u64) {
     let slot = cache_slot(reply);
     (slot, versions.get(slot).copied().unwrap_or(0))
 }
@@ -45,18 +45,19 @@ pub fn held_version(versions: &Array<u32>, reply: &FlowKey) -> (u32, u32) {
 /// True if `versions` still holds the version a flow recorded, `(slot, version)`: no new
 /// reservation of a port whose reply key falls in that slot since.
 #[inline(always)]
-pub fn still_held(versions: &Array<u32>, (slot, version): (u32, u32)) -> bool {
+pub fn still_held(versions: &Array<u64>, (slot, version): (u32, u64)) -> bool {
     versions.get(slot).is_some_and(|v| *v == version)
 }
 
 /// Marks a new reservation of `reply`'s NAT port: the flow that held it before (its entry was
 /// evicted) finds its cached flow out of date on its next packet.
 #[inline(always)]
-pub fn reserved(versions: &Array<u32>, reply: &FlowKey) {
+pub fn reserved(versions: &Array<u64>, reply: &FlowKey) {
     if let Some(v) = versions.get_ptr_mut(cache_slot(reply)) {
         // SAFETY: a value of an array (never freed). Not atomic: two CPUs reserving ports of
         // one slot at once may both store the same increment, which still differs from every
-        // version a flow read before either reservation.
+        // version a flow read before either reservation. 64 bits: never wraps (see
+        // `EgressRecent`).
         unsafe { *v = (*v).wrapping_add(1) };
     }
 }

@@ -284,6 +284,17 @@ const MIGRATIONS: &[Migration] = &[
             (maps::MAP_FLOWS_HELD, Step::New),
         ],
     },
+    // v8, 64-bit reservation versions (a 32-bit one could be wrapped back to a value a
+    // cached flow recorded): the flow caches and version arrays are new again.
+    Migration {
+        to: 8,
+        steps: &[
+            (maps::MAP_EGRESS_RECENT, Step::New),
+            (maps::MAP_EGRESS_HELD, Step::New),
+            (maps::MAP_FLOWS_RECENT, Step::New),
+            (maps::MAP_FLOWS_HELD, Step::New),
+        ],
+    },
 ];
 
 /// The oldest layout [`MIGRATIONS`] reach the current one from.

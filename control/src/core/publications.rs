@@ -9,9 +9,10 @@
 //! - A publication is named `<vm>-<protocol>-<port>`: publishing the same port again is a
 //!   conflict, not a second address.
 //! - **Bounded per cloud** (`clouds.max_publications_per_cloud`, 409 `quota_exceeded`,
-//!   field `quotas.publications`): counted before the transaction, as exposures are, so two
-//!   concurrent publishes may both pass at the limit (one over); a cloud cannot take a
-//!   popular port at every pool address, nor fill its hosts' `INGRESS` maps.
+//!   field `quotas.publications`): counted before the transaction, as exposures are, so
+//!   publishes of one cloud in flight at the same moment all pass the count at the limit
+//!   (the overshoot is bounded by the tenant's concurrency, not by the pool); a cloud cannot
+//!   take a popular port at every pool address, nor fill its hosts' `INGRESS` maps.
 //! - The VM's host receives the publications of its cloud's VMs there with its sync
 //!   (`SyncDelta.published`); deleting the VM or the cloud unpublishes (their holders go in
 //!   the same transaction).

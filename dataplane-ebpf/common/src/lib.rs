@@ -18,7 +18,7 @@
 
 /// Version of the map layouts defined in this crate. Bump on any change to a map's key, value,
 /// or meaning.
-pub const LAYOUT_VERSION: u32 = 7;
+pub const LAYOUT_VERSION: u32 = 8;
 
 /// Traffic classes the counters have room for: [`TrafficClass::COUNT`] are used. A new class
 /// takes a free one, so adding it changes no map layout.
@@ -201,15 +201,16 @@ pub struct FlowRecent {
     /// `(provider, backend_ipv4)`.
     pub backend_ifindex: u32,
     /// [`cache_slot`] of the flow's reply key, and the reservation version read there before
-    /// `FLOWS_IN` confirmed the flow holds its NAT port.
+    /// `FLOWS_IN` confirmed the flow holds its NAT port (see [`EgressRecent`]).
     pub held_slot: u32,
-    pub held_version: u32,
     /// Network byte order.
     pub backend_port: u16,
     /// Network byte order.
     pub nat_port: u16,
+    pub held_version: u64,
     pub credit: u16,
     pub _pad: u16,
+    pub _pad2: u32,
 }
 
 /// The value of the one-entry `EGRESS_HOST` array: this host's way out (see
@@ -369,8 +370,8 @@ impl EgressIn {
 }
 
 /// log2 of the number of slots of each direct-mapped flow cache (`EGRESS_RECENT`,
-/// `FLOWS_RECENT`: 65,536 slots of 40 and 56 bytes, 2.5 and 3.5 MiB) and reservation version
-/// array (`EGRESS_HELD`, `FLOWS_HELD`: 65,536 `u32`, 256 KiB).
+/// `FLOWS_RECENT`: 65,536 slots of 48 and 64 bytes, 3 and 4 MiB) and reservation version
+/// array (`EGRESS_HELD`, `FLOWS_HELD`: 65,536 `u64`, 512 KiB).
 pub const CACHE_BITS: u32 = 16;
 /// Number of slots of each flow cache.
 pub const CACHE_SLOTS: u32 = 1 << CACHE_BITS;
@@ -409,7 +410,10 @@ pub const CACHE_CREDIT: u16 = 32;
 /// translation as its `EGRESS_OUT` entry had it, valid for `credit` more packets and while
 /// `EGRESS_HELD[held_slot]`, the version of the NAT port reservations whose reply keys fall
 /// in that slot, is still `held_version` (read before `EGRESS_IN` confirmed the flow holds
-/// its port; every new reservation increments it). Written by the programs only.
+/// its port; every new reservation increments it). Versions are 64-bit: a 32-bit one could be
+/// brought back to a value a victim recorded by 2^32 reservations steered into its slot
+/// (hours at the new-flow rates measured here), and the victim would then send up to
+/// `credit` packets from a port another flow holds. Written by the programs only.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct EgressRecent {
@@ -417,10 +421,11 @@ pub struct EgressRecent {
     pub egress_ipv4: u32,
     pub generation: u32,
     pub held_slot: u32,
-    pub held_version: u32,
+    pub held_version: u64,
     /// Network byte order.
     pub nat_port: u16,
     pub credit: u16,
+    pub _pad: u32,
 }
 
 /// Key of `INGRESS`: a published address and port on the uplink.
@@ -1005,8 +1010,8 @@ const _: () = assert!(core::mem::size_of::<PortRule>() == 8 + 2 + 2 + 1 + 3);
 const _: () = assert!(core::mem::size_of::<EgressRules>() == 16 * RULES_PER_PREFIX + 4 + 4);
 const _: () = assert!(core::mem::size_of::<EgressOut>() == 4 + 4 + 2 + 2);
 const _: () = assert!(core::mem::size_of::<EgressIn>() == 4 + 4 + 4 + 2 + 2);
-const _: () = assert!(core::mem::size_of::<EgressRecent>() == 20 + 4 * 4 + 2 + 2);
-const _: () = assert!(core::mem::size_of::<FlowRecent>() == 20 + 4 * 7 + 2 * 4);
+const _: () = assert!(core::mem::size_of::<EgressRecent>() == 20 + 4 * 3 + 8 + 2 + 2 + 4);
+const _: () = assert!(core::mem::size_of::<FlowRecent>() == 20 + 4 * 6 + 2 * 2 + 8 + 2 * 2 + 4);
 const _: () = assert!(core::mem::size_of::<RefusedKey>() == 4 + 4 + 2 + 1 + 1);
 const _: () = assert!(core::mem::size_of::<IngressKey>() == 4 + 2 + 1 + 1);
 const _: () = assert!(core::mem::size_of::<IngressTarget>() == 4 * 3 + 2 + 1 + 1);
