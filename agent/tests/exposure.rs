@@ -34,13 +34,16 @@ use std::{
 use atoll_agent::{
     config::{DnsConfig, Ipv4Network},
     dns::{netns, DnsPlane, DnsServer, DnsView, ForwardPolicy, Record, RecordData, Zone},
-    endpoint::{Host, ServiceSpec, PROTOCOL_TCP, PROTOCOL_UDP},
+    endpoint::{DeviceSpec, EndpointSpec, Host, ServiceSpec, PROTOCOL_TCP, PROTOCOL_UDP},
     types::{CloudId, MacAddr},
 };
 use atoll_dataplane_common::{Direction, DropReason, TrafficClass};
-use atoll_testbed::{unique_name, LinksWithPrefix, PinRoot};
+use atoll_testbed::{frame, guest::TapGuest, unique_name, LinksWithPrefix, PinRoot};
 
 const TAGS: [&str; 4] = ["xv", "xn", "xp", "xd"];
+/// The checksum test's own names: the tests of this file run at once, and each removes what
+/// carries its tags.
+const CHECKSUM_TAGS: [&str; 4] = ["yv", "yn", "yp", "yt"];
 const SERVICE_NAME: &str = "web.c00000002.svc.one.atoll.internal.";
 const GATEWAY: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 1);
 const TCP_VIP: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 200);
@@ -398,4 +401,180 @@ fn scenario() {
     drop((client, server, fresh, fresh_server, l1, l2));
     rt.block_on(host.destroy()).expect("destroying the host");
     drop((a, b1, b2, c));
+}
+
+/// Both kinds of transport checksum come out of an exposure right: the consumer's sockets
+/// hand the programs partial checksums (its veth offloads them), the tap backend's frames
+/// carry full ones. The tap has no checksum offload, so the kernel completes a partial
+/// checksum from the field the programs left before the backend reads the frame: a wrong
+/// field is a wrong checksum there. The consumer's kernel verifies the backend's full
+/// checksums and drops what does not verify. Many datagrams of one flow (its first packet
+/// takes the tables, the rest its cache slot, with the refreshes the credit forces) and a
+/// TCP handshake and segment.
+#[test]
+fn partial_and_full_checksums_both_come_out_right() {
+    support::require_root();
+    support::leaves_nothing(&CHECKSUM_TAGS, checksums);
+}
+
+/// The next IPv4 frame at the tap guest (anything else the host sends there is skipped).
+fn next_ipv4(tap: &TapGuest, what: &str) -> Vec<u8> {
+    loop {
+        let f = tap.recv(what);
+        if f.len() > 14 && f[12..14] == [0x08, 0x00] {
+            return f;
+        }
+    }
+}
+
+fn checksums() {
+    const BACKEND: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 2);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let pins = PinRoot::new("yp");
+    let _links = LinksWithPrefix(atoll_testbed::unique_prefix("yv"));
+    let _taps = LinksWithPrefix(atoll_testbed::unique_prefix("yt"));
+    let mut host = rt
+        .block_on(async { Host::open(&support::cfg(&pins, 16, 0)) })
+        .unwrap();
+    let a = support::veth_guest(
+        &rt,
+        &mut host,
+        ("yn", "yv"),
+        1,
+        Ipv4Addr::new(10, 0, 0, 2),
+        MacAddr::local(0x00e0_0102),
+        GATEWAY,
+    );
+    let name = unique_name("yt");
+    let mac = MacAddr::local(0x00e0_0202);
+    rt.block_on(host.create_endpoint(&EndpointSpec {
+        name: name.clone(),
+        cloud: cloud(2),
+        ipv4: BACKEND,
+        mac,
+        gateway: GATEWAY,
+        device: DeviceSpec::Tap { owner_uid: None },
+    }))
+    .expect("the tap backend");
+    let tap = TapGuest::attach("backend", &name, mac.0, BACKEND, host.gateway_mac().0);
+    let udp = ServiceSpec {
+        vip: UDP_VIP,
+        nat: UDP_NAT,
+        protocol: PROTOCOL_UDP,
+        port: 53,
+        backends: vec![(BACKEND, 5353)],
+        ..tcp_spec()
+    };
+    host.apply_service(&udp).expect("UDP service");
+    host.apply_service(&ServiceSpec {
+        backends: vec![(BACKEND, 8080)],
+        ..tcp_spec()
+    })
+    .expect("TCP service");
+
+    // UDP: 80 datagrams of one flow, each of another length and content (so the checksums
+    // take many values), out with partial checksums and back with full ones.
+    let client = in_ns(&a, || UdpSocket::bind("0.0.0.0:0")).expect("A UDP");
+    client.set_read_timeout(Some(ARRIVE)).unwrap();
+    let mut buf = [0u8; 2048];
+    for i in 0..80u16 {
+        let out: Vec<u8> = (0..7 + 13 * i).map(|b| (b as u8) ^ (i as u8)).collect();
+        client.send_to(&out, (UDP_VIP, 53)).unwrap();
+        let f = next_ipv4(&tap, &format!("datagram {i}"));
+        let p = frame::parse_udp(&f).unwrap_or_else(|e| panic!("datagram {i}: {e}"));
+        assert_eq!(
+            (p.addr.src, p.addr.dst, p.addr.dport, p.payload),
+            (UDP_NAT, BACKEND, 5353, &out[..]),
+            "datagram {i} at the backend"
+        );
+        assert!(
+            p.ip_checksum_ok && p.udp_checksum_ok,
+            "datagram {i}: the partial checksum was completed wrong (0x{:04x})",
+            p.udp_checksum
+        );
+        let back: Vec<u8> = out.iter().rev().map(|b| b.wrapping_add(1)).collect();
+        tap.send(
+            &frame::Udp {
+                src_mac: mac.0,
+                dst_mac: host.gateway_mac().0,
+                src: BACKEND,
+                dst: UDP_NAT,
+                sport: 5353,
+                dport: p.addr.sport,
+            }
+            .frame(&back),
+        );
+        let (n, from) = client
+            .recv_from(&mut buf)
+            .unwrap_or_else(|e| panic!("reply {i} (dropped if its checksum is wrong): {e}"));
+        assert_eq!(
+            (&buf[..n], from),
+            (&back[..], (UDP_VIP, 53).into()),
+            "reply {i}"
+        );
+    }
+
+    // TCP: the handshake completes only if the consumer's kernel verifies the backend's
+    // SYN-ACK; the SYN, the ACK and a data segment reach the backend with valid checksums.
+    let ns = a.ns.path().to_path_buf();
+    let connecting = std::thread::spawn(move || {
+        netns::run_in(&ns, || {
+            TcpStream::connect_timeout(&(TCP_VIP, 80).into(), ARRIVE)
+        })
+        .expect("entering the guest namespace")
+    });
+    let f = next_ipv4(&tap, "the SYN");
+    let syn = frame::parse_tcp(&f).expect("a TCP frame");
+    assert_eq!(
+        (syn.addr.src, syn.addr.dst, syn.addr.dport, syn.addr.flags),
+        (TCP_NAT, BACKEND, 8080, frame::TCP_SYN)
+    );
+    assert!(
+        syn.ip_checksum_ok && syn.tcp_checksum_ok,
+        "the SYN's checksum"
+    );
+    let reply = |seq: u32, ack: u32, flags: u8| {
+        frame::Tcp {
+            src_mac: mac.0,
+            dst_mac: host.gateway_mac().0,
+            src: BACKEND,
+            dst: TCP_NAT,
+            sport: 8080,
+            dport: syn.addr.sport,
+            seq,
+            ack,
+            flags,
+        }
+        .frame(&[])
+    };
+    tap.send(&reply(
+        0x0100_0000,
+        syn.addr.seq.wrapping_add(1),
+        frame::TCP_SYN | frame::TCP_ACK,
+    ));
+    let mut stream = connecting
+        .join()
+        .unwrap()
+        .expect("the handshake (a SYN-ACK with a wrong checksum is dropped)");
+    let f = next_ipv4(&tap, "the ACK");
+    let ack = frame::parse_tcp(&f).expect("a TCP frame");
+    assert_eq!(ack.addr.flags & frame::TCP_ACK, frame::TCP_ACK);
+    assert!(ack.tcp_checksum_ok, "the ACK's checksum");
+    stream.write_all(b"through the exposure").unwrap();
+    let f = next_ipv4(&tap, "the data");
+    let data = frame::parse_tcp(&f).expect("a TCP frame");
+    assert_eq!(data.payload, b"through the exposure");
+    assert!(data.tcp_checksum_ok, "the data segment's checksum");
+    tap.send(&reply(
+        0x0100_0001,
+        data.addr.seq.wrapping_add(data.payload.len() as u32),
+        frame::TCP_ACK | frame::TCP_RST,
+    ));
+
+    drop((stream, client, tap));
+    rt.block_on(host.destroy()).expect("destroying the host");
+    drop(a);
 }

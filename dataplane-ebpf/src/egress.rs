@@ -65,9 +65,20 @@
 //!   same port) within 32 packets instead of at once, and outgoing packets refresh the
 //!   tables' LRU recency every 32nd packet (replies still every time). The policy is never
 //!   cached: the generation is compared with the cloud's on every packet, and a renewed or cut
-//!   flow's slot is emptied. Two CPUs writing one slot at once can leave it torn; a torn slot
-//!   matches a key only if every field compared came from one write, and then says what that
-//!   write said. Measured cost: two more random memory accesses for a flow's first packet.
+//!   flow's slot is emptied. Measured cost: two more random memory accesses for a flow's
+//!   first packet.
+//! - **Known weakness: torn slots.** Slots are shared by all CPUs and written with plain
+//!   stores, field by field. Two CPUs filling one slot at once for two flows whose keys share
+//!   it can leave the key of one with other fields of the other; a packet of the first flow
+//!   then matches and is sent with the second's translation (its NAT port and address, for
+//!   exposures its backend), which can be another cloud's. It takes two first packets (or
+//!   renewals) of colliding flows on two CPUs within the same few nanoseconds, and the
+//!   victim's key is not the attacker's to know, but nothing bounds the tries. (An earlier
+//!   version of this text claimed a torn slot only ever says what one write said; only the
+//!   compared fields are from one write.) The fix is per-CPU slots (one writer per slot;
+//!   the memory is slots × CPUs, so the slot count must become a setting) or a sequence
+//!   word written with `BPF_CMPXCHG` (needs the eBPF build at `-mcpu=v3`); neither is built
+//!   yet (issue 17's note).
 //! - **Replies skip `EGRESS_OUT`.** `EGRESS_IN` records the generation its flow was admitted
 //!   under; a reply of a flow whose cloud still has that generation is delivered after one
 //!   flow lookup. Other replies look at `EGRESS_OUT` as before (decide again, cut or renew).
@@ -89,8 +100,9 @@
 //!   is dropped (`egress_unsupported`); from the uplink it passes to the host.
 //! - **Fragments** are refused leaving (`egress_unsupported`) and pass untouched arriving
 //!   (TC runs before reassembly): a guest must not rely on fragmented replies.
-//! - The TTL is decremented both ways, as on any routed hop; checksums use the kernel's
-//!   helpers, so frames with partial checksums stay valid. Metering: `external` on the guest's
+//! - The TTL is decremented both ways, as on any routed hop; checksums as in
+//!   `packet::rewrite_with` (one helper call for the addresses, the ports folded in by the
+//!   program), so frames with partial checksums stay valid. Metering: `external` on the guest's
 //!   endpoint, from guest going out and to guest coming back.
 
 use atoll_dataplane_common::{

@@ -54,26 +54,29 @@
 //!   `egress` for the version that proves a flow still holds its NAT port, the credit, and
 //!   torn slots). `FLOWS_RECENT` (slot [`cache_slot`] of the consumer's flow key) holds what
 //!   an established consumer flow needs: grant, provider, NAT address, backend and its
-//!   device, NAT port, and the reservation version (`FLOWS_HELD`). A packet whose slot
-//!   matches exactly, has credit, was admitted under the grant the VIP's route names now
-//!   (routes of exposure addresses carry their grant in `NextHop::ifindex`; the route lookup
-//!   runs for every packet anyway), whose version is current and whose backend device
-//!   `ENDPOINT_CACHE` still says is `(provider, backend)`, is translated without `VIPS`,
-//!   `FLOWS_OUT`, `FLOWS_IN` or the backend's route; anything else takes them and fills the
-//!   slot again. A grant number names one service: the agent never gives a number to another
-//!   service in place (`Dataplane::set_vip` refuses), so a route naming the flow's grant
-//!   proves the grant, as `VIPS` did. Replies (`from_provider`) skip `VIPS` the same way when
-//!   the NAT address's route names the flow's grant (one NAT address per live grant).
+//!   device, NAT port, the reservation version (`FLOWS_HELD`) and the translation's checksum
+//!   differences. A packet whose slot matches exactly, was admitted under the grant the VIP's
+//!   route names now (routes of exposure addresses carry their grant in `NextHop::ifindex`;
+//!   the route lookup runs for every packet anyway), whose version is current and whose
+//!   backend device `ENDPOINT_CACHE` still says is `(provider, backend)`, is translated
+//!   without `VIPS`, `FLOWS_OUT`, `FLOWS_IN` or the backend's route ([`from_cache`]). A spent
+//!   credit is renewed by [`refresh`] (`FLOWS_OUT` and `FLOWS_IN` only: the grant and the
+//!   backend are checked on every packet anyway); anything else takes the tables and fills
+//!   the slot again. A grant number names one service: the agent never gives a number to
+//!   another service in place (`Dataplane::set_vip` refuses), so a route naming the flow's
+//!   grant proves the grant, as `VIPS` did. Replies (`from_provider`) skip `VIPS` the same
+//!   way when the NAT address's route names the flow's grant (one NAT address per live
+//!   grant).
 //! - **ICMP is not translated** (`exposure_icmp`): echo to a VIP is not a service, and ICMP
 //!   errors would need their embedded headers translated. Within one host every device has the
 //!   same MTU, so no fragmentation-needed error can arise on this path; a TCP or UDP socket
 //!   learns of an unreachable backend by its own timeout or a TCP reset.
 //! - **Fragments are dropped** (`exposure_l4_malformed`): only the first one carries ports.
 //! - Checksums: the IPv4 header's is computed in the program, the transport's is updated
-//!   with two calls of the kernel's helper with precomputed differences, one for the
-//!   addresses and one for the ports (see `packet::rewrite`), so frames with partial
-//!   checksums (veth guests, VMMs with offloads) stay valid; the TTL is decremented as on any
-//!   routed hop.
+//!   by one call of the kernel's helper for the addresses and by the program for the ports
+//!   (see `packet::rewrite_with`), so frames with partial checksums (veth guests, VMMs with
+//!   offloads) stay valid; a cached flow keeps its translation's differences in its slot.
+//!   The TTL is decremented as on any routed hop.
 //! - Metering: both endpoints count the frame as [`TrafficClass::Exposure`], the sender "from
 //!   guest" and the receiver "to guest".
 
@@ -93,7 +96,7 @@ use crate::{
     endpoint,
     flowcache::{held_version, reserved, same_key, still_held, write_key},
     metering,
-    packet::{self, EthHdr, Ipv4Hdr, Packet, Ports, Rewrite, IPPROTO_ICMP},
+    packet::{self, Diffs, EthHdr, Ipv4Hdr, Packet, Ports, Rewrite, IPPROTO_ICMP},
     route, Verdict,
 };
 
@@ -232,28 +235,8 @@ fn from_consumer(
         l4.dst_port,
         l4.protocol,
     );
-    if let Some(c) = recent(&key, route_grant) {
-        if still_held(&FLOWS_HELD, (c.held_slot, c.held_version)) {
-            if let Some(info) = endpoint::cached(c.backend_ifindex) {
-                if info.cloud == c.service.provider && info.ipv4 == c.backend_ipv4 {
-                    return deliver_to(
-                        ctx,
-                        pkt,
-                        eth,
-                        ip,
-                        ep,
-                        l4,
-                        (c.backend_ifindex, info.slot, &info.mac),
-                        Translation::to_backend(
-                            (ep.ipv4, vip),
-                            &c.service,
-                            (c.backend_ipv4, c.backend_port),
-                            c.nat_port,
-                        ),
-                    );
-                }
-            }
-        }
+    if let Some(v) = from_cache(ctx, pkt, (eth, ip), ep, l4, &key, route_grant) {
+        return v;
     }
     // SAFETY: entries are replaced whole by the agent, never written in place.
     let Some(svc) = (unsafe {
@@ -300,10 +283,18 @@ fn from_consumer(
         _ => return Verdict::Drop(DropReason::ExposureNoBackend),
     };
     let (ifindex, slot, mac) = (hop.ifindex, hop.slot, hop.mac);
+    let t = Translation::to_backend(
+        (ep.ipv4, vip),
+        &service,
+        (flow.backend_ipv4, flow.backend_port),
+        flow.nat_port,
+    )
+    .rewrite(l4);
+    let diffs = Diffs::of(&t);
     // A flow just opened is cached by its next packet, which confirms its hold (its own
     // reservation moved the version it would read now).
     if let Some(version) = confirmed {
-        remember_recent(&key, &service, &flow, ifindex, version);
+        remember_recent(&key, &service, &flow, (ifindex, diffs), version);
     }
     deliver_to(
         ctx,
@@ -313,12 +304,7 @@ fn from_consumer(
         ep,
         l4,
         (ifindex, slot, &mac),
-        Translation::to_backend(
-            (ep.ipv4, vip),
-            &service,
-            (flow.backend_ipv4, flow.backend_port),
-            flow.nat_port,
-        ),
+        (&t, diffs),
     )
 }
 
@@ -330,56 +316,76 @@ struct Granted {
     nat_ipv4: u32,
 }
 
-/// An established consumer flow as its `FLOWS_RECENT` slot has it.
-struct Recent {
-    service: Granted,
-    backend_ipv4: u32,
-    backend_ifindex: u32,
-    held_slot: u32,
-    held_version: u64,
-    backend_port: u16,
-    nat_port: u16,
-}
-
-/// The flow's `FLOWS_RECENT` slot if it matches exactly, has credit left and was admitted
-/// under the grant the VIP's route names now (`route_grant`; 0: unknown, no fast path).
+/// An established consumer flow delivered from its `FLOWS_RECENT` slot, if the slot matches
+/// the flow exactly, was admitted under the grant the VIP's route names now (`route_grant`;
+/// 0: unknown, no fast path), still holds its NAT port (the reservation version) and its
+/// backend's device is still the backend's (`ENDPOINT_CACHE`); its credit is taken by one or,
+/// spent, renewed by [`refresh`]. `None`: the tables decide. The slot's fields are read where
+/// they are used (copying them out first spilled each to the stack).
 #[inline(always)]
-fn recent(key: &FlowKey, route_grant: u32) -> Option<Recent> {
+fn from_cache(
+    ctx: &TcContext,
+    pkt: &Packet,
+    (eth, ip): (*mut EthHdr, *mut Ipv4Hdr),
+    ep: &EndpointInfo,
+    l4: &L4,
+    key: &FlowKey,
+    route_grant: u32,
+) -> Option<Verdict> {
     if route_grant == 0 {
         return None;
     }
     let s = FLOWS_RECENT.get_ptr_mut(cache_slot(key))?;
-    // SAFETY: a value of an array (never freed); plain loads and one store (see "Established
+    // SAFETY: a value of an array (never freed); plain loads and stores (see "Established
     // flows are cached" in the module docs on concurrent writers).
     unsafe {
-        if (*s).credit == 0 || (*s).grant != route_grant || !same_key(&(*s).key, key) {
+        if (*s).grant != route_grant
+            || !same_key(&(*s).key, key)
+            || !still_held(&FLOWS_HELD, ((*s).held_slot, (*s).held_version))
+        {
             return None;
         }
-        (*s).credit -= 1;
-        Some(Recent {
-            service: Granted {
-                grant: (*s).grant,
-                provider: (*s).provider,
-                nat_ipv4: (*s).nat_ipv4,
-            },
-            backend_ipv4: (*s).backend_ipv4,
-            backend_ifindex: (*s).backend_ifindex,
-            held_slot: (*s).held_slot,
-            held_version: (*s).held_version,
-            backend_port: (*s).backend_port,
-            nat_port: (*s).nat_port,
-        })
+        let info = endpoint::cached((*s).backend_ifindex)?;
+        if info.cloud != (*s).provider || info.ipv4 != (*s).backend_ipv4 {
+            return None;
+        }
+        let credit = (*s).credit;
+        if credit != 0 {
+            (*s).credit = credit - 1;
+        } else if !refresh(key, s) {
+            return None;
+        }
+        let w = Rewrite {
+            src: (key.src_ipv4, (*s).nat_ipv4),
+            dst: (key.dst_ipv4, (*s).backend_ipv4),
+            src_port: (l4.src_port, (*s).nat_port),
+            dst_port: (l4.dst_port, (*s).backend_port),
+        };
+        let diffs = Diffs {
+            addresses: (*s).addresses_diff,
+            ports: (*s).ports_diff,
+        };
+        Some(deliver_to(
+            ctx,
+            pkt,
+            eth,
+            ip,
+            ep,
+            l4,
+            ((*s).backend_ifindex, info.slot, &info.mac),
+            (&w, diffs),
+        ))
     }
 }
 
-/// Fills the `FLOWS_RECENT` slot of `key`, with the reservation version read before its hold
-/// was confirmed.
+/// Fills the `FLOWS_RECENT` slot of `key`, with the backend's device, the translation's
+/// checksum differences and the reservation version read before its hold was confirmed.
 #[inline(always)]
 fn remember_recent(
     key: &FlowKey,
     service: &Granted,
     flow: &FlowOut,
-    backend_ifindex: u32,
+    (backend_ifindex, diffs): (u32, Diffs),
     (held_slot, held_version): (u32, u64),
 ) {
     if let Some(s) = FLOWS_RECENT.get_ptr_mut(cache_slot(key)) {
@@ -395,9 +401,49 @@ fn remember_recent(
             (*s).held_version = held_version;
             (*s).backend_port = flow.backend_port;
             (*s).nat_port = flow.nat_port;
+            (*s).addresses_diff = diffs.addresses;
+            (*s).ports_diff = diffs.ports;
             (*s).credit = CACHE_CREDIT;
         }
     }
+}
+
+/// Confirms a cached flow whose credit ran out against the tables, as every packet of it did
+/// before it was cached: `FLOWS_OUT` still holds it as cached, and `FLOWS_IN` still names it
+/// as its NAT port's holder (both lookups mark the entries used, so a flow active in either
+/// direction keeps both). Then its slot gets a new credit and the reservation version read
+/// before the confirmation. `VIPS` and the backend's route are not needed: the grant and the
+/// backend's device are checked on every packet. False: the flow takes the tables' path.
+///
+/// # Safety
+/// `s` is the flow's `FLOWS_RECENT` slot (a value of an array, never freed).
+#[inline(always)]
+unsafe fn refresh(key: &FlowKey, s: *mut FlowRecent) -> bool {
+    // SAFETY: the value is copied out at once.
+    let Some(flow) = (unsafe { FLOWS_OUT.get(key) }).copied() else {
+        return false;
+    };
+    // SAFETY: the caller's contract; plain field loads and stores.
+    unsafe {
+        let service = Granted {
+            grant: (*s).grant,
+            provider: (*s).provider,
+            nat_ipv4: (*s).nat_ipv4,
+        };
+        if flow.grant != service.grant
+            || flow.backend_ipv4 != (*s).backend_ipv4
+            || flow.backend_port != (*s).backend_port
+            || flow.nat_port != (*s).nat_port
+        {
+            return false;
+        }
+        let Some((_, version)) = holds_nat_port(key, &service, &flow) else {
+            return false;
+        };
+        (*s).held_version = version;
+        (*s).credit = CACHE_CREDIT;
+    }
+    true
 }
 
 /// Empties the `FLOWS_RECENT` slot of `key` if it holds `key`.
@@ -583,7 +629,8 @@ fn from_provider(
             dst: (nat, flow.consumer_ipv4),
             src_port: flow.vip_port,
             dst_port: flow.consumer_port,
-        },
+        }
+        .rewrite(l4),
     )
 }
 
@@ -612,6 +659,17 @@ impl Translation {
             dst_port: backend_port,
         }
     }
+
+    /// The frame's rewrite: the ports of `l4` to this translation's.
+    #[inline(always)]
+    fn rewrite(&self, l4: &L4) -> Rewrite {
+        Rewrite {
+            src: self.src,
+            dst: self.dst,
+            src_port: (l4.src_port, self.src_port),
+            dst_port: (l4.dst_port, self.dst_port),
+        }
+    }
 }
 
 /// A reply back to its consumer endpoint `to` (`(cloud, address)`, found in `ROUTES`; not a
@@ -626,7 +684,7 @@ fn deliver(
     ep: &EndpointInfo,
     l4: &L4,
     to: (u32, u32),
-    t: Translation,
+    t: Rewrite,
 ) -> Verdict {
     let Some(hop) = route::lookup(to.0, to.1) else {
         return Verdict::Drop(DropReason::ExposureNoFlow);
@@ -635,11 +693,20 @@ fn deliver(
         return Verdict::Drop(DropReason::ExposureNoFlow);
     }
     let (ifindex, slot, mac) = (hop.ifindex, hop.slot, hop.mac);
-    deliver_to(ctx, pkt, eth, ip, ep, l4, (ifindex, slot, &mac), t)
+    deliver_to(
+        ctx,
+        pkt,
+        eth,
+        ip,
+        ep,
+        l4,
+        (ifindex, slot, &mac),
+        (&t, Diffs::of(&t)),
+    )
 }
 
-/// Rewrites the frame for the endpoint `(ifindex, slot, mac)`, meters it on both endpoints
-/// and redirects it.
+/// Rewrites the frame for the endpoint `(ifindex, slot, mac)` with `t` and its checksum
+/// differences, meters it on both endpoints and redirects it.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
 fn deliver_to(
@@ -650,9 +717,24 @@ fn deliver_to(
     ep: &EndpointInfo,
     l4: &L4,
     (ifindex, slot, mac): (u32, u32, &[u8; 6]),
-    t: Translation,
+    (t, diffs): (&Rewrite, Diffs),
 ) -> Verdict {
-    if !rewrite(ctx, eth, ip, l4, (&ep.gateway_mac, mac), &t) {
+    // SAFETY: `eth`, `ip` and `l4.ports` are bounds-checked pointers into this frame and no
+    // helper has run since they were derived.
+    let rewritten = unsafe {
+        packet::rewrite_with(
+            ctx,
+            eth,
+            ip,
+            l4.ports,
+            Some((&ep.gateway_mac, mac)),
+            l4.protocol,
+            l4.check_offset,
+            t,
+            diffs,
+        )
+    };
+    if !rewritten {
         return Verdict::Drop(DropReason::ExposureRewriteFailed);
     }
     metering::traffic(
@@ -663,36 +745,4 @@ fn deliver_to(
     );
     metering::traffic(slot, Direction::ToGuest, TrafficClass::Exposure, pkt.len);
     Verdict::Redirect(ifindex)
-}
-
-/// Writes the translation into the frame (see [`packet::rewrite`]).
-#[inline(always)]
-fn rewrite(
-    ctx: &TcContext,
-    eth: *mut EthHdr,
-    ip: *mut Ipv4Hdr,
-    l4: &L4,
-    macs: (&[u8; 6], &[u8; 6]),
-    w: &Translation,
-) -> bool {
-    let r = Rewrite {
-        src: w.src,
-        dst: w.dst,
-        src_port: (l4.src_port, w.src_port),
-        dst_port: (l4.dst_port, w.dst_port),
-    };
-    // SAFETY: `eth`, `ip` and `l4.ports` are bounds-checked pointers into this frame and no
-    // helper has run since they were derived.
-    unsafe {
-        packet::rewrite(
-            ctx,
-            eth,
-            ip,
-            l4.ports,
-            Some(macs),
-            l4.protocol,
-            l4.check_offset,
-            &r,
-        )
-    }
 }

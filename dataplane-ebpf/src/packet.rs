@@ -320,21 +320,45 @@ pub fn csum_replace4(check: u16, from: u32, to: u32) -> u16 {
     csum_apply(check, diff32(0, (from, to)))
 }
 
-/// Writes a translation into an IPv4 frame: MACs (if given), TTL − 1, addresses and ports
-/// (`ports` points at TCP/UDP ports, or at the ICMP echo identifier, of which only `src` is
-/// written), and the IPv4 header checksum computed here. Then the transport checksum is
-/// updated with the kernel's helper, at most twice, each with a precomputed difference:
-/// once for the addresses (`BPF_F_PSEUDO_HDR`: a frame with a partial checksum carries the
-/// pseudo header's sum in that field, which only this call changes) and once for the ports
-/// or identifier (which a partial checksum does not cover yet, so the helper leaves such a
-/// frame alone). ICMP has no pseudo header. False if a helper failed.
-///
-/// The issue-17 benchmark folded the per-field helper calls (four for two addresses, one
-/// per port) into these two; docs/benchmarks.md has the effect.
+/// The checksum differences of a translation, folded to 16 bits, 0 for none (a change whose
+/// difference is a one's-complement zero leaves every checksum valid as it is). A flow's
+/// translation is the same for each of its packets, so a cached flow keeps these with it.
+#[derive(Clone, Copy)]
+pub struct Diffs {
+    /// The addresses' (IPv4 header and pseudo header).
+    pub addresses: u16,
+    /// The ports' or ICMP echo identifier's.
+    pub ports: u16,
+}
+
+impl Diffs {
+    #[inline(always)]
+    pub fn of(w: &Rewrite) -> Self {
+        Diffs {
+            addresses: fold(diff32(diff32(0, w.src), w.dst)),
+            ports: fold(diff16(diff16(0, w.src_port), w.dst_port)),
+        }
+    }
+}
+
+/// A difference folded to 16 bits, with the one's-complement zeros made 0.
+#[inline(always)]
+fn fold(diff: u32) -> u16 {
+    let mut sum = (diff & 0xFFFF) + (diff >> 16);
+    sum = (sum & 0xFFFF) + (sum >> 16);
+    ones(sum as u16)
+}
+
+/// The IPv4 header's difference for a TTL decrement: the TTL is the first byte of its 16-bit
+/// word, the low byte as read natively, so the word as read natively loses 1 (adding
+/// 0xFFFE, −1 in one's complement).
+const TTL_DECREMENT: u32 = 0xFFFE;
+
+/// Writes a translation into an IPv4 frame (see [`rewrite_with`]), its checksum differences
+/// computed here.
 ///
 /// # Safety
-/// `eth`, `ip` and `ports` are bounds-checked pointers into this frame, and no helper has
-/// run since they were derived (the helpers here invalidate them; none is used after).
+/// As [`rewrite_with`].
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
 pub unsafe fn rewrite(
@@ -347,10 +371,51 @@ pub unsafe fn rewrite(
     check_offset: usize,
     w: &Rewrite,
 ) -> bool {
-    let new_addresses = w.src.0 != w.src.1 || w.dst.0 != w.dst.1;
-    let new_ports = w.src_port.0 != w.src_port.1 || w.dst_port.0 != w.dst_port.1;
-    let addresses = diff32(diff32(0, w.src), w.dst);
-    let ports_diff = diff16(diff16(0, w.src_port), w.dst_port);
+    // SAFETY: the caller's contract.
+    unsafe {
+        rewrite_with(
+            ctx,
+            eth,
+            ip,
+            ports,
+            macs,
+            protocol,
+            check_offset,
+            w,
+            Diffs::of(w),
+        )
+    }
+}
+
+/// Writes a translation into an IPv4 frame: MACs (if given), TTL − 1, addresses and ports
+/// (`ports` points at TCP/UDP ports, or at the ICMP echo identifier, of which only `src` is
+/// written; only the new values of `w` are used), and the IPv4 header checksum computed here.
+/// Then the transport checksum is updated with `d`, the differences of `w`: the addresses' by
+/// the kernel's helper (`BPF_F_PSEUDO_HDR`: a frame with a partial checksum carries the
+/// pseudo header's sum in that field, which only this call changes), the ports' or
+/// identifier's (which a partial checksum does not cover yet) in the program when the
+/// helper's result shows which kind of checksum the frame has ([`ports_in_program`]), else by
+/// a second call of the helper. ICMP has no pseudo header. False if a helper failed.
+///
+/// The issue-17 benchmark folded the per-field helper calls (four for two addresses, one
+/// per port) into two, then into one; docs/benchmarks.md has the effect.
+///
+/// # Safety
+/// `eth`, `ip` and `ports` are bounds-checked pointers into this frame, and no helper has
+/// run since they were derived (the helpers here invalidate them; none is used after).
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+pub unsafe fn rewrite_with(
+    ctx: &TcContext,
+    eth: *mut EthHdr,
+    ip: *mut Ipv4Hdr,
+    ports: *mut Ports,
+    macs: Option<(&[u8; 6], &[u8; 6])>,
+    protocol: u8,
+    check_offset: usize,
+    w: &Rewrite,
+    d: Diffs,
+) -> bool {
     // SAFETY: the caller's contract.
     unsafe {
         if let Some((src, dst)) = macs {
@@ -359,13 +424,7 @@ pub unsafe fn rewrite(
         }
         let h = &mut *ip;
         h.ttl -= 1;
-        // TTL is the high byte of its 16-bit word: see route.rs.
-        let check = csum_add_be(h.check, u16::from_ne_bytes([0x01, 0x00]));
-        h.check = if new_addresses {
-            csum_apply(check, addresses)
-        } else {
-            check
-        };
+        h.check = csum_apply(h.check, d.addresses as u32 + TTL_DECREMENT);
         write_ipv4(&mut h.saddr, w.src.1.to_ne_bytes());
         write_ipv4(&mut h.daddr, w.dst.1.to_ne_bytes());
         let p = &mut *ports;
@@ -381,23 +440,118 @@ pub unsafe fn rewrite(
             p.dst = w.dst_port.1.to_ne_bytes();
         }
     }
-    if protocol != IPPROTO_ICMP
-        && new_addresses
-        && ctx
-            .l4_csum_replace(
-                check_offset,
-                0,
-                addresses as u64,
-                l4_flags(protocol, 0) | BPF_F_PSEUDO_HDR as u64,
-            )
-            .is_err()
-    {
+    let flags = l4_flags(protocol, 0);
+    if protocol == IPPROTO_ICMP || d.addresses == 0 {
+        return d.ports == 0
+            || ctx
+                .l4_csum_replace(check_offset, 0, d.ports as u64, flags)
+                .is_ok();
+    }
+    let addresses = |ctx: &TcContext| {
+        ctx.l4_csum_replace(
+            check_offset,
+            0,
+            d.addresses as u64,
+            flags | BPF_F_PSEUDO_HDR as u64,
+        )
+        .is_ok()
+    };
+    let ports = |ctx: &TcContext| {
+        d.ports == 0
+            || ctx
+                .l4_csum_replace(check_offset, 0, d.ports as u64, flags)
+                .is_ok()
+    };
+    // A field outside the linear area (which the helper pulls in) takes both helper calls.
+    let Some(c) = linear::<u16>(ctx, check_offset) else {
+        return addresses(ctx) && ports(ctx);
+    };
+    // SAFETY: bounds-checked by `linear`, read before any helper runs.
+    let before = unsafe { *c };
+    addresses(ctx)
+        && (d.ports == 0 || ports_in_program(ctx, protocol, check_offset, before, d) || ports(ctx))
+}
+
+/// A pointer to a `T` at `offset` of the frame as it is now (after helpers that may have
+/// moved it), or `None` if it is not in the linear area.
+#[inline(always)]
+fn linear<T>(ctx: &TcContext, offset: usize) -> Option<*mut T> {
+    let at = ctx.data() + offset;
+    if at + core::mem::size_of::<T>() > ctx.data_end() {
+        return None;
+    }
+    Some(at as *mut T)
+}
+
+/// A checksum value with 0xFFFF and 0 (the two one's-complement zeros) made one.
+#[inline(always)]
+fn ones(check: u16) -> u16 {
+    if check == 0xFFFF {
+        0
+    } else {
+        check
+    }
+}
+
+/// A partial checksum (the pseudo header's folded sum, not complemented, as read natively)
+/// after the pseudo header changed by `diff`: what `bpf_l4_csum_replace` writes with
+/// `BPF_F_PSEUDO_HDR` into a `CHECKSUM_PARTIAL` frame.
+#[inline(always)]
+fn partial_apply(check: u16, diff: u32) -> u16 {
+    let mut sum = wsum_add(check as u32, diff);
+    sum = (sum & 0xFFFF) + (sum >> 16);
+    sum = (sum & 0xFFFF) + (sum >> 16);
+    sum as u16
+}
+
+/// Folds the ports' change into the transport checksum in the program, sparing the second
+/// helper call, after the address change went through the helper. True if done (or nothing
+/// was to be done); false if the caller must call the helper.
+///
+/// The kernel keeps what it knows about the checksum (`skb->ip_summed`) out of the program's
+/// reach, and treats the two kinds of frame in opposite ways: a full checksum (`NONE`,
+/// `UNNECESSARY`, `COMPLETE`) takes every change, complemented (`~(~check + diff)`); a partial
+/// one (`CHECKSUM_PARTIAL`: the pseudo header's sum, which the device or `skb_checksum_help`
+/// completes over the transport header and payload later) takes only pseudo-header changes,
+/// not complemented (`check + diff`), and must not take the ports'. So the value the helper
+/// wrote for the addresses tells which kind the frame is: it equals one of the two
+/// predictions from `before`, and they differ: modulo 0xFFFF one is `before − diff` and the
+/// other `before + diff`, equal only if `2 × diff ≡ 0`, i.e. `diff ≡ 0` (0xFFFF is odd), and
+/// a zero difference never gets here (see [`Diffs`]). A value that is neither leaves the
+/// ports to the helper. A UDP
+/// checksum of zero ("none") is left alone by the helper in both calls (`BPF_F_MARK_MANGLED_0`),
+/// and here too; a computed zero is written as 0xFFFF, as the helper does.
+#[inline(always)]
+fn ports_in_program(
+    ctx: &TcContext,
+    protocol: u8,
+    check_offset: usize,
+    before: u16,
+    d: Diffs,
+) -> bool {
+    if protocol == IPPROTO_UDP && before == 0 {
+        return true;
+    }
+    let full = ones(csum_apply(before, d.addresses as u32));
+    let partial = ones(partial_apply(before, d.addresses as u32));
+    let Some(c) = linear::<u16>(ctx, check_offset) else {
+        return false;
+    };
+    // SAFETY: bounds-checked by `linear` after the helper ran.
+    let after = unsafe { *c };
+    if ones(after) == partial {
+        return true;
+    }
+    if ones(after) != full {
         return false;
     }
-    !new_ports
-        || ctx
-            .l4_csum_replace(check_offset, 0, ports_diff as u64, l4_flags(protocol, 0))
-            .is_ok()
+    let mut check = csum_apply(after, d.ports as u32);
+    if protocol == IPPROTO_UDP && check == 0 {
+        check = 0xFFFF;
+    }
+    // SAFETY: as above.
+    unsafe { *c = check };
+    true
 }
 
 /// Flags for `bpf_l4_csum_replace` of a `size`-byte field: for UDP, a zero checksum ("none")

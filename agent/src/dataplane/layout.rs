@@ -295,6 +295,13 @@ const MIGRATIONS: &[Migration] = &[
             (maps::MAP_FLOWS_HELD, Step::New),
         ],
     },
+    // v9, cached exposure flows carry their checksum differences (`FlowRecent`'s padding
+    // became `addresses_diff` and `ports_diff`, which a v8 slot has as 0): `FLOWS_RECENT` is
+    // new; the versions keep their meaning.
+    Migration {
+        to: 9,
+        steps: &[(maps::MAP_FLOWS_RECENT, Step::New)],
+    },
 ];
 
 /// The oldest layout [`MIGRATIONS`] reach the current one from.

@@ -18,7 +18,7 @@
 
 /// Version of the map layouts defined in this crate. Bump on any change to a map's key, value,
 /// or meaning.
-pub const LAYOUT_VERSION: u32 = 8;
+pub const LAYOUT_VERSION: u32 = 9;
 
 /// Traffic classes the counters have room for: [`TrafficClass::COUNT`] are used. A new class
 /// takes a free one, so adding it changes no map layout.
@@ -209,8 +209,11 @@ pub struct FlowRecent {
     pub nat_port: u16,
     pub held_version: u64,
     pub credit: u16,
+    /// The translation's checksum differences, folded to 16 bits (0: none): the addresses'
+    /// (IPv4 and pseudo header) and the ports', computed once when the slot is filled.
+    pub addresses_diff: u16,
+    pub ports_diff: u16,
     pub _pad: u16,
-    pub _pad2: u32,
 }
 
 /// The value of the one-entry `EGRESS_HOST` array: this host's way out (see
@@ -1011,7 +1014,7 @@ const _: () = assert!(core::mem::size_of::<EgressRules>() == 16 * RULES_PER_PREF
 const _: () = assert!(core::mem::size_of::<EgressOut>() == 4 + 4 + 2 + 2);
 const _: () = assert!(core::mem::size_of::<EgressIn>() == 4 + 4 + 4 + 2 + 2);
 const _: () = assert!(core::mem::size_of::<EgressRecent>() == 20 + 4 * 3 + 8 + 2 + 2 + 4);
-const _: () = assert!(core::mem::size_of::<FlowRecent>() == 20 + 4 * 6 + 2 * 2 + 8 + 2 * 2 + 4);
+const _: () = assert!(core::mem::size_of::<FlowRecent>() == 20 + 4 * 6 + 2 * 2 + 8 + 2 * 4);
 const _: () = assert!(core::mem::size_of::<RefusedKey>() == 4 + 4 + 2 + 1 + 1);
 const _: () = assert!(core::mem::size_of::<IngressKey>() == 4 + 2 + 1 + 1);
 const _: () = assert!(core::mem::size_of::<IngressTarget>() == 4 * 3 + 2 + 1 + 1);
