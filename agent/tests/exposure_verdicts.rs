@@ -44,9 +44,9 @@ use atoll_agent::{
     types::CloudId,
 };
 use atoll_dataplane_common::{
-    flow_hash, ipv4_to_map, nat_port_candidate, Backend, Direction, DropReason, EndpointInfo,
-    FlowIn, FlowKey, FlowOut, NextHop, RouteKey, TrafficClass, VipService, CACHE_CREDIT,
-    MAX_BACKENDS, NAT_PORT_TRIES, NEXTHOP_ENDPOINT, NEXTHOP_VIP,
+    cache_slot, flow_hash, ipv4_to_map, nat_port_candidate, Backend, Direction, DropReason,
+    EndpointInfo, FlowIn, FlowKey, FlowOut, NextHop, RouteKey, TrafficClass, VipService,
+    CACHE_CREDIT, MAX_BACKENDS, NAT_PORT_TRIES, NEXTHOP_ENDPOINT, NEXTHOP_VIP,
 };
 use atoll_testbed::{
     frame::{self, Tcp, Udp, TCP_ACK, TCP_PSH},
@@ -54,7 +54,7 @@ use atoll_testbed::{
 };
 use aya::{
     maps::{HashMap, MapData},
-    programs::SchedClassifier,
+    programs::{SchedClassifier, TestRun, TestRunOptions},
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -1832,4 +1832,95 @@ fn cached_flows_go_back_to_the_tables_within_the_credit_and_never_outlive_their_
         DropReason::ExposureNoBackend,
         "a flow whose backend is gone",
     );
+}
+
+/// Two flows of A whose keys share a `FLOWS_RECENT` slot, sent from two CPUs at once: each
+/// packet finds the slot holding the other flow, takes the tables and fills the slot with
+/// its own flow, while the other CPU reads the slot for its packet. Every output must be its
+/// own flow's translation (backend, NAT port, checksums): a packet that matched the slot's
+/// key while the other CPU was rewriting the rest would leave with the other flow's backend
+/// and NAT port (a torn slot). Needs two CPUs; fails without them.
+#[test]
+fn a_cache_slot_written_by_two_cpus_at_once_is_never_read_torn() {
+    const ROUNDS: usize = 150_000;
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    assert!(
+        cpus >= 2,
+        "this test races two CPUs; this machine has {cpus}"
+    );
+    let plane = Plane::new();
+    let p = Proto::Udp;
+    // Two source ports whose keys share a slot and whose flows go to different backends.
+    let mut by_slot = std::collections::HashMap::new();
+    let (first, second) = (1..=u16::MAX)
+        .find_map(|s| {
+            let key = consumer_key(p, s);
+            let b = predicted_backend(&key, &[B1, B2]);
+            match by_slot.insert(cache_slot(&key), (s, b)) {
+                Some((other, ob)) if ob != b => Some((other, s)),
+                _ => None,
+            }
+        })
+        .expect("two colliding ports");
+    let flows: Vec<(Vec<u8>, Vec<u8>)> = [first, second]
+        .iter()
+        .map(|&s| {
+            let payload = s.to_be_bytes();
+            let b = predicted_backend(&consumer_key(p, s), &[B1, B2]);
+            let frame = to_vip(p, s, &payload);
+            let expected = translated_to_backend(p, b, s, &payload);
+            assert_eq!(plane.expect_redirect(&frame, "opening"), expected);
+            (frame, expected)
+        })
+        .collect();
+    let torn: Vec<usize> = std::thread::scope(|scope| {
+        let workers: Vec<_> = flows
+            .iter()
+            .enumerate()
+            .map(|(cpu, (frame, expected))| {
+                let prog = &plane.from_vm;
+                scope.spawn(move || {
+                    pin_to_cpu(cpu);
+                    let mut out = vec![0u8; frame.len() + 256];
+                    let mut wrong = 0;
+                    for _ in 0..ROUNDS {
+                        let r = prog
+                            .test_run(TestRunOptions {
+                                data_in: Some(frame),
+                                data_out: Some(&mut out),
+                                repeat: 1,
+                                ..Default::default()
+                            })
+                            .expect("test run");
+                        let n = r.data_size_out as usize;
+                        if r.return_value != TC_ACT_REDIRECT || out[..n] != expected[..] {
+                            wrong += 1;
+                        }
+                    }
+                    wrong
+                })
+            })
+            .collect();
+        workers.into_iter().map(|w| w.join().unwrap()).collect()
+    });
+    assert_eq!(
+        torn,
+        vec![0, 0],
+        "packets sent with the other flow's translation, per CPU, of {ROUNDS} each"
+    );
+}
+
+/// Pins the calling thread to `cpu`.
+fn pin_to_cpu(cpu: usize) {
+    // SAFETY: `set` is a valid, zeroed cpu_set_t; sched_setaffinity reads it.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        assert_eq!(
+            libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set),
+            0,
+            "pinning to CPU {cpu}: {}",
+            std::io::Error::last_os_error()
+        );
+    }
 }

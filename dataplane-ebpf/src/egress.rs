@@ -67,18 +67,12 @@
 //!   cached: the generation is compared with the cloud's on every packet, and a renewed or cut
 //!   flow's slot is emptied. Measured cost: two more random memory accesses for a flow's
 //!   first packet.
-//! - **Known weakness: torn slots.** Slots are shared by all CPUs and written with plain
-//!   stores, field by field. Two CPUs filling one slot at once for two flows whose keys share
-//!   it can leave the key of one with other fields of the other; a packet of the first flow
-//!   then matches and is sent with the second's translation (its NAT port and address, for
-//!   exposures its backend), which can be another cloud's. It takes two first packets (or
-//!   renewals) of colliding flows on two CPUs within the same few nanoseconds, and the
-//!   victim's key is not the attacker's to know, but nothing bounds the tries. (An earlier
-//!   version of this text claimed a torn slot only ever says what one write said; only the
-//!   compared fields are from one write.) The fix is per-CPU slots (one writer per slot;
-//!   the memory is slots × CPUs, so the slot count must become a setting) or a sequence
-//!   word written with `BPF_CMPXCHG` (needs the eBPF build at `-mcpu=v3`); neither is built
-//!   yet (issue 17's note).
+//! - **Slots are never read torn**: slots are shared by all CPUs and many words long, so each
+//!   carries a sequence word; readers use a slot only if no write overlapped their reads, and
+//!   overlapping writers leave it empty (see `flowcache`). Before, a packet could match a
+//!   slot's key while another CPU rewrote the rest, and leave with another flow's NAT address
+//!   and port (`a_cache_slot_written_by_two_cpus_at_once_is_never_read_torn` reproduced it for
+//!   exposures: hundreds of packets in 150,000 per CPU; none since).
 //! - **Replies skip `EGRESS_OUT`.** `EGRESS_IN` records the generation its flow was admitted
 //!   under; a reply of a flow whose cloud still has that generation is delivered after one
 //!   flow lookup. Other replies look at `EGRESS_OUT` as before (decide again, cut or renew).
@@ -121,7 +115,9 @@ use aya_ebpf::{
 
 use crate::{
     exposure::flow_key,
-    flowcache::{held_version, reserved, same_key, still_held, write_key},
+    flowcache::{
+        held_version, read_begin, read_valid, reserved, same_key, still_held, write_key, write_slot,
+    },
     ingress, metering,
     packet::{
         self, EthHdr, Ipv4Hdr, Packet, Ports, Rewrite, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP,
@@ -518,14 +514,16 @@ fn matches(rules: &EgressRules, protocol: u8, port: u16, now: u64) -> bool {
 #[inline(always)]
 fn recent_flow(key: &FlowKey) -> Option<(EgressOut, bool)> {
     let s = EGRESS_RECENT.get_ptr_mut(cache_slot(key))?;
-    // SAFETY: a value of an array (never freed); plain loads and one store (see "Established
-    // flows are cached" in the module docs on concurrent writers).
+    // SAFETY: a value of an array (never freed), read between its sequence checks (see
+    // `flowcache`); the credit store is outside them (a stale credit only moves a refresh).
     let (flow, recorded) = unsafe {
-        if (*s).credit == 0 || !same_key(&(*s).key, key) {
+        let seq = core::ptr::addr_of_mut!((*s).seq);
+        let begun = read_begin(seq)?;
+        let credit = (*s).credit;
+        if credit == 0 || !same_key(&(*s).key, key) {
             return None;
         }
-        (*s).credit -= 1;
-        (
+        let read = (
             EgressOut {
                 egress_ipv4: (*s).egress_ipv4,
                 generation: (*s).generation,
@@ -533,7 +531,12 @@ fn recent_flow(key: &FlowKey) -> Option<(EgressOut, bool)> {
                 _pad: 0,
             },
             ((*s).held_slot, (*s).held_version),
-        )
+        );
+        if !read_valid(seq, begun) {
+            return None;
+        }
+        (*s).credit = credit - 1;
+        read
     };
     Some((flow, still_held(&EGRESS_HELD, recorded)))
 }
@@ -543,15 +546,22 @@ fn recent_flow(key: &FlowKey) -> Option<(EgressOut, bool)> {
 #[inline(always)]
 fn remember_flow(key: &FlowKey, flow: &EgressOut, (held_slot, held_version): (u32, u64)) {
     if let Some(s) = EGRESS_RECENT.get_ptr_mut(cache_slot(key)) {
-        // SAFETY: a value of an array (never freed); plain field stores.
+        // SAFETY: a value of an array (never freed), written under its sequence word (see
+        // `flowcache`).
         unsafe {
-            write_key(core::ptr::addr_of_mut!((*s).key), key);
-            (*s).egress_ipv4 = flow.egress_ipv4;
-            (*s).generation = flow.generation;
-            (*s).held_slot = held_slot;
-            (*s).held_version = held_version;
-            (*s).nat_port = flow.nat_port;
-            (*s).credit = CACHE_CREDIT;
+            write_slot(
+                core::ptr::addr_of_mut!((*s).seq),
+                || {
+                    write_key(core::ptr::addr_of_mut!((*s).key), key);
+                    (*s).egress_ipv4 = flow.egress_ipv4;
+                    (*s).generation = flow.generation;
+                    (*s).held_slot = held_slot;
+                    (*s).held_version = held_version;
+                    (*s).nat_port = flow.nat_port;
+                    (*s).credit = CACHE_CREDIT;
+                },
+                || (*s).key.cloud = 0,
+            );
         }
     }
 }
@@ -560,7 +570,8 @@ fn remember_flow(key: &FlowKey, flow: &EgressOut, (held_slot, held_version): (u3
 #[inline(always)]
 fn forget_flow(key: &FlowKey) {
     if let Some(s) = EGRESS_RECENT.get_ptr_mut(cache_slot(key)) {
-        // SAFETY: as in `remember_flow`.
+        // SAFETY: a value of an array (never freed); a credit store, outside the sequence
+        // word as a reader's (a credit taken from another flow's slot only moves its refresh).
         unsafe {
             if same_key(&(*s).key, key) {
                 (*s).credit = 0;

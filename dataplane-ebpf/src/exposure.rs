@@ -94,7 +94,9 @@ use aya_ebpf::{
 
 use crate::{
     endpoint,
-    flowcache::{held_version, reserved, same_key, still_held, write_key},
+    flowcache::{
+        held_version, read_begin, read_valid, reserved, same_key, still_held, write_key, write_slot,
+    },
     metering,
     packet::{self, Diffs, EthHdr, Ipv4Hdr, Packet, Ports, Rewrite, IPPROTO_ICMP},
     route, Verdict,
@@ -316,12 +318,25 @@ struct Granted {
     nat_ipv4: u32,
 }
 
-/// An established consumer flow delivered from its `FLOWS_RECENT` slot, if the slot matches
-/// the flow exactly, was admitted under the grant the VIP's route names now (`route_grant`;
-/// 0: unknown, no fast path), still holds its NAT port (the reservation version) and its
-/// backend's device is still the backend's (`ENDPOINT_CACHE`); its credit is taken by one or,
-/// spent, renewed by [`refresh`]. `None`: the tables decide. The slot's fields are read where
-/// they are used (copying them out first spilled each to the stack).
+/// An established consumer flow as its `FLOWS_RECENT` slot had it (read whole between the
+/// slot's sequence checks).
+struct Cached {
+    service: Granted,
+    backend_ipv4: u32,
+    backend_ifindex: u32,
+    held: (u32, u64),
+    credit: u16,
+    backend_port: u16,
+    nat_port: u16,
+    diffs: Diffs,
+}
+
+/// An established consumer flow delivered from its `FLOWS_RECENT` slot, if the slot, read
+/// untorn, matches the flow exactly and was admitted under the grant the VIP's route names
+/// now (`route_grant`; 0: unknown, no fast path), the flow still holds its NAT port (the
+/// reservation version) and its backend's device is still the backend's
+/// (`ENDPOINT_CACHE`); its credit is taken by one or, spent, renewed by [`refresh`]. `None`:
+/// the tables decide.
 #[inline(always)]
 fn from_cache(
     ctx: &TcContext,
@@ -336,46 +351,65 @@ fn from_cache(
         return None;
     }
     let s = FLOWS_RECENT.get_ptr_mut(cache_slot(key))?;
-    // SAFETY: a value of an array (never freed); plain loads and stores (see "Established
-    // flows are cached" in the module docs on concurrent writers).
-    unsafe {
-        if (*s).grant != route_grant
-            || !same_key(&(*s).key, key)
-            || !still_held(&FLOWS_HELD, ((*s).held_slot, (*s).held_version))
-        {
+    // SAFETY: a value of an array (never freed), read between its sequence checks (see
+    // `flowcache`); the credit store is outside them (a stale credit only moves a refresh).
+    let c = unsafe {
+        let seq = core::ptr::addr_of_mut!((*s).seq);
+        let begun = read_begin(seq)?;
+        if (*s).grant != route_grant || !same_key(&(*s).key, key) {
             return None;
         }
-        let info = endpoint::cached((*s).backend_ifindex)?;
-        if info.cloud != (*s).provider || info.ipv4 != (*s).backend_ipv4 {
-            return None;
-        }
-        let credit = (*s).credit;
-        if credit != 0 {
-            (*s).credit = credit - 1;
-        } else if !refresh(key, s) {
-            return None;
-        }
-        let w = Rewrite {
-            src: (key.src_ipv4, (*s).nat_ipv4),
-            dst: (key.dst_ipv4, (*s).backend_ipv4),
-            src_port: (l4.src_port, (*s).nat_port),
-            dst_port: (l4.dst_port, (*s).backend_port),
+        let c = Cached {
+            service: Granted {
+                grant: (*s).grant,
+                provider: (*s).provider,
+                nat_ipv4: (*s).nat_ipv4,
+            },
+            backend_ipv4: (*s).backend_ipv4,
+            backend_ifindex: (*s).backend_ifindex,
+            held: ((*s).held_slot as u32, (*s).held_version),
+            credit: (*s).credit,
+            backend_port: (*s).backend_port,
+            nat_port: (*s).nat_port,
+            diffs: Diffs {
+                addresses: (*s).addresses_diff,
+                ports: (*s).ports_diff,
+            },
         };
-        let diffs = Diffs {
-            addresses: (*s).addresses_diff,
-            ports: (*s).ports_diff,
-        };
-        Some(deliver_to(
-            ctx,
-            pkt,
-            eth,
-            ip,
-            ep,
-            l4,
-            ((*s).backend_ifindex, info.slot, &info.mac),
-            (&w, diffs),
-        ))
+        if !read_valid(seq, begun) {
+            return None;
+        }
+        c
+    };
+    if !still_held(&FLOWS_HELD, c.held) {
+        return None;
     }
+    let info = endpoint::cached(c.backend_ifindex)?;
+    if info.cloud != c.service.provider || info.ipv4 != c.backend_ipv4 {
+        return None;
+    }
+    if c.credit != 0 {
+        // SAFETY: as above.
+        unsafe { (*s).credit = c.credit - 1 };
+    } else if !refresh(key, s, &c) {
+        return None;
+    }
+    let w = Rewrite {
+        src: (key.src_ipv4, c.service.nat_ipv4),
+        dst: (key.dst_ipv4, c.backend_ipv4),
+        src_port: (l4.src_port, c.nat_port),
+        dst_port: (l4.dst_port, c.backend_port),
+    };
+    Some(deliver_to(
+        ctx,
+        pkt,
+        eth,
+        ip,
+        ep,
+        l4,
+        (c.backend_ifindex, info.slot, &info.mac),
+        (&w, c.diffs),
+    ))
 }
 
 /// Fills the `FLOWS_RECENT` slot of `key`, with the backend's device, the translation's
@@ -389,21 +423,28 @@ fn remember_recent(
     (held_slot, held_version): (u32, u64),
 ) {
     if let Some(s) = FLOWS_RECENT.get_ptr_mut(cache_slot(key)) {
-        // SAFETY: a value of an array (never freed); plain field stores.
+        // SAFETY: a value of an array (never freed), written under its sequence word (see
+        // `flowcache`).
         unsafe {
-            write_key(core::ptr::addr_of_mut!((*s).key), key);
-            (*s).grant = service.grant;
-            (*s).provider = service.provider;
-            (*s).nat_ipv4 = service.nat_ipv4;
-            (*s).backend_ipv4 = flow.backend_ipv4;
-            (*s).backend_ifindex = backend_ifindex;
-            (*s).held_slot = held_slot;
-            (*s).held_version = held_version;
-            (*s).backend_port = flow.backend_port;
-            (*s).nat_port = flow.nat_port;
-            (*s).addresses_diff = diffs.addresses;
-            (*s).ports_diff = diffs.ports;
-            (*s).credit = CACHE_CREDIT;
+            write_slot(
+                core::ptr::addr_of_mut!((*s).seq),
+                || {
+                    write_key(core::ptr::addr_of_mut!((*s).key), key);
+                    (*s).grant = service.grant;
+                    (*s).provider = service.provider;
+                    (*s).nat_ipv4 = service.nat_ipv4;
+                    (*s).backend_ipv4 = flow.backend_ipv4;
+                    (*s).backend_ifindex = backend_ifindex;
+                    (*s).held_slot = held_slot as u16;
+                    (*s).held_version = held_version;
+                    (*s).backend_port = flow.backend_port;
+                    (*s).nat_port = flow.nat_port;
+                    (*s).addresses_diff = diffs.addresses;
+                    (*s).ports_diff = diffs.ports;
+                    (*s).credit = CACHE_CREDIT;
+                },
+                || (*s).key.cloud = 0,
+            );
         }
     }
 }
@@ -414,34 +455,36 @@ fn remember_recent(
 /// direction keeps both). Then its slot gets a new credit and the reservation version read
 /// before the confirmation. `VIPS` and the backend's route are not needed: the grant and the
 /// backend's device are checked on every packet. False: the flow takes the tables' path.
-///
-/// # Safety
-/// `s` is the flow's `FLOWS_RECENT` slot (a value of an array, never freed).
+/// The slot is written under its sequence word, and only if it still holds `key`.
 #[inline(always)]
-unsafe fn refresh(key: &FlowKey, s: *mut FlowRecent) -> bool {
+fn refresh(key: &FlowKey, s: *mut FlowRecent, c: &Cached) -> bool {
     // SAFETY: the value is copied out at once.
     let Some(flow) = (unsafe { FLOWS_OUT.get(key) }).copied() else {
         return false;
     };
-    // SAFETY: the caller's contract; plain field loads and stores.
+    if flow.grant != c.service.grant
+        || flow.backend_ipv4 != c.backend_ipv4
+        || flow.backend_port != c.backend_port
+        || flow.nat_port != c.nat_port
+    {
+        return false;
+    }
+    let Some((_, version)) = holds_nat_port(key, &c.service, &flow) else {
+        return false;
+    };
+    // SAFETY: `s` is a value of an array (never freed), written under its sequence word (see
+    // `flowcache`).
     unsafe {
-        let service = Granted {
-            grant: (*s).grant,
-            provider: (*s).provider,
-            nat_ipv4: (*s).nat_ipv4,
-        };
-        if flow.grant != service.grant
-            || flow.backend_ipv4 != (*s).backend_ipv4
-            || flow.backend_port != (*s).backend_port
-            || flow.nat_port != (*s).nat_port
-        {
-            return false;
-        }
-        let Some((_, version)) = holds_nat_port(key, &service, &flow) else {
-            return false;
-        };
-        (*s).held_version = version;
-        (*s).credit = CACHE_CREDIT;
+        write_slot(
+            core::ptr::addr_of_mut!((*s).seq),
+            || {
+                if same_key(&(*s).key, key) {
+                    (*s).held_version = version;
+                    (*s).credit = CACHE_CREDIT;
+                }
+            },
+            || (*s).key.cloud = 0,
+        );
     }
     true
 }

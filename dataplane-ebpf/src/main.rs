@@ -39,6 +39,8 @@
 //!   are counted per reason in [`drop`] (host-wide) and per endpoint in [`metering`], which also
 //!   counts every forwarded or answered frame per direction and traffic class.
 #![cfg_attr(target_arch = "bpf", no_std, no_main)]
+// `flowcache`'s 32-bit atomic add is assembly (the bpfel target has no 32-bit atomics).
+#![cfg_attr(target_arch = "bpf", feature(asm_experimental_arch))]
 #![cfg_attr(not(target_arch = "bpf"), allow(dead_code, unused_imports))]
 
 mod arp;

@@ -302,6 +302,15 @@ const MIGRATIONS: &[Migration] = &[
         to: 9,
         steps: &[(maps::MAP_FLOWS_RECENT, Step::New)],
     },
+    // v10, cache slots carry a sequence word (`seq`, where the padding was; `FlowRecent`'s
+    // `held_slot` became 16 bits to make room): both flow caches are new.
+    Migration {
+        to: 10,
+        steps: &[
+            (maps::MAP_EGRESS_RECENT, Step::New),
+            (maps::MAP_FLOWS_RECENT, Step::New),
+        ],
+    },
 ];
 
 /// The oldest layout [`MIGRATIONS`] reach the current one from.

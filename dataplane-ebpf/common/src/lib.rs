@@ -18,7 +18,7 @@
 
 /// Version of the map layouts defined in this crate. Bump on any change to a map's key, value,
 /// or meaning.
-pub const LAYOUT_VERSION: u32 = 9;
+pub const LAYOUT_VERSION: u32 = 10;
 
 /// Traffic classes the counters have room for: [`TrafficClass::COUNT`] are used. A new class
 /// takes a free one, so adding it changes no map layout.
@@ -200,20 +200,22 @@ pub struct FlowRecent {
     /// The backend endpoint's device, used only while `ENDPOINT_CACHE` says that device is
     /// `(provider, backend_ipv4)`.
     pub backend_ifindex: u32,
-    /// [`cache_slot`] of the flow's reply key, and the reservation version read there before
-    /// `FLOWS_IN` confirmed the flow holds its NAT port (see [`EgressRecent`]).
-    pub held_slot: u32,
+    /// [`cache_slot`] of the flow's reply key (16 bits: [`CACHE_BITS`]), and the reservation
+    /// version read there before `FLOWS_IN` confirmed the flow holds its NAT port (see
+    /// [`EgressRecent`]).
+    pub held_slot: u16,
+    pub credit: u16,
     /// Network byte order.
     pub backend_port: u16,
     /// Network byte order.
     pub nat_port: u16,
     pub held_version: u64,
-    pub credit: u16,
     /// The translation's checksum differences, folded to 16 bits (0: none): the addresses'
     /// (IPv4 and pseudo header) and the ports', computed once when the slot is filled.
     pub addresses_diff: u16,
     pub ports_diff: u16,
-    pub _pad: u16,
+    /// The slot's sequence word (see [`SLOT_WRITERS`]).
+    pub seq: u32,
 }
 
 /// The value of the one-entry `EGRESS_HOST` array: this host's way out (see
@@ -428,8 +430,16 @@ pub struct EgressRecent {
     /// Network byte order.
     pub nat_port: u16,
     pub credit: u16,
-    pub _pad: u32,
+    /// The slot's sequence word (see [`SLOT_WRITERS`]).
+    pub seq: u32,
 }
+
+/// The low half of a cache slot's `seq`: how many writers are filling the slot now; the high
+/// half counts completed writes (wrapping). A reader uses a slot only if no writer was active
+/// when it began and `seq` is unchanged when it has read what it needs; a writer that finds
+/// another writer active, or sees one come and go while it writes, leaves the slot empty (see
+/// `dataplane-ebpf/src/flowcache.rs`).
+pub const SLOT_WRITERS: u32 = 0xFFFF;
 
 /// Key of `INGRESS`: a published address and port on the uplink.
 #[repr(C)]
@@ -1014,7 +1024,8 @@ const _: () = assert!(core::mem::size_of::<EgressRules>() == 16 * RULES_PER_PREF
 const _: () = assert!(core::mem::size_of::<EgressOut>() == 4 + 4 + 2 + 2);
 const _: () = assert!(core::mem::size_of::<EgressIn>() == 4 + 4 + 4 + 2 + 2);
 const _: () = assert!(core::mem::size_of::<EgressRecent>() == 20 + 4 * 3 + 8 + 2 + 2 + 4);
-const _: () = assert!(core::mem::size_of::<FlowRecent>() == 20 + 4 * 6 + 2 * 2 + 8 + 2 * 4);
+const _: () = assert!(core::mem::size_of::<FlowRecent>() == 64);
+const _: () = assert!(CACHE_BITS <= 16);
 const _: () = assert!(core::mem::size_of::<RefusedKey>() == 4 + 4 + 2 + 1 + 1);
 const _: () = assert!(core::mem::size_of::<IngressKey>() == 4 + 2 + 1 + 1);
 const _: () = assert!(core::mem::size_of::<IngressTarget>() == 4 * 3 + 2 + 1 + 1);
