@@ -12,7 +12,7 @@
 //!    translated once (addresses, destination port, both checksums, MACs, TTL).
 //!    - *established*: every call sends the same frame, whose 250 flows were opened before the
 //!      rounds: each repeat is an established flow, found as the agent's dataplane finds one
-//!      (its `FLOWS_RECENT` slot, and the tables every 32nd time): the plane is programmed as
+//!      (its `FLOWS_RECENT` slot, and `FLOWS_OUT` and `FLOWS_IN` every 33rd time): the plane is programmed as
 //!      the agent programs it, each ring backend an endpoint of its own (device, `ENDPOINTS`
 //!      and `ENDPOINT_CACHE` entries) and each exposure address's route carrying its grant.
 //!    - *first packet*: every call uses a source port never used before, so each of its 250
@@ -23,9 +23,10 @@
 //!
 //!    The NAT address equals the consumer's address and the source port stays, as for a flow
 //!    whose consumer port is free on the provider side: the same work runs as for any flow
-//!    (`packet::rewrite`: one checksum helper call for the addresses, here the destination,
-//!    and one for the ports, here the destination port). VIPS also holds `grants` other grants (and
-//!    ROUTES their two routes each), so the figures are for a host with that many grants.
+//!    (`packet::rewrite_with`: one checksum helper call for the addresses, here the
+//!    destination, and the ports' difference, here the destination port's, folded in by the
+//!    program). VIPS also holds `grants` other grants (and ROUTES their two routes each), so
+//!    the figures are for a host with that many grants.
 //! 2. **Grants per second and memory per grant**: `Host::apply_service` (the agent's path:
 //!    grant number, `VIPS` entry, VIP route, NAT route) for N grants with distinct consumer
 //!    clouds, VIPs and NAT addresses, on a pinned dataplane sized for them. Kernel memory:
