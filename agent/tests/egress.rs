@@ -575,7 +575,9 @@ fn connect_from(src: Ipv4Addr, dst: SocketAddrV4, timeout: Duration) -> std::io:
 
 /// A VM port published on the uplink: a client in the internet reaches it (its address seen
 /// by the VM), `allow_from` refuses other sources, the cloud's `deny` policy does not stop
-/// the VM's replies, and unpublishing cuts the live connection.
+/// the VM's replies, and unpublishing cuts the live connection. On the way, a connection to
+/// a NAT port of the host's address (no flow's) is silent and counted as `uplink_no_flow`,
+/// while the host's stack still refuses one to its own closed port.
 #[test]
 fn a_published_port_is_reached_from_the_internet_and_unpublishing_cuts() {
     use atoll_agent::endpoint::{PublishSpec, PROTOCOL_TCP};
@@ -639,6 +641,29 @@ fn a_published_port_is_reached_from_the_internet_and_unpublishing_cuts() {
                 "the VM's reply goes out although its cloud is deny"
             );
             assert!(external(&host, g.ep.slot)[1].0 > 0, "metered external");
+
+            // The host's own address: a NAT port no flow holds is dropped and counted (the
+            // host's stack would refuse it with a reset); another closed port is the host's,
+            // whose stack refuses it.
+            let to_host = |port: u16, timeout: Duration| {
+                let dst = SocketAddrV4::new(HOST_IP, port);
+                netns::run_in(&world, move || connect_from(client_ip, dst, timeout))
+                    .expect("entering the world")
+            };
+            let before = host_drops(&host, DropReason::UplinkNoFlow);
+            let e = to_host(61000, SILENCE).expect_err("a NAT port answers");
+            assert_ne!(
+                e.kind(),
+                std::io::ErrorKind::ConnectionRefused,
+                "a NAT port no flow holds is silent: {e}"
+            );
+            assert!(host_drops(&host, DropReason::UplinkNoFlow) > before);
+            let e = to_host(9, ARRIVE).expect_err("nothing listens on port 9");
+            assert_eq!(
+                e.kind(),
+                std::io::ErrorKind::ConnectionRefused,
+                "the host's own port: {e}"
+            );
 
             // Unpublished: the VM's next packet is cut, the client hears nothing more.
             host.unpublish((*public.ip(), public.port()), PROTOCOL_TCP)

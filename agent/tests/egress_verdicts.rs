@@ -354,6 +354,17 @@ impl Plane {
         assert_eq!(r.out, frame, "{what}: untouched");
     }
 
+    /// `from_uplink` drops `frame`, a packet to a NAT port of the host's address that no flow
+    /// holds, and counts it once as `uplink_no_flow`, host-wide.
+    fn expect_no_flow(&self, frame: &[u8], what: &str) {
+        let r = self.run(true, frame, what);
+        assert_eq!(
+            (r.ret, r.drops),
+            (TC_ACT_SHOT, BTreeMap::from([(DropReason::UplinkNoFlow, 1)])),
+            "{what}"
+        );
+    }
+
     /// `EGRESS_IN`, opened from its pin (the agent only reads it).
     fn egress_in(&self) -> HashMap<MapData, FlowKey, EgressIn> {
         let path = self.dp().pin_dir().join("maps").join("EGRESS_IN");
@@ -640,15 +651,29 @@ fn flows_are_translated_both_ways_and_cut_by_a_policy_change() {
             ttl: 63,
         }
     );
-    // A reply to another port, from another address or port, or with another protocol is not
-    // ours: it passes to the host, untouched.
+    // A reply to another NAT port, from another address or port, or with another protocol is
+    // no flow's: dropped and counted, never handed to the host's stack (which would reset it).
+    let other_port = if in_nat_range(nat.wrapping_add(1)) {
+        nat + 1
+    } else {
+        nat - 1
+    };
     for other in [
-        udp((SERVER, 53), (EGRESS_IP, nat.wrapping_add(1)), b"x"),
+        udp((SERVER, 53), (EGRESS_IP, other_port), b"x"),
         udp((SERVER, 54), (EGRESS_IP, nat), b"x"),
         udp((Ipv4Addr::new(198, 19, 0, 11), 53), (EGRESS_IP, nat), b"x"),
         tcp((SERVER, 53), (EGRESS_IP, nat)),
     ] {
-        p.expect_pass(&from_world(&other), "not a tracked flow");
+        p.expect_no_flow(&from_world(&other), "not a tracked flow");
+    }
+    // Below and above the range, the host's own ports: passed untouched.
+    for port in [NAT_FIRST - 1, NAT_FIRST.wrapping_add(NAT_COUNT)] {
+        if port != 0 {
+            p.expect_pass(
+                &from_world(&udp((SERVER, 53), (EGRESS_IP, port), b"x")),
+                "a port outside the NAT range",
+            );
+        }
     }
 
     // ICMP echo: by identifier, both ways.
@@ -725,7 +750,7 @@ fn flows_are_translated_both_ways_and_cut_by_a_policy_change() {
         "{:?}",
         r.drops
     );
-    p.expect_pass(&reply, "forgotten: the next reply is not ours");
+    p.expect_no_flow(&reply, "forgotten: the next reply is no flow's");
     p.expect_drop(
         &udp((GUEST_IP, 4000), (SERVER, 53), b"more"),
         DropReason::EgressDenied,
@@ -782,8 +807,9 @@ fn a_cloud_with_its_own_address_and_clouds_with_the_same_addresses_stay_apart() 
     let r = p.run(true, &reply, "reply to the own address");
     assert_eq!(r.ret, TC_ACT_REDIRECT);
     assert_eq!(seen(&r.out).dst, (GUEST_IP, 4000));
-    // The same reply to the host's address is not this flow's.
-    p.expect_pass(
+    // The same reply to the host's address is not this flow's (and no flow holds that NAT
+    // port there).
+    p.expect_no_flow(
         &from_world(&udp((SERVER, 53), (EGRESS_IP, out.src.1), b"a")),
         "the host's address",
     );
@@ -931,7 +957,8 @@ fn the_uplink_passes_whatever_is_not_a_tracked_reply() {
     let out = p.expect_out(&udp((GUEST_IP, 4000), (SERVER, 53), b"q"), "a flow");
     let tracked = from_world(&udp((SERVER, 53), (EGRESS_IP, out.src.1), b"a"));
     // Every prefix of a tracked reply, every single-byte mutation of its headers, ARP, IPv6,
-    // options and fragments: passed untouched or translated, never a panic or a stray drop.
+    // options and fragments: passed untouched or translated, never a panic or a stray drop;
+    // a mutation that makes it another flow's reply to a NAT port is `uplink_no_flow`.
     // (A test run refuses IPv4 frames shorter than Ethernet + IPv4 headers, see verdicts.rs.)
     for len in 14 + 20..tracked.len() {
         let r = p.run(true, &tracked[..len], "truncated");
@@ -945,7 +972,9 @@ fn the_uplink_passes_whatever_is_not_a_tracked_reply() {
             let r = p.run(true, &f, "mutated");
             assert!(
                 (r.ret == TC_ACT_OK && r.drops.is_empty())
-                    || (r.ret == TC_ACT_REDIRECT && r.drops.is_empty()),
+                    || (r.ret == TC_ACT_REDIRECT && r.drops.is_empty())
+                    || (r.ret == TC_ACT_SHOT
+                        && r.drops == BTreeMap::from([(DropReason::UplinkNoFlow, 1)])),
                 "byte {at} bit {bit:#x}: {} {:?}",
                 r.ret,
                 r.drops

@@ -10,9 +10,15 @@
 //! **Back** ([`from_uplink`], TC ingress of the uplink): a TCP/UDP packet or ICMP echo reply
 //! whose `(remote, egress address, ports)` is in `EGRESS_IN`, or an ICMP error
 //! (unreachable, fragmentation needed, time exceeded) whose embedded header is, is translated
-//! to its guest and redirected to the guest's device. Everything else passes untouched: the
-//! uplink carries the host's own traffic, and no NAT port is a port of the host's (the agent
-//! reserves the range, see `agent/src/egress.rs`).
+//! to its guest and redirected to the guest's device. TCP or UDP to a NAT port of the host's
+//! egress address that no flow holds (a late reply of an evicted or cut flow, or a probe) is
+//! dropped (`uplink_no_flow`): handed to the host's stack it would be answered with a reset
+//! or a port unreachable, which would end the remote side of a connection whose guest may
+//! still reopen it on the same port after an eviction, and tell a scanner which ports are in
+//! use. Everything else passes untouched: the uplink carries the host's own traffic, and no
+//! NAT port is a port of the host's (the agent reserves the range, see
+//! `agent/src/egress.rs`). A cloud's own egress address is not the host's (the operator
+//! routes it to the host; the host's stack drops what it does not own, silently).
 //!
 //! **Public ingress** uses the same translation and the same way out: a TCP or UDP packet
 //! on the uplink that is no flow's reply and is addressed to a published port is DNATed to
@@ -981,8 +987,18 @@ fn back_in(
     to_guest(rewritten, hop, pkt.len)
 }
 
+/// True if `port` (as read natively) is in the host's NAT port range.
+#[inline(always)]
+fn is_nat_port(host: &EgressHost, port: u16) -> bool {
+    let p = u16::from_be(port) as u32;
+    let first = host.nat_port_first as u32;
+    p >= first && p < first + host.nat_port_count as u32
+}
+
 /// A TCP or UDP packet on the uplink that is no egress flow's reply: translated to the VM
-/// port its address and port are published for (see `ingress`), else passed to the host.
+/// port its address and port are published for (see `ingress`), dropped if addressed to a
+/// NAT port of the host's egress address (`uplink_no_flow`, see the module docs), else
+/// passed to the host.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
 fn to_published(
@@ -998,6 +1014,9 @@ fn to_published(
     let (remote, public) = (key.src_ipv4, key.dst_ipv4);
     let target = match ingress::published(public, l4.dst_port, l4.protocol, remote) {
         Ok(Some(t)) => t,
+        Ok(None) if public == host.egress_ipv4 && is_nat_port(host, l4.dst_port) => {
+            return Verdict::Drop(DropReason::UplinkNoFlow);
+        }
         Ok(None) => return Verdict::Pass,
         Err(reason) => return Verdict::Drop(reason),
     };

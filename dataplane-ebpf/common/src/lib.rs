@@ -830,11 +830,15 @@ pub enum DropReason {
     /// A packet of a connection to a published port that was unpublished (or published
     /// again): the flow is cut and forgotten.
     IngressRevoked = 47,
+    /// On the uplink: TCP or UDP to a NAT port of the host's egress address that no flow holds
+    /// (a reply after its flow was evicted or cut, or a probe), dropped rather than handed to
+    /// the host's stack, which would answer with a reset or a port unreachable.
+    UplinkNoFlow = 48,
 }
 
 impl DropReason {
     /// Every reason, in numeric order.
-    pub const ALL: [DropReason; 47] = [
+    pub const ALL: [DropReason; 48] = [
         DropReason::UnknownEndpoint,
         DropReason::TruncatedEthernet,
         DropReason::SpoofedSourceMac,
@@ -882,10 +886,11 @@ impl DropReason {
         DropReason::EgressBudgetSpent,
         DropReason::IngressNotAllowed,
         DropReason::IngressRevoked,
+        DropReason::UplinkNoFlow,
     ];
 
     /// Size of the drop counter array: one slot per number, slot 0 unused.
-    pub const SLOTS: u32 = 48;
+    pub const SLOTS: u32 = 49;
 
     /// Stable snake_case name, used in metrics labels and CLI output.
     pub const fn name(self) -> &'static str {
@@ -937,6 +942,7 @@ impl DropReason {
             DropReason::EgressBudgetSpent => "egress_budget_spent",
             DropReason::IngressNotAllowed => "ingress_not_allowed",
             DropReason::IngressRevoked => "ingress_revoked",
+            DropReason::UplinkNoFlow => "uplink_no_flow",
         }
     }
 
