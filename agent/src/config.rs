@@ -260,7 +260,18 @@ pub struct EgressConfig {
     /// Networks no guest reaches whatever its cloud's policy, besides the built-in ones (see
     /// the `egress` module).
     pub never: Vec<Ipv4Network>,
+    /// New egress flows per second each cloud may open on this host, with a second's worth of
+    /// burst; beyond it a new flow is dropped (`egress_flow_rate_limited`). The flow tables
+    /// are shared by every cloud on the host (least recently used flows are evicted when
+    /// full), so this bounds how fast one cloud can push the others' idle flows out. 0: no
+    /// limit.
+    pub max_new_flows_per_sec: u32,
 }
+
+/// `egress.max_new_flows_per_sec` by default: at 5,000 new flows per second one cloud alone
+/// takes most of a minute to cycle the default flow tables (`dataplane.max_flows`), far
+/// beyond what one agent's cloud opens from one host in normal use.
+pub const DEFAULT_MAX_NEW_FLOWS_PER_SEC: u32 = 5_000;
 
 impl Default for EgressConfig {
     fn default() -> Self {
@@ -272,6 +283,7 @@ impl Default for EgressConfig {
                 last: 65535,
             },
             never: Vec::new(),
+            max_new_flows_per_sec: DEFAULT_MAX_NEW_FLOWS_PER_SEC,
         }
     }
 }

@@ -102,9 +102,10 @@ pub static BASELINE_OBJECT: &[u8] =
 /// Map names in the object (the registry, [`maps::REGISTRY`], says the rest).
 pub use maps::{
     MAP_COUNTERS, MAP_DNS_SERVICE, MAP_DROPS, MAP_EGRESS_ALLOW, MAP_EGRESS_CLOUDS, MAP_EGRESS_DENY,
-    MAP_EGRESS_HOST, MAP_EGRESS_IN, MAP_EGRESS_METERS, MAP_EGRESS_NEVER, MAP_EGRESS_OUT,
-    MAP_EGRESS_REFUSED, MAP_ENDPOINTS, MAP_ENDPOINT_CACHE, MAP_FLOWS_IN, MAP_FLOWS_OUT,
-    MAP_INGRESS, MAP_INGRESS_ALLOW, MAP_INGRESS_FLOWS, MAP_ROUTES, MAP_SLOT_ENDPOINTS, MAP_VIPS,
+    MAP_EGRESS_FLOW_CLOCKS, MAP_EGRESS_HOST, MAP_EGRESS_IN, MAP_EGRESS_METERS, MAP_EGRESS_NEVER,
+    MAP_EGRESS_OUT, MAP_EGRESS_REFUSED, MAP_ENDPOINTS, MAP_ENDPOINT_CACHE, MAP_FLOWS_IN,
+    MAP_FLOWS_OUT, MAP_INGRESS, MAP_INGRESS_ALLOW, MAP_INGRESS_FLOWS, MAP_ROUTES,
+    MAP_SLOT_ENDPOINTS, MAP_VIPS,
 };
 const BPF_NOEXIST: u64 = 1;
 
@@ -137,6 +138,7 @@ pub struct Dataplane {
     egress_in: HashMap<MapData, FlowKey, EgressIn>,
     egress_refused: HashMap<MapData, RefusedKey, RefusedCount>,
     egress_meters: HashMap<MapData, u32, EgressMeter>,
+    egress_flow_clocks: HashMap<MapData, u32, u64>,
     ingress: HashMap<MapData, IngressKey, IngressTarget>,
     ingress_allow: LpmTrie<MapData, IngressAllowKey, u8>,
     ingress_flows: HashMap<MapData, FlowKey, IngressFlow>,
@@ -225,6 +227,9 @@ impl Dataplane {
         let egress_meters: HashMap<MapData, u32, EgressMeter> =
             HashMap::try_from(open_map(MAP_EGRESS_METERS)?)
                 .map_err(|e| typed(MAP_EGRESS_METERS, e))?;
+        let egress_flow_clocks: HashMap<MapData, u32, u64> =
+            HashMap::try_from(open_map(MAP_EGRESS_FLOW_CLOCKS)?)
+                .map_err(|e| typed(MAP_EGRESS_FLOW_CLOCKS, e))?;
         let ingress: HashMap<MapData, IngressKey, IngressTarget> =
             HashMap::try_from(open_map(MAP_INGRESS)?).map_err(|e| typed(MAP_INGRESS, e))?;
         let ingress_allow: LpmTrie<MapData, IngressAllowKey, u8> =
@@ -271,6 +276,7 @@ impl Dataplane {
             egress_in,
             egress_refused,
             egress_meters,
+            egress_flow_clocks,
             ingress,
             ingress_allow,
             ingress_flows,

@@ -109,6 +109,7 @@ pub fn enable(
     reserve_nat_ports(cfg.nat_ports)?;
     let never = never(cfg, &host_addresses()?);
     host.enable_egress(&uplink, address, cfg.nat_ports, &never)
+        .and_then(|()| host.set_egress_flow_rate(cfg.max_new_flows_per_sec))
         .map_err(|e| EgressError::Program(Box::new(e)))?;
     Ok(Enabled {
         uplink,

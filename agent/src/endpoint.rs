@@ -154,6 +154,9 @@ pub struct Host {
     egress: std::sync::Arc<crate::egress::rules::EgressTables>,
     /// Egress generations and publication serials (the `egress` module).
     generations: egress::Generations,
+    /// Each cloud's new egress flows per second (`egress.max_new_flows_per_sec`, set by
+    /// [`Host::set_egress_flow_rate`]); 0 = no limit.
+    new_flows_per_sec: u32,
 }
 
 impl std::fmt::Debug for Host {
@@ -192,6 +195,7 @@ impl Host {
             grants: exposure::GrantNumbers::default(),
             egress: std::sync::Arc::new(egress),
             generations: egress::Generations::default(),
+            new_flows_per_sec: 0,
         })
     }
 

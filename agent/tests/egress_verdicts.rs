@@ -1274,3 +1274,31 @@ fn an_evicted_reservation_is_taken_again_within_the_cache_credit() {
     assert_eq!((r.ret, &r.drops), (TC_ACT_REDIRECT, &BTreeMap::new()));
     assert_eq!(seen(&r.out).dst, (GUEST_IP, 5001));
 }
+
+#[test]
+fn a_cloud_opens_new_flows_at_its_rate_and_established_ones_go_on() {
+    let mut p = Plane::new();
+    p.enable();
+    p.host.set_egress_flow_rate(1).unwrap();
+    p.policy(&spec(EgressMode::Allow, &[], &[]));
+    // One new flow per second with a second of burst: the clock may run a second ahead of
+    // now, so two flows open at once and the third is refused and counted (unless a second
+    // passed between these test runs).
+    p.expect_out(&udp((GUEST_IP, 5000), (SERVER, 53), b"1"), "first flow");
+    p.expect_out(&udp((GUEST_IP, 5001), (SERVER, 53), b"2"), "second flow");
+    p.expect_drop(
+        &udp((GUEST_IP, 5002), (SERVER, 53), b"3"),
+        DropReason::EgressFlowRateLimited,
+        "third flow",
+    );
+    // Established flows are not charged.
+    for i in 0..40 {
+        p.expect_out(
+            &udp((GUEST_IP, 5000 + i % 2), (SERVER, 53), b"more"),
+            "an established flow",
+        );
+    }
+    // Without a limit (rewritten into the cloud's entry in place), it opens.
+    p.host.set_egress_flow_rate(0).unwrap();
+    p.expect_out(&udp((GUEST_IP, 5002), (SERVER, 53), b"3"), "no limit");
+}

@@ -177,6 +177,12 @@ pub static EGRESS_HELD: Array<u64> = Array::with_max_entries(CACHE_SLOTS, 0);
 #[map]
 pub static EGRESS_METERS: HashMap<u32, EgressMeter> = HashMap::with_max_entries(65536, 0);
 
+/// Cloud → the virtual clock of its new-flow rate (`CLOCK_BOOTTIME` ns: when the flows
+/// opened so far would have been opened at the rate). Programs only; the agent removes a
+/// cloud's entry with its egress. Sized by the agent (`dataplane.max_endpoints`).
+#[map]
+pub static EGRESS_FLOW_CLOCKS: HashMap<u32, u64> = HashMap::with_max_entries(65536, 0);
+
 /// Destinations refused by the policy → how often and when last, for the API's denied list
 /// (the agent reads it every few seconds). LRU: a guest hammering many destinations evicts
 /// the oldest, never blocks a new one.
@@ -282,6 +288,9 @@ pub fn from_guest(
             if let Err(reason) = decide(ep.cloud, cloud, daddr, l4.protocol, l4.dst_port) {
                 return refuse(ep.cloud, daddr, &l4, reason);
             }
+            if let Err(reason) = new_flow_allowed(ep.cloud, cloud) {
+                return Verdict::Drop(reason);
+            }
             match open_flow(&key, host, cloud, previous) {
                 Ok(f) => f,
                 Err(reason) => return Verdict::Drop(reason),
@@ -295,6 +304,40 @@ pub fn from_guest(
         return Verdict::Drop(reason);
     }
     send_out(ctx, pkt, eth, ip, ep, host, &l4, (daddr, &flow))
+}
+
+/// Charges a flow about to be opened (or opened again after an eviction: either takes
+/// entries in the shared flow tables) to `cloud`'s new-flow rate, or refuses it. A virtual
+/// clock as the byte rate's, with a second of burst: a flow passes if the clock is at most a
+/// second ahead of now, and moves it by `1 s / rate`. Not atomic, as the byte rate: two CPUs
+/// may both pass on one token. A cloud whose clock cannot be stored (map full) is refused.
+#[inline(always)]
+fn new_flow_allowed(cloud_id: u32, cloud: &EgressCloud) -> Result<(), DropReason> {
+    let Some(interval_ns) = 1_000_000_000u64.checked_div(cloud.new_flows_per_sec as u64) else {
+        return Ok(());
+    };
+    let clock = match EGRESS_FLOW_CLOCKS.get_ptr_mut(cloud_id) {
+        Some(c) => c,
+        None => {
+            let _ = EGRESS_FLOW_CLOCKS.insert(cloud_id, 0, BPF_NOEXIST);
+            match EGRESS_FLOW_CLOCKS.get_ptr_mut(cloud_id) {
+                Some(c) => c,
+                None => return Err(DropReason::EgressFlowRateLimited),
+            }
+        }
+    };
+    // SAFETY: a helper without arguments.
+    let now = unsafe { bpf_ktime_get_boot_ns() };
+    // SAFETY: a value of this map from a successful lookup, valid for the program run; plain
+    // integer loads and stores (see the function docs on concurrency).
+    unsafe {
+        let at = if *clock > now { *clock } else { now };
+        if at - now > 1_000_000_000 {
+            return Err(DropReason::EgressFlowRateLimited);
+        }
+        *clock = at + interval_ns;
+    }
+    Ok(())
 }
 
 /// Charges `bytes` leaving `cloud` to its rate limit and budget, or refuses them.

@@ -21,8 +21,9 @@ use super::{
     attach_pinned,
     error::{ignore_missing, insert_error, DataplaneError},
     pins::{remove_pin, PROG_FROM_UPLINK, UPLINK_LINK_PREFIX},
-    Dataplane, MAP_EGRESS_ALLOW, MAP_EGRESS_CLOUDS, MAP_EGRESS_DENY, MAP_EGRESS_HOST,
-    MAP_EGRESS_IN, MAP_EGRESS_METERS, MAP_EGRESS_NEVER, MAP_EGRESS_OUT, MAP_EGRESS_REFUSED,
+    Dataplane, MAP_EGRESS_ALLOW, MAP_EGRESS_CLOUDS, MAP_EGRESS_DENY, MAP_EGRESS_FLOW_CLOCKS,
+    MAP_EGRESS_HOST, MAP_EGRESS_IN, MAP_EGRESS_METERS, MAP_EGRESS_NEVER, MAP_EGRESS_OUT,
+    MAP_EGRESS_REFUSED,
 };
 
 const BPF_ANY: u64 = 0;
@@ -78,10 +79,14 @@ impl Dataplane {
     }
 
     /// Removes `cloud`'s egress entry (it reaches nothing outside its range any more), then
-    /// its meter.
+    /// its meter and its new-flow clock.
     pub fn remove_egress_cloud(&mut self, cloud: u32) -> Result<(), DataplaneError> {
         ignore_missing(self.egress_clouds.remove(&cloud), MAP_EGRESS_CLOUDS)?;
-        ignore_missing(self.egress_meters.remove(&cloud), MAP_EGRESS_METERS)
+        ignore_missing(self.egress_meters.remove(&cloud), MAP_EGRESS_METERS)?;
+        ignore_missing(
+            self.egress_flow_clocks.remove(&cloud),
+            MAP_EGRESS_FLOW_CLOCKS,
+        )
     }
 
     /// The state of `cloud`'s rate limit and budget, if the programs metered it yet.

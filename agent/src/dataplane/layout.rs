@@ -311,6 +311,14 @@ const MIGRATIONS: &[Migration] = &[
             (maps::MAP_FLOWS_RECENT, Step::New),
         ],
     },
+    // v11, a new-flow rate per cloud: `EGRESS_FLOW_CLOCKS` is new; `EgressCloud`'s padding
+    // became `new_flows_per_sec`, where a v10 entry's 0 means "no limit" (the agent writes
+    // the limit with the cloud's next change, or when egress is enabled), so
+    // `EGRESS_CLOUDS` is kept; drop reasons 48 and 49 took free counter slots.
+    Migration {
+        to: 11,
+        steps: &[(maps::MAP_EGRESS_FLOW_CLOCKS, Step::New)],
+    },
 ];
 
 /// The oldest layout [`MIGRATIONS`] reach the current one from.

@@ -49,6 +49,7 @@ pub const MAP_EGRESS_RECENT: &str = "EGRESS_RECENT";
 pub const MAP_EGRESS_HELD: &str = "EGRESS_HELD";
 pub const MAP_EGRESS_REFUSED: &str = "EGRESS_REFUSED";
 pub const MAP_EGRESS_METERS: &str = "EGRESS_METERS";
+pub const MAP_EGRESS_FLOW_CLOCKS: &str = "EGRESS_FLOW_CLOCKS";
 pub const MAP_INGRESS: &str = "INGRESS";
 pub const MAP_INGRESS_ALLOW: &str = "INGRESS_ALLOW";
 pub const MAP_INGRESS_FLOWS: &str = "INGRESS_FLOWS";
@@ -167,7 +168,7 @@ use Capacity::{Config, Fixed};
 use SizeSetting::*;
 
 /// Every map of the object, in pinning order.
-pub const REGISTRY: [MapSpec; 26] = [
+pub const REGISTRY: [MapSpec; 27] = [
     spec(
         MAP_ENDPOINTS,
         "endpoint",
@@ -372,6 +373,15 @@ pub const REGISTRY: [MapSpec; 26] = [
         MapType::Hash,
         size::<u32>(),
         size::<EgressMeter>(),
+        0,
+        Config(MaxEndpoints),
+    ),
+    spec(
+        MAP_EGRESS_FLOW_CLOCKS,
+        "egress",
+        MapType::Hash,
+        size::<u32>(),
+        size::<u64>(),
         0,
         Config(MaxEndpoints),
     ),

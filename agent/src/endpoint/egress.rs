@@ -197,6 +197,26 @@ impl Host {
         Ok(())
     }
 
+    /// Sets every cloud's new-flow rate on this host (`egress.max_new_flows_per_sec`; 0 = no
+    /// limit), for the clouds applied since and, rewritten in place, those applied before
+    /// (their generations are kept: what they may reach is unchanged).
+    pub fn set_egress_flow_rate(&mut self, per_sec: u32) -> Result<(), EndpointError> {
+        self.new_flows_per_sec = per_sec;
+        for (cloud, mut entry) in self
+            .dataplane
+            .egress_clouds()
+            .map_err(program("EGRESS_CLOUDS"))?
+        {
+            if entry.new_flows_per_sec != per_sec {
+                entry.new_flows_per_sec = per_sec;
+                self.dataplane
+                    .set_egress_cloud(cloud, entry)
+                    .map_err(program("EGRESS_CLOUDS"))?;
+            }
+        }
+        Ok(())
+    }
+
     /// Turns egress off: no packet leaves any cloud, `from_uplink` is detached.
     pub fn disable_egress(&mut self) -> Result<(), EndpointError> {
         self.dataplane
@@ -234,7 +254,7 @@ impl Host {
                 EgressMode::Allow => EGRESS_MODE_ALLOW,
                 EgressMode::Allowlist => EGRESS_MODE_ALLOWLIST,
             },
-            _pad: 0,
+            new_flows_per_sec: self.new_flows_per_sec,
             rate_bytes_per_sec: rate,
             burst_ns: burst_ns(rate),
             budget_bytes: limits.budget.map(|b| b.bytes).unwrap_or(NO_BUDGET),

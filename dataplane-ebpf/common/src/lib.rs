@@ -18,7 +18,7 @@
 
 /// Version of the map layouts defined in this crate. Bump on any change to a map's key, value,
 /// or meaning.
-pub const LAYOUT_VERSION: u32 = 10;
+pub const LAYOUT_VERSION: u32 = 11;
 
 /// Traffic classes the counters have room for: [`TrafficClass::COUNT`] are used. A new class
 /// takes a free one, so adding it changes no map layout.
@@ -262,7 +262,10 @@ pub struct EgressCloud {
     pub generation: u32,
     /// `EGRESS_MODE_*`.
     pub mode: u32,
-    pub _pad: u32,
+    /// New egress flows per second this cloud may open on this host, with a second's worth
+    /// of burst (`egress.max_new_flows_per_sec`); 0 = no limit (what entries written before
+    /// the limit existed hold in this word).
+    pub new_flows_per_sec: u32,
     /// Bytes per second leaving the host for this cloud (Ethernet frames as the uplink sends
     /// them); 0 = no limit.
     pub rate_bytes_per_sec: u64,
@@ -834,11 +837,15 @@ pub enum DropReason {
     /// (a reply after its flow was evicted or cut, or a probe), dropped rather than handed to
     /// the host's stack, which would answer with a reset or a port unreachable.
     UplinkNoFlow = 48,
+    /// A new egress flow beyond its cloud's new-flow rate on this host
+    /// (`egress.max_new_flows_per_sec`): one cloud cannot churn the flow tables all clouds
+    /// share.
+    EgressFlowRateLimited = 49,
 }
 
 impl DropReason {
     /// Every reason, in numeric order.
-    pub const ALL: [DropReason; 48] = [
+    pub const ALL: [DropReason; 49] = [
         DropReason::UnknownEndpoint,
         DropReason::TruncatedEthernet,
         DropReason::SpoofedSourceMac,
@@ -887,10 +894,11 @@ impl DropReason {
         DropReason::IngressNotAllowed,
         DropReason::IngressRevoked,
         DropReason::UplinkNoFlow,
+        DropReason::EgressFlowRateLimited,
     ];
 
     /// Size of the drop counter array: one slot per number, slot 0 unused.
-    pub const SLOTS: u32 = 49;
+    pub const SLOTS: u32 = 50;
 
     /// Stable snake_case name, used in metrics labels and CLI output.
     pub const fn name(self) -> &'static str {
@@ -943,6 +951,7 @@ impl DropReason {
             DropReason::IngressNotAllowed => "ingress_not_allowed",
             DropReason::IngressRevoked => "ingress_revoked",
             DropReason::UplinkNoFlow => "uplink_no_flow",
+            DropReason::EgressFlowRateLimited => "egress_flow_rate_limited",
         }
     }
 

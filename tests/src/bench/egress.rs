@@ -174,7 +174,7 @@ impl Plane {
                         egress_ipv4: 0,
                         generation: 1,
                         mode: EGRESS_MODE_ALLOWLIST,
-                        _pad: 0,
+                        new_flows_per_sec: 0,
                         rate_bytes_per_sec: 0,
                         burst_ns: 0,
                         budget_bytes: NO_BUDGET,

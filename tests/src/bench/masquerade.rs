@@ -350,6 +350,8 @@ impl Setup {
                 &EgressConfig {
                     enabled: true,
                     uplink: Some(DeviceName::new(UPLINK).map_err(anyhow::Error::msg)?),
+                    // The nftables host has no new-flow rate: neither has atoll here.
+                    max_new_flows_per_sec: 0,
                     ..EgressConfig::default()
                 },
             )?;
