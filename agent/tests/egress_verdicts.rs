@@ -26,8 +26,9 @@ use atoll_agent::{
 };
 use atoll_api::model::{DenyReason, EgressMode, EgressPolicy, EgressRule, Ipv4Net, Protocol};
 use atoll_dataplane_common::{
-    egress_nat_port, flow_hash, ipv4_to_map, DropReason, EgressHost, EgressIn, EndpointInfo,
-    FlowKey, NextHop, RouteKey, CACHE_CREDIT, EGRESS_NAT_PORTS_PER_CLOUD, NEXTHOP_ENDPOINT,
+    cache_slot, egress_nat_port, flow_hash, ipv4_to_map, DropReason, EgressHost, EgressIn,
+    EndpointInfo, FlowKey, NextHop, RouteKey, CACHE_CREDIT, EGRESS_NAT_PORTS_PER_CLOUD,
+    NEXTHOP_ENDPOINT,
 };
 use atoll_testbed::{
     frame::{
@@ -39,7 +40,7 @@ use atoll_testbed::{
 };
 use aya::{
     maps::{HashMap, MapData},
-    programs::SchedClassifier,
+    programs::{SchedClassifier, TestRun, TestRunOptions},
 };
 
 const TEST_IFINDEX: u32 = 1;
@@ -1301,4 +1302,105 @@ fn a_cloud_opens_new_flows_at_its_rate_and_established_ones_go_on() {
     // Without a limit (rewritten into the cloud's entry in place), it opens.
     p.host.set_egress_flow_rate(0).unwrap();
     p.expect_out(&udp((GUEST_IP, 5002), (SERVER, 53), b"3"), "no limit");
+}
+
+/// Two flows of the guest whose keys share an `EGRESS_RECENT` slot, sent from two CPUs at
+/// once: each packet finds the slot holding the other flow, takes the tables and fills the
+/// slot with its own, while the other CPU reads it. Every output must be its own flow's
+/// translation (its NAT port): a packet that matched the slot's key while the other CPU was
+/// rewriting the rest would leave from the other flow's port. Needs two CPUs.
+#[test]
+fn a_cache_slot_written_by_two_cpus_at_once_is_never_read_torn() {
+    const ROUNDS: usize = 150_000;
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    assert!(
+        cpus >= 2,
+        "this test races two CPUs; this machine has {cpus}"
+    );
+    let mut p = Plane::new();
+    p.enable();
+    p.policy(&spec(EgressMode::Allow, &[], &[]));
+    let key = |sport: u16| FlowKey {
+        cloud: CLOUD,
+        src_ipv4: map_ip(GUEST_IP),
+        dst_ipv4: map_ip(SERVER),
+        src_port: sport.to_be(),
+        dst_port: 53u16.to_be(),
+        protocol: PROTO_UDP,
+        _pad: [0; 3],
+    };
+    let mut by_slot = std::collections::HashMap::new();
+    let (first, second) = (1024..=u16::MAX)
+        .find_map(|s| {
+            by_slot
+                .insert(cache_slot(&key(s)), s)
+                .map(|other| (other, s))
+        })
+        .expect("two colliding ports");
+    // Each flow opened, then its established output recorded.
+    let flows: Vec<(Vec<u8>, Vec<u8>)> = [first, second]
+        .iter()
+        .map(|&s| {
+            let frame = from_guest(&udp((GUEST_IP, s), (SERVER, 53), &s.to_be_bytes()));
+            p.expect_out(&udp((GUEST_IP, s), (SERVER, 53), &s.to_be_bytes()), "open");
+            let r = p.run(false, &frame, "established");
+            assert_eq!(r.ret, TC_ACT_REDIRECT);
+            (frame, r.out)
+        })
+        .collect();
+    assert_ne!(
+        seen(&flows[0].1).src,
+        seen(&flows[1].1).src,
+        "two NAT ports"
+    );
+    let torn: Vec<usize> = std::thread::scope(|scope| {
+        let workers: Vec<_> = flows
+            .iter()
+            .enumerate()
+            .map(|(cpu, (frame, expected))| {
+                let prog = &p.from_vm;
+                scope.spawn(move || {
+                    pin_to_cpu(cpu);
+                    let mut out = vec![0u8; frame.len() + 256];
+                    let mut wrong = 0;
+                    for _ in 0..ROUNDS {
+                        let r = prog
+                            .test_run(TestRunOptions {
+                                data_in: Some(frame),
+                                data_out: Some(&mut out),
+                                repeat: 1,
+                                ..Default::default()
+                            })
+                            .expect("test run");
+                        let n = r.data_size_out as usize;
+                        if r.return_value != TC_ACT_REDIRECT || out[..n] != expected[..] {
+                            wrong += 1;
+                        }
+                    }
+                    wrong
+                })
+            })
+            .collect();
+        workers.into_iter().map(|w| w.join().unwrap()).collect()
+    });
+    assert_eq!(
+        torn,
+        vec![0, 0],
+        "packets sent from the other flow's NAT port, per CPU, of {ROUNDS} each"
+    );
+}
+
+/// Pins the calling thread to `cpu`.
+fn pin_to_cpu(cpu: usize) {
+    // SAFETY: `set` is a valid, zeroed cpu_set_t; sched_setaffinity reads it.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        assert_eq!(
+            libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set),
+            0,
+            "pinning to CPU {cpu}: {}",
+            std::io::Error::last_os_error()
+        );
+    }
 }
