@@ -54,7 +54,7 @@ use atoll_testbed::{
 };
 use aya::{
     maps::{HashMap, MapData},
-    programs::{SchedClassifier, TestRun, TestRunOptions},
+    programs::SchedClassifier,
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -1843,11 +1843,6 @@ fn cached_flows_go_back_to_the_tables_within_the_credit_and_never_outlive_their_
 #[test]
 fn a_cache_slot_written_by_two_cpus_at_once_is_never_read_torn() {
     const ROUNDS: usize = 150_000;
-    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-    assert!(
-        cpus >= 2,
-        "this test races two CPUs; this machine has {cpus}"
-    );
     let plane = Plane::new();
     let p = Proto::Udp;
     // Two source ports whose keys share a slot and whose flows go to different backends.
@@ -1873,54 +1868,10 @@ fn a_cache_slot_written_by_two_cpus_at_once_is_never_read_torn() {
             (frame, expected)
         })
         .collect();
-    let torn: Vec<usize> = std::thread::scope(|scope| {
-        let workers: Vec<_> = flows
-            .iter()
-            .enumerate()
-            .map(|(cpu, (frame, expected))| {
-                let prog = &plane.from_vm;
-                scope.spawn(move || {
-                    pin_to_cpu(cpu);
-                    let mut out = vec![0u8; frame.len() + 256];
-                    let mut wrong = 0;
-                    for _ in 0..ROUNDS {
-                        let r = prog
-                            .test_run(TestRunOptions {
-                                data_in: Some(frame),
-                                data_out: Some(&mut out),
-                                repeat: 1,
-                                ..Default::default()
-                            })
-                            .expect("test run");
-                        let n = r.data_size_out as usize;
-                        if r.return_value != TC_ACT_REDIRECT || out[..n] != expected[..] {
-                            wrong += 1;
-                        }
-                    }
-                    wrong
-                })
-            })
-            .collect();
-        workers.into_iter().map(|w| w.join().unwrap()).collect()
-    });
+    let torn = atoll_testbed::verdict::race_redirects(&plane.from_vm, &flows, ROUNDS);
     assert_eq!(
         torn,
         vec![0, 0],
         "packets sent with the other flow's translation, per CPU, of {ROUNDS} each"
     );
-}
-
-/// Pins the calling thread to `cpu`.
-fn pin_to_cpu(cpu: usize) {
-    // SAFETY: `set` is a valid, zeroed cpu_set_t; sched_setaffinity reads it.
-    unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(cpu, &mut set);
-        assert_eq!(
-            libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set),
-            0,
-            "pinning to CPU {cpu}: {}",
-            std::io::Error::last_os_error()
-        );
-    }
 }

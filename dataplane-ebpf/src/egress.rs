@@ -800,7 +800,7 @@ fn send_out(
     Verdict::RedirectNeigh(host.uplink_ifindex)
 }
 
-/// Writes a translation (see [`packet::rewrite`]) into a TCP, UDP or ICMP echo frame.
+/// Writes a translation (see [`packet::rewrite_with`]) into a TCP, UDP or ICMP echo frame.
 #[inline(always)]
 fn rewrite(
     ctx: &TcContext,
@@ -823,7 +823,19 @@ fn rewrite(
     };
     // SAFETY: `eth`, `ip` and `ports` are bounds-checked pointers into this frame and no
     // helper has run since they were derived.
-    unsafe { packet::rewrite(ctx, eth, ip, ports, macs, l4.protocol, l4.check_offset, &w) }
+    unsafe {
+        packet::rewrite_with(
+            ctx,
+            eth,
+            ip,
+            ports,
+            macs,
+            l4.protocol,
+            l4.check_offset,
+            &w,
+            packet::Diffs::of(&w),
+        )
+    }
 }
 
 /// TC ingress of the uplink: replies of tracked flows go back to their guests; everything

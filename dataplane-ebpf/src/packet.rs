@@ -354,39 +354,6 @@ fn fold(diff: u32) -> u16 {
 /// 0xFFFE, −1 in one's complement).
 const TTL_DECREMENT: u32 = 0xFFFE;
 
-/// Writes a translation into an IPv4 frame (see [`rewrite_with`]), its checksum differences
-/// computed here.
-///
-/// # Safety
-/// As [`rewrite_with`].
-#[allow(clippy::too_many_arguments)]
-#[inline(always)]
-pub unsafe fn rewrite(
-    ctx: &TcContext,
-    eth: *mut EthHdr,
-    ip: *mut Ipv4Hdr,
-    ports: *mut Ports,
-    macs: Option<(&[u8; 6], &[u8; 6])>,
-    protocol: u8,
-    check_offset: usize,
-    w: &Rewrite,
-) -> bool {
-    // SAFETY: the caller's contract.
-    unsafe {
-        rewrite_with(
-            ctx,
-            eth,
-            ip,
-            ports,
-            macs,
-            protocol,
-            check_offset,
-            w,
-            Diffs::of(w),
-        )
-    }
-}
-
 /// Writes a translation into an IPv4 frame: MACs (if given), TTL − 1, addresses and ports
 /// (`ports` points at TCP/UDP ports, or at the ICMP echo identifier, of which only `src` is
 /// written; only the new values of `w` are used), and the IPv4 header checksum computed here.

@@ -88,3 +88,64 @@ pub fn run(
 ) -> Run {
     try_run(prog, frame, drops).unwrap_or_else(|e| panic!("{what}: test run of {name}: {e:?}"))
 }
+
+/// Runs `prog` on every `(frame, expected)` pair of `flows` at once, pair *i* from a thread
+/// pinned to CPU *i*, `rounds` times each; returns, per pair, how many runs did not redirect
+/// exactly `expected`. For races between CPUs on shared maps: needs `flows.len()` CPUs
+/// (panics without them, never passes silently).
+pub fn race_redirects(
+    prog: &SchedClassifier,
+    flows: &[(Vec<u8>, Vec<u8>)],
+    rounds: usize,
+) -> Vec<usize> {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    assert!(
+        cpus >= flows.len(),
+        "this race needs {} CPUs; this machine has {cpus}",
+        flows.len()
+    );
+    std::thread::scope(|scope| {
+        let workers: Vec<_> = flows
+            .iter()
+            .enumerate()
+            .map(|(cpu, (frame, expected))| {
+                scope.spawn(move || {
+                    pin_to_cpu(cpu);
+                    let mut out = vec![0u8; frame.len() + 256];
+                    let mut wrong = 0;
+                    for _ in 0..rounds {
+                        let r = prog
+                            .test_run(TestRunOptions {
+                                data_in: Some(frame),
+                                data_out: Some(&mut out),
+                                repeat: 1,
+                                ..Default::default()
+                            })
+                            .expect("test run");
+                        let n = r.data_size_out as usize;
+                        if r.return_value != TC_ACT_REDIRECT || out[..n] != expected[..] {
+                            wrong += 1;
+                        }
+                    }
+                    wrong
+                })
+            })
+            .collect();
+        workers.into_iter().map(|w| w.join().unwrap()).collect()
+    })
+}
+
+/// Pins the calling thread to `cpu`.
+pub fn pin_to_cpu(cpu: usize) {
+    // SAFETY: `set` is a valid, zeroed cpu_set_t; sched_setaffinity only reads it.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        assert_eq!(
+            libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set),
+            0,
+            "pinning to CPU {cpu}: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+}
