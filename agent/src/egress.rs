@@ -18,8 +18,9 @@
 //!   that overlaps the ephemeral ports (`net.ipv4.ip_local_port_range`, default
 //!   32768-60999, so the default 61000-65535 is clear of it) and adds the range to
 //!   `net.ipv4.ip_local_reserved_ports` ([`reserve_nat_ports`]), so no bind to port 0 picks
-//!   one. A listener bound explicitly to a reserved port still can: the operator owns that.
-//!   Both settings are per network namespace.
+//!   one. A listener bound explicitly to a reserved port still can, but is unreachable from
+//!   the uplink on the host's egress address: the dataplane drops TCP and UDP to a NAT port
+//!   there that no flow holds (`uplink_no_flow`). Both settings are per network namespace.
 
 use std::{
     ffi::CStr,
