@@ -601,6 +601,7 @@ fn remember_flow(key: &FlowKey, flow: &EgressOut, (held_slot, held_version): (u3
         unsafe {
             write_slot(
                 core::ptr::addr_of_mut!((*s).seq),
+                core::ptr::addr_of_mut!((*s).key),
                 || {
                     write_key(core::ptr::addr_of_mut!((*s).key), key);
                     (*s).egress_ipv4 = flow.egress_ipv4;
@@ -610,7 +611,6 @@ fn remember_flow(key: &FlowKey, flow: &EgressOut, (held_slot, held_version): (u3
                     (*s).nat_port = flow.nat_port;
                     (*s).credit = CACHE_CREDIT;
                 },
-                || (*s).key.cloud = 0,
             );
         }
     }

@@ -428,6 +428,7 @@ fn remember_recent(
         unsafe {
             write_slot(
                 core::ptr::addr_of_mut!((*s).seq),
+                core::ptr::addr_of_mut!((*s).key),
                 || {
                     write_key(core::ptr::addr_of_mut!((*s).key), key);
                     (*s).grant = service.grant;
@@ -443,7 +444,6 @@ fn remember_recent(
                     (*s).ports_diff = diffs.ports;
                     (*s).credit = CACHE_CREDIT;
                 },
-                || (*s).key.cloud = 0,
             );
         }
     }
@@ -477,13 +477,13 @@ fn refresh(key: &FlowKey, s: *mut FlowRecent, c: &Cached) -> bool {
     unsafe {
         write_slot(
             core::ptr::addr_of_mut!((*s).seq),
+            core::ptr::addr_of_mut!((*s).key),
             || {
                 if same_key(&(*s).key, key) {
                     (*s).held_version = version;
                     (*s).credit = CACHE_CREDIT;
                 }
             },
-            || (*s).key.cloud = 0,
         );
     }
     true

@@ -139,12 +139,13 @@ pub unsafe fn read_valid(seq: *const u32, begun: u32) -> bool {
 }
 
 /// Writes a slot with `write` under its sequence word (see the module docs): not at all if
-/// another writer is active, and emptied with `empty` if one overlapped.
+/// another writer is active, and emptied (its key's cloud set to 0, which no flow has) if one
+/// overlapped.
 ///
 /// # Safety
-/// As [`seq_add`]; `write` and `empty` write only fields of that slot.
+/// As [`seq_add`]; `key` is the same slot's key and `write` writes only fields of that slot.
 #[inline(always)]
-pub unsafe fn write_slot(seq: *mut u32, write: impl FnOnce(), empty: impl FnOnce()) {
+pub unsafe fn write_slot(seq: *mut u32, key: *mut FlowKey, write: impl FnOnce()) {
     // SAFETY: the caller's contract.
     unsafe {
         let before = core::ptr::read_volatile(seq);
@@ -155,7 +156,7 @@ pub unsafe fn write_slot(seq: *mut u32, write: impl FnOnce(), empty: impl FnOnce
         write();
         seq_add(seq, 0x1_0000);
         if core::ptr::read_volatile(seq) != before.wrapping_add(0x1_0001) {
-            empty();
+            (*key).cloud = 0;
         }
         seq_add(seq, 0xFFFF);
     }
