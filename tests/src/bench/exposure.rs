@@ -15,6 +15,14 @@
 //!      (its `FLOWS_RECENT` slot, and `FLOWS_OUT` and `FLOWS_IN` every 33rd time): the plane is programmed as
 //!      the agent programs it, each ring backend an endpoint of its own (device, `ENDPOINTS`
 //!      and `ENDPOINT_CACHE` entries) and each exposure address's route carrying its grant.
+//!    - *established, hot*: the same on a second ring of 2 VIPs (10.3.0.0 and .1), whose two
+//!      flows stay in the CPU's caches, as the intra-cloud forward's one route does.
+//!    - *spread*, in calls of one packet: the forward to 250 peers in turn (10.0.1.*i*, each an
+//!      endpoint with its own route and counters) against the ring's 250 established flows in
+//!      turn, and the empty TC program, interleaved call by call. The forward cannot be spread
+//!      within a call (it rewrites only MACs and TTL, so every repeat finds the same route),
+//!      and the ring of 250 against the forward to one peer compares 250 cold route lookups
+//!      with one hot one, not the two paths (see the report).
 //!    - *first packet*: every call uses a source port never used before, so each of its 250
 //!      repeats opens a flow (VIPS lookup, flow hash, `FLOWS_IN` insert of the consumer's own
 //!      port — free, so no second try — and `FLOWS_OUT` insert). Measured twice: with flow maps
@@ -69,13 +77,23 @@ use crate::{frame_to, median, CHUNK, GUEST, GW, PEER};
 
 /// VIPs in the ring: one call of `CHUNK` repeats visits each once.
 pub const RING: u32 = CHUNK;
+/// VIPs in the hot ring: two flows, so a call's repeats alternate between two translations
+/// whose state stays in the CPU's caches (a ring of one would translate nothing: its backend
+/// would sit at its own VIP's address and port).
+const HOT_RING: u32 = 2;
 const CONSUMER: u32 = 1;
 const PROVIDER: u32 = 2;
 const CONSUMER_IP: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 2);
 /// Source port of the established flows.
 const ESTABLISHED_PORT: u16 = 1999;
-/// Device of the ring's backend *i*: `BACKEND_IFINDEX + i`.
+/// Device of the ring's backend *i*: `BACKEND_IFINDEX + i` (the hot ring's follow).
 const BACKEND_IFINDEX: u32 = 100;
+/// Device of the intra-cloud peer *i* of the spread forward (10.0.1.*i*): `PEER_IFINDEX + i`.
+const PEER_IFINDEX: u32 = 1000;
+/// Counter slots: the consumer 0, the intra-cloud peer 1, then one per backend and peer.
+const FIRST_SLOT: u32 = 2;
+/// Grant numbers: the ring's, the hot ring's, then the filler's.
+const FILLER_GRANT: u32 = 1 + RING + HOT_RING;
 /// The agent's default `max_flows`.
 pub const DEFAULT_MAX_FLOWS: u32 = 262_144;
 
@@ -83,9 +101,53 @@ fn map_ip(ip: Ipv4Addr) -> u32 {
     ipv4_to_map(ip.octets())
 }
 
-fn ring_vip(i: u32) -> (Ipv4Addr, u16) {
-    let i = i % RING;
-    (Ipv4Addr::from(0x0a01_0000 + i), 1000 + i as u16)
+/// A ring of VIPs (module docs): VIP *i* at `base + i`, port `port + i`, grant `grant + i`,
+/// its backend (at VIP *i*+1's address and port) on device `ifindex + i` with counter slot
+/// `slot + i`.
+#[derive(Clone, Copy)]
+struct Ring {
+    base: u32,
+    port: u16,
+    len: u32,
+    grant: u32,
+    ifindex: u32,
+    slot: u32,
+}
+
+/// The ring of `RING` flows: every repeat of a call is another flow.
+const SPREAD: Ring = Ring {
+    base: 0x0a01_0000,
+    port: 1000,
+    len: RING,
+    grant: 1,
+    ifindex: BACKEND_IFINDEX,
+    slot: FIRST_SLOT,
+};
+
+/// The ring of `HOT_RING` flows.
+const HOT: Ring = Ring {
+    base: 0x0a03_0000,
+    port: 3000,
+    len: HOT_RING,
+    grant: 1 + RING,
+    ifindex: BACKEND_IFINDEX + RING,
+    slot: FIRST_SLOT + RING,
+};
+
+impl Ring {
+    fn vip(&self, i: u32) -> (Ipv4Addr, u16) {
+        let i = i % self.len;
+        (Ipv4Addr::from(self.base + i), self.port + i as u16)
+    }
+}
+
+/// The intra-cloud peer *i* of the spread forward: its address, device and counter slot.
+fn peer(i: u32) -> (Ipv4Addr, u32, u32) {
+    (
+        Ipv4Addr::new(10, 0, 1, i as u8),
+        PEER_IFINDEX + i,
+        FIRST_SLOT + RING + HOT_RING + i,
+    )
 }
 
 /// A loaded dataplane for the exposure path (module docs) and the source ports it used.
@@ -93,6 +155,10 @@ pub struct Plane {
     ebpf: Ebpf,
     /// The intra-cloud frame (to 10.0.0.3), for the comparison on the same object.
     forward: &'static [u8],
+    /// One frame per intra-cloud peer (`peer`), for the spread forward.
+    peer_frames: Vec<Vec<u8>>,
+    /// One frame per VIP of the ring, each the established flow's, for calls of one packet.
+    ring_frames: Vec<Vec<u8>>,
     next_port: u16,
     /// Flows opened so far (first-packet calls and the warm-up).
     pub opened: u64,
@@ -103,11 +169,11 @@ impl Plane {
     /// `grants` other grants in the maps, flow maps of `flows` entries. With `fill`, first
     /// packets are sent until the flow maps have evicted (the LRU is full).
     pub fn new(grants: u32, flows: u32, fill: bool) -> Result<Self> {
-        let vips = grants + RING + 16;
-        let routes = 2 * grants + 2 * RING + 16;
+        let vips = grants + RING + HOT_RING + 16;
+        let routes = 2 * grants + 3 * RING + 2 * HOT_RING + 16;
         let mut ebpf = EbpfLoader::new()
-            .map_max_entries(MAP_ENDPOINTS, RING + 16)
-            .map_max_entries(MAP_COUNTERS, 16)
+            .map_max_entries(MAP_ENDPOINTS, RING + HOT_RING + 16)
+            .map_max_entries(MAP_COUNTERS, FIRST_SLOT + 2 * RING + HOT_RING + 16)
             .map_max_entries(MAP_ROUTES, routes)
             .map_max_entries(MAP_VIPS, vips)
             .map_max_entries(MAP_FLOWS_OUT, flows)
@@ -123,21 +189,31 @@ impl Plane {
             slot: 0,
         };
         // Each ring backend is an endpoint of its own, as the agent writes one: its device,
-        // its identity in `ENDPOINTS` and its `ENDPOINT_CACHE` slot.
-        let backend = |i: u32| EndpointInfo {
-            cloud: PROVIDER,
-            ipv4: map_ip(ring_vip(i).0),
-            gateway_ipv4: map_ip(Ipv4Addr::new(10, 0, 0, 1)),
-            mac: PEER,
-            gateway_mac: GW,
-            slot: 2,
-        };
+        // its identity in `ENDPOINTS`, its `ENDPOINT_CACHE` slot and its counters.
+        let backends: Vec<(u32, EndpointInfo)> = [SPREAD, HOT]
+            .iter()
+            .flat_map(|r| {
+                (0..r.len).map(|i| {
+                    (
+                        r.ifindex + i,
+                        EndpointInfo {
+                            cloud: PROVIDER,
+                            ipv4: map_ip(r.vip(i).0),
+                            gateway_ipv4: map_ip(Ipv4Addr::new(10, 0, 0, 1)),
+                            mac: PEER,
+                            gateway_mac: GW,
+                            slot: r.slot + i,
+                        },
+                    )
+                })
+            })
+            .collect();
         {
             let mut eps: HashMap<_, u32, EndpointInfo> =
                 HashMap::try_from(ebpf.map_mut(MAP_ENDPOINTS).context("ENDPOINTS")?)?;
             eps.insert(1, consumer, 0)?;
-            for i in 0..RING {
-                eps.insert(BACKEND_IFINDEX + i, backend(i), 0)?;
+            for (ifindex, info) in &backends {
+                eps.insert(ifindex, info, 0)?;
             }
         }
         {
@@ -151,14 +227,10 @@ impl Plane {
                 },
                 0,
             )?;
-            for i in 0..RING {
-                let ifindex = BACKEND_IFINDEX + i;
+            for &(ifindex, info) in &backends {
                 cache.set(
                     ifindex & ENDPOINT_CACHE_MASK,
-                    EndpointSlot {
-                        ifindex,
-                        info: backend(i),
-                    },
+                    EndpointSlot { ifindex, info },
                     0,
                 )?;
             }
@@ -196,15 +268,27 @@ impl Plane {
                 service_hop(0, NEXTHOP_NAT_SOURCE),
                 0,
             )?;
+            for r in [SPREAD, HOT] {
+                for i in 0..r.len {
+                    let (vip, _) = r.vip(i);
+                    routes.insert(key(CONSUMER, vip), service_hop(r.grant + i, NEXTHOP_VIP), 0)?;
+                    // The backend at VIP i's address (serving VIP i-1) lives in the provider's
+                    // cloud, on its own device with its own counters.
+                    routes.insert(
+                        key(PROVIDER, vip),
+                        endpoint_hop(r.ifindex + i, r.slot + i),
+                        0,
+                    )?;
+                }
+            }
+            // The spread forward's peers, each an endpoint with its own counters.
             for i in 0..RING {
-                let (vip, _) = ring_vip(i);
-                routes.insert(key(CONSUMER, vip), service_hop(1 + i, NEXTHOP_VIP), 0)?;
-                // The backend at VIP i+1's address lives in the provider's cloud.
-                routes.insert(key(PROVIDER, vip), endpoint_hop(BACKEND_IFINDEX + i, 2), 0)?;
+                let (ip, ifindex, slot) = peer(i);
+                routes.insert(key(CONSUMER, ip), endpoint_hop(ifindex, slot), 0)?;
             }
             for j in 0..grants {
                 let (cloud, vip, nat) = filler(j);
-                let grant = RING + 1 + j;
+                let grant = FILLER_GRANT + j;
                 routes.insert(key(cloud, vip), service_hop(grant, NEXTHOP_VIP), 0)?;
                 routes.insert(
                     key(PROVIDER, nat),
@@ -216,11 +300,12 @@ impl Plane {
         {
             let mut table: HashMap<_, RouteKey, VipService> =
                 HashMap::try_from(ebpf.map_mut(MAP_VIPS).context("VIPS")?)?;
-            for i in 0..RING {
-                let (vip, port) = ring_vip(i);
-                let next = ring_vip(i + 1);
-                let svc = service(1 + i, CONSUMER_IP, port, &[next]);
-                table.insert(key(CONSUMER, vip), svc, 0)?;
+            for r in [SPREAD, HOT] {
+                for i in 0..r.len {
+                    let (vip, port) = r.vip(i);
+                    let svc = service(r.grant + i, CONSUMER_IP, port, &[r.vip(i + 1)]);
+                    table.insert(key(CONSUMER, vip), svc, 0)?;
+                }
             }
             for j in 0..grants {
                 let (cloud, vip, nat) = filler(j);
@@ -230,7 +315,7 @@ impl Plane {
                 ];
                 table.insert(
                     key(cloud, vip),
-                    service(RING + 1 + j, nat, 80, &backends),
+                    service(FILLER_GRANT + j, nat, 80, &backends),
                     0,
                 )?;
             }
@@ -245,13 +330,20 @@ impl Plane {
         let mut plane = Plane {
             ebpf,
             forward: Vec::leak(frame_to(GW, GUEST, CONSUMER_IP, Ipv4Addr::new(10, 0, 0, 3))),
+            peer_frames: (0..RING)
+                .map(|i| frame_to(GW, GUEST, CONSUMER_IP, peer(i).0))
+                .collect(),
+            ring_frames: (0..RING)
+                .map(|i| ring_frame(&SPREAD, i, ESTABLISHED_PORT))
+                .collect(),
             next_port: ESTABLISHED_PORT + 1,
             opened: 0,
             flows,
         };
         // Open the established flows.
         plane.run(1, |_| ESTABLISHED_PORT)?;
-        plane.opened += u64::from(RING);
+        plane.run_frame(&ring_frame(&HOT, 0, ESTABLISHED_PORT), 1, CHUNK)?;
+        plane.opened += u64::from(RING + HOT_RING);
         if fill {
             // Enough first packets that the LRU maps must have evicted (module docs).
             let calls = (flows + flows / 4).div_ceil(RING);
@@ -271,18 +363,27 @@ impl Plane {
     /// Runs `calls` calls of `CHUNK` repeats, the frame of call `c` from source port
     /// `port(c)`; returns the mean kernel time per packet. Every call must end in a redirect.
     fn run(&self, calls: u32, mut port: impl FnMut(u32) -> u16) -> Result<f64> {
+        let mut total = 0.0;
+        for c in 0..calls {
+            total += self.run_frame(&ring_frame(&SPREAD, 0, port(c)), 1, CHUNK)?;
+        }
+        Ok(total / f64::from(calls.max(1)))
+    }
+
+    /// Runs `calls` calls of `repeat` repeats of `frame`; returns the mean kernel time per
+    /// packet. Every call must end in a redirect.
+    fn run_frame(&self, frame: &[u8], calls: u32, repeat: u32) -> Result<f64> {
         let prog = self.prog()?;
         let mut total = 0u128;
-        for c in 0..calls {
-            let f = ring_frame(port(c));
+        for _ in 0..calls {
             let r = prog.test_run(TestRunOptions {
-                data_in: Some(&f),
-                repeat: CHUNK,
+                data_in: Some(frame),
+                repeat,
                 ..Default::default()
             })?;
             if r.return_value != 7 {
                 bail!(
-                    "exposure path: verdict {} instead of a redirect, drops {:?}",
+                    "exposure plane: verdict {} instead of a redirect, drops {:?}",
                     r.return_value,
                     crate::drops(&self.ebpf)
                 );
@@ -290,6 +391,30 @@ impl Plane {
             total += r.duration.as_nanos();
         }
         Ok(total as f64 / f64::from(calls.max(1)))
+    }
+
+    /// The spread paths in calls of one packet: `rounds` times, the empty TC program, the
+    /// intra-cloud forward to peer *c* (of `RING`, each an endpoint with its own route and
+    /// counters) and the established flow of ring VIP *c*, interleaved call by call so the
+    /// machine's drift touches all three alike. Mean ns per packet of each.
+    pub fn spread(&self, empty_tc: &SchedClassifier, calls: u32) -> Result<(f64, f64, f64)> {
+        let mut total = (0u128, 0.0, 0.0);
+        for c in 0..calls {
+            let i = c as usize % RING as usize;
+            let r = empty_tc.test_run(TestRunOptions {
+                data_in: Some(&self.peer_frames[i]),
+                repeat: 1,
+                ..Default::default()
+            })?;
+            if r.return_value != 0 {
+                bail!("empty TC program: verdict {}", r.return_value);
+            }
+            total.0 += r.duration.as_nanos();
+            total.1 += self.run_frame(&self.peer_frames[i], 1, 1)?;
+            total.2 += self.run_frame(&self.ring_frames[i], 1, 1)?;
+        }
+        let n = f64::from(calls.max(1));
+        Ok((total.0 as f64 / n, total.1 / n, total.2 / n))
     }
 
     /// Mean ns per packet over `calls` calls in which every packet opens a new flow.
@@ -306,6 +431,11 @@ impl Plane {
     /// Mean ns per packet over `calls` calls of established flows.
     pub fn established(&self, calls: u32) -> Result<f64> {
         self.run(calls, |_| ESTABLISHED_PORT)
+    }
+
+    /// Mean ns per packet over `calls` calls of the hot ring's two established flows.
+    pub fn established_hot(&self, calls: u32) -> Result<f64> {
+        self.run_frame(&ring_frame(&HOT, 0, ESTABLISHED_PORT), calls, CHUNK)
     }
 
     /// The intra-cloud forward on this plane: ns per packet, `calls` calls.
@@ -332,9 +462,9 @@ impl Plane {
     }
 }
 
-/// The consumer's 64-byte UDP frame from `sport` to the first VIP of the ring, TTL 255.
-fn ring_frame(sport: u16) -> Vec<u8> {
-    let (vip, port) = ring_vip(0);
+/// The consumer's 64-byte UDP frame from `sport` to VIP `start` of `ring`, TTL 255.
+fn ring_frame(ring: &Ring, start: u32, sport: u16) -> Vec<u8> {
+    let (vip, port) = ring.vip(start);
     let mut f = frame::Udp {
         src_mac: GUEST,
         dst_mac: GW,
@@ -378,22 +508,92 @@ fn service(grant: u32, nat: Ipv4Addr, port: u16, backends: &[(Ipv4Addr, u16)]) -
     svc
 }
 
-/// One round of the exposure figures: (intra-cloud, established, first packet with room,
-/// first packet with full maps) ns per packet.
+/// One round of the exposure figures, ns per packet.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Round {
+    /// Calls of `CHUNK` repeats: the intra-cloud forward to one peer, the ring's `RING`
+    /// established flows, the hot ring's two, and first packets (maps with room; full maps).
+    pub intra: f64,
+    pub established: f64,
+    pub established_hot: f64,
+    pub first: f64,
+    pub first_full: f64,
+    /// Calls of one packet: the empty TC program, the intra-cloud forward to `RING` peers in
+    /// turn, and the ring's `RING` established flows in turn.
+    pub empty_single: f64,
+    pub intra_spread: f64,
+    pub established_spread: f64,
+    /// Calls of one packet of each spread path per round.
+    pub spread_calls: u32,
+}
+
+impl Round {
+    const N: usize = 8;
+
+    fn fields(&self) -> [f64; Self::N] {
+        [
+            self.intra,
+            self.established,
+            self.established_hot,
+            self.first,
+            self.first_full,
+            self.empty_single,
+            self.intra_spread,
+            self.established_spread,
+        ]
+    }
+
+    fn from_fields(f: [f64; Self::N], spread_calls: u32) -> Self {
+        let [intra, established, established_hot, first, first_full, empty_single, intra_spread, established_spread] =
+            f;
+        Round {
+            intra,
+            established,
+            established_hot,
+            first,
+            first_full,
+            empty_single,
+            intra_spread,
+            established_spread,
+            spread_calls,
+        }
+    }
+
+    /// The established flow over the intra-cloud forward, like for like: the hot ring over
+    /// the forward to one peer (calls of `CHUNK`), and the spread ring over the forward to
+    /// `RING` peers, each less the empty program (calls of one; the call's own overhead is
+    /// the same for both and would flatter the ratio).
+    pub fn ratios(&self) -> (f64, f64) {
+        (
+            self.established_hot / self.intra,
+            (self.established_spread - self.empty_single) / (self.intra_spread - self.empty_single),
+        )
+    }
+}
+
+/// One round of the exposure figures; `singles` calls of one packet for the spread paths.
 pub fn measure_round(
     roomy: &mut Plane,
     full: &mut Plane,
+    empty_tc: &SchedClassifier,
     repeats: u32,
     first: u32,
-) -> Result<[f64; 4]> {
+) -> Result<Round> {
     let calls = repeats.div_ceil(CHUNK);
     let first_calls = first.div_ceil(CHUNK);
-    Ok([
-        roomy.intra_cloud(calls)?,
-        roomy.established(calls)?,
-        roomy.first_packets(first_calls)?,
-        full.first_packets(first_calls)?,
-    ])
+    let spread_calls = repeats / 50;
+    let (empty_single, intra_spread, established_spread) = roomy.spread(empty_tc, spread_calls)?;
+    Ok(Round {
+        intra: roomy.intra_cloud(calls)?,
+        established: roomy.established(calls)?,
+        established_hot: roomy.established_hot(calls)?,
+        first: roomy.first_packets(first_calls)?,
+        first_full: full.first_packets(first_calls)?,
+        empty_single,
+        intra_spread,
+        established_spread,
+        spread_calls,
+    })
 }
 
 pub struct Grants {
@@ -516,10 +716,10 @@ pub fn grants(n: u32) -> Result<Grants> {
 }
 
 /// Median of each figure over the rounds.
-pub fn medians(rounds: &[[f64; 4]]) -> [f64; 4] {
-    let mut out = [0.0; 4];
+pub fn medians(rounds: &[Round]) -> Round {
+    let mut out = [0.0; Round::N];
     for (i, o) in out.iter_mut().enumerate() {
-        *o = median(rounds.iter().map(|r| r[i]).collect());
+        *o = median(rounds.iter().map(|r| r.fields()[i]).collect());
     }
-    out
+    Round::from_fields(out, rounds.first().map_or(0, |r| r.spread_calls))
 }

@@ -139,17 +139,17 @@ fn main() -> Result<()> {
             ts.push(t);
             cs.push(c);
             rounds.push(exposure::measure_round(
-                &mut roomy, &mut full, repeats, first,
+                &mut roomy,
+                &mut full,
+                empty_tc(&base)?,
+                repeats,
+                first,
             )?);
         }
         roomy.check(true)?;
         full.check(false)?;
         let per_packet = exposure::medians(&rounds);
-        let [intra, established, first_ns, first_full] = per_packet;
-        println!(
-            "exposure ({grants_n} grants in VIPS): intra-cloud {intra:.1} ns/pkt, established {established:.1} ns/pkt ({:.2}x), first packet {first_ns:.1} ns/pkt, first packet with full flow maps {first_full:.1} ns/pkt",
-            established / intra
-        );
+        println!("exposure ({grants_n} grants in VIPS): {per_packet:?}, like-for-like ratios (hot, spread) {:?}", per_packet.ratios());
         if !args.smoke {
             let (roomy_flows, full_opened) = (roomy.flows, full.opened);
             drop((roomy, full));
@@ -252,12 +252,23 @@ fn main() -> Result<()> {
             }
         }
         exposure_rounds.push(exposure::measure_round(
-            &mut roomy, &mut full, repeats, first,
+            &mut roomy,
+            &mut full,
+            empty_tc(&base)?,
+            repeats,
+            first,
         )?);
     }
     roomy.check(true)?;
     full.check(false)?;
-    let [x_intra, x_established, x_first, x_first_full] = exposure::medians(&exposure_rounds);
+    let exposure_figures = exposure::medians(&exposure_rounds);
+    let exposure::Round {
+        intra: x_intra,
+        established: x_established,
+        first: x_first,
+        first_full: x_first_full,
+        ..
+    } = exposure_figures;
     let (roomy_flows, full_opened) = (roomy.flows, full.opened);
     drop((roomy, full));
     let (xdp_ns, tc_ns, cal_ns) = (median(xs), median(ts), median(cs));
@@ -537,7 +548,7 @@ fn main() -> Result<()> {
         full_opened,
         tc_ns,
         unit,
-        per_packet: [x_intra, x_established, x_first, x_first_full],
+        per_packet: exposure_figures,
         grants: &grants,
     })?);
     writeln!(report, "\n## Control plane (issue 4)\n")?;
@@ -674,8 +685,7 @@ struct ExposureFigures<'a> {
     full_opened: u64,
     tc_ns: f64,
     unit: f64,
-    /// Intra-cloud, established, first packet, first packet with full flow maps (ns).
-    per_packet: [f64; 4],
+    per_packet: exposure::Round,
     grants: &'a exposure::Grants,
 }
 
@@ -690,21 +700,37 @@ fn exposure_section(f: &ExposureFigures) -> Result<String> {
         full_opened,
         tc_ns,
         unit,
-        per_packet: [x_intra, x_established, x_first, x_first_full],
+        per_packet: x,
         grants,
     } = *f;
+    let exposure::Round {
+        intra: x_intra,
+        established: x_established,
+        established_hot: x_hot,
+        first: x_first,
+        first_full: x_first_full,
+        empty_single: e1,
+        intra_spread: i1,
+        established_spread: x1,
+        ..
+    } = x;
+    let (hot_ratio, spread_over_empty) = x.ratios();
+    let spread_ratio = x1 / i1;
+    let hot_over_empty = (x_hot - tc_ns) / (x_intra - tc_ns);
     let mut out = String::new();
     writeln!(out, "\n## Cross-cloud exposures\n")?;
-    writeln!(out, "Method: `tests/src/bench/exposure.rs`. Per-packet figures as above (64-byte UDP frame, calls of 250 repeats, kernel time per run, median of the same 5 interleaved rounds, metering on), all on one loaded object with {grants_n} grants in `VIPS` (and their 2 routes each in `ROUTES`). A ring of 250 VIPs, each served by a backend at the next VIP's address and port, makes every repeat a real translation of a different flow. *Established*: the 250 flows exist and are cached as the agent's dataplane caches an established flow (`FLOWS_RECENT` with its checksum differences, read between two loads of its sequence word; `FLOWS_OUT` and `FLOWS_IN` every 33rd packet; each ring backend is an endpoint of its own and each exposure route carries its grant, as the agent writes them). *First packet*: a new source port per call, so every repeat opens a flow (`FLOWS_IN` and `FLOWS_OUT` inserts; the consumer's port is free, so one NAT port try); {first} first packets per round, in flow maps with room for all ({roomy_flows} entries: no eviction, checked) and in maps of the default `max_flows` ({full_flows} entries) filled beforehand ({full_opened} flows opened in all), so each insert evicts the least recently used flow.\n")?;
+    writeln!(out, "Method: `tests/src/bench/exposure.rs`. Per-packet figures as above (64-byte UDP frame, kernel time per run, median of the same 5 interleaved rounds, metering on), all on one loaded object with {grants_n} grants in `VIPS` (and their 2 routes each in `ROUTES`). test_run re-runs the program on the frame it rewrote, so a ring of VIPs, each served by a backend at the next VIP's address and port, makes every repeat a real translation of another flow (addresses, destination port, both checksums, MACs, TTL). *Established*: the ring's flows exist and are cached as the agent's dataplane caches an established flow (`FLOWS_RECENT` with its checksum differences, read between two loads of its sequence word; `FLOWS_OUT` and `FLOWS_IN` every 33rd packet; each backend is an endpoint of its own with its own counters, and each exposure route carries its grant, as the agent writes them). *First packet*: a new source port per call, so every repeat opens a flow (`FLOWS_IN` and `FLOWS_OUT` inserts; the consumer's port is free, so one NAT port try); {first} first packets per round, in flow maps with room for all ({roomy_flows} entries: no eviction, checked) and in maps of the default `max_flows` ({full_flows} entries) filled beforehand ({full_opened} flows opened in all), so each insert evicts the least recently used flow.\n")?;
+    writeln!(out, "Calls of 250 repeats:\n")?;
     writeln!(out, "| path | ns/packet | over empty TC | over the intra-cloud forward | in calibration units over intra-cloud |")?;
     writeln!(out, "|---|---:|---:|---:|---:|")?;
     writeln!(
         out,
-        "| intra-cloud forward (same object) | {x_intra:.1} ns | {:.1} ns | | |",
+        "| intra-cloud forward to one peer (same object) | {x_intra:.1} ns | {:.1} ns | | |",
         x_intra - tc_ns
     )?;
     for (what, v) in [
-        ("exposure, established flow", x_established),
+        ("exposure, established, ring of 2 flows", x_hot),
+        ("exposure, established, ring of 250 flows", x_established),
         ("exposure, first packet of a flow", x_first),
         (
             "exposure, first packet, flow maps full (LRU eviction)",
@@ -719,16 +745,24 @@ fn exposure_section(f: &ExposureFigures) -> Result<String> {
             (v - x_intra) / unit
         )?;
     }
+    writeln!(out, "\nLike for like. The ring of 250 flows against the forward to one peer is not a comparison of the two paths: every repeat of the ring looks up another VIP's route (and another flow's state), while every repeat of the forward finds the same route in the CPU's caches. A profile of both on this machine (`perf record -g` during the two measurements, samples attributed to the call site of the inlined `ROUTES` lookup; taken once on 2026-12-05, not by this run) put that lookup at 11.5 ns per packet for the one route and 26 ns for the 250: half the difference between those two rows was the route lookup, not the translation. So the target is measured twice like for like: both paths hot (the ring of 2 flows against the forward to one peer, calls of 250), and both spread over 250 destinations (each repeat would have to change the forward's route, which its frame cannot do, so calls of one packet: the forward to 250 peers in turn, each an endpoint with its own route and counters, against the ring's 250 established flows in turn, and the empty TC program, interleaved call by call; {} calls of each per round). \"Over empty TC\" takes the empty program's time at the same call size off both paths, the stricter ratio.\n", x.spread_calls)?;
+    writeln!(out, "| comparison | intra-cloud forward | exposure, established | × forward | × forward, over empty TC |")?;
+    writeln!(out, "|---|---:|---:|---:|---:|")?;
+    writeln!(out, "| hot: one peer / 2 flows, calls of 250 (empty TC {tc_ns:.1} ns) | {x_intra:.1} ns | {x_hot:.1} ns | {hot_ratio:.2} | {hot_over_empty:.2} |")?;
+    writeln!(out, "| spread: 250 peers / 250 flows in turn, calls of 1 (empty TC {e1:.1} ns) | {i1:.1} ns | {x1:.1} ns | {spread_ratio:.2} | {spread_over_empty:.2} |")?;
+    writeln!(out, "| unlike: one peer / 250 flows, calls of 250 | {x_intra:.1} ns | {x_established:.1} ns | {:.2} | {:.2} |", x_established / x_intra, (x_established - tc_ns) / (x_intra - tc_ns))?;
     writeln!(out, "\nGrants: {} grants applied with `Host::apply_service` (the agent's path: grant number, `VIPS` entry, VIP route and NAT route), distinct consumer clouds, VIPs and NAT addresses, on one pinned dataplane: **{:.0} grants/s** (p50 {:.1} µs, p99 {:.1} µs per grant).\n", grants.grants, grants.per_second(), grants.p50.as_secs_f64() * 1e6, grants.p99.as_secs_f64() * 1e6)?;
     writeln!(out, "Kernel memory per grant: **{:.0} B** = `VIPS` element {:.0} B (the map is not preallocated; growth of its `memlock` in /proc/self/fdinfo over the {} inserts, which the kernel computes from the live element count) + {:.0} B of `VIPS` hash buckets per slot of `max_vips` (the empty map's memlock / max_entries) + 2 `ROUTES` slots of {:.0} B each (preallocated at `max_routes`: memlock / max_entries). Cross-check: /proc/meminfo `Slab` changed by {:+.0} B per grant over the same inserts (system-wide, so noisy; it includes the allocator's rounding of each element to its size class). Flow tracking is per flow, not per grant: {:.0} B per tracked flow (`FLOWS_OUT` + `FLOWS_IN`, preallocated LRU maps of `max_flows` = {} entries).\n", grants.per_grant(), grants.vips_memlock, grants.grants, grants.vips_slot, grants.route_slot, grants.slab, grants.flow_pair, grants.max_flows)?;
     writeln!(out, "| exposure measurement (issue: translated path vs. intra-cloud; grants/s and memory per grant; 100k grants on one host) | measured |")?;
     writeln!(out, "|---|---|")?;
-    writeln!(out, "| translated path, established, over the intra-cloud forward | +{:.1} ns ({x_established:.1} vs {x_intra:.1} ns) |", x_established - x_intra)?;
+    writeln!(out, "| translated path, established, over the intra-cloud forward | +{:.1} ns hot ({x_hot:.1} vs {x_intra:.1} ns), +{:.1} ns spread ({x1:.1} vs {i1:.1} ns) |", x_hot - x_intra, x1 - i1)?;
+    let worst = hot_ratio.max(spread_ratio);
+    let worst_over_empty = hot_over_empty.max(spread_over_empty);
     writeln!(
         out,
-        "| issue 17: an established flow at most 2× the intra-cloud forward | {:.2}× (**{}**; 4.1× before the flow cache) |",
-        x_established / x_intra,
-        if x_established <= 2.0 * x_intra { "met" } else { "not met" }
+        "| issue 17: an established flow at most 2× the intra-cloud forward, like for like | {hot_ratio:.2}× hot, {spread_ratio:.2}× spread (**{}**); over the empty program {hot_over_empty:.2}× and {spread_over_empty:.2}× (**{}**); before the flow cache, 4.1× in the unlike comparison |",
+        if worst <= 2.0 { "met" } else { "not met" },
+        if worst_over_empty <= 2.0 { "met" } else { "not met" }
     )?;
     writeln!(out, "| translated path, first packet, over the intra-cloud forward | +{:.1} ns ({x_first:.1} ns; {x_first_full:.1} ns with full flow maps) |", x_first - x_intra)?;
     writeln!(out, "| grants per second | {:.0} |", grants.per_second())?;
@@ -787,6 +821,11 @@ fn frame_to(dst_mac: [u8; 6], src_mac: [u8; 6], src: Ipv4Addr, dst: Ipv4Addr) ->
     ip[16..20].copy_from_slice(&dst.octets());
     atoll_testbed::frame::refresh_ipv4_checksum(&mut f);
     f
+}
+
+/// The baseline object's empty TC program.
+fn empty_tc(base: &Ebpf) -> Result<&SchedClassifier> {
+    Ok(base.program("empty_tc").context("empty_tc")?.try_into()?)
 }
 
 /// Loads the baseline object: empty XDP and TC programs and the calibration program.
