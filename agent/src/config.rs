@@ -268,7 +268,7 @@ pub struct EgressConfig {
     pub max_new_flows_per_sec: u32,
 }
 
-/// `egress.max_new_flows_per_sec` by default: at 5,000 new flows per second one cloud alone
+/// `egress.max_new_flows_per_sec` and `dataplane.max_new_exposure_flows_per_sec` by default: at 5,000 new flows per second one cloud alone
 /// takes most of a minute to cycle the default flow tables (`dataplane.max_flows`), far
 /// beyond what one agent's cloud opens from one host in normal use.
 pub const DEFAULT_MAX_NEW_FLOWS_PER_SEC: u32 = 5_000;
@@ -696,6 +696,12 @@ pub struct DataplaneConfig {
     /// the `expedite` module): a cold tap endpoint takes about 0.5 ms instead of two normal
     /// grace periods.
     pub expedite_rcu: bool,
+    /// New exposure flows per second each consumer cloud may open on this host, with a
+    /// second's worth of burst; beyond it a new flow is dropped
+    /// (`exposure_flow_rate_limited`). The exposure flow tables (`max_flows` each) are shared
+    /// by every cloud on the host, so this bounds how fast one cloud can push the others' idle
+    /// flows out, as `egress.max_new_flows_per_sec` does for egress. 0: no limit.
+    pub max_new_exposure_flows_per_sec: u32,
 }
 
 impl Default for DataplaneConfig {
@@ -709,6 +715,7 @@ impl Default for DataplaneConfig {
             gateway_mac: MacAddr([0x02, 0xa7, 0x00, 0x00, 0x00, 0x01]),
             tap_pool: 8,
             expedite_rcu: true,
+            max_new_exposure_flows_per_sec: DEFAULT_MAX_NEW_FLOWS_PER_SEC,
         }
     }
 }

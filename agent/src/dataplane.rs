@@ -103,9 +103,9 @@ pub static BASELINE_OBJECT: &[u8] =
 pub use maps::{
     MAP_COUNTERS, MAP_DNS_SERVICE, MAP_DROPS, MAP_EGRESS_ALLOW, MAP_EGRESS_CLOUDS, MAP_EGRESS_DENY,
     MAP_EGRESS_FLOW_CLOCKS, MAP_EGRESS_HOST, MAP_EGRESS_IN, MAP_EGRESS_METERS, MAP_EGRESS_NEVER,
-    MAP_EGRESS_OUT, MAP_EGRESS_REFUSED, MAP_ENDPOINTS, MAP_ENDPOINT_CACHE, MAP_FLOWS_IN,
-    MAP_FLOWS_OUT, MAP_INGRESS, MAP_INGRESS_ALLOW, MAP_INGRESS_FLOWS, MAP_ROUTES,
-    MAP_SLOT_ENDPOINTS, MAP_VIPS,
+    MAP_EGRESS_OUT, MAP_EGRESS_REFUSED, MAP_ENDPOINTS, MAP_ENDPOINT_CACHE,
+    MAP_EXPOSURE_FLOW_CLOCKS, MAP_EXPOSURE_FLOW_RATE, MAP_FLOWS_IN, MAP_FLOWS_OUT, MAP_INGRESS,
+    MAP_INGRESS_ALLOW, MAP_INGRESS_FLOWS, MAP_ROUTES, MAP_SLOT_ENDPOINTS, MAP_VIPS,
 };
 const BPF_NOEXIST: u64 = 1;
 
@@ -139,6 +139,7 @@ pub struct Dataplane {
     egress_refused: HashMap<MapData, RefusedKey, RefusedCount>,
     egress_meters: HashMap<MapData, u32, EgressMeter>,
     egress_flow_clocks: HashMap<MapData, u32, u64>,
+    exposure_flow_rate: Array<MapData, u32>,
     ingress: HashMap<MapData, IngressKey, IngressTarget>,
     ingress_allow: LpmTrie<MapData, IngressAllowKey, u8>,
     ingress_flows: HashMap<MapData, FlowKey, IngressFlow>,
@@ -230,6 +231,9 @@ impl Dataplane {
         let egress_flow_clocks: HashMap<MapData, u32, u64> =
             HashMap::try_from(open_map(MAP_EGRESS_FLOW_CLOCKS)?)
                 .map_err(|e| typed(MAP_EGRESS_FLOW_CLOCKS, e))?;
+        let exposure_flow_rate: Array<MapData, u32> =
+            Array::try_from(open_map(MAP_EXPOSURE_FLOW_RATE)?)
+                .map_err(|e| typed(MAP_EXPOSURE_FLOW_RATE, e))?;
         let ingress: HashMap<MapData, IngressKey, IngressTarget> =
             HashMap::try_from(open_map(MAP_INGRESS)?).map_err(|e| typed(MAP_INGRESS, e))?;
         let ingress_allow: LpmTrie<MapData, IngressAllowKey, u8> =
@@ -277,6 +281,7 @@ impl Dataplane {
             egress_refused,
             egress_meters,
             egress_flow_clocks,
+            exposure_flow_rate,
             ingress,
             ingress_allow,
             ingress_flows,

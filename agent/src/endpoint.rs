@@ -183,6 +183,10 @@ impl Host {
             .rule_tries()
             .and_then(crate::egress::rules::EgressTables::new)
             .map_err(EndpointError::OpenDataplane)?;
+        let mut dataplane = dataplane;
+        dataplane
+            .set_exposure_flow_rate(cfg.max_new_exposure_flows_per_sec)
+            .map_err(EndpointError::OpenDataplane)?;
         Ok(Host {
             dataplane,
             devices,

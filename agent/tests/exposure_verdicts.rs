@@ -1875,3 +1875,39 @@ fn a_cache_slot_written_by_two_cpus_at_once_is_never_read_torn() {
         "packets sent with the other flow's translation, per CPU, of {ROUNDS} each"
     );
 }
+
+#[test]
+fn a_consumer_opens_new_flows_at_its_rate_and_established_ones_go_on() {
+    let mut plane = Plane::new();
+    assert_eq!(
+        plane.dp().exposure_flow_rate().unwrap(),
+        atoll_agent::config::DEFAULT_MAX_NEW_FLOWS_PER_SEC,
+        "Host::open applies dataplane.max_new_exposure_flows_per_sec"
+    );
+    plane.host.set_exposure_flow_rate(1).unwrap();
+    let p = Proto::Udp;
+    // One new flow per second with a second of burst: the clock may run a second ahead of
+    // now, so two flows open at once and the third is refused and counted (unless a second
+    // passed between these test runs).
+    plane.expect_redirect(&to_vip(p, 41000, b"1"), "first flow");
+    plane.expect_redirect(&to_vip(p, 41001, b"2"), "second flow");
+    plane.expect_drop(
+        &to_vip(p, 41002, b"3"),
+        DropReason::ExposureFlowRateLimited,
+        "third flow",
+    );
+    assert!(
+        !plane
+            .flows_out()
+            .keys()
+            .any(|k| k.0.src_port == 41002u16.to_be()),
+        "a refused flow takes no entry"
+    );
+    // Established flows are not charged, nor are replies.
+    for i in 0..40u16 {
+        plane.expect_redirect(&to_vip(p, 41000 + i % 2, b"more"), "an established flow");
+    }
+    // Without a limit, it opens.
+    plane.host.set_exposure_flow_rate(0).unwrap();
+    plane.expect_redirect(&to_vip(p, 41002, b"3"), "no limit");
+}

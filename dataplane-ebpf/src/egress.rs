@@ -125,7 +125,7 @@ use crate::{
     flowcache::{
         held_version, read_begin, read_valid, reserved, same_key, still_held, write_key, write_slot,
     },
-    ingress, metering,
+    ingress, metering, pace,
     packet::{
         self, EthHdr, Ipv4Hdr, Packet, Ports, Rewrite, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP,
         IPV4_CHECK_OFFSET, L4_OFFSET,
@@ -308,10 +308,9 @@ pub fn from_guest(
 }
 
 /// Charges a flow about to be opened (or opened again after an eviction: either takes
-/// entries in the shared flow tables) to `cloud`'s new-flow rate, or refuses it. A virtual
-/// clock as the byte rate's, with a second of burst: a flow passes if the clock is at most a
-/// second ahead of now, and moves it by `1 s / rate`. Not atomic, as the byte rate: two CPUs
-/// may both pass on one token. A cloud whose clock cannot be stored (map full) is refused.
+/// entries in the shared flow tables) to `cloud`'s new-flow rate, or refuses it: a virtual
+/// clock (`pace`) with a second of burst, each flow costing `1 s / rate`. A cloud whose clock
+/// cannot be stored (map full) is refused.
 #[inline(always)]
 fn new_flow_allowed(cloud_id: u32, cloud: &EgressCloud) -> Result<(), DropReason> {
     let Some(interval_ns) = 1_000_000_000u64.checked_div(cloud.new_flows_per_sec as u64) else {
@@ -327,25 +326,18 @@ fn new_flow_allowed(cloud_id: u32, cloud: &EgressCloud) -> Result<(), DropReason
             }
         }
     };
-    // SAFETY: a helper without arguments.
-    let now = unsafe { bpf_ktime_get_boot_ns() };
-    // SAFETY: a value of this map from a successful lookup, valid for the program run; plain
-    // integer loads and stores (see the function docs on concurrency).
-    unsafe {
-        let at = if *clock > now { *clock } else { now };
-        if at - now > 1_000_000_000 {
-            return Err(DropReason::EgressFlowRateLimited);
-        }
-        *clock = at + interval_ns;
+    // SAFETY: a value of this map from a successful lookup, valid for the program run.
+    if unsafe { pace::admit(clock, interval_ns, 1_000_000_000) } {
+        Ok(())
+    } else {
+        Err(DropReason::EgressFlowRateLimited)
     }
-    Ok(())
 }
 
 /// Charges `bytes` leaving `cloud` to its rate limit and budget, or refuses them.
 ///
-/// Rate: a token bucket kept as a virtual clock (`next_ns`: when the bytes sent so far would
-/// have left at the rate): a packet passes if the clock is at most `burst_ns` ahead of now,
-/// and moves it by `bytes / rate`. Budget: bytes of the current period, reset when the agent
+/// Rate: a virtual clock (`next_ns`, see `pace`) with `burst_ns` of burst, each packet
+/// costing `bytes / rate`. Budget: bytes of the current period, reset when the agent
 /// moves to the next period. Both are read and written without atomics: two CPUs sending
 /// for one cloud at the same instant may both pass on one token (the rate holds within a
 /// packet per CPU, the budget may be exceeded by as much; see docs/design.md).
@@ -388,17 +380,13 @@ fn within_limits(cloud_id: u32, cloud: &EgressCloud, bytes: u32) -> Result<(), D
             }
         }
         if let Some(cost_ns) = (bytes * 1_000_000_000).checked_div(cloud.rate_bytes_per_sec) {
-            // SAFETY: a helper without arguments.
-            let now = bpf_ktime_get_boot_ns();
-            let clock = if (*meter).next_ns > now {
-                (*meter).next_ns
-            } else {
-                now
-            };
-            if clock - now > cloud.burst_ns {
+            if !pace::admit(
+                core::ptr::addr_of_mut!((*meter).next_ns),
+                cost_ns,
+                cloud.burst_ns,
+            ) {
                 return Err(DropReason::EgressRateLimited);
             }
-            (*meter).next_ns = clock + cost_ns;
         }
         if cloud.budget_bytes != NO_BUDGET {
             (*meter).used_bytes += bytes;

@@ -67,6 +67,18 @@
 //!   grant proves the grant, as `VIPS` did. Replies (`from_provider`) skip `VIPS` the same
 //!   way when the NAT address's route names the flow's grant (one NAT address per live
 //!   grant).
+//! - **New flows per consumer cloud** are paced (`dataplane.max_new_exposure_flows_per_sec`,
+//!   in `EXPOSURE_FLOW_RATE`; a clock per cloud in `EXPOSURE_FLOW_CLOCKS`; beyond it
+//!   `exposure_flow_rate_limited`), as egress flows are (see "New flows per cloud" in
+//!   docs/design.md): `FLOWS_OUT` and `FLOWS_IN` are LRU maps shared by every cloud on the
+//!   host, so a consumer opening flows as fast as it can would push every other cloud's idle
+//!   flows out, whose replies are then dropped (`exposure_no_flow`) until their consumer
+//!   speaks again. Charged by every flow opened, also one opened again after an eviction
+//!   (it takes entries as well); established flows are never charged. One rate for every
+//!   consumer cloud of the host, set by the operator: it protects the host's shared tables,
+//!   not a tenant's bill. Rejected: the rate per grant (a consumer with many grants would
+//!   get many rates) and one clock for egress and exposures together (a cloud's egress
+//!   churn would refuse its exposure flows, whose tables it does not touch).
 //! - **ICMP is not translated** (`exposure_icmp`): echo to a VIP is not a service, and ICMP
 //!   errors would need their embedded headers translated. Within one host every device has the
 //!   same MTU, so no fragmentation-needed error can arise on this path; a TCP or UDP socket
@@ -97,7 +109,7 @@ use crate::{
     flowcache::{
         held_version, read_begin, read_valid, reserved, same_key, still_held, write_key, write_slot,
     },
-    metering,
+    metering, pace,
     packet::{self, Diffs, EthHdr, Ipv4Hdr, Packet, Ports, Rewrite, IPPROTO_ICMP},
     route, Verdict,
 };
@@ -125,6 +137,18 @@ pub static FLOWS_RECENT: Array<FlowRecent> = Array::with_max_entries(CACHE_SLOTS
 /// by every new reservation (see "Established flows are cached").
 #[map]
 pub static FLOWS_HELD: Array<u64> = Array::with_max_entries(CACHE_SLOTS, 0);
+
+/// The new-flow rate of every consumer cloud on this host, flows per second
+/// (`dataplane.max_new_exposure_flows_per_sec`, written by the agent; 0, the array's initial
+/// value: no limit). See "New flows per consumer cloud".
+#[map]
+pub static EXPOSURE_FLOW_RATE: Array<u32> = Array::with_max_entries(1, 0);
+
+/// Consumer cloud → the virtual clock of its new-flow rate (`pace`). Programs only. LRU,
+/// sized by the agent (`dataplane.max_vips`: every consumer cloud here has a VIP): an idle
+/// cloud's clock may be evicted, which only gives it a fresh second of burst.
+#[map]
+pub static EXPOSURE_FLOW_CLOCKS: LruHashMap<u32, u64> = LruHashMap::with_max_entries(65536, 0);
 
 const BPF_NOEXIST: u64 = 1;
 const BPF_ANY: u64 = 0;
@@ -269,15 +293,19 @@ fn from_consumer(
             // The reply half was evicted, or its NAT port now belongs to another flow: this
             // flow is dead and is opened again (see "A NAT port has one holder" in the module
             // docs).
-            None => match open_flow(&key, svc, &service, Some(f)) {
+            None => match new_flow_allowed(ep.cloud)
+                .and_then(|()| open_flow(&key, svc, &service, Some(f)))
+            {
                 Ok(f) => (f, None),
                 Err(reason) => return Verdict::Drop(reason),
             },
         },
-        None => match open_flow(&key, svc, &service, None) {
-            Ok(f) => (f, None),
-            Err(reason) => return Verdict::Drop(reason),
-        },
+        None => {
+            match new_flow_allowed(ep.cloud).and_then(|()| open_flow(&key, svc, &service, None)) {
+                Ok(f) => (f, None),
+                Err(reason) => return Verdict::Drop(reason),
+            }
+        }
     };
     let (flow, confirmed) = flow;
     let hop = match route::lookup(svc.provider, flow.backend_ipv4) {
@@ -549,6 +577,35 @@ fn holds_nat_port(key: &FlowKey, service: &Granted, flow: &FlowOut) -> Option<(u
     unsafe { FLOWS_IN.get(reply) }
         .is_some_and(|f| *f == back)
         .then_some(version)
+}
+
+/// Charges a consumer flow about to be opened (or opened again after an eviction: either
+/// takes entries in the shared flow tables) to its cloud's new-flow rate, or refuses it (see
+/// "New flows per consumer cloud"): a virtual clock (`pace`) with a second of burst, each
+/// flow costing `1 s / rate`. A clock that cannot be stored is refused (fail closed; the map
+/// is LRU, so only a failed allocation gets there).
+#[inline(always)]
+fn new_flow_allowed(cloud: u32) -> Result<(), DropReason> {
+    let rate = EXPOSURE_FLOW_RATE.get(0).copied().unwrap_or(0);
+    let Some(interval_ns) = 1_000_000_000u64.checked_div(rate as u64) else {
+        return Ok(());
+    };
+    let clock = match EXPOSURE_FLOW_CLOCKS.get_ptr_mut(cloud) {
+        Some(c) => c,
+        None => {
+            let _ = EXPOSURE_FLOW_CLOCKS.insert(cloud, 0, BPF_NOEXIST);
+            match EXPOSURE_FLOW_CLOCKS.get_ptr_mut(cloud) {
+                Some(c) => c,
+                None => return Err(DropReason::ExposureFlowRateLimited),
+            }
+        }
+    };
+    // SAFETY: a value of this map from a successful lookup, valid for the program run.
+    if unsafe { pace::admit(clock, interval_ns, 1_000_000_000) } {
+        Ok(())
+    } else {
+        Err(DropReason::ExposureFlowRateLimited)
+    }
 }
 
 /// Admits a consumer flow: a new one (`previous` is `None`: backend by flow hash), or one whose

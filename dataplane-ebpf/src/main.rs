@@ -54,6 +54,7 @@ mod freed;
 mod gateway;
 mod ingress;
 mod metering;
+mod pace;
 mod packet;
 mod route;
 

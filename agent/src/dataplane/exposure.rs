@@ -13,12 +13,33 @@ use aya::maps::MapError;
 
 use super::{
     error::{ignore_missing, insert_error, DataplaneError},
-    Dataplane, MAP_FLOWS_IN, MAP_FLOWS_OUT, MAP_ROUTES, MAP_VIPS,
+    Dataplane, MAP_EXPOSURE_FLOW_RATE, MAP_FLOWS_IN, MAP_FLOWS_OUT, MAP_ROUTES, MAP_VIPS,
 };
 
 const BPF_ANY: u64 = 0;
 
 impl Dataplane {
+    /// Sets every consumer cloud's new exposure flows per second on this host (0: no limit;
+    /// see "New flows per consumer cloud" in `dataplane-ebpf/src/exposure.rs`).
+    pub fn set_exposure_flow_rate(&mut self, per_sec: u32) -> Result<(), DataplaneError> {
+        self.exposure_flow_rate
+            .set(0, per_sec, 0)
+            .map_err(|source| DataplaneError::UpdateMap {
+                map: MAP_EXPOSURE_FLOW_RATE,
+                source: Box::new(source),
+            })
+    }
+
+    /// The new-flow rate the programs apply to every consumer cloud (0: no limit).
+    pub fn exposure_flow_rate(&self) -> Result<u32, DataplaneError> {
+        self.exposure_flow_rate
+            .get(&0, 0)
+            .map_err(|source| DataplaneError::ReadMap {
+                map: MAP_EXPOSURE_FLOW_RATE,
+                source: Box::new(source),
+            })
+    }
+
     /// Installs (or replaces in place) the service of `(consumer, vip)`, its route and the
     /// provider's NAT source route, both carrying the grant; a replaced service's NAT route of
     /// another address goes. Fails if either address is an endpoint's or another kind of

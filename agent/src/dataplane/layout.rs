@@ -319,6 +319,16 @@ const MIGRATIONS: &[Migration] = &[
         to: 11,
         steps: &[(maps::MAP_EGRESS_FLOW_CLOCKS, Step::New)],
     },
+    // v12, a new-flow rate per consumer cloud for exposures: `EXPOSURE_FLOW_RATE` and
+    // `EXPOSURE_FLOW_CLOCKS` are new (the agent writes the rate when it opens the
+    // dataplane); drop reason 50 took a free counter slot.
+    Migration {
+        to: 12,
+        steps: &[
+            (maps::MAP_EXPOSURE_FLOW_RATE, Step::New),
+            (maps::MAP_EXPOSURE_FLOW_CLOCKS, Step::New),
+        ],
+    },
 ];
 
 /// The oldest layout [`MIGRATIONS`] reach the current one from.

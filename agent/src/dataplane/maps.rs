@@ -38,6 +38,8 @@ pub const MAP_FLOWS_OUT: &str = "FLOWS_OUT";
 pub const MAP_FLOWS_IN: &str = "FLOWS_IN";
 pub const MAP_FLOWS_RECENT: &str = "FLOWS_RECENT";
 pub const MAP_FLOWS_HELD: &str = "FLOWS_HELD";
+pub const MAP_EXPOSURE_FLOW_RATE: &str = "EXPOSURE_FLOW_RATE";
+pub const MAP_EXPOSURE_FLOW_CLOCKS: &str = "EXPOSURE_FLOW_CLOCKS";
 pub const MAP_EGRESS_HOST: &str = "EGRESS_HOST";
 pub const MAP_EGRESS_CLOUDS: &str = "EGRESS_CLOUDS";
 pub const MAP_EGRESS_NEVER: &str = "EGRESS_NEVER";
@@ -168,7 +170,7 @@ use Capacity::{Config, Fixed};
 use SizeSetting::*;
 
 /// Every map of the object, in pinning order.
-pub const REGISTRY: [MapSpec; 27] = [
+pub const REGISTRY: [MapSpec; 29] = [
     spec(
         MAP_ENDPOINTS,
         "endpoint",
@@ -276,6 +278,24 @@ pub const REGISTRY: [MapSpec; 27] = [
         size::<u64>(),
         0,
         Fixed(CACHE_SLOTS),
+    ),
+    spec(
+        MAP_EXPOSURE_FLOW_RATE,
+        "exposure",
+        MapType::Array,
+        size::<u32>(),
+        size::<u32>(),
+        0,
+        Fixed(1),
+    ),
+    spec(
+        MAP_EXPOSURE_FLOW_CLOCKS,
+        "exposure",
+        MapType::LruHash,
+        size::<u32>(),
+        size::<u64>(),
+        0,
+        Config(MaxVips),
     ),
     spec(
         MAP_EGRESS_HOST,

@@ -124,6 +124,18 @@ impl Host {
         Ok(svc.grant)
     }
 
+    /// Sets every consumer cloud's new exposure flows per second on this host
+    /// (`dataplane.max_new_exposure_flows_per_sec`, which [`Host::open`] applies; 0 = no
+    /// limit).
+    pub fn set_exposure_flow_rate(&mut self, per_sec: u32) -> Result<(), EndpointError> {
+        self.dataplane
+            .set_exposure_flow_rate(per_sec)
+            .map_err(|source| EndpointError::Program {
+                name: "the exposure flow rate".into(),
+                source,
+            })
+    }
+
     /// Revokes the service of `(consumer, vip)`; `false` if there was none.
     pub fn remove_service(
         &mut self,

@@ -18,7 +18,7 @@
 
 /// Version of the map layouts defined in this crate. Bump on any change to a map's key, value,
 /// or meaning.
-pub const LAYOUT_VERSION: u32 = 11;
+pub const LAYOUT_VERSION: u32 = 12;
 
 /// Traffic classes the counters have room for: [`TrafficClass::COUNT`] are used. A new class
 /// takes a free one, so adding it changes no map layout.
@@ -841,11 +841,15 @@ pub enum DropReason {
     /// (`egress.max_new_flows_per_sec`): one cloud cannot churn the flow tables all clouds
     /// share.
     EgressFlowRateLimited = 49,
+    /// A new exposure flow (or one opened again after an eviction) beyond its consumer
+    /// cloud's new-flow rate on this host (`dataplane.max_new_exposure_flows_per_sec`): one
+    /// cloud cannot churn the exposure flow tables all clouds share.
+    ExposureFlowRateLimited = 50,
 }
 
 impl DropReason {
     /// Every reason, in numeric order.
-    pub const ALL: [DropReason; 49] = [
+    pub const ALL: [DropReason; 50] = [
         DropReason::UnknownEndpoint,
         DropReason::TruncatedEthernet,
         DropReason::SpoofedSourceMac,
@@ -895,10 +899,11 @@ impl DropReason {
         DropReason::IngressRevoked,
         DropReason::UplinkNoFlow,
         DropReason::EgressFlowRateLimited,
+        DropReason::ExposureFlowRateLimited,
     ];
 
     /// Size of the drop counter array: one slot per number, slot 0 unused.
-    pub const SLOTS: u32 = 50;
+    pub const SLOTS: u32 = 51;
 
     /// Stable snake_case name, used in metrics labels and CLI output.
     pub const fn name(self) -> &'static str {
@@ -952,6 +957,7 @@ impl DropReason {
             DropReason::IngressRevoked => "ingress_revoked",
             DropReason::UplinkNoFlow => "uplink_no_flow",
             DropReason::EgressFlowRateLimited => "egress_flow_rate_limited",
+            DropReason::ExposureFlowRateLimited => "exposure_flow_rate_limited",
         }
     }
 
