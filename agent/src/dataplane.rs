@@ -60,8 +60,8 @@ use std::{
 use atoll_dataplane_common::{
     DnsService, DropReason, EgressCloud, EgressHost, EgressIn, EgressMeter, EgressOut,
     EndpointCounters, EndpointInfo, EndpointSlot, FlowIn, FlowKey, FlowOut, IngressAllowKey,
-    IngressFlow, IngressKey, IngressTarget, NextHop, RefusedCount, RefusedKey, RouteKey,
-    VipService, ENDPOINT_CACHE_MASK,
+    IngressFlow, IngressKey, IngressTarget, NextHop, OverlayHost, RefusedCount, RefusedKey,
+    RouteKey, VipService, ENDPOINT_CACHE_MASK,
 };
 use aya::{
     maps::{lpm_trie::LpmTrie, Array, HashMap, Map, MapData, MapError, PerCpuArray, PerCpuValues},
@@ -79,6 +79,7 @@ mod kernel;
 mod layout;
 mod links;
 pub mod maps;
+mod overlay;
 mod pins;
 mod upgrade;
 
@@ -90,8 +91,8 @@ pub use layout::{layout_versions, map_usage, unapplied_sizes, MapUsage};
 use pins::*;
 pub use pins::{
     build_id, check_bpffs, layout_dir, load_unpinned, pinned_builds, BUILD_MARKER_PREFIX,
-    KFREE_SKB_LINK, OBJECT, PROG_FROM_DNS, PROG_FROM_UPLINK, PROG_FROM_VM, PROG_KFREE_SKB,
-    PROG_TO_VM,
+    KFREE_SKB_LINK, OBJECT, PROG_FROM_DNS, PROG_FROM_OVERLAY, PROG_FROM_UPLINK, PROG_FROM_VM,
+    PROG_KFREE_SKB, PROG_TO_VM,
 };
 pub use upgrade::{prepare, Prepared};
 
@@ -101,11 +102,12 @@ pub static BASELINE_OBJECT: &[u8] =
 
 /// Map names in the object (the registry, [`maps::REGISTRY`], says the rest).
 pub use maps::{
-    MAP_COUNTERS, MAP_DNS_SERVICE, MAP_DROPS, MAP_EGRESS_ALLOW, MAP_EGRESS_CLOUDS, MAP_EGRESS_DENY,
-    MAP_EGRESS_FLOW_CLOCKS, MAP_EGRESS_HOST, MAP_EGRESS_IN, MAP_EGRESS_METERS, MAP_EGRESS_NEVER,
-    MAP_EGRESS_OUT, MAP_EGRESS_REFUSED, MAP_ENDPOINTS, MAP_ENDPOINT_CACHE,
+    MAP_CLOUD_VNIS, MAP_COUNTERS, MAP_DNS_SERVICE, MAP_DROPS, MAP_EGRESS_ALLOW, MAP_EGRESS_CLOUDS,
+    MAP_EGRESS_DENY, MAP_EGRESS_FLOW_CLOCKS, MAP_EGRESS_HOST, MAP_EGRESS_IN, MAP_EGRESS_METERS,
+    MAP_EGRESS_NEVER, MAP_EGRESS_OUT, MAP_EGRESS_REFUSED, MAP_ENDPOINTS, MAP_ENDPOINT_CACHE,
     MAP_EXPOSURE_FLOW_CLOCKS, MAP_EXPOSURE_FLOW_RATE, MAP_FLOWS_IN, MAP_FLOWS_OUT, MAP_INGRESS,
-    MAP_INGRESS_ALLOW, MAP_INGRESS_FLOWS, MAP_ROUTES, MAP_SLOT_ENDPOINTS, MAP_VIPS,
+    MAP_INGRESS_ALLOW, MAP_INGRESS_FLOWS, MAP_OVERLAY_HOST, MAP_OVERLAY_PEERS, MAP_ROUTES,
+    MAP_SLOT_ENDPOINTS, MAP_VIPS, MAP_VNI_CLOUDS,
 };
 const BPF_NOEXIST: u64 = 1;
 
@@ -140,6 +142,11 @@ pub struct Dataplane {
     egress_meters: HashMap<MapData, u32, EgressMeter>,
     egress_flow_clocks: HashMap<MapData, u32, u64>,
     exposure_flow_rate: Array<MapData, u32>,
+    overlay_host: Array<MapData, OverlayHost>,
+    cloud_vnis: HashMap<MapData, u32, u32>,
+    vni_clouds: HashMap<MapData, u32, u32>,
+    overlay_peers: HashMap<MapData, u32, u32>,
+    from_overlay: SchedClassifier,
     ingress: HashMap<MapData, IngressKey, IngressTarget>,
     ingress_allow: LpmTrie<MapData, IngressAllowKey, u8>,
     ingress_flows: HashMap<MapData, FlowKey, IngressFlow>,
@@ -234,6 +241,15 @@ impl Dataplane {
         let exposure_flow_rate: Array<MapData, u32> =
             Array::try_from(open_map(MAP_EXPOSURE_FLOW_RATE)?)
                 .map_err(|e| typed(MAP_EXPOSURE_FLOW_RATE, e))?;
+        let overlay_host: Array<MapData, OverlayHost> =
+            Array::try_from(open_map(MAP_OVERLAY_HOST)?).map_err(|e| typed(MAP_OVERLAY_HOST, e))?;
+        let cloud_vnis: HashMap<MapData, u32, u32> =
+            HashMap::try_from(open_map(MAP_CLOUD_VNIS)?).map_err(|e| typed(MAP_CLOUD_VNIS, e))?;
+        let vni_clouds: HashMap<MapData, u32, u32> =
+            HashMap::try_from(open_map(MAP_VNI_CLOUDS)?).map_err(|e| typed(MAP_VNI_CLOUDS, e))?;
+        let overlay_peers: HashMap<MapData, u32, u32> =
+            HashMap::try_from(open_map(MAP_OVERLAY_PEERS)?)
+                .map_err(|e| typed(MAP_OVERLAY_PEERS, e))?;
         let ingress: HashMap<MapData, IngressKey, IngressTarget> =
             HashMap::try_from(open_map(MAP_INGRESS)?).map_err(|e| typed(MAP_INGRESS, e))?;
         let ingress_allow: LpmTrie<MapData, IngressAllowKey, u8> =
@@ -262,6 +278,7 @@ impl Dataplane {
             to_vm: open_prog(PROG_TO_VM)?,
             from_dns: open_prog(PROG_FROM_DNS)?,
             from_uplink: open_prog(PROG_FROM_UPLINK)?,
+            from_overlay: open_prog(PROG_FROM_OVERLAY)?,
             dir,
             endpoints,
             cache,
@@ -282,6 +299,10 @@ impl Dataplane {
             egress_meters,
             egress_flow_clocks,
             exposure_flow_rate,
+            overlay_host,
+            cloud_vnis,
+            vni_clouds,
+            overlay_peers,
             ingress,
             ingress_allow,
             ingress_flows,

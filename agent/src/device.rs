@@ -19,7 +19,7 @@ use std::{
 
 use futures::TryStreamExt;
 use netlink_packet_route::link::{InfoData, InfoKind, InfoVeth};
-use rtnetlink::{LinkMessageBuilder, LinkUnspec, LinkVeth};
+use rtnetlink::{LinkMessageBuilder, LinkUnspec, LinkVeth, LinkVxlan};
 
 use crate::types::MacAddr;
 
@@ -47,6 +47,11 @@ pub enum DeviceError {
     OpenNetns { path: PathBuf, source: io::Error },
     #[error("creating veth {name}: {source}")]
     CreateVeth {
+        name: String,
+        source: Box<rtnetlink::Error>,
+    },
+    #[error("creating vxlan {name}: {source}")]
+    CreateVxlan {
         name: String,
         source: Box<rtnetlink::Error>,
     },
@@ -238,6 +243,46 @@ impl Devices {
                 },
             })?;
         drop(ns);
+        let idx = ifindex_of(name).ok_or_else(|| DeviceError::NotFound(name.into()))?;
+        disable_ipv6(name)?;
+        Ok(idx)
+    }
+
+    /// Creates the overlay's VXLAN device `name` in external (collect_md) mode: the programs
+    /// set each frame's tunnel (`dataplane-ebpf/src/overlay.rs`), so it has no remote, no
+    /// learning and no FDB; it listens on UDP `port` and sends from `local`. Returns its
+    /// ifindex.
+    pub async fn create_vxlan(
+        &self,
+        name: &str,
+        port: u16,
+        local: std::net::Ipv4Addr,
+    ) -> Result<u32, DeviceError> {
+        validate_name(name)?;
+        if ifindex_of(name).is_some() {
+            return Err(DeviceError::Exists(name.into()));
+        }
+        let msg = LinkMessageBuilder::<LinkVxlan>::new(name)
+            .port(port)
+            .local(local)
+            .learning(false)
+            .collect_metadata(true)
+            .build();
+        self.handle
+            .link()
+            .add(msg)
+            .execute()
+            .await
+            .map_err(|source| match errno(&source) {
+                Some(libc::EEXIST) => DeviceError::Exists(name.into()),
+                Some(libc::EPERM) => {
+                    DeviceError::MissingCapability(format!("creating vxlan {name}"))
+                }
+                _ => DeviceError::CreateVxlan {
+                    name: name.into(),
+                    source: Box::new(source),
+                },
+            })?;
         let idx = ifindex_of(name).ok_or_else(|| DeviceError::NotFound(name.into()))?;
         disable_ipv6(name)?;
         Ok(idx)

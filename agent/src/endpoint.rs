@@ -42,6 +42,7 @@ use atoll_dataplane_common::{
 
 mod egress;
 mod exposure;
+mod overlay;
 mod pool;
 mod slots;
 

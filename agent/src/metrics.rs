@@ -822,16 +822,28 @@ mod tests {
     fn every_series_is_present_with_exact_values() {
         let s = render(&snapshot(), Format::Text);
         let count = |p: &str| s.lines().filter(|l| l.starts_with(p)).count();
-        assert_eq!(count("atoll_endpoint_packets_total{"), 3 * 8);
-        assert_eq!(count("atoll_endpoint_bytes_total{"), 3 * 8);
+        assert_eq!(
+            count("atoll_endpoint_packets_total{"),
+            3 * 2 * TrafficClass::COUNT
+        );
+        assert_eq!(
+            count("atoll_endpoint_bytes_total{"),
+            3 * 2 * TrafficClass::COUNT
+        );
         assert_eq!(
             count("atoll_endpoint_drops_total{"),
             3 * DropReason::ALL.len()
         );
         assert_eq!(count("atoll_drops_total{"), DropReason::ALL.len());
         assert_eq!(count("atoll_endpoints{"), 2);
-        assert_eq!(count("atoll_cloud_packets_total{"), 2 * 8);
-        assert_eq!(count("atoll_cloud_bytes_total{"), 2 * 8);
+        assert_eq!(
+            count("atoll_cloud_packets_total{"),
+            2 * 2 * TrafficClass::COUNT
+        );
+        assert_eq!(
+            count("atoll_cloud_bytes_total{"),
+            2 * 2 * TrafficClass::COUNT
+        );
         assert!(s.contains(
             "\natoll_endpoint_packets_total{cloud=\"2\",endpoint=\"tap-b\",direction=\"to_guest\",class=\"host\"} 112\n"
         ));

@@ -82,6 +82,9 @@ pub struct ClassPrices {
     pub host: f64,
     #[serde(default)]
     pub external: f64,
+    /// Between a cloud's endpoints on different hosts (the overlay).
+    #[serde(default)]
+    pub cross_host: f64,
 }
 
 impl Prices {
@@ -104,7 +107,7 @@ impl Prices {
             ));
         }
         for c in [&p.from_guest, &p.to_guest] {
-            for v in [c.intra_cloud, c.exposure, c.host, c.external] {
+            for v in [c.intra_cloud, c.exposure, c.host, c.external, c.cross_host] {
                 if !v.is_finite() || v < 0.0 {
                     return Err(invalid("prices must be finite and not negative"));
                 }
@@ -125,6 +128,7 @@ impl Prices {
             "exposure" => c.exposure,
             "host" => c.host,
             "external" => c.external,
+            "cross_host" => c.cross_host,
             _ => 0.0,
         }
     }

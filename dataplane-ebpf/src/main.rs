@@ -11,6 +11,9 @@
 //! One more, [`from_uplink`], sits on the ingress of the host's uplink: replies of the guests'
 //! internet flows, translated back to them (see [`egress`]).
 //!
+//! One more, [`from_overlay`], sits on the ingress of the host's VXLAN device: frames of the
+//! clouds' endpoints on other hosts, checked and delivered (see [`overlay`]).
+//!
 //! One program per host, [`kfree_skb`], runs on the kernel's `kfree_skb` tracepoint (when it
 //! frees a dropped skb, never on the forwarding path): it counts the frames a guest writes
 //! that the kernel frees before any TC program runs (see [`freed`]).
@@ -54,6 +57,7 @@ mod freed;
 mod gateway;
 mod ingress;
 mod metering;
+mod overlay;
 mod pace;
 mod packet;
 mod route;
@@ -109,6 +113,13 @@ pub fn from_dns(ctx: TcContext) -> i32 {
 #[classifier]
 pub fn from_uplink(ctx: TcContext) -> i32 {
     apply(egress::from_uplink(&ctx), None)
+}
+
+/// Ingress of the host's VXLAN device: frames from endpoints on other hosts, delivered to
+/// endpoints here if their host may send them (see [`overlay`]).
+#[classifier]
+pub fn from_overlay(ctx: TcContext) -> i32 {
+    apply(overlay::from_overlay(&ctx), None)
 }
 
 /// The kernel freed a dropped skb (`tp_btf/kfree_skb`): counts a guest's tagged frame that
@@ -185,6 +196,9 @@ fn try_from_vm(ctx: &TcContext, ep: Option<&EndpointInfo>) -> Verdict {
                 flags,
                 grant,
             } => exposure::translate(ctx, &pkt, eth, ip, total_len, ep, (flags, grant)),
+            route::Forward::Remote { hop } => {
+                overlay::to_remote(ctx, ep.cloud, ep.slot, pkt.len, hop)
+            }
         },
         ETH_P_ARP => arp::answer(&pkt, eth, ep, ifindex),
         ETH_P_IPV6 => Verdict::Drop(DropReason::Ipv6NotSupported),

@@ -8,10 +8,12 @@
 //! A next hop that is not an endpoint (a granted service's VIP, a NAT source) is handed back to
 //! the program's entry as [`Forward::Service`], which passes it to the `exposure` module:
 //! `exposure` looks routes up here, so `route` must not call into `exposure` (no import
-//! circle between features).
+//! circle between features). An endpoint on another host is handed back as
+//! [`Forward::Remote`], already rewritten as for a local one, for the `overlay` module.
 
 use atoll_dataplane_common::{
     Direction, DropReason, EndpointInfo, NextHop, RouteKey, TrafficClass, NEXTHOP_ENDPOINT,
+    NEXTHOP_REMOTE,
 };
 use aya_ebpf::{macros::map, maps::HashMap, programs::TcContext};
 
@@ -47,6 +49,9 @@ pub enum Forward {
         /// The grant the address belongs to (`NextHop::ifindex` of an exposure address).
         grant: u32,
     },
+    /// An endpoint of the sender's cloud on another host, the frame rewritten for it (MACs,
+    /// TTL): the `overlay` module encapsulates and meters it.
+    Remote { hop: &'static NextHop },
 }
 
 impl From<Verdict> for Forward {
@@ -108,6 +113,10 @@ pub fn forward_ipv4(
     let Some(hop) = lookup(ep.cloud, daddr) else {
         return Forward::Outside { ip, total_len };
     };
+    if hop.flags == NEXTHOP_REMOTE {
+        rewrite_for(eth, ip, ep, hop, ttl);
+        return Forward::Remote { hop };
+    }
     if hop.flags != NEXTHOP_ENDPOINT {
         return Forward::Service {
             ip,
@@ -128,6 +137,14 @@ pub fn forward_ipv4(
         TrafficClass::IntraCloud,
         pkt.len,
     );
+    rewrite_for(eth, ip, ep, hop, ttl);
+    Forward::Done(Verdict::Redirect(hop.ifindex))
+}
+
+/// Rewrites a frame for its next hop: from the gateway to the destination guest's MAC, the
+/// TTL (`ttl`, above 1) one less, as on any routed hop.
+#[inline(always)]
+fn rewrite_for(eth: *mut EthHdr, ip: *mut Ipv4Hdr, ep: &EndpointInfo, hop: &NextHop, ttl: u8) {
     // SAFETY: `eth` and `ip` are bounds-checked pointers into this frame; the program may write
     // to the frame (TC direct packet access unclones the skb first).
     unsafe {
@@ -138,5 +155,4 @@ pub fn forward_ipv4(
         // grows by 0x0100 in wire order.
         (*ip).check = packet::csum_add_be((*ip).check, u16::from_ne_bytes([0x01, 0x00]));
     }
-    Forward::Done(Verdict::Redirect(hop.ifindex))
 }

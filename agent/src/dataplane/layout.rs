@@ -329,6 +329,18 @@ const MIGRATIONS: &[Migration] = &[
             (maps::MAP_EXPOSURE_FLOW_CLOCKS, Step::New),
         ],
     },
+    // v13, the overlay: its four maps are new, `NextHop::flags` has a new value (remote
+    // endpoints; no older route carries it), a new program (`from_overlay`) and traffic class
+    // (`cross_host`, a free counter slot); drop reasons 51-58 took free counter slots.
+    Migration {
+        to: 13,
+        steps: &[
+            (maps::MAP_OVERLAY_HOST, Step::New),
+            (maps::MAP_CLOUD_VNIS, Step::New),
+            (maps::MAP_VNI_CLOUDS, Step::New),
+            (maps::MAP_OVERLAY_PEERS, Step::New),
+        ],
+    },
 ];
 
 /// The oldest layout [`MIGRATIONS`] reach the current one from.

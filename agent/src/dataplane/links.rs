@@ -25,6 +25,7 @@ pub(super) struct Programs {
     to_vm: SchedClassifier,
     from_dns: SchedClassifier,
     from_uplink: SchedClassifier,
+    from_overlay: SchedClassifier,
 }
 
 impl Programs {
@@ -42,6 +43,7 @@ impl Programs {
             to_vm: open(PROG_TO_VM)?,
             from_dns: open(PROG_FROM_DNS)?,
             from_uplink: open(PROG_FROM_UPLINK)?,
+            from_overlay: open(PROG_FROM_OVERLAY)?,
         })
     }
 
@@ -51,18 +53,22 @@ impl Programs {
             PROG_FROM_VM => Some(&mut self.from_vm),
             PROG_TO_VM => Some(&mut self.to_vm),
             PROG_FROM_UPLINK => Some(&mut self.from_uplink),
+            PROG_FROM_OVERLAY => Some(&mut self.from_overlay),
             _ => Some(&mut self.from_dns),
         }
     }
 }
 
 /// The program of a link pin: `<ifindex>-in` → `from_vm`, `<ifindex>-out` → `to_vm`,
-/// `dns-<ifindex>` → `from_dns`, `uplink-<ifindex>` → `from_uplink`.
+/// `dns-<ifindex>` → `from_dns`, `uplink-<ifindex>` → `from_uplink`, `overlay-<ifindex>` →
+/// `from_overlay`.
 pub(super) fn program_of_link(pin: &str) -> Option<&'static str> {
     if pin.starts_with(DNS_LINK_PREFIX) {
         Some(PROG_FROM_DNS)
     } else if pin.starts_with(UPLINK_LINK_PREFIX) {
         Some(PROG_FROM_UPLINK)
+    } else if pin.starts_with(OVERLAY_LINK_PREFIX) {
+        Some(PROG_FROM_OVERLAY)
     } else if pin.ends_with("-in") {
         Some(PROG_FROM_VM)
     } else if pin.ends_with("-out") {
@@ -139,6 +145,7 @@ mod tests {
         assert_eq!(program_of_link("12-out"), Some(PROG_TO_VM));
         assert_eq!(program_of_link("dns-7"), Some(PROG_FROM_DNS));
         assert_eq!(program_of_link("uplink-3"), Some(PROG_FROM_UPLINK));
+        assert_eq!(program_of_link("overlay-4"), Some(PROG_FROM_OVERLAY));
         assert_eq!(program_of_link("stray"), None);
         // Not a TCX link: an upgrade replaces it (`attach_kfree_skb`), `switch_links` skips it.
         assert_eq!(program_of_link(super::super::KFREE_SKB_LINK), None);

@@ -20,11 +20,15 @@ use atoll_dataplane_common::{
     DnsService, EgressCloud, EgressHost, EgressIn, EgressMeter, EgressOut, EgressRecent,
     EgressRuleKey, EgressRules, EndpointCounters, EndpointInfo, EndpointSlot, FlowIn, FlowKey,
     FlowOut, FlowRecent, IngressAllowKey, IngressFlow, IngressKey, IngressTarget, NextHop,
-    RefusedCount, RefusedKey, RouteKey, VipService, CACHE_SLOTS, DROP_SLOTS, ENDPOINT_CACHE_SLOTS,
+    OverlayHost, RefusedCount, RefusedKey, RouteKey, VipService, CACHE_SLOTS, DROP_SLOTS,
+    ENDPOINT_CACHE_SLOTS,
 };
 use aya::maps::MapType;
 
 use crate::config::DataplaneConfig;
+
+/// Other hosts one host's overlay knows (`OVERLAY_PEERS`): the hosts its clouds span.
+pub const OVERLAY_PEERS_CAPACITY: u32 = 65_536;
 
 pub const MAP_ENDPOINTS: &str = "ENDPOINTS";
 pub const MAP_ENDPOINT_CACHE: &str = "ENDPOINT_CACHE";
@@ -40,6 +44,10 @@ pub const MAP_FLOWS_RECENT: &str = "FLOWS_RECENT";
 pub const MAP_FLOWS_HELD: &str = "FLOWS_HELD";
 pub const MAP_EXPOSURE_FLOW_RATE: &str = "EXPOSURE_FLOW_RATE";
 pub const MAP_EXPOSURE_FLOW_CLOCKS: &str = "EXPOSURE_FLOW_CLOCKS";
+pub const MAP_OVERLAY_HOST: &str = "OVERLAY_HOST";
+pub const MAP_CLOUD_VNIS: &str = "CLOUD_VNIS";
+pub const MAP_VNI_CLOUDS: &str = "VNI_CLOUDS";
+pub const MAP_OVERLAY_PEERS: &str = "OVERLAY_PEERS";
 pub const MAP_EGRESS_HOST: &str = "EGRESS_HOST";
 pub const MAP_EGRESS_CLOUDS: &str = "EGRESS_CLOUDS";
 pub const MAP_EGRESS_NEVER: &str = "EGRESS_NEVER";
@@ -170,7 +178,7 @@ use Capacity::{Config, Fixed};
 use SizeSetting::*;
 
 /// Every map of the object, in pinning order.
-pub const REGISTRY: [MapSpec; 29] = [
+pub const REGISTRY: [MapSpec; 33] = [
     spec(
         MAP_ENDPOINTS,
         "endpoint",
@@ -296,6 +304,42 @@ pub const REGISTRY: [MapSpec; 29] = [
         size::<u64>(),
         0,
         Config(MaxVips),
+    ),
+    spec(
+        MAP_OVERLAY_HOST,
+        "overlay",
+        MapType::Array,
+        size::<u32>(),
+        size::<OverlayHost>(),
+        0,
+        Fixed(1),
+    ),
+    spec(
+        MAP_CLOUD_VNIS,
+        "overlay",
+        MapType::Hash,
+        size::<u32>(),
+        size::<u32>(),
+        0,
+        Config(MaxEndpoints),
+    ),
+    spec(
+        MAP_VNI_CLOUDS,
+        "overlay",
+        MapType::Hash,
+        size::<u32>(),
+        size::<u32>(),
+        0,
+        Config(MaxEndpoints),
+    ),
+    spec(
+        MAP_OVERLAY_PEERS,
+        "overlay",
+        MapType::Hash,
+        size::<u32>(),
+        size::<u32>(),
+        0,
+        Fixed(OVERLAY_PEERS_CAPACITY),
     ),
     spec(
         MAP_EGRESS_HOST,

@@ -28,6 +28,9 @@ pub(super) const DNS_LINK_PREFIX: &str = "dns-";
 /// Prefix of the pinned TCX link of `from_uplink` (`uplink-<ifindex>`).
 pub(super) const UPLINK_LINK_PREFIX: &str = "uplink-";
 
+/// Prefix of the pinned TCX link of `from_overlay` (`overlay-<ifindex>`).
+pub(super) const OVERLAY_LINK_PREFIX: &str = "overlay-";
+
 /// Directory of carried maps inside a layout directory (see `carry`).
 pub(super) const CARRY_DIR: &str = "carry";
 
@@ -44,6 +47,8 @@ pub const PROG_FROM_DNS: &str = "from_dns";
 
 pub const PROG_FROM_UPLINK: &str = "from_uplink";
 
+pub const PROG_FROM_OVERLAY: &str = "from_overlay";
+
 /// The program on the kernel's `kfree_skb` tracepoint (and the tracepoint's name).
 pub const PROG_KFREE_SKB: &str = "kfree_skb";
 
@@ -54,14 +59,21 @@ pub const KFREE_SKB_LINK: &str = "kfree-skb";
 pub(super) const KFREE_SKB_CONFIG: &str = "KFREE_SKB_CONFIG";
 
 /// Every TCX program.
-pub(super) const PROGS: [&str; 4] = [PROG_FROM_VM, PROG_TO_VM, PROG_FROM_DNS, PROG_FROM_UPLINK];
-
-/// Every program pinned under `progs/`.
-pub(super) const PINNED_PROGS: [&str; 5] = [
+pub(super) const PROGS: [&str; 5] = [
     PROG_FROM_VM,
     PROG_TO_VM,
     PROG_FROM_DNS,
     PROG_FROM_UPLINK,
+    PROG_FROM_OVERLAY,
+];
+
+/// Every program pinned under `progs/`.
+pub(super) const PINNED_PROGS: [&str; 6] = [
+    PROG_FROM_VM,
+    PROG_TO_VM,
+    PROG_FROM_DNS,
+    PROG_FROM_UPLINK,
+    PROG_FROM_OVERLAY,
     PROG_KFREE_SKB,
 ];
 

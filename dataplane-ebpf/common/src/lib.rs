@@ -18,7 +18,7 @@
 
 /// Version of the map layouts defined in this crate. Bump on any change to a map's key, value,
 /// or meaning.
-pub const LAYOUT_VERSION: u32 = 12;
+pub const LAYOUT_VERSION: u32 = 13;
 
 /// Traffic classes the counters have room for: [`TrafficClass::COUNT`] are used. A new class
 /// takes a free one, so adding it changes no map layout.
@@ -99,6 +99,26 @@ pub const NEXTHOP_VIP: u16 = 1;
 /// `NextHop::flags`: a provider-side NAT source address (where a consumer's flows appear to
 /// come from); replies to it are found in `FLOWS_IN`.
 pub const NEXTHOP_NAT_SOURCE: u16 = 2;
+/// `NextHop::flags`: an endpoint of the same cloud on another host: `ifindex` holds that
+/// host's underlay IPv4 address (map order, see [`ipv4_to_map`]), `mac` the guest's MAC, `slot`
+/// is 0. `from_vm` encapsulates to it, `from_overlay` accepts from that host only what comes
+/// from such an address (see `dataplane-ebpf/src/overlay.rs`).
+pub const NEXTHOP_REMOTE: u16 = 3;
+
+/// The value of the one-entry `OVERLAY_HOST` array: this host's end of the overlay. All zero
+/// (the array's initial value): no overlay, and a packet to a remote endpoint is dropped
+/// (`overlay_off`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct OverlayHost {
+    /// ifindex of the VXLAN device (external mode) encapsulated frames are redirected to.
+    pub vxlan_ifindex: u32,
+    /// This host's underlay address, the outer source (map order).
+    pub underlay_ipv4: u32,
+}
+
+/// VXLAN network identifiers are 24 bits.
+pub const VNI_MAX: u32 = (1 << 24) - 1;
 
 /// Backends per exposure the dataplane can choose from.
 pub const MAX_BACKENDS: usize = 16;
@@ -665,15 +685,18 @@ pub enum TrafficClass {
     Host = 2,
     /// With the outside world.
     External = 3,
+    /// With endpoints of the same cloud on other hosts, through the overlay.
+    CrossHost = 4,
 }
 
 impl TrafficClass {
-    pub const COUNT: usize = 4;
-    pub const ALL: [TrafficClass; 4] = [
+    pub const COUNT: usize = 5;
+    pub const ALL: [TrafficClass; 5] = [
         TrafficClass::IntraCloud,
         TrafficClass::Exposure,
         TrafficClass::Host,
         TrafficClass::External,
+        TrafficClass::CrossHost,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -682,6 +705,7 @@ impl TrafficClass {
             TrafficClass::Exposure => "exposure",
             TrafficClass::Host => "host",
             TrafficClass::External => "external",
+            TrafficClass::CrossHost => "cross_host",
         }
     }
 }
@@ -845,11 +869,30 @@ pub enum DropReason {
     /// cloud's new-flow rate on this host (`dataplane.max_new_exposure_flows_per_sec`): one
     /// cloud cannot churn the exposure flow tables all clouds share.
     ExposureFlowRateLimited = 50,
+    /// To an endpoint of the cloud on another host while this host has no overlay.
+    OverlayOff = 51,
+    /// To an endpoint of the cloud on another host, but the cloud has no network id here.
+    OverlayNoVni = 52,
+    /// The tunnel key could not be set (sending) or the frame carried none (receiving: the
+    /// overlay device's own traffic without a tunnel, such as its PMTU errors).
+    OverlayTunnelKey = 53,
+    /// Received on the overlay with a network id no cloud of this host has.
+    OverlayUnknownVni = 54,
+    /// Received on the overlay from an outer source that is not a known host.
+    OverlayUnknownPeer = 55,
+    /// Received on the overlay with an inner source address the control plane did not place on
+    /// the sending host (a host speaking for another host's VMs, or a spoofed address).
+    OverlaySpoofedSource = 56,
+    /// Received on the overlay for an address that is not an endpoint on this host.
+    OverlayNotLocal = 57,
+    /// Received on the overlay: not an Ethernet frame carrying a well-formed IPv4 packet
+    /// without options.
+    OverlayMalformed = 58,
 }
 
 impl DropReason {
     /// Every reason, in numeric order.
-    pub const ALL: [DropReason; 50] = [
+    pub const ALL: [DropReason; 58] = [
         DropReason::UnknownEndpoint,
         DropReason::TruncatedEthernet,
         DropReason::SpoofedSourceMac,
@@ -900,10 +943,18 @@ impl DropReason {
         DropReason::UplinkNoFlow,
         DropReason::EgressFlowRateLimited,
         DropReason::ExposureFlowRateLimited,
+        DropReason::OverlayOff,
+        DropReason::OverlayNoVni,
+        DropReason::OverlayTunnelKey,
+        DropReason::OverlayUnknownVni,
+        DropReason::OverlayUnknownPeer,
+        DropReason::OverlaySpoofedSource,
+        DropReason::OverlayNotLocal,
+        DropReason::OverlayMalformed,
     ];
 
     /// Size of the drop counter array: one slot per number, slot 0 unused.
-    pub const SLOTS: u32 = 51;
+    pub const SLOTS: u32 = 59;
 
     /// Stable snake_case name, used in metrics labels and CLI output.
     pub const fn name(self) -> &'static str {
@@ -958,6 +1009,14 @@ impl DropReason {
             DropReason::UplinkNoFlow => "uplink_no_flow",
             DropReason::EgressFlowRateLimited => "egress_flow_rate_limited",
             DropReason::ExposureFlowRateLimited => "exposure_flow_rate_limited",
+            DropReason::OverlayOff => "overlay_off",
+            DropReason::OverlayNoVni => "overlay_no_vni",
+            DropReason::OverlayTunnelKey => "overlay_tunnel_key",
+            DropReason::OverlayUnknownVni => "overlay_unknown_vni",
+            DropReason::OverlayUnknownPeer => "overlay_unknown_peer",
+            DropReason::OverlaySpoofedSource => "overlay_spoofed_source",
+            DropReason::OverlayNotLocal => "overlay_not_local",
+            DropReason::OverlayMalformed => "overlay_malformed",
         }
     }
 
@@ -1053,6 +1112,7 @@ const _: () = assert!(core::mem::size_of::<IngressTarget>() == 4 * 3 + 2 + 1 + 1
 const _: () = assert!(core::mem::size_of::<IngressAllowKey>() == 4 + 4);
 const _: () = assert!(core::mem::size_of::<IngressFlow>() == 4 + 4 + 2 + 2);
 const _: () = assert!(core::mem::size_of::<RefusedCount>() == 8 + 8);
+const _: () = assert!(core::mem::size_of::<OverlayHost>() == 4 + 4);
 
 #[cfg(feature = "user")]
 mod pod {
@@ -1111,6 +1171,8 @@ mod pod {
     unsafe impl aya::Pod for super::IngressFlow {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::RefusedCount {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::OverlayHost {}
     // SAFETY: as above: u64 counters in arrays, no padding (asserted).
     unsafe impl aya::Pod for super::TrafficCounter {}
     // SAFETY: as above.

@@ -1,0 +1,430 @@
+//! One cloud across two hosts over the overlay, each host a network namespace with its own
+//! agent dataplane (own bpffs root, own VXLAN device), joined by an underlay veth:
+//! - two clouds with the same addresses span both hosts: ICMP, UDP and TCP cross between
+//!   their guests, each cloud's traffic reaches only its own guests, counted `cross_host` on
+//!   both ends;
+//! - forged VXLAN frames written onto the underlay (unknown VNI, a VNI of a cloud the sender
+//!   does not run, an unknown outer source, a known host speaking for another host's guest, a
+//!   spoofed inner source, a destination that is not local, a non-IPv4 inner frame) are each
+//!   dropped and counted under their own reason, and none reaches a guest.
+//!
+//! The control plane's part (who learns which remote address) is not here: the test writes
+//! what a host's sync would carry.
+
+mod support;
+
+use std::{
+    collections::BTreeMap,
+    io::{Read, Write},
+    net::{Ipv4Addr, SocketAddrV4, TcpListener, TcpStream, UdpSocket},
+    time::{Duration, Instant},
+};
+
+use atoll_agent::{
+    config::DataplaneConfig,
+    dns::netns,
+    endpoint::Host,
+    types::{CloudId, MacAddr},
+};
+use atoll_dataplane_common::{Direction, DropReason, TrafficClass};
+use atoll_testbed::{
+    frame::{self, layers},
+    guest::{GuestUdp, Sniffer},
+    unique_name,
+    wait::{assert_silent, Sink, ARRIVE},
+    NetNs, PinRoot,
+};
+use support::{require_root, VethGuest};
+
+const A_UNDERLAY: Ipv4Addr = Ipv4Addr::new(10, 200, 0, 1);
+const B_UNDERLAY: Ipv4Addr = Ipv4Addr::new(10, 200, 0, 2);
+/// A second address of host B's underlay end that no host has: an unknown outer source.
+const ROGUE_UNDERLAY: Ipv4Addr = Ipv4Addr::new(10, 200, 0, 9);
+/// A third host host A knows of (no namespace: only its routes and its peer entry).
+const C_UNDERLAY: Ipv4Addr = Ipv4Addr::new(10, 200, 0, 3);
+const VXLAN_PORT: u16 = 4789;
+const GATEWAY: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 1);
+const ON_A: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 2);
+const ON_B: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 3);
+/// Cloud 1's guest on host C.
+const ON_C: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 4);
+/// Guests leave room for the 50 bytes of encapsulation on the 1500-byte underlay.
+const GUEST_MTU: u32 = 1450;
+
+/// Marks every forged frame's payload, so a guest's packet socket can tell one.
+const FORGED: &[u8] = b"forged across the overlay";
+
+fn gateway_mac() -> [u8; 6] {
+    DataplaneConfig::default().gateway_mac.0
+}
+
+fn cloud(n: u32) -> CloudId {
+    CloudId::new(n).unwrap()
+}
+
+fn vni(cloud: u32) -> u32 {
+    100 + cloud
+}
+
+fn guest_mac(cloud: u32, ip: Ipv4Addr) -> MacAddr {
+    MacAddr::local(0x00ab_0000 | cloud << 8 | u32::from(ip.octets()[3]))
+}
+
+/// Runs `f` inside the host namespace `ns` (a host's netlink socket and device lookups are
+/// its own namespace's).
+fn on<T: Send>(ns: &NetNs, f: impl FnOnce() -> T + Send) -> T {
+    netns::run_in(&ns.path(), f).expect("entering a host namespace")
+}
+
+fn in_guest<T: Send>(g: &VethGuest, f: impl FnOnce() -> T + Send) -> T {
+    netns::run_in(&g.ns.path(), f).expect("entering a guest namespace")
+}
+
+/// `cross_host` packets of a guest's endpoint: (from guest, to guest).
+fn cross_host(host: &Host, g: &VethGuest) -> (u64, u64) {
+    let c = host.dataplane().counters(g.ep.slot).expect("counters");
+    let t = |d: Direction| c.traffic[d as usize][TrafficClass::CrossHost as usize].packets;
+    (t(Direction::FromGuest), t(Direction::ToGuest))
+}
+
+fn drops(host: &Host) -> BTreeMap<DropReason, u64> {
+    host.dataplane()
+        .drop_counters()
+        .expect("drop counters")
+        .into_iter()
+        .filter(|(_, n)| *n > 0)
+        .collect()
+}
+
+/// A VXLAN datagram's payload: the header with `vni`, then `inner`.
+fn vxlan(vni: u32, inner: &[u8]) -> Vec<u8> {
+    let mut v = vec![0x08, 0, 0, 0];
+    v.extend_from_slice(&(vni << 8).to_be_bytes());
+    v.extend_from_slice(inner);
+    v
+}
+
+/// A UDP frame between guests as a host's `from_vm` would encapsulate it (gateway MAC to
+/// the destination guest's).
+fn inner_udp(c: u32, src: Ipv4Addr, dst: Ipv4Addr, payload: &[u8]) -> Vec<u8> {
+    frame::Udp {
+        src_mac: gateway_mac(),
+        dst_mac: guest_mac(c, dst).0,
+        src,
+        dst,
+        sport: 7000,
+        dport: 7000,
+    }
+    .frame(payload)
+}
+
+/// A host with the overlay on, its guests, and its peers and remote routes.
+struct Side {
+    host: Host,
+    guests: Vec<VethGuest>,
+}
+
+#[allow(clippy::too_many_arguments)]
+fn side(
+    rt: &tokio::runtime::Runtime,
+    ns: &NetNs,
+    pins: &PinRoot,
+    underlay: Ipv4Addr,
+    clouds: &[u32],
+    peers: &[Ipv4Addr],
+    local: &[(u32, Ipv4Addr)],
+    remote: &[(u32, Ipv4Addr, Ipv4Addr)],
+) -> Side {
+    on(ns, || {
+        let mut host = {
+            let _entered = rt.enter();
+            Host::open(&support::cfg(pins, 64, 0)).expect("opening a host's dataplane")
+        };
+        rt.block_on(host.enable_overlay("vx0", VXLAN_PORT, underlay))
+            .expect("enabling the overlay");
+        for &c in clouds {
+            host.set_cloud_vni(cloud(c), vni(c)).unwrap();
+        }
+        for &p in peers {
+            host.add_overlay_peer(p).unwrap();
+        }
+        let guests = local
+            .iter()
+            .map(|&(c, ip)| {
+                let g = support::veth_guest(
+                    rt,
+                    &mut host,
+                    ("ovg", "ovd"),
+                    c,
+                    ip,
+                    guest_mac(c, ip),
+                    GATEWAY,
+                );
+                g.ns.exec(&["ip", "link", "set", "eth0", "mtu", &GUEST_MTU.to_string()])
+                    .expect("guest MTU");
+                g
+            })
+            .collect();
+        for &(c, ip, at) in remote {
+            host.set_remote_endpoint(cloud(c), ip, guest_mac(c, ip), at)
+                .unwrap();
+        }
+        Side { host, guests }
+    })
+}
+
+/// Polls `read` until it returns `want`, for at most [`ARRIVE`].
+fn wait_until<T: PartialEq + std::fmt::Debug>(what: &str, want: T, read: impl Fn() -> T) {
+    let deadline = Instant::now() + ARRIVE;
+    loop {
+        let got = read();
+        if got == want {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what}: {got:?}, expected {want:?}"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[test]
+fn one_cloud_spans_two_hosts_and_forged_frames_are_dropped() {
+    require_root();
+    support::leaves_nothing(&["ovh", "ovg", "ovd", "ovp"], || {
+        let a_ns = NetNs::new(&unique_name("ovh")).unwrap();
+        let b_ns = NetNs::new(&unique_name("ovh")).unwrap();
+        a_ns.sh(&format!(
+            "ip link set lo up && ip link add under0 type veth peer name under0 netns {b} && \
+             ip addr add {A_UNDERLAY}/24 dev under0 && ip link set under0 up",
+            b = b_ns.name()
+        ))
+        .unwrap();
+        b_ns.sh(&format!(
+            "ip link set lo up && ip addr add {B_UNDERLAY}/24 dev under0 && \
+             ip addr add {ROGUE_UNDERLAY}/24 dev under0 && ip link set under0 up"
+        ))
+        .unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let (a_pins, b_pins) = (PinRoot::new("ovp"), PinRoot::new("ovp"));
+        // Clouds 1 and 2 have the same addresses on both hosts; cloud 3 runs on host A only;
+        // cloud 1 has a third guest on host C, which host A knows.
+        let a = side(
+            &rt,
+            &a_ns,
+            &a_pins,
+            A_UNDERLAY,
+            &[1, 2, 3],
+            &[B_UNDERLAY, C_UNDERLAY],
+            &[(1, ON_A), (2, ON_A), (3, ON_A)],
+            &[
+                (1, ON_B, B_UNDERLAY),
+                (2, ON_B, B_UNDERLAY),
+                (1, ON_C, C_UNDERLAY),
+            ],
+        );
+        let b = side(
+            &rt,
+            &b_ns,
+            &b_pins,
+            B_UNDERLAY,
+            &[1, 2],
+            &[A_UNDERLAY],
+            &[(1, ON_B), (2, ON_B)],
+            &[(1, ON_A, A_UNDERLAY), (2, ON_A, A_UNDERLAY)],
+        );
+        let (a1, a2, a3) = (&a.guests[0], &a.guests[1], &a.guests[2]);
+        let (b1, b2) = (&b.guests[0], &b.guests[1]);
+
+        // ICMP, both clouds, both ways.
+        for (from, to) in [(a1, ON_B), (b1, ON_A), (a2, ON_B), (b2, ON_A)] {
+            assert!(
+                from.ping(to),
+                "{} → {to}: no answer; drops on A {:?}, on B {:?}",
+                from.label,
+                drops(&a.host),
+                drops(&b.host)
+            );
+        }
+        // UDP: each cloud's datagram reaches its own guest on the other host, only there.
+        let (u_b1, u_b2) = (GuestUdp::bind(b1, 7000), GuestUdp::bind(b2, 7000));
+        for (from, tag) in [(a1, b"cloud 1".as_slice()), (a2, b"cloud 2".as_slice())] {
+            in_guest(from, || {
+                let s = UdpSocket::bind((ON_A, 7001)).unwrap();
+                s.send_to(tag, (ON_B, 7000)).unwrap();
+            });
+        }
+        assert_eq!(u_b1.recv("cloud 1's datagram").0, b"cloud 1");
+        assert_eq!(u_b2.recv("cloud 2's datagram").0, b"cloud 2");
+        assert_silent(
+            &[Sink::Udp(&u_b1), Sink::Udp(&u_b2)],
+            "after one datagram each",
+        );
+        // TCP across, with segments bigger than one frame (the guest MTU leaves room for the
+        // encapsulation, so none is fragmented on the underlay).
+        let listener = in_guest(b1, || TcpListener::bind((ON_B, 7100))).unwrap();
+        let payload: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
+        let sent = payload.clone();
+        let client = std::thread::spawn({
+            let ns = a1.ns.path();
+            move || {
+                netns::run_in(&ns, move || {
+                    let mut s =
+                        TcpStream::connect_timeout(&SocketAddrV4::new(ON_B, 7100).into(), ARRIVE)
+                            .expect("connecting across hosts");
+                    s.write_all(&sent).unwrap();
+                    s.shutdown(std::net::Shutdown::Write).unwrap();
+                    let mut back = Vec::new();
+                    s.read_to_end(&mut back).unwrap();
+                    back
+                })
+                .unwrap()
+            }
+        });
+        listener.set_nonblocking(false).unwrap();
+        let (mut conn, peer) = listener.accept().unwrap();
+        assert_eq!(peer.ip(), std::net::IpAddr::V4(ON_A));
+        conn.set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let mut got = Vec::new();
+        conn.read_to_end(&mut got).unwrap();
+        assert!(
+            got == payload,
+            "{} of {} bytes arrived intact",
+            got.len(),
+            payload.len()
+        );
+        conn.write_all(b"done").unwrap();
+        drop(conn);
+        assert_eq!(client.join().unwrap(), b"done");
+
+        // Counted cross-host on both ends; cloud 3 (host A only) sent nothing across.
+        let (a1_out, _) = cross_host(&a.host, a1);
+        let (_, b1_in) = cross_host(&b.host, b1);
+        assert!(a1_out > 0 && b1_in > 0, "a1 out {a1_out}, b1 in {b1_in}");
+        assert_eq!(cross_host(&a.host, a3), (0, 0));
+        assert!(
+            drops(&a.host).is_empty(),
+            "drops on A: {:?}",
+            drops(&a.host)
+        );
+        assert!(
+            drops(&b.host).is_empty(),
+            "drops on B: {:?}",
+            drops(&b.host)
+        );
+
+        // Forged frames written onto the underlay from host B's namespace: each dropped on
+        // host A under its reason, none reaching a guest.
+        let sniffers: Vec<Sniffer> = [a1, a2, a3].into_iter().map(Sniffer::open).collect();
+        let to_a = SocketAddrV4::new(A_UNDERLAY, VXLAN_PORT);
+        let send_from = |src: Ipv4Addr, datagram: Vec<u8>| {
+            on(&b_ns, || {
+                let s = UdpSocket::bind((src, 0)).unwrap();
+                s.send_to(&datagram, to_a).unwrap();
+            })
+        };
+        let arp = layers::ethernet(
+            gateway_mac(),
+            guest_mac(1, ON_B).0,
+            0x0806,
+            &layers::arp(1, guest_mac(1, ON_B).0, ON_B, [0; 6], ON_A),
+        );
+        // An IPv4 header claiming more than the frame holds. (A frame too short for its IPv4
+        // header never reaches the program: the kernel's VXLAN receive drops it and counts
+        // it in the device's rx_length_errors.)
+        let mut short = inner_udp(1, ON_B, ON_A, FORGED);
+        short[16..18].copy_from_slice(&1000u16.to_be_bytes());
+        frame::refresh_ipv4_checksum(&mut short);
+        let cases: Vec<(&str, Ipv4Addr, Vec<u8>, DropReason)> = vec![
+            (
+                "a VNI no cloud here has",
+                B_UNDERLAY,
+                vxlan(999, &inner_udp(1, ON_B, ON_A, FORGED)),
+                DropReason::OverlayUnknownVni,
+            ),
+            (
+                "the VNI of a cloud host B does not run",
+                B_UNDERLAY,
+                vxlan(vni(3), &inner_udp(3, ON_B, ON_A, FORGED)),
+                DropReason::OverlaySpoofedSource,
+            ),
+            (
+                "an outer source that is no host",
+                ROGUE_UNDERLAY,
+                vxlan(vni(1), &inner_udp(1, ON_B, ON_A, FORGED)),
+                DropReason::OverlayUnknownPeer,
+            ),
+            (
+                "host B speaking for host C's guest",
+                B_UNDERLAY,
+                vxlan(vni(1), &inner_udp(1, ON_C, ON_A, FORGED)),
+                DropReason::OverlaySpoofedSource,
+            ),
+            (
+                "host B speaking for host A's own guest",
+                B_UNDERLAY,
+                vxlan(vni(1), &inner_udp(1, ON_A, ON_A, FORGED)),
+                DropReason::OverlaySpoofedSource,
+            ),
+            (
+                "an inner source that is nobody's",
+                B_UNDERLAY,
+                vxlan(
+                    vni(1),
+                    &inner_udp(1, Ipv4Addr::new(10, 0, 0, 99), ON_A, FORGED),
+                ),
+                DropReason::OverlaySpoofedSource,
+            ),
+            (
+                "a destination that is not on host A",
+                B_UNDERLAY,
+                vxlan(vni(1), &inner_udp(1, ON_B, ON_C, FORGED)),
+                DropReason::OverlayNotLocal,
+            ),
+            (
+                "an ARP request",
+                B_UNDERLAY,
+                vxlan(vni(1), &arp),
+                DropReason::OverlayMalformed,
+            ),
+            (
+                "an IPv4 packet longer than its frame",
+                B_UNDERLAY,
+                vxlan(vni(1), &short),
+                DropReason::OverlayMalformed,
+            ),
+        ];
+        let mut expected = drops(&a.host);
+        for (what, src, datagram, reason) in cases {
+            send_from(src, datagram);
+            *expected.entry(reason).or_default() += 1;
+            wait_until(what, expected.clone(), || drops(&a.host));
+        }
+        let sinks: Vec<Sink> = sniffers
+            .iter()
+            .map(|s| Sink::Sniffer(s, vec![FORGED.to_vec()]))
+            .collect();
+        assert_silent(&sinks, "forged frames");
+        // A well-formed frame from host B for its own guest is delivered: the checks above
+        // refused what they had to, not everything.
+        let u_a1 = GuestUdp::bind(a1, 7000);
+        send_from(
+            B_UNDERLAY,
+            vxlan(vni(1), &inner_udp(1, ON_B, ON_A, b"genuine")),
+        );
+        assert_eq!(u_a1.recv("a genuine frame from host B").0, b"genuine");
+
+        drop(sniffers);
+        drop((u_a1, u_b1, u_b2, listener));
+        for s in [a, b] {
+            let Side { host, guests } = s;
+            drop(guests);
+            drop(host);
+        }
+    });
+}
