@@ -240,6 +240,49 @@ pub struct AgentConfig {
     pub dns: DnsConfig,
     pub vm: VmConfig,
     pub egress: EgressConfig,
+    pub overlay: OverlayConfig,
+}
+
+/// `[overlay]`: this host's clouds reaching their endpoints on other hosts (see the `overlay`
+/// module and `dataplane-ebpf/src/overlay.rs`).
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct OverlayConfig {
+    /// Carry clouds across hosts over VXLAN. Off by default: a host alone needs no overlay,
+    /// and the underlay is the operator's network to choose.
+    pub enabled: bool,
+    /// This host's address on the underlay (the outer source of what it sends, and what it
+    /// registers with the control plane); unset: the first IPv4 address of the uplink
+    /// (`egress.uplink`, else the device of the default route).
+    pub underlay: Option<Ipv4Addr>,
+    /// The VXLAN device the agent creates (external mode).
+    pub device: DeviceName,
+    /// UDP port of the overlay, the same on every host of the fleet.
+    pub port: u16,
+    /// MTU of the underlay; guests are given 50 bytes less (the encapsulation).
+    pub underlay_mtu: u32,
+}
+
+/// Bytes VXLAN adds over IPv4: outer IPv4 (20), UDP (8), VXLAN (8) and inner Ethernet (14).
+pub const OVERLAY_OVERHEAD: u32 = 50;
+
+impl Default for OverlayConfig {
+    fn default() -> Self {
+        OverlayConfig {
+            enabled: false,
+            underlay: None,
+            device: DeviceName("atoll-vx0".into()),
+            port: 4789,
+            underlay_mtu: 1500,
+        }
+    }
+}
+
+impl OverlayConfig {
+    /// The MTU guests get: the underlay's less the encapsulation.
+    pub fn guest_mtu(&self) -> u32 {
+        self.underlay_mtu.saturating_sub(OVERLAY_OVERHEAD)
+    }
 }
 
 /// `[egress]`: how this host's guests reach the internet (see the `egress` module).
@@ -800,6 +843,22 @@ impl AgentConfig {
         }
         if !d.bpffs_root.is_absolute() {
             return Err(invalid("dataplane.bpffs_root must be an absolute path"));
+        }
+        let o = &cfg.overlay;
+        if o.port == 0 {
+            return Err(invalid("overlay.port must not be 0"));
+        }
+        if !(576..=65_535).contains(&o.underlay_mtu) {
+            return Err(invalid(
+                "overlay.underlay_mtu must be between 576 and 65535 (guests get 50 bytes less)",
+            ));
+        }
+        if let Some(a) = o.underlay {
+            if a.is_unspecified() || a.is_multicast() || a.is_broadcast() || a.is_loopback() {
+                return Err(invalid(
+                    "overlay.underlay must be a unicast address of this host",
+                ));
+            }
         }
         let m = &cfg.metrics;
         if m.listen.port() == 0 {

@@ -174,6 +174,7 @@ pub async fn run(cfg: &AgentConfig) -> Report {
     checks.extend(capacity(&cfg.dataplane));
     checks.push(control(cfg).await);
     checks.push(egress(&cfg.egress));
+    checks.push(overlay(&cfg.overlay, &cfg.egress));
     Report { checks }
 }
 
@@ -211,13 +212,71 @@ pub fn egress(cfg: &crate::config::EgressConfig) -> Check {
         Ok((first, last)) => Check::ok(
             NAME,
             format!(
-                "uplink {} ({}); NAT ports {ports} clear of the ephemeral ports {first}-{last};                  egress policies are not enforced yet",
+                "uplink {} ({}); NAT ports {ports} clear of the ephemeral ports {first}-{last}",
                 uplink.name,
                 addrs.join(", ")
             ),
         ),
-        Err(e) => Check::warn(NAME, e.to_string(), "run the agent on Linux with /proc mounted"),
+        Err(e) => Check::warn(
+            NAME,
+            e.to_string(),
+            "run the agent on Linux with /proc mounted",
+        ),
     }
+}
+
+/// The overlay (issue 18): this host's underlay address, and whether the underlay is
+/// encrypted (the address sits on a WireGuard device). Warnings only: atoll assumes a
+/// trusted underlay.
+pub fn overlay(
+    cfg: &crate::config::OverlayConfig,
+    egress_cfg: &crate::config::EgressConfig,
+) -> Check {
+    const NAME: &str = "overlay";
+    if !cfg.enabled {
+        return Check::skip(NAME, "overlay.enabled = false");
+    }
+    let underlay = match crate::overlay::underlay(cfg, egress_cfg) {
+        Ok(a) => a,
+        Err(e) => {
+            return Check::warn(
+                NAME,
+                e.to_string(),
+                "set overlay.underlay to this host's address on the underlay",
+            )
+        }
+    };
+    let device = crate::egress::host_addresses()
+        .ok()
+        .and_then(|list| list.into_iter().find(|a| a.ipv4 == underlay))
+        .map(|a| a.device);
+    let Some(device) = device else {
+        return Check::warn(
+            NAME,
+            format!("the underlay address {underlay} is on no device of this host"),
+            "set overlay.underlay to an address of this host",
+        );
+    };
+    if is_wireguard(&device) {
+        Check::ok(
+            NAME,
+            format!("underlay {underlay} on {device} (WireGuard): encrypted"),
+        )
+    } else {
+        Check::warn(
+            NAME,
+            format!(
+                "underlay {underlay} on {device}: not encrypted (atoll assumes a trusted underlay)"
+            ),
+            "run the underlay over WireGuard where the kernel has it (docs/operations.md, Overlay)",
+        )
+    }
+}
+
+/// Whether `device` is a WireGuard device (its `DEVTYPE` in sysfs).
+fn is_wireguard(device: &str) -> bool {
+    std::fs::read_to_string(format!("/sys/class/net/{device}/uevent"))
+        .is_ok_and(|u| u.lines().any(|l| l == "DEVTYPE=wireguard"))
 }
 
 /// The control plane link: for `remote`, the token file (present, private, a token for this

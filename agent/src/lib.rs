@@ -25,6 +25,7 @@ pub mod egress;
 pub mod endpoint;
 pub mod expedite;
 pub mod metrics;
+pub mod overlay;
 pub mod scratch;
 pub mod types;
 pub mod usage;

@@ -188,6 +188,18 @@ async fn run(cfg: &AgentConfig) -> Result<()> {
     } else {
         host.disable_egress()?;
     }
+    if cfg.overlay.enabled {
+        let o = atoll_agent::overlay::enable(&mut host, &cfg.overlay, &cfg.egress).await?;
+        tracing::info!(
+            "overlay on {} from {} (UDP {}, guests' MTU {})",
+            o.device,
+            o.underlay,
+            cfg.overlay.port,
+            cfg.overlay.guest_mtu()
+        );
+    } else {
+        host.disable_overlay()?;
+    }
     host.refill_pool().await?;
     let eps = host.endpoints()?;
     tracing::info!(

@@ -21,8 +21,9 @@ use std::{
 };
 
 use atoll_agent::{
-    config::DataplaneConfig,
+    config::{DataplaneConfig, DeviceName, EgressConfig, OverlayConfig},
     dns::netns,
+    doctor::{self, Status},
     endpoint::Host,
     types::{CloudId, MacAddr},
 };
@@ -118,6 +119,16 @@ fn inner_udp(c: u32, src: Ipv4Addr, dst: Ipv4Addr, payload: &[u8]) -> Vec<u8> {
     .frame(payload)
 }
 
+fn overlay_cfg(underlay: Option<Ipv4Addr>) -> OverlayConfig {
+    OverlayConfig {
+        enabled: true,
+        underlay,
+        device: DeviceName::new("vx0").unwrap(),
+        port: VXLAN_PORT,
+        ..OverlayConfig::default()
+    }
+}
+
 /// A host with the overlay on, its guests, and its peers and remote routes.
 struct Side {
     host: Host,
@@ -140,8 +151,34 @@ fn side(
             let _entered = rt.enter();
             Host::open(&support::cfg(pins, 64, 0)).expect("opening a host's dataplane")
         };
-        rt.block_on(host.enable_overlay("vx0", VXLAN_PORT, underlay))
+        let cfg = overlay_cfg(Some(underlay));
+        let enabled = rt
+            .block_on(atoll_agent::overlay::enable(
+                &mut host,
+                &cfg,
+                &EgressConfig::default(),
+            ))
             .expect("enabling the overlay");
+        assert_eq!((enabled.underlay, enabled.device.as_str()), (underlay, "vx0"));
+        // Enabling again (an agent restart) reuses the device and the pinned link.
+        let again = rt
+            .block_on(atoll_agent::overlay::enable(
+                &mut host,
+                &cfg,
+                &EgressConfig::default(),
+            ))
+            .expect("enabling the overlay again");
+        assert_eq!(again, enabled);
+        // The doctor: the underlay is a plain veth, so not encrypted (a warning); a host
+        // without an uplink and without `overlay.underlay` has no underlay address.
+        let check = doctor::overlay(&cfg, &EgressConfig::default());
+        assert_eq!(check.status, Status::Warn, "{check}");
+        assert!(
+            check.detail.contains(&format!("{underlay} on under0: not encrypted")),
+            "{check}"
+        );
+        let none = doctor::overlay(&overlay_cfg(None), &EgressConfig::default());
+        assert_eq!(none.status, Status::Warn, "{none}");
         for &c in clouds {
             host.set_cloud_vni(cloud(c), vni(c)).unwrap();
         }
