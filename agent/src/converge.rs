@@ -204,6 +204,26 @@ impl Source {
             })
     }
 
+    /// Registers `host`'s underlay address (the overlay is on).
+    pub async fn register_underlay(
+        &self,
+        host: &str,
+        underlay: std::net::Ipv4Addr,
+    ) -> Result<(), ConvergeError> {
+        let cmd = Command::SetHostUnderlay {
+            host: host.to_string(),
+            spec: atoll_api::model::HostUnderlay { underlay },
+        };
+        self.0
+            .execute(cmd)
+            .await
+            .map(drop)
+            .map_err(|source| ConvergeError::Register {
+                host: host.to_string(),
+                source,
+            })
+    }
+
     /// Changes after `after`, waiting up to `wait` for some.
     pub async fn sync(
         &self,

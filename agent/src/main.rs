@@ -188,7 +188,7 @@ async fn run(cfg: &AgentConfig) -> Result<()> {
     } else {
         host.disable_egress()?;
     }
-    if cfg.overlay.enabled {
+    let underlay = if cfg.overlay.enabled {
         let o = atoll_agent::overlay::enable(&mut host, &cfg.overlay, &cfg.egress).await?;
         tracing::info!(
             "overlay on {} from {} (UDP {}, guests' MTU {})",
@@ -197,9 +197,11 @@ async fn run(cfg: &AgentConfig) -> Result<()> {
             cfg.overlay.port,
             cfg.overlay.guest_mtu()
         );
+        Some(o.underlay)
     } else {
         host.disable_overlay()?;
-    }
+        None
+    };
     host.refill_pool().await?;
     let eps = host.endpoints()?;
     tracing::info!(
@@ -250,7 +252,8 @@ async fn run(cfg: &AgentConfig) -> Result<()> {
             cfg.usage.journal_dir.display()
         );
     }
-    let (mut converger, dns_server, mut vm_events) = start_control(cfg, &mut host).await?;
+    let (mut converger, dns_server, mut vm_events) =
+        start_control(cfg, &mut host, underlay).await?;
     // Consoles are reported at most every 2 s, and only when they changed.
     let mut consoles = tokio::time::interval(std::time::Duration::from_secs(2));
     consoles.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -412,6 +415,7 @@ async fn recv_vm_event(rx: &mut Option<VmEvents>) -> Option<atoll_agent::vm::VmE
 async fn start_control(
     cfg: &AgentConfig,
     host: &mut Host,
+    underlay: Option<std::net::Ipv4Addr>,
 ) -> Result<(
     Option<Converger>,
     Option<atoll_agent::dns::DnsServer>,
@@ -444,6 +448,9 @@ async fn start_control(
     };
     let name = c.host_name();
     source.register(&name).await?;
+    if let Some(u) = underlay {
+        source.register_underlay(&name, u).await?;
+    }
     tracing::info!(host = %name, "converging host {name} ({} control plane)", c.mode);
     let conv = ConvergeConfig {
         host: name,

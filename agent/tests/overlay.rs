@@ -159,7 +159,10 @@ fn side(
                 &EgressConfig::default(),
             ))
             .expect("enabling the overlay");
-        assert_eq!((enabled.underlay, enabled.device.as_str()), (underlay, "vx0"));
+        assert_eq!(
+            (enabled.underlay, enabled.device.as_str()),
+            (underlay, "vx0")
+        );
         // Enabling again (an agent restart) reuses the device and the pinned link.
         let again = rt
             .block_on(atoll_agent::overlay::enable(
@@ -174,7 +177,9 @@ fn side(
         let check = doctor::overlay(&cfg, &EgressConfig::default());
         assert_eq!(check.status, Status::Warn, "{check}");
         assert!(
-            check.detail.contains(&format!("{underlay} on under0: not encrypted")),
+            check
+                .detail
+                .contains(&format!("{underlay} on under0: not encrypted")),
             "{check}"
         );
         let none = doctor::overlay(&overlay_cfg(None), &EgressConfig::default());

@@ -161,6 +161,8 @@ pub enum Command {
     RegisterHost { host: String },
     /// Issue a host a new token. Operator.
     IssueHostToken { host: String },
+    /// Register the host's underlay address. The host itself or the operator.
+    SetHostUnderlay { host: String, spec: HostUnderlay },
     /// Cordon (`true`) or uncordon a host. Operator.
     CordonHost { host: String, cordoned: bool },
     /// List hosts with their load and liveness. Operator.
@@ -198,9 +200,10 @@ impl Command {
                 Issuer::Operator
             }
             ListClouds { .. } => Issuer::AnyCloud,
-            RegisterHost { host } | ReportStatus { host, .. } | Sync { host, .. } => {
-                Issuer::Host(host)
-            }
+            RegisterHost { host }
+            | SetHostUnderlay { host, .. }
+            | ReportStatus { host, .. }
+            | Sync { host, .. } => Issuer::Host(host),
             GetCloud { cloud }
             | DeleteCloud { cloud }
             | RotateCloudToken { cloud }

@@ -344,6 +344,11 @@ pub struct Cloud {
     pub zone: String,
     /// Seconds since the Unix epoch.
     pub created_at: u64,
+    /// The cloud's network id on the overlay between hosts (VXLAN VNI, 1 to 16,777,215),
+    /// unique among live clouds of the fleet. 0: none (a cloud created before the overlay;
+    /// it stays on one host).
+    #[serde(default)]
+    pub vni: u32,
     /// SHA-256 of the cloud's token, hex. Never returned by the API.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     #[schema(ignore)]
@@ -1164,6 +1169,34 @@ pub struct HostInfo {
     /// there stays. `uncordon` clears it.
     #[serde(default)]
     pub cordoned: bool,
+    /// The host's address on the underlay between hosts, registered by the host itself
+    /// (`PUT /v1/hosts/{host}/underlay`); none: the host runs no overlay, and a cloud with
+    /// VMs there reaches no other host.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>)]
+    pub underlay: Option<Ipv4Addr>,
+}
+
+/// `PUT /v1/hosts/{host}/underlay`: the host's address on the underlay (the outer source of
+/// what its overlay sends; where other hosts send to its guests).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct HostUnderlay {
+    #[schema(value_type = String)]
+    pub underlay: Ipv4Addr,
+}
+
+impl HostUnderlay {
+    pub fn validate(&self) -> Result<(), FieldError> {
+        let a = self.underlay;
+        if a.is_unspecified() || a.is_multicast() || a.is_broadcast() || a.is_loopback() {
+            return Err(FieldError::new(
+                "underlay",
+                "must be a unicast address of the host",
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// `POST /v1/hosts/{host}/token` response: the host and its new token, shown only this once.
@@ -1266,6 +1299,36 @@ pub struct SyncDelta {
     /// (empty: none any more). Clouds not listed are unchanged, unless `full`.
     #[serde(default)]
     pub published: Vec<CloudPublications>,
+    /// For each cloud listed, its network id and the complete set of its VMs on other hosts
+    /// that this host's overlay routes to (vni 0 and empty: the cloud has no VMs here any
+    /// more, or no network id). Clouds not listed are unchanged, unless `full`.
+    #[serde(default)]
+    pub remote: Vec<CloudRemotes>,
+}
+
+/// A cloud's VMs on other hosts, as one host's overlay routes to them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CloudRemotes {
+    pub cloud: CloudId,
+    /// The cloud's network id (see [`Cloud::vni`]); 0: none.
+    pub vni: u32,
+    pub endpoints: Vec<RemoteEndpoint>,
+}
+
+/// A VM on another host: where its frames go.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RemoteEndpoint {
+    pub vm: String,
+    #[schema(value_type = String)]
+    pub ipv4: Ipv4Addr,
+    /// The guest's MAC (`02:a8:` + its IPv4 address, as in [`Placement::mac`]).
+    pub mac: String,
+    pub host: String,
+    /// The host's underlay address.
+    #[schema(value_type = String)]
+    pub underlay: Ipv4Addr,
 }
 
 /// `POST /v1/clouds/{cloud}/publications`: publish a VM's TCP or UDP port on the internet, at

@@ -138,6 +138,7 @@ pub enum RouteId {
     ListHosts,
     RegisterHost,
     IssueHostToken,
+    SetHostUnderlay,
     CordonHost,
     UncordonHost,
     Sync,
@@ -670,6 +671,18 @@ pub const ISSUE_HOST_TOKEN: Route = Route::new(
          returned once",
 )
 .reply("HostToken");
+pub const SET_HOST_UNDERLAY: Route = Route::new(
+    RouteId::SetHostUnderlay,
+    Method::PUT,
+    "/v1/hosts/{host}/underlay",
+    H,
+    200,
+)
+.summary(
+    "Register the host's address on the overlay's underlay (operator, or the host's own token)",
+)
+.body("HostUnderlay")
+.reply("HostInfo");
 pub const CORDON_HOST: Route = Route::new(
     RouteId::CordonHost,
     Method::POST,
@@ -758,6 +771,7 @@ pub const ROUTES: &[&Route] = &[
     &LIST_HOSTS,
     &REGISTER_HOST,
     &ISSUE_HOST_TOKEN,
+    &SET_HOST_UNDERLAY,
     &CORDON_HOST,
     &UNCORDON_HOST,
     &SYNC,
@@ -820,6 +834,7 @@ impl Command {
             ListHosts => &LIST_HOSTS,
             RegisterHost { .. } => &REGISTER_HOST,
             IssueHostToken { .. } => &ISSUE_HOST_TOKEN,
+            SetHostUnderlay { .. } => &SET_HOST_UNDERLAY,
             CordonHost { cordoned: true, .. } => &CORDON_HOST,
             CordonHost {
                 cordoned: false, ..
@@ -901,6 +916,7 @@ impl Command {
             } => vec![cloud.to_string(), provider.to_string(), exposure.clone()],
             RegisterHost { host }
             | IssueHostToken { host }
+            | SetHostUnderlay { host, .. }
             | CordonHost { host, .. }
             | Sync { host, .. }
             | ReportStatus { host, .. } => vec![host.clone()],
@@ -958,6 +974,7 @@ impl Command {
             AssignEgressAddress { spec, .. } => serde_json::to_value(spec),
             Publish { spec, .. } => serde_json::to_value(spec),
             ReportStatus { report, .. } => serde_json::to_value(report),
+            SetHostUnderlay { spec, .. } => serde_json::to_value(spec),
             _ => return None,
         };
         Some(v.expect("request types serialize"))
@@ -1177,6 +1194,10 @@ pub fn parse(
         },
         RouteId::IssueHostToken => IssueHostToken {
             host: name("host")?,
+        },
+        RouteId::SetHostUnderlay => SetHostUnderlay {
+            host: name("host")?,
+            spec: parse_body(body)?,
         },
         RouteId::CordonHost => CordonHost {
             host: name("host")?,
@@ -1520,6 +1541,12 @@ mod tests {
             ListHosts,
             RegisterHost { host: s("h1") },
             IssueHostToken { host: s("h1") },
+            SetHostUnderlay {
+                host: s("h1"),
+                spec: m::HostUnderlay {
+                    underlay: std::net::Ipv4Addr::new(10, 9, 0, 1),
+                },
+            },
             CordonHost {
                 host: s("h1"),
                 cordoned: true,

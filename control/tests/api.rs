@@ -53,6 +53,7 @@ api_suite!(
     silent_hosts_get_no_new_placements,
     cordoned_hosts_get_no_new_placements,
     a_cloud_stays_on_one_host,
+    a_cloud_spreads_over_overlay_hosts_and_each_syncs_the_others,
     cloud_tokens_rotate_and_the_old_one_stops_at_once,
     what_hosts_cannot_hold_is_refused_at_the_request,
     offers_change_nothing_in_the_consumer_until_it_accepts,
@@ -1330,8 +1331,9 @@ async fn deletes_revoke_more_grants_than_one_store_txn_holds(api: Api) {
 }
 
 /// Hosts the cloud of the too-many-hosts case is placed on: removing its placements and its own
-/// keys takes 127 + 2 store ops, one over a default etcd's 128.
-const PLACEMENT_HOSTS: usize = 127;
+/// keys (its record, everything under it, its network id's holder) takes 126 + 3 store ops,
+/// one over a default etcd's 128.
+const PLACEMENT_HOSTS: usize = 126;
 
 /// A host's token: its own registration, sync and status work; another host's, the host list
 /// and token issuing do not; issuing a new token ends the old one; hashes are never returned.
@@ -1931,6 +1933,173 @@ async fn a_cloud_stays_on_one_host(api: Api) {
     )
     .await;
     assert_ne!(vm.host, home);
+}
+
+/// Hosts register their underlay addresses with their own tokens (one host per address);
+/// each cloud gets a network id of its own; a cloud whose hosts all run the overlay spreads
+/// over them (never to a host without it), and each host's sync carries the cloud's VMs on
+/// the other hosts (and nothing of clouds it does not run), and forgets them when they go.
+/// Placement reads the feed, which a host's own requests update at once.
+async fn a_cloud_spreads_over_overlay_hosts_and_each_syncs_the_others(api: Api) {
+    let underlay = |h: &str| match h {
+        "oa" => Ipv4Addr::new(10, 9, 0, 1),
+        "ob" => Ipv4Addr::new(10, 9, 0, 2),
+        _ => Ipv4Addr::new(10, 9, 0, 3),
+    };
+    let mut host_clients = Vec::new();
+    for h in ["oa", "ob", "oc"] {
+        let t: HostToken = ok(
+            &api.op,
+            Method::POST,
+            &routes::ISSUE_HOST_TOKEN.at(&[&h]),
+            None,
+        )
+        .await;
+        let c = api.as_token(&t.token);
+        let _: HostInfo = ok(&c, Method::PUT, &routes::REGISTER_HOST.at(&[&h]), None).await;
+        // Host oc runs no overlay.
+        if h != "oc" {
+            let info: HostInfo = ok(
+                &c,
+                Method::PUT,
+                &routes::SET_HOST_UNDERLAY.at(&[&h]),
+                Some(json!({ "underlay": underlay(h) })),
+            )
+            .await;
+            assert_eq!(info.underlay, Some(underlay(h)));
+        }
+        host_clients.push(c);
+    }
+    // Another host's address, an address no host can have, another host's route: refused.
+    let oc = &host_clients[2];
+    let path = routes::SET_HOST_UNDERLAY.at(&[&"oc"]);
+    let (status, v) = raw(
+        oc,
+        Method::PUT,
+        &path,
+        Some(&json!({ "underlay": "10.9.0.1" })),
+    )
+    .await;
+    assert_eq!(
+        (status, v["error"]["code"].as_str()),
+        (StatusCode::CONFLICT, Some("underlay_taken")),
+        "{v}"
+    );
+    let (status, v) = raw(
+        oc,
+        Method::PUT,
+        &path,
+        Some(&json!({ "underlay": "127.0.0.1" })),
+    )
+    .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{v}");
+    let other = routes::SET_HOST_UNDERLAY.at(&[&"oa"]);
+    let (status, v) = raw(
+        oc,
+        Method::PUT,
+        &other,
+        Some(&json!({ "underlay": "10.9.0.7" })),
+    )
+    .await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{v}");
+
+    let (x, xc) = api.cloud(json!({"name": "x"})).await;
+    let (y, _) = api.cloud(json!({"name": "y"})).await;
+    let (xid, yid) = (x.cloud.id, y.cloud.id);
+    assert!(x.cloud.vni >= 1 && x.cloud.vni < 1 << 24, "{}", x.cloud.vni);
+    assert_ne!(x.cloud.vni, y.cloud.vni);
+    let mut placed = std::collections::HashMap::new();
+    for i in 0..4 {
+        let vm: Vm = ok(
+            &xc,
+            Method::POST,
+            &routes::CREATE_VM.at(&[&xid]),
+            Some(json!({"name": format!("v{i}")})),
+        )
+        .await;
+        placed.insert(vm.name.clone(), (vm.host.clone(), vm.ipv4));
+    }
+    let on = |h: &str| placed.values().filter(|(host, _)| host == h).count();
+    assert_eq!((on("oa"), on("ob")), (2, 2), "spread by load: {placed:?}");
+
+    // Each host's snapshot: the cloud's VMs on the other host, with its underlay address.
+    for (h, other) in [("oa", "ob"), ("ob", "oa")] {
+        let d = api
+            .core
+            .sync(Principal::Operator, h, 0, Duration::ZERO)
+            .await
+            .unwrap();
+        assert!(d.full);
+        assert!(
+            d.remote.iter().all(|r| r.cloud == xid),
+            "{h} syncs only its clouds: {:?}",
+            d.remote
+        );
+        let r = d.remote.iter().find(|r| r.cloud == xid).expect("cloud x");
+        assert_eq!(r.vni, x.cloud.vni);
+        let mut got: Vec<(String, String, Ipv4Addr)> = r
+            .endpoints
+            .iter()
+            .map(|e| (e.vm.clone(), e.host.clone(), e.underlay))
+            .collect();
+        got.sort();
+        let mut want: Vec<(String, String, Ipv4Addr)> = placed
+            .iter()
+            .filter(|(_, (host, _))| host == other)
+            .map(|(vm, (host, _))| (vm.clone(), host.clone(), underlay(other)))
+            .collect();
+        want.sort();
+        assert_eq!(got, want, "{h}'s remote set");
+        for e in &r.endpoints {
+            assert_eq!(e.ipv4, placed[&e.vm].1);
+            let o = e.ipv4.octets();
+            let mac = format!("02:a8:{:02x}:{:02x}:{:02x}:{:02x}", o[0], o[1], o[2], o[3]);
+            assert_eq!(e.mac, mac);
+        }
+    }
+
+    // A VM deleted on ob: oa's next delta carries the cloud's remote set without it.
+    let rev = api
+        .core
+        .sync(Principal::Operator, "oa", 0, Duration::ZERO)
+        .await
+        .unwrap()
+        .revision;
+    let gone = placed
+        .iter()
+        .find(|(_, (h, _))| h == "ob")
+        .map(|(vm, _)| vm.clone())
+        .unwrap();
+    let (status, v) = raw(
+        &xc,
+        Method::DELETE,
+        &routes::DELETE_VM.at(&[&xid, &gone]),
+        None,
+    )
+    .await;
+    assert!(status.is_success(), "{status} {v}");
+    let mut after = rev;
+    let remote = loop {
+        let d = api
+            .core
+            .sync(Principal::Operator, "oa", after, Duration::from_secs(5))
+            .await
+            .unwrap();
+        assert!(d.revision > after, "no delta for the delete within 5 s");
+        after = d.revision;
+        if let Some(r) = d.remote.into_iter().find(|r| r.cloud == xid) {
+            break r;
+        }
+    };
+    assert_eq!(remote.endpoints.len(), 1, "{remote:?}");
+    assert_ne!(remote.endpoints[0].vm, gone);
+    // Cloud y has no VMs: no host syncs anything of it.
+    let d = api
+        .core
+        .sync(Principal::Operator, "oa", 0, Duration::ZERO)
+        .await
+        .unwrap();
+    assert!(!d.remote.iter().any(|r| r.cloud == yid));
 }
 
 /// Rewrites a host's record as last seen an hour ago (what a host that stopped syncing has),

@@ -1,8 +1,12 @@
-//! Clouds: create (a random id, its gateway address and its record in one transaction),
+//! Clouds: create (a random id, a random overlay network id held by `vni/<n>`, its gateway
+//! address and its record in one transaction; a taken id or VNI is another try),
 //! token rotation, listing, and delete, which revokes the grants and offers the cloud gave
 //! and received within the store's transaction limit (see the module docs of [`super`]).
 
 use super::*;
+
+/// Overlay network ids (VXLAN VNIs, 24 bits, 0 unused): the fleet's limit of live clouds.
+pub(super) const VNI_COUNT: u32 = (1 << 24) - 1;
 
 pub(super) fn validate_quotas(q: &Quotas) -> Result<(), FieldError> {
     let checks: [(&str, u64, u64); 5] = [
@@ -48,6 +52,9 @@ impl Core {
                 return retry();
             };
             let token = new_cloud_token(id)?;
+            // A random network id: the holder key's compare makes it unique among live
+            // clouds, and a taken one is another try (see `vni` in docs/design.md).
+            let vni = u32::from_le_bytes(random_bytes::<4>()?) % VNI_COUNT + 1;
             let name = req.name.clone().unwrap_or_else(|| id.to_string());
             let gateway = Ipv4Addr::from(cidr.network() + 1);
             let cloud = Cloud {
@@ -59,12 +66,17 @@ impl Core {
                 quotas,
                 usage: Usage::default(),
                 created_at: now(),
+                vni,
                 token_sha256: token_hash(&token),
             };
             let txn = Txn {
-                compares: vec![Compare::Absent(keys::cloud(id))],
+                compares: vec![
+                    Compare::Absent(keys::cloud(id)),
+                    Compare::Absent(keys::vni_holder(vni)),
+                ],
                 success: vec![
                     put(keys::cloud(id), &cloud),
+                    put(keys::vni_holder(vni), &id),
                     put(
                         keys::egress_policy(id),
                         &EgressPolicy {
@@ -130,7 +142,7 @@ impl Core {
 
     pub(super) async fn delete_cloud(&self, c: CloudId) -> Result<Reply, CoreError> {
         optimistic!(format!("cloud {c}"), async {
-            let (rev, _) = self.cloud(c).await?;
+            let (rev, cloud) = self.cloud(c).await?;
             let vms: Vec<Vm> = self.list(&keys::vms(c)).await?;
             let volumes: Vec<Volume> = self.list(&keys::volumes(c)).await?;
             let exports: Vec<(String, u64, Grant)> = self.list_kv(&keys::all_grants(c)).await?;
@@ -150,6 +162,12 @@ impl Core {
             // Its published addresses and ports are free again.
             for p in &published {
                 ops.extend(super::publications::publication_deletes(p));
+            }
+            // Its network id is free again.
+            if cloud.vni != 0 {
+                ops.push(Op::Delete {
+                    key: keys::vni_holder(cloud.vni),
+                });
             }
             // Its egress address goes back to the pool (its own key is under the prefix).
             if let Some((_, a)) = &egress_address {

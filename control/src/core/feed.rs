@@ -25,6 +25,12 @@ pub(super) struct FeedState {
     pub(super) hosts: BTreeMap<String, u64>,
     /// Hosts the operator cordoned.
     pub(super) cordoned: HashSet<String>,
+    /// Hosts with an underlay address (their overlay is on).
+    pub(super) overlay: HashSet<String>,
+    /// The store revision of each host record applied: an older one arriving later (the
+    /// watch delivering a change [`Core::host_recorded`] applied ahead of it, followed by a
+    /// newer one) is ignored, so a cordon or an underlay address never reverts for a moment.
+    pub(super) host_revisions: HashMap<String, u64>,
 }
 
 /// The store watch that feeds host syncs (see the module docs).
@@ -85,7 +91,8 @@ pub(super) fn service_cloud(key: &str) -> Option<CloudId> {
 }
 
 impl FeedState {
-    pub(super) fn apply(&mut self, key: &str, value: &[u8], deleted: bool) {
+    /// Applies a change of `key` made at store `revision` (placements: any revision).
+    pub(super) fn apply(&mut self, key: &str, value: &[u8], deleted: bool, revision: u64) {
         if let Some((host, _, cloud, _)) = parse_placement_key(key) {
             let clouds = self.placements.entry(host.to_string()).or_default();
             if deleted {
@@ -99,9 +106,14 @@ impl FeedState {
                 clouds.entry(cloud).or_default().insert(key.to_string());
             }
         } else if let Some(h) = key.strip_prefix("hosts/") {
+            if self.host_revisions.get(h).is_some_and(|r| *r > revision) {
+                return;
+            }
+            self.host_revisions.insert(h.to_string(), revision);
             if deleted {
                 self.hosts.remove(h);
                 self.cordoned.remove(h);
+                self.overlay.remove(h);
             } else {
                 // The record is the truth (heartbeats are written to it).
                 let info = serde_json::from_slice::<HostInfo>(value).ok();
@@ -109,6 +121,11 @@ impl FeedState {
                     .as_ref()
                     .map_or(0, |i| i.last_seen.max(i.registered_at));
                 self.hosts.insert(h.to_string(), seen);
+                if info.as_ref().is_some_and(|i| i.underlay.is_some()) {
+                    self.overlay.insert(h.to_string());
+                } else {
+                    self.overlay.remove(h);
+                }
                 if info.is_some_and(|i| i.cordoned) {
                     self.cordoned.insert(h.to_string());
                 } else {

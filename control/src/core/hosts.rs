@@ -13,29 +13,77 @@ pub(super) fn new_host(name: &str) -> HostInfo {
         last_seen: now(),
         live: false,
         cordoned: false,
+        underlay: None,
     }
 }
 
 impl Core {
     pub(super) async fn register_host(&self, name: String) -> Result<Reply, CoreError> {
         validate_label("name", &name)?;
-        let info: HostInfo = match self.store.get(&keys::host(&name)).await? {
-            Some(kv) => decode(&kv.key, &kv.value)?,
+        let (info, revision): (HostInfo, u64) = match self.store.get(&keys::host(&name)).await? {
+            Some(kv) => (decode(&kv.key, &kv.value)?, kv.mod_revision),
             None => {
                 let info = new_host(&name);
-                self.store
-                    .txn(Txn {
+                let revision = self
+                    .commit(Txn {
                         compares: vec![Compare::Absent(keys::host(&name))],
                         success: vec![put(keys::host(&name), &info)],
                     })
-                    .await?;
-                info
+                    .await?
+                    // Registered meanwhile by another request: the watch brings that record.
+                    .unwrap_or(0);
+                (info, revision)
             }
         };
-        self.host_recorded(&info);
+        self.host_recorded(&info, revision);
         // A registration is a sign of life, too.
         self.heartbeat(&name).await?;
         Ok(Reply::Host(self.host_view(info)))
+    }
+
+    /// Records `name`'s underlay address (it must be registered). Unchanged: no write.
+    pub(super) async fn set_host_underlay(
+        &self,
+        name: String,
+        spec: HostUnderlay,
+    ) -> Result<Reply, CoreError> {
+        validate_label("host", &name)?;
+        spec.validate()?;
+        optimistic!(format!("host {name}"), async {
+            let (rev, mut info): (u64, HostInfo) = self
+                .read(&keys::host(&name), || format!("host {name}"))
+                .await?;
+            if info.underlay == Some(spec.underlay) {
+                return done(Reply::Host(self.host_view(info)));
+            }
+            // One host per underlay address: other hosts send this one's guests' frames there.
+            let hosts: Vec<HostInfo> = self.list(keys::hosts()).await?;
+            if let Some(other) = hosts
+                .iter()
+                .find(|h| h.name != name && h.underlay == Some(spec.underlay))
+            {
+                return Err(CoreError::Conflict {
+                    code: "underlay_taken",
+                    message: format!(
+                        "host {} has the underlay address {} already",
+                        other.name, spec.underlay
+                    ),
+                });
+            }
+            info.underlay = Some(spec.underlay);
+            let txn = Txn {
+                compares: vec![Compare::ModRevision(keys::host(&name), rev)],
+                success: vec![
+                    put(keys::host(&name), &info),
+                    put(keys::underlay(&name), &spec.underlay),
+                ],
+            };
+            if let Some(revision) = self.commit(txn).await? {
+                self.host_recorded(&info, revision);
+                return done(Reply::Host(self.host_view(info)));
+            }
+            retry()
+        })
     }
 
     /// Sets whether `name` takes new placements (it must be registered).
@@ -55,8 +103,8 @@ impl Core {
                 compares: vec![Compare::ModRevision(keys::host(&name), rev)],
                 success: vec![put(keys::host(&name), &info)],
             };
-            if self.commit(txn).await?.is_some() {
-                self.host_recorded(&info);
+            if let Some(revision) = self.commit(txn).await? {
+                self.host_recorded(&info, revision);
                 return done(Reply::Host(self.host_view(info)));
             }
             retry()
@@ -95,8 +143,8 @@ impl Core {
             compares: vec![Compare::ModRevision(kv.key.clone(), kv.mod_revision)],
             success: vec![put(kv.key, &info)],
         };
-        if self.commit(txn).await?.is_some() {
-            self.host_recorded(&info);
+        if let Some(revision) = self.commit(txn).await? {
+            self.host_recorded(&info, revision);
         }
         Ok(())
     }
@@ -120,8 +168,8 @@ impl Core {
                 compares: vec![compare],
                 success: vec![put(keys::host(&name), &info)],
             };
-            if self.commit(txn).await?.is_some() {
-                self.host_recorded(&info);
+            if let Some(revision) = self.commit(txn).await? {
+                self.host_recorded(&info, revision);
                 let host = self.host_view(info);
                 return done(Reply::HostToken(Box::new(HostToken {
                     host,

@@ -115,6 +115,11 @@ pub fn all_denied(c: CloudId) -> String {
 pub fn egress_address(c: CloudId) -> String {
     format!("c/{c}/egressaddr")
 }
+/// Which cloud holds overlay network id `vni` (so no two live clouds hold it).
+pub fn vni_holder(vni: u32) -> String {
+    format!("vni/{vni}")
+}
+
 /// Which cloud holds pool address `ip` (so no two clouds hold it).
 pub fn egress_address_holder(ip: std::net::Ipv4Addr) -> String {
     format!("egressaddr/{ip}")
@@ -140,6 +145,14 @@ pub fn hosts() -> &'static str {
 }
 pub fn host(h: &str) -> String {
     format!("hosts/{h}")
+}
+/// Host `h`'s underlay address, kept apart from its record (which every heartbeat rewrites)
+/// so that only a change of the address reaches the hosts sharing a cloud with it.
+pub fn underlay(h: &str) -> String {
+    format!("underlays/{h}")
+}
+pub fn underlays() -> &'static str {
+    "underlays/"
 }
 pub fn host_all(h: &str) -> String {
     format!("h/{h}/")

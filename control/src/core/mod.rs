@@ -375,11 +375,11 @@ impl Core {
             let Some(last) = page.last() else { break };
             after = Some(last.key.clone());
             for kv in &page {
-                state.apply(&kv.key, &kv.value, false);
+                state.apply(&kv.key, &kv.value, false, kv.mod_revision);
             }
         }
         for kv in store.range(keys::hosts(), None, 0).await? {
-            state.apply(&kv.key, &kv.value, false);
+            state.apply(&kv.key, &kv.value, false, kv.mod_revision);
         }
         let (latest, _) = watch::channel(revision);
         let feed = Arc::new(Feed {
@@ -396,7 +396,7 @@ impl Core {
                         let mut kept = false;
                         for ev in batch.events {
                             let deleted = matches!(ev.kind, EventKind::Delete);
-                            st.apply(&ev.kv.key, &ev.kv.value, deleted);
+                            st.apply(&ev.kv.key, &ev.kv.value, deleted, batch.revision);
                             // Host records (registrations, heartbeats) matter to scheduling
                             // only, never to a host's sync: they neither fill the ring nor
                             // wake the long polls.
@@ -597,6 +597,7 @@ impl Core {
             } => self.unpublish(c, &publication).await,
             RegisterHost { host: name } => self.register_host(name).await,
             IssueHostToken { host: name } => self.issue_host_token(name).await,
+            SetHostUnderlay { host, spec } => self.set_host_underlay(host, spec).await,
             CordonHost {
                 host: name,
                 cordoned,

@@ -1,20 +1,39 @@
-//! Placement and liveness: which host a VM goes to (its volumes' host, else the live host
-//! holding most of its cloud, else the least loaded live host), read from the feed's
-//! in-memory view, never from the store.
+//! Placement and liveness: which host a VM goes to (its volumes' host; else, for a cloud
+//! with a network id whose hosts all run the overlay, the least loaded live host running it:
+//! the cloud spreads; else the live host holding most of its cloud, else the least loaded
+//! live host), read from the feed's in-memory view, never from the store.
 
 use super::*;
 
 impl Core {
-    /// The host for a new VM or volume of cloud `c`: the live, uncordoned host holding most of
-    /// the cloud's placements, so its VMs reach each other (traffic between hosts is not
-    /// carried yet); for a cloud with none there, the live, uncordoned host with the fewest
-    /// placements.
-    pub(super) fn pick_host(&self, c: CloudId) -> Result<String, CoreError> {
+    /// The host for a new VM or volume of cloud `c` (network id `vni`, 0: none). Spread: if
+    /// the cloud has a network id and every host holding it runs the overlay, the live,
+    /// uncordoned host running the overlay with the fewest placements (the overlay carries
+    /// the cloud between them). Else together: the live, uncordoned host holding most of the
+    /// cloud's placements (a host without the overlay reaches no other), or for a cloud with
+    /// none there, the live, uncordoned host with the fewest placements.
+    pub(super) fn pick_host(&self, c: CloudId, vni: u32) -> Result<String, CoreError> {
         let st = self.feed.state.lock().expect("feed lock");
         let now = now();
         let usable = |h: &String| {
             st.hosts.get(h).is_some_and(|seen| self.live_at(*seen, now)) && !st.cordoned.contains(h)
         };
+        let spread = vni != 0
+            && st
+                .placements
+                .iter()
+                .filter(|(_, clouds)| clouds.contains_key(&c))
+                .all(|(h, _)| st.overlay.contains(h));
+        if spread {
+            if let Some(h) = st
+                .hosts
+                .keys()
+                .filter(|h| usable(h) && st.overlay.contains(*h))
+                .min_by_key(|h| st.load(h))
+            {
+                return Ok(h.clone());
+            }
+        }
         let home = st
             .placements
             .iter()
@@ -40,7 +59,7 @@ impl Core {
             .state
             .lock()
             .expect("feed lock")
-            .apply(key, b"", false);
+            .apply(key, b"", false, 0);
     }
 
     /// Whether a host last heard from at `seen` is live at `now`.
@@ -61,8 +80,8 @@ impl Core {
 
     /// Makes a committed host record visible to scheduling at once, the way the store watch
     /// applies it when it arrives.
-    pub(super) fn host_recorded(&self, info: &HostInfo) {
+    pub(super) fn host_recorded(&self, info: &HostInfo, revision: u64) {
         let mut st = self.feed.state.lock().expect("feed lock");
-        st.apply(&keys::host(&info.name), &encode(info), false);
+        st.apply(&keys::host(&info.name), &encode(info), false, revision);
     }
 }

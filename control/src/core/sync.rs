@@ -41,6 +41,15 @@ impl Core {
                                     || service_cloud(&e.key).is_some_and(here)
                                     || egress_cloud(&e.key).is_some_and(here)
                                     || published_cloud(&e.key).is_some_and(here)
+                                    // Another host's VMs of a cloud here: the remote set.
+                                    || parse_placement_key(&e.key)
+                                        .is_some_and(|(_, is_vm, c, _)| is_vm && here(c))
+                                    // A host's underlay address, the host sharing a cloud.
+                                    || e.key.strip_prefix(keys::underlays()).is_some_and(|h| {
+                                        st.placements
+                                            .get(h)
+                                            .is_some_and(|m| m.keys().any(|c| here(*c)))
+                                    })
                             })
                             .map(|e| (e.key.clone(), e.value.clone(), e.deleted))
                             .collect()
@@ -85,7 +94,16 @@ impl Core {
         let mut egress: BTreeSet<CloudId> = BTreeSet::new();
         // Clouds whose publications on this host may have changed.
         let mut published: BTreeSet<CloudId> = BTreeSet::new();
+        // Clouds whose remote set (VMs on other hosts) this host must receive again.
+        let mut remote: BTreeSet<CloudId> = BTreeSet::new();
+        // Hosts whose underlay address changed: the clouds they share with this host, once
+        // the placements are known.
+        let mut other_hosts: BTreeSet<String> = BTreeSet::new();
         for (key, value, deleted) in events {
+            if let Some(h) = key.strip_prefix(keys::underlays()) {
+                other_hosts.insert(h.to_string());
+                continue;
+            }
             if let Some(c) = egress_cloud(&key) {
                 egress.insert(c);
             }
@@ -96,6 +114,9 @@ impl Core {
                 providers.insert(p);
             }
             if let Some((h, is_vm, cloud, name)) = parse_placement_key(&key) {
+                if is_vm {
+                    remote.insert(cloud);
+                }
                 if h != host {
                     continue;
                 }
@@ -156,6 +177,27 @@ impl Core {
             match present.contains(&c) {
                 true => d.egress.push(self.cloud_egress(c).await?),
                 false => d.removed_egress.push(c),
+            }
+        }
+        {
+            let st = self.feed.state.lock().expect("feed lock");
+            for h in &other_hosts {
+                if let Some(m) = st.placements.get(h) {
+                    remote.extend(m.keys().copied().filter(|c| present.contains(c)));
+                }
+            }
+        }
+        if !remote.is_empty() {
+            let underlays = self.underlays().await?;
+            for c in remote {
+                d.remote.push(match present.contains(&c) {
+                    true => self.remotes_of(c, host, &underlays).await?,
+                    false => CloudRemotes {
+                        cloud: c,
+                        vni: 0,
+                        endpoints: Vec::new(),
+                    },
+                });
             }
         }
         for c in published {
@@ -225,6 +267,56 @@ impl Core {
         Ok(out)
     }
 
+    /// Every host's underlay address (hosts without one are left out).
+    pub(super) async fn underlays(&self) -> Result<HashMap<String, Ipv4Addr>, CoreError> {
+        let mut out = HashMap::new();
+        for kv in self.store.range(keys::underlays(), None, 0).await? {
+            let Some(h) = kv.key.strip_prefix(keys::underlays()) else {
+                continue;
+            };
+            out.insert(h.to_string(), decode(&kv.key, &kv.value)?);
+        }
+        Ok(out)
+    }
+
+    /// Cloud `c`'s VMs on hosts other than `host` that have an underlay address, with its
+    /// network id (see "Overlay" in docs/design.md). A cloud without a network id has none.
+    pub(super) async fn remotes_of(
+        &self,
+        c: CloudId,
+        host: &str,
+        underlays: &HashMap<String, Ipv4Addr>,
+    ) -> Result<CloudRemotes, CoreError> {
+        let vni = match self.cloud(c).await {
+            Ok((_, cloud)) => cloud.vni,
+            Err(CoreError::NotFound(_)) => 0,
+            Err(e) => return Err(e),
+        };
+        let endpoints = if vni == 0 {
+            Vec::new()
+        } else {
+            self.list::<Vm>(&keys::vms(c))
+                .await?
+                .into_iter()
+                .filter(|v| v.host != host)
+                .filter_map(|v| {
+                    underlays.get(&v.host).map(|u| RemoteEndpoint {
+                        mac: guest_mac(v.ipv4),
+                        ipv4: v.ipv4,
+                        underlay: *u,
+                        host: v.host,
+                        vm: v.name,
+                    })
+                })
+                .collect()
+        };
+        Ok(CloudRemotes {
+            cloud: c,
+            vni,
+            endpoints,
+        })
+    }
+
     pub(super) async fn snapshot(&self, host: &str) -> Result<SyncDelta, CoreError> {
         let revision = self.store.revision().await?;
         let mut d = SyncDelta {
@@ -244,7 +336,16 @@ impl Core {
                 d.volumes.push(decode(&kv.key, &kv.value)?);
             }
         }
+        let underlays = if clouds.is_empty() {
+            HashMap::new()
+        } else {
+            self.underlays().await?
+        };
         for c in clouds {
+            let remotes = self.remotes_of(c, host, &underlays).await?;
+            if remotes.vni != 0 {
+                d.remote.push(remotes);
+            }
             if let Some(z) = self.zone(c).await? {
                 d.zones.push(z);
             }

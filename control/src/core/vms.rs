@@ -164,7 +164,7 @@ impl Core {
             }
             let host = match host {
                 Some(h) => h,
-                None => self.pick_host(c)?,
+                None => self.pick_host(c, cloud.vni)?,
             };
             let ip = self.allocate_ip(&cloud).await?;
             compares.push(Compare::Absent(keys::ip(c, ip)));
