@@ -48,6 +48,11 @@
 //!   the provider's services that are not in the set. A full state removes the services of
 //!   providers it does not list. A service that cannot be applied is logged and retried with
 //!   the next change of its provider; it never blocks the rest of the delta.
+//! - **The overlay** comes per cloud as its network id and the complete set of its VMs on
+//!   other hosts (`SyncDelta.remote`); the host writes the network id, the peers and the
+//!   remote routes, and removes what the set no longer has (all clouds' on a full state,
+//!   which lists every cloud the host runs). Applied whether or not this host's overlay is
+//!   on: with it off, packets to remote addresses are dropped as `overlay_off`, counted.
 
 use std::{
     collections::{HashMap, HashSet},
@@ -60,9 +65,9 @@ use std::{
 use atoll_api::{
     client::{Client, ClientError},
     model::{
-        CloudPublications, DeniedDestination, DeniedReport, EgressPolicy, FieldError, Ipv4Net,
-        Placement, Power, Protocol, ProviderServices, ServiceReport, StatusReport, SyncDelta,
-        VmReport, VmState, VmStatus, VolumeFormat, VolumePlacement, Zone,
+        CloudPublications, CloudRemotes, DeniedDestination, DeniedReport, EgressPolicy, FieldError,
+        Ipv4Net, Placement, Power, Protocol, ProviderServices, ServiceReport, StatusReport,
+        SyncDelta, VmReport, VmState, VmStatus, VolumeFormat, VolumePlacement, Zone,
     },
 };
 use atoll_api::{Command, ControlPlane, ControlPlaneError, Reply};
@@ -685,6 +690,7 @@ impl Converger {
             self.egress.insert(e.cloud, e.policy.clone());
         }
         apply_publications(host, &delta.published, delta.full);
+        apply_remotes(host, &delta.remote, delta.full);
         if let Some(dns) = &self.dns {
             for c in &delta.removed_zones {
                 dns.remove_zone(*c);
@@ -1264,4 +1270,100 @@ fn apply_services(
         });
     }
     Ok(outcomes)
+}
+
+/// Makes the host's overlay state for the clouds `remote` lists (all clouds if `full`) what it
+/// says: each cloud's network id, the routes to its VMs on other hosts, and the peers those
+/// routes lead to (see "Overlay" in docs/design.md). Written in the dataplane's order: network
+/// ids and peers before the routes that need them, stale routes before the network ids and
+/// peers nothing needs any more. An entry that cannot apply (a MAC that does not parse, this
+/// host's own underlay address, an address a local endpoint holds) is logged and skipped.
+fn apply_remotes(host: &mut Host, remote: &[CloudRemotes], full: bool) {
+    if remote.is_empty() && !full {
+        return;
+    }
+    let own = host.overlay_underlay().ok().flatten();
+    let listed: HashMap<CloudId, &CloudRemotes> = remote.iter().map(|r| (r.cloud, r)).collect();
+    let mut want: HashMap<(CloudId, Ipv4Addr), (MacAddr, Ipv4Addr)> = HashMap::new();
+    for r in remote.iter().filter(|r| r.vni != 0) {
+        for e in &r.endpoints {
+            let Ok(mac) = e.mac.parse::<MacAddr>() else {
+                tracing::warn!(cloud = %r.cloud, vm = %e.vm, "refused: MAC {:?} of a remote VM", e.mac);
+                continue;
+            };
+            if Some(e.underlay) == own || e.underlay.is_unspecified() || e.underlay.is_loopback() {
+                tracing::warn!(cloud = %r.cloud, vm = %e.vm, "refused: remote VM on underlay address {}", e.underlay);
+                continue;
+            }
+            want.insert((r.cloud, e.ipv4), (mac, e.underlay));
+        }
+    }
+    let have = match host.remote_endpoints() {
+        Ok(h) => h,
+        Err(e) => {
+            tracing::error!("listing the remote endpoints: {e}");
+            return;
+        }
+    };
+    let ours = |c: &CloudId| full || listed.contains_key(c);
+    for r in remote.iter().filter(|r| r.vni != 0) {
+        if let Err(e) = host.set_cloud_vni(r.cloud, r.vni) {
+            tracing::error!(cloud = %r.cloud, "{e}");
+        }
+    }
+    let peers: HashSet<Ipv4Addr> = want.values().map(|(_, u)| *u).collect();
+    for p in &peers {
+        if let Err(e) = host.add_overlay_peer(*p) {
+            tracing::error!("{e}");
+        }
+    }
+    for (&(cloud, ip), &(mac, underlay)) in &want {
+        let current = have
+            .iter()
+            .find(|h| h.0 == cloud && h.1 == ip)
+            .map(|h| (h.2, h.3));
+        if current != Some((mac, underlay)) {
+            if let Err(e) = host.set_remote_endpoint(cloud, ip, mac, underlay) {
+                tracing::error!(cloud = %cloud, "{e}");
+            }
+        }
+    }
+    for (cloud, ip, _, _) in &have {
+        if ours(cloud) && !want.contains_key(&(*cloud, *ip)) {
+            if let Err(e) = host.remove_remote_endpoint(*cloud, *ip) {
+                tracing::error!(cloud = %cloud, "{e}");
+            }
+        }
+    }
+    match host.cloud_vnis() {
+        Ok(vnis) => {
+            for (cloud, _) in vnis {
+                let keep = listed.get(&cloud).map_or(!full, |r| r.vni != 0);
+                if !keep {
+                    if let Err(e) = host.remove_cloud_vni(cloud) {
+                        tracing::error!(cloud = %cloud, "{e}");
+                    }
+                }
+            }
+        }
+        Err(e) => tracing::error!("{e}"),
+    }
+    // Peers still needed: those of the routes left.
+    let used: HashSet<Ipv4Addr> = match host.remote_endpoints() {
+        Ok(h) => h.into_iter().map(|h| h.3).collect(),
+        Err(e) => {
+            tracing::error!("listing the remote endpoints: {e}");
+            return;
+        }
+    };
+    match host.overlay_peers() {
+        Ok(all) => {
+            for p in all.into_iter().filter(|p| !used.contains(p)) {
+                if let Err(e) = host.remove_overlay_peer(p) {
+                    tracing::error!("{e}");
+                }
+            }
+        }
+        Err(e) => tracing::error!("{e}"),
+    }
 }

@@ -18,6 +18,7 @@ use atoll_agent::{
     config::VmConfig,
     converge::{ConvergeConfig, Converger, Remote, Source},
     endpoint::{Host, ServiceSpec, PROTOCOL_TCP},
+    types::MacAddr,
     vm::{qemu::Accel, Driver, VmError, VmManager, VmPlan, VmmCommand},
 };
 use atoll_control::{
@@ -1460,4 +1461,133 @@ async fn sync_all(
         total.failed += s.failed;
     }
     total
+}
+
+/// A cloud spread over two overlay hosts: each host's converger writes the cloud's network id,
+/// the other host as a peer and routes to the cloud's VMs there (and never to its own), and
+/// removes them as the VMs and the cloud go. (The packet path over those maps is
+/// `overlay.rs`'s.)
+#[tokio::test]
+async fn remote_endpoints_converge_onto_every_host_of_the_cloud() {
+    require_root();
+    let dir = tempfile::tempdir().unwrap();
+    let core = control_plane(dir.path()).await;
+    let source = Source::new(Embedded(core.clone()));
+    let underlay = |h: &str| match h {
+        "ha" => Ipv4Addr::new(10, 9, 0, 1),
+        _ => Ipv4Addr::new(10, 9, 0, 2),
+    };
+    // Per host: its converger, dataplane, device guard and pins (dropped in that order).
+    let mut sides = Vec::new();
+    for (h, tag) in [("ha", "oa"), ("hb", "ob")] {
+        source.register(h).await.unwrap();
+        source.register_underlay(h, underlay(h)).await.unwrap();
+        let pins = PinRoot::new(tag);
+        let prefix = unique_prefix(tag);
+        let links = LinksWithPrefix(prefix.clone());
+        let host = Host::open(&cfg(&pins, 64, 0)).unwrap();
+        let conv = Converger::new(
+            ConvergeConfig {
+                host: h.into(),
+                tap_prefix: prefix,
+                volumes_dir: dir.path().join(h),
+            },
+            source.clone(),
+            None,
+        );
+        sides.push((conv, host, links, pins));
+    }
+    let Reply::CreatedCloud(x) = exec(
+        &core,
+        Cmd::CreateCloud {
+            spec: CreateCloud::default(),
+        },
+    )
+    .await
+    else {
+        panic!()
+    };
+    let (xid, vni) = (x.cloud.id, x.cloud.vni);
+    for i in 0..4 {
+        exec(
+            &core,
+            Cmd::CreateVm {
+                cloud: xid,
+                spec: vm(&format!("v{i}")),
+            },
+        )
+        .await;
+    }
+    let Reply::Vms(vms) = exec(&core, Cmd::ListVms { cloud: xid }).await else {
+        panic!()
+    };
+    let on = |h: &str| -> Vec<(Ipv4Addr, MacAddr)> {
+        let mut v: Vec<_> = vms
+            .iter()
+            .filter(|v| v.host == h)
+            .map(|v| {
+                let o = v.ipv4.octets();
+                (v.ipv4, MacAddr([0x02, 0xa8, o[0], o[1], o[2], o[3]]))
+            })
+            .collect();
+        v.sort();
+        v
+    };
+    assert_eq!((on("ha").len(), on("hb").len()), (2, 2), "{vms:?}");
+    for (conv, host, _, _) in sides.iter_mut() {
+        step(&core, conv, host).await;
+    }
+    let remote = |host: &Host| -> Vec<(Ipv4Addr, MacAddr, Ipv4Addr)> {
+        let mut v: Vec<_> = host
+            .remote_endpoints()
+            .unwrap()
+            .into_iter()
+            .map(|(c, ip, mac, u)| {
+                assert_eq!(c, xid);
+                (ip, mac, u)
+            })
+            .collect();
+        v.sort();
+        v
+    };
+    for (i, (me, other)) in [("ha", "hb"), ("hb", "ha")].into_iter().enumerate() {
+        let host = &sides[i].1;
+        let want: Vec<_> = on(other)
+            .into_iter()
+            .map(|(ip, mac)| (ip, mac, underlay(other)))
+            .collect();
+        assert_eq!(
+            remote(host),
+            want,
+            "{me}'s routes to the cloud's VMs on {other}"
+        );
+        assert_eq!(host.cloud_vnis().unwrap(), vec![(xid, vni)], "{me}");
+        assert_eq!(host.overlay_peers().unwrap(), vec![underlay(other)], "{me}");
+    }
+    // The VMs on hb go: ha forgets the routes and the peer, keeps the cloud's network id
+    // (the cloud still runs there); hb, with no VM of the cloud left, forgets it all.
+    for v in vms.iter().filter(|v| v.host == "hb") {
+        exec(
+            &core,
+            Cmd::DeleteVm {
+                cloud: xid,
+                vm: v.name.clone(),
+            },
+        )
+        .await;
+    }
+    for (conv, host, _, _) in sides.iter_mut() {
+        step(&core, conv, host).await;
+    }
+    assert!(remote(&sides[0].1).is_empty());
+    assert!(sides[0].1.overlay_peers().unwrap().is_empty());
+    assert_eq!(sides[0].1.cloud_vnis().unwrap(), vec![(xid, vni)]);
+    assert!(remote(&sides[1].1).is_empty());
+    assert!(sides[1].1.cloud_vnis().unwrap().is_empty());
+    // The cloud goes: ha forgets its network id too.
+    exec(&core, Cmd::DeleteCloud { cloud: xid }).await;
+    for (conv, host, _, _) in sides.iter_mut() {
+        step(&core, conv, host).await;
+    }
+    assert!(sides[0].1.cloud_vnis().unwrap().is_empty());
 }

@@ -110,6 +110,14 @@ impl Dataplane {
         Ok(())
     }
 
+    /// Every cloud with a network id here: `(cloud, VNI)`.
+    pub fn cloud_vnis(&self) -> Result<Vec<(u32, u32)>, DataplaneError> {
+        self.cloud_vnis
+            .iter()
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(read_err(MAP_CLOUD_VNIS))
+    }
+
     /// Makes the host at underlay address `underlay` (map order) a known peer.
     pub fn set_overlay_peer(&mut self, underlay: u32) -> Result<(), DataplaneError> {
         // A fixed capacity (`OVERLAY_PEERS_CAPACITY` hosts), no setting to raise.

@@ -8,7 +8,7 @@
 
 use std::net::Ipv4Addr;
 
-use atoll_dataplane_common::{ipv4_to_map, OverlayHost, VNI_MAX};
+use atoll_dataplane_common::{ipv4_from_map, ipv4_to_map, OverlayHost, NEXTHOP_REMOTE, VNI_MAX};
 
 use super::{EndpointError, Host};
 use crate::{device, types::CloudId, types::MacAddr};
@@ -80,6 +80,58 @@ impl Host {
         self.dataplane
             .set_cloud_vni(cloud.get(), vni)
             .map_err(program(name))
+    }
+
+    /// The routes to remote endpoints: `(cloud, address, guest MAC, host underlay address)`.
+    pub fn remote_endpoints(
+        &self,
+    ) -> Result<Vec<(CloudId, Ipv4Addr, MacAddr, Ipv4Addr)>, EndpointError> {
+        Ok(self
+            .dataplane
+            .routes()
+            .map_err(program("the remote routes".into()))?
+            .into_iter()
+            .filter(|(_, hop)| hop.flags == NEXTHOP_REMOTE)
+            .filter_map(|(key, hop)| {
+                Some((
+                    CloudId::new(key.cloud)?,
+                    Ipv4Addr::from(ipv4_from_map(key.ipv4)),
+                    MacAddr(hop.mac),
+                    Ipv4Addr::from(ipv4_from_map(hop.ifindex)),
+                ))
+            })
+            .collect())
+    }
+
+    /// The clouds with a network id here: `(cloud, VNI)`.
+    pub fn cloud_vnis(&self) -> Result<Vec<(CloudId, u32)>, EndpointError> {
+        Ok(self
+            .dataplane
+            .cloud_vnis()
+            .map_err(program("the clouds' network ids".into()))?
+            .into_iter()
+            .filter_map(|(c, v)| Some((CloudId::new(c)?, v)))
+            .collect())
+    }
+
+    /// The known peers' underlay addresses.
+    pub fn overlay_peers(&self) -> Result<Vec<Ipv4Addr>, EndpointError> {
+        Ok(self
+            .dataplane
+            .overlay_peers()
+            .map_err(program("the overlay peers".into()))?
+            .into_iter()
+            .map(|a| Ipv4Addr::from(ipv4_from_map(a)))
+            .collect())
+    }
+
+    /// This host's underlay address, if the overlay is on.
+    pub fn overlay_underlay(&self) -> Result<Option<Ipv4Addr>, EndpointError> {
+        let h = self
+            .dataplane
+            .overlay_host()
+            .map_err(program("the overlay".into()))?;
+        Ok((h.vxlan_ifindex != 0).then(|| Ipv4Addr::from(ipv4_from_map(h.underlay_ipv4))))
     }
 
     /// Removes `cloud`'s network id here (after its remote routes).
