@@ -463,7 +463,10 @@ async fn start_control(
     }
     let mut events = None;
     if cfg.vm.driver == VmDriver::Qemu {
-        let (vmm, rx) = atoll_agent::vm::VmManager::new(cfg.vm.clone());
+        let (mut vmm, rx) = atoll_agent::vm::VmManager::new(cfg.vm.clone());
+        if cfg.overlay.enabled {
+            vmm = vmm.with_guest_mtu(cfg.overlay.guest_mtu());
+        }
         converger = converger.with_vms(vmm, &cfg.vm.default_image);
         events = Some(rx);
         tracing::info!(

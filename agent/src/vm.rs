@@ -316,6 +316,8 @@ struct Ctx {
     cfg: VmConfig,
     driver: Arc<dyn Driver>,
     events: mpsc::UnboundedSender<VmEvent>,
+    /// The MTU guests are given (the overlay's room; `None`: the guest's default).
+    guest_mtu: Option<u32>,
 }
 
 /// The VMs this host runs.
@@ -337,6 +339,16 @@ impl VmManager {
         Self::with_driver(cfg, driver)
     }
 
+    /// Gives every guest started from now on `mtu` on its interface (the overlay's underlay
+    /// MTU less the encapsulation: see `config::OverlayConfig::guest_mtu`). Must be called
+    /// before any VM starts.
+    pub fn with_guest_mtu(mut self, mtu: u32) -> Self {
+        if let Some(ctx) = Arc::get_mut(&mut self.ctx) {
+            ctx.guest_mtu = Some(mtu);
+        }
+        self
+    }
+
     pub fn with_driver(
         cfg: VmConfig,
         driver: Arc<dyn Driver>,
@@ -348,6 +360,7 @@ impl VmManager {
                     cfg,
                     driver,
                     events: tx,
+                    guest_mtu: None,
                 }),
                 vms: HashMap::new(),
             },
@@ -750,6 +763,7 @@ async fn launch(ctx: &Arc<Ctx>, spec: &VmSpec, accel: Accel) -> Result<Vmm, VmEr
             .map(|(i, (name, _, _))| (format!("atoll-v{i}"), name.clone()))
             .collect(),
         user_data: spec.user_data.clone(),
+        mtu: ctx.guest_mtu,
     };
     let drive_path = dir_path.join(jail::CONFIG_DRIVE);
     prepare(&drive_path, dir.write(jail::CONFIG_DRIVE, &guest.archive()))?;

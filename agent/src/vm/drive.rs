@@ -24,6 +24,8 @@ pub struct GuestConfig {
     /// `(virtio serial, volume name)`: mounted at `/mnt/<name>`.
     pub volumes: Vec<(String, String)>,
     pub user_data: Option<String>,
+    /// The interface's MTU (the overlay's room for encapsulation); `None`: the default.
+    pub mtu: Option<u32>,
 }
 
 impl GuestConfig {
@@ -49,6 +51,9 @@ impl GuestConfig {
                     .into_bytes(),
             ),
         ];
+        if let Some(m) = self.mtu {
+            files.push(("mtu", line(m.to_string())));
+        }
         if let Some(u) = &self.user_data {
             files.push(("user-data", u.as_bytes().to_vec()));
         }
@@ -113,7 +118,9 @@ mod tests {
             search: "prod.atoll.internal.".into(),
             volumes: vec![("atoll-v0".into(), "data".into())],
             user_data: Some("echo hi\n".into()),
+            mtu: Some(1450),
         };
+        assert!(cfg.files().contains(&("mtu", b"1450\n".to_vec())));
         let a = cfg.archive();
         assert_eq!(a.len() % 512, 0);
         // First header: name, size and a checksum that verifies.
