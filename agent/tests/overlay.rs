@@ -8,8 +8,11 @@
 //!   spoofed inner source, a destination that is not local, a non-IPv4 inner frame) are each
 //!   dropped and counted under their own reason, and none reaches a guest.
 //!
-//! The control plane's part (who learns which remote address) is not here: the test writes
-//! what a host's sync would carry.
+//! - the whole chain: VMs created through the control plane spread over both hosts, each
+//!   host's converger installs the other's VM, and frames cross between their taps.
+//!
+//! The tests of this file run at once, so each names its namespaces, pins and devices with
+//! tags of its own (a leftover check sees everything with its tags).
 
 mod support;
 
@@ -468,5 +471,182 @@ fn one_cloud_spans_two_hosts_and_forged_frames_are_dropped() {
             drop(guests);
             drop(host);
         }
+    });
+}
+
+/// Applies the control plane's changes on `host` until it has everything the store holds
+/// now.
+async fn converge(
+    core: &atoll_control::core::Core,
+    conv: &mut atoll_agent::converge::Converger,
+    host: &mut Host,
+) {
+    let target = core.store().revision().await.unwrap();
+    loop {
+        let delta = conv.next_delta(Duration::from_secs(5)).await.expect("sync");
+        conv.apply(host, delta).await.expect("apply");
+        if conv.revision() >= target {
+            return;
+        }
+    }
+}
+
+/// The whole chain on two hosts: hosts register their underlay addresses, a cloud created
+/// through the control plane spreads its VMs over both, each host's converger installs the
+/// other host's VM as a remote endpoint, and a frame written by one VM's tap reaches the other
+/// VM's tap on the other host (ARP answered for the remote address first, TTL one less); when
+/// the VM goes, the route goes and the frame is dropped where it starts.
+#[test]
+fn vms_created_through_the_api_reach_each_other_across_hosts() {
+    use atoll_agent::converge::{ConvergeConfig, Converger, Source};
+    use atoll_control::core::{Command as Cmd, Embedded, Principal, Reply};
+    use atoll_control::model::{CreateCloud, CreateVm};
+    use atoll_testbed::guest::{TapGuest, TAP_TTL};
+
+    require_root();
+    support::leaves_nothing(&["oxh", "oxp", "oxt"], || {
+        let a_ns = NetNs::new(&unique_name("oxh")).unwrap();
+        let b_ns = NetNs::new(&unique_name("oxh")).unwrap();
+        a_ns.sh(&format!(
+            "ip link set lo up && ip link add under0 type veth peer name under0 netns {b} && \
+             ip addr add {A_UNDERLAY}/24 dev under0 && ip link set under0 up",
+            b = b_ns.name()
+        ))
+        .unwrap();
+        b_ns.sh(&format!(
+            "ip link set lo up && ip addr add {B_UNDERLAY}/24 dev under0 && \
+             ip link set under0 up"
+        ))
+        .unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let core = rt.block_on(support::control_plane(dir.path()));
+        let source = Source::new(Embedded(core.clone()));
+        let exec = |cmd: Cmd| {
+            rt.block_on(core.execute(Principal::Operator, cmd))
+                .expect("command")
+        };
+        let pins = [PinRoot::new("oxp"), PinRoot::new("oxp")];
+        let mut sides = Vec::new();
+        for (i, (name, ns, underlay)) in [("ha", &a_ns, A_UNDERLAY), ("hb", &b_ns, B_UNDERLAY)]
+            .into_iter()
+            .enumerate()
+        {
+            let host = on(ns, || {
+                let mut host = {
+                    let _entered = rt.enter();
+                    Host::open(&support::cfg(&pins[i], 64, 0)).expect("opening a dataplane")
+                };
+                rt.block_on(atoll_agent::overlay::enable(
+                    &mut host,
+                    &overlay_cfg(Some(underlay)),
+                    &EgressConfig::default(),
+                ))
+                .expect("enabling the overlay");
+                host
+            });
+            rt.block_on(async {
+                source.register(name).await.unwrap();
+                source.register_underlay(name, underlay).await.unwrap();
+            });
+            let conv = Converger::new(
+                ConvergeConfig {
+                    host: name.into(),
+                    tap_prefix: unique_name("oxt"),
+                    volumes_dir: dir.path().join(name),
+                },
+                source.clone(),
+                None,
+            );
+            sides.push((conv, host));
+        }
+        let Reply::CreatedCloud(x) = exec(Cmd::CreateCloud {
+            spec: CreateCloud::default(),
+        }) else {
+            panic!()
+        };
+        let xid = x.cloud.id;
+        let mut placed = Vec::new();
+        for name in ["one", "two"] {
+            let Reply::Vm(vm) = exec(Cmd::CreateVm {
+                cloud: xid,
+                spec: CreateVm {
+                    name: name.into(),
+                    vcpus: 1,
+                    memory_mib: 64,
+                    kernel: None,
+                    image: None,
+                    volumes: vec![],
+                    user_data: None,
+                    start: true,
+                },
+            }) else {
+                panic!()
+            };
+            placed.push(*vm);
+        }
+        assert_ne!(
+            placed[0].host, placed[1].host,
+            "spread over both hosts: {placed:?}"
+        );
+        for ((conv, host), ns) in sides.iter_mut().zip([&a_ns, &b_ns]) {
+            on(ns, || rt.block_on(converge(&core, conv, host)));
+        }
+        // Each VM's tap, attached in its host's namespace as its VMM would.
+        let gw = DataplaneConfig::default().gateway_mac.0;
+        let taps: Vec<TapGuest> = placed
+            .iter()
+            .map(|vm| {
+                let (i, ns) = if vm.host == "ha" {
+                    (0, &a_ns)
+                } else {
+                    (1, &b_ns)
+                };
+                // Names are looked up in the namespace the devices are in.
+                let ep = on(ns, || sides[i].1.endpoints())
+                    .unwrap()
+                    .into_iter()
+                    .find(|e| e.cloud == xid && e.ipv4 == vm.ipv4)
+                    .expect("the VM's endpoint on its host");
+                let name = ep.name.clone().expect("a named tap");
+                on(ns, || {
+                    TapGuest::attach(&vm.name, &name, ep.mac.0, vm.ipv4, gw)
+                })
+            })
+            .collect();
+        let (one, two) = (&taps[0], &taps[1]);
+        one.send(&one.arp_request(two.ip));
+        one.expect_arp_reply(two.ip);
+        one.send(&one.udp(two.ip, 5000, 6000, b"across the overlay"));
+        let packet = two.expect_ipv4("a datagram from the other host", one.ip, TAP_TTL - 1);
+        assert!(layers::contains(&packet, b"across the overlay"));
+        two.send(&two.udp(one.ip, 6000, 5000, b"and back"));
+        let packet = one.expect_ipv4("the answer from the other host", two.ip, TAP_TTL - 1);
+        assert!(layers::contains(&packet, b"and back"));
+
+        // VM two goes: its host removes its endpoint, the other host its route.
+        exec(Cmd::DeleteVm {
+            cloud: xid,
+            vm: "two".into(),
+        });
+        for ((conv, host), ns) in sides.iter_mut().zip([&a_ns, &b_ns]) {
+            on(ns, || rt.block_on(converge(&core, conv, host)));
+        }
+        let i_one = usize::from(placed[0].host != "ha");
+        assert!(sides[i_one].1.remote_endpoints().unwrap().is_empty());
+        let before = drops(&sides[i_one].1);
+        one.send(&one.udp(two.ip, 5000, 6000, b"to nobody"));
+        let mut expected = before.clone();
+        // Out of the cloud's routes and outside egress (off here): no route in the cloud.
+        *expected.entry(DropReason::NoRouteInCloud).or_default() += 1;
+        wait_until("the frame to the deleted VM", expected, || {
+            drops(&sides[i_one].1)
+        });
+        drop(taps);
+        drop(sides);
+        drop(pins);
     });
 }
