@@ -650,3 +650,123 @@ fn vms_created_through_the_api_reach_each_other_across_hosts() {
         drop(pins);
     });
 }
+
+/// `from_vm` to a remote endpoint, by test runs on a private dataplane: with the overlay off
+/// the frame is dropped (`overlay_off`), with the overlay on but no network id for the cloud
+/// too (`overlay_no_vni`); with both it is rewritten as for a local hop (gateway → the remote
+/// guest's MAC, TTL one less, header checksum kept valid), redirected to the VXLAN device and
+/// counted `cross_host` from the sender. A remote route never replaces a local endpoint's.
+#[test]
+fn frames_to_a_remote_endpoint_are_encapsulated_or_dropped_with_a_reason() {
+    use atoll_agent::dataplane::PROG_FROM_VM;
+    use atoll_dataplane_common::{ipv4_to_map, EndpointInfo, NextHop, OverlayHost, RouteKey};
+    use atoll_testbed::verdict::{self, TC_ACT_REDIRECT};
+    use aya::programs::SchedClassifier;
+
+    require_root();
+    support::leaves_nothing(&["ovv"], || {
+        let pins = PinRoot::new("ovv");
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let mut host = {
+            let _entered = rt.enter();
+            Host::open(&support::cfg(&pins, 64, 0)).expect("opening a private dataplane")
+        };
+        let gw = gateway_mac();
+        let sender = guest_mac(1, ON_A);
+        // test_run's device is loopback (ifindex 1): the sender's endpoint.
+        host.dataplane_mut()
+            .insert_endpoint(
+                1,
+                EndpointInfo {
+                    cloud: 1,
+                    ipv4: ipv4_to_map(ON_A.octets()),
+                    gateway_ipv4: ipv4_to_map(GATEWAY.octets()),
+                    mac: sender.0,
+                    gateway_mac: gw,
+                    slot: 3,
+                },
+            )
+            .unwrap();
+        // Its own route, as the agent writes it with every endpoint.
+        host.dataplane_mut()
+            .insert_route(
+                RouteKey {
+                    cloud: 1,
+                    ipv4: ipv4_to_map(ON_A.octets()),
+                },
+                NextHop {
+                    ifindex: 1,
+                    slot: 3,
+                    mac: sender.0,
+                    flags: 0,
+                },
+            )
+            .unwrap();
+        host.set_remote_endpoint(cloud(1), ON_B, guest_mac(1, ON_B), B_UNDERLAY)
+            .unwrap();
+        let err = host
+            .set_remote_endpoint(cloud(1), ON_A, guest_mac(1, ON_A), B_UNDERLAY)
+            .expect_err("a remote route over a local endpoint's");
+        assert!(err.to_string().contains("local route"), "{err}");
+        let prog =
+            SchedClassifier::from_pin(host.dataplane().pin_dir().join("progs").join(PROG_FROM_VM))
+                .unwrap();
+        let frame = frame::Udp {
+            src_mac: sender.0,
+            dst_mac: gw,
+            src: ON_A,
+            dst: ON_B,
+            sport: 7000,
+            dport: 7000,
+        }
+        .frame(b"to the other host");
+        let run = |host: &Host, what: &str| {
+            verdict::run(
+                &prog,
+                PROG_FROM_VM,
+                &frame,
+                || host.dataplane().drop_counters().unwrap(),
+                what,
+            )
+        };
+        let r = run(&host, "overlay off");
+        assert!(r.dropped_once(DropReason::OverlayOff), "{r:?}");
+        host.dataplane_mut()
+            .set_overlay_host(OverlayHost {
+                vxlan_ifindex: 4242,
+                underlay_ipv4: ipv4_to_map(A_UNDERLAY.octets()),
+            })
+            .unwrap();
+        let r = run(&host, "no network id");
+        assert!(r.dropped_once(DropReason::OverlayNoVni), "{r:?}");
+        host.set_cloud_vni(cloud(1), vni(1)).unwrap();
+        let before = host.dataplane().counters(3).unwrap();
+        let r = run(&host, "encapsulated");
+        assert_eq!((r.ret, r.drops.len()), (TC_ACT_REDIRECT, 0), "{r:?}");
+        let eth = layers::parse_eth(&r.out).expect("an Ethernet frame");
+        assert_eq!((eth.dst, eth.src), (guest_mac(1, ON_B).0, gw));
+        let ip = layers::parse_ipv4(eth.payload).expect("IPv4");
+        assert_eq!((ip.src, ip.dst, ip.ttl), (ON_A, ON_B, 63));
+        assert!(ip.header_checksum_ok);
+        let after = host.dataplane().counters(3).unwrap();
+        let class = |c: &atoll_dataplane_common::EndpointCounters| {
+            c.traffic[Direction::FromGuest as usize][TrafficClass::CrossHost as usize]
+        };
+        assert_eq!(
+            (
+                class(&after).packets - class(&before).packets,
+                class(&after).bytes - class(&before).bytes
+            ),
+            (1, frame.len() as u64)
+        );
+        // The VNI is bounded; a VNI another cloud holds is refused.
+        assert!(host.set_cloud_vni(cloud(2), 0).is_err());
+        assert!(host.set_cloud_vni(cloud(2), 1 << 24).is_err());
+        assert!(host.set_cloud_vni(cloud(2), vni(1)).is_err());
+        drop(prog);
+        drop(host);
+    });
+}
