@@ -56,15 +56,16 @@ use anyhow::{bail, Context, Result};
 use atoll_agent::{
     config::DataplaneConfig,
     dataplane::{
-        MAP_COUNTERS, MAP_ENDPOINTS, MAP_ENDPOINT_CACHE, MAP_FLOWS_IN, MAP_FLOWS_OUT, MAP_ROUTES,
-        MAP_VIPS, OBJECT, PROG_FROM_VM,
+        MAP_CLOUD_VNIS, MAP_COUNTERS, MAP_ENDPOINTS, MAP_ENDPOINT_CACHE, MAP_FLOWS_IN,
+        MAP_FLOWS_OUT, MAP_OVERLAY_HOST, MAP_ROUTES, MAP_VIPS, OBJECT, PROG_FROM_VM,
     },
     endpoint::{Host, ServiceSpec, PROTOCOL_UDP},
     types::CloudId,
 };
 use atoll_dataplane_common::{
-    ipv4_to_map, Backend, EndpointInfo, EndpointSlot, FlowKey, FlowOut, NextHop, RouteKey,
-    VipService, ENDPOINT_CACHE_MASK, MAX_BACKENDS, NEXTHOP_NAT_SOURCE, NEXTHOP_VIP,
+    ipv4_to_map, Backend, EndpointInfo, EndpointSlot, FlowKey, FlowOut, NextHop, OverlayHost,
+    RouteKey, VipService, ENDPOINT_CACHE_MASK, MAX_BACKENDS, NEXTHOP_NAT_SOURCE, NEXTHOP_REMOTE,
+    NEXTHOP_VIP,
 };
 use atoll_testbed::{frame, PinRoot};
 use aya::{
@@ -90,6 +91,8 @@ const ESTABLISHED_PORT: u16 = 1999;
 const BACKEND_IFINDEX: u32 = 100;
 /// Device of the intra-cloud peer *i* of the spread forward (10.0.1.*i*): `PEER_IFINDEX + i`.
 const PEER_IFINDEX: u32 = 1000;
+/// The consumer cloud's endpoint on another host (the overlay).
+const REMOTE_IP: Ipv4Addr = Ipv4Addr::new(10, 0, 3, 1);
 /// Counter slots: the consumer 0, the intra-cloud peer 1, then one per backend and peer.
 const FIRST_SLOT: u32 = 2;
 /// Grant numbers: the ring's, the hot ring's, then the filler's.
@@ -155,6 +158,8 @@ pub struct Plane {
     ebpf: Ebpf,
     /// The intra-cloud frame (to 10.0.0.3), for the comparison on the same object.
     forward: &'static [u8],
+    /// The same to the cloud's endpoint on another host (10.0.3.1, over the overlay).
+    remote: &'static [u8],
     /// One frame per intra-cloud peer (`peer`), for the spread forward.
     peer_frames: Vec<Vec<u8>>,
     /// One frame per VIP of the ring, each the established flow's, for calls of one packet.
@@ -281,7 +286,18 @@ impl Plane {
                     )?;
                 }
             }
-            // The spread forward's peers, each an endpoint with its own counters.
+            // An endpoint of the cloud on another host: the overlay's encapsulation.
+            routes.insert(
+                key(CONSUMER, REMOTE_IP),
+                NextHop {
+                    ifindex: map_ip(Ipv4Addr::new(192, 0, 2, 2)),
+                    slot: 0,
+                    mac: PEER,
+                    flags: NEXTHOP_REMOTE,
+                },
+                0,
+            )?;
+            // The spread forward's peers, each an endpoint with its own route and counters.
             for i in 0..RING {
                 let (ip, ifindex, slot) = peer(i);
                 routes.insert(key(CONSUMER, ip), endpoint_hop(ifindex, slot), 0)?;
@@ -321,6 +337,23 @@ impl Plane {
             }
         }
         {
+            let mut host: Array<_, OverlayHost> =
+                Array::try_from(ebpf.map_mut(MAP_OVERLAY_HOST).context("OVERLAY_HOST")?)?;
+            host.set(
+                0,
+                OverlayHost {
+                    vxlan_ifindex: 4242,
+                    underlay_ipv4: map_ip(Ipv4Addr::new(192, 0, 2, 1)),
+                },
+                0,
+            )?;
+        }
+        {
+            let mut vnis: HashMap<_, u32, u32> =
+                HashMap::try_from(ebpf.map_mut(MAP_CLOUD_VNIS).context("CLOUD_VNIS")?)?;
+            vnis.insert(CONSUMER, 101, 0)?;
+        }
+        {
             let prog: &mut SchedClassifier = ebpf
                 .program_mut(PROG_FROM_VM)
                 .context("from_vm")?
@@ -330,6 +363,7 @@ impl Plane {
         let mut plane = Plane {
             ebpf,
             forward: Vec::leak(frame_to(GW, GUEST, CONSUMER_IP, Ipv4Addr::new(10, 0, 0, 3))),
+            remote: Vec::leak(frame_to(GW, GUEST, CONSUMER_IP, REMOTE_IP)),
             peer_frames: (0..RING)
                 .map(|i| frame_to(GW, GUEST, CONSUMER_IP, peer(i).0))
                 .collect(),
@@ -443,6 +477,12 @@ impl Plane {
         crate::measure(self.prog()?, self.forward, calls * CHUNK, 7, CHUNK, 1)
     }
 
+    /// The intra-cloud forward to an endpoint on another host (tunnel key set, redirect to
+    /// the VXLAN device): ns per packet, `calls` calls.
+    pub fn cross_host(&self, calls: u32) -> Result<f64> {
+        crate::measure(self.prog()?, self.remote, calls * CHUNK, 7, CHUNK, 1)
+    }
+
     /// Fails if any packet was dropped, or (for maps with room) if the flows in `FLOWS_OUT`
     /// are not exactly the flows opened: every first packet did open one.
     pub fn check(&self, expect_all_flows: bool) -> Result<()> {
@@ -523,12 +563,15 @@ pub struct Round {
     pub empty_single: f64,
     pub intra_spread: f64,
     pub established_spread: f64,
+    /// Calls of `CHUNK` repeats: the forward to an endpoint on another host (the overlay's
+    /// encapsulation).
+    pub cross_host: f64,
     /// Calls of one packet of each spread path per round.
     pub spread_calls: u32,
 }
 
 impl Round {
-    const N: usize = 8;
+    const N: usize = 9;
 
     fn fields(&self) -> [f64; Self::N] {
         [
@@ -540,11 +583,12 @@ impl Round {
             self.empty_single,
             self.intra_spread,
             self.established_spread,
+            self.cross_host,
         ]
     }
 
     fn from_fields(f: [f64; Self::N], spread_calls: u32) -> Self {
-        let [intra, established, established_hot, first, first_full, empty_single, intra_spread, established_spread] =
+        let [intra, established, established_hot, first, first_full, empty_single, intra_spread, established_spread, cross_host] =
             f;
         Round {
             intra,
@@ -555,6 +599,7 @@ impl Round {
             empty_single,
             intra_spread,
             established_spread,
+            cross_host,
             spread_calls,
         }
     }
@@ -592,6 +637,7 @@ pub fn measure_round(
         empty_single,
         intra_spread,
         established_spread,
+        cross_host: roomy.cross_host(calls)?,
         spread_calls,
     })
 }
