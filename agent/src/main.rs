@@ -134,6 +134,9 @@ fn real_main() -> Result<()> {
                 }
                 // The DNS namespace and device pair, whatever state they are in.
                 atoll_agent::dns::DnsPlane::remove(&cfg.dns).await?;
+                if atoll_agent::overlay::remove_device(&cfg.overlay).await? {
+                    println!("removed the overlay device {}", cfg.overlay.device);
+                }
                 if nothing_pinned(&cfg.dataplane.bpffs_root)? {
                     println!(
                         "nothing pinned under {}",

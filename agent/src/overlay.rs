@@ -30,6 +30,11 @@ pub enum OverlayError {
     NoUnderlayAddress(String),
     #[error("turning the overlay on: {0}")]
     Enable(#[source] EndpointError),
+    #[error("removing the overlay device {name}: {source}")]
+    RemoveDevice {
+        name: String,
+        source: crate::device::DeviceError,
+    },
 }
 
 /// What [`enable`] set up.
@@ -51,6 +56,21 @@ pub fn underlay(cfg: &OverlayConfig, egress_cfg: &EgressConfig) -> Result<Ipv4Ad
         .first()
         .map(|(a, _)| *a)
         .ok_or(OverlayError::NoUnderlayAddress(uplink.name))
+}
+
+/// Deletes the overlay's VXLAN device (`atoll-agent cleanup`); true if there was one.
+pub async fn remove_device(cfg: &OverlayConfig) -> Result<bool, OverlayError> {
+    let name = cfg.device.to_string();
+    let Some(ifindex) = crate::device::ifindex(&name) else {
+        return Ok(false);
+    };
+    let err = |source| OverlayError::RemoveDevice {
+        name: name.clone(),
+        source,
+    };
+    let devices = crate::device::Devices::new().map_err(err)?;
+    devices.delete(&name, ifindex).await.map_err(err)?;
+    Ok(true)
 }
 
 /// Turns the overlay on as configured: the VXLAN device, `from_overlay`, this host's end.

@@ -466,6 +466,15 @@ fn one_cloud_spans_two_hosts_and_forged_frames_are_dropped() {
 
         drop(sniffers);
         drop((u_a1, u_b1, u_b2, listener));
+        // `atoll-agent cleanup` deletes the overlay device (once).
+        let cfg = overlay_cfg(Some(A_UNDERLAY));
+        let remove = || {
+            on(&a_ns, || {
+                rt.block_on(atoll_agent::overlay::remove_device(&cfg))
+            })
+        };
+        assert!(remove().unwrap());
+        assert!(!remove().unwrap());
         for s in [a, b] {
             let Side { host, guests } = s;
             drop(guests);
