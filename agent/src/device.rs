@@ -45,13 +45,9 @@ pub enum DeviceError {
     CreateTap { name: String, source: io::Error },
     #[error("opening network namespace {path}: {source}")]
     OpenNetns { path: PathBuf, source: io::Error },
-    #[error("creating veth {name}: {source}")]
-    CreateVeth {
-        name: String,
-        source: Box<rtnetlink::Error>,
-    },
-    #[error("creating vxlan {name}: {source}")]
-    CreateVxlan {
+    #[error("creating {kind} {name}: {source}")]
+    CreateLink {
+        kind: &'static str,
         name: String,
         source: Box<rtnetlink::Error>,
     },
@@ -227,6 +223,19 @@ impl Devices {
             .name(name.to_string())
             .set_info_data(InfoData::Veth(InfoVeth::Peer(peer_msg)))
             .build();
+        let idx = self.add_link("veth", name, msg).await;
+        drop(ns);
+        idx
+    }
+
+    /// Adds the link `msg` describes (a `kind` device named `name`), then turns IPv6 off on
+    /// it; returns its ifindex.
+    async fn add_link(
+        &self,
+        kind: &'static str,
+        name: &str,
+        msg: netlink_packet_route::link::LinkMessage,
+    ) -> Result<u32, DeviceError> {
         self.handle
             .link()
             .add(msg)
@@ -235,14 +244,14 @@ impl Devices {
             .map_err(|source| match errno(&source) {
                 Some(libc::EEXIST) => DeviceError::Exists(name.into()),
                 Some(libc::EPERM) => {
-                    DeviceError::MissingCapability(format!("creating veth {name}"))
+                    DeviceError::MissingCapability(format!("creating {kind} {name}"))
                 }
-                _ => DeviceError::CreateVeth {
+                _ => DeviceError::CreateLink {
+                    kind,
                     name: name.into(),
                     source: Box::new(source),
                 },
             })?;
-        drop(ns);
         let idx = ifindex_of(name).ok_or_else(|| DeviceError::NotFound(name.into()))?;
         disable_ipv6(name)?;
         Ok(idx)
@@ -268,24 +277,7 @@ impl Devices {
             .learning(false)
             .collect_metadata(true)
             .build();
-        self.handle
-            .link()
-            .add(msg)
-            .execute()
-            .await
-            .map_err(|source| match errno(&source) {
-                Some(libc::EEXIST) => DeviceError::Exists(name.into()),
-                Some(libc::EPERM) => {
-                    DeviceError::MissingCapability(format!("creating vxlan {name}"))
-                }
-                _ => DeviceError::CreateVxlan {
-                    name: name.into(),
-                    source: Box::new(source),
-                },
-            })?;
-        let idx = ifindex_of(name).ok_or_else(|| DeviceError::NotFound(name.into()))?;
-        disable_ipv6(name)?;
-        Ok(idx)
+        self.add_link("vxlan", name, msg).await
     }
 
     /// Sets a device administratively up.

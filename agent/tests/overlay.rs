@@ -132,6 +132,28 @@ fn overlay_cfg(underlay: Option<Ipv4Addr>) -> OverlayConfig {
     }
 }
 
+/// Two host namespaces named with `tag` joined by the underlay veth `under0`: host A at
+/// [`A_UNDERLAY`], host B at [`B_UNDERLAY`] (and `extra` too, an address no host has).
+fn two_hosts(tag: &str, extra: Option<Ipv4Addr>) -> (NetNs, NetNs) {
+    let a = NetNs::new(&unique_name(tag)).unwrap();
+    let b = NetNs::new(&unique_name(tag)).unwrap();
+    a.sh(&format!(
+        "ip link set lo up && ip link add under0 type veth peer name under0 netns {b} && \
+         ip addr add {A_UNDERLAY}/24 dev under0 && ip link set under0 up",
+        b = b.name()
+    ))
+    .unwrap();
+    let extra = extra.map_or(String::new(), |e| {
+        format!("ip addr add {e}/24 dev under0 && ")
+    });
+    b.sh(&format!(
+        "ip link set lo up && ip addr add {B_UNDERLAY}/24 dev under0 && {extra}\
+         ip link set under0 up"
+    ))
+    .unwrap();
+    (a, b)
+}
+
 /// A host with the overlay on, its guests, and its peers and remote routes.
 struct Side {
     host: Host,
@@ -238,19 +260,7 @@ fn wait_until<T: PartialEq + std::fmt::Debug>(what: &str, want: T, read: impl Fn
 fn one_cloud_spans_two_hosts_and_forged_frames_are_dropped() {
     require_root();
     support::leaves_nothing(&["ovh", "ovg", "ovd", "ovp"], || {
-        let a_ns = NetNs::new(&unique_name("ovh")).unwrap();
-        let b_ns = NetNs::new(&unique_name("ovh")).unwrap();
-        a_ns.sh(&format!(
-            "ip link set lo up && ip link add under0 type veth peer name under0 netns {b} && \
-             ip addr add {A_UNDERLAY}/24 dev under0 && ip link set under0 up",
-            b = b_ns.name()
-        ))
-        .unwrap();
-        b_ns.sh(&format!(
-            "ip link set lo up && ip addr add {B_UNDERLAY}/24 dev under0 && \
-             ip addr add {ROGUE_UNDERLAY}/24 dev under0 && ip link set under0 up"
-        ))
-        .unwrap();
+        let (a_ns, b_ns) = two_hosts("ovh", Some(ROGUE_UNDERLAY));
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -514,19 +524,7 @@ fn vms_created_through_the_api_reach_each_other_across_hosts() {
 
     require_root();
     support::leaves_nothing(&["oxh", "oxp", "oxt"], || {
-        let a_ns = NetNs::new(&unique_name("oxh")).unwrap();
-        let b_ns = NetNs::new(&unique_name("oxh")).unwrap();
-        a_ns.sh(&format!(
-            "ip link set lo up && ip link add under0 type veth peer name under0 netns {b} && \
-             ip addr add {A_UNDERLAY}/24 dev under0 && ip link set under0 up",
-            b = b_ns.name()
-        ))
-        .unwrap();
-        b_ns.sh(&format!(
-            "ip link set lo up && ip addr add {B_UNDERLAY}/24 dev under0 && \
-             ip link set under0 up"
-        ))
-        .unwrap();
+        let (a_ns, b_ns) = two_hosts("oxh", None);
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
