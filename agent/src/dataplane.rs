@@ -96,6 +96,35 @@ pub use pins::{
 };
 pub use upgrade::{prepare, Prepared};
 
+/// A program on the ingress of one device of the host, not of an endpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum HostHook {
+    /// `from_dns` on the host-side DNS device.
+    Dns,
+    /// `from_uplink` on the uplink (egress).
+    Uplink,
+    /// `from_overlay` on the VXLAN device.
+    Overlay,
+}
+
+impl HostHook {
+    fn link_prefix(self) -> &'static str {
+        match self {
+            HostHook::Dns => DNS_LINK_PREFIX,
+            HostHook::Uplink => UPLINK_LINK_PREFIX,
+            HostHook::Overlay => OVERLAY_LINK_PREFIX,
+        }
+    }
+
+    fn program(self) -> &'static str {
+        match self {
+            HostHook::Dns => PROG_FROM_DNS,
+            HostHook::Uplink => PROG_FROM_UPLINK,
+            HostHook::Overlay => PROG_FROM_OVERLAY,
+        }
+    }
+}
+
 /// Empty XDP and TC programs (`empty_xdp`, `empty_tc`) that benchmarks use as their baseline.
 pub static BASELINE_OBJECT: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/atoll-baseline.o"));
@@ -652,30 +681,49 @@ impl Dataplane {
     /// `links/dns-<ifindex>`, unless that pin exists already (the agent restarted and the device
     /// is the same). Pins of `from_dns` on other (earlier) devices are removed.
     pub fn attach_dns(&mut self, ifname: &str, ifindex: u32) -> Result<(), DataplaneError> {
-        let links = self.dir.join("links");
-        let path = links.join(format!("{DNS_LINK_PREFIX}{ifindex}"));
-        for stale in self.dns_links()? {
-            if stale != ifindex {
-                remove_pin(&links.join(format!("{DNS_LINK_PREFIX}{stale}")))?;
-            }
-        }
-        if path.exists() {
-            return Ok(());
-        }
-        attach_pinned(
-            &mut self.from_dns,
-            PROG_FROM_DNS,
-            ifname,
-            TcAttachType::Ingress,
-            &path,
-        )
+        self.attach_host_hook(HostHook::Dns, ifname, ifindex)
     }
 
     /// Removes every pinned `from_dns` link (detaching it from a device that still exists).
     pub fn detach_dns(&mut self) -> Result<(), DataplaneError> {
+        self.detach_host_hook(HostHook::Dns)
+    }
+
+    /// Attaches `hook`'s program to the ingress of `ifname` and pins the link as
+    /// `links/<prefix><ifindex>`, unless that pin exists already (the agent restarted and the
+    /// device is the same). The hook's pins on other (earlier) devices are removed: one device
+    /// per hook.
+    pub(crate) fn attach_host_hook(
+        &mut self,
+        hook: HostHook,
+        ifname: &str,
+        ifindex: u32,
+    ) -> Result<(), DataplaneError> {
         let links = self.dir.join("links");
-        for ifindex in self.dns_links()? {
-            remove_pin(&links.join(format!("{DNS_LINK_PREFIX}{ifindex}")))?;
+        let prefix = hook.link_prefix();
+        for stale in self.links_named(prefix)? {
+            if stale != ifindex {
+                remove_pin(&links.join(format!("{prefix}{stale}")))?;
+            }
+        }
+        let path = links.join(format!("{prefix}{ifindex}"));
+        if path.exists() {
+            return Ok(());
+        }
+        let prog = match hook {
+            HostHook::Dns => &mut self.from_dns,
+            HostHook::Uplink => &mut self.from_uplink,
+            HostHook::Overlay => &mut self.from_overlay,
+        };
+        attach_pinned(prog, hook.program(), ifname, TcAttachType::Ingress, &path)
+    }
+
+    /// Removes every pinned link of `hook` (detaching it from a device that still exists).
+    pub(crate) fn detach_host_hook(&mut self, hook: HostHook) -> Result<(), DataplaneError> {
+        let links = self.dir.join("links");
+        let prefix = hook.link_prefix();
+        for ifindex in self.links_named(prefix)? {
+            remove_pin(&links.join(format!("{prefix}{ifindex}")))?;
         }
         Ok(())
     }

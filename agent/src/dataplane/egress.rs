@@ -18,12 +18,11 @@ use aya::maps::{
 };
 
 use super::{
-    attach_pinned,
     error::{ignore_missing, insert_error, DataplaneError},
-    pins::{remove_pin, PROG_FROM_UPLINK, UPLINK_LINK_PREFIX},
-    Dataplane, MAP_EGRESS_ALLOW, MAP_EGRESS_CLOUDS, MAP_EGRESS_DENY, MAP_EGRESS_FLOW_CLOCKS,
-    MAP_EGRESS_HOST, MAP_EGRESS_IN, MAP_EGRESS_METERS, MAP_EGRESS_NEVER, MAP_EGRESS_OUT,
-    MAP_EGRESS_REFUSED,
+    pins::UPLINK_LINK_PREFIX,
+    Dataplane, HostHook, MAP_EGRESS_ALLOW, MAP_EGRESS_CLOUDS, MAP_EGRESS_DENY,
+    MAP_EGRESS_FLOW_CLOCKS, MAP_EGRESS_HOST, MAP_EGRESS_IN, MAP_EGRESS_METERS, MAP_EGRESS_NEVER,
+    MAP_EGRESS_OUT, MAP_EGRESS_REFUSED,
 };
 
 const BPF_ANY: u64 = 0;
@@ -200,32 +199,12 @@ impl Dataplane {
     /// `links/uplink-<ifindex>`, unless that pin exists (the agent restarted, same device).
     /// Pins of `from_uplink` on other devices are removed first (one uplink per host).
     pub fn attach_uplink(&mut self, ifname: &str, ifindex: u32) -> Result<(), DataplaneError> {
-        let links = self.dir.join("links");
-        for stale in self.uplink_links()? {
-            if stale != ifindex {
-                remove_pin(&links.join(format!("{UPLINK_LINK_PREFIX}{stale}")))?;
-            }
-        }
-        let path = links.join(format!("{UPLINK_LINK_PREFIX}{ifindex}"));
-        if path.exists() {
-            return Ok(());
-        }
-        attach_pinned(
-            &mut self.from_uplink,
-            PROG_FROM_UPLINK,
-            ifname,
-            aya::programs::TcAttachType::Ingress,
-            &path,
-        )
+        self.attach_host_hook(HostHook::Uplink, ifname, ifindex)
     }
 
     /// Removes every pinned `from_uplink` link.
     pub fn detach_uplink(&mut self) -> Result<(), DataplaneError> {
-        let links = self.dir.join("links");
-        for ifindex in self.uplink_links()? {
-            remove_pin(&links.join(format!("{UPLINK_LINK_PREFIX}{ifindex}")))?;
-        }
-        Ok(())
+        self.detach_host_hook(HostHook::Uplink)
     }
 
     /// ifindexes with a pinned `from_uplink` link.

@@ -10,10 +10,10 @@ use atoll_dataplane_common::{ipv4_from_map, NextHop, OverlayHost, RouteKey, NEXT
 use aya::maps::MapError;
 
 use super::{
-    attach_pinned,
     error::{ignore_missing, insert_error, DataplaneError},
-    pins::{remove_pin, OVERLAY_LINK_PREFIX, PROG_FROM_OVERLAY},
-    Dataplane, MAP_CLOUD_VNIS, MAP_OVERLAY_HOST, MAP_OVERLAY_PEERS, MAP_ROUTES, MAP_VNI_CLOUDS,
+    pins::OVERLAY_LINK_PREFIX,
+    Dataplane, HostHook, MAP_CLOUD_VNIS, MAP_OVERLAY_HOST, MAP_OVERLAY_PEERS, MAP_ROUTES,
+    MAP_VNI_CLOUDS,
 };
 
 const BPF_ANY: u64 = 0;
@@ -188,32 +188,12 @@ impl Dataplane {
     /// Attaches `from_overlay` to the ingress of the VXLAN device and pins the link as
     /// `links/overlay-<ifindex>` (kept if pinned already; pins on other devices go).
     pub fn attach_overlay(&mut self, ifname: &str, ifindex: u32) -> Result<(), DataplaneError> {
-        let links = self.dir.join("links");
-        for stale in self.overlay_links()? {
-            if stale != ifindex {
-                remove_pin(&links.join(format!("{OVERLAY_LINK_PREFIX}{stale}")))?;
-            }
-        }
-        let path = links.join(format!("{OVERLAY_LINK_PREFIX}{ifindex}"));
-        if path.exists() {
-            return Ok(());
-        }
-        attach_pinned(
-            &mut self.from_overlay,
-            PROG_FROM_OVERLAY,
-            ifname,
-            aya::programs::TcAttachType::Ingress,
-            &path,
-        )
+        self.attach_host_hook(HostHook::Overlay, ifname, ifindex)
     }
 
     /// Removes every pinned `from_overlay` link.
     pub fn detach_overlay(&mut self) -> Result<(), DataplaneError> {
-        let links = self.dir.join("links");
-        for ifindex in self.overlay_links()? {
-            remove_pin(&links.join(format!("{OVERLAY_LINK_PREFIX}{ifindex}")))?;
-        }
-        Ok(())
+        self.detach_host_hook(HostHook::Overlay)
     }
 
     /// ifindexes with a pinned `from_overlay` link.
