@@ -738,7 +738,7 @@ pub enum GrantState {
     /// Consented to, installed on the hosts that need it, and able to carry traffic.
     Active,
     /// Consented to, but no packet can pass: the provider's VMs and the consumer's run on
-    /// different hosts, and traffic between hosts is not carried yet. Shown in replies, never
+    /// different hosts, and exposures across hosts are not carried yet. Shown in replies, never
     /// stored; `reason` says which hosts.
     Unreachable,
     /// A host failed to install it; `reason` carries the host's error. Shown in replies, never

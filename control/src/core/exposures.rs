@@ -66,7 +66,7 @@ impl Revocation {
 impl Core {
     /// Grants as they stand: an active grant that a host failed to install is `failed` with
     /// the host's error, and one whose provider and consumer run on different hosts is
-    /// `unreachable` (traffic between hosts is not carried yet); see [`GrantState`].
+    /// `unreachable` (exposures across hosts are not carried yet); see [`GrantState`].
     pub(super) async fn effective(&self, mut grants: Vec<Grant>) -> Result<Vec<Grant>, CoreError> {
         let mut failures: HashMap<CloudId, HashMap<String, ServiceFailure>> = HashMap::new();
         for g in &grants {
@@ -107,7 +107,7 @@ impl Core {
                 };
                 g.state = GrantState::Unreachable;
                 g.reason = Some(format!(
-                    "the provider's VMs run on host {}, the consumer's on host {}: traffic between hosts is not carried yet",
+                    "the provider's VMs run on host {}, the consumer's on host {}: exposures across hosts are not carried yet",
                     names(&p),
                     names(&c)
                 ));

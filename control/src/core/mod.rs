@@ -25,9 +25,10 @@
 //! - **Host liveness**: a host's syncs are its heartbeat (its record's `last_seen`, rewritten at
 //!   most every [`HEARTBEAT_SECS`]); only hosts heard from within `hosts.timeout_secs` are
 //!   placed on. Placed VMs never move by themselves (docs/design.md, Host liveness).
-//! - **Placement**: a VM goes to the host of its volumes, else to the live host already holding
-//!   most of its cloud (traffic between hosts is not carried yet, so a cloud stays together),
-//!   else to the live host with the fewest VMs. Its placement record (`h/<host>/vms/<cloud>/<vm>`) is what the host applies.
+//! - **Placement**: a VM goes to the host of its volumes; else, for a cloud with a VNI whose
+//!   hosts all run the overlay, to the least loaded live overlay host (it spreads); else to the
+//!   live host already holding most of its cloud (a host without the overlay reaches no
+//!   other), else to the live host with the fewest VMs. Its placement record (`h/<host>/vms/<cloud>/<vm>`) is what the host applies.
 //! - **Agents converge by changes**: [`Core::sync`] long-polls for the store events relevant to
 //!   one host (its placements, and the zones of clouds it has VMs of) after a revision and
 //!   returns them as a [`SyncDelta`]; a host that is too far behind, or new, gets the full state.
