@@ -1317,6 +1317,8 @@ fn apply_remotes(host: &mut Host, remote: &[CloudRemotes], full: bool) {
             tracing::error!("{e}");
         }
     }
+    // Routes whose update failed keep their old next hop.
+    let mut unchanged: HashSet<(CloudId, Ipv4Addr)> = HashSet::new();
     for (&(cloud, ip), &(mac, underlay)) in &want {
         let current = have
             .iter()
@@ -1325,14 +1327,24 @@ fn apply_remotes(host: &mut Host, remote: &[CloudRemotes], full: bool) {
         if current != Some((mac, underlay)) {
             if let Err(e) = host.set_remote_endpoint(cloud, ip, mac, underlay) {
                 tracing::error!(cloud = %cloud, "{e}");
+                unchanged.insert((cloud, ip));
             }
         }
     }
-    for (cloud, ip, _, _) in &have {
-        if ours(cloud) && !want.contains_key(&(*cloud, *ip)) {
-            if let Err(e) = host.remove_remote_endpoint(*cloud, *ip) {
-                tracing::error!(cloud = %cloud, "{e}");
+    // Peers still needed, derived rather than read back: those of the routes wanted (an extra
+    // one for a route that failed to apply is harmless) and of every route left as it was (not
+    // ours, not removed, or not updated).
+    let mut used = peers;
+    for (cloud, ip, _, underlay) in &have {
+        let key = (*cloud, *ip);
+        if ours(cloud) && !want.contains_key(&key) {
+            match host.remove_remote_endpoint(*cloud, *ip) {
+                Ok(()) => continue,
+                Err(e) => tracing::error!(cloud = %cloud, "{e}"),
             }
+        }
+        if !want.contains_key(&key) || unchanged.contains(&key) {
+            used.insert(*underlay);
         }
     }
     match host.cloud_vnis() {
@@ -1348,14 +1360,6 @@ fn apply_remotes(host: &mut Host, remote: &[CloudRemotes], full: bool) {
         }
         Err(e) => tracing::error!("{e}"),
     }
-    // Peers still needed: those of the routes left.
-    let used: HashSet<Ipv4Addr> = match host.remote_endpoints() {
-        Ok(h) => h.into_iter().map(|h| h.3).collect(),
-        Err(e) => {
-            tracing::error!("listing the remote endpoints: {e}");
-            return;
-        }
-    };
     match host.overlay_peers() {
         Ok(all) => {
             for p in all.into_iter().filter(|p| !used.contains(p)) {
