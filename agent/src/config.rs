@@ -439,6 +439,46 @@ pub type EmbeddedConfig = atoll_control::config::ControlConfig;
 #[cfg(not(feature = "embedded"))]
 pub type EmbeddedConfig = toml::Table;
 
+/// `control.url`: one URL or a list, each a control plane serving the same store (several
+/// `atoll serve` over one etcd cluster). Decided: the agent talks to one at a time (the
+/// first that answers, kept while it answers) rather than to all at once: every control
+/// plane serves the same revisions, so a sync continues on another from where it was.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ControlUrls(pub Vec<String>);
+
+impl From<&str> for ControlUrls {
+    fn from(url: &str) -> Self {
+        ControlUrls(vec![url.to_string()])
+    }
+}
+
+impl From<String> for ControlUrls {
+    fn from(url: String) -> Self {
+        ControlUrls(vec![url])
+    }
+}
+
+impl std::fmt::Display for ControlUrls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0.join(", "))
+    }
+}
+
+impl<'de> Deserialize<'de> for ControlUrls {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged, expecting = "a URL or a list of URLs")]
+        enum OneOrMany {
+            One(String),
+            Many(Vec<String>),
+        }
+        Ok(match OneOrMany::deserialize(d)? {
+            OneOrMany::One(url) => ControlUrls(vec![url]),
+            OneOrMany::Many(urls) => ControlUrls(urls),
+        })
+    }
+}
+
 /// `[control]`: where this host's desired state comes from.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
@@ -448,8 +488,10 @@ pub struct ControlLinkConfig {
     pub mode: ControlMode,
     /// This host's name in the control plane (a DNS label); default: the hostname.
     pub host: Option<String>,
-    /// `remote`: the control plane's API URL.
-    pub url: String,
+    /// `remote`: the control plane's API URL, or several control planes' URLs over one store
+    /// (`["https://a:7480", "https://b:7480"]`): the agent moves to the next when one does not
+    /// answer.
+    pub url: ControlUrls,
     /// `remote`: the CA certificate that signs the control plane's certificate (its
     /// generated `ca.pem`, or the operator's CA).
     pub ca_file: Option<PathBuf>,
@@ -471,7 +513,7 @@ impl Default for ControlLinkConfig {
         ControlLinkConfig {
             mode: ControlMode::Embedded,
             host: None,
-            url: "https://127.0.0.1:7480".into(),
+            url: ControlUrls::from("https://127.0.0.1:7480"),
             ca_file: None,
             ca_fingerprint: None,
             token_file: PathBuf::from("/etc/atoll/host.token"),
@@ -504,12 +546,20 @@ impl ControlLinkConfig {
         })
     }
 
-    /// A client of the remote control plane with `token`.
-    pub fn client(
+    /// A client of each remote control plane (`url`'s order) with `token`.
+    pub fn clients(
         &self,
         token: &str,
-    ) -> Result<atoll_api::client::Client, atoll_api::client::ClientError> {
-        atoll_api::client::Client::with_tls(&self.url, token, self.client_tls().as_ref())
+    ) -> Result<Vec<atoll_api::client::Client>, atoll_api::client::ClientError> {
+        if self.url.0.is_empty() {
+            return Err(atoll_api::client::ClientError::InvalidUrl(String::new()));
+        }
+        let tls = self.client_tls();
+        self.url
+            .0
+            .iter()
+            .map(|url| atoll_api::client::Client::with_tls(url, token, tls.as_ref()))
+            .collect()
     }
 
     /// This host's name: configured, or the hostname's first label.
@@ -922,7 +972,21 @@ impl AgentConfig {
             return Err(invalid("control.volumes_dir must be an absolute path"));
         }
         if c.mode == ControlMode::Remote {
-            c.client("x")
+            if c.url.0.is_empty() {
+                return Err(invalid(
+                    "control.url: give at least one control plane's URL",
+                ));
+            }
+            let mut seen = std::collections::HashSet::new();
+            if let Some(twice) = c
+                .url
+                .0
+                .iter()
+                .find(|u| !seen.insert(u.trim_end_matches('/')))
+            {
+                return Err(invalid(&format!("control.url: {twice} is listed twice")));
+            }
+            c.clients("x")
                 .map_err(|e| invalid(&format!("control.url: {e}")))?;
         }
         #[cfg(not(feature = "embedded"))]
@@ -1033,6 +1097,49 @@ mod tests {
             AgentConfig::parse(&text, &path).unwrap(),
             AgentConfig::default()
         );
+    }
+
+    /// `control.url` is one URL or a list of control planes; an empty list, a URL listed
+    /// twice and a bad URL in the list are refused, naming the key.
+    #[test]
+    fn control_url_is_one_or_several_control_planes() {
+        let p = Path::new("agent.toml");
+        let remote = |url: &str| {
+            AgentConfig::parse(
+                &format!(
+                    "[control]\nmode = \"remote\"\nca_fingerprint = \"{}\"\nurl = {url}\n",
+                    "ab".repeat(32)
+                ),
+                p,
+            )
+        };
+        let one = remote("\"https://10.1.0.1:7480\"").unwrap();
+        assert_eq!(one.control.url.0, ["https://10.1.0.1:7480"]);
+        let two = remote("[\"https://10.1.0.1:7480\", \"https://10.1.0.2:7480\"]").unwrap();
+        assert_eq!(
+            two.control.url.0,
+            ["https://10.1.0.1:7480", "https://10.1.0.2:7480"]
+        );
+        assert_eq!(two.control.clients("t").unwrap().len(), 2);
+        assert_eq!(
+            two.control.url.to_string(),
+            "https://10.1.0.1:7480, https://10.1.0.2:7480"
+        );
+        for (bad, says) in [
+            ("[]", "at least one"),
+            (
+                "[\"https://10.1.0.1:7480\", \"https://10.1.0.1:7480/\"]",
+                "listed twice",
+            ),
+            (
+                "[\"https://10.1.0.1:7480\", \"http://10.1.0.2:7480\"]",
+                "http://",
+            ),
+            ("7", "a URL or a list of URLs"),
+        ] {
+            let e = remote(bad).unwrap_err().to_string();
+            assert!(e.contains("url") && e.contains(says), "{bad}: {e}");
+        }
     }
 
     #[test]

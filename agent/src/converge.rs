@@ -114,12 +114,23 @@ fn refuse(what: String, source: FieldError) -> ConvergeError {
 #[derive(Clone, Debug)]
 pub struct Source(pub Arc<dyn ControlPlane>);
 
-/// The API client of a remote source, and the file its token came from: a request refused
-/// as unauthenticated re-reads the file and, if the token in it changed (the operator rotated
-/// it), retries once with the new one, so a rotation needs no agent restart.
+/// The API clients of a remote source (one per control plane, all serving one store), and
+/// the file their token came from.
+///
+/// - **Failover.** Requests go to the control plane that last answered. One that cannot be
+///   reached (no connection, TLS included) is passed over for the next in `control.url`'s
+///   order, for any request, since it was never sent. A sync (a read) also moves on when the
+///   control plane fails it after it was sent (connection lost, timed out, a 5xx); other
+///   requests return that error (they may have been applied) and the agent's loop retries
+///   them, on the next control plane, since the failure moved the preference on. A sync
+///   continues from the same revision on any control plane: revisions are the store's.
+/// - **Token rotation.** A request refused as unauthenticated re-reads the token file and, if
+///   the token in it changed (the operator rotated it), retries once with the new one, so a
+///   rotation needs no agent restart.
 #[derive(Clone)]
 pub struct Remote {
-    client: Arc<std::sync::Mutex<Client>>,
+    clients: Arc<std::sync::Mutex<Vec<Client>>>,
+    preferred: Arc<std::sync::atomic::AtomicUsize>,
     token_file: Option<std::path::PathBuf>,
 }
 
@@ -130,35 +141,88 @@ impl std::fmt::Debug for Remote {
 }
 
 impl Remote {
-    pub fn new(client: Client, token_file: Option<std::path::PathBuf>) -> Self {
+    /// A source of the control planes behind `clients` (at least one; in order of preference).
+    pub fn new(clients: Vec<Client>, token_file: Option<std::path::PathBuf>) -> Self {
+        assert!(!clients.is_empty(), "a remote source needs a control plane");
         Remote {
-            client: Arc::new(std::sync::Mutex::new(client)),
+            clients: Arc::new(std::sync::Mutex::new(clients)),
+            preferred: Arc::default(),
             token_file,
         }
     }
 
-    fn client(&self) -> Client {
-        self.client.lock().expect("client lock").clone()
+    fn clients(&self) -> Vec<Client> {
+        self.clients.lock().expect("client lock").clone()
     }
 
-    /// Runs `f` with the client, again with a re-read token if the first was refused.
-    async fn with_client<T, F, Fut>(&self, f: F) -> Result<T, ClientError>
+    /// The URL of the control plane requests go to now.
+    pub fn current(&self) -> String {
+        let clients = self.clients();
+        let i = self.preferred.load(std::sync::atomic::Ordering::Relaxed) % clients.len();
+        clients[i].base().to_string()
+    }
+
+    /// Runs `f` on the preferred control plane and, while `moves_on` says the failure was the
+    /// control plane's, on the next ones (each once); see the type's docs.
+    async fn with_client<T, F, Fut>(
+        &self,
+        moves_on: impl Fn(&ClientError) -> bool,
+        f: F,
+    ) -> Result<T, ClientError>
     where
         F: Fn(Client) -> Fut,
         Fut: std::future::Future<Output = Result<T, ClientError>>,
     {
-        let client = self.client();
+        use std::sync::atomic::Ordering;
+        let n = self.clients().len();
+        let first = self.preferred.load(Ordering::Relaxed) % n;
+        let mut last = None;
+        for k in 0..n {
+            let i = (first + k) % n;
+            match self.with_token(i, &f).await {
+                Ok(v) => {
+                    self.preferred.store(i, Ordering::Relaxed);
+                    return Ok(v);
+                }
+                Err(e) if e.unserved() => {
+                    // Whatever happens next, the next request starts elsewhere.
+                    self.preferred.store((i + 1) % n, Ordering::Relaxed);
+                    if n > 1 {
+                        tracing::warn!(
+                            "control plane {} did not serve a request: {e}",
+                            self.clients()[i].base()
+                        );
+                    }
+                    if !moves_on(&e) {
+                        return Err(e);
+                    }
+                    last = Some(e);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Err(last.expect("at least one control plane was tried"))
+    }
+
+    /// `f` with client `i`, again with a re-read token if the first was refused.
+    async fn with_token<T, F, Fut>(&self, i: usize, f: &F) -> Result<T, ClientError>
+    where
+        F: Fn(Client) -> Fut,
+        Fut: std::future::Future<Output = Result<T, ClientError>>,
+    {
+        let client = self.clients()[i].clone();
         match f(client.clone()).await {
             Err(ClientError::Api { status, .. })
                 if status == hyper::StatusCode::UNAUTHORIZED && self.reload(&client) =>
             {
-                f(self.client()).await
+                f(self.clients()[i].clone()).await
             }
             r => r,
         }
     }
 
-    /// Re-reads the token file; whether it held a token other than `used`'s.
+    /// Re-reads the token file; whether it held a token other than `used`'s (then every
+    /// control plane's client sends the new one).
     fn reload(&self, used: &Client) -> bool {
         let Some(path) = &self.token_file else {
             return false;
@@ -169,12 +233,14 @@ impl Remote {
         if token.trim() == used.token() {
             return false;
         }
-        let fresh = used.with_token(&token);
         tracing::warn!(
             "the control plane refused the token; using the new one in {}",
             path.display()
         );
-        *self.client.lock().expect("client lock") = fresh;
+        let mut clients = self.clients.lock().expect("client lock");
+        for c in clients.iter_mut() {
+            *c = c.with_token(&token);
+        }
         true
     }
 }
@@ -183,8 +249,12 @@ impl Remote {
 impl ControlPlane for Remote {
     async fn execute(&self, cmd: Command) -> Result<Reply, ControlPlaneError> {
         let cmd = &cmd;
+        let read_only = matches!(cmd, Command::Sync { .. });
         Ok(self
-            .with_client(|c| async move { c.execute(cmd).await })
+            .with_client(
+                |e| read_only || e.never_sent(),
+                |c| async move { c.execute(cmd).await },
+            )
             .await?)
     }
 }

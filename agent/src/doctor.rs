@@ -332,8 +332,8 @@ pub async fn control(cfg: &AgentConfig) -> Check {
             );
         }
     }
-    let client = match c.client(&token) {
-        Ok(cl) => cl.with_timeout(Duration::from_secs(5)),
+    let clients = match c.clients(&token) {
+        Ok(cl) => cl,
         Err(e) => return Check::fail(
             NAME,
             e.to_string(),
@@ -345,29 +345,44 @@ pub async fn control(cfg: &AgentConfig) -> Check {
         after: 0,
         wait_ms: 0,
     };
-    match client.execute(&sync).await {
-        Ok(_) => {}
-        Err(ClientError::Api { status, body }) => {
-            return Check::fail(
-                NAME,
-                format!(
-                    "{} refused this host's token: {status} {}",
-                    c.url, body.error.message
-                ),
-                if status == StatusCode::UNAUTHORIZED {
-                    format!("the token was replaced or never issued; {issue}")
-                } else {
-                    issue
-                },
-            )
+    // Every control plane listed: the token must hold on each; one not answering is a
+    // warning while another does (the agent uses the others).
+    let mut unreachable = Vec::new();
+    for client in clients {
+        let client = client.with_timeout(Duration::from_secs(5));
+        match client.execute(&sync).await {
+            Ok(_) => {}
+            Err(ClientError::Api { status, body }) if !status.is_server_error() => {
+                return Check::fail(
+                    NAME,
+                    format!(
+                        "{} refused this host's token: {status} {}",
+                        client.base(),
+                        body.error.message
+                    ),
+                    if status == StatusCode::UNAUTHORIZED {
+                        format!("the token was replaced or never issued; {issue}")
+                    } else {
+                        issue
+                    },
+                );
+            }
+            Err(e) => unreachable.push(format!("cannot sync with {}: {e}", client.base())),
         }
-        Err(e) => {
-            return Check::fail(
-                NAME,
-                format!("cannot sync with {}: {e}", c.url),
-                "check control.url and that atoll-control runs and is reachable from here",
-            )
-        }
+    }
+    if unreachable.len() == c.url.0.len() {
+        return Check::fail(
+            NAME,
+            unreachable.join("; "),
+            "check control.url and that atoll-control runs and is reachable from here",
+        );
+    }
+    if !unreachable.is_empty() {
+        return Check::warn(
+            NAME,
+            format!("{} (the agent uses the others)", unreachable.join("; ")),
+            "check that every control plane in control.url runs and is reachable from here",
+        );
     }
     use std::os::unix::fs::PermissionsExt;
     let mode = std::fs::metadata(path).map_or(0, |m| m.permissions().mode() & 0o777);

@@ -432,7 +432,7 @@ async fn start_control(
                 format!("reading control.token_file {}", c.token_file.display())
             })?;
             Source(Arc::new(Remote::new(
-                c.client(&token)?,
+                c.clients(&token)?,
                 Some(c.token_file.clone()),
             )))
         }

@@ -463,7 +463,7 @@ async fn remote_agent_converges_over_https() {
     // The agent's own configuration builds its client.
     let mut link = atoll_agent::config::ControlLinkConfig {
         mode: atoll_agent::config::ControlMode::Remote,
-        url: api.url.clone(),
+        url: api.url.clone().into(),
         ca_file: Some(api.ca_file.clone()),
         ..Default::default()
     };
@@ -480,7 +480,7 @@ async fn remote_agent_converges_over_https() {
             ca_fingerprint: fingerprint,
             ..link.clone()
         };
-        let err = Source::new(Remote::new(wrong.client(&issued.token).unwrap(), None))
+        let err = Source::new(Remote::new(wrong.clients(&issued.token).unwrap(), None))
             .register("remote1")
             .await
             .unwrap_err()
@@ -491,20 +491,29 @@ async fn remote_agent_converges_over_https() {
         ca_file: None,
         ..link.clone()
     };
-    let err = untrusting.client(&issued.token).err().unwrap().to_string();
+    let err = untrusting.clients(&issued.token).err().unwrap().to_string();
     assert!(err.contains("control.ca_file"), "{err}");
     // Pinning the generated CA's fingerprint works as well as its file.
     link.ca_fingerprint = Some(api.ca_fingerprint.clone());
-    Source::new(Remote::new(link.client(&issued.token).unwrap(), None))
+    Source::new(Remote::new(link.clients(&issued.token).unwrap(), None))
         .register("remote1")
         .await
         .expect("a pinned fingerprint is trusted");
     link.ca_fingerprint = None;
-    let source = Source::new(Remote::new(
-        link.client(&issued.token).unwrap(),
+    // Two control planes listed, the first of which does not answer (nothing listens on its
+    // port): the agent moves on to the second and stays with it.
+    let closed = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    };
+    link.url = atoll_agent::config::ControlUrls(vec![format!("https://{closed}"), api.url.clone()]);
+    let remote = Remote::new(
+        link.clients(&issued.token).unwrap(),
         Some(token_file.clone()),
-    ));
+    );
+    let source = Source::new(remote.clone());
     source.register("remote1").await.unwrap();
+    assert_eq!(remote.current(), api.url, "the control plane that answered");
     let mut host = Host::open(&cfg(&pins, 16, 0)).unwrap();
     let mut conv = Converger::new(
         ConvergeConfig {
@@ -1039,7 +1048,7 @@ async fn hostile_names_from_the_control_plane_are_refused_one_by_one() {
     else {
         panic!()
     };
-    let source = Source::new(Remote::new(api.client(&issued.token), None));
+    let source = Source::new(Remote::new(vec![api.client(&issued.token)], None));
     source.register("h1").await.unwrap();
 
     // The host's directories, and canaries where hostile names lead out of them.

@@ -291,7 +291,7 @@ async fn doctor_checks_the_remote_control_link() {
     let token_file = dir.path().join("host.token");
     let mut cfg = AgentConfig::default();
     cfg.control.mode = atoll_agent::config::ControlMode::Remote;
-    cfg.control.url = api.url.clone();
+    cfg.control.url = api.url.clone().into();
     cfg.control.ca_file = Some(api.ca_file.clone());
     cfg.control.host = Some("dh1".into());
     cfg.control.token_file = token_file.clone();
@@ -345,11 +345,24 @@ async fn doctor_checks_the_remote_control_link() {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         l.local_addr().unwrap()
     };
-    cfg.control.url = format!("http://{closed}");
+    cfg.control.url = format!("http://{closed}").into();
     let unreachable = control(&cfg).await;
     assert_eq!(unreachable.status, Status::Fail, "{unreachable}");
     assert!(
         unreachable.to_string().contains("cannot sync"),
         "{unreachable}"
+    );
+
+    // Two control planes listed, one of which does not answer: a warning naming it, since
+    // the agent uses the other.
+    put(&issue("dh1").await, 0o600);
+    cfg.control.url =
+        atoll_agent::config::ControlUrls(vec![format!("http://{closed}"), api.url.clone()]);
+    let one_down = control(&cfg).await;
+    assert_eq!(one_down.status, Status::Warn, "{one_down}");
+    assert!(
+        one_down.to_string().contains(&closed.to_string())
+            && one_down.to_string().contains("uses the others"),
+        "{one_down}"
     );
 }

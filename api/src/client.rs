@@ -62,6 +62,33 @@ pub enum ClientError {
     },
 }
 
+impl ClientError {
+    /// The request never reached the control plane (no connection could be made, TLS
+    /// included): sending it to another control plane cannot apply it twice.
+    pub fn never_sent(&self) -> bool {
+        matches!(self, ClientError::Request { source, .. } if source.is_connect())
+            || matches!(self, ClientError::Tls { .. })
+    }
+
+    /// The control plane did not serve the request: it was never sent, the connection failed
+    /// or timed out on the way, or the server failed (5xx) rather than refused it.
+    pub fn unserved(&self) -> bool {
+        match self {
+            ClientError::Request { .. }
+            | ClientError::ReadResponse { .. }
+            | ClientError::Timeout { .. }
+            | ClientError::Tls { .. } => true,
+            ClientError::Api { status, .. } | ClientError::UnexpectedResponse { status, .. } => {
+                status.is_server_error()
+            }
+            ClientError::InvalidUrl(_)
+            | ClientError::PlainHttp { .. }
+            | ClientError::NoTrust { .. }
+            | ClientError::TlsConfig { .. } => false,
+        }
+    }
+}
+
 /// A client of one control plane, with one bearer token.
 #[derive(Clone)]
 pub struct Client {
@@ -123,6 +150,11 @@ impl Client {
             token: token.trim().to_string(),
             timeout: Duration::from_secs(30),
         })
+    }
+
+    /// The base URL this client sends to.
+    pub fn base(&self) -> &str {
+        &self.base
     }
 
     /// The bearer token this client sends.

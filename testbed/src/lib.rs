@@ -1,5 +1,5 @@
 //! What atoll's tests and benchmarks build their scenes with, in one place (`publish = false`):
-//! uniquely named network namespaces and bpffs pin directories (from the agent's `scratch`
+//! uniquely named network namespaces and bpffs pin directories, etcd members and clusters ([`etcd`]), (from the agent's `scratch`
 //! module, which its demo and doctor use too), guards that delete devices on drop, one frame
 //! builder and parser with checksums ([`frame`]), a test's own internet ([`internet`]), and the one
 //! root check.
@@ -11,6 +11,7 @@ use std::process::Command;
 
 pub use atoll_agent::scratch::{run, unique_name, unique_prefix, NetNs, PinRoot};
 
+pub mod etcd;
 pub mod frame;
 pub mod guest;
 pub mod internet;

@@ -17,9 +17,9 @@
 use std::{
     fs::File,
     future::Future,
-    os::{fd::AsRawFd, unix::process::CommandExt},
+    os::fd::AsRawFd,
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    process::{Child, Command},
     sync::Mutex,
     time::{Duration, Instant},
 };
@@ -154,14 +154,6 @@ pub fn enter_netns(name: &str) {
     assert_eq!(rc, 0, "setns({path}): {}", std::io::Error::last_os_error());
 }
 
-fn find_in_path(program: &str) -> Option<PathBuf> {
-    std::env::var_os("PATH").and_then(|paths| {
-        std::env::split_paths(&paths)
-            .map(|dir| dir.join(program))
-            .find(|p| p.is_file())
-    })
-}
-
 /// One etcd member in network namespace `netns`, listening on 127.0.0.1:2379 there. Dropping it
 /// kills etcd and deletes the namespace and the data directory, also when the test panics.
 pub struct EtcdServer {
@@ -233,14 +225,7 @@ impl EtcdServer {
 
     fn start_with(endpoint: &str, extra: &[String]) -> EtcdServer {
         require_root("an etcd test");
-        let etcd = find_in_path("etcd")
-            .expect("etcd is not installed (Debian: apt-get install etcd-server)");
-        // Data in tmpfs when there is one: etcd fsyncs every write.
-        let dir = tempfile::Builder::new()
-            .prefix("atoll-etcd-")
-            .tempdir_in("/dev/shm")
-            .or_else(|_| tempfile::Builder::new().prefix("atoll-etcd-").tempdir())
-            .expect("tempdir");
+        let dir = atoll_testbed::etcd::data_dir();
         let netns = unique_name("st");
         run(Command::new("ip").args(["netns", "add", &netns]));
         let mut server = EtcdServer {
@@ -250,45 +235,16 @@ impl EtcdServer {
             _dir: dir,
         };
         run(Command::new("ip").args(["-n", &server.netns, "link", "set", "lo", "up"]));
-        let log = File::create(&server.log).expect("etcd log file");
-        let data = server._dir.path().join("data");
-        let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", &server.netns])
-            .arg(&etcd)
-            .args(["--name", "atoll-test", "--data-dir"])
-            .arg(&data)
-            .args([
-                "--listen-client-urls",
-                endpoint,
-                "--advertise-client-urls",
-                endpoint,
-                "--listen-peer-urls",
-                "http://127.0.0.1:2380",
-                "--initial-advertise-peer-urls",
-                "http://127.0.0.1:2380",
-                "--initial-cluster",
-                "atoll-test=http://127.0.0.1:2380",
-                "--logger",
-                "zap",
-                "--log-level",
-                "warn",
-            ])
-            .args(extra)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().expect("log fd"))
-            .stderr(log);
-        // SAFETY: prctl is async-signal-safe and touches no memory of the parent; it makes the
-        // kernel kill etcd (`ip netns exec` execs it) if the test thread dies without running
-        // the guard.
-        unsafe {
-            cmd.pre_exec(|| {
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
-        let child = cmd.spawn().expect("spawning ip netns exec etcd");
+        let child = atoll_testbed::etcd::spawn_member(&atoll_testbed::etcd::MemberSpec {
+            netns: &server.netns,
+            name: "atoll-test",
+            data_dir: &server._dir.path().join("data"),
+            client_url: endpoint,
+            peer_url: "http://127.0.0.1:2380",
+            initial_cluster: "atoll-test=http://127.0.0.1:2380",
+            extra,
+            log: &server.log,
+        });
         *server.child.get_mut().expect("lock") = Some(child);
         server
     }
