@@ -53,6 +53,7 @@ fn vm(name: &str) -> CreateVm {
         volumes: vec![],
         user_data: None,
         start: true,
+        anti_affinity: None,
     }
 }
 

@@ -287,6 +287,7 @@ fn create_vm(
                 volumes: vec![],
                 user_data: None,
                 start: true,
+                anti_affinity: None,
             },
         },
     ) else {

@@ -589,6 +589,7 @@ fn vms_created_through_the_api_reach_each_other_across_hosts() {
                     volumes: vec![],
                     user_data: None,
                     start: true,
+                    anti_affinity: None,
                 },
             }) else {
                 panic!()

@@ -399,6 +399,11 @@ pub struct CreateVm {
     /// Boot the VM once it is placed (default); `false` creates it stopped.
     #[serde(default = "default_true")]
     pub start: bool,
+    /// Anti-affinity group (a DNS label): VMs of this cloud naming the same group are never
+    /// placed on one host. Creating one fails (`anti_affinity`, 409) when every live host
+    /// that can take it already holds one, or when the cloud cannot span hosts.
+    #[serde(default)]
+    pub anti_affinity: Option<String>,
 }
 
 fn default_true() -> bool {
@@ -468,6 +473,9 @@ pub struct Vm {
     pub power: Power,
     #[serde(default)]
     pub user_data: Option<String>,
+    /// Its anti-affinity group, as created (see `CreateVm::anti_affinity`).
+    #[serde(default)]
+    pub anti_affinity: Option<String>,
     /// Filled in from the host's reports when returned by the API.
     #[serde(default)]
     pub status: Option<VmStatus>,

@@ -1359,6 +1359,7 @@ mod tests {
                     volumes: vec![s("data")],
                     user_data: Some(s("#!/bin/sh\n")),
                     start: false,
+                    anti_affinity: None,
                 },
             },
             ListVms { cloud },

@@ -168,6 +168,9 @@ enum VmCmd {
         /// Create the VM stopped (start it with `atoll vm start`).
         #[arg(long)]
         stopped: bool,
+        /// Anti-affinity group: VMs of the cloud naming the same group never share a host.
+        #[arg(long)]
+        anti_affinity: Option<String>,
     },
     List {
         cloud: CloudId,
@@ -669,6 +672,7 @@ async fn resource(c: &Client, cmd: Cmd) -> Result<Output> {
             volumes,
             user_data_file,
             stopped,
+            anti_affinity,
         }) => Command::CreateVm {
             cloud,
             spec: CreateVm {
@@ -680,6 +684,7 @@ async fn resource(c: &Client, cmd: Cmd) -> Result<Output> {
                 volumes,
                 user_data: user_data_file.as_deref().map(read_user_data).transpose()?,
                 start: !stopped,
+                anti_affinity,
             },
         },
         Cmd::Vm(VmCmd::List { cloud }) => Command::ListVms { cloud },

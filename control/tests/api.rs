@@ -54,6 +54,7 @@ api_suite!(
     cordoned_hosts_get_no_new_placements,
     a_cloud_stays_on_one_host,
     a_cloud_spreads_over_overlay_hosts_and_each_syncs_the_others,
+    vms_of_one_anti_affinity_group_never_share_a_host,
     cloud_tokens_rotate_and_the_old_one_stops_at_once,
     what_hosts_cannot_hold_is_refused_at_the_request,
     offers_change_nothing_in_the_consumer_until_it_accepts,
@@ -1940,6 +1941,109 @@ async fn a_cloud_stays_on_one_host(api: Api) {
 /// over them (never to a host without it), and each host's sync carries the cloud's VMs on
 /// the other hosts (and nothing of clouds it does not run), and forgets them when they go.
 /// Placement reads the feed, which a host's own requests update at once.
+/// Anti-affinity: VMs of one cloud naming the same group land on different hosts; when every
+/// host running the overlay holds one (another host without the overlay does not count), or
+/// the volumes bind a VM to such a host, the create is refused (409 `anti_affinity`) and
+/// nothing is written; other groups and VMs without one are unaffected; a group member's
+/// delete frees its host; a bad group name is a 400 naming the field.
+async fn vms_of_one_anti_affinity_group_never_share_a_host(api: Api) {
+    for (i, h) in ["aa", "ab", "ac", "ad"].into_iter().enumerate() {
+        let t: HostToken = ok(
+            &api.op,
+            Method::POST,
+            &routes::ISSUE_HOST_TOKEN.at(&[&h]),
+            None,
+        )
+        .await;
+        let c = api.as_token(&t.token);
+        let _: HostInfo = ok(&c, Method::PUT, &routes::REGISTER_HOST.at(&[&h]), None).await;
+        // Host ad runs no overlay.
+        if h != "ad" {
+            let _: HostInfo = ok(
+                &c,
+                Method::PUT,
+                &routes::SET_HOST_UNDERLAY.at(&[&h]),
+                Some(json!({ "underlay": Ipv4Addr::new(10, 9, 1, i as u8 + 1) })),
+            )
+            .await;
+        }
+    }
+    let (x, xc) = api.cloud(json!({"name": "x"})).await;
+    let xid = x.cloud.id;
+    let create = |name: &str, group: Option<&str>, volumes: Vec<&str>| {
+        let body = json!({"name": name, "anti_affinity": group, "volumes": volumes});
+        let (xc, path) = (&xc, routes::CREATE_VM.at(&[&xid]));
+        async move { raw(xc, Method::POST, &path, Some(&body)).await }
+    };
+    let mut web_hosts = std::collections::BTreeSet::new();
+    for name in ["w1", "w2", "w3"] {
+        let (status, v) = create(name, Some("web"), vec![]).await;
+        assert_eq!(status, StatusCode::CREATED, "{v}");
+        let vm: Vm = serde_json::from_value(v).unwrap();
+        assert_eq!(vm.anti_affinity.as_deref(), Some("web"));
+        web_hosts.insert(vm.host);
+    }
+    assert_eq!(
+        web_hosts,
+        ["aa", "ab", "ac"].map(String::from).into(),
+        "one per overlay host"
+    );
+    let (status, v) = create("w4", Some("web"), vec![]).await;
+    assert_eq!(
+        (status, v["error"]["code"].as_str()),
+        (StatusCode::CONFLICT, Some("anti_affinity")),
+        "{v}"
+    );
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("every live host running the overlay"),
+        "{v}"
+    );
+    let (status, _) = raw(&xc, Method::GET, &routes::GET_VM.at(&[&xid, &"w4"]), None).await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "a refused VM leaves nothing");
+    // Another group and a VM without one are placed as usual.
+    for (name, group) in [("d1", Some("db")), ("plain", None)] {
+        let (status, v) = create(name, group, vec![]).await;
+        assert_eq!(status, StatusCode::CREATED, "{v}");
+    }
+    // Volumes bind a VM to their host: one that holds a web VM is refused.
+    let vol: Volume = ok(
+        &xc,
+        Method::POST,
+        &routes::CREATE_VOLUME.at(&[&xid]),
+        Some(json!({"name": "data", "size_gib": 1})),
+    )
+    .await;
+    assert!(web_hosts.contains(&vol.host), "{vol:?}");
+    let (status, v) = create("w5", Some("web"), vec!["data"]).await;
+    assert_eq!(
+        (status, v["error"]["code"].as_str()),
+        (StatusCode::CONFLICT, Some("anti_affinity")),
+        "{v}"
+    );
+    let (status, v) = create("bad", Some("Not A Label"), vec![]).await;
+    assert_eq!(
+        (status, v["error"]["field"].as_str()),
+        (StatusCode::BAD_REQUEST, Some("anti_affinity")),
+        "{v}"
+    );
+    // A member goes: its host takes the next.
+    let w1: Vm = ok(&xc, Method::GET, &routes::GET_VM.at(&[&xid, &"w1"]), None).await;
+    let (status, _) = raw(
+        &xc,
+        Method::DELETE,
+        &routes::DELETE_VM.at(&[&xid, &"w1"]),
+        None,
+    )
+    .await;
+    assert!(status.is_success());
+    let (status, v) = create("w4", Some("web"), vec![]).await;
+    assert_eq!(status, StatusCode::CREATED, "{v}");
+    assert_eq!(v["host"].as_str(), Some(w1.host.as_str()));
+}
+
 async fn a_cloud_spreads_over_overlay_hosts_and_each_syncs_the_others(api: Api) {
     let underlay = |h: &str| match h {
         "oa" => Ipv4Addr::new(10, 9, 0, 1),

@@ -2,6 +2,16 @@
 //! with a network id whose hosts all run the overlay, the least loaded live host running it:
 //! the cloud spreads; else the live host holding most of its cloud, else the least loaded
 //! live host), read from the feed's in-memory view, never from the store.
+//!
+//! **Anti-affinity** (`CreateVm::anti_affinity`): a VM naming a group avoids every host that
+//! holds a VM of its cloud in that group. Decided: a hard rule, never a preference (a
+//! replica set that says "not together" means it; placing two on one host would silently
+//! break what the group is for), so a VM that cannot be placed apart is refused
+//! (`anti_affinity`, 409) rather than placed together: when every live host that can take it
+//! holds one, when its volumes bind it to such a host, or when the cloud cannot span hosts
+//! (no network id, or a host of it without the overlay). The group's hosts are read in the
+//! create's own transaction guard (the cloud record's revision), so two racing creates of one
+//! group cannot both pick the same host.
 
 use super::*;
 
@@ -12,7 +22,14 @@ impl Core {
     /// the cloud between them). Else together: the live, uncordoned host holding most of the
     /// cloud's placements (a host without the overlay reaches no other), or for a cloud with
     /// none there, the live, uncordoned host with the fewest placements.
-    pub(super) fn pick_host(&self, c: CloudId, vni: u32) -> Result<String, CoreError> {
+    ///
+    /// Hosts in `avoid` (the anti-affinity group's, see the module docs) are never chosen.
+    pub(super) fn pick_host(
+        &self,
+        c: CloudId,
+        vni: u32,
+        avoid: &BTreeSet<String>,
+    ) -> Result<String, CoreError> {
         let st = self.feed.state.lock().expect("feed lock");
         let now = now();
         let usable = |h: &String| {
@@ -28,11 +45,26 @@ impl Core {
             if let Some(h) = st
                 .hosts
                 .keys()
-                .filter(|h| usable(h) && st.overlay.contains(*h))
+                .filter(|h| usable(h) && st.overlay.contains(*h) && !avoid.contains(*h))
                 .min_by_key(|h| st.load(h))
             {
                 return Ok(h.clone());
             }
+        }
+        if !avoid.is_empty() {
+            let why = if spread {
+                "every live host running the overlay already holds one"
+            } else {
+                "the cloud cannot span hosts (it has no network id, or a host of it does not run \
+                 the overlay)"
+            };
+            return Err(conflict(
+                "anti_affinity",
+                format!(
+                    "no host for a VM apart from its anti-affinity group's (on {}): {why}",
+                    avoid.iter().cloned().collect::<Vec<_>>().join(", ")
+                ),
+            ));
         }
         let home = st
             .placements

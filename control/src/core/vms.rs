@@ -66,6 +66,17 @@ impl Core {
             })
     }
 
+    /// The hosts of cloud `c`'s VMs in anti-affinity group `group`.
+    async fn group_hosts(&self, c: CloudId, group: &str) -> Result<BTreeSet<String>, CoreError> {
+        Ok(self
+            .list::<Vm>(&keys::vms(c))
+            .await?
+            .into_iter()
+            .filter(|vm| vm.anti_affinity.as_deref() == Some(group))
+            .map(|vm| vm.host)
+            .collect())
+    }
+
     pub(super) async fn create_vm(&self, c: CloudId, req: CreateVm) -> Result<Reply, CoreError> {
         validate_label("name", &req.name)?;
         if !(1..=64).contains(&req.vcpus) {
@@ -97,6 +108,9 @@ impl Core {
                 format!("a VM holds at most {MAX_VOLUMES_PER_VM} volumes"),
             )
             .into());
+        }
+        if let Some(g) = &req.anti_affinity {
+            validate_label("anti_affinity", g)?;
         }
         let mut seen = HashSet::new();
         for (i, v) in req.volumes.iter().enumerate() {
@@ -162,9 +176,22 @@ impl Core {
                 compares.push(Compare::ModRevision(keys::volume(c, name), vrev));
                 ops.push(put(keys::volume(c, name), &vol));
             }
+            // Hosts holding a VM of the anti-affinity group (read under the cloud record's
+            // revision, which every create of the cloud changes).
+            let avoid = match &req.anti_affinity {
+                Some(g) => self.group_hosts(c, g).await?,
+                None => BTreeSet::new(),
+            };
             let host = match host {
+                Some(h) if avoid.contains(&h) => return Err(conflict(
+                    "anti_affinity",
+                    format!(
+                        "the volumes are on host {h}, which holds a VM of anti-affinity group {}",
+                        req.anti_affinity.as_deref().unwrap_or_default()
+                    ),
+                )),
                 Some(h) => h,
-                None => self.pick_host(c, cloud.vni)?,
+                None => self.pick_host(c, cloud.vni, &avoid)?,
             };
             let ip = self.allocate_ip(&cloud).await?;
             compares.push(Compare::Absent(keys::ip(c, ip)));
@@ -191,6 +218,7 @@ impl Core {
                 user_data: req.user_data.clone(),
                 status: None,
                 host_live: false,
+                anti_affinity: req.anti_affinity.clone(),
             };
             let placement = placement(&vm, &cloud);
             ops.push(put(keys::cloud(c), &cloud));
