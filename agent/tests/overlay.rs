@@ -86,8 +86,13 @@ fn in_guest<T: Send>(g: &VethGuest, f: impl FnOnce() -> T + Send) -> T {
 
 /// `cross_host` packets of a guest's endpoint: (from guest, to guest).
 fn cross_host(host: &Host, g: &VethGuest) -> (u64, u64) {
+    packets(host, g, TrafficClass::CrossHost)
+}
+
+/// Packets of `class` of a guest's endpoint: (from guest, to guest).
+fn packets(host: &Host, g: &VethGuest, class: TrafficClass) -> (u64, u64) {
     let c = host.dataplane().counters(g.ep.slot).expect("counters");
-    let t = |d: Direction| c.traffic[d as usize][TrafficClass::CrossHost as usize].packets;
+    let t = |d: Direction| c.traffic[d as usize][class as usize].packets;
     (t(Direction::FromGuest), t(Direction::ToGuest))
 }
 
@@ -170,6 +175,7 @@ fn side(
     peers: &[Ipv4Addr],
     local: &[(u32, Ipv4Addr)],
     remote: &[(u32, Ipv4Addr, Ipv4Addr)],
+    guest_tags: (&str, &str),
 ) -> Side {
     on(ns, || {
         let mut host = {
@@ -221,7 +227,7 @@ fn side(
                 let g = support::veth_guest(
                     rt,
                     &mut host,
-                    ("ovg", "ovd"),
+                    guest_tags,
                     c,
                     ip,
                     guest_mac(c, ip),
@@ -281,6 +287,7 @@ fn one_cloud_spans_two_hosts_and_forged_frames_are_dropped() {
                 (2, ON_B, B_UNDERLAY),
                 (1, ON_C, C_UNDERLAY),
             ],
+            ("ovg", "ovd"),
         );
         let b = side(
             &rt,
@@ -291,6 +298,7 @@ fn one_cloud_spans_two_hosts_and_forged_frames_are_dropped() {
             &[A_UNDERLAY],
             &[(1, ON_B), (2, ON_B)],
             &[(1, ON_A, A_UNDERLAY), (2, ON_A, A_UNDERLAY)],
+            ("ovg", "ovd"),
         );
         let (a1, a2, a3) = (&a.guests[0], &a.guests[1], &a.guests[2]);
         let (b1, b2) = (&b.guests[0], &b.guests[1]);
@@ -770,11 +778,236 @@ fn frames_to_a_remote_endpoint_are_encapsulated_or_dropped_with_a_reason() {
             ),
             (1, frame.len() as u64)
         );
+        // A grant's NAT address for another host (a backend here replying): encapsulated
+        // to that host with the TTL kept (the consumer host's translation is the hop) and
+        // counted `exposure`; a NAT route never replaces a remote endpoint's route.
+        let nat = Ipv4Addr::new(10, 0, 0, 200);
+        host.set_remote_nat(cloud(1), nat, B_UNDERLAY).unwrap();
+        let err = host
+            .set_remote_nat(cloud(1), ON_B, B_UNDERLAY)
+            .expect_err("a NAT route over a remote endpoint's");
+        assert!(err.to_string().contains("remote endpoint"), "{err}");
+        let reply = frame::Udp {
+            src_mac: sender.0,
+            dst_mac: gw,
+            src: ON_A,
+            dst: nat,
+            sport: 8080,
+            dport: 40000,
+        }
+        .frame(b"a backend's reply");
+        let before = host.dataplane().counters(3).unwrap();
+        let r = verdict::run(
+            &prog,
+            PROG_FROM_VM,
+            &reply,
+            || host.dataplane().drop_counters().unwrap(),
+            "to a remote NAT address",
+        );
+        assert_eq!((r.ret, r.drops.len()), (TC_ACT_REDIRECT, 0), "{r:?}");
+        let eth = layers::parse_eth(&r.out).expect("an Ethernet frame");
+        let ip = layers::parse_ipv4(eth.payload).expect("IPv4");
+        assert_eq!((ip.src, ip.dst, ip.ttl), (ON_A, nat, 64));
+        let after = host.dataplane().counters(3).unwrap();
+        let exposure = |c: &atoll_dataplane_common::EndpointCounters| {
+            c.traffic[Direction::FromGuest as usize][TrafficClass::Exposure as usize].packets
+        };
+        assert_eq!(exposure(&after) - exposure(&before), 1);
+        host.remove_remote_nat(cloud(1), nat).unwrap();
+        assert!(host.remote_nats().unwrap().is_empty());
         // The VNI is bounded; a VNI another cloud holds is refused.
         assert!(host.set_cloud_vni(cloud(2), 0).is_err());
         assert!(host.set_cloud_vni(cloud(2), 1 << 24).is_err());
         assert!(host.set_cloud_vni(cloud(2), vni(1)).is_err());
         drop(prog);
         drop(host);
+    });
+}
+
+/// An exposure across hosts, by the dataplane alone: the consumer's host translates and
+/// encapsulates under the provider's network id to the backend's host, which routes the
+/// grant's NAT address for that consumer host back to it; replies are translated back on the
+/// consumer's host. UDP and TCP both ways, the backend seeing the NAT address; `exposure`
+/// counted on both endpoints (nothing `cross_host`); a reply no flow holds is dropped
+/// (`exposure_no_flow`), and after the grant is revoked on the consumer's host a new datagram
+/// finds no route and the backend's replies are dropped where they arrive.
+#[test]
+fn a_consumer_reaches_a_backend_on_another_host_through_an_exposure() {
+    use atoll_agent::endpoint::{ServiceSpec, PROTOCOL_TCP, PROTOCOL_UDP};
+    const CONSUMER: u32 = 5;
+    const PROVIDER: u32 = 6;
+    const UDP_VIP: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 50);
+    const UDP_NAT: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 200);
+    const TCP_VIP: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 51);
+    const TCP_NAT: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 201);
+    require_root();
+    support::leaves_nothing(&["oeh", "oeg", "oed", "oep"], || {
+        let (a_ns, b_ns) = two_hosts("oeh", None);
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let (a_pins, b_pins) = (PinRoot::new("oep"), PinRoot::new("oep"));
+        // Host A runs the consumer and knows where the provider's backend is; host B runs
+        // the backend and routes the grants' NAT addresses for host A back to it.
+        let mut a = side(
+            &rt,
+            &a_ns,
+            &a_pins,
+            A_UNDERLAY,
+            &[CONSUMER, PROVIDER],
+            &[B_UNDERLAY],
+            &[(CONSUMER, ON_A)],
+            &[(PROVIDER, ON_B, B_UNDERLAY)],
+            ("oeg", "oed"),
+        );
+        let mut b = side(
+            &rt,
+            &b_ns,
+            &b_pins,
+            B_UNDERLAY,
+            &[PROVIDER],
+            &[A_UNDERLAY],
+            &[(PROVIDER, ON_B)],
+            &[],
+            ("oeg", "oed"),
+        );
+        let spec = |vip, nat, protocol, port, backend_port| ServiceSpec {
+            consumer: cloud(CONSUMER),
+            vip,
+            provider: cloud(PROVIDER),
+            nat,
+            protocol,
+            port,
+            backends: vec![(ON_B, backend_port)],
+        };
+        on(&a_ns, || {
+            a.host
+                .apply_service(&spec(UDP_VIP, UDP_NAT, PROTOCOL_UDP, 53, 5353))
+                .unwrap();
+            a.host
+                .apply_service(&spec(TCP_VIP, TCP_NAT, PROTOCOL_TCP, 80, 8080))
+                .unwrap();
+        });
+        on(&b_ns, || {
+            for nat in [UDP_NAT, TCP_NAT] {
+                b.host
+                    .set_remote_nat(cloud(PROVIDER), nat, A_UNDERLAY)
+                    .unwrap();
+            }
+            assert_eq!(
+                b.host.remote_nats().unwrap().len(),
+                2,
+                "both NAT addresses routed to host A"
+            );
+        });
+        let (consumer, backend) = (&a.guests[0], &b.guests[0]);
+
+        // UDP: the backend sees the NAT address; its answer comes back from the VIP.
+        let server = GuestUdp::bind(backend, 5353);
+        let client = in_guest(consumer, || UdpSocket::bind((ON_A, 7001))).unwrap();
+        client
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        client.send_to(b"question", (UDP_VIP, 53)).unwrap();
+        let (got, from) = server.recv("the consumer's datagram");
+        assert_eq!(got, b"question");
+        assert_eq!(
+            from.ip(),
+            std::net::IpAddr::V4(UDP_NAT),
+            "from the NAT address"
+        );
+        server.sock.send_to(b"answer", from).unwrap();
+        let mut buf = [0u8; 64];
+        let (n, answered_by) = client.recv_from(&mut buf).expect("the backend's answer");
+        assert_eq!(&buf[..n], b"answer");
+        assert_eq!(answered_by, SocketAddrV4::new(UDP_VIP, 53).into());
+
+        // TCP across, both ways.
+        let listener = in_guest(backend, || TcpListener::bind((ON_B, 8080))).unwrap();
+        let payload: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
+        let sent = payload.clone();
+        let connecting = std::thread::spawn({
+            let ns = consumer.ns.path();
+            move || {
+                netns::run_in(&ns, move || {
+                    let mut s =
+                        TcpStream::connect_timeout(&SocketAddrV4::new(TCP_VIP, 80).into(), ARRIVE)
+                            .expect("connecting to the VIP");
+                    s.write_all(&sent).unwrap();
+                    s.shutdown(std::net::Shutdown::Write).unwrap();
+                    let mut back = Vec::new();
+                    s.read_to_end(&mut back).unwrap();
+                    back
+                })
+                .unwrap()
+            }
+        });
+        let (mut conn, peer) = listener.accept().unwrap();
+        assert_eq!(peer.ip(), std::net::IpAddr::V4(TCP_NAT));
+        conn.set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let mut got = Vec::new();
+        conn.read_to_end(&mut got).unwrap();
+        assert!(got == payload, "{} of {} bytes", got.len(), payload.len());
+        conn.write_all(&payload).unwrap();
+        drop(conn);
+        assert!(
+            connecting.join().unwrap() == payload,
+            "the echo came back whole"
+        );
+
+        // Metered as an exposure on both endpoints, not as cross-host traffic.
+        let (c_out, c_in) = packets(&a.host, consumer, TrafficClass::Exposure);
+        let (b_out, b_in) = packets(&b.host, backend, TrafficClass::Exposure);
+        assert!(
+            c_out > 0 && c_in > 0 && b_out > 0 && b_in > 0,
+            "exposure packets: consumer {c_out}/{c_in}, backend {b_out}/{b_in}"
+        );
+        assert_eq!(cross_host(&a.host, consumer), (0, 0));
+        assert_eq!(cross_host(&b.host, backend), (0, 0));
+        assert!(
+            drops(&a.host).is_empty(),
+            "drops on A: {:?}",
+            drops(&a.host)
+        );
+        assert!(
+            drops(&b.host).is_empty(),
+            "drops on B: {:?}",
+            drops(&b.host)
+        );
+
+        // A reply no flow holds: dropped on the consumer's host.
+        let sniffer = Sniffer::open(consumer);
+        let before = drops(&a.host);
+        server.sock.send_to(FORGED, (UDP_NAT, 9999)).unwrap();
+        let mut expected = before.clone();
+        *expected.entry(DropReason::ExposureNoFlow).or_default() += 1;
+        wait_until("a reply without a flow", expected, || drops(&a.host));
+
+        // Revoked on the consumer's host: the consumer's datagram finds no route there, and
+        // the backend's reply to the old flow is dropped where it arrives.
+        on(&a_ns, || {
+            assert!(a.host.remove_service(cloud(CONSUMER), UDP_VIP).unwrap());
+        });
+        let before = drops(&a.host);
+        client.send_to(b"after", (UDP_VIP, 53)).unwrap();
+        server.sock.send_to(FORGED, from).unwrap();
+        let mut expected = before.clone();
+        *expected.entry(DropReason::NoRouteInCloud).or_default() += 1;
+        *expected.entry(DropReason::OverlayNotLocal).or_default() += 1;
+        wait_until("after the revocation", expected, || drops(&a.host));
+        assert_silent(
+            &[
+                Sink::Udp(&server),
+                Sink::Sniffer(&sniffer, vec![FORGED.to_vec()]),
+            ],
+            "after the revocation",
+        );
+        on(&b_ns, || {
+            b.host.remove_remote_nat(cloud(PROVIDER), UDP_NAT).unwrap();
+            assert_eq!(b.host.remote_nats().unwrap().len(), 1);
+        });
+        drop((a, b));
     });
 }

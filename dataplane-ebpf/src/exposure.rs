@@ -91,11 +91,33 @@
 //!   The TTL is decremented as on any routed hop.
 //! - Metering: both endpoints count the frame as [`TrafficClass::Exposure`], the sender "from
 //!   guest" and the receiver "to guest".
+//!
+//! **Exposures across hosts.** The consumer's host translates, wherever the backend runs:
+//! - each grant has one NAT address *per consumer host* (allocated by the control plane in the
+//!   provider's range), so the backend's host can tell by the destination alone which host a
+//!   reply goes back to, with no flow state of its own;
+//! - on the consumer's host the backend's route in the provider's space is
+//!   [`NEXTHOP_REMOTE`]: the translated frame is rewritten as for a local backend (TTL one
+//!   less), encapsulated under the *provider's* network id to the backend's host
+//!   ([`overlay::encapsulate`]) and metered `exposure` from the consumer. Such flows are not
+//!   cached (the cache proves a backend by its local device);
+//! - on the backend's host the NAT address is a [`NEXTHOP_REMOTE_NAT`] route to the consumer
+//!   host: `from_overlay` accepts frames from it (the source check holds as for a guest: the
+//!   address is routed to the sending host) and meters them `exposure` to the backend; the
+//!   backend's replies find the same route in `from_vm` and are encapsulated back without a
+//!   TTL decrement (the translation back is the hop), metered `exposure` from the backend;
+//! - back on the consumer's host, `from_overlay` hands a frame from a backend (routed to the
+//!   sending host) to a NAT address of this host to [`from_remote_backend`], the reply path
+//!   of a local backend without the sender's metering: only tracked flows pass, revocation
+//!   cuts them the same way.
+//!
+//! [`NEXTHOP_REMOTE_NAT`]: atoll_dataplane_common::NEXTHOP_REMOTE_NAT
 
 use atoll_dataplane_common::{
     cache_slot, flow_hash, nat_port_candidate, Direction, DropReason, EndpointInfo, FlowIn,
-    FlowKey, FlowOut, FlowRecent, RouteKey, TrafficClass, VipService, CACHE_CREDIT, CACHE_SLOTS,
-    MAX_BACKENDS, NAT_PORT_TRIES, NEXTHOP_ENDPOINT, NEXTHOP_NAT_SOURCE, NEXTHOP_VIP,
+    FlowKey, FlowOut, FlowRecent, NextHop, RouteKey, TrafficClass, VipService, CACHE_CREDIT,
+    CACHE_SLOTS, MAX_BACKENDS, NAT_PORT_TRIES, NEXTHOP_ENDPOINT, NEXTHOP_NAT_SOURCE,
+    NEXTHOP_REMOTE, NEXTHOP_VIP,
 };
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
@@ -109,7 +131,7 @@ use crate::{
     flowcache::{
         held_version, read_begin, read_valid, reserved, same_key, still_held, write_key, write_slot,
     },
-    metering, pace,
+    metering, overlay, pace,
     packet::{self, Diffs, EthHdr, Ipv4Hdr, Packet, Ports, Rewrite, IPPROTO_ICMP},
     route, Verdict,
 };
@@ -309,10 +331,9 @@ fn from_consumer(
     };
     let (flow, confirmed) = flow;
     let hop = match route::lookup(svc.provider, flow.backend_ipv4) {
-        Some(hop) if hop.flags == NEXTHOP_ENDPOINT => hop,
+        Some(hop) if hop.flags == NEXTHOP_ENDPOINT || hop.flags == NEXTHOP_REMOTE => hop,
         _ => return Verdict::Drop(DropReason::ExposureNoBackend),
     };
-    let (ifindex, slot, mac) = (hop.ifindex, hop.slot, hop.mac);
     let t = Translation::to_backend(
         (ep.ipv4, vip),
         &service,
@@ -321,6 +342,18 @@ fn from_consumer(
     )
     .rewrite(l4);
     let diffs = Diffs::of(&t);
+    if hop.flags == NEXTHOP_REMOTE {
+        return to_remote_backend(
+            ctx,
+            pkt,
+            (eth, ip),
+            ep,
+            l4,
+            (hop, svc.provider),
+            (&t, diffs),
+        );
+    }
+    let (ifindex, slot, mac) = (hop.ifindex, hop.slot, hop.mac);
     // A flow just opened is cached by its next packet, which confirms its hold (its own
     // reservation moved the version it would read now).
     if let Some(version) = confirmed {
@@ -329,13 +362,59 @@ fn from_consumer(
     deliver_to(
         ctx,
         pkt,
-        eth,
-        ip,
-        ep,
+        (eth, ip),
+        (Some(ep.slot), &ep.gateway_mac),
         l4,
         (ifindex, slot, &mac),
         (&t, diffs),
     )
+}
+
+/// A consumer's translated flow to a backend on another host (`hop`, a route of the
+/// provider's): rewritten (gateway → the backend's MAC, TTL one less, addresses and ports),
+/// encapsulated under the provider's network id to the backend's host, metered `exposure`
+/// from the consumer (the backend's host meters its side). Not cached: the cache proves a
+/// backend by its local device.
+#[inline(always)]
+fn to_remote_backend(
+    ctx: &TcContext,
+    pkt: &Packet,
+    (eth, ip): (*mut EthHdr, *mut Ipv4Hdr),
+    ep: &EndpointInfo,
+    l4: &L4,
+    (hop, provider): (&NextHop, u32),
+    (t, diffs): (&Rewrite, Diffs),
+) -> Verdict {
+    // SAFETY: `eth`, `ip` and `l4.ports` are bounds-checked pointers into this frame and no
+    // helper has run since they were derived.
+    let rewritten = unsafe {
+        packet::rewrite_with(
+            ctx,
+            eth,
+            ip,
+            l4.ports,
+            Some((&ep.gateway_mac, &hop.mac)),
+            l4.protocol,
+            l4.check_offset,
+            t,
+            diffs,
+        )
+    };
+    if !rewritten {
+        return Verdict::Drop(DropReason::ExposureRewriteFailed);
+    }
+    match overlay::encapsulate(ctx, provider, hop.ifindex) {
+        Ok(vxlan) => {
+            metering::traffic(
+                ep.slot,
+                Direction::FromGuest,
+                TrafficClass::Exposure,
+                pkt.len,
+            );
+            Verdict::Redirect(vxlan)
+        }
+        Err(reason) => Verdict::Drop(reason),
+    }
 }
 
 /// What a flow needs of its grant's service.
@@ -431,9 +510,8 @@ fn from_cache(
     Some(deliver_to(
         ctx,
         pkt,
-        eth,
-        ip,
-        ep,
+        (eth, ip),
+        (Some(ep.slot), &ep.gateway_mac),
         l4,
         (c.backend_ifindex, info.slot, &info.mac),
         (&w, c.diffs),
@@ -639,7 +717,9 @@ fn open_flow(
     // A backend with no live endpoint here gets no flow entries, so it holds no NAT port
     // (an established flow whose backend goes away is dropped in `from_consumer` instead and
     // resumes when the backend returns).
-    if route::lookup(svc.provider, backend_ipv4).is_none_or(|h| h.flags != NEXTHOP_ENDPOINT) {
+    if route::lookup(svc.provider, backend_ipv4)
+        .is_none_or(|h| h.flags != NEXTHOP_ENDPOINT && h.flags != NEXTHOP_REMOTE)
+    {
         return Err(DropReason::ExposureNoBackend);
     }
     let (mut reply, back) = reply_half(key, service, backend_ipv4, backend_port, first_port);
@@ -687,16 +767,66 @@ fn from_provider(
     l4: &L4,
     route_grant: u32,
 ) -> Verdict {
+    reply(
+        ctx,
+        pkt,
+        (eth, ip),
+        l4,
+        (ep.cloud, ep.ipv4),
+        Some(ep),
+        route_grant,
+    )
+}
+
+/// From `from_overlay`: a backend of `provider` at `backend` on the sending host replies to
+/// this host's NAT address of a grant (whose route names `route_grant`); the frame is
+/// translated back to its consumer here as `from_provider` does for a local backend, and
+/// metered `exposure` to the consumer (the backend's host metered its side). The sending
+/// host did not decrement the TTL (the translation here is the hop).
+#[inline(always)]
+pub fn from_remote_backend(
+    ctx: &TcContext,
+    pkt: &Packet,
+    (eth, ip): (*mut EthHdr, *mut Ipv4Hdr),
+    total_len: u16,
+    (provider, backend): (u32, u32),
+    route_grant: u32,
+) -> Verdict {
+    // SAFETY: `ip` was bounds-checked by the caller.
+    if unsafe { (*ip).ttl } <= 1 {
+        return Verdict::Drop(DropReason::TtlExceeded);
+    }
+    let l4 = match parse_l4(pkt, ip, total_len) {
+        Ok(l4) => l4,
+        Err(reason) => return Verdict::Drop(reason),
+    };
+    reply(
+        ctx,
+        pkt,
+        (eth, ip),
+        &l4,
+        (provider, backend),
+        None,
+        route_grant,
+    )
+}
+
+/// A reply of the provider's `sender` (`(provider, address)`) to a NAT address: only replies
+/// of tracked flows pass, translated back to their consumer. `from`: the sender's endpoint
+/// when it is on this host (metered there too), `None` for a backend on another host.
+#[inline(always)]
+fn reply(
+    ctx: &TcContext,
+    pkt: &Packet,
+    (eth, ip): (*mut EthHdr, *mut Ipv4Hdr),
+    l4: &L4,
+    (provider, sender): (u32, u32),
+    from: Option<&EndpointInfo>,
+    route_grant: u32,
+) -> Verdict {
     // SAFETY: `ip` was bounds-checked by the caller.
     let nat = unsafe { (*ip).daddr() };
-    let key = flow_key(
-        ep.cloud,
-        ep.ipv4,
-        nat,
-        l4.src_port,
-        l4.dst_port,
-        l4.protocol,
-    );
+    let key = flow_key(provider, sender, nat, l4.src_port, l4.dst_port, l4.protocol);
     // SAFETY: the value is copied out at once.
     let Some(flow) = (unsafe { FLOWS_IN.get(key) }).copied() else {
         return Verdict::Drop(DropReason::ExposureNoFlow);
@@ -711,7 +841,7 @@ fn from_provider(
                 ipv4: flow.vip,
             })
         }
-        .is_some_and(|svc| svc.grant == flow.grant && svc.provider == ep.cloud);
+        .is_some_and(|svc| svc.grant == flow.grant && svc.provider == provider);
     if !granted {
         let _ = FLOWS_IN.remove(key);
         return Verdict::Drop(DropReason::ExposureRevoked);
@@ -719,13 +849,12 @@ fn from_provider(
     deliver(
         ctx,
         pkt,
-        eth,
-        ip,
-        ep,
+        (eth, ip),
+        from,
         l4,
         (flow.consumer_cloud, flow.consumer_ipv4),
         Translation {
-            src: (ep.ipv4, flow.vip),
+            src: (sender, flow.vip),
             dst: (nat, flow.consumer_ipv4),
             src_port: flow.vip_port,
             dst_port: flow.consumer_port,
@@ -773,15 +902,15 @@ impl Translation {
 }
 
 /// A reply back to its consumer endpoint `to` (`(cloud, address)`, found in `ROUTES`; not a
-/// live endpoint here: `exposure_no_flow`).
+/// live endpoint here: `exposure_no_flow`), from the endpoint `from` (`None`: a backend on
+/// another host; the frame then gets the consumer's gateway MAC as its source).
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
 fn deliver(
     ctx: &TcContext,
     pkt: &Packet,
-    eth: *mut EthHdr,
-    ip: *mut Ipv4Hdr,
-    ep: &EndpointInfo,
+    (eth, ip): (*mut EthHdr, *mut Ipv4Hdr),
+    from: Option<&EndpointInfo>,
     l4: &L4,
     to: (u32, u32),
     t: Rewrite,
@@ -793,12 +922,18 @@ fn deliver(
         return Verdict::Drop(DropReason::ExposureNoFlow);
     }
     let (ifindex, slot, mac) = (hop.ifindex, hop.slot, hop.mac);
+    let (from_slot, gateway_mac) = match from {
+        Some(ep) => (Some(ep.slot), &ep.gateway_mac),
+        None => match endpoint::lookup(ifindex) {
+            Some(consumer) => (None, &consumer.gateway_mac),
+            None => return Verdict::Drop(DropReason::ExposureNoFlow),
+        },
+    };
     deliver_to(
         ctx,
         pkt,
-        eth,
-        ip,
-        ep,
+        (eth, ip),
+        (from_slot, gateway_mac),
         l4,
         (ifindex, slot, &mac),
         (&t, Diffs::of(&t)),
@@ -806,15 +941,15 @@ fn deliver(
 }
 
 /// Rewrites the frame for the endpoint `(ifindex, slot, mac)` with `t` and its checksum
-/// differences, meters it on both endpoints and redirects it.
+/// differences, from `gateway_mac`, meters it on both endpoints (the sender's slot: `None`
+/// when it is on another host) and redirects it.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
 fn deliver_to(
     ctx: &TcContext,
     pkt: &Packet,
-    eth: *mut EthHdr,
-    ip: *mut Ipv4Hdr,
-    ep: &EndpointInfo,
+    (eth, ip): (*mut EthHdr, *mut Ipv4Hdr),
+    (from_slot, gateway_mac): (Option<u32>, &[u8; 6]),
     l4: &L4,
     (ifindex, slot, mac): (u32, u32, &[u8; 6]),
     (t, diffs): (&Rewrite, Diffs),
@@ -827,7 +962,7 @@ fn deliver_to(
             eth,
             ip,
             l4.ports,
-            Some((&ep.gateway_mac, mac)),
+            Some((gateway_mac, mac)),
             l4.protocol,
             l4.check_offset,
             t,
@@ -837,12 +972,9 @@ fn deliver_to(
     if !rewritten {
         return Verdict::Drop(DropReason::ExposureRewriteFailed);
     }
-    metering::traffic(
-        ep.slot,
-        Direction::FromGuest,
-        TrafficClass::Exposure,
-        pkt.len,
-    );
+    if let Some(from) = from_slot {
+        metering::traffic(from, Direction::FromGuest, TrafficClass::Exposure, pkt.len);
+    }
     metering::traffic(slot, Direction::ToGuest, TrafficClass::Exposure, pkt.len);
     Verdict::Redirect(ifindex)
 }

@@ -119,7 +119,26 @@ pub fn from_uplink(ctx: TcContext) -> i32 {
 /// endpoints here if their host may send them (see [`overlay`]).
 #[classifier]
 pub fn from_overlay(ctx: TcContext) -> i32 {
-    apply(overlay::from_overlay(&ctx), None)
+    let verdict = match overlay::from_overlay(&ctx) {
+        overlay::Arrival::Done(v) => v,
+        overlay::Arrival::ToNat {
+            pkt,
+            eth,
+            ip,
+            total_len,
+            provider,
+            backend,
+            grant,
+        } => exposure::from_remote_backend(
+            &ctx,
+            &pkt,
+            (eth, ip),
+            total_len,
+            (provider, backend),
+            grant,
+        ),
+    };
+    apply(verdict, None)
 }
 
 /// The kernel freed a dropped skb (`tp_btf/kfree_skb`): counts a guest's tagged frame that

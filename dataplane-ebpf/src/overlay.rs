@@ -20,7 +20,11 @@
 //!   cloud is [`NEXTHOP_REMOTE`] naming the outer source, else `overlay_spoofed_source`. A
 //!   host cannot speak for another host's VMs, nor for this host's, nor for an address that
 //!   is nobody's; the route lookup is the one table that says where each address lives;
-//! - the destination is an endpoint on this host, else `overlay_not_local`.
+//!   The sending host's NAT address of a grant ([`NEXTHOP_REMOTE_NAT`]) passes the same way:
+//!   a consumer's flow translated on that host, to a backend here, metered `exposure`;
+//! - the destination is an endpoint on this host, else `overlay_not_local`; or, from a guest
+//!   of the sending host, a NAT address of this host: a backend's reply, translated back by
+//!   the `exposure` module ("Exposures across hosts" there).
 //!
 //! Then the frame gets the destination endpoint's gateway MAC as its source and is redirected
 //! to the endpoint's device, where `to_vm` checks it as any delivery; metered `cross_host`,
@@ -43,7 +47,8 @@
 //!   nothing but IPv4 crosses the overlay.
 
 use atoll_dataplane_common::{
-    Direction, DropReason, NextHop, OverlayHost, TrafficClass, NEXTHOP_ENDPOINT, NEXTHOP_REMOTE,
+    Direction, DropReason, NextHop, OverlayHost, TrafficClass, NEXTHOP_ENDPOINT,
+    NEXTHOP_NAT_SOURCE, NEXTHOP_REMOTE, NEXTHOP_REMOTE_NAT,
 };
 use aya_ebpf::{
     bindings::bpf_tunnel_key,
@@ -82,23 +87,43 @@ const TUNNEL_KEY_SIZE: u32 = core::mem::size_of::<bpf_tunnel_key>() as u32;
 /// Outer TTL of encapsulated frames.
 const TUNNEL_TTL: u8 = 64;
 
-/// From `from_vm`: a frame of `cloud` rewritten for the remote endpoint `hop`, encapsulated
-/// to its host.
+/// From `from_vm`: a frame of `cloud` rewritten for the remote endpoint (or consumer host's
+/// NAT address) `hop`, encapsulated to its host; metered `cross_host` (`exposure` for a NAT
+/// address).
 #[inline(always)]
 pub fn to_remote(ctx: &TcContext, cloud: u32, slot: u32, len: u32, hop: &NextHop) -> Verdict {
+    match encapsulate(ctx, cloud, hop.ifindex) {
+        Ok(vxlan) => {
+            let class = if hop.flags == NEXTHOP_REMOTE_NAT {
+                TrafficClass::Exposure
+            } else {
+                TrafficClass::CrossHost
+            };
+            metering::traffic(slot, Direction::FromGuest, class, len);
+            Verdict::Redirect(vxlan)
+        }
+        Err(reason) => Verdict::Drop(reason),
+    }
+}
+
+/// Sets the tunnel key of a frame of `cloud` to the host at `remote` (underlay address, map
+/// order); the VXLAN device to redirect it to. The frame is already rewritten for its
+/// destination.
+#[inline(always)]
+pub fn encapsulate(ctx: &TcContext, cloud: u32, remote: u32) -> Result<u32, DropReason> {
     let Some(host) = OVERLAY_HOST.get(0).filter(|h| h.vxlan_ifindex != 0) else {
-        return Verdict::Drop(DropReason::OverlayOff);
+        return Err(DropReason::OverlayOff);
     };
     // SAFETY: only read.
     let Some(vni) = (unsafe { CLOUD_VNIS.get(cloud) }).copied() else {
-        return Verdict::Drop(DropReason::OverlayNoVni);
+        return Err(DropReason::OverlayNoVni);
     };
     // SAFETY: all-zero is a valid `bpf_tunnel_key` (integers and unions of integers).
     let mut key: bpf_tunnel_key = unsafe { core::mem::zeroed() };
     key.tunnel_id = vni;
     // The key takes addresses in host byte order; routes and `OverlayHost` hold them as read
     // from the wire (map order).
-    key.__bindgen_anon_1.remote_ipv4 = u32::from_be(hop.ifindex);
+    key.__bindgen_anon_1.remote_ipv4 = u32::from_be(remote);
     key.__bindgen_anon_3.local_ipv4 = u32::from_be(host.underlay_ipv4);
     key.tunnel_ttl = TUNNEL_TTL;
     // SAFETY: `ctx.skb.skb` is the program's context; `key` is a valid key of the size passed.
@@ -111,42 +136,68 @@ pub fn to_remote(ctx: &TcContext, cloud: u32, slot: u32, len: u32, hop: &NextHop
         )
     };
     if set != 0 {
-        return Verdict::Drop(DropReason::OverlayTunnelKey);
+        return Err(DropReason::OverlayTunnelKey);
     }
-    metering::traffic(slot, Direction::FromGuest, TrafficClass::CrossHost, len);
-    Verdict::Redirect(host.vxlan_ifindex)
+    Ok(host.vxlan_ifindex)
+}
+
+/// What [`from_overlay`] decided.
+#[allow(missing_debug_implementations)]
+pub enum Arrival {
+    /// Delivered or dropped here.
+    Done(Verdict),
+    /// A provider's backend on the sending host replying to this host's NAT address of a
+    /// grant: the `exposure` module translates it back to its consumer.
+    ToNat {
+        pkt: Packet,
+        eth: *mut EthHdr,
+        ip: *mut Ipv4Hdr,
+        total_len: u16,
+        /// The provider cloud (the frame's VNI) and the backend's address.
+        provider: u32,
+        backend: u32,
+        /// The grant the NAT address's route names.
+        grant: u32,
+    },
+}
+
+impl From<DropReason> for Arrival {
+    #[inline(always)]
+    fn from(reason: DropReason) -> Self {
+        Arrival::Done(Verdict::Drop(reason))
+    }
 }
 
 /// Ingress of the VXLAN device: a decapsulated frame from another host (module docs).
 #[inline(always)]
-pub fn from_overlay(ctx: &TcContext) -> Verdict {
+pub fn from_overlay(ctx: &TcContext) -> Arrival {
     // SAFETY: all-zero is a valid `bpf_tunnel_key`.
     let mut key: bpf_tunnel_key = unsafe { core::mem::zeroed() };
     // SAFETY: `ctx.skb.skb` is the program's context; `key` is writable for the size passed.
     let got = unsafe { bpf_skb_get_tunnel_key(ctx.skb.skb, &mut key, TUNNEL_KEY_SIZE, 0) };
     if got != 0 {
-        return Verdict::Drop(DropReason::OverlayTunnelKey);
+        return Arrival::from(DropReason::OverlayTunnelKey);
     }
     // SAFETY: only read.
     let Some(cloud) = (unsafe { VNI_CLOUDS.get(key.tunnel_id) }).copied() else {
-        return Verdict::Drop(DropReason::OverlayUnknownVni);
+        return Arrival::from(DropReason::OverlayUnknownVni);
     };
     // SAFETY: an IPv4 tunnel (no `BPF_F_TUNINFO_IPV6`): the union holds `remote_ipv4`.
     let peer = u32::to_be(unsafe { key.__bindgen_anon_1.remote_ipv4 });
     // SAFETY: only read.
     if unsafe { OVERLAY_PEERS.get(peer) }.is_none() {
-        return Verdict::Drop(DropReason::OverlayUnknownPeer);
+        return Arrival::from(DropReason::OverlayUnknownPeer);
     }
     let pkt = Packet::new(ctx);
     let Some(eth) = pkt.ptr::<EthHdr>(0) else {
-        return Verdict::Drop(DropReason::OverlayMalformed);
+        return Arrival::from(DropReason::OverlayMalformed);
     };
     // SAFETY: bounds-checked by `Packet::ptr`.
     if u16::from_be(unsafe { (*eth).ether_type }) != ETH_P_IP {
-        return Verdict::Drop(DropReason::OverlayMalformed);
+        return Arrival::from(DropReason::OverlayMalformed);
     }
     let Some(ip) = pkt.ptr::<Ipv4Hdr>(EthHdr::LEN) else {
-        return Verdict::Drop(DropReason::OverlayMalformed);
+        return Arrival::from(DropReason::OverlayMalformed);
     };
     // SAFETY: bounds-checked by `Packet::ptr`.
     let (version_ihl, total_len, saddr, daddr) = unsafe {
@@ -157,28 +208,49 @@ pub fn from_overlay(ctx: &TcContext) -> Verdict {
         || (total_len as usize) < Ipv4Hdr::LEN
         || EthHdr::LEN + total_len as usize > pkt.len as usize
     {
-        return Verdict::Drop(DropReason::OverlayMalformed);
+        return Arrival::from(DropReason::OverlayMalformed);
     }
-    match route::lookup(cloud, saddr) {
-        Some(h) if h.flags == NEXTHOP_REMOTE && h.ifindex == peer => {}
-        _ => return Verdict::Drop(DropReason::OverlaySpoofedSource),
-    }
-    let Some(hop) = route::lookup(cloud, daddr).filter(|h| h.flags == NEXTHOP_ENDPOINT) else {
-        return Verdict::Drop(DropReason::OverlayNotLocal);
+    // A guest of the sending host, or the sending host's NAT address of a grant (then the
+    // frame is a consumer's flow to a backend here, translated on its host).
+    let source = match route::lookup(cloud, saddr) {
+        Some(h)
+            if (h.flags == NEXTHOP_REMOTE || h.flags == NEXTHOP_REMOTE_NAT)
+                && h.ifindex == peer =>
+        {
+            h.flags
+        }
+        _ => return Arrival::from(DropReason::OverlaySpoofedSource),
     };
+    let Some(hop) = route::lookup(cloud, daddr) else {
+        return Arrival::from(DropReason::OverlayNotLocal);
+    };
+    if hop.flags == NEXTHOP_NAT_SOURCE && source == NEXTHOP_REMOTE {
+        return Arrival::ToNat {
+            pkt,
+            eth,
+            ip,
+            total_len,
+            provider: cloud,
+            backend: saddr,
+            grant: hop.ifindex,
+        };
+    }
+    if hop.flags != NEXTHOP_ENDPOINT {
+        return Arrival::from(DropReason::OverlayNotLocal);
+    }
     let Some(to) = endpoint::lookup(hop.ifindex).filter(|e| e.cloud == cloud) else {
-        return Verdict::Drop(DropReason::OverlayNotLocal);
+        return Arrival::from(DropReason::OverlayNotLocal);
     };
     // SAFETY: bounds-checked by `Packet::ptr`; the program may write to the frame.
     unsafe {
         packet::write_mac(&mut (*eth).src, &to.gateway_mac);
         packet::write_mac(&mut (*eth).dst, &hop.mac);
     }
-    metering::traffic(
-        hop.slot,
-        Direction::ToGuest,
-        TrafficClass::CrossHost,
-        pkt.len,
-    );
-    Verdict::Redirect(hop.ifindex)
+    let class = if source == NEXTHOP_REMOTE_NAT {
+        TrafficClass::Exposure
+    } else {
+        TrafficClass::CrossHost
+    };
+    metering::traffic(hop.slot, Direction::ToGuest, class, pkt.len);
+    Arrival::Done(Verdict::Redirect(hop.ifindex))
 }

@@ -13,7 +13,7 @@
 
 use atoll_dataplane_common::{
     Direction, DropReason, EndpointInfo, NextHop, RouteKey, TrafficClass, NEXTHOP_ENDPOINT,
-    NEXTHOP_REMOTE,
+    NEXTHOP_REMOTE, NEXTHOP_REMOTE_NAT,
 };
 use aya_ebpf::{macros::map, maps::HashMap, programs::TcContext};
 
@@ -49,8 +49,10 @@ pub enum Forward {
         /// The grant the address belongs to (`NextHop::ifindex` of an exposure address).
         grant: u32,
     },
-    /// An endpoint of the sender's cloud on another host, the frame rewritten for it (MACs,
-    /// TTL): the `overlay` module encapsulates and meters it.
+    /// An endpoint of the sender's cloud on another host, or a consumer host's NAT address of
+    /// a grant ([`NEXTHOP_REMOTE_NAT`]), the frame rewritten for it (MACs; the TTL only for an
+    /// endpoint: a NAT address's host translates, which is the hop): the `overlay` module
+    /// encapsulates and meters it.
     Remote { hop: &'static NextHop },
 }
 
@@ -115,6 +117,14 @@ pub fn forward_ipv4(
     };
     if hop.flags == NEXTHOP_REMOTE {
         rewrite_for(eth, ip, ep, hop, ttl);
+        return Forward::Remote { hop };
+    }
+    if hop.flags == NEXTHOP_REMOTE_NAT {
+        // SAFETY: `eth` is a bounds-checked pointer into this frame; the program may write.
+        unsafe {
+            packet::write_mac(&mut (*eth).src, &ep.gateway_mac);
+            packet::write_mac(&mut (*eth).dst, &hop.mac);
+        }
         return Forward::Remote { hop };
     }
     if hop.flags != NEXTHOP_ENDPOINT {

@@ -6,7 +6,10 @@
 //! VNI; a remote route never replaces a local endpoint's or a service's route (a host is told
 //! where the cloud's other addresses live, never to move one of its own).
 
-use atoll_dataplane_common::{ipv4_from_map, NextHop, OverlayHost, RouteKey, NEXTHOP_REMOTE};
+use atoll_dataplane_common::{
+    ipv4_from_map, NextHop, OverlayHost, RouteKey, NEXTHOP_ENDPOINT, NEXTHOP_REMOTE,
+    NEXTHOP_REMOTE_NAT,
+};
 use aya::maps::MapError;
 
 use super::{
@@ -149,21 +152,56 @@ impl Dataplane {
         mac: [u8; 6],
         underlay: u32,
     ) -> Result<(), DataplaneError> {
-        let key = RouteKey { cloud, ipv4 };
-        if let Some(hop) = self.route(key)? {
-            if hop.flags != NEXTHOP_REMOTE {
+        self.set_remote_hop(
+            RouteKey { cloud, ipv4 },
+            NextHop {
+                ifindex: underlay,
+                slot: 0,
+                mac,
+                flags: NEXTHOP_REMOTE,
+            },
+        )
+    }
+
+    /// Routes the NAT address `(provider, ipv4)` of a grant to its consumer host at
+    /// `underlay` ([`NEXTHOP_REMOTE_NAT`]: backends here reply to it there), replacing such a
+    /// route; refuses to replace any other route.
+    pub fn set_remote_nat_route(
+        &mut self,
+        provider: u32,
+        ipv4: u32,
+        underlay: u32,
+    ) -> Result<(), DataplaneError> {
+        self.set_remote_hop(
+            RouteKey {
+                cloud: provider,
+                ipv4,
+            },
+            NextHop {
+                ifindex: underlay,
+                slot: 0,
+                mac: [0; 6],
+                flags: NEXTHOP_REMOTE_NAT,
+            },
+        )
+    }
+
+    fn set_remote_hop(&mut self, key: RouteKey, hop: NextHop) -> Result<(), DataplaneError> {
+        let (cloud, ipv4) = (key.cloud, key.ipv4);
+        if let Some(current) = self.route(key)? {
+            if current.flags != hop.flags {
+                let kind = match current.flags {
+                    NEXTHOP_REMOTE => "a remote endpoint's route",
+                    NEXTHOP_REMOTE_NAT => "a remote NAT address's route",
+                    NEXTHOP_ENDPOINT => "a local route",
+                    _ => "a local service's route",
+                };
                 return Err(DataplaneError::EntryExists {
                     map: MAP_ROUTES,
-                    what: format!("a local route to {} in cloud {cloud}", ip(ipv4)),
+                    what: format!("{kind} to {} in cloud {cloud}", ip(ipv4)),
                 });
             }
         }
-        let hop = NextHop {
-            ifindex: underlay,
-            slot: 0,
-            mac,
-            flags: NEXTHOP_REMOTE,
-        };
         let capacity = self.max_routes;
         self.routes.insert(key, hop, BPF_ANY).map_err(|e| {
             insert_error(
@@ -176,11 +214,31 @@ impl Dataplane {
         })
     }
 
-    /// Removes the remote route `(cloud, ipv4)`; absent, or a local route there, is left.
+    /// Removes the remote route `(cloud, ipv4)`; absent, or another kind of route there, is
+    /// left.
     pub fn remove_remote_route(&mut self, cloud: u32, ipv4: u32) -> Result<(), DataplaneError> {
-        let key = RouteKey { cloud, ipv4 };
+        self.remove_hop_of(RouteKey { cloud, ipv4 }, NEXTHOP_REMOTE)
+    }
+
+    /// Removes the remote NAT route `(provider, ipv4)`; absent, or another kind of route
+    /// there, is left.
+    pub fn remove_remote_nat_route(
+        &mut self,
+        provider: u32,
+        ipv4: u32,
+    ) -> Result<(), DataplaneError> {
+        self.remove_hop_of(
+            RouteKey {
+                cloud: provider,
+                ipv4,
+            },
+            NEXTHOP_REMOTE_NAT,
+        )
+    }
+
+    fn remove_hop_of(&mut self, key: RouteKey, flags: u16) -> Result<(), DataplaneError> {
         match self.route(key)? {
-            Some(hop) if hop.flags == NEXTHOP_REMOTE => self.remove_route(key),
+            Some(hop) if hop.flags == flags => self.remove_route(key),
             _ => Ok(()),
         }
     }

@@ -8,7 +8,9 @@
 
 use std::net::Ipv4Addr;
 
-use atoll_dataplane_common::{ipv4_from_map, ipv4_to_map, OverlayHost, NEXTHOP_REMOTE, VNI_MAX};
+use atoll_dataplane_common::{
+    ipv4_from_map, ipv4_to_map, OverlayHost, NEXTHOP_REMOTE, NEXTHOP_REMOTE_NAT, VNI_MAX,
+};
 
 use super::{EndpointError, Host};
 use crate::{device, types::CloudId, types::MacAddr};
@@ -171,6 +173,58 @@ impl Host {
                 ipv4_to_map(underlay.octets()),
             )
             .map_err(program(format!("remote endpoint {ipv4} of cloud {cloud}")))
+    }
+
+    /// Routes `nat`, a grant's NAT address for the consumer host at `underlay`, in `provider`'s
+    /// space: backends here reply to it there (see "Exposures across hosts" in
+    /// `dataplane-ebpf/src/exposure.rs`).
+    pub fn set_remote_nat(
+        &mut self,
+        provider: CloudId,
+        nat: Ipv4Addr,
+        underlay: Ipv4Addr,
+    ) -> Result<(), EndpointError> {
+        self.dataplane
+            .set_remote_nat_route(
+                provider.get(),
+                ipv4_to_map(nat.octets()),
+                ipv4_to_map(underlay.octets()),
+            )
+            .map_err(program(format!(
+                "remote NAT address {nat} of cloud {provider}"
+            )))
+    }
+
+    /// Removes the route to the remote NAT address `nat` of `provider`.
+    pub fn remove_remote_nat(
+        &mut self,
+        provider: CloudId,
+        nat: Ipv4Addr,
+    ) -> Result<(), EndpointError> {
+        self.dataplane
+            .remove_remote_nat_route(provider.get(), ipv4_to_map(nat.octets()))
+            .map_err(program(format!(
+                "remote NAT address {nat} of cloud {provider}"
+            )))
+    }
+
+    /// The routes to remote NAT addresses: `(provider, NAT address, consumer host's underlay
+    /// address)`.
+    pub fn remote_nats(&self) -> Result<Vec<(CloudId, Ipv4Addr, Ipv4Addr)>, EndpointError> {
+        Ok(self
+            .dataplane
+            .routes()
+            .map_err(program("the remote NAT routes".into()))?
+            .into_iter()
+            .filter(|(_, hop)| hop.flags == NEXTHOP_REMOTE_NAT)
+            .filter_map(|(key, hop)| {
+                Some((
+                    CloudId::new(key.cloud)?,
+                    Ipv4Addr::from(ipv4_from_map(key.ipv4)),
+                    Ipv4Addr::from(ipv4_from_map(hop.ifindex)),
+                ))
+            })
+            .collect())
     }
 
     /// Removes the route to the remote endpoint `ipv4` of `cloud`.

@@ -183,13 +183,15 @@ impl Core {
                 None => BTreeSet::new(),
             };
             let host = match host {
-                Some(h) if avoid.contains(&h) => return Err(conflict(
-                    "anti_affinity",
-                    format!(
+                Some(h) if avoid.contains(&h) => {
+                    return Err(conflict(
+                        "anti_affinity",
+                        format!(
                         "the volumes are on host {h}, which holds a VM of anti-affinity group {}",
                         req.anti_affinity.as_deref().unwrap_or_default()
                     ),
-                )),
+                    ))
+                }
                 Some(h) => h,
                 None => self.pick_host(c, cloud.vni, &avoid)?,
             };

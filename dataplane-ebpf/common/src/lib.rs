@@ -104,6 +104,14 @@ pub const NEXTHOP_NAT_SOURCE: u16 = 2;
 /// is 0. `from_vm` encapsulates to it, `from_overlay` accepts from that host only what comes
 /// from such an address (see `dataplane-ebpf/src/overlay.rs`).
 pub const NEXTHOP_REMOTE: u16 = 3;
+/// `NextHop::flags`: on a host running a provider's backends, the NAT address of a grant for
+/// one consumer host (in the provider's route space): `ifindex` holds that consumer host's
+/// underlay address (map order), `mac` and `slot` are 0. A backend's reply to it is
+/// encapsulated to that host without a TTL decrement (the consumer host's translation is the
+/// hop) and metered `exposure`; `from_overlay` accepts from that host frames from this
+/// address to local endpoints, metered `exposure` (see "Exposures across hosts" in
+/// `dataplane-ebpf/src/exposure.rs`).
+pub const NEXTHOP_REMOTE_NAT: u16 = 4;
 
 /// The value of the one-entry `OVERLAY_HOST` array: this host's end of the overlay. All zero
 /// (the array's initial value): no overlay, and a packet to a remote endpoint is dropped
