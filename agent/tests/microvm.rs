@@ -817,3 +817,154 @@ async fn vm_egress(asked: std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
     let out = agent.cleanup();
     assert!(out.status.success(), "cleanup: {out:?}");
 }
+
+/// One microVM on each of two hosts, connected over the overlay: two agents, each in a host
+/// namespace of its own joined by an underlay veth; host A runs the embedded control plane
+/// on its underlay address, host B follows it with its own host token. A cloud's two VMs,
+/// one anti-affinity group, land on different hosts; each reaches the other by address and
+/// by name (its cloud's DNS, served on its own host), over TCP too, with the MTU the config
+/// drive gave it (the underlay's less the encapsulation).
+#[test]
+fn a_microvm_on_each_of_two_hosts_connects_across_the_overlay() {
+    use atoll_testbed::{leaves_nothing, unique_name, unique_prefix, NetNs};
+    use std::net::{Ipv4Addr, SocketAddr};
+    use support::AgentRole;
+    const A: Ipv4Addr = Ipv4Addr::new(10, 201, 0, 1);
+    const B: Ipv4Addr = Ipv4Addr::new(10, 201, 0, 2);
+    require_root();
+    for p in [format!("{IMAGE}/vmlinux"), QEMU.into()] {
+        assert!(
+            Path::new(&p).exists(),
+            "{p} is missing: run `cargo xtask image` (cargo xtask test does)"
+        );
+    }
+    let prefixes: Vec<String> = ["m2", "m2h"].iter().map(|t| unique_prefix(t)).collect();
+    leaves_nothing(&prefixes, || {
+        let a_ns = NetNs::new(&unique_name("m2h")).unwrap();
+        let b_ns = NetNs::new(&unique_name("m2h")).unwrap();
+        a_ns.sh(&format!(
+            "ip link set lo up && ip link add under0 type veth peer name under0 netns {b} && \
+             ip addr add {A}/24 dev under0 && ip link set under0 up",
+            b = b_ns.name()
+        ))
+        .unwrap();
+        b_ns.sh(&format!(
+            "ip link set lo up && ip addr add {B}/24 dev under0 && ip link set under0 up"
+        ))
+        .unwrap();
+        let vmdir = tempfile::tempdir().unwrap();
+        // Each host's directory, which the VMMs traverse to their run directory (the agent
+        // would create a missing one for its private state dir, 0700).
+        for h in ["ha", "hb"] {
+            std::fs::create_dir(vmdir.path().join(h)).unwrap();
+        }
+        let vm_section = |host: &str, underlay: Ipv4Addr| {
+            format!(
+                "[vm]\ndriver = \"qemu\"\nrun_dir = \"{}\"\nstate_dir = \"{}\"\nstop_timeout_secs = 20\n\
+                 [overlay]\nenabled = true\nunderlay = \"{underlay}\"\ndevice = \"vx0\"\n",
+                vmdir.path().join(host).join("run").display(),
+                vmdir.path().join(host).join("state").display(),
+            )
+        };
+        let mut a = support::EmbeddedAgent::start_as(
+            "m2",
+            AgentRole {
+                host: "ha",
+                netns: Some(&a_ns),
+                listen: Some(SocketAddr::from((A, 7480))),
+                remote: None,
+            },
+            &vm_section("ha", A),
+            "",
+        );
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        // API calls are made from host A's namespace (the API listens on its underlay).
+        let on_a = |f: &(dyn Fn() -> Result<atoll_api::Reply, atoll_api::client::ClientError>
+                          + Sync)| {
+            atoll_agent::dns::netns::run_in(&a_ns.path(), f)
+                .unwrap()
+                .expect("an API call")
+        };
+        let op = a.client(&a.token);
+        let run = |cmd: Command| on_a(&|| rt.block_on(op.execute(&cmd)));
+        let atoll_api::Reply::HostToken(t) = run(Command::IssueHostToken { host: "hb".into() })
+        else {
+            panic!("a host token")
+        };
+        let ca = a.dir.path().join("tls/ca.pem");
+        let mut b = support::EmbeddedAgent::start_as(
+            "m2",
+            AgentRole {
+                host: "hb",
+                netns: Some(&b_ns),
+                listen: None,
+                remote: Some((&a.url, &ca, &t.token)),
+            },
+            &vm_section("hb", B),
+            "",
+        );
+        let atoll_api::Reply::CreatedCloud(x) = run(Command::CreateCloud {
+            spec: serde_json::from_value(json!({"name": "across"})).unwrap(),
+        }) else {
+            panic!("a cloud")
+        };
+        let xid = x.cloud.id;
+        let echo = "nc -ll -p 7000 -e cat &";
+        let mut vms = Vec::new();
+        for (name, user_data) in [("v1", Some(echo)), ("v2", None)] {
+            let atoll_api::Reply::Vm(vm) = run(Command::CreateVm {
+                cloud: xid,
+                spec: serde_json::from_value(json!({
+                    "name": name, "memory_mib": 64, "user_data": user_data,
+                    "anti_affinity": "pair",
+                }))
+                .unwrap(),
+            }) else {
+                panic!("a VM")
+            };
+            vms.push(*vm);
+        }
+        let mut hosts: Vec<&str> = vms.iter().map(|v| v.host.as_str()).collect();
+        hosts.sort_unstable();
+        assert_eq!(hosts, ["ha", "hb"], "one VM per host: {vms:?}");
+        for vm in &vms {
+            let c = op.clone();
+            let name = vm.name.clone();
+            atoll_agent::dns::netns::run_in(&a_ns.path(), || {
+                rt.block_on(wait_state(&c, xid, &name, VmState::Running))
+            })
+            .unwrap();
+        }
+        let shell = |vm: &Vm| {
+            let run_dir = vmdir.path().join(&vm.host).join("run");
+            Shell::connect(&shell_path(&run_dir, xid, &vm.name), &vm.name)
+        };
+        let (v1, v2) = (&vms[0], &vms[1]);
+        let mut s2 = shell(v2);
+        let mut s1 = shell(v1);
+        // The config drive's MTU: the underlay's 1500 less the encapsulation.
+        assert_eq!(s2.ok("cat /sys/class/net/eth0/mtu").trim(), "1450");
+        for (s, to) in [(&mut s2, v1), (&mut s1, v2)] {
+            s.ok(&format!("ping -c 1 -W 5 {}", to.ipv4));
+            // By name: the cloud's zone is on both hosts, whichever runs the asker.
+            let out = s.ok(&format!("ping -c 1 -W 5 {}", to.fqdn));
+            assert!(out.contains(&to.ipv4.to_string()), "{out}");
+        }
+        // TCP to v1's echo server, with a payload of several full-size segments.
+        let out = s2.ok(&format!(
+            "head -c 20000 /dev/zero | tr '\\0' x > /tmp/p && nc -w 5 {} 7000 < /tmp/p > /tmp/r; \
+             wc -c < /tmp/r",
+            v1.fqdn
+        ));
+        assert_eq!(out.trim(), "20000", "the echo came back whole");
+        drop((s1, s2));
+        let out = b.cleanup();
+        assert!(out.status.success(), "{out:?}");
+        let out = a.cleanup();
+        assert!(out.status.success(), "{out:?}");
+        drop((a, b));
+    });
+}

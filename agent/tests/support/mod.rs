@@ -244,6 +244,9 @@ pub struct EmbeddedAgent {
     pub url: String,
     pub token: String,
     pub prefix: String,
+    host: String,
+    /// The network namespace it runs in (`ip netns exec`); `None`: the test's.
+    netns: Option<String>,
     child: std::process::Child,
     cleaned: bool,
     _pins: PinRoot,
@@ -260,14 +263,20 @@ impl EmbeddedAgent {
     /// As [`EmbeddedAgent::start`], with `dns_extra` added to the `[dns]` section (e.g.
     /// `forward = [...]`).
     pub fn start_with_dns(tag: &str, extra: &str, dns_extra: &str) -> Self {
+        Self::start_as(tag, AgentRole::solo(), extra, dns_extra)
+    }
+
+    /// An agent named `role.host` in `role.netns` (the caller's namespace: `None`), with the
+    /// embedded control plane on `role.listen` or following the control plane `role.remote`.
+    pub fn start_as(tag: &str, role: AgentRole<'_>, extra: &str, dns_extra: &str) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let pins = PinRoot::new(tag);
         let prefix = unique_prefix(tag);
         let links = atoll_testbed::LinksWithPrefix(prefix.clone());
-        let port = {
+        let listen = role.listen.unwrap_or_else(|| {
             let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-            l.local_addr().unwrap().port()
-        };
+            l.local_addr().unwrap()
+        });
         let dns = atoll_testbed::unique_name(tag);
         let token_file = dir.path().join("op.token");
         let config = dir.path().join("agent.toml");
@@ -281,36 +290,59 @@ impl EmbeddedAgent {
         } else {
             "[usage]\nenabled = false\n"
         };
+        let control = match role.remote {
+            None => format!(
+                "[control.embedded]\nlisten = \"{listen}\"\noperator_token_file = \"{}\"\n\
+                 [control.embedded.store]\npath = \"{}\"\n[control.embedded.tls]\ndir = \"{}\"\n",
+                token_file.display(),
+                dir.path().join("control.db").display(),
+                dir.path().join("tls").display(),
+            ),
+            Some((url, ca_file, token)) => {
+                let host_token = dir.path().join("host.token");
+                std::fs::write(&host_token, token).unwrap();
+                format!(
+                    "[control]\nmode = \"remote\"\nurl = \"{url}\"\nca_file = \"{}\"\ntoken_file = \"{}\"\n",
+                    ca_file.display(),
+                    host_token.display()
+                )
+            }
+        };
+        // `[control]` keys first; a remote role's own `[control]` header repeats the table,
+        // so its keys are merged into the one table here.
+        let control = control.replacen("[control]\n", "", 1);
         std::fs::write(
             &config,
             format!(
                 "[dataplane]\nbpffs_root = \"{}\"\ntap_pool = 1\n[metrics]\nenabled = false\n\
                  {usage}[dns]\nnamespace = \"{dns}\"\ndevice = \"{dns}\"\n{dns_extra}\
-                 [control]\nhost = \"solo\"\ntap_prefix = \"{prefix}\"\nvolumes_dir = \"{}\"\n\
-                 [control.embedded]\nlisten = \"127.0.0.1:{port}\"\noperator_token_file = \"{}\"\n\
-                 [control.embedded.store]\npath = \"{}\"\n[control.embedded.tls]\ndir = \"{}\"\n{vm}{extra}",
+                 [control]\nhost = \"{}\"\ntap_prefix = \"{prefix}\"\nvolumes_dir = \"{}\"\n\
+                 {control}{vm}{extra}",
                 pins.path().display(),
+                role.host,
                 dir.path().join("volumes").display(),
-                token_file.display(),
-                dir.path().join("control.db").display(),
-                dir.path().join("tls").display(),
             ),
         )
         .unwrap();
-        let child = spawn_agent(&config);
+        let netns = role.netns.map(|n| n.name().to_string());
+        let child = spawn_agent(&config, netns.as_deref());
         let mut agent = EmbeddedAgent {
-            url: format!("https://127.0.0.1:{port}"),
+            url: format!("https://{listen}"),
             token: String::new(),
             dir,
             config,
             prefix,
+            host: role.host.to_string(),
+            netns,
             child,
             cleaned: false,
             _pins: pins,
             _links: links,
         };
         agent.wait_converging();
-        agent.token = std::fs::read_to_string(&token_file).unwrap();
+        if role.remote.is_none() {
+            agent.token = std::fs::read_to_string(&token_file).unwrap();
+        }
         agent
     }
 
@@ -319,9 +351,12 @@ impl EmbeddedAgent {
         let mut lines =
             std::io::BufRead::lines(std::io::BufReader::new(stderr)).map_while(Result::ok);
         let mut seen = Vec::new();
-        for want in ["DNS for guests at their gateway", "converging host solo"] {
+        for want in [
+            "DNS for guests at their gateway".to_string(),
+            format!("converging host {}", self.host),
+        ] {
             let found = lines.by_ref().any(|l| {
-                let hit = l.contains(want);
+                let hit = l.contains(&want);
                 seen.push(l);
                 hit
             });
@@ -339,7 +374,7 @@ impl EmbeddedAgent {
     pub fn restart_after_kill(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-        self.child = spawn_agent(&self.config);
+        self.child = spawn_agent(&self.config, self.netns.as_deref());
         self.wait_converging();
     }
 
@@ -365,7 +400,7 @@ impl EmbeddedAgent {
         self.cleaned = true;
         let _ = self.child.kill();
         let _ = self.child.wait();
-        Command::new(env!("CARGO_BIN_EXE_atoll-agent"))
+        agent_command(self.netns.as_deref())
             .arg("--config")
             .arg(&self.config)
             .arg("cleanup")
@@ -374,11 +409,57 @@ impl EmbeddedAgent {
     }
 }
 
+/// `atoll-agent`, in network namespace `netns` when there is one. Entered by `setns` in the
+/// child, not by `ip netns exec`, which mounts a `/sys` of its own and so hides the bpffs
+/// under `/sys/fs/bpf`.
+fn agent_command(netns: Option<&str>) -> Command {
+    use std::os::{fd::AsRawFd, unix::process::CommandExt};
+    let mut c = Command::new(env!("CARGO_BIN_EXE_atoll-agent"));
+    if let Some(ns) = netns {
+        let path = format!("/run/netns/{ns}");
+        let file = std::fs::File::open(&path).unwrap_or_else(|e| panic!("opening {path}: {e}"));
+        // SAFETY: setns is async-signal-safe and changes only the child's network namespace;
+        // the fd stays open in the closure until the command is dropped.
+        unsafe {
+            c.pre_exec(move || {
+                if libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+    }
+    c
+}
+
+/// Who an [`EmbeddedAgent`] is: its host name, namespace and control plane.
+#[derive(Debug, Clone, Copy)]
+pub struct AgentRole<'a> {
+    pub host: &'a str,
+    pub netns: Option<&'a atoll_testbed::NetNs>,
+    /// The embedded control plane's listen address (default: a free loopback port).
+    pub listen: Option<std::net::SocketAddr>,
+    /// Follow this control plane instead: (URL, its CA file, this host's token).
+    pub remote: Option<(&'a str, &'a Path, &'a str)>,
+}
+
+impl AgentRole<'_> {
+    /// The single-host default: host `solo`, the caller's namespace, embedded control plane.
+    pub fn solo() -> Self {
+        AgentRole {
+            host: "solo",
+            netns: None,
+            listen: None,
+            remote: None,
+        }
+    }
+}
+
 /// Starts `atoll-agent run` under umask 000, so every file it creates must get its private
 /// mode from the agent itself (checked by the microVM test's walk of its directories).
-fn spawn_agent(config: &Path) -> std::process::Child {
+fn spawn_agent(config: &Path, netns: Option<&str>) -> std::process::Child {
     use std::os::unix::process::CommandExt;
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_atoll-agent"));
+    let mut cmd = agent_command(netns);
     cmd.arg("--config")
         .arg(config)
         .arg("run")
