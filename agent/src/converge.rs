@@ -1353,35 +1353,51 @@ fn apply_remotes(host: &mut Host, remote: &[CloudRemotes], full: bool) {
         return;
     }
     let own = host.overlay_underlay().ok().flatten();
+    let refused = |u: Ipv4Addr| Some(u) == own || u.is_unspecified() || u.is_loopback();
     let listed: HashMap<CloudId, &CloudRemotes> = remote.iter().map(|r| (r.cloud, r)).collect();
-    let mut want: HashMap<(CloudId, Ipv4Addr), (MacAddr, Ipv4Addr)> = HashMap::new();
+    let mut want: HashMap<(CloudId, Ipv4Addr), RemoteHop> = HashMap::new();
     for r in remote.iter().filter(|r| r.vni != 0) {
         for e in &r.endpoints {
             let Ok(mac) = e.mac.parse::<MacAddr>() else {
                 tracing::warn!(cloud = %r.cloud, vm = %e.vm, "refused: MAC {:?} of a remote VM", e.mac);
                 continue;
             };
-            if Some(e.underlay) == own || e.underlay.is_unspecified() || e.underlay.is_loopback() {
+            if refused(e.underlay) {
                 tracing::warn!(cloud = %r.cloud, vm = %e.vm, "refused: remote VM on underlay address {}", e.underlay);
                 continue;
             }
-            want.insert((r.cloud, e.ipv4), (mac, e.underlay));
+            want.insert((r.cloud, e.ipv4), RemoteHop::Guest(mac, e.underlay));
+        }
+        for n in &r.nats {
+            if refused(n.underlay) {
+                tracing::warn!(cloud = %r.cloud, host = %n.host, "refused: NAT address {} on underlay address {}", n.ipv4, n.underlay);
+                continue;
+            }
+            want.insert((r.cloud, n.ipv4), RemoteHop::Nat(n.underlay));
         }
     }
-    let have = match host.remote_endpoints() {
-        Ok(h) => h,
-        Err(e) => {
-            tracing::error!("listing the remote endpoints: {e}");
-            return;
-        }
-    };
+    let have: Vec<((CloudId, Ipv4Addr), RemoteHop)> =
+        match (host.remote_endpoints(), host.remote_nats()) {
+            (Ok(guests), Ok(nats)) => guests
+                .into_iter()
+                .map(|(c, ip, mac, u)| ((c, ip), RemoteHop::Guest(mac, u)))
+                .chain(
+                    nats.into_iter()
+                        .map(|(c, ip, u)| ((c, ip), RemoteHop::Nat(u))),
+                )
+                .collect(),
+            (Err(e), _) | (_, Err(e)) => {
+                tracing::error!("listing the remote routes: {e}");
+                return;
+            }
+        };
     let ours = |c: &CloudId| full || listed.contains_key(c);
     for r in remote.iter().filter(|r| r.vni != 0) {
         if let Err(e) = host.set_cloud_vni(r.cloud, r.vni) {
             tracing::error!(cloud = %r.cloud, "{e}");
         }
     }
-    let peers: HashSet<Ipv4Addr> = want.values().map(|(_, u)| *u).collect();
+    let peers: HashSet<Ipv4Addr> = want.values().map(RemoteHop::underlay).collect();
     for p in &peers {
         if let Err(e) = host.add_overlay_peer(*p) {
             tracing::error!("{e}");
@@ -1389,32 +1405,38 @@ fn apply_remotes(host: &mut Host, remote: &[CloudRemotes], full: bool) {
     }
     // Routes whose update failed keep their old next hop.
     let mut unchanged: HashSet<(CloudId, Ipv4Addr)> = HashSet::new();
-    for (&(cloud, ip), &(mac, underlay)) in &want {
-        let current = have
-            .iter()
-            .find(|h| h.0 == cloud && h.1 == ip)
-            .map(|h| (h.2, h.3));
-        if current != Some((mac, underlay)) {
-            if let Err(e) = host.set_remote_endpoint(cloud, ip, mac, underlay) {
+    for (&(cloud, ip), &hop) in &want {
+        let current = have.iter().find(|h| h.0 == (cloud, ip)).map(|h| h.1);
+        if current == Some(hop) {
+            continue;
+        }
+        // Another kind of route there (an address reused): it goes first.
+        if let Some(old) = current.filter(|old| !old.same_kind(&hop)) {
+            if let Err(e) = old.remove(host, cloud, ip) {
                 tracing::error!(cloud = %cloud, "{e}");
                 unchanged.insert((cloud, ip));
+                continue;
             }
+        }
+        if let Err(e) = hop.set(host, cloud, ip) {
+            tracing::error!(cloud = %cloud, "{e}");
+            unchanged.insert((cloud, ip));
         }
     }
     // Peers still needed, derived rather than read back: those of the routes wanted (an extra
     // one for a route that failed to apply is harmless) and of every route left as it was (not
     // ours, not removed, or not updated).
     let mut used = peers;
-    for (cloud, ip, _, underlay) in &have {
-        let key = (*cloud, *ip);
-        if ours(cloud) && !want.contains_key(&key) {
-            match host.remove_remote_endpoint(*cloud, *ip) {
+    for &(key, hop) in &have {
+        let (cloud, ip) = key;
+        if ours(&cloud) && !want.contains_key(&key) {
+            match hop.remove(host, cloud, ip) {
                 Ok(()) => continue,
                 Err(e) => tracing::error!(cloud = %cloud, "{e}"),
             }
         }
         if !want.contains_key(&key) || unchanged.contains(&key) {
-            used.insert(*underlay);
+            used.insert(hop.underlay());
         }
     }
     match host.cloud_vnis() {
@@ -1439,5 +1461,38 @@ fn apply_remotes(host: &mut Host, remote: &[CloudRemotes], full: bool) {
             }
         }
         Err(e) => tracing::error!("{e}"),
+    }
+}
+
+/// A route to another host: a guest there, or a grant's NAT address for that consumer host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum RemoteHop {
+    Guest(MacAddr, Ipv4Addr),
+    Nat(Ipv4Addr),
+}
+
+impl RemoteHop {
+    fn underlay(&self) -> Ipv4Addr {
+        match self {
+            RemoteHop::Guest(_, u) | RemoteHop::Nat(u) => *u,
+        }
+    }
+
+    fn same_kind(&self, other: &RemoteHop) -> bool {
+        std::mem::discriminant(self) == std::mem::discriminant(other)
+    }
+
+    fn set(&self, host: &mut Host, cloud: CloudId, ip: Ipv4Addr) -> Result<(), EndpointError> {
+        match *self {
+            RemoteHop::Guest(mac, u) => host.set_remote_endpoint(cloud, ip, mac, u),
+            RemoteHop::Nat(u) => host.set_remote_nat(cloud, ip, u),
+        }
+    }
+
+    fn remove(&self, host: &mut Host, cloud: CloudId, ip: Ipv4Addr) -> Result<(), EndpointError> {
+        match self {
+            RemoteHop::Guest(..) => host.remove_remote_endpoint(cloud, ip),
+            RemoteHop::Nat(_) => host.remove_remote_nat(cloud, ip),
+        }
     }
 }

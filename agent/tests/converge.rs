@@ -756,14 +756,17 @@ async fn exposures_converge_onto_the_host() {
         },
     )
     .await);
-    exec(
-        &core,
-        Cmd::CreateVm {
-            cloud: c1,
-            spec: vm("app"),
-        },
-    )
-    .await;
+    // Services are installed where their consumers run: both consumers have a VM here.
+    for c in [c1, c2] {
+        exec(
+            &core,
+            Cmd::CreateVm {
+                cloud: c,
+                spec: vm("app"),
+            },
+        )
+        .await;
+    }
     let exposure = |name: &str| CreateExposure {
         name: name.into(),
         protocol: Protocol::Tcp,

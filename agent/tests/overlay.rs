@@ -1011,3 +1011,257 @@ fn a_consumer_reaches_a_backend_on_another_host_through_an_exposure() {
         drop((a, b));
     });
 }
+
+/// An exposure across hosts, through the API: the provider's backend runs on host A, the
+/// consumer's VM on host B. Host B gets the service with the grant's NAT address for B, the
+/// provider's network id and where its backend runs; host A routes that NAT address back to
+/// B. A datagram to the VIP reaches the backend's tap on A from the NAT address; the answer
+/// reaches the consumer's tap from the VIP. A second consumer VM on host A gets a NAT address
+/// of its own (one per consumer host). Revoking the grant removes all of it from both hosts.
+#[test]
+fn an_exposure_created_through_the_api_is_carried_across_hosts() {
+    use atoll_agent::converge::{ConvergeConfig, Converger, Source};
+    use atoll_control::core::{Command as Cmd, Embedded, Principal, Reply};
+    use atoll_control::model::{
+        Backend, CreateCloud, CreateExposure, CreateGrant, CreateVm, GrantState, OfferPolicy,
+        Protocol, Vm,
+    };
+    use atoll_testbed::guest::{TapGuest, TAP_TTL};
+
+    require_root();
+    support::leaves_nothing(&["oyh", "oyp", "oyt"], || {
+        let (a_ns, b_ns) = two_hosts("oyh", None);
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let core = rt.block_on(support::control_plane(dir.path()));
+        let source = Source::new(Embedded(core.clone()));
+        let exec = |cmd: Cmd| {
+            rt.block_on(core.execute(Principal::Operator, cmd))
+                .expect("command")
+        };
+        let pins = [PinRoot::new("oyp"), PinRoot::new("oyp")];
+        let mut sides = Vec::new();
+        for (i, (name, ns, underlay)) in [("ha", &a_ns, A_UNDERLAY), ("hb", &b_ns, B_UNDERLAY)]
+            .into_iter()
+            .enumerate()
+        {
+            let host = on(ns, || {
+                let mut host = {
+                    let _entered = rt.enter();
+                    Host::open(&support::cfg(&pins[i], 64, 0)).expect("opening a dataplane")
+                };
+                rt.block_on(atoll_agent::overlay::enable(
+                    &mut host,
+                    &overlay_cfg(Some(underlay)),
+                    &EgressConfig::default(),
+                ))
+                .expect("enabling the overlay");
+                host
+            });
+            rt.block_on(async {
+                source.register(name).await.unwrap();
+                source.register_underlay(name, underlay).await.unwrap();
+            });
+            let conv = Converger::new(
+                ConvergeConfig {
+                    host: name.into(),
+                    tap_prefix: unique_name("oyt"),
+                    volumes_dir: dir.path().join(name),
+                },
+                source.clone(),
+                None,
+            );
+            sides.push((conv, host));
+        }
+        // Every host applies what there is, round after round, until a round brings no host
+        // anything (a host's sync allocating its NAT address is news for the other host).
+        let converge_all = |sides: &mut Vec<(Converger, Host)>| loop {
+            let mut news = false;
+            for ((conv, host), ns) in sides.iter_mut().zip([&a_ns, &b_ns]) {
+                on(ns, || {
+                    rt.block_on(async {
+                        let d = conv
+                            .next_delta(Duration::from_millis(200))
+                            .await
+                            .expect("sync");
+                        let empty = atoll_control::model::SyncDelta {
+                            revision: d.revision,
+                            ..Default::default()
+                        };
+                        news |= d != empty;
+                        conv.apply(host, d).await.expect("apply");
+                    })
+                });
+            }
+            if !news {
+                return;
+            }
+        };
+        let cloud = |r: Reply| match r {
+            Reply::CreatedCloud(c) => c.cloud.id,
+            other => panic!("{other:?}"),
+        };
+        let provider = cloud(exec(Cmd::CreateCloud {
+            spec: CreateCloud::default(),
+        }));
+        let consumer = cloud(exec(Cmd::CreateCloud {
+            spec: CreateCloud::default(),
+        }));
+        let create_vm = |c, name: &str| match exec(Cmd::CreateVm {
+            cloud: c,
+            spec: CreateVm {
+                name: name.into(),
+                vcpus: 1,
+                memory_mib: 64,
+                kernel: None,
+                image: None,
+                volumes: vec![],
+                user_data: None,
+                start: true,
+                anti_affinity: None,
+            },
+        }) {
+            Reply::Vm(vm) => *vm,
+            other => panic!("{other:?}"),
+        };
+        // By load: the backend goes to host A, the consumer's VM to host B.
+        let backend = create_vm(provider, "web");
+        let app = create_vm(consumer, "app");
+        assert_eq!((backend.host.as_str(), app.host.as_str()), ("ha", "hb"));
+        exec(Cmd::CreateExposure {
+            cloud: provider,
+            spec: CreateExposure {
+                name: "dns".into(),
+                protocol: Protocol::Udp,
+                port: 53,
+                backends: vec![Backend {
+                    vm: "web".into(),
+                    port: 5353,
+                }],
+            },
+        });
+        exec(Cmd::PutOfferPolicy {
+            cloud: consumer,
+            policy: OfferPolicy {
+                accept_from: vec![provider],
+            },
+        });
+        exec(Cmd::CreateGrant {
+            cloud: provider,
+            exposure: "dns".into(),
+            spec: CreateGrant { consumer },
+        });
+        converge_all(&mut sides);
+        let grants = || match exec(Cmd::ListGrants {
+            cloud: provider,
+            exposure: "dns".into(),
+        }) {
+            Reply::Grants(g) => g,
+            other => panic!("{other:?}"),
+        };
+        let g = grants().pop().expect("the grant");
+        assert_eq!(g.state, GrantState::Active, "{g:?}");
+        assert_eq!(g.host_nats.len(), 1, "{g:?}");
+        assert_eq!(
+            (g.host_nats[0].host.as_str(), g.host_nats[0].ipv4),
+            ("hb", g.nat_ipv4),
+            "the first consumer host has the grant's NAT address"
+        );
+        // What each host holds.
+        let (a, b) = (&sides[0].1, &sides[1].1);
+        let b_services = on(&b_ns, || b.services()).unwrap();
+        assert_eq!(b_services.len(), 1, "{b_services:?}");
+        assert_eq!(b_services[0].1.nat, g.nat_ipv4);
+        assert!(on(&a_ns, || a.services()).unwrap().is_empty());
+        assert!(on(&b_ns, || b.remote_endpoints())
+            .unwrap()
+            .iter()
+            .any(|&(c, ip, _, at)| c == provider && ip == backend.ipv4 && at == A_UNDERLAY));
+        assert_eq!(
+            on(&a_ns, || a.remote_nats()).unwrap(),
+            vec![(provider, g.nat_ipv4, B_UNDERLAY)]
+        );
+
+        // Frames between the two VMs' taps, as their VMMs would write them.
+        let gw = DataplaneConfig::default().gateway_mac.0;
+        let tap = |vm: &Vm, i: usize, ns: &NetNs| {
+            let ep = on(ns, || sides[i].1.endpoints())
+                .unwrap()
+                .into_iter()
+                .find(|e| e.cloud == vm.cloud && e.ipv4 == vm.ipv4)
+                .expect("the VM's endpoint");
+            let name = ep.name.clone().expect("a named tap");
+            on(ns, || {
+                TapGuest::attach(&vm.name, &name, ep.mac.0, vm.ipv4, gw)
+            })
+        };
+        let web = tap(&backend, 0, &a_ns);
+        let client = tap(&app, 1, &b_ns);
+        client.send(&client.udp(g.vip, 40000, 53, b"question"));
+        let packet = web.expect_ipv4("the consumer's datagram", g.nat_ipv4, TAP_TTL - 1);
+        let ip = layers::parse_ipv4(&packet).unwrap();
+        let udp = layers::parse_udp(&ip).expect("UDP");
+        assert_eq!((udp.dport, udp.payload), (5353, b"question".as_slice()));
+        assert!(udp.checksum_ok);
+        let nat_port = udp.sport;
+        web.send(&web.udp(g.nat_ipv4, 5353, nat_port, b"answer"));
+        let packet = client.expect_ipv4("the backend's answer", g.vip, TAP_TTL - 1);
+        let ip = layers::parse_ipv4(&packet).unwrap();
+        let udp = layers::parse_udp(&ip).expect("UDP");
+        assert_eq!(
+            (udp.sport, udp.dport, udp.payload),
+            (53, 40000, b"answer".as_slice())
+        );
+        assert!(udp.checksum_ok);
+
+        // The consumer on host A too: a NAT address of its own there, translated locally.
+        let app2 = create_vm(consumer, "app2");
+        assert_eq!(app2.host, "ha");
+        converge_all(&mut sides);
+        let g = grants().pop().expect("the grant");
+        assert_eq!(g.host_nats.len(), 2, "{g:?}");
+        let a_nat = g.host_nats.iter().find(|n| n.host == "ha").unwrap().ipv4;
+        assert_ne!(a_nat, g.nat_ipv4);
+        let (a, b) = (&sides[0].1, &sides[1].1);
+        let a_services = on(&a_ns, || a.services()).unwrap();
+        assert_eq!(
+            a_services.iter().map(|s| s.1.nat).collect::<Vec<_>>(),
+            vec![a_nat]
+        );
+        assert!(on(&b_ns, || b.remote_nats()).unwrap().is_empty());
+
+        // Revoked: gone from both hosts, and the consumer's datagram finds no route.
+        exec(Cmd::RevokeGrant {
+            cloud: provider,
+            exposure: "dns".into(),
+            consumer,
+        });
+        converge_all(&mut sides);
+        let (a, b) = (&sides[0].1, &sides[1].1);
+        assert!(on(&a_ns, || a.services()).unwrap().is_empty());
+        assert!(on(&b_ns, || b.services()).unwrap().is_empty());
+        assert!(on(&a_ns, || a.remote_nats()).unwrap().is_empty());
+        assert!(
+            !on(&b_ns, || b.remote_endpoints())
+                .unwrap()
+                .iter()
+                .any(|&(c, ..)| c == provider),
+            "the provider's backend is forgotten on the consumer's host"
+        );
+        assert!(!on(&b_ns, || b.cloud_vnis())
+            .unwrap()
+            .iter()
+            .any(|&(c, _)| c == provider));
+        let before = drops(b);
+        client.send(&client.udp(g.vip, 40000, 53, b"after"));
+        let mut expected = before.clone();
+        *expected.entry(DropReason::NoRouteInCloud).or_default() += 1;
+        wait_until("the datagram after the revocation", expected, || drops(b));
+        drop((web, client));
+        drop(sides);
+        drop(pins);
+    });
+}

@@ -746,8 +746,8 @@ pub enum GrantState {
     /// Consented to, installed on the hosts that need it, and able to carry traffic.
     Active,
     /// Consented to, but no packet can pass: the provider's VMs and the consumer's run on
-    /// different hosts, and exposures across hosts are not carried yet. Shown in replies, never
-    /// stored; `reason` says which hosts.
+    /// different hosts that the overlay does not join (a host without it, or a provider without
+    /// a network id). Shown in replies, never stored; `reason` says which hosts.
     Unreachable,
     /// A host failed to install it; `reason` carries the host's error. Shown in replies, never
     /// stored.
@@ -1134,13 +1134,29 @@ pub struct Grant {
     /// unique in the consumer's zone (provider names need not be unique).
     pub fqdn: String,
     /// Where the consumer's flows come from, as the provider's VMs see them: an address in
-    /// the provider's range, one per grant, so the provider can tell consumers apart.
+    /// the provider's range, one per grant, so the provider can tell consumers apart. With
+    /// the consumer on several hosts, this is the first host's; see `host_nats`.
     #[schema(value_type = String)]
     pub nat_ipv4: Ipv4Addr,
     pub created_at: u64,
+    /// The NAT address of each consumer host that has needed one (the consumer's host
+    /// translates, and a backend's host sends replies back to the host the address names):
+    /// the first host gets `nat_ipv4`, every other one an address of its own in the provider's
+    /// range. Allocated when that host first syncs the grant; freed with the grant.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub host_nats: Vec<HostNat>,
     /// Why the grant is not `active` (`unreachable`, `failed`); computed for each reply.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+}
+
+/// One consumer host's NAT address of a grant.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct HostNat {
+    pub host: String,
+    #[schema(value_type = String)]
+    pub ipv4: Ipv4Addr,
 }
 
 /// A host's failure to install one exposure service (a grant), as the control plane keeps it
@@ -1321,7 +1337,26 @@ pub struct CloudRemotes {
     pub cloud: CloudId,
     /// The cloud's network id (see [`Cloud::vni`]); 0: none.
     pub vni: u32,
+    /// Its VMs on other hosts: all of them for a cloud with VMs here; for a provider whose
+    /// consumers run here (and that has no VMs here), only its exposures' backends.
     pub endpoints: Vec<RemoteEndpoint>,
+    /// For a provider with VMs here: the NAT addresses its grants have for consumer hosts
+    /// other than this one (its backends here reply to them there).
+    #[serde(default)]
+    pub nats: Vec<RemoteNat>,
+}
+
+/// A grant's NAT address for one consumer host (see [`Grant::host_nats`]), as a provider's
+/// host routes its backends' replies to it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RemoteNat {
+    #[schema(value_type = String)]
+    pub ipv4: Ipv4Addr,
+    pub host: String,
+    /// The consumer host's underlay address.
+    #[schema(value_type = String)]
+    pub underlay: Ipv4Addr,
 }
 
 /// A VM on another host: where its frames go.

@@ -55,6 +55,7 @@ api_suite!(
     a_cloud_stays_on_one_host,
     a_cloud_spreads_over_overlay_hosts_and_each_syncs_the_others,
     vms_of_one_anti_affinity_group_never_share_a_host,
+    grants_get_a_nat_address_per_consumer_host_and_each_host_its_part,
     cloud_tokens_rotate_and_the_old_one_stops_at_once,
     what_hosts_cannot_hold_is_refused_at_the_request,
     offers_change_nothing_in_the_consumer_until_it_accepts,
@@ -1941,6 +1942,229 @@ async fn a_cloud_stays_on_one_host(api: Api) {
 /// over them (never to a host without it), and each host's sync carries the cloud's VMs on
 /// the other hosts (and nothing of clouds it does not run), and forgets them when they go.
 /// Placement reads the feed, which a host's own requests update at once.
+/// Exposures across hosts, as the control plane sends them (see "Exposures across hosts" in
+/// docs/design.md): the backend on host xa, the consumer on xb and xc. Each consumer host's
+/// sync carries the service with its own NAT address (xb, first, the grant's; xc a new one of
+/// the provider's range), the provider's network id and where its backend runs, and nothing
+/// of the provider's other VMs; the provider's host carries the NAT addresses as routes to the
+/// consumer hosts and no service. The grant shows them, stays `active`, and its revocation
+/// frees the extra address. A control plane starting on a store whose grants predate the grant
+/// index builds it, so it still sends consumer hosts their services.
+async fn grants_get_a_nat_address_per_consumer_host_and_each_host_its_part(api: Api) {
+    let underlay = |i: u8| Ipv4Addr::new(10, 9, 2, i + 1);
+    for (i, h) in ["xa", "xb", "xc"].into_iter().enumerate() {
+        let t: HostToken = ok(
+            &api.op,
+            Method::POST,
+            &routes::ISSUE_HOST_TOKEN.at(&[&h]),
+            None,
+        )
+        .await;
+        let c = api.as_token(&t.token);
+        let _: HostInfo = ok(&c, Method::PUT, &routes::REGISTER_HOST.at(&[&h]), None).await;
+        let _: HostInfo = ok(
+            &c,
+            Method::PUT,
+            &routes::SET_HOST_UNDERLAY.at(&[&h]),
+            Some(json!({ "underlay": underlay(i as u8) })),
+        )
+        .await;
+    }
+    let (p, pc) = api.cloud(json!({"name": "prov"})).await;
+    let (c, cc) = api.cloud(json!({"name": "cons"})).await;
+    let (pid, cid) = (p.cloud.id, c.cloud.id);
+    let vm = |client: &Client, cloud: CloudId, name: &'static str| {
+        let client = client.clone();
+        async move {
+            let v: Vm = ok(
+                &client,
+                Method::POST,
+                &routes::CREATE_VM.at(&[&cloud]),
+                Some(json!({ "name": name })),
+            )
+            .await;
+            v
+        }
+    };
+    // By load: the backend on xa, then the consumer on xb and xc; then another provider VM,
+    // not a backend, on xa (a tie goes to the first host by name): never sent to the
+    // consumer hosts.
+    let web = vm(&pc, pid, "web").await;
+    let c1 = vm(&cc, cid, "c1").await;
+    let c2 = vm(&cc, cid, "c2").await;
+    assert_eq!(
+        (web.host.as_str(), c1.host.as_str(), c2.host.as_str()),
+        ("xa", "xb", "xc")
+    );
+    let other = vm(&pc, pid, "other").await;
+    assert_eq!(other.host, "xa");
+    let _: Exposure = ok(
+        &pc,
+        Method::POST,
+        &routes::CREATE_EXPOSURE.at(&[&pid]),
+        Some(json!({"name": "svc", "protocol": "udp", "port": 53,
+                    "backends": [{"vm": "web", "port": 5353}]})),
+    )
+    .await;
+    let _: OfferPolicy = ok(
+        &cc,
+        Method::PUT,
+        &routes::PUT_OFFER_POLICY.at(&[&cid]),
+        Some(json!({"accept_from": [pid]})),
+    )
+    .await;
+    let _: Value = ok(
+        &pc,
+        Method::POST,
+        &routes::CREATE_GRANT.at(&[&pid, &"svc"]),
+        Some(json!({"consumer": cid})),
+    )
+    .await;
+    let sync = |h: &'static str| {
+        let core = api.core.clone();
+        async move {
+            core.sync(Principal::Operator, h, 0, Duration::ZERO)
+                .await
+                .unwrap()
+        }
+    };
+    let grant = || async {
+        let g: Vec<Grant> = ok(
+            &pc,
+            Method::GET,
+            &routes::LIST_GRANTS.at(&[&pid, &"svc"]),
+            None,
+        )
+        .await;
+        g.into_iter().next().expect("the grant")
+    };
+    let first = grant().await;
+    // Each consumer host: its service, from its own NAT address, and the backend's location.
+    let mut nats = Vec::new();
+    for (h, other_consumer) in [("xb", &c2), ("xc", &c1)] {
+        let d = sync(h).await;
+        let svc: Vec<&Service> = d
+            .services
+            .iter()
+            .filter(|s| s.provider == pid)
+            .flat_map(|s| &s.services)
+            .collect();
+        assert_eq!(svc.len(), 1, "{h}: {:?}", d.services);
+        assert_eq!((svc[0].consumer, svc[0].vip), (cid, first.vip));
+        nats.push(svc[0].nat_ipv4);
+        let provider = d
+            .remote
+            .iter()
+            .find(|r| r.cloud == pid)
+            .expect("the provider");
+        assert_eq!(provider.vni, p.cloud.vni);
+        assert_eq!(
+            provider
+                .endpoints
+                .iter()
+                .map(|e| (e.vm.as_str(), e.host.as_str()))
+                .collect::<Vec<_>>(),
+            vec![("web", "xa")],
+            "{h}: only the backend"
+        );
+        assert!(provider.nats.is_empty());
+        // Its own cloud's other VM, on the other consumer host, as always.
+        let own = d.remote.iter().find(|r| r.cloud == cid).expect("its cloud");
+        assert!(own.endpoints.iter().any(|e| e.vm == other_consumer.name));
+    }
+    assert_eq!(
+        nats[0], first.nat_ipv4,
+        "the first consumer host has the grant's"
+    );
+    assert_ne!(nats[1], nats[0]);
+    assert!(![web.ipv4, other.ipv4].contains(&nats[1]));
+    let g = grant().await;
+    assert_eq!(g.state, GrantState::Active, "{g:?}");
+    let mut listed: Vec<(String, Ipv4Addr)> = g
+        .host_nats
+        .iter()
+        .map(|n| (n.host.clone(), n.ipv4))
+        .collect();
+    listed.sort();
+    assert_eq!(
+        listed,
+        vec![("xb".to_string(), nats[0]), ("xc".to_string(), nats[1])]
+    );
+    // The provider's host: routes back to both consumer hosts, no service.
+    let d = sync("xa").await;
+    assert!(
+        d.services.iter().all(|s| s.services.is_empty()),
+        "{:?}",
+        d.services
+    );
+    let mine = d
+        .remote
+        .iter()
+        .find(|r| r.cloud == pid)
+        .expect("the provider");
+    let mut routed: Vec<(Ipv4Addr, String, Ipv4Addr)> = mine
+        .nats
+        .iter()
+        .map(|n| (n.ipv4, n.host.clone(), n.underlay))
+        .collect();
+    routed.sort();
+    let mut want = vec![
+        (nats[0], "xb".to_string(), underlay(1)),
+        (nats[1], "xc".to_string(), underlay(2)),
+    ];
+    want.sort();
+    assert_eq!(routed, want);
+
+    // A control plane starting on this store after its grants lost their index (as a store
+    // written before the index has none) builds it and sends xb its service.
+    let store = api.core.store().clone();
+    store
+        .txn(atoll_control::store::Txn {
+            compares: vec![],
+            success: vec![
+                atoll_control::store::Op::DeletePrefix {
+                    prefix: "grantidx/".into(),
+                },
+                atoll_control::store::Op::Delete {
+                    key: "migrations/grantidx".into(),
+                },
+            ],
+        })
+        .await
+        .unwrap();
+    let restarted = Core::start(store.clone(), api.core.config().clone())
+        .await
+        .unwrap();
+    let d = restarted
+        .sync(Principal::Operator, "xb", 0, Duration::ZERO)
+        .await
+        .unwrap();
+    assert!(
+        d.services
+            .iter()
+            .any(|s| s.provider == pid && s.services.len() == 1),
+        "{:?}",
+        d.services
+    );
+    assert!(store.get("migrations/grantidx").await.unwrap().is_some());
+
+    // Revoked: the extra address is free again, the index key gone.
+    let (status, _) = raw(
+        &pc,
+        Method::DELETE,
+        &routes::REVOKE_GRANT.at(&[&pid, &"svc", &cid]),
+        None,
+    )
+    .await;
+    assert!(status.is_success());
+    assert!(store
+        .get(&format!("c/{pid}/ip/{}", nats[1]))
+        .await
+        .unwrap()
+        .is_none());
+    assert!(store.range("grantidx/", None, 0).await.unwrap().is_empty());
+}
+
 /// Anti-affinity: VMs of one cloud naming the same group land on different hosts; when every
 /// host running the overlay holds one (another host without the overlay does not count), or
 /// the volumes bind a VM to such a host, the create is refused (409 `anti_affinity`) and

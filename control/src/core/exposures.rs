@@ -6,9 +6,10 @@
 
 use super::*;
 
-/// Revoking one grant: the provider's grant record, the consumer's import, the consumer's VIP
-/// address and the provider's NAT address go, guarded by the revision of the record (grant or
-/// import, which are always written together) it was read from.
+/// Revoking one grant: the provider's grant record, the consumer's import, the grant's index
+/// key, the consumer's VIP address and the provider's NAT addresses (the grant's and those of
+/// further consumer hosts) go, guarded by the revision of the record (grant or import, which
+/// are always written together, also when a host's NAT address is added) it was read from.
 pub(super) struct Revocation {
     pub(super) guard: Compare,
     pub(super) ops: Vec<Op>,
@@ -31,7 +32,20 @@ impl Revocation {
                 Op::Delete {
                     key: keys::ip(g.provider, g.nat_ipv4),
                 },
-            ],
+                Op::Delete {
+                    key: keys::grant_index(g.provider, g.consumer, &g.exposure),
+                },
+            ]
+            .into_iter()
+            .chain(
+                g.host_nats
+                    .iter()
+                    .filter(|n| n.ipv4 != g.nat_ipv4)
+                    .map(|n| Op::Delete {
+                        key: keys::ip(g.provider, n.ipv4),
+                    }),
+            )
+            .collect(),
         }
     }
 
@@ -65,8 +79,9 @@ impl Revocation {
 
 impl Core {
     /// Grants as they stand: an active grant that a host failed to install is `failed` with
-    /// the host's error, and one whose provider and consumer run on different hosts is
-    /// `unreachable` (exposures across hosts are not carried yet); see [`GrantState`].
+    /// the host's error, and one whose provider and consumer run on different hosts that the
+    /// overlay does not join (a host without it, or a provider without a network id) is
+    /// `unreachable`; see [`GrantState`].
     pub(super) async fn effective(&self, mut grants: Vec<Grant>) -> Result<Vec<Grant>, CoreError> {
         let mut failures: HashMap<CloudId, HashMap<String, ServiceFailure>> = HashMap::new();
         for g in &grants {
@@ -78,6 +93,17 @@ impl Core {
                     .map(|(k, _, f)| (k, f))
                     .collect();
                 failures.insert(g.provider, found);
+            }
+        }
+        let mut vnis: HashMap<CloudId, u32> = HashMap::new();
+        for g in &grants {
+            if g.state == GrantState::Active && !vnis.contains_key(&g.provider) {
+                let vni = match self.cloud(g.provider).await {
+                    Ok((_, c)) => c.vni,
+                    Err(CoreError::NotFound(_)) => 0,
+                    Err(e) => return Err(e),
+                };
+                vnis.insert(g.provider, vni);
             }
         }
         let st = self.feed.state.lock().expect("feed lock");
@@ -100,17 +126,31 @@ impl Core {
                 g.reason = Some(format!("host {}: {}", f.host, f.message));
                 continue;
             }
+            // Every consumer host must reach the provider: on a host of its own, or over the
+            // overlay (both ends on it, and the provider with a network id).
             let (p, c) = (hosts_of(g.provider), hosts_of(g.consumer));
-            if !p.is_empty() && !c.is_empty() && p.is_disjoint(&c) {
-                let names = |s: &BTreeSet<&String>| {
-                    s.iter().map(|h| h.as_str()).collect::<Vec<_>>().join(", ")
-                };
+            let vni = vnis.get(&g.provider).copied().unwrap_or(0);
+            let joined = |h: &String| vni != 0 && st.overlay.contains(h);
+            let over = p.iter().any(|h| joined(h));
+            let stranded =
+                !p.is_empty() && c.iter().any(|ch| !(p.contains(*ch) || over && joined(ch)));
+            if stranded {
+                let apart: BTreeSet<&String> = p.union(&c).copied().collect();
+                let names = apart
+                    .iter()
+                    .map(|h| h.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ");
                 g.state = GrantState::Unreachable;
-                g.reason = Some(format!(
-                    "the provider's VMs run on host {}, the consumer's on host {}: exposures across hosts are not carried yet",
-                    names(&p),
-                    names(&c)
-                ));
+                g.reason = Some(if vni == 0 {
+                    format!(
+                        "the provider's VMs and the consumer's run on different hosts ({names}) and the provider has no network id (created before the overlay)"
+                    )
+                } else {
+                    format!(
+                        "the provider's VMs and the consumer's run on different hosts ({names}), not all of them on the overlay"
+                    )
+                });
             }
         }
         Ok(grants)
@@ -435,6 +475,7 @@ impl Core {
                 fqdn: format!("{}.{c}.svc.{}", exp.name, ccloud.zone),
                 nat_ipv4,
                 created_at: now(),
+                host_nats: Vec::new(),
             };
             let mut txn = Txn {
                 compares: vec![
@@ -448,6 +489,7 @@ impl Core {
                 success: vec![
                     put(keys::grant(c, exp_name, consumer), &grant),
                     put(keys::import(consumer, c, exp_name), &grant),
+                    put(keys::grant_index(c, consumer, exp_name), &""),
                     put(keys::ip(consumer, vip), &format!("vip:{c}/{exp_name}")),
                     put(keys::ip(c, nat_ipv4), &format!("nat:{consumer}/{exp_name}")),
                     put(keys::cloud(c), &provider),

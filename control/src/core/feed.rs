@@ -31,6 +31,10 @@ pub(super) struct FeedState {
     /// watch delivering a change [`Core::host_recorded`] applied ahead of it, followed by a
     /// newer one) is ignored, so a cordon or an underlay address never reverts for a moment.
     pub(super) host_revisions: HashMap<String, u64>,
+    /// The grant index (`grantidx/`): per provider, its `(consumer, exposure)` grants.
+    pub(super) consumers: HashMap<CloudId, HashSet<(CloudId, String)>>,
+    /// The same, per consumer: its `(provider, exposure)` grants.
+    pub(super) providers: HashMap<CloudId, HashSet<(CloudId, String)>>,
 }
 
 /// The store watch that feeds host syncs (see the module docs).
@@ -105,6 +109,30 @@ impl FeedState {
             } else {
                 clouds.entry(cloud).or_default().insert(key.to_string());
             }
+        } else if let Some((p, c, e)) = keys::parse_grant_index(key) {
+            if deleted {
+                let forget = |m: &mut HashMap<CloudId, HashSet<(CloudId, String)>>,
+                              k: CloudId,
+                              v: (CloudId, String)| {
+                    if let Some(set) = m.get_mut(&k) {
+                        set.remove(&v);
+                        if set.is_empty() {
+                            m.remove(&k);
+                        }
+                    }
+                };
+                forget(&mut self.consumers, p, (c, e.to_string()));
+                forget(&mut self.providers, c, (p, e.to_string()));
+            } else {
+                self.consumers
+                    .entry(p)
+                    .or_default()
+                    .insert((c, e.to_string()));
+                self.providers
+                    .entry(c)
+                    .or_default()
+                    .insert((p, e.to_string()));
+            }
         } else if let Some(h) = key.strip_prefix("hosts/") {
             if self.host_revisions.get(h).is_some_and(|r| *r > revision) {
                 return;
@@ -133,6 +161,40 @@ impl FeedState {
                 }
             }
         }
+    }
+
+    /// The clouds whose changes concern `host`: those with placements there, and the
+    /// providers of grants to them (their exposures' backends and services are applied
+    /// there, see "Exposures across hosts" in docs/design.md).
+    pub(super) fn concerned(&self, host: &str) -> HashSet<CloudId> {
+        let mut out: HashSet<CloudId> = self
+            .placements
+            .get(host)
+            .map(|m| m.keys().copied().collect())
+            .unwrap_or_default();
+        let here: Vec<CloudId> = out.iter().copied().collect();
+        for c in here {
+            if let Some(ps) = self.providers.get(&c) {
+                out.extend(ps.iter().map(|(p, _)| *p));
+            }
+        }
+        out
+    }
+
+    /// The consumers of provider `p`'s grants.
+    pub(super) fn consumers_of(&self, p: CloudId) -> impl Iterator<Item = CloudId> + '_ {
+        self.consumers
+            .get(&p)
+            .into_iter()
+            .flat_map(|s| s.iter().map(|(c, _)| *c))
+    }
+
+    /// The providers of consumer `c`'s grants.
+    pub(super) fn providers_of(&self, c: CloudId) -> impl Iterator<Item = CloudId> + '_ {
+        self.providers
+            .get(&c)
+            .into_iter()
+            .flat_map(|s| s.iter().map(|(p, _)| *p))
     }
 
     pub(super) fn load(&self, host: &str) -> usize {

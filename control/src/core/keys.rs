@@ -61,6 +61,27 @@ pub fn all_grants(c: CloudId) -> String {
 pub fn grant(c: CloudId, e: &str, consumer: CloudId) -> String {
     format!("c/{c}/grants/{e}/{consumer}")
 }
+/// The global index of grants (`grantidx/<provider>/<consumer>/<exposure>`, value empty),
+/// written and deleted with each grant: the feed loads it at start to know which providers'
+/// changes concern which consumers' hosts, which the per-cloud grant keys cannot tell without
+/// ranging over every cloud.
+pub fn grant_index(provider: CloudId, consumer: CloudId, e: &str) -> String {
+    format!("grantidx/{provider}/{consumer}/{e}")
+}
+pub fn grant_indexes() -> &'static str {
+    "grantidx/"
+}
+/// `(provider, consumer, exposure)` of a [`grant_index`] key.
+pub fn parse_grant_index(key: &str) -> Option<(CloudId, CloudId, &str)> {
+    let rest = key.strip_prefix(grant_indexes())?;
+    let (p, rest) = rest.split_once('/')?;
+    let (c, e) = rest.split_once('/')?;
+    Some((p.parse().ok()?, c.parse().ok()?, e))
+}
+/// Written once every grant written before the index has its index key.
+pub fn grant_index_migrated() -> &'static str {
+    "migrations/grantidx"
+}
 /// A host's failure to install the grant `(provider, consumer, vip)`: under the provider,
 /// so deleting the provider removes it, and of no kind that reaches host syncs.
 pub fn service_failure(provider: CloudId, consumer: CloudId, vip: std::net::Ipv4Addr) -> String {

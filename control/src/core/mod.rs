@@ -361,10 +361,55 @@ fn check_quota(field: &'static str, wanted: u64, limit: u64) -> Result<(), CoreE
     }
 }
 
+/// Writes the grant index key of every grant written before the index existed, once per
+/// store (`migrations/grantidx` marks it done): one pass over every cloud's keys. A grant
+/// revoked while the pass runs may leave its index key behind, which only makes its
+/// provider's changes wake the consumer's hosts needlessly.
+async fn migrate_grant_index(store: &Store) -> Result<(), CoreError> {
+    if store.get(keys::grant_index_migrated()).await?.is_some() {
+        return Ok(());
+    }
+    let mut after: Option<String> = None;
+    let mut ops = Vec::new();
+    loop {
+        let page = store.range("c/", after.as_deref(), 10_000).await?;
+        let Some(last) = page.last() else { break };
+        after = Some(last.key.clone());
+        for kv in &page {
+            // c/<provider>/grants/<exposure>/<consumer>
+            let mut parts = kv.key.splitn(5, '/');
+            let (Some("c"), Some(p), Some("grants"), Some(e), Some(c)) = (
+                parts.next(),
+                parts.next(),
+                parts.next(),
+                parts.next(),
+                parts.next(),
+            ) else {
+                continue;
+            };
+            let (Ok(p), Ok(c)) = (p.parse(), c.parse()) else {
+                continue;
+            };
+            ops.push(put(keys::grant_index(p, c, e), &""));
+        }
+    }
+    ops.push(put(keys::grant_index_migrated().to_string(), &""));
+    for chunk in ops.chunks(64) {
+        store
+            .txn(Txn {
+                compares: Vec::new(),
+                success: chunk.to_vec(),
+            })
+            .await?;
+    }
+    Ok(())
+}
+
 impl Core {
     /// Starts the core on `store`: loads host placements and starts the store watch that feeds
     /// [`Core::sync`].
     pub async fn start(store: Store, cfg: CoreConfig) -> Result<Arc<Core>, CoreError> {
+        migrate_grant_index(&store).await?;
         let revision = store.revision().await?;
         let mut state = FeedState {
             complete_after: revision,
@@ -381,6 +426,17 @@ impl Core {
         }
         for kv in store.range(keys::hosts(), None, 0).await? {
             state.apply(&kv.key, &kv.value, false, kv.mod_revision);
+        }
+        let mut after: Option<String> = None;
+        loop {
+            let page = store
+                .range(keys::grant_indexes(), after.as_deref(), 10_000)
+                .await?;
+            let Some(last) = page.last() else { break };
+            after = Some(last.key.clone());
+            for kv in &page {
+                state.apply(&kv.key, &kv.value, false, kv.mod_revision);
+            }
         }
         let (latest, _) = watch::channel(revision);
         let feed = Arc::new(Feed {

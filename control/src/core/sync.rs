@@ -31,24 +31,34 @@ impl Core {
                     let relevant: Vec<(String, Option<Vec<u8>>, bool)> = if latest > after {
                         let prefix = keys::host_all(host);
                         let clouds = st.placements.get(host);
+                        let here = |c: CloudId| clouds.is_some_and(|m| m.contains_key(&c));
+                        // Clouds with VMs here and the providers of grants to them.
+                        let concerned = st.concerned(host);
+                        let concerns = |c: CloudId| concerned.contains(&c);
+                        // Whose hosts' addresses matter here: the clouds concerned, and the
+                        // consumers of providers here (their hosts' NAT routes).
+                        let addressed = |c: CloudId| concerns(c) || st.providers_of(c).any(here);
                         st.ring
                             .iter()
                             .filter(|e| e.revision > after)
                             .filter(|e| {
-                                let here = |c: CloudId| clouds.is_some_and(|m| m.contains_key(&c));
                                 e.key.starts_with(&prefix)
                                     || zone_cloud(&e.key).is_some_and(here)
-                                    || service_cloud(&e.key).is_some_and(here)
+                                    || service_cloud(&e.key).is_some_and(concerns)
                                     || egress_cloud(&e.key).is_some_and(here)
                                     || published_cloud(&e.key).is_some_and(here)
-                                    // Another host's VMs of a cloud here: the remote set.
+                                    // Another host's VMs of a cloud here or of a provider to
+                                    // one: the remote set.
                                     || parse_placement_key(&e.key)
-                                        .is_some_and(|(_, is_vm, c, _)| is_vm && here(c))
+                                        .is_some_and(|(_, is_vm, c, _)| is_vm && concerns(c))
+                                    // A grant given or received by a cloud here.
+                                    || keys::parse_grant_index(&e.key)
+                                        .is_some_and(|(p, c, _)| here(p) || here(c))
                                     // A host's underlay address, the host sharing a cloud.
                                     || e.key.strip_prefix(keys::underlays()).is_some_and(|h| {
                                         st.placements
                                             .get(h)
-                                            .is_some_and(|m| m.keys().any(|c| here(*c)))
+                                            .is_some_and(|m| m.keys().any(|c| addressed(*c)))
                                     })
                             })
                             .map(|e| (e.key.clone(), e.value.clone(), e.deleted))
@@ -112,6 +122,12 @@ impl Core {
             }
             if let Some(p) = service_cloud(&key) {
                 providers.insert(p);
+                // Its backends' set (exposures, grants) or its grants' NAT addresses.
+                remote.insert(p);
+            }
+            if let Some((p, _, _)) = keys::parse_grant_index(&key) {
+                providers.insert(p);
+                remote.insert(p);
             }
             if let Some((h, is_vm, cloud, name)) = parse_placement_key(&key) {
                 if is_vm {
@@ -119,6 +135,14 @@ impl Core {
                 }
                 if h != host {
                     continue;
+                }
+                // A consumer arriving or leaving: its providers' services and backends.
+                {
+                    let st = self.feed.state.lock().expect("feed lock");
+                    for p in st.providers_of(cloud) {
+                        providers.insert(p);
+                        remote.insert(p);
+                    }
                 }
                 touched.insert(cloud);
                 egress.insert(cloud);
@@ -179,23 +203,32 @@ impl Core {
                 false => d.removed_egress.push(c),
             }
         }
-        {
+        let concerned = {
             let st = self.feed.state.lock().expect("feed lock");
+            let concerned = st.concerned(host);
             for h in &other_hosts {
                 if let Some(m) = st.placements.get(h) {
-                    remote.extend(m.keys().copied().filter(|c| present.contains(c)));
+                    for c in m.keys() {
+                        if concerned.contains(c) {
+                            remote.insert(*c);
+                        }
+                        // A consumer host of a provider here: the NAT routes to it.
+                        remote.extend(st.providers_of(*c).filter(|p| present.contains(p)));
+                    }
                 }
             }
-        }
+            concerned
+        };
         if !remote.is_empty() {
             let underlays = self.underlays().await?;
             for c in remote {
-                d.remote.push(match present.contains(&c) {
-                    true => self.remotes_of(c, host, &underlays).await?,
+                d.remote.push(match concerned.contains(&c) {
+                    true => self.remotes_of(c, host, &present, &underlays).await?,
                     false => CloudRemotes {
                         cloud: c,
                         vni: 0,
                         endpoints: Vec::new(),
+                        nats: Vec::new(),
                     },
                 });
             }
@@ -214,8 +247,8 @@ impl Core {
         providers.extend(d.vms.iter().map(|p| p.cloud));
         providers.extend(d.removed_vms.iter().map(|r| r.cloud));
         for p in providers {
-            let services = match present.contains(&p) {
-                true => self.services_of(p).await?,
+            let services = match concerned.contains(&p) {
+                true => self.services_for(p, host, &present).await?,
                 false => Vec::new(),
             };
             d.services.push(ProviderServices {
@@ -226,10 +259,24 @@ impl Core {
         Ok(d)
     }
 
-    /// The active grants of provider `p`, resolved for a host's dataplane. Hosts apply the
-    /// services of the providers that have VMs on them: a backend is reached on its own host,
-    /// where the NAT happens (see docs/design.md, "Exposures").
-    pub(super) async fn services_of(&self, p: CloudId) -> Result<Vec<Service>, CoreError> {
+    /// The active grants of provider `p` to consumers with VMs on `host` (`present`: the
+    /// clouds there), resolved for its dataplane: the consumer's host translates, wherever
+    /// the backends run, from its own NAT address of the grant (allocated here when the host
+    /// first needs one, see [`Core::host_nat`]). See "Exposures across hosts" in
+    /// docs/design.md.
+    pub(super) async fn services_for(
+        &self,
+        p: CloudId,
+        host: &str,
+        present: &HashSet<CloudId>,
+    ) -> Result<Vec<Service>, CoreError> {
+        let consumers: HashSet<CloudId> = {
+            let st = self.feed.state.lock().expect("feed lock");
+            st.consumers_of(p).filter(|c| present.contains(c)).collect()
+        };
+        if consumers.is_empty() {
+            return Ok(Vec::new());
+        }
         let exposures: Vec<Exposure> = self.list(&keys::exposures(p)).await?;
         if exposures.is_empty() {
             return Ok(Vec::new());
@@ -252,12 +299,19 @@ impl Core {
                     })
                 })
                 .collect();
-            let grants: Vec<Grant> = self.list(&keys::grants(p, &e.name)).await?;
-            for g in grants.into_iter().filter(|g| g.state == GrantState::Active) {
+            let grants: Vec<(String, u64, Grant)> = self.list_kv(&keys::grants(p, &e.name)).await?;
+            for (key, rev, g) in grants {
+                if g.state != GrantState::Active || !consumers.contains(&g.consumer) {
+                    continue;
+                }
+                let (consumer, vip) = (g.consumer, g.vip);
+                let Some(nat_ipv4) = self.host_nat(g, &key, rev, host).await? else {
+                    continue;
+                };
                 out.push(Service {
-                    consumer: g.consumer,
-                    vip: g.vip,
-                    nat_ipv4: g.nat_ipv4,
+                    consumer,
+                    vip,
+                    nat_ipv4,
                     protocol: e.protocol,
                     port: e.port,
                     backends: backends.clone(),
@@ -265,6 +319,82 @@ impl Core {
             }
         }
         Ok(out)
+    }
+
+    /// The NAT address of grant `g` (read at `key`, revision `rev`) for consumer host `host`:
+    /// the one it has, or a new one: the grant's own `nat_ipv4` for its first consumer host,
+    /// an address of the provider's range for any other, recorded in the grant and its import
+    /// (written together, so a revocation guarded by either sees it). `None`: the grant went
+    /// meanwhile, or no address is left in the provider's range (logged; its consumers on
+    /// this host cannot reach it until one is).
+    pub(super) async fn host_nat(
+        &self,
+        mut g: Grant,
+        key: &str,
+        mut rev: u64,
+        host: &str,
+    ) -> Result<Option<Ipv4Addr>, CoreError> {
+        for _ in 0..MAX_RETRIES {
+            if let Some(n) = g.host_nats.iter().find(|n| n.host == host) {
+                return Ok(Some(n.ipv4));
+            }
+            let first = g.host_nats.is_empty();
+            let ipv4 = if first {
+                g.nat_ipv4
+            } else {
+                let provider = match self.cloud(g.provider).await {
+                    Ok((_, c)) => c,
+                    Err(CoreError::NotFound(_)) => return Ok(None),
+                    Err(e) => return Err(e),
+                };
+                match self.allocate_ip(&provider).await {
+                    Ok(ip) => ip,
+                    Err(e @ CoreError::QuotaExceeded { .. }) => {
+                        tracing::warn!(
+                            "no NAT address for host {host} of the grant of {}/{} to {}: {e}",
+                            g.provider,
+                            g.exposure,
+                            g.consumer
+                        );
+                        return Ok(None);
+                    }
+                    Err(e) => return Err(e),
+                }
+            };
+            g.host_nats.push(HostNat {
+                host: host.to_string(),
+                ipv4,
+            });
+            let mut txn = Txn {
+                compares: vec![Compare::ModRevision(key.to_string(), rev)],
+                success: vec![
+                    put(key.to_string(), &g),
+                    put(keys::import(g.consumer, g.provider, &g.exposure), &g),
+                ],
+            };
+            if !first {
+                txn.compares
+                    .push(Compare::Absent(keys::ip(g.provider, ipv4)));
+                txn.success.push(put(
+                    keys::ip(g.provider, ipv4),
+                    &format!("hostnat:{}/{}@{host}", g.consumer, g.exposure),
+                ));
+            }
+            if let TxnOutcome::Committed { .. } = self.store.txn(txn).await? {
+                return Ok(Some(ipv4));
+            }
+            match self.store.get(key).await? {
+                Some(kv) => {
+                    g = decode(&kv.key, &kv.value)?;
+                    rev = kv.mod_revision;
+                }
+                None => return Ok(None),
+            }
+        }
+        Err(CoreError::Contention(format!(
+            "the NAT address of host {host} for {}/{}",
+            g.provider, g.exposure
+        )))
     }
 
     /// Every host's underlay address (hosts without one are left out).
@@ -281,10 +411,14 @@ impl Core {
 
     /// Cloud `c`'s VMs on hosts other than `host` that have an underlay address, with its
     /// network id (see "Overlay" in docs/design.md). A cloud without a network id has none.
+    /// For a cloud without VMs on `host` (`present`: the clouds there), a provider of grants
+    /// to clouds there, only its exposures' backends. For a cloud with VMs there, also the
+    /// NAT addresses its grants have for other consumer hosts.
     pub(super) async fn remotes_of(
         &self,
         c: CloudId,
         host: &str,
+        present: &HashSet<CloudId>,
         underlays: &HashMap<String, Ipv4Addr>,
     ) -> Result<CloudRemotes, CoreError> {
         let vni = match self.cloud(c).await {
@@ -292,29 +426,61 @@ impl Core {
             Err(CoreError::NotFound(_)) => 0,
             Err(e) => return Err(e),
         };
-        let endpoints = if vni == 0 {
-            Vec::new()
-        } else {
-            self.list::<Vm>(&keys::vms(c))
-                .await?
-                .into_iter()
-                .filter(|v| v.host != host)
-                .filter_map(|v| {
-                    underlays.get(&v.host).map(|u| RemoteEndpoint {
-                        mac: guest_mac(v.ipv4),
-                        ipv4: v.ipv4,
-                        underlay: *u,
-                        host: v.host,
-                        vm: v.name,
-                    })
-                })
-                .collect()
-        };
-        Ok(CloudRemotes {
+        let mut out = CloudRemotes {
             cloud: c,
             vni,
-            endpoints,
-        })
+            endpoints: Vec::new(),
+            nats: Vec::new(),
+        };
+        if vni == 0 {
+            return Ok(out);
+        }
+        let here = present.contains(&c);
+        let backends: Option<HashSet<String>> = if here {
+            None
+        } else {
+            let mut names = HashSet::new();
+            for e in self.list::<Exposure>(&keys::exposures(c)).await? {
+                names.extend(e.backends.into_iter().map(|b| b.vm));
+            }
+            Some(names)
+        };
+        out.endpoints = self
+            .list::<Vm>(&keys::vms(c))
+            .await?
+            .into_iter()
+            .filter(|v| v.host != host)
+            .filter(|v| backends.as_ref().is_none_or(|b| b.contains(&v.name)))
+            .filter_map(|v| {
+                underlays.get(&v.host).map(|u| RemoteEndpoint {
+                    mac: guest_mac(v.ipv4),
+                    ipv4: v.ipv4,
+                    underlay: *u,
+                    host: v.host,
+                    vm: v.name,
+                })
+            })
+            .collect();
+        if here {
+            for g in self.list::<Grant>(&keys::all_grants(c)).await? {
+                if g.state != GrantState::Active {
+                    continue;
+                }
+                out.nats.extend(
+                    g.host_nats
+                        .into_iter()
+                        .filter(|n| n.host != host)
+                        .filter_map(|n| {
+                            underlays.get(&n.host).map(|u| RemoteNat {
+                                ipv4: n.ipv4,
+                                underlay: *u,
+                                host: n.host,
+                            })
+                        }),
+                );
+            }
+        }
+        Ok(out)
     }
 
     pub(super) async fn snapshot(&self, host: &str) -> Result<SyncDelta, CoreError> {
@@ -341,8 +507,31 @@ impl Core {
         } else {
             self.underlays().await?
         };
+        let present: HashSet<CloudId> = clouds.iter().copied().collect();
+        // The providers of grants to clouds here: their backends and services.
+        let providers: BTreeSet<CloudId> = {
+            let st = self.feed.state.lock().expect("feed lock");
+            clouds
+                .iter()
+                .flat_map(|c| st.providers_of(*c).collect::<Vec<_>>())
+                .filter(|p| !present.contains(p))
+                .collect()
+        };
+        for p in providers {
+            let remotes = self.remotes_of(p, host, &present, &underlays).await?;
+            if remotes.vni != 0 {
+                d.remote.push(remotes);
+            }
+            let services = self.services_for(p, host, &present).await?;
+            if !services.is_empty() {
+                d.services.push(ProviderServices {
+                    provider: p,
+                    services,
+                });
+            }
+        }
         for c in clouds {
-            let remotes = self.remotes_of(c, host, &underlays).await?;
+            let remotes = self.remotes_of(c, host, &present, &underlays).await?;
             if remotes.vni != 0 {
                 d.remote.push(remotes);
             }
@@ -357,7 +546,7 @@ impl Core {
                     publications,
                 });
             }
-            let services = self.services_of(c).await?;
+            let services = self.services_for(c, host, &present).await?;
             if !services.is_empty() {
                 d.services.push(ProviderServices {
                     provider: c,
