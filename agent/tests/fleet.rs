@@ -161,7 +161,32 @@ struct Agent {
     ns: NetNs,
     host: Host,
     conv: Converger,
+    cfg: ConvergeConfig,
     remote: Remote,
+}
+
+/// Host `i`'s dataplane, opened on its pins (adopting what they hold), with the overlay on,
+/// as the agent does at start.
+fn open_host(rt: &tokio::runtime::Runtime, ns: &NetNs, pins: &PinRoot, i: usize) -> Host {
+    on(ns, || {
+        let mut host = {
+            let _entered = rt.enter();
+            Host::open(&support::cfg(pins, 64, 0)).expect("opening a dataplane")
+        };
+        let cfg = OverlayConfig {
+            enabled: true,
+            underlay: Some(underlay(i)),
+            device: DeviceName::new("vx0").unwrap(),
+            ..OverlayConfig::default()
+        };
+        rt.block_on(atoll_agent::overlay::enable(
+            &mut host,
+            &cfg,
+            &EgressConfig::default(),
+        ))
+        .expect("enabling the overlay");
+        host
+    })
 }
 
 /// The agent's own settings for the control planes: both URLs, the generated CA.
@@ -361,42 +386,24 @@ fn a_fleet_keeps_working_without_an_etcd_member_and_a_control_plane() {
                 Some(token_file),
             );
             let source = Source::new(remote.clone());
-            let host = on(&ns, || {
-                let mut host = {
-                    let _entered = rt.enter();
-                    Host::open(&support::cfg(&pins[i], 64, 0)).expect("opening a dataplane")
-                };
-                let cfg = OverlayConfig {
-                    enabled: true,
-                    underlay: Some(underlay(i)),
-                    device: DeviceName::new("vx0").unwrap(),
-                    ..OverlayConfig::default()
-                };
-                rt.block_on(atoll_agent::overlay::enable(
-                    &mut host,
-                    &cfg,
-                    &EgressConfig::default(),
-                ))
-                .expect("enabling the overlay");
+            let host = open_host(&rt, &ns, &pins[i], i);
+            on(&ns, || {
                 rt.block_on(async {
                     source.register(name).await.unwrap();
                     source.register_underlay(name, underlay(i)).await.unwrap();
-                });
-                host
+                })
             });
-            let conv = Converger::new(
-                ConvergeConfig {
-                    host: name.into(),
-                    tap_prefix: unique_name("fxt"),
-                    volumes_dir: dir.path().join(name),
-                },
-                source,
-                None,
-            );
+            let cfg = ConvergeConfig {
+                host: name.into(),
+                tap_prefix: unique_name("fxt"),
+                volumes_dir: dir.path().join(name),
+            };
+            let conv = Converger::new(cfg.clone(), source, None);
             agents.push(Agent {
                 name,
                 ns,
                 host,
+                cfg,
                 conv,
                 remote,
             });
@@ -448,6 +455,63 @@ fn a_fleet_keeps_working_without_an_etcd_member_and_a_control_plane() {
         }
         let y_sinks: Vec<Sink> = y_taps.iter().map(Sink::Tap).collect();
         assert_silent(&y_sinks, "the other cloud, at the same addresses");
+
+        // Host fa's agent restarts (its dataplane dropped, then opened again from its pins,
+        // and a new converger starting from a full sync) while the VM on fb sends to the VM
+        // on fc: every frame arrives, in order.
+        let on_host = |h: &str| x.iter().position(|v| v.host == h).unwrap();
+        let (from, to) = (&x_taps[on_host("fb")], &x_taps[on_host("fc")]);
+        const STREAM: u16 = 200;
+        std::thread::scope(|scope| {
+            let sender = scope.spawn(|| {
+                for n in 0..STREAM {
+                    from.send(&from.udp(to.ip, 5000, 6000, &n.to_be_bytes()));
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+            });
+            let i = agents.iter().position(|a| a.name == "fa").unwrap();
+            let Agent {
+                name,
+                ns,
+                host,
+                conv,
+                cfg,
+                remote,
+            } = agents.remove(i);
+            drop((host, conv));
+            let host = open_host(&rt, &ns, &pins[i], i);
+            let conv = Converger::new(cfg.clone(), Source::new(remote.clone()), None);
+            agents.insert(
+                i,
+                Agent {
+                    name,
+                    ns,
+                    host,
+                    conv,
+                    cfg,
+                    remote,
+                },
+            );
+            sender.join().unwrap();
+        });
+        for n in 0..STREAM {
+            use atoll_testbed::frame::layers;
+            let packet = to.expect_ipv4("the stream across the restart", from.ip, TAP_TTL - 1);
+            let ip = layers::parse_ipv4(&packet).expect("IPv4");
+            let udp = layers::parse_udp(&ip).expect("UDP");
+            assert_eq!(
+                udp.payload,
+                n.to_be_bytes(),
+                "frame {n} of the stream, in order"
+            );
+        }
+        converge_until(&rt, &mut agents, "the restarted agent caught up", |a| {
+            x.iter().all(|vm| routed_everywhere(a, vm))
+        });
+        // And host fa's own VM still reaches the others, and is reached.
+        let fa = &x_taps[on_host("fa")];
+        reaches(fa, to, "fa to fc after the restart");
+        reaches(from, fa, "fb to fa after the restart");
 
         // The etcd leader and the control plane the agents use go.
         assert!(agents.iter().all(|a| a.remote.current() == urls[0]));

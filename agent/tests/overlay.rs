@@ -313,6 +313,40 @@ fn one_cloud_spans_two_hosts_and_forged_frames_are_dropped() {
                 drops(&b.host)
             );
         }
+        // Path MTU: guests that raise their MTU to the underlay's (ignoring the config drive)
+        // still get full-size packets across, with DF and without.
+        for g in [a1, b1] {
+            g.ns.exec(&["ip", "link", "set", "eth0", "mtu", "1500"])
+                .unwrap();
+        }
+        for df in ["do", "dont"] {
+            let ok = a1
+                .ns
+                .succeeds(&[
+                    "ping",
+                    "-M",
+                    df,
+                    "-s",
+                    "1472",
+                    "-c",
+                    "1",
+                    "-W",
+                    "2",
+                    "-q",
+                    &ON_B.to_string(),
+                ])
+                .unwrap();
+            assert!(
+                ok,
+                "a 1500-byte ping (-M {df}) across; drops on A {:?}, on B {:?}",
+                drops(&a.host),
+                drops(&b.host)
+            );
+        }
+        for g in [a1, b1] {
+            g.ns.exec(&["ip", "link", "set", "eth0", "mtu", &GUEST_MTU.to_string()])
+                .unwrap();
+        }
         // UDP: each cloud's datagram reaches its own guest on the other host, only there.
         let (u_b1, u_b2) = (GuestUdp::bind(b1, 7000), GuestUdp::bind(b2, 7000));
         for (from, tag) in [(a1, b"cloud 1".as_slice()), (a2, b"cloud 2".as_slice())] {
