@@ -24,6 +24,7 @@
 mod control;
 mod egress;
 mod exposure;
+mod fleet;
 mod forward;
 mod masquerade;
 mod plot;
@@ -78,6 +79,10 @@ struct Args {
     /// Only the exposure benchmarks: printed, and their section of the report replaced.
     #[arg(long)]
     exposure_only: bool,
+    /// Only the fleet benchmarks (convergence across hosts, sync fan-out): printed, and their
+    /// section of the report replaced.
+    #[arg(long)]
+    fleet_only: bool,
     /// Where to write the markdown report (full runs).
     #[arg(long, default_value = "docs/benchmarks.md")]
     out: PathBuf,
@@ -104,6 +109,17 @@ fn main() -> Result<()> {
             std::fs::write(&args.out, splice(&old, vm::HEADING, &vm::section(&vb)))
                 .with_context(|| format!("writing {}", args.out.display()))?;
             println!("wrote the MicroVMs section of {}", args.out.display());
+        }
+        return Ok(());
+    }
+    if args.fleet_only {
+        let fb = fleet::run(args.smoke)?;
+        println!("{}", fleet::summary(&fb));
+        if !args.smoke {
+            let old = std::fs::read_to_string(&args.out).unwrap_or_default();
+            std::fs::write(&args.out, splice(&old, fleet::HEADING, &fleet::section(&fb)))
+                .with_context(|| format!("writing {}", args.out.display()))?;
+            println!("wrote the fleet section of {}", args.out.display());
         }
         return Ok(());
     }
@@ -364,6 +380,8 @@ fn main() -> Result<()> {
     println!("{}", egress::summary(&eb));
     let mb = masquerade::run(masquerade::Plan::new(args.smoke))?;
     println!("{}", masquerade::summary(&mb));
+    let fb = fleet::run(args.smoke)?;
+    println!("{}", fleet::summary(&fb));
     if args.smoke {
         return Ok(());
     }
@@ -618,6 +636,7 @@ fn main() -> Result<()> {
     report.push_str(&vm::section(&vb));
     report.push_str(&egress::section(&eb));
     report.push_str(&masquerade::section(&mb));
+    report.push_str(&fleet::section(&fb));
     std::fs::write(&args.out, report).with_context(|| format!("writing {}", args.out.display()))?;
     println!("wrote {}", args.out.display());
     Ok(())
