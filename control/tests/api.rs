@@ -56,6 +56,7 @@ api_suite!(
     a_cloud_spreads_over_overlay_hosts_and_each_syncs_the_others,
     vms_of_one_anti_affinity_group_never_share_a_host,
     grants_get_a_nat_address_per_consumer_host_and_each_host_its_part,
+    concurrent_creates_spread_instead_of_herding,
     cloud_tokens_rotate_and_the_old_one_stops_at_once,
     what_hosts_cannot_hold_is_refused_at_the_request,
     offers_change_nothing_in_the_consumer_until_it_accepts,
@@ -2163,6 +2164,86 @@ async fn grants_get_a_nat_address_per_consumer_host_and_each_host_its_part(api: 
         .unwrap()
         .is_none());
     assert!(store.range("grantidx/", None, 0).await.unwrap().is_empty());
+}
+
+/// 32 VMs of 32 new clouds created at once over 8 overlay hosts: each pick counts in its
+/// host's load until it commits, so they spread (without that, all of them read the same
+/// least-loaded host and herd there).
+async fn concurrent_creates_spread_instead_of_herding(api: Api) {
+    for i in 0..8u8 {
+        let h = format!("sp{i}");
+        let t: HostToken = ok(
+            &api.op,
+            Method::POST,
+            &routes::ISSUE_HOST_TOKEN.at(&[&h]),
+            None,
+        )
+        .await;
+        let c = api.as_token(&t.token);
+        let _: HostInfo = ok(&c, Method::PUT, &routes::REGISTER_HOST.at(&[&h]), None).await;
+        let _: HostInfo = ok(
+            &c,
+            Method::PUT,
+            &routes::SET_HOST_UNDERLAY.at(&[&h]),
+            Some(json!({ "underlay": Ipv4Addr::new(10, 9, 3, i + 1) })),
+        )
+        .await;
+    }
+    let mut clouds = Vec::new();
+    for i in 0..32 {
+        clouds.push(api.cloud(json!({ "name": format!("s{i}") })).await);
+    }
+    let creates = clouds.iter().map(|(c, cc)| {
+        let (cc, id) = (cc.clone(), c.cloud.id);
+        async move {
+            let v: Vm = ok(
+                &cc,
+                Method::POST,
+                &routes::CREATE_VM.at(&[&id]),
+                Some(json!({ "name": "v" })),
+            )
+            .await;
+            v.host
+        }
+    });
+    let hosts: Vec<String> = futures_join_all(creates).await;
+    let mut per_host = std::collections::BTreeMap::new();
+    for h in &hosts {
+        *per_host.entry(h.as_str()).or_insert(0) += 1;
+    }
+    assert_eq!(per_host.len(), 8, "every host took some: {per_host:?}");
+    assert!(
+        per_host.values().all(|n| (2..=6).contains(n)),
+        "{per_host:?}"
+    );
+}
+
+/// Runs the futures concurrently on this task (no spawn: the clients are not `'static`).
+async fn futures_join_all<F: Future>(fs: impl IntoIterator<Item = F>) -> Vec<F::Output> {
+    let fs: Vec<_> = fs.into_iter().map(Box::pin).collect();
+    let mut out: Vec<Option<F::Output>> = fs.iter().map(|_| None).collect();
+    let mut fs: Vec<Option<std::pin::Pin<Box<F>>>> = fs.into_iter().map(Some).collect();
+    std::future::poll_fn(|cx| {
+        let mut pending = false;
+        for (i, f) in fs.iter_mut().enumerate() {
+            if let Some(fut) = f {
+                match fut.as_mut().poll(cx) {
+                    std::task::Poll::Ready(v) => {
+                        out[i] = Some(v);
+                        *f = None;
+                    }
+                    std::task::Poll::Pending => pending = true,
+                }
+            }
+        }
+        if pending {
+            std::task::Poll::Pending
+        } else {
+            std::task::Poll::Ready(())
+        }
+    })
+    .await;
+    out.into_iter().map(|v| v.expect("ready")).collect()
 }
 
 /// Anti-affinity: VMs of one cloud naming the same group land on different hosts; when every

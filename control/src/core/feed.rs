@@ -35,6 +35,10 @@ pub(super) struct FeedState {
     pub(super) consumers: HashMap<CloudId, HashSet<(CloudId, String)>>,
     /// The same, per consumer: its `(provider, exposure)` grants.
     pub(super) providers: HashMap<CloudId, HashSet<(CloudId, String)>>,
+    /// Per host, placements picked and not yet committed or given up (see
+    /// [`Core::pick_host`]): counted in its load, so concurrent creates spread instead of all
+    /// reading the same least-loaded host.
+    pub(super) pending: HashMap<String, usize>,
 }
 
 /// The store watch that feeds host syncs (see the module docs).
@@ -202,5 +206,6 @@ impl FeedState {
             .get(host)
             .map(|c| c.values().map(|s| s.len()).sum())
             .unwrap_or(0)
+            + self.pending.get(host).copied().unwrap_or(0)
     }
 }

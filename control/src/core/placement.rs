@@ -12,6 +12,30 @@
 //! (no network id, or a host of it without the overlay). The group's hosts are read in the
 //! create's own transaction guard (the cloud record's revision), so two racing creates of one
 //! group cannot both pick the same host.
+//!
+//! **In-flight picks count.** A pick holds a [`Reserved`] until its create commits (the
+//! placement then counts itself) or fails: the host's load includes it meanwhile. Without it,
+//! concurrent creates all read the same least-loaded host before any commits and herd there
+//! (measured by the fleet benchmark: 200 clouds created 64 at a time landed on 8 of 20
+//! hosts). Sequential creates see no difference.
+
+/// A placement picked and not yet committed: counted in its host's load until dropped.
+pub(super) struct Reserved {
+    feed: Arc<Feed>,
+    host: String,
+}
+
+impl Drop for Reserved {
+    fn drop(&mut self) {
+        let mut st = self.feed.state.lock().expect("feed lock");
+        if let Some(n) = st.pending.get_mut(&self.host) {
+            *n -= 1;
+            if *n == 0 {
+                st.pending.remove(&self.host);
+            }
+        }
+    }
+}
 
 use super::*;
 
@@ -24,16 +48,36 @@ impl Core {
     /// none there, the live, uncordoned host with the fewest placements.
     ///
     /// Hosts in `avoid` (the anti-affinity group's, see the module docs) are never chosen.
+    /// The pick counts in the host's load until the returned [`Reserved`] is dropped: keep it
+    /// until the create has committed.
     pub(super) fn pick_host(
         &self,
         c: CloudId,
         vni: u32,
         avoid: &BTreeSet<String>,
+    ) -> Result<(String, Reserved), CoreError> {
+        let mut st = self.feed.state.lock().expect("feed lock");
+        let host = Self::pick(&st, self, c, vni, avoid)?;
+        *st.pending.entry(host.clone()).or_default() += 1;
+        Ok((
+            host.clone(),
+            Reserved {
+                feed: self.feed.clone(),
+                host,
+            },
+        ))
+    }
+
+    fn pick(
+        st: &FeedState,
+        core: &Core,
+        c: CloudId,
+        vni: u32,
+        avoid: &BTreeSet<String>,
     ) -> Result<String, CoreError> {
-        let st = self.feed.state.lock().expect("feed lock");
         let now = now();
         let usable = |h: &String| {
-            st.hosts.get(h).is_some_and(|seen| self.live_at(*seen, now)) && !st.cordoned.contains(h)
+            st.hosts.get(h).is_some_and(|seen| core.live_at(*seen, now)) && !st.cordoned.contains(h)
         };
         let spread = vni != 0
             && st

@@ -178,6 +178,9 @@ impl Core {
             }
             // Hosts holding a VM of the anti-affinity group (read under the cloud record's
             // revision, which every create of the cloud changes).
+            // The pick counts in its host's load until this attempt ends (committed: the
+            // placement counts itself).
+            let mut _reserved = None;
             let avoid = match &req.anti_affinity {
                 Some(g) => self.group_hosts(c, g).await?,
                 None => BTreeSet::new(),
@@ -193,7 +196,11 @@ impl Core {
                     ))
                 }
                 Some(h) => h,
-                None => self.pick_host(c, cloud.vni, &avoid)?,
+                None => {
+                    let (h, r) = self.pick_host(c, cloud.vni, &avoid)?;
+                    _reserved = Some(r);
+                    h
+                }
             };
             let ip = self.allocate_ip(&cloud).await?;
             compares.push(Compare::Absent(keys::ip(c, ip)));

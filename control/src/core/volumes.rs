@@ -31,7 +31,7 @@ impl Core {
             let wanted = cloud.usage.volume_gib + req.size_gib;
             check_quota("volume_gib", wanted, cloud.quotas.volume_gib)?;
             cloud.usage.volume_gib = wanted;
-            let host = self.pick_host(c, cloud.vni, &BTreeSet::new())?;
+            let (host, _reserved) = self.pick_host(c, cloud.vni, &BTreeSet::new())?;
             let vol = Volume {
                 cloud: c,
                 name: req.name.clone(),

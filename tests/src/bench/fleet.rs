@@ -124,6 +124,9 @@ fn vm_spec(name: String) -> CreateVm {
 
 const UNDERLAY_NET: [u8; 2] = [10, 210];
 
+/// `(cloud, address, host)` → when the host first had the route.
+type Seen = HashMap<(CloudId, Ipv4Addr, usize), Instant>;
+
 /// Convergence across three real hosts (module docs, 1).
 fn convergence(n: usize) -> Result<Vec<Duration>> {
     const HOSTS: [&str; 3] = ["ca", "cb", "cc"];
@@ -139,7 +142,9 @@ fn convergence(n: usize) -> Result<Vec<Duration>> {
             underlay(i),
             sw = switch.name()
         ))?;
-        switch.sh(&format!("ip link set h{i} master sw0 && ip link set h{i} up"))?;
+        switch.sh(&format!(
+            "ip link set h{i} master sw0 && ip link set h{i} up"
+        ))?;
         namespaces.push(ns);
     }
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -150,7 +155,7 @@ fn convergence(n: usize) -> Result<Vec<Duration>> {
     let core = rt.block_on(control_plane(dir.path()))?;
     let source = Source::new(Embedded(core.clone()));
     // (cloud, address) → when it was first seen routed, per host.
-    let seen: Arc<Mutex<HashMap<(CloudId, Ipv4Addr, usize), Instant>>> = Arc::default();
+    let seen: Arc<Mutex<Seen>> = Arc::default();
     let stop = Arc::new(AtomicBool::new(false));
     let mut threads = Vec::new();
     let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<()>>();
@@ -165,12 +170,8 @@ fn convergence(n: usize) -> Result<Vec<Duration>> {
         threads.push(std::thread::spawn(move || -> Result<()> {
             let file = std::fs::File::open(&ns)?;
             // SAFETY: setns changes only this thread's network namespace; the fd is open.
-            let rc = unsafe {
-                libc::setns(
-                    std::os::fd::AsRawFd::as_raw_fd(&file),
-                    libc::CLONE_NEWNET,
-                )
-            };
+            let rc =
+                unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&file), libc::CLONE_NEWNET) };
             ensure!(rc == 0, "setns: {}", std::io::Error::last_os_error());
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -330,9 +331,7 @@ async fn fan_out(hosts: usize, clouds: usize, changes: usize) -> Result<FleetBen
         )
         .await?;
     }
-    // Clouds with one VM each, one after the other: concurrent creates would all read the
-    // same least-loaded host before any of them commits, and herd there (placement reads the
-    // scheduler's view, which a commit updates only after it).
+    // Clouds with one VM each, one after the other (the build is not what is measured).
     let mut placed: Vec<(CloudId, String)> = Vec::with_capacity(clouds);
     for _ in 0..clouds {
         let Reply::CreatedCloud(c) = exec(
@@ -438,9 +437,10 @@ async fn fan_out(hosts: usize, clouds: usize, changes: usize) -> Result<FleetBen
                 .map_err(|_| anyhow!("change {k} did not reach every host in 10 s"))?
                 .context("the host polls ended")?;
             let carries = r.delta.vms.iter().any(|p| p.cloud == cloud && p.vm == name)
-                || r.delta.remote.iter().any(|c| {
-                    c.cloud == cloud && c.endpoints.iter().any(|e| e.vm == name)
-                });
+                || r.delta
+                    .remote
+                    .iter()
+                    .any(|c| c.cloud == cloud && c.endpoints.iter().any(|e| e.vm == name));
             let empty = SyncDelta {
                 revision: r.delta.revision,
                 ..SyncDelta::default()

@@ -117,8 +117,11 @@ fn main() -> Result<()> {
         println!("{}", fleet::summary(&fb));
         if !args.smoke {
             let old = std::fs::read_to_string(&args.out).unwrap_or_default();
-            std::fs::write(&args.out, splice(&old, fleet::HEADING, &fleet::section(&fb)))
-                .with_context(|| format!("writing {}", args.out.display()))?;
+            std::fs::write(
+                &args.out,
+                splice(&old, fleet::HEADING, &fleet::section(&fb)),
+            )
+            .with_context(|| format!("writing {}", args.out.display()))?;
             println!("wrote the fleet section of {}", args.out.display());
         }
         return Ok(());
