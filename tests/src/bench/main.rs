@@ -27,6 +27,7 @@ mod exposure;
 mod fleet;
 mod forward;
 mod masquerade;
+mod overlay;
 mod plot;
 mod vm;
 
@@ -79,6 +80,10 @@ struct Args {
     /// Only the exposure benchmarks: printed, and their section of the report replaced.
     #[arg(long)]
     exposure_only: bool,
+    /// Only the cross-host forwarding comparison: printed, and its section of the report
+    /// replaced.
+    #[arg(long)]
+    overlay_only: bool,
     /// Only the fleet benchmarks (convergence across hosts, sync fan-out): printed, and their
     /// section of the report replaced.
     #[arg(long)]
@@ -109,6 +114,17 @@ fn main() -> Result<()> {
             std::fs::write(&args.out, splice(&old, vm::HEADING, &vm::section(&vb)))
                 .with_context(|| format!("writing {}", args.out.display()))?;
             println!("wrote the MicroVMs section of {}", args.out.display());
+        }
+        return Ok(());
+    }
+    if args.overlay_only {
+        let ob = overlay::run(overlay::Plan::new(args.smoke))?;
+        println!("{}", overlay::summary(&ob));
+        if !args.smoke {
+            let old = std::fs::read_to_string(&args.out).unwrap_or_default();
+            std::fs::write(&args.out, splice(&old, overlay::HEADING, &overlay::section(&ob)?))
+                .with_context(|| format!("writing {}", args.out.display()))?;
+            println!("wrote the cross-host section of {}", args.out.display());
         }
         return Ok(());
     }
@@ -385,6 +401,8 @@ fn main() -> Result<()> {
     println!("{}", masquerade::summary(&mb));
     let fb = fleet::run(args.smoke)?;
     println!("{}", fleet::summary(&fb));
+    let ob = overlay::run(overlay::Plan::new(args.smoke))?;
+    println!("{}", overlay::summary(&ob));
     if args.smoke {
         return Ok(());
     }
@@ -640,6 +658,7 @@ fn main() -> Result<()> {
     report.push_str(&egress::section(&eb));
     report.push_str(&masquerade::section(&mb));
     report.push_str(&fleet::section(&fb));
+    report.push_str(&overlay::section(&ob)?);
     std::fs::write(&args.out, report).with_context(|| format!("writing {}", args.out.display()))?;
     println!("wrote {}", args.out.display());
     Ok(())
