@@ -38,9 +38,12 @@ impl Core {
                         // Whose hosts' addresses matter here: the clouds concerned, and the
                         // consumers of providers here (their hosts' NAT routes).
                         let addressed = |c: CloudId| concerns(c) || st.providers_of(c).any(here);
+                        // The ring is in revision order: start at the first event after
+                        // `after` (a scan from the front cost every woken host the whole
+                        // ring: with 1,000 hosts and a full ring, 150 ms per change).
+                        let start = st.ring.partition_point(|e| e.revision <= after);
                         st.ring
-                            .iter()
-                            .filter(|e| e.revision > after)
+                            .range(start..)
                             .filter(|e| {
                                 e.key.starts_with(&prefix)
                                     || zone_cloud(&e.key).is_some_and(here)

@@ -122,8 +122,11 @@ fn main() -> Result<()> {
         println!("{}", overlay::summary(&ob));
         if !args.smoke {
             let old = std::fs::read_to_string(&args.out).unwrap_or_default();
-            std::fs::write(&args.out, splice(&old, overlay::HEADING, &overlay::section(&ob)?))
-                .with_context(|| format!("writing {}", args.out.display()))?;
+            std::fs::write(
+                &args.out,
+                splice(&old, overlay::HEADING, &overlay::section(&ob)?),
+            )
+            .with_context(|| format!("writing {}", args.out.display()))?;
             println!("wrote the cross-host section of {}", args.out.display());
         }
         return Ok(());
