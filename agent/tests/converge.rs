@@ -44,17 +44,7 @@ async fn exec(core: &Core, cmd: Cmd) -> Reply {
 }
 
 fn vm(name: &str) -> CreateVm {
-    CreateVm {
-        name: name.into(),
-        vcpus: 1,
-        memory_mib: 64,
-        kernel: None,
-        image: None,
-        volumes: vec![],
-        user_data: None,
-        start: true,
-        anti_affinity: None,
-    }
+    CreateVm::named(name)
 }
 
 /// Syncs and applies until the host has applied everything the store holds now.

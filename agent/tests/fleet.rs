@@ -303,17 +303,7 @@ fn create_vm(
         dir,
         Cmd::CreateVm {
             cloud,
-            spec: CreateVm {
-                name: name.into(),
-                vcpus: 1,
-                memory_mib: 64,
-                kernel: None,
-                image: None,
-                volumes: vec![],
-                user_data: None,
-                start: true,
-                anti_affinity: None,
-            },
+            spec: CreateVm::named(name),
         },
     ) else {
         panic!("creating a VM")

@@ -552,6 +552,53 @@ async fn converge(
     }
 }
 
+/// Hosts `ha` (namespace `a`) and `hb` (`b`) with the overlay on, registered with their
+/// underlay addresses through `source`, each with a converger (taps named with `tap_tag`).
+fn api_hosts(
+    rt: &tokio::runtime::Runtime,
+    source: &atoll_agent::converge::Source,
+    pins: &[PinRoot; 2],
+    dir: &std::path::Path,
+    (a_ns, b_ns): (&NetNs, &NetNs),
+    tap_tag: &str,
+) -> Vec<(atoll_agent::converge::Converger, Host)> {
+    use atoll_agent::converge::{ConvergeConfig, Converger};
+    let mut sides = Vec::new();
+    for (i, (name, ns, underlay)) in [("ha", a_ns, A_UNDERLAY), ("hb", b_ns, B_UNDERLAY)]
+        .into_iter()
+        .enumerate()
+    {
+        let host = on(ns, || {
+            let mut host = {
+                let _entered = rt.enter();
+                Host::open(&support::cfg(&pins[i], 64, 0)).expect("opening a dataplane")
+            };
+            rt.block_on(atoll_agent::overlay::enable(
+                &mut host,
+                &overlay_cfg(Some(underlay)),
+                &EgressConfig::default(),
+            ))
+            .expect("enabling the overlay");
+            host
+        });
+        rt.block_on(async {
+            source.register(name).await.unwrap();
+            source.register_underlay(name, underlay).await.unwrap();
+        });
+        let conv = Converger::new(
+            ConvergeConfig {
+                host: name.into(),
+                tap_prefix: unique_name(tap_tag),
+                volumes_dir: dir.join(name),
+            },
+            source.clone(),
+            None,
+        );
+        sides.push((conv, host));
+    }
+    sides
+}
+
 /// The whole chain on two hosts: hosts register their underlay addresses, a cloud created
 /// through the control plane spreads its VMs over both, each host's converger installs the
 /// other host's VM as a remote endpoint, and a frame written by one VM's tap reaches the other
@@ -559,7 +606,7 @@ async fn converge(
 /// the VM goes, the route goes and the frame is dropped where it starts.
 #[test]
 fn vms_created_through_the_api_reach_each_other_across_hosts() {
-    use atoll_agent::converge::{ConvergeConfig, Converger, Source};
+    use atoll_agent::converge::Source;
     use atoll_control::core::{Command as Cmd, Embedded, Principal, Reply};
     use atoll_control::model::{CreateCloud, CreateVm};
     use atoll_testbed::guest::{TapGuest, TAP_TTL};
@@ -579,39 +626,7 @@ fn vms_created_through_the_api_reach_each_other_across_hosts() {
                 .expect("command")
         };
         let pins = [PinRoot::new("oxp"), PinRoot::new("oxp")];
-        let mut sides = Vec::new();
-        for (i, (name, ns, underlay)) in [("ha", &a_ns, A_UNDERLAY), ("hb", &b_ns, B_UNDERLAY)]
-            .into_iter()
-            .enumerate()
-        {
-            let host = on(ns, || {
-                let mut host = {
-                    let _entered = rt.enter();
-                    Host::open(&support::cfg(&pins[i], 64, 0)).expect("opening a dataplane")
-                };
-                rt.block_on(atoll_agent::overlay::enable(
-                    &mut host,
-                    &overlay_cfg(Some(underlay)),
-                    &EgressConfig::default(),
-                ))
-                .expect("enabling the overlay");
-                host
-            });
-            rt.block_on(async {
-                source.register(name).await.unwrap();
-                source.register_underlay(name, underlay).await.unwrap();
-            });
-            let conv = Converger::new(
-                ConvergeConfig {
-                    host: name.into(),
-                    tap_prefix: unique_name("oxt"),
-                    volumes_dir: dir.path().join(name),
-                },
-                source.clone(),
-                None,
-            );
-            sides.push((conv, host));
-        }
+        let mut sides = api_hosts(&rt, &source, &pins, dir.path(), (&a_ns, &b_ns), "oxt");
         let Reply::CreatedCloud(x) = exec(Cmd::CreateCloud {
             spec: CreateCloud::default(),
         }) else {
@@ -622,17 +637,7 @@ fn vms_created_through_the_api_reach_each_other_across_hosts() {
         for name in ["one", "two"] {
             let Reply::Vm(vm) = exec(Cmd::CreateVm {
                 cloud: xid,
-                spec: CreateVm {
-                    name: name.into(),
-                    vcpus: 1,
-                    memory_mib: 64,
-                    kernel: None,
-                    image: None,
-                    volumes: vec![],
-                    user_data: None,
-                    start: true,
-                    anti_affinity: None,
-                },
+                spec: CreateVm::named(name),
             }) else {
                 panic!()
             };
@@ -1054,7 +1059,7 @@ fn a_consumer_reaches_a_backend_on_another_host_through_an_exposure() {
 /// of its own (one per consumer host). Revoking the grant removes all of it from both hosts.
 #[test]
 fn an_exposure_created_through_the_api_is_carried_across_hosts() {
-    use atoll_agent::converge::{ConvergeConfig, Converger, Source};
+    use atoll_agent::converge::{Converger, Source};
     use atoll_control::core::{Command as Cmd, Embedded, Principal, Reply};
     use atoll_control::model::{
         Backend, CreateCloud, CreateExposure, CreateGrant, CreateVm, GrantState, OfferPolicy,
@@ -1077,39 +1082,7 @@ fn an_exposure_created_through_the_api_is_carried_across_hosts() {
                 .expect("command")
         };
         let pins = [PinRoot::new("oyp"), PinRoot::new("oyp")];
-        let mut sides = Vec::new();
-        for (i, (name, ns, underlay)) in [("ha", &a_ns, A_UNDERLAY), ("hb", &b_ns, B_UNDERLAY)]
-            .into_iter()
-            .enumerate()
-        {
-            let host = on(ns, || {
-                let mut host = {
-                    let _entered = rt.enter();
-                    Host::open(&support::cfg(&pins[i], 64, 0)).expect("opening a dataplane")
-                };
-                rt.block_on(atoll_agent::overlay::enable(
-                    &mut host,
-                    &overlay_cfg(Some(underlay)),
-                    &EgressConfig::default(),
-                ))
-                .expect("enabling the overlay");
-                host
-            });
-            rt.block_on(async {
-                source.register(name).await.unwrap();
-                source.register_underlay(name, underlay).await.unwrap();
-            });
-            let conv = Converger::new(
-                ConvergeConfig {
-                    host: name.into(),
-                    tap_prefix: unique_name("oyt"),
-                    volumes_dir: dir.path().join(name),
-                },
-                source.clone(),
-                None,
-            );
-            sides.push((conv, host));
-        }
+        let mut sides = api_hosts(&rt, &source, &pins, dir.path(), (&a_ns, &b_ns), "oyt");
         // Every host applies what there is, round after round, until a round brings no host
         // anything (a host's sync allocating its NAT address is news for the other host).
         let converge_all = |sides: &mut Vec<(Converger, Host)>| loop {
@@ -1146,17 +1119,7 @@ fn an_exposure_created_through_the_api_is_carried_across_hosts() {
         }));
         let create_vm = |c, name: &str| match exec(Cmd::CreateVm {
             cloud: c,
-            spec: CreateVm {
-                name: name.into(),
-                vcpus: 1,
-                memory_mib: 64,
-                kernel: None,
-                image: None,
-                volumes: vec![],
-                user_data: None,
-                start: true,
-                anti_affinity: None,
-            },
+            spec: CreateVm::named(name),
         }) {
             Reply::Vm(vm) => *vm,
             other => panic!("{other:?}"),

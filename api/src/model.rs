@@ -406,6 +406,23 @@ pub struct CreateVm {
     pub anti_affinity: Option<String>,
 }
 
+impl CreateVm {
+    /// A VM named `name` with the API's defaults but 64 MiB of memory (tests and benchmarks).
+    pub fn named(name: &str) -> Self {
+        CreateVm {
+            name: name.into(),
+            vcpus: default_vcpus(),
+            memory_mib: 64,
+            kernel: None,
+            image: None,
+            volumes: vec![],
+            user_data: None,
+            start: true,
+            anti_affinity: None,
+        }
+    }
+}
+
 fn default_true() -> bool {
     true
 }

@@ -166,6 +166,31 @@ impl Api {
         Client::new(&self.url, token).unwrap()
     }
 
+    /// Registers `host` with a token of its own and, given one, its underlay address (it runs
+    /// the overlay); returns the host's client.
+    async fn host(&self, host: &str, underlay: Option<Ipv4Addr>) -> Client {
+        let t: HostToken = ok(
+            &self.op,
+            Method::POST,
+            &routes::ISSUE_HOST_TOKEN.at(&[&host]),
+            None,
+        )
+        .await;
+        let c = self.as_token(&t.token);
+        let _: HostInfo = ok(&c, Method::PUT, &routes::REGISTER_HOST.at(&[&host]), None).await;
+        if let Some(underlay) = underlay {
+            let info: HostInfo = ok(
+                &c,
+                Method::PUT,
+                &routes::SET_HOST_UNDERLAY.at(&[&host]),
+                Some(json!({ "underlay": underlay })),
+            )
+            .await;
+            assert_eq!(info.underlay, Some(underlay));
+        }
+        c
+    }
+
     async fn cloud(&self, body: Value) -> (CreatedCloud, Client) {
         let c: CreatedCloud = self
             .op
@@ -1954,22 +1979,7 @@ async fn a_cloud_stays_on_one_host(api: Api) {
 async fn grants_get_a_nat_address_per_consumer_host_and_each_host_its_part(api: Api) {
     let underlay = |i: u8| Ipv4Addr::new(10, 9, 2, i + 1);
     for (i, h) in ["xa", "xb", "xc"].into_iter().enumerate() {
-        let t: HostToken = ok(
-            &api.op,
-            Method::POST,
-            &routes::ISSUE_HOST_TOKEN.at(&[&h]),
-            None,
-        )
-        .await;
-        let c = api.as_token(&t.token);
-        let _: HostInfo = ok(&c, Method::PUT, &routes::REGISTER_HOST.at(&[&h]), None).await;
-        let _: HostInfo = ok(
-            &c,
-            Method::PUT,
-            &routes::SET_HOST_UNDERLAY.at(&[&h]),
-            Some(json!({ "underlay": underlay(i as u8) })),
-        )
-        .await;
+        api.host(h, Some(underlay(i as u8))).await;
     }
     let (p, pc) = api.cloud(json!({"name": "prov"})).await;
     let (c, cc) = api.cloud(json!({"name": "cons"})).await;
@@ -2171,23 +2181,8 @@ async fn grants_get_a_nat_address_per_consumer_host_and_each_host_its_part(api: 
 /// least-loaded host and herd there).
 async fn concurrent_creates_spread_instead_of_herding(api: Api) {
     for i in 0..8u8 {
-        let h = format!("sp{i}");
-        let t: HostToken = ok(
-            &api.op,
-            Method::POST,
-            &routes::ISSUE_HOST_TOKEN.at(&[&h]),
-            None,
-        )
-        .await;
-        let c = api.as_token(&t.token);
-        let _: HostInfo = ok(&c, Method::PUT, &routes::REGISTER_HOST.at(&[&h]), None).await;
-        let _: HostInfo = ok(
-            &c,
-            Method::PUT,
-            &routes::SET_HOST_UNDERLAY.at(&[&h]),
-            Some(json!({ "underlay": Ipv4Addr::new(10, 9, 3, i + 1) })),
-        )
-        .await;
+        api.host(&format!("sp{i}"), Some(Ipv4Addr::new(10, 9, 3, i + 1)))
+            .await;
     }
     let mut clouds = Vec::new();
     for i in 0..32 {
@@ -2253,25 +2248,9 @@ async fn futures_join_all<F: Future>(fs: impl IntoIterator<Item = F>) -> Vec<F::
 /// delete frees its host; a bad group name is a 400 naming the field.
 async fn vms_of_one_anti_affinity_group_never_share_a_host(api: Api) {
     for (i, h) in ["aa", "ab", "ac", "ad"].into_iter().enumerate() {
-        let t: HostToken = ok(
-            &api.op,
-            Method::POST,
-            &routes::ISSUE_HOST_TOKEN.at(&[&h]),
-            None,
-        )
-        .await;
-        let c = api.as_token(&t.token);
-        let _: HostInfo = ok(&c, Method::PUT, &routes::REGISTER_HOST.at(&[&h]), None).await;
         // Host ad runs no overlay.
-        if h != "ad" {
-            let _: HostInfo = ok(
-                &c,
-                Method::PUT,
-                &routes::SET_HOST_UNDERLAY.at(&[&h]),
-                Some(json!({ "underlay": Ipv4Addr::new(10, 9, 1, i as u8 + 1) })),
-            )
-            .await;
-        }
+        let underlay = (h != "ad").then(|| Ipv4Addr::new(10, 9, 1, i as u8 + 1));
+        api.host(h, underlay).await;
     }
     let (x, xc) = api.cloud(json!({"name": "x"})).await;
     let xid = x.cloud.id;
@@ -2357,27 +2336,8 @@ async fn a_cloud_spreads_over_overlay_hosts_and_each_syncs_the_others(api: Api) 
     };
     let mut host_clients = Vec::new();
     for h in ["oa", "ob", "oc"] {
-        let t: HostToken = ok(
-            &api.op,
-            Method::POST,
-            &routes::ISSUE_HOST_TOKEN.at(&[&h]),
-            None,
-        )
-        .await;
-        let c = api.as_token(&t.token);
-        let _: HostInfo = ok(&c, Method::PUT, &routes::REGISTER_HOST.at(&[&h]), None).await;
         // Host oc runs no overlay.
-        if h != "oc" {
-            let info: HostInfo = ok(
-                &c,
-                Method::PUT,
-                &routes::SET_HOST_UNDERLAY.at(&[&h]),
-                Some(json!({ "underlay": underlay(h) })),
-            )
-            .await;
-            assert_eq!(info.underlay, Some(underlay(h)));
-        }
-        host_clients.push(c);
+        host_clients.push(api.host(h, (h != "oc").then(|| underlay(h))).await);
     }
     // Another host's address, an address no host can have, another host's route: refused.
     let oc = &host_clients[2];

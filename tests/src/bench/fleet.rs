@@ -121,17 +121,7 @@ async fn exec(core: &Core, cmd: Command) -> Result<Reply> {
 }
 
 fn vm_spec(name: String) -> CreateVm {
-    CreateVm {
-        name,
-        vcpus: 1,
-        memory_mib: 64,
-        kernel: None,
-        image: None,
-        volumes: vec![],
-        user_data: None,
-        start: true,
-        anti_affinity: None,
-    }
+    CreateVm::named(&name)
 }
 
 const UNDERLAY_NET: [u8; 2] = [10, 210];

@@ -49,14 +49,9 @@
 
 use std::{
     fmt::Write as _,
-    fs::File,
-    io::{self, Write as _},
+    io,
     net::Ipv4Addr,
-    os::{
-        fd::{AsRawFd, OwnedFd},
-        unix::process::CommandExt,
-    },
-    process::{Command, Stdio},
+    os::fd::{AsRawFd, OwnedFd},
     sync::atomic::{AtomicBool, Ordering},
     time::{Duration, Instant},
 };
@@ -68,9 +63,9 @@ use atoll_agent::{
     endpoint::{pool_process_prefix, DeviceSpec, EndpointSpec, Host},
     types::{CloudId, MacAddr},
 };
-use atoll_testbed::{frame::refresh_ipv4_checksum, unique_name, LinksWithPrefix, NetNs, PinRoot};
+use atoll_testbed::{frame::refresh_ipv4_checksum, unique_name, LinksWithPrefix, PinRoot};
 
-use super::median;
+use super::{median, netns::Ns};
 use crate::plot::{Chart, Series};
 
 pub const HEADING: &str = "## Forwarding: atoll against a Linux bridge with nftables";
@@ -515,69 +510,22 @@ impl Atoll {
 
 /// The bridge + nftables host in a namespace of its own.
 struct Baseline {
-    ns: NetNs,
-    ns_file: File,
+    ns: Ns,
     loaded: Option<System>,
     bridges: u32,
 }
 
 impl Baseline {
     fn new() -> Result<Self> {
-        let ns = NetNs::new(&unique_name("fb"))?;
-        let ns_file = File::open(ns.path()).context("opening the baseline namespace")?;
         Ok(Baseline {
-            ns,
-            ns_file,
+            ns: Ns::new("fb")?,
             loaded: None,
             bridges: 0,
         })
     }
 
-    /// `program` started directly in the namespace (`setns` between fork and exec).
-    fn command(&self, program: &str) -> Command {
-        let mut cmd = Command::new(program);
-        let fd = self.ns_file.as_raw_fd();
-        // SAFETY: the closure runs in the forked child before exec and calls only setns, which
-        // is async-signal-safe; `fd` is open in the parent for the duration of the spawn.
-        unsafe {
-            cmd.pre_exec(move || {
-                if libc::setns(fd, libc::CLONE_NEWNET) == 0 {
-                    Ok(())
-                } else {
-                    Err(io::Error::last_os_error())
-                }
-            });
-        }
-        cmd
-    }
-
     fn run(&self, program: &str, args: &[&str], stdin: &str) -> Result<String> {
-        let mut child = self
-            .command(program)
-            .args(args)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .with_context(|| format!("starting {program} (is it installed?)"))?;
-        // A tool that fails stops reading: its exit status and stderr say why, not the pipe.
-        let written = child
-            .stdin
-            .take()
-            .expect("piped")
-            .write_all(stdin.as_bytes());
-        let out = child.wait_with_output()?;
-        if out.status.success() {
-            written.with_context(|| format!("writing to {program}"))?;
-        } else {
-            bail!(
-                "{program} {args:?} in {} failed ({}): {}",
-                self.ns.name(),
-                out.status,
-                String::from_utf8_lossy(&out.stderr).trim()
-            );
-        }
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        self.ns.run(program, args, stdin)
     }
 
     /// Puts the clouds' taps on the bridge with static FDB entries; returns the time taken.
@@ -648,20 +596,9 @@ impl Baseline {
     }
 
     /// Opens a queue of tap `name` in the namespace (the tun fd's device lookup happens in the
-    /// opening thread's namespace, so a thread enters it for the call).
+    /// opening thread's namespace).
     fn open(&self, name: &str) -> Result<OwnedFd> {
-        let fd = self.ns_file.as_raw_fd();
-        std::thread::scope(|s| {
-            s.spawn(|| -> Result<OwnedFd> {
-                // SAFETY: setns changes only this short-lived thread's network namespace.
-                if unsafe { libc::setns(fd, libc::CLONE_NEWNET) } != 0 {
-                    return Err(io::Error::last_os_error()).context("entering the namespace");
-                }
-                Ok(open_tap_queue(name, true)?)
-            })
-            .join()
-            .expect("tap opener panicked")
-        })
+        self.ns.open_tap(name)
     }
 
     /// Waits until `name` is operationally up (its queue attached and the kernel's link watch

@@ -27,6 +27,7 @@ mod exposure;
 mod fleet;
 mod forward;
 mod masquerade;
+mod netns;
 mod overlay;
 mod plot;
 mod vm;

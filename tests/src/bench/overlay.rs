@@ -24,31 +24,21 @@
 //! deliver to the right guest only (a frame to another cloud's address space is not counted
 //! by the reader of `b`, which sees only its own tap).
 
-use std::{
-    fmt::Write as _,
-    fs::File,
-    io::{self, Write as _},
-    net::Ipv4Addr,
-    os::{
-        fd::{AsRawFd, OwnedFd},
-        unix::process::CommandExt,
-    },
-    process::{Command, Stdio},
-    time::Duration,
-};
+use std::{fmt::Write as _, net::Ipv4Addr, os::fd::OwnedFd, time::Duration};
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{anyhow, bail, Result};
 use atoll_agent::{
     config::{DataplaneConfig, DeviceName, EgressConfig, OverlayConfig},
     device::{open_tap_queue, wait_until_up},
     endpoint::{DeviceSpec, EndpointSpec, Host},
     types::{CloudId, MacAddr},
 };
-use atoll_testbed::{unique_name, NetNs, PinRoot};
+use atoll_testbed::PinRoot;
 
 use super::{
     forward::{frame_to_port, pump_with, Pumped},
     median,
+    netns::Ns,
 };
 
 pub const HEADING: &str =
@@ -112,80 +102,13 @@ fn mac(n: u32) -> MacAddr {
     MacAddr::local(0x00b0_0000 + n)
 }
 
-/// A namespace with commands and tap queues opened inside it.
-struct Ns {
-    ns: NetNs,
-    file: File,
-}
-
-impl Ns {
-    fn new(tag: &str) -> Result<Self> {
-        let ns = NetNs::new(&unique_name(tag))?;
-        let file = File::open(ns.path())?;
-        Ok(Ns { ns, file })
-    }
-
-    fn run(&self, program: &str, args: &[&str], stdin: &str) -> Result<String> {
-        let fd = self.file.as_raw_fd();
-        let mut cmd = Command::new(program);
-        // SAFETY: setns is async-signal-safe and changes only the child's namespace; the fd
-        // is open in the parent for the duration of the spawn.
-        unsafe {
-            cmd.pre_exec(move || {
-                if libc::setns(fd, libc::CLONE_NEWNET) == 0 {
-                    Ok(())
-                } else {
-                    Err(io::Error::last_os_error())
-                }
-            });
-        }
-        let mut child = cmd
-            .args(args)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .with_context(|| format!("starting {program}"))?;
-        let written = child
-            .stdin
-            .take()
-            .expect("piped")
-            .write_all(stdin.as_bytes());
-        let out = child.wait_with_output()?;
-        if !out.status.success() {
-            bail!(
-                "{program} {args:?} in {} failed: {}",
-                self.ns.name(),
-                String::from_utf8_lossy(&out.stderr).trim()
-            );
-        }
-        written?;
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-    }
-
-    /// `f` on a thread inside the namespace.
-    fn inside<T: Send>(&self, f: impl FnOnce() -> Result<T> + Send) -> Result<T> {
-        let fd = self.file.as_raw_fd();
-        std::thread::scope(|s| {
-            s.spawn(|| {
-                // SAFETY: setns changes only this short-lived thread's network namespace.
-                if unsafe { libc::setns(fd, libc::CLONE_NEWNET) } != 0 {
-                    return Err(io::Error::last_os_error()).context("entering the namespace");
-                }
-                f()
-            })
-            .join()
-            .map_err(|_| anyhow!("a thread in the namespace panicked"))?
-        })
-    }
-
-    fn tap(&self, name: &str) -> Result<OwnedFd> {
-        self.inside(|| {
-            let fd = open_tap_queue(name, true)?;
-            wait_until_up(name, Duration::from_secs(5))?;
-            Ok(fd)
-        })
-    }
+/// Opens tap `name`'s queue in `ns` and waits until it is up.
+fn tap(ns: &Ns, name: &str) -> Result<OwnedFd> {
+    ns.inside(|| {
+        let fd = open_tap_queue(name, true)?;
+        wait_until_up(name, Duration::from_secs(5))?;
+        Ok(fd)
+    })
 }
 
 /// Two namespaces on an underlay veth: `(first, second)` at `.1` and `.2` of `net`.
@@ -199,7 +122,7 @@ fn pair(tag: &str, net: [u8; 3]) -> Result<(Ns, Ns)> {
             "link set lo up\nlink add under0 type veth peer name under0 netns {b}\n\
              addr add {}/24 dev under0\nlink set under0 up\n",
             ip(1),
-            b = b.ns.name()
+            b = b.name()
         ),
     )?;
     b.run(
@@ -436,18 +359,18 @@ pub fn run(plan: Plan) -> Result<Results> {
         let fds = [
             (
                 System::CrossHost,
-                atoll.ns.0.tap("a0")?,
-                atoll.ns.1.tap("b0")?,
+                tap(&atoll.ns.0, "a0")?,
+                tap(&atoll.ns.1, "b0")?,
             ),
             (
                 System::SameHost,
-                atoll.ns.0.tap("sa")?,
-                atoll.ns.0.tap("sb")?,
+                tap(&atoll.ns.0, "sa")?,
+                tap(&atoll.ns.0, "sb")?,
             ),
             (
                 System::Linux,
-                linux.ns.0.tap("ta0")?,
-                linux.ns.1.tap("tb0")?,
+                tap(&linux.ns.0, "ta0")?,
+                tap(&linux.ns.1, "tb0")?,
             ),
         ];
         let gw = DataplaneConfig::default().gateway_mac;
