@@ -31,9 +31,8 @@ pub(super) struct FeedState {
     /// watch delivering a change [`Core::host_recorded`] applied ahead of it, followed by a
     /// newer one) is ignored, so a cordon or an underlay address never reverts for a moment.
     pub(super) host_revisions: HashMap<String, u64>,
-    /// The grant index (`grantidx/`): per provider, its `(consumer, exposure)` grants.
-    pub(super) consumers: HashMap<CloudId, HashSet<(CloudId, String)>>,
-    /// The same, per consumer: its `(provider, exposure)` grants.
+    /// The grant index (`grantidx/`), per consumer: its `(provider, exposure)` grants. Only
+    /// for routing events to hosts: what a sync sends is read from the store.
     pub(super) providers: HashMap<CloudId, HashSet<(CloudId, String)>>,
     /// Per host, placements picked and not yet committed or given up (see
     /// [`Core::pick_host`]): counted in its load, so concurrent creates spread instead of all
@@ -125,13 +124,8 @@ impl FeedState {
                         }
                     }
                 };
-                forget(&mut self.consumers, p, (c, e.to_string()));
                 forget(&mut self.providers, c, (p, e.to_string()));
             } else {
-                self.consumers
-                    .entry(p)
-                    .or_default()
-                    .insert((c, e.to_string()));
                 self.providers
                     .entry(c)
                     .or_default()
@@ -183,14 +177,6 @@ impl FeedState {
             }
         }
         out
-    }
-
-    /// The consumers of provider `p`'s grants.
-    pub(super) fn consumers_of(&self, p: CloudId) -> impl Iterator<Item = CloudId> + '_ {
-        self.consumers
-            .get(&p)
-            .into_iter()
-            .flat_map(|s| s.iter().map(|(c, _)| *c))
     }
 
     /// The providers of consumer `c`'s grants.

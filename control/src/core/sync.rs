@@ -273,13 +273,8 @@ impl Core {
         host: &str,
         present: &HashSet<CloudId>,
     ) -> Result<Vec<Service>, CoreError> {
-        let consumers: HashSet<CloudId> = {
-            let st = self.feed.state.lock().expect("feed lock");
-            st.consumers_of(p).filter(|c| present.contains(c)).collect()
-        };
-        if consumers.is_empty() {
-            return Ok(Vec::new());
-        }
+        // From the store, not the feed's grant index: a snapshot reports the store's revision,
+        // which the index may not have reached yet.
         let exposures: Vec<Exposure> = self.list(&keys::exposures(p)).await?;
         if exposures.is_empty() {
             return Ok(Vec::new());
@@ -304,7 +299,7 @@ impl Core {
                 .collect();
             let grants: Vec<(String, u64, Grant)> = self.list_kv(&keys::grants(p, &e.name)).await?;
             for (key, rev, g) in grants {
-                if g.state != GrantState::Active || !consumers.contains(&g.consumer) {
+                if g.state != GrantState::Active || !present.contains(&g.consumer) {
                     continue;
                 }
                 let (consumer, vip) = (g.consumer, g.vip);
@@ -511,15 +506,17 @@ impl Core {
             self.underlays().await?
         };
         let present: HashSet<CloudId> = clouds.iter().copied().collect();
-        // The providers of grants to clouds here: their backends and services.
-        let providers: BTreeSet<CloudId> = {
-            let st = self.feed.state.lock().expect("feed lock");
-            clouds
-                .iter()
-                .flat_map(|c| st.providers_of(*c).collect::<Vec<_>>())
-                .filter(|p| !present.contains(p))
-                .collect()
-        };
+        // The providers of grants to clouds here (their backends and services), from the
+        // clouds' imports in the store: the snapshot reports the store's revision, which the
+        // feed's grant index may not have reached yet.
+        let mut providers: BTreeSet<CloudId> = BTreeSet::new();
+        for c in &clouds {
+            for g in self.list::<Grant>(&keys::imports(*c)).await? {
+                if g.state == GrantState::Active && !present.contains(&g.provider) {
+                    providers.insert(g.provider);
+                }
+            }
+        }
         for p in providers {
             let remotes = self.remotes_of(p, host, &present, &underlays).await?;
             if remotes.vni != 0 {
