@@ -370,6 +370,38 @@ fn from_consumer(
     )
 }
 
+/// Rewrites the frame with `t` (addresses, ports, TTL, checksums by `diffs`) and the MACs
+/// `(source, destination)`; the frame's pointers are invalid afterwards.
+#[inline(always)]
+fn rewrite(
+    ctx: &TcContext,
+    (eth, ip): (*mut EthHdr, *mut Ipv4Hdr),
+    l4: &L4,
+    macs: (&[u8; 6], &[u8; 6]),
+    (t, diffs): (&Rewrite, Diffs),
+) -> Result<(), DropReason> {
+    // SAFETY: the callers pass `eth`, `ip` and `l4.ports` bounds-checked against this frame,
+    // with no helper run since they were derived.
+    let rewritten = unsafe {
+        packet::rewrite_with(
+            ctx,
+            eth,
+            ip,
+            l4.ports,
+            Some(macs),
+            l4.protocol,
+            l4.check_offset,
+            t,
+            diffs,
+        )
+    };
+    if rewritten {
+        Ok(())
+    } else {
+        Err(DropReason::ExposureRewriteFailed)
+    }
+}
+
 /// A consumer's translated flow to a backend on another host (`hop`, a route of the
 /// provider's): rewritten (gateway → the backend's MAC, TTL one less, addresses and ports),
 /// encapsulated under the provider's network id to the backend's host, metered `exposure`
@@ -385,23 +417,8 @@ fn to_remote_backend(
     (hop, provider): (&NextHop, u32),
     (t, diffs): (&Rewrite, Diffs),
 ) -> Verdict {
-    // SAFETY: `eth`, `ip` and `l4.ports` are bounds-checked pointers into this frame and no
-    // helper has run since they were derived.
-    let rewritten = unsafe {
-        packet::rewrite_with(
-            ctx,
-            eth,
-            ip,
-            l4.ports,
-            Some((&ep.gateway_mac, &hop.mac)),
-            l4.protocol,
-            l4.check_offset,
-            t,
-            diffs,
-        )
-    };
-    if !rewritten {
-        return Verdict::Drop(DropReason::ExposureRewriteFailed);
+    if let Err(reason) = rewrite(ctx, (eth, ip), l4, (&ep.gateway_mac, &hop.mac), (t, diffs)) {
+        return Verdict::Drop(reason);
     }
     match overlay::encapsulate(ctx, provider, hop.ifindex) {
         Ok(vxlan) => {
@@ -954,23 +971,8 @@ fn deliver_to(
     (ifindex, slot, mac): (u32, u32, &[u8; 6]),
     (t, diffs): (&Rewrite, Diffs),
 ) -> Verdict {
-    // SAFETY: `eth`, `ip` and `l4.ports` are bounds-checked pointers into this frame and no
-    // helper has run since they were derived.
-    let rewritten = unsafe {
-        packet::rewrite_with(
-            ctx,
-            eth,
-            ip,
-            l4.ports,
-            Some((gateway_mac, mac)),
-            l4.protocol,
-            l4.check_offset,
-            t,
-            diffs,
-        )
-    };
-    if !rewritten {
-        return Verdict::Drop(DropReason::ExposureRewriteFailed);
+    if let Err(reason) = rewrite(ctx, (eth, ip), l4, (gateway_mac, mac), (t, diffs)) {
+        return Verdict::Drop(reason);
     }
     if let Some(from) = from_slot {
         metering::traffic(from, Direction::FromGuest, TrafficClass::Exposure, pkt.len);
