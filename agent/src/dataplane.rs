@@ -91,8 +91,8 @@ pub use layout::{layout_versions, map_usage, unapplied_sizes, MapUsage};
 use pins::*;
 pub use pins::{
     build_id, check_bpffs, layout_dir, load_unpinned, pinned_builds, BUILD_MARKER_PREFIX,
-    KFREE_SKB_LINK, OBJECT, PROG_FROM_DNS, PROG_FROM_OVERLAY, PROG_FROM_UPLINK, PROG_FROM_VM,
-    PROG_KFREE_SKB, PROG_TO_VM,
+    KFREE_SKB_LINK, OBJECT, PROG_FROM_DNS, PROG_FROM_OVERLAY, PROG_FROM_UNDERLAY, PROG_FROM_UPLINK,
+    PROG_FROM_VM, PROG_KFREE_SKB, PROG_TO_VM,
 };
 pub use upgrade::{prepare, Prepared};
 
@@ -105,6 +105,9 @@ pub(crate) enum HostHook {
     Uplink,
     /// `from_overlay` on the VXLAN device.
     Overlay,
+    /// `from_underlay` on the device holding the underlay address, first on its ingress
+    /// (before `from_uplink` when the uplink is the underlay; it passes on what is not its).
+    Underlay,
 }
 
 impl HostHook {
@@ -113,6 +116,7 @@ impl HostHook {
             HostHook::Dns => DNS_LINK_PREFIX,
             HostHook::Uplink => UPLINK_LINK_PREFIX,
             HostHook::Overlay => OVERLAY_LINK_PREFIX,
+            HostHook::Underlay => UNDERLAY_LINK_PREFIX,
         }
     }
 
@@ -121,6 +125,16 @@ impl HostHook {
             HostHook::Dns => PROG_FROM_DNS,
             HostHook::Uplink => PROG_FROM_UPLINK,
             HostHook::Overlay => PROG_FROM_OVERLAY,
+            HostHook::Underlay => PROG_FROM_UNDERLAY,
+        }
+    }
+
+    /// Where on the hook the program goes: `from_underlay` before any other program (it
+    /// passes on what is not its); the others after those attached already.
+    fn order(self) -> LinkOrder {
+        match self {
+            HostHook::Underlay => LinkOrder::first(),
+            _ => LinkOrder::default(),
         }
     }
 }
@@ -176,6 +190,7 @@ pub struct Dataplane {
     vni_clouds: HashMap<MapData, u32, u32>,
     overlay_peers: HashMap<MapData, u32, u32>,
     from_overlay: SchedClassifier,
+    from_underlay: SchedClassifier,
     ingress: HashMap<MapData, IngressKey, IngressTarget>,
     ingress_allow: LpmTrie<MapData, IngressAllowKey, u8>,
     ingress_flows: HashMap<MapData, FlowKey, IngressFlow>,
@@ -308,6 +323,7 @@ impl Dataplane {
             from_dns: open_prog(PROG_FROM_DNS)?,
             from_uplink: open_prog(PROG_FROM_UPLINK)?,
             from_overlay: open_prog(PROG_FROM_OVERLAY)?,
+            from_underlay: open_prog(PROG_FROM_UNDERLAY)?,
             dir,
             endpoints,
             cache,
@@ -384,7 +400,7 @@ impl Dataplane {
             Hook::FromVm => (&mut self.from_vm, PROG_FROM_VM, TcAttachType::Ingress),
             Hook::ToVm => (&mut self.to_vm, PROG_TO_VM, TcAttachType::Egress),
         };
-        attach_pinned(prog, name, ifname, kind, &path)
+        attach_pinned(prog, name, (ifname, kind, LinkOrder::default()), &path)
     }
 
     fn link_pin(&self, ifindex: u32, hook: Hook) -> PathBuf {
@@ -714,8 +730,14 @@ impl Dataplane {
             HostHook::Dns => &mut self.from_dns,
             HostHook::Uplink => &mut self.from_uplink,
             HostHook::Overlay => &mut self.from_overlay,
+            HostHook::Underlay => &mut self.from_underlay,
         };
-        attach_pinned(prog, hook.program(), ifname, TcAttachType::Ingress, &path)
+        attach_pinned(
+            prog,
+            hook.program(),
+            (ifname, TcAttachType::Ingress, hook.order()),
+            &path,
+        )
     }
 
     /// Removes every pinned link of `hook` (detaching it from a device that still exists).
@@ -790,20 +812,15 @@ pub fn sum_counters<'a>(per_cpu: impl Iterator<Item = &'a EndpointCounters>) -> 
     total
 }
 
-/// Attaches `prog` to `ifname` with TCX and pins the link at `path`.
+/// Attaches `prog` to `ifname` with TCX at `order` and pins the link at `path`.
 fn attach_pinned(
     prog: &mut SchedClassifier,
     name: &'static str,
-    ifname: &str,
-    kind: TcAttachType,
+    (ifname, kind, order): (&str, TcAttachType, LinkOrder),
     path: &Path,
 ) -> Result<(), DataplaneError> {
     let id = prog
-        .attach_with_options(
-            ifname,
-            kind,
-            TcAttachOptions::TcxOrder(LinkOrder::default()),
-        )
+        .attach_with_options(ifname, kind, TcAttachOptions::TcxOrder(order))
         .map_err(|source| attach_error(name, ifname, source))?;
     let link = prog
         .take_link(id)

@@ -442,6 +442,31 @@ pub fn mac_of(name: &str) -> io::Result<crate::types::MacAddr> {
     Ok(crate::types::MacAddr(mac))
 }
 
+/// The MTU of `name` (`SIOCGIFMTU`, in the calling thread's namespace; see [`mac_of`]).
+pub fn mtu(name: &str) -> io::Result<u32> {
+    validate_name(name).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
+    let sock = ioctl_socket()?;
+    #[repr(C)]
+    struct IfReqMtu {
+        name: [libc::c_char; libc::IF_NAMESIZE],
+        mtu: libc::c_int,
+        _pad: [u8; 20],
+    }
+    let mut req = IfReqMtu {
+        name: [0; libc::IF_NAMESIZE],
+        mtu: 0,
+        _pad: [0; 20],
+    };
+    for (d, s) in req.name.iter_mut().zip(name.bytes()) {
+        *d = s as libc::c_char;
+    }
+    // SAFETY: SIOCGIFMTU reads and writes an ifreq (40 bytes) that we own for the call.
+    if unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFMTU, &mut req) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    u32::try_from(req.mtu).map_err(|_| io::Error::other(format!("MTU {} of {name}", req.mtu)))
+}
+
 /// The driver of `name` (`ETHTOOL_GDRVINFO`), e.g. `tun` or `veth`.
 fn driver_of(name: &str) -> io::Result<String> {
     const SIOCETHTOOL: libc::c_ulong = 0x8946;

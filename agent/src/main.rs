@@ -191,20 +191,22 @@ async fn run(cfg: &AgentConfig) -> Result<()> {
     } else {
         host.disable_egress()?;
     }
-    let underlay = if cfg.overlay.enabled {
-        let o = atoll_agent::overlay::enable(&mut host, &cfg.overlay, &cfg.egress).await?;
-        tracing::info!(
-            "overlay on {} from {} (UDP {}, guests' MTU {})",
+    let underlay =
+        if cfg.overlay.enabled {
+            let o = atoll_agent::overlay::enable(&mut host, &cfg.overlay, &cfg.egress).await?;
+            tracing::info!(
+            "overlay on {} from {} (UDP {}, guests' MTU {}; encapsulated by the programs on {})",
             o.device,
             o.underlay,
             cfg.overlay.port,
-            cfg.overlay.guest_mtu()
+            cfg.overlay.guest_mtu(),
+            o.underlay_device.as_deref().unwrap_or("no device: all through the VXLAN device")
         );
-        Some(o.underlay)
-    } else {
-        host.disable_overlay()?;
-        None
-    };
+            Some(o.underlay)
+        } else {
+            host.disable_overlay()?;
+            None
+        };
     host.refill_pool().await?;
     let eps = host.endpoints()?;
     tracing::info!(

@@ -43,6 +43,9 @@ pub struct Enabled {
     pub underlay: Ipv4Addr,
     pub device: String,
     pub ifindex: u32,
+    /// The device holding the underlay address, where `from_underlay` decapsulates (`None`:
+    /// every frame takes the VXLAN device).
+    pub underlay_device: Option<String>,
 }
 
 /// This host's underlay address (module docs).
@@ -80,13 +83,14 @@ pub async fn enable(
     egress_cfg: &EgressConfig,
 ) -> Result<Enabled, OverlayError> {
     let underlay = underlay(cfg, egress_cfg)?;
-    let ifindex = host
-        .enable_overlay(&cfg.device, cfg.port, underlay)
+    let (ifindex, underlay_device) = host
+        .enable_overlay(&cfg.device, cfg.port, underlay, cfg.underlay_mtu)
         .await
         .map_err(OverlayError::Enable)?;
     Ok(Enabled {
         underlay,
         device: cfg.device.to_string(),
         ifindex,
+        underlay_device,
     })
 }

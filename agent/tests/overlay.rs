@@ -182,6 +182,14 @@ fn side(
             let _entered = rt.enter();
             Host::open(&support::cfg(pins, 64, 0)).expect("opening a host's dataplane")
         };
+        // `from_uplink` on the underlay device first, as on a host whose uplink is its
+        // underlay: `from_underlay` must still go before it (it passes everything here, egress
+        // being off, so a frame it saw first would never be decapsulated by the programs,
+        // which the tests below would see on the VXLAN device's counters).
+        let under0 = atoll_agent::device::ifindex("under0").expect("under0");
+        host.dataplane_mut()
+            .attach_uplink("under0", under0)
+            .expect("from_uplink on under0");
         let cfg = overlay_cfg(Some(underlay));
         let enabled = rt
             .block_on(atoll_agent::overlay::enable(
@@ -191,8 +199,12 @@ fn side(
             ))
             .expect("enabling the overlay");
         assert_eq!(
-            (enabled.underlay, enabled.device.as_str()),
-            (underlay, "vx0")
+            (
+                enabled.underlay,
+                enabled.device.as_str(),
+                enabled.underlay_device.as_deref()
+            ),
+            (underlay, "vx0", Some("under0"))
         );
         // Enabling again (an agent restart) reuses the device and the pinned link.
         let again = rt
@@ -244,6 +256,18 @@ fn side(
         }
         Side { host, guests }
     })
+}
+
+/// Packets the VXLAN device `vx0` in `ns` received: what the kernel decapsulated, not the
+/// programs (frames `from_underlay` takes never reach it).
+fn vxlan_rx(ns: &NetNs) -> u64 {
+    let out = ns
+        .exec(&["ip", "-s", "-j", "link", "show", "dev", "vx0"])
+        .expect("vx0's statistics");
+    let v: serde_json::Value = serde_json::from_str(&out).expect("ip's JSON");
+    v[0]["stats64"]["rx"]["packets"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no rx packets in {out}"))
 }
 
 /// Polls `read` until it returns `want`, for at most [`ARRIVE`].
@@ -313,8 +337,16 @@ fn one_cloud_spans_two_hosts_and_forged_frames_are_dropped() {
                 drops(&b.host)
             );
         }
+        // The programs encapsulated and decapsulated those themselves: neither VXLAN device
+        // received a packet.
+        assert_eq!(
+            (vxlan_rx(&a_ns), vxlan_rx(&b_ns)),
+            (0, 0),
+            "pings took the device"
+        );
         // Path MTU: guests that raise their MTU to the underlay's (ignoring the config drive)
-        // still get full-size packets across, with DF and without.
+        // still get full-size packets across, with DF and without: too big to encapsulate in
+        // place, they take the VXLAN device, and the underlay fragments them.
         for g in [a1, b1] {
             g.ns.exec(&["ip", "link", "set", "eth0", "mtu", "1500"])
                 .unwrap();
@@ -343,6 +375,10 @@ fn one_cloud_spans_two_hosts_and_forged_frames_are_dropped() {
                 drops(&b.host)
             );
         }
+        assert!(
+            vxlan_rx(&b_ns) >= 2,
+            "the big pings did not take B's device"
+        );
         for g in [a1, b1] {
             g.ns.exec(&["ip", "link", "set", "eth0", "mtu", &GUEST_MTU.to_string()])
                 .unwrap();
@@ -416,13 +452,30 @@ fn one_cloud_spans_two_hosts_and_forged_frames_are_dropped() {
         );
 
         // Forged frames written onto the underlay from host B's namespace: each dropped on
-        // host A under its reason, none reaching a guest.
+        // host A under its reason, none reaching a guest. Each is sent twice: without a UDP
+        // checksum, as atoll sends, so `from_underlay` checks it before the kernel sees it;
+        // and with one, which `from_underlay` leaves to the kernel's VXLAN device and
+        // `from_overlay` checks. The same reasons either way.
         let sniffers: Vec<Sniffer> = [a1, a2, a3].into_iter().map(Sniffer::open).collect();
         let to_a = SocketAddrV4::new(A_UNDERLAY, VXLAN_PORT);
-        let send_from = |src: Ipv4Addr, datagram: Vec<u8>| {
+        let send = |src: Ipv4Addr, datagram: &[u8], checksum: bool| {
             on(&b_ns, || {
                 let s = UdpSocket::bind((src, 0)).unwrap();
-                s.send_to(&datagram, to_a).unwrap();
+                if !checksum {
+                    let one: libc::c_int = 1;
+                    // SAFETY: SO_NO_CHECK reads an int we own for the call.
+                    let rc = unsafe {
+                        libc::setsockopt(
+                            std::os::fd::AsRawFd::as_raw_fd(&s),
+                            libc::SOL_SOCKET,
+                            libc::SO_NO_CHECK,
+                            (&one as *const libc::c_int).cast(),
+                            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+                        )
+                    };
+                    assert_eq!(rc, 0, "SO_NO_CHECK");
+                }
+                s.send_to(datagram, to_a).unwrap();
             })
         };
         let arp = layers::ethernet(
@@ -498,9 +551,18 @@ fn one_cloud_spans_two_hosts_and_forged_frames_are_dropped() {
         ];
         let mut expected = drops(&a.host);
         for (what, src, datagram, reason) in cases {
-            send_from(src, datagram);
-            *expected.entry(reason).or_default() += 1;
-            wait_until(what, expected.clone(), || drops(&a.host));
+            for checksum in [false, true] {
+                let device_before = vxlan_rx(&a_ns);
+                send(src, &datagram, checksum);
+                *expected.entry(reason).or_default() += 1;
+                wait_until(what, expected.clone(), || drops(&a.host));
+                let device = vxlan_rx(&a_ns) - device_before;
+                assert_eq!(
+                    device,
+                    u64::from(checksum),
+                    "{what} (checksum {checksum}): {device} packets through A's device"
+                );
+            }
         }
         let sinks: Vec<Sink> = sniffers
             .iter()
@@ -510,11 +572,14 @@ fn one_cloud_spans_two_hosts_and_forged_frames_are_dropped() {
         // A well-formed frame from host B for its own guest is delivered: the checks above
         // refused what they had to, not everything.
         let u_a1 = GuestUdp::bind(a1, 7000);
-        send_from(
-            B_UNDERLAY,
-            vxlan(vni(1), &inner_udp(1, ON_B, ON_A, b"genuine")),
-        );
-        assert_eq!(u_a1.recv("a genuine frame from host B").0, b"genuine");
+        for checksum in [false, true] {
+            send(
+                B_UNDERLAY,
+                &vxlan(vni(1), &inner_udp(1, ON_B, ON_A, b"genuine")),
+                checksum,
+            );
+            assert_eq!(u_a1.recv("a genuine frame from host B").0, b"genuine");
+        }
 
         drop(sniffers);
         drop((u_a1, u_b1, u_b2, listener));
@@ -793,6 +858,7 @@ fn frames_to_a_remote_endpoint_are_encapsulated_or_dropped_with_a_reason() {
             .set_overlay_host(OverlayHost {
                 vxlan_ifindex: 4242,
                 underlay_ipv4: ipv4_to_map(A_UNDERLAY.octets()),
+                ..OverlayHost::default()
             })
             .unwrap();
         let r = run(&host, "no network id");
@@ -817,6 +883,80 @@ fn frames_to_a_remote_endpoint_are_encapsulated_or_dropped_with_a_reason() {
             ),
             (1, frame.len() as u64)
         );
+        // With an underlay device, the program encapsulates in place: the frame as above
+        // behind outer IPv4 (this host to host B, TTL 64, DF clear), UDP (a source port from
+        // the flow's hash in 49152-65535, the VXLAN port, no checksum) and VXLAN (the cloud's
+        // VNI) headers; counted the same.
+        let in_place = OverlayHost {
+            vxlan_ifindex: 4242,
+            underlay_ipv4: ipv4_to_map(A_UNDERLAY.octets()),
+            underlay_ifindex: 4243,
+            port_be: VXLAN_PORT.to_be(),
+            underlay_mtu: 1500,
+        };
+        host.dataplane_mut().set_overlay_host(in_place).unwrap();
+        let before = host.dataplane().counters(3).unwrap();
+        let r = run(&host, "encapsulated in place");
+        assert_eq!((r.ret, r.drops.len()), (TC_ACT_REDIRECT, 0), "{r:?}");
+        assert_eq!(r.out.len(), frame.len() + 50, "{r:?}");
+        let outer = layers::parse_eth(&r.out).expect("an Ethernet frame");
+        assert_eq!(outer.ethertype, 0x0800);
+        let oip = layers::parse_ipv4(outer.payload).expect("outer IPv4");
+        assert_eq!(
+            (oip.src, oip.dst, oip.ttl, oip.protocol),
+            (A_UNDERLAY, B_UNDERLAY, 64, 17)
+        );
+        assert!(oip.header_checksum_ok);
+        assert_eq!(outer.payload[6] & 0x40, 0, "DF set");
+        let udp = layers::parse_udp(&oip).expect("outer UDP");
+        assert_eq!((udp.dport, udp.checksum), (VXLAN_PORT, 0));
+        assert!(udp.sport >= 49152, "source port {}", udp.sport);
+        assert_eq!(udp.payload[..8], vxlan(vni(1), &[])[..]);
+        let inner = layers::parse_eth(&udp.payload[8..]).expect("the inner frame");
+        assert_eq!(
+            (inner.dst, inner.src, inner.ethertype),
+            (guest_mac(1, ON_B).0, gw, 0x0800)
+        );
+        let iip = layers::parse_ipv4(inner.payload).expect("inner IPv4");
+        assert_eq!((iip.src, iip.dst, iip.ttl), (ON_A, ON_B, 63));
+        assert!(iip.header_checksum_ok);
+        let mut forwarded = frame.clone();
+        forwarded[..6].copy_from_slice(&guest_mac(1, ON_B).0);
+        forwarded[6..12].copy_from_slice(&gw);
+        forwarded[22] -= 1;
+        frame::refresh_ipv4_checksum(&mut forwarded);
+        assert!(
+            udp.payload[8..] == forwarded[..],
+            "the inner frame is the frame, forwarded"
+        );
+        // A frame that would not fit the underlay once encapsulated takes the VXLAN device
+        // (which fragments): left as is, redirected with a tunnel key.
+        host.dataplane_mut()
+            .set_overlay_host(OverlayHost {
+                underlay_mtu: (frame.len() + 35) as u16,
+                ..in_place
+            })
+            .unwrap();
+        let r = run(&host, "too big to encapsulate in place");
+        assert_eq!((r.ret, r.drops.len()), (TC_ACT_REDIRECT, 0), "{r:?}");
+        assert_eq!(r.out.len(), frame.len(), "{r:?}");
+        host.dataplane_mut()
+            .set_overlay_host(OverlayHost {
+                underlay_mtu: (frame.len() + 36) as u16,
+                ..in_place
+            })
+            .unwrap();
+        let r = run(&host, "just fits in place");
+        assert_eq!(r.out.len(), frame.len() + 50, "{r:?}");
+        let after = host.dataplane().counters(3).unwrap();
+        assert_eq!(class(&after).packets - class(&before).packets, 3);
+        host.dataplane_mut()
+            .set_overlay_host(OverlayHost {
+                vxlan_ifindex: 4242,
+                underlay_ipv4: ipv4_to_map(A_UNDERLAY.octets()),
+                ..OverlayHost::default()
+            })
+            .unwrap();
         // A grant's NAT address for another host (a backend here replying): encapsulated
         // to that host with the TTL kept (the consumer host's translation is the hop) and
         // counted `exposure`; a NAT route never replaces a remote endpoint's route.

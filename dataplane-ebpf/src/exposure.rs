@@ -421,14 +421,14 @@ fn to_remote_backend(
         return Verdict::Drop(reason);
     }
     match overlay::encapsulate(ctx, provider, hop.ifindex) {
-        Ok(vxlan) => {
+        Ok(verdict) => {
             metering::traffic(
                 ep.slot,
                 Direction::FromGuest,
                 TrafficClass::Exposure,
                 pkt.len,
             );
-            Verdict::Redirect(vxlan)
+            verdict
         }
         Err(reason) => Verdict::Drop(reason),
     }

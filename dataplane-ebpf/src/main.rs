@@ -11,8 +11,10 @@
 //! One more, [`from_uplink`], sits on the ingress of the host's uplink: replies of the guests'
 //! internet flows, translated back to them (see [`egress`]).
 //!
-//! One more, [`from_overlay`], sits on the ingress of the host's VXLAN device: frames of the
-//! clouds' endpoints on other hosts, checked and delivered (see [`overlay`]).
+//! Two more carry the overlay (see [`overlay`]): [`from_underlay`] on the ingress of the device
+//! holding the host's underlay address decapsulates the frames of the clouds' endpoints on
+//! other hosts, checks and delivers them; [`from_overlay`] on the ingress of the host's VXLAN
+//! device does the same for those the kernel decapsulates (GSO aggregates and fragments).
 //!
 //! One program per host, [`kfree_skb`], runs on the kernel's `kfree_skb` tracepoint (when it
 //! frees a dropped skb, never on the forwarding path): it counts the frames a guest writes
@@ -64,7 +66,7 @@ mod route;
 
 use atoll_dataplane_common::{DropReason, EndpointInfo};
 use aya_ebpf::{
-    bindings::{TC_ACT_OK, TC_ACT_SHOT},
+    bindings::{TC_ACT_OK, TC_ACT_SHOT, TC_ACT_UNSPEC},
     helpers::{bpf_redirect, bpf_redirect_neigh},
     macros::{btf_tracepoint, classifier},
     programs::{BtfTracePointContext, TcContext},
@@ -85,6 +87,9 @@ pub enum Verdict {
     RedirectNeigh(u32),
     /// Drop it and count the reason.
     Drop(DropReason),
+    /// Not this program's: on to the next program on the hook, else the kernel (TCX's
+    /// `TCX_NEXT`; the last program's "next" is the kernel's usual path).
+    Next,
 }
 
 /// Ingress of an endpoint device: frames the guest sends.
@@ -119,7 +124,25 @@ pub fn from_uplink(ctx: TcContext) -> i32 {
 /// endpoints here if their host may send them (see [`overlay`]).
 #[classifier]
 pub fn from_overlay(ctx: TcContext) -> i32 {
-    let verdict = match overlay::from_overlay(&ctx) {
+    let verdict = arrived(&ctx, overlay::from_overlay(&ctx));
+    apply(verdict, None)
+}
+
+/// Ingress of the device holding the host's underlay address: frames of endpoints on other
+/// hosts encapsulated to this one are decapsulated and delivered as on the VXLAN device;
+/// everything else goes on to the next program on the device (`from_uplink` when the uplink
+/// is the underlay) or the kernel (see [`overlay`]).
+#[classifier]
+pub fn from_underlay(ctx: TcContext) -> i32 {
+    let verdict = arrived(&ctx, overlay::from_underlay(&ctx));
+    apply(verdict, None)
+}
+
+/// Delivers what arrived over the overlay: checked and done, or a backend's reply for the
+/// `exposure` module to translate back.
+#[inline(always)]
+fn arrived(ctx: &TcContext, arrival: overlay::Arrival) -> Verdict {
+    match arrival {
         overlay::Arrival::Done(v) => v,
         overlay::Arrival::ToNat {
             pkt,
@@ -130,15 +153,14 @@ pub fn from_overlay(ctx: TcContext) -> i32 {
             backend,
             grant,
         } => exposure::from_remote_backend(
-            &ctx,
+            ctx,
             &pkt,
             (eth, ip),
             total_len,
             (provider, backend),
             grant,
         ),
-    };
-    apply(verdict, None)
+    }
 }
 
 /// The kernel freed a dropped skb (`tp_btf/kfree_skb`): counts a guest's tagged frame that
@@ -157,6 +179,7 @@ pub fn kfree_skb(ctx: BtfTracePointContext) -> i32 {
 fn apply(v: Verdict, ep: Option<&EndpointInfo>) -> i32 {
     match v {
         Verdict::Pass => TC_ACT_OK as i32,
+        Verdict::Next => TC_ACT_UNSPEC,
         // SAFETY: bpf_redirect only records the target in per-CPU state; any ifindex is safe,
         // an invalid one makes the kernel drop the frame.
         Verdict::Redirect(ifindex) => unsafe { bpf_redirect(ifindex, 0) as i32 },

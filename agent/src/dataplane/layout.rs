@@ -341,6 +341,14 @@ const MIGRATIONS: &[Migration] = &[
             (maps::MAP_OVERLAY_PEERS, Step::New),
         ],
     },
+    // v14, the programs encapsulate and decapsulate themselves: `OverlayHost` gained the
+    // underlay device, UDP port and MTU (so `OVERLAY_HOST` is new, written again when the
+    // agent turns the overlay on), a new program (`from_underlay`); drop reasons 59 and 60
+    // took free counter slots.
+    Migration {
+        to: 14,
+        steps: &[(maps::MAP_OVERLAY_HOST, Step::New)],
+    },
 ];
 
 /// The oldest layout [`MIGRATIONS`] reach the current one from.

@@ -26,6 +26,7 @@ pub(super) struct Programs {
     from_dns: SchedClassifier,
     from_uplink: SchedClassifier,
     from_overlay: SchedClassifier,
+    from_underlay: SchedClassifier,
 }
 
 impl Programs {
@@ -44,6 +45,7 @@ impl Programs {
             from_dns: open(PROG_FROM_DNS)?,
             from_uplink: open(PROG_FROM_UPLINK)?,
             from_overlay: open(PROG_FROM_OVERLAY)?,
+            from_underlay: open(PROG_FROM_UNDERLAY)?,
         })
     }
 
@@ -54,6 +56,7 @@ impl Programs {
             PROG_TO_VM => Some(&mut self.to_vm),
             PROG_FROM_UPLINK => Some(&mut self.from_uplink),
             PROG_FROM_OVERLAY => Some(&mut self.from_overlay),
+            PROG_FROM_UNDERLAY => Some(&mut self.from_underlay),
             _ => Some(&mut self.from_dns),
         }
     }
@@ -61,7 +64,7 @@ impl Programs {
 
 /// The program of a link pin: `<ifindex>-in` → `from_vm`, `<ifindex>-out` → `to_vm`,
 /// `dns-<ifindex>` → `from_dns`, `uplink-<ifindex>` → `from_uplink`, `overlay-<ifindex>` →
-/// `from_overlay`.
+/// `from_overlay`, `underlay-<ifindex>` → `from_underlay`.
 pub(super) fn program_of_link(pin: &str) -> Option<&'static str> {
     if pin.starts_with(DNS_LINK_PREFIX) {
         Some(PROG_FROM_DNS)
@@ -69,6 +72,8 @@ pub(super) fn program_of_link(pin: &str) -> Option<&'static str> {
         Some(PROG_FROM_UPLINK)
     } else if pin.starts_with(OVERLAY_LINK_PREFIX) {
         Some(PROG_FROM_OVERLAY)
+    } else if pin.starts_with(UNDERLAY_LINK_PREFIX) {
+        Some(PROG_FROM_UNDERLAY)
     } else if pin.ends_with("-in") {
         Some(PROG_FROM_VM)
     } else if pin.ends_with("-out") {
@@ -146,6 +151,7 @@ mod tests {
         assert_eq!(program_of_link("dns-7"), Some(PROG_FROM_DNS));
         assert_eq!(program_of_link("uplink-3"), Some(PROG_FROM_UPLINK));
         assert_eq!(program_of_link("overlay-4"), Some(PROG_FROM_OVERLAY));
+        assert_eq!(program_of_link("underlay-5"), Some(PROG_FROM_UNDERLAY));
         assert_eq!(program_of_link("stray"), None);
         // Not a TCX link: an upgrade replaces it (`attach_kfree_skb`), `switch_links` skips it.
         assert_eq!(program_of_link(super::super::KFREE_SKB_LINK), None);

@@ -14,7 +14,7 @@ use aya::maps::MapError;
 
 use super::{
     error::{ignore_missing, insert_error, DataplaneError},
-    pins::OVERLAY_LINK_PREFIX,
+    pins::{OVERLAY_LINK_PREFIX, UNDERLAY_LINK_PREFIX},
     Dataplane, HostHook, MAP_CLOUD_VNIS, MAP_OVERLAY_HOST, MAP_OVERLAY_PEERS, MAP_ROUTES,
     MAP_VNI_CLOUDS,
 };
@@ -252,6 +252,23 @@ impl Dataplane {
     /// Removes every pinned `from_overlay` link.
     pub fn detach_overlay(&mut self) -> Result<(), DataplaneError> {
         self.detach_host_hook(HostHook::Overlay)
+    }
+
+    /// Attaches `from_underlay` first on the ingress of the device holding the underlay
+    /// address and pins the link as `links/underlay-<ifindex>` (kept if pinned already; pins
+    /// on other devices go).
+    pub fn attach_underlay(&mut self, ifname: &str, ifindex: u32) -> Result<(), DataplaneError> {
+        self.attach_host_hook(HostHook::Underlay, ifname, ifindex)
+    }
+
+    /// Removes every pinned `from_underlay` link.
+    pub fn detach_underlay(&mut self) -> Result<(), DataplaneError> {
+        self.detach_host_hook(HostHook::Underlay)
+    }
+
+    /// ifindexes with a pinned `from_underlay` link.
+    pub fn underlay_links(&self) -> Result<Vec<u32>, DataplaneError> {
+        self.links_named(UNDERLAY_LINK_PREFIX)
     }
 
     /// ifindexes with a pinned `from_overlay` link.

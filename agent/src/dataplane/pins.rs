@@ -31,6 +31,9 @@ pub(super) const UPLINK_LINK_PREFIX: &str = "uplink-";
 /// Prefix of the pinned TCX link of `from_overlay` (`overlay-<ifindex>`).
 pub(super) const OVERLAY_LINK_PREFIX: &str = "overlay-";
 
+/// Prefix of the pinned TCX link of `from_underlay` (`underlay-<ifindex>`).
+pub(super) const UNDERLAY_LINK_PREFIX: &str = "underlay-";
+
 /// Directory of carried maps inside a layout directory (see `carry`).
 pub(super) const CARRY_DIR: &str = "carry";
 
@@ -49,6 +52,8 @@ pub const PROG_FROM_UPLINK: &str = "from_uplink";
 
 pub const PROG_FROM_OVERLAY: &str = "from_overlay";
 
+pub const PROG_FROM_UNDERLAY: &str = "from_underlay";
+
 /// The program on the kernel's `kfree_skb` tracepoint (and the tracepoint's name).
 pub const PROG_KFREE_SKB: &str = "kfree_skb";
 
@@ -59,21 +64,23 @@ pub const KFREE_SKB_LINK: &str = "kfree-skb";
 pub(super) const KFREE_SKB_CONFIG: &str = "KFREE_SKB_CONFIG";
 
 /// Every TCX program.
-pub(super) const PROGS: [&str; 5] = [
+pub(super) const PROGS: [&str; 6] = [
     PROG_FROM_VM,
     PROG_TO_VM,
     PROG_FROM_DNS,
     PROG_FROM_UPLINK,
     PROG_FROM_OVERLAY,
+    PROG_FROM_UNDERLAY,
 ];
 
 /// Every program pinned under `progs/`.
-pub(super) const PINNED_PROGS: [&str; 6] = [
+pub(super) const PINNED_PROGS: [&str; 7] = [
     PROG_FROM_VM,
     PROG_TO_VM,
     PROG_FROM_DNS,
     PROG_FROM_UPLINK,
     PROG_FROM_OVERLAY,
+    PROG_FROM_UNDERLAY,
     PROG_KFREE_SKB,
 ];
 

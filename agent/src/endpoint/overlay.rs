@@ -22,16 +22,42 @@ fn program(name: String) -> impl Fn(crate::dataplane::DataplaneError) -> Endpoin
     }
 }
 
+/// The device holding `underlay` (name, ifindex, MTU), if one of this namespace's does and
+/// it is neither the loopback nor the VXLAN device `vxlan`.
+fn underlay_device(underlay: Ipv4Addr, vxlan: &str) -> Option<(String, u32, u32)> {
+    let found = crate::egress::host_addresses()
+        .map_err(|e| tracing::warn!("listing addresses for the underlay device: {e}"))
+        .ok()?
+        .into_iter()
+        .find(|a| a.ipv4 == underlay && a.device != "lo" && a.device != vxlan);
+    let Some(a) = found else {
+        tracing::warn!(
+            "no device holds the underlay address {underlay}: every frame takes the VXLAN device"
+        );
+        return None;
+    };
+    let ifindex = device::ifindex(&a.device)?;
+    let mtu = device::mtu(&a.device)
+        .map_err(|e| tracing::warn!("the MTU of underlay device {}: {e}", a.device))
+        .ok()?;
+    Some((a.device, ifindex, mtu))
+}
+
 impl Host {
     /// Turns the overlay on: the VXLAN device `name` (external mode, UDP `port`, outer
     /// source `underlay`; created if missing, reused if present) up with `from_overlay` on
-    /// its ingress, then this host's end in `OVERLAY_HOST`. Returns the device's ifindex.
+    /// its ingress; `from_underlay` first on the ingress of the device holding `underlay`
+    /// (if one does), then this host's end in `OVERLAY_HOST`, with the smaller of
+    /// `underlay_mtu` and that device's MTU. Returns the VXLAN device's ifindex and the
+    /// underlay device's name (`None`: no device holds the address, and every frame takes the
+    /// VXLAN device).
     pub async fn enable_overlay(
         &mut self,
         name: &str,
         port: u16,
         underlay: Ipv4Addr,
-    ) -> Result<u32, EndpointError> {
+        underlay_mtu: u32,
+    ) -> Result<(u32, Option<String>), EndpointError> {
         let ifindex = match device::ifindex(name) {
             Some(i) => i,
             None => self
@@ -51,13 +77,31 @@ impl Host {
         self.dataplane
             .attach_overlay(name, ifindex)
             .map_err(program(what.clone()))?;
+        let device = underlay_device(underlay, name);
+        let (underlay_ifindex, mtu) = match &device {
+            Some((dev, i, dev_mtu)) => {
+                self.dataplane
+                    .attach_underlay(dev, *i)
+                    .map_err(program(format!("underlay device {dev}")))?;
+                (*i, underlay_mtu.min(*dev_mtu))
+            }
+            None => {
+                self.dataplane
+                    .detach_underlay()
+                    .map_err(program("the underlay device".into()))?;
+                (0, underlay_mtu)
+            }
+        };
         self.dataplane
             .set_overlay_host(OverlayHost {
                 vxlan_ifindex: ifindex,
                 underlay_ipv4: ipv4_to_map(underlay.octets()),
+                underlay_ifindex,
+                port_be: port.to_be(),
+                underlay_mtu: u16::try_from(mtu).unwrap_or(u16::MAX),
             })
             .map_err(program(what))?;
-        Ok(ifindex)
+        Ok((ifindex, device.map(|(dev, _, _)| dev)))
     }
 
     /// Turns the overlay off: remote routes are dropped (`overlay_off`) and `from_overlay` is
@@ -67,7 +111,10 @@ impl Host {
         self.dataplane
             .set_overlay_host(OverlayHost::default())
             .map_err(program(what.clone()))?;
-        self.dataplane.detach_overlay().map_err(program(what))
+        self.dataplane
+            .detach_overlay()
+            .map_err(program(what.clone()))?;
+        self.dataplane.detach_underlay().map_err(program(what))
     }
 
     /// Gives `cloud` its fleet-wide network id on this host.

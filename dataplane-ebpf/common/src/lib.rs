@@ -18,7 +18,7 @@
 
 /// Version of the map layouts defined in this crate. Bump on any change to a map's key, value,
 /// or meaning.
-pub const LAYOUT_VERSION: u32 = 13;
+pub const LAYOUT_VERSION: u32 = 14;
 
 /// Traffic classes the counters have room for: [`TrafficClass::COUNT`] are used. A new class
 /// takes a free one, so adding it changes no map layout.
@@ -119,10 +119,20 @@ pub const NEXTHOP_REMOTE_NAT: u16 = 4;
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct OverlayHost {
-    /// ifindex of the VXLAN device (external mode) encapsulated frames are redirected to.
+    /// ifindex of the VXLAN device (external mode): frames the programs do not encapsulate
+    /// themselves (GSO, or too big for the underlay) are redirected to it with a tunnel key.
     pub vxlan_ifindex: u32,
     /// This host's underlay address, the outer source (map order).
     pub underlay_ipv4: u32,
+    /// ifindex of the device holding the underlay address: frames the programs encapsulate
+    /// are redirected to it (`bpf_redirect_neigh`), and `from_underlay` on its ingress
+    /// decapsulates what is sent to this host. 0: every frame takes the VXLAN device.
+    pub underlay_ifindex: u32,
+    /// The VXLAN UDP port, network byte order (both ends use the same).
+    pub port_be: u16,
+    /// The largest IPv4 packet the underlay carries (its MTU): a frame whose encapsulation
+    /// would exceed it takes the VXLAN device, which fragments.
+    pub underlay_mtu: u16,
 }
 
 /// VXLAN network identifiers are 24 bits.
@@ -896,11 +906,16 @@ pub enum DropReason {
     /// Received on the overlay: not an Ethernet frame carrying a well-formed IPv4 packet
     /// without options.
     OverlayMalformed = 58,
+    /// To an endpoint on another host: the frame could not be encapsulated in place (no room
+    /// for the outer headers, or they could not be written).
+    OverlayEncapFailed = 59,
+    /// Received on the underlay for this host: the outer headers could not be removed.
+    OverlayDecapFailed = 60,
 }
 
 impl DropReason {
     /// Every reason, in numeric order.
-    pub const ALL: [DropReason; 58] = [
+    pub const ALL: [DropReason; 60] = [
         DropReason::UnknownEndpoint,
         DropReason::TruncatedEthernet,
         DropReason::SpoofedSourceMac,
@@ -959,10 +974,12 @@ impl DropReason {
         DropReason::OverlaySpoofedSource,
         DropReason::OverlayNotLocal,
         DropReason::OverlayMalformed,
+        DropReason::OverlayEncapFailed,
+        DropReason::OverlayDecapFailed,
     ];
 
     /// Size of the drop counter array: one slot per number, slot 0 unused.
-    pub const SLOTS: u32 = 59;
+    pub const SLOTS: u32 = 61;
 
     /// Stable snake_case name, used in metrics labels and CLI output.
     pub const fn name(self) -> &'static str {
@@ -1025,6 +1042,8 @@ impl DropReason {
             DropReason::OverlaySpoofedSource => "overlay_spoofed_source",
             DropReason::OverlayNotLocal => "overlay_not_local",
             DropReason::OverlayMalformed => "overlay_malformed",
+            DropReason::OverlayEncapFailed => "overlay_encap_failed",
+            DropReason::OverlayDecapFailed => "overlay_decap_failed",
         }
     }
 
@@ -1120,7 +1139,7 @@ const _: () = assert!(core::mem::size_of::<IngressTarget>() == 4 * 3 + 2 + 1 + 1
 const _: () = assert!(core::mem::size_of::<IngressAllowKey>() == 4 + 4);
 const _: () = assert!(core::mem::size_of::<IngressFlow>() == 4 + 4 + 2 + 2);
 const _: () = assert!(core::mem::size_of::<RefusedCount>() == 8 + 8);
-const _: () = assert!(core::mem::size_of::<OverlayHost>() == 4 + 4);
+const _: () = assert!(core::mem::size_of::<OverlayHost>() == 4 + 4 + 4 + 2 + 2);
 
 #[cfg(feature = "user")]
 mod pod {
