@@ -57,7 +57,8 @@ use atoll_agent::{
     config::DataplaneConfig,
     dataplane::{
         MAP_CLOUD_VNIS, MAP_COUNTERS, MAP_ENDPOINTS, MAP_ENDPOINT_CACHE, MAP_FLOWS_IN,
-        MAP_FLOWS_OUT, MAP_OVERLAY_HOST, MAP_ROUTES, MAP_VIPS, OBJECT, PROG_FROM_VM,
+        MAP_FLOWS_OUT, MAP_OVERLAY_HOST, MAP_OVERLAY_PEERS, MAP_ROUTES, MAP_VIPS, MAP_VNI_CLOUDS,
+        OBJECT, PROG_FROM_UNDERLAY, PROG_FROM_VM,
     },
     endpoint::{Host, ServiceSpec, PROTOCOL_UDP},
     types::CloudId,
@@ -93,6 +94,11 @@ const BACKEND_IFINDEX: u32 = 100;
 const PEER_IFINDEX: u32 = 1000;
 /// The consumer cloud's endpoint on another host (the overlay).
 const REMOTE_IP: Ipv4Addr = Ipv4Addr::new(10, 0, 3, 1);
+/// This host's and the other host's underlay addresses, and the consumer cloud's VNI.
+const UNDERLAY: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 1);
+const REMOTE_UNDERLAY: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 2);
+const CONSUMER_VNI: u32 = 101;
+const VXLAN_PORT: u16 = 4789;
 /// Counter slots: the consumer 0, the intra-cloud peer 1, then one per backend and peer.
 const FIRST_SLOT: u32 = 2;
 /// Grant numbers: the ring's, the hot ring's, then the filler's.
@@ -153,6 +159,32 @@ fn peer(i: u32) -> (Ipv4Addr, u32, u32) {
     )
 }
 
+/// This host's end of the overlay; `in_place`: with an underlay device (4243), so frames are
+/// encapsulated by the program, else by the VXLAN device (4242).
+fn overlay_host(in_place: bool) -> OverlayHost {
+    OverlayHost {
+        vxlan_ifindex: 4242,
+        underlay_ipv4: map_ip(UNDERLAY),
+        underlay_ifindex: if in_place { 4243 } else { 0 },
+        port_be: VXLAN_PORT.to_be(),
+        underlay_mtu: 1500,
+    }
+}
+
+/// `inner` (an Ethernet frame) as the host at `src` encapsulates it to `dst` under `vni`:
+/// outer Ethernet, IPv4 (TTL 64, checksum set), UDP (no checksum) and VXLAN headers.
+fn encapsulate(inner: &[u8], (src, dst): (Ipv4Addr, Ipv4Addr), vni: u32) -> Vec<u8> {
+    let mut udp = Vec::with_capacity(16 + inner.len());
+    udp.extend_from_slice(&50_000u16.to_be_bytes());
+    udp.extend_from_slice(&VXLAN_PORT.to_be_bytes());
+    udp.extend_from_slice(&((16 + inner.len()) as u16).to_be_bytes());
+    udp.extend_from_slice(&[0, 0, 0x08, 0, 0, 0]);
+    udp.extend_from_slice(&(vni << 8).to_be_bytes());
+    udp.extend_from_slice(inner);
+    let ip = frame::layers::Ipv4Packet::new(src.octets(), dst.octets(), 17, udp);
+    frame::layers::ethernet(GW, PEER, 0x0800, &ip.bytes())
+}
+
 /// A loaded dataplane for the exposure path (module docs) and the source ports it used.
 pub struct Plane {
     ebpf: Ebpf,
@@ -160,6 +192,8 @@ pub struct Plane {
     forward: &'static [u8],
     /// The same to the cloud's endpoint on another host (10.0.3.1, over the overlay).
     remote: &'static [u8],
+    /// That endpoint's frame to the consumer as its host encapsulates it to this one.
+    encapsulated: Vec<u8>,
     /// One frame per intra-cloud peer (`peer`), for the spread forward.
     peer_frames: Vec<Vec<u8>>,
     /// One frame per VIP of the ring, each the established flow's, for calls of one packet.
@@ -286,11 +320,13 @@ impl Plane {
                     )?;
                 }
             }
+            // The consumer's own address, where the overlay delivers to it.
+            routes.insert(key(CONSUMER, CONSUMER_IP), endpoint_hop(1, 0), 0)?;
             // An endpoint of the cloud on another host: the overlay's encapsulation.
             routes.insert(
                 key(CONSUMER, REMOTE_IP),
                 NextHop {
-                    ifindex: map_ip(Ipv4Addr::new(192, 0, 2, 2)),
+                    ifindex: map_ip(REMOTE_UNDERLAY),
                     slot: 0,
                     mac: PEER,
                     flags: NEXTHOP_REMOTE,
@@ -339,19 +375,25 @@ impl Plane {
         {
             let mut host: Array<_, OverlayHost> =
                 Array::try_from(ebpf.map_mut(MAP_OVERLAY_HOST).context("OVERLAY_HOST")?)?;
-            host.set(
-                0,
-                OverlayHost {
-                    vxlan_ifindex: 4242,
-                    underlay_ipv4: map_ip(Ipv4Addr::new(192, 0, 2, 1)),
-                },
-                0,
-            )?;
+            host.set(0, overlay_host(false), 0)?;
         }
         {
             let mut vnis: HashMap<_, u32, u32> =
                 HashMap::try_from(ebpf.map_mut(MAP_CLOUD_VNIS).context("CLOUD_VNIS")?)?;
-            vnis.insert(CONSUMER, 101, 0)?;
+            vnis.insert(CONSUMER, CONSUMER_VNI, 0)?;
+            let mut clouds: HashMap<_, u32, u32> =
+                HashMap::try_from(ebpf.map_mut(MAP_VNI_CLOUDS).context("VNI_CLOUDS")?)?;
+            clouds.insert(CONSUMER_VNI, CONSUMER, 0)?;
+            let mut peers: HashMap<_, u32, u32> =
+                HashMap::try_from(ebpf.map_mut(MAP_OVERLAY_PEERS).context("OVERLAY_PEERS")?)?;
+            peers.insert(map_ip(REMOTE_UNDERLAY), 1, 0)?;
+        }
+        {
+            let prog: &mut SchedClassifier = ebpf
+                .program_mut(PROG_FROM_UNDERLAY)
+                .context("from_underlay")?
+                .try_into()?;
+            prog.load()?;
         }
         {
             let prog: &mut SchedClassifier = ebpf
@@ -364,6 +406,11 @@ impl Plane {
             ebpf,
             forward: Vec::leak(frame_to(GW, GUEST, CONSUMER_IP, Ipv4Addr::new(10, 0, 0, 3))),
             remote: Vec::leak(frame_to(GW, GUEST, CONSUMER_IP, REMOTE_IP)),
+            encapsulated: encapsulate(
+                &frame_to(GUEST, PEER, REMOTE_IP, CONSUMER_IP),
+                (REMOTE_UNDERLAY, UNDERLAY),
+                CONSUMER_VNI,
+            ),
             peer_frames: (0..RING)
                 .map(|i| frame_to(GW, GUEST, CONSUMER_IP, peer(i).0))
                 .collect(),
@@ -483,6 +530,55 @@ impl Plane {
         crate::measure(self.prog()?, self.remote, calls * CHUNK, 7, CHUNK, 1)
     }
 
+    /// Calls of one packet, interleaved: the intra-cloud forward, the forward to an endpoint
+    /// on another host encapsulated in place (`from_vm` with an underlay device), and that
+    /// endpoint's encapsulated frame to the consumer decapsulated and delivered
+    /// (`from_underlay`): mean ns per packet of each. One packet per call because both
+    /// programs change the frame's length, and a test run's repeats reuse one `sk_buff`.
+    pub fn overlay_singles(&mut self, calls: u32) -> Result<(f64, f64, f64)> {
+        self.set_overlay_host(true)?;
+        let measured = self.overlay_singles_in_place(calls);
+        self.set_overlay_host(false)?;
+        measured
+    }
+
+    fn overlay_singles_in_place(&self, calls: u32) -> Result<(f64, f64, f64)> {
+        let underlay: &SchedClassifier = self
+            .ebpf
+            .program(PROG_FROM_UNDERLAY)
+            .context("from_underlay")?
+            .try_into()?;
+        let once = |prog: &SchedClassifier, frame: &[u8], what: &str| -> Result<u128> {
+            let r = prog.test_run(TestRunOptions {
+                data_in: Some(frame),
+                repeat: 1,
+                ..Default::default()
+            })?;
+            if r.return_value != 7 {
+                bail!("{what}: verdict {} instead of a redirect", r.return_value);
+            }
+            Ok(r.duration.as_nanos())
+        };
+        let mut total = (0u128, 0u128, 0u128);
+        for _ in 0..calls {
+            total.0 += once(self.prog()?, self.forward, "intra-cloud forward")?;
+            total.1 += once(self.prog()?, self.remote, "encapsulation in place")?;
+            total.2 += once(underlay, &self.encapsulated, "decapsulation")?;
+        }
+        let n = calls.max(1) as f64;
+        Ok((total.0 as f64 / n, total.1 as f64 / n, total.2 as f64 / n))
+    }
+
+    fn set_overlay_host(&mut self, in_place: bool) -> Result<()> {
+        let mut host: Array<_, OverlayHost> = Array::try_from(
+            self.ebpf
+                .map_mut(MAP_OVERLAY_HOST)
+                .context("OVERLAY_HOST")?,
+        )?;
+        host.set(0, overlay_host(in_place), 0)?;
+        Ok(())
+    }
+
     /// Fails if any packet was dropped, or (for maps with room) if the flows in `FLOWS_OUT`
     /// are not exactly the flows opened: every first packet did open one.
     pub fn check(&self, expect_all_flows: bool) -> Result<()> {
@@ -566,12 +662,17 @@ pub struct Round {
     /// Calls of `CHUNK` repeats: the forward to an endpoint on another host (the overlay's
     /// encapsulation).
     pub cross_host: f64,
+    /// Calls of one packet (`Plane::overlay_singles`): the intra-cloud forward, the
+    /// forward encapsulated in place, the decapsulation.
+    pub intra_single: f64,
+    pub encap_single: f64,
+    pub decap_single: f64,
     /// Calls of one packet of each spread path per round.
     pub spread_calls: u32,
 }
 
 impl Round {
-    const N: usize = 9;
+    const N: usize = 12;
 
     fn fields(&self) -> [f64; Self::N] {
         [
@@ -584,11 +685,14 @@ impl Round {
             self.intra_spread,
             self.established_spread,
             self.cross_host,
+            self.intra_single,
+            self.encap_single,
+            self.decap_single,
         ]
     }
 
     fn from_fields(f: [f64; Self::N], spread_calls: u32) -> Self {
-        let [intra, established, established_hot, first, first_full, empty_single, intra_spread, established_spread, cross_host] =
+        let [intra, established, established_hot, first, first_full, empty_single, intra_spread, established_spread, cross_host, intra_single, encap_single, decap_single] =
             f;
         Round {
             intra,
@@ -600,6 +704,9 @@ impl Round {
             intra_spread,
             established_spread,
             cross_host,
+            intra_single,
+            encap_single,
+            decap_single,
             spread_calls,
         }
     }
@@ -628,6 +735,7 @@ pub fn measure_round(
     let first_calls = first.div_ceil(CHUNK);
     let spread_calls = repeats / 50;
     let (empty_single, intra_spread, established_spread) = roomy.spread(empty_tc, spread_calls)?;
+    let (intra_single, encap_single, decap_single) = roomy.overlay_singles(spread_calls)?;
     Ok(Round {
         intra: roomy.intra_cloud(calls)?,
         established: roomy.established(calls)?,
@@ -638,6 +746,9 @@ pub fn measure_round(
         intra_spread,
         established_spread,
         cross_host: roomy.cross_host(calls)?,
+        intra_single,
+        encap_single,
+        decap_single,
         spread_calls,
     })
 }

@@ -509,7 +509,7 @@ pub fn section(f: &FleetBench) -> String {
     let ms = |d: Duration| format!("{:.2} ms", d.as_secs_f64() * 1e3);
     let verdict = |ok: bool| if ok { "**met**" } else { "**missed**" };
     format!(
-        "{HEADING}\n\nOne process: an embedded control plane (SQLite, WAL) and the hosts of the fleet. Method: `tests/src/bench/fleet.rs`.\n\n\
+        "\n{HEADING}\n\nOne process: an embedded control plane (SQLite, WAL) and the hosts of the fleet. Method: `tests/src/bench/fleet.rs`.\n\n\
          | measurement | p50 | p99 |\n|---|---:|---:|\n\
          | API call → the new VM routed in the dataplane of every other host (3 hosts as namespaces with real dataplanes and convergers, {} VMs one after the other) | {} | {} |\n\
          | API call → the change in the sync of every relevant host ({} hosts long-polling, {} clouds of one VM each, {} changes: a VM added to a random cloud; max {}) | {} | {} |\n\n\
