@@ -188,6 +188,10 @@ pub struct CloudsConfig {
     /// Pending offers to one cloud id from one provider, so that one provider cannot fill a
     /// consumer's offers alone.
     pub max_pending_offers_per_provider: u32,
+    /// NAT addresses one grant takes from its provider's range: one per host running the
+    /// consumer's VMs, so a consumer spreading over the fleet cannot use up the provider's
+    /// addresses. A consumer host beyond it does not get the service (logged).
+    pub max_nat_addresses_per_grant: u32,
 }
 
 impl Default for CloudsConfig {
@@ -204,6 +208,7 @@ impl Default for CloudsConfig {
             max_grants_per_exposure: 10_000,
             max_pending_offers_per_cloud: 64,
             max_pending_offers_per_provider: 16,
+            max_nat_addresses_per_grant: 32,
         }
     }
 }
@@ -407,6 +412,10 @@ impl ControlConfig {
             ("api.request_timeout_secs", self.api.request_timeout_secs),
             ("api.idle_timeout_secs", self.api.idle_timeout_secs),
             ("api.max_connections", self.api.max_connections as u64),
+            (
+                "clouds.max_nat_addresses_per_grant",
+                u64::from(self.clouds.max_nat_addresses_per_grant),
+            ),
         ] {
             if v == 0 {
                 return invalid(key, "must be at least 1".into());
@@ -597,6 +606,7 @@ impl ControlConfig {
             max_grants_per_exposure: self.clouds.max_grants_per_exposure,
             max_pending_offers_per_cloud: self.clouds.max_pending_offers_per_cloud,
             max_pending_offers_per_provider: self.clouds.max_pending_offers_per_provider,
+            max_nat_addresses_per_grant: self.clouds.max_nat_addresses_per_grant,
             operator_token_sha256: token_hash(&token),
             host_timeout_secs: self.hosts.timeout_secs,
         };

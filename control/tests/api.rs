@@ -132,6 +132,8 @@ async fn start(backend: Backend) -> Api {
     // Two addresses to publish at: 198.51.100.1 and .2.
     cfg.clouds.ingress_pool = vec!["198.51.100.0/30".parse().unwrap()];
     cfg.clouds.max_publications_per_cloud = 3;
+    // Two consumer hosts per grant (a third gets no NAT address, and no service).
+    cfg.clouds.max_nat_addresses_per_grant = 2;
     cfg.validate().expect("valid config");
     let core = cfg.start().await.expect("start control plane");
     assert_eq!(
@@ -2125,6 +2127,33 @@ async fn grants_get_a_nat_address_per_consumer_host_and_each_host_its_part(api: 
     ];
     want.sort();
     assert_eq!(routed, want);
+    // A third consumer host is beyond `clouds.max_nat_addresses_per_grant` (2 here): its
+    // VM's host gets its cloud but not the service, and the grant keeps two addresses.
+    api.host("xd", Some(underlay(3))).await;
+    let c3 = vm(&cc, cid, "c3").await;
+    assert_eq!(c3.host, "xd");
+    let d = sync("xd").await;
+    assert!(
+        d.services
+            .iter()
+            .filter(|s| s.provider == pid)
+            .all(|s| s.services.is_empty()),
+        "{:?}",
+        d.services
+    );
+    assert!(d.remote.iter().any(|r| r.cloud == cid));
+    assert_eq!(grant().await.host_nats.len(), 2);
+    assert_eq!(
+        sync("xa")
+            .await
+            .remote
+            .iter()
+            .find(|r| r.cloud == pid)
+            .expect("the provider")
+            .nats
+            .len(),
+        2
+    );
 
     // A control plane starting on this store after its grants lost their index (as a store
     // written before the index has none) builds it and sends xb its service.

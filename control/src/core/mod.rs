@@ -247,6 +247,9 @@ pub struct CoreConfig {
     /// Pending offers one consumer cloud id holds from one provider
     /// (`clouds.max_pending_offers_per_provider`).
     pub max_pending_offers_per_provider: u32,
+    /// NAT addresses of one grant, one per consumer host
+    /// (`clouds.max_nat_addresses_per_grant`).
+    pub max_nat_addresses_per_grant: u32,
     /// SHA-256 (hex) of the operator token.
     pub operator_token_sha256: String,
     /// A host silent for longer is not live (`hosts.timeout_secs`).

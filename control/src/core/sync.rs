@@ -336,6 +336,17 @@ impl Core {
             if let Some(n) = g.host_nats.iter().find(|n| n.host == host) {
                 return Ok(Some(n.ipv4));
             }
+            if g.host_nats.len() >= self.cfg.max_nat_addresses_per_grant as usize {
+                tracing::warn!(
+                    "no NAT address for host {host} of the grant of {}/{} to {}: it has {} \
+                     (clouds.max_nat_addresses_per_grant)",
+                    g.provider,
+                    g.exposure,
+                    g.consumer,
+                    g.host_nats.len()
+                );
+                return Ok(None);
+            }
             let first = g.host_nats.is_empty();
             let ipv4 = if first {
                 g.nat_ipv4
