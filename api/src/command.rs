@@ -32,6 +32,9 @@ pub enum Command {
     /// Give the cloud a new token; the old one stops working at once. The cloud or the
     /// operator.
     RotateCloudToken { cloud: CloudId },
+    /// Set when the cloud expires (deleted with everything it holds), or that it never does.
+    /// The cloud or the operator.
+    SetCloudExpiry { cloud: CloudId, expiry: CloudExpiry },
     /// Create a VM (address, placement, DNS name). The cloud or the operator.
     CreateVm { cloud: CloudId, spec: CreateVm },
     /// List a cloud's VMs with their status. The cloud or the operator.
@@ -207,6 +210,7 @@ impl Command {
             GetCloud { cloud }
             | DeleteCloud { cloud }
             | RotateCloudToken { cloud }
+            | SetCloudExpiry { cloud, .. }
             | CreateVm { cloud, .. }
             | ListVms { cloud }
             | GetVm { cloud, .. }

@@ -325,6 +325,30 @@ pub struct CreateCloud {
     pub cidr: Option<Ipv4Net>,
     #[serde(default)]
     pub quotas: Option<Quotas>,
+    /// Delete the cloud, with everything it holds, this many seconds from now (1 to
+    /// [`MAX_CLOUD_TTL_SECS`]). Not with `expires_at`; neither: it never expires.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ttl_secs: Option<u64>,
+    /// Delete the cloud, with everything it holds, at this time (seconds since the Unix
+    /// epoch, in the future). Not with `ttl_secs`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<u64>,
+}
+
+/// The longest a cloud's expiry may be set ahead: ten years.
+pub const MAX_CLOUD_TTL_SECS: u64 = 10 * 365 * 24 * 3600;
+
+/// `PUT /v1/clouds/{cloud}/expiry`: when the cloud expires, from now on. One of the two, or
+/// neither (`{}`): it never expires.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CloudExpiry {
+    /// Seconds from now (1 to [`MAX_CLOUD_TTL_SECS`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ttl_secs: Option<u64>,
+    /// Seconds since the Unix epoch, in the future.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<u64>,
 }
 
 /// A cloud as stored and returned.
@@ -349,6 +373,10 @@ pub struct Cloud {
     /// it stays on one host).
     #[serde(default)]
     pub vni: u32,
+    /// When the control plane deletes the cloud with everything it holds (seconds since the
+    /// Unix epoch); absent: never.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<u64>,
     /// SHA-256 of the cloud's token, hex. Never returned by the API.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     #[schema(ignore)]

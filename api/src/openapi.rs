@@ -13,6 +13,7 @@ use crate::{
     Cloud,
     CreatedCloud,
     CloudToken,
+    CloudExpiry,
     Quotas,
     Usage,
     CreateVm,

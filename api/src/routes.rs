@@ -95,6 +95,7 @@ pub enum RouteId {
     GetCloud,
     DeleteCloud,
     RotateCloudToken,
+    SetCloudExpiry,
     CreateVm,
     ListVms,
     GetVm,
@@ -278,6 +279,19 @@ pub const ROTATE_CLOUD_TOKEN: Route = Route::new(
              one stops working at once. Returned once",
 )
 .reply("CloudToken");
+pub const SET_CLOUD_EXPIRY: Route = Route::new(
+    RouteId::SetCloudExpiry,
+    Method::PUT,
+    "/v1/clouds/{cloud}/expiry",
+    C,
+    200,
+)
+.summary(
+    "Set when the cloud expires, from now on: `ttl_secs` from now or `expires_at`; `{}`: \
+     never. At expiry it is deleted with everything it holds, on every host",
+)
+.body("CloudExpiry")
+.reply("Cloud");
 pub const CREATE_VM: Route = Route::new(
     RouteId::CreateVm,
     Method::POST,
@@ -728,6 +742,7 @@ pub const ROUTES: &[&Route] = &[
     &GET_CLOUD,
     &DELETE_CLOUD,
     &ROTATE_CLOUD_TOKEN,
+    &SET_CLOUD_EXPIRY,
     &CREATE_VM,
     &LIST_VMS,
     &GET_VM,
@@ -791,6 +806,7 @@ impl Command {
             GetCloud { .. } => &GET_CLOUD,
             DeleteCloud { .. } => &DELETE_CLOUD,
             RotateCloudToken { .. } => &ROTATE_CLOUD_TOKEN,
+            SetCloudExpiry { .. } => &SET_CLOUD_EXPIRY,
             CreateVm { .. } => &CREATE_VM,
             ListVms { .. } => &LIST_VMS,
             GetVm { .. } => &GET_VM,
@@ -852,6 +868,7 @@ impl Command {
             GetCloud { cloud }
             | DeleteCloud { cloud }
             | RotateCloudToken { cloud }
+            | SetCloudExpiry { cloud, .. }
             | CreateVm { cloud, .. }
             | ListVms { cloud }
             | CreateVolume { cloud, .. }
@@ -963,6 +980,7 @@ impl Command {
         use Command::*;
         let v = match self {
             CreateCloud { spec } => serde_json::to_value(spec),
+            SetCloudExpiry { expiry, .. } => serde_json::to_value(expiry),
             CreateVm { spec, .. } => serde_json::to_value(spec),
             CreateVolume { spec, .. } => serde_json::to_value(spec),
             AttachVolume { spec, .. } => serde_json::to_value(spec),
@@ -1042,6 +1060,10 @@ pub fn parse(
             parse_no_body(body)?;
             cmd
         }
+        RouteId::SetCloudExpiry => SetCloudExpiry {
+            cloud: cloud()?,
+            expiry: parse_body(body)?,
+        },
         RouteId::CreateVm => CreateVm {
             cloud: cloud()?,
             spec: parse_body(body)?,
@@ -1339,6 +1361,8 @@ mod tests {
                     name: Some(s("alpha")),
                     cidr: Some("10.1.0.0/16".parse().unwrap()),
                     quotas: None,
+                    ttl_secs: Some(3600),
+                    expires_at: None,
                 },
             },
             ListClouds {
@@ -1348,6 +1372,13 @@ mod tests {
             GetCloud { cloud },
             DeleteCloud { cloud },
             RotateCloudToken { cloud },
+            SetCloudExpiry {
+                cloud,
+                expiry: m::CloudExpiry {
+                    ttl_secs: None,
+                    expires_at: Some(1_900_000_000),
+                },
+            },
             CreateVm {
                 cloud,
                 spec: m::CreateVm {

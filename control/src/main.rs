@@ -125,6 +125,25 @@ enum CloudCmd {
         /// Quotas as JSON, e.g. '{"vms":4,"vcpus":8}'.
         #[arg(long)]
         quotas: Option<String>,
+        /// Delete the cloud with everything in it this long from now: seconds, or a number
+        /// with s, m, h or d (`90m`, `2h`, `7d`).
+        #[arg(long, value_parser = parse_duration_secs)]
+        ttl: Option<u64>,
+    },
+    /// Set when the cloud expires (deleted with everything in it), from now on: one of
+    /// `--ttl`, `--at` or `--never`. The cloud's own token or the operator's.
+    #[command(group = clap::ArgGroup::new("when").required(true).args(["ttl", "at", "never"]))]
+    Expire {
+        cloud: CloudId,
+        /// This long from now: seconds, or a number with s, m, h or d.
+        #[arg(long, value_parser = parse_duration_secs, conflicts_with_all = ["at", "never"])]
+        ttl: Option<u64>,
+        /// At this time, in seconds since the Unix epoch.
+        #[arg(long, conflicts_with = "never")]
+        at: Option<u64>,
+        /// Never.
+        #[arg(long)]
+        never: bool,
     },
     List {
         #[arg(long)]
@@ -643,8 +662,16 @@ fn read_user_data(path: &Path) -> Result<String> {
 /// The API command a CLI command stands for, sent along the route table by the typed client.
 async fn resource(c: &Client, cmd: Cmd) -> Result<Output> {
     let cmd = match cmd {
-        Cmd::Cloud(CloudCmd::Create { name, cidr, quotas }) => {
+        Cmd::Cloud(CloudCmd::Create {
+            name,
+            cidr,
+            quotas,
+            ttl,
+        }) => {
             let mut body = serde_json::json!({});
+            if let Some(t) = ttl {
+                body["ttl_secs"] = t.into();
+            }
             if let Some(n) = name {
                 body["name"] = n.into();
             }
@@ -659,6 +686,19 @@ async fn resource(c: &Client, cmd: Cmd) -> Result<Output> {
             }
         }
         Cmd::Cloud(CloudCmd::List { after, limit }) => Command::ListClouds { after, limit },
+        // Exactly one of the three (clap's group); `--never` sends neither time.
+        Cmd::Cloud(CloudCmd::Expire {
+            cloud,
+            ttl,
+            at,
+            never: _,
+        }) => Command::SetCloudExpiry {
+            cloud,
+            expiry: atoll_api::model::CloudExpiry {
+                ttl_secs: ttl,
+                expires_at: at,
+            },
+        },
         Cmd::Cloud(CloudCmd::Get { cloud }) => Command::GetCloud { cloud },
         Cmd::Cloud(CloudCmd::Delete { cloud }) => Command::DeleteCloud { cloud },
         Cmd::Cloud(CloudCmd::Token { cloud }) => Command::RotateCloudToken { cloud },
@@ -926,4 +966,52 @@ async fn resource(c: &Client, cmd: Cmd) -> Result<Output> {
 fn parse_rtype(s: &str) -> Result<RecordType, String> {
     let params = std::collections::HashMap::from([("type".to_string(), s.to_string())]);
     atoll_api::routes::record_type(&params).map_err(|e| e.message)
+}
+
+/// A duration in seconds: a number of seconds, or a number with `s`, `m`, `h` or `d`.
+fn parse_duration_secs(s: &str) -> Result<u64, String> {
+    let (digits, unit) = match s.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => (&s[..i], c),
+        _ => (s, 's'),
+    };
+    let scale = match unit {
+        's' => 1,
+        'm' => 60,
+        'h' => 3600,
+        'd' => 86_400,
+        other => return Err(format!("unknown unit {other:?}: use s, m, h or d")),
+    };
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| format!("{s:?} is not a number of seconds, or a number with s, m, h or d"))?;
+    n.checked_mul(scale)
+        .filter(|v| *v > 0)
+        .ok_or_else(|| format!("{s:?} must be positive and not overflow"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_duration_secs;
+
+    #[test]
+    fn durations_parse_with_units_and_refuse_the_rest() {
+        assert_eq!(parse_duration_secs("90"), Ok(90));
+        assert_eq!(parse_duration_secs("90s"), Ok(90));
+        assert_eq!(parse_duration_secs("15m"), Ok(900));
+        assert_eq!(parse_duration_secs("2h"), Ok(7200));
+        assert_eq!(parse_duration_secs("7d"), Ok(604_800));
+        for bad in [
+            "",
+            "h",
+            "0",
+            "0h",
+            "-1",
+            "1w",
+            "1.5h",
+            "99999999999999999999d",
+            "1 h",
+        ] {
+            assert!(parse_duration_secs(bad).is_err(), "{bad:?}");
+        }
+    }
 }

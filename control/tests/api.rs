@@ -68,6 +68,7 @@ api_suite!(
     denied_destinations_come_from_the_hosts_running_the_cloud,
     published_ports_take_pool_addresses_and_go_with_their_vm,
     a_clouds_publications_are_bounded,
+    clouds_expire_with_everything_in_them_also_after_a_restart,
 );
 
 /// The store the control plane under test is configured with.
@@ -4365,4 +4366,160 @@ async fn a_clouds_publications_are_bounded(api: Api) {
     .await;
     let p: Publication = ok(&ac, Method::POST, &publish, Some(fourth)).await;
     assert_eq!((p.name.as_str(), p.port), ("web-udp-443", 443));
+}
+
+/// Polls `cond` until it holds, for at most `secs` seconds (expiry is checked once a second:
+/// there is no event to wait for, only the clock).
+async fn eventually<F, Fut>(what: &str, secs: u64, mut cond: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = std::time::Instant::now() + Duration::from_secs(secs);
+    while !cond().await {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{what}: not within {secs} s"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Clouds with a time to live or an expiry time (issue 19): bad values refused naming the
+/// field; set, extended and cleared through the API, each leaving exactly one index key; at
+/// expiry the cloud goes with everything it held (its VM's placement leaves the host's sync,
+/// nothing in the store mentions it); and a control plane started after the cloud fell due,
+/// with none running meanwhile, deletes it: expiry lives in the store, not in a process.
+async fn clouds_expire_with_everything_in_them_also_after_a_restart(api: Api) {
+    let now = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs()
+    };
+    for (body, field) in [
+        (json!({"ttl_secs": 0}), "ttl_secs"),
+        (json!({"ttl_secs": 400_000_000u64}), "ttl_secs"),
+        (
+            json!({"ttl_secs": 60, "expires_at": now() + 60}),
+            "expires_at",
+        ),
+        (json!({"expires_at": now() - 1}), "expires_at"),
+        (json!({"expires_at": "soon"}), "expires_at"),
+    ] {
+        let (status, e) = raw(
+            &api.op,
+            Method::POST,
+            routes::CREATE_CLOUD.path,
+            Some(&body),
+        )
+        .await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{body}: {e}");
+        assert!(e.to_string().contains(field), "{body}: {e}");
+    }
+    let index = || async {
+        api.core
+            .store()
+            .range("expiry/", None, 0)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|kv| kv.key)
+            .collect::<Vec<_>>()
+    };
+    // Set at creation, cleared, set again, by the cloud's own token.
+    let (keep, kc) = api.cloud(json!({"name": "keep", "ttl_secs": 3600})).await;
+    let kid = keep.cloud.id;
+    let at = keep.cloud.expires_at.expect("an expiry");
+    assert!((now() + 3590..=now() + 3600).contains(&at), "{at}");
+    assert_eq!(index().await, vec![format!("expiry/{at:020}/{kid}")]);
+    let expiry = routes::SET_CLOUD_EXPIRY.at(&[&kid]);
+    let c: Cloud = ok(&kc, Method::PUT, &expiry, Some(json!({}))).await;
+    assert_eq!(c.expires_at, None);
+    assert!(index().await.is_empty());
+    let c: Cloud = ok(&kc, Method::PUT, &expiry, Some(json!({"ttl_secs": 7200}))).await;
+    let at = c.expires_at.expect("an expiry");
+    assert_eq!(index().await, vec![format!("expiry/{at:020}/{kid}")]);
+    let got: Cloud = ok(&kc, Method::GET, &routes::GET_CLOUD.at(&[&kid]), None).await;
+    assert_eq!(got.expires_at, Some(at));
+
+    // A cloud with a VM that expires in a second: gone with its VM, on its host too.
+    let (short, sc) = api.cloud(json!({"name": "short"})).await;
+    let sid = short.cloud.id;
+    let vm: Vm = ok(
+        &sc,
+        Method::POST,
+        &routes::CREATE_VM.at(&[&sid]),
+        Some(json!({"name": "web"})),
+    )
+    .await;
+    let sync = || async {
+        api.core
+            .sync(Principal::Operator, &vm.host, 0, Duration::ZERO)
+            .await
+            .unwrap()
+    };
+    assert!(sync().await.vms.iter().any(|p| p.cloud == sid));
+    let c: Cloud = ok(
+        &sc,
+        Method::PUT,
+        &routes::SET_CLOUD_EXPIRY.at(&[&sid]),
+        Some(json!({"ttl_secs": 1})),
+    )
+    .await;
+    assert!(c.expires_at.is_some());
+    let get_short = routes::GET_CLOUD.at(&[&sid]);
+    eventually("the cloud expires", 10, || async {
+        raw(&api.op, Method::GET, &get_short, None).await.0 == StatusCode::NOT_FOUND
+    })
+    .await;
+    assert!(!sync().await.vms.iter().any(|p| p.cloud == sid));
+    assert!(
+        mentions(&api, sid).await.is_empty(),
+        "{:?}",
+        mentions(&api, sid).await
+    );
+    assert_eq!(index().await.len(), 1, "only the kept cloud's key");
+
+    // No control plane runs while a cloud falls due; the next one to start deletes it.
+    let (late, lc) = api.cloud(json!({"name": "late"})).await;
+    let lid = late.cloud.id;
+    let c: Cloud = ok(
+        &lc,
+        Method::PUT,
+        &routes::SET_CLOUD_EXPIRY.at(&[&lid]),
+        Some(json!({"ttl_secs": 2})),
+    )
+    .await;
+    let due = c.expires_at.expect("an expiry");
+    let store = api.core.store().clone();
+    let cfg = api.core.config().clone();
+    let gone = Arc::downgrade(&api.core);
+    drop((kc, sc, lc));
+    drop(api);
+    eventually("the control plane stops", 10, || {
+        let g = gone.clone();
+        async move { g.upgrade().is_none() }
+    })
+    .await;
+    while now() <= due + 1 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let record = format!("clouds/{lid}");
+    assert!(
+        store.get(&record).await.unwrap().is_some(),
+        "deleted with no control plane running"
+    );
+    let restarted = Core::start(store.clone(), cfg).await.expect("restart");
+    eventually(
+        "the restarted control plane deletes the due cloud",
+        10,
+        || {
+            let (store, record) = (store.clone(), record.clone());
+            async move { store.get(&record).await.unwrap().is_none() }
+        },
+    )
+    .await;
+    assert!(store.get(&format!("clouds/{kid}")).await.unwrap().is_some());
+    drop(restarted);
 }

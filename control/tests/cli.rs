@@ -106,6 +106,21 @@ async fn cli_drives_the_api() {
         );
         let token = rotated["token"].as_str().unwrap().to_string();
         assert!(token.starts_with(&format!("atl_{id}_")) && token != first_token);
+        // Expiry: set with a duration, cleared; a cloud created with one shows it.
+        let set = json(&atoll(&url, &token, &["cloud", "expire", &id, "--ttl", "2h"]));
+        let at = set["expires_at"].as_u64().expect("an expiry");
+        let got = json(&atoll(&url, &token, &["cloud", "get", &id]));
+        assert_eq!(got["expires_at"].as_u64(), Some(at));
+        let never = json(&atoll(&url, &token, &["cloud", "expire", &id, "--never"]));
+        assert!(never.get("expires_at").is_none(), "{never}");
+        let neither = atoll(&url, &token, &["cloud", "expire", &id]);
+        assert_eq!(neither.status.code(), Some(2), "{neither:?}");
+        let bad = atoll(&url, &token, &["cloud", "expire", &id, "--ttl", "1w"]);
+        assert_eq!(bad.status.code(), Some(2), "{bad:?}");
+        let short = json(&atoll(&url, &op, &["cloud", "create", "--ttl", "90m"]));
+        let created_at = short["cloud"]["created_at"].as_u64().unwrap();
+        let expires = short["cloud"]["expires_at"].as_u64().unwrap();
+        assert!((5399..=5401).contains(&(expires - created_at)), "{short}");
         let old = atoll(&url, &first_token, &["cloud", "get", &id]);
         assert_eq!(old.status.code(), Some(1));
         assert!(

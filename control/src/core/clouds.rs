@@ -47,6 +47,7 @@ impl Core {
         }
         let quotas = req.quotas.unwrap_or(self.cfg.default_quotas);
         validate_quotas(&quotas)?;
+        let expires_at = super::expiry::expiry_time(req.ttl_secs, req.expires_at, now())?;
         optimistic!("cloud ids".into(), async {
             let Some(id) = CloudId::new(u32::from_le_bytes(random_bytes::<4>()?)) else {
                 return retry();
@@ -67,9 +68,10 @@ impl Core {
                 usage: Usage::default(),
                 created_at: now(),
                 vni,
+                expires_at,
                 token_sha256: token_hash(&token),
             };
-            let txn = Txn {
+            let mut txn = Txn {
                 compares: vec![
                     Compare::Absent(keys::cloud(id)),
                     Compare::Absent(keys::vni_holder(vni)),
@@ -90,6 +92,9 @@ impl Core {
                     },
                 ],
             };
+            if let Some(at) = expires_at {
+                txn.success.push(put(keys::expiry(at, id), &id));
+            }
             if self.commit(txn).await?.is_some() {
                 let mut cloud = cloud;
                 cloud.token_sha256.clear();
@@ -141,8 +146,24 @@ impl Core {
     }
 
     pub(super) async fn delete_cloud(&self, c: CloudId) -> Result<Reply, CoreError> {
+        self.delete_cloud_if(c, None).await.map(|_| Reply::Done)
+    }
+
+    /// Deletes cloud `c` with everything it holds; with `expired_by`, only if the cloud
+    /// (as read in the same transaction) expires at or before that time. Returns whether it
+    /// was deleted.
+    pub(super) async fn delete_cloud_if(
+        &self,
+        c: CloudId,
+        expired_by: Option<u64>,
+    ) -> Result<bool, CoreError> {
         optimistic!(format!("cloud {c}"), async {
             let (rev, cloud) = self.cloud(c).await?;
+            if let Some(t) = expired_by {
+                if cloud.expires_at.is_none_or(|at| at > t) {
+                    return done(false);
+                }
+            }
             let vms: Vec<Vm> = self.list(&keys::vms(c)).await?;
             let volumes: Vec<Volume> = self.list(&keys::volumes(c)).await?;
             let exports: Vec<(String, u64, Grant)> = self.list_kv(&keys::all_grants(c)).await?;
@@ -162,6 +183,12 @@ impl Core {
             // Its published addresses and ports are free again.
             for p in &published {
                 ops.extend(super::publications::publication_deletes(p));
+            }
+            // Its expiry goes from the index.
+            if let Some(at) = cloud.expires_at {
+                ops.push(Op::Delete {
+                    key: keys::expiry(at, c),
+                });
             }
             // Its network id is free again.
             if cloud.vni != 0 {
@@ -223,7 +250,7 @@ impl Core {
                 .commit_delete(own, &keys::inside(c), revocations, too_large)
                 .await?
             {
-                return done(Reply::Done);
+                return done(true);
             }
             retry()
         })

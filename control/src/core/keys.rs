@@ -161,6 +161,23 @@ pub fn published_ports() -> &'static str {
 pub fn egress_address_holders() -> &'static str {
     "egressaddr/"
 }
+/// The expiry index: one key per cloud that expires, `expiry/<time, 20 digits>/<cloud>`, so
+/// a range read from the start lists the clouds due first (see `super::expiry`).
+pub fn expiries() -> &'static str {
+    "expiry/"
+}
+pub fn expiry(at: u64, c: CloudId) -> String {
+    format!("expiry/{at:020}/{c}")
+}
+/// The time and cloud of an expiry index key.
+pub fn parse_expiry(key: &str) -> Option<(u64, CloudId)> {
+    let (at, c) = key.strip_prefix("expiry/")?.split_once('/')?;
+    if at.len() != 20 {
+        return None;
+    }
+    Some((at.parse().ok()?, c.parse().ok()?))
+}
+
 pub fn hosts() -> &'static str {
     "hosts/"
 }

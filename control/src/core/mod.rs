@@ -122,6 +122,7 @@ mod auth;
 mod clouds;
 mod dns;
 mod egress;
+mod expiry;
 mod exposures;
 mod feed;
 mod hosts;
@@ -458,9 +459,11 @@ impl Core {
                             let deleted = matches!(ev.kind, EventKind::Delete);
                             st.apply(&ev.kv.key, &ev.kv.value, deleted, batch.revision);
                             // Host records (registrations, heartbeats) matter to scheduling
-                            // only, never to a host's sync: they neither fill the ring nor
-                            // wake the long polls.
-                            if ev.kv.key.starts_with(keys::hosts()) {
+                            // only, and the expiry index to the reaper, never to a host's
+                            // sync: they neither fill the ring nor wake the long polls.
+                            if ev.kv.key.starts_with(keys::hosts())
+                                || ev.kv.key.starts_with(keys::expiries())
+                            {
                                 continue;
                             }
                             kept = true;
@@ -493,7 +496,9 @@ impl Core {
                 }
             }
         });
-        Ok(Arc::new(Core { store, cfg, feed }))
+        let core = Arc::new(Core { store, cfg, feed });
+        expiry::spawn_reaper(Arc::downgrade(&core));
+        Ok(core)
     }
 
     pub fn store(&self) -> &Store {
@@ -518,6 +523,7 @@ impl Core {
             GetCloud { cloud: c } => Ok(Reply::Cloud(Box::new(self.cloud(c).await?.1))),
             DeleteCloud { cloud: c } => self.delete_cloud(c).await,
             RotateCloudToken { cloud: c } => self.rotate_cloud_token(c).await,
+            SetCloudExpiry { cloud: c, expiry } => self.set_cloud_expiry(c, expiry).await,
             CreateVm {
                 cloud: c,
                 spec: req,
