@@ -36,6 +36,10 @@ use atoll_control::core::{Command as Cmd, Reply};
 use atoll_control::model::{CreateCloud, CreateVm, Vm};
 use atoll_testbed::{
     etcd::EtcdCluster,
+    frame::{
+        self,
+        layers::{self, TcpHeader},
+    },
     guest::{TapGuest, TAP_TTL},
     unique_name,
     wait::{assert_silent, Sink},
@@ -273,8 +277,9 @@ fn tap(agents: &[Agent], vm: &Vm) -> TapGuest {
     })
 }
 
-/// `from` resolves `to`'s address (answered on its own host) and sends it a datagram and an
-/// echo request; both arrive, one hop on.
+/// `from` resolves `to`'s address (answered on its own host) and sends it a datagram, an
+/// echo request and a TCP connection's first segment, which `to` answers (its SYN-ACK goes
+/// back across); all arrive, one hop on.
 fn reaches(from: &TapGuest, to: &TapGuest, what: &str) {
     from.send(&from.arp_request(to.ip));
     from.expect_arp_reply(to.ip);
@@ -286,6 +291,30 @@ fn reaches(from: &TapGuest, to: &TapGuest, what: &str) {
     ));
     from.send(&from.icmp_echo(to.ip, 7, 1, what.as_bytes()));
     to.expect_ipv4(what, from.ip, TAP_TTL - 1);
+    let segment = |g: &TapGuest, dst: Ipv4Addr, (sport, dport): (u16, u16), flags, ack| {
+        let tcp = TcpHeader {
+            sport,
+            dport,
+            seq: 1000,
+            ack,
+            flags,
+            options: vec![],
+        }
+        .segment(g.ip, dst, &[]);
+        g.eth_ipv4(&layers::ipv4(g.ip, dst, TAP_TTL, layers::PROTO_TCP, &tcp))
+    };
+    from.send(&segment(from, to.ip, (40000, 80), frame::TCP_SYN, 0));
+    let syn = to.expect_ipv4(what, from.ip, TAP_TTL - 1);
+    assert_eq!(syn[9], layers::PROTO_TCP, "{what}: a TCP SYN");
+    to.send(&segment(
+        to,
+        from.ip,
+        (80, 40000),
+        frame::TCP_SYN | frame::TCP_ACK,
+        1001,
+    ));
+    let syn_ack = from.expect_ipv4(what, to.ip, TAP_TTL - 1);
+    assert_eq!(syn_ack[9], layers::PROTO_TCP, "{what}: a TCP SYN-ACK");
 }
 
 fn create_vm(
