@@ -67,7 +67,7 @@ use atoll_api::{
     model::{
         CloudPublications, CloudRemotes, DeniedDestination, DeniedReport, EgressPolicy, FieldError,
         Ipv4Net, Placement, Power, Protocol, ProviderServices, ServiceReport, StatusReport,
-        SyncDelta, VmReport, VmState, VmStatus, VolumeFormat, VolumePlacement, Zone,
+        SyncDelta, VmRef, VmReport, VmState, VmStatus, VolumeFormat, VolumePlacement, Zone,
     },
 };
 use atoll_api::{Command, ControlPlane, ControlPlaneError, Reply};
@@ -389,6 +389,21 @@ pub struct Converger {
     /// Exposure services this host failed to install, as last reported:
     /// `(provider, consumer, vip)` → the error.
     reported_failures: HashMap<(u32, u32, Ipv4Addr), String>,
+    /// The VMs with an idle timeout that should run, and what they did last
+    /// ([`Converger::report_idle`]).
+    idle: HashMap<VmKey, IdleWatch>,
+}
+
+/// A running VM's idle timeout and its last activity.
+#[derive(Debug, Clone)]
+struct IdleWatch {
+    timeout: Duration,
+    /// Packets in and out of its endpoint when last read.
+    packets: u64,
+    /// When its packets last changed, a shell session was last seen, it (re)started, or it
+    /// was last reported idle (so a report the control plane did not act on is repeated
+    /// after another timeout, not every tick).
+    since: std::time::Instant,
 }
 
 impl std::fmt::Debug for Converger {
@@ -438,6 +453,7 @@ impl Converger {
             dns_suffix: None,
             egress: HashMap::new(),
             reported_failures: HashMap::new(),
+            idle: HashMap::new(),
         }
     }
 
@@ -486,6 +502,70 @@ impl Converger {
         self.report_keys(&[ev.key]).await
     }
 
+    /// Reports the running VMs whose idle timeout passed: no packet in or out of their
+    /// endpoint (any class, either direction, in the dataplane's counters) and no operator
+    /// shell session since then. Each is reported once per timeout it stays idle; the
+    /// control plane stops it, and the stop arrives with a sync like any other.
+    pub async fn report_idle(&mut self, host: &Host) -> Result<(), ConvergeError> {
+        let Some(vmm) = self.vmm.as_ref() else {
+            return Ok(());
+        };
+        if self.idle.is_empty() {
+            return Ok(());
+        }
+        let sessions = vmm.shell_sessions();
+        let now = std::time::Instant::now();
+        let mut idle = Vec::new();
+        for (key, w) in self.idle.iter_mut() {
+            let Some(a) = self.vms.get(key) else { continue };
+            let booted = self
+                .statuses
+                .get(key)
+                .is_some_and(|s| s.state == VmState::Running);
+            let packets = match host.dataplane().counters(a.slot) {
+                Ok(c) => c
+                    .traffic
+                    .iter()
+                    .flatten()
+                    .map(|t| t.packets)
+                    .fold(0u64, u64::wrapping_add),
+                Err(e) => {
+                    tracing::warn!("counters of VM {}/{}: {e}", key.0, key.1);
+                    continue;
+                }
+            };
+            if !booted || !vmm.is_active(key) || packets != w.packets || sessions.contains(key) {
+                w.packets = packets;
+                w.since = now;
+                continue;
+            }
+            if now.duration_since(w.since) >= w.timeout {
+                if let Some(cloud) = CloudId::new(key.0) {
+                    idle.push(VmRef {
+                        cloud,
+                        vm: key.1.clone(),
+                    });
+                    w.since = now;
+                }
+            }
+        }
+        if idle.is_empty() {
+            return Ok(());
+        }
+        tracing::info!("reporting {} idle VMs", idle.len());
+        self.source
+            .report(
+                &self.cfg.host,
+                StatusReport {
+                    vms: Vec::new(),
+                    services: Vec::new(),
+                    denied: Vec::new(),
+                    idle,
+                },
+            )
+            .await
+    }
+
     /// Reports the VMs whose console printed something since the last report.
     pub async fn report_consoles(&mut self) -> Result<(), ConvergeError> {
         self.report_keys(&[]).await
@@ -527,6 +607,7 @@ impl Converger {
                         vms: chunk.to_vec(),
                         services: Vec::new(),
                         denied: Vec::new(),
+                        idle: Vec::new(),
                     },
                 )
                 .await?;
@@ -808,6 +889,7 @@ impl Converger {
                         vms: reports,
                         services,
                         denied: Vec::new(),
+                        idle: Vec::new(),
                     },
                 )
                 .await?;
@@ -833,6 +915,7 @@ impl Converger {
                         vms: refused,
                         services: Vec::new(),
                         denied: Vec::new(),
+                        idle: Vec::new(),
                     },
                 )
                 .await
@@ -877,6 +960,24 @@ impl Converger {
         let vmm = self.vmm.as_mut()?;
         let last = self.statuses.get(&key).cloned();
         let active = vmm.is_active(&key);
+        // An idle timeout applies while the VM should run; a start begins its count anew.
+        match (p.power, p.idle_timeout_secs) {
+            (Power::Running, Some(t)) => {
+                let timeout = Duration::from_secs(u64::from(t));
+                let w = self.idle.entry(key.clone()).or_insert(IdleWatch {
+                    timeout,
+                    packets: 0,
+                    since: std::time::Instant::now(),
+                });
+                w.timeout = timeout;
+                if !active {
+                    w.since = std::time::Instant::now();
+                }
+            }
+            _ => {
+                self.idle.remove(&key);
+            }
+        }
         let st = match p.power {
             Power::Running if active => {
                 last.unwrap_or_else(|| status(VmState::Booting, None, None))
@@ -947,6 +1048,7 @@ impl Converger {
                     vms: Vec::new(),
                     services: Vec::new(),
                     denied,
+                    idle: Vec::new(),
                 },
             )
             .await
@@ -1050,6 +1152,7 @@ impl Converger {
     }
 
     async fn delete_vm(&mut self, host: &mut Host, key: &(u32, String)) {
+        self.idle.remove(key);
         let Some(a) = self.vms.remove(key) else {
             return;
         };

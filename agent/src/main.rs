@@ -322,6 +322,9 @@ async fn run(cfg: &AgentConfig) -> Result<()> {
                     if let Err(e) = c.report_consoles().await {
                         tracing::error!("{e}");
                     }
+                    if let Err(e) = c.report_idle(&host).await {
+                        tracing::error!("reporting idle VMs: {e}");
+                    }
                 }
             }
             _ = denied.tick(), if converger.is_some() => {

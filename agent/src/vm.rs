@@ -34,7 +34,7 @@ pub mod jail;
 pub mod qemu;
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     net::Ipv4Addr,
     os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd},
     path::{Path, PathBuf},
@@ -428,6 +428,24 @@ impl VmManager {
         }
     }
 
+    /// The active VMs with an operator shell session open (a connection to their `hvc0`
+    /// socket). Empty if the sockets cannot be listed.
+    pub fn shell_sessions(&self) -> HashSet<VmKey> {
+        let connected = match connected_unix_paths() {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!("listing Unix sockets for shell sessions: {e}");
+                return HashSet::new();
+            }
+        };
+        self.vms
+            .iter()
+            .filter(|(_, h)| !h.task.is_finished())
+            .filter(|(_, h)| connected.contains(&shell_socket(&self.ctx.cfg, h.spec.slot)))
+            .map(|(k, _)| k.clone())
+            .collect()
+    }
+
     /// Consoles that printed something since the last call: `(key, tail)`.
     pub fn console_changes(&mut self) -> Vec<(VmKey, String)> {
         let mut out = Vec::new();
@@ -527,6 +545,25 @@ fn recorded_vmm(
 /// for socket paths.
 fn run_dir(cfg: &VmConfig, slot: u32) -> PathBuf {
     cfg.run_dir.join(format!("s{slot}"))
+}
+
+/// The operator shell socket of the VM in slot `slot` (QEMU listens on it: the guest's `hvc0`).
+fn shell_socket(cfg: &VmConfig, slot: u32) -> PathBuf {
+    run_dir(cfg, slot).join(jail::VMM_DIR).join("shell.sock")
+}
+
+/// Paths of the Unix sockets of this network namespace with a connection (`/proc/net/unix`,
+/// state `SS_CONNECTED`): an accepted connection shows its listener's path.
+fn connected_unix_paths() -> std::io::Result<HashSet<PathBuf>> {
+    let text = std::fs::read_to_string("/proc/net/unix")?;
+    Ok(text
+        .lines()
+        .skip(1)
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f.len() >= 8 && f[5] == "03").then(|| PathBuf::from(f[7]))
+        })
+        .collect())
 }
 
 fn state_dir(cfg: &VmConfig, key: &VmKey) -> PathBuf {
@@ -818,7 +855,7 @@ async fn launch(ctx: &Arc<Ctx>, spec: &VmSpec, accel: Accel) -> Result<Vmm, VmEr
         tap_fd: fd_at(files.len() - 1),
         disks,
         console_socket: console_path.clone(),
-        shell_socket: vmm_dir.join("shell.sock"),
+        shell_socket: shell_socket(cfg, spec.slot),
     };
     let sdir = state_dir(cfg, &spec.key);
     prepare(&sdir, atoll_api::private::create_dir_all(&sdir, 0o700))?;

@@ -701,6 +701,118 @@ async fn microvms_boot_resolve_isolate_expose_persist_and_meter() {
     }
 }
 
+/// A VM with an idle timeout (issue 19): it keeps running while an operator shell session is
+/// open, however long nothing else happens; once the session is gone and no packet moves for
+/// the timeout, its host reports it idle and the control plane stops it (`stopped_by: idle`,
+/// the VMM gone, address and name kept); starting it again is an API call, and it boots at the
+/// same address.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_microvm_with_an_idle_timeout_stops_when_idle_and_starts_again() {
+    use atoll_control::model::{Power, StopReason};
+    require_root();
+    for p in [format!("{IMAGE}/vmlinux"), QEMU.into()] {
+        assert!(
+            Path::new(&p).exists(),
+            "{p} is missing: run `cargo xtask image` (cargo xtask test does)"
+        );
+    }
+    const IDLE_SECS: u64 = 4;
+    let vmdir = tempfile::tempdir().unwrap();
+    let run_dir = vmdir.path().join("run");
+    let mut agent = EmbeddedAgent::start(
+        "mz",
+        &format!(
+            "[vm]\ndriver = \"qemu\"\nrun_dir = \"{}\"\nstate_dir = \"{}\"\nstop_timeout_secs = 20\n",
+            run_dir.display(),
+            vmdir.path().join("state").display(),
+        ),
+    );
+    let op = agent.client(&agent.token);
+    let a: CreatedCloud = op
+        .run(&Command::CreateCloud {
+            spec: serde_json::from_value(json!({"name": "alpha"})).unwrap(),
+        })
+        .await
+        .unwrap();
+    let (ac, aid) = (agent.client(&a.token), a.cloud.id);
+    let created: Vm = ac
+        .run(&Command::CreateVm {
+            cloud: aid,
+            spec: serde_json::from_value(
+                json!({"name": "lazy", "memory_mib": 64, "idle_timeout_secs": IDLE_SECS}),
+            )
+            .unwrap(),
+        })
+        .await
+        .unwrap();
+    assert_eq!(created.idle_timeout_secs, Some(IDLE_SECS as u32));
+    wait_state(&ac, aid, "lazy", VmState::Running).await;
+    let pid = vmm_pid(&run_dir, aid, "lazy");
+
+    // A shell session keeps it: twice the timeout with the session open and nothing else.
+    let mut sh = Shell::connect(&shell_path(&run_dir, aid, "lazy"), "lazy");
+    assert!(sh.ok("echo here").contains("here"));
+    tokio::time::sleep(Duration::from_secs(2 * IDLE_SECS + 2)).await;
+    let v = get_vm(&ac, aid, "lazy").await;
+    assert_eq!(
+        (v.power, v.status.as_ref().map(|s| s.state)),
+        (Power::Running, Some(VmState::Running)),
+        "stopped during a shell session: {v:?}"
+    );
+    assert!(
+        !proc_status(pid, "State").starts_with('Z'),
+        "the VMM is gone"
+    );
+    drop(sh);
+
+    // Then idle: stopped by its host's report.
+    let st = wait_state(&ac, aid, "lazy", VmState::Stopped).await;
+    let v = get_vm(&ac, aid, "lazy").await;
+    assert_eq!(
+        (v.power, v.stopped_by),
+        (Power::Stopped, Some(StopReason::Idle)),
+        "{v:?} {st:?}"
+    );
+    assert_eq!(v.ipv4, created.ipv4);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .is_ok_and(|s| !s.contains("State:\tZ"))
+    {
+        assert!(
+            Instant::now() < deadline,
+            "VMM {pid} outlived the idle stop"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // Started again by the API: same address, no stop reason, a new VMM.
+    let started: Vm = ac
+        .run(&Command::StartVm {
+            cloud: aid,
+            vm: "lazy".into(),
+        })
+        .await
+        .unwrap();
+    assert_eq!((started.power, started.stopped_by), (Power::Running, None));
+    wait_state(&ac, aid, "lazy", VmState::Running).await;
+    assert_eq!(get_vm(&ac, aid, "lazy").await.ipv4, created.ipv4);
+    let restarted = vmm_pid(&run_dir, aid, "lazy");
+    assert_ne!(restarted, pid);
+    let _: () = ac.run(&Command::DeleteCloud { cloud: aid }).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::fs::read_to_string(format!("/proc/{restarted}/status"))
+        .is_ok_and(|s| !s.contains("State:\tZ"))
+    {
+        assert!(
+            Instant::now() < deadline,
+            "VMM {restarted} outlived its cloud"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let out = agent.cleanup();
+    assert!(out.status.success(), "{out:?}");
+}
+
 /// A real VM reaches the internet by an allowlisted name: the agent runs inside a test's own
 /// internet (`atoll_testbed::internet`) with egress on; the cloud's policy allows one name on
 /// one port; the guest resolves it through its gateway (the agent's DNS server forwards it to

@@ -432,7 +432,15 @@ pub struct CreateVm {
     /// that can take it already holds one, or when the cloud cannot span hosts.
     #[serde(default)]
     pub anti_affinity: Option<String>,
+    /// Stop the VM after this many seconds without a packet in or out and without a console
+    /// session (1 to [`MAX_IDLE_TIMEOUT_SECS`]); its address, name and volumes stay, and
+    /// starting it again is `POST …/start`. Absent: never.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idle_timeout_secs: Option<u32>,
 }
+
+/// The longest idle timeout a VM may have: 30 days.
+pub const MAX_IDLE_TIMEOUT_SECS: u32 = 30 * 24 * 3600;
 
 impl CreateVm {
     /// A VM named `name` with the API's defaults but 64 MiB of memory (tests and benchmarks).
@@ -447,6 +455,7 @@ impl CreateVm {
             user_data: None,
             start: true,
             anti_affinity: None,
+            idle_timeout_secs: None,
         }
     }
 }
@@ -461,6 +470,16 @@ fn default_vcpus() -> u32 {
 
 fn default_memory() -> u64 {
     128
+}
+
+/// Why a VM was stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum StopReason {
+    /// Its owner asked (`POST …/stop`, or created it stopped).
+    Request,
+    /// Its idle timeout passed without a packet in or out or a console session.
+    Idle,
 }
 
 /// What the VM's owner asked for: the VM running or stopped.
@@ -521,6 +540,12 @@ pub struct Vm {
     /// Its anti-affinity group, as created (see `CreateVm::anti_affinity`).
     #[serde(default)]
     pub anti_affinity: Option<String>,
+    /// Its idle timeout, as created (see `CreateVm::idle_timeout_secs`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idle_timeout_secs: Option<u32>,
+    /// Why it is stopped, when `power` is `stopped`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stopped_by: Option<StopReason>,
     /// Filled in from the host's reports when returned by the API.
     #[serde(default)]
     pub status: Option<VmStatus>,
@@ -1304,6 +1329,10 @@ pub struct Placement {
     pub image: Option<String>,
     #[serde(default)]
     pub user_data: Option<String>,
+    /// The VM's idle timeout: the host reports it idle (`StatusReport::idle`) after this many
+    /// seconds without a packet in or out or a console session.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idle_timeout_secs: Option<u32>,
 }
 
 /// A volume its host must hold.
@@ -1536,6 +1565,15 @@ impl Placement {
         if !self.zone.ends_with('.') {
             return Err(FieldError::new("zone", "must end with '.'"));
         }
+        if self
+            .idle_timeout_secs
+            .is_some_and(|t| !(1..=MAX_IDLE_TIMEOUT_SECS).contains(&t))
+        {
+            return Err(FieldError::new(
+                "idle_timeout_secs",
+                format!("must be 1 to {MAX_IDLE_TIMEOUT_SECS}"),
+            ));
+        }
         if self.fqdn != format!("{}.{}", self.vm, self.zone) {
             return Err(FieldError::new(
                 "fqdn",
@@ -1665,6 +1703,11 @@ pub struct StatusReport {
     /// what the host reported of the cloud before).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub denied: Vec<DeniedReport>,
+    /// Running VMs of this host with an idle timeout that passed it: the control plane stops
+    /// them (`stopped_by: idle`). Ignored for a VM of another host, without an idle timeout,
+    /// or not running.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub idle: Vec<VmRef>,
 }
 
 /// A host's recent denied destinations of one cloud (at most [`MAX_DENIED_PER_HOST`]).
@@ -1833,6 +1876,7 @@ mod tests {
             kernel: Some("vmlinux".into()),
             image: None,
             user_data: None,
+            idle_timeout_secs: Some(600),
         };
         assert_eq!(p.validate(Some(suffix)), Ok(()));
         assert_eq!(p.validate(None), Ok(()));
@@ -1847,6 +1891,10 @@ mod tests {
             "kernel"
         );
         assert_eq!(field(&|q| q.image = Some("..".into())), "image");
+        assert_eq!(
+            field(&|q| q.idle_timeout_secs = Some(0)),
+            "idle_timeout_secs"
+        );
         assert_eq!(field(&|q| q.volumes = vec!["a\0".into()]), "volumes[0]");
         assert_eq!(
             field(&|q| q.fqdn = "other.prod.atoll.internal.".into()),

@@ -19,6 +19,7 @@ use crate::{
     CreateVm,
     Vm,
     Power,
+    StopReason,
     VmStatus,
     VmState,
     Console,

@@ -1391,6 +1391,7 @@ mod tests {
                     user_data: Some(s("#!/bin/sh\n")),
                     start: false,
                     anti_affinity: None,
+                    idle_timeout_secs: Some(300),
                 },
             },
             ListVms { cloud },
@@ -1598,6 +1599,10 @@ mod tests {
                     vms: vec![],
                     services: vec![],
                     denied: Vec::new(),
+                    idle: vec![m::VmRef {
+                        cloud,
+                        vm: s("web"),
+                    }],
                 },
             },
         ]

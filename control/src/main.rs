@@ -190,6 +190,10 @@ enum VmCmd {
         /// Anti-affinity group: VMs of the cloud naming the same group never share a host.
         #[arg(long)]
         anti_affinity: Option<String>,
+        /// Stop the VM after this long without a packet in or out or a console session
+        /// (seconds, or a number with s, m, h or d); start it again with `atoll vm start`.
+        #[arg(long, value_parser = parse_duration_secs)]
+        idle_timeout: Option<u64>,
     },
     List {
         cloud: CloudId,
@@ -713,6 +717,7 @@ async fn resource(c: &Client, cmd: Cmd) -> Result<Output> {
             user_data_file,
             stopped,
             anti_affinity,
+            idle_timeout,
         }) => Command::CreateVm {
             cloud,
             spec: CreateVm {
@@ -725,6 +730,9 @@ async fn resource(c: &Client, cmd: Cmd) -> Result<Output> {
                 user_data: user_data_file.as_deref().map(read_user_data).transpose()?,
                 start: !stopped,
                 anti_affinity,
+                idle_timeout_secs: idle_timeout
+                    .map(|t| u32::try_from(t).context("--idle-timeout is too long"))
+                    .transpose()?,
             },
         },
         Cmd::Vm(VmCmd::List { cloud }) => Command::ListVms { cloud },

@@ -69,6 +69,7 @@ api_suite!(
     published_ports_take_pool_addresses_and_go_with_their_vm,
     a_clouds_publications_are_bounded,
     clouds_expire_with_everything_in_them_also_after_a_restart,
+    idle_vms_are_stopped_on_their_hosts_report_only,
 );
 
 /// The store the control plane under test is configured with.
@@ -2855,6 +2856,7 @@ async fn report(
 ) {
     let body = StatusReport {
         services: Vec::new(),
+        idle: Vec::new(),
         vms: vec![VmReport {
             cloud,
             vm: vm.into(),
@@ -4255,6 +4257,7 @@ async fn denied_destinations_come_from_the_hosts_running_the_cloud(api: Api) {
             vms: vec![],
             services: vec![],
             denied,
+            idle: vec![],
         },
     };
     api.core
@@ -4522,4 +4525,149 @@ async fn clouds_expire_with_everything_in_them_also_after_a_restart(api: Api) {
     .await;
     assert!(store.get(&format!("clouds/{kid}")).await.unwrap().is_some());
     drop(restarted);
+}
+
+/// VM idle timeouts (issue 19): bad values refused naming the field; the timeout reaches the
+/// VM's placement; a report of idleness from the VM's own host stops it (`stopped_by: idle`,
+/// the placement stopped), while one from another host, or about a VM without a timeout, or
+/// one already stopped, changes nothing; a start clears the reason, and a stop by request
+/// says so.
+async fn idle_vms_are_stopped_on_their_hosts_report_only(api: Api) {
+    let (c, cc) = api.cloud(json!({"name": "idle"})).await;
+    let cid = c.cloud.id;
+    for bad in [
+        json!(0),
+        json!(MAX_IDLE_TIMEOUT_SECS as u64 + 1),
+        json!("1h"),
+    ] {
+        let body = json!({"name": "x", "idle_timeout_secs": bad});
+        let (status, e) = raw(
+            &cc,
+            Method::POST,
+            &routes::CREATE_VM.at(&[&cid]),
+            Some(&body),
+        )
+        .await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{body}: {e}");
+        assert!(e.to_string().contains("idle_timeout_secs"), "{body}: {e}");
+    }
+    let vm = |name: &'static str, body: Value| {
+        let cc = cc.clone();
+        async move {
+            let v: Vm = ok(
+                &cc,
+                Method::POST,
+                &routes::CREATE_VM.at(&[&cid]),
+                Some(body),
+            )
+            .await;
+            assert_eq!(v.name, name);
+            v
+        }
+    };
+    let lazy = vm("lazy", json!({"name": "lazy", "idle_timeout_secs": 300})).await;
+    let busy = vm("busy", json!({"name": "busy"})).await;
+    let cold = vm(
+        "cold",
+        json!({"name": "cold", "start": false, "idle_timeout_secs": 60}),
+    )
+    .await;
+    assert_eq!((lazy.idle_timeout_secs, lazy.stopped_by), (Some(300), None));
+    assert_eq!(busy.idle_timeout_secs, None);
+    assert_eq!(cold.stopped_by, Some(StopReason::Request));
+    let sync = |h: String| {
+        let core = api.core.clone();
+        async move {
+            core.sync(Principal::Operator, &h, 0, Duration::ZERO)
+                .await
+                .unwrap()
+        }
+    };
+    let placed = |d: &SyncDelta, name: &str| {
+        d.vms
+            .iter()
+            .find(|p| p.cloud == cid && p.vm == name)
+            .cloned()
+            .unwrap_or_else(|| panic!("no placement of {name}"))
+    };
+    let d = sync(lazy.host.clone()).await;
+    assert_eq!(placed(&d, "lazy").idle_timeout_secs, Some(300));
+    let report = |host: &str, names: &[&str]| {
+        let core = api.core.clone();
+        let host = host.to_string();
+        let idle: Vec<VmRef> = names
+            .iter()
+            .map(|n| VmRef {
+                cloud: cid,
+                vm: n.to_string(),
+            })
+            .collect();
+        async move {
+            core.execute(
+                Principal::Host(host.clone()),
+                atoll_api::Command::ReportStatus {
+                    host,
+                    report: StatusReport {
+                        vms: vec![],
+                        services: vec![],
+                        denied: vec![],
+                        idle,
+                    },
+                },
+            )
+            .await
+            .expect("a status report")
+        }
+    };
+    let get = |name: &'static str| {
+        let cc = cc.clone();
+        async move {
+            let v: Vm = ok(&cc, Method::GET, &routes::GET_VM.at(&[&cid, &name]), None).await;
+            v
+        }
+    };
+    // Another host cannot stop it; nor can a report about VMs without a timeout, stopped, or
+    // unknown.
+    let other = "host-idle-other";
+    api.host(other, None).await;
+    report(other, &["lazy"]).await;
+    assert_eq!(get("lazy").await.power, Power::Running);
+    report(&lazy.host, &["busy", "cold", "ghost"]).await;
+    assert_eq!(get("busy").await.power, Power::Running);
+    assert_eq!(get("cold").await.stopped_by, Some(StopReason::Request));
+    // Its own host can.
+    report(&lazy.host, &["lazy"]).await;
+    let v = get("lazy").await;
+    assert_eq!(
+        (v.power, v.stopped_by),
+        (Power::Stopped, Some(StopReason::Idle))
+    );
+    assert_eq!(
+        placed(&sync(lazy.host.clone()).await, "lazy").power,
+        Power::Stopped
+    );
+    // Started again: running, no reason; stopped by request: says so.
+    let v: Vm = ok(
+        &cc,
+        Method::POST,
+        &routes::START_VM.at(&[&cid, &"lazy"]),
+        None,
+    )
+    .await;
+    assert_eq!((v.power, v.stopped_by), (Power::Running, None));
+    assert_eq!(
+        placed(&sync(lazy.host.clone()).await, "lazy").power,
+        Power::Running
+    );
+    let v: Vm = ok(
+        &cc,
+        Method::POST,
+        &routes::STOP_VM.at(&[&cid, &"lazy"]),
+        None,
+    )
+    .await;
+    assert_eq!(
+        (v.power, v.stopped_by),
+        (Power::Stopped, Some(StopReason::Request))
+    );
 }

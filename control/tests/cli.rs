@@ -186,7 +186,16 @@ async fn cli_drives_the_api() {
         let started = json(&atoll(&url, &token, &["vm", "start", &id, "app"]));
         assert_eq!(started["power"], "running");
         let stopped = json(&atoll(&url, &token, &["vm", "stop", &id, "app"]));
-        assert_eq!(stopped["power"], "stopped");
+        assert_eq!(
+            (&stopped["power"], &stopped["stopped_by"]),
+            (&Value::from("stopped"), &Value::from("request"))
+        );
+        let lazy = json(&atoll(
+            &url,
+            &token,
+            &["vm", "create", &id, "lazy", "--idle-timeout", "10m"],
+        ));
+        assert_eq!(lazy["idle_timeout_secs"], 600, "{lazy}");
         let got = json(&atoll(&url, &token, &["vm", "get", &id, "app"]));
         assert_eq!(
             (&got["power"], &got["status"]["state"]),
@@ -214,6 +223,7 @@ async fn cli_drives_the_api() {
         let tail = "boot ok\nλ \"quoted\"\n$ ";
         let report = StatusReport {
             services: Vec::new(),
+            idle: Vec::new(),
             vms: vec![VmReport {
                 cloud: id.parse().unwrap(),
                 vm: "app".into(),

@@ -204,6 +204,17 @@ impl Core {
             };
             self.commit(txn).await?;
         }
+        for r in &report.idle {
+            // Only VMs placed on this host (a host cannot stop another's), with an idle
+            // timeout, running: anything else is ignored (a report racing a start, a delete
+            // or a change of host).
+            if let Err(e) = self.stop_idle(host, r).await {
+                match e {
+                    CoreError::NotFound(_) => {}
+                    e => return Err(e),
+                }
+            }
+        }
         for s in &report.services {
             // Only of clouds this host runs: a host cannot mark another's grant failed.
             let runs = |c: CloudId| {

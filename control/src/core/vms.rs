@@ -21,6 +21,7 @@ pub(super) fn placement(vm: &Vm, cloud: &Cloud) -> Placement {
         kernel: vm.kernel.clone(),
         image: vm.image.clone(),
         user_data: vm.user_data.clone(),
+        idle_timeout_secs: vm.idle_timeout_secs,
     }
 }
 
@@ -111,6 +112,15 @@ impl Core {
         }
         if let Some(g) = &req.anti_affinity {
             validate_label("anti_affinity", g)?;
+        }
+        if let Some(t) = req.idle_timeout_secs {
+            if !(1..=MAX_IDLE_TIMEOUT_SECS).contains(&t) {
+                return Err(FieldError::new(
+                    "idle_timeout_secs",
+                    format!("must be 1 to {MAX_IDLE_TIMEOUT_SECS} (30 days)"),
+                )
+                .into());
+            }
         }
         let mut seen = HashSet::new();
         for (i, v) in req.volumes.iter().enumerate() {
@@ -224,6 +234,8 @@ impl Core {
                 } else {
                     Power::Stopped
                 },
+                stopped_by: (!req.start).then_some(StopReason::Request),
+                idle_timeout_secs: req.idle_timeout_secs,
                 user_data: req.user_data.clone(),
                 status: None,
                 host_live: false,
@@ -285,6 +297,7 @@ impl Core {
                 return done(Reply::Vm(Box::new(self.with_status(vm).await?)));
             }
             vm.power = power;
+            vm.stopped_by = (power == Power::Stopped).then_some(StopReason::Request);
             let (_, cloud) = self.cloud(c).await?;
             let placement = placement(&vm, &cloud);
             let txn = Txn {
@@ -296,6 +309,37 @@ impl Core {
             };
             if self.commit(txn).await?.is_some() {
                 return done(Reply::Vm(Box::new(self.with_status(vm).await?)));
+            }
+            retry()
+        })
+    }
+
+    /// Stops a VM its host (`host`) found idle: only a VM placed there, with an idle
+    /// timeout, running; guarded by the VM's revision (a start or stop racing it wins).
+    pub(super) async fn stop_idle(&self, host: &str, r: &VmRef) -> Result<(), CoreError> {
+        let (c, name) = (r.cloud, r.vm.as_str());
+        optimistic!(format!("VM {name}"), async {
+            let (vrev, mut vm) = self.vm(c, name).await?;
+            if vm.host != host || vm.power != Power::Running || vm.idle_timeout_secs.is_none() {
+                return done(());
+            }
+            vm.power = Power::Stopped;
+            vm.stopped_by = Some(StopReason::Idle);
+            let (_, cloud) = self.cloud(c).await?;
+            let placement = placement(&vm, &cloud);
+            let txn = Txn {
+                compares: vec![Compare::ModRevision(keys::vm(c, name), vrev)],
+                success: vec![
+                    put(keys::vm(c, name), &vm),
+                    put(keys::placement(&vm.host, c, name), &placement),
+                ],
+            };
+            if self.commit(txn).await?.is_some() {
+                tracing::info!(
+                    "VM {name} of cloud {c} idle for {} s on {host}: stopped",
+                    vm.idle_timeout_secs.unwrap_or_default()
+                );
+                return done(());
             }
             retry()
         })
