@@ -15,6 +15,7 @@
 pub mod client;
 pub mod command;
 pub mod logging;
+pub mod mcp;
 pub mod model;
 pub mod openapi;
 pub mod private;

@@ -95,6 +95,10 @@ enum Cmd {
     Openapi,
     /// Print shell completions.
     Completions { shell: clap_complete::Shell },
+    /// Serve MCP (the Model Context Protocol) on stdin and stdout: one tool per API route
+    /// the token may call, each a request to the API at `--url` with the token (a cloud's, for
+    /// an agent confined to its cloud). JSON-RPC, one message per line; logs go to stderr.
+    Mcp,
     /// Usage and cost per cloud for a period, from usage record files (CloudEvents JSON lines).
     Usage {
         /// Usage record files (the agent's file sink or journal); duplicates are ignored.
@@ -544,6 +548,19 @@ fn run() -> Result<()> {
             );
             Ok(())
         }
+        Cmd::Mcp => {
+            let token = match cli.token {
+                Some(t) => t,
+                None => std::fs::read_to_string(&cli.token_file).with_context(|| {
+                    format!(
+                        "no --token or ATOLL_TOKEN, and reading {}",
+                        cli.token_file.display()
+                    )
+                })?,
+            };
+            let client = Client::with_tls(&cli.url, token.trim(), tls.as_ref())?;
+            runtime()?.block_on(mcp_stdio(client))
+        }
         cmd => {
             let token = match cli.token {
                 Some(t) => t,
@@ -568,6 +585,29 @@ fn run() -> Result<()> {
             Ok(())
         }
     }
+}
+
+/// `atoll mcp`: MCP's stdio transport, one JSON-RPC message per line each way, answered in
+/// order (see `atoll_api::mcp`). Ends when stdin does.
+async fn mcp_stdio(client: Client) -> Result<()> {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+    let server = atoll_api::mcp::Server::new(client, env!("CARGO_PKG_VERSION"));
+    let mut lines = tokio::io::BufReader::new(tokio::io::stdin()).lines();
+    let mut out = tokio::io::stdout();
+    while let Some(line) = lines.next_line().await.context("reading stdin")? {
+        if line.trim().is_empty() {
+            continue;
+        }
+        if let Some(reply) = server.handle(&line).await {
+            let mut text = serde_json::to_string(&reply)?;
+            text.push('\n');
+            out.write_all(text.as_bytes())
+                .await
+                .context("writing stdout")?;
+            out.flush().await.context("writing stdout")?;
+        }
+    }
+    Ok(())
 }
 
 /// The CLI's trust in the API: a pinned fingerprint, a CA file, or the CA a control plane on
@@ -959,7 +999,11 @@ async fn resource(c: &Client, cmd: Cmd) -> Result<Output> {
             host: name,
             cordoned: false,
         },
-        Cmd::Serve { .. } | Cmd::Openapi | Cmd::Completions { .. } | Cmd::Usage { .. } => {
+        Cmd::Serve { .. }
+        | Cmd::Openapi
+        | Cmd::Completions { .. }
+        | Cmd::Usage { .. }
+        | Cmd::Mcp => {
             unreachable!("handled before connecting")
         }
     };

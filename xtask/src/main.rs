@@ -82,8 +82,10 @@ const APT_PACKAGES: &[&str] = &[
     "etcd-server",
     // The benchmarks' baseline: taps on a Linux bridge isolated by nftables.
     "nftables",
-    // The hostile VMM of the jail test (agent/tests/vm_jail.rs) is a Python script.
+    // The hostile VMM of the jail test (agent/tests/vm_jail.rs) is a Python script; the MCP
+    // test's client is the official Python SDK, in a venv (`mcp_client`).
     "python3",
+    "python3-venv",
     // systemd-analyze verifies the installed units (systemd need not run as PID 1).
     "systemd",
 ];
@@ -206,7 +208,30 @@ fn setup() -> Result<()> {
     if !Path::new("/dev/net/tun").exists() {
         bail!("/dev/net/tun is missing: the kernel lacks tun/tap support");
     }
-    Ok(())
+    mcp_client()
+}
+
+/// The MCP test's client (control/tests/mcp.rs): the official Python SDK, pinned, in a venv
+/// under `target/` (PyPI is reachable; nothing is installed system-wide).
+const MCP_SDK: &str = "mcp==2.3.0";
+
+fn mcp_client() -> Result<()> {
+    let venv = workspace_root().join("target/mcp-venv");
+    let python = venv.join("bin/python");
+    let present = Command::new(&python)
+        .args([
+            "-c",
+            "import importlib.metadata as m; print(m.version('mcp'))",
+        ])
+        .output()
+        .map(|o| format!("mcp=={}", String::from_utf8_lossy(&o.stdout).trim()) == MCP_SDK)
+        .unwrap_or(false);
+    if present {
+        eprintln!("xtask setup: {MCP_SDK} present in {}", venv.display());
+        return Ok(());
+    }
+    run(Command::new("python3").arg("-m").arg("venv").arg(&venv))?;
+    run(Command::new(venv.join("bin/pip")).args(["install", "--quiet", MCP_SDK]))
 }
 
 /// Installs the Debian packages of `packages` that are not installed yet.

@@ -1,0 +1,424 @@
+//! MCP (the Model Context Protocol) over the API (issue 19): the tools an agent's model calls
+//! are the API's routes, generated from the route table ([`crate::routes::ROUTES`]) and the
+//! model's schemas, never from a second hand-written list. [`Server`] answers MCP's JSON-RPC
+//! messages (`initialize`, `ping`, `tools/list`, `tools/call`) and turns a tool call into the
+//! route's HTTP request through a [`Client`], so it runs anywhere the CLI runs (`atoll mcp`,
+//! over stdio) with the caller's token.
+//!
+//! Decisions:
+//! - **A tool per route** that a cloud's or the operator's token may call (`Access::Cloud`,
+//!   `Operator`, `Any`); the routes of hosts (sync, status reports) are the agents' and are left
+//!   out. Its name is the route's ([`crate::routes::RouteId`] in snake case: `create_vm`), its
+//!   description the route's summary with its method and path, its input an object with the
+//!   path parameters (schemas as in the OpenAPI document), the query parameters and, for a
+//!   route with a body, `body` (the body's schema; the model's schemas it refers to are in the
+//!   tool's `$defs`).
+//! - **The reply is the API's JSON** as the tool's text content (and, when it is an object,
+//!   its `structuredContent`); an API error is a tool result with `isError` and the API's
+//!   error body, so the model sees which field was wrong. Malformed calls (an unknown tool,
+//!   a missing or non-string path parameter) are JSON-RPC errors.
+//! - **Path parameters are checked** against the characters the API's names and ids use
+//!   before they are put in a path, so a tool argument cannot reach another route.
+//! - **Protocol version**: the client's if this server knows it, else the newest it knows.
+
+use std::collections::BTreeSet;
+
+use serde_json::{json, Map, Value};
+
+use crate::{
+    client::{Client, ClientError},
+    openapi::{openapi, path_param_schema},
+    routes::{Access, QueryType, Route, ROUTES},
+};
+
+/// Protocol versions this server speaks, newest first.
+pub const PROTOCOL_VERSIONS: [&str; 4] = ["2025-11-25", "2025-06-18", "2025-03-26", "2024-11-05"];
+
+/// JSON-RPC error codes.
+const PARSE_ERROR: i64 = -32700;
+const INVALID_REQUEST: i64 = -32600;
+const METHOD_NOT_FOUND: i64 = -32601;
+const INVALID_PARAMS: i64 = -32602;
+
+/// The tools: every route a cloud's or the operator's token may call.
+pub fn tool_routes() -> impl Iterator<Item = &'static Route> {
+    ROUTES.iter().copied().filter(|r| r.access != Access::Host)
+}
+
+/// A route's tool name: its id in snake case (`CreateVm` → `create_vm`).
+pub fn tool_name(r: &Route) -> String {
+    let id = format!("{:?}", r.id);
+    let mut out = String::with_capacity(id.len() + 4);
+    for (i, c) in id.chars().enumerate() {
+        if c.is_ascii_uppercase() {
+            if i > 0 {
+                out.push('_');
+            }
+            out.push(c.to_ascii_lowercase());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// `#/components/schemas/X` → `#/$defs/X`, everywhere in `v`; collects the names.
+fn rewrite_refs(v: &mut Value, names: &mut BTreeSet<String>) {
+    match v {
+        Value::Object(m) => {
+            if let Some(Value::String(r)) = m.get_mut("$ref") {
+                if let Some(name) = r.strip_prefix("#/components/schemas/") {
+                    names.insert(name.to_string());
+                    *r = format!("#/$defs/{name}");
+                }
+            }
+            for (_, x) in m.iter_mut() {
+                rewrite_refs(x, names);
+            }
+        }
+        Value::Array(a) => a.iter_mut().for_each(|x| rewrite_refs(x, names)),
+        _ => {}
+    }
+}
+
+/// The schema of a route's body or reply (`X` or `[X]`), refs rewritten.
+fn schema_of(name: &str, names: &mut BTreeSet<String>) -> Value {
+    let mut s = match name.strip_prefix('[').and_then(|n| n.strip_suffix(']')) {
+        Some(inner) => {
+            json!({"type": "array", "items": {"$ref": format!("#/components/schemas/{inner}")}})
+        }
+        None => json!({"$ref": format!("#/components/schemas/{name}")}),
+    };
+    rewrite_refs(&mut s, names);
+    s
+}
+
+/// The `tools/list` result: every tool with its input schema.
+pub fn tools() -> Value {
+    let doc = openapi();
+    let components = &doc["components"]["schemas"];
+    let tools: Vec<Value> = tool_routes()
+        .map(|r| {
+            let mut props = Map::new();
+            let mut required = Vec::new();
+            for p in r.params() {
+                props.insert(p.to_string(), path_param_schema(p));
+                required.push(Value::from(p));
+            }
+            for (q, t) in r.query {
+                let schema = match t {
+                    QueryType::Text => json!({"type": "string"}),
+                    QueryType::Integer => json!({"type": "integer"}),
+                    QueryType::Bounded(min, max) => {
+                        json!({"type": "integer", "minimum": min, "maximum": max})
+                    }
+                };
+                props.insert(q.to_string(), schema);
+            }
+            let mut names = BTreeSet::new();
+            if let Some(b) = r.body {
+                props.insert("body".into(), schema_of(b, &mut names));
+                required.push("body".into());
+            }
+            // The model's schemas the body refers to, and those they refer to.
+            let mut defs = Map::new();
+            let mut todo: Vec<String> = names.iter().cloned().collect();
+            while let Some(n) = todo.pop() {
+                if defs.contains_key(&n) {
+                    continue;
+                }
+                let mut s = components[&n].clone();
+                let mut more = BTreeSet::new();
+                rewrite_refs(&mut s, &mut more);
+                defs.insert(n, s);
+                todo.extend(more.into_iter().filter(|m| !defs.contains_key(m)));
+            }
+            let mut input = json!({
+                "type": "object",
+                "properties": props,
+                "required": required,
+                "additionalProperties": false,
+            });
+            if !defs.is_empty() {
+                input["$defs"] = defs.into();
+            }
+            json!({
+                "name": tool_name(r),
+                "description": format!("{} ({} {})", r.summary, r.method.as_str(), r.path),
+                "inputSchema": input,
+            })
+        })
+        .collect();
+    json!({ "tools": tools })
+}
+
+/// A path parameter as it may go into a path: the characters of the API's ids, names and
+/// record types (`@` for a zone's apex, `.` inside record names).
+fn path_value(v: &str) -> bool {
+    !v.is_empty()
+        && v.len() <= 253
+        && v.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'@'))
+        && v != "."
+        && v != ".."
+}
+
+/// A tool call as the route's request: method, path with its query, body. `Err`: a
+/// JSON-RPC error message (unknown tool, bad arguments).
+pub fn request(
+    name: &str,
+    args: &Value,
+) -> Result<(&'static Route, String, Option<Value>), String> {
+    let route = tool_routes()
+        .find(|r| tool_name(r) == name)
+        .ok_or_else(|| format!("unknown tool {name:?}"))?;
+    let args = match args {
+        Value::Null => Map::new(),
+        Value::Object(m) => m.clone(),
+        _ => return Err("arguments must be an object".into()),
+    };
+    let allowed: BTreeSet<&str> = route
+        .params()
+        .chain(route.query.iter().map(|(q, _)| *q))
+        .chain(route.body.map(|_| "body"))
+        .collect();
+    if let Some(k) = args.keys().find(|k| !allowed.contains(k.as_str())) {
+        return Err(format!("{name} takes no argument {k:?}"));
+    }
+    let mut path = String::new();
+    for seg in route.path.split('/').skip(1) {
+        path.push('/');
+        match seg.strip_prefix('{').and_then(|s| s.strip_suffix('}')) {
+            Some(p) => {
+                let v = args
+                    .get(p)
+                    .and_then(Value::as_str)
+                    .ok_or_else(|| format!("{name} needs {p:?}, a string"))?;
+                if !path_value(v) {
+                    return Err(format!("{p:?} is not a valid {p}: {v:?}"));
+                }
+                path.push_str(v);
+            }
+            None => path.push_str(seg),
+        }
+    }
+    let mut sep = '?';
+    for (q, t) in route.query {
+        let Some(v) = args.get(*q) else { continue };
+        let text = match (t, v) {
+            (QueryType::Text, Value::String(s)) if path_value(s) => s.clone(),
+            (QueryType::Integer | QueryType::Bounded(..), Value::Number(n)) if n.is_u64() => {
+                n.to_string()
+            }
+            _ => return Err(format!("{q:?} has the wrong type")),
+        };
+        path.push(sep);
+        path.push_str(q);
+        path.push('=');
+        path.push_str(&text);
+        sep = '&';
+    }
+    let body = match route.body {
+        Some(_) => Some(
+            args.get("body")
+                .cloned()
+                .ok_or_else(|| format!("{name} needs \"body\""))?,
+        ),
+        None => None,
+    };
+    Ok((route, path, body))
+}
+
+/// An MCP server answering over a [`Client`] of the API.
+#[derive(Debug)]
+pub struct Server {
+    client: Client,
+    version: String,
+}
+
+impl Server {
+    pub fn new(client: Client, version: &str) -> Self {
+        Server {
+            client,
+            version: version.to_string(),
+        }
+    }
+
+    /// The reply to one JSON-RPC message (a line of the stdio transport), if it needs one
+    /// (notifications do not).
+    pub async fn handle(&self, line: &str) -> Option<Value> {
+        let msg: Value = match serde_json::from_str(line) {
+            Ok(v) => v,
+            Err(e) => return Some(error(Value::Null, PARSE_ERROR, &format!("not JSON: {e}"))),
+        };
+        let id = msg.get("id").cloned();
+        let Some(method) = msg.get("method").and_then(Value::as_str) else {
+            // A response to a request of ours (we send none) or garbage.
+            return id.map(|id| error(id, INVALID_REQUEST, "not a request"));
+        };
+        let params = msg.get("params").cloned().unwrap_or(Value::Null);
+        let id = id?; // notifications (`notifications/initialized`, …) get no reply
+        Some(match self.call(method, &params).await {
+            Ok(result) => json!({"jsonrpc": "2.0", "id": id, "result": result}),
+            Err((code, message)) => error(id, code, &message),
+        })
+    }
+
+    async fn call(&self, method: &str, params: &Value) -> Result<Value, (i64, String)> {
+        match method {
+            "initialize" => {
+                let asked = params
+                    .get("protocolVersion")
+                    .and_then(Value::as_str)
+                    .unwrap_or_default();
+                let version = PROTOCOL_VERSIONS
+                    .iter()
+                    .find(|v| **v == asked)
+                    .unwrap_or(&PROTOCOL_VERSIONS[0]);
+                Ok(json!({
+                    "protocolVersion": version,
+                    "capabilities": {"tools": {"listChanged": false}},
+                    "serverInfo": {"name": "atoll", "version": self.version},
+                    "instructions": "atoll: clouds an agent owns (VMs, volumes, a private network, DNS, \
+                                     exposures between clouds). Each tool is one API route; its \
+                                     result is the API's JSON reply.",
+                }))
+            }
+            "ping" => Ok(json!({})),
+            "tools/list" => Ok(tools()),
+            "tools/call" => {
+                let name = params
+                    .get("name")
+                    .and_then(Value::as_str)
+                    .ok_or((INVALID_PARAMS, "tools/call needs a tool name".to_string()))?;
+                let args = params.get("arguments").cloned().unwrap_or(Value::Null);
+                let (route, path, body) = request(name, &args).map_err(|m| (INVALID_PARAMS, m))?;
+                Ok(self.run(route, &path, body.as_ref()).await)
+            }
+            other => Err((METHOD_NOT_FOUND, format!("no method {other:?}"))),
+        }
+    }
+
+    /// Sends the request; the API's reply (or error) as a tool result.
+    async fn run(&self, route: &Route, path: &str, body: Option<&Value>) -> Value {
+        let sent = self
+            .client
+            .send(route.method.http(), path, body, route_wait(route))
+            .await;
+        let (is_error, reply) = match sent {
+            Ok((status, bytes)) => {
+                let mut v: Value = if bytes.is_empty() {
+                    json!({"status": status.as_u16()})
+                } else {
+                    serde_json::from_slice(&bytes).unwrap_or_else(
+                        |_| json!({"status": status.as_u16(), "text": String::from_utf8_lossy(&bytes)}),
+                    )
+                };
+                // An error carries its status beside the API's error body.
+                if !status.is_success() {
+                    if let Some(m) = v.as_object_mut() {
+                        m.insert("status".into(), status.as_u16().into());
+                    }
+                }
+                (!status.is_success(), v)
+            }
+            Err(ClientError::Api { status, body }) => (
+                true,
+                json!({"status": status.as_u16(), "error": body.error}),
+            ),
+            Err(e) => (true, json!({"error": e.to_string()})),
+        };
+        let text = serde_json::to_string_pretty(&reply).unwrap_or_default();
+        let mut result = json!({
+            "content": [{"type": "text", "text": text}],
+            "isError": is_error,
+        });
+        if reply.is_object() {
+            result["structuredContent"] = reply;
+        }
+        result
+    }
+}
+
+/// How long past the client's usual time-out a route's reply may take: none of the tools
+/// long-polls (the sync is the hosts').
+fn route_wait(_route: &Route) -> std::time::Duration {
+    std::time::Duration::ZERO
+}
+
+fn error(id: Value, code: i64, message: &str) -> Value {
+    json!({"jsonrpc": "2.0", "id": id, "error": {"code": code, "message": message}})
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_tool_is_a_route_with_a_unique_name_and_a_closed_schema() {
+        let t = tools();
+        let list = t["tools"].as_array().unwrap();
+        assert_eq!(list.len(), tool_routes().count());
+        let names: BTreeSet<&str> = list.iter().map(|x| x["name"].as_str().unwrap()).collect();
+        assert_eq!(names.len(), list.len());
+        assert!(names.contains("create_cloud") && names.contains("create_vm"));
+        assert!(!names.contains("sync"), "hosts' routes are not tools");
+        let vm = list.iter().find(|x| x["name"] == "create_vm").unwrap();
+        let schema = &vm["inputSchema"];
+        assert_eq!(schema["required"], json!(["cloud", "body"]));
+        assert_eq!(schema["properties"]["body"]["$ref"], "#/$defs/CreateVm");
+        assert!(schema["$defs"]["CreateVm"]["properties"]["name"].is_object());
+        // Every reference resolves inside the tool.
+        for tool in list {
+            let mut refs = BTreeSet::new();
+            let mut s = tool["inputSchema"].clone();
+            rewrite_refs(&mut s, &mut refs);
+            let text = s.to_string();
+            for r in text.split("\"#/$defs/").skip(1) {
+                let name = r.split('"').next().unwrap();
+                assert!(
+                    tool["inputSchema"]["$defs"][name].is_object(),
+                    "{}: {name}",
+                    tool["name"]
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn calls_become_the_routes_requests_and_bad_arguments_are_refused() {
+        let (r, path, body) = request(
+            "create_vm",
+            &json!({"cloud": "c0000002a", "body": {"name": "web"}}),
+        )
+        .unwrap();
+        assert_eq!(
+            (r.path, path.as_str()),
+            ("/v1/clouds/{cloud}/vms", "/v1/clouds/c0000002a/vms")
+        );
+        assert_eq!(body, Some(json!({"name": "web"})));
+        let (_, path, _) = request("list_clouds", &json!({"limit": 5})).unwrap();
+        assert_eq!(path, "/v1/clouds?limit=5");
+        for (tool, args) in [
+            ("nope", json!({})),
+            ("create_vm", json!({"cloud": "c0000002a"})),
+            ("get_vm", json!({"cloud": "c0000002a", "vm": "../../hosts"})),
+            ("get_vm", json!({"cloud": "c0000002a", "vm": "a/b"})),
+            ("get_vm", json!({"cloud": 5, "vm": "web"})),
+            ("get_cloud", json!({"cloud": "c0000002a", "extra": 1})),
+            ("list_clouds", json!({"limit": "5&x=1"})),
+            ("get_cloud", json!([1])),
+        ] {
+            assert!(request(tool, &args).is_err(), "{tool} {args}");
+        }
+    }
+
+    #[test]
+    fn tool_names_are_snake_case_route_ids() {
+        let names: Vec<String> = tool_routes().map(tool_name).collect();
+        assert!(names.iter().all(|n| n
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b == b'_' || b.is_ascii_digit())));
+        assert!(names.contains(&"set_cloud_expiry".to_string()));
+    }
+}
