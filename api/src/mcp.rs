@@ -21,7 +21,11 @@
 //!   before they are put in a path, so a tool argument cannot reach another route.
 //! - **Protocol version**: the client's if this server knows it, else the newest it knows.
 
-use std::collections::BTreeSet;
+use std::{
+    collections::{BTreeSet, HashMap},
+    future::Future,
+    pin::Pin,
+};
 
 use serde_json::{json, Map, Value};
 
@@ -163,12 +167,20 @@ fn path_value(v: &str) -> bool {
         && v != ".."
 }
 
-/// A tool call as the route's request: method, path with its query, body. `Err`: a
-/// JSON-RPC error message (unknown tool, bad arguments).
-pub fn request(
-    name: &str,
-    args: &Value,
-) -> Result<(&'static Route, String, Option<Value>), String> {
+/// A tool call as its route's request.
+#[derive(Debug, Clone)]
+pub struct ToolCall {
+    pub route: &'static Route,
+    /// The path with its query.
+    pub path: String,
+    pub params: HashMap<String, String>,
+    pub query: HashMap<String, String>,
+    pub body: Option<Value>,
+}
+
+/// A tool call as the route's request. `Err`: a JSON-RPC error message (unknown tool, bad
+/// arguments).
+pub fn request(name: &str, args: &Value) -> Result<ToolCall, String> {
     let route = tool_routes()
         .find(|r| tool_name(r) == name)
         .ok_or_else(|| format!("unknown tool {name:?}"))?;
@@ -186,6 +198,8 @@ pub fn request(
         return Err(format!("{name} takes no argument {k:?}"));
     }
     let mut path = String::new();
+    let mut params = HashMap::new();
+    let mut query = HashMap::new();
     for seg in route.path.split('/').skip(1) {
         path.push('/');
         match seg.strip_prefix('{').and_then(|s| s.strip_suffix('}')) {
@@ -198,6 +212,7 @@ pub fn request(
                     return Err(format!("{p:?} is not a valid {p}: {v:?}"));
                 }
                 path.push_str(v);
+                params.insert(p.to_string(), v.to_string());
             }
             None => path.push_str(seg),
         }
@@ -217,6 +232,7 @@ pub fn request(
         path.push('=');
         path.push_str(&text);
         sep = '&';
+        query.insert(q.to_string(), text);
     }
     let body = match route.body {
         Some(_) => Some(
@@ -226,20 +242,68 @@ pub fn request(
         ),
         None => None,
     };
-    Ok((route, path, body))
+    Ok(ToolCall {
+        route,
+        path,
+        params,
+        query,
+        body,
+    })
 }
 
-/// An MCP server answering over a [`Client`] of the API.
+/// The reply to a tool call: the HTTP status the API answers with and its JSON (the error
+/// body for an error; `{}` when it has none).
+pub type ToolReply = (u16, Value);
+
+/// A boxed future of a [`Backend`]'s reply.
+pub type Pending<'a> = Pin<Box<dyn Future<Output = ToolReply> + Send + 'a>>;
+
+/// What carries tool calls to the API: a [`Client`] over HTTP (`atoll mcp`), or the API
+/// server itself for its own MCP endpoint.
+pub trait Backend: Send + Sync {
+    fn call<'a>(&'a self, call: &'a ToolCall) -> Pending<'a>;
+}
+
+impl Backend for Client {
+    fn call<'a>(&'a self, call: &'a ToolCall) -> Pending<'a> {
+        Box::pin(async move {
+            let (method, wait) = (call.route.method.http(), route_wait(call.route));
+            match self
+                .send(method, &call.path, call.body.as_ref(), wait)
+                .await
+            {
+                Ok((status, bytes)) => {
+                    let v = if bytes.is_empty() {
+                        json!({})
+                    } else {
+                        serde_json::from_slice(&bytes)
+                            .unwrap_or_else(|_| json!({"text": String::from_utf8_lossy(&bytes)}))
+                    };
+                    (status.as_u16(), v)
+                }
+                Err(ClientError::Api { status, body }) => {
+                    (status.as_u16(), json!({"error": body.error}))
+                }
+                Err(e) => (
+                    502,
+                    json!({"error": {"code": "unreachable", "message": e.to_string()}}),
+                ),
+            }
+        })
+    }
+}
+
+/// An MCP server answering over a [`Backend`].
 #[derive(Debug)]
-pub struct Server {
-    client: Client,
+pub struct Server<B> {
+    backend: B,
     version: String,
 }
 
-impl Server {
-    pub fn new(client: Client, version: &str) -> Self {
+impl<B: Backend> Server<B> {
+    pub fn new(backend: B, version: &str) -> Self {
         Server {
-            client,
+            backend,
             version: version.to_string(),
         }
     }
@@ -251,6 +315,13 @@ impl Server {
             Ok(v) => v,
             Err(e) => return Some(error(Value::Null, PARSE_ERROR, &format!("not JSON: {e}"))),
         };
+        if !msg.is_object() {
+            return Some(error(
+                Value::Null,
+                INVALID_REQUEST,
+                "a message is a JSON object",
+            ));
+        }
         let id = msg.get("id").cloned();
         let Some(method) = msg.get("method").and_then(Value::as_str) else {
             // A response to a request of ours (we send none) or garbage.
@@ -292,42 +363,23 @@ impl Server {
                     .and_then(Value::as_str)
                     .ok_or((INVALID_PARAMS, "tools/call needs a tool name".to_string()))?;
                 let args = params.get("arguments").cloned().unwrap_or(Value::Null);
-                let (route, path, body) = request(name, &args).map_err(|m| (INVALID_PARAMS, m))?;
-                Ok(self.run(route, &path, body.as_ref()).await)
+                let call = request(name, &args).map_err(|m| (INVALID_PARAMS, m))?;
+                Ok(self.run(&call).await)
             }
             other => Err((METHOD_NOT_FOUND, format!("no method {other:?}"))),
         }
     }
 
     /// Sends the request; the API's reply (or error) as a tool result.
-    async fn run(&self, route: &Route, path: &str, body: Option<&Value>) -> Value {
-        let sent = self
-            .client
-            .send(route.method.http(), path, body, route_wait(route))
-            .await;
-        let (is_error, reply) = match sent {
-            Ok((status, bytes)) => {
-                let mut v: Value = if bytes.is_empty() {
-                    json!({"status": status.as_u16()})
-                } else {
-                    serde_json::from_slice(&bytes).unwrap_or_else(
-                        |_| json!({"status": status.as_u16(), "text": String::from_utf8_lossy(&bytes)}),
-                    )
-                };
-                // An error carries its status beside the API's error body.
-                if !status.is_success() {
-                    if let Some(m) = v.as_object_mut() {
-                        m.insert("status".into(), status.as_u16().into());
-                    }
-                }
-                (!status.is_success(), v)
+    async fn run(&self, call: &ToolCall) -> Value {
+        let (status, mut reply) = self.backend.call(call).await;
+        let is_error = !(200..300).contains(&status);
+        // An error carries its status beside the API's error body.
+        if is_error {
+            if let Some(m) = reply.as_object_mut() {
+                m.insert("status".into(), status.into());
             }
-            Err(ClientError::Api { status, body }) => (
-                true,
-                json!({"status": status.as_u16(), "error": body.error}),
-            ),
-            Err(e) => (true, json!({"error": e.to_string()})),
-        };
+        }
         let text = serde_json::to_string_pretty(&reply).unwrap_or_default();
         let mut result = json!({
             "content": [{"type": "text", "text": text}],
@@ -387,18 +439,22 @@ mod tests {
 
     #[test]
     fn calls_become_the_routes_requests_and_bad_arguments_are_refused() {
-        let (r, path, body) = request(
+        let c = request(
             "create_vm",
             &json!({"cloud": "c0000002a", "body": {"name": "web"}}),
         )
         .unwrap();
         assert_eq!(
-            (r.path, path.as_str()),
+            (c.route.path, c.path.as_str()),
             ("/v1/clouds/{cloud}/vms", "/v1/clouds/c0000002a/vms")
         );
-        assert_eq!(body, Some(json!({"name": "web"})));
-        let (_, path, _) = request("list_clouds", &json!({"limit": 5})).unwrap();
-        assert_eq!(path, "/v1/clouds?limit=5");
+        assert_eq!(c.params["cloud"], "c0000002a");
+        assert_eq!(c.body, Some(json!({"name": "web"})));
+        let c = request("list_clouds", &json!({"limit": 5})).unwrap();
+        assert_eq!(
+            (c.path.as_str(), c.query["limit"].as_str()),
+            ("/v1/clouds?limit=5", "5")
+        );
         for (tool, args) in [
             ("nope", json!({})),
             ("create_vm", json!({"cloud": "c0000002a"})),

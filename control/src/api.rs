@@ -257,9 +257,23 @@ async fn run(
     query: &HashMap<String, String>,
     body: Body,
 ) -> ApiResult {
-    let core = &ctx.core;
-    let p = principal(core, headers).await?;
-    match (route.access, &p) {
+    let p = principal(&ctx.core, headers).await?;
+    authorize(route, &p, params)?;
+    // Routes without a documented body still read one: "no body, or `{}`" is checked.
+    let bytes = match route.method {
+        Method::GET | Method::DELETE => Bytes::new(),
+        _ => read_body(headers, body, ctx.request_timeout).await?,
+    };
+    execute(&ctx.core, route, p, params, query, &bytes).await
+}
+
+/// Whether `p` may call `route` with these path parameters (its [`Access`]).
+fn authorize(
+    route: &'static Route,
+    p: &Principal,
+    params: &HashMap<String, String>,
+) -> Result<(), ApiError> {
+    match (route.access, p) {
         (_, Principal::Operator) | (Access::Any, _) => {}
         (Access::Operator, _) => {
             return Err(CoreError::Forbidden("use operator routes".into()).into())
@@ -272,14 +286,21 @@ async fn run(
         (Access::Cloud, Principal::Host(_)) => {
             return Err(CoreError::Forbidden("a host token reaches only its host".into()).into())
         }
-        (Access::Host, _) => crate::core::authorize_host(&p, &name_param(params, "host")?)?,
+        (Access::Host, _) => crate::core::authorize_host(p, &name_param(params, "host")?)?,
     }
-    // Routes without a documented body still read one: "no body, or `{}`" is checked.
-    let bytes = match route.method {
-        Method::GET | Method::DELETE => Bytes::new(),
-        _ => read_body(headers, body, ctx.request_timeout).await?,
-    };
-    let cmd = routes::parse(route, params, query, &bytes)?;
+    Ok(())
+}
+
+/// Parses an authorized request's command and executes it.
+async fn execute(
+    core: &Core,
+    route: &'static Route,
+    p: Principal,
+    params: &HashMap<String, String>,
+    query: &HashMap<String, String>,
+    bytes: &[u8],
+) -> ApiResult {
+    let cmd = routes::parse(route, params, query, bytes)?;
     let reply = core.execute(p, cmd).await?;
     Ok(match reply.to_json() {
         Some(json) => {
@@ -287,6 +308,82 @@ async fn run(
             (status, [(header::CONTENT_TYPE, "application/json")], json).into_response()
         }
         None => StatusCode::NO_CONTENT.into_response(),
+    })
+}
+
+/// The MCP endpoint (streamable HTTP; `atoll_api::mcp`): `POST` one JSON-RPC message with a
+/// cloud's or the operator's token, get its reply as JSON (a notification gets 202 and no
+/// body). The server sends no requests or notifications of its own, so there is no stream to
+/// open (`GET` and `DELETE`: 405) and no session. Tool calls run here, through the same
+/// authorization, parser and core as the API's routes, as the token's principal.
+pub const MCP_PATH: &str = "/mcp";
+
+struct CoreBackend {
+    ctx: Arc<Ctx>,
+    principal: Principal,
+}
+
+impl atoll_api::mcp::Backend for CoreBackend {
+    fn call<'a>(&'a self, call: &'a atoll_api::mcp::ToolCall) -> atoll_api::mcp::Pending<'a> {
+        Box::pin(async move {
+            let bytes = call
+                .body
+                .as_ref()
+                .map(|b| serde_json::to_vec(b).expect("JSON values serialize"))
+                .unwrap_or_default();
+            let result = match authorize(call.route, &self.principal, &call.params) {
+                Ok(()) => {
+                    execute(
+                        &self.ctx.core,
+                        call.route,
+                        self.principal.clone(),
+                        &call.params,
+                        &call.query,
+                        &bytes,
+                    )
+                    .await
+                }
+                Err(e) => Err(e),
+            };
+            let response = match result {
+                Ok(r) => r,
+                Err(e) => e.into_response(),
+            };
+            let status = response.status().as_u16();
+            let body = axum::body::to_bytes(response.into_body(), MAX_MCP_REPLY)
+                .await
+                .unwrap_or_default();
+            let v = if body.is_empty() {
+                serde_json::json!({})
+            } else {
+                serde_json::from_slice(&body)
+                    .unwrap_or_else(|_| serde_json::json!({"text": String::from_utf8_lossy(&body)}))
+            };
+            (status, v)
+        })
+    }
+}
+
+/// The largest reply a tool call hands back (a page of 1000 clouds is far below).
+const MAX_MCP_REPLY: usize = 16 << 20;
+
+async fn mcp(State(ctx): State<Arc<Ctx>>, headers: HeaderMap, body: Body) -> ApiResult {
+    let p = principal(&ctx.core, &headers).await?;
+    if matches!(p, Principal::Host(_)) {
+        return Err(CoreError::Forbidden("a host token reaches only its host".into()).into());
+    }
+    let bytes = read_body(&headers, body, ctx.request_timeout).await?;
+    let message = String::from_utf8_lossy(&bytes);
+    let server = atoll_api::mcp::Server::new(
+        CoreBackend {
+            ctx: ctx.clone(),
+            principal: p,
+        },
+        env!("CARGO_PKG_VERSION"),
+    );
+    Ok(match server.handle(&message).await {
+        Some(reply) => json_response(StatusCode::OK, &reply),
+        None => StatusCode::ACCEPTED.into_response(),
     })
 }
 
@@ -327,6 +424,7 @@ pub fn router(core: Arc<Core>, request_timeout: Duration) -> Router {
         .fold(Router::new(), |r, (path, m)| r.route(path, m));
     router
         .route(OPENAPI_PATH, get(openapi_json))
+        .route(MCP_PATH, axum::routing::post(mcp))
         .fallback(not_found)
         .method_not_allowed_fallback(|m: axum::http::Method| async move {
             ApiError::new(

@@ -4,7 +4,8 @@
 //! through what an agent does: create a cloud and a VM, read it back, name a service in DNS,
 //! expose it, offer it to a second cloud, accept the offer there with that cloud's own token,
 //! see the import, give the first cloud an expiry; an API error comes back as a tool error
-//! naming what was wrong, and a cloud's token reaches no other cloud.
+//! naming what was wrong, and a cloud's token reaches no other cloud. The second cloud's part
+//! runs over the API server's MCP endpoint (streamable HTTP) instead of `atoll mcp`.
 
 use std::{path::PathBuf, process::Command};
 
@@ -29,6 +30,8 @@ fn python() -> PathBuf {
 const WALKTHROUGH: &str = r#"
 import asyncio, json, sys
 from mcp import ClientSession, StdioServerParameters, stdio_client
+from mcp.client.streamable_http import streamable_http_client
+from mcp.shared._httpx_utils import create_mcp_http_client
 
 ATOLL, URL, OP = sys.argv[1], sys.argv[2], sys.argv[3]
 
@@ -43,8 +46,14 @@ def err(res, what):
     assert res.is_error, f"{what} succeeded: {res.content[0].text}"
     return json.loads(res.content[0].text)
 
-async def with_session(token, fn):
-    async with stdio_client(server(token)) as (r, w):
+async def with_session(token, fn, http=False):
+    if http:
+        client = create_mcp_http_client(headers={"Authorization": f"Bearer {token}"})
+        transport = streamable_http_client(URL + "/mcp", http_client=client, terminate_on_close=False)
+    else:
+        transport = stdio_client(server(token))
+    async with transport as streams:
+        r, w = streams[0], streams[1]
         async with ClientSession(r, w) as s:
             init = await s.initialize()
             assert init.server_info.name == "atoll", init
@@ -93,8 +102,11 @@ async def as_beta(a, b):
         ok(await s.call_tool("accept_offer", {"cloud": cid, "provider": pid, "exposure": "http"}), "accept")
         imports = ok(await s.call_tool("list_imports", {"cloud": cid}), "imports")
         assert len(imports) == 1 and imports[0]["provider"] == pid, imports
+        other = err(await s.call_tool("get_vm", {"cloud": pid, "vm": "web"}), "another cloud's VM")
+        assert other["status"] == 403, other
         return imports[0]
-    return await with_session(b["token"], go)
+    # Over the API server's own endpoint (streamable HTTP), with beta's token.
+    return await with_session(b["token"], go, http=True)
 
 async def main():
     n, a, b = await with_session(OP, as_operator)
@@ -146,4 +158,91 @@ async fn an_mcp_client_walks_through_an_agents_first_minutes() {
     let summary: serde_json::Value =
         serde_json::from_str(stdout.lines().next().unwrap_or_default()).unwrap();
     assert!(summary["tools"].as_u64().unwrap() > 40, "{summary}");
+}
+
+/// The API server's MCP endpoint at the HTTP level: a token is required (401) and must be a
+/// cloud's or the operator's (a host's: 403); there is no stream to open (`GET`: 405); a
+/// notification gets 202 without a body; a request gets its JSON-RPC reply; garbage gets a
+/// parse error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_mcp_endpoint_takes_one_message_per_post() {
+    use atoll_control::{client::Client, core::Reply};
+    use hyper::{Method, StatusCode};
+    use serde_json::{json, Value};
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = ControlConfig {
+        operator_token_file: dir.path().join("operator.token"),
+        store: StoreConfig {
+            path: dir.path().join("control.db"),
+            ..StoreConfig::default()
+        },
+        ..ControlConfig::default()
+    };
+    let core = cfg.start().await.unwrap();
+    let Reply::HostToken(host) = core
+        .execute(
+            Principal::Operator,
+            Cmd::IssueHostToken { host: "h".into() },
+        )
+        .await
+        .unwrap()
+    else {
+        panic!("a host token")
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(api::serve(core.clone(), listener, std::future::pending()));
+    let op = Client::new(&url, &cfg.operator_token().unwrap()).unwrap();
+    let post = |c: &Client, v: Value| {
+        let c = c.clone();
+        async move {
+            let (status, bytes) = c
+                .send(Method::POST, "/mcp", Some(&v), std::time::Duration::ZERO)
+                .await
+                .unwrap();
+            let body: Value = if bytes.is_empty() {
+                Value::Null
+            } else {
+                serde_json::from_slice(&bytes).unwrap()
+            };
+            (status, body)
+        }
+    };
+    let ping = json!({"jsonrpc": "2.0", "id": 7, "method": "ping"});
+    assert_eq!(
+        post(&op, ping.clone()).await,
+        (
+            StatusCode::OK,
+            json!({"jsonrpc": "2.0", "id": 7, "result": {}})
+        )
+    );
+    let note = json!({"jsonrpc": "2.0", "method": "notifications/initialized"});
+    assert_eq!(post(&op, note).await, (StatusCode::ACCEPTED, Value::Null));
+    let (status, body) = post(&op, json!("not a message")).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(body["error"]["code"].is_i64(), "{body}");
+    let unknown = json!({"jsonrpc": "2.0", "id": 1, "method": "tools/call",
+                         "params": {"name": "sync", "arguments": {"host": "h"}}});
+    let (_, body) = post(&op, unknown).await;
+    assert_eq!(
+        body["error"]["code"], -32602,
+        "hosts' routes are no tools: {body}"
+    );
+    let anonymous = Client::new(&url, "").unwrap();
+    assert_eq!(
+        post(&anonymous, ping.clone()).await.0,
+        StatusCode::UNAUTHORIZED
+    );
+    let host = Client::new(&url, &host.token).unwrap();
+    assert_eq!(post(&host, ping).await.0, StatusCode::FORBIDDEN);
+    let (status, _) = op
+        .send(
+            Method::GET,
+            "/mcp",
+            None::<&Value>,
+            std::time::Duration::ZERO,
+        )
+        .await
+        .unwrap();
+    assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED);
 }
