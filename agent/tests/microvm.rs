@@ -690,14 +690,19 @@ async fn microvms_boot_resolve_isolate_expose_persist_and_meter() {
     for (c, id) in [(&ac, aid), (&bc, bid)] {
         let _: () = c.run(&Command::DeleteCloud { cloud: id }).await.unwrap();
     }
-    let deadline = Instant::now() + Duration::from_secs(30);
     for &pid in [a1_restarted, pids[1], b1_restarted].iter() {
-        while std::fs::read_to_string(format!("/proc/{pid}/status"))
-            .is_ok_and(|s| !s.contains("State:\tZ"))
-        {
-            assert!(Instant::now() < deadline, "VMM {pid} outlived its cloud");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        vmm_gone(pid, "its cloud").await;
+    }
+}
+
+/// Waits (30 s at most) until VMM `pid` has exited (gone, or a zombie), after `what`.
+async fn vmm_gone(pid: u32, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .is_ok_and(|s| !s.contains("State:\tZ"))
+    {
+        assert!(Instant::now() < deadline, "VMM {pid} outlived {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 
@@ -774,16 +779,7 @@ async fn a_microvm_with_an_idle_timeout_stops_when_idle_and_starts_again() {
         "{v:?} {st:?}"
     );
     assert_eq!(v.ipv4, created.ipv4);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .is_ok_and(|s| !s.contains("State:\tZ"))
-    {
-        assert!(
-            Instant::now() < deadline,
-            "VMM {pid} outlived the idle stop"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    vmm_gone(pid, "the idle stop").await;
 
     // Started again by the API: same address, no stop reason, a new VMM.
     let started: Vm = ac
@@ -799,16 +795,7 @@ async fn a_microvm_with_an_idle_timeout_stops_when_idle_and_starts_again() {
     let restarted = vmm_pid(&run_dir, aid, "lazy");
     assert_ne!(restarted, pid);
     let _: () = ac.run(&Command::DeleteCloud { cloud: aid }).await.unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while std::fs::read_to_string(format!("/proc/{restarted}/status"))
-        .is_ok_and(|s| !s.contains("State:\tZ"))
-    {
-        assert!(
-            Instant::now() < deadline,
-            "VMM {restarted} outlived its cloud"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    vmm_gone(restarted, "its cloud").await;
     let out = agent.cleanup();
     assert!(out.status.success(), "{out:?}");
 }

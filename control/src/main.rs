@@ -549,29 +549,12 @@ fn run() -> Result<()> {
             Ok(())
         }
         Cmd::Mcp => {
-            let token = match cli.token {
-                Some(t) => t,
-                None => std::fs::read_to_string(&cli.token_file).with_context(|| {
-                    format!(
-                        "no --token or ATOLL_TOKEN, and reading {}",
-                        cli.token_file.display()
-                    )
-                })?,
-            };
-            let client = Client::with_tls(&cli.url, token.trim(), tls.as_ref())?;
+            let client = Client::with_tls(&cli.url, token(&cli)?.trim(), tls.as_ref())?;
             runtime()?.block_on(mcp_stdio(client))
         }
-        cmd => {
-            let token = match cli.token {
-                Some(t) => t,
-                None => std::fs::read_to_string(&cli.token_file).with_context(|| {
-                    format!(
-                        "no --token or ATOLL_TOKEN, and reading {}",
-                        cli.token_file.display()
-                    )
-                })?,
-            };
-            let client = Client::with_tls(&cli.url, &token, tls.as_ref())?;
+        _ => {
+            let client = Client::with_tls(&cli.url, &token(&cli)?, tls.as_ref())?;
+            let cmd = cli.command;
             match runtime()?.block_on(resource(&client, cmd))? {
                 Output::Json(value) if value.is_null() => {}
                 Output::Json(value) => println!("{}", serde_json::to_string_pretty(&value)?),
@@ -584,6 +567,19 @@ fn run() -> Result<()> {
             }
             Ok(())
         }
+    }
+}
+
+/// The token of the CLI's requests: `--token` (`ATOLL_TOKEN`), else the operator token file.
+fn token(cli: &Cli) -> Result<String> {
+    match &cli.token {
+        Some(t) => Ok(t.clone()),
+        None => std::fs::read_to_string(&cli.token_file).with_context(|| {
+            format!(
+                "no --token or ATOLL_TOKEN, and reading {}",
+                cli.token_file.display()
+            )
+        }),
     }
 }
 

@@ -118,24 +118,36 @@ async def main():
 asyncio.run(main())
 "#;
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_mcp_client_walks_through_an_agents_first_minutes() {
-    let dir = tempfile::tempdir().unwrap();
+/// A control plane on SQLite in `dir`, serving its API on loopback: its config, core and URL.
+async fn control_plane(
+    dir: &std::path::Path,
+) -> (
+    ControlConfig,
+    std::sync::Arc<atoll_control::core::Core>,
+    String,
+) {
     let cfg = ControlConfig {
-        operator_token_file: dir.path().join("operator.token"),
+        operator_token_file: dir.join("operator.token"),
         store: StoreConfig {
-            path: dir.path().join("control.db"),
+            path: dir.join("control.db"),
             ..StoreConfig::default()
         },
         ..ControlConfig::default()
     };
     let core = cfg.start().await.unwrap();
-    core.execute(Principal::Operator, Cmd::RegisterHost { host: "h".into() })
-        .await
-        .unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
     tokio::spawn(api::serve(core.clone(), listener, std::future::pending()));
+    (cfg, core, url)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_mcp_client_walks_through_an_agents_first_minutes() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cfg, core, url) = control_plane(dir.path()).await;
+    core.execute(Principal::Operator, Cmd::RegisterHost { host: "h".into() })
+        .await
+        .unwrap();
     let op = cfg.operator_token().unwrap();
     let script = dir.path().join("walkthrough.py");
     std::fs::write(&script, WALKTHROUGH).unwrap();
@@ -170,15 +182,7 @@ async fn the_mcp_endpoint_takes_one_message_per_post() {
     use hyper::{Method, StatusCode};
     use serde_json::{json, Value};
     let dir = tempfile::tempdir().unwrap();
-    let cfg = ControlConfig {
-        operator_token_file: dir.path().join("operator.token"),
-        store: StoreConfig {
-            path: dir.path().join("control.db"),
-            ..StoreConfig::default()
-        },
-        ..ControlConfig::default()
-    };
-    let core = cfg.start().await.unwrap();
+    let (cfg, core, url) = control_plane(dir.path()).await;
     let Reply::HostToken(host) = core
         .execute(
             Principal::Operator,
@@ -189,9 +193,6 @@ async fn the_mcp_endpoint_takes_one_message_per_post() {
     else {
         panic!("a host token")
     };
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(api::serve(core.clone(), listener, std::future::pending()));
     let op = Client::new(&url, &cfg.operator_token().unwrap()).unwrap();
     let post = |c: &Client, v: Value| {
         let c = c.clone();

@@ -298,20 +298,27 @@ impl Core {
             }
             vm.power = power;
             vm.stopped_by = (power == Power::Stopped).then_some(StopReason::Request);
-            let (_, cloud) = self.cloud(c).await?;
-            let placement = placement(&vm, &cloud);
-            let txn = Txn {
-                compares: vec![Compare::ModRevision(keys::vm(c, name), vrev)],
-                success: vec![
-                    put(keys::vm(c, name), &vm),
-                    put(keys::placement(&vm.host, c, name), &placement),
-                ],
-            };
-            if self.commit(txn).await?.is_some() {
+            if self.write_power(&vm, vrev).await? {
                 return done(Reply::Vm(Box::new(self.with_status(vm).await?)));
             }
             retry()
         })
+    }
+
+    /// Writes `vm` (its power changed) and its placement, if the VM's record is still at
+    /// revision `vrev`; false if it is not (the caller reads again).
+    async fn write_power(&self, vm: &Vm, vrev: u64) -> Result<bool, CoreError> {
+        let (c, name) = (vm.cloud, vm.name.as_str());
+        let (_, cloud) = self.cloud(c).await?;
+        let placement = placement(vm, &cloud);
+        let txn = Txn {
+            compares: vec![Compare::ModRevision(keys::vm(c, name), vrev)],
+            success: vec![
+                put(keys::vm(c, name), vm),
+                put(keys::placement(&vm.host, c, name), &placement),
+            ],
+        };
+        Ok(self.commit(txn).await?.is_some())
     }
 
     /// Stops a VM its host (`host`) found idle: only a VM placed there, with an idle
@@ -325,16 +332,7 @@ impl Core {
             }
             vm.power = Power::Stopped;
             vm.stopped_by = Some(StopReason::Idle);
-            let (_, cloud) = self.cloud(c).await?;
-            let placement = placement(&vm, &cloud);
-            let txn = Txn {
-                compares: vec![Compare::ModRevision(keys::vm(c, name), vrev)],
-                success: vec![
-                    put(keys::vm(c, name), &vm),
-                    put(keys::placement(&vm.host, c, name), &placement),
-                ],
-            };
-            if self.commit(txn).await?.is_some() {
+            if self.write_power(&vm, vrev).await? {
                 tracing::info!(
                     "VM {name} of cloud {c} idle for {} s on {host}: stopped",
                     vm.idle_timeout_secs.unwrap_or_default()
