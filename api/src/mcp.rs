@@ -97,8 +97,14 @@ fn schema_of(name: &str, names: &mut BTreeSet<String>) -> Value {
     s
 }
 
-/// The `tools/list` result: every tool with its input schema.
+/// The `tools/list` result: every tool with its input schema (built once per process: it
+/// depends only on the route table and the schemas).
 pub fn tools() -> Value {
+    static TOOLS: std::sync::OnceLock<Value> = std::sync::OnceLock::new();
+    TOOLS.get_or_init(build_tools).clone()
+}
+
+fn build_tools() -> Value {
     let doc = openapi();
     let components = &doc["components"]["schemas"];
     let tools: Vec<Value> = tool_routes()
