@@ -26,7 +26,8 @@
 //! **Receiving**, two entries with the same checks: [`from_underlay`] (TCX ingress of the
 //! underlay device, first on it) takes the VXLAN frames the programs send: IPv4 without
 //! options, not a fragment, UDP to this host's underlay address and VXLAN port, no UDP
-//! checksum, the VXLAN flags atoll sends, not GSO. It checks them (below), removes the outer
+//! checksum, the VXLAN flags atoll sends, not GSO, and nothing after the datagram (a trailer
+//! would reach the guest and its metering; the kernel's path trims it). It checks them (below), removes the outer
 //! headers (`bpf_skb_adjust_room`) and delivers. Everything else goes on ([`Verdict::Next`]):
 //! to `from_uplink` when the underlay device is the uplink, else to the kernel, whose VXLAN
 //! device decapsulates what is VXLAN (GSO aggregates built by the underlay device's GRO,
@@ -408,9 +409,11 @@ pub fn from_underlay(ctx: &TcContext) -> Arrival {
     {
         return next;
     }
+    // Exactly one datagram (atoll sends no trailer; the kernel's path trims any other), so a
+    // sender cannot pad what a guest receives and is metered for.
     let ip_len = outer.total_len() as u32;
     if ip_len < ENCAP_LEN + Ipv4Hdr::LEN as u32
-        || EthHdr::LEN as u32 + ip_len > pkt.len
+        || EthHdr::LEN as u32 + ip_len != pkt.len
         || u16::from_be_bytes(udp.len) as u32 != ip_len - Ipv4Hdr::LEN as u32
     {
         return next;
