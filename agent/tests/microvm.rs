@@ -695,6 +695,18 @@ async fn microvms_boot_resolve_isolate_expose_persist_and_meter() {
     }
 }
 
+/// Creates cloud `name` as the operator: the cloud's own client and its id.
+async fn cloud(agent: &EmbeddedAgent, name: &str) -> (Client, CloudId) {
+    let a: CreatedCloud = agent
+        .client(&agent.token)
+        .run(&Command::CreateCloud {
+            spec: serde_json::from_value(json!({ "name": name })).unwrap(),
+        })
+        .await
+        .unwrap();
+    (agent.client(&a.token), a.cloud.id)
+}
+
 /// Waits (30 s at most) until VMM `pid` has exited (gone, or a zombie), after `what`.
 async fn vmm_gone(pid: u32, what: &str) {
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -732,14 +744,7 @@ async fn a_microvm_with_an_idle_timeout_stops_when_idle_and_starts_again() {
             vmdir.path().join("state").display(),
         ),
     );
-    let op = agent.client(&agent.token);
-    let a: CreatedCloud = op
-        .run(&Command::CreateCloud {
-            spec: serde_json::from_value(json!({"name": "alpha"})).unwrap(),
-        })
-        .await
-        .unwrap();
-    let (ac, aid) = (agent.client(&a.token), a.cloud.id);
+    let (ac, aid) = cloud(&agent, "alpha").await;
     let created: Vm = ac
         .run(&Command::CreateVm {
             cloud: aid,
@@ -861,14 +866,7 @@ async fn vm_egress(asked: std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
         ),
         "forward = [\"198.19.0.53:53\"]\n",
     );
-    let op = agent.client(&agent.token);
-    let a: CreatedCloud = op
-        .run(&Command::CreateCloud {
-            spec: serde_json::from_value(json!({"name": "alpha"})).unwrap(),
-        })
-        .await
-        .unwrap();
-    let (ac, aid) = (agent.client(&a.token), a.cloud.id);
+    let (ac, aid) = cloud(&agent, "alpha").await;
     let _: EgressPolicy = ac
         .run(&Command::PutEgressPolicy {
             cloud: aid,
