@@ -557,10 +557,8 @@ impl Converger {
             .report(
                 &self.cfg.host,
                 StatusReport {
-                    vms: Vec::new(),
-                    services: Vec::new(),
-                    denied: Vec::new(),
                     idle,
+                    ..Default::default()
                 },
             )
             .await
@@ -605,9 +603,7 @@ impl Converger {
                     &self.cfg.host,
                     StatusReport {
                         vms: chunk.to_vec(),
-                        services: Vec::new(),
-                        denied: Vec::new(),
-                        idle: Vec::new(),
+                        ..Default::default()
                     },
                 )
                 .await?;
@@ -888,8 +884,7 @@ impl Converger {
                     StatusReport {
                         vms: reports,
                         services,
-                        denied: Vec::new(),
-                        idle: Vec::new(),
+                        ..Default::default()
                     },
                 )
                 .await?;
@@ -913,9 +908,7 @@ impl Converger {
                     &self.cfg.host,
                     StatusReport {
                         vms: refused,
-                        services: Vec::new(),
-                        denied: Vec::new(),
-                        idle: Vec::new(),
+                        ..Default::default()
                     },
                 )
                 .await
@@ -1045,10 +1038,8 @@ impl Converger {
             .report(
                 &self.cfg.host,
                 StatusReport {
-                    vms: Vec::new(),
-                    services: Vec::new(),
                     denied,
-                    idle: Vec::new(),
+                    ..Default::default()
                 },
             )
             .await
