@@ -929,25 +929,23 @@ fn frames_to_a_remote_endpoint_are_encapsulated_or_dropped_with_a_reason() {
             udp.payload[8..] == forwarded[..],
             "the inner frame is the frame, forwarded"
         );
-        // A frame that would not fit the underlay once encapsulated takes the VXLAN device
-        // (which fragments): left as is, redirected with a tunnel key.
-        host.dataplane_mut()
-            .set_overlay_host(OverlayHost {
-                underlay_mtu: (frame.len() + 35) as u16,
-                ..in_place
-            })
-            .unwrap();
-        let r = run(&host, "too big to encapsulate in place");
-        assert_eq!((r.ret, r.drops.len()), (TC_ACT_REDIRECT, 0), "{r:?}");
-        assert_eq!(r.out.len(), frame.len(), "{r:?}");
-        host.dataplane_mut()
-            .set_overlay_host(OverlayHost {
-                underlay_mtu: (frame.len() + 36) as u16,
-                ..in_place
-            })
-            .unwrap();
-        let r = run(&host, "just fits in place");
-        assert_eq!(r.out.len(), frame.len() + 50, "{r:?}");
+        // At the underlay MTU's boundary: a frame that would not fit once encapsulated (its
+        // length + 36 over the MTU) takes the VXLAN device (which fragments), left as is and
+        // redirected with a tunnel key; one that just fits is encapsulated in place.
+        for (mtu, grown, what) in [
+            (frame.len() + 35, 0, "too big to encapsulate in place"),
+            (frame.len() + 36, 50, "just fits in place"),
+        ] {
+            host.dataplane_mut()
+                .set_overlay_host(OverlayHost {
+                    underlay_mtu: mtu as u16,
+                    ..in_place
+                })
+                .unwrap();
+            let r = run(&host, what);
+            assert_eq!((r.ret, r.drops.len()), (TC_ACT_REDIRECT, 0), "{r:?}");
+            assert_eq!(r.out.len(), frame.len() + grown, "{what}: {r:?}");
+        }
         let after = host.dataplane().counters(3).unwrap();
         assert_eq!(class(&after).packets - class(&before).packets, 3);
         host.dataplane_mut()
