@@ -241,6 +241,29 @@ pub struct AgentConfig {
     pub vm: VmConfig,
     pub egress: EgressConfig,
     pub overlay: OverlayConfig,
+    pub guest_access: GuestAccessConfig,
+}
+
+/// `[guest_access]`: the HTTPS endpoint control planes reach this host's guest agents through
+/// (exec and files; see the `guest_access` module).
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct GuestAccessConfig {
+    /// Address and port to listen on. The default, loopback on a free port, serves the
+    /// embedded control plane; with remote control planes, listen where they reach the host.
+    pub listen: std::net::SocketAddr,
+    /// The URL control planes use (`https://<address>:<port>`); default: the listen address,
+    /// which must then be a specific one.
+    pub url: Option<String>,
+}
+
+impl Default for GuestAccessConfig {
+    fn default() -> Self {
+        GuestAccessConfig {
+            listen: std::net::SocketAddr::from((std::net::Ipv4Addr::LOCALHOST, 0)),
+            url: None,
+        }
+    }
 }
 
 /// `[overlay]`: this host's clouds reaching their endpoints on other hosts (see the `overlay`

@@ -299,6 +299,26 @@ impl Source {
             })
     }
 
+    /// Registers where control planes reach `host`'s guest agents.
+    pub async fn register_guest_access(
+        &self,
+        host: &str,
+        spec: atoll_api::model::GuestAccess,
+    ) -> Result<(), ConvergeError> {
+        let cmd = Command::SetGuestAccess {
+            host: host.to_string(),
+            spec,
+        };
+        self.0
+            .execute(cmd)
+            .await
+            .map(drop)
+            .map_err(|source| ConvergeError::Register {
+                host: host.to_string(),
+                source,
+            })
+    }
+
     /// Changes after `after`, waiting up to `wait` for some.
     pub async fn sync(
         &self,
@@ -513,7 +533,9 @@ impl Converger {
         if self.idle.is_empty() {
             return Ok(());
         }
-        let sessions = vmm.shell_sessions();
+        // An operator shell or an exec or file session through the guest agent: activity.
+        let mut sessions = vmm.shell_sessions();
+        sessions.extend(vmm.guests().busy());
         let now = std::time::Instant::now();
         let mut idle = Vec::new();
         for (key, w) in self.idle.iter_mut() {

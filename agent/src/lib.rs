@@ -24,6 +24,7 @@ pub mod doctor;
 pub mod egress;
 pub mod endpoint;
 pub mod expedite;
+pub mod guest_access;
 pub mod metrics;
 pub mod overlay;
 pub mod scratch;

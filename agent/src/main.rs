@@ -459,6 +459,20 @@ async fn start_control(
     if let Some(u) = underlay {
         source.register_underlay(&name, u).await?;
     }
+    let vmm = if cfg.vm.driver == VmDriver::Qemu {
+        let (mut vmm, rx) = atoll_agent::vm::VmManager::new(cfg.vm.clone());
+        if cfg.overlay.enabled {
+            vmm = vmm.with_guest_mtu(cfg.overlay.guest_mtu());
+        }
+        // Exec and files: control planes reach the guest agents through this endpoint.
+        let access = atoll_agent::guest_access::start(&cfg.guest_access, vmm.guests()).await?;
+        source
+            .register_guest_access(&name, access.access.clone())
+            .await?;
+        Some((vmm, rx))
+    } else {
+        None
+    };
     tracing::info!(host = %name, "converging host {name} ({} control plane)", c.mode);
     let conv = ConvergeConfig {
         host: name,
@@ -470,11 +484,7 @@ async fn start_control(
         converger = converger.with_dns_suffix(&cfg.dns.suffix);
     }
     let mut events = None;
-    if cfg.vm.driver == VmDriver::Qemu {
-        let (mut vmm, rx) = atoll_agent::vm::VmManager::new(cfg.vm.clone());
-        if cfg.overlay.enabled {
-            vmm = vmm.with_guest_mtu(cfg.overlay.guest_mtu());
-        }
+    if let Some((vmm, rx)) = vmm {
         converger = converger.with_vms(vmm, &cfg.vm.default_image);
         events = Some(rx);
         tracing::info!(

@@ -30,6 +30,7 @@
 
 pub mod console;
 pub mod drive;
+pub mod guest;
 pub mod jail;
 pub mod qemu;
 
@@ -155,6 +156,8 @@ pub struct VmPlan {
     pub console_socket: PathBuf,
     /// The operator shell socket the VMM listens on (the guest's `hvc0`).
     pub shell_socket: PathBuf,
+    /// The guest agent's port socket the VMM listens on (`org.atoll.guest.0`).
+    pub guest_socket: PathBuf,
 }
 
 /// How to run a VMM process.
@@ -324,6 +327,7 @@ struct Ctx {
 pub struct VmManager {
     ctx: Arc<Ctx>,
     vms: HashMap<VmKey, Handle>,
+    guests: Arc<guest::Guests>,
 }
 
 impl std::fmt::Debug for VmManager {
@@ -363,6 +367,7 @@ impl VmManager {
                     guest_mtu: None,
                 }),
                 vms: HashMap::new(),
+                guests: guest::Guests::new(),
             },
             rx,
         )
@@ -387,6 +392,8 @@ impl VmManager {
         if self.is_active(&spec.key) {
             return;
         }
+        self.guests
+            .insert(spec.key.clone(), guest_socket(&self.ctx.cfg, spec.slot));
         let (stop, stop_rx) = watch::channel(StopMode::Run);
         let console = Arc::new(Mutex::new(None));
         let task = tokio::spawn(supervise(
@@ -422,10 +429,16 @@ impl VmManager {
 
     /// Kills the VM's VMM and waits for its supervisor to end (a delete).
     pub async fn kill(&mut self, key: &VmKey) {
+        self.guests.remove(key);
         if let Some(h) = self.vms.remove(key) {
             let _ = h.stop.send(StopMode::Kill);
             let _ = h.task.await;
         }
+    }
+
+    /// The guest agents' channels of this host's VMs (exec and files).
+    pub fn guests(&self) -> Arc<guest::Guests> {
+        self.guests.clone()
     }
 
     /// The active VMs with an operator shell session open (a connection to their `hvc0`
@@ -550,6 +563,11 @@ fn run_dir(cfg: &VmConfig, slot: u32) -> PathBuf {
 /// The operator shell socket of the VM in slot `slot` (QEMU listens on it: the guest's `hvc0`).
 fn shell_socket(cfg: &VmConfig, slot: u32) -> PathBuf {
     run_dir(cfg, slot).join(jail::VMM_DIR).join("shell.sock")
+}
+
+/// The guest agent's port socket of the VM in slot `slot` (QEMU listens on it).
+fn guest_socket(cfg: &VmConfig, slot: u32) -> PathBuf {
+    run_dir(cfg, slot).join(jail::VMM_DIR).join("guest.sock")
 }
 
 /// Paths of the Unix sockets of this network namespace with a connection (`/proc/net/unix`,
@@ -856,6 +874,7 @@ async fn launch(ctx: &Arc<Ctx>, spec: &VmSpec, accel: Accel) -> Result<Vmm, VmEr
         disks,
         console_socket: console_path.clone(),
         shell_socket: shell_socket(cfg, spec.slot),
+        guest_socket: guest_socket(cfg, spec.slot),
     };
     let sdir = state_dir(cfg, &spec.key);
     prepare(&sdir, atoll_api::private::create_dir_all(&sdir, 0o700))?;

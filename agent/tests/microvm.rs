@@ -24,7 +24,10 @@ use atoll_agent::{
     config::DataplaneConfig,
     metrics::Exporter,
 };
-use atoll_control::{client::Client, model::*};
+use atoll_control::{
+    client::{Client, ClientError},
+    model::*,
+};
 use serde_json::{json, Value};
 use support::{require_root, EmbeddedAgent};
 
@@ -1064,4 +1067,317 @@ fn a_microvm_on_each_of_two_hosts_connects_across_the_overlay() {
         assert!(out.status.success(), "{out:?}");
         drop((a, b));
     });
+}
+
+/// Runs `argv` in the VM through the API; returns (stdout, stderr, the last event, events).
+async fn exec_in(
+    c: &Client,
+    cloud: CloudId,
+    vm: &str,
+    spec: ExecVm,
+) -> (Vec<u8>, Vec<u8>, ExecEvent, Vec<ExecEvent>) {
+    use base64::Engine;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let cmd = Command::ExecVm {
+        cloud,
+        vm: vm.into(),
+        spec: spec.clone(),
+    };
+    let mut s = c
+        .exec(&cmd)
+        .await
+        .unwrap_or_else(|e| panic!("{spec:?}: {e}"));
+    let (mut out, mut err, mut all) = (Vec::new(), Vec::new(), Vec::new());
+    while let Some(e) = s.next().await {
+        let e = e.unwrap();
+        match &e {
+            ExecEvent::Stdout { data } => out.extend(b64.decode(data).unwrap()),
+            ExecEvent::Stderr { data } => err.extend(b64.decode(data).unwrap()),
+            _ => {}
+        }
+        all.push(e);
+    }
+    let last = all.last().cloned().expect("an exec ends with an event");
+    (out, err, last, all)
+}
+
+fn exited(code: i32) -> ExecEvent {
+    ExecEvent::Exit {
+        code: Some(code),
+        signal: None,
+        timed_out: false,
+    }
+}
+
+/// Waits (30 s at most) until no process whose command line contains `pattern` runs in the
+/// VM (`ps` through exec; other processes of the guest may be named alike, so tests use
+/// unique arguments).
+async fn no_process(c: &Client, cloud: CloudId, vm: &str, pattern: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (out, _, last, _) = exec_in(c, cloud, vm, ExecVm::argv(["ps"])).await;
+        assert_eq!(last, exited(0));
+        let ps = String::from_utf8_lossy(&out);
+        if !ps.contains(pattern) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{pattern} still runs: {ps}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Exec and files through the guest agent (issue 19), on a real VM with egress off: output
+/// streamed with the exit code, stdin, environment and directory, output capped with a marker
+/// (and a flood drained), a timeout and a cancelled request that kill their command, several
+/// execs at once, a program that does not exist; a 3 MiB file up and down byte for byte with
+/// mode and owner, a missing file, a bad directory; another cloud's token and a stopped VM
+/// refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_microvm_runs_commands_and_moves_files_through_its_guest_agent() {
+    use base64::Engine;
+    require_root();
+    for p in [format!("{IMAGE}/vmlinux"), QEMU.into()] {
+        assert!(
+            Path::new(&p).exists(),
+            "{p} is missing: run `cargo xtask image` (cargo xtask test does)"
+        );
+    }
+    let vmdir = tempfile::tempdir().unwrap();
+    let mut agent = EmbeddedAgent::start(
+        "mx",
+        &format!(
+            "[vm]\ndriver = \"qemu\"\nrun_dir = \"{}\"\nstate_dir = \"{}\"\nstop_timeout_secs = 20\n",
+            vmdir.path().join("run").display(),
+            vmdir.path().join("state").display(),
+        ),
+    );
+    let (ac, aid) = cloud(&agent, "alpha").await;
+    let (bc, _) = cloud(&agent, "beta").await;
+    let _: Vm = ac
+        .run(&Command::CreateVm {
+            cloud: aid,
+            spec: serde_json::from_value(json!({"name": "box", "memory_mib": 96})).unwrap(),
+        })
+        .await
+        .unwrap();
+    wait_state(&ac, aid, "box", VmState::Running).await;
+
+    // Output, exit code.
+    let (out, _, last, all) = exec_in(&ac, aid, "box", ExecVm::argv(["uname", "-a"])).await;
+    assert!(
+        String::from_utf8_lossy(&out).starts_with("Linux "),
+        "{all:?}"
+    );
+    assert_eq!(last, exited(0));
+    assert!(
+        matches!(all[0], ExecEvent::Started { pid } if pid > 1),
+        "{all:?}"
+    );
+    let (out, err, last, _) = exec_in(
+        &ac,
+        aid,
+        "box",
+        ExecVm::argv(["sh", "-c", "echo out; echo err >&2; exit 3"]),
+    )
+    .await;
+    assert_eq!(
+        (&out[..], &err[..], last),
+        (&b"out\n"[..], &b"err\n"[..], exited(3))
+    );
+
+    // Stdin, environment, directory.
+    let mut spec = ExecVm::argv(["sh", "-c", "cat; echo \"$FOO\"; pwd"]);
+    spec.stdin_base64 = Some(base64::engine::general_purpose::STANDARD.encode("from stdin\n"));
+    spec.env.insert("FOO".into(), "bar baz".into());
+    spec.cwd = Some("/tmp".into());
+    let (out, _, last, _) = exec_in(&ac, aid, "box", spec).await;
+    assert_eq!(
+        (String::from_utf8_lossy(&out).as_ref(), last),
+        ("from stdin\nbar baz\n/tmp\n", exited(0))
+    );
+
+    // Output capped with a marker; a flood past the cap drains and exits.
+    let mut spec = ExecVm::argv(["sh", "-c", "head -c 3000000 /dev/zero; echo done >&2"]);
+    spec.max_output_bytes = Some(1000);
+    let (out, err, last, all) = exec_in(&ac, aid, "box", spec).await;
+    assert_eq!(
+        (out.len(), &err[..], last),
+        (1000, &b"done\n"[..], exited(0))
+    );
+    let marks: Vec<_> = all
+        .iter()
+        .filter(|e| matches!(e, ExecEvent::Truncated { .. }))
+        .collect();
+    assert_eq!(
+        marks,
+        [&ExecEvent::Truncated {
+            stream: "stdout".into(),
+            limit: 1000
+        }]
+    );
+
+    // A timeout kills the command (and its process group).
+    let mut spec = ExecVm::argv(["sh", "-c", "sleep 300 & sleep 301"]);
+    spec.timeout_secs = Some(2);
+    let (_, _, last, _) = exec_in(&ac, aid, "box", spec).await;
+    assert_eq!(
+        last,
+        ExecEvent::Exit {
+            code: None,
+            signal: Some(9),
+            timed_out: true
+        }
+    );
+    no_process(&ac, aid, "box", "sleep 30").await;
+
+    // A cancelled request kills its command.
+    let cmd = Command::ExecVm {
+        cloud: aid,
+        vm: "box".into(),
+        spec: ExecVm::argv(["sleep", "302"]),
+    };
+    let mut s = ac.exec(&cmd).await.unwrap();
+    assert!(matches!(
+        s.next().await,
+        Some(Ok(ExecEvent::Started { .. }))
+    ));
+    let (out, _, _, _) = exec_in(&ac, aid, "box", ExecVm::argv(["ps"])).await;
+    assert!(
+        String::from_utf8_lossy(&out).contains("sleep 302"),
+        "the command is not running"
+    );
+    drop(s);
+    no_process(&ac, aid, "box", "sleep 302").await;
+
+    // Several at once.
+    let runs = (0..4).map(|i| {
+        let ac = ac.clone();
+        async move {
+            exec_in(
+                &ac,
+                aid,
+                "box",
+                ExecVm::argv(["sh", "-c", &format!("sleep 1; echo {i}")]),
+            )
+            .await
+        }
+    });
+    for (i, (out, _, last, _)) in futures::future::join_all(runs)
+        .await
+        .into_iter()
+        .enumerate()
+    {
+        assert_eq!((out, last), (format!("{i}\n").into_bytes(), exited(0)));
+    }
+
+    // A program that does not exist.
+    let (_, _, last, _) = exec_in(&ac, aid, "box", ExecVm::argv(["/no/such/program"])).await;
+    assert!(
+        matches!(&last, ExecEvent::Error { message } if message.contains("/no/such/program")),
+        "{last:?}"
+    );
+
+    // Files: up and down, byte for byte, with mode and owner.
+    let mut blob = vec![0u8; 3 << 20];
+    getrandom::fill(&mut blob).unwrap();
+    let put = |path: &str, mode, data: Vec<u8>| {
+        let ac = ac.clone();
+        let path = path.to_string();
+        async move {
+            let (tx, rx) = tokio::sync::mpsc::channel(4);
+            let len = data.len() as u64;
+            tokio::spawn(async move {
+                for chunk in data.chunks(100_000) {
+                    let _ = tx.send(Ok(bytes::Bytes::copy_from_slice(chunk))).await;
+                }
+            });
+            let cmd = Command::WriteFile {
+                cloud: aid,
+                vm: "box".into(),
+                spec: FileSpec {
+                    path,
+                    mode: Some(mode),
+                    uid: Some(1000),
+                    gid: Some(100),
+                },
+            };
+            ac.upload(&cmd, len, rx).await
+        }
+    };
+    put("/root/blob", 0o600, blob.clone()).await.unwrap();
+    let get = |path: &str| Command::ReadFile {
+        cloud: aid,
+        vm: "box".into(),
+        spec: FileSpec {
+            path: path.into(),
+            mode: None,
+            uid: None,
+            gid: None,
+        },
+    };
+    let mut d = ac.download(&get("/root/blob")).await.unwrap();
+    assert_eq!(
+        (d.size, d.mode, d.uid, d.gid),
+        (blob.len() as u64, 0o600, 1000, 100)
+    );
+    let mut back = Vec::new();
+    while let Some(chunk) = d.chunk().await {
+        back.extend_from_slice(&chunk.unwrap());
+    }
+    assert!(back == blob, "{} bytes back, not the same", back.len());
+    let (out, _, _, _) = exec_in(
+        &ac,
+        aid,
+        "box",
+        ExecVm::argv(["stat", "-c", "%a %u %g %s", "/root/blob"]),
+    )
+    .await;
+    assert_eq!(
+        String::from_utf8_lossy(&out),
+        format!("600 1000 100 {}\n", 3 << 20)
+    );
+    let missing = ac.download(&get("/root/nothing")).await.unwrap_err();
+    assert!(
+        matches!(&missing, ClientError::Api { status, body } if status.as_u16() == 404 && body.error.code == "no_such_file"),
+        "{missing:?}"
+    );
+    let bad = put("/no/dir/x", 0o644, b"x".to_vec()).await.unwrap_err();
+    assert!(
+        matches!(&bad, ClientError::Api { status, body } if status.as_u16() == 404 && body.error.message.starts_with("/no/dir/x: ")),
+        "{bad:?}"
+    );
+    let bad = put("/root", 0o644, b"x".to_vec()).await.unwrap_err();
+    assert!(
+        matches!(&bad, ClientError::Api { status, body } if status.as_u16() == 400 && body.error.code == "file_error"),
+        "{bad:?}"
+    );
+    // Nothing half-written stays behind.
+    let (out, _, _, _) = exec_in(&ac, aid, "box", ExecVm::argv(["ls", "-a", "/", "/root"])).await;
+    assert!(
+        !String::from_utf8_lossy(&out).contains(".atoll-"),
+        "{}",
+        String::from_utf8_lossy(&out)
+    );
+
+    // Another cloud's token; a stopped VM.
+    let refused = bc.exec(&cmd).await.unwrap_err();
+    assert!(
+        matches!(&refused, ClientError::Api { status, .. } if status.as_u16() == 403),
+        "{refused:?}"
+    );
+    let _: Vm = ac
+        .run(&Command::StopVm {
+            cloud: aid,
+            vm: "box".into(),
+        })
+        .await
+        .unwrap();
+    let stopped = ac.exec(&cmd).await.unwrap_err();
+    assert!(
+        matches!(&stopped, ClientError::Api { status, body } if status.as_u16() == 409 && body.error.code == "vm_not_running"),
+        "{stopped:?}"
+    );
+    let _: () = ac.run(&Command::DeleteCloud { cloud: aid }).await.unwrap();
+    let out = agent.cleanup();
+    assert!(out.status.success(), "{out:?}");
 }

@@ -12,8 +12,11 @@
 
 use std::time::Duration;
 
-use http_body_util::{BodyExt, Full};
-use hyper::{body::Bytes, Method, Request, StatusCode};
+use http_body_util::{combinators::BoxBody, BodyExt, Full};
+use hyper::{
+    body::{Bytes, Incoming},
+    Method, Request, StatusCode,
+};
 use hyper_rustls::HttpsConnector;
 use hyper_util::{
     client::legacy::{connect::HttpConnector, Client as HyperClient},
@@ -94,7 +97,7 @@ impl ClientError {
 pub struct Client {
     base: String,
     token: String,
-    http: HyperClient<HttpsConnector<HttpConnector>, Full<Bytes>>,
+    http: HyperClient<HttpsConnector<HttpConnector>, ReqBody>,
     /// The setting that chose the server's trust (for errors).
     trust_setting: Option<String>,
     timeout: Duration,
@@ -184,17 +187,32 @@ impl Client {
         body: Option<&B>,
         extra_wait: Duration,
     ) -> Result<(StatusCode, Bytes), ClientError> {
+        let payload = body.map(|b| serde_json::to_vec(b).expect("request types serialize"));
+        let (status, _, bytes) = self
+            .send_bytes(method, path, payload, "application/json", extra_wait)
+            .await?;
+        Ok((status, bytes))
+    }
+
+    /// Sends a request with `payload` as its body of `content_type`; returns the raw status,
+    /// headers and body.
+    pub async fn send_bytes(
+        &self,
+        method: Method,
+        path: &str,
+        payload: Option<Vec<u8>>,
+        content_type: &str,
+        extra_wait: Duration,
+    ) -> Result<(StatusCode, hyper::HeaderMap, Bytes), ClientError> {
         let url = format!("{}{}", self.base, path);
-        let payload = match body {
-            Some(b) => Bytes::from(serde_json::to_vec(b).expect("request types serialize")),
-            None => Bytes::new(),
-        };
+        let payload = Bytes::from(payload.unwrap_or_default());
         let req = Request::builder()
             .method(method)
             .uri(&url)
             .header("authorization", format!("Bearer {}", self.token))
-            .header("content-type", "application/json")
-            .body(Full::new(payload))
+            .header("content-type", content_type)
+            .header("content-length", payload.len())
+            .body(full(payload))
             .map_err(|_| ClientError::InvalidUrl(url.clone()))?;
         let timeout = self.timeout + extra_wait;
         let work = async {
@@ -212,8 +230,8 @@ impl Client {
                 }
             })?;
             let status = resp.status();
-            let bytes = resp
-                .into_body()
+            let (parts, body) = resp.into_parts();
+            let bytes = body
                 .collect()
                 .await
                 .map_err(|source| ClientError::ReadResponse {
@@ -221,7 +239,7 @@ impl Client {
                     source,
                 })?
                 .to_bytes();
-            Ok((status, bytes))
+            Ok((status, parts.headers, bytes))
         };
         tokio::time::timeout(timeout, work)
             .await
@@ -256,7 +274,229 @@ impl Client {
     }
 }
 
+/// A request body: whole, or streamed (an upload).
+type ReqBody = BoxBody<Bytes, std::io::Error>;
+
+fn full(b: Bytes) -> ReqBody {
+    Full::new(b).map_err(|e| match e {}).boxed()
+}
+
+/// An upload's body: the chunks a channel delivers (an error aborts the request).
+struct ChannelBody(tokio::sync::mpsc::Receiver<Result<Bytes, std::io::Error>>);
+
+impl hyper::body::Body for ChannelBody {
+    type Data = Bytes;
+    type Error = std::io::Error;
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, std::io::Error>>> {
+        self.0
+            .poll_recv(cx)
+            .map(|o| o.map(|r| r.map(hyper::body::Frame::data)))
+    }
+}
+
+/// An exec's reply: its events as they arrive ([`Client::exec`]).
+#[derive(Debug)]
+pub struct ExecStream {
+    url: String,
+    body: Incoming,
+    buf: Vec<u8>,
+}
+
+impl ExecStream {
+    /// The next event; `None` after the last.
+    pub async fn next(&mut self) -> Option<Result<crate::model::ExecEvent, ClientError>> {
+        loop {
+            if let Some(i) = self.buf.iter().position(|&b| b == b'\n') {
+                let line: Vec<u8> = self.buf.drain(..=i).collect();
+                return Some(serde_json::from_slice(&line[..i]).map_err(|e| {
+                    ClientError::UnexpectedResponse {
+                        url: self.url.clone(),
+                        status: StatusCode::OK,
+                        text: format!("undecodable exec event: {e}"),
+                    }
+                }));
+            }
+            match self.body.frame().await {
+                None if self.buf.is_empty() => return None,
+                None => {
+                    self.buf.clear();
+                    return Some(Err(ClientError::UnexpectedResponse {
+                        url: self.url.clone(),
+                        status: StatusCode::OK,
+                        text: "the stream ended within a line".into(),
+                    }));
+                }
+                Some(Err(source)) => {
+                    return Some(Err(ClientError::ReadResponse {
+                        url: self.url.clone(),
+                        source,
+                    }))
+                }
+                Some(Ok(f)) => {
+                    if let Ok(d) = f.into_data() {
+                        self.buf.extend_from_slice(&d);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A file being downloaded ([`Client::download`]): its metadata, then its bytes.
+#[derive(Debug)]
+pub struct Download {
+    pub size: u64,
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+    url: String,
+    body: Incoming,
+}
+
+impl Download {
+    /// The next chunk; `None` at the end.
+    pub async fn chunk(&mut self) -> Option<Result<Bytes, ClientError>> {
+        loop {
+            match self.body.frame().await? {
+                Err(source) => {
+                    return Some(Err(ClientError::ReadResponse {
+                        url: self.url.clone(),
+                        source,
+                    }))
+                }
+                Ok(f) => {
+                    if let Ok(d) = f.into_data() {
+                        return Some(Ok(d));
+                    }
+                }
+            }
+        }
+    }
+}
+
 impl Client {
+    /// Sends `cmd` (a route with a streamed reply or body) and returns the response once its
+    /// head is in (within the client's timeout); an error status is an error with its body.
+    async fn open(
+        &self,
+        cmd: &Command,
+        upload: Option<(
+            u64,
+            tokio::sync::mpsc::Receiver<Result<Bytes, std::io::Error>>,
+        )>,
+    ) -> Result<(String, hyper::Response<Incoming>), ClientError> {
+        let path = cmd.path();
+        let url = format!("{}{}", self.base, path);
+        let mut req = Request::builder()
+            .method(cmd.route().method.http())
+            .uri(&url)
+            .header("authorization", format!("Bearer {}", self.token));
+        let body = match (upload, cmd.body()) {
+            (Some((len, rx)), _) => {
+                req = req
+                    .header("content-type", "application/octet-stream")
+                    .header("content-length", len);
+                ChannelBody(rx).boxed()
+            }
+            (None, Some(json)) => {
+                req = req.header("content-type", "application/json");
+                full(Bytes::from(
+                    serde_json::to_vec(&json).expect("request types serialize"),
+                ))
+            }
+            (None, None) => full(Bytes::new()),
+        };
+        let req = req
+            .body(body)
+            .map_err(|_| ClientError::InvalidUrl(url.clone()))?;
+        // An upload's response comes after its last byte: no timeout but the connection's.
+        let timeout = match cmd {
+            Command::WriteFile { .. } => Duration::from_secs(7 * 86_400),
+            _ => self.timeout,
+        };
+        let resp = tokio::time::timeout(timeout, self.http.request(req))
+            .await
+            .map_err(|_| ClientError::Timeout {
+                url: url.clone(),
+                timeout,
+            })?
+            .map_err(
+                |source| match (crate::tls::tls_cause(&source), &self.trust_setting) {
+                    (Some(cause), Some(setting)) => ClientError::Tls {
+                        url: url.clone(),
+                        cause,
+                        setting: setting.clone(),
+                    },
+                    _ => ClientError::Request {
+                        url: url.clone(),
+                        source,
+                    },
+                },
+            )?;
+        let status = resp.status();
+        if status.is_success() {
+            return Ok((url, resp));
+        }
+        let bytes = tokio::time::timeout(self.timeout, resp.into_body().collect())
+            .await
+            .map_err(|_| ClientError::Timeout {
+                url: url.clone(),
+                timeout: self.timeout,
+            })?
+            .map_err(|source| ClientError::ReadResponse {
+                url: url.clone(),
+                source,
+            })?
+            .to_bytes();
+        Err(error_of(url, status, &bytes))
+    }
+
+    /// Runs an exec command ([`Command::ExecVm`]); its events stream from the result.
+    /// Dropping the stream closes the connection, which kills the command.
+    pub async fn exec(&self, cmd: &Command) -> Result<ExecStream, ClientError> {
+        let (url, resp) = self.open(cmd, None).await?;
+        Ok(ExecStream {
+            url,
+            body: resp.into_body(),
+            buf: Vec::new(),
+        })
+    }
+
+    /// Starts a download ([`Command::ReadFile`]).
+    pub async fn download(&self, cmd: &Command) -> Result<Download, ClientError> {
+        let (url, resp) = self.open(cmd, None).await?;
+        let header = |name: &str, radix: u32| {
+            resp.headers()
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| u64::from_str_radix(v, radix).ok())
+                .unwrap_or(0)
+        };
+        Ok(Download {
+            size: header("content-length", 10),
+            mode: header("x-atoll-mode", 8) as u32,
+            uid: header("x-atoll-uid", 10) as u32,
+            gid: header("x-atoll-gid", 10) as u32,
+            url,
+            body: resp.into_body(),
+        })
+    }
+
+    /// Uploads `length` bytes that `chunks` delivers ([`Command::WriteFile`]).
+    pub async fn upload(
+        &self,
+        cmd: &Command,
+        length: u64,
+        chunks: tokio::sync::mpsc::Receiver<Result<Bytes, std::io::Error>>,
+    ) -> Result<(), ClientError> {
+        let (url, resp) = self.open(cmd, Some((length, chunks))).await?;
+        let _ = (url, resp.into_body().collect().await);
+        Ok(())
+    }
+
     /// Sends `cmd` along its route (the route table's method, path, query and body) and
     /// decodes the reply the route declares.
     pub async fn execute(&self, cmd: &Command) -> Result<Reply, ClientError> {

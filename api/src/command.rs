@@ -49,6 +49,25 @@ pub enum Command {
     StopVm { cloud: CloudId, vm: String },
     /// The tail of the VM's console as its host last reported it. The cloud or the operator.
     GetConsole { cloud: CloudId, vm: String },
+    /// Run a command in a VM (answered with where its guest agent is: [`Reply::Guest`]). The
+    /// cloud or the operator.
+    ExecVm {
+        cloud: CloudId,
+        vm: String,
+        spec: ExecVm,
+    },
+    /// Read a file in a VM ([`Reply::Guest`]). The cloud or the operator.
+    ReadFile {
+        cloud: CloudId,
+        vm: String,
+        spec: FileSpec,
+    },
+    /// Write a file in a VM ([`Reply::Guest`]). The cloud or the operator.
+    WriteFile {
+        cloud: CloudId,
+        vm: String,
+        spec: FileSpec,
+    },
     /// Create a volume. The cloud or the operator.
     CreateVolume { cloud: CloudId, spec: CreateVolume },
     /// List a cloud's volumes. The cloud or the operator.
@@ -166,6 +185,8 @@ pub enum Command {
     IssueHostToken { host: String },
     /// Register the host's underlay address. The host itself or the operator.
     SetHostUnderlay { host: String, spec: HostUnderlay },
+    /// Register where the host's guest agents are reached. The host itself or the operator.
+    SetGuestAccess { host: String, spec: GuestAccess },
     /// Cordon (`true`) or uncordon a host. Operator.
     CordonHost { host: String, cordoned: bool },
     /// List hosts with their load and liveness. Operator.
@@ -205,6 +226,7 @@ impl Command {
             ListClouds { .. } => Issuer::AnyCloud,
             RegisterHost { host }
             | SetHostUnderlay { host, .. }
+            | SetGuestAccess { host, .. }
             | ReportStatus { host, .. }
             | Sync { host, .. } => Issuer::Host(host),
             GetCloud { cloud }
@@ -218,6 +240,9 @@ impl Command {
             | StartVm { cloud, .. }
             | StopVm { cloud, .. }
             | GetConsole { cloud, .. }
+            | ExecVm { cloud, .. }
+            | ReadFile { cloud, .. }
+            | WriteFile { cloud, .. }
             | CreateVolume { cloud, .. }
             | ListVolumes { cloud }
             | GetVolume { cloud, .. }
@@ -295,6 +320,13 @@ pub enum Reply {
     HostToken(Box<HostToken>),
     Hosts(Vec<HostInfo>),
     Sync(Box<SyncDelta>),
+    /// An exec's events, collected (the typed client's [`Client::execute`] of an exec; the
+    /// streaming form is [`crate::client::Client::exec`]).
+    ///
+    /// [`Client::execute`]: crate::client::Client::execute
+    Exec(Vec<ExecEvent>),
+    /// Where an exec or file command goes (the HTTP layer forwards it; never rendered).
+    Guest(Box<GuestTarget>),
     /// Created-or-replaced/deleted with nothing to return.
     Done,
 }
@@ -333,7 +365,15 @@ impl Reply {
             Reply::HostToken(v) => j(&**v),
             Reply::Hosts(v) => j(v),
             Reply::Sync(v) => j(&**v),
-            Reply::Done => None,
+            Reply::Exec(events) => {
+                let mut out = Vec::new();
+                for e in events {
+                    out.extend(serde_json::to_vec(e).expect("API types serialize"));
+                    out.push(b'\n');
+                }
+                Some(out)
+            }
+            Reply::Guest(_) | Reply::Done => None,
         }
     }
 
@@ -373,6 +413,12 @@ impl Reply {
             Some("HostToken") => Reply::HostToken(d(body)?),
             Some("[HostInfo]") => Reply::Hosts(d(body)?),
             Some("SyncDelta") => Reply::Sync(d(body)?),
+            Some("ExecEvent") => Reply::Exec(
+                body.split(|&b| b == b'\n')
+                    .filter(|l| !l.iter().all(u8::is_ascii_whitespace))
+                    .map(d)
+                    .collect::<Result<_, _>>()?,
+            ),
             Some(other) => {
                 return Err(serde_json::Error::custom(format!(
                     "no reply has the schema {other}"
@@ -427,6 +473,7 @@ payload! {
     HostToken => HostToken, boxed 1;
     Hosts => Vec<HostInfo>;
     Sync => SyncDelta, boxed 1;
+    Exec => Vec<ExecEvent>;
 }
 
 impl TryFrom<Reply> for () {

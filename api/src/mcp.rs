@@ -19,6 +19,11 @@
 //!   a missing or non-string path parameter) are JSON-RPC errors.
 //! - **Path parameters are checked** against the characters the API's names and ids use
 //!   before they are put in a path, so a tool argument cannot reach another route.
+//! - **Streamed routes become whole results.** Exec's NDJSON reply is collected into one
+//!   object (`exit`, `stdout` and `stderr` as UTF-8 text, `truncated`); a downloaded file is
+//!   `content` (UTF-8) or `content_base64`, at most [`MAX_TOOL_FILE_BYTES`]; an upload takes
+//!   `content` or `content_base64` in place of a body. Query values are percent-encoded into
+//!   the path (a file's path has slashes and spaces), control characters refused.
 //! - **Protocol version**: the client's if this server knows it, else the newest it knows.
 
 use std::{
@@ -32,8 +37,11 @@ use serde_json::{json, Map, Value};
 use crate::{
     client::{Client, ClientError},
     openapi::{openapi, path_param_schema},
-    routes::{Access, QueryType, Route, ROUTES},
+    routes::{encode_query, Access, QueryType, Route, Stream, ROUTES},
 };
+
+/// The largest file a tool reads or writes (its contents travel in the JSON-RPC message).
+pub const MAX_TOOL_FILE_BYTES: usize = 8 << 20;
 
 /// Protocol versions this server speaks, newest first.
 pub const PROTOCOL_VERSIONS: [&str; 4] = ["2025-11-25", "2025-06-18", "2025-03-26", "2024-11-05"];
@@ -130,6 +138,16 @@ fn build_tools() -> Value {
                 props.insert("body".into(), schema_of(b, &mut names));
                 required.push("body".into());
             }
+            if r.stream == Some(Stream::BytesBody) {
+                props.insert(
+                    "content".into(),
+                    json!({"type": "string", "description": "The file's contents as text (UTF-8)."}),
+                );
+                props.insert(
+                    "content_base64".into(),
+                    json!({"type": "string", "description": "The file's contents, base64 (instead of `content`)."}),
+                );
+            }
             // The model's schemas the body refers to, and those they refer to.
             let mut defs = Map::new();
             let mut todo: Vec<String> = names.iter().cloned().collect();
@@ -152,9 +170,23 @@ fn build_tools() -> Value {
             if !defs.is_empty() {
                 input["$defs"] = defs.into();
             }
+            let as_tool = match r.stream {
+                Some(Stream::NdjsonReply) => {
+                    " As a tool: waits for the end and returns `exit` (code, signal, timed_out), \
+                     `stdout` and `stderr` (UTF-8 text, lossy) and `truncated`."
+                }
+                Some(Stream::BytesReply) => {
+                    " As a tool: returns `content` (UTF-8 text) or `content_base64`, with `size`, \
+                     `mode`, `uid`, `gid` (at most 8 MiB)."
+                }
+                Some(Stream::BytesBody) => {
+                    " As a tool: the contents are `content` (text) or `content_base64` (at most 8 MiB)."
+                }
+                None => "",
+            };
             json!({
                 "name": tool_name(r),
-                "description": format!("{} ({} {})", r.summary, r.method.as_str(), r.path),
+                "description": format!("{} ({} {}).{as_tool}", r.summary, r.method.as_str(), r.path),
                 "inputSchema": input,
             })
         })
@@ -182,6 +214,8 @@ pub struct ToolCall {
     pub params: HashMap<String, String>,
     pub query: HashMap<String, String>,
     pub body: Option<Value>,
+    /// An upload's contents (`content` or `content_base64`).
+    pub raw: Option<Vec<u8>>,
 }
 
 /// A tool call as the route's request. `Err`: a JSON-RPC error message (unknown tool, bad
@@ -199,6 +233,12 @@ pub fn request(name: &str, args: &Value) -> Result<ToolCall, String> {
         .params()
         .chain(route.query.iter().map(|(q, _)| *q))
         .chain(route.body.map(|_| "body"))
+        .chain(
+            (route.stream == Some(Stream::BytesBody))
+                .then_some(["content", "content_base64"])
+                .into_iter()
+                .flatten(),
+        )
         .collect();
     if let Some(k) = args.keys().find(|k| !allowed.contains(k.as_str())) {
         return Err(format!("{name} takes no argument {k:?}"));
@@ -227,7 +267,11 @@ pub fn request(name: &str, args: &Value) -> Result<ToolCall, String> {
     for (q, t) in route.query {
         let Some(v) = args.get(*q) else { continue };
         let text = match (t, v) {
-            (QueryType::Text, Value::String(s)) if path_value(s) => s.clone(),
+            (QueryType::Text, Value::String(s))
+                if s.len() <= 4096 && !s.chars().any(char::is_control) =>
+            {
+                s.clone()
+            }
             (QueryType::Integer | QueryType::Bounded(..), Value::Number(n)) if n.is_u64() => {
                 n.to_string()
             }
@@ -236,7 +280,7 @@ pub fn request(name: &str, args: &Value) -> Result<ToolCall, String> {
         path.push(sep);
         path.push_str(q);
         path.push('=');
-        path.push_str(&text);
+        path.push_str(&encode_query(&text));
         sep = '&';
         query.insert(q.to_string(), text);
     }
@@ -248,13 +292,103 @@ pub fn request(name: &str, args: &Value) -> Result<ToolCall, String> {
         ),
         None => None,
     };
+    let raw = match (
+        route.stream,
+        args.get("content"),
+        args.get("content_base64"),
+    ) {
+        (Some(Stream::BytesBody), Some(Value::String(t)), None) => Some(t.clone().into_bytes()),
+        (Some(Stream::BytesBody), None, Some(Value::String(b))) => {
+            use base64::Engine;
+            Some(
+                base64::engine::general_purpose::STANDARD
+                    .decode(b)
+                    .map_err(|e| format!("content_base64: {e}"))?,
+            )
+        }
+        (Some(Stream::BytesBody), _, _) => {
+            return Err(format!(
+                "{name} needs \"content\" or \"content_base64\", a string"
+            ))
+        }
+        _ => None,
+    };
+    if raw.as_ref().is_some_and(|r| r.len() > MAX_TOOL_FILE_BYTES) {
+        return Err(format!(
+            "a file through a tool is at most {MAX_TOOL_FILE_BYTES} bytes"
+        ));
+    }
     Ok(ToolCall {
         route,
         path,
         params,
         query,
         body,
+        raw,
     })
+}
+
+/// A successful reply's bytes as the tool's result (see the module docs for streamed routes);
+/// `headers` gives a download's metadata.
+pub fn reply_value(route: &Route, bytes: &[u8], header: impl Fn(&str) -> Option<String>) -> Value {
+    use base64::Engine;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    match route.stream {
+        Some(Stream::NdjsonReply) => {
+            let (mut out, mut err) = (Vec::new(), Vec::new());
+            let (mut exit, mut truncated, mut errors) = (Value::Null, Vec::new(), Vec::new());
+            for line in bytes.split(|&b| b == b'\n').filter(|l| !l.is_empty()) {
+                match serde_json::from_slice::<crate::model::ExecEvent>(line) {
+                    Ok(crate::model::ExecEvent::Stdout { data }) => {
+                        out.extend(b64.decode(data).unwrap_or_default())
+                    }
+                    Ok(crate::model::ExecEvent::Stderr { data }) => {
+                        err.extend(b64.decode(data).unwrap_or_default())
+                    }
+                    Ok(crate::model::ExecEvent::Truncated { stream, .. }) => truncated.push(stream),
+                    Ok(e @ crate::model::ExecEvent::Exit { .. }) => {
+                        exit = serde_json::to_value(e).unwrap_or_default();
+                        exit.as_object_mut().map(|m| m.remove("type"));
+                    }
+                    Ok(crate::model::ExecEvent::Error { message }) => errors.push(message),
+                    Ok(crate::model::ExecEvent::Started { .. }) => {}
+                    Err(e) => errors.push(format!("undecodable event: {e}")),
+                }
+            }
+            let mut v = json!({
+                "exit": exit,
+                "stdout": String::from_utf8_lossy(&out),
+                "stderr": String::from_utf8_lossy(&err),
+                "truncated": truncated,
+            });
+            if !errors.is_empty() {
+                v["error"] = errors.join("; ").into();
+            }
+            v
+        }
+        Some(Stream::BytesReply) => {
+            let mut v = match std::str::from_utf8(bytes) {
+                Ok(t) => json!({"content": t}),
+                Err(_) => json!({"content_base64": b64.encode(bytes)}),
+            };
+            v["size"] = bytes.len().into();
+            for (k, radix) in [("mode", 8), ("uid", 10), ("gid", 10)] {
+                if let Some(n) = header(&format!("x-atoll-{k}"))
+                    .and_then(|h| u64::from_str_radix(&h, radix).ok())
+                {
+                    v[k] = if k == "mode" {
+                        format!("{n:o}").into()
+                    } else {
+                        n.into()
+                    };
+                }
+            }
+            v
+        }
+        _ if bytes.is_empty() => json!({}),
+        _ => serde_json::from_slice(bytes)
+            .unwrap_or_else(|_| json!({"text": String::from_utf8_lossy(bytes)})),
+    }
 }
 
 /// The reply to a tool call: the HTTP status the API answers with and its JSON (the error
@@ -274,19 +408,32 @@ impl Backend for Client {
     fn call<'a>(&'a self, call: &'a ToolCall) -> Pending<'a> {
         Box::pin(async move {
             let (method, wait) = (call.route.method.http(), route_wait(call.route));
+            let (payload, kind) = match (&call.raw, &call.body) {
+                (Some(raw), _) => (Some(raw.clone()), "application/octet-stream"),
+                (None, Some(b)) => (
+                    Some(serde_json::to_vec(b).expect("JSON values serialize")),
+                    "application/json",
+                ),
+                (None, None) => (None, "application/json"),
+            };
             match self
-                .send(method, &call.path, call.body.as_ref(), wait)
+                .send_bytes(method, &call.path, payload, kind, wait)
                 .await
             {
-                Ok((status, bytes)) => {
-                    let v = if bytes.is_empty() {
-                        json!({})
-                    } else {
-                        serde_json::from_slice(&bytes)
-                            .unwrap_or_else(|_| json!({"text": String::from_utf8_lossy(&bytes)}))
+                Ok((status, headers, bytes)) if status.is_success() => {
+                    let header = |n: &str| {
+                        headers
+                            .get(n)
+                            .and_then(|v| v.to_str().ok())
+                            .map(str::to_string)
                     };
-                    (status.as_u16(), v)
+                    (status.as_u16(), reply_value(call.route, &bytes, header))
                 }
+                Ok((status, _, bytes)) => (
+                    status.as_u16(),
+                    serde_json::from_slice(&bytes)
+                        .unwrap_or_else(|_| json!({"text": String::from_utf8_lossy(&bytes)})),
+                ),
                 Err(ClientError::Api { status, body }) => {
                     (status.as_u16(), json!({"error": body.error}))
                 }

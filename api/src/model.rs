@@ -17,6 +17,7 @@
 //!   cannot hand a host a name the API would have refused.
 
 use std::{
+    collections::BTreeMap,
     fmt,
     net::{Ipv4Addr, Ipv6Addr},
     str::FromStr,
@@ -1919,5 +1920,255 @@ mod tests {
         ] {
             assert!(rec(bad).validate(apex).is_err(), "{bad}");
         }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Exec and files (the guest agent; docs/design.md, MicroVMs, "Exec and files")
+
+/// The most arguments of one exec, and the most bytes of its argv, environment and directory.
+pub const MAX_EXEC_ARGS: usize = 1024;
+pub const MAX_EXEC_SPEC_BYTES: usize = 64 * 1024;
+/// The most stdin an exec request carries (it is part of the JSON body).
+pub const MAX_EXEC_STDIN_BYTES: usize = 512 * 1024;
+/// Output kept per stream when the request names no cap, and the largest cap it may name.
+pub const DEFAULT_EXEC_OUTPUT_BYTES: u64 = 1 << 20;
+pub const MAX_EXEC_OUTPUT_BYTES: u64 = 64 << 20;
+/// An exec's timeout when the request names none, and the longest it may name.
+pub const DEFAULT_EXEC_TIMEOUT_SECS: u32 = 600;
+pub const MAX_EXEC_TIMEOUT_SECS: u32 = 86_400;
+/// The largest file uploaded or downloaded in one request.
+pub const MAX_FILE_BYTES: u64 = 1 << 30;
+
+/// `POST /v1/clouds/{cloud}/vms/{vm}/exec`: a command to run in a running VM. The reply is a
+/// stream of [`ExecEvent`]s, one JSON object per line (`application/x-ndjson`), ending with
+/// `exit` or `error`; closing the connection kills the command.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ExecVm {
+    /// The program and its arguments; a program without `/` is looked up in `PATH`.
+    pub argv: Vec<String>,
+    /// Environment variables (`PATH` and `HOME` default to the guest's).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub env: BTreeMap<String, String>,
+    /// The working directory (default `/root`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cwd: Option<String>,
+    /// Standard input, base64 (at most 512 KiB decoded); without it, stdin is empty.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stdin_base64: Option<String>,
+    /// Seconds until the command is killed (default 600, at most 86400); the stream then
+    /// ends with `exit` and `timed_out: true`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_secs: Option<u32>,
+    /// Bytes of stdout, and separately of stderr, passed on (default 1 MiB, at most 64 MiB);
+    /// past it the stream says `truncated` once for that stream and the rest is discarded
+    /// while the command runs on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_output_bytes: Option<u64>,
+}
+
+impl ExecVm {
+    /// A command with the defaults.
+    pub fn argv<S: Into<String>>(argv: impl IntoIterator<Item = S>) -> Self {
+        ExecVm {
+            argv: argv.into_iter().map(Into::into).collect(),
+            env: BTreeMap::new(),
+            cwd: None,
+            stdin_base64: None,
+            timeout_secs: None,
+            max_output_bytes: None,
+        }
+    }
+
+    pub fn validate(&self) -> Result<(), FieldError> {
+        if self.argv.is_empty() || self.argv[0].is_empty() {
+            return Err(FieldError::new("argv", "must name a program"));
+        }
+        if self.argv.len() > MAX_EXEC_ARGS {
+            return Err(FieldError::new(
+                "argv",
+                format!("at most {MAX_EXEC_ARGS} arguments"),
+            ));
+        }
+        let nul = |s: &str| s.contains('\0');
+        if self.argv.iter().any(|a| nul(a)) {
+            return Err(FieldError::new("argv", "must not contain NUL bytes"));
+        }
+        for (k, v) in &self.env {
+            if k.is_empty() || k.contains('=') || nul(k) || nul(v) {
+                return Err(FieldError::new(
+                    format!("env.{k}"),
+                    "names are non-empty without `=`; names and values without NUL",
+                ));
+            }
+        }
+        if let Some(cwd) = &self.cwd {
+            if !cwd.starts_with('/') || nul(cwd) {
+                return Err(FieldError::new("cwd", "must be an absolute path"));
+            }
+        }
+        let size: usize = self.argv.iter().map(String::len).sum::<usize>()
+            + self
+                .env
+                .iter()
+                .map(|(k, v)| k.len() + v.len())
+                .sum::<usize>()
+            + self.cwd.as_ref().map_or(0, String::len);
+        if size > MAX_EXEC_SPEC_BYTES {
+            return Err(FieldError::new(
+                "argv",
+                format!("argv, env and cwd together are over {MAX_EXEC_SPEC_BYTES} bytes"),
+            ));
+        }
+        if let Some(t) = self.timeout_secs {
+            if t == 0 || t > MAX_EXEC_TIMEOUT_SECS {
+                return Err(FieldError::new(
+                    "timeout_secs",
+                    format!("must be 1 to {MAX_EXEC_TIMEOUT_SECS}"),
+                ));
+            }
+        }
+        if let Some(m) = self.max_output_bytes {
+            if m > MAX_EXEC_OUTPUT_BYTES {
+                return Err(FieldError::new(
+                    "max_output_bytes",
+                    format!("at most {MAX_EXEC_OUTPUT_BYTES}"),
+                ));
+            }
+        }
+        if let Some(s) = &self.stdin_base64 {
+            use base64::Engine;
+            match base64::engine::general_purpose::STANDARD.decode(s) {
+                Ok(b) if b.len() <= MAX_EXEC_STDIN_BYTES => {}
+                Ok(_) => {
+                    return Err(FieldError::new(
+                        "stdin_base64",
+                        format!("at most {MAX_EXEC_STDIN_BYTES} bytes decoded"),
+                    ))
+                }
+                Err(e) => return Err(FieldError::new("stdin_base64", format!("not base64: {e}"))),
+            }
+        }
+        Ok(())
+    }
+}
+
+/// One line of an exec's reply stream.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum ExecEvent {
+    /// The command started as process `pid` in the guest.
+    Started {
+        pid: u32,
+    },
+    /// Output, base64 (chunks may split characters).
+    Stdout {
+        data: String,
+    },
+    Stderr {
+        data: String,
+    },
+    /// The stream's output passed `max_output_bytes`; the rest of it is discarded.
+    Truncated {
+        stream: String,
+        limit: u64,
+    },
+    /// The end: the command exited with `code`, or was killed by `signal`; `timed_out` if
+    /// atoll killed it at its timeout.
+    Exit {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        code: Option<i32>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        signal: Option<i32>,
+        #[serde(default)]
+        timed_out: bool,
+    },
+    /// The end: the command could not run or its channel failed.
+    Error {
+        message: String,
+    },
+}
+
+/// `PUT /v1/hosts/{host}/guest-access`: where control planes reach this host's guest agents
+/// (exec and files): an HTTPS URL whose certificate has this SHA-256 fingerprint, and the
+/// bearer secret it requires. Registered by the host at start; never returned by the API.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct GuestAccess {
+    pub url: String,
+    pub fingerprint: String,
+    pub secret: String,
+}
+
+impl GuestAccess {
+    pub fn validate(&self) -> Result<(), FieldError> {
+        if !self.url.starts_with("https://") || self.url.len() > 256 {
+            return Err(FieldError::new(
+                "url",
+                "must be an https:// URL (at most 256 bytes)",
+            ));
+        }
+        let hex = self.fingerprint.chars().filter(|c| *c != ':').count();
+        if hex != 64
+            || !self
+                .fingerprint
+                .chars()
+                .all(|c| c == ':' || c.is_ascii_hexdigit())
+        {
+            return Err(FieldError::new(
+                "fingerprint",
+                "must be a SHA-256 (64 hex digits)",
+            ));
+        }
+        if !(32..=128).contains(&self.secret.len())
+            || !self.secret.chars().all(|c| c.is_ascii_alphanumeric())
+        {
+            return Err(FieldError::new(
+                "secret",
+                "must be 32-128 letters and digits",
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Where a VM's guest agent is reached: the host's [`GuestAccess`] and the VM (the control
+/// plane's answer to an exec or file command, which its HTTP layer forwards; never rendered).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GuestTarget {
+    pub host: String,
+    pub access: GuestAccess,
+    pub cloud: CloudId,
+    pub vm: String,
+}
+
+/// A file's path and, for an upload, its mode and owner (`…/files` query parameters).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileSpec {
+    pub path: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mode: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uid: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gid: Option<u32>,
+}
+
+impl FileSpec {
+    pub fn validate(&self) -> Result<(), FieldError> {
+        if !self.path.starts_with('/') || self.path.contains('\0') || self.path.len() > 4096 {
+            return Err(FieldError::new(
+                "path",
+                "must be an absolute path (at most 4096 bytes)",
+            ));
+        }
+        if self.path.ends_with('/') {
+            return Err(FieldError::new("path", "must name a file, not a directory"));
+        }
+        if self.mode.is_some_and(|m| m > 0o7777) {
+            return Err(FieldError::new("mode", "must be at most 07777"));
+        }
+        Ok(())
     }
 }

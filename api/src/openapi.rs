@@ -4,7 +4,7 @@
 
 use crate::{
     model::*,
-    routes::{QueryType, OPENAPI_PATH, ROUTES},
+    routes::{QueryType, Stream, OPENAPI_PATH, ROUTES},
 };
 
 #[derive(utoipa::OpenApi)]
@@ -73,6 +73,9 @@ use crate::{
     VolumeRef,
     StatusReport,
     VmReport,
+    ExecVm,
+    ExecEvent,
+    GuestAccess,
     ErrorBody,
     ErrorDetail,
     CloudId
@@ -158,18 +161,30 @@ pub fn openapi() -> serde_json::Value {
         if !params.is_empty() {
             op.insert("parameters".into(), params.into());
         }
+        let bytes = serde_json::json!({"type": "string", "format": "binary"});
         if let Some(b) = r.body {
             op.insert(
                 "requestBody".into(),
                 serde_json::json!({"required": true, "content": {"application/json": {"schema": schema_ref(b)}}}),
             );
+        } else if r.stream == Some(Stream::BytesBody) {
+            op.insert(
+                "requestBody".into(),
+                serde_json::json!({"required": true, "content": {"application/octet-stream": {"schema": bytes}}}),
+            );
         }
         let mut responses = serde_json::Map::new();
-        let ok = match r.response {
-            Some(s) => {
+        let ok = match (r.response, r.stream) {
+            (Some(s), Some(Stream::NdjsonReply)) => {
+                serde_json::json!({"description": "OK: one JSON object per line", "content": {"application/x-ndjson": {"schema": schema_ref(s)}}})
+            }
+            (_, Some(Stream::BytesReply)) => {
+                serde_json::json!({"description": "OK", "content": {"application/octet-stream": {"schema": bytes}}})
+            }
+            (Some(s), _) => {
                 serde_json::json!({"description": "OK", "content": {"application/json": {"schema": schema_ref(s)}}})
             }
-            None => serde_json::json!({"description": "OK"}),
+            (None, _) => serde_json::json!({"description": "OK"}),
         };
         responses.insert(r.status.to_string(), ok);
         responses.insert("default".into(), error.clone());

@@ -87,6 +87,17 @@ pub enum QueryType {
     Bounded(u64, u64),
 }
 
+/// A route whose body or reply is not one JSON document.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stream {
+    /// The reply is newline-delimited JSON (`application/x-ndjson`) of the reply schema.
+    NdjsonReply,
+    /// The reply is raw bytes (`application/octet-stream`).
+    BytesReply,
+    /// The request body is raw bytes (`application/octet-stream`, `Content-Length` required).
+    BytesBody,
+}
+
 /// Names the routes, so that [`parse`] is checked by the compiler to cover every one.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum RouteId {
@@ -103,6 +114,9 @@ pub enum RouteId {
     StartVm,
     StopVm,
     GetConsole,
+    ExecVm,
+    ReadFile,
+    WriteFile,
     CreateVolume,
     ListVolumes,
     GetVolume,
@@ -140,6 +154,7 @@ pub enum RouteId {
     RegisterHost,
     IssueHostToken,
     SetHostUnderlay,
+    SetGuestAccess,
     CordonHost,
     UncordonHost,
     Sync,
@@ -161,8 +176,10 @@ pub struct Route {
     pub status: u16,
     /// Schema of the success response; `[X]` is an array of `X`.
     pub response: Option<&'static str>,
-    /// Query parameters (all optional).
+    /// Query parameters (all optional, unless the summary says otherwise).
     pub query: &'static [(&'static str, QueryType)],
+    /// Streamed bodies or replies (`None`: JSON in, JSON out).
+    pub stream: Option<Stream>,
 }
 
 impl Route {
@@ -183,6 +200,14 @@ impl Route {
             status,
             response: None,
             query: &[],
+            stream: None,
+        }
+    }
+
+    const fn stream(self, stream: Stream) -> Self {
+        Route {
+            stream: Some(stream),
+            ..self
         }
     }
 
@@ -358,6 +383,57 @@ pub const GET_CONSOLE: Route = Route::new(
 )
 .summary("The tail of a VM's serial console as its host last reported it (at most 16 KiB)")
 .reply("Console");
+/// The query parameters of the file routes.
+const FILE_QUERY: &[(&str, QueryType)] = &[
+    ("path", QueryType::Text),
+    ("mode", QueryType::Text),
+    ("uid", QueryType::Integer),
+    ("gid", QueryType::Integer),
+];
+pub const EXEC_VM: Route = Route::new(
+    RouteId::ExecVm,
+    Method::POST,
+    "/v1/clouds/{cloud}/vms/{vm}/exec",
+    C,
+    200,
+)
+.summary(
+    "Run a command in a running VM (through its guest agent, not its network). The reply \
+         streams `ExecEvent`s, one JSON object per line (`application/x-ndjson`): `started`, \
+         `stdout`/`stderr` chunks (base64) as they come, `truncated` past `max_output_bytes`, \
+         and last `exit` (or `error`). Closing the connection kills the command",
+)
+.body("ExecVm")
+.reply("ExecEvent")
+.stream(Stream::NdjsonReply);
+pub const READ_FILE: Route = Route::new(
+    RouteId::ReadFile,
+    Method::GET,
+    "/v1/clouds/{cloud}/vms/{vm}/files",
+    C,
+    200,
+)
+.summary(
+    "Download the file at `path` in a running VM: its bytes (`application/octet-stream`, \
+         streamed, at most 1 GiB), its mode and owner in `x-atoll-mode` (octal), `x-atoll-uid`, \
+         `x-atoll-gid`",
+)
+.query(&[("path", QueryType::Text)])
+.stream(Stream::BytesReply);
+pub const WRITE_FILE: Route = Route::new(
+    RouteId::WriteFile,
+    Method::PUT,
+    "/v1/clouds/{cloud}/vms/{vm}/files",
+    C,
+    204,
+)
+.summary(
+    "Upload the request body (`application/octet-stream`, streamed, at most 1 GiB, \
+         `Content-Length` required) to `path` in a running VM, with `mode` (octal, default 644) \
+         and owner `uid`/`gid` (default 0); it replaces the file whole once complete",
+)
+.query(FILE_QUERY)
+.stream(Stream::BytesBody);
 pub const CREATE_VOLUME: Route = Route::new(
     RouteId::CreateVolume,
     Method::POST,
@@ -697,6 +773,18 @@ pub const SET_HOST_UNDERLAY: Route = Route::new(
 )
 .body("HostUnderlay")
 .reply("HostInfo");
+pub const SET_GUEST_ACCESS: Route = Route::new(
+    RouteId::SetGuestAccess,
+    Method::PUT,
+    "/v1/hosts/{host}/guest-access",
+    H,
+    204,
+)
+.summary(
+    "Register where control planes reach the host's guest agents for exec and files (the \
+         host's own token; never returned)",
+)
+.body("GuestAccess");
 pub const CORDON_HOST: Route = Route::new(
     RouteId::CordonHost,
     Method::POST,
@@ -750,6 +838,9 @@ pub const ROUTES: &[&Route] = &[
     &START_VM,
     &STOP_VM,
     &GET_CONSOLE,
+    &EXEC_VM,
+    &READ_FILE,
+    &WRITE_FILE,
     &CREATE_VOLUME,
     &LIST_VOLUMES,
     &GET_VOLUME,
@@ -787,6 +878,7 @@ pub const ROUTES: &[&Route] = &[
     &REGISTER_HOST,
     &ISSUE_HOST_TOKEN,
     &SET_HOST_UNDERLAY,
+    &SET_GUEST_ACCESS,
     &CORDON_HOST,
     &UNCORDON_HOST,
     &SYNC,
@@ -814,6 +906,9 @@ impl Command {
             StartVm { .. } => &START_VM,
             StopVm { .. } => &STOP_VM,
             GetConsole { .. } => &GET_CONSOLE,
+            ExecVm { .. } => &EXEC_VM,
+            ReadFile { .. } => &READ_FILE,
+            WriteFile { .. } => &WRITE_FILE,
             CreateVolume { .. } => &CREATE_VOLUME,
             ListVolumes { .. } => &LIST_VOLUMES,
             GetVolume { .. } => &GET_VOLUME,
@@ -851,6 +946,7 @@ impl Command {
             RegisterHost { .. } => &REGISTER_HOST,
             IssueHostToken { .. } => &ISSUE_HOST_TOKEN,
             SetHostUnderlay { .. } => &SET_HOST_UNDERLAY,
+            SetGuestAccess { .. } => &SET_GUEST_ACCESS,
             CordonHost { cordoned: true, .. } => &CORDON_HOST,
             CordonHost {
                 cordoned: false, ..
@@ -893,7 +989,10 @@ impl Command {
             | DeleteVm { cloud, vm }
             | StartVm { cloud, vm }
             | StopVm { cloud, vm }
-            | GetConsole { cloud, vm } => vec![cloud.to_string(), vm.clone()],
+            | GetConsole { cloud, vm }
+            | ExecVm { cloud, vm, .. }
+            | ReadFile { cloud, vm, .. }
+            | WriteFile { cloud, vm, .. } => vec![cloud.to_string(), vm.clone()],
             GetVolume { cloud, volume }
             | DeleteVolume { cloud, volume }
             | AttachVolume { cloud, volume, .. }
@@ -934,6 +1033,7 @@ impl Command {
             RegisterHost { host }
             | IssueHostToken { host }
             | SetHostUnderlay { host, .. }
+            | SetGuestAccess { host, .. }
             | CordonHost { host, .. }
             | Sync { host, .. }
             | ReportStatus { host, .. } => vec![host.clone()],
@@ -947,6 +1047,12 @@ impl Command {
                 .iter()
                 .map(|a| ("after", a.to_string()))
                 .chain([("limit", limit.to_string())])
+                .collect(),
+            Command::ReadFile { spec, .. } => vec![("path", encode_query(&spec.path))],
+            Command::WriteFile { spec, .. } => std::iter::once(("path", encode_query(&spec.path)))
+                .chain(spec.mode.map(|m| ("mode", format!("{m:o}"))))
+                .chain(spec.uid.map(|u| ("uid", u.to_string())))
+                .chain(spec.gid.map(|g| ("gid", g.to_string())))
                 .collect(),
             Command::Sync { after, wait_ms, .. } => {
                 vec![
@@ -993,6 +1099,8 @@ impl Command {
             Publish { spec, .. } => serde_json::to_value(spec),
             ReportStatus { report, .. } => serde_json::to_value(report),
             SetHostUnderlay { spec, .. } => serde_json::to_value(spec),
+            SetGuestAccess { spec, .. } => serde_json::to_value(spec),
+            ExecVm { spec, .. } => serde_json::to_value(spec),
             _ => return None,
         };
         Some(v.expect("request types serialize"))
@@ -1097,6 +1205,23 @@ pub fn parse(
             cloud: cloud()?,
             vm: name("vm")?,
         },
+        RouteId::ExecVm => {
+            let spec: crate::model::ExecVm = parse_body(body)?;
+            spec.validate()?;
+            ExecVm {
+                cloud: cloud()?,
+                vm: name("vm")?,
+                spec,
+            }
+        }
+        RouteId::ReadFile | RouteId::WriteFile => {
+            let spec = file_query(query, route.id == RouteId::WriteFile)?;
+            let (cloud, vm) = (cloud()?, name("vm")?);
+            match route.id {
+                RouteId::ReadFile => ReadFile { cloud, vm, spec },
+                _ => WriteFile { cloud, vm, spec },
+            }
+        }
         RouteId::CreateVolume => CreateVolume {
             cloud: cloud()?,
             spec: parse_body(body)?,
@@ -1221,6 +1346,14 @@ pub fn parse(
             host: name("host")?,
             spec: parse_body(body)?,
         },
+        RouteId::SetGuestAccess => {
+            let spec: GuestAccess = parse_body(body)?;
+            spec.validate()?;
+            SetGuestAccess {
+                host: name("host")?,
+                spec,
+            }
+        }
         RouteId::CordonHost => CordonHost {
             host: name("host")?,
             cordoned: true,
@@ -1261,6 +1394,65 @@ pub fn parse(
         },
     };
     Ok(cmd)
+}
+
+/// The file routes' query: `path`, and for an upload `mode` (octal), `uid`, `gid`.
+fn file_query(query: &HashMap<String, String>, write: bool) -> Result<FileSpec, FieldError> {
+    let mut spec = FileSpec {
+        path: String::new(),
+        mode: None,
+        uid: None,
+        gid: None,
+    };
+    for (k, v) in query {
+        let int = |radix| {
+            u32::from_str_radix(v, radix)
+                .map_err(|_| FieldError::new(k.clone(), "must be a number"))
+        };
+        match k.as_str() {
+            "path" => spec.path = v.clone(),
+            "mode" if write => spec.mode = Some(int(8)?),
+            "uid" if write => spec.uid = Some(int(10)?),
+            "gid" if write => spec.gid = Some(int(10)?),
+            other => return Err(FieldError::new(other, "unknown query parameter")),
+        }
+    }
+    if spec.path.is_empty() {
+        return Err(FieldError::new("path", "is required"));
+    }
+    spec.validate()?;
+    Ok(spec)
+}
+
+/// A query value percent-encoded (everything but unreserved characters and `/`).
+pub fn encode_query(v: &str) -> String {
+    let mut out = String::with_capacity(v.len());
+    for b in v.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~/".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// A query component percent-decoded (`+` stays a plus); `None` if malformed or not UTF-8.
+pub fn decode_query(s: &str) -> Option<String> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' {
+            let hex = std::str::from_utf8(b.get(i + 1..i + 3)?).ok()?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
 }
 
 /// A cloud id in path parameter `name`.
@@ -1414,6 +1606,31 @@ mod tests {
             GetConsole {
                 cloud,
                 vm: s("web"),
+            },
+            ExecVm {
+                cloud,
+                vm: s("web"),
+                spec: m::ExecVm::argv(["uname", "-a"]),
+            },
+            ReadFile {
+                cloud,
+                vm: s("web"),
+                spec: m::FileSpec {
+                    path: s("/etc/a b%"),
+                    mode: None,
+                    uid: None,
+                    gid: None,
+                },
+            },
+            WriteFile {
+                cloud,
+                vm: s("web"),
+                spec: m::FileSpec {
+                    path: s("/root/x"),
+                    mode: Some(0o755),
+                    uid: Some(1000),
+                    gid: Some(100),
+                },
             },
             CreateVolume {
                 cloud,
@@ -1580,6 +1797,14 @@ mod tests {
                     underlay: std::net::Ipv4Addr::new(10, 9, 0, 1),
                 },
             },
+            SetGuestAccess {
+                host: s("h1"),
+                spec: m::GuestAccess {
+                    url: s("https://10.0.0.1:7444"),
+                    fingerprint: ["AB"; 32].join(":"),
+                    secret: "s".repeat(43),
+                },
+            },
             CordonHost {
                 host: s("h1"),
                 cordoned: true,
@@ -1640,7 +1865,7 @@ mod tests {
             .filter(|q| !q.is_empty())
             .map(|q| {
                 let (k, v) = q.split_once('=').unwrap();
-                (k.to_string(), v.to_string())
+                (k.to_string(), decode_query(v).unwrap())
             })
             .collect();
         let body = cmd

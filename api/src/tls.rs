@@ -276,6 +276,25 @@ pub fn server_config(cert_file: &Path, key_file: &Path) -> Result<Arc<ServerConf
     Ok(Arc::new(cfg))
 }
 
+/// A server configuration with a new self-signed certificate for `names` (kept in memory
+/// only), and that certificate's fingerprint, for clients to pin (an agent's guest access).
+pub fn self_signed(names: &[String]) -> Result<(Arc<ServerConfig>, String), TlsError> {
+    let rcgen::CertifiedKey { cert, signing_key } =
+        rcgen::generate_simple_self_signed(names.to_vec())?;
+    let der = cert.der().clone();
+    let fp = fingerprint(&der);
+    let key = PrivateKeyDer::try_from(signing_key.serialize_der())
+        .map_err(|e| TlsError::Config(rustls::Error::General(e.to_string())))?;
+    let mut cfg = ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(TlsError::Config)?
+        .with_no_client_auth()
+        .with_single_cert(vec![der], key)
+        .map_err(TlsError::Config)?;
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok((Arc::new(cfg), fp))
+}
+
 /// How a client trusts a server.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Trust {

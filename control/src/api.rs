@@ -26,6 +26,7 @@
 //!   a generic message and the same `id`, which an operator finds in the log.
 //! - Serving (timeouts, connection cap) is [`server`]'s.
 
+mod guest;
 mod server;
 
 pub use server::Limits;
@@ -85,7 +86,7 @@ impl ApiError {
 
     /// A 500: `err` is logged (an error event) under a new error id; the caller gets `code`, a message
     /// that names no internals, and the id.
-    fn internal(code: &str, message: &str, err: &dyn std::fmt::Display) -> Self {
+    pub(crate) fn internal(code: &str, message: &str, err: &dyn std::fmt::Display) -> Self {
         let id = error_id();
         tracing::error!(error_id = %id, "error {id}: {err}");
         let mut e = ApiError::new(
@@ -195,6 +196,7 @@ fn error_id() -> String {
 struct Ctx {
     core: Arc<Core>,
     request_timeout: Duration,
+    guests: guest::Forwarder,
 }
 
 /// Reads a request's body (after authorization, see the module docs).
@@ -259,12 +261,16 @@ async fn run(
 ) -> ApiResult {
     let p = principal(&ctx.core, headers).await?;
     authorize(route, &p, params)?;
+    // An upload's body is streamed to the VM's host, not read here.
+    if route.id == routes::RouteId::WriteFile {
+        return execute(ctx, route, p, params, query, &[], Some((headers, body))).await;
+    }
     // Routes without a documented body still read one: "no body, or `{}`" is checked.
     let bytes = match route.method {
         Method::GET | Method::DELETE => Bytes::new(),
         _ => read_body(headers, body, ctx.request_timeout).await?,
     };
-    execute(&ctx.core, route, p, params, query, &bytes).await
+    execute(ctx, route, p, params, query, &bytes, None).await
 }
 
 /// Whether `p` may call `route` with these path parameters (its [`Access`]).
@@ -291,17 +297,27 @@ fn authorize(
     Ok(())
 }
 
-/// Parses an authorized request's command and executes it.
+/// Parses an authorized request's command and executes it; an exec or file command goes on
+/// to the VM's host (with `upload`, the request's headers and unread body, for an upload).
 async fn execute(
-    core: &Core,
+    ctx: &Ctx,
     route: &'static Route,
     p: Principal,
     params: &HashMap<String, String>,
     query: &HashMap<String, String>,
     bytes: &[u8],
+    upload: Option<(&HeaderMap, Body)>,
 ) -> ApiResult {
     let cmd = routes::parse(route, params, query, bytes)?;
-    let reply = core.execute(p, cmd).await?;
+    let reply = ctx.core.execute(p, cmd.clone()).await?;
+    if let atoll_api::Reply::Guest(target) = reply {
+        let empty = HeaderMap::new();
+        let (headers, body) = match upload {
+            Some((h, b)) => (h, Some(b)),
+            None => (&empty, None),
+        };
+        return ctx.guests.forward(*target, &cmd, headers, body).await;
+    }
     Ok(match reply.to_json() {
         Some(json) => {
             let status = StatusCode::from_u16(route.status).unwrap_or(StatusCode::OK);
@@ -331,15 +347,22 @@ impl atoll_api::mcp::Backend for CoreBackend {
                 .as_ref()
                 .map(|b| serde_json::to_vec(b).expect("JSON values serialize"))
                 .unwrap_or_default();
+            // An upload's contents go on as the request's body would.
+            let mut headers = HeaderMap::new();
+            let upload = call.raw.as_ref().map(|raw| {
+                headers.insert(header::CONTENT_LENGTH, raw.len().into());
+                Body::from(raw.clone())
+            });
             let result = match authorize(call.route, &self.principal, &call.params) {
                 Ok(()) => {
                     execute(
-                        &self.ctx.core,
+                        &self.ctx,
                         call.route,
                         self.principal.clone(),
                         &call.params,
                         &call.query,
                         &bytes,
+                        upload.map(|b| (&headers, b)),
                     )
                     .await
                 }
@@ -350,15 +373,25 @@ impl atoll_api::mcp::Backend for CoreBackend {
                 Err(e) => e.into_response(),
             };
             let status = response.status().as_u16();
-            let body = axum::body::to_bytes(response.into_body(), MAX_MCP_REPLY)
+            let (parts, body) = response.into_parts();
+            let body = axum::body::to_bytes(body, MAX_MCP_REPLY)
                 .await
                 .unwrap_or_default();
-            let v = if body.is_empty() {
-                serde_json::json!({})
-            } else {
-                serde_json::from_slice(&body)
-                    .unwrap_or_else(|_| serde_json::json!({"text": String::from_utf8_lossy(&body)}))
-            };
+            if (200..300).contains(&status) {
+                let header = |n: &str| {
+                    parts
+                        .headers
+                        .get(n)
+                        .and_then(|v| v.to_str().ok())
+                        .map(str::to_string)
+                };
+                return (
+                    status,
+                    atoll_api::mcp::reply_value(call.route, &body, header),
+                );
+            }
+            let v = serde_json::from_slice(&body)
+                .unwrap_or_else(|_| serde_json::json!({"text": String::from_utf8_lossy(&body)}));
             (status, v)
         })
     }
@@ -437,6 +470,7 @@ pub fn router(core: Arc<Core>, request_timeout: Duration) -> Router {
         .with_state(Arc::new(Ctx {
             core,
             request_timeout,
+            guests: guest::Forwarder::default(),
         }))
 }
 

@@ -226,6 +226,46 @@ enum VmCmd {
         cloud: CloudId,
         name: String,
     },
+    /// Run a command in a running VM (through its guest agent, not its network): its stdout
+    /// and stderr stream here as they come, and its exit code is atoll's (128 + the signal if
+    /// it was killed, 124 at the timeout, 125 if it could not run). Stdin, when it is not a
+    /// terminal, is read whole and sent (at most 512 KiB). Ctrl-C kills the command.
+    Exec {
+        cloud: CloudId,
+        name: String,
+        /// An environment variable, `NAME=value` (repeatable).
+        #[arg(long = "env", value_parser = parse_env)]
+        env: Vec<(String, String)>,
+        /// The working directory in the guest (default /root).
+        #[arg(long)]
+        cwd: Option<String>,
+        /// Kill the command after this long (seconds, or with s, m, h; default 10m).
+        #[arg(long, value_parser = parse_duration_secs)]
+        timeout: Option<u64>,
+        /// Output kept per stream (default 1 MiB); the rest is discarded with a notice.
+        #[arg(long)]
+        max_output_bytes: Option<u64>,
+        /// The command and its arguments, after `--`.
+        #[arg(last = true, required = true)]
+        argv: Vec<String>,
+    },
+    /// Copy a file into a VM (`atoll vm cp <cloud> <local> <vm>:<path>`) or out of one
+    /// (`atoll vm cp <cloud> <vm>:<path> <local>`); `-` is stdin or stdout. Files are streamed
+    /// (at most 1 GiB); an upload replaces the file whole once complete.
+    Cp {
+        cloud: CloudId,
+        src: String,
+        dst: String,
+        /// The uploaded file's mode, octal (default 644).
+        #[arg(long, value_parser = parse_mode)]
+        mode: Option<u32>,
+        /// The uploaded file's owner (default 0).
+        #[arg(long)]
+        uid: Option<u32>,
+        /// The uploaded file's group (default 0).
+        #[arg(long)]
+        gid: Option<u32>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -564,6 +604,7 @@ fn run() -> Result<()> {
                         .and_then(|()| out.flush())
                         .context("writing to stdout")?;
                 }
+                Output::Exit(code) => std::process::exit(code),
             }
             Ok(())
         }
@@ -677,6 +718,8 @@ enum Output {
     Json(Json),
     /// Written as is.
     Text(String),
+    /// Already written; the process exits with this code (an exec's).
+    Exit(i32),
 }
 
 /// The user data in `path` (`-`: stdin), checked against the API's limit before sending.
@@ -779,6 +822,42 @@ async fn resource(c: &Client, cmd: Cmd) -> Result<Output> {
         Cmd::Vm(VmCmd::Console { cloud, name }) => {
             let console: Console = c.run(&Command::GetConsole { cloud, vm: name }).await?;
             return Ok(Output::Text(console.text));
+        }
+        Cmd::Vm(VmCmd::Exec {
+            cloud,
+            name,
+            env,
+            cwd,
+            timeout,
+            max_output_bytes,
+            argv,
+        }) => {
+            let mut spec = atoll_api::model::ExecVm::argv(argv);
+            spec.env = env.into_iter().collect();
+            spec.cwd = cwd;
+            spec.timeout_secs = timeout.map(|t| t.min(u32::MAX as u64) as u32);
+            spec.max_output_bytes = max_output_bytes;
+            spec.stdin_base64 = read_exec_stdin()?;
+            return exec(
+                c,
+                Command::ExecVm {
+                    cloud,
+                    vm: name,
+                    spec,
+                },
+            )
+            .await;
+        }
+        Cmd::Vm(VmCmd::Cp {
+            cloud,
+            src,
+            dst,
+            mode,
+            uid,
+            gid,
+        }) => {
+            copy(c, cloud, &src, &dst, (mode, uid, gid)).await?;
+            return Ok(Output::Json(Json::Null));
         }
         Cmd::Volume(VolumeCmd::Create {
             cloud,
@@ -1017,6 +1096,207 @@ fn parse_rtype(s: &str) -> Result<RecordType, String> {
 }
 
 /// A duration in seconds: a number of seconds, or a number with `s`, `m`, `h` or `d`.
+/// `NAME=value` (`--env`).
+fn parse_env(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
+        _ => Err(format!("{s:?}: expected NAME=value")),
+    }
+}
+
+/// An octal mode (`644`, `0755`).
+fn parse_mode(s: &str) -> Result<u32, String> {
+    u32::from_str_radix(s, 8)
+        .ok()
+        .filter(|m| *m <= 0o7777)
+        .ok_or_else(|| format!("{s:?}: expected an octal mode, at most 7777"))
+}
+
+/// An exec's stdin: what the CLI's stdin holds when it is not a terminal, base64.
+fn read_exec_stdin() -> Result<Option<String>> {
+    use base64::Engine;
+    use std::io::IsTerminal;
+    let stdin = std::io::stdin();
+    if stdin.is_terminal() {
+        return Ok(None);
+    }
+    let max = atoll_api::model::MAX_EXEC_STDIN_BYTES;
+    let mut data = Vec::new();
+    stdin
+        .lock()
+        .take(max as u64 + 1)
+        .read_to_end(&mut data)
+        .context("reading stdin")?;
+    if data.len() > max {
+        anyhow::bail!("stdin: more than the {max} bytes an exec takes");
+    }
+    Ok((!data.is_empty()).then(|| base64::engine::general_purpose::STANDARD.encode(data)))
+}
+
+/// Runs an exec, writing its output as it comes; its exit code is the CLI's.
+async fn exec(c: &Client, cmd: Command) -> Result<Output> {
+    use atoll_api::model::ExecEvent;
+    use base64::Engine;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let mut events = c.exec(&cmd).await?;
+    let mut code = 125;
+    let work = async {
+        while let Some(e) = events.next().await {
+            match e? {
+                ExecEvent::Started { .. } => {}
+                ExecEvent::Stdout { data } => {
+                    let mut out = std::io::stdout().lock();
+                    out.write_all(&b64.decode(data)?)?;
+                    out.flush()?;
+                }
+                ExecEvent::Stderr { data } => {
+                    let mut err = std::io::stderr().lock();
+                    err.write_all(&b64.decode(data)?)?;
+                    err.flush()?;
+                }
+                ExecEvent::Truncated { stream, limit } => {
+                    eprintln!("atoll: {stream} truncated at {limit} bytes (--max-output-bytes)");
+                }
+                ExecEvent::Exit {
+                    code: c,
+                    signal,
+                    timed_out,
+                } => {
+                    code = match (c, signal, timed_out) {
+                        (_, _, true) => {
+                            eprintln!("atoll: the command timed out and was killed");
+                            124
+                        }
+                        (Some(c), _, _) => c,
+                        (None, Some(s), _) => 128 + s,
+                        (None, None, _) => 125,
+                    };
+                }
+                ExecEvent::Error { message } => {
+                    eprintln!("atoll: exec failed: {message}");
+                    code = 125;
+                }
+            }
+        }
+        anyhow::Ok(())
+    };
+    tokio::select! {
+        r = work => r?,
+        // Dropping the stream closes the connection: the command is killed.
+        _ = tokio::signal::ctrl_c() => code = 130,
+    }
+    Ok(Output::Exit(code))
+}
+
+/// `atoll vm cp`: one side is `<vm>:<path>`, the other local (`-`: stdin or stdout).
+async fn copy(
+    c: &Client,
+    cloud: CloudId,
+    src: &str,
+    dst: &str,
+    (mode, uid, gid): (Option<u32>, Option<u32>, Option<u32>),
+) -> Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let remote = |s: &str| {
+        s.split_once(':')
+            .filter(|(vm, path)| !vm.is_empty() && !vm.contains('/') && path.starts_with('/'))
+            .map(|(vm, path)| (vm.to_string(), path.to_string()))
+    };
+    match (remote(src), remote(dst)) {
+        (Some((vm, path)), None) => {
+            let cmd = Command::ReadFile {
+                cloud,
+                vm,
+                spec: atoll_api::model::FileSpec {
+                    path,
+                    mode: None,
+                    uid: None,
+                    gid: None,
+                },
+            };
+            let mut d = c.download(&cmd).await?;
+            let mut out: Box<dyn tokio::io::AsyncWrite + Unpin> = if dst == "-" {
+                Box::new(tokio::io::stdout())
+            } else {
+                Box::new(
+                    tokio::fs::File::create(dst)
+                        .await
+                        .with_context(|| format!("creating {dst}"))?,
+                )
+            };
+            let mut got = 0u64;
+            while let Some(chunk) = d.chunk().await {
+                let chunk = chunk?;
+                got += chunk.len() as u64;
+                out.write_all(&chunk).await.context("writing")?;
+            }
+            out.flush().await?;
+            if got != d.size {
+                anyhow::bail!("the download ended after {got} of {} bytes", d.size);
+            }
+            Ok(())
+        }
+        (None, Some((vm, path))) => {
+            let (length, mut input): (u64, Box<dyn tokio::io::AsyncRead + Unpin + Send>) =
+                if src == "-" {
+                    // A length is needed up front: stdin is read whole (within the limit).
+                    let mut data = Vec::new();
+                    tokio::io::stdin()
+                        .take(atoll_api::model::MAX_FILE_BYTES + 1)
+                        .read_to_end(&mut data)
+                        .await?;
+                    (data.len() as u64, Box::new(std::io::Cursor::new(data)))
+                } else {
+                    let f = tokio::fs::File::open(src)
+                        .await
+                        .with_context(|| format!("opening {src}"))?;
+                    (f.metadata().await?.len(), Box::new(f))
+                };
+            let cmd = Command::WriteFile {
+                cloud,
+                vm,
+                spec: atoll_api::model::FileSpec {
+                    path,
+                    mode,
+                    uid,
+                    gid,
+                },
+            };
+            let (tx, rx) = tokio::sync::mpsc::channel(4);
+            let reader = tokio::spawn(async move {
+                let mut left = length;
+                while left > 0 {
+                    let mut buf = vec![0u8; (left.min(256 * 1024)) as usize];
+                    let n = match input.read(&mut buf).await {
+                        Ok(0) => {
+                            let _ = tx
+                                .send(Err(std::io::Error::other("the file shrank while read")))
+                                .await;
+                            return;
+                        }
+                        Ok(n) => n,
+                        Err(e) => {
+                            let _ = tx.send(Err(e)).await;
+                            return;
+                        }
+                    };
+                    buf.truncate(n);
+                    left -= n as u64;
+                    if tx.send(Ok(buf.into())).await.is_err() {
+                        return;
+                    }
+                }
+            });
+            let r = c.upload(&cmd, length, rx).await;
+            reader.abort();
+            Ok(r?)
+        }
+        _ => anyhow::bail!(
+            "give one side as <vm>:<absolute path> and the other as a local path (or -)"
+        ),
+    }
+}
+
 fn parse_duration_secs(s: &str) -> Result<u64, String> {
     let (digits, unit) = match s.char_indices().last() {
         Some((i, c)) if c.is_ascii_alphabetic() => (&s[..i], c),

@@ -4,7 +4,9 @@
 //! - QEMU 7.2 from Debian bookworm, unpacked with `dpkg -x` under [`VMM_DIR`];
 //! - the guest kernel, `make tinyconfig` of Debian's `linux-source-6.1` plus
 //!   `guest/kernel.config`, as an uncompressed `vmlinux` with a PVH entry;
-//! - the initramfs: Debian's `busybox-static`, e2fsprogs' `mke2fs` and `guest/init`.
+//! - the initramfs: Debian's `busybox-static`, e2fsprogs' `mke2fs`, `guest/init` and the guest
+//!   agent (`guest/agent`, built here as a static binary: glibc's static libraries, no
+//!   loader), which serves exec and files over the VM's own virtio-serial port.
 //!
 //! Each step is cached: a stamp file next to its output records the inputs it was built from,
 //! and a step whose stamp matches does nothing. A probe boot of the result under TCG ends it.
@@ -33,7 +35,7 @@ const QEMU_RECIPE: u32 = 1;
 /// Bump when the kernel build recipe changes (make targets, merge of the fragment).
 const KERNEL_RECIPE: u32 = 1;
 /// Bump when the initramfs layout changes.
-const INITRAMFS_RECIPE: u32 = 1;
+const INITRAMFS_RECIPE: u32 = 2;
 
 /// The Debian package QEMU comes from, and the version it must have.
 const QEMU_PACKAGE: &str = "qemu-system-x86";
@@ -523,10 +525,13 @@ fn initramfs(root: &Path) -> Result<PathBuf> {
     let init_path = root.join("guest/init");
     let init = fs::read_to_string(&init_path)
         .with_context(|| format!("reading {}", init_path.display()))?;
+    let agent = guest_agent(root)?;
+    let agent_sum = output(Command::new("sha256sum").arg(&agent))?;
     let stamp = format!(
-        "recipe {INITRAMFS_RECIPE}\nbusybox-static {}\ne2fsprogs {}\n--- guest/init\n{init}",
+        "recipe {INITRAMFS_RECIPE}\nbusybox-static {}\ne2fsprogs {}\nguest agent {}\n--- guest/init\n{init}",
         installed_version("busybox-static")?,
         installed_version("e2fsprogs")?,
+        agent_sum.split_whitespace().next().unwrap_or_default(),
     );
     let out = Path::new(IMAGE_DIR).join("initramfs.cpio.gz");
     let stamp_path = Path::new(IMAGE_DIR).join("initramfs.stamp");
@@ -569,6 +574,8 @@ fn initramfs(root: &Path) -> Result<PathBuf> {
             .with_context(|| format!("linking {}", link.display()))?;
     }
 
+    fs::copy(&agent, staging.join("sbin/atoll-guest-agent"))?;
+
     fs::write(
         staging.join("etc/passwd"),
         "root:x:0:0:root:/root:/bin/sh\n",
@@ -604,6 +611,53 @@ fn initramfs(root: &Path) -> Result<PathBuf> {
         fs::metadata(&out)?.len() / 1024
     );
     Ok(out)
+}
+
+/// Builds the guest agent as a static executable (its own target directory: the flags differ
+/// from the workspace's) and returns its path.
+fn guest_agent(root: &Path) -> Result<PathBuf> {
+    const TARGET: &str = "x86_64-unknown-linux-gnu";
+    let target_dir = root.join("target/guest");
+    run(crate::cargo()
+        .current_dir(root)
+        .args([
+            "build",
+            "--release",
+            "-q",
+            "-p",
+            "atoll-guest",
+            "--bin",
+            "atoll-guest-agent",
+        ])
+        .args(["--target", TARGET, "--target-dir"])
+        .arg(&target_dir)
+        .env(
+            "RUSTFLAGS",
+            "-C target-feature=+crt-static -C strip=symbols",
+        ))?;
+    let bin = target_dir.join(TARGET).join("release/atoll-guest-agent");
+    // A dynamic executable has a PT_INTERP program header (its loader); the initramfs has
+    // no loader. ELF64 little-endian: e_phoff at 0x20, e_phentsize at 0x36, e_phnum at 0x38.
+    let bytes = fs::read(&bin).with_context(|| format!("reading {}", bin.display()))?;
+    let field = |at: usize, n: usize| -> Result<u64> {
+        let b = bytes.get(at..at + n).context("a truncated ELF file")?;
+        Ok(b.iter().rev().fold(0u64, |acc, x| (acc << 8) | *x as u64))
+    };
+    ensure!(
+        bytes.starts_with(b"\x7fELF\x02\x01"),
+        "{} is not an ELF64 LE file",
+        bin.display()
+    );
+    let (phoff, phentsize, phnum) = (field(0x20, 8)?, field(0x36, 2)?, field(0x38, 2)?);
+    for i in 0..phnum {
+        const PT_INTERP: u64 = 3;
+        ensure!(
+            field((phoff + i * phentsize) as usize, 4)? != PT_INTERP,
+            "{} is not static (it has a program interpreter)",
+            bin.display()
+        );
+    }
+    Ok(bin)
 }
 
 /// Copies a file to the same path under `staging`, following symlinks.

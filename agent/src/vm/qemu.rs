@@ -195,6 +195,17 @@ impl QemuInstall {
         );
         a.push("-device".into());
         a.push("virtconsole,chardev=sh0".into());
+        // The guest agent's port (exec and files): its own socket, the guest finds it by name.
+        a.push("-chardev".into());
+        a.push(
+            format!(
+                "socket,id=ga0,path={},server=on,wait=off",
+                vm.guest_socket.display()
+            )
+            .into(),
+        );
+        a.push("-device".into());
+        a.push(format!("virtserialport,chardev=ga0,name={}", atoll_guest::PORT_NAME).into());
         a.extend(install.firmware_args());
         a
     }
@@ -335,6 +346,7 @@ mod tests {
             ],
             console_socket: "/run/x/console.sock".into(),
             shell_socket: "/run/x/shell.sock".into(),
+            guest_socket: "/run/x/guest.sock".into(),
         };
         let args: Vec<String> = QemuInstall {
             root: "/nonexistent".into(),

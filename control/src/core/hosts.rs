@@ -86,6 +86,61 @@ impl Core {
         })
     }
 
+    /// Records where `name`'s guest agents are reached (it must be registered). Unchanged: no
+    /// write.
+    pub(super) async fn set_guest_access(
+        &self,
+        name: String,
+        spec: GuestAccess,
+    ) -> Result<Reply, CoreError> {
+        validate_label("host", &name)?;
+        spec.validate()?;
+        let _: (u64, HostInfo) = self
+            .read(&keys::host(&name), || format!("host {name}"))
+            .await?;
+        let key = keys::guest_access(&name);
+        if let Some(kv) = self.store.get(&key).await? {
+            if decode::<GuestAccess>(&key, &kv.value)? == spec {
+                return Ok(Reply::Done);
+            }
+        }
+        self.commit(Txn {
+            compares: vec![Compare::Present(keys::host(&name))],
+            success: vec![put(key, &spec)],
+        })
+        .await?;
+        Ok(Reply::Done)
+    }
+
+    /// Where VM `vm` of cloud `c`'s guest agent is reached: it must be running (as far as the
+    /// control plane knows) on a host that registered its guest access.
+    pub(super) async fn guest_target(&self, c: CloudId, vm: &str) -> Result<Reply, CoreError> {
+        let (_, v) = self.vm(c, vm).await?;
+        if v.power != Power::Running {
+            return Err(CoreError::Conflict {
+                code: "vm_not_running",
+                message: format!("VM {vm} is stopped; start it first"),
+            });
+        }
+        let key = keys::guest_access(&v.host);
+        let Some(kv) = self.store.get(&key).await? else {
+            return Err(CoreError::Conflict {
+                code: "no_guest_access",
+                message: format!(
+                    "host {} has not registered its guest access (its agent is not up, or \
+                     predates exec)",
+                    v.host
+                ),
+            });
+        };
+        Ok(Reply::Guest(Box::new(GuestTarget {
+            host: v.host,
+            access: decode(&key, &kv.value)?,
+            cloud: c,
+            vm: vm.to_string(),
+        })))
+    }
+
     /// Sets whether `name` takes new placements (it must be registered).
     pub(super) async fn cordon_host(
         &self,

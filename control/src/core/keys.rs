@@ -192,6 +192,11 @@ pub fn underlay(h: &str) -> String {
 pub fn underlays() -> &'static str {
     "underlays/"
 }
+/// Where control planes reach host `h`'s guest agents (with the secret they present): apart
+/// from the host record, which the API returns and hosts' feeds read.
+pub fn guest_access(h: &str) -> String {
+    format!("guestaccess/{h}")
+}
 pub fn host_all(h: &str) -> String {
     format!("h/{h}/")
 }

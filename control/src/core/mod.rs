@@ -536,6 +536,9 @@ impl Core {
             StartVm { cloud: c, vm: name } => self.set_power(c, &name, Power::Running).await,
             StopVm { cloud: c, vm: name } => self.set_power(c, &name, Power::Stopped).await,
             GetConsole { cloud: c, vm: name } => self.console(c, &name).await,
+            ExecVm { cloud: c, vm, .. }
+            | ReadFile { cloud: c, vm, .. }
+            | WriteFile { cloud: c, vm, .. } => self.guest_target(c, &vm).await,
             CreateVolume {
                 cloud: c,
                 spec: req,
@@ -664,6 +667,7 @@ impl Core {
             RegisterHost { host: name } => self.register_host(name).await,
             IssueHostToken { host: name } => self.issue_host_token(name).await,
             SetHostUnderlay { host, spec } => self.set_host_underlay(host, spec).await,
+            SetGuestAccess { host, spec } => self.set_guest_access(host, spec).await,
             CordonHost {
                 host: name,
                 cordoned,
