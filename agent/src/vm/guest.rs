@@ -573,3 +573,198 @@ impl Drop for Session {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! The host end against a scripted guest on a Unix socket (what QEMU's chardev gives it):
+    //! stale bytes before the hello, a lying and a flooding guest.
+
+    use super::*;
+    use tokio::net::UnixListener;
+
+    /// A guest that answers the hello (after `stale` bytes), then runs `script` on the stream.
+    async fn guest<F, Fut>(stale: Vec<u8>, script: F) -> (Arc<Guests>, VmKey, tempfile::TempDir)
+    where
+        F: FnOnce(tokio::net::UnixStream, Vec<Frame>) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = ()> + Send,
+    {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("guest.sock");
+        let listener = UnixListener::bind(&path).unwrap();
+        tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            // One connection: a second one is refused.
+            drop(listener);
+            s.write_all(&stale).await.unwrap();
+            let mut d = Decoder::new();
+            let mut buf = vec![0u8; 4096];
+            let mut frames = Vec::new();
+            // The hello, then the session's first frame.
+            while frames.len() < 2 {
+                let n = s.read(&mut buf).await.unwrap();
+                assert!(n > 0, "the host closed before opening a session");
+                d.feed(&buf[..n], |f| frames.push(f.unwrap()));
+                if let Some(h) = frames.first().filter(|f| f.kind == Kind::Hello) {
+                    if frames.len() == 1 {
+                        let (_, nonce) = h.as_hello().unwrap();
+                        // A stale hello of another connection first: ignored by the host.
+                        s.write_all(&Frame::hello(Kind::HelloAck, nonce ^ 1).encode())
+                            .await
+                            .unwrap();
+                        s.write_all(&Frame::hello(Kind::HelloAck, nonce).encode())
+                            .await
+                            .unwrap();
+                    }
+                }
+            }
+            script(s, frames).await;
+        });
+        let guests = Guests::new();
+        let key = (1, "vm".to_string());
+        guests.insert(key.clone(), path);
+        (guests, key, dir)
+    }
+
+    async fn drain(session: &mut Session) -> Vec<Event> {
+        let mut all = Vec::new();
+        while let Some(e) = session.next().await {
+            all.push(e);
+        }
+        all
+    }
+
+    #[tokio::test]
+    async fn a_well_behaved_guest_after_stale_bytes() {
+        // Half a frame and a whole one of an earlier connection, then the hello.
+        let mut stale = Frame::new(Kind::Stdout, 7, b"old".to_vec()).encode();
+        stale.drain(..2);
+        stale.extend(Frame::exit(7, 0, -1).encode());
+        let (guests, key, _dir) = guest(stale, |mut s, frames| async move {
+            assert_eq!(frames[1].kind, Kind::Exec);
+            let id = frames[1].session;
+            for f in [
+                Frame::u32(Kind::Started, id, 42),
+                Frame::new(Kind::Stdout, id, b"hi".to_vec()),
+                Frame::new(Kind::Stdout, 999, b"nobody's".to_vec()),
+                Frame::exit(id, 0, -1),
+            ] {
+                s.write_all(&f.encode()).await.unwrap();
+            }
+            let mut rest = Vec::new();
+            let _ = s.read_to_end(&mut rest).await;
+        })
+        .await;
+        let mut session = guests.open(&key, Kind::Exec, b"{}".to_vec()).await.unwrap();
+        assert_eq!(
+            drain(&mut session).await,
+            [
+                Event::Started { pid: 42 },
+                Event::Stdout(b"hi".to_vec()),
+                Event::Exit {
+                    code: 0,
+                    signal: -1
+                }
+            ]
+        );
+        assert!(guests.stale_frames.load(Ordering::SeqCst) >= 3);
+        assert_eq!(guests.protocol_errors.load(Ordering::SeqCst), 0);
+    }
+
+    #[tokio::test]
+    async fn a_guest_that_floods_past_its_credit_loses_the_channel() {
+        let (guests, key, _dir) = guest(Vec::new(), |mut s, frames| async move {
+            let id = frames[1].session;
+            let chunk = Frame::new(Kind::Stdout, id, vec![b'x'; MAX_CHUNK]).encode();
+            // The window and then some, without waiting for credit.
+            for _ in 0..(WINDOW as usize / MAX_CHUNK + 2) {
+                if s.write_all(&chunk).await.is_err() {
+                    return;
+                }
+            }
+            let mut rest = Vec::new();
+            let _ = s.read_to_end(&mut rest).await;
+        })
+        .await;
+        let mut session = guests.open(&key, Kind::Exec, b"{}".to_vec()).await.unwrap();
+        let all = drain(&mut session).await;
+        let got: usize = all
+            .iter()
+            .map(|e| match e {
+                Event::Stdout(d) => d.len(),
+                _ => 0,
+            })
+            .sum();
+        assert!(got <= WINDOW as usize, "{got} bytes passed the window");
+        assert!(
+            matches!(all.last(), Some(Event::Lost(m)) if m.contains("protocol error")),
+            "{:?}",
+            all.last()
+        );
+        assert_eq!(guests.protocol_errors.load(Ordering::SeqCst), 1);
+        // The channel is gone: the next session connects anew (and is refused: the script
+        // takes one connection).
+        assert!(matches!(
+            guests.open(&key, Kind::Exec, b"{}".to_vec()).await,
+            Err(GuestError::Connect { .. })
+        ));
+    }
+
+    #[tokio::test]
+    async fn a_lying_guest_loses_the_channel() {
+        let lies: Vec<fn(u32) -> Vec<u8>> = vec![
+            // Garbage after the hello.
+            |_| vec![9, 9, 9, 0],
+            // A second start.
+            |id| {
+                let mut v = Frame::u32(Kind::Started, id, 1).encode();
+                v.extend(Frame::u32(Kind::Started, id, 2).encode());
+                v
+            },
+            // Input credit it never owed.
+            |id| Frame::u32(Kind::InputCredit, id, 1).encode(),
+            // A host's frame kind.
+            |id| Frame::new(Kind::Kill, id, vec![]).encode(),
+            // A malformed exit.
+            |id| Frame::new(Kind::Exit, id, vec![1]).encode(),
+        ];
+        for (i, lie) in lies.into_iter().enumerate() {
+            let (guests, key, _dir) = guest(Vec::new(), move |mut s, frames| async move {
+                s.write_all(&lie(frames[1].session)).await.unwrap();
+                let mut rest = Vec::new();
+                let _ = s.read_to_end(&mut rest).await;
+            })
+            .await;
+            let mut session = guests.open(&key, Kind::Exec, b"{}".to_vec()).await.unwrap();
+            let all = drain(&mut session).await;
+            assert!(
+                matches!(all.last(), Some(Event::Lost(m)) if m.contains("protocol error")),
+                "lie {i}: {all:?}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn dropping_a_session_kills_it_in_the_guest() {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let (guests, key, _dir) = guest(Vec::new(), |mut s, frames| async move {
+            let id = frames[1].session;
+            let mut d = Decoder::new();
+            let mut buf = vec![0u8; 4096];
+            // The kill may have come with the session's first frame.
+            let mut got = frames.clone();
+            while !got.iter().any(|f: &Frame| f.kind == Kind::Kill) {
+                let n = s.read(&mut buf).await.unwrap();
+                assert!(n > 0);
+                d.feed(&buf[..n], |f| got.push(f.unwrap()));
+            }
+            let kill = got.iter().find(|f| f.kind == Kind::Kill).unwrap();
+            let _ = tx.send(kill.session == id);
+        })
+        .await;
+        let session = guests.open(&key, Kind::Exec, b"{}".to_vec()).await.unwrap();
+        assert_eq!(guests.busy().len(), 1);
+        drop(session);
+        assert!(rx.await.unwrap(), "the kill named another session");
+        assert!(guests.busy().is_empty());
+    }
+}
