@@ -722,7 +722,7 @@ async fn vmm_gone(pid: u32, what: &str) {
 }
 
 /// A VM with an idle timeout (issue 19): it keeps running while an operator shell session is
-/// open, however long nothing else happens; once the session is gone and no packet moves for
+/// open, or an exec runs, however long nothing else happens; once the session is gone and no packet moves for
 /// the timeout, its host reports it idle and the control plane stops it (`stopped_by: idle`,
 /// the VMM gone, address and name kept); starting it again is an API call, and it boots at the
 /// same address.
@@ -777,6 +777,13 @@ async fn a_microvm_with_an_idle_timeout_stops_when_idle_and_starts_again() {
         "the VMM is gone"
     );
     drop(sh);
+
+    // So does an exec session (which moves no packet: it travels the guest agent's port).
+    let nap = (2 * IDLE_SECS + 2).to_string();
+    let (_, _, last, _) = exec_in(&ac, aid, "lazy", ExecVm::argv(["sleep", nap.as_str()])).await;
+    assert_eq!(last, exited(0));
+    let v = get_vm(&ac, aid, "lazy").await;
+    assert_eq!(v.power, Power::Running, "stopped during an exec: {v:?}");
 
     // Then idle: stopped by its host's report.
     let st = wait_state(&ac, aid, "lazy", VmState::Stopped).await;
@@ -1358,6 +1365,61 @@ async fn a_microvm_runs_commands_and_moves_files_through_its_guest_agent() {
         "{}",
         String::from_utf8_lossy(&out)
     );
+
+    // The CLI: the command's exit code is the CLI's, stdin goes in, output streams out;
+    // `vm cp` both ways, with a mode.
+    let atoll = std::env::current_exe()
+        .unwrap()
+        .parent()
+        .and_then(Path::parent)
+        .unwrap()
+        .join("atoll");
+    assert!(
+        atoll.exists(),
+        "{} is missing: `cargo test --workspace` (cargo xtask test) builds it",
+        atoll.display()
+    );
+    let ca = agent.dir.path().join("tls/ca.pem");
+    let cli = |args: &[&str], stdin: &[u8]| {
+        let mut child = std::process::Command::new(&atoll)
+            .arg("--url")
+            .arg(&agent.url)
+            .arg("--ca-file")
+            .arg(&ca)
+            .args(["--token", ac.token()])
+            .args(args)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        child.stdin.take().unwrap().write_all(stdin).unwrap();
+        child.wait_with_output().unwrap()
+    };
+    let cloud_arg = aid.to_string();
+    let out = cli(
+        &["vm", "exec", &cloud_arg, "box", "--", "sh", "-c", "tr a-z A-Z; echo oops >&2; exit 7"],
+        b"piped in\n",
+    );
+    assert_eq!(
+        (out.status.code(), &out.stdout[..], &out.stderr[..]),
+        (Some(7), &b"PIPED IN\n"[..], &b"oops\n"[..]),
+        "{out:?}"
+    );
+    let local = vmdir.path().join("local.txt");
+    std::fs::write(&local, "a line\n").unwrap();
+    let out = cli(
+        &["vm", "cp", &cloud_arg, local.to_str().unwrap(), "box:/root/c.txt", "--mode", "640"],
+        b"",
+    );
+    assert!(out.status.success(), "{out:?}");
+    let out = cli(&["vm", "cp", &cloud_arg, "box:/root/c.txt", "-"], b"");
+    assert_eq!((out.status.code(), &out.stdout[..]), (Some(0), &b"a line\n"[..]), "{out:?}");
+    let (out, _, _, _) = exec_in(&ac, aid, "box", ExecVm::argv(["stat", "-c", "%a", "/root/c.txt"])).await;
+    assert_eq!(out, b"640\n");
+    let out = cli(&["vm", "cp", &cloud_arg, "box:/root/none", "-"], b"");
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("No such file"), "{out:?}");
 
     // Another cloud's token; a stopped VM.
     let refused = bc.exec(&cmd).await.unwrap_err();
