@@ -1398,7 +1398,16 @@ async fn a_microvm_runs_commands_and_moves_files_through_its_guest_agent() {
     };
     let cloud_arg = aid.to_string();
     let out = cli(
-        &["vm", "exec", &cloud_arg, "box", "--", "sh", "-c", "tr a-z A-Z; echo oops >&2; exit 7"],
+        &[
+            "vm",
+            "exec",
+            &cloud_arg,
+            "box",
+            "--",
+            "sh",
+            "-c",
+            "tr a-z A-Z; echo oops >&2; exit 7",
+        ],
         b"piped in\n",
     );
     assert_eq!(
@@ -1409,17 +1418,38 @@ async fn a_microvm_runs_commands_and_moves_files_through_its_guest_agent() {
     let local = vmdir.path().join("local.txt");
     std::fs::write(&local, "a line\n").unwrap();
     let out = cli(
-        &["vm", "cp", &cloud_arg, local.to_str().unwrap(), "box:/root/c.txt", "--mode", "640"],
+        &[
+            "vm",
+            "cp",
+            &cloud_arg,
+            local.to_str().unwrap(),
+            "box:/root/c.txt",
+            "--mode",
+            "640",
+        ],
         b"",
     );
     assert!(out.status.success(), "{out:?}");
     let out = cli(&["vm", "cp", &cloud_arg, "box:/root/c.txt", "-"], b"");
-    assert_eq!((out.status.code(), &out.stdout[..]), (Some(0), &b"a line\n"[..]), "{out:?}");
-    let (out, _, _, _) = exec_in(&ac, aid, "box", ExecVm::argv(["stat", "-c", "%a", "/root/c.txt"])).await;
+    assert_eq!(
+        (out.status.code(), &out.stdout[..]),
+        (Some(0), &b"a line\n"[..]),
+        "{out:?}"
+    );
+    let (out, _, _, _) = exec_in(
+        &ac,
+        aid,
+        "box",
+        ExecVm::argv(["stat", "-c", "%a", "/root/c.txt"]),
+    )
+    .await;
     assert_eq!(out, b"640\n");
     let out = cli(&["vm", "cp", &cloud_arg, "box:/root/none", "-"], b"");
     assert_eq!(out.status.code(), Some(1), "{out:?}");
-    assert!(String::from_utf8_lossy(&out.stderr).contains("No such file"), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("No such file"),
+        "{out:?}"
+    );
 
     // Another cloud's token; a stopped VM.
     let refused = bc.exec(&cmd).await.unwrap_err();
@@ -1442,4 +1472,136 @@ async fn a_microvm_runs_commands_and_moves_files_through_its_guest_agent() {
     let _: () = ac.run(&Command::DeleteCloud { cloud: aid }).await.unwrap();
     let out = agent.cleanup();
     assert!(out.status.success(), "{out:?}");
+}
+
+const MCP_WALKTHROUGH: &str = r##"
+import asyncio, json, sys, time
+from mcp import ClientSession, StdioServerParameters, stdio_client
+
+ATOLL, URL, CA, OP = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4]
+
+def ok(res, what):
+    assert not res.is_error, f"{what}: {res.content[0].text}"
+    return json.loads(res.content[0].text)
+
+async def session(token, fn):
+    params = StdioServerParameters(command=ATOLL, args=["--url", URL, "--ca-file", CA, "mcp"],
+                                   env={"ATOLL_TOKEN": token})
+    async with stdio_client(params) as (r, w):
+        async with ClientSession(r, w) as s:
+            await s.initialize()
+            return await fn(s)
+
+async def running(s, cloud, vm):
+    deadline = time.time() + 120
+    while True:
+        v = ok(await s.call_tool("get_vm", {"cloud": cloud, "vm": vm}), "get vm")
+        if (v.get("status") or {}).get("state") == "running":
+            return v
+        assert time.time() < deadline, f"{vm} did not boot: {v}"
+        await asyncio.sleep(0.5)
+
+async def run(s, cloud, vm, argv):
+    r = ok(await s.call_tool("exec_vm", {"cloud": cloud, "vm": vm, "body": {"argv": argv}}), f"exec {argv}")
+    return r
+
+async def main():
+    async def operator(s):
+        a = ok(await s.call_tool("create_cloud", {"body": {"name": "alpha"}}), "cloud alpha")
+        b = ok(await s.call_tool("create_cloud", {"body": {"name": "beta"}}), "cloud beta")
+        return a, b
+    a, b = await session(OP, operator)
+    aid, bid = a["cloud"]["id"], b["cloud"]["id"]
+
+    async def alpha(s):
+        ok(await s.call_tool("create_vm", {"cloud": aid, "body": {"name": "web", "memory_mib": 64}}), "create vm")
+        await running(s, aid, "web")
+        r = await run(s, aid, "web", ["uname", "-a"])
+        assert r["exit"] == {"code": 0, "timed_out": False} and r["stdout"].startswith("Linux "), r
+        assert (await run(s, aid, "web", ["mkdir", "-p", "/www"]))["exit"]["code"] == 0
+        ok(await s.call_tool("write_file", {"cloud": aid, "vm": "web", "path": "/www/index.html",
+                                             "content": "hello from alpha\n"}), "write a file")
+        f = ok(await s.call_tool("read_file", {"cloud": aid, "vm": "web", "path": "/www/index.html"}), "read it")
+        assert f["content"] == "hello from alpha\n" and f["mode"] == "644", f
+        # A web server of sorts (busybox nc answering each connection with the page).
+        ok(await s.call_tool("write_file", {"cloud": aid, "vm": "web", "path": "/root/page", "mode": "755",
+                                             "content": "#!/bin/sh\ncat /www/index.html\n"}), "write a script")
+        r = await run(s, aid, "web", ["sh", "-c", "nc -ll -p 8080 -e /root/page </dev/null >/dev/null 2>&1 &"])
+        assert r["exit"]["code"] == 0, r
+        ok(await s.call_tool("create_exposure", {"cloud": aid, "body": {
+            "name": "site", "protocol": "tcp", "port": 80, "backends": [{"vm": "web", "port": 8080}]}}), "expose")
+        ok(await s.call_tool("create_grant", {"cloud": aid, "exposure": "site", "body": {"consumer": bid}}), "grant")
+    await session(a["token"], alpha)
+
+    async def beta(s):
+        ok(await s.call_tool("create_vm", {"cloud": bid, "body": {"name": "client", "memory_mib": 64}}), "create vm")
+        ok(await s.call_tool("accept_offer", {"cloud": bid, "provider": aid, "exposure": "site"}), "accept")
+        imports = ok(await s.call_tool("list_imports", {"cloud": bid}), "imports")
+        name = imports[0]["fqdn"].rstrip(".")
+        await running(s, bid, "client")
+        deadline = time.time() + 60
+        while True:
+            r = await run(s, bid, "client", ["sh", "-c", f"nc -w 3 {name} 80 </dev/null"])
+            if r["stdout"]:
+                break
+            assert time.time() < deadline, f"{name} unreachable: {r}"
+            await asyncio.sleep(0.5)
+        assert r["stdout"] == "hello from alpha\n", r
+        return name
+    name = await session(b["token"], beta)
+    print(json.dumps({"reached": name}))
+    print("WALKTHROUGH OK")
+
+asyncio.run(main())
+"##;
+
+/// An agent's first minutes through MCP with real VMs (issue 19), the official Python SDK as
+/// the client over `atoll mcp`: the operator creates two clouds; the first cloud's token boots
+/// a VM, runs `uname -a` in it, writes and reads a file, starts a web server by exec, exposes
+/// it and grants it to the second cloud; the second cloud's token boots a VM, accepts the
+/// grant and fetches the page by the service's name from inside its VM. (Usage through the
+/// API is issue 20's and not in the walk-through yet.)
+#[test]
+fn an_mcp_client_boots_vms_runs_commands_and_reaches_a_granted_service_by_name() {
+    require_root();
+    let python = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/mcp-venv/bin/python");
+    assert!(
+        python.exists(),
+        "{} is missing: run `cargo xtask setup` (cargo xtask test does)",
+        python.display()
+    );
+    let atoll = std::env::current_exe()
+        .unwrap()
+        .parent()
+        .and_then(Path::parent)
+        .unwrap()
+        .join("atoll");
+    assert!(atoll.exists(), "{} is missing", atoll.display());
+    let vmdir = tempfile::tempdir().unwrap();
+    let mut agent = EmbeddedAgent::start(
+        "mm",
+        &format!(
+            "[vm]\ndriver = \"qemu\"\nrun_dir = \"{}\"\nstate_dir = \"{}\"\nstop_timeout_secs = 20\n",
+            vmdir.path().join("run").display(),
+            vmdir.path().join("state").display(),
+        ),
+    );
+    let script = vmdir.path().join("walkthrough.py");
+    std::fs::write(&script, MCP_WALKTHROUGH).unwrap();
+    let out = std::process::Command::new(python)
+        .arg(&script)
+        .arg(&atoll)
+        .arg(&agent.url)
+        .arg(agent.dir.path().join("tls/ca.pem"))
+        .arg(&agent.token)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    let cleaned = agent.cleanup();
+    assert!(
+        out.status.success() && stdout.contains("WALKTHROUGH OK"),
+        "the MCP walk-through failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(cleaned.status.success(), "{cleaned:?}");
 }
