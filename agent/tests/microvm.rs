@@ -930,7 +930,8 @@ async fn vm_egress(asked: std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
 /// on its underlay address, host B follows it with its own host token. A cloud's two VMs,
 /// one anti-affinity group, land on different hosts; each reaches the other by address and
 /// by name (its cloud's DNS, served on its own host), over TCP too, with the MTU the config
-/// drive gave it (the underlay's less the encapsulation).
+/// drive gave it (the underlay's less the encapsulation); an exec in each, through the one
+/// control plane, reaches the VM's own host's guest access.
 #[test]
 fn a_microvm_on_each_of_two_hosts_connects_across_the_overlay() {
     use atoll_testbed::{leaves_nothing, unique_name, unique_prefix, NetNs};
@@ -968,7 +969,8 @@ fn a_microvm_on_each_of_two_hosts_connects_across_the_overlay() {
         let vm_section = |host: &str, underlay: Ipv4Addr| {
             format!(
                 "[vm]\ndriver = \"qemu\"\nrun_dir = \"{}\"\nstate_dir = \"{}\"\nstop_timeout_secs = 20\n\
-                 [overlay]\nenabled = true\nunderlay = \"{underlay}\"\ndevice = \"vx0\"\n",
+                 [overlay]\nenabled = true\nunderlay = \"{underlay}\"\ndevice = \"vx0\"\n\
+                 [guest_access]\nlisten = \"{underlay}:0\"\n",
                 vmdir.path().join(host).join("run").display(),
                 vmdir.path().join(host).join("state").display(),
             )
@@ -1067,6 +1069,24 @@ fn a_microvm_on_each_of_two_hosts_connects_across_the_overlay() {
             v1.fqdn
         ));
         assert_eq!(out.trim(), "20000", "the echo came back whole");
+        // Exec in each VM through the one control plane, which forwards to the VM's host's
+        // guest access over the underlay: each answers with its own MAC.
+        for vm in &vms {
+            let (c, name) = (op.clone(), vm.name.clone());
+            let (out, _, last, _) = atoll_agent::dns::netns::run_in(&a_ns.path(), || {
+                rt.block_on(exec_in(
+                    &c,
+                    xid,
+                    &name,
+                    ExecVm::argv(["cat", "/sys/class/net/eth0/address"]),
+                ))
+            })
+            .unwrap();
+            assert_eq!(
+                (String::from_utf8_lossy(&out).trim(), last),
+                (guest_mac(vm.ipv4).as_str(), exited(0))
+            );
+        }
         drop((s1, s2));
         let out = b.cleanup();
         assert!(out.status.success(), "{out:?}");
