@@ -132,7 +132,12 @@ pub async fn start(
                 return;
             };
             let stream = match listener.accept().await {
-                Ok((s, _)) => s,
+                Ok((s, _)) => {
+                    // Exec output is many small writes: Nagle would hold each behind the
+                    // peer's delayed ACK.
+                    let _ = s.set_nodelay(true);
+                    s
+                }
                 Err(e) => {
                     tracing::warn!("guest access: accepting: {e}");
                     tokio::time::sleep(Duration::from_millis(100)).await;

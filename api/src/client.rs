@@ -147,7 +147,15 @@ impl Client {
             http: HyperClient::builder(TokioExecutor::new())
                 .pool_timer(hyper_util::rt::TokioTimer::new())
                 .pool_idle_timeout(Duration::from_secs(10))
-                .build(crate::tls::connector(HttpConnector::new(), config)),
+                .build(crate::tls::connector(
+                    {
+                        // Small requests and streamed replies: no Nagle delay.
+                        let mut http = HttpConnector::new();
+                        http.set_nodelay(true);
+                        http
+                    },
+                    config,
+                )),
             trust_setting: tls.filter(|_| https).map(|t| t.setting.clone()),
             base,
             token: token.trim().to_string(),

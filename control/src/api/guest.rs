@@ -49,8 +49,11 @@ impl Forwarder {
         }
         .config()
         .map_err(|e| ApiError::internal("guest_access", "the host's guest access", &e))?;
-        let c: HttpsClient = Client::builder(TokioExecutor::new())
-            .build(atoll_api::tls::connector(HttpConnector::new(), Some(tls)));
+        let mut http = HttpConnector::new();
+        // Streams of small writes (exec output): no Nagle delay on the way.
+        http.set_nodelay(true);
+        let c: HttpsClient =
+            Client::builder(TokioExecutor::new()).build(atoll_api::tls::connector(http, Some(tls)));
         if clients.len() > 4096 {
             clients.clear();
         }

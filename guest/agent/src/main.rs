@@ -16,8 +16,10 @@
 //! - **Files are written to a temporary name beside the target and renamed into place** once
 //!   complete (mode and owner set first), so a cancelled or failed upload never leaves a
 //!   half-written file under the real name.
-//! - When the host end is not connected, reads of the port return end-of-file: every session
-//!   ends (its processes killed) and the agent polls for the host every [`RECONNECT_POLL`].
+//! - When the host end is not connected, reads of the port return end-of-file (and `poll`
+//!   says hang-up): every session ends (its processes killed) and the agent sleeps until the
+//!   kernel signals that the host end opened (`SIGIO` from the port, `O_ASYNC`), at most
+//!   [`RECONNECT_POLL`] at a time, so an idle VM does not wake for nothing.
 
 use std::{
     collections::HashMap,
@@ -40,7 +42,7 @@ use atoll_guest::{
     Decoder, ExecRequest, FileInfo, FileRequest, Frame, Kind, MAX_CHUNK, PORT_NAME, WINDOW,
 };
 
-const RECONNECT_POLL: Duration = Duration::from_millis(50);
+const RECONNECT_POLL: Duration = Duration::from_secs(1);
 const DRAIN_QUIET: Duration = Duration::from_millis(250);
 /// Sessions at once; more are refused with an error.
 const MAX_SESSIONS: usize = 256;
@@ -158,7 +160,33 @@ fn find_port() -> Option<PathBuf> {
     None
 }
 
+/// `SIGIO` only, blocked in every thread (taken with `sigtimedwait`).
+fn sigio() -> libc::sigset_t {
+    // SAFETY: sigemptyset/sigaddset initialise the set they are given.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGIO);
+        set
+    }
+}
+
+/// Waits for the port's `SIGIO` (the host end opened), at most [`RECONNECT_POLL`].
+fn wait_for_host() {
+    let set = sigio();
+    let t = libc::timespec {
+        tv_sec: RECONNECT_POLL.as_secs() as libc::time_t,
+        tv_nsec: 0,
+    };
+    // SAFETY: valid pointers to a set and a timeout; no siginfo wanted.
+    unsafe { libc::sigtimedwait(&set, std::ptr::null_mut(), &t) };
+}
+
 fn main() {
+    // Before any thread starts, so every thread inherits the mask.
+    let set = sigio();
+    // SAFETY: a valid set; the old mask is not wanted.
+    unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
     let mut warned = false;
     let path = loop {
         match find_port() {
@@ -186,6 +214,14 @@ fn main() {
             std::process::exit(1);
         }
     };
+    // SIGIO to this process when the host end opens (virtio_console's port-open event).
+    // SAFETY: fcntl on an fd this function owns.
+    unsafe {
+        let fd = file.as_raw_fd();
+        libc::fcntl(fd, libc::F_SETOWN, libc::getpid());
+        let flags = libc::fcntl(fd, libc::F_GETFL);
+        libc::fcntl(fd, libc::F_SETFL, flags | libc::O_ASYNC);
+    }
     let out = Out(Arc::new(Mutex::new(file)));
     let sessions: Sessions = Arc::default();
     let mut decoder = Decoder::new();
@@ -197,7 +233,7 @@ fn main() {
                 // The host end is not connected: nothing of an earlier connection survives.
                 end_all(&sessions);
                 decoder.reset();
-                std::thread::sleep(RECONNECT_POLL);
+                wait_for_host();
                 continue;
             }
             Ok(n) => n,

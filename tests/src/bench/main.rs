@@ -23,6 +23,7 @@
 
 mod control;
 mod egress;
+mod exec;
 mod exposure;
 mod fleet;
 mod forward;
@@ -112,8 +113,12 @@ fn main() -> Result<()> {
         println!("{}", vm::summary(&vb));
         if !args.smoke {
             let old = std::fs::read_to_string(&args.out).unwrap_or_default();
-            std::fs::write(&args.out, splice(&old, vm::HEADING, &vm::section(&vb)))
-                .with_context(|| format!("writing {}", args.out.display()))?;
+            let new = splice(&old, vm::HEADING, &vm::section(&vb));
+            std::fs::write(
+                &args.out,
+                splice(&new, exec::HEADING, &exec::section(&vb.exec, &vb.accel)),
+            )
+            .with_context(|| format!("writing {}", args.out.display()))?;
             println!("wrote the MicroVMs section of {}", args.out.display());
         }
         return Ok(());
@@ -659,6 +664,7 @@ fn main() -> Result<()> {
     )?;
     report.push_str(&forward_section);
     report.push_str(&vm::section(&vb));
+    report.push_str(&exec::section(&vb.exec, &vb.accel));
     report.push_str(&egress::section(&eb));
     report.push_str(&masquerade::section(&mb));
     report.push_str(&fleet::section(&fb));

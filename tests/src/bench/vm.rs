@@ -56,6 +56,7 @@ pub struct VmBench {
     pub memory_mib: u64,
     /// The very first VM, KVM probe included.
     pub first_vm_ms: f64,
+    pub exec: crate::exec::ExecBench,
 }
 
 /// The `p`-quantile of `v` (sorted copy).
@@ -120,6 +121,16 @@ async fn run_async(smoke: bool) -> Result<VmBench> {
     };
     let run_dir = vm_cfg.run_dir.clone();
     let (vmm, mut events) = VmManager::new(vm_cfg.clone());
+    // Guest access, as the agent serves it (the exec bench's path).
+    let guests = vmm.guests();
+    let access = atoll_agent::guest_access::start(
+        &atoll_agent::config::GuestAccessConfig::default(),
+        guests.clone(),
+    )
+    .await?;
+    source
+        .register_guest_access("bench", access.access.clone())
+        .await?;
     let mut conv = Converger::new(
         ConvergeConfig {
             host: "bench".into(),
@@ -230,6 +241,43 @@ async fn run_async(smoke: bool) -> Result<VmBench> {
         accel = a;
     }
     let (concurrent, _, pss) = round(concurrent_n).await?;
+
+    // Exec and files on one running VM.
+    let c: CreatedCloud = op
+        .run(&Command::CreateCloud {
+            spec: serde_json::from_value(json!({})).unwrap(),
+        })
+        .await?;
+    let cc = Client::new(&url, &c.token)?;
+    let id = c.cloud.id;
+    let _: Vm = cc
+        .run(&Command::CreateVm {
+            cloud: id,
+            spec: serde_json::from_value(json!({"name": "ex", "memory_mib": 256})).unwrap(),
+        })
+        .await?;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let v: Vm = cc
+            .run(&Command::GetVm {
+                cloud: id,
+                vm: "ex".into(),
+            })
+            .await?;
+        if v.status.as_ref().map(|s| s.state) == Some(atoll_control::model::VmState::Running) {
+            break;
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "the exec bench's VM did not boot: {v:?}"
+        );
+        // A bench, not a test: polling the API is the simple way here.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let shell = vm_dir(&run_dir, id.get(), "ex")?.join("vmm/shell.sock");
+    let exec = crate::exec::measure(&cc, &guests, id, "ex", &shell, smoke).await?;
+    let _: () = op.run(&Command::DeleteCloud { cloud: id }).await?;
+    access.task.abort();
     let _ = stop_tx.send(());
     agent.await??;
     Ok(VmBench {
@@ -239,7 +287,23 @@ async fn run_async(smoke: bool) -> Result<VmBench> {
         pss_per_vm: pss as f64 / concurrent_n as f64,
         memory_mib,
         first_vm_ms,
+        exec,
     })
+}
+
+/// The runtime directory of VM `vm` of cloud `cloud` (it records the VM's identity).
+fn vm_dir(run_dir: &Path, cloud: u32, vm: &str) -> Result<std::path::PathBuf> {
+    for e in std::fs::read_dir(run_dir)?.flatten() {
+        let id = std::fs::read_to_string(e.path().join("identity")).unwrap_or_default();
+        let mut f = id.split_whitespace();
+        if f.next() == Some(&cloud.to_string()) && f.next() == Some(vm) {
+            return Ok(e.path());
+        }
+    }
+    anyhow::bail!(
+        "no runtime directory for {cloud}/{vm} under {}",
+        run_dir.display()
+    )
 }
 
 /// One table row: p50/p99 of total, guest boot and atoll's own part.
@@ -278,11 +342,12 @@ fn pss_mib(vb: &VmBench) -> f64 {
 pub fn summary(vb: &VmBench) -> String {
     let (seq, par) = rows(vb);
     format!(
-        "microVMs ({}; first VM with the KVM probe {:.0} ms): API call to guest network-ready, p50/p99 total | guest boot | atoll's own:\n{seq}\n{par}\nhost memory per VM ({} MiB guest): {:.1} MiB PSS",
+        "microVMs ({}; first VM with the KVM probe {:.0} ms): API call to guest network-ready, p50/p99 total | guest boot | atoll's own:\n{seq}\n{par}\nhost memory per VM ({} MiB guest): {:.1} MiB PSS\n{}",
         vb.accel,
         vb.first_vm_ms,
         vb.memory_mib,
-        pss_mib(vb)
+        pss_mib(vb),
+        crate::exec::summary(&vb.exec)
     )
 }
 
