@@ -285,18 +285,14 @@ impl Source {
         host: &str,
         underlay: std::net::Ipv4Addr,
     ) -> Result<(), ConvergeError> {
-        let cmd = Command::SetHostUnderlay {
-            host: host.to_string(),
-            spec: atoll_api::model::HostUnderlay { underlay },
-        };
-        self.0
-            .execute(cmd)
-            .await
-            .map(drop)
-            .map_err(|source| ConvergeError::Register {
+        self.registering(
+            host,
+            Command::SetHostUnderlay {
                 host: host.to_string(),
-                source,
-            })
+                spec: atoll_api::model::HostUnderlay { underlay },
+            },
+        )
+        .await
     }
 
     /// Registers where control planes reach `host`'s guest agents.
@@ -305,10 +301,18 @@ impl Source {
         host: &str,
         spec: atoll_api::model::GuestAccess,
     ) -> Result<(), ConvergeError> {
-        let cmd = Command::SetGuestAccess {
-            host: host.to_string(),
-            spec,
-        };
+        self.registering(
+            host,
+            Command::SetGuestAccess {
+                host: host.to_string(),
+                spec,
+            },
+        )
+        .await
+    }
+
+    /// Sends one of `host`'s registrations.
+    async fn registering(&self, host: &str, cmd: Command) -> Result<(), ConvergeError> {
         self.0
             .execute(cmd)
             .await

@@ -17,6 +17,12 @@
 //!   response (the client went away, a control plane's request was cancelled) drops the
 //!   session, which kills the command in the guest. Past `max_output_bytes` a stream's output
 //!   is discarded (still credited) after one `truncated` line.
+//! - **Stdin streams in a request of its own** (`POST …/execs/{exec}/stdin`), not as a
+//!   duplex body of the exec request: an exec with `stdin_stream` gets a random 128-bit id in
+//!   its `started` event, and the first stdin request naming it (same cloud and VM) takes its
+//!   input side, once; the body's end closes the command's stdin. Two plain HTTP exchanges
+//!   pass through any proxy, where a request body still flowing after the response began
+//!   would not.
 //! - **Files are streamed** both ways in chunks under the same credit; a download's length is
 //!   the size the guest reported (a file that grows is cut there, one that shrinks ends the
 //!   response early, which the client sees as a short body); an upload needs its length up
@@ -47,7 +53,10 @@ use tokio::{net::TcpListener, sync::mpsc};
 
 use crate::{
     config::GuestAccessConfig,
-    vm::guest::{Event, GuestError, Guests},
+    vm::{
+        guest::{Event, GuestError, Guests, InputWriter},
+        VmKey,
+    },
 };
 
 /// The largest exec request (the API's body limit).
@@ -82,9 +91,20 @@ pub struct GuestAccessServer {
     pub task: tokio::task::JoinHandle<()>,
 }
 
+/// Execs waiting for their stdin stream: exec id → (its VM, the session's input side).
+type Waiting = HashMap<String, (VmKey, InputWriter)>;
+
 struct Ctx {
     guests: Arc<Guests>,
     secret: String,
+    /// Execs waiting for their stdin stream: id → (VM, the session's input side).
+    stdin: std::sync::Mutex<Waiting>,
+}
+
+impl Ctx {
+    fn stdin(&self) -> std::sync::MutexGuard<'_, Waiting> {
+        self.stdin.lock().unwrap_or_else(|p| p.into_inner())
+    }
 }
 
 /// Binds `cfg.listen`, makes the identity and serves until the task is aborted.
@@ -123,6 +143,7 @@ pub async fn start(
     let ctx = Arc::new(Ctx {
         guests,
         secret: secret.clone(),
+        stdin: Default::default(),
     });
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
     let task = tokio::spawn(async move {
@@ -238,6 +259,24 @@ async fn handle(req: Request<Incoming>, ctx: Arc<Ctx>) -> Result<Response<Body>,
         ["", "v1", "clouds", c, "vms", v, "files"] if req.method() == hyper::Method::GET => {
             (&routes::READ_FILE, *c, *v)
         }
+        ["", "v1", "clouds", c, "vms", v, "execs", e, "stdin"]
+            if req.method() == hyper::Method::POST =>
+        {
+            let (c, v, e) = (*c, *v, *e);
+            let params: HashMap<String, String> = [("cloud", c), ("vm", v), ("exec", e)]
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect();
+            return Ok(
+                match routes::parse(&routes::WRITE_EXEC_STDIN, &params, &HashMap::new(), &[]) {
+                    Ok(Command::WriteExecStdin { cloud, vm, exec }) => {
+                        exec_stdin(&ctx, (cloud.get(), vm), &exec, req.into_body()).await
+                    }
+                    Ok(_) => error(StatusCode::NOT_FOUND, "no_route", "no such route"),
+                    Err(e) => error(StatusCode::BAD_REQUEST, "invalid_field", e.to_string()),
+                },
+            );
+        }
         ["", "v1", "clouds", c, "vms", v, "files"] if req.method() == hyper::Method::PUT => {
             (&routes::WRITE_FILE, *c, *v)
         }
@@ -293,7 +332,7 @@ async fn handle(req: Request<Incoming>, ctx: Arc<Ctx>) -> Result<Response<Body>,
         }
     };
     Ok(match cmd {
-        Command::ExecVm { cloud, vm, spec } => exec(&ctx.guests, (cloud.get(), vm), spec).await,
+        Command::ExecVm { cloud, vm, spec } => exec(&ctx, (cloud.get(), vm), spec).await,
         Command::ReadFile { cloud, vm, spec } => {
             read_file(&ctx.guests, (cloud.get(), vm), spec).await
         }
@@ -328,10 +367,11 @@ fn line(e: &ExecEvent) -> Result<Frame<Bytes>, std::io::Error> {
 }
 
 async fn exec(
-    guests: &Arc<Guests>,
+    ctx: &Arc<Ctx>,
     key: (u32, String),
     spec: atoll_api::model::ExecVm,
 ) -> Response<Body> {
+    let guests = &ctx.guests;
     let b64 = base64::engine::general_purpose::STANDARD;
     let stdin = match spec.stdin_base64.as_deref().map(|s| b64.decode(s)) {
         Some(Ok(b)) => Some(b),
@@ -348,7 +388,7 @@ async fn exec(
         argv: spec.argv.clone(),
         env: spec.env.clone().into_iter().collect(),
         cwd: spec.cwd.clone(),
-        stdin: stdin.is_some(),
+        stdin: stdin.is_some() || spec.stdin_stream,
     };
     let body = serde_json::to_vec(&req).expect("exec requests serialize");
     let mut session = match guests.open(&key, Kind::Exec, body).await {
@@ -369,8 +409,36 @@ async fn exec(
             }
         });
     }
+    let exec_id = match spec.stdin_stream {
+        true => {
+            let mut raw = [0u8; 16];
+            if let Err(e) = getrandom::fill(&mut raw) {
+                return error(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "internal",
+                    format!("drawing an exec id: {e}"),
+                );
+            }
+            let id: String = raw.iter().map(|b| format!("{b:02x}")).collect();
+            ctx.stdin()
+                .insert(id.clone(), (key.clone(), session.writer()));
+            Some(id)
+        }
+        false => None,
+    };
     let (tx, body) = stream(16);
+    let ctx = ctx.clone();
     tokio::spawn(async move {
+        // Whatever ends the exec, its stdin can no longer be claimed.
+        struct Forget(Arc<Ctx>, Option<String>);
+        impl Drop for Forget {
+            fn drop(&mut self) {
+                if let Some(id) = &self.1 {
+                    self.0.stdin().remove(id);
+                }
+            }
+        }
+        let _forget = Forget(ctx, exec_id.clone());
         let deadline = tokio::time::Instant::now() + timeout;
         let mut sent = [0u64; 2];
         let mut truncated = [false, false];
@@ -388,7 +456,10 @@ async fn exec(
             };
             let Some(event) = event else { return };
             let out = match event {
-                Event::Started { pid } => vec![ExecEvent::Started { pid }],
+                Event::Started { pid } => vec![ExecEvent::Started {
+                    pid,
+                    exec_id: exec_id.clone(),
+                }],
                 ev @ (Event::Stdout(_) | Event::Stderr(_)) => {
                     let (i, name, d) = match ev {
                         Event::Stdout(d) => (0, "stdout", d),
@@ -445,6 +516,53 @@ async fn exec(
         header::CONTENT_TYPE,
         header::HeaderValue::from_static("application/x-ndjson"),
     );
+    r
+}
+
+/// Streams a request's body to the stdin of the exec `id` (of VM `key`), then closes it.
+async fn exec_stdin(
+    ctx: &Arc<Ctx>,
+    key: (u32, String),
+    id: &str,
+    mut body: Incoming,
+) -> Response<Body> {
+    let writer = {
+        let mut m = ctx.stdin();
+        match m.get(id) {
+            Some((k, _)) if *k == key => m.remove(id).map(|(_, w)| w),
+            _ => None,
+        }
+    };
+    let Some(w) = writer else {
+        return error(
+            StatusCode::NOT_FOUND,
+            "no_such_exec",
+            "no running exec with that id waits for its stdin here",
+        );
+    };
+    while let Some(frame) = body.frame().await {
+        match frame {
+            Ok(f) => {
+                if let Ok(d) = f.into_data() {
+                    if w.input(&d).await.is_err() {
+                        return error(StatusCode::GONE, "exec_ended", "the exec ended");
+                    }
+                }
+            }
+            Err(e) => {
+                // A broken stream still closes stdin: the command sees its end.
+                w.end_input();
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    "bad_body",
+                    format!("reading the body: {e}"),
+                );
+            }
+        }
+    }
+    w.end_input();
+    let mut r = Response::new(full(Bytes::new()));
+    *r.status_mut() = StatusCode::NO_CONTENT;
     r
 }
 

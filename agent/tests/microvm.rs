@@ -698,6 +698,29 @@ async fn microvms_boot_resolve_isolate_expose_persist_and_meter() {
     }
 }
 
+/// Fails loudly without the image and QEMU of `cargo xtask image`.
+fn require_image() {
+    for p in [format!("{IMAGE}/vmlinux"), QEMU.into()] {
+        assert!(
+            Path::new(&p).exists(),
+            "{p} is missing: run `cargo xtask image` (cargo xtask test does)"
+        );
+    }
+}
+
+/// An agent with its embedded control plane running VMs under QEMU, their runtime and state
+/// directories in `dir` (`run`, `state`).
+fn qemu_agent(tag: &str, dir: &Path) -> EmbeddedAgent {
+    EmbeddedAgent::start(
+        tag,
+        &format!(
+            "[vm]\ndriver = \"qemu\"\nrun_dir = \"{}\"\nstate_dir = \"{}\"\nstop_timeout_secs = 20\n",
+            dir.join("run").display(),
+            dir.join("state").display(),
+        ),
+    )
+}
+
 /// Creates cloud `name` as the operator: the cloud's own client and its id.
 async fn cloud(agent: &EmbeddedAgent, name: &str) -> (Client, CloudId) {
     let a: CreatedCloud = agent
@@ -730,23 +753,11 @@ async fn vmm_gone(pid: u32, what: &str) {
 async fn a_microvm_with_an_idle_timeout_stops_when_idle_and_starts_again() {
     use atoll_control::model::{Power, StopReason};
     require_root();
-    for p in [format!("{IMAGE}/vmlinux"), QEMU.into()] {
-        assert!(
-            Path::new(&p).exists(),
-            "{p} is missing: run `cargo xtask image` (cargo xtask test does)"
-        );
-    }
+    require_image();
     const IDLE_SECS: u64 = 4;
     let vmdir = tempfile::tempdir().unwrap();
     let run_dir = vmdir.path().join("run");
-    let mut agent = EmbeddedAgent::start(
-        "mz",
-        &format!(
-            "[vm]\ndriver = \"qemu\"\nrun_dir = \"{}\"\nstate_dir = \"{}\"\nstop_timeout_secs = 20\n",
-            run_dir.display(),
-            vmdir.path().join("state").display(),
-        ),
-    );
+    let mut agent = qemu_agent("mz", vmdir.path());
     let (ac, aid) = cloud(&agent, "alpha").await;
     let created: Vm = ac
         .run(&Command::CreateVm {
@@ -830,12 +841,7 @@ fn a_microvm_resolves_an_allowlisted_name_and_fetches_from_the_internet() {
     };
     use std::net::{Ipv4Addr, SocketAddrV4};
     require_root();
-    for p in [format!("{IMAGE}/vmlinux"), QEMU.into()] {
-        assert!(
-            Path::new(&p).exists(),
-            "{p} is missing: run `cargo xtask image` (cargo xtask test does)"
-        );
-    }
+    require_image();
     const WEB: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 10);
     const RESOLVER: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 53);
     let prefixes: Vec<String> = ["mi", "me"].iter().map(|t| unique_prefix(t)).collect();
@@ -940,12 +946,7 @@ fn a_microvm_on_each_of_two_hosts_connects_across_the_overlay() {
     const A: Ipv4Addr = Ipv4Addr::new(10, 201, 0, 1);
     const B: Ipv4Addr = Ipv4Addr::new(10, 201, 0, 2);
     require_root();
-    for p in [format!("{IMAGE}/vmlinux"), QEMU.into()] {
-        assert!(
-            Path::new(&p).exists(),
-            "{p} is missing: run `cargo xtask image` (cargo xtask test does)"
-        );
-    }
+    require_image();
     let prefixes: Vec<String> = ["m2", "m2h"].iter().map(|t| unique_prefix(t)).collect();
     leaves_nothing(&prefixes, || {
         let a_ns = NetNs::new(&unique_name("m2h")).unwrap();
@@ -1163,21 +1164,9 @@ async fn no_process(c: &Client, cloud: CloudId, vm: &str, pattern: &str) {
 async fn a_microvm_runs_commands_and_moves_files_through_its_guest_agent() {
     use base64::Engine;
     require_root();
-    for p in [format!("{IMAGE}/vmlinux"), QEMU.into()] {
-        assert!(
-            Path::new(&p).exists(),
-            "{p} is missing: run `cargo xtask image` (cargo xtask test does)"
-        );
-    }
+    require_image();
     let vmdir = tempfile::tempdir().unwrap();
-    let mut agent = EmbeddedAgent::start(
-        "mx",
-        &format!(
-            "[vm]\ndriver = \"qemu\"\nrun_dir = \"{}\"\nstate_dir = \"{}\"\nstop_timeout_secs = 20\n",
-            vmdir.path().join("run").display(),
-            vmdir.path().join("state").display(),
-        ),
-    );
+    let mut agent = qemu_agent("mx", vmdir.path());
     let (ac, aid) = cloud(&agent, "alpha").await;
     let (bc, _) = cloud(&agent, "beta").await;
     let _: Vm = ac
@@ -1197,7 +1186,7 @@ async fn a_microvm_runs_commands_and_moves_files_through_its_guest_agent() {
     );
     assert_eq!(last, exited(0));
     assert!(
-        matches!(all[0], ExecEvent::Started { pid } if pid > 1),
+        matches!(all[0], ExecEvent::Started { pid, exec_id: None } if pid > 1),
         "{all:?}"
     );
     let (out, err, last, _) = exec_in(
@@ -1221,6 +1210,70 @@ async fn a_microvm_runs_commands_and_moves_files_through_its_guest_agent() {
     assert_eq!(
         (String::from_utf8_lossy(&out).as_ref(), last),
         ("from stdin\nbar baz\n/tmp\n", exited(0))
+    );
+
+    // Stdin as a stream: the command answers each line while its stdin is still open; the
+    // stream's end closes it; an exec's stdin is claimed once.
+    let mut spec = ExecVm::argv([
+        "sh",
+        "-c",
+        "while read l; do echo \"got $l\"; done; echo end",
+    ]);
+    spec.stdin_stream = true;
+    let talk = Command::ExecVm {
+        cloud: aid,
+        vm: "box".into(),
+        spec,
+    };
+    let mut s = ac.exec(&talk).await.unwrap();
+    let Some(Ok(ExecEvent::Started {
+        exec_id: Some(id), ..
+    })) = s.next().await
+    else {
+        panic!("no exec id")
+    };
+    let stdin_of = Command::WriteExecStdin {
+        cloud: aid,
+        vm: "box".into(),
+        exec: id,
+    };
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let feeder = {
+        let (ac, to) = (ac.clone(), stdin_of.clone());
+        tokio::spawn(async move { ac.exec_stdin(&to, rx).await })
+    };
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let mut out = Vec::new();
+    for line in ["one", "two"] {
+        tx.send(Ok(bytes::Bytes::from(format!("{line}\n"))))
+            .await
+            .unwrap();
+        let want = format!("got {line}\n");
+        while !out.ends_with(want.as_bytes()) {
+            match s.next().await {
+                Some(Ok(ExecEvent::Stdout { data })) => out.extend(b64.decode(data).unwrap()),
+                other => panic!("waiting for {want:?}: {other:?}"),
+            }
+        }
+    }
+    drop(tx);
+    let mut last = None;
+    while let Some(e) = s.next().await {
+        match e.unwrap() {
+            ExecEvent::Stdout { data } => out.extend(b64.decode(data).unwrap()),
+            e => last = Some(e),
+        }
+    }
+    assert_eq!(
+        (String::from_utf8_lossy(&out).as_ref(), last),
+        ("got one\ngot two\nend\n", Some(exited(0)))
+    );
+    feeder.await.unwrap().unwrap();
+    let (_, rx) = tokio::sync::mpsc::channel(1);
+    let again = ac.exec_stdin(&stdin_of, rx).await.unwrap_err();
+    assert!(
+        matches!(&again, ClientError::Api { status, body } if status.as_u16() == 404 && body.error.code == "no_such_exec"),
+        "{again:?}"
     );
 
     // Output capped with a marker; a flood past the cap drains and exits.
@@ -1275,6 +1328,38 @@ async fn a_microvm_runs_commands_and_moves_files_through_its_guest_agent() {
     );
     drop(s);
     no_process(&ac, aid, "box", "sleep 302").await;
+
+    // A cloud's requests in flight through a control plane are capped; dropping them kills
+    // their commands.
+    let sleeper = Command::ExecVm {
+        cloud: aid,
+        vm: "box".into(),
+        spec: ExecVm::argv(["sleep", "303"]),
+    };
+    let mut held = Vec::new();
+    for _ in 0..32 {
+        held.push(ac.exec(&sleeper).await.unwrap());
+    }
+    let over = ac.exec(&sleeper).await.unwrap_err();
+    assert!(
+        matches!(&over, ClientError::Api { status, body } if status.as_u16() == 429 && body.error.code == "too_many_sessions"),
+        "{over:?}"
+    );
+    drop(held);
+    // The control plane lets the permits go as it sees the connections close.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while let Err(e) = ac
+        .exec(&Command::ExecVm {
+            cloud: aid,
+            vm: "box".into(),
+            spec: ExecVm::argv(["true"]),
+        })
+        .await
+    {
+        assert!(Instant::now() < deadline, "still refused: {e}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    no_process(&ac, aid, "box", "sleep 303").await;
 
     // Several at once.
     let runs = (0..4).map(|i| {
@@ -1598,14 +1683,7 @@ fn an_mcp_client_boots_vms_runs_commands_and_reaches_a_granted_service_by_name()
         .join("atoll");
     assert!(atoll.exists(), "{} is missing", atoll.display());
     let vmdir = tempfile::tempdir().unwrap();
-    let mut agent = EmbeddedAgent::start(
-        "mm",
-        &format!(
-            "[vm]\ndriver = \"qemu\"\nrun_dir = \"{}\"\nstate_dir = \"{}\"\nstop_timeout_secs = 20\n",
-            vmdir.path().join("run").display(),
-            vmdir.path().join("state").display(),
-        ),
-    );
+    let mut agent = qemu_agent("mm", vmdir.path());
     let script = vmdir.path().join("walkthrough.py");
     std::fs::write(&script, MCP_WALKTHROUGH).unwrap();
     let out = std::process::Command::new(python)

@@ -224,19 +224,11 @@ impl Client {
             .map_err(|_| ClientError::InvalidUrl(url.clone()))?;
         let timeout = self.timeout + extra_wait;
         let work = async {
-            let resp = self.http.request(req).await.map_err(|source| {
-                match (crate::tls::tls_cause(&source), &self.trust_setting) {
-                    (Some(cause), Some(setting)) => ClientError::Tls {
-                        url: url.clone(),
-                        cause,
-                        setting: setting.clone(),
-                    },
-                    _ => ClientError::Request {
-                        url: url.clone(),
-                        source,
-                    },
-                }
-            })?;
+            let resp = self
+                .http
+                .request(req)
+                .await
+                .map_err(|source| self.request_error(&url, source))?;
             let status = resp.status();
             let (parts, body) = resp.into_parts();
             let bytes = body
@@ -255,6 +247,21 @@ impl Client {
                 url: url.clone(),
                 timeout,
             })?
+    }
+
+    /// A failed request as an error: a TLS failure names the setting that chose the trust.
+    fn request_error(&self, url: &str, source: hyper_util::client::legacy::Error) -> ClientError {
+        match (crate::tls::tls_cause(&source), &self.trust_setting) {
+            (Some(cause), Some(setting)) => ClientError::Tls {
+                url: url.to_string(),
+                cause,
+                setting: setting.clone(),
+            },
+            _ => ClientError::Request {
+                url: url.to_string(),
+                source,
+            },
+        }
     }
 
     /// Sends a request and decodes a JSON reply (`()` for 204).
@@ -288,6 +295,9 @@ type ReqBody = BoxBody<Bytes, std::io::Error>;
 fn full(b: Bytes) -> ReqBody {
     Full::new(b).map_err(|e| match e {}).boxed()
 }
+
+/// What an upload's body is read from.
+pub type Chunks = tokio::sync::mpsc::Receiver<Result<Bytes, std::io::Error>>;
 
 /// An upload's body: the chunks a channel delivers (an error aborts the request).
 struct ChannelBody(tokio::sync::mpsc::Receiver<Result<Bytes, std::io::Error>>);
@@ -391,10 +401,7 @@ impl Client {
     async fn open(
         &self,
         cmd: &Command,
-        upload: Option<(
-            u64,
-            tokio::sync::mpsc::Receiver<Result<Bytes, std::io::Error>>,
-        )>,
+        upload: Option<(Option<u64>, Chunks)>,
     ) -> Result<(String, hyper::Response<Incoming>), ClientError> {
         let path = cmd.path();
         let url = format!("{}{}", self.base, path);
@@ -404,9 +411,11 @@ impl Client {
             .header("authorization", format!("Bearer {}", self.token));
         let body = match (upload, cmd.body()) {
             (Some((len, rx)), _) => {
-                req = req
-                    .header("content-type", "application/octet-stream")
-                    .header("content-length", len);
+                req = req.header("content-type", "application/octet-stream");
+                // Without a length the body goes chunked (a stream of stdin).
+                if let Some(len) = len {
+                    req = req.header("content-length", len);
+                }
                 ChannelBody(rx).boxed()
             }
             (None, Some(json)) => {
@@ -422,7 +431,9 @@ impl Client {
             .map_err(|_| ClientError::InvalidUrl(url.clone()))?;
         // An upload's response comes after its last byte: no timeout but the connection's.
         let timeout = match cmd {
-            Command::WriteFile { .. } => Duration::from_secs(7 * 86_400),
+            Command::WriteFile { .. } | Command::WriteExecStdin { .. } => {
+                Duration::from_secs(7 * 86_400)
+            }
             _ => self.timeout,
         };
         let resp = tokio::time::timeout(timeout, self.http.request(req))
@@ -431,19 +442,7 @@ impl Client {
                 url: url.clone(),
                 timeout,
             })?
-            .map_err(
-                |source| match (crate::tls::tls_cause(&source), &self.trust_setting) {
-                    (Some(cause), Some(setting)) => ClientError::Tls {
-                        url: url.clone(),
-                        cause,
-                        setting: setting.clone(),
-                    },
-                    _ => ClientError::Request {
-                        url: url.clone(),
-                        source,
-                    },
-                },
-            )?;
+            .map_err(|source| self.request_error(&url, source))?;
         let status = resp.status();
         if status.is_success() {
             return Ok((url, resp));
@@ -500,8 +499,21 @@ impl Client {
         length: u64,
         chunks: tokio::sync::mpsc::Receiver<Result<Bytes, std::io::Error>>,
     ) -> Result<(), ClientError> {
-        let (url, resp) = self.open(cmd, Some((length, chunks))).await?;
+        let (url, resp) = self.open(cmd, Some((Some(length), chunks))).await?;
         let _ = (url, resp.into_body().collect().await);
+        Ok(())
+    }
+
+    /// Streams an exec's stdin ([`Command::WriteExecStdin`], the `exec_id` of its `started`
+    /// event) from what `chunks` delivers, chunked; the channel's end closes the command's
+    /// stdin.
+    pub async fn exec_stdin(
+        &self,
+        cmd: &Command,
+        chunks: tokio::sync::mpsc::Receiver<Result<Bytes, std::io::Error>>,
+    ) -> Result<(), ClientError> {
+        let (_, resp) = self.open(cmd, Some((None, chunks))).await?;
+        let _ = resp.into_body().collect().await;
         Ok(())
     }
 

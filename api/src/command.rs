@@ -56,6 +56,12 @@ pub enum Command {
         vm: String,
         spec: ExecVm,
     },
+    /// Stream stdin to a running exec ([`Reply::Guest`]). The cloud or the operator.
+    WriteExecStdin {
+        cloud: CloudId,
+        vm: String,
+        exec: String,
+    },
     /// Read a file in a VM ([`Reply::Guest`]). The cloud or the operator.
     ReadFile {
         cloud: CloudId,
@@ -241,6 +247,7 @@ impl Command {
             | StopVm { cloud, .. }
             | GetConsole { cloud, .. }
             | ExecVm { cloud, .. }
+            | WriteExecStdin { cloud, .. }
             | ReadFile { cloud, .. }
             | WriteFile { cloud, .. }
             | CreateVolume { cloud, .. }

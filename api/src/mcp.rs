@@ -292,6 +292,12 @@ pub fn request(name: &str, args: &Value) -> Result<ToolCall, String> {
         ),
         None => None,
     };
+    // A tool call is one request: a stream of stdin would need a second one.
+    if route.stream == Some(Stream::NdjsonReply)
+        && body.as_ref().and_then(|b| b.get("stdin_stream")) == Some(&Value::Bool(true))
+    {
+        return Err("stdin_stream is not for tools: give stdin_base64".into());
+    }
     let raw = match (
         route.stream,
         args.get("content"),
@@ -407,7 +413,7 @@ pub trait Backend: Send + Sync {
 impl Backend for Client {
     fn call<'a>(&'a self, call: &'a ToolCall) -> Pending<'a> {
         Box::pin(async move {
-            let (method, wait) = (call.route.method.http(), route_wait(call.route));
+            let (method, wait) = (call.route.method.http(), route_wait(call));
             let (payload, kind) = match (&call.raw, &call.body) {
                 (Some(raw), _) => (Some(raw.clone()), "application/octet-stream"),
                 (None, Some(b)) => (
@@ -545,10 +551,20 @@ impl<B: Backend> Server<B> {
     }
 }
 
-/// How long past the client's usual time-out a route's reply may take: none of the tools
-/// long-polls (the sync is the hosts').
-fn route_wait(_route: &Route) -> std::time::Duration {
-    std::time::Duration::ZERO
+/// How long past the client's usual time-out a call's reply may take: an exec's own timeout
+/// (the tool waits for its end); nothing else long-polls (the sync is the hosts').
+fn route_wait(call: &ToolCall) -> std::time::Duration {
+    if call.route.stream != Some(Stream::NdjsonReply) {
+        return std::time::Duration::ZERO;
+    }
+    let secs = call
+        .body
+        .as_ref()
+        .and_then(|b| b.get("timeout_secs"))
+        .and_then(Value::as_u64)
+        .unwrap_or(crate::model::DEFAULT_EXEC_TIMEOUT_SECS as u64)
+        .min(crate::model::MAX_EXEC_TIMEOUT_SECS as u64);
+    std::time::Duration::from_secs(secs)
 }
 
 fn error(id: Value, code: i64, message: &str) -> Value {

@@ -1954,9 +1954,15 @@ pub struct ExecVm {
     /// The working directory (default `/root`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cwd: Option<String>,
-    /// Standard input, base64 (at most 512 KiB decoded); without it, stdin is empty.
+    /// Standard input, base64 (at most 512 KiB decoded); without it (and without
+    /// `stdin_stream`), stdin is empty.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stdin_base64: Option<String>,
+    /// Keep stdin open for a stream: the `started` event names the exec (`exec_id`), and one
+    /// `POST …/execs/{exec}/stdin` sends its stdin as it comes; the end of that request's body
+    /// closes it. Not with `stdin_base64`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub stdin_stream: bool,
     /// Seconds until the command is killed (default 600, at most 86400); the stream then
     /// ends with `exit` and `timed_out: true`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -1976,6 +1982,7 @@ impl ExecVm {
             env: BTreeMap::new(),
             cwd: None,
             stdin_base64: None,
+            stdin_stream: false,
             timeout_secs: None,
             max_output_bytes: None,
         }
@@ -2037,6 +2044,12 @@ impl ExecVm {
                 ));
             }
         }
+        if self.stdin_stream && self.stdin_base64.is_some() {
+            return Err(FieldError::new(
+                "stdin_stream",
+                "stdin comes either with the request (stdin_base64) or as a stream, not both",
+            ));
+        }
         if let Some(s) = &self.stdin_base64 {
             use base64::Engine;
             match base64::engine::general_purpose::STANDARD.decode(s) {
@@ -2058,9 +2071,12 @@ impl ExecVm {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
 pub enum ExecEvent {
-    /// The command started as process `pid` in the guest.
+    /// The command started as process `pid` in the guest; `exec_id` names it for its stdin
+    /// stream (with `stdin_stream`).
     Started {
         pid: u32,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        exec_id: Option<String>,
     },
     /// Output, base64 (chunks may split characters).
     Stdout {

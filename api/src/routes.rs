@@ -115,6 +115,7 @@ pub enum RouteId {
     StopVm,
     GetConsole,
     ExecVm,
+    WriteExecStdin,
     ReadFile,
     WriteFile,
     CreateVolume,
@@ -406,6 +407,19 @@ pub const EXEC_VM: Route = Route::new(
 .body("ExecVm")
 .reply("ExecEvent")
 .stream(Stream::NdjsonReply);
+pub const WRITE_EXEC_STDIN: Route = Route::new(
+    RouteId::WriteExecStdin,
+    Method::POST,
+    "/v1/clouds/{cloud}/vms/{vm}/execs/{exec}/stdin",
+    C,
+    204,
+)
+.summary(
+    "Stream stdin to a running exec started with `stdin_stream` (its `exec_id`): the request \
+         body (`application/octet-stream`, chunked or with a length) goes to the command as it \
+         arrives; its end closes the command's stdin. Once per exec",
+)
+.stream(Stream::BytesBody);
 pub const READ_FILE: Route = Route::new(
     RouteId::ReadFile,
     Method::GET,
@@ -839,6 +853,7 @@ pub const ROUTES: &[&Route] = &[
     &STOP_VM,
     &GET_CONSOLE,
     &EXEC_VM,
+    &WRITE_EXEC_STDIN,
     &READ_FILE,
     &WRITE_FILE,
     &CREATE_VOLUME,
@@ -907,6 +922,7 @@ impl Command {
             StopVm { .. } => &STOP_VM,
             GetConsole { .. } => &GET_CONSOLE,
             ExecVm { .. } => &EXEC_VM,
+            WriteExecStdin { .. } => &WRITE_EXEC_STDIN,
             ReadFile { .. } => &READ_FILE,
             WriteFile { .. } => &WRITE_FILE,
             CreateVolume { .. } => &CREATE_VOLUME,
@@ -993,6 +1009,9 @@ impl Command {
             | ExecVm { cloud, vm, .. }
             | ReadFile { cloud, vm, .. }
             | WriteFile { cloud, vm, .. } => vec![cloud.to_string(), vm.clone()],
+            WriteExecStdin { cloud, vm, exec } => {
+                vec![cloud.to_string(), vm.clone(), exec.clone()]
+            }
             GetVolume { cloud, volume }
             | DeleteVolume { cloud, volume }
             | AttachVolume { cloud, volume, .. }
@@ -1214,6 +1233,11 @@ pub fn parse(
                 spec,
             }
         }
+        RouteId::WriteExecStdin => WriteExecStdin {
+            cloud: cloud()?,
+            vm: name("vm")?,
+            exec: name("exec")?,
+        },
         RouteId::ReadFile | RouteId::WriteFile => {
             let spec = file_query(query, route.id == RouteId::WriteFile)?;
             let (cloud, vm) = (cloud()?, name("vm")?);
@@ -1611,6 +1635,11 @@ mod tests {
                 cloud,
                 vm: s("web"),
                 spec: m::ExecVm::argv(["uname", "-a"]),
+            },
+            WriteExecStdin {
+                cloud,
+                vm: s("web"),
+                exec: s("0123456789abcdef0123456789abcdef"),
             },
             ReadFile {
                 cloud,

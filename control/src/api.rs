@@ -261,8 +261,8 @@ async fn run(
 ) -> ApiResult {
     let p = principal(&ctx.core, headers).await?;
     authorize(route, &p, params)?;
-    // An upload's body is streamed to the VM's host, not read here.
-    if route.id == routes::RouteId::WriteFile {
+    // An upload's body (a file, an exec's stdin) is streamed to the VM's host, not read here.
+    if route.stream == Some(routes::Stream::BytesBody) {
         return execute(ctx, route, p, params, query, &[], Some((headers, body))).await;
     }
     // Routes without a documented body still read one: "no body, or `{}`" is checked.

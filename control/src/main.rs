@@ -229,7 +229,8 @@ enum VmCmd {
     /// Run a command in a running VM (through its guest agent, not its network): its stdout
     /// and stderr stream here as they come, and its exit code is atoll's (128 + the signal if
     /// it was killed, 124 at the timeout, 125 if it could not run). Stdin, when it is not a
-    /// terminal, is read whole and sent (at most 512 KiB). Ctrl-C kills the command.
+    /// terminal, streams to the command as it comes (its end closes the command's stdin).
+    /// Ctrl-C kills the command.
     Exec {
         cloud: CloudId,
         name: String,
@@ -837,7 +838,7 @@ async fn resource(c: &Client, cmd: Cmd) -> Result<Output> {
             spec.cwd = cwd;
             spec.timeout_secs = timeout.map(|t| t.min(u32::MAX as u64) as u32);
             spec.max_output_bytes = max_output_bytes;
-            spec.stdin_base64 = read_exec_stdin()?;
+            spec.stdin_stream = !std::io::IsTerminal::is_terminal(&std::io::stdin());
             return exec(
                 c,
                 Command::ExecVm {
@@ -1112,25 +1113,43 @@ fn parse_mode(s: &str) -> Result<u32, String> {
         .ok_or_else(|| format!("{s:?}: expected an octal mode, at most 7777"))
 }
 
-/// An exec's stdin: what the CLI's stdin holds when it is not a terminal, base64.
-fn read_exec_stdin() -> Result<Option<String>> {
-    use base64::Engine;
-    use std::io::IsTerminal;
-    let stdin = std::io::stdin();
-    if stdin.is_terminal() {
-        return Ok(None);
-    }
-    let max = atoll_api::model::MAX_EXEC_STDIN_BYTES;
-    let mut data = Vec::new();
-    stdin
-        .lock()
-        .take(max as u64 + 1)
-        .read_to_end(&mut data)
-        .context("reading stdin")?;
-    if data.len() > max {
-        anyhow::bail!("stdin: more than the {max} bytes an exec takes");
-    }
-    Ok((!data.is_empty()).then(|| base64::engine::general_purpose::STANDARD.encode(data)))
+/// Streams the CLI's stdin to the exec `id` of `cmd`'s VM until it ends.
+fn stream_stdin(c: &Client, cmd: &Command, id: String) -> Result<tokio::task::JoinHandle<()>> {
+    use tokio::io::AsyncReadExt;
+    let Command::ExecVm { cloud, vm, .. } = cmd else {
+        anyhow::bail!("not an exec");
+    };
+    let target = Command::WriteExecStdin {
+        cloud: *cloud,
+        vm: vm.clone(),
+        exec: id,
+    };
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tokio::spawn(async move {
+        let mut stdin = tokio::io::stdin();
+        loop {
+            let mut buf = vec![0u8; 64 * 1024];
+            match stdin.read(&mut buf).await {
+                Ok(0) => return,
+                Ok(n) => {
+                    buf.truncate(n);
+                    if tx.send(Ok(buf.into())).await.is_err() {
+                        return;
+                    }
+                }
+                Err(e) => {
+                    let _ = tx.send(Err(e)).await;
+                    return;
+                }
+            }
+        }
+    });
+    let c = c.clone();
+    Ok(tokio::spawn(async move {
+        if let Err(e) = c.exec_stdin(&target, rx).await {
+            eprintln!("atoll: sending stdin: {e}");
+        }
+    }))
 }
 
 /// Runs an exec, writing its output as it comes; its exit code is the CLI's.
@@ -1140,10 +1159,15 @@ async fn exec(c: &Client, cmd: Command) -> Result<Output> {
     let b64 = base64::engine::general_purpose::STANDARD;
     let mut events = c.exec(&cmd).await?;
     let mut code = 125;
+    let mut feeding = None;
     let work = async {
         while let Some(e) = events.next().await {
             match e? {
-                ExecEvent::Started { .. } => {}
+                ExecEvent::Started { exec_id, .. } => {
+                    if let Some(id) = exec_id {
+                        feeding = Some(stream_stdin(c, &cmd, id)?);
+                    }
+                }
                 ExecEvent::Stdout { data } => {
                     let mut out = std::io::stdout().lock();
                     out.write_all(&b64.decode(data)?)?;
@@ -1184,6 +1208,9 @@ async fn exec(c: &Client, cmd: Command) -> Result<Output> {
         r = work => r?,
         // Dropping the stream closes the connection: the command is killed.
         _ = tokio::signal::ctrl_c() => code = 130,
+    }
+    if let Some(f) = feeding {
+        f.abort();
     }
     Ok(Output::Exit(code))
 }

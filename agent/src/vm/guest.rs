@@ -564,6 +564,8 @@ impl InputWriter {
 
 impl Drop for Session {
     fn drop(&mut self) {
+        // Input writers still held (a stdin stream) fail from now on.
+        self.input.close();
         if !self.ended {
             let removed = self.channel.lock().sessions.remove(&self.id).is_some();
             if removed {

@@ -12,10 +12,21 @@
 //!   connection drops the forwarded request, which kills the command on the host.
 //! - **One client per pinned fingerprint**, kept, so that consecutive execs on a host reuse
 //!   a TLS connection (an exec's round trip is most of its cost).
+//! - **At most [`MAX_GUEST_REQUESTS_PER_CLOUD`] exec and file requests in flight per cloud**
+//!   through one control plane (`429 too_many_sessions` beyond): a host serves a bounded
+//!   number of guest access connections, and one cloud must not hold them all.
 
-use std::{collections::HashMap, sync::Mutex};
+use std::{
+    collections::HashMap,
+    pin::Pin,
+    sync::{Arc, Mutex},
+    task::{Context, Poll},
+};
 
-use atoll_api::{model::GuestTarget, Command};
+use atoll_api::{
+    model::{CloudId, GuestTarget},
+    Command,
+};
 use axum::{
     body::Body,
     http::{header, HeaderMap, HeaderValue, StatusCode},
@@ -25,18 +36,71 @@ use hyper_util::{
     client::legacy::{connect::HttpConnector, Client},
     rt::TokioExecutor,
 };
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::ApiError;
 
 type HttpsClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, Body>;
 
-/// The clients to hosts' guest access endpoints, by pinned fingerprint.
+/// Exec and file requests in flight per cloud through one control plane.
+pub const MAX_GUEST_REQUESTS_PER_CLOUD: usize = 32;
+
+/// The clients to hosts' guest access endpoints, by pinned fingerprint, and each cloud's
+/// requests in flight.
 #[derive(Default)]
 pub(super) struct Forwarder {
     clients: Mutex<HashMap<String, HttpsClient>>,
+    in_flight: Mutex<HashMap<CloudId, Arc<Semaphore>>>,
+}
+
+/// A relayed body that holds its cloud's in-flight permit until it is done or dropped.
+struct Held {
+    inner: Body,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl hyper::body::Body for Held {
+    type Data = axum::body::Bytes;
+    type Error = axum::Error;
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
+        Pin::new(&mut self.inner).poll_frame(cx)
+    }
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
 }
 
 impl Forwarder {
+    /// A permit for one more request of `cloud`, if it has fewer than the cap in flight.
+    fn permit(&self, cloud: CloudId) -> Result<OwnedSemaphorePermit, ApiError> {
+        let sem = {
+            let mut m = self.in_flight.lock().unwrap_or_else(|p| p.into_inner());
+            if m.len() > 4096 {
+                m.retain(|_, s| s.available_permits() < MAX_GUEST_REQUESTS_PER_CLOUD);
+            }
+            m.entry(cloud)
+                .or_insert_with(|| Arc::new(Semaphore::new(MAX_GUEST_REQUESTS_PER_CLOUD)))
+                .clone()
+        };
+        sem.try_acquire_owned().map_err(|_| {
+            ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "too_many_sessions",
+                format!(
+                    "cloud {cloud} has {MAX_GUEST_REQUESTS_PER_CLOUD} exec and file requests in \
+                     flight; wait for one to end"
+                ),
+                None,
+            )
+        })
+    }
+
     fn client(&self, fingerprint: &str) -> Result<HttpsClient, ApiError> {
         let mut clients = self.clients.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(c) = clients.get(fingerprint) {
@@ -70,6 +134,7 @@ impl Forwarder {
         headers: &HeaderMap,
         upload: Option<Body>,
     ) -> Result<Response, ApiError> {
+        let permit = self.permit(target.cloud)?;
         let route = cmd.route();
         let uri = format!("{}{}", target.access.url, cmd.path());
         let mut req = axum::http::Request::builder()
@@ -80,6 +145,14 @@ impl Forwarder {
                 format!("Bearer {}", target.access.secret),
             );
         let body = match (cmd, upload) {
+            // A stream of stdin: chunked, or with the length the client gave.
+            (Command::WriteExecStdin { .. }, Some(body)) => {
+                if let Some(len) = headers.get(header::CONTENT_LENGTH) {
+                    req = req.header(header::CONTENT_LENGTH, len.clone());
+                }
+                req = req.header(header::CONTENT_TYPE, "application/octet-stream");
+                body
+            }
             (Command::WriteFile { .. }, Some(body)) => {
                 let length = headers
                     .get(header::CONTENT_LENGTH)
@@ -153,8 +226,12 @@ impl Forwarder {
                 HeaderValue::from_static("application/octet-stream"),
             );
         }
+        let held = Held {
+            inner: Body::new(body),
+            _permit: permit,
+        };
         Ok(out
-            .body(Body::new(body))
+            .body(Body::new(held))
             .unwrap_or_else(|_| StatusCode::BAD_GATEWAY.into_response()))
     }
 }

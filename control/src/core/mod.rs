@@ -537,6 +537,7 @@ impl Core {
             StopVm { cloud: c, vm: name } => self.set_power(c, &name, Power::Stopped).await,
             GetConsole { cloud: c, vm: name } => self.console(c, &name).await,
             ExecVm { cloud: c, vm, .. }
+            | WriteExecStdin { cloud: c, vm, .. }
             | ReadFile { cloud: c, vm, .. }
             | WriteFile { cloud: c, vm, .. } => self.guest_target(c, &vm).await,
             CreateVolume {

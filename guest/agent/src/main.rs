@@ -571,7 +571,12 @@ fn start_write(s: u32, r: FileRequest, out: &Out, sessions: &Sessions) -> Result
     let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else {
         return Err(format!("{}: no file name", r.path));
     };
-    let tmp = dir.join(format!(".{}.atoll-{s}", name.to_string_lossy()));
+    // The agent's pid too: a name left by a killed agent is never this one's.
+    let tmp = dir.join(format!(
+        ".{}.atoll-{}-{s}",
+        name.to_string_lossy(),
+        std::process::id()
+    ));
     let file = OpenOptions::new()
         .write(true)
         .create_new(true)
