@@ -756,6 +756,9 @@ pub struct UsageConfig {
     pub file_sink_max_bytes: u64,
     /// Rotated file sink files kept (1 to 100).
     pub file_sink_keep: u32,
+    /// Deliver records to the control plane too (`POST /v1/hosts/{host}/usage`, with the
+    /// host's token), which keeps them for its usage API; on whenever there is one.
+    pub deliver_to_control: bool,
 }
 
 impl Default for UsageConfig {
@@ -772,6 +775,7 @@ impl Default for UsageConfig {
             journal_max_bytes: 1 << 30,
             file_sink_max_bytes: 256 << 20,
             file_sink_keep: 3,
+            deliver_to_control: true,
         }
     }
 }

@@ -278,6 +278,10 @@ async fn run(cfg: &AgentConfig) -> Result<()> {
     let mut usage = match host.usage_collector(&cfg.dataplane) {
         Some(c) => Some(UsageWork {
             collector: Arc::new(c?),
+            control: converger
+                .as_ref()
+                .filter(|_| cfg.usage.deliver_to_control)
+                .map(|c| (c.source().0.clone(), c.host().to_string())),
             collecting: None,
             delivering: None,
         }),
@@ -515,6 +519,8 @@ fn next_delta(
 /// everything meanwhile.
 struct UsageWork {
     collector: Arc<atoll_agent::endpoint::UsageCollector>,
+    /// The control plane and this host's name, when records go there too.
+    control: Option<(Arc<dyn atoll_api::ControlPlane>, String)>,
     collecting: Option<tokio::task::JoinHandle<()>>,
     delivering: Option<tokio::task::JoinHandle<()>>,
 }
@@ -533,7 +539,11 @@ impl UsageWork {
             return;
         }
         let cfg = cfg.clone();
-        self.delivering = Some(tokio::task::spawn_blocking(move || deliver(&cfg)));
+        let control = self.control.clone();
+        let rt = tokio::runtime::Handle::current();
+        self.delivering = Some(tokio::task::spawn_blocking(move || {
+            deliver(&cfg, control, rt)
+        }));
     }
 
     /// Waits for the running work (at shutdown).
@@ -548,9 +558,18 @@ impl UsageWork {
 }
 
 /// Delivers the journal to every configured sink, then deletes the segments all of them have.
-fn deliver(cfg: &atoll_agent::config::UsageConfig) {
+fn deliver(
+    cfg: &atoll_agent::config::UsageConfig,
+    control: Option<(Arc<dyn atoll_api::ControlPlane>, String)>,
+    rt: tokio::runtime::Handle,
+) {
     let dir = cfg.journal_dir.clone();
     let mut sinks: Vec<Box<dyn Sink + Send>> = Vec::new();
+    if let Some((cp, host)) = control {
+        sinks.push(Box::new(atoll_agent::usage::ControlSink::new(
+            cp, &host, rt,
+        )));
+    }
     if let Some(path) = &cfg.file_sink {
         sinks.push(Box::new(FileSink::new(
             path.clone(),

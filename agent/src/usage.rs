@@ -755,6 +755,75 @@ pub fn rfc3339_ms(ms: u64) -> String {
     )
 }
 
+/// Delivers to the control plane (`POST /v1/hosts/{host}/usage` with the host's token, or the
+/// embedded one in process): batches of at most [`atoll_api::model::MAX_USAGE_BATCH`] records.
+/// A failed call leaves the cursor (retried next interval; the control plane keeps each id
+/// once); records it refuses one by one (a cloud this host does not run) are acknowledged,
+/// since sending them again cannot change the answer, and logged.
+pub struct ControlSink {
+    cp: std::sync::Arc<dyn atoll_api::ControlPlane>,
+    host: String,
+    rt: tokio::runtime::Handle,
+}
+
+impl std::fmt::Debug for ControlSink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ControlSink")
+            .field("host", &self.host)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ControlSink {
+    /// A sink for `host` through `cp`; [`Sink::deliver`] blocks on `rt` (call it off the
+    /// runtime, as the agent's delivery does).
+    pub fn new(
+        cp: std::sync::Arc<dyn atoll_api::ControlPlane>,
+        host: &str,
+        rt: tokio::runtime::Handle,
+    ) -> Self {
+        ControlSink {
+            cp,
+            host: host.to_string(),
+            rt,
+        }
+    }
+}
+
+impl Sink for ControlSink {
+    fn name(&self) -> &str {
+        "control"
+    }
+
+    fn deliver(&mut self, lines: &[u8]) -> Result<(), io::Error> {
+        let mut records = Vec::new();
+        for line in lines.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
+            records.push(serde_json::from_slice::<UsageEvent>(line).map_err(io::Error::other)?);
+        }
+        for batch in records.chunks(atoll_api::model::MAX_USAGE_BATCH) {
+            let cmd = atoll_api::Command::IngestUsage {
+                host: self.host.clone(),
+                batch: atoll_api::model::UsageBatch {
+                    records: batch.to_vec(),
+                },
+            };
+            let reply = self
+                .rt
+                .block_on(self.cp.execute(cmd))
+                .map_err(io::Error::other)?;
+            if let atoll_api::Reply::UsageIngested(r) = reply {
+                if r.refused > 0 {
+                    tracing::warn!(
+                        "the control plane refused {} usage records (clouds this host does not run)",
+                        r.refused
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Where records go after the journal.
 pub trait Sink {
     /// Stable name, used for the cursor file.

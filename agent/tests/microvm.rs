@@ -1589,6 +1589,10 @@ def ok(res, what):
     assert not res.is_error, f"{what}: {res.content[0].text}"
     return json.loads(res.content[0].text)
 
+def err(res, what):
+    assert res.is_error, f"{what} succeeded: {res.content[0].text}"
+    return json.loads(res.content[0].text)
+
 async def session(token, fn):
     params = StdioServerParameters(command=ATOLL, args=["--url", URL, "--ca-file", CA, "mcp"],
                                    env={"ATOLL_TOKEN": token})
@@ -1652,6 +1656,18 @@ async def main():
             assert time.time() < deadline, f"{name} unreachable: {r}"
             await asyncio.sleep(0.5)
         assert r["stdout"] == "hello from alpha\n", r
+        # The usage its host delivered: what the client VM sent to the service.
+        deadline = time.time() + 60
+        while True:
+            u = ok(await s.call_tool("get_usage", {"cloud": bid}), "usage")
+            sent = sum(t["bytes"] for t in u["traffic"]
+                       if t["class"] == "exposure" and t["direction"] == "from_guest")
+            if sent > 0:
+                break
+            assert time.time() < deadline, f"no exposure usage: {u}"
+            await asyncio.sleep(0.5)
+        other = err(await s.call_tool("get_usage", {"cloud": aid}), "another cloud's usage")
+        assert other["status"] == 403, other
         return name
     name = await session(b["token"], beta)
     print(json.dumps({"reached": name}))
@@ -1664,8 +1680,8 @@ asyncio.run(main())
 /// the client over `atoll mcp`: the operator creates two clouds; the first cloud's token boots
 /// a VM, runs `uname -a` in it, writes and reads a file, starts a web server by exec, exposes
 /// it and grants it to the second cloud; the second cloud's token boots a VM, accepts the
-/// grant and fetches the page by the service's name from inside its VM. (Usage through the
-/// API is issue 20's and not in the walk-through yet.)
+/// grant, fetches the page by the service's name from inside its VM and reads its usage (what
+/// its host metered and delivered to the control plane), and not the other cloud's.
 #[test]
 fn an_mcp_client_boots_vms_runs_commands_and_reaches_a_granted_service_by_name() {
     require_root();
@@ -1683,7 +1699,16 @@ fn an_mcp_client_boots_vms_runs_commands_and_reaches_a_granted_service_by_name()
         .join("atoll");
     assert!(atoll.exists(), "{} is missing", atoll.display());
     let vmdir = tempfile::tempdir().unwrap();
-    let mut agent = qemu_agent("mm", vmdir.path());
+    let mut agent = EmbeddedAgent::start(
+        "mm",
+        &format!(
+            "[vm]\ndriver = \"qemu\"\nrun_dir = \"{}\"\nstate_dir = \"{}\"\nstop_timeout_secs = 20\n\
+             [usage]\njournal_dir = \"{}\"\ninterval_secs = 1\n",
+            vmdir.path().join("run").display(),
+            vmdir.path().join("state").display(),
+            vmdir.path().join("usage").display(),
+        ),
+    );
     let script = vmdir.path().join("walkthrough.py");
     std::fs::write(&script, MCP_WALKTHROUGH).unwrap();
     let out = std::process::Command::new(python)

@@ -197,6 +197,10 @@ pub enum Command {
     CordonHost { host: String, cordoned: bool },
     /// List hosts with their load and liveness. Operator.
     ListHosts,
+    /// A host's delivery of usage records. The host itself or the operator.
+    IngestUsage { host: String, batch: UsageBatch },
+    /// A cloud's metered quantities in a period. The cloud or the operator.
+    GetUsage { cloud: CloudId, from: u64, to: u64 },
     /// A host's report of the state it reached. The host itself or the operator.
     ReportStatus { host: String, report: StatusReport },
     /// A host's desired-state changes after revision `after`, waiting up to `wait_ms`
@@ -234,6 +238,7 @@ impl Command {
             | SetHostUnderlay { host, .. }
             | SetGuestAccess { host, .. }
             | ReportStatus { host, .. }
+            | IngestUsage { host, .. }
             | Sync { host, .. } => Issuer::Host(host),
             GetCloud { cloud }
             | DeleteCloud { cloud }
@@ -280,7 +285,8 @@ impl Command {
             | Publish { cloud, .. }
             | ListPublications { cloud }
             | Unpublish { cloud, .. }
-            | ListDenied { cloud } => Issuer::Cloud(*cloud),
+            | ListDenied { cloud }
+            | GetUsage { cloud, .. } => Issuer::Cloud(*cloud),
             AssignEgressAddress { .. } | ReleaseEgressAddress { .. } => Issuer::Operator,
         }
     }
@@ -327,6 +333,8 @@ pub enum Reply {
     HostToken(Box<HostToken>),
     Hosts(Vec<HostInfo>),
     Sync(Box<SyncDelta>),
+    UsageIngested(UsageIngested),
+    Usage(Box<CloudUsage>),
     /// An exec's events, collected (the typed client's [`Client::execute`] of an exec; the
     /// streaming form is [`crate::client::Client::exec`]).
     ///
@@ -372,6 +380,8 @@ impl Reply {
             Reply::HostToken(v) => j(&**v),
             Reply::Hosts(v) => j(v),
             Reply::Sync(v) => j(&**v),
+            Reply::UsageIngested(v) => j(v),
+            Reply::Usage(v) => j(&**v),
             Reply::Exec(events) => {
                 let mut out = Vec::new();
                 for e in events {
@@ -420,6 +430,8 @@ impl Reply {
             Some("HostToken") => Reply::HostToken(d(body)?),
             Some("[HostInfo]") => Reply::Hosts(d(body)?),
             Some("SyncDelta") => Reply::Sync(d(body)?),
+            Some("UsageIngested") => Reply::UsageIngested(d(body)?),
+            Some("CloudUsage") => Reply::Usage(d(body)?),
             Some("ExecEvent") => Reply::Exec(
                 body.split(|&b| b == b'\n')
                     .filter(|l| !l.iter().all(u8::is_ascii_whitespace))
@@ -481,6 +493,8 @@ payload! {
     Hosts => Vec<HostInfo>;
     Sync => SyncDelta, boxed 1;
     Exec => Vec<ExecEvent>;
+    UsageIngested => UsageIngested;
+    Usage => CloudUsage, boxed 1;
 }
 
 impl TryFrom<Reply> for () {

@@ -2188,3 +2188,84 @@ impl FileSpec {
         Ok(())
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Usage through the control plane (issue 20, first part: network quantities)
+
+/// The most records one ingest carries.
+pub const MAX_USAGE_BATCH: usize = 256;
+
+/// `POST /v1/hosts/{host}/usage`: journaled usage records a host delivers (at least once; the
+/// control plane keeps each id once).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct UsageBatch {
+    pub records: Vec<crate::usage::UsageEvent>,
+}
+
+impl UsageBatch {
+    pub fn validate(&self) -> Result<(), FieldError> {
+        if self.records.len() > MAX_USAGE_BATCH {
+            return Err(FieldError::new(
+                "records",
+                format!("at most {MAX_USAGE_BATCH} records per batch"),
+            ));
+        }
+        for (i, r) in self.records.iter().enumerate() {
+            let ok_id = !r.id.is_empty()
+                && r.id.len() <= 200
+                && r.id
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
+            if !ok_id {
+                return Err(FieldError::new(
+                    format!("records[{i}].id"),
+                    "1-200 letters, digits, '-', '_', '.'",
+                ));
+            }
+            if r.ty != crate::usage::EVENT_TYPE {
+                return Err(FieldError::new(
+                    format!("records[{i}].type"),
+                    format!("must be {}", crate::usage::EVENT_TYPE),
+                ));
+            }
+            if r.data.end_unix_ms < r.data.start_unix_ms || r.data.cloud == 0 {
+                return Err(FieldError::new(
+                    format!("records[{i}].data"),
+                    "a window that ends before it starts, or cloud 0",
+                ));
+            }
+            if r.data.usage.traffic.len() > 64 || r.data.usage.drops.len() > 128 {
+                return Err(FieldError::new(
+                    format!("records[{i}].data.usage"),
+                    "more traffic or drop entries than exist",
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// What an ingest kept: new records, and those it had already (by id) or refused (a cloud the
+/// host does not run).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct UsageIngested {
+    pub accepted: u32,
+    pub duplicates: u32,
+    pub refused: u32,
+}
+
+/// `GET /v1/clouds/{cloud}/usage?from=&to=`: a cloud's metered network quantities in records
+/// whose window ended in `[from, to)` (seconds since the Unix epoch), summed per direction and
+/// class (non-zero only), as its hosts delivered them so far.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CloudUsage {
+    pub cloud: CloudId,
+    pub from: u64,
+    pub to: u64,
+    /// Records summed.
+    pub records: u64,
+    pub traffic: Vec<crate::usage::Traffic>,
+}

@@ -76,6 +76,13 @@ use crate::{
     ExecVm,
     ExecEvent,
     GuestAccess,
+    UsageBatch,
+    UsageIngested,
+    CloudUsage,
+    crate::usage::UsageEvent,
+    crate::usage::UsageData,
+    crate::usage::Counters,
+    crate::usage::Traffic,
     ErrorBody,
     ErrorDetail,
     CloudId

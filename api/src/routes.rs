@@ -145,6 +145,7 @@ pub enum RouteId {
     GetEgressPolicy,
     PutEgressPolicy,
     ListDenied,
+    GetUsage,
     GetEgressAddress,
     AssignEgressAddress,
     ReleaseEgressAddress,
@@ -160,6 +161,7 @@ pub enum RouteId {
     UncordonHost,
     Sync,
     ReportStatus,
+    IngestUsage,
 }
 
 /// One route of the API.
@@ -751,6 +753,33 @@ pub const UNPUBLISH: Route = Route::new(
     204,
 )
 .summary("Unpublish a port (live connections are cut)");
+pub const GET_USAGE: Route = Route::new(
+    RouteId::GetUsage,
+    Method::GET,
+    "/v1/clouds/{cloud}/usage",
+    C,
+    200,
+)
+.summary(
+    "A cloud's metered network quantities (bytes and packets per direction and class) in the \
+         usage records its hosts delivered whose window ended in [`from`, `to`) (seconds since \
+         the Unix epoch; default: the last hour)",
+)
+.query(&[("from", QueryType::Integer), ("to", QueryType::Integer)])
+.reply("CloudUsage");
+pub const INGEST_USAGE: Route = Route::new(
+    RouteId::IngestUsage,
+    Method::POST,
+    "/v1/hosts/{host}/usage",
+    H,
+    200,
+)
+.summary(
+    "Deliver journaled usage records (the host's own token; at most 256 per batch; each id \
+         kept once)",
+)
+.body("UsageBatch")
+.reply("UsageIngested");
 pub const LIST_HOSTS: Route = Route::new(RouteId::ListHosts, Method::GET, "/v1/hosts", O, 200)
     .summary("List registered hosts (operator)")
     .reply("[HostInfo]");
@@ -898,6 +927,8 @@ pub const ROUTES: &[&Route] = &[
     &UNCORDON_HOST,
     &SYNC,
     &REPORT_STATUS,
+    &INGEST_USAGE,
+    &GET_USAGE,
 ];
 
 /// The path of the OpenAPI document (served without a token).
@@ -969,6 +1000,8 @@ impl Command {
             } => &UNCORDON_HOST,
             Sync { .. } => &SYNC,
             ReportStatus { .. } => &REPORT_STATUS,
+            IngestUsage { .. } => &INGEST_USAGE,
+            GetUsage { .. } => &GET_USAGE,
         }
     }
 
@@ -996,6 +1029,7 @@ impl Command {
             | PutEgressPolicy { cloud, .. }
             | GetEgressAddress { cloud }
             | ListDenied { cloud }
+            | GetUsage { cloud, .. }
             | Publish { cloud, .. }
             | ListPublications { cloud }
             | AssignEgressAddress { cloud, .. }
@@ -1055,7 +1089,8 @@ impl Command {
             | SetGuestAccess { host, .. }
             | CordonHost { host, .. }
             | Sync { host, .. }
-            | ReportStatus { host, .. } => vec![host.clone()],
+            | ReportStatus { host, .. }
+            | IngestUsage { host, .. } => vec![host.clone()],
         }
     }
 
@@ -1073,6 +1108,9 @@ impl Command {
                 .chain(spec.uid.map(|u| ("uid", u.to_string())))
                 .chain(spec.gid.map(|g| ("gid", g.to_string())))
                 .collect(),
+            Command::GetUsage { from, to, .. } => {
+                vec![("from", from.to_string()), ("to", to.to_string())]
+            }
             Command::Sync { after, wait_ms, .. } => {
                 vec![
                     ("after", after.to_string()),
@@ -1119,6 +1157,7 @@ impl Command {
             ReportStatus { report, .. } => serde_json::to_value(report),
             SetHostUnderlay { spec, .. } => serde_json::to_value(spec),
             SetGuestAccess { spec, .. } => serde_json::to_value(spec),
+            IngestUsage { batch, .. } => serde_json::to_value(batch),
             ExecVm { spec, .. } => serde_json::to_value(spec),
             _ => return None,
         };
@@ -1416,6 +1455,41 @@ pub fn parse(
             host: name("host")?,
             report: parse_body(body)?,
         },
+        RouteId::IngestUsage => {
+            let batch: UsageBatch = parse_body(body)?;
+            batch.validate()?;
+            IngestUsage {
+                host: name("host")?,
+                batch,
+            }
+        }
+        RouteId::GetUsage => {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0);
+            let (mut from, mut to) = (None, None);
+            for (k, v) in query {
+                let n = v.parse::<u64>().map_err(|_| {
+                    FieldError::new(k.clone(), "must be seconds since the Unix epoch")
+                })?;
+                match k.as_str() {
+                    "from" => from = Some(n),
+                    "to" => to = Some(n),
+                    other => return Err(FieldError::new(other, "unknown query parameter")),
+                }
+            }
+            let to = to.unwrap_or(now + 1);
+            let from = from.unwrap_or(to.saturating_sub(3600));
+            if from >= to {
+                return Err(FieldError::new("from", "must be before to"));
+            }
+            GetUsage {
+                cloud: cloud()?,
+                from,
+                to,
+            }
+        }
     };
     Ok(cmd)
 }
@@ -1768,6 +1842,36 @@ mod tests {
             GetEgressPolicy { cloud },
             GetEgressAddress { cloud },
             ListDenied { cloud },
+            GetUsage {
+                cloud,
+                from: 100,
+                to: 200,
+            },
+            IngestUsage {
+                host: s("h1"),
+                batch: m::UsageBatch {
+                    records: vec![crate::usage::UsageEvent {
+                        specversion: s("1.0"),
+                        id: s("boot-7-1"),
+                        source: s("h1"),
+                        ty: crate::usage::EVENT_TYPE.into(),
+                        subject: s("42/atv1"),
+                        time: s("2026-12-06T00:00:00Z"),
+                        datacontenttype: s("application/json"),
+                        data: crate::usage::UsageData {
+                            cloud: 42,
+                            endpoint: s("atv1"),
+                            incarnation: s("boot-7"),
+                            seq: 1,
+                            start_unix_ms: 1,
+                            end_unix_ms: 2,
+                            is_final: false,
+                            usage: Default::default(),
+                            cumulative: Default::default(),
+                        },
+                    }],
+                },
+            },
             Publish {
                 cloud,
                 spec: m::Publish {

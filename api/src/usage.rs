@@ -10,12 +10,13 @@ use std::collections::{BTreeMap, HashMap};
 
 use atoll_dataplane_common::{Direction, DropReason, EndpointCounters, TrafficClass};
 use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
 
 /// CloudEvents `type` of usage records.
 pub const EVENT_TYPE: &str = "dev.atoll.usage.v1";
 
 /// A CloudEvents 1.0 envelope around [`UsageData`] (structured mode, JSON).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct UsageEvent {
     pub specversion: String,
     pub id: String,
@@ -30,7 +31,7 @@ pub struct UsageEvent {
     pub data: UsageData,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct UsageData {
     pub cloud: u32,
     /// Host device name of the endpoint.
@@ -50,13 +51,13 @@ pub struct UsageData {
 }
 
 /// Packets and bytes per direction and class, and drops per reason (non-zero only).
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct Counters {
     pub traffic: Vec<Traffic>,
     pub drops: BTreeMap<String, u64>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct Traffic {
     pub direction: String,
     pub class: String,

@@ -70,6 +70,7 @@ api_suite!(
     a_clouds_publications_are_bounded,
     clouds_expire_with_everything_in_them_also_after_a_restart,
     idle_vms_are_stopped_on_their_hosts_report_only,
+    hosts_deliver_usage_once_per_id_and_clouds_read_their_own,
 );
 
 /// The store the control plane under test is configured with.
@@ -4669,5 +4670,153 @@ async fn idle_vms_are_stopped_on_their_hosts_report_only(api: Api) {
     assert_eq!(
         (v.power, v.stopped_by),
         (Power::Stopped, Some(StopReason::Request))
+    );
+}
+
+/// A usage record of cloud `cloud` whose window ends at `end_ms`, with `bytes` sent as
+/// `class`.
+fn usage_record(cloud: u32, id: &str, end_ms: u64, class: &str, bytes: u64) -> Value {
+    json!({
+        "specversion": "1.0", "id": id, "source": "test", "type": atoll_api::usage::EVENT_TYPE,
+        "subject": format!("{cloud}/atv1"), "time": "2026-12-06T00:00:00Z",
+        "datacontenttype": "application/json",
+        "data": {
+            "cloud": cloud, "endpoint": "atv1", "incarnation": "b-1", "seq": 1,
+            "start_unix_ms": end_ms - 1000, "end_unix_ms": end_ms, "final": false,
+            "usage": {"traffic": [{"direction": "from_guest", "class": class, "packets": 2, "bytes": bytes}], "drops": {}},
+            "cumulative": {"traffic": [], "drops": {}},
+        },
+    })
+}
+
+/// Usage delivered by hosts (issue 20, first part): each id is kept once however often it
+/// comes (at-least-once delivery), only the host running a cloud may deliver its records,
+/// another host's token is refused, bad records are refused naming the field; a cloud reads
+/// its own quantities summed over a period, and the period's bounds hold.
+async fn hosts_deliver_usage_once_per_id_and_clouds_read_their_own(api: Api) {
+    let (c, cc) = api.cloud(json!({"name": "metered"})).await;
+    let cid = c.cloud.id;
+    let vm: Vm = ok(
+        &cc,
+        Method::POST,
+        &routes::CREATE_VM.at(&[&cid]),
+        Some(json!({"name": "m"})),
+    )
+    .await;
+    let host = api.host(&vm.host, None).await;
+    let other = api.host("host-usage-other", None).await;
+    let n = cid.get();
+    let t0 = 1_800_000_000_000u64;
+    let ingest = |c: &Client, h: &str, records: Vec<Value>| {
+        let (c, path) = (c.clone(), routes::INGEST_USAGE.at(&[&h]));
+        async move {
+            raw(
+                &c,
+                Method::POST,
+                &path,
+                Some(&json!({ "records": records })),
+            )
+            .await
+        }
+    };
+    let (st, r) = ingest(
+        &host,
+        &vm.host,
+        vec![
+            usage_record(n, "b-1-1", t0 + 1000, "intra_cloud", 100),
+            usage_record(n, "b-1-2", t0 + 61_000, "exposure", 40),
+        ],
+    )
+    .await;
+    assert_eq!(st, StatusCode::OK, "{r}");
+    assert_eq!(r, json!({"accepted": 2, "duplicates": 0, "refused": 0}));
+    // Delivered again (a crash before the cursor moved): kept once.
+    let (_, r) = ingest(
+        &host,
+        &vm.host,
+        vec![usage_record(n, "b-1-1", t0 + 1000, "intra_cloud", 100)],
+    )
+    .await;
+    assert_eq!(r, json!({"accepted": 0, "duplicates": 1, "refused": 0}));
+    // A host that does not run the cloud is refused its records; another host's route too.
+    let (_, r) = ingest(
+        &other,
+        "host-usage-other",
+        vec![usage_record(n, "x-1-1", t0 + 2000, "intra_cloud", 1 << 40)],
+    )
+    .await;
+    assert_eq!(r, json!({"accepted": 0, "duplicates": 0, "refused": 1}));
+    let (st, _) = ingest(&other, &vm.host, vec![]).await;
+    assert_eq!(st, StatusCode::FORBIDDEN);
+    // Bad records, named.
+    for (bad, field) in [
+        (
+            usage_record(n, "a/b", t0, "intra_cloud", 1),
+            "records[0].id",
+        ),
+        (
+            {
+                let mut r = usage_record(n, "ok-1", t0, "intra_cloud", 1);
+                r["type"] = json!("other");
+                r
+            },
+            "records[0].type",
+        ),
+    ] {
+        let (st, e) = ingest(&host, &vm.host, vec![bad]).await;
+        assert_eq!(st, StatusCode::BAD_REQUEST, "{e}");
+        assert_eq!(e["error"]["field"], field, "{e}");
+    }
+    let over: Vec<Value> = (0..257)
+        .map(|i| usage_record(n, &format!("o-{i}"), t0, "intra_cloud", 1))
+        .collect();
+    let (st, _) = ingest(&host, &vm.host, over).await;
+    assert!(
+        st == StatusCode::BAD_REQUEST || st == StatusCode::PAYLOAD_TOO_LARGE,
+        "{st}"
+    );
+
+    // The cloud reads its quantities: both records in a period holding both, one in one
+    // holding only the first (a window's end decides), nothing after.
+    let usage = |from: u64, to: u64| {
+        let cc = cc.clone();
+        async move {
+            let u: CloudUsage = ok(
+                &cc,
+                Method::GET,
+                &format!("{}?from={from}&to={to}", routes::GET_USAGE.at(&[&cid])),
+                None,
+            )
+            .await;
+            u
+        }
+    };
+    let s0 = t0 / 1000;
+    let all = usage(s0, s0 + 3600).await;
+    assert_eq!(all.records, 2);
+    let bytes = |u: &CloudUsage, class: &str| {
+        u.traffic
+            .iter()
+            .filter(|t| t.class == class)
+            .map(|t| t.bytes)
+            .sum::<u64>()
+    };
+    assert_eq!(
+        (bytes(&all, "intra_cloud"), bytes(&all, "exposure")),
+        (100, 40)
+    );
+    let first = usage(s0, s0 + 60).await;
+    assert_eq!((first.records, bytes(&first, "exposure")), (1, 0));
+    assert_eq!(usage(s0 + 62, s0 + 3600).await.records, 0);
+    let (st, e) = raw(
+        &cc,
+        Method::GET,
+        &format!("{}?from=10&to=5", routes::GET_USAGE.at(&[&cid])),
+        None,
+    )
+    .await;
+    assert_eq!(
+        (st, e["error"]["field"].clone()),
+        (StatusCode::BAD_REQUEST, json!("from"))
     );
 }

@@ -130,6 +130,7 @@ mod keys;
 mod placement;
 mod publications;
 mod sync;
+mod usage;
 mod vms;
 mod volumes;
 
@@ -688,6 +689,8 @@ impl Core {
                     .await?,
             ))),
             ReportStatus { host, report } => self.report_status(&host, report).await,
+            IngestUsage { host, batch } => self.ingest_usage(&host, batch).await,
+            GetUsage { cloud: c, from, to } => self.usage(c, from, to).await,
         }
     }
 
