@@ -1549,6 +1549,10 @@ async fn a_microvm_runs_commands_and_moves_files_through_its_guest_agent() {
     )
     .await;
     assert_eq!(out, b"640\n");
+    let out = cli(&["cloud", "usage", &cloud_arg, "--from", "0"], b"");
+    let u: CloudUsage = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("`atoll cloud usage`: {e}: {out:?}"));
+    assert_eq!((u.cloud, u.from), (aid, 0));
     let out = cli(&["vm", "cp", &cloud_arg, "box:/root/none", "-"], b"");
     assert_eq!(out.status.code(), Some(1), "{out:?}");
     assert!(

@@ -166,6 +166,16 @@ enum CloudCmd {
     Token {
         cloud: CloudId,
     },
+    /// The cloud's metered network quantities (bytes, packets per direction and class) in
+    /// the records its hosts delivered whose window ended in [--from, --to) (seconds since the
+    /// epoch; default the last hour).
+    Usage {
+        cloud: CloudId,
+        #[arg(long)]
+        from: Option<u64>,
+        #[arg(long)]
+        to: Option<u64>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -786,6 +796,18 @@ async fn resource(c: &Client, cmd: Cmd) -> Result<Output> {
         Cmd::Cloud(CloudCmd::Get { cloud }) => Command::GetCloud { cloud },
         Cmd::Cloud(CloudCmd::Delete { cloud }) => Command::DeleteCloud { cloud },
         Cmd::Cloud(CloudCmd::Token { cloud }) => Command::RotateCloudToken { cloud },
+        Cmd::Cloud(CloudCmd::Usage { cloud, from, to }) => {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0);
+            let to = to.unwrap_or(now + 1);
+            Command::GetUsage {
+                cloud,
+                from: from.unwrap_or(to.saturating_sub(3600)),
+                to,
+            }
+        }
         Cmd::Vm(VmCmd::Create {
             cloud,
             name,
