@@ -562,7 +562,7 @@ async fn cloud_lifecycle_ipam_quotas_dns_and_cascade_delete(api: Api) {
     let left: Vec<&str> = all
         .iter()
         .map(|kv| kv.key.as_str())
-        .filter(|k| k.contains(&a_id))
+        .filter(|k| k.contains(&a_id) && !outlives_its_cloud(k))
         .collect();
     assert!(left.is_empty(), "left behind: {left:?}");
     let imports: Vec<Grant> = bc
@@ -1193,7 +1193,13 @@ async fn ok<T: DeserializeOwned>(c: &Client, method: Method, path: &str, body: O
         .unwrap_or_else(|e| panic!("{method} {path}: {e}"))
 }
 
-/// Every stored key or value that mentions `cloud`.
+/// Whether a key outlives its cloud by design: usage records (billing needs them) and the
+/// grace that lets its hosts deliver its last ones.
+fn outlives_its_cloud(key: &str) -> bool {
+    key.starts_with("usage/") || key.starts_with("usagegrace/")
+}
+
+/// Every stored key or value that mentions `cloud` (but what outlives it by design).
 async fn mentions(api: &Api, cloud: CloudId) -> Vec<String> {
     let id = cloud.to_string();
     api.core
@@ -1202,6 +1208,7 @@ async fn mentions(api: &Api, cloud: CloudId) -> Vec<String> {
         .await
         .unwrap()
         .into_iter()
+        .filter(|kv| !outlives_its_cloud(&kv.key))
         .filter(|kv| kv.key.contains(&id) || String::from_utf8_lossy(&kv.value).contains(&id))
         .map(|kv| format!("{} = {}", kv.key, String::from_utf8_lossy(&kv.value)))
         .collect()
@@ -4819,4 +4826,48 @@ async fn hosts_deliver_usage_once_per_id_and_clouds_read_their_own(api: Api) {
         (st, e["error"]["field"].clone()),
         (StatusCode::BAD_REQUEST, json!("from"))
     );
+
+    // A cloud that never ran on a host (or never existed) gets no records from it; once
+    // deleted, the hosts that ran it may deliver its last records (a grace of a day), others
+    // not; its usage stays (billing).
+    let (_, r) = ingest(
+        &host,
+        &vm.host,
+        vec![usage_record(0x7eed_0001, "n-1-1", t0, "intra_cloud", 1)],
+    )
+    .await;
+    assert_eq!(r["refused"], 1, "{r}");
+    let _: () = ok(
+        &api.op,
+        Method::DELETE,
+        &routes::DELETE_CLOUD.at(&[&cid]),
+        None,
+    )
+    .await;
+    let (_, r) = ingest(
+        &host,
+        &vm.host,
+        vec![usage_record(n, "b-1-3", t0 + 62_000, "intra_cloud", 7)],
+    )
+    .await;
+    assert_eq!(r, json!({"accepted": 1, "duplicates": 0, "refused": 0}));
+    let (_, r) = ingest(
+        &other,
+        "host-usage-other",
+        vec![usage_record(n, "x-1-2", t0 + 62_000, "intra_cloud", 7)],
+    )
+    .await;
+    assert_eq!(r["refused"], 1, "{r}");
+    let u: CloudUsage = ok(
+        &api.op,
+        Method::GET,
+        &format!(
+            "{}?from={s0}&to={}",
+            routes::GET_USAGE.at(&[&cid]),
+            s0 + 3600
+        ),
+        None,
+    )
+    .await;
+    assert_eq!((u.records, bytes(&u, "intra_cloud")), (3, 107));
 }

@@ -207,6 +207,9 @@ impl Core {
                 ops.push(Op::DeletePrefix {
                     prefix: keys::placements_of(h, c),
                 });
+                // Its endpoints' final usage records arrive after this: the hosts that ran
+                // it may still deliver them for a day.
+                ops.push(put(keys::usage_grace(c, h), &(now() + USAGE_GRACE_SECS)));
             }
             let vhosts: BTreeSet<&str> = volumes.iter().map(|v| v.host.as_str()).collect();
             for h in &vhosts {

@@ -192,6 +192,10 @@ pub fn underlay(h: &str) -> String {
 pub fn underlays() -> &'static str {
     "underlays/"
 }
+/// Until when (seconds since the epoch) host `h` may deliver usage of deleted cloud `c`.
+pub fn usage_grace(c: CloudId, h: &str) -> String {
+    format!("usagegrace/{c}/{h}")
+}
 /// Where control planes reach host `h`'s guest agents (with the secret they present): apart
 /// from the host record, which the API returns and hosts' feeds read.
 pub fn guest_access(h: &str) -> String {

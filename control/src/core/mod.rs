@@ -131,6 +131,7 @@ mod placement;
 mod publications;
 mod sync;
 mod usage;
+use usage::USAGE_GRACE_SECS;
 mod vms;
 mod volumes;
 

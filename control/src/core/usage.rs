@@ -6,13 +6,17 @@
 //!   content (the agent's journal guarantees it), so a redelivery (at least once) finds its key
 //!   and is counted a duplicate, and a period's records are one range scan.
 //! - **A host speaks for the clouds it runs**: a record is refused unless its cloud is placed on
-//!   the delivering host, or no longer exists (the final records of a deleted cloud's endpoints
-//!   arrive after the delete). A host could overstate a deleted cloud's last usage; hosts are
-//!   trusted with their own VMs' traffic anyway.
+//!   the delivering host, or was deleted while it ran there, for [`USAGE_GRACE_SECS`] after
+//!   (the final records of a deleted cloud's endpoints arrive after the delete; the delete
+//!   writes `usagegrace/<cloud>/<host>` for each of its VM hosts). A host cannot write usage
+//!   for a cloud it never ran; it is trusted with its own VMs' traffic.
 //! - **Usage outlives its cloud** (billing needs it): deleting a cloud leaves its records.
 
 use super::*;
 use atoll_api::usage::{Traffic, UsageEvent};
+
+/// How long after a cloud's delete its hosts may deliver its usage.
+pub const USAGE_GRACE_SECS: u64 = 86_400;
 
 fn usage_key(r: &UsageEvent, cloud: CloudId) -> String {
     format!("usage/{cloud}/{:020}/{}", r.data.end_unix_ms, r.id)
@@ -42,7 +46,7 @@ impl Core {
                     .get(host)
                     .is_some_and(|m| m.contains_key(&cloud))
             };
-            if !runs && self.store.get(&keys::cloud(cloud)).await?.is_some() {
+            if !runs && !self.may_deliver_after_delete(host, cloud).await? {
                 out.refused += 1;
                 continue;
             }
@@ -59,6 +63,23 @@ impl Core {
             }
         }
         Ok(Reply::UsageIngested(out))
+    }
+
+    /// Whether `host` may deliver usage of `cloud`, which it does not run: only if the cloud
+    /// was deleted while it ran there, within the grace period.
+    async fn may_deliver_after_delete(
+        &self,
+        host: &str,
+        cloud: CloudId,
+    ) -> Result<bool, CoreError> {
+        if self.store.get(&keys::cloud(cloud)).await?.is_some() {
+            return Ok(false);
+        }
+        let key = keys::usage_grace(cloud, host);
+        Ok(match self.store.get(&key).await? {
+            Some(kv) => decode::<u64>(&key, &kv.value)? >= now(),
+            None => false,
+        })
     }
 
     pub(super) async fn usage(&self, c: CloudId, from: u64, to: u64) -> Result<Reply, CoreError> {
