@@ -13,6 +13,12 @@
 //!   resets the channel: its sessions fail with "guest protocol error", and nothing the guest
 //!   sends is buffered beyond one window per session (the credit) plus one frame. Frames for
 //!   sessions that already ended are counted and dropped.
+//! - **The socket is taken only as the socket it is.** It lives in the VMM's own directory,
+//!   which a VMM escape controls: a symlink there to another VM's port (or any root-only
+//!   socket) would make the agent a confused deputy. So the path is opened with
+//!   `O_PATH | O_NOFOLLOW`, must be a socket, and is connected through `/proc/self/fd/<fd>`
+//!   (the inode just checked, whatever the path says after). Hard links are out of the VMM's
+//!   reach (other VMs' directories are 0700 of other uids; `fs.protected_hardlinks`).
 //! - **Dropping a [`Session`] before its end kills it** (`Kill` to the guest: its process group
 //!   is killed, a file being written is abandoned), so a cancelled API request stops its
 //!   command.
@@ -43,6 +49,8 @@ pub const HELLO_TIMEOUT: Duration = Duration::from_secs(15);
 pub enum GuestError {
     #[error("no such VM on this host")]
     NoVm,
+    #[error("{path} is not a socket (a symlink?): refused")]
+    NotASocket { path: PathBuf },
     #[error("connecting to the guest agent's port ({path}): {source}")]
     Connect {
         path: PathBuf,
@@ -184,6 +192,35 @@ impl Guests {
     }
 }
 
+/// The socket inode at `path`, not following a symlink: `Err(None)` if it is not a socket.
+fn open_socket(path: &std::path::Path) -> Result<std::os::fd::OwnedFd, Option<std::io::Error>> {
+    use std::os::{fd::FromRawFd, unix::ffi::OsStrExt};
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|e| Some(std::io::Error::other(e)))?;
+    // SAFETY: a valid NUL-terminated path; the fd returned is owned below.
+    let fd = unsafe {
+        libc::open(
+            c.as_ptr(),
+            libc::O_PATH | libc::O_NOFOLLOW | libc::O_CLOEXEC,
+        )
+    };
+    if fd < 0 {
+        return Err(Some(std::io::Error::last_os_error()));
+    }
+    // SAFETY: `fd` was just opened and is owned by nothing else.
+    let owned = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
+    // SAFETY: `stat` is plain old data; all zeroes is a valid value.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: fstat fills `st` for the valid fd `fd`.
+    if unsafe { libc::fstat(fd, &mut st) } != 0 {
+        return Err(Some(std::io::Error::last_os_error()));
+    }
+    if st.st_mode & libc::S_IFMT != libc::S_IFSOCK {
+        return Err(None);
+    }
+    Ok(owned)
+}
+
 /// One connection to a guest agent.
 #[derive(Debug)]
 pub struct Channel {
@@ -213,13 +250,27 @@ struct Peer {
 }
 
 impl Channel {
-    async fn connect(path: &PathBuf, guests: Arc<Guests>) -> Result<Arc<Channel>, GuestError> {
-        let stream = UnixStream::connect(path)
-            .await
-            .map_err(|source| GuestError::Connect {
-                path: path.clone(),
-                source,
-            })?;
+    async fn connect(
+        path: &std::path::Path,
+        guests: Arc<Guests>,
+    ) -> Result<Arc<Channel>, GuestError> {
+        let err = |source| GuestError::Connect {
+            path: path.to_path_buf(),
+            source,
+        };
+        let inode = open_socket(path).map_err(|e| match e {
+            None => GuestError::NotASocket {
+                path: path.to_path_buf(),
+            },
+            Some(e) => err(e),
+        })?;
+        let stream = UnixStream::connect(format!(
+            "/proc/self/fd/{}",
+            std::os::fd::AsRawFd::as_raw_fd(&inode)
+        ))
+        .await
+        .map_err(err)?;
+        drop(inode);
         let (mut rd, mut wr) = stream.into_split();
         let mut nonce = [0u8; 8];
         getrandom::fill(&mut nonce).map_err(|e| GuestError::Closed(e.to_string()))?;
@@ -743,6 +794,26 @@ mod tests {
                 "lie {i}: {all:?}"
             );
         }
+    }
+
+    #[tokio::test]
+    async fn a_symlink_in_place_of_the_socket_is_refused() {
+        // A VMM escape points its VM's port at another VM's (a working guest here).
+        let (guests, _, dir) = guest(Vec::new(), |_, _| async {}).await;
+        let elsewhere = tempfile::tempdir().unwrap();
+        let link = elsewhere.path().join("guest.sock");
+        std::os::unix::fs::symlink(dir.path().join("guest.sock"), &link).unwrap();
+        let key = (2, "escaped".to_string());
+        guests.insert(key.clone(), link);
+        assert!(matches!(
+            guests.open(&key, Kind::Exec, b"{}".to_vec()).await,
+            Err(GuestError::NotASocket { .. })
+        ));
+        // The socket itself is taken.
+        assert!(guests
+            .open(&(1, "vm".to_string()), Kind::Exec, b"{}".to_vec())
+            .await
+            .is_ok());
     }
 
     #[tokio::test]
