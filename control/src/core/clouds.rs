@@ -207,9 +207,6 @@ impl Core {
                 ops.push(Op::DeletePrefix {
                     prefix: keys::placements_of(h, c),
                 });
-                // Its endpoints' final usage records arrive after this: the hosts that ran
-                // it may still deliver them for a day.
-                ops.push(put(keys::usage_grace(c, h), &(now() + USAGE_GRACE_SECS)));
             }
             let vhosts: BTreeSet<&str> = volumes.iter().map(|v| v.host.as_str()).collect();
             for h in &vhosts {
@@ -249,6 +246,21 @@ impl Core {
                          limits"
                 ),
             };
+            // Its endpoints' final usage records arrive after the delete: the hosts that ran it
+            // may still deliver them for a day. Written first, apart (the delete's own
+            // transaction is as large as the store allows); harmless while the cloud exists,
+            // and every attempt renews them.
+            let grace: Vec<Op> = hosts
+                .iter()
+                .map(|h| put(keys::usage_grace(c, h), &(now() + USAGE_GRACE_SECS)))
+                .collect();
+            for chunk in grace.chunks(64) {
+                self.commit(Txn {
+                    compares: vec![],
+                    success: chunk.to_vec(),
+                })
+                .await?;
+            }
             if self
                 .commit_delete(own, &keys::inside(c), revocations, too_large)
                 .await?

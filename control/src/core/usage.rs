@@ -7,8 +7,8 @@
 //!   and is counted a duplicate, and a period's records are one range scan.
 //! - **A host speaks for the clouds it runs**: a record is refused unless its cloud is placed on
 //!   the delivering host, or was deleted while it ran there, for [`USAGE_GRACE_SECS`] after
-//!   (the final records of a deleted cloud's endpoints arrive after the delete; the delete
-//!   writes `usagegrace/<cloud>/<host>` for each of its VM hosts). A host cannot write usage
+//!   (the final records of a deleted cloud's endpoints arrive after the delete; each delete
+//!   attempt first writes `usagegrace/<cloud>/<host>` for each of its VM hosts). A host cannot write usage
 //!   for a cloud it never ran; it is trusted with its own VMs' traffic.
 //! - **Usage outlives its cloud** (billing needs it): deleting a cloud leaves its records.
 
