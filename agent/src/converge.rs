@@ -416,6 +416,8 @@ pub struct Converger {
     /// The VMs with an idle timeout that should run, and what they did last
     /// ([`Converger::report_idle`]).
     idle: HashMap<VmKey, IdleWatch>,
+    /// Storage metering: each volume from its creation until it is removed.
+    meters: Option<crate::usage::Meters>,
 }
 
 /// A running VM's idle timeout and its last activity.
@@ -478,7 +480,15 @@ impl Converger {
             egress: HashMap::new(),
             reported_failures: HashMap::new(),
             idle: HashMap::new(),
+            meters: None,
         }
+    }
+
+    /// Meters every volume this host holds into `meters` (storage usage; see
+    /// [`crate::usage`]).
+    pub fn with_meters(mut self, meters: crate::usage::Meters) -> Self {
+        self.meters = Some(meters);
+        self
     }
 
     /// Refuses zones (and placements whose zone is) not directly under `suffix`: the
@@ -792,8 +802,11 @@ impl Converger {
             self.remove_volume(&r.cloud.to_string(), &r.name);
         }
         for v in &delta.volumes {
-            if let Err(e) = self.create_volume(v) {
-                tracing::error!(cloud = %v.cloud, volume = %v.name, "creating volume {}/{}: {e}", v.cloud, v.name);
+            match self.create_volume(v) {
+                Ok(()) => self.meter_volume(v),
+                Err(e) => {
+                    tracing::error!(cloud = %v.cloud, volume = %v.name, "creating volume {}/{}: {e}", v.cloud, v.name)
+                }
             }
         }
         for p in &delta.vms {
@@ -1239,7 +1252,33 @@ impl Converger {
         }
     }
 
+    /// Meters a volume this host holds (from its creation by the control plane).
+    fn meter_volume(&self, v: &VolumePlacement) {
+        let Some(meters) = &self.meters else { return };
+        let now = crate::usage::now_unix_ms();
+        let since_ms = if v.created_at_ms == 0 {
+            now
+        } else {
+            v.created_at_ms.min(now)
+        };
+        meters.start(
+            &crate::usage::volume_incarnation(v.cloud.get(), &v.name, v.created_at_ms),
+            crate::usage::Meter {
+                cloud: v.cloud.get(),
+                resource: crate::usage::Resource::Volume {
+                    name: v.name.clone(),
+                    size_gib: v.size_gib,
+                },
+                since_ms,
+                until_ms: None,
+            },
+        );
+    }
+
     fn remove_volume(&self, cloud: &str, name: &str) {
+        if let (Some(meters), Ok(id)) = (&self.meters, cloud.parse::<CloudId>()) {
+            meters.end_volume(id.get(), name, crate::usage::now_unix_ms());
+        }
         for f in [VolumeFormat::Raw, VolumeFormat::Qcow2] {
             let p = self.volume_path(cloud, name, f);
             if let Err(e) = std::fs::remove_file(&p) {

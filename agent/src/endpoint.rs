@@ -755,6 +755,11 @@ impl UsageCollector {
         collect(&self.dataplane, &self.recorder)
     }
 
+    /// The time of the last periodic collection (see [`Recorder::last_collected_ms`]).
+    pub fn last_collected_ms(&self) -> u64 {
+        lock(&self.recorder).last_collected_ms()
+    }
+
     /// The journal's directory.
     pub fn journal_dir(&self) -> PathBuf {
         lock(&self.recorder).journal().dir().to_path_buf()

@@ -393,6 +393,28 @@ async fn embedded(c: &atoll_agent::config::ControlLinkConfig) -> Result<Source> 
         listener.local_addr()?,
         c.embedded.store.backend
     );
+    // `[control.embedded.metrics]`: the control plane's metrics on a listener of their own.
+    if c.embedded.metrics.enabled {
+        let l = tokio::net::TcpListener::bind(c.embedded.metrics.listen)
+            .await
+            .with_context(|| {
+                format!(
+                    "control.embedded.metrics.listen: listening on {}",
+                    c.embedded.metrics.listen
+                )
+            })?;
+        tracing::info!(
+            "control plane metrics on http://{}{}",
+            l.local_addr()?,
+            atoll_control::metrics::PATH
+        );
+        let serve = atoll_control::metrics::serve(l, Some(core.clone()), std::future::pending());
+        tokio::spawn(async move {
+            if let Err(e) = serve.await {
+                tracing::error!("the control plane's metrics listener stopped: {e}");
+            }
+        });
+    }
     let api_core = core.clone();
     let limits = c.embedded.api.limits();
     let tls = tls.map(|t| t.config);
@@ -463,8 +485,13 @@ async fn start_control(
     if let Some(u) = underlay {
         source.register_underlay(&name, u).await?;
     }
+    // Compute and storage are metered with the usage records.
+    let meters = host.usage().map(|r| (r.meters(), r.boot_id().to_string()));
     let vmm = if cfg.vm.driver == VmDriver::Qemu {
         let (mut vmm, rx) = atoll_agent::vm::VmManager::new(cfg.vm.clone());
+        if let Some((m, boot_id)) = &meters {
+            vmm = vmm.with_meters(m.clone(), boot_id);
+        }
         if cfg.overlay.enabled {
             vmm = vmm.with_guest_mtu(cfg.overlay.guest_mtu());
         }
@@ -484,6 +511,9 @@ async fn start_control(
         volumes_dir: c.volumes_dir.clone(),
     };
     let mut converger = Converger::new(conv, source, dns);
+    if let Some((m, _)) = meters {
+        converger = converger.with_meters(m);
+    }
     if cfg.dns.enabled {
         converger = converger.with_dns_suffix(&cfg.dns.suffix);
     }
@@ -541,8 +571,10 @@ impl UsageWork {
         let cfg = cfg.clone();
         let control = self.control.clone();
         let rt = tokio::runtime::Handle::current();
+        // Read before delivery starts: every record of that collection is journaled.
+        let collected = self.collector.last_collected_ms();
         self.delivering = Some(tokio::task::spawn_blocking(move || {
-            deliver(&cfg, control, rt)
+            deliver(&cfg, control, collected, rt)
         }));
     }
 
@@ -558,17 +590,28 @@ impl UsageWork {
 }
 
 /// Delivers the journal to every configured sink, then deletes the segments all of them have.
+/// The control plane also learns, once the journal is delivered to its end, that this host's
+/// usage is complete up to `collected` (the last collection before delivery began).
 fn deliver(
     cfg: &atoll_agent::config::UsageConfig,
     control: Option<(Arc<dyn atoll_api::ControlPlane>, String)>,
+    collected: u64,
     rt: tokio::runtime::Handle,
 ) {
     let dir = cfg.journal_dir.clone();
     let mut sinks: Vec<Box<dyn Sink + Send>> = Vec::new();
+    let mut names = Vec::new();
     if let Some((cp, host)) = control {
-        sinks.push(Box::new(atoll_agent::usage::ControlSink::new(
-            cp, &host, rt,
-        )));
+        let mut sink = atoll_agent::usage::ControlSink::new(cp, &host, rt);
+        match deliver_pending(&dir, &mut sink, 1 << 20) {
+            Ok(_) => {
+                if let Err(e) = sink.mark_complete(collected) {
+                    tracing::error!("telling the control plane usage is complete: {e}");
+                }
+            }
+            Err(e) => tracing::error!("{e}"),
+        }
+        names.push(sink.name().to_string());
     }
     if let Some(path) = &cfg.file_sink {
         sinks.push(Box::new(FileSink::new(
@@ -588,7 +631,8 @@ fn deliver(
             tracing::error!("{e}");
         }
     }
-    let names: Vec<&str> = sinks.iter().map(|s| s.name()).collect();
+    names.extend(sinks.iter().map(|s| s.name().to_string()));
+    let names: Vec<&str> = names.iter().map(String::as_str).collect();
     if let Err(e) = compact(&dir, &names, cfg.limits()) {
         tracing::error!("{e}");
     }

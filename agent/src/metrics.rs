@@ -14,11 +14,18 @@
 //! | `atoll_cloud_bytes_total` | counter | `cloud`, `direction`, `class` |
 //! | `atoll_usage_quarantined_records_total` | counter | (none; with usage records on) |
 //! | `atoll_usage_journal_bytes` | gauge | (none; with usage records on) |
+//! | `atoll_map_entries` | gauge | `map` |
+//! | `atoll_map_capacity` | gauge | `map` |
 //!
 //! `direction` is `from_guest` / `to_guest`, `class` one of `intra_cloud`, `exposure`, `host`,
 //! `external`, and `reason` a [`DropReason`] name: the names come from the shared crate, so the
 //! kernel's numbering and the exposition can never disagree. Bytes are Ethernet frame lengths
 //! (`skb->len`, no FCS), see `docs/design.md` ("Metering").
+//!
+//! `map` is the pinned name of a map whose capacity a `[dataplane]` setting fixes when the
+//! dataplane is created: `ENDPOINTS` (`max_endpoints`), `ROUTES` (`max_routes`) and `VIPS`
+//! (`max_vips`); `atoll_map_entries / atoll_map_capacity` is how full it is (what
+//! `atoll-agent doctor` warns about past 90%, and `deploy/prometheus/atoll-rules.yml` alerts on).
 //!
 //! # Design decisions
 //!
@@ -54,6 +61,16 @@
 //!   closes idle keep-alive connections), so slow or stuck clients cannot pile up. Collecting
 //!   and rendering run on the blocking pool: they are syscalls plus string formatting, and
 //!   the agent's runtime has a single thread.
+//! - **Map fill walks the keys.** The kernel keeps no entry count of a hash map that user space
+//!   can read (`bpf_map_info` has none), so a scrape counts `ENDPOINTS`, `ROUTES` and `VIPS`
+//!   by walking their keys with `BPF_MAP_GET_NEXT_KEY` (the same walk as `atoll-agent doctor`,
+//!   [`crate::dataplane::map_usage`]): one syscall per entry, so a few milliseconds per
+//!   10,000 entries. That is acceptable for maps of up to ~100k entries each (the defaults are
+//!   65,536); past that, scrape less often or raise Prometheus's `scrape_timeout`. The LRU flow
+//!   tables (`max_flows`) are left out on purpose: full is their steady state (the kernel
+//!   evicts the least recently used flow), and walking 262,144 keys of each on every scrape
+//!   would cost more than the answer is worth. Fixed-size arrays are always "full" and left out
+//!   too.
 //! - **Size.** About 4 KB of text per endpoint (40 series), so 1000 endpoints are ~4 MB per
 //!   scrape; the zero-valued drop reasons are the bulk of it (the price of stable series).
 
@@ -78,7 +95,7 @@ use tokio::net::TcpListener;
 
 use crate::{
     config::DataplaneConfig,
-    dataplane::{Dataplane, DataplaneError},
+    dataplane::{Dataplane, DataplaneError, MapUsage},
     device,
 };
 
@@ -114,6 +131,8 @@ pub enum MetricsError {
     },
     #[error("reading the host-wide drop counters: {0}")]
     ReadDrops(#[source] DataplaneError),
+    #[error("counting the entries of the dataplane's maps: {0}")]
+    ReadMapFill(#[source] DataplaneError),
     #[error("binding the metrics listener on {addr}: {source}")]
     Bind { addr: SocketAddr, source: io::Error },
     #[error("accepting a metrics connection: {0}")]
@@ -213,6 +232,74 @@ pub struct Snapshot {
     pub drops: Vec<(DropReason, u64)>,
     /// The usage journal, when usage records are on.
     pub usage: Option<UsageJournal>,
+    /// How full the maps sized by a `[dataplane]` setting are (`ENDPOINTS`, `ROUTES`, `VIPS`).
+    pub maps: Vec<MapUsage>,
+}
+
+impl Snapshot {
+    /// A snapshot in which every metric family has samples: two clouds, three endpoints (one
+    /// whose device is gone), every drop reason, the usage journal and every map of
+    /// [`crate::dataplane::map_usage`]. For tests outside this crate that check which metric
+    /// names the exposition has (the dashboards' test in `atoll-tests`); the values mean
+    /// nothing.
+    #[doc(hidden)]
+    pub fn example() -> Snapshot {
+        let counters = |seed: u64| {
+            let mut c = EndpointCounters::ZERO;
+            for d in Direction::ALL {
+                for k in TrafficClass::ALL {
+                    let t = &mut c.traffic[d as usize][k as usize];
+                    t.packets = seed * 100 + d as u64 * 10 + k as u64;
+                    t.bytes = t.packets * 60;
+                }
+            }
+            for r in DropReason::ALL {
+                c.drops[r as usize] = seed * 1000 + r as u64;
+            }
+            c
+        };
+        let map = |map: &'static str, setting: &'static str, used: u32| MapUsage {
+            map,
+            used,
+            max_entries: 65536,
+            setting,
+        };
+        Snapshot {
+            endpoints: vec![
+                EndpointSample {
+                    ifindex: 7,
+                    name: Some("tap-b".into()),
+                    cloud: 2,
+                    counters: counters(1),
+                },
+                EndpointSample {
+                    ifindex: 9,
+                    name: None,
+                    cloud: 1,
+                    counters: counters(2),
+                },
+                EndpointSample {
+                    ifindex: 5,
+                    name: Some("we\"ird\\na\nme".into()),
+                    cloud: 2,
+                    counters: counters(3),
+                },
+            ],
+            drops: DropReason::ALL
+                .iter()
+                .map(|r| (*r, *r as u64 * 3))
+                .collect(),
+            usage: Some(UsageJournal {
+                quarantined: 2,
+                bytes: 300,
+            }),
+            maps: vec![
+                map(crate::dataplane::MAP_ENDPOINTS, "max_endpoints", 3),
+                map(crate::dataplane::MAP_ROUTES, "max_routes", 6),
+                map(crate::dataplane::MAP_VIPS, "max_vips", 0),
+            ],
+        }
+    }
 }
 
 /// What the metrics show of the usage journal.
@@ -227,6 +314,8 @@ pub struct UsageJournal {
 /// Reads the pinned dataplane's counters.
 pub struct Exporter {
     dataplane: Dataplane,
+    /// `dataplane.bpffs_root`, whose current layout's maps are counted for the map fill.
+    bpffs_root: std::path::PathBuf,
     usage_dir: Option<std::path::PathBuf>,
 }
 
@@ -242,6 +331,7 @@ impl Exporter {
     pub fn open(cfg: &DataplaneConfig) -> Result<Self, MetricsError> {
         Ok(Exporter {
             dataplane: Dataplane::open(cfg).map_err(MetricsError::OpenDataplane)?,
+            bpffs_root: cfg.bpffs_root.clone(),
             usage_dir: None,
         })
     }
@@ -252,7 +342,7 @@ impl Exporter {
         self
     }
 
-    /// Reads every endpoint's counters and the host-wide drops.
+    /// Reads every endpoint's counters, the host-wide drops and how full the maps are.
     pub fn snapshot(&self) -> Result<Snapshot, MetricsError> {
         let mut endpoints = Vec::new();
         for (ifindex, info) in self
@@ -295,10 +385,16 @@ impl Exporter {
             quarantined: crate::usage::quarantined(dir),
             bytes: crate::usage::journal_bytes(dir),
         });
+        // `None`: nothing pinned, which cannot be while `self.dataplane` is open, short of
+        // someone removing the pins under it; then there is nothing to count.
+        let maps = crate::dataplane::map_usage(&self.bpffs_root)
+            .map_err(MetricsError::ReadMapFill)?
+            .unwrap_or_default();
         Ok(Snapshot {
             endpoints,
             drops,
             usage,
+            maps,
         })
     }
 
@@ -591,6 +687,32 @@ pub fn render(snapshot: &Snapshot, format: Format) -> String {
         );
         w.sample("atoll_usage_journal_bytes", Kind::Gauge, &[], u.bytes);
     }
+    w.family(
+        "atoll_map_entries",
+        Kind::Gauge,
+        "Entries in a dataplane map whose capacity a [dataplane] setting fixes (ENDPOINTS: max_endpoints, ROUTES: max_routes, VIPS: max_vips).",
+    );
+    for m in &snapshot.maps {
+        w.sample(
+            "atoll_map_entries",
+            Kind::Gauge,
+            &[("map", m.map)],
+            u64::from(m.used),
+        );
+    }
+    w.family(
+        "atoll_map_capacity",
+        Kind::Gauge,
+        "Capacity (max_entries) of a dataplane map, fixed when the dataplane was created.",
+    );
+    for m in &snapshot.maps {
+        w.sample(
+            "atoll_map_capacity",
+            Kind::Gauge,
+            &[("map", m.map)],
+            u64::from(m.max_entries),
+        );
+    }
     w.finish()
 }
 
@@ -712,48 +834,11 @@ fn escape_help(v: &str, format: Format) -> String {
 mod tests {
     use super::*;
 
-    fn counters(seed: u64) -> EndpointCounters {
-        let mut c = EndpointCounters::ZERO;
-        for d in Direction::ALL {
-            for k in TrafficClass::ALL {
-                let t = &mut c.traffic[d as usize][k as usize];
-                t.packets = seed * 100 + d as u64 * 10 + k as u64;
-                t.bytes = t.packets * 60;
-            }
-        }
-        for r in DropReason::ALL {
-            c.drops[r as usize] = seed * 1000 + r as u64;
-        }
-        c
-    }
-
+    /// The example without the usage journal (its families are checked on their own).
     fn snapshot() -> Snapshot {
         Snapshot {
-            endpoints: vec![
-                EndpointSample {
-                    ifindex: 7,
-                    name: Some("tap-b".into()),
-                    cloud: 2,
-                    counters: counters(1),
-                },
-                EndpointSample {
-                    ifindex: 9,
-                    name: None,
-                    cloud: 1,
-                    counters: counters(2),
-                },
-                EndpointSample {
-                    ifindex: 5,
-                    name: Some("we\"ird\\na\nme".into()),
-                    cloud: 2,
-                    counters: counters(3),
-                },
-            ],
-            drops: DropReason::ALL
-                .iter()
-                .map(|r| (*r, *r as u64 * 3))
-                .collect(),
             usage: None,
+            ..Snapshot::example()
         }
     }
 
@@ -788,7 +873,7 @@ mod tests {
         let mut seen = Vec::new();
         for l in s.lines().filter(|l| !l.starts_with('#')) {
             let name = l.split(['{', ' ']).next().unwrap();
-            if name != "atoll_endpoints" {
+            if !["atoll_endpoints", "atoll_map_entries", "atoll_map_capacity"].contains(&name) {
                 assert!(name.ends_with("_total"), "{l}");
             }
             if seen.last() != Some(&name.to_string()) {
@@ -910,9 +995,12 @@ mod tests {
             endpoints: Vec::new(),
             drops: Vec::new(),
             usage: None,
+            maps: Vec::new(),
         };
         let s = render(&snap, Format::OpenMetrics);
-        assert_eq!(s.lines().filter(|l| l.starts_with("# TYPE")).count(), 7);
+        assert_eq!(s.lines().filter(|l| l.starts_with("# TYPE")).count(), 9);
+        assert!(s.contains("# TYPE atoll_map_entries gauge\n"), "{s}");
+        assert!(s.contains("# TYPE atoll_map_capacity gauge\n"), "{s}");
         snap.usage = Some(UsageJournal {
             quarantined: 2,
             bytes: 300,
@@ -930,6 +1018,40 @@ mod tests {
             DropReason::ALL.len(),
             "missing reasons are zeros"
         );
+    }
+
+    #[test]
+    fn map_fill_per_map() {
+        let s = render(&snapshot(), Format::Text);
+        assert!(s.contains("# TYPE atoll_map_entries gauge\n"), "{s}");
+        assert!(s.contains("# TYPE atoll_map_capacity gauge\n"), "{s}");
+        for (map, used) in [("ENDPOINTS", 3), ("ROUTES", 6), ("VIPS", 0)] {
+            assert!(
+                s.contains(&format!("\natoll_map_entries{{map=\"{map}\"}} {used}\n")),
+                "{map}: {s}"
+            );
+            assert!(
+                s.contains(&format!("\natoll_map_capacity{{map=\"{map}\"}} 65536\n")),
+                "{map}: {s}"
+            );
+        }
+        // The same samples in OpenMetrics (gauges have no suffix in either format).
+        let om = render(&snapshot(), Format::OpenMetrics);
+        assert!(
+            om.contains("\natoll_map_entries{map=\"ROUTES\"} 6\n"),
+            "{om}"
+        );
+        assert!(om.contains("# TYPE atoll_map_capacity gauge\n"), "{om}");
+        // Every family of the example has samples (what the dashboards' test relies on).
+        let ex = render(&Snapshot::example(), Format::Text);
+        for family in ex.lines().filter_map(|l| l.strip_prefix("# TYPE ")) {
+            let name = family.split(' ').next().unwrap();
+            assert!(
+                ex.lines()
+                    .any(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' '])),
+                "{name} has no sample in the example"
+            );
+        }
     }
 
     #[test]

@@ -16,6 +16,17 @@
 //!   line (crash mid-write) is cut off on open; a failed write (e.g. disk full) is rolled back
 //!   to the previous length, reported, and retried next interval with the counters still in the
 //!   kernel, so nothing is lost.
+//! - **Compute and storage are metered by time** ([`Meters`]): the VM supervisor registers
+//!   each VMM run (incarnation `<boot id>-vmm-<pid>-<process start ticks>`, which names the
+//!   same process after an agent restart, since VMMs outlive the agent) from its start to its
+//!   exit, and the converger each volume (incarnation `vol-<cloud>-<name>-<created_at>`, from
+//!   the control plane's creation time, which survives reboots) from its creation until it is
+//!   removed. A record's window runs from the incarnation's last journaled record (or its
+//!   start) to now (or its end, in its final record); its quantity is size times window, and its
+//!   `cumulative` the last journaled one plus that. So an agent restart resumes from the journal:
+//!   nothing is counted twice, and a VMM that ran on meanwhile is metered for the whole time.
+//!   What is lost: a VMM that exits while no agent runs is metered up to its last record (its
+//!   exit time is unknown), and a volume removed while no agent runs likewise.
 //! - **Delivery.** Each sink has a cursor (byte offset into the journal) persisted atomically
 //!   after the sink acknowledged a batch. A crash between acknowledgement and cursor update
 //!   re-delivers that batch: at least once, never zero times.
@@ -30,7 +41,7 @@ use std::{
 
 use atoll_dataplane_common::EndpointCounters;
 
-pub use atoll_api::usage::{Counters, Traffic, UsageData, UsageEvent, EVENT_TYPE};
+pub use atoll_api::usage::{Counters, Resource, Traffic, UsageData, UsageEvent, EVENT_TYPE};
 use serde::{Deserialize, Serialize};
 /// Journal file name inside the journal directory.
 pub const JOURNAL_FILE: &str = "usage.jsonl";
@@ -584,6 +595,142 @@ pub fn build_records(
                     is_final,
                     usage,
                     cumulative,
+                    resource: None,
+                },
+            }
+        })
+        .collect()
+}
+
+/// A thing metered by time: a VMM run or a provisioned volume.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Meter {
+    pub cloud: u32,
+    pub resource: Resource,
+    /// When it began (ms since the epoch): the start of its first window.
+    pub since_ms: u64,
+    /// When it ended, once it has: its final record ends there.
+    pub until_ms: Option<u64>,
+}
+
+/// The things metered by time on this host, by incarnation; shared by the VM supervisors and
+/// the converger (who start and end them) and the recorder (who journals them each interval).
+#[derive(Debug, Clone, Default)]
+pub struct Meters(std::sync::Arc<std::sync::Mutex<BTreeMap<String, Meter>>>);
+
+impl Meters {
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Meter>> {
+        // A poisoned lock only means a panic elsewhere; the map is consistent.
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Begins metering `incarnation` (kept as it is if already metered).
+    pub fn start(&self, incarnation: &str, meter: Meter) {
+        self.lock().entry(incarnation.to_string()).or_insert(meter);
+    }
+
+    /// Ends `incarnation` at `at_ms` (its final record is journaled next interval).
+    pub fn end(&self, incarnation: &str, at_ms: u64) {
+        if let Some(m) = self.lock().get_mut(incarnation) {
+            m.until_ms.get_or_insert(at_ms);
+        }
+    }
+
+    /// Ends the running meter of a volume.
+    pub fn end_volume(&self, cloud: u32, name: &str, at_ms: u64) {
+        for m in self.lock().values_mut() {
+            if m.cloud == cloud
+                && matches!(&m.resource, Resource::Volume { name: n, .. } if n == name)
+            {
+                m.until_ms.get_or_insert(at_ms);
+            }
+        }
+    }
+
+    /// What is metered now.
+    pub fn snapshot(&self) -> Vec<(String, Meter)> {
+        self.lock()
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
+    }
+
+    /// Forgets ended meters whose final record is journaled.
+    fn forget(&self, done: &[String]) {
+        let mut m = self.lock();
+        for k in done {
+            if m.get(k).is_some_and(|m| m.until_ms.is_some()) {
+                m.remove(k);
+            }
+        }
+    }
+}
+
+/// The incarnation of a VMM run: its process, which outlives the agent.
+pub fn vmm_incarnation(boot_id: &str, pid: i32, start_ticks: u64) -> String {
+    format!("{boot_id}-vmm-{pid}-{start_ticks}")
+}
+
+/// The incarnation of a volume: its creation by the control plane.
+pub fn volume_incarnation(cloud: u32, name: &str, created_at: u64) -> String {
+    format!("vol-{cloud}-{name}-{created_at}")
+}
+
+/// The next record of each meter against the journal's baselines (ended ones final).
+pub fn build_meter_records(
+    journal: &Journal,
+    meters: &[(String, Meter)],
+    source: &str,
+    now_ms: u64,
+) -> Vec<UsageEvent> {
+    meters
+        .iter()
+        .filter(|(inc, _)| !journal.baseline(inc).is_some_and(|b| b.is_final))
+        .map(|(inc, m)| {
+            let base = journal.baseline(inc);
+            let start = base.map(|b| b.end_unix_ms).unwrap_or(m.since_ms);
+            let end = m.until_ms.unwrap_or(now_ms).max(start);
+            let ms = end - start;
+            let mut usage = Counters::default();
+            let name = match &m.resource {
+                Resource::Vm {
+                    name,
+                    vcpus,
+                    memory_mib,
+                } => {
+                    usage.vcpu_ms = u64::from(*vcpus).saturating_mul(ms);
+                    usage.memory_mib_ms = memory_mib.saturating_mul(ms);
+                    format!("vm/{name}")
+                }
+                Resource::Volume { name, size_gib } => {
+                    usage.volume_gib_ms = size_gib.saturating_mul(ms);
+                    format!("volume/{name}")
+                }
+            };
+            let mut cumulative = base.map(|b| b.cumulative.clone()).unwrap_or_default();
+            cumulative.vcpu_ms = cumulative.vcpu_ms.saturating_add(usage.vcpu_ms);
+            cumulative.memory_mib_ms = cumulative.memory_mib_ms.saturating_add(usage.memory_mib_ms);
+            cumulative.volume_gib_ms = cumulative.volume_gib_ms.saturating_add(usage.volume_gib_ms);
+            let seq = base.map(|b| b.seq).unwrap_or(0) + 1;
+            UsageEvent {
+                specversion: "1.0".into(),
+                id: format!("{inc}-{seq}"),
+                source: source.into(),
+                ty: EVENT_TYPE.into(),
+                subject: format!("{}/{name}", m.cloud),
+                time: rfc3339_ms(end),
+                datacontenttype: "application/json".into(),
+                data: UsageData {
+                    cloud: m.cloud,
+                    endpoint: String::new(),
+                    incarnation: inc.clone(),
+                    seq,
+                    start_unix_ms: start,
+                    end_unix_ms: end,
+                    is_final: m.until_ms.is_some(),
+                    usage,
+                    cumulative,
+                    resource: Some(m.resource.clone()),
                 },
             }
         })
@@ -600,6 +747,7 @@ pub struct Recorder {
     source: String,
     boot_id: String,
     last_tick_ms: u64,
+    meters: Meters,
 }
 
 impl std::fmt::Debug for Recorder {
@@ -662,11 +810,28 @@ impl Recorder {
             source: source.into(),
             boot_id,
             last_tick_ms: now_unix_ms(),
+            meters: Meters::default(),
         })
     }
 
     pub fn journal(&self) -> &Journal {
         &self.journal
+    }
+
+    /// The meters journaled with each periodic collection.
+    pub fn meters(&self) -> Meters {
+        self.meters.clone()
+    }
+
+    /// The time of the last periodic collection (ms since the epoch): every record whose
+    /// window ended by then is in the journal.
+    pub fn last_collected_ms(&self) -> u64 {
+        self.last_tick_ms
+    }
+
+    /// This boot's id (part of incarnations).
+    pub fn boot_id(&self) -> &str {
+        &self.boot_id
     }
 
     pub fn incarnation(&self, ifindex: u32) -> String {
@@ -696,7 +861,7 @@ impl Recorder {
             }
         }
         let now = now_unix_ms().max(self.last_tick_ms);
-        let events = build_records(
+        let mut events = build_records(
             &self.journal,
             snapshots,
             &self.source,
@@ -704,10 +869,38 @@ impl Recorder {
             now,
             is_final,
         );
+        // Meters go with the periodic collection (a final network record is written alone,
+        // at once, before its endpoint goes away).
+        let meters = if is_final {
+            Vec::new()
+        } else {
+            self.meters.snapshot()
+        };
+        events.extend(build_meter_records(
+            &self.journal,
+            &meters,
+            &self.source,
+            now,
+        ));
         self.journal.append(&events)?;
         if !is_final {
             self.last_tick_ms = now;
-            let live: HashSet<String> = snapshots.iter().map(|s| s.incarnation.clone()).collect();
+            let ended: Vec<String> = meters
+                .iter()
+                .filter(|(_, m)| m.until_ms.is_some())
+                .map(|(k, _)| k.clone())
+                .collect();
+            self.meters.forget(&ended);
+            let live: HashSet<String> = snapshots
+                .iter()
+                .map(|s| s.incarnation.clone())
+                .chain(
+                    meters
+                        .iter()
+                        .filter(|(_, m)| m.until_ms.is_none())
+                        .map(|(k, _)| k.clone()),
+                )
+                .collect();
             self.journal.rotate_if_full(&live)?;
         }
         Ok(events.len())
@@ -790,6 +983,24 @@ impl ControlSink {
     }
 }
 
+impl ControlSink {
+    /// Tells the control plane that everything up to `at_ms` is delivered (call after the
+    /// journal was delivered to its end, with the time of the collection before).
+    pub fn mark_complete(&mut self, at_ms: u64) -> Result<(), io::Error> {
+        let cmd = atoll_api::Command::IngestUsage {
+            host: self.host.clone(),
+            batch: atoll_api::model::UsageBatch {
+                records: Vec::new(),
+                complete_to_ms: Some(at_ms),
+            },
+        };
+        self.rt
+            .block_on(self.cp.execute(cmd))
+            .map(drop)
+            .map_err(io::Error::other)
+    }
+}
+
 impl Sink for ControlSink {
     fn name(&self) -> &str {
         "control"
@@ -805,6 +1016,7 @@ impl Sink for ControlSink {
                 host: self.host.clone(),
                 batch: atoll_api::model::UsageBatch {
                     records: batch.to_vec(),
+                    complete_to_ms: None,
                 },
             };
             let reply = self
@@ -1268,6 +1480,76 @@ mod tests {
         );
         assert_eq!(events[1].id, format!("{inc}-2"));
         assert!(events[1].data.is_final);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn meters_add_up_to_their_lifetimes_across_a_restart_and_end_once() {
+        let dir = tmpdir("um");
+        let mut r = Recorder::open(&dir, "atoll/test").unwrap();
+        let now = now_unix_ms();
+        let vm = Meter {
+            cloud: 7,
+            resource: Resource::Vm {
+                name: "web".into(),
+                vcpus: 2,
+                memory_mib: 512,
+            },
+            since_ms: now - 10_000,
+            until_ms: None,
+        };
+        let vol = Meter {
+            cloud: 7,
+            resource: Resource::Volume {
+                name: "data".into(),
+                size_gib: 3,
+            },
+            since_ms: now - 4_000,
+            until_ms: None,
+        };
+        r.meters().start("vmm-1", vm.clone());
+        r.meters().start("vol-1", vol.clone());
+        assert_eq!(r.record(&[], false).unwrap(), 2);
+        // A restarted agent (kill -9: the meters are gone, the journal stays) meters the same
+        // VMM again, with the start it finds; the journal's baseline wins.
+        drop(r);
+        let mut r = Recorder::open(&dir, "atoll/test").unwrap();
+        r.meters().start(
+            "vmm-1",
+            Meter {
+                since_ms: now - 99_000,
+                ..vm
+            },
+        );
+        r.meters().start("vol-1", vol);
+        let end = now_unix_ms() + 5_000;
+        r.meters().end("vmm-1", end);
+        r.meters().end_volume(7, "data", end);
+        assert_eq!(r.record(&[], false).unwrap(), 2);
+        assert!(
+            r.meters().snapshot().is_empty(),
+            "ended meters are forgotten"
+        );
+        assert_eq!(r.record(&[], false).unwrap(), 0);
+        let events: Vec<UsageEvent> = std::fs::read_to_string(r.journal().path())
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        let sum = |f: fn(&Counters) -> u64| events.iter().map(|e| f(&e.data.usage)).sum::<u64>();
+        let vm_ms = end - (now - 10_000);
+        assert_eq!(sum(|c| c.vcpu_ms), 2 * vm_ms);
+        assert_eq!(sum(|c| c.memory_mib_ms), 512 * vm_ms);
+        assert_eq!(sum(|c| c.volume_gib_ms), 3 * (end - (now - 4_000)));
+        let finals: Vec<&UsageEvent> = events.iter().filter(|e| e.data.is_final).collect();
+        assert_eq!(finals.len(), 2);
+        for f in finals {
+            assert_eq!(f.data.end_unix_ms, end);
+            assert_eq!(f.data.seq, 2);
+        }
+        assert_eq!(events[0].data.kind(), "compute");
+        assert_eq!(events[1].data.kind(), "storage");
+        assert_eq!(events[0].subject, "7/vm/web");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

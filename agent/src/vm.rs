@@ -321,6 +321,8 @@ struct Ctx {
     events: mpsc::UnboundedSender<VmEvent>,
     /// The MTU guests are given (the overlay's room; `None`: the guest's default).
     guest_mtu: Option<u32>,
+    /// Compute metering: each VMM run from its start to its exit, and this boot's id.
+    meters: Option<(crate::usage::Meters, String)>,
 }
 
 /// The VMs this host runs.
@@ -353,6 +355,15 @@ impl VmManager {
         self
     }
 
+    /// Meters every VMM run into `meters` (compute usage; see [`crate::usage`]). Must be
+    /// called before any VM starts.
+    pub fn with_meters(mut self, meters: crate::usage::Meters, boot_id: &str) -> Self {
+        if let Some(ctx) = Arc::get_mut(&mut self.ctx) {
+            ctx.meters = Some((meters, boot_id.to_string()));
+        }
+        self
+    }
+
     pub fn with_driver(
         cfg: VmConfig,
         driver: Arc<dyn Driver>,
@@ -365,6 +376,7 @@ impl VmManager {
                     driver,
                     events: tx,
                     guest_mtu: None,
+                    meters: None,
                 }),
                 vms: HashMap::new(),
                 guests: guest::Guests::new(),
@@ -607,6 +619,8 @@ struct Vmm {
     console: Option<UnixStream>,
     listener: UnixListener,
     started: Instant,
+    /// When it was started (ms since the epoch; for an adopted one, when it was adopted).
+    started_unix_ms: u64,
     adopted: bool,
     /// Its runtime directory, held open.
     dir: jail::SlotDir,
@@ -686,7 +700,11 @@ async fn supervise(
                 Some(accel.as_str()),
             ),
         };
+        let metered = meter_start(&ctx, &spec, &vmm);
         let ended = run(&ctx, &spec, &mut vmm, &mut stop, &console, on_line).await;
+        if let (Some(inc), Some((meters, _))) = (&metered, &ctx.meters) {
+            meters.end(inc, crate::usage::now_unix_ms());
+        }
         let _ = vmm.dir.remove(jail::PID);
         match ended {
             Ended::Requested => {
@@ -759,6 +777,34 @@ fn prepare<T>(path: &Path, r: std::io::Result<T>) -> Result<T, VmError> {
     })
 }
 
+/// Begins metering a started (or adopted) VMM: from its start to its exit, by its process.
+fn meter_start(ctx: &Ctx, spec: &VmSpec, vmm: &Vmm) -> Option<String> {
+    let (meters, boot_id) = ctx.meters.as_ref()?;
+    let (pid, ticks) = vmm.dir.recorded_pid()?;
+    let inc = crate::usage::vmm_incarnation(boot_id, pid, ticks);
+    // An adopted VMM started before this agent: its start is its process's (used only if the
+    // journal has no record of it yet).
+    let since_ms = if vmm.adopted {
+        jail::start_unix_ms(ticks).unwrap_or(vmm.started_unix_ms)
+    } else {
+        vmm.started_unix_ms
+    };
+    meters.start(
+        &inc,
+        crate::usage::Meter {
+            cloud: spec.key.0,
+            resource: crate::usage::Resource::Vm {
+                name: spec.key.1.clone(),
+                vcpus: spec.vcpus,
+                memory_mib: spec.memory_mib,
+            },
+            since_ms,
+            until_ms: None,
+        },
+    );
+    Some(inc)
+}
+
 /// Starts (or adopts) the VMM of `spec` and waits for its console to connect.
 async fn launch(ctx: &Arc<Ctx>, spec: &VmSpec, accel: Accel) -> Result<Vmm, VmError> {
     let cfg = &ctx.cfg;
@@ -787,6 +833,7 @@ async fn launch(ctx: &Arc<Ctx>, spec: &VmSpec, accel: Accel) -> Result<Vmm, VmEr
                 console: None,
                 listener,
                 started: Instant::now(),
+                started_unix_ms: crate::usage::now_unix_ms(),
                 adopted: true,
                 dir,
             });
@@ -888,6 +935,7 @@ async fn launch(ctx: &Arc<Ctx>, spec: &VmSpec, accel: Accel) -> Result<Vmm, VmEr
         }
     }
     let cmd = ctx.driver.command(&vm);
+    let started_unix_ms = crate::usage::now_unix_ms();
     let child =
         spawn_unprivileged(&cmd, &files, uid, &groups, &vmm_dir, log).map_err(VmError::Spawn)?;
     drop(files);
@@ -904,6 +952,7 @@ async fn launch(ctx: &Arc<Ctx>, spec: &VmSpec, accel: Accel) -> Result<Vmm, VmEr
         console: None,
         listener,
         started: Instant::now(),
+        started_unix_ms,
         adopted: false,
         dir,
     };

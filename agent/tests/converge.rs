@@ -1208,6 +1208,7 @@ async fn hostile_names_from_the_control_plane_are_refused_one_by_one() {
             name: name.into(),
             size_gib: 1,
             format: VolumeFormat::Raw,
+            created_at_ms: 0,
         };
         put(
             format!("h/h1/volumes/{a}/{name}"),
@@ -1430,6 +1431,7 @@ async fn hostile_names_from_the_control_plane_are_refused_one_by_one() {
         name: "../../canary/victim".into(),
         size_gib: 1,
         format: VolumeFormat::Raw,
+        created_at_ms: 0,
     };
     put(key.clone(), serde_json::to_vec(&v).unwrap()).await;
     let txn = atoll_control::store::Txn {

@@ -1732,3 +1732,566 @@ fn an_mcp_client_boots_vms_runs_commands_and_reaches_a_granted_service_by_name()
     );
     assert!(cleaned.status.success(), "{cleaned:?}");
 }
+
+/// A control plane of its own (`atoll serve`), so that it can be killed apart from the agent:
+/// killed with SIGKILL when dropped.
+struct ControlPlane {
+    config: PathBuf,
+    url: String,
+    ca: PathBuf,
+    token: String,
+    child: std::process::Child,
+}
+
+impl ControlPlane {
+    fn start(dir: &Path, prices: &str) -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let config = dir.join("control.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "listen = \"127.0.0.1:{port}\"\noperator_token_file = \"{}\"\n\
+                 [store]\npath = \"{}\"\n[tls]\ndir = \"{}\"\n[billing]\naccount = \"atoll test\"\n{prices}",
+                dir.join("op.token").display(),
+                dir.join("control.db").display(),
+                dir.join("tls").display(),
+            ),
+        )
+        .unwrap();
+        let mut cp = ControlPlane {
+            url: format!("https://127.0.0.1:{port}"),
+            ca: dir.join("tls/ca.pem"),
+            token: String::new(),
+            child: Self::spawn(&config),
+            config,
+        };
+        cp.wait_serving();
+        cp.token = std::fs::read_to_string(dir.join("op.token")).unwrap();
+        cp
+    }
+
+    fn spawn(config: &Path) -> std::process::Child {
+        std::process::Command::new(atoll_cli())
+            .arg("serve")
+            .arg("--config")
+            .arg(config)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("starting atoll serve")
+    }
+
+    /// Waits for the line the server prints once it listens.
+    fn wait_serving(&mut self) {
+        let stderr = self.child.stderr.take().unwrap();
+        let mut lines =
+            std::io::BufRead::lines(std::io::BufReader::new(stderr)).map_while(Result::ok);
+        let mut seen = Vec::new();
+        let found = lines.by_ref().any(|l| {
+            let hit = l.contains("control plane API on");
+            seen.push(l);
+            hit
+        });
+        assert!(found, "atoll serve did not start:\n{}", seen.join("\n"));
+        std::thread::spawn(move || lines.for_each(drop));
+    }
+
+    /// SIGKILL: nothing of it runs on.
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// The same config and store again (after [`ControlPlane::kill`]).
+    fn restart(&mut self) {
+        self.child = Self::spawn(&self.config);
+        self.wait_serving();
+    }
+
+    fn client(&self, token: &str) -> Client {
+        let tls = atoll_control::tls::ClientTls {
+            trust: atoll_control::tls::Trust::CaFile(self.ca.clone()),
+            setting: String::new(),
+            identity: None,
+        };
+        Client::with_tls(&self.url, token, Some(&tls)).unwrap()
+    }
+}
+
+impl Drop for ControlPlane {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The `atoll` CLI beside this test's binary (`cargo xtask test` builds the workspace).
+fn atoll_cli() -> PathBuf {
+    let p = std::env::current_exe()
+        .unwrap()
+        .parent()
+        .and_then(Path::parent)
+        .unwrap()
+        .join("atoll");
+    assert!(p.exists(), "{} is missing", p.display());
+    p
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+}
+
+const PRICES: &str = "[prices]\ncurrency = \"EUR\"\nvcpu_hour = 0.04\nmemory_gib_hour = 0.005\n\
+    volume_gib_month = 0.1\n[prices.from_guest]\nintra_cloud = 0.02\nhost = 0.03\n\
+    [prices.to_guest]\nintra_cloud = 0.01\nhost = 0.01\n";
+
+/// `quantity × price / per` in 10^-9 of the currency, rounded down: the price list's
+/// arithmetic, done by the test on its own.
+fn nanos(quantity: u64, price: f64, per: u128) -> u64 {
+    (u128::from(quantity) * (price * 1e9).round() as u128 / per) as u64
+}
+
+/// The numbers add up (issue 20): two VMs and a volume run, talk and stop under an agent and a
+/// control plane that are each killed with SIGKILL on the way; the API's cost for the cloud is
+/// what the test computes on its own from the price list and what it observed: network bytes
+/// exactly the kernel's counters of the cloud's endpoints (with the payload the test sent
+/// within them), vCPU and memory time between the lifetimes the test saw (created … stopped
+/// and running … asked to stop), volume time between its create and its removal. Nothing is
+/// counted twice (the agent redelivers what it had not acknowledged; the control plane keeps
+/// each record once). The operator's FOCUS export of the run passes the FinOps Foundation's
+/// validator and adds up to the same cost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clouds_spend_adds_up_across_kills_of_the_agent_and_the_control_plane() {
+    require_root();
+    require_image();
+    let venv = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/focus-venv");
+    assert!(
+        venv.join("bin/focus-validator").exists(),
+        "{} is missing the FOCUS validator: run `cargo xtask setup` (cargo xtask test does)",
+        venv.display()
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let mut cp = ControlPlane::start(dir.path(), PRICES);
+    let op = cp.client(&cp.token);
+    let host_token: HostToken = op
+        .run(&Command::IssueHostToken { host: "hs1".into() })
+        .await
+        .unwrap();
+    let vmdir = dir.path().join("host");
+    std::fs::create_dir(&vmdir).unwrap();
+    let journal = dir.path().join("usage");
+    let mut agent = EmbeddedAgent::start_as(
+        "sp",
+        support::AgentRole {
+            host: "hs1",
+            netns: None,
+            listen: None,
+            remote: Some((&cp.url, &cp.ca, &host_token.token)),
+        },
+        &format!(
+            "[vm]\ndriver = \"qemu\"\nrun_dir = \"{}\"\nstate_dir = \"{}\"\nstop_timeout_secs = 20\n\
+             [usage]\nenabled = true\ninterval_secs = 1\njournal_dir = \"{}\"\n",
+            vmdir.join("run").display(),
+            vmdir.join("state").display(),
+            journal.display(),
+        ),
+        "",
+    );
+    let created: CreatedCloud = op
+        .run(&Command::CreateCloud {
+            spec: serde_json::from_value(json!({"name": "spender"})).unwrap(),
+        })
+        .await
+        .unwrap();
+    let cid = created.cloud.id;
+    let cc = cp.client(&created.token);
+
+    // A volume, unattached: provisioned from its create to its removal on the host.
+    let v0 = now_ms();
+    let _: Volume = cc
+        .run(&Command::CreateVolume {
+            cloud: cid,
+            spec: CreateVolume {
+                name: "data".into(),
+                size_gib: 2,
+                format: VolumeFormat::Raw,
+            },
+        })
+        .await
+        .unwrap();
+    let v1 = now_ms();
+    // Two VMs of different sizes; a1 echoes what it is sent.
+    let c0 = now_ms();
+    let sizes = [("a1", 1u64, 96u64), ("a2", 2, 128)];
+    let mut vms = Vec::new();
+    for (name, vcpus, memory_mib) in sizes {
+        let vm: Vm = cc
+            .run(&Command::CreateVm {
+                cloud: cid,
+                spec: serde_json::from_value(json!({
+                    "name": name, "vcpus": vcpus, "memory_mib": memory_mib,
+                    "user_data": "nc -ll -p 7000 -e cat &",
+                }))
+                .unwrap(),
+            })
+            .await
+            .unwrap();
+        vms.push(vm);
+    }
+    for (name, _, _) in sizes {
+        wait_state(&cc, cid, name, VmState::Running).await;
+    }
+    let running = now_ms();
+    let to = vms[0].ipv4;
+    let talk = |bytes: u32| {
+        let cc = cc.clone();
+        async move {
+            let (out, _, last, _) = exec_in(
+                &cc,
+                cid,
+                "a2",
+                ExecVm::argv([
+                    "sh",
+                    "-c",
+                    &format!("head -c {bytes} /dev/zero | nc -w 3 {to} 7000 | wc -c"),
+                ]),
+            )
+            .await;
+            assert_eq!(
+                (String::from_utf8_lossy(&out).trim().to_string(), last),
+                (bytes.to_string(), exited(0)),
+                "the echo came back whole"
+            );
+        }
+    };
+    talk(300_000).await;
+
+    // SIGKILL the agent (its VMMs run on; it adopts them), and talk more.
+    agent.restart_after_kill();
+    // It adopts the VMMs on its first sync; exec reaches them again once it has.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let probe = Command::ExecVm {
+            cloud: cid,
+            vm: "a2".into(),
+            spec: ExecVm::argv(["true"]),
+        };
+        match cc.exec(&probe).await {
+            Ok(mut s) => {
+                while s.next().await.is_some() {}
+                break;
+            }
+            Err(e) => assert!(
+                Instant::now() < deadline,
+                "exec after the agent's restart: {e}"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    talk(200_000).await;
+
+    // SIGKILL the control plane; the agent keeps collecting (and fails to deliver) for a few
+    // intervals; then the control plane comes back on its store.
+    cp.kill();
+    let before = usage_journal_bytes(&journal);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while usage_journal_bytes(&journal) < before + 4_000 {
+        assert!(Instant::now() < deadline, "the agent stopped journaling");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    cp.restart();
+
+    // Stop both VMs: their compute ends; their endpoints stay (and stay silent).
+    let s0 = now_ms();
+    for (name, _, _) in sizes {
+        let _: Vm = cc
+            .run(&Command::StopVm {
+                cloud: cid,
+                vm: name.into(),
+            })
+            .await
+            .unwrap();
+    }
+    for (name, _, _) in sizes {
+        wait_state(&cc, cid, name, VmState::Stopped).await;
+    }
+    let s1 = now_ms();
+    // What the kernel counted for the cloud's endpoints, all told.
+    let exporter = Exporter::open(&DataplaneConfig {
+        bpffs_root: agent.pins_path().to_path_buf(),
+        ..DataplaneConfig::default()
+    })
+    .unwrap();
+    let kernel = support::settled(|| {
+        let snap = exporter.snapshot().unwrap();
+        let mut sums = std::collections::BTreeMap::new();
+        for e in snap.endpoints.iter().filter(|e| e.cloud == cid.get()) {
+            for d in Direction::ALL {
+                for k in TrafficClass::ALL {
+                    let b = e.counters.traffic[d as usize][k as usize].bytes;
+                    if b > 0 {
+                        *sums
+                            .entry((d.name().to_string(), k.name().to_string()))
+                            .or_insert(0u64) += b;
+                    }
+                }
+            }
+        }
+        sums
+    });
+    assert!(
+        kernel[&("from_guest".to_string(), "intra_cloud".to_string())] > 2 * 500_000,
+        "the payload went both ways: {kernel:?}"
+    );
+
+    // Remove the volume (its storage ends when the host removes the file) and the VMs (their
+    // endpoints' final records).
+    let d0 = now_ms();
+    let _: () = cc
+        .run(&Command::DeleteVolume {
+            cloud: cid,
+            volume: "data".into(),
+        })
+        .await
+        .unwrap();
+    let file = agent
+        .dir
+        .path()
+        .join("volumes")
+        .join(cid.to_string())
+        .join("data.raw");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while file.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "{} outlived its delete",
+            file.display()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let d1 = now_ms();
+    for (name, _, _) in sizes {
+        let _: () = cc
+            .run(&Command::DeleteVm {
+                cloud: cid,
+                vm: name.into(),
+            })
+            .await
+            .unwrap();
+    }
+    let deleted = now_ms();
+    // Every record is in once the host's usage is complete past the deletes.
+    let period = |u: &CloudUsage| (u.from, u.to);
+    let from = c0 / 1000 - 5;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let usage = loop {
+        let u: CloudUsage = cc
+            .run(&Command::GetUsage {
+                cloud: cid,
+                from,
+                to: now_ms() / 1000 + 1,
+            })
+            .await
+            .unwrap();
+        if u.complete_to * 1000 > deleted + 1000 {
+            break u;
+        }
+        assert!(Instant::now() < deadline, "usage not complete: {u:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let item = |sku: &str| {
+        usage
+            .items
+            .iter()
+            .find(|i| i.sku == sku)
+            .unwrap_or_else(|| panic!("no {sku} in {:?}", usage.items))
+            .clone()
+    };
+
+    // Network: exactly the kernel's counters.
+    let api: std::collections::BTreeMap<(String, String), u64> = usage
+        .traffic
+        .iter()
+        .filter(|t| t.bytes > 0)
+        .map(|t| ((t.direction.clone(), t.class.clone()), t.bytes))
+        .collect();
+    assert_eq!(api, kernel, "network bytes, to the byte");
+    // Compute: between what the test saw of the VMs' lives.
+    let (vcpus, mib): (u64, u64) = sizes.iter().fold((0, 0), |a, s| (a.0 + s.1, a.1 + s.2));
+    let (short, long) = (s0 - running, s1 - c0);
+    let vcpu_ms = item("compute-vcpu").quantity;
+    assert!(
+        (vcpus * short..=vcpus * long).contains(&vcpu_ms),
+        "vCPU time {vcpu_ms} ms not within {}..{} ms",
+        vcpus * short,
+        vcpus * long
+    );
+    let mib_ms = item("compute-memory").quantity;
+    assert!(
+        (mib * short..=mib * long).contains(&mib_ms),
+        "memory {mib_ms} MiB-ms not within {}..{}",
+        mib * short,
+        mib * long
+    );
+    // Storage: between its create and its removal.
+    let gib_ms = item("storage-volume").quantity;
+    assert!(
+        (2 * (d0 - v1)..=2 * (d1 - v0)).contains(&gib_ms),
+        "volume {gib_ms} GiB-ms not within {}..{}",
+        2 * (d0 - v1),
+        2 * (d1 - v0)
+    );
+    // Cost: the test's own arithmetic on the same quantities, per hour (each hour is priced
+    // on its own, rounded down: at most one nano per SKU and hour apart).
+    let hours = (usage.to - usage.from) / 3600;
+    let mut expected = nanos(vcpu_ms, 0.04, 3_600_000)
+        + nanos(mib_ms, 0.005, 3_600_000 * 1024)
+        + nanos(gib_ms, 0.1, 3_600_000 * 730);
+    let price = |d: &str, k: &str| match (d, k) {
+        ("from_guest", "intra_cloud") => 0.02,
+        ("from_guest", "host") => 0.03,
+        ("to_guest", "intra_cloud") | ("to_guest", "host") => 0.01,
+        _ => 0.0,
+    };
+    for ((d, k), b) in &kernel {
+        expected += nanos(*b, price(d, k), 1_000_000_000);
+    }
+    let slack = hours * usage.items.len() as u64;
+    assert!(
+        usage.cost_nanos.abs_diff(expected) <= slack,
+        "API cost {} ({}), the test's {expected} nanos",
+        usage.cost_nanos,
+        usage.cost
+    );
+    assert_eq!(usage.currency, "EUR");
+    // And the cost of what the test saw bounds it (compute and storage are time).
+    let bound = |t: u64, v: u64, g: u64| {
+        nanos(vcpus * t, 0.04, 3_600_000)
+            + nanos(mib * t, 0.005, 3_600_000 * 1024)
+            + nanos(2 * g, 0.1, 3_600_000 * 730)
+            + (expected
+                - nanos(vcpu_ms, 0.04, 3_600_000)
+                - nanos(mib_ms, 0.005, 3_600_000 * 1024)
+                - nanos(gib_ms, 0.1, 3_600_000 * 730))
+            + v
+    };
+    assert!(
+        (bound(short, 0, d0 - v1).saturating_sub(slack)..=bound(long, slack, d1 - v0))
+            .contains(&usage.cost_nanos),
+        "cost {} outside what the test observed",
+        usage.cost_nanos
+    );
+
+    // The operator's FOCUS export of the same hours passes the FinOps Foundation's validator
+    // and its BilledCost for the cloud adds up to the API's.
+    let (pf, pt) = period(&usage);
+    let csv = match op
+        .execute(&Command::GetFleetUsage {
+            from: pf,
+            to: pt,
+            focus: true,
+        })
+        .await
+        .unwrap()
+    {
+        atoll_api::Reply::Csv(csv) => csv,
+        other => panic!("a FOCUS export, not {other:?}"),
+    };
+    focus_validate(&venv, &csv);
+    // No field of this run needs quoting, so a split reads it.
+    assert!(!csv.contains('"'), "{csv}");
+    let mut rows = csv.lines().map(|l| l.split(',').collect::<Vec<_>>());
+    let header = rows.next().unwrap();
+    let col = |n: &str| {
+        header
+            .iter()
+            .position(|h| *h == n)
+            .unwrap_or_else(|| panic!("no {n}"))
+    };
+    let (sub, billed) = (col("SubAccountId"), col("BilledCost"));
+    let mut total = 0u64;
+    for r in rows.filter(|r| r[sub] == cid.to_string()) {
+        let (w, f) = r[billed].split_once('.').unwrap_or((r[billed], "0"));
+        total += w.parse::<u64>().unwrap() * 1_000_000_000
+            + format!("{f:0<9}")[..9].parse::<u64>().unwrap();
+    }
+    assert_eq!(
+        total, usage.cost_nanos,
+        "FOCUS adds up to the API's cost:\n{csv}"
+    );
+
+    // The CLI shows the same: the operator's table and FOCUS, and a budget set and lifted.
+    let cli = |args: &[&str]| {
+        let out = std::process::Command::new(atoll_cli())
+            .arg("--url")
+            .arg(&cp.url)
+            .arg("--ca-file")
+            .arg(&cp.ca)
+            .args(["--token", cp.token.trim()])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "atoll {args:?}: {out:?}");
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let (from_arg, to_arg) = (
+        atoll_control::usage::rfc3339(pf * 1000),
+        atoll_control::usage::rfc3339(pt * 1000),
+    );
+    let table = cli(&["usage", "--from", &from_arg, "--to", &to_arg]);
+    assert!(
+        table.contains(&cid.to_string()) && table.contains(&usage.cost) && table.contains("EUR"),
+        "{table}"
+    );
+    let focus_cli = cli(&[
+        "usage", "--from", &from_arg, "--to", &to_arg, "--format", "focus",
+    ]);
+    assert_eq!(focus_cli, csv, "the CLI writes the API's export");
+    let status = cli(&["cloud", "budget", &cid.to_string(), "--amount", "1000"]);
+    assert!(status.contains("\"ok\""), "{status}");
+    cli(&["cloud", "budget", &cid.to_string(), "--lift"]);
+
+    let out = agent.cleanup();
+    assert!(out.status.success(), "{out:?}");
+    drop(agent);
+    drop(cp);
+}
+
+/// Bytes the usage journal's segments hold.
+fn usage_journal_bytes(dir: &Path) -> u64 {
+    std::fs::read_dir(dir)
+        .map(|d| {
+            d.flatten()
+                .filter(|e| e.file_name().to_string_lossy().starts_with("usage"))
+                .filter_map(|e| e.metadata().ok())
+                .map(|m| m.len())
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
+/// Runs the FinOps Foundation's validator (`cargo xtask setup` installs it) on a FOCUS 1.2
+/// export: only the rule it fails whatever the data may fail.
+fn focus_validate(venv: &Path, csv: &str) {
+    use atoll_control::focus::validator;
+    let dir = tempfile::tempdir().unwrap();
+    let (verdicts, report) =
+        validator::run(venv, csv, dir.path()).unwrap_or_else(|e| panic!("{e}"));
+    let failed = validator::failed(&verdicts, validator::DEFECTS);
+    assert!(
+        failed.is_empty(),
+        "FOCUS 1.2 rules failed: {failed:?}\n{report}\n--- the export ---\n{csv}"
+    );
+    assert_eq!(
+        verdicts.get("BilledCost-C-002-M").map(String::as_str),
+        Some("PASS"),
+        "{report}"
+    );
+}

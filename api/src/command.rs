@@ -178,6 +178,10 @@ pub enum Command {
     },
     /// Take the cloud's egress address back to the pool. Operator.
     ReleaseEgressAddress { cloud: CloudId },
+    /// Set (or raise) the cloud's spend budget. Operator.
+    SetBudget { cloud: CloudId, budget: Budget },
+    /// Lift the cloud's budget (what it stopped starts again). Operator.
+    LiftBudget { cloud: CloudId },
     /// Publish a VM's port on the internet (an address of the pool, the same port). The
     /// cloud or the operator.
     Publish { cloud: CloudId, spec: Publish },
@@ -201,6 +205,8 @@ pub enum Command {
     IngestUsage { host: String, batch: UsageBatch },
     /// A cloud's metered quantities in a period. The cloud or the operator.
     GetUsage { cloud: CloudId, from: u64, to: u64 },
+    /// Every cloud's usage in a period, as JSON or FOCUS CSV. The operator.
+    GetFleetUsage { from: u64, to: u64, focus: bool },
     /// A host's report of the state it reached. The host itself or the operator.
     ReportStatus { host: String, report: StatusReport },
     /// A host's desired-state changes after revision `after`, waiting up to `wait_ms`
@@ -287,7 +293,11 @@ impl Command {
             | Unpublish { cloud, .. }
             | ListDenied { cloud }
             | GetUsage { cloud, .. } => Issuer::Cloud(*cloud),
-            AssignEgressAddress { .. } | ReleaseEgressAddress { .. } => Issuer::Operator,
+            AssignEgressAddress { .. }
+            | ReleaseEgressAddress { .. }
+            | GetFleetUsage { .. }
+            | SetBudget { .. }
+            | LiftBudget { .. } => Issuer::Operator,
         }
     }
 
@@ -335,6 +345,10 @@ pub enum Reply {
     Sync(Box<SyncDelta>),
     UsageIngested(UsageIngested),
     Usage(Box<CloudUsage>),
+    FleetUsage(Box<FleetUsage>),
+    BudgetStatus(Box<BudgetStatus>),
+    /// A FOCUS export (`text/csv`).
+    Csv(String),
     /// An exec's events, collected (the typed client's [`Client::execute`] of an exec; the
     /// streaming form is [`crate::client::Client::exec`]).
     ///
@@ -382,6 +396,9 @@ impl Reply {
             Reply::Sync(v) => j(&**v),
             Reply::UsageIngested(v) => j(v),
             Reply::Usage(v) => j(&**v),
+            Reply::FleetUsage(v) => j(&**v),
+            Reply::BudgetStatus(v) => j(&**v),
+            Reply::Csv(v) => Some(v.clone().into_bytes()),
             Reply::Exec(events) => {
                 let mut out = Vec::new();
                 for e in events {
@@ -432,6 +449,12 @@ impl Reply {
             Some("SyncDelta") => Reply::Sync(d(body)?),
             Some("UsageIngested") => Reply::UsageIngested(d(body)?),
             Some("CloudUsage") => Reply::Usage(d(body)?),
+            Some("BudgetStatus") => Reply::BudgetStatus(d(body)?),
+            Some("FleetUsage") => match std::str::from_utf8(body) {
+                // A FOCUS export is CSV, never a JSON object.
+                Ok(t) if !t.trim_start().starts_with('{') => Reply::Csv(t.to_string()),
+                _ => Reply::FleetUsage(d(body)?),
+            },
             Some("ExecEvent") => Reply::Exec(
                 body.split(|&b| b == b'\n')
                     .filter(|l| !l.iter().all(u8::is_ascii_whitespace))
@@ -495,6 +518,9 @@ payload! {
     Exec => Vec<ExecEvent>;
     UsageIngested => UsageIngested;
     Usage => CloudUsage, boxed 1;
+    FleetUsage => FleetUsage, boxed 1;
+    BudgetStatus => BudgetStatus, boxed 1;
+    Csv => String;
 }
 
 impl TryFrom<Reply> for () {

@@ -182,6 +182,7 @@ fn build_tools() -> Value {
                 Some(Stream::BytesBody) => {
                     " As a tool: the contents are `content` (text) or `content_base64` (at most 8 MiB)."
                 }
+                Some(Stream::JsonOrCsv) => " As a tool: a FOCUS export is returned as `content`.",
                 None => "",
             };
             json!({
@@ -390,6 +391,9 @@ pub fn reply_value(route: &Route, bytes: &[u8], header: impl Fn(&str) -> Option<
                 }
             }
             v
+        }
+        Some(Stream::JsonOrCsv) if !bytes.starts_with(b"{") => {
+            json!({"content": String::from_utf8_lossy(bytes)})
         }
         _ if bytes.is_empty() => json!({}),
         _ => serde_json::from_slice(bytes)

@@ -353,7 +353,7 @@ pub struct CloudExpiry {
 }
 
 /// A cloud as stored and returned.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Cloud {
     pub id: CloudId,
@@ -378,6 +378,10 @@ pub struct Cloud {
     /// Unix epoch); absent: never.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expires_at: Option<u64>,
+    /// Its spend budget and where the month's spend stands (`GET` of the cloud only): when
+    /// `state` is `exceeded`, its egress and VMs are stopped.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub budget: Option<BudgetStatus>,
     /// SHA-256 of the cloud's token, hex. Never returned by the API.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     #[schema(ignore)]
@@ -385,7 +389,7 @@ pub struct Cloud {
 }
 
 /// `POST /v1/clouds` response: the cloud and its token, shown only this once.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreatedCloud {
     pub cloud: Cloud,
@@ -395,7 +399,7 @@ pub struct CreatedCloud {
 
 /// `POST /v1/clouds/{cloud}/token` response: the cloud and its new token, shown only this once.
 /// The token it replaces stops working at once.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CloudToken {
     pub cloud: Cloud,
@@ -481,6 +485,9 @@ pub enum StopReason {
     Request,
     /// Its idle timeout passed without a packet in or out or a console session.
     Idle,
+    /// Its cloud's spend reached the cloud's budget (it starts again when the budget is raised
+    /// or lifted, or a new month begins).
+    Budget,
 }
 
 /// What the VM's owner asked for: the VM running or stopped.
@@ -1344,6 +1351,11 @@ pub struct VolumePlacement {
     pub name: String,
     pub size_gib: u64,
     pub format: VolumeFormat,
+    /// When the control plane created it (ms since the epoch): its storage is metered from
+    /// then, and it names the volume's metering incarnation. 0 (placements of older control
+    /// planes): metered from when the host first sees it.
+    #[serde(default)]
+    pub created_at_ms: u64,
 }
 
 /// One record of a cloud's zone as agents serve it.
@@ -2201,6 +2213,11 @@ pub const MAX_USAGE_BATCH: usize = 256;
 #[serde(deny_unknown_fields)]
 pub struct UsageBatch {
     pub records: Vec<crate::usage::UsageEvent>,
+    /// The host has delivered every record whose window ended by this time (ms since the
+    /// epoch) with this batch: its journal up to its last collection. Sent with an empty batch
+    /// each interval, so the control plane knows how complete each cloud's usage is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub complete_to_ms: Option<u64>,
 }
 
 impl UsageBatch {
@@ -2256,16 +2273,162 @@ pub struct UsageIngested {
     pub refused: u32,
 }
 
-/// `GET /v1/clouds/{cloud}/usage?from=&to=`: a cloud's metered network quantities in records
-/// whose window ended in `[from, to)` (seconds since the Unix epoch), summed per direction and
-/// class (non-zero only), as its hosts delivered them so far.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+/// `GET /v1/clouds/{cloud}/usage?from=&to=`: a cloud's metered quantities and their cost in
+/// the hours `[from, to)` (seconds since the Unix epoch, widened to whole hours: usage is kept
+/// per cloud and hour, each record in the hour its window ended), as its hosts delivered them
+/// so far.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CloudUsage {
     pub cloud: CloudId,
     pub from: u64,
     pub to: u64,
+    /// Every host that runs (or ran, until the cloud's delete) the cloud's VMs and volumes
+    /// delivered its records up to this time (seconds since the epoch); later usage may still
+    /// arrive.
+    pub complete_to: u64,
     /// Records summed.
     pub records: u64,
+    /// ISO 4217 code of the costs.
+    pub currency: String,
+    /// Each metered SKU, with its quantity and cost (non-zero quantities only).
+    pub items: Vec<UsageItem>,
+    /// The sum of the items' costs, in 10^-9 of the currency.
+    pub cost_nanos: u64,
+    /// The same, as a decimal (`"0.012345678"`).
+    pub cost: String,
+    /// Network bytes and packets per direction and class (non-zero only).
     pub traffic: Vec<crate::usage::Traffic>,
+    /// The cloud's budget and where its spend stands, when it has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub budget: Option<BudgetStatus>,
+}
+
+/// One priced quantity.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct UsageItem {
+    /// `compute-vcpu`, `compute-memory`, `storage-volume` or
+    /// `network-<direction>-<class>`.
+    pub sku: String,
+    /// `compute`, `storage` or `network`.
+    pub category: String,
+    /// The metered quantity in `unit`, exact.
+    pub quantity: u64,
+    /// `vcpu_ms`, `mib_ms`, `gib_ms` or `bytes`.
+    pub unit: String,
+    /// The quantity in `pricing_unit`.
+    pub pricing_quantity: f64,
+    /// `vCPU-Hours`, `GiB-Hours` (memory), `GiB-Months` (volumes; a month is 730 hours) or
+    /// `GB` (10^9 bytes): FOCUS's unit format.
+    pub pricing_unit: String,
+    /// Price per pricing unit.
+    pub unit_price: f64,
+    /// In 10^-9 of the currency: the sum over hours of each hour's quantity times the price,
+    /// rounded down.
+    pub cost_nanos: u64,
+    /// The same, as a decimal.
+    pub cost: String,
+}
+
+/// A cloud's spend budget (`PUT /v1/clouds/{cloud}/budget`, operator).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Budget {
+    /// The spend allowed per calendar month (UTC), in the price list's currency.
+    pub amount: f64,
+    /// Percent of `amount` past which a warning is recorded (default 80).
+    #[serde(default = "default_budget_warn")]
+    pub warn_percent: u32,
+}
+
+fn default_budget_warn() -> u32 {
+    80
+}
+
+impl Budget {
+    pub fn validate(&self) -> Result<(), FieldError> {
+        if !self.amount.is_finite() || !(0.0..=1e12).contains(&self.amount) {
+            return Err(FieldError::new("amount", "0 to 10^12, finite"));
+        }
+        if !(1..=100).contains(&self.warn_percent) {
+            return Err(FieldError::new("warn_percent", "1 to 100"));
+        }
+        Ok(())
+    }
+
+    /// The amount in 10^-9 of the currency.
+    pub fn amount_nanos(&self) -> u64 {
+        (self.amount * 1e9).round() as u64
+    }
+}
+
+/// Where a cloud's spend stands against its budget this month (as of the last usage its
+/// hosts delivered).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct BudgetStatus {
+    pub budget: Budget,
+    /// Start of the month (seconds since the epoch).
+    pub period_start: u64,
+    /// Spent this month, in 10^-9 of the currency.
+    pub spent_nanos: u64,
+    pub state: BudgetState,
+    /// What happened, latest last (at most 16): each change of state.
+    #[serde(default)]
+    pub events: Vec<BudgetEvent>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum BudgetState {
+    /// Below the warning threshold.
+    #[default]
+    Ok,
+    /// Past `warn_percent`.
+    Warning,
+    /// At or past the amount: egress stopped, VMs stopped.
+    Exceeded,
+}
+
+/// A change of a budget's state.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct BudgetEvent {
+    /// Seconds since the epoch.
+    pub at: u64,
+    pub state: BudgetState,
+    pub spent_nanos: u64,
+}
+
+/// `GET /v1/usage?from=&to=`: every cloud's usage (the operator's view), with the hours
+/// widened as for a cloud's.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct FleetUsage {
+    pub from: u64,
+    pub to: u64,
+    /// Every live host delivered its records up to this time.
+    pub complete_to: u64,
+    pub currency: String,
+    /// Clouds with usage in the period, by id.
+    pub clouds: Vec<CloudCost>,
+    pub cost_nanos: u64,
+    pub cost: String,
+}
+
+/// One cloud's line in [`FleetUsage`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CloudCost {
+    pub cloud: CloudId,
+    pub records: u64,
+    pub items: Vec<UsageItem>,
+    pub cost_nanos: u64,
+    pub cost: String,
+}
+
+/// `nanos` (10^-9 of a currency unit) as an exact decimal with nine places.
+pub fn nanos_decimal(nanos: u64) -> String {
+    format!("{}.{:09}", nanos / 1_000_000_000, nanos % 1_000_000_000)
 }

@@ -79,10 +79,18 @@ use crate::{
     UsageBatch,
     UsageIngested,
     CloudUsage,
+    FleetUsage,
+    CloudCost,
+    UsageItem,
+    Budget,
+    BudgetStatus,
+    BudgetState,
+    BudgetEvent,
     crate::usage::UsageEvent,
     crate::usage::UsageData,
     crate::usage::Counters,
     crate::usage::Traffic,
+    crate::usage::Resource,
     ErrorBody,
     ErrorDetail,
     CloudId
@@ -184,6 +192,12 @@ pub fn openapi() -> serde_json::Value {
         let ok = match (r.response, r.stream) {
             (Some(s), Some(Stream::NdjsonReply)) => {
                 serde_json::json!({"description": "OK: one JSON object per line", "content": {"application/x-ndjson": {"schema": schema_ref(s)}}})
+            }
+            (Some(s), Some(Stream::JsonOrCsv)) => {
+                serde_json::json!({"description": "OK: JSON, or with format=focus FOCUS 1.2 CSV", "content": {
+                    "application/json": {"schema": schema_ref(s)},
+                    "text/csv": {"schema": {"type": "string"}}
+                }})
             }
             (_, Some(Stream::BytesReply)) => {
                 serde_json::json!({"description": "OK", "content": {"application/octet-stream": {"schema": bytes}}})

@@ -96,6 +96,9 @@ pub enum Stream {
     BytesReply,
     /// The request body is raw bytes (`application/octet-stream`, `Content-Length` required).
     BytesBody,
+    /// The reply is JSON of the reply schema, or with `format=focus` a FOCUS CSV
+    /// (`text/csv`).
+    JsonOrCsv,
 }
 
 /// Names the routes, so that [`parse`] is checked by the compiler to cover every one.
@@ -146,6 +149,9 @@ pub enum RouteId {
     PutEgressPolicy,
     ListDenied,
     GetUsage,
+    GetFleetUsage,
+    SetBudget,
+    LiftBudget,
     GetEgressAddress,
     AssignEgressAddress,
     ReleaseEgressAddress,
@@ -767,6 +773,48 @@ pub const GET_USAGE: Route = Route::new(
 )
 .query(&[("from", QueryType::Integer), ("to", QueryType::Integer)])
 .reply("CloudUsage");
+pub const GET_FLEET_USAGE: Route = Route::new(
+    RouteId::GetFleetUsage,
+    Method::GET,
+    "/v1/usage",
+    O,
+    200,
+)
+.summary(
+    "Every cloud's metered quantities and cost in the hours [`from`, `to`) (seconds since the \
+         Unix epoch, widened to whole hours; default: the last hour; at most 31 days); with \
+         `format=focus`, the same as FOCUS 1.2 CSV rows, one per cloud, hour and SKU (operator)",
+)
+.query(&[
+    ("from", QueryType::Integer),
+    ("to", QueryType::Integer),
+    ("format", QueryType::Text),
+])
+.reply("FleetUsage")
+.stream(Stream::JsonOrCsv);
+pub const SET_BUDGET: Route = Route::new(
+    RouteId::SetBudget,
+    Method::PUT,
+    "/v1/clouds/{cloud}/budget",
+    O,
+    200,
+)
+.summary(
+    "Set or raise the cloud's spend budget per calendar month (UTC): past `warn_percent` a \
+         warning is recorded; at the amount the cloud's egress stops and its VMs stop \
+         (`stopped_by: budget`) until the budget is raised or lifted, or the month ends \
+         (operator)",
+)
+.body("Budget")
+.reply("BudgetStatus");
+pub const LIFT_BUDGET: Route = Route::new(
+    RouteId::LiftBudget,
+    Method::DELETE,
+    "/v1/clouds/{cloud}/budget",
+    O,
+    204,
+)
+.summary("Lift the cloud's budget: what it stopped runs again (operator)");
 pub const INGEST_USAGE: Route = Route::new(
     RouteId::IngestUsage,
     Method::POST,
@@ -929,6 +977,9 @@ pub const ROUTES: &[&Route] = &[
     &REPORT_STATUS,
     &INGEST_USAGE,
     &GET_USAGE,
+    &GET_FLEET_USAGE,
+    &SET_BUDGET,
+    &LIFT_BUDGET,
 ];
 
 /// The path of the OpenAPI document (served without a token).
@@ -1002,6 +1053,9 @@ impl Command {
             ReportStatus { .. } => &REPORT_STATUS,
             IngestUsage { .. } => &INGEST_USAGE,
             GetUsage { .. } => &GET_USAGE,
+            GetFleetUsage { .. } => &GET_FLEET_USAGE,
+            SetBudget { .. } => &SET_BUDGET,
+            LiftBudget { .. } => &LIFT_BUDGET,
         }
     }
 
@@ -1009,7 +1063,7 @@ impl Command {
     pub fn path_params(&self) -> Vec<String> {
         use Command::*;
         match self {
-            CreateCloud { .. } | ListClouds { .. } | ListHosts => vec![],
+            CreateCloud { .. } | ListClouds { .. } | ListHosts | GetFleetUsage { .. } => vec![],
             GetCloud { cloud }
             | DeleteCloud { cloud }
             | RotateCloudToken { cloud }
@@ -1033,6 +1087,8 @@ impl Command {
             | Publish { cloud, .. }
             | ListPublications { cloud }
             | AssignEgressAddress { cloud, .. }
+            | SetBudget { cloud, .. }
+            | LiftBudget { cloud }
             | ReleaseEgressAddress { cloud } => vec![cloud.to_string()],
             Unpublish { cloud, publication } => vec![cloud.to_string(), publication.clone()],
             GetVm { cloud, vm }
@@ -1111,6 +1167,13 @@ impl Command {
             Command::GetUsage { from, to, .. } => {
                 vec![("from", from.to_string()), ("to", to.to_string())]
             }
+            Command::GetFleetUsage { from, to, focus } => {
+                let mut q = vec![("from", from.to_string()), ("to", to.to_string())];
+                if *focus {
+                    q.push(("format", "focus".into()));
+                }
+                q
+            }
             Command::Sync { after, wait_ms, .. } => {
                 vec![
                     ("after", after.to_string()),
@@ -1153,6 +1216,7 @@ impl Command {
             PutOfferPolicy { policy, .. } => serde_json::to_value(policy),
             PutEgressPolicy { policy, .. } => serde_json::to_value(policy),
             AssignEgressAddress { spec, .. } => serde_json::to_value(spec),
+            SetBudget { budget, .. } => serde_json::to_value(budget),
             Publish { spec, .. } => serde_json::to_value(spec),
             ReportStatus { report, .. } => serde_json::to_value(report),
             SetHostUnderlay { spec, .. } => serde_json::to_value(spec),
@@ -1394,6 +1458,15 @@ pub fn parse(
             spec: parse_body(body)?,
         },
         RouteId::ReleaseEgressAddress => ReleaseEgressAddress { cloud: cloud()? },
+        RouteId::SetBudget => {
+            let budget: Budget = parse_body(body)?;
+            budget.validate()?;
+            SetBudget {
+                cloud: cloud()?,
+                budget,
+            }
+        }
+        RouteId::LiftBudget => LiftBudget { cloud: cloud()? },
         RouteId::PutEgressPolicy => PutEgressPolicy {
             cloud: cloud()?,
             policy: parse_body(body)?,
@@ -1463,13 +1536,21 @@ pub fn parse(
                 batch,
             }
         }
-        RouteId::GetUsage => {
+        RouteId::GetUsage | RouteId::GetFleetUsage => {
             let now = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map(|d| d.as_secs())
                 .unwrap_or(0);
-            let (mut from, mut to) = (None, None);
+            let (mut from, mut to, mut focus) = (None, None, false);
             for (k, v) in query {
+                if k == "format" && route.id == RouteId::GetFleetUsage {
+                    focus = match v.as_str() {
+                        "json" => false,
+                        "focus" => true,
+                        _ => return Err(FieldError::new("format", "json or focus")),
+                    };
+                    continue;
+                }
                 let n = v.parse::<u64>().map_err(|_| {
                     FieldError::new(k.clone(), "must be seconds since the Unix epoch")
                 })?;
@@ -1484,10 +1565,14 @@ pub fn parse(
             if from >= to {
                 return Err(FieldError::new("from", "must be before to"));
             }
-            GetUsage {
-                cloud: cloud()?,
-                from,
-                to,
+            if route.id == RouteId::GetFleetUsage {
+                GetFleetUsage { from, to, focus }
+            } else {
+                GetUsage {
+                    cloud: cloud()?,
+                    from,
+                    to,
+                }
             }
         }
     };
@@ -1847,9 +1932,15 @@ mod tests {
                 from: 100,
                 to: 200,
             },
+            GetFleetUsage {
+                from: 3600,
+                to: 7200,
+                focus: true,
+            },
             IngestUsage {
                 host: s("h1"),
                 batch: m::UsageBatch {
+                    complete_to_ms: Some(3),
                     records: vec![crate::usage::UsageEvent {
                         specversion: s("1.0"),
                         id: s("boot-7-1"),
@@ -1868,6 +1959,7 @@ mod tests {
                             is_final: false,
                             usage: Default::default(),
                             cumulative: Default::default(),
+                            resource: None,
                         },
                     }],
                 },
@@ -1893,6 +1985,14 @@ mod tests {
                 },
             },
             ReleaseEgressAddress { cloud },
+            SetBudget {
+                cloud,
+                budget: m::Budget {
+                    amount: 12.5,
+                    warn_percent: 75,
+                },
+            },
+            LiftBudget { cloud },
             PutEgressPolicy {
                 cloud,
                 policy: m::EgressPolicy {

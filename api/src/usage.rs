@@ -3,8 +3,18 @@
 //! reader.
 //!
 //! A record is a CloudEvents 1.0 envelope (structured mode, JSON) of type [`EVENT_TYPE`]
-//! around one endpoint's counters for one window ([`UsageData`]); ids are deterministic, so
-//! at-least-once delivery is deduplicated by id.
+//! around one window of one metered thing ([`UsageData`]); ids are deterministic, so
+//! at-least-once delivery is deduplicated by id. Three kinds of things are metered
+//! ([`UsageData::kind`]):
+//! - **network**: an endpoint's traffic per direction and class, from the kernel's counters;
+//! - **compute**: one VMM run (from its start to its exit) of a VM: `vcpu_ms` and
+//!   `memory_mib_ms` ([`Resource::Vm`]);
+//! - **storage**: a volume while it is provisioned on the host: `volume_gib_ms`
+//!   ([`Resource::Volume`]).
+//!
+//! Time-based quantities are integers in milliseconds times the size (vCPUs, MiB, GiB): exact,
+//! summable, and far from overflow (a 1 TiB VM for a year is 3.3e16 MiB-ms). Records of all
+//! kinds share the journal, the id scheme, the `cumulative` baseline and the sinks.
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -34,7 +44,7 @@ pub struct UsageEvent {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct UsageData {
     pub cloud: u32,
-    /// Host device name of the endpoint.
+    /// Host device name of the endpoint (network records); empty for compute and storage.
     pub endpoint: String,
     pub incarnation: String,
     /// 1 for the first record of an incarnation, then +1.
@@ -48,6 +58,38 @@ pub struct UsageData {
     pub usage: Counters,
     /// Everything since the endpoint was created (the baseline for the next record).
     pub cumulative: Counters,
+    /// What a compute or storage record meters; absent: an endpoint's traffic.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resource: Option<Resource>,
+}
+
+impl UsageData {
+    /// `network`, `compute` or `storage`.
+    pub fn kind(&self) -> &'static str {
+        match self.resource {
+            None => "network",
+            Some(Resource::Vm { .. }) => "compute",
+            Some(Resource::Volume { .. }) => "storage",
+        }
+    }
+}
+
+/// A thing metered by time.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Resource {
+    /// A VM's VMM while it runs, with the size it was started with.
+    Vm {
+        name: String,
+        vcpus: u32,
+        memory_mib: u64,
+    },
+    /// A volume while it is provisioned.
+    Volume { name: String, size_gib: u64 },
+}
+
+fn is_zero(v: &u64) -> bool {
+    *v == 0
 }
 
 /// Packets and bytes per direction and class, and drops per reason (non-zero only).
@@ -55,6 +97,15 @@ pub struct UsageData {
 pub struct Counters {
     pub traffic: Vec<Traffic>,
     pub drops: BTreeMap<String, u64>,
+    /// vCPU-milliseconds (compute records).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub vcpu_ms: u64,
+    /// Memory, MiB-milliseconds (compute records).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub memory_mib_ms: u64,
+    /// Provisioned volume, GiB-milliseconds (storage records).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub volume_gib_ms: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
@@ -86,7 +137,11 @@ impl Counters {
             .filter(|r| c.drops[**r as usize] > 0)
             .map(|r| (r.name().to_string(), c.drops[*r as usize]))
             .collect();
-        Counters { traffic, drops }
+        Counters {
+            traffic,
+            drops,
+            ..Counters::default()
+        }
     }
 
     /// `self - baseline`, field by field. If any field went down, the counters were reset
@@ -116,6 +171,16 @@ impl Counters {
         }
         if baseline.drops.keys().any(|k| !self.drops.contains_key(k)) {
             return self.clone();
+        }
+        for (v, b) in [
+            (&mut out.vcpu_ms, baseline.vcpu_ms),
+            (&mut out.memory_mib_ms, baseline.memory_mib_ms),
+            (&mut out.volume_gib_ms, baseline.volume_gib_ms),
+        ] {
+            if *v < b {
+                return self.clone();
+            }
+            *v -= b;
         }
         out.drops.retain(|_, n| *n > 0);
         out

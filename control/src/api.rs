@@ -25,6 +25,10 @@
 //!   they are logged as an error event `error <id>: <error>` (field `error_id`) and the caller gets the code,
 //!   a generic message and the same `id`, which an operator finds in the log.
 //! - Serving (timeouts, connection cap) is [`server`]'s.
+//! - **Every request is counted once** ([`crate::metrics::api_request`]), by one layer around
+//!   the whole router ([`count`]): each route's handler labels its response with the route's id
+//!   ([`RouteLabel`]), `/openapi.json` and `/mcp` with their own names, and what has no label
+//!   matched no route (404, 405: `Unmatched`).
 
 mod guest;
 mod server;
@@ -318,6 +322,14 @@ async fn execute(
         };
         return ctx.guests.forward(*target, &cmd, headers, body).await;
     }
+    if let atoll_api::Reply::Csv(body) = reply {
+        return Ok((
+            StatusCode::OK,
+            [(header::CONTENT_TYPE, "text/csv; charset=utf-8")],
+            body,
+        )
+            .into_response());
+    }
     Ok(match reply.to_json() {
         Some(json) => {
             let status = StatusCode::from_u16(route.status).unwrap_or(StatusCode::OK);
@@ -439,7 +451,8 @@ pub fn router(core: Arc<Core>, request_timeout: Duration) -> Router {
                             Query(query): Query<HashMap<String, String>>,
                             body: Body| async move {
             let params = params.map(|Path(p)| p).unwrap_or_default();
-            run(&ctx, route, &headers, &params, &query, body).await
+            let label = crate::metrics::route_label(route.id);
+            labelled(label, run(&ctx, route, &headers, &params, &query, body)).await
         };
         let filter = match route.method {
             Method::GET => MethodFilter::GET,
@@ -456,8 +469,16 @@ pub fn router(core: Arc<Core>, request_timeout: Duration) -> Router {
         .into_iter()
         .fold(Router::new(), |r, (path, m)| r.route(path, m));
     router
-        .route(OPENAPI_PATH, get(openapi_json))
-        .route(MCP_PATH, axum::routing::post(mcp))
+        .route(
+            OPENAPI_PATH,
+            get(|| labelled(crate::metrics::ROUTE_OPENAPI, openapi_json())),
+        )
+        .route(
+            MCP_PATH,
+            axum::routing::post(|ctx: State<Arc<Ctx>>, headers: HeaderMap, body: Body| {
+                labelled(crate::metrics::ROUTE_MCP, mcp(ctx, headers, body))
+            }),
+        )
         .fallback(not_found)
         .method_not_allowed_fallback(|m: axum::http::Method| async move {
             ApiError::new(
@@ -467,11 +488,43 @@ pub fn router(core: Arc<Core>, request_timeout: Duration) -> Router {
                 None,
             )
         })
+        .layer(axum::middleware::from_fn(count))
         .with_state(Arc::new(Ctx {
             core,
             request_timeout,
             guests: guest::Forwarder::default(),
         }))
+}
+
+/// The `route` label of a response, for [`count`].
+#[derive(Debug, Clone, Copy)]
+struct RouteLabel(&'static str);
+
+/// `reply`'s response, labelled with `route`.
+async fn labelled<R: IntoResponse>(
+    route: &'static str,
+    reply: impl std::future::Future<Output = R>,
+) -> Response {
+    let mut response = reply.await.into_response();
+    response.extensions_mut().insert(RouteLabel(route));
+    response
+}
+
+/// Counts every request once, by its response's [`RouteLabel`] (none: it matched no route),
+/// status and time to the response's head.
+async fn count(req: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    let started = std::time::Instant::now();
+    let response = next.run(req).await;
+    let route = response
+        .extensions()
+        .get::<RouteLabel>()
+        .map_or(crate::metrics::ROUTE_UNMATCHED, |l| l.0);
+    crate::metrics::api_request(
+        route,
+        response.status().as_u16(),
+        started.elapsed().as_secs_f64(),
+    );
+    response
 }
 
 /// Serves the API on `listener` with the default [`Limits`] until `shutdown` resolves.
@@ -504,4 +557,15 @@ pub async fn serve_tls(
 ) -> std::io::Result<()> {
     let router = router(core, limits.request_timeout);
     server::serve(router, listener, limits, tls, shutdown).await
+}
+
+/// Serves another `router` (the metrics listener's, [`crate::metrics::serve`]) over plain HTTP
+/// with the API server's connection handling within `limits`, until `shutdown` resolves.
+pub(crate) async fn serve_router(
+    router: Router,
+    listener: tokio::net::TcpListener,
+    limits: Limits,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    server::serve(router, listener, limits, None, shutdown).await
 }

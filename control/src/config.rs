@@ -332,6 +332,48 @@ pub struct ControlConfig {
     pub clouds: CloudsConfig,
     pub hosts: HostsConfig,
     pub tls: TlsConfig,
+    /// The price list: what a cloud's usage costs.
+    pub prices: crate::usage::Prices,
+    pub billing: BillingConfig,
+    /// The Prometheus endpoint (`crate::metrics`), off by default.
+    pub metrics: MetricsConfig,
+}
+
+/// `[metrics]`: `GET /metrics` (Prometheus text format, no token) on a listener of its own,
+/// never the API's. `atoll serve` starts it.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    pub enabled: bool,
+    /// Address and port, e.g. `"127.0.0.1:9481"`; unauthenticated, so keep it on loopback or
+    /// firewall it.
+    pub listen: SocketAddr,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        MetricsConfig {
+            enabled: false,
+            listen: crate::metrics::DEFAULT_LISTEN,
+        }
+    }
+}
+
+/// Who bills, as FOCUS exports name it.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct BillingConfig {
+    /// FOCUS `BillingAccountId`/`BillingAccountName` and `InvoiceIssuerName`: the operator's
+    /// account that the clouds' charges are billed to.
+    pub account: String,
+}
+
+impl Default for BillingConfig {
+    fn default() -> Self {
+        BillingConfig {
+            account: "atoll".into(),
+        }
+    }
 }
 
 impl Default for ControlConfig {
@@ -344,6 +386,9 @@ impl Default for ControlConfig {
             clouds: CloudsConfig::default(),
             hosts: HostsConfig::default(),
             tls: TlsConfig::default(),
+            prices: crate::usage::Prices::default(),
+            billing: BillingConfig::default(),
+            metrics: MetricsConfig::default(),
         }
     }
 }
@@ -364,6 +409,43 @@ impl ControlConfig {
 
     pub fn validate(&self) -> Result<(), ConfigError> {
         let invalid = |key, message: String| Err(ConfigError::Invalid { key, message });
+        if let Err(m) = self.prices.validate() {
+            return invalid("prices", m);
+        }
+        if self.billing.account.is_empty()
+            || self.billing.account.len() > 100
+            || self.billing.account.chars().any(char::is_control)
+        {
+            return invalid(
+                "billing.account",
+                "1-100 characters, no control characters".into(),
+            );
+        }
+        if self.metrics.enabled {
+            let m = self.metrics.listen;
+            if m.port() == 0 {
+                return invalid(
+                    "metrics.listen",
+                    "needs a fixed port (0 would pick a random one)".into(),
+                );
+            }
+            if m.ip().is_multicast() {
+                return invalid("metrics.listen", format!("{m} is not a unicast address"));
+            }
+            if m.port() == self.listen.port()
+                && (m.ip() == self.listen.ip()
+                    || m.ip().is_unspecified()
+                    || self.listen.ip().is_unspecified())
+            {
+                return invalid(
+                    "metrics.listen",
+                    format!(
+                        "{m} overlaps the API's listen address {}: metrics need a port of their own",
+                        self.listen
+                    ),
+                );
+            }
+        }
         if self.tls.mode == TlsMode::Off && !self.listen.ip().is_loopback() {
             return invalid(
                 "tls.mode",
@@ -609,6 +691,8 @@ impl ControlConfig {
             max_nat_addresses_per_grant: self.clouds.max_nat_addresses_per_grant,
             operator_token_sha256: token_hash(&token),
             host_timeout_secs: self.hosts.timeout_secs,
+            prices: self.prices.clone(),
+            billing_account: self.billing.account.clone(),
         };
         Core::start(store, cfg)
             .await
@@ -761,5 +845,47 @@ mod tests {
             let e = parse(bad).unwrap_err();
             assert!(!e.contains("too small"), "{bad:?} parsed: {e}");
         }
+    }
+
+    #[test]
+    fn metrics_listener_is_off_by_default_and_validated() {
+        let cfg = parse("").unwrap();
+        assert!(!cfg.metrics.enabled);
+        assert_eq!(cfg.metrics.listen, "127.0.0.1:9481".parse().unwrap());
+        let cfg = parse("[metrics]\nenabled = true\n").unwrap();
+        assert!(cfg.metrics.enabled);
+        assert_eq!(cfg.metrics.listen, crate::metrics::DEFAULT_LISTEN);
+        let cfg = parse("[metrics]\nenabled = true\nlisten = \"[::1]:9100\"\n").unwrap();
+        assert_eq!(cfg.metrics.listen, "[::1]:9100".parse().unwrap());
+        // Off: the address is not checked.
+        parse("[metrics]\nlisten = \"127.0.0.1:0\"\n").unwrap();
+        let e = parse("[metrics]\nenabled = true\nport = 1\n").unwrap_err();
+        assert!(e.contains("port"), "{e}");
+        for (bad, why) in [
+            ("listen = \"127.0.0.1:0\"", "fixed port"),
+            ("listen = \"224.0.0.1:9481\"", "unicast"),
+            ("listen = \"127.0.0.1:7480\"", "overlaps"),
+            ("listen = \"0.0.0.0:7480\"", "overlaps"),
+            ("listen = \"localhost:9481\"", "invalid socket address"),
+            ("listen = 9481", "invalid type"),
+        ] {
+            let e = parse(&format!("[metrics]\nenabled = true\n{bad}\n")).unwrap_err();
+            assert!(e.contains(why), "{bad}: {e}");
+        }
+        // The commented example of the shipped config, uncommented, is valid.
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/control.toml");
+        let shipped = std::fs::read_to_string(path).unwrap();
+        let example: String = shipped
+            .lines()
+            .skip_while(|l| l.trim() != "# [metrics]")
+            .take_while(|l| l.starts_with('#'))
+            .map(|l| format!("{}\n", l.trim_start_matches('#').trim_start()))
+            .collect();
+        assert!(
+            example.starts_with("[metrics]\n"),
+            "deploy/control.toml: {example}"
+        );
+        let cfg = parse(&example).unwrap();
+        assert!(cfg.metrics.enabled);
     }
 }

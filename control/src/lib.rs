@@ -6,6 +6,8 @@
 pub mod api;
 pub mod config;
 pub mod core;
+pub mod focus;
+pub mod metrics;
 pub mod store;
 pub mod usage;
 

@@ -11,6 +11,7 @@ use std::{
 };
 
 use anyhow::{Context, Result};
+use atoll_api::Reply;
 use atoll_control::{
     api,
     client::Client,
@@ -18,7 +19,7 @@ use atoll_control::{
     core::Command,
     model::*,
     tls::{ClientTls, Trust},
-    usage::{focus_csv, parse_rfc3339, report, table, Prices},
+    usage::{fleet_table, focus_csv, parse_rfc3339, report, table, Prices},
 };
 use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
 
@@ -99,20 +100,24 @@ enum Cmd {
     /// the token may call, each a request to the API at `--url` with the token (a cloud's, for
     /// an agent confined to its cloud). JSON-RPC, one message per line; logs go to stderr.
     Mcp,
-    /// Usage and cost per cloud for a period, from usage record files (CloudEvents JSON lines).
+    /// Usage and cost per cloud for a period: every cloud's, from the control plane
+    /// (operator; `GET /v1/usage`), or from usage record files (CloudEvents JSON lines) priced
+    /// with `--prices`.
     Usage {
         /// Usage record files (the agent's file sink or journal); duplicates are ignored.
-        #[arg(required = true)]
+        /// None: ask the control plane.
         files: Vec<PathBuf>,
-        /// Price file (TOML): currency and per-GB prices per direction and class.
+        /// Price file (TOML, as `[prices]` of the control plane's config), for files.
         #[arg(long)]
-        prices: PathBuf,
-        /// Start of the period (inclusive), RFC 3339 UTC.
-        #[arg(long, default_value = "1970-01-01T00:00:00Z")]
-        from: String,
-        /// End of the period (exclusive), RFC 3339 UTC.
-        #[arg(long, default_value = "9999-12-31T23:59:59Z")]
-        to: String,
+        prices: Option<PathBuf>,
+        /// Start of the period (inclusive), RFC 3339 UTC (default: files, everything; the
+        /// control plane, an hour before `--to`).
+        #[arg(long)]
+        from: Option<String>,
+        /// End of the period (exclusive), RFC 3339 UTC (default: files, everything; the
+        /// control plane, now). The control plane widens the period to whole hours.
+        #[arg(long)]
+        to: Option<String>,
         #[arg(long, value_enum, default_value = "table")]
         format: Format,
     },
@@ -166,15 +171,28 @@ enum CloudCmd {
     Token {
         cloud: CloudId,
     },
-    /// The cloud's metered network quantities (bytes, packets per direction and class) in
-    /// the records its hosts delivered whose window ended in [--from, --to) (seconds since the
-    /// epoch; default the last hour).
+    /// The cloud's metered quantities and their cost, itemised, in the hours [--from, --to)
+    /// (seconds since the epoch, widened to whole hours; default the last hour), with the time
+    /// its usage is complete up to and its budget.
     Usage {
         cloud: CloudId,
         #[arg(long)]
         from: Option<u64>,
         #[arg(long)]
         to: Option<u64>,
+    },
+    /// Set or raise the cloud's spend budget per calendar month (operator); `--lift` removes
+    /// it. At the budget the cloud's VMs and egress stop until it is raised or lifted.
+    Budget {
+        cloud: CloudId,
+        /// In the price list's currency.
+        #[arg(long, required_unless_present = "lift")]
+        amount: Option<f64>,
+        /// Percent of the amount past which a warning is recorded.
+        #[arg(long, default_value_t = 80)]
+        warn_percent: u32,
+        #[arg(long, conflicts_with = "amount")]
+        lift: bool,
     },
 }
 
@@ -536,11 +554,13 @@ enum HostCmd {
     Uncordon { name: String },
 }
 
-#[derive(Clone, Copy, ValueEnum)]
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum Format {
     Table,
-    /// FinOps FOCUS-style CSV.
+    /// FinOps FOCUS CSV (from the control plane: FOCUS 1.2).
     Focus,
+    /// The control plane's JSON.
+    Json,
 }
 
 fn main() {
@@ -587,16 +607,64 @@ fn run() -> Result<()> {
             from,
             to,
             format,
-        } => {
+        } if !files.is_empty() => {
+            let Some(prices) = prices else {
+                anyhow::bail!("pricing usage files needs --prices <file>");
+            };
             let prices = Prices::load(&prices)?;
-            let r = report(&files, &prices, parse_rfc3339(&from)?, parse_rfc3339(&to)?)?;
+            let from = parse_rfc3339(from.as_deref().unwrap_or("1970-01-01T00:00:00Z"))?;
+            let to = parse_rfc3339(to.as_deref().unwrap_or("9999-12-31T23:59:59Z"))?;
+            let r = report(&files, &prices, from, to)?;
             print!(
                 "{}",
                 match format {
                     Format::Table => table(&r),
                     Format::Focus => focus_csv(&r),
+                    Format::Json => anyhow::bail!(
+                        "--format json is the control plane's; use table or focus for files"
+                    ),
                 }
             );
+            Ok(())
+        }
+        Cmd::Usage {
+            ref prices,
+            ref from,
+            ref to,
+            format,
+            ..
+        } => {
+            if prices.is_some() {
+                anyhow::bail!(
+                    "--prices prices usage files; the control plane uses its own price list"
+                );
+            }
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0);
+            let to = match to {
+                Some(t) => parse_rfc3339(t)? / 1000,
+                None => now + 1,
+            };
+            let from = match from {
+                Some(f) => parse_rfc3339(f)? / 1000,
+                None => to.saturating_sub(3600),
+            };
+            let client = Client::with_tls(&cli.url, &token(&cli)?, tls.as_ref())?;
+            let cmd = Command::GetFleetUsage {
+                from,
+                to,
+                focus: format == Format::Focus,
+            };
+            match runtime()?.block_on(client.execute(&cmd))? {
+                Reply::Csv(csv) => print!("{csv}"),
+                Reply::FleetUsage(u) if format == Format::Json => {
+                    println!("{}", serde_json::to_string_pretty(&*u)?)
+                }
+                Reply::FleetUsage(u) => print!("{}", fleet_table(&u)),
+                other => anyhow::bail!("unexpected reply {other:?}"),
+            }
             Ok(())
         }
         Cmd::Mcp => {
@@ -702,6 +770,23 @@ async fn serve(cfg: ControlConfig) -> Result<()> {
         "control plane API on {scheme}://{}{about}",
         listener.local_addr()?
     );
+    // `[metrics]`: on a listener of its own, until the API server stops. Its failure is logged
+    // and does not stop the API (Prometheus's `up` shows it).
+    let metrics = if cfg.metrics.enabled {
+        let l = tokio::net::TcpListener::bind(cfg.metrics.listen)
+            .await
+            .with_context(|| format!("metrics.listen: listening on {}", cfg.metrics.listen))?;
+        let path = atoll_control::metrics::PATH;
+        tracing::info!("control plane metrics on http://{}{path}", l.local_addr()?);
+        let serve = atoll_control::metrics::serve(l, Some(core.clone()), std::future::pending());
+        Some(tokio::spawn(async move {
+            if let Err(e) = serve.await {
+                tracing::error!("the metrics listener stopped: {e}");
+            }
+        }))
+    } else {
+        None
+    };
     let shutdown = async {
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
             .expect("SIGTERM handler");
@@ -718,6 +803,9 @@ async fn serve(cfg: ControlConfig) -> Result<()> {
         shutdown,
     )
     .await?;
+    if let Some(m) = metrics {
+        m.abort();
+    }
     Ok(())
 }
 
@@ -796,6 +884,21 @@ async fn resource(c: &Client, cmd: Cmd) -> Result<Output> {
         Cmd::Cloud(CloudCmd::Get { cloud }) => Command::GetCloud { cloud },
         Cmd::Cloud(CloudCmd::Delete { cloud }) => Command::DeleteCloud { cloud },
         Cmd::Cloud(CloudCmd::Token { cloud }) => Command::RotateCloudToken { cloud },
+        Cmd::Cloud(CloudCmd::Budget {
+            cloud, lift: true, ..
+        }) => Command::LiftBudget { cloud },
+        Cmd::Cloud(CloudCmd::Budget {
+            cloud,
+            amount,
+            warn_percent,
+            ..
+        }) => Command::SetBudget {
+            cloud,
+            budget: Budget {
+                amount: amount.unwrap_or_default(),
+                warn_percent,
+            },
+        },
         Cmd::Cloud(CloudCmd::Usage { cloud, from, to }) => {
             let now = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)

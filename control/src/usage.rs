@@ -59,16 +59,134 @@ pub enum UsageError {
     },
 }
 
-/// Prices per GB. Unknown keys are rejected.
-#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+/// The operator's price list (`[prices]` of the control plane's config, or a price file for
+/// `atoll usage`). Unknown keys are rejected; anything without a price costs 0.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct Prices {
     /// ISO 4217 code, e.g. "USD".
     pub currency: String,
+    /// Per vCPU-hour a VM's VMM runs.
+    #[serde(default)]
+    pub vcpu_hour: f64,
+    /// Per GiB-hour of a running VM's memory.
+    #[serde(default)]
+    pub memory_gib_hour: f64,
+    /// Per GiB-month (730 hours) a volume is provisioned.
+    #[serde(default)]
+    pub volume_gib_month: f64,
+    /// Per GB (10^9 bytes) a guest sends, by traffic class.
     #[serde(default)]
     pub from_guest: ClassPrices,
+    /// Per GB a guest receives, by traffic class.
     #[serde(default)]
     pub to_guest: ClassPrices,
+}
+
+impl Default for Prices {
+    fn default() -> Self {
+        Prices {
+            currency: "USD".into(),
+            vcpu_hour: 0.0,
+            memory_gib_hour: 0.0,
+            volume_gib_month: 0.0,
+            from_guest: ClassPrices::default(),
+            to_guest: ClassPrices::default(),
+        }
+    }
+}
+
+/// Metered quantities (of a cloud, in an hour or a period).
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, Deserialize)]
+pub struct Quantities {
+    /// Records summed.
+    #[serde(default)]
+    pub records: u64,
+    /// `"<direction>/<class>"` → `[packets, bytes]`.
+    #[serde(default)]
+    pub traffic: BTreeMap<String, [u64; 2]>,
+    #[serde(default)]
+    pub vcpu_ms: u64,
+    #[serde(default)]
+    pub memory_mib_ms: u64,
+    #[serde(default)]
+    pub volume_gib_ms: u64,
+}
+
+impl Quantities {
+    /// Adds one record's window (saturating: a hostile host cannot wrap a sum).
+    pub fn add_record(&mut self, d: &atoll_api::usage::UsageData) {
+        self.records = self.records.saturating_add(1);
+        for t in &d.usage.traffic {
+            if t.packets == 0 && t.bytes == 0 {
+                continue;
+            }
+            let e = self
+                .traffic
+                .entry(format!("{}/{}", t.direction, t.class))
+                .or_default();
+            e[0] = e[0].saturating_add(t.packets);
+            e[1] = e[1].saturating_add(t.bytes);
+        }
+        self.vcpu_ms = self.vcpu_ms.saturating_add(d.usage.vcpu_ms);
+        self.memory_mib_ms = self.memory_mib_ms.saturating_add(d.usage.memory_mib_ms);
+        self.volume_gib_ms = self.volume_gib_ms.saturating_add(d.usage.volume_gib_ms);
+    }
+
+    pub fn add(&mut self, o: &Quantities) {
+        self.records = self.records.saturating_add(o.records);
+        for (k, v) in &o.traffic {
+            let e = self.traffic.entry(k.clone()).or_default();
+            e[0] = e[0].saturating_add(v[0]);
+            e[1] = e[1].saturating_add(v[1]);
+        }
+        self.vcpu_ms = self.vcpu_ms.saturating_add(o.vcpu_ms);
+        self.memory_mib_ms = self.memory_mib_ms.saturating_add(o.memory_mib_ms);
+        self.volume_gib_ms = self.volume_gib_ms.saturating_add(o.volume_gib_ms);
+    }
+
+    /// Network totals per direction and class.
+    pub fn traffic(&self) -> Vec<atoll_api::usage::Traffic> {
+        self.traffic
+            .iter()
+            .filter_map(|(k, v)| {
+                let (direction, class) = k.split_once('/')?;
+                Some(atoll_api::usage::Traffic {
+                    direction: direction.into(),
+                    class: class.into(),
+                    packets: v[0],
+                    bytes: v[1],
+                })
+            })
+            .collect()
+    }
+}
+
+const HOUR_MS: u128 = 3_600_000;
+
+/// `quantity × price / per`, in 10^-9 of the currency, rounded down; saturates (a price is
+/// finite and not negative, validated).
+fn cost_nanos(quantity: u64, price: f64, per: u128) -> u64 {
+    let price_nanos = (price * 1e9).round() as u128;
+    u64::try_from(u128::from(quantity).saturating_mul(price_nanos) / per).unwrap_or(u64::MAX)
+}
+
+/// Adds `items` to `into`, by SKU (quantities and costs summed; the pricing quantity follows).
+pub fn merge_items(
+    into: &mut Vec<atoll_api::model::UsageItem>,
+    items: Vec<atoll_api::model::UsageItem>,
+) {
+    for i in items {
+        match into.iter_mut().find(|x| x.sku == i.sku) {
+            Some(x) => {
+                x.quantity = x.quantity.saturating_add(i.quantity);
+                x.pricing_quantity += i.pricing_quantity;
+                x.cost_nanos = x.cost_nanos.saturating_add(i.cost_nanos);
+                x.cost = atoll_api::model::nanos_decimal(x.cost_nanos);
+            }
+            None => into.push(i),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Default, Deserialize, PartialEq)]
@@ -97,23 +215,108 @@ impl Prices {
             path: path.into(),
             source,
         })?;
-        let invalid = |m: &str| UsageError::InvalidPrices {
+        p.validate().map_err(|message| UsageError::InvalidPrices {
             path: path.into(),
-            message: m.into(),
+            message,
+        })?;
+        Ok(p)
+    }
+
+    /// The priced items of `q` (non-zero quantities only), compute and storage first, then
+    /// network by direction and class.
+    pub fn items(&self, q: &Quantities) -> Vec<atoll_api::model::UsageItem> {
+        let item = |sku: String,
+                    category: &str,
+                    quantity: u64,
+                    unit: &str,
+                    per: u128,
+                    pricing_unit: &str,
+                    unit_price: f64| {
+            let cost = cost_nanos(quantity, unit_price, per);
+            atoll_api::model::UsageItem {
+                sku,
+                category: category.into(),
+                quantity,
+                unit: unit.into(),
+                pricing_quantity: quantity as f64 / per as f64,
+                pricing_unit: pricing_unit.into(),
+                unit_price,
+                cost_nanos: cost,
+                cost: atoll_api::model::nanos_decimal(cost),
+            }
         };
-        if p.currency.len() != 3 || !p.currency.bytes().all(|b| b.is_ascii_uppercase()) {
-            return Err(invalid(
-                "currency must be a three-letter ISO 4217 code such as \"USD\"",
+        let mut out = Vec::new();
+        if q.vcpu_ms > 0 {
+            out.push(item(
+                "compute-vcpu".into(),
+                "compute",
+                q.vcpu_ms,
+                "vcpu_ms",
+                HOUR_MS,
+                "vCPU-Hours",
+                self.vcpu_hour,
             ));
         }
-        for c in [&p.from_guest, &p.to_guest] {
-            for v in [c.intra_cloud, c.exposure, c.host, c.external, c.cross_host] {
-                if !v.is_finite() || v < 0.0 {
-                    return Err(invalid("prices must be finite and not negative"));
-                }
+        if q.memory_mib_ms > 0 {
+            out.push(item(
+                "compute-memory".into(),
+                "compute",
+                q.memory_mib_ms,
+                "mib_ms",
+                HOUR_MS * 1024,
+                "GiB-Hours",
+                self.memory_gib_hour,
+            ));
+        }
+        if q.volume_gib_ms > 0 {
+            out.push(item(
+                "storage-volume".into(),
+                "storage",
+                q.volume_gib_ms,
+                "gib_ms",
+                HOUR_MS * 730,
+                "GiB-Months",
+                self.volume_gib_month,
+            ));
+        }
+        for (k, v) in &q.traffic {
+            let Some((direction, class)) = k.split_once('/') else {
+                continue;
+            };
+            if v[1] == 0 {
+                continue;
+            }
+            out.push(item(
+                format!("network-{direction}-{class}"),
+                "network",
+                v[1],
+                "bytes",
+                1_000_000_000,
+                "GB",
+                self.per_gb(direction, class),
+            ));
+        }
+        out
+    }
+
+    /// Checks the currency and that every price is finite and not negative.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.currency.len() != 3 || !self.currency.bytes().all(|b| b.is_ascii_uppercase()) {
+            return Err("currency must be a three-letter ISO 4217 code such as \"USD\"".into());
+        }
+        let c = [&self.from_guest, &self.to_guest];
+        let all = [self.vcpu_hour, self.memory_gib_hour, self.volume_gib_month]
+            .into_iter()
+            .chain(
+                c.iter()
+                    .flat_map(|c| [c.intra_cloud, c.exposure, c.host, c.external, c.cross_host]),
+            );
+        for v in all {
+            if !v.is_finite() || !(0.0..=1e6).contains(&v) {
+                return Err("prices must be finite, not negative and at most 1000000".into());
             }
         }
-        Ok(p)
+        Ok(())
     }
 
     /// Price per GB of a direction and class; 0 for anything unpriced.
@@ -292,6 +495,46 @@ pub fn table(r: &Report) -> String {
     out
 }
 
+/// The control plane's fleet usage as a table: per cloud, each item and its cost.
+pub fn fleet_table(u: &atoll_api::model::FleetUsage) -> String {
+    let mut out = format!(
+        "usage {} .. {} (complete to {})\n{:<10}  {:<28}  {:>20}  {:<10}  {:>10}  {:>16}\n",
+        rfc3339(u.from * 1000),
+        rfc3339(u.to * 1000),
+        rfc3339(u.complete_to * 1000),
+        "CLOUD",
+        "SKU",
+        "QUANTITY",
+        "UNIT",
+        "PRICE",
+        "COST"
+    );
+    for c in &u.clouds {
+        for i in &c.items {
+            out += &format!(
+                "{:<10}  {:<28}  {:>20.9}  {:<10}  {:>10.6}  {:>16}\n",
+                c.cloud.to_string(),
+                i.sku,
+                i.pricing_quantity,
+                i.pricing_unit,
+                i.unit_price,
+                i.cost
+            );
+        }
+        out += &format!(
+            "{:<10}  {:<74}  {:>16}\n",
+            c.cloud.to_string(),
+            "total",
+            c.cost
+        );
+    }
+    out += &format!(
+        "{:<10}  {:<74}  {:>16} {}\n",
+        "all", "total", u.cost, u.currency
+    );
+    out
+}
+
 /// FinOps FOCUS-style CSV (a subset of FOCUS 1.0 columns; one row per cloud, direction and
 /// class; the cloud is the sub-account).
 pub fn focus_csv(r: &Report) -> String {
@@ -420,8 +663,69 @@ mod tests {
                 exposure: 0.01,
                 ..Default::default()
             },
-            to_guest: ClassPrices::default(),
+            ..Default::default()
         }
+    }
+
+    #[test]
+    fn items_price_each_quantity_exactly_and_round_down_once() {
+        let p = Prices {
+            vcpu_hour: 0.04,
+            memory_gib_hour: 0.005,
+            volume_gib_month: 0.1,
+            ..prices()
+        };
+        let mut q = Quantities {
+            vcpu_ms: 2 * 3_600_000,
+            memory_mib_ms: 512 * 3_600_000,
+            volume_gib_ms: 10 * 730 * 3_600_000,
+            ..Default::default()
+        };
+        q.traffic
+            .insert("from_guest/external".into(), [3, 1_500_000_001]);
+        q.traffic.insert("to_guest/intra_cloud".into(), [1, 0]);
+        let items = p.items(&q);
+        let by: BTreeMap<&str, &atoll_api::model::UsageItem> =
+            items.iter().map(|i| (i.sku.as_str(), i)).collect();
+        assert_eq!(by.len(), 4, "zero bytes are no item: {items:?}");
+        // 2 vCPU-hours, half a GiB-hour, 10 GiB-months.
+        assert_eq!(by["compute-vcpu"].cost_nanos, 80_000_000);
+        assert_eq!(by["compute-memory"].cost_nanos, 2_500_000);
+        assert_eq!(by["storage-volume"].cost_nanos, 1_000_000_000);
+        assert_eq!(by["storage-volume"].cost, "1.000000000");
+        // 1.500000001 GB at 0.09: 0.13500000009, rounded down to the nano.
+        assert_eq!(by["network-from_guest-external"].cost_nanos, 135_000_000);
+        assert_eq!(by["network-from_guest-external"].quantity, 1_500_000_001);
+        let mut merged = items.clone();
+        merge_items(&mut merged, items);
+        assert_eq!(merged.len(), 4);
+        assert_eq!(merged[0].cost_nanos, 160_000_000);
+        assert_eq!(merged[0].quantity, 4 * 3_600_000);
+    }
+
+    #[test]
+    fn price_lists_refuse_nonsense() {
+        for bad in [
+            Prices {
+                vcpu_hour: -1.0,
+                ..Default::default()
+            },
+            Prices {
+                memory_gib_hour: f64::NAN,
+                ..Default::default()
+            },
+            Prices {
+                volume_gib_month: f64::INFINITY,
+                ..Default::default()
+            },
+            Prices {
+                currency: "usd".into(),
+                ..Default::default()
+            },
+        ] {
+            assert!(bad.validate().is_err(), "{bad:?}");
+        }
+        assert!(Prices::default().validate().is_ok());
     }
 
     #[test]

@@ -71,6 +71,7 @@ api_suite!(
     clouds_expire_with_everything_in_them_also_after_a_restart,
     idle_vms_are_stopped_on_their_hosts_report_only,
     hosts_deliver_usage_once_per_id_and_clouds_read_their_own,
+    budgets_stop_a_clouds_vms_and_egress_and_start_them_again,
 );
 
 /// The store the control plane under test is configured with.
@@ -137,6 +138,8 @@ async fn start(backend: Backend) -> Api {
     cfg.clouds.max_publications_per_cloud = 3;
     // Two consumer hosts per grant (a third gets no NAT address, and no service).
     cfg.clouds.max_nat_addresses_per_grant = 2;
+    // A GB a guest sends within its cloud costs 1 (so a byte, a nano).
+    cfg.prices.from_guest.intra_cloud = 1.0;
     cfg.validate().expect("valid config");
     let core = cfg.start().await.expect("start control plane");
     assert_eq!(
@@ -219,6 +222,15 @@ async fn raw(c: &Client, method: Method, path: &str, body: Option<&Value>) -> (S
             .unwrap_or_else(|_| panic!("non-JSON body from {path}: {bytes:?}"))
     };
     (status, v)
+}
+
+/// A GET whose body is text (a FOCUS export).
+async fn raw_text(c: &Client, path: &str) -> (StatusCode, String) {
+    let (status, bytes) = c
+        .send(Method::GET, path, None::<&Value>, Duration::ZERO)
+        .await
+        .expect("request");
+    (status, String::from_utf8(bytes.to_vec()).expect("UTF-8"))
 }
 
 fn api_err(e: ClientError) -> (StatusCode, ErrorBody) {
@@ -1196,7 +1208,15 @@ async fn ok<T: DeserializeOwned>(c: &Client, method: Method, path: &str, body: O
 /// Whether a key outlives its cloud by design: usage records (billing needs them) and the
 /// grace that lets its hosts deliver its last ones.
 fn outlives_its_cloud(key: &str) -> bool {
-    key.starts_with("usage/") || key.starts_with("usagegrace/")
+    [
+        "usage/",
+        "usagegrace/",
+        "usagehour/",
+        "usagefleet/",
+        "usagefrom/",
+    ]
+    .iter()
+    .any(|p| key.starts_with(p))
 }
 
 /// Every stored key or value that mentions `cloud` (but what outlives it by design).
@@ -4731,7 +4751,7 @@ async fn hosts_deliver_usage_once_per_id_and_clouds_read_their_own(api: Api) {
         &vm.host,
         vec![
             usage_record(n, "b-1-1", t0 + 1000, "intra_cloud", 100),
-            usage_record(n, "b-1-2", t0 + 61_000, "exposure", 40),
+            usage_record(n, "b-1-2", t0 + 3_601_000, "exposure", 40),
         ],
     )
     .await;
@@ -4784,7 +4804,8 @@ async fn hosts_deliver_usage_once_per_id_and_clouds_read_their_own(api: Api) {
     );
 
     // The cloud reads its quantities: both records in a period holding both, one in one
-    // holding only the first (a window's end decides), nothing after.
+    // holding only the first's hour (a window's end decides; periods are whole hours),
+    // nothing after.
     let usage = |from: u64, to: u64| {
         let cc = cc.clone();
         async move {
@@ -4799,8 +4820,37 @@ async fn hosts_deliver_usage_once_per_id_and_clouds_read_their_own(api: Api) {
         }
     };
     let s0 = t0 / 1000;
-    let all = usage(s0, s0 + 3600).await;
+    let all = usage(s0, s0 + 7200).await;
     assert_eq!(all.records, 2);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    assert!(
+        all.complete_to <= now + 1 && all.complete_to + 60 >= now,
+        "its one host delivered up to its last window's end, never past now: {} vs {now}",
+        all.complete_to
+    );
+    // A host's word on how far it delivered (each interval, with no records).
+    let (st, r) = raw(
+        &host,
+        Method::POST,
+        &routes::INGEST_USAGE.at(&[&vm.host]),
+        Some(&json!({"records": [], "complete_to_ms": (now - 100) * 1000})),
+    )
+    .await;
+    assert_eq!((st, r["accepted"].clone()), (StatusCode::OK, json!(0)));
+    assert_eq!(
+        usage(s0, s0 + 7200).await.complete_to,
+        all.complete_to,
+        "never back"
+    );
+    assert_eq!(all.items.len(), 2, "{:?}", all.items);
+    assert_eq!(
+        (all.cost.as_str(), all.cost_nanos),
+        ("0.000000100", 100),
+        "100 bytes within the cloud at 1 per GB; exposure has no price"
+    );
     let bytes = |u: &CloudUsage, class: &str| {
         u.traffic
             .iter()
@@ -4812,9 +4862,51 @@ async fn hosts_deliver_usage_once_per_id_and_clouds_read_their_own(api: Api) {
         (bytes(&all, "intra_cloud"), bytes(&all, "exposure")),
         (100, 40)
     );
-    let first = usage(s0, s0 + 60).await;
+    let first = usage(s0 + 10, s0 + 60).await;
+    assert_eq!(
+        (first.from, first.to),
+        (s0, s0 + 3600),
+        "widened to the hour"
+    );
     assert_eq!((first.records, bytes(&first, "exposure")), (1, 0));
-    assert_eq!(usage(s0 + 62, s0 + 3600).await.records, 0);
+    assert_eq!(usage(s0 + 7200, s0 + 9000).await.records, 0);
+    // The operator sees every cloud, as JSON and as FOCUS; a cloud may not.
+    let fleet: FleetUsage = ok(
+        &api.op,
+        Method::GET,
+        &format!(
+            "{}?from={s0}&to={}",
+            routes::GET_FLEET_USAGE.at(&[]),
+            s0 + 7200
+        ),
+        None,
+    )
+    .await;
+    let mine = fleet
+        .clouds
+        .iter()
+        .find(|c| c.cloud == cid)
+        .expect("the cloud");
+    assert_eq!(mine.records, 2);
+    let (st, csv) = raw_text(
+        &api.op,
+        &format!(
+            "{}?from={s0}&to={}&format=focus",
+            routes::GET_FLEET_USAGE.at(&[]),
+            s0 + 7200
+        ),
+    )
+    .await;
+    assert_eq!(st, StatusCode::OK, "{csv}");
+    let mut lines = csv.lines();
+    assert!(lines.next().unwrap().contains("BilledCost"), "{csv}");
+    assert_eq!(
+        lines.filter(|l| l.contains(&cid.to_string())).count(),
+        2,
+        "a row per cloud, hour and SKU: {csv}"
+    );
+    let (st, _) = raw(&cc, Method::GET, &routes::GET_FLEET_USAGE.at(&[]), None).await;
+    assert_eq!(st, StatusCode::FORBIDDEN);
     let (st, e) = raw(
         &cc,
         Method::GET,
@@ -4864,10 +4956,214 @@ async fn hosts_deliver_usage_once_per_id_and_clouds_read_their_own(api: Api) {
         &format!(
             "{}?from={s0}&to={}",
             routes::GET_USAGE.at(&[&cid]),
-            s0 + 3600
+            s0 + 7200
         ),
         None,
     )
     .await;
     assert_eq!((u.records, bytes(&u, "intra_cloud")), (3, 107));
+}
+
+/// A cloud's spend budget (issue 20): past its warning threshold an event is recorded; at the
+/// amount its running VMs stop (`stopped_by: budget`), starting one is refused, and its hosts
+/// get its egress as `deny`; raising the budget over the spend starts exactly those VMs again
+/// and gives back the cloud's own egress policy; lifting it does the same. Only the operator
+/// sets budgets.
+async fn budgets_stop_a_clouds_vms_and_egress_and_start_them_again(api: Api) {
+    let (c, cc) = api.cloud(json!({"name": "budgeted"})).await;
+    let cid = c.cloud.id;
+    let create = |name: &str, start: bool| {
+        let (cc, name) = (cc.clone(), name.to_string());
+        async move {
+            let vm: Vm = ok(
+                &cc,
+                Method::POST,
+                &routes::CREATE_VM.at(&[&cid]),
+                Some(json!({"name": name, "start": start})),
+            )
+            .await;
+            vm
+        }
+    };
+    let vm = create("run", true).await;
+    create("off", false).await;
+    let _: EgressPolicy = ok(
+        &cc,
+        Method::PUT,
+        &routes::PUT_EGRESS_POLICY.at(&[&cid]),
+        Some(json!({"mode": "allow"})),
+    )
+    .await;
+    let host = api.host(&vm.host, None).await;
+    let budget = |amount: f64| {
+        let op = api.op.clone();
+        async move {
+            let st: BudgetStatus = ok(
+                &op,
+                Method::PUT,
+                &routes::SET_BUDGET.at(&[&cid]),
+                Some(json!({"amount": amount, "warn_percent": 50})),
+            )
+            .await;
+            st
+        }
+    };
+    let (st, _) = raw(
+        &cc,
+        Method::PUT,
+        &routes::SET_BUDGET.at(&[&cid]),
+        Some(&json!({"amount": 100.0})),
+    )
+    .await;
+    assert_eq!(
+        st,
+        StatusCode::FORBIDDEN,
+        "a cloud does not set its own budget"
+    );
+    for bad in [
+        json!({"amount": -1.0}),
+        json!({"amount": 1.0, "warn_percent": 0}),
+    ] {
+        let (st, _) = raw(
+            &api.op,
+            Method::PUT,
+            &routes::SET_BUDGET.at(&[&cid]),
+            Some(&bad),
+        )
+        .await;
+        assert_eq!(st, StatusCode::BAD_REQUEST, "{bad}");
+    }
+    // 1000 nanos: 1000 bytes sent within the cloud.
+    let st = budget(0.000_001).await;
+    assert_eq!((st.state, st.spent_nanos), (BudgetState::Ok, 0));
+    let now_ms = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as u64
+    };
+    let spend = |id: &str, bytes: u64| {
+        let (host, path, n, id) = (
+            host.clone(),
+            routes::INGEST_USAGE.at(&[&vm.host]),
+            cid.get(),
+            id.to_string(),
+        );
+        async move {
+            let r: UsageIngested = ok(
+                &host,
+                Method::POST,
+                &path,
+                Some(json!({"records": [usage_record(n, &id, now_ms(), "intra_cloud", bytes)]})),
+            )
+            .await;
+            assert_eq!(r.accepted, 1);
+        }
+    };
+    let cloud = || {
+        let cc = cc.clone();
+        async move {
+            let c: Cloud = ok(&cc, Method::GET, &routes::GET_CLOUD.at(&[&cid]), None).await;
+            c.budget.expect("a budget")
+        }
+    };
+    let power = |name: &str| {
+        let (cc, name) = (cc.clone(), name.to_string());
+        async move {
+            let v: Vm = ok(&cc, Method::GET, &routes::GET_VM.at(&[&cid, &name]), None).await;
+            (v.power, v.stopped_by)
+        }
+    };
+    let egress = || {
+        let (host, path) = (
+            host.clone(),
+            format!("{}?wait_ms=0", routes::SYNC.at(&[&vm.host])),
+        );
+        async move {
+            let d: SyncDelta = ok(&host, Method::GET, &path, None).await;
+            d.egress
+                .iter()
+                .find(|e| e.cloud == cid)
+                .expect("the cloud's egress")
+                .policy
+                .mode
+        }
+    };
+    assert_eq!(egress().await, EgressMode::Allow);
+
+    spend("b-1", 600).await;
+    let b = cloud().await;
+    assert_eq!((b.state, b.spent_nanos), (BudgetState::Warning, 600));
+    assert_eq!(b.events.len(), 1);
+    assert_eq!(power("run").await, (Power::Running, None), "a warning only");
+
+    spend("b-2", 400).await;
+    let b = cloud().await;
+    assert_eq!((b.state, b.spent_nanos), (BudgetState::Exceeded, 1000));
+    assert_eq!(
+        b.events.iter().map(|e| e.state).collect::<Vec<_>>(),
+        [BudgetState::Warning, BudgetState::Exceeded]
+    );
+    assert_eq!(
+        power("run").await,
+        (Power::Stopped, Some(StopReason::Budget))
+    );
+    assert_eq!(
+        power("off").await,
+        (Power::Stopped, Some(StopReason::Request)),
+        "what was stopped stays stopped, for its own reason"
+    );
+    assert_eq!(egress().await, EgressMode::Deny, "egress stops");
+    let (st, e) = raw(
+        &cc,
+        Method::POST,
+        &routes::START_VM.at(&[&cid, &"run"]),
+        None,
+    )
+    .await;
+    assert_eq!(
+        (st, e["error"]["code"].clone()),
+        (StatusCode::CONFLICT, json!("budget_exceeded"))
+    );
+    let (st, _) = raw(
+        &cc,
+        Method::POST,
+        &routes::CREATE_VM.at(&[&cid]),
+        Some(&json!({"name": "more"})),
+    )
+    .await;
+    assert_eq!(st, StatusCode::CONFLICT);
+    let u: CloudUsage = ok(&cc, Method::GET, &routes::GET_USAGE.at(&[&cid]), None).await;
+    assert_eq!(u.budget.map(|b| b.state), Some(BudgetState::Exceeded));
+
+    // Raised over the spend: what the budget stopped runs again, the cloud's egress is back.
+    let st = budget(1.0).await;
+    assert_eq!(st.state, BudgetState::Ok);
+    assert_eq!(power("run").await, (Power::Running, None));
+    assert_eq!(power("off").await.0, Power::Stopped);
+    assert_eq!(egress().await, EgressMode::Allow);
+
+    // Lowered under it, then lifted.
+    assert_eq!(budget(0.000_000_5).await.state, BudgetState::Exceeded);
+    assert_eq!(power("run").await.0, Power::Stopped);
+    let (st, _) = raw(
+        &api.op,
+        Method::DELETE,
+        &routes::LIFT_BUDGET.at(&[&cid]),
+        None,
+    )
+    .await;
+    assert_eq!(st, StatusCode::NO_CONTENT);
+    assert_eq!(power("run").await, (Power::Running, None));
+    assert_eq!(egress().await, EgressMode::Allow);
+    let c: Cloud = ok(&cc, Method::GET, &routes::GET_CLOUD.at(&[&cid]), None).await;
+    assert!(c.budget.is_none());
+    let (st, _) = raw(
+        &api.op,
+        Method::DELETE,
+        &routes::LIFT_BUDGET.at(&[&cid]),
+        None,
+    )
+    .await;
+    assert_eq!(st, StatusCode::NOT_FOUND);
 }

@@ -83,11 +83,13 @@ const APT_PACKAGES: &[&str] = &[
     // The benchmarks' baseline: taps on a Linux bridge isolated by nftables.
     "nftables",
     // The hostile VMM of the jail test (agent/tests/vm_jail.rs) is a Python script; the MCP
-    // test's client is the official Python SDK, in a venv (`mcp_client`).
+    // test's client is the official Python SDK, in a venv (`venv_with`); so is the FOCUS validator.
     "python3",
     "python3-venv",
     // systemd-analyze verifies the installed units (systemd need not run as PID 1).
     "systemd",
+    // promtool (checks and unit-tests deploy/prometheus/; tests/tests/dashboards.rs).
+    "prometheus",
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
@@ -208,30 +210,152 @@ fn setup() -> Result<()> {
     if !Path::new("/dev/net/tun").exists() {
         bail!("/dev/net/tun is missing: the kernel lacks tun/tap support");
     }
-    mcp_client()
+    venv_with("mcp-venv", MCP_SDK)?;
+    focus_validator()
 }
 
-/// The MCP test's client (control/tests/mcp.rs): the official Python SDK, pinned, in a venv
-/// under `target/` (PyPI is reachable; nothing is installed system-wide).
-const MCP_SDK: &str = "mcp==2.3.0";
+/// The MCP test's client (control/tests/mcp.rs): the official Python SDK, pinned.
+const MCP_SDK: (&str, &str) = ("mcp", "2.3.0");
 
-fn mcp_client() -> Result<()> {
-    let venv = workspace_root().join("target/mcp-venv");
+/// A Python package, pinned, in its own venv `target/<dir>` (PyPI is reachable; nothing is
+/// installed system-wide).
+fn venv_with(dir: &str, (package, version): (&str, &str)) -> Result<()> {
+    let venv = workspace_root().join("target").join(dir);
     let python = venv.join("bin/python");
     let present = Command::new(&python)
         .args([
             "-c",
-            "import importlib.metadata as m; print(m.version('mcp'))",
+            &format!("import importlib.metadata as m; print(m.version('{package}'))"),
         ])
         .output()
-        .map(|o| format!("mcp=={}", String::from_utf8_lossy(&o.stdout).trim()) == MCP_SDK)
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == version)
         .unwrap_or(false);
     if present {
-        eprintln!("xtask setup: {MCP_SDK} present in {}", venv.display());
+        eprintln!(
+            "xtask setup: {package}=={version} present in {}",
+            venv.display()
+        );
         return Ok(());
     }
     run(Command::new("python3").arg("-m").arg("venv").arg(&venv))?;
-    run(Command::new(venv.join("bin/pip")).args(["install", "--quiet", MCP_SDK]))
+    run(Command::new(venv.join("bin/pip")).args([
+        "install",
+        "--quiet",
+        &format!("{package}=={version}"),
+    ]))
+}
+
+/// The FOCUS export tests' validator (control/src/focus.rs, the spend end-to-end test): the
+/// FinOps Foundation's focus-validator and every package it pulls in, pinned as tested, in a
+/// venv under `target/`. focus-validator 2.x (the first to check FOCUS 1.2) needs Python >=
+/// 3.12, and its `numpy<2` has wheels up to 3.12 only, so the venv is made with a Python 3.12
+/// (this machine kind's pyenv has one; Debian 12's is 3.11: ../shared/FACTS.md). pyarrow is
+/// pinned below 22: newer ones refuse numpy < 2.
+const FOCUS_VALIDATOR: &[&str] = &[
+    "focus_validator==2.2.1",
+    "annotated-types==0.8.0",
+    "attrs==26.1.0",
+    "certifi==2026.10.19.post1",
+    "charset-normalizer==3.5.3",
+    "ddt==1.7.2",
+    "duckdb==1.5.6",
+    "graphviz==0.21",
+    "idna==3.21",
+    "jsonschema==4.26.0",
+    "jsonschema-specifications==2025.9.1",
+    "multimethod==2.0.2",
+    "mypy_extensions==1.2.0",
+    "numpy==1.26.4",
+    "packaging==26.4",
+    "pandas==2.3.3",
+    "pandasql==0.7.3",
+    "pandera==0.26.1",
+    "polars==1.44.2",
+    "polars-runtime-32==1.44.2",
+    "pyarrow==21.0.0",
+    "pydantic==2.14.4",
+    "pydantic_core==2.50.5",
+    "python-dateutil==4.0.0",
+    "pytz==2025.2",
+    "PyYAML==6.0.4",
+    "referencing==0.37.0",
+    "requests==2.34.2",
+    "rpds-py==2026.9.1",
+    "SQLAlchemy==2.1.9",
+    "sqlglot==27.29.0",
+    "tabulate==0.10.0",
+    "typeguard==4.6.1",
+    "typing-inspect==0.9.0",
+    "typing-inspection==0.4.5",
+    "typing_extensions==4.16.0",
+    "tzdata==2026.6",
+    "urllib3==2.8.0",
+];
+
+fn focus_validator() -> Result<()> {
+    let venv = workspace_root().join("target/focus-venv");
+    // Exactly the pinned set (as `pip freeze` spells it), or the venv is made anew.
+    let present = Command::new(venv.join("bin/pip"))
+        .arg("freeze")
+        .output()
+        .map(|o| {
+            let have: std::collections::BTreeSet<String> = String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .map(str::to_owned)
+                .collect();
+            o.status.success() && have == FOCUS_VALIDATOR.iter().map(|p| p.to_string()).collect()
+        })
+        .unwrap_or(false);
+    if present {
+        eprintln!(
+            "xtask setup: {} present in {}",
+            FOCUS_VALIDATOR[0],
+            venv.display()
+        );
+        return Ok(());
+    }
+    let python = python312()?;
+    if venv.exists() {
+        std::fs::remove_dir_all(&venv).with_context(|| format!("removing {}", venv.display()))?;
+    }
+    run(Command::new(&python).arg("-m").arg("venv").arg(&venv))?;
+    run(Command::new(venv.join("bin/pip"))
+        .args(["install", "--quiet"])
+        .args(FOCUS_VALIDATOR))
+}
+
+/// A Python 3.12: `python3.12` when it runs (a pyenv shim fails unless 3.12 is a global
+/// version), else the newest 3.12 under pyenv's root.
+fn python312() -> Result<PathBuf> {
+    if let Ok(o) = Command::new("python3.12")
+        .args(["-c", "import sys; print(sys.executable)"])
+        .output()
+    {
+        if o.status.success() {
+            return Ok(PathBuf::from(String::from_utf8_lossy(&o.stdout).trim()));
+        }
+    }
+    let root = std::env::var_os("PYENV_ROOT")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| "/root".into())).join(".pyenv")
+        });
+    let mut found: Vec<PathBuf> = std::fs::read_dir(root.join("versions"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("3.12."))
+        .map(|e| e.path().join("bin/python3.12"))
+        .filter(|p| p.exists())
+        .collect();
+    found.sort();
+    match found.pop() {
+        Some(p) => Ok(p),
+        None => bail!(
+            "focus-validator needs Python 3.12: no `python3.12` runs and {} has none",
+            root.join("versions").display()
+        ),
+    }
 }
 
 /// Installs the Debian packages of `packages` that are not installed yet.

@@ -375,6 +375,22 @@ pub fn proc_start_time(pid: i32) -> Option<u64> {
     rest.split_whitespace().nth(19)?.parse().ok()
 }
 
+/// The wall-clock time (ms since the epoch) of a start time in clock ticks since boot: the
+/// boot time of `/proc/stat` (whole seconds) plus the ticks.
+pub fn start_unix_ms(start_ticks: u64) -> Option<u64> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let btime: u64 = stat
+        .lines()
+        .find_map(|l| l.strip_prefix("btime "))?
+        .trim()
+        .parse()
+        .ok()?;
+    // SAFETY: sysconf only reads a configuration value.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    let hz = u64::try_from(hz).ok().filter(|h| *h > 0)?;
+    Some(btime * 1000 + start_ticks * 1000 / hz)
+}
+
 /// Whether the process behind `pidfd` has exited (a pidfd polls readable then).
 fn exited(pidfd: &OwnedFd) -> bool {
     let mut p = libc::pollfd {

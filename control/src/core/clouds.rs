@@ -69,6 +69,7 @@ impl Core {
                 created_at: now(),
                 vni,
                 expires_at,
+                budget: None,
                 token_sha256: token_hash(&token),
             };
             let mut txn = Txn {
@@ -146,7 +147,9 @@ impl Core {
     }
 
     pub(super) async fn delete_cloud(&self, c: CloudId) -> Result<Reply, CoreError> {
-        self.delete_cloud_if(c, None).await.map(|_| Reply::Done)
+        self.delete_cloud_if(c, None).await?;
+        super::budget::forget(c);
+        Ok(Reply::Done)
     }
 
     /// Deletes cloud `c` with everything it holds; with `expired_by`, only if the cloud

@@ -40,10 +40,17 @@ impl Core {
     }
 
     /// What a host of cloud `c` applies of its egress: the policy and its own address.
+    /// A cloud over its budget gets `deny` (its own policy stays, for when it is back).
     pub(super) async fn cloud_egress(&self, c: CloudId) -> Result<CloudEgress, CoreError> {
+        let mut policy = self.egress_policy(c).await?;
+        if self.over_budget(c).await? {
+            policy.mode = EgressMode::Deny;
+            policy.allow.clear();
+            policy.deny.clear();
+        }
         Ok(CloudEgress {
             cloud: c,
-            policy: self.egress_policy(c).await?,
+            policy,
             address: self.egress_address(c).await?.map(|(_, a)| a.address),
             cidr: Some(self.cloud(c).await?.1.cidr),
         })

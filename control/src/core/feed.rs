@@ -77,12 +77,13 @@ pub(super) fn zone_cloud(key: &str) -> Option<CloudId> {
     cloud_of(key, &["vms", "dns", "imports"])
 }
 
-/// The cloud whose egress policy a key is (`c/<c>/egress`).
+/// The cloud whose egress a key changes (`c/<c>/egress`, its address, its budget).
 pub(super) fn egress_cloud(key: &str) -> Option<CloudId> {
     let rest = key.strip_prefix("c/")?;
     let c = rest
         .strip_suffix("/egress")
-        .or_else(|| rest.strip_suffix("/egressaddr"))?;
+        .or_else(|| rest.strip_suffix("/egressaddr"))
+        .or_else(|| rest.strip_suffix("/budget"))?;
     c.parse().ok()
 }
 

@@ -119,6 +119,7 @@ use crate::{
 };
 
 mod auth;
+mod budget;
 mod clouds;
 mod dns;
 mod egress;
@@ -257,6 +258,11 @@ pub struct CoreConfig {
     pub operator_token_sha256: String,
     /// A host silent for longer is not live (`hosts.timeout_secs`).
     pub host_timeout_secs: u64,
+    /// The price list (`[prices]`).
+    pub prices: crate::usage::Prices,
+    /// Who bills (FOCUS `BillingAccountId`/`Name`, `InvoiceIssuerName`): `[prices]
+    /// billing_account`.
+    pub billing_account: String,
 }
 
 /// A syncing host's `last_seen` is rewritten once it is this old (one store write per host
@@ -283,9 +289,13 @@ impl std::fmt::Debug for Core {
 }
 
 fn now() -> u64 {
+    now_ms() / 1000
+}
+
+fn now_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
+        .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
 }
 
@@ -326,6 +336,7 @@ macro_rules! optimistic {
                 outcome = Some(v);
                 break;
             }
+            $crate::metrics::store_conflict();
         }
         outcome.ok_or_else(|| CoreError::Contention($what))
     }};
@@ -522,7 +533,11 @@ impl Core {
                 Principal::Cloud(c) => Ok(Reply::Clouds(vec![self.cloud(c).await?.1])),
                 Principal::Host(_) => Err(CoreError::Forbidden("list clouds".into())),
             },
-            GetCloud { cloud: c } => Ok(Reply::Cloud(Box::new(self.cloud(c).await?.1))),
+            GetCloud { cloud: c } => {
+                let mut cloud = self.cloud(c).await?.1;
+                cloud.budget = self.budget(c).await?.map(|(_, b)| b);
+                Ok(Reply::Cloud(Box::new(cloud)))
+            }
             DeleteCloud { cloud: c } => self.delete_cloud(c).await,
             RotateCloudToken { cloud: c } => self.rotate_cloud_token(c).await,
             SetCloudExpiry { cloud: c, expiry } => self.set_cloud_expiry(c, expiry).await,
@@ -692,6 +707,15 @@ impl Core {
             ReportStatus { host, report } => self.report_status(&host, report).await,
             IngestUsage { host, batch } => self.ingest_usage(&host, batch).await,
             GetUsage { cloud: c, from, to } => self.usage(c, from, to).await,
+            SetBudget { cloud: c, budget } => self.set_budget(c, budget).await,
+            LiftBudget { cloud: c } => self.lift_budget(c).await,
+            GetFleetUsage { from, to, focus } => {
+                if focus {
+                    self.focus_export(from, to).await
+                } else {
+                    self.fleet_usage(from, to).await
+                }
+            }
         }
     }
 

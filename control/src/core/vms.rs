@@ -86,6 +86,9 @@ impl Core {
         if !(16..=1 << 20).contains(&req.memory_mib) {
             return Err(FieldError::new("memory_mib", "must be 16 to 1048576").into());
         }
+        if req.start && self.over_budget(c).await? {
+            return Err(Self::refuse_over_budget());
+        }
         for (field, v) in [("kernel", &req.kernel), ("image", &req.image)] {
             if let Some(v) = v {
                 validate_label(field, v)?;
@@ -296,6 +299,9 @@ impl Core {
             if vm.power == power {
                 return done(Reply::Vm(Box::new(self.with_status(vm).await?)));
             }
+            if power == Power::Running && self.over_budget(c).await? {
+                return Err(Self::refuse_over_budget());
+            }
             vm.power = power;
             vm.stopped_by = (power == Power::Stopped).then_some(StopReason::Request);
             if self.write_power(&vm, vrev).await? {
@@ -307,7 +313,7 @@ impl Core {
 
     /// Writes `vm` (its power changed) and its placement, if the VM's record is still at
     /// revision `vrev`; false if it is not (the caller reads again).
-    async fn write_power(&self, vm: &Vm, vrev: u64) -> Result<bool, CoreError> {
+    pub(super) async fn write_power(&self, vm: &Vm, vrev: u64) -> Result<bool, CoreError> {
         let (c, name) = (vm.cloud, vm.name.as_str());
         let (_, cloud) = self.cloud(c).await?;
         let placement = placement(vm, &cloud);

@@ -32,6 +32,7 @@ impl Core {
             check_quota("volume_gib", wanted, cloud.quotas.volume_gib)?;
             cloud.usage.volume_gib = wanted;
             let (host, _reserved) = self.pick_host(c, cloud.vni, &BTreeSet::new())?;
+            let created_at_ms = now_ms();
             let vol = Volume {
                 cloud: c,
                 name: req.name.clone(),
@@ -39,13 +40,14 @@ impl Core {
                 format: req.format,
                 host: host.clone(),
                 attached_to: None,
-                created_at: now(),
+                created_at: created_at_ms / 1000,
             };
             let placement = VolumePlacement {
                 cloud: c,
                 name: req.name.clone(),
                 size_gib: req.size_gib,
                 format: req.format,
+                created_at_ms,
             };
             let txn = Txn {
                 compares: vec![

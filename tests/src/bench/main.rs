@@ -31,6 +31,7 @@ mod masquerade;
 mod netns;
 mod overlay;
 mod plot;
+mod spend;
 mod vm;
 
 use std::{
@@ -90,6 +91,10 @@ struct Args {
     /// section of the report replaced.
     #[arg(long)]
     fleet_only: bool,
+    /// Only the spend benchmarks (usage ingest, usage queries at 100k clouds): printed, and
+    /// their section of the report replaced.
+    #[arg(long)]
+    spend_only: bool,
     /// Where to write the markdown report (full runs).
     #[arg(long, default_value = "docs/benchmarks.md")]
     out: PathBuf,
@@ -237,6 +242,17 @@ fn main() -> Result<()> {
             std::fs::write(&args.out, splice(&old, forward::HEADING, &section))
                 .with_context(|| format!("writing {}", args.out.display()))?;
             println!("wrote the forwarding section of {}", args.out.display());
+        }
+        return Ok(());
+    }
+    if args.spend_only {
+        let sb = spend::run(args.smoke)?;
+        let section = spend::report(&sb);
+        print!("{section}");
+        if !args.smoke {
+            let old = std::fs::read_to_string(&args.out).unwrap_or_default();
+            std::fs::write(&args.out, splice(&old, spend::HEADING, &section))
+                .with_context(|| format!("writing {}", args.out.display()))?;
         }
         return Ok(());
     }
@@ -412,6 +428,8 @@ fn main() -> Result<()> {
     println!("{}", fleet::summary(&fb));
     let ob = overlay::run(overlay::Plan::new(args.smoke))?;
     println!("{}", overlay::summary(&ob));
+    let sb = spend::run(args.smoke)?;
+    print!("{}", spend::report(&sb));
     if args.smoke {
         return Ok(());
     }
@@ -669,6 +687,7 @@ fn main() -> Result<()> {
     report.push_str(&masquerade::section(&mb));
     report.push_str(&fleet::section(&fb));
     report.push_str(&overlay::section(&ob)?);
+    report.push_str(&spend::report(&sb));
     std::fs::write(&args.out, report).with_context(|| format!("writing {}", args.out.display()))?;
     println!("wrote {}", args.out.display());
     Ok(())
