@@ -440,8 +440,7 @@ async fn exec(
         }
         let _forget = Forget(ctx, exec_id.clone());
         let deadline = tokio::time::Instant::now() + timeout;
-        let mut sent = [0u64; 2];
-        let mut truncated = [false, false];
+        let mut caps = [OutputCap::new(cap), OutputCap::new(cap)];
         loop {
             let event = tokio::select! {
                 e = session.next() => e,
@@ -455,59 +454,42 @@ async fn exec(
                 _ = tx.closed() => return,
             };
             let Some(event) = event else { return };
-            let out = match event {
-                Event::Started { pid } => vec![ExecEvent::Started {
-                    pid,
-                    exec_id: exec_id.clone(),
-                }],
-                ev @ (Event::Stdout(_) | Event::Stderr(_)) => {
-                    let (i, name, d) = match ev {
-                        Event::Stdout(d) => (0, "stdout", d),
-                        Event::Stderr(d) => (1, "stderr", d),
-                        _ => unreachable!("matched above"),
-                    };
-                    let keep = cap.saturating_sub(sent[i]).min(d.len() as u64) as usize;
-                    sent[i] += keep as u64;
-                    let mut v = Vec::new();
-                    if keep > 0 {
-                        let data = b64.encode(&d[..keep]);
-                        v.push(if i == 0 {
-                            ExecEvent::Stdout { data }
-                        } else {
-                            ExecEvent::Stderr { data }
-                        });
-                    }
-                    if keep < d.len() && !truncated[i] {
-                        truncated[i] = true;
-                        v.push(ExecEvent::Truncated {
-                            stream: name.into(),
-                            limit: cap,
-                        });
-                    }
-                    for e in v {
-                        if tx.send(line(&e)).await.is_err() {
-                            return;
-                        }
-                    }
-                    session.credit(d.len());
-                    continue;
-                }
-                Event::Exit { code, signal } => vec![ExecEvent::Exit {
-                    code: (signal < 0).then_some(code),
-                    signal: (signal >= 0).then_some(signal),
-                    timed_out: false,
-                }],
+            // Output is acknowledged to the guest (credit) once it is passed on.
+            let (out, credit) = match event {
+                Event::Started { pid } => (
+                    vec![ExecEvent::Started {
+                        pid,
+                        exec_id: exec_id.clone(),
+                    }],
+                    0,
+                ),
+                Event::Stdout(d) => (capped(&mut caps[0], "stdout", &d), d.len()),
+                Event::Stderr(d) => (capped(&mut caps[1], "stderr", &d), d.len()),
+                Event::Exit { code, signal } => (
+                    vec![ExecEvent::Exit {
+                        code: (signal < 0).then_some(code),
+                        signal: (signal >= 0).then_some(signal),
+                        timed_out: false,
+                    }],
+                    0,
+                ),
                 Event::Error(message) | Event::Lost(message) => {
-                    vec![ExecEvent::Error { message }]
+                    (vec![ExecEvent::Error { message }], 0)
                 }
-                Event::FileInfo(_) | Event::Done => vec![ExecEvent::Error {
-                    message: "the guest answered an exec as a file".into(),
-                }],
+                Event::FileInfo(_) | Event::Done => (
+                    vec![ExecEvent::Error {
+                        message: "the guest answered an exec as a file".into(),
+                    }],
+                    0,
+                ),
             };
             for e in out {
                 if tx.send(line(&e)).await.is_err() {
                     return;
                 }
+            }
+            if credit > 0 {
+                session.credit(credit);
             }
         }
     });
@@ -757,4 +739,46 @@ async fn write_file(
             format!("the guest answered a write with {other:?}"),
         ),
     }
+}
+
+/// How much of one output stream (stdout or stderr) an exec still passes on.
+struct OutputCap {
+    limit: u64,
+    sent: u64,
+    truncated: bool,
+}
+
+impl OutputCap {
+    fn new(limit: u64) -> Self {
+        OutputCap {
+            limit,
+            sent: 0,
+            truncated: false,
+        }
+    }
+}
+
+/// The events for a chunk of `stream`: what fits under the cap, and a `truncated` marker the
+/// first time it does not.
+fn capped(c: &mut OutputCap, stream: &str, d: &[u8]) -> Vec<ExecEvent> {
+    use base64::Engine;
+    let keep = c.limit.saturating_sub(c.sent).min(d.len() as u64) as usize;
+    c.sent += keep as u64;
+    let mut v = Vec::new();
+    if keep > 0 {
+        let data = base64::engine::general_purpose::STANDARD.encode(&d[..keep]);
+        v.push(if stream == "stdout" {
+            ExecEvent::Stdout { data }
+        } else {
+            ExecEvent::Stderr { data }
+        });
+    }
+    if keep < d.len() && !c.truncated {
+        c.truncated = true;
+        v.push(ExecEvent::Truncated {
+            stream: stream.into(),
+            limit: c.limit,
+        });
+    }
+    v
 }

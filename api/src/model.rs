@@ -2258,6 +2258,30 @@ impl UsageBatch {
                     "more traffic or drop entries than exist",
                 ));
             }
+            // Time-based quantities are size times window, never more (a host cannot bill a
+            // VM for more than it ran); a network record carries none.
+            let ms = u128::from(r.data.end_unix_ms - r.data.start_unix_ms);
+            let u = &r.data.usage;
+            let (vcpus, mib, gib) = match &r.data.resource {
+                None => (0, 0, 0),
+                Some(crate::usage::Resource::Vm {
+                    vcpus, memory_mib, ..
+                }) => (u128::from(*vcpus), u128::from(*memory_mib), 0),
+                Some(crate::usage::Resource::Volume { size_gib, .. }) => {
+                    (0, 0, u128::from(*size_gib))
+                }
+            };
+            if u128::from(u.vcpu_ms) > vcpus * ms
+                || u128::from(u.memory_mib_ms) > mib * ms
+                || u128::from(u.volume_gib_ms) > gib * ms
+                || (r.data.resource.is_some() && !u.traffic.is_empty())
+            {
+                return Err(FieldError::new(
+                    format!("records[{i}].data.usage"),
+                    "more vCPU, memory or volume time than the resource's size times the \
+                     window, or traffic in a compute or storage record",
+                ));
+            }
         }
         Ok(())
     }
@@ -2348,8 +2372,8 @@ fn default_budget_warn() -> u32 {
 
 impl Budget {
     pub fn validate(&self) -> Result<(), FieldError> {
-        if !self.amount.is_finite() || !(0.0..=1e12).contains(&self.amount) {
-            return Err(FieldError::new("amount", "0 to 10^12, finite"));
+        if !self.amount.is_finite() || !(0.0..=1e9).contains(&self.amount) {
+            return Err(FieldError::new("amount", "0 to 10^9, finite"));
         }
         if !(1..=100).contains(&self.warn_percent) {
             return Err(FieldError::new("warn_percent", "1 to 100"));

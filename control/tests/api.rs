@@ -4789,6 +4789,17 @@ async fn hosts_deliver_usage_once_per_id_and_clouds_read_their_own(api: Api) {
             },
             "records[0].type",
         ),
+        (
+            {
+                // Five seconds of a one-vCPU VM in a one-second window.
+                let mut r = usage_record(n, "ok-2", t0, "intra_cloud", 0);
+                r["data"]["resource"] =
+                    json!({"kind": "vm", "name": "m", "vcpus": 1, "memory_mib": 16});
+                r["data"]["usage"] = json!({"traffic": [], "drops": {}, "vcpu_ms": 5000});
+                r
+            },
+            "records[0].data.usage",
+        ),
     ] {
         let (st, e) = ingest(&host, &vm.host, vec![bad]).await;
         assert_eq!(st, StatusCode::BAD_REQUEST, "{e}");

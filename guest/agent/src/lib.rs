@@ -34,6 +34,9 @@ pub const VERSION: u32 = 1;
 pub const PORT_NAME: &str = "org.atoll.guest.0";
 /// The largest decoded frame: a header and [`MAX_CHUNK`] bytes of data, with room to spare.
 pub const MAX_FRAME: usize = MAX_CHUNK + 1024;
+/// The longest COBS-stuffed frame (without its delimiter) of a frame of [`MAX_FRAME`] bytes:
+/// one overhead byte per 254, and the first and last code bytes.
+pub const MAX_STUFFED: usize = MAX_FRAME + MAX_FRAME / 254 + 2;
 /// The largest data chunk one frame carries (output, input, file contents).
 pub const MAX_CHUNK: usize = 32 * 1024;
 /// The credit window per session and direction: how many data bytes may be in flight.
@@ -223,7 +226,7 @@ impl Frame {
 
     /// Decodes one frame from its stuffed bytes (without the delimiter).
     pub fn decode(stuffed: &[u8]) -> Result<Frame, FrameError> {
-        if stuffed.len() > MAX_FRAME + MAX_FRAME / 254 + 2 {
+        if stuffed.len() > MAX_STUFFED {
             return Err(FrameError::TooLong(stuffed.len()));
         }
         let raw = cobs_decode(stuffed).ok_or(FrameError::Stuffing)?;
@@ -305,7 +308,7 @@ impl Decoder {
 
     /// Takes `bytes` and calls `each` for every frame (or frame error) they complete.
     pub fn feed(&mut self, mut bytes: &[u8], mut each: impl FnMut(Result<Frame, FrameError>)) {
-        let limit = MAX_FRAME + MAX_FRAME / 254 + 2;
+        let limit = MAX_STUFFED;
         while !bytes.is_empty() {
             let end = bytes.iter().position(|&b| b == 0);
             let (part, rest, complete) = match end {
@@ -458,7 +461,7 @@ mod tests {
         let mut got = Vec::new();
         for chunk in stream.chunks(1000) {
             d.feed(chunk, |f| got.push(f));
-            assert!(d.buf.len() <= MAX_FRAME + MAX_FRAME / 254 + 2);
+            assert!(d.buf.len() <= MAX_STUFFED);
         }
         assert!(matches!(got[0], Err(FrameError::TooLong(n)) if n == 3 * MAX_FRAME));
         assert_eq!(got[1], Ok(good));
