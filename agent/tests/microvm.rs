@@ -1858,8 +1858,9 @@ fn nanos(quantity: u64, price: f64, per: u128) -> u64 {
     (u128::from(quantity) * (price * 1e9).round() as u128 / per) as u64
 }
 
-/// The numbers add up (issue 20): two VMs and a volume run, talk and stop under an agent and a
-/// control plane that are each killed with SIGKILL on the way; the API's cost for the cloud is
+/// The numbers add up (issue 20): two VMs and a volume run and talk under an agent and a
+/// control plane that are each killed with SIGKILL on the way, until a budget the operator sets
+/// below the cloud's spend stops the VMs (`stopped_by: budget`, and they may not start); the API's cost for the cloud is
 /// what the test computes on its own from the price list and what it observed: network bytes
 /// exactly the kernel's counters of the cloud's endpoints (with the payload the test sent
 /// within them), vCPU and memory time between the lifetimes the test saw (created … stopped
@@ -2008,21 +2009,37 @@ async fn a_clouds_spend_adds_up_across_kills_of_the_agent_and_the_control_plane(
     }
     cp.restart();
 
-    // Stop both VMs: their compute ends; their endpoints stay (and stay silent).
+    // The operator gives the cloud a budget it has spent already: at the next delivery its
+    // VMs stop (their compute ends; their endpoints stay, and stay silent) and they may not
+    // start again.
     let s0 = now_ms();
-    for (name, _, _) in sizes {
-        let _: Vm = cc
-            .run(&Command::StopVm {
-                cloud: cid,
-                vm: name.into(),
-            })
-            .await
-            .unwrap();
-    }
+    let st: BudgetStatus = op
+        .run(&Command::SetBudget {
+            cloud: cid,
+            budget: Budget {
+                amount: 0.000_001,
+                warn_percent: 50,
+            },
+        })
+        .await
+        .unwrap();
+    assert_eq!(st.state, BudgetState::Exceeded, "{st:?}");
     for (name, _, _) in sizes {
         wait_state(&cc, cid, name, VmState::Stopped).await;
+        assert_eq!(
+            get_vm(&cc, cid, name).await.stopped_by,
+            Some(StopReason::Budget)
+        );
     }
     let s1 = now_ms();
+    let refused = cc
+        .run::<Vm>(&Command::StartVm {
+            cloud: cid,
+            vm: "a1".into(),
+        })
+        .await
+        .expect_err("a VM of a cloud over its budget does not start");
+    assert!(refused.to_string().contains("budget"), "{refused}");
     // What the kernel counted for the cloud's endpoints, all told.
     let exporter = Exporter::open(&DataplaneConfig {
         bpffs_root: agent.pins_path().to_path_buf(),

@@ -767,9 +767,10 @@ pub const GET_USAGE: Route = Route::new(
     200,
 )
 .summary(
-    "A cloud's metered network quantities (bytes and packets per direction and class) in the \
-         usage records its hosts delivered whose window ended in [`from`, `to`) (seconds since \
-         the Unix epoch; default: the last hour)",
+    "A cloud's metered quantities (vCPU and memory time, volume time, network bytes per \
+         direction and class) and their cost, itemised, in the hours [`from`, `to`) (seconds \
+         since the Unix epoch, widened to whole hours; default: the last hour), with the time \
+         its hosts' usage is complete up to and its budget",
 )
 .query(&[("from", QueryType::Integer), ("to", QueryType::Integer)])
 .reply("CloudUsage");

@@ -195,3 +195,18 @@ impl Counters {
             .sum()
     }
 }
+
+/// The civil date `(year, month, day)` of a day counted from 1970-01-01 (Howard Hinnant's
+/// algorithm, unsigned: atoll's times are never before the epoch). The one copy for every
+/// RFC 3339 timestamp atoll writes.
+pub fn civil_date(days: u64) -> (u64, u64, u64) {
+    let z = days + 719_468;
+    let era = z / 146_097;
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    (yoe + era * 400 + u64::from(month <= 2), month, day)
+}

@@ -272,6 +272,25 @@ impl Default for HostsConfig {
     }
 }
 
+/// Usage kept by the control plane.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct UsageConfig {
+    /// Raw usage records (the audit trail, and what redeliveries are found by) are deleted
+    /// once their window ended this many days ago, and records that old are refused: a host
+    /// that delivers later than this (down for longer, its journal kept) would otherwise be
+    /// counted twice. The hourly rollups (what costs are computed from) are kept. At least 2.
+    pub record_retention_days: u64,
+}
+
+impl Default for UsageConfig {
+    fn default() -> Self {
+        UsageConfig {
+            record_retention_days: 35,
+        }
+    }
+}
+
 /// Whether the API speaks TLS.
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
@@ -334,6 +353,7 @@ pub struct ControlConfig {
     pub tls: TlsConfig,
     /// The price list: what a cloud's usage costs.
     pub prices: crate::usage::Prices,
+    pub usage: UsageConfig,
     pub billing: BillingConfig,
     /// The Prometheus endpoint (`crate::metrics`), off by default.
     pub metrics: MetricsConfig,
@@ -387,6 +407,7 @@ impl Default for ControlConfig {
             hosts: HostsConfig::default(),
             tls: TlsConfig::default(),
             prices: crate::usage::Prices::default(),
+            usage: UsageConfig::default(),
             billing: BillingConfig::default(),
             metrics: MetricsConfig::default(),
         }
@@ -411,6 +432,12 @@ impl ControlConfig {
         let invalid = |key, message: String| Err(ConfigError::Invalid { key, message });
         if let Err(m) = self.prices.validate() {
             return invalid("prices", m);
+        }
+        if !(2..=36_500).contains(&self.usage.record_retention_days) {
+            return invalid(
+                "usage.record_retention_days",
+                "2 to 36500 (longer than any host stays away with undelivered usage)".into(),
+            );
         }
         if self.billing.account.is_empty()
             || self.billing.account.len() > 100
@@ -692,6 +719,7 @@ impl ControlConfig {
             operator_token_sha256: token_hash(&token),
             host_timeout_secs: self.hosts.timeout_secs,
             prices: self.prices.clone(),
+            usage_retention_secs: self.usage.record_retention_days * 86_400,
             billing_account: self.billing.account.clone(),
         };
         Core::start(store, cfg)

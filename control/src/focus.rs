@@ -424,16 +424,7 @@ pub fn decimal(v: f64) -> String {
 /// `unix` seconds as `YYYY-MM-DDTHH:MM:SSZ` (UTC).
 pub fn datetime(unix: u64) -> String {
     let (days, secs) = (unix / 86_400, unix % 86_400);
-    // Civil from days (H. Hinnant), in unsigned arithmetic: every value here is non-negative.
-    let z = days + 719_468;
-    let era = z / 146_097;
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + u64::from(month <= 2);
+    let (year, month, day) = atoll_api::usage::civil_date(days);
     let mut s = String::with_capacity(20);
     let _ = write!(
         s,

@@ -72,6 +72,7 @@ api_suite!(
     idle_vms_are_stopped_on_their_hosts_report_only,
     hosts_deliver_usage_once_per_id_and_clouds_read_their_own,
     budgets_stop_a_clouds_vms_and_egress_and_start_them_again,
+    usage_records_past_their_retention_are_deleted_and_refused,
 );
 
 /// The store the control plane under test is configured with.
@@ -5144,6 +5145,14 @@ async fn budgets_stop_a_clouds_vms_and_egress_and_start_them_again(api: Api) {
     )
     .await;
     assert_eq!(st, StatusCode::CONFLICT);
+    let (st, _) = raw(
+        &cc,
+        Method::POST,
+        &routes::CREATE_VOLUME.at(&[&cid]),
+        Some(&json!({"name": "more", "size_gib": 1})),
+    )
+    .await;
+    assert_eq!(st, StatusCode::CONFLICT, "a volume costs from its creation");
     let u: CloudUsage = ok(&cc, Method::GET, &routes::GET_USAGE.at(&[&cid]), None).await;
     assert_eq!(u.budget.map(|b| b.state), Some(BudgetState::Exceeded));
 
@@ -5177,4 +5186,95 @@ async fn budgets_stop_a_clouds_vms_and_egress_and_start_them_again(api: Api) {
     )
     .await;
     assert_eq!(st, StatusCode::NOT_FOUND);
+}
+
+/// Raw usage records are kept `usage.record_retention_days` (35 here): the reaper deletes
+/// older ones (the hourly rollups stay, and with them the cost), and a host delivering a record
+/// that old is refused (it could no longer be found a duplicate).
+async fn usage_records_past_their_retention_are_deleted_and_refused(api: Api) {
+    use atoll_control::store::{Op, Txn};
+    let (c, cc) = api.cloud(json!({"name": "old-usage"})).await;
+    let cid = c.cloud.id;
+    let vm: Vm = ok(
+        &cc,
+        Method::POST,
+        &routes::CREATE_VM.at(&[&cid]),
+        Some(json!({"name": "m"})),
+    )
+    .await;
+    let host = api.host(&vm.host, None).await;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let old_hour = (now - 40 * 86_400) / 3600 * 3600;
+    let old_end_ms = (old_hour + 60) * 1000;
+    // What an ingest 40 days ago left: the record and its hour's rollups.
+    let record_key = format!("usage/{cid}/{old_end_ms:020}/old-1");
+    let rollup = json!({"records": 1, "traffic": {"from_guest/intra_cloud": [1, 1000]}});
+    api.core
+        .store()
+        .txn(Txn {
+            compares: vec![],
+            success: vec![
+                Op::Put {
+                    key: record_key.clone(),
+                    value: serde_json::to_vec(&usage_record(
+                        cid.get(),
+                        "old-1",
+                        old_end_ms,
+                        "intra_cloud",
+                        1000,
+                    ))
+                    .unwrap(),
+                },
+                Op::Put {
+                    key: format!("usagehour/{cid}/{old_hour:012}/{}", vm.host),
+                    value: serde_json::to_vec(&rollup).unwrap(),
+                },
+                Op::Put {
+                    key: format!("usagefleet/{old_hour:012}/{cid}/{}", vm.host),
+                    value: serde_json::to_vec(&rollup).unwrap(),
+                },
+            ],
+        })
+        .await
+        .unwrap();
+    // The reaper (every second) gets to it.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while api.core.store().get(&record_key).await.unwrap().is_some() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{record_key} outlived its retention"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let u: CloudUsage = ok(
+        &cc,
+        Method::GET,
+        &format!(
+            "{}?from={old_hour}&to={}",
+            routes::GET_USAGE.at(&[&cid]),
+            old_hour + 3600
+        ),
+        None,
+    )
+    .await;
+    assert_eq!(
+        (u.records, u.cost_nanos),
+        (1, 1000),
+        "the rollup and its cost stay"
+    );
+    // A record that old is refused; a recent one is kept.
+    let r: UsageIngested = ok(
+        &host,
+        Method::POST,
+        &routes::INGEST_USAGE.at(&[&vm.host]),
+        Some(json!({"records": [
+            usage_record(cid.get(), "old-2", old_end_ms, "intra_cloud", 5),
+            usage_record(cid.get(), "new-1", (now - 60) * 1000, "intra_cloud", 5),
+        ]})),
+    )
+    .await;
+    assert_eq!((r.accepted, r.refused), (1, 1));
 }

@@ -806,7 +806,29 @@ fn check_http(addr: SocketAddr, ledger: &Ledger, what: &str) {
             );
         }
         let mut got: BTreeMap<Series, u64> = BTreeMap::new();
+        // Map fill is the host's state, not the ledger's: each map's entries fit its capacity.
+        let mut maps: BTreeMap<(String, String), f64> = BTreeMap::new();
         for s in &scrape.samples {
+            if let ("atoll_map_entries" | "atoll_map_capacity", prometheus_parse::Value::Gauge(v)) =
+                (s.metric.as_str(), &s.value)
+            {
+                maps.insert((s.metric.clone(), s.labels.get("map").unwrap_or("").to_string()), *v);
+            }
+        }
+        for ((metric, map), entries) in maps.iter().filter(|((m, _), _)| m == "atoll_map_entries") {
+            let capacity = maps
+                .get(&("atoll_map_capacity".to_string(), map.clone()))
+                .unwrap_or_else(|| panic!("{ctx}: no capacity of map {map}"));
+            assert!(
+                *entries <= *capacity && *capacity > 0.0,
+                "{ctx}: {metric}{{map={map}}} = {entries} of {capacity}"
+            );
+        }
+        for s in scrape
+            .samples
+            .iter()
+            .filter(|s| !s.metric.starts_with("atoll_map_"))
+        {
             let value = match (&s.value, format) {
                 (prometheus_parse::Value::Gauge(v), _) if s.metric == "atoll_endpoints" => *v,
                 (prometheus_parse::Value::Counter(v), metrics::Format::Text)

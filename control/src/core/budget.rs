@@ -11,8 +11,9 @@
 //!   cannot deliver delays it: a budget is a brake, not a hard real-time cap.
 //! - **At the amount**: the cloud's VMs stop (`stopped_by: budget`, the reason in their
 //!   status) and its egress stops (hosts receive its policy as `deny`, its own policy kept);
-//!   starting or creating a running VM is refused (`409 budget_exceeded`) while it lasts. Its
-//!   volumes stay (they keep costing: storage is provisioned, not used). Raising the budget
+//!   starting or creating a running VM, or creating a volume, is refused (`409
+//!   budget_exceeded`) while it lasts. Its volumes stay (they keep costing: storage is
+//!   provisioned, not used; deleting data is the owner's call, not a brake's). Raising the budget
 //!   over the spend, lifting it or a new month starts again exactly the VMs the budget stopped.
 //! - **Past `warn_percent`**: a warning event only.
 

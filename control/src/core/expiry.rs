@@ -83,6 +83,9 @@ pub(super) fn spawn_reaper(core: Weak<Core>) {
             if let Err(e) = core.reap_expired(now()).await {
                 tracing::warn!("deleting expired clouds: {e}");
             }
+            if let Err(e) = core.purge_usage(now()).await {
+                tracing::warn!("deleting usage records past their retention: {e}");
+            }
         }
     });
 }

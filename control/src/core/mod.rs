@@ -260,6 +260,9 @@ pub struct CoreConfig {
     pub host_timeout_secs: u64,
     /// The price list (`[prices]`).
     pub prices: crate::usage::Prices,
+    /// Raw usage records older than this are deleted and refused
+    /// (`usage.record_retention_days`).
+    pub usage_retention_secs: u64,
     /// Who bills (FOCUS `BillingAccountId`/`Name`, `InvoiceIssuerName`): `[prices]
     /// billing_account`.
     pub billing_account: String,

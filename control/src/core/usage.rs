@@ -5,13 +5,16 @@
 //!   `usage/<cloud>/<window end, ms, 20 digits>/<id>`: a record's id always names the same
 //!   content (the agent's journal guarantees it), so a redelivery (at least once) finds its key
 //!   and is counted a duplicate. The records are the audit trail; queries never read them.
-//! - **Rolled up per cloud and hour, in the same transaction.** Each record is added to its
-//!   cloud's hour (the hour its window ended) at `usagehour/<cloud>/<hour>` and, for the
-//!   operator's view, at `usagefleet/<hour>/<cloud>`: one transaction per (cloud, hour) group
-//!   of a batch writes the new records (each compared absent) and the rollup (compared at the
-//!   revision it was read), so a record is in its rollup exactly once, whatever is retried,
-//!   redelivered or killed. A cloud's month is at most 744 rollups; the fleet's hour one range.
-//!   Hours are also what FOCUS wants (charge periods aligned to the hour).
+//! - **Rolled up per cloud, hour and host, in the same transaction.** Each record is added to
+//!   its cloud's hour (the hour its window ended) from its host at
+//!   `usagehour/<cloud>/<hour>/<host>` and, for the operator's view, at
+//!   `usagefleet/<hour>/<cloud>/<host>`: one transaction per (cloud, hour) group of a batch
+//!   writes the new records (each compared absent) and the rollup (compared at the revision it
+//!   was read), so a record is in its rollup exactly once, whatever is retried, redelivered or
+//!   killed. Per host, because a host delivers its batches one after the other: hosts never
+//!   contend on a rollup, however many of them a cloud spans. A cloud's month is 744 rollups
+//!   per host it ran on; the fleet's hour one range. Hours are also what FOCUS wants (charge
+//!   periods aligned to the hour); a query adds an hour's hosts up before pricing it.
 //! - **Priced when read**, with the price list of the control plane's config
 //!   (`[prices]`): each hour's quantity times the price, rounded down to 10^-9 of the currency,
 //!   summed. A price change therefore re-prices every period read afterwards; atoll keeps no
@@ -31,6 +34,10 @@
 //!   write usage for a cloud it never ran; it is trusted with its own VMs' traffic and time.
 //! - **Usage outlives its cloud** (billing needs it): deleting a cloud leaves its records and
 //!   rollups.
+//! - **Raw records are kept for `usage.record_retention_days`** (35 by default), then deleted
+//!   by every control plane's reaper one hour of the fleet at a time (the clouds of an hour are
+//!   those of `usagefleet/<hour>/`; the hour purged up to is `usagepurged`); rollups stay. A
+//!   record older than that is refused at ingest, as it could no longer be found a duplicate.
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -51,12 +58,17 @@ fn usage_key(r: &UsageEvent, cloud: CloudId) -> String {
     format!("usage/{cloud}/{:020}/{}", r.data.end_unix_ms, r.id)
 }
 
-fn hour_key(cloud: CloudId, hour: u64) -> String {
-    format!("usagehour/{cloud}/{hour:012}")
+fn hour_key(cloud: CloudId, hour: u64, host: &str) -> String {
+    format!("usagehour/{cloud}/{hour:012}/{host}")
 }
 
-fn fleet_key(hour: u64, cloud: CloudId) -> String {
-    format!("usagefleet/{hour:012}/{cloud}")
+fn fleet_key(hour: u64, cloud: CloudId, host: &str) -> String {
+    format!("usagefleet/{hour:012}/{cloud}/{host}")
+}
+
+/// Adds `q` to `hour`'s entry (rollups of one hour from several hosts are priced as one).
+fn merge_hour(hours: &mut BTreeMap<u64, Quantities>, hour: u64, q: &Quantities) {
+    hours.entry(hour).or_default().add(q);
 }
 
 fn usage_from_key(cloud: CloudId, host: &str) -> String {
@@ -65,6 +77,20 @@ fn usage_from_key(cloud: CloudId, host: &str) -> String {
 
 fn complete_key(host: &str) -> String {
     format!("usagecomplete/{host}")
+}
+
+/// An operator's period, widened to whole hours and at most [`MAX_FLEET_PERIOD_SECS`].
+fn fleet_period(from: u64, to: u64) -> Result<(u64, u64), CoreError> {
+    let (from, to) = hours(from, to);
+    if to.saturating_sub(from) > MAX_FLEET_PERIOD_SECS {
+        return Err(CoreError::Invalid(FieldError::new(
+            "to",
+            format!(
+                "at most {MAX_FLEET_PERIOD_SECS} seconds after from; page through longer periods"
+            ),
+        )));
+    }
+    Ok((from, to))
 }
 
 /// `[from, to)` widened to whole hours.
@@ -115,6 +141,16 @@ impl Core {
                 out.refused += 1;
                 continue;
             }
+            if r.data.end_unix_ms / 1000 + self.cfg.usage_retention_secs < now() {
+                out.refused += 1;
+                tracing::warn!(
+                    host,
+                    "usage record {} of {cloud} refused: its window ended more than \
+                     usage.record_retention_days ago",
+                    r.id
+                );
+                continue;
+            }
             let hour = r.data.end_unix_ms / 1000 / HOUR * HOUR;
             groups.entry((cloud, hour)).or_default().push(r);
         }
@@ -129,7 +165,7 @@ impl Core {
         let mut spent = std::collections::BTreeSet::new();
         for ((cloud, hour), records) in groups {
             for chunk in records.chunks(limit) {
-                let (accepted, duplicates) = self.ingest_group(cloud, hour, chunk).await?;
+                let (accepted, duplicates) = self.ingest_group(cloud, hour, host, chunk).await?;
                 out.accepted += accepted;
                 out.duplicates += duplicates;
                 if accepted > 0 {
@@ -163,11 +199,12 @@ impl Core {
         &self,
         cloud: CloudId,
         hour: u64,
+        host: &str,
         records: &[&UsageEvent],
     ) -> Result<(u32, u32), CoreError> {
         let mut pending: Vec<&UsageEvent> = records.to_vec();
         let mut duplicates = 0;
-        let hkey = hour_key(cloud, hour);
+        let hkey = hour_key(cloud, hour, host);
         for _ in 0..64 {
             if pending.is_empty() {
                 return Ok((0, duplicates));
@@ -190,7 +227,7 @@ impl Core {
                 txn.success.push(put(key, *r));
             }
             txn.success.push(put(hkey.clone(), &q));
-            txn.success.push(put(fleet_key(hour, cloud), &q));
+            txn.success.push(put(fleet_key(hour, cloud, host), &q));
             if self.commit(txn).await?.is_some() {
                 return Ok((pending.len() as u32, duplicates));
             }
@@ -237,6 +274,98 @@ impl Core {
             Some(kv) => decode::<u64>(&key, &kv.value)? + USAGE_GRACE_SECS + 3600 >= now(),
             None => false,
         })
+    }
+
+    /// Deletes the raw records of the oldest hour past the retention (one hour per call: the
+    /// reaper calls it every second); returns how many it deleted.
+    pub(super) async fn purge_usage(&self, now: u64) -> Result<usize, CoreError> {
+        const CURSOR: &str = "usagepurged";
+        let (compare, hour) = match self.store.get(CURSOR).await? {
+            Some(kv) => (
+                Compare::ModRevision(CURSOR.into(), kv.mod_revision),
+                decode::<u64>(CURSOR, &kv.value)?,
+            ),
+            None => {
+                // From the oldest hour of any usage.
+                let first = self.store.range("usagefleet/", None, 1).await?;
+                let Some(kv) = first.first() else {
+                    return Ok(0);
+                };
+                let hour = kv.key["usagefleet/".len()..]
+                    .split('/')
+                    .next()
+                    .and_then(|h| h.parse::<u64>().ok())
+                    .unwrap_or(0);
+                (Compare::Absent(CURSOR.into()), hour)
+            }
+        };
+        if hour + HOUR + self.cfg.usage_retention_secs > now {
+            return Ok(0);
+        }
+        let limit = self
+            .store
+            .max_txn_ops()
+            .unwrap_or(128)
+            .max(MIN_STORE_TXN_OPS);
+        let bound_ms = (hour + HOUR) * 1000;
+        let prefix = format!("usagefleet/{hour:012}/");
+        let mut deleted = 0;
+        let mut purged = std::collections::BTreeSet::new();
+        let mut after: Option<String> = None;
+        loop {
+            let page = self.store.range(&prefix, after.as_deref(), 1000).await?;
+            let Some(last) = page.last() else { break };
+            after = Some(last.key.clone());
+            for kv in &page {
+                let Some(Ok(cloud)) = kv.key[prefix.len()..]
+                    .split('/')
+                    .next()
+                    .map(str::parse::<CloudId>)
+                else {
+                    continue;
+                };
+                // One purge per cloud (a key per host that ran it).
+                if !purged.insert(cloud) {
+                    continue;
+                }
+                // Its records up to the hour's end: older hours' are gone already.
+                let records = format!("usage/{cloud}/");
+                let end = format!("{records}{bound_ms:020}");
+                loop {
+                    let old: Vec<String> = self
+                        .store
+                        .range(&records, None, limit)
+                        .await?
+                        .into_iter()
+                        .map(|kv| kv.key)
+                        .take_while(|k| *k < end)
+                        .collect();
+                    if old.is_empty() {
+                        break;
+                    }
+                    deleted += old.len();
+                    let full = old.len() == limit;
+                    self.commit(Txn {
+                        compares: Vec::new(),
+                        success: old.into_iter().map(|key| Op::Delete { key }).collect(),
+                    })
+                    .await?;
+                    if !full {
+                        break;
+                    }
+                }
+            }
+            if page.len() < 1000 {
+                break;
+            }
+        }
+        // Another control plane may have moved the cursor meanwhile (it deleted the same).
+        self.commit(Txn {
+            compares: vec![compare],
+            success: vec![put(CURSOR.into(), &(hour + HOUR))],
+        })
+        .await?;
+        Ok(deleted)
     }
 
     /// Records that `host` delivered its journal up to `end_ms`.
@@ -324,13 +453,11 @@ impl Core {
         to: u64,
     ) -> Result<Vec<(u64, Quantities)>, CoreError> {
         let prefix = format!("usagehour/{c}/");
-        let end = hour_key(c, to);
-        // `range` starts after its cursor: one hour back from `from`.
-        let mut after = match from.checked_sub(HOUR) {
-            Some(h) => hour_key(c, h),
-            None => prefix.clone(),
-        };
-        let mut out = Vec::new();
+        // `range` starts after its cursor: `<prefix><from>` sorts before that hour's keys
+        // (`<prefix><from>/<host>`), and `<prefix><to>` before those of the end hour.
+        let end = format!("{prefix}{to:012}");
+        let mut after = format!("{prefix}{from:012}");
+        let mut out = BTreeMap::new();
         'pages: loop {
             let page = self.store.range(&prefix, Some(&after), 1000).await?;
             let Some(last) = page.last() else { break };
@@ -339,16 +466,19 @@ impl Core {
                 if kv.key >= end {
                     break 'pages;
                 }
-                let hour = kv.key[prefix.len()..].parse().unwrap_or(0);
-                if hour >= from {
-                    out.push((hour, decode(&kv.key, &kv.value)?));
+                let hour = kv.key[prefix.len()..]
+                    .split('/')
+                    .next()
+                    .and_then(|h| h.parse::<u64>().ok());
+                if let Some(hour) = hour.filter(|h| *h >= from) {
+                    merge_hour(&mut out, hour, &decode(&kv.key, &kv.value)?);
                 }
             }
             if page.len() < 1000 {
                 break;
             }
         }
-        Ok(out)
+        Ok(out.into_iter().collect())
     }
 
     /// Prices each hour and sums the items by SKU.
@@ -392,12 +522,9 @@ impl Core {
         to: u64,
     ) -> Result<BTreeMap<CloudId, Vec<(u64, Quantities)>>, CoreError> {
         let prefix = "usagefleet/";
-        let end = format!("usagefleet/{to:012}/");
-        let mut after = match from.checked_sub(HOUR) {
-            Some(h) => format!("usagefleet/{h:012}/~"),
-            None => prefix.to_string(),
-        };
-        let mut out: BTreeMap<CloudId, Vec<(u64, Quantities)>> = BTreeMap::new();
+        let end = format!("usagefleet/{to:012}");
+        let mut after = format!("usagefleet/{from:012}");
+        let mut out: BTreeMap<CloudId, BTreeMap<u64, Quantities>> = BTreeMap::new();
         'pages: loop {
             let page = self.store.range(prefix, Some(&after), 1000).await?;
             let Some(last) = page.last() else { break };
@@ -406,33 +533,33 @@ impl Core {
                 if kv.key >= end {
                     break 'pages;
                 }
-                let Some((hour, cloud)) = kv.key[prefix.len()..].split_once('/') else {
-                    continue;
-                };
-                let (Ok(hour), Ok(cloud)) = (hour.parse::<u64>(), cloud.parse::<CloudId>()) else {
+                let mut parts = kv.key[prefix.len()..].split('/');
+                let (Some(Ok(hour)), Some(Ok(cloud))) = (
+                    parts.next().map(str::parse::<u64>),
+                    parts.next().map(str::parse::<CloudId>),
+                ) else {
                     continue;
                 };
                 if hour >= from {
-                    out.entry(cloud)
-                        .or_default()
-                        .push((hour, decode(&kv.key, &kv.value)?));
+                    merge_hour(
+                        out.entry(cloud).or_default(),
+                        hour,
+                        &decode(&kv.key, &kv.value)?,
+                    );
                 }
             }
             if page.len() < 1000 {
                 break;
             }
         }
-        Ok(out)
+        Ok(out
+            .into_iter()
+            .map(|(c, hours)| (c, hours.into_iter().collect()))
+            .collect())
     }
 
     pub(super) async fn fleet_usage(&self, from: u64, to: u64) -> Result<Reply, CoreError> {
-        let (from, to) = hours(from, to);
-        if to.saturating_sub(from) > MAX_FLEET_PERIOD_SECS {
-            return Err(CoreError::Invalid(FieldError::new(
-                "to",
-                format!("at most {MAX_FLEET_PERIOD_SECS} seconds after from; page through longer periods"),
-            )));
-        }
+        let (from, to) = fleet_period(from, to)?;
         let mut clouds = Vec::new();
         let mut total = 0u64;
         for (cloud, hours) in self.fleet_hours(from, to).await? {
@@ -471,13 +598,7 @@ impl Core {
     /// Every cloud's usage in the period as FOCUS 1.2 rows: one per cloud, hour and SKU.
     pub(super) async fn focus_export(&self, from: u64, to: u64) -> Result<Reply, CoreError> {
         use crate::focus::{Category, Charge, Export};
-        let (from, to) = hours(from, to);
-        if to.saturating_sub(from) > MAX_FLEET_PERIOD_SECS {
-            return Err(CoreError::Invalid(FieldError::new(
-                "to",
-                format!("at most {MAX_FLEET_PERIOD_SECS} seconds after from; page through longer periods"),
-            )));
-        }
+        let (from, to) = fleet_period(from, to)?;
         let mut charges = Vec::new();
         for (cloud, hours) in self.fleet_hours(from, to).await? {
             // The cloud's name while it exists (a deleted cloud's charges keep its id).

@@ -17,6 +17,10 @@ impl Core {
         req: CreateVolume,
     ) -> Result<Reply, CoreError> {
         validate_label("name", &req.name)?;
+        // A volume costs from its creation: none while the cloud is over its budget.
+        if self.over_budget(c).await? {
+            return Err(Self::refuse_over_budget());
+        }
         if !(1..=65_536).contains(&req.size_gib) {
             return Err(FieldError::new("size_gib", "must be 1 to 65536").into());
         }

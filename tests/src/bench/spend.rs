@@ -343,8 +343,8 @@ async fn seed(
         for h in 0..hours {
             let hour = first + h * 3600;
             for key in [
-                format!("usagehour/{cloud}/{hour:012}"),
-                format!("usagefleet/{hour:012}/{cloud}"),
+                format!("usagehour/{cloud}/{hour:012}/bench"),
+                format!("usagefleet/{hour:012}/{cloud}/bench"),
             ] {
                 txn.success.push(Op::Put {
                     key,
