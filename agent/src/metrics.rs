@@ -74,6 +74,7 @@
 //! - **Size.** About 4 KB of text per endpoint (40 series), so 1000 endpoints are ~4 MB per
 //!   scrape; the zero-valued drop reasons are the bulk of it (the price of stable series).
 
+use atoll_api::metrics_text::escape_label_value;
 use std::{
     collections::BTreeMap, convert::Infallible, fmt::Write as _, io, net::SocketAddr, sync::Arc,
     time::Duration,
@@ -801,18 +802,6 @@ impl Writer {
             self.out.push_str("# EOF\n");
         }
         self.out
-    }
-}
-
-/// Label values escape backslash, double quote and line feed (both formats).
-fn escape_label_value(out: &mut String, v: &str) {
-    for c in v.chars() {
-        match c {
-            '\\' => out.push_str("\\\\"),
-            '"' => out.push_str("\\\""),
-            '\n' => out.push_str("\\n"),
-            c => out.push(c),
-        }
     }
 }
 

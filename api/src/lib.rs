@@ -16,6 +16,7 @@ pub mod client;
 pub mod command;
 pub mod logging;
 pub mod mcp;
+pub mod metrics_text;
 pub mod model;
 pub mod openapi;
 pub mod private;

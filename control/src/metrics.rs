@@ -430,14 +430,7 @@ fn sample(out: &mut String, name: &str, labels: &[(&str, &str)], value: &str) {
             }
             out.push_str(k);
             out.push_str("=\"");
-            for c in v.chars() {
-                match c {
-                    '\\' => out.push_str("\\\\"),
-                    '"' => out.push_str("\\\""),
-                    '\n' => out.push_str("\\n"),
-                    c => out.push(c),
-                }
-            }
+            atoll_api::metrics_text::escape_label_value(out, v);
             out.push('"');
         }
         out.push('}');

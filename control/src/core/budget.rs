@@ -7,7 +7,8 @@
 //!   (`feed::egress_cloud`), so a change of state reaches the cloud's hosts.
 //! - **Evaluated when usage arrives** (each ingest that brought a cloud records, after they are
 //!   rolled up) and when the operator sets it: the month's hourly rollups, priced, against the
-//!   amount. So enforcement lags spend by a delivery interval (a second or so), and a host that
+//!   amount (the earlier hours' cost cached per control plane for up to ten minutes within an
+//!   hour, so a delivery reads only the current hour's rollups). So enforcement lags spend by a delivery interval (a second or so), and a host that
 //!   cannot deliver delays it: a budget is a brake, not a hard real-time cap.
 //! - **At the amount**: the cloud's VMs stop (`stopped_by: budget`, the reason in their
 //!   status) and its egress stops (hosts receive its policy as `deny`, its own policy kept);
@@ -32,9 +33,23 @@ pub const MAX_EVENTS: usize = 16;
 static STATES: std::sync::Mutex<BTreeMap<CloudId, BudgetState>> =
     std::sync::Mutex::new(BTreeMap::new());
 
+/// Per cloud with a budget: the cost of its month's hours before the current one, as
+/// `(month start, current hour, cost, computed at)`. An evaluation then reads only the current
+/// hour's rollups (one per host), not the month's (744 per host), on every delivery; the cache
+/// is recomputed when the hour turns, or after [`PRIOR_TTL_SECS`] (records a host delivers
+/// late for an earlier hour count from then).
+pub(super) type Prior = std::sync::Mutex<BTreeMap<CloudId, (u64, u64, u64, u64)>>;
+
+/// How long the cost of a month's earlier hours is reused.
+const PRIOR_TTL_SECS: u64 = 600;
+
 /// A deleted cloud's budget is gone with it.
-pub(super) fn forget(c: CloudId) {
+pub(super) fn forget(core: &Core, c: CloudId) {
     track(c, None);
+    core.budget_prior
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .remove(&c);
 }
 
 fn track(c: CloudId, state: Option<BudgetState>) {
@@ -167,10 +182,7 @@ impl Core {
             };
             let now = now();
             let period = month_start(now);
-            let hours = self
-                .cloud_hours(c, period, now / 3600 * 3600 + 3600)
-                .await?;
-            let (_, _, spent) = self.price(&hours);
+            let spent = self.month_spend(c, period, now).await?;
             let amount = st.budget.amount_nanos();
             let state = if spent >= amount {
                 BudgetState::Exceeded
@@ -220,6 +232,32 @@ impl Core {
             return Ok(Some(st));
         }
         Err(CoreError::Contention(format!("the budget of {c}")))
+    }
+
+    /// The cloud's spend in the month from `period` up to now: the earlier hours' (cached) and
+    /// the current one's.
+    async fn month_spend(&self, c: CloudId, period: u64, now: u64) -> Result<u64, CoreError> {
+        let hour = now / 3600 * 3600;
+        let cached = self
+            .budget_prior
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&c)
+            .filter(|(p, h, _, at)| *p == period && *h == hour && now < at + PRIOR_TTL_SECS)
+            .map(|v| v.2);
+        let prior = match cached {
+            Some(cost) => cost,
+            None => {
+                let (_, _, cost) = self.price(&self.cloud_hours(c, period, hour).await?);
+                self.budget_prior
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(c, (period, hour, cost, now));
+                cost
+            }
+        };
+        let (_, _, current) = self.price(&self.cloud_hours(c, hour, hour + 3600).await?);
+        Ok(prior.saturating_add(current))
     }
 
     /// Stops the cloud's running VMs for its budget (`stop`), or starts again those its

@@ -148,7 +148,7 @@ impl Core {
 
     pub(super) async fn delete_cloud(&self, c: CloudId) -> Result<Reply, CoreError> {
         self.delete_cloud_if(c, None).await?;
-        super::budget::forget(c);
+        super::budget::forget(self, c);
         Ok(Reply::Done)
     }
 

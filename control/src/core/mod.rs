@@ -281,6 +281,8 @@ pub struct Core {
     store: Store,
     cfg: CoreConfig,
     feed: Arc<Feed>,
+    /// Budgets' cost of earlier hours ([`budget::Prior`]).
+    budget_prior: budget::Prior,
 }
 
 impl std::fmt::Debug for Core {
@@ -512,7 +514,12 @@ impl Core {
                 }
             }
         });
-        let core = Arc::new(Core { store, cfg, feed });
+        let core = Arc::new(Core {
+            store,
+            cfg,
+            feed,
+            budget_prior: Default::default(),
+        });
         expiry::spawn_reaper(Arc::downgrade(&core));
         Ok(core)
     }
