@@ -10,6 +10,7 @@
 //! 3. **Memory per cloud**: resident memory of this process before and after creating N
 //!    clouds through the core (64 concurrent), divided by N; and the database size per cloud.
 
+use super::fleet::pct;
 use atoll_api::Command;
 use std::{
     sync::Arc,
@@ -45,11 +46,6 @@ pub struct ControlBench {
     pub memory_clouds: usize,
     pub rss_per_cloud: f64,
     pub db_per_cloud: f64,
-}
-
-fn pct(v: &mut [Duration], p: f64) -> Duration {
-    v.sort();
-    v[((v.len() as f64 - 1.0) * p).round() as usize]
 }
 
 fn rss_bytes() -> u64 {

@@ -61,7 +61,7 @@ pub struct FleetBench {
     pub setup: Duration,
 }
 
-fn pct<T: Ord + Copy>(v: &mut [T], p: f64) -> T {
+pub(crate) fn pct<T: Ord + Copy>(v: &mut [T], p: f64) -> T {
     v.sort();
     v[((v.len() as f64 - 1.0) * p).round() as usize]
 }

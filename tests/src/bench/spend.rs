@@ -11,6 +11,7 @@
 //!    placing 100k clouds' VMs is not what is measured); then a cloud's usage for a month
 //!    (p50/p99), every cloud's for the hour (`GET /v1/usage`) and its FOCUS export.
 
+use super::fleet::pct;
 use std::{
     sync::Arc,
     time::{Duration, Instant},
@@ -45,11 +46,6 @@ pub struct SpendBench {
     pub fleet_hour: Duration,
     pub focus_hour: Duration,
     pub focus_bytes: usize,
-}
-
-fn pct(v: &mut [Duration], p: f64) -> Duration {
-    v.sort();
-    v[((v.len() as f64 - 1.0) * p).round() as usize]
 }
 
 pub fn run(smoke: bool) -> Result<SpendBench> {
